@@ -1,0 +1,199 @@
+//! `scalegate demo-backend`: a tiny instance used by the quickstart, the tests and the benchmarks.
+//!
+//! Paths: `/health` (200, or 503 after `POST /__health/fail`), `/__stats` (requests seen),
+//! `/echo` (the request head as JSON), anything else answers `body_bytes` bytes after
+//! `latency_ms`, failing with 500 at `fail_rate`. Request bodies are read to the end and
+//! their size returned in `x-body-received`, so uploads can be checked end to end.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+/// How the demo instance behaves.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoConfig {
+    /// Port to listen on (0 picks a free one; the chosen address is printed first).
+    #[arg(long, default_value_t = 3001)]
+    pub port: u16,
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
+    /// Added latency per request, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Size of the response body in bytes.
+    #[arg(long, default_value_t = 2)]
+    pub body_bytes: usize,
+    /// Fraction of requests (0.0–1.0) answered with 500.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_rate: f64,
+}
+
+struct DemoState {
+    config: DemoConfig,
+    body: Bytes,
+    port: u16,
+    requests: AtomicU64,
+    healthy: AtomicBool,
+}
+
+/// Binds the listener, prints `listening on ADDR` on stdout, and serves until the process ends.
+pub async fn run(config: DemoConfig) -> std::io::Result<()> {
+    let listener = TcpListener::bind(SocketAddr::new(config.host, config.port)).await?;
+    let addr = listener.local_addr()?;
+    println!("listening on {addr}");
+    serve(listener, config).await
+}
+
+/// Serves the demo instance on an already bound listener.
+pub async fn serve(listener: TcpListener, config: DemoConfig) -> std::io::Result<()> {
+    let port = listener.local_addr()?.port();
+    let body = if config.body_bytes == 2 {
+        Bytes::from_static(b"ok")
+    } else {
+        Bytes::from(vec![b'x'; config.body_bytes])
+    };
+    let state = Arc::new(DemoState {
+        config,
+        body,
+        port,
+        requests: AtomicU64::new(0),
+        healthy: AtomicBool::new(true),
+    });
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(%err, "demo-backend accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(state.clone(), req));
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn handle(
+    state: Arc<DemoState>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path();
+    let response = match (req.method().as_str(), path) {
+        (_, "/health") => {
+            if state.healthy.load(Ordering::Relaxed) {
+                text(StatusCode::OK, Bytes::from_static(b"ok"))
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"failing"))
+            }
+        }
+        ("POST", "/__health/fail") => {
+            state.healthy.store(false, Ordering::Relaxed);
+            text(StatusCode::OK, Bytes::from_static(b"failing"))
+        }
+        ("POST", "/__health/ok") => {
+            state.healthy.store(true, Ordering::Relaxed);
+            text(StatusCode::OK, Bytes::from_static(b"ok"))
+        }
+        (_, "/__stats") => {
+            let json = serde_json::json!({
+                "port": state.port,
+                "requests": state.requests.load(Ordering::Relaxed),
+            });
+            text(StatusCode::OK, Bytes::from(json.to_string()))
+        }
+        (_, "/echo") => {
+            state.requests.fetch_add(1, Ordering::Relaxed);
+            let headers: Vec<(String, String)> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+                .collect();
+            let json = serde_json::json!({
+                "method": req.method().as_str(),
+                "uri": req.uri().to_string(),
+                "headers": headers,
+                "port": state.port,
+            });
+            text(StatusCode::OK, Bytes::from(json.to_string()))
+        }
+        _ => return Ok(answer(state, req).await),
+    };
+    Ok(response)
+}
+
+async fn answer(state: Arc<DemoState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    state.requests.fetch_add(1, Ordering::Relaxed);
+    let latency = query_u64(req.uri().query(), "latency_ms").unwrap_or(state.config.latency_ms);
+    let mut body = req.into_body();
+    let mut received: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    received += data.len() as u64;
+                }
+            }
+            Err(_) => return text(StatusCode::BAD_REQUEST, Bytes::from_static(b"bad body")),
+        }
+    }
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    let status = if state.config.fail_rate > 0.0 && rand::random::<f64>() < state.config.fail_rate
+    {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::OK
+    };
+    let mut response = text(status, state.body.clone());
+    let headers = response.headers_mut();
+    headers.insert("x-instance", state.port.into());
+    if received > 0 {
+        headers.insert("x-body-received", received.into());
+    }
+    response
+}
+
+fn query_u64(query: Option<&str>, name: &str) -> Option<u64> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == name)
+        .and_then(|(_, value)| value.parse().ok())
+}
+
+fn text(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameter_is_read() {
+        assert_eq!(query_u64(Some("a=1&latency_ms=25"), "latency_ms"), Some(25));
+        assert_eq!(query_u64(Some("latency_ms=x"), "latency_ms"), None);
+        assert_eq!(query_u64(None, "latency_ms"), None);
+    }
+}

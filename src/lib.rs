@@ -1,0 +1,14 @@
+//! scalegate: one binary that takes a stateless HTTP service from one instance to many.
+//! See DESIGN.md in the shared folder for the map; each module owns one capability.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod autoscale;
+pub mod balance;
+pub mod bench;
+pub mod config;
+pub mod demo;
+pub mod health;
+pub mod logging;
+pub mod proxy;
+pub mod ratelimit;
