@@ -1,12 +1,19 @@
 //! The `scalegate` command line: thin wiring of the library's subcommands.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use scalegate::config::Config;
 use scalegate::logging::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "scalegate", version, about = "HTTP gateway: proxy, balance, limit, cache, observe, autoscale, load-test")]
+#[command(
+    name = "scalegate",
+    version,
+    about = "HTTP gateway: proxy, balance, limit, cache, observe, autoscale, load-test"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -20,6 +27,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the gateway, from a config file or from --listen/--upstream flags.
+    Serve {
+        /// TOML config file.
+        #[arg(long, short, conflicts_with_all = ["listen", "upstream"])]
+        config: Option<PathBuf>,
+        /// Address to listen on (zero-config form).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Instance address (repeatable; zero-config form).
+        #[arg(long)]
+        upstream: Vec<String>,
+    },
+    /// Validate a config file and print every problem with its key.
+    Check {
+        /// TOML config file.
+        config: PathBuf,
+    },
     /// Run a tiny demo instance (for the quickstart, tests and benchmarks).
     DemoBackend(scalegate::demo::DemoConfig),
     /// Generate HTTP load and report latency percentiles.
@@ -29,17 +53,63 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format, &cli.log_level);
-    match cli.command {
-        Command::DemoBackend(config) => {
-            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match runtime.block_on(scalegate::demo::run(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    eprintln!("error: demo-backend: {err}");
-                    ExitCode::FAILURE
-                }
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            upstream,
+        } => serve(config, &listen, &upstream),
+        Command::Check { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                Ok(())
             }
+            Err(errors) => Err(anyhow::anyhow!("{}: invalid\n{errors}", config.display())),
+        },
+        Command::DemoBackend(demo) => runtime(None).and_then(|rt| {
+            rt.block_on(scalegate::demo::run(demo))
+                .context("demo-backend")
+        }),
+        Command::Bench(args) => return ExitCode::from(scalegate::bench::run_cli(args) as u8),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
         }
-        Command::Bench(args) => ExitCode::from(scalegate::bench::run_cli(args) as u8),
     }
+}
+
+fn serve(path: Option<PathBuf>, listen: &str, upstreams: &[String]) -> anyhow::Result<()> {
+    let config = match &path {
+        Some(path) => Config::load(path)
+            .map_err(|errors| anyhow::anyhow!("{}: invalid\n{errors}", path.display()))?,
+        None if upstreams.is_empty() => {
+            anyhow::bail!(
+                "give --config FILE, or --upstream ADDR (repeatable) for the zero-config form"
+            )
+        }
+        None => Config::from_flags(listen, upstreams)
+            .map_err(|errors| anyhow::anyhow!("invalid flags\n{errors}"))?,
+    };
+    let rt = runtime(config.server.workers)?;
+    rt.block_on(scalegate::proxy::serve(config, path))
+        .context("serve")
+}
+
+/// One worker thread per CPU this process may use (so `taskset -c 0` means one), unless set.
+/// A single worker runs on the current thread, which avoids cross-thread wake-ups.
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let workers = workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(workers);
+        builder
+    };
+    builder.enable_all().build().context("tokio runtime")
 }

@@ -1,1 +1,404 @@
-//! balance (being built).
+//! Balancing: which instance gets the next request. One enum of strategies and pure functions
+//! over plain candidate data (`pick_instance`), the consistent-hash ring, and peak-EWMA math.
+//! The proxy builds the candidate list from live instance state and calls in here.
+
+use std::time::Duration;
+
+use http::HeaderName;
+
+/// How an upstream spreads requests over its instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Strategy {
+    RoundRobin,
+    LeastConn,
+    /// Power of two choices over in-flight requests, peak-EWMA latency breaking ties.
+    RandomTwo,
+    /// Power of two choices over cost = peak-EWMA latency × (in-flight + 1).
+    P2cEwma,
+    ConsistentHash(HashKey),
+}
+
+/// Where a consistent-hash key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    Header(HeaderName),
+    Cookie(String),
+}
+
+/// What the balancer knows about one instance that may take the request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    /// Position of the instance in the upstream's instance list.
+    pub index: usize,
+    pub in_flight: u32,
+    /// Peak-EWMA response latency in nanoseconds (0 = no sample yet).
+    pub latency_ns: f64,
+    pub weight: u32,
+    /// Slow-start factor in (0, 1]: 1 once the instance is fully ramped.
+    pub ramp: f64,
+}
+
+impl Candidate {
+    fn capacity(&self) -> f64 {
+        f64::from(self.weight) * self.ramp
+    }
+}
+
+/// Per-request inputs that are not instance state: a shared sequence number (round robin and
+/// tie rotation), random bits (power of two choices, slow-start admission) and the hash of the
+/// request's key for consistent hashing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PickInput {
+    pub seq: u64,
+    pub random: u64,
+    pub hash: Option<u64>,
+}
+
+/// Picks one of `candidates` (all eligible: healthy, not draining, not yet tried) and returns its
+/// `index`. `ring` is needed for consistent hashing.
+pub fn pick_instance(
+    strategy: &Strategy,
+    candidates: &[Candidate],
+    input: PickInput,
+    ring: Option<&HashRing>,
+) -> Option<usize> {
+    if candidates.is_empty() {
+        return None;
+    }
+    if candidates.len() == 1 {
+        return Some(candidates[0].index);
+    }
+    let chosen = match strategy {
+        Strategy::RoundRobin => weighted_round_robin(candidates, input),
+        Strategy::LeastConn => least_loaded(candidates, input.seq),
+        Strategy::RandomTwo => {
+            let (a, b) = two_distinct(candidates.len(), input.random);
+            let (a, b) = (&candidates[a], &candidates[b]);
+            let load = |c: &Candidate| f64::from(c.in_flight) / c.capacity();
+            match load(a).partial_cmp(&load(b)) {
+                Some(std::cmp::Ordering::Less) => a,
+                Some(std::cmp::Ordering::Greater) => b,
+                _ if b.latency_ns < a.latency_ns => b,
+                _ => a,
+            }
+        }
+        Strategy::P2cEwma => {
+            let (a, b) = two_distinct(candidates.len(), input.random);
+            let (a, b) = (&candidates[a], &candidates[b]);
+            // Without a sample yet, assume 1 ms so fresh instances are tried but not flooded.
+            let cost = |c: &Candidate| {
+                let latency = if c.latency_ns > 0.0 {
+                    c.latency_ns
+                } else {
+                    1e6
+                };
+                latency * f64::from(c.in_flight + 1) / c.capacity()
+            };
+            if cost(b) < cost(a) {
+                b
+            } else {
+                a
+            }
+        }
+        Strategy::ConsistentHash(_) => {
+            let hash = input.hash.unwrap_or(input.random);
+            return match ring {
+                Some(ring) => ring
+                    .lookup(hash, |index| candidates.iter().any(|c| c.index == index))
+                    .or(Some(candidates[0].index)),
+                None => Some(candidates[(hash % candidates.len() as u64) as usize].index),
+            };
+        }
+    };
+    Some(chosen.index)
+}
+
+/// Weighted round robin driven by one shared counter: each cycle of sum(weights) picks gives
+/// every instance exactly its weight. An instance in slow start is admitted with probability
+/// `ramp` and otherwise passes its turn to the next one.
+fn weighted_round_robin(candidates: &[Candidate], input: PickInput) -> &Candidate {
+    let total: u64 = candidates.iter().map(|c| u64::from(c.weight)).sum();
+    let mut slot = input.seq % total;
+    let mut pos = 0;
+    for (i, c) in candidates.iter().enumerate() {
+        if slot < u64::from(c.weight) {
+            pos = i;
+            break;
+        }
+        slot -= u64::from(c.weight);
+    }
+    let dice = (input.random >> 11) as f64 / (1u64 << 53) as f64;
+    for step in 0..candidates.len() {
+        let c = &candidates[(pos + step) % candidates.len()];
+        if c.ramp >= 1.0 || dice < c.ramp {
+            return c;
+        }
+    }
+    &candidates[pos]
+}
+
+/// Fewest in-flight requests per unit of weight; ties rotate with `seq` so idle instances share.
+fn least_loaded(candidates: &[Candidate], seq: u64) -> &Candidate {
+    let start = (seq % candidates.len() as u64) as usize;
+    let mut best = &candidates[start];
+    let mut best_load = f64::from(best.in_flight + 1) / best.capacity();
+    for step in 1..candidates.len() {
+        let c = &candidates[(start + step) % candidates.len()];
+        let load = f64::from(c.in_flight + 1) / c.capacity();
+        if load < best_load {
+            best = c;
+            best_load = load;
+        }
+    }
+    best
+}
+
+/// Two different positions in 0..n (n ≥ 2) from random bits.
+fn two_distinct(n: usize, random: u64) -> (usize, usize) {
+    let a = (random % n as u64) as usize;
+    let b = ((random >> 32) % (n as u64 - 1)) as usize;
+    (a, if b >= a { b + 1 } else { b })
+}
+
+/// Consistent-hash ring: virtual nodes per instance (proportional to weight) hashed from the
+/// instance address, so adding one instance of N moves about 1/N of the keys.
+#[derive(Debug, Clone, Default)]
+pub struct HashRing {
+    points: Vec<(u64, usize)>,
+}
+
+const VNODES_PER_WEIGHT: u32 = 160;
+
+impl HashRing {
+    /// `instances`: (stable name such as the address, weight) in instance-list order.
+    pub fn new<'a>(instances: impl IntoIterator<Item = (&'a str, u32)>) -> HashRing {
+        let mut points = Vec::new();
+        for (index, (name, weight)) in instances.into_iter().enumerate() {
+            let vnodes = VNODES_PER_WEIGHT * weight.clamp(1, 16);
+            for v in 0..vnodes {
+                let mut h = hash_bytes(name.as_bytes());
+                h = mix(h ^ u64::from(v).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                points.push((h, index));
+            }
+        }
+        points.sort_unstable();
+        HashRing { points }
+    }
+
+    /// First instance clockwise from `hash` that `usable` accepts.
+    pub fn lookup(&self, hash: u64, usable: impl Fn(usize) -> bool) -> Option<usize> {
+        if self.points.is_empty() {
+            return None;
+        }
+        let start = self.points.partition_point(|(point, _)| *point < hash);
+        (0..self.points.len())
+            .map(|step| self.points[(start + step) % self.points.len()].1)
+            .find(|index| usable(*index))
+    }
+}
+
+/// FNV-1a with a final avalanche: stable across processes and versions, so every gateway
+/// replica maps a key to the same instance.
+pub fn hash_bytes(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    mix(h)
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Peak-EWMA update (Finagle): a sample above the average replaces it at once (peaks are
+/// believed immediately); below it, the average decays towards it with time constant `tau`.
+pub fn peak_ewma(previous: f64, elapsed: Duration, sample: f64, tau: Duration) -> f64 {
+    if previous <= 0.0 || sample > previous {
+        return sample;
+    }
+    let w = (-elapsed.as_secs_f64() / tau.as_secs_f64()).exp();
+    previous * w + sample * (1.0 - w)
+}
+
+/// Slow-start factor: grows linearly from 10 % to 100 % over `slow_start` after an instance
+/// (re)joined. Never 0, so a new instance still gets a trickle of traffic to prove itself.
+pub fn ramp_factor(since_up: Duration, slow_start: Duration) -> f64 {
+    if slow_start.is_zero() || since_up >= slow_start {
+        return 1.0;
+    }
+    0.1 + 0.9 * since_up.as_secs_f64() / slow_start.as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(index: usize, in_flight: u32) -> Candidate {
+        Candidate {
+            index,
+            in_flight,
+            latency_ns: 0.0,
+            weight: 1,
+            ramp: 1.0,
+        }
+    }
+
+    fn counts(strategy: &Strategy, cands: &[Candidate], n: u64) -> Vec<u64> {
+        let mut counts = vec![0; cands.iter().map(|c| c.index).max().unwrap() + 1];
+        for seq in 0..n {
+            let input = PickInput {
+                seq,
+                random: mix(seq + 1),
+                hash: None,
+            };
+            counts[pick_instance(strategy, cands, input, None).unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn round_robin_rotates_evenly() {
+        let cands = [cand(0, 0), cand(1, 0), cand(2, 0)];
+        assert_eq!(
+            counts(&Strategy::RoundRobin, &cands, 300),
+            vec![100, 100, 100]
+        );
+    }
+
+    #[test]
+    fn round_robin_honours_weights_exactly_per_cycle() {
+        let mut cands = [cand(0, 0), cand(1, 0)];
+        cands[1].weight = 3;
+        assert_eq!(counts(&Strategy::RoundRobin, &cands, 400), vec![100, 300]);
+    }
+
+    #[test]
+    fn slow_start_gets_a_share_of_its_ramp() {
+        let mut cands = [cand(0, 0), cand(1, 0)];
+        cands[1].ramp = 0.25;
+        let c = counts(&Strategy::RoundRobin, &cands, 10_000);
+        // Instance 1 keeps about a quarter of its turns; the rest go to instance 0.
+        assert!((1000..1600).contains(&c[1]), "{c:?}");
+    }
+
+    #[test]
+    fn least_conn_prefers_fewest_in_flight_and_rotates_ties() {
+        let cands = [cand(0, 5), cand(1, 2), cand(2, 9)];
+        assert_eq!(counts(&Strategy::LeastConn, &cands, 10), vec![0, 10, 0]);
+        let idle = [cand(0, 0), cand(1, 0)];
+        assert_eq!(counts(&Strategy::LeastConn, &idle, 10), vec![5, 5]);
+    }
+
+    #[test]
+    fn least_conn_counts_weight() {
+        let mut cands = [cand(0, 3), cand(1, 5)];
+        cands[1].weight = 4; // 6/4 per unit < 4/1
+        assert_eq!(counts(&Strategy::LeastConn, &cands, 4), vec![0, 4]);
+    }
+
+    #[test]
+    fn power_of_two_never_picks_the_most_loaded_of_three() {
+        let cands = [cand(0, 0), cand(1, 1), cand(2, 50)];
+        let c = counts(&Strategy::RandomTwo, &cands, 3000);
+        assert_eq!(c[2], 0, "{c:?}");
+        assert!(c[0] > c[1], "{c:?}");
+    }
+
+    #[test]
+    fn p2c_ewma_avoids_the_slow_instance() {
+        let mut cands = [cand(0, 1), cand(1, 1)];
+        cands[0].latency_ns = 50e6;
+        cands[1].latency_ns = 1e6;
+        assert_eq!(counts(&Strategy::P2cEwma, &cands, 100), vec![0, 100]);
+    }
+
+    #[test]
+    fn two_distinct_is_distinct_and_covers_all() {
+        let mut seen = [0u32; 3];
+        for r in 0..1000u64 {
+            let (a, b) = two_distinct(3, mix(r));
+            assert_ne!(a, b);
+            seen[a] += 1;
+            seen[b] += 1;
+        }
+        assert!(seen.iter().all(|s| *s > 500), "{seen:?}");
+    }
+
+    #[test]
+    fn ring_moves_about_one_nth_of_keys_when_one_instance_is_added() {
+        let names: Vec<String> = (0..5).map(|i| format!("10.0.0.{i}:80")).collect();
+        let before = HashRing::new(names.iter().map(|n| (n.as_str(), 1)));
+        let after = HashRing::new(
+            names
+                .iter()
+                .map(|n| n.as_str())
+                .chain(["10.0.0.9:80"])
+                .map(|n| (n, 1)),
+        );
+        let keys = 20_000u64;
+        let mut moved = 0;
+        for k in 0..keys {
+            let h = hash_bytes(&k.to_le_bytes());
+            let a = before.lookup(h, |_| true).unwrap();
+            let b = after.lookup(h, |_| true).unwrap();
+            if a != b {
+                assert_eq!(b, 5, "a key may only move to the new instance");
+                moved += 1;
+            }
+        }
+        let share = moved as f64 / keys as f64;
+        assert!((0.11..0.23).contains(&share), "moved {share}");
+    }
+
+    #[test]
+    fn ring_skips_unusable_instances_and_is_stable() {
+        let ring = HashRing::new([("a:1", 1), ("b:1", 1), ("c:1", 1)]);
+        let h = hash_bytes(b"user-42");
+        let first = ring.lookup(h, |_| true).unwrap();
+        assert_eq!(ring.lookup(h, |_| true), Some(first));
+        let other = ring.lookup(h, |i| i != first).unwrap();
+        assert_ne!(other, first);
+    }
+
+    #[test]
+    fn consistent_hash_pick_is_sticky() {
+        let ring = HashRing::new([("a:1", 1), ("b:1", 1), ("c:1", 1)]);
+        let cands = [cand(0, 0), cand(1, 7), cand(2, 0)];
+        let strategy = Strategy::ConsistentHash(HashKey::ClientIp);
+        let input = |seq| PickInput {
+            seq,
+            random: seq,
+            hash: Some(hash_bytes(b"10.1.2.3")),
+        };
+        let first = pick_instance(&strategy, &cands, input(0), Some(&ring));
+        for seq in 1..50 {
+            assert_eq!(
+                pick_instance(&strategy, &cands, input(seq), Some(&ring)),
+                first
+            );
+        }
+    }
+
+    #[test]
+    fn peak_ewma_takes_peaks_and_decays() {
+        let tau = Duration::from_secs(10);
+        assert_eq!(peak_ewma(0.0, Duration::ZERO, 5.0, tau), 5.0);
+        assert_eq!(peak_ewma(5.0, Duration::ZERO, 9.0, tau), 9.0);
+        let decayed = peak_ewma(9.0, Duration::from_secs(10), 1.0, tau);
+        assert!((decayed - (1.0 + 8.0 * (-1f64).exp())).abs() < 1e-9);
+    }
+
+    #[test]
+    fn ramp_grows_to_one() {
+        let s = Duration::from_secs(10);
+        assert!((ramp_factor(Duration::ZERO, s) - 0.1).abs() < 1e-9);
+        assert!((ramp_factor(Duration::from_secs(5), s) - 0.55).abs() < 1e-9);
+        assert_eq!(ramp_factor(Duration::from_secs(11), s), 1.0);
+        assert_eq!(ramp_factor(Duration::ZERO, Duration::ZERO), 1.0);
+    }
+}

@@ -1,1 +1,365 @@
-//! config (being built).
+//! Configuration: the TOML file (after `${ENV}` interpolation) is read into raw serde types
+//! (`raw`), then validated into [`Config`], whose values are ready to use (parsed addresses,
+//! durations, sizes, strategies). Every problem is reported with the key it belongs to.
+
+mod env;
+mod raw;
+pub mod units;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::HeaderName;
+
+pub use raw::RawConfig;
+
+use crate::balance::{HashKey, Strategy};
+
+/// One configuration problem: the key it is about, the line when known, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{} (line {}): {}", self.key, line, self.message),
+            None => write!(f, "{}: {}", self.key, self.message),
+        }
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, err) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{err}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The validated gateway configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Runtime worker threads; `None` = the CPUs this process may run on.
+    pub workers: Option<usize>,
+    pub access_log: bool,
+    pub max_body: u64,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// `user:password` for HTTP basic auth on the admin port, when set.
+    pub credentials: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub strategy: Strategy,
+    pub instances: Vec<InstanceConfig>,
+    /// Idle keep-alive connections kept per instance.
+    pub keepalive: usize,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub retries: u32,
+    /// Retries may add at most this fraction on top of live requests (0.2 = 20 %).
+    pub retry_budget: f64,
+    pub slow_start: Duration,
+    pub health: Option<ActiveHealthConfig>,
+    pub passive: PassiveHealthConfig,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceConfig {
+    pub addr: SocketAddr,
+    pub weight: u32,
+    pub backup: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ActiveHealthConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    /// Inclusive range of statuses that count as healthy.
+    pub expect_status: (u16, u16),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PassiveHealthConfig {
+    /// Failures within `fail_timeout` that take an instance out; 0 disables passive checks.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Exact host, or `*.example.com` for any subdomain; `None` matches every host.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub upstream: String,
+}
+
+impl Config {
+    /// Reads, interpolates and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            ConfigErrors(vec![ConfigError {
+                key: path.display().to_string(),
+                line: None,
+                message: format!("cannot read: {err}"),
+            }])
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// Interpolates `${ENV}` from the process environment, parses and validates.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
+        let text = env::interpolate(text, |name| std::env::var(name).ok()).map_err(|missing| {
+            ConfigErrors(
+                missing
+                    .into_iter()
+                    .map(|var| ConfigError {
+                        key: format!("${{{}}}", var.name),
+                        line: Some(var.line),
+                        message: "environment variable is not set and has no default (use ${NAME:-default})".into(),
+                    })
+                    .collect(),
+            )
+        })?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|err| {
+            let line = err
+                .span()
+                .map(|span| text[..span.start].matches('\n').count() + 1);
+            ConfigErrors(vec![ConfigError {
+                key: "config".into(),
+                line,
+                message: err.message().to_string(),
+            }])
+        })?;
+        raw.validate()
+    }
+
+    /// The zero-config form: one listener, one `default` upstream, one catch-all route.
+    pub fn from_flags(listen: &str, upstreams: &[String]) -> Result<Config, ConfigErrors> {
+        let raw = RawConfig::from_flags(listen, upstreams);
+        raw.validate()
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+}
+
+/// Collects problems while validating, so all of them are reported at once.
+#[derive(Default)]
+pub(crate) struct Problems(Vec<ConfigError>);
+
+impl Problems {
+    pub(crate) fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            key: key.into(),
+            line: None,
+            message: message.into(),
+        });
+    }
+
+    pub(crate) fn duration(&mut self, key: &str, text: &str) -> Duration {
+        units::parse_duration(text).unwrap_or_else(|err| {
+            self.push(key, err);
+            Duration::ZERO
+        })
+    }
+
+    pub(crate) fn size(&mut self, key: &str, text: &str) -> u64 {
+        units::parse_size(text).unwrap_or_else(|err| {
+            self.push(key, err);
+            0
+        })
+    }
+
+    pub(crate) fn addr(&mut self, key: &str, text: &str) -> SocketAddr {
+        parse_addr(text).unwrap_or_else(|err| {
+            self.push(key, err);
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    }
+
+    pub(crate) fn header(&mut self, key: &str, text: &str) -> HeaderName {
+        HeaderName::from_bytes(text.as_bytes()).unwrap_or_else(|_| {
+            self.push(key, format!("`{text}` is not a valid header name"));
+            HeaderName::from_static("x-invalid")
+        })
+    }
+
+    pub(crate) fn finish<T>(self, value: T) -> Result<T, ConfigErrors> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConfigErrors(self.0))
+        }
+    }
+}
+
+/// Accepts `host:port` with an IP or `localhost` (resolved to 127.0.0.1, so it never depends on DNS).
+pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    let text = text.strip_prefix("http://").unwrap_or(text);
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if let Some(port) = text.strip_prefix("localhost:") {
+        if let Ok(port) = port.parse::<u16>() {
+            return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+    }
+    Err(format!("`{text}` is not an address (expected IP:PORT)"))
+}
+
+/// `consistent_hash` key from its config spelling: `ip`, `header:NAME` or `cookie:NAME`.
+pub(crate) fn parse_hash_key(problems: &mut Problems, key: &str, text: &str) -> HashKey {
+    if text == "ip" {
+        return HashKey::ClientIp;
+    }
+    if let Some(name) = text.strip_prefix("header:") {
+        return HashKey::Header(problems.header(key, name));
+    }
+    if let Some(name) = text.strip_prefix("cookie:") {
+        return HashKey::Cookie(name.to_string());
+    }
+    problems.push(
+        key,
+        format!("`{text}`: expected ip, header:NAME or cookie:NAME"),
+    );
+    HashKey::ClientIp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[upstreams.app]
+instances = ["127.0.0.1:3001", { addr = "127.0.0.1:3002", weight = 3 }, { addr = "127.0.0.1:3003", backup = true }]
+
+[[routes]]
+upstream = "app"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(config.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.admin.listen, "127.0.0.1:9090".parse().unwrap());
+        let app = config.upstream("app").unwrap();
+        assert_eq!(app.strategy, Strategy::RoundRobin);
+        assert_eq!(app.instances.len(), 3);
+        assert_eq!(app.instances[1].weight, 3);
+        assert!(app.instances[2].backup);
+        assert_eq!(app.retries, 2);
+        assert!((app.retry_budget - 0.2).abs() < 1e-9);
+        assert_eq!(config.routes[0].path_prefix, "/");
+    }
+
+    #[test]
+    fn every_error_names_its_key() {
+        let text = r#"
+[server]
+listen = "nowhere"
+max_body = "10 parsecs"
+
+[upstreams.app]
+strategy = "least_conn"
+instances = []
+connect_timeout = "5"
+[upstreams.app.health]
+fall = 0
+
+[[routes]]
+upstream = "missing"
+"#;
+        let errors = Config::from_toml(text).unwrap_err().0;
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"server.listen"), "{keys:?}");
+        assert!(keys.contains(&"server.max_body"), "{keys:?}");
+        assert!(keys.contains(&"upstreams.app.instances"), "{keys:?}");
+        assert!(keys.contains(&"upstreams.app.connect_timeout"), "{keys:?}");
+        assert!(keys.contains(&"upstreams.app.health.fall"), "{keys:?}");
+        assert!(keys.contains(&"routes[0].upstream"), "{keys:?}");
+    }
+
+    #[test]
+    fn unknown_keys_and_types_report_a_line() {
+        let err = Config::from_toml("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n")
+            .unwrap_err()
+            .0;
+        assert_eq!(err[0].line, Some(3));
+        assert!(err[0].message.contains("lisen"), "{}", err[0].message);
+        let err =
+            Config::from_toml("[upstreams.a]\ninstances = [\"127.0.0.1:1\"]\nretries = \"x\"\n")
+                .unwrap_err()
+                .0;
+        assert_eq!(err[0].line, Some(3));
+    }
+
+    #[test]
+    fn zero_config_flags() {
+        let config = Config::from_flags(
+            "127.0.0.1:8081",
+            &["127.0.0.1:3001".into(), "localhost:3002".into()],
+        )
+        .unwrap();
+        assert_eq!(config.upstreams[0].instances.len(), 2);
+        assert_eq!(config.routes.len(), 1);
+        assert!(Config::from_flags("127.0.0.1:8081", &[]).is_err());
+    }
+
+    #[test]
+    fn consistent_hash_key_is_parsed() {
+        let text = r#"
+[upstreams.app]
+strategy = "consistent_hash"
+hash_key = "header:X-User"
+instances = ["127.0.0.1:1"]
+[[routes]]
+upstream = "app"
+"#;
+        let config = Config::from_toml(text).unwrap();
+        assert_eq!(
+            config.upstreams[0].strategy,
+            Strategy::ConsistentHash(HashKey::Header(HeaderName::from_static("x-user")))
+        );
+    }
+}

@@ -101,7 +101,10 @@ async fn handle(
             if state.healthy.load(Ordering::Relaxed) {
                 text(StatusCode::OK, Bytes::from_static(b"ok"))
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"failing"))
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Bytes::from_static(b"failing"),
+                )
             }
         }
         ("POST", "/__health/fail") => {
@@ -157,8 +160,7 @@ async fn answer(state: Arc<DemoState>, req: Request<Incoming>) -> Response<Full<
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
-    let status = if state.config.fail_rate > 0.0 && rand::random::<f64>() < state.config.fail_rate
-    {
+    let status = if state.config.fail_rate > 0.0 && rand::random::<f64>() < state.config.fail_rate {
         StatusCode::INTERNAL_SERVER_ERROR
     } else {
         StatusCode::OK

@@ -1,1 +1,148 @@
-//! health (being built).
+//! Health: the pure state machines that decide whether an instance takes traffic —
+//! `HealthState` for active checks (rise/fall) and `PassiveState` for failures seen on live
+//! traffic (nginx `max_fails` within `fail_timeout`) — and the active checking task.
+
+mod active;
+
+pub use active::spawn_active_checks;
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Active-check state of one instance: it goes down after `fall` consecutive failed checks
+/// and comes back after `rise` consecutive good ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthState {
+    pub up: bool,
+    pub consecutive_ok: u32,
+    pub consecutive_fail: u32,
+}
+
+/// A change of an instance's active-check verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    WentUp,
+    WentDown,
+}
+
+impl HealthState {
+    pub fn new(up: bool) -> HealthState {
+        HealthState {
+            up,
+            consecutive_ok: 0,
+            consecutive_fail: 0,
+        }
+    }
+
+    /// Records one check result and says whether the verdict changed.
+    pub fn observe(&mut self, ok: bool, rise: u32, fall: u32) -> Option<Transition> {
+        if ok {
+            self.consecutive_ok = self.consecutive_ok.saturating_add(1);
+            self.consecutive_fail = 0;
+            if !self.up && self.consecutive_ok >= rise {
+                self.up = true;
+                return Some(Transition::WentUp);
+            }
+        } else {
+            self.consecutive_fail = self.consecutive_fail.saturating_add(1);
+            self.consecutive_ok = 0;
+            if self.up && self.consecutive_fail >= fall {
+                self.up = false;
+                return Some(Transition::WentDown);
+            }
+        }
+        None
+    }
+}
+
+/// Passive-check state (nginx semantics): `max_fails` failed requests within `fail_timeout`
+/// make the instance unavailable for `fail_timeout`; after that it is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PassiveState {
+    window_start: Option<Instant>,
+    fails: u32,
+}
+
+impl PassiveState {
+    /// Records a failed request at `now`; returns `Some(until)` when the instance must be taken
+    /// out of rotation until `until`.
+    pub fn record_failure(
+        &mut self,
+        now: Instant,
+        max_fails: u32,
+        fail_timeout: Duration,
+    ) -> Option<Instant> {
+        if max_fails == 0 {
+            return None;
+        }
+        match self.window_start {
+            Some(start) if now.duration_since(start) < fail_timeout => self.fails += 1,
+            _ => {
+                self.window_start = Some(now);
+                self.fails = 1;
+            }
+        }
+        if self.fails >= max_fails {
+            self.window_start = None;
+            self.fails = 0;
+            Some(now + fail_timeout)
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn falls_after_fall_failures_and_rises_after_rise_successes() {
+        let mut state = HealthState::new(true);
+        assert_eq!(state.observe(false, 2, 3), None);
+        assert_eq!(state.observe(false, 2, 3), None);
+        assert_eq!(
+            state.observe(true, 2, 3),
+            None,
+            "a success resets the fall count"
+        );
+        assert_eq!(state.observe(false, 2, 3), None);
+        assert_eq!(state.observe(false, 2, 3), None);
+        assert_eq!(state.observe(false, 2, 3), Some(Transition::WentDown));
+        assert!(!state.up);
+        assert_eq!(state.observe(true, 2, 3), None);
+        assert_eq!(state.observe(true, 2, 3), Some(Transition::WentUp));
+        assert!(state.up);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn passive_failures_within_the_window_take_the_instance_out() {
+        let timeout = Duration::from_secs(10);
+        let mut state = PassiveState::default();
+        let t0 = Instant::now();
+        assert_eq!(state.record_failure(t0, 3, timeout), None);
+        assert_eq!(
+            state.record_failure(t0 + Duration::from_secs(1), 3, timeout),
+            None
+        );
+        let until = state.record_failure(t0 + Duration::from_secs(2), 3, timeout);
+        assert_eq!(until, Some(t0 + Duration::from_secs(12)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn passive_failures_spread_beyond_the_window_do_not_count_together() {
+        let timeout = Duration::from_secs(10);
+        let mut state = PassiveState::default();
+        let t0 = Instant::now();
+        assert_eq!(state.record_failure(t0, 2, timeout), None);
+        assert_eq!(
+            state.record_failure(t0 + Duration::from_secs(11), 2, timeout),
+            None
+        );
+        assert!(state
+            .record_failure(t0 + Duration::from_secs(12), 2, timeout)
+            .is_some());
+        assert_eq!(state.record_failure(t0, 0, timeout), None, "0 disables");
+    }
+}

@@ -1,1 +1,253 @@
-//! proxy (being built).
+//! The proxy: listener, per-request pipeline, forwarding, retries, reload and graceful shutdown.
+//!
+//! `Gateway` holds the live `Runtime` (config, upstreams, routes) in an `ArcSwap`: each request
+//! takes one snapshot, so a reload swaps the snapshot without touching requests in flight.
+
+mod body;
+mod error;
+mod forward;
+pub mod headers;
+mod retry;
+pub mod router;
+pub mod upstream;
+
+pub use body::GatewayBody;
+pub use error::ProxyError;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{Config, ConfigErrors};
+use upstream::Upstream;
+
+/// One configuration in force: the config and the live upstreams it describes.
+pub struct Runtime {
+    pub config: Config,
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// The upstream of each route, by route position.
+    route_upstreams: Vec<Arc<Upstream>>,
+}
+
+impl Runtime {
+    /// Builds the runtime, carrying live instances over from `previous` where they still fit.
+    fn build(config: Config, previous: Option<&Runtime>) -> Runtime {
+        let upstreams: Vec<Arc<Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|uc| {
+                let old = previous.and_then(|p| p.upstream(&uc.name));
+                Arc::new(Upstream::new(uc.clone(), old.map(|o| &**o)))
+            })
+            .collect();
+        let route_upstreams = config
+            .routes
+            .iter()
+            .map(|route| {
+                upstreams
+                    .iter()
+                    .find(|u| u.config.name == route.upstream)
+                    .expect("validated: every route names an upstream")
+                    .clone()
+            })
+            .collect();
+        Runtime {
+            config,
+            upstreams,
+            route_upstreams,
+        }
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.config.name == name)
+    }
+
+    fn route_upstream(&self, route: usize) -> &Arc<Upstream> {
+        &self.route_upstreams[route]
+    }
+}
+
+/// The running gateway, shared by the proxy listener, the admin API and the background tasks.
+pub struct Gateway {
+    pub runtime: ArcSwap<Runtime>,
+    draining: AtomicBool,
+    config_path: Option<PathBuf>,
+    request_seq: AtomicU64,
+    id_prefix: u32,
+    reload_lock: Mutex<()>,
+}
+
+impl Gateway {
+    /// Creates the gateway and starts its health checks (needs a tokio runtime).
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Arc<Gateway> {
+        let runtime = Runtime::build(config, None);
+        for upstream in &runtime.upstreams {
+            crate::health::spawn_active_checks(upstream);
+        }
+        Arc::new(Gateway {
+            runtime: ArcSwap::from_pointee(runtime),
+            draining: AtomicBool::new(false),
+            config_path,
+            request_seq: AtomicU64::new(1),
+            id_prefix: rand::random(),
+            reload_lock: Mutex::new(()),
+        })
+    }
+
+    /// Re-reads the config file. A bad config is refused and the running one keeps serving.
+    pub fn reload(&self) -> Result<(), ConfigErrors> {
+        let _serialized = self.reload_lock.lock().expect("reload lock");
+        let Some(path) = &self.config_path else {
+            return Err(ConfigErrors(vec![crate::config::ConfigError {
+                key: "reload".into(),
+                line: None,
+                message: "the gateway was started without --config, there is nothing to re-read"
+                    .into(),
+            }]));
+        };
+        let config = Config::load(path)?;
+        let current = self.runtime.load_full();
+        if config.server.listen != current.config.server.listen
+            || config.admin.listen != current.config.admin.listen
+        {
+            tracing::warn!("listen addresses changed: they take effect at the next restart");
+        }
+        let next = Runtime::build(config, Some(&current));
+        for upstream in &next.upstreams {
+            crate::health::spawn_active_checks(upstream);
+        }
+        self.runtime.store(Arc::new(next));
+        tracing::info!(path = %path.display(), "configuration reloaded");
+        Ok(())
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn upstream(&self, name: &str) -> Option<Arc<Upstream>> {
+        self.runtime.load().upstream(name).cloned()
+    }
+}
+
+/// Runs the gateway until SIGTERM/SIGINT, then drains: the proxy stops accepting, `/health`
+/// answers 503, in-flight requests finish within `shutdown_grace`.
+pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Result<()> {
+    let proxy_listener = TcpListener::bind(config.server.listen).await?;
+    let admin_listener = TcpListener::bind(config.admin.listen).await?;
+    let proxy_addr: SocketAddr = proxy_listener.local_addr()?;
+    let admin_addr: SocketAddr = admin_listener.local_addr()?;
+    // Tests and scripts wait for these lines.
+    println!("proxy listening on {proxy_addr}");
+    println!("admin listening on {admin_addr}");
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "scalegate is serving");
+
+    let gateway = Gateway::new(config, config_path);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(crate::admin::serve(
+        gateway.clone(),
+        admin_listener,
+        stop_rx.clone(),
+    ));
+    tokio::spawn(reload_on_sighup(gateway.clone()));
+    let signal = wait_for_stop_signal();
+    tokio::pin!(signal);
+    accept_loop(gateway.clone(), proxy_listener, &mut signal).await;
+    gateway.draining.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    Ok(())
+}
+
+async fn accept_loop(
+    gateway: Arc<Gateway>,
+    listener: TcpListener,
+    stop: &mut (impl std::future::Future<Output = ()> + Unpin),
+) {
+    let server = gateway.runtime.load().config.server.clone();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_read_timeout)
+        .max_buf_size(server.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(server.max_header_bytes as u32)
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(server.idle_timeout / 2))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(conn) => conn,
+                    Err(err) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(%err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let gateway = gateway.clone();
+                let service = service_fn(move |req| forward::handle(gateway.clone(), req, peer));
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(err) = connection.await {
+                        tracing::debug!(%err, %peer, "client connection ended with an error");
+                    }
+                });
+            }
+            () = &mut *stop => break,
+        }
+    }
+    drop(listener);
+    gateway.draining.store(true, Ordering::Relaxed);
+    tracing::info!(
+        grace_secs = server.shutdown_grace.as_secs_f64(),
+        "draining: finishing in-flight requests"
+    );
+    if tokio::time::timeout(server.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace elapsed with requests still in flight");
+    }
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+async fn reload_on_sighup(gateway: Arc<Gateway>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        if let Err(errors) = gateway.reload() {
+            tracing::error!("reload refused, the running configuration stays:\n{errors}");
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! The config file as written: serde types with defaults, and their validation into `Config`.
+//! Defaults here are the documented ones (see `scalegate.example.toml`).
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::{
+    parse_hash_key, ActiveHealthConfig, AdminConfig, Config, ConfigErrors, InstanceConfig,
+    PassiveHealthConfig, Problems, RouteConfig, ServerConfig, UpstreamConfig,
+};
+use crate::balance::Strategy;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: String,
+    pub admin_listen: Option<String>,
+    pub workers: Option<usize>,
+    pub access_log: bool,
+    pub max_body: String,
+    pub max_header_size: String,
+    pub header_read_timeout: String,
+    pub idle_timeout: String,
+    pub shutdown_grace: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: None,
+            workers: None,
+            access_log: true,
+            max_body: "10MiB".into(),
+            max_header_size: "32KiB".into(),
+            header_read_timeout: "10s".into(),
+            idle_timeout: "60s".into(),
+            shutdown_grace: "30s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpstream {
+    pub strategy: String,
+    pub hash_key: Option<String>,
+    pub instances: Vec<RawInstance>,
+    pub keepalive: usize,
+    pub connect_timeout: String,
+    pub response_timeout: String,
+    pub idle_timeout: String,
+    pub retries: u32,
+    pub retry_budget: f64,
+    pub slow_start: String,
+    pub drain_timeout: String,
+    pub health: Option<RawActiveHealth>,
+    pub max_fails: u32,
+    pub fail_timeout: String,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            strategy: "round_robin".into(),
+            hash_key: None,
+            instances: Vec::new(),
+            keepalive: 256,
+            connect_timeout: "2s".into(),
+            response_timeout: "60s".into(),
+            idle_timeout: "60s".into(),
+            retries: 2,
+            retry_budget: 20.0,
+            slow_start: "0s".into(),
+            drain_timeout: "30s".into(),
+            health: None,
+            max_fails: 1,
+            fail_timeout: "10s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawInstance {
+    Addr(String),
+    Full {
+        addr: String,
+        #[serde(default = "one")]
+        weight: u32,
+        #[serde(default)]
+        backup: bool,
+    },
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawActiveHealth {
+    pub path: String,
+    pub interval: String,
+    pub timeout: String,
+    pub rise: u32,
+    pub fall: u32,
+    pub expect_status: String,
+}
+
+impl Default for RawActiveHealth {
+    fn default() -> Self {
+        RawActiveHealth {
+            path: "/health".into(),
+            interval: "5s".into(),
+            timeout: "2s".into(),
+            rise: 2,
+            fall: 3,
+            expect_status: "200-399".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Option<String>,
+    pub host: Option<String>,
+    #[serde(default = "root")]
+    pub path_prefix: String,
+    pub upstream: String,
+}
+
+fn root() -> String {
+    "/".into()
+}
+
+impl RawConfig {
+    pub(super) fn from_flags(listen: &str, upstreams: &[String]) -> RawConfig {
+        let upstream = RawUpstream {
+            instances: upstreams.iter().cloned().map(RawInstance::Addr).collect(),
+            ..RawUpstream::default()
+        };
+        RawConfig {
+            server: RawServer {
+                listen: listen.to_string(),
+                ..RawServer::default()
+            },
+            admin: RawAdmin::default(),
+            upstreams: BTreeMap::from([("default".to_string(), upstream)]),
+            routes: vec![RawRoute {
+                name: None,
+                host: None,
+                path_prefix: root(),
+                upstream: "default".into(),
+            }],
+        }
+    }
+
+    pub(super) fn validate(self) -> Result<Config, ConfigErrors> {
+        let mut p = Problems::default();
+        let server = validate_server(&mut p, &self.server);
+        let admin_listen = self
+            .admin
+            .listen
+            .as_deref()
+            .or(self.server.admin_listen.as_deref())
+            .unwrap_or("127.0.0.1:9090");
+        let admin = AdminConfig {
+            listen: p.addr("admin.listen", admin_listen),
+            credentials: match (self.admin.username, self.admin.password) {
+                (Some(user), Some(pass)) => Some((user, pass)),
+                (None, None) => None,
+                _ => {
+                    p.push("admin", "username and password must be set together");
+                    None
+                }
+            },
+        };
+        if self.upstreams.is_empty() {
+            p.push("upstreams", "at least one upstream is needed");
+        }
+        let upstreams: Vec<UpstreamConfig> = self
+            .upstreams
+            .iter()
+            .map(|(name, raw)| validate_upstream(&mut p, name, raw))
+            .collect();
+        if self.routes.is_empty() {
+            p.push(
+                "routes",
+                "at least one route is needed (e.g. [[routes]] upstream = \"app\")",
+            );
+        }
+        let routes = self
+            .routes
+            .into_iter()
+            .enumerate()
+            .map(|(i, raw)| {
+                let key = format!("routes[{i}]");
+                if !self.upstreams.contains_key(&raw.upstream) {
+                    p.push(
+                        format!("{key}.upstream"),
+                        format!("no upstream named `{}`", raw.upstream),
+                    );
+                }
+                if !raw.path_prefix.starts_with('/') {
+                    p.push(format!("{key}.path_prefix"), "must start with /");
+                }
+                RouteConfig {
+                    name: raw.name.unwrap_or_else(|| raw.upstream.clone()),
+                    host: raw.host.map(|h| h.to_ascii_lowercase()),
+                    path_prefix: raw.path_prefix,
+                    upstream: raw.upstream,
+                }
+            })
+            .collect();
+        p.finish(Config {
+            server,
+            admin,
+            upstreams,
+            routes,
+        })
+    }
+}
+
+fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
+    if raw.workers == Some(0) {
+        p.push(
+            "server.workers",
+            "must be at least 1 (leave it out for one per CPU)",
+        );
+    }
+    let max_header_bytes = p.size("server.max_header_size", &raw.max_header_size) as usize;
+    if max_header_bytes < 8192 {
+        p.push("server.max_header_size", "must be at least 8KiB");
+    }
+    ServerConfig {
+        listen: p.addr("server.listen", &raw.listen),
+        workers: raw.workers,
+        access_log: raw.access_log,
+        max_body: p.size("server.max_body", &raw.max_body),
+        max_header_bytes,
+        header_read_timeout: p.duration("server.header_read_timeout", &raw.header_read_timeout),
+        idle_timeout: p.duration("server.idle_timeout", &raw.idle_timeout),
+        shutdown_grace: p.duration("server.shutdown_grace", &raw.shutdown_grace),
+    }
+}
+
+fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> UpstreamConfig {
+    let key = format!("upstreams.{name}");
+    let strategy = match raw.strategy.as_str() {
+        "round_robin" => Strategy::RoundRobin,
+        "least_conn" => Strategy::LeastConn,
+        "random_two" => Strategy::RandomTwo,
+        "p2c_ewma" => Strategy::P2cEwma,
+        "consistent_hash" => Strategy::ConsistentHash(parse_hash_key(
+            p,
+            &format!("{key}.hash_key"),
+            raw.hash_key.as_deref().unwrap_or("ip"),
+        )),
+        other => {
+            p.push(
+                format!("{key}.strategy"),
+                format!("`{other}`: expected round_robin, least_conn, random_two, p2c_ewma or consistent_hash"),
+            );
+            Strategy::RoundRobin
+        }
+    };
+    if raw.hash_key.is_some() && !matches!(strategy, Strategy::ConsistentHash(_)) {
+        p.push(
+            format!("{key}.hash_key"),
+            "only used with strategy = \"consistent_hash\"",
+        );
+    }
+    if raw.instances.is_empty() {
+        p.push(
+            format!("{key}.instances"),
+            "at least one instance is needed",
+        );
+    }
+    let mut instances: Vec<InstanceConfig> = Vec::new();
+    for (i, instance) in raw.instances.iter().enumerate() {
+        let ikey = format!("{key}.instances[{i}]");
+        let (addr, weight, backup) = match instance {
+            RawInstance::Addr(addr) => (addr.as_str(), 1, false),
+            RawInstance::Full {
+                addr,
+                weight,
+                backup,
+            } => (addr.as_str(), *weight, *backup),
+        };
+        if weight == 0 || weight > 1000 {
+            p.push(format!("{ikey}.weight"), "must be between 1 and 1000");
+        }
+        let addr = p.addr(&ikey, addr);
+        if instances.iter().any(|seen| seen.addr == addr) {
+            p.push(&ikey, format!("{addr} is listed twice"));
+        }
+        instances.push(InstanceConfig {
+            addr,
+            weight: weight.clamp(1, 1000),
+            backup,
+        });
+    }
+    if !(0.0..=1000.0).contains(&raw.retry_budget) {
+        p.push(
+            format!("{key}.retry_budget"),
+            "a percentage between 0 and 1000",
+        );
+    }
+    let health = raw.health.as_ref().map(|h| {
+        let hkey = format!("{key}.health");
+        if h.rise == 0 {
+            p.push(format!("{hkey}.rise"), "must be at least 1");
+        }
+        if h.fall == 0 {
+            p.push(format!("{hkey}.fall"), "must be at least 1");
+        }
+        if !h.path.starts_with('/') {
+            p.push(format!("{hkey}.path"), "must start with /");
+        }
+        let expect_status = parse_status_range(&h.expect_status).unwrap_or_else(|| {
+            p.push(
+                format!("{hkey}.expect_status"),
+                "expected a status or range such as 200-399",
+            );
+            (200, 399)
+        });
+        let interval = p.duration(&format!("{hkey}.interval"), &h.interval);
+        if interval.is_zero() {
+            p.push(format!("{hkey}.interval"), "must be more than 0");
+        }
+        ActiveHealthConfig {
+            path: h.path.clone(),
+            interval,
+            timeout: p.duration(&format!("{hkey}.timeout"), &h.timeout),
+            rise: h.rise,
+            fall: h.fall,
+            expect_status,
+        }
+    });
+    let connect_timeout = p.duration(&format!("{key}.connect_timeout"), &raw.connect_timeout);
+    let response_timeout = p.duration(&format!("{key}.response_timeout"), &raw.response_timeout);
+    for (field, value) in [
+        ("connect_timeout", connect_timeout),
+        ("response_timeout", response_timeout),
+    ] {
+        if value.is_zero() && !p.0.iter().any(|e| e.key == format!("{key}.{field}")) {
+            p.push(format!("{key}.{field}"), "must be more than 0");
+        }
+    }
+    UpstreamConfig {
+        name: name.to_string(),
+        strategy,
+        instances,
+        keepalive: raw.keepalive,
+        connect_timeout,
+        response_timeout,
+        idle_timeout: p.duration(&format!("{key}.idle_timeout"), &raw.idle_timeout),
+        retries: raw.retries,
+        retry_budget: raw.retry_budget / 100.0,
+        slow_start: p.duration(&format!("{key}.slow_start"), &raw.slow_start),
+        health,
+        passive: PassiveHealthConfig {
+            max_fails: raw.max_fails,
+            fail_timeout: p.duration(&format!("{key}.fail_timeout"), &raw.fail_timeout),
+        },
+        drain_timeout: p.duration(&format!("{key}.drain_timeout"), &raw.drain_timeout),
+    }
+}
+
+/// `200`, `200-399` → inclusive range.
+fn parse_status_range(text: &str) -> Option<(u16, u16)> {
+    let (low, high) = text.split_once('-').unwrap_or((text, text));
+    let low: u16 = low.trim().parse().ok()?;
+    let high: u16 = high.trim().parse().ok()?;
+    ((100..=599).contains(&low) && (low..=599).contains(&high)).then_some((low, high))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_ranges() {
+        assert_eq!(parse_status_range("200-399"), Some((200, 399)));
+        assert_eq!(parse_status_range("204"), Some((204, 204)));
+        assert_eq!(parse_status_range("399-200"), None);
+        assert_eq!(parse_status_range("abc"), None);
+    }
+}

@@ -1,0 +1,77 @@
+//! The active health checker: one task per upstream probes every instance each `interval`
+//! with `GET path` on a fresh connection and feeds the result to the instance's `HealthState`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Request};
+use http_body_util::Empty;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::config::ActiveHealthConfig;
+use crate::proxy::upstream::{Instance, Upstream};
+
+/// Starts the checker for `upstream` when it has active checks configured. The task holds only
+/// a weak reference and ends once the upstream is gone (replaced by a reload).
+pub fn spawn_active_checks(upstream: &Arc<Upstream>) {
+    let Some(config) = upstream.config.health.clone() else {
+        return;
+    };
+    let upstream = Arc::downgrade(upstream);
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(config.interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let Some(live) = upstream.upgrade() else {
+                break;
+            };
+            let set = live.set.load_full();
+            drop(live);
+            let mut checks = JoinSet::new();
+            for instance in &set.instances {
+                checks.spawn(check_instance(instance.clone(), config.clone()));
+            }
+            while checks.join_next().await.is_some() {}
+        }
+    });
+}
+
+async fn check_instance(instance: Arc<Instance>, config: ActiveHealthConfig) {
+    let outcome = tokio::time::timeout(config.timeout, probe(instance.addr, &config.path)).await;
+    let (ok, detail) = match outcome {
+        Ok(Ok(status)) => (
+            (config.expect_status.0..=config.expect_status.1).contains(&status),
+            format!("status {status}"),
+        ),
+        Ok(Err(err)) => (false, err),
+        Err(_) => (false, format!("no answer within {:?}", config.timeout)),
+    };
+    instance.record_check(ok, detail, config.rise, config.fall, Instant::now());
+}
+
+async fn probe(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|err| format!("connect: {err}"))?;
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|err| format!("handshake: {err}"))?;
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header(header::HOST, addr.to_string())
+        .header(header::USER_AGENT, "scalegate-health")
+        .header(header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|err| err.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|err| format!("request: {err}"))?;
+    Ok(response.status().as_u16())
+}

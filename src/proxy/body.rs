@@ -1,0 +1,178 @@
+//! Body types of the proxy: what goes to an instance (the client's body, streamed and held to
+//! `max_body`) and what goes back to the client (the instance's body, streamed, returning the
+//! connection to the pool at its end; or a small body the gateway made itself).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::upstream::{InFlightGuard, Sender};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The client's request body grew past `server.max_body`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body is larger than {limit} bytes")]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
+/// Request body sent to an instance.
+pub enum ForwardBody {
+    Empty,
+    /// Streamed from the client, failing with [`BodyTooLarge`] once more than `limit` bytes came.
+    Stream {
+        inner: Incoming,
+        seen: u64,
+        limit: u64,
+    },
+}
+
+impl ForwardBody {
+    pub fn stream(inner: Incoming, limit: u64) -> ForwardBody {
+        ForwardBody::Stream {
+            inner,
+            seen: 0,
+            limit,
+        }
+    }
+}
+
+impl Body for ForwardBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ForwardBody::Empty => Poll::Ready(None),
+            ForwardBody::Stream { inner, seen, limit } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        *seen += data.len() as u64;
+                        if *seen > *limit {
+                            return Poll::Ready(Some(Err(BodyTooLarge { limit: *limit }.into())));
+                        }
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ForwardBody::Empty => true,
+            ForwardBody::Stream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ForwardBody::Empty => SizeHint::with_exact(0),
+            ForwardBody::Stream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// Response body sent to the client.
+pub enum GatewayBody {
+    /// A body the gateway wrote (errors, admin answers).
+    Full(Option<Bytes>),
+    /// An instance's body, streamed.
+    Upstream(UpstreamBody),
+}
+
+impl GatewayBody {
+    pub fn full(bytes: impl Into<Bytes>) -> GatewayBody {
+        GatewayBody::Full(Some(bytes.into()))
+    }
+}
+
+/// An instance's response body. Holds the request's in-flight guard and the connection; at the
+/// end of the body the connection goes back to the instance's pool.
+pub struct UpstreamBody {
+    inner: Incoming,
+    sender: Option<Sender>,
+    guard: Option<InFlightGuard>,
+}
+
+impl UpstreamBody {
+    pub fn new(inner: Incoming, sender: Sender, guard: InFlightGuard) -> UpstreamBody {
+        let mut body = UpstreamBody {
+            inner,
+            sender: Some(sender),
+            guard: Some(guard),
+        };
+        if body.inner.is_end_stream() {
+            body.finish();
+        }
+        body
+    }
+
+    fn finish(&mut self) {
+        if let (Some(sender), Some(guard)) = (self.sender.take(), self.guard.as_ref()) {
+            guard.instance.pool.checkin(sender);
+        }
+        self.guard = None;
+    }
+}
+
+impl Body for GatewayBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            GatewayBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            GatewayBody::Upstream(body) => {
+                let polled = Pin::new(&mut body.inner).poll_frame(cx);
+                match polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if body.inner.is_end_stream() {
+                            body.finish();
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Poll::Ready(None) => {
+                        body.finish();
+                        Poll::Ready(None)
+                    }
+                    Poll::Ready(Some(Err(err))) => {
+                        // The connection is broken: drop it rather than pooling it.
+                        body.sender = None;
+                        body.guard = None;
+                        Poll::Ready(Some(Err(err.into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            GatewayBody::Full(bytes) => bytes.is_none(),
+            GatewayBody::Upstream(body) => body.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            GatewayBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            GatewayBody::Full(None) => SizeHint::with_exact(0),
+            GatewayBody::Upstream(body) => body.inner.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Errors the gateway answers itself: where they came from (client, routing, instance) and the
+//! one status each maps to. Every error response is a small JSON body carrying the request ID.
+
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+
+use super::body::GatewayBody;
+use super::headers::X_REQUEST_ID;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("request body is too large")]
+    BodyTooLarge,
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("no healthy instance")]
+    NoHealthyInstance,
+    #[error("no instance answered: {0}")]
+    InstanceFailed(String),
+    #[error("instance did not answer in time")]
+    InstanceTimeout,
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::NoHealthyInstance => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::InstanceFailed(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::InstanceTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::NoRoute => "no_route",
+            ProxyError::NoHealthyInstance => "no_healthy_instance",
+            ProxyError::InstanceFailed(_) => "bad_gateway",
+            ProxyError::InstanceTimeout => "gateway_timeout",
+        }
+    }
+
+    /// The response for this error.
+    pub fn response(&self, request_id: &HeaderValue) -> Response<GatewayBody> {
+        let body = serde_json::json!({
+            "error": self.code(),
+            "reason": self.to_string(),
+            "request_id": request_id.to_str().unwrap_or_default(),
+        });
+        let mut response = Response::new(GatewayBody::full(body.to_string()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+        if matches!(self, ProxyError::BadRequest(_) | ProxyError::BodyTooLarge) {
+            // The rest of the connection cannot be trusted to be framed as the client meant.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_maps_to_one_status_and_carries_the_request_id() {
+        let id = HeaderValue::from_static("req-1");
+        let cases = [
+            (ProxyError::BadRequest("x"), 400),
+            (ProxyError::BodyTooLarge, 413),
+            (ProxyError::NoRoute, 404),
+            (ProxyError::NoHealthyInstance, 503),
+            (ProxyError::InstanceFailed("refused".into()), 502),
+            (ProxyError::InstanceTimeout, 504),
+        ];
+        for (error, status) in cases {
+            let response = error.response(&id);
+            assert_eq!(response.status().as_u16(), status);
+            assert_eq!(response.headers()["x-request-id"], "req-1");
+            let GatewayBody::Full(Some(body)) = response.into_body() else {
+                panic!("expected a body")
+            };
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(json["request_id"], "req-1");
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Header rules of a proxy (RFC 9110 §7.6): hop-by-hop fields removed in both directions, the
+//! X-Forwarded-* fields, request IDs, and refusing messages whose framing is ambiguous.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Fields that only concern one connection and never cross a proxy. `Expect` is answered by
+/// the gateway itself (it sends 100 Continue to the client when it reads the body).
+fn hop_by_hop() -> [&'static HeaderName; 9] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHORIZATION,
+        &header::EXPECT,
+    ]
+}
+
+/// Removes hop-by-hop fields, including every field named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in hop_by_hop() {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Why a request head is refused before it reaches any instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FramingError {
+    /// Both Content-Length and Transfer-Encoding: the classic smuggling shape.
+    LengthAndChunked,
+    /// Several Content-Length values that disagree (or do not parse).
+    ConflictingLengths,
+}
+
+impl FramingError {
+    pub fn reason(self) -> &'static str {
+        match self {
+            FramingError::LengthAndChunked => "both Content-Length and Transfer-Encoding",
+            FramingError::ConflictingLengths => "conflicting Content-Length values",
+        }
+    }
+}
+
+/// Checks message framing and returns the declared Content-Length, if any.
+pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, FramingError> {
+    let mut length: Option<u64> = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.to_str().unwrap_or("x").split(',') {
+            let parsed: u64 = part
+                .trim()
+                .parse()
+                .map_err(|_| FramingError::ConflictingLengths)?;
+            match length {
+                Some(previous) if previous != parsed => {
+                    return Err(FramingError::ConflictingLengths)
+                }
+                _ => length = Some(parsed),
+            }
+        }
+    }
+    if length.is_some() && headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err(FramingError::LengthAndChunked);
+    }
+    Ok(length)
+}
+
+/// Prepares a client's request head for an instance: hop-by-hop fields out, X-Forwarded-For
+/// appended with the client address, X-Forwarded-Proto and -Host set, the request ID set.
+pub fn forward_request_headers(
+    headers: &mut HeaderMap,
+    client_ip: IpAddr,
+    proto: &'static str,
+    host: Option<HeaderValue>,
+    request_id: &HeaderValue,
+) {
+    strip_hop_by_hop(headers);
+    let client = client_ip.to_string();
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(existing) => {
+            let mut joined = String::with_capacity(existing.len() + 2 + client.len());
+            for (i, v) in headers.get_all(&X_FORWARDED_FOR).iter().enumerate() {
+                if i > 0 {
+                    joined.push_str(", ");
+                }
+                joined.push_str(v.to_str().unwrap_or_default());
+            }
+            joined.push_str(", ");
+            joined.push_str(&client);
+            joined
+        }
+        None => client,
+    };
+    if let Ok(value) = HeaderValue::try_from(forwarded_for) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+}
+
+/// A client-sent request ID is kept when it is 1–128 characters of letters, digits and
+/// `-_.:+/=`; anything else (empty, too long, spaces, control bytes) is replaced.
+pub fn is_sane_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 128
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:+/=".contains(b))
+}
+
+/// A new request ID: 16 hex digits from a per-process random prefix and a sequence number,
+/// unique without coordination and cheap to make.
+pub fn new_request_id(prefix: u32, seq: u64) -> HeaderValue {
+    let value = (u64::from(prefix) << 32) ^ seq;
+    let mut buf = [0u8; 16];
+    for (i, slot) in buf.iter_mut().enumerate() {
+        let nibble = (value >> (60 - 4 * i)) & 0xf;
+        *slot = b"0123456789abcdef"[nibble as usize];
+    }
+    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (k, v) in pairs {
+            headers.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_fields_are_removed() {
+        let mut headers = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("x-kept", "yes"),
+            ("host", "example.com"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        let names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-kept", "host"]);
+    }
+
+    #[test]
+    fn forwarded_headers_are_appended_and_set() {
+        let mut headers = map(&[("x-forwarded-for", "203.0.113.7"), ("host", "api.test")]);
+        let id = HeaderValue::from_static("abc");
+        let host = headers.get("host").cloned();
+        forward_request_headers(&mut headers, "10.0.0.1".parse().unwrap(), "http", host, &id);
+        assert_eq!(headers["x-forwarded-for"], "203.0.113.7, 10.0.0.1");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["x-forwarded-host"], "api.test");
+        assert_eq!(headers["x-request-id"], "abc");
+
+        let mut fresh = HeaderMap::new();
+        forward_request_headers(&mut fresh, "::1".parse().unwrap(), "http", None, &id);
+        assert_eq!(fresh["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn several_forwarded_for_lines_are_joined() {
+        let mut headers = map(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+        ]);
+        let id = HeaderValue::from_static("abc");
+        forward_request_headers(&mut headers, "3.3.3.3".parse().unwrap(), "http", None, &id);
+        assert_eq!(headers["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3");
+    }
+
+    #[test]
+    fn framing_conflicts_are_refused() {
+        assert_eq!(check_framing(&map(&[("content-length", "5")])), Ok(Some(5)));
+        assert_eq!(
+            check_framing(&map(&[("content-length", "5"), ("content-length", "5")])),
+            Ok(Some(5))
+        );
+        assert_eq!(
+            check_framing(&map(&[("content-length", "5"), ("content-length", "6")])),
+            Err(FramingError::ConflictingLengths)
+        );
+        assert_eq!(
+            check_framing(&map(&[("content-length", "5, 6")])),
+            Err(FramingError::ConflictingLengths)
+        );
+        assert_eq!(
+            check_framing(&map(&[("content-length", "-1")])),
+            Err(FramingError::ConflictingLengths)
+        );
+        assert_eq!(
+            check_framing(&map(&[
+                ("content-length", "5"),
+                ("transfer-encoding", "chunked")
+            ])),
+            Err(FramingError::LengthAndChunked)
+        );
+        assert_eq!(
+            check_framing(&map(&[("transfer-encoding", "chunked")])),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(is_sane_request_id(&HeaderValue::from_static(
+            "req-42_a.b:c"
+        )));
+        assert!(!is_sane_request_id(&HeaderValue::from_static("")));
+        assert!(!is_sane_request_id(&HeaderValue::from_static("has space")));
+        assert!(!is_sane_request_id(
+            &HeaderValue::from_str(&"a".repeat(129)).unwrap()
+        ));
+        let id = new_request_id(0xdead_beef, 1);
+        assert_eq!(id, "deadbeef00000001");
+        assert_ne!(new_request_id(7, 1), new_request_id(7, 2));
+    }
+}

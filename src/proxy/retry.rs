@@ -1,0 +1,94 @@
+//! Retry budget: retries may add at most a fixed share on top of live requests, so a failing
+//! pool is not hit by a retry storm. Every request deposits `ratio` of a token, every retry
+//! withdraws one; a small reserve lets the first retries through on a quiet gateway.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+/// Tokens are counted in thousandths so the deposit per request stays an integer.
+const UNIT: i64 = 1000;
+/// Retries allowed with no traffic to earn them (the floor), and the cap on saved tokens.
+const RESERVE: i64 = 10 * UNIT;
+
+#[derive(Debug)]
+pub struct RetryBudget {
+    deposit: i64,
+    balance: AtomicI64,
+    cap: i64,
+}
+
+impl RetryBudget {
+    /// `ratio`: 0.2 lets retries add 20 % on top of requests.
+    pub fn new(ratio: f64) -> RetryBudget {
+        let deposit = (ratio * UNIT as f64).round() as i64;
+        RetryBudget {
+            deposit,
+            balance: AtomicI64::new(RESERVE),
+            // Savings are capped so a long calm period cannot fund a long storm.
+            cap: RESERVE + deposit * 100,
+        }
+    }
+
+    /// Called once per client request.
+    pub fn deposit(&self) {
+        let previous = self.balance.fetch_add(self.deposit, Ordering::Relaxed);
+        if previous + self.deposit > self.cap {
+            self.balance.fetch_sub(self.deposit, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes one retry's worth of tokens if there is one.
+    pub fn try_withdraw(&self) -> bool {
+        let previous = self.balance.fetch_sub(UNIT, Ordering::Relaxed);
+        if previous >= UNIT {
+            true
+        } else {
+            self.balance.fetch_add(UNIT, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_are_capped_at_the_ratio_after_the_reserve() {
+        let budget = RetryBudget::new(0.2);
+        let mut retries = 0;
+        for _ in 0..1000 {
+            budget.deposit();
+            if budget.try_withdraw() {
+                retries += 1;
+            }
+        }
+        // 20 % of 1000 requests plus the reserve of 10.
+        assert_eq!(retries, 210);
+    }
+
+    #[test]
+    fn the_reserve_allows_a_few_retries_without_traffic() {
+        let budget = RetryBudget::new(0.2);
+        let allowed = (0..50).filter(|_| budget.try_withdraw()).count();
+        assert_eq!(allowed, 10);
+    }
+
+    #[test]
+    fn savings_are_capped() {
+        let budget = RetryBudget::new(0.2);
+        for _ in 0..100_000 {
+            budget.deposit();
+        }
+        let allowed = (0..1000).filter(|_| budget.try_withdraw()).count();
+        assert_eq!(allowed, 30);
+    }
+
+    #[test]
+    fn zero_ratio_leaves_only_the_reserve() {
+        let budget = RetryBudget::new(0.0);
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        assert_eq!((0..50).filter(|_| budget.try_withdraw()).count(), 10);
+    }
+}

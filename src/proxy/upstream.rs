@@ -1,0 +1,480 @@
+//! Live state of upstreams and their instances: the lock-free counters the balancer reads,
+//! the health flags, the keep-alive connection pool, and the RAII in-flight guard.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use crossbeam_queue::ArrayQueue;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use smallvec::SmallVec;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::body::ForwardBody;
+use super::retry::RetryBudget;
+use crate::balance::{self, Candidate, HashRing, PickInput, Strategy};
+use crate::config::{InstanceConfig, UpstreamConfig};
+use crate::health::{HealthState, PassiveState, Transition};
+
+/// Time constant of the peak-EWMA latency average.
+const EWMA_TAU: Duration = Duration::from_secs(10);
+
+/// Nanoseconds since a process-wide origin, so instants fit in atomics (0 means "never").
+fn nanos(at: Instant) -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(|| Instant::now() - Duration::from_secs(1));
+    at.saturating_duration_since(origin).as_nanos() as u64
+}
+
+/// The result of the last active check, for `/health/detailed`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckReport {
+    pub ok: bool,
+    pub detail: String,
+    pub at_unix_ms: u128,
+}
+
+/// One instance of an upstream.
+pub struct Instance {
+    pub addr: SocketAddr,
+    pub addr_text: String,
+    pub weight: u32,
+    pub backup: bool,
+    /// Added at run time (admin API or autoscaler), kept across config reloads.
+    pub dynamic: bool,
+    pub in_flight: AtomicU32,
+    pub requests: AtomicU64,
+    pub failures: AtomicU64,
+    latency_bits: AtomicU64,
+    latency_stamp: AtomicU64,
+    active_up: AtomicBool,
+    active: Mutex<HealthState>,
+    passive: Mutex<PassiveState>,
+    passive_down_until: AtomicU64,
+    draining: AtomicBool,
+    /// When the instance last came up after being down; 0 = up from the start (no slow start).
+    up_since: AtomicU64,
+    pub last_check: Mutex<Option<CheckReport>>,
+    pub pool: Pool,
+}
+
+impl Instance {
+    pub fn new(config: &InstanceConfig, upstream: &UpstreamConfig, dynamic: bool) -> Instance {
+        // Instances added at run time must pass their active checks before they serve.
+        let starts_up = !(dynamic && upstream.health.is_some());
+        Instance {
+            addr: config.addr,
+            addr_text: config.addr.to_string(),
+            weight: config.weight,
+            backup: config.backup,
+            dynamic,
+            in_flight: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            latency_bits: AtomicU64::new(0),
+            latency_stamp: AtomicU64::new(0),
+            active_up: AtomicBool::new(starts_up),
+            active: Mutex::new(HealthState::new(starts_up)),
+            passive: Mutex::new(PassiveState::default()),
+            passive_down_until: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            up_since: AtomicU64::new(if dynamic { nanos(Instant::now()) } else { 0 }),
+            last_check: Mutex::new(None),
+            pool: Pool::new(config.addr, upstream),
+        }
+    }
+
+    /// Healthy by active and passive checks at `now` (draining is separate).
+    pub fn is_available(&self, now: Instant) -> bool {
+        self.active_up.load(Ordering::Relaxed)
+            && self.passive_down_until.load(Ordering::Relaxed) <= nanos(now)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn state_name(&self, now: Instant) -> &'static str {
+        if self.is_draining() {
+            "draining"
+        } else if !self.active_up.load(Ordering::Relaxed) {
+            "down"
+        } else if !self.is_available(now) {
+            "failed"
+        } else {
+            "up"
+        }
+    }
+
+    pub fn latency(&self) -> Duration {
+        Duration::from_nanos(f64::from_bits(self.latency_bits.load(Ordering::Relaxed)) as u64)
+    }
+
+    /// Folds one response-header latency into the peak-EWMA. Concurrent updates may lose one
+    /// sample; the average does not need to be exact, only cheap.
+    pub fn observe_latency(&self, sample: Duration, now: Instant) {
+        let now_ns = nanos(now);
+        let previous = f64::from_bits(self.latency_bits.load(Ordering::Relaxed));
+        let elapsed =
+            Duration::from_nanos(now_ns.saturating_sub(self.latency_stamp.load(Ordering::Relaxed)));
+        let next = balance::peak_ewma(previous, elapsed, sample.as_nanos() as f64, EWMA_TAU);
+        self.latency_bits.store(next.to_bits(), Ordering::Relaxed);
+        self.latency_stamp.store(now_ns, Ordering::Relaxed);
+    }
+
+    /// Records a failed request (transport error or timeout) for passive health.
+    pub fn record_failure(&self, now: Instant, upstream: &UpstreamConfig) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        let until = self
+            .passive
+            .lock()
+            .expect("passive state lock")
+            .record_failure(
+                now,
+                upstream.passive.max_fails,
+                upstream.passive.fail_timeout,
+            );
+        if let Some(until) = until {
+            tracing::warn!(
+                upstream = %upstream.name,
+                instance = %self.addr,
+                for_secs = upstream.passive.fail_timeout.as_secs_f64(),
+                "instance failed {} time(s): taken out of rotation",
+                upstream.passive.max_fails
+            );
+            self.passive_down_until
+                .store(nanos(until), Ordering::Relaxed);
+        }
+    }
+
+    /// Records an active check result; logs and applies a change of verdict.
+    pub fn record_check(&self, ok: bool, detail: String, rise: u32, fall: u32, now: Instant) {
+        let transition = self
+            .active
+            .lock()
+            .expect("health state lock")
+            .observe(ok, rise, fall);
+        *self.last_check.lock().expect("last check lock") = Some(CheckReport {
+            ok,
+            detail,
+            at_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0),
+        });
+        match transition {
+            Some(Transition::WentUp) => {
+                tracing::info!(instance = %self.addr, "instance is healthy again");
+                self.up_since.store(nanos(now), Ordering::Relaxed);
+                self.passive_down_until.store(0, Ordering::Relaxed);
+                self.active_up.store(true, Ordering::Relaxed);
+            }
+            Some(Transition::WentDown) => {
+                tracing::warn!(instance = %self.addr, "instance failed its health checks");
+                self.active_up.store(false, Ordering::Relaxed);
+            }
+            None => {}
+        }
+    }
+
+    pub fn health_counts(&self) -> HealthState {
+        *self.active.lock().expect("health state lock")
+    }
+
+    fn ramp(&self, now: Instant, slow_start: Duration) -> f64 {
+        let since = self.up_since.load(Ordering::Relaxed);
+        if since == 0 || slow_start.is_zero() {
+            return 1.0;
+        }
+        balance::ramp_factor(
+            Duration::from_nanos(nanos(now).saturating_sub(since)),
+            slow_start,
+        )
+    }
+
+    fn candidate(&self, index: usize, now: Instant, slow_start: Duration) -> Candidate {
+        Candidate {
+            index,
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            latency_ns: f64::from_bits(self.latency_bits.load(Ordering::Relaxed)),
+            weight: self.weight,
+            ramp: self.ramp(now, slow_start),
+        }
+    }
+}
+
+/// Counts a request as in flight on an instance until dropped (held by the response body, so
+/// streaming responses count until their last byte).
+pub struct InFlightGuard {
+    pub instance: Arc<Instance>,
+}
+
+impl InFlightGuard {
+    pub fn enter(instance: Arc<Instance>) -> InFlightGuard {
+        instance.in_flight.fetch_add(1, Ordering::Relaxed);
+        instance.requests.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard { instance }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.instance.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The instances of an upstream at one moment; replaced whole (copy on write) when instances
+/// are added or removed, so the request path reads it without locks.
+#[derive(Default)]
+pub struct InstanceSet {
+    pub instances: Vec<Arc<Instance>>,
+    pub ring: Option<HashRing>,
+}
+
+impl InstanceSet {
+    pub fn new(instances: Vec<Arc<Instance>>, strategy: &Strategy) -> InstanceSet {
+        let ring = matches!(strategy, Strategy::ConsistentHash(_))
+            .then(|| HashRing::new(instances.iter().map(|i| (i.addr_text.as_str(), i.weight))));
+        InstanceSet { instances, ring }
+    }
+}
+
+/// Why no instance could be picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoInstance {
+    /// Nothing is healthy: 503.
+    NoneHealthy,
+    /// Healthy instances exist but every one was already tried: 502.
+    AllTried,
+}
+
+/// An upstream: its settings, its instance set and its balancing and retry state.
+pub struct Upstream {
+    pub config: UpstreamConfig,
+    pub set: ArcSwap<InstanceSet>,
+    seq: AtomicU64,
+    pub retry_budget: RetryBudget,
+}
+
+impl Upstream {
+    /// Builds the upstream, reusing live instances from `previous` (same address and pool
+    /// settings) so health, counters and pooled connections survive a reload.
+    pub fn new(config: UpstreamConfig, previous: Option<&Upstream>) -> Upstream {
+        let old: Vec<Arc<Instance>> = previous
+            .map(|p| p.set.load().instances.clone())
+            .unwrap_or_default();
+        let same_pool =
+            previous.is_some_and(|p| p.config.pool_settings() == config.pool_settings());
+        let mut instances: Vec<Arc<Instance>> = config
+            .instances
+            .iter()
+            .map(|ic| {
+                old.iter()
+                    .find(|i| {
+                        same_pool
+                            && i.addr == ic.addr
+                            && i.weight == ic.weight
+                            && i.backup == ic.backup
+                    })
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Instance::new(ic, &config, false)))
+            })
+            .collect();
+        if same_pool {
+            for dynamic in old.iter().filter(|i| i.dynamic && !i.is_draining()) {
+                if !instances.iter().any(|i| i.addr == dynamic.addr) {
+                    instances.push(dynamic.clone());
+                }
+            }
+        }
+        let set = InstanceSet::new(instances, &config.strategy);
+        Upstream {
+            retry_budget: RetryBudget::new(config.retry_budget),
+            set: ArcSwap::from_pointee(set),
+            seq: AtomicU64::new(0),
+            config,
+        }
+    }
+
+    /// Chooses an instance for one attempt. `tried` is a bitmask of instance positions already
+    /// tried for this request (positions ≥ 64 are never excluded).
+    pub fn pick(
+        &self,
+        set: &InstanceSet,
+        tried: u64,
+        hash: Option<u64>,
+        now: Instant,
+    ) -> Result<(usize, Arc<Instance>), NoInstance> {
+        let slow_start = self.config.slow_start;
+        let mut candidates: SmallVec<[Candidate; 16]> = SmallVec::new();
+        let mut any_healthy = false;
+        for backup_tier in [false, true] {
+            for (index, instance) in set.instances.iter().enumerate() {
+                if instance.backup != backup_tier
+                    || instance.is_draining()
+                    || !instance.is_available(now)
+                {
+                    continue;
+                }
+                any_healthy = true;
+                if index < 64 && tried & (1 << index) != 0 {
+                    continue;
+                }
+                candidates.push(instance.candidate(index, now, slow_start));
+            }
+            // Backups serve only when no primary is healthy at all.
+            if any_healthy {
+                break;
+            }
+        }
+        let input = PickInput {
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            random: rand::random(),
+            hash,
+        };
+        match balance::pick_instance(&self.config.strategy, &candidates, input, set.ring.as_ref()) {
+            Some(index) => Ok((index, set.instances[index].clone())),
+            None if any_healthy => Err(NoInstance::AllTried),
+            None => Err(NoInstance::NoneHealthy),
+        }
+    }
+
+    /// Adds an instance at run time; returns false if the address is already present.
+    pub fn add_instance(&self, config: &InstanceConfig) -> bool {
+        let mut added = false;
+        self.set.rcu(|set| {
+            if set.instances.iter().any(|i| i.addr == config.addr) {
+                added = false;
+                return Arc::clone(set);
+            }
+            added = true;
+            let mut instances = set.instances.clone();
+            instances.push(Arc::new(Instance::new(config, &self.config, true)));
+            Arc::new(InstanceSet::new(instances, &self.config.strategy))
+        });
+        added
+    }
+
+    /// Removes an instance from the set (in-flight requests keep their own reference).
+    pub fn remove_instance(&self, addr: SocketAddr) {
+        self.set.rcu(|set| {
+            let instances = set
+                .instances
+                .iter()
+                .filter(|i| i.addr != addr)
+                .cloned()
+                .collect();
+            Arc::new(InstanceSet::new(instances, &self.config.strategy))
+        });
+    }
+
+    pub fn find(&self, addr: SocketAddr) -> Option<Arc<Instance>> {
+        self.set
+            .load()
+            .instances
+            .iter()
+            .find(|i| i.addr == addr)
+            .cloned()
+    }
+}
+
+impl UpstreamConfig {
+    fn pool_settings(&self) -> (usize, Duration, Duration) {
+        (self.keepalive, self.connect_timeout, self.idle_timeout)
+    }
+}
+
+/// Why a connection to an instance could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out")]
+    Timeout,
+    #[error("connect failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] hyper::Error),
+}
+
+/// Sender half of an HTTP/1.1 connection to an instance.
+pub type Sender = http1::SendRequest<ForwardBody>;
+
+struct IdleConn {
+    sender: Sender,
+    since: Instant,
+}
+
+/// Keep-alive connections to one instance: a bounded lock-free queue of idle senders.
+pub struct Pool {
+    addr: SocketAddr,
+    idle: Option<ArrayQueue<IdleConn>>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Pool {
+    fn new(addr: SocketAddr, upstream: &UpstreamConfig) -> Pool {
+        Pool {
+            addr,
+            idle: (upstream.keepalive > 0).then(|| ArrayQueue::new(upstream.keepalive)),
+            connect_timeout: upstream.connect_timeout,
+            idle_timeout: upstream.idle_timeout,
+        }
+    }
+
+    /// An idle pooled connection that is still open, else a new one.
+    pub async fn checkout(&self) -> Result<Sender, ConnectError> {
+        if let Some(idle) = &self.idle {
+            let now = Instant::now();
+            while let Some(mut conn) = idle.pop() {
+                if conn.sender.is_closed() || now.duration_since(conn.since) > self.idle_timeout {
+                    continue;
+                }
+                if conn.sender.ready().await.is_ok() {
+                    return Ok(conn.sender);
+                }
+            }
+        }
+        self.connect().await
+    }
+
+    async fn connect(&self) -> Result<Sender, ConnectError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| ConnectError::Timeout)??;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(%err, "instance connection closed with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Returns a connection whose exchange finished; dropped when the pool is full or closed.
+    pub fn checkin(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Some(idle) = &self.idle {
+            let _ = idle.push(IdleConn {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.as_ref().map_or(0, ArrayQueue::len)
+    }
+}
