@@ -1,5 +1,5 @@
 //! `${VAR}` and `${VAR:-default}` in the config text, filled from the environment before parsing.
-//! `$${` stands for a literal `${`.
+//! `$${` stands for a literal `${`. Comments are left as they are.
 
 /// A variable the text needs but the environment lacks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -8,14 +8,52 @@ pub struct MissingVar {
     pub line: usize,
 }
 
-/// Replaces every `${NAME}` / `${NAME:-default}` using `lookup`. Returns all missing variables
-/// (those without a default) rather than the first, so one run of `check` shows them all.
+/// Replaces every `${NAME}` / `${NAME:-default}` outside comments using `lookup`. Returns all
+/// missing variables (those without a default) rather than the first, so one run of `check`
+/// shows them all.
 pub fn interpolate(
     text: &str,
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<String, Vec<MissingVar>> {
     let mut out = String::with_capacity(text.len());
     let mut missing = Vec::new();
+    for (number, line) in text.split_inclusive('\n').enumerate() {
+        let (code, comment) = line.split_at(comment_start(line));
+        interpolate_line(code, number + 1, &lookup, &mut out, &mut missing);
+        out.push_str(comment);
+    }
+    if missing.is_empty() {
+        Ok(out)
+    } else {
+        Err(missing)
+    }
+}
+
+/// Byte offset where a `#` comment starts on this line (outside "..." and '...' strings).
+fn comment_start(line: &str) -> usize {
+    let mut quote: Option<u8> = None;
+    let mut escaped = false;
+    for (i, b) in line.bytes().enumerate() {
+        match quote {
+            Some(b'"') if escaped => escaped = false,
+            Some(b'"') if b == b'\\' => escaped = true,
+            Some(q) if b == q => quote = None,
+            Some(_) => {}
+            None if b == b'"' || b == b'\'' => quote = Some(b),
+            None if b == b'#' => return i,
+            None => {}
+        }
+    }
+    line.len()
+}
+
+fn interpolate_line(
+    text: &str,
+    line: usize,
+    lookup: &impl Fn(&str) -> Option<String>,
+    out: &mut String,
+    missing: &mut Vec<MissingVar>,
+) {
     let mut rest = text;
     while let Some(pos) = rest.find('$') {
         out.push_str(&rest[..pos]);
@@ -47,7 +85,6 @@ pub fn interpolate(
             (Some(value), _) => out.push_str(&value),
             (None, Some(default)) => out.push_str(default),
             (None, None) => {
-                let line = text[..text.len() - after.len()].matches('\n').count() + 1;
                 missing.push(MissingVar {
                     name: name.to_string(),
                     line,
@@ -57,11 +94,6 @@ pub fn interpolate(
         rest = &body_start[end + 1..];
     }
     out.push_str(rest);
-    if missing.is_empty() {
-        Ok(out)
-    } else {
-        Err(missing)
-    }
 }
 
 #[cfg(test)]
@@ -88,6 +120,15 @@ mod tests {
         assert_eq!(
             interpolate("cost $5 and $${PORT}", env).unwrap(),
             "cost $5 and ${PORT}"
+        );
+    }
+
+    #[test]
+    fn comments_are_not_interpolated() {
+        let text = "# uses ${NOPE}\nurl = \"a#${PORT}\" # ${NOPE}\n";
+        assert_eq!(
+            interpolate(text, env).unwrap(),
+            "# uses ${NOPE}\nurl = \"a#8080\" # ${NOPE}\n"
         );
     }
 

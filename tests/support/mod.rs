@@ -59,6 +59,9 @@ pub fn spawn_with_env(args: &[&str], expect: usize, env: &[(&str, &str)]) -> Pro
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+    if !env.iter().any(|(k, _)| *k == "LOG_LEVEL") {
+        cmd.env("LOG_LEVEL", "warn");
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -98,4 +101,179 @@ pub fn demo_backend(extra: &[&str]) -> Proc {
     let mut args = vec!["demo-backend", "--port", "0"];
     args.extend_from_slice(extra);
     spawn(&args, 1)
+}
+
+/// A running gateway with its config file.
+pub struct Gateway {
+    pub proc: Proc,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// Rewrites the config file (same listeners) and sends SIGHUP.
+    pub fn reload_with(&self, body: &str) {
+        std::fs::write(&self.config_path, with_listeners(body)).unwrap();
+        signal(self.proc.pid(), "HUP");
+    }
+}
+
+fn with_listeners(body: &str) -> String {
+    if body.contains("[server]") {
+        body.to_string()
+    } else {
+        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nshutdown_grace = \"5s\"\n\n{body}")
+    }
+}
+
+/// Starts `scalegate serve --config` with `body` (a `[server]` section on ephemeral ports is
+/// added unless `body` has one).
+pub fn gateway(body: &str) -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("scalegate.toml");
+    std::fs::write(&config_path, with_listeners(body)).unwrap();
+    let proc = spawn(&["serve", "--config", config_path.to_str().unwrap()], 2);
+    Gateway {
+        proxy: proc.named("proxy"),
+        admin: proc.named("admin"),
+        proc,
+        config_path,
+        _dir: dir,
+    }
+}
+
+/// The `[upstreams.app]` + catch-all route config for these backends.
+pub fn app_config(backends: &[&Proc], extra: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|b| format!("\"{}\"", b.addr()))
+        .collect();
+    format!(
+        "[upstreams.app]\ninstances = [{}]\n{extra}\n\n[[routes]]\nupstream = \"app\"\n",
+        list.join(", ")
+    )
+}
+
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+pub type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+pub fn client() -> Client {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// A finished response: status, headers and the whole body.
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+}
+
+pub async fn request(
+    client: &Client,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<Reply, String> {
+    use http_body_util::BodyExt;
+    let mut builder = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    let req = builder
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| format!("{e:?}"))?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    })
+}
+
+pub async fn get(client: &Client, url: &str) -> Reply {
+    request(client, "GET", url, &[], "").await.unwrap()
+}
+
+/// Requests counted by a demo backend (`/__stats`).
+pub async fn backend_requests(client: &Client, backend: &Proc) -> u64 {
+    let reply = get(client, &format!("http://{}/__stats", backend.addr())).await;
+    reply.json()["requests"].as_u64().unwrap()
+}
+
+/// Polls `check` every 50 ms until it holds, up to `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Sends raw bytes on a new connection and returns everything read until the peer closes or
+/// 3 s pass.
+pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    stream.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -1,0 +1,644 @@
+//! End-to-end tests of the proxy core: real gateway and demo-backend processes on loopback.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+
+async fn instance_counts(
+    client: &Client,
+    gw: &Gateway,
+    n: usize,
+    headers: &[(&str, &str)],
+) -> HashMap<String, u32> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        let reply = request(client, "GET", &gw.url("/work"), headers, "")
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200);
+        *counts
+            .entry(reply.header("x-instance").to_string())
+            .or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn round_robin_spreads_evenly_and_weights_count() {
+    let a = demo_backend(&[]);
+    let b = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a, &b], ""));
+    let client = client();
+    let counts = instance_counts(&client, &gw, 40, &[]).await;
+    assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![20, 20]);
+
+    let weighted = format!(
+        "[upstreams.app]\ninstances = [\"{}\", {{ addr = \"{}\", weight = 3 }}]\n[[routes]]\nupstream = \"app\"\n",
+        a.addr(),
+        b.addr()
+    );
+    let gw = gateway(&weighted);
+    let counts = instance_counts(&client, &gw, 40, &[]).await;
+    assert_eq!(counts[&a.addr().port().to_string()], 10);
+    assert_eq!(counts[&b.addr().port().to_string()], 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn least_conn_sends_fewer_requests_to_the_slow_instance() {
+    let slow = demo_backend(&["--latency-ms", "60"]);
+    let fast = demo_backend(&["--latency-ms", "2"]);
+    let gw = gateway(&app_config(&[&slow, &fast], "strategy = \"least_conn\""));
+    let client = client();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let client = client.clone();
+        let url = gw.url("/work");
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..15 {
+                assert_eq!(get(&client, &url).await.status, 200);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let slow_count = backend_requests(&client, &slow).await;
+    let fast_count = backend_requests(&client, &fast).await;
+    assert_eq!(slow_count + fast_count, 120);
+    assert!(
+        fast_count > 3 * slow_count,
+        "fast {fast_count} vs slow {slow_count}"
+    );
+}
+
+#[tokio::test]
+async fn consistent_hash_is_sticky_per_key() {
+    let backends: Vec<Proc> = (0..3).map(|_| demo_backend(&[])).collect();
+    let refs: Vec<&Proc> = backends.iter().collect();
+    let gw = gateway(&app_config(
+        &refs,
+        "strategy = \"consistent_hash\"\nhash_key = \"header:X-User\"",
+    ));
+    let client = client();
+    let mut seen = std::collections::HashSet::new();
+    for user in 0..12 {
+        let user = format!("user-{user}");
+        let counts = instance_counts(&client, &gw, 5, &[("x-user", &user)]).await;
+        assert_eq!(
+            counts.len(),
+            1,
+            "{user} moved between instances: {counts:?}"
+        );
+        seen.extend(counts.into_keys());
+    }
+    assert!(
+        seen.len() >= 2,
+        "keys should spread over instances: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn backup_serves_only_when_every_primary_is_down() {
+    let primary = demo_backend(&[]);
+    let backup = demo_backend(&[]);
+    let config = format!(
+        "[upstreams.app]\ninstances = [\"{}\", {{ addr = \"{}\", backup = true }}]\n[upstreams.app.health]\ninterval = \"100ms\"\nfall = 1\nrise = 1\n[[routes]]\nupstream = \"app\"\n",
+        primary.addr(),
+        backup.addr()
+    );
+    let gw = gateway(&config);
+    let client = client();
+    let counts = instance_counts(&client, &gw, 10, &[]).await;
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        vec![&primary.addr().port().to_string()]
+    );
+    request(
+        &client,
+        "POST",
+        &format!("http://{}/__health/fail", primary.addr()),
+        &[],
+        "",
+    )
+    .await
+    .unwrap();
+    let backup_port = backup.addr().port().to_string();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            get(&client, &gw.url("/work")).await.header("x-instance") == backup_port
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_an_instance_under_load_fails_no_idempotent_request() {
+    let a = demo_backend(&["--latency-ms", "5"]);
+    let mut b = demo_backend(&["--latency-ms", "5"]);
+    let c = demo_backend(&["--latency-ms", "5"]);
+    let gw = gateway(&app_config(&[&a, &b, &c], "strategy = \"least_conn\""));
+    let client = client();
+    let failures = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (client, url, failures, done) = (
+            client.clone(),
+            gw.url("/work"),
+            failures.clone(),
+            done.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..60 {
+                match request(&client, "GET", &url, &[], "").await {
+                    Ok(reply) if reply.status == 200 => {}
+                    other => {
+                        eprintln!("failed: {:?}", other.map(|r| (r.status, r.body)));
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    while done.load(Ordering::Relaxed) < 120 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(done.load(Ordering::Relaxed), 480);
+    assert_eq!(failures.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn active_checks_take_an_instance_out_after_fall_and_back_after_rise() {
+    let a = demo_backend(&[]);
+    let b = demo_backend(&[]);
+    let gw = gateway(&app_config(
+        &[&a, &b],
+        "[upstreams.app.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nfall = 2\nrise = 3",
+    ));
+    let client = client();
+    let state_of = |addr: String| {
+        let client = client.clone();
+        let url = gw.admin_url("/api/upstreams");
+        async move {
+            let json = get(&client, &url).await.json();
+            json["upstreams"][0]["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["addr"] == addr.as_str())
+                .map(|i| i["state"].as_str().unwrap().to_string())
+                .unwrap()
+        }
+    };
+    request(
+        &client,
+        "POST",
+        &format!("http://{}/__health/fail", a.addr()),
+        &[],
+        "",
+    )
+    .await
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            state_of(a.addr().to_string()).await == "down"
+        })
+        .await
+    );
+    let counts = instance_counts(&client, &gw, 10, &[]).await;
+    assert_eq!(
+        counts.len(),
+        1,
+        "down instance still got traffic: {counts:?}"
+    );
+    let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
+    assert!(detailed.to_string().contains("status 503"), "{detailed}");
+
+    request(
+        &client,
+        "POST",
+        &format!("http://{}/__health/ok", a.addr()),
+        &[],
+        "",
+    )
+    .await
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            state_of(a.addr().to_string()).await == "up"
+        })
+        .await
+    );
+    let counts = instance_counts(&client, &gw, 10, &[]).await;
+    assert_eq!(counts.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn draining_through_the_admin_api_loses_nothing() {
+    let a = demo_backend(&["--latency-ms", "300"]);
+    let b = demo_backend(&["--latency-ms", "300"]);
+    let gw = gateway(&app_config(&[&a, &b], ""));
+    let client = client();
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (client, url) = (client.clone(), gw.url("/work"));
+        tasks.push(tokio::spawn(async move { get(&client, &url).await.status }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reply = request(
+        &client,
+        "DELETE",
+        &gw.admin_url(&format!("/api/upstreams/app/instances/{}", a.addr())),
+        &[],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 202);
+    // New requests go to the other instance only.
+    let reply = get(&client, &gw.url("/work")).await;
+    assert_eq!(reply.header("x-instance"), b.addr().port().to_string());
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 200);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let json = get(&client, &gw.admin_url("/api/upstreams")).await.json();
+            json["upstreams"][0]["instances"].as_array().unwrap().len() == 1
+        })
+        .await
+    );
+    // And it can be added back.
+    let body = format!("{{\"addr\": \"{}\"}}", a.addr());
+    let reply = request(
+        &client,
+        "POST",
+        &gw.admin_url("/api/upstreams/app/instances"),
+        &[],
+        &body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 201);
+    let counts = instance_counts(&client, &gw, 4, &[]).await;
+    assert_eq!(counts.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reload_under_load_loses_nothing_and_bad_config_is_refused() {
+    let a = demo_backend(&["--latency-ms", "20"]);
+    let b = demo_backend(&["--latency-ms", "20"]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let client = client();
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let (client, url) = (client.clone(), gw.url("/work"));
+        tasks.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..30 {
+                statuses.push(get(&client, &url).await.status);
+            }
+            statuses
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    gw.reload_with(&app_config(&[&b], ""));
+    for task in tasks {
+        assert!(task.await.unwrap().iter().all(|s| *s == 200));
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            get(&client, &gw.url("/work")).await.header("x-instance") == b.addr().port().to_string()
+        })
+        .await
+    );
+    // A bad config is refused through the API and the running one keeps serving.
+    std::fs::write(&gw.config_path, "[upstreams.app]\nstrategy = \"fastest\"\n").unwrap();
+    let reply = request(&client, "POST", &gw.admin_url("/api/reload"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 422);
+    assert!(reply.json()["errors"]
+        .to_string()
+        .contains("upstreams.app.strategy"));
+    assert_eq!(get(&client, &gw.url("/work")).await.status, 200);
+}
+
+#[tokio::test]
+async fn forwarding_headers_and_request_ids() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let client = client();
+    let reply = request(
+        &client,
+        "GET",
+        &gw.url("/echo"),
+        &[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("connection", "x-private"),
+            ("x-private", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-request-id", "client-id-1"),
+        ],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.header("x-request-id"), "client-id-1");
+    let echo = reply.json();
+    let headers: HashMap<String, String> = echo["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|pair| {
+            (
+                pair[0].as_str().unwrap().into(),
+                pair[1].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(headers["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert_eq!(headers["x-forwarded-host"], gw.proxy.to_string());
+    assert_eq!(headers["x-request-id"], "client-id-1");
+    assert!(!headers.contains_key("x-private"));
+    assert!(!headers.contains_key("keep-alive"));
+    assert!(!headers.contains_key("connection"));
+
+    let reply = request(
+        &client,
+        "GET",
+        &gw.url("/work"),
+        &[("x-request-id", "bad id with spaces")],
+        "",
+    )
+    .await
+    .unwrap();
+    let generated = reply.header("x-request-id");
+    assert_eq!(generated.len(), 16, "{generated}");
+}
+
+#[tokio::test]
+async fn smuggling_shaped_requests_never_smuggle() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let client = client();
+    let refused: [&[u8]; 3] = [
+        b"POST /work HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"POST /work HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\nhello!",
+        b"POST /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+    ];
+    for case in refused {
+        let answer = raw_exchange(gw.proxy, case);
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "{}\n{answer}",
+            String::from_utf8_lossy(case)
+        );
+    }
+    assert_eq!(backend_requests(&client, &a).await, 0);
+
+    // Content-Length with Transfer-Encoding: the HTTP/1 parser lets chunked win and closes the
+    // connection after the answer (RFC 9112 6.1), so the tail is never read as a second request.
+    let answer = raw_exchange(
+        gw.proxy,
+        b"POST /work HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    assert!(backend_requests(&client, &a).await <= 1);
+}
+
+#[tokio::test]
+async fn error_statuses_carry_json_and_the_request_id() {
+    let slow = demo_backend(&["--latency-ms", "3000"]);
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmax_body = \"1KiB\"\nmax_header_size = \"8KiB\"\n{}",
+        app_config(&[&slow], "response_timeout = \"300ms\"")
+    );
+    let gw = gateway(&config);
+    let client = client();
+
+    let reply = request(
+        &client,
+        "GET",
+        &gw.url("/work"),
+        &[("x-request-id", "t-504")],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.header("x-request-id"), "t-504");
+    assert_eq!(reply.json()["request_id"], "t-504");
+
+    let big = "x".repeat(2048);
+    let reply = request(&client, "POST", &gw.url("/work"), &[], &big)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 413);
+    assert!(reply.json()["request_id"].is_string());
+
+    let huge = "y".repeat(16 * 1024);
+    let answer = raw_exchange(
+        gw.proxy,
+        format!("GET /work HTTP/1.1\r\nHost: x\r\nX-Big: {huge}\r\n\r\n").as_bytes(),
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "{}",
+        &answer[..answer.len().min(100)]
+    );
+
+    // Nothing listens there: connect refused on every instance → 502.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gw = gateway(&format!(
+        "[upstreams.app]\ninstances = [\"{dead}\"]\n[[routes]]\nupstream = \"app\"\n"
+    ));
+    let reply = get(&client, &gw.url("/work")).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.json()["error"], "bad_gateway");
+    // After that failure the instance is out of rotation (max_fails = 1): 503.
+    let reply = get(&client, &gw.url("/work")).await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.json()["error"], "no_healthy_instance");
+}
+
+#[tokio::test]
+async fn routes_by_host_and_path_prefix() {
+    let api = demo_backend(&[]);
+    let web = demo_backend(&[]);
+    let config = format!(
+        "[upstreams.api]\ninstances = [\"{}\"]\n[upstreams.web]\ninstances = [\"{}\"]\n\
+         [[routes]]\npath_prefix = \"/api\"\nupstream = \"api\"\n\
+         [[routes]]\nhost = \"admin.test\"\nupstream = \"api\"\n\
+         [[routes]]\nupstream = \"web\"\n",
+        api.addr(),
+        web.addr()
+    );
+    let gw = gateway(&config);
+    let client = client();
+    let port = |r: Reply| r.header("x-instance").to_string();
+    assert_eq!(
+        port(get(&client, &gw.url("/api/users")).await),
+        api.addr().port().to_string()
+    );
+    assert_eq!(
+        port(get(&client, &gw.url("/index.html")).await),
+        web.addr().port().to_string()
+    );
+    let reply = request(&client, "GET", &gw.url("/x"), &[("host", "admin.test")], "")
+        .await
+        .unwrap();
+    assert_eq!(port(reply), api.addr().port().to_string());
+}
+
+#[tokio::test]
+async fn h2c_clients_are_served() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let client: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    let reply = get(&client, &gw.url("/work")).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(&reply.body[..], b"ok");
+}
+
+#[tokio::test]
+async fn a_large_upload_streams_in_bounded_memory() {
+    use http_body_util::BodyExt;
+    let a = demo_backend(&[]);
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nmax_body = \"2GiB\"\n{}",
+        app_config(&[&a], "")
+    );
+    let gw = gateway(&config);
+    const CHUNK: usize = 1 << 20;
+    const CHUNKS: usize = 256;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Chunks>();
+    let body = Chunks {
+        left: CHUNKS,
+        chunk: bytes::Bytes::from(vec![b'z'; CHUNK]),
+    };
+    let req = http::Request::post(gw.url("/upload")).body(body).unwrap();
+    let response = client.request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["x-body-received"].to_str().unwrap(),
+        (CHUNK * CHUNKS).to_string()
+    );
+    response.into_body().collect().await.unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.proc.pid())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        peak_kib < 64 * 1024,
+        "gateway peak RSS {peak_kib} KiB for a 256 MiB upload"
+    );
+}
+
+/// A request body of `left` copies of `chunk`, made as it is sent (never held whole).
+struct Chunks {
+    left: usize,
+    chunk: bytes::Bytes,
+}
+
+impl hyper::body::Body for Chunks {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.left -= 1;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(self.chunk.clone()))))
+    }
+}
+
+#[test]
+fn check_names_the_bad_keys_and_serve_refuses_the_same_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"nowhere\"\n[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nstrategy = \"fastest\"\n[[routes]]\nupstream = \"ghost\"\n",
+    )
+    .unwrap();
+    let check = std::process::Command::new(bin())
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!check.status.success());
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    for key in [
+        "server.listen",
+        "upstreams.app.strategy",
+        "routes[0].upstream",
+    ] {
+        assert!(stderr.contains(key), "{key} missing in: {stderr}");
+    }
+    let serve = std::process::Command::new(bin())
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!serve.status.success());
+    assert!(String::from_utf8_lossy(&serve.stderr).contains("upstreams.app.strategy"));
+
+    std::fs::write(&path, "[upstreams.app]\ninstances = [\"${SG_TEST_ADDR:-127.0.0.1:1}\"]\n[[routes]]\nupstream = \"app\"\n").unwrap();
+    let check = std::process::Command::new(bin())
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
+    let a = demo_backend(&["--latency-ms", "700"]);
+    let mut gw = gateway(&app_config(&[&a], ""));
+    let client = client();
+    let url = gw.url("/work");
+    let in_flight = {
+        let client = client.clone();
+        tokio::spawn(async move { get(&client, &url).await.status })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(gw.proc.pid(), "TERM");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let health = request(&client, "GET", &gw.admin_url("/health"), &[], "").await;
+    assert_eq!(health.map(|r| r.status).unwrap_or(503), 503);
+    assert_eq!(in_flight.await.unwrap(), 200);
+    let status = tokio::task::spawn_blocking(move || gw.proc.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
