@@ -30,11 +30,25 @@ use super::upstream::{InFlightGuard, Instance, NoInstance, Sender, Upstream};
 use super::{Gateway, Runtime};
 use crate::balance::{hash_bytes, HashKey, Strategy};
 
+/// The client end of a connection, its IP rendered once per connection for X-Forwarded-For.
+#[derive(Clone)]
+pub struct ClientAddr {
+    pub addr: SocketAddr,
+    ip: HeaderValue,
+}
+
+impl ClientAddr {
+    pub fn new(addr: SocketAddr) -> ClientAddr {
+        let ip = HeaderValue::try_from(addr.ip().to_string()).expect("an IP is a header value");
+        ClientAddr { addr, ip }
+    }
+}
+
 /// Entry point for one client request; never fails (errors become responses).
 pub async fn handle(
     gateway: Arc<Gateway>,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    client: ClientAddr,
 ) -> Result<Response<GatewayBody>, Infallible> {
     let started = Instant::now();
     let request_id = match req.headers().get(&X_REQUEST_ID) {
@@ -50,7 +64,7 @@ pub async fn handle(
         .server
         .access_log
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
-    let (response, upstream) = match forward(&runtime, req, peer, &request_id).await {
+    let (response, upstream) = match forward(&runtime, req, &client, &request_id).await {
         Ok((response, upstream)) => (response, Some(upstream)),
         Err((error, upstream)) => {
             if error.status().is_server_error() {
@@ -68,7 +82,7 @@ pub async fn handle(
             upstream = upstream.as_ref().map_or("-", |u| u.config.name.as_str()),
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
             request_id = request_id.to_str().unwrap_or_default(),
-            client = %peer.ip(),
+            client = %client.addr.ip(),
         );
     }
     Ok(response)
@@ -80,7 +94,7 @@ type Failed = (ProxyError, Option<Arc<Upstream>>);
 async fn forward(
     runtime: &Runtime,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    client: &ClientAddr,
     request_id: &HeaderValue,
 ) -> Result<Forwarded, Failed> {
     let (mut parts, body) = req.into_parts();
@@ -104,7 +118,7 @@ async fn forward(
         .ok_or((ProxyError::NoRoute, None))?;
     let upstream = runtime.route_upstream(route).clone();
     let hash = match &upstream.config.strategy {
-        Strategy::ConsistentHash(key) => hash_key(key, &parts, peer),
+        Strategy::ConsistentHash(key) => hash_key(key, &parts, client.addr),
         _ => None,
     };
 
@@ -120,7 +134,7 @@ async fn forward(
             parts.headers.insert(header::HOST, host.clone());
         }
     }
-    forward_request_headers(&mut parts.headers, peer.ip(), "http", host, request_id);
+    forward_request_headers(&mut parts.headers, &client.ip, "http", host, request_id);
 
     let has_body = !body.is_end_stream();
     let config = &upstream.config;

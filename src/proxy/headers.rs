@@ -1,8 +1,6 @@
 //! Header rules of a proxy (RFC 9110 §7.6): hop-by-hop fields removed in both directions, the
 //! X-Forwarded-* fields, request IDs, and refusing messages whose framing is ambiguous.
 
-use std::net::IpAddr;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -94,29 +92,28 @@ pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, FramingError> {
 /// appended with the client address, X-Forwarded-Proto and -Host set, the request ID set.
 pub fn forward_request_headers(
     headers: &mut HeaderMap,
-    client_ip: IpAddr,
+    client_ip: &HeaderValue,
     proto: &'static str,
     host: Option<HeaderValue>,
     request_id: &HeaderValue,
 ) {
     strip_hop_by_hop(headers);
-    let client = client_ip.to_string();
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
         Some(existing) => {
-            let mut joined = String::with_capacity(existing.len() + 2 + client.len());
+            let mut joined = Vec::with_capacity(existing.len() + 2 + client_ip.len());
             for (i, v) in headers.get_all(&X_FORWARDED_FOR).iter().enumerate() {
                 if i > 0 {
-                    joined.push_str(", ");
+                    joined.extend_from_slice(b", ");
                 }
-                joined.push_str(v.to_str().unwrap_or_default());
+                joined.extend_from_slice(v.as_bytes());
             }
-            joined.push_str(", ");
-            joined.push_str(&client);
-            joined
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client_ip.as_bytes());
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)).ok()
         }
-        None => client,
+        None => Some(client_ip.clone()),
     };
-    if let Ok(value) = HeaderValue::try_from(forwarded_for) {
+    if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
@@ -187,14 +184,26 @@ mod tests {
         let mut headers = map(&[("x-forwarded-for", "203.0.113.7"), ("host", "api.test")]);
         let id = HeaderValue::from_static("abc");
         let host = headers.get("host").cloned();
-        forward_request_headers(&mut headers, "10.0.0.1".parse().unwrap(), "http", host, &id);
+        forward_request_headers(
+            &mut headers,
+            &HeaderValue::from_static("10.0.0.1"),
+            "http",
+            host,
+            &id,
+        );
         assert_eq!(headers["x-forwarded-for"], "203.0.113.7, 10.0.0.1");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers["x-forwarded-host"], "api.test");
         assert_eq!(headers["x-request-id"], "abc");
 
         let mut fresh = HeaderMap::new();
-        forward_request_headers(&mut fresh, "::1".parse().unwrap(), "http", None, &id);
+        forward_request_headers(
+            &mut fresh,
+            &HeaderValue::from_static("::1"),
+            "http",
+            None,
+            &id,
+        );
         assert_eq!(fresh["x-forwarded-for"], "::1");
     }
 
@@ -205,7 +214,13 @@ mod tests {
             ("x-forwarded-for", "2.2.2.2"),
         ]);
         let id = HeaderValue::from_static("abc");
-        forward_request_headers(&mut headers, "3.3.3.3".parse().unwrap(), "http", None, &id);
+        forward_request_headers(
+            &mut headers,
+            &HeaderValue::from_static("3.3.3.3"),
+            "http",
+            None,
+            &id,
+        );
         assert_eq!(headers["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3");
     }
 

@@ -202,7 +202,9 @@ async fn accept_loop(
                 };
                 let _ = stream.set_nodelay(true);
                 let gateway = gateway.clone();
-                let service = service_fn(move |req| forward::handle(gateway.clone(), req, peer));
+                let client = forward::ClientAddr::new(peer);
+                let service =
+                    service_fn(move |req| forward::handle(gateway.clone(), req, client.clone()));
                 let connection = builder
                     .serve_connection(TokioIo::new(stream), service)
                     .into_owned();
