@@ -10,5 +10,6 @@ pub mod config;
 pub mod demo;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

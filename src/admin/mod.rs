@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{parse_addr, InstanceConfig};
+use crate::metrics::InstanceSample;
 use crate::proxy::upstream::{Instance, Upstream};
 use crate::proxy::{Gateway, GatewayBody};
 
@@ -79,6 +80,14 @@ async fn handle(
     let method = req.method().clone();
     let response = match (&method, segments.as_slice()) {
         (&Method::GET, ["health", "detailed"]) => health_detailed(&gateway),
+        (&Method::GET, ["metrics"]) => {
+            let openmetrics = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/openmetrics-text"));
+            metrics(&gateway, openmetrics)
+        }
         (&Method::GET, ["api", "upstreams"]) => {
             let runtime = gateway.runtime.load();
             let now = Instant::now();
@@ -116,6 +125,53 @@ async fn handle(
         ),
     };
     Ok(response)
+}
+
+/// `GET /metrics`: the Prometheus exposition of everything the gateway counts, as OpenMetrics
+/// when the scraper asks for it, else the classic text format.
+fn metrics(gateway: &Gateway, openmetrics: bool) -> Response<GatewayBody> {
+    let runtime = gateway.runtime.load();
+    let now = Instant::now();
+    let instances: Vec<InstanceSample> = runtime
+        .upstreams
+        .iter()
+        .flat_map(|u| {
+            let set = u.set.load_full();
+            let name = u.config.name.clone();
+            (0..set.instances.len()).map(move |n| instance_sample(&name, &set.instances[n], now))
+        })
+        .collect();
+    let text = crate::metrics::render(crate::metrics::core_families(&gateway.metrics, &instances));
+    let (text, content_type) = if openmetrics {
+        (
+            text,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    } else {
+        (
+            crate::metrics::to_prometheus_text(&text),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+    };
+    let mut response = Response::new(GatewayBody::full(text));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+fn instance_sample(upstream: &str, instance: &Instance, now: Instant) -> InstanceSample {
+    InstanceSample {
+        upstream: upstream.to_string(),
+        instance: instance.addr_text.clone(),
+        state: instance.state_name(now),
+        requests: instance.requests.load(Ordering::Relaxed),
+        failures: instance.failures.load(Ordering::Relaxed),
+        in_flight: instance.in_flight.load(Ordering::Relaxed),
+        ejections: instance.ejections.load(Ordering::Relaxed),
+        retries: instance.retries.load(Ordering::Relaxed),
+        latency_seconds: instance.latency().as_secs_f64(),
+    }
 }
 
 fn health_detailed(gateway: &Gateway) -> Response<GatewayBody> {

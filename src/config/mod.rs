@@ -65,6 +65,8 @@ pub struct ServerConfig {
     /// Runtime worker threads; `None` = the CPUs this process may run on.
     pub workers: Option<usize>,
     pub access_log: bool,
+    /// Per-request metrics (counters by route, duration histogram, in-flight gauge).
+    pub metrics: bool,
     pub max_body: u64,
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,

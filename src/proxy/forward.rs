@@ -26,7 +26,7 @@ use super::headers::{
     X_REQUEST_ID,
 };
 use super::router::{host_without_port, match_route};
-use super::upstream::{InFlightGuard, Instance, NoInstance, Sender, Upstream};
+use super::upstream::{InFlightGuard, Instance, NoInstance, Sender};
 use super::{Gateway, Runtime};
 use crate::balance::{hash_bytes, HashKey, Strategy};
 
@@ -59,27 +59,33 @@ pub async fn handle(
         ),
     };
     let runtime = gateway.runtime.load_full();
+    let _in_flight = gateway.metrics.enter();
+    let method = req.method().clone();
     let access_log = runtime
         .config
         .server
         .access_log
-        .then(|| (req.method().clone(), req.uri().path().to_owned()));
-    let (response, upstream) = match forward(&runtime, req, &client, &request_id).await {
-        Ok((response, upstream)) => (response, Some(upstream)),
-        Err((error, upstream)) => {
+        .then(|| req.uri().path().to_owned());
+    let (response, route) = match forward(&runtime, req, &client, &request_id).await {
+        Ok((response, route)) => (response, Some(route)),
+        Err((error, route)) => {
             if error.status().is_server_error() {
                 tracing::warn!(request_id = ?request_id, %error, "request failed");
             }
-            (error.response(&request_id), upstream)
+            (error.response(&request_id), route)
         }
     };
-    if let Some((method, path)) = access_log {
+    let status = response.status().as_u16();
+    if let Some(stats) = runtime.request_stats(route, &gateway.metrics) {
+        stats.record(&method, status, started.elapsed());
+    }
+    if let Some(path) = access_log {
         tracing::info!(
             target: "access",
             method = %method,
             path = %path,
-            status = response.status().as_u16(),
-            upstream = upstream.as_ref().map_or("-", |u| u.config.name.as_str()),
+            status,
+            upstream = route.map_or("-", |r| runtime.route_upstream(r).config.name.as_str()),
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
             request_id = request_id.to_str().unwrap_or_default(),
             client = %client.addr.ip(),
@@ -88,8 +94,10 @@ pub async fn handle(
     Ok(response)
 }
 
-type Forwarded = (Response<GatewayBody>, Arc<Upstream>);
-type Failed = (ProxyError, Option<Arc<Upstream>>);
+/// The response and the position of the route that produced it.
+type Forwarded = (Response<GatewayBody>, usize);
+/// The error and the route, when one matched.
+type Failed = (ProxyError, Option<usize>);
 
 async fn forward(
     runtime: &Runtime,
@@ -162,9 +170,9 @@ async fn forward(
         let (index, instance) = match upstream.pick(&set, tried, hash, Instant::now()) {
             Ok(picked) => picked,
             Err(NoInstance::NoneHealthy) if attempts == 0 => {
-                return Err((ProxyError::NoHealthyInstance, Some(upstream)))
+                return Err((ProxyError::NoHealthyInstance, Some(route)))
             }
-            Err(_) => return Err((last_error, Some(upstream))),
+            Err(_) => return Err((last_error, Some(route))),
         };
         if index < 64 {
             tried |= 1 << index;
@@ -180,7 +188,7 @@ async fn forward(
                     *req.headers_mut() = headers.clone();
                     req
                 }
-                None => return Err((last_error, Some(upstream))),
+                None => return Err((last_error, Some(route))),
             },
         };
         let guard = InFlightGuard::enter(instance.clone());
@@ -191,7 +199,7 @@ async fn forward(
                 head.headers
                     .insert(X_REQUEST_ID.clone(), request_id.clone());
                 let body = GatewayBody::Upstream(UpstreamBody::new(incoming, sender, guard));
-                return Ok((Response::from_parts(head, body), upstream));
+                return Ok((Response::from_parts(head, body), route));
             }
             Err(failure) => {
                 drop(guard);
@@ -207,23 +215,22 @@ async fn forward(
                         instance.record_failure(now, config);
                         last_error = ProxyError::InstanceFailed(reason);
                         if replay.is_none() {
-                            return Err((last_error, Some(upstream)));
+                            return Err((last_error, Some(route)));
                         }
                     }
                     Attempt::Timeout => {
                         instance.record_failure(now, config);
-                        return Err((ProxyError::InstanceTimeout, Some(upstream)));
+                        return Err((ProxyError::InstanceTimeout, Some(route)));
                     }
-                    Attempt::BodyTooLarge => {
-                        return Err((ProxyError::BodyTooLarge, Some(upstream)))
-                    }
+                    Attempt::BodyTooLarge => return Err((ProxyError::BodyTooLarge, Some(route))),
                     Attempt::ClientBody(reason) => {
-                        return Err((ProxyError::InstanceFailed(reason), Some(upstream)))
+                        return Err((ProxyError::InstanceFailed(reason), Some(route)))
                     }
                 }
                 if !retry_ok || !upstream.retry_budget.try_withdraw() {
-                    return Err((last_error, Some(upstream)));
+                    return Err((last_error, Some(route)));
                 }
+                instance.retries.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(instance = %instance.addr, attempt = attempts, "retrying on another instance");
             }
         }

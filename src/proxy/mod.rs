@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Config, ConfigErrors};
+use crate::metrics::{Metrics, RequestStats};
 use upstream::Upstream;
 
 /// One configuration in force: the config and the live upstreams it describes.
@@ -37,11 +38,13 @@ pub struct Runtime {
     pub upstreams: Vec<Arc<Upstream>>,
     /// The upstream of each route, by route position.
     route_upstreams: Vec<Arc<Upstream>>,
+    /// The request counters of each route, by route position; empty when `server.metrics` is off.
+    route_stats: Vec<Arc<RequestStats>>,
 }
 
 impl Runtime {
     /// Builds the runtime, carrying live instances over from `previous` where they still fit.
-    fn build(config: Config, previous: Option<&Runtime>) -> Runtime {
+    fn build(config: Config, previous: Option<&Runtime>, metrics: &Metrics) -> Runtime {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
@@ -61,10 +64,20 @@ impl Runtime {
                     .clone()
             })
             .collect();
+        let route_stats = if config.server.metrics {
+            config
+                .routes
+                .iter()
+                .map(|route| metrics.route(&route.name, &route.upstream))
+                .collect()
+        } else {
+            Vec::new()
+        };
         Runtime {
             config,
             upstreams,
             route_upstreams,
+            route_stats,
         }
     }
 
@@ -74,6 +87,19 @@ impl Runtime {
 
     fn route_upstream(&self, route: usize) -> &Arc<Upstream> {
         &self.route_upstreams[route]
+    }
+
+    /// Where to count a request: its route's counters, or the unrouted ones; `None` when
+    /// recording is off.
+    fn request_stats<'a>(
+        &'a self,
+        route: Option<usize>,
+        metrics: &'a Metrics,
+    ) -> Option<&'a RequestStats> {
+        if !self.config.server.metrics {
+            return None;
+        }
+        Some(route.map_or(&*metrics.unrouted, |r| &*self.route_stats[r]))
     }
 }
 
@@ -85,12 +111,14 @@ pub struct Gateway {
     request_seq: AtomicU64,
     id_prefix: u32,
     reload_lock: Mutex<()>,
+    pub metrics: Metrics,
 }
 
 impl Gateway {
     /// Creates the gateway and starts its health checks (needs a tokio runtime).
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Arc<Gateway> {
-        let runtime = Runtime::build(config, None);
+        let metrics = Metrics::default();
+        let runtime = Runtime::build(config, None, &metrics);
         for upstream in &runtime.upstreams {
             crate::health::spawn_active_checks(upstream);
         }
@@ -101,6 +129,7 @@ impl Gateway {
             request_seq: AtomicU64::new(1),
             id_prefix: rand::random(),
             reload_lock: Mutex::new(()),
+            metrics,
         })
     }
 
@@ -122,7 +151,7 @@ impl Gateway {
         {
             tracing::warn!("listen addresses changed: they take effect at the next restart");
         }
-        let next = Runtime::build(config, Some(&current));
+        let next = Runtime::build(config, Some(&current), &self.metrics);
         for upstream in &next.upstreams {
             crate::health::spawn_active_checks(upstream);
         }

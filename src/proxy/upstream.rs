@@ -49,6 +49,10 @@ pub struct Instance {
     pub in_flight: AtomicU32,
     pub requests: AtomicU64,
     pub failures: AtomicU64,
+    /// Times health checks (active or passive) took the instance out of rotation.
+    pub ejections: AtomicU64,
+    /// Failed attempts on this instance that were retried on another.
+    pub retries: AtomicU64,
     latency_bits: AtomicU64,
     latency_stamp: AtomicU64,
     active_up: AtomicBool,
@@ -75,6 +79,8 @@ impl Instance {
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
             latency_bits: AtomicU64::new(0),
             latency_stamp: AtomicU64::new(0),
             active_up: AtomicBool::new(starts_up),
@@ -143,6 +149,7 @@ impl Instance {
                 upstream.passive.fail_timeout,
             );
         if let Some(until) = until {
+            self.ejections.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 upstream = %upstream.name,
                 instance = %self.addr,
@@ -178,6 +185,7 @@ impl Instance {
                 self.active_up.store(true, Ordering::Relaxed);
             }
             Some(Transition::WentDown) => {
+                self.ejections.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(instance = %self.addr, "instance failed its health checks");
                 self.active_up.store(false, Ordering::Relaxed);
             }

@@ -1,0 +1,606 @@
+//! Every metric the gateway exposes, named in this one file, and the cheap recording behind them.
+//!
+//! The request path only touches atomics: each route holds an `Arc<RequestStats>` (counters by
+//! method and status class, an in-flight gauge, a fixed-bucket duration histogram). A scrape
+//! reads those atomics and the instance counters and writes the Prometheus text format through
+//! prometheus-client. Label values come from config names and instance addresses only, so the
+//! label sets stay bounded whatever clients send.
+
+mod process;
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::Method;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+/// Prefix of every metric name.
+pub const PREFIX: &str = "scalegate";
+
+// Metric names, without the prefix (and counters without `_total`, which the encoder adds).
+pub const REQUESTS: &str = "requests";
+pub const IN_FLIGHT: &str = "in_flight_requests";
+pub const REQUEST_DURATION: &str = "request_duration_seconds";
+pub const INSTANCE_REQUESTS: &str = "instance_requests";
+pub const INSTANCE_FAILURES: &str = "instance_failures";
+pub const INSTANCE_IN_FLIGHT: &str = "instance_in_flight_requests";
+pub const INSTANCE_UP: &str = "instance_up";
+pub const INSTANCE_STATE: &str = "instance_state";
+pub const INSTANCE_EJECTIONS: &str = "instance_ejections";
+pub const INSTANCE_RETRIES: &str = "instance_retries";
+pub const INSTANCE_LATENCY: &str = "instance_latency_ewma_seconds";
+pub const PROCESS_CPU: &str = "process_cpu_seconds";
+pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
+pub const PROCESS_FDS: &str = "process_open_fds";
+pub const PROCESS_START: &str = "process_start_time_seconds";
+
+/// Method label values; anything else counts as `OTHER`.
+pub const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER",
+];
+/// Status class label values, by `status / 100 - 1`.
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// Upper bounds (seconds) of the duration histogram: 100 µs to 60 s, about 2.5× apart.
+pub const DURATION_BUCKETS: [f64; 18] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+fn method_index(method: &Method) -> usize {
+    match *method {
+        Method::GET => 0,
+        Method::HEAD => 1,
+        Method::POST => 2,
+        Method::PUT => 3,
+        Method::DELETE => 4,
+        Method::PATCH => 5,
+        Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
+fn status_index(status: u16) -> usize {
+    usize::from(status / 100).clamp(1, 5) - 1
+}
+
+/// A histogram with fixed buckets, recorded with one atomic add per bucket hit.
+#[derive(Debug, Default)]
+pub struct DurationHistogram {
+    /// Non-cumulative counts; the last slot is +Inf.
+    counts: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl DurationHistogram {
+    pub fn record(&self, duration: Duration) {
+        let seconds = duration.as_secs_f64();
+        let slot = DURATION_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.counts[slot].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Current non-cumulative bucket counts (last = +Inf) and the sum in seconds.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut counts = [0u64; DURATION_BUCKETS.len() + 1];
+        for (slot, count) in counts.iter_mut().zip(&self.counts) {
+            *slot = count.load(Ordering::Relaxed);
+        }
+        HistogramSnapshot {
+            counts,
+            sum_seconds: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
+/// Bucket counts at one moment; subtract two to get what happened in between.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HistogramSnapshot {
+    pub counts: [u64; DURATION_BUCKETS.len() + 1],
+    pub sum_seconds: f64,
+}
+
+impl Default for HistogramSnapshot {
+    fn default() -> Self {
+        HistogramSnapshot {
+            counts: [0; DURATION_BUCKETS.len() + 1],
+            sum_seconds: 0.0,
+        }
+    }
+}
+
+impl HistogramSnapshot {
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// What was recorded between `earlier` and `self`.
+    pub fn since(&self, earlier: &HistogramSnapshot) -> HistogramSnapshot {
+        let mut counts = self.counts;
+        for (slot, before) in counts.iter_mut().zip(earlier.counts) {
+            *slot = slot.saturating_sub(before);
+        }
+        HistogramSnapshot {
+            counts,
+            sum_seconds: (self.sum_seconds - earlier.sum_seconds).max(0.0),
+        }
+    }
+
+    pub fn add(&mut self, other: &HistogramSnapshot) {
+        for (slot, more) in self.counts.iter_mut().zip(other.counts) {
+            *slot += more;
+        }
+        self.sum_seconds += other.sum_seconds;
+    }
+
+    /// The `q` quantile (0..1) in seconds, interpolated linearly inside its bucket as
+    /// Prometheus' `histogram_quantile` does; `None` when nothing was recorded. Values in the
+    /// +Inf bucket report the last finite bound.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * total as f64;
+        let mut seen = 0u64;
+        for (slot, &count) in self.counts.iter().enumerate() {
+            if count == 0 {
+                continue;
+            }
+            if (seen + count) as f64 >= rank {
+                let Some(&upper) = DURATION_BUCKETS.get(slot) else {
+                    return Some(DURATION_BUCKETS[DURATION_BUCKETS.len() - 1]);
+                };
+                let lower = if slot == 0 {
+                    0.0
+                } else {
+                    DURATION_BUCKETS[slot - 1]
+                };
+                let within = (rank - seen as f64) / count as f64;
+                return Some(lower + (upper - lower) * within.clamp(0.0, 1.0));
+            }
+            seen += count;
+        }
+        Some(DURATION_BUCKETS[DURATION_BUCKETS.len() - 1])
+    }
+}
+
+/// The counters of one route (or of requests no route matched).
+#[derive(Debug, Default)]
+pub struct RequestStats {
+    counts: [[AtomicU64; STATUS_CLASSES.len()]; METHODS.len()],
+    pub duration: DurationHistogram,
+}
+
+impl RequestStats {
+    pub fn record(&self, method: &Method, status: u16, duration: Duration) {
+        self.counts[method_index(method)][status_index(status)].fetch_add(1, Ordering::Relaxed);
+        self.duration.record(duration);
+    }
+
+    /// Requests so far by status class, all methods together.
+    pub fn by_status_class(&self) -> [u64; STATUS_CLASSES.len()] {
+        let mut out = [0; STATUS_CLASSES.len()];
+        for row in &self.counts {
+            for (slot, count) in out.iter_mut().zip(row) {
+                *slot += count.load(Ordering::Relaxed);
+            }
+        }
+        out
+    }
+}
+
+/// Holds one request's place in the gateway's in-flight gauge until dropped.
+pub struct InFlight<'a>(&'a AtomicI64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The request counters of every route ever configured, kept across reloads so counters never
+/// go backwards.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    routes: Mutex<Vec<RouteStatsEntry>>,
+    pub unrouted: Arc<RequestStats>,
+    in_flight: AtomicI64,
+}
+
+#[derive(Debug)]
+struct RouteStatsEntry {
+    route: String,
+    upstream: String,
+    stats: Arc<RequestStats>,
+}
+
+impl Metrics {
+    /// Counts a request in flight until the guard drops.
+    pub fn enter(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.in_flight)
+    }
+
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The counters for `route` → `upstream`, made on first use (at config load, not per request).
+    pub fn route(&self, route: &str, upstream: &str) -> Arc<RequestStats> {
+        let mut routes = self.routes.lock().expect("metrics routes lock");
+        if let Some(entry) = routes
+            .iter()
+            .find(|e| e.route == route && e.upstream == upstream)
+        {
+            return entry.stats.clone();
+        }
+        let stats = Arc::new(RequestStats::default());
+        routes.push(RouteStatsEntry {
+            route: route.to_string(),
+            upstream: upstream.to_string(),
+            stats: stats.clone(),
+        });
+        stats
+    }
+
+    /// Every route's counters with their labels, and the unrouted ones as route `-`.
+    pub fn routes(&self) -> Vec<(String, String, Arc<RequestStats>)> {
+        let routes = self.routes.lock().expect("metrics routes lock");
+        routes
+            .iter()
+            .map(|e| (e.route.clone(), e.upstream.clone(), e.stats.clone()))
+            .chain(std::iter::once((
+                "-".to_string(),
+                "-".to_string(),
+                self.unrouted.clone(),
+            )))
+            .collect()
+    }
+}
+
+/// Instance states as exported by `instance_state`.
+pub const INSTANCE_STATES: [&str; 4] = ["up", "down", "failed", "draining"];
+
+/// One metric family as a scrape sees it: owned, so any capability can contribute its own.
+#[derive(Debug, Clone)]
+pub struct Family {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub samples: Vec<Sample>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub labels: Vec<(&'static str, String)>,
+    pub value: Value,
+}
+
+#[derive(Debug, Clone)]
+pub enum Value {
+    Counter(u64),
+    /// A counter of seconds (CPU time).
+    CounterSeconds(f64),
+    Gauge(f64),
+    Histogram(HistogramSnapshot),
+}
+
+impl Family {
+    pub fn new(name: &'static str, help: &'static str) -> Family {
+        Family {
+            name,
+            help,
+            samples: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, labels: Vec<(&'static str, String)>, value: Value) {
+        self.samples.push(Sample { labels, value });
+    }
+
+    fn metric_type(&self) -> MetricType {
+        match self.samples.first().map(|s| &s.value) {
+            Some(Value::Counter(_) | Value::CounterSeconds(_)) => MetricType::Counter,
+            Some(Value::Histogram(_)) => MetricType::Histogram,
+            _ => MetricType::Gauge,
+        }
+    }
+}
+
+/// What an instance looks like to a scrape.
+pub struct InstanceSample {
+    pub upstream: String,
+    pub instance: String,
+    pub state: &'static str,
+    pub requests: u64,
+    pub failures: u64,
+    pub in_flight: u32,
+    pub ejections: u64,
+    pub retries: u64,
+    pub latency_seconds: f64,
+}
+
+/// The request families (by route) and the instance families.
+pub fn core_families(metrics: &Metrics, instances: &[InstanceSample]) -> Vec<Family> {
+    let mut requests = Family::new(
+        REQUESTS,
+        "Requests answered, by route, upstream, method and status class.",
+    );
+    let mut in_flight = Family::new(IN_FLIGHT, "Requests being handled by the gateway.");
+    in_flight.push(Vec::new(), Value::Gauge(metrics.in_flight() as f64));
+    let mut duration = Family::new(
+        REQUEST_DURATION,
+        "Time from request head to response head, by route.",
+    );
+    for (route, upstream, stats) in metrics.routes() {
+        let labels = vec![("route", route), ("upstream", upstream)];
+        for (m, row) in stats.counts.iter().enumerate() {
+            for (c, count) in row.iter().enumerate() {
+                let count = count.load(Ordering::Relaxed);
+                if count > 0 {
+                    let mut labels = labels.clone();
+                    labels.push(("method", METHODS[m].to_string()));
+                    labels.push(("status", STATUS_CLASSES[c].to_string()));
+                    requests.push(labels, Value::Counter(count));
+                }
+            }
+        }
+        duration.push(labels, Value::Histogram(stats.duration.snapshot()));
+    }
+    let mut families = vec![requests, in_flight, duration];
+    let per_instance: [(&'static str, &'static str, fn(&InstanceSample) -> Value); 6] = [
+        (INSTANCE_REQUESTS, "Requests sent to the instance.", |i| {
+            Value::Counter(i.requests)
+        }),
+        (
+            INSTANCE_FAILURES,
+            "Requests to the instance that failed (connect error, reset, timeout).",
+            |i| Value::Counter(i.failures),
+        ),
+        (
+            INSTANCE_IN_FLIGHT,
+            "Requests in flight on the instance.",
+            |i| Value::Gauge(f64::from(i.in_flight)),
+        ),
+        (
+            INSTANCE_EJECTIONS,
+            "Times the instance was taken out of rotation by health checks.",
+            |i| Value::Counter(i.ejections),
+        ),
+        (
+            INSTANCE_RETRIES,
+            "Failed attempts on the instance that were retried elsewhere.",
+            |i| Value::Counter(i.retries),
+        ),
+        (
+            INSTANCE_LATENCY,
+            "Peak-EWMA of the instance's response-head latency.",
+            |i| Value::Gauge(i.latency_seconds),
+        ),
+    ];
+    for (name, help, value) in per_instance {
+        let mut family = Family::new(name, help);
+        for i in instances {
+            family.push(instance_labels(i), value(i));
+        }
+        families.push(family);
+    }
+    let mut up = Family::new(INSTANCE_UP, "1 when the instance may get traffic.");
+    let mut state = Family::new(
+        INSTANCE_STATE,
+        "1 for the instance's current state (up, down, failed, draining).",
+    );
+    for i in instances {
+        up.push(
+            instance_labels(i),
+            Value::Gauge(if i.state == "up" { 1.0 } else { 0.0 }),
+        );
+        for name in INSTANCE_STATES {
+            let mut labels = instance_labels(i);
+            labels.push(("state", name.to_string()));
+            state.push(
+                labels,
+                Value::Gauge(if i.state == name { 1.0 } else { 0.0 }),
+            );
+        }
+    }
+    families.push(up);
+    families.push(state);
+    families.extend(process::families());
+    families
+}
+
+fn instance_labels(i: &InstanceSample) -> Vec<(&'static str, String)> {
+    vec![
+        ("upstream", i.upstream.clone()),
+        ("instance", i.instance.clone()),
+    ]
+}
+
+/// Writes families in the OpenMetrics text format (what Prometheus scrapes), names prefixed.
+pub fn render(families: Vec<Family>) -> String {
+    let mut registry = Registry::with_prefix(PREFIX);
+    registry.register_collector(Box::new(Families(families)));
+    let mut out = String::with_capacity(16 * 1024);
+    if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        let _ = writeln!(out, "# encoding failed: {err}");
+    }
+    out
+}
+
+#[derive(Debug)]
+struct Families(Vec<Family>);
+
+impl prometheus_client::collector::Collector for Families {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        for family in &self.0 {
+            if family.samples.is_empty() {
+                continue;
+            }
+            let mut metric =
+                encoder.encode_descriptor(family.name, family.help, None, family.metric_type())?;
+            if let [only] = family.samples.as_slice() {
+                if only.labels.is_empty() {
+                    // Through `encode_family` an empty label set would be written as `{}`.
+                    encode_value(metric, &only.value)?;
+                    continue;
+                }
+            }
+            for sample in &family.samples {
+                let labels: Vec<(&str, &str)> = sample
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (*k, v.as_str()))
+                    .collect();
+                encode_value(metric.encode_family(&labels.as_slice())?, &sample.value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encode_value(
+    encoder: prometheus_client::encoding::MetricEncoder<'_>,
+    value: &Value,
+) -> std::fmt::Result {
+    match value {
+        Value::Counter(v) => ConstCounter::new(*v).encode(encoder),
+        Value::CounterSeconds(v) => ConstCounter::new(*v).encode(encoder),
+        Value::Gauge(v) => ConstGauge::new(*v).encode(encoder),
+        Value::Histogram(h) => encode_histogram(encoder, h),
+    }
+}
+
+fn encode_histogram(
+    mut encoder: prometheus_client::encoding::MetricEncoder<'_>,
+    histogram: &HistogramSnapshot,
+) -> std::fmt::Result {
+    // The encoder accumulates the counts itself and writes `f64::MAX` as `+Inf`.
+    let buckets: Vec<(f64, u64)> = DURATION_BUCKETS
+        .iter()
+        .copied()
+        .chain(std::iter::once(f64::MAX))
+        .zip(histogram.counts)
+        .collect();
+    encoder.encode_histogram::<NoLabelSet>(histogram.sum_seconds, histogram.count(), &buckets, None)
+}
+
+/// Rewrites OpenMetrics text (what prometheus-client writes) as the Prometheus text format
+/// 0.0.4, which Prometheus scrapes by default and `promtool check metrics` lints: counter
+/// families are announced under their `_total` sample name, and `# EOF` goes.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + counters.len() * 16);
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let header = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match header {
+            Some((prefix, rest)) => {
+                let name = rest.split(' ').next().unwrap_or_default();
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(&name) {
+                    out.push_str("_total");
+                }
+                out.push_str(&rest[name.len()..]);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_and_quantiles() {
+        let h = DurationHistogram::default();
+        for _ in 0..90 {
+            h.record(Duration::from_micros(800)); // (0.5 ms, 1 ms]
+        }
+        for _ in 0..10 {
+            h.record(Duration::from_millis(40)); // (25 ms, 50 ms]
+        }
+        let snap = h.snapshot();
+        assert_eq!(snap.count(), 100);
+        assert_eq!(snap.counts[3], 90);
+        assert_eq!(snap.counts[8], 10);
+        let p50 = snap.quantile(0.5).unwrap();
+        assert!(p50 > 0.0005 && p50 <= 0.001, "{p50}");
+        let p99 = snap.quantile(0.99).unwrap();
+        assert!(p99 > 0.025 && p99 <= 0.05, "{p99}");
+        assert_eq!(HistogramSnapshot::default().quantile(0.5), None);
+        h.record(Duration::from_secs(100));
+        assert_eq!(h.snapshot().counts[DURATION_BUCKETS.len()], 1);
+        assert_eq!(h.snapshot().quantile(1.0), Some(60.0));
+    }
+
+    #[test]
+    fn snapshots_subtract_to_what_happened_between() {
+        let h = DurationHistogram::default();
+        h.record(Duration::from_millis(1));
+        let before = h.snapshot();
+        h.record(Duration::from_millis(3));
+        h.record(Duration::from_millis(3));
+        let delta = h.snapshot().since(&before);
+        assert_eq!(delta.count(), 2);
+        assert!((delta.sum_seconds - 0.006).abs() < 1e-9);
+    }
+
+    #[test]
+    fn requests_are_counted_by_method_and_status_class() {
+        let metrics = Metrics::default();
+        let stats = metrics.route("api", "app");
+        assert!(Arc::ptr_eq(&stats, &metrics.route("api", "app")));
+        let guard = metrics.enter();
+        assert_eq!(metrics.in_flight(), 1);
+        drop(guard);
+        assert_eq!(metrics.in_flight(), 0);
+        stats.record(&Method::GET, 204, Duration::from_millis(2));
+        stats.record(&Method::from_bytes(b"PURGE").unwrap(), 503, Duration::ZERO);
+        assert_eq!(stats.by_status_class(), [0, 1, 0, 0, 1]);
+        let text = render(core_families(&metrics, &[]));
+        assert!(text.contains(
+            "scalegate_requests_total{route=\"api\",upstream=\"app\",method=\"GET\",status=\"2xx\"} 1"
+        ), "{text}");
+        assert!(
+            text.contains("method=\"OTHER\",status=\"5xx\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE scalegate_request_duration_seconds histogram"));
+        assert!(text.ends_with("# EOF\n"));
+        assert!(
+            text.contains(r#"_bucket{le="+Inf",route="api",upstream="app"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains("scalegate_in_flight_requests 0"), "{text}");
+    }
+
+    #[test]
+    fn openmetrics_counters_are_renamed_for_the_prometheus_text_format() {
+        let om = "# HELP a_b Things.\n# TYPE a_b counter\na_b_total{x=\"1\"} 2\n# HELP g G.\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_b_total Things.\n# TYPE a_b_total counter\na_b_total{x=\"1\"} 2\n# HELP g G.\n# TYPE g gauge\ng 1\n"
+        );
+    }
+}

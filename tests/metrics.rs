@@ -1,0 +1,147 @@
+//! /metrics end to end: exact counts after known traffic, and promtool's lint on the output.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use support::*;
+
+fn sample(text: &str, prefix: &str) -> f64 {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no sample {prefix} in\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn metrics_count_known_traffic_exactly_and_pass_promtool() {
+    let a = demo_backend(&[]);
+    let b = demo_backend(&[]);
+    let config = format!(
+        "[upstreams.app]\ninstances = [\"{}\", \"{}\"]\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstream = \"app\"\n",
+        a.addr(),
+        b.addr()
+    );
+    let gw = gateway(&config);
+    let client = client();
+    for _ in 0..5 {
+        assert_eq!(get(&client, &gw.url("/api/x")).await.status, 200);
+    }
+    for _ in 0..2 {
+        let reply = request(&client, "POST", &gw.url("/api/y"), &[], "body")
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(get(&client, &gw.url("/elsewhere")).await.status, 404);
+
+    let reply = get(&client, &gw.admin_url("/metrics")).await;
+    assert_eq!(reply.status, 200);
+    assert!(reply
+        .header("content-type")
+        .starts_with("text/plain; version=0.0.4"));
+    let text = String::from_utf8(reply.body.to_vec()).unwrap();
+    let api = r#"route="api",upstream="app""#;
+    assert_eq!(
+        sample(
+            &text,
+            &format!(r#"scalegate_requests_total{{{api},method="GET",status="2xx"}}"#)
+        ),
+        5.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!(r#"scalegate_requests_total{{{api},method="POST",status="2xx"}}"#)
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"scalegate_requests_total{route="-",upstream="-",method="GET",status="4xx"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("scalegate_request_duration_seconds_count{{{api}}}")
+        ),
+        7.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!(r#"scalegate_request_duration_seconds_bucket{{le="+Inf",{api}}}"#)
+        ),
+        7.0
+    );
+    let per_instance: f64 = [a.addr(), b.addr()]
+        .iter()
+        .map(|addr| {
+            sample(
+                &text,
+                &format!(
+                    r#"scalegate_instance_requests_total{{upstream="app",instance="{addr}"}}"#
+                ),
+            )
+        })
+        .sum();
+    assert_eq!(per_instance, 7.0);
+    assert_eq!(
+        sample(
+            &text,
+            &format!(
+                r#"scalegate_instance_up{{upstream="app",instance="{}"}}"#,
+                a.addr()
+            )
+        ),
+        1.0
+    );
+    assert_eq!(sample(&text, "scalegate_in_flight_requests "), 0.0);
+    assert!(sample(&text, "scalegate_process_resident_memory_bytes ") > 1e6);
+    assert!(sample(&text, "scalegate_process_open_fds ") >= 3.0);
+
+    // OpenMetrics for scrapers that ask for it.
+    let om = request(
+        &client,
+        "GET",
+        &gw.admin_url("/metrics"),
+        &[("accept", "application/openmetrics-text; version=1.0.0")],
+        "",
+    )
+    .await
+    .unwrap();
+    assert!(om
+        .header("content-type")
+        .starts_with("application/openmetrics-text"));
+    assert!(String::from_utf8_lossy(&om.body).ends_with("# EOF\n"));
+
+    let promtool = ["promtool", "/usr/bin/promtool"]
+        .into_iter()
+        .find(|p| Command::new(p).arg("--version").output().is_ok())
+        .expect("promtool is installed by scripts/test (Debian package prometheus)");
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
