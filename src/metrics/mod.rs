@@ -329,6 +329,9 @@ pub struct InstanceSample {
     pub latency_seconds: f64,
 }
 
+/// Name, help and value of one per-instance family.
+type InstanceFamily = (&'static str, &'static str, fn(&InstanceSample) -> Value);
+
 /// The request families (by route) and the instance families.
 pub fn core_families(metrics: &Metrics, instances: &[InstanceSample]) -> Vec<Family> {
     let mut requests = Family::new(
@@ -357,7 +360,7 @@ pub fn core_families(metrics: &Metrics, instances: &[InstanceSample]) -> Vec<Fam
         duration.push(labels, Value::Histogram(stats.duration.snapshot()));
     }
     let mut families = vec![requests, in_flight, duration];
-    let per_instance: [(&'static str, &'static str, fn(&InstanceSample) -> Value); 6] = [
+    let per_instance: [InstanceFamily; 6] = [
         (INSTANCE_REQUESTS, "Requests sent to the instance.", |i| {
             Value::Counter(i.requests)
         }),
