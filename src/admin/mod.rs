@@ -22,12 +22,13 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{parse_addr, InstanceConfig};
-use crate::metrics::InstanceSample;
+use crate::metrics::{live, InstanceSample};
 use crate::proxy::upstream::{Instance, Upstream};
 use crate::proxy::{Gateway, GatewayBody};
 
 /// Serves the admin API until `stop` turns true.
 pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    tokio::spawn(sample_stats(gateway.clone(), stop.clone()));
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -79,6 +80,12 @@ async fn handle(
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
     let response = match (&method, segments.as_slice()) {
+        (&Method::GET, [""] | ["dashboard"]) => dashboard(),
+        (&Method::GET, ["api", "stats"]) => reply(
+            StatusCode::OK,
+            json!({"latest": *gateway.live.latest(), "history": gateway.live.history()}),
+        ),
+        (&Method::GET, ["api", "stream"]) => stats_stream(&gateway),
         (&Method::GET, ["health", "detailed"]) => health_detailed(&gateway),
         (&Method::GET, ["metrics"]) => {
             let openmetrics = req
@@ -127,20 +134,83 @@ async fn handle(
     Ok(response)
 }
 
+/// The dashboard page; its script and styles are inside it, so it works with no internet.
+fn dashboard() -> Response<GatewayBody> {
+    let mut response = Response::new(GatewayBody::full(Bytes::from_static(include_bytes!(
+        "dashboard.html"
+    ))));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
+}
+
+/// `GET /api/stream`: server-sent events, one `StatsPoint` a second, until the client leaves.
+fn stats_stream(gateway: &Gateway) -> Response<GatewayBody> {
+    let mut updates = gateway.live.subscribe();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let event = format!("data: {}\n\n", json!(*updates.borrow_and_update().clone()));
+            if tx.send(Bytes::from(event)).await.is_err() || updates.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut response = Response::new(GatewayBody::Channel(rx));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// Makes a dashboard point every second from the gateway's counters, until `stop`.
+async fn sample_stats(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(live::INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut before = (Instant::now(), read_totals(&gateway));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => break,
+        }
+        let now = (Instant::now(), read_totals(&gateway));
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        gateway.live.publish(live::stats_point(
+            &before.1,
+            &now.1,
+            now.0 - before.0,
+            unix_ms,
+        ));
+        before = now;
+    }
+}
+
+fn read_totals(gateway: &Gateway) -> live::Totals {
+    let mut totals = live::Totals {
+        in_flight: gateway.metrics.in_flight(),
+        instances: instance_samples(gateway),
+        ..live::Totals::default()
+    };
+    for (_, _, stats) in gateway.metrics.routes() {
+        for (slot, count) in totals.by_class.iter_mut().zip(stats.by_status_class()) {
+            *slot += count;
+        }
+        totals.histogram.add(&stats.duration.snapshot());
+    }
+    totals
+}
+
 /// `GET /metrics`: the Prometheus exposition of everything the gateway counts, as OpenMetrics
 /// when the scraper asks for it, else the classic text format.
 fn metrics(gateway: &Gateway, openmetrics: bool) -> Response<GatewayBody> {
-    let runtime = gateway.runtime.load();
-    let now = Instant::now();
-    let instances: Vec<InstanceSample> = runtime
-        .upstreams
-        .iter()
-        .flat_map(|u| {
-            let set = u.set.load_full();
-            let name = u.config.name.clone();
-            (0..set.instances.len()).map(move |n| instance_sample(&name, &set.instances[n], now))
-        })
-        .collect();
+    let instances = instance_samples(gateway);
     let text = crate::metrics::render(crate::metrics::core_families(&gateway.metrics, &instances));
     let (text, content_type) = if openmetrics {
         (
@@ -158,6 +228,19 @@ fn metrics(gateway: &Gateway, openmetrics: bool) -> Response<GatewayBody> {
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+/// Every instance of every upstream, as metrics and the dashboard see it.
+fn instance_samples(gateway: &Gateway) -> Vec<InstanceSample> {
+    let runtime = gateway.runtime.load();
+    let now = Instant::now();
+    let mut samples = Vec::new();
+    for upstream in &runtime.upstreams {
+        for instance in &upstream.set.load().instances {
+            samples.push(instance_sample(&upstream.config.name, instance, now));
+        }
+    }
+    samples
 }
 
 fn instance_sample(upstream: &str, instance: &Instance, now: Instant) -> InstanceSample {

@@ -6,6 +6,7 @@
 //! prometheus-client. Label values come from config names and instance addresses only, so the
 //! label sets stay bounded whatever clients send.
 
+pub mod live;
 mod process;
 
 use std::fmt::Write as _;
@@ -317,6 +318,7 @@ impl Family {
 }
 
 /// What an instance looks like to a scrape.
+#[derive(Debug, Clone)]
 pub struct InstanceSample {
     pub upstream: String,
     pub instance: String,

@@ -89,6 +89,8 @@ pub enum GatewayBody {
     Full(Option<Bytes>),
     /// An instance's body, streamed.
     Upstream(UpstreamBody),
+    /// Chunks the gateway produces over time (server-sent events); ends when the sender drops.
+    Channel(tokio::sync::mpsc::Receiver<Bytes>),
 }
 
 impl GatewayBody {
@@ -136,6 +138,9 @@ impl Body for GatewayBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             GatewayBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            GatewayBody::Channel(rx) => rx
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|b| Ok(Frame::data(b)))),
             GatewayBody::Upstream(body) => {
                 let polled = Pin::new(&mut body.inner).poll_frame(cx);
                 match polled {
@@ -165,6 +170,7 @@ impl Body for GatewayBody {
         match self {
             GatewayBody::Full(bytes) => bytes.is_none(),
             GatewayBody::Upstream(body) => body.inner.is_end_stream(),
+            GatewayBody::Channel(_) => false,
         }
     }
 
@@ -173,6 +179,7 @@ impl Body for GatewayBody {
             GatewayBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             GatewayBody::Full(None) => SizeHint::with_exact(0),
             GatewayBody::Upstream(body) => body.inner.size_hint(),
+            GatewayBody::Channel(_) => SizeHint::default(),
         }
     }
 }

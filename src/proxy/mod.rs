@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{Config, ConfigErrors};
+use crate::metrics::live::LiveStats;
 use crate::metrics::{Metrics, RequestStats};
 use upstream::Upstream;
 
@@ -112,6 +113,7 @@ pub struct Gateway {
     id_prefix: u32,
     reload_lock: Mutex<()>,
     pub metrics: Metrics,
+    pub live: LiveStats,
 }
 
 impl Gateway {
@@ -130,6 +132,7 @@ impl Gateway {
             id_prefix: rand::random(),
             reload_lock: Mutex::new(()),
             metrics,
+            live: LiveStats::default(),
         })
     }
 
