@@ -1,0 +1,110 @@
+# Shared pieces of the benchmark scripts (sourced, not run). The layout they build is the fair one
+# for a 2-core machine: the proxy under test alone on PROXY_CPU with one worker; the instances
+# and wrk together on LOAD_CPU.
+export PATH="$PATH:/usr/sbin:/sbin"
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+RUNS=${RUNS:-3}
+DURATION=${DURATION:-10s}
+
+bench_init() { # tools...
+  for tool in wrk taskset python3 "$@"; do
+    command -v "$tool" >/dev/null || { echo "$0: $tool is missing (scripts/test installs it)" >&2; exit 2; }
+  done
+  cargo build --release --quiet
+  SCALEGATE=$PWD/target/release/scalegate
+  WORK=$(mktemp -d)
+  RESULTS=$WORK/results.tsv
+  PIDS=()
+  trap bench_cleanup EXIT INT TERM
+}
+bench_cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+# nginx `return 200 "ok"`, one worker, on LOAD_CPU; appends the port to BACKENDS.
+BACKENDS=()
+start_nginx_backend() {
+  local port dir; port=$(free_port); dir=$WORK/backend$port; mkdir -p "$dir"
+  cat >"$dir/nginx.conf" <<CONF
+worker_processes 1; daemon off; master_process off; error_log /dev/null crit; pid $dir/pid;
+events { worker_connections 4096; }
+http { access_log off; client_body_temp_path $dir; proxy_temp_path $dir;
+  fastcgi_temp_path $dir; uwsgi_temp_path $dir; scgi_temp_path $dir;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$port backlog=4096; location / { return 200 "ok"; } } }
+CONF
+  taskset -c "$LOAD_CPU" nginx -c "$dir/nginx.conf" -p "$dir" &
+  PIDS+=($!); BACKENDS+=("$port"); wait_port "$port"
+}
+
+# scalegate NAME on PROXY_CPU in front of BACKENDS; EXTRA is appended to [upstreams.app] and the
+# config (routes etc.) may be extended with ROUTE_EXTRA. Sets PORT[NAME] and PID[NAME].
+declare -A PORT PID
+start_scalegate() { # NAME [UPSTREAM_EXTRA] [TAIL_EXTRA]
+  local name=$1 port list=""; port=$(free_port)
+  for b in "${BACKENDS[@]}"; do list+="\"127.0.0.1:$b\", "; done
+  cat >"$WORK/$name.toml" <<CONF
+${SERVER_EXTRA:-}
+[server]
+listen = "127.0.0.1:$port"
+admin_listen = "127.0.0.1:$(free_port)"
+access_log = false
+${SERVER_KEYS:-}
+[upstreams.app]
+strategy = "least_conn"
+keepalive = 1024
+instances = [${list%, }]
+${2:-}
+[[routes]]
+upstream = "app"
+${3:-}
+CONF
+  LOG_LEVEL=warn taskset -c "$PROXY_CPU" "$SCALEGATE" serve --config "$WORK/$name.toml" >/dev/null &
+  PID[$name]=$!; PORT[$name]=$port; PIDS+=($!); wait_port "$port"
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# One wrk run against NAME; appends "name conns rps p50us p99us cpu_us_per_req errors" to RESULTS.
+measure() { # NAME CONNS [PATH]
+  local name=$1 conns=$2 path=${3:-/} pid=${PID[$1]} before after out
+  before=$(cpu_ticks "$pid")
+  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d"$DURATION" --latency "http://127.0.0.1:${PORT[$name]}$path")
+  after=$(cpu_ticks "$pid")
+  echo "$out" | awk -v name="$name" -v conns="$conns" -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
+    function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return v*1000; if (v ~ /s$/) return v*1000000; return v }
+    /^ +50%/ { p50 = us($2) } /^ +99%/ { p99 = us($2) }
+    / requests in / { reqs = $1 }
+    /Non-2xx/ { bad += $NF } /Socket errors/ { split($0, e, /[ ,]+/); bad += e[4] + e[6] + e[8] + e[10] }
+    /^Requests\/sec/ { rps = $2 }
+    END { printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, conns, rps, p50, p99, ticks / hz * 1e6 / reqs, bad + 0 }' >>"$RESULTS"
+  tail -n 1 "$RESULTS" | awk -F'\t' '{printf "  %-16s c=%-4s %9.0f req/s  p50 %6.0f us  p99 %6.0f us  cpu %5.1f us/req  errors %s\n", $1, $2, $3, $4, $5, $6, $7}'
+}
+
+warm() { for name in "$@"; do taskset -c "$LOAD_CPU" wrk -t1 -c64 -d1s "http://127.0.0.1:${PORT[$name]}${WARM_PATH:-/}" >/dev/null; done; }
+
+# Markdown table of medians per (name, conns) with each name's req/s ratio to BASE.
+summarize() { # BASE
+  python3 - "$RESULTS" "$1" <<'PY'
+import sys, statistics, collections
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
+base_name = sys.argv[2]
+cells = collections.defaultdict(list)
+for name, conns, rps, p50, p99, cpu, bad in rows:
+    cells[(name, int(conns))].append((float(rps), float(p50), float(p99), float(cpu), int(bad)))
+names = list(dict.fromkeys(r[0] for r in rows))
+conns = sorted({int(r[1]) for r in rows})
+print()
+print(f"| proxy | conns | req/s (median) | p50 µs | p99 µs | CPU µs/req | req/s vs {base_name} | errors |")
+print("|---|---|---|---|---|---|---|---|")
+for c in conns:
+    base = cells.get((base_name, c))
+    base = statistics.median(x[0] for x in base) if base else None
+    for n in names:
+        xs = cells[(n, c)]
+        med = lambda i: statistics.median(x[i] for x in xs)
+        ratio = f"{med(0) / base:.2f}" if base else "-"
+        print(f"| {n} | {c} | {med(0):.0f} | {med(1):.0f} | {med(2):.0f} | {med(3):.1f} | {ratio} | {sum(x[4] for x in xs)} |")
+PY
+}
