@@ -105,6 +105,17 @@ async fn metrics_count_known_traffic_exactly_and_pass_promtool() {
     assert!(sample(&text, "scalegate_process_resident_memory_bytes ") > 1e6);
     assert!(sample(&text, "scalegate_process_open_fds ") >= 3.0);
 
+    let detailed = get(&client, &gw.admin_url("/health/detailed")).await;
+    assert_eq!(detailed.status, 200);
+    let detailed = detailed.json();
+    assert_eq!(detailed["status"], "ok");
+    assert_eq!(detailed["components"][0]["name"], "app");
+    assert_eq!(detailed["components"][0]["status"], "ok");
+    assert_eq!(
+        detailed["components"][0]["reason"],
+        "2 of 2 instances healthy"
+    );
+
     // OpenMetrics for scrapers that ask for it.
     let om = request(
         &client,

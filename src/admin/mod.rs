@@ -265,26 +265,58 @@ fn health_detailed(gateway: &Gateway) -> Response<GatewayBody> {
         .iter()
         .map(|u| upstream_json(u, now))
         .collect();
-    let serving = runtime.upstreams.iter().all(|u| {
-        u.set
-            .load()
-            .instances
-            .iter()
-            .any(|i| i.is_available(now) && !i.is_draining())
-    });
-    let status = if gateway.is_draining() {
-        "draining"
-    } else if serving {
-        "ok"
-    } else {
-        "degraded"
+    let components: Vec<Component> = runtime
+        .upstreams
+        .iter()
+        .map(|u| upstream_component(u, now))
+        .collect();
+    let status = overall_status(gateway.is_draining(), &components);
+    let code = match status {
+        "ok" | "degraded" => StatusCode::OK,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
     };
-    let code = if status == "ok" {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    reply(
+        code,
+        json!({ "status": status, "components": components, "upstreams": upstreams }),
+    )
+}
+
+/// One part of the gateway in `/health/detailed`: `ok`, `degraded` (serving with less than it
+/// should) or `down` (not serving), with the reason in words.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Component {
+    name: String,
+    kind: &'static str,
+    status: &'static str,
+    reason: String,
+}
+
+fn upstream_component(upstream: &Upstream, now: Instant) -> Component {
+    let set = upstream.set.load();
+    let serving: Vec<&Arc<Instance>> = set.instances.iter().filter(|i| !i.is_draining()).collect();
+    let up = serving.iter().filter(|i| i.is_available(now)).count();
+    let status = match up {
+        0 => "down",
+        n if n < serving.len() => "degraded",
+        _ => "ok",
     };
-    reply(code, json!({ "status": status, "upstreams": upstreams }))
+    Component {
+        name: upstream.config.name.clone(),
+        kind: "upstream",
+        status,
+        reason: format!("{up} of {} instances healthy", serving.len()),
+    }
+}
+
+/// `draining` while shutting down, else the worst component status.
+fn overall_status(draining: bool, components: &[Component]) -> &'static str {
+    if draining {
+        return "draining";
+    }
+    ["down", "degraded"]
+        .into_iter()
+        .find(|worst| components.iter().any(|c| c.status == *worst))
+        .unwrap_or("ok")
 }
 
 fn upstream_json(upstream: &Upstream, now: Instant) -> Value {
@@ -455,6 +487,26 @@ mod tests {
             "admin",
             "secret"
         ));
+    }
+
+    #[test]
+    fn overall_status_is_the_worst_component() {
+        let component = |status| Component {
+            name: "x".into(),
+            kind: "upstream",
+            status,
+            reason: String::new(),
+        };
+        assert_eq!(overall_status(false, &[]), "ok");
+        assert_eq!(
+            overall_status(false, &[component("ok"), component("degraded")]),
+            "degraded"
+        );
+        assert_eq!(
+            overall_status(false, &[component("down"), component("degraded")]),
+            "down"
+        );
+        assert_eq!(overall_status(true, &[component("ok")]), "draining");
     }
 
     #[test]
