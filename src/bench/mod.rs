@@ -7,6 +7,7 @@
 //! tripped, 2 bad arguments or an unusable URL or file.
 
 mod failon;
+mod h1;
 mod report;
 mod runner;
 mod schedule;
@@ -157,7 +158,6 @@ fn plan(args: &BenchArgs, urls: &[String]) -> Result<runner::Plan, String> {
         method: args.method.clone(),
         headers,
         body,
-        http2: args.http2,
     };
     let (templates, origins) = target::build(urls, &parts)?;
     let limit = match (args.requests, args.duration) {

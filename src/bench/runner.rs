@@ -1,8 +1,8 @@
-//! The load itself: one task per connection, each driving its own hyper client connection in
-//! the same task (no hand-off to a connection task per request), keeping its own tally, and
-//! reconnecting when the server closes or breaks the connection.
+//! The load itself: one task per connection, each doing its own exchanges in place (HTTP/1.1
+//! through `h1`, HTTP/2 by polling a hyper connection in the same task, so no hand-off to
+//! another task per request), keeping its own tally, and reconnecting when the server closes
+//! or breaks the connection.
 
-use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,13 +13,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout_at, Instant};
 
+use super::h1::{self, Http1};
 use super::report::{ErrorKind, Tally};
 use super::schedule::{departure, Departure, Limit, Schedule};
 use super::target::{Origin, Template};
@@ -139,24 +140,32 @@ pub async fn run(plan: Plan, on_start: impl FnOnce(Progress)) -> Outcome {
     }
 }
 
-/// Bytes moved over one connection slot, kept across its reconnects.
+/// Bytes moved by one worker's connections, kept across reconnects.
 #[derive(Default)]
-struct ByteCounts {
+pub struct ByteCounts {
     read: AtomicU64,
     written: AtomicU64,
 }
 
 impl ByteCounts {
-    /// One writer (the connection's own task), so a load and a store are enough.
+    /// One writer (the worker's own task), so a load and a store are enough.
     fn bump(counter: &AtomicU64, by: usize) {
         counter.store(
             counter.load(Ordering::Relaxed) + by as u64,
             Ordering::Relaxed,
         );
     }
+
+    pub fn add_read(&self, by: usize) {
+        ByteCounts::bump(&self.read, by);
+    }
+
+    pub fn add_written(&self, by: usize) {
+        ByteCounts::bump(&self.written, by);
+    }
 }
 
-/// A TCP stream that counts the bytes it moves, for the transfer figures.
+/// A TCP stream that counts the bytes hyper moves over it (HTTP/2), for the transfer figures.
 struct CountedStream {
     inner: TcpStream,
     counts: Arc<ByteCounts>,
@@ -165,7 +174,7 @@ struct CountedStream {
 impl CountedStream {
     fn wrote(&self, result: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
         if let Poll::Ready(Ok(n)) = result {
-            ByteCounts::bump(&self.counts.written, n);
+            self.counts.add_written(n);
         }
         result
     }
@@ -180,7 +189,7 @@ impl AsyncRead for CountedStream {
         let this = self.get_mut();
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        ByteCounts::bump(&this.counts.read, buf.filled().len() - before);
+        this.counts.add_read(buf.filled().len() - before);
         result
     }
 }
@@ -225,35 +234,22 @@ impl AsyncWrite for CountedStream {
 type Io = TokioIo<CountedStream>;
 type Body = Full<Bytes>;
 
-/// The sending half of a client connection.
-enum Sender {
-    H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
+/// An HTTP/2 client connection: hyper's sending half and the half that moves its bytes,
+/// polled by the task that sends.
+struct Http2 {
+    sender: http2::SendRequest<Body>,
+    driver: Pin<Box<http2::Connection<Io, Body, TokioExecutor>>>,
+    driver_done: bool,
 }
 
-/// The half of a client connection that moves its bytes; polled by the task that sends.
-enum Driver {
-    H1(Pin<Box<http1::Connection<Io, Body>>>),
-    H2(Pin<Box<http2::Connection<Io, Body, TokioExecutor>>>),
-}
-
-impl Future for Driver {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        // The outcome reaches the sender as the error of its request, so it is not kept here.
-        match self.get_mut() {
-            Driver::H1(conn) => conn.as_mut().poll(cx).map(drop),
-            Driver::H2(conn) => conn.as_mut().poll(cx).map(drop),
-        }
-    }
+enum Protocol {
+    Http1(Http1),
+    Http2(Http2),
 }
 
 /// One live connection of a worker.
 struct Connection {
-    sender: Sender,
-    driver: Driver,
-    driver_done: bool,
+    protocol: Protocol,
     /// Requests answered on it: a connection that closes before its first answer is an error,
     /// not a keep-alive that ran out.
     answered: u64,
@@ -261,8 +257,11 @@ struct Connection {
 
 /// The result of one attempt on a connection.
 enum Step {
-    Answered(u16),
-    /// Closed before the request left: reconnect and send it again.
+    Answered {
+        status: u16,
+        keep_alive: bool,
+    },
+    /// Closed before the request was answered at all: reconnect and send it again.
     Closed,
     Failed(ErrorKind),
 }
@@ -278,72 +277,73 @@ impl Connection {
             .map_err(|_| ErrorKind::Connect)?;
         // Latency is the point of measuring: never let Nagle hold a request back.
         stream.set_nodelay(true).map_err(|_| ErrorKind::Connect)?;
-        let io = TokioIo::new(CountedStream {
-            inner: stream,
-            counts: counts.clone(),
-        });
-        let (sender, driver) = if http2 {
+        let protocol = if http2 {
+            let io = TokioIo::new(CountedStream {
+                inner: stream,
+                counts: counts.clone(),
+            });
             let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
                 .await
                 .map_err(|err| classify(&err))?;
-            (Sender::H2(sender), Driver::H2(Box::pin(conn)))
+            Protocol::Http2(Http2 {
+                sender,
+                driver: Box::pin(conn),
+                driver_done: false,
+            })
         } else {
-            let (sender, conn) = http1::handshake(io).await.map_err(|err| classify(&err))?;
-            (Sender::H1(sender), Driver::H1(Box::pin(conn)))
+            Protocol::Http1(Http1::new(stream, counts.clone()))
         };
         Ok(Connection {
-            sender,
-            driver,
-            driver_done: false,
+            protocol,
             answered: 0,
         })
     }
 
-    /// Sends one request and reads its whole answer, driving the connection meanwhile.
+    /// Sends one request and reads its whole answer.
     async fn exchange(&mut self, template: &Template) -> Step {
-        let Connection {
+        match &mut self.protocol {
+            Protocol::Http1(conn) => {
+                match conn.exchange(template.http1(), template.is_head()).await {
+                    Ok(answer) => Step::Answered {
+                        status: answer.status,
+                        keep_alive: answer.keep_alive,
+                    },
+                    Err(h1::Failure::Closed) => Step::Closed,
+                    Err(h1::Failure::Error(kind)) => Step::Failed(kind),
+                }
+            }
+            Protocol::Http2(conn) => conn.exchange(template).await,
+        }
+    }
+}
+
+impl Http2 {
+    /// Runs the exchange while polling the connection's driver in the same task; once the
+    /// driver is done (the server closed), the exchange still gets an answer already delivered.
+    async fn exchange(&mut self, template: &Template) -> Step {
+        let Http2 {
             sender,
             driver,
             driver_done,
-            ..
         } = self;
-        let work = pin!(async move {
-            let ready = match sender {
-                Sender::H1(s) => s.ready().await,
-                Sender::H2(s) => s.ready().await,
-            };
-            if ready.is_err() {
+        let mut work = pin!(async move {
+            if sender.ready().await.is_err() {
                 return Step::Closed;
             }
-            let request = template.request();
-            let response = match sender {
-                Sender::H1(s) => s.send_request(request).await,
-                Sender::H2(s) => s.send_request(request).await,
-            };
-            match response {
+            match sender.send_request(template.http2()).await {
                 Ok(response) => read_to_end(response).await,
                 Err(err) => Step::Failed(classify(&err)),
             }
         });
-        drive(work, driver, driver_done).await
-    }
-}
-
-/// Runs `work` while polling the connection's driver in the same task; once the driver is
-/// done (the server closed), `work` still gets whatever answer was already delivered.
-async fn drive<T>(
-    mut work: Pin<&mut impl Future<Output = T>>,
-    driver: &mut Driver,
-    driver_done: &mut bool,
-) -> T {
-    if !*driver_done {
-        tokio::select! {
-            biased;
-            out = &mut work => return out,
-            () = &mut *driver => *driver_done = true,
+        if !*driver_done {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                _ = driver.as_mut() => *driver_done = true,
+            }
         }
+        work.await
     }
-    work.await
 }
 
 async fn read_to_end(response: http::Response<Incoming>) -> Step {
@@ -354,7 +354,10 @@ async fn read_to_end(response: http::Response<Incoming>) -> Step {
             return Step::Failed(classify(&err));
         }
     }
-    Step::Answered(status)
+    Step::Answered {
+        status,
+        keep_alive: true,
+    }
 }
 
 /// Sorts a transport error into the kinds the report counts, from the error and its sources.
@@ -558,8 +561,11 @@ impl Worker {
                 }
             };
             match timeout_at(limit, conn.exchange(template)).await {
-                Ok(Step::Answered(status)) => {
+                Ok(Step::Answered { status, keep_alive }) => {
                     conn.answered += 1;
+                    if !keep_alive {
+                        *slot = None;
+                    }
                     return Ok(status);
                 }
                 Ok(Step::Closed) if conn.answered > 0 => *slot = None,

@@ -1,12 +1,12 @@
 //! Bench targets: the URLs checked once up front and turned into request templates, so each
-//! request is a few reference-count bumps instead of parsing and formatting.
+//! request is written from bytes made once (HTTP/1.1) or from cheap clones (HTTP/2).
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
 use bytes::Bytes;
-use http::header::HOST;
+use http::header::{CONTENT_LENGTH, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderValue, Method, Request, Uri};
+use http::{HeaderMap, Method, Request, Uri};
 use http_body_util::Full;
 
 /// A server to connect to; URLs with the same authority share one.
@@ -21,15 +21,28 @@ pub struct Origin {
 pub struct Template {
     /// Index into the origin list.
     pub origin: usize,
+    /// The whole HTTP/1.1 request, head and body.
+    http1: Bytes,
     method: Method,
+    /// Absolute form, for HTTP/2's `:scheme` and `:authority`.
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 }
 
 impl Template {
-    /// A fresh request: the URI, header map and body are cheap clones of the template's.
-    pub fn request(&self) -> Request<Full<Bytes>> {
+    /// The HTTP/1.1 request as it goes on the wire.
+    pub fn http1(&self) -> &[u8] {
+        &self.http1
+    }
+
+    /// Whether the answer has no body whatever its headers say.
+    pub fn is_head(&self) -> bool {
+        self.method == Method::HEAD
+    }
+
+    /// A fresh HTTP/2 request: the URI, header map and body are cheap clones of the template's.
+    pub fn http2(&self) -> Request<Full<Bytes>> {
         let mut request = Request::new(Full::new(self.body.clone()));
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
@@ -44,7 +57,6 @@ pub struct RequestParts {
     pub method: Method,
     pub headers: HeaderMap,
     pub body: Bytes,
-    pub http2: bool,
 }
 
 /// A URL split into the origin to connect to and the request target to send.
@@ -133,44 +145,67 @@ fn resolve(parsed: &ParsedUrl, url: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("`{url}`: `{host}` has no address"))
 }
 
-/// HTTP/1.1 sends the origin form with a Host header; HTTP/2 sends the full URI (its
-/// `:authority`), so no Host header is added there.
 fn template(origin: usize, parsed: ParsedUrl, parts: &RequestParts) -> Template {
-    let mut headers = parts.headers.clone();
-    let uri = if parts.http2 {
-        Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(parsed.authority)
-            .path_and_query(parsed.path_and_query)
-            .build()
-            .expect("parts of a parsed URI form a URI")
-    } else {
-        if !headers.contains_key(HOST) {
-            let host = HeaderValue::from_str(parsed.authority.as_str())
-                .expect("a parsed authority is a valid header value");
-            headers.insert(HOST, host);
-        }
-        Uri::from(parsed.path_and_query)
-    };
+    let uri = Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(parsed.authority.clone())
+        .path_and_query(parsed.path_and_query.clone())
+        .build()
+        .expect("parts of a parsed URI form a URI");
     Template {
         origin,
+        http1: http1_bytes(&parsed, parts),
         method: parts.method.clone(),
         uri,
-        headers,
+        headers: parts.headers.clone(),
         body: parts.body.clone(),
     }
 }
 
+/// The HTTP/1.1 request: origin form, a Host header unless one was given, and a
+/// Content-Length whenever there is a body or the method expects one.
+fn http1_bytes(parsed: &ParsedUrl, parts: &RequestParts) -> Bytes {
+    let mut out = Vec::with_capacity(256 + parts.body.len());
+    let line = |out: &mut Vec<u8>, name: &[u8], value: &[u8]| {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    };
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parsed.path_and_query.as_str().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !parts.headers.contains_key(HOST) {
+        line(&mut out, b"host", parsed.authority.as_str().as_bytes());
+    }
+    for (name, value) in &parts.headers {
+        line(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let expects_body = [Method::POST, Method::PUT, Method::PATCH].contains(&parts.method);
+    if !parts.headers.contains_key(CONTENT_LENGTH) && (expects_body || !parts.body.is_empty()) {
+        line(
+            &mut out,
+            b"content-length",
+            parts.body.len().to_string().as_bytes(),
+        );
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&parts.body);
+    Bytes::from(out)
+}
+
 #[cfg(test)]
 mod tests {
+    use http::HeaderValue;
+
     use super::*;
 
-    fn parts(http2: bool) -> RequestParts {
+    fn parts(method: Method, body: &'static str) -> RequestParts {
         RequestParts {
-            method: Method::POST,
+            method,
             headers: HeaderMap::new(),
-            body: Bytes::from_static(b"hi"),
-            http2,
+            body: Bytes::from_static(body.as_bytes()),
         }
     }
 
@@ -198,7 +233,7 @@ mod tests {
             "http://127.0.0.1:9/b".to_string(),
             "http://127.0.0.1:10/".to_string(),
         ];
-        let (templates, origins) = build(&urls, &parts(false)).unwrap();
+        let (templates, origins) = build(&urls, &parts(Method::GET, "")).unwrap();
         assert_eq!(origins.len(), 2);
         assert_eq!(
             templates.iter().map(|t| t.origin).collect::<Vec<_>>(),
@@ -208,28 +243,45 @@ mod tests {
     }
 
     #[test]
-    fn http1_requests_carry_host_and_origin_form() {
-        let (templates, _) = build(&["http://127.0.0.1:9/p?q".into()], &parts(false)).unwrap();
-        let request = templates[0].request();
-        assert_eq!(request.method(), Method::POST);
-        assert_eq!(request.uri(), "/p?q");
-        assert_eq!(request.headers()[HOST], "127.0.0.1:9");
+    fn http1_requests_are_written_once() {
+        let mut given = parts(Method::POST, "hi");
+        given.headers.append("x-a", HeaderValue::from_static("1"));
+        given.headers.append("x-a", HeaderValue::from_static("2"));
+        let (templates, _) = build(&["http://127.0.0.1:9/p?q".into()], &given).unwrap();
+        assert_eq!(
+            std::str::from_utf8(templates[0].http1()).unwrap(),
+            "POST /p?q HTTP/1.1\r\nhost: 127.0.0.1:9\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 2\r\n\r\nhi"
+        );
+        let (templates, _) = build(&["http://127.0.0.1:9".into()], &parts(Method::GET, "")).unwrap();
+        assert_eq!(templates[0].http1(), b"GET / HTTP/1.1\r\nhost: 127.0.0.1:9\r\n\r\n");
+        assert!(!templates[0].is_head());
+        let (templates, _) = build(&["http://127.0.0.1/".into()], &parts(Method::PUT, "")).unwrap();
+        assert!(std::str::from_utf8(templates[0].http1())
+            .unwrap()
+            .contains("content-length: 0\r\n"));
     }
 
     #[test]
-    fn a_given_host_header_wins() {
-        let mut given = parts(false);
+    fn given_host_and_length_headers_win() {
+        let mut given = parts(Method::POST, "hi");
         given
             .headers
             .insert(HOST, HeaderValue::from_static("example.test"));
+        given
+            .headers
+            .insert(CONTENT_LENGTH, HeaderValue::from_static("2"));
         let (templates, _) = build(&["http://127.0.0.1:9/".into()], &given).unwrap();
-        assert_eq!(templates[0].request().headers()[HOST], "example.test");
+        let text = std::str::from_utf8(templates[0].http1()).unwrap();
+        assert_eq!(text.matches("host").count(), 1, "{text}");
+        assert!(text.contains("host: example.test\r\n"));
+        assert_eq!(text.matches("content-length").count(), 1, "{text}");
     }
 
     #[test]
     fn http2_requests_carry_the_full_uri() {
-        let (templates, _) = build(&["http://127.0.0.1:9/p".into()], &parts(true)).unwrap();
-        let request = templates[0].request();
+        let (templates, _) =
+            build(&["http://127.0.0.1:9/p".into()], &parts(Method::GET, "")).unwrap();
+        let request = templates[0].http2();
         assert_eq!(request.uri(), "http://127.0.0.1:9/p");
         assert!(!request.headers().contains_key(HOST));
     }
