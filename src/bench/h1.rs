@@ -169,8 +169,8 @@ fn chunk_size(line: &[u8]) -> Result<u64, ErrorKind> {
 /// Why an exchange got no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// The connection closed before any byte of the answer: a reused connection the server
-    /// had already given up on, so the request may be sent again on a new one.
+    /// The connection was closed before any byte of the answer: on a reused connection the
+    /// server had given up on it, so the request may be sent again on a new one.
     Closed,
     Error(ErrorKind),
 }
@@ -205,7 +205,15 @@ impl Http1 {
         head_request: bool,
     ) -> Result<Answer, Failure> {
         self.buf.clear();
-        self.stream.write_all(request).await.map_err(io_failure)?;
+        // A write refused by a closed connection never reached the server: like an idle
+        // connection closed under us, it may be sent again on a new one.
+        self.stream
+            .write_all(request)
+            .await
+            .map_err(|err| match io_failure(err) {
+                Failure::Error(ErrorKind::Reset) => Failure::Closed,
+                other => other,
+            })?;
         self.counts.add_written(request.len());
         let head = loop {
             if let Some(head) = parse_head(&self.buf, head_request).map_err(Failure::Error)? {

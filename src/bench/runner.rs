@@ -398,7 +398,6 @@ struct Worker {
     counts: Arc<ByteCounts>,
     /// Byte counts when the measured window began.
     baseline: Option<(u64, u64)>,
-    next_template: usize,
     unpublished: u64,
 }
 
@@ -407,7 +406,6 @@ impl Worker {
         let origins = shared.plan.origins.len();
         Worker {
             index,
-            next_template: index % shared.plan.templates.len(),
             connections: (0..origins).map(|_| None).collect(),
             shared,
             tally: Tally::default(),
@@ -424,7 +422,8 @@ impl Worker {
     ) -> (Tally, Instant) {
         // Connect before the clock starts, so connection set-up is not charged to the first
         // requests; a failure here is counted when a request tries again.
-        let origin = self.shared.plan.templates[self.next_template].origin;
+        let templates = &self.shared.plan.templates;
+        let origin = templates[self.index % templates.len()].origin;
         let first = &self.shared.plan.origins[origin];
         if let Ok(Ok(conn)) = tokio::time::timeout(
             self.shared.plan.timeout,
@@ -457,23 +456,35 @@ impl Worker {
     async fn closed_loop(&mut self, clock: Clock) -> Instant {
         // The previous answer's time doubles as the next send time: one clock read per request.
         let mut free_at = clock.start;
-        loop {
+        let connections = self.shared.plan.connections as u64;
+        for k in 0.. {
             if clock.deadline.is_some_and(|deadline| free_at >= deadline) {
-                return free_at;
+                break;
             }
             let measured = free_at >= clock.measure_start;
-            if measured && !self.claim() {
-                return free_at;
-            }
-            free_at = self.request(free_at, free_at, measured).await;
+            // Without a count, this connection's k-th request stands in for a run-wide index.
+            let index = k * connections + self.index as u64;
+            let Some(index) = (if measured {
+                self.claim(index)
+            } else {
+                Some(index)
+            }) else {
+                break;
+            };
+            free_at = self.request(free_at, free_at, measured, index).await;
         }
+        free_at
     }
 
-    /// Whether one more measured request may be sent (always, unless the run has a count).
-    fn claim(&self) -> bool {
+    /// The run-wide index of one more measured request, or `None` when a counted run has sent
+    /// them all; `own` is used when the run has no count.
+    fn claim(&self, own: u64) -> Option<u64> {
         match self.shared.plan.limit {
-            Limit::Count(n) => self.shared.claimed.fetch_add(1, Ordering::Relaxed) < n,
-            Limit::Time(_) => true,
+            Limit::Count(n) => {
+                let ticket = self.shared.claimed.fetch_add(1, Ordering::Relaxed);
+                (ticket < n).then_some(ticket)
+            }
+            Limit::Time(_) => Some(own),
         }
     }
 
@@ -496,18 +507,22 @@ impl Worker {
                     (now, now)
                 }
             };
-            free_at = self.request(latency_from, sent_at, planned.measured).await;
+            free_at = self
+                .request(latency_from, sent_at, planned.measured, planned.index)
+                .await;
             k += 1;
         }
         free_at
     }
 
-    /// Sends one request (reconnecting if needed), records it, and returns when it finished.
+    /// Sends request `index` of the run (its URL is the index-th in turn), reconnecting if
+    /// needed, records it, and returns when it finished.
     async fn request(
         &mut self,
         latency_from: Instant,
         sent_at: Instant,
         measured: bool,
+        index: u64,
     ) -> Instant {
         if measured && self.baseline.is_none() {
             self.baseline = Some((
@@ -515,8 +530,7 @@ impl Worker {
                 self.counts.written.load(Ordering::Relaxed),
             ));
         }
-        let template = self.next_template;
-        self.next_template = (template + 1) % self.shared.plan.templates.len();
+        let template = (index % self.shared.plan.templates.len() as u64) as usize;
         let result = self.send(template, sent_at).await;
         let done = Instant::now();
         if !measured {

@@ -21,6 +21,8 @@ pub enum Limit {
 /// A request planned for one connection.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Planned {
+    /// Index in the whole run.
+    pub index: u64,
     /// Time after the run start when it is due.
     pub at: Duration,
     /// False during the warm-up: sent but left out of the report.
@@ -58,6 +60,7 @@ impl Schedule {
     pub fn planned(&self, conn: u64, k: u64) -> Option<Planned> {
         let j = k.checked_mul(self.connections)?.checked_add(conn)?;
         (j < self.end).then(|| Planned {
+            index: j,
             at: Duration::from_secs_f64(j as f64 / self.rate),
             measured: j >= self.first_measured,
         })
@@ -130,6 +133,7 @@ mod tests {
         assert_eq!(planned.len(), 8);
         for (j, (conn, p)) in planned.iter().enumerate() {
             assert_eq!(*conn, j as u64 % 4);
+            assert_eq!(p.index, j as u64);
             assert_eq!(p.at, Duration::from_millis(10 * j as u64));
             assert!(p.measured);
         }

@@ -252,8 +252,12 @@ mod tests {
             std::str::from_utf8(templates[0].http1()).unwrap(),
             "POST /p?q HTTP/1.1\r\nhost: 127.0.0.1:9\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 2\r\n\r\nhi"
         );
-        let (templates, _) = build(&["http://127.0.0.1:9".into()], &parts(Method::GET, "")).unwrap();
-        assert_eq!(templates[0].http1(), b"GET / HTTP/1.1\r\nhost: 127.0.0.1:9\r\n\r\n");
+        let (templates, _) =
+            build(&["http://127.0.0.1:9".into()], &parts(Method::GET, "")).unwrap();
+        assert_eq!(
+            templates[0].http1(),
+            b"GET / HTTP/1.1\r\nhost: 127.0.0.1:9\r\n\r\n"
+        );
         assert!(!templates[0].is_head());
         let (templates, _) = build(&["http://127.0.0.1/".into()], &parts(Method::PUT, "")).unwrap();
         assert!(std::str::from_utf8(templates[0].http1())
