@@ -446,9 +446,10 @@ impl Worker {
         self.shared
             .completed
             .fetch_add(self.unpublished, Ordering::Relaxed);
-        let (read0, written0) = self.baseline.unwrap_or((0, 0));
-        self.tally.bytes_read = self.counts.read.load(Ordering::Relaxed) - read0;
-        self.tally.bytes_written = self.counts.written.load(Ordering::Relaxed) - written0;
+        if let Some((read, written)) = self.baseline {
+            self.tally.bytes_read = self.counts.read.load(Ordering::Relaxed) - read;
+            self.tally.bytes_written = self.counts.written.load(Ordering::Relaxed) - written;
+        }
         (self.tally, done)
     }
 
