@@ -1,0 +1,550 @@
+//! What a run measured: per-connection tallies (merged once at the end, so no counter is
+//! shared per request), and the report built from them: text for people and one JSON object
+//! with a stable schema for scripts.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use super::failon::Outcome;
+
+/// Version of the JSON object printed by `--json`; bumped only when a field changes meaning
+/// or goes away (new fields may appear within a version).
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// Longest latency the histogram keeps exactly; longer ones are recorded as this.
+const MAX_LATENCY_US: u64 = 3_600_000_000;
+
+/// Why a request got no response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The TCP connection could not be made (refused, unreachable, or not within --timeout).
+    Connect,
+    /// No complete response within --timeout.
+    Timeout,
+    /// The server reset or closed the connection before the response was complete.
+    Reset,
+    /// Anything else (an unparsable response, for instance).
+    Other,
+}
+
+/// Failed requests by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ErrorCounts {
+    pub connect: u64,
+    pub timeout: u64,
+    pub reset: u64,
+    pub other: u64,
+}
+
+impl ErrorCounts {
+    pub fn add(&mut self, kind: ErrorKind) {
+        match kind {
+            ErrorKind::Connect => self.connect += 1,
+            ErrorKind::Timeout => self.timeout += 1,
+            ErrorKind::Reset => self.reset += 1,
+            ErrorKind::Other => self.other += 1,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.connect + self.timeout + self.reset + self.other
+    }
+
+    fn merge(&mut self, other: &ErrorCounts) {
+        self.connect += other.connect;
+        self.timeout += other.timeout;
+        self.reset += other.reset;
+        self.other += other.other;
+    }
+
+    fn named(&self) -> [(&'static str, u64); 4] {
+        [
+            ("connect", self.connect),
+            ("timeout", self.timeout),
+            ("reset", self.reset),
+            ("other", self.other),
+        ]
+    }
+}
+
+/// What one connection measured (warm-up requests only counted).
+#[derive(Debug, Clone)]
+pub struct Tally {
+    /// Latency of answered requests, in microseconds.
+    pub latency_us: Histogram<u64>,
+    /// Answered requests by status code; a short list searched linearly (usually one entry).
+    pub statuses: Vec<(u16, u64)>,
+    pub errors: ErrorCounts,
+    pub warmup_requests: u64,
+    /// Open loop: measured requests still unsent when a timed run ended behind schedule.
+    pub unsent: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+impl Default for Tally {
+    fn default() -> Tally {
+        Tally {
+            latency_us: Histogram::new(3).expect("3 significant figures is a valid precision"),
+            statuses: Vec::new(),
+            errors: ErrorCounts::default(),
+            warmup_requests: 0,
+            unsent: 0,
+            bytes_read: 0,
+            bytes_written: 0,
+        }
+    }
+}
+
+impl Tally {
+    pub fn record_response(&mut self, status: u16, latency: Duration) {
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let micros = micros.clamp(1, MAX_LATENCY_US);
+        // Recording grows the histogram as needed; saturating would clamp to its current size.
+        if self.latency_us.record(micros).is_err() {
+            self.latency_us.saturating_record(micros);
+        }
+        match self.statuses.iter_mut().find(|(code, _)| *code == status) {
+            Some((_, count)) => *count += 1,
+            None => self.statuses.push((status, 1)),
+        }
+    }
+
+    pub fn merge(&mut self, other: &Tally) {
+        self.latency_us
+            .add(&other.latency_us)
+            .expect("auto-resizing histograms of the same precision always add");
+        for &(status, count) in &other.statuses {
+            match self.statuses.iter_mut().find(|(code, _)| *code == status) {
+                Some((_, total)) => *total += count,
+                None => self.statuses.push((status, count)),
+            }
+        }
+        self.errors.merge(&other.errors);
+        self.warmup_requests += other.warmup_requests;
+        self.unsent += other.unsent;
+        self.bytes_read += other.bytes_read;
+        self.bytes_written += other.bytes_written;
+    }
+}
+
+/// One latency figure of the report.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LatencyStat {
+    Min,
+    Mean,
+    Max,
+    /// A percentile, 0–100.
+    Percentile(f64),
+}
+
+/// How the run was set up, for the report's header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunInfo {
+    pub urls: Vec<String>,
+    pub method: String,
+    pub http2: bool,
+    pub connections: usize,
+    pub threads: usize,
+    /// Asked rate (open loop), or `None` for a closed loop.
+    pub rate: Option<f64>,
+    pub warmup: Duration,
+}
+
+/// The merged measurements of a run over its measured window.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub info: RunInfo,
+    pub tally: Tally,
+    /// From the end of the warm-up to the last response (or the end of a timed run).
+    pub elapsed: Duration,
+}
+
+/// The percentiles the report always shows, with their JSON names.
+const PERCENTILES: [(&str, &str, f64); 5] = [
+    ("p50", "p50", 50.0),
+    ("p90", "p90", 90.0),
+    ("p95", "p95", 95.0),
+    ("p99", "p99", 99.0),
+    ("p99.9", "p99_9", 99.9),
+];
+
+impl Report {
+    /// Answered requests (any status).
+    pub fn responses(&self) -> u64 {
+        self.tally.latency_us.len()
+    }
+
+    /// Measured requests sent or attempted: answered plus failed.
+    pub fn requests(&self) -> u64 {
+        self.responses() + self.tally.errors.total()
+    }
+
+    /// Failed requests: transport errors plus 5xx answers.
+    pub fn failed(&self) -> u64 {
+        let server_errors: u64 = self
+            .tally
+            .statuses
+            .iter()
+            .filter(|(code, _)| *code >= 500)
+            .map(|(_, count)| count)
+            .sum();
+        self.tally.errors.total() + server_errors
+    }
+
+    /// Answered requests per second over the measured window.
+    pub fn rps(&self) -> f64 {
+        per_second(self.responses(), self.elapsed)
+    }
+
+    /// A latency figure in microseconds (0 when nothing was answered).
+    pub fn latency_us(&self, stat: LatencyStat) -> f64 {
+        let histogram = &self.tally.latency_us;
+        if histogram.is_empty() {
+            return 0.0;
+        }
+        match stat {
+            LatencyStat::Min => histogram.min() as f64,
+            LatencyStat::Mean => histogram.mean(),
+            LatencyStat::Max => histogram.max() as f64,
+            LatencyStat::Percentile(p) => histogram.value_at_percentile(p) as f64,
+        }
+    }
+
+    fn statuses(&self) -> BTreeMap<u16, u64> {
+        self.tally.statuses.iter().copied().collect()
+    }
+
+    /// The `--json` object; every field is documented in the README's bench section.
+    pub fn to_json(&self, outcomes: &[Outcome]) -> Value {
+        let histogram = &self.tally.latency_us;
+        let mut latency = serde_json::Map::new();
+        latency.insert(
+            "min".into(),
+            json!(self.latency_us(LatencyStat::Min) as u64),
+        );
+        latency.insert(
+            "mean".into(),
+            json!(round2(self.latency_us(LatencyStat::Mean))),
+        );
+        let stdev = if histogram.is_empty() {
+            0.0
+        } else {
+            histogram.stdev()
+        };
+        latency.insert("stdev".into(), json!(round2(stdev)));
+        for (_, name, p) in PERCENTILES {
+            let value = self.latency_us(LatencyStat::Percentile(p)) as u64;
+            latency.insert(name.into(), json!(value));
+        }
+        latency.insert(
+            "max".into(),
+            json!(self.latency_us(LatencyStat::Max) as u64),
+        );
+        let status: serde_json::Map<String, Value> = self
+            .statuses()
+            .into_iter()
+            .map(|(code, count)| (code.to_string(), json!(count)))
+            .collect();
+        let mut errors: serde_json::Map<String, Value> = self
+            .tally
+            .errors
+            .named()
+            .into_iter()
+            .map(|(name, count)| (name.to_string(), json!(count)))
+            .collect();
+        errors.insert("total".into(), json!(self.tally.errors.total()));
+        let info = &self.info;
+        json!({
+            "schema_version": SCHEMA_VERSION,
+            "urls": info.urls,
+            "method": info.method,
+            "http2": info.http2,
+            "connections": info.connections,
+            "threads": info.threads,
+            "mode": if info.rate.is_some() { "open" } else { "closed" },
+            "rate": info.rate,
+            "warmup_s": info.warmup.as_secs_f64(),
+            "duration_s": round6(self.elapsed.as_secs_f64()),
+            "requests": self.requests(),
+            "responses": self.responses(),
+            "rps": round2(self.rps()),
+            "failed": self.failed(),
+            "status": status,
+            "errors": errors,
+            "latency_us": latency,
+            "bytes_read": self.tally.bytes_read,
+            "bytes_written": self.tally.bytes_written,
+            "read_bytes_per_s": round2(per_second(self.tally.bytes_read, self.elapsed)),
+            "warmup_requests": self.tally.warmup_requests,
+            "unsent": self.tally.unsent,
+            "fail_on": outcomes.iter().map(|o| json!({
+                "condition": o.condition,
+                "value": round2(o.value),
+                "tripped": o.tripped,
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// The human report.
+    pub fn to_text(&self, outcomes: &[Outcome]) -> String {
+        let info = &self.info;
+        let mut out = String::new();
+        let mode = match info.rate {
+            Some(rate) => format!("open loop at {rate} req/s"),
+            None => "closed loop".to_string(),
+        };
+        let protocol = if info.http2 { "HTTP/2" } else { "HTTP/1.1" };
+        let _ = writeln!(
+            out,
+            "{} {} over {} connection(s), {protocol}, {mode}, {} thread(s)",
+            info.method,
+            plural(info.urls.len(), "URL"),
+            info.connections,
+            info.threads
+        );
+        for url in info.urls.iter().take(5) {
+            let _ = writeln!(out, "  {url}");
+        }
+        if info.urls.len() > 5 {
+            let _ = writeln!(out, "  … and {} more", info.urls.len() - 5);
+        }
+        let warmup = if info.warmup.is_zero() {
+            String::new()
+        } else {
+            format!(
+                " (after a {} warm-up of {} requests)",
+                seconds(info.warmup),
+                self.tally.warmup_requests
+            )
+        };
+        let _ = writeln!(
+            out,
+            "\nRequests   {} sent, {} answered in {}{warmup}: {:.1} req/s",
+            self.requests(),
+            self.responses(),
+            seconds(self.elapsed),
+            self.rps()
+        );
+        let _ = writeln!(
+            out,
+            "Transfer   {} read ({}/s), {} written",
+            bytes(self.tally.bytes_read as f64),
+            bytes(per_second(self.tally.bytes_read, self.elapsed)),
+            bytes(self.tally.bytes_written as f64)
+        );
+        let first = [
+            ("min", LatencyStat::Min),
+            ("mean", LatencyStat::Mean),
+            ("max", LatencyStat::Max),
+        ];
+        let line = |stats: &mut dyn Iterator<Item = (&str, LatencyStat)>| {
+            stats
+                .map(|(name, stat)| format!("{name} {}", micros(self.latency_us(stat))))
+                .collect::<Vec<_>>()
+                .join("   ")
+        };
+        let _ = writeln!(out, "Latency    {}", line(&mut first.into_iter()));
+        let _ = writeln!(
+            out,
+            "           {}",
+            line(
+                &mut PERCENTILES
+                    .iter()
+                    .map(|&(name, _, p)| (name, LatencyStat::Percentile(p)))
+            )
+        );
+        let statuses = self
+            .statuses()
+            .into_iter()
+            .map(|(code, count)| format!("{code}: {count}"));
+        let _ = writeln!(out, "Status     {}", listed(statuses));
+        let errors = self
+            .tally
+            .errors
+            .named()
+            .into_iter()
+            .filter(|(_, count)| *count > 0)
+            .map(|(name, count)| format!("{name}: {count}"));
+        let _ = writeln!(out, "Errors     {}", listed(errors));
+        if self.tally.unsent > 0 {
+            let _ = writeln!(
+                out,
+                "Unsent     {} planned requests were still waiting for a free connection at the end",
+                self.tally.unsent
+            );
+        }
+        for outcome in outcomes {
+            let _ = writeln!(
+                out,
+                "Fail-on    {}: {} (measured {})",
+                outcome.condition,
+                if outcome.tripped { "TRIPPED" } else { "held" },
+                outcome.shown
+            );
+        }
+        out
+    }
+}
+
+/// Items side by side, or "none".
+fn listed(items: impl Iterator<Item = String>) -> String {
+    let items: Vec<String> = items.collect();
+    if items.is_empty() {
+        "none".to_string()
+    } else {
+        items.join("   ")
+    }
+}
+
+fn per_second(count: u64, elapsed: Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs > 0.0 {
+        count as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+fn round2(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
+}
+
+fn round6(value: f64) -> f64 {
+    (value * 1e6).round() / 1e6
+}
+
+fn plural(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
+}
+
+fn seconds(duration: Duration) -> String {
+    format!("{:.2} s", duration.as_secs_f64())
+}
+
+/// A latency in the unit that keeps it readable.
+pub fn micros(us: f64) -> String {
+    if us < 1000.0 {
+        format!("{us:.0} µs")
+    } else if us < 1_000_000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{:.3} s", us / 1_000_000.0)
+    }
+}
+
+fn bytes(count: f64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if count < 1024.0 {
+        return format!("{count:.0} B");
+    }
+    let mut value = count / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.2} {}", UNITS[unit])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> RunInfo {
+        RunInfo {
+            urls: vec!["http://127.0.0.1:1/".into()],
+            method: "GET".into(),
+            http2: false,
+            connections: 2,
+            threads: 1,
+            rate: None,
+            warmup: Duration::ZERO,
+        }
+    }
+
+    fn report(tallies: &[Tally], elapsed: Duration) -> Report {
+        let mut tally = Tally::default();
+        for t in tallies {
+            tally.merge(t);
+        }
+        Report {
+            info: info(),
+            tally,
+            elapsed,
+        }
+    }
+
+    #[test]
+    fn tallies_merge_into_one_report() {
+        let mut a = Tally::default();
+        let mut b = Tally::default();
+        for ms in 1..=90 {
+            a.record_response(200, Duration::from_millis(ms));
+        }
+        for ms in 91..=100 {
+            b.record_response(503, Duration::from_millis(ms));
+        }
+        b.record_response(200, Duration::from_millis(5));
+        a.errors.add(ErrorKind::Timeout);
+        b.errors.add(ErrorKind::Connect);
+        b.errors.add(ErrorKind::Connect);
+        a.bytes_read = 1000;
+        b.bytes_read = 24;
+        let report = report(&[a, b], Duration::from_secs(2));
+        assert_eq!(report.responses(), 101);
+        assert_eq!(report.requests(), 104);
+        assert_eq!(report.failed(), 3 + 10);
+        assert!((report.rps() - 50.5).abs() < 1e-9);
+        assert_eq!(report.statuses(), BTreeMap::from([(200, 91), (503, 10)]));
+        let p50 = report.latency_us(LatencyStat::Percentile(50.0));
+        assert!((50_000.0..51_000.0).contains(&p50), "{p50}");
+        let max = report.latency_us(LatencyStat::Max);
+        assert!((100_000.0..100_100.0).contains(&max), "{max}");
+        assert!((1000.0..1002.0).contains(&report.latency_us(LatencyStat::Min)));
+    }
+
+    #[test]
+    fn an_empty_run_reports_zeros() {
+        let report = report(&[Tally::default()], Duration::ZERO);
+        assert_eq!(report.rps(), 0.0);
+        assert_eq!(report.latency_us(LatencyStat::Percentile(99.0)), 0.0);
+        let json = report.to_json(&[]);
+        assert_eq!(json["latency_us"]["stdev"], 0.0);
+        assert!(report.to_text(&[]).contains("Status     none"));
+    }
+
+    #[test]
+    fn json_counts_by_kind_and_status() {
+        let mut tally = Tally::default();
+        tally.record_response(200, Duration::from_micros(1500));
+        tally.errors.add(ErrorKind::Reset);
+        let json = report(&[tally], Duration::from_secs(1)).to_json(&[]);
+        assert_eq!(json["schema_version"], SCHEMA_VERSION);
+        assert_eq!(json["errors"]["reset"], 1);
+        assert_eq!(json["errors"]["total"], 1);
+        assert_eq!(json["status"]["200"], 1);
+        assert_eq!(json["requests"], 2);
+        assert_eq!(json["latency_us"]["p99_9"], 1500);
+        assert_eq!(json["mode"], "closed");
+        assert_eq!(json["rate"], Value::Null);
+    }
+
+    #[test]
+    fn latencies_and_sizes_read_well() {
+        assert_eq!(micros(850.0), "850 µs");
+        assert_eq!(micros(12_345.0), "12.35 ms");
+        assert_eq!(micros(2_500_000.0), "2.500 s");
+        assert_eq!(bytes(512.0), "512 B");
+        assert_eq!(bytes(1536.0), "1.50 KiB");
+        assert_eq!(bytes(3.0 * 1024.0 * 1024.0), "3.00 MiB");
+    }
+}

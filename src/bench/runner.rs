@@ -1,0 +1,638 @@
+//! The load itself: one task per connection, each doing its own exchanges in place (HTTP/1.1
+//! through `h1`, HTTP/2 by polling a hyper connection in the same task, so no hand-off to
+//! another task per request), keeping its own tally, and reconnecting when the server closes
+//! or breaks the connection.
+
+use std::io;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{sleep_until, timeout_at, Instant};
+
+use super::h1::{self, Http1};
+use super::report::{ErrorKind, Tally};
+use super::schedule::{departure, Departure, Limit, Schedule};
+use super::target::{Origin, Template};
+
+/// Completed requests are published for the progress bar in batches of this many.
+const PROGRESS_BATCH: u64 = 64;
+
+/// A validated run: what to send, where, how much and how fast.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub templates: Vec<Template>,
+    pub origins: Vec<Origin>,
+    pub connections: usize,
+    pub limit: Limit,
+    /// Requests per second for an open loop; `None` for a closed loop.
+    pub rate: Option<f64>,
+    pub timeout: Duration,
+    pub warmup: Duration,
+    pub http2: bool,
+}
+
+/// The instants every connection works against, fixed once all connections are up.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    start: Instant,
+    measure_start: Instant,
+    /// End of a timed run.
+    deadline: Option<Instant>,
+}
+
+/// State shared by the connections: only what must be global.
+struct Shared {
+    plan: Plan,
+    schedule: Option<Schedule>,
+    /// Closed loop with a count: requests claimed so far, so exactly that many are sent.
+    claimed: AtomicU64,
+    /// Completed requests (warm-up included), published in batches, for the progress bar.
+    completed: AtomicU64,
+}
+
+/// A finished run: the merged tally and when the measured window ended.
+pub struct Outcome {
+    pub tally: Tally,
+    pub elapsed: Duration,
+}
+
+/// Live counters a progress display may read while the run goes on.
+#[derive(Clone)]
+pub struct Progress {
+    shared: Arc<Shared>,
+    clock: watch::Receiver<Option<Clock>>,
+}
+
+impl Progress {
+    /// Completed requests so far (published in batches) and time since the start, once started.
+    pub fn snapshot(&self) -> (u64, Option<Duration>) {
+        let completed = self.shared.completed.load(Ordering::Relaxed);
+        let since = self.clock.borrow().map(|clock| clock.start.elapsed());
+        (completed, since)
+    }
+}
+
+/// Starts every connection, waits for them to connect, releases them together and collects
+/// their tallies. `on_start` gets a [`Progress`] handle before the load begins.
+pub async fn run(plan: Plan, on_start: impl FnOnce(Progress)) -> Outcome {
+    let schedule = plan
+        .rate
+        .map(|rate| Schedule::new(rate, plan.connections as u64, plan.warmup, plan.limit));
+    let shared = Arc::new(Shared {
+        schedule,
+        claimed: AtomicU64::new(0),
+        completed: AtomicU64::new(0),
+        plan,
+    });
+    let (clock_tx, clock_rx) = watch::channel(None);
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(shared.plan.connections);
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..shared.plan.connections {
+        let worker = Worker::new(index, shared.clone());
+        let clock = clock_rx.clone();
+        let ready = ready_tx.clone();
+        tasks.spawn(worker.run(clock, ready));
+    }
+    drop(ready_tx);
+    for _ in 0..shared.plan.connections {
+        if ready_rx.recv().await.is_none() {
+            break;
+        }
+    }
+    let start = Instant::now();
+    let measure_start = start + shared.plan.warmup;
+    let deadline = match shared.plan.limit {
+        Limit::Time(duration) => Some(measure_start + duration),
+        Limit::Count(_) => None,
+    };
+    on_start(Progress {
+        shared: shared.clone(),
+        clock: clock_rx.clone(),
+    });
+    let _ = clock_tx.send(Some(Clock {
+        start,
+        measure_start,
+        deadline,
+    }));
+    let mut tally = Tally::default();
+    let mut last_done = measure_start;
+    while let Some(joined) = tasks.join_next().await {
+        // A worker only ends by returning its tally; a panic would be a bug worth seeing.
+        let (worker_tally, done) = joined.expect("a bench connection task panicked");
+        tally.merge(&worker_tally);
+        last_done = last_done.max(done);
+    }
+    let end = deadline.map_or(last_done, |deadline| deadline.max(last_done));
+    Outcome {
+        tally,
+        elapsed: end.saturating_duration_since(measure_start),
+    }
+}
+
+/// Bytes moved by one worker's connections, kept across reconnects.
+#[derive(Default)]
+pub struct ByteCounts {
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+impl ByteCounts {
+    /// One writer (the worker's own task), so a load and a store are enough.
+    fn bump(counter: &AtomicU64, by: usize) {
+        counter.store(
+            counter.load(Ordering::Relaxed) + by as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    pub fn add_read(&self, by: usize) {
+        ByteCounts::bump(&self.read, by);
+    }
+
+    pub fn add_written(&self, by: usize) {
+        ByteCounts::bump(&self.written, by);
+    }
+}
+
+/// A TCP stream that counts the bytes hyper moves over it (HTTP/2), for the transfer figures.
+struct CountedStream {
+    inner: TcpStream,
+    counts: Arc<ByteCounts>,
+}
+
+impl CountedStream {
+    fn wrote(&self, result: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(Ok(n)) = result {
+            self.counts.add_written(n);
+        }
+        result
+    }
+}
+
+impl AsyncRead for CountedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.counts.add_read(buf.filled().len() - before);
+        result
+    }
+}
+
+impl AsyncWrite for CountedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = result {
+            ByteCounts::bump(&this.counts.written, n);
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.wrote(result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+type Io = TokioIo<CountedStream>;
+type Body = Full<Bytes>;
+
+/// An HTTP/2 client connection: hyper's sending half and the half that moves its bytes,
+/// polled by the task that sends.
+struct Http2 {
+    sender: http2::SendRequest<Body>,
+    driver: Pin<Box<http2::Connection<Io, Body, TokioExecutor>>>,
+    driver_done: bool,
+}
+
+enum Protocol {
+    Http1(Http1),
+    Http2(Http2),
+}
+
+/// One live connection of a worker.
+struct Connection {
+    protocol: Protocol,
+    /// Requests answered on it: a connection that closes before its first answer is an error,
+    /// not a keep-alive that ran out.
+    answered: u64,
+}
+
+/// The result of one attempt on a connection.
+enum Step {
+    Answered {
+        status: u16,
+        keep_alive: bool,
+    },
+    /// Closed before the request was answered at all: reconnect and send it again.
+    Closed,
+    Failed(ErrorKind),
+}
+
+impl Connection {
+    async fn open(
+        origin: &Origin,
+        http2: bool,
+        counts: &Arc<ByteCounts>,
+    ) -> Result<Connection, ErrorKind> {
+        let stream = TcpStream::connect(origin.addr)
+            .await
+            .map_err(|_| ErrorKind::Connect)?;
+        // Latency is the point of measuring: never let Nagle hold a request back.
+        stream.set_nodelay(true).map_err(|_| ErrorKind::Connect)?;
+        let protocol = if http2 {
+            let io = TokioIo::new(CountedStream {
+                inner: stream,
+                counts: counts.clone(),
+            });
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|err| classify(&err))?;
+            Protocol::Http2(Http2 {
+                sender,
+                driver: Box::pin(conn),
+                driver_done: false,
+            })
+        } else {
+            Protocol::Http1(Http1::new(stream, counts.clone()))
+        };
+        Ok(Connection {
+            protocol,
+            answered: 0,
+        })
+    }
+
+    /// Sends one request and reads its whole answer.
+    async fn exchange(&mut self, template: &Template) -> Step {
+        match &mut self.protocol {
+            Protocol::Http1(conn) => {
+                match conn.exchange(template.http1(), template.is_head()).await {
+                    Ok(answer) => Step::Answered {
+                        status: answer.status,
+                        keep_alive: answer.keep_alive,
+                    },
+                    Err(h1::Failure::Closed) => Step::Closed,
+                    Err(h1::Failure::Error(kind)) => Step::Failed(kind),
+                }
+            }
+            Protocol::Http2(conn) => conn.exchange(template).await,
+        }
+    }
+}
+
+impl Http2 {
+    /// Runs the exchange while polling the connection's driver in the same task; once the
+    /// driver is done (the server closed), the exchange still gets an answer already delivered.
+    async fn exchange(&mut self, template: &Template) -> Step {
+        let Http2 {
+            sender,
+            driver,
+            driver_done,
+        } = self;
+        let mut work = pin!(async move {
+            if sender.ready().await.is_err() {
+                return Step::Closed;
+            }
+            match sender.send_request(template.http2()).await {
+                Ok(response) => read_to_end(response).await,
+                Err(err) => Step::Failed(classify(&err)),
+            }
+        });
+        if !*driver_done {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                _ = driver.as_mut() => *driver_done = true,
+            }
+        }
+        work.await
+    }
+}
+
+async fn read_to_end(response: http::Response<Incoming>) -> Step {
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    while let Some(frame) = body.frame().await {
+        if let Err(err) = frame {
+            return Step::Failed(classify(&err));
+        }
+    }
+    Step::Answered {
+        status,
+        keep_alive: true,
+    }
+}
+
+/// Sorts a transport error into the kinds the report counts, from the error and its sources.
+pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
+    let mut current = Some(err);
+    while let Some(err) = current {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            match io.kind() {
+                io::ErrorKind::ConnectionRefused => return ErrorKind::Connect,
+                io::ErrorKind::TimedOut => return ErrorKind::Timeout,
+                io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::UnexpectedEof => return ErrorKind::Reset,
+                _ => {}
+            }
+        }
+        if let Some(hyper) = err.downcast_ref::<hyper::Error>() {
+            if hyper.is_timeout() {
+                return ErrorKind::Timeout;
+            }
+            if hyper.is_incomplete_message() || hyper.is_canceled() || hyper.is_closed() {
+                return ErrorKind::Reset;
+            }
+        }
+        current = err.source();
+    }
+    ErrorKind::Other
+}
+
+/// One connection's share of the run.
+struct Worker {
+    index: usize,
+    shared: Arc<Shared>,
+    tally: Tally,
+    /// One connection per origin, opened on first use.
+    connections: Vec<Option<Connection>>,
+    counts: Arc<ByteCounts>,
+    /// Byte counts when the measured window began.
+    baseline: Option<(u64, u64)>,
+    unpublished: u64,
+}
+
+impl Worker {
+    fn new(index: usize, shared: Arc<Shared>) -> Worker {
+        let origins = shared.plan.origins.len();
+        Worker {
+            index,
+            connections: (0..origins).map(|_| None).collect(),
+            shared,
+            tally: Tally::default(),
+            counts: Arc::new(ByteCounts::default()),
+            baseline: None,
+            unpublished: 0,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut clock: watch::Receiver<Option<Clock>>,
+        ready: tokio::sync::mpsc::Sender<()>,
+    ) -> (Tally, Instant) {
+        // Connect before the clock starts, so connection set-up is not charged to the first
+        // requests; a failure here is counted when a request tries again.
+        let templates = &self.shared.plan.templates;
+        let origin = templates[self.index % templates.len()].origin;
+        let first = &self.shared.plan.origins[origin];
+        if let Ok(Ok(conn)) = tokio::time::timeout(
+            self.shared.plan.timeout,
+            Connection::open(first, self.shared.plan.http2, &self.counts),
+        )
+        .await
+        {
+            self.connections[origin] = Some(conn);
+        }
+        let _ = ready.send(()).await;
+        drop(ready);
+        let clock = match clock.wait_for(Option::is_some).await {
+            Ok(clock) => clock.expect("waited for it to be set"),
+            Err(_) => return (self.tally, Instant::now()),
+        };
+        let done = match self.shared.schedule {
+            Some(schedule) => self.open_loop(clock, schedule).await,
+            None => self.closed_loop(clock).await,
+        };
+        self.shared
+            .completed
+            .fetch_add(self.unpublished, Ordering::Relaxed);
+        if let Some((read, written)) = self.baseline {
+            self.tally.bytes_read = self.counts.read.load(Ordering::Relaxed) - read;
+            self.tally.bytes_written = self.counts.written.load(Ordering::Relaxed) - written;
+        }
+        (self.tally, done)
+    }
+
+    /// Sends the next request as soon as the previous one is answered.
+    async fn closed_loop(&mut self, clock: Clock) -> Instant {
+        // The previous answer's time doubles as the next send time: one clock read per request.
+        let mut free_at = clock.start;
+        let connections = self.shared.plan.connections as u64;
+        for k in 0.. {
+            if clock.deadline.is_some_and(|deadline| free_at >= deadline) {
+                break;
+            }
+            let measured = free_at >= clock.measure_start;
+            // Without a count, this connection's k-th request stands in for a run-wide index.
+            let index = k * connections + self.index as u64;
+            let Some(index) = (if measured {
+                self.claim(index)
+            } else {
+                Some(index)
+            }) else {
+                break;
+            };
+            free_at = self.request(free_at, free_at, measured, index).await;
+        }
+        free_at
+    }
+
+    /// The run-wide index of one more measured request, or `None` when a counted run has sent
+    /// them all; `own` is used when the run has no count.
+    fn claim(&self, own: u64) -> Option<u64> {
+        match self.shared.plan.limit {
+            Limit::Count(n) => {
+                let ticket = self.shared.claimed.fetch_add(1, Ordering::Relaxed);
+                (ticket < n).then_some(ticket)
+            }
+            Limit::Time(_) => Some(own),
+        }
+    }
+
+    /// Sends this connection's share of the schedule, each request at its planned time or as
+    /// soon after as the connection is free.
+    async fn open_loop(&mut self, clock: Clock, schedule: Schedule) -> Instant {
+        let conn = self.index as u64;
+        let mut free_at = clock.start;
+        let mut k = 0;
+        while let Some(planned) = schedule.planned(conn, k) {
+            if clock.deadline.is_some_and(|deadline| free_at >= deadline) {
+                self.tally.unsent += schedule.measured_from(conn, k);
+                break;
+            }
+            let (latency_from, sent_at) = match departure(clock.start + planned.at, free_at) {
+                Departure::Late { latency_from } => (latency_from, free_at),
+                Departure::Wait { until } => {
+                    sleep_until(until).await;
+                    let now = Instant::now();
+                    (now, now)
+                }
+            };
+            free_at = self
+                .request(latency_from, sent_at, planned.measured, planned.index)
+                .await;
+            k += 1;
+        }
+        free_at
+    }
+
+    /// Sends request `index` of the run (its URL is the index-th in turn), reconnecting if
+    /// needed, records it, and returns when it finished.
+    async fn request(
+        &mut self,
+        latency_from: Instant,
+        sent_at: Instant,
+        measured: bool,
+        index: u64,
+    ) -> Instant {
+        if measured && self.baseline.is_none() {
+            self.baseline = Some((
+                self.counts.read.load(Ordering::Relaxed),
+                self.counts.written.load(Ordering::Relaxed),
+            ));
+        }
+        let template = (index % self.shared.plan.templates.len() as u64) as usize;
+        let result = self.send(template, sent_at).await;
+        let done = Instant::now();
+        if !measured {
+            self.tally.warmup_requests += 1;
+        } else {
+            match result {
+                Ok(status) => self.tally.record_response(status, done - latency_from),
+                Err(kind) => self.tally.errors.add(kind),
+            }
+        }
+        self.unpublished += 1;
+        if self.unpublished == PROGRESS_BATCH {
+            self.shared
+                .completed
+                .fetch_add(PROGRESS_BATCH, Ordering::Relaxed);
+            self.unpublished = 0;
+        }
+        done
+    }
+
+    /// One request from `template` on this worker's connection to its origin, within the
+    /// timeout counted from `sent_at`.
+    async fn send(&mut self, template: usize, sent_at: Instant) -> Result<u16, ErrorKind> {
+        let plan = &self.shared.plan;
+        let template = &plan.templates[template];
+        let limit = sent_at + plan.timeout;
+        loop {
+            let slot = &mut self.connections[template.origin];
+            let conn = match slot {
+                Some(conn) => conn,
+                None => {
+                    let opened = timeout_at(
+                        limit,
+                        Connection::open(&plan.origins[template.origin], plan.http2, &self.counts),
+                    )
+                    .await;
+                    match opened {
+                        Ok(Ok(conn)) => slot.insert(conn),
+                        Ok(Err(kind)) => return Err(kind),
+                        Err(_) => return Err(ErrorKind::Connect),
+                    }
+                }
+            };
+            match timeout_at(limit, conn.exchange(template)).await {
+                Ok(Step::Answered { status, keep_alive }) => {
+                    conn.answered += 1;
+                    if !keep_alive {
+                        *slot = None;
+                    }
+                    return Ok(status);
+                }
+                Ok(Step::Closed) if conn.answered > 0 => *slot = None,
+                Ok(Step::Closed) => {
+                    *slot = None;
+                    return Err(ErrorKind::Reset);
+                }
+                Ok(Step::Failed(kind)) => {
+                    *slot = None;
+                    return Err(kind);
+                }
+                Err(_) => {
+                    *slot = None;
+                    return Err(ErrorKind::Timeout);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Wrapped(io::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "wrapped")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn io_errors_are_classified_through_their_sources() {
+        let kinds = [
+            (io::ErrorKind::ConnectionRefused, ErrorKind::Connect),
+            (io::ErrorKind::TimedOut, ErrorKind::Timeout),
+            (io::ErrorKind::ConnectionReset, ErrorKind::Reset),
+            (io::ErrorKind::BrokenPipe, ErrorKind::Reset),
+            (io::ErrorKind::UnexpectedEof, ErrorKind::Reset),
+            (io::ErrorKind::InvalidData, ErrorKind::Other),
+        ];
+        for (io_kind, expected) in kinds {
+            let err = Wrapped(io::Error::from(io_kind));
+            assert_eq!(classify(&err), expected, "{io_kind:?}");
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The open-loop schedule: when each request is meant to leave, and where its latency starts.
+//!
+//! Request `j` of the whole run is planned at `j / rate` after the start and carried by
+//! connection `j mod connections`. A connection that is still busy when its next request is
+//! due sends it as soon as it is free, and that request's latency counts from the planned
+//! time: the wait was caused by the server, so it shows in the percentiles instead of being
+//! left out (no coordinated omission). A connection that is early sleeps until the planned
+//! time; any lateness of that wake-up is the timer's, so latency then counts from the send.
+
+use std::time::Duration;
+
+/// Where the planned requests end.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Limit {
+    /// Exactly this many measured requests.
+    Count(u64),
+    /// Requests planned before this much time after the warm-up.
+    Time(Duration),
+}
+
+/// A request planned for one connection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Planned {
+    /// Index in the whole run.
+    pub index: u64,
+    /// Time after the run start when it is due.
+    pub at: Duration,
+    /// False during the warm-up: sent but left out of the report.
+    pub measured: bool,
+}
+
+/// The constant-rate plan of a whole run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    rate: f64,
+    connections: u64,
+    /// Index of the first measured request (requests before it fall in the warm-up).
+    first_measured: u64,
+    /// Index one past the last planned request.
+    end: u64,
+}
+
+impl Schedule {
+    /// `rate` requests per second over `connections`, after `warmup`, until `limit`.
+    pub fn new(rate: f64, connections: u64, warmup: Duration, limit: Limit) -> Schedule {
+        let first_measured = planned_before(warmup, rate);
+        let end = match limit {
+            Limit::Count(n) => first_measured.saturating_add(n),
+            Limit::Time(duration) => planned_before(warmup + duration, rate),
+        };
+        Schedule {
+            rate,
+            connections: connections.max(1),
+            first_measured,
+            end,
+        }
+    }
+
+    /// The `k`-th request of connection `conn`, or `None` when that connection is done.
+    pub fn planned(&self, conn: u64, k: u64) -> Option<Planned> {
+        let j = k.checked_mul(self.connections)?.checked_add(conn)?;
+        (j < self.end).then(|| Planned {
+            index: j,
+            at: Duration::from_secs_f64(j as f64 / self.rate),
+            measured: j >= self.first_measured,
+        })
+    }
+
+    /// How many measured requests connection `conn` has planned from its `k`-th on: what is
+    /// left unsent when a timed run ends behind schedule.
+    pub fn measured_from(&self, conn: u64, k: u64) -> u64 {
+        let from = k
+            .saturating_mul(self.connections)
+            .saturating_add(conn)
+            .max(self.first_measured);
+        // Indices of this connection in [from, end).
+        let first = from + (conn + self.connections - from % self.connections) % self.connections;
+        if first >= self.end {
+            0
+        } else {
+            (self.end - first).div_ceil(self.connections)
+        }
+    }
+}
+
+/// How many indices `j` have `j / rate < time`; the slack keeps float error in `time × rate`
+/// from adding a request when the product is a whole number.
+fn planned_before(time: Duration, rate: f64) -> u64 {
+    (time.as_secs_f64() * rate - 1e-6).ceil().max(0.0) as u64
+}
+
+/// How a planned request leaves, given when its connection became free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Departure<I> {
+    /// Behind schedule: send now, latency counts from the planned time.
+    Late { latency_from: I },
+    /// Ahead of schedule: sleep until the planned time, latency counts from the send.
+    Wait { until: I },
+}
+
+/// Decides between sending at once (behind schedule) and sleeping (ahead of it).
+pub fn departure<I: Ord>(planned: I, free_at: I) -> Departure<I> {
+    if planned <= free_at {
+        Departure::Late {
+            latency_from: planned,
+        }
+    } else {
+        Departure::Wait { until: planned }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_planned(schedule: &Schedule, connections: u64) -> Vec<(u64, Planned)> {
+        let mut out = Vec::new();
+        for conn in 0..connections {
+            let mut k = 0;
+            while let Some(p) = schedule.planned(conn, k) {
+                out.push((conn, p));
+                k += 1;
+            }
+        }
+        out.sort_by_key(|(_, p)| p.at);
+        out
+    }
+
+    #[test]
+    fn requests_are_spread_evenly_over_connections() {
+        let schedule = Schedule::new(100.0, 4, Duration::ZERO, Limit::Count(8));
+        let planned = all_planned(&schedule, 4);
+        assert_eq!(planned.len(), 8);
+        for (j, (conn, p)) in planned.iter().enumerate() {
+            assert_eq!(*conn, j as u64 % 4);
+            assert_eq!(p.index, j as u64);
+            assert_eq!(p.at, Duration::from_millis(10 * j as u64));
+            assert!(p.measured);
+        }
+    }
+
+    #[test]
+    fn count_is_exact_with_uneven_connections() {
+        for (n, c) in [(10, 3), (1, 5), (7, 7), (100, 64)] {
+            let schedule = Schedule::new(1000.0, c, Duration::ZERO, Limit::Count(n));
+            assert_eq!(all_planned(&schedule, c).len() as u64, n, "n={n} c={c}");
+        }
+    }
+
+    #[test]
+    fn timed_runs_plan_rate_times_duration() {
+        let schedule = Schedule::new(
+            200.0,
+            10,
+            Duration::ZERO,
+            Limit::Time(Duration::from_secs(3)),
+        );
+        let planned = all_planned(&schedule, 10);
+        assert_eq!(planned.len(), 600);
+        assert!(planned.last().unwrap().1.at < Duration::from_secs(3));
+    }
+
+    #[test]
+    fn warmup_requests_come_first_and_are_not_measured() {
+        let schedule = Schedule::new(100.0, 2, Duration::from_millis(50), Limit::Count(10));
+        let planned = all_planned(&schedule, 2);
+        assert_eq!(planned.len(), 15);
+        assert!(planned[..5].iter().all(|(_, p)| !p.measured));
+        assert!(planned[5..].iter().all(|(_, p)| p.measured));
+        assert_eq!(planned[5].1.at, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn measured_from_counts_what_is_left() {
+        let schedule = Schedule::new(100.0, 3, Duration::from_millis(20), Limit::Count(10));
+        // Indices 2..12 are measured; connection 1 carries 4, 7, 10 of them.
+        assert_eq!(schedule.measured_from(1, 0), 3);
+        assert_eq!(schedule.measured_from(1, 2), 2); // from index 7
+        assert_eq!(schedule.measured_from(1, 4), 0); // index 13 is past the end
+        for conn in 0..3 {
+            let mut k = 0;
+            let mut left = 0;
+            while let Some(p) = schedule.planned(conn, k) {
+                left += u64::from(p.measured);
+                k += 1;
+            }
+            assert_eq!(schedule.measured_from(conn, 0), left, "conn {conn}");
+        }
+    }
+
+    #[test]
+    fn a_busy_connection_counts_latency_from_the_planned_time() {
+        assert_eq!(departure(10, 25), Departure::Late { latency_from: 10 });
+        assert_eq!(departure(10, 10), Departure::Late { latency_from: 10 });
+        assert_eq!(departure(30, 25), Departure::Wait { until: 30 });
+    }
+}

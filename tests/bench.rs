@@ -1,0 +1,304 @@
+//! End-to-end tests of `scalegate bench` against real demo-backend processes on loopback.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+/// Exit status, stdout and stderr of `scalegate bench ARGS` (bounded by a 30 s limit).
+async fn bench(args: &[&str]) -> (i32, String, String) {
+    let mut command = tokio::process::Command::new(bin());
+    command.arg("bench").args(args).kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("bench finished within 30 s")
+        .expect("bench ran");
+    (
+        output.status.code().expect("bench exited"),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The `--json` report of a run that must succeed.
+async fn bench_json(args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (code, stdout, stderr) = bench(&all).await;
+    assert_eq!(code, 0, "bench {args:?} failed: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+fn url(backend: &Proc, path: &str) -> String {
+    format!("http://{}{path}", backend.addr())
+}
+
+fn count(report: &Value, key: &str) -> u64 {
+    report[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} in {report}"))
+}
+
+fn latency_ms(report: &Value, key: &str) -> f64 {
+    report["latency_us"][key].as_f64().unwrap() / 1000.0
+}
+
+/// A loopback port with nothing listening on it.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn counts_are_exact_with_n_and_match_the_server() {
+    let backend = demo_backend(&[]);
+    let client = client();
+    let target = url(&backend, "/work");
+
+    let closed = bench_json(&["-n", "1237", "-c", "7", &target]).await;
+    assert_eq!(count(&closed, "requests"), 1237);
+    assert_eq!(count(&closed, "responses"), 1237);
+    assert_eq!(closed["status"]["200"], 1237);
+    assert_eq!(backend_requests(&client, &backend).await, 1237);
+
+    let open = bench_json(&["-n", "301", "-c", "4", "-q", "2000", &target]).await;
+    assert_eq!(count(&open, "responses"), 301);
+    assert_eq!(backend_requests(&client, &backend).await, 1237 + 301);
+
+    // Warm-up requests reach the server but stay out of the report.
+    let warmed = bench_json(&["-n", "200", "-c", "2", "--warmup", "300ms", &target]).await;
+    assert_eq!(count(&warmed, "responses"), 200);
+    let warmup = count(&warmed, "warmup_requests");
+    assert!(warmup > 0);
+    assert_eq!(
+        backend_requests(&client, &backend).await,
+        1237 + 301 + 200 + warmup
+    );
+}
+
+#[tokio::test]
+async fn several_urls_and_protocols_share_the_load() {
+    let a = demo_backend(&[]);
+    let b = demo_backend(&[]);
+    let client = client();
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("urls.txt");
+    std::fs::write(&list, format!("# second instance\n\n{}\n", url(&b, "/y"))).unwrap();
+    let report = bench_json(&[
+        "-n",
+        "100",
+        "-c",
+        "3",
+        "-m",
+        "post",
+        "--body",
+        "hello",
+        "-H",
+        "x-test: 1",
+        &url(&a, "/x"),
+        "--urls-file",
+        list.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(count(&report, "responses"), 100);
+    assert_eq!(report["method"], "POST");
+    assert_eq!(report["urls"].as_array().unwrap().len(), 2);
+    assert_eq!(backend_requests(&client, &a).await, 50);
+    assert_eq!(backend_requests(&client, &b).await, 50);
+
+    let h2 = bench_json(&["--http2", "-n", "100", "-c", "2", &url(&a, "/x")]).await;
+    assert_eq!(h2["http2"], true);
+    assert_eq!(h2["status"]["200"], 100);
+    assert_eq!(backend_requests(&client, &a).await, 150);
+}
+
+#[tokio::test]
+async fn rate_mode_holds_the_asked_rate() {
+    let backend = demo_backend(&[]);
+    let report = bench_json(&["-q", "200", "-d", "3s", "-c", "10", &url(&backend, "/work")]).await;
+    assert_eq!(report["mode"], "open");
+    // 600 requests are planned; on a very busy machine a few may be left unsent at the end.
+    let responses = count(&report, "responses");
+    assert!((588..=600).contains(&responses), "{responses} of 600");
+    assert_eq!(
+        responses + count(&report, "unsent") + count(&report, "failed"),
+        600
+    );
+    let rps = report["rps"].as_f64().unwrap();
+    assert!((196.0..=204.0).contains(&rps), "{rps} req/s for 200 asked");
+    assert_eq!(
+        backend_requests(&client(), &backend).await,
+        responses,
+        "the server saw what the report counts"
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_server_shows_in_p99_in_rate_mode() {
+    let backend = demo_backend(&["--latency-ms", "200"]);
+    let target = url(&backend, "/work");
+    // Two connections answer at most 10 requests/s; 20/s are asked, so requests queue up and
+    // their latency, counted from when they were due, grows far past the server's 200 ms.
+    let open = bench_json(&["-q", "20", "-d", "2s", "-c", "2", &target]).await;
+    assert!(latency_ms(&open, "min") >= 200.0);
+    let p99 = latency_ms(&open, "p99");
+    assert!(p99 > 700.0, "open-loop p99 {p99} ms hides the queueing");
+    assert!(count(&open, "unsent") > 0);
+
+    // A closed loop waits for each answer before asking again, so it never sees the queue.
+    let closed = bench_json(&["-d", "1s", "-c", "2", &target]).await;
+    let p99 = latency_ms(&closed, "p99");
+    assert!((200.0..500.0).contains(&p99), "closed-loop p99 {p99} ms");
+}
+
+#[tokio::test]
+async fn errors_are_classified() {
+    let closed = format!("http://127.0.0.1:{}/", closed_port());
+    let report = bench_json(&["-n", "10", "-c", "2", &closed]).await;
+    assert_eq!(count(&report, "responses"), 0);
+    assert_eq!(report["errors"]["connect"], 10);
+    assert_eq!(report["errors"]["total"], 10);
+    assert_eq!(count(&report, "failed"), 10);
+
+    let slow = demo_backend(&["--latency-ms", "2000"]);
+    let report = bench_json(&["-n", "4", "-c", "2", "--timeout", "200ms", &url(&slow, "/")]).await;
+    assert_eq!(report["errors"]["timeout"], 4);
+    assert_eq!(count(&report, "requests"), 4);
+
+    // A server that accepts and hangs up at once resets every request.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rude = format!("http://{}/", listener.local_addr().unwrap());
+    let hang_up = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            drop(stream);
+        }
+    });
+    let report = bench_json(&["-n", "5", "-c", "1", &rude]).await;
+    hang_up.abort();
+    assert_eq!(report["errors"]["reset"], 5, "{report}");
+
+    let failing = demo_backend(&["--fail-rate", "1"]);
+    let report = bench_json(&["-n", "20", &url(&failing, "/")]).await;
+    assert_eq!(report["status"]["500"], 20);
+    assert_eq!(report["errors"]["total"], 0);
+    assert_eq!(count(&report, "failed"), 20);
+}
+
+#[tokio::test]
+async fn json_report_has_the_documented_schema() {
+    let backend = demo_backend(&["--body-bytes", "100"]);
+    let target = url(&backend, "/work");
+    let report = bench_json(&[
+        "-n",
+        "50",
+        "-c",
+        "2",
+        "--threads",
+        "1",
+        "--fail-on",
+        "p99>10s",
+        &target,
+    ])
+    .await;
+    let object = report.as_object().unwrap();
+    let numbers = [
+        "connections",
+        "threads",
+        "warmup_s",
+        "duration_s",
+        "requests",
+        "responses",
+        "rps",
+        "failed",
+        "bytes_read",
+        "bytes_written",
+        "read_bytes_per_s",
+        "warmup_requests",
+        "unsent",
+    ];
+    for key in numbers {
+        assert!(object[key].is_number(), "{key} is a number in {report}");
+    }
+    assert_eq!(report["schema_version"], 1);
+    assert_eq!(report["urls"], serde_json::json!([target]));
+    assert_eq!(report["method"], "GET");
+    assert_eq!(report["http2"], false);
+    assert_eq!(report["mode"], "closed");
+    assert_eq!(report["rate"], Value::Null);
+    assert_eq!(report["threads"], 1);
+    assert_eq!(report["status"], serde_json::json!({"200": 50}));
+    let errors: Vec<&str> = report["errors"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(errors, ["connect", "other", "reset", "timeout", "total"]);
+    let latency = report["latency_us"].as_object().unwrap();
+    let mut previous = 0.0;
+    for key in ["min", "p50", "p90", "p95", "p99", "p99_9", "max"] {
+        let value = latency[key].as_f64().unwrap();
+        assert!(
+            value >= previous && value > 0.0,
+            "latency_us.{key} = {value}"
+        );
+        previous = value;
+    }
+    assert!(latency["mean"].is_number() && latency["stdev"].is_number());
+    // Every answer carries the 100-byte body plus its head.
+    assert!(count(&report, "bytes_read") > 50 * 100);
+    assert!(count(&report, "bytes_written") > 50 * 20);
+    let fail_on = report["fail_on"].as_array().unwrap();
+    assert_eq!(fail_on.len(), 1);
+    assert_eq!(fail_on[0]["condition"], "p99>10s");
+    assert_eq!(fail_on[0]["tripped"], false);
+    assert!(fail_on[0]["value"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        object.len(),
+        numbers.len() + 10,
+        "a field was added or removed: update the README schema and this test"
+    );
+}
+
+#[tokio::test]
+async fn fail_on_sets_the_exit_status() {
+    let backend = demo_backend(&[]);
+    let target = url(&backend, "/work");
+
+    let (code, stdout, _) =
+        bench(&["-n", "50", "--fail-on", "p99>10s,errors>0,rps<1", &target]).await;
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("Fail-on    p99>10s: held"), "{stdout}");
+
+    let (code, _, stderr) = bench(&["-n", "50", "--fail-on", "errors>0, p50<1h", &target]).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("`p50<1h` tripped"), "{stderr}");
+    assert!(!stderr.contains("errors>0"), "{stderr}");
+
+    for bad in ["p99>>3", "p99>3", "latency>1s", "errors>x"] {
+        let (code, _, stderr) = bench(&["-n", "5", "--fail-on", bad, &target]).await;
+        assert_eq!(code, 2, "{bad}: {stderr}");
+        assert!(stderr.contains("--fail-on"), "{bad}: {stderr}");
+    }
+    let unusable = [
+        vec!["-n", "5", "https://127.0.0.1:1/"],
+        vec!["-n", "5", "127.0.0.1:1/"],
+        vec![
+            "-n",
+            "5",
+            "--body-file",
+            "/nonexistent/body",
+            target.as_str(),
+        ],
+        vec!["-n", "0", target.as_str()],
+        vec!["-n", "5"],
+    ];
+    for args in unusable {
+        let (code, _, stderr) = bench(&args).await;
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(!stderr.is_empty());
+    }
+    assert_eq!(backend_requests(&client(), &backend).await, 100);
+}
