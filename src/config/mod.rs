@@ -4,6 +4,7 @@
 
 mod env;
 mod raw;
+mod tls;
 pub mod units;
 
 use std::fmt;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use http::HeaderName;
 
 pub use raw::RawConfig;
+pub use tls::TlsConfig;
 
 use crate::balance::{HashKey, Strategy};
 
@@ -57,6 +59,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone)]

@@ -22,6 +22,7 @@ pub struct RawConfig {
     pub upstreams: BTreeMap<String, RawUpstream>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    pub tls: Option<super::tls::RawTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,6 +179,7 @@ impl RawConfig {
                 path_prefix: root(),
                 upstream: "default".into(),
             }],
+            tls: None,
         }
     }
 
@@ -238,11 +240,16 @@ impl RawConfig {
                 }
             })
             .collect();
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|raw| super::tls::validate_tls(&mut p, raw));
         p.finish(Config {
             server,
             admin,
             upstreams,
             routes,
+            tls,
         })
     }
 }

@@ -35,12 +35,22 @@ use crate::balance::{hash_bytes, HashKey, Strategy};
 pub struct ClientAddr {
     pub addr: SocketAddr,
     ip: HeaderValue,
+    /// The connection came through the TLS listener.
+    pub secure: bool,
 }
 
 impl ClientAddr {
-    pub fn new(addr: SocketAddr) -> ClientAddr {
+    pub fn new(addr: SocketAddr, secure: bool) -> ClientAddr {
         let ip = HeaderValue::try_from(addr.ip().to_string()).expect("an IP is a header value");
-        ClientAddr { addr, ip }
+        ClientAddr { addr, ip, secure }
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.secure {
+            "https"
+        } else {
+            "http"
+        }
     }
 }
 
@@ -66,15 +76,30 @@ pub async fn handle(
         .server
         .access_log
         .then(|| req.uri().path().to_owned());
-    let (response, route) = match forward(&runtime, req, &client, &request_id).await {
-        Ok((response, route)) => (response, Some(route)),
-        Err((error, route)) => {
-            if error.status().is_server_error() {
-                tracing::warn!(request_id = ?request_id, %error, "request failed");
+    let tls = runtime.config.tls.as_ref();
+    let redirect = tls
+        .filter(|tls| tls.redirect_http && !client.secure)
+        .and_then(|_| https_redirect(&req, gateway.https_port()));
+    let (mut response, route) = match redirect {
+        Some(response) => (response, None),
+        None => match forward(&runtime, req, &client, &request_id).await {
+            Ok((response, route)) => (response, Some(route)),
+            Err((error, route)) => {
+                if error.status().is_server_error() {
+                    tracing::warn!(request_id = ?request_id, %error, "request failed");
+                }
+                (error.response(&request_id), route)
             }
-            (error.response(&request_id), route)
-        }
+        },
     };
+    if let Some(hsts) = tls
+        .and_then(|tls| tls.hsts.as_ref())
+        .filter(|_| client.secure)
+    {
+        response
+            .headers_mut()
+            .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+    }
     let status = response.status().as_u16();
     if let Some(stats) = runtime.request_stats(route, &gateway.metrics) {
         stats.record(&method, status, started.elapsed());
@@ -142,7 +167,13 @@ async fn forward(
             parts.headers.insert(header::HOST, host.clone());
         }
     }
-    forward_request_headers(&mut parts.headers, &client.ip, "http", host, request_id);
+    forward_request_headers(
+        &mut parts.headers,
+        &client.ip,
+        client.scheme(),
+        host,
+        request_id,
+    );
 
     let has_body = !body.is_end_stream();
     let config = &upstream.config;
@@ -286,6 +317,29 @@ async fn send(
             Err(Attempt::Sent(err.to_string()))
         }
     }
+}
+
+/// A 308 to the same URL on HTTPS (`https_port` left out when it is 443); `None` without a
+/// usable Host.
+fn https_redirect<B>(req: &Request<B>, https_port: u16) -> Option<Response<GatewayBody>> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())?;
+    let host = host_without_port(host);
+    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = if https_port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{https_port}{path}")
+    };
+    let mut response = Response::new(GatewayBody::Full(None));
+    *response.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
+    response
+        .headers_mut()
+        .insert(header::LOCATION, HeaderValue::try_from(location).ok()?);
+    Some(response)
 }
 
 fn is_idempotent(method: &Method) -> bool {

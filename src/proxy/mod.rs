@@ -16,7 +16,7 @@ pub use error::ProxyError;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +41,8 @@ pub struct Runtime {
     route_upstreams: Vec<Arc<Upstream>>,
     /// The request counters of each route, by route position; empty when `server.metrics` is off.
     route_stats: Vec<Arc<RequestStats>>,
+    /// TLS settings for new connections on the HTTPS listener.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Runtime {
@@ -74,11 +76,16 @@ impl Runtime {
         } else {
             Vec::new()
         };
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|tls| crate::tls::server_config(&tls.certificates));
         Runtime {
             config,
             upstreams,
             route_upstreams,
             route_stats,
+            tls,
         }
     }
 
@@ -114,6 +121,8 @@ pub struct Gateway {
     reload_lock: Mutex<()>,
     pub metrics: Metrics,
     pub live: LiveStats,
+    /// Port the HTTPS listener got (the configured one may be 0), for HTTP→HTTPS redirects.
+    https_port: AtomicU16,
 }
 
 impl Gateway {
@@ -133,6 +142,7 @@ impl Gateway {
             reload_lock: Mutex::new(()),
             metrics,
             live: LiveStats::default(),
+            https_port: AtomicU16::new(0),
         })
     }
 
@@ -163,6 +173,10 @@ impl Gateway {
         Ok(())
     }
 
+    pub fn https_port(&self) -> u16 {
+        self.https_port.load(Ordering::Relaxed)
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
@@ -177,14 +191,26 @@ impl Gateway {
 pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Result<()> {
     let proxy_listener = TcpListener::bind(config.server.listen).await?;
     let admin_listener = TcpListener::bind(config.admin.listen).await?;
+    let tls_listener = match &config.tls {
+        Some(tls) => Some(TcpListener::bind(tls.listen).await?),
+        None => None,
+    };
     let proxy_addr: SocketAddr = proxy_listener.local_addr()?;
     let admin_addr: SocketAddr = admin_listener.local_addr()?;
     // Tests and scripts wait for these lines.
     println!("proxy listening on {proxy_addr}");
     println!("admin listening on {admin_addr}");
+    if let Some(listener) = &tls_listener {
+        println!("tls listening on {}", listener.local_addr()?);
+    }
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "scalegate is serving");
 
     let gateway = Gateway::new(config, config_path);
+    if let Some(listener) = &tls_listener {
+        gateway
+            .https_port
+            .store(listener.local_addr()?.port(), Ordering::Relaxed);
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(crate::admin::serve(
         gateway.clone(),
@@ -194,15 +220,17 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     tokio::spawn(reload_on_sighup(gateway.clone()));
     let signal = wait_for_stop_signal();
     tokio::pin!(signal);
-    accept_loop(gateway.clone(), proxy_listener, &mut signal).await;
+    accept_loop(gateway.clone(), proxy_listener, tls_listener, &mut signal).await;
     gateway.draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     Ok(())
 }
 
+/// Accepts on the plain listener and, when TLS is configured, the HTTPS one, until `stop`.
 async fn accept_loop(
     gateway: Arc<Gateway>,
     listener: TcpListener,
+    tls_listener: Option<TcpListener>,
     stop: &mut (impl std::future::Future<Output = ()> + Unpin),
 ) {
     let server = gateway.runtime.load().config.server.clone();
@@ -221,36 +249,65 @@ async fn accept_loop(
         .keep_alive_timeout(Duration::from_secs(20));
     let graceful = GracefulShutdown::new();
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(conn) => conn,
-                    Err(err) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(%err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let gateway = gateway.clone();
-                let client = forward::ClientAddr::new(peer);
-                let service =
-                    service_fn(move |req| forward::handle(gateway.clone(), req, client.clone()));
-                let connection = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(err) = connection.await {
-                        tracing::debug!(%err, %peer, "client connection ended with an error");
-                    }
-                });
-            }
+        let (accepted, secure) = tokio::select! {
+            accepted = listener.accept() => (accepted, false),
+            accepted = accept_on(tls_listener.as_ref()) => (accepted, true),
             () = &mut *stop => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(err) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let client = forward::ClientAddr::new(peer, secure);
+        let service = {
+            let gateway = gateway.clone();
+            service_fn(move |req| forward::handle(gateway.clone(), req, client.clone()))
+        };
+        if !secure {
+            let connection = graceful.watch(
+                builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned(),
+            );
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::debug!(%err, %peer, "client connection ended with an error");
+                }
+            });
+            continue;
         }
+        let Some(tls) = gateway.runtime.load().tls.clone() else {
+            continue;
+        };
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+            let stream = match tokio::time::timeout(server.header_read_timeout, handshake).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    tracing::debug!(%err, %peer, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(err) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(%err, %peer, "client connection ended with an error");
+            }
+        });
     }
     drop(listener);
+    drop(tls_listener);
     gateway.draining.store(true, Ordering::Relaxed);
     tracing::info!(
         grace_secs = server.shutdown_grace.as_secs_f64(),
@@ -261,6 +318,16 @@ async fn accept_loop(
         .is_err()
     {
         tracing::warn!("shutdown grace elapsed with requests still in flight");
+    }
+}
+
+/// Accepts on `listener`, or never when there is none.
+async fn accept_on(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
     }
 }
 
