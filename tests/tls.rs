@@ -176,7 +176,10 @@ async fn sni_alpn_forwarded_proto_hsts_and_redirect() {
         stream.get_ref().1.peer_certificates().unwrap()[0] == renewed
     })
     .await;
-    assert!(fresh_cert, "the renewed certificate was not served after SIGHUP");
+    assert!(
+        fresh_cert,
+        "the renewed certificate was not served after SIGHUP"
+    );
     let (status, _, _) = echo(open, "a.test").await;
     assert_eq!(status, 200);
 }

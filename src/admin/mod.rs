@@ -211,7 +211,14 @@ fn read_totals(gateway: &Gateway) -> live::Totals {
 /// when the scraper asks for it, else the classic text format.
 fn metrics(gateway: &Gateway, openmetrics: bool) -> Response<GatewayBody> {
     let instances = instance_samples(gateway);
-    let text = crate::metrics::render(crate::metrics::core_families(&gateway.metrics, &instances));
+    let mut families = crate::metrics::core_families(&gateway.metrics, &instances);
+    let admission = &gateway.admission;
+    families.extend(crate::metrics::connection_families(
+        admission.open(),
+        admission.refused_total.load(Ordering::Relaxed),
+        admission.refused_per_ip.load(Ordering::Relaxed),
+    ));
+    let text = crate::metrics::render(families);
     let (text, content_type) = if openmetrics {
         (
             text,

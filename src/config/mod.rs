@@ -72,8 +72,13 @@ pub struct ServerConfig {
     pub metrics: bool,
     pub max_body: u64,
     pub max_header_bytes: usize,
+    pub max_uri_length: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Open client connections at most (0 = no limit); more are refused.
+    pub max_connections: usize,
+    /// Open client connections from one IP at most (0 = no limit).
+    pub max_connections_per_ip: usize,
     pub shutdown_grace: Duration,
 }
 

@@ -131,7 +131,11 @@ async fn forward(
     request_id: &HeaderValue,
 ) -> Result<Forwarded, Failed> {
     let (mut parts, body) = req.into_parts();
-    let max_body = runtime.config.server.max_body;
+    let server = &runtime.config.server;
+    if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > server.max_uri_length {
+        return Err((ProxyError::UriTooLong, None));
+    }
+    let max_body = server.max_body;
     let declared = check_framing(&parts.headers)
         .map_err(|err| (ProxyError::BadRequest(err.reason()), None))?;
     if declared.is_some_and(|length| length > max_body) {

@@ -3,6 +3,7 @@
 //! `Gateway` holds the live `Runtime` (config, upstreams, routes) in an `ArcSwap`: each request
 //! takes one snapshot, so a reload swaps the snapshot without touching requests in flight.
 
+pub mod admission;
 mod body;
 mod error;
 mod forward;
@@ -121,6 +122,8 @@ pub struct Gateway {
     reload_lock: Mutex<()>,
     pub metrics: Metrics,
     pub live: LiveStats,
+    /// Open client connections against `server.max_connections` and `max_connections_per_ip`.
+    pub admission: Arc<admission::Admission>,
     /// Port the HTTPS listener got (the configured one may be 0), for HTTP→HTTPS redirects.
     https_port: AtomicU16,
 }
@@ -129,6 +132,10 @@ impl Gateway {
     /// Creates the gateway and starts its health checks (needs a tokio runtime).
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Arc<Gateway> {
         let metrics = Metrics::default();
+        let admission = Arc::new(admission::Admission::new(
+            config.server.max_connections,
+            config.server.max_connections_per_ip,
+        ));
         let runtime = Runtime::build(config, None, &metrics);
         for upstream in &runtime.upstreams {
             crate::health::spawn_active_checks(upstream);
@@ -143,6 +150,7 @@ impl Gateway {
             metrics,
             live: LiveStats::default(),
             https_port: AtomicU16::new(0),
+            admission,
         })
     }
 
@@ -263,6 +271,13 @@ async fn accept_loop(
                 continue;
             }
         };
+        let permit = match gateway.admission.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                refuse(stream, secure, refusal);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let client = forward::ClientAddr::new(peer, secure);
         let service = {
@@ -279,6 +294,7 @@ async fn accept_loop(
                 if let Err(err) = connection.await {
                     tracing::debug!(%err, %peer, "client connection ended with an error");
                 }
+                drop(permit);
             });
             continue;
         }
@@ -304,6 +320,7 @@ async fn accept_loop(
             if let Err(err) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(%err, %peer, "client connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);
@@ -318,6 +335,17 @@ async fn accept_loop(
         .is_err()
     {
         tracing::warn!("shutdown grace elapsed with requests still in flight");
+    }
+}
+
+/// Closes a connection over the limits; a plain-HTTP client first gets a bare 503 (written only
+/// if the socket takes it at once: a refused client never holds the accept loop).
+fn refuse(stream: tokio::net::TcpStream, secure: bool, refusal: admission::Refusal) {
+    tracing::debug!(?refusal, "connection refused");
+    if !secure {
+        let _ = stream.try_write(
+            b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n",
+        );
     }
 }
 
