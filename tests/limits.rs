@@ -93,3 +93,59 @@ async fn an_overlong_uri_gets_414_with_the_request_id() {
     assert_eq!(get(&client, &gw.url("/short")).await.status, 200);
     assert_eq!(backend_requests(&client, &a).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let mut ws = TcpStream::connect(gw.proxy).unwrap();
+    ws.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    ws.write_all(
+        b"GET /upgrade HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ws.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("x-request-id:"), "{head}");
+    // A masked WebSocket text frame "hello" and whatever else: bytes flow both ways untouched.
+    let frame = [
+        0x81,
+        0x85,
+        1,
+        2,
+        3,
+        4,
+        b'h' ^ 1,
+        b'e' ^ 2,
+        b'l' ^ 3,
+        b'l' ^ 4,
+        b'o' ^ 1,
+    ];
+    for _ in 0..3 {
+        ws.write_all(&frame).unwrap();
+        let mut echoed = [0u8; 11];
+        ws.read_exact(&mut echoed).unwrap();
+        assert_eq!(echoed, frame);
+    }
+    let client = client();
+    let in_flight = || async {
+        let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
+        detailed["upstreams"][0]["instances"][0]["in_flight"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(in_flight().await, 1, "an open tunnel counts as in flight");
+    drop(ws);
+    assert!(
+        eventually(Duration::from_secs(5), || async { in_flight().await == 0 }).await,
+        "the tunnel's in-flight count was not released"
+    );
+}

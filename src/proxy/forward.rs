@@ -17,15 +17,17 @@ use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
 
 use super::body::{BodyTooLarge, ForwardBody, GatewayBody, UpstreamBody};
 use super::error::ProxyError;
 use super::headers::{
-    check_framing, forward_request_headers, is_sane_request_id, new_request_id, strip_hop_by_hop,
-    X_REQUEST_ID,
+    check_framing, forward_request_headers, is_sane_request_id, new_request_id, requested_upgrade,
+    restore_upgrade, strip_hop_by_hop, X_REQUEST_ID,
 };
 use super::router::{host_without_port, match_route};
+use super::tunnel;
 use super::upstream::{InFlightGuard, Instance, NoInstance, Sender};
 use super::{Gateway, Runtime};
 use crate::balance::{hash_bytes, HashKey, Strategy};
@@ -171,6 +173,11 @@ async fn forward(
             parts.headers.insert(header::HOST, host.clone());
         }
     }
+    let upgrade = requested_upgrade(&parts.headers);
+    let mut client_upgrade = upgrade
+        .is_some()
+        .then(|| parts.extensions.remove::<OnUpgrade>())
+        .flatten();
     forward_request_headers(
         &mut parts.headers,
         &client.ip,
@@ -178,6 +185,9 @@ async fn forward(
         host,
         request_id,
     );
+    if let Some(protocol) = upgrade {
+        restore_upgrade(&mut parts.headers, protocol);
+    }
 
     let has_body = !body.is_end_stream();
     let config = &upstream.config;
@@ -230,6 +240,28 @@ async fn forward(
         match send(&instance, req, config.response_timeout).await {
             Ok((response, sender)) => {
                 let (mut head, incoming) = response.into_parts();
+                let switched = (head.status == http::StatusCode::SWITCHING_PROTOCOLS)
+                    .then(|| head.extensions.remove::<OnUpgrade>())
+                    .flatten();
+                if let (Some(instance_side), Some(client_side)) = (switched, client_upgrade.take())
+                {
+                    let protocol = requested_upgrade(&head.headers);
+                    strip_hop_by_hop(&mut head.headers);
+                    if let Some(protocol) = protocol {
+                        restore_upgrade(&mut head.headers, protocol);
+                    }
+                    head.headers
+                        .insert(X_REQUEST_ID.clone(), request_id.clone());
+                    // The connection now belongs to the tunnel, not the pool.
+                    drop(sender);
+                    tunnel::spawn(
+                        client_side,
+                        instance_side,
+                        guard,
+                        runtime.config.server.idle_timeout,
+                    );
+                    return Ok((Response::from_parts(head, GatewayBody::Full(None)), route));
+                }
                 strip_hop_by_hop(&mut head.headers);
                 head.headers
                     .insert(X_REQUEST_ID.clone(), request_id.clone());

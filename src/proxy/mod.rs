@@ -10,6 +10,7 @@ mod forward;
 pub mod headers;
 mod retry;
 pub mod router;
+mod tunnel;
 pub mod upstream;
 
 pub use body::GatewayBody;
@@ -287,7 +288,7 @@ async fn accept_loop(
         if !secure {
             let connection = graceful.watch(
                 builder
-                    .serve_connection(TokioIo::new(stream), service)
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned(),
             );
             tokio::spawn(async move {
@@ -316,7 +317,7 @@ async fn accept_loop(
                     return;
                 }
             };
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             if let Err(err) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(%err, %peer, "client connection ended with an error");
             }
