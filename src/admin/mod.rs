@@ -1,6 +1,7 @@
 //! The admin listener: `/health` for load balancers, `/health/detailed`, and the JSON API that
-//! lists upstreams, adds and drains instances and reloads the config. Everything but `/health`
-//! sits behind basic auth when `admin.username`/`admin.password` are set.
+//! lists upstreams, adds and drains instances and reloads the config; `/health/redis` and
+//! `/api/ratelimit` for the rate-limit store. Everything but `/health` and `/health/redis` sits
+//! behind basic auth when `admin.username`/`admin.password` are set.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -21,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::auth::constant_time_eq;
 use crate::config::{parse_addr, InstanceConfig};
 use crate::proxy::upstream::{Instance, Upstream};
 use crate::proxy::{Gateway, GatewayBody};
@@ -54,6 +56,17 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<GatewayBody>, Infallible> {
     let path = req.uri().path().to_string();
+    if path == "/health/redis" {
+        // Open like /health: load balancers and monitors probe it.
+        let limiter = gateway.limiter.clone();
+        let (healthy, body) = limiter.redis_health().await;
+        let status = if healthy {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        return Ok(reply(status, body));
+    }
     if path == "/health" {
         return Ok(if gateway.is_draining() {
             reply(
@@ -79,6 +92,12 @@ async fn handle(
     let method = req.method().clone();
     let response = match (&method, segments.as_slice()) {
         (&Method::GET, ["health", "detailed"]) => health_detailed(&gateway),
+        (&Method::GET, ["api", "ratelimit"]) => {
+            let runtime = gateway.runtime.load();
+            let mut report = gateway.limiter.report();
+            report["concurrency"] = runtime.admission.concurrency_report();
+            reply(StatusCode::OK, report)
+        }
         (&Method::GET, ["api", "upstreams"]) => {
             let runtime = gateway.runtime.load();
             let now = Instant::now();
@@ -145,7 +164,14 @@ fn health_detailed(gateway: &Gateway) -> Response<GatewayBody> {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    reply(code, json!({ "status": status, "upstreams": upstreams }))
+    reply(
+        code,
+        json!({
+            "status": status,
+            "upstreams": upstreams,
+            "rate_limit": gateway.limiter.report(),
+        }),
+    )
 }
 
 fn upstream_json(upstream: &Upstream, now: Instant) -> Value {
@@ -280,17 +306,6 @@ fn authorized(value: Option<&HeaderValue>, user: &str, password: &str) -> bool {
     constant_time_eq(&decoded, expected.as_bytes())
 }
 
-/// Equality whose time depends only on the lengths.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
-}
-
 fn reply(status: StatusCode, body: Value) -> Response<GatewayBody> {
     let mut response = Response::new(GatewayBody::full(body.to_string()));
     *response.status_mut() = status;
@@ -316,13 +331,5 @@ mod tests {
             "admin",
             "secret"
         ));
-    }
-
-    #[test]
-    fn constant_time_equality() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-        assert!(constant_time_eq(b"", b""));
     }
 }

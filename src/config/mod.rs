@@ -3,6 +3,7 @@
 //! durations, sizes, strategies). Every problem is reported with the key it belongs to.
 
 mod env;
+pub mod limits;
 mod raw;
 pub mod units;
 
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+pub use limits::LimitsConfig;
 pub use raw::RawConfig;
 
 use crate::balance::{HashKey, Strategy};
@@ -57,6 +59,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Rate limits, API keys and concurrency limits.
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone)]

@@ -103,6 +103,12 @@ async fn forward(
     let route = match_route(&runtime.config.routes, host_name, parts.uri.path())
         .ok_or((ProxyError::NoRoute, None))?;
     let upstream = runtime.route_upstream(route).clone();
+    // Held until the response head is back: the concurrency slots live in `admitted`.
+    let admitted = runtime
+        .admission
+        .admit(route, &parts.headers, peer.ip())
+        .await
+        .map_err(|error| (error, Some(upstream.clone())))?;
     let hash = match &upstream.config.strategy {
         Strategy::ConsistentHash(key) => hash_key(key, &parts, peer),
         _ => None,
@@ -176,6 +182,7 @@ async fn forward(
                 strip_hop_by_hop(&mut head.headers);
                 head.headers
                     .insert(X_REQUEST_ID.clone(), request_id.clone());
+                admitted.add_headers(&mut head.headers);
                 let body = GatewayBody::Upstream(UpstreamBody::new(incoming, sender, guard));
                 return Ok((Response::from_parts(head, body), upstream));
             }

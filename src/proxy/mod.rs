@@ -37,11 +37,17 @@ pub struct Runtime {
     pub upstreams: Vec<Arc<Upstream>>,
     /// The upstream of each route, by route position.
     route_upstreams: Vec<Arc<Upstream>>,
+    /// API keys, rate limits and concurrency limits per route.
+    pub admission: crate::ratelimit::Admission,
 }
 
 impl Runtime {
     /// Builds the runtime, carrying live instances over from `previous` where they still fit.
-    fn build(config: Config, previous: Option<&Runtime>) -> Runtime {
+    fn build(
+        config: Config,
+        previous: Option<&Runtime>,
+        limiter: &Arc<crate::ratelimit::Limiter>,
+    ) -> Runtime {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
@@ -61,10 +67,16 @@ impl Runtime {
                     .clone()
             })
             .collect();
+        let admission = crate::ratelimit::Admission::build(
+            &config,
+            limiter.clone(),
+            previous.map(|p| &p.admission),
+        );
         Runtime {
             config,
             upstreams,
             route_upstreams,
+            admission,
         }
     }
 
@@ -85,12 +97,15 @@ pub struct Gateway {
     request_seq: AtomicU64,
     id_prefix: u32,
     reload_lock: Mutex<()>,
+    /// Rate-limit stores and counters; outlive reloads.
+    pub limiter: Arc<crate::ratelimit::Limiter>,
 }
 
 impl Gateway {
     /// Creates the gateway and starts its health checks (needs a tokio runtime).
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Arc<Gateway> {
-        let runtime = Runtime::build(config, None);
+        let limiter = crate::ratelimit::Limiter::new(&config.limits);
+        let runtime = Runtime::build(config, None, &limiter);
         for upstream in &runtime.upstreams {
             crate::health::spawn_active_checks(upstream);
         }
@@ -101,6 +116,7 @@ impl Gateway {
             request_seq: AtomicU64::new(1),
             id_prefix: rand::random(),
             reload_lock: Mutex::new(()),
+            limiter,
         })
     }
 
@@ -122,7 +138,12 @@ impl Gateway {
         {
             tracing::warn!("listen addresses changed: they take effect at the next restart");
         }
-        let next = Runtime::build(config, Some(&current));
+        if config.limits.state.redis_urls != current.config.limits.state.redis_urls
+            || config.limits.store != current.config.limits.store
+        {
+            tracing::warn!("rate-limit store changed: it takes effect at the next restart");
+        }
+        let next = Runtime::build(config, Some(&current), &self.limiter);
         for upstream in &next.upstreams {
             crate::health::spawn_active_checks(upstream);
         }
@@ -143,6 +164,13 @@ impl Gateway {
 /// Runs the gateway until SIGTERM/SIGINT, then drains: the proxy stops accepting, `/health`
 /// answers 503, in-flight requests finish within `shutdown_grace`.
 pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Result<()> {
+    let gateway = Gateway::new(config, config_path);
+    gateway
+        .limiter
+        .start()
+        .await
+        .map_err(std::io::Error::other)?;
+    let config = gateway.runtime.load().config.clone();
     let proxy_listener = TcpListener::bind(config.server.listen).await?;
     let admin_listener = TcpListener::bind(config.admin.listen).await?;
     let proxy_addr: SocketAddr = proxy_listener.local_addr()?;
@@ -152,7 +180,6 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     println!("admin listening on {admin_addr}");
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "scalegate is serving");
 
-    let gateway = Gateway::new(config, config_path);
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(crate::admin::serve(
         gateway.clone(),
