@@ -96,7 +96,7 @@ fn redis_server() -> &'static str {
 
 fn redis_config(redis: &Redis, backend: &Proc, routes: &str) -> String {
     format!(
-        "[state]\nredis_url = \"{}\"\n[rate_limit]\nstore = \"redis\"\n\n[upstreams.app]\ninstances = [\"{}\"]\n\n{routes}",
+        "[state]\nredis_url = \"{}\"\n\n[rate_limit]\nstore = \"redis\"\n\n[upstreams.app]\ninstances = [\"{}\"]\n\n{routes}",
         redis.url(),
         backend.addr()
     )
@@ -469,7 +469,62 @@ queue_timeout = "2s"
     assert_eq!(backend_requests(&client, &backend).await, 2);
     let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
     assert_eq!(report["concurrency"]["routes"][0]["limit"]["in_flight"], 0);
+    assert_eq!(report["concurrency"]["routes"][0]["limit"]["refused"], 1);
     assert_eq!(report["store"], "memory");
     let (status, health) = admin_json(&client, &gw, "/health/redis").await;
     assert_eq!((status, health["store"].as_str()), (200, Some("memory")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreachable_redis_at_start_follows_on_redis_error_then_shares() {
+    // Nothing listens on the port yet.
+    let mut redis = Redis::start(None);
+    redis.kill();
+    let backend = demo_backend(&[]);
+    let routes = "[[routes]]\nupstream = \"app\"\nrate_limits = [{ name = \"start\", limit = 2, period = \"1m\", burst = 1 }]\n";
+    let base = redis_config(&redis, &backend, routes);
+    let with_policy = |policy: &str| {
+        base.replace(
+            "[rate_limit]",
+            &format!("on_redis_error = \"{policy}\"\n[rate_limit]"),
+        )
+    };
+    let local = gateway(&with_policy("local"));
+    let allow = gateway(&with_policy("allow"));
+    let deny = gateway(&with_policy("deny"));
+    let client = client();
+    let statuses = |replies: Vec<Reply>| -> Vec<u16> {
+        let mut s: Vec<u16> = replies.iter().map(|r| r.status).collect();
+        s.sort_unstable();
+        s
+    };
+    assert_eq!(
+        statuses(burst(&client, &[local.url("/")], 3, &[]).await),
+        [200, 200, 429]
+    );
+    assert_eq!(
+        statuses(burst(&client, &[allow.url("/")], 3, &[]).await),
+        [200, 200, 200]
+    );
+    let denied = burst(&client, &[deny.url("/")], 3, &[]).await;
+    assert!(denied
+        .iter()
+        .all(|r| r.status == 429 && r.header("retry-after") == "1"));
+
+    // Redis comes up: every replica finds it and the quota is shared from then on.
+    redis.restart();
+    for gw in [&local, &allow, &deny] {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                let (status, health) = admin_json(&client, gw, "/health/redis").await;
+                status == 200 && health["shared"] == true
+            })
+            .await
+        );
+    }
+    let urls = vec![local.url("/"), allow.url("/"), deny.url("/")];
+    assert_eq!(
+        statuses(burst(&client, &urls, 3, &[]).await),
+        [200, 200, 429]
+    );
 }

@@ -53,7 +53,8 @@ pub async fn handle(
     let (response, upstream) = match forward(&runtime, req, peer, &request_id).await {
         Ok((response, upstream)) => (response, Some(upstream)),
         Err((error, upstream)) => {
-            if error.status().is_server_error() {
+            // Overload refusals are expected under load; logging each would add to it.
+            if error.status().is_server_error() && !matches!(error, ProxyError::Overloaded { .. }) {
                 tracing::warn!(request_id = ?request_id, %error, "request failed");
             }
             (error.response(&request_id), upstream)

@@ -1,7 +1,7 @@
 //! Concurrency limits: at most `max_in_flight` requests at once through a route or to an
 //! upstream; the next `queue_size` wait up to `queue_timeout` for a slot, the rest are refused.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +13,8 @@ pub struct ConcurrencyLimit {
     pub config: ConcurrencyConfig,
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
+    /// Requests turned away (queue full or waited too long), for metrics.
+    pub refused: AtomicU64,
 }
 
 /// Counts a waiter while it waits, also when its request is dropped mid-wait.
@@ -30,6 +32,7 @@ impl ConcurrencyLimit {
             config,
             slots: Arc::new(Semaphore::new(config.max_in_flight as usize)),
             waiting: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -39,10 +42,11 @@ impl ConcurrencyLimit {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Ok(permit);
         }
-        let refused = self.config.queue_timeout.max(Duration::from_secs(1));
+        let retry_after = self.config.queue_timeout.max(Duration::from_secs(1));
         if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.config.queue_size {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
-            return Err(refused);
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(retry_after);
         }
         let _waiting = Waiting(&self.waiting);
         match tokio::time::timeout(
@@ -52,7 +56,10 @@ impl ConcurrencyLimit {
         .await
         {
             Ok(Ok(permit)) => Ok(permit),
-            _ => Err(refused),
+            _ => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                Err(retry_after)
+            }
         }
     }
 
@@ -94,5 +101,6 @@ mod tests {
         assert!(limit.acquire().await.is_err());
         assert_eq!(limit.waiting(), 0);
         assert_eq!(limit.in_flight(), 1);
+        assert_eq!(limit.refused.load(Ordering::Relaxed), 2);
     }
 }

@@ -421,5 +421,6 @@ fn limit_json(limit: &ConcurrencyLimit) -> Value {
         "in_flight": limit.in_flight(),
         "waiting": limit.waiting(),
         "queue_size": limit.config.queue_size,
+        "refused": limit.refused.load(Ordering::Relaxed),
     })
 }
