@@ -104,7 +104,7 @@ impl Limiter {
 
     async fn decide(&self, rule: &Rule, key: LimitKey<'_>) -> RateDecision {
         if let Some(redis) = &self.redis {
-            if let Some(decision) = redis.decide(&rule.quota, &key.redis_key(&rule.name)).await {
+            if let Some(decision) = redis.decide(&rule.name, &rule.quota, &key).await {
                 return decision;
             }
             rule.counters.fallback.fetch_add(1, Ordering::Relaxed);

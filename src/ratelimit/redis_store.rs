@@ -15,6 +15,7 @@ use redis::{RedisError, Script};
 use tokio::time::{timeout, Instant};
 
 use super::algorithm::{decide, Algorithm, Quota, RateDecision, SlotState, Window};
+use super::client::LimitKey;
 use crate::config::limits::{redacted, StateConfig};
 
 /// Reads the state, applies the same update as `algorithm::decide` when the request passes,
@@ -124,12 +125,17 @@ impl RedisStore {
     }
 
     /// Decides at Redis; `None` when the link is down or this call failed (which marks it down).
-    pub async fn decide(self: &Arc<Self>, quota: &Quota, key: &[u8]) -> Option<RateDecision> {
+    pub async fn decide(
+        self: &Arc<Self>,
+        rule: &str,
+        quota: &Quota,
+        key: &LimitKey<'_>,
+    ) -> Option<RateDecision> {
         if !self.is_up() {
             return None;
         }
         let mut connection = self.connection.get()?.clone();
-        let mut invocation = self.script.key(key);
+        let mut invocation = self.script.key(key.redis_key(rule));
         invocation.arg(match quota.algorithm {
             Algorithm::Gcra => "g",
             Algorithm::SlidingWindow => "w",
