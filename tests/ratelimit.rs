@@ -528,3 +528,96 @@ async fn unreachable_redis_at_start_follows_on_redis_error_then_shares() {
         [200, 200, 429]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cluster_shares_limits_across_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Redis> = Vec::new();
+    for _ in 0..3 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(redis_server())
+            .current_dir(dir.path())
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--cluster-enabled",
+                "yes",
+            ])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        nodes.push(Redis {
+            child: Some(child),
+            port,
+            password: None,
+        });
+    }
+    for node in &nodes {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                std::net::TcpStream::connect(("127.0.0.1", node.port)).is_ok()
+            })
+            .await
+        );
+    }
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let created = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(created.success());
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query(&mut nodes[0].conn())
+                .unwrap_or_default();
+            info.contains("cluster_state:ok")
+        })
+        .await
+    );
+
+    let backend = demo_backend(&[]);
+    let config = format!(
+        "[state]\nredis_url = \"{}, {}\"\nredis_cluster = true\n\n[rate_limit]\nstore = \"redis\"\n\n[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\nrate_limits = [{{ name = \"cl\", key = \"header:X-Client\", limit = 5, period = \"1m\", burst = 4 }}]\n",
+        nodes[0].url(),
+        nodes[1].url(),
+        backend.addr()
+    );
+    let a = gateway(&config);
+    let b = gateway(&config);
+    let client = client();
+    // Clients whose keys hash to different slots (and so, nodes): each gets 5 of 7, through
+    // either replica.
+    for name in ["alice", "bob", "carol", "dave"] {
+        let replies = burst(&client, &[a.url("/"), b.url("/")], 7, &[("x-client", name)]).await;
+        assert_eq!(
+            (count(&replies, 200), count(&replies, 429)),
+            (5, 2),
+            "{name}"
+        );
+    }
+    let holding = nodes
+        .iter()
+        .filter(|n| redis::cmd("DBSIZE").query::<i64>(&mut n.conn()).unwrap() > 0)
+        .count();
+    assert!(holding >= 2, "keys on {holding} node(s)");
+    let (status, health) = admin_json(&client, &a, "/health/redis").await;
+    assert_eq!(status, 200, "{health}");
+}
