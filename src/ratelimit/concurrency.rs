@@ -36,12 +36,14 @@ impl ConcurrencyLimit {
         }
     }
 
-    /// A slot held until the permit drops; `Err(retry_after)` when the queue is full or the
-    /// wait timed out.
-    pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, Duration> {
-        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            return Ok(permit);
-        }
+    /// A free slot, held until the permit drops.
+    pub fn try_acquire(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits in the queue for a slot; `Err(retry_after)` when the queue is full or the wait
+    /// timed out.
+    pub async fn wait(&self) -> Result<OwnedSemaphorePermit, Duration> {
         let retry_after = self.config.queue_timeout.max(Duration::from_secs(1));
         if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.config.queue_size {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
@@ -76,6 +78,13 @@ impl ConcurrencyLimit {
 mod tests {
     use super::*;
 
+    async fn acquire(limit: &ConcurrencyLimit) -> Result<OwnedSemaphorePermit, Duration> {
+        match limit.try_acquire() {
+            Some(permit) => Ok(permit),
+            None => limit.wait().await,
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn queue_then_refusal() {
         let limit = Arc::new(ConcurrencyLimit::new(ConcurrencyConfig {
@@ -83,22 +92,22 @@ mod tests {
             queue_size: 1,
             queue_timeout: Duration::from_millis(300),
         }));
-        let first = limit.acquire().await.unwrap();
+        let first = acquire(&limit).await.unwrap();
         let queued = tokio::spawn({
             let limit = limit.clone();
-            async move { limit.acquire().await.is_ok() }
+            async move { acquire(&limit).await.is_ok() }
         });
         tokio::task::yield_now().await;
         assert_eq!(limit.waiting(), 1);
         // The queue (1) is full: refused at once.
-        assert_eq!(limit.acquire().await.unwrap_err(), Duration::from_secs(1));
+        assert_eq!(acquire(&limit).await.unwrap_err(), Duration::from_secs(1));
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(first);
         assert!(queued.await.unwrap());
         assert_eq!(limit.waiting(), 0);
         // Held past queue_timeout: the waiter gives up.
-        let _held = limit.acquire().await.unwrap();
-        assert!(limit.acquire().await.is_err());
+        let _held = acquire(&limit).await.unwrap();
+        assert!(acquire(&limit).await.is_err());
         assert_eq!(limit.waiting(), 0);
         assert_eq!(limit.in_flight(), 1);
         assert_eq!(limit.refused.load(Ordering::Relaxed), 2);

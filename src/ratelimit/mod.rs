@@ -104,7 +104,9 @@ impl Limiter {
 
     async fn decide(&self, rule: &Rule, key: LimitKey<'_>) -> RateDecision {
         if let Some(redis) = &self.redis {
-            if let Some(decision) = redis.decide(&rule.name, &rule.quota, &key).await {
+            // Boxed: the Redis call's state is large, and requests decided in memory (or not
+            // limited at all) should not carry it in their futures.
+            if let Some(decision) = Box::pin(redis.decide(&rule.name, &rule.quota, &key)).await {
                 return decision;
             }
             rule.counters.fallback.fetch_add(1, Ordering::Relaxed);
@@ -380,14 +382,17 @@ impl Admission {
             }
         }
         for limit in policy.own_limit.iter().chain(&policy.upstream_limit) {
-            match limit.acquire().await {
-                Ok(slot) => admitted._slots.push(slot),
-                Err(retry_after) => {
-                    return Err(ProxyError::Overloaded {
-                        retry_after: retry_after.as_secs().max(1),
-                    })
-                }
-            }
+            let slot =
+                match limit.try_acquire() {
+                    Some(slot) => slot,
+                    // Boxed: only requests that queue carry the waiting state.
+                    None => Box::pin(limit.wait()).await.map_err(|retry_after| {
+                        ProxyError::Overloaded {
+                            retry_after: retry_after.as_secs().max(1),
+                        }
+                    })?,
+                };
+            admitted._slots.push(slot);
         }
         Ok(admitted)
     }
