@@ -164,15 +164,16 @@ impl Gateway {
 /// Runs the gateway until SIGTERM/SIGINT, then drains: the proxy stops accepting, `/health`
 /// answers 503, in-flight requests finish within `shutdown_grace`.
 pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Result<()> {
+    let (listen, admin_listen) = (config.server.listen, config.admin.listen);
     let gateway = Gateway::new(config, config_path);
+    // Before listening: a Redis that refuses the configured password stops the start.
     gateway
         .limiter
         .start()
         .await
         .map_err(std::io::Error::other)?;
-    let config = gateway.runtime.load().config.clone();
-    let proxy_listener = TcpListener::bind(config.server.listen).await?;
-    let admin_listener = TcpListener::bind(config.admin.listen).await?;
+    let proxy_listener = TcpListener::bind(listen).await?;
+    let admin_listener = TcpListener::bind(admin_listen).await?;
     let proxy_addr: SocketAddr = proxy_listener.local_addr()?;
     let admin_addr: SocketAddr = admin_listener.local_addr()?;
     // Tests and scripts wait for these lines.
