@@ -3,6 +3,7 @@
 //! durations, sizes, strategies). Every problem is reported with the key it belongs to.
 
 mod env;
+pub mod limits;
 mod raw;
 mod tls;
 pub mod units;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+pub use limits::LimitsConfig;
 pub use raw::RawConfig;
 pub use tls::TlsConfig;
 
@@ -60,6 +62,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
     pub tls: Option<TlsConfig>,
+    /// Rate limits, API keys and concurrency limits.
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone)]

@@ -87,7 +87,10 @@ pub async fn handle(
         None => match forward(&runtime, req, &client, &request_id).await {
             Ok((response, route)) => (response, Some(route)),
             Err((error, route)) => {
-                if error.status().is_server_error() {
+                // Overload refusals are expected under load; logging each would add to it.
+                if error.status().is_server_error()
+                    && !matches!(error, ProxyError::Overloaded { .. })
+                {
                     tracing::warn!(request_id = ?request_id, %error, "request failed");
                 }
                 (error.response(&request_id), route)
@@ -156,6 +159,12 @@ async fn forward(
     let route = match_route(&runtime.config.routes, host_name, parts.uri.path())
         .ok_or((ProxyError::NoRoute, None))?;
     let upstream = runtime.route_upstream(route).clone();
+    // Held until the response head is back: the concurrency slots live in `admitted`.
+    let admitted = runtime
+        .admission
+        .admit(route, &parts.headers, client.addr.ip())
+        .await
+        .map_err(|error| (error, Some(route)))?;
     let hash = match &upstream.config.strategy {
         Strategy::ConsistentHash(key) => hash_key(key, &parts, client.addr),
         _ => None,
@@ -260,11 +269,13 @@ async fn forward(
                         guard,
                         runtime.config.server.idle_timeout,
                     );
+                    admitted.add_headers(&mut head.headers);
                     return Ok((Response::from_parts(head, GatewayBody::Full(None)), route));
                 }
                 strip_hop_by_hop(&mut head.headers);
                 head.headers
                     .insert(X_REQUEST_ID.clone(), request_id.clone());
+                admitted.add_headers(&mut head.headers);
                 let body = GatewayBody::Upstream(UpstreamBody::new(incoming, sender, guard));
                 return Ok((Response::from_parts(head, body), route));
             }
