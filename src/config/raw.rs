@@ -79,6 +79,7 @@ pub struct RawUpstream {
     pub health: Option<RawActiveHealth>,
     pub max_fails: u32,
     pub fail_timeout: String,
+    pub autoscale: Option<super::autoscale::RawAutoscale>,
 }
 
 impl Default for RawUpstream {
@@ -98,6 +99,7 @@ impl Default for RawUpstream {
             health: None,
             max_fails: 1,
             fail_timeout: "10s".into(),
+            autoscale: None,
         }
     }
 }
@@ -294,10 +296,10 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
             "only used with strategy = \"consistent_hash\"",
         );
     }
-    if raw.instances.is_empty() {
+    if raw.instances.is_empty() && raw.autoscale.is_none() {
         p.push(
             format!("{key}.instances"),
-            "at least one instance is needed",
+            "at least one instance is needed (or an autoscale table)",
         );
     }
     let mut instances: Vec<InstanceConfig> = Vec::new();
@@ -371,6 +373,10 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
             p.push(format!("{key}.{field}"), "must be more than 0");
         }
     }
+    let drain_timeout = p.duration(&format!("{key}.drain_timeout"), &raw.drain_timeout);
+    let autoscale = raw.autoscale.as_ref().map(|auto| {
+        super::autoscale::validate(p, &format!("{key}.autoscale"), auto, drain_timeout)
+    });
     UpstreamConfig {
         name: name.to_string(),
         strategy,
@@ -387,7 +393,8 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
             max_fails: raw.max_fails,
             fail_timeout: p.duration(&format!("{key}.fail_timeout"), &raw.fail_timeout),
         },
-        drain_timeout: p.duration(&format!("{key}.drain_timeout"), &raw.drain_timeout),
+        drain_timeout,
+        autoscale,
     }
 }
 

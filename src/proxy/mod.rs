@@ -85,6 +85,8 @@ pub struct Gateway {
     request_seq: AtomicU64,
     id_prefix: u32,
     reload_lock: Mutex<()>,
+    /// The autoscalers' status and mode switches, for the admin API.
+    pub autoscale: crate::autoscale::Registry,
 }
 
 impl Gateway {
@@ -101,6 +103,7 @@ impl Gateway {
             request_seq: AtomicU64::new(1),
             id_prefix: rand::random(),
             reload_lock: Mutex::new(()),
+            autoscale: crate::autoscale::Registry::default(),
         })
     }
 
@@ -160,11 +163,14 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
         stop_rx.clone(),
     ));
     tokio::spawn(reload_on_sighup(gateway.clone()));
+    let autoscalers = crate::autoscale::start(&gateway, stop_rx.clone());
     let signal = wait_for_stop_signal();
     tokio::pin!(signal);
     accept_loop(gateway.clone(), proxy_listener, &mut signal).await;
     gateway.draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
+    // Instances the autoscaler started are stopped only after in-flight requests finished.
+    autoscalers.stopped().await;
     Ok(())
 }
 
