@@ -530,6 +530,25 @@ upstream = "app"
     }
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scalegate.example.toml");
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let auto = config
+            .upstream("workers")
+            .unwrap()
+            .autoscale
+            .as_ref()
+            .unwrap();
+        assert_eq!(auto.targets.len(), 2);
+        assert_eq!(auto.schedules.len(), 1);
+        let quickstart =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart.toml");
+        assert!(Config::load(&quickstart).unwrap().upstreams[0]
+            .autoscale
+            .is_some());
+    }
+
+    #[test]
     fn every_bad_autoscale_key_is_named() {
         let text = r#"
 [upstreams.app]
