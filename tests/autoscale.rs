@@ -352,6 +352,7 @@ async fn admin_api_pins_pauses_and_resumes() {
         .await
     );
     assert_eq!(pin(r#"{"pin": 0}"#).await.status, 400);
+    assert_eq!(pin(r#"{"pin": 5}"#).await.status, 400);
     let missing = request(
         &client,
         "POST",

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::autoscale::ModeError;
 use crate::config::{parse_addr, InstanceConfig};
 use crate::proxy::upstream::{Instance, Upstream};
 use crate::proxy::{Gateway, GatewayBody};
@@ -258,16 +259,16 @@ fn set_autoscale_mode(gateway: &Gateway, name: &str, body: &Value) -> Response<G
         Ok(mode) => mode,
         Err(err) => return reply(StatusCode::BAD_REQUEST, json!({ "error": err })),
     };
-    if gateway.autoscale.set_mode(name, mode) {
-        reply(
+    match gateway.autoscale.set_mode(name, mode) {
+        Ok(()) => reply(
             StatusCode::ACCEPTED,
             json!({ "upstream": name, "mode": mode }),
-        )
-    } else {
-        reply(
+        ),
+        Err(ModeError::NotAutoscaled) => reply(
             StatusCode::NOT_FOUND,
             json!({"error": format!("no autoscaled upstream named `{name}`")}),
-        )
+        ),
+        Err(err) => reply(StatusCode::BAD_REQUEST, json!({ "error": err.to_string() })),
     }
 }
 

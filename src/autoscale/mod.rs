@@ -56,6 +56,8 @@ pub fn parse_mode(body: &Value) -> Result<Mode, String> {
 /// What one controller shares with the admin API.
 struct Handle {
     upstream: String,
+    /// The largest count a pin may ask for: `max`, or a schedule's when larger.
+    pin_limit: u32,
     status: Mutex<Value>,
     modes: mpsc::UnboundedSender<Mode>,
 }
@@ -77,14 +79,32 @@ impl Registry {
         json!({ "upstreams": upstreams })
     }
 
-    /// Hands a new mode to the upstream's controller; false when it has none.
-    pub fn set_mode(&self, upstream: &str, mode: Mode) -> bool {
+    /// Hands a new mode to the upstream's controller.
+    pub fn set_mode(&self, upstream: &str, mode: Mode) -> Result<(), ModeError> {
         let handles = self.handles.lock().expect("autoscale registry lock");
-        handles
+        let handle = handles
             .iter()
             .find(|h| h.upstream == upstream)
-            .is_some_and(|h| h.modes.send(mode).is_ok())
+            .ok_or(ModeError::NotAutoscaled)?;
+        if let Mode::Pinned(n) = mode {
+            if n > handle.pin_limit {
+                return Err(ModeError::AboveMax(handle.pin_limit));
+            }
+        }
+        handle
+            .modes
+            .send(mode)
+            .map_err(|_| ModeError::NotAutoscaled)
     }
+}
+
+/// Why a mode change was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ModeError {
+    #[error("no autoscaled upstream of that name")]
+    NotAutoscaled,
+    #[error("the pinned count is above max ({0})")]
+    AboveMax(u32),
 }
 
 /// What the controller needs from a provider. Two implementations: `process` and `exec`.
@@ -137,8 +157,14 @@ pub fn start(gateway: &Arc<Gateway>, stop: watch::Receiver<bool>) -> Autoscalers
         };
         let name = upstream.config.name.clone();
         let (modes, mode_rx) = mpsc::unbounded_channel();
+        let pin_limit = config
+            .schedules
+            .iter()
+            .filter_map(|s| s.max)
+            .fold(config.bounds.max, u32::max);
         let handle = Arc::new(Handle {
             upstream: name.clone(),
+            pin_limit,
             status: Mutex::new(json!({ "upstream": name })),
             modes,
         });

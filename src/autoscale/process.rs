@@ -13,6 +13,8 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, Notify};
@@ -470,26 +472,22 @@ async fn terminate(process: &mut tokio::process::Child, grace: Duration) {
     let Some(pid) = process.id() else {
         return;
     };
-    signal_group(pid, "TERM").await;
+    signal_group(pid, Signal::SIGTERM);
     if tokio::time::timeout(grace, process.wait()).await.is_err() {
         tracing::warn!(pid, "instance ignored SIGTERM: killing it");
-        signal_group(pid, "KILL").await;
+        signal_group(pid, Signal::SIGKILL);
         let _ = process.wait().await;
     }
 }
 
-/// Signals the process group led by `pid` (its own, from `process_group(0)`).
-async fn signal_group(pid: u32, signal: &str) {
-    let result = tokio::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg("--")
-        .arg(format!("-{pid}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
-    if let Err(err) = result {
-        tracing::error!(pid, %err, "cannot run kill");
+/// Signals the process group led by `pid` (its own, from `process_group(0)`), so whatever the
+/// instance started goes too.
+fn signal_group(pid: u32, signal: Signal) {
+    let Ok(raw) = i32::try_from(pid) else {
+        return;
+    };
+    if let Err(err) = killpg(Pid::from_raw(raw), signal) {
+        tracing::debug!(pid, %err, ?signal, "signalling the instance's process group failed");
     }
 }
 
