@@ -36,6 +36,42 @@ upstream = "app"
     )
 }
 
+/// The gateway under test, stopped with SIGTERM when dropped so that it stops its instances
+/// (the SIGKILL of `support::Proc` would leave them running, as documented).
+struct Autoscaled(Gateway);
+
+impl std::ops::Deref for Autoscaled {
+    type Target = Gateway;
+    fn deref(&self) -> &Gateway {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Autoscaled {
+    fn deref_mut(&mut self) -> &mut Gateway {
+        &mut self.0
+    }
+}
+
+impl Drop for Autoscaled {
+    fn drop(&mut self) {
+        let child = &mut self.0.proc.child;
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn autoscaled(body: &str) -> Autoscaled {
+    Autoscaled(gateway(body))
+}
+
 async fn autoscale_status(client: &Client, gw: &Gateway) -> Value {
     get(client, &gw.admin_url("/api/autoscale")).await.json()["upstreams"][0].clone()
 }
@@ -153,7 +189,7 @@ impl Load {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn load_step_scales_out_then_in_after_the_window_without_failed_requests() {
     let window = Duration::from_secs(4);
-    let gw = gateway(&process_config(
+    let gw = autoscaled(&process_config(
         "44100-44119",
         1,
         4,
@@ -253,7 +289,7 @@ async fn load_step_scales_out_then_in_after_the_window_without_failed_requests()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_instance_is_replaced_and_no_child_survives_the_gateway() {
-    let mut gw = gateway(&process_config("44200-44219", 2, 3, ""));
+    let mut gw = autoscaled(&process_config("44200-44219", 2, 3, ""));
     let client = client();
     assert!(
         eventually(Duration::from_secs(15), || async {
@@ -314,7 +350,7 @@ async fn crashed_instance_is_replaced_and_no_child_survives_the_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_pins_pauses_and_resumes() {
-    let gw = gateway(&process_config(
+    let gw = autoscaled(&process_config(
         "44300-44319",
         1,
         4,
@@ -391,7 +427,7 @@ upstream = "app"
         record = record.display(),
         port = backend.addr().port()
     );
-    let gw = gateway(&body);
+    let gw = autoscaled(&body);
     let client = client();
     assert!(
         eventually(Duration::from_secs(10), || async {
