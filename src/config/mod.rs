@@ -2,6 +2,7 @@
 //! (`raw`), then validated into [`Config`], whose values are ready to use (parsed addresses,
 //! durations, sizes, strategies). Every problem is reported with the key it belongs to.
 
+mod autoscale;
 mod env;
 pub mod limits;
 mod raw;
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+pub use autoscale::{AutoscaleConfig, DiscoverConfig, ExecConfig, ProcessConfig, ProviderConfig};
 pub use limits::LimitsConfig;
 pub use raw::RawConfig;
 pub use tls::TlsConfig;
@@ -110,6 +112,8 @@ pub struct UpstreamConfig {
     pub health: Option<ActiveHealthConfig>,
     pub passive: PassiveHealthConfig,
     pub drain_timeout: Duration,
+    /// Instances started and stopped from live load, when the `autoscale` table is given.
+    pub autoscale: Option<AutoscaleConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
