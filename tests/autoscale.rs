@@ -379,6 +379,23 @@ async fn admin_api_pins_pauses_and_resumes() {
         (status["mode"].as_str(), status["current"].as_u64()),
         (Some("paused"), Some(3))
     );
+    let metrics = get(&client, &gw.admin_url("/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    for line in [
+        r#"scalegate_autoscale_current_replicas{upstream="app"} 3"#,
+        r#"scalegate_autoscale_desired_replicas{upstream="app"} 3"#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
+    let component = detailed["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "autoscale:app")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(component["status"], "ok", "{detailed}");
     // Resumed: the policy brings the idle pool back to min.
     assert_eq!(pin(r#"{"resume": true}"#).await.status, 202);
     assert!(

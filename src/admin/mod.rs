@@ -250,6 +250,9 @@ fn metrics(gateway: &Gateway, openmetrics: bool) -> Response<GatewayBody> {
         &gateway.limiter.rule_counters(),
         gateway.limiter.report()["redis_up"].as_bool(),
     ));
+    families.extend(crate::metrics::autoscale_families(
+        &gateway.autoscale.status(),
+    ));
     let text = crate::metrics::render(families);
     let (text, content_type) = if openmetrics {
         (
@@ -321,6 +324,22 @@ fn health_detailed(gateway: &Gateway) -> Response<GatewayBody> {
             } else {
                 "Redis does not answer: on_redis_error decides".into()
             },
+        });
+    }
+    let autoscale = gateway.autoscale.status();
+    for upstream in autoscale["upstreams"].as_array().into_iter().flatten() {
+        let (current, desired) = (&upstream["current"], &upstream["desired"]);
+        components.push(Component {
+            name: format!(
+                "autoscale:{}",
+                upstream["upstream"].as_str().unwrap_or_default()
+            ),
+            kind: "autoscaler",
+            status: if current == desired { "ok" } else { "degraded" },
+            reason: format!(
+                "{current} instances, working toward {desired} ({})",
+                upstream["mode"]
+            ),
         });
     }
     let status = overall_status(gateway.is_draining(), &components);
