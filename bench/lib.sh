@@ -66,7 +66,8 @@ CONF
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-# One wrk run against NAME; appends "name conns rps p50us p99us cpu_us_per_req errors" to RESULTS.
+# One wrk run against NAME; appends "name conns rps p50us p99us cpu_us_per_req errors requests"
+# to RESULTS.
 measure() { # NAME CONNS [PATH]
   local name=$1 conns=$2 path=${3:-/} pid=${PID[$1]} before after out
   before=$(cpu_ticks "$pid")
@@ -78,7 +79,7 @@ measure() { # NAME CONNS [PATH]
     / requests in / { reqs = $1 }
     /Non-2xx/ { bad += $NF } /Socket errors/ { split($0, e, /[ ,]+/); bad += e[4] + e[6] + e[8] + e[10] }
     /^Requests\/sec/ { rps = $2 }
-    END { printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, conns, rps, p50, p99, ticks / hz * 1e6 / reqs, bad + 0 }' >>"$RESULTS"
+    END { printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, conns, rps, p50, p99, ticks / hz * 1e6 / reqs, bad + 0, reqs }' >>"$RESULTS"
   tail -n 1 "$RESULTS" | awk -F'\t' '{printf "  %-16s c=%-4s %9.0f req/s  p50 %6.0f us  p99 %6.0f us  cpu %5.1f us/req  errors %s\n", $1, $2, $3, $4, $5, $6, $7}'
 }
 
@@ -91,7 +92,7 @@ import sys, statistics, collections
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 base_name = sys.argv[2]
 cells = collections.defaultdict(list)
-for name, conns, rps, p50, p99, cpu, bad in rows:
+for name, conns, rps, p50, p99, cpu, bad, *_ in rows:
     cells[(name, int(conns))].append((float(rps), float(p50), float(p99), float(cpu), int(bad)))
 names = list(dict.fromkeys(r[0] for r in rows))
 conns = sorted({int(r[1]) for r in rows})
