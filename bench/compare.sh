@@ -16,18 +16,12 @@ start_nginx_backend
 start_nginx_backend
 
 start_nginx() {
-  local port dir=$WORK/nginx-proxy; port=$(free_port); mkdir -p "$dir"
-  cat >"$dir/nginx.conf" <<CONF
-worker_processes 1; daemon off; master_process off; error_log /dev/null crit; pid $dir/pid;
-events { worker_connections 8192; }
-http { access_log off; client_body_temp_path $dir; proxy_temp_path $dir;
-  fastcgi_temp_path $dir; uwsgi_temp_path $dir; scgi_temp_path $dir;
-  keepalive_requests 1000000;
+  local port dir=$WORK/nginx-proxy; port=$(free_port)
+  write_nginx_conf "$dir" "
   upstream app { least_conn; server 127.0.0.1:${BACKENDS[0]}; server 127.0.0.1:${BACKENDS[1]};
     keepalive 1024; keepalive_requests 1000000; }
   server { listen 127.0.0.1:$port backlog=4096;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-CONF
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
   taskset -c "$PROXY_CPU" nginx -c "$dir/nginx.conf" -p "$dir" &
   PID[nginx]=$!; PORT[nginx]=$port; PIDS+=($!); wait_port "$port"
 }

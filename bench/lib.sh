@@ -22,18 +22,24 @@ bench_cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done;
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
-# nginx `return 200 "ok"`, one worker, on LOAD_CPU; appends the port to BACKENDS.
-BACKENDS=()
-start_nginx_backend() {
-  local port dir; port=$(free_port); dir=$WORK/backend$port; mkdir -p "$dir"
+# A one-worker, foreground nginx config in DIR whose http block ends with HTTP_TAIL.
+write_nginx_conf() { # DIR HTTP_TAIL
+  local dir=$1; mkdir -p "$dir"
   cat >"$dir/nginx.conf" <<CONF
 worker_processes 1; daemon off; master_process off; error_log /dev/null crit; pid $dir/pid;
-events { worker_connections 4096; }
+events { worker_connections 8192; }
 http { access_log off; client_body_temp_path $dir; proxy_temp_path $dir;
   fastcgi_temp_path $dir; uwsgi_temp_path $dir; scgi_temp_path $dir;
   keepalive_requests 1000000;
-  server { listen 127.0.0.1:$port backlog=4096; location / { return 200 "ok"; } } }
+  $2 }
 CONF
+}
+
+# nginx `return 200 "ok"`, one worker, on LOAD_CPU; appends the port to BACKENDS.
+BACKENDS=()
+start_nginx_backend() {
+  local port dir; port=$(free_port); dir=$WORK/backend$port
+  write_nginx_conf "$dir" "server { listen 127.0.0.1:$port backlog=4096; location / { return 200 \"ok\"; } }"
   taskset -c "$LOAD_CPU" nginx -c "$dir/nginx.conf" -p "$dir" &
   PIDS+=($!); BACKENDS+=("$port"); wait_port "$port"
 }

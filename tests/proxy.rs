@@ -118,15 +118,7 @@ async fn backup_serves_only_when_every_primary_is_down() {
         counts.keys().collect::<Vec<_>>(),
         vec![&primary.addr().port().to_string()]
     );
-    request(
-        &client,
-        "POST",
-        &format!("http://{}/__health/fail", primary.addr()),
-        &[],
-        "",
-    )
-    .await
-    .unwrap();
+    set_health(&client, &primary, false).await;
     let backup_port = backup.addr().port().to_string();
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -201,15 +193,7 @@ async fn active_checks_take_an_instance_out_after_fall_and_back_after_rise() {
                 .unwrap()
         }
     };
-    request(
-        &client,
-        "POST",
-        &format!("http://{}/__health/fail", a.addr()),
-        &[],
-        "",
-    )
-    .await
-    .unwrap();
+    set_health(&client, &a, false).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             state_of(a.addr().to_string()).await == "down"
@@ -225,15 +209,7 @@ async fn active_checks_take_an_instance_out_after_fall_and_back_after_rise() {
     let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
     assert!(detailed.to_string().contains("status 503"), "{detailed}");
 
-    request(
-        &client,
-        "POST",
-        &format!("http://{}/__health/ok", a.addr()),
-        &[],
-        "",
-    )
-    .await
-    .unwrap();
+    set_health(&client, &a, true).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             state_of(a.addr().to_string()).await == "up"

@@ -244,6 +244,16 @@ pub async fn get(client: &Client, url: &str) -> Reply {
     request(client, "GET", url, &[], "").await.unwrap()
 }
 
+/// Makes a demo backend's `/health` answer 200 (`true`) or 503.
+pub async fn set_health(client: &Client, backend: &Proc, healthy: bool) {
+    let state = if healthy { "ok" } else { "fail" };
+    let url = format!("http://{}/__health/{state}", backend.addr());
+    assert_eq!(
+        request(client, "POST", &url, &[], "").await.unwrap().status,
+        200
+    );
+}
+
 /// Requests counted by a demo backend (`/__stats`).
 pub async fn backend_requests(client: &Client, backend: &Proc) -> u64 {
     let reply = get(client, &format!("http://{}/__stats", backend.addr())).await;
