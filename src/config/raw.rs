@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use super::cache::{validate_cache, validate_route_cache, RawCache, RawRouteCache};
 use super::{
     parse_hash_key, ActiveHealthConfig, AdminConfig, Config, ConfigErrors, InstanceConfig,
     PassiveHealthConfig, Problems, RouteConfig, ServerConfig, UpstreamConfig,
@@ -22,6 +23,8 @@ pub struct RawConfig {
     pub upstreams: BTreeMap<String, RawUpstream>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub cache: RawCache,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,6 +156,7 @@ pub struct RawRoute {
     #[serde(default = "root")]
     pub path_prefix: String,
     pub upstream: String,
+    pub cache: Option<RawRouteCache>,
 }
 
 fn root() -> String {
@@ -177,7 +181,9 @@ impl RawConfig {
                 host: None,
                 path_prefix: root(),
                 upstream: "default".into(),
+                cache: None,
             }],
+            cache: RawCache::default(),
         }
     }
 
@@ -230,19 +236,26 @@ impl RawConfig {
                 if !raw.path_prefix.starts_with('/') {
                     p.push(format!("{key}.path_prefix"), "must start with /");
                 }
+                let cache = raw
+                    .cache
+                    .as_ref()
+                    .map(|c| validate_route_cache(&mut p, &format!("{key}.cache"), c));
                 RouteConfig {
                     name: raw.name.unwrap_or_else(|| raw.upstream.clone()),
                     host: raw.host.map(|h| h.to_ascii_lowercase()),
                     path_prefix: raw.path_prefix,
                     upstream: raw.upstream,
+                    cache,
                 }
             })
             .collect();
+        let cache = validate_cache(&mut p, &self.cache);
         p.finish(Config {
             server,
             admin,
             upstreams,
             routes,
+            cache,
         })
     }
 }

@@ -100,7 +100,7 @@ type Forwarded = (Response<GatewayBody>, usize);
 type Failed = (ProxyError, Option<usize>);
 
 async fn forward(
-    runtime: &Runtime,
+    runtime: &Arc<Runtime>,
     req: Request<Incoming>,
     client: &ClientAddr,
     request_id: &HeaderValue,
@@ -144,6 +144,64 @@ async fn forward(
     }
     forward_request_headers(&mut parts.headers, &client.ip, "http", host, request_id);
 
+    let body = if body.is_end_stream() {
+        ForwardBody::Empty
+    } else {
+        ForwardBody::stream(body, max_body)
+    };
+    if let Some(cache) = runtime.route_cache(route) {
+        let fetch = InstanceFetch {
+            runtime: runtime.clone(),
+            route,
+            hash,
+            request_id: request_id.clone(),
+        };
+        let response = crate::cache::serve(cache, parts, body, client.addr.ip(), fetch).await;
+        return Ok((response, route));
+    }
+    to_instance(runtime, route, parts, body, hash, request_id)
+        .await
+        .map(|response| (response, route))
+        .map_err(|error| (error, Some(route)))
+}
+
+/// The pipeline after routing, owned so the cache can run it for a client or in the background.
+#[derive(Clone)]
+pub struct InstanceFetch {
+    runtime: Arc<Runtime>,
+    route: usize,
+    hash: Option<u64>,
+    pub request_id: HeaderValue,
+}
+
+impl InstanceFetch {
+    pub async fn send(
+        &self,
+        parts: Parts,
+        body: ForwardBody,
+    ) -> Result<Response<GatewayBody>, ProxyError> {
+        to_instance(
+            &self.runtime,
+            self.route,
+            parts,
+            body,
+            self.hash,
+            &self.request_id,
+        )
+        .await
+    }
+}
+
+/// Picks an instance, sends, retries what may be retried.
+async fn to_instance(
+    runtime: &Runtime,
+    route: usize,
+    parts: Parts,
+    body: ForwardBody,
+    hash: Option<u64>,
+    request_id: &HeaderValue,
+) -> Result<Response<GatewayBody>, ProxyError> {
+    let upstream = runtime.route_upstream(route).clone();
     let has_body = !body.is_end_stream();
     let config = &upstream.config;
     // A body-less idempotent request can be sent again even after an instance took it.
@@ -154,12 +212,7 @@ async fn forward(
             parts.headers.clone(),
         )
     });
-    let forward_body = if has_body {
-        ForwardBody::stream(body, max_body)
-    } else {
-        ForwardBody::Empty
-    };
-    let mut request = Some(Request::from_parts(parts, forward_body));
+    let mut request = Some(Request::from_parts(parts, body));
     upstream.retry_budget.deposit();
 
     let mut tried: u64 = 0;
@@ -170,9 +223,9 @@ async fn forward(
         let (index, instance) = match upstream.pick(&set, tried, hash, Instant::now()) {
             Ok(picked) => picked,
             Err(NoInstance::NoneHealthy) if attempts == 0 => {
-                return Err((ProxyError::NoHealthyInstance, Some(route)))
+                return Err(ProxyError::NoHealthyInstance)
             }
-            Err(_) => return Err((last_error, Some(route))),
+            Err(_) => return Err(last_error),
         };
         if index < 64 {
             tried |= 1 << index;
@@ -188,7 +241,7 @@ async fn forward(
                     *req.headers_mut() = headers.clone();
                     req
                 }
-                None => return Err((last_error, Some(route))),
+                None => return Err(last_error),
             },
         };
         let guard = InFlightGuard::enter(instance.clone());
@@ -199,7 +252,7 @@ async fn forward(
                 head.headers
                     .insert(X_REQUEST_ID.clone(), request_id.clone());
                 let body = GatewayBody::Upstream(UpstreamBody::new(incoming, sender, guard));
-                return Ok((Response::from_parts(head, body), route));
+                return Ok(Response::from_parts(head, body));
             }
             Err(failure) => {
                 drop(guard);
@@ -215,20 +268,18 @@ async fn forward(
                         instance.record_failure(now, config);
                         last_error = ProxyError::InstanceFailed(reason);
                         if replay.is_none() {
-                            return Err((last_error, Some(route)));
+                            return Err(last_error);
                         }
                     }
                     Attempt::Timeout => {
                         instance.record_failure(now, config);
-                        return Err((ProxyError::InstanceTimeout, Some(route)));
+                        return Err(ProxyError::InstanceTimeout);
                     }
-                    Attempt::BodyTooLarge => return Err((ProxyError::BodyTooLarge, Some(route))),
-                    Attempt::ClientBody(reason) => {
-                        return Err((ProxyError::InstanceFailed(reason), Some(route)))
-                    }
+                    Attempt::BodyTooLarge => return Err(ProxyError::BodyTooLarge),
+                    Attempt::ClientBody(reason) => return Err(ProxyError::InstanceFailed(reason)),
                 }
                 if !retry_ok || !upstream.retry_budget.try_withdraw() {
-                    return Err((last_error, Some(route)));
+                    return Err(last_error);
                 }
                 instance.retries.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(instance = %instance.addr, attempt = attempts, "retrying on another instance");

@@ -11,8 +11,9 @@ mod retry;
 pub mod router;
 pub mod upstream;
 
-pub use body::GatewayBody;
+pub use body::{BoxError, ForwardBody, GatewayBody};
 pub use error::ProxyError;
+pub use forward::InstanceFetch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,6 +42,10 @@ pub struct Runtime {
     route_upstreams: Vec<Arc<Upstream>>,
     /// The request counters of each route, by route position; empty when `server.metrics` is off.
     route_stats: Vec<Arc<RequestStats>>,
+    /// The response store, kept across reloads while `cache.max_size` stays the same.
+    pub cache: Arc<crate::cache::Store>,
+    /// The cache of each route, by route position; `None` where the route is not cached.
+    route_caches: Vec<Option<crate::cache::RouteCache>>,
 }
 
 impl Runtime {
@@ -74,11 +79,18 @@ impl Runtime {
         } else {
             Vec::new()
         };
+        let cache = match previous {
+            Some(p) if p.cache.max_size == config.cache.max_size => p.cache.clone(),
+            _ => Arc::new(crate::cache::Store::new(config.cache.max_size)),
+        };
+        let route_caches = crate::cache::RouteCache::for_routes(&config.routes, &cache);
         Runtime {
             config,
             upstreams,
             route_upstreams,
             route_stats,
+            cache,
+            route_caches,
         }
     }
 
@@ -88,6 +100,10 @@ impl Runtime {
 
     fn route_upstream(&self, route: usize) -> &Arc<Upstream> {
         &self.route_upstreams[route]
+    }
+
+    fn route_cache(&self, route: usize) -> Option<&crate::cache::RouteCache> {
+        self.route_caches[route].as_ref()
     }
 
     /// Where to count a request: its route's counters, or the unrouted ones; `None` when
