@@ -69,13 +69,7 @@ pub async fn serve(
         .and_then(|h| h.to_str().ok())
         .unwrap_or_default();
     let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let key: Arc<str> = Arc::from(policy::cache_key(
-        path,
-        host,
-        &cache.rules.key,
-        &parts.headers,
-        client_ip,
-    ));
+    let key = policy::cache_key(path, host, &cache.rules.key, &parts.headers, client_ip);
     let store = &cache.store;
     let stored = store.get(&key, &parts.headers);
     let now = Instant::now();
@@ -87,6 +81,7 @@ pub async fn serve(
             hit(&entry, Outcome::Hit, cache, &fetch.request_id, now)
         }
         (Some(State::Revalidate), Some(entry)) => {
+            let key: Arc<str> = Arc::from(key);
             if let Some(lease) = store.inflight.try_lead(&key) {
                 tokio::spawn(refresh(
                     cache.rules.clone(),
@@ -99,28 +94,31 @@ pub async fn serve(
             }
             hit(&entry, Outcome::Updating, cache, &fetch.request_id, now)
         }
-        (_, stale) => match store.inflight.join(&key) {
-            Turn::Lead(lease) => fill(cache, key, parts, fetch, Some(lease), stale).await,
-            Turn::Wait(rx) => match coalesce::wait(rx, LOCK_TIMEOUT).await {
-                Waited::Done => {
-                    let now = Instant::now();
-                    let fresh = store.get(&key, &parts.headers).filter(|e| {
-                        State::at(&e.freshness, now.saturating_duration_since(e.stored_at))
-                            == State::Fresh
-                    });
-                    match fresh {
-                        Some(entry) => hit(&entry, Outcome::Hit, cache, &fetch.request_id, now),
-                        // Not stored (uncacheable or failed): fetch for this request alone.
-                        None => fill(cache, key, parts, fetch, None, stale).await,
+        (_, stale) => {
+            let key: Arc<str> = Arc::from(key);
+            match store.inflight.join(&key) {
+                Turn::Lead(lease) => fill(cache, key, parts, fetch, Some(lease), stale).await,
+                Turn::Wait(rx) => match coalesce::wait(rx, LOCK_TIMEOUT).await {
+                    Waited::Done => {
+                        let now = Instant::now();
+                        let fresh = store.get(&key, &parts.headers).filter(|e| {
+                            State::at(&e.freshness, now.saturating_duration_since(e.stored_at))
+                                == State::Fresh
+                        });
+                        match fresh {
+                            Some(entry) => hit(&entry, Outcome::Hit, cache, &fetch.request_id, now),
+                            // Not stored (uncacheable or failed): fetch for this request alone.
+                            None => fill(cache, key, parts, fetch, None, stale).await,
+                        }
                     }
-                }
-                // nginx proxy_cache_lock: a late waiter goes to the instance, uncached.
-                Waited::TimedOut => {
-                    let result = fetch.send(as_get(parts).0, ForwardBody::Empty).await;
-                    labelled(result, Outcome::Miss, cache, &fetch.request_id)
-                }
-            },
-        },
+                    // nginx proxy_cache_lock: a late waiter goes to the instance, uncached.
+                    Waited::TimedOut => {
+                        let result = fetch.send(as_get(parts).0, ForwardBody::Empty).await;
+                        labelled(result, Outcome::Miss, cache, &fetch.request_id)
+                    }
+                },
+            }
+        }
     }
 }
 
