@@ -8,8 +8,8 @@ pub mod policy;
 pub mod store;
 
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::config::{RouteCacheConfig, RouteConfig};
 use crate::proxy::headers::X_REQUEST_ID;
-use crate::proxy::{ForwardBody, GatewayBody, InstanceFetch, ProxyError};
+use crate::proxy::{ForwardBody, GatewayBody, InstanceFetch, ProxyError, Runtime};
 use coalesce::{Lease, Turn, Waited, LOCK_TIMEOUT};
 use policy::{RequestVerdict, State};
 pub use store::{Entry, Outcome, Store};
@@ -31,6 +31,10 @@ pub static X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status"
 pub struct RouteCache {
     pub rules: RouteCacheConfig,
     pub store: Arc<Store>,
+    /// The route matches on host, so the host is part of the key.
+    host_in_key: bool,
+    /// The route's exact host, sent on warming requests.
+    host: Option<String>,
 }
 
 impl RouteCache {
@@ -42,6 +46,8 @@ impl RouteCache {
                 route.cache.clone().map(|rules| RouteCache {
                     rules,
                     store: store.clone(),
+                    host_in_key: route.host.is_some(),
+                    host: route.host.clone().filter(|h| !h.starts_with('*')),
                 })
             })
             .collect()
@@ -63,11 +69,13 @@ pub async fn serve(
         let result = fetch.send(parts, body).await;
         return labelled(result, Outcome::Bypass, cache, &fetch.request_id);
     }
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default();
+    let host = cache.host_in_key.then(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map_or("", crate::proxy::router::host_without_port)
+    });
     let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let key = policy::cache_key(path, host, &cache.rules.key, &parts.headers, client_ip);
     let store = &cache.store;
@@ -339,5 +347,72 @@ async fn refresh(
     let limited = http_body_util::Limited::new(response.into_body(), rules.max_body as usize);
     if let Ok(body) = limited.collect().await {
         store.insert(key, pending.into_entry(body.to_bytes()));
+    }
+}
+
+/// How often warmed paths are checked.
+const WARM_EVERY: Duration = Duration::from_secs(1);
+
+/// Fetches every route's `warm` paths now and again before they expire, for as long as this
+/// runtime is the one in force (the task holds it weakly and ends after a reload).
+pub fn spawn_warming(runtime: &Arc<Runtime>) {
+    if runtime
+        .cached_routes()
+        .all(|(_, c)| c.rules.warm.is_empty())
+    {
+        return;
+    }
+    let weak = Arc::downgrade(runtime);
+    tokio::spawn(keep_warm(weak));
+}
+
+async fn keep_warm(runtime: Weak<Runtime>) {
+    let mut ticker = tokio::time::interval(WARM_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let request_id = HeaderValue::from_static("scalegate-cache-warm");
+    let loopback = IpAddr::from([127, 0, 0, 1]);
+    loop {
+        ticker.tick().await;
+        let Some(runtime) = runtime.upgrade() else {
+            return;
+        };
+        for (route, cache) in runtime.cached_routes() {
+            for path in &cache.rules.warm {
+                let mut builder = http::Request::get(path.as_str());
+                if let Some(host) = &cache.host {
+                    builder = builder.header(header::HOST, host.as_str());
+                }
+                let Ok(request) = builder.body(()) else {
+                    continue;
+                };
+                let (parts, ()) = request.into_parts();
+                let host = cache
+                    .host_in_key
+                    .then_some(cache.host.as_deref().unwrap_or(""));
+                let key = policy::cache_key(path, host, &cache.rules.key, &parts.headers, loopback);
+                let now = Instant::now();
+                // Refetch when the entry would expire before the next look.
+                let warm = cache.store.get(&key, &parts.headers).is_some_and(|e| {
+                    let later = now.saturating_duration_since(e.stored_at) + 2 * WARM_EVERY;
+                    State::at(&e.freshness, later) == State::Fresh
+                });
+                if warm {
+                    continue;
+                }
+                let key: Arc<str> = Arc::from(key);
+                if let Some(lease) = cache.store.inflight.try_lead(&key) {
+                    let fetch =
+                        InstanceFetch::for_route(runtime.clone(), route, request_id.clone());
+                    tokio::spawn(refresh(
+                        cache.rules.clone(),
+                        cache.store.clone(),
+                        key,
+                        parts,
+                        fetch,
+                        lease,
+                    ));
+                }
+            }
+        }
     }
 }

@@ -284,18 +284,22 @@ pub fn vary_values(names: &[HeaderName], request: &HeaderMap) -> Vec<Option<Vec<
 }
 
 /// The cache key: path and query first (so a purge by path prefix is a string prefix test),
-/// then the host, then the route's configured parts. GET and HEAD share keys.
+/// then the host (given for routes that match on host; like nginx's default key, a catch-all
+/// route's entries do not depend on the Host a client sent), then the route's configured
+/// parts, each after a space. GET and HEAD share keys.
 pub fn cache_key(
     path_and_query: &str,
-    host: &str,
+    host: Option<&str>,
     parts: &[HashKey],
     headers: &HeaderMap,
     client_ip: std::net::IpAddr,
 ) -> String {
-    let mut key = String::with_capacity(path_and_query.len() + host.len() + 1);
+    let mut key = String::with_capacity(path_and_query.len() + 32);
     key.push_str(path_and_query);
-    key.push(' ');
-    key.push_str(&host.to_ascii_lowercase());
+    if let Some(host) = host {
+        key.push(' ');
+        key.push_str(&host.to_ascii_lowercase());
+    }
     for part in parts {
         key.push(' ');
         match part {
@@ -340,6 +344,7 @@ mod tests {
             override_ttl: false,
             cache_set_cookie: false,
             allow_authorization: false,
+            warm: Vec::new(),
         }
     }
 
@@ -570,7 +575,7 @@ mod tests {
     }
 
     #[test]
-    fn key_is_path_first_then_host_then_parts() {
+    fn key_is_path_then_host_then_parts() {
         let request = headers(&[("x-tenant", "t1"), ("cookie", "a=1; lang=fr")]);
         let ip = std::net::IpAddr::from([127, 0, 0, 1]);
         let parts = [
@@ -579,9 +584,9 @@ mod tests {
             HashKey::ClientIp,
         ];
         assert_eq!(
-            cache_key("/a?b=1", "Example.com", &parts, &request, ip),
+            cache_key("/a?b=1", Some("Example.com"), &parts, &request, ip),
             "/a?b=1 example.com t1 fr 127.0.0.1"
         );
-        assert_eq!(cache_key("/a", "h", &[], &request, ip), "/a h");
+        assert_eq!(cache_key("/a", None, &[], &request, ip), "/a");
     }
 }

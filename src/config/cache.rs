@@ -29,6 +29,8 @@ pub struct RouteCacheConfig {
     pub override_ttl: bool,
     pub cache_set_cookie: bool,
     pub allow_authorization: bool,
+    /// Paths fetched at start and kept fresh.
+    pub warm: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,6 +59,7 @@ pub struct RawRouteCache {
     pub override_ttl: bool,
     pub cache_set_cookie: bool,
     pub allow_authorization: bool,
+    pub warm: Vec<String>,
 }
 
 impl Default for RawRouteCache {
@@ -70,6 +73,7 @@ impl Default for RawRouteCache {
             override_ttl: false,
             cache_set_cookie: false,
             allow_authorization: false,
+            warm: Vec::new(),
         }
     }
 }
@@ -82,12 +86,27 @@ pub(super) fn validate_cache(p: &mut Problems, raw: &RawCache) -> CacheConfig {
     CacheConfig { max_size }
 }
 
-/// `key` is the route's key, e.g. `routes[0].cache`.
+/// `key` is the route's key, e.g. `routes[0].cache`; `host` the route's host pattern.
 pub(super) fn validate_route_cache(
     p: &mut Problems,
     key: &str,
     raw: &RawRouteCache,
+    host: Option<&str>,
 ) -> RouteCacheConfig {
+    for (i, path) in raw.warm.iter().enumerate() {
+        if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
+            p.push(
+                format!("{key}.warm[{i}]"),
+                format!("`{path}` is not a path starting with /"),
+            );
+        }
+    }
+    if !raw.warm.is_empty() && host.is_some_and(|h| h.starts_with('*')) {
+        p.push(
+            format!("{key}.warm"),
+            "a route with a wildcard host cannot be warmed (which host would it be?)",
+        );
+    }
     let max_body = p.size(&format!("{key}.max_body"), &raw.max_body);
     if max_body > u64::from(u32::MAX / 2) {
         p.push(format!("{key}.max_body"), "must be at most 2GiB");
@@ -109,5 +128,6 @@ pub(super) fn validate_route_cache(
         override_ttl: raw.override_ttl,
         cache_set_cookie: raw.cache_set_cookie,
         allow_authorization: raw.allow_authorization,
+        warm: raw.warm.clone(),
     }
 }

@@ -362,7 +362,11 @@ max_size = "lots"
 instances = ["127.0.0.1:1"]
 [[routes]]
 upstream = "app"
-cache = { ttl = "5", stale_if_error = "x", max_body = "1XB", key = ["header:bad header", "nope"] }
+cache = { ttl = "5", stale_if_error = "x", max_body = "1XB", key = ["header:bad header", "nope"], warm = ["x"] }
+[[routes]]
+host = "*.a.test"
+upstream = "app"
+cache = { warm = ["/w"] }
 "#;
         let errors = Config::from_toml(text).unwrap_err().0;
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
@@ -373,6 +377,8 @@ cache = { ttl = "5", stale_if_error = "x", max_body = "1XB", key = ["header:bad 
             "routes[0].cache.max_body",
             "routes[0].cache.key[0]",
             "routes[0].cache.key[1]",
+            "routes[0].cache.warm[0]",
+            "routes[1].cache.warm",
         ] {
             assert!(keys.contains(&key), "{key} missing from {keys:?}");
         }

@@ -236,10 +236,9 @@ impl RawConfig {
                 if !raw.path_prefix.starts_with('/') {
                     p.push(format!("{key}.path_prefix"), "must start with /");
                 }
-                let cache = raw
-                    .cache
-                    .as_ref()
-                    .map(|c| validate_route_cache(&mut p, &format!("{key}.cache"), c));
+                let cache = raw.cache.as_ref().map(|c| {
+                    validate_route_cache(&mut p, &format!("{key}.cache"), c, raw.host.as_deref())
+                });
                 RouteConfig {
                     name: raw.name.unwrap_or_else(|| raw.upstream.clone()),
                     host: raw.host.map(|h| h.to_ascii_lowercase()),

@@ -175,6 +175,16 @@ pub struct InstanceFetch {
 }
 
 impl InstanceFetch {
+    /// For requests the gateway makes itself (cache warming).
+    pub fn for_route(runtime: Arc<Runtime>, route: usize, request_id: HeaderValue) -> Self {
+        InstanceFetch {
+            runtime,
+            route,
+            hash: None,
+            request_id,
+        }
+    }
+
     pub async fn send(
         &self,
         parts: Parts,

@@ -106,6 +106,14 @@ impl Runtime {
         self.route_caches[route].as_ref()
     }
 
+    /// The cached routes, by route position.
+    pub fn cached_routes(&self) -> impl Iterator<Item = (usize, &crate::cache::RouteCache)> {
+        self.route_caches
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some((i, c.as_ref()?)))
+    }
+
     /// Where to count a request: its route's counters, or the unrouted ones; `None` when
     /// recording is off.
     fn request_stats<'a>(
@@ -136,12 +144,13 @@ impl Gateway {
     /// Creates the gateway and starts its health checks (needs a tokio runtime).
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Arc<Gateway> {
         let metrics = Metrics::default();
-        let runtime = Runtime::build(config, None, &metrics);
+        let runtime = Arc::new(Runtime::build(config, None, &metrics));
         for upstream in &runtime.upstreams {
             crate::health::spawn_active_checks(upstream);
         }
+        crate::cache::spawn_warming(&runtime);
         Arc::new(Gateway {
-            runtime: ArcSwap::from_pointee(runtime),
+            runtime: ArcSwap::new(runtime),
             draining: AtomicBool::new(false),
             config_path,
             request_seq: AtomicU64::new(1),
@@ -170,11 +179,12 @@ impl Gateway {
         {
             tracing::warn!("listen addresses changed: they take effect at the next restart");
         }
-        let next = Runtime::build(config, Some(&current), &self.metrics);
+        let next = Arc::new(Runtime::build(config, Some(&current), &self.metrics));
         for upstream in &next.upstreams {
             crate::health::spawn_active_checks(upstream);
         }
-        self.runtime.store(Arc::new(next));
+        crate::cache::spawn_warming(&next);
+        self.runtime.store(next);
         tracing::info!(path = %path.display(), "configuration reloaded");
         Ok(())
     }
