@@ -218,6 +218,12 @@ fn metrics(gateway: &Gateway, openmetrics: bool) -> Response<GatewayBody> {
     families.extend(crate::metrics::cache_families(
         &gateway.runtime.load().cache.sample(),
     ));
+    let admission = &gateway.admission;
+    families.extend(crate::metrics::connection_families(
+        admission.open(),
+        admission.refused_total.load(Ordering::Relaxed),
+        admission.refused_per_ip.load(Ordering::Relaxed),
+    ));
     let text = crate::metrics::render(families);
     let (text, content_type) = if openmetrics {
         (

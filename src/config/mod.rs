@@ -5,6 +5,7 @@
 mod cache;
 mod env;
 mod raw;
+mod tls;
 pub mod units;
 
 use std::fmt;
@@ -16,6 +17,7 @@ use http::HeaderName;
 
 pub use cache::{CacheConfig, RouteCacheConfig};
 pub use raw::RawConfig;
+pub use tls::TlsConfig;
 
 use crate::balance::{HashKey, Strategy};
 
@@ -60,6 +62,7 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
     pub cache: CacheConfig,
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -72,8 +75,13 @@ pub struct ServerConfig {
     pub metrics: bool,
     pub max_body: u64,
     pub max_header_bytes: usize,
+    pub max_uri_length: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Open client connections at most (0 = no limit); more are refused.
+    pub max_connections: usize,
+    /// Open client connections from one IP at most (0 = no limit).
+    pub max_connections_per_ip: usize,
     pub shutdown_grace: Duration,
 }
 

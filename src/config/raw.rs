@@ -25,6 +25,7 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub cache: RawCache,
+    pub tls: Option<super::tls::RawTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -37,8 +38,11 @@ pub struct RawServer {
     pub metrics: bool,
     pub max_body: String,
     pub max_header_size: String,
+    pub max_uri_length: String,
     pub header_read_timeout: String,
     pub idle_timeout: String,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub shutdown_grace: String,
 }
 
@@ -52,7 +56,10 @@ impl Default for RawServer {
             metrics: true,
             max_body: "10MiB".into(),
             max_header_size: "32KiB".into(),
+            max_uri_length: "8KiB".into(),
             header_read_timeout: "10s".into(),
+            max_connections: 10_000,
+            max_connections_per_ip: 1_000,
             idle_timeout: "60s".into(),
             shutdown_grace: "30s".into(),
         }
@@ -184,6 +191,7 @@ impl RawConfig {
                 cache: None,
             }],
             cache: RawCache::default(),
+            tls: None,
         }
     }
 
@@ -249,12 +257,17 @@ impl RawConfig {
             })
             .collect();
         let cache = validate_cache(&mut p, &self.cache);
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|raw| super::tls::validate_tls(&mut p, raw));
         p.finish(Config {
             server,
             admin,
             upstreams,
             routes,
             cache,
+            tls,
         })
     }
 }
@@ -277,7 +290,10 @@ fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
         metrics: raw.metrics,
         max_body: p.size("server.max_body", &raw.max_body),
         max_header_bytes,
+        max_uri_length: p.size("server.max_uri_length", &raw.max_uri_length) as usize,
         header_read_timeout: p.duration("server.header_read_timeout", &raw.header_read_timeout),
+        max_connections: raw.max_connections,
+        max_connections_per_ip: raw.max_connections_per_ip,
         idle_timeout: p.duration("server.idle_timeout", &raw.idle_timeout),
         shutdown_grace: p.duration("server.shutdown_grace", &raw.shutdown_grace),
     }

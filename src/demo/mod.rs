@@ -1,9 +1,10 @@
 //! `scalegate demo-backend`: a tiny instance used by the quickstart, the tests and the benchmarks.
 //!
 //! Paths: `/health` (200, or 503 after `POST /__health/fail`), `/__stats` (requests seen),
-//! `/echo` (the request head as JSON), `/cache...` (caching headers taken from the query: `cc`,
-//! `vary`, `set_cookie`, `expires`, `status`, `bytes`, `latency_ms`; the body says which request
-//! of the instance it was and the varying header's value), anything else answers `body_bytes` bytes after
+//! `/echo` (the request head as JSON), `/upgrade` (101 to the asked protocol, then a byte
+//! echo), `/cache...` (caching headers taken from the query: `cc`, `vary`, `set_cookie`,
+//! `expires`, `status`, `bytes`, `latency_ms`; the body says which request of the instance it
+//! was and the varying header's value); anything else answers `body_bytes` bytes after
 //! `latency_ms`, failing with 500 at `fail_rate`. Request bodies are read to the end and
 //! their size returned in `x-body-received`, so uploads can be checked end to end.
 
@@ -124,6 +125,7 @@ async fn handle(
             });
             text(StatusCode::OK, Bytes::from(json.to_string()))
         }
+        (_, "/upgrade") => upgrade_echo(&state, req),
         (_, "/echo") => {
             state.requests.fetch_add(1, Ordering::Relaxed);
             let headers: Vec<(String, String)> = req
@@ -143,6 +145,30 @@ async fn handle(
         _ => return Ok(answer(state, req).await),
     };
     Ok(response)
+}
+
+/// Answers an `Upgrade` request with 101 and then echoes every byte back until the peer closes,
+/// whatever the protocol (enough to prove a proxy tunnels upgraded connections).
+fn upgrade_echo(state: &DemoState, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    state.requests.fetch_add(1, Ordering::Relaxed);
+    let Some(protocol) = req.headers().get(http::header::UPGRADE).cloned() else {
+        return text(StatusCode::BAD_REQUEST, Bytes::from_static(b"no Upgrade"));
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            let (mut reader, mut writer) = tokio::io::split(TokioIo::new(upgraded));
+            let _ = tokio::io::copy(&mut reader, &mut writer).await;
+        }
+    });
+    let mut response = text(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
+    let headers = response.headers_mut();
+    headers.insert(http::header::UPGRADE, protocol);
+    headers.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("upgrade"),
+    );
+    response
 }
 
 async fn answer(state: Arc<DemoState>, req: Request<Incoming>) -> Response<Full<Bytes>> {

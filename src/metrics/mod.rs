@@ -36,6 +36,8 @@ pub const INSTANCE_STATE: &str = "instance_state";
 pub const INSTANCE_EJECTIONS: &str = "instance_ejections";
 pub const INSTANCE_RETRIES: &str = "instance_retries";
 pub const INSTANCE_LATENCY: &str = "instance_latency_ewma_seconds";
+pub const OPEN_CONNECTIONS: &str = "open_connections";
+pub const CONNECTIONS_REFUSED: &str = "connections_refused";
 pub const PROCESS_CPU: &str = "process_cpu_seconds";
 pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
 pub const PROCESS_FDS: &str = "process_open_fds";
@@ -518,6 +520,23 @@ pub fn cache_families(cache: &CacheSample) -> Vec<Family> {
             family
         })
         .collect()
+}
+
+/// Client connections open now and refused so far, by reason.
+pub fn connection_families(open: usize, refused_total: u64, refused_per_ip: u64) -> Vec<Family> {
+    let mut open_family = Family::new(OPEN_CONNECTIONS, "Client connections open now.");
+    open_family.push(Vec::new(), Value::Gauge(open as f64));
+    let mut refused = Family::new(
+        CONNECTIONS_REFUSED,
+        "Client connections refused by server.max_connections or max_connections_per_ip.",
+    );
+    for (reason, count) in [
+        ("max_connections", refused_total),
+        ("max_connections_per_ip", refused_per_ip),
+    ] {
+        refused.push(vec![("reason", reason.to_string())], Value::Counter(count));
+    }
+    vec![open_family, refused]
 }
 
 fn instance_labels(i: &InstanceSample) -> Vec<(&'static str, String)> {

@@ -13,6 +13,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("request body is too large")]
     BodyTooLarge,
+    #[error("request URI is too long")]
+    UriTooLong,
     #[error("no route matches this request")]
     NoRoute,
     #[error("no healthy instance")]
@@ -28,6 +30,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoHealthyInstance => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::InstanceFailed(_) => StatusCode::BAD_GATEWAY,
@@ -39,6 +42,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::UriTooLong => "uri_too_long",
             ProxyError::NoRoute => "no_route",
             ProxyError::NoHealthyInstance => "no_healthy_instance",
             ProxyError::InstanceFailed(_) => "bad_gateway",
@@ -79,6 +83,7 @@ mod tests {
         let cases = [
             (ProxyError::BadRequest("x"), 400),
             (ProxyError::BodyTooLarge, 413),
+            (ProxyError::UriTooLong, 414),
             (ProxyError::NoRoute, 404),
             (ProxyError::NoHealthyInstance, 503),
             (ProxyError::InstanceFailed("refused".into()), 502),

@@ -17,15 +17,17 @@ use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
 
 use super::body::{BodyTooLarge, ForwardBody, GatewayBody, UpstreamBody};
 use super::error::ProxyError;
 use super::headers::{
-    check_framing, forward_request_headers, is_sane_request_id, new_request_id, strip_hop_by_hop,
-    X_REQUEST_ID,
+    check_framing, forward_request_headers, is_sane_request_id, new_request_id, requested_upgrade,
+    restore_upgrade, strip_hop_by_hop, X_REQUEST_ID,
 };
 use super::router::{host_without_port, match_route};
+use super::tunnel;
 use super::upstream::{InFlightGuard, Instance, NoInstance, Sender};
 use super::{Gateway, Runtime};
 use crate::balance::{hash_bytes, HashKey, Strategy};
@@ -35,12 +37,22 @@ use crate::balance::{hash_bytes, HashKey, Strategy};
 pub struct ClientAddr {
     pub addr: SocketAddr,
     ip: HeaderValue,
+    /// The connection came through the TLS listener.
+    pub secure: bool,
 }
 
 impl ClientAddr {
-    pub fn new(addr: SocketAddr) -> ClientAddr {
+    pub fn new(addr: SocketAddr, secure: bool) -> ClientAddr {
         let ip = HeaderValue::try_from(addr.ip().to_string()).expect("an IP is a header value");
-        ClientAddr { addr, ip }
+        ClientAddr { addr, ip, secure }
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.secure {
+            "https"
+        } else {
+            "http"
+        }
     }
 }
 
@@ -66,15 +78,30 @@ pub async fn handle(
         .server
         .access_log
         .then(|| req.uri().path().to_owned());
-    let (response, route) = match forward(&runtime, req, &client, &request_id).await {
-        Ok((response, route)) => (response, Some(route)),
-        Err((error, route)) => {
-            if error.status().is_server_error() {
-                tracing::warn!(request_id = ?request_id, %error, "request failed");
+    let tls = runtime.config.tls.as_ref();
+    let redirect = tls
+        .filter(|tls| tls.redirect_http && !client.secure)
+        .and_then(|_| https_redirect(&req, gateway.https_port()));
+    let (mut response, route) = match redirect {
+        Some(response) => (response, None),
+        None => match forward(&runtime, req, &client, &request_id).await {
+            Ok((response, route)) => (response, Some(route)),
+            Err((error, route)) => {
+                if error.status().is_server_error() {
+                    tracing::warn!(request_id = ?request_id, %error, "request failed");
+                }
+                (error.response(&request_id), route)
             }
-            (error.response(&request_id), route)
-        }
+        },
     };
+    if let Some(hsts) = tls
+        .and_then(|tls| tls.hsts.as_ref())
+        .filter(|_| client.secure)
+    {
+        response
+            .headers_mut()
+            .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
+    }
     let status = response.status().as_u16();
     if let Some(stats) = runtime.request_stats(route, &gateway.metrics) {
         stats.record(&method, status, started.elapsed());
@@ -106,7 +133,11 @@ async fn forward(
     request_id: &HeaderValue,
 ) -> Result<Forwarded, Failed> {
     let (mut parts, body) = req.into_parts();
-    let max_body = runtime.config.server.max_body;
+    let server = &runtime.config.server;
+    if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > server.max_uri_length {
+        return Err((ProxyError::UriTooLong, None));
+    }
+    let max_body = server.max_body;
     let declared = check_framing(&parts.headers)
         .map_err(|err| (ProxyError::BadRequest(err.reason()), None))?;
     if declared.is_some_and(|length| length > max_body) {
@@ -142,14 +173,32 @@ async fn forward(
             parts.headers.insert(header::HOST, host.clone());
         }
     }
-    forward_request_headers(&mut parts.headers, &client.ip, "http", host, request_id);
+    let upgrade = requested_upgrade(&parts.headers);
+    let client_upgrade = upgrade
+        .is_some()
+        .then(|| parts.extensions.remove::<OnUpgrade>())
+        .flatten();
+    forward_request_headers(
+        &mut parts.headers,
+        &client.ip,
+        client.scheme(),
+        host,
+        request_id,
+    );
+    if let Some(protocol) = upgrade {
+        restore_upgrade(&mut parts.headers, protocol);
+    }
 
     let body = if body.is_end_stream() {
         ForwardBody::Empty
     } else {
         ForwardBody::stream(body, max_body)
     };
-    if let Some(cache) = runtime.route_cache(route) {
+    // Upgrades (WebSocket) are tunnels, never cached.
+    if let Some(cache) = runtime
+        .route_cache(route)
+        .filter(|_| client_upgrade.is_none())
+    {
         let fetch = InstanceFetch {
             runtime: runtime.clone(),
             route,
@@ -159,10 +208,18 @@ async fn forward(
         let response = crate::cache::serve(cache, parts, body, client.addr.ip(), fetch).await;
         return Ok((response, route));
     }
-    to_instance(runtime, route, parts, body, hash, request_id)
-        .await
-        .map(|response| (response, route))
-        .map_err(|error| (error, Some(route)))
+    to_instance(
+        runtime,
+        route,
+        parts,
+        body,
+        hash,
+        request_id,
+        client_upgrade,
+    )
+    .await
+    .map(|response| (response, route))
+    .map_err(|error| (error, Some(route)))
 }
 
 /// The pipeline after routing, owned so the cache can run it for a client or in the background.
@@ -197,6 +254,7 @@ impl InstanceFetch {
             body,
             self.hash,
             &self.request_id,
+            None,
         )
         .await
     }
@@ -210,6 +268,7 @@ async fn to_instance(
     body: ForwardBody,
     hash: Option<u64>,
     request_id: &HeaderValue,
+    mut client_upgrade: Option<OnUpgrade>,
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let upstream = runtime.route_upstream(route).clone();
     let has_body = !body.is_end_stream();
@@ -258,6 +317,28 @@ async fn to_instance(
         match send(&instance, req, config.response_timeout).await {
             Ok((response, sender)) => {
                 let (mut head, incoming) = response.into_parts();
+                let switched = (head.status == http::StatusCode::SWITCHING_PROTOCOLS)
+                    .then(|| head.extensions.remove::<OnUpgrade>())
+                    .flatten();
+                if let (Some(instance_side), Some(client_side)) = (switched, client_upgrade.take())
+                {
+                    let protocol = requested_upgrade(&head.headers);
+                    strip_hop_by_hop(&mut head.headers);
+                    if let Some(protocol) = protocol {
+                        restore_upgrade(&mut head.headers, protocol);
+                    }
+                    head.headers
+                        .insert(X_REQUEST_ID.clone(), request_id.clone());
+                    // The connection now belongs to the tunnel, not the pool.
+                    drop(sender);
+                    tunnel::spawn(
+                        client_side,
+                        instance_side,
+                        guard,
+                        runtime.config.server.idle_timeout,
+                    );
+                    return Ok(Response::from_parts(head, GatewayBody::Full(None)));
+                }
                 strip_hop_by_hop(&mut head.headers);
                 head.headers
                     .insert(X_REQUEST_ID.clone(), request_id.clone());
@@ -347,6 +428,29 @@ async fn send(
             Err(Attempt::Sent(err.to_string()))
         }
     }
+}
+
+/// A 308 to the same URL on HTTPS (`https_port` left out when it is 443); `None` without a
+/// usable Host.
+fn https_redirect<B>(req: &Request<B>, https_port: u16) -> Option<Response<GatewayBody>> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())?;
+    let host = host_without_port(host);
+    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = if https_port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{https_port}{path}")
+    };
+    let mut response = Response::new(GatewayBody::Full(None));
+    *response.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
+    response
+        .headers_mut()
+        .insert(header::LOCATION, HeaderValue::try_from(location).ok()?);
+    Some(response)
 }
 
 fn is_idempotent(method: &Method) -> bool {

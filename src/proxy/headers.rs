@@ -47,6 +47,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The protocol a message asks to switch to (`Connection: upgrade` with `Upgrade: X`), if any.
+pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Puts `Connection: upgrade` and `Upgrade` back after hop-by-hop fields were stripped.
+pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
 /// Why a request head is refused before it reaches any instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FramingError {
@@ -149,6 +167,22 @@ pub fn new_request_id(prefix: u32, seq: u64) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upgrade_needs_both_fields() {
+        let ws = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert_eq!(requested_upgrade(&ws).unwrap(), "websocket");
+        assert!(requested_upgrade(&map(&[("upgrade", "websocket")])).is_none());
+        assert!(requested_upgrade(&map(&[("connection", "upgrade")])).is_none());
+        let mut stripped = ws.clone();
+        strip_hop_by_hop(&mut stripped);
+        assert!(requested_upgrade(&stripped).is_none());
+        restore_upgrade(&mut stripped, HeaderValue::from_static("websocket"));
+        assert_eq!(requested_upgrade(&stripped).unwrap(), "websocket");
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();

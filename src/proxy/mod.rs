@@ -3,12 +3,14 @@
 //! `Gateway` holds the live `Runtime` (config, upstreams, routes) in an `ArcSwap`: each request
 //! takes one snapshot, so a reload swaps the snapshot without touching requests in flight.
 
+pub mod admission;
 mod body;
 mod error;
 mod forward;
 pub mod headers;
 mod retry;
 pub mod router;
+mod tunnel;
 pub mod upstream;
 
 pub use body::{BoxError, ForwardBody, GatewayBody};
@@ -17,7 +19,7 @@ pub use forward::InstanceFetch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +48,8 @@ pub struct Runtime {
     pub cache: Arc<crate::cache::Store>,
     /// The cache of each route, by route position; `None` where the route is not cached.
     route_caches: Vec<Option<crate::cache::RouteCache>>,
+    /// TLS settings for new connections on the HTTPS listener.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Runtime {
@@ -84,6 +88,10 @@ impl Runtime {
             _ => Arc::new(crate::cache::Store::new(config.cache.max_size)),
         };
         let route_caches = crate::cache::RouteCache::for_routes(&config.routes, &cache);
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|tls| crate::tls::server_config(&tls.certificates));
         Runtime {
             config,
             upstreams,
@@ -91,6 +99,7 @@ impl Runtime {
             route_stats,
             cache,
             route_caches,
+            tls,
         }
     }
 
@@ -138,12 +147,20 @@ pub struct Gateway {
     reload_lock: Mutex<()>,
     pub metrics: Metrics,
     pub live: LiveStats,
+    /// Open client connections against `server.max_connections` and `max_connections_per_ip`.
+    pub admission: Arc<admission::Admission>,
+    /// Port the HTTPS listener got (the configured one may be 0), for HTTP→HTTPS redirects.
+    https_port: AtomicU16,
 }
 
 impl Gateway {
     /// Creates the gateway and starts its health checks (needs a tokio runtime).
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Arc<Gateway> {
         let metrics = Metrics::default();
+        let admission = Arc::new(admission::Admission::new(
+            config.server.max_connections,
+            config.server.max_connections_per_ip,
+        ));
         let runtime = Arc::new(Runtime::build(config, None, &metrics));
         for upstream in &runtime.upstreams {
             crate::health::spawn_active_checks(upstream);
@@ -158,6 +175,8 @@ impl Gateway {
             reload_lock: Mutex::new(()),
             metrics,
             live: LiveStats::default(),
+            https_port: AtomicU16::new(0),
+            admission,
         })
     }
 
@@ -189,6 +208,10 @@ impl Gateway {
         Ok(())
     }
 
+    pub fn https_port(&self) -> u16 {
+        self.https_port.load(Ordering::Relaxed)
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
@@ -203,14 +226,26 @@ impl Gateway {
 pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Result<()> {
     let proxy_listener = TcpListener::bind(config.server.listen).await?;
     let admin_listener = TcpListener::bind(config.admin.listen).await?;
+    let tls_listener = match &config.tls {
+        Some(tls) => Some(TcpListener::bind(tls.listen).await?),
+        None => None,
+    };
     let proxy_addr: SocketAddr = proxy_listener.local_addr()?;
     let admin_addr: SocketAddr = admin_listener.local_addr()?;
     // Tests and scripts wait for these lines.
     println!("proxy listening on {proxy_addr}");
     println!("admin listening on {admin_addr}");
+    if let Some(listener) = &tls_listener {
+        println!("tls listening on {}", listener.local_addr()?);
+    }
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "scalegate is serving");
 
     let gateway = Gateway::new(config, config_path);
+    if let Some(listener) = &tls_listener {
+        gateway
+            .https_port
+            .store(listener.local_addr()?.port(), Ordering::Relaxed);
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(crate::admin::serve(
         gateway.clone(),
@@ -220,15 +255,17 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     tokio::spawn(reload_on_sighup(gateway.clone()));
     let signal = wait_for_stop_signal();
     tokio::pin!(signal);
-    accept_loop(gateway.clone(), proxy_listener, &mut signal).await;
+    accept_loop(gateway.clone(), proxy_listener, tls_listener, &mut signal).await;
     gateway.draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     Ok(())
 }
 
+/// Accepts on the plain listener and, when TLS is configured, the HTTPS one, until `stop`.
 async fn accept_loop(
     gateway: Arc<Gateway>,
     listener: TcpListener,
+    tls_listener: Option<TcpListener>,
     stop: &mut (impl std::future::Future<Output = ()> + Unpin),
 ) {
     let server = gateway.runtime.load().config.server.clone();
@@ -247,36 +284,74 @@ async fn accept_loop(
         .keep_alive_timeout(Duration::from_secs(20));
     let graceful = GracefulShutdown::new();
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(conn) => conn,
-                    Err(err) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(%err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let gateway = gateway.clone();
-                let client = forward::ClientAddr::new(peer);
-                let service =
-                    service_fn(move |req| forward::handle(gateway.clone(), req, client.clone()));
-                let connection = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(err) = connection.await {
-                        tracing::debug!(%err, %peer, "client connection ended with an error");
-                    }
-                });
-            }
+        let (accepted, secure) = tokio::select! {
+            accepted = listener.accept() => (accepted, false),
+            accepted = accept_on(tls_listener.as_ref()) => (accepted, true),
             () = &mut *stop => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(err) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let permit = match gateway.admission.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                refuse(stream, secure, refusal);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let client = forward::ClientAddr::new(peer, secure);
+        let service = {
+            let gateway = gateway.clone();
+            service_fn(move |req| forward::handle(gateway.clone(), req, client.clone()))
+        };
+        if !secure {
+            let connection = graceful.watch(
+                builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned(),
+            );
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::debug!(%err, %peer, "client connection ended with an error");
+                }
+                drop(permit);
+            });
+            continue;
         }
+        let Some(tls) = gateway.runtime.load().tls.clone() else {
+            continue;
+        };
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
+            let stream = match tokio::time::timeout(server.header_read_timeout, handshake).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => {
+                    tracing::debug!(%err, %peer, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(err) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(%err, %peer, "client connection ended with an error");
+            }
+            drop(permit);
+        });
     }
     drop(listener);
+    drop(tls_listener);
     gateway.draining.store(true, Ordering::Relaxed);
     tracing::info!(
         grace_secs = server.shutdown_grace.as_secs_f64(),
@@ -287,6 +362,27 @@ async fn accept_loop(
         .is_err()
     {
         tracing::warn!("shutdown grace elapsed with requests still in flight");
+    }
+}
+
+/// Closes a connection over the limits; a plain-HTTP client first gets a bare 503 (written only
+/// if the socket takes it at once: a refused client never holds the accept loop).
+fn refuse(stream: tokio::net::TcpStream, secure: bool, refusal: admission::Refusal) {
+    tracing::debug!(?refusal, "connection refused");
+    if !secure {
+        let _ = stream.try_write(
+            b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n",
+        );
+    }
+}
+
+/// Accepts on `listener`, or never when there is none.
+async fn accept_on(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -462,7 +462,8 @@ impl Pool {
             .handshake(TokioIo::new(stream))
             .await?;
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
+            // Upgrades (WebSocket) take the connection over once the instance answers 101.
+            if let Err(err) = connection.with_upgrades().await {
                 tracing::debug!(%err, "instance connection closed with an error");
             }
         });

@@ -139,10 +139,18 @@ fn with_listeners(body: &str) -> String {
 /// Starts `scalegate serve --config` with `body` (a `[server]` section on ephemeral ports is
 /// added unless `body` has one).
 pub fn gateway(body: &str) -> Gateway {
+    gateway_announcing(body, 2)
+}
+
+/// As [`gateway`], waiting for `listeners` announced addresses (3 with a `[tls]` listener).
+pub fn gateway_announcing(body: &str, listeners: usize) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("scalegate.toml");
     std::fs::write(&config_path, with_listeners(body)).unwrap();
-    let proc = spawn(&["serve", "--config", config_path.to_str().unwrap()], 2);
+    let proc = spawn(
+        &["serve", "--config", config_path.to_str().unwrap()],
+        listeners,
+    );
     Gateway {
         proxy: proc.named("proxy"),
         admin: proc.named("admin"),

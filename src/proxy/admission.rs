@@ -1,0 +1,130 @@
+//! Connection admission: a cap on open client connections in total and per client IP, counted
+//! while each connection lives. Checked once per connection, never per request.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    TooManyConnections,
+    TooManyFromClient,
+}
+
+/// Whether one more connection fits; a limit of 0 means none.
+pub fn admit_decision(
+    open: usize,
+    max_open: usize,
+    open_from_ip: usize,
+    max_per_ip: usize,
+) -> Result<(), Refusal> {
+    if max_open > 0 && open >= max_open {
+        Err(Refusal::TooManyConnections)
+    } else if max_per_ip > 0 && open_from_ip >= max_per_ip {
+        Err(Refusal::TooManyFromClient)
+    } else {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Admission {
+    max_open: usize,
+    max_per_ip: usize,
+    open: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    pub refused_total: AtomicU64,
+    pub refused_per_ip: AtomicU64,
+}
+
+impl Admission {
+    pub fn new(max_open: usize, max_per_ip: usize) -> Admission {
+        Admission {
+            max_open,
+            max_per_ip,
+            ..Admission::default()
+        }
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// A permit for a new connection from `ip`, held for the connection's life.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, Refusal> {
+        let mut per_ip = self.per_ip.lock().expect("admission lock");
+        let from_ip = per_ip.get(&ip).copied().unwrap_or(0);
+        if let Err(refusal) = admit_decision(self.open(), self.max_open, from_ip, self.max_per_ip) {
+            let counter = match refusal {
+                Refusal::TooManyConnections => &self.refused_total,
+                Refusal::TooManyFromClient => &self.refused_per_ip,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            return Err(refusal);
+        }
+        if self.max_per_ip > 0 {
+            per_ip.insert(ip, from_ip + 1);
+        }
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Ok(ConnectionPermit {
+            admission: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// Counts a connection as open until dropped.
+pub struct ConnectionPermit {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.admission.open.fetch_sub(1, Ordering::Relaxed);
+        if self.admission.max_per_ip > 0 {
+            let mut per_ip = self.admission.per_ip.lock().expect("admission lock");
+            if let Some(count) = per_ip.get_mut(&self.ip) {
+                *count -= 1;
+                if *count == 0 {
+                    per_ip.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_apply_and_zero_means_none() {
+        assert_eq!(admit_decision(9, 10, 0, 0), Ok(()));
+        assert_eq!(
+            admit_decision(10, 10, 0, 0),
+            Err(Refusal::TooManyConnections)
+        );
+        assert_eq!(admit_decision(10, 0, 3, 4), Ok(()));
+        assert_eq!(admit_decision(10, 0, 4, 4), Err(Refusal::TooManyFromClient));
+    }
+
+    #[test]
+    fn permits_count_per_ip_and_free_on_drop() {
+        let admission = Arc::new(Admission::new(3, 2));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let first = admission.admit(a).unwrap();
+        let _second = admission.admit(a).unwrap();
+        assert_eq!(admission.admit(a).err(), Some(Refusal::TooManyFromClient));
+        let _third = admission.admit(b).unwrap();
+        assert_eq!(admission.admit(b).err(), Some(Refusal::TooManyConnections));
+        drop(first);
+        assert!(admission.admit(a).is_ok());
+        assert_eq!(admission.refused_total.load(Ordering::Relaxed), 1);
+        assert_eq!(admission.refused_per_ip.load(Ordering::Relaxed), 1);
+        assert!(admission.per_ip.lock().unwrap().len() <= 2);
+    }
+}

@@ -1,0 +1,105 @@
+//! Upgraded connections (WebSocket and other `Upgrade` protocols): once the instance answered
+//! 101, bytes are copied both ways until either side closes or nothing moves for the idle
+//! timeout. The request's in-flight guard lives as long as the tunnel, so balancing and
+//! draining see it.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use super::upstream::InFlightGuard;
+
+/// Joins the client's and the instance's upgraded connections.
+pub fn spawn(client: OnUpgrade, instance: OnUpgrade, guard: InFlightGuard, idle: Duration) {
+    tokio::spawn(async move {
+        let (client, instance) = match tokio::try_join!(client, instance) {
+            Ok(both) => both,
+            Err(err) => {
+                tracing::debug!(%err, "upgrade did not complete");
+                return;
+            }
+        };
+        let origin = Instant::now();
+        let last = Arc::new(AtomicU64::new(0));
+        let mut client = Activity::new(TokioIo::new(client), origin, last.clone());
+        let mut instance = Activity::new(TokioIo::new(instance), origin, last.clone());
+        tokio::select! {
+            result = tokio::io::copy_bidirectional(&mut client, &mut instance) => {
+                if let Err(err) = result {
+                    tracing::debug!(%err, "tunnel closed with an error");
+                }
+            }
+            () = idle_expiry(origin, &last, idle) => {
+                tracing::debug!(idle_secs = idle.as_secs_f64(), "tunnel idle: closed");
+            }
+        }
+        drop(guard);
+    });
+}
+
+/// Ends once nothing moved through the tunnel for `idle`.
+async fn idle_expiry(origin: Instant, last: &AtomicU64, idle: Duration) {
+    loop {
+        let quiet_since = origin + Duration::from_millis(last.load(Ordering::Relaxed));
+        let deadline = quiet_since + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// An IO that stamps `last` (milliseconds since `origin`) whenever bytes are read.
+struct Activity<T> {
+    io: T,
+    origin: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl<T> Activity<T> {
+    fn new(io: T, origin: Instant, last: Arc<AtomicU64>) -> Self {
+        Activity { io, origin, last }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let now = this.origin.elapsed().as_millis() as u64;
+            this.last.store(now, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,127 @@
+//! TLS termination with rustls: certificates loaded from PEM files when the config loads (so
+//! `scalegate check` and a reload catch bad ones), chosen per connection by SNI, ALPN `h2` and
+//! `http/1.1`. A reload builds a new `ServerConfig`; connections already open keep theirs.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::ring::sign::any_supported_type;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+/// One certificate with the host names it serves (`*.example.com` covers one label).
+#[derive(Debug, Clone)]
+pub struct TlsCertificate {
+    pub names: Vec<String>,
+    pub key: Arc<CertifiedKey>,
+}
+
+/// Reads a PEM certificate chain and its private key.
+pub fn load_certificate(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|err| format!("cannot read {}: {err}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|err| format!("{}: not a PEM certificate: {err}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate in the file", cert.display()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|err| format!("cannot read a private key from {}: {err}", key.display()))?;
+    let signing = any_supported_type(&key_der)
+        .map_err(|err| format!("{}: unsupported private key: {err}", key.display()))?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified
+        .keys_match()
+        .map_err(|err| format!("{} does not match {}: {err}", key.display(), cert.display()))?;
+    Ok(Arc::new(certified))
+}
+
+/// Index of the certificate for `sni`: the first whose names match it, else the first one.
+pub fn pick_certificate(certificates: &[TlsCertificate], sni: Option<&str>) -> usize {
+    let Some(sni) = sni else { return 0 };
+    certificates
+        .iter()
+        .position(|c| c.names.iter().any(|name| name_matches(name, sni)))
+        .unwrap_or(0)
+}
+
+fn name_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => host
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest.eq_ignore_ascii_case(suffix)),
+        None => pattern.eq_ignore_ascii_case(host),
+    }
+}
+
+#[derive(Debug)]
+struct SniResolver(Vec<TlsCertificate>);
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let index = pick_certificate(&self.0, hello.server_name());
+        self.0.get(index).map(|c| c.key.clone())
+    }
+}
+
+/// The rustls server settings for these certificates: TLS 1.2 and 1.3, ALPN h2 then http/1.1.
+pub fn server_config(certificates: &[TlsCertificate]) -> Arc<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver(certificates.to_vec())));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(names: &[&str]) -> TlsCertificate {
+        let generated = rcgen::generate_simple_self_signed(vec!["x.test".to_string()]).unwrap();
+        let key = PrivateKeyDer::try_from(generated.key_pair.serialize_der()).unwrap();
+        TlsCertificate {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            key: Arc::new(CertifiedKey::new(
+                vec![generated.cert.der().clone()],
+                any_supported_type(&key).unwrap(),
+            )),
+        }
+    }
+
+    #[test]
+    fn sni_picks_the_matching_certificate_else_the_first() {
+        let certs = [
+            certificate(&["a.test"]),
+            certificate(&["b.test", "*.b.test"]),
+        ];
+        assert_eq!(pick_certificate(&certs, Some("a.test")), 0);
+        assert_eq!(pick_certificate(&certs, Some("B.TEST")), 1);
+        assert_eq!(pick_certificate(&certs, Some("api.b.test")), 1);
+        assert_eq!(pick_certificate(&certs, Some("deep.api.b.test")), 0);
+        assert_eq!(pick_certificate(&certs, Some("other.test")), 0);
+        assert_eq!(pick_certificate(&certs, None), 0);
+    }
+
+    #[test]
+    fn mismatched_files_are_refused_with_the_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
+        let two = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&cert, one.cert.pem()).unwrap();
+        std::fs::write(&key, two.key_pair.serialize_pem()).unwrap();
+        let err = load_certificate(&cert, &key).unwrap_err();
+        assert!(err.contains("does not match"), "{err}");
+        std::fs::write(&key, one.key_pair.serialize_pem()).unwrap();
+        assert!(load_certificate(&cert, &key).is_ok());
+        let missing = load_certificate(&dir.path().join("nope.pem"), &key).unwrap_err();
+        assert!(missing.contains("nope.pem"), "{missing}");
+    }
+}

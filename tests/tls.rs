@@ -1,0 +1,205 @@
+//! TLS termination end to end, with a test CA made by rcgen: SNI picks the certificate, ALPN
+//! offers h2 and http/1.1, instances see X-Forwarded-Proto https, HSTS and the HTTP→HTTPS
+//! redirect, and a bad certificate is refused at start naming its key.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Empty};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use support::*;
+
+struct TestCa {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl TestCa {
+    fn new() -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        TestCa { cert, key }
+    }
+
+    /// Writes a leaf certificate for `name` and its key under `dir`; returns its DER.
+    fn leaf(&self, dir: &Path, name: &str) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .signed_by(&key, &self.cert, &self.key)
+            .unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+        cert.der().clone()
+    }
+
+    fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.der().clone()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+}
+
+type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+async fn connect(
+    connector: &tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+    name: &str,
+) -> TlsStream {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    connector
+        .connect(ServerName::try_from(name.to_string()).unwrap(), tcp)
+        .await
+        .unwrap_or_else(|err| panic!("TLS handshake as {name}: {err}"))
+}
+
+/// Sends GET /echo over the stream with HTTP/2 or HTTP/1.1 as negotiated; returns
+/// (status, headers, body as JSON).
+async fn echo(stream: TlsStream, host: &str) -> (u16, http::HeaderMap, serde_json::Value) {
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let uri = format!("https://{host}/echo");
+    let response = if h2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get(uri)
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        sender.send_request(req).await.unwrap()
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("/echo")
+            .header("host", host)
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        sender.send_request(req).await.unwrap()
+    };
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status.as_u16(),
+        parts.headers,
+        serde_json::from_slice(&body).unwrap(),
+    )
+}
+
+fn forwarded_proto(echo: &serde_json::Value) -> String {
+    echo["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|pair| pair[0] == "x-forwarded-proto")
+        .map(|pair| pair[1].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn sni_alpn_forwarded_proto_hsts_and_redirect() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let a_der = ca.leaf(dir.path(), "a.test");
+    let b_der = ca.leaf(dir.path(), "b.test");
+    let backend = demo_backend(&[]);
+    let d = dir.path().display();
+    let config = format!(
+        "[tls]\nlisten = \"127.0.0.1:0\"\nredirect_http = true\nhsts = \"max-age=31536000\"\n\
+         [[tls.certificates]]\ncert = \"{d}/a.test.pem\"\nkey = \"{d}/a.test.key\"\nnames = [\"a.test\"]\n\
+         [[tls.certificates]]\ncert = \"{d}/b.test.pem\"\nkey = \"{d}/b.test.key\"\nnames = [\"b.test\"]\n\n{}",
+        app_config(&[&backend], "")
+    );
+    let gw = gateway_announcing(&config, 3);
+    let tls_addr = gw.proc.named("tls");
+
+    // SNI chooses the certificate; h2 is negotiated when offered.
+    let h2_and_h1 = ca.connector(&[b"h2", b"http/1.1"]);
+    let stream = connect(&h2_and_h1, tls_addr, "b.test").await;
+    assert_eq!(stream.get_ref().1.peer_certificates().unwrap()[0], b_der);
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (status, headers, body) = echo(stream, "b.test").await;
+    assert_eq!(status, 200);
+    assert_eq!(forwarded_proto(&body), "https");
+    assert_eq!(headers["strict-transport-security"], "max-age=31536000");
+    assert!(headers.contains_key("x-request-id"));
+
+    // http/1.1 over TLS, the other certificate.
+    let h1_only = ca.connector(&[b"http/1.1"]);
+    let stream = connect(&h1_only, tls_addr, "a.test").await;
+    assert_eq!(stream.get_ref().1.peer_certificates().unwrap()[0], a_der);
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (status, _, body) = echo(stream, "a.test").await;
+    assert_eq!(status, 200);
+    assert_eq!(forwarded_proto(&body), "https");
+
+    // Plain HTTP is redirected to the same URL on the TLS port, and carries no HSTS.
+    let reply = request(
+        &client(),
+        "GET",
+        &gw.url("/path?q=1"),
+        &[("host", "a.test:8080")],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 308);
+    assert_eq!(
+        reply.header("location"),
+        format!("https://a.test:{}/path?q=1", tls_addr.port())
+    );
+    assert!(reply.headers.get("strict-transport-security").is_none());
+    assert_eq!(backend_requests(&client(), &backend).await, 2);
+
+    // SIGHUP reloads the certificate files; an open connection keeps working meanwhile.
+    let open = connect(&h1_only, tls_addr, "a.test").await;
+    let renewed = ca.leaf(dir.path(), "a.test");
+    assert_ne!(renewed, a_der);
+    signal(gw.proc.pid(), "HUP");
+    let fresh_cert = eventually(std::time::Duration::from_secs(5), || async {
+        let stream = connect(&h1_only, tls_addr, "a.test").await;
+        stream.get_ref().1.peer_certificates().unwrap()[0] == renewed
+    })
+    .await;
+    assert!(
+        fresh_cert,
+        "the renewed certificate was not served after SIGHUP"
+    );
+    let (status, _, _) = echo(open, "a.test").await;
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_bad_certificate_is_refused_naming_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "[tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n\
+         [upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = \"app\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["check", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tls.cert"), "{stderr}");
+    assert!(stderr.contains("/nonexistent/cert.pem"), "{stderr}");
+}
