@@ -1,6 +1,7 @@
 //! The admin listener: `/health` for load balancers, `/health/detailed`, and the JSON API that
-//! lists upstreams, adds and drains instances and reloads the config. Everything but `/health`
-//! sits behind basic auth when `admin.username`/`admin.password` are set.
+//! lists upstreams, adds and drains instances and reloads the config; `/health/redis` and
+//! `/api/ratelimit` for the rate-limit store. Everything but `/health` and `/health/redis` sits
+//! behind basic auth when `admin.username`/`admin.password` are set.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -21,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::auth::constant_time_eq;
 use crate::config::{parse_addr, InstanceConfig};
 use crate::metrics::{live, InstanceSample};
 use crate::proxy::upstream::{Instance, Upstream};
@@ -56,6 +58,17 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<GatewayBody>, Infallible> {
     let path = req.uri().path().to_string();
+    if path == "/health/redis" {
+        // Open like /health: load balancers and monitors probe it.
+        let limiter = gateway.limiter.clone();
+        let (healthy, body) = limiter.redis_health().await;
+        let status = if healthy {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        return Ok(reply(status, body));
+    }
     if path == "/health" {
         return Ok(if gateway.is_draining() {
             reply(
@@ -97,6 +110,12 @@ async fn handle(
         }
         (&Method::GET, ["api", "cache", "stats"]) => cache_stats(&gateway),
         (&Method::DELETE, ["api", "cache"]) => purge_cache(&gateway, req.uri().query()),
+        (&Method::GET, ["api", "ratelimit"]) => {
+            let runtime = gateway.runtime.load();
+            let mut report = gateway.limiter.report();
+            report["concurrency"] = runtime.admission.concurrency_report();
+            reply(StatusCode::OK, report)
+        }
         (&Method::GET, ["api", "upstreams"]) => {
             let runtime = gateway.runtime.load();
             let now = Instant::now();
@@ -218,11 +237,15 @@ fn metrics(gateway: &Gateway, openmetrics: bool) -> Response<GatewayBody> {
     families.extend(crate::metrics::cache_families(
         &gateway.runtime.load().cache.sample(),
     ));
-    let admission = &gateway.admission;
+    let connections = &gateway.connections;
     families.extend(crate::metrics::connection_families(
-        admission.open(),
-        admission.refused_total.load(Ordering::Relaxed),
-        admission.refused_per_ip.load(Ordering::Relaxed),
+        connections.open(),
+        connections.refused_total.load(Ordering::Relaxed),
+        connections.refused_per_ip.load(Ordering::Relaxed),
+    ));
+    families.extend(crate::metrics::rate_limit_families(
+        &gateway.limiter.rule_counters(),
+        gateway.limiter.report()["redis_up"].as_bool(),
     ));
     let text = crate::metrics::render(families);
     let (text, content_type) = if openmetrics {
@@ -278,11 +301,25 @@ fn health_detailed(gateway: &Gateway) -> Response<GatewayBody> {
         .iter()
         .map(|u| upstream_json(u, now))
         .collect();
-    let components: Vec<Component> = runtime
+    let mut components: Vec<Component> = runtime
         .upstreams
         .iter()
         .map(|u| upstream_component(u, now))
         .collect();
+    let limits = gateway.limiter.report();
+    if let Some(up) = limits["redis_up"].as_bool() {
+        // Without Redis the gateway still decides (on_redis_error), so it is degraded, not down.
+        components.push(Component {
+            name: "redis".into(),
+            kind: "rate_limit_store",
+            status: if up { "ok" } else { "degraded" },
+            reason: if up {
+                "limits shared through Redis".into()
+            } else {
+                "Redis does not answer: on_redis_error decides".into()
+            },
+        });
+    }
     let status = overall_status(gateway.is_draining(), &components);
     let code = match status {
         "ok" | "degraded" => StatusCode::OK,
@@ -290,7 +327,12 @@ fn health_detailed(gateway: &Gateway) -> Response<GatewayBody> {
     };
     reply(
         code,
-        json!({ "status": status, "components": components, "upstreams": upstreams }),
+        json!({
+            "status": status,
+            "components": components,
+            "upstreams": upstreams,
+            "rate_limit": limits,
+        }),
     )
 }
 
@@ -504,17 +546,6 @@ fn authorized(value: Option<&HeaderValue>, user: &str, password: &str) -> bool {
     constant_time_eq(&decoded, expected.as_bytes())
 }
 
-/// Equality whose time depends only on the lengths.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= usize::from(x ^ y);
-    }
-    diff == 0
-}
-
 fn reply(status: StatusCode, body: Value) -> Response<GatewayBody> {
     let mut response = Response::new(GatewayBody::full(body.to_string()));
     *response.status_mut() = status;
@@ -560,13 +591,5 @@ mod tests {
             "down"
         );
         assert_eq!(overall_status(true, &[component("ok")]), "draining");
-    }
-
-    #[test]
-    fn constant_time_equality() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-        assert!(constant_time_eq(b"", b""));
     }
 }

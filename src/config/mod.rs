@@ -4,6 +4,7 @@
 
 mod cache;
 mod env;
+pub mod limits;
 mod raw;
 mod tls;
 pub mod units;
@@ -16,6 +17,7 @@ use std::time::Duration;
 use http::HeaderName;
 
 pub use cache::{CacheConfig, RouteCacheConfig};
+pub use limits::LimitsConfig;
 pub use raw::RawConfig;
 pub use tls::TlsConfig;
 
@@ -63,6 +65,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub cache: CacheConfig,
     pub tls: Option<TlsConfig>,
+    /// Rate limits, API keys and concurrency limits.
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone)]

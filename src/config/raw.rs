@@ -6,6 +6,10 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::cache::{validate_cache, validate_route_cache, RawCache, RawRouteCache};
+use super::limits::{
+    self, RawAuth, RawRateLimit, RawRouteLimits, RawState, DEFAULT_QUEUE_SIZE,
+    DEFAULT_QUEUE_TIMEOUT,
+};
 use super::{
     parse_hash_key, ActiveHealthConfig, AdminConfig, Config, ConfigErrors, InstanceConfig,
     PassiveHealthConfig, Problems, RouteConfig, ServerConfig, UpstreamConfig,
@@ -26,6 +30,12 @@ pub struct RawConfig {
     #[serde(default)]
     pub cache: RawCache,
     pub tls: Option<super::tls::RawTls>,
+    #[serde(default)]
+    pub state: RawState,
+    #[serde(default)]
+    pub rate_limit: RawRateLimit,
+    #[serde(default)]
+    pub auth: RawAuth,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,6 +101,9 @@ pub struct RawUpstream {
     pub health: Option<RawActiveHealth>,
     pub max_fails: u32,
     pub fail_timeout: String,
+    pub max_in_flight: u32,
+    pub queue_size: usize,
+    pub queue_timeout: String,
 }
 
 impl Default for RawUpstream {
@@ -110,6 +123,9 @@ impl Default for RawUpstream {
             health: None,
             max_fails: 1,
             fail_timeout: "10s".into(),
+            max_in_flight: 0,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT.into(),
         }
     }
 }
@@ -164,6 +180,16 @@ pub struct RawRoute {
     pub path_prefix: String,
     pub upstream: String,
     pub cache: Option<RawRouteCache>,
+    #[serde(default)]
+    pub rate_limits: Option<Vec<limits::RawRule>>,
+    #[serde(default)]
+    pub auth: Option<String>,
+    #[serde(default)]
+    pub max_in_flight: Option<u32>,
+    #[serde(default)]
+    pub queue_size: Option<usize>,
+    #[serde(default)]
+    pub queue_timeout: Option<String>,
 }
 
 fn root() -> String {
@@ -189,13 +215,21 @@ impl RawConfig {
                 path_prefix: root(),
                 upstream: "default".into(),
                 cache: None,
+                rate_limits: None,
+                auth: None,
+                max_in_flight: None,
+                queue_size: None,
+                queue_timeout: None,
             }],
             cache: RawCache::default(),
             tls: None,
+            state: RawState::default(),
+            rate_limit: RawRateLimit::default(),
+            auth: RawAuth::default(),
         }
     }
 
-    pub(super) fn validate(self) -> Result<Config, ConfigErrors> {
+    pub(super) fn validate(mut self) -> Result<Config, ConfigErrors> {
         let mut p = Problems::default();
         let server = validate_server(&mut p, &self.server);
         let admin_listen = self
@@ -229,6 +263,41 @@ impl RawConfig {
                 "at least one route is needed (e.g. [[routes]] upstream = \"app\")",
             );
         }
+        let route_limits: Vec<(String, RawRouteLimits)> = self
+            .routes
+            .iter_mut()
+            .map(|raw| {
+                let name = raw.name.clone().unwrap_or_else(|| raw.upstream.clone());
+                let limits = RawRouteLimits {
+                    rate_limits: raw.rate_limits.take(),
+                    auth: raw.auth.take(),
+                    max_in_flight: raw.max_in_flight,
+                    queue_size: raw.queue_size,
+                    queue_timeout: raw.queue_timeout.take(),
+                };
+                (name, limits)
+            })
+            .collect();
+        let upstream_limits: Vec<(String, u32, usize, String)> = self
+            .upstreams
+            .iter()
+            .map(|(name, raw)| {
+                (
+                    name.clone(),
+                    raw.max_in_flight,
+                    raw.queue_size,
+                    raw.queue_timeout.clone(),
+                )
+            })
+            .collect();
+        let limits = limits::validate(
+            &mut p,
+            &self.state,
+            &self.rate_limit,
+            &self.auth,
+            &route_limits,
+            &upstream_limits,
+        );
         let routes = self
             .routes
             .into_iter()
@@ -268,6 +337,7 @@ impl RawConfig {
             routes,
             cache,
             tls,
+            limits,
         })
     }
 }

@@ -38,6 +38,8 @@ pub const INSTANCE_RETRIES: &str = "instance_retries";
 pub const INSTANCE_LATENCY: &str = "instance_latency_ewma_seconds";
 pub const OPEN_CONNECTIONS: &str = "open_connections";
 pub const CONNECTIONS_REFUSED: &str = "connections_refused";
+pub const RATE_LIMIT_DECISIONS: &str = "rate_limit_decisions";
+pub const RATE_LIMIT_REDIS_UP: &str = "rate_limit_redis_up";
 pub const PROCESS_CPU: &str = "process_cpu_seconds";
 pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
 pub const PROCESS_FDS: &str = "process_open_fds";
@@ -537,6 +539,39 @@ pub fn connection_families(open: usize, refused_total: u64, refused_per_ip: u64)
         refused.push(vec![("reason", reason.to_string())], Value::Counter(count));
     }
     vec![open_family, refused]
+}
+
+/// Rate-limit decisions by rule and outcome, and whether the shared store answers.
+pub fn rate_limit_families(
+    rules: &[(String, Arc<crate::ratelimit::RuleCounters>)],
+    redis_up: Option<bool>,
+) -> Vec<Family> {
+    let mut decisions = Family::new(
+        RATE_LIMIT_DECISIONS,
+        "Rate-limit decisions by rule and outcome (allowed, limited; fallback = made without Redis).",
+    );
+    for (rule, counters) in rules {
+        for (outcome, counter) in [
+            ("allowed", &counters.allowed),
+            ("limited", &counters.limited),
+            ("fallback", &counters.fallback),
+        ] {
+            decisions.push(
+                vec![("rule", rule.clone()), ("outcome", outcome.to_string())],
+                Value::Counter(counter.load(Ordering::Relaxed)),
+            );
+        }
+    }
+    let mut families = vec![decisions];
+    if let Some(up) = redis_up {
+        let mut family = Family::new(
+            RATE_LIMIT_REDIS_UP,
+            "1 while the shared rate-limit store (Redis) answers, 0 while falling back.",
+        );
+        family.push(Vec::new(), Value::Gauge(if up { 1.0 } else { 0.0 }));
+        families.push(family);
+    }
+    families
 }
 
 fn instance_labels(i: &InstanceSample) -> Vec<(&'static str, String)> {

@@ -23,6 +23,16 @@ pub enum ProxyError {
     InstanceFailed(String),
     #[error("instance did not answer in time")]
     InstanceTimeout,
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("rate limit exceeded, retry in {retry_after} s")]
+    RateLimited {
+        retry_after: u64,
+        policy: HeaderValue,
+        state: HeaderValue,
+    },
+    #[error("too many requests in flight, retry in {retry_after} s")]
+    Overloaded { retry_after: u64 },
 }
 
 impl ProxyError {
@@ -35,6 +45,9 @@ impl ProxyError {
             ProxyError::NoHealthyInstance => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::InstanceFailed(_) => StatusCode::BAD_GATEWAY,
             ProxyError::InstanceTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -47,6 +60,9 @@ impl ProxyError {
             ProxyError::NoHealthyInstance => "no_healthy_instance",
             ProxyError::InstanceFailed(_) => "bad_gateway",
             ProxyError::InstanceTimeout => "gateway_timeout",
+            ProxyError::Unauthorized(_) => "unauthorized",
+            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::Overloaded { .. } => "overloaded",
         }
     }
 
@@ -65,6 +81,21 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+        match self {
+            ProxyError::RateLimited {
+                retry_after,
+                policy,
+                state,
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+                headers.insert(crate::ratelimit::RATELIMIT_POLICY.clone(), policy.clone());
+                headers.insert(crate::ratelimit::RATELIMIT.clone(), state.clone());
+            }
+            ProxyError::Overloaded { retry_after } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            _ => {}
+        }
         if matches!(self, ProxyError::BadRequest(_) | ProxyError::BodyTooLarge) {
             // The rest of the connection cannot be trusted to be framed as the client meant.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -88,11 +119,25 @@ mod tests {
             (ProxyError::NoHealthyInstance, 503),
             (ProxyError::InstanceFailed("refused".into()), 502),
             (ProxyError::InstanceTimeout, 504),
+            (ProxyError::Unauthorized("missing API key"), 401),
+            (
+                ProxyError::RateLimited {
+                    retry_after: 3,
+                    policy: HeaderValue::from_static("\"r\";q=20;w=60"),
+                    state: HeaderValue::from_static("\"r\";r=0;t=3"),
+                },
+                429,
+            ),
+            (ProxyError::Overloaded { retry_after: 1 }, 503),
         ];
         for (error, status) in cases {
             let response = error.response(&id);
             assert_eq!(response.status().as_u16(), status);
             assert_eq!(response.headers()["x-request-id"], "req-1");
+            if status == 429 {
+                assert_eq!(response.headers()["retry-after"], "3");
+                assert_eq!(response.headers()["ratelimit"], "\"r\";r=0;t=3");
+            }
             let GatewayBody::Full(Some(body)) = response.into_body() else {
                 panic!("expected a body")
             };

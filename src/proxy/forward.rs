@@ -87,7 +87,10 @@ pub async fn handle(
         None => match forward(&runtime, req, &client, &request_id).await {
             Ok((response, route)) => (response, Some(route)),
             Err((error, route)) => {
-                if error.status().is_server_error() {
+                // Overload refusals are expected under load; logging each would add to it.
+                if error.status().is_server_error()
+                    && !matches!(error, ProxyError::Overloaded { .. })
+                {
                     tracing::warn!(request_id = ?request_id, %error, "request failed");
                 }
                 (error.response(&request_id), route)
@@ -156,6 +159,12 @@ async fn forward(
     let route = match_route(&runtime.config.routes, host_name, parts.uri.path())
         .ok_or((ProxyError::NoRoute, None))?;
     let upstream = runtime.route_upstream(route).clone();
+    // Held until the response head is back: the concurrency slots live in `admitted`.
+    let admitted = runtime
+        .admission
+        .admit(route, &parts.headers, client.addr.ip())
+        .await
+        .map_err(|error| (error, Some(route)))?;
     let hash = match &upstream.config.strategy {
         Strategy::ConsistentHash(key) => hash_key(key, &parts, client.addr),
         _ => None,
@@ -205,10 +214,11 @@ async fn forward(
             hash,
             request_id: request_id.clone(),
         };
-        let response = crate::cache::serve(cache, parts, body, client.addr.ip(), fetch).await;
+        let mut response = crate::cache::serve(cache, parts, body, client.addr.ip(), fetch).await;
+        admitted.add_headers(response.headers_mut());
         return Ok((response, route));
     }
-    to_instance(
+    let result = to_instance(
         runtime,
         route,
         parts,
@@ -217,9 +227,14 @@ async fn forward(
         request_id,
         client_upgrade,
     )
-    .await
-    .map(|response| (response, route))
-    .map_err(|error| (error, Some(route)))
+    .await;
+    // The concurrency slots in `admitted` are held until the response head is back.
+    result
+        .map(|mut response| {
+            admitted.add_headers(response.headers_mut());
+            (response, route)
+        })
+        .map_err(|error| (error, Some(route)))
 }
 
 /// The pipeline after routing, owned so the cache can run it for a client or in the background.

@@ -3,8 +3,8 @@
 //! `Gateway` holds the live `Runtime` (config, upstreams, routes) in an `ArcSwap`: each request
 //! takes one snapshot, so a reload swaps the snapshot without touching requests in flight.
 
-pub mod admission;
 mod body;
+pub mod connections;
 mod error;
 mod forward;
 pub mod headers;
@@ -50,11 +50,18 @@ pub struct Runtime {
     route_caches: Vec<Option<crate::cache::RouteCache>>,
     /// TLS settings for new connections on the HTTPS listener.
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// API keys, rate limits and concurrency limits per route.
+    pub admission: crate::ratelimit::Admission,
 }
 
 impl Runtime {
     /// Builds the runtime, carrying live instances over from `previous` where they still fit.
-    fn build(config: Config, previous: Option<&Runtime>, metrics: &Metrics) -> Runtime {
+    fn build(
+        config: Config,
+        previous: Option<&Runtime>,
+        metrics: &Metrics,
+        limiter: &Arc<crate::ratelimit::Limiter>,
+    ) -> Runtime {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
             .iter()
@@ -92,6 +99,11 @@ impl Runtime {
             .tls
             .as_ref()
             .map(|tls| crate::tls::server_config(&tls.certificates));
+        let admission = crate::ratelimit::Admission::build(
+            &config,
+            limiter.clone(),
+            previous.map(|p| &p.admission),
+        );
         Runtime {
             config,
             upstreams,
@@ -100,6 +112,7 @@ impl Runtime {
             cache,
             route_caches,
             tls,
+            admission,
         }
     }
 
@@ -148,20 +161,23 @@ pub struct Gateway {
     pub metrics: Metrics,
     pub live: LiveStats,
     /// Open client connections against `server.max_connections` and `max_connections_per_ip`.
-    pub admission: Arc<admission::Admission>,
+    pub connections: Arc<connections::ConnectionLimits>,
     /// Port the HTTPS listener got (the configured one may be 0), for HTTP→HTTPS redirects.
     https_port: AtomicU16,
+    /// Rate-limit stores and counters; outlive reloads.
+    pub limiter: Arc<crate::ratelimit::Limiter>,
 }
 
 impl Gateway {
     /// Creates the gateway and starts its health checks (needs a tokio runtime).
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Arc<Gateway> {
         let metrics = Metrics::default();
-        let admission = Arc::new(admission::Admission::new(
+        let connections = Arc::new(connections::ConnectionLimits::new(
             config.server.max_connections,
             config.server.max_connections_per_ip,
         ));
-        let runtime = Arc::new(Runtime::build(config, None, &metrics));
+        let limiter = crate::ratelimit::Limiter::new(&config.limits);
+        let runtime = Arc::new(Runtime::build(config, None, &metrics, &limiter));
         for upstream in &runtime.upstreams {
             crate::health::spawn_active_checks(upstream);
         }
@@ -176,7 +192,8 @@ impl Gateway {
             metrics,
             live: LiveStats::default(),
             https_port: AtomicU16::new(0),
-            admission,
+            connections,
+            limiter,
         })
     }
 
@@ -198,7 +215,17 @@ impl Gateway {
         {
             tracing::warn!("listen addresses changed: they take effect at the next restart");
         }
-        let next = Arc::new(Runtime::build(config, Some(&current), &self.metrics));
+        if config.limits.state.redis_urls != current.config.limits.state.redis_urls
+            || config.limits.store != current.config.limits.store
+        {
+            tracing::warn!("rate-limit store changed: it takes effect at the next restart");
+        }
+        let next = Arc::new(Runtime::build(
+            config,
+            Some(&current),
+            &self.metrics,
+            &self.limiter,
+        ));
         for upstream in &next.upstreams {
             crate::health::spawn_active_checks(upstream);
         }
@@ -224,10 +251,19 @@ impl Gateway {
 /// Runs the gateway until SIGTERM/SIGINT, then drains: the proxy stops accepting, `/health`
 /// answers 503, in-flight requests finish within `shutdown_grace`.
 pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Result<()> {
-    let proxy_listener = TcpListener::bind(config.server.listen).await?;
-    let admin_listener = TcpListener::bind(config.admin.listen).await?;
-    let tls_listener = match &config.tls {
-        Some(tls) => Some(TcpListener::bind(tls.listen).await?),
+    let (listen, admin_listen) = (config.server.listen, config.admin.listen);
+    let tls_listen = config.tls.as_ref().map(|tls| tls.listen);
+    let gateway = Gateway::new(config, config_path);
+    // Before listening: a Redis that refuses the configured password stops the start.
+    gateway
+        .limiter
+        .start()
+        .await
+        .map_err(std::io::Error::other)?;
+    let proxy_listener = TcpListener::bind(listen).await?;
+    let admin_listener = TcpListener::bind(admin_listen).await?;
+    let tls_listener = match tls_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
     };
     let proxy_addr: SocketAddr = proxy_listener.local_addr()?;
@@ -240,7 +276,6 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     }
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "scalegate is serving");
 
-    let gateway = Gateway::new(config, config_path);
     if let Some(listener) = &tls_listener {
         gateway
             .https_port
@@ -298,7 +333,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let permit = match gateway.admission.admit(peer.ip()) {
+        let permit = match gateway.connections.admit(peer.ip()) {
             Ok(permit) => permit,
             Err(refusal) => {
                 refuse(stream, secure, refusal);
@@ -367,7 +402,7 @@ async fn accept_loop(
 
 /// Closes a connection over the limits; a plain-HTTP client first gets a bare 503 (written only
 /// if the socket takes it at once: a refused client never holds the accept loop).
-fn refuse(stream: tokio::net::TcpStream, secure: bool, refusal: admission::Refusal) {
+fn refuse(stream: tokio::net::TcpStream, secure: bool, refusal: connections::Refusal) {
     tracing::debug!(?refusal, "connection refused");
     if !secure {
         let _ = stream.try_write(

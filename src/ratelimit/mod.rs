@@ -1,1 +1,431 @@
-//! Rate limits: pure algorithms with the clock passed in, and the stores that keep their state.
+//! Whether a request may go on, decided after routing and before an instance is picked: API
+//! key (401), rate limits (429 with the IETF RateLimit headers), concurrency limits (503).
+//!
+//! [`Limiter`] lives as long as the process: the stores (memory, and Redis when configured),
+//! the Redis link's health and the per-rule counters, so a config reload keeps them.
+//! [`Admission`] is built from each config: the rules, keys and concurrency slots per route.
+
+pub mod algorithm;
+mod client;
+mod concurrency;
+pub mod memory;
+pub mod redis_store;
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use http::header::HeaderValue;
+use http::{HeaderMap, HeaderName};
+use ipnet::IpNet;
+use serde_json::{json, Value};
+use smallvec::SmallVec;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use crate::auth::{ApiKeys, AuthFailure};
+use crate::config::limits::{OnRedisError, RuleKey, StoreKind};
+use crate::config::{Config, LimitsConfig};
+use crate::proxy::ProxyError;
+use algorithm::{ceil_secs, strictest, Quota, RateDecision};
+pub use client::{client_ip, LimitKey};
+pub use concurrency::ConcurrencyLimit;
+use memory::MemoryStore;
+use redis_store::{ConnectError, RedisStore};
+
+pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Decisions of one rule since start (kept across reloads by rule name).
+#[derive(Debug, Default)]
+pub struct RuleCounters {
+    pub allowed: AtomicU64,
+    pub limited: AtomicU64,
+    /// Decided without Redis because it did not answer (whatever `on_redis_error` then did).
+    pub fallback: AtomicU64,
+}
+
+/// The stores and counters; one per process.
+pub struct Limiter {
+    memory: MemoryStore,
+    redis: Option<Arc<RedisStore>>,
+    on_redis_error: OnRedisError,
+    counters: Mutex<BTreeMap<String, Arc<RuleCounters>>>,
+}
+
+impl Limiter {
+    /// Needs a tokio runtime when Redis is configured (the link's probe is a task).
+    pub fn new(config: &LimitsConfig) -> Arc<Limiter> {
+        Arc::new(Limiter {
+            memory: MemoryStore::new(config.max_keys),
+            redis: (config.store == StoreKind::Redis).then(|| RedisStore::new(&config.state)),
+            on_redis_error: config.state.on_redis_error,
+            counters: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Connects to Redis when configured. Refused credentials are an error naming the key; an
+    /// unreachable Redis is not (the fallback decides until it answers).
+    pub async fn start(&self) -> Result<(), String> {
+        let Some(redis) = &self.redis else {
+            return Ok(());
+        };
+        match redis.start().await {
+            Ok(()) => {
+                tracing::info!(redis = %redis.target(), "rate limits are shared through Redis");
+                Ok(())
+            }
+            Err(ConnectError::Auth(message)) => Err(format!(
+                "state.redis_url: {message} (check the password in the URL)"
+            )),
+            Err(ConnectError::Unavailable(_)) => Ok(()),
+        }
+    }
+
+    fn counters(&self, rule: &str) -> Arc<RuleCounters> {
+        self.counters
+            .lock()
+            .expect("rule counters")
+            .entry(rule.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Counters of every rule seen since start, by rule name (for metrics).
+    pub fn rule_counters(&self) -> Vec<(String, Arc<RuleCounters>)> {
+        let counters = self.counters.lock().expect("rule counters");
+        counters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    async fn decide(&self, rule: &Rule, key: LimitKey<'_>) -> RateDecision {
+        if let Some(redis) = &self.redis {
+            // Boxed: the Redis call's state is large, and requests decided in memory (or not
+            // limited at all) should not carry it in their futures.
+            if let Some(decision) = Box::pin(redis.decide(&rule.name, &rule.quota, &key)).await {
+                return decision;
+            }
+            rule.counters.fallback.fetch_add(1, Ordering::Relaxed);
+            let limit = rule.quota.limit;
+            match self.on_redis_error {
+                OnRedisError::Local => {}
+                OnRedisError::Allow => {
+                    return RateDecision {
+                        allowed: true,
+                        limit,
+                        remaining: limit,
+                        reset_us: 0,
+                        retry_after_us: 0,
+                    }
+                }
+                OnRedisError::Deny => {
+                    return RateDecision {
+                        allowed: false,
+                        limit,
+                        remaining: 0,
+                        reset_us: 1_000_000,
+                        retry_after_us: 1_000_000,
+                    }
+                }
+            }
+        }
+        self.memory.decide(rule.id, &rule.quota, &key, micros_now())
+    }
+
+    /// `/health/redis`: `(healthy, body)`.
+    pub async fn redis_health(&self) -> (bool, Value) {
+        let Some(redis) = &self.redis else {
+            return (true, json!({"status": "ok", "store": "memory"}));
+        };
+        let shared = redis.is_up();
+        match redis.ping().await {
+            Ok(latency) => (
+                true,
+                json!({
+                    "status": "ok",
+                    "store": "redis",
+                    "shared": shared,
+                    "latency_ms": latency.as_secs_f64() * 1000.0,
+                }),
+            ),
+            Err(error) => (
+                false,
+                json!({
+                    "status": "down",
+                    "store": "redis",
+                    "shared": false,
+                    "error": error,
+                    "on_redis_error": format!("{:?}", self.on_redis_error).to_lowercase(),
+                }),
+            ),
+        }
+    }
+
+    /// Store state and per-rule counters, for the admin API.
+    pub fn report(&self) -> Value {
+        let rules: Vec<Value> = self
+            .rule_counters()
+            .into_iter()
+            .map(|(name, c)| {
+                json!({
+                    "name": name,
+                    "allowed": c.allowed.load(Ordering::Relaxed),
+                    "limited": c.limited.load(Ordering::Relaxed),
+                    "fallback": c.fallback.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        json!({
+            "store": if self.redis.is_some() { "redis" } else { "memory" },
+            "redis_up": self.redis.as_ref().map(|r| r.is_up()),
+            "redis_outages": self.redis.as_ref().map(|r| r.outages.load(Ordering::Relaxed)),
+            "memory_keys": self.memory.len(),
+            "rules": rules,
+        })
+    }
+}
+
+/// Microseconds on tokio's clock since a process-wide origin (the memory store's time).
+fn micros_now() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    origin.elapsed().as_micros() as u64 + 1
+}
+
+/// One rule, ready to decide.
+struct Rule {
+    name: String,
+    /// Identifies the rule's entries in the memory store (stable across reloads).
+    id: u64,
+    key: RuleKey,
+    quota: Quota,
+    /// `"name";q=LIMIT;w=SECONDS`
+    policy: HeaderValue,
+    counters: Arc<RuleCounters>,
+}
+
+struct RoutePolicy {
+    name: String,
+    api_key: bool,
+    rules: Vec<Rule>,
+    own_limit: Option<Arc<ConcurrencyLimit>>,
+    upstream_limit: Option<Arc<ConcurrencyLimit>>,
+}
+
+/// Everything a config says about who may pass, per route.
+pub struct Admission {
+    limiter: Arc<Limiter>,
+    routes: Vec<RoutePolicy>,
+    api_keys: ApiKeys,
+    trusted_proxies: Vec<IpNet>,
+    upstream_limits: Vec<(String, Arc<ConcurrencyLimit>)>,
+}
+
+/// A request that may go on: the headers for its response, and its concurrency slots (held
+/// until this is dropped).
+#[derive(Default)]
+pub struct Admitted {
+    headers: Option<(HeaderValue, HeaderValue)>,
+    _slots: SmallVec<[OwnedSemaphorePermit; 2]>,
+}
+
+impl Admitted {
+    /// Adds `RateLimit-Policy` and `RateLimit` (the rule with the least remaining).
+    pub fn add_headers(&self, headers: &mut HeaderMap) {
+        if let Some((policy, state)) = &self.headers {
+            headers.insert(RATELIMIT_POLICY.clone(), policy.clone());
+            headers.insert(RATELIMIT.clone(), state.clone());
+        }
+    }
+}
+
+impl Admission {
+    /// Compiles `config`; concurrency limits whose numbers did not change are carried over from
+    /// `previous`, so requests in flight across a reload still count.
+    pub fn build(
+        config: &Config,
+        limiter: Arc<Limiter>,
+        previous: Option<&Admission>,
+    ) -> Admission {
+        let limits = &config.limits;
+        let reuse = |old: Option<&Arc<ConcurrencyLimit>>, new| match old {
+            Some(old) if old.config == new => old.clone(),
+            _ => Arc::new(ConcurrencyLimit::new(new)),
+        };
+        let upstream_limits: Vec<(String, Arc<ConcurrencyLimit>)> = limits
+            .upstreams
+            .iter()
+            .map(|(name, c)| {
+                let old = previous.and_then(|p| {
+                    p.upstream_limits
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, l)| l)
+                });
+                (name.clone(), reuse(old, *c))
+            })
+            .collect();
+        let routes = config
+            .routes
+            .iter()
+            .zip(&limits.routes)
+            .map(|(route, route_limits)| {
+                let own_limit = route_limits.concurrency.map(|c| {
+                    let old = previous
+                        .and_then(|p| p.routes.iter().find(|r| r.name == route.name))
+                        .and_then(|r| r.own_limit.as_ref());
+                    reuse(old, c)
+                });
+                let upstream_limit = upstream_limits
+                    .iter()
+                    .find(|(n, _)| *n == route.upstream)
+                    .map(|(_, limit)| limit.clone());
+                let rules = route_limits
+                    .rules
+                    .iter()
+                    .map(|rule| {
+                        let mut hasher = std::hash::DefaultHasher::new();
+                        rule.name.hash(&mut hasher);
+                        let policy = format!(
+                            "\"{}\";q={};w={}",
+                            rule.name,
+                            rule.quota.limit,
+                            ceil_secs(rule.quota.period_us)
+                        );
+                        Rule {
+                            name: rule.name.clone(),
+                            id: hasher.finish(),
+                            key: rule.key.clone(),
+                            quota: rule.quota,
+                            policy: HeaderValue::from_str(&policy)
+                                .expect("validated: rule names are header-safe"),
+                            counters: limiter.counters(&rule.name),
+                        }
+                    })
+                    .collect();
+                RoutePolicy {
+                    name: route.name.clone(),
+                    api_key: route_limits.api_key,
+                    rules,
+                    own_limit,
+                    upstream_limit,
+                }
+            })
+            .collect();
+        Admission {
+            limiter,
+            routes,
+            api_keys: ApiKeys::new(&limits.auth),
+            trusted_proxies: limits.trusted_proxies.clone(),
+            upstream_limits,
+        }
+    }
+
+    /// Decides whether the request routed to `route` may go on.
+    pub async fn admit(
+        &self,
+        route: usize,
+        headers: &HeaderMap,
+        peer: IpAddr,
+    ) -> Result<Admitted, ProxyError> {
+        let policy = &self.routes[route];
+        let api_key = if policy.api_key {
+            match self.api_keys.identify(headers) {
+                Ok(index) => Some(index),
+                Err(AuthFailure::Missing) => {
+                    return Err(ProxyError::Unauthorized("missing API key"))
+                }
+                Err(AuthFailure::Wrong) => return Err(ProxyError::Unauthorized("wrong API key")),
+            }
+        } else {
+            None
+        };
+        let mut admitted = Admitted::default();
+        if !policy.rules.is_empty() {
+            let client = client_ip(peer, headers, &self.trusted_proxies);
+            let mut verdict: Option<(usize, RateDecision)> = None;
+            for (index, rule) in policy.rules.iter().enumerate() {
+                let key = LimitKey::of(&rule.key, client, api_key, headers, &policy.name);
+                let decision = self.limiter.decide(rule, key).await;
+                let counter = if decision.allowed {
+                    &rule.counters.allowed
+                } else {
+                    &rule.counters.limited
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                verdict = Some(match verdict {
+                    None => (index, decision),
+                    Some(so_far) => strictest(so_far, (index, decision)),
+                });
+            }
+            if let Some((index, decision)) = verdict {
+                let rule = &policy.rules[index];
+                let state = format!(
+                    "\"{}\";r={};t={}",
+                    rule.name,
+                    decision.remaining,
+                    ceil_secs(decision.reset_us)
+                );
+                let state = HeaderValue::from_str(&state).expect("digits and a checked name");
+                if !decision.allowed {
+                    return Err(ProxyError::RateLimited {
+                        retry_after: ceil_secs(decision.retry_after_us).max(1),
+                        policy: rule.policy.clone(),
+                        state,
+                    });
+                }
+                admitted.headers = Some((rule.policy.clone(), state));
+            }
+        }
+        for limit in policy.own_limit.iter().chain(&policy.upstream_limit) {
+            let slot =
+                match limit.try_acquire() {
+                    Some(slot) => slot,
+                    // Boxed: only requests that queue carry the waiting state.
+                    None => Box::pin(limit.wait()).await.map_err(|retry_after| {
+                        ProxyError::Overloaded {
+                            retry_after: retry_after.as_secs().max(1),
+                        }
+                    })?,
+                };
+            admitted._slots.push(slot);
+        }
+        Ok(admitted)
+    }
+
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.limiter
+    }
+
+    /// Concurrency limits in force, for the admin API.
+    pub fn concurrency_report(&self) -> Value {
+        let routes: Vec<Value> = self
+            .routes
+            .iter()
+            .filter_map(|r| {
+                let limit = r.own_limit.as_ref()?;
+                Some(json!({"route": r.name, "limit": limit_json(limit)}))
+            })
+            .collect();
+        let upstreams: Vec<Value> = self
+            .upstream_limits
+            .iter()
+            .map(|(name, limit)| json!({"upstream": name, "limit": limit_json(limit)}))
+            .collect();
+        json!({ "routes": routes, "upstreams": upstreams })
+    }
+}
+
+fn limit_json(limit: &ConcurrencyLimit) -> Value {
+    json!({
+        "max_in_flight": limit.config.max_in_flight,
+        "in_flight": limit.in_flight(),
+        "waiting": limit.waiting(),
+        "queue_size": limit.config.queue_size,
+        "refused": limit.refused.load(Ordering::Relaxed),
+    })
+}

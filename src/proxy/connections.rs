@@ -30,7 +30,7 @@ pub fn admit_decision(
 }
 
 #[derive(Debug, Default)]
-pub struct Admission {
+pub struct ConnectionLimits {
     max_open: usize,
     max_per_ip: usize,
     open: AtomicUsize,
@@ -39,12 +39,12 @@ pub struct Admission {
     pub refused_per_ip: AtomicU64,
 }
 
-impl Admission {
-    pub fn new(max_open: usize, max_per_ip: usize) -> Admission {
-        Admission {
+impl ConnectionLimits {
+    pub fn new(max_open: usize, max_per_ip: usize) -> ConnectionLimits {
+        ConnectionLimits {
             max_open,
             max_per_ip,
-            ..Admission::default()
+            ..ConnectionLimits::default()
         }
     }
 
@@ -54,7 +54,7 @@ impl Admission {
 
     /// A permit for a new connection from `ip`, held for the connection's life.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, Refusal> {
-        let mut per_ip = self.per_ip.lock().expect("admission lock");
+        let mut per_ip = self.per_ip.lock().expect("connection limits lock");
         let from_ip = per_ip.get(&ip).copied().unwrap_or(0);
         if let Err(refusal) = admit_decision(self.open(), self.max_open, from_ip, self.max_per_ip) {
             let counter = match refusal {
@@ -69,7 +69,7 @@ impl Admission {
         }
         self.open.fetch_add(1, Ordering::Relaxed);
         Ok(ConnectionPermit {
-            admission: self.clone(),
+            limits: self.clone(),
             ip,
         })
     }
@@ -77,15 +77,15 @@ impl Admission {
 
 /// Counts a connection as open until dropped.
 pub struct ConnectionPermit {
-    admission: Arc<Admission>,
+    limits: Arc<ConnectionLimits>,
     ip: IpAddr,
 }
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
-        self.admission.open.fetch_sub(1, Ordering::Relaxed);
-        if self.admission.max_per_ip > 0 {
-            let mut per_ip = self.admission.per_ip.lock().expect("admission lock");
+        self.limits.open.fetch_sub(1, Ordering::Relaxed);
+        if self.limits.max_per_ip > 0 {
+            let mut per_ip = self.limits.per_ip.lock().expect("connection limits lock");
             if let Some(count) = per_ip.get_mut(&self.ip) {
                 *count -= 1;
                 if *count == 0 {
@@ -113,18 +113,18 @@ mod tests {
 
     #[test]
     fn permits_count_per_ip_and_free_on_drop() {
-        let admission = Arc::new(Admission::new(3, 2));
+        let limits = Arc::new(ConnectionLimits::new(3, 2));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
-        let first = admission.admit(a).unwrap();
-        let _second = admission.admit(a).unwrap();
-        assert_eq!(admission.admit(a).err(), Some(Refusal::TooManyFromClient));
-        let _third = admission.admit(b).unwrap();
-        assert_eq!(admission.admit(b).err(), Some(Refusal::TooManyConnections));
+        let first = limits.admit(a).unwrap();
+        let _second = limits.admit(a).unwrap();
+        assert_eq!(limits.admit(a).err(), Some(Refusal::TooManyFromClient));
+        let _third = limits.admit(b).unwrap();
+        assert_eq!(limits.admit(b).err(), Some(Refusal::TooManyConnections));
         drop(first);
-        assert!(admission.admit(a).is_ok());
-        assert_eq!(admission.refused_total.load(Ordering::Relaxed), 1);
-        assert_eq!(admission.refused_per_ip.load(Ordering::Relaxed), 1);
-        assert!(admission.per_ip.lock().unwrap().len() <= 2);
+        assert!(limits.admit(a).is_ok());
+        assert_eq!(limits.refused_total.load(Ordering::Relaxed), 1);
+        assert_eq!(limits.refused_per_ip.load(Ordering::Relaxed), 1);
+        assert!(limits.per_ip.lock().unwrap().len() <= 2);
     }
 }

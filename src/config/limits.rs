@@ -1,0 +1,685 @@
+//! Config of what may pass the gateway: `[state]` (Redis), `[rate_limit]` (store, trusted
+//! proxies, default rules), `[auth]` (API keys), and the per-route / per-upstream keys for rate
+//! limits, API keys and concurrency limits. Raw serde types and their validation.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use http::HeaderName;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::Problems;
+use crate::ratelimit::algorithm::{Algorithm, Quota};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawState {
+    pub redis_url: Option<String>,
+    pub redis_cluster: bool,
+    pub redis_timeout: String,
+    pub on_redis_error: String,
+}
+
+impl Default for RawState {
+    fn default() -> Self {
+        RawState {
+            redis_url: None,
+            redis_cluster: false,
+            redis_timeout: "50ms".into(),
+            on_redis_error: "local".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRateLimit {
+    pub store: String,
+    pub trusted_proxies: Vec<String>,
+    pub max_keys: usize,
+    pub rules: Vec<RawRule>,
+}
+
+impl Default for RawRateLimit {
+    fn default() -> Self {
+        RawRateLimit {
+            store: "memory".into(),
+            trusted_proxies: Vec::new(),
+            max_keys: 100_000,
+            rules: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub name: Option<String>,
+    #[serde(default = "ip")]
+    pub key: String,
+    pub limit: u64,
+    pub period: String,
+    #[serde(default)]
+    pub burst: u64,
+    #[serde(default = "gcra")]
+    pub algorithm: String,
+}
+
+fn ip() -> String {
+    "ip".into()
+}
+
+fn gcra() -> String {
+    "gcra".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAuth {
+    pub api_keys: Vec<String>,
+    pub api_keys_file: Option<String>,
+    pub header: String,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        RawAuth {
+            api_keys: Vec::new(),
+            api_keys_file: None,
+            header: "X-API-Key".into(),
+        }
+    }
+}
+
+/// The limit-related keys of one `[[routes]]` entry.
+#[derive(Debug, Default)]
+pub struct RawRouteLimits {
+    pub rate_limits: Option<Vec<RawRule>>,
+    pub auth: Option<String>,
+    pub max_in_flight: Option<u32>,
+    pub queue_size: Option<usize>,
+    pub queue_timeout: Option<String>,
+}
+
+/// Defaults of the concurrency keys, for routes and upstreams alike.
+pub const DEFAULT_QUEUE_SIZE: usize = 100;
+pub const DEFAULT_QUEUE_TIMEOUT: &str = "1s";
+
+/// Everything that decides whether a request may go on, validated.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub state: StateConfig,
+    pub store: StoreKind,
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_keys: usize,
+    pub auth: AuthConfig,
+    /// By route position.
+    pub routes: Vec<RouteLimits>,
+    /// Upstreams with a `max_in_flight`, by name.
+    pub upstreams: BTreeMap<String, ConcurrencyConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+    Redis,
+}
+
+#[derive(Clone)]
+pub struct StateConfig {
+    /// Node URLs (one, or several cluster seeds); they may hold a password.
+    pub redis_urls: Vec<String>,
+    pub redis_cluster: bool,
+    pub redis_timeout: Duration,
+    pub on_redis_error: OnRedisError,
+}
+
+impl fmt::Debug for StateConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<String> = self.redis_urls.iter().map(|u| redacted(u)).collect();
+        f.debug_struct("StateConfig")
+            .field("redis_urls", &urls)
+            .field("redis_cluster", &self.redis_cluster)
+            .field("redis_timeout", &self.redis_timeout)
+            .field("on_redis_error", &self.on_redis_error)
+            .finish()
+    }
+}
+
+/// A Redis URL fit for logs: the password replaced by `***`.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let auth = &url[scheme + 3..at];
+            let user = auth.split_once(':').map_or("", |(user, _)| user);
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// What a decision does when Redis does not answer within `redis_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRedisError {
+    /// Decide with the in-process store and the same rules until Redis answers again.
+    Local,
+    Allow,
+    /// Reject with 429 (never a 5xx).
+    Deny,
+}
+
+#[derive(Clone)]
+pub struct AuthConfig {
+    pub header: HeaderName,
+    pub api_keys: Vec<String>,
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("header", &self.header)
+            .field(
+                "api_keys",
+                &format_args!("[{} hidden]", self.api_keys.len()),
+            )
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RouteLimits {
+    pub api_key: bool,
+    pub rules: Vec<RuleConfig>,
+    pub concurrency: Option<ConcurrencyConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleConfig {
+    /// Names the rule's counters and its Redis keys (`scalegate:rl:NAME:...`).
+    pub name: String,
+    pub key: RuleKey,
+    pub quota: Quota,
+}
+
+/// What a rule counts requests by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleKey {
+    ClientIp,
+    /// The API key the request presented (its position in the list, never the key itself);
+    /// requests without a known key count by client IP.
+    ApiKey,
+    /// Requests without the header count by client IP.
+    Header(HeaderName),
+    Route,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConcurrencyConfig {
+    pub max_in_flight: u32,
+    pub queue_size: usize,
+    pub queue_timeout: Duration,
+}
+
+/// Validates the limit sections; `routes` are (route name, its raw limit keys) in order.
+pub(super) fn validate(
+    p: &mut Problems,
+    state: &RawState,
+    rate_limit: &RawRateLimit,
+    auth: &RawAuth,
+    routes: &[(String, RawRouteLimits)],
+    upstreams: &[(String, u32, usize, String)],
+) -> LimitsConfig {
+    let state = validate_state(p, state);
+    let store = match rate_limit.store.as_str() {
+        "memory" => StoreKind::Memory,
+        "redis" => {
+            if state.redis_urls.is_empty() {
+                p.push("rate_limit.store", "\"redis\" needs state.redis_url");
+            }
+            StoreKind::Redis
+        }
+        other => {
+            p.push(
+                "rate_limit.store",
+                format!("`{other}`: expected memory or redis"),
+            );
+            StoreKind::Memory
+        }
+    };
+    let trusted_proxies = rate_limit
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            parse_net(text)
+                .map_err(|err| p.push(format!("rate_limit.trusted_proxies[{i}]"), err))
+                .ok()
+        })
+        .collect();
+    if rate_limit.max_keys == 0 {
+        p.push("rate_limit.max_keys", "must be at least 1");
+    }
+    let auth = validate_auth(p, auth);
+
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
+    let defaults: Vec<RuleConfig> = rate_limit
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            let key = format!("rate_limit.rules[{i}]");
+            let default_name = format!("default{i}");
+            validate_rule(p, &key, raw, &default_name, &mut names)
+        })
+        .collect();
+    let routes = routes
+        .iter()
+        .enumerate()
+        .map(|(i, (route_name, raw))| {
+            let key = format!("routes[{i}]");
+            let api_key = match raw.auth.as_deref() {
+                None | Some("none") => false,
+                Some("api_key") => {
+                    if auth.api_keys.is_empty() {
+                        p.push(
+                            format!("{key}.auth"),
+                            "\"api_key\" needs auth.api_keys or auth.api_keys_file",
+                        );
+                    }
+                    true
+                }
+                Some(other) => {
+                    p.push(
+                        format!("{key}.auth"),
+                        format!("`{other}`: expected api_key or none"),
+                    );
+                    false
+                }
+            };
+            let rules = match &raw.rate_limits {
+                None => defaults.clone(),
+                Some(list) => list
+                    .iter()
+                    .enumerate()
+                    .map(|(j, rule)| {
+                        let default_name = if list.len() == 1 {
+                            route_name.clone()
+                        } else {
+                            format!("{route_name}{j}")
+                        };
+                        validate_rule(
+                            p,
+                            &format!("{key}.rate_limits[{j}]"),
+                            rule,
+                            &default_name,
+                            &mut names,
+                        )
+                    })
+                    .collect(),
+            };
+            let concurrency = raw.max_in_flight.map(|max| {
+                validate_concurrency(
+                    p,
+                    &key,
+                    max,
+                    raw.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE),
+                    raw.queue_timeout
+                        .as_deref()
+                        .unwrap_or(DEFAULT_QUEUE_TIMEOUT),
+                )
+            });
+            if raw.max_in_flight.is_none()
+                && (raw.queue_size.is_some() || raw.queue_timeout.is_some())
+            {
+                p.push(
+                    format!("{key}.queue_size"),
+                    "queue_size and queue_timeout only apply with max_in_flight",
+                );
+            }
+            RouteLimits {
+                api_key,
+                rules,
+                concurrency,
+            }
+        })
+        .collect();
+    let upstreams = upstreams
+        .iter()
+        .filter(|(_, max, _, _)| *max > 0)
+        .map(|(name, max, queue_size, queue_timeout)| {
+            let key = format!("upstreams.{name}");
+            let config = validate_concurrency(p, &key, *max, *queue_size, queue_timeout);
+            (name.clone(), config)
+        })
+        .collect();
+    LimitsConfig {
+        state,
+        store,
+        trusted_proxies,
+        max_keys: rate_limit.max_keys.max(1),
+        auth,
+        routes,
+        upstreams,
+    }
+}
+
+fn validate_state(p: &mut Problems, raw: &RawState) -> StateConfig {
+    let redis_urls: Vec<String> = raw
+        .redis_url
+        .iter()
+        .flat_map(|urls| urls.split(','))
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    for url in &redis_urls {
+        if redis::IntoConnectionInfo::into_connection_info(url.as_str()).is_err() {
+            p.push(
+                "state.redis_url",
+                format!(
+                    "`{}` is not a Redis URL (redis://[:PASSWORD@]HOST:PORT[/DB] or rediss://...)",
+                    redacted(url)
+                ),
+            );
+        }
+    }
+    if raw.redis_url.is_some() && redis_urls.is_empty() {
+        p.push("state.redis_url", "is empty");
+    }
+    if redis_urls.len() > 1 && !raw.redis_cluster {
+        p.push(
+            "state.redis_url",
+            "several URLs are only for Redis Cluster (set state.redis_cluster = true)",
+        );
+    }
+    let redis_timeout = p.duration("state.redis_timeout", &raw.redis_timeout);
+    if redis_timeout.is_zero() {
+        p.push("state.redis_timeout", "must be more than 0");
+    }
+    let on_redis_error = match raw.on_redis_error.as_str() {
+        "local" => OnRedisError::Local,
+        "allow" => OnRedisError::Allow,
+        "deny" => OnRedisError::Deny,
+        other => {
+            p.push(
+                "state.on_redis_error",
+                format!("`{other}`: expected local, allow or deny"),
+            );
+            OnRedisError::Local
+        }
+    };
+    StateConfig {
+        redis_urls,
+        redis_cluster: raw.redis_cluster,
+        redis_timeout,
+        on_redis_error,
+    }
+}
+
+fn validate_auth(p: &mut Problems, raw: &RawAuth) -> AuthConfig {
+    let mut api_keys: Vec<String> = raw.api_keys.clone();
+    if let Some(path) = &raw.api_keys_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) => api_keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|line| !line.is_empty() && !line.starts_with('#'))
+                    .map(String::from),
+            ),
+            Err(err) => p.push("auth.api_keys_file", format!("cannot read {path}: {err}")),
+        }
+    }
+    for (i, key) in api_keys.iter().enumerate() {
+        if key.len() < 8 || http::HeaderValue::from_str(key).is_err() {
+            // Never echo the key itself.
+            p.push(
+                format!("auth.api_keys[{i}]"),
+                "must be at least 8 visible ASCII characters",
+            );
+        }
+    }
+    AuthConfig {
+        header: p.header("auth.header", &raw.header),
+        api_keys,
+    }
+}
+
+fn validate_rule(
+    p: &mut Problems,
+    key: &str,
+    raw: &RawRule,
+    default_name: &str,
+    names: &mut BTreeMap<String, String>,
+) -> RuleConfig {
+    let name = raw.name.clone().unwrap_or_else(|| default_name.to_string());
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        p.push(
+            format!("{key}.name"),
+            "letters, digits, - _ . only (it goes into headers and Redis keys)",
+        );
+    }
+    if let Some(first) = names.insert(name.clone(), key.to_string()) {
+        p.push(
+            format!("{key}.name"),
+            format!("`{name}` is already the name of {first}"),
+        );
+    }
+    let rule_key = match raw.key.as_str() {
+        "ip" => RuleKey::ClientIp,
+        "api_key" => RuleKey::ApiKey,
+        "route" => RuleKey::Route,
+        other => match other.strip_prefix("header:") {
+            Some(header) => RuleKey::Header(p.header(&format!("{key}.key"), header)),
+            None => {
+                p.push(
+                    format!("{key}.key"),
+                    format!("`{other}`: expected ip, api_key, route or header:NAME"),
+                );
+                RuleKey::ClientIp
+            }
+        },
+    };
+    let algorithm = match raw.algorithm.as_str() {
+        "gcra" => Algorithm::Gcra,
+        "sliding_window" => Algorithm::SlidingWindow,
+        other => {
+            p.push(
+                format!("{key}.algorithm"),
+                format!("`{other}`: expected gcra or sliding_window"),
+            );
+            Algorithm::Gcra
+        }
+    };
+    let period = p.duration(&format!("{key}.period"), &raw.period);
+    let period_us = period.as_micros().min(u128::from(u64::MAX)) as u64;
+    if period_us < 1000 {
+        p.push(format!("{key}.period"), "must be at least 1ms");
+    }
+    if raw.limit == 0 {
+        p.push(format!("{key}.limit"), "must be at least 1");
+    }
+    // The Redis script computes in doubles: keep limit × period (µs) exact in 53 bits.
+    if u128::from(raw.limit.max(raw.burst)) * u128::from(period_us) >= 1 << 52 {
+        p.push(
+            format!("{key}.limit"),
+            "limit × period is too large (keep it below 4.5e15 requests·µs)",
+        );
+    }
+    if algorithm == Algorithm::SlidingWindow && raw.burst > 0 {
+        p.push(
+            format!("{key}.burst"),
+            "only used with algorithm = \"gcra\"",
+        );
+    }
+    RuleConfig {
+        name,
+        key: rule_key,
+        quota: Quota {
+            algorithm,
+            limit: raw.limit.max(1),
+            period_us: period_us.max(1000),
+            burst: raw.burst,
+        },
+    }
+}
+
+fn validate_concurrency(
+    p: &mut Problems,
+    key: &str,
+    max_in_flight: u32,
+    queue_size: usize,
+    queue_timeout: &str,
+) -> ConcurrencyConfig {
+    if max_in_flight == 0 {
+        p.push(
+            format!("{key}.max_in_flight"),
+            "must be at least 1 (leave it out for no limit)",
+        );
+    }
+    ConcurrencyConfig {
+        max_in_flight: max_in_flight.max(1),
+        queue_size,
+        queue_timeout: p.duration(&format!("{key}.queue_timeout"), queue_timeout),
+    }
+}
+
+/// `10.0.0.0/8`, `::1/128`, or a bare address (a single host).
+fn parse_net(text: &str) -> Result<IpNet, String> {
+    let text = text.trim();
+    text.parse::<IpNet>()
+        .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("`{text}` is not an address or CIDR range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const BASE: &str = "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n";
+
+    #[test]
+    fn rules_routes_and_defaults() {
+        let text = format!(
+            r#"{BASE}
+max_in_flight = 10
+[rate_limit]
+trusted_proxies = ["10.0.0.0/8", "127.0.0.1"]
+[[rate_limit.rules]]
+name = "per_ip"
+limit = 100
+period = "1m"
+burst = 20
+
+[auth]
+api_keys = ["key-number-one"]
+
+[[routes]]
+upstream = "app"
+
+[[routes]]
+name = "api"
+path_prefix = "/api"
+upstream = "app"
+auth = "api_key"
+max_in_flight = 2
+rate_limits = [{{ key = "api_key", limit = 5, period = "1s", algorithm = "sliding_window" }}]
+"#
+        );
+        let config = Config::from_toml(&text).unwrap();
+        let limits = &config.limits;
+        assert_eq!(limits.store, StoreKind::Memory);
+        assert_eq!(limits.trusted_proxies.len(), 2);
+        assert_eq!(limits.routes[0].rules[0].name, "per_ip");
+        assert_eq!(limits.routes[0].rules[0].quota.period_us, 60_000_000);
+        assert!(!limits.routes[0].api_key);
+        let api = &limits.routes[1];
+        assert!(api.api_key);
+        assert_eq!(api.rules.len(), 1);
+        assert_eq!(api.rules[0].name, "api");
+        assert_eq!(api.rules[0].key, RuleKey::ApiKey);
+        assert_eq!(api.rules[0].quota.algorithm, Algorithm::SlidingWindow);
+        assert_eq!(api.concurrency.unwrap().max_in_flight, 2);
+        assert_eq!(api.concurrency.unwrap().queue_size, DEFAULT_QUEUE_SIZE);
+        assert_eq!(limits.upstreams["app"].max_in_flight, 10);
+        assert_eq!(limits.state.redis_timeout, Duration::from_millis(50));
+        assert_eq!(limits.state.on_redis_error, OnRedisError::Local);
+        assert!(!format!("{config:?}").contains("key-number-one"));
+    }
+
+    #[test]
+    fn every_bad_limit_key_is_named() {
+        let text = format!(
+            r#"{BASE}
+[state]
+redis_url = "http://nope"
+redis_timeout = "0ms"
+on_redis_error = "panic"
+[rate_limit]
+store = "redis"
+trusted_proxies = ["10.0.0.0/33"]
+[[rate_limit.rules]]
+key = "cookie:x"
+limit = 0
+period = "soon"
+algorithm = "leaky"
+[[rate_limit.rules]]
+name = "default0"
+limit = 1
+period = "1s"
+burst = 3
+algorithm = "sliding_window"
+[auth]
+api_keys = ["short"]
+header = "bad header"
+[[routes]]
+upstream = "app"
+auth = "password"
+max_in_flight = 0
+"#
+        );
+        let errors = Config::from_toml(&text).unwrap_err().0;
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        for expected in [
+            "state.redis_url",
+            "state.redis_timeout",
+            "state.on_redis_error",
+            "rate_limit.trusted_proxies[0]",
+            "rate_limit.rules[0].key",
+            "rate_limit.rules[0].limit",
+            "rate_limit.rules[0].period",
+            "rate_limit.rules[0].algorithm",
+            "rate_limit.rules[1].name",
+            "rate_limit.rules[1].burst",
+            "auth.api_keys[0]",
+            "auth.header",
+            "routes[0].auth",
+            "routes[0].max_in_flight",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+        assert!(!errors.iter().any(|e| e.message.contains("short")));
+    }
+
+    #[test]
+    fn redis_store_needs_a_url_and_passwords_stay_out_of_messages() {
+        let text =
+            format!("{BASE}[rate_limit]\nstore = \"redis\"\n[[routes]]\nupstream = \"app\"\n");
+        let errors = Config::from_toml(&text).unwrap_err().0;
+        assert_eq!(errors[0].key, "rate_limit.store");
+        assert_eq!(
+            redacted("redis://:s3cret@127.0.0.1:6379/2"),
+            "redis://:***@127.0.0.1:6379/2"
+        );
+        assert_eq!(
+            redacted("rediss://user:pw@host:1"),
+            "rediss://user:***@host:1"
+        );
+        assert_eq!(redacted("redis://127.0.0.1"), "redis://127.0.0.1");
+    }
+}

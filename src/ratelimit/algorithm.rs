@@ -1,0 +1,422 @@
+//! The rate-limit decisions themselves: GCRA and the sliding-window counter over plain state,
+//! with the clock passed in as microseconds. The Redis script applies the same updates and
+//! hands back what it read, and these functions turn that into the decision, so both stores
+//! answer the same way.
+
+/// How a rule counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Generic cell rate algorithm: token-bucket semantics, equal to nginx
+    /// `limit_req rate=limit/period burst=burst nodelay`.
+    Gcra,
+    /// Counter over the previous and the current fixed window, the previous one weighted by how
+    /// much of it still overlaps the sliding window.
+    SlidingWindow,
+}
+
+/// The numbers of one rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub algorithm: Algorithm,
+    pub limit: u64,
+    pub period_us: u64,
+    /// GCRA only: requests admitted at once on top of the first one.
+    pub burst: u64,
+}
+
+impl Quota {
+    /// GCRA emission interval T = period / limit.
+    pub fn interval_us(&self) -> u64 {
+        (self.period_us / self.limit.max(1)).max(1)
+    }
+
+    /// GCRA tolerance τ = T × burst.
+    pub fn tolerance_us(&self) -> u64 {
+        self.interval_us() * self.burst
+    }
+}
+
+/// The answer for one request under one rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateDecision {
+    pub allowed: bool,
+    pub limit: u64,
+    /// Requests that could still pass right now.
+    pub remaining: u64,
+    /// Time until the quota is whole again.
+    pub reset_us: u64,
+    /// When rejected: time until a request would pass.
+    pub retry_after_us: u64,
+}
+
+/// What the sliding window keeps per key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Index of the current fixed window (now / period).
+    pub index: u64,
+    pub prev: u64,
+    pub curr: u64,
+}
+
+/// What a store keeps per (rule, key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    /// Theoretical arrival time of the next request, µs.
+    Gcra(u64),
+    Window(Window),
+}
+
+impl SlotState {
+    /// The moment from which this state means the same as no state at all, so it may be dropped.
+    pub fn idle_after(&self, quota: &Quota) -> u64 {
+        match self {
+            SlotState::Gcra(tat) => *tat,
+            SlotState::Window(w) => (w.index + 2) * quota.period_us,
+        }
+    }
+}
+
+/// Decides one request at `now` given the stored state; returns the state to store when allowed.
+pub fn decide(
+    quota: &Quota,
+    state: Option<SlotState>,
+    now: u64,
+) -> (RateDecision, Option<SlotState>) {
+    match quota.algorithm {
+        Algorithm::Gcra => {
+            let tat = match state {
+                Some(SlotState::Gcra(tat)) => Some(tat),
+                _ => None,
+            };
+            let (decision, tat) = gcra(quota, tat, now);
+            (decision, tat.map(SlotState::Gcra))
+        }
+        Algorithm::SlidingWindow => {
+            let window = match state {
+                Some(SlotState::Window(w)) => Some(w),
+                _ => None,
+            };
+            let (decision, window) = sliding_window(quota, window, now);
+            (decision, window.map(SlotState::Window))
+        }
+    }
+}
+
+/// GCRA: allow iff now ≥ TAT − τ, then TAT = max(TAT, now) + T.
+pub fn gcra(quota: &Quota, tat: Option<u64>, now: u64) -> (RateDecision, Option<u64>) {
+    let interval = quota.interval_us();
+    let tolerance = quota.tolerance_us();
+    let tat = tat.unwrap_or(now).max(now);
+    if now + tolerance >= tat {
+        let next = tat + interval;
+        let decision = RateDecision {
+            allowed: true,
+            limit: quota.limit,
+            remaining: (now + tolerance - tat) / interval,
+            reset_us: next - now,
+            retry_after_us: 0,
+        };
+        (decision, Some(next))
+    } else {
+        let decision = RateDecision {
+            allowed: false,
+            limit: quota.limit,
+            remaining: 0,
+            reset_us: tat - now,
+            retry_after_us: tat - tolerance - now,
+        };
+        (decision, None)
+    }
+}
+
+/// Sliding-window counter: estimate = prev × (W − elapsed)/W + curr; allow iff estimate + 1 ≤
+/// limit. Computed in integers (both sides × W) so the Lua script gets the same answer.
+pub fn sliding_window(
+    quota: &Quota,
+    stored: Option<Window>,
+    now: u64,
+) -> (RateDecision, Option<Window>) {
+    let period = quota.period_us;
+    let index = now / period;
+    let elapsed = now - index * period;
+    let (prev, curr) = match stored {
+        Some(w) if w.index == index => (w.prev, w.curr),
+        Some(w) if w.index + 1 == index => (w.curr, 0),
+        _ => (0, 0),
+    };
+    let weighted = u128::from(prev) * u128::from(period - elapsed);
+    let capacity = u128::from(quota.limit) * u128::from(period);
+    let used = weighted + u128::from(curr + 1) * u128::from(period);
+    if used <= capacity {
+        let decision = RateDecision {
+            allowed: true,
+            limit: quota.limit,
+            remaining: ((capacity - used) / u128::from(period)) as u64,
+            reset_us: period - elapsed,
+            retry_after_us: 0,
+        };
+        let window = Window {
+            index,
+            prev,
+            curr: curr + 1,
+        };
+        (decision, Some(window))
+    } else {
+        // When does prev × (W − e) + (curr' + 1) × W ≤ limit × W hold again?
+        let retry_after_us = if curr < quota.limit {
+            // In this window, once enough of the previous one has slid out.
+            let room = (quota.limit - curr - 1) * period / prev.max(1);
+            (period - room.min(period)).saturating_sub(elapsed).max(1)
+        } else {
+            // In the next one, where this window's count becomes the weighted part.
+            let room = (quota.limit.saturating_sub(1)) * period / curr.max(1);
+            (period - elapsed) + period.saturating_sub(room)
+        };
+        let decision = RateDecision {
+            allowed: false,
+            limit: quota.limit,
+            remaining: 0,
+            reset_us: period - elapsed,
+            retry_after_us,
+        };
+        (decision, None)
+    }
+}
+
+/// Several rules applied to one request: any rejection rejects (the longest wait is reported);
+/// otherwise the rule with the least remaining speaks for the headers.
+pub fn strictest(a: (usize, RateDecision), b: (usize, RateDecision)) -> (usize, RateDecision) {
+    let (_, da) = a;
+    let (_, db) = b;
+    match (da.allowed, db.allowed) {
+        (true, false) => b,
+        (false, true) => a,
+        (false, false) if db.retry_after_us > da.retry_after_us => b,
+        (false, false) => a,
+        (true, true) if db.remaining < da.remaining => b,
+        (true, true) => a,
+    }
+}
+
+/// Whole seconds for headers, rounded up so a client that waits that long is let through.
+pub fn ceil_secs(us: u64) -> u64 {
+    us.div_ceil(1_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SEC: u64 = 1_000_000;
+
+    fn gcra_quota(limit: u64, period_us: u64, burst: u64) -> Quota {
+        Quota {
+            algorithm: Algorithm::Gcra,
+            limit,
+            period_us,
+            burst,
+        }
+    }
+
+    fn window_quota(limit: u64, period_us: u64) -> Quota {
+        Quota {
+            algorithm: Algorithm::SlidingWindow,
+            limit,
+            period_us,
+            burst: 0,
+        }
+    }
+
+    /// Runs `arrivals` through `decide` and returns the admitted times.
+    fn admitted(quota: &Quota, arrivals: &[u64]) -> Vec<u64> {
+        let mut state = None;
+        let mut out = Vec::new();
+        for &now in arrivals {
+            let (decision, next) = decide(quota, state, now);
+            if decision.allowed {
+                state = next;
+                out.push(now);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn gcra_burst_is_nginx_nodelay() {
+        // limit_req rate=10r/s burst=5 nodelay: 6 at once, then one every 100 ms.
+        let q = gcra_quota(10, SEC, 5);
+        let mut tat = None;
+        let t0 = 50 * SEC;
+        for i in 0..6 {
+            let (d, next) = gcra(&q, tat, t0);
+            assert!(d.allowed, "request {i}");
+            assert_eq!(d.remaining, 5 - i);
+            tat = next;
+        }
+        let (d, _) = gcra(&q, tat, t0);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after_us, 100_000);
+        let (d, _) = gcra(&q, tat, t0 + 99_999);
+        assert!(!d.allowed);
+        let (d, next) = gcra(&q, tat, t0 + 100_000);
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 0);
+        // After a quiet second the whole burst is back, never more.
+        let later = t0 + 100_000 + 2 * SEC;
+        let (d, _) = gcra(&q, next, later);
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 5);
+    }
+
+    #[test]
+    fn gcra_without_burst_spaces_requests() {
+        let q = gcra_quota(20, 60 * SEC, 0);
+        let (d, tat) = gcra(&q, None, 0);
+        assert!(d.allowed && d.remaining == 0);
+        assert_eq!(d.reset_us, 3 * SEC);
+        let (d, _) = gcra(&q, tat, SEC);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after_us, 2 * SEC);
+        assert_eq!(ceil_secs(d.retry_after_us), 2);
+    }
+
+    #[test]
+    fn sliding_window_boundary() {
+        let q = window_quota(10, SEC);
+        // 10 late in window 0 fill it; the 11th is refused.
+        let arrivals: Vec<u64> = (0..11).map(|i| 900_000 + i).collect();
+        let mut state = None;
+        for (i, &now) in arrivals.iter().enumerate() {
+            let (d, next) = sliding_window(&q, state, now);
+            assert_eq!(d.allowed, i < 10, "request {i}");
+            if d.allowed {
+                state = next;
+                assert_eq!(d.remaining, 9 - i as u64);
+            } else {
+                // Nothing slides out before the window ends, then 10 × (1 − e) ≤ 9 needs e ≥ 0.1.
+                assert_eq!(d.retry_after_us, (SEC - now) + 100_000);
+            }
+        }
+        // Right at the boundary the previous window still counts in full: refused.
+        let (d, _) = sliding_window(&q, state, SEC);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after_us, 100_000);
+        // Halfway into window 1 half of window 0 has slid out: 5 more pass, not 6.
+        for i in 0..6 {
+            let (d, next) = sliding_window(&q, state, SEC + SEC / 2 + i);
+            assert_eq!(d.allowed, i < 5, "request {i} at 1.5 s");
+            if d.allowed {
+                state = next;
+            }
+        }
+        // Two windows later everything is forgotten.
+        let (d, _) = sliding_window(&q, state, 3 * SEC);
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 9);
+    }
+
+    #[test]
+    fn strictest_rule_wins() {
+        let ok = |remaining| RateDecision {
+            allowed: true,
+            limit: 10,
+            remaining,
+            reset_us: 0,
+            retry_after_us: 0,
+        };
+        let no = |retry_after_us| RateDecision {
+            allowed: false,
+            limit: 10,
+            remaining: 0,
+            reset_us: 0,
+            retry_after_us,
+        };
+        assert_eq!(strictest((0, ok(5)), (1, ok(3))).0, 1);
+        assert_eq!(strictest((0, ok(2)), (1, ok(3))).0, 0);
+        assert_eq!(strictest((0, ok(0)), (1, no(5))).0, 1);
+        assert_eq!(strictest((0, no(9)), (1, no(5))).0, 0);
+    }
+
+    /// Most admitted in any half-open window [t, t + period).
+    fn max_in_any_window(times: &[u64], period: u64) -> usize {
+        let mut best = 0;
+        let mut start = 0;
+        for end in 0..times.len() {
+            while times[end] >= times[start] + period {
+                start += 1;
+            }
+            best = best.max(end - start + 1);
+        }
+        best
+    }
+
+    fn arrivals(gaps: Vec<u64>) -> Vec<u64> {
+        let mut now = 1_000 * SEC;
+        gaps.into_iter()
+            .map(|gap| {
+                now += gap;
+                now
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn gcra_never_admits_more_than_limit_plus_burst_per_period(
+            limit in 1u64..50,
+            burst in 0u64..20,
+            period_ms in 10u64..5_000,
+            gaps in proptest::collection::vec(0u64..200_000, 1..400),
+        ) {
+            let q = gcra_quota(limit, period_ms * 1000, burst);
+            let times = admitted(&q, &arrivals(gaps));
+            prop_assert!(max_in_any_window(&times, q.period_us) as u64 <= limit + burst);
+        }
+
+        #[test]
+        fn sliding_window_bounds(
+            limit in 1u64..50,
+            period_ms in 10u64..5_000,
+            gaps in proptest::collection::vec(0u64..200_000, 1..400),
+        ) {
+            let q = window_quota(limit, period_ms * 1000);
+            let times = admitted(&q, &arrivals(gaps));
+            // Exact per fixed window; the weighted estimate may let up to 2 × limit through a
+            // sliding one when the previous window's requests bunched up at its end.
+            let mut per_window = std::collections::HashMap::new();
+            for t in &times {
+                *per_window.entry(t / q.period_us).or_insert(0u64) += 1;
+            }
+            prop_assert!(per_window.values().all(|&n| n <= limit));
+            prop_assert!(max_in_any_window(&times, q.period_us) as u64 <= 2 * limit);
+        }
+
+        #[test]
+        fn a_rejected_request_passes_after_retry_after(
+            limit in 1u64..50,
+            burst in 0u64..5,
+            sliding in any::<bool>(),
+            period_ms in 10u64..5_000,
+            gaps in proptest::collection::vec(0u64..50_000, 1..200),
+        ) {
+            let q = Quota {
+                algorithm: if sliding { Algorithm::SlidingWindow } else { Algorithm::Gcra },
+                limit,
+                period_us: period_ms * 1000,
+                burst: if sliding { 0 } else { burst },
+            };
+            let mut state = None;
+            for now in arrivals(gaps) {
+                let (d, next) = decide(&q, state, now);
+                if d.allowed {
+                    state = next;
+                } else {
+                    prop_assert!(d.retry_after_us > 0);
+                    let (later, _) = decide(&q, state, now + d.retry_after_us);
+                    prop_assert!(later.allowed);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The in-process store: rule state in a fixed set of mutex-guarded shards, keyed by a 64-bit
+//! hash of (rule, key) so a lookup allocates nothing. Memory is bounded: a full shard first
+//! drops idle entries (whose state means the same as none), then an eighth of what is left.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::sync::Mutex;
+
+use super::algorithm::{decide, Quota, RateDecision, SlotState};
+
+const SHARDS: usize = 64;
+
+struct Slot {
+    state: SlotState,
+    idle_after: u64,
+}
+
+pub struct MemoryStore {
+    shards: Box<[Mutex<HashMap<u64, Slot>>]>,
+    per_shard: usize,
+    hasher: RandomState,
+}
+
+impl MemoryStore {
+    /// A store holding about `max_keys` (rule, key) entries at most.
+    pub fn new(max_keys: usize) -> MemoryStore {
+        MemoryStore {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: max_keys.div_ceil(SHARDS).max(8),
+            hasher: RandomState::new(),
+        }
+    }
+
+    /// Decides one request for `key` under the rule identified by `rule_id`, at `now` (µs).
+    pub fn decide(&self, rule_id: u64, quota: &Quota, key: &impl Hash, now: u64) -> RateDecision {
+        let hash = self.hasher.hash_one((rule_id, key));
+        let shard = &self.shards[(hash % SHARDS as u64) as usize];
+        let mut slots = shard.lock().expect("rate-limit shard");
+        let stored = slots.get(&hash).map(|slot| slot.state);
+        let (decision, next) = decide(quota, stored, now);
+        if let Some(state) = next {
+            if stored.is_none() && slots.len() >= self.per_shard {
+                make_room(&mut slots, now);
+            }
+            slots.insert(
+                hash,
+                Slot {
+                    state,
+                    idle_after: state.idle_after(quota),
+                },
+            );
+        }
+        decision
+    }
+
+    /// Entries held now (for the admin API).
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().expect("rate-limit shard").len())
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn make_room(slots: &mut HashMap<u64, Slot>, now: u64) {
+    let before = slots.len();
+    slots.retain(|_, slot| slot.idle_after > now);
+    if slots.len() * 8 > before * 7 {
+        // Still (nearly) full of live entries: forget some, which only ever admits more. Drop
+        // enough that the next purge is an eighth of the capacity away.
+        let drop: Vec<u64> = slots.keys().take(before / 8 + 1).copied().collect();
+        for key in drop {
+            slots.remove(&key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ratelimit::algorithm::Algorithm;
+
+    const SEC: u64 = 1_000_000;
+
+    fn quota(limit: u64, burst: u64) -> Quota {
+        Quota {
+            algorithm: Algorithm::Gcra,
+            limit,
+            period_us: SEC,
+            burst,
+        }
+    }
+
+    #[test]
+    fn keys_and_rules_are_separate() {
+        let store = MemoryStore::new(1000);
+        let q = quota(1, 0);
+        assert!(store.decide(1, &q, &"a", 0).allowed);
+        assert!(!store.decide(1, &q, &"a", 0).allowed);
+        assert!(store.decide(1, &q, &"b", 0).allowed);
+        assert!(store.decide(2, &q, &"a", 0).allowed);
+    }
+
+    #[test]
+    fn memory_stays_bounded_and_idle_keys_go_first() {
+        let store = MemoryStore::new(SHARDS * 16);
+        let q = quota(1, 0);
+        for i in 0..100_000u64 {
+            store.decide(1, &q, &i, i);
+        }
+        assert!(store.len() <= SHARDS * 16, "{}", store.len());
+        // A key that is still limited survives when the others have gone idle.
+        let later = 10 * SEC;
+        assert!(store.decide(1, &q, &"hot", later).allowed);
+        for i in 0..(SHARDS as u64 * 2) {
+            store.decide(1, &q, &(i + 1_000_000), later + 1);
+        }
+        assert!(!store.decide(1, &q, &"hot", later + 2).allowed);
+    }
+
+    /// nginx `limit_req zone=z rate=10r/s burst=5 nodelay`, driven by tokio's paused clock the
+    /// way the gateway drives the store.
+    #[tokio::test(start_paused = true)]
+    async fn gcra_burst_matches_nginx_on_a_paused_clock() {
+        use std::time::Duration;
+        use tokio::time::Instant;
+        let store = MemoryStore::new(1000);
+        let q = quota(10, 5);
+        let origin = Instant::now();
+        let now = || origin.elapsed().as_micros() as u64 + SEC;
+        let burst: Vec<bool> = (0..8)
+            .map(|_| store.decide(7, &q, &"client", now()).allowed)
+            .collect();
+        assert_eq!(burst, [true, true, true, true, true, true, false, false]);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert!(store.decide(7, &q, &"client", now()).allowed);
+        assert!(!store.decide(7, &q, &"client", now()).allowed);
+        // 10 r/s sustained: one every 100 ms passes, a second in between does not.
+        for _ in 0..20 {
+            tokio::time::advance(Duration::from_millis(50)).await;
+            let half = store.decide(7, &q, &"client", now()).allowed;
+            tokio::time::advance(Duration::from_millis(50)).await;
+            let full = store.decide(7, &q, &"client", now()).allowed;
+            assert!(!half && full);
+        }
+        // Quiet for a second: the burst of 6 is back.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let refill = (0..8)
+            .filter(|_| store.decide(7, &q, &"client", now()).allowed)
+            .count();
+        assert_eq!(refill, 6);
+    }
+}

@@ -1,0 +1,623 @@
+//! End-to-end tests of rate limits, API keys and concurrency limits: real gateways, demo
+//! backends and a real `redis-server` on loopback ports.
+
+mod support;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+
+/// A `redis-server` of our own on a free loopback port, killed on drop.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    password: Option<String>,
+}
+
+impl Redis {
+    fn start(password: Option<&str>) -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Redis {
+            child: None,
+            port,
+            password: password.map(String::from),
+        };
+        redis.restart();
+        redis
+    }
+
+    /// (Re)starts the server on the same port, empty.
+    fn restart(&mut self) {
+        let mut cmd = Command::new(redis_server());
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(password) = &self.password {
+            cmd.args(["--requirepass", password]);
+        }
+        self.child = Some(
+            cmd.spawn()
+                .expect("redis-server (scripts/test installs it)"),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn redis_server() -> &'static str {
+    if std::path::Path::new("/usr/bin/redis-server").exists() {
+        "/usr/bin/redis-server"
+    } else {
+        "redis-server"
+    }
+}
+
+fn redis_config(redis: &Redis, backend: &Proc, routes: &str) -> String {
+    format!(
+        "[state]\nredis_url = \"{}\"\n\n[rate_limit]\nstore = \"redis\"\n\n[upstreams.app]\ninstances = [\"{}\"]\n\n{routes}",
+        redis.url(),
+        backend.addr()
+    )
+}
+
+/// Fires `n` GETs at once, alternating over `urls`; returns the replies.
+async fn burst(client: &Client, urls: &[String], n: usize, headers: &[(&str, &str)]) -> Vec<Reply> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let client = client.clone();
+            let url = urls[i % urls.len()].clone();
+            let headers: Vec<(String, String)> = headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            tokio::spawn(async move {
+                let headers: Vec<(&str, &str)> = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                request(&client, "GET", &url, &headers, "").await.unwrap()
+            })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for task in tasks {
+        replies.push(task.await.unwrap());
+    }
+    replies
+}
+
+fn count(replies: &[Reply], status: u16) -> usize {
+    replies.iter().filter(|r| r.status == status).count()
+}
+
+async fn admin_json(client: &Client, gw: &Gateway, path: &str) -> (u16, serde_json::Value) {
+    let reply = get(client, &gw.admin_url(path)).await;
+    (reply.status, reply.json())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_of_twenty_five_pass_through_two_replicas_sharing_redis() {
+    let redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let routes = r#"
+[[routes]]
+name = "sw"
+path_prefix = "/sw"
+upstream = "app"
+rate_limits = [{ name = "per_ip_window", limit = 20, period = "1m", algorithm = "sliding_window" }]
+
+[[routes]]
+name = "gcra"
+path_prefix = "/gcra"
+upstream = "app"
+rate_limits = [{ name = "per_ip_gcra", limit = 20, period = "1m", burst = 19 }]
+"#;
+    let config = redis_config(&redis, &backend, routes);
+    let a = gateway(&config);
+    let b = gateway(&config);
+    let client = client();
+    for path in ["/sw", "/gcra"] {
+        let urls = vec![a.url(path), b.url(path)];
+        let replies = burst(&client, &urls, 25, &[]).await;
+        assert_eq!(count(&replies, 200), 20, "{path}");
+        assert_eq!(count(&replies, 429), 5, "{path}");
+        for reply in replies.iter().filter(|r| r.status == 429) {
+            let retry_after: u64 = reply.header("retry-after").parse().unwrap();
+            assert!((1..=60).contains(&retry_after), "{retry_after}");
+            assert!(reply.header("ratelimit-policy").contains(";q=20;w=60"));
+            assert!(reply.header("ratelimit").contains(";r=0;t="));
+            assert_eq!(reply.json()["error"], "rate_limited");
+            assert!(!reply.json()["request_id"].as_str().unwrap().is_empty());
+        }
+        let remaining: Vec<u64> = replies
+            .iter()
+            .filter(|r| r.status == 200)
+            .map(|r| {
+                let header = r.header("ratelimit");
+                header
+                    .split(";r=")
+                    .nth(1)
+                    .unwrap()
+                    .split(';')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        // Each pass saw a different remaining count: one quota, shared by both replicas.
+        let mut sorted = remaining.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..20).collect::<Vec<u64>>(), "{path}");
+    }
+    // Rejections never reached the instance.
+    assert_eq!(backend_requests(&client, &backend).await, 40);
+
+    // Keys are namespaced and expire on their own.
+    let mut conn = redis.conn();
+    let window_ttl: i64 = redis::cmd("PTTL")
+        .arg("scalegate:rl:per_ip_window:ip:127.0.0.1")
+        .query(&mut conn)
+        .unwrap();
+    assert!((1..=120_000).contains(&window_ttl), "{window_ttl}");
+    let gcra_ttl: i64 = redis::cmd("PTTL")
+        .arg("scalegate:rl:per_ip_gcra:ip:127.0.0.1")
+        .query(&mut conn)
+        .unwrap();
+    // Expires at the TAT: 20 requests × 3 s from now.
+    assert!((1..=61_000).contains(&gcra_ttl), "{gcra_ttl}");
+
+    let (status, health) = admin_json(&client, &a, "/health/redis").await;
+    assert_eq!(status, 200);
+    assert_eq!(health["store"], "redis");
+    assert!(health["latency_ms"].as_f64().unwrap() >= 0.0);
+    // Each replica counts its own decisions.
+    let (mut allowed, mut limited) = (0, 0);
+    for gw in [&a, &b] {
+        let (_, report) = admin_json(&client, gw, "/api/ratelimit").await;
+        for rule in report["rules"].as_array().unwrap() {
+            allowed += rule["allowed"].as_u64().unwrap();
+            limited += rule["limited"].as_u64().unwrap();
+            assert_eq!(rule["fallback"], 0, "{report}");
+        }
+    }
+    assert_eq!((allowed, limited), (40, 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_outage_falls_back_to_local_limits_and_recovers() {
+    let mut redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let routes = r#"
+[[routes]]
+upstream = "app"
+rate_limits = [{ name = "per_client", key = "header:X-Client", limit = 5, period = "1m", burst = 4 }]
+"#;
+    let gw = gateway(&redis_config(&redis, &backend, routes));
+    let client = client();
+    let statuses =
+        |replies: Vec<Reply>| -> (usize, usize) { (count(&replies, 200), count(&replies, 429)) };
+    let url = vec![gw.url("/")];
+    assert_eq!(
+        statuses(burst(&client, &url, 7, &[("x-client", "a")]).await),
+        (5, 2)
+    );
+
+    // Background load across the outage: never a 5xx.
+    let stop = Arc::new(AtomicBool::new(false));
+    let server_errors = Arc::new(AtomicU64::new(0));
+    let load = tokio::spawn({
+        let (client, url) = (client.clone(), gw.url("/"));
+        let (stop, server_errors) = (stop.clone(), server_errors.clone());
+        async move {
+            for _ in 0..2000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let reply = request(&client, "GET", &url, &[("x-client", "load")], "")
+                    .await
+                    .unwrap();
+                if reply.status >= 500 {
+                    server_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.kill();
+    // The same rule, decided locally: 5 of 7 still pass for a new client.
+    assert_eq!(
+        statuses(burst(&client, &url, 7, &[("x-client", "b")]).await),
+        (5, 2)
+    );
+    let (status, health) = admin_json(&client, &gw, "/health/redis").await;
+    assert_eq!(status, 503, "{health}");
+    let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
+    assert_eq!(report["redis_up"], false);
+    assert!(
+        report["rules"][0]["fallback"].as_u64().unwrap() >= 7,
+        "{report}"
+    );
+
+    redis.restart();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let (status, health) = admin_json(&client, &gw, "/health/redis").await;
+            status == 200 && health["shared"] == true
+        })
+        .await
+    );
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert_eq!(server_errors.load(Ordering::Relaxed), 0);
+    // Shared again: the decision is made in Redis, where the key now lives.
+    assert_eq!(
+        statuses(burst(&client, &url, 7, &[("x-client", "c")]).await),
+        (5, 2)
+    );
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("scalegate:rl:per_client:h:c")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(exists, 1);
+    let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
+    assert_eq!(report["redis_outages"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_password_is_checked_at_start_and_a_change_falls_back() {
+    let redis = Redis::start(Some("right-password"));
+    let backend = demo_backend(&[]);
+    let routes = "[[routes]]\nupstream = \"app\"\nrate_limits = [{ name = \"pw\", limit = 100, period = \"1m\", burst = 99 }]\n";
+
+    // Wrong password: the gateway refuses to start and names the key, not the password.
+    let wrong = redis_config(&redis, &backend, routes).replace("right-password", "wrong-password");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wrong.toml");
+    std::fs::write(
+        &path,
+        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{wrong}"),
+    )
+    .unwrap();
+    let mut child = Command::new(bin())
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .env("LOG_LEVEL", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the gateway started with a wrong Redis password");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("state.redis_url"), "{stderr}");
+    assert!(!stderr.contains("wrong-password"), "{stderr}");
+
+    // Right password: decisions in Redis.
+    let gw = gateway(&redis_config(&redis, &backend, routes));
+    let client = client();
+    assert_eq!(get(&client, &gw.url("/")).await.status, 200);
+    let mut conn = redis.conn();
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("scalegate:rl:pw:ip:127.0.0.1")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(exists, 1);
+
+    // The password changes under a running gateway: local limits, no 5xx.
+    redis::cmd("CONFIG")
+        .arg(&["SET", "requirepass", "new-password"])
+        .query::<()>(&mut conn)
+        .unwrap();
+    let _ = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal"])
+        .query::<()>(&mut conn);
+    for _ in 0..20 {
+        assert_eq!(get(&client, &gw.url("/")).await.status, 200);
+    }
+    let (status, _) = admin_json(&client, &gw, "/health/redis").await;
+    assert_eq!(status, 503);
+    let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
+    assert!(
+        report["rules"][0]["fallback"].as_u64().unwrap() >= 1,
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn api_keys_guard_routes_and_key_rate_limits() {
+    let backend = demo_backend(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys");
+    std::fs::write(&keys_file, "# one key a line\nfile-key-0002\n").unwrap();
+    let config = format!(
+        r#"[auth]
+api_keys = ["inline-key-0001"]
+api_keys_file = "{}"
+
+[upstreams.app]
+instances = ["{}"]
+
+[[routes]]
+upstream = "app"
+
+[[routes]]
+name = "private"
+path_prefix = "/private"
+upstream = "app"
+auth = "api_key"
+rate_limits = [{{ key = "api_key", limit = 2, period = "1m", burst = 1 }}]
+"#,
+        keys_file.display(),
+        backend.addr()
+    );
+    let gw = gateway(&config);
+    let client = client();
+    let url = gw.url("/private/x");
+    let missing = get(&client, &url).await;
+    assert_eq!(missing.status, 401);
+    assert_eq!(missing.json()["error"], "unauthorized");
+    assert_eq!(missing.json()["reason"], "missing API key");
+    assert!(!missing.json()["request_id"].as_str().unwrap().is_empty());
+    let wrong = request(
+        &client,
+        "GET",
+        &url,
+        &[("x-api-key", "inline-key-0009")],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(wrong.status, 401);
+    assert_eq!(wrong.json()["reason"], "wrong API key");
+    for key in ["inline-key-0001", "file-key-0002"] {
+        let statuses: Vec<u16> = {
+            let mut out = Vec::new();
+            for _ in 0..3 {
+                let reply = request(&client, "GET", &url, &[("x-api-key", key)], "")
+                    .await
+                    .unwrap();
+                out.push(reply.status);
+            }
+            out
+        };
+        // Two per key (limit 2 with burst 1 at once), each key its own quota.
+        assert_eq!(statuses, [200, 200, 429], "{key}");
+    }
+    assert_eq!(get(&client, &gw.url("/open")).await.status, 200);
+    assert_eq!(backend_requests(&client, &backend).await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrency_limit_queues_then_answers_503() {
+    let backend = demo_backend(&["--latency-ms", "300"]);
+    let config = format!(
+        r#"[upstreams.app]
+instances = ["{}"]
+
+[[routes]]
+upstream = "app"
+max_in_flight = 1
+queue_size = 1
+queue_timeout = "2s"
+"#,
+        backend.addr()
+    );
+    let gw = gateway(&config);
+    let client = client();
+    let replies = burst(&client, &[gw.url("/slow")], 3, &[]).await;
+    // One in flight, one waits its turn, the third finds the queue full.
+    assert_eq!(count(&replies, 200), 2);
+    let refused: Vec<&Reply> = replies.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].header("retry-after"), "2");
+    assert_eq!(refused[0].json()["error"], "overloaded");
+    assert_eq!(backend_requests(&client, &backend).await, 2);
+    let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
+    assert_eq!(report["concurrency"]["routes"][0]["limit"]["in_flight"], 0);
+    assert_eq!(report["concurrency"]["routes"][0]["limit"]["refused"], 1);
+    assert_eq!(report["store"], "memory");
+    let (status, health) = admin_json(&client, &gw, "/health/redis").await;
+    assert_eq!((status, health["store"].as_str()), (200, Some("memory")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreachable_redis_at_start_follows_on_redis_error_then_shares() {
+    // Nothing listens on the port yet.
+    let mut redis = Redis::start(None);
+    redis.kill();
+    let backend = demo_backend(&[]);
+    let routes = "[[routes]]\nupstream = \"app\"\nrate_limits = [{ name = \"start\", limit = 2, period = \"1m\", burst = 1 }]\n";
+    let base = redis_config(&redis, &backend, routes);
+    let with_policy = |policy: &str| {
+        base.replace(
+            "[rate_limit]",
+            &format!("on_redis_error = \"{policy}\"\n[rate_limit]"),
+        )
+    };
+    let local = gateway(&with_policy("local"));
+    let allow = gateway(&with_policy("allow"));
+    let deny = gateway(&with_policy("deny"));
+    let client = client();
+    let statuses = |replies: Vec<Reply>| -> Vec<u16> {
+        let mut s: Vec<u16> = replies.iter().map(|r| r.status).collect();
+        s.sort_unstable();
+        s
+    };
+    assert_eq!(
+        statuses(burst(&client, &[local.url("/")], 3, &[]).await),
+        [200, 200, 429]
+    );
+    assert_eq!(
+        statuses(burst(&client, &[allow.url("/")], 3, &[]).await),
+        [200, 200, 200]
+    );
+    let denied = burst(&client, &[deny.url("/")], 3, &[]).await;
+    assert!(denied
+        .iter()
+        .all(|r| r.status == 429 && r.header("retry-after") == "1"));
+
+    // Redis comes up: every replica finds it and the quota is shared from then on.
+    redis.restart();
+    for gw in [&local, &allow, &deny] {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                let (status, health) = admin_json(&client, gw, "/health/redis").await;
+                status == 200 && health["shared"] == true
+            })
+            .await
+        );
+    }
+    let urls = vec![local.url("/"), allow.url("/"), deny.url("/")];
+    assert_eq!(
+        statuses(burst(&client, &urls, 3, &[]).await),
+        [200, 200, 429]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_cluster_shares_limits_across_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Redis> = Vec::new();
+    for _ in 0..3 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(redis_server())
+            .current_dir(dir.path())
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--cluster-enabled",
+                "yes",
+            ])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        nodes.push(Redis {
+            child: Some(child),
+            port,
+            password: None,
+        });
+    }
+    for node in &nodes {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                std::net::TcpStream::connect(("127.0.0.1", node.port)).is_ok()
+            })
+            .await
+        );
+    }
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let created = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(created.success());
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query(&mut nodes[0].conn())
+                .unwrap_or_default();
+            info.contains("cluster_state:ok")
+        })
+        .await
+    );
+
+    let backend = demo_backend(&[]);
+    let config = format!(
+        "[state]\nredis_url = \"{}, {}\"\nredis_cluster = true\n\n[rate_limit]\nstore = \"redis\"\n\n[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\nrate_limits = [{{ name = \"cl\", key = \"header:X-Client\", limit = 5, period = \"1m\", burst = 4 }}]\n",
+        nodes[0].url(),
+        nodes[1].url(),
+        backend.addr()
+    );
+    let a = gateway(&config);
+    let b = gateway(&config);
+    let client = client();
+    // Clients whose keys hash to different slots (and so, nodes): each gets 5 of 7, through
+    // either replica.
+    for name in ["alice", "bob", "carol", "dave"] {
+        let replies = burst(&client, &[a.url("/"), b.url("/")], 7, &[("x-client", name)]).await;
+        assert_eq!(
+            (count(&replies, 200), count(&replies, 429)),
+            (5, 2),
+            "{name}"
+        );
+    }
+    let holding = nodes
+        .iter()
+        .filter(|n| redis::cmd("DBSIZE").query::<i64>(&mut n.conn()).unwrap() > 0)
+        .count();
+    assert!(holding >= 2, "keys on {holding} node(s)");
+    let (status, health) = admin_json(&client, &a, "/health/redis").await;
+    assert_eq!(status, 200, "{health}");
+}
