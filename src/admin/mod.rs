@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::auth::constant_time_eq;
+use crate::autoscale::ModeError;
 use crate::config::{parse_addr, InstanceConfig};
 use crate::metrics::{live, InstanceSample};
 use crate::proxy::upstream::{Instance, Upstream};
@@ -136,6 +137,14 @@ async fn handle(
         (&Method::DELETE, ["api", "upstreams", name, "instances", addr]) => {
             drain_instance(&gateway, name, addr)
         }
+        (&Method::GET, ["api", "autoscale"]) => reply(StatusCode::OK, gateway.autoscale.status()),
+        (&Method::POST, ["api", "autoscale", name]) => {
+            let name = name.to_string();
+            match read_json(req).await {
+                Ok(body) => set_autoscale_mode(&gateway, &name, &body),
+                Err(response) => response,
+            }
+        }
         (&Method::POST, ["api", "reload"]) => match gateway.reload() {
             Ok(()) => reply(StatusCode::OK, json!({"reloaded": true})),
             Err(errors) => {
@@ -247,6 +256,9 @@ fn metrics(gateway: &Gateway, openmetrics: bool) -> Response<GatewayBody> {
         &gateway.limiter.rule_counters(),
         gateway.limiter.report()["redis_up"].as_bool(),
     ));
+    families.extend(crate::metrics::autoscale_families(
+        &gateway.autoscale.status(),
+    ));
     let text = crate::metrics::render(families);
     let (text, content_type) = if openmetrics {
         (
@@ -318,6 +330,22 @@ fn health_detailed(gateway: &Gateway) -> Response<GatewayBody> {
             } else {
                 "Redis does not answer: on_redis_error decides".into()
             },
+        });
+    }
+    let autoscale = gateway.autoscale.status();
+    for upstream in autoscale["upstreams"].as_array().into_iter().flatten() {
+        let (current, desired) = (&upstream["current"], &upstream["desired"]);
+        components.push(Component {
+            name: format!(
+                "autoscale:{}",
+                upstream["upstream"].as_str().unwrap_or_default()
+            ),
+            kind: "autoscaler",
+            status: if current == desired { "ok" } else { "degraded" },
+            reason: format!(
+                "{current} instances, working toward {desired} ({})",
+                upstream["mode"]
+            ),
         });
     }
     let status = overall_status(gateway.is_draining(), &components);
@@ -466,14 +494,7 @@ fn drain_instance(gateway: &Gateway, name: &str, addr: &str) -> Response<Gateway
     instance.start_draining();
     let timeout = upstream.config.drain_timeout;
     tracing::info!(upstream = name, instance = %instance.addr, "draining instance");
-    tokio::spawn(async move {
-        let deadline = Instant::now() + timeout;
-        while instance.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        upstream.remove_instance(instance.addr);
-        tracing::info!(instance = %instance.addr, "drained instance removed");
-    });
+    tokio::spawn(async move { upstream.drain(&instance, timeout).await });
     reply(StatusCode::ACCEPTED, json!({"draining": addr}))
 }
 
@@ -515,6 +536,25 @@ fn purge_cache(gateway: &Gateway, query: Option<&str>) -> Response<GatewayBody> 
         }
     };
     reply(StatusCode::OK, json!({ "purged": purged }))
+}
+
+/// Pins the count of an autoscaled upstream, pauses or resumes its autoscaler.
+fn set_autoscale_mode(gateway: &Gateway, name: &str, body: &Value) -> Response<GatewayBody> {
+    let mode = match crate::autoscale::parse_mode(body) {
+        Ok(mode) => mode,
+        Err(err) => return reply(StatusCode::BAD_REQUEST, json!({ "error": err })),
+    };
+    match gateway.autoscale.set_mode(name, mode) {
+        Ok(()) => reply(
+            StatusCode::ACCEPTED,
+            json!({ "upstream": name, "mode": mode }),
+        ),
+        Err(ModeError::NotAutoscaled) => reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no autoscaled upstream named `{name}`")}),
+        ),
+        Err(err) => reply(StatusCode::BAD_REQUEST, json!({ "error": err.to_string() })),
+    }
 }
 
 async fn read_json(req: Request<Incoming>) -> Result<Value, Response<GatewayBody>> {

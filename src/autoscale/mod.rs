@@ -1,1 +1,220 @@
-//! Autoscaler: the HPA decision as pure math (`policy`) and, later, the providers that act on it.
+//! Autoscaler: one controller task per upstream with an `autoscale` table samples the
+//! gateway's own load signals, runs the HPA decision (`policy`, bounded by `schedule`) every
+//! sync period and has a provider act on it: `process` starts and stops local child processes,
+//! `exec` runs a scale command (e.g. `kubectl scale`) and discovers instances from DNS.
+//! The admin API reads each controller's status and can pin a count or pause it.
+
+mod controller;
+mod exec;
+pub mod policy;
+mod process;
+pub mod schedule;
+mod signals;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::config::ProviderConfig;
+use crate::proxy::upstream::Upstream;
+use crate::proxy::Gateway;
+
+/// Who decides the count: the policy, nobody (paused), or the operator (pinned).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Auto,
+    Paused,
+    Pinned(u32),
+}
+
+/// Reads a `POST /api/autoscale/{upstream}` body: `{"pin": N}`, `{"pause": true}` or
+/// `{"resume": true}`.
+pub fn parse_mode(body: &Value) -> Result<Mode, String> {
+    if let Some(pin) = body.get("pin") {
+        return pin
+            .as_u64()
+            .filter(|n| (1..=1000).contains(n))
+            .map(|n| Mode::Pinned(n as u32))
+            .ok_or_else(|| "\"pin\" must be a count from 1 to 1000".to_string());
+    }
+    if body.get("pause").and_then(Value::as_bool) == Some(true) {
+        return Ok(Mode::Paused);
+    }
+    if body.get("resume").and_then(Value::as_bool) == Some(true) {
+        return Ok(Mode::Auto);
+    }
+    Err("expected {\"pin\": N}, {\"pause\": true} or {\"resume\": true}".into())
+}
+
+/// What one controller shares with the admin API.
+struct Handle {
+    upstream: String,
+    /// The largest count a pin may ask for: `max`, or a schedule's when larger.
+    pin_limit: u32,
+    status: Mutex<Value>,
+    modes: mpsc::UnboundedSender<Mode>,
+}
+
+/// The running autoscalers of a gateway.
+#[derive(Default)]
+pub struct Registry {
+    handles: Mutex<Vec<Arc<Handle>>>,
+}
+
+impl Registry {
+    /// Status of every autoscaled upstream, for `GET /api/autoscale`.
+    pub fn status(&self) -> Value {
+        let handles = self.handles.lock().expect("autoscale registry lock");
+        let upstreams: Vec<Value> = handles
+            .iter()
+            .map(|h| h.status.lock().expect("autoscale status lock").clone())
+            .collect();
+        json!({ "upstreams": upstreams })
+    }
+
+    /// Hands a new mode to the upstream's controller.
+    pub fn set_mode(&self, upstream: &str, mode: Mode) -> Result<(), ModeError> {
+        let handles = self.handles.lock().expect("autoscale registry lock");
+        let handle = handles
+            .iter()
+            .find(|h| h.upstream == upstream)
+            .ok_or(ModeError::NotAutoscaled)?;
+        if let Mode::Pinned(n) = mode {
+            if n > handle.pin_limit {
+                return Err(ModeError::AboveMax(handle.pin_limit));
+            }
+        }
+        handle
+            .modes
+            .send(mode)
+            .map_err(|_| ModeError::NotAutoscaled)
+    }
+}
+
+/// Why a mode change was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ModeError {
+    #[error("no autoscaled upstream of that name")]
+    NotAutoscaled,
+    #[error("the pinned count is above max ({0})")]
+    AboveMax(u32),
+}
+
+/// What the controller needs from a provider. Two implementations: `process` and `exec`.
+trait Provider: Send + 'static {
+    fn kind(&self) -> &'static str;
+    /// The count being worked toward, instances still starting included (HPA's "current").
+    fn current(&self) -> u32;
+    /// Instances that count as capacity and are in the pool, with when each started.
+    fn members(&self, upstream: &Upstream) -> Vec<(SocketAddr, Instant)>;
+    /// Cumulative CPU seconds of each member, where the provider can read them.
+    fn cpu_seconds(&self) -> Vec<(SocketAddr, f64)>;
+    /// Housekeeping at every sample tick: restarts, discovery, keeping members in the pool.
+    fn maintain(
+        &mut self,
+        upstream: &Arc<Upstream>,
+        now: Instant,
+    ) -> impl Future<Output = ()> + Send;
+    /// Moves toward `desired` instances.
+    fn scale(
+        &mut self,
+        upstream: &Arc<Upstream>,
+        desired: u32,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Provider-specific detail for the admin API.
+    fn status(&self, now: Instant) -> Value;
+    /// Stops what the provider started (gateway exit).
+    fn shutdown(self) -> impl Future<Output = ()> + Send;
+}
+
+/// The controller tasks; `stopped` waits until each has stopped its instances.
+pub struct Autoscalers {
+    tasks: JoinSet<()>,
+}
+
+impl Autoscalers {
+    pub async fn stopped(mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Starts one controller per upstream with an `autoscale` table; they run until `stop` turns
+/// true. Provider settings are read once here (a reload changes bounds, targets and behavior,
+/// not the provider).
+pub fn start(gateway: &Arc<Gateway>, stop: watch::Receiver<bool>) -> Autoscalers {
+    let mut tasks = JoinSet::new();
+    let runtime = gateway.runtime.load_full();
+    for upstream in &runtime.upstreams {
+        let Some(config) = upstream.config.autoscale.clone() else {
+            continue;
+        };
+        let name = upstream.config.name.clone();
+        let (modes, mode_rx) = mpsc::unbounded_channel();
+        let pin_limit = config
+            .schedules
+            .iter()
+            .filter_map(|s| s.max)
+            .fold(config.bounds.max, u32::max);
+        let handle = Arc::new(Handle {
+            upstream: name.clone(),
+            pin_limit,
+            status: Mutex::new(json!({ "upstream": name })),
+            modes,
+        });
+        gateway
+            .autoscale
+            .handles
+            .lock()
+            .expect("autoscale registry lock")
+            .push(handle.clone());
+        let run = controller::Run {
+            gateway: gateway.clone(),
+            name: name.clone(),
+            initial: config.clone(),
+            handle,
+            modes: mode_rx,
+            stop: stop.clone(),
+        };
+        match &config.provider {
+            ProviderConfig::Process(process) => {
+                let provider = process::ProcessProvider::new(&name, process.clone(), &config);
+                tasks.spawn(run.run(provider));
+            }
+            ProviderConfig::Exec(exec) => {
+                let provider = exec::ExecProvider::new(&name, exec.clone(), &config);
+                tasks.spawn(run.run(provider));
+            }
+        }
+    }
+    Autoscalers { tasks }
+}
+
+/// Milliseconds since the Unix epoch, for timestamps in the admin API.
+fn unix_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_bodies() {
+        assert_eq!(parse_mode(&json!({"pin": 3})), Ok(Mode::Pinned(3)));
+        assert_eq!(parse_mode(&json!({"pause": true})), Ok(Mode::Paused));
+        assert_eq!(parse_mode(&json!({"resume": true})), Ok(Mode::Auto));
+        assert!(parse_mode(&json!({"pin": 0})).is_err());
+        assert!(parse_mode(&json!({"pin": "3"})).is_err());
+        assert!(parse_mode(&json!({})).is_err());
+    }
+}

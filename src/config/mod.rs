@@ -2,6 +2,7 @@
 //! (`raw`), then validated into [`Config`], whose values are ready to use (parsed addresses,
 //! durations, sizes, strategies). Every problem is reported with the key it belongs to.
 
+mod autoscale;
 mod cache;
 mod env;
 pub mod limits;
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+pub use autoscale::{AutoscaleConfig, DiscoverConfig, ExecConfig, ProcessConfig, ProviderConfig};
 pub use cache::{CacheConfig, RouteCacheConfig};
 pub use limits::LimitsConfig;
 pub use raw::RawConfig;
@@ -113,6 +115,8 @@ pub struct UpstreamConfig {
     pub health: Option<ActiveHealthConfig>,
     pub passive: PassiveHealthConfig,
     pub drain_timeout: Duration,
+    /// Instances started and stopped from live load, when the `autoscale` table is given.
+    pub autoscale: Option<AutoscaleConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

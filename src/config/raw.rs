@@ -104,6 +104,7 @@ pub struct RawUpstream {
     pub max_in_flight: u32,
     pub queue_size: usize,
     pub queue_timeout: String,
+    pub autoscale: Option<super::autoscale::RawAutoscale>,
 }
 
 impl Default for RawUpstream {
@@ -126,6 +127,7 @@ impl Default for RawUpstream {
             max_in_flight: 0,
             queue_size: DEFAULT_QUEUE_SIZE,
             queue_timeout: DEFAULT_QUEUE_TIMEOUT.into(),
+            autoscale: None,
         }
     }
 }
@@ -395,10 +397,10 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
             "only used with strategy = \"consistent_hash\"",
         );
     }
-    if raw.instances.is_empty() {
+    if raw.instances.is_empty() && raw.autoscale.is_none() {
         p.push(
             format!("{key}.instances"),
-            "at least one instance is needed",
+            "at least one instance is needed (or an autoscale table)",
         );
     }
     let mut instances: Vec<InstanceConfig> = Vec::new();
@@ -472,6 +474,10 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
             p.push(format!("{key}.{field}"), "must be more than 0");
         }
     }
+    let drain_timeout = p.duration(&format!("{key}.drain_timeout"), &raw.drain_timeout);
+    let autoscale = raw.autoscale.as_ref().map(|auto| {
+        super::autoscale::validate(p, &format!("{key}.autoscale"), auto, drain_timeout)
+    });
     UpstreamConfig {
         name: name.to_string(),
         strategy,
@@ -488,7 +494,8 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
             max_fails: raw.max_fails,
             fail_timeout: p.duration(&format!("{key}.fail_timeout"), &raw.fail_timeout),
         },
-        drain_timeout: p.duration(&format!("{key}.drain_timeout"), &raw.drain_timeout),
+        drain_timeout,
+        autoscale,
     }
 }
 

@@ -42,7 +42,8 @@ pub fn spawn_active_checks(upstream: &Arc<Upstream>) {
     });
 }
 
-async fn check_instance(instance: Arc<Instance>, config: ActiveHealthConfig) {
+/// Probes one instance once and records the result.
+pub async fn check_instance(instance: Arc<Instance>, config: ActiveHealthConfig) {
     let outcome = tokio::time::timeout(config.timeout, probe(instance.addr, &config.path)).await;
     let (ok, detail) = match outcome {
         Ok(Ok(status)) => (

@@ -40,6 +40,9 @@ pub const OPEN_CONNECTIONS: &str = "open_connections";
 pub const CONNECTIONS_REFUSED: &str = "connections_refused";
 pub const RATE_LIMIT_DECISIONS: &str = "rate_limit_decisions";
 pub const RATE_LIMIT_REDIS_UP: &str = "rate_limit_redis_up";
+pub const AUTOSCALE_CURRENT: &str = "autoscale_current_replicas";
+pub const AUTOSCALE_DESIRED: &str = "autoscale_desired_replicas";
+pub const AUTOSCALE_READY: &str = "autoscale_ready_replicas";
 pub const PROCESS_CPU: &str = "process_cpu_seconds";
 pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
 pub const PROCESS_FDS: &str = "process_open_fds";
@@ -572,6 +575,39 @@ pub fn rate_limit_families(
         families.push(family);
     }
     families
+}
+
+/// Replica counts of each autoscaled upstream, from the autoscaler's status (`upstreams[]` with
+/// `upstream`, `current`, `desired`, `ready`).
+pub fn autoscale_families(status: &serde_json::Value) -> Vec<Family> {
+    let families = [
+        (
+            AUTOSCALE_CURRENT,
+            "Instances the autoscaler runs, starting ones included.",
+            "current",
+        ),
+        (
+            AUTOSCALE_DESIRED,
+            "Instances the autoscaler is working toward.",
+            "desired",
+        ),
+        (
+            AUTOSCALE_READY,
+            "Autoscaled instances that pass their health checks.",
+            "ready",
+        ),
+    ]
+    .map(|(name, help, field)| {
+        let mut family = Family::new(name, help);
+        for upstream in status["upstreams"].as_array().into_iter().flatten() {
+            if let Some(value) = upstream[field].as_f64() {
+                let name = upstream["upstream"].as_str().unwrap_or_default();
+                family.push(vec![("upstream", name.to_string())], Value::Gauge(value));
+            }
+        }
+        family
+    });
+    families.into_iter().collect()
 }
 
 fn instance_labels(i: &InstanceSample) -> Vec<(&'static str, String)> {

@@ -166,6 +166,8 @@ pub struct Gateway {
     https_port: AtomicU16,
     /// Rate-limit stores and counters; outlive reloads.
     pub limiter: Arc<crate::ratelimit::Limiter>,
+    /// The autoscalers' status and mode switches, for the admin API.
+    pub autoscale: crate::autoscale::Registry,
 }
 
 impl Gateway {
@@ -194,6 +196,7 @@ impl Gateway {
             https_port: AtomicU16::new(0),
             connections,
             limiter,
+            autoscale: crate::autoscale::Registry::default(),
         })
     }
 
@@ -288,11 +291,14 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
         stop_rx.clone(),
     ));
     tokio::spawn(reload_on_sighup(gateway.clone()));
+    let autoscalers = crate::autoscale::start(&gateway, stop_rx.clone());
     let signal = wait_for_stop_signal();
     tokio::pin!(signal);
     accept_loop(gateway.clone(), proxy_listener, tls_listener, &mut signal).await;
     gateway.draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
+    // Instances the autoscaler started are stopped only after in-flight requests finished.
+    autoscalers.stopped().await;
     Ok(())
 }
 

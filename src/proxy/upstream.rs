@@ -384,6 +384,25 @@ impl Upstream {
         });
     }
 
+    /// Takes `instance` out of rotation, waits until its in-flight requests finished (at most
+    /// `timeout`), then removes it from the set. Shared by the admin API and the autoscaler.
+    pub async fn drain(&self, instance: &Arc<Instance>, timeout: Duration) {
+        instance.start_draining();
+        let deadline = Instant::now() + timeout;
+        let wait_idle = || async {
+            while instance.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        wait_idle().await;
+        self.remove_instance(instance.addr);
+        // A request that picked the instance just before it was marked draining counts itself
+        // in flight a moment later: give it that moment, then wait for it as well.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        wait_idle().await;
+        tracing::info!(upstream = %self.config.name, instance = %instance.addr, "drained instance removed");
+    }
+
     pub fn find(&self, addr: SocketAddr) -> Option<Arc<Instance>> {
         self.set
             .load()

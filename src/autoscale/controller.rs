@@ -1,0 +1,204 @@
+//! The control loop of one upstream: sample the signals several times per sync period, decide
+//! once per period (or at once when the operator changes the mode), have the provider apply
+//! the result, and publish the status for the admin API.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::policy::{self, Decision, History};
+use super::signals::Sampler;
+use super::{schedule, unix_ms, Handle, Mode, Provider};
+use crate::config::AutoscaleConfig;
+use crate::proxy::upstream::Upstream;
+use crate::proxy::Gateway;
+
+/// Signals are sampled this often (or every sync period when that is shorter).
+const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// Decisions kept for the admin API.
+const KEEP_DECISIONS: usize = 20;
+
+pub(super) struct Run {
+    pub gateway: Arc<Gateway>,
+    pub name: String,
+    pub initial: AutoscaleConfig,
+    pub handle: Arc<Handle>,
+    pub modes: mpsc::UnboundedReceiver<Mode>,
+    pub stop: watch::Receiver<bool>,
+}
+
+/// The controller's memory between ticks.
+struct State {
+    mode: Mode,
+    history: History,
+    sampler: Sampler,
+    decisions: VecDeque<Value>,
+    scale_events: VecDeque<Value>,
+    last: Option<Decision>,
+    desired: u32,
+}
+
+impl Run {
+    pub async fn run<P: Provider>(mut self, mut provider: P) {
+        let mut ticker = tokio::time::interval(self.initial.sync_period.min(SAMPLE_EVERY));
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // The first sync runs at once, so the pool reaches `min` without waiting a period.
+        let mut next_sync = Instant::now();
+        let mut state = State {
+            mode: Mode::Auto,
+            history: History::default(),
+            sampler: Sampler::default(),
+            decisions: VecDeque::new(),
+            scale_events: VecDeque::new(),
+            last: None,
+            desired: 0,
+        };
+        loop {
+            let mut sync_now = false;
+            tokio::select! {
+                _ = ticker.tick() => {}
+                Some(mode) = self.modes.recv() => {
+                    tracing::info!(upstream = %self.name, ?mode, "autoscale mode changed");
+                    state.mode = mode;
+                    sync_now = true;
+                }
+                _ = self.stop.changed() => break,
+            }
+            let Some(upstream) = self.gateway.upstream(&self.name) else {
+                continue;
+            };
+            let config = upstream
+                .config
+                .autoscale
+                .clone()
+                .unwrap_or_else(|| self.initial.clone());
+            let now = Instant::now();
+            provider.maintain(&upstream, now).await;
+            let members = provider.members(&upstream);
+            state
+                .sampler
+                .sample(&upstream, &members, &provider.cpu_seconds(), now);
+            if sync_now || now >= next_sync {
+                next_sync = now + config.sync_period;
+                self.sync(&mut provider, &upstream, &config, &members, &mut state, now)
+                    .await;
+            }
+            let status = self.status(&provider, &upstream, &config, &state, now);
+            *self.handle.status.lock().expect("autoscale status lock") = status;
+        }
+        tracing::info!(upstream = %self.name, "autoscaler stopping its instances");
+        provider.shutdown().await;
+    }
+
+    async fn sync<P: Provider>(
+        &self,
+        provider: &mut P,
+        upstream: &Arc<Upstream>,
+        config: &AutoscaleConfig,
+        members: &[(std::net::SocketAddr, Instant)],
+        state: &mut State,
+        now: Instant,
+    ) {
+        let ready: Vec<_> = members
+            .iter()
+            .filter(|(addr, since)| {
+                now.saturating_duration_since(*since) >= config.startup_grace
+                    && upstream
+                        .find(*addr)
+                        .is_some_and(|i| i.is_available(now) && !i.is_draining())
+            })
+            .map(|(addr, _)| *addr)
+            .collect();
+        let samples = state.sampler.finish(&ready, &config.targets);
+        let current = provider.current();
+        let unix_secs = (unix_ms() / 1000) as u64;
+        let bounds = schedule::bounds_at(config.bounds, &config.schedules, unix_secs);
+        let decision = policy::decide(
+            now,
+            current,
+            &samples,
+            bounds,
+            &config.policy,
+            &mut state.history,
+        );
+        let desired = match state.mode {
+            Mode::Auto => decision.desired,
+            Mode::Paused => current,
+            Mode::Pinned(n) => n,
+        };
+        state.desired = desired;
+        let mut record = json!({
+            "at_unix_ms": unix_ms(),
+            "mode": state.mode,
+            "current": current,
+            "ready": ready.len(),
+            "desired": desired,
+            "recommended": decision.recommended,
+            "reason": decision.reason,
+            "bounds": decision.bounds,
+            "metrics": decision.metrics,
+        });
+        if desired != current {
+            let applied = provider.scale(upstream, desired).await;
+            match &applied {
+                Ok(()) => {
+                    state.history.record_scale(now, current, desired);
+                    tracing::info!(
+                        upstream = %self.name,
+                        from = current,
+                        to = desired,
+                        reason = decision.reason,
+                        "autoscale"
+                    );
+                }
+                Err(err) => {
+                    tracing::error!(upstream = %self.name, to = desired, %err, "scaling failed");
+                    record["error"] = json!(err);
+                }
+            }
+            push_bounded(&mut state.scale_events, record.clone());
+        }
+        push_bounded(&mut state.decisions, record);
+        state.last = Some(decision);
+    }
+
+    fn status<P: Provider>(
+        &self,
+        provider: &P,
+        upstream: &Upstream,
+        config: &AutoscaleConfig,
+        state: &State,
+        now: Instant,
+    ) -> Value {
+        let last = state.last.as_ref();
+        json!({
+            "upstream": self.name,
+            "provider": provider.kind(),
+            "mode": state.mode,
+            "current": provider.current(),
+            "desired": state.desired,
+            "ready": provider
+                .members(upstream)
+                .iter()
+                .filter(|(addr, _)| upstream.find(*addr).is_some_and(|i| i.is_available(now)))
+                .count(),
+            "bounds": last.map(|d| d.bounds).unwrap_or(config.bounds),
+            "sync_period_secs": config.sync_period.as_secs_f64(),
+            "signals": last.map(|d| d.metrics.clone()).unwrap_or_default(),
+            "instances": provider.status(now),
+            "decisions": state.decisions,
+            "scale_events": state.scale_events,
+        })
+    }
+}
+
+fn push_bounded(list: &mut VecDeque<Value>, value: Value) {
+    if list.len() == KEEP_DECISIONS {
+        list.pop_front();
+    }
+    list.push_back(value);
+}

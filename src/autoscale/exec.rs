@@ -1,0 +1,182 @@
+//! The `exec` provider, for clusters: runs `scale_command` (e.g. `kubectl scale ...
+//! --replicas={replicas}`) when the desired count changes, and keeps the pool in step with a
+//! DNS name re-resolved every `interval` (like nginx `resolve`): new addresses are added (they
+//! serve once their health checks pass), vanished ones are drained and removed. Without
+//! `discover`, instances come from the config or the admin API.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use super::{unix_ms, Provider};
+use crate::config::{AutoscaleConfig, ExecConfig, InstanceConfig};
+use crate::proxy::upstream::Upstream;
+
+pub(super) struct ExecProvider {
+    upstream: String,
+    config: ExecConfig,
+    drain_timeout: Duration,
+    /// The count last applied; until then, the instances in the pool.
+    replicas: Option<u32>,
+    /// Addresses added by discovery, with when they were first seen.
+    discovered: BTreeMap<SocketAddr, Instant>,
+    /// When each pool member was first seen (capacity age for `startup_grace`).
+    first_seen: BTreeMap<SocketAddr, Instant>,
+    next_discovery: Instant,
+    last_command: Value,
+}
+
+impl ExecProvider {
+    pub fn new(upstream: &str, config: ExecConfig, auto: &AutoscaleConfig) -> ExecProvider {
+        ExecProvider {
+            upstream: upstream.to_string(),
+            config,
+            drain_timeout: auto.drain_timeout,
+            replicas: None,
+            discovered: BTreeMap::new(),
+            first_seen: BTreeMap::new(),
+            next_discovery: Instant::now(),
+            last_command: Value::Null,
+        }
+    }
+
+    async fn discover(&mut self, upstream: &Arc<Upstream>, dns: &str, now: Instant) {
+        let found: Vec<SocketAddr> = match tokio::net::lookup_host(dns).await {
+            Ok(addrs) => addrs.collect(),
+            Err(err) => {
+                // A failed lookup keeps the pool as it is rather than emptying it.
+                tracing::warn!(upstream = %self.upstream, dns, %err, "discovery lookup failed");
+                return;
+            }
+        };
+        for addr in &found {
+            if !self.discovered.contains_key(addr) {
+                self.discovered.insert(*addr, now);
+                if upstream.add_instance(&InstanceConfig {
+                    addr: *addr,
+                    weight: 1,
+                    backup: false,
+                }) {
+                    tracing::info!(upstream = %self.upstream, instance = %addr, "discovered instance added");
+                }
+            }
+        }
+        let gone: Vec<SocketAddr> = self
+            .discovered
+            .keys()
+            .filter(|addr| !found.contains(addr))
+            .copied()
+            .collect();
+        for addr in gone {
+            self.discovered.remove(&addr);
+            if let Some(instance) = upstream.find(addr) {
+                tracing::info!(upstream = %self.upstream, instance = %addr, "instance left DNS: draining it");
+                let upstream = upstream.clone();
+                let timeout = self.drain_timeout;
+                tokio::spawn(async move { upstream.drain(&instance, timeout).await });
+            }
+        }
+    }
+}
+
+impl Provider for ExecProvider {
+    fn kind(&self) -> &'static str {
+        "exec"
+    }
+
+    fn current(&self) -> u32 {
+        self.replicas.unwrap_or(self.first_seen.len() as u32)
+    }
+
+    fn members(&self, _upstream: &Upstream) -> Vec<(SocketAddr, Instant)> {
+        self.first_seen.iter().map(|(a, t)| (*a, *t)).collect()
+    }
+
+    fn cpu_seconds(&self) -> Vec<(SocketAddr, f64)> {
+        Vec::new()
+    }
+
+    async fn maintain(&mut self, upstream: &Arc<Upstream>, now: Instant) {
+        if let Some(discover) = self.config.discover.clone() {
+            if now >= self.next_discovery {
+                self.next_discovery = now + discover.interval;
+                self.discover(upstream, &discover.dns, now).await;
+            }
+        }
+        let set = upstream.set.load();
+        let live: Vec<SocketAddr> = set
+            .instances
+            .iter()
+            .filter(|i| !i.is_draining())
+            .map(|i| i.addr)
+            .collect();
+        self.first_seen.retain(|addr, _| live.contains(addr));
+        for addr in live {
+            self.first_seen.entry(addr).or_insert(now);
+        }
+    }
+
+    async fn scale(&mut self, _upstream: &Arc<Upstream>, desired: u32) -> Result<(), String> {
+        let replicas = desired.to_string();
+        let args: Vec<String> = self
+            .config
+            .scale_command
+            .iter()
+            .map(|a| {
+                a.replace("{replicas}", &replicas)
+                    .replace("{upstream}", &self.upstream)
+            })
+            .collect();
+        let mut command = tokio::process::Command::new(&args[0]);
+        command
+            .args(&args[1..])
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let outcome = tokio::time::timeout(self.config.timeout, command.output()).await;
+        let result = match outcome {
+            Err(_) => Err(format!("`{}` timed out", args.join(" "))),
+            Ok(Err(err)) => Err(format!("cannot run `{}`: {err}", args[0])),
+            Ok(Ok(output)) => {
+                for line in String::from_utf8_lossy(&output.stdout).lines() {
+                    tracing::info!(target: "instance", upstream = %self.upstream, "{line}");
+                }
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                if output.status.success() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "`{}` failed ({}): {}",
+                        args.join(" "),
+                        output.status,
+                        stderr.trim()
+                    ))
+                }
+            }
+        };
+        self.last_command = json!({
+            "at_unix_ms": unix_ms(),
+            "command": args,
+            "ok": result.is_ok(),
+            "error": result.as_ref().err(),
+        });
+        if result.is_ok() {
+            self.replicas = Some(desired);
+        }
+        result
+    }
+
+    fn status(&self, _now: Instant) -> Value {
+        json!({
+            "replicas": self.replicas,
+            "discovered": self.discovered.keys().map(ToString::to_string).collect::<Vec<_>>(),
+            "last_command": self.last_command,
+        })
+    }
+
+    async fn shutdown(self) {}
+}

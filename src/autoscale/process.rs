@@ -1,0 +1,538 @@
+//! The `process` provider: each instance is a child process of the gateway, started from the
+//! `command` template on a free port of `port_range`, in its own process group.
+//!
+//! A child joins the pool once its port accepts connections (and, when the upstream has active
+//! health checks, serves only after they pass). A child that exits on its own is taken out and
+//! restarted after an exponential backoff. Scale-in drains the chosen child (no new requests,
+//! in-flight ones finish up to `drain_timeout`), then sends SIGTERM to its group and SIGKILL
+//! after `stop_grace`. On gateway exit every child is stopped the same way; `kill_on_drop`
+//! covers exits that skip that (a SIGKILLed gateway cannot clean up: see the docs).
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use super::Provider;
+use crate::config::{AutoscaleConfig, InstanceConfig, ProcessConfig};
+use crate::proxy::upstream::Upstream;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A child that ran this long before crashing restarts without backoff history.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// Linux reports process CPU times in ticks of 1/100 s (USER_HZ).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChildState {
+    /// Spawned, port not accepting yet.
+    Starting,
+    /// In the pool.
+    Serving,
+    /// Exited on its own; restarts at the given time.
+    Crashed { restart_at: Instant },
+    /// Being drained and stopped.
+    Stopping,
+}
+
+impl ChildState {
+    fn name(self) -> &'static str {
+        match self {
+            ChildState::Starting => "starting",
+            ChildState::Serving => "serving",
+            ChildState::Crashed { .. } => "crashed",
+            ChildState::Stopping => "stopping",
+        }
+    }
+}
+
+struct Child {
+    id: u64,
+    addr: SocketAddr,
+    pid: Option<u32>,
+    state: ChildState,
+    started: Instant,
+    restarts: u32,
+    backoff: Duration,
+    stop: Arc<Notify>,
+}
+
+enum Event {
+    Listening { id: u64 },
+    Exited { id: u64, status: String },
+    Stopped { id: u64 },
+}
+
+pub(super) struct ProcessProvider {
+    upstream: String,
+    config: ProcessConfig,
+    exe: String,
+    drain_timeout: Duration,
+    stop_grace: Duration,
+    children: Vec<Child>,
+    next_id: u64,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+impl ProcessProvider {
+    pub fn new(upstream: &str, config: ProcessConfig, auto: &AutoscaleConfig) -> ProcessProvider {
+        let exe = std::env::current_exe()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| {
+                std::env::args()
+                    .next()
+                    .unwrap_or_else(|| "scalegate".into())
+            });
+        let (events_tx, events) = mpsc::unbounded_channel();
+        ProcessProvider {
+            upstream: upstream.to_string(),
+            config,
+            exe,
+            drain_timeout: auto.drain_timeout,
+            stop_grace: auto.stop_grace,
+            children: Vec::new(),
+            next_id: 1,
+            events_tx,
+            events,
+        }
+    }
+
+    /// A port of the range that no child uses and that can be bound right now.
+    fn free_port(&self, prefer: Option<u16>) -> Option<u16> {
+        let (low, high) = self.config.ports;
+        let taken = |port: u16| {
+            self.children
+                .iter()
+                .any(|c| c.addr.port() == port && Some(port) != prefer)
+        };
+        prefer
+            .into_iter()
+            .chain(low..=high)
+            .find(|&port| !taken(port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+    }
+
+    /// Starts the process of `child` and its supervisor task.
+    fn launch(&self, child: &mut Child) -> Result<(), String> {
+        let port = child.addr.port().to_string();
+        let args: Vec<String> = self
+            .config
+            .command
+            .iter()
+            .map(|arg| arg.replace("{self}", &self.exe).replace("{port}", &port))
+            .collect();
+        let mut command = tokio::process::Command::new(&args[0]);
+        command
+            .args(&args[1..])
+            .envs(self.config.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        if let Some(dir) = &self.config.workdir {
+            command.current_dir(dir);
+        }
+        let mut process = command
+            .spawn()
+            .map_err(|err| format!("cannot start `{}`: {err}", args[0]))?;
+        child.pid = process.id();
+        child.started = Instant::now();
+        child.state = ChildState::Starting;
+        child.stop = Arc::new(Notify::new());
+        let tag = format!("{}#{} {}", self.upstream, child.id, child.addr);
+        if let Some(out) = process.stdout.take() {
+            tokio::spawn(forward_lines(out, tag.clone(), "stdout"));
+        }
+        if let Some(err) = process.stderr.take() {
+            tokio::spawn(forward_lines(err, tag.clone(), "stderr"));
+        }
+        tracing::info!(instance = %tag, pid = ?child.pid, "instance started");
+        tokio::spawn(supervise(
+            process,
+            child.id,
+            child.addr,
+            child.stop.clone(),
+            self.events_tx.clone(),
+            self.stop_grace,
+        ));
+        Ok(())
+    }
+
+    /// Starts a new child, or records a failed start as a crash so it is retried.
+    fn spawn_child(&mut self, now: Instant, prefer_port: Option<u16>, mut child: Child) {
+        match self.free_port(prefer_port) {
+            Some(port) => child.addr = SocketAddr::from(([127, 0, 0, 1], port)),
+            None => {
+                tracing::error!(upstream = %self.upstream, "no free port left in port_range");
+                child.state = ChildState::Crashed {
+                    restart_at: now + child.backoff,
+                };
+                self.children.push(child);
+                return;
+            }
+        }
+        if let Err(err) = self.launch(&mut child) {
+            tracing::error!(upstream = %self.upstream, %err, "instance did not start");
+            child.state = ChildState::Crashed {
+                restart_at: now + child.backoff,
+            };
+            child.backoff = (child.backoff * 2).min(MAX_BACKOFF);
+        }
+        self.children.push(child);
+    }
+
+    fn new_child(&mut self, now: Instant) -> Child {
+        let id = self.next_id;
+        self.next_id += 1;
+        Child {
+            id,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            pid: None,
+            state: ChildState::Starting,
+            started: now,
+            restarts: 0,
+            backoff: FIRST_BACKOFF,
+            stop: Arc::new(Notify::new()),
+        }
+    }
+
+    fn handle_event(&mut self, upstream: &Arc<Upstream>, event: Event, now: Instant) {
+        match event {
+            Event::Listening { id } => {
+                if let Some(child) = self.children.iter_mut().find(|c| c.id == id) {
+                    if child.state == ChildState::Starting {
+                        child.state = ChildState::Serving;
+                        upstream.add_instance(&instance_config(child.addr));
+                        // Check at once rather than at the checker's next tick: the new
+                        // capacity serves sooner.
+                        let instance = upstream.find(child.addr);
+                        if let (Some(instance), Some(health)) = (instance, &upstream.config.health)
+                        {
+                            tokio::spawn(crate::health::check_instance(instance, health.clone()));
+                        }
+                    }
+                }
+            }
+            Event::Exited { id, status } => {
+                let Some(child) = self.children.iter_mut().find(|c| c.id == id) else {
+                    return;
+                };
+                if child.state == ChildState::Stopping {
+                    self.children.retain(|c| c.id != id);
+                    return;
+                }
+                upstream.remove_instance(child.addr);
+                if now.saturating_duration_since(child.started) >= STABLE_AFTER {
+                    child.backoff = FIRST_BACKOFF;
+                }
+                tracing::warn!(
+                    upstream = %self.upstream,
+                    instance = %child.addr,
+                    %status,
+                    restart_in_ms = child.backoff.as_millis() as u64,
+                    "instance exited unexpectedly"
+                );
+                child.pid = None;
+                child.state = ChildState::Crashed {
+                    restart_at: now + child.backoff,
+                };
+                child.backoff = (child.backoff * 2).min(MAX_BACKOFF);
+            }
+            Event::Stopped { id } => self.children.retain(|c| c.id != id),
+        }
+    }
+}
+
+fn instance_config(addr: SocketAddr) -> InstanceConfig {
+    InstanceConfig {
+        addr,
+        weight: 1,
+        backup: false,
+    }
+}
+
+impl Provider for ProcessProvider {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn current(&self) -> u32 {
+        self.children
+            .iter()
+            .filter(|c| c.state != ChildState::Stopping)
+            .count() as u32
+    }
+
+    fn members(&self, _upstream: &Upstream) -> Vec<(SocketAddr, Instant)> {
+        self.children
+            .iter()
+            .filter(|c| c.state == ChildState::Serving)
+            .map(|c| (c.addr, c.started))
+            .collect()
+    }
+
+    fn cpu_seconds(&self) -> Vec<(SocketAddr, f64)> {
+        self.children
+            .iter()
+            .filter(|c| c.state == ChildState::Serving)
+            .filter_map(|c| {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.pid?)).ok()?;
+                Some((c.addr, cpu_seconds_from_stat(&stat)?))
+            })
+            .collect()
+    }
+
+    async fn maintain(&mut self, upstream: &Arc<Upstream>, now: Instant) {
+        while let Ok(event) = self.events.try_recv() {
+            self.handle_event(upstream, event, now);
+        }
+        let due: Vec<u64> = self
+            .children
+            .iter()
+            .filter(|c| matches!(c.state, ChildState::Crashed { restart_at } if restart_at <= now))
+            .map(|c| c.id)
+            .collect();
+        for id in due {
+            let Some(index) = self.children.iter().position(|c| c.id == id) else {
+                continue;
+            };
+            let mut child = self.children.remove(index);
+            child.restarts += 1;
+            let port = child.addr.port();
+            self.spawn_child(now, (port != 0).then_some(port), child);
+        }
+        // A reload that changed the pool settings rebuilt the set without our instances.
+        for child in self
+            .children
+            .iter()
+            .filter(|c| c.state == ChildState::Serving)
+        {
+            if upstream.find(child.addr).is_none() {
+                upstream.add_instance(&instance_config(child.addr));
+            }
+        }
+    }
+
+    async fn scale(&mut self, upstream: &Arc<Upstream>, desired: u32) -> Result<(), String> {
+        let now = Instant::now();
+        let current = self.current();
+        for _ in current..desired {
+            let child = self.new_child(now);
+            self.spawn_child(now, None, child);
+        }
+        if desired >= current {
+            return Ok(());
+        }
+        let candidates: Vec<Victim> = self
+            .children
+            .iter()
+            .filter(|c| c.state != ChildState::Stopping)
+            .map(|c| Victim {
+                id: c.id,
+                running: !matches!(c.state, ChildState::Crashed { .. }),
+                serving: c.state == ChildState::Serving,
+                in_flight: upstream.find(c.addr).map_or(0, |i| {
+                    i.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+                }),
+            })
+            .collect();
+        for id in pick_victims(candidates, (current - desired) as usize) {
+            let Some(child) = self.children.iter_mut().find(|c| c.id == id) else {
+                continue;
+            };
+            let was = child.state;
+            child.state = ChildState::Stopping;
+            tracing::info!(upstream = %self.upstream, instance = %child.addr, "scaling in: draining instance");
+            match (was, upstream.find(child.addr)) {
+                (ChildState::Crashed { .. }, _) => self.children.retain(|c| c.id != id),
+                (_, Some(instance)) => {
+                    let upstream = upstream.clone();
+                    let stop = child.stop.clone();
+                    let timeout = self.drain_timeout;
+                    tokio::spawn(async move {
+                        upstream.drain(&instance, timeout).await;
+                        stop.notify_one();
+                    });
+                }
+                (_, None) => child.stop.notify_one(),
+            }
+        }
+        Ok(())
+    }
+
+    fn status(&self, now: Instant) -> Value {
+        let children: Vec<Value> = self
+            .children
+            .iter()
+            .map(|c| {
+                json!({
+                    "id": c.id,
+                    "addr": c.addr.to_string(),
+                    "pid": c.pid,
+                    "state": c.state.name(),
+                    "restarts": c.restarts,
+                    "uptime_secs": now.saturating_duration_since(c.started).as_secs_f64(),
+                })
+            })
+            .collect();
+        Value::Array(children)
+    }
+
+    async fn shutdown(mut self) {
+        let mut running = 0;
+        for child in &self.children {
+            if child.pid.is_some() {
+                child.stop.notify_one();
+                running += 1;
+            }
+        }
+        let deadline = Instant::now() + self.stop_grace + Duration::from_secs(2);
+        while running > 0 {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(Event::Stopped { .. } | Event::Exited { .. })) => running -= 1,
+                Ok(Some(Event::Listening { .. })) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        tracing::info!(upstream = %self.upstream, "all instances stopped");
+    }
+}
+
+/// A child that could be stopped, as the victim choice sees it.
+#[derive(Debug, Clone, Copy)]
+struct Victim {
+    id: u64,
+    running: bool,
+    serving: bool,
+    in_flight: u32,
+}
+
+/// Which children to stop first: ones not running, then ones not yet serving, then the least
+/// loaded, the newest among equals (the oldest have warm caches and proven health).
+fn pick_victims(mut candidates: Vec<Victim>, count: usize) -> Vec<u64> {
+    candidates.sort_by_key(|v| (v.running, v.serving, v.in_flight, std::cmp::Reverse(v.id)));
+    candidates.into_iter().take(count).map(|v| v.id).collect()
+}
+
+/// utime + stime of a `/proc/PID/stat` line, in seconds. The command name (field 2) is in
+/// parentheses and may hold spaces, so fields are counted after its closing parenthesis.
+fn cpu_seconds_from_stat(stat: &str) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / TICKS_PER_SECOND)
+}
+
+/// Waits for the child to exit or to be told to stop; reports its port accepting once.
+async fn supervise(
+    mut process: tokio::process::Child,
+    id: u64,
+    addr: SocketAddr,
+    stop: Arc<Notify>,
+    events: mpsc::UnboundedSender<Event>,
+    grace: Duration,
+) {
+    let listening = wait_listening(addr);
+    tokio::pin!(listening);
+    let mut announced = false;
+    loop {
+        tokio::select! {
+            status = process.wait() => {
+                let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+                let _ = events.send(Event::Exited { id, status });
+                return;
+            }
+            () = &mut listening, if !announced => {
+                announced = true;
+                let _ = events.send(Event::Listening { id });
+            }
+            () = stop.notified() => break,
+            // The provider is gone (its controller ended): stop the child as well.
+            () = events.closed() => break,
+        }
+    }
+    terminate(&mut process, grace).await;
+    let _ = events.send(Event::Stopped { id });
+}
+
+async fn wait_listening(addr: SocketAddr) {
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGTERM to the child's process group, SIGKILL after `grace`.
+async fn terminate(process: &mut tokio::process::Child, grace: Duration) {
+    let Some(pid) = process.id() else {
+        return;
+    };
+    signal_group(pid, Signal::SIGTERM);
+    if tokio::time::timeout(grace, process.wait()).await.is_err() {
+        tracing::warn!(pid, "instance ignored SIGTERM: killing it");
+        signal_group(pid, Signal::SIGKILL);
+        let _ = process.wait().await;
+    }
+}
+
+/// Signals the process group led by `pid` (its own, from `process_group(0)`), so whatever the
+/// instance started goes too.
+fn signal_group(pid: u32, signal: Signal) {
+    let Ok(raw) = i32::try_from(pid) else {
+        return;
+    };
+    if let Err(err) = killpg(Pid::from_raw(raw), signal) {
+        tracing::debug!(pid, %err, ?signal, "signalling the instance's process group failed");
+    }
+}
+
+async fn forward_lines(stream: impl AsyncRead + Unpin, tag: String, name: &'static str) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(target: "instance", instance = %tag, stream = name, "{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn victims_prefer_idle_new_and_not_yet_serving() {
+        let v = |id, running, serving, in_flight| Victim {
+            id,
+            running,
+            serving,
+            in_flight,
+        };
+        let candidates = vec![
+            v(1, true, true, 0),
+            v(2, true, true, 5),
+            v(3, true, true, 0),
+            v(4, true, false, 0),
+            v(5, false, false, 0),
+        ];
+        assert_eq!(pick_victims(candidates.clone(), 3), vec![5, 4, 3]);
+        assert_eq!(pick_victims(candidates, 4), vec![5, 4, 3, 1]);
+    }
+
+    #[test]
+    fn proc_stat_cpu_times() {
+        let stat =
+            "1234 (my app (x)) S 1 1234 1234 0 -1 4194560 120 0 0 0 250 50 0 0 20 0 4 0 100 0 0";
+        assert_eq!(cpu_seconds_from_stat(stat), Some(3.0));
+        assert_eq!(cpu_seconds_from_stat("garbage"), None);
+    }
+}

@@ -1,0 +1,471 @@
+//! End-to-end tests of the autoscaler: a real gateway that starts real `scalegate demo-backend`
+//! child processes, driven by a load loop in the test that counts every failed request.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+/// An upstream scaled by the process provider on `ports`, with fast checks for tests.
+fn process_config(ports: &str, min: u32, max: u32, extra: &str) -> String {
+    format!(
+        r#"
+[upstreams.app]
+strategy = "least_conn"
+instances = []
+[upstreams.app.health]
+interval = "300ms"
+rise = 1
+[upstreams.app.autoscale]
+min = {min}
+max = {max}
+command = "{{self}} demo-backend --port {{port}} --latency-ms 50"
+port_range = "{ports}"
+target = {{ in_flight_per_instance = 2 }}
+sync_period = "1s"
+startup_grace = "1s"
+stop_grace = "2s"
+{extra}
+[[routes]]
+upstream = "app"
+"#
+    )
+}
+
+/// The gateway under test, stopped with SIGTERM when dropped so that it stops its instances
+/// (the SIGKILL of `support::Proc` would leave them running, as documented).
+struct Autoscaled(Gateway);
+
+impl std::ops::Deref for Autoscaled {
+    type Target = Gateway;
+    fn deref(&self) -> &Gateway {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Autoscaled {
+    fn deref_mut(&mut self) -> &mut Gateway {
+        &mut self.0
+    }
+}
+
+impl Drop for Autoscaled {
+    fn drop(&mut self) {
+        let child = &mut self.0.proc.child;
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn autoscaled(body: &str) -> Autoscaled {
+    Autoscaled(gateway(body))
+}
+
+async fn autoscale_status(client: &Client, gw: &Gateway) -> Value {
+    get(client, &gw.admin_url("/api/autoscale")).await.json()["upstreams"][0].clone()
+}
+
+/// (addr, pid) of the children in the given provider state.
+fn children(status: &Value, state: &str) -> Vec<(String, u64)> {
+    status["instances"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter(|c| c["state"] == state)
+                .map(|c| {
+                    (
+                        c["addr"].as_str().unwrap_or_default().to_string(),
+                        c["pid"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Instances of `app` that take traffic (health checks passed, not draining), with their
+/// request counts.
+async fn pool_up(client: &Client, gw: &Gateway) -> Vec<(String, u64)> {
+    let reply = get(client, &gw.admin_url("/api/upstreams")).await.json();
+    reply["upstreams"][0]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["state"] == "up")
+        .map(|i| {
+            (
+                i["addr"].as_str().unwrap().to_string(),
+                i["requests"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn process_alive(pid: u64) -> bool {
+    // A zombie (exited, not yet reaped) is not running either.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .unwrap_or("Z")
+                .to_string();
+            state != "Z" && state != "X"
+        })
+        .unwrap_or(false)
+}
+
+/// A closed-loop load: `workers` tasks each send requests back to back until `stop` is set,
+/// at most `limit` requests each and never longer than `max_time`.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(client: &Client, url: String, workers: usize, limit: u64, max_time: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + max_time;
+        let tasks = (0..workers)
+            .map(|_| {
+                let (client, url) = (client.clone(), url.clone());
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                tokio::spawn(async move {
+                    for _ in 0..limit {
+                        if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                            break;
+                        }
+                        match request(&client, "GET", &url, &[], "").await {
+                            Ok(reply) if reply.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                            Ok(reply) => {
+                                eprintln!("load: status {}", reply.status);
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                            Err(err) => {
+                                eprintln!("load: {err}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            tasks,
+        }
+    }
+
+    /// Stops the workers; returns (ok, failed).
+    async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn load_step_scales_out_then_in_after_the_window_without_failed_requests() {
+    let window = Duration::from_secs(4);
+    let gw = autoscaled(&process_config(
+        "44100-44119",
+        1,
+        4,
+        "scale_down = { stabilization = \"4s\" }",
+    ));
+    let client = client();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            pool_up(&client, &gw).await.len() == 1
+        })
+        .await,
+        "the first instance did not come up"
+    );
+    // Light background load for the whole test: 2 in flight = the target of one instance.
+    let light = Load::start(&client, gw.url("/light"), 2, 2_000, Duration::from_secs(60));
+    // Load step: 12 more in flight asks for 7 instances, capped at max = 4.
+    let step = Instant::now();
+    let heavy = Load::start(
+        &client,
+        gw.url("/heavy"),
+        12,
+        2_000,
+        Duration::from_secs(40),
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            pool_up(&client, &gw).await.len() >= 2
+        })
+        .await,
+        "the pool did not grow under load"
+    );
+    println!(
+        "added capacity serving {:.2}s after the load step",
+        step.elapsed().as_secs_f64()
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            let up = pool_up(&client, &gw).await;
+            up.len() == 4 && up.iter().all(|(_, requests)| *requests > 0)
+        })
+        .await,
+        "the pool did not reach 4 serving instances: {:?}",
+        pool_up(&client, &gw).await
+    );
+    let peak = autoscale_status(&client, &gw).await["current"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(peak, 4);
+
+    let (heavy_ok, heavy_failed) = heavy.finish().await;
+    let calm = Instant::now();
+    let mut shrank_after = None;
+    let deadline = calm + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let current = autoscale_status(&client, &gw).await["current"]
+            .as_u64()
+            .unwrap();
+        if current < peak {
+            shrank_after = Some(calm.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shrank_after = shrank_after.expect("the pool did not shrink after the load stopped");
+    // The last high recommendation is at most one sync period older than the calm.
+    assert!(
+        shrank_after >= window - Duration::from_secs(1),
+        "shrank {shrank_after:?} after the load stopped, inside the {window:?} window"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            autoscale_status(&client, &gw).await["current"] == 1
+                && pool_up(&client, &gw).await.len() == 1
+        })
+        .await,
+        "the pool did not shrink back to 1"
+    );
+    let (light_ok, light_failed) = light.finish().await;
+    assert!(heavy_ok > 100 && light_ok > 50, "{heavy_ok} {light_ok}");
+    assert_eq!(
+        (heavy_failed, light_failed),
+        (0, 0),
+        "requests failed during the scale-out/scale-in cycle"
+    );
+    let status = autoscale_status(&client, &gw).await;
+    let events = status["scale_events"].as_array().unwrap();
+    assert!(events
+        .iter()
+        .any(|e| e["desired"].as_u64() > e["current"].as_u64()));
+    assert!(events
+        .iter()
+        .any(|e| e["desired"].as_u64() < e["current"].as_u64()));
+    assert!(events
+        .iter()
+        .all(|e| e["reason"].is_string() && e["metrics"].is_array()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_instance_is_replaced_and_no_child_survives_the_gateway() {
+    let mut gw = autoscaled(&process_config("44200-44219", 2, 3, ""));
+    let client = client();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            children(&autoscale_status(&client, &gw).await, "serving").len() == 2
+        })
+        .await
+    );
+    let before = children(&autoscale_status(&client, &gw).await, "serving");
+    let (victim_addr, victim_pid) = before[0].clone();
+    signal(victim_pid as u32, "KILL");
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            let serving = children(&autoscale_status(&client, &gw).await, "serving");
+            serving.len() == 2 && !serving.iter().any(|(_, pid)| *pid == victim_pid)
+        })
+        .await,
+        "the crashed instance was not restarted"
+    );
+    let status = autoscale_status(&client, &gw).await;
+    let replaced = status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["addr"] == victim_addr.as_str())
+        .expect("the instance keeps its port");
+    assert_eq!(replaced["restarts"], 1);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            get(&client, &gw.url("/after-crash")).await.status == 200
+                && pool_up(&client, &gw).await.len() == 2
+        })
+        .await
+    );
+
+    let pids: Vec<u64> = children(&autoscale_status(&client, &gw).await, "serving")
+        .into_iter()
+        .map(|(_, pid)| pid)
+        .collect();
+    assert!(pids.iter().all(|pid| process_alive(*pid)));
+    signal(gw.proc.pid(), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exited = loop {
+        if let Some(status) = gw.proc.child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "gateway exit: {exited:?}"
+    );
+    let alive: Vec<u64> = pids.into_iter().filter(|pid| process_alive(*pid)).collect();
+    assert!(alive.is_empty(), "children outlived the gateway: {alive:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_pins_pauses_and_resumes() {
+    let gw = autoscaled(&process_config(
+        "44300-44319",
+        1,
+        4,
+        "scale_down = { stabilization = \"1s\" }",
+    ));
+    let client = client();
+    let pin = |body: &'static str| {
+        let client = client.clone();
+        let url = gw.admin_url("/api/autoscale/app");
+        async move { request(&client, "POST", &url, &[], body).await.unwrap() }
+    };
+    assert_eq!(pin(r#"{"pin": 3}"#).await.status, 202);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            pool_up(&client, &gw).await.len() == 3
+        })
+        .await
+    );
+    let status = autoscale_status(&client, &gw).await;
+    assert_eq!(status["mode"]["pinned"], 3);
+    // Paused keeps the count although the idle pool would shrink.
+    assert_eq!(pin(r#"{"pause": true}"#).await.status, 202);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = autoscale_status(&client, &gw).await;
+    assert_eq!(
+        (status["mode"].as_str(), status["current"].as_u64()),
+        (Some("paused"), Some(3))
+    );
+    let metrics = get(&client, &gw.admin_url("/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    for line in [
+        r#"scalegate_autoscale_current_replicas{upstream="app"} 3"#,
+        r#"scalegate_autoscale_desired_replicas{upstream="app"} 3"#,
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
+    let component = detailed["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "autoscale:app")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(component["status"], "ok", "{detailed}");
+    // Resumed: the policy brings the idle pool back to min.
+    assert_eq!(pin(r#"{"resume": true}"#).await.status, 202);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            autoscale_status(&client, &gw).await["current"] == 1
+        })
+        .await
+    );
+    assert_eq!(pin(r#"{"pin": 0}"#).await.status, 400);
+    assert_eq!(pin(r#"{"pin": 5}"#).await.status, 400);
+    let missing = request(
+        &client,
+        "POST",
+        &gw.admin_url("/api/autoscale/nope"),
+        &[],
+        r#"{"pause": true}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(missing.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_provider_runs_the_scale_command_and_discovers_instances() {
+    let backend = demo_backend(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("replicas");
+    let body = format!(
+        r#"
+[upstreams.app]
+instances = []
+[upstreams.app.health]
+interval = "300ms"
+rise = 1
+[upstreams.app.autoscale]
+provider = "exec"
+min = 2
+max = 3
+scale_command = "sh -c 'echo {{replicas}} >> {record}'"
+discover = {{ dns = "localhost:{port}", interval = "1s" }}
+target = {{ rps_per_instance = 100 }}
+sync_period = "1s"
+[[routes]]
+upstream = "app"
+"#,
+        record = record.display(),
+        port = backend.addr().port()
+    );
+    let gw = autoscaled(&body);
+    let client = client();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            std::fs::read_to_string(&record).is_ok_and(|text| text.lines().next() == Some("2"))
+        })
+        .await,
+        "the scale command did not run with the minimum"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pool_up(&client, &gw)
+                .await
+                .iter()
+                .any(|(addr, _)| *addr == backend.addr().to_string())
+        })
+        .await,
+        "the discovered instance did not join the pool"
+    );
+    assert_eq!(get(&client, &gw.url("/via-discovery")).await.status, 200);
+    let status = autoscale_status(&client, &gw).await;
+    assert_eq!(status["provider"], "exec");
+    assert_eq!(status["current"], 2);
+    assert_eq!(status["instances"]["last_command"]["ok"], true);
+}
