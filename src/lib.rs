@@ -7,6 +7,7 @@ pub mod auth;
 pub mod autoscale;
 pub mod balance;
 pub mod bench;
+pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod health;

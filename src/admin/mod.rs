@@ -109,6 +109,8 @@ async fn handle(
                 .is_some_and(|v| v.contains("application/openmetrics-text"));
             metrics(&gateway, openmetrics)
         }
+        (&Method::GET, ["api", "cache", "stats"]) => cache_stats(&gateway),
+        (&Method::DELETE, ["api", "cache"]) => purge_cache(&gateway, req.uri().query()),
         (&Method::GET, ["api", "ratelimit"]) => {
             let runtime = gateway.runtime.load();
             let mut report = gateway.limiter.report();
@@ -223,6 +225,7 @@ async fn sample_stats(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
 fn read_totals(gateway: &Gateway) -> live::Totals {
     let mut totals = live::Totals {
         in_flight: gateway.metrics.in_flight(),
+        cache: gateway.runtime.load().cache.sample(),
         instances: instance_samples(gateway),
         ..live::Totals::default()
     };
@@ -240,6 +243,9 @@ fn read_totals(gateway: &Gateway) -> live::Totals {
 fn metrics(gateway: &Gateway, openmetrics: bool) -> Response<GatewayBody> {
     let instances = instance_samples(gateway);
     let mut families = crate::metrics::core_families(&gateway.metrics, &instances);
+    families.extend(crate::metrics::cache_families(
+        &gateway.runtime.load().cache.sample(),
+    ));
     let connections = &gateway.connections;
     families.extend(crate::metrics::connection_families(
         connections.open(),
@@ -490,6 +496,46 @@ fn drain_instance(gateway: &Gateway, name: &str, addr: &str) -> Response<Gateway
     tracing::info!(upstream = name, instance = %instance.addr, "draining instance");
     tokio::spawn(async move { upstream.drain(&instance, timeout).await });
     reply(StatusCode::ACCEPTED, json!({"draining": addr}))
+}
+
+/// `GET /api/cache/stats`: entries, bytes, hit ratio and the counters behind it.
+fn cache_stats(gateway: &Gateway) -> Response<GatewayBody> {
+    let c = gateway.runtime.load().cache.sample();
+    reply(
+        StatusCode::OK,
+        json!({
+            "entries": c.entries,
+            "bytes": c.bytes,
+            "max_bytes": c.max_bytes,
+            "hit_ratio": c.hit_ratio(),
+            "hits": c.hits,
+            "misses": c.misses,
+            "stale": c.stale,
+            "bypasses": c.bypasses,
+            "evictions": c.evictions,
+        }),
+    )
+}
+
+/// `DELETE /api/cache` (everything), `?prefix=/path` (keys whose path starts so) or `?key=KEY`
+/// (one key exactly, as `X-Cache-Key`-style text: `PATH?QUERY HOST[ PARTS]`).
+fn purge_cache(gateway: &Gateway, query: Option<&str>) -> Response<GatewayBody> {
+    let store = gateway.runtime.load().cache.clone();
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect();
+    let purged = match pairs.as_slice() {
+        [] => store.purge_all(),
+        [(name, prefix)] if name == "prefix" => store.purge_prefix(prefix),
+        [(name, key)] if name == "key" => store.purge_key(key),
+        _ => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "expected no query, ?prefix=/path or ?key=KEY"}),
+            )
+        }
+    };
+    reply(StatusCode::OK, json!({ "purged": purged }))
 }
 
 /// Pins the count of an autoscaled upstream, pauses or resumes its autoscaler.

@@ -3,6 +3,7 @@
 //! durations, sizes, strategies). Every problem is reported with the key it belongs to.
 
 mod autoscale;
+mod cache;
 mod env;
 pub mod limits;
 mod raw;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use http::HeaderName;
 
 pub use autoscale::{AutoscaleConfig, DiscoverConfig, ExecConfig, ProcessConfig, ProviderConfig};
+pub use cache::{CacheConfig, RouteCacheConfig};
 pub use limits::LimitsConfig;
 pub use raw::RawConfig;
 pub use tls::TlsConfig;
@@ -63,6 +65,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    pub cache: CacheConfig,
     pub tls: Option<TlsConfig>,
     /// Rate limits, API keys and concurrency limits.
     pub limits: LimitsConfig,
@@ -148,6 +151,8 @@ pub struct RouteConfig {
     pub host: Option<String>,
     pub path_prefix: String,
     pub upstream: String,
+    /// Responses are cached only on routes that have this.
+    pub cache: Option<RouteCacheConfig>,
 }
 
 impl Config {
@@ -362,6 +367,55 @@ upstream = "missing"
         assert_eq!(config.upstreams[0].instances.len(), 2);
         assert_eq!(config.routes.len(), 1);
         assert!(Config::from_flags("127.0.0.1:8081", &[]).is_err());
+    }
+
+    #[test]
+    fn cache_tables_are_validated_with_their_keys() {
+        let text = r#"
+[cache]
+max_size = "lots"
+[upstreams.app]
+instances = ["127.0.0.1:1"]
+[[routes]]
+upstream = "app"
+cache = { ttl = "5", stale_if_error = "x", max_body = "1XB", key = ["header:bad header", "nope"], warm = ["x"] }
+[[routes]]
+host = "*.a.test"
+upstream = "app"
+cache = { warm = ["/w"] }
+"#;
+        let errors = Config::from_toml(text).unwrap_err().0;
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        for key in [
+            "cache.max_size",
+            "routes[0].cache.ttl",
+            "routes[0].cache.stale_if_error",
+            "routes[0].cache.max_body",
+            "routes[0].cache.key[0]",
+            "routes[0].cache.key[1]",
+            "routes[0].cache.warm[0]",
+            "routes[1].cache.warm",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+        let err = Config::from_toml("[upstreams.a]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = \"a\"\ncache = { tll = \"1s\" }\n").unwrap_err().0;
+        assert!(err[0].message.contains("tll"), "{}", err[0].message);
+    }
+
+    #[test]
+    fn cache_defaults() {
+        let text = format!("{MINIMAL}cache = {{ override = true, key = [\"cookie:lang\"] }}\n");
+        let config = Config::from_toml(&text).unwrap();
+        assert_eq!(config.cache.max_size, 256 * 1024 * 1024);
+        let cache = config.routes[0].cache.as_ref().unwrap();
+        assert_eq!(cache.ttl, Duration::from_secs(60));
+        assert_eq!(cache.stale_while_revalidate, Duration::ZERO);
+        assert_eq!(cache.max_body, 1024 * 1024);
+        assert!(cache.override_ttl && !cache.cache_set_cookie && !cache.allow_authorization);
+        assert_eq!(cache.key, [HashKey::Cookie("lang".into())]);
+        assert!(Config::from_toml(MINIMAL).unwrap().routes[0]
+            .cache
+            .is_none());
     }
 
     #[test]

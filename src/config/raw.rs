@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use super::cache::{validate_cache, validate_route_cache, RawCache, RawRouteCache};
 use super::limits::{
     self, RawAuth, RawRateLimit, RawRouteLimits, RawState, DEFAULT_QUEUE_SIZE,
     DEFAULT_QUEUE_TIMEOUT,
@@ -26,6 +27,8 @@ pub struct RawConfig {
     pub upstreams: BTreeMap<String, RawUpstream>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub cache: RawCache,
     pub tls: Option<super::tls::RawTls>,
     #[serde(default)]
     pub state: RawState,
@@ -178,6 +181,7 @@ pub struct RawRoute {
     #[serde(default = "root")]
     pub path_prefix: String,
     pub upstream: String,
+    pub cache: Option<RawRouteCache>,
     #[serde(default)]
     pub rate_limits: Option<Vec<limits::RawRule>>,
     #[serde(default)]
@@ -212,12 +216,14 @@ impl RawConfig {
                 host: None,
                 path_prefix: root(),
                 upstream: "default".into(),
+                cache: None,
                 rate_limits: None,
                 auth: None,
                 max_in_flight: None,
                 queue_size: None,
                 queue_timeout: None,
             }],
+            cache: RawCache::default(),
             tls: None,
             state: RawState::default(),
             rate_limit: RawRateLimit::default(),
@@ -309,14 +315,19 @@ impl RawConfig {
                 if !raw.path_prefix.starts_with('/') {
                     p.push(format!("{key}.path_prefix"), "must start with /");
                 }
+                let cache = raw.cache.as_ref().map(|c| {
+                    validate_route_cache(&mut p, &format!("{key}.cache"), c, raw.host.as_deref())
+                });
                 RouteConfig {
                     name: raw.name.unwrap_or_else(|| raw.upstream.clone()),
                     host: raw.host.map(|h| h.to_ascii_lowercase()),
                     path_prefix: raw.path_prefix,
                     upstream: raw.upstream,
+                    cache,
                 }
             })
             .collect();
+        let cache = validate_cache(&mut p, &self.cache);
         let tls = self
             .tls
             .as_ref()
@@ -326,6 +337,7 @@ impl RawConfig {
             admin,
             upstreams,
             routes,
+            cache,
             tls,
             limits,
         })

@@ -2,8 +2,10 @@
 //!
 //! Paths: `/health` (200, or 503 after `POST /__health/fail`), `/__stats` (requests seen),
 //! `/echo` (the request head as JSON), `/upgrade` (101 to the asked protocol, then a byte
-//! echo); anything else answers `body_bytes` bytes after `latency_ms`, failing with 500 at
-//! `fail_rate`. Request bodies are read to the end and
+//! echo), `/cache...` (caching headers taken from the query: `cc`, `vary`, `set_cookie`,
+//! `expires`, `status`, `bytes`, `latency_ms`; the body says which request of the instance it
+//! was and the varying header's value); anything else answers `body_bytes` bytes after
+//! `latency_ms`, failing with 500 at `fail_rate`. Request bodies are read to the end and
 //! their size returned in `x-body-received`, so uploads can be checked end to end.
 
 use std::convert::Infallible;
@@ -139,6 +141,7 @@ async fn handle(
             });
             text(StatusCode::OK, Bytes::from(json.to_string()))
         }
+        (_, path) if path.starts_with("/cache") => return Ok(cache_answer(state, req).await),
         _ => return Ok(answer(state, req).await),
     };
     Ok(response)
@@ -196,6 +199,48 @@ async fn answer(state: Arc<DemoState>, req: Request<Incoming>) -> Response<Full<
     headers.insert("x-instance", state.port.into());
     if received > 0 {
         headers.insert("x-body-received", received.into());
+    }
+    response
+}
+
+async fn cache_answer(state: Arc<DemoState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let seq = state.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let query: Vec<(String, String)> =
+        form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+    let param = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    if let Some(ms) = param("latency_ms").and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let varied = param("vary")
+        .and_then(|name| req.headers().get(name))
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let body = match param("bytes").and_then(|v| v.parse::<usize>().ok()) {
+        Some(size) => Bytes::from(vec![b'c'; size]),
+        None => Bytes::from(serde_json::json!({"n": seq, "vary": varied}).to_string()),
+    };
+    let status = param("status")
+        .and_then(|v| v.parse::<u16>().ok())
+        .and_then(|v| StatusCode::from_u16(v).ok())
+        .unwrap_or(StatusCode::OK);
+    let mut response = text(status, body);
+    let headers = response.headers_mut();
+    headers.insert("x-instance", state.port.into());
+    for (param_name, header) in [
+        ("cc", http::header::CACHE_CONTROL),
+        ("vary", http::header::VARY),
+        ("set_cookie", http::header::SET_COOKIE),
+        ("expires", http::header::EXPIRES),
+    ] {
+        if let Some(value) = param(param_name).and_then(|v| http::HeaderValue::from_str(v).ok()) {
+            headers.insert(header, value);
+        }
     }
     response
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::{HistogramSnapshot, InstanceSample, STATUS_CLASSES};
+use super::{CacheSample, HistogramSnapshot, InstanceSample, STATUS_CLASSES};
 
 /// Points kept for the charts: five minutes at one a second.
 pub const HISTORY: usize = 300;
@@ -23,6 +23,7 @@ pub struct Totals {
     pub histogram: HistogramSnapshot,
     pub in_flight: i64,
     pub instances: Vec<InstanceSample>,
+    pub cache: CacheSample,
 }
 
 /// One second of the gateway, as the dashboard shows it.
@@ -39,6 +40,8 @@ pub struct StatsPoint {
     pub in_flight: i64,
     /// Instances per upstream (what the autoscaler changes).
     pub replicas: BTreeMap<String, usize>,
+    /// Share of cacheable requests answered from the cache in this second; `None` without any.
+    pub cache_hit_ratio: Option<f64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub instances: Vec<InstanceRow>,
 }
@@ -91,8 +94,15 @@ pub fn stats_point(before: &Totals, now: &Totals, elapsed: Duration, unix_ms: u6
         p99_ms: ms(0.99),
         in_flight: now.in_flight,
         replicas,
+        cache_hit_ratio: cache_hit_ratio(&before.cache, &now.cache),
         instances,
     }
+}
+
+fn cache_hit_ratio(before: &CacheSample, now: &CacheSample) -> Option<f64> {
+    let lookups = now.lookups().saturating_sub(before.lookups());
+    let served = now.served().saturating_sub(before.served());
+    (lookups > 0).then(|| served as f64 / lookups as f64)
 }
 
 /// The latest point (watched by stream subscribers) and the recent history.
@@ -164,6 +174,7 @@ mod tests {
                 retries: 0,
                 latency_seconds: 0.0015,
             }],
+            cache: CacheSample::default(),
         }
     }
 
@@ -179,6 +190,23 @@ mod tests {
         assert_eq!(point.replicas["app"], 1);
         assert!((point.instances[0].rps - 110.0).abs() < 1e-9);
         assert!((point.instances[0].errors_per_s - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn cache_hit_ratio_is_over_the_second() {
+        let mut before = totals([0; 5], 0, 0);
+        let mut now = before.clone();
+        assert_eq!(
+            stats_point(&before, &now, Duration::from_secs(1), 0).cache_hit_ratio,
+            None
+        );
+        before.cache.hits = 100;
+        before.cache.misses = 100;
+        now.cache.hits = 130;
+        now.cache.stale = 10;
+        now.cache.misses = 110;
+        let point = stats_point(&before, &now, Duration::from_secs(1), 0);
+        assert_eq!(point.cache_hit_ratio, Some(0.8));
     }
 
     #[test]

@@ -47,6 +47,14 @@ pub const PROCESS_CPU: &str = "process_cpu_seconds";
 pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
 pub const PROCESS_FDS: &str = "process_open_fds";
 pub const PROCESS_START: &str = "process_start_time_seconds";
+pub const CACHE_HITS: &str = "cache_hits";
+pub const CACHE_MISSES: &str = "cache_misses";
+pub const CACHE_STALE: &str = "cache_stale";
+pub const CACHE_BYPASSES: &str = "cache_bypasses";
+pub const CACHE_EVICTIONS: &str = "cache_evictions";
+pub const CACHE_ENTRIES: &str = "cache_entries";
+pub const CACHE_BYTES: &str = "cache_bytes";
+pub const CACHE_MAX_BYTES: &str = "cache_max_bytes";
 
 /// Method label values; anything else counts as `OTHER`.
 pub const METHODS: [&str; 8] = [
@@ -429,6 +437,94 @@ pub fn core_families(metrics: &Metrics, instances: &[InstanceSample]) -> Vec<Fam
     families.push(state);
     families.extend(process::families());
     families
+}
+
+/// The response cache's counters and size at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheSample {
+    pub hits: u64,
+    /// Misses and expired entries fetched again.
+    pub misses: u64,
+    /// Stale entries served (stale-while-revalidate and stale-if-error).
+    pub stale: u64,
+    pub bypasses: u64,
+    /// Entries pushed out by the size bound.
+    pub evictions: u64,
+    pub entries: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+}
+
+impl CacheSample {
+    /// Requests answered from the cache (fresh or stale).
+    pub fn served(&self) -> u64 {
+        self.hits + self.stale
+    }
+
+    /// Requests that could have been answered from the cache.
+    pub fn lookups(&self) -> u64 {
+        self.hits + self.stale + self.misses
+    }
+
+    /// Share of lookups answered from the cache; `None` before the first lookup.
+    pub fn hit_ratio(&self) -> Option<f64> {
+        let lookups = self.lookups();
+        (lookups > 0).then(|| self.served() as f64 / lookups as f64)
+    }
+}
+
+/// The response cache's families.
+pub fn cache_families(cache: &CacheSample) -> Vec<Family> {
+    let families: [(&'static str, &'static str, Value); 8] = [
+        (
+            CACHE_HITS,
+            "Requests answered from a fresh cache entry.",
+            Value::Counter(cache.hits),
+        ),
+        (
+            CACHE_MISSES,
+            "Cacheable requests fetched from an instance (missing or expired entry).",
+            Value::Counter(cache.misses),
+        ),
+        (
+            CACHE_STALE,
+            "Requests answered from a stale entry (stale-while-revalidate, stale-if-error).",
+            Value::Counter(cache.stale),
+        ),
+        (
+            CACHE_BYPASSES,
+            "Requests on cached routes that may not use the cache (method, body, Authorization).",
+            Value::Counter(cache.bypasses),
+        ),
+        (
+            CACHE_EVICTIONS,
+            "Entries pushed out by the cache size bound.",
+            Value::Counter(cache.evictions),
+        ),
+        (
+            CACHE_ENTRIES,
+            "Keys in the cache.",
+            Value::Gauge(cache.entries as f64),
+        ),
+        (
+            CACHE_BYTES,
+            "Bytes held by the cache (bodies, headers, keys).",
+            Value::Gauge(cache.bytes as f64),
+        ),
+        (
+            CACHE_MAX_BYTES,
+            "The cache size bound in bytes.",
+            Value::Gauge(cache.max_bytes as f64),
+        ),
+    ];
+    families
+        .into_iter()
+        .map(|(name, help, value)| {
+            let mut family = Family::new(name, help);
+            family.push(Vec::new(), value);
+            family
+        })
+        .collect()
 }
 
 /// Client connections open now and refused so far, by reason.

@@ -91,6 +91,9 @@ pub enum GatewayBody {
     Upstream(UpstreamBody),
     /// Chunks the gateway produces over time (server-sent events); ends when the sender drops.
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
+    /// Chunks relayed by a task reading an instance's body (the cache storing a response while
+    /// the client streams it); an `Err` breaks the body off.
+    Relay(tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>),
 }
 
 impl GatewayBody {
@@ -141,6 +144,9 @@ impl Body for GatewayBody {
             GatewayBody::Channel(rx) => rx
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|b| Ok(Frame::data(b)))),
+            GatewayBody::Relay(rx) => rx
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|b| b.map(Frame::data))),
             GatewayBody::Upstream(body) => {
                 let polled = Pin::new(&mut body.inner).poll_frame(cx);
                 match polled {
@@ -170,7 +176,7 @@ impl Body for GatewayBody {
         match self {
             GatewayBody::Full(bytes) => bytes.is_none(),
             GatewayBody::Upstream(body) => body.inner.is_end_stream(),
-            GatewayBody::Channel(_) => false,
+            GatewayBody::Channel(_) | GatewayBody::Relay(_) => false,
         }
     }
 
@@ -179,7 +185,7 @@ impl Body for GatewayBody {
             GatewayBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             GatewayBody::Full(None) => SizeHint::with_exact(0),
             GatewayBody::Upstream(body) => body.inner.size_hint(),
-            GatewayBody::Channel(_) => SizeHint::default(),
+            GatewayBody::Channel(_) | GatewayBody::Relay(_) => SizeHint::default(),
         }
     }
 }

@@ -130,7 +130,7 @@ type Forwarded = (Response<GatewayBody>, usize);
 type Failed = (ProxyError, Option<usize>);
 
 async fn forward(
-    runtime: &Runtime,
+    runtime: &Arc<Runtime>,
     req: Request<Incoming>,
     client: &ClientAddr,
     request_id: &HeaderValue,
@@ -183,7 +183,7 @@ async fn forward(
         }
     }
     let upgrade = requested_upgrade(&parts.headers);
-    let mut client_upgrade = upgrade
+    let client_upgrade = upgrade
         .is_some()
         .then(|| parts.extensions.remove::<OnUpgrade>())
         .flatten();
@@ -198,6 +198,94 @@ async fn forward(
         restore_upgrade(&mut parts.headers, protocol);
     }
 
+    let body = if body.is_end_stream() {
+        ForwardBody::Empty
+    } else {
+        ForwardBody::stream(body, max_body)
+    };
+    // Upgrades (WebSocket) are tunnels, never cached.
+    if let Some(cache) = runtime
+        .route_cache(route)
+        .filter(|_| client_upgrade.is_none())
+    {
+        let fetch = InstanceFetch {
+            runtime: runtime.clone(),
+            route,
+            hash,
+            request_id: request_id.clone(),
+        };
+        let mut response = crate::cache::serve(cache, parts, body, client.addr.ip(), fetch).await;
+        admitted.add_headers(response.headers_mut());
+        return Ok((response, route));
+    }
+    let result = to_instance(
+        runtime,
+        route,
+        parts,
+        body,
+        hash,
+        request_id,
+        client_upgrade,
+    )
+    .await;
+    // The concurrency slots in `admitted` are held until the response head is back.
+    result
+        .map(|mut response| {
+            admitted.add_headers(response.headers_mut());
+            (response, route)
+        })
+        .map_err(|error| (error, Some(route)))
+}
+
+/// The pipeline after routing, owned so the cache can run it for a client or in the background.
+#[derive(Clone)]
+pub struct InstanceFetch {
+    runtime: Arc<Runtime>,
+    route: usize,
+    hash: Option<u64>,
+    pub request_id: HeaderValue,
+}
+
+impl InstanceFetch {
+    /// For requests the gateway makes itself (cache warming).
+    pub fn for_route(runtime: Arc<Runtime>, route: usize, request_id: HeaderValue) -> Self {
+        InstanceFetch {
+            runtime,
+            route,
+            hash: None,
+            request_id,
+        }
+    }
+
+    pub async fn send(
+        &self,
+        parts: Parts,
+        body: ForwardBody,
+    ) -> Result<Response<GatewayBody>, ProxyError> {
+        to_instance(
+            &self.runtime,
+            self.route,
+            parts,
+            body,
+            self.hash,
+            &self.request_id,
+            None,
+        )
+        .await
+    }
+}
+
+/// Picks an instance, sends, retries what may be retried.
+async fn to_instance(
+    runtime: &Runtime,
+    route: usize,
+    parts: Parts,
+    body: ForwardBody,
+    hash: Option<u64>,
+    request_id: &HeaderValue,
+    mut client_upgrade: Option<OnUpgrade>,
+) -> Result<Response<GatewayBody>, ProxyError> {
+    let upstream = runtime.route_upstream(route).clone();
     let has_body = !body.is_end_stream();
     let config = &upstream.config;
     // A body-less idempotent request can be sent again even after an instance took it.
@@ -208,12 +296,7 @@ async fn forward(
             parts.headers.clone(),
         )
     });
-    let forward_body = if has_body {
-        ForwardBody::stream(body, max_body)
-    } else {
-        ForwardBody::Empty
-    };
-    let mut request = Some(Request::from_parts(parts, forward_body));
+    let mut request = Some(Request::from_parts(parts, body));
     upstream.retry_budget.deposit();
 
     let mut tried: u64 = 0;
@@ -224,9 +307,9 @@ async fn forward(
         let (index, instance) = match upstream.pick(&set, tried, hash, Instant::now()) {
             Ok(picked) => picked,
             Err(NoInstance::NoneHealthy) if attempts == 0 => {
-                return Err((ProxyError::NoHealthyInstance, Some(route)))
+                return Err(ProxyError::NoHealthyInstance)
             }
-            Err(_) => return Err((last_error, Some(route))),
+            Err(_) => return Err(last_error),
         };
         if index < 64 {
             tried |= 1 << index;
@@ -242,7 +325,7 @@ async fn forward(
                     *req.headers_mut() = headers.clone();
                     req
                 }
-                None => return Err((last_error, Some(route))),
+                None => return Err(last_error),
             },
         };
         let guard = InFlightGuard::enter(instance.clone());
@@ -269,15 +352,13 @@ async fn forward(
                         guard,
                         runtime.config.server.idle_timeout,
                     );
-                    admitted.add_headers(&mut head.headers);
-                    return Ok((Response::from_parts(head, GatewayBody::Full(None)), route));
+                    return Ok(Response::from_parts(head, GatewayBody::Full(None)));
                 }
                 strip_hop_by_hop(&mut head.headers);
                 head.headers
                     .insert(X_REQUEST_ID.clone(), request_id.clone());
-                admitted.add_headers(&mut head.headers);
                 let body = GatewayBody::Upstream(UpstreamBody::new(incoming, sender, guard));
-                return Ok((Response::from_parts(head, body), route));
+                return Ok(Response::from_parts(head, body));
             }
             Err(failure) => {
                 drop(guard);
@@ -293,20 +374,18 @@ async fn forward(
                         instance.record_failure(now, config);
                         last_error = ProxyError::InstanceFailed(reason);
                         if replay.is_none() {
-                            return Err((last_error, Some(route)));
+                            return Err(last_error);
                         }
                     }
                     Attempt::Timeout => {
                         instance.record_failure(now, config);
-                        return Err((ProxyError::InstanceTimeout, Some(route)));
+                        return Err(ProxyError::InstanceTimeout);
                     }
-                    Attempt::BodyTooLarge => return Err((ProxyError::BodyTooLarge, Some(route))),
-                    Attempt::ClientBody(reason) => {
-                        return Err((ProxyError::InstanceFailed(reason), Some(route)))
-                    }
+                    Attempt::BodyTooLarge => return Err(ProxyError::BodyTooLarge),
+                    Attempt::ClientBody(reason) => return Err(ProxyError::InstanceFailed(reason)),
                 }
                 if !retry_ok || !upstream.retry_budget.try_withdraw() {
-                    return Err((last_error, Some(route)));
+                    return Err(last_error);
                 }
                 instance.retries.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(instance = %instance.addr, attempt = attempts, "retrying on another instance");

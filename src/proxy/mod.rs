@@ -13,8 +13,9 @@ pub mod router;
 mod tunnel;
 pub mod upstream;
 
-pub use body::GatewayBody;
+pub use body::{ForwardBody, GatewayBody};
 pub use error::ProxyError;
+pub use forward::InstanceFetch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -43,6 +44,10 @@ pub struct Runtime {
     route_upstreams: Vec<Arc<Upstream>>,
     /// The request counters of each route, by route position; empty when `server.metrics` is off.
     route_stats: Vec<Arc<RequestStats>>,
+    /// The response store, kept across reloads while `cache.max_size` stays the same.
+    pub cache: Arc<crate::cache::Store>,
+    /// The cache of each route, by route position; `None` where the route is not cached.
+    route_caches: Vec<Option<crate::cache::RouteCache>>,
     /// TLS settings for new connections on the HTTPS listener.
     tls: Option<Arc<rustls::ServerConfig>>,
     /// API keys, rate limits and concurrency limits per route.
@@ -85,6 +90,11 @@ impl Runtime {
         } else {
             Vec::new()
         };
+        let cache = match previous {
+            Some(p) if p.cache.max_size == config.cache.max_size => p.cache.clone(),
+            _ => Arc::new(crate::cache::Store::new(config.cache.max_size)),
+        };
+        let route_caches = crate::cache::RouteCache::for_routes(&config.routes, &cache);
         let tls = config
             .tls
             .as_ref()
@@ -99,6 +109,8 @@ impl Runtime {
             upstreams,
             route_upstreams,
             route_stats,
+            cache,
+            route_caches,
             tls,
             admission,
         }
@@ -110,6 +122,18 @@ impl Runtime {
 
     fn route_upstream(&self, route: usize) -> &Arc<Upstream> {
         &self.route_upstreams[route]
+    }
+
+    fn route_cache(&self, route: usize) -> Option<&crate::cache::RouteCache> {
+        self.route_caches[route].as_ref()
+    }
+
+    /// The cached routes, by route position.
+    pub fn cached_routes(&self) -> impl Iterator<Item = (usize, &crate::cache::RouteCache)> {
+        self.route_caches
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| Some((i, c.as_ref()?)))
     }
 
     /// Where to count a request: its route's counters, or the unrouted ones; `None` when
@@ -155,12 +179,13 @@ impl Gateway {
             config.server.max_connections_per_ip,
         ));
         let limiter = crate::ratelimit::Limiter::new(&config.limits);
-        let runtime = Runtime::build(config, None, &metrics, &limiter);
+        let runtime = Arc::new(Runtime::build(config, None, &metrics, &limiter));
         for upstream in &runtime.upstreams {
             crate::health::spawn_active_checks(upstream);
         }
+        crate::cache::spawn_warming(&runtime);
         Arc::new(Gateway {
-            runtime: ArcSwap::from_pointee(runtime),
+            runtime: ArcSwap::new(runtime),
             draining: AtomicBool::new(false),
             config_path,
             request_seq: AtomicU64::new(1),
@@ -198,11 +223,17 @@ impl Gateway {
         {
             tracing::warn!("rate-limit store changed: it takes effect at the next restart");
         }
-        let next = Runtime::build(config, Some(&current), &self.metrics, &self.limiter);
+        let next = Arc::new(Runtime::build(
+            config,
+            Some(&current),
+            &self.metrics,
+            &self.limiter,
+        ));
         for upstream in &next.upstreams {
             crate::health::spawn_active_checks(upstream);
         }
-        self.runtime.store(Arc::new(next));
+        crate::cache::spawn_warming(&next);
+        self.runtime.store(next);
         tracing::info!(path = %path.display(), "configuration reloaded");
         Ok(())
     }

@@ -52,6 +52,7 @@ mod tests {
 
     fn route(host: Option<&str>, prefix: &str) -> RouteConfig {
         RouteConfig {
+            cache: None,
             name: format!("{host:?}{prefix}"),
             host: host.map(String::from),
             path_prefix: prefix.into(),

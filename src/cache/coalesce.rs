@@ -1,0 +1,116 @@
+//! Request coalescing: one fetch per key at a time. The first request for a key takes a lease;
+//! identical requests wait until the lease ends (the entry stored, or the fetch given up), up
+//! to [`LOCK_TIMEOUT`], after which they go to an instance themselves (nginx `proxy_cache_lock`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// How long identical requests wait for the fetch in flight (nginx `proxy_cache_lock_timeout`).
+pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Keys being fetched. Touched only on misses, never held across an await.
+#[derive(Debug, Default)]
+pub struct Coalescer {
+    inflight: Mutex<HashMap<Arc<str>, watch::Receiver<()>>>,
+}
+
+/// The right to fetch a key; waiters wake when it drops.
+#[derive(Debug)]
+pub struct Lease {
+    coalescer: Arc<Coalescer>,
+    key: Arc<str>,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.coalescer
+            .inflight
+            .lock()
+            .expect("coalescer lock")
+            .remove(&self.key);
+    }
+}
+
+pub enum Turn {
+    /// Nobody is fetching this key: fetch it.
+    Lead(Lease),
+    /// Someone is: wait for them.
+    Wait(watch::Receiver<()>),
+}
+
+/// How a wait ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Waited {
+    Done,
+    TimedOut,
+}
+
+impl Coalescer {
+    pub fn join(self: &Arc<Self>, key: &Arc<str>) -> Turn {
+        let mut inflight = self.inflight.lock().expect("coalescer lock");
+        if let Some(rx) = inflight.get(key) {
+            return Turn::Wait(rx.clone());
+        }
+        let (tx, rx) = watch::channel(());
+        inflight.insert(key.clone(), rx);
+        Turn::Lead(Lease {
+            coalescer: self.clone(),
+            key: key.clone(),
+            _done: tx,
+        })
+    }
+
+    /// Only takes the lease when nobody holds it (for background refreshes, which never wait).
+    pub fn try_lead(self: &Arc<Self>, key: &Arc<str>) -> Option<Lease> {
+        match self.join(key) {
+            Turn::Lead(lease) => Some(lease),
+            Turn::Wait(_) => None,
+        }
+    }
+}
+
+/// Waits until the lease holder is done, at most `limit`.
+pub async fn wait(mut rx: watch::Receiver<()>, limit: Duration) -> Waited {
+    // `changed` fails once the sender (inside the lease) is dropped: that is the signal.
+    match tokio::time::timeout(limit, async { while rx.changed().await.is_ok() {} }).await {
+        Ok(()) => Waited::Done,
+        Err(_) => Waited::TimedOut,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn one_leader_and_waiters_wake_when_it_is_done() {
+        let coalescer = Arc::new(Coalescer::default());
+        let key: Arc<str> = Arc::from("/a h");
+        let Turn::Lead(lease) = coalescer.join(&key) else {
+            panic!("first is the leader")
+        };
+        let Turn::Wait(rx) = coalescer.join(&key) else {
+            panic!("second waits")
+        };
+        assert!(coalescer.try_lead(&key).is_none());
+        let waiter = tokio::spawn(wait(rx, LOCK_TIMEOUT));
+        drop(lease);
+        assert_eq!(waiter.await.unwrap(), Waited::Done);
+        assert!(coalescer.try_lead(&key).is_some(), "the key is free again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_give_up_after_the_lock_timeout() {
+        let coalescer = Arc::new(Coalescer::default());
+        let key: Arc<str> = Arc::from("/a h");
+        let _lease = coalescer.try_lead(&key).unwrap();
+        let Turn::Wait(rx) = coalescer.join(&key) else {
+            panic!("waits")
+        };
+        assert_eq!(wait(rx, LOCK_TIMEOUT).await, Waited::TimedOut);
+    }
+}

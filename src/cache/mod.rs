@@ -1,0 +1,418 @@
+//! The response cache of cached routes: look the request up, answer hits from memory, coalesce
+//! misses into one instance request per key, store what HTTP's rules allow while the client
+//! streams it, refresh stale entries in the background and answer stale when instances fail.
+//! `policy` makes every decision; this file only moves bytes and time.
+
+pub mod coalesce;
+pub mod policy;
+pub mod store;
+
+use std::net::IpAddr;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Response};
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+
+use crate::config::{RouteCacheConfig, RouteConfig};
+use crate::proxy::headers::X_REQUEST_ID;
+use crate::proxy::{ForwardBody, GatewayBody, InstanceFetch, ProxyError, Runtime};
+use coalesce::{Lease, Turn, Waited, LOCK_TIMEOUT};
+use policy::{RequestVerdict, State};
+pub use store::{Entry, Outcome, Store};
+
+pub static X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");
+
+/// A cached route: its rules and the shared store.
+pub struct RouteCache {
+    pub rules: RouteCacheConfig,
+    pub store: Arc<Store>,
+    /// The route matches on host, so the host is part of the key.
+    host_in_key: bool,
+    /// The route's exact host, sent on warming requests.
+    host: Option<String>,
+}
+
+impl RouteCache {
+    /// One slot per route, `None` where the route has no `cache` table.
+    pub fn for_routes(routes: &[RouteConfig], store: &Arc<Store>) -> Vec<Option<RouteCache>> {
+        routes
+            .iter()
+            .map(|route| {
+                route.cache.clone().map(|rules| RouteCache {
+                    rules,
+                    store: store.clone(),
+                    host_in_key: route.host.is_some(),
+                    host: route.host.clone().filter(|h| !h.starts_with('*')),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Answers a request of a cached route; errors become responses here so that every answer
+/// carries `X-Cache-Status`.
+pub async fn serve(
+    cache: &RouteCache,
+    parts: Parts,
+    body: ForwardBody,
+    client_ip: IpAddr,
+    fetch: InstanceFetch,
+) -> Response<GatewayBody> {
+    let has_body = !http_body::Body::is_end_stream(&body);
+    let verdict = policy::request_verdict(&parts.method, &parts.headers, has_body, &cache.rules);
+    if verdict == RequestVerdict::Bypass {
+        let result = fetch.send(parts, body).await;
+        return labelled(result, Outcome::Bypass, cache, &fetch.request_id);
+    }
+    let host = cache.host_in_key.then(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map_or("", crate::proxy::router::host_without_port)
+    });
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let key = policy::cache_key(path, host, &cache.rules.key, &parts.headers, client_ip);
+    let store = &cache.store;
+    let stored = store.get(&key, &parts.headers);
+    let now = Instant::now();
+    let state = stored
+        .as_ref()
+        .map(|e| State::at(&e.freshness, now.saturating_duration_since(e.stored_at)));
+    match (state, stored) {
+        (Some(State::Fresh), Some(entry)) => {
+            hit(&entry, Outcome::Hit, cache, &fetch.request_id, now)
+        }
+        (Some(State::Revalidate), Some(entry)) => {
+            let key: Arc<str> = Arc::from(key);
+            if let Some(lease) = store.inflight.try_lead(&key) {
+                tokio::spawn(refresh(
+                    cache.rules.clone(),
+                    store.clone(),
+                    key,
+                    parts,
+                    fetch.clone(),
+                    lease,
+                ));
+            }
+            hit(&entry, Outcome::Updating, cache, &fetch.request_id, now)
+        }
+        (_, stale) => {
+            let key: Arc<str> = Arc::from(key);
+            match store.inflight.join(&key) {
+                Turn::Lead(lease) => fill(cache, key, parts, fetch, Some(lease), stale).await,
+                Turn::Wait(rx) => match coalesce::wait(rx, LOCK_TIMEOUT).await {
+                    Waited::Done => {
+                        let now = Instant::now();
+                        let fresh = store.get(&key, &parts.headers).filter(|e| {
+                            State::at(&e.freshness, now.saturating_duration_since(e.stored_at))
+                                == State::Fresh
+                        });
+                        match fresh {
+                            Some(entry) => hit(&entry, Outcome::Hit, cache, &fetch.request_id, now),
+                            // Not stored (uncacheable or failed): fetch for this request alone.
+                            None => fill(cache, key, parts, fetch, None, stale).await,
+                        }
+                    }
+                    // nginx proxy_cache_lock: a late waiter goes to the instance, uncached.
+                    Waited::TimedOut => {
+                        let result = fetch.send(as_get(parts).0, ForwardBody::Empty).await;
+                        labelled(result, Outcome::Miss, cache, &fetch.request_id)
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// A response made from a stored entry.
+fn hit(
+    entry: &Entry,
+    outcome: Outcome,
+    cache: &RouteCache,
+    request_id: &HeaderValue,
+    now: Instant,
+) -> Response<GatewayBody> {
+    cache.store.counters.record(outcome);
+    let mut response = Response::new(GatewayBody::Full(Some(entry.body.clone())));
+    *response.status_mut() = entry.status;
+    let headers = response.headers_mut();
+    headers.clone_from(&entry.headers);
+    let age = entry.freshness.initial_age + now.saturating_duration_since(entry.stored_at);
+    headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    headers.insert(
+        X_CACHE_STATUS.clone(),
+        HeaderValue::from_static(outcome.as_str()),
+    );
+    response
+}
+
+/// An instance's answer (or the gateway's error) with `X-Cache-Status`.
+fn labelled(
+    result: Result<Response<GatewayBody>, ProxyError>,
+    outcome: Outcome,
+    cache: &RouteCache,
+    request_id: &HeaderValue,
+) -> Response<GatewayBody> {
+    cache.store.counters.record(outcome);
+    let mut response = result.unwrap_or_else(|error| {
+        if error.status().is_server_error() {
+            tracing::warn!(request_id = ?request_id, %error, "request failed");
+        }
+        error.response(request_id)
+    });
+    response.headers_mut().insert(
+        X_CACHE_STATUS.clone(),
+        HeaderValue::from_static(outcome.as_str()),
+    );
+    response
+}
+
+/// HEAD is fetched as GET so the answer can be stored (nginx `proxy_cache_convert_head`).
+fn as_get(mut parts: Parts) -> (Parts, bool) {
+    let head = parts.method == Method::HEAD;
+    parts.method = Method::GET;
+    (parts, head)
+}
+
+/// Fetches for a client and stores the answer when allowed, streaming it to the client as it
+/// comes. With `lease`, identical requests are waiting for this one; they wake when the entry
+/// is stored or storing was given up. `stale` answers instead of a failure within its
+/// stale-if-error window.
+async fn fill(
+    cache: &RouteCache,
+    key: Arc<str>,
+    parts: Parts,
+    fetch: InstanceFetch,
+    lease: Option<Lease>,
+    stale: Option<Arc<Entry>>,
+) -> Response<GatewayBody> {
+    let outcome = if stale.is_some() {
+        Outcome::Expired
+    } else {
+        Outcome::Miss
+    };
+    let request_headers = parts.headers.clone();
+    let (parts, _head) = as_get(parts);
+    let result = fetch.send(parts, ForwardBody::Empty).await;
+    let failed = match &result {
+        Ok(response) => policy::is_error_status(response.status()),
+        Err(error) => error.status().is_server_error(),
+    };
+    if failed {
+        let now = Instant::now();
+        if let Some(entry) = stale.filter(|e| {
+            matches!(
+                State::at(&e.freshness, now.saturating_duration_since(e.stored_at)),
+                State::Expired {
+                    usable_on_error: true
+                } | State::Revalidate
+            )
+        }) {
+            return hit(&entry, Outcome::Stale, cache, &fetch.request_id, now);
+        }
+    }
+    let Ok(response) = result else {
+        return labelled(result, outcome, cache, &fetch.request_id);
+    };
+    let Some(pending) = Pending::new(&cache.rules, &response, &request_headers) else {
+        return labelled(Ok(response), outcome, cache, &fetch.request_id);
+    };
+    let (head, body) = response.into_parts();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let store = cache.store.clone();
+    let max_body = cache.rules.max_body;
+    tokio::spawn(async move {
+        let _lease = lease;
+        let mut body = body;
+        let mut buffer = Some(BytesMut::new());
+        let mut client = Some(tx);
+        while let Some(frame) = body.frame().await {
+            let data = match frame {
+                Ok(frame) => match frame.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue,
+                },
+                Err(err) => {
+                    if let Some(tx) = client.take() {
+                        let _ = tx.send(Err(err)).await;
+                    }
+                    return;
+                }
+            };
+            if let Some(buf) = buffer.as_mut() {
+                if (buf.len() + data.len()) as u64 <= max_body {
+                    buf.extend_from_slice(&data);
+                } else {
+                    buffer = None;
+                }
+            }
+            if let Some(tx) = &client {
+                if tx.send(Ok(data)).await.is_err() {
+                    // The client left: keep reading only while the entry may still be stored.
+                    client = None;
+                    if buffer.is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+        if let Some(buf) = buffer {
+            store.insert(key, pending.into_entry(buf.freeze()));
+        }
+    });
+    let mut response = Response::from_parts(head, GatewayBody::Relay(rx));
+    cache.store.counters.record(outcome);
+    response.headers_mut().insert(
+        X_CACHE_STATUS.clone(),
+        HeaderValue::from_static(outcome.as_str()),
+    );
+    response
+}
+
+/// A response that may be stored once its body is complete.
+struct Pending {
+    entry: Entry,
+}
+
+impl Pending {
+    /// `None` when the rules forbid storing it or its declared length is over `max_body`.
+    fn new(
+        rules: &RouteCacheConfig,
+        response: &Response<GatewayBody>,
+        request: &http::HeaderMap,
+    ) -> Option<Pending> {
+        let headers = response.headers();
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > rules.max_body) {
+            return None;
+        }
+        let freshness = policy::storable(
+            response.status(),
+            headers,
+            request.contains_key(header::AUTHORIZATION),
+            rules,
+            SystemTime::now(),
+        )
+        .ok()?;
+        let vary_names = policy::vary_names(headers)?;
+        let vary_values = policy::vary_values(&vary_names, request);
+        let mut stored = headers.clone();
+        stored.remove(&X_REQUEST_ID);
+        stored.remove(header::AGE);
+        stored.remove(&X_CACHE_STATUS);
+        Some(Pending {
+            entry: Entry {
+                status: response.status(),
+                headers: stored,
+                body: Bytes::new(),
+                stored_at: Instant::now(),
+                freshness,
+                vary_names,
+                vary_values,
+            },
+        })
+    }
+
+    fn into_entry(self, body: Bytes) -> Entry {
+        Entry { body, ..self.entry }
+    }
+}
+
+/// stale-while-revalidate: fetches the entry again for nobody in particular, once per key.
+async fn refresh(
+    rules: RouteCacheConfig,
+    store: Arc<Store>,
+    key: Arc<str>,
+    parts: Parts,
+    fetch: InstanceFetch,
+    _lease: Lease,
+) {
+    let request_headers = parts.headers.clone();
+    let Ok(response) = fetch.send(as_get(parts).0, ForwardBody::Empty).await else {
+        return;
+    };
+    let Some(pending) = Pending::new(&rules, &response, &request_headers) else {
+        return;
+    };
+    let limited = http_body_util::Limited::new(response.into_body(), rules.max_body as usize);
+    if let Ok(body) = limited.collect().await {
+        store.insert(key, pending.into_entry(body.to_bytes()));
+    }
+}
+
+/// How often warmed paths are checked.
+const WARM_EVERY: Duration = Duration::from_secs(1);
+
+/// Fetches every route's `warm` paths now and again before they expire, for as long as this
+/// runtime is the one in force (the task holds it weakly and ends after a reload).
+pub fn spawn_warming(runtime: &Arc<Runtime>) {
+    if runtime
+        .cached_routes()
+        .all(|(_, c)| c.rules.warm.is_empty())
+    {
+        return;
+    }
+    let weak = Arc::downgrade(runtime);
+    tokio::spawn(keep_warm(weak));
+}
+
+async fn keep_warm(runtime: Weak<Runtime>) {
+    let mut ticker = tokio::time::interval(WARM_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let request_id = HeaderValue::from_static("scalegate-cache-warm");
+    let loopback = IpAddr::from([127, 0, 0, 1]);
+    loop {
+        ticker.tick().await;
+        let Some(runtime) = runtime.upgrade() else {
+            return;
+        };
+        for (route, cache) in runtime.cached_routes() {
+            for path in &cache.rules.warm {
+                let mut builder = http::Request::get(path.as_str());
+                if let Some(host) = &cache.host {
+                    builder = builder.header(header::HOST, host.as_str());
+                }
+                let Ok(request) = builder.body(()) else {
+                    continue;
+                };
+                let (parts, ()) = request.into_parts();
+                let host = cache
+                    .host_in_key
+                    .then_some(cache.host.as_deref().unwrap_or(""));
+                let key = policy::cache_key(path, host, &cache.rules.key, &parts.headers, loopback);
+                let now = Instant::now();
+                // Refetch when the entry would expire before the next look.
+                let warm = cache.store.get(&key, &parts.headers).is_some_and(|e| {
+                    let later = now.saturating_duration_since(e.stored_at) + 2 * WARM_EVERY;
+                    State::at(&e.freshness, later) == State::Fresh
+                });
+                if warm {
+                    continue;
+                }
+                let key: Arc<str> = Arc::from(key);
+                if let Some(lease) = cache.store.inflight.try_lead(&key) {
+                    let fetch =
+                        InstanceFetch::for_route(runtime.clone(), route, request_id.clone());
+                    tokio::spawn(refresh(
+                        cache.rules.clone(),
+                        cache.store.clone(),
+                        key,
+                        parts,
+                        fetch,
+                        lease,
+                    ));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,592 @@
+//! The cache's decisions, as pure functions over plain data with the clock passed in (RFC 9111
+//! subset for a shared cache, RFC 5861 stale extensions): may a request use the cache, may a
+//! response be stored and for how long, is an entry fresh, servable stale or expired, does an
+//! entry's Vary match a request, and what a request's cache key is.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+
+use crate::balance::HashKey;
+use crate::config::RouteCacheConfig;
+
+/// Whether a request may be answered from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestVerdict {
+    /// Look it up (GET/HEAD without a body, Authorization only where the route allows it).
+    Lookup,
+    /// Forward it, do not store the answer.
+    Bypass,
+}
+
+pub fn request_verdict(
+    method: &Method,
+    headers: &HeaderMap,
+    has_body: bool,
+    rules: &RouteCacheConfig,
+) -> RequestVerdict {
+    let cacheable_method = *method == Method::GET || *method == Method::HEAD;
+    let authorization_ok =
+        rules.allow_authorization || !headers.contains_key(header::AUTHORIZATION);
+    if cacheable_method && !has_body && authorization_ok {
+        RequestVerdict::Lookup
+    } else {
+        RequestVerdict::Bypass
+    }
+}
+
+/// Statuses a cache may store without being told explicitly (RFC 9110 §15.1).
+fn heuristically_cacheable(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+/// The `Cache-Control` directives a shared cache acts on.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CacheControl {
+    pub no_store: bool,
+    pub no_cache: bool,
+    pub private: bool,
+    pub public: bool,
+    pub must_revalidate: bool,
+    pub max_age: Option<Duration>,
+    pub s_maxage: Option<Duration>,
+    pub stale_while_revalidate: Option<Duration>,
+    pub stale_if_error: Option<Duration>,
+}
+
+impl CacheControl {
+    /// Reads every `Cache-Control` line; unknown directives are ignored, a malformed number
+    /// counts as 0 (stale) as RFC 9111 §4.2.1 asks.
+    pub fn parse(headers: &HeaderMap) -> CacheControl {
+        let mut cc = CacheControl::default();
+        for value in headers.get_all(header::CACHE_CONTROL) {
+            let Ok(text) = value.to_str() else { continue };
+            for directive in text.split(',') {
+                let (name, arg) = match directive.split_once('=') {
+                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                    None => (directive.trim(), None),
+                };
+                let seconds =
+                    || Duration::from_secs(arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0));
+                match name.to_ascii_lowercase().as_str() {
+                    "no-store" => cc.no_store = true,
+                    "no-cache" => cc.no_cache = true,
+                    "private" => cc.private = true,
+                    "public" => cc.public = true,
+                    "must-revalidate" | "proxy-revalidate" => cc.must_revalidate = true,
+                    "max-age" => cc.max_age = Some(seconds()),
+                    "s-maxage" => cc.s_maxage = Some(seconds()),
+                    "stale-while-revalidate" => cc.stale_while_revalidate = Some(seconds()),
+                    "stale-if-error" => cc.stale_if_error = Some(seconds()),
+                    _ => {}
+                }
+            }
+        }
+        cc
+    }
+}
+
+/// How long a stored response may be used: fresh for `lifetime` from an age of `initial_age`,
+/// then stale but servable within the two windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freshness {
+    pub lifetime: Duration,
+    pub initial_age: Duration,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+}
+
+impl Freshness {
+    /// How long after storing the entry is of any use.
+    pub fn keep_for(&self) -> Duration {
+        (self.lifetime + self.stale_while_revalidate.max(self.stale_if_error))
+            .saturating_sub(self.initial_age)
+    }
+}
+
+/// Why a response was not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStored {
+    Status,
+    NoStore,
+    Private,
+    /// `no-cache`: every use needs revalidation, which this cache does by fetching again.
+    NoCache,
+    SetCookie,
+    VaryStar,
+    /// Requests with Authorization need `public`, `s-maxage` or `must-revalidate` (RFC 9111 §3.5).
+    Authorization,
+    /// Neither fresh nor servable stale for any time.
+    NoLifetime,
+}
+
+/// Decides whether a response may be stored and for how long. `now` is the wall clock (for
+/// `Expires`/`Date`); the route's `ttl` applies when the response gives no lifetime, or always
+/// with `override`.
+pub fn storable(
+    status: StatusCode,
+    response: &HeaderMap,
+    request_has_authorization: bool,
+    rules: &RouteCacheConfig,
+    now: SystemTime,
+) -> Result<Freshness, NotStored> {
+    if !heuristically_cacheable(status) {
+        return Err(NotStored::Status);
+    }
+    let cc = CacheControl::parse(response);
+    if cc.no_store {
+        return Err(NotStored::NoStore);
+    }
+    if cc.private {
+        return Err(NotStored::Private);
+    }
+    if cc.no_cache {
+        return Err(NotStored::NoCache);
+    }
+    if response.contains_key(header::SET_COOKIE) && !rules.cache_set_cookie {
+        return Err(NotStored::SetCookie);
+    }
+    if vary_names(response).is_none() {
+        return Err(NotStored::VaryStar);
+    }
+    if request_has_authorization
+        && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate || rules.override_ttl)
+    {
+        return Err(NotStored::Authorization);
+    }
+    let lifetime = if rules.override_ttl {
+        rules.ttl
+    } else {
+        cc.s_maxage
+            .or(cc.max_age)
+            .or_else(|| expires_lifetime(response, now))
+            .unwrap_or(rules.ttl)
+    };
+    // must-revalidate, and s-maxage (which implies proxy-revalidate), forbid serving stale.
+    let no_stale = cc.must_revalidate || cc.s_maxage.is_some();
+    let window = |directive: Option<Duration>, route: Duration| {
+        if no_stale {
+            Duration::ZERO
+        } else {
+            directive.unwrap_or(route)
+        }
+    };
+    let freshness = Freshness {
+        lifetime,
+        initial_age: age_header(response),
+        stale_while_revalidate: window(cc.stale_while_revalidate, rules.stale_while_revalidate),
+        stale_if_error: window(cc.stale_if_error, rules.stale_if_error),
+    };
+    if freshness.keep_for().is_zero() {
+        return Err(NotStored::NoLifetime);
+    }
+    Ok(freshness)
+}
+
+/// `Expires − Date` (Date defaults to now); an unparsable `Expires` means already expired.
+fn expires_lifetime(response: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let expires = response.get(header::EXPIRES)?;
+    let Some(expires) = http_date(expires) else {
+        return Some(Duration::ZERO);
+    };
+    let date = response
+        .get(header::DATE)
+        .and_then(http_date)
+        .unwrap_or(now);
+    Some(expires.duration_since(date).unwrap_or(Duration::ZERO))
+}
+
+fn http_date(value: &HeaderValue) -> Option<SystemTime> {
+    httpdate::parse_http_date(value.to_str().ok()?).ok()
+}
+
+/// The `Age` the instance reported (it may sit behind another cache). The gateway's own time
+/// in store is added by [`State::at`]; `Date` is not used for age since instance clocks drift.
+fn age_header(response: &HeaderMap) -> Duration {
+    response
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_secs)
+}
+
+/// What a stored entry is good for at a given age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Fresh,
+    /// Stale within stale-while-revalidate: serve it and refresh in the background.
+    Revalidate,
+    /// Must be fetched again; `usable_on_error` says whether stale-if-error still covers it.
+    Expired {
+        usable_on_error: bool,
+    },
+}
+
+impl State {
+    /// The state of an entry `in_store` after it was stored.
+    pub fn at(freshness: &Freshness, in_store: Duration) -> State {
+        let age = freshness.initial_age + in_store;
+        if age < freshness.lifetime {
+            State::Fresh
+        } else if age < freshness.lifetime + freshness.stale_while_revalidate {
+            State::Revalidate
+        } else {
+            State::Expired {
+                usable_on_error: age < freshness.lifetime + freshness.stale_if_error,
+            }
+        }
+    }
+}
+
+/// Failures that let stale-if-error answer instead (RFC 5861 §4: 500, 502, 503, 504).
+pub fn is_error_status(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 500 | 502 | 503 | 504)
+}
+
+/// The header names a response varies on; `None` for `Vary: *` (never matches).
+pub fn vary_names(response: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut names = Vec::new();
+    for value in response.get_all(header::VARY) {
+        let Ok(text) = value.to_str() else { continue };
+        for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name == "*" {
+                return None;
+            }
+            if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+    }
+    Some(names)
+}
+
+/// The request's values of the varying headers (several lines joined), as stored with an entry.
+pub fn vary_values(names: &[HeaderName], request: &HeaderMap) -> Vec<Option<Vec<u8>>> {
+    names
+        .iter()
+        .map(|name| {
+            let mut lines = request.get_all(name).iter();
+            let first = lines.next()?;
+            let mut joined = first.as_bytes().to_vec();
+            for more in lines {
+                joined.extend_from_slice(b", ");
+                joined.extend_from_slice(more.as_bytes());
+            }
+            Some(joined)
+        })
+        .collect()
+}
+
+/// The cache key: path and query first (so a purge by path prefix is a string prefix test),
+/// then the host (given for routes that match on host; like nginx's default key, a catch-all
+/// route's entries do not depend on the Host a client sent), then the route's configured
+/// parts, each after a space. GET and HEAD share keys.
+pub fn cache_key(
+    path_and_query: &str,
+    host: Option<&str>,
+    parts: &[HashKey],
+    headers: &HeaderMap,
+    client_ip: std::net::IpAddr,
+) -> String {
+    let mut key = String::with_capacity(path_and_query.len() + 32);
+    key.push_str(path_and_query);
+    if let Some(host) = host {
+        key.push(' ');
+        key.push_str(&host.to_ascii_lowercase());
+    }
+    for part in parts {
+        key.push(' ');
+        match part {
+            HashKey::ClientIp => key.push_str(&client_ip.to_string()),
+            HashKey::Header(name) => {
+                for value in headers.get_all(name) {
+                    key.push_str(&String::from_utf8_lossy(value.as_bytes()));
+                }
+            }
+            HashKey::Cookie(name) => {
+                if let Some(value) = cookie(headers, name) {
+                    key.push_str(value);
+                }
+            }
+        }
+    }
+    key
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> RouteCacheConfig {
+        RouteCacheConfig {
+            ttl: Duration::from_secs(60),
+            stale_while_revalidate: Duration::from_secs(30),
+            stale_if_error: Duration::from_secs(300),
+            max_body: 1 << 20,
+            key: Vec::new(),
+            override_ttl: false,
+            cache_set_cookie: false,
+            allow_authorization: false,
+            warm: Vec::new(),
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn store(pairs: &[(&str, &str)], r: &RouteCacheConfig) -> Result<Freshness, NotStored> {
+        storable(StatusCode::OK, &headers(pairs), false, r, SystemTime::now())
+    }
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn only_get_and_head_without_body_are_looked_up() {
+        let r = rules();
+        let none = HeaderMap::new();
+        assert_eq!(
+            request_verdict(&Method::GET, &none, false, &r),
+            RequestVerdict::Lookup
+        );
+        assert_eq!(
+            request_verdict(&Method::HEAD, &none, false, &r),
+            RequestVerdict::Lookup
+        );
+        assert_eq!(
+            request_verdict(&Method::POST, &none, false, &r),
+            RequestVerdict::Bypass
+        );
+        assert_eq!(
+            request_verdict(&Method::GET, &none, true, &r),
+            RequestVerdict::Bypass
+        );
+    }
+
+    #[test]
+    fn authorization_bypasses_unless_the_route_allows_it() {
+        let mut r = rules();
+        let auth = headers(&[("authorization", "Bearer x")]);
+        assert_eq!(
+            request_verdict(&Method::GET, &auth, false, &r),
+            RequestVerdict::Bypass
+        );
+        r.allow_authorization = true;
+        assert_eq!(
+            request_verdict(&Method::GET, &auth, false, &r),
+            RequestVerdict::Lookup
+        );
+        // Even then the response must say it is shareable.
+        let plain = headers(&[("cache-control", "max-age=10")]);
+        assert_eq!(
+            storable(StatusCode::OK, &plain, true, &r, SystemTime::now()),
+            Err(NotStored::Authorization)
+        );
+        for cc in [
+            "public, max-age=10",
+            "s-maxage=10",
+            "must-revalidate, max-age=10",
+        ] {
+            let h = headers(&[("cache-control", cc)]);
+            assert!(
+                storable(StatusCode::OK, &h, true, &r, SystemTime::now()).is_ok(),
+                "{cc}"
+            );
+        }
+    }
+
+    #[test]
+    fn freshness_precedence_s_maxage_max_age_expires_ttl() {
+        let r = rules();
+        let now = SystemTime::now();
+        let date = httpdate::fmt_http_date(now);
+        let expires = httpdate::fmt_http_date(now + S(120));
+        let all = [
+            ("cache-control", "max-age=20, s-maxage=10"),
+            ("expires", expires.as_str()),
+            ("date", date.as_str()),
+        ];
+        assert_eq!(store(&all, &r).unwrap().lifetime, S(10));
+        assert_eq!(store(&all[..0], &r).unwrap().lifetime, S(60), "route ttl");
+        let max_age = [("cache-control", "max-age=20"), all[1], all[2]];
+        assert_eq!(store(&max_age, &r).unwrap().lifetime, S(20));
+        assert_eq!(store(&all[1..], &r).unwrap().lifetime, S(120));
+        // An invalid Expires means already expired; only the stale windows keep it.
+        let bad = store(&[("expires", "0")], &r).unwrap();
+        assert_eq!(bad.lifetime, S(0));
+        assert_eq!(bad.keep_for(), S(300));
+    }
+
+    #[test]
+    fn override_makes_the_route_ttl_win() {
+        let mut r = rules();
+        r.override_ttl = true;
+        let f = store(&[("cache-control", "max-age=5")], &r).unwrap();
+        assert_eq!(f.lifetime, S(60));
+    }
+
+    #[test]
+    fn no_store_private_no_cache_set_cookie_vary_star_are_not_stored() {
+        let r = rules();
+        let cases = [
+            ("cache-control", "no-store", NotStored::NoStore),
+            ("cache-control", "private, max-age=60", NotStored::Private),
+            ("cache-control", "no-cache", NotStored::NoCache),
+            ("set-cookie", "a=b", NotStored::SetCookie),
+            ("vary", "Accept, *", NotStored::VaryStar),
+        ];
+        for (name, value, why) in cases {
+            assert_eq!(store(&[(name, value)], &r), Err(why), "{name}: {value}");
+        }
+        let mut allowed = rules();
+        allowed.cache_set_cookie = true;
+        assert!(store(&[("set-cookie", "a=b")], &allowed).is_ok());
+    }
+
+    #[test]
+    fn only_cacheable_statuses_are_stored() {
+        let r = rules();
+        let none = HeaderMap::new();
+        let now = SystemTime::now();
+        for ok in [200, 301, 404, 410] {
+            let status = StatusCode::from_u16(ok).unwrap();
+            assert!(storable(status, &none, false, &r, now).is_ok(), "{ok}");
+        }
+        for no in [201, 302, 500, 503] {
+            let status = StatusCode::from_u16(no).unwrap();
+            assert_eq!(
+                storable(status, &none, false, &r, now),
+                Err(NotStored::Status)
+            );
+        }
+    }
+
+    #[test]
+    fn stale_windows_come_from_the_response_or_the_route() {
+        let r = rules();
+        let f = store(
+            &[("cache-control", "max-age=10, stale-while-revalidate=5")],
+            &r,
+        )
+        .unwrap();
+        assert_eq!(f.stale_while_revalidate, S(5));
+        assert_eq!(f.stale_if_error, S(300));
+        let f = store(&[("cache-control", "max-age=10, stale-if-error=7")], &r).unwrap();
+        assert_eq!(f.stale_if_error, S(7));
+        assert_eq!(f.stale_while_revalidate, S(30));
+    }
+
+    #[test]
+    fn must_revalidate_and_s_maxage_forbid_stale() {
+        let r = rules();
+        for cc in [
+            "max-age=10, must-revalidate",
+            "s-maxage=10, stale-if-error=60",
+        ] {
+            let f = store(&[("cache-control", cc)], &r).unwrap();
+            assert_eq!(f.stale_while_revalidate, S(0), "{cc}");
+            assert_eq!(f.stale_if_error, S(0), "{cc}");
+        }
+    }
+
+    #[test]
+    fn nothing_to_keep_is_not_stored() {
+        let mut r = rules();
+        r.stale_while_revalidate = S(0);
+        r.stale_if_error = S(0);
+        assert_eq!(
+            store(&[("cache-control", "max-age=0")], &r),
+            Err(NotStored::NoLifetime)
+        );
+    }
+
+    #[test]
+    fn age_moves_an_entry_through_its_states() {
+        let f = Freshness {
+            lifetime: S(10),
+            initial_age: S(2),
+            stale_while_revalidate: S(5),
+            stale_if_error: S(20),
+        };
+        assert_eq!(State::at(&f, S(0)), State::Fresh);
+        assert_eq!(State::at(&f, S(7)), State::Fresh);
+        assert_eq!(State::at(&f, S(8)), State::Revalidate);
+        assert_eq!(
+            State::at(&f, S(13)),
+            State::Expired {
+                usable_on_error: true
+            }
+        );
+        assert_eq!(
+            State::at(&f, S(28)),
+            State::Expired {
+                usable_on_error: false
+            }
+        );
+        assert_eq!(f.keep_for(), S(28));
+        let with_age = store(&[("age", "4"), ("cache-control", "max-age=10")], &rules()).unwrap();
+        assert_eq!(with_age.initial_age, S(4));
+    }
+
+    #[test]
+    fn error_statuses_for_stale_if_error() {
+        for s in [500, 502, 503, 504] {
+            assert!(is_error_status(StatusCode::from_u16(s).unwrap()));
+        }
+        assert!(!is_error_status(StatusCode::NOT_FOUND));
+        assert!(!is_error_status(StatusCode::from_u16(501).unwrap()));
+    }
+
+    #[test]
+    fn vary_names_and_values() {
+        let response = headers(&[("vary", "Accept, accept-encoding"), ("vary", "Accept")]);
+        let names = vary_names(&response).unwrap();
+        assert_eq!(names, ["accept", "accept-encoding"]);
+        assert_eq!(vary_names(&headers(&[("vary", "*")])), None);
+        let request = headers(&[("accept", "a"), ("accept", "b")]);
+        assert_eq!(
+            vary_values(&names, &request),
+            [Some(b"a, b".to_vec()), None]
+        );
+    }
+
+    #[test]
+    fn key_is_path_then_host_then_parts() {
+        let request = headers(&[("x-tenant", "t1"), ("cookie", "a=1; lang=fr")]);
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+        let parts = [
+            HashKey::Header(HeaderName::from_static("x-tenant")),
+            HashKey::Cookie("lang".into()),
+            HashKey::ClientIp,
+        ];
+        assert_eq!(
+            cache_key("/a?b=1", Some("Example.com"), &parts, &request, ip),
+            "/a?b=1 example.com t1 fr 127.0.0.1"
+        );
+        assert_eq!(cache_key("/a", None, &[], &request, ip), "/a");
+    }
+}

@@ -1,0 +1,318 @@
+//! The in-memory store: entries by key (each key holds its Vary variants), bounded in bytes
+//! with moka's TinyLFU admission and LRU eviction, each key dropped once no variant is of any
+//! use (past freshness and both stale windows). Counters for hits, misses, stale and evictions.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName};
+use http::StatusCode;
+use moka::notification::RemovalCause;
+use tokio::time::Instant;
+
+use super::coalesce::Coalescer;
+use super::policy::{vary_values, Freshness};
+use crate::metrics::CacheSample;
+
+/// Variants kept per key; a new variant pushes out the oldest.
+const MAX_VARIANTS: usize = 8;
+/// Bookkeeping bytes counted per entry on top of its body, headers and key.
+const ENTRY_OVERHEAD: usize = 160;
+
+/// One stored response.
+#[derive(Debug)]
+pub struct Entry {
+    pub status: StatusCode,
+    /// Without hop-by-hop headers, `Age` and the request ID (set per answer).
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub stored_at: Instant,
+    pub freshness: Freshness,
+    pub vary_names: Vec<HeaderName>,
+    /// The storing request's values of `vary_names`.
+    pub vary_values: Vec<Option<Vec<u8>>>,
+}
+
+impl Entry {
+    fn weight(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 8)
+            .sum();
+        let vary: usize = self.vary_values.iter().flatten().map(Vec::len).sum();
+        self.body.len() + headers + vary + ENTRY_OVERHEAD
+    }
+
+    pub fn matches(&self, request: &HeaderMap) -> bool {
+        vary_values(&self.vary_names, request) == self.vary_values
+    }
+
+    fn remaining(&self, now: Instant) -> Duration {
+        self.freshness
+            .keep_for()
+            .saturating_sub(now.saturating_duration_since(self.stored_at))
+    }
+}
+
+/// The variants stored under one key.
+#[derive(Debug, Clone)]
+struct Variants(Arc<[Arc<Entry>]>);
+
+impl Variants {
+    fn remaining(&self) -> Duration {
+        let now = Instant::now();
+        self.0
+            .iter()
+            .map(|e| e.remaining(now))
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+struct KeepWhileUseful;
+
+impl moka::Expiry<Arc<str>, Variants> for KeepWhileUseful {
+    fn expire_after_create(
+        &self,
+        _key: &Arc<str>,
+        value: &Variants,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(value.remaining())
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &Arc<str>,
+        value: &Variants,
+        _updated_at: std::time::Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.remaining())
+    }
+}
+
+/// What the cache did with one request, as `X-Cache-Status` says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Miss,
+    Expired,
+    /// Served stale because the instance failed (stale-if-error).
+    Stale,
+    /// Served stale while a background refresh runs (stale-while-revalidate).
+    Updating,
+    Bypass,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "HIT",
+            Outcome::Miss => "MISS",
+            Outcome::Expired => "EXPIRED",
+            Outcome::Stale => "STALE",
+            Outcome::Updating => "UPDATING",
+            Outcome::Bypass => "BYPASS",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    stale: AtomicU64,
+    bypasses: AtomicU64,
+    evictions: AtomicU64,
+}
+
+impl Counters {
+    pub fn record(&self, outcome: Outcome) {
+        let counter = match outcome {
+            Outcome::Hit => &self.hits,
+            Outcome::Miss | Outcome::Expired => &self.misses,
+            Outcome::Stale | Outcome::Updating => &self.stale,
+            Outcome::Bypass => &self.bypasses,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The gateway's response store, shared by every cached route and kept across reloads.
+pub struct Store {
+    entries: moka::sync::Cache<Arc<str>, Variants>,
+    pub counters: Arc<Counters>,
+    pub inflight: Arc<Coalescer>,
+    pub max_size: u64,
+}
+
+impl Store {
+    pub fn new(max_size: u64) -> Store {
+        let counters = Arc::new(Counters::default());
+        let evictions = counters.clone();
+        let entries = moka::sync::Cache::builder()
+            .max_capacity(max_size)
+            .weigher(|key: &Arc<str>, value: &Variants| {
+                let bytes = key.len() + value.0.iter().map(|e| e.weight()).sum::<usize>();
+                u32::try_from(bytes).unwrap_or(u32::MAX)
+            })
+            .expire_after(KeepWhileUseful)
+            .eviction_listener(move |_key, _value, cause| {
+                if cause == RemovalCause::Size {
+                    evictions.evictions.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+            .build();
+        Store {
+            entries,
+            counters,
+            inflight: Arc::new(Coalescer::default()),
+            max_size,
+        }
+    }
+
+    /// The variant of `key` that matches the request's varying headers.
+    pub fn get(&self, key: &str, request: &HeaderMap) -> Option<Arc<Entry>> {
+        let variants = self.entries.get(key)?;
+        variants.0.iter().find(|e| e.matches(request)).cloned()
+    }
+
+    /// Stores `entry`, replacing the variant with the same Vary values (and every variant
+    /// stored under a different Vary list: the instance changed what it varies on).
+    pub fn insert(&self, key: Arc<str>, entry: Entry) {
+        let entry = Arc::new(entry);
+        let now = Instant::now();
+        self.entries.entry(key).and_upsert_with(|old| {
+            let mut variants: Vec<Arc<Entry>> = old
+                .map(|old| old.into_value().0.to_vec())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|e| {
+                    e.vary_names == entry.vary_names
+                        && e.vary_values != entry.vary_values
+                        && !e.remaining(now).is_zero()
+                })
+                .collect();
+            if variants.len() >= MAX_VARIANTS {
+                variants.remove(0);
+            }
+            variants.push(entry);
+            Variants(variants.into())
+        });
+    }
+
+    pub fn purge_all(&self) -> u64 {
+        self.entries.run_pending_tasks();
+        let count = self.entries.entry_count();
+        self.entries.invalidate_all();
+        self.entries.run_pending_tasks();
+        count
+    }
+
+    /// Removes every key whose path starts with `prefix` (keys begin with the path).
+    pub fn purge_prefix(&self, prefix: &str) -> u64 {
+        let mut purged = 0;
+        for (key, _) in self.entries.iter() {
+            if key.starts_with(prefix) {
+                self.entries.invalidate(&*key);
+                purged += 1;
+            }
+        }
+        self.entries.run_pending_tasks();
+        purged
+    }
+
+    pub fn purge_key(&self, key: &str) -> u64 {
+        let removed = self.entries.remove(key).is_some();
+        self.entries.run_pending_tasks();
+        u64::from(removed)
+    }
+
+    /// Counters and sizes, with moka's pending bookkeeping applied first so sizes are current.
+    pub fn sample(&self) -> CacheSample {
+        self.entries.run_pending_tasks();
+        let c = &self.counters;
+        CacheSample {
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            stale: c.stale.load(Ordering::Relaxed),
+            bypasses: c.bypasses.load(Ordering::Relaxed),
+            evictions: c.evictions.load(Ordering::Relaxed),
+            entries: self.entries.entry_count(),
+            bytes: self.entries.weighted_size(),
+            max_bytes: self.max_size,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn entry(body: usize, vary: Option<&str>) -> Entry {
+        Entry {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from(vec![b'x'; body]),
+            stored_at: Instant::now(),
+            freshness: Freshness {
+                lifetime: Duration::from_secs(60),
+                initial_age: Duration::ZERO,
+                stale_while_revalidate: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
+            },
+            vary_names: vary
+                .map(|_| vec![HeaderName::from_static("accept")])
+                .unwrap_or_default(),
+            vary_values: vary
+                .map(|v| vec![Some(v.as_bytes().to_vec())])
+                .unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn variants_are_kept_apart_and_replaced_in_place() {
+        let store = Store::new(1 << 20);
+        let key: Arc<str> = Arc::from("/a h");
+        store.insert(key.clone(), entry(1, Some("json")));
+        store.insert(key.clone(), entry(2, Some("html")));
+        store.insert(key.clone(), entry(3, Some("json")));
+        let mut request = HeaderMap::new();
+        request.insert("accept", HeaderValue::from_static("json"));
+        assert_eq!(store.get("/a h", &request).unwrap().body.len(), 3);
+        request.insert("accept", HeaderValue::from_static("html"));
+        assert_eq!(store.get("/a h", &request).unwrap().body.len(), 2);
+        request.insert("accept", HeaderValue::from_static("xml"));
+        assert!(store.get("/a h", &request).is_none());
+    }
+
+    #[test]
+    fn size_bound_holds_and_evictions_are_counted() {
+        let store = Store::new(64 * 1024);
+        for i in 0..200 {
+            store.insert(Arc::from(format!("/k{i} h")), entry(1024, None));
+        }
+        let sample = store.sample();
+        assert!(sample.bytes <= 64 * 1024, "{sample:?}");
+        assert!(sample.entries < 200);
+    }
+
+    #[test]
+    fn purges_by_all_prefix_and_key() {
+        let store = Store::new(1 << 20);
+        for key in ["/a/1 h", "/a/2 h", "/b/1 h"] {
+            store.insert(Arc::from(key), entry(1, None));
+        }
+        assert_eq!(store.purge_prefix("/a/"), 2);
+        assert_eq!(store.purge_key("/b/1 h"), 1);
+        assert_eq!(store.purge_key("/b/1 h"), 0);
+        store.insert(Arc::from("/c h"), entry(1, None));
+        assert_eq!(store.purge_all(), 1);
+        assert_eq!(store.sample().entries, 0);
+    }
+}

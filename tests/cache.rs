@@ -1,0 +1,308 @@
+//! The response cache end to end: real demo instances (their `/__stats` counts what reached
+//! them) behind a real gateway with cached routes.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+fn cached(backend: &Proc, cache: &str, top: &str) -> Gateway {
+    gateway(&format!(
+        "{top}\n[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\ncache = {{ {cache} }}\n",
+        backend.addr()
+    ))
+}
+
+async fn status_and_n(client: &Client, url: &str, headers: &[(&str, &str)]) -> (String, u64) {
+    let reply = request(client, "GET", url, headers, "").await.unwrap();
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    (
+        reply.header("x-cache-status").to_string(),
+        reply.json()["n"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn hits_until_the_ttl_then_fetches_again() {
+    let backend = demo_backend(&[]);
+    // stale_if_error keeps the entry past its ttl, so the refetch is labelled EXPIRED.
+    let gw = cached(&backend, "ttl = \"1s\", stale_if_error = \"60s\"", "");
+    let client = client();
+    let url = gw.url("/cache");
+    assert_eq!(status_and_n(&client, &url, &[]).await, ("MISS".into(), 1));
+    let reply = get(&client, &url).await;
+    assert_eq!(reply.header("x-cache-status"), "HIT");
+    assert_eq!(reply.json()["n"], 1);
+    assert_eq!(reply.header("age"), "0");
+    assert!(!reply.header("x-request-id").is_empty());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        status_and_n(&client, &url, &[]).await,
+        ("EXPIRED".into(), 2)
+    );
+    assert_eq!(status_and_n(&client, &url, &[]).await, ("HIT".into(), 2));
+    // The response's own max-age beats the route ttl.
+    let long = gw.url("/cache?cc=max-age%3D60");
+    assert_eq!(status_and_n(&client, &long, &[]).await.0, "MISS");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = get(&client, &long).await;
+    assert_eq!(reply.header("x-cache-status"), "HIT");
+    assert_eq!(reply.header("age"), "1");
+    // HEAD is answered from the same entry.
+    let head = request(&client, "HEAD", &long, &[], "").await.unwrap();
+    assert_eq!(head.header("x-cache-status"), "HIT");
+    assert!(head.body.is_empty());
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_misses_make_one_instance_request() {
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "ttl = \"60s\"", "");
+    let client = client();
+    let url = gw.url("/cache?latency_ms=300");
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let client = client.clone();
+            let url = url.clone();
+            tokio::spawn(async move { get(&client, &url).await })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for task in tasks {
+        let reply = task.await.unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.json()["n"], 1);
+        *statuses
+            .entry(reply.header("x-cache-status").to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(backend_requests(&client, &backend).await, 1, "{statuses:?}");
+    assert_eq!(statuses.get("MISS"), Some(&1), "{statuses:?}");
+}
+
+#[tokio::test]
+async fn stale_is_served_while_the_instance_is_down() {
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "ttl = \"1s\", stale_if_error = \"60s\"", "");
+    let client = client();
+    let url = gw.url("/cache");
+    assert_eq!(status_and_n(&client, &url, &[]).await, ("MISS".into(), 1));
+    drop(backend);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..3 {
+        assert_eq!(status_and_n(&client, &url, &[]).await, ("STALE".into(), 1));
+    }
+    // Without a stored entry the failure shows, still labelled.
+    let reply = get(&client, &gw.url("/cache?other")).await;
+    assert!(reply.status >= 500, "{}", reply.status);
+    assert_eq!(reply.header("x-cache-status"), "MISS");
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_refreshes_once_in_the_background() {
+    let backend = demo_backend(&[]);
+    let gw = cached(
+        &backend,
+        "ttl = \"1s\", stale_while_revalidate = \"30s\"",
+        "",
+    );
+    let client = client();
+    let url = gw.url("/cache?latency_ms=200");
+    assert_eq!(status_and_n(&client, &url, &[]).await, ("MISS".into(), 1));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..5 {
+        assert_eq!(
+            status_and_n(&client, &url, &[]).await,
+            ("UPDATING".into(), 1)
+        );
+    }
+    let refreshed = eventually(Duration::from_secs(5), || async {
+        get(&client, &url).await.json()["n"] == 2
+    })
+    .await;
+    assert!(refreshed);
+    assert_eq!(backend_requests(&client, &backend).await, 2);
+}
+
+#[tokio::test]
+async fn vary_keeps_variants_apart() {
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "", "");
+    let client = client();
+    let url = gw.url("/cache?vary=Accept");
+    let json = [("accept", "application/json")];
+    let html = [("accept", "text/html")];
+    assert_eq!(status_and_n(&client, &url, &json).await, ("MISS".into(), 1));
+    assert_eq!(status_and_n(&client, &url, &html).await, ("MISS".into(), 2));
+    assert_eq!(status_and_n(&client, &url, &json).await, ("HIT".into(), 1));
+    let reply = request(&client, "GET", &url, &html, "").await.unwrap();
+    assert_eq!(reply.header("x-cache-status"), "HIT");
+    assert_eq!(reply.json()["vary"], "text/html");
+    // Vary: * never matches, so it is never stored.
+    let star = gw.url("/cache?vary=*");
+    assert_eq!(status_and_n(&client, &star, &[]).await.0, "MISS");
+    assert_eq!(status_and_n(&client, &star, &[]).await.0, "MISS");
+}
+
+#[tokio::test]
+async fn no_store_private_set_cookie_and_authorization_are_not_cached() {
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "", "");
+    let client = client();
+    for query in [
+        "cc=no-store",
+        "cc=private%2C%20max-age%3D60",
+        "set_cookie=s%3D1",
+    ] {
+        let url = gw.url(&format!("/cache?{query}"));
+        let (first, n1) = status_and_n(&client, &url, &[]).await;
+        let (second, n2) = status_and_n(&client, &url, &[]).await;
+        assert_eq!(
+            (first.as_str(), second.as_str()),
+            ("MISS", "MISS"),
+            "{query}"
+        );
+        assert_ne!(n1, n2, "{query}");
+    }
+    let url = gw.url("/cache?auth");
+    let auth = [("authorization", "Bearer t")];
+    assert_eq!(status_and_n(&client, &url, &auth).await.0, "BYPASS");
+    assert_eq!(status_and_n(&client, &url, &[]).await.0, "MISS");
+    assert_eq!(status_and_n(&client, &url, &auth).await.0, "BYPASS");
+    let post = request(&client, "POST", &url, &[], "x").await.unwrap();
+    assert_eq!(post.header("x-cache-status"), "BYPASS");
+    // Routes without a cache table carry no cache header at all.
+    let plain = gateway(&app_config(&[&backend], ""));
+    assert_eq!(
+        get(&client, &plain.url("/cache"))
+            .await
+            .header("x-cache-status"),
+        ""
+    );
+}
+
+#[tokio::test]
+async fn size_bound_holds_under_a_flood_of_distinct_keys() {
+    let backend = demo_backend(&[]);
+    let gw = cached(
+        &backend,
+        "max_body = \"100KiB\"",
+        "[cache]\nmax_size = \"64KiB\"\n",
+    );
+    let client = client();
+    for i in 0..300 {
+        let reply = get(&client, &gw.url(&format!("/cache?bytes=2000&k={i}"))).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.body.len(), 2000);
+    }
+    // Bodies over max_body stream through whole, and are not stored.
+    let big = gw.url("/cache?bytes=200000");
+    for _ in 0..2 {
+        let reply = get(&client, &big).await;
+        assert_eq!(reply.body.len(), 200_000);
+        assert_eq!(reply.header("x-cache-status"), "MISS");
+    }
+    let stats = get(&client, &gw.admin_url("/api/cache/stats")).await.json();
+    assert!(stats["bytes"].as_u64().unwrap() <= 64 * 1024, "{stats}");
+    assert!(stats["entries"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["evictions"].as_u64().unwrap() > 0, "{stats}");
+}
+
+#[tokio::test]
+async fn purge_all_by_prefix_and_by_key() {
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "", "");
+    let client = client();
+    let paths = ["/cache/p/a", "/cache/p/b", "/cache/q"];
+    for path in paths {
+        assert_eq!(status_and_n(&client, &gw.url(path), &[]).await.0, "MISS");
+        assert_eq!(status_and_n(&client, &gw.url(path), &[]).await.0, "HIT");
+    }
+    let purge = |query: String| {
+        let client = client.clone();
+        let url = gw.admin_url(&format!("/api/cache{query}"));
+        async move {
+            request(&client, "DELETE", &url, &[], "")
+                .await
+                .unwrap()
+                .json()
+        }
+    };
+    assert_eq!(purge("?prefix=/cache/p/".into()).await["purged"], 2);
+    assert_eq!(
+        status_and_n(&client, &gw.url("/cache/p/a"), &[]).await.0,
+        "MISS"
+    );
+    assert_eq!(
+        status_and_n(&client, &gw.url("/cache/q"), &[]).await.0,
+        "HIT"
+    );
+    assert_eq!(purge("?key=/cache/q".into()).await["purged"], 1);
+    assert_eq!(
+        status_and_n(&client, &gw.url("/cache/q"), &[]).await.0,
+        "MISS"
+    );
+    assert_eq!(purge(String::new()).await["purged"], 2);
+    assert_eq!(
+        status_and_n(&client, &gw.url("/cache/p/a"), &[]).await.0,
+        "MISS"
+    );
+    assert!(purge("?nonsense=1".into()).await["error"].is_string());
+
+    let stats = get(&client, &gw.admin_url("/api/cache/stats")).await.json();
+    assert_eq!(stats["hits"], 4, "{stats}");
+    let metrics = get(&client, &gw.admin_url("/metrics")).await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(text.contains("scalegate_cache_hits_total 4"), "{text}");
+    assert!(text.contains("scalegate_cache_entries 1"), "{text}");
+}
+
+#[tokio::test]
+async fn warm_paths_are_fetched_at_start_and_kept_fresh() {
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "ttl = \"3s\", warm = [\"/cache/warm\"]", "");
+    let client = client();
+    let fetched = eventually(Duration::from_secs(5), || async {
+        backend_requests(&client, &backend).await >= 1
+    })
+    .await;
+    assert!(fetched, "the warm path was never fetched");
+    assert_eq!(
+        status_and_n(&client, &gw.url("/cache/warm"), &[]).await.0,
+        "HIT"
+    );
+    // Past the first entry's ttl the path is still a hit: it was fetched again before expiry.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let (status, n) = status_and_n(&client, &gw.url("/cache/warm"), &[]).await;
+    assert_eq!(status, "HIT");
+    assert!(n >= 2, "{n}");
+}
+
+#[tokio::test]
+async fn routes_on_a_host_key_by_host_and_configured_parts() {
+    let backend = demo_backend(&[]);
+    let gw = gateway(&format!(
+        "[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nhost = \"*.shop.test\"\nupstream = \"app\"\ncache = {{ key = [\"header:x-tenant\"] }}\n",
+        backend.addr()
+    ));
+    let client = client();
+    let url = gw.url("/cache");
+    let a = [("host", "a.shop.test"), ("x-tenant", "1")];
+    let b = [("host", "b.shop.test"), ("x-tenant", "1")];
+    let a2 = [("host", "a.shop.test"), ("x-tenant", "2")];
+    assert_eq!(status_and_n(&client, &url, &a).await, ("MISS".into(), 1));
+    assert_eq!(status_and_n(&client, &url, &b).await, ("MISS".into(), 2));
+    assert_eq!(status_and_n(&client, &url, &a2).await, ("MISS".into(), 3));
+    assert_eq!(status_and_n(&client, &url, &a).await, ("HIT".into(), 1));
+    let purged = request(
+        &client,
+        "DELETE",
+        &gw.admin_url("/api/cache?key=%2Fcache%20a.shop.test%201"),
+        &[],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(purged.json()["purged"], 1);
+}
