@@ -19,12 +19,18 @@ async fn per_ip_connection_cap_refuses_cleanly_and_frees_on_close() {
     let gw = gateway(&config);
     let first = TcpStream::connect(gw.proxy).unwrap();
     let _second = TcpStream::connect(gw.proxy).unwrap();
-    // The accept loop admits connections in order; give it a moment to count both.
-    std::thread::sleep(Duration::from_millis(200));
+    let client = client();
+    let open_connections = || async {
+        let metrics = get(&client, &gw.admin_url("/metrics")).await;
+        String::from_utf8_lossy(&metrics.body).contains("scalegate_open_connections 2")
+    };
+    assert!(
+        eventually(Duration::from_secs(5), open_connections).await,
+        "the gateway never counted both connections"
+    );
     let answer = raw_exchange(gw.proxy, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     drop(first);
-    let client = client();
     assert!(
         eventually(Duration::from_secs(5), || async {
             raw_exchange(
