@@ -227,6 +227,12 @@ fn read_totals(gateway: &Gateway) -> live::Totals {
         in_flight: gateway.metrics.in_flight(),
         cache: gateway.runtime.load().cache.sample(),
         instances: instance_samples(gateway),
+        limited: gateway
+            .limiter
+            .rule_counters()
+            .iter()
+            .map(|(_, c)| c.limited.load(Ordering::Relaxed))
+            .sum(),
         ..live::Totals::default()
     };
     for (_, _, stats) in gateway.metrics.routes() {
@@ -330,6 +336,18 @@ fn health_detailed(gateway: &Gateway) -> Response<GatewayBody> {
             } else {
                 "Redis does not answer: on_redis_error decides".into()
             },
+        });
+    }
+    if runtime.cached_routes().next().is_some() {
+        let cache = runtime.cache.sample();
+        components.push(Component {
+            name: "cache".into(),
+            kind: "cache",
+            status: "ok",
+            reason: format!(
+                "{} entries, {} of {} bytes",
+                cache.entries, cache.bytes, cache.max_bytes
+            ),
         });
     }
     let autoscale = gateway.autoscale.status();

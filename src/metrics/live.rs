@@ -22,6 +22,8 @@ pub struct Totals {
     pub by_class: [u64; STATUS_CLASSES.len()],
     pub histogram: HistogramSnapshot,
     pub in_flight: i64,
+    /// Requests refused by rate-limit rules (429), all rules together.
+    pub limited: u64,
     pub instances: Vec<InstanceSample>,
     pub cache: CacheSample,
 }
@@ -42,6 +44,8 @@ pub struct StatsPoint {
     pub replicas: BTreeMap<String, usize>,
     /// Share of cacheable requests answered from the cache in this second; `None` without any.
     pub cache_hit_ratio: Option<f64>,
+    /// Rate-limit rejections per second.
+    pub limited_per_s: f64,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub instances: Vec<InstanceRow>,
 }
@@ -95,6 +99,7 @@ pub fn stats_point(before: &Totals, now: &Totals, elapsed: Duration, unix_ms: u6
         in_flight: now.in_flight,
         replicas,
         cache_hit_ratio: cache_hit_ratio(&before.cache, &now.cache),
+        limited_per_s: rate(now.limited, before.limited),
         instances,
     }
 }
@@ -163,6 +168,7 @@ mod tests {
             by_class,
             histogram: HistogramSnapshot::default(),
             in_flight: 3,
+            limited: 0,
             instances: vec![InstanceSample {
                 upstream: "app".into(),
                 instance: "127.0.0.1:1".into(),
@@ -180,9 +186,12 @@ mod tests {
 
     #[test]
     fn rates_are_deltas_over_the_elapsed_time() {
-        let before = totals([0, 100, 0, 0, 10], 110, 1);
-        let now = totals([0, 300, 0, 0, 30], 330, 5);
+        let mut before = totals([0, 100, 0, 0, 10], 110, 1);
+        let mut now = totals([0, 300, 0, 0, 30], 330, 5);
+        before.limited = 4;
+        now.limited = 10;
         let point = stats_point(&before, &now, Duration::from_secs(2), 42);
+        assert!((point.limited_per_s - 3.0).abs() < 1e-9);
         assert_eq!(point.t, 42);
         assert!((point.rps - 110.0).abs() < 1e-9);
         assert!((point.errors_per_s - 10.0).abs() < 1e-9);
