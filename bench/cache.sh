@@ -15,19 +15,13 @@ start_nginx_backend
 # nginx as a caching proxy, alone on PROXY_CPU with one worker, like scalegate.
 start_nginx_cache() { # NAME
   local name=$1 port dir; port=$(free_port); dir=$WORK/$name; mkdir -p "$dir/cache"
-  cat >"$dir/nginx.conf" <<CONF
-worker_processes 1; daemon off; master_process off; error_log /dev/null crit; pid $dir/pid;
-events { worker_connections 4096; }
-http { access_log off; client_body_temp_path $dir; proxy_temp_path $dir;
-  fastcgi_temp_path $dir; uwsgi_temp_path $dir; scgi_temp_path $dir;
-  keepalive_requests 1000000;
+  write_nginx_conf "$dir" "
   proxy_cache_path $dir/cache levels=1:2 keys_zone=hot:10m max_size=256m;
   upstream app { server 127.0.0.1:${BACKENDS[0]}; keepalive 1024; }
   server { listen 127.0.0.1:$port backlog=4096;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";
       proxy_cache hot; proxy_cache_valid 200 60s; proxy_cache_lock on;
-      add_header X-Cache-Status \$upstream_cache_status; } } }
-CONF
+      add_header X-Cache-Status \$upstream_cache_status; } }"
   taskset -c "$PROXY_CPU" nginx -c "$dir/nginx.conf" -p "$dir" &
   PID[$name]=$!; PORT[$name]=$port; PIDS+=($!); wait_port "$port"
 }
