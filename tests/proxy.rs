@@ -618,3 +618,35 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn folded_headers_bad_chunks_and_bare_lf_never_smuggle() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let client = client();
+    // obs-fold (a header continued on the next line) is refused before anything is forwarded.
+    let folded = raw_exchange(
+        gw.proxy,
+        b"GET /work HTTP/1.1\r\nHost: x\r\nX-Long: a\r\n b\r\n\r\n",
+    );
+    assert!(folded.starts_with("HTTP/1.1 400"), "{folded}");
+    assert_eq!(backend_requests(&client, &a).await, 0);
+
+    // An invalid chunk size breaks the body: never a success, never a second request.
+    let bad_chunk = raw_exchange(
+        gw.proxy,
+        b"POST /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(!bad_chunk.contains("HTTP/1.1 200"), "{bad_chunk}");
+    assert!(bad_chunk.matches("HTTP/1.1 ").count() <= 1, "{bad_chunk}");
+    assert!(backend_requests(&client, &a).await <= 1);
+
+    // Bare LF line endings: one request in, one answer out, at most one request at the instance.
+    let before = backend_requests(&client, &a).await;
+    let bare_lf = raw_exchange(
+        gw.proxy,
+        b"GET /work HTTP/1.1\nHost: x\nConnection: close\n\nGET /smuggled HTTP/1.1\nHost: x\n\n",
+    );
+    assert!(bare_lf.matches("HTTP/1.1 ").count() <= 1, "{bare_lf}");
+    assert!(backend_requests(&client, &a).await - before <= 1);
+}
