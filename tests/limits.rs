@@ -155,3 +155,26 @@ async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
         "the tunnel's in-flight count was not released"
     );
 }
+
+#[tokio::test]
+async fn too_many_header_fields_get_431() {
+    let a = demo_backend(&[]);
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nmax_headers = 20\n\n{}",
+        app_config(&[&a], "")
+    );
+    let gw = gateway(&config);
+    let mut head = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
+    for n in 0..25 {
+        head.push_str(&format!("X-Field-{n}: v\r\n"));
+    }
+    head.push_str("\r\n");
+    let answer = raw_exchange(gw.proxy, head.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let ok = raw_exchange(
+        gw.proxy,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    assert_eq!(backend_requests(&client(), &a).await, 1);
+}

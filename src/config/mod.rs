@@ -20,7 +20,7 @@ use http::HeaderName;
 pub use autoscale::{AutoscaleConfig, DiscoverConfig, ExecConfig, ProcessConfig, ProviderConfig};
 pub use cache::{CacheConfig, RouteCacheConfig};
 pub use limits::LimitsConfig;
-pub use raw::RawConfig;
+pub use raw::{RawConfig, DEFAULT_MAX_HEADERS};
 pub use tls::TlsConfig;
 
 use crate::balance::{HashKey, Strategy};
@@ -82,6 +82,8 @@ pub struct ServerConfig {
     pub max_body: u64,
     pub max_header_bytes: usize,
     pub max_uri_length: usize,
+    /// Header fields a request may have; more get 431.
+    pub max_headers: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     /// Open client connections at most (0 = no limit); more are refused.

@@ -49,6 +49,7 @@ pub struct RawServer {
     pub max_body: String,
     pub max_header_size: String,
     pub max_uri_length: String,
+    pub max_headers: usize,
     pub header_read_timeout: String,
     pub idle_timeout: String,
     pub max_connections: usize,
@@ -67,6 +68,7 @@ impl Default for RawServer {
             max_body: "10MiB".into(),
             max_header_size: "32KiB".into(),
             max_uri_length: "8KiB".into(),
+            max_headers: DEFAULT_MAX_HEADERS,
             header_read_timeout: "10s".into(),
             max_connections: 10_000,
             max_connections_per_ip: 1_000,
@@ -344,7 +346,13 @@ impl RawConfig {
     }
 }
 
+/// hyper's own limit: keeping it lets hyper parse heads on the stack.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+
 fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
+    if raw.max_headers == 0 {
+        p.push("server.max_headers", "must be at least 1");
+    }
     if raw.workers == Some(0) {
         p.push(
             "server.workers",
@@ -363,6 +371,7 @@ fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
         max_body: p.size("server.max_body", &raw.max_body),
         max_header_bytes,
         max_uri_length: p.size("server.max_uri_length", &raw.max_uri_length) as usize,
+        max_headers: raw.max_headers,
         header_read_timeout: p.duration("server.header_read_timeout", &raw.header_read_timeout),
         max_connections: raw.max_connections,
         max_connections_per_ip: raw.max_connections_per_ip,

@@ -316,6 +316,10 @@ async fn accept_loop(
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_read_timeout)
         .max_buf_size(server.max_header_bytes.max(8192));
+    if server.max_headers != crate::config::DEFAULT_MAX_HEADERS {
+        // Any other count makes hyper allocate the header array per request (~5 % slower).
+        builder.http1().max_headers(server.max_headers);
+    }
     builder
         .http2()
         .timer(TokioTimer::new())
