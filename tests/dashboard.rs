@@ -1,5 +1,5 @@
 //! The dashboard in a real headless Chromium, driven over the DevTools protocol: under load it
-//! must chart non-zero traffic and list every instance; a screenshot is saved as an artifact.
+//! must chart non-zero traffic and list every instance (50 of them); a screenshot is saved as an artifact.
 
 mod support;
 
@@ -149,9 +149,19 @@ async fn dashboard_charts_live_traffic_and_lists_every_instance() {
     let a = demo_backend(&["--latency-ms", "2"]);
     let b = demo_backend(&[]);
     let c = demo_backend(&[]);
+    // 47 backup instances (never sent traffic while the primaries are up) make a 50-row table,
+    // the size the dashboard must stay usable at.
+    let backups: Vec<String> = (0..47).map(|n| format!("127.0.0.{}:9", n + 2)).collect();
     let config = format!(
-        "[admin]\nusername = \"ops\"\npassword = \"s3cret\"\n\n{}",
-        app_config(&[&a, &b, &c], "")
+        "[admin]\nusername = \"ops\"\npassword = \"s3cret\"\n\n[upstreams.app]\ninstances = [\"{}\", \"{}\", \"{}\", {}]\n\n[[routes]]\nupstream = \"app\"\n",
+        a.addr(),
+        b.addr(),
+        c.addr(),
+        backups
+            .iter()
+            .map(|addr| format!("{{ addr = \"{addr}\", backup = true }}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let gw = gateway(&config);
     let client = client();
@@ -201,7 +211,7 @@ async fn dashboard_charts_live_traffic_and_lists_every_instance() {
             seen = serde_json::from_str(text).unwrap();
             if seen["maxRps"].as_f64().unwrap_or(0.0) > 0.0
                 && seen["updates"].as_u64().unwrap_or(0) >= 2
-                && seen["rows"].as_array().map_or(0, Vec::len) == 3
+                && seen["rows"].as_array().map_or(0, Vec::len) == 50
             {
                 break;
             }
@@ -232,6 +242,7 @@ async fn dashboard_charts_live_traffic_and_lists_every_instance() {
         .collect();
     rows.sort();
     let mut expected: Vec<String> = [&a, &b, &c].iter().map(|p| p.addr().to_string()).collect();
+    expected.extend(backups);
     expected.sort();
     assert_eq!(rows, expected);
     assert!(png.len() > 10_000, "screenshot is {} bytes", png.len());
