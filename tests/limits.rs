@@ -12,11 +12,7 @@ use support::*;
 #[tokio::test]
 async fn per_ip_connection_cap_refuses_cleanly_and_frees_on_close() {
     let a = demo_backend(&[]);
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nmax_connections_per_ip = 2\n\n{}",
-        app_config(&[&a], "")
-    );
-    let gw = gateway(&config);
+    let gw = gateway_with_server_keys("max_connections_per_ip = 2", &app_config(&[&a], ""));
     let first = TcpStream::connect(gw.proxy).unwrap();
     let _second = TcpStream::connect(gw.proxy).unwrap();
     let client = client();
@@ -53,11 +49,7 @@ async fn per_ip_connection_cap_refuses_cleanly_and_frees_on_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off_while_others_are_served() {
     let a = demo_backend(&[]);
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nheader_read_timeout = \"1s\"\n\n{}",
-        app_config(&[&a], "")
-    );
-    let gw = gateway(&config);
+    let gw = gateway_with_server_keys("header_read_timeout = \"1s\"", &app_config(&[&a], ""));
     let mut slow = TcpStream::connect(gw.proxy).unwrap();
     slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         .unwrap();
@@ -86,11 +78,7 @@ async fn slowloris_is_cut_off_while_others_are_served() {
 #[tokio::test]
 async fn an_overlong_uri_gets_414_with_the_request_id() {
     let a = demo_backend(&[]);
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nmax_uri_length = \"1KiB\"\n\n{}",
-        app_config(&[&a], "")
-    );
-    let gw = gateway(&config);
+    let gw = gateway_with_server_keys("max_uri_length = \"1KiB\"", &app_config(&[&a], ""));
     let client = client();
     let long = format!("/{}", "a".repeat(2000));
     let reply = get(&client, &gw.url(&long)).await;
@@ -159,11 +147,7 @@ async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
 #[tokio::test]
 async fn too_many_header_fields_get_431() {
     let a = demo_backend(&[]);
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nmax_headers = 20\n\n{}",
-        app_config(&[&a], "")
-    );
-    let gw = gateway(&config);
+    let gw = gateway_with_server_keys("max_headers = 20", &app_config(&[&a], ""));
     let mut head = String::from("GET / HTTP/1.1\r\nHost: x\r\n");
     for n in 0..25 {
         head.push_str(&format!("X-Field-{n}: v\r\n"));

@@ -398,11 +398,10 @@ async fn smuggling_shaped_requests_never_smuggle() {
 #[tokio::test]
 async fn error_statuses_carry_json_and_the_request_id() {
     let slow = demo_backend(&["--latency-ms", "3000"]);
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nmax_body = \"1KiB\"\nmax_header_size = \"8KiB\"\n{}",
-        app_config(&[&slow], "response_timeout = \"300ms\"")
+    let gw = gateway_with_server_keys(
+        "max_body = \"1KiB\"\nmax_header_size = \"8KiB\"",
+        &app_config(&[&slow], "response_timeout = \"300ms\""),
     );
-    let gw = gateway(&config);
     let client = client();
 
     let reply = request(
@@ -499,11 +498,7 @@ async fn h2c_clients_are_served() {
 async fn a_large_upload_streams_in_bounded_memory() {
     use http_body_util::BodyExt;
     let a = demo_backend(&[]);
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nmax_body = \"2GiB\"\n{}",
-        app_config(&[&a], "")
-    );
-    let gw = gateway(&config);
+    let gw = gateway_with_server_keys("max_body = \"2GiB\"", &app_config(&[&a], ""));
     const CHUNK: usize = 1 << 20;
     const CHUNKS: usize = 1024;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())

@@ -128,12 +128,20 @@ impl Gateway {
     }
 }
 
+/// The `[server]` table of test gateways: ephemeral listeners, no access log, a short grace.
+const TEST_SERVER: &str = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nshutdown_grace = \"5s\"\n";
+
 fn with_listeners(body: &str) -> String {
     if body.contains("[server]") {
         body.to_string()
     } else {
-        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\nshutdown_grace = \"5s\"\n\n{body}")
+        format!("{TEST_SERVER}\n{body}")
     }
+}
+
+/// [`gateway`] with more `[server]` keys (`keys`, one per line) beside the test listeners.
+pub fn gateway_with_server_keys(keys: &str, body: &str) -> Gateway {
+    gateway(&format!("{TEST_SERVER}{keys}\n\n{body}"))
 }
 
 /// Starts `scalegate serve --config` with `body` (a `[server]` section on ephemeral ports is
