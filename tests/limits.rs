@@ -16,27 +16,32 @@ async fn per_ip_connection_cap_refuses_cleanly_and_frees_on_close() {
     let first = TcpStream::connect(gw.proxy).unwrap();
     let _second = TcpStream::connect(gw.proxy).unwrap();
     let client = client();
-    let open_connections = || async {
-        let metrics = get(&client, &gw.admin_url("/metrics")).await;
-        String::from_utf8_lossy(&metrics.body).contains("scalegate_open_connections 2")
+    let open_connections = |count: usize| {
+        let client = client.clone();
+        let url = gw.admin_url("/metrics");
+        async move {
+            let metrics = get(&client, &url).await;
+            String::from_utf8_lossy(&metrics.body)
+                .contains(&format!("scalegate_open_connections {count}"))
+        }
     };
     assert!(
-        eventually(Duration::from_secs(5), open_connections).await,
+        eventually(Duration::from_secs(5), || open_connections(2)).await,
         "the gateway never counted both connections"
     );
     let answer = raw_exchange(gw.proxy, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     drop(first);
+    // Once the gateway has seen the close, the freed slot takes a new connection at once.
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            raw_exchange(
-                gw.proxy,
-                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-            )
-            .starts_with("HTTP/1.1 200")
-        })
-        .await
+        eventually(Duration::from_secs(5), || open_connections(1)).await,
+        "closing a connection did not free its slot"
     );
+    let answer = raw_exchange(
+        gw.proxy,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let metrics =
         String::from_utf8(get(&client, &gw.admin_url("/metrics")).await.body.to_vec()).unwrap();
     assert!(

@@ -83,7 +83,7 @@ pub struct ConnectionPermit {
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
-        self.limits.open.fetch_sub(1, Ordering::Relaxed);
+        // Per-IP first: whoever sees the total drop may rely on the per-IP slot being free too.
         if self.limits.max_per_ip > 0 {
             let mut per_ip = self.limits.per_ip.lock().expect("connection limits lock");
             if let Some(count) = per_ip.get_mut(&self.ip) {
@@ -93,6 +93,7 @@ impl Drop for ConnectionPermit {
                 }
             }
         }
+        self.limits.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
