@@ -269,6 +269,15 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
         Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
     };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Registered before the addresses are announced, so the admin API knows every autoscaled
+    // upstream from its first request.
+    let autoscalers = crate::autoscale::start(&gateway, stop_rx.clone());
+    if let Some(listener) = &tls_listener {
+        gateway
+            .https_port
+            .store(listener.local_addr()?.port(), Ordering::Relaxed);
+    }
     let proxy_addr: SocketAddr = proxy_listener.local_addr()?;
     let admin_addr: SocketAddr = admin_listener.local_addr()?;
     // Tests and scripts wait for these lines.
@@ -279,19 +288,12 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     }
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "scalegate is serving");
 
-    if let Some(listener) = &tls_listener {
-        gateway
-            .https_port
-            .store(listener.local_addr()?.port(), Ordering::Relaxed);
-    }
-    let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(crate::admin::serve(
         gateway.clone(),
         admin_listener,
         stop_rx.clone(),
     ));
     tokio::spawn(reload_on_sighup(gateway.clone()));
-    let autoscalers = crate::autoscale::start(&gateway, stop_rx.clone());
     let signal = wait_for_stop_signal();
     tokio::pin!(signal);
     accept_loop(gateway.clone(), proxy_listener, tls_listener, &mut signal).await;
