@@ -310,24 +310,13 @@ pub fn cache_key(
                 }
             }
             HashKey::Cookie(name) => {
-                if let Some(value) = cookie(headers, name) {
+                if let Some(value) = crate::proxy::headers::cookie_value(headers, name) {
                     key.push_str(value);
                 }
             }
         }
     }
     key
-}
-
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
 }
 
 #[cfg(test)]

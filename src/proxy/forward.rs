@@ -23,8 +23,8 @@ use tokio::time::Instant;
 use super::body::{BodyTooLarge, ForwardBody, GatewayBody, UpstreamBody};
 use super::error::ProxyError;
 use super::headers::{
-    check_framing, forward_request_headers, is_sane_request_id, new_request_id, requested_upgrade,
-    restore_upgrade, strip_hop_by_hop, X_REQUEST_ID,
+    check_framing, cookie_value, forward_request_headers, is_sane_request_id, new_request_id,
+    requested_upgrade, restore_upgrade, strip_hop_by_hop, X_REQUEST_ID,
 };
 use super::router::{host_without_port, match_route};
 use super::tunnel;
@@ -483,14 +483,8 @@ fn hash_key(key: &HashKey, parts: &Parts, peer: SocketAddr) -> Option<u64> {
             std::net::IpAddr::V6(ip) => hash_bytes(&ip.octets()),
         }),
         HashKey::Header(name) => parts.headers.get(name).map(|v| hash_bytes(v.as_bytes())),
-        HashKey::Cookie(name) => parts
-            .headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| hash_bytes(v.as_bytes())),
+        HashKey::Cookie(name) => {
+            cookie_value(&parts.headers, name).map(|v| hash_bytes(v.as_bytes()))
+        }
     }
 }
