@@ -208,6 +208,23 @@ struct Rule {
     counters: Arc<RuleCounters>,
 }
 
+impl Rule {
+    /// `"name";r=REMAINING;t=SECONDS`, built without the formatting machinery: it is made for
+    /// every request on a limited route.
+    fn state_header(&self, decision: &RateDecision) -> HeaderValue {
+        let mut numbers = itoa::Buffer::new();
+        let mut value = Vec::with_capacity(self.name.len() + 32);
+        value.push(b'"');
+        value.extend_from_slice(self.name.as_bytes());
+        value.extend_from_slice(b"\";r=");
+        value.extend_from_slice(numbers.format(decision.remaining).as_bytes());
+        value.extend_from_slice(b";t=");
+        value.extend_from_slice(numbers.format(ceil_secs(decision.reset_us)).as_bytes());
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
+            .expect("validated: rule names are header-safe")
+    }
+}
+
 struct RoutePolicy {
     name: String,
     api_key: bool,
@@ -364,13 +381,7 @@ impl Admission {
             }
             if let Some((index, decision)) = verdict {
                 let rule = &policy.rules[index];
-                let state = format!(
-                    "\"{}\";r={};t={}",
-                    rule.name,
-                    decision.remaining,
-                    ceil_secs(decision.reset_us)
-                );
-                let state = HeaderValue::from_str(&state).expect("digits and a checked name");
+                let state = rule.state_header(&decision);
                 if !decision.allowed {
                     return Err(ProxyError::RateLimited {
                         retry_after: ceil_secs(decision.retry_after_us).max(1),
@@ -428,4 +439,35 @@ fn limit_json(limit: &ConcurrencyLimit) -> Value {
         "queue_size": limit.config.queue_size,
         "refused": limit.refused.load(Ordering::Relaxed),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ratelimit::algorithm::Algorithm;
+
+    #[test]
+    fn state_header_follows_the_draft() {
+        let rule = Rule {
+            name: "per_ip".into(),
+            id: 1,
+            key: RuleKey::ClientIp,
+            quota: Quota {
+                algorithm: Algorithm::Gcra,
+                limit: 20,
+                period_us: 60_000_000,
+                burst: 0,
+            },
+            policy: HeaderValue::from_static("\"per_ip\";q=20;w=60"),
+            counters: Arc::default(),
+        };
+        let decision = RateDecision {
+            allowed: true,
+            limit: 20,
+            remaining: 7,
+            reset_us: 29_000_001,
+            retry_after_us: 0,
+        };
+        assert_eq!(rule.state_header(&decision), "\"per_ip\";r=7;t=30");
+    }
 }
