@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::upstream::{InFlightGuard, Sender};
+use super::h1::InstanceBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -88,7 +88,7 @@ pub enum GatewayBody {
     /// A body the gateway wrote (errors, admin answers).
     Full(Option<Bytes>),
     /// An instance's body, streamed.
-    Upstream(UpstreamBody),
+    Upstream(InstanceBody),
     /// Chunks the gateway produces over time (server-sent events); ends when the sender drops.
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
     /// Chunks relayed by a task reading an instance's body (the cache storing a response while
@@ -99,35 +99,6 @@ pub enum GatewayBody {
 impl GatewayBody {
     pub fn full(bytes: impl Into<Bytes>) -> GatewayBody {
         GatewayBody::Full(Some(bytes.into()))
-    }
-}
-
-/// An instance's response body. Holds the request's in-flight guard and the connection; at the
-/// end of the body the connection goes back to the instance's pool.
-pub struct UpstreamBody {
-    inner: Incoming,
-    sender: Option<Sender>,
-    guard: Option<InFlightGuard>,
-}
-
-impl UpstreamBody {
-    pub fn new(inner: Incoming, sender: Sender, guard: InFlightGuard) -> UpstreamBody {
-        let mut body = UpstreamBody {
-            inner,
-            sender: Some(sender),
-            guard: Some(guard),
-        };
-        if body.inner.is_end_stream() {
-            body.finish();
-        }
-        body
-    }
-
-    fn finish(&mut self) {
-        if let (Some(sender), Some(guard)) = (self.sender.take(), self.guard.as_ref()) {
-            guard.instance.pool.checkin(sender);
-        }
-        self.guard = None;
     }
 }
 
@@ -147,35 +118,14 @@ impl Body for GatewayBody {
             GatewayBody::Relay(rx) => rx
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|b| b.map(Frame::data))),
-            GatewayBody::Upstream(body) => {
-                let polled = Pin::new(&mut body.inner).poll_frame(cx);
-                match polled {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if body.inner.is_end_stream() {
-                            body.finish();
-                        }
-                        Poll::Ready(Some(Ok(frame)))
-                    }
-                    Poll::Ready(None) => {
-                        body.finish();
-                        Poll::Ready(None)
-                    }
-                    Poll::Ready(Some(Err(err))) => {
-                        // The connection is broken: drop it rather than pooling it.
-                        body.sender = None;
-                        body.guard = None;
-                        Poll::Ready(Some(Err(err.into())))
-                    }
-                    Poll::Pending => Poll::Pending,
-                }
-            }
+            GatewayBody::Upstream(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             GatewayBody::Full(bytes) => bytes.is_none(),
-            GatewayBody::Upstream(body) => body.inner.is_end_stream(),
+            GatewayBody::Upstream(body) => body.is_end_stream(),
             GatewayBody::Channel(_) | GatewayBody::Relay(_) => false,
         }
     }
@@ -184,7 +134,7 @@ impl Body for GatewayBody {
         match self {
             GatewayBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             GatewayBody::Full(None) => SizeHint::with_exact(0),
-            GatewayBody::Upstream(body) => body.inner.size_hint(),
+            GatewayBody::Upstream(body) => body.size_hint(),
             GatewayBody::Channel(_) | GatewayBody::Relay(_) => SizeHint::default(),
         }
     }

@@ -1,13 +1,12 @@
 //! The per-request pipeline: validate the head, route, pick an instance, send, retry what may
 //! be retried, and stream the answer back.
 //!
-//! Retry rules: a request that never reached an instance (connect failure, or hyper handing the
-//! request back unsent) is retried for every method; once sent, only idempotent requests
+//! Retry rules: a request that never reached an instance (connect failure, or a write refused
+//! before the head's first byte) is retried for every method; once sent, only idempotent requests
 //! without a body are retried (the body is gone); nothing is retried after response bytes came
 //! back, nor after a timeout. Every retry spends the upstream's retry budget.
 
 use std::convert::Infallible;
-use std::error::Error as _;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,15 +19,16 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
 
-use super::body::{BodyTooLarge, ForwardBody, GatewayBody, UpstreamBody};
+use super::body::{ForwardBody, GatewayBody};
 use super::error::ProxyError;
+use super::h1::{AnswerHead, InstanceBody, InstanceConn, SendError};
 use super::headers::{
     check_framing, cookie_value, forward_request_headers, is_sane_request_id, new_request_id,
     requested_upgrade, restore_upgrade, strip_hop_by_hop, X_REQUEST_ID,
 };
 use super::router::{host_without_port, match_route};
 use super::tunnel;
-use super::upstream::{InFlightGuard, Instance, NoInstance, Sender};
+use super::upstream::{InFlightGuard, Instance, NoInstance};
 use super::{Gateway, Runtime};
 use crate::balance::{hash_bytes, HashKey, Strategy};
 
@@ -280,23 +280,15 @@ async fn to_instance(
     runtime: &Runtime,
     route: usize,
     parts: Parts,
-    body: ForwardBody,
+    mut body: ForwardBody,
     hash: Option<u64>,
     request_id: &HeaderValue,
     mut client_upgrade: Option<OnUpgrade>,
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let upstream = runtime.route_upstream(route).clone();
-    let has_body = !body.is_end_stream();
     let config = &upstream.config;
     // A body-less idempotent request can be sent again even after an instance took it.
-    let replay = (!has_body && is_idempotent(&parts.method) && config.retries > 0).then(|| {
-        (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.headers.clone(),
-        )
-    });
-    let mut request = Some(Request::from_parts(parts, body));
+    let replayable = body.is_end_stream() && is_idempotent(&parts.method);
     upstream.retry_budget.deposit();
 
     let mut tried: u64 = 0;
@@ -315,28 +307,18 @@ async fn to_instance(
             tried |= 1 << index;
         }
         attempts += 1;
-        let req = match request.take() {
-            Some(req) => req,
-            None => match &replay {
-                Some((method, uri, headers)) => {
-                    let mut req = Request::new(ForwardBody::Empty);
-                    *req.method_mut() = method.clone();
-                    *req.uri_mut() = uri.clone();
-                    *req.headers_mut() = headers.clone();
-                    req
-                }
-                None => return Err(last_error),
-            },
-        };
         let guard = InFlightGuard::enter(instance.clone());
-        match send(&instance, req, config.response_timeout).await {
-            Ok((response, sender)) => {
-                let (mut head, incoming) = response.into_parts();
-                let switched = (head.status == http::StatusCode::SWITCHING_PROTOCOLS)
-                    .then(|| head.extensions.remove::<OnUpgrade>())
-                    .flatten();
-                if let (Some(instance_side), Some(client_side)) = (switched, client_upgrade.take())
-                {
+        match send(&instance, &parts, &mut body, config.response_timeout).await {
+            Ok((conn, mut answer)) => {
+                let switched = answer.head.status == http::StatusCode::SWITCHING_PROTOCOLS;
+                if switched {
+                    let Some(client_side) = client_upgrade.take() else {
+                        instance.record_failure(Instant::now(), config);
+                        return Err(ProxyError::InstanceFailed(
+                            "instance switched protocols unasked".to_owned(),
+                        ));
+                    };
+                    let head = &mut answer.head;
                     let protocol = requested_upgrade(&head.headers);
                     strip_hop_by_hop(&mut head.headers);
                     if let Some(protocol) = protocol {
@@ -345,35 +327,30 @@ async fn to_instance(
                     head.headers
                         .insert(X_REQUEST_ID.clone(), request_id.clone());
                     // The connection now belongs to the tunnel, not the pool.
-                    drop(sender);
-                    tunnel::spawn(
-                        client_side,
-                        instance_side,
-                        guard,
-                        runtime.config.server.idle_timeout,
-                    );
-                    return Ok(Response::from_parts(head, GatewayBody::Full(None)));
+                    tunnel::spawn(client_side, conn, guard, runtime.config.server.idle_timeout);
+                    return Ok(Response::from_parts(answer.head, GatewayBody::Full(None)));
                 }
-                strip_hop_by_hop(&mut head.headers);
-                head.headers
+                strip_hop_by_hop(&mut answer.head.headers);
+                answer
+                    .head
+                    .headers
                     .insert(X_REQUEST_ID.clone(), request_id.clone());
-                let body = GatewayBody::Upstream(UpstreamBody::new(incoming, sender, guard));
-                return Ok(Response::from_parts(head, body));
+                let body = GatewayBody::Upstream(InstanceBody::new(conn, &answer, guard));
+                return Ok(Response::from_parts(answer.head, body));
             }
             Err(failure) => {
                 drop(guard);
                 let now = Instant::now();
                 let retry_ok = attempts <= config.retries;
                 match failure {
-                    Attempt::NotSent(req, reason) => {
+                    Attempt::NotSent(reason) => {
                         instance.record_failure(now, config);
                         last_error = ProxyError::InstanceFailed(reason);
-                        request = Some(*req);
                     }
                     Attempt::Sent(reason) => {
                         instance.record_failure(now, config);
                         last_error = ProxyError::InstanceFailed(reason);
-                        if replay.is_none() {
+                        if !replayable {
                             return Err(last_error);
                         }
                     }
@@ -396,8 +373,8 @@ async fn to_instance(
 
 /// How one attempt on one instance failed.
 enum Attempt {
-    /// The request never reached the instance; here it is back, untouched.
-    NotSent(Box<Request<ForwardBody>>, String),
+    /// The request never reached the instance: it may go to another one as it is.
+    NotSent(String),
     /// The instance may have seen the request.
     Sent(String),
     Timeout,
@@ -408,40 +385,27 @@ enum Attempt {
 
 async fn send(
     instance: &Instance,
-    req: Request<ForwardBody>,
+    parts: &Parts,
+    body: &mut ForwardBody,
     timeout: std::time::Duration,
-) -> Result<(Response<Incoming>, Sender), Attempt> {
-    let mut sender = match instance.pool.checkout().await {
-        Ok(sender) => sender,
-        Err(err) => return Err(Attempt::NotSent(Box::new(req), err.to_string())),
+) -> Result<(InstanceConn, AnswerHead), Attempt> {
+    let mut conn = match instance.pool.checkout().await {
+        Ok(conn) => conn,
+        Err(err) => return Err(Attempt::NotSent(err.to_string())),
     };
     let started = Instant::now();
-    match tokio::time::timeout(timeout, sender.try_send_request(req)).await {
+    match tokio::time::timeout(timeout, conn.send(parts, body)).await {
         Err(_) => Err(Attempt::Timeout),
-        Ok(Ok(response)) => {
+        Ok(Ok(answer)) => {
             instance.observe_latency(started.elapsed(), Instant::now());
-            Ok((response, sender))
+            Ok((conn, answer))
         }
-        Ok(Err(mut err)) => {
-            if let Some(req) = err.take_message() {
-                return Err(Attempt::NotSent(
-                    Box::new(req),
-                    err.into_error().to_string(),
-                ));
-            }
-            let err = err.into_error();
-            let mut source = err.source();
-            while let Some(cause) = source {
-                if cause.is::<BodyTooLarge>() {
-                    return Err(Attempt::BodyTooLarge);
-                }
-                if cause.is::<hyper::Error>() && err.is_user() {
-                    return Err(Attempt::ClientBody(cause.to_string()));
-                }
-                source = cause.source();
-            }
-            Err(Attempt::Sent(err.to_string()))
-        }
+        Ok(Err(err)) => Err(match err {
+            SendError::Unsent(err) => Attempt::NotSent(err.to_string()),
+            SendError::Sent(reason) => Attempt::Sent(reason),
+            SendError::BodyTooLarge => Attempt::BodyTooLarge,
+            SendError::ClientBody(reason) => Attempt::ClientBody(reason),
+        }),
     }
 }
 

@@ -7,6 +7,7 @@ mod body;
 pub mod connections;
 mod error;
 mod forward;
+mod h1;
 pub mod headers;
 mod retry;
 pub mod router;

@@ -11,25 +11,34 @@ use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
+use super::h1::InstanceConn;
 use super::upstream::InFlightGuard;
 
-/// Joins the client's and the instance's upgraded connections.
-pub fn spawn(client: OnUpgrade, instance: OnUpgrade, guard: InFlightGuard, idle: Duration) {
+/// Joins the client's upgraded connection with the instance's, which answered 101.
+pub fn spawn(client: OnUpgrade, instance: InstanceConn, guard: InFlightGuard, idle: Duration) {
     tokio::spawn(async move {
-        let (client, instance) = match tokio::try_join!(client, instance) {
-            Ok(both) => both,
+        let mut client = match client.await {
+            Ok(upgraded) => TokioIo::new(upgraded),
             Err(err) => {
                 tracing::debug!(%err, "upgrade did not complete");
                 return;
             }
         };
+        // What the instance sent right after its 101 belongs to the new protocol.
+        let (instance, early) = instance.into_parts();
+        if !early.is_empty() {
+            if let Err(err) = client.write_all(&early).await {
+                tracing::debug!(%err, "tunnel closed with an error");
+                return;
+            }
+        }
         let origin = Instant::now();
         let last = Arc::new(AtomicU64::new(0));
-        let mut client = Activity::new(TokioIo::new(client), origin, last.clone());
-        let mut instance = Activity::new(TokioIo::new(instance), origin, last.clone());
+        let mut client = Activity::new(client, origin, last.clone());
+        let mut instance = Activity::new(instance, origin, last.clone());
         tokio::select! {
             result = tokio::io::copy_bidirectional(&mut client, &mut instance) => {
                 if let Err(err) = result {

@@ -8,13 +8,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use smallvec::SmallVec;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::body::ForwardBody;
+use super::h1::InstanceConn;
 use super::retry::RetryBudget;
 use crate::balance::{self, Candidate, HashRing, PickInput, Strategy};
 use crate::config::{InstanceConfig, UpstreamConfig};
@@ -426,19 +424,14 @@ pub enum ConnectError {
     Timeout,
     #[error("connect failed: {0}")]
     Io(#[from] std::io::Error),
-    #[error("handshake failed: {0}")]
-    Handshake(#[from] hyper::Error),
 }
 
-/// Sender half of an HTTP/1.1 connection to an instance.
-pub type Sender = http1::SendRequest<ForwardBody>;
-
 struct IdleConn {
-    sender: Sender,
+    conn: InstanceConn,
     since: Instant,
 }
 
-/// Keep-alive connections to one instance: a bounded lock-free queue of idle senders.
+/// Keep-alive connections to one instance: a bounded lock-free queue of idle connections.
 pub struct Pool {
     addr: SocketAddr,
     idle: Option<ArrayQueue<IdleConn>>,
@@ -457,46 +450,27 @@ impl Pool {
     }
 
     /// An idle pooled connection that is still open, else a new one.
-    pub async fn checkout(&self) -> Result<Sender, ConnectError> {
+    pub async fn checkout(&self) -> Result<InstanceConn, ConnectError> {
         if let Some(idle) = &self.idle {
             let now = Instant::now();
-            while let Some(mut conn) = idle.pop() {
-                if conn.sender.is_closed() || now.duration_since(conn.since) > self.idle_timeout {
-                    continue;
-                }
-                if conn.sender.ready().await.is_ok() {
-                    return Ok(conn.sender);
+            while let Some(idle) = idle.pop() {
+                if now.duration_since(idle.since) <= self.idle_timeout && idle.conn.is_open() {
+                    return Ok(idle.conn);
                 }
             }
         }
-        self.connect().await
-    }
-
-    async fn connect(&self) -> Result<Sender, ConnectError> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
             .await
             .map_err(|_| ConnectError::Timeout)??;
         stream.set_nodelay(true)?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await?;
-        tokio::spawn(async move {
-            // Upgrades (WebSocket) take the connection over once the instance answers 101.
-            if let Err(err) = connection.with_upgrades().await {
-                tracing::debug!(%err, "instance connection closed with an error");
-            }
-        });
-        Ok(sender)
+        Ok(InstanceConn::new(stream))
     }
 
-    /// Returns a connection whose exchange finished; dropped when the pool is full or closed.
-    pub fn checkin(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
+    /// Returns a connection whose exchange finished; dropped when the pool is full.
+    pub fn checkin(&self, conn: InstanceConn) {
         if let Some(idle) = &self.idle {
             let _ = idle.push(IdleConn {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }

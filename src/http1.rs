@@ -1,0 +1,346 @@
+//! HTTP/1.1 response framing (RFC 9112 §6): how an answer's body ends, whether its connection
+//! can carry another request, and the chunked decoder. Pure functions over bytes, shared by the
+//! proxy's instance connections and the load generator, which both parse answers with
+//! `httparse` instead of going through hyper's client.
+
+use std::ops::Range;
+
+/// Largest answer head (and chunk-size or trailer line) accepted.
+pub const MAX_HEAD: usize = 64 * 1024;
+
+/// Why an answer cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("malformed response head")]
+    Head,
+    #[error("response head larger than 64 KiB")]
+    HeadTooLarge,
+    #[error("invalid or conflicting Content-Length")]
+    Length,
+    #[error("malformed chunked body")]
+    Chunk,
+}
+
+/// How an answer's body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Length(u64),
+    Chunked,
+    /// The server closes the connection after the body.
+    UntilClose,
+}
+
+/// The framing of an answer and whether its connection may be reused afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyFraming {
+    pub framing: Framing,
+    pub keep_alive: bool,
+}
+
+/// Decides an answer's framing from its status, minor version and fields. Answers to HEAD
+/// (`head_request`), 1xx, 204 and 304 have no body whatever their fields say; Transfer-Encoding
+/// wins over Content-Length, and a message carrying both closes its connection, as RFC 9112
+/// §6.3 asks, so nothing smuggled after it can be read as another answer.
+pub fn response_framing(
+    status: u16,
+    minor_version: u8,
+    headers: &[httparse::Header<'_>],
+    head_request: bool,
+) -> Result<BodyFraming, ParseError> {
+    let mut keep_alive = minor_version == 1;
+    let mut length: Option<u64> = None;
+    let mut transfer_encoding: Option<bool> = None;
+    for header in headers {
+        if header.name.eq_ignore_ascii_case("content-length") {
+            for part in header.value.split(|&b| b == b',') {
+                let parsed = parse_decimal(part.trim_ascii()).ok_or(ParseError::Length)?;
+                if length.is_some_and(|seen| seen != parsed) {
+                    return Err(ParseError::Length);
+                }
+                length = Some(parsed);
+            }
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            transfer_encoding = Some(ends_with_token(header.value, b"chunked"));
+        } else if header.name.eq_ignore_ascii_case("connection") {
+            if has_token(header.value, b"close") {
+                keep_alive = false;
+            } else if has_token(header.value, b"keep-alive") {
+                keep_alive = true;
+            }
+        }
+    }
+    let framing = if head_request || status / 100 == 1 || status == 204 || status == 304 {
+        Framing::Length(0)
+    } else if let Some(chunked) = transfer_encoding {
+        if length.is_some() {
+            keep_alive = false;
+        }
+        if chunked {
+            Framing::Chunked
+        } else {
+            keep_alive = false;
+            Framing::UntilClose
+        }
+    } else if let Some(length) = length {
+        Framing::Length(length)
+    } else {
+        keep_alive = false;
+        Framing::UntilClose
+    };
+    Ok(BodyFraming {
+        framing,
+        keep_alive,
+    })
+}
+
+/// Digits only: no sign, no spaces inside, no overflow.
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    tokens(value).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+fn ends_with_token(value: &[u8], token: &[u8]) -> bool {
+    tokens(value)
+        .last()
+        .is_some_and(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// Where a chunked body stands while it is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunked {
+    /// At a chunk-size line.
+    Size,
+    /// Inside a chunk: this many data bytes are left.
+    Data(u64),
+    /// After a chunk's data: its CRLF.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+    Done,
+}
+
+/// What one decoding step consumed from the front of the buffer: `used` bytes, of which the
+/// `data` range is chunk data (empty when the step only crossed framing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkStep {
+    pub used: usize,
+    pub data: Range<usize>,
+}
+
+impl Chunked {
+    /// Decodes from the front of `buf` up to the end of the first run of chunk data. Stops
+    /// early when done or when `buf` ends inside a line (`used` is then what could be taken).
+    pub fn decode(&mut self, buf: &[u8]) -> Result<ChunkStep, ParseError> {
+        let mut used = 0;
+        loop {
+            let rest = &buf[used..];
+            match *self {
+                Chunked::Done => return Ok(ChunkStep { used, data: 0..0 }),
+                Chunked::Data(left) => {
+                    let take = left.min(rest.len() as u64) as usize;
+                    *self = if take as u64 == left {
+                        Chunked::DataEnd
+                    } else {
+                        Chunked::Data(left - take as u64)
+                    };
+                    return Ok(ChunkStep {
+                        used: used + take,
+                        data: used..used + take,
+                    });
+                }
+                Chunked::DataEnd => {
+                    if rest.len() < 2 {
+                        return Ok(ChunkStep { used, data: 0..0 });
+                    }
+                    if &rest[..2] != b"\r\n" {
+                        return Err(ParseError::Chunk);
+                    }
+                    used += 2;
+                    *self = Chunked::Size;
+                }
+                Chunked::Size | Chunked::Trailers => {
+                    let Some(end) = rest.windows(2).position(|w| w == b"\r\n") else {
+                        return if rest.len() > MAX_HEAD {
+                            Err(ParseError::Chunk)
+                        } else {
+                            Ok(ChunkStep { used, data: 0..0 })
+                        };
+                    };
+                    let line = &rest[..end];
+                    used += end + 2;
+                    *self = match *self {
+                        Chunked::Trailers if line.is_empty() => Chunked::Done,
+                        Chunked::Trailers => Chunked::Trailers,
+                        _ => match chunk_size(line)? {
+                            0 => Chunked::Trailers,
+                            size => Chunked::Data(size),
+                        },
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// A chunk-size line: hex digits, optionally followed by `;extensions`.
+fn chunk_size(line: &[u8]) -> Result<u64, ParseError> {
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return Err(ParseError::Chunk);
+    }
+    let text = std::str::from_utf8(digits).map_err(|_| ParseError::Chunk)?;
+    u64::from_str_radix(text, 16).map_err(|_| ParseError::Chunk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framing_of(head: &[u8], head_request: bool) -> Result<BodyFraming, ParseError> {
+        let mut headers = [httparse::EMPTY_HEADER; 16];
+        let mut response = httparse::Response::new(&mut headers);
+        assert!(response.parse(head).unwrap().is_complete());
+        response_framing(
+            response.code.unwrap(),
+            response.version.unwrap(),
+            response.headers,
+            head_request,
+        )
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let length = framing_of(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", false);
+        assert_eq!(
+            length,
+            Ok(BodyFraming {
+                framing: Framing::Length(2),
+                keep_alive: true
+            })
+        );
+        let chunked = framing_of(
+            b"HTTP/1.1 503 x\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            (chunked.framing, chunked.keep_alive),
+            (Framing::Chunked, false)
+        );
+        let old = framing_of(b"HTTP/1.0 200 OK\r\n\r\n", false).unwrap();
+        assert_eq!((old.framing, old.keep_alive), (Framing::UntilClose, false));
+        let kept = framing_of(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert!(kept.unwrap().keep_alive);
+    }
+
+    #[test]
+    fn ambiguous_answers_close_their_connection() {
+        let both = framing_of(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!((both.framing, both.keep_alive), (Framing::Chunked, false));
+        let not_chunked =
+            framing_of(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false).unwrap();
+        assert_eq!(
+            (not_chunked.framing, not_chunked.keep_alive),
+            (Framing::UntilClose, false)
+        );
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+        ] {
+            assert_eq!(framing_of(bad, false), Err(ParseError::Length));
+        }
+        let same_twice = framing_of(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n", false);
+        assert_eq!(same_twice.unwrap().framing, Framing::Length(5));
+    }
+
+    #[test]
+    fn some_answers_have_no_body() {
+        let with_length = b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n";
+        assert_eq!(
+            framing_of(with_length, true).unwrap().framing,
+            Framing::Length(0)
+        );
+        for status in ["204", "304", "100"] {
+            let text = format!("HTTP/1.1 {status} x\r\nContent-Length: 5\r\n\r\n");
+            let framing = framing_of(text.as_bytes(), false).unwrap();
+            assert_eq!(framing.framing, Framing::Length(0), "{status}");
+        }
+    }
+
+    /// Decodes `body` fed in two pieces split at every position; returns the data and the rest.
+    fn decode_split(body: &[u8], split: usize) -> (Vec<u8>, Vec<u8>) {
+        let mut state = Chunked::Size;
+        let mut buf = body[..split].to_vec();
+        let mut data = Vec::new();
+        let mut fed_all = false;
+        loop {
+            let step = state.decode(&buf).unwrap();
+            data.extend_from_slice(&buf[step.data.clone()]);
+            buf.drain(..step.used);
+            if state == Chunked::Done {
+                return (data, buf);
+            }
+            if step.used == 0 {
+                assert!(!fed_all, "stuck at split {split}");
+                buf.extend_from_slice(&body[split..]);
+                fed_all = true;
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_reads() {
+        let body = b"5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        for split in 0..body.len() - 4 {
+            let (data, rest) = decode_split(body, split);
+            assert_eq!(data, b"hello0123456789abcdef", "split at {split}");
+            assert_eq!(rest, b"NEXT", "split at {split}");
+        }
+    }
+
+    #[test]
+    fn broken_chunks_are_refused() {
+        for bad in [
+            &b"zz\r\n"[..],
+            b"-5\r\n",
+            b"\r\n",
+            b"ffffffffffffffffff\r\n",
+            b"5\r\nhelloXX",
+            b"0x5\r\n",
+        ] {
+            let mut state = Chunked::Size;
+            let mut at = 0;
+            let result = loop {
+                match state.decode(&bad[at..]) {
+                    Ok(step) if step.used > 0 => at += step.used,
+                    other => break other,
+                }
+            };
+            assert_eq!(result, Err(ParseError::Chunk), "{:?}", bad);
+        }
+    }
+}
