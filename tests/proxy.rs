@@ -645,3 +645,173 @@ async fn folded_headers_bad_chunks_and_bare_lf_never_smuggle() {
     assert!(bare_lf.matches("HTTP/1.1 ").count() <= 1, "{bare_lf}");
     assert!(backend_requests(&client, &a).await - before <= 1);
 }
+
+/// A hand-written HTTP/1.1 instance: answers by path with exact bytes, so the gateway's side of
+/// framing is tested against answers a framework would never send. Records which connection
+/// each request came on.
+async fn scripted_instance() -> (
+    std::net::SocketAddr,
+    Arc<std::sync::Mutex<Vec<(usize, String)>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<std::sync::Mutex<Vec<(usize, String)>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        for conn_id in 0.. {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let head_end = loop {
+                        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break at + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    buf.drain(..head_end);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    log.lock().unwrap().push((conn_id, path.clone()));
+                    let answer: Vec<u8> = match path.as_str() {
+                        "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n".to_vec(),
+                        "/both" => b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n".to_vec(),
+                        "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                        "/early" => {
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbig!")
+                                .await;
+                            return;
+                        }
+                        "/upload" => {
+                            // Reads the body by the framing the gateway chose, answers what came.
+                            let lower = head.to_ascii_lowercase();
+                            let mut body = Vec::new();
+                            if lower.contains("transfer-encoding: chunked") {
+                                let mut decoder = scalegate::http1::Chunked::Size;
+                                while decoder != scalegate::http1::Chunked::Done {
+                                    let step = decoder.decode(&buf).unwrap();
+                                    body.extend_from_slice(&buf[step.data.clone()]);
+                                    buf.drain(..step.used);
+                                    if step.used == 0 {
+                                        let mut chunk = [0u8; 4096];
+                                        match stream.read(&mut chunk).await {
+                                            Ok(0) | Err(_) => return,
+                                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                                        }
+                                    }
+                                }
+                                body.splice(0..0, b"chunked:".iter().copied());
+                            } else if let Some(at) = lower.find("content-length: ") {
+                                let digits = lower[at + 16..].split("\r\n").next().unwrap();
+                                let length: usize = digits.parse().unwrap();
+                                while buf.len() < length {
+                                    let mut chunk = [0u8; 4096];
+                                    match stream.read(&mut chunk).await {
+                                        Ok(0) | Err(_) => return,
+                                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                                    }
+                                }
+                                buf.drain(..length);
+                                body = format!("length:{length}").into_bytes();
+                            }
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                                .into_bytes()
+                                .into_iter()
+                                .chain(body)
+                                .collect()
+                        }
+                        _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                    };
+                    if stream.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_answers_are_reframed_and_connections_reused_only_when_safe() {
+    let (instance, seen) = scripted_instance().await;
+    let gw = gateway(&format!(
+        "[upstreams.app]\ninstances = [\"{instance}\"]\nretries = 0\n\n[[routes]]\nupstream = \"app\"\n"
+    ));
+    let client = client();
+
+    // Chunked answers are decoded (extensions and trailers dropped), then re-framed for the
+    // client; the connection goes back to the pool and carries the next request.
+    let chunked = get(&client, &gw.url("/chunked")).await;
+    assert_eq!(
+        (chunked.status, &chunked.body[..]),
+        (200, &b"hello world"[..])
+    );
+    let again = get(&client, &gw.url("/chunked")).await;
+    assert_eq!(&again.body[..], b"hello world");
+    // 1xx interim answers are skipped.
+    let cont = get(&client, &gw.url("/continue")).await;
+    assert_eq!((cont.status, &cont.body[..]), (200, &b"ok"[..]));
+    {
+        let log = seen.lock().unwrap();
+        assert_eq!(log.len(), 3);
+        assert!(log.iter().all(|(conn, _)| *conn == log[0].0), "{log:?}");
+    }
+
+    // Content-Length beside Transfer-Encoding: the chunked framing wins, the length is not
+    // passed on, and that connection is never reused.
+    let both = get(&client, &gw.url("/both")).await;
+    assert_eq!((both.status, &both.body[..]), (200, &b"body"[..]));
+    assert_eq!(both.header("content-length"), "");
+    get(&client, &gw.url("/continue")).await;
+    {
+        let log = seen.lock().unwrap();
+        let both_conn = log.iter().find(|(_, p)| p == "/both").unwrap().0;
+        assert_ne!(log.last().unwrap().0, both_conn, "{log:?}");
+    }
+
+    // A body of unknown length goes out chunked; a known length goes out as is.
+    let body = "x".repeat(100_000);
+    let proxy = gw.proxy;
+    let chunked_upload = tokio::task::spawn_blocking(move || {
+        raw_exchange(
+            proxy,
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        chunked_upload.starts_with("HTTP/1.1 200"),
+        "{chunked_upload}"
+    );
+    assert!(
+        chunked_upload.ends_with("chunked:abcde"),
+        "{chunked_upload}"
+    );
+    let sized = request(&client, "POST", &gw.url("/upload"), &[], &body)
+        .await
+        .unwrap();
+    assert_eq!(&sized.body[..], b"length:100000");
+
+    // An answer before the upload finished is passed on as it is.
+    let early = request(
+        &client,
+        "POST",
+        &gw.url("/early"),
+        &[],
+        &"z".repeat(4_000_000),
+    )
+    .await;
+    let early = early.unwrap();
+    assert_eq!((early.status, &early.body[..]), (413, &b"big!"[..]));
+}
