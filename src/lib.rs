@@ -15,4 +15,5 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod redis_link;
 pub mod tls;

@@ -1,13 +1,16 @@
 //! The response cache of cached routes: look the request up, answer hits from memory, coalesce
-//! misses into one instance request per key, store what HTTP's rules allow while the client
-//! streams it, refresh stale entries in the background and answer stale when instances fail.
+//! misses into one instance request per key (which asks the shared tier, when there is one,
+//! before an instance), store what HTTP's rules allow while the client streams it, refresh
+//! stale entries in the background and answer stale when instances fail.
 //! `policy` makes every decision; this file only moves bytes and time.
 
 pub mod coalesce;
 pub mod policy;
+pub mod shared;
 pub mod store;
 
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -23,7 +26,7 @@ use crate::proxy::headers::X_REQUEST_ID;
 use crate::proxy::{ForwardBody, GatewayBody, InstanceFetch, ProxyError, Runtime};
 use coalesce::{Lease, Turn, Waited, LOCK_TIMEOUT};
 use policy::{RequestVerdict, State};
-pub use store::{Entry, Outcome, Store};
+pub use store::{Entry, Outcome, Purge, Store};
 
 pub static X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");
 
@@ -105,7 +108,33 @@ pub async fn serve(
         (_, stale) => {
             let key: Arc<str> = Arc::from(key);
             match store.inflight.join(&key) {
-                Turn::Lead(lease) => fill(cache, key, parts, fetch, Some(lease), stale).await,
+                Turn::Lead(lease) => {
+                    // Another replica may have stored it: the shared tier before an instance.
+                    let shared = match &store.shared {
+                        Some(_) => store.get_shared(&key, &parts.headers).await,
+                        None => None,
+                    };
+                    let now = Instant::now();
+                    match shared {
+                        Some(entry)
+                            if State::at(
+                                &entry.freshness,
+                                now.saturating_duration_since(entry.stored_at),
+                            ) == State::Fresh =>
+                        {
+                            drop(lease);
+                            if let Some(shared) = &store.shared {
+                                shared.hits.fetch_add(1, Ordering::Relaxed);
+                            }
+                            hit(&entry, Outcome::Hit, cache, &fetch.request_id, now)
+                        }
+                        // A stale shared entry still serves on error, as a memory one would.
+                        Some(entry) => {
+                            fill(cache, key, parts, fetch, Some(lease), Some(entry)).await
+                        }
+                        None => fill(cache, key, parts, fetch, Some(lease), stale).await,
+                    }
+                }
                 Turn::Wait(rx) => match coalesce::wait(rx, LOCK_TIMEOUT).await {
                     Waited::Done => {
                         let now = Instant::now();
@@ -229,7 +258,7 @@ async fn fill(
     let store = cache.store.clone();
     let max_body = cache.rules.max_body;
     tokio::spawn(async move {
-        let _lease = lease;
+        let lease = lease;
         let mut body = body;
         let mut buffer = Some(BytesMut::new());
         let mut client = Some(tx);
@@ -264,7 +293,10 @@ async fn fill(
             }
         }
         if let Some(buf) = buffer {
-            store.insert(key, pending.into_entry(buf.freeze()));
+            let entry = store.insert(key.clone(), pending.into_entry(buf.freeze()));
+            // Waiters read memory: wake them before the shared write.
+            drop(lease);
+            store.share(&key, &entry).await;
         }
     });
     let mut response = Response::from_parts(head, GatewayBody::Relay(rx));
@@ -335,7 +367,7 @@ async fn refresh(
     key: Arc<str>,
     parts: Parts,
     fetch: InstanceFetch,
-    _lease: Lease,
+    lease: Lease,
 ) {
     let request_headers = parts.headers.clone();
     let Ok(response) = fetch.send(as_get(parts).0, ForwardBody::Empty).await else {
@@ -346,7 +378,9 @@ async fn refresh(
     };
     let limited = http_body_util::Limited::new(response.into_body(), rules.max_body as usize);
     if let Ok(body) = limited.collect().await {
-        store.insert(key, pending.into_entry(body.to_bytes()));
+        let entry = store.insert(key.clone(), pending.into_entry(body.to_bytes()));
+        drop(lease);
+        store.share(&key, &entry).await;
     }
 }
 
