@@ -100,6 +100,24 @@ async fn stale_is_served_while_the_instance_is_down() {
 }
 
 #[tokio::test]
+async fn expired_entries_with_an_etag_are_revalidated_without_the_body() {
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "ttl = \"1s\", stale_if_error = \"60s\"", "");
+    let client = client();
+    let url = gw.url("/cache?etag=v1");
+    assert_eq!(status_and_n(&client, &url, &[]).await, ("MISS".into(), 1));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The instance answered 304 (its second request): the stored body (n = 1) serves, renewed.
+    let reply = get(&client, &url).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-cache-status"), "EXPIRED");
+    assert_eq!(reply.header("etag"), "\"v1\"");
+    assert_eq!(reply.json()["n"], 1);
+    assert_eq!(backend_requests(&client, &backend).await, 2);
+    assert_eq!(status_and_n(&client, &url, &[]).await, ("HIT".into(), 1));
+}
+
+#[tokio::test]
 async fn stale_while_revalidate_refreshes_once_in_the_background() {
     let backend = demo_backend(&[]);
     let gw = cached(

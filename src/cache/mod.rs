@@ -15,9 +15,9 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::{Method, Response};
+use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
@@ -101,6 +101,7 @@ pub async fn serve(
                     parts,
                     fetch.clone(),
                     lease,
+                    Some(entry.clone()),
                 ));
             }
             hit(&entry, Outcome::Updating, cache, &fetch.request_id, now)
@@ -228,8 +229,21 @@ async fn fill(
         Outcome::Miss
     };
     let request_headers = parts.headers.clone();
-    let (parts, _head) = as_get(parts);
+    let (mut parts, _head) = as_get(parts);
+    let revalidating = add_validators(&mut parts.headers, stale.as_ref());
     let result = fetch.send(parts, ForwardBody::Empty).await;
+    if let (Ok(response), Some(stale)) = (&result, &revalidating) {
+        if response.status() == StatusCode::NOT_MODIFIED {
+            let (entry, storable) =
+                renewed(&cache.rules, stale, response.headers(), &request_headers);
+            let entry = if storable {
+                keep(&cache.store, key, entry, lease)
+            } else {
+                Arc::new(entry)
+            };
+            return hit(&entry, outcome, cache, &fetch.request_id, Instant::now());
+        }
+    }
     let failed = match &result {
         Ok(response) => policy::is_error_status(response.status()),
         Err(error) => error.status().is_server_error(),
@@ -293,10 +307,7 @@ async fn fill(
             }
         }
         if let Some(buf) = buffer {
-            let entry = store.insert(key.clone(), pending.into_entry(buf.freeze()));
-            // Waiters read memory: wake them before the shared write.
-            drop(lease);
-            store.share(&key, &entry).await;
+            keep(&store, key, pending.into_entry(buf.freeze()), lease);
         }
     });
     let mut response = Response::from_parts(head, GatewayBody::Relay(rx));
@@ -339,9 +350,7 @@ impl Pending {
         let vary_names = policy::vary_names(headers)?;
         let vary_values = policy::vary_values(&vary_names, request);
         let mut stored = headers.clone();
-        stored.remove(&X_REQUEST_ID);
-        stored.remove(header::AGE);
-        stored.remove(&X_CACHE_STATUS);
+        strip_per_answer(&mut stored);
         Some(Pending {
             entry: Entry {
                 status: response.status(),
@@ -360,7 +369,69 @@ impl Pending {
     }
 }
 
-/// stale-while-revalidate: fetches the entry again for nobody in particular, once per key.
+/// Headers set per answer, never stored.
+fn strip_per_answer(headers: &mut HeaderMap) {
+    headers.remove(&X_REQUEST_ID);
+    headers.remove(header::AGE);
+    headers.remove(&X_CACHE_STATUS);
+}
+
+/// Stores `entry` in memory, wakes the waiters (they read memory), then writes it to the shared
+/// tier in the background.
+fn keep(store: &Arc<Store>, key: Arc<str>, entry: Entry, lease: Option<Lease>) -> Arc<Entry> {
+    let entry = store.insert(key.clone(), entry);
+    drop(lease);
+    if store.shared.is_some() {
+        let (store, shared) = (store.clone(), entry.clone());
+        tokio::spawn(async move { store.share(&key, &shared).await });
+    }
+    entry
+}
+
+/// Makes the request conditional on `stale`'s validators; the entry being revalidated, if any.
+fn add_validators(request: &mut HeaderMap, stale: Option<&Arc<Entry>>) -> Option<Arc<Entry>> {
+    let stale = stale?;
+    let conditions = policy::validators(&stale.headers, request);
+    if conditions.is_empty() {
+        return None;
+    }
+    for (name, value) in conditions {
+        request.insert(name, value);
+    }
+    Some(stale.clone())
+}
+
+/// `stale` renewed by a 304: its body under the 304's headers, fresh from now. The flag says
+/// whether it may be stored (a 304 can forbid it; the body still answers this request).
+fn renewed(
+    rules: &RouteCacheConfig,
+    stale: &Entry,
+    not_modified: &HeaderMap,
+    request: &HeaderMap,
+) -> (Entry, bool) {
+    let mut headers = policy::updated_headers(&stale.headers, not_modified);
+    let freshness = policy::storable(
+        stale.status,
+        &headers,
+        request.contains_key(header::AUTHORIZATION),
+        rules,
+        SystemTime::now(),
+    );
+    strip_per_answer(&mut headers);
+    let entry = Entry {
+        status: stale.status,
+        headers,
+        body: stale.body.clone(),
+        stored_at: Instant::now(),
+        freshness: freshness.unwrap_or(stale.freshness),
+        vary_names: stale.vary_names.clone(),
+        vary_values: stale.vary_values.clone(),
+    };
+    (entry, freshness.is_ok())
+}
+
+/// stale-while-revalidate and warming: fetches the entry again for nobody in particular, once
+/// per key; conditionally when `stale` has validators, so a 304 renews it without the body.
 async fn refresh(
     rules: RouteCacheConfig,
     store: Arc<Store>,
@@ -368,19 +439,32 @@ async fn refresh(
     parts: Parts,
     fetch: InstanceFetch,
     lease: Lease,
+    stale: Option<Arc<Entry>>,
 ) {
     let request_headers = parts.headers.clone();
-    let Ok(response) = fetch.send(as_get(parts).0, ForwardBody::Empty).await else {
+    let (mut parts, _head) = as_get(parts);
+    let revalidating = add_validators(&mut parts.headers, stale.as_ref());
+    let Ok(response) = fetch.send(parts, ForwardBody::Empty).await else {
         return;
     };
+    if let Some(stale) = revalidating.filter(|_| response.status() == StatusCode::NOT_MODIFIED) {
+        let (entry, storable) = renewed(&rules, &stale, response.headers(), &request_headers);
+        if storable {
+            keep(&store, key, entry, Some(lease));
+        }
+        return;
+    }
     let Some(pending) = Pending::new(&rules, &response, &request_headers) else {
         return;
     };
     let limited = http_body_util::Limited::new(response.into_body(), rules.max_body as usize);
     if let Ok(body) = limited.collect().await {
-        let entry = store.insert(key.clone(), pending.into_entry(body.to_bytes()));
-        drop(lease);
-        store.share(&key, &entry).await;
+        keep(
+            &store,
+            key,
+            pending.into_entry(body.to_bytes()),
+            Some(lease),
+        );
     }
 }
 
@@ -425,8 +509,9 @@ async fn keep_warm(runtime: Weak<Runtime>) {
                     .then_some(cache.host.as_deref().unwrap_or(""));
                 let key = policy::cache_key(path, host, &cache.rules.key, &parts.headers, loopback);
                 let now = Instant::now();
+                let current = cache.store.get(&key, &parts.headers);
                 // Refetch when the entry would expire before the next look.
-                let warm = cache.store.get(&key, &parts.headers).is_some_and(|e| {
+                let warm = current.as_ref().is_some_and(|e| {
                     let later = now.saturating_duration_since(e.stored_at) + 2 * WARM_EVERY;
                     State::at(&e.freshness, later) == State::Fresh
                 });
@@ -444,6 +529,7 @@ async fn keep_warm(runtime: Weak<Runtime>) {
                         parts,
                         fetch,
                         lease,
+                        current,
                     ));
                 }
             }

@@ -145,13 +145,13 @@ impl SharedTier {
     }
 
     /// Applies purges announced by any replica to `store`'s memory tier, for as long as the
-    /// store is in use. After the subscription was lost, the memory tier is emptied once it is
-    /// back: purges sent meanwhile were missed.
+    /// store is in use. Whenever the subscription is made after a failed or lost one, the
+    /// memory tier is emptied: purges sent meanwhile were missed.
     pub fn spawn_purge_subscriber(&self, store: Weak<Store>) {
         let url = self.link.state.redis_urls[0].clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(50);
-            let mut lost = false;
+            let mut first = true;
             loop {
                 if store.strong_count() == 0 {
                     return;
@@ -159,17 +159,20 @@ impl SharedTier {
                 match subscribe(&url).await {
                     Ok(stream) => {
                         backoff = Duration::from_millis(50);
-                        if lost {
+                        if !first {
                             if let Some(store) = store.upgrade() {
                                 store.purge_memory(&Purge::All);
                             }
                         }
+                        first = false;
                         if !follow(stream, &store).await {
                             return;
                         }
-                        lost = true;
                     }
-                    Err(err) => tracing::debug!(%err, "cache purge subscription failed"),
+                    Err(err) => {
+                        first = false;
+                        tracing::debug!(%err, "cache purge subscription failed");
+                    }
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
