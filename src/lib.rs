@@ -16,4 +16,5 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod redis_link;
 pub mod tls;

@@ -100,6 +100,24 @@ async fn stale_is_served_while_the_instance_is_down() {
 }
 
 #[tokio::test]
+async fn expired_entries_with_an_etag_are_revalidated_without_the_body() {
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "ttl = \"1s\", stale_if_error = \"60s\"", "");
+    let client = client();
+    let url = gw.url("/cache?etag=v1");
+    assert_eq!(status_and_n(&client, &url, &[]).await, ("MISS".into(), 1));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The instance answered 304 (its second request): the stored body (n = 1) serves, renewed.
+    let reply = get(&client, &url).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-cache-status"), "EXPIRED");
+    assert_eq!(reply.header("etag"), "\"v1\"");
+    assert_eq!(reply.json()["n"], 1);
+    assert_eq!(backend_requests(&client, &backend).await, 2);
+    assert_eq!(status_and_n(&client, &url, &[]).await, ("HIT".into(), 1));
+}
+
+#[tokio::test]
 async fn stale_while_revalidate_refreshes_once_in_the_background() {
     let backend = demo_backend(&[]);
     let gw = cached(
@@ -305,4 +323,131 @@ async fn routes_on_a_host_key_by_host_and_configured_parts() {
     .await
     .unwrap();
     assert_eq!(purged.json()["purged"], 1);
+}
+
+/// Two replicas sharing one Redis tier (and one instance).
+fn shared_pair(redis: &Redis, backend: &Proc, cache: &str) -> (Gateway, Gateway) {
+    let top = format!(
+        "[state]\nredis_url = \"{}\"\n\n[cache]\nstore = \"redis\"\n",
+        redis.url()
+    );
+    (cached(backend, cache, &top), cached(backend, cache, &top))
+}
+
+fn redis_has(redis: &Redis, key: &str) -> bool {
+    redis::cmd("EXISTS")
+        .arg(format!("scalegate:cache:{key}"))
+        .query::<i64>(&mut redis.conn())
+        .unwrap()
+        == 1
+}
+
+async fn stats(client: &Client, gw: &Gateway) -> serde_json::Value {
+    get(client, &gw.admin_url("/api/cache/stats")).await.json()
+}
+
+#[tokio::test]
+async fn replicas_share_hits_and_purges_through_redis() {
+    let mut redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let (a, b) = shared_pair(&redis, &backend, "ttl = \"60s\"");
+    let client = client();
+    let path = "/cache/shared";
+    assert_eq!(
+        status_and_n(&client, &a.url(path), &[]).await,
+        ("MISS".into(), 1)
+    );
+    // The shared write follows the client's answer.
+    let stored = eventually(Duration::from_secs(5), || async { redis_has(&redis, path) }).await;
+    assert!(stored, "the entry never reached Redis");
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(format!("scalegate:cache:{path}"))
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!((1..=60_000).contains(&pttl), "{pttl}");
+    // Fetched through A, a hit through B: the instance saw one request.
+    let reply = get(&client, &b.url(path)).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-cache-status"), "HIT");
+    assert_eq!(reply.json()["n"], 1);
+    assert_eq!(reply.header("age"), "0");
+    assert_eq!(
+        status_and_n(&client, &b.url(path), &[]).await,
+        ("HIT".into(), 1)
+    );
+    assert_eq!(backend_requests(&client, &backend).await, 1);
+    let b_stats = stats(&client, &b).await;
+    assert_eq!(b_stats["shared_hits"], 1, "{b_stats}");
+    assert_eq!(b_stats["hits"], 2, "{b_stats}");
+
+    // Age is counted from when A stored it, on B as well.
+    let aged = "/cache/aged";
+    assert_eq!(status_and_n(&client, &a.url(aged), &[]).await.0, "MISS");
+    assert!(eventually(Duration::from_secs(5), || async { redis_has(&redis, aged) }).await);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let reply = get(&client, &b.url(aged)).await;
+    assert_eq!(reply.header("x-cache-status"), "HIT");
+    assert_eq!(reply.header("age"), "1");
+
+    // A purge through A's admin API empties Redis and B's memory.
+    let purged = request(
+        &client,
+        "DELETE",
+        &a.admin_url("/api/cache?prefix=/cache/shared"),
+        &[],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(purged.status, 200);
+    assert_eq!(purged.json()["shared_purged"], 1, "{:?}", purged.json());
+    assert!(!redis_has(&redis, path));
+    let dropped = eventually(Duration::from_secs(5), || async {
+        stats(&client, &b).await["entries"] == 1
+    })
+    .await;
+    assert!(
+        dropped,
+        "B kept the purged entry: {}",
+        stats(&client, &b).await
+    );
+    assert_eq!(
+        status_and_n(&client, &b.url(path), &[]).await,
+        ("MISS".into(), 3)
+    );
+    // Purge everything: B's memory follows too.
+    let all = request(&client, "DELETE", &a.admin_url("/api/cache"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(all.status, 200);
+    let emptied = eventually(Duration::from_secs(5), || async {
+        stats(&client, &b).await["entries"] == 0
+    })
+    .await;
+    assert!(emptied, "{}", stats(&client, &b).await);
+
+    // Redis gone: answers still come (from instances, or memory), never a 5xx.
+    assert_eq!(status_and_n(&client, &a.url(path), &[]).await.0, "MISS");
+    redis.kill();
+    for i in 0..5 {
+        for gw in [&a, &b] {
+            let (status, _) =
+                status_and_n(&client, &gw.url(&format!("/cache/down?{i}")), &[]).await;
+            assert_eq!(status, "MISS");
+        }
+    }
+    assert_eq!(status_and_n(&client, &a.url(path), &[]).await.0, "HIT");
+    let a_stats = stats(&client, &a).await;
+    assert!(a_stats["shared_errors"].as_u64().unwrap() >= 1, "{a_stats}");
+    let metrics = get(&client, &a.admin_url("/metrics")).await;
+    assert!(String::from_utf8_lossy(&metrics.body).contains("scalegate_cache_shared_errors_total"));
+    // A purge that cannot reach Redis says so, after purging memory.
+    let failed = request(&client, "DELETE", &a.admin_url("/api/cache"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(failed.status, 503);
+    assert!(failed.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("not purged"));
 }

@@ -4,95 +4,12 @@
 mod support;
 
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
-
-/// A `redis-server` of our own on a free loopback port, killed on drop.
-struct Redis {
-    child: Option<Child>,
-    port: u16,
-    password: Option<String>,
-}
-
-impl Redis {
-    fn start(password: Option<&str>) -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Redis {
-            child: None,
-            port,
-            password: password.map(String::from),
-        };
-        redis.restart();
-        redis
-    }
-
-    /// (Re)starts the server on the same port, empty.
-    fn restart(&mut self) {
-        let mut cmd = Command::new(redis_server());
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if let Some(password) = &self.password {
-            cmd.args(["--requirepass", password]);
-        }
-        self.child = Some(
-            cmd.spawn()
-                .expect("redis-server (scripts/test installs it)"),
-        );
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        match &self.password {
-            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
-        }
-    }
-
-    fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_connection()
-            .unwrap()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn redis_server() -> &'static str {
-    if std::path::Path::new("/usr/bin/redis-server").exists() {
-        "/usr/bin/redis-server"
-    } else {
-        "redis-server"
-    }
-}
 
 fn redis_config(redis: &Redis, backend: &Proc, routes: &str) -> String {
     format!(

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use crate::auth::constant_time_eq;
 use crate::autoscale::ModeError;
+use crate::cache::Purge;
 use crate::config::{parse_addr, InstanceConfig};
 use crate::metrics::{live, InstanceSample};
 use crate::proxy::upstream::{Instance, Upstream};
@@ -110,7 +111,7 @@ async fn handle(
             metrics(&gateway, openmetrics)
         }
         (&Method::GET, ["api", "cache", "stats"]) => cache_stats(&gateway),
-        (&Method::DELETE, ["api", "cache"]) => purge_cache(&gateway, req.uri().query()),
+        (&Method::DELETE, ["api", "cache"]) => purge_cache(&gateway, req.uri().query()).await,
         (&Method::GET, ["api", "ratelimit"]) => {
             let runtime = gateway.runtime.load();
             let mut report = gateway.limiter.report();
@@ -531,21 +532,24 @@ fn cache_stats(gateway: &Gateway) -> Response<GatewayBody> {
             "stale": c.stale,
             "bypasses": c.bypasses,
             "evictions": c.evictions,
+            "shared_hits": c.shared_hits,
+            "shared_errors": c.shared_errors,
         }),
     )
 }
 
 /// `DELETE /api/cache` (everything), `?prefix=/path` (keys whose path starts so) or `?key=KEY`
-/// (one key exactly, as `X-Cache-Key`-style text: `PATH?QUERY HOST[ PARTS]`).
-fn purge_cache(gateway: &Gateway, query: Option<&str>) -> Response<GatewayBody> {
+/// (one key exactly, as `X-Cache-Key`-style text: `PATH?QUERY HOST[ PARTS]`). With the shared
+/// tier, Redis and every replica's memory too; 503 when Redis could not be purged.
+async fn purge_cache(gateway: &Gateway, query: Option<&str>) -> Response<GatewayBody> {
     let store = gateway.runtime.load().cache.clone();
     let pairs: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .into_owned()
         .collect();
-    let purged = match pairs.as_slice() {
-        [] => store.purge_all(),
-        [(name, prefix)] if name == "prefix" => store.purge_prefix(prefix),
-        [(name, key)] if name == "key" => store.purge_key(key),
+    let purge = match pairs.as_slice() {
+        [] => Purge::All,
+        [(name, prefix)] if name == "prefix" => Purge::Prefix(prefix.clone()),
+        [(name, key)] if name == "key" => Purge::Key(key.clone()),
         _ => {
             return reply(
                 StatusCode::BAD_REQUEST,
@@ -553,7 +557,17 @@ fn purge_cache(gateway: &Gateway, query: Option<&str>) -> Response<GatewayBody> 
             )
         }
     };
-    reply(StatusCode::OK, json!({ "purged": purged }))
+    match store.purge(&purge).await {
+        (purged, Ok(None)) => reply(StatusCode::OK, json!({ "purged": purged })),
+        (purged, Ok(Some(shared))) => reply(
+            StatusCode::OK,
+            json!({ "purged": purged, "shared_purged": shared }),
+        ),
+        (purged, Err(error)) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "purged": purged, "error": error }),
+        ),
+    }
 }
 
 /// Pins the count of an autoscaled upstream, pauses or resumes its autoscaler.

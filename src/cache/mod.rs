@@ -1,20 +1,23 @@
 //! The response cache of cached routes: look the request up, answer hits from memory, coalesce
-//! misses into one instance request per key, store what HTTP's rules allow while the client
-//! streams it, refresh stale entries in the background and answer stale when instances fail.
+//! misses into one instance request per key (which asks the shared tier, when there is one,
+//! before an instance), store what HTTP's rules allow while the client streams it, refresh
+//! stale entries in the background and answer stale when instances fail.
 //! `policy` makes every decision; this file only moves bytes and time.
 
 pub mod coalesce;
 pub mod policy;
+pub mod shared;
 pub mod store;
 
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::{Method, Response};
+use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
@@ -23,7 +26,7 @@ use crate::proxy::headers::X_REQUEST_ID;
 use crate::proxy::{ForwardBody, GatewayBody, InstanceFetch, ProxyError, Runtime};
 use coalesce::{Lease, Turn, Waited, LOCK_TIMEOUT};
 use policy::{RequestVerdict, State};
-pub use store::{Entry, Outcome, Store};
+pub use store::{Entry, Outcome, Purge, Store};
 
 pub static X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");
 
@@ -98,6 +101,7 @@ pub async fn serve(
                     parts,
                     fetch.clone(),
                     lease,
+                    Some(entry.clone()),
                 ));
             }
             hit(&entry, Outcome::Updating, cache, &fetch.request_id, now)
@@ -105,7 +109,33 @@ pub async fn serve(
         (_, stale) => {
             let key: Arc<str> = Arc::from(key);
             match store.inflight.join(&key) {
-                Turn::Lead(lease) => fill(cache, key, parts, fetch, Some(lease), stale).await,
+                Turn::Lead(lease) => {
+                    // Another replica may have stored it: the shared tier before an instance.
+                    let shared = match &store.shared {
+                        Some(_) => store.get_shared(&key, &parts.headers).await,
+                        None => None,
+                    };
+                    let now = Instant::now();
+                    match shared {
+                        Some(entry)
+                            if State::at(
+                                &entry.freshness,
+                                now.saturating_duration_since(entry.stored_at),
+                            ) == State::Fresh =>
+                        {
+                            drop(lease);
+                            if let Some(shared) = &store.shared {
+                                shared.hits.fetch_add(1, Ordering::Relaxed);
+                            }
+                            hit(&entry, Outcome::Hit, cache, &fetch.request_id, now)
+                        }
+                        // A stale shared entry still serves on error, as a memory one would.
+                        Some(entry) => {
+                            fill(cache, key, parts, fetch, Some(lease), Some(entry)).await
+                        }
+                        None => fill(cache, key, parts, fetch, Some(lease), stale).await,
+                    }
+                }
                 Turn::Wait(rx) => match coalesce::wait(rx, LOCK_TIMEOUT).await {
                     Waited::Done => {
                         let now = Instant::now();
@@ -199,8 +229,21 @@ async fn fill(
         Outcome::Miss
     };
     let request_headers = parts.headers.clone();
-    let (parts, _head) = as_get(parts);
+    let (mut parts, _head) = as_get(parts);
+    let revalidating = add_validators(&mut parts.headers, stale.as_ref());
     let result = fetch.send(parts, ForwardBody::Empty).await;
+    if let (Ok(response), Some(stale)) = (&result, &revalidating) {
+        if response.status() == StatusCode::NOT_MODIFIED {
+            let (entry, storable) =
+                renewed(&cache.rules, stale, response.headers(), &request_headers);
+            let entry = if storable {
+                keep(&cache.store, key, entry, lease)
+            } else {
+                Arc::new(entry)
+            };
+            return hit(&entry, outcome, cache, &fetch.request_id, Instant::now());
+        }
+    }
     let failed = match &result {
         Ok(response) => policy::is_error_status(response.status()),
         Err(error) => error.status().is_server_error(),
@@ -229,7 +272,7 @@ async fn fill(
     let store = cache.store.clone();
     let max_body = cache.rules.max_body;
     tokio::spawn(async move {
-        let _lease = lease;
+        let lease = lease;
         let mut body = body;
         let mut buffer = Some(BytesMut::new());
         let mut client = Some(tx);
@@ -264,7 +307,7 @@ async fn fill(
             }
         }
         if let Some(buf) = buffer {
-            store.insert(key, pending.into_entry(buf.freeze()));
+            keep(&store, key, pending.into_entry(buf.freeze()), lease);
         }
     });
     let mut response = Response::from_parts(head, GatewayBody::Relay(rx));
@@ -307,9 +350,7 @@ impl Pending {
         let vary_names = policy::vary_names(headers)?;
         let vary_values = policy::vary_values(&vary_names, request);
         let mut stored = headers.clone();
-        stored.remove(&X_REQUEST_ID);
-        stored.remove(header::AGE);
-        stored.remove(&X_CACHE_STATUS);
+        strip_per_answer(&mut stored);
         Some(Pending {
             entry: Entry {
                 status: response.status(),
@@ -328,25 +369,102 @@ impl Pending {
     }
 }
 
-/// stale-while-revalidate: fetches the entry again for nobody in particular, once per key.
+/// Headers set per answer, never stored.
+fn strip_per_answer(headers: &mut HeaderMap) {
+    headers.remove(&X_REQUEST_ID);
+    headers.remove(header::AGE);
+    headers.remove(&X_CACHE_STATUS);
+}
+
+/// Stores `entry` in memory, wakes the waiters (they read memory), then writes it to the shared
+/// tier in the background.
+fn keep(store: &Arc<Store>, key: Arc<str>, entry: Entry, lease: Option<Lease>) -> Arc<Entry> {
+    let entry = store.insert(key.clone(), entry);
+    drop(lease);
+    if store.shared.is_some() {
+        let (store, shared) = (store.clone(), entry.clone());
+        tokio::spawn(async move { store.share(&key, &shared).await });
+    }
+    entry
+}
+
+/// Makes the request conditional on `stale`'s validators; the entry being revalidated, if any.
+fn add_validators(request: &mut HeaderMap, stale: Option<&Arc<Entry>>) -> Option<Arc<Entry>> {
+    let stale = stale?;
+    let conditions = policy::validators(&stale.headers, request);
+    if conditions.is_empty() {
+        return None;
+    }
+    for (name, value) in conditions {
+        request.insert(name, value);
+    }
+    Some(stale.clone())
+}
+
+/// `stale` renewed by a 304: its body under the 304's headers, fresh from now. The flag says
+/// whether it may be stored (a 304 can forbid it; the body still answers this request).
+fn renewed(
+    rules: &RouteCacheConfig,
+    stale: &Entry,
+    not_modified: &HeaderMap,
+    request: &HeaderMap,
+) -> (Entry, bool) {
+    let mut headers = policy::updated_headers(&stale.headers, not_modified);
+    let freshness = policy::storable(
+        stale.status,
+        &headers,
+        request.contains_key(header::AUTHORIZATION),
+        rules,
+        SystemTime::now(),
+    );
+    strip_per_answer(&mut headers);
+    let entry = Entry {
+        status: stale.status,
+        headers,
+        body: stale.body.clone(),
+        stored_at: Instant::now(),
+        freshness: freshness.unwrap_or(stale.freshness),
+        vary_names: stale.vary_names.clone(),
+        vary_values: stale.vary_values.clone(),
+    };
+    (entry, freshness.is_ok())
+}
+
+/// stale-while-revalidate and warming: fetches the entry again for nobody in particular, once
+/// per key; conditionally when `stale` has validators, so a 304 renews it without the body.
 async fn refresh(
     rules: RouteCacheConfig,
     store: Arc<Store>,
     key: Arc<str>,
     parts: Parts,
     fetch: InstanceFetch,
-    _lease: Lease,
+    lease: Lease,
+    stale: Option<Arc<Entry>>,
 ) {
     let request_headers = parts.headers.clone();
-    let Ok(response) = fetch.send(as_get(parts).0, ForwardBody::Empty).await else {
+    let (mut parts, _head) = as_get(parts);
+    let revalidating = add_validators(&mut parts.headers, stale.as_ref());
+    let Ok(response) = fetch.send(parts, ForwardBody::Empty).await else {
         return;
     };
+    if let Some(stale) = revalidating.filter(|_| response.status() == StatusCode::NOT_MODIFIED) {
+        let (entry, storable) = renewed(&rules, &stale, response.headers(), &request_headers);
+        if storable {
+            keep(&store, key, entry, Some(lease));
+        }
+        return;
+    }
     let Some(pending) = Pending::new(&rules, &response, &request_headers) else {
         return;
     };
     let limited = http_body_util::Limited::new(response.into_body(), rules.max_body as usize);
     if let Ok(body) = limited.collect().await {
-        store.insert(key, pending.into_entry(body.to_bytes()));
+        keep(
+            &store,
+            key,
+            pending.into_entry(body.to_bytes()),
+            Some(lease),
+        );
     }
 }
 
@@ -391,8 +509,9 @@ async fn keep_warm(runtime: Weak<Runtime>) {
                     .then_some(cache.host.as_deref().unwrap_or(""));
                 let key = policy::cache_key(path, host, &cache.rules.key, &parts.headers, loopback);
                 let now = Instant::now();
+                let current = cache.store.get(&key, &parts.headers);
                 // Refetch when the entry would expire before the next look.
-                let warm = cache.store.get(&key, &parts.headers).is_some_and(|e| {
+                let warm = current.as_ref().is_some_and(|e| {
                     let later = now.saturating_duration_since(e.stored_at) + 2 * WARM_EVERY;
                     State::at(&e.freshness, later) == State::Fresh
                 });
@@ -410,6 +529,7 @@ async fn keep_warm(runtime: Weak<Runtime>) {
                         parts,
                         fetch,
                         lease,
+                        current,
                     ));
                 }
             }

@@ -1,7 +1,8 @@
 //! The cache's decisions, as pure functions over plain data with the clock passed in (RFC 9111
 //! subset for a shared cache, RFC 5861 stale extensions): may a request use the cache, may a
 //! response be stored and for how long, is an entry fresh, servable stale or expired, does an
-//! entry's Vary match a request, and what a request's cache key is.
+//! entry's Vary match a request, what a request's cache key is, and how a stored response is
+//! revalidated (conditional request headers, headers after a 304).
 
 use std::time::{Duration, SystemTime};
 
@@ -319,6 +320,52 @@ pub fn cache_key(
     key
 }
 
+/// Request headers that ask the instance whether a stored response is still current (RFC 9111
+/// §4.3.1): its `ETag` as If-None-Match, its `Last-Modified` as If-Modified-Since. Empty when
+/// it has neither, or when the client sent conditions of its own (the answer is then theirs).
+pub fn validators(stored: &HeaderMap, request: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    let client_conditions = [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+    ];
+    if client_conditions.iter().any(|h| request.contains_key(h)) {
+        return Vec::new();
+    }
+    let mut conditions = Vec::with_capacity(2);
+    if let Some(etag) = stored.get(header::ETAG) {
+        conditions.push((header::IF_NONE_MATCH, etag.clone()));
+    }
+    if let Some(modified) = stored.get(header::LAST_MODIFIED) {
+        conditions.push((header::IF_MODIFIED_SINCE, modified.clone()));
+    }
+    conditions
+}
+
+/// A stored response's headers after a 304 (RFC 9111 §3.2, §4.3.4): every field the 304
+/// carries replaces the stored one, except those that describe the stored body's bytes.
+pub fn updated_headers(stored: &HeaderMap, not_modified: &HeaderMap) -> HeaderMap {
+    let body_framing = [
+        header::CONTENT_LENGTH,
+        header::CONTENT_ENCODING,
+        header::CONTENT_RANGE,
+        header::TRANSFER_ENCODING,
+    ];
+    let mut updated = stored.clone();
+    for name in not_modified.keys() {
+        if body_framing.contains(name) {
+            continue;
+        }
+        updated.remove(name);
+        for value in not_modified.get_all(name) {
+            updated.append(name.clone(), value.clone());
+        }
+    }
+    updated
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -577,5 +624,63 @@ mod tests {
             "/a?b=1 example.com t1 fr 127.0.0.1"
         );
         assert_eq!(cache_key("/a", None, &[], &request, ip), "/a");
+    }
+
+    #[test]
+    fn validators_come_from_the_stored_response_unless_the_client_has_its_own() {
+        let stored = headers(&[
+            ("etag", "\"v1\""),
+            ("last-modified", "Tue, 01 Jun 2027 10:00:00 GMT"),
+        ]);
+        let conditions = validators(&stored, &HeaderMap::new());
+        assert_eq!(
+            conditions,
+            [
+                (header::IF_NONE_MATCH, HeaderValue::from_static("\"v1\"")),
+                (
+                    header::IF_MODIFIED_SINCE,
+                    HeaderValue::from_static("Tue, 01 Jun 2027 10:00:00 GMT")
+                ),
+            ]
+        );
+        assert!(validators(
+            &headers(&[("content-type", "text/plain")]),
+            &HeaderMap::new()
+        )
+        .is_empty());
+        let own = headers(&[("if-none-match", "\"mine\"")]);
+        assert!(validators(&stored, &own).is_empty());
+    }
+
+    #[test]
+    fn a_304_renews_headers_and_freshness_but_not_the_body_framing() {
+        let stored = headers(&[
+            ("etag", "\"v1\""),
+            ("cache-control", "max-age=1"),
+            ("content-length", "42"),
+            ("content-type", "application/json"),
+            ("x-multi", "a"),
+        ]);
+        let not_modified = headers(&[
+            ("etag", "\"v1\""),
+            ("cache-control", "max-age=30"),
+            ("content-length", "0"),
+            ("x-multi", "b"),
+            ("x-multi", "c"),
+        ]);
+        let updated = updated_headers(&stored, &not_modified);
+        assert_eq!(updated["content-length"], "42");
+        assert_eq!(updated["content-type"], "application/json");
+        assert_eq!(updated["cache-control"], "max-age=30");
+        let multi: Vec<_> = updated.get_all("x-multi").iter().collect();
+        assert_eq!(multi, ["b", "c"]);
+        let renewed = storable(StatusCode::OK, &updated, false, &rules(), SystemTime::now());
+        assert_eq!(renewed.unwrap().lifetime, S(30));
+        // A 304 may also take the right to store away.
+        let refused = updated_headers(&stored, &headers(&[("cache-control", "no-store")]));
+        assert_eq!(
+            storable(StatusCode::OK, &refused, false, &rules(), SystemTime::now()),
+            Err(NotStored::NoStore)
+        );
     }
 }

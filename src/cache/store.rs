@@ -1,6 +1,7 @@
 //! The in-memory store: entries by key (each key holds its Vary variants), bounded in bytes
 //! with moka's TinyLFU admission and LRU eviction, each key dropped once no variant is of any
 //! use (past freshness and both stale windows). Counters for hits, misses, stale and evictions.
+//! With a shared tier, memory is looked at first and Redis behind it (see `shared`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,7 +15,9 @@ use tokio::time::Instant;
 
 use super::coalesce::Coalescer;
 use super::policy::{vary_values, Freshness};
+use super::shared::SharedTier;
 use crate::metrics::CacheSample;
+use crate::redis_link::RedisLink;
 
 /// Variants kept per key; a new variant pushes out the oldest.
 const MAX_VARIANTS: usize = 8;
@@ -142,16 +145,50 @@ impl Counters {
     }
 }
 
+/// What an admin purge removes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purge {
+    All,
+    /// Keys whose path starts so (keys begin with the path).
+    Prefix(String),
+    Key(String),
+}
+
+impl Purge {
+    /// The form announced to the other replicas.
+    pub fn to_message(&self) -> String {
+        match self {
+            Purge::All => "all".into(),
+            Purge::Prefix(prefix) => format!("prefix {prefix}"),
+            Purge::Key(key) => format!("key {key}"),
+        }
+    }
+
+    pub fn from_message(message: &[u8]) -> Option<Purge> {
+        let text = std::str::from_utf8(message).ok()?;
+        match text.split_once(' ') {
+            None if text == "all" => Some(Purge::All),
+            Some(("prefix", prefix)) => Some(Purge::Prefix(prefix.into())),
+            Some(("key", key)) => Some(Purge::Key(key.into())),
+            _ => None,
+        }
+    }
+}
+
 /// The gateway's response store, shared by every cached route and kept across reloads.
 pub struct Store {
     entries: moka::sync::Cache<Arc<str>, Variants>,
     pub counters: Arc<Counters>,
     pub inflight: Arc<Coalescer>,
     pub max_size: u64,
+    /// The Redis tier behind memory (`cache.store = "redis"`).
+    pub shared: Option<SharedTier>,
 }
 
 impl Store {
-    pub fn new(max_size: u64) -> Store {
+    /// With `shared`, entries are also kept in Redis and purges from other replicas are
+    /// followed (that needs a tokio runtime).
+    pub fn new(max_size: u64, shared: Option<Arc<RedisLink>>) -> Arc<Store> {
         let counters = Arc::new(Counters::default());
         let evictions = counters.clone();
         let entries = moka::sync::Cache::builder()
@@ -167,12 +204,17 @@ impl Store {
                 }
             })
             .build();
-        Store {
+        let store = Arc::new(Store {
             entries,
             counters,
             inflight: Arc::new(Coalescer::default()),
             max_size,
+            shared: shared.map(SharedTier::new),
+        });
+        if let Some(shared) = &store.shared {
+            shared.spawn_purge_subscriber(Arc::downgrade(&store));
         }
+        store
     }
 
     /// The variant of `key` that matches the request's varying headers.
@@ -183,7 +225,7 @@ impl Store {
 
     /// Stores `entry`, replacing the variant with the same Vary values (and every variant
     /// stored under a different Vary list: the instance changed what it varies on).
-    pub fn insert(&self, key: Arc<str>, entry: Entry) {
+    pub fn insert(&self, key: Arc<str>, entry: Entry) -> Arc<Entry> {
         let entry = Arc::new(entry);
         let now = Instant::now();
         self.entries.entry(key).and_upsert_with(|old| {
@@ -200,36 +242,64 @@ impl Store {
             if variants.len() >= MAX_VARIANTS {
                 variants.remove(0);
             }
-            variants.push(entry);
+            variants.push(entry.clone());
             Variants(variants.into())
         });
+        entry
     }
 
-    pub fn purge_all(&self) -> u64 {
-        self.entries.run_pending_tasks();
-        let count = self.entries.entry_count();
-        self.entries.invalidate_all();
-        self.entries.run_pending_tasks();
-        count
-    }
-
-    /// Removes every key whose path starts with `prefix` (keys begin with the path).
-    pub fn purge_prefix(&self, prefix: &str) -> u64 {
-        let mut purged = 0;
-        for (key, _) in self.entries.iter() {
-            if key.starts_with(prefix) {
-                self.entries.invalidate(&*key);
-                purged += 1;
-            }
+    /// Writes a newly fetched entry to the shared tier, if there is one.
+    pub async fn share(&self, key: &str, entry: &Entry) {
+        if let Some(shared) = &self.shared {
+            shared.put(key, entry).await;
         }
+    }
+
+    /// The shared tier's entry for `key` when it matches the request's varying headers; it is
+    /// copied into memory so the next requests are memory hits.
+    pub async fn get_shared(&self, key: &Arc<str>, request: &HeaderMap) -> Option<Arc<Entry>> {
+        let entry = self.shared.as_ref()?.get(key).await?;
+        if !entry.matches(request) {
+            return None;
+        }
+        Some(self.insert(key.clone(), entry))
+    }
+
+    /// Removes entries from memory only; the number of keys removed.
+    pub fn purge_memory(&self, purge: &Purge) -> u64 {
+        self.entries.run_pending_tasks();
+        let purged = match purge {
+            Purge::All => {
+                let count = self.entries.entry_count();
+                self.entries.invalidate_all();
+                count
+            }
+            Purge::Prefix(prefix) => {
+                let mut purged = 0;
+                for (key, _) in self.entries.iter() {
+                    if key.starts_with(prefix.as_str()) {
+                        self.entries.invalidate(&*key);
+                        purged += 1;
+                    }
+                }
+                purged
+            }
+            Purge::Key(key) => u64::from(self.entries.remove(key.as_str()).is_some()),
+        };
         self.entries.run_pending_tasks();
         purged
     }
 
-    pub fn purge_key(&self, key: &str) -> u64 {
-        let removed = self.entries.remove(key).is_some();
-        self.entries.run_pending_tasks();
-        u64::from(removed)
+    /// Removes entries from memory and from the shared tier (telling the other replicas):
+    /// the keys removed from memory, and from Redis (`None` without a shared tier). An error
+    /// says the shared tier could not be purged; memory was purged all the same.
+    pub async fn purge(&self, purge: &Purge) -> (u64, Result<Option<u64>, String>) {
+        let memory = self.purge_memory(purge);
+        let shared = match &self.shared {
+            Some(shared) => shared.purge(purge).await.map(Some),
+            None => Ok(None),
+        };
+        (memory, shared)
     }
 
     /// Counters and sizes, with moka's pending bookkeeping applied first so sizes are current.
@@ -242,6 +312,14 @@ impl Store {
             stale: c.stale.load(Ordering::Relaxed),
             bypasses: c.bypasses.load(Ordering::Relaxed),
             evictions: c.evictions.load(Ordering::Relaxed),
+            shared_hits: self
+                .shared
+                .as_ref()
+                .map_or(0, |s| s.hits.load(Ordering::Relaxed)),
+            shared_errors: self
+                .shared
+                .as_ref()
+                .map_or(0, |s| s.errors.load(Ordering::Relaxed)),
             entries: self.entries.entry_count(),
             bytes: self.entries.weighted_size(),
             max_bytes: self.max_size,
@@ -277,7 +355,7 @@ mod tests {
 
     #[test]
     fn variants_are_kept_apart_and_replaced_in_place() {
-        let store = Store::new(1 << 20);
+        let store = Store::new(1 << 20, None);
         let key: Arc<str> = Arc::from("/a h");
         store.insert(key.clone(), entry(1, Some("json")));
         store.insert(key.clone(), entry(2, Some("html")));
@@ -293,7 +371,7 @@ mod tests {
 
     #[test]
     fn size_bound_holds_and_evictions_are_counted() {
-        let store = Store::new(64 * 1024);
+        let store = Store::new(64 * 1024, None);
         for i in 0..200 {
             store.insert(Arc::from(format!("/k{i} h")), entry(1024, None));
         }
@@ -304,15 +382,31 @@ mod tests {
 
     #[test]
     fn purges_by_all_prefix_and_key() {
-        let store = Store::new(1 << 20);
+        let store = Store::new(1 << 20, None);
         for key in ["/a/1 h", "/a/2 h", "/b/1 h"] {
             store.insert(Arc::from(key), entry(1, None));
         }
-        assert_eq!(store.purge_prefix("/a/"), 2);
-        assert_eq!(store.purge_key("/b/1 h"), 1);
-        assert_eq!(store.purge_key("/b/1 h"), 0);
+        assert_eq!(store.purge_memory(&Purge::Prefix("/a/".into())), 2);
+        assert_eq!(store.purge_memory(&Purge::Key("/b/1 h".into())), 1);
+        assert_eq!(store.purge_memory(&Purge::Key("/b/1 h".into())), 0);
         store.insert(Arc::from("/c h"), entry(1, None));
-        assert_eq!(store.purge_all(), 1);
+        assert_eq!(store.purge_memory(&Purge::All), 1);
         assert_eq!(store.sample().entries, 0);
+    }
+
+    #[test]
+    fn purge_messages_round_trip() {
+        for purge in [
+            Purge::All,
+            Purge::Prefix("/a b/".into()),
+            Purge::Key("/c?d h 1".into()),
+        ] {
+            assert_eq!(
+                Purge::from_message(purge.to_message().as_bytes()),
+                Some(purge)
+            );
+        }
+        assert_eq!(Purge::from_message(b"everything"), None);
+        assert_eq!(Purge::from_message(&[0xff]), None);
     }
 }

@@ -13,6 +13,15 @@ use crate::balance::HashKey;
 pub struct CacheConfig {
     /// Bound on the stored bytes (bodies, headers and keys).
     pub max_size: u64,
+    pub store: CacheStoreKind,
+}
+
+/// Where entries live besides this process's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStoreKind {
+    Memory,
+    /// Memory first, then Redis (`[state] redis_url`), shared by every replica.
+    Redis,
 }
 
 /// A route's `cache = { ... }`: routes without it are never cached.
@@ -37,12 +46,14 @@ pub struct RouteCacheConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RawCache {
     pub max_size: String,
+    pub store: String,
 }
 
 impl Default for RawCache {
     fn default() -> Self {
         RawCache {
             max_size: "256MiB".into(),
+            store: "memory".into(),
         }
     }
 }
@@ -78,12 +89,29 @@ impl Default for RawRouteCache {
     }
 }
 
-pub(super) fn validate_cache(p: &mut Problems, raw: &RawCache) -> CacheConfig {
+/// `has_redis`: whether `[state] redis_url` is set.
+pub(super) fn validate_cache(p: &mut Problems, raw: &RawCache, has_redis: bool) -> CacheConfig {
     let max_size = p.size("cache.max_size", &raw.max_size);
     if max_size == 0 && !p.0.iter().any(|e| e.key == "cache.max_size") {
         p.push("cache.max_size", "must be more than 0");
     }
-    CacheConfig { max_size }
+    let store = match raw.store.as_str() {
+        "memory" => CacheStoreKind::Memory,
+        "redis" => {
+            if !has_redis {
+                p.push("cache.store", "\"redis\" needs state.redis_url");
+            }
+            CacheStoreKind::Redis
+        }
+        other => {
+            p.push(
+                "cache.store",
+                format!("`{other}`: expected memory or redis"),
+            );
+            CacheStoreKind::Memory
+        }
+    };
+    CacheConfig { max_size, store }
 }
 
 /// `key` is the route's key, e.g. `routes[0].cache`; `host` the route's host pattern.

@@ -18,7 +18,7 @@ use std::time::Duration;
 use http::HeaderName;
 
 pub use autoscale::{AutoscaleConfig, DiscoverConfig, ExecConfig, ProcessConfig, ProviderConfig};
-pub use cache::{CacheConfig, RouteCacheConfig};
+pub use cache::{CacheConfig, CacheStoreKind, RouteCacheConfig};
 pub use limits::LimitsConfig;
 pub use raw::{RawConfig, DEFAULT_MAX_HEADERS};
 pub use tls::TlsConfig;
@@ -418,6 +418,23 @@ cache = { warm = ["/w"] }
         assert!(Config::from_toml(MINIMAL).unwrap().routes[0]
             .cache
             .is_none());
+        assert_eq!(config.cache.store, CacheStoreKind::Memory);
+    }
+
+    #[test]
+    fn cache_store_redis_needs_the_state_url() {
+        let redis = format!("[cache]\nstore = \"redis\"\n{MINIMAL}");
+        let errors = Config::from_toml(&redis).unwrap_err().0;
+        assert_eq!(errors[0].key, "cache.store");
+        assert!(errors[0].message.contains("state.redis_url"));
+        let shared = format!("[state]\nredis_url = \"redis://127.0.0.1:6379\"\n{redis}");
+        assert_eq!(
+            Config::from_toml(&shared).unwrap().cache.store,
+            CacheStoreKind::Redis
+        );
+        let odd = format!("[cache]\nstore = \"disk\"\n{MINIMAL}");
+        let errors = Config::from_toml(&odd).unwrap_err().0;
+        assert!(errors[0].message.contains("expected memory or redis"));
     }
 
     #[test]

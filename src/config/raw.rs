@@ -329,7 +329,7 @@ impl RawConfig {
                 }
             })
             .collect();
-        let cache = validate_cache(&mut p, &self.cache);
+        let cache = validate_cache(&mut p, &self.cache, !limits.state.redis_urls.is_empty());
         let tls = self
             .tls
             .as_ref()

@@ -3,8 +3,9 @@
 //! Paths: `/health` (200, or 503 after `POST /__health/fail`), `/__stats` (requests seen),
 //! `/echo` (the request head as JSON), `/upgrade` (101 to the asked protocol, then a byte
 //! echo), `/cache...` (caching headers taken from the query: `cc`, `vary`, `set_cookie`,
-//! `expires`, `status`, `bytes`, `latency_ms`; the body says which request of the instance it
-//! was and the varying header's value); anything else answers `body_bytes` bytes after
+//! `expires`, `status`, `bytes`, `latency_ms`, `etag` (sent quoted; a matching If-None-Match
+//! gets 304 without a body); the body says which request of the instance it was and the
+//! varying header's value); anything else answers `body_bytes` bytes after
 //! `latency_ms`, failing with 500 at `fail_rate`. Request bodies are read to the end and
 //! their size returned in `x-body-received`, so uploads can be checked end to end.
 
@@ -229,9 +230,21 @@ async fn cache_answer(state: Arc<DemoState>, req: Request<Incoming>) -> Response
         .and_then(|v| v.parse::<u16>().ok())
         .and_then(|v| StatusCode::from_u16(v).ok())
         .unwrap_or(StatusCode::OK);
-    let mut response = text(status, body);
+    let etag =
+        param("etag").and_then(|tag| http::HeaderValue::from_str(&format!("\"{tag}\"")).ok());
+    let unchanged = etag
+        .as_ref()
+        .is_some_and(|tag| req.headers().get(http::header::IF_NONE_MATCH) == Some(tag));
+    let mut response = if unchanged {
+        text(StatusCode::NOT_MODIFIED, Bytes::new())
+    } else {
+        text(status, body)
+    };
     let headers = response.headers_mut();
     headers.insert("x-instance", state.port.into());
+    if let Some(tag) = etag {
+        headers.insert(http::header::ETAG, tag);
+    }
     for (param_name, header) in [
         ("cc", http::header::CACHE_CONTROL),
         ("vary", http::header::VARY),

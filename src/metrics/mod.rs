@@ -55,6 +55,8 @@ pub const CACHE_EVICTIONS: &str = "cache_evictions";
 pub const CACHE_ENTRIES: &str = "cache_entries";
 pub const CACHE_BYTES: &str = "cache_bytes";
 pub const CACHE_MAX_BYTES: &str = "cache_max_bytes";
+pub const CACHE_SHARED_HITS: &str = "cache_shared_hits";
+pub const CACHE_SHARED_ERRORS: &str = "cache_shared_errors";
 
 /// Method label values; anything else counts as `OTHER`.
 pub const METHODS: [&str; 8] = [
@@ -450,6 +452,10 @@ pub struct CacheSample {
     pub bypasses: u64,
     /// Entries pushed out by the size bound.
     pub evictions: u64,
+    /// Hits read from the shared tier (Redis) after a memory miss.
+    pub shared_hits: u64,
+    /// Shared-tier reads, writes and purges Redis did not serve (down, failed, too slow).
+    pub shared_errors: u64,
     pub entries: u64,
     pub bytes: u64,
     pub max_bytes: u64,
@@ -475,7 +481,7 @@ impl CacheSample {
 
 /// The response cache's families.
 pub fn cache_families(cache: &CacheSample) -> Vec<Family> {
-    let families: [(&'static str, &'static str, Value); 8] = [
+    let families: [(&'static str, &'static str, Value); 10] = [
         (
             CACHE_HITS,
             "Requests answered from a fresh cache entry.",
@@ -500,6 +506,16 @@ pub fn cache_families(cache: &CacheSample) -> Vec<Family> {
             CACHE_EVICTIONS,
             "Entries pushed out by the cache size bound.",
             Value::Counter(cache.evictions),
+        ),
+        (
+            CACHE_SHARED_HITS,
+            "Hits read from the shared Redis tier after a memory miss (also counted as hits).",
+            Value::Counter(cache.shared_hits),
+        ),
+        (
+            CACHE_SHARED_ERRORS,
+            "Shared-tier reads, writes and purges Redis did not serve (answered as misses).",
+            Value::Counter(cache.shared_errors),
         ),
         (
             CACHE_ENTRIES,

@@ -32,9 +32,11 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{Config, ConfigErrors};
+use crate::config::limits::StoreKind;
+use crate::config::{CacheStoreKind, Config, ConfigErrors};
 use crate::metrics::live::LiveStats;
 use crate::metrics::{Metrics, RequestStats};
+use crate::redis_link::{ConnectError, RedisLink};
 use upstream::Upstream;
 
 /// One configuration in force: the config and the live upstreams it describes.
@@ -45,7 +47,7 @@ pub struct Runtime {
     route_upstreams: Vec<Arc<Upstream>>,
     /// The request counters of each route, by route position; empty when `server.metrics` is off.
     route_stats: Vec<Arc<RequestStats>>,
-    /// The response store, kept across reloads while `cache.max_size` stays the same.
+    /// The response store, kept across reloads while `[cache]` stays the same.
     pub cache: Arc<crate::cache::Store>,
     /// The cache of each route, by route position; `None` where the route is not cached.
     route_caches: Vec<Option<crate::cache::RouteCache>>,
@@ -62,6 +64,7 @@ impl Runtime {
         previous: Option<&Runtime>,
         metrics: &Metrics,
         limiter: &Arc<crate::ratelimit::Limiter>,
+        redis: Option<&Arc<RedisLink>>,
     ) -> Runtime {
         let upstreams: Vec<Arc<Upstream>> = config
             .upstreams
@@ -92,8 +95,11 @@ impl Runtime {
             Vec::new()
         };
         let cache = match previous {
-            Some(p) if p.cache.max_size == config.cache.max_size => p.cache.clone(),
-            _ => Arc::new(crate::cache::Store::new(config.cache.max_size)),
+            Some(p) if p.config.cache == config.cache => p.cache.clone(),
+            _ => {
+                let shared = redis.filter(|_| config.cache.store == CacheStoreKind::Redis);
+                crate::cache::Store::new(config.cache.max_size, shared.cloned())
+            }
         };
         let route_caches = crate::cache::RouteCache::for_routes(&config.routes, &cache);
         let tls = config
@@ -167,6 +173,8 @@ pub struct Gateway {
     https_port: AtomicU16,
     /// Rate-limit stores and counters; outlive reloads.
     pub limiter: Arc<crate::ratelimit::Limiter>,
+    /// The link to `[state]` Redis when the rate limiter or the cache uses it (set at start).
+    pub redis: Option<Arc<RedisLink>>,
     /// The autoscalers' status and mode switches, for the admin API.
     pub autoscale: crate::autoscale::Registry,
 }
@@ -179,8 +187,17 @@ impl Gateway {
             config.server.max_connections,
             config.server.max_connections_per_ip,
         ));
-        let limiter = crate::ratelimit::Limiter::new(&config.limits);
-        let runtime = Arc::new(Runtime::build(config, None, &metrics, &limiter));
+        let uses_redis =
+            config.limits.store == StoreKind::Redis || config.cache.store == CacheStoreKind::Redis;
+        let redis = uses_redis.then(|| RedisLink::new(&config.limits.state));
+        let limiter = crate::ratelimit::Limiter::new(&config.limits, redis.as_ref());
+        let runtime = Arc::new(Runtime::build(
+            config,
+            None,
+            &metrics,
+            &limiter,
+            redis.as_ref(),
+        ));
         for upstream in &runtime.upstreams {
             crate::health::spawn_active_checks(upstream);
         }
@@ -197,6 +214,7 @@ impl Gateway {
             https_port: AtomicU16::new(0),
             connections,
             limiter,
+            redis,
             autoscale: crate::autoscale::Registry::default(),
         })
     }
@@ -224,11 +242,15 @@ impl Gateway {
         {
             tracing::warn!("rate-limit store changed: it takes effect at the next restart");
         }
+        if config.cache.store == CacheStoreKind::Redis && self.redis.is_none() {
+            tracing::warn!("cache.store = \"redis\" takes effect at the next restart");
+        }
         let next = Arc::new(Runtime::build(
             config,
             Some(&current),
             &self.metrics,
             &self.limiter,
+            self.redis.as_ref(),
         ));
         for upstream in &next.upstreams {
             crate::health::spawn_active_checks(upstream);
@@ -258,12 +280,19 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     let (listen, admin_listen) = (config.server.listen, config.admin.listen);
     let tls_listen = config.tls.as_ref().map(|tls| tls.listen);
     let gateway = Gateway::new(config, config_path);
-    // Before listening: a Redis that refuses the configured password stops the start.
-    gateway
-        .limiter
-        .start()
-        .await
-        .map_err(std::io::Error::other)?;
+    // Before listening: a Redis that refuses the configured password stops the start; an
+    // unreachable one does not (limits and the cache fall back until it answers).
+    if let Some(redis) = &gateway.redis {
+        match redis.start().await {
+            Ok(()) => tracing::info!(redis = %redis.target(), "state is shared through Redis"),
+            Err(ConnectError::Auth(message)) => {
+                return Err(std::io::Error::other(format!(
+                    "state.redis_url: {message} (check the password in the URL)"
+                )))
+            }
+            Err(ConnectError::Unavailable(_)) => {}
+        }
+    }
     let proxy_listener = TcpListener::bind(listen).await?;
     let admin_listener = TcpListener::bind(admin_listen).await?;
     let tls_listener = match tls_listen {

@@ -29,11 +29,12 @@ use crate::auth::{ApiKeys, AuthFailure};
 use crate::config::limits::{OnRedisError, RuleKey, StoreKind};
 use crate::config::{Config, LimitsConfig};
 use crate::proxy::ProxyError;
+use crate::redis_link::RedisLink;
 use algorithm::{ceil_secs, strictest, Quota, RateDecision};
 pub use client::{client_ip, LimitKey};
 pub use concurrency::ConcurrencyLimit;
 use memory::MemoryStore;
-use redis_store::{ConnectError, RedisStore};
+use redis_store::RedisStore;
 
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -50,38 +51,22 @@ pub struct RuleCounters {
 /// The stores and counters; one per process.
 pub struct Limiter {
     memory: MemoryStore,
-    redis: Option<Arc<RedisStore>>,
+    redis: Option<RedisStore>,
     on_redis_error: OnRedisError,
     counters: Mutex<BTreeMap<String, Arc<RuleCounters>>>,
 }
 
 impl Limiter {
-    /// Needs a tokio runtime when Redis is configured (the link's probe is a task).
-    pub fn new(config: &LimitsConfig) -> Arc<Limiter> {
+    /// `link` is the gateway's Redis link, used when `rate_limit.store` is redis.
+    pub fn new(config: &LimitsConfig, link: Option<&Arc<RedisLink>>) -> Arc<Limiter> {
         Arc::new(Limiter {
             memory: MemoryStore::new(config.max_keys),
-            redis: (config.store == StoreKind::Redis).then(|| RedisStore::new(&config.state)),
+            redis: link
+                .filter(|_| config.store == StoreKind::Redis)
+                .map(|link| RedisStore::new(link.clone())),
             on_redis_error: config.state.on_redis_error,
             counters: Mutex::new(BTreeMap::new()),
         })
-    }
-
-    /// Connects to Redis when configured. Refused credentials are an error naming the key; an
-    /// unreachable Redis is not (the fallback decides until it answers).
-    pub async fn start(&self) -> Result<(), String> {
-        let Some(redis) = &self.redis else {
-            return Ok(());
-        };
-        match redis.start().await {
-            Ok(()) => {
-                tracing::info!(redis = %redis.target(), "rate limits are shared through Redis");
-                Ok(())
-            }
-            Err(ConnectError::Auth(message)) => Err(format!(
-                "state.redis_url: {message} (check the password in the URL)"
-            )),
-            Err(ConnectError::Unavailable(_)) => Ok(()),
-        }
     }
 
     fn counters(&self, rule: &str) -> Arc<RuleCounters> {
@@ -141,8 +126,8 @@ impl Limiter {
         let Some(redis) = &self.redis else {
             return (true, json!({"status": "ok", "store": "memory"}));
         };
-        let shared = redis.is_up();
-        match redis.ping().await {
+        let shared = redis.link().is_up();
+        match redis.link().ping().await {
             Ok(latency) => (
                 true,
                 json!({
@@ -181,8 +166,11 @@ impl Limiter {
             .collect();
         json!({
             "store": if self.redis.is_some() { "redis" } else { "memory" },
-            "redis_up": self.redis.as_ref().map(|r| r.is_up()),
-            "redis_outages": self.redis.as_ref().map(|r| r.outages.load(Ordering::Relaxed)),
+            "redis_up": self.redis.as_ref().map(|r| r.link().is_up()),
+            "redis_outages": self
+                .redis
+                .as_ref()
+                .map(|r| r.link().outages.load(Ordering::Relaxed)),
             "memory_keys": self.memory.len(),
             "rules": rules,
         })

@@ -303,3 +303,86 @@ pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A `redis-server` of our own on a free loopback port, killed on drop.
+pub struct Redis {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub password: Option<String>,
+}
+
+impl Redis {
+    pub fn start(password: Option<&str>) -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut redis = Redis {
+            child: None,
+            port,
+            password: password.map(String::from),
+        };
+        redis.restart();
+        redis
+    }
+
+    /// (Re)starts the server on the same port, empty.
+    pub fn restart(&mut self) {
+        let mut cmd = Command::new(redis_server());
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(password) = &self.password {
+            cmd.args(["--requirepass", password]);
+        }
+        self.child = Some(
+            cmd.spawn()
+                .expect("redis-server (scripts/test installs it)"),
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn redis_server() -> &'static str {
+    if std::path::Path::new("/usr/bin/redis-server").exists() {
+        "/usr/bin/redis-server"
+    } else {
+        "redis-server"
+    }
+}

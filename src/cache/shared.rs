@@ -1,0 +1,471 @@
+//! The shared tier (`[cache] store = "redis"`): entries every replica can read, behind each
+//! replica's memory tier. One Redis string per cache key (the latest variant stored) in a
+//! compact binary form whose times are Unix milliseconds, so replicas agree on an entry's age;
+//! it expires on its own once no longer of any use. Purges delete the Redis keys and are
+//! announced on a channel so every replica drops its memory copies too.
+//!
+//! Redis failing never fails a request: calls go through the gateway's [`RedisLink`] (bounded
+//! by `redis_timeout`, skipped during an outage) and a failure is counted and answered as a miss.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes};
+use futures_util::StreamExt;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
+use tokio::time::Instant;
+
+use super::policy::Freshness;
+use super::store::{Entry, Purge, Store};
+use crate::redis_link::{startup_timeout, RedisLink};
+
+/// Every cache key in Redis starts with this.
+const KEY_PREFIX: &str = "scalegate:cache:";
+/// Purges are announced here.
+const PURGE_CHANNEL: &str = "scalegate:cache:purge";
+/// First byte of every stored entry; a different one is not ours (or an older format): a miss.
+const FORMAT: u8 = 1;
+/// Keys asked for per SCAN step while purging.
+const SCAN_BATCH: u64 = 500;
+/// How often an idle purge subscription checks that its store is still in use.
+const SUBSCRIBER_CHECK: Duration = Duration::from_secs(10);
+
+pub struct SharedTier {
+    link: Arc<RedisLink>,
+    /// Requests answered with an entry read from Redis.
+    pub hits: AtomicU64,
+    /// Reads, writes and purges that Redis did not serve (down, failed or too slow).
+    pub errors: AtomicU64,
+}
+
+impl SharedTier {
+    pub fn new(link: Arc<RedisLink>) -> SharedTier {
+        SharedTier {
+            link,
+            hits: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        }
+    }
+
+    /// The entry stored under `key` by any replica; `None` when there is none or Redis failed.
+    pub async fn get(&self, key: &str) -> Option<Entry> {
+        let redis_key = redis_key(key);
+        let reply = self
+            .link
+            .call(|mut c| async move {
+                redis::cmd("GET")
+                    .arg(&redis_key)
+                    .query_async::<Option<Vec<u8>>>(&mut c)
+                    .await
+            })
+            .await;
+        let Some(found) = reply else {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            return None;
+        };
+        decode(
+            Bytes::from(found?),
+            unix_ms(SystemTime::now()),
+            Instant::now(),
+        )
+    }
+
+    /// Stores `entry` for the rest of its useful life (nothing when it has none left).
+    pub async fn put(&self, key: &str, entry: &Entry) {
+        let now = Instant::now();
+        let in_store = now.saturating_duration_since(entry.stored_at);
+        let remaining = entry.freshness.keep_for().saturating_sub(in_store);
+        if remaining.is_zero() {
+            return;
+        }
+        let stored_unix_ms = unix_ms(SystemTime::now()).saturating_sub(in_store.as_millis() as u64);
+        let value = encode(entry, stored_unix_ms);
+        let redis_key = redis_key(key);
+        let px = remaining.as_millis().max(1) as u64;
+        let stored = self
+            .link
+            .call(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(&redis_key)
+                    .arg(value)
+                    .arg("PX")
+                    .arg(px)
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+        if stored.is_none() {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Deletes the matching keys from Redis and tells every replica to drop its memory copies;
+    /// the number of Redis keys deleted.
+    pub async fn purge(&self, purge: &Purge) -> Result<u64, String> {
+        let limit = startup_timeout(&self.link.state);
+        let pattern = match purge {
+            Purge::Key(_) => None,
+            Purge::All => Some(format!("{KEY_PREFIX}*")),
+            Purge::Prefix(prefix) => Some(format!("{KEY_PREFIX}{}*", glob_escaped(prefix))),
+        };
+        if pattern.is_some() && self.link.state.redis_cluster {
+            return Err("purging all or by prefix is not supported on Redis Cluster yet".into());
+        }
+        let message = purge.to_message();
+        let deleted = self
+            .link
+            .call_within(limit, |mut c| async move {
+                let deleted = match (pattern, purge) {
+                    (None, Purge::Key(key)) => {
+                        redis::cmd("DEL")
+                            .arg(redis_key(key))
+                            .query_async::<u64>(&mut c)
+                            .await?
+                    }
+                    (Some(pattern), _) => delete_matching(&mut c, &pattern).await?,
+                    (None, _) => 0,
+                };
+                redis::cmd("PUBLISH")
+                    .arg(PURGE_CHANNEL)
+                    .arg(message)
+                    .query_async::<u64>(&mut c)
+                    .await?;
+                Ok(deleted)
+            })
+            .await;
+        deleted.ok_or_else(|| {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            format!(
+                "Redis at {} did not answer: the shared tier was not purged",
+                self.link.target()
+            )
+        })
+    }
+
+    /// Applies purges announced by any replica to `store`'s memory tier, for as long as the
+    /// store is in use. Whenever the subscription is made after a failed or lost one, the
+    /// memory tier is emptied: purges sent meanwhile were missed.
+    pub fn spawn_purge_subscriber(&self, store: Weak<Store>) {
+        let url = self.link.state.redis_urls[0].clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(50);
+            let mut first = true;
+            loop {
+                if store.strong_count() == 0 {
+                    return;
+                }
+                match subscribe(&url).await {
+                    Ok(stream) => {
+                        backoff = Duration::from_millis(50);
+                        if !first {
+                            if let Some(store) = store.upgrade() {
+                                store.purge_memory(&Purge::All);
+                            }
+                        }
+                        first = false;
+                        if !follow(stream, &store).await {
+                            return;
+                        }
+                    }
+                    Err(err) => {
+                        first = false;
+                        tracing::debug!(%err, "cache purge subscription failed");
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        });
+    }
+}
+
+async fn subscribe(url: &str) -> redis::RedisResult<redis::aio::PubSubStream> {
+    let mut pubsub = redis::Client::open(url)?.get_async_pubsub().await?;
+    pubsub.subscribe(PURGE_CHANNEL).await?;
+    Ok(pubsub.into_on_message())
+}
+
+/// Applies purge messages until the subscription ends (`true`) or the store is gone (`false`).
+async fn follow(mut stream: redis::aio::PubSubStream, store: &Weak<Store>) -> bool {
+    loop {
+        match tokio::time::timeout(SUBSCRIBER_CHECK, stream.next()).await {
+            Ok(Some(message)) => {
+                let Some(store) = store.upgrade() else {
+                    return false;
+                };
+                if let Some(purge) = Purge::from_message(message.get_payload_bytes()) {
+                    store.purge_memory(&purge);
+                }
+            }
+            Ok(None) => return true,
+            Err(_) if store.strong_count() == 0 => return false,
+            Err(_) => {}
+        }
+    }
+}
+
+async fn delete_matching(
+    connection: &mut crate::redis_link::Connection,
+    pattern: &str,
+) -> redis::RedisResult<u64> {
+    let mut cursor = 0u64;
+    let mut deleted = 0;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_BATCH)
+            .query_async(connection)
+            .await?;
+        if !keys.is_empty() {
+            deleted += redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<u64>(connection)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}
+
+fn redis_key(key: &str) -> String {
+    let mut redis_key = String::with_capacity(KEY_PREFIX.len() + key.len());
+    redis_key.push_str(KEY_PREFIX);
+    redis_key.push_str(key);
+    redis_key
+}
+
+/// `text` matched literally in a SCAN MATCH pattern.
+fn glob_escaped(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+/// The stored form: format byte, status, stored-at (Unix ms), the four freshness durations
+/// (ms), headers, Vary names with the storing request's values, body; lengths big-endian.
+fn encode(entry: &Entry, stored_unix_ms: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entry.body.len() + 512);
+    out.put_u8(FORMAT);
+    out.put_u16(entry.status.as_u16());
+    out.put_u64(stored_unix_ms);
+    let f = &entry.freshness;
+    for d in [
+        f.lifetime,
+        f.initial_age,
+        f.stale_while_revalidate,
+        f.stale_if_error,
+    ] {
+        out.put_u64(millis(d));
+    }
+    out.put_u32(entry.headers.len() as u32);
+    for (name, value) in &entry.headers {
+        put_bytes(&mut out, name.as_str().as_bytes());
+        put_bytes(&mut out, value.as_bytes());
+    }
+    out.put_u32(entry.vary_names.len() as u32);
+    for (name, value) in entry.vary_names.iter().zip(&entry.vary_values) {
+        put_bytes(&mut out, name.as_str().as_bytes());
+        match value {
+            Some(value) => {
+                out.put_u8(1);
+                put_bytes(&mut out, value);
+            }
+            None => out.put_u8(0),
+        }
+    }
+    put_bytes(&mut out, &entry.body);
+    out
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.put_u32(bytes.len() as u32);
+    out.put_slice(bytes);
+}
+
+/// The entry in `stored`, placed on this process's clock: stored as long ago as the wall clocks
+/// say (never in the future). `None` for anything malformed.
+fn decode(stored: Bytes, now_unix_ms: u64, now: Instant) -> Option<Entry> {
+    let mut r = Reader {
+        bytes: &stored,
+        at: 0,
+    };
+    if r.u8()? != FORMAT {
+        return None;
+    }
+    let status = StatusCode::from_u16(r.u16()?).ok()?;
+    let stored_unix_ms = r.u64()?;
+    let mut duration = || r.u64().map(Duration::from_millis);
+    let freshness = Freshness {
+        lifetime: duration()?,
+        initial_age: duration()?,
+        stale_while_revalidate: duration()?,
+        stale_if_error: duration()?,
+    };
+    let count = r.u32()? as usize;
+    let mut headers = HeaderMap::with_capacity(count.min(64));
+    for _ in 0..count {
+        let name = HeaderName::from_bytes(r.bytes()?).ok()?;
+        let value = HeaderValue::from_bytes(r.bytes()?).ok()?;
+        headers.append(name, value);
+    }
+    let count = r.u32()? as usize;
+    let mut vary_names = Vec::with_capacity(count.min(16));
+    let mut vary_values = Vec::with_capacity(count.min(16));
+    for _ in 0..count {
+        vary_names.push(HeaderName::from_bytes(r.bytes()?).ok()?);
+        vary_values.push(match r.u8()? {
+            0 => None,
+            _ => Some(r.bytes()?.to_vec()),
+        });
+    }
+    let length = r.u32()? as usize;
+    let start = r.at;
+    r.take(length)?;
+    if r.at != stored.len() {
+        return None;
+    }
+    let in_store = Duration::from_millis(now_unix_ms.saturating_sub(stored_unix_ms));
+    Some(Entry {
+        status,
+        headers,
+        body: stored.slice(start..start + length),
+        stored_at: now.checked_sub(in_store).unwrap_or(now),
+        freshness,
+        vary_names,
+        vary_values,
+    })
+}
+
+/// Reads the stored form without ever reading past its end.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.at.checked_add(n)?;
+        let taken = self.bytes.get(self.at..end)?;
+        self.at = end;
+        Some(taken)
+    }
+
+    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        self.array().map(u16::from_be_bytes)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.array().map(u32::from_be_bytes)
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        self.array().map(u64::from_be_bytes)
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(stored_at: Instant) -> Entry {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        headers.append("x-multi", HeaderValue::from_static("a"));
+        headers.append("x-multi", HeaderValue::from_static("b"));
+        Entry {
+            status: StatusCode::NOT_FOUND,
+            headers,
+            body: Bytes::from_static(b"not here"),
+            stored_at,
+            freshness: Freshness {
+                lifetime: Duration::from_secs(60),
+                initial_age: Duration::from_secs(2),
+                stale_while_revalidate: Duration::from_millis(1500),
+                stale_if_error: Duration::ZERO,
+            },
+            vary_names: vec![
+                HeaderName::from_static("accept"),
+                HeaderName::from_static("x-lang"),
+            ],
+            vary_values: vec![Some(b"text/html".to_vec()), None],
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn round_trip_keeps_everything_and_ages_by_the_wall_clock() {
+        let now = Instant::now();
+        let original = entry(now);
+        let stored = Bytes::from(encode(&original, 1_000_000));
+        // Read by another replica 7.5 s later (by the wall clock).
+        let read = decode(stored.clone(), 1_007_500, now).unwrap();
+        assert_eq!(read.status, original.status);
+        assert_eq!(read.headers, original.headers);
+        assert_eq!(read.body, original.body);
+        assert_eq!(read.freshness, original.freshness);
+        assert_eq!(read.vary_names, original.vary_names);
+        assert_eq!(read.vary_values, original.vary_values);
+        assert_eq!(
+            now.saturating_duration_since(read.stored_at),
+            Duration::from_millis(7500)
+        );
+        // A reader whose clock is behind the writer's sees it as just stored, not in the future.
+        let behind = decode(stored, 999_000, now).unwrap();
+        assert_eq!(behind.stored_at, now);
+    }
+
+    #[test]
+    fn malformed_or_foreign_values_are_misses() {
+        let now = Instant::now();
+        let stored = encode(&entry(now), 1);
+        for cut in [0, 1, 5, 40, stored.len() - 1] {
+            assert!(decode(Bytes::copy_from_slice(&stored[..cut]), 2, now).is_none());
+        }
+        let mut longer = stored.clone();
+        longer.push(0);
+        assert!(decode(Bytes::from(longer), 2, now).is_none());
+        let mut other_format = stored;
+        other_format[0] = 9;
+        assert!(decode(Bytes::from(other_format), 2, now).is_none());
+        assert!(decode(Bytes::from_static(&[1, 0, 200, 0xff]), 2, now).is_none());
+    }
+
+    #[test]
+    fn purge_patterns_match_literally() {
+        assert_eq!(redis_key("/a?b h"), "scalegate:cache:/a?b h");
+        assert_eq!(glob_escaped("/a*[b]?\\"), "/a\\*\\[b\\]\\?\\\\");
+    }
+}

@@ -1,0 +1,273 @@
+//! The gateway's one link to Redis (`[state]`), shared by the rate limiter and the response
+//! cache: a multiplexed connection (or a cluster connection) opened with the `[state]` settings.
+//!
+//! The link is either up or down. While up, every call is bounded by `redis_timeout`; the first
+//! failure marks it down (logged once per outage) and starts a probe that pings with backoff, so
+//! requests during an outage do not touch Redis at all and each user falls back its own way.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
+use tokio::time::{timeout, Instant};
+
+use crate::config::limits::{redacted, StateConfig};
+
+/// A connection to one node or to a cluster; both multiplex, so clones share one socket.
+#[derive(Clone)]
+pub enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Why the first connection failed.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// Redis refused the credentials: a config problem, the gateway does not start.
+    Auth(String),
+    /// Unreachable or slow: the gateway starts and its users fall back meanwhile.
+    Unavailable(String),
+}
+
+pub struct RedisLink {
+    pub state: StateConfig,
+    connection: OnceLock<Connection>,
+    up: AtomicBool,
+    probing: AtomicBool,
+    pub outages: AtomicU64,
+}
+
+impl RedisLink {
+    pub fn new(state: &StateConfig) -> Arc<RedisLink> {
+        Arc::new(RedisLink {
+            state: state.clone(),
+            connection: OnceLock::new(),
+            up: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
+            outages: AtomicU64::new(0),
+        })
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// The URL(s) for messages, without passwords.
+    pub fn target(&self) -> String {
+        let urls: Vec<String> = self.state.redis_urls.iter().map(|u| redacted(u)).collect();
+        urls.join(",")
+    }
+
+    /// First connection at start-up. On failure the probe keeps trying.
+    pub async fn start(self: &Arc<Self>) -> Result<(), ConnectError> {
+        match self.connect_and_check(startup_timeout(&self.state)).await {
+            Ok(()) => {
+                self.up.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(err) => {
+                let failure = if is_auth_error(&err) {
+                    ConnectError::Auth(format!(
+                        "Redis at {} refused the credentials: {err}",
+                        self.target()
+                    ))
+                } else {
+                    ConnectError::Unavailable(format!("Redis at {}: {err}", self.target()))
+                };
+                if let ConnectError::Unavailable(message) = &failure {
+                    tracing::warn!("{message}; falling back to this instance until it answers");
+                    self.mark_down();
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    /// The connection while the link is up; `None` during an outage.
+    pub fn connection(&self) -> Option<Connection> {
+        if !self.is_up() {
+            return None;
+        }
+        self.connection.get().cloned()
+    }
+
+    /// Runs `call` on the connection within `redis_timeout`; `None` when the link is down or
+    /// the call failed or timed out (which marks the link down).
+    pub async fn call<T, F, Fut>(self: &Arc<Self>, call: F) -> Option<T>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        self.call_within(self.state.redis_timeout, call).await
+    }
+
+    /// [`RedisLink::call`] with its own bound, for admin work that takes several round trips.
+    pub async fn call_within<T, F, Fut>(self: &Arc<Self>, limit: Duration, call: F) -> Option<T>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let connection = self.connection()?;
+        match timeout(limit, call(connection)).await {
+            Ok(Ok(reply)) => Some(reply),
+            Ok(Err(err)) => {
+                tracing::debug!(%err, "Redis call failed");
+                self.mark_down();
+                None
+            }
+            Err(_) => {
+                self.mark_down();
+                None
+            }
+        }
+    }
+
+    /// PING round trip, for `/health/redis`.
+    pub async fn ping(&self) -> Result<Duration, String> {
+        let Some(connection) = self.connection.get() else {
+            return Err(if self.probing.load(Ordering::Relaxed) {
+                "not connected yet".to_string()
+            } else {
+                "not connected".to_string()
+            });
+        };
+        let started = Instant::now();
+        match timeout(
+            self.state.redis_timeout.max(Duration::from_millis(500)),
+            ping(connection.clone()),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(started.elapsed()),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    /// Marks the link down (logged once per outage) and starts the probe that brings it back.
+    fn mark_down(self: &Arc<Self>) {
+        if self.up.swap(false, Ordering::Relaxed) {
+            self.outages.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                redis = %self.target(),
+                "Redis does not answer; rate limits and the cache fall back to this instance until it does"
+            );
+        }
+        if !self.probing.swap(true, Ordering::Relaxed) {
+            tokio::spawn(self.clone().probe());
+        }
+    }
+
+    async fn probe(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            tokio::time::sleep(backoff).await;
+            match self.connect_and_check(startup_timeout(&self.state)).await {
+                Ok(()) => {
+                    self.probing.store(false, Ordering::Relaxed);
+                    self.up.store(true, Ordering::Relaxed);
+                    tracing::info!(redis = %self.target(), "Redis answers again; state is shared again");
+                    return;
+                }
+                Err(err) => tracing::debug!(%err, "Redis probe failed"),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Opens the connection if there is none yet, and pings.
+    async fn connect_and_check(&self, limit: Duration) -> Result<(), RedisError> {
+        let work = async {
+            let connection = match self.connection.get() {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.open().await?;
+                    self.connection.get_or_init(|| c).clone()
+                }
+            };
+            ping(connection).await
+        };
+        match timeout(limit, work).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "timed out",
+            ))),
+        }
+    }
+
+    async fn open(&self) -> Result<Connection, RedisError> {
+        if self.state.redis_cluster {
+            let client = redis::cluster::ClusterClient::new(
+                self.state.redis_urls.iter().map(String::as_str),
+            )?;
+            Ok(Connection::Cluster(client.get_async_connection().await?))
+        } else {
+            let client = redis::Client::open(self.state.redis_urls[0].as_str())?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(startup_timeout(&self.state)))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            Ok(Connection::Single(ConnectionManager::new_lazy_with_config(
+                client, config,
+            )?))
+        }
+    }
+}
+
+/// Connecting (TCP, TLS, AUTH, SELECT) takes several round trips: allow more than one call.
+pub fn startup_timeout(state: &StateConfig) -> Duration {
+    (state.redis_timeout * 10).max(Duration::from_secs(1))
+}
+
+async fn ping(mut connection: Connection) -> Result<(), RedisError> {
+    connection
+        .req_packed_command(&redis::cmd("PING"))
+        .await
+        .map(drop)
+}
+
+fn is_auth_error(err: &RedisError) -> bool {
+    let text = err.to_string();
+    err.kind() == redis::ErrorKind::AuthenticationFailed
+        || [
+            "WRONGPASS",
+            "NOAUTH",
+            "NOPERM",
+            "invalid password",
+            "invalid username",
+        ]
+        .iter()
+        .any(|marker| text.contains(marker))
+}
