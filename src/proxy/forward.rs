@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
 
-use super::body::{BodyTooLarge, ForwardBody, GatewayBody, UpstreamBody};
+use super::body::{BodyPace, BodyTooLarge, BodyTooSlow, ForwardBody, GatewayBody, UpstreamBody};
 use super::error::ProxyError;
 use super::headers::{
     check_framing, cookie_value, forward_request_headers, is_sane_request_id, new_request_id,
@@ -201,7 +201,7 @@ async fn forward(
     let body = if body.is_end_stream() {
         ForwardBody::Empty
     } else {
-        ForwardBody::stream(body, max_body)
+        ForwardBody::stream(body, max_body, BodyPace::from_config(server))
     };
     // Upgrades (WebSocket) are tunnels, never cached.
     if let Some(cache) = runtime
@@ -382,7 +382,14 @@ async fn to_instance(
                         return Err(ProxyError::InstanceTimeout);
                     }
                     Attempt::BodyTooLarge => return Err(ProxyError::BodyTooLarge),
-                    Attempt::ClientBody(reason) => return Err(ProxyError::InstanceFailed(reason)),
+                    Attempt::BodyTooSlow => return Err(ProxyError::BodyTooSlow),
+                    // A malformed body (bad chunk size) or a client that went away: its fault.
+                    Attempt::ClientBody(reason) => {
+                        tracing::debug!(%reason, "client request body failed");
+                        return Err(ProxyError::BadRequest(
+                            "the request body is malformed or was cut off",
+                        ));
+                    }
                 }
                 if !retry_ok || !upstream.retry_budget.try_withdraw() {
                     return Err(last_error);
@@ -402,6 +409,7 @@ enum Attempt {
     Sent(String),
     Timeout,
     BodyTooLarge,
+    BodyTooSlow,
     /// Reading the client's body failed (client went away): not the instance's fault.
     ClientBody(String),
 }
@@ -434,6 +442,9 @@ async fn send(
             while let Some(cause) = source {
                 if cause.is::<BodyTooLarge>() {
                     return Err(Attempt::BodyTooLarge);
+                }
+                if cause.is::<BodyTooSlow>() {
+                    return Err(Attempt::BodyTooSlow);
                 }
                 if cause.is::<hyper::Error>() && err.is_user() {
                     return Err(Attempt::ClientBody(cause.to_string()));
