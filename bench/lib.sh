@@ -72,12 +72,13 @@ CONF
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-# One wrk run against NAME; appends "name conns rps p50us p99us cpu_us_per_req errors requests"
+# One wrk run against NAME (SCHEME, default http; extra wrk flags in WRK_ARGS); appends "name conns rps p50us p99us cpu_us_per_req errors requests"
 # to RESULTS.
 measure() { # NAME CONNS [PATH]
   local name=$1 conns=$2 path=${3:-/} pid=${PID[$1]} before after out
   before=$(cpu_ticks "$pid")
-  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d"$DURATION" --latency "http://127.0.0.1:${PORT[$name]}$path")
+  # shellcheck disable=SC2086 # WRK_ARGS is a list of words
+  out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d"$DURATION" --latency ${WRK_ARGS:-} "${SCHEME:-http}://127.0.0.1:${PORT[$name]}$path")
   after=$(cpu_ticks "$pid")
   echo "$out" | awk -v name="$name" -v conns="$conns" -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
     function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return v*1000; if (v ~ /s$/) return v*1000000; return v }
@@ -89,7 +90,7 @@ measure() { # NAME CONNS [PATH]
   tail -n 1 "$RESULTS" | awk -F'\t' '{printf "  %-16s c=%-4s %9.0f req/s  p50 %6.0f us  p99 %6.0f us  cpu %5.1f us/req  errors %s\n", $1, $2, $3, $4, $5, $6, $7}'
 }
 
-warm() { for name in "$@"; do taskset -c "$LOAD_CPU" wrk -t1 -c64 -d1s "http://127.0.0.1:${PORT[$name]}${WARM_PATH:-/}" >/dev/null; done; }
+warm() { for name in "$@"; do taskset -c "$LOAD_CPU" wrk -t1 -c64 -d1s "${SCHEME:-http}://127.0.0.1:${PORT[$name]}${WARM_PATH:-/}" >/dev/null; done; }
 
 # Markdown table of medians per (name, conns) with each name's req/s ratio to BASE.
 summarize() { # BASE

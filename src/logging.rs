@@ -13,7 +13,12 @@ pub enum LogFormat {
 /// Installs the global subscriber writing to stderr. `level` is an `EnvFilter` directive
 /// such as `info` or `scalegate=debug`.
 pub fn init(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    if !level.contains("rustls") {
+        // rustls warns once per handshake about things clients choose (an IP address sent as
+        // SNI, as wrk and many scripts do): a log line per connection any client can trigger.
+        filter = filter.add_directive("rustls=error".parse().expect("a valid directive"));
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1,5 +1,6 @@
 //! Limits against abuse, end to end: connection caps refuse cleanly and count, a slowloris
-//! client is cut off while others are served, an over-long URI gets 414.
+//! client and a slow-drip upload are cut off while others are served, an over-long URI gets
+//! 414, HTTP/2 clients get the configured settings.
 
 mod support;
 
@@ -78,6 +79,72 @@ async fn slowloris_is_cut_off_while_others_are_served() {
         "{rest}"
     );
     assert_eq!(backend_requests(&client, &a).await, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_drip_upload_is_cut_with_408_while_others_are_served() {
+    let a = demo_backend(&[]);
+    let gw = gateway_with_server_keys(
+        "body_read_timeout = \"1s\"\nmin_body_rate = \"100\"",
+        &app_config(&[&a], ""),
+    );
+    let proxy = gw.proxy;
+    // One byte every 100 ms: 10 bytes/s against the 100 bytes/s asked for.
+    let drip = std::thread::spawn(move || {
+        let mut stream = TcpStream::connect(proxy).unwrap();
+        stream
+            .write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+            .unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let started = Instant::now();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        // Bounded: 100 bytes at most; stops dripping once the gateway answered.
+        for _ in 0..100 {
+            if stream.write_all(b"x").is_err() {
+                break;
+            }
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    answer.extend_from_slice(&buf[..n]);
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(2)))
+                        .unwrap();
+                    let _ = stream.read_to_end(&mut answer);
+                    break;
+                }
+                Err(_) => {}
+            }
+        }
+        (
+            String::from_utf8_lossy(&answer).into_owned(),
+            started.elapsed(),
+        )
+    });
+    let client = client();
+    for _ in 0..20 {
+        assert_eq!(get(&client, &gw.url("/")).await.status, 200);
+    }
+    let (answer, waited) = tokio::task::spawn_blocking(move || drip.join().unwrap())
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_too_slow"), "{answer}");
+    assert!(
+        waited < Duration::from_secs(6),
+        "the slow upload held its connection for {waited:?}"
+    );
+    // The upload's head reached the instance before its body dripped: 20 + 1.
+    assert_eq!(backend_requests(&client, &a).await, 21);
+    // A body at a normal pace passes the same limit.
+    let reply = request(&client, "POST", &gw.url("/upload"), &[], &"y".repeat(5000))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-body-received"), "5000");
 }
 
 #[tokio::test]
@@ -166,4 +233,127 @@ async fn too_many_header_fields_get_431() {
     );
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
     assert_eq!(backend_requests(&client(), &a).await, 1);
+}
+
+const H2_SETTINGS: &str = "[server.http2]\nmax_concurrent_streams = 2\ninitial_stream_window = \"128KiB\"\ninitial_connection_window = \"4MiB\"\nmax_frame_size = \"32KiB\"";
+
+/// One HTTP/2 frame: type, flags, stream and payload.
+struct Frame {
+    kind: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+fn read_frame(stream: &mut TcpStream) -> Frame {
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).unwrap();
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).unwrap();
+    Frame {
+        kind: head[3],
+        stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+        payload,
+    }
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    out.extend_from_slice(&[kind, flags]);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_get_the_configured_settings_and_extra_streams_are_refused() {
+    let a = demo_backend(&[]);
+    let gw = gateway_with_server_keys(H2_SETTINGS, &app_config(&[&a], ""));
+    let mut h2 = TcpStream::connect(gw.proxy).unwrap();
+    h2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    h2.write_all(&frame(4, 0, 0, &[])).unwrap();
+    let (mut settings, mut window_update) = (None, None);
+    while settings.is_none() || window_update.is_none() {
+        let f = read_frame(&mut h2);
+        match f.kind {
+            4 if settings.is_none() => settings = Some(f.payload),
+            8 if f.stream == 0 => {
+                window_update = Some(u32::from_be_bytes(f.payload[..4].try_into().unwrap()))
+            }
+            _ => {}
+        }
+    }
+    let settings: Vec<(u16, u32)> = settings
+        .unwrap()
+        .chunks(6)
+        .map(|s| {
+            (
+                u16::from_be_bytes([s[0], s[1]]),
+                u32::from_be_bytes([s[2], s[3], s[4], s[5]]),
+            )
+        })
+        .collect();
+    for expected in [(3, 2), (4, 128 * 1024), (5, 32 * 1024)] {
+        assert!(
+            settings.contains(&expected),
+            "{expected:?} not in {settings:?}"
+        );
+    }
+    assert_eq!(window_update, Some(4 * 1024 * 1024 - 65_535));
+
+    // Three streams at once against max_concurrent_streams = 2: the third is refused.
+    h2.write_all(&frame(4, 1, 0, &[])).unwrap();
+    let path = b"/slow?latency_ms=1000";
+    let mut block = vec![0x82, 0x86, 0x04, path.len() as u8];
+    block.extend_from_slice(path);
+    block.extend_from_slice(&[0x01, 0x01, b'x']);
+    let mut three = Vec::new();
+    for stream in [1, 3, 5] {
+        three.extend(frame(1, 0x5, stream, &block));
+    }
+    h2.write_all(&three).unwrap();
+    let refused = loop {
+        let f = read_frame(&mut h2);
+        if f.kind == 3 {
+            break (
+                f.stream,
+                u32::from_be_bytes(f.payload[..4].try_into().unwrap()),
+            );
+        }
+    };
+    assert_eq!(
+        refused,
+        (5, 0x7),
+        "expected RST_STREAM(REFUSED_STREAM) on stream 5"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_queues_streams_beyond_max_concurrent_streams() {
+    let a = demo_backend(&[]);
+    let gw = gateway_with_server_keys(H2_SETTINGS, &app_config(&[&a], ""));
+    let client: Client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+    assert_eq!(get(&client, &gw.url("/")).await.status, 200);
+    let started = Instant::now();
+    let replies: Vec<_> = (0..4)
+        .map(|_| {
+            let client = client.clone();
+            let url = gw.url("/?latency_ms=400");
+            tokio::spawn(async move { get(&client, &url).await.status })
+        })
+        .collect();
+    for reply in replies {
+        assert_eq!(reply.await.unwrap(), 200);
+    }
+    // Two streams at a time on the one connection: four 400 ms requests need two rounds.
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(800),
+        "4 streams ran at once in {took:?}"
+    );
+    assert_eq!(backend_requests(&support::client(), &a).await, 5);
 }

@@ -815,3 +815,73 @@ async fn instance_answers_are_reframed_and_connections_reused_only_when_safe() {
     let early = early.unwrap();
     assert_eq!((early.status, &early.body[..]), (413, &b"big!"[..]));
 }
+
+#[tokio::test]
+async fn odd_transfer_codings_and_signed_lengths_are_refused_before_the_instance() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let client = client();
+    let tail = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let refused = [
+        "Transfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked, identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "Content-Length: +5\r\n\r\nhello",
+        "Content-Length: -5\r\n\r\nhello",
+        "Content-Length: 5 5\r\n\r\nhello",
+        "Content-Length: 0x5\r\n\r\nhello",
+        "X-Bare-CR: a\rContent-Length: 5\r\n\r\nhello",
+    ];
+    for case in refused {
+        let request = format!("POST /work HTTP/1.1\r\nHost: x\r\n{case}{tail}");
+        let answer = raw_exchange(gw.proxy, request.as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 400"), "{case:?}\n{answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{case:?}\n{answer}");
+    }
+    assert_eq!(backend_requests(&client, &a).await, 0);
+}
+
+#[tokio::test]
+async fn invalid_chunk_sizes_get_400_and_reach_the_instance_at_most_once() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let client = client();
+    for (i, size) in ["zz", "fffffffffffffffffffff", "-5", "5 5"]
+        .into_iter()
+        .enumerate()
+    {
+        let request = format!(
+            "POST /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        );
+        let answer = raw_exchange(gw.proxy, request.as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 400"), "{size}\n{answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{size}\n{answer}");
+        // The head was forwarded before the body broke; the tail never was.
+        assert!(backend_requests(&client, &a).await <= i as u64 + 1);
+    }
+}
+
+#[tokio::test]
+async fn bare_lf_line_endings_reach_the_instance_as_the_gateway_read_them() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let client = client();
+    // Bare LF in the request line and between fields: one request, its fields intact.
+    let answer = raw_exchange(
+        gw.proxy,
+        b"GET /echo HTTP/1.1\nHost: x\r\nX-Mixed: one\nX-After: two\nConnection: close\n\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#"["x-mixed","one"]"#), "{answer}");
+    assert!(answer.contains(r#"["x-after","two"]"#), "{answer}");
+    assert_eq!(backend_requests(&client, &a).await, 1);
+    // Two pipelined bare-LF requests are two requests to both the gateway and the instance.
+    let answer = raw_exchange(
+        gw.proxy,
+        b"GET /echo HTTP/1.1\nHost: x\n\nGET /echo HTTP/1.1\nHost: x\nConnection: close\n\n",
+    );
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
+    assert_eq!(backend_requests(&client, &a).await, 3);
+}

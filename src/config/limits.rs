@@ -1,6 +1,7 @@
 //! Config of what may pass the gateway: `[state]` (Redis), `[rate_limit]` (store, trusted
-//! proxies, default rules), `[auth]` (API keys), and the per-route / per-upstream keys for rate
-//! limits, API keys and concurrency limits. Raw serde types and their validation.
+//! proxies, default rules), `[auth]` (API keys), the per-route / per-upstream keys for rate
+//! limits, API keys and concurrency limits, and `[server.http2]` (what an HTTP/2 client may
+//! open and send). Raw serde types and their validation.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -90,6 +91,94 @@ impl Default for RawAuth {
             api_keys_file: None,
             header: "X-API-Key".into(),
         }
+    }
+}
+
+/// `[server.http2]`: the settings the gateway announces to HTTP/2 clients, and its pings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHttp2 {
+    pub max_concurrent_streams: u32,
+    pub initial_stream_window: String,
+    pub initial_connection_window: String,
+    pub max_frame_size: String,
+    pub keep_alive_interval: String,
+    pub keep_alive_timeout: String,
+}
+
+impl Default for RawHttp2 {
+    fn default() -> Self {
+        RawHttp2 {
+            max_concurrent_streams: 256,
+            initial_stream_window: "1MiB".into(),
+            initial_connection_window: "1MiB".into(),
+            max_frame_size: "16KiB".into(),
+            keep_alive_interval: "30s".into(),
+            keep_alive_timeout: "20s".into(),
+        }
+    }
+}
+
+/// Validated `[server.http2]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Config {
+    pub max_concurrent_streams: u32,
+    pub initial_stream_window: u32,
+    pub initial_connection_window: u32,
+    pub max_frame_size: u32,
+    /// `None`: no pings.
+    pub keep_alive_interval: Option<Duration>,
+    pub keep_alive_timeout: Duration,
+}
+
+/// Largest flow-control window HTTP/2 allows (RFC 9113 §6.9.1).
+const MAX_WINDOW: u64 = (1 << 31) - 1;
+
+pub(super) fn validate_http2(p: &mut Problems, raw: &RawHttp2) -> Http2Config {
+    let key = |name: &str| format!("server.http2.{name}");
+    if raw.max_concurrent_streams == 0 {
+        p.push(key("max_concurrent_streams"), "must be at least 1");
+    }
+    let mut size_in = |name: &str, text: &str, range: std::ops::RangeInclusive<u64>, why: &str| {
+        let size = p.size(&key(name), text);
+        if !range.contains(&size) {
+            p.push(key(name), format!("{size} bytes: {why}"));
+        }
+        size.clamp(*range.start(), *range.end()) as u32
+    };
+    let initial_stream_window = size_in(
+        "initial_stream_window",
+        &raw.initial_stream_window,
+        1..=MAX_WINDOW,
+        "must be between 1 and 2147483647 (2^31 - 1)",
+    );
+    let initial_connection_window = size_in(
+        "initial_connection_window",
+        &raw.initial_connection_window,
+        65_535..=MAX_WINDOW,
+        "must be between 65535 (the protocol's starting window) and 2147483647",
+    );
+    let max_frame_size = size_in(
+        "max_frame_size",
+        &raw.max_frame_size,
+        16_384..=16_777_215,
+        "must be between 16384 (16KiB) and 16777215 (16MiB - 1)",
+    );
+    let interval = p.duration(&key("keep_alive_interval"), &raw.keep_alive_interval);
+    let keep_alive_timeout = p.duration(&key("keep_alive_timeout"), &raw.keep_alive_timeout);
+    if !interval.is_zero() && keep_alive_timeout.is_zero() {
+        p.push(
+            key("keep_alive_timeout"),
+            "must be more than 0 while keep_alive_interval is set (\"0s\" turns pings off)",
+        );
+    }
+    Http2Config {
+        max_concurrent_streams: raw.max_concurrent_streams.max(1),
+        initial_stream_window,
+        initial_connection_window,
+        max_frame_size,
+        keep_alive_interval: (!interval.is_zero()).then_some(interval),
+        keep_alive_timeout,
     }
 }
 
@@ -664,6 +753,56 @@ max_in_flight = 0
             assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
         }
         assert!(!errors.iter().any(|e| e.message.contains("short")));
+    }
+
+    #[test]
+    fn http2_settings_have_defaults_and_named_errors() {
+        let config = Config::from_toml(&format!("{BASE}[[routes]]\nupstream = \"app\"\n")).unwrap();
+        let h2 = config.server.http2;
+        assert_eq!(h2.max_concurrent_streams, 256);
+        assert_eq!(h2.initial_stream_window, 1 << 20);
+        assert_eq!(h2.initial_connection_window, 1 << 20);
+        assert_eq!(h2.max_frame_size, 16_384);
+        assert_eq!(h2.keep_alive_interval, Some(Duration::from_secs(30)));
+
+        let text = format!(
+            "[server.http2]\nmax_concurrent_streams = 8\ninitial_stream_window = \"64KiB\"\n\
+             initial_connection_window = \"16MiB\"\nmax_frame_size = \"1MiB\"\n\
+             keep_alive_interval = \"0s\"\n{BASE}[[routes]]\nupstream = \"app\"\n"
+        );
+        let h2 = Config::from_toml(&text).unwrap().server.http2;
+        assert_eq!(
+            (h2.max_concurrent_streams, h2.initial_stream_window),
+            (8, 65_536)
+        );
+        assert_eq!(
+            (h2.initial_connection_window, h2.max_frame_size),
+            (16 << 20, 1 << 20)
+        );
+        assert_eq!(h2.keep_alive_interval, None);
+
+        let text = format!(
+            "[server.http2]\nmax_concurrent_streams = 0\ninitial_stream_window = \"2GiB\"\n\
+             initial_connection_window = \"1KiB\"\nmax_frame_size = \"1KiB\"\n\
+             keep_alive_interval = \"soon\"\nkeep_alive_timeout = \"0s\"\n\
+             {BASE}[[routes]]\nupstream = \"app\"\n"
+        );
+        let errors = Config::from_toml(&text).unwrap_err().0;
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        for expected in [
+            "server.http2.max_concurrent_streams",
+            "server.http2.initial_stream_window",
+            "server.http2.initial_connection_window",
+            "server.http2.max_frame_size",
+            "server.http2.keep_alive_interval",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+        let text = format!(
+            "[server.http2]\nkeep_alive_timeout = \"0s\"\n{BASE}[[routes]]\nupstream = \"app\"\n"
+        );
+        let errors = Config::from_toml(&text).unwrap_err().0;
+        assert_eq!(errors[0].key, "server.http2.keep_alive_timeout");
     }
 
     #[test]

@@ -90,6 +90,13 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Open client connections from one IP at most (0 = no limit).
     pub max_connections_per_ip: usize,
+    /// A request body must bring at least `min_body_rate` bytes per second, judged over each
+    /// window of this length (at least one byte per window); 0 turns the check off.
+    pub body_read_timeout: Duration,
+    /// Bytes per second.
+    pub min_body_rate: u64,
+    /// What HTTP/2 clients may open and send.
+    pub http2: limits::Http2Config,
     pub shutdown_grace: Duration,
 }
 

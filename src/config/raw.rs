@@ -54,7 +54,10 @@ pub struct RawServer {
     pub idle_timeout: String,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    pub body_read_timeout: String,
+    pub min_body_rate: String,
     pub shutdown_grace: String,
+    pub http2: limits::RawHttp2,
 }
 
 impl Default for RawServer {
@@ -73,7 +76,10 @@ impl Default for RawServer {
             max_connections: 10_000,
             max_connections_per_ip: 1_000,
             idle_timeout: "60s".into(),
+            body_read_timeout: "30s".into(),
+            min_body_rate: "1KiB".into(),
             shutdown_grace: "30s".into(),
+            http2: limits::RawHttp2::default(),
         }
     }
 }
@@ -376,6 +382,9 @@ fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
         max_connections: raw.max_connections,
         max_connections_per_ip: raw.max_connections_per_ip,
         idle_timeout: p.duration("server.idle_timeout", &raw.idle_timeout),
+        body_read_timeout: p.duration("server.body_read_timeout", &raw.body_read_timeout),
+        min_body_rate: p.size("server.min_body_rate", &raw.min_body_rate),
+        http2: limits::validate_http2(p, &raw.http2),
         shutdown_grace: p.duration("server.shutdown_grace", &raw.shutdown_grace),
     }
 }

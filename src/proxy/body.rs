@@ -1,13 +1,16 @@
 //! Body types of the proxy: what goes to an instance (the client's body, streamed and held to
-//! `max_body`) and what goes back to the client (the instance's body, streamed, returning the
+//! `max_body` and to a minimum arrival rate) and what goes back to the client (the instance's body, streamed, returning the
 //! connection to the pool at its end; or a small body the gateway made itself).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 use super::h1::InstanceBody;
 
@@ -20,23 +23,140 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
+/// The client sent its request body slower than `server.min_body_rate`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body arrived slower than {min_bytes} bytes in {window:?}")]
+pub struct BodyTooSlow {
+    pub min_bytes: u64,
+    pub window: Duration,
+}
+
+/// How fast a request body must arrive: at least `min_bytes` in every `window`
+/// (`server.body_read_timeout`, and `server.min_body_rate` × that window but at least one byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyPace {
+    pub window: Duration,
+    pub min_bytes: u64,
+}
+
+impl BodyPace {
+    /// The pace of `server`'s keys; `None` when `body_read_timeout` is 0 (no check).
+    pub fn from_config(server: &crate::config::ServerConfig) -> Option<BodyPace> {
+        let window = server.body_read_timeout;
+        if window.is_zero() {
+            return None;
+        }
+        let per_window = (server.min_body_rate as f64 * window.as_secs_f64()).ceil() as u64;
+        Some(BodyPace {
+            window,
+            min_bytes: per_window.max(1),
+        })
+    }
+}
+
+/// One window of a body's pace: when it ends and the bytes that came in it so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PaceWindow {
+    ends: Instant,
+    bytes: u64,
+}
+
+impl PaceWindow {
+    fn start(now: Instant, pace: &BodyPace) -> PaceWindow {
+        PaceWindow {
+            ends: now + pace.window,
+            bytes: 0,
+        }
+    }
+
+    /// Called while the gateway waits for the client's next bytes: before the window ends,
+    /// wait on (until the returned instant); after it, a window short of `min_bytes` means
+    /// the client is too slow, a full one starts the next window now. Judging only while
+    /// waiting on the client keeps time the instance spent not reading from counting
+    /// against the client.
+    fn judge(&mut self, now: Instant, pace: &BodyPace) -> Result<Instant, BodyTooSlow> {
+        if now < self.ends {
+            return Ok(self.ends);
+        }
+        if self.bytes < pace.min_bytes {
+            return Err(BodyTooSlow {
+                min_bytes: pace.min_bytes,
+                window: pace.window,
+            });
+        }
+        *self = PaceWindow::start(now, pace);
+        Ok(self.ends)
+    }
+}
+
+/// The pace check of one streamed body; its first window starts when the gateway first waits
+/// for the client's bytes.
+pub struct PaceCheck {
+    pace: BodyPace,
+    window: Option<PaceWindow>,
+    /// Wakes the body at the window's end when the client sends nothing.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl PaceCheck {
+    fn new(pace: BodyPace) -> PaceCheck {
+        PaceCheck {
+            pace,
+            window: None,
+            timer: None,
+        }
+    }
+
+    fn arrived(&mut self, bytes: usize) {
+        if let Some(window) = &mut self.window {
+            window.bytes += bytes as u64;
+        }
+    }
+
+    /// The client has nothing more for now: judge the window and arm the timer for its end.
+    fn waiting(&mut self, cx: &mut Context<'_>) -> Result<(), BodyTooSlow> {
+        let now = Instant::now();
+        let window = self
+            .window
+            .get_or_insert_with(|| PaceWindow::start(now, &self.pace));
+        let deadline = window.judge(now, &self.pace)?;
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                timer
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        // Pending (deadline > now): registers the wake-up at the window's end.
+        let _ = timer.as_mut().poll(cx);
+        Ok(())
+    }
+}
+
 /// Request body sent to an instance.
 pub enum ForwardBody {
     Empty,
-    /// Streamed from the client, failing with [`BodyTooLarge`] once more than `limit` bytes came.
+    /// Streamed from the client, failing with [`BodyTooLarge`] once more than `limit` bytes came
+    /// and with [`BodyTooSlow`] when they come slower than the pace.
     Stream {
         inner: Incoming,
         seen: u64,
         limit: u64,
+        pace: Option<PaceCheck>,
     },
 }
 
 impl ForwardBody {
-    pub fn stream(inner: Incoming, limit: u64) -> ForwardBody {
+    pub fn stream(inner: Incoming, limit: u64, pace: Option<BodyPace>) -> ForwardBody {
         ForwardBody::Stream {
             inner,
             seen: 0,
             limit,
+            pace: pace.map(PaceCheck::new),
         }
     }
 }
@@ -51,19 +171,30 @@ impl Body for ForwardBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ForwardBody::Empty => Poll::Ready(None),
-            ForwardBody::Stream { inner, seen, limit } => match Pin::new(inner).poll_frame(cx) {
+            ForwardBody::Stream {
+                inner,
+                seen,
+                limit,
+                pace,
+            } => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
                         *seen += data.len() as u64;
                         if *seen > *limit {
                             return Poll::Ready(Some(Err(BodyTooLarge { limit: *limit }.into())));
                         }
+                        if let Some(pace) = pace {
+                            pace.arrived(data.len());
+                        }
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
                 Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
                 Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
+                Poll::Pending => match pace.as_mut().map(|pace| pace.waiting(cx)) {
+                    Some(Err(too_slow)) => Poll::Ready(Some(Err(too_slow.into()))),
+                    _ => Poll::Pending,
+                },
             },
         }
     }
@@ -137,5 +268,75 @@ impl Body for GatewayBody {
             GatewayBody::Upstream(body) => body.size_hint(),
             GatewayBody::Channel(_) | GatewayBody::Relay(_) => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PACE: BodyPace = BodyPace {
+        window: Duration::from_secs(1),
+        min_bytes: 10,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_short_of_its_bytes_is_too_slow_and_a_full_one_starts_the_next() {
+        let t0 = Instant::now();
+        let mut window = PaceWindow::start(t0, &PACE);
+        let half = t0 + Duration::from_millis(500);
+        assert_eq!(window.judge(half, &PACE).unwrap(), t0 + PACE.window);
+        window.bytes += 10;
+        // Noticed late: the next window starts when the gateway judged, not at the old end.
+        let late = t0 + Duration::from_millis(1200);
+        assert_eq!(window.judge(late, &PACE).unwrap(), late + PACE.window);
+        assert_eq!(window.bytes, 0);
+        window.bytes += 9;
+        let err = window.judge(late + PACE.window, &PACE).unwrap_err();
+        assert_eq!((err.min_bytes, err.window), (10, PACE.window));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_is_cut_when_its_window_ends_without_more_bytes() {
+        let mut check = PaceCheck::new(PACE);
+        let t0 = Instant::now();
+        std::future::poll_fn(|cx| Poll::Ready(check.waiting(cx)))
+            .await
+            .unwrap();
+        check.arrived(4);
+        // Nothing else comes: only the timer wakes the body, at the end of the window.
+        let err = std::future::poll_fn(|cx| match check.waiting(cx) {
+            Ok(()) => Poll::Pending,
+            Err(too_slow) => Poll::Ready(too_slow),
+        })
+        .await;
+        assert_eq!(Instant::now() - t0, PACE.window);
+        assert_eq!(err.min_bytes, 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_body_is_never_cut() {
+        let mut check = PaceCheck::new(PACE);
+        for _ in 0..50 {
+            std::future::poll_fn(|cx| Poll::Ready(check.waiting(cx)))
+                .await
+                .unwrap();
+            tokio::time::advance(Duration::from_millis(100)).await;
+            check.arrived(1);
+        }
+    }
+
+    #[test]
+    fn pace_from_config_needs_at_least_one_byte_per_window() {
+        let mut server = crate::config::Config::from_flags("127.0.0.1:0", &["127.0.0.1:1".into()])
+            .unwrap()
+            .server;
+        server.body_read_timeout = Duration::from_secs(30);
+        server.min_body_rate = 0;
+        assert_eq!(BodyPace::from_config(&server).unwrap().min_bytes, 1);
+        server.min_body_rate = 1024;
+        assert_eq!(BodyPace::from_config(&server).unwrap().min_bytes, 30 * 1024);
+        server.body_read_timeout = Duration::ZERO;
+        assert_eq!(BodyPace::from_config(&server), None);
     }
 }

@@ -13,6 +13,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("request body is too large")]
     BodyTooLarge,
+    #[error("request body arrived too slowly")]
+    BodyTooSlow,
     #[error("request URI is too long")]
     UriTooLong,
     #[error("no route matches this request")]
@@ -40,6 +42,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoHealthyInstance => StatusCode::SERVICE_UNAVAILABLE,
@@ -55,6 +58,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::BodyTooSlow => "body_too_slow",
             ProxyError::UriTooLong => "uri_too_long",
             ProxyError::NoRoute => "no_route",
             ProxyError::NoHealthyInstance => "no_healthy_instance",
@@ -96,7 +100,10 @@ impl ProxyError {
             }
             _ => {}
         }
-        if matches!(self, ProxyError::BadRequest(_) | ProxyError::BodyTooLarge) {
+        if matches!(
+            self,
+            ProxyError::BadRequest(_) | ProxyError::BodyTooLarge | ProxyError::BodyTooSlow
+        ) {
             // The rest of the connection cannot be trusted to be framed as the client meant.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -114,6 +121,7 @@ mod tests {
         let cases = [
             (ProxyError::BadRequest("x"), 400),
             (ProxyError::BodyTooLarge, 413),
+            (ProxyError::BodyTooSlow, 408),
             (ProxyError::UriTooLong, 414),
             (ProxyError::NoRoute, 404),
             (ProxyError::NoHealthyInstance, 503),

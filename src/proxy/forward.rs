@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
 
-use super::body::{ForwardBody, GatewayBody};
+use super::body::{BodyPace, ForwardBody, GatewayBody};
 use super::error::ProxyError;
 use super::h1::{AnswerHead, InstanceBody, InstanceConn, SendError};
 use super::headers::{
@@ -201,7 +201,7 @@ async fn forward(
     let body = if body.is_end_stream() {
         ForwardBody::Empty
     } else {
-        ForwardBody::stream(body, max_body)
+        ForwardBody::stream(body, max_body, BodyPace::from_config(server))
     };
     // Upgrades (WebSocket) are tunnels, never cached.
     if let Some(cache) = runtime
@@ -359,7 +359,14 @@ async fn to_instance(
                         return Err(ProxyError::InstanceTimeout);
                     }
                     Attempt::BodyTooLarge => return Err(ProxyError::BodyTooLarge),
-                    Attempt::ClientBody(reason) => return Err(ProxyError::InstanceFailed(reason)),
+                    Attempt::BodyTooSlow => return Err(ProxyError::BodyTooSlow),
+                    // A malformed body (bad chunk size) or a client that went away: its fault.
+                    Attempt::ClientBody(reason) => {
+                        tracing::debug!(%reason, "client request body failed");
+                        return Err(ProxyError::BadRequest(
+                            "the request body is malformed or was cut off",
+                        ));
+                    }
                 }
                 if !retry_ok || !upstream.retry_budget.try_withdraw() {
                     return Err(last_error);
@@ -379,6 +386,7 @@ enum Attempt {
     Sent(String),
     Timeout,
     BodyTooLarge,
+    BodyTooSlow,
     /// Reading the client's body failed (client went away): not the instance's fault.
     ClientBody(String),
 }
@@ -404,6 +412,7 @@ async fn send(
             SendError::Unsent(err) => Attempt::NotSent(err.to_string()),
             SendError::Sent(reason) => Attempt::Sent(reason),
             SendError::BodyTooLarge => Attempt::BodyTooLarge,
+            SendError::BodyTooSlow => Attempt::BodyTooSlow,
             SendError::ClientBody(reason) => Attempt::ClientBody(reason),
         }),
     }

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
-use super::body::{BodyTooLarge, BoxError, ForwardBody};
+use super::body::{BodyTooLarge, BodyTooSlow, BoxError, ForwardBody};
 use super::upstream::InFlightGuard;
 use crate::http1::{response_framing, BodyFraming, Chunked, Framing, MAX_HEAD};
 
@@ -45,6 +45,7 @@ pub enum SendError {
     /// The instance may have seen the request.
     Sent(String),
     BodyTooLarge,
+    BodyTooSlow,
     /// Reading the client's body failed (the client went away): not the instance's fault.
     ClientBody(String),
 }
@@ -128,6 +129,7 @@ impl InstanceConn {
                         // The instance stopped reading; it may still have answered.
                         Err(UploadError::Instance) => {}
                         Err(UploadError::TooLarge) => return Err(SendError::BodyTooLarge),
+                        Err(UploadError::TooSlow) => return Err(SendError::BodyTooSlow),
                         Err(UploadError::Client(reason)) => return Err(SendError::ClientBody(reason)),
                     }
                 }
@@ -176,6 +178,7 @@ async fn write_first(stream: &mut TcpStream, head: &[u8]) -> Result<(), SendErro
 enum UploadError {
     Instance,
     TooLarge,
+    TooSlow,
     Client(String),
 }
 
@@ -191,6 +194,8 @@ async fn write_body<W: AsyncWrite + Unpin>(
         let frame = frame.map_err(|err| {
             if err.is::<BodyTooLarge>() {
                 UploadError::TooLarge
+            } else if err.is::<BodyTooSlow>() {
+                UploadError::TooSlow
             } else {
                 UploadError::Client(err.to_string())
             }

@@ -82,8 +82,12 @@ pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 pub enum FramingError {
     /// Both Content-Length and Transfer-Encoding: the classic smuggling shape.
     LengthAndChunked,
-    /// Several Content-Length values that disagree (or do not parse).
+    /// Several Content-Length values that disagree, or one that is not plain digits.
     ConflictingLengths,
+    /// A transfer coding other than one `chunked`: the gateway cannot pass other codings on
+    /// (Transfer-Encoding is hop-by-hop), and a doubled `chunked` is framed differently by
+    /// different parsers.
+    UnsupportedTransferCoding,
 }
 
 impl FramingError {
@@ -91,6 +95,9 @@ impl FramingError {
         match self {
             FramingError::LengthAndChunked => "both Content-Length and Transfer-Encoding",
             FramingError::ConflictingLengths => "conflicting Content-Length values",
+            FramingError::UnsupportedTransferCoding => {
+                "Transfer-Encoding other than a single chunked"
+            }
         }
     }
 }
@@ -99,11 +106,16 @@ impl FramingError {
 pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, FramingError> {
     let mut length: Option<u64> = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.to_str().unwrap_or("x").split(',') {
-            let parsed: u64 = part
-                .trim()
-                .parse()
-                .map_err(|_| FramingError::ConflictingLengths)?;
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            // Digits only: `u64::from_str` would also take a leading `+`.
+            if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+                return Err(FramingError::ConflictingLengths);
+            }
+            let parsed: u64 = std::str::from_utf8(part)
+                .ok()
+                .and_then(|digits| digits.parse().ok())
+                .ok_or(FramingError::ConflictingLengths)?;
             match length {
                 Some(previous) if previous != parsed => {
                     return Err(FramingError::ConflictingLengths)
@@ -112,8 +124,19 @@ pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, FramingError> {
             }
         }
     }
-    if length.is_some() && headers.contains_key(header::TRANSFER_ENCODING) {
-        return Err(FramingError::LengthAndChunked);
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        if length.is_some() {
+            return Err(FramingError::LengthAndChunked);
+        }
+        if codings.next().is_some()
+            || !first
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"chunked")
+        {
+            return Err(FramingError::UnsupportedTransferCoding);
+        }
     }
     Ok(length)
 }
@@ -299,6 +322,36 @@ mod tests {
         assert_eq!(
             check_framing(&map(&[("transfer-encoding", "chunked")])),
             Ok(None)
+        );
+        assert_eq!(
+            check_framing(&map(&[("transfer-encoding", "Chunked")])),
+            Ok(None)
+        );
+        for signed in ["+5", " 5 ", "5 5", "0x5", "", "99999999999999999999"] {
+            let expected = if signed == " 5 " {
+                Ok(Some(5))
+            } else {
+                Err(FramingError::ConflictingLengths)
+            };
+            assert_eq!(
+                check_framing(&map(&[("content-length", signed)])),
+                expected,
+                "{signed:?}"
+            );
+        }
+        for coding in ["gzip, chunked", "chunked, chunked", "xchunked", "identity"] {
+            assert_eq!(
+                check_framing(&map(&[("transfer-encoding", coding)])),
+                Err(FramingError::UnsupportedTransferCoding),
+                "{coding}"
+            );
+        }
+        assert_eq!(
+            check_framing(&map(&[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked")
+            ])),
+            Err(FramingError::UnsupportedTransferCoding)
         );
     }
 

@@ -352,13 +352,17 @@ async fn accept_loop(
         // Any other count makes hyper allocate the header array per request (~5 % slower).
         builder.http1().max_headers(server.max_headers);
     }
+    let h2 = server.http2;
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(server.max_header_bytes as u32)
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(server.idle_timeout / 2))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .max_concurrent_streams(h2.max_concurrent_streams)
+        .initial_stream_window_size(h2.initial_stream_window)
+        .initial_connection_window_size(h2.initial_connection_window)
+        .max_frame_size(h2.max_frame_size)
+        .keep_alive_interval(h2.keep_alive_interval)
+        .keep_alive_timeout(h2.keep_alive_timeout);
     let graceful = GracefulShutdown::new();
     loop {
         let (accepted, secure) = tokio::select! {
