@@ -15,39 +15,8 @@ bench_init nginx haproxy
 start_nginx_backend
 start_nginx_backend
 
-start_nginx() {
-  local port dir=$WORK/nginx-proxy; port=$(free_port)
-  write_nginx_conf "$dir" "
-  upstream app { least_conn; server 127.0.0.1:${BACKENDS[0]}; server 127.0.0.1:${BACKENDS[1]};
-    keepalive 1024; keepalive_requests 1000000; }
-  server { listen 127.0.0.1:$port backlog=4096;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
-  taskset -c "$PROXY_CPU" nginx -c "$dir/nginx.conf" -p "$dir" &
-  PID[nginx]=$!; PORT[nginx]=$port; PIDS+=($!); wait_port "$port"
-}
-start_haproxy() {
-  local port; port=$(free_port)
-  cat >"$WORK/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 60s
-  timeout server 60s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$port
-  default_backend app
-backend app
-  balance leastconn
-  server b1 127.0.0.1:${BACKENDS[0]}
-  server b2 127.0.0.1:${BACKENDS[1]}
-CONF
-  taskset -c "$PROXY_CPU" haproxy -f "$WORK/haproxy.cfg" -db &
-  PID[haproxy]=$!; PORT[haproxy]=$port; PIDS+=($!); wait_port "$port"
-}
+start_nginx() { start_nginx_proxy; }
+start_haproxy() { start_haproxy_proxy; }
 for proxy in $PROXIES; do
   case $proxy in
     scalegate) start_scalegate scalegate ;;

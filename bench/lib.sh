@@ -116,3 +116,44 @@ for c in conns:
         print(f"| {n} | {c} | {med(0):.0f} | {med(1):.0f} | {med(2):.0f} | {med(3):.1f} | {ratio} | {sum(x[4] for x in xs)} |")
 PY
 }
+
+# nginx as the proxy under test on PROXY_CPU in front of BACKENDS (least_conn, keepalive 1024, as
+# the shared benchmarking notes ask); LISTEN_EXTRA goes on the listen line, SERVER_EXTRA into
+# the server block (TLS settings).
+start_nginx_proxy() { # [LISTEN_EXTRA] [SERVER_EXTRA]
+  local port dir=$WORK/nginx-proxy servers=""; port=$(free_port)
+  for b in "${BACKENDS[@]}"; do servers+="server 127.0.0.1:$b; "; done
+  write_nginx_conf "$dir" "
+  upstream app { least_conn; $servers keepalive 1024; keepalive_requests 1000000; }
+  server { listen 127.0.0.1:$port ${1:-} backlog=4096; ${2:-}
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+  taskset -c "$PROXY_CPU" nginx -c "$dir/nginx.conf" -p "$dir" &
+  PID[nginx]=$!; PORT[nginx]=$port; PIDS+=($!); wait_port "$port"
+}
+
+# HAProxy as the proxy under test on PROXY_CPU (nbthread 1, leastconn, http-reuse always);
+# BIND_EXTRA goes on the bind line (TLS settings).
+start_haproxy_proxy() { # [BIND_EXTRA]
+  local port i=0 servers=""; port=$(free_port)
+  for b in "${BACKENDS[@]}"; do i=$((i+1)); servers+="  server b$i 127.0.0.1:$b
+"; done
+  cat >"$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$port ${1:-}
+  default_backend app
+backend app
+  balance leastconn
+$servers
+CONF
+  taskset -c "$PROXY_CPU" haproxy -f "$WORK/haproxy.cfg" -db &
+  PID[haproxy]=$!; PORT[haproxy]=$port; PIDS+=($!); wait_port "$port"
+}

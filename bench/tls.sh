@@ -39,40 +39,10 @@ key = \"$KEY\""
   wait_port "$tls"; PORT[scalegate]=$tls
 }
 start_nginx() {
-  local port dir=$WORK/nginx-proxy; port=$(free_port)
-  write_nginx_conf "$dir" "
-  upstream app { least_conn; server 127.0.0.1:${BACKENDS[0]}; server 127.0.0.1:${BACKENDS[1]};
-    keepalive 1024; keepalive_requests 1000000; }
-  server { listen 127.0.0.1:$port ssl backlog=4096;
-    ssl_certificate $CERT; ssl_certificate_key $KEY; ssl_protocols TLSv1.2 TLSv1.3;
-    ssl_session_cache shared:SSL:10m;
-    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
-  taskset -c "$PROXY_CPU" nginx -c "$dir/nginx.conf" -p "$dir" &
-  PID[nginx]=$!; PORT[nginx]=$port; PIDS+=($!); wait_port "$port"
+  start_nginx_proxy ssl "ssl_certificate $CERT; ssl_certificate_key $KEY; ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_session_cache shared:SSL:10m;"
 }
-start_haproxy() {
-  local port; port=$(free_port)
-  cat >"$WORK/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 8000
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 60s
-  timeout server 60s
-  http-reuse always
-frontend fe
-  bind 127.0.0.1:$port ssl crt $WORK/haproxy.pem
-  default_backend app
-backend app
-  balance leastconn
-  server b1 127.0.0.1:${BACKENDS[0]}
-  server b2 127.0.0.1:${BACKENDS[1]}
-CONF
-  taskset -c "$PROXY_CPU" haproxy -f "$WORK/haproxy.cfg" -db &
-  PID[haproxy]=$!; PORT[haproxy]=$port; PIDS+=($!); wait_port "$port"
-}
+start_haproxy() { start_haproxy_proxy "ssl crt $WORK/haproxy.pem"; }
 for proxy in $PROXIES; do
   case $proxy in
     scalegate) start_scalegate_tls ;;
