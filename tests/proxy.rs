@@ -363,6 +363,15 @@ async fn forwarding_headers_and_request_ids() {
     .unwrap();
     let generated = reply.header("x-request-id");
     assert_eq!(generated.len(), 16, "{generated}");
+
+    // An HTTP/1.0 request without Host reaches the instance with the upstream's name as Host.
+    let proxy = gw.proxy;
+    let old =
+        tokio::task::spawn_blocking(move || raw_exchange(proxy, b"GET /echo HTTP/1.0\r\n\r\n"))
+            .await
+            .unwrap();
+    assert!(old.starts_with("HTTP/1.0 200"), "{old}");
+    assert!(old.contains(r#"["host","app"]"#), "{old}");
 }
 
 #[tokio::test]

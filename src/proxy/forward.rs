@@ -177,9 +177,17 @@ async fn forward(
             .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     }
     parts.version = Version::HTTP_11;
-    if let Some(host) = &host {
-        if !parts.headers.contains_key(header::HOST) {
+    match &host {
+        Some(host) if !parts.headers.contains_key(header::HOST) => {
             parts.headers.insert(header::HOST, host.clone());
+        }
+        Some(_) => {}
+        // HTTP/1.1 needs a Host: an HTTP/1.0 client's request carries the upstream's name, as
+        // nginx's default `proxy_set_header Host $proxy_host` does.
+        None => {
+            if let Ok(name) = HeaderValue::from_str(&upstream.config.name) {
+                parts.headers.insert(header::HOST, name);
+            }
         }
     }
     let upgrade = requested_upgrade(&parts.headers);
