@@ -81,6 +81,11 @@ impl InstanceConn {
         }
     }
 
+    /// The local port, which tells connections apart in tests and logs.
+    pub fn local_port(&self) -> u16 {
+        self.stream.local_addr().map_or(0, |addr| addr.port())
+    }
+
     /// The socket and whatever the instance sent after its answer head (an upgraded protocol's
     /// first bytes).
     pub fn into_parts(self) -> (TcpStream, Bytes) {

@@ -1,13 +1,13 @@
 //! Live state of upstreams and their instances: the lock-free counters the balancer reads,
 //! the health flags, the keep-alive connection pool, and the RAII in-flight guard.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use crossbeam_queue::ArrayQueue;
 use smallvec::SmallVec;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -431,10 +431,14 @@ struct IdleConn {
     since: Instant,
 }
 
-/// Keep-alive connections to one instance: a bounded lock-free queue of idle connections.
+/// Keep-alive connections to one instance, used last-in first-out as nginx's keepalive cache
+/// does: the busiest few connections stay warm and the surplus ages out at the bottom. A short
+/// uncontended mutex around a push or pop; a lock-free stack of owned values would need unsafe
+/// code, which this crate forbids.
 pub struct Pool {
     addr: SocketAddr,
-    idle: Option<ArrayQueue<IdleConn>>,
+    idle: Mutex<VecDeque<IdleConn>>,
+    keepalive: usize,
     connect_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -443,20 +447,19 @@ impl Pool {
     fn new(addr: SocketAddr, upstream: &UpstreamConfig) -> Pool {
         Pool {
             addr,
-            idle: (upstream.keepalive > 0).then(|| ArrayQueue::new(upstream.keepalive)),
+            idle: Mutex::new(VecDeque::new()),
+            keepalive: upstream.keepalive,
             connect_timeout: upstream.connect_timeout,
             idle_timeout: upstream.idle_timeout,
         }
     }
 
-    /// An idle pooled connection that is still open, else a new one.
+    /// The most recently used idle connection that is still open, else a new one.
     pub async fn checkout(&self) -> Result<InstanceConn, ConnectError> {
-        if let Some(idle) = &self.idle {
-            let now = Instant::now();
-            while let Some(idle) = idle.pop() {
-                if now.duration_since(idle.since) <= self.idle_timeout && idle.conn.is_open() {
-                    return Ok(idle.conn);
-                }
+        let now = Instant::now();
+        while let Some(idle) = self.pop() {
+            if now.duration_since(idle.since) <= self.idle_timeout && idle.conn.is_open() {
+                return Ok(idle.conn);
             }
         }
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
@@ -466,17 +469,80 @@ impl Pool {
         Ok(InstanceConn::new(stream))
     }
 
-    /// Returns a connection whose exchange finished; dropped when the pool is full.
+    fn pop(&self) -> Option<IdleConn> {
+        self.idle.lock().expect("pool lock").pop_back()
+    }
+
+    /// Returns a connection whose exchange finished; dropped when the pool is full. The oldest
+    /// idle connection is closed once it outlived the idle timeout.
     pub fn checkin(&self, conn: InstanceConn) {
-        if let Some(idle) = &self.idle {
-            let _ = idle.push(IdleConn {
-                conn,
-                since: Instant::now(),
-            });
+        if self.keepalive == 0 {
+            return;
         }
+        let now = Instant::now();
+        let mut idle = self.idle.lock().expect("pool lock");
+        let expired = idle
+            .front()
+            .is_some_and(|oldest| now.duration_since(oldest.since) > self.idle_timeout)
+            .then(|| idle.pop_front())
+            .flatten();
+        let refused = if idle.len() < self.keepalive {
+            idle.push_back(IdleConn { conn, since: now });
+            None
+        } else {
+            Some(conn)
+        };
+        drop(idle);
+        // Sockets are closed outside the lock.
+        drop((expired, refused));
     }
 
     pub fn idle_count(&self) -> usize {
-        self.idle.as_ref().map_or(0, ArrayQueue::len)
+        self.idle.lock().expect("pool lock").len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn pool(keepalive: usize, idle_timeout: &str) -> (Pool, tokio::net::TcpListener) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = Config::from_toml(&format!(
+            "[upstreams.app]\ninstances = [\"{addr}\"]\nkeepalive = {keepalive}\nidle_timeout = \"{idle_timeout}\"\n[[routes]]\nupstream = \"app\"\n"
+        ))
+        .unwrap();
+        let upstream = config.upstream("app").unwrap();
+        (
+            Pool::new(addr, upstream),
+            tokio::net::TcpListener::from_std(listener).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_pool_hands_out_the_warmest_connection_and_ages_out_the_coldest() {
+        let (pool, _listener) = pool(2, "200ms");
+        let first = pool.checkout().await.unwrap();
+        let second = pool.checkout().await.unwrap();
+        let third = pool.checkout().await.unwrap();
+        let second_port = second.local_port();
+        pool.checkin(first);
+        pool.checkin(second);
+        // Full: the third is closed rather than kept.
+        pool.checkin(third);
+        assert_eq!(pool.idle_count(), 2);
+        let warmest = pool.checkout().await.unwrap();
+        assert_eq!(warmest.local_port(), second_port);
+
+        // The connection left at the bottom outlives the idle timeout and is closed at the next
+        // check-in; the one just used stays.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        pool.checkin(warmest);
+        assert_eq!(pool.idle_count(), 1);
+        let again = pool.checkout().await.unwrap();
+        assert_eq!(again.local_port(), second_port);
     }
 }
