@@ -102,7 +102,10 @@ impl InstanceConn {
         let head_request = parts.method == Method::HEAD;
         let chunked = !body.is_end_stream() && !parts.headers.contains_key(CONTENT_LENGTH);
         encode_head(&mut self.write, parts, chunked);
+        // Back to the front of the buffer once the last answer's bytes were released, so each
+        // exchange reuses the same (cache-warm) memory instead of walking through all of it.
         self.read.clear();
+        self.read.reserve(READ_CHUNK);
         write_first(&mut self.stream, &self.write).await?;
         if body.is_end_stream() {
             let (head, framing) = read_head(&mut self.stream, &mut self.read, head_request).await?;
