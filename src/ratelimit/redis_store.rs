@@ -6,12 +6,15 @@
 //! requests during an outage do not touch Redis at all and are decided by the fallback.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
-use redis::{RedisError, Script};
+use redis::{
+    AsyncConnectionConfig, Cmd, ErrorKind, RedisError, Script, ServerErrorKind, TlsCertificates,
+};
 use tokio::time::{timeout, Instant};
 
 use super::algorithm::{decide, Algorithm, Quota, RateDecision, SlotState, Window};
@@ -19,24 +22,23 @@ use super::client::LimitKey;
 use crate::config::limits::{redacted, StateConfig};
 
 /// Reads the state, applies the same update as `algorithm::decide` when the request passes,
-/// and returns what it read: {now, a, b, c}. GCRA: a = stored TAT or -1. Sliding window:
-/// a = stored window index or -1, b = its previous count, c = its current count.
+/// and returns what it read: {now, a, b, c}. GCRA (ARGV: 'g', T, τ): a = stored TAT or -1.
+/// Sliding window (ARGV: 'w', period, limit): a = stored window index or -1, b = its previous
+/// count, c = its current count. Kept lean: it runs in Redis for every request.
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local period = tonumber(ARGV[2])
+local now = t[1] * 1000000 + t[2]
 if ARGV[1] == 'g' then
-  local interval = tonumber(ARGV[3])
-  local tolerance = tonumber(ARGV[4])
   local stored = tonumber(redis.call('GET', KEYS[1]))
-  local tat = math.max(stored or now, now)
-  if now + tolerance >= tat then
-    tat = tat + interval
-    redis.call('SET', KEYS[1], string.format('%.0f', tat))
-    redis.call('PEXPIREAT', KEYS[1], math.ceil(tat / 1000) + 1)
+  local tat = stored or now
+  if tat < now then tat = now end
+  if now + ARGV[3] >= tat then
+    tat = tat + ARGV[2]
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PXAT', math.ceil(tat / 1000) + 1)
   end
   return {now, stored or -1, 0, 0}
 end
+local period = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
 local s = redis.call('HMGET', KEYS[1], 'w', 'p', 'c')
 local sw, sp, sc = tonumber(s[1]), tonumber(s[2]) or 0, tonumber(s[3]) or 0
@@ -51,10 +53,21 @@ end
 return {now, sw or -1, sp, sc}
 ";
 
+/// A plain multiplexed connection (pipelining concurrent requests on one socket); when it
+/// breaks, the probe replaces it. A cluster connection reconnects to its nodes by itself.
 #[derive(Clone)]
 enum Connection {
-    Single(ConnectionManager),
+    Single(MultiplexedConnection),
     Cluster(ClusterConnection),
+}
+
+impl Connection {
+    async fn query<T: redis::FromRedisValue>(&mut self, cmd: &Cmd) -> Result<T, RedisError> {
+        match self {
+            Connection::Single(c) => cmd.query_async(c).await,
+            Connection::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
 }
 
 /// Why the first connection failed.
@@ -69,7 +82,7 @@ pub enum ConnectError {
 pub struct RedisStore {
     state: StateConfig,
     script: Script,
-    connection: OnceLock<Connection>,
+    connection: ArcSwapOption<Connection>,
     up: AtomicBool,
     probing: AtomicBool,
     pub outages: AtomicU64,
@@ -81,7 +94,7 @@ impl RedisStore {
         Arc::new(RedisStore {
             state: state.clone(),
             script: Script::new(SCRIPT),
-            connection: OnceLock::new(),
+            connection: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             outages: AtomicU64::new(0),
@@ -124,50 +137,48 @@ impl RedisStore {
         }
     }
 
-    /// Decides at Redis; `None` when the link is down or this call failed (which marks it down).
+    /// Decides at Redis with one EVALSHA (`key_prefix`: the rule's [`super::redis_prefix`]);
+    /// `None` when the link is down or this call failed (which marks it down).
     pub async fn decide(
         self: &Arc<Self>,
-        rule: &str,
+        key_prefix: &[u8],
         quota: &Quota,
         key: &LimitKey<'_>,
     ) -> Option<RateDecision> {
         if !self.is_up() {
             return None;
         }
-        let mut connection = self.connection.get()?.clone();
-        let mut invocation = self.script.key(key.redis_key(rule));
-        invocation.arg(match quota.algorithm {
-            Algorithm::Gcra => "g",
-            Algorithm::SlidingWindow => "w",
-        });
-        invocation.arg(quota.period_us);
+        let mut connection = Connection::clone(self.connection.load().as_ref()?);
+        let mut cmd = Cmd::with_capacity(7, 160);
+        cmd.arg("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(1)
+            .arg(&key.redis_key(key_prefix)[..]);
         match quota.algorithm {
-            Algorithm::Gcra => invocation
+            Algorithm::Gcra => cmd
+                .arg("g")
                 .arg(quota.interval_us())
                 .arg(quota.tolerance_us()),
-            Algorithm::SlidingWindow => invocation.arg(quota.limit),
+            Algorithm::SlidingWindow => cmd.arg("w").arg(quota.period_us).arg(quota.limit),
         };
-        let call = async {
-            match &mut connection {
-                Connection::Single(c) => invocation.invoke_async::<Vec<i64>>(c).await,
-                Connection::Cluster(c) => invocation.invoke_async::<Vec<i64>>(c).await,
+        // Bounded by the connection's response timeout (`redis_timeout`).
+        let reply = match connection.query::<(i64, i64, i64, i64)>(&cmd).await {
+            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                // Redis restarted or flushed its scripts: load it again, then decide.
+                match connection.query::<String>(&load_script()).await {
+                    Ok(_) => connection.query(&cmd).await,
+                    Err(err) => Err(err),
+                }
             }
+            other => other,
         };
-        let reply = match timeout(self.state.redis_timeout, call).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(err)) => {
+        let (now, a, b, c) = match reply {
+            Ok(reply) => reply,
+            Err(err) => {
                 tracing::debug!(%err, "Redis decision failed");
                 self.mark_down();
                 return None;
             }
-            Err(_) => {
-                self.mark_down();
-                return None;
-            }
-        };
-        let &[now, a, b, c] = reply.as_slice() else {
-            tracing::warn!(?reply, "unexpected reply from the rate-limit script");
-            return None;
         };
         let now = now.max(0) as u64;
         let stored = (a >= 0).then(|| match quota.algorithm {
@@ -183,7 +194,7 @@ impl RedisStore {
 
     /// PING round trip, for `/health/redis`.
     pub async fn ping(&self) -> Result<Duration, String> {
-        let Some(connection) = self.connection.get() else {
+        let Some(connection) = self.connection.load_full() else {
             return Err(if self.probing.load(Ordering::Relaxed) {
                 "not connected yet".to_string()
             } else {
@@ -193,7 +204,7 @@ impl RedisStore {
         let started = Instant::now();
         match timeout(
             self.state.redis_timeout.max(Duration::from_millis(500)),
-            ping(connection.clone()),
+            ping(Connection::clone(&connection)),
         )
         .await
         {
@@ -239,21 +250,20 @@ impl RedisStore {
         }
     }
 
-    /// Opens the connection if there is none yet, pings, and loads the script.
+    /// Opens a connection (a cluster's is kept: it reconnects by itself), pings, loads the
+    /// script, and makes it the one decisions use.
     async fn connect_and_check(&self, limit: Duration) -> Result<(), RedisError> {
         let work = async {
-            let connection = match self.connection.get() {
-                Some(c) => c.clone(),
-                None => {
-                    let c = self.open().await?;
-                    self.connection.get_or_init(|| c).clone()
-                }
+            let mut connection = match self.connection.load_full() {
+                Some(c) if matches!(*c, Connection::Cluster(_)) => Connection::clone(&c),
+                _ => self.open().await?,
             };
             ping(connection.clone()).await?;
-            if let Connection::Single(mut c) = connection {
+            if let Connection::Single(_) = connection {
                 // A cluster loads it per node on first use (NOSCRIPT).
-                self.script.prepare_invoke().load_async(&mut c).await?;
+                connection.query::<String>(&load_script()).await?;
             }
+            self.connection.store(Some(Arc::new(connection)));
             Ok(())
         };
         match timeout(limit, work).await {
@@ -266,20 +276,37 @@ impl RedisStore {
     }
 
     async fn open(&self) -> Result<Connection, RedisError> {
+        let certificates = || TlsCertificates {
+            client_tls: None,
+            root_cert: self.state.redis_ca.clone(),
+        };
         if self.state.redis_cluster {
-            let client = redis::cluster::ClusterClient::new(
+            let mut builder = redis::cluster::ClusterClientBuilder::new(
                 self.state.redis_urls.iter().map(String::as_str),
-            )?;
-            Ok(Connection::Cluster(client.get_async_connection().await?))
+            )
+            .connection_timeout(startup_timeout(&self.state))
+            .response_timeout(self.state.redis_timeout);
+            if self.state.redis_ca.is_some() {
+                builder = builder.certs(certificates());
+            }
+            Ok(Connection::Cluster(
+                builder.build()?.get_async_connection().await?,
+            ))
         } else {
-            let client = redis::Client::open(self.state.redis_urls[0].as_str())?;
-            let config = ConnectionManagerConfig::new()
+            let url = self.state.redis_urls[0].as_str();
+            let client = if self.state.redis_ca.is_some() {
+                redis::Client::build_with_tls(url, certificates())?
+            } else {
+                redis::Client::open(url)?
+            };
+            let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(startup_timeout(&self.state)))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_millis(500));
-            Ok(Connection::Single(ConnectionManager::new_lazy_with_config(
-                client, config,
-            )?))
+                .set_response_timeout(Some(self.state.redis_timeout));
+            Ok(Connection::Single(
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            ))
         }
     }
 
@@ -291,6 +318,12 @@ impl RedisStore {
 /// Connecting (TCP, TLS, AUTH, SELECT) takes several round trips: allow more than one decision.
 fn startup_timeout(state: &StateConfig) -> Duration {
     (state.redis_timeout * 10).max(Duration::from_secs(1))
+}
+
+fn load_script() -> Cmd {
+    let mut cmd = redis::cmd("SCRIPT");
+    cmd.arg("LOAD").arg(SCRIPT);
+    cmd
 }
 
 async fn ping(mut connection: Connection) -> Result<(), RedisError> {
