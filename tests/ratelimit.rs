@@ -224,6 +224,14 @@ rate_limits = [{ name = "per_ip_gcra", limit = 20, period = "1m", burst = 19 }]
         }
     }
     assert_eq!((allowed, limited), (40, 10));
+
+    // Redis forgets the script: the next decision loads it again and is still Redis's.
+    let () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut conn).unwrap();
+    assert_eq!(get(&client, &a.url("/gcra")).await.status, 429);
+    let (_, report) = admin_json(&client, &a, "/api/ratelimit").await;
+    for rule in report["rules"].as_array().unwrap() {
+        assert_eq!(rule["fallback"], 0, "{report}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -64,7 +64,11 @@ enum Connection {
 impl Connection {
     async fn query<T: redis::FromRedisValue>(&mut self, cmd: &Cmd) -> Result<T, RedisError> {
         match self {
-            Connection::Single(c) => cmd.query_async(c).await,
+            // The inherent call: the trait's would box its future on every decision.
+            Connection::Single(c) => {
+                let reply = c.send_packed_command(cmd).await?.extract_error()?;
+                Ok(redis::from_redis_value(reply)?)
+            }
             Connection::Cluster(c) => cmd.query_async(c).await,
         }
     }
