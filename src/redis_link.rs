@@ -6,21 +6,40 @@
 //! requests during an outage do not touch Redis at all and each user falls back its own way.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
+use redis::{
+    AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, TlsCertificates, Value,
+};
 use tokio::time::{timeout, Instant};
 
 use crate::config::limits::{redacted, StateConfig};
 
-/// A connection to one node or to a cluster; both multiplex, so clones share one socket.
+/// A connection to one node or to a cluster; both multiplex, so clones share one socket. A
+/// single node's plain multiplexed connection is replaced by the probe when it breaks; a
+/// cluster connection reconnects to its nodes by itself.
 #[derive(Clone)]
 pub enum Connection {
-    Single(ConnectionManager),
+    Single(MultiplexedConnection),
     Cluster(ClusterConnection),
+}
+
+impl Connection {
+    /// One command and its typed reply. For a single node this is the inherent call: going
+    /// through the `ConnectionLike` trait would box its future on every request.
+    pub async fn query<T: redis::FromRedisValue>(&mut self, cmd: &Cmd) -> Result<T, RedisError> {
+        match self {
+            Connection::Single(c) => {
+                let reply = c.send_packed_command(cmd).await?.extract_error()?;
+                Ok(redis::from_redis_value(reply)?)
+            }
+            Connection::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
 }
 
 impl ConnectionLike for Connection {
@@ -62,7 +81,7 @@ pub enum ConnectError {
 
 pub struct RedisLink {
     pub state: StateConfig,
-    connection: OnceLock<Connection>,
+    connection: ArcSwapOption<Connection>,
     up: AtomicBool,
     probing: AtomicBool,
     pub outages: AtomicU64,
@@ -72,7 +91,7 @@ impl RedisLink {
     pub fn new(state: &StateConfig) -> Arc<RedisLink> {
         Arc::new(RedisLink {
             state: state.clone(),
-            connection: OnceLock::new(),
+            connection: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             outages: AtomicU64::new(0),
@@ -119,7 +138,7 @@ impl RedisLink {
         if !self.is_up() {
             return None;
         }
-        self.connection.get().cloned()
+        self.connection.load().as_deref().cloned()
     }
 
     /// Runs `call` on the connection within `redis_timeout`; `None` when the link is down or
@@ -155,7 +174,7 @@ impl RedisLink {
 
     /// PING round trip, for `/health/redis`.
     pub async fn ping(&self) -> Result<Duration, String> {
-        let Some(connection) = self.connection.get() else {
+        let Some(connection) = self.connection.load_full() else {
             return Err(if self.probing.load(Ordering::Relaxed) {
                 "not connected yet".to_string()
             } else {
@@ -165,7 +184,7 @@ impl RedisLink {
         let started = Instant::now();
         match timeout(
             self.state.redis_timeout.max(Duration::from_millis(500)),
-            ping(connection.clone()),
+            ping(Connection::clone(&connection)),
         )
         .await
         {
@@ -206,17 +225,17 @@ impl RedisLink {
         }
     }
 
-    /// Opens the connection if there is none yet, and pings.
+    /// Opens a connection (a cluster's is kept: it reconnects by itself), pings, and makes it
+    /// the one calls use.
     async fn connect_and_check(&self, limit: Duration) -> Result<(), RedisError> {
         let work = async {
-            let connection = match self.connection.get() {
-                Some(c) => c.clone(),
-                None => {
-                    let c = self.open().await?;
-                    self.connection.get_or_init(|| c).clone()
-                }
+            let connection = match self.connection.load_full() {
+                Some(c) if matches!(*c, Connection::Cluster(_)) => Connection::clone(&c),
+                _ => self.open().await?,
             };
-            ping(connection).await
+            ping(connection.clone()).await?;
+            self.connection.store(Some(Arc::new(connection)));
+            Ok(())
         };
         match timeout(limit, work).await {
             Ok(result) => result,
@@ -228,20 +247,37 @@ impl RedisLink {
     }
 
     async fn open(&self) -> Result<Connection, RedisError> {
+        let certificates = || TlsCertificates {
+            client_tls: None,
+            root_cert: self.state.redis_ca.clone(),
+        };
         if self.state.redis_cluster {
-            let client = redis::cluster::ClusterClient::new(
+            let mut builder = redis::cluster::ClusterClientBuilder::new(
                 self.state.redis_urls.iter().map(String::as_str),
-            )?;
-            Ok(Connection::Cluster(client.get_async_connection().await?))
+            )
+            .connection_timeout(startup_timeout(&self.state))
+            .response_timeout(self.state.redis_timeout);
+            if self.state.redis_ca.is_some() {
+                builder = builder.certs(certificates());
+            }
+            Ok(Connection::Cluster(
+                builder.build()?.get_async_connection().await?,
+            ))
         } else {
-            let client = redis::Client::open(self.state.redis_urls[0].as_str())?;
-            let config = ConnectionManagerConfig::new()
+            let url = self.state.redis_urls[0].as_str();
+            let client = if self.state.redis_ca.is_some() {
+                redis::Client::build_with_tls(url, certificates())?
+            } else {
+                redis::Client::open(url)?
+            };
+            let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(startup_timeout(&self.state)))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_millis(500));
-            Ok(Connection::Single(ConnectionManager::new_lazy_with_config(
-                client, config,
-            )?))
+                .set_response_timeout(Some(self.state.redis_timeout));
+            Ok(Connection::Single(
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            ))
         }
     }
 }

@@ -141,6 +141,14 @@ rate_limits = [{ name = "per_ip_gcra", limit = 20, period = "1m", burst = 19 }]
         }
     }
     assert_eq!((allowed, limited), (40, 10));
+
+    // Redis forgets the script: the next decision loads it again and is still Redis's.
+    let () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut conn).unwrap();
+    assert_eq!(get(&client, &a.url("/gcra")).await.status, 429);
+    let (_, report) = admin_json(&client, &a, "/api/ratelimit").await;
+    for rule in report["rules"].as_array().unwrap() {
+        assert_eq!(rule["fallback"], 0, "{report}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -537,4 +545,168 @@ async fn redis_cluster_shares_limits_across_slots() {
     assert!(holding >= 2, "keys on {holding} node(s)");
     let (status, health) = admin_json(&client, &a, "/health/redis").await;
     assert_eq!(status, 200, "{health}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn limits_are_shared_over_rediss_with_the_configured_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &ca, &ca_key)
+        .unwrap();
+    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(path("redis.pem"), server.pem()).unwrap();
+    std::fs::write(path("redis.key"), server_key.serialize_pem()).unwrap();
+
+    // TLS only: the plain port is off.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(redis_server())
+        .args(["--port", "0", "--tls-port", &port.to_string()])
+        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--tls-cert-file", &path("redis.pem")])
+        .args(["--tls-key-file", &path("redis.key")])
+        .args(["--tls-ca-cert-file", &path("ca.pem")])
+        .args(["--tls-auth-clients", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (scripts/test installs it)");
+    let _redis = Redis {
+        child: Some(child),
+        port,
+        password: None,
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let backend = demo_backend(&[]);
+    let config = |ca: &str| {
+        format!(
+            "[state]\nredis_url = \"rediss://127.0.0.1:{port}\"\n{ca}\n[rate_limit]\nstore = \"redis\"\n\n[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\nrate_limits = [{{ name = \"tls\", limit = 3, period = \"1m\", burst = 2 }}]\n",
+            backend.addr()
+        )
+    };
+    let with_ca = format!("redis_ca = \"{}\"", path("ca.pem"));
+    let a = gateway(&config(&with_ca));
+    let b = gateway(&config(&with_ca));
+    let client = client();
+    for gw in [&a, &b] {
+        let (status, health) = admin_json(&client, gw, "/health/redis").await;
+        assert_eq!(
+            (status, &health["shared"]),
+            (200, &serde_json::json!(true)),
+            "{health}"
+        );
+    }
+    // One quota of 3 across both replicas, decided at Redis over TLS (no fallback).
+    let replies = burst(&client, &[a.url("/"), b.url("/")], 6, &[]).await;
+    assert_eq!((count(&replies, 200), count(&replies, 429)), (3, 3));
+    for gw in [&a, &b] {
+        let (_, report) = admin_json(&client, gw, "/api/ratelimit").await;
+        assert_eq!(report["rules"][0]["fallback"], 0, "{report}");
+    }
+
+    // Without the CA the server's certificate is not trusted: not shared, limits stay local.
+    let untrusting = gateway(&config(""));
+    let (status, health) = admin_json(&client, &untrusting, "/health/redis").await;
+    assert_eq!(status, 503, "{health}");
+    let replies = burst(&client, &[untrusting.url("/")], 4, &[]).await;
+    assert_eq!((count(&replies, 200), count(&replies, 429)), (3, 1));
+}
+
+/// A bare HTTP/1.1 instance whose responses stream: the head and a first chunk at once, the
+/// rest only after the test adds a permit to `release`.
+async fn streaming_instance(release: Arc<tokio::sync::Semaphore>) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let release = release.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    head.clear();
+                    let first =
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n";
+                    if stream.write_all(first).await.is_err() {
+                        return;
+                    }
+                    release.acquire().await.unwrap().forget();
+                    if stream.write_all(b"4\r\nlast\r\n0\r\n\r\n").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_streaming_body_keeps_its_concurrency_slot_until_it_ends() {
+    use http_body_util::BodyExt;
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let instance = streaming_instance(release.clone()).await;
+    let gw = gateway(&format!(
+        "[upstreams.app]\ninstances = [\"{instance}\"]\n\n[[routes]]\nupstream = \"app\"\nmax_in_flight = 1\nqueue_size = 0\n"
+    ));
+    let client = client();
+    let request = || {
+        http::Request::get(gw.url("/stream"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    let response = client.request(request()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "first");
+
+    // The head is back but the body still streams: the slot is taken.
+    let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
+    assert_eq!(
+        report["concurrency"]["routes"][0]["limit"]["in_flight"], 1,
+        "{report}"
+    );
+    let refused = get(&client, &gw.url("/other")).await;
+    assert_eq!(refused.status, 503);
+
+    release.add_permits(1);
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "last");
+    // The body ended: the slot is free for the next request.
+    release.add_permits(1);
+    let next = get(&client, &gw.url("/next")).await;
+    assert_eq!((next.status, &next.body[..]), (200, &b"firstlast"[..]));
+    let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
+    assert_eq!(
+        report["concurrency"]["routes"][0]["limit"]["in_flight"], 0,
+        "{report}"
+    );
+    assert_eq!(report["concurrency"]["routes"][0]["limit"]["refused"], 1);
 }

@@ -18,6 +18,9 @@ use crate::ratelimit::algorithm::{Algorithm, Quota};
 #[serde(deny_unknown_fields, default)]
 pub struct RawState {
     pub redis_url: Option<String>,
+    /// PEM file of the CA that signed the server certificate of `rediss://` URLs (instead of
+    /// the system roots).
+    pub redis_ca: Option<String>,
     pub redis_cluster: bool,
     pub redis_timeout: String,
     pub on_redis_error: String,
@@ -27,6 +30,7 @@ impl Default for RawState {
     fn default() -> Self {
         RawState {
             redis_url: None,
+            redis_ca: None,
             redis_cluster: false,
             redis_timeout: "50ms".into(),
             on_redis_error: "local".into(),
@@ -220,6 +224,8 @@ pub enum StoreKind {
 pub struct StateConfig {
     /// Node URLs (one, or several cluster seeds); they may hold a password.
     pub redis_urls: Vec<String>,
+    /// PEM bytes of `state.redis_ca`.
+    pub redis_ca: Option<Vec<u8>>,
     pub redis_cluster: bool,
     pub redis_timeout: Duration,
     pub on_redis_error: OnRedisError,
@@ -230,6 +236,7 @@ impl fmt::Debug for StateConfig {
         let urls: Vec<String> = self.redis_urls.iter().map(|u| redacted(u)).collect();
         f.debug_struct("StateConfig")
             .field("redis_urls", &urls)
+            .field("redis_ca", &self.redis_ca.is_some())
             .field("redis_cluster", &self.redis_cluster)
             .field("redis_timeout", &self.redis_timeout)
             .field("on_redis_error", &self.on_redis_error)
@@ -482,6 +489,25 @@ fn validate_state(p: &mut Problems, raw: &RawState) -> StateConfig {
             "several URLs are only for Redis Cluster (set state.redis_cluster = true)",
         );
     }
+    let redis_ca = raw.redis_ca.as_ref().and_then(|path| {
+        if !redis_urls.iter().all(|url| url.starts_with("rediss://")) {
+            p.push("state.redis_ca", "is only for rediss:// URLs");
+        }
+        match std::fs::read(path) {
+            Ok(pem) if pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => Some(pem),
+            Ok(_) => {
+                p.push(
+                    "state.redis_ca",
+                    format!("`{path}` holds no PEM certificate"),
+                );
+                None
+            }
+            Err(err) => {
+                p.push("state.redis_ca", format!("`{path}`: {err}"));
+                None
+            }
+        }
+    });
     let redis_timeout = p.duration("state.redis_timeout", &raw.redis_timeout);
     if redis_timeout.is_zero() {
         p.push("state.redis_timeout", "must be more than 0");
@@ -500,6 +526,7 @@ fn validate_state(p: &mut Problems, raw: &RawState) -> StateConfig {
     };
     StateConfig {
         redis_urls,
+        redis_ca,
         redis_cluster: raw.redis_cluster,
         redis_timeout,
         on_redis_error,
@@ -820,5 +847,29 @@ max_in_flight = 0
             "rediss://user:***@host:1"
         );
         assert_eq!(redacted("redis://127.0.0.1"), "redis://127.0.0.1");
+    }
+
+    #[test]
+    fn redis_ca_must_be_a_pem_file_for_rediss_urls() {
+        let config = |url: &str, ca: &str| {
+            format!("[state]\nredis_url = \"{url}\"\nredis_ca = \"{ca}\"\n{BASE}[[routes]]\nupstream = \"app\"\n")
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.txt");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let not_pem = not_pem.to_str().unwrap();
+        for (url, ca, says) in [
+            ("redis://127.0.0.1:1", not_pem, "only for rediss://"),
+            ("rediss://127.0.0.1:1", "/no/such/ca.pem", "/no/such/ca.pem"),
+            ("rediss://127.0.0.1:1", not_pem, "no PEM certificate"),
+        ] {
+            let errors = Config::from_toml(&config(url, ca)).unwrap_err().0;
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.key == "state.redis_ca" && e.message.contains(says)),
+                "{says}: {errors:?}"
+            );
+        }
     }
 }

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::h1::InstanceBody;
+use crate::ratelimit::Slots;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -225,11 +226,21 @@ pub enum GatewayBody {
     /// Chunks relayed by a task reading an instance's body (the cache storing a response while
     /// the client streams it); an `Err` breaks the body off.
     Relay(tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>),
+    /// Another body, holding the request's concurrency slots until it ends (or is dropped).
+    Holding(Box<GatewayBody>, Option<Slots>),
 }
 
 impl GatewayBody {
     pub fn full(bytes: impl Into<Bytes>) -> GatewayBody {
         GatewayBody::Full(Some(bytes.into()))
+    }
+
+    /// This body, keeping `slots` taken until it ends.
+    pub fn holding(self, slots: Slots) -> GatewayBody {
+        if self.is_end_stream() {
+            return self;
+        }
+        GatewayBody::Holding(Box::new(self), Some(slots))
     }
 }
 
@@ -249,6 +260,13 @@ impl Body for GatewayBody {
             GatewayBody::Relay(rx) => rx
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|b| b.map(Frame::data))),
+            GatewayBody::Holding(inner, slots) => {
+                let polled = Pin::new(inner.as_mut()).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None | Some(Err(_)))) || inner.is_end_stream() {
+                    *slots = None;
+                }
+                polled
+            }
             GatewayBody::Upstream(body) => Pin::new(body).poll_frame(cx),
         }
     }
@@ -258,6 +276,7 @@ impl Body for GatewayBody {
             GatewayBody::Full(bytes) => bytes.is_none(),
             GatewayBody::Upstream(body) => body.is_end_stream(),
             GatewayBody::Channel(_) | GatewayBody::Relay(_) => false,
+            GatewayBody::Holding(inner, _) => inner.is_end_stream(),
         }
     }
 
@@ -267,6 +286,7 @@ impl Body for GatewayBody {
             GatewayBody::Full(None) => SizeHint::with_exact(0),
             GatewayBody::Upstream(body) => body.size_hint(),
             GatewayBody::Channel(_) | GatewayBody::Relay(_) => SizeHint::default(),
+            GatewayBody::Holding(inner, _) => inner.size_hint(),
         }
     }
 }

@@ -159,12 +159,14 @@ async fn forward(
     let route = match_route(&runtime.config.routes, host_name, parts.uri.path())
         .ok_or((ProxyError::NoRoute, None))?;
     let upstream = runtime.route_upstream(route).clone();
-    // Held until the response head is back: the concurrency slots live in `admitted`.
-    let admitted = runtime
-        .admission
-        .admit(route, &parts.headers, client.addr.ip())
-        .await
-        .map_err(|error| (error, Some(route)))?;
+    // The concurrency slots in `admitted` go to the response body and are held to its end.
+    let admission = &runtime.admission;
+    let admitted = match admission.admit_now(route, &parts.headers, client.addr.ip()) {
+        Some(admitted) => admitted,
+        // Boxed: only requests that wait for Redis or a queue carry the waiting state.
+        None => Box::pin(admission.admit(route, &parts.headers, client.addr.ip())).await,
+    }
+    .map_err(|error| (error, Some(route)))?;
     let hash = match &upstream.config.strategy {
         Strategy::ConsistentHash(key) => hash_key(key, &parts, client.addr),
         _ => None,
@@ -223,7 +225,7 @@ async fn forward(
             request_id: request_id.clone(),
         };
         let mut response = crate::cache::serve(cache, parts, body, client.addr.ip(), fetch).await;
-        admitted.add_headers(response.headers_mut());
+        admitted.apply_to(&mut response);
         return Ok((response, route));
     }
     let result = to_instance(
@@ -236,10 +238,9 @@ async fn forward(
         client_upgrade,
     )
     .await;
-    // The concurrency slots in `admitted` are held until the response head is back.
     result
         .map(|mut response| {
-            admitted.add_headers(response.headers_mut());
+            admitted.apply_to(&mut response);
             (response, route)
         })
         .map_err(|error| (error, Some(route)))

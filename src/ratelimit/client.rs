@@ -1,10 +1,12 @@
 //! Who a request counts against: the client address (seen through trusted proxies), the API key
 //! it presented, a header, or the route.
 
+use std::io::Write as _;
 use std::net::IpAddr;
 
 use http::HeaderMap;
 use ipnet::IpNet;
+use smallvec::SmallVec;
 
 use crate::config::limits::RuleKey;
 
@@ -64,12 +66,24 @@ impl<'a> LimitKey<'a> {
         }
     }
 
-    /// `scalegate:rl:RULE:KIND:VALUE`.
-    pub fn redis_key(&self, rule: &str) -> Vec<u8> {
-        let mut key = format!("scalegate:rl:{rule}:").into_bytes();
+    /// `PREFIX` + `KIND:VALUE`, where the prefix is [`redis_prefix`] of the rule; assembled on
+    /// the stack (it is built for every request decided at Redis).
+    pub fn redis_key(&self, prefix: &[u8]) -> SmallVec<[u8; 96]> {
+        let mut key = SmallVec::new();
+        key.extend_from_slice(prefix);
         match self {
-            LimitKey::Ip(ip) => key.extend_from_slice(format!("ip:{ip}").as_bytes()),
-            LimitKey::ApiKey(index) => key.extend_from_slice(format!("key:{index}").as_bytes()),
+            LimitKey::Ip(ip) => {
+                key.extend_from_slice(b"ip:");
+                let mut text = [0u8; 48];
+                let mut rest = &mut text[..];
+                write!(rest, "{ip}").expect("an IP fits in 48 bytes");
+                let len = 48 - rest.len();
+                key.extend_from_slice(&text[..len]);
+            }
+            LimitKey::ApiKey(index) => {
+                key.extend_from_slice(b"key:");
+                key.extend_from_slice(itoa::Buffer::new().format(*index).as_bytes());
+            }
             LimitKey::Header(value) => {
                 key.extend_from_slice(b"h:");
                 key.extend_from_slice(value);
@@ -81,6 +95,11 @@ impl<'a> LimitKey<'a> {
         }
         key
     }
+}
+
+/// `scalegate:rl:RULE:`: where a rule's keys live in Redis.
+pub fn redis_prefix(rule: &str) -> Vec<u8> {
+    format!("scalegate:rl:{rule}:").into_bytes()
 }
 
 #[cfg(test)]
@@ -133,12 +152,17 @@ mod tests {
             LimitKey::ApiKey(2)
         );
         assert_eq!(
-            LimitKey::ApiKey(2).redis_key("per_key"),
-            b"scalegate:rl:per_key:key:2"
+            LimitKey::ApiKey(2).redis_key(&redis_prefix("per_key"))[..],
+            b"scalegate:rl:per_key:key:2"[..]
         );
         assert_eq!(
-            LimitKey::Ip(client).redis_key("per_ip"),
-            b"scalegate:rl:per_ip:ip:1.2.3.4"
+            LimitKey::Ip(client).redis_key(&redis_prefix("per_ip"))[..],
+            b"scalegate:rl:per_ip:ip:1.2.3.4"[..]
+        );
+        let v6 = ip("2001:db8:ffff:ffff:ffff:ffff:255.255.255.255");
+        assert_eq!(
+            LimitKey::Ip(v6).redis_key(b"p:")[..],
+            format!("p:ip:{v6}").as_bytes()[..]
         );
     }
 }

@@ -5,9 +5,24 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use smallvec::SmallVec;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::limits::ConcurrencyConfig;
+
+/// The concurrency slots one request holds (route and upstream); freed when dropped.
+#[derive(Default)]
+pub struct Slots(SmallVec<[OwnedSemaphorePermit; 2]>);
+
+impl Slots {
+    pub fn push(&mut self, slot: OwnedSemaphorePermit) {
+        self.0.push(slot);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 pub struct ConcurrencyLimit {
     pub config: ConcurrencyConfig,

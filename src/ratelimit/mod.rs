@@ -18,21 +18,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use http::header::HeaderValue;
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, Response};
 use ipnet::IpNet;
 use serde_json::{json, Value};
 use smallvec::SmallVec;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::auth::{ApiKeys, AuthFailure};
 use crate::config::limits::{OnRedisError, RuleKey, StoreKind};
 use crate::config::{Config, LimitsConfig};
+use crate::proxy::GatewayBody;
 use crate::proxy::ProxyError;
 use crate::redis_link::RedisLink;
 use algorithm::{ceil_secs, strictest, Quota, RateDecision};
-pub use client::{client_ip, LimitKey};
-pub use concurrency::ConcurrencyLimit;
+pub use client::{client_ip, redis_prefix, LimitKey};
+pub use concurrency::{ConcurrencyLimit, Slots};
 use memory::MemoryStore;
 use redis_store::RedisStore;
 
@@ -87,13 +87,27 @@ impl Limiter {
             .collect()
     }
 
+    /// Whether decisions go to Redis now (configured and answering).
+    fn is_shared(&self) -> bool {
+        self.redis
+            .as_ref()
+            .is_some_and(|redis| redis.link().is_up())
+    }
+
+    /// Decides at Redis while it answers, else as [`Limiter::decide_here`].
     async fn decide(&self, rule: &Rule, key: LimitKey<'_>) -> RateDecision {
         if let Some(redis) = &self.redis {
-            // Boxed: the Redis call's state is large, and requests decided in memory (or not
-            // limited at all) should not carry it in their futures.
-            if let Some(decision) = Box::pin(redis.decide(&rule.name, &rule.quota, &key)).await {
+            if let Some(decision) = redis.decide(&rule.redis_prefix, &rule.quota, &key).await {
                 return decision;
             }
+        }
+        self.decide_here(rule, key)
+    }
+
+    /// Decides in this process: with the memory store, or by `on_redis_error` when Redis is
+    /// configured (it did not answer).
+    fn decide_here(&self, rule: &Rule, key: LimitKey<'_>) -> RateDecision {
+        if self.redis.is_some() {
             rule.counters.fallback.fetch_add(1, Ordering::Relaxed);
             let limit = rule.quota.limit;
             match self.on_redis_error {
@@ -193,6 +207,8 @@ struct Rule {
     quota: Quota,
     /// `"name";q=LIMIT;w=SECONDS`
     policy: HeaderValue,
+    /// `scalegate:rl:NAME:`, the start of the rule's Redis keys.
+    redis_prefix: Box<[u8]>,
     counters: Arc<RuleCounters>,
 }
 
@@ -201,15 +217,15 @@ impl Rule {
     /// every request on a limited route.
     fn state_header(&self, decision: &RateDecision) -> HeaderValue {
         let mut numbers = itoa::Buffer::new();
-        let mut value = Vec::with_capacity(self.name.len() + 32);
+        // Assembled on the stack; the header value is then the one allocation.
+        let mut value: SmallVec<[u8; 96]> = SmallVec::new();
         value.push(b'"');
         value.extend_from_slice(self.name.as_bytes());
         value.extend_from_slice(b"\";r=");
         value.extend_from_slice(numbers.format(decision.remaining).as_bytes());
         value.extend_from_slice(b";t=");
         value.extend_from_slice(numbers.format(ceil_secs(decision.reset_us)).as_bytes());
-        HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
-            .expect("validated: rule names are header-safe")
+        HeaderValue::from_bytes(&value).expect("validated: rule names are header-safe")
     }
 }
 
@@ -230,22 +246,65 @@ pub struct Admission {
     upstream_limits: Vec<(String, Arc<ConcurrencyLimit>)>,
 }
 
-/// A request that may go on: the headers for its response, and its concurrency slots (held
-/// until this is dropped).
+/// A request that may go on: the headers for its response, and its concurrency slots.
 #[derive(Default)]
 pub struct Admitted {
     headers: Option<(HeaderValue, HeaderValue)>,
-    _slots: SmallVec<[OwnedSemaphorePermit; 2]>,
+    slots: Slots,
 }
 
 impl Admitted {
-    /// Adds `RateLimit-Policy` and `RateLimit` (the rule with the least remaining).
-    pub fn add_headers(&self, headers: &mut HeaderMap) {
-        if let Some((policy, state)) = &self.headers {
-            headers.insert(RATELIMIT_POLICY.clone(), policy.clone());
-            headers.insert(RATELIMIT.clone(), state.clone());
+    /// Adds `RateLimit-Policy` and `RateLimit` (the rule with the least remaining) to the
+    /// response, and hands the concurrency slots to its body, which holds them to its end.
+    pub fn apply_to(self, response: &mut Response<GatewayBody>) {
+        if let Some((policy, state)) = self.headers {
+            let headers = response.headers_mut();
+            headers.insert(RATELIMIT_POLICY.clone(), policy);
+            headers.insert(RATELIMIT.clone(), state);
+        }
+        if !self.slots.is_empty() {
+            let body = std::mem::replace(response.body_mut(), GatewayBody::Full(None));
+            *response.body_mut() = body.holding(self.slots);
         }
     }
+}
+
+/// The strictest decision so far over a request's rules: (rule index, decision).
+type Verdict = Option<(usize, RateDecision)>;
+
+fn count_and_fold(rule: &Rule, index: usize, decision: RateDecision, verdict: &mut Verdict) {
+    let counter = if decision.allowed {
+        &rule.counters.allowed
+    } else {
+        &rule.counters.limited
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    *verdict = Some(match verdict.take() {
+        None => (index, decision),
+        Some(so_far) => strictest(so_far, (index, decision)),
+    });
+}
+
+/// The 429 of a refused verdict, or the headers of an allowed one.
+fn conclude(
+    policy: &RoutePolicy,
+    verdict: Verdict,
+    admitted: &mut Admitted,
+) -> Result<(), ProxyError> {
+    let Some((index, decision)) = verdict else {
+        return Ok(());
+    };
+    let rule = &policy.rules[index];
+    let state = rule.state_header(&decision);
+    if !decision.allowed {
+        return Err(ProxyError::RateLimited {
+            retry_after: ceil_secs(decision.retry_after_us).max(1),
+            policy: rule.policy.clone(),
+            state,
+        });
+    }
+    admitted.headers = Some((rule.policy.clone(), state));
+    Ok(())
 }
 
 impl Admission {
@@ -302,6 +361,7 @@ impl Admission {
                             ceil_secs(rule.quota.period_us)
                         );
                         Rule {
+                            redis_prefix: redis_prefix(&rule.name).into(),
                             name: rule.name.clone(),
                             id: hasher.finish(),
                             key: rule.key.clone(),
@@ -330,7 +390,42 @@ impl Admission {
         }
     }
 
-    /// Decides whether the request routed to `route` may go on.
+    /// Decides at once when no Redis call or queueing is needed (the usual case, kept out of
+    /// the async path). `None`: nothing was counted or held; await [`Admission::admit`].
+    pub fn admit_now(
+        &self,
+        route: usize,
+        headers: &HeaderMap,
+        peer: IpAddr,
+    ) -> Option<Result<Admitted, ProxyError>> {
+        let policy = &self.routes[route];
+        let api_key = match self.api_key(policy, headers) {
+            Ok(api_key) => api_key,
+            Err(error) => return Some(Err(error)),
+        };
+        if !policy.rules.is_empty() && self.limiter.is_shared() {
+            return None;
+        }
+        let mut admitted = Admitted::default();
+        // Slots first: when one is taken the request would queue, and must not have been
+        // counted yet. A refusal below frees them again.
+        for limit in policy.own_limit.iter().chain(&policy.upstream_limit) {
+            admitted.slots.push(limit.try_acquire()?);
+        }
+        let mut verdict = None;
+        if !policy.rules.is_empty() {
+            let client = client_ip(peer, headers, &self.trusted_proxies);
+            for (index, rule) in policy.rules.iter().enumerate() {
+                let key = LimitKey::of(&rule.key, client, api_key, headers, &policy.name);
+                let decision = self.limiter.decide_here(rule, key);
+                count_and_fold(rule, index, decision, &mut verdict);
+            }
+        }
+        Some(conclude(policy, verdict, &mut admitted).map(|()| admitted))
+    }
+
+    /// Decides whether the request routed to `route` may go on, asking Redis and waiting in
+    /// the concurrency queues as needed.
     pub async fn admit(
         &self,
         route: usize,
@@ -338,62 +433,47 @@ impl Admission {
         peer: IpAddr,
     ) -> Result<Admitted, ProxyError> {
         let policy = &self.routes[route];
-        let api_key = if policy.api_key {
-            match self.api_keys.identify(headers) {
-                Ok(index) => Some(index),
-                Err(AuthFailure::Missing) => {
-                    return Err(ProxyError::Unauthorized("missing API key"))
-                }
-                Err(AuthFailure::Wrong) => return Err(ProxyError::Unauthorized("wrong API key")),
-            }
-        } else {
-            None
-        };
+        let api_key = self.api_key(policy, headers)?;
         let mut admitted = Admitted::default();
+        let mut verdict = None;
         if !policy.rules.is_empty() {
             let client = client_ip(peer, headers, &self.trusted_proxies);
-            let mut verdict: Option<(usize, RateDecision)> = None;
             for (index, rule) in policy.rules.iter().enumerate() {
                 let key = LimitKey::of(&rule.key, client, api_key, headers, &policy.name);
                 let decision = self.limiter.decide(rule, key).await;
-                let counter = if decision.allowed {
-                    &rule.counters.allowed
-                } else {
-                    &rule.counters.limited
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                verdict = Some(match verdict {
-                    None => (index, decision),
-                    Some(so_far) => strictest(so_far, (index, decision)),
-                });
-            }
-            if let Some((index, decision)) = verdict {
-                let rule = &policy.rules[index];
-                let state = rule.state_header(&decision);
-                if !decision.allowed {
-                    return Err(ProxyError::RateLimited {
-                        retry_after: ceil_secs(decision.retry_after_us).max(1),
-                        policy: rule.policy.clone(),
-                        state,
-                    });
-                }
-                admitted.headers = Some((rule.policy.clone(), state));
+                count_and_fold(rule, index, decision, &mut verdict);
             }
         }
+        conclude(policy, verdict, &mut admitted)?;
         for limit in policy.own_limit.iter().chain(&policy.upstream_limit) {
-            let slot =
-                match limit.try_acquire() {
-                    Some(slot) => slot,
-                    // Boxed: only requests that queue carry the waiting state.
-                    None => Box::pin(limit.wait()).await.map_err(|retry_after| {
-                        ProxyError::Overloaded {
-                            retry_after: retry_after.as_secs().max(1),
-                        }
+            let slot = match limit.try_acquire() {
+                Some(slot) => slot,
+                None => limit
+                    .wait()
+                    .await
+                    .map_err(|retry_after| ProxyError::Overloaded {
+                        retry_after: retry_after.as_secs().max(1),
                     })?,
-                };
-            admitted._slots.push(slot);
+            };
+            admitted.slots.push(slot);
         }
         Ok(admitted)
+    }
+
+    /// The position of the request's API key when the route asks for one.
+    fn api_key(
+        &self,
+        policy: &RoutePolicy,
+        headers: &HeaderMap,
+    ) -> Result<Option<usize>, ProxyError> {
+        if !policy.api_key {
+            return Ok(None);
+        }
+        match self.api_keys.identify(headers) {
+            Ok(index) => Ok(Some(index)),
+            Err(AuthFailure::Missing) => Err(ProxyError::Unauthorized("missing API key")),
+            Err(AuthFailure::Wrong) => Err(ProxyError::Unauthorized("wrong API key")),
+        }
     }
 
     pub fn limiter(&self) -> &Arc<Limiter> {
@@ -447,6 +527,7 @@ mod tests {
                 burst: 0,
             },
             policy: HeaderValue::from_static("\"per_ip\";q=20;w=60"),
+            redis_prefix: redis_prefix("per_ip").into(),
             counters: Arc::default(),
         };
         let decision = RateDecision {

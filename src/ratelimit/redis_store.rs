@@ -1,34 +1,33 @@
-//! The shared store: one Lua script per decision (EVALSHA, reloaded on NOSCRIPT by redis-rs),
-//! time from Redis `TIME` so replicas with skewed clocks agree, keys expiring on their own.
-//! Calls go through the gateway's [`RedisLink`]: while it is down, decisions fall back.
+//! The shared store: one Lua script per decision (EVALSHA, loaded again on NOSCRIPT), time
+//! from Redis `TIME` so replicas with skewed clocks agree, keys expiring on their own. Calls go
+//! through the gateway's [`RedisLink`]: while it is down, decisions fall back.
 
 use std::sync::Arc;
 
-use redis::Script;
+use redis::{Cmd, ErrorKind, Script, ServerErrorKind};
 
 use super::algorithm::{decide, Algorithm, Quota, RateDecision, SlotState, Window};
 use super::client::LimitKey;
 use crate::redis_link::RedisLink;
 
 /// Reads the state, applies the same update as `algorithm::decide` when the request passes,
-/// and returns what it read: {now, a, b, c}. GCRA: a = stored TAT or -1. Sliding window:
-/// a = stored window index or -1, b = its previous count, c = its current count.
+/// and returns what it read: {now, a, b, c}. GCRA (ARGV: 'g', T, τ): a = stored TAT or -1.
+/// Sliding window (ARGV: 'w', period, limit): a = stored window index or -1, b = its previous
+/// count, c = its current count. Kept lean: it runs in Redis for every request.
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local period = tonumber(ARGV[2])
+local now = t[1] * 1000000 + t[2]
 if ARGV[1] == 'g' then
-  local interval = tonumber(ARGV[3])
-  local tolerance = tonumber(ARGV[4])
   local stored = tonumber(redis.call('GET', KEYS[1]))
-  local tat = math.max(stored or now, now)
-  if now + tolerance >= tat then
-    tat = tat + interval
-    redis.call('SET', KEYS[1], string.format('%.0f', tat))
-    redis.call('PEXPIREAT', KEYS[1], math.ceil(tat / 1000) + 1)
+  local tat = stored or now
+  if tat < now then tat = now end
+  if now + ARGV[3] >= tat then
+    tat = tat + ARGV[2]
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PXAT', math.ceil(tat / 1000) + 1)
   end
   return {now, stored or -1, 0, 0}
 end
+local period = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])
 local s = redis.call('HMGET', KEYS[1], 'w', 'p', 'c')
 local sw, sp, sc = tonumber(s[1]), tonumber(s[2]) or 0, tonumber(s[3]) or 0
@@ -60,34 +59,39 @@ impl RedisStore {
         &self.link
     }
 
-    /// Decides at Redis; `None` when the link is down or this call failed (which marks it down).
+    /// Decides at Redis with one EVALSHA (`key_prefix`: the rule's [`super::redis_prefix`]);
+    /// `None` when the link is down or this call failed (which marks it down).
     pub async fn decide(
         &self,
-        rule: &str,
+        key_prefix: &[u8],
         quota: &Quota,
         key: &LimitKey<'_>,
     ) -> Option<RateDecision> {
-        let mut invocation = self.script.key(key.redis_key(rule));
-        invocation.arg(match quota.algorithm {
-            Algorithm::Gcra => "g",
-            Algorithm::SlidingWindow => "w",
-        });
-        invocation.arg(quota.period_us);
+        let mut cmd = Cmd::with_capacity(7, 160);
+        cmd.arg("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(1)
+            .arg(&key.redis_key(key_prefix)[..]);
         match quota.algorithm {
-            Algorithm::Gcra => invocation
+            Algorithm::Gcra => cmd
+                .arg("g")
                 .arg(quota.interval_us())
                 .arg(quota.tolerance_us()),
-            Algorithm::SlidingWindow => invocation.arg(quota.limit),
+            Algorithm::SlidingWindow => cmd.arg("w").arg(quota.period_us).arg(quota.limit),
         };
-        // redis-rs loads the script on NOSCRIPT (first use, or after Redis restarted).
-        let reply = self
+        let (now, a, b, c) = self
             .link
-            .call(|mut c| async move { invocation.invoke_async::<Vec<i64>>(&mut c).await })
+            .call(|mut connection| async move {
+                match connection.query::<(i64, i64, i64, i64)>(&cmd).await {
+                    Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        // Redis restarted or flushed its scripts: load it again, then decide.
+                        connection.query::<String>(&load_script()).await?;
+                        connection.query(&cmd).await
+                    }
+                    other => other,
+                }
+            })
             .await?;
-        let &[now, a, b, c] = reply.as_slice() else {
-            tracing::warn!(?reply, "unexpected reply from the rate-limit script");
-            return None;
-        };
         let now = now.max(0) as u64;
         let stored = (a >= 0).then(|| match quota.algorithm {
             Algorithm::Gcra => SlotState::Gcra(a as u64),
@@ -99,4 +103,10 @@ impl RedisStore {
         });
         Some(decide(quota, stored, now).0)
     }
+}
+
+fn load_script() -> Cmd {
+    let mut cmd = redis::cmd("SCRIPT");
+    cmd.arg("LOAD").arg(SCRIPT);
+    cmd
 }
