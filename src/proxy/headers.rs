@@ -28,6 +28,12 @@ fn hop_by_hop() -> [&'static HeaderName; 9] {
 
 /// Removes hop-by-hop fields, including every field named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one pass over the names costs less than a hashed
+    // lookup per hop-by-hop name.
+    let hop_by_hop = hop_by_hop();
+    if !headers.keys().any(|name| hop_by_hop.contains(&name)) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -40,7 +46,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in hop_by_hop() {
+    for name in hop_by_hop {
         if headers.contains_key(name) {
             headers.remove(name);
         }
