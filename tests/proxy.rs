@@ -488,6 +488,31 @@ async fn routes_by_host_and_path_prefix() {
         .await
         .unwrap();
     assert_eq!(port(reply), api.addr().port().to_string());
+
+    // No open proxy: an absolute-form URI for another host only reaches configured routes, and
+    // CONNECT is refused without touching an instance.
+    let proxy = gw.proxy;
+    let (absolute, connect) = tokio::task::spawn_blocking(move || {
+        (
+            raw_exchange(
+                proxy,
+                b"GET http://elsewhere.example/api/x HTTP/1.1\r\nHost: elsewhere.example\r\nConnection: close\r\n\r\n",
+            ),
+            raw_exchange(
+                proxy,
+                b"CONNECT elsewhere.example:443 HTTP/1.1\r\nHost: elsewhere.example:443\r\n\r\n",
+            ),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(absolute.starts_with("HTTP/1.1 200"), "{absolute}");
+    assert!(
+        absolute.contains(&format!("x-instance: {}", api.addr().port())),
+        "{absolute}"
+    );
+    assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
+    assert_eq!(backend_requests(&client, &web).await, 1);
 }
 
 #[tokio::test]

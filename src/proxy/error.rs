@@ -17,6 +17,8 @@ pub enum ProxyError {
     BodyTooSlow,
     #[error("request URI is too long")]
     UriTooLong,
+    #[error("method not allowed: {0}")]
+    MethodNotAllowed(&'static str),
     #[error("no route matches this request")]
     NoRoute,
     #[error("no healthy instance")]
@@ -44,6 +46,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoHealthyInstance => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::InstanceFailed(_) => StatusCode::BAD_GATEWAY,
@@ -60,6 +63,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::BodyTooSlow => "body_too_slow",
             ProxyError::UriTooLong => "uri_too_long",
+            ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::NoRoute => "no_route",
             ProxyError::NoHealthyInstance => "no_healthy_instance",
             ProxyError::InstanceFailed(_) => "bad_gateway",

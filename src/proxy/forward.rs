@@ -136,6 +136,13 @@ async fn forward(
     request_id: &HeaderValue,
 ) -> Result<Forwarded, Failed> {
     let (mut parts, body) = req.into_parts();
+    if parts.method == Method::CONNECT {
+        // A reverse proxy never opens tunnels to where a client asks (no open proxy).
+        return Err((
+            ProxyError::MethodNotAllowed("CONNECT: this is a reverse proxy"),
+            None,
+        ));
+    }
     let server = &runtime.config.server;
     if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > server.max_uri_length {
         return Err((ProxyError::UriTooLong, None));
