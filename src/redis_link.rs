@@ -141,17 +141,19 @@ impl RedisLink {
         self.connection.load().as_deref().cloned()
     }
 
-    /// Runs `call` on the connection within `redis_timeout`; `None` when the link is down or
-    /// the call failed or timed out (which marks the link down).
+    /// Runs `call` on the connection; `None` when the link is down or the call failed or timed
+    /// out (which marks the link down). Each command is bounded by the connection's own
+    /// response timeout (`redis_timeout`), so no timer of ours is armed per call.
     pub async fn call<T, F, Fut>(self: &Arc<Self>, call: F) -> Option<T>
     where
         F: FnOnce(Connection) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
-        self.call_within(self.state.redis_timeout, call).await
+        let connection = self.connection()?;
+        self.settle(call(connection).await)
     }
 
-    /// [`RedisLink::call`] with its own bound, for admin work that takes several round trips.
+    /// [`RedisLink::call`] with an overall bound, for admin work that takes several round trips.
     pub async fn call_within<T, F, Fut>(self: &Arc<Self>, limit: Duration, call: F) -> Option<T>
     where
         F: FnOnce(Connection) -> Fut,
@@ -159,13 +161,19 @@ impl RedisLink {
     {
         let connection = self.connection()?;
         match timeout(limit, call(connection)).await {
-            Ok(Ok(reply)) => Some(reply),
-            Ok(Err(err)) => {
-                tracing::debug!(%err, "Redis call failed");
+            Ok(result) => self.settle(result),
+            Err(_) => {
                 self.mark_down();
                 None
             }
-            Err(_) => {
+        }
+    }
+
+    fn settle<T>(self: &Arc<Self>, result: Result<T, RedisError>) -> Option<T> {
+        match result {
+            Ok(reply) => Some(reply),
+            Err(err) => {
+                tracing::debug!(%err, "Redis call failed");
                 self.mark_down();
                 None
             }
