@@ -10,6 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::h1::InstanceBody;
+use super::h2::Http2Body;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -89,6 +90,8 @@ pub enum GatewayBody {
     Full(Option<Bytes>),
     /// An instance's body, streamed.
     Upstream(InstanceBody),
+    /// An HTTP/2 instance's body, streamed.
+    Http2(Http2Body),
     /// Chunks the gateway produces over time (server-sent events); ends when the sender drops.
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
     /// Chunks relayed by a task reading an instance's body (the cache storing a response while
@@ -119,6 +122,7 @@ impl Body for GatewayBody {
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|b| b.map(Frame::data))),
             GatewayBody::Upstream(body) => Pin::new(body).poll_frame(cx),
+            GatewayBody::Http2(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
@@ -126,6 +130,7 @@ impl Body for GatewayBody {
         match self {
             GatewayBody::Full(bytes) => bytes.is_none(),
             GatewayBody::Upstream(body) => body.is_end_stream(),
+            GatewayBody::Http2(body) => body.is_end_stream(),
             GatewayBody::Channel(_) | GatewayBody::Relay(_) => false,
         }
     }
@@ -135,6 +140,7 @@ impl Body for GatewayBody {
             GatewayBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             GatewayBody::Full(None) => SizeHint::with_exact(0),
             GatewayBody::Upstream(body) => body.size_hint(),
+            GatewayBody::Http2(body) => body.size_hint(),
             GatewayBody::Channel(_) | GatewayBody::Relay(_) => SizeHint::default(),
         }
     }

@@ -9,10 +9,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use crossbeam_queue::ArrayQueue;
 use smallvec::SmallVec;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::connect::{ConnectError, Connector};
 use super::h1::InstanceConn;
+use super::h2::Http2Conn;
 use super::retry::RetryBudget;
 use crate::balance::{self, Candidate, HashRing, PickInput, Strategy};
 use crate::config::{InstanceConfig, UpstreamConfig};
@@ -277,8 +278,7 @@ impl Upstream {
         let old: Vec<Arc<Instance>> = previous
             .map(|p| p.set.load().instances.clone())
             .unwrap_or_default();
-        let same_pool =
-            previous.is_some_and(|p| p.config.pool_settings() == config.pool_settings());
+        let same_pool = previous.is_some_and(|p| p.config.same_pool(&config));
         let mut instances: Vec<Arc<Instance>> = config
             .instances
             .iter()
@@ -412,18 +412,20 @@ impl Upstream {
 }
 
 impl UpstreamConfig {
-    fn pool_settings(&self) -> (usize, Duration, Duration) {
-        (self.keepalive, self.connect_timeout, self.idle_timeout)
+    /// Connections made under `other` would be the same as under this config.
+    fn same_pool(&self, other: &UpstreamConfig) -> bool {
+        (
+            self.keepalive,
+            self.connect_timeout,
+            self.idle_timeout,
+            self.protocol,
+        ) == (
+            other.keepalive,
+            other.connect_timeout,
+            other.idle_timeout,
+            other.protocol,
+        ) && self.tls.as_ref().map(|tls| &tls.source) == other.tls.as_ref().map(|tls| &tls.source)
     }
-}
-
-/// Why a connection to an instance could not be had.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("connect timed out")]
-    Timeout,
-    #[error("connect failed: {0}")]
-    Io(#[from] std::io::Error),
 }
 
 struct IdleConn {
@@ -431,21 +433,24 @@ struct IdleConn {
     since: Instant,
 }
 
-/// Keep-alive connections to one instance: a bounded lock-free queue of idle connections.
+/// Connections to one instance: for HTTP/1.1 a bounded lock-free queue of idle keep-alive
+/// connections; for HTTP/2 one shared connection.
 pub struct Pool {
-    addr: SocketAddr,
+    pub(crate) connector: Connector,
     idle: Option<ArrayQueue<IdleConn>>,
-    connect_timeout: Duration,
     idle_timeout: Duration,
+    /// Set for h2 and h2c upstreams (which then keep no idle HTTP/1.1 connections).
+    pub(crate) http2: Option<Http2Conn>,
 }
 
 impl Pool {
     fn new(addr: SocketAddr, upstream: &UpstreamConfig) -> Pool {
+        let http2 = upstream.protocol.is_http2();
         Pool {
-            addr,
-            idle: (upstream.keepalive > 0).then(|| ArrayQueue::new(upstream.keepalive)),
-            connect_timeout: upstream.connect_timeout,
+            connector: Connector::new(addr, upstream),
+            idle: (upstream.keepalive > 0 && !http2).then(|| ArrayQueue::new(upstream.keepalive)),
             idle_timeout: upstream.idle_timeout,
+            http2: http2.then(Http2Conn::default),
         }
     }
 
@@ -453,17 +458,13 @@ impl Pool {
     pub async fn checkout(&self) -> Result<InstanceConn, ConnectError> {
         if let Some(idle) = &self.idle {
             let now = Instant::now();
-            while let Some(idle) = idle.pop() {
+            while let Some(mut idle) = idle.pop() {
                 if now.duration_since(idle.since) <= self.idle_timeout && idle.conn.is_open() {
                     return Ok(idle.conn);
                 }
             }
         }
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
-            .await
-            .map_err(|_| ConnectError::Timeout)??;
-        stream.set_nodelay(true)?;
-        Ok(InstanceConn::new(stream))
+        Ok(InstanceConn::new(self.connector.connect().await?))
     }
 
     /// Returns a connection whose exchange finished; dropped when the pool is full.
