@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamProtocol};
 
 /// Why a connection to an instance could not be had. The request never left: it may be retried
 /// elsewhere.
@@ -28,6 +28,8 @@ pub enum ConnectError {
     Tls(io::Error),
     #[error("HTTP/2 handshake with the instance failed: {0}")]
     Http2(String),
+    #[error("the instance did not agree to h2 in the TLS handshake (ALPN)")]
+    NoH2,
 }
 
 /// A connection to an instance, plain or TLS.
@@ -41,6 +43,8 @@ pub struct Connector {
     addr: SocketAddr,
     timeout: Duration,
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// HTTP/2 over TLS: an instance that did not pick `h2` by ALPN would not understand it.
+    requires_h2: bool,
 }
 
 impl Connector {
@@ -55,6 +59,7 @@ impl Connector {
                     .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()));
                 (TlsConnector::from(tls.client.clone()), name)
             }),
+            requires_h2: upstream.protocol == UpstreamProtocol::H2,
         }
     }
 
@@ -74,11 +79,16 @@ impl Connector {
         tcp.set_nodelay(true)?;
         match &self.tls {
             None => Ok(InstanceStream::Tcp(tcp)),
-            Some((connector, name)) => connector
-                .connect(name.clone(), tcp)
-                .await
-                .map(|tls| InstanceStream::Tls(Box::new(tls)))
-                .map_err(ConnectError::Tls),
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(ConnectError::Tls)?;
+                if self.requires_h2 && tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                    return Err(ConnectError::NoH2);
+                }
+                Ok(InstanceStream::Tls(Box::new(tls)))
+            }
         }
     }
 }
