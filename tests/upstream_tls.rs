@@ -302,3 +302,37 @@ async fn h2_over_tls_streams_large_bodies_both_ways() {
     let stats = pki.stats(backend.addr()).await;
     assert_eq!(stats["requests"], 3, "{stats}");
 }
+
+#[tokio::test]
+async fn upgrades_tunnel_through_tls_instances() {
+    use std::io::{Read, Write};
+    let pki = Pki::new();
+    let backend = pki.https_backend(&[]);
+    let gw = gateway(&upstream(
+        &[format!("https://{}", backend.addr())],
+        &format!("tls = {{ ca = \"{}\" }}", pki.path("ca.pem")),
+    ));
+    let mut tunnel = std::net::TcpStream::connect(gw.proxy).unwrap();
+    tunnel
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    tunnel
+        .write_all(
+            b"GET /upgrade HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tunnel.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for message in [&b"ping"[..], b"through TLS"] {
+        tunnel.write_all(message).unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        tunnel.read_exact(&mut echoed).unwrap();
+        assert_eq!(echoed, message);
+    }
+}
