@@ -336,3 +336,25 @@ async fn upgrades_tunnel_through_tls_instances() {
         assert_eq!(echoed, message);
     }
 }
+
+#[tokio::test]
+async fn h2_uploads_over_max_body_get_413() {
+    let backend = demo_backend(&[]);
+    let gw = gateway_with_server_keys(
+        "max_body = \"1KiB\"",
+        &upstream(
+            &[backend.addr().to_string()],
+            "protocol = \"h2c\"\nresponse_timeout = \"5s\"",
+        ),
+    );
+    let mut upload =
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        upload.extend_from_slice(b"200\r\n");
+        upload.extend_from_slice(&[b'u'; 0x200]);
+        upload.extend_from_slice(b"\r\n");
+    }
+    upload.extend_from_slice(b"0\r\n\r\n");
+    let answer = raw_exchange(gw.proxy, &upload);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+}

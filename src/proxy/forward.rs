@@ -462,6 +462,8 @@ async fn send_http2(
             Err(Attempt::NotSent(reason))
         }
         Ok(Err(Http2Error::Sent(reason))) => Err(Attempt::Sent(reason)),
+        Ok(Err(Http2Error::BodyTooLarge)) => Err(Attempt::BodyTooLarge),
+        Ok(Err(Http2Error::ClientBody(reason))) => Err(Attempt::ClientBody(reason)),
     }
 }
 

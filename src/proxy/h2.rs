@@ -4,6 +4,7 @@
 //! the request's in-flight guard to its end.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -19,7 +20,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::body::{BoxError, ForwardBody};
+use super::body::{BodyTooLarge, BoxError, ForwardBody};
 use super::connect::{ConnectError, Connector};
 use super::upstream::InFlightGuard;
 
@@ -31,7 +32,7 @@ const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// The shared HTTP/2 connection to one instance.
 #[derive(Default)]
 pub struct Http2Conn {
-    sender: ArcSwapOption<SendRequest<ForwardBody>>,
+    sender: ArcSwapOption<SendRequest<Upload>>,
     /// Held while (re)connecting only, so a burst of requests on a closed connection opens one
     /// new connection, not one each; requests on a live connection never take it.
     connecting: tokio::sync::Mutex<()>,
@@ -42,14 +43,14 @@ pub enum Http2Error {
     /// The request never reached the instance; its body is given back for a retry.
     NotSent(String, ForwardBody),
     Sent(String),
+    BodyTooLarge,
+    /// Reading the client's body failed (the client went away): not the instance's fault.
+    ClientBody(String),
 }
 
 impl Http2Conn {
     /// A sender on the live connection, connecting first when there is none.
-    pub async fn sender(
-        &self,
-        connector: &Connector,
-    ) -> Result<SendRequest<ForwardBody>, ConnectError> {
+    pub async fn sender(&self, connector: &Connector) -> Result<SendRequest<Upload>, ConnectError> {
         if let Some(sender) = self.live() {
             return Ok(sender);
         }
@@ -76,7 +77,7 @@ impl Http2Conn {
         Ok(sender)
     }
 
-    fn live(&self) -> Option<SendRequest<ForwardBody>> {
+    fn live(&self) -> Option<SendRequest<Upload>> {
         self.sender
             .load()
             .as_ref()
@@ -87,16 +88,67 @@ impl Http2Conn {
 
 /// Sends one request; resolves with the answer head.
 pub async fn send(
-    mut sender: SendRequest<ForwardBody>,
+    mut sender: SendRequest<Upload>,
     request: Request<ForwardBody>,
 ) -> Result<hyper::Response<Incoming>, Http2Error> {
-    sender
-        .try_send_request(request)
-        .await
-        .map_err(|mut err| match err.take_message() {
-            Some(request) => Http2Error::NotSent(err.into_error().to_string(), request.into_body()),
-            None => Http2Error::Sent(err.into_error().to_string()),
-        })
+    let outcome = (!request.body().is_end_stream()).then(|| Arc::new(AtomicU8::new(UPLOADING)));
+    let request = request.map(|body| Upload {
+        body,
+        outcome: outcome.clone(),
+    });
+    sender.try_send_request(request).await.map_err(|mut err| {
+        if let Some(request) = err.take_message() {
+            return Http2Error::NotSent(err.into_error().to_string(), request.into_body().body);
+        }
+        match outcome.map(|outcome| outcome.load(Ordering::Acquire)) {
+            Some(TOO_LARGE) => Http2Error::BodyTooLarge,
+            Some(CLIENT_FAILED) => Http2Error::ClientBody(err.into_error().to_string()),
+            _ => Http2Error::Sent(err.into_error().to_string()),
+        }
+    })
+}
+
+const UPLOADING: u8 = 0;
+const TOO_LARGE: u8 = 1;
+const CLIENT_FAILED: u8 = 2;
+
+/// The client's body on its way to an HTTP/2 instance. hyper sends it from a task of its own
+/// and then only reports a broken stream; the outcome noted here tells a body over `max_body`
+/// (413) or a client gone from an instance failure.
+pub struct Upload {
+    body: ForwardBody,
+    /// `None` for an empty body, which cannot fail.
+    outcome: Option<Arc<AtomicU8>>,
+}
+
+impl Body for Upload {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        if let (Some(Err(err)), Some(outcome)) = (&frame, &this.outcome) {
+            let failure = if err.is::<BodyTooLarge>() {
+                TOO_LARGE
+            } else {
+                CLIENT_FAILED
+            };
+            outcome.store(failure, Ordering::Release);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The HTTP/2 form of a request's head: absolute URI (the Host header, else the instance, as
