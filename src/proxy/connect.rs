@@ -63,6 +63,10 @@ impl Connector {
         }
     }
 
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
     }

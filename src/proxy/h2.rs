@@ -54,7 +54,11 @@ impl Http2Conn {
         if let Some(sender) = self.live() {
             return Ok(sender);
         }
-        let _connecting = self.connecting.lock().await;
+        // Another request is connecting: wait for it, but no longer than a connect may take,
+        // so requests do not queue behind a run of connect timeouts to a dead instance.
+        let _connecting = tokio::time::timeout(connector.timeout(), self.connecting.lock())
+            .await
+            .map_err(|_| ConnectError::Timeout)?;
         if let Some(sender) = self.live() {
             return Ok(sender);
         }
