@@ -155,8 +155,9 @@ impl Body for Upload {
     }
 }
 
-/// The HTTP/2 form of a request's head: absolute URI (the Host header, else the instance, as
-/// authority), the fields as they are; hyper leaves out the HTTP/1.1 connection fields.
+/// The HTTP/2 form of a request's head: absolute URI with the Host header (else the instance)
+/// as authority, the other fields as they are; hyper leaves out the HTTP/1.1 connection fields.
+/// Host itself goes: some servers (nginx) refuse it next to `:authority` as a duplicate.
 pub fn request(parts: &Parts, tls: bool, instance: &str) -> Result<Request<()>, String> {
     let authority = parts
         .headers
@@ -180,6 +181,7 @@ pub fn request(parts: &Parts, tls: bool, instance: &str) -> Result<Request<()>, 
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_2;
     *request.headers_mut() = parts.headers.clone();
+    request.headers_mut().remove(HOST);
     Ok(request)
 }
 
@@ -237,6 +239,7 @@ mod tests {
         assert_eq!(with_host.uri(), "https://api.test/a?b=1");
         assert_eq!(with_host.version(), Version::HTTP_2);
         assert_eq!(with_host.headers()["x-one"], "1");
+        assert!(!with_host.headers().contains_key(HOST));
         parts.headers.remove(HOST);
         let without = request(&parts, false, "127.0.0.1:9").unwrap();
         assert_eq!(without.uri(), "http://127.0.0.1:9/a?b=1");
