@@ -9,6 +9,7 @@ pub mod limits;
 mod raw;
 mod tls;
 pub mod units;
+mod upstream_tls;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -22,6 +23,7 @@ pub use cache::{CacheConfig, CacheStoreKind, RouteCacheConfig};
 pub use limits::LimitsConfig;
 pub use raw::{RawConfig, DEFAULT_MAX_HEADERS};
 pub use tls::TlsConfig;
+pub use upstream_tls::{UpstreamProtocol, UpstreamTls};
 
 use crate::balance::{HashKey, Strategy};
 
@@ -126,6 +128,10 @@ pub struct UpstreamConfig {
     pub drain_timeout: Duration,
     /// Instances started and stopped from live load, when the `autoscale` table is given.
     pub autoscale: Option<AutoscaleConfig>,
+    /// HTTP/1.1, h2 or h2c to the instances.
+    pub protocol: UpstreamProtocol,
+    /// TLS to the instances (`tls` table, `https://` instances or `protocol = "h2"`).
+    pub tls: Option<UpstreamTls>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

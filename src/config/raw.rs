@@ -113,6 +113,8 @@ pub struct RawUpstream {
     pub queue_size: usize,
     pub queue_timeout: String,
     pub autoscale: Option<super::autoscale::RawAutoscale>,
+    pub protocol: String,
+    pub tls: Option<super::upstream_tls::RawUpstreamTls>,
 }
 
 impl Default for RawUpstream {
@@ -136,6 +138,8 @@ impl Default for RawUpstream {
             queue_size: DEFAULT_QUEUE_SIZE,
             queue_timeout: DEFAULT_QUEUE_TIMEOUT.into(),
             autoscale: None,
+            protocol: "http1".into(),
+            tls: None,
         }
     }
 }
@@ -422,6 +426,7 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
         );
     }
     let mut instances: Vec<InstanceConfig> = Vec::new();
+    let mut https = 0;
     for (i, instance) in raw.instances.iter().enumerate() {
         let ikey = format!("{key}.instances[{i}]");
         let (addr, weight, backup) = match instance {
@@ -435,7 +440,13 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
         if weight == 0 || weight > 1000 {
             p.push(format!("{ikey}.weight"), "must be between 1 and 1000");
         }
-        let addr = p.addr(&ikey, addr);
+        let addr = match addr.trim().strip_prefix("https://") {
+            Some(addr) => {
+                https += 1;
+                p.addr(&ikey, addr)
+            }
+            None => p.addr(&ikey, addr),
+        };
         if instances.iter().any(|seen| seen.addr == addr) {
             p.push(&ikey, format!("{addr} is listed twice"));
         }
@@ -496,6 +507,14 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
     let autoscale = raw.autoscale.as_ref().map(|auto| {
         super::autoscale::validate(p, &format!("{key}.autoscale"), auto, drain_timeout)
     });
+    let (protocol, tls) = super::upstream_tls::validate(
+        p,
+        &key,
+        &raw.protocol,
+        raw.tls.as_ref(),
+        https > 0,
+        https == raw.instances.len(),
+    );
     UpstreamConfig {
         name: name.to_string(),
         strategy,
@@ -514,6 +533,8 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
         },
         drain_timeout,
         autoscale,
+        protocol,
+        tls,
     }
 }
 

@@ -1,16 +1,21 @@
 //! `scalegate demo-backend`: a tiny instance used by the quickstart, the tests and the benchmarks.
 //!
-//! Paths: `/health` (200, or 503 after `POST /__health/fail`), `/__stats` (requests seen),
-//! `/echo` (the request head as JSON), `/upgrade` (101 to the asked protocol, then a byte
+//! Paths: `/health` (200, or 503 after `POST /__health/fail`), `/__stats` (requests and
+//! connections seen),
+//! `/echo` (the request head and HTTP version as JSON), `/upgrade` (101 to the asked protocol, then a byte
 //! echo), `/cache...` (caching headers taken from the query: `cc`, `vary`, `set_cookie`,
 //! `expires`, `status`, `bytes`, `latency_ms`, `etag` (sent quoted; a matching If-None-Match
 //! gets 304 without a body); the body says which request of the instance it was and the
 //! varying header's value); anything else answers `body_bytes` bytes after
 //! `latency_ms`, failing with 500 at `fail_rate`. Request bodies are read to the end and
 //! their size returned in `x-body-received`, so uploads can be checked end to end.
+//!
+//! It speaks HTTP/1.1 and h2c (prior knowledge) on one port, or with `--tls-cert/--tls-key`
+//! HTTPS (HTTP/1.1 or h2, by ALPN), requiring client certificates under `--tls-client-ca`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +47,15 @@ pub struct DemoConfig {
     /// Fraction of requests (0.0–1.0) answered with 500.
     #[arg(long, default_value_t = 0.0)]
     pub fail_rate: f64,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by the CA(s) in this PEM file (with --tls-cert).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 struct DemoState {
@@ -49,6 +63,7 @@ struct DemoState {
     body: Bytes,
     port: u16,
     requests: AtomicU64,
+    connections: AtomicU64,
     healthy: AtomicBool,
 }
 
@@ -63,6 +78,7 @@ pub async fn run(config: DemoConfig) -> std::io::Result<()> {
 /// Serves the demo instance on an already bound listener.
 pub async fn serve(listener: TcpListener, config: DemoConfig) -> std::io::Result<()> {
     let port = listener.local_addr()?.port();
+    let tls = tls_acceptor(&config).map_err(std::io::Error::other)?;
     let body = if config.body_bytes == 2 {
         Bytes::from_static(b"ok")
     } else {
@@ -73,6 +89,7 @@ pub async fn serve(listener: TcpListener, config: DemoConfig) -> std::io::Result
         body,
         port,
         requests: AtomicU64::new(0),
+        connections: AtomicU64::new(0),
         healthy: AtomicBool::new(true),
     });
     loop {
@@ -85,14 +102,58 @@ pub async fn serve(listener: TcpListener, config: DemoConfig) -> std::io::Result
             }
         };
         let _ = stream.set_nodelay(true);
+        state.connections.fetch_add(1, Ordering::Relaxed);
         let state = state.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(state.clone(), req));
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await;
+            let Some(tls) = tls else {
+                return serve_connection(stream, state).await;
+            };
+            match tls.accept(stream).await {
+                Ok(stream) => serve_connection(stream, state).await,
+                Err(err) => tracing::debug!(%err, "demo-backend TLS handshake failed"),
+            }
         });
     }
+}
+
+/// HTTP/1.1 or HTTP/2, whichever the client's first bytes say.
+async fn serve_connection<IO>(stream: IO, state: Arc<DemoState>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| handle(state.clone(), req));
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .await;
+}
+
+/// The TLS acceptor for `--tls-cert`, offering h2 and http/1.1.
+fn tls_acceptor(config: &DemoConfig) -> Result<Option<tokio_rustls::TlsAcceptor>, String> {
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let certified = crate::tls::load_certificate(cert, key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|err| err.to_string())?;
+    let builder = match &config.tls_client_ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add_parsable_certificates(crate::tls::load_certificates(ca)?);
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .map_err(|err| format!("--tls-client-ca: {err}"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut server =
+        builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
 }
 
 async fn handle(
@@ -123,6 +184,7 @@ async fn handle(
             let json = serde_json::json!({
                 "port": state.port,
                 "requests": state.requests.load(Ordering::Relaxed),
+                "connections": state.connections.load(Ordering::Relaxed),
             });
             text(StatusCode::OK, Bytes::from(json.to_string()))
         }
@@ -137,6 +199,7 @@ async fn handle(
             let json = serde_json::json!({
                 "method": req.method().as_str(),
                 "uri": req.uri().to_string(),
+                "version": format!("{:?}", req.version()),
                 "headers": headers,
                 "port": state.port,
             });

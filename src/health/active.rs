@@ -1,15 +1,15 @@
 //! The active health checker: one task per upstream probes every instance each `interval`
 //! with `GET path` on a fresh connection and feeds the result to the instance's `HealthState`.
+//! The probe goes the way requests do: over TLS when the upstream has it, in HTTP/2 for h2 and
+//! h2c upstreams.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Request};
 use http_body_util::Empty;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -44,7 +44,7 @@ pub fn spawn_active_checks(upstream: &Arc<Upstream>) {
 
 /// Probes one instance once and records the result.
 pub async fn check_instance(instance: Arc<Instance>, config: ActiveHealthConfig) {
-    let outcome = tokio::time::timeout(config.timeout, probe(instance.addr, &config.path)).await;
+    let outcome = tokio::time::timeout(config.timeout, probe(&instance, &config.path)).await;
     let (ok, detail) = match outcome {
         Ok(Ok(status)) => (
             (config.expect_status.0..=config.expect_status.1).contains(&status),
@@ -56,23 +56,34 @@ pub async fn check_instance(instance: Arc<Instance>, config: ActiveHealthConfig)
     instance.record_check(ok, detail, config.rise, config.fall, Instant::now());
 }
 
-async fn probe(addr: SocketAddr, path: &str) -> Result<u16, String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|err| format!("connect: {err}"))?;
-    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|err| format!("handshake: {err}"))?;
-    tokio::spawn(connection);
+async fn probe(instance: &Instance, path: &str) -> Result<u16, String> {
+    let connector = &instance.pool.connector;
+    let io = TokioIo::new(connector.connect().await.map_err(|err| err.to_string())?);
     let request = Request::get(path)
-        .header(header::HOST, addr.to_string())
-        .header(header::USER_AGENT, "scalegate-health")
-        .header(header::CONNECTION, "close")
-        .body(Empty::<Bytes>::new())
-        .map_err(|err| err.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|err| format!("request: {err}"))?;
+        .header(header::HOST, &instance.addr_text)
+        .header(header::USER_AGENT, "scalegate-health");
+    let response = if instance.pool.http2.is_some() {
+        let (mut sender, connection) = http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|err| format!("handshake: {err}"))?;
+        tokio::spawn(connection);
+        let scheme = if connector.is_tls() { "https" } else { "http" };
+        let request = request
+            .uri(format!("{scheme}://{}{path}", instance.addr_text))
+            .body(Empty::<Bytes>::new())
+            .map_err(|err| err.to_string())?;
+        sender.send_request(request).await
+    } else {
+        let (mut sender, connection) = http1::handshake(io)
+            .await
+            .map_err(|err| format!("handshake: {err}"))?;
+        tokio::spawn(connection);
+        let request = request
+            .header(header::CONNECTION, "close")
+            .body(Empty::<Bytes>::new())
+            .map_err(|err| err.to_string())?;
+        sender.send_request(request).await
+    };
+    let response = response.map_err(|err| format!("request: {err}"))?;
     Ok(response.status().as_u16())
 }

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::h1::InstanceBody;
+use super::h2::Http2Body;
 use crate::ratelimit::Slots;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -221,6 +222,8 @@ pub enum GatewayBody {
     Full(Option<Bytes>),
     /// An instance's body, streamed.
     Upstream(InstanceBody),
+    /// An HTTP/2 instance's body, streamed.
+    Http2(Http2Body),
     /// Chunks the gateway produces over time (server-sent events); ends when the sender drops.
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
     /// Chunks relayed by a task reading an instance's body (the cache storing a response while
@@ -268,6 +271,7 @@ impl Body for GatewayBody {
                 polled
             }
             GatewayBody::Upstream(body) => Pin::new(body).poll_frame(cx),
+            GatewayBody::Http2(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
@@ -275,6 +279,7 @@ impl Body for GatewayBody {
         match self {
             GatewayBody::Full(bytes) => bytes.is_none(),
             GatewayBody::Upstream(body) => body.is_end_stream(),
+            GatewayBody::Http2(body) => body.is_end_stream(),
             GatewayBody::Channel(_) | GatewayBody::Relay(_) => false,
             GatewayBody::Holding(inner, _) => inner.is_end_stream(),
         }
@@ -285,6 +290,7 @@ impl Body for GatewayBody {
             GatewayBody::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             GatewayBody::Full(None) => SizeHint::with_exact(0),
             GatewayBody::Upstream(body) => body.size_hint(),
+            GatewayBody::Http2(body) => body.size_hint(),
             GatewayBody::Channel(_) | GatewayBody::Relay(_) => SizeHint::default(),
             GatewayBody::Holding(inner, _) => inner.size_hint(),
         }

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use super::body::{BodyPace, ForwardBody, GatewayBody};
 use super::error::ProxyError;
 use super::h1::{AnswerHead, InstanceBody, InstanceConn, SendError};
+use super::h2::{self, Http2Body, Http2Error};
 use super::headers::{
     check_framing, cookie_value, forward_request_headers, is_sane_request_id, new_request_id,
     requested_upgrade, restore_upgrade, strip_hop_by_hop, X_REQUEST_ID,
@@ -305,6 +306,11 @@ async fn to_instance(
     let config = &upstream.config;
     // A body-less idempotent request can be sent again even after an instance took it.
     let replayable = body.is_end_stream() && is_idempotent(&parts.method);
+    if client_upgrade.is_some() && config.protocol.is_http2() {
+        return Err(ProxyError::InstanceFailed(
+            "upgrades cannot be forwarded to HTTP/2 instances".to_owned(),
+        ));
+    }
     upstream.retry_budget.deposit();
 
     let mut tried: u64 = 0;
@@ -325,7 +331,16 @@ async fn to_instance(
         attempts += 1;
         let guard = InFlightGuard::enter(instance.clone());
         match send(&instance, &parts, &mut body, config.response_timeout).await {
-            Ok((conn, mut answer)) => {
+            Ok(Answer::Http2(response)) => {
+                let (mut head, incoming) = response.into_parts();
+                head.version = Version::HTTP_11;
+                strip_hop_by_hop(&mut head.headers);
+                head.headers
+                    .insert(X_REQUEST_ID.clone(), request_id.clone());
+                let body = GatewayBody::Http2(Http2Body::new(incoming, guard));
+                return Ok(Response::from_parts(head, body));
+            }
+            Ok(Answer::Http1(conn, mut answer)) => {
                 let switched = answer.head.status == http::StatusCode::SWITCHING_PROTOCOLS;
                 if switched {
                     let Some(client_side) = client_upgrade.take() else {
@@ -407,12 +422,21 @@ enum Attempt {
     ClientBody(String),
 }
 
+/// An instance's answer head: on the HTTP/1.1 connection it came on, or from HTTP/2.
+enum Answer {
+    Http1(InstanceConn, AnswerHead),
+    Http2(Response<Incoming>),
+}
+
 async fn send(
     instance: &Instance,
     parts: &Parts,
     body: &mut ForwardBody,
     timeout: std::time::Duration,
-) -> Result<(InstanceConn, AnswerHead), Attempt> {
+) -> Result<Answer, Attempt> {
+    if let Some(shared) = &instance.pool.http2 {
+        return send_http2(instance, shared, parts, body, timeout).await;
+    }
     let mut conn = match instance.pool.checkout().await {
         Ok(conn) => conn,
         Err(err) => return Err(Attempt::NotSent(err.to_string())),
@@ -422,7 +446,7 @@ async fn send(
         Err(_) => Err(Attempt::Timeout),
         Ok(Ok(answer)) => {
             instance.observe_latency(started.elapsed(), Instant::now());
-            Ok((conn, answer))
+            Ok(Answer::Http1(conn, answer))
         }
         Ok(Err(err)) => Err(match err {
             SendError::Unsent(err) => Attempt::NotSent(err.to_string()),
@@ -431,6 +455,41 @@ async fn send(
             SendError::BodyTooSlow => Attempt::BodyTooSlow,
             SendError::ClientBody(reason) => Attempt::ClientBody(reason),
         }),
+    }
+}
+
+/// One attempt on an HTTP/2 instance. A request hyper hands back unsent gets its body back, so
+/// it can go to another instance as it is.
+async fn send_http2(
+    instance: &Instance,
+    shared: &h2::Http2Conn,
+    parts: &Parts,
+    body: &mut ForwardBody,
+    timeout: std::time::Duration,
+) -> Result<Answer, Attempt> {
+    let connector = &instance.pool.connector;
+    let sender = shared
+        .sender(connector)
+        .await
+        .map_err(|err| Attempt::NotSent(err.to_string()))?;
+    let request = h2::request(parts, connector.is_tls(), &instance.addr_text)
+        .map_err(Attempt::NotSent)?
+        .map(|()| std::mem::replace(body, ForwardBody::Empty));
+    let started = Instant::now();
+    match tokio::time::timeout(timeout, h2::send(sender, request)).await {
+        Err(_) => Err(Attempt::Timeout),
+        Ok(Ok(response)) => {
+            instance.observe_latency(started.elapsed(), Instant::now());
+            Ok(Answer::Http2(response))
+        }
+        Ok(Err(Http2Error::NotSent(reason, unsent))) => {
+            *body = unsent;
+            Err(Attempt::NotSent(reason))
+        }
+        Ok(Err(Http2Error::Sent(reason))) => Err(Attempt::Sent(reason)),
+        Ok(Err(Http2Error::BodyTooLarge)) => Err(Attempt::BodyTooLarge),
+        Ok(Err(Http2Error::BodyTooSlow)) => Err(Attempt::BodyTooSlow),
+        Ok(Err(Http2Error::ClientBody(reason))) => Err(Attempt::ClientBody(reason)),
     }
 }
 

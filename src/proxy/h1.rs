@@ -17,10 +17,10 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
 use super::body::{BodyTooLarge, BodyTooSlow, BoxError, ForwardBody};
+use super::connect::InstanceStream;
 use super::upstream::InFlightGuard;
 use crate::http1::{response_framing, BodyFraming, Chunked, Framing, MAX_HEAD};
 
@@ -30,9 +30,9 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Chunks of an upload up to this size are framed and written in one call.
 const SMALL_CHUNK: usize = 8 * 1024;
 
-/// One HTTP/1.1 connection to an instance.
+/// One HTTP/1.1 connection to an instance, plain or TLS.
 pub struct InstanceConn {
-    stream: TcpStream,
+    stream: InstanceStream,
     read: BytesMut,
     write: Vec<u8>,
 }
@@ -59,7 +59,7 @@ pub struct AnswerHead {
 }
 
 impl InstanceConn {
-    pub fn new(stream: TcpStream) -> InstanceConn {
+    pub fn new(stream: InstanceStream) -> InstanceConn {
         InstanceConn {
             stream,
             read: BytesMut::with_capacity(READ_CHUNK),
@@ -67,28 +67,19 @@ impl InstanceConn {
         }
     }
 
-    /// False once the instance closed the idle connection or sent something unasked. Costs no
-    /// system call while the socket has had no event since its last short read.
-    pub fn is_open(&self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.stream.try_read(&mut probe), Err(err) if err.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+    /// False once the instance closed the idle connection or sent something unasked.
+    pub fn is_open(&mut self) -> bool {
+        self.stream.is_open()
     }
 
     /// The local port, which tells connections apart in tests and logs.
     pub fn local_port(&self) -> u16 {
-        self.stream.local_addr().map_or(0, |addr| addr.port())
+        self.stream.local_port()
     }
 
-    /// The socket and whatever the instance sent after its answer head (an upgraded protocol's
-    /// first bytes).
-    pub fn into_parts(self) -> (TcpStream, Bytes) {
+    /// The connection and whatever the instance sent after its answer head (an upgraded
+    /// protocol's first bytes).
+    pub fn into_parts(self) -> (InstanceStream, Bytes) {
         (self.stream, self.read.freeze())
     }
 
@@ -120,35 +111,56 @@ impl InstanceConn {
             read,
             write,
         } = self;
-        let (mut reader, mut writer) = stream.split();
-        let answer = read_head(&mut reader, read, head_request);
-        let upload = write_body(&mut writer, body, chunked, write);
-        tokio::pin!(answer, upload);
-        let mut uploading = true;
-        let mut request_complete = false;
-        let (head, framing) = loop {
-            tokio::select! {
-                biased;
-                answer = &mut answer => break answer?,
-                sent = &mut upload, if uploading => {
-                    uploading = false;
-                    match sent {
-                        Ok(()) => request_complete = true,
-                        // The instance stopped reading; it may still have answered.
-                        Err(UploadError::Instance) => {}
-                        Err(UploadError::TooLarge) => return Err(SendError::BodyTooLarge),
-                        Err(UploadError::TooSlow) => return Err(SendError::BodyTooSlow),
-                        Err(UploadError::Client(reason)) => return Err(SendError::ClientBody(reason)),
-                    }
+        match stream {
+            InstanceStream::Tcp(tcp) => {
+                let (reader, writer) = tcp.split();
+                exchange(reader, writer, read, write, body, chunked, head_request).await
+            }
+            InstanceStream::Tls(tls) => {
+                let (reader, writer) = tokio::io::split(&mut **tls);
+                exchange(reader, writer, read, write, body, chunked, head_request).await
+            }
+        }
+    }
+}
+
+/// Uploads the body while reading the answer head, on the two halves of one connection.
+async fn exchange<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut reader: R,
+    mut writer: W,
+    read: &mut BytesMut,
+    write: &mut Vec<u8>,
+    body: &mut ForwardBody,
+    chunked: bool,
+    head_request: bool,
+) -> Result<AnswerHead, SendError> {
+    let answer = read_head(&mut reader, read, head_request);
+    let upload = write_body(&mut writer, body, chunked, write);
+    tokio::pin!(answer, upload);
+    let mut uploading = true;
+    let mut request_complete = false;
+    let (head, framing) = loop {
+        tokio::select! {
+            biased;
+            answer = &mut answer => break answer?,
+            sent = &mut upload, if uploading => {
+                uploading = false;
+                match sent {
+                    Ok(()) => request_complete = true,
+                    // The instance stopped reading; it may still have answered.
+                    Err(UploadError::Instance) => {}
+                    Err(UploadError::TooLarge) => return Err(SendError::BodyTooLarge),
+                    Err(UploadError::TooSlow) => return Err(SendError::BodyTooSlow),
+                    Err(UploadError::Client(reason)) => return Err(SendError::ClientBody(reason)),
                 }
             }
-        };
-        Ok(AnswerHead {
-            head,
-            framing,
-            request_complete,
-        })
-    }
+        }
+    };
+    Ok(AnswerHead {
+        head,
+        framing,
+        request_complete,
+    })
 }
 
 /// The request line and fields; `chunked` adds the framing of a body of unknown length.
@@ -172,15 +184,15 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, chunked: bool) {
 }
 
 /// Writes the head; a failure before its first byte went out leaves the request unsent.
-async fn write_first(stream: &mut TcpStream, head: &[u8]) -> Result<(), SendError> {
+async fn write_first(stream: &mut InstanceStream, head: &[u8]) -> Result<(), SendError> {
     let written = stream.write(head).await.map_err(SendError::Unsent)?;
     if written == 0 {
         return Err(SendError::Unsent(io::ErrorKind::WriteZero.into()));
     }
-    stream
-        .write_all(&head[written..])
-        .await
-        .map_err(|err| SendError::Sent(err.to_string()))
+    let sent = |err: io::Error| SendError::Sent(err.to_string());
+    stream.write_all(&head[written..]).await.map_err(sent)?;
+    // TLS may hold records back when the socket is full; plain TCP flushes at once.
+    stream.flush().await.map_err(sent)
 }
 
 enum UploadError {
@@ -234,6 +246,7 @@ async fn write_body<W: AsyncWrite + Unpin>(
             writer.write_all(b"\r\n").await
         };
         written.map_err(|_| UploadError::Instance)?;
+        writer.flush().await?;
     }
     if chunked {
         scratch.clear();
@@ -245,10 +258,8 @@ async fn write_body<W: AsyncWrite + Unpin>(
             scratch.extend_from_slice(b"\r\n");
         }
         scratch.extend_from_slice(b"\r\n");
-        writer
-            .write_all(scratch)
-            .await
-            .map_err(|_| UploadError::Instance)?;
+        writer.write_all(scratch).await?;
+        writer.flush().await?;
     }
     Ok(())
 }

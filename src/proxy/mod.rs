@@ -4,10 +4,12 @@
 //! takes one snapshot, so a reload swaps the snapshot without touching requests in flight.
 
 mod body;
+mod connect;
 pub mod connections;
 mod error;
 mod forward;
 mod h1;
+mod h2;
 pub mod headers;
 mod retry;
 pub mod router;

@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use smallvec::SmallVec;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::connect::{ConnectError, Connector};
 use super::h1::InstanceConn;
+use super::h2::Http2Conn;
 use super::retry::RetryBudget;
 use crate::balance::{self, Candidate, HashRing, PickInput, Strategy};
 use crate::config::{InstanceConfig, UpstreamConfig};
@@ -277,8 +278,7 @@ impl Upstream {
         let old: Vec<Arc<Instance>> = previous
             .map(|p| p.set.load().instances.clone())
             .unwrap_or_default();
-        let same_pool =
-            previous.is_some_and(|p| p.config.pool_settings() == config.pool_settings());
+        let same_pool = previous.is_some_and(|p| p.config.same_pool(&config));
         let mut instances: Vec<Arc<Instance>> = config
             .instances
             .iter()
@@ -412,18 +412,20 @@ impl Upstream {
 }
 
 impl UpstreamConfig {
-    fn pool_settings(&self) -> (usize, Duration, Duration) {
-        (self.keepalive, self.connect_timeout, self.idle_timeout)
+    /// Connections made under `other` would be the same as under this config.
+    fn same_pool(&self, other: &UpstreamConfig) -> bool {
+        (
+            self.keepalive,
+            self.connect_timeout,
+            self.idle_timeout,
+            self.protocol,
+        ) == (
+            other.keepalive,
+            other.connect_timeout,
+            other.idle_timeout,
+            other.protocol,
+        ) && self.tls.as_ref().map(|tls| &tls.source) == other.tls.as_ref().map(|tls| &tls.source)
     }
-}
-
-/// Why a connection to an instance could not be had.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("connect timed out")]
-    Timeout,
-    #[error("connect failed: {0}")]
-    Io(#[from] std::io::Error),
 }
 
 struct IdleConn {
@@ -431,42 +433,40 @@ struct IdleConn {
     since: Instant,
 }
 
-/// Keep-alive connections to one instance, used last-in first-out as nginx's keepalive cache
-/// does: the busiest few connections stay warm and the surplus ages out at the bottom. A short
-/// uncontended mutex around a push or pop; a lock-free stack of owned values would need unsafe
-/// code, which this crate forbids.
+/// Connections to one instance. For HTTP/1.1, idle keep-alive connections used last-in
+/// first-out as nginx's keepalive cache does: the busiest few stay warm and the surplus ages out
+/// at the bottom (a short uncontended mutex around a push or pop; a lock-free stack of owned
+/// values would need unsafe code, which this crate forbids). For HTTP/2, one shared connection.
 pub struct Pool {
-    addr: SocketAddr,
+    pub(crate) connector: Connector,
     idle: Mutex<VecDeque<IdleConn>>,
     keepalive: usize,
-    connect_timeout: Duration,
     idle_timeout: Duration,
+    /// Set for h2 and h2c upstreams (which then keep no idle HTTP/1.1 connections).
+    pub(crate) http2: Option<Http2Conn>,
 }
 
 impl Pool {
     fn new(addr: SocketAddr, upstream: &UpstreamConfig) -> Pool {
+        let http2 = upstream.protocol.is_http2();
         Pool {
-            addr,
+            connector: Connector::new(addr, upstream),
             idle: Mutex::new(VecDeque::new()),
-            keepalive: upstream.keepalive,
-            connect_timeout: upstream.connect_timeout,
+            keepalive: if http2 { 0 } else { upstream.keepalive },
             idle_timeout: upstream.idle_timeout,
+            http2: http2.then(Http2Conn::default),
         }
     }
 
     /// The most recently used idle connection that is still open, else a new one.
     pub async fn checkout(&self) -> Result<InstanceConn, ConnectError> {
         let now = Instant::now();
-        while let Some(idle) = self.pop() {
+        while let Some(mut idle) = self.pop() {
             if now.duration_since(idle.since) <= self.idle_timeout && idle.conn.is_open() {
                 return Ok(idle.conn);
             }
         }
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.addr))
-            .await
-            .map_err(|_| ConnectError::Timeout)??;
-        stream.set_nodelay(true)?;
-        Ok(InstanceConn::new(stream))
+        Ok(InstanceConn::new(self.connector.connect().await?))
     }
 
     fn pop(&self) -> Option<IdleConn> {

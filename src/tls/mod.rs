@@ -1,6 +1,9 @@
 //! TLS termination with rustls: certificates loaded from PEM files when the config loads (so
 //! `scalegate check` and a reload catch bad ones), chosen per connection by SNI, ALPN `h2` and
 //! `http/1.1`. A reload builds a new `ServerConfig`; connections already open keep theirs.
+//! `client` is the other direction: TLS from the gateway to instances.
+
+pub mod client;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,15 +21,21 @@ pub struct TlsCertificate {
     pub key: Arc<CertifiedKey>,
 }
 
+/// Reads the certificates of a PEM file (at least one).
+pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|err| format!("cannot read {}: {err}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|err| format!("{}: not a PEM certificate: {err}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in the file", path.display()));
+    }
+    Ok(certs)
+}
+
 /// Reads a PEM certificate chain and its private key.
 pub fn load_certificate(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|err| format!("cannot read {}: {err}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|err| format!("{}: not a PEM certificate: {err}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!("{}: no certificate in the file", cert.display()));
-    }
+    let chain = load_certificates(cert)?;
     let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|err| format!("cannot read a private key from {}: {err}", key.display()))?;
     let signing = any_supported_type(&key_der)

@@ -1,0 +1,360 @@
+//! The instance side over TLS and HTTP/2, end to end with a test CA made by rcgen and demo
+//! backends serving HTTPS (`--tls-cert`), requiring client certificates (`--tls-client-ca`) or
+//! speaking h2c: verification against the configured CA, pooled TLS connections, client
+//! certificates, h2c and h2 (one multiplexed connection, large bodies both ways), health checks
+//! over the same protocol, and upgrades refused towards HTTP/2.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use support::*;
+
+/// A test CA and the files it issued, in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
+        Pki { dir, cert, key }
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.path().join(file).display().to_string()
+    }
+
+    /// Issues `NAME.pem` and `NAME.key` for these subject names, for servers or clients.
+    fn issue(&self, name: &str, sans: &[&str], purpose: ExtendedKeyUsagePurpose) {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.extended_key_usages = vec![purpose];
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(self.path(&format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+
+    /// A demo backend serving HTTPS with a certificate for 127.0.0.1 and `backend.test`.
+    fn https_backend(&self, extra: &[&str]) -> Proc {
+        self.issue(
+            "server",
+            &["127.0.0.1", "backend.test"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (cert, key) = (self.path("server.pem"), self.path("server.key"));
+        let mut args = vec!["--tls-cert", &cert, "--tls-key", &key];
+        args.extend_from_slice(extra);
+        demo_backend(&args)
+    }
+
+    /// The demo backend's `/__stats`, asked directly over TLS.
+    async fn stats(&self, backend: SocketAddr) -> serde_json::Value {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(self.cert.der().to_vec()))
+            .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(backend).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("backend.test").unwrap(), tcp)
+            .await
+            .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let request = http::Request::get("/__stats")
+            .header("host", "backend.test")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let body = sender
+            .send_request(request)
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        serde_json::from_slice(&body).unwrap()
+    }
+}
+
+/// One upstream `app` with these instance addresses and extra keys, and a catch-all route.
+fn upstream(instances: &[String], keys: &str) -> String {
+    let list: Vec<String> = instances.iter().map(|i| format!("\"{i}\"")).collect();
+    format!(
+        "[upstreams.app]\ninstances = [{}]\nmax_fails = 0\n{keys}\n\n[[routes]]\nupstream = \"app\"\n",
+        list.join(", ")
+    )
+}
+
+async fn echo_version(client: &Client, gw: &Gateway) -> String {
+    let reply = get(client, &gw.url("/echo")).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    reply.json()["version"].as_str().unwrap().to_string()
+}
+
+/// The last active check of the first instance, once there is one (at most 5 s).
+async fn last_check(client: &Client, gw: &Gateway) -> serde_json::Value {
+    for _ in 0..100 {
+        let detailed = get(client, &gw.admin_url("/health/detailed")).await.json();
+        let check = &detailed["upstreams"][0]["instances"][0]["last_check"];
+        if !check.is_null() {
+            return check.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no health check within 5 s");
+}
+
+#[tokio::test]
+async fn https_instances_with_a_configured_ca_pool_their_connections() {
+    let pki = Pki::new();
+    let backend = pki.https_backend(&[]);
+    let config = upstream(
+        &[format!("https://{}", backend.addr())],
+        &format!("tls = {{ ca = \"{}\" }}", pki.path("ca.pem")),
+    );
+    let gw = gateway(&config);
+    let client = client();
+    assert_eq!(echo_version(&client, &gw).await, "HTTP/1.1");
+    for _ in 0..50 {
+        let reply = get(&client, &gw.url("/hello")).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(&reply.body[..], b"ok");
+    }
+    let stats = pki.stats(backend.addr()).await;
+    assert_eq!(stats["requests"], 51, "{stats}");
+    // 51 requests in sequence went over one pooled connection (the other is this test's own).
+    assert_eq!(stats["connections"], 2, "{stats}");
+}
+
+#[tokio::test]
+async fn a_wrong_ca_or_name_is_a_502_and_the_instance_sees_nothing() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let backend = pki.https_backend(&[]);
+    let instance = [backend.addr().to_string()];
+    let wrong_ca = gateway(&upstream(
+        &instance,
+        &format!("tls = {{ ca = \"{}\" }}", other.path("ca.pem")),
+    ));
+    let wrong_name = gateway(&upstream(
+        &instance,
+        &format!(
+            "tls = {{ ca = \"{}\", server_name = \"elsewhere.test\" }}",
+            pki.path("ca.pem")
+        ),
+    ));
+    let right_name = gateway(&upstream(
+        &instance,
+        &format!(
+            "tls = {{ ca = \"{}\", server_name = \"backend.test\" }}",
+            pki.path("ca.pem")
+        ),
+    ));
+    let client = client();
+    for gw in [&wrong_ca, &wrong_name] {
+        let reply = get(&client, &gw.url("/hello")).await;
+        assert_eq!(reply.status, 502, "{:?}", reply.body);
+        assert!(
+            reply.json()["reason"]
+                .as_str()
+                .unwrap()
+                .contains("TLS handshake"),
+            "{:?}",
+            reply.body
+        );
+    }
+    assert_eq!(pki.stats(backend.addr()).await["requests"], 0);
+    assert_eq!(get(&client, &right_name.url("/hello")).await.status, 200);
+    assert_eq!(pki.stats(backend.addr()).await["requests"], 1);
+}
+
+#[tokio::test]
+async fn a_client_certificate_is_presented_when_configured() {
+    let pki = Pki::new();
+    let ca = pki.path("ca.pem");
+    let backend = pki.https_backend(&["--tls-client-ca", &ca]);
+    pki.issue(
+        "client",
+        &["gateway.test"],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let instance = [format!("https://{}", backend.addr())];
+    // Health checks go over TLS too, with the same client certificate (or without).
+    let health = "health = { interval = \"200ms\" }";
+    let without = gateway(&upstream(
+        &instance,
+        &format!("tls = {{ ca = \"{ca}\" }}\n{health}"),
+    ));
+    let with = gateway(&upstream(
+        &instance,
+        &format!(
+            "tls = {{ ca = \"{ca}\", client_cert = \"{}\", client_key = \"{}\" }}\n{health}",
+            pki.path("client.pem"),
+            pki.path("client.key")
+        ),
+    ));
+    let client = client();
+    let refused = get(&client, &without.url("/hello")).await;
+    assert!(
+        [502, 503].contains(&refused.status),
+        "{} {:?}",
+        refused.status,
+        refused.body
+    );
+    let reply = get(&client, &with.url("/hello")).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let check = last_check(&client, &with).await;
+    assert_eq!(check["detail"], "status 200", "{check}");
+    let check = last_check(&client, &without).await;
+    assert_eq!(check["ok"], false, "{check}");
+}
+
+#[tokio::test]
+async fn h2c_instances_get_http2_on_one_connection() {
+    let backend = demo_backend(&[]);
+    let gw = gateway(&upstream(
+        &[backend.addr().to_string()],
+        "protocol = \"h2c\"\nhealth = { interval = \"200ms\" }",
+    ));
+    let client = client();
+    assert_eq!(echo_version(&client, &gw).await, "HTTP/2.0");
+    let check = last_check(&client, &gw).await;
+    assert_eq!(check["detail"], "status 200", "{check}");
+    let before = backend_connections(&client, &backend).await;
+    let requests = (0..40).map(|_| {
+        let client = client.clone();
+        let url = gw.url("/hello?latency_ms=20");
+        async move { get(&client, &url).await.status }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    // The 40 concurrent requests shared the gateway's connection (health checks and this
+    // test's own /__stats requests come on theirs).
+    let after = backend_connections(&client, &backend).await;
+    assert!(after - before <= 3, "{before} -> {after} connections");
+
+    // Upgrades cannot cross HTTP/2: refused with a 502, the instance never asked.
+    let answer = raw_exchange(
+        gw.proxy,
+        b"GET /upgrade HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+}
+
+async fn backend_connections(client: &Client, backend: &Proc) -> u64 {
+    let reply = get(client, &format!("http://{}/__stats", backend.addr())).await;
+    reply.json()["connections"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn h2_over_tls_streams_large_bodies_both_ways() {
+    let pki = Pki::new();
+    let backend = pki.https_backend(&[]);
+    let gw = gateway(&upstream(
+        &[backend.addr().to_string()],
+        &format!(
+            "protocol = \"h2\"\ntls = {{ ca = \"{}\" }}\nhealth = {{ interval = \"200ms\" }}",
+            pki.path("ca.pem")
+        ),
+    ));
+    let client = client();
+    assert_eq!(echo_version(&client, &gw).await, "HTTP/2.0");
+    let check = last_check(&client, &gw).await;
+    assert_eq!(check["detail"], "status 200", "{check}");
+
+    let size = 8 * 1024 * 1024;
+    let reply = get(&client, &gw.url(&format!("/cache/big?bytes={size}"))).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body.len(), size);
+    assert!(reply.body.iter().all(|b| *b == b'c'));
+
+    let upload = "u".repeat(3 * 1024 * 1024);
+    let reply = request(&client, "POST", &gw.url("/upload"), &[], &upload)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.header("x-body-received"), upload.len().to_string());
+    let stats = pki.stats(backend.addr()).await;
+    assert_eq!(stats["requests"], 3, "{stats}");
+}
+
+#[tokio::test]
+async fn upgrades_tunnel_through_tls_instances() {
+    use std::io::{Read, Write};
+    let pki = Pki::new();
+    let backend = pki.https_backend(&[]);
+    let gw = gateway(&upstream(
+        &[format!("https://{}", backend.addr())],
+        &format!("tls = {{ ca = \"{}\" }}", pki.path("ca.pem")),
+    ));
+    let mut tunnel = std::net::TcpStream::connect(gw.proxy).unwrap();
+    tunnel
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    tunnel
+        .write_all(
+            b"GET /upgrade HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tunnel.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for message in [&b"ping"[..], b"through TLS"] {
+        tunnel.write_all(message).unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        tunnel.read_exact(&mut echoed).unwrap();
+        assert_eq!(echoed, message);
+    }
+}
+
+#[tokio::test]
+async fn h2_uploads_over_max_body_get_413() {
+    let backend = demo_backend(&[]);
+    let gw = gateway_with_server_keys(
+        "max_body = \"1KiB\"",
+        &upstream(
+            &[backend.addr().to_string()],
+            "protocol = \"h2c\"\nresponse_timeout = \"5s\"",
+        ),
+    );
+    let mut upload =
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        upload.extend_from_slice(b"200\r\n");
+        upload.extend_from_slice(&[b'u'; 0x200]);
+        upload.extend_from_slice(b"\r\n");
+    }
+    upload.extend_from_slice(b"0\r\n\r\n");
+    let answer = raw_exchange(gw.proxy, &upload);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+}
