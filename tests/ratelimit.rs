@@ -549,21 +549,11 @@ async fn redis_cluster_shares_limits_across_slots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn limits_are_shared_over_rediss_with_the_configured_ca() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let server_key = KeyPair::generate().unwrap();
-    let server = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&server_key, &ca, &ca_key)
-        .unwrap();
-    std::fs::write(path("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(path("redis.pem"), server.pem()).unwrap();
-    std::fs::write(path("redis.key"), server_key.serialize_pem()).unwrap();
+    let ca = TestCa::new();
+    std::fs::write(path("ca.pem"), ca.cert.pem()).unwrap();
+    ca.issue(dir.path(), "redis", &["127.0.0.1"], &[]);
 
     // TLS only: the plain port is off.
     let port = TcpListener::bind("127.0.0.1:0")

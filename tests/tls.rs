@@ -4,54 +4,9 @@
 
 mod support;
 
-use std::path::Path;
-use std::sync::Arc;
-
 use http_body_util::{BodyExt, Empty};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use support::*;
-
-struct TestCa {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-impl TestCa {
-    fn new() -> TestCa {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        TestCa { cert, key }
-    }
-
-    /// Writes a leaf certificate for `name` and its key under `dir`; returns its DER.
-    fn leaf(&self, dir: &Path, name: &str) -> CertificateDer<'static> {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(vec![name.to_string()])
-            .unwrap()
-            .signed_by(&key, &self.cert, &self.key)
-            .unwrap();
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-        cert.der().clone()
-    }
-
-    fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.cert.der().clone()).unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        tokio_rustls::TlsConnector::from(Arc::new(config))
-    }
-}
 
 type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
@@ -115,8 +70,8 @@ fn forwarded_proto(echo: &serde_json::Value) -> String {
 async fn sni_alpn_forwarded_proto_hsts_and_redirect() {
     let ca = TestCa::new();
     let dir = tempfile::tempdir().unwrap();
-    let a_der = ca.leaf(dir.path(), "a.test");
-    let b_der = ca.leaf(dir.path(), "b.test");
+    let a_der = ca.issue(dir.path(), "a.test", &["a.test"], &[]);
+    let b_der = ca.issue(dir.path(), "b.test", &["b.test"], &[]);
     let backend = demo_backend(&[]);
     let d = dir.path().display();
     let config = format!(
@@ -168,7 +123,7 @@ async fn sni_alpn_forwarded_proto_hsts_and_redirect() {
 
     // SIGHUP reloads the certificate files; an open connection keeps working meanwhile.
     let open = connect(&h1_only, tls_addr, "a.test").await;
-    let renewed = ca.leaf(dir.path(), "a.test");
+    let renewed = ca.issue(dir.path(), "a.test", &["a.test"], &[]);
     assert_ne!(renewed, a_der);
     signal(gw.proc.pid(), "HUP");
     let fresh_cert = eventually(std::time::Duration::from_secs(5), || async {

@@ -7,30 +7,25 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
-use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rcgen::ExtendedKeyUsagePurpose;
+use rustls::pki_types::ServerName;
 use support::*;
 
 /// A test CA and the files it issued, in a temporary directory.
 struct Pki {
     dir: tempfile::TempDir,
-    cert: rcgen::Certificate,
-    key: KeyPair,
+    ca: TestCa,
 }
 
 impl Pki {
     fn new() -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
+        let ca = TestCa::new();
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
-        Pki { dir, cert, key }
+        std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+        Pki { dir, ca }
     }
 
     fn path(&self, file: &str) -> String {
@@ -39,13 +34,7 @@ impl Pki {
 
     /// Issues `NAME.pem` and `NAME.key` for these subject names, for servers or clients.
     fn issue(&self, name: &str, sans: &[&str], purpose: ExtendedKeyUsagePurpose) {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        params.extended_key_usages = vec![purpose];
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).unwrap();
-        std::fs::write(self.path(&format!("{name}.key")), key.serialize_pem()).unwrap();
+        self.ca.issue(self.dir.path(), name, sans, &[purpose]);
     }
 
     /// A demo backend serving HTTPS with a certificate for 127.0.0.1 and `backend.test`.
@@ -63,19 +52,10 @@ impl Pki {
 
     /// The demo backend's `/__stats`, asked directly over TLS.
     async fn stats(&self, backend: SocketAddr) -> serde_json::Value {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from(self.cert.der().to_vec()))
-            .unwrap();
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
         let tcp = tokio::net::TcpStream::connect(backend).await.unwrap();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        let tls = self
+            .ca
+            .connector(&[])
             .connect(ServerName::try_from("backend.test").unwrap(), tcp)
             .await
             .unwrap();
