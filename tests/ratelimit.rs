@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -457,43 +456,20 @@ async fn unreachable_redis_at_start_follows_on_redis_error_then_shares() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_cluster_shares_limits_across_slots() {
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<Redis> = Vec::new();
-    for _ in 0..3 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(redis_server())
-            .current_dir(dir.path())
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--cluster-enabled",
-                "yes",
-            ])
-            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        nodes.push(Redis {
-            child: Some(child),
-            port,
-            password: None,
-        });
-    }
-    for node in &nodes {
-        assert!(
-            eventually(Duration::from_secs(10), || async {
-                std::net::TcpStream::connect(("127.0.0.1", node.port)).is_ok()
-            })
-            .await
-        );
-    }
+    let nodes: Vec<Redis> = (0..3)
+        .map(|_| {
+            Redis::start_with(
+                None,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes-{port}.conf",
+                ],
+                Some(dir.path()),
+            )
+        })
+        .collect();
     let addrs: Vec<String> = nodes
         .iter()
         .map(|n| format!("127.0.0.1:{}", n.port))
@@ -556,35 +532,26 @@ async fn limits_are_shared_over_rediss_with_the_configured_ca() {
     ca.issue(dir.path(), "redis", &["127.0.0.1"], &[]);
 
     // TLS only: the plain port is off.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(redis_server())
-        .args(["--port", "0", "--tls-port", &port.to_string()])
-        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .args(["--tls-cert-file", &path("redis.pem")])
-        .args(["--tls-key-file", &path("redis.key")])
-        .args(["--tls-ca-cert-file", &path("ca.pem")])
-        .args(["--tls-auth-clients", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server (scripts/test installs it)");
-    let _redis = Redis {
-        child: Some(child),
-        port,
-        password: None,
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis-server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (cert, key, ca_file) = (path("redis.pem"), path("redis.key"), path("ca.pem"));
+    let redis = Redis::start_with(
+        None,
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            "{port}",
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca_file,
+            "--tls-auth-clients",
+            "no",
+        ],
+        None,
+    );
+    let port = redis.port;
 
     let backend = demo_backend(&[]);
     let config = |ca: &str| {

@@ -309,10 +309,24 @@ pub struct Redis {
     pub child: Option<Child>,
     pub port: u16,
     pub password: Option<String>,
+    /// More `redis-server` arguments; `{port}` stands for the chosen port.
+    extra: Vec<String>,
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Redis {
     pub fn start(password: Option<&str>) -> Redis {
+        Redis::start_with(password, &[], None)
+    }
+
+    /// [`Redis::start`] with more server arguments (`{port}` is replaced by the port; later
+    /// arguments override earlier ones, so `--port 0 --tls-port {port}` makes it TLS only),
+    /// running in `dir` when given (cluster nodes write their config there).
+    pub fn start_with(
+        password: Option<&str>,
+        extra: &[&str],
+        dir: Option<&std::path::Path>,
+    ) -> Redis {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -322,6 +336,11 @@ impl Redis {
             child: None,
             port,
             password: password.map(String::from),
+            extra: extra
+                .iter()
+                .map(|arg| arg.replace("{port}", &port.to_string()))
+                .collect(),
+            dir: dir.map(std::path::Path::to_path_buf),
         };
         redis.restart();
         redis
@@ -332,8 +351,12 @@ impl Redis {
         let mut cmd = Command::new(redis_server());
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        if let Some(dir) = &self.dir {
+            cmd.current_dir(dir);
+        }
         if let Some(password) = &self.password {
             cmd.args(["--requirepass", password]);
         }
