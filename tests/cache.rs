@@ -325,6 +325,23 @@ async fn routes_on_a_host_key_by_host_and_configured_parts() {
     assert_eq!(purged.json()["purged"], 1);
 }
 
+#[tokio::test]
+async fn client_ip_keys_follow_trusted_proxies_like_rate_limits() {
+    let backend = demo_backend(&[]);
+    let gw = gateway(&format!(
+        "[rate_limit]\ntrusted_proxies = [\"127.0.0.1/32\"]\n\n[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\ncache = {{ key = [\"ip\"] }}\n",
+        backend.addr()
+    ));
+    let client = client();
+    let url = gw.url("/cache");
+    // Behind a trusted balancer, each client behind it gets its own entries.
+    let one = [("x-forwarded-for", "203.0.113.1")];
+    let two = [("x-forwarded-for", "203.0.113.2")];
+    assert_eq!(status_and_n(&client, &url, &one).await, ("MISS".into(), 1));
+    assert_eq!(status_and_n(&client, &url, &two).await, ("MISS".into(), 2));
+    assert_eq!(status_and_n(&client, &url, &one).await, ("HIT".into(), 1));
+}
+
 /// Two replicas sharing one Redis tier (and one instance).
 fn shared_pair(redis: &Redis, backend: &Proc, cache: &str) -> (Gateway, Gateway) {
     let top = format!(

@@ -7,7 +7,7 @@
 //! back, nor after a timeout. Every retry spends the upstream's retry budget.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -166,17 +166,18 @@ async fn forward(
         .map(host_without_port);
     let route = match_route(&runtime.config.routes, host_name, parts.uri.path())
         .ok_or((ProxyError::NoRoute, None))?;
-    let upstream = runtime.route_upstream(route).clone();
+    let upstream = runtime.route_upstream(route);
     // The concurrency slots in `admitted` go to the response body and are held to its end.
     let admission = &runtime.admission;
-    let admitted = match admission.admit_now(route, &parts.headers, client.addr.ip()) {
+    let client_ip = admission.client_ip(client.addr.ip(), &parts.headers);
+    let admitted = match admission.admit_now(route, &parts.headers, client_ip) {
         Some(admitted) => admitted,
         // Boxed: only requests that wait for Redis or a queue carry the waiting state.
-        None => Box::pin(admission.admit(route, &parts.headers, client.addr.ip())).await,
+        None => Box::pin(admission.admit(route, &parts.headers, client_ip)).await,
     }
     .map_err(|error| (error, Some(route)))?;
     let hash = match &upstream.config.strategy {
-        Strategy::ConsistentHash(key) => hash_key(key, &parts, client.addr),
+        Strategy::ConsistentHash(key) => hash_key(key, &parts, client_ip),
         _ => None,
     };
 
@@ -232,7 +233,7 @@ async fn forward(
             hash,
             request_id: request_id.clone(),
         };
-        let mut response = crate::cache::serve(cache, parts, body, client.addr.ip(), fetch).await;
+        let mut response = crate::cache::serve(cache, parts, body, client_ip, fetch).await;
         admitted.apply_to(&mut response);
         return Ok((response, route));
     }
@@ -524,9 +525,9 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 /// The consistent-hash key of a request; `None` (spread at random) when the key is absent.
-fn hash_key(key: &HashKey, parts: &Parts, peer: SocketAddr) -> Option<u64> {
+fn hash_key(key: &HashKey, parts: &Parts, client_ip: IpAddr) -> Option<u64> {
     match key {
-        HashKey::ClientIp => Some(match peer.ip() {
+        HashKey::ClientIp => Some(match client_ip {
             std::net::IpAddr::V4(ip) => hash_bytes(&ip.octets()),
             std::net::IpAddr::V6(ip) => hash_bytes(&ip.octets()),
         }),

@@ -396,16 +396,17 @@ impl Admission {
         &self,
         route: usize,
         headers: &HeaderMap,
-        peer: IpAddr,
+        client: IpAddr,
     ) -> Option<Result<Admitted, ProxyError>> {
         let policy = &self.routes[route];
+        // Decided at Redis: `admit` checks the API key, once.
+        if !policy.rules.is_empty() && self.limiter.is_shared() {
+            return None;
+        }
         let api_key = match self.api_key(policy, headers) {
             Ok(api_key) => api_key,
             Err(error) => return Some(Err(error)),
         };
-        if !policy.rules.is_empty() && self.limiter.is_shared() {
-            return None;
-        }
         let mut admitted = Admitted::default();
         // Slots first: when one is taken the request would queue, and must not have been
         // counted yet. A refusal below frees them again.
@@ -414,7 +415,6 @@ impl Admission {
         }
         let mut verdict = None;
         if !policy.rules.is_empty() {
-            let client = client_ip(peer, headers, &self.trusted_proxies);
             for (index, rule) in policy.rules.iter().enumerate() {
                 let key = LimitKey::of(&rule.key, client, api_key, headers, &policy.name);
                 let decision = self.limiter.decide_here(rule, key);
@@ -430,14 +430,13 @@ impl Admission {
         &self,
         route: usize,
         headers: &HeaderMap,
-        peer: IpAddr,
+        client: IpAddr,
     ) -> Result<Admitted, ProxyError> {
         let policy = &self.routes[route];
         let api_key = self.api_key(policy, headers)?;
         let mut admitted = Admitted::default();
         let mut verdict = None;
         if !policy.rules.is_empty() {
-            let client = client_ip(peer, headers, &self.trusted_proxies);
             for (index, rule) in policy.rules.iter().enumerate() {
                 let key = LimitKey::of(&rule.key, client, api_key, headers, &policy.name);
                 let decision = self.limiter.decide(rule, key).await;
@@ -461,6 +460,12 @@ impl Admission {
     }
 
     /// The position of the request's API key when the route asks for one.
+    /// The client's address: the peer, or the last untrusted hop of X-Forwarded-For when the
+    /// peer is one of `trusted_proxies`. Rate-limit keys and cache keys both use it.
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        client_ip(peer, headers, &self.trusted_proxies)
+    }
+
     fn api_key(
         &self,
         policy: &RoutePolicy,
