@@ -33,6 +33,30 @@ pub struct BodyTooSlow {
     pub window: Duration,
 }
 
+/// Why the client's body could not be passed on to an instance: never the instance's fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientBodyFailure {
+    /// More than `server.max_body` (413).
+    TooLarge,
+    /// Slower than `server.min_body_rate` (408).
+    TooSlow,
+    /// Malformed (a bad chunk size) or cut off by the client (400).
+    Broken(String),
+}
+
+impl ClientBodyFailure {
+    /// Sorts an error read from [`ForwardBody`].
+    pub fn of(err: &BoxError) -> ClientBodyFailure {
+        if err.is::<BodyTooLarge>() {
+            ClientBodyFailure::TooLarge
+        } else if err.is::<BodyTooSlow>() {
+            ClientBodyFailure::TooSlow
+        } else {
+            ClientBodyFailure::Broken(err.to_string())
+        }
+    }
+}
+
 /// How fast a request body must arrive: at least `min_bytes` in every `window`
 /// (`server.body_read_timeout`, and `server.min_body_rate` × that window but at least one byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

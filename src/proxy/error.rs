@@ -4,7 +4,7 @@
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
-use super::body::GatewayBody;
+use super::body::{ClientBodyFailure, GatewayBody};
 use super::headers::X_REQUEST_ID;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +37,19 @@ pub enum ProxyError {
     },
     #[error("too many requests in flight, retry in {retry_after} s")]
     Overloaded { retry_after: u64 },
+}
+
+impl From<ClientBodyFailure> for ProxyError {
+    fn from(failure: ClientBodyFailure) -> ProxyError {
+        match failure {
+            ClientBodyFailure::TooLarge => ProxyError::BodyTooLarge,
+            ClientBodyFailure::TooSlow => ProxyError::BodyTooSlow,
+            ClientBodyFailure::Broken(reason) => {
+                tracing::debug!(%reason, "client request body failed");
+                ProxyError::BadRequest("the request body is malformed or was cut off")
+            }
+        }
+    }
 }
 
 impl ProxyError {

@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
 
-use super::body::{BodyPace, ForwardBody, GatewayBody};
+use super::body::{BodyPace, ClientBodyFailure, ForwardBody, GatewayBody};
 use super::error::ProxyError;
 use super::h1::{AnswerHead, InstanceBody, InstanceConn, SendError};
 use super::h2::{self, Http2Body, Http2Error};
@@ -107,8 +107,9 @@ pub async fn handle(
             .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
     }
     let status = response.status().as_u16();
+    let elapsed = started.elapsed();
     if let Some(stats) = runtime.request_stats(route, &gateway.metrics) {
-        stats.record(&method, status, started.elapsed());
+        stats.record(&method, status, elapsed);
     }
     if let Some(path) = access_log {
         tracing::info!(
@@ -117,7 +118,7 @@ pub async fn handle(
             path = %path,
             status,
             upstream = route.map_or("-", |r| runtime.route_upstream(r).config.name.as_str()),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
             request_id = request_id.to_str().unwrap_or_default(),
             client = %client.addr.ip(),
         );
@@ -390,15 +391,7 @@ async fn to_instance(
                         instance.record_failure(now, config);
                         return Err(ProxyError::InstanceTimeout);
                     }
-                    Attempt::BodyTooLarge => return Err(ProxyError::BodyTooLarge),
-                    Attempt::BodyTooSlow => return Err(ProxyError::BodyTooSlow),
-                    // A malformed body (bad chunk size) or a client that went away: its fault.
-                    Attempt::ClientBody(reason) => {
-                        tracing::debug!(%reason, "client request body failed");
-                        return Err(ProxyError::BadRequest(
-                            "the request body is malformed or was cut off",
-                        ));
-                    }
+                    Attempt::Client(failure) => return Err(failure.into()),
                 }
                 if !retry_ok || !upstream.retry_budget.try_withdraw() {
                     return Err(last_error);
@@ -417,10 +410,8 @@ enum Attempt {
     /// The instance may have seen the request.
     Sent(String),
     Timeout,
-    BodyTooLarge,
-    BodyTooSlow,
-    /// Reading the client's body failed (client went away): not the instance's fault.
-    ClientBody(String),
+    /// The client's body failed: not the instance's fault.
+    Client(ClientBodyFailure),
 }
 
 /// An instance's answer head: on the HTTP/1.1 connection it came on, or from HTTP/2.
@@ -443,18 +434,17 @@ async fn send(
         Err(err) => return Err(Attempt::NotSent(err.to_string())),
     };
     let started = Instant::now();
-    match tokio::time::timeout(timeout, conn.send(parts, body)).await {
+    match tokio::time::timeout_at(started + timeout, conn.send(parts, body)).await {
         Err(_) => Err(Attempt::Timeout),
         Ok(Ok(answer)) => {
-            instance.observe_latency(started.elapsed(), Instant::now());
+            let now = Instant::now();
+            instance.observe_latency(now - started, now);
             Ok(Answer::Http1(conn, answer))
         }
         Ok(Err(err)) => Err(match err {
             SendError::Unsent(err) => Attempt::NotSent(err.to_string()),
             SendError::Sent(reason) => Attempt::Sent(reason),
-            SendError::BodyTooLarge => Attempt::BodyTooLarge,
-            SendError::BodyTooSlow => Attempt::BodyTooSlow,
-            SendError::ClientBody(reason) => Attempt::ClientBody(reason),
+            SendError::Client(failure) => Attempt::Client(failure),
         }),
     }
 }
@@ -477,10 +467,11 @@ async fn send_http2(
         .map_err(Attempt::NotSent)?
         .map(|()| std::mem::replace(body, ForwardBody::Empty));
     let started = Instant::now();
-    match tokio::time::timeout(timeout, h2::send(sender, request)).await {
+    match tokio::time::timeout_at(started + timeout, h2::send(sender, request)).await {
         Err(_) => Err(Attempt::Timeout),
         Ok(Ok(response)) => {
-            instance.observe_latency(started.elapsed(), Instant::now());
+            let now = Instant::now();
+            instance.observe_latency(now - started, now);
             Ok(Answer::Http2(response))
         }
         Ok(Err(Http2Error::NotSent(reason, unsent))) => {
@@ -488,9 +479,7 @@ async fn send_http2(
             Err(Attempt::NotSent(reason))
         }
         Ok(Err(Http2Error::Sent(reason))) => Err(Attempt::Sent(reason)),
-        Ok(Err(Http2Error::BodyTooLarge)) => Err(Attempt::BodyTooLarge),
-        Ok(Err(Http2Error::BodyTooSlow)) => Err(Attempt::BodyTooSlow),
-        Ok(Err(Http2Error::ClientBody(reason))) => Err(Attempt::ClientBody(reason)),
+        Ok(Err(Http2Error::Client(failure))) => Err(Attempt::Client(failure)),
     }
 }
 

@@ -19,7 +19,7 @@ use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
-use super::body::{BodyTooLarge, BodyTooSlow, BoxError, ForwardBody};
+use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::InstanceStream;
 use super::upstream::InFlightGuard;
 use crate::http1::{response_framing, BodyFraming, Chunked, Framing, MAX_HEAD};
@@ -44,10 +44,8 @@ pub enum SendError {
     Unsent(io::Error),
     /// The instance may have seen the request.
     Sent(String),
-    BodyTooLarge,
-    BodyTooSlow,
-    /// Reading the client's body failed (the client went away): not the instance's fault.
-    ClientBody(String),
+    /// The client's body failed: not the instance's fault.
+    Client(ClientBodyFailure),
 }
 
 /// An instance's answer head, and how to read the body that follows it.
@@ -149,9 +147,7 @@ async fn exchange<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     Ok(()) => request_complete = true,
                     // The instance stopped reading; it may still have answered.
                     Err(UploadError::Instance) => {}
-                    Err(UploadError::TooLarge) => return Err(SendError::BodyTooLarge),
-                    Err(UploadError::TooSlow) => return Err(SendError::BodyTooSlow),
-                    Err(UploadError::Client(reason)) => return Err(SendError::ClientBody(reason)),
+                    Err(UploadError::Client(failure)) => return Err(SendError::Client(failure)),
                 }
             }
         }
@@ -197,9 +193,7 @@ async fn write_first(stream: &mut InstanceStream, head: &[u8]) -> Result<(), Sen
 
 enum UploadError {
     Instance,
-    TooLarge,
-    TooSlow,
-    Client(String),
+    Client(ClientBodyFailure),
 }
 
 /// Streams the client's body to the instance, chunk-framed when its length is unknown.
@@ -211,15 +205,7 @@ async fn write_body<W: AsyncWrite + Unpin>(
 ) -> Result<(), UploadError> {
     let mut trailers = None;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|err| {
-            if err.is::<BodyTooLarge>() {
-                UploadError::TooLarge
-            } else if err.is::<BodyTooSlow>() {
-                UploadError::TooSlow
-            } else {
-                UploadError::Client(err.to_string())
-            }
-        })?;
+        let frame = frame.map_err(|err| UploadError::Client(ClientBodyFailure::of(&err)))?;
         let data = match frame.into_data() {
             Ok(data) => data,
             Err(frame) => {
@@ -409,9 +395,7 @@ impl InstanceBody {
         let mut body = InstanceBody {
             conn: Some(conn),
             state,
-            reusable: answer.framing.keep_alive
-                && answer.request_complete
-                && answer.head.status != StatusCode::SWITCHING_PROTOCOLS,
+            reusable: answer.framing.keep_alive && answer.request_complete,
             guard: Some(guard),
         };
         if matches!(body.state, BodyState::Length(0)) {

@@ -4,8 +4,7 @@
 //! the request's in-flight guard to its end.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::body::{BodyTooLarge, BodyTooSlow, BoxError, ForwardBody};
+use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::{ConnectError, Connector};
 use super::upstream::InFlightGuard;
 
@@ -43,10 +42,8 @@ pub enum Http2Error {
     /// The request never reached the instance; its body is given back for a retry.
     NotSent(String, ForwardBody),
     Sent(String),
-    BodyTooLarge,
-    BodyTooSlow,
-    /// Reading the client's body failed (the client went away): not the instance's fault.
-    ClientBody(String),
+    /// The client's body failed: not the instance's fault.
+    Client(ClientBodyFailure),
 }
 
 impl Http2Conn {
@@ -96,7 +93,7 @@ pub async fn send(
     mut sender: SendRequest<Upload>,
     request: Request<ForwardBody>,
 ) -> Result<hyper::Response<Incoming>, Http2Error> {
-    let outcome = (!request.body().is_end_stream()).then(|| Arc::new(AtomicU8::new(UPLOADING)));
+    let outcome = (!request.body().is_end_stream()).then(Arc::default);
     let request = request.map(|body| Upload {
         body,
         outcome: outcome.clone(),
@@ -105,19 +102,12 @@ pub async fn send(
         if let Some(request) = err.take_message() {
             return Http2Error::NotSent(err.into_error().to_string(), request.into_body().body);
         }
-        match outcome.map(|outcome| outcome.load(Ordering::Acquire)) {
-            Some(TOO_LARGE) => Http2Error::BodyTooLarge,
-            Some(TOO_SLOW) => Http2Error::BodyTooSlow,
-            Some(CLIENT_FAILED) => Http2Error::ClientBody(err.into_error().to_string()),
-            _ => Http2Error::Sent(err.into_error().to_string()),
+        match outcome.and_then(|outcome| outcome.get().cloned()) {
+            Some(failure) => Http2Error::Client(failure),
+            None => Http2Error::Sent(err.into_error().to_string()),
         }
     })
 }
-
-const UPLOADING: u8 = 0;
-const TOO_LARGE: u8 = 1;
-const CLIENT_FAILED: u8 = 2;
-const TOO_SLOW: u8 = 3;
 
 /// The client's body on its way to an HTTP/2 instance. hyper sends it from a task of its own
 /// and then only reports a broken stream; the outcome noted here tells a body over `max_body`
@@ -125,7 +115,7 @@ const TOO_SLOW: u8 = 3;
 pub struct Upload {
     body: ForwardBody,
     /// `None` for an empty body, which cannot fail.
-    outcome: Option<Arc<AtomicU8>>,
+    outcome: Option<Arc<OnceLock<ClientBodyFailure>>>,
 }
 
 impl Body for Upload {
@@ -139,14 +129,7 @@ impl Body for Upload {
         let this = self.get_mut();
         let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
         if let (Some(Err(err)), Some(outcome)) = (&frame, &this.outcome) {
-            let failure = if err.is::<BodyTooLarge>() {
-                TOO_LARGE
-            } else if err.is::<BodyTooSlow>() {
-                TOO_SLOW
-            } else {
-                CLIENT_FAILED
-            };
-            outcome.store(failure, Ordering::Release);
+            let _ = outcome.set(ClientBodyFailure::of(err));
         }
         Poll::Ready(frame)
     }

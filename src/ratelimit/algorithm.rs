@@ -40,7 +40,6 @@ impl Quota {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateDecision {
     pub allowed: bool,
-    pub limit: u64,
     /// Requests that could still pass right now.
     pub remaining: u64,
     /// Time until the quota is whole again.
@@ -111,7 +110,6 @@ pub fn gcra(quota: &Quota, tat: Option<u64>, now: u64) -> (RateDecision, Option<
         let next = tat + interval;
         let decision = RateDecision {
             allowed: true,
-            limit: quota.limit,
             remaining: (now + tolerance - tat) / interval,
             reset_us: next - now,
             retry_after_us: 0,
@@ -120,7 +118,6 @@ pub fn gcra(quota: &Quota, tat: Option<u64>, now: u64) -> (RateDecision, Option<
     } else {
         let decision = RateDecision {
             allowed: false,
-            limit: quota.limit,
             remaining: 0,
             reset_us: tat - now,
             retry_after_us: tat - tolerance - now,
@@ -150,7 +147,6 @@ pub fn sliding_window(
     if used <= capacity {
         let decision = RateDecision {
             allowed: true,
-            limit: quota.limit,
             remaining: ((capacity - used) / u128::from(period)) as u64,
             reset_us: period - elapsed,
             retry_after_us: 0,
@@ -174,7 +170,6 @@ pub fn sliding_window(
         };
         let decision = RateDecision {
             allowed: false,
-            limit: quota.limit,
             remaining: 0,
             reset_us: period - elapsed,
             retry_after_us,
@@ -320,14 +315,12 @@ mod tests {
     fn strictest_rule_wins() {
         let ok = |remaining| RateDecision {
             allowed: true,
-            limit: 10,
             remaining,
             reset_us: 0,
             retry_after_us: 0,
         };
         let no = |retry_after_us| RateDecision {
             allowed: false,
-            limit: 10,
             remaining: 0,
             reset_us: 0,
             retry_after_us,

@@ -109,14 +109,12 @@ impl Limiter {
     fn decide_here(&self, rule: &Rule, key: LimitKey<'_>) -> RateDecision {
         if self.redis.is_some() {
             rule.counters.fallback.fetch_add(1, Ordering::Relaxed);
-            let limit = rule.quota.limit;
             match self.on_redis_error {
                 OnRedisError::Local => {}
                 OnRedisError::Allow => {
                     return RateDecision {
                         allowed: true,
-                        limit,
-                        remaining: limit,
+                        remaining: rule.quota.limit,
                         reset_us: 0,
                         retry_after_us: 0,
                     }
@@ -124,7 +122,6 @@ impl Limiter {
                 OnRedisError::Deny => {
                     return RateDecision {
                         allowed: false,
-                        limit,
                         remaining: 0,
                         reset_us: 1_000_000,
                         retry_after_us: 1_000_000,
@@ -537,7 +534,6 @@ mod tests {
         };
         let decision = RateDecision {
             allowed: true,
-            limit: 20,
             remaining: 7,
             reset_us: 29_000_001,
             retry_after_us: 0,
