@@ -299,12 +299,15 @@ pub fn cache_key(
     key.push_str(path_and_query);
     if let Some(host) = host {
         key.push(' ');
-        key.push_str(&host.to_ascii_lowercase());
+        key.extend(host.chars().map(|c| c.to_ascii_lowercase()));
     }
     for part in parts {
         key.push(' ');
         match part {
-            HashKey::ClientIp => key.push_str(&client_ip.to_string()),
+            HashKey::ClientIp => {
+                use std::fmt::Write as _;
+                let _ = write!(key, "{client_ip}");
+            }
             HashKey::Header(name) => {
                 for value in headers.get_all(name) {
                     key.push_str(&String::from_utf8_lossy(value.as_bytes()));
