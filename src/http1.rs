@@ -1,9 +1,13 @@
-//! HTTP/1.1 response framing (RFC 9112 §6): how an answer's body ends, whether its connection
-//! can carry another request, and the chunked decoder. Pure functions over bytes, shared by the
-//! proxy's instance connections and the load generator, which both parse answers with
-//! `httparse` instead of going through hyper's client.
+//! HTTP/1.1 message framing (RFC 9112 §6): how an answer's body ends, whether its connection
+//! can carry another request, the chunked decoder, and parsed heads as header maps. Pure
+//! functions over bytes, shared by the proxy's client and instance connections and the load
+//! generator, which all parse with `httparse` instead of going through hyper.
 
 use std::ops::Range;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use smallvec::SmallVec;
 
 /// Largest answer head (and chunk-size or trailer line) accepted.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -93,6 +97,38 @@ pub fn response_framing(
     })
 }
 
+/// Where each field of a parsed head sits in the head's bytes, taken while `httparse` still
+/// borrows the buffer, so the map can be built from the frozen head without copying values.
+pub struct FieldSpans(SmallVec<[(HeaderName, usize, usize); 24]>);
+
+impl FieldSpans {
+    /// The spans of `fields`, which `httparse` parsed out of the buffer starting at `base`.
+    pub fn of(fields: &[httparse::Header<'_>], base: *const u8) -> Result<FieldSpans, http::Error> {
+        let base = base as usize;
+        let mut spans = SmallVec::with_capacity(fields.len());
+        for field in fields {
+            let name = HeaderName::from_bytes(field.name.as_bytes())?;
+            let start = (field.value.as_ptr() as usize).wrapping_sub(base);
+            spans.push((name, start, start.wrapping_add(field.value.len())));
+        }
+        Ok(FieldSpans(spans))
+    }
+
+    /// The header map, its values slices of `head` (the bytes the spans were taken from).
+    pub fn into_map(self, head: &Bytes) -> Result<HeaderMap, http::Error> {
+        let mut map = HeaderMap::with_capacity(self.0.len());
+        for (name, start, end) in self.0 {
+            let value = if start <= end && end <= head.len() {
+                HeaderValue::from_maybe_shared(head.slice(start..end))?
+            } else {
+                HeaderValue::from_static("")
+            };
+            map.append(name, value);
+        }
+        Ok(map)
+    }
+}
+
 /// Digits only: no sign, no spaces inside, no overflow.
 fn parse_decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
@@ -105,7 +141,7 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|&b| b == b',').map(<[u8]>::trim_ascii)
 }
 
-fn has_token(value: &[u8], token: &[u8]) -> bool {
+pub fn has_token(value: &[u8], token: &[u8]) -> bool {
     tokens(value).any(|t| t.eq_ignore_ascii_case(token))
 }
 

@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::client_h1::RequestBody;
 use super::h1::InstanceBody;
 use super::h2::Http2Body;
 use crate::ratelimit::Slots;
@@ -163,13 +164,53 @@ impl PaceCheck {
     }
 }
 
+/// A client's request body, read by the gateway's own HTTP/1.1 server (plain connections) or by
+/// hyper (HTTP/2 and HTTPS).
+pub enum ClientBody {
+    Empty,
+    Plain(RequestBody),
+    Hyper(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::Plain(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Plain(body) => body.is_end_stream(),
+            ClientBody::Hyper(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::Plain(body) => body.size_hint(),
+            ClientBody::Hyper(body) => body.size_hint(),
+        }
+    }
+}
+
 /// Request body sent to an instance.
 pub enum ForwardBody {
     Empty,
     /// Streamed from the client, failing with [`BodyTooLarge`] once more than `limit` bytes came
     /// and with [`BodyTooSlow`] when they come slower than the pace.
     Stream {
-        inner: Incoming,
+        inner: ClientBody,
         seen: u64,
         limit: u64,
         pace: Option<PaceCheck>,
@@ -177,7 +218,7 @@ pub enum ForwardBody {
 }
 
 impl ForwardBody {
-    pub fn stream(inner: Incoming, limit: u64, pace: Option<BodyPace>) -> ForwardBody {
+    pub fn stream(inner: ClientBody, limit: u64, pace: Option<BodyPace>) -> ForwardBody {
         ForwardBody::Stream {
             inner,
             seen: 0,
@@ -215,7 +256,7 @@ impl Body for ForwardBody {
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
+                Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err))),
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => match pace.as_mut().map(|pace| pace.waiting(cx)) {
                     Some(Err(too_slow)) => Poll::Ready(Some(Err(too_slow.into()))),

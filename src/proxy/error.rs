@@ -17,6 +17,8 @@ pub enum ProxyError {
     BodyTooSlow,
     #[error("request URI is too long")]
     UriTooLong,
+    #[error("request header fields are too large or too many")]
+    HeadersTooLarge,
     #[error("method not allowed: {0}")]
     MethodNotAllowed(&'static str),
     #[error("no route matches this request")]
@@ -59,6 +61,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
+            ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoHealthyInstance => StatusCode::SERVICE_UNAVAILABLE,
@@ -76,6 +79,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::BodyTooSlow => "body_too_slow",
             ProxyError::UriTooLong => "uri_too_long",
+            ProxyError::HeadersTooLarge => "headers_too_large",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
             ProxyError::NoRoute => "no_route",
             ProxyError::NoHealthyInstance => "no_healthy_instance",
@@ -119,7 +123,11 @@ impl ProxyError {
         }
         if matches!(
             self,
-            ProxyError::BadRequest(_) | ProxyError::BodyTooLarge | ProxyError::BodyTooSlow
+            ProxyError::BadRequest(_)
+                | ProxyError::BodyTooLarge
+                | ProxyError::BodyTooSlow
+                | ProxyError::UriTooLong
+                | ProxyError::HeadersTooLarge
         ) {
             // The rest of the connection cannot be trusted to be framed as the client meant.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -140,6 +148,7 @@ mod tests {
             (ProxyError::BodyTooLarge, 413),
             (ProxyError::BodyTooSlow, 408),
             (ProxyError::UriTooLong, 414),
+            (ProxyError::HeadersTooLarge, 431),
             (ProxyError::NoRoute, 404),
             (ProxyError::NoHealthyInstance, 503),
             (ProxyError::InstanceFailed("refused".into()), 502),

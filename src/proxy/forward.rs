@@ -16,19 +16,18 @@ use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
 use tokio::time::Instant;
 
-use super::body::{BodyPace, ClientBodyFailure, ForwardBody, GatewayBody};
+use super::body::{BodyPace, ClientBody, ClientBodyFailure, ForwardBody, GatewayBody};
 use super::error::ProxyError;
 use super::h1::{AnswerHead, InstanceBody, InstanceConn, SendError};
 use super::h2::{self, Http2Body, Http2Error};
 use super::headers::{
-    check_framing, cookie_value, forward_request_headers, is_sane_request_id, new_request_id,
-    requested_upgrade, restore_upgrade, strip_hop_by_hop, X_REQUEST_ID,
+    check_framing, cookie_value, forward_request_headers, is_sane_request_id, requested_upgrade,
+    restore_upgrade, strip_hop_by_hop, X_REQUEST_ID,
 };
 use super::router::{host_without_port, match_route};
-use super::tunnel;
+use super::tunnel::{self, ClientUpgrade};
 use super::upstream::{InFlightGuard, Instance, NoInstance};
 use super::{Gateway, Runtime};
 use crate::balance::{hash_bytes, HashKey, Strategy};
@@ -58,18 +57,17 @@ impl ClientAddr {
 }
 
 /// Entry point for one client request; never fails (errors become responses).
+/// `upgrade` is the client's side of the connection should the request switch protocols.
 pub async fn handle(
     gateway: Arc<Gateway>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     client: ClientAddr,
+    upgrade: Option<ClientUpgrade>,
 ) -> Result<Response<GatewayBody>, Infallible> {
     let started = Instant::now();
     let request_id = match req.headers().get(&X_REQUEST_ID) {
         Some(id) if is_sane_request_id(id) => id.clone(),
-        _ => new_request_id(
-            gateway.id_prefix,
-            gateway.request_seq.fetch_add(1, Ordering::Relaxed),
-        ),
+        _ => gateway.new_request_id(),
     };
     let runtime = gateway.runtime.load_full();
     let _in_flight = gateway.metrics.enter();
@@ -85,7 +83,7 @@ pub async fn handle(
         .and_then(|_| https_redirect(&req, gateway.https_port()));
     let (mut response, route) = match redirect {
         Some(response) => (response, None),
-        None => match forward(&runtime, req, &client, &request_id).await {
+        None => match forward(&runtime, req, &client, &request_id, upgrade).await {
             Ok((response, route)) => (response, Some(route)),
             Err((error, route)) => {
                 // Overload refusals are expected under load; logging each would add to it.
@@ -133,9 +131,10 @@ type Failed = (ProxyError, Option<usize>);
 
 async fn forward(
     runtime: &Arc<Runtime>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     client: &ClientAddr,
     request_id: &HeaderValue,
+    client_upgrade: Option<ClientUpgrade>,
 ) -> Result<Forwarded, Failed> {
     let (mut parts, body) = req.into_parts();
     if parts.method == Method::CONNECT {
@@ -203,10 +202,7 @@ async fn forward(
         }
     }
     let upgrade = requested_upgrade(&parts.headers);
-    let client_upgrade = upgrade
-        .is_some()
-        .then(|| parts.extensions.remove::<OnUpgrade>())
-        .flatten();
+    let client_upgrade = client_upgrade.filter(|_| upgrade.is_some());
     forward_request_headers(
         &mut parts.headers,
         &client.ip,
@@ -302,7 +298,7 @@ async fn to_instance(
     mut body: ForwardBody,
     hash: Option<u64>,
     request_id: &HeaderValue,
-    mut client_upgrade: Option<OnUpgrade>,
+    mut client_upgrade: Option<ClientUpgrade>,
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let upstream = runtime.route_upstream(route).clone();
     let config = &upstream.config;

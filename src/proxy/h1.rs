@@ -10,19 +10,18 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH};
+use http::header::CONTENT_LENGTH;
 use http::request::Parts;
 use http::{response, Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::InstanceStream;
 use super::upstream::InFlightGuard;
-use crate::http1::{response_framing, BodyFraming, Chunked, Framing, MAX_HEAD};
+use crate::http1::{response_framing, BodyFraming, Chunked, FieldSpans, Framing, MAX_HEAD};
 
 /// Most header fields an instance's answer may have.
 const MAX_HEADERS: usize = 128;
@@ -257,7 +256,7 @@ impl From<io::Error> for UploadError {
 }
 
 /// A chunk-size line: the length in hex and CRLF.
-fn chunk_header(out: &mut Vec<u8>, len: usize) {
+pub(super) fn chunk_header(out: &mut Vec<u8>, len: usize) {
     let mut digits = [0u8; 16];
     let mut at = digits.len();
     let mut rest = len;
@@ -340,24 +339,9 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         head_request,
     )
     .map_err(|err| invalid(&err))?;
-    let base = buf.as_ptr() as usize;
-    let mut fields: SmallVec<[(HeaderName, usize, usize); 24]> = SmallVec::new();
-    for field in answer.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes()).map_err(|err| invalid(&err))?;
-        let start = (field.value.as_ptr() as usize).wrapping_sub(base);
-        fields.push((name, start, start.wrapping_add(field.value.len())));
-    }
+    let spans = FieldSpans::of(answer.headers, buf.as_ptr()).map_err(|err| invalid(&err))?;
     let head_bytes = buf.split_to(len).freeze();
-    let mut map = HeaderMap::with_capacity(fields.len());
-    for (name, start, end) in fields {
-        let value = if start <= end && end <= head_bytes.len() {
-            HeaderValue::from_maybe_shared(head_bytes.slice(start..end))
-        } else {
-            HeaderValue::from_bytes(b"")
-        }
-        .map_err(|err| invalid(&err))?;
-        map.append(name, value);
-    }
+    let mut map = spans.into_map(&head_bytes).map_err(|err| invalid(&err))?;
     // The gateway frames the body itself towards the client.
     if !matches!(framing.framing, Framing::Length(_)) {
         map.remove(CONTENT_LENGTH);

@@ -4,6 +4,7 @@
 //! takes one snapshot, so a reload swaps the snapshot without touching requests in flight.
 
 mod body;
+mod client_h1;
 mod connect;
 pub mod connections;
 mod error;
@@ -30,7 +31,7 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -274,6 +275,14 @@ impl Gateway {
     pub fn upstream(&self, name: &str) -> Option<Arc<Upstream>> {
         self.runtime.load().upstream(name).cloned()
     }
+
+    /// A request ID for a request that came without a usable one.
+    pub fn new_request_id(&self) -> http::HeaderValue {
+        headers::new_request_id(
+            self.id_prefix,
+            self.request_seq.fetch_add(1, Ordering::Relaxed),
+        )
+    }
 }
 
 /// Runs the gateway until SIGTERM/SIGINT, then drains: the proxy stops accepting, `/health`
@@ -365,7 +374,12 @@ async fn accept_loop(
         .max_frame_size(h2.max_frame_size)
         .keep_alive_interval(h2.keep_alive_interval)
         .keep_alive_timeout(h2.keep_alive_timeout);
+    let builder = Arc::new(builder);
+    let limits = client_h1::ClientLimits::of(&server);
+    // HTTP/1.1 on the plain listener is served by the gateway's own connection loop, which
+    // watches `drain`; HTTP/2 and HTTPS connections are hyper's, watched by `graceful`.
     let graceful = GracefulShutdown::new();
+    let drain = watch::Sender::new(false);
     loop {
         let (accepted, secure) = tokio::select! {
             accepted = listener.accept() => (accepted, false),
@@ -390,19 +404,16 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let client = forward::ClientAddr::new(peer, secure);
-        let service = {
-            let gateway = gateway.clone();
-            service_fn(move |req| forward::handle(gateway.clone(), req, client.clone()))
-        };
+        let gateway = gateway.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
         if !secure {
-            let connection = graceful.watch(
-                builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned(),
-            );
+            let drain = drain.subscribe();
             tokio::spawn(async move {
-                if let Err(err) = connection.await {
-                    tracing::debug!(%err, %peer, "client connection ended with an error");
+                match starts_with_http2_preface(&stream, limits.header_read_timeout).await {
+                    Some(false) => client_h1::serve(stream, gateway, client, limits, drain).await,
+                    Some(true) => serve_hyper(&builder, watcher, stream, gateway, client).await,
+                    None => {}
                 }
                 drop(permit);
             });
@@ -411,8 +422,6 @@ async fn accept_loop(
         let Some(tls) = gateway.runtime.load().tls.clone() else {
             continue;
         };
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
             let stream = match tokio::time::timeout(server.header_read_timeout, handshake).await {
@@ -426,25 +435,79 @@ async fn accept_loop(
                     return;
                 }
             };
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(err) = watcher.watch(connection.into_owned()).await {
-                tracing::debug!(%err, %peer, "client connection ended with an error");
-            }
+            serve_hyper(&builder, watcher, stream, gateway, client).await;
             drop(permit);
         });
     }
     drop(listener);
     drop(tls_listener);
     gateway.draining.store(true, Ordering::Relaxed);
+    drain.send_replace(true);
     tracing::info!(
         grace_secs = server.shutdown_grace.as_secs_f64(),
         "draining: finishing in-flight requests"
     );
-    if tokio::time::timeout(server.shutdown_grace, graceful.shutdown())
+    let finished = async { tokio::join!(graceful.shutdown(), drain.closed()) };
+    if tokio::time::timeout(server.shutdown_grace, finished)
         .await
         .is_err()
     {
         tracing::warn!("shutdown grace elapsed with requests still in flight");
+    }
+}
+
+/// Serves a connection with hyper: HTTP/2 (prior knowledge or ALPN) and HTTPS.
+async fn serve_hyper<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    io: I,
+    gateway: Arc<Gateway>,
+    client: forward::ClientAddr,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = client.addr;
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let (mut parts, body) = req.into_parts();
+        let upgrade = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .map(tunnel::ClientUpgrade::Hyper);
+        let req = http::Request::from_parts(parts, body::ClientBody::Hyper(body));
+        forward::handle(gateway.clone(), req, client.clone(), upgrade)
+    });
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    if let Err(err) = watcher.watch(connection.into_owned()).await {
+        tracing::debug!(%err, %peer, "client connection ended with an error");
+    }
+}
+
+/// Waits for a new plain connection's first bytes: `Some(true)` when they are HTTP/2's
+/// connection preface (prior knowledge h2c), `Some(false)` for anything else (HTTP/1), `None`
+/// when the client closed or sent nothing within `timeout`. Peeks, so nothing is consumed.
+async fn starts_with_http2_preface(
+    stream: &tokio::net::TcpStream,
+    timeout: Duration,
+) -> Option<bool> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let until = tokio::time::Instant::now() + timeout;
+    let mut first = [0u8; 4];
+    loop {
+        let seen = tokio::time::timeout_at(until, stream.peek(&mut first))
+            .await
+            .ok()?
+            .ok()?;
+        if seen == 0 {
+            return None;
+        }
+        if !PREFACE.starts_with(&first[..seen]) {
+            return Some(false);
+        }
+        if seen == first.len() {
+            return Some(true);
+        }
+        // The preface's first bytes came alone: peek again once more have arrived.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

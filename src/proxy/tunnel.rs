@@ -9,28 +9,64 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::h1::InstanceConn;
 use super::upstream::InFlightGuard;
 
-/// Joins the client's upgraded connection with the instance's, which answered 101.
-pub fn spawn(client: OnUpgrade, instance: InstanceConn, guard: InFlightGuard, idle: Duration) {
-    tokio::spawn(async move {
-        let mut client = match client.await {
-            Ok(upgraded) => TokioIo::new(upgraded),
-            Err(err) => {
-                tracing::debug!(%err, "upgrade did not complete");
-                return;
+/// The client's side of an upgrade, once the 101 went out.
+pub enum ClientUpgrade {
+    /// A connection hyper served (HTTPS).
+    Hyper(OnUpgrade),
+    /// A plain connection the gateway served, with what the client sent after its request.
+    Plain(oneshot::Receiver<(TcpStream, Bytes)>),
+}
+
+/// Either kind of upgraded client connection.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl ClientUpgrade {
+    async fn connection(self) -> Option<(Box<dyn Io>, Bytes)> {
+        match self {
+            ClientUpgrade::Hyper(upgrade) => match upgrade.await {
+                Ok(upgraded) => Some((Box::new(TokioIo::new(upgraded)), Bytes::new())),
+                Err(err) => {
+                    tracing::debug!(%err, "upgrade did not complete");
+                    None
+                }
+            },
+            ClientUpgrade::Plain(handed) => {
+                let (stream, early) = handed.await.ok()?;
+                Some((Box::new(stream), early))
             }
+        }
+    }
+}
+
+/// Joins the client's upgraded connection with the instance's, which answered 101.
+pub fn spawn(client: ClientUpgrade, instance: InstanceConn, guard: InFlightGuard, idle: Duration) {
+    tokio::spawn(async move {
+        let Some((mut client, client_early)) = client.connection().await else {
+            return;
         };
-        // What the instance sent right after its 101 belongs to the new protocol.
-        let (instance, early) = instance.into_parts();
+        // What either side sent right after the 101 or the request belongs to the new
+        // protocol.
+        let (mut instance, early) = instance.into_parts();
         if !early.is_empty() {
             if let Err(err) = client.write_all(&early).await {
+                tracing::debug!(%err, "tunnel closed with an error");
+                return;
+            }
+        }
+        if !client_early.is_empty() {
+            if let Err(err) = instance.write_all(&client_early).await {
                 tracing::debug!(%err, "tunnel closed with an error");
                 return;
             }

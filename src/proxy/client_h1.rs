@@ -1,0 +1,756 @@
+//! The client side of HTTP/1.1 on plain connections: reads request heads with `httparse`,
+//! streams request bodies by their framing, writes answers (head and the first body bytes in
+//! one write when they are at hand), keeps connections alive, and hands upgraded connections
+//! to the tunnel. HTTP/2 (prior knowledge or TLS ALPN) and HTTPS stay with hyper's server; on
+//! the plain listener this path costs a fraction of hyper's per-request dispatch.
+//!
+//! Limits: a new connection must bring a complete head within `header_read_timeout`; an idle
+//! keep-alive connection is closed after `idle_timeout`, and once its next head has started it
+//! too has `header_read_timeout`. Heads larger than `max_header_size` get 431, a request line
+//! longer than `max_uri_length` 414, more than `max_headers` fields 431, malformed heads and
+//! ambiguous framing (Content-Length with Transfer-Encoding, conflicting lengths, codings
+//! other than one `chunked`) 400 — each with a JSON body carrying a request ID, then the
+//! connection is closed. A connection whose request body was not read to its end is closed
+//! after the answer, reading and discarding what the client still sends for a moment so the
+//! answer is not lost to a reset.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, watch};
+use tokio::time::{Instant, Sleep};
+use tokio_util::io::poll_read_buf;
+
+use super::body::{BoxError, ClientBody, GatewayBody};
+use super::error::ProxyError;
+use super::forward::{self, ClientAddr};
+use super::h1::chunk_header;
+use super::headers::{check_framing, requested_upgrade};
+use super::tunnel::ClientUpgrade;
+use super::Gateway;
+use crate::config::ServerConfig;
+use crate::http1::{has_token, Chunked, FieldSpans};
+
+const READ_CHUNK: usize = 8 * 1024;
+/// Body bytes up to this size are copied behind the head (or the previous bytes) and go out in
+/// one write; larger ones are written from their own buffer.
+const COALESCE: usize = 16 * 1024;
+/// Header fields parsed on the stack; a larger `max_headers` parses into a vector.
+const STACK_HEADERS: usize = crate::config::DEFAULT_MAX_HEADERS;
+/// How long a connection closed with unread client bytes keeps reading (and discarding) them.
+const LINGER: Duration = Duration::from_secs(2);
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// What the client side needs from `[server]`, read once per connection.
+#[derive(Clone, Copy)]
+pub struct ClientLimits {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_head: usize,
+    pub max_headers: usize,
+    pub max_uri: usize,
+}
+
+impl ClientLimits {
+    pub fn of(server: &ServerConfig) -> ClientLimits {
+        ClientLimits {
+            header_read_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
+            max_head: server.max_header_bytes,
+            max_headers: server.max_headers,
+            max_uri: server.max_uri_length,
+        }
+    }
+}
+
+/// The read side of a client connection and what was read but not yet used.
+pub struct ConnReader {
+    half: OwnedReadHalf,
+    buf: BytesMut,
+}
+
+impl ConnReader {
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        poll_read_buf(Pin::new(&mut self.half), cx, &mut self.buf)
+    }
+}
+
+/// A request head as the gateway needs it to answer.
+struct RequestHead {
+    parts: http::request::Parts,
+    body: BodyKind,
+    /// The client allows another request on this connection.
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BodyKind {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Serves one plain client connection until it closes, fails, idles out or the gateway drains.
+pub async fn serve(
+    stream: TcpStream,
+    gateway: Arc<Gateway>,
+    client: ClientAddr,
+    limits: ClientLimits,
+    drain: watch::Receiver<bool>,
+) {
+    let (half, writer) = stream.into_split();
+    let mut conn = ClientConn {
+        reader: Some(ConnReader {
+            half,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+        }),
+        writer,
+        out: Vec::with_capacity(1024),
+        deadline: LazyDeadline::new(Instant::now() + limits.header_read_timeout),
+        limits,
+        drain,
+    };
+    let mut first = true;
+    loop {
+        let head = match conn.next_head(first).await {
+            NextHead::Request(head) => head,
+            NextHead::Closed => return,
+            NextHead::Refused(error) => {
+                let response = error.response(&gateway.new_request_id());
+                let _ = conn
+                    .write_response(response, false, false, false, None)
+                    .await;
+                conn.linger().await;
+                return;
+            }
+        };
+        first = false;
+        let RequestHead {
+            mut parts,
+            body,
+            keep_alive,
+            expect_continue,
+        } = head;
+        let head_request = parts.method == Method::HEAD;
+        let http10 = parts.version == Version::HTTP_10;
+        let back = (body != BodyKind::None).then(|| Arc::new(BodyReturn::default()));
+        let body = match (body, &back) {
+            (BodyKind::None, _) | (_, None) => ClientBody::Empty,
+            (kind, Some(back)) => ClientBody::Plain(RequestBody {
+                reader: conn.reader.take(),
+                state: match kind {
+                    BodyKind::Length(length) => BodyState::Length(length),
+                    _ => BodyState::Chunked(Chunked::Size),
+                },
+                back: back.clone(),
+                send_continue: expect_continue,
+            }),
+        };
+        let (upgrade_tx, upgrade) = if requested_upgrade(&parts.headers).is_some() {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(ClientUpgrade::Plain(rx)))
+        } else {
+            (None, None)
+        };
+        parts.extensions = http::Extensions::new();
+        let request = Request::from_parts(parts, body);
+        let Ok(response) = forward::handle(gateway.clone(), request, client.clone(), upgrade).await;
+        if let Some(back) = &back {
+            back.responded.store(true, Ordering::Relaxed);
+            if let Some(reader) = back.reader.lock().expect("body return").take() {
+                conn.reader = Some(reader);
+            }
+        }
+        let keep_alive = keep_alive && !*conn.drain.borrow();
+        let after = conn
+            .write_response(response, keep_alive, head_request, http10, upgrade_tx)
+            .await;
+        let after = match after {
+            Ok(After::Upgrade(tx)) => {
+                if let Some(reader) = conn.reader.take() {
+                    let early = reader.buf.freeze();
+                    if let Ok(stream) = reader.half.reunite(conn.writer) {
+                        let _ = tx.send((stream, early));
+                    }
+                }
+                return;
+            }
+            Ok(after) => after,
+            Err(err) => {
+                tracing::debug!(%err, peer = %client.addr, "client connection broke while answering");
+                return;
+            }
+        };
+        if conn.reader.is_none() {
+            // An HTTP/2 instance's connection may finish reading the body while the answer
+            // streams.
+            conn.reader = back.and_then(|back| back.reader.lock().expect("body return").take());
+        }
+        match (&after, &conn.reader) {
+            (After::KeepAlive, Some(_)) => {}
+            // Unread client bytes (a body not read to its end, pipelined requests after a
+            // close): without lingering, closing would reset the connection under the answer.
+            (_, None) => return conn.linger().await,
+            (_, Some(reader)) if !reader.buf.is_empty() => return conn.linger().await,
+            (_, Some(_)) => return,
+        }
+    }
+}
+
+enum NextHead {
+    Request(RequestHead),
+    /// The client closed, went quiet past a timeout, or the gateway drains.
+    Closed,
+    /// A head the gateway refuses (400, 414, 431).
+    Refused(ProxyError),
+}
+
+/// What happens to the connection after an answer.
+enum After {
+    KeepAlive,
+    Close,
+    /// The instance switched protocols: the connection goes to the tunnel.
+    Upgrade(oneshot::Sender<(TcpStream, Bytes)>),
+}
+
+struct ClientConn {
+    /// `None` while a request body owns it.
+    reader: Option<ConnReader>,
+    writer: OwnedWriteHalf,
+    out: Vec<u8>,
+    deadline: LazyDeadline,
+    limits: ClientLimits,
+    drain: watch::Receiver<bool>,
+}
+
+impl ClientConn {
+    /// Reads until the next request head is complete.
+    async fn next_head(&mut self, first: bool) -> NextHead {
+        let Some(reader) = self.reader.as_mut() else {
+            return NextHead::Closed;
+        };
+        // Back to the front of the buffer once the last request's bytes were released, so each
+        // request reuses the same memory.
+        if reader.buf.is_empty() {
+            reader.buf.clear();
+            reader.buf.reserve(READ_CHUNK);
+        }
+        let mut head_started = first.then(Instant::now);
+        loop {
+            if !reader.buf.is_empty() {
+                match parse_head(&mut reader.buf, &self.limits) {
+                    Ok(Some(head)) => return NextHead::Request(head),
+                    Ok(None) => {}
+                    Err(error) => return NextHead::Refused(error),
+                }
+            }
+            let idle = reader.buf.is_empty() && head_started.is_none();
+            let due = match head_started {
+                Some(started) => started + self.limits.header_read_timeout,
+                None if idle => Instant::now() + self.limits.idle_timeout,
+                None => *head_started.insert(Instant::now()) + self.limits.header_read_timeout,
+            };
+            let filled = std::future::poll_fn(|cx| reader.poll_fill(cx));
+            tokio::select! {
+                biased;
+                filled = filled => match filled {
+                    Ok(0) | Err(_) => return NextHead::Closed,
+                    Ok(_) => {}
+                },
+                () = self.deadline.wait(due) => return NextHead::Closed,
+                _ = self.drain.changed(), if idle => return NextHead::Closed,
+            }
+        }
+    }
+
+    /// Writes an answer; its body streams to the end before the next request is read.
+    async fn write_response(
+        &mut self,
+        response: Response<GatewayBody>,
+        keep_alive: bool,
+        head_request: bool,
+        http10: bool,
+        upgrade: Option<oneshot::Sender<(TcpStream, Bytes)>>,
+    ) -> io::Result<After> {
+        let (head, mut body) = response.into_parts();
+        let status = head.status;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(tx) = upgrade {
+                encode_head(&mut self.out, status, &head.headers, None, false);
+                self.flush().await?;
+                return Ok(After::Upgrade(tx));
+            }
+        }
+        let mut keep_alive = keep_alive && !has_close(&head.headers);
+        let bodyless = head_request
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let framing = if bodyless {
+            let length = (head_request && !head.headers.contains_key(header::CONTENT_LENGTH))
+                .then(|| body.size_hint().exact())
+                .flatten();
+            Framing::Bodyless(length)
+        } else if let Some(length) = body.size_hint().exact() {
+            Framing::Length(length)
+        } else if !http10 {
+            Framing::Chunked
+        } else {
+            keep_alive = false;
+            Framing::UntilClose
+        };
+        encode_head(
+            &mut self.out,
+            status,
+            &head.headers,
+            Some((framing, keep_alive)),
+            http10,
+        );
+        if let Framing::Bodyless(_) = framing {
+            self.flush().await?;
+            return Ok(if keep_alive {
+                After::KeepAlive
+            } else {
+                After::Close
+            });
+        }
+        let chunked = framing == Framing::Chunked;
+        loop {
+            // With bytes waiting to go out, only take frames that are ready now; otherwise wait.
+            let frame = if self.out.is_empty() {
+                body.frame().await
+            } else {
+                match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx)))
+                    .await
+                {
+                    Poll::Ready(frame) => frame,
+                    Poll::Pending => {
+                        self.flush().await?;
+                        continue;
+                    }
+                }
+            };
+            match frame {
+                None => break,
+                Some(Err(err)) => {
+                    // Cut short: the client must not take a partial body for a whole one.
+                    let _ = self.flush().await;
+                    return Err(io::Error::other(err));
+                }
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if chunked {
+                        chunk_header(&mut self.out, data.len());
+                    }
+                    if data.len() <= COALESCE {
+                        self.out.extend_from_slice(&data);
+                    } else {
+                        self.flush().await?;
+                        self.writer.write_all(&data).await?;
+                    }
+                    if chunked {
+                        self.out.extend_from_slice(b"\r\n");
+                    }
+                    if self.out.len() > COALESCE {
+                        self.flush().await?;
+                    }
+                }
+            }
+        }
+        if chunked {
+            self.out.extend_from_slice(b"0\r\n\r\n");
+        }
+        self.flush().await?;
+        Ok(if keep_alive {
+            After::KeepAlive
+        } else {
+            After::Close
+        })
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let written = self.writer.write_all(&self.out).await;
+        self.out.clear();
+        written
+    }
+
+    /// Closes after an answer while the client may still be sending (an unread body, a
+    /// refused head): the write side is shut and what arrives is discarded for a moment, so
+    /// the kernel does not reset the connection before the client read the answer.
+    async fn linger(self) {
+        let ClientConn {
+            reader, mut writer, ..
+        } = self;
+        drop(reader);
+        if writer.shutdown().await.is_err() {
+            return;
+        }
+        let stream: &TcpStream = writer.as_ref();
+        let until = Instant::now() + LINGER;
+        let mut scratch = [0u8; 4096];
+        while let Ok(Ok(())) = tokio::time::timeout_at(until, stream.readable()).await {
+            match stream.try_read(&mut scratch) {
+                Ok(0) => break,
+                Err(err) if err.kind() != io::ErrorKind::WouldBlock => break,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// How an answer's body is framed towards the client.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body (HEAD, 1xx, 204, 304); a HEAD answer the gateway made gets its length.
+    Bodyless(Option<u64>),
+    Length(u64),
+    Chunked,
+    /// An HTTP/1.0 client and a body of unknown length: it ends with the connection.
+    UntilClose,
+}
+
+/// The status line and fields; with `framing`, the framing and connection fields the gateway
+/// decides (the answer's own `Connection` and `Content-Length` are replaced).
+fn encode_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: Option<(Framing, bool)>,
+    http10: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let framed_here = |name: &header::HeaderName| {
+        framing.is_some()
+            && (name == header::CONNECTION
+                || (name == header::CONTENT_LENGTH
+                    && !matches!(framing, Some((Framing::Bodyless(None), _)))))
+    };
+    for (name, value) in headers {
+        if framed_here(name) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        http_date::write(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some((framing, keep_alive)) = framing {
+        match framing {
+            Framing::Length(length) | Framing::Bodyless(Some(length)) => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            Framing::Bodyless(None) | Framing::UntilClose => {}
+        }
+        if !keep_alive {
+            out.extend_from_slice(b"connection: close\r\n");
+        } else if http10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn has_close(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| has_token(v.as_bytes(), b"close"))
+}
+
+/// Parses a request head at the front of `buf`, taking it out of the buffer when complete.
+fn parse_head(
+    buf: &mut BytesMut,
+    limits: &ClientLimits,
+) -> Result<Option<RequestHead>, ProxyError> {
+    let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let fields: &mut [httparse::Header<'_>] = if limits.max_headers <= STACK_HEADERS {
+        &mut stack[..limits.max_headers]
+    } else {
+        heap.resize(limits.max_headers, httparse::EMPTY_HEADER);
+        &mut heap
+    };
+    let mut request = httparse::Request::new(fields);
+    let len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len <= limits.max_head => len,
+        Ok(httparse::Status::Complete(_)) => return Err(too_large(buf, limits)),
+        Ok(httparse::Status::Partial) if buf.len() <= limits.max_head => return Ok(None),
+        Ok(httparse::Status::Partial) => return Err(too_large(buf, limits)),
+        Err(httparse::Error::TooManyHeaders) => return Err(ProxyError::HeadersTooLarge),
+        Err(_) => return Err(ProxyError::BadRequest("malformed request head")),
+    };
+    let malformed = |_| ProxyError::BadRequest("malformed request head");
+    let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
+        .map_err(|_| ProxyError::BadRequest("malformed request method"))?;
+    let version = match request.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let target = request.path.unwrap_or_default();
+    let target_start = (target.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
+    let target_end = target_start + target.len();
+    let spans = FieldSpans::of(request.headers, buf.as_ptr()).map_err(malformed)?;
+    let head = buf.split_to(len).freeze();
+    let headers = spans.into_map(&head).map_err(malformed)?;
+    let uri = Uri::from_maybe_shared(head.slice(target_start..target_end))
+        .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
+
+    let declared = check_framing(&headers).map_err(|err| ProxyError::BadRequest(err.reason()))?;
+    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
+    if chunked && version == Version::HTTP_10 {
+        return Err(ProxyError::BadRequest(
+            "Transfer-Encoding in an HTTP/1.0 request",
+        ));
+    }
+    let body = match declared {
+        _ if chunked => BodyKind::Chunked,
+        Some(0) | None => BodyKind::None,
+        Some(length) => BodyKind::Length(length),
+    };
+    let mut keep_alive = version == Version::HTTP_11;
+    for value in headers.get_all(header::CONNECTION) {
+        if has_token(value.as_bytes(), b"close") {
+            keep_alive = false;
+        } else if has_token(value.as_bytes(), b"keep-alive") {
+            keep_alive = true;
+        }
+    }
+    // 100-continue means nothing to an HTTP/1.0 client (RFC 9110 §10.1.1).
+    let expect_continue = version == Version::HTTP_11
+        && body != BodyKind::None
+        && headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some(RequestHead {
+        parts,
+        body,
+        keep_alive,
+        expect_continue,
+    }))
+}
+
+/// A head over `max_header_size`: 414 when the request line alone is over `max_uri_length`.
+fn too_large(buf: &[u8], limits: &ClientLimits) -> ProxyError {
+    let line = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+    if line > limits.max_uri {
+        ProxyError::UriTooLong
+    } else {
+        ProxyError::HeadersTooLarge
+    }
+}
+
+/// Where the connection's reader goes back when a request body ended, and whether the answer
+/// was already started (after which no 100 Continue may be written).
+#[derive(Default)]
+struct BodyReturn {
+    reader: Mutex<Option<ConnReader>>,
+    responded: AtomicBool,
+}
+
+enum BodyState {
+    Length(u64),
+    Chunked(Chunked),
+    Done,
+}
+
+/// A request body read from the client connection by its framing. At its end the connection's
+/// reader (with any pipelined bytes after the body) goes back for the next request.
+pub struct RequestBody {
+    reader: Option<ConnReader>,
+    state: BodyState,
+    back: Arc<BodyReturn>,
+    send_continue: bool,
+}
+
+impl RequestBody {
+    fn finish(&mut self) {
+        self.state = BodyState::Done;
+        if let Some(reader) = self.reader.take() {
+            *self.back.reader.lock().expect("body return") = Some(reader);
+        }
+    }
+
+    /// The next data out of what is buffered; empty when more bytes are needed.
+    fn take_buffered(&mut self) -> Result<Bytes, crate::http1::ParseError> {
+        let Some(reader) = self.reader.as_mut() else {
+            return Ok(Bytes::new());
+        };
+        let buf = &mut reader.buf;
+        let (data, done) = match &mut self.state {
+            BodyState::Done => return Ok(Bytes::new()),
+            BodyState::Length(left) => {
+                let take = (*left).min(buf.len() as u64);
+                *left -= take;
+                (buf.split_to(take as usize).freeze(), *left == 0)
+            }
+            BodyState::Chunked(decoder) => {
+                let step = decoder.decode(buf)?;
+                buf.advance(step.data.start);
+                let data = buf.split_to(step.data.len()).freeze();
+                buf.advance(step.used - step.data.end);
+                (data, *decoder == Chunked::Done)
+            }
+        };
+        if done {
+            self.finish();
+        }
+        Ok(data)
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let data = match this.take_buffered() {
+                Ok(data) => data,
+                Err(err) => {
+                    this.state = BodyState::Done;
+                    this.reader = None;
+                    return Poll::Ready(Some(Err(err.into())));
+                }
+            };
+            if !data.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            let Some(reader) = this.reader.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if std::mem::take(&mut this.send_continue)
+                && reader.buf.is_empty()
+                && !this.back.responded.load(Ordering::Relaxed)
+            {
+                // 25 bytes on a connection with nothing else in flight: the socket takes them
+                // at once. If it did not, the client sends its body after its own wait anyway.
+                let _ = reader.half.as_ref().try_write(CONTINUE);
+            }
+            match ready!(reader.poll_fill(cx)) {
+                Ok(0) => {
+                    this.state = BodyState::Done;
+                    this.reader = None;
+                    return Poll::Ready(Some(Err(
+                        "client closed the connection inside its body".into()
+                    )));
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    this.state = BodyState::Done;
+                    this.reader = None;
+                    return Poll::Ready(Some(Err(err.into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, BodyState::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            BodyState::Length(left) => SizeHint::with_exact(left),
+            BodyState::Done => SizeHint::with_exact(0),
+            BodyState::Chunked(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// One timer per connection whose due time moves without touching the timer wheel: it fires
+/// at its old deadline at most once per timeout, then re-arms for the current due time. Keeps
+/// per-request timer work off keep-alive connections.
+struct LazyDeadline {
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl LazyDeadline {
+    fn new(at: Instant) -> LazyDeadline {
+        LazyDeadline {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+        }
+    }
+
+    /// Completes at `due`.
+    async fn wait(&mut self, due: Instant) {
+        if self.sleep.deadline() > due {
+            self.sleep.as_mut().reset(due);
+        }
+        loop {
+            self.sleep.as_mut().await;
+            if Instant::now() >= due {
+                return;
+            }
+            self.sleep.as_mut().reset(due);
+        }
+    }
+}
+
+/// The `Date` field's value, rendered once per second per thread.
+mod http_date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    thread_local! {
+        static RENDERED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+
+    pub fn write(out: &mut Vec<u8>) {
+        let now = SystemTime::now();
+        let second = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        RENDERED.with_borrow_mut(|(at, text)| {
+            if *at != second {
+                *at = second;
+                *text = httpdate::fmt_http_date(now);
+            }
+            out.extend_from_slice(text.as_bytes());
+        });
+    }
+}
