@@ -754,3 +754,173 @@ mod http_date {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: ClientLimits = ClientLimits {
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_head: 256,
+        max_headers: 8,
+        max_uri: 64,
+    };
+
+    fn parsed(text: &[u8]) -> Result<Option<RequestHead>, ProxyError> {
+        let mut buf = BytesMut::from(text);
+        parse_head(&mut buf, &LIMITS)
+    }
+
+    fn head(text: &[u8]) -> RequestHead {
+        parsed(text).unwrap().expect("a complete head")
+    }
+
+    #[test]
+    fn heads_become_requests_with_their_framing_and_connection_rules() {
+        let get = head(b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a: 2\r\n\r\n");
+        assert_eq!(get.parts.method, Method::GET);
+        assert_eq!(get.parts.uri, "/a?b=c");
+        assert_eq!(get.parts.headers.get_all("x-a").iter().count(), 2);
+        assert!(get.keep_alive && get.body == BodyKind::None && !get.expect_continue);
+
+        let post = head(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n");
+        assert!(post.body == BodyKind::Length(5) && post.expect_continue);
+        let chunked = head(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(chunked.body == BodyKind::Chunked);
+        let empty = head(b"POST / HTTP/1.1\r\nContent-Length: 0\r\nExpect: 100-continue\r\n\r\n");
+        assert!(empty.body == BodyKind::None && !empty.expect_continue);
+
+        assert!(!head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
+        let old = head(b"GET / HTTP/1.0\r\n\r\n");
+        assert!(!old.keep_alive && old.parts.version == Version::HTTP_10);
+        assert!(head(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
+        // 100-continue is an HTTP/1.1 mechanism.
+        let old_expect =
+            head(b"PUT / HTTP/1.0\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n");
+        assert!(!old_expect.expect_continue);
+    }
+
+    #[test]
+    fn a_head_is_taken_off_the_buffer_and_the_rest_stays() {
+        let mut buf = BytesMut::from(&b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n"[..]);
+        let first = parse_head(&mut buf, &LIMITS).unwrap().unwrap();
+        assert_eq!(first.parts.uri, "/1");
+        assert_eq!(&buf[..], b"GET /2 HTTP/1.1\r\n");
+        assert!(parse_head(&mut buf, &LIMITS).unwrap().is_none());
+    }
+
+    #[test]
+    fn ambiguous_or_oversized_heads_are_refused_with_their_status() {
+        let refused = |text: &[u8]| parsed(text).err().map(|e| e.status().as_u16());
+        assert_eq!(
+            refused(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Some(400)
+        );
+        assert_eq!(
+            refused(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"),
+            Some(400)
+        );
+        assert_eq!(
+            refused(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            Some(400)
+        );
+        assert_eq!(
+            refused(b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Some(400)
+        );
+        assert_eq!(refused(b"GET\r\n\r\n"), Some(400));
+        assert_eq!(refused(b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n"), Some(400));
+        let many: Vec<u8> = [&b"GET / HTTP/1.1\r\n"[..], &b"A: 1\r\n".repeat(9), b"\r\n"].concat();
+        assert_eq!(refused(&many), Some(431));
+        let big: Vec<u8> = [&b"GET / HTTP/1.1\r\nA: "[..], &[b'a'; 300], b"\r\n"].concat();
+        assert_eq!(refused(&big), Some(431));
+        let long: Vec<u8> = [&b"GET /"[..], &[b'a'; 300]].concat();
+        assert_eq!(refused(&long), Some(414));
+        // Partial and within the limits: wait for more.
+        assert!(parsed(b"GET / HTTP/1.1\r\nHost:").unwrap().is_none());
+    }
+
+    fn encoded(
+        status: u16,
+        headers: &[(&str, &str)],
+        framing: Framing,
+        keep: bool,
+        http10: bool,
+    ) -> String {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        map.insert(header::DATE, "d".parse().unwrap());
+        let mut out = Vec::new();
+        let status = StatusCode::from_u16(status).unwrap();
+        encode_head(&mut out, status, &map, Some((framing, keep)), http10);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn answers_are_framed_by_the_gateway() {
+        assert_eq!(
+            encoded(
+                200,
+                &[("content-length", "9"), ("connection", "x")],
+                Framing::Length(2),
+                true,
+                false
+            ),
+            "HTTP/1.1 200 OK\r\ndate: d\r\ncontent-length: 2\r\n\r\n"
+        );
+        assert_eq!(
+            encoded(200, &[], Framing::Chunked, false, false),
+            "HTTP/1.1 200 OK\r\ndate: d\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        );
+        // A HEAD answer keeps the instance's length; one the gateway made gets its own.
+        assert_eq!(
+            encoded(
+                200,
+                &[("content-length", "9")],
+                Framing::Bodyless(None),
+                true,
+                false
+            ),
+            "HTTP/1.1 200 OK\r\ncontent-length: 9\r\ndate: d\r\n\r\n"
+        );
+        assert_eq!(
+            encoded(404, &[], Framing::Bodyless(Some(7)), true, true),
+            "HTTP/1.1 404 Not Found\r\ndate: d\r\ncontent-length: 7\r\nconnection: keep-alive\r\n\r\n"
+        );
+        assert_eq!(
+            encoded(200, &[], Framing::UntilClose, false, true),
+            "HTTP/1.1 200 OK\r\ndate: d\r\nconnection: close\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        encode_head(
+            &mut out,
+            StatusCode::CREATED,
+            &HeaderMap::new(),
+            None,
+            false,
+        );
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 201 Created\r\ndate: "), "{text}");
+        assert!(text.ends_with(" GMT\r\n\r\n"), "{text}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lazy_deadline_fires_at_the_latest_due_time() {
+        let t0 = Instant::now();
+        let mut deadline = LazyDeadline::new(t0 + Duration::from_secs(10));
+        // Moving the due time later costs no timer work and still fires then, not before.
+        deadline.wait(t0 + Duration::from_secs(25)).await;
+        assert_eq!(Instant::now() - t0, Duration::from_secs(25));
+        // An earlier due time than the armed one fires on time.
+        let t1 = Instant::now();
+        deadline = LazyDeadline::new(t1 + Duration::from_secs(60));
+        deadline.wait(t1 + Duration::from_secs(1)).await;
+        assert_eq!(Instant::now() - t1, Duration::from_secs(1));
+    }
+}
