@@ -103,6 +103,8 @@ pub struct FieldSpans(SmallVec<[(HeaderName, usize, usize); 24]>);
 
 impl FieldSpans {
     /// The spans of `fields`, which `httparse` parsed out of the buffer starting at `base`.
+    /// Inlined so the spans are built where the caller keeps them, not moved out.
+    #[inline(always)]
     pub fn of(fields: &[httparse::Header<'_>], base: *const u8) -> Result<FieldSpans, http::Error> {
         let base = base as usize;
         let mut spans = SmallVec::with_capacity(fields.len());
@@ -114,9 +116,11 @@ impl FieldSpans {
         Ok(FieldSpans(spans))
     }
 
-    /// The header map, its values slices of `head` (the bytes the spans were taken from).
-    pub fn into_map(self, head: &Bytes) -> Result<HeaderMap, http::Error> {
-        let mut map = HeaderMap::with_capacity(self.0.len());
+    /// The header map, its values slices of `head` (the bytes the spans were taken from), with
+    /// room for `extra` fields the caller adds, so adding them does not grow the map.
+    #[inline(always)]
+    pub fn into_map(self, head: &Bytes, extra: usize) -> Result<HeaderMap, http::Error> {
+        let mut map = HeaderMap::with_capacity(self.0.len() + extra);
         for (name, start, end) in self.0 {
             let value = if start <= end && end <= head.len() {
                 HeaderValue::from_maybe_shared(head.slice(start..end))?

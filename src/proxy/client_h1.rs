@@ -527,7 +527,8 @@ fn parse_head(
     let target_end = target_start + target.len();
     let spans = FieldSpans::of(request.headers, buf.as_ptr()).map_err(malformed)?;
     let head = buf.split_to(len).freeze();
-    let headers = spans.into_map(&head).map_err(malformed)?;
+    // Room for X-Forwarded-For, -Proto, -Host and X-Request-ID.
+    let headers = spans.into_map(&head, 4).map_err(malformed)?;
     let uri = Uri::from_maybe_shared(head.slice(target_start..target_end))
         .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
 
