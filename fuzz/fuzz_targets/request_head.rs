@@ -1,11 +1,16 @@
-//! A request head as a client may send it: parsed like hyper does (httparse), then through the
-//! gateway's own head handling — framing checks, hop-by-hop stripping, X-Forwarded-*, request
-//! IDs, upgrade detection and routing. None of it may panic.
+//! A request head as a client may send it: read by the gateway's own HTTP/1.1 parser (the one
+//! plain client connections use), then through its head handling — framing checks, hop-by-hop
+//! stripping, X-Forwarded-*, request IDs, upgrade detection and routing — and whatever follows
+//! the head through the chunked decoder. None of it may panic.
 #![no_main]
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use std::time::Duration;
+
+use http::HeaderValue;
 use libfuzzer_sys::fuzz_target;
 use scalegate::config::Config;
+use scalegate::http1::Chunked;
+use scalegate::proxy::client_h1::{read_request_head, ClientLimits};
 use scalegate::proxy::headers::{
     check_framing, forward_request_headers, is_sane_request_id, requested_upgrade, strip_hop_by_hop,
 };
@@ -23,20 +28,25 @@ upstream = "app"
 "#;
 
 fuzz_target!(|data: &[u8]| {
-    let mut parsed = [httparse::EMPTY_HEADER; 64];
-    let mut request = httparse::Request::new(&mut parsed);
-    if !matches!(request.parse(data), Ok(httparse::Status::Complete(_))) {
-        return;
-    }
-    let mut headers = HeaderMap::new();
-    for h in request.headers.iter() {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(h.value),
-        ) {
-            headers.append(name, value);
+    let limits = ClientLimits {
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_head: 8192,
+        max_headers: 100,
+        max_uri: 4096,
+    };
+    let mut chunked = Chunked::Size;
+    let mut rest = data;
+    while let Ok(step) = chunked.decode(rest) {
+        if step.used == 0 {
+            break;
         }
+        rest = &rest[step.used..];
     }
+    let Ok(Some(request)) = read_request_head(data, &limits) else {
+        return;
+    };
+    let headers = request.headers;
     let _ = check_framing(&headers);
     if let Some(id) = headers.get("x-request-id") {
         let _ = is_sane_request_id(id);
@@ -46,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
         .and_then(|h| h.to_str().ok())
         .map(|h| h.split(':').next().unwrap_or(h).to_string());
     let config = Config::from_toml(ROUTES).expect("the fuzz routes are valid");
-    let _ = match_route(&config.routes, host.as_deref(), request.path.unwrap_or("/"));
+    let _ = match_route(&config.routes, host.as_deref(), request.uri.path());
     let upgrade = requested_upgrade(&headers);
     let mut forwarded = headers.clone();
     strip_hop_by_hop(&mut forwarded);

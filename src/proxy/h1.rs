@@ -341,7 +341,9 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     .map_err(|err| invalid(&err))?;
     let spans = FieldSpans::of(answer.headers, buf.as_ptr()).map_err(|err| invalid(&err))?;
     let head_bytes = buf.split_to(len).freeze();
-    let mut map = spans.into_map(&head_bytes, 2).map_err(|err| invalid(&err))?;
+    let mut map = spans
+        .into_map(&head_bytes, 2)
+        .map_err(|err| invalid(&err))?;
     // The gateway frames the body itself towards the client.
     if !matches!(framing.framing, Framing::Length(_)) {
         map.remove(CONTENT_LENGTH);

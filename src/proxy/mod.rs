@@ -4,7 +4,7 @@
 //! takes one snapshot, so a reload swaps the snapshot without touching requests in flight.
 
 mod body;
-mod client_h1;
+pub mod client_h1;
 mod connect;
 pub mod connections;
 mod error;
