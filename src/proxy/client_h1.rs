@@ -411,7 +411,8 @@ impl ClientConn {
         }
         let stream: &TcpStream = writer.as_ref();
         let until = Instant::now() + LINGER;
-        let mut scratch = [0u8; 4096];
+        // On the heap: a buffer here would grow every connection task's future.
+        let mut scratch = vec![0u8; 4096];
         while let Ok(Ok(())) = tokio::time::timeout_at(until, stream.readable()).await {
             match stream.try_read(&mut scratch) {
                 Ok(0) => break,

@@ -230,7 +230,10 @@ async fn forward(
             hash,
             request_id: request_id.clone(),
         };
-        let mut response = crate::cache::serve(cache, parts, body, client_ip, fetch).await;
+        // Boxed, like the HTTP/2 path: every connection's task would otherwise carry the
+        // cache's (large) state whether its route is cached or not.
+        let mut response =
+            Box::pin(crate::cache::serve(cache, parts, body, client_ip, fetch)).await;
         admitted.apply_to(&mut response);
         return Ok((response, route));
     }
@@ -423,7 +426,7 @@ async fn send(
     timeout: std::time::Duration,
 ) -> Result<Answer, Attempt> {
     if let Some(shared) = &instance.pool.http2 {
-        return send_http2(instance, shared, parts, body, timeout).await;
+        return Box::pin(send_http2(instance, shared, parts, body, timeout)).await;
     }
     let mut conn = match instance.pool.checkout().await {
         Ok(conn) => conn,

@@ -466,7 +466,8 @@ impl Pool {
                 return Ok(idle.conn);
             }
         }
-        Ok(InstanceConn::new(self.connector.connect().await?))
+        // Boxed: the connect (and TLS handshake) state is only needed on a pool miss.
+        Ok(InstanceConn::new(Box::pin(self.connector.connect()).await?))
     }
 
     fn pop(&self) -> Option<IdleConn> {
