@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use smallvec::SmallVec;
 
@@ -155,6 +155,70 @@ fn ends_with_token(value: &[u8], token: &[u8]) -> bool {
         .is_some_and(|t| t.eq_ignore_ascii_case(token))
 }
 
+/// Where a body stands while it is read by its framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyProgress {
+    /// This many bytes are left.
+    Length(u64),
+    Chunked(Chunked),
+    /// Everything until the connection closes.
+    UntilClose,
+    Done,
+}
+
+impl BodyProgress {
+    pub fn of(framing: Framing) -> BodyProgress {
+        match framing {
+            Framing::Length(0) => BodyProgress::Done,
+            Framing::Length(length) => BodyProgress::Length(length),
+            Framing::Chunked => BodyProgress::Chunked(Chunked::Size),
+            Framing::UntilClose => BodyProgress::UntilClose,
+        }
+    }
+
+    /// Takes the next run of body data off the front of `buf` (empty when more bytes are
+    /// needed or the body is done), leaving whatever follows the body in `buf`. The data shares
+    /// the buffer's memory.
+    pub fn take(&mut self, buf: &mut BytesMut) -> Result<Bytes, ParseError> {
+        let data = match self {
+            BodyProgress::Done => return Ok(Bytes::new()),
+            BodyProgress::Length(left) => {
+                let take = (*left).min(buf.len() as u64);
+                *left -= take;
+                if *left == 0 {
+                    *self = BodyProgress::Done;
+                }
+                buf.split_to(take as usize).freeze()
+            }
+            BodyProgress::Chunked(decoder) => {
+                let step = decoder.decode(buf)?;
+                buf.advance(step.data.start);
+                let data = buf.split_to(step.data.len()).freeze();
+                buf.advance(step.used - step.data.end);
+                if *decoder == Chunked::Done {
+                    *self = BodyProgress::Done;
+                }
+                data
+            }
+            BodyProgress::UntilClose => buf.split().freeze(),
+        };
+        Ok(data)
+    }
+
+    pub fn is_done(&self) -> bool {
+        *self == BodyProgress::Done
+    }
+
+    /// The bytes left when the framing says so.
+    pub fn exact_left(&self) -> Option<u64> {
+        match self {
+            BodyProgress::Length(left) => Some(*left),
+            BodyProgress::Done => Some(0),
+            BodyProgress::Chunked(_) | BodyProgress::UntilClose => None,
+        }
+    }
+}
+
 /// Where a chunked body stands while it is decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Chunked {
@@ -249,6 +313,34 @@ fn chunk_size(line: &[u8]) -> Result<u64, ParseError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn body_progress_takes_the_body_and_leaves_what_follows() {
+        let mut buf = BytesMut::from(&b"abcdeGET /next"[..]);
+        let mut sized = BodyProgress::of(Framing::Length(5));
+        assert_eq!(sized.exact_left(), Some(5));
+        assert_eq!(&sized.take(&mut buf).unwrap()[..], b"abcde");
+        assert!(sized.is_done());
+        assert_eq!(&buf[..], b"GET /next");
+
+        let mut buf = BytesMut::from(&b"3\r\nabc\r\n0\r\n\r\nNEXT"[..]);
+        let mut chunked = BodyProgress::of(Framing::Chunked);
+        assert_eq!(&chunked.take(&mut buf).unwrap()[..], b"abc");
+        assert_eq!(chunked.exact_left(), None);
+        assert!(chunked.take(&mut buf).unwrap().is_empty());
+        assert!(chunked.is_done());
+        assert_eq!(&buf[..], b"NEXT");
+
+        let mut partial = BodyProgress::of(Framing::Length(4));
+        let mut buf = BytesMut::from(&b"ab"[..]);
+        assert_eq!(&partial.take(&mut buf).unwrap()[..], b"ab");
+        assert_eq!(partial, BodyProgress::Length(2));
+        assert!(BodyProgress::of(Framing::Length(0)).is_done());
+        let mut rest = BodyProgress::of(Framing::UntilClose);
+        let mut buf = BytesMut::from(&b"all of it"[..]);
+        assert_eq!(&rest.take(&mut buf).unwrap()[..], b"all of it");
+        assert!(!rest.is_done());
+    }
 
     fn framing_of(head: &[u8], head_request: bool) -> Result<BodyFraming, ParseError> {
         let mut headers = [httparse::EMPTY_HEADER; 16];

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -41,7 +41,7 @@ use super::headers::{check_framing, requested_upgrade};
 use super::tunnel::ClientUpgrade;
 use super::Gateway;
 use crate::config::ServerConfig;
-use crate::http1::{has_token, Chunked, FieldSpans};
+use crate::http1::{has_token, BodyProgress, FieldSpans, Framing};
 
 const READ_CHUNK: usize = 8 * 1024;
 /// Body bytes up to this size are copied behind the head (or the previous bytes) and go out in
@@ -154,10 +154,10 @@ pub async fn serve(
             (BodyKind::None, _) | (_, None) => ClientBody::Empty,
             (kind, Some(back)) => ClientBody::Plain(RequestBody {
                 reader: conn.reader.take(),
-                state: match kind {
-                    BodyKind::Length(length) => BodyState::Length(length),
-                    _ => BodyState::Chunked(Chunked::Size),
-                },
+                progress: BodyProgress::of(match kind {
+                    BodyKind::Length(length) => Framing::Length(length),
+                    _ => Framing::Chunked,
+                }),
                 back: back.clone(),
                 send_continue: expect_continue,
             }),
@@ -306,14 +306,14 @@ impl ClientConn {
             let length = (head_request && !head.headers.contains_key(header::CONTENT_LENGTH))
                 .then(|| body.size_hint().exact())
                 .flatten();
-            Framing::Bodyless(length)
+            AnswerFraming::Bodyless(length)
         } else if let Some(length) = body.size_hint().exact() {
-            Framing::Length(length)
+            AnswerFraming::Length(length)
         } else if !http10 {
-            Framing::Chunked
+            AnswerFraming::Chunked
         } else {
             keep_alive = false;
-            Framing::UntilClose
+            AnswerFraming::UntilClose
         };
         encode_head(
             &mut self.out,
@@ -322,7 +322,7 @@ impl ClientConn {
             Some((framing, keep_alive)),
             http10,
         );
-        if let Framing::Bodyless(_) = framing {
+        if let AnswerFraming::Bodyless(_) = framing {
             self.flush().await?;
             return Ok(if keep_alive {
                 After::KeepAlive
@@ -330,7 +330,7 @@ impl ClientConn {
                 After::Close
             });
         }
-        let chunked = framing == Framing::Chunked;
+        let chunked = framing == AnswerFraming::Chunked;
         loop {
             // With bytes waiting to go out, only take frames that are ready now; otherwise wait.
             let frame = if self.out.is_empty() {
@@ -425,7 +425,7 @@ impl ClientConn {
 
 /// How an answer's body is framed towards the client.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Framing {
+enum AnswerFraming {
     /// No body (HEAD, 1xx, 204, 304); a HEAD answer the gateway made gets its length.
     Bodyless(Option<u64>),
     Length(u64),
@@ -440,7 +440,7 @@ fn encode_head(
     out: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
-    framing: Option<(Framing, bool)>,
+    framing: Option<(AnswerFraming, bool)>,
     http10: bool,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -452,7 +452,7 @@ fn encode_head(
         framing.is_some()
             && (name == header::CONNECTION
                 || (name == header::CONTENT_LENGTH
-                    && !matches!(framing, Some((Framing::Bodyless(None), _)))))
+                    && !matches!(framing, Some((AnswerFraming::Bodyless(None), _)))))
     };
     for (name, value) in headers {
         if framed_here(name) {
@@ -470,13 +470,13 @@ fn encode_head(
     }
     if let Some((framing, keep_alive)) = framing {
         match framing {
-            Framing::Length(length) | Framing::Bodyless(Some(length)) => {
+            AnswerFraming::Length(length) | AnswerFraming::Bodyless(Some(length)) => {
                 out.extend_from_slice(b"content-length: ");
                 out.extend_from_slice(itoa::Buffer::new().format(length).as_bytes());
                 out.extend_from_slice(b"\r\n");
             }
-            Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-            Framing::Bodyless(None) | Framing::UntilClose => {}
+            AnswerFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            AnswerFraming::Bodyless(None) | AnswerFraming::UntilClose => {}
         }
         if !keep_alive {
             out.extend_from_slice(b"connection: close\r\n");
@@ -600,54 +600,34 @@ struct BodyReturn {
     responded: AtomicBool,
 }
 
-enum BodyState {
-    Length(u64),
-    Chunked(Chunked),
-    Done,
-}
-
 /// A request body read from the client connection by its framing. At its end the connection's
 /// reader (with any pipelined bytes after the body) goes back for the next request.
 pub struct RequestBody {
     reader: Option<ConnReader>,
-    state: BodyState,
+    progress: BodyProgress,
     back: Arc<BodyReturn>,
     send_continue: bool,
 }
 
 impl RequestBody {
-    fn finish(&mut self) {
-        self.state = BodyState::Done;
-        if let Some(reader) = self.reader.take() {
-            *self.back.reader.lock().expect("body return") = Some(reader);
-        }
-    }
-
-    /// The next data out of what is buffered; empty when more bytes are needed.
+    /// The next data out of what is buffered (empty when more bytes are needed); at the body's
+    /// end the reader goes back to the connection.
     fn take_buffered(&mut self) -> Result<Bytes, crate::http1::ParseError> {
         let Some(reader) = self.reader.as_mut() else {
             return Ok(Bytes::new());
         };
-        let buf = &mut reader.buf;
-        let (data, done) = match &mut self.state {
-            BodyState::Done => return Ok(Bytes::new()),
-            BodyState::Length(left) => {
-                let take = (*left).min(buf.len() as u64);
-                *left -= take;
-                (buf.split_to(take as usize).freeze(), *left == 0)
-            }
-            BodyState::Chunked(decoder) => {
-                let step = decoder.decode(buf)?;
-                buf.advance(step.data.start);
-                let data = buf.split_to(step.data.len()).freeze();
-                buf.advance(step.used - step.data.end);
-                (data, *decoder == Chunked::Done)
-            }
-        };
-        if done {
-            self.finish();
+        let data = self.progress.take(&mut reader.buf)?;
+        if self.progress.is_done() {
+            *self.back.reader.lock().expect("body return") = self.reader.take();
         }
         Ok(data)
+    }
+
+    /// The body broke: the connection cannot be read for another request.
+    fn fail(&mut self, error: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.progress = BodyProgress::Done;
+        self.reader = None;
+        Poll::Ready(Some(Err(error.into())))
     }
 }
 
@@ -663,11 +643,7 @@ impl Body for RequestBody {
         loop {
             let data = match this.take_buffered() {
                 Ok(data) => data,
-                Err(err) => {
-                    this.state = BodyState::Done;
-                    this.reader = None;
-                    return Poll::Ready(Some(Err(err.into())));
-                }
+                Err(err) => return this.fail(err),
             };
             if !data.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -684,33 +660,19 @@ impl Body for RequestBody {
                 let _ = reader.half.as_ref().try_write(CONTINUE);
             }
             match ready!(reader.poll_fill(cx)) {
-                Ok(0) => {
-                    this.state = BodyState::Done;
-                    this.reader = None;
-                    return Poll::Ready(Some(Err(
-                        "client closed the connection inside its body".into()
-                    )));
-                }
+                Ok(0) => return this.fail("client closed the connection inside its body"),
                 Ok(_) => {}
-                Err(err) => {
-                    this.state = BodyState::Done;
-                    this.reader = None;
-                    return Poll::Ready(Some(Err(err.into())));
-                }
+                Err(err) => return this.fail(err),
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.state, BodyState::Done)
+        self.progress.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.state {
-            BodyState::Length(left) => SizeHint::with_exact(left),
-            BodyState::Done => SizeHint::with_exact(0),
-            BodyState::Chunked(_) => SizeHint::default(),
-        }
+        (self.progress.exact_left()).map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }
 
@@ -856,7 +818,7 @@ mod tests {
     fn encoded(
         status: u16,
         headers: &[(&str, &str)],
-        framing: Framing,
+        framing: AnswerFraming,
         keep: bool,
         http10: bool,
     ) -> String {
@@ -880,14 +842,14 @@ mod tests {
             encoded(
                 200,
                 &[("content-length", "9"), ("connection", "x")],
-                Framing::Length(2),
+                AnswerFraming::Length(2),
                 true,
                 false
             ),
             "HTTP/1.1 200 OK\r\ndate: d\r\ncontent-length: 2\r\n\r\n"
         );
         assert_eq!(
-            encoded(200, &[], Framing::Chunked, false, false),
+            encoded(200, &[], AnswerFraming::Chunked, false, false),
             "HTTP/1.1 200 OK\r\ndate: d\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
         );
         // A HEAD answer keeps the instance's length; one the gateway made gets its own.
@@ -895,18 +857,18 @@ mod tests {
             encoded(
                 200,
                 &[("content-length", "9")],
-                Framing::Bodyless(None),
+                AnswerFraming::Bodyless(None),
                 true,
                 false
             ),
             "HTTP/1.1 200 OK\r\ncontent-length: 9\r\ndate: d\r\n\r\n"
         );
         assert_eq!(
-            encoded(404, &[], Framing::Bodyless(Some(7)), true, true),
+            encoded(404, &[], AnswerFraming::Bodyless(Some(7)), true, true),
             "HTTP/1.1 404 Not Found\r\ndate: d\r\ncontent-length: 7\r\nconnection: keep-alive\r\n\r\n"
         );
         assert_eq!(
-            encoded(200, &[], Framing::UntilClose, false, true),
+            encoded(200, &[], AnswerFraming::UntilClose, false, true),
             "HTTP/1.1 200 OK\r\ndate: d\r\nconnection: close\r\n\r\n"
         );
         let mut out = Vec::new();

@@ -21,7 +21,7 @@ use tokio_util::io::poll_read_buf;
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::InstanceStream;
 use super::upstream::InFlightGuard;
-use crate::http1::{response_framing, BodyFraming, Chunked, FieldSpans, Framing, MAX_HEAD};
+use crate::http1::{response_framing, BodyFraming, BodyProgress, FieldSpans, Framing, MAX_HEAD};
 
 /// Most header fields an instance's answer may have.
 const MAX_HEADERS: usize = 128;
@@ -354,37 +354,24 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     Ok(Some(Parsed::Final(head, framing)))
 }
 
-/// Where an answer's body stands.
-enum BodyState {
-    Length(u64),
-    Chunked(Chunked),
-    UntilClose,
-    Done,
-}
-
 /// An instance's answer body, streamed to the client. Holds the connection and the request's
 /// in-flight guard; at the end of the body a reusable connection goes back to the pool.
 pub struct InstanceBody {
     conn: Option<InstanceConn>,
-    state: BodyState,
+    progress: BodyProgress,
     reusable: bool,
     guard: Option<InFlightGuard>,
 }
 
 impl InstanceBody {
     pub fn new(conn: InstanceConn, answer: &AnswerHead, guard: InFlightGuard) -> InstanceBody {
-        let state = match answer.framing.framing {
-            Framing::Length(length) => BodyState::Length(length),
-            Framing::Chunked => BodyState::Chunked(Chunked::Size),
-            Framing::UntilClose => BodyState::UntilClose,
-        };
         let mut body = InstanceBody {
             conn: Some(conn),
-            state,
+            progress: BodyProgress::of(answer.framing.framing),
             reusable: answer.framing.keep_alive && answer.request_complete,
             guard: Some(guard),
         };
-        if matches!(body.state, BodyState::Length(0)) {
+        if body.progress.is_done() {
             body.finish();
         }
         body
@@ -393,7 +380,7 @@ impl InstanceBody {
     /// The body ended as framed: the connection is pooled if it may carry another request and
     /// the instance sent nothing past the answer.
     fn finish(&mut self) {
-        self.state = BodyState::Done;
+        self.progress = BodyProgress::Done;
         if let (Some(conn), Some(guard)) = (self.conn.take(), self.guard.take()) {
             if self.reusable && conn.read.is_empty() {
                 guard.instance.pool.checkin(conn);
@@ -403,38 +390,22 @@ impl InstanceBody {
 
     /// The connection broke: dropped, never pooled.
     fn fail(&mut self, error: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.state = BodyState::Done;
+        self.progress = BodyProgress::Done;
         self.conn = None;
         self.guard = None;
         Poll::Ready(Some(Err(error.into())))
     }
 
-    /// The next data frame out of what is buffered, if the framing allows one.
-    fn take_buffered(&mut self) -> Result<Option<Bytes>, crate::http1::ParseError> {
+    /// The next data out of what is buffered (empty when more bytes are needed).
+    fn take_buffered(&mut self) -> Result<Bytes, crate::http1::ParseError> {
         let Some(conn) = self.conn.as_mut() else {
-            return Ok(None);
+            return Ok(Bytes::new());
         };
-        let buf = &mut conn.read;
-        let (data, done) = match &mut self.state {
-            BodyState::Done => return Ok(None),
-            BodyState::Length(left) => {
-                let take = (*left).min(buf.len() as u64);
-                *left -= take;
-                (buf.split_to(take as usize).freeze(), *left == 0)
-            }
-            BodyState::Chunked(decoder) => {
-                let step = decoder.decode(buf)?;
-                buf.advance(step.data.start);
-                let data = buf.split_to(step.data.len()).freeze();
-                buf.advance(step.used - step.data.end);
-                (data, *decoder == Chunked::Done)
-            }
-            BodyState::UntilClose => (buf.split().freeze(), false),
-        };
-        if done {
+        let data = self.progress.take(&mut conn.read)?;
+        if self.progress.is_done() {
             self.finish();
         }
-        Ok(Some(data))
+        Ok(data)
     }
 }
 
@@ -450,9 +421,7 @@ impl Body for InstanceBody {
         loop {
             match this.take_buffered() {
                 Err(err) => return this.fail(err),
-                Ok(Some(data)) if !data.is_empty() => {
-                    return Poll::Ready(Some(Ok(Frame::data(data))))
-                }
+                Ok(data) if !data.is_empty() => return Poll::Ready(Some(Ok(Frame::data(data)))),
                 Ok(_) => {}
             }
             let Some(conn) = this.conn.as_mut() else {
@@ -467,8 +436,8 @@ impl Body for InstanceBody {
                 cx,
                 &mut conn.read
             )) {
-                Ok(0) if matches!(this.state, BodyState::UntilClose) => {
-                    this.state = BodyState::Done;
+                Ok(0) if this.progress == BodyProgress::UntilClose => {
+                    this.progress = BodyProgress::Done;
                     this.conn = None;
                     this.guard = None;
                     return Poll::Ready(None);
@@ -481,15 +450,11 @@ impl Body for InstanceBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.state, BodyState::Done)
+        self.progress.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.state {
-            BodyState::Length(left) => SizeHint::with_exact(left),
-            BodyState::Done => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
+        (self.progress.exact_left()).map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }
 
