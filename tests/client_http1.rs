@@ -599,6 +599,26 @@ fn a_large_answer_read_slowly_arrives_complete_then_the_connection_is_reused() {
 }
 
 #[test]
+fn a_client_that_stops_reading_is_cut_off_after_the_idle_timeout() {
+    let gw = gateway_to_instance("idle_timeout = \"1s\"");
+    let mut conn = Conn::open(gw.proxy);
+    conn.send(get_request("/big").as_bytes());
+    // Not reading: the socket buffers fill far short of 5 MiB and the gateway's writes stall.
+    std::thread::sleep(Duration::from_secs(3));
+    // What the gateway wrote before it gave up, then the close (a stuck connection would
+    // instead time the read out and fail the test).
+    let mut total = 0;
+    loop {
+        match conn.fill() {
+            0 => break,
+            read => total += read,
+        }
+        conn.buf.clear();
+    }
+    assert!(total > 0 && total < BIG, "read {total} bytes");
+}
+
+#[test]
 fn gateway_errors_carry_the_request_id_and_keep_the_connection() {
     let live = instance();
     let dead = std::net::TcpListener::bind("127.0.0.1:0")

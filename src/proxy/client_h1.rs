@@ -168,7 +168,6 @@ pub async fn serve(
         } else {
             (None, None)
         };
-        parts.extensions = http::Extensions::new();
         let request = Request::from_parts(parts, body);
         let Ok(response) = forward::handle(gateway.clone(), request, client.clone(), upgrade).await;
         if let Some(back) = &back {
@@ -367,7 +366,7 @@ impl ClientConn {
                         self.out.extend_from_slice(&data);
                     } else {
                         self.flush().await?;
-                        self.writer.write_all(&data).await?;
+                        self.write_within_idle(&data).await?;
                     }
                     if chunked {
                         self.out.extend_from_slice(b"\r\n");
@@ -393,9 +392,32 @@ impl ClientConn {
         if self.out.is_empty() {
             return Ok(());
         }
-        let written = self.writer.write_all(&self.out).await;
+        let out = std::mem::take(&mut self.out);
+        let written = self.write_within_idle(&out).await;
+        self.out = out;
         self.out.clear();
         written
+    }
+
+    /// Writes all of `bytes`, giving up when the client takes none of them for `idle_timeout`
+    /// (nginx's `send_timeout`): a client that stops reading must not hold the connection and
+    /// the instance's answer forever.
+    async fn write_within_idle(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let due = Instant::now() + self.limits.idle_timeout;
+            tokio::select! {
+                biased;
+                written = self.writer.write(rest) => match written? {
+                    0 => return Err(io::ErrorKind::WriteZero.into()),
+                    n => rest = &rest[n..],
+                },
+                () = self.deadline.wait(due) => {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Closes after an answer while the client may still be sending (an unread body, a
