@@ -142,7 +142,7 @@ pub async fn serve(
         };
         first = false;
         let RequestHead {
-            mut parts,
+            parts,
             body,
             keep_alive,
             expect_continue,
