@@ -216,6 +216,34 @@ async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_sent_right_behind_an_upgrade_request_reach_the_instance_first() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let mut tunnel = TcpStream::connect(gw.proxy).unwrap();
+    tunnel
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // The new protocol's first bytes in the same write as the request: the gateway read them
+    // with the head and must hand them to the tunnel before anything else.
+    tunnel
+        .write_all(
+            b"GET /upgrade HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\nearly",
+        )
+        .unwrap();
+    tunnel.write_all(b"+late").unwrap();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 256];
+    while !seen.ends_with(b"early+late") {
+        let read = tunnel.read(&mut chunk).unwrap();
+        assert!(read > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&chunk[..read]);
+    }
+    let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 101"), "{text}");
+    assert!(text.contains("upgrade: echo"), "{text}");
+}
+
 #[tokio::test]
 async fn too_many_header_fields_get_431() {
     let a = demo_backend(&[]);
