@@ -958,3 +958,67 @@ async fn bare_lf_line_endings_reach_the_instance_as_the_gateway_read_them() {
     assert_eq!(answer.matches("HTTP/1.1 200").count(), 2, "{answer}");
     assert_eq!(backend_requests(&client, &a).await, 3);
 }
+
+/// An instance that answers one request per connection and closes it a moment later without
+/// having said so (as a server does at its keep-alive timeout, or after leaving a body unread):
+/// a request sent on the pooled connection in that moment is never answered.
+async fn one_shot_instance() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_closing_idle_connections_never_count_as_failures() {
+    let instance = one_shot_instance().await;
+    let gw = gateway(&format!(
+        "[upstreams.app]\ninstances = [\"{instance}\"]\n\n[[routes]]\nupstream = \"app\"\n"
+    ));
+    let client = client();
+    let url = gw.url("/");
+    let mut statuses = std::collections::BTreeMap::new();
+    for round in 0..40 {
+        let (method, body) = if round % 2 == 0 {
+            ("GET", "")
+        } else {
+            ("POST", "a body the instance never reads")
+        };
+        let batch: Vec<_> = (0..4)
+            .map(|_| request(&client, method, &url, &[], body))
+            .collect();
+        for reply in futures_util::future::join_all(batch).await {
+            *statuses.entry((method, reply.unwrap().status)).or_insert(0) += 1;
+        }
+    }
+    // Replayable requests are sent again on a new connection; a POST sent on a connection the
+    // instance then closed cannot be (the instance may have seen it) and gets 502. Either way
+    // the instance stays in rotation: a 503 would mean a closed idle connection was taken for
+    // the instance's failure.
+    assert_eq!(statuses.get(&("GET", 200)), Some(&80), "{statuses:?}");
+    assert!(
+        !statuses.keys().any(|(_, status)| *status == 503),
+        "{statuses:?}"
+    );
+    let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
+    let instance = &detailed["upstreams"][0]["instances"][0];
+    assert_eq!(instance["failures"], 0, "{detailed}");
+}

@@ -106,6 +106,23 @@ impl InstanceStream {
         tcp.local_addr().map_or(0, |addr| addr.port())
     }
 
+    /// Asks the kernel, not the runtime's last readiness, whether the instance has closed the
+    /// connection: its close may have arrived since the runtime last looked. One system call;
+    /// for requests that could not be sent again if the connection turned out closed.
+    pub fn probe_open(&self) -> bool {
+        let tcp = match self {
+            InstanceStream::Tcp(tcp) => tcp,
+            InstanceStream::Tls(tls) => tls.get_ref().0,
+        };
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit()];
+        match socket2::SockRef::from(tcp).peek(&mut probe) {
+            Err(err) => err.kind() == io::ErrorKind::WouldBlock,
+            Ok(0) => false,
+            // Plain HTTP/1.1 instances send nothing unasked; TLS may have sent a late record.
+            Ok(_) => matches!(self, InstanceStream::Tls(_)),
+        }
+    }
+
     /// False once the instance closed the idle connection or sent something unasked. Costs no
     /// system call while the socket has had no event since its last short read.
     pub fn is_open(&mut self) -> bool {

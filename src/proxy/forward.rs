@@ -316,6 +316,8 @@ async fn to_instance(
 
     let mut tried: u64 = 0;
     let mut attempts: u32 = 0;
+    // After a stale pooled connection, the next attempt opens a new one.
+    let mut fresh = false;
     let mut last_error = ProxyError::NoHealthyInstance;
     loop {
         let set = upstream.set.load_full();
@@ -331,7 +333,19 @@ async fn to_instance(
         }
         attempts += 1;
         let guard = InFlightGuard::enter(instance.clone());
-        match send(&instance, &parts, &mut body, config.response_timeout).await {
+        let checkout = Checkout {
+            probe: !replayable,
+            fresh,
+        };
+        match send(
+            &instance,
+            &parts,
+            &mut body,
+            config.response_timeout,
+            checkout,
+        )
+        .await
+        {
             Ok(Answer::Http2(response)) => {
                 let (mut head, incoming) = response.into_parts();
                 head.version = Version::HTTP_11;
@@ -386,6 +400,21 @@ async fn to_instance(
                             return Err(last_error);
                         }
                     }
+                    // Not the instance's health: an idle connection it closed as it was taken.
+                    // Sent again once on a new connection to the same instance, outside
+                    // `retries` and the budget (nginx does not count such tries either).
+                    Attempt::Stale { reason, sent } => {
+                        last_error = ProxyError::InstanceFailed(reason);
+                        if (sent && !replayable) || fresh {
+                            return Err(last_error);
+                        }
+                        fresh = true;
+                        attempts -= 1;
+                        if index < 64 {
+                            tried &= !(1 << index);
+                        }
+                        continue;
+                    }
                     Attempt::Timeout => {
                         instance.record_failure(now, config);
                         return Err(ProxyError::InstanceTimeout);
@@ -408,6 +437,12 @@ enum Attempt {
     NotSent(String),
     /// The instance may have seen the request.
     Sent(String),
+    /// A reused connection the instance had closed before answering; `sent`: the request went
+    /// out on it, so it is only sent again when that is safe.
+    Stale {
+        reason: String,
+        sent: bool,
+    },
     Timeout,
     /// The client's body failed: not the instance's fault.
     Client(ClientBodyFailure),
@@ -419,17 +454,28 @@ enum Answer {
     Http2(Response<Incoming>),
 }
 
+/// Which HTTP/1.1 connection an attempt may take.
+#[derive(Clone, Copy)]
+struct Checkout {
+    /// Check a pooled connection with the kernel first: the request could not be sent again
+    /// if the connection turned out closed.
+    probe: bool,
+    /// Open a new connection (the last pooled one was stale).
+    fresh: bool,
+}
+
 async fn send(
     instance: &Instance,
     parts: &Parts,
     body: &mut ForwardBody,
     timeout: std::time::Duration,
+    checkout: Checkout,
 ) -> Result<Answer, Attempt> {
     if let Some(shared) = &instance.pool.http2 {
         return Box::pin(send_http2(instance, shared, parts, body, timeout)).await;
     }
-    let mut conn = match instance.pool.checkout().await {
-        Ok(conn) => conn,
+    let (mut conn, reused) = match instance.pool.checkout(checkout.probe, checkout.fresh).await {
+        Ok(checked_out) => checked_out,
         Err(err) => return Err(Attempt::NotSent(err.to_string())),
     };
     let started = Instant::now();
@@ -441,8 +487,13 @@ async fn send(
             Ok(Answer::Http1(conn, answer))
         }
         Ok(Err(err)) => Err(match err {
+            SendError::Unsent(err) if reused => Attempt::Stale {
+                reason: err.to_string(),
+                sent: false,
+            },
             SendError::Unsent(err) => Attempt::NotSent(err.to_string()),
-            SendError::Sent(reason) => Attempt::Sent(reason),
+            SendError::NoAnswer(reason) if reused => Attempt::Stale { reason, sent: true },
+            SendError::Sent(reason) | SendError::NoAnswer(reason) => Attempt::Sent(reason),
             SendError::Client(failure) => Attempt::Client(failure),
         }),
     }

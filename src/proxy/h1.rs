@@ -43,6 +43,9 @@ pub enum SendError {
     Unsent(io::Error),
     /// The instance may have seen the request.
     Sent(String),
+    /// The instance closed or reset the connection without a byte of answer. On a reused
+    /// connection this is most often the instance closing it while idle, just as it was taken.
+    NoAnswer(String),
     /// The client's body failed: not the instance's fault.
     Client(ClientBodyFailure),
 }
@@ -67,6 +70,11 @@ impl InstanceConn {
     /// False once the instance closed the idle connection or sent something unasked.
     pub fn is_open(&mut self) -> bool {
         self.stream.is_open()
+    }
+
+    /// Like `is_open`, asking the kernel (one system call).
+    pub fn probe_open(&self) -> bool {
+        self.stream.probe_open()
     }
 
     /// The local port, which tells connections apart in tests and logs.
@@ -278,6 +286,7 @@ async fn read_head<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     head_request: bool,
 ) -> Result<(response::Parts, BodyFraming), SendError> {
+    let mut answered = !buf.is_empty();
     loop {
         if !buf.is_empty() {
             match parse_head(buf, head_request)? {
@@ -292,20 +301,19 @@ async fn read_head<R: AsyncRead + Unpin>(
         if buf.capacity() - buf.len() < READ_CHUNK / 4 {
             buf.reserve(READ_CHUNK);
         }
-        let read = reader
-            .read_buf(buf)
-            .await
-            .map_err(|err| SendError::Sent(err.to_string()))?;
+        let read = match reader.read_buf(buf).await {
+            Ok(read) => read,
+            Err(err) if !answered => return Err(SendError::NoAnswer(err.to_string())),
+            Err(err) => return Err(SendError::Sent(err.to_string())),
+        };
         if read == 0 {
-            return Err(SendError::Sent(
-                if buf.is_empty() {
-                    "instance closed the connection without answering"
-                } else {
-                    "instance closed the connection inside its answer head"
-                }
-                .to_owned(),
-            ));
+            return Err(if answered {
+                SendError::Sent("instance closed the connection inside its answer head".to_owned())
+            } else {
+                SendError::NoAnswer("instance closed the connection without answering".to_owned())
+            });
         }
+        answered = true;
     }
 }
 

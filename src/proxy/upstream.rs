@@ -458,16 +458,28 @@ impl Pool {
         }
     }
 
-    /// The most recently used idle connection that is still open, else a new one.
-    pub async fn checkout(&self) -> Result<InstanceConn, ConnectError> {
+    /// The most recently used idle connection that is still open, else a new one; `true` with
+    /// a reused connection. `probe` asks the kernel too (see `InstanceStream::probe_open`);
+    /// `fresh` skips the idle ones.
+    pub async fn checkout(
+        &self,
+        probe: bool,
+        fresh: bool,
+    ) -> Result<(InstanceConn, bool), ConnectError> {
         let now = Instant::now();
-        while let Some(mut idle) = self.pop() {
-            if now.duration_since(idle.since) <= self.idle_timeout && idle.conn.is_open() {
-                return Ok(idle.conn);
+        while let Some(mut idle) = self.pop().filter(|_| !fresh) {
+            if now.duration_since(idle.since) <= self.idle_timeout
+                && idle.conn.is_open()
+                && (!probe || idle.conn.probe_open())
+            {
+                return Ok((idle.conn, true));
             }
         }
         // Boxed: the connect (and TLS handshake) state is only needed on a pool miss.
-        Ok(InstanceConn::new(Box::pin(self.connector.connect()).await?))
+        Ok((
+            InstanceConn::new(Box::pin(self.connector.connect()).await?),
+            false,
+        ))
     }
 
     fn pop(&self) -> Option<IdleConn> {
@@ -526,16 +538,18 @@ mod tests {
     #[tokio::test]
     async fn the_pool_hands_out_the_warmest_connection_and_ages_out_the_coldest() {
         let (pool, _listener) = pool(2, "200ms");
-        let first = pool.checkout().await.unwrap();
-        let second = pool.checkout().await.unwrap();
-        let third = pool.checkout().await.unwrap();
+        let (first, reused) = pool.checkout(false, false).await.unwrap();
+        assert!(!reused);
+        let (second, _) = pool.checkout(false, false).await.unwrap();
+        let (third, _) = pool.checkout(false, false).await.unwrap();
         let second_port = second.local_port();
         pool.checkin(first);
         pool.checkin(second);
         // Full: the third is closed rather than kept.
         pool.checkin(third);
         assert_eq!(pool.idle_count(), 2);
-        let warmest = pool.checkout().await.unwrap();
+        let (warmest, reused) = pool.checkout(false, false).await.unwrap();
+        assert!(reused);
         assert_eq!(warmest.local_port(), second_port);
 
         // The connection left at the bottom outlives the idle timeout and is closed at the next
@@ -543,7 +557,21 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         pool.checkin(warmest);
         assert_eq!(pool.idle_count(), 1);
-        let again = pool.checkout().await.unwrap();
+        let (again, _) = pool.checkout(false, false).await.unwrap();
         assert_eq!(again.local_port(), second_port);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_instance_closed_while_idle_is_not_handed_out() {
+        let (pool, listener) = pool(2, "10s");
+        let (conn, _) = pool.checkout(true, false).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let closed_port = conn.local_port();
+        pool.checkin(conn);
+        drop(accepted);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (fresh, reused) = pool.checkout(true, false).await.unwrap();
+        assert!(!reused, "the closed connection was handed out again");
+        assert_ne!(fresh.local_port(), closed_port);
     }
 }
