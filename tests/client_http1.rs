@@ -665,3 +665,20 @@ fn gateway_errors_carry_the_request_id_and_keep_the_connection() {
         "path=/only/y",
     );
 }
+
+#[test]
+fn the_rest_of_a_body_answered_early_is_discarded_and_the_connection_kept() {
+    // The demo instance answers /echo without reading the body.
+    let demo = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&demo], ""));
+    let mut conn = Conn::open(gw.proxy);
+    conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n");
+    conn.send(&[b'a'; 1000]);
+    let answer = conn.answer("POST");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(keeps_alive(&answer), "{answer:?}");
+    // The body's other 99,000 bytes come after the answer; then a next request.
+    conn.send(&[b'a'; 99_000]);
+    let next = conn.exchange("GET", &get_request("/echo"));
+    assert_eq!(next.status, 200, "{next:?}");
+}

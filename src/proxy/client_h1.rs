@@ -52,6 +52,8 @@ const STACK_HEADERS: usize = crate::config::DEFAULT_MAX_HEADERS;
 /// How long a connection closed with unread client bytes keeps reading (and discarding) them.
 const LINGER: Duration = Duration::from_secs(2);
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+/// Most request-body bytes read and dropped after an early answer to keep the connection.
+const DISCARD_LIMIT: usize = 1024 * 1024;
 
 /// What the client side needs from `[server]`, read once per connection.
 #[derive(Clone, Copy)]
@@ -120,6 +122,7 @@ pub async fn serve(
             half,
             buf: BytesMut::with_capacity(READ_CHUNK),
         }),
+        unread_body: None,
         writer,
         out: Vec::with_capacity(1024),
         deadline: LazyDeadline::new(Instant::now() + limits.header_read_timeout),
@@ -172,10 +175,8 @@ pub async fn serve(
         let Ok(response) = forward::handle(gateway.clone(), request, client.clone(), upgrade).await;
         if let Some(back) = &back {
             back.responded.store(true, Ordering::Relaxed);
-            if let Some(reader) = back.reader.lock().expect("body return").take() {
-                conn.reader = Some(reader);
-            }
         }
+        conn.take_back(back.as_deref());
         let keep_alive = keep_alive && !*conn.drain.borrow();
         let after = conn
             .write_response(response, keep_alive, head_request, http10, upgrade_tx)
@@ -196,10 +197,11 @@ pub async fn serve(
                 return;
             }
         };
-        if conn.reader.is_none() {
-            // An HTTP/2 instance's connection may finish reading the body while the answer
-            // streams.
-            conn.reader = back.and_then(|back| back.reader.lock().expect("body return").take());
+        // An HTTP/2 instance's connection may finish reading the body while the answer streams;
+        // an early answer leaves the rest of the body to discard.
+        conn.take_back(back.as_deref());
+        if let (After::KeepAlive, Some(unread)) = (&after, conn.unread_body.take()) {
+            conn.reader = conn.discard(unread).await;
         }
         match (&after, &conn.reader) {
             (After::KeepAlive, Some(_)) => {}
@@ -231,6 +233,8 @@ enum After {
 struct ClientConn {
     /// `None` while a request body owns it.
     reader: Option<ConnReader>,
+    /// A request body dropped before its end (the answer came first), to discard.
+    unread_body: Option<Returned>,
     writer: OwnedWriteHalf,
     out: Vec<u8>,
     deadline: LazyDeadline,
@@ -239,6 +243,54 @@ struct ClientConn {
 }
 
 impl ClientConn {
+    /// Takes the reader back from a request body that ended or was dropped.
+    fn take_back(&mut self, back: Option<&BodyReturn>) {
+        let Some(returned) = back.and_then(|b| b.reader.lock().expect("body return").take()) else {
+            return;
+        };
+        if returned.left.is_done() {
+            self.reader = Some(returned.reader);
+        } else {
+            self.unread_body = Some(returned);
+        }
+    }
+
+    /// Reads and drops the rest of a request body the answer did not need, so the connection
+    /// can carry the next request (nginx discards such bodies too). Gives up — the connection
+    /// then closes — past `DISCARD_LIMIT` bytes, after `header_read_timeout`, or when the
+    /// client still waits for a 100 Continue it never got.
+    async fn discard(&mut self, unread: Returned) -> Option<ConnReader> {
+        let Returned {
+            mut reader,
+            mut left,
+            awaiting_continue,
+        } = unread;
+        if awaiting_continue || left.exact_left().is_some_and(|n| n > DISCARD_LIMIT as u64) {
+            return None;
+        }
+        let due = Instant::now() + self.limits.header_read_timeout;
+        let mut budget = DISCARD_LIMIT;
+        loop {
+            let dropped = left.take(&mut reader.buf).ok()?;
+            budget = budget.checked_sub(dropped.len())?;
+            if left.is_done() {
+                return Some(reader);
+            }
+            if !dropped.is_empty() {
+                continue;
+            }
+            let filled = std::future::poll_fn(|cx| reader.poll_fill(cx));
+            tokio::select! {
+                biased;
+                filled = filled => match filled {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                },
+                () = self.deadline.wait(due) => return None,
+            }
+        }
+    }
+
     /// Reads until the next request head is complete.
     async fn next_head(&mut self, first: bool) -> NextHead {
         let Some(reader) = self.reader.as_mut() else {
@@ -614,12 +666,20 @@ fn too_large(buf: &[u8], limits: &ClientLimits) -> ProxyError {
     }
 }
 
-/// Where the connection's reader goes back when a request body ended, and whether the answer
-/// was already started (after which no 100 Continue may be written).
+/// Where the connection's reader goes back when a request body ended or was dropped, and
+/// whether the answer was already started (after which no 100 Continue may be written).
 #[derive(Default)]
 struct BodyReturn {
-    reader: Mutex<Option<ConnReader>>,
+    reader: Mutex<Option<Returned>>,
     responded: AtomicBool,
+}
+
+/// The connection's reader as a request body gave it back, with what was left of the body.
+struct Returned {
+    reader: ConnReader,
+    left: BodyProgress,
+    /// The client was told to wait for a 100 Continue that was never sent.
+    awaiting_continue: bool,
 }
 
 /// A request body read from the client connection by its framing. At its end the connection's
@@ -640,9 +700,20 @@ impl RequestBody {
         };
         let data = self.progress.take(&mut reader.buf)?;
         if self.progress.is_done() {
-            *self.back.reader.lock().expect("body return") = self.reader.take();
+            self.give_back();
         }
         Ok(data)
+    }
+
+    /// Hands the reader back to the connection with what is left of the body.
+    fn give_back(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            *self.back.reader.lock().expect("body return") = Some(Returned {
+                reader,
+                left: self.progress,
+                awaiting_continue: self.send_continue,
+            });
+        }
     }
 
     /// The body broke: the connection cannot be read for another request.
@@ -650,6 +721,13 @@ impl RequestBody {
         self.progress = BodyProgress::Done;
         self.reader = None;
         Poll::Ready(Some(Err(error.into())))
+    }
+}
+
+impl Drop for RequestBody {
+    /// Dropped before its end (an early answer): the connection may discard the rest.
+    fn drop(&mut self) {
+        self.give_back();
     }
 }
 
