@@ -10,9 +10,11 @@
 //! longer than `max_uri_length` 414, more than `max_headers` fields 431, malformed heads and
 //! ambiguous framing (Content-Length with Transfer-Encoding, conflicting lengths, codings
 //! other than one `chunked`) 400 — each with a JSON body carrying a request ID, then the
-//! connection is closed. A connection whose request body was not read to its end is closed
-//! after the answer, reading and discarding what the client still sends for a moment so the
-//! answer is not lost to a reset.
+//! connection is closed. A client that takes none of an answer for `idle_timeout` is cut off.
+//! When an answer comes before the request body was read to its end, the rest of the body is
+//! discarded (up to `DISCARD_LIMIT`) to keep the connection; otherwise it is closed after the
+//! answer, reading and discarding what the client still sends for a moment so the answer is
+//! not lost to a reset.
 
 use std::io;
 use std::pin::Pin;
