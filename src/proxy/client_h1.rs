@@ -278,17 +278,8 @@ impl ClientConn {
             if left.is_done() {
                 return Some(reader);
             }
-            if !dropped.is_empty() {
-                continue;
-            }
-            let filled = std::future::poll_fn(|cx| reader.poll_fill(cx));
-            tokio::select! {
-                biased;
-                filled = filled => match filled {
-                    Ok(0) | Err(_) => return None,
-                    Ok(_) => {}
-                },
-                () = self.deadline.wait(due) => return None,
+            if dropped.is_empty() && !fill_before(&mut reader, &mut self.deadline, due).await {
+                return None;
             }
         }
     }
@@ -319,14 +310,11 @@ impl ClientConn {
                 None if idle => Instant::now() + self.limits.idle_timeout,
                 None => *head_started.insert(Instant::now()) + self.limits.header_read_timeout,
             };
-            let filled = std::future::poll_fn(|cx| reader.poll_fill(cx));
             tokio::select! {
                 biased;
-                filled = filled => match filled {
-                    Ok(0) | Err(_) => return NextHead::Closed,
-                    Ok(_) => {}
+                more = fill_before(reader, &mut self.deadline, due) => if !more {
+                    return NextHead::Closed;
                 },
-                () = self.deadline.wait(due) => return NextHead::Closed,
                 _ = self.drain.changed(), if idle => return NextHead::Closed,
             }
         }
@@ -496,6 +484,17 @@ impl ClientConn {
                 _ => {}
             }
         }
+    }
+}
+
+/// Reads more of the client's bytes; false when the client closed, the read failed or `due`
+/// passed first.
+async fn fill_before(reader: &mut ConnReader, deadline: &mut LazyDeadline, due: Instant) -> bool {
+    let filled = std::future::poll_fn(|cx| reader.poll_fill(cx));
+    tokio::select! {
+        biased;
+        filled = filled => matches!(filled, Ok(read) if read > 0),
+        () = deadline.wait(due) => false,
     }
 }
 
