@@ -447,16 +447,24 @@ impl ClientConn {
     async fn write_within_idle(&mut self, bytes: &[u8]) -> io::Result<()> {
         let mut rest = bytes;
         while !rest.is_empty() {
-            let due = Instant::now() + self.limits.idle_timeout;
-            tokio::select! {
-                biased;
-                written = self.writer.write(rest) => match written? {
-                    0 => return Err(io::ErrorKind::WriteZero.into()),
-                    n => rest = &rest[n..],
-                },
-                () = self.deadline.wait(due) => {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading"));
+            match self.writer.try_write(rest) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => rest = &rest[written..],
+                // Only a blocked write starts the clock: most go out at once.
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    let due = Instant::now() + self.limits.idle_timeout;
+                    tokio::select! {
+                        biased;
+                        ready = self.writer.writable() => ready?,
+                        () = self.deadline.wait(due) => {
+                            return Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "the client stopped reading",
+                            ));
+                        }
+                    }
                 }
+                Err(err) => return Err(err),
             }
         }
         Ok(())
