@@ -14,7 +14,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::client_h1::RequestBody;
 use super::h1::InstanceBody;
-use super::h2::Http2Body;
+use super::upstream::InFlightGuard;
 use crate::ratelimit::Slots;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -281,21 +281,65 @@ impl Body for ForwardBody {
     }
 }
 
+/// A body that keeps `token` (an in-flight guard, concurrency slots) until it ends, fails or is
+/// dropped, so what the token counts covers the whole answer, not just its head.
+pub struct Holding<B, T> {
+    body: B,
+    token: Option<T>,
+}
+
+impl<B: Body, T> Holding<B, T> {
+    pub fn new(body: B, token: T) -> Holding<B, T> {
+        let token = (!body.is_end_stream()).then_some(token);
+        Holding { body, token }
+    }
+}
+
+impl<B, T> Body for Holding<B, T>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    T: Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) || this.body.is_end_stream() {
+            this.token = None;
+        }
+        Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Response body sent to the client.
 pub enum GatewayBody {
     /// A body the gateway wrote (errors, admin answers).
     Full(Option<Bytes>),
     /// An instance's body, streamed.
     Upstream(InstanceBody),
-    /// An HTTP/2 instance's body, streamed.
-    Http2(Http2Body),
+    /// An HTTP/2 instance's body, streamed, counting the request in flight until it ends.
+    Http2(Holding<Incoming, InFlightGuard>),
     /// Chunks the gateway produces over time (server-sent events); ends when the sender drops.
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
     /// Chunks relayed by a task reading an instance's body (the cache storing a response while
     /// the client streams it); an `Err` breaks the body off.
     Relay(tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>),
     /// Another body, holding the request's concurrency slots until it ends (or is dropped).
-    Holding(Box<GatewayBody>, Option<Slots>),
+    Holding(Box<Holding<GatewayBody, Slots>>),
 }
 
 impl GatewayBody {
@@ -308,7 +352,7 @@ impl GatewayBody {
         if self.is_end_stream() {
             return self;
         }
-        GatewayBody::Holding(Box::new(self), Some(slots))
+        GatewayBody::Holding(Box::new(Holding::new(self, slots)))
     }
 }
 
@@ -328,13 +372,7 @@ impl Body for GatewayBody {
             GatewayBody::Relay(rx) => rx
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|b| b.map(Frame::data))),
-            GatewayBody::Holding(inner, slots) => {
-                let polled = Pin::new(inner.as_mut()).poll_frame(cx);
-                if matches!(polled, Poll::Ready(None | Some(Err(_)))) || inner.is_end_stream() {
-                    *slots = None;
-                }
-                polled
-            }
+            GatewayBody::Holding(body) => Pin::new(body.as_mut()).poll_frame(cx),
             GatewayBody::Upstream(body) => Pin::new(body).poll_frame(cx),
             GatewayBody::Http2(body) => Pin::new(body).poll_frame(cx),
         }
@@ -346,7 +384,7 @@ impl Body for GatewayBody {
             GatewayBody::Upstream(body) => body.is_end_stream(),
             GatewayBody::Http2(body) => body.is_end_stream(),
             GatewayBody::Channel(_) | GatewayBody::Relay(_) => false,
-            GatewayBody::Holding(inner, _) => inner.is_end_stream(),
+            GatewayBody::Holding(body) => body.is_end_stream(),
         }
     }
 
@@ -357,7 +395,7 @@ impl Body for GatewayBody {
             GatewayBody::Upstream(body) => body.size_hint(),
             GatewayBody::Http2(body) => body.size_hint(),
             GatewayBody::Channel(_) | GatewayBody::Relay(_) => SizeHint::default(),
-            GatewayBody::Holding(inner, _) => inner.size_hint(),
+            GatewayBody::Holding(body) => body.size_hint(),
         }
     }
 }

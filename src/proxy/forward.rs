@@ -18,10 +18,10 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use super::body::{BodyPace, ClientBody, ClientBodyFailure, ForwardBody, GatewayBody};
+use super::body::{BodyPace, ClientBody, ClientBodyFailure, ForwardBody, GatewayBody, Holding};
 use super::error::ProxyError;
 use super::h1::{AnswerHead, InstanceBody, InstanceConn, SendError};
-use super::h2::{self, Http2Body, Http2Error};
+use super::h2::{self, Http2Error};
 use super::headers::{
     check_framing, cookie_value, forward_request_headers, is_sane_request_id, requested_upgrade,
     restore_upgrade, strip_hop_by_hop, X_REQUEST_ID,
@@ -352,7 +352,7 @@ async fn to_instance(
                 strip_hop_by_hop(&mut head.headers);
                 head.headers
                     .insert(X_REQUEST_ID.clone(), request_id.clone());
-                let body = GatewayBody::Http2(Http2Body::new(incoming, guard));
+                let body = GatewayBody::Http2(Holding::new(incoming, guard));
                 return Ok(Response::from_parts(head, body));
             }
             Ok(Answer::Http1(conn, mut answer)) => {

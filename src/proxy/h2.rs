@@ -21,7 +21,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::{ConnectError, Connector};
-use super::upstream::InFlightGuard;
 
 /// Flow-control windows towards instances: hyper's defaults (64 KiB) cap a stream at a window
 /// per round trip, far below loopback or LAN bandwidth.
@@ -171,44 +170,6 @@ pub fn request(parts: &Parts, tls: bool, instance: &str) -> Result<Request<()>, 
     *request.headers_mut() = parts.headers.clone();
     request.headers_mut().remove(HOST);
     Ok(request)
-}
-
-/// An instance's HTTP/2 answer body, counting the request in flight until it ends.
-pub struct Http2Body {
-    body: Incoming,
-    guard: Option<InFlightGuard>,
-}
-
-impl Http2Body {
-    pub fn new(body: Incoming, guard: InFlightGuard) -> Http2Body {
-        let guard = (!body.is_end_stream()).then_some(guard);
-        Http2Body { body, guard }
-    }
-}
-
-impl Body for Http2Body {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.get_mut();
-        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
-        if !matches!(frame, Some(Ok(_))) || this.body.is_end_stream() {
-            this.guard = None;
-        }
-        Poll::Ready(frame.map(|frame| frame.map_err(BoxError::from)))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
 }
 
 #[cfg(test)]
