@@ -29,6 +29,16 @@ pub enum Connection {
 }
 
 impl Connection {
+    /// This handle with its own per-command limit instead of `redis_timeout`, for admin work
+    /// (purges, health pings) that may take longer than a rate-limit decision. A cluster
+    /// connection keeps the limit it was built with: redis-rs sets it per connection there.
+    pub fn with_response_timeout(mut self, limit: Duration) -> Connection {
+        if let Connection::Single(c) = &mut self {
+            c.set_response_timeout(limit);
+        }
+        self
+    }
+
     /// One command and its typed reply. For a single node this is the inherent call: going
     /// through the `ConnectionLike` trait would box its future on every request.
     pub async fn query<T: redis::FromRedisValue>(&mut self, cmd: &Cmd) -> Result<T, RedisError> {
@@ -159,7 +169,7 @@ impl RedisLink {
         F: FnOnce(Connection) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
-        let connection = self.connection()?;
+        let connection = self.connection()?.with_response_timeout(limit);
         match timeout(limit, call(connection)).await {
             Ok(result) => self.settle(result),
             Err(_) => {
@@ -190,12 +200,9 @@ impl RedisLink {
             });
         };
         let started = Instant::now();
-        match timeout(
-            self.state.redis_timeout.max(Duration::from_millis(500)),
-            ping(Connection::clone(&connection)),
-        )
-        .await
-        {
+        let limit = self.state.redis_timeout.max(Duration::from_millis(500));
+        let connection = Connection::clone(&connection).with_response_timeout(limit);
+        match timeout(limit, ping(connection)).await {
             Ok(Ok(())) => Ok(started.elapsed()),
             Ok(Err(err)) => Err(err.to_string()),
             Err(_) => Err("timed out".into()),
