@@ -79,13 +79,14 @@ impl RedisStore {
                 .arg(quota.tolerance_us()),
             Algorithm::SlidingWindow => cmd.arg("w").arg(quota.period_us).arg(quota.limit),
         };
+        let script = &self.script;
         let (now, a, b, c) = self
             .link
             .call(|mut connection| async move {
                 match connection.query::<(i64, i64, i64, i64)>(&cmd).await {
                     Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                         // Redis restarted or flushed its scripts: load it again, then decide.
-                        connection.query::<String>(&load_script()).await?;
+                        script.load_async(&mut connection).await?;
                         connection.query(&cmd).await
                     }
                     other => other,
@@ -103,10 +104,4 @@ impl RedisStore {
         });
         Some(decide(quota, stored, now).0)
     }
-}
-
-fn load_script() -> Cmd {
-    let mut cmd = redis::cmd("SCRIPT");
-    cmd.arg("LOAD").arg(SCRIPT);
-    cmd
 }
