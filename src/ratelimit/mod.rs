@@ -411,12 +411,10 @@ impl Admission {
             admitted.slots.push(limit.try_acquire()?);
         }
         let mut verdict = None;
-        if !policy.rules.is_empty() {
-            for (index, rule) in policy.rules.iter().enumerate() {
-                let key = LimitKey::of(&rule.key, client, api_key, headers, &policy.name);
-                let decision = self.limiter.decide_here(rule, key);
-                count_and_fold(rule, index, decision, &mut verdict);
-            }
+        for (index, rule) in policy.rules.iter().enumerate() {
+            let key = LimitKey::of(&rule.key, client, api_key, headers, &policy.name);
+            let decision = self.limiter.decide_here(rule, key);
+            count_and_fold(rule, index, decision, &mut verdict);
         }
         Some(conclude(policy, verdict, &mut admitted).map(|()| admitted))
     }
@@ -433,12 +431,10 @@ impl Admission {
         let api_key = self.api_key(policy, headers)?;
         let mut admitted = Admitted::default();
         let mut verdict = None;
-        if !policy.rules.is_empty() {
-            for (index, rule) in policy.rules.iter().enumerate() {
-                let key = LimitKey::of(&rule.key, client, api_key, headers, &policy.name);
-                let decision = self.limiter.decide(rule, key).await;
-                count_and_fold(rule, index, decision, &mut verdict);
-            }
+        for (index, rule) in policy.rules.iter().enumerate() {
+            let key = LimitKey::of(&rule.key, client, api_key, headers, &policy.name);
+            let decision = self.limiter.decide(rule, key).await;
+            count_and_fold(rule, index, decision, &mut verdict);
         }
         conclude(policy, verdict, &mut admitted)?;
         for limit in policy.own_limit.iter().chain(&policy.upstream_limit) {
@@ -456,13 +452,13 @@ impl Admission {
         Ok(admitted)
     }
 
-    /// The position of the request's API key when the route asks for one.
     /// The client's address: the peer, or the last untrusted hop of X-Forwarded-For when the
     /// peer is one of `trusted_proxies`. Rate-limit keys and cache keys both use it.
     pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         client_ip(peer, headers, &self.trusted_proxies)
     }
 
+    /// The position of the request's API key when the route asks for one.
     fn api_key(
         &self,
         policy: &RoutePolicy,
