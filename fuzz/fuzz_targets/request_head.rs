@@ -35,15 +35,21 @@ fuzz_target!(|data: &[u8]| {
         max_headers: 100,
         max_uri: 4096,
     };
+    let parsed = read_request_head(data, &limits);
+    // What follows a complete head is a body; anything else is fed to the decoder whole.
+    let body = match &parsed {
+        Ok(Some((_, head_len))) => &data[*head_len..],
+        _ => data,
+    };
     let mut chunked = Chunked::Size;
-    let mut rest = data;
+    let mut rest = body;
     while let Ok(step) = chunked.decode(rest) {
         if step.used == 0 {
             break;
         }
         rest = &rest[step.used..];
     }
-    let Ok(Some(request)) = read_request_head(data, &limits) else {
+    let Ok(Some((request, _))) = parsed else {
         return;
     };
     let headers = request.headers;

@@ -577,14 +577,16 @@ fn has_close(headers: &HeaderMap) -> bool {
         .any(|v| has_token(v.as_bytes(), b"close"))
 }
 
-/// The gateway's reading of a request head at the front of `bytes`: `Ok(None)` while it is
-/// incomplete, the refusal the client would get otherwise. For the fuzzer.
+/// The gateway's reading of a request head at the front of `bytes` and the head's length:
+/// `Ok(None)` while it is incomplete, the refusal the client would get otherwise. For the
+/// fuzzer.
 pub fn read_request_head(
     bytes: &[u8],
     limits: &ClientLimits,
-) -> Result<Option<http::request::Parts>, ProxyError> {
+) -> Result<Option<(http::request::Parts, usize)>, ProxyError> {
     let mut buf = BytesMut::from(bytes);
-    Ok(parse_head(&mut buf, limits)?.map(|head| head.parts))
+    let head = parse_head(&mut buf, limits)?;
+    Ok(head.map(|head| (head.parts, bytes.len() - buf.len())))
 }
 
 /// Parses a request head at the front of `buf`, taking it out of the buffer when complete.
