@@ -239,11 +239,13 @@ async fn h2c_instances_get_http2_on_one_connection() {
     assert!(after - before <= 3, "{before} -> {after} connections");
 
     // Upgrades cannot cross HTTP/2: refused with a 502, the instance never asked.
+    let asked = backend_requests(&client, &backend).await;
     let answer = raw_exchange(
         gw.proxy,
-        b"GET /upgrade HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+        b"GET /upgrade HTTP/1.1\r\nHost: a\r\nConnection: upgrade, close\r\nUpgrade: echo\r\n\r\n",
     );
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert_eq!(backend_requests(&client, &backend).await, asked);
 }
 
 async fn backend_connections(client: &Client, backend: &Proc) -> u64 {
