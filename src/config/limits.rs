@@ -493,17 +493,14 @@ fn validate_state(p: &mut Problems, raw: &RawState) -> StateConfig {
         if !redis_urls.iter().all(|url| url.starts_with("rediss://")) {
             p.push("state.redis_ca", "is only for rediss:// URLs");
         }
-        match std::fs::read(path) {
-            Ok(pem) if pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => Some(pem),
-            Ok(_) => {
-                p.push(
-                    "state.redis_ca",
-                    format!("`{path}` holds no PEM certificate"),
-                );
-                None
-            }
+        // Parsed as certificates here, so a broken file is a config error, not a Redis that
+        // looks unreachable; redis-rs takes the PEM bytes themselves.
+        let pem = crate::tls::load_certificates(std::path::Path::new(path))
+            .and_then(|_| std::fs::read(path).map_err(|err| format!("`{path}`: {err}")));
+        match pem {
+            Ok(pem) => Some(pem),
             Err(err) => {
-                p.push("state.redis_ca", format!("`{path}`: {err}"));
+                p.push("state.redis_ca", err);
                 None
             }
         }
@@ -858,10 +855,18 @@ max_in_flight = 0
         let not_pem = dir.path().join("ca.txt");
         std::fs::write(&not_pem, "hello").unwrap();
         let not_pem = not_pem.to_str().unwrap();
+        let broken = dir.path().join("broken.pem");
+        std::fs::write(
+            &broken,
+            "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let broken = broken.to_str().unwrap();
         for (url, ca, says) in [
             ("redis://127.0.0.1:1", not_pem, "only for rediss://"),
             ("rediss://127.0.0.1:1", "/no/such/ca.pem", "/no/such/ca.pem"),
-            ("rediss://127.0.0.1:1", not_pem, "no PEM certificate"),
+            ("rediss://127.0.0.1:1", not_pem, "no certificate"),
+            ("rediss://127.0.0.1:1", broken, "not a PEM certificate"),
         ] {
             let errors = Config::from_toml(&config(url, ca)).unwrap_err().0;
             assert!(
