@@ -97,12 +97,7 @@ fn big_body() -> Vec<u8> {
 /// A gateway in front of one [`instance`], with more `[server]` keys.
 fn gateway_to_instance(server_keys: &str) -> Gateway {
     let instance = instance();
-    gateway_with_server_keys(
-        server_keys,
-        &format!(
-            "[upstreams.app]\ninstances = [\"{instance}\"]\n\n[[routes]]\nupstream = \"app\"\n"
-        ),
-    )
+    gateway_with_server_keys(server_keys, &app_config_at(&[instance], ""))
 }
 
 /// One answer as the client read it.

@@ -365,11 +365,7 @@ async fn forwarding_headers_and_request_ids() {
     assert_eq!(generated.len(), 16, "{generated}");
 
     // An HTTP/1.0 request without Host reaches the instance with the upstream's name as Host.
-    let proxy = gw.proxy;
-    let old =
-        tokio::task::spawn_blocking(move || raw_exchange(proxy, b"GET /echo HTTP/1.0\r\n\r\n"))
-            .await
-            .unwrap();
+    let old = raw_exchange_off_thread(gw.proxy, b"GET /echo HTTP/1.0\r\n\r\n").await;
     // Answered as HTTP/1.1 (RFC 9110 2.5: the server's own version), closed as 1.0 expects.
     assert!(old.starts_with("HTTP/1.1 200"), "{old}");
     assert!(old.contains("connection: close"), "{old}");
@@ -660,9 +656,7 @@ async fn folded_headers_and_bare_lf_never_smuggle() {
     assert_eq!(backend_requests(&client, &a).await, 0);
 
     let (instance, seen) = scripted_instance().await;
-    let scripted = gateway(&format!(
-        "[upstreams.app]\ninstances = [\"{instance}\"]\n\n[[routes]]\nupstream = \"app\"\n"
-    ));
+    let scripted = gateway(&app_config_at(&[instance], ""));
     // Bare LF line endings: one request in, one answer out, exactly that request at the instance.
     let bare_lf = raw_exchange_off_thread(
         scripted.proxy,
@@ -684,14 +678,6 @@ async fn folded_headers_and_bare_lf_never_smuggle() {
         !seen_paths.contains(&"/smuggled".to_string()),
         "{seen_paths:?}"
     );
-}
-
-/// [`raw_exchange`] from async tests without blocking the runtime the scripted instance runs on.
-async fn raw_exchange_off_thread(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
-    let bytes = bytes.to_vec();
-    tokio::task::spawn_blocking(move || raw_exchange(addr, &bytes))
-        .await
-        .unwrap()
 }
 
 /// The paths a scripted instance was asked for, in order.
@@ -801,9 +787,7 @@ async fn scripted_instance() -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_answers_are_reframed_and_connections_reused_only_when_safe() {
     let (instance, seen) = scripted_instance().await;
-    let gw = gateway(&format!(
-        "[upstreams.app]\ninstances = [\"{instance}\"]\nretries = 0\n\n[[routes]]\nupstream = \"app\"\n"
-    ));
+    let gw = gateway(&app_config_at(&[instance], "retries = 0"));
     let client = client();
 
     // Chunked answers are decoded (extensions and trailers dropped), then re-framed for the
@@ -903,9 +887,7 @@ async fn odd_transfer_codings_and_signed_lengths_are_refused_before_the_instance
 #[tokio::test]
 async fn invalid_chunk_sizes_get_400_and_the_tail_never_reaches_the_instance() {
     let (instance, seen) = scripted_instance().await;
-    let gw = gateway(&format!(
-        "[upstreams.app]\ninstances = [\"{instance}\"]\n\n[[routes]]\nupstream = \"app\"\n"
-    ));
+    let gw = gateway(&app_config_at(&[instance], ""));
     for size in ["zz", "fffffffffffffffffffff", "-5", "5 5"] {
         let request = format!(
             "POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -976,9 +958,7 @@ async fn one_shot_instance() -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_closing_idle_connections_never_count_as_failures() {
     let instance = one_shot_instance().await;
-    let gw = gateway(&format!(
-        "[upstreams.app]\ninstances = [\"{instance}\"]\n\n[[routes]]\nupstream = \"app\"\n"
-    ));
+    let gw = gateway(&app_config_at(&[instance], ""));
     let client = client();
     let url = gw.url("/");
     let mut statuses = std::collections::BTreeMap::new();

@@ -170,10 +170,13 @@ pub fn gateway_announcing(body: &str, listeners: usize) -> Gateway {
 
 /// The `[upstreams.app]` + catch-all route config for these backends.
 pub fn app_config(backends: &[&Proc], extra: &str) -> String {
-    let list: Vec<String> = backends
-        .iter()
-        .map(|b| format!("\"{}\"", b.addr()))
-        .collect();
+    let addrs: Vec<std::net::SocketAddr> = backends.iter().map(|b| b.addr()).collect();
+    app_config_at(&addrs, extra)
+}
+
+/// [`app_config`] for instances given by address (hand-written instances in a test).
+pub fn app_config_at(instances: &[std::net::SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = instances.iter().map(|addr| format!("\"{addr}\"")).collect();
     format!(
         "[upstreams.app]\ninstances = [{}]\n{extra}\n\n[[routes]]\nupstream = \"app\"\n",
         list.join(", ")
@@ -286,6 +289,14 @@ where
 
 /// Sends raw bytes on a new connection and returns everything read until the peer closes or
 /// 3 s pass.
+/// [`raw_exchange`] from async tests without blocking the runtime their own servers run on.
+pub async fn raw_exchange_off_thread(addr: SocketAddr, bytes: &[u8]) -> String {
+    let bytes = bytes.to_vec();
+    tokio::task::spawn_blocking(move || raw_exchange(addr, &bytes))
+        .await
+        .unwrap()
+}
+
 pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
