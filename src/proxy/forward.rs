@@ -478,15 +478,9 @@ async fn send(
         Ok(checked_out) => checked_out,
         Err(err) => return Err(Attempt::NotSent(err.to_string())),
     };
-    let started = Instant::now();
-    match tokio::time::timeout_at(started + timeout, conn.send(parts, body)).await {
-        Err(_) => Err(Attempt::Timeout),
-        Ok(Ok(answer)) => {
-            let now = Instant::now();
-            instance.observe_latency(now - started, now);
-            Ok(Answer::Http1(conn, answer))
-        }
-        Ok(Err(err)) => Err(match err {
+    match timed(instance, timeout, conn.send(parts, body)).await? {
+        Ok(answer) => Ok(Answer::Http1(conn, answer)),
+        Err(err) => Err(match err {
             SendError::Unsent(err) if reused => Attempt::Stale {
                 reason: err.to_string(),
                 sent: false,
@@ -516,21 +510,32 @@ async fn send_http2(
     let request = h2::request(parts, connector.is_tls(), &instance.addr_text)
         .map_err(Attempt::NotSent)?
         .map(|()| std::mem::replace(body, ForwardBody::Empty));
-    let started = Instant::now();
-    match tokio::time::timeout_at(started + timeout, h2::send(sender, request)).await {
-        Err(_) => Err(Attempt::Timeout),
-        Ok(Ok(response)) => {
-            let now = Instant::now();
-            instance.observe_latency(now - started, now);
-            Ok(Answer::Http2(response))
-        }
-        Ok(Err(Http2Error::NotSent(reason, unsent))) => {
+    match timed(instance, timeout, h2::send(sender, request)).await? {
+        Ok(response) => Ok(Answer::Http2(response)),
+        Err(Http2Error::NotSent(reason, unsent)) => {
             *body = unsent;
             Err(Attempt::NotSent(reason))
         }
-        Ok(Err(Http2Error::Sent(reason))) => Err(Attempt::Sent(reason)),
-        Ok(Err(Http2Error::Client(failure))) => Err(Attempt::Client(failure)),
+        Err(Http2Error::Sent(reason)) => Err(Attempt::Sent(reason)),
+        Err(Http2Error::Client(failure)) => Err(Attempt::Client(failure)),
     }
+}
+
+/// One exchange under the upstream's response timeout; an answer's latency feeds the balancer.
+async fn timed<T, E>(
+    instance: &Instance,
+    timeout: std::time::Duration,
+    exchange: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<Result<T, E>, Attempt> {
+    let started = Instant::now();
+    let result = tokio::time::timeout_at(started + timeout, exchange)
+        .await
+        .map_err(|_| Attempt::Timeout)?;
+    if result.is_ok() {
+        let now = Instant::now();
+        instance.observe_latency(now - started, now);
+    }
+    Ok(result)
 }
 
 /// A 308 to the same URL on HTTPS (`https_port` left out when it is 443); `None` without a
