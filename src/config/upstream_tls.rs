@@ -9,8 +9,8 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
 
 use super::Problems;
-use crate::tls::client::{client_config, ClientIdentity, Roots};
-use crate::tls::load_certificates;
+use crate::tls::client::{client_config, Verify};
+use crate::tls::{load_certificate, load_certificates};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -102,20 +102,24 @@ pub(super) fn validate(
     let default = RawUpstreamTls::default();
     let raw = raw.unwrap_or(&default);
     let tkey = format!("{key}.tls");
-    let (roots, ca) = match &raw.ca {
+    let ca = match &raw.ca {
         Some(path) => match load_certificates(Path::new(path)) {
-            Ok(certs) => (Roots::Ca(certs.clone()), Some(certs)),
+            Ok(certs) => Some(certs),
             Err(err) => {
                 p.push(format!("{tkey}.ca"), err);
                 return (protocol, None);
             }
         },
-        None if raw.insecure_skip_verify => (Roots::None, None),
-        None => (Roots::System, None),
+        None => None,
+    };
+    let verify = match &ca {
+        _ if raw.insecure_skip_verify => Verify::Skip,
+        Some(certs) => Verify::Ca(certs.clone()),
+        None => Verify::System,
     };
     let identity = match (&raw.client_cert, &raw.client_key) {
         (Some(cert), Some(private)) => {
-            match ClientIdentity::load(Path::new(cert), Path::new(private)) {
+            match load_certificate(Path::new(cert), Path::new(private)) {
                 Ok(identity) => Some(identity),
                 Err(err) => {
                     p.push(format!("{tkey}.client_cert"), err);
@@ -150,8 +154,8 @@ pub(super) fn validate(
     } else {
         b"http/1.1"
     };
-    let client_chain = identity.as_ref().map(|i| i.chain.clone());
-    match client_config(roots, identity, raw.insecure_skip_verify, alpn) {
+    let client_chain = identity.as_ref().map(|certified| certified.cert.clone());
+    match client_config(verify, identity, alpn) {
         Ok(client) => (
             protocol,
             Some(UpstreamTls {

@@ -134,26 +134,26 @@ fn tls_acceptor(config: &DemoConfig) -> Result<Option<tokio_rustls::TlsAcceptor>
         return Ok(None);
     };
     let certified = crate::tls::load_certificate(cert, key)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|err| err.to_string())?;
-    let builder = match &config.tls_client_ca {
+    let client_verifier = match &config.tls_client_ca {
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
             roots.add_parsable_certificates(crate::tls::load_certificates(ca)?);
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
-                    .build()
-                    .map_err(|err| format!("--tls-client-ca: {err}"))?;
-            builder.with_client_cert_verifier(verifier)
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                roots.into(),
+                crate::tls::provider(),
+            )
+            .build()
+            .map_err(|err| format!("--tls-client-ca: {err}"))?;
+            Some(verifier)
         }
-        None => builder.with_no_client_auth(),
+        None => None,
     };
-    let mut server =
-        builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
+    let certificate = crate::tls::TlsCertificate {
+        names: Vec::new(),
+        key: certified,
+    };
+    let server = crate::tls::server_config(&[certificate], client_verifier);
+    Ok(Some(tokio_rustls::TlsAcceptor::from(server)))
 }
 
 async fn handle(

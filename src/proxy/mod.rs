@@ -108,7 +108,7 @@ impl Runtime {
         let tls = config
             .tls
             .as_ref()
-            .map(|tls| crate::tls::server_config(&tls.certificates));
+            .map(|tls| crate::tls::server_config(&tls.certificates, None));
         let admission = crate::ratelimit::Admission::build(
             &config,
             limiter.clone(),

@@ -1,40 +1,22 @@
 //! TLS towards instances: the rustls client config of an upstream (trusted roots, optional
 //! client certificate, ALPN), built once when the config loads.
 
-use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-/// Which certificates instance certificates must chain to.
-pub enum Roots {
-    /// The operating system's store (read once per process).
+/// How instance certificates are verified.
+pub enum Verify {
+    /// They must chain to the operating system's store (read once per process).
     System,
+    /// They must chain to these certificates (`ca`).
     Ca(Vec<CertificateDer<'static>>),
-    /// Nothing is verified (`insecure_skip_verify` without a CA).
-    None,
-}
-
-/// A client certificate chain and its key, checked to match.
-pub struct ClientIdentity {
-    pub chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-}
-
-impl ClientIdentity {
-    pub fn load(cert: &Path, key: &Path) -> Result<ClientIdentity, String> {
-        let certified = super::load_certificate(cert, key)?;
-        let key = PrivateKeyDer::from_pem_file(key)
-            .map_err(|err| format!("cannot read a private key from {}: {err}", key.display()))?;
-        Ok(ClientIdentity {
-            chain: certified.cert.clone(),
-            key,
-        })
-    }
+    /// Not at all (`insecure_skip_verify`); handshake signatures are still checked.
+    Skip,
 }
 
 fn system_roots() -> &'static [CertificateDer<'static>] {
@@ -42,45 +24,41 @@ fn system_roots() -> &'static [CertificateDer<'static>] {
     ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs)
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// The client config for one upstream: TLS 1.2 and 1.3, offering `alpn`.
+/// The client config for one upstream: TLS 1.2 and 1.3, offering `alpn`, presenting
+/// `identity` (a client certificate and its key, checked to match when loaded) if any.
 pub fn client_config(
-    roots: Roots,
-    identity: Option<ClientIdentity>,
-    insecure_skip_verify: bool,
+    verify: Verify,
+    identity: Option<Arc<CertifiedKey>>,
     alpn: &[u8],
 ) -> Result<Arc<rustls::ClientConfig>, String> {
-    let provider = provider();
+    let provider = super::provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|err| err.to_string())?;
-    let builder = if insecure_skip_verify {
-        builder
+    let builder = match verify {
+        Verify::Skip => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
-    } else {
-        let mut store = rustls::RootCertStore::empty();
-        let certs = match &roots {
-            Roots::System => system_roots(),
-            Roots::Ca(certs) => certs.as_slice(),
-            Roots::None => &[],
-        };
-        let (added, _) = store.add_parsable_certificates(certs.iter().cloned());
-        if added == 0 {
-            return Err(match roots {
-                Roots::System => "no system root certificates were found: set ca".to_owned(),
-                _ => "no usable CA certificate in ca".to_owned(),
-            });
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider))),
+        Verify::System | Verify::Ca(_) => {
+            let certs = match &verify {
+                Verify::Ca(certs) => certs.as_slice(),
+                _ => system_roots(),
+            };
+            let mut store = rustls::RootCertStore::empty();
+            let (added, _) = store.add_parsable_certificates(certs.iter().cloned());
+            if added == 0 {
+                return Err(match verify {
+                    Verify::System => "no system root certificates were found: set ca".to_owned(),
+                    _ => "no usable CA certificate in ca".to_owned(),
+                });
+            }
+            builder.with_root_certificates(store)
         }
-        builder.with_root_certificates(store)
     };
     let mut config = match identity {
-        Some(identity) => builder
-            .with_client_auth_cert(identity.chain, identity.key)
-            .map_err(|err| format!("client certificate: {err}"))?,
+        Some(certified) => {
+            builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)))
+        }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![alpn.to_vec()];

@@ -75,14 +75,25 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// The rustls server settings for these certificates: TLS 1.2 and 1.3, ALPN h2 then http/1.1.
-pub fn server_config(certificates: &[TlsCertificate]) -> Arc<rustls::ServerConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+/// The crypto (ring) behind every TLS config of the gateway.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The rustls server settings for these certificates: TLS 1.2 and 1.3, ALPN h2 then http/1.1;
+/// clients must present a certificate `client_verifier` accepts, when there is one.
+pub fn server_config(
+    certificates: &[TlsCertificate],
+    client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Arc<rustls::ServerConfig> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver(certificates.to_vec())));
+        .expect("ring supports the default protocol versions");
+    let builder = match client_verifier {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(SniResolver(certificates.to_vec())));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Arc::new(config)
 }
