@@ -103,6 +103,21 @@ async fn sni_alpn_forwarded_proto_hsts_and_redirect() {
     assert_eq!(status, 200);
     assert_eq!(forwarded_proto(&body), "https");
 
+    // Framing hyper's parser accepts but the gateway refuses (a doubled `chunked`) gets the same
+    // 400 with a request ID over TLS as on the plain listener, and never reaches the instance.
+    let mut stream = connect(&h1_only, tls_addr, "a.test").await;
+    tokio::io::AsyncWriteExt::write_all(
+        &mut stream,
+        b"POST /echo HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"request_id\""), "{answer}");
+
     // Plain HTTP is redirected to the same URL on the TLS port, and carries no HSTS.
     let reply = request(
         &client(),

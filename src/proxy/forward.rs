@@ -23,8 +23,8 @@ use super::error::ProxyError;
 use super::h1::{AnswerHead, InstanceBody, InstanceConn, SendError};
 use super::h2::{self, Http2Error};
 use super::headers::{
-    check_framing, cookie_value, forward_request_headers, is_sane_request_id, requested_upgrade,
-    restore_upgrade, strip_hop_by_hop, X_REQUEST_ID,
+    cookie_value, forward_request_headers, is_sane_request_id, requested_upgrade, restore_upgrade,
+    strip_hop_by_hop, X_REQUEST_ID,
 };
 use super::router::{host_without_port, match_route};
 use super::tunnel::{self, ClientUpgrade};
@@ -149,9 +149,13 @@ async fn forward(
         return Err((ProxyError::UriTooLong, None));
     }
     let max_body = server.max_body;
-    let declared = check_framing(&parts.headers)
-        .map_err(|err| (ProxyError::BadRequest(err.reason()), None))?;
-    if declared.is_some_and(|length| length > max_body) {
+    // Framing was checked where the head was read (client_h1, serve_hyper): the body knows
+    // its declared length.
+    if body
+        .size_hint()
+        .exact()
+        .is_some_and(|length| length > max_body)
+    {
         return Err((ProxyError::BodyTooLarge, None));
     }
     let host = parts.headers.get(header::HOST).cloned().or_else(|| {

@@ -468,13 +468,22 @@ async fn serve_hyper<I>(
 {
     let peer = client.addr;
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let (mut parts, body) = req.into_parts();
-        let upgrade = parts
-            .extensions
-            .remove::<hyper::upgrade::OnUpgrade>()
-            .map(tunnel::ClientUpgrade::Hyper);
-        let req = http::Request::from_parts(parts, body::ClientBody::Hyper(body));
-        forward::handle(gateway.clone(), req, client.clone(), upgrade)
+        let (gateway, client) = (gateway.clone(), client.clone());
+        async move {
+            let (mut parts, body) = req.into_parts();
+            // Framing hyper let through that the gateway refuses (codings other than one
+            // `chunked`, signed lengths), as client_h1 refuses it when it reads a head.
+            if let Err(err) = headers::check_framing(&parts.headers) {
+                let refusal = ProxyError::BadRequest(err.reason());
+                return Ok(refusal.response(&gateway.new_request_id()));
+            }
+            let upgrade = parts
+                .extensions
+                .remove::<hyper::upgrade::OnUpgrade>()
+                .map(tunnel::ClientUpgrade::Hyper);
+            let req = http::Request::from_parts(parts, body::ClientBody::Hyper(body));
+            forward::handle(gateway, req, client, upgrade).await
+        }
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     if let Err(err) = watcher.watch(connection.into_owned()).await {
