@@ -48,8 +48,8 @@ pub struct UpstreamTls {
     pub client: Arc<rustls::ClientConfig>,
     /// SNI and verification name; `None` = each instance's IP address.
     pub server_name: Option<ServerName<'static>>,
-    /// What the config was built from, so a reload keeps pooled connections only when it is
-    /// unchanged (files included).
+    /// What the client config was built from, so a reload keeps pooled connections only when
+    /// it and `server_name` are unchanged (files included).
     pub source: TlsSource,
 }
 
@@ -57,7 +57,6 @@ pub struct UpstreamTls {
 pub struct TlsSource {
     ca: Option<Vec<CertificateDer<'static>>>,
     client_chain: Option<Vec<CertificateDer<'static>>>,
-    server_name: Option<String>,
     insecure: bool,
 }
 
@@ -164,7 +163,6 @@ pub(super) fn validate(
                 source: TlsSource {
                     ca,
                     client_chain,
-                    server_name: raw.server_name.clone(),
                     insecure: raw.insecure_skip_verify,
                 },
             }),

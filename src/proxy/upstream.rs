@@ -424,7 +424,11 @@ impl UpstreamConfig {
             other.connect_timeout,
             other.idle_timeout,
             other.protocol,
-        ) && self.tls.as_ref().map(|tls| &tls.source) == other.tls.as_ref().map(|tls| &tls.source)
+        ) && self.tls.as_ref().map(|tls| (&tls.source, &tls.server_name))
+            == other
+                .tls
+                .as_ref()
+                .map(|tls| (&tls.source, &tls.server_name))
     }
 }
 
