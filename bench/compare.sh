@@ -15,12 +15,10 @@ bench_init nginx haproxy
 start_nginx_backend
 start_nginx_backend
 
-start_nginx() { start_nginx_proxy; }
-start_haproxy() { start_haproxy_proxy; }
 for proxy in $PROXIES; do
   case $proxy in
     scalegate) start_scalegate scalegate ;;
-    *) "start_$proxy" ;;
+    *) "start_${proxy}_proxy" ;;
   esac
 done
 sleep 0.5
