@@ -35,6 +35,13 @@ http { access_log off; client_body_temp_path $dir; proxy_temp_path $dir;
 CONF
 }
 
+# A throwaway ECDSA P-256 certificate for bench.test and 127.0.0.1: DIR/cert.pem, DIR/key.pem.
+make_cert() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=bench.test -addext "subjectAltName=DNS:bench.test,IP:127.0.0.1" \
+    -keyout "$1/key.pem" -out "$1/cert.pem" 2>/dev/null
+}
+
 # nginx `return 200 "ok"`, one worker, on LOAD_CPU; appends the port to BACKENDS.
 BACKENDS=()
 start_nginx_backend() {

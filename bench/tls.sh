@@ -25,9 +25,7 @@ start_nginx_backend
 start_nginx_backend
 
 CERT=$WORK/cert.pem KEY=$WORK/key.pem
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-  -subj /CN=bench.test -addext "subjectAltName=DNS:bench.test,IP:127.0.0.1" \
-  -keyout "$KEY" -out "$CERT" 2>/dev/null
+make_cert "$WORK"
 cat "$CERT" "$KEY" >"$WORK/haproxy.pem"
 
 start_scalegate_tls() {

@@ -13,9 +13,7 @@ cd "$(dirname "$0")/.."
 CONNS=${CONNS:-"64"}
 NAMES=${NAMES:-"h1 h2c https h2"}
 bench_init nginx openssl
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
-  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" -subj /CN=127.0.0.1 \
-  -addext subjectAltName=IP:127.0.0.1 2>/dev/null
+make_cert "$WORK"
 
 # One nginx instance on LOAD_CPU listening as h1, h2c, https and h2; appends its ports.
 H1=() H2C=() HTTPS=() H2=()
