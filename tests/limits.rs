@@ -361,10 +361,7 @@ async fn http2_clients_get_the_configured_settings_and_extra_streams_are_refused
 async fn an_http2_client_queues_streams_beyond_max_concurrent_streams() {
     let a = demo_backend(&[]);
     let gw = gateway_with_server_keys(H2_SETTINGS, &app_config(&[&a], ""));
-    let client: Client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let client = h2c_client();
     assert_eq!(get(&client, &gw.url("/")).await.status, 200);
     let started = Instant::now();
     let replies: Vec<_> = (0..4)

@@ -513,10 +513,7 @@ async fn routes_by_host_and_path_prefix() {
 async fn h2c_clients_are_served() {
     let a = demo_backend(&[]);
     let gw = gateway(&app_config(&[&a], ""));
-    let client: Client =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .http2_only(true)
-            .build_http();
+    let client = h2c_client();
     let reply = get(&client, &gw.url("/work")).await;
     assert_eq!(reply.status, 200);
     assert_eq!(&reply.body[..], b"ok");

@@ -200,6 +200,13 @@ pub fn client() -> Client {
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
 }
 
+/// A client that speaks HTTP/2 with prior knowledge (h2c).
+pub fn h2c_client() -> Client {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
 /// A finished response: status, headers and the whole body.
 pub struct Reply {
     pub status: u16,
