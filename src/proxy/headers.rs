@@ -2,6 +2,7 @@
 //! X-Forwarded-* fields, request IDs, and refusing messages whose framing is ambiguous.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use smallvec::SmallVec;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -28,26 +29,37 @@ fn hop_by_hop() -> [&'static HeaderName; 9] {
 
 /// Removes hop-by-hop fields, including every field named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of them: one pass over the names costs less than a hashed
-    // lookup per hop-by-hop name.
+    // One pass over the names finds what is there: most messages carry no hop-by-hop field or
+    // only `Connection: keep-alive`, and a hashed lookup per listed name would cost more.
     let hop_by_hop = hop_by_hop();
-    if !headers.keys().any(|name| hop_by_hop.contains(&name)) {
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(at) = hop_by_hop.iter().position(|listed| *listed == name) {
+            present |= 1 << at;
+        }
+    }
+    if present == 0 {
         return;
     }
     if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
+        let named: SmallVec<[HeaderName; 4]> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .map(str::trim)
+            // Options, not field names; a Keep-Alive field is in the list anyway.
+            .filter(|token| {
+                !token.eq_ignore_ascii_case("close") && !token.eq_ignore_ascii_case("keep-alive")
+            })
+            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
             .collect();
         for name in named {
             headers.remove(name);
         }
     }
-    for name in hop_by_hop {
-        if headers.contains_key(name) {
+    for (at, name) in hop_by_hop.into_iter().enumerate() {
+        if present & (1 << at) != 0 {
             headers.remove(name);
         }
     }
@@ -252,6 +264,23 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         let names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-kept", "host"]);
+    }
+
+    #[test]
+    fn connection_options_alone_leave_the_other_fields() {
+        let mut headers = map(&[
+            ("connection", "close"),
+            ("x-named", "1"),
+            ("content-length", "2"),
+        ]);
+        strip_hop_by_hop(&mut headers);
+        let mut names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, vec!["content-length", "x-named"]);
+
+        let mut headers = map(&[("connection", "Keep-Alive, x-named"), ("x-named", "1")]);
+        strip_hop_by_hop(&mut headers);
+        assert!(headers.is_empty());
     }
 
     #[test]
