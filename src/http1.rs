@@ -3,6 +3,7 @@
 //! functions over bytes, shared by the proxy's client and instance connections and the load
 //! generator, which all parse with `httparse` instead of going through hyper.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -97,35 +98,64 @@ pub fn response_framing(
     })
 }
 
+/// Parses an answer head with `fields` as `httparse`'s field storage, left uninitialised by
+/// the caller: parsing fills what it uses, and zeroing a hundred fields per answer is not free.
+pub fn parse_response<'h, 'b>(
+    buf: &'b [u8],
+    fields: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> (httparse::Response<'h, 'b>, httparse::Result<usize>) {
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        fields,
+    );
+    (response, parsed)
+}
+
 /// Where each field of a parsed head sits in the head's bytes, taken while `httparse` still
 /// borrows the buffer, so the map can be built from the frozen head without copying values.
-pub struct FieldSpans(SmallVec<[(HeaderName, usize, usize); 24]>);
+/// Offsets only (16 bytes a field): the caller keeps this on its stack and it is never moved.
+#[derive(Default)]
+pub struct FieldSpans(SmallVec<[FieldSpan; 32]>);
+
+#[derive(Clone, Copy)]
+struct FieldSpan {
+    name: (u32, u32),
+    value: (u32, u32),
+}
 
 impl FieldSpans {
-    /// The spans of `fields`, which `httparse` parsed out of the buffer starting at `base`.
-    /// Inlined so the spans are built where the caller keeps them, not moved out.
-    #[inline(always)]
-    pub fn of(fields: &[httparse::Header<'_>], base: *const u8) -> Result<FieldSpans, http::Error> {
+    /// Records the spans of `fields`, which `httparse` parsed out of the buffer starting at
+    /// `base`.
+    pub fn record(&mut self, fields: &[httparse::Header<'_>], base: *const u8) {
         let base = base as usize;
-        let mut spans = SmallVec::with_capacity(fields.len());
-        for field in fields {
-            let name = HeaderName::from_bytes(field.name.as_bytes())?;
-            let start = (field.value.as_ptr() as usize).wrapping_sub(base);
-            spans.push((name, start, start.wrapping_add(field.value.len())));
-        }
-        Ok(FieldSpans(spans))
+        let span = |bytes: &[u8]| {
+            let start = (bytes.as_ptr() as usize).wrapping_sub(base);
+            // Heads are limited far below 4 GiB; an impossible span becomes an empty one.
+            let start = u32::try_from(start).unwrap_or(u32::MAX);
+            (start, start.saturating_add(bytes.len() as u32))
+        };
+        self.0.clear();
+        self.0.extend(fields.iter().map(|field| FieldSpan {
+            name: span(field.name.as_bytes()),
+            value: span(field.value),
+        }));
     }
 
     /// The header map, its values slices of `head` (the bytes the spans were taken from), with
     /// room for `extra` fields the caller adds, so adding them does not grow the map.
-    #[inline(always)]
-    pub fn into_map(self, head: &Bytes, extra: usize) -> Result<HeaderMap, http::Error> {
+    pub fn to_map(&self, head: &Bytes, extra: usize) -> Result<HeaderMap, http::Error> {
+        let range = |(start, end): (u32, u32)| {
+            let (start, end) = (start as usize, end as usize);
+            (start <= end && end <= head.len()).then_some(start..end)
+        };
         let mut map = HeaderMap::with_capacity(self.0.len() + extra);
-        for (name, start, end) in self.0 {
-            let value = if start <= end && end <= head.len() {
-                HeaderValue::from_maybe_shared(head.slice(start..end))?
-            } else {
-                HeaderValue::from_static("")
+        for span in &self.0 {
+            let name = HeaderName::from_bytes(range(span.name).map_or(&[][..], |r| &head[r]))?;
+            let value = match range(span.value) {
+                Some(r) => HeaderValue::from_maybe_shared(head.slice(r))?,
+                None => HeaderValue::from_static(""),
             };
             map.append(name, value);
         }

@@ -5,6 +5,7 @@
 //! cost caps what it can measure. HTTP/2 goes through hyper.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
@@ -13,7 +14,7 @@ use tokio::net::TcpStream;
 
 use super::report::ErrorKind;
 use super::runner::ByteCounts;
-use crate::http1::{response_framing, Chunked, Framing, MAX_HEAD};
+use crate::http1::{parse_response, response_framing, Chunked, Framing, MAX_HEAD};
 
 /// Most header lines an answer may have.
 const MAX_HEADERS: usize = 64;
@@ -32,9 +33,9 @@ pub struct Head {
 /// Parses an answer head at the start of `buf`: `Ok(None)` until it is complete.
 /// `head_request` answers carry no body whatever their headers say.
 pub fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Head>, ErrorKind> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut headers);
-    let len = match response.parse(buf) {
+    let mut fields = [MaybeUninit::uninit(); MAX_HEADERS];
+    let (response, parsed) = parse_response(buf, &mut fields);
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Ok(None),
         _ => return Err(ErrorKind::Other),

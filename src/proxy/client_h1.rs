@@ -17,6 +17,7 @@
 //! not lost to a reset.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -594,16 +595,17 @@ fn parse_head(
     buf: &mut BytesMut,
     limits: &ClientLimits,
 ) -> Result<Option<RequestHead>, ProxyError> {
-    let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    // Uninitialised: parsing fills what it uses, and most heads have a handful of fields.
+    let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
     let mut heap = Vec::new();
-    let fields: &mut [httparse::Header<'_>] = if limits.max_headers <= STACK_HEADERS {
+    let fields = if limits.max_headers <= STACK_HEADERS {
         &mut stack[..limits.max_headers]
     } else {
-        heap.resize(limits.max_headers, httparse::EMPTY_HEADER);
-        &mut heap
+        heap.resize(limits.max_headers, MaybeUninit::uninit());
+        &mut heap[..]
     };
-    let mut request = httparse::Request::new(fields);
-    let len = match request.parse(buf) {
+    let mut request = httparse::Request::new(&mut []);
+    let len = match request.parse_with_uninit_headers(buf, fields) {
         Ok(httparse::Status::Complete(len)) if len <= limits.max_head => len,
         Ok(httparse::Status::Complete(_)) => return Err(too_large(buf, limits)),
         Ok(httparse::Status::Partial) if buf.len() <= limits.max_head => return Ok(None),
@@ -621,10 +623,11 @@ fn parse_head(
     let target = request.path.unwrap_or_default();
     let target_start = (target.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
     let target_end = target_start + target.len();
-    let spans = FieldSpans::of(request.headers, buf.as_ptr()).map_err(malformed)?;
+    let mut spans = FieldSpans::default();
+    spans.record(request.headers, buf.as_ptr());
     let head = buf.split_to(len).freeze();
     // Room for X-Forwarded-For, -Proto, -Host and X-Request-ID.
-    let headers = spans.into_map(&head, 4).map_err(malformed)?;
+    let headers = spans.to_map(&head, 4).map_err(malformed)?;
     let uri = Uri::from_maybe_shared(head.slice(target_start..target_end))
         .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
 

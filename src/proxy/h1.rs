@@ -6,6 +6,7 @@
 //! cost several times the CPU of the exchange itself on a busy proxy.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -21,7 +22,9 @@ use tokio_util::io::poll_read_buf;
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::InstanceStream;
 use super::upstream::InFlightGuard;
-use crate::http1::{response_framing, BodyFraming, BodyProgress, FieldSpans, Framing, MAX_HEAD};
+use crate::http1::{
+    parse_response, response_framing, BodyFraming, BodyProgress, FieldSpans, Framing, MAX_HEAD,
+};
 
 /// Most header fields an instance's answer may have.
 const MAX_HEADERS: usize = 128;
@@ -327,9 +330,9 @@ enum Parsed {
 /// header values are slices of the head's bytes, not copies.
 fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, SendError> {
     let invalid = |what: &dyn std::fmt::Display| SendError::Sent(format!("invalid answer: {what}"));
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut answer = httparse::Response::new(&mut headers);
-    let len = match answer.parse(buf) {
+    let mut fields = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+    let (answer, parsed) = parse_response(buf, &mut fields);
+    let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(None),
         Ok(httparse::Status::Partial) => return Err(invalid(&"head larger than 64 KiB")),
@@ -347,11 +350,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         head_request,
     )
     .map_err(|err| invalid(&err))?;
-    let spans = FieldSpans::of(answer.headers, buf.as_ptr()).map_err(|err| invalid(&err))?;
+    let mut spans = FieldSpans::default();
+    spans.record(answer.headers, buf.as_ptr());
     let head_bytes = buf.split_to(len).freeze();
-    let mut map = spans
-        .into_map(&head_bytes, 2)
-        .map_err(|err| invalid(&err))?;
+    let mut map = spans.to_map(&head_bytes, 2).map_err(|err| invalid(&err))?;
     // The gateway frames the body itself towards the client.
     if !matches!(framing.framing, Framing::Length(_)) {
         map.remove(CONTENT_LENGTH);
