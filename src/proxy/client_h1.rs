@@ -175,7 +175,7 @@ pub async fn serve(
             (None, None)
         };
         let request = Request::from_parts(parts, body);
-        let Ok(response) = forward::handle(gateway.clone(), request, client.clone(), upgrade).await;
+        let Ok(response) = forward::handle(&gateway, request, &client, upgrade).await;
         if let Some(back) = &back {
             back.responded.store(true, Ordering::Relaxed);
         }

@@ -59,9 +59,9 @@ impl ClientAddr {
 /// Entry point for one client request; never fails (errors become responses).
 /// `upgrade` is the client's side of the connection should the request switch protocols.
 pub async fn handle(
-    gateway: Arc<Gateway>,
+    gateway: &Gateway,
     req: Request<ClientBody>,
-    client: ClientAddr,
+    client: &ClientAddr,
     upgrade: Option<ClientUpgrade>,
 ) -> Result<Response<GatewayBody>, Infallible> {
     let started = Instant::now();
@@ -83,7 +83,7 @@ pub async fn handle(
         .and_then(|_| https_redirect(&req, gateway.https_port()));
     let (mut response, route) = match redirect {
         Some(response) => (response, None),
-        None => match forward(&runtime, req, &client, &request_id, upgrade).await {
+        None => match forward(&runtime, req, client, &request_id, upgrade).await {
             Ok((response, route)) => (response, Some(route)),
             Err((error, route)) => {
                 // Overload refusals are expected under load; logging each would add to it.

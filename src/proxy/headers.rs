@@ -214,7 +214,10 @@ pub fn new_request_id(prefix: u32, seq: u64) -> HeaderValue {
         let nibble = (value >> (60 - 4 * i)) & 0xf;
         *slot = b"0123456789abcdef"[nibble as usize];
     }
-    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+    // Owned by the Bytes from the start: the request's and the answer's copies share it
+    // without the promotion (a second allocation) a Vec-backed value takes on its first clone.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .expect("hex is a valid header value")
 }
 
 #[cfg(test)]

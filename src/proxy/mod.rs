@@ -482,7 +482,7 @@ async fn serve_hyper<I>(
                 .remove::<hyper::upgrade::OnUpgrade>()
                 .map(tunnel::ClientUpgrade::Hyper);
             let req = http::Request::from_parts(parts, body::ClientBody::Hyper(body));
-            forward::handle(gateway, req, client, upgrade).await
+            forward::handle(&gateway, req, &client, upgrade).await
         }
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
