@@ -398,6 +398,26 @@ async fn smuggling_shaped_requests_never_smuggle() {
     assert_eq!(backend_requests(&client, &a).await, 0);
 }
 
+/// Pooled instance connections keep one response timer for their life: a timer left over from
+/// an earlier request must neither cut a later one short nor let a slow one run past the timeout.
+#[tokio::test]
+async fn the_response_timeout_holds_for_every_request_on_a_reused_connection() {
+    let backend = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&backend], "response_timeout = \"400ms\""));
+    let client = client();
+    let status = |path: &'static str| {
+        let url = gw.url(path);
+        let client = &client;
+        async move { request(client, "GET", &url, &[], "").await.unwrap().status }
+    };
+
+    assert_eq!(status("/first").await, 200);
+    // The first request's timer runs out while the connection idles in the pool.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(status("/second?latency_ms=100").await, 200);
+    assert_eq!(status("/slow?latency_ms=3000").await, 504);
+}
+
 #[tokio::test]
 async fn error_statuses_carry_json_and_the_request_id() {
     let slow = demo_backend(&["--latency-ms", "3000"]);

@@ -33,10 +33,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::io::poll_read_buf;
 
 use super::body::{BoxError, ClientBody, GatewayBody};
+use super::deadline::LazyDeadline;
 use super::error::ProxyError;
 use super::forward::{self, ClientAddr};
 use super::h1::chunk_header;
@@ -790,35 +791,6 @@ impl Body for RequestBody {
     }
 }
 
-/// One timer per connection whose due time moves without touching the timer wheel: it fires
-/// at its old deadline at most once per timeout, then re-arms for the current due time. Keeps
-/// per-request timer work off keep-alive connections.
-struct LazyDeadline {
-    sleep: Pin<Box<Sleep>>,
-}
-
-impl LazyDeadline {
-    fn new(at: Instant) -> LazyDeadline {
-        LazyDeadline {
-            sleep: Box::pin(tokio::time::sleep_until(at)),
-        }
-    }
-
-    /// Completes at `due`.
-    async fn wait(&mut self, due: Instant) {
-        if self.sleep.deadline() > due {
-            self.sleep.as_mut().reset(due);
-        }
-        loop {
-            self.sleep.as_mut().await;
-            if Instant::now() >= due {
-                return;
-            }
-            self.sleep.as_mut().reset(due);
-        }
-    }
-}
-
 /// The `Date` field's value, rendered once per second per thread.
 mod http_date {
     use std::cell::RefCell;
@@ -996,19 +968,5 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 201 Created\r\ndate: "), "{text}");
         assert!(text.ends_with(" GMT\r\n\r\n"), "{text}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_lazy_deadline_fires_at_the_latest_due_time() {
-        let t0 = Instant::now();
-        let mut deadline = LazyDeadline::new(t0 + Duration::from_secs(10));
-        // Moving the due time later costs no timer work and still fires then, not before.
-        deadline.wait(t0 + Duration::from_secs(25)).await;
-        assert_eq!(Instant::now() - t0, Duration::from_secs(25));
-        // An earlier due time than the armed one fires on time.
-        let t1 = Instant::now();
-        deadline = LazyDeadline::new(t1 + Duration::from_secs(60));
-        deadline.wait(t1 + Duration::from_secs(1)).await;
-        assert_eq!(Instant::now() - t1, Duration::from_secs(1));
     }
 }

@@ -482,8 +482,12 @@ async fn send(
         Ok(checked_out) => checked_out,
         Err(err) => return Err(Attempt::NotSent(err.to_string())),
     };
-    match timed(instance, timeout, conn.send(parts, body)).await? {
-        Ok(answer) => Ok(Answer::Http1(conn, answer)),
+    let started = Instant::now();
+    match conn.send(parts, body, started + timeout).await {
+        Ok(answer) => {
+            observe_latency(instance, started);
+            Ok(Answer::Http1(conn, answer))
+        }
         Err(err) => Err(match err {
             SendError::Unsent(err) if reused => Attempt::Stale {
                 reason: err.to_string(),
@@ -493,6 +497,7 @@ async fn send(
             SendError::NoAnswer(reason) if reused => Attempt::Stale { reason, sent: true },
             SendError::Sent(reason) | SendError::NoAnswer(reason) => Attempt::Sent(reason),
             SendError::Client(failure) => Attempt::Client(failure),
+            SendError::TimedOut => Attempt::Timeout,
         }),
     }
 }
@@ -525,7 +530,8 @@ async fn send_http2(
     }
 }
 
-/// One exchange under the upstream's response timeout; an answer's latency feeds the balancer.
+/// One HTTP/2 exchange under the upstream's response timeout. (HTTP/1.1 connections time
+/// their exchanges with their own long-lived timer.)
 async fn timed<T, E>(
     instance: &Instance,
     timeout: std::time::Duration,
@@ -536,10 +542,15 @@ async fn timed<T, E>(
         .await
         .map_err(|_| Attempt::Timeout)?;
     if result.is_ok() {
-        let now = Instant::now();
-        instance.observe_latency(now - started, now);
+        observe_latency(instance, started);
     }
     Ok(result)
+}
+
+/// An answer's latency feeds the balancer.
+fn observe_latency(instance: &Instance, started: Instant) {
+    let now = Instant::now();
+    instance.observe_latency(now - started, now);
 }
 
 /// A 308 to the same URL on HTTPS (`https_port` left out when it is 443); `None` without a

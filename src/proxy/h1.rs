@@ -9,6 +9,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::CONTENT_LENGTH;
@@ -17,10 +18,12 @@ use http::{response, Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 use tokio_util::io::poll_read_buf;
 
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::InstanceStream;
+use super::deadline::LazyDeadline;
 use super::upstream::InFlightGuard;
 use crate::http1::{
     parse_response, response_framing, BodyFraming, BodyProgress, FieldSpans, Framing, MAX_HEAD,
@@ -37,6 +40,8 @@ pub struct InstanceConn {
     stream: InstanceStream,
     read: BytesMut,
     write: Vec<u8>,
+    /// The response timeout, one timer for the connection's life.
+    deadline: LazyDeadline,
 }
 
 /// How an exchange with an instance failed.
@@ -51,6 +56,8 @@ pub enum SendError {
     NoAnswer(String),
     /// The client's body failed: not the instance's fault.
     Client(ClientBodyFailure),
+    /// No answer head before the response timeout.
+    TimedOut,
 }
 
 /// An instance's answer head, and how to read the body that follows it.
@@ -67,6 +74,8 @@ impl InstanceConn {
             stream,
             read: BytesMut::with_capacity(READ_CHUNK),
             write: Vec::with_capacity(1024),
+            // Armed by the first request; until then the timer is not in the wheel.
+            deadline: LazyDeadline::new(Instant::now() + Duration::from_secs(3600)),
         }
     }
 
@@ -91,43 +100,60 @@ impl InstanceConn {
         (self.stream, self.read.freeze())
     }
 
-    /// Writes the request and reads the answer's head. An answer that comes before the whole
-    /// body went out (an early 413, say) is taken as it is; the connection is then not reused.
+    /// Writes the request and reads the answer's head, giving up at `due`. An answer that
+    /// comes before the whole body went out (an early 413, say) is taken as it is; the
+    /// connection is then not reused.
     pub async fn send(
         &mut self,
         parts: &Parts,
         body: &mut ForwardBody,
+        due: Instant,
     ) -> Result<AnswerHead, SendError> {
-        let head_request = parts.method == Method::HEAD;
-        let chunked = !body.is_end_stream() && !parts.headers.contains_key(CONTENT_LENGTH);
-        encode_head(&mut self.write, parts, chunked);
-        // Back to the front of the buffer once the last answer's bytes were released, so each
-        // exchange reuses the same (cache-warm) memory instead of walking through all of it.
-        self.read.clear();
-        self.read.reserve(READ_CHUNK);
-        write_first(&mut self.stream, &self.write).await?;
-        if body.is_end_stream() {
-            let (head, framing) = read_head(&mut self.stream, &mut self.read, head_request).await?;
-            return Ok(AnswerHead {
-                head,
-                framing,
-                request_complete: true,
-            });
-        }
         let InstanceConn {
             stream,
             read,
             write,
+            deadline,
         } = self;
-        match stream {
-            InstanceStream::Tcp(tcp) => {
-                let (reader, writer) = tcp.split();
-                exchange(reader, writer, read, write, body, chunked, head_request).await
-            }
-            InstanceStream::Tls(tls) => {
-                let (reader, writer) = tokio::io::split(&mut **tls);
-                exchange(reader, writer, read, write, body, chunked, head_request).await
-            }
+        tokio::select! {
+            biased;
+            answer = send_on(stream, read, write, parts, body) => answer,
+            () = deadline.wait(due) => Err(SendError::TimedOut),
+        }
+    }
+}
+
+async fn send_on(
+    stream: &mut InstanceStream,
+    read: &mut BytesMut,
+    write: &mut Vec<u8>,
+    parts: &Parts,
+    body: &mut ForwardBody,
+) -> Result<AnswerHead, SendError> {
+    let head_request = parts.method == Method::HEAD;
+    let chunked = !body.is_end_stream() && !parts.headers.contains_key(CONTENT_LENGTH);
+    encode_head(write, parts, chunked);
+    // Back to the front of the buffer once the last answer's bytes were released, so each
+    // exchange reuses the same (cache-warm) memory instead of walking through all of it.
+    read.clear();
+    read.reserve(READ_CHUNK);
+    write_first(stream, write).await?;
+    if body.is_end_stream() {
+        let (head, framing) = read_head(stream, read, head_request).await?;
+        return Ok(AnswerHead {
+            head,
+            framing,
+            request_complete: true,
+        });
+    }
+    match stream {
+        InstanceStream::Tcp(tcp) => {
+            let (reader, writer) = tcp.split();
+            exchange(reader, writer, read, write, body, chunked, head_request).await
+        }
+        InstanceStream::Tls(tls) => {
+            let (reader, writer) = tokio::io::split(&mut **tls);
+            exchange(reader, writer, read, write, body, chunked, head_request).await
         }
     }
 }

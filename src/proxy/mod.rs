@@ -7,6 +7,7 @@ mod body;
 pub mod client_h1;
 mod connect;
 pub mod connections;
+mod deadline;
 mod error;
 mod forward;
 mod h1;

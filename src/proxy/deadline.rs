@@ -1,0 +1,57 @@
+//! Timers that live as long as a connection: one `Sleep` whose due time moves with each
+//! request, instead of one timer per request, whose registration and removal would take the
+//! timer wheel's lock twice per request.
+
+use std::pin::Pin;
+
+use tokio::time::{Instant, Sleep};
+
+/// One timer per connection whose due time moves without touching the timer wheel: it fires
+/// at its old deadline at most once per timeout, then re-arms for the current due time. Keeps
+/// per-request timer work off keep-alive connections.
+pub struct LazyDeadline {
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl LazyDeadline {
+    pub fn new(at: Instant) -> LazyDeadline {
+        LazyDeadline {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+        }
+    }
+
+    /// Completes at `due`.
+    pub async fn wait(&mut self, due: Instant) {
+        if self.sleep.deadline() > due {
+            self.sleep.as_mut().reset(due);
+        }
+        loop {
+            self.sleep.as_mut().await;
+            if Instant::now() >= due {
+                return;
+            }
+            self.sleep.as_mut().reset(due);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lazy_deadline_fires_at_the_latest_due_time() {
+        let t0 = Instant::now();
+        let mut deadline = LazyDeadline::new(t0 + Duration::from_secs(10));
+        // Moving the due time later costs no timer work and still fires then, not before.
+        deadline.wait(t0 + Duration::from_secs(25)).await;
+        assert_eq!(Instant::now() - t0, Duration::from_secs(25));
+        // An earlier due time than the armed one fires on time.
+        let t1 = Instant::now();
+        deadline = LazyDeadline::new(t1 + Duration::from_secs(60));
+        deadline.wait(t1 + Duration::from_secs(1)).await;
+        assert_eq!(Instant::now() - t1, Duration::from_secs(1));
+    }
+}
