@@ -126,9 +126,14 @@ struct FieldSpan {
 }
 
 impl FieldSpans {
-    /// Records the spans of `fields`, which `httparse` parsed out of the buffer starting at
-    /// `base`.
-    pub fn record(&mut self, fields: &[httparse::Header<'_>], base: *const u8) {
+    /// Records the spans of the `fields` whose names `keep` accepts; `httparse` parsed them out
+    /// of the buffer starting at `base`.
+    pub fn record(
+        &mut self,
+        fields: &[httparse::Header<'_>],
+        base: *const u8,
+        keep: impl Fn(&str) -> bool,
+    ) {
         let base = base as usize;
         let span = |bytes: &[u8]| {
             let start = (bytes.as_ptr() as usize).wrapping_sub(base);
@@ -137,10 +142,15 @@ impl FieldSpans {
             (start, start.saturating_add(bytes.len() as u32))
         };
         self.0.clear();
-        self.0.extend(fields.iter().map(|field| FieldSpan {
-            name: span(field.name.as_bytes()),
-            value: span(field.value),
-        }));
+        self.0.extend(
+            fields
+                .iter()
+                .filter(|field| keep(field.name))
+                .map(|field| FieldSpan {
+                    name: span(field.name.as_bytes()),
+                    value: span(field.value),
+                }),
+        );
     }
 
     /// The header map, its values slices of `head` (the bytes the spans were taken from), with

@@ -41,7 +41,7 @@ use super::deadline::LazyDeadline;
 use super::error::ProxyError;
 use super::forward::{self, ClientAddr};
 use super::h1::chunk_header;
-use super::headers::{check_framing, requested_upgrade};
+use super::headers::{check_framing, has, requested_upgrade, value, values};
 use super::tunnel::ClientUpgrade;
 use super::Gateway;
 use crate::config::ServerConfig;
@@ -346,7 +346,7 @@ impl ClientConn {
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
         let framing = if bodyless {
-            let length = (head_request && !head.headers.contains_key(header::CONTENT_LENGTH))
+            let length = (head_request && !has(&head.headers, &header::CONTENT_LENGTH))
                 .then(|| body.size_hint().exact())
                 .flatten();
             AnswerFraming::Bodyless(length)
@@ -539,16 +539,18 @@ fn encode_head(
                 || (name == header::CONTENT_LENGTH
                     && !matches!(framing, Some((AnswerFraming::Bodyless(None), _)))))
     };
+    let mut dated = false;
     for (name, value) in headers {
         if framed_here(name) {
             continue;
         }
+        dated |= name == header::DATE;
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !headers.contains_key(header::DATE) {
+    if !dated {
         out.extend_from_slice(b"date: ");
         http_date::write(out);
         out.extend_from_slice(b"\r\n");
@@ -573,10 +575,7 @@ fn encode_head(
 }
 
 fn has_close(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| has_token(v.as_bytes(), b"close"))
+    values(headers, &header::CONNECTION).any(|v| has_token(v.as_bytes(), b"close"))
 }
 
 /// The gateway's reading of a request head at the front of `bytes` and the head's length:
@@ -625,7 +624,7 @@ fn parse_head(
     let target_start = (target.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
     let target_end = target_start + target.len();
     let mut spans = FieldSpans::default();
-    spans.record(request.headers, buf.as_ptr());
+    spans.record(request.headers, buf.as_ptr(), |_| true);
     let head = buf.split_to(len).freeze();
     // Room for X-Forwarded-For, -Proto, -Host and X-Request-ID.
     let headers = spans.to_map(&head, 4).map_err(malformed)?;
@@ -633,7 +632,7 @@ fn parse_head(
         .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
 
     let declared = check_framing(&headers).map_err(|err| ProxyError::BadRequest(err.reason()))?;
-    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
+    let chunked = has(&headers, &header::TRANSFER_ENCODING);
     if chunked && version == Version::HTTP_10 {
         return Err(ProxyError::BadRequest(
             "Transfer-Encoding in an HTTP/1.0 request",
@@ -645,7 +644,7 @@ fn parse_head(
         Some(length) => BodyKind::Length(length),
     };
     let mut keep_alive = version == Version::HTTP_11;
-    for value in headers.get_all(header::CONNECTION) {
+    for value in values(&headers, &header::CONNECTION) {
         if has_token(value.as_bytes(), b"close") {
             keep_alive = false;
         } else if has_token(value.as_bytes(), b"keep-alive") {
@@ -655,8 +654,7 @@ fn parse_head(
     // 100-continue means nothing to an HTTP/1.0 client (RFC 9110 §10.1.1).
     let expect_continue = version == Version::HTTP_11
         && body != BodyKind::None
-        && headers
-            .get(header::EXPECT)
+        && value(&headers, &header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = method;

@@ -23,8 +23,8 @@ use super::error::ProxyError;
 use super::h1::{AnswerHead, InstanceBody, InstanceConn, SendError};
 use super::h2::{self, Http2Error};
 use super::headers::{
-    cookie_value, forward_request_headers, is_sane_request_id, requested_upgrade, restore_upgrade,
-    strip_hop_by_hop, X_REQUEST_ID,
+    cookie_value, forward_request_headers, has, is_sane_request_id, requested_upgrade,
+    restore_upgrade, strip_hop_by_hop, value, X_REQUEST_ID,
 };
 use super::router::{host_without_port, match_route};
 use super::tunnel::{self, ClientUpgrade};
@@ -65,7 +65,7 @@ pub async fn handle(
     upgrade: Option<ClientUpgrade>,
 ) -> Result<Response<GatewayBody>, Infallible> {
     let started = Instant::now();
-    let request_id = match req.headers().get(&X_REQUEST_ID) {
+    let request_id = match value(req.headers(), &X_REQUEST_ID) {
         Some(id) if is_sane_request_id(id) => id.clone(),
         _ => gateway.new_request_id(),
     };
@@ -158,7 +158,7 @@ async fn forward(
     {
         return Err((ProxyError::BodyTooLarge, None));
     }
-    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+    let host = value(&parts.headers, &header::HOST).cloned().or_else(|| {
         parts
             .uri
             .authority()
@@ -193,7 +193,7 @@ async fn forward(
     }
     parts.version = Version::HTTP_11;
     match &host {
-        Some(host) if !parts.headers.contains_key(header::HOST) => {
+        Some(host) if !has(&parts.headers, &header::HOST) => {
             parts.headers.insert(header::HOST, host.clone());
         }
         Some(_) => {}

@@ -24,6 +24,7 @@ use tokio_util::io::poll_read_buf;
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::InstanceStream;
 use super::deadline::LazyDeadline;
+use super::headers::{has, is_hop_by_hop};
 use super::upstream::InFlightGuard;
 use crate::http1::{
     parse_response, response_framing, BodyFraming, BodyProgress, FieldSpans, Framing, MAX_HEAD,
@@ -131,7 +132,7 @@ async fn send_on(
     body: &mut ForwardBody,
 ) -> Result<AnswerHead, SendError> {
     let head_request = parts.method == Method::HEAD;
-    let chunked = !body.is_end_stream() && !parts.headers.contains_key(CONTENT_LENGTH);
+    let chunked = !body.is_end_stream() && !has(&parts.headers, &CONTENT_LENGTH);
     encode_head(write, parts, chunked);
     // Back to the front of the buffer once the last answer's bytes were released, so each
     // exchange reuses the same (cache-warm) memory instead of walking through all of it.
@@ -376,18 +377,35 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         head_request,
     )
     .map_err(|err| invalid(&err))?;
-    let mut spans = FieldSpans::default();
-    spans.record(answer.headers, buf.as_ptr());
-    let head_bytes = buf.split_to(len).freeze();
-    let mut map = spans.to_map(&head_bytes, 2).map_err(|err| invalid(&err))?;
     // The gateway frames the body itself towards the client.
-    if !matches!(framing.framing, Framing::Length(_)) {
-        map.remove(CONTENT_LENGTH);
-    }
+    let framed_by_length = matches!(framing.framing, Framing::Length(_));
+    // Hop-by-hop fields are left out here, unless `Connection` names other fields to drop or
+    // the protocol switches; `strip_hop_by_hop` then takes them out of the map.
+    let skip_hop_by_hop = code != 101 && connection_has_only_options(answer.headers);
+    let mut spans = FieldSpans::default();
+    spans.record(answer.headers, buf.as_ptr(), |name| {
+        !(skip_hop_by_hop && is_hop_by_hop(name))
+            && (framed_by_length || !name.eq_ignore_ascii_case("content-length"))
+    });
+    let head_bytes = buf.split_to(len).freeze();
+    let map = spans.to_map(&head_bytes, 2).map_err(|err| invalid(&err))?;
     let (mut head, ()) = Response::new(()).into_parts();
     head.status = status;
     head.headers = map;
     Ok(Some(Parsed::Final(head, framing)))
+}
+
+/// Whether every `Connection` field holds only the `close` and `keep-alive` options, which name
+/// no other field.
+fn connection_has_only_options(fields: &[httparse::Header<'_>]) -> bool {
+    fields
+        .iter()
+        .filter(|field| field.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|field| field.value.split(|&b| b == b','))
+        .all(|token| {
+            let token = token.trim_ascii();
+            token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
+        })
 }
 
 /// An instance's answer body, streamed to the client. Holds the connection and the request's
@@ -519,6 +537,34 @@ mod tests {
         assert_eq!(head.headers[CONTENT_LENGTH], "2");
         assert_eq!(framing.framing, Framing::Length(2));
         assert_eq!(&rest[..], b"ok");
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_left_out_unless_connection_names_others() {
+        fn names(head: &response::Parts) -> Vec<&str> {
+            let mut names: Vec<&str> = head.headers.keys().map(|k| k.as_str()).collect();
+            names.sort_unstable();
+            names
+        }
+        let (head, _, _) = parsed(
+            b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\nKeep-Alive: timeout=5\r\n\
+              Server: x\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert_eq!(names(&head), ["content-length", "server"]);
+        // Connection naming a field: everything stays for strip_hop_by_hop to take out.
+        let (head, _, _) = parsed(
+            b"HTTP/1.1 200 OK\r\nConnection: close, X-Private\r\nX-Private: 1\r\n\
+              Content-Length: 0\r\n\r\n",
+            false,
+        );
+        assert_eq!(names(&head), ["connection", "content-length", "x-private"]);
+        // A protocol switch keeps Connection and Upgrade.
+        let (head, _, _) = parsed(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: ws\r\n\r\n",
+            false,
+        );
+        assert_eq!(names(&head), ["connection", "upgrade"]);
     }
 
     #[test]

@@ -11,10 +11,51 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Heads with at most this many field lines are searched by a scan instead of a hashed lookup.
+const SCAN_LIMIT: usize = 16;
+
+/// The values of `name` in `headers`. `HeaderMap` hashes the name on every lookup; the heads a
+/// proxy sees mostly have a handful of fields, and comparing names (an enum comparison for the
+/// standard ones) over all of them costs a fraction of a hash. Larger heads use the map's index.
+pub fn values<'a>(headers: &'a HeaderMap, name: &'a HeaderName) -> Values<'a> {
+    if headers.len() <= SCAN_LIMIT {
+        Values::Scan(headers.iter(), name)
+    } else {
+        Values::Indexed(headers.get_all(name).into_iter())
+    }
+}
+
+/// The first value of `name` in `headers` (see [`values`]).
+pub fn value<'a>(headers: &'a HeaderMap, name: &'a HeaderName) -> Option<&'a HeaderValue> {
+    values(headers, name).next()
+}
+
+/// Whether `headers` has a field `name` (see [`values`]).
+pub fn has(headers: &HeaderMap, name: &HeaderName) -> bool {
+    value(headers, name).is_some()
+}
+
+pub enum Values<'a> {
+    Scan(header::Iter<'a, HeaderValue>, &'a HeaderName),
+    Indexed(header::ValueIter<'a, HeaderValue>),
+}
+
+impl<'a> Iterator for Values<'a> {
+    type Item = &'a HeaderValue;
+
+    fn next(&mut self) -> Option<&'a HeaderValue> {
+        match self {
+            Values::Scan(fields, name) => fields.find(|(field, _)| field == name).map(|(_, v)| v),
+            Values::Indexed(values) => values.next(),
+        }
+    }
+}
+
 /// Fields that only concern one connection and never cross a proxy. `Expect` is answered by
 /// the gateway itself (it sends 100 Continue to the client when it reads the body).
 fn hop_by_hop() -> [&'static HeaderName; 9] {
     [
+        // First: strip_hop_by_hop reads its presence as bit 0.
         &header::CONNECTION,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
@@ -25,6 +66,13 @@ fn hop_by_hop() -> [&'static HeaderName; 9] {
         &header::PROXY_AUTHORIZATION,
         &header::EXPECT,
     ]
+}
+
+/// Whether a field name read off the wire is one of the hop-by-hop fields.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    hop_by_hop()
+        .iter()
+        .any(|listed| listed.as_str().eq_ignore_ascii_case(name))
 }
 
 /// Removes hop-by-hop fields, including every field named in `Connection`.
@@ -41,10 +89,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
-        let named: SmallVec<[HeaderName; 4]> = headers
-            .get_all(header::CONNECTION)
-            .iter()
+    // Bit 0: the Connection field.
+    if present & 1 != 0 {
+        let named: SmallVec<[HeaderName; 4]> = values(headers, &header::CONNECTION)
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
@@ -67,13 +114,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The protocol a message asks to switch to (`Connection: upgrade` with `Upgrade: X`), if any.
 pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
-    let asks = headers
-        .get_all(header::CONNECTION)
-        .iter()
+    let asks = values(headers, &header::CONNECTION)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| headers.get(header::UPGRADE).cloned())
+    asks.then(|| value(headers, &header::UPGRADE).cloned())
         .flatten()
 }
 
@@ -123,7 +168,7 @@ impl FramingError {
 /// Checks message framing and returns the declared Content-Length, if any.
 pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, FramingError> {
     let mut length: Option<u64> = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
+    for value in values(headers, &header::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&b| b == b',') {
             let part = part.trim_ascii();
             // Digits only: `u64::from_str` would also take a leading `+`.
@@ -142,7 +187,7 @@ pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, FramingError> {
             }
         }
     }
-    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+    let mut codings = values(headers, &header::TRANSFER_ENCODING);
     if let Some(first) = codings.next() {
         if length.is_some() {
             return Err(FramingError::LengthAndChunked);
@@ -169,10 +214,10 @@ pub fn forward_request_headers(
     request_id: &HeaderValue,
 ) {
     strip_hop_by_hop(headers);
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
+    let forwarded_for = match value(headers, &X_FORWARDED_FOR) {
         Some(existing) => {
             let mut joined = Vec::with_capacity(existing.len() + 2 + client_ip.len());
-            for (i, v) in headers.get_all(&X_FORWARDED_FOR).iter().enumerate() {
+            for (i, v) in values(headers, &X_FORWARDED_FOR).enumerate() {
                 if i > 0 {
                     joined.extend_from_slice(b", ");
                 }
@@ -249,6 +294,24 @@ mod tests {
             );
         }
         headers
+    }
+
+    #[test]
+    fn scanned_and_indexed_lookups_agree() {
+        for filler in [2, SCAN_LIMIT + 4] {
+            let mut headers = map(&[("x-a", "1"), ("Host", "h"), ("x-a", "2")]);
+            for i in 0..filler {
+                headers.append(
+                    HeaderName::from_bytes(format!("x-filler-{i}").as_bytes()).unwrap(),
+                    HeaderValue::from_static("f"),
+                );
+            }
+            let x_a = HeaderName::from_static("x-a");
+            let found: Vec<_> = values(&headers, &x_a).collect();
+            assert_eq!(found, ["1", "2"], "{filler} fillers");
+            assert_eq!(value(&headers, &header::HOST).unwrap(), "h");
+            assert!(!has(&headers, &header::CONNECTION));
+        }
     }
 
     #[test]
