@@ -340,7 +340,7 @@ impl ClientConn {
                 return Ok(After::Upgrade(tx));
             }
         }
-        let mut keep_alive = keep_alive && !has_close(&head.headers);
+        let mut keep_alive = keep_alive;
         let bodyless = head_request
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
@@ -358,7 +358,7 @@ impl ClientConn {
             keep_alive = false;
             AnswerFraming::UntilClose
         };
-        encode_head(
+        let keep_alive = encode_head(
             &mut self.out,
             status,
             &head.headers,
@@ -520,14 +520,16 @@ enum AnswerFraming {
 }
 
 /// The status line and fields; with `framing`, the framing and connection fields the gateway
-/// decides (the answer's own `Connection` and `Content-Length` are replaced).
+/// decides (the answer's own `Connection` and `Content-Length` are replaced). Returns whether
+/// the connection stays open: a `Connection: close` in the answer (the gateway's refusals carry
+/// one) closes it.
 fn encode_head(
     out: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
     framing: Option<(AnswerFraming, bool)>,
     http10: bool,
-) {
+) -> bool {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -540,7 +542,11 @@ fn encode_head(
                     && !matches!(framing, Some((AnswerFraming::Bodyless(None), _)))))
     };
     let mut dated = false;
+    let mut closes = false;
     for (name, value) in headers {
+        if name == header::CONNECTION {
+            closes |= has_token(value.as_bytes(), b"close");
+        }
         if framed_here(name) {
             continue;
         }
@@ -555,7 +561,9 @@ fn encode_head(
         http_date::write(out);
         out.extend_from_slice(b"\r\n");
     }
-    if let Some((framing, keep_alive)) = framing {
+    let mut keep_alive = !closes;
+    if let Some((framing, asked)) = framing {
+        keep_alive &= asked;
         match framing {
             AnswerFraming::Length(length) | AnswerFraming::Bodyless(Some(length)) => {
                 out.extend_from_slice(b"content-length: ");
@@ -572,10 +580,7 @@ fn encode_head(
         }
     }
     out.extend_from_slice(b"\r\n");
-}
-
-fn has_close(headers: &HeaderMap) -> bool {
-    values(headers, &header::CONNECTION).any(|v| has_token(v.as_bytes(), b"close"))
+    keep_alive
 }
 
 /// The gateway's reading of a request head at the front of `bytes` and the head's length:
@@ -935,6 +940,17 @@ mod tests {
         assert_eq!(
             encoded(200, &[], AnswerFraming::Chunked, false, false),
             "HTTP/1.1 200 OK\r\ndate: d\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        );
+        // The gateway's refusals carry their own `Connection: close`.
+        assert_eq!(
+            encoded(
+                400,
+                &[("connection", "close")],
+                AnswerFraming::Length(0),
+                true,
+                false
+            ),
+            "HTTP/1.1 400 Bad Request\r\ndate: d\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
         );
         // A HEAD answer keeps the instance's length; one the gateway made gets its own.
         assert_eq!(
