@@ -5,6 +5,8 @@ export PATH="$PATH:/usr/sbin:/sbin"
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 RUNS=${RUNS:-3}
+# Words put before the proxy under test's command (a profiler, for one); empty by default.
+PROXY_WRAP=${PROXY_WRAP:-}
 DURATION=${DURATION:-10s}
 
 bench_init() { # tools...
@@ -20,7 +22,7 @@ bench_init() { # tools...
 }
 bench_cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+wait_port() { for _ in $(seq "${WAIT_TRIES:-200}"); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 # A one-worker, foreground nginx config in DIR whose http block ends with HTTP_TAIL.
 write_nginx_conf() { # DIR HTTP_TAIL
@@ -73,7 +75,8 @@ ${2:-}
 upstream = "app"
 ${3:-}
 CONF
-  LOG_LEVEL=warn taskset -c "$PROXY_CPU" "$SCALEGATE" serve --config "$WORK/$name.toml" >/dev/null &
+  # shellcheck disable=SC2086 # PROXY_WRAP is a list of words
+  LOG_LEVEL=warn taskset -c "$PROXY_CPU" $PROXY_WRAP "$SCALEGATE" serve --config "$WORK/$name.toml" >/dev/null &
   PID[$name]=$!; PORT[$name]=$port; PIDS+=($!); wait_port "$port"
 }
 
@@ -134,7 +137,8 @@ start_nginx_proxy() { # [LISTEN_EXTRA] [SERVER_EXTRA]
   upstream app { least_conn; $servers keepalive 1024; keepalive_requests 1000000; }
   server { listen 127.0.0.1:$port ${1:-} backlog=4096; ${2:-}
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
-  taskset -c "$PROXY_CPU" nginx -c "$dir/nginx.conf" -p "$dir" &
+  # shellcheck disable=SC2086 # PROXY_WRAP is a list of words
+  taskset -c "$PROXY_CPU" $PROXY_WRAP nginx -c "$dir/nginx.conf" -p "$dir" &
   PID[nginx]=$!; PORT[nginx]=$port; PIDS+=($!); wait_port "$port"
 }
 
@@ -161,6 +165,7 @@ backend app
   balance leastconn
 $servers
 CONF
-  taskset -c "$PROXY_CPU" haproxy -f "$WORK/haproxy.cfg" -db &
+  # shellcheck disable=SC2086 # PROXY_WRAP is a list of words
+  taskset -c "$PROXY_CPU" $PROXY_WRAP haproxy -f "$WORK/haproxy.cfg" -db &
   PID[haproxy]=$!; PORT[haproxy]=$port; PIDS+=($!); wait_port "$port"
 }
