@@ -223,6 +223,18 @@ async fn h2c_instances_get_http2_on_one_connection() {
     ));
     let client = client();
     assert_eq!(echo_version(&client, &gw).await, "HTTP/2.0");
+    // The gateway's own fields reach HTTP/2 instances too.
+    let echo = get(&client, &gw.url("/echo")).await.json();
+    let seen = |name: &str| {
+        echo["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|pair| pair[0] == name)
+    };
+    for name in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"] {
+        assert!(seen(name), "{name} missing: {echo}");
+    }
     let check = last_check(&client, &gw).await;
     assert_eq!(check["detail"], "status 200", "{check}");
     let before = backend_connections(&client, &backend).await;

@@ -23,8 +23,8 @@ use super::error::ProxyError;
 use super::h1::{AnswerHead, InstanceBody, InstanceConn, SendError};
 use super::h2::{self, Http2Error};
 use super::headers::{
-    cookie_value, forward_request_headers, has, is_sane_request_id, requested_upgrade,
-    restore_upgrade, strip_hop_by_hop, value, X_REQUEST_ID,
+    cookie_value, has, is_sane_request_id, requested_upgrade, restore_upgrade, strip_hop_by_hop,
+    value, ForwardedFields, X_REQUEST_ID,
 };
 use super::router::{host_without_port, match_route};
 use super::tunnel::{self, ClientUpgrade};
@@ -207,7 +207,7 @@ async fn forward(
     }
     let upgrade = requested_upgrade(&parts.headers);
     let client_upgrade = client_upgrade.filter(|_| upgrade.is_some());
-    forward_request_headers(
+    let fields = ForwardedFields::take(
         &mut parts.headers,
         &client.ip,
         client.scheme(),
@@ -228,6 +228,8 @@ async fn forward(
         .route_cache(route)
         .filter(|_| client_upgrade.is_none())
     {
+        // The cache keys and varies on the request as the instance sees it.
+        fields.insert_into(&mut parts.headers);
         let fetch = InstanceFetch {
             runtime: runtime.clone(),
             route,
@@ -247,7 +249,7 @@ async fn forward(
         parts,
         body,
         hash,
-        request_id,
+        Added::Fields(&fields),
         client_upgrade,
     )
     .await;
@@ -290,10 +292,36 @@ impl InstanceFetch {
             parts,
             body,
             self.hash,
-            &self.request_id,
+            Added::InMap(&self.request_id),
             None,
         )
         .await
+    }
+}
+
+/// The gateway's own fields on a request to an instance.
+#[derive(Clone, Copy)]
+enum Added<'a> {
+    /// To be written with the head (a client's request on a route without a cache).
+    Fields(&'a ForwardedFields),
+    /// Already in the header map (cached routes) or none (cache warming); the request ID is
+    /// for the answer.
+    InMap(&'a HeaderValue),
+}
+
+impl<'a> Added<'a> {
+    fn fields(self) -> Option<&'a ForwardedFields> {
+        match self {
+            Added::Fields(fields) => Some(fields),
+            Added::InMap(_) => None,
+        }
+    }
+
+    fn request_id(self) -> &'a HeaderValue {
+        match self {
+            Added::Fields(fields) => fields.request_id(),
+            Added::InMap(id) => id,
+        }
     }
 }
 
@@ -304,9 +332,10 @@ async fn to_instance(
     parts: Parts,
     mut body: ForwardBody,
     hash: Option<u64>,
-    request_id: &HeaderValue,
+    added: Added<'_>,
     mut client_upgrade: Option<ClientUpgrade>,
 ) -> Result<Response<GatewayBody>, ProxyError> {
+    let request_id = added.request_id();
     let upstream = runtime.route_upstream(route).clone();
     let config = &upstream.config;
     // A body-less idempotent request can be sent again even after an instance took it.
@@ -343,7 +372,7 @@ async fn to_instance(
         };
         match send(
             &instance,
-            &parts,
+            (&parts, added.fields()),
             &mut body,
             config.response_timeout,
             checkout,
@@ -470,20 +499,20 @@ struct Checkout {
 
 async fn send(
     instance: &Instance,
-    parts: &Parts,
+    head: (&Parts, Option<&ForwardedFields>),
     body: &mut ForwardBody,
     timeout: std::time::Duration,
     checkout: Checkout,
 ) -> Result<Answer, Attempt> {
     if let Some(shared) = &instance.pool.http2 {
-        return Box::pin(send_http2(instance, shared, parts, body, timeout)).await;
+        return Box::pin(send_http2(instance, shared, head, body, timeout)).await;
     }
     let (mut conn, reused) = match instance.pool.checkout(checkout.probe, checkout.fresh).await {
         Ok(checked_out) => checked_out,
         Err(err) => return Err(Attempt::NotSent(err.to_string())),
     };
     let started = Instant::now();
-    match conn.send(parts, body, started + timeout).await {
+    match conn.send(head, body, started + timeout).await {
         Ok(answer) => {
             observe_latency(instance, started);
             Ok(Answer::Http1(conn, answer))
@@ -507,7 +536,7 @@ async fn send(
 async fn send_http2(
     instance: &Instance,
     shared: &h2::Http2Conn,
-    parts: &Parts,
+    (parts, fields): (&Parts, Option<&ForwardedFields>),
     body: &mut ForwardBody,
     timeout: std::time::Duration,
 ) -> Result<Answer, Attempt> {
@@ -516,7 +545,7 @@ async fn send_http2(
         .sender(connector)
         .await
         .map_err(|err| Attempt::NotSent(err.to_string()))?;
-    let request = h2::request(parts, connector.is_tls(), &instance.addr_text)
+    let request = h2::request(parts, fields, connector.is_tls(), &instance.addr_text)
         .map_err(Attempt::NotSent)?
         .map(|()| std::mem::replace(body, ForwardBody::Empty));
     match timed(instance, timeout, h2::send(sender, request)).await? {

@@ -24,7 +24,7 @@ use tokio_util::io::poll_read_buf;
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::InstanceStream;
 use super::deadline::LazyDeadline;
-use super::headers::{has, is_hop_by_hop};
+use super::headers::{has, is_hop_by_hop, ForwardedFields};
 use super::upstream::InFlightGuard;
 use crate::http1::{
     parse_response, response_framing, BodyFraming, BodyProgress, FieldSpans, Framing, MAX_HEAD,
@@ -106,7 +106,7 @@ impl InstanceConn {
     /// connection is then not reused.
     pub async fn send(
         &mut self,
-        parts: &Parts,
+        head: (&Parts, Option<&ForwardedFields>),
         body: &mut ForwardBody,
         due: Instant,
     ) -> Result<AnswerHead, SendError> {
@@ -118,7 +118,7 @@ impl InstanceConn {
         } = self;
         tokio::select! {
             biased;
-            answer = send_on(stream, read, write, parts, body) => answer,
+            answer = send_on(stream, read, write, head, body) => answer,
             () = deadline.wait(due) => Err(SendError::TimedOut),
         }
     }
@@ -128,12 +128,12 @@ async fn send_on(
     stream: &mut InstanceStream,
     read: &mut BytesMut,
     write: &mut Vec<u8>,
-    parts: &Parts,
+    (parts, fields): (&Parts, Option<&ForwardedFields>),
     body: &mut ForwardBody,
 ) -> Result<AnswerHead, SendError> {
     let head_request = parts.method == Method::HEAD;
     let chunked = !body.is_end_stream() && !has(&parts.headers, &CONTENT_LENGTH);
-    encode_head(write, parts, chunked);
+    encode_head(write, parts, fields, chunked);
     // Back to the front of the buffer once the last answer's bytes were released, so each
     // exchange reuses the same (cache-warm) memory instead of walking through all of it.
     read.clear();
@@ -196,8 +196,9 @@ async fn exchange<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     })
 }
 
-/// The request line and fields; `chunked` adds the framing of a body of unknown length.
-fn encode_head(out: &mut Vec<u8>, parts: &Parts, chunked: bool) {
+/// The request line and fields, then the gateway's `fields`; `chunked` adds the framing of a
+/// body of unknown length.
+fn encode_head(out: &mut Vec<u8>, parts: &Parts, fields: Option<&ForwardedFields>, chunked: bool) {
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -209,6 +210,9 @@ fn encode_head(out: &mut Vec<u8>, parts: &Parts, chunked: bool) {
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(fields) = fields {
+        fields.write(out);
     }
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -615,7 +619,7 @@ mod tests {
             .unwrap();
         let (parts, ()) = request.into_parts();
         let mut out = Vec::new();
-        encode_head(&mut out, &parts, true);
+        encode_head(&mut out, &parts, None, true);
         assert_eq!(
             out,
             b"POST /a/b?c=d HTTP/1.1\r\nhost: example.test\r\nx-many: 1\r\nx-many: 2\r\ntransfer-encoding: chunked\r\n\r\n"

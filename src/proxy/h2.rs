@@ -21,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::{ConnectError, Connector};
+use super::headers::ForwardedFields;
 
 /// Flow-control windows towards instances: hyper's defaults (64 KiB) cap a stream at a window
 /// per round trip, far below loopback or LAN bandwidth.
@@ -145,7 +146,12 @@ impl Body for Upload {
 /// The HTTP/2 form of a request's head: absolute URI with the Host header (else the instance)
 /// as authority, the other fields as they are; hyper leaves out the HTTP/1.1 connection fields.
 /// Host itself goes: some servers (nginx) refuse it next to `:authority` as a duplicate.
-pub fn request(parts: &Parts, tls: bool, instance: &str) -> Result<Request<()>, String> {
+pub fn request(
+    parts: &Parts,
+    fields: Option<&ForwardedFields>,
+    tls: bool,
+    instance: &str,
+) -> Result<Request<()>, String> {
     let authority = parts
         .headers
         .get(HOST)
@@ -169,6 +175,9 @@ pub fn request(parts: &Parts, tls: bool, instance: &str) -> Result<Request<()>, 
     *request.version_mut() = Version::HTTP_2;
     *request.headers_mut() = parts.headers.clone();
     request.headers_mut().remove(HOST);
+    if let Some(fields) = fields {
+        fields.insert_into(request.headers_mut());
+    }
     Ok(request)
 }
 
@@ -184,13 +193,13 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        let with_host = request(&parts, true, "127.0.0.1:9").unwrap();
+        let with_host = request(&parts, None, true, "127.0.0.1:9").unwrap();
         assert_eq!(with_host.uri(), "https://api.test/a?b=1");
         assert_eq!(with_host.version(), Version::HTTP_2);
         assert_eq!(with_host.headers()["x-one"], "1");
         assert!(!with_host.headers().contains_key(HOST));
         parts.headers.remove(HOST);
-        let without = request(&parts, false, "127.0.0.1:9").unwrap();
+        let without = request(&parts, None, false, "127.0.0.1:9").unwrap();
         assert_eq!(without.uri(), "http://127.0.0.1:9/a?b=1");
     }
 }

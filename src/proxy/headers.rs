@@ -204,39 +204,95 @@ pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, FramingError> {
     Ok(length)
 }
 
-/// Prepares a client's request head for an instance: hop-by-hop fields out, X-Forwarded-For
-/// appended with the client address, X-Forwarded-Proto and -Host set, the request ID set.
-pub fn forward_request_headers(
-    headers: &mut HeaderMap,
-    client_ip: &HeaderValue,
-    proto: &'static str,
+/// The fields the gateway sets on a request to an instance: X-Forwarded-For (the client's
+/// address appended to what came), X-Forwarded-Proto, X-Forwarded-Host and X-Request-ID. They
+/// are written straight into the instance's head, not into the client's header map, where each
+/// would cost a hashed insert of a custom name.
+#[derive(Clone)]
+pub struct ForwardedFields {
+    forwarded_for: HeaderValue,
+    proto: HeaderValue,
     host: Option<HeaderValue>,
-    request_id: &HeaderValue,
-) {
-    strip_hop_by_hop(headers);
-    let forwarded_for = match value(headers, &X_FORWARDED_FOR) {
-        Some(existing) => {
-            let mut joined = Vec::with_capacity(existing.len() + 2 + client_ip.len());
-            for (i, v) in values(headers, &X_FORWARDED_FOR).enumerate() {
-                if i > 0 {
-                    joined.extend_from_slice(b", ");
+    request_id: HeaderValue,
+}
+
+impl ForwardedFields {
+    /// Prepares a client's request head for an instance: hop-by-hop fields and any of the
+    /// gateway's fields the client sent come out of `headers` (X-Forwarded-For is carried over
+    /// into the new value), and the fields to add are returned.
+    pub fn take(
+        headers: &mut HeaderMap,
+        client_ip: &HeaderValue,
+        proto: &'static str,
+        host: Option<HeaderValue>,
+        request_id: &HeaderValue,
+    ) -> ForwardedFields {
+        strip_hop_by_hop(headers);
+        let forwarded_for = match value(headers, &X_FORWARDED_FOR) {
+            Some(existing) => {
+                let mut joined = Vec::with_capacity(existing.len() + 2 + client_ip.len());
+                for (i, v) in values(headers, &X_FORWARDED_FOR).enumerate() {
+                    if i > 0 {
+                        joined.extend_from_slice(b", ");
+                    }
+                    joined.extend_from_slice(v.as_bytes());
                 }
-                joined.extend_from_slice(v.as_bytes());
+                joined.extend_from_slice(b", ");
+                joined.extend_from_slice(client_ip.as_bytes());
+                HeaderValue::from_maybe_shared(bytes::Bytes::from(joined))
+                    .unwrap_or_else(|_| client_ip.clone())
             }
-            joined.extend_from_slice(b", ");
-            joined.extend_from_slice(client_ip.as_bytes());
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)).ok()
+            None => client_ip.clone(),
+        };
+        for name in [
+            &X_FORWARDED_FOR,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+            &X_REQUEST_ID,
+        ] {
+            if has(headers, name) {
+                headers.remove(name);
+            }
         }
-        None => Some(client_ip.clone()),
-    };
-    if let Some(value) = forwarded_for {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
+        ForwardedFields {
+            forwarded_for,
+            proto: HeaderValue::from_static(proto),
+            host,
+            request_id: request_id.clone(),
+        }
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
+
+    fn each(&self) -> impl Iterator<Item = (&'static HeaderName, &HeaderValue)> {
+        [
+            (&X_FORWARDED_FOR, Some(&self.forwarded_for)),
+            (&X_FORWARDED_PROTO, Some(&self.proto)),
+            (&X_FORWARDED_HOST, self.host.as_ref()),
+            (&X_REQUEST_ID, Some(&self.request_id)),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?)))
     }
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+
+    pub fn request_id(&self) -> &HeaderValue {
+        &self.request_id
+    }
+
+    /// Appends the fields as HTTP/1.1 field lines.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        for (name, value) in self.each() {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// Adds the fields to a header map (HTTP/2 instances, cached routes).
+    pub fn insert_into(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.each() {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
 }
 
 /// A client-sent request ID is kept when it is 1–128 characters of letters, digits and
@@ -350,31 +406,50 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_headers_are_appended_and_set() {
-        let mut headers = map(&[("x-forwarded-for", "203.0.113.7"), ("host", "api.test")]);
+    fn forwarded_fields_replace_the_clients_and_extend_x_forwarded_for() {
+        let mut headers = map(&[
+            ("x-forwarded-for", "203.0.113.7"),
+            ("host", "api.test"),
+            ("x-forwarded-proto", "spoofed"),
+            ("X-Request-Id", "spoofed"),
+        ]);
         let id = HeaderValue::from_static("abc");
         let host = headers.get("host").cloned();
-        forward_request_headers(
+        let fields = ForwardedFields::take(
             &mut headers,
             &HeaderValue::from_static("10.0.0.1"),
             "http",
             host,
             &id,
         );
+        // The client's own copies are gone from its map.
+        let names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["host"]);
+        let mut out = Vec::new();
+        fields.write(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "x-forwarded-for: 203.0.113.7, 10.0.0.1\r\nx-forwarded-proto: http\r\n\
+             x-forwarded-host: api.test\r\nx-request-id: abc\r\n"
+        );
+        fields.insert_into(&mut headers);
         assert_eq!(headers["x-forwarded-for"], "203.0.113.7, 10.0.0.1");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers["x-forwarded-host"], "api.test");
         assert_eq!(headers["x-request-id"], "abc");
 
         let mut fresh = HeaderMap::new();
-        forward_request_headers(
+        let fields = ForwardedFields::take(
             &mut fresh,
             &HeaderValue::from_static("::1"),
-            "http",
+            "https",
             None,
             &id,
         );
+        fields.insert_into(&mut fresh);
         assert_eq!(fresh["x-forwarded-for"], "::1");
+        assert_eq!(fresh["x-forwarded-proto"], "https");
+        assert!(!fresh.contains_key("x-forwarded-host"));
     }
 
     #[test]
@@ -384,13 +459,15 @@ mod tests {
             ("x-forwarded-for", "2.2.2.2"),
         ]);
         let id = HeaderValue::from_static("abc");
-        forward_request_headers(
+        let fields = ForwardedFields::take(
             &mut headers,
             &HeaderValue::from_static("3.3.3.3"),
             "http",
             None,
             &id,
         );
+        assert!(headers.is_empty());
+        fields.insert_into(&mut headers);
         assert_eq!(headers["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 3.3.3.3");
     }
 
