@@ -3,6 +3,7 @@
 //! functions over bytes, shared by the proxy's client and instance connections and the load
 //! generator, which all parse with `httparse` instead of going through hyper.
 
+use std::cell::RefCell;
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
@@ -160,7 +161,7 @@ impl FieldSpans {
             let (start, end) = (start as usize, end as usize);
             (start <= end && end <= head.len()).then_some(start..end)
         };
-        let mut map = HeaderMap::with_capacity(self.0.len() + extra);
+        let mut map = spare_map(self.0.len() + extra);
         for span in &self.0 {
             let name = HeaderName::from_bytes(range(span.name).map_or(&[][..], |r| &head[r]))?;
             let value = match range(span.value) {
@@ -171,6 +172,39 @@ impl FieldSpans {
         }
         Ok(map)
     }
+}
+
+thread_local! {
+    /// Header maps of finished messages, cleared, for the next heads parsed on this thread:
+    /// making a map allocates its index and its entries, and most heads fit the same room.
+    static SPARE_MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+}
+/// Maps kept per thread, and the most fields a kept map may have room for.
+const SPARE_MAPS_KEPT: usize = 256;
+const SPARE_MAP_ROOM: usize = 64;
+
+/// An empty header map with room for `fields`, reused when one is at hand.
+fn spare_map(fields: usize) -> HeaderMap {
+    match SPARE_MAPS.with_borrow_mut(Vec::pop) {
+        Some(mut map) => {
+            map.reserve(fields);
+            map
+        }
+        None => HeaderMap::with_capacity(fields),
+    }
+}
+
+/// Gives a message's header map back once the message is written, for the next head.
+pub fn recycle_map(mut map: HeaderMap) {
+    if map.capacity() > SPARE_MAP_ROOM {
+        return;
+    }
+    map.clear();
+    SPARE_MAPS.with_borrow_mut(|spare| {
+        if spare.len() < SPARE_MAPS_KEPT {
+            spare.push(map);
+        }
+    });
 }
 
 /// Digits only: no sign, no spaces inside, no overflow.
@@ -353,6 +387,20 @@ fn chunk_size(line: &[u8]) -> Result<u64, ParseError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recycled_header_maps_come_back_empty_and_large_ones_are_dropped() {
+        let kept = || SPARE_MAPS.with_borrow(Vec::len);
+        let mut map = HeaderMap::with_capacity(8);
+        map.insert("x-a", HeaderValue::from_static("1"));
+        recycle_map(map);
+        assert_eq!(kept(), 1);
+        let again = spare_map(4);
+        assert!(again.is_empty() && again.capacity() >= 4);
+        assert_eq!(kept(), 0);
+        recycle_map(HeaderMap::with_capacity(4 * SPARE_MAP_ROOM));
+        assert_eq!(kept(), 0);
+    }
 
     #[test]
     fn body_progress_takes_the_body_and_leaves_what_follows() {

@@ -232,7 +232,12 @@ async fn h2c_instances_get_http2_on_one_connection() {
             .iter()
             .any(|pair| pair[0] == name)
     };
-    for name in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"] {
+    for name in [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+    ] {
         assert!(seen(name), "{name} missing: {echo}");
     }
     let check = last_check(&client, &gw).await;

@@ -45,7 +45,7 @@ use super::headers::{check_framing, has, requested_upgrade, value, values};
 use super::tunnel::ClientUpgrade;
 use super::Gateway;
 use crate::config::ServerConfig;
-use crate::http1::{has_token, BodyProgress, FieldSpans, Framing};
+use crate::http1::{has_token, recycle_map, BodyProgress, FieldSpans, Framing};
 
 const READ_CHUNK: usize = 8 * 1024;
 /// Body bytes up to this size are copied behind the head (or the previous bytes) and go out in
@@ -365,6 +365,7 @@ impl ClientConn {
             Some((framing, keep_alive)),
             http10,
         );
+        recycle_map(head.headers);
         if let AnswerFraming::Bodyless(_) = framing {
             self.flush().await?;
             return Ok(if keep_alive {

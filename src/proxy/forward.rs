@@ -31,6 +31,7 @@ use super::tunnel::{self, ClientUpgrade};
 use super::upstream::{InFlightGuard, Instance, NoInstance};
 use super::{Gateway, Runtime};
 use crate::balance::{hash_bytes, HashKey, Strategy};
+use crate::http1::recycle_map;
 
 /// The client end of a connection, its IP rendered once per connection for X-Forwarded-For.
 #[derive(Clone)]
@@ -246,13 +247,14 @@ async fn forward(
     let result = to_instance(
         runtime,
         route,
-        parts,
+        &parts,
         body,
         hash,
         Added::Fields(&fields),
         client_upgrade,
     )
     .await;
+    recycle_map(parts.headers);
     result
         .map(|mut response| {
             admitted.apply_to(&mut response);
@@ -289,7 +291,7 @@ impl InstanceFetch {
         to_instance(
             &self.runtime,
             self.route,
-            parts,
+            &parts,
             body,
             self.hash,
             Added::InMap(&self.request_id),
@@ -329,7 +331,7 @@ impl<'a> Added<'a> {
 async fn to_instance(
     runtime: &Runtime,
     route: usize,
-    parts: Parts,
+    parts: &Parts,
     mut body: ForwardBody,
     hash: Option<u64>,
     added: Added<'_>,
@@ -372,7 +374,7 @@ async fn to_instance(
         };
         match send(
             &instance,
-            (&parts, added.fields()),
+            (parts, added.fields()),
             &mut body,
             config.response_timeout,
             checkout,
