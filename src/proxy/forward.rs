@@ -23,8 +23,8 @@ use super::error::ProxyError;
 use super::h1::{AnswerHead, InstanceBody, InstanceConn, SendError};
 use super::h2::{self, Http2Error};
 use super::headers::{
-    cookie_value, has, is_sane_request_id, requested_upgrade, restore_upgrade, strip_hop_by_hop,
-    value, ForwardedFields, X_REQUEST_ID,
+    cookie_value, is_sane_request_id, requested_upgrade, restore_upgrade, strip_hop_by_hop, value,
+    ForwardedFields, X_REQUEST_ID,
 };
 use super::router::{host_without_port, match_route};
 use super::tunnel::{self, ClientUpgrade};
@@ -159,7 +159,9 @@ async fn forward(
     {
         return Err((ProxyError::BodyTooLarge, None));
     }
-    let host = value(&parts.headers, &header::HOST).cloned().or_else(|| {
+    let host_field = value(&parts.headers, &header::HOST).cloned();
+    let has_host_field = host_field.is_some();
+    let host = host_field.or_else(|| {
         parts
             .uri
             .authority()
@@ -194,7 +196,7 @@ async fn forward(
     }
     parts.version = Version::HTTP_11;
     match &host {
-        Some(host) if !has(&parts.headers, &header::HOST) => {
+        Some(host) if !has_host_field => {
             parts.headers.insert(header::HOST, host.clone());
         }
         Some(_) => {}

@@ -228,7 +228,16 @@ impl ForwardedFields {
         request_id: &HeaderValue,
     ) -> ForwardedFields {
         strip_hop_by_hop(headers);
-        let forwarded_for = match value(headers, &X_FORWARDED_FOR) {
+        let ours = [
+            &X_FORWARDED_FOR,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+            &X_REQUEST_ID,
+        ];
+        // One pass finds whether the client sent any; most requests carry none of them.
+        let sent = headers.keys().any(|name| ours.contains(&name));
+        let existing = sent.then(|| value(headers, &X_FORWARDED_FOR)).flatten();
+        let forwarded_for = match existing {
             Some(existing) => {
                 let mut joined = Vec::with_capacity(existing.len() + 2 + client_ip.len());
                 for (i, v) in values(headers, &X_FORWARDED_FOR).enumerate() {
@@ -244,13 +253,8 @@ impl ForwardedFields {
             }
             None => client_ip.clone(),
         };
-        for name in [
-            &X_FORWARDED_FOR,
-            &X_FORWARDED_PROTO,
-            &X_FORWARDED_HOST,
-            &X_REQUEST_ID,
-        ] {
-            if has(headers, name) {
+        if sent {
+            for name in ours {
                 headers.remove(name);
             }
         }
