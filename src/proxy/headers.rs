@@ -35,6 +35,7 @@ pub fn has(headers: &HeaderMap, name: &HeaderName) -> bool {
     value(headers, name).is_some()
 }
 
+/// The values [`values`] finds, by scanning the fields or through the map's index.
 pub enum Values<'a> {
     Scan(header::Iter<'a, HeaderValue>, &'a HeaderName),
     Indexed(header::ValueIter<'a, HeaderValue>),
