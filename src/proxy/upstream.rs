@@ -471,12 +471,15 @@ impl Pool {
         fresh: bool,
     ) -> Result<(InstanceConn, bool), ConnectError> {
         let now = Instant::now();
-        while let Some(mut idle) = self.pop().filter(|_| !fresh) {
-            if now.duration_since(idle.since) <= self.idle_timeout
-                && idle.conn.is_open()
-                && (!probe || idle.conn.probe_open())
-            {
-                return Ok((idle.conn, true));
+        // A fresh checkout leaves the idle connections where they are.
+        if !fresh {
+            while let Some(mut idle) = self.pop() {
+                if now.duration_since(idle.since) <= self.idle_timeout
+                    && idle.conn.is_open()
+                    && (!probe || idle.conn.probe_open())
+                {
+                    return Ok((idle.conn, true));
+                }
             }
         }
         // Boxed: the connect (and TLS handshake) state is only needed on a pool miss.
@@ -563,6 +566,21 @@ mod tests {
         assert_eq!(pool.idle_count(), 1);
         let (again, _) = pool.checkout(false, false).await.unwrap();
         assert_eq!(again.local_port(), second_port);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_checkout_opens_a_connection_and_keeps_the_idle_ones() {
+        let (pool, _listener) = pool(2, "10s");
+        let (idle, _) = pool.checkout(false, false).await.unwrap();
+        let idle_port = idle.local_port();
+        pool.checkin(idle);
+        let (fresh, reused) = pool.checkout(false, true).await.unwrap();
+        assert!(!reused);
+        assert_ne!(fresh.local_port(), idle_port);
+        assert_eq!(pool.idle_count(), 1);
+        let (again, reused) = pool.checkout(false, false).await.unwrap();
+        assert!(reused);
+        assert_eq!(again.local_port(), idle_port);
     }
 
     #[tokio::test]
