@@ -552,8 +552,17 @@ async fn send_http2(
     let request = h2::request(parts, fields, connector.is_tls(), &instance.addr_text)
         .map_err(Attempt::NotSent)?
         .map(|()| std::mem::replace(body, ForwardBody::Empty));
-    match timed(instance, timeout, h2::send(sender, request)).await? {
-        Ok(response) => Ok(Answer::Http2(response)),
+    // HTTP/1.1 connections time their exchanges with their own long-lived timer; hyper's
+    // HTTP/2 streams get one each.
+    let started = Instant::now();
+    let answer = tokio::time::timeout_at(started + timeout, h2::send(sender, request))
+        .await
+        .map_err(|_| Attempt::Timeout)?;
+    match answer {
+        Ok(response) => {
+            observe_latency(instance, started);
+            Ok(Answer::Http2(response))
+        }
         Err(Http2Error::NotSent(reason, unsent)) => {
             *body = unsent;
             Err(Attempt::NotSent(reason))
@@ -561,23 +570,6 @@ async fn send_http2(
         Err(Http2Error::Sent(reason)) => Err(Attempt::Sent(reason)),
         Err(Http2Error::Client(failure)) => Err(Attempt::Client(failure)),
     }
-}
-
-/// One HTTP/2 exchange under the upstream's response timeout. (HTTP/1.1 connections time
-/// their exchanges with their own long-lived timer.)
-async fn timed<T, E>(
-    instance: &Instance,
-    timeout: std::time::Duration,
-    exchange: impl std::future::Future<Output = Result<T, E>>,
-) -> Result<Result<T, E>, Attempt> {
-    let started = Instant::now();
-    let result = tokio::time::timeout_at(started + timeout, exchange)
-        .await
-        .map_err(|_| Attempt::Timeout)?;
-    if result.is_ok() {
-        observe_latency(instance, started);
-    }
-    Ok(result)
 }
 
 /// An answer's latency feeds the balancer.
