@@ -24,10 +24,11 @@ use tokio_util::io::poll_read_buf;
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::InstanceStream;
 use super::deadline::LazyDeadline;
-use super::headers::{has, is_hop_by_hop, ForwardedFields};
+use super::headers::{has, is_connection_option, is_hop_by_hop, ForwardedFields};
 use super::upstream::InFlightGuard;
 use crate::http1::{
-    parse_response, response_framing, BodyFraming, BodyProgress, FieldSpans, Framing, MAX_HEAD,
+    parse_response, response_framing, tokens, BodyFraming, BodyProgress, FieldSpans, Framing,
+    MAX_HEAD,
 };
 
 /// Most header fields an instance's answer may have.
@@ -399,17 +400,13 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     Ok(Some(Parsed::Final(head, framing)))
 }
 
-/// Whether every `Connection` field holds only the `close` and `keep-alive` options, which name
-/// no other field.
+/// Whether every `Connection` field holds only options, which name no other field.
 fn connection_has_only_options(fields: &[httparse::Header<'_>]) -> bool {
     fields
         .iter()
         .filter(|field| field.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|field| field.value.split(|&b| b == b','))
-        .all(|token| {
-            let token = token.trim_ascii();
-            token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
-        })
+        .flat_map(|field| tokens(field.value))
+        .all(is_connection_option)
 }
 
 /// An instance's answer body, streamed to the client. Holds the connection and the request's

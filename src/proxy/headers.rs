@@ -76,6 +76,11 @@ pub fn is_hop_by_hop(name: &str) -> bool {
         .any(|listed| listed.as_str().eq_ignore_ascii_case(name))
 }
 
+/// `close` and `keep-alive` in a `Connection` field are options, not names of fields to drop.
+pub fn is_connection_option(token: &[u8]) -> bool {
+    token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
+}
+
 /// Removes hop-by-hop fields, including every field named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names finds what is there: most messages carry no hop-by-hop field or
@@ -96,10 +101,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            // Options, not field names; a Keep-Alive field is in the list anyway.
-            .filter(|token| {
-                !token.eq_ignore_ascii_case("close") && !token.eq_ignore_ascii_case("keep-alive")
-            })
+            // A Keep-Alive field is in the list anyway.
+            .filter(|token| !is_connection_option(token.as_bytes()))
             .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
             .collect();
         for name in named {
