@@ -326,7 +326,7 @@ impl ClientConn {
     async fn write_response(
         &mut self,
         response: Response<GatewayBody>,
-        keep_alive: bool,
+        mut keep_alive: bool,
         head_request: bool,
         http10: bool,
         upgrade: Option<oneshot::Sender<(TcpStream, Bytes)>>,
@@ -340,7 +340,6 @@ impl ClientConn {
                 return Ok(After::Upgrade(tx));
             }
         }
-        let mut keep_alive = keep_alive;
         let bodyless = head_request
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
@@ -791,7 +790,9 @@ impl Body for RequestBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        (self.progress.exact_left()).map_or_else(SizeHint::default, SizeHint::with_exact)
+        self.progress
+            .exact_left()
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }
 

@@ -509,7 +509,9 @@ impl Body for InstanceBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        (self.progress.exact_left()).map_or_else(SizeHint::default, SizeHint::with_exact)
+        self.progress
+            .exact_left()
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }
 

@@ -212,7 +212,6 @@ pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, FramingError> {
 /// address appended to what came), X-Forwarded-Proto, X-Forwarded-Host and X-Request-ID. They
 /// are written straight into the instance's head, not into the client's header map, where each
 /// would cost a hashed insert of a custom name.
-#[derive(Clone)]
 pub struct ForwardedFields {
     forwarded_for: HeaderValue,
     proto: HeaderValue,
