@@ -41,7 +41,7 @@ use super::deadline::LazyDeadline;
 use super::error::ProxyError;
 use super::forward::{self, ClientAddr};
 use super::h1::chunk_header;
-use super::headers::{check_framing, has, requested_upgrade, value, values};
+use super::headers::{check_framing, has, value, values};
 use super::tunnel::ClientUpgrade;
 use super::Gateway;
 use crate::config::ServerConfig;
@@ -169,7 +169,9 @@ pub async fn serve(
                 send_continue: expect_continue,
             }),
         };
-        let (upgrade_tx, upgrade) = if requested_upgrade(&parts.headers).is_some() {
+        // Any Upgrade field gets a way to hand the connection over; forward() reads whether the
+        // request really asks to switch (Connection: upgrade too) and drops it otherwise.
+        let (upgrade_tx, upgrade) = if has(&parts.headers, &header::UPGRADE) {
             let (tx, rx) = oneshot::channel();
             (Some(tx), Some(ClientUpgrade::Plain(rx)))
         } else {
