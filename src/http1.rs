@@ -43,6 +43,70 @@ pub struct BodyFraming {
     pub keep_alive: bool,
 }
 
+/// The fields the gateway reads or drops, told apart by a field name's length and at most two
+/// comparisons: every head's every field goes through here, several times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    /// Another hop-by-hop field (RFC 9110 §7.6.1, and Proxy-Authorization and Expect, which
+    /// only the next hop reads).
+    HopByHop,
+    RequestId,
+    Date,
+    Other,
+}
+
+impl FieldKind {
+    pub fn of(name: &str) -> FieldKind {
+        let is = |known: &str| is_named(name.as_bytes(), known.as_bytes());
+        match name.len() {
+            2 if is("te") => FieldKind::HopByHop,
+            4 if is("date") => FieldKind::Date,
+            6 if is("expect") => FieldKind::HopByHop,
+            7 if is("trailer") || is("upgrade") => FieldKind::HopByHop,
+            10 if is("connection") => FieldKind::Connection,
+            10 if is("keep-alive") => FieldKind::HopByHop,
+            12 if is("x-request-id") => FieldKind::RequestId,
+            14 if is("content-length") => FieldKind::ContentLength,
+            16 if is("proxy-connection") => FieldKind::HopByHop,
+            17 if is("transfer-encoding") => FieldKind::TransferEncoding,
+            19 if is("proxy-authorization") => FieldKind::HopByHop,
+            _ => FieldKind::Other,
+        }
+    }
+
+    pub fn is_hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            FieldKind::Connection | FieldKind::TransferEncoding | FieldKind::HopByHop
+        )
+    }
+}
+
+/// Whether `name` is `known` (lowercase letters and `-`, as long as `name`), ignoring ASCII
+/// case. Setting bit 0x20 folds case eight bytes at a time; it only makes other characters
+/// equal to `-` or a letter that no field name (an RFC 9110 token) may hold.
+fn is_named(name: &[u8], known: &[u8]) -> bool {
+    const FOLD: u64 = 0x2020_2020_2020_2020;
+    let len = name.len();
+    if len != known.len() {
+        return false;
+    }
+    if len < 8 {
+        return name.eq_ignore_ascii_case(known);
+    }
+    let word = |bytes: &[u8], at: usize| {
+        u64::from_le_bytes(bytes[at..at + 8].try_into().expect("eight bytes")) | FOLD
+    };
+    // Whole words, then one that ends with the last byte (overlapping the one before).
+    (0..len - 8)
+        .step_by(8)
+        .chain([len - 8])
+        .all(|at| word(name, at) == word(known, at))
+}
+
 /// Decides an answer's framing from its status, minor version and fields. Answers to HEAD
 /// (`head_request`), 1xx, 204 and 304 have no body whatever their fields say; Transfer-Encoding
 /// wins over Content-Length, and a message carrying both closes its connection, as RFC 9112
@@ -57,22 +121,27 @@ pub fn response_framing(
     let mut length: Option<u64> = None;
     let mut transfer_encoding: Option<bool> = None;
     for header in headers {
-        if header.name.eq_ignore_ascii_case("content-length") {
-            for part in header.value.split(|&b| b == b',') {
-                let parsed = parse_decimal(part.trim_ascii()).ok_or(ParseError::Length)?;
-                if length.is_some_and(|seen| seen != parsed) {
-                    return Err(ParseError::Length);
+        match FieldKind::of(header.name) {
+            FieldKind::ContentLength => {
+                for part in header.value.split(|&b| b == b',') {
+                    let parsed = parse_decimal(part.trim_ascii()).ok_or(ParseError::Length)?;
+                    if length.is_some_and(|seen| seen != parsed) {
+                        return Err(ParseError::Length);
+                    }
+                    length = Some(parsed);
                 }
-                length = Some(parsed);
             }
-        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            transfer_encoding = Some(ends_with_token(header.value, b"chunked"));
-        } else if header.name.eq_ignore_ascii_case("connection") {
-            if has_token(header.value, b"close") {
-                keep_alive = false;
-            } else if has_token(header.value, b"keep-alive") {
-                keep_alive = true;
+            FieldKind::TransferEncoding => {
+                transfer_encoding = Some(ends_with_token(header.value, b"chunked"));
             }
+            FieldKind::Connection => {
+                if has_token(header.value, b"close") {
+                    keep_alive = false;
+                } else if has_token(header.value, b"keep-alive") {
+                    keep_alive = true;
+                }
+            }
+            _ => {}
         }
     }
     let framing = if head_request || status / 100 == 1 || status == 204 || status == 304 {
@@ -184,7 +253,7 @@ const SPARE_MAPS_KEPT: usize = 256;
 const SPARE_MAP_ROOM: usize = 64;
 
 /// An empty header map with room for `fields`, reused when one is at hand.
-fn spare_map(fields: usize) -> HeaderMap {
+pub fn spare_map(fields: usize) -> HeaderMap {
     match SPARE_MAPS.with_borrow_mut(Vec::pop) {
         Some(mut map) => {
             map.reserve(fields);
@@ -388,6 +457,41 @@ fn chunk_size(line: &[u8]) -> Result<u64, ParseError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_compare_folded_a_word_at_a_time() {
+        for known in [
+            "te",
+            "date",
+            "keep-alive",
+            "content-length",
+            "proxy-connection",
+            "transfer-encoding",
+            "proxy-authorization",
+        ] {
+            assert!(is_named(known.as_bytes(), known.as_bytes()));
+            assert!(is_named(
+                known.to_ascii_uppercase().as_bytes(),
+                known.as_bytes()
+            ));
+            // Any one character changed, anywhere, tells them apart.
+            for at in 0..known.len() {
+                let mut other = known.as_bytes().to_vec();
+                other[at] = if other[at] == b'x' { b'y' } else { b'x' };
+                assert!(
+                    !is_named(&other, known.as_bytes()),
+                    "{}",
+                    String::from_utf8_lossy(&other)
+                );
+            }
+        }
+        assert!(!is_named(b"content-lengths", b"content-length"));
+        assert_eq!(
+            FieldKind::of("Transfer-Encoding"),
+            FieldKind::TransferEncoding
+        );
+        assert_eq!(FieldKind::of("Transfer-Encodinh"), FieldKind::Other);
+    }
 
     #[test]
     fn recycled_header_maps_come_back_empty_and_large_ones_are_dropped() {

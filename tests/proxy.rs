@@ -372,6 +372,76 @@ async fn forwarding_headers_and_request_ids() {
     assert!(old.contains(r#"["host","app"]"#), "{old}");
 }
 
+/// An answer with fields of every kind: end-to-end ones in the instance's own spelling (twice
+/// named, odd spacing), hop-by-hop ones, its own request ID, rate-limit state and Date.
+const FIELDS_ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nServer: scripted\r\nKeep-Alive: timeout=5\r\n\
+    Date: Tue, 01 Jan 2030 00:00:00 GMT\r\nX-Request-ID: instance-id\r\nSet-Cookie: a=1\r\n\
+    Connection: keep-alive\r\nSet-Cookie: b=2\r\nX-Spaced: a  b\r\nRateLimit: instance\r\n\
+    Content-Length: 2\r\n\r\nok";
+
+/// The instance's end-to-end fields reach the client once each and unchanged, its hop-by-hop
+/// ones and its request ID do not, and fields the gateway sets replace the instance's: whether
+/// the gateway's HTTP/1.1 loop writes the fields as they came, or from a header map (HTTP/2
+/// clients, answers the gateway adds fields to).
+#[tokio::test]
+async fn answer_fields_reach_clients_once_each() {
+    let (instance, _) = scripted_instance().await;
+    let limited = "[[routes]]\npath_prefix = \"/limited\"\nupstream = \"app\"\n\
+                   rate_limits = [{ name = \"r\", limit = 100, period = \"1m\", burst = 99 }]\n";
+    let gw = gateway(&app_config_at(&[instance], limited));
+    let fold = |text: &str| text.to_ascii_lowercase();
+    for path in ["/fields", "/limited/fields"] {
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nX-Request-ID: client-id\r\nConnection: close\r\n\r\n"
+        );
+        let answer = fold(&raw_exchange_off_thread(gw.proxy, head.as_bytes()).await);
+        assert!(answer.starts_with("http/1.1 200 ok\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+        for line in [
+            "\r\nserver: scripted\r\n",
+            "\r\ndate: tue, 01 jan 2030 00:00:00 gmt\r\n",
+            "\r\nx-request-id: client-id\r\n",
+            "\r\nset-cookie: a=1\r\n",
+            "\r\nset-cookie: b=2\r\n",
+            "\r\nx-spaced: a  b\r\n",
+            "\r\ncontent-length: 2\r\n",
+            "\r\nconnection: close\r\n",
+        ] {
+            assert!(answer.contains(line), "{line:?} in {answer}");
+        }
+        for name in [
+            "server",
+            "date",
+            "x-request-id",
+            "content-length",
+            "connection",
+            "ratelimit",
+        ] {
+            let field = format!("\r\n{name}: ");
+            assert_eq!(answer.matches(&field).count(), 1, "{name} in {answer}");
+        }
+        assert!(!answer.contains("keep-alive"), "{answer}");
+        let instance_limit = answer.contains("ratelimit: instance");
+        assert_eq!(instance_limit, path == "/fields", "{answer}");
+    }
+
+    let reply = request(
+        &h2c_client(),
+        "GET",
+        &gw.url("/fields"),
+        &[("x-request-id", "client-id")],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.header("server"), "scripted");
+    assert_eq!(reply.header("x-request-id"), "client-id");
+    assert_eq!(reply.header("x-spaced"), "a  b");
+    assert_eq!(reply.headers.get_all("set-cookie").iter().count(), 2);
+    assert!(!reply.headers.contains_key("keep-alive"));
+    assert_eq!(reply.body, "ok");
+}
+
 #[tokio::test]
 async fn smuggling_shaped_requests_never_smuggle() {
     let a = demo_backend(&[]);
@@ -744,6 +814,7 @@ async fn scripted_instance() -> (
                     let answer: Vec<u8> = match path.as_str() {
                         "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n".to_vec(),
                         "/both" => b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n".to_vec(),
+                        "/fields" | "/limited/fields" => FIELDS_ANSWER.to_vec(),
                         "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
                         "/early" => {
                             let _ = stream

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::client_h1::RequestBody;
-use super::h1::InstanceBody;
+use super::h1::{InstanceBody, RawFields};
 use super::upstream::InFlightGuard;
 use crate::ratelimit::Slots;
 
@@ -353,6 +353,15 @@ impl GatewayBody {
             return self;
         }
         GatewayBody::Holding(Box::new(Holding::new(self, slots)))
+    }
+
+    /// An instance's answer fields still as it wrote them (see `RawFields`).
+    pub fn raw_fields(&self) -> Option<&RawFields> {
+        match self {
+            GatewayBody::Upstream(body) => body.raw_fields(),
+            GatewayBody::Holding(holding) => holding.body.raw_fields(),
+            _ => None,
+        }
     }
 }
 

@@ -40,7 +40,7 @@ use super::body::{BoxError, ClientBody, GatewayBody};
 use super::deadline::LazyDeadline;
 use super::error::ProxyError;
 use super::forward::{self, ClientAddr};
-use super::h1::chunk_header;
+use super::h1::{chunk_header, RawFields};
 use super::headers::{check_framing, has, value, values};
 use super::tunnel::ClientUpgrade;
 use super::Gateway;
@@ -120,6 +120,7 @@ pub async fn serve(
     limits: ClientLimits,
     drain: watch::Receiver<bool>,
 ) {
+    let client = client.answered_raw();
     let (half, writer) = stream.into_split();
     let mut conn = ClientConn {
         reader: Some(ConnReader {
@@ -337,7 +338,7 @@ impl ClientConn {
         let status = head.status;
         if status == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(tx) = upgrade {
-                encode_head(&mut self.out, status, &head.headers, None, false);
+                encode_head(&mut self.out, status, (&head.headers, None), None, false);
                 self.flush().await?;
                 return Ok(After::Upgrade(tx));
             }
@@ -362,7 +363,7 @@ impl ClientConn {
         let keep_alive = encode_head(
             &mut self.out,
             status,
-            &head.headers,
+            (&head.headers, body.raw_fields()),
             Some((framing, keep_alive)),
             http10,
         );
@@ -528,7 +529,7 @@ enum AnswerFraming {
 fn encode_head(
     out: &mut Vec<u8>,
     status: StatusCode,
-    headers: &HeaderMap,
+    (headers, raw): (&HeaderMap, Option<&RawFields>),
     framing: Option<(AnswerFraming, bool)>,
     http10: bool,
 ) -> bool {
@@ -557,6 +558,10 @@ fn encode_head(
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(raw) = raw {
+        dated |= raw.has_date();
+        raw.write(out);
     }
     if !dated {
         out.extend_from_slice(b"date: ");
@@ -925,7 +930,13 @@ mod tests {
         map.insert(header::DATE, "d".parse().unwrap());
         let mut out = Vec::new();
         let status = StatusCode::from_u16(status).unwrap();
-        encode_head(&mut out, status, &map, Some((framing, keep)), http10);
+        encode_head(
+            &mut out,
+            status,
+            (&map, None),
+            Some((framing, keep)),
+            http10,
+        );
         String::from_utf8(out).unwrap()
     }
 
@@ -979,7 +990,7 @@ mod tests {
         encode_head(
             &mut out,
             StatusCode::CREATED,
-            &HeaderMap::new(),
+            (&HeaderMap::new(), None),
             None,
             false,
         );

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::body::{BodyPace, ClientBody, ClientBodyFailure, ForwardBody, GatewayBody, Holding};
 use super::error::ProxyError;
-use super::h1::{AnswerHead, InstanceBody, InstanceConn, SendError};
+use super::h1::{AnswerHead, InstanceBody, InstanceConn, Outgoing, SendError};
 use super::h2::{self, Http2Error};
 use super::headers::{
     cookie_value, is_sane_request_id, requested_upgrade, restore_upgrade, strip_hop_by_hop, value,
@@ -40,12 +40,28 @@ pub struct ClientAddr {
     ip: HeaderValue,
     /// The connection came through the TLS listener.
     pub secure: bool,
+    /// The gateway's own HTTP/1.1 loop answers this client, and writes an instance's fields as
+    /// they came (`RawFields`); hyper needs them in the header map.
+    raw_answers: bool,
 }
 
 impl ClientAddr {
     pub fn new(addr: SocketAddr, secure: bool) -> ClientAddr {
         let ip = HeaderValue::try_from(addr.ip().to_string()).expect("an IP is a header value");
-        ClientAddr { addr, ip, secure }
+        ClientAddr {
+            addr,
+            ip,
+            secure,
+            raw_answers: false,
+        }
+    }
+
+    /// This client, answered by the gateway's own HTTP/1.1 loop.
+    pub fn answered_raw(self) -> ClientAddr {
+        ClientAddr {
+            raw_answers: true,
+            ..self
+        }
     }
 
     fn scheme(&self) -> &'static str {
@@ -246,13 +262,16 @@ async fn forward(
         admitted.apply_to(&mut response);
         return Ok((response, route));
     }
+    // Fields the gateway adds to the answer later must replace the instance's: those go
+    // through the map.
+    let raw_answer = client.raw_answers && !admitted.adds_fields();
     let result = to_instance(
         runtime,
         route,
         &parts,
         body,
         hash,
-        Added::Fields(&fields),
+        Added::Fields(&fields, raw_answer),
         client_upgrade,
     )
     .await;
@@ -306,24 +325,31 @@ impl InstanceFetch {
 /// The gateway's own fields on a request to an instance.
 #[derive(Clone, Copy)]
 enum Added<'a> {
-    /// To be written with the head (a client's request on a route without a cache).
-    Fields(&'a ForwardedFields),
+    /// To be written with the head (a client's request on a route without a cache), and
+    /// whether the answer's fields may stay raw.
+    Fields(&'a ForwardedFields, bool),
     /// Already in the header map (cached routes) or none (cache warming); the request ID is
     /// for the answer.
     InMap(&'a HeaderValue),
 }
 
 impl<'a> Added<'a> {
-    fn fields(self) -> Option<&'a ForwardedFields> {
-        match self {
-            Added::Fields(fields) => Some(fields),
-            Added::InMap(_) => None,
+    /// The request as it goes to an instance.
+    fn outgoing(self, parts: &'a Parts) -> Outgoing<'a> {
+        let (fields, raw_answer) = match self {
+            Added::Fields(fields, raw_answer) => (Some(fields), raw_answer),
+            Added::InMap(_) => (None, false),
+        };
+        Outgoing {
+            parts,
+            fields,
+            raw_answer,
         }
     }
 
     fn request_id(self) -> &'a HeaderValue {
         match self {
-            Added::Fields(fields) => fields.request_id(),
+            Added::Fields(fields, _) => fields.request_id(),
             Added::InMap(id) => id,
         }
     }
@@ -376,7 +402,7 @@ async fn to_instance(
         };
         match send(
             &instance,
-            (parts, added.fields()),
+            added.outgoing(parts),
             &mut body,
             config.response_timeout,
             checkout,
@@ -418,7 +444,7 @@ async fn to_instance(
                     .head
                     .headers
                     .insert(X_REQUEST_ID.clone(), request_id.clone());
-                let body = GatewayBody::Upstream(InstanceBody::new(conn, &answer, guard));
+                let body = GatewayBody::Upstream(InstanceBody::new(conn, &mut answer, guard));
                 return Ok(Response::from_parts(answer.head, body));
             }
             Err(failure) => {
@@ -503,7 +529,7 @@ struct Checkout {
 
 async fn send(
     instance: &Instance,
-    head: (&Parts, Option<&ForwardedFields>),
+    head: Outgoing<'_>,
     body: &mut ForwardBody,
     timeout: std::time::Duration,
     checkout: Checkout,
@@ -540,7 +566,7 @@ async fn send(
 async fn send_http2(
     instance: &Instance,
     shared: &h2::Http2Conn,
-    (parts, fields): (&Parts, Option<&ForwardedFields>),
+    Outgoing { parts, fields, .. }: Outgoing<'_>,
     body: &mut ForwardBody,
     timeout: std::time::Duration,
 ) -> Result<Answer, Attempt> {

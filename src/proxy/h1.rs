@@ -24,11 +24,11 @@ use tokio_util::io::poll_read_buf;
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::InstanceStream;
 use super::deadline::LazyDeadline;
-use super::headers::{has, is_connection_option, is_hop_by_hop, ForwardedFields};
+use super::headers::{has, is_connection_option, ForwardedFields};
 use super::upstream::InFlightGuard;
 use crate::http1::{
-    parse_response, response_framing, tokens, BodyFraming, BodyProgress, FieldSpans, Framing,
-    MAX_HEAD,
+    parse_response, response_framing, spare_map, tokens, BodyFraming, BodyProgress, FieldKind,
+    FieldSpans, Framing, MAX_HEAD,
 };
 
 /// Most header fields an instance's answer may have.
@@ -62,12 +62,104 @@ pub enum SendError {
     TimedOut,
 }
 
+/// A request as it goes to an instance.
+#[derive(Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub parts: &'a Parts,
+    /// The gateway's own fields, written after the client's; `None` when they are in the map.
+    pub fields: Option<&'a ForwardedFields>,
+    /// The answer's fields may stay as the instance wrote them ([`RawFields`]): the gateway's
+    /// HTTP/1.1 loop writes them to the client and nothing else reads them.
+    pub raw_answer: bool,
+}
+
 /// An instance's answer head, and how to read the body that follows it.
 pub struct AnswerHead {
+    /// The status and the fields, unless they stayed raw: then the map is empty.
     pub head: response::Parts,
+    pub raw_fields: Option<RawFields>,
     pub framing: BodyFraming,
     /// The whole request went out, so the connection is in a known state after the answer.
     pub request_complete: bool,
+}
+
+/// An answer's end-to-end fields as the instance wrote them: whole `Name: value` lines of its
+/// head, in runs of consecutive lines, without the hop-by-hop fields, Content-Length (the
+/// client's side frames the body itself) and X-Request-ID (the gateway's own goes out). Writing
+/// the runs as they are saves building a header map only to encode it again, which was about a
+/// sixth of the gateway's instructions per request.
+pub struct RawFields {
+    head: Bytes,
+    runs: [(u32, u32); RAW_RUNS],
+    len: u8,
+    dated: bool,
+}
+
+/// The most runs of kept lines a raw answer may have; an answer whose dropped fields split its
+/// lines further goes through the map.
+const RAW_RUNS: usize = 4;
+
+impl RawFields {
+    /// The lines to keep of `head`, which `httparse` parsed into `fields`; `None` when a line
+    /// does not end in CRLF (the map path normalises those) or there are too many runs.
+    fn find(fields: &[httparse::Header<'_>], head: &[u8]) -> Option<RawFields> {
+        if !head.ends_with(b"\r\n\r\n") {
+            return None;
+        }
+        let base = head.as_ptr() as usize;
+        let start_of =
+            |field: &httparse::Header<'_>| (field.name.as_ptr() as usize).wrapping_sub(base);
+        let mut raw = RawFields {
+            head: Bytes::new(),
+            runs: [(0, 0); RAW_RUNS],
+            len: 0,
+            dated: false,
+        };
+        for (at, field) in fields.iter().enumerate() {
+            // A line ends where the next one starts; the last one before the empty line.
+            let start = start_of(field);
+            let end = fields.get(at + 1).map_or(head.len() - 2, start_of);
+            if !head.get(start..end)?.ends_with(b"\r\n") {
+                return None;
+            }
+            match FieldKind::of(field.name) {
+                FieldKind::Other => {}
+                FieldKind::Date => raw.dated = true,
+                _ => continue,
+            }
+            let (start, end) = (start as u32, end as u32);
+            match raw.runs[..usize::from(raw.len)].last_mut() {
+                Some(run) if run.1 == start => run.1 = end,
+                _ if usize::from(raw.len) == RAW_RUNS => return None,
+                _ => {
+                    raw.runs[usize::from(raw.len)] = (start, end);
+                    raw.len += 1;
+                }
+            }
+        }
+        Some(raw)
+    }
+
+    /// Appends the kept lines, each ending in CRLF.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        for &(start, end) in &self.runs[..usize::from(self.len)] {
+            out.extend_from_slice(&self.head[start as usize..end as usize]);
+        }
+    }
+
+    /// Whether the instance sent a `Date`.
+    pub fn has_date(&self) -> bool {
+        self.dated
+    }
+}
+
+/// How an answer head is read.
+#[derive(Clone, Copy)]
+struct Reading {
+    /// The answer to a HEAD request: no body, whatever its fields say.
+    head_request: bool,
+    /// The fields may stay raw ([`Outgoing::raw_answer`]).
+    raw_fields: bool,
 }
 
 impl InstanceConn {
@@ -107,7 +199,7 @@ impl InstanceConn {
     /// connection is then not reused.
     pub async fn send(
         &mut self,
-        head: (&Parts, Option<&ForwardedFields>),
+        head: Outgoing<'_>,
         body: &mut ForwardBody,
         due: Instant,
     ) -> Result<AnswerHead, SendError> {
@@ -129,33 +221,33 @@ async fn send_on(
     stream: &mut InstanceStream,
     read: &mut BytesMut,
     write: &mut Vec<u8>,
-    (parts, fields): (&Parts, Option<&ForwardedFields>),
+    outgoing: Outgoing<'_>,
     body: &mut ForwardBody,
 ) -> Result<AnswerHead, SendError> {
+    let parts = outgoing.parts;
     let head_request = parts.method == Method::HEAD;
+    let reading = Reading {
+        head_request,
+        raw_fields: outgoing.raw_answer && !head_request,
+    };
     let chunked = !body.is_end_stream() && !has(&parts.headers, &CONTENT_LENGTH);
-    encode_head(write, parts, fields, chunked);
+    encode_head(write, parts, outgoing.fields, chunked);
     // Back to the front of the buffer once the last answer's bytes were released, so each
     // exchange reuses the same (cache-warm) memory instead of walking through all of it.
     read.clear();
     read.reserve(READ_CHUNK);
     write_first(stream, write).await?;
     if body.is_end_stream() {
-        let (head, framing) = read_head(stream, read, head_request).await?;
-        return Ok(AnswerHead {
-            head,
-            framing,
-            request_complete: true,
-        });
+        return read_head(stream, read, reading).await;
     }
     match stream {
         InstanceStream::Tcp(tcp) => {
             let (reader, writer) = tcp.split();
-            exchange(reader, writer, read, write, body, chunked, head_request).await
+            exchange(reader, writer, read, write, body, chunked, reading).await
         }
         InstanceStream::Tls(tls) => {
             let (reader, writer) = tokio::io::split(&mut **tls);
-            exchange(reader, writer, read, write, body, chunked, head_request).await
+            exchange(reader, writer, read, write, body, chunked, reading).await
         }
     }
 }
@@ -168,14 +260,14 @@ async fn exchange<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     write: &mut Vec<u8>,
     body: &mut ForwardBody,
     chunked: bool,
-    head_request: bool,
+    reading: Reading,
 ) -> Result<AnswerHead, SendError> {
-    let answer = read_head(&mut reader, read, head_request);
+    let answer = read_head(&mut reader, read, reading);
     let upload = write_body(&mut writer, body, chunked, write);
     tokio::pin!(answer, upload);
     let mut uploading = true;
     let mut request_complete = false;
-    let (head, framing) = loop {
+    let mut answer = loop {
         tokio::select! {
             biased;
             answer = &mut answer => break answer?,
@@ -190,11 +282,8 @@ async fn exchange<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             }
         }
     };
-    Ok(AnswerHead {
-        head,
-        framing,
-        request_complete,
-    })
+    answer.request_complete = request_complete;
+    Ok(answer)
 }
 
 /// The request line and fields, then the gateway's `fields`; `chunked` adds the framing of a
@@ -319,17 +408,17 @@ pub(super) fn chunk_header(out: &mut Vec<u8>, len: usize) {
 async fn read_head<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
-    head_request: bool,
-) -> Result<(response::Parts, BodyFraming), SendError> {
+    reading: Reading,
+) -> Result<AnswerHead, SendError> {
     let mut answered = !buf.is_empty();
     loop {
         if !buf.is_empty() {
-            match parse_head(buf, head_request)? {
+            match parse_head(buf, reading)? {
                 Some(Parsed::Interim(len)) => {
                     buf.advance(len);
                     continue;
                 }
-                Some(Parsed::Final(head, framing)) => return Ok((head, framing)),
+                Some(Parsed::Final(answer)) => return Ok(answer),
                 None => {}
             }
         }
@@ -352,15 +441,18 @@ async fn read_head<R: AsyncRead + Unpin>(
     }
 }
 
+// Returned once per answer and taken apart at once: boxing the answer would allocate for it.
+#[allow(clippy::large_enum_variant)]
 enum Parsed {
     /// A 1xx interim answer of this many bytes: the real one follows.
     Interim(usize),
-    Final(response::Parts, BodyFraming),
+    /// The answer; `request_complete` is for the caller to say.
+    Final(AnswerHead),
 }
 
 /// Parses an answer head at the front of `buf`, taking it out of the buffer when complete. The
 /// header values are slices of the head's bytes, not copies.
-fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, SendError> {
+fn parse_head(buf: &mut BytesMut, reading: Reading) -> Result<Option<Parsed>, SendError> {
     let invalid = |what: &dyn std::fmt::Display| SendError::Sent(format!("invalid answer: {what}"));
     let mut fields = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
     let (answer, parsed) = parse_response(buf, &mut fields);
@@ -379,7 +471,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         code,
         answer.version.unwrap_or(1),
         answer.headers,
-        head_request,
+        reading.head_request,
     )
     .map_err(|err| invalid(&err))?;
     // The gateway frames the body itself towards the client.
@@ -387,24 +479,44 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
     // Hop-by-hop fields are left out here, unless `Connection` names other fields to drop or
     // the protocol switches; `strip_hop_by_hop` then takes them out of the map.
     let skip_hop_by_hop = code != 101 && connection_has_only_options(answer.headers);
-    let mut spans = FieldSpans::default();
-    spans.record(answer.headers, buf.as_ptr(), |name| {
-        !(skip_hop_by_hop && is_hop_by_hop(name))
-            && (framed_by_length || !name.eq_ignore_ascii_case("content-length"))
-    });
-    let head_bytes = buf.split_to(len).freeze();
-    let map = spans.to_map(&head_bytes, 2).map_err(|err| invalid(&err))?;
+    // Answers without a body keep the instance's Content-Length, which only the map path does.
+    let raw_fields = (reading.raw_fields && skip_hop_by_hop && !matches!(code, 204 | 304))
+        .then(|| RawFields::find(answer.headers, &buf[..len]))
+        .flatten();
+    let (map, raw_fields) = match raw_fields {
+        Some(mut raw) => {
+            raw.head = buf.split_to(len).freeze();
+            // Room for the request ID the gateway adds.
+            (spare_map(1), Some(raw))
+        }
+        None => {
+            let mut spans = FieldSpans::default();
+            spans.record(answer.headers, buf.as_ptr(), |name| {
+                let kind = FieldKind::of(name);
+                !(skip_hop_by_hop && kind.is_hop_by_hop())
+                    && (framed_by_length || kind != FieldKind::ContentLength)
+            });
+            let head_bytes = buf.split_to(len).freeze();
+            let map = spans.to_map(&head_bytes, 2).map_err(|err| invalid(&err))?;
+            (map, None)
+        }
+    };
     let (mut head, ()) = Response::new(()).into_parts();
     head.status = status;
     head.headers = map;
-    Ok(Some(Parsed::Final(head, framing)))
+    Ok(Some(Parsed::Final(AnswerHead {
+        head,
+        raw_fields,
+        framing,
+        request_complete: true,
+    })))
 }
 
 /// Whether every `Connection` field holds only options, which name no other field.
 fn connection_has_only_options(fields: &[httparse::Header<'_>]) -> bool {
     fields
         .iter()
-        .filter(|field| field.name.eq_ignore_ascii_case("connection"))
+        .filter(|field| FieldKind::of(field.name) == FieldKind::Connection)
         .flat_map(|field| tokens(field.value))
         .all(is_connection_option)
 }
@@ -416,20 +528,28 @@ pub struct InstanceBody {
     progress: BodyProgress,
     reusable: bool,
     guard: Option<InFlightGuard>,
+    raw_fields: Option<RawFields>,
 }
 
 impl InstanceBody {
-    pub fn new(conn: InstanceConn, answer: &AnswerHead, guard: InFlightGuard) -> InstanceBody {
+    /// The body of `answer`, which takes the answer's raw fields along.
+    pub fn new(conn: InstanceConn, answer: &mut AnswerHead, guard: InFlightGuard) -> InstanceBody {
         let mut body = InstanceBody {
             conn: Some(conn),
             progress: BodyProgress::of(answer.framing.framing),
             reusable: answer.framing.keep_alive && answer.request_complete,
             guard: Some(guard),
+            raw_fields: answer.raw_fields.take(),
         };
         if body.progress.is_done() {
             body.finish();
         }
         body
+    }
+
+    /// The instance's fields, when they stayed raw.
+    pub fn raw_fields(&self) -> Option<&RawFields> {
+        self.raw_fields.as_ref()
     }
 
     /// The body ended as framed: the connection is pooled if it may carry another request and
@@ -519,12 +639,97 @@ impl Body for InstanceBody {
 mod tests {
     use super::*;
 
-    fn parsed(text: &[u8], head_request: bool) -> (response::Parts, BodyFraming, BytesMut) {
+    const MAP: Reading = Reading {
+        head_request: false,
+        raw_fields: false,
+    };
+
+    fn answer(text: &[u8], reading: Reading) -> (AnswerHead, BytesMut) {
         let mut buf = BytesMut::from(text);
-        match parse_head(&mut buf, head_request) {
-            Ok(Some(Parsed::Final(head, framing))) => (head, framing, buf),
+        match parse_head(&mut buf, reading) {
+            Ok(Some(Parsed::Final(answer))) => (answer, buf),
             _ => panic!("not a final head: {:?}", String::from_utf8_lossy(text)),
         }
+    }
+
+    fn parsed(text: &[u8], head_request: bool) -> (response::Parts, BodyFraming, BytesMut) {
+        let reading = Reading {
+            head_request,
+            ..MAP
+        };
+        let (answer, rest) = answer(text, reading);
+        assert!(answer.raw_fields.is_none());
+        (answer.head, answer.framing, rest)
+    }
+
+    /// The raw fields of an answer read for the client loop, as they would be written.
+    fn raw(text: &[u8]) -> Option<String> {
+        let reading = Reading {
+            raw_fields: true,
+            ..MAP
+        };
+        let (answer, _) = answer(text, reading);
+        let raw = answer.raw_fields?;
+        assert!(answer.head.headers.is_empty());
+        let mut out = Vec::new();
+        raw.write(&mut out);
+        Some(format!(
+            "{}{}",
+            raw.has_date(),
+            String::from_utf8(out).unwrap()
+        ))
+    }
+
+    #[test]
+    fn raw_fields_keep_the_end_to_end_lines_as_written() {
+        assert_eq!(
+            raw(
+                b"HTTP/1.1 200 OK\r\nServer: x\r\nDate: d\r\nContent-Length: 2\r\n\
+                  Connection: keep-alive\r\nX-Request-ID: theirs\r\nX-Other:  a b\r\n\r\nok"
+            )
+            .as_deref(),
+            Some("trueServer: x\r\nDate: d\r\nX-Other:  a b\r\n")
+        );
+        assert_eq!(
+            raw(b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n").as_deref(),
+            Some("false")
+        );
+        // Four runs at most.
+        let many = b"HTTP/1.1 200 OK\r\nA: 1\r\nTE: x\r\nB: 2\r\nTE: x\r\nC: 3\r\nTE: x\r\n\
+                     D: 4\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(
+            raw(many).as_deref(),
+            Some("falseA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n")
+        );
+        let too_many = b"HTTP/1.1 200 OK\r\nA: 1\r\nTE: x\r\nB: 2\r\nTE: x\r\nC: 3\r\nTE: x\r\n\
+                         D: 4\r\nTE: x\r\nE: 5\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(raw(too_many), None);
+    }
+
+    #[test]
+    fn answers_the_map_must_handle_do_not_stay_raw() {
+        let bare_newlines: [&[u8]; 3] = [
+            b"HTTP/1.1 200 OK\nA: 1\nContent-Length: 0\n\n",
+            b"HTTP/1.1 200 OK\r\nA: 1\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nA: 1\r\nContent-Length: 0\r\n\n",
+        ];
+        for text in bare_newlines {
+            assert_eq!(raw(text), None, "{}", String::from_utf8_lossy(text));
+        }
+        // Connection names a field to drop; bodiless answers keep their Content-Length.
+        assert_eq!(
+            raw(b"HTTP/1.1 200 OK\r\nConnection: x-a\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n"),
+            None
+        );
+        assert_eq!(
+            raw(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"),
+            None
+        );
+        assert_eq!(raw(b"HTTP/1.1 204 No Content\r\n\r\n"), None);
+        assert_eq!(
+            raw(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: ws\r\n\r\n"),
+            None
+        );
     }
 
     #[test]
@@ -574,20 +779,20 @@ mod tests {
     fn interim_and_partial_heads() {
         let mut buf = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200"[..]);
         assert!(matches!(
-            parse_head(&mut buf, false),
+            parse_head(&mut buf, MAP),
             Ok(Some(Parsed::Interim(25)))
         ));
         buf.advance(25);
-        assert!(matches!(parse_head(&mut buf, false), Ok(None)));
+        assert!(matches!(parse_head(&mut buf, MAP), Ok(None)));
         let mut garbage = BytesMut::from(&b"SMTP ready\r\n\r\n"[..]);
         assert!(matches!(
-            parse_head(&mut garbage, false),
+            parse_head(&mut garbage, MAP),
             Err(SendError::Sent(_))
         ));
         let mut huge = BytesMut::from(&b"HTTP/1.1 200 OK\r\nX: "[..]);
         huge.extend_from_slice(&vec![b'a'; MAX_HEAD]);
         assert!(matches!(
-            parse_head(&mut huge, false),
+            parse_head(&mut huge, MAP),
             Err(SendError::Sent(_))
         ));
     }

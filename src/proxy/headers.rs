@@ -69,13 +69,6 @@ fn hop_by_hop() -> [&'static HeaderName; 9] {
     ]
 }
 
-/// Whether a field name read off the wire is one of the hop-by-hop fields.
-pub fn is_hop_by_hop(name: &str) -> bool {
-    hop_by_hop()
-        .iter()
-        .any(|listed| listed.as_str().eq_ignore_ascii_case(name))
-}
-
 /// `close` and `keep-alive` in a `Connection` field are options, not names of fields to drop.
 pub fn is_connection_option(token: &[u8]) -> bool {
     token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
@@ -331,6 +324,29 @@ pub fn new_request_id(prefix: u32, seq: u64) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http1::FieldKind;
+
+    #[test]
+    fn field_kinds_know_the_hop_by_hop_fields() {
+        for name in hop_by_hop() {
+            let upper = name.as_str().to_ascii_uppercase();
+            assert!(FieldKind::of(name.as_str()).is_hop_by_hop(), "{name}");
+            assert!(FieldKind::of(&upper).is_hop_by_hop(), "{upper}");
+        }
+        for name in [
+            "Date",
+            "x-request-id",
+            "Content-Length",
+            "Content-Type",
+            "TEN",
+            "upgrades",
+        ] {
+            assert!(!FieldKind::of(name).is_hop_by_hop(), "{name}");
+        }
+        assert_eq!(FieldKind::of("DATE"), FieldKind::Date);
+        assert_eq!(FieldKind::of("X-Request-Id"), FieldKind::RequestId);
+        assert_eq!(FieldKind::of("content-length"), FieldKind::ContentLength);
+    }
 
     #[test]
     fn upgrade_needs_both_fields() {

@@ -251,6 +251,11 @@ pub struct Admitted {
 }
 
 impl Admitted {
+    /// Whether `apply_to` adds fields to the response.
+    pub fn adds_fields(&self) -> bool {
+        self.headers.is_some()
+    }
+
     /// Adds `RateLimit-Policy` and `RateLimit` (the rule with the least remaining) to the
     /// response, and hands the concurrency slots to its body, which holds them to its end.
     pub fn apply_to(self, response: &mut Response<GatewayBody>) {
