@@ -513,7 +513,7 @@ enum Attempt {
 
 /// An instance's answer head: on the HTTP/1.1 connection it came on, or from HTTP/2.
 enum Answer {
-    Http1(InstanceConn, AnswerHead),
+    Http1(Box<InstanceConn>, AnswerHead),
     Http2(Response<Incoming>),
 }
 

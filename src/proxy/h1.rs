@@ -37,7 +37,8 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Chunks of an upload up to this size are framed and written in one call.
 const SMALL_CHUNK: usize = 8 * 1024;
 
-/// One HTTP/1.1 connection to an instance, plain or TLS.
+/// One HTTP/1.1 connection to an instance, plain or TLS. Boxed once when opened: a request
+/// moves its connection from the pool into the answer's body and back, several times over.
 pub struct InstanceConn {
     stream: InstanceStream,
     read: BytesMut,
@@ -90,7 +91,7 @@ pub struct AnswerHead {
 /// sixth of the gateway's instructions per request.
 pub struct RawFields {
     head: Bytes,
-    runs: [(u32, u32); RAW_RUNS],
+    runs: [(u16, u16); RAW_RUNS],
     len: u8,
     dated: bool,
 }
@@ -103,7 +104,8 @@ impl RawFields {
     /// The lines to keep of `head`, which `httparse` parsed into `fields`; `None` when a line
     /// does not end in CRLF (the map path normalises those) or there are too many runs.
     fn find(fields: &[httparse::Header<'_>], head: &[u8]) -> Option<RawFields> {
-        if !head.ends_with(b"\r\n\r\n") {
+        // Offsets are 16 bits: a head of 64 KiB exactly (the most allowed) takes the map.
+        if !head.ends_with(b"\r\n\r\n") || head.len() > usize::from(u16::MAX) {
             return None;
         }
         let base = head.as_ptr() as usize;
@@ -127,7 +129,7 @@ impl RawFields {
                 FieldKind::Date => raw.dated = true,
                 _ => continue,
             }
-            let (start, end) = (start as u32, end as u32);
+            let (start, end) = (start as u16, end as u16);
             match raw.runs[..usize::from(raw.len)].last_mut() {
                 Some(run) if run.1 == start => run.1 = end,
                 _ if usize::from(raw.len) == RAW_RUNS => return None,
@@ -143,7 +145,7 @@ impl RawFields {
     /// Appends the kept lines, each ending in CRLF.
     pub fn write(&self, out: &mut Vec<u8>) {
         for &(start, end) in &self.runs[..usize::from(self.len)] {
-            out.extend_from_slice(&self.head[start as usize..end as usize]);
+            out.extend_from_slice(&self.head[usize::from(start)..usize::from(end)]);
         }
     }
 
@@ -524,7 +526,7 @@ fn connection_has_only_options(fields: &[httparse::Header<'_>]) -> bool {
 /// An instance's answer body, streamed to the client. Holds the connection and the request's
 /// in-flight guard; at the end of the body a reusable connection goes back to the pool.
 pub struct InstanceBody {
-    conn: Option<InstanceConn>,
+    conn: Option<Box<InstanceConn>>,
     progress: BodyProgress,
     reusable: bool,
     guard: Option<InFlightGuard>,
@@ -533,7 +535,11 @@ pub struct InstanceBody {
 
 impl InstanceBody {
     /// The body of `answer`, which takes the answer's raw fields along.
-    pub fn new(conn: InstanceConn, answer: &mut AnswerHead, guard: InFlightGuard) -> InstanceBody {
+    pub fn new(
+        conn: Box<InstanceConn>,
+        answer: &mut AnswerHead,
+        guard: InFlightGuard,
+    ) -> InstanceBody {
         let mut body = InstanceBody {
             conn: Some(conn),
             progress: BodyProgress::of(answer.framing.framing),

@@ -51,7 +51,12 @@ impl ClientUpgrade {
 }
 
 /// Joins the client's upgraded connection with the instance's, which answered 101.
-pub fn spawn(client: ClientUpgrade, instance: InstanceConn, guard: InFlightGuard, idle: Duration) {
+pub fn spawn(
+    client: ClientUpgrade,
+    instance: Box<InstanceConn>,
+    guard: InFlightGuard,
+    idle: Duration,
+) {
     tokio::spawn(async move {
         let Some((mut client, client_early)) = client.connection().await else {
             return;

@@ -433,7 +433,7 @@ impl UpstreamConfig {
 }
 
 struct IdleConn {
-    conn: InstanceConn,
+    conn: Box<InstanceConn>,
     since: Instant,
 }
 
@@ -469,7 +469,7 @@ impl Pool {
         &self,
         probe: bool,
         fresh: bool,
-    ) -> Result<(InstanceConn, bool), ConnectError> {
+    ) -> Result<(Box<InstanceConn>, bool), ConnectError> {
         let now = Instant::now();
         // A fresh checkout leaves the idle connections where they are.
         if !fresh {
@@ -484,7 +484,7 @@ impl Pool {
         }
         // Boxed: the connect (and TLS handshake) state is only needed on a pool miss.
         Ok((
-            InstanceConn::new(Box::pin(self.connector.connect()).await?),
+            Box::new(InstanceConn::new(Box::pin(self.connector.connect()).await?)),
             false,
         ))
     }
@@ -495,7 +495,7 @@ impl Pool {
 
     /// Returns a connection whose exchange finished; dropped when the pool is full. The oldest
     /// idle connection is closed once it outlived the idle timeout.
-    pub fn checkin(&self, conn: InstanceConn) {
+    pub fn checkin(&self, conn: Box<InstanceConn>) {
         if self.keepalive == 0 {
             return;
         }
