@@ -183,11 +183,8 @@ async fn forward(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    let host_name = host
-        .as_ref()
-        .and_then(|h| h.to_str().ok())
-        .map(host_without_port);
-    let route = match_route(&runtime.config.routes, host_name, parts.uri.path())
+    let host_bytes = host.as_ref().map(HeaderValue::as_bytes);
+    let route = match_route(&runtime.config.routes, host_bytes, parts.uri.path())
         .ok_or((ProxyError::NoRoute, None))?;
     let upstream = runtime.route_upstream(route);
     // The concurrency slots in `admitted` go to the response body and are held to its end.

@@ -2,16 +2,25 @@
 
 use crate::config::RouteConfig;
 
-/// Picks the route for `host` (without port, lowercase) and `path`. A route naming a host beats
-/// one that does not; among those, the longest matching path prefix wins; ties go to the route
-/// listed first.
-pub fn match_route(routes: &[RouteConfig], host: Option<&str>, path: &str) -> Option<usize> {
+/// Picks the route for `host` (the Host as sent: a port is ignored) and `path`. A route naming
+/// a host beats one that does not; among those, the longest matching path prefix wins; ties go
+/// to the route listed first. The host is only read when a route names one.
+pub fn match_route(routes: &[RouteConfig], host: Option<&[u8]>, path: &str) -> Option<usize> {
     let mut best: Option<(usize, (bool, usize))> = None;
+    let mut bare_host: Option<Option<&str>> = None;
     for (index, route) in routes.iter().enumerate() {
-        let host_specific = match (&route.host, host) {
-            (None, _) => false,
-            (Some(pattern), Some(host)) if host_matches(pattern, host) => true,
-            _ => continue,
+        let host_specific = match &route.host {
+            None => false,
+            Some(pattern) => {
+                let host = *bare_host.get_or_insert_with(|| {
+                    host.and_then(|h| std::str::from_utf8(h).ok())
+                        .map(host_without_port)
+                });
+                match host {
+                    Some(host) if host_matches(pattern, host) => true,
+                    _ => continue,
+                }
+            }
         };
         if !path.starts_with(route.path_prefix.as_str()) {
             continue;
@@ -68,17 +77,33 @@ mod tests {
             route(Some("admin.test"), "/"),
             route(Some("*.shop.test"), "/cart"),
         ];
-        assert_eq!(match_route(&routes, Some("x.test"), "/"), Some(0));
-        assert_eq!(match_route(&routes, Some("x.test"), "/api/users"), Some(1));
-        assert_eq!(match_route(&routes, Some("admin.test"), "/api"), Some(2));
+        assert_eq!(match_route(&routes, Some(&b"x.test"[..]), "/"), Some(0));
         assert_eq!(
-            match_route(&routes, Some("eu.shop.test"), "/cart/1"),
+            match_route(&routes, Some(&b"admin.test:8080"[..]), "/"),
+            Some(2)
+        );
+        assert_eq!(
+            match_route(&routes, Some(&b"x.test"[..]), "/api/users"),
+            Some(1)
+        );
+        assert_eq!(
+            match_route(&routes, Some(&b"admin.test"[..]), "/api"),
+            Some(2)
+        );
+        assert_eq!(
+            match_route(&routes, Some(&b"eu.shop.test"[..]), "/cart/1"),
             Some(3)
         );
-        assert_eq!(match_route(&routes, Some("shop.test"), "/cart/1"), Some(0));
+        assert_eq!(
+            match_route(&routes, Some(&b"shop.test"[..]), "/cart/1"),
+            Some(0)
+        );
         assert_eq!(match_route(&routes, None, "/api"), Some(1));
-        assert_eq!(match_route(&routes, Some("Admin.TEST"), "/"), Some(2));
-        assert_eq!(match_route(&routes, Some("EU.Shop.Test"), "/cart"), Some(3));
+        assert_eq!(match_route(&routes, Some(&b"Admin.TEST"[..]), "/"), Some(2));
+        assert_eq!(
+            match_route(&routes, Some(&b"EU.Shop.Test"[..]), "/cart"),
+            Some(3)
+        );
     }
 
     #[test]
