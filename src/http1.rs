@@ -253,7 +253,7 @@ const SPARE_MAPS_KEPT: usize = 256;
 const SPARE_MAP_ROOM: usize = 64;
 
 /// An empty header map with room for `fields`, reused when one is at hand.
-pub fn spare_map(fields: usize) -> HeaderMap {
+fn spare_map(fields: usize) -> HeaderMap {
     match SPARE_MAPS.with_borrow_mut(Vec::pop) {
         Some(mut map) => {
             map.reserve(fields);
@@ -265,7 +265,8 @@ pub fn spare_map(fields: usize) -> HeaderMap {
 
 /// Gives a message's header map back once the message is written, for the next head.
 pub fn recycle_map(mut map: HeaderMap) {
-    if map.capacity() > SPARE_MAP_ROOM {
+    // A map that never held a field has nothing allocated to reuse.
+    if map.capacity() == 0 || map.capacity() > SPARE_MAP_ROOM {
         return;
     }
     map.clear();

@@ -437,10 +437,13 @@ async fn to_instance(
                     return Ok(Response::from_parts(answer.head, GatewayBody::Full(None)));
                 }
                 strip_hop_by_hop(&mut answer.head.headers);
-                answer
-                    .head
-                    .headers
-                    .insert(X_REQUEST_ID.clone(), request_id.clone());
+                // Raw fields carry the request ID themselves.
+                if answer.raw_fields.is_none() {
+                    answer
+                        .head
+                        .headers
+                        .insert(X_REQUEST_ID.clone(), request_id.clone());
+                }
                 let body = GatewayBody::Upstream(InstanceBody::new(conn, &mut answer, guard));
                 return Ok(Response::from_parts(answer.head, body));
             }

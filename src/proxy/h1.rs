@@ -12,7 +12,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::CONTENT_LENGTH;
+use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH};
 use http::request::Parts;
 use http::{response, Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -27,8 +27,8 @@ use super::deadline::LazyDeadline;
 use super::headers::{has, is_connection_option, ForwardedFields};
 use super::upstream::InFlightGuard;
 use crate::http1::{
-    parse_response, response_framing, spare_map, tokens, BodyFraming, BodyProgress, FieldKind,
-    FieldSpans, Framing, MAX_HEAD,
+    parse_response, response_framing, tokens, BodyFraming, BodyProgress, FieldKind, FieldSpans,
+    Framing, MAX_HEAD,
 };
 
 /// Most header fields an instance's answer may have.
@@ -86,14 +86,15 @@ pub struct AnswerHead {
 
 /// An answer's end-to-end fields as the instance wrote them: whole `Name: value` lines of its
 /// head, in runs of consecutive lines, without the hop-by-hop fields, Content-Length (the
-/// client's side frames the body itself) and X-Request-ID (the gateway's own goes out). Writing
-/// the runs as they are saves building a header map only to encode it again, which was about a
-/// sixth of the gateway's instructions per request.
+/// client's side frames the body itself) and X-Request-ID (the gateway's own goes out with
+/// them). Writing the runs as they are saves building a header map only to encode it again,
+/// which was about a sixth of the gateway's instructions per request.
 pub struct RawFields {
     head: Bytes,
     runs: [(u16, u16); RAW_RUNS],
     len: u8,
     dated: bool,
+    request_id: HeaderValue,
 }
 
 /// The most runs of kept lines a raw answer may have; an answer whose dropped fields split its
@@ -103,7 +104,11 @@ const RAW_RUNS: usize = 4;
 impl RawFields {
     /// The lines to keep of `head`, which `httparse` parsed into `fields`; `None` when a line
     /// does not end in CRLF (the map path normalises those) or there are too many runs.
-    fn find(fields: &[httparse::Header<'_>], head: &[u8]) -> Option<RawFields> {
+    fn find(
+        fields: &[httparse::Header<'_>],
+        head: &[u8],
+        request_id: &HeaderValue,
+    ) -> Option<RawFields> {
         // Offsets are 16 bits: a head of 64 KiB exactly (the most allowed) takes the map.
         if !head.ends_with(b"\r\n\r\n") || head.len() > usize::from(u16::MAX) {
             return None;
@@ -116,6 +121,7 @@ impl RawFields {
             runs: [(0, 0); RAW_RUNS],
             len: 0,
             dated: false,
+            request_id: request_id.clone(),
         };
         for (at, field) in fields.iter().enumerate() {
             // A line ends where the next one starts; the last one before the empty line.
@@ -142,11 +148,14 @@ impl RawFields {
         Some(raw)
     }
 
-    /// Appends the kept lines, each ending in CRLF.
+    /// Appends the kept lines and the request ID, each ending in CRLF.
     pub fn write(&self, out: &mut Vec<u8>) {
         for &(start, end) in &self.runs[..usize::from(self.len)] {
             out.extend_from_slice(&self.head[usize::from(start)..usize::from(end)]);
         }
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(self.request_id.as_bytes());
+        out.extend_from_slice(b"\r\n");
     }
 
     /// Whether the instance sent a `Date`.
@@ -157,11 +166,11 @@ impl RawFields {
 
 /// How an answer head is read.
 #[derive(Clone, Copy)]
-struct Reading {
+struct Reading<'a> {
     /// The answer to a HEAD request: no body, whatever its fields say.
     head_request: bool,
-    /// The fields may stay raw ([`Outgoing::raw_answer`]).
-    raw_fields: bool,
+    /// The fields may stay raw ([`Outgoing::raw_answer`]), to go out with this request ID.
+    raw_fields: Option<&'a HeaderValue>,
 }
 
 impl InstanceConn {
@@ -230,7 +239,10 @@ async fn send_on(
     let head_request = parts.method == Method::HEAD;
     let reading = Reading {
         head_request,
-        raw_fields: outgoing.raw_answer && !head_request,
+        raw_fields: outgoing
+            .fields
+            .filter(|_| outgoing.raw_answer && !head_request)
+            .map(ForwardedFields::request_id),
     };
     let chunked = !body.is_end_stream() && !has(&parts.headers, &CONTENT_LENGTH);
     encode_head(write, parts, outgoing.fields, chunked);
@@ -262,7 +274,7 @@ async fn exchange<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     write: &mut Vec<u8>,
     body: &mut ForwardBody,
     chunked: bool,
-    reading: Reading,
+    reading: Reading<'_>,
 ) -> Result<AnswerHead, SendError> {
     let answer = read_head(&mut reader, read, reading);
     let upload = write_body(&mut writer, body, chunked, write);
@@ -410,7 +422,7 @@ pub(super) fn chunk_header(out: &mut Vec<u8>, len: usize) {
 async fn read_head<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
-    reading: Reading,
+    reading: Reading<'_>,
 ) -> Result<AnswerHead, SendError> {
     let mut answered = !buf.is_empty();
     loop {
@@ -454,7 +466,7 @@ enum Parsed {
 
 /// Parses an answer head at the front of `buf`, taking it out of the buffer when complete. The
 /// header values are slices of the head's bytes, not copies.
-fn parse_head(buf: &mut BytesMut, reading: Reading) -> Result<Option<Parsed>, SendError> {
+fn parse_head(buf: &mut BytesMut, reading: Reading<'_>) -> Result<Option<Parsed>, SendError> {
     let invalid = |what: &dyn std::fmt::Display| SendError::Sent(format!("invalid answer: {what}"));
     let mut fields = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
     let (answer, parsed) = parse_response(buf, &mut fields);
@@ -482,14 +494,14 @@ fn parse_head(buf: &mut BytesMut, reading: Reading) -> Result<Option<Parsed>, Se
     // the protocol switches; `strip_hop_by_hop` then takes them out of the map.
     let skip_hop_by_hop = code != 101 && connection_has_only_options(answer.headers);
     // Answers without a body keep the instance's Content-Length, which only the map path does.
-    let raw_fields = (reading.raw_fields && skip_hop_by_hop && !matches!(code, 204 | 304))
-        .then(|| RawFields::find(answer.headers, &buf[..len]))
-        .flatten();
+    let raw_fields = reading
+        .raw_fields
+        .filter(|_| skip_hop_by_hop && !matches!(code, 204 | 304))
+        .and_then(|request_id| RawFields::find(answer.headers, &buf[..len], request_id));
     let (map, raw_fields) = match raw_fields {
         Some(mut raw) => {
             raw.head = buf.split_to(len).freeze();
-            // Room for the request ID the gateway adds.
-            (spare_map(1), Some(raw))
+            (HeaderMap::new(), Some(raw))
         }
         None => {
             let mut spans = FieldSpans::default();
@@ -647,10 +659,10 @@ mod tests {
 
     const MAP: Reading = Reading {
         head_request: false,
-        raw_fields: false,
+        raw_fields: None,
     };
 
-    fn answer(text: &[u8], reading: Reading) -> (AnswerHead, BytesMut) {
+    fn answer(text: &[u8], reading: Reading<'_>) -> (AnswerHead, BytesMut) {
         let mut buf = BytesMut::from(text);
         match parse_head(&mut buf, reading) {
             Ok(Some(Parsed::Final(answer))) => (answer, buf),
@@ -670,8 +682,9 @@ mod tests {
 
     /// The raw fields of an answer read for the client loop, as they would be written.
     fn raw(text: &[u8]) -> Option<String> {
+        let request_id = HeaderValue::from_static("ours");
         let reading = Reading {
-            raw_fields: true,
+            raw_fields: Some(&request_id),
             ..MAP
         };
         let (answer, _) = answer(text, reading);
@@ -694,18 +707,18 @@ mod tests {
                   Connection: keep-alive\r\nX-Request-ID: theirs\r\nX-Other:  a b\r\n\r\nok"
             )
             .as_deref(),
-            Some("trueServer: x\r\nDate: d\r\nX-Other:  a b\r\n")
+            Some("trueServer: x\r\nDate: d\r\nX-Other:  a b\r\nx-request-id: ours\r\n")
         );
         assert_eq!(
             raw(b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n").as_deref(),
-            Some("false")
+            Some("falsex-request-id: ours\r\n")
         );
         // Four runs at most.
         let many = b"HTTP/1.1 200 OK\r\nA: 1\r\nTE: x\r\nB: 2\r\nTE: x\r\nC: 3\r\nTE: x\r\n\
                      D: 4\r\nContent-Length: 0\r\n\r\n";
         assert_eq!(
             raw(many).as_deref(),
-            Some("falseA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n")
+            Some("falseA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nx-request-id: ours\r\n")
         );
         let too_many = b"HTTP/1.1 200 OK\r\nA: 1\r\nTE: x\r\nB: 2\r\nTE: x\r\nC: 3\r\nTE: x\r\n\
                          D: 4\r\nTE: x\r\nE: 5\r\nContent-Length: 0\r\n\r\n";
