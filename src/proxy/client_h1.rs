@@ -16,6 +16,7 @@
 //! answer, reading and discarding what the client still sends for a moment so the answer is
 //! not lost to a reset.
 
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -132,6 +133,7 @@ pub async fn serve(
         out: Vec::with_capacity(1024),
         deadline: LazyDeadline::new(Instant::now() + limits.header_read_timeout),
         limits,
+        drained: Box::pin(drained(drain.clone())),
         drain,
     };
     let mut first = true;
@@ -247,6 +249,9 @@ struct ClientConn {
     deadline: LazyDeadline,
     limits: ClientLimits,
     drain: watch::Receiver<bool>,
+    /// Completes when the gateway drains. One waiter for the connection's life: waiting on
+    /// `drain.changed()` afresh registered and removed a waiter at every idle wait.
+    drained: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
 impl ClientConn {
@@ -320,7 +325,7 @@ impl ClientConn {
                 more = fill_before(reader, &mut self.deadline, due) => if !more {
                     return NextHead::Closed;
                 },
-                _ = self.drain.changed(), if idle => return NextHead::Closed,
+                () = &mut self.drained, if idle => return NextHead::Closed,
             }
         }
     }
@@ -509,6 +514,12 @@ async fn fill_before(reader: &mut ConnReader, deadline: &mut LazyDeadline, due: 
         filled = filled => matches!(filled, Ok(read) if read > 0),
         () = deadline.wait(due) => false,
     }
+}
+
+/// Completes once `drain` turns true (or its sender is gone), and never again: a connection
+/// returns after it.
+async fn drained(mut drain: watch::Receiver<bool>) {
+    let _ = drain.wait_for(|draining| *draining).await;
 }
 
 /// How an answer's body is framed towards the client.
