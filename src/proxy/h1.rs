@@ -1,7 +1,9 @@
 //! The instance side of HTTP/1.1: a pooled connection owned by the request using it. The
 //! request head is written straight from the header map, the answer's head is parsed with
-//! `httparse` into header values that share the read buffer, and the body is streamed back by
-//! its framing; at the end of a reusable body the connection returns to the instance's pool.
+//! `httparse` into header values that share the read buffer (or kept as the instance's own
+//! lines, `RawFields`, when the gateway's client loop writes them out), and the body is streamed
+//! back by its framing; at the end of a reusable body the connection returns to the instance's
+//! pool.
 //! hyper's client would add a task per connection and channel hand-offs per request, which
 //! cost several times the CPU of the exchange itself on a busy proxy.
 
