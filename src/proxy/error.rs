@@ -92,6 +92,7 @@ impl ProxyError {
     }
 
     /// The response for this error.
+    #[cold]
     pub fn response(&self, request_id: &HeaderValue) -> Response<GatewayBody> {
         let body = serde_json::json!({
             "error": self.code(),

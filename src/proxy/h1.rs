@@ -469,7 +469,7 @@ enum Parsed {
 /// Parses an answer head at the front of `buf`, taking it out of the buffer when complete. The
 /// header values are slices of the head's bytes, not copies.
 fn parse_head(buf: &mut BytesMut, reading: Reading<'_>) -> Result<Option<Parsed>, SendError> {
-    let invalid = |what: &dyn std::fmt::Display| SendError::Sent(format!("invalid answer: {what}"));
+    let invalid = invalid_answer;
     let mut fields = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
     let (answer, parsed) = parse_response(buf, &mut fields);
     let len = match parsed {
@@ -526,6 +526,11 @@ fn parse_head(buf: &mut BytesMut, reading: Reading<'_>) -> Result<Option<Parsed>
         framing,
         request_complete: true,
     })))
+}
+
+#[cold]
+fn invalid_answer(what: &dyn std::fmt::Display) -> SendError {
+    SendError::Sent(format!("invalid answer: {what}"))
 }
 
 /// Whether every `Connection` field holds only options, which name no other field.

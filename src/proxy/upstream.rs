@@ -137,6 +137,7 @@ impl Instance {
     }
 
     /// Records a failed request (transport error or timeout) for passive health.
+    #[cold]
     pub fn record_failure(&self, now: Instant, upstream: &UpstreamConfig) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         let until = self
