@@ -4,6 +4,8 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use smallvec::SmallVec;
 
+use crate::http1::has_token;
+
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -111,12 +113,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The protocol a message asks to switch to (`Connection: upgrade` with `Upgrade: X`), if any.
 pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
-    let asks = values(headers, &header::CONNECTION)
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| value(headers, &header::UPGRADE).cloned())
-        .flatten()
+    // Most messages have no Upgrade field: look for it before parsing Connection.
+    let protocol = value(headers, &header::UPGRADE)?;
+    values(headers, &header::CONNECTION)
+        .any(|v| has_token(v.as_bytes(), b"upgrade"))
+        .then(|| protocol.clone())
 }
 
 /// Puts `Connection: upgrade` and `Upgrade` back after hop-by-hop fields were stripped.
