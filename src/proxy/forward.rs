@@ -26,6 +26,7 @@ use super::headers::{
     cookie_value, is_sane_request_id, requested_upgrade, restore_upgrade, strip_hop_by_hop, value,
     ForwardedFields, X_REQUEST_ID,
 };
+use super::retry::{next_attempt, FailureKind, NextAttempt};
 use super::router::{host_without_port, match_route};
 use super::tunnel::{self, ClientUpgrade};
 use super::upstream::{InFlightGuard, Instance, NoInstance};
@@ -449,46 +450,29 @@ async fn to_instance(
             }
             Err(failure) => {
                 drop(guard);
-                let now = Instant::now();
-                let retry_ok = attempts <= config.retries;
-                match failure {
-                    Attempt::NotSent(reason) => {
-                        instance.record_failure(now, config);
-                        last_error = ProxyError::InstanceFailed(reason);
-                    }
-                    Attempt::Sent(reason) => {
-                        instance.record_failure(now, config);
-                        last_error = ProxyError::InstanceFailed(reason);
-                        if !replayable {
-                            return Err(last_error);
-                        }
-                    }
-                    // Not the instance's health: an idle connection it closed as it was taken.
-                    // Sent again once on a new connection to the same instance, outside
-                    // `retries` and the budget (nginx does not count such tries either).
-                    Attempt::Stale { reason, sent } => {
-                        last_error = ProxyError::InstanceFailed(reason);
-                        if (sent && !replayable) || fresh {
-                            return Err(last_error);
-                        }
+                let (kind, error) = failure.into_parts();
+                if kind.is_instance_fault() {
+                    instance.record_failure(Instant::now(), config);
+                }
+                match next_attempt(kind, replayable, fresh) {
+                    NextAttempt::GiveUp => return Err(error),
+                    NextAttempt::Reconnect => {
+                        last_error = error;
                         fresh = true;
                         attempts -= 1;
                         if index < 64 {
                             tried &= !(1 << index);
                         }
-                        continue;
                     }
-                    Attempt::Timeout => {
-                        instance.record_failure(now, config);
-                        return Err(ProxyError::InstanceTimeout);
+                    NextAttempt::Retry => {
+                        last_error = error;
+                        if attempts > config.retries || !upstream.retry_budget.try_withdraw() {
+                            return Err(last_error);
+                        }
+                        instance.retries.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(instance = %instance.addr, attempt = attempts, "retrying on another instance");
                     }
-                    Attempt::Client(failure) => return Err(failure.into()),
                 }
-                if !retry_ok || !upstream.retry_budget.try_withdraw() {
-                    return Err(last_error);
-                }
-                instance.retries.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(instance = %instance.addr, attempt = attempts, "retrying on another instance");
             }
         }
     }
@@ -509,6 +493,24 @@ enum Attempt {
     Timeout,
     /// The client's body failed: not the instance's fault.
     Client(ClientBodyFailure),
+}
+
+impl Attempt {
+    /// The failure as the retry decision sees it, and the error the client gets if it is the
+    /// last.
+    #[cold]
+    fn into_parts(self) -> (FailureKind, ProxyError) {
+        match self {
+            Attempt::NotSent(reason) => (FailureKind::NotSent, ProxyError::InstanceFailed(reason)),
+            Attempt::Sent(reason) => (FailureKind::Sent, ProxyError::InstanceFailed(reason)),
+            Attempt::Stale { reason, sent } => (
+                FailureKind::Stale { sent },
+                ProxyError::InstanceFailed(reason),
+            ),
+            Attempt::Timeout => (FailureKind::Timeout, ProxyError::InstanceTimeout),
+            Attempt::Client(failure) => (FailureKind::Client, failure.into()),
+        }
+    }
 }
 
 /// An instance's answer head: on the HTTP/1.1 connection it came on, or from HTTP/2.

@@ -1,6 +1,7 @@
-//! Retry budget: retries may add at most a fixed share on top of live requests, so a failing
-//! pool is not hit by a retry storm. Every request deposits `ratio` of a token, every retry
-//! withdraws one; a small reserve lets the first retries through on a quiet gateway.
+//! What follows a failed attempt on an instance, and the retry budget: retries may add at most
+//! a fixed share on top of live requests, so a failing pool is not hit by a retry storm. Every
+//! request deposits `ratio` of a token, every retry withdraws one; a small reserve lets the
+//! first retries through on a quiet gateway.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -8,6 +9,61 @@ use std::sync::atomic::{AtomicI64, Ordering};
 const UNIT: i64 = 1000;
 /// Retries allowed with no traffic to earn them (the floor), and the cap on saved tokens.
 const RESERVE: i64 = 10 * UNIT;
+
+/// How an attempt on one instance failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The request never reached the instance.
+    NotSent,
+    /// The instance may have seen the request.
+    Sent,
+    /// A reused connection the instance had closed before answering (most often at its
+    /// keep-alive timeout, as the connection was taken); `sent`: the request went out on it.
+    Stale { sent: bool },
+    /// No answer head within the response timeout.
+    Timeout,
+    /// The client's body failed.
+    Client,
+}
+
+impl FailureKind {
+    /// Whether the failure counts against the instance's passive health.
+    pub fn is_instance_fault(self) -> bool {
+        matches!(
+            self,
+            FailureKind::NotSent | FailureKind::Sent | FailureKind::Timeout
+        )
+    }
+}
+
+/// What follows a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextAttempt {
+    /// The request fails with this attempt's error.
+    GiveUp,
+    /// Once more on a new connection to the same instance, outside `retries` and the budget
+    /// (nginx does not count such tries either).
+    Reconnect,
+    /// On another instance, when `retries` and the retry budget allow.
+    Retry,
+}
+
+/// A request that never reached an instance may go anywhere; one an instance may have seen
+/// only when it is `replayable` (idempotent and body-less); never after a response timeout. A
+/// stale pooled connection gets one reconnect, unless this attempt was it (`reconnected`).
+pub fn next_attempt(failure: FailureKind, replayable: bool, reconnected: bool) -> NextAttempt {
+    match failure {
+        FailureKind::NotSent => NextAttempt::Retry,
+        FailureKind::Sent if replayable => NextAttempt::Retry,
+        FailureKind::Stale { sent } if !reconnected && (replayable || !sent) => {
+            NextAttempt::Reconnect
+        }
+        FailureKind::Sent
+        | FailureKind::Stale { .. }
+        | FailureKind::Timeout
+        | FailureKind::Client => NextAttempt::GiveUp,
+    }
+}
 
 #[derive(Debug)]
 pub struct RetryBudget {
@@ -51,6 +107,35 @@ impl RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_follows_a_failed_attempt() {
+        use FailureKind::*;
+        use NextAttempt::*;
+        // (failure, replayable, reconnected) -> next
+        let cases = [
+            (NotSent, false, false, Retry),
+            (NotSent, true, true, Retry),
+            (Sent, true, false, Retry),
+            (Sent, false, false, GiveUp),
+            (Stale { sent: false }, false, false, Reconnect),
+            (Stale { sent: true }, true, false, Reconnect),
+            (Stale { sent: true }, false, false, GiveUp),
+            (Stale { sent: false }, true, true, GiveUp),
+            (Timeout, true, false, GiveUp),
+            (Client, true, false, GiveUp),
+        ];
+        for (failure, replayable, reconnected, next) in cases {
+            assert_eq!(
+                next_attempt(failure, replayable, reconnected),
+                next,
+                "{failure:?} replayable={replayable} reconnected={reconnected}"
+            );
+        }
+        assert!(Timeout.is_instance_fault());
+        assert!(!Stale { sent: true }.is_instance_fault());
+        assert!(!Client.is_instance_fault());
+    }
 
     #[test]
     fn retries_are_capped_at_the_ratio_after_the_reserve() {
