@@ -81,7 +81,9 @@ rate_limits = [{ name = "per_ip_gcra", limit = 20, period = "1m", burst = 19 }]
         assert_eq!(count(&replies, 429), 5, "{path}");
         for reply in replies.iter().filter(|r| r.status == 429) {
             let retry_after: u64 = reply.header("retry-after").parse().unwrap();
-            assert!((1..=60).contains(&retry_after), "{retry_after}");
+            // Up to a window, plus the 3 s (60 s / 20) a sliding window's previous count takes
+            // to make room for one more when the burst fell at the start of a minute.
+            assert!((1..=63).contains(&retry_after), "{retry_after}");
             assert!(reply.header("ratelimit-policy").contains(";q=20;w=60"));
             assert!(reply.header("ratelimit").contains(";r=0;t="));
             assert_eq!(reply.json()["error"], "rate_limited");
