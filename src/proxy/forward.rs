@@ -450,7 +450,7 @@ async fn to_instance(
             }
             Err(failure) => {
                 drop(guard);
-                let (kind, error) = failure.into_parts();
+                let Attempt { kind, error } = failure;
                 if kind.is_instance_fault() {
                     instance.record_failure(Instant::now(), config);
                 }
@@ -478,37 +478,34 @@ async fn to_instance(
     }
 }
 
-/// How one attempt on one instance failed.
-enum Attempt {
-    /// The request never reached the instance: it may go to another one as it is.
-    NotSent(String),
-    /// The instance may have seen the request.
-    Sent(String),
-    /// A reused connection the instance had closed before answering; `sent`: the request went
-    /// out on it, so it is only sent again when that is safe.
-    Stale {
-        reason: String,
-        sent: bool,
-    },
-    Timeout,
-    /// The client's body failed: not the instance's fault.
-    Client(ClientBodyFailure),
+/// How one attempt on one instance failed, and the error the client gets if it was the last.
+struct Attempt {
+    kind: FailureKind,
+    error: ProxyError,
 }
 
 impl Attempt {
-    /// The failure as the retry decision sees it, and the error the client gets if it is the
-    /// last.
     #[cold]
-    fn into_parts(self) -> (FailureKind, ProxyError) {
-        match self {
-            Attempt::NotSent(reason) => (FailureKind::NotSent, ProxyError::InstanceFailed(reason)),
-            Attempt::Sent(reason) => (FailureKind::Sent, ProxyError::InstanceFailed(reason)),
-            Attempt::Stale { reason, sent } => (
-                FailureKind::Stale { sent },
-                ProxyError::InstanceFailed(reason),
-            ),
-            Attempt::Timeout => (FailureKind::Timeout, ProxyError::InstanceTimeout),
-            Attempt::Client(failure) => (FailureKind::Client, failure.into()),
+    fn failed(kind: FailureKind, reason: String) -> Attempt {
+        Attempt {
+            kind,
+            error: ProxyError::InstanceFailed(reason),
+        }
+    }
+
+    #[cold]
+    fn timed_out() -> Attempt {
+        Attempt {
+            kind: FailureKind::Timeout,
+            error: ProxyError::InstanceTimeout,
+        }
+    }
+
+    #[cold]
+    fn client(failure: ClientBodyFailure) -> Attempt {
+        Attempt {
+            kind: FailureKind::Client,
+            error: failure.into(),
         }
     }
 }
@@ -541,7 +538,7 @@ async fn send(
     }
     let (mut conn, reused) = match instance.pool.checkout(checkout.probe, checkout.fresh).await {
         Ok(checked_out) => checked_out,
-        Err(err) => return Err(Attempt::NotSent(err.to_string())),
+        Err(err) => return Err(Attempt::failed(FailureKind::NotSent, err.to_string())),
     };
     let started = Instant::now();
     match conn.send(head, body, started + timeout).await {
@@ -550,15 +547,18 @@ async fn send(
             Ok(Answer::Http1(conn, answer))
         }
         Err(err) => Err(match err {
-            SendError::Unsent(err) if reused => Attempt::Stale {
-                reason: err.to_string(),
-                sent: false,
-            },
-            SendError::Unsent(err) => Attempt::NotSent(err.to_string()),
-            SendError::NoAnswer(reason) if reused => Attempt::Stale { reason, sent: true },
-            SendError::Sent(reason) | SendError::NoAnswer(reason) => Attempt::Sent(reason),
-            SendError::Client(failure) => Attempt::Client(failure),
-            SendError::TimedOut => Attempt::Timeout,
+            SendError::Unsent(err) if reused => {
+                Attempt::failed(FailureKind::Stale { sent: false }, err.to_string())
+            }
+            SendError::Unsent(err) => Attempt::failed(FailureKind::NotSent, err.to_string()),
+            SendError::NoAnswer(reason) if reused => {
+                Attempt::failed(FailureKind::Stale { sent: true }, reason)
+            }
+            SendError::Sent(reason) | SendError::NoAnswer(reason) => {
+                Attempt::failed(FailureKind::Sent, reason)
+            }
+            SendError::Client(failure) => Attempt::client(failure),
+            SendError::TimedOut => Attempt::timed_out(),
         }),
     }
 }
@@ -576,16 +576,16 @@ async fn send_http2(
     let sender = shared
         .sender(connector)
         .await
-        .map_err(|err| Attempt::NotSent(err.to_string()))?;
+        .map_err(|err| Attempt::failed(FailureKind::NotSent, err.to_string()))?;
     let request = h2::request(parts, fields, connector.is_tls(), &instance.addr_text)
-        .map_err(Attempt::NotSent)?
+        .map_err(|reason| Attempt::failed(FailureKind::NotSent, reason))?
         .map(|()| std::mem::replace(body, ForwardBody::Empty));
     // HTTP/1.1 connections time their exchanges with their own long-lived timer; hyper's
     // HTTP/2 streams get one each.
     let started = Instant::now();
     let answer = tokio::time::timeout_at(started + timeout, h2::send(sender, request))
         .await
-        .map_err(|_| Attempt::Timeout)?;
+        .map_err(|_| Attempt::timed_out())?;
     match answer {
         Ok(response) => {
             observe_latency(instance, started);
@@ -593,10 +593,10 @@ async fn send_http2(
         }
         Err(Http2Error::NotSent(reason, unsent)) => {
             *body = unsent;
-            Err(Attempt::NotSent(reason))
+            Err(Attempt::failed(FailureKind::NotSent, reason))
         }
-        Err(Http2Error::Sent(reason)) => Err(Attempt::Sent(reason)),
-        Err(Http2Error::Client(failure)) => Err(Attempt::Client(failure)),
+        Err(Http2Error::Sent(reason)) => Err(Attempt::failed(FailureKind::Sent, reason)),
+        Err(Http2Error::Client(failure)) => Err(Attempt::client(failure)),
     }
 }
 
