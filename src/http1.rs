@@ -460,6 +460,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn field_kinds_know_the_hop_by_hop_fields() {
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "proxy-authorization",
+            "expect",
+        ] {
+            assert!(FieldKind::of(name).is_hop_by_hop(), "{name}");
+            let upper = name.to_ascii_uppercase();
+            assert!(FieldKind::of(&upper).is_hop_by_hop(), "{upper}");
+        }
+        for name in [
+            "Date",
+            "x-request-id",
+            "Content-Length",
+            "Content-Type",
+            "TEN",
+            "upgrades",
+        ] {
+            assert!(!FieldKind::of(name).is_hop_by_hop(), "{name}");
+        }
+        assert_eq!(FieldKind::of("DATE"), FieldKind::Date);
+        assert_eq!(FieldKind::of("X-Request-Id"), FieldKind::RequestId);
+        assert_eq!(FieldKind::of("content-length"), FieldKind::ContentLength);
+    }
+
+    #[test]
     fn names_compare_folded_a_word_at_a_time() {
         for known in [
             "te",

@@ -4,14 +4,12 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use smallvec::SmallVec;
 
-use crate::http1::has_token;
+use crate::http1::{has_token, tokens, FieldKind};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Heads with at most this many field lines are searched by a scan instead of a hashed lookup.
 const SCAN_LIMIT: usize = 16;
@@ -54,60 +52,37 @@ impl<'a> Iterator for Values<'a> {
     }
 }
 
-/// Fields that only concern one connection and never cross a proxy. `Expect` is answered by
-/// the gateway itself (it sends 100 Continue to the client when it reads the body).
-fn hop_by_hop() -> [&'static HeaderName; 9] {
-    [
-        // First: strip_hop_by_hop reads its presence as bit 0.
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHORIZATION,
-        &header::EXPECT,
-    ]
-}
-
 /// `close` and `keep-alive` in a `Connection` field are options, not names of fields to drop.
 pub fn is_connection_option(token: &[u8]) -> bool {
     token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
 }
 
-/// Removes hop-by-hop fields, including every field named in `Connection`.
+/// Removes hop-by-hop fields (`FieldKind::is_hop_by_hop`), including every field named in
+/// `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names finds what is there: most messages carry no hop-by-hop field or
     // only `Connection: keep-alive`, and a hashed lookup per listed name would cost more.
-    let hop_by_hop = hop_by_hop();
-    let mut present = 0u16;
-    for name in headers.keys() {
-        if let Some(at) = hop_by_hop.iter().position(|listed| *listed == name) {
-            present |= 1 << at;
-        }
-    }
-    if present == 0 {
+    let present: SmallVec<[HeaderName; 4]> = headers
+        .keys()
+        .filter(|name| FieldKind::of(name.as_str()).is_hop_by_hop())
+        .cloned()
+        .collect();
+    if present.is_empty() {
         return;
     }
-    // Bit 0: the Connection field.
-    if present & 1 != 0 {
+    if present.contains(&header::CONNECTION) {
         let named: SmallVec<[HeaderName; 4]> = values(headers, &header::CONNECTION)
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            // A Keep-Alive field is in the list anyway.
-            .filter(|token| !is_connection_option(token.as_bytes()))
-            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+            .flat_map(|v| tokens(v.as_bytes()))
+            // A Keep-Alive field goes anyway.
+            .filter(|token| !is_connection_option(token))
+            .filter_map(|token| HeaderName::from_bytes(token).ok())
             .collect();
         for name in named {
             headers.remove(name);
         }
     }
-    for (at, name) in hop_by_hop.into_iter().enumerate() {
-        if present & (1 << at) != 0 {
-            headers.remove(name);
-        }
+    for name in present {
+        headers.remove(name);
     }
 }
 
@@ -325,29 +300,6 @@ pub fn new_request_id(prefix: u32, seq: u64) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http1::FieldKind;
-
-    #[test]
-    fn field_kinds_know_the_hop_by_hop_fields() {
-        for name in hop_by_hop() {
-            let upper = name.as_str().to_ascii_uppercase();
-            assert!(FieldKind::of(name.as_str()).is_hop_by_hop(), "{name}");
-            assert!(FieldKind::of(&upper).is_hop_by_hop(), "{upper}");
-        }
-        for name in [
-            "Date",
-            "x-request-id",
-            "Content-Length",
-            "Content-Type",
-            "TEN",
-            "upgrades",
-        ] {
-            assert!(!FieldKind::of(name).is_hop_by_hop(), "{name}");
-        }
-        assert_eq!(FieldKind::of("DATE"), FieldKind::Date);
-        assert_eq!(FieldKind::of("X-Request-Id"), FieldKind::RequestId);
-        assert_eq!(FieldKind::of("content-length"), FieldKind::ContentLength);
-    }
 
     #[test]
     fn upgrade_needs_both_fields() {
@@ -404,6 +356,9 @@ mod tests {
             ("upgrade", "h2c"),
             ("proxy-connection", "keep-alive"),
             ("transfer-encoding", "chunked"),
+            ("Trailer", "x-sum"),
+            ("proxy-authorization", "Basic eA=="),
+            ("expect", "100-continue"),
             ("x-kept", "yes"),
             ("host", "example.com"),
         ]);
