@@ -243,7 +243,7 @@ async fn send_on(
         head_request,
         raw_fields: outgoing
             .fields
-            .filter(|_| outgoing.raw_answer && !head_request)
+            .filter(|_| outgoing.raw_answer)
             .map(ForwardedFields::request_id),
     };
     let chunked = !body.is_end_stream() && !has(&parts.headers, &CONTENT_LENGTH);
@@ -469,36 +469,36 @@ enum Parsed {
 /// Parses an answer head at the front of `buf`, taking it out of the buffer when complete. The
 /// header values are slices of the head's bytes, not copies.
 fn parse_head(buf: &mut BytesMut, reading: Reading<'_>) -> Result<Option<Parsed>, SendError> {
-    let invalid = invalid_answer;
     let mut fields = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
     let (answer, parsed) = parse_response(buf, &mut fields);
     let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(None),
-        Ok(httparse::Status::Partial) => return Err(invalid(&"head larger than 64 KiB")),
-        Err(err) => return Err(invalid(&err)),
+        Ok(httparse::Status::Partial) => return Err(invalid_answer(&"head larger than 64 KiB")),
+        Err(err) => return Err(invalid_answer(&err)),
     };
     let code = answer.code.unwrap_or(0);
     if code / 100 == 1 && code != 101 {
         return Ok(Some(Parsed::Interim(len)));
     }
-    let status = StatusCode::from_u16(code).map_err(|err| invalid(&err))?;
+    let status = StatusCode::from_u16(code).map_err(|err| invalid_answer(&err))?;
     let framing = response_framing(
         code,
         answer.version.unwrap_or(1),
         answer.headers,
         reading.head_request,
     )
-    .map_err(|err| invalid(&err))?;
+    .map_err(|err| invalid_answer(&err))?;
     // The gateway frames the body itself towards the client.
     let framed_by_length = matches!(framing.framing, Framing::Length(_));
     // Hop-by-hop fields are left out here, unless `Connection` names other fields to drop or
     // the protocol switches; `strip_hop_by_hop` then takes them out of the map.
     let skip_hop_by_hop = code != 101 && connection_has_only_options(answer.headers);
-    // Answers without a body keep the instance's Content-Length, which only the map path does.
+    // Answers without a body (HEAD, 204, 304) keep the instance's Content-Length, which only
+    // the map path does.
     let raw_fields = reading
         .raw_fields
-        .filter(|_| skip_hop_by_hop && !matches!(code, 204 | 304))
+        .filter(|_| skip_hop_by_hop && !reading.head_request && !matches!(code, 204 | 304))
         .and_then(|request_id| RawFields::find(answer.headers, &buf[..len], request_id));
     let (map, raw_fields) = match raw_fields {
         Some(mut raw) => {
@@ -513,7 +513,9 @@ fn parse_head(buf: &mut BytesMut, reading: Reading<'_>) -> Result<Option<Parsed>
                     && (framed_by_length || kind != FieldKind::ContentLength)
             });
             let head_bytes = buf.split_to(len).freeze();
-            let map = spans.to_map(&head_bytes, 2).map_err(|err| invalid(&err))?;
+            let map = spans
+                .to_map(&head_bytes, 2)
+                .map_err(|err| invalid_answer(&err))?;
             (map, None)
         }
     };
@@ -689,10 +691,14 @@ mod tests {
 
     /// The raw fields of an answer read for the client loop, as they would be written.
     fn raw(text: &[u8]) -> Option<String> {
+        raw_answering(text, false)
+    }
+
+    fn raw_answering(text: &[u8], head_request: bool) -> Option<String> {
         let request_id = HeaderValue::from_static("ours");
         let reading = Reading {
+            head_request,
             raw_fields: Some(&request_id),
-            ..MAP
         };
         let (answer, _) = answer(text, reading);
         let raw = answer.raw_fields?;
@@ -752,6 +758,9 @@ mod tests {
             None
         );
         assert_eq!(raw(b"HTTP/1.1 204 No Content\r\n\r\n"), None);
+        let sized = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n";
+        assert!(raw(sized).is_some());
+        assert_eq!(raw_answering(sized, true), None);
         assert_eq!(
             raw(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: ws\r\n\r\n"),
             None
