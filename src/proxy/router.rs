@@ -9,19 +9,16 @@ pub fn match_route(routes: &[RouteConfig], host: Option<&[u8]>, path: &str) -> O
     let mut best: Option<(usize, (bool, usize))> = None;
     let mut bare_host: Option<Option<&str>> = None;
     for (index, route) in routes.iter().enumerate() {
-        let host_specific = match &route.host {
-            None => false,
-            Some(pattern) => {
-                let host = *bare_host.get_or_insert_with(|| {
-                    host.and_then(|h| std::str::from_utf8(h).ok())
-                        .map(host_without_port)
-                });
-                match host {
-                    Some(host) if host_matches(pattern, host) => true,
-                    _ => continue,
-                }
+        let host_specific = route.host.is_some();
+        if let Some(pattern) = &route.host {
+            let host = *bare_host.get_or_insert_with(|| {
+                host.and_then(|h| std::str::from_utf8(h).ok())
+                    .map(host_without_port)
+            });
+            if !host.is_some_and(|host| host_matches(pattern, host)) {
+                continue;
             }
-        };
+        }
         if !path.starts_with(route.path_prefix.as_str()) {
             continue;
         }
@@ -77,33 +74,26 @@ mod tests {
             route(Some("admin.test"), "/"),
             route(Some("*.shop.test"), "/cart"),
         ];
-        assert_eq!(match_route(&routes, Some(&b"x.test"[..]), "/"), Some(0));
-        assert_eq!(
-            match_route(&routes, Some(&b"admin.test:8080"[..]), "/"),
-            Some(2)
-        );
-        assert_eq!(
-            match_route(&routes, Some(&b"x.test"[..]), "/api/users"),
-            Some(1)
-        );
-        assert_eq!(
-            match_route(&routes, Some(&b"admin.test"[..]), "/api"),
-            Some(2)
-        );
-        assert_eq!(
-            match_route(&routes, Some(&b"eu.shop.test"[..]), "/cart/1"),
-            Some(3)
-        );
-        assert_eq!(
-            match_route(&routes, Some(&b"shop.test"[..]), "/cart/1"),
-            Some(0)
-        );
-        assert_eq!(match_route(&routes, None, "/api"), Some(1));
-        assert_eq!(match_route(&routes, Some(&b"Admin.TEST"[..]), "/"), Some(2));
-        assert_eq!(
-            match_route(&routes, Some(&b"EU.Shop.Test"[..]), "/cart"),
-            Some(3)
-        );
+        // (Host as sent, path) -> route
+        let cases = [
+            (Some("x.test"), "/", Some(0)),
+            (Some("admin.test:8080"), "/", Some(2)),
+            (Some("x.test"), "/api/users", Some(1)),
+            (Some("admin.test"), "/api", Some(2)),
+            (Some("eu.shop.test"), "/cart/1", Some(3)),
+            (Some("shop.test"), "/cart/1", Some(0)),
+            (None, "/api", Some(1)),
+            (Some("Admin.TEST"), "/", Some(2)),
+            (Some("EU.Shop.Test"), "/cart", Some(3)),
+        ];
+        for (host, path, expected) in cases {
+            let host_bytes = host.map(str::as_bytes);
+            assert_eq!(
+                match_route(&routes, host_bytes, path),
+                expected,
+                "{host:?} {path}"
+            );
+        }
     }
 
     #[test]
