@@ -41,6 +41,9 @@ pub enum Framing {
 pub struct BodyFraming {
     pub framing: Framing,
     pub keep_alive: bool,
+    /// A `Connection` field names fields besides its options (`close`, `keep-alive`): those
+    /// are hop-by-hop too. Found in the same pass over the fields, which a proxy needs anyway.
+    pub names_fields: bool,
 }
 
 /// The fields the gateway reads or drops, told apart by a field name's length and at most two
@@ -117,7 +120,7 @@ pub fn response_framing(
     headers: &[httparse::Header<'_>],
     head_request: bool,
 ) -> Result<BodyFraming, ParseError> {
-    let mut keep_alive = minor_version == 1;
+    let mut connection = ConnectionOptions::default();
     let mut length: Option<u64> = None;
     let mut transfer_encoding: Option<bool> = None;
     for header in headers {
@@ -134,16 +137,11 @@ pub fn response_framing(
             FieldKind::TransferEncoding => {
                 transfer_encoding = Some(ends_with_token(header.value, b"chunked"));
             }
-            FieldKind::Connection => {
-                if has_token(header.value, b"close") {
-                    keep_alive = false;
-                } else if has_token(header.value, b"keep-alive") {
-                    keep_alive = true;
-                }
-            }
+            FieldKind::Connection => connection.read(header.value),
             _ => {}
         }
     }
+    let mut keep_alive = connection.keep_alive(minor_version == 1);
     let framing = if head_request || status / 100 == 1 || status == 204 || status == 304 {
         Framing::Length(0)
     } else if let Some(chunked) = transfer_encoding {
@@ -165,7 +163,43 @@ pub fn response_framing(
     Ok(BodyFraming {
         framing,
         keep_alive,
+        names_fields: connection.names_fields,
     })
+}
+
+/// What a message's `Connection` fields say, read in one pass over their tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionOptions {
+    close: bool,
+    keep_alive: bool,
+    /// They name fields besides the options, which are hop-by-hop then.
+    pub names_fields: bool,
+}
+
+impl ConnectionOptions {
+    /// Adds one `Connection` field's value.
+    pub fn read(&mut self, value: &[u8]) {
+        for token in tokens(value) {
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else {
+                self.names_fields = true;
+            }
+        }
+    }
+
+    /// Whether the connection stays open, `by_default` being what the protocol version says:
+    /// `close` in any of the fields wins (RFC 9112 §9.6).
+    pub fn keep_alive(self, by_default: bool) -> bool {
+        !self.close && (self.keep_alive || by_default)
+    }
+}
+
+/// `close` and `keep-alive` in a `Connection` field are options, not names of fields to drop.
+pub fn is_connection_option(token: &[u8]) -> bool {
+    token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
 }
 
 /// Parses an answer head with `fields` as `httparse`'s field storage, left uninitialised by
@@ -587,7 +621,8 @@ mod tests {
             length,
             Ok(BodyFraming {
                 framing: Framing::Length(2),
-                keep_alive: true
+                keep_alive: true,
+                names_fields: false,
             })
         );
         let chunked = framing_of(
@@ -606,6 +641,28 @@ mod tests {
             false,
         );
         assert!(kept.unwrap().keep_alive);
+    }
+
+    #[test]
+    fn connection_fields_close_keep_or_name_fields() {
+        let of = |head: &[u8]| {
+            let framing = framing_of(head, false).unwrap();
+            (framing.keep_alive, framing.names_fields)
+        };
+        let options = of(b"HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(options, (true, false));
+        // close wins over keep-alive, in one field or across two.
+        let both =
+            of(b"HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(both, (false, false));
+        let two = of(b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(two, (false, false));
+        let named =
+            of(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(named, (true, true));
+        // An empty element is not an option: the map path sorts it out.
+        let empty = of(b"HTTP/1.1 200 OK\r\nConnection: close,,\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(empty, (false, true));
     }
 
     #[test]

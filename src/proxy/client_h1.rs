@@ -46,7 +46,7 @@ use super::headers::{check_framing, has, value, values};
 use super::tunnel::ClientUpgrade;
 use super::Gateway;
 use crate::config::ServerConfig;
-use crate::http1::{has_token, recycle_map, BodyProgress, FieldSpans, Framing};
+use crate::http1::{has_token, recycle_map, BodyProgress, ConnectionOptions, FieldSpans, Framing};
 
 const READ_CHUNK: usize = 8 * 1024;
 /// Body bytes up to this size are copied behind the head (or the previous bytes) and go out in
@@ -666,14 +666,11 @@ fn parse_head(
         Some(0) | None => BodyKind::None,
         Some(length) => BodyKind::Length(length),
     };
-    let mut keep_alive = version == Version::HTTP_11;
+    let mut connection = ConnectionOptions::default();
     for value in values(&headers, &header::CONNECTION) {
-        if has_token(value.as_bytes(), b"close") {
-            keep_alive = false;
-        } else if has_token(value.as_bytes(), b"keep-alive") {
-            keep_alive = true;
-        }
+        connection.read(value.as_bytes());
     }
+    let keep_alive = connection.keep_alive(version == Version::HTTP_11);
     // 100-continue means nothing to an HTTP/1.0 client (RFC 9110 §10.1.1).
     let expect_continue = version == Version::HTTP_11
         && body != BodyKind::None

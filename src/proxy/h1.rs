@@ -26,11 +26,11 @@ use tokio_util::io::poll_read_buf;
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::InstanceStream;
 use super::deadline::LazyDeadline;
-use super::headers::{has, is_connection_option, ForwardedFields};
+use super::headers::{has, ForwardedFields};
 use super::upstream::InFlightGuard;
 use crate::http1::{
-    parse_response, response_framing, tokens, BodyFraming, BodyProgress, FieldKind, FieldSpans,
-    Framing, MAX_HEAD,
+    parse_response, response_framing, BodyFraming, BodyProgress, FieldKind, FieldSpans, Framing,
+    MAX_HEAD,
 };
 
 /// Most header fields an instance's answer may have.
@@ -493,7 +493,7 @@ fn parse_head(buf: &mut BytesMut, reading: Reading<'_>) -> Result<Option<Parsed>
     let framed_by_length = matches!(framing.framing, Framing::Length(_));
     // Hop-by-hop fields are left out here, unless `Connection` names other fields to drop or
     // the protocol switches; `strip_hop_by_hop` then takes them out of the map.
-    let skip_hop_by_hop = code != 101 && connection_has_only_options(answer.headers);
+    let skip_hop_by_hop = code != 101 && !framing.names_fields;
     // Answers without a body (HEAD, 204, 304) keep the instance's Content-Length, which only
     // the map path does.
     let raw_fields = reading
@@ -533,15 +533,6 @@ fn parse_head(buf: &mut BytesMut, reading: Reading<'_>) -> Result<Option<Parsed>
 #[cold]
 fn invalid_answer(what: &dyn std::fmt::Display) -> SendError {
     SendError::Sent(format!("invalid answer: {what}"))
-}
-
-/// Whether every `Connection` field holds only options, which name no other field.
-fn connection_has_only_options(fields: &[httparse::Header<'_>]) -> bool {
-    fields
-        .iter()
-        .filter(|field| FieldKind::of(field.name) == FieldKind::Connection)
-        .flat_map(|field| tokens(field.value))
-        .all(is_connection_option)
 }
 
 /// An instance's answer body, streamed to the client. Holds the connection and the request's

@@ -4,7 +4,7 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use smallvec::SmallVec;
 
-use crate::http1::{has_token, tokens, FieldKind};
+use crate::http1::{has_token, is_connection_option, tokens, FieldKind};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -50,11 +50,6 @@ impl<'a> Iterator for Values<'a> {
             Values::Indexed(values) => values.next(),
         }
     }
-}
-
-/// `close` and `keep-alive` in a `Connection` field are options, not names of fields to drop.
-pub fn is_connection_option(token: &[u8]) -> bool {
-    token.eq_ignore_ascii_case(b"close") || token.eq_ignore_ascii_case(b"keep-alive")
 }
 
 /// Removes hop-by-hop fields (`FieldKind::is_hop_by_hop`), including every field named in
