@@ -489,6 +489,49 @@ async fn the_response_timeout_holds_for_every_request_on_a_reused_connection() {
 }
 
 #[tokio::test]
+async fn the_response_timeout_starts_once_the_body_went_out() {
+    let (instance, _) = scripted_instance().await;
+    let gw = gateway(&app_config_at(&[instance], "response_timeout = \"1s\""));
+    // A client that pauses longer than the response timeout inside its body: the instance
+    // took every byte as it came, so the wait is the client's, not the instance's.
+    let proxy = gw.proxy;
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(proxy).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream
+            .write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nConnection: close\r\n\r\n12345")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        stream.write_all(b"67890").unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("length:10"), "{answer}");
+    // The instance was not held to blame: it still takes requests (max_fails = 1).
+    let client = client();
+    assert_eq!(get(&client, &gw.url("/chunked")).await.status, 200);
+
+    // An instance that takes none of the body for the whole timeout gets the blame: 504.
+    let started = std::time::Instant::now();
+    let stalled = request(&client, "POST", &gw.url("/deaf"), &[], &"z".repeat(8 << 20))
+        .await
+        .unwrap();
+    assert_eq!(stalled.status, 504);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn error_statuses_carry_json_and_the_request_id() {
     let slow = demo_backend(&["--latency-ms", "3000"]);
     let gw = gateway_with_server_keys(
@@ -816,6 +859,16 @@ async fn scripted_instance() -> (
                         "/both" => b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n".to_vec(),
                         "/fields" | "/limited/fields" => FIELDS_ANSWER.to_vec(),
                         "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                        "/deaf" => {
+                            // Takes the head, then neither reads the body nor answers.
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            return;
+                        }
+                        "/broken" => {
+                            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n").await;
+                            return;
+                        }
+                        "/invalid" => b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\nContent-Length: 0\r\n\r\n".to_vec(),
                         "/early" => {
                             let _ = stream
                                 .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbig!")
@@ -870,6 +923,31 @@ async fn scripted_instance() -> (
         }
     });
     (addr, seen)
+}
+
+#[tokio::test]
+async fn broken_or_invalid_answer_heads_are_never_sent_again() {
+    let (first, first_seen) = scripted_instance().await;
+    let (second, second_seen) = scripted_instance().await;
+    let gw = gateway(&app_config_at(&[first, second], ""));
+    let client = client();
+    // Answer bytes came back: the instance acted on the request, so a GET is not retried.
+    for path in ["/broken", "/invalid"] {
+        let reply = get(&client, &gw.url(path)).await;
+        assert_eq!(reply.status, 502, "{path}");
+        let tries = [&first_seen, &second_seen]
+            .iter()
+            .map(|seen| paths(seen).iter().filter(|p| *p == path).count())
+            .sum::<usize>();
+        assert_eq!(tries, 1, "{path} went to more than one instance");
+    }
+    // An invalid head is one endpoint's bug, not a sick instance: with max_fails = 1
+    // the instance stays in rotation after several of them.
+    let lone = gateway(&app_config_at(&[first], ""));
+    for _ in 0..3 {
+        assert_eq!(get(&client, &lone.url("/invalid")).await.status, 502);
+    }
+    assert_eq!(get(&client, &lone.url("/chunked")).await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -541,7 +541,7 @@ async fn send(
         Err(err) => return Err(Attempt::failed(FailureKind::NotSent, err.to_string())),
     };
     let started = Instant::now();
-    match conn.send(head, body, started + timeout).await {
+    match conn.send(head, body, timeout).await {
         Ok(answer) => {
             observe_latency(instance, started);
             Ok(Answer::Http1(conn, answer))
@@ -557,6 +557,8 @@ async fn send(
             SendError::Sent(reason) | SendError::NoAnswer(reason) => {
                 Attempt::failed(FailureKind::Sent, reason)
             }
+            SendError::BrokeOff(reason) => Attempt::failed(FailureKind::BrokeOff, reason),
+            SendError::Invalid(reason) => Attempt::failed(FailureKind::Invalid, reason),
             SendError::Client(failure) => Attempt::client(failure),
             SendError::TimedOut => Attempt::timed_out(),
         }),

@@ -7,6 +7,7 @@
 //! hyper's client would add a task per connection and channel hand-offs per request, which
 //! cost several times the CPU of the exchange itself on a busy proxy.
 
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -54,8 +55,12 @@ pub struct InstanceConn {
 pub enum SendError {
     /// Nothing reached the instance: the request may go to another one as it is.
     Unsent(io::Error),
-    /// The instance may have seen the request.
+    /// The instance may have seen the request; no answer came back.
     Sent(String),
+    /// Part of an answer head came back, then the connection broke.
+    BrokeOff(String),
+    /// The answer head is not valid HTTP/1.1.
+    Invalid(String),
     /// The instance closed or reset the connection without a byte of answer. On a reused
     /// connection this is most often the instance closing it while idle, just as it was taken.
     NoAnswer(String),
@@ -207,14 +212,17 @@ impl InstanceConn {
         (self.stream, self.read.freeze())
     }
 
-    /// Writes the request and reads the answer's head, giving up at `due`. An answer that
-    /// comes before the whole body went out (an early 413, say) is taken as it is; the
-    /// connection is then not reused.
+    /// Writes the request and reads the answer's head. The instance has `timeout` to answer
+    /// once the whole request went out, and while a body goes out, that long to take each
+    /// part of it (nginx's `proxy_read_timeout` and `proxy_send_timeout`); the time a slow
+    /// client takes to send its body is not held against the instance. An answer that comes
+    /// before the whole body went out (an early 413, say) is taken as it is; the connection
+    /// is then not reused.
     pub async fn send(
         &mut self,
         head: Outgoing<'_>,
         body: &mut ForwardBody,
-        due: Instant,
+        timeout: Duration,
     ) -> Result<AnswerHead, SendError> {
         let InstanceConn {
             stream,
@@ -222,79 +230,100 @@ impl InstanceConn {
             write,
             deadline,
         } = self;
-        tokio::select! {
-            biased;
-            answer = send_on(stream, read, write, head, body) => answer,
-            () = deadline.wait(due) => Err(SendError::TimedOut),
+        let parts = head.parts;
+        let reading = Reading {
+            head_request: parts.method == Method::HEAD,
+            raw_fields: head
+                .fields
+                .filter(|_| head.raw_answer)
+                .map(ForwardedFields::request_id),
+        };
+        let chunked = !body.is_end_stream() && !has(&parts.headers, &CONTENT_LENGTH);
+        encode_head(write, parts, head.fields, chunked);
+        // Back to the front of the buffer once the last answer's bytes were released, so each
+        // exchange reuses the same (cache-warm) memory instead of walking through all of it.
+        read.clear();
+        read.reserve(READ_CHUNK);
+        if body.is_end_stream() {
+            let due = Instant::now() + timeout;
+            return tokio::select! {
+                biased;
+                answer = send_head(stream, read, write, reading) => answer,
+                () = deadline.wait(due) => Err(SendError::TimedOut),
+            };
+        }
+        write_first(stream, write).await?;
+        let upload = Upload {
+            body,
+            chunked,
+            timeout,
+        };
+        match stream {
+            InstanceStream::Tcp(tcp) => {
+                let (reader, writer) = tcp.split();
+                exchange(reader, writer, read, write, upload, deadline, reading).await
+            }
+            InstanceStream::Tls(tls) => {
+                let (reader, writer) = tokio::io::split(&mut **tls);
+                exchange(reader, writer, read, write, upload, deadline, reading).await
+            }
         }
     }
 }
 
-async fn send_on(
+/// A body-less request: the head goes out, the answer head comes back.
+async fn send_head(
     stream: &mut InstanceStream,
     read: &mut BytesMut,
-    write: &mut Vec<u8>,
-    outgoing: Outgoing<'_>,
-    body: &mut ForwardBody,
+    write: &[u8],
+    reading: Reading<'_>,
 ) -> Result<AnswerHead, SendError> {
-    let parts = outgoing.parts;
-    let head_request = parts.method == Method::HEAD;
-    let reading = Reading {
-        head_request,
-        raw_fields: outgoing
-            .fields
-            .filter(|_| outgoing.raw_answer)
-            .map(ForwardedFields::request_id),
-    };
-    let chunked = !body.is_end_stream() && !has(&parts.headers, &CONTENT_LENGTH);
-    encode_head(write, parts, outgoing.fields, chunked);
-    // Back to the front of the buffer once the last answer's bytes were released, so each
-    // exchange reuses the same (cache-warm) memory instead of walking through all of it.
-    read.clear();
-    read.reserve(READ_CHUNK);
     write_first(stream, write).await?;
-    if body.is_end_stream() {
-        return read_head(stream, read, reading).await;
-    }
-    match stream {
-        InstanceStream::Tcp(tcp) => {
-            let (reader, writer) = tcp.split();
-            exchange(reader, writer, read, write, body, chunked, reading).await
-        }
-        InstanceStream::Tls(tls) => {
-            let (reader, writer) = tokio::io::split(&mut **tls);
-            exchange(reader, writer, read, write, body, chunked, reading).await
-        }
-    }
+    read_head(stream, read, reading).await
 }
 
-/// Uploads the body while reading the answer head, on the two halves of one connection.
+/// A request body on its way to an instance.
+struct Upload<'a> {
+    body: &'a mut ForwardBody,
+    /// Chunk-framed: its length is unknown.
+    chunked: bool,
+    /// How long the instance may take to accept each part of it.
+    timeout: Duration,
+}
+
+/// Uploads the body while reading the answer head, on the two halves of one connection; the
+/// answer is due `upload.timeout` after the upload ended.
 async fn exchange<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut reader: R,
     mut writer: W,
     read: &mut BytesMut,
     write: &mut Vec<u8>,
-    body: &mut ForwardBody,
-    chunked: bool,
+    upload: Upload<'_>,
+    deadline: &mut LazyDeadline,
     reading: Reading<'_>,
 ) -> Result<AnswerHead, SendError> {
+    let timeout = upload.timeout;
     let answer = read_head(&mut reader, read, reading);
-    let upload = write_body(&mut writer, body, chunked, write);
+    let upload = write_body(&mut writer, upload, write);
     tokio::pin!(answer, upload);
-    let mut uploading = true;
+    let mut due = None;
     let mut request_complete = false;
     let mut answer = loop {
         tokio::select! {
             biased;
             answer = &mut answer => break answer?,
-            sent = &mut upload, if uploading => {
-                uploading = false;
+            sent = &mut upload, if due.is_none() => {
+                due = Some(Instant::now() + timeout);
                 match sent {
                     Ok(()) => request_complete = true,
                     // The instance stopped reading; it may still have answered.
                     Err(UploadError::Instance) => {}
+                    Err(UploadError::Stalled) => return Err(SendError::TimedOut),
                     Err(UploadError::Client(failure)) => return Err(SendError::Client(failure)),
                 }
+            }
+            () = deadline.wait(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                return Err(SendError::TimedOut);
             }
         }
     };
@@ -339,17 +368,24 @@ async fn write_first(stream: &mut InstanceStream, head: &[u8]) -> Result<(), Sen
 }
 
 enum UploadError {
+    /// The instance closed or reset the connection.
     Instance,
+    /// The instance took none of a part of the body for the whole timeout.
+    Stalled,
     Client(ClientBodyFailure),
 }
 
 /// Streams the client's body to the instance, chunk-framed when its length is unknown.
 async fn write_body<W: AsyncWrite + Unpin>(
     writer: &mut W,
-    body: &mut ForwardBody,
-    chunked: bool,
+    upload: Upload<'_>,
     scratch: &mut Vec<u8>,
 ) -> Result<(), UploadError> {
+    let Upload {
+        body,
+        chunked,
+        timeout,
+    } = upload;
     let mut trailers = None;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|err| UploadError::Client(ClientBodyFailure::of(&err)))?;
@@ -363,23 +399,25 @@ async fn write_body<W: AsyncWrite + Unpin>(
         if data.is_empty() {
             continue;
         }
-        let written = if !chunked {
-            writer.write_all(&data).await
-        } else if data.len() <= SMALL_CHUNK {
-            scratch.clear();
-            chunk_header(scratch, data.len());
-            scratch.extend_from_slice(&data);
-            scratch.extend_from_slice(b"\r\n");
-            writer.write_all(scratch).await
-        } else {
-            scratch.clear();
-            chunk_header(scratch, data.len());
-            writer.write_all(scratch).await?;
-            writer.write_all(&data).await?;
-            writer.write_all(b"\r\n").await
-        };
-        written.map_err(|_| UploadError::Instance)?;
-        writer.flush().await?;
+        within(timeout, async {
+            if !chunked {
+                writer.write_all(&data).await?;
+            } else if data.len() <= SMALL_CHUNK {
+                scratch.clear();
+                chunk_header(scratch, data.len());
+                scratch.extend_from_slice(&data);
+                scratch.extend_from_slice(b"\r\n");
+                writer.write_all(scratch).await?;
+            } else {
+                scratch.clear();
+                chunk_header(scratch, data.len());
+                writer.write_all(scratch).await?;
+                writer.write_all(&data).await?;
+                writer.write_all(b"\r\n").await?;
+            }
+            writer.flush().await
+        })
+        .await?;
     }
     if chunked {
         scratch.clear();
@@ -391,15 +429,24 @@ async fn write_body<W: AsyncWrite + Unpin>(
             scratch.extend_from_slice(b"\r\n");
         }
         scratch.extend_from_slice(b"\r\n");
-        writer.write_all(scratch).await?;
-        writer.flush().await?;
+        within(timeout, async {
+            writer.write_all(scratch).await?;
+            writer.flush().await
+        })
+        .await?;
     }
     Ok(())
 }
 
-impl From<io::Error> for UploadError {
-    fn from(_: io::Error) -> Self {
-        UploadError::Instance
+/// Runs a write to the instance, which fails as stalled when it takes longer than `timeout`.
+async fn within(
+    timeout: Duration,
+    write: impl Future<Output = io::Result<()>>,
+) -> Result<(), UploadError> {
+    match tokio::time::timeout(timeout, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(UploadError::Instance),
+        Err(_) => Err(UploadError::Stalled),
     }
 }
 
@@ -444,11 +491,13 @@ async fn read_head<R: AsyncRead + Unpin>(
         let read = match reader.read_buf(buf).await {
             Ok(read) => read,
             Err(err) if !answered => return Err(SendError::NoAnswer(err.to_string())),
-            Err(err) => return Err(SendError::Sent(err.to_string())),
+            Err(err) => return Err(SendError::BrokeOff(err.to_string())),
         };
         if read == 0 {
             return Err(if answered {
-                SendError::Sent("instance closed the connection inside its answer head".to_owned())
+                SendError::BrokeOff(
+                    "instance closed the connection inside its answer head".to_owned(),
+                )
             } else {
                 SendError::NoAnswer("instance closed the connection without answering".to_owned())
             });
@@ -532,7 +581,7 @@ fn parse_head(buf: &mut BytesMut, reading: Reading<'_>) -> Result<Option<Parsed>
 
 #[cold]
 fn invalid_answer(what: &dyn std::fmt::Display) -> SendError {
-    SendError::Sent(format!("invalid answer: {what}"))
+    SendError::Invalid(format!("invalid answer: {what}"))
 }
 
 /// An instance's answer body, streamed to the client. Holds the connection and the request's
@@ -813,13 +862,13 @@ mod tests {
         let mut garbage = BytesMut::from(&b"SMTP ready\r\n\r\n"[..]);
         assert!(matches!(
             parse_head(&mut garbage, MAP),
-            Err(SendError::Sent(_))
+            Err(SendError::Invalid(_))
         ));
         let mut huge = BytesMut::from(&b"HTTP/1.1 200 OK\r\nX: "[..]);
         huge.extend_from_slice(&vec![b'a'; MAX_HEAD]);
         assert!(matches!(
             parse_head(&mut huge, MAP),
-            Err(SendError::Sent(_))
+            Err(SendError::Invalid(_))
         ));
     }
 

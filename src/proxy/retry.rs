@@ -15,8 +15,14 @@ const RESERVE: i64 = 10 * UNIT;
 pub enum FailureKind {
     /// The request never reached the instance.
     NotSent,
-    /// The instance may have seen the request.
+    /// The instance may have seen the request; no byte of an answer came back.
     Sent,
+    /// Part of an answer head came back, then the connection broke: never sent again, since
+    /// the instance acted on the request.
+    BrokeOff,
+    /// The answer head is not valid HTTP/1.1. Often one endpoint's bug, so neither sent again
+    /// nor held against the instance (nginx's `invalid_header` is not, by default).
+    Invalid,
     /// A reused connection the instance had closed before answering (most often at its
     /// keep-alive timeout, as the connection was taken); `sent`: the request went out on it.
     Stale { sent: bool },
@@ -31,7 +37,7 @@ impl FailureKind {
     pub fn is_instance_fault(self) -> bool {
         matches!(
             self,
-            FailureKind::NotSent | FailureKind::Sent | FailureKind::Timeout
+            FailureKind::NotSent | FailureKind::Sent | FailureKind::BrokeOff | FailureKind::Timeout
         )
     }
 }
@@ -49,8 +55,9 @@ pub enum NextAttempt {
 }
 
 /// A request that never reached an instance may go anywhere; one an instance may have seen
-/// only when it is `replayable` (idempotent and body-less); never after a response timeout. A
-/// stale pooled connection gets one reconnect, unless this attempt was it (`reconnected`).
+/// only when it is `replayable` (idempotent and body-less); never once answer bytes came back
+/// or after a response timeout. A stale pooled connection gets one reconnect, unless this
+/// attempt was it (`reconnected`).
 pub fn next_attempt(failure: FailureKind, replayable: bool, reconnected: bool) -> NextAttempt {
     match failure {
         FailureKind::NotSent => NextAttempt::Retry,
@@ -60,6 +67,8 @@ pub fn next_attempt(failure: FailureKind, replayable: bool, reconnected: bool) -
         }
         FailureKind::Sent
         | FailureKind::Stale { .. }
+        | FailureKind::BrokeOff
+        | FailureKind::Invalid
         | FailureKind::Timeout
         | FailureKind::Client => NextAttempt::GiveUp,
     }
@@ -122,6 +131,8 @@ mod tests {
             (Stale { sent: true }, true, false, Reconnect),
             (Stale { sent: true }, false, false, GiveUp),
             (Stale { sent: false }, true, true, GiveUp),
+            (BrokeOff, true, false, GiveUp),
+            (Invalid, true, false, GiveUp),
             (Timeout, true, false, GiveUp),
             (Client, true, false, GiveUp),
         ];
@@ -133,6 +144,8 @@ mod tests {
             );
         }
         assert!(Timeout.is_instance_fault());
+        assert!(BrokeOff.is_instance_fault());
+        assert!(!Invalid.is_instance_fault());
         assert!(!Stale { sent: true }.is_instance_fault());
         assert!(!Client.is_instance_fault());
     }
