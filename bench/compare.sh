@@ -2,7 +2,10 @@
 # Side-by-side proxy comparison: scalegate vs nginx vs HAProxy in front of the same two nginx
 # `return 200 "ok"` instances, same wrk load, alternating runs (A B C A B C ...). Each proxy alone
 # on CPU 0 with one worker; instances and wrk on CPU 1. Per cell: median req/s, p50, p99, proxy
-# CPU time per request (utime+stime from /proc over the run / requests), ratio to scalegate.
+# CPU time per request (utime+stime from /proc over the run / requests), ratio to scalegate, and
+# how busy CPU 1 was. The `direct` row is wrk straight at one instance, both on CPU 1 with no
+# proxy: about the same work CPU 1 does in a proxied run, so its req/s is about the most any proxy can
+# reach in this layout.
 #
 #   bench/compare.sh                                   # 64 and 256 connections, 10 s, 3 runs
 #   RUNS=5 DURATION=5s CONNS="64" bench/compare.sh
@@ -10,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 CONNS=${CONNS:-"64 256"}
-PROXIES=${PROXIES:-"scalegate nginx haproxy"}
+PROXIES=${PROXIES:-"scalegate nginx haproxy direct"}
 bench_init nginx haproxy
 start_nginx_backend
 start_nginx_backend
@@ -18,6 +21,7 @@ start_nginx_backend
 for proxy in $PROXIES; do
   case $proxy in
     scalegate) start_scalegate scalegate ;;
+    direct) PORT[direct]=${BACKENDS[0]} ;;
     *) "start_${proxy}_proxy" ;;
   esac
 done

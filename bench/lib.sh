@@ -82,40 +82,55 @@ CONF
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-# One wrk run against NAME (SCHEME, default http; extra wrk flags in WRK_ARGS); appends "name conns rps p50us p99us cpu_us_per_req errors requests"
-# to RESULTS.
+# Busy jiffies (user, nice, system, irq, softirq) and all jiffies of CPU N so far, from
+# /proc/stat; idle, iowait and time stolen by the hypervisor are not busy.
+cpu_jiffies() { awk -v cpu="cpu$1" '$1 == cpu { for (i = 2; i <= NF; i++) all += $i; print $2 + $3 + $4 + $7 + $8, all }' /proc/stat; }
+
+# One wrk run against NAME (SCHEME, default http; extra wrk flags in WRK_ARGS); appends "name
+# conns rps p50us p99us cpu_us_per_req errors requests load_cpu_busy_percent" to RESULTS. A NAME
+# without a PID (wrk straight at an instance) gets no CPU figure.
 measure() { # NAME CONNS [PATH]
-  local name=$1 conns=$2 path=${3:-/} pid=${PID[$1]} before after out
-  before=$(cpu_ticks "$pid")
+  local name=$1 conns=$2 path=${3:-/} pid=${PID[$1]:-} before=0 after=0 load0 load1 out
+  [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+  load0=$(cpu_jiffies "$LOAD_CPU")
   # shellcheck disable=SC2086 # WRK_ARGS is a list of words
   out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d"$DURATION" --latency ${WRK_ARGS:-} "${SCHEME:-http}://127.0.0.1:${PORT[$name]}$path")
-  after=$(cpu_ticks "$pid")
-  echo "$out" | awk -v name="$name" -v conns="$conns" -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" '
+  load1=$(cpu_jiffies "$LOAD_CPU")
+  [ -n "$pid" ] && after=$(cpu_ticks "$pid")
+  echo "$out" | awk -v name="$name" -v conns="$conns" -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" \
+    -v has_pid="${pid:+1}" -v load="$load0 $load1" '
     function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return v*1000; if (v ~ /s$/) return v*1000000; return v }
     /^ +50%/ { p50 = us($2) } /^ +99%/ { p99 = us($2) }
     / requests in / { reqs = $1 }
     /Non-2xx/ { bad += $NF } /Socket errors/ { split($0, e, /[ ,]+/); bad += e[4] + e[6] + e[8] + e[10] }
     /^Requests\/sec/ { rps = $2 }
-    END { printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", name, conns, rps, p50, p99, ticks / hz * 1e6 / reqs, bad + 0, reqs }' >>"$RESULTS"
-  tail -n 1 "$RESULTS" | awk -F'\t' '{printf "  %-16s c=%-4s %9.0f req/s  p50 %6.0f us  p99 %6.0f us  cpu %5.1f us/req  errors %s\n", $1, $2, $3, $4, $5, $6, $7}'
+    END { split(load, j, " "); busy = (j[3] - j[1]) * 100 / (j[4] - j[2])
+          cpu = has_pid ? ticks / hz * 1e6 / reqs : "nan"
+          printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%.0f\n", name, conns, rps, p50, p99, cpu, bad + 0, reqs, busy }' >>"$RESULTS"
+  tail -n 1 "$RESULTS" | awk -F'\t' '{printf "  %-16s c=%-4s %9.0f req/s  p50 %6.0f us  p99 %6.0f us  cpu %5.1f us/req  load CPU %3s %%  errors %s\n", $1, $2, $3, $4, $5, $6, $9, $7}'
 }
 
 warm() { for name in "$@"; do taskset -c "$LOAD_CPU" wrk -t1 -c64 -d1s "${SCHEME:-http}://127.0.0.1:${PORT[$name]}${WARM_PATH:-/}" >/dev/null; done; }
 
-# Markdown table of medians per (name, conns) with each name's req/s ratio to BASE.
+# Markdown table of medians per (name, conns) with each name's req/s ratio to BASE, and how busy
+# LOAD_CPU was where the rows say (when it is near 100 %, wrk and the instances cap the req/s).
 summarize() { # BASE
   python3 - "$RESULTS" "$1" <<'PY'
 import sys, statistics, collections
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 base_name = sys.argv[2]
 cells = collections.defaultdict(list)
-for name, conns, rps, p50, p99, cpu, bad, *_ in rows:
-    cells[(name, int(conns))].append((float(rps), float(p50), float(p99), float(cpu), int(bad)))
+for name, conns, rps, p50, p99, cpu, bad, *rest in rows:
+    busy = float(rest[1]) if len(rest) > 1 else float("nan")
+    cells[(name, int(conns))].append((float(rps), float(p50), float(p99), float(cpu), int(bad), busy))
 names = list(dict.fromkeys(r[0] for r in rows))
 conns = sorted({int(r[1]) for r in rows})
+show_load = any(len(r) > 8 for r in rows)
+fmt = lambda v, spec: "-" if v != v else format(v, spec)  # NaN: not measured
 print()
-print(f"| proxy | conns | req/s (median) | p50 µs | p99 µs | CPU µs/req | req/s vs {base_name} | errors |")
-print("|---|---|---|---|---|---|---|---|")
+print(f"| proxy | conns | req/s (median) | p50 µs | p99 µs | CPU µs/req | req/s vs {base_name} | errors |"
+      + (" load CPU busy |" if show_load else ""))
+print("|---|---|---|---|---|---|---|---|" + ("---|" if show_load else ""))
 for c in conns:
     base = cells.get((base_name, c))
     base = statistics.median(x[0] for x in base) if base else None
@@ -123,7 +138,8 @@ for c in conns:
         xs = cells[(n, c)]
         med = lambda i: statistics.median(x[i] for x in xs)
         ratio = f"{med(0) / base:.2f}" if base else "-"
-        print(f"| {n} | {c} | {med(0):.0f} | {med(1):.0f} | {med(2):.0f} | {med(3):.1f} | {ratio} | {sum(x[4] for x in xs)} |")
+        print(f"| {n} | {c} | {med(0):.0f} | {med(1):.0f} | {med(2):.0f} | {fmt(med(3), '.1f')} | {ratio} | {sum(x[4] for x in xs)} |"
+              + (f" {fmt(med(5), '.0f')} % |" if show_load else ""))
 PY
 }
 
