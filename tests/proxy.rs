@@ -370,6 +370,40 @@ async fn forwarding_headers_and_request_ids() {
     assert!(old.starts_with("HTTP/1.1 200"), "{old}");
     assert!(old.contains("connection: close"), "{old}");
     assert!(old.contains(r#"["host","app"]"#), "{old}");
+
+    // Host rules of RFC 9112 §3.2, as nginx applies them: an absolute target names the host,
+    // Connection cannot take Host away, and a missing, doubled or malformed Host gets 400.
+    let absolute = raw_exchange_off_thread(
+        gw.proxy,
+        b"GET http://target.example/echo HTTP/1.1\r\nHost: field.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        absolute.contains(r#"["host","target.example"]"#),
+        "{absolute}"
+    );
+    let kept = raw_exchange_off_thread(
+        gw.proxy,
+        b"GET /echo HTTP/1.1\r\nHost: a.example\r\nConnection: Host, close\r\n\r\n",
+    )
+    .await;
+    assert!(kept.contains(r#"["host","a.example"]"#), "{kept}");
+    for (head, why) in [
+        (&b"GET /echo HTTP/1.1\r\n\r\n"[..], "without a Host"),
+        (
+            b"GET /echo HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+            "more than one Host",
+        ),
+        (
+            b"GET /echo HTTP/1.1\r\nHost: a.example/x\r\n\r\n",
+            "not a host",
+        ),
+    ] {
+        let refused = raw_exchange_off_thread(gw.proxy, head).await;
+        assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+        assert!(refused.contains(why), "{refused}");
+        assert!(refused.contains("\"request_id\""), "{refused}");
+    }
 }
 
 /// An answer with fields of every kind: end-to-end ones in the instance's own spelling (twice

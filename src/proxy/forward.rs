@@ -24,7 +24,7 @@ use super::h1::{AnswerHead, InstanceBody, InstanceConn, Outgoing, SendError};
 use super::h2::{self, Http2Error};
 use super::headers::{
     cookie_value, is_sane_request_id, requested_upgrade, restore_upgrade, strip_hop_by_hop, value,
-    ForwardedFields, X_REQUEST_ID,
+    values, ForwardedFields, X_REQUEST_ID,
 };
 use super::retry::{next_attempt, FailureKind, NextAttempt};
 use super::router::{host_without_port, match_route};
@@ -176,14 +176,7 @@ async fn forward(
     {
         return Err((ProxyError::BodyTooLarge, None));
     }
-    let host_field = value(&parts.headers, &header::HOST).cloned();
-    let has_host_field = host_field.is_some();
-    let host = host_field.or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let (host, host_from_target) = request_host(&parts).map_err(|error| (error, None))?;
     let host_bytes = host.as_ref().map(HeaderValue::as_bytes);
     let route = match_route(&runtime.config.routes, host_bytes, parts.uri.path())
         .ok_or((ProxyError::NoRoute, None))?;
@@ -210,7 +203,8 @@ async fn forward(
     }
     parts.version = Version::HTTP_11;
     match &host {
-        Some(host) if !has_host_field => {
+        // The target's authority replaces what Host said (RFC 9112 §3.2.2).
+        Some(host) if host_from_target => {
             parts.headers.insert(header::HOST, host.clone());
         }
         Some(_) => {}
@@ -602,6 +596,56 @@ async fn send_http2(
     }
 }
 
+/// The host a request is for, and whether it came from the target rather than a Host field
+/// (RFC 9112 §3.2): the target's authority when it has one (absolute form, or HTTP/2's
+/// `:authority`), else the Host field. 400 for more than one Host field, one that is not a
+/// `host[:port]`, or an HTTP/1.1 request without one, as nginx answers.
+fn request_host(parts: &Parts) -> Result<(Option<HeaderValue>, bool), ProxyError> {
+    let mut fields = values(&parts.headers, &header::HOST);
+    let field = fields.next();
+    if fields.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host field"));
+    }
+    if field.is_some_and(|host| !is_host(host.as_bytes())) {
+        return Err(ProxyError::BadRequest(
+            "the Host field is not a host[:port]",
+        ));
+    }
+    if field.is_none() && parts.version == Version::HTTP_11 {
+        return Err(ProxyError::BadRequest(
+            "HTTP/1.1 request without a Host field",
+        ));
+    }
+    let target = parts
+        .uri
+        .authority()
+        .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok());
+    Ok(match target {
+        Some(target) => (Some(target), true),
+        None => (field.cloned(), false),
+    })
+}
+
+/// Whether `host` is a `host[:port]` (RFC 3986 §3.2.2): a registered name or IPv4 address, or
+/// a bracketed IP literal, then digits after a colon. Nothing that could read as a path, user
+/// info or another field.
+fn is_host(host: &[u8]) -> bool {
+    let (name, port) = match host.iter().rposition(|&b| b == b':') {
+        Some(colon) if !host[colon..].contains(&b']') => (&host[..colon], &host[colon + 1..]),
+        _ => (host, &b""[..]),
+    };
+    let name_ok = match name {
+        [b'[', literal @ .., b']'] => literal
+            .iter()
+            .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.'),
+        // unreserved, pct-encoded and sub-delims
+        _ => name
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)),
+    };
+    !name.is_empty() && name_ok && port.iter().all(u8::is_ascii_digit)
+}
+
 /// An answer's latency feeds the balancer.
 fn observe_latency(instance: &Instance, started: Instant) {
     let now = Instant::now();
@@ -648,6 +692,73 @@ fn hash_key(key: &HashKey, parts: &Parts, client_ip: IpAddr) -> Option<u64> {
         HashKey::Header(name) => parts.headers.get(name).map(|v| hash_bytes(v.as_bytes())),
         HashKey::Cookie(name) => {
             cookie_value(&parts.headers, name).map(|v| hash_bytes(v.as_bytes()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(version: Version, target: &str, hosts: &[&str]) -> Parts {
+        let mut request = Request::builder().version(version).uri(target);
+        for host in hosts {
+            request = request.header(header::HOST, *host);
+        }
+        request.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn the_host_comes_from_the_target_else_the_one_host_field() {
+        let host = |version, target, hosts: &[&str]| {
+            request_host(&head(version, target, hosts))
+                .map(|(host, from_target)| {
+                    (host.map(|h| h.to_str().unwrap().to_owned()), from_target)
+                })
+                .map_err(|error| error.to_string())
+        };
+        let v11 = Version::HTTP_11;
+        assert_eq!(
+            host(v11, "/", &["a.example:8080"]),
+            Ok((Some("a.example:8080".into()), false))
+        );
+        // Absolute form: the target wins over Host (RFC 9112 §3.2.2).
+        let absolute = host(v11, "http://b.example/x", &["a.example"]);
+        assert_eq!(absolute, Ok((Some("b.example".into()), true)));
+        // HTTP/1.0 may leave Host out; HTTP/2 names the host in :authority.
+        assert_eq!(host(Version::HTTP_10, "/", &[]), Ok((None, false)));
+        let h2 = host(Version::HTTP_2, "https://c.example/", &[]);
+        assert_eq!(h2, Ok((Some("c.example".into()), true)));
+        for (hosts, why) in [
+            (&[][..], "without a Host"),
+            (&["a.example", "b.example"][..], "more than one"),
+            (&["a.example/x"][..], "not a host"),
+            (&["user@a.example"][..], "not a host"),
+            (&["a.example:80x"][..], "not a host"),
+            (&[""][..], "not a host"),
+        ] {
+            let refused = host(v11, "/", hosts).unwrap_err();
+            assert!(refused.contains(why), "{hosts:?}: {refused}");
+        }
+    }
+
+    #[test]
+    fn hosts_are_names_or_literals_with_a_port() {
+        for good in [
+            "a",
+            "a.example.",
+            "xn--bcher-kva.example",
+            "10.0.0.1:443",
+            "[::1]",
+            "[::1]:8080",
+            "a_b%41",
+        ] {
+            assert!(is_host(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "", ":80", "a b", "a\\b", "a/b", "a@b", "[::1", "::1", "a:b", "[::1]x",
+        ] {
+            assert!(!is_host(bad.as_bytes()), "{bad}");
         }
     }
 }

@@ -68,8 +68,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present.contains(&header::CONNECTION) {
         let named: SmallVec<[HeaderName; 4]> = values(headers, &header::CONNECTION)
             .flat_map(|v| tokens(v.as_bytes()))
-            // A Keep-Alive field goes anyway.
-            .filter(|token| !is_connection_option(token))
+            // A Keep-Alive field goes anyway; Host is the request's, never the hop's.
+            .filter(|token| !is_connection_option(token) && !token.eq_ignore_ascii_case(b"host"))
             .filter_map(|token| HeaderName::from_bytes(token).ok())
             .collect();
         for name in named {
