@@ -898,6 +898,8 @@ async fn scripted_instance() -> (
                             tokio::time::sleep(Duration::from_secs(30)).await;
                             return;
                         }
+                        "/no-content" => b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n".to_vec(),
+                        "/head-chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
                         "/broken" => {
                             let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n").await;
                             return;
@@ -957,6 +959,32 @@ async fn scripted_instance() -> (
         }
     });
     (addr, seen)
+}
+
+#[tokio::test]
+async fn bodyless_and_early_answers_say_what_rfc_9110_asks() {
+    let (instance, _) = scripted_instance().await;
+    let gw = gateway(&app_config_at(&[instance], ""));
+    let answer = |head: &'static [u8]| raw_exchange_off_thread(gw.proxy, head);
+    // A 204 carries no Content-Length (RFC 9110 §8.6), whatever the instance wrote.
+    let no_content =
+        answer(b"GET /no-content HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(no_content.starts_with("HTTP/1.1 204"), "{no_content}");
+    assert!(
+        !no_content.to_ascii_lowercase().contains("content-length"),
+        "{no_content}"
+    );
+    // A HEAD answer without a length gets none invented: a GET would have sent a chunked body.
+    let head = answer(b"HEAD /head-chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("content-length"),
+        "{head}"
+    );
+    // An early answer to a body too large to discard closes the connection, and says so.
+    let early = answer(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n").await;
+    assert!(early.starts_with("HTTP/1.1 413"), "{early}");
+    assert!(early.contains("connection: close\r\n"), "{early}");
 }
 
 #[tokio::test]

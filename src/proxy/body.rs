@@ -355,6 +355,16 @@ impl GatewayBody {
         GatewayBody::Holding(Box::new(Holding::new(self, slots)))
     }
 
+    /// The length of a body the gateway holds whole (its own answers); `None` for streamed
+    /// ones. An answer to HEAD carries this length, never a streamed body's empty size hint.
+    pub fn held_length(&self) -> Option<u64> {
+        match self {
+            GatewayBody::Full(bytes) => Some(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            GatewayBody::Holding(holding) => holding.body.held_length(),
+            _ => None,
+        }
+    }
+
     /// An instance's answer fields still as it wrote them (see `RawFields`).
     pub fn raw_fields(&self) -> Option<&RawFields> {
         match self {

@@ -186,7 +186,10 @@ pub async fn serve(
             back.responded.store(true, Ordering::Relaxed);
         }
         conn.take_back(back.as_deref());
-        let keep_alive = keep_alive && !*conn.drain.borrow();
+        // A body left unread that cannot be discarded closes the connection: the answer says so.
+        let keep_alive = keep_alive
+            && !*conn.drain.borrow()
+            && conn.unread_body.as_ref().is_none_or(Returned::discardable);
         let after = conn
             .write_response(response, keep_alive, head_request, http10, upgrade_tx)
             .await;
@@ -272,14 +275,14 @@ impl ClientConn {
     /// then closes — past `DISCARD_LIMIT` bytes, after `header_read_timeout`, or when the
     /// client still waits for a 100 Continue it never got.
     async fn discard(&mut self, unread: Returned) -> Option<ConnReader> {
+        if !unread.discardable() {
+            return None;
+        }
         let Returned {
             mut reader,
             mut left,
-            awaiting_continue,
+            ..
         } = unread;
-        if awaiting_continue || left.exact_left().is_some_and(|n| n > DISCARD_LIMIT as u64) {
-            return None;
-        }
         let due = Instant::now() + self.limits.header_read_timeout;
         let mut budget = DISCARD_LIMIT;
         loop {
@@ -354,7 +357,7 @@ impl ClientConn {
             || status == StatusCode::NOT_MODIFIED;
         let framing = if bodyless {
             let length = (head_request && !has(&head.headers, &header::CONTENT_LENGTH))
-                .then(|| body.size_hint().exact())
+                .then(|| body.held_length())
                 .flatten();
             AnswerFraming::Bodyless(length)
         } else if let Some(length) = body.size_hint().exact() {
@@ -549,11 +552,14 @@ fn encode_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    // Answers to HEAD and 304s keep the instance's Content-Length (what a GET would carry); a
+    // 1xx or 204 must not have one (RFC 9110 §8.6).
+    let keeps_length = matches!(framing, Some((AnswerFraming::Bodyless(None), _)))
+        && !status.is_informational()
+        && status != StatusCode::NO_CONTENT;
     let framed_here = |name: &header::HeaderName| {
         framing.is_some()
-            && (name == header::CONNECTION
-                || (name == header::CONTENT_LENGTH
-                    && !matches!(framing, Some((AnswerFraming::Bodyless(None), _)))))
+            && (name == header::CONNECTION || (name == header::CONTENT_LENGTH && !keeps_length))
     };
     let mut dated = false;
     let mut closes = false;
@@ -713,6 +719,18 @@ struct Returned {
     left: BodyProgress,
     /// The client was told to wait for a 100 Continue that was never sent.
     awaiting_continue: bool,
+}
+
+impl Returned {
+    /// Whether the rest of the body may be read and dropped to keep the connection: not when
+    /// the client waits for a 100 Continue, nor past `DISCARD_LIMIT` bytes it announced.
+    fn discardable(&self) -> bool {
+        !self.awaiting_continue
+            && self
+                .left
+                .exact_left()
+                .is_none_or(|n| n <= DISCARD_LIMIT as u64)
+    }
 }
 
 /// A request body read from the client connection by its framing. At its end the connection's
