@@ -25,6 +25,8 @@ pub enum ParseError {
     Length,
     #[error("malformed chunked body")]
     Chunk,
+    #[error("Transfer-Encoding other than one chunked")]
+    Coding,
 }
 
 /// How an answer's body ends.
@@ -112,8 +114,9 @@ fn is_named(name: &[u8], known: &[u8]) -> bool {
 
 /// Decides an answer's framing from its status, minor version and fields. Answers to HEAD
 /// (`head_request`), 1xx, 204 and 304 have no body whatever their fields say; Transfer-Encoding
-/// wins over Content-Length, and a message carrying both closes its connection, as RFC 9112
-/// §6.3 asks, so nothing smuggled after it can be read as another answer.
+/// must be one `chunked` and wins over Content-Length, and a message carrying both closes its
+/// connection, as RFC 9112 §6.3 asks, so nothing smuggled after it can be read as another
+/// answer.
 pub fn response_framing(
     status: u16,
     minor_version: u8,
@@ -122,7 +125,7 @@ pub fn response_framing(
 ) -> Result<BodyFraming, ParseError> {
     let mut connection = ConnectionOptions::default();
     let mut length: Option<u64> = None;
-    let mut transfer_encoding: Option<bool> = None;
+    let mut transfer_encoding: Option<()> = None;
     for header in headers {
         match FieldKind::of(header.name) {
             FieldKind::ContentLength => {
@@ -134,9 +137,15 @@ pub fn response_framing(
                     length = Some(parsed);
                 }
             }
-            FieldKind::TransferEncoding => {
-                transfer_encoding = Some(ends_with_token(header.value, b"chunked"));
+            // Other codings would reach the client still applied and unnamed once the gateway
+            // re-frames the body; nginx refuses them too.
+            FieldKind::TransferEncoding
+                if transfer_encoding.is_none()
+                    && header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") =>
+            {
+                transfer_encoding = Some(());
             }
+            FieldKind::TransferEncoding => return Err(ParseError::Coding),
             FieldKind::Connection => connection.read(header.value),
             _ => {}
         }
@@ -144,16 +153,11 @@ pub fn response_framing(
     let mut keep_alive = connection.keep_alive(minor_version == 1);
     let framing = if head_request || status / 100 == 1 || status == 204 || status == 304 {
         Framing::Length(0)
-    } else if let Some(chunked) = transfer_encoding {
+    } else if transfer_encoding.is_some() {
         if length.is_some() {
             keep_alive = false;
         }
-        if chunked {
-            Framing::Chunked
-        } else {
-            keep_alive = false;
-            Framing::UntilClose
-        }
+        Framing::Chunked
     } else if let Some(length) = length {
         Framing::Length(length)
     } else {
@@ -328,12 +332,6 @@ pub fn has_token(value: &[u8], token: &[u8]) -> bool {
     tokens(value).any(|t| t.eq_ignore_ascii_case(token))
 }
 
-fn ends_with_token(value: &[u8], token: &[u8]) -> bool {
-    tokens(value)
-        .last()
-        .is_some_and(|t| t.eq_ignore_ascii_case(token))
-}
-
 /// Where a body stands while it is read by its framing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyProgress {
@@ -460,6 +458,11 @@ impl Chunked {
                         };
                     };
                     let line = &rest[..end];
+                    // A bare CR or LF (or another control byte) inside a line could end it
+                    // for a parser in front of the gateway: such bodies are refused.
+                    if line.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f) {
+                        return Err(ParseError::Chunk);
+                    }
                     used += end + 2;
                     *self = match *self {
                         Chunked::Trailers if line.is_empty() => Chunked::Done,
@@ -475,14 +478,16 @@ impl Chunked {
     }
 }
 
-/// A chunk-size line: hex digits, optionally followed by `;extensions`.
+/// A chunk-size line: hex digits from its first byte, then optionally whitespace and
+/// `;extensions` (RFC 9112 §7.1.1).
 fn chunk_size(line: &[u8]) -> Result<u64, ParseError> {
-    let digits = line
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
+    let end = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    let (digits, rest) = line.split_at(end);
+    let rest = rest.trim_ascii_start();
+    if digits.is_empty() || digits.len() > 15 || !(rest.is_empty() || rest[0] == b';') {
         return Err(ParseError::Chunk);
     }
     let text = std::str::from_utf8(digits).map_err(|_| ParseError::Chunk)?;
@@ -626,7 +631,7 @@ mod tests {
             })
         );
         let chunked = framing_of(
-            b"HTTP/1.1 503 x\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n",
+            b"HTTP/1.1 503 x\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n",
             false,
         )
         .unwrap();
@@ -673,12 +678,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!((both.framing, both.keep_alive), (Framing::Chunked, false));
-        let not_chunked =
-            framing_of(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false).unwrap();
-        assert_eq!(
-            (not_chunked.framing, not_chunked.keep_alive),
-            (Framing::UntilClose, false)
-        );
+        // Codings other than one chunked would reach the client applied and unnamed.
+        for coding in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert_eq!(framing_of(coding, false), Err(ParseError::Coding));
+        }
         for bad in [
             &b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"[..],
             b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\n",
@@ -729,7 +736,7 @@ mod tests {
 
     #[test]
     fn chunked_bodies_decode_across_reads() {
-        let body = b"5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        let body = b"5;ext=1\r\nhello\r\n10 ; a=\"b\"\r\n0123456789abcdef\r\n0\r\nTrailer: x\ty\r\n\r\nNEXT";
         for split in 0..body.len() - 4 {
             let (data, rest) = decode_split(body, split);
             assert_eq!(data, b"hello0123456789abcdef", "split at {split}");
@@ -746,6 +753,13 @@ mod tests {
             b"ffffffffffffffffff\r\n",
             b"5\r\nhelloXX",
             b"0x5\r\n",
+            // Nothing before the digits; only whitespace and `;` after them.
+            b" 5\r\n",
+            b"5x\r\n",
+            // Control bytes in size and trailer lines: a bare LF ends a line for some parsers.
+            b"5;ext\nX\r\nhello\r\n0\r\n\r\n",
+            b"5;a\rb\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nT: x\nGET /smuggled HTTP/1.1\r\n\r\n",
         ] {
             let mut state = Chunked::Size;
             let mut at = 0;

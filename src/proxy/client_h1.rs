@@ -656,11 +656,12 @@ fn parse_head(
     spans.record(request.headers, buf.as_ptr(), |_| true);
     let head = buf.split_to(len).freeze();
     // Room for X-Forwarded-For, -Proto, -Host and X-Request-ID.
-    let headers = spans.to_map(&head, 4).map_err(malformed)?;
+    let mut headers = spans.to_map(&head, 4).map_err(malformed)?;
     let uri = Uri::from_maybe_shared(head.slice(target_start..target_end))
         .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
 
-    let declared = check_framing(&headers).map_err(|err| ProxyError::BadRequest(err.reason()))?;
+    let declared =
+        check_framing(&mut headers).map_err(|err| ProxyError::BadRequest(err.reason()))?;
     let chunked = has(&headers, &header::TRANSFER_ENCODING);
     if chunked && version == Version::HTTP_10 {
         return Err(ProxyError::BadRequest(

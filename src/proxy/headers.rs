@@ -133,11 +133,15 @@ impl FramingError {
     }
 }
 
-/// Checks message framing and returns the declared Content-Length, if any.
-pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, FramingError> {
+/// Checks message framing and returns the declared Content-Length, if any. A length repeated
+/// with the same value (RFC 9110 §8.6 lets a recipient take it) is collapsed into one field, as
+/// some instances refuse a repeated Content-Length outright.
+pub fn check_framing(headers: &mut HeaderMap) -> Result<Option<u64>, FramingError> {
     let mut length: Option<u64> = None;
+    let mut repeated = false;
     for value in values(headers, &header::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&b| b == b',') {
+            repeated |= length.is_some();
             let part = part.trim_ascii();
             // Digits only: `u64::from_str` would also take a leading `+`.
             if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
@@ -168,6 +172,9 @@ pub fn check_framing(headers: &HeaderMap) -> Result<Option<u64>, FramingError> {
         {
             return Err(FramingError::UnsupportedTransferCoding);
         }
+    }
+    if let Some(length) = length.filter(|_| repeated) {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     Ok(length)
 }
@@ -447,36 +454,48 @@ mod tests {
 
     #[test]
     fn framing_conflicts_are_refused() {
-        assert_eq!(check_framing(&map(&[("content-length", "5")])), Ok(Some(5)));
         assert_eq!(
-            check_framing(&map(&[("content-length", "5"), ("content-length", "5")])),
+            check_framing(&mut map(&[("content-length", "5")])),
             Ok(Some(5))
         );
+        // The same length twice, in two fields or one list, goes on as one field.
+        for repeated in [
+            map(&[("content-length", "5"), ("content-length", "5")]),
+            map(&[("content-length", "5, 5")]),
+        ] {
+            let mut headers = repeated;
+            assert_eq!(check_framing(&mut headers), Ok(Some(5)));
+            let lengths: Vec<_> = headers.get_all("content-length").iter().collect();
+            assert_eq!(lengths, ["5"]);
+        }
         assert_eq!(
-            check_framing(&map(&[("content-length", "5"), ("content-length", "6")])),
+            check_framing(&mut map(&[
+                ("content-length", "5"),
+                ("content-length", "6")
+            ])),
             Err(FramingError::ConflictingLengths)
         );
         assert_eq!(
-            check_framing(&map(&[("content-length", "5, 6")])),
+            check_framing(&mut map(&[("content-length", "5, 6")])),
             Err(FramingError::ConflictingLengths)
         );
         assert_eq!(
-            check_framing(&map(&[("content-length", "-1")])),
+            check_framing(&mut map(&[("content-length", "-1")])),
             Err(FramingError::ConflictingLengths)
         );
         assert_eq!(
-            check_framing(&map(&[
+            check_framing(&mut map(&[
                 ("content-length", "5"),
                 ("transfer-encoding", "chunked")
             ])),
             Err(FramingError::LengthAndChunked)
         );
         assert_eq!(
-            check_framing(&map(&[("transfer-encoding", "chunked")])),
+            check_framing(&mut map(&[("transfer-encoding", "chunked")])),
             Ok(None)
         );
         assert_eq!(
-            check_framing(&map(&[("transfer-encoding", "Chunked")])),
+            check_framing(&mut map(&[("transfer-encoding", "Chunked")])),
             Ok(None)
         );
         for signed in ["+5", " 5 ", "5 5", "0x5", "", "99999999999999999999"] {
@@ -486,20 +505,20 @@ mod tests {
                 Err(FramingError::ConflictingLengths)
             };
             assert_eq!(
-                check_framing(&map(&[("content-length", signed)])),
+                check_framing(&mut map(&[("content-length", signed)])),
                 expected,
                 "{signed:?}"
             );
         }
         for coding in ["gzip, chunked", "chunked, chunked", "xchunked", "identity"] {
             assert_eq!(
-                check_framing(&map(&[("transfer-encoding", coding)])),
+                check_framing(&mut map(&[("transfer-encoding", coding)])),
                 Err(FramingError::UnsupportedTransferCoding),
                 "{coding}"
             );
         }
         assert_eq!(
-            check_framing(&map(&[
+            check_framing(&mut map(&[
                 ("transfer-encoding", "chunked"),
                 ("transfer-encoding", "chunked")
             ])),

@@ -474,7 +474,7 @@ async fn serve_hyper<I>(
             let (mut parts, body) = req.into_parts();
             // Framing hyper let through that the gateway refuses (codings other than one
             // `chunked`, signed lengths), as client_h1 refuses it when it reads a head.
-            if let Err(err) = headers::check_framing(&parts.headers) {
+            if let Err(err) = headers::check_framing(&mut parts.headers) {
                 let refusal = ProxyError::BadRequest(err.reason());
                 return Ok(refusal.response(&gateway.new_request_id()));
             }
