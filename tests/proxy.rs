@@ -522,24 +522,19 @@ async fn the_response_timeout_holds_for_every_request_on_a_reused_connection() {
     assert_eq!(status("/slow?latency_ms=3000").await, 504);
 }
 
+/// Uploads: the response timeout starts once the body went out, and an instance that answers
+/// before it read the body still gets all of it.
 #[tokio::test]
-async fn the_response_timeout_starts_once_the_body_went_out() {
-    let (instance, _) = scripted_instance().await;
+async fn uploads_are_timed_and_finished_as_the_instance_reads_them() {
+    let (instance, seen) = scripted_instance().await;
     let gw = gateway(&app_config_at(&[instance], "response_timeout = \"1s\""));
     // A client that pauses longer than the response timeout inside its body: the instance
     // took every byte as it came, so the wait is the client's, not the instance's.
     let proxy = gw.proxy;
     let answer = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(proxy).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        stream
-            .write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nConnection: close\r\n\r\n12345")
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(1500));
-        stream.write_all(b"67890").unwrap();
+        use std::io::Read;
+        let pause = Duration::from_millis(1500);
+        let mut stream = post_in_two_halves(proxy, "/upload", "Connection: close\r\n", pause);
         let mut answer = String::new();
         let _ = stream.read_to_string(&mut answer);
         answer
@@ -551,6 +546,41 @@ async fn the_response_timeout_starts_once_the_body_went_out() {
     // The instance was not held to blame: it still takes requests (max_fails = 1).
     let client = client();
     assert_eq!(get(&client, &gw.url("/chunked")).await.status, 200);
+
+    // An instance that answers its head first, then reads the body: its head is out before
+    // the rest of the body is.
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let pause = Duration::from_millis(300);
+        let mut stream = post_in_two_halves(proxy, "/duplex", "", pause);
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !answer.ends_with(b"0\r\n\r\n") {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            }
+        }
+        // The connection carries the next request.
+        stream
+            .write_all(b"GET /no-content HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut next = String::new();
+        let _ = stream.read_to_string(&mut next);
+        (String::from_utf8_lossy(&answer).into_owned(), next)
+    })
+    .await
+    .unwrap();
+    let (answer, next) = answer;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("got 10"), "{answer}");
+    assert!(next.starts_with("HTTP/1.1 204"), "{next}");
+    // Both requests went on the one instance connection: the body went out whole.
+    let log = seen.lock().unwrap().clone();
+    let [.., (duplex, _), (next, _)] = &log[..] else {
+        panic!("{log:?}")
+    };
+    assert_eq!(duplex, next, "{log:?}");
 
     // An instance that takes none of the body for the whole timeout gets the blame: 504.
     let started = std::time::Instant::now();
@@ -845,6 +875,51 @@ async fn folded_headers_and_bare_lf_never_smuggle() {
 }
 
 /// The paths a scripted instance was asked for, in order.
+/// Sends `POST path` with a 10-byte body in two halves `pause` apart, blocking; the connection
+/// is left to read the answer from.
+fn post_in_two_halves(
+    proxy: std::net::SocketAddr,
+    path: &str,
+    fields: &str,
+    pause: Duration,
+) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(proxy).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n{fields}\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(b"12345").unwrap();
+    std::thread::sleep(pause);
+    stream.write_all(b"67890").unwrap();
+    stream
+}
+
+/// Reads (and drops) a body of the length `head` gives from `buf` and then `stream`: its length,
+/// `Some(None)` without a Content-Length, `None` when the connection ends first.
+async fn read_sized_body(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    head: &str,
+) -> Option<Option<usize>> {
+    use tokio::io::AsyncReadExt;
+    let lower = head.to_ascii_lowercase();
+    let Some(at) = lower.find("content-length: ") else {
+        return Some(None);
+    };
+    let length: usize = lower[at + 16..].split("\r\n").next()?.parse().ok()?;
+    while buf.len() < length {
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    buf.drain(..length);
+    Some(Some(length))
+}
+
 fn paths(seen: &std::sync::Mutex<Vec<(usize, String)>>) -> Vec<String> {
     seen.lock()
         .unwrap()
@@ -899,6 +974,18 @@ async fn scripted_instance() -> (
                             return;
                         }
                         "/coded" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".to_vec(),
+                        "/duplex" => {
+                            // Answers its head at once, then reads the body (its length from
+                            // the head) and sends how much came.
+                            if stream.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").await.is_err() {
+                                return;
+                            }
+                            let Some(Some(length)) = read_sized_body(&mut stream, &mut buf, &head).await else {
+                                return;
+                            };
+                            let got = format!("got {length}");
+                            format!("{:x}\r\n{got}\r\n0\r\n\r\n", got.len()).into_bytes()
+                        }
                         "/no-content" => b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n".to_vec(),
                         "/head-chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
                         "/broken" => {
@@ -931,18 +1018,12 @@ async fn scripted_instance() -> (
                                     }
                                 }
                                 body.splice(0..0, b"chunked:".iter().copied());
-                            } else if let Some(at) = lower.find("content-length: ") {
-                                let digits = lower[at + 16..].split("\r\n").next().unwrap();
-                                let length: usize = digits.parse().unwrap();
-                                while buf.len() < length {
-                                    let mut chunk = [0u8; 4096];
-                                    match stream.read(&mut chunk).await {
-                                        Ok(0) | Err(_) => return,
-                                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                                    }
+                            } else {
+                                match read_sized_body(&mut stream, &mut buf, &head).await {
+                                    Some(Some(length)) => body = format!("length:{length}").into_bytes(),
+                                    Some(None) => {}
+                                    None => return,
                                 }
-                                buf.drain(..length);
-                                body = format!("length:{length}").into_bytes();
                             }
                             format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
                                 .into_bytes()

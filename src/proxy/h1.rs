@@ -292,7 +292,10 @@ struct Upload<'a> {
 }
 
 /// Uploads the body while reading the answer head, on the two halves of one connection; the
-/// answer is due `upload.timeout` after the upload ended.
+/// answer is due `upload.timeout` after the upload ended. An answer head that does not refuse
+/// the request (below 400) and is not followed by its whole body lets the upload go on to its
+/// end first: the instance may read the body while it answers (a streaming endpoint), and
+/// cutting the body off would leave it waiting for bytes that never come.
 async fn exchange<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut reader: R,
     mut writer: W,
@@ -303,32 +306,80 @@ async fn exchange<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     reading: Reading<'_>,
 ) -> Result<AnswerHead, SendError> {
     let timeout = upload.timeout;
-    let answer = read_head(&mut reader, read, reading);
     let upload = write_body(&mut writer, upload, write);
-    tokio::pin!(answer, upload);
+    tokio::pin!(upload);
     let mut due = None;
     let mut request_complete = false;
-    let mut answer = loop {
-        tokio::select! {
-            biased;
-            answer = &mut answer => break answer?,
-            sent = &mut upload, if due.is_none() => {
-                due = Some(Instant::now() + timeout);
-                match sent {
-                    Ok(()) => request_complete = true,
-                    // The instance stopped reading; it may still have answered.
-                    Err(UploadError::Instance) => {}
-                    Err(UploadError::Stalled) => return Err(SendError::TimedOut),
-                    Err(UploadError::Client(failure)) => return Err(SendError::Client(failure)),
+    let mut answer = {
+        let answer = read_head(&mut reader, read, reading);
+        tokio::pin!(answer);
+        loop {
+            tokio::select! {
+                biased;
+                answer = &mut answer => break answer?,
+                sent = &mut upload, if due.is_none() => {
+                    due = Some(Instant::now() + timeout);
+                    match sent {
+                        Ok(()) => request_complete = true,
+                        // The instance stopped reading; it may still have answered.
+                        Err(UploadError::Instance) => {}
+                        Err(UploadError::Stalled) => return Err(SendError::TimedOut),
+                        Err(UploadError::Client(failure)) => {
+                            return Err(SendError::Client(failure))
+                        }
+                    }
                 }
-            }
-            () = deadline.wait(due.unwrap_or_else(Instant::now)), if due.is_some() => {
-                return Err(SendError::TimedOut);
+                () = deadline.wait(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                    return Err(SendError::TimedOut);
+                }
             }
         }
     };
+    let status = answer.head.status;
+    if due.is_none() && status.as_u16() < 400 && status != StatusCode::SWITCHING_PROTOCOLS {
+        let framing = answer.framing.framing;
+        request_complete = finish_upload(&mut reader, read, framing, upload).await?;
+    }
     answer.request_complete = request_complete;
     Ok(answer)
+}
+
+/// Answer bytes read ahead while the rest of a request body goes out after the answer head.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// Drives the upload to its end after the answer head came, reading up to `READ_AHEAD` of the
+/// answer body meanwhile so an instance that writes while it reads is not blocked on us. Gives
+/// up the upload (the connection is then not reused) once the answer's whole sized body is
+/// here (the instance answered without the rest, as before an early 413), when that much is
+/// waiting, or when the instance closes, stops reading, or takes no part of the body for the
+/// timeout; the answer stands either way. Returns whether the whole body went out.
+async fn finish_upload<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    read: &mut BytesMut,
+    framing: Framing,
+    mut upload: Pin<&mut impl Future<Output = Result<(), UploadError>>>,
+) -> Result<bool, SendError> {
+    let answered =
+        |read: &BytesMut| matches!(framing, Framing::Length(n) if read.len() as u64 >= n);
+    read.reserve(READ_AHEAD.saturating_sub(read.len()));
+    while read.len() < READ_AHEAD && !answered(read) {
+        tokio::select! {
+            biased;
+            sent = &mut upload => {
+                return match sent {
+                    Ok(()) => Ok(true),
+                    Err(UploadError::Client(failure)) => Err(SendError::Client(failure)),
+                    Err(UploadError::Instance | UploadError::Stalled) => Ok(false),
+                };
+            }
+            more = reader.read_buf(read) => {
+                if !matches!(more, Ok(read) if read > 0) {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+    Ok(false)
 }
 
 /// The request line and fields, then the gateway's `fields`; `chunked` adds the framing of a
