@@ -20,7 +20,6 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -183,7 +182,7 @@ pub async fn serve(
         let request = Request::from_parts(parts, body);
         let Ok(response) = forward::handle(&gateway, request, &client, upgrade).await;
         if let Some(back) = &back {
-            back.responded.store(true, Ordering::Relaxed);
+            *back.responded.lock().expect("body return") = true;
         }
         conn.take_back(back.as_deref());
         // A body left unread that cannot be discarded closes the connection: the answer says so.
@@ -707,11 +706,13 @@ fn too_large(buf: &[u8], limits: &ClientLimits) -> ProxyError {
 }
 
 /// Where the connection's reader goes back when a request body ended or was dropped, and
-/// whether the answer was already started (after which no 100 Continue may be written).
+/// whether the answer was already started (after which no 100 Continue may be written). The
+/// body may be read on another thread (by an HTTP/2 instance connection's task): a 100 Continue
+/// is written while `responded` is locked, so it cannot land after the answer's head.
 #[derive(Default)]
 struct BodyReturn {
     reader: Mutex<Option<Returned>>,
-    responded: AtomicBool,
+    responded: Mutex<bool>,
 }
 
 /// The connection's reader as a request body gave it back, with what was left of the body.
@@ -803,13 +804,14 @@ impl Body for RequestBody {
             let Some(reader) = this.reader.as_mut() else {
                 return Poll::Ready(None);
             };
-            if std::mem::take(&mut this.send_continue)
-                && reader.buf.is_empty()
-                && !this.back.responded.load(Ordering::Relaxed)
-            {
-                // 25 bytes on a connection with nothing else in flight: the socket takes them
-                // at once. If it did not, the client sends its body after its own wait anyway.
-                let _ = reader.half.as_ref().try_write(CONTINUE);
+            if std::mem::take(&mut this.send_continue) && reader.buf.is_empty() {
+                let responded = this.back.responded.lock().expect("body return");
+                if !*responded {
+                    // 25 bytes on a connection with nothing else in flight: the socket takes
+                    // them at once. If it did not, the client sends its body after its own
+                    // wait anyway.
+                    let _ = reader.half.as_ref().try_write(CONTINUE);
+                }
             }
             match ready!(reader.poll_fill(cx)) {
                 Ok(0) => return this.fail("client closed the connection inside its body"),
