@@ -714,6 +714,22 @@ async fn h2c_clients_are_served() {
     let reply = get(&client, &gw.url("/work")).await;
     assert_eq!(reply.status, 200);
     assert_eq!(&reply.body[..], b"ok");
+    // HEAD gets the fields and no body (RFC 9110 §9.3.2), also for answers the gateway makes:
+    // hyper's HTTP/2 server would send their body, a stream error for the client.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let refused = gateway(&app_config_at(&[dead], "retries = 0"));
+    for (url, status) in [(gw.url("/work"), 200), (refused.url("/work"), 502)] {
+        let head = request(&client, "HEAD", &url, &[], "").await.unwrap();
+        assert_eq!((head.status, head.body.len()), (status, 0), "{url}");
+    }
+    let error = request(&client, "HEAD", &refused.url("/work"), &[], "")
+        .await
+        .unwrap();
+    let json = get(&client, &refused.url("/work")).await.body;
+    assert_eq!(error.header("content-length"), json.len().to_string());
 }
 
 #[tokio::test]

@@ -22,6 +22,7 @@ pub use body::{ForwardBody, GatewayBody};
 pub use error::ProxyError;
 pub use forward::InstanceFetch;
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
@@ -41,6 +42,7 @@ use crate::config::{CacheStoreKind, Config, ConfigErrors};
 use crate::metrics::live::LiveStats;
 use crate::metrics::{Metrics, RequestStats};
 use crate::redis_link::{ConnectError, RedisLink};
+use http::Response;
 use upstream::Upstream;
 
 /// One configuration in force: the config and the live upstreams it describes.
@@ -472,6 +474,7 @@ async fn serve_hyper<I>(
         let (gateway, client) = (gateway.clone(), client.clone());
         async move {
             let (mut parts, body) = req.into_parts();
+            let head_request = parts.method == http::Method::HEAD;
             // Framing hyper let through that the gateway refuses (codings other than one
             // `chunked`, signed lengths), as client_h1 refuses it when it reads a head.
             if let Err(err) = headers::check_framing(&mut parts.headers) {
@@ -483,13 +486,36 @@ async fn serve_hyper<I>(
                 .remove::<hyper::upgrade::OnUpgrade>()
                 .map(tunnel::ClientUpgrade::Hyper);
             let req = http::Request::from_parts(parts, body::ClientBody::Hyper(body));
-            forward::handle(&gateway, req, &client, upgrade).await
+            let Ok(response) = forward::handle(&gateway, req, &client, upgrade).await;
+            Ok::<_, Infallible>(if head_request {
+                headers_only(response)
+            } else {
+                response
+            })
         }
     });
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     if let Err(err) = watcher.watch(connection.into_owned()).await {
         tracing::debug!(%err, %peer, "client connection ended with an error");
     }
+}
+
+/// An answer to HEAD without its body, which hyper's HTTP/2 server would send (a stream error
+/// for the client): the fields stay, with the length a GET would carry when the gateway holds
+/// the body (its own answers, cache hits).
+fn headers_only(mut response: Response<GatewayBody>) -> Response<GatewayBody> {
+    if !response
+        .headers()
+        .contains_key(http::header::CONTENT_LENGTH)
+    {
+        if let Some(length) = response.body().held_length() {
+            response
+                .headers_mut()
+                .insert(http::header::CONTENT_LENGTH, length.into());
+        }
+    }
+    *response.body_mut() = GatewayBody::Full(None);
+    response
 }
 
 /// Waits for a new plain connection's first bytes: `Some(true)` when they are HTTP/2's
