@@ -259,7 +259,8 @@ async fn purge_all_by_prefix_and_by_key() {
         status_and_n(&client, &gw.url("/cache/q"), &[]).await.0,
         "HIT"
     );
-    assert_eq!(purge("?key=/cache/q".into()).await["purged"], 1);
+    // A key is the path and query, then the scheme, then the route's other parts.
+    assert_eq!(purge("?key=/cache/q%20http".into()).await["purged"], 1);
     assert_eq!(
         status_and_n(&client, &gw.url("/cache/q"), &[]).await.0,
         "MISS"
@@ -319,7 +320,7 @@ async fn routes_on_a_host_key_by_host_and_configured_parts() {
     let purged = request(
         &client,
         "DELETE",
-        &gw.admin_url("/api/cache?key=%2Fcache%20a.shop.test%201"),
+        &gw.admin_url("/api/cache?key=%2Fcache%20http%20a.shop.test%201"),
         &[],
         "",
     )
@@ -354,9 +355,10 @@ fn shared_pair(redis: &Redis, backend: &Proc, cache: &str) -> (Gateway, Gateway)
     (cached(backend, cache, &top), cached(backend, cache, &top))
 }
 
-fn redis_has(redis: &Redis, key: &str) -> bool {
+/// Whether Redis holds the entry of a plain-HTTP client's request for `path`.
+fn redis_has(redis: &Redis, path: &str) -> bool {
     redis::cmd("EXISTS")
-        .arg(format!("scalegate:cache:{key}"))
+        .arg(format!("scalegate:cache:{path} http"))
         .query::<i64>(&mut redis.conn())
         .unwrap()
         == 1
@@ -381,7 +383,7 @@ async fn replicas_share_hits_and_purges_through_redis() {
     let stored = eventually(Duration::from_secs(5), || async { redis_has(&redis, path) }).await;
     assert!(stored, "the entry never reached Redis");
     let pttl: i64 = redis::cmd("PTTL")
-        .arg(format!("scalegate:cache:{path}"))
+        .arg(format!("scalegate:cache:{path} http"))
         .query(&mut redis.conn())
         .unwrap();
     assert!((1..=60_000).contains(&pttl), "{pttl}");

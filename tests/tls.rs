@@ -66,6 +66,37 @@ fn forwarded_proto(echo: &serde_json::Value) -> String {
         .unwrap_or_default()
 }
 
+/// Answers depend on the scheme (X-Forwarded-Proto: redirects to HTTPS, absolute links): a
+/// cached route keeps plain-HTTP and HTTPS clients' entries apart, as nginx's default key does.
+#[tokio::test]
+async fn cached_answers_never_cross_schemes() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.issue(dir.path(), "a.test", &["a.test"], &[]);
+    let backend = demo_backend(&[]);
+    let d = dir.path().display();
+    let config = format!(
+        "[tls]\nlisten = \"127.0.0.1:0\"\n\
+         [[tls.certificates]]\ncert = \"{d}/a.test.pem\"\nkey = \"{d}/a.test.key\"\nnames = [\"a.test\"]\n\n\
+         {}cache = {{ ttl = \"60s\" }}\n",
+        app_config(&[&backend], "")
+    );
+    let gw = gateway_announcing(&config, 3);
+    let plain = get(&client(), &gw.url("/echo")).await;
+    assert_eq!(plain.header("x-cache-status"), "MISS");
+    assert_eq!(forwarded_proto(&plain.json()), "http");
+    let h1_only = ca.connector(&[b"http/1.1"]);
+    for expected in ["MISS", "HIT"] {
+        let stream = connect(&h1_only, gw.proc.named("tls"), "a.test").await;
+        let (status, headers, body) = echo(stream, "a.test").await;
+        assert_eq!(
+            (status, &headers["x-cache-status"]),
+            (200, &expected.parse().unwrap())
+        );
+        assert_eq!(forwarded_proto(&body), "https");
+    }
+}
+
 #[tokio::test]
 async fn sni_alpn_forwarded_proto_hsts_and_redirect() {
     let ca = TestCa::new();

@@ -539,7 +539,7 @@ fn cache_stats(gateway: &Gateway) -> Response<GatewayBody> {
 }
 
 /// `DELETE /api/cache` (everything), `?prefix=/path` (keys whose path starts so) or `?key=KEY`
-/// (one key exactly, as `X-Cache-Key`-style text: `PATH?QUERY HOST[ PARTS]`). With the shared
+/// (one key exactly: `PATH?QUERY SCHEME[ HOST][ PARTS]`, see `cache_key`). With the shared
 /// tier, Redis and every replica's memory too; 503 when Redis could not be purged.
 async fn purge_cache(gateway: &Gateway, query: Option<&str>) -> Response<GatewayBody> {
     let store = gateway.runtime.load().cache.clone();

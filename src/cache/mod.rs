@@ -55,6 +55,26 @@ impl RouteCache {
             })
             .collect()
     }
+
+    /// The key of a request on this route (see `policy::cache_key`).
+    fn key_of(&self, parts: &Parts, scheme: &str, client_ip: IpAddr) -> String {
+        let host = self.host_in_key.then(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map_or("", crate::proxy::router::host_without_port)
+        });
+        let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        policy::cache_key(
+            path,
+            scheme,
+            host,
+            &self.rules.key,
+            &parts.headers,
+            client_ip,
+        )
+    }
 }
 
 /// Answers a request of a cached route; errors become responses here so that every answer
@@ -63,7 +83,7 @@ pub async fn serve(
     cache: &RouteCache,
     parts: Parts,
     body: ForwardBody,
-    client_ip: IpAddr,
+    (client_ip, scheme): (IpAddr, &'static str),
     fetch: InstanceFetch,
 ) -> Response<GatewayBody> {
     let has_body = !http_body::Body::is_end_stream(&body);
@@ -72,15 +92,7 @@ pub async fn serve(
         let result = fetch.send(parts, body).await;
         return labelled(result, Outcome::Bypass, cache, &fetch.request_id);
     }
-    let host = cache.host_in_key.then(|| {
-        parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map_or("", crate::proxy::router::host_without_port)
-    });
-    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let key = policy::cache_key(path, host, &cache.rules.key, &parts.headers, client_ip);
+    let key = cache.key_of(&parts, scheme, client_ip);
     let store = &cache.store;
     let stored = store.get(&key, &parts.headers);
     let now = Instant::now();
@@ -494,9 +506,17 @@ async fn keep_warm(runtime: Weak<Runtime>) {
         let Some(runtime) = runtime.upgrade() else {
             return;
         };
+        // Warmed entries are for the clients most likely to ask: HTTPS ones when the gateway
+        // terminates TLS. The instance is told the scheme, as for a client's request.
+        let scheme = if runtime.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         for (route, cache) in runtime.cached_routes() {
             for path in &cache.rules.warm {
-                let mut builder = http::Request::get(path.as_str());
+                let mut builder =
+                    http::Request::get(path.as_str()).header("x-forwarded-proto", scheme);
                 if let Some(host) = &cache.host {
                     builder = builder.header(header::HOST, host.as_str());
                 }
@@ -504,10 +524,7 @@ async fn keep_warm(runtime: Weak<Runtime>) {
                     continue;
                 };
                 let (parts, ()) = request.into_parts();
-                let host = cache
-                    .host_in_key
-                    .then_some(cache.host.as_deref().unwrap_or(""));
-                let key = policy::cache_key(path, host, &cache.rules.key, &parts.headers, loopback);
+                let key = cache.key_of(&parts, scheme, loopback);
                 let now = Instant::now();
                 let current = cache.store.get(&key, &parts.headers);
                 // Refetch when the entry would expire before the next look.

@@ -285,18 +285,24 @@ pub fn vary_values(names: &[HeaderName], request: &HeaderMap) -> Vec<Option<Vec<
 }
 
 /// The cache key: path and query first (so a purge by path prefix is a string prefix test),
-/// then the host (given for routes that match on host; like nginx's default key, a catch-all
-/// route's entries do not depend on the Host a client sent), then the route's configured
-/// parts, each after a space. GET and HEAD share keys.
+/// then the client's scheme (answers often depend on it: redirects to HTTPS, absolute links;
+/// nginx's default key starts with it), then the host (given for routes that match on host;
+/// like nginx's default key, a catch-all route's entries do not depend on the Host a client
+/// sent), then the route's configured parts, each after a space. In the parts, `%`, space and
+/// `,` are percent-escaped and repeated header lines joined by `,`, so one part cannot pass
+/// for two. GET and HEAD share keys.
 pub fn cache_key(
     path_and_query: &str,
+    scheme: &str,
     host: Option<&str>,
     parts: &[HashKey],
     headers: &HeaderMap,
     client_ip: std::net::IpAddr,
 ) -> String {
-    let mut key = String::with_capacity(path_and_query.len() + 32);
+    let mut key = String::with_capacity(path_and_query.len() + 40);
     key.push_str(path_and_query);
+    key.push(' ');
+    key.push_str(scheme);
     if let Some(host) = host {
         key.push(' ');
         key.extend(host.chars().map(|c| c.to_ascii_lowercase()));
@@ -309,18 +315,33 @@ pub fn cache_key(
                 let _ = write!(key, "{client_ip}");
             }
             HashKey::Header(name) => {
-                for value in headers.get_all(name) {
-                    key.push_str(&String::from_utf8_lossy(value.as_bytes()));
+                for (at, value) in headers.get_all(name).iter().enumerate() {
+                    if at > 0 {
+                        key.push(',');
+                    }
+                    push_escaped(&mut key, &String::from_utf8_lossy(value.as_bytes()));
                 }
             }
             HashKey::Cookie(name) => {
                 if let Some(value) = crate::proxy::headers::cookie_value(headers, name) {
-                    key.push_str(value);
+                    push_escaped(&mut key, value);
                 }
             }
         }
     }
     key
+}
+
+/// `text` with `%`, space and `,` percent-escaped: the separators of the key's parts.
+fn push_escaped(key: &mut String, text: &str) {
+    for c in text.chars() {
+        match c {
+            '%' => key.push_str("%25"),
+            ' ' => key.push_str("%20"),
+            ',' => key.push_str("%2C"),
+            c => key.push(c),
+        }
+    }
 }
 
 /// Request headers that ask the instance whether a stored response is still current (RFC 9111
@@ -623,10 +644,23 @@ mod tests {
             HashKey::ClientIp,
         ];
         assert_eq!(
-            cache_key("/a?b=1", Some("Example.com"), &parts, &request, ip),
-            "/a?b=1 example.com t1 fr 127.0.0.1"
+            cache_key("/a?b=1", "https", Some("Example.com"), &parts, &request, ip),
+            "/a?b=1 https example.com t1 fr 127.0.0.1"
         );
-        assert_eq!(cache_key("/a", None, &[], &request, ip), "/a");
+        assert_eq!(cache_key("/a", "http", None, &[], &request, ip), "/a http");
+        // Parts cannot pass for one another: separators inside values are escaped, and
+        // repeated lines are joined.
+        let two = [
+            HashKey::Header(HeaderName::from_static("a")),
+            HashKey::Header(HeaderName::from_static("b")),
+        ];
+        let key = |pairs: &[(&str, &str)]| cache_key("/", "http", None, &two, &headers(pairs), ip);
+        assert_ne!(
+            key(&[("a", "x y"), ("b", "z")]),
+            key(&[("a", "x"), ("b", "y z")])
+        );
+        assert_ne!(key(&[("a", "x,y")]), key(&[("a", "x"), ("a", "y")]));
+        assert_eq!(key(&[("a", "50% off"), ("b", "z")]), "/ http 50%25%20off z");
     }
 
     #[test]

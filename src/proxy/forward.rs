@@ -249,8 +249,14 @@ async fn forward(
         };
         // Boxed, like the HTTP/2 path: every connection's task would otherwise carry the
         // cache's (large) state whether its route is cached or not.
-        let mut response =
-            Box::pin(crate::cache::serve(cache, parts, body, client_ip, fetch)).await;
+        let mut response = Box::pin(crate::cache::serve(
+            cache,
+            parts,
+            body,
+            (client_ip, client.scheme()),
+            fetch,
+        ))
+        .await;
         admitted.apply_to(&mut response);
         return Ok((response, route));
     }
