@@ -269,6 +269,35 @@ async fn draining_through_the_admin_api_loses_nothing() {
     assert_eq!(reply.status, 201);
     let counts = instance_counts(&client, &gw, 4, &[]).await;
     assert_eq!(counts.len(), 2);
+
+    // A reload during a drain brings the configured instance back into rotation, whatever the
+    // drain does afterwards to the instance set it started from.
+    let slow = {
+        let (client, url) = (client.clone(), gw.url("/work?latency_ms=1500"));
+        tokio::spawn(async move { get(&client, &url).await.status })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for backend in [&a, &b] {
+        let path = format!("/api/upstreams/app/instances/{}", backend.addr());
+        let reply = request(&client, "DELETE", &gw.admin_url(&path), &[], "").await;
+        assert_eq!(reply.unwrap().status, 202);
+    }
+    gw.reload_with(&app_config(&[&a, &b], ""));
+    assert_eq!(slow.await.unwrap(), 200);
+    let both_up = eventually(Duration::from_secs(5), || async {
+        let json = get(&client, &gw.admin_url("/api/upstreams")).await.json();
+        let instances = json["upstreams"][0]["instances"]
+            .as_array()
+            .unwrap()
+            .clone();
+        instances.len() == 2 && instances.iter().all(|i| i["state"] == "up")
+    });
+    assert!(
+        both_up.await,
+        "{}",
+        get(&client, &gw.admin_url("/api/upstreams")).await.json()
+    );
+    assert_eq!(instance_counts(&client, &gw, 4, &[]).await.len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -285,12 +285,15 @@ impl Upstream {
             .instances
             .iter()
             .map(|ic| {
+                // A configured instance being drained comes back fresh: the reload says it
+                // belongs, and the drain removes only the old one from the old set.
                 old.iter()
                     .find(|i| {
                         same_pool
                             && i.addr == ic.addr
                             && i.weight == ic.weight
                             && i.backup == ic.backup
+                            && !i.is_draining()
                     })
                     .cloned()
                     .unwrap_or_else(|| Arc::new(Instance::new(ic, &config, false)))
