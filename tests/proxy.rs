@@ -754,6 +754,13 @@ async fn h2c_clients_are_served() {
         let head = request(&client, "HEAD", &url, &[], "").await.unwrap();
         assert_eq!((head.status, head.body.len()), (status, 0), "{url}");
     }
+    // Cookies an HTTP/2 client sends as separate fields reach the HTTP/1.1 instance as one.
+    let cookies = [("cookie", "a=1"), ("cookie", "b=2")];
+    let echo = request(&client, "GET", &gw.url("/echo"), &cookies, "")
+        .await
+        .unwrap();
+    let seen = echo.json()["headers"].to_string();
+    assert!(seen.contains(r#"["cookie","a=1; b=2"]"#), "{seen}");
     let error = request(&client, "HEAD", &refused.url("/work"), &[], "")
         .await
         .unwrap();

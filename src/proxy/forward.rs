@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
@@ -200,6 +200,9 @@ async fn forward(
             .uri
             .path_and_query()
             .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+    }
+    if parts.version == Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
     }
     parts.version = Version::HTTP_11;
     match &host {
@@ -680,6 +683,23 @@ const REG_NAME: [bool; 256] = {
     table
 };
 
+/// HTTP/2 clients send each cookie as a field of its own; towards HTTP/1.1 they must become one
+/// field joined by "; " (RFC 9113 §8.2.3), or instances that read one Cookie line lose some.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = values(headers, &header::COOKIE);
+    let (Some(first), Some(_)) = (cookies.next(), cookies.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for more in values(headers, &header::COOKIE).skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(more.as_bytes());
+    }
+    if let Ok(joined) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, joined);
+    }
+}
+
 /// An answer's latency feeds the balancer.
 fn observe_latency(instance: &Instance, started: Instant) {
     let now = Instant::now();
@@ -774,6 +794,21 @@ mod tests {
             let refused = host(v11, "/", hosts).unwrap_err();
             assert!(refused.contains(why), "{hosts:?}: {refused}");
         }
+    }
+
+    #[test]
+    fn cookies_of_http2_clients_become_one_field() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        headers.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        join_cookies(&mut headers);
+        let cookies: Vec<_> = headers.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
+        let mut one = HeaderMap::new();
+        one.append(header::COOKIE, HeaderValue::from_static("a=1; b=2"));
+        join_cookies(&mut one);
+        assert_eq!(one[header::COOKIE], "a=1; b=2");
     }
 
     #[test]
