@@ -551,10 +551,11 @@ async fn the_response_timeout_holds_for_every_request_on_a_reused_connection() {
     assert_eq!(status("/slow?latency_ms=3000").await, 504);
 }
 
-/// Uploads: the response timeout starts once the body went out, and an instance that answers
-/// before it read the body still gets all of it.
+/// The response timeout runs while the gateway waits on the instance, never on the client: it
+/// starts once the body went out, bounds each part of an upload and each pause inside an answer
+/// body; and an instance that answers before it read the body still gets all of it.
 #[tokio::test]
-async fn uploads_are_timed_and_finished_as_the_instance_reads_them() {
+async fn the_response_timeout_waits_on_instances_never_on_clients() {
     let (instance, seen) = scripted_instance().await;
     let gw = gateway(&app_config_at(&[instance], "response_timeout = \"1s\""));
     // A client that pauses longer than the response timeout inside its body: the instance
@@ -610,6 +611,22 @@ async fn uploads_are_timed_and_finished_as_the_instance_reads_them() {
         panic!("{log:?}")
     };
     assert_eq!(duplex, next, "{log:?}");
+
+    // An instance that pauses inside its answer body past the timeout: the client gets what
+    // came, then the connection closes, and the request no longer counts as in flight.
+    let started = std::time::Instant::now();
+    let cut = raw_exchange_off_thread(gw.proxy, b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(cut.ends_with("\r\n\r\n0123456789"), "{cut}");
+    // raw_exchange gives up after 3 s of silence; the gateway cut it off before that.
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    let in_flight = get(&client, &gw.admin_url("/api/upstreams")).await.json()["upstreams"][0]
+        ["instances"][0]["in_flight"]
+        .clone();
+    assert_eq!(in_flight, 0);
 
     // An instance that takes none of the body for the whole timeout gets the blame: 504.
     let started = std::time::Instant::now();
@@ -1020,6 +1037,14 @@ async fn scripted_instance() -> (
                         "/both" => b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n".to_vec(),
                         "/fields" | "/limited/fields" => FIELDS_ANSWER.to_vec(),
                         "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                        "/stall" => {
+                            // A tenth of the body, then silence with the connection open.
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+                                .await;
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            return;
+                        }
                         "/deaf" => {
                             // Takes the head, then neither reads the body nor answers.
                             tokio::time::sleep(Duration::from_secs(30)).await;

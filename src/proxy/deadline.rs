@@ -2,7 +2,9 @@
 //! request, instead of one timer per request, whose registration and removal would take the
 //! timer wheel's lock twice per request.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
 use tokio::time::{Instant, Sleep};
 
@@ -22,13 +24,18 @@ impl LazyDeadline {
 
     /// Completes at `due`.
     pub async fn wait(&mut self, due: Instant) {
+        std::future::poll_fn(|cx| self.poll_until(cx, due)).await;
+    }
+
+    /// Ready once `due` has passed; else registers `cx` to be woken then.
+    pub fn poll_until(&mut self, cx: &mut Context<'_>, due: Instant) -> Poll<()> {
         if self.sleep.deadline() > due {
             self.sleep.as_mut().reset(due);
         }
         loop {
-            self.sleep.as_mut().await;
+            ready!(self.sleep.as_mut().poll(cx));
             if Instant::now() >= due {
-                return;
+                return Poll::Ready(());
             }
             self.sleep.as_mut().reset(due);
         }

@@ -48,6 +48,8 @@ pub struct InstanceConn {
     write: Vec<u8>,
     /// The response timeout, one timer for the connection's life.
     deadline: LazyDeadline,
+    /// The response timeout of the request on it; also how long its answer body may pause.
+    timeout: Duration,
 }
 
 /// How an exchange with an instance failed.
@@ -188,6 +190,7 @@ impl InstanceConn {
             write: Vec::with_capacity(1024),
             // Armed by the first request; until then the timer is not in the wheel.
             deadline: LazyDeadline::new(Instant::now() + Duration::from_secs(3600)),
+            timeout: Duration::from_secs(3600),
         }
     }
 
@@ -224,11 +227,13 @@ impl InstanceConn {
         body: &mut ForwardBody,
         timeout: Duration,
     ) -> Result<AnswerHead, SendError> {
+        self.timeout = timeout;
         let InstanceConn {
             stream,
             read,
             write,
             deadline,
+            ..
         } = self;
         let parts = head.parts;
         let reading = Reading {
@@ -643,6 +648,10 @@ pub struct InstanceBody {
     reusable: bool,
     guard: Option<InFlightGuard>,
     raw_fields: Option<RawFields>,
+    /// Since when the body waits for the instance's next bytes: after the response timeout
+    /// it fails (nginx's proxy_read_timeout between two reads), so a stalled instance cannot
+    /// hold the client, the connection and the in-flight count for good.
+    waiting_since: Option<Instant>,
 }
 
 impl InstanceBody {
@@ -658,6 +667,7 @@ impl InstanceBody {
             reusable: answer.framing.keep_alive && answer.request_complete,
             guard: Some(guard),
             raw_fields: answer.raw_fields.take(),
+            waiting_since: None,
         };
         if body.progress.is_done() {
             body.finish();
@@ -724,11 +734,16 @@ impl Body for InstanceBody {
                 conn.read.reserve(READ_CHUNK);
             }
             let before = conn.read.len();
-            match ready!(poll_read_buf(
-                Pin::new(&mut conn.stream),
-                cx,
-                &mut conn.read
-            )) {
+            let read = match poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.read) {
+                Poll::Ready(read) => read,
+                Poll::Pending => {
+                    let since = *this.waiting_since.get_or_insert_with(Instant::now);
+                    ready!(conn.deadline.poll_until(cx, since + conn.timeout));
+                    return this.fail("instance paused inside its answer body past the timeout");
+                }
+            };
+            this.waiting_since = None;
+            match read {
                 Ok(0) if this.progress == BodyProgress::UntilClose => {
                     this.progress = BodyProgress::Done;
                     this.conn = None;
