@@ -118,6 +118,19 @@ async fn expired_entries_with_an_etag_are_revalidated_without_the_body() {
     assert_eq!(reply.json()["n"], 1);
     assert_eq!(backend_requests(&client, &backend).await, 2);
     assert_eq!(status_and_n(&client, &url, &[]).await, ("HIT".into(), 1));
+    // A client's own condition does not reach the instance: the cache revalidates with the
+    // entry's validators, renews the entry and answers the client in full.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let conditional = [("if-none-match", "\"v1\"")];
+    let reply = request(&client, "GET", &url, &conditional, "")
+        .await
+        .unwrap();
+    assert_eq!(
+        (reply.status, reply.header("x-cache-status")),
+        (200, "EXPIRED")
+    );
+    assert_eq!(reply.json()["n"], 1);
+    assert_eq!(status_and_n(&client, &url, &[]).await, ("HIT".into(), 1));
 }
 
 #[tokio::test]

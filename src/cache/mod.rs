@@ -163,7 +163,9 @@ pub async fn serve(
                     }
                     // nginx proxy_cache_lock: a late waiter goes to the instance, uncached.
                     Waited::TimedOut => {
-                        let result = fetch.send(as_get(parts).0, ForwardBody::Empty).await;
+                        let result = fetch
+                            .send(as_cache_fetch(parts).0, ForwardBody::Empty)
+                            .await;
                         labelled(result, Outcome::Miss, cache, &fetch.request_id)
                     }
                 },
@@ -216,10 +218,15 @@ fn labelled(
     response
 }
 
-/// HEAD is fetched as GET so the answer can be stored (nginx `proxy_cache_convert_head`).
-fn as_get(mut parts: Parts) -> (Parts, bool) {
+/// A client's request as the cache fetches it: HEAD as GET (nginx `proxy_cache_convert_head`),
+/// without the client's conditions and Range, so the answer is the whole resource and can be
+/// stored; a revalidation adds the entry's own validators afterwards.
+fn as_cache_fetch(mut parts: Parts) -> (Parts, bool) {
     let head = parts.method == Method::HEAD;
     parts.method = Method::GET;
+    for name in &policy::CLIENT_CONDITIONS {
+        parts.headers.remove(name);
+    }
     (parts, head)
 }
 
@@ -241,7 +248,7 @@ async fn fill(
         Outcome::Miss
     };
     let request_headers = parts.headers.clone();
-    let (mut parts, _head) = as_get(parts);
+    let (mut parts, _head) = as_cache_fetch(parts);
     let revalidating = add_validators(&mut parts.headers, stale.as_ref());
     let result = fetch.send(parts, ForwardBody::Empty).await;
     if let (Ok(response), Some(stale)) = (&result, &revalidating) {
@@ -403,7 +410,7 @@ fn keep(store: &Arc<Store>, key: Arc<str>, entry: Entry, lease: Option<Lease>) -
 /// Makes the request conditional on `stale`'s validators; the entry being revalidated, if any.
 fn add_validators(request: &mut HeaderMap, stale: Option<&Arc<Entry>>) -> Option<Arc<Entry>> {
     let stale = stale?;
-    let conditions = policy::validators(&stale.headers, request);
+    let conditions = policy::validators(&stale.headers);
     if conditions.is_empty() {
         return None;
     }
@@ -454,7 +461,7 @@ async fn refresh(
     stale: Option<Arc<Entry>>,
 ) {
     let request_headers = parts.headers.clone();
-    let (mut parts, _head) = as_get(parts);
+    let (mut parts, _head) = as_cache_fetch(parts);
     let revalidating = add_validators(&mut parts.headers, stale.as_ref());
     let Ok(response) = fetch.send(parts, ForwardBody::Empty).await else {
         return;
