@@ -291,6 +291,17 @@ async fn purge_all_by_prefix_and_by_key() {
     let text = String::from_utf8_lossy(&metrics.body);
     assert!(text.contains("scalegate_cache_hits_total 4"), "{text}");
     assert!(text.contains("scalegate_cache_entries 1"), "{text}");
+
+    // A fill that started before a purge answers its client but stores nothing.
+    let slow = gw.url("/cache/r?latency_ms=800");
+    let filling = {
+        let (client, slow) = (client.clone(), slow.clone());
+        tokio::spawn(async move { status_and_n(&client, &slow, &[]).await.0 })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    purge("?prefix=/cache/r".into()).await;
+    assert_eq!(filling.await.unwrap(), "MISS");
+    assert_eq!(status_and_n(&client, &slow, &[]).await.0, "MISS");
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //! to [`LOCK_TIMEOUT`], after which they go to an instance themselves (nginx `proxy_cache_lock`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +16,8 @@ pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 pub struct Coalescer {
     inflight: Mutex<HashMap<Arc<str>, watch::Receiver<()>>>,
+    /// Bumped by every purge: a fetch that started before one must not store what it got.
+    generation: AtomicU64,
 }
 
 /// The right to fetch a key; waiters wake when it drops.
@@ -22,7 +25,15 @@ pub struct Coalescer {
 pub struct Lease {
     coalescer: Arc<Coalescer>,
     key: Arc<str>,
+    generation: u64,
     _done: watch::Sender<()>,
+}
+
+impl Lease {
+    /// No purge happened since the lease was taken: what the fetch got may be stored.
+    pub fn is_current(&self) -> bool {
+        self.coalescer.generation.load(Ordering::Acquire) == self.generation
+    }
 }
 
 impl Drop for Lease {
@@ -60,8 +71,14 @@ impl Coalescer {
         Turn::Lead(Lease {
             coalescer: self.clone(),
             key: key.clone(),
+            generation: self.generation.load(Ordering::Acquire),
             _done: tx,
         })
+    }
+
+    /// A purge happened: fetches in flight store nothing.
+    pub fn invalidate(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Only takes the lease when nobody holds it (for background refreshes, which never wait).

@@ -398,6 +398,10 @@ fn strip_per_answer(headers: &mut HeaderMap) {
 /// Stores `entry` in memory, wakes the waiters (they read memory), then writes it to the shared
 /// tier in the background.
 fn keep(store: &Arc<Store>, key: Arc<str>, entry: Entry, lease: Option<Lease>) -> Arc<Entry> {
+    // Fetched before a purge: it answers its request, and is not stored to outlive the purge.
+    if lease.as_ref().is_some_and(|lease| !lease.is_current()) {
+        return Arc::new(entry);
+    }
     let entry = store.insert(key.clone(), entry);
     drop(lease);
     if store.shared.is_some() {

@@ -267,6 +267,7 @@ impl Store {
 
     /// Removes entries from memory only; the number of keys removed.
     pub fn purge_memory(&self, purge: &Purge) -> u64 {
+        self.inflight.invalidate();
         self.entries.run_pending_tasks();
         let purged = match purge {
             Purge::All => {
