@@ -23,6 +23,38 @@ async fn status_and_n(client: &Client, url: &str, headers: &[(&str, &str)]) -> (
     )
 }
 
+/// A fill reads the instance at its own pace, not the first client's: a client that takes
+/// nothing does not make the next request for the key wait out the lock and go uncached. And a
+/// miss keeps the instance's Content-Length.
+#[tokio::test]
+async fn a_slow_first_client_neither_slows_the_fill_nor_loses_the_length() {
+    use tokio::io::AsyncWriteExt;
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "max_body = \"20MiB\"", "");
+    let path = "/cache/big?bytes=15000000";
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut slow = socket.connect(gw.proxy).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    slow.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = client();
+    let started = std::time::Instant::now();
+    let second = get(&client, &gw.url(path)).await;
+    assert_eq!((second.status, second.body.len()), (200, 15_000_000));
+    assert_eq!(second.header("x-cache-status"), "HIT");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(slow);
+
+    let miss = get(&client, &gw.url("/cache/length")).await;
+    assert_eq!(miss.header("x-cache-status"), "MISS");
+    assert_eq!(miss.header("content-length"), miss.body.len().to_string());
+}
+
 #[tokio::test]
 async fn hits_until_the_ttl_then_fetches_again() {
     let backend = demo_backend(&[]);

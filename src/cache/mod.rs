@@ -9,6 +9,7 @@ pub mod policy;
 pub mod shared;
 pub mod store;
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -19,11 +20,12 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::{RouteCacheConfig, RouteConfig};
 use crate::proxy::headers::X_REQUEST_ID;
-use crate::proxy::{ForwardBody, GatewayBody, InstanceFetch, ProxyError, Runtime};
+use crate::proxy::{BoxError, ForwardBody, GatewayBody, InstanceFetch, ProxyError, Runtime};
 use coalesce::{Lease, Turn, Waited, LOCK_TIMEOUT};
 use policy::{RequestVerdict, State};
 pub use store::{Entry, Outcome, Purge, Store};
@@ -287,14 +289,19 @@ async fn fill(
         return labelled(Ok(response), outcome, cache, &fetch.request_id);
     };
     let (head, body) = response.into_parts();
+    let length = http_body::Body::size_hint(&body).exact();
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let store = cache.store.clone();
     let max_body = cache.rules.max_body;
     tokio::spawn(async move {
-        let lease = lease;
+        let mut lease = lease;
         let mut body = body;
         let mut buffer = Some(BytesMut::new());
         let mut client = Some(tx);
+        // Frames the client has not taken yet: while the answer may still be stored, the
+        // instance is read at its own pace (at most max_body ahead), so one slow client does
+        // not hold the lease every other request for the key waits on.
+        let mut backlog = VecDeque::new();
         while let Some(frame) = body.frame().await {
             let data = match frame {
                 Ok(frame) => match frame.into_data() {
@@ -302,8 +309,10 @@ async fn fill(
                     Err(_) => continue,
                 },
                 Err(err) => {
-                    if let Some(tx) = client.take() {
-                        let _ = tx.send(Err(err)).await;
+                    if relay(&mut client, &mut backlog, false).await {
+                        if let Some(tx) = client.take() {
+                            let _ = tx.send(Err(err)).await;
+                        }
                     }
                     return;
                 }
@@ -312,30 +321,62 @@ async fn fill(
                 if (buf.len() + data.len()) as u64 <= max_body {
                     buf.extend_from_slice(&data);
                 } else {
+                    // Too large to store: the waiters need not wait any longer.
                     buffer = None;
+                    drop(lease.take());
                 }
             }
-            if let Some(tx) = &client {
-                if tx.send(Ok(data)).await.is_err() {
-                    // The client left: keep reading only while the entry may still be stored.
-                    client = None;
-                    if buffer.is_none() {
-                        return;
-                    }
-                }
+            backlog.push_back(data);
+            // The client left: keep reading only while the entry may still be stored.
+            if !relay(&mut client, &mut backlog, buffer.is_some()).await && buffer.is_none() {
+                return;
             }
         }
         if let Some(buf) = buffer {
             keep(&store, key, pending.into_entry(buf.freeze()), lease);
         }
+        relay(&mut client, &mut backlog, false).await;
     });
-    let mut response = Response::from_parts(head, GatewayBody::Relay(rx));
+    let mut response = Response::from_parts(head, GatewayBody::Relay(rx, length));
     cache.store.counters.record(outcome);
     response.headers_mut().insert(
         X_CACHE_STATUS.clone(),
         HeaderValue::from_static(outcome.as_str()),
     );
     response
+}
+
+/// Passes the `backlog` on to the client: without waiting when `ahead` (what does not fit in the
+/// channel stays in the backlog), else waiting for the client to take each frame. False once
+/// the client left (the backlog is dropped then).
+async fn relay(
+    client: &mut Option<mpsc::Sender<Result<Bytes, BoxError>>>,
+    backlog: &mut VecDeque<Bytes>,
+    ahead: bool,
+) -> bool {
+    let Some(tx) = client.as_ref() else {
+        backlog.clear();
+        return false;
+    };
+    while let Some(data) = backlog.pop_front() {
+        let sent = if ahead {
+            match tx.try_send(Ok(data)) {
+                Err(mpsc::error::TrySendError::Full(Ok(data))) => {
+                    backlog.push_front(data);
+                    return true;
+                }
+                other => other.is_ok(),
+            }
+        } else {
+            tx.send(Ok(data)).await.is_ok()
+        };
+        if !sent {
+            *client = None;
+            backlog.clear();
+            return false;
+        }
+    }
+    true
 }
 
 /// A response that may be stored once its body is complete.

@@ -337,7 +337,11 @@ pub enum GatewayBody {
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
     /// Chunks relayed by a task reading an instance's body (the cache storing a response while
     /// the client streams it); an `Err` breaks the body off.
-    Relay(tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>),
+    Relay(
+        tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>,
+        /// The length the instance announced, if any.
+        Option<u64>,
+    ),
     /// Another body, holding the request's concurrency slots until it ends (or is dropped).
     Holding(Box<Holding<GatewayBody, Slots>>),
 }
@@ -388,7 +392,7 @@ impl Body for GatewayBody {
             GatewayBody::Channel(rx) => rx
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|b| Ok(Frame::data(b)))),
-            GatewayBody::Relay(rx) => rx
+            GatewayBody::Relay(rx, _) => rx
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|b| b.map(Frame::data))),
             GatewayBody::Holding(body) => Pin::new(body.as_mut()).poll_frame(cx),
@@ -402,7 +406,7 @@ impl Body for GatewayBody {
             GatewayBody::Full(bytes) => bytes.is_none(),
             GatewayBody::Upstream(body) => body.is_end_stream(),
             GatewayBody::Http2(body) => body.is_end_stream(),
-            GatewayBody::Channel(_) | GatewayBody::Relay(_) => false,
+            GatewayBody::Channel(_) | GatewayBody::Relay(..) => false,
             GatewayBody::Holding(body) => body.is_end_stream(),
         }
     }
@@ -413,7 +417,8 @@ impl Body for GatewayBody {
             GatewayBody::Full(None) => SizeHint::with_exact(0),
             GatewayBody::Upstream(body) => body.size_hint(),
             GatewayBody::Http2(body) => body.size_hint(),
-            GatewayBody::Channel(_) | GatewayBody::Relay(_) => SizeHint::default(),
+            GatewayBody::Relay(_, Some(length)) => SizeHint::with_exact(*length),
+            GatewayBody::Channel(_) | GatewayBody::Relay(_, None) => SizeHint::default(),
             GatewayBody::Holding(body) => body.size_hint(),
         }
     }

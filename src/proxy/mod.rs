@@ -18,7 +18,7 @@ pub mod router;
 mod tunnel;
 pub mod upstream;
 
-pub use body::{ForwardBody, GatewayBody};
+pub use body::{BoxError, ForwardBody, GatewayBody};
 pub use error::ProxyError;
 pub use forward::InstanceFetch;
 
