@@ -265,6 +265,63 @@ async fn h2c_instances_get_http2_on_one_connection() {
     assert_eq!(backend_requests(&client, &backend).await, asked);
 }
 
+/// An h2c instance that resets every stream with `reason`, counting them.
+async fn resetting_h2c_instance(
+    reason: h2::Reason,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let streams = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(socket).await else {
+                    return;
+                };
+                while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    respond.send_reset(reason);
+                }
+            });
+        }
+    });
+    (addr, streams)
+}
+
+/// A stream an HTTP/2 instance resets fails that request, not the instance: it stays in
+/// rotation (max_fails = 1). A refused stream (REFUSED_STREAM: not processed, RFC 9113 §8.7)
+/// goes to another instance whatever its method.
+#[tokio::test]
+async fn reset_streams_fail_requests_not_instances() {
+    use std::sync::atomic::Ordering;
+    let (refusing, refused) = resetting_h2c_instance(h2::Reason::REFUSED_STREAM).await;
+    let (failing, _) = resetting_h2c_instance(h2::Reason::INTERNAL_ERROR).await;
+    let backend = demo_backend(&[]);
+    let config = |instances: &str| {
+        format!(
+            "[upstreams.app]\ninstances = [{instances}]\nprotocol = \"h2c\"\n\
+             strategy = \"round_robin\"\nmax_fails = 1\n\n[[routes]]\nupstream = \"app\"\n"
+        )
+    };
+    let gw = gateway(&config(&format!("\"{refusing}\", \"{}\"", backend.addr())));
+    let client = client();
+    for _ in 0..4 {
+        let reply = request(&client, "POST", &gw.url("/echo"), &[], "")
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200);
+    }
+    assert!(refused.load(Ordering::SeqCst) >= 1);
+    let lone = gateway(&config(&format!("\"{failing}\"")));
+    for _ in 0..3 {
+        // 502, never 503: the instance was not taken out.
+        assert_eq!(get(&client, &lone.url("/x")).await.status, 502);
+    }
+}
+
 async fn backend_connections(client: &Client, backend: &Proc) -> u64 {
     let reply = get(client, &format!("http://{}/__stats", backend.addr())).await;
     reply.json()["connections"].as_u64().unwrap()

@@ -585,6 +585,8 @@ async fn send_http2(
     let request = h2::request(parts, fields, connector.is_tls(), &instance.addr_text)
         .map_err(|reason| Attempt::failed(FailureKind::NotSent, reason))?
         .map(|()| std::mem::replace(body, ForwardBody::Empty));
+    // A refused stream's body is gone with it: only a body-less request can go again.
+    let bodiless = request.body().is_end_stream();
     // HTTP/1.1 connections time their exchanges with their own long-lived timer; hyper's
     // HTTP/2 streams get one each.
     let started = Instant::now();
@@ -601,6 +603,12 @@ async fn send_http2(
             Err(Attempt::failed(FailureKind::NotSent, reason))
         }
         Err(Http2Error::Sent(reason)) => Err(Attempt::failed(FailureKind::Sent, reason)),
+        Err(Http2Error::Reset { reason, refused }) => Err(Attempt::failed(
+            FailureKind::Reset {
+                refused: refused && bodiless,
+            },
+            reason,
+        )),
         Err(Http2Error::Client(failure)) => Err(Attempt::client(failure)),
     }
 }

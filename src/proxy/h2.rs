@@ -42,6 +42,12 @@ pub enum Http2Error {
     /// The request never reached the instance; its body is given back for a retry.
     NotSent(String, ForwardBody),
     Sent(String),
+    /// The instance reset the stream: `refused` (REFUSED_STREAM) means it did not process the
+    /// request at all (RFC 9113 §8.7); either way the connection, and the instance, are fine.
+    Reset {
+        reason: String,
+        refused: bool,
+    },
     /// The client's body failed: not the instance's fault.
     Client(ClientBodyFailure),
 }
@@ -102,11 +108,30 @@ pub async fn send(
         if let Some(request) = err.take_message() {
             return Http2Error::NotSent(err.into_error().to_string(), request.into_body().body);
         }
-        match outcome.and_then(|outcome| outcome.get().cloned()) {
-            Some(failure) => Http2Error::Client(failure),
-            None => Http2Error::Sent(err.into_error().to_string()),
+        if let Some(failure) = outcome.and_then(|outcome| outcome.get().cloned()) {
+            return Http2Error::Client(failure);
+        }
+        let error = err.into_error();
+        match stream_reset(&error) {
+            Some(reason) => Http2Error::Reset {
+                refused: reason == h2::Reason::REFUSED_STREAM,
+                reason: error.to_string(),
+            },
+            None => Http2Error::Sent(error.to_string()),
         }
     })
+}
+
+/// The reason of a stream the instance reset on its own (not the whole connection going away).
+fn stream_reset(error: &hyper::Error) -> Option<h2::Reason> {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return h2.is_reset().then(|| h2.reason()).flatten();
+        }
+        source = cause.source();
+    }
+    None
 }
 
 /// The client's body on its way to an HTTP/2 instance. hyper sends it from a task of its own

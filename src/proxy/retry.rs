@@ -23,6 +23,9 @@ pub enum FailureKind {
     /// The answer head is not valid HTTP/1.1. Often one endpoint's bug, so neither sent again
     /// nor held against the instance (nginx's `invalid_header` is not, by default).
     Invalid,
+    /// An HTTP/2 instance reset the request's stream: one request failed, not the instance.
+    /// `refused` (REFUSED_STREAM): it was not processed, so it may go anywhere.
+    Reset { refused: bool },
     /// A reused connection the instance had closed before answering (most often at its
     /// keep-alive timeout, as the connection was taken); `sent`: the request went out on it.
     Stale { sent: bool },
@@ -60,12 +63,13 @@ pub enum NextAttempt {
 /// attempt was it (`reconnected`).
 pub fn next_attempt(failure: FailureKind, replayable: bool, reconnected: bool) -> NextAttempt {
     match failure {
-        FailureKind::NotSent => NextAttempt::Retry,
-        FailureKind::Sent if replayable => NextAttempt::Retry,
+        FailureKind::NotSent | FailureKind::Reset { refused: true } => NextAttempt::Retry,
+        FailureKind::Sent | FailureKind::Reset { .. } if replayable => NextAttempt::Retry,
         FailureKind::Stale { sent } if !reconnected && (replayable || !sent) => {
             NextAttempt::Reconnect
         }
         FailureKind::Sent
+        | FailureKind::Reset { .. }
         | FailureKind::Stale { .. }
         | FailureKind::BrokeOff
         | FailureKind::Invalid
@@ -131,6 +135,9 @@ mod tests {
             (Stale { sent: true }, true, false, Reconnect),
             (Stale { sent: true }, false, false, GiveUp),
             (Stale { sent: false }, true, true, GiveUp),
+            (Reset { refused: true }, false, false, Retry),
+            (Reset { refused: false }, true, false, Retry),
+            (Reset { refused: false }, false, false, GiveUp),
             (BrokeOff, true, false, GiveUp),
             (Invalid, true, false, GiveUp),
             (Timeout, true, false, GiveUp),
@@ -146,6 +153,8 @@ mod tests {
         assert!(Timeout.is_instance_fault());
         assert!(BrokeOff.is_instance_fault());
         assert!(!Invalid.is_instance_fault());
+        assert!(!Reset { refused: true }.is_instance_fault());
+        assert!(!Reset { refused: false }.is_instance_fault());
         assert!(!Stale { sent: true }.is_instance_fault());
         assert!(!Client.is_instance_fault());
     }
