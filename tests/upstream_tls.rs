@@ -265,30 +265,66 @@ async fn h2c_instances_get_http2_on_one_connection() {
     assert_eq!(backend_requests(&client, &backend).await, asked);
 }
 
-/// An h2c instance that resets every stream with `reason`, counting them.
-async fn resetting_h2c_instance(
-    reason: h2::Reason,
-) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::Ordering;
+/// An h2c instance built on the h2 crate that answers every stream with `answer`.
+async fn h2c_instance<F>(answer: F) -> SocketAddr
+where
+    F: Fn(h2::server::SendResponse<bytes::Bytes>) + Clone + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let streams = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = streams.clone();
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
-            let seen = seen.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let Ok(mut conn) = h2::server::handshake(socket).await else {
                     return;
                 };
-                while let Some(Ok((_request, mut respond))) = conn.accept().await {
-                    seen.fetch_add(1, Ordering::SeqCst);
-                    respond.send_reset(reason);
+                while let Some(Ok((_request, respond))) = conn.accept().await {
+                    answer(respond);
                 }
             });
         }
     });
+    addr
+}
+
+/// An h2c instance that resets every stream with `reason`, counting them.
+async fn resetting_h2c_instance(
+    reason: h2::Reason,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let streams = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = streams.clone();
+    let addr = h2c_instance(move |mut respond| {
+        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        respond.send_reset(reason);
+    })
+    .await;
     (addr, streams)
+}
+
+/// An HTTP/2 instance that pauses inside its answer body past the response timeout: the client
+/// gets what came, then the answer is cut off, and the request no longer counts as in flight.
+#[tokio::test]
+async fn a_paused_http2_answer_body_is_cut_off() {
+    let stalling = h2c_instance(|mut respond| {
+        let head = http::Response::builder()
+            .header("content-length", "100")
+            .body(())
+            .unwrap();
+        let mut body = respond.send_response(head, false).unwrap();
+        body.send_data(bytes::Bytes::from_static(b"0123456789"), false)
+            .unwrap();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(body);
+        });
+    })
+    .await;
+    let gw = gateway(&upstream(
+        &[stalling.to_string()],
+        "protocol = \"h2c\"\nresponse_timeout = \"1s\"",
+    ));
+    assert_cut_off_after_ten_bytes(&gw, "/x").await;
 }
 
 /// A stream an HTTP/2 instance resets fails that request, not the instance: it stays in

@@ -281,17 +281,66 @@ impl Body for ForwardBody {
     }
 }
 
+/// Fails a body once it has waited `idle` for its next frame (nginx's `proxy_read_timeout`
+/// between two reads), so a stalled instance cannot hold the client and the in-flight count for
+/// good. It runs only while the body waits: a client that takes nothing does not poll it. One
+/// Sleep, made at the first wait, serves the body's whole life.
+pub struct IdleTimer {
+    idle: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    waiting: bool,
+}
+
+impl IdleTimer {
+    pub fn new(idle: Duration) -> IdleTimer {
+        IdleTimer {
+            idle,
+            timer: None,
+            waiting: false,
+        }
+    }
+
+    /// The body waits for a frame: ready once it has waited `idle`; a new wait starts afresh.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let due = Instant::now() + self.idle;
+        let timer = match (&mut self.timer, self.waiting) {
+            (Some(timer), true) => timer,
+            (Some(timer), false) => {
+                timer.as_mut().reset(due);
+                timer
+            }
+            (timer @ None, _) => timer.insert(Box::pin(tokio::time::sleep_until(due))),
+        };
+        self.waiting = true;
+        timer.as_mut().poll(cx)
+    }
+}
+
 /// A body that keeps `token` (an in-flight guard, concurrency slots) until it ends, fails or is
 /// dropped, so what the token counts covers the whole answer, not just its head.
+/// With `idle`, the body also fails when it pauses too long (an instance's body).
 pub struct Holding<B, T> {
     body: B,
     token: Option<T>,
+    idle: Option<IdleTimer>,
 }
 
 impl<B: Body, T> Holding<B, T> {
     pub fn new(body: B, token: T) -> Holding<B, T> {
         let token = (!body.is_end_stream()).then_some(token);
-        Holding { body, token }
+        Holding {
+            body,
+            token,
+            idle: None,
+        }
+    }
+
+    /// An instance's body, which fails once it has paused for `idle`.
+    pub fn paced(body: B, token: T, idle: Duration) -> Holding<B, T> {
+        Holding {
+            idle: Some(IdleTimer::new(idle)),
+            ..Holding::new(body, token)
+        }
     }
 }
 
@@ -309,11 +358,27 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
+        let frame = match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                if let Some(idle) = &mut this.idle {
+                    idle.waiting = false;
+                }
+                frame.map(|frame| frame.map_err(Into::into))
+            }
+            Poll::Pending => {
+                let expired = this.idle.as_mut().map(|idle| idle.poll_expired(cx));
+                if expired != Some(Poll::Ready(())) {
+                    return Poll::Pending;
+                }
+                Some(Err(
+                    "instance paused inside its answer body past the timeout".into(),
+                ))
+            }
+        };
         if !matches!(frame, Some(Ok(_))) || this.body.is_end_stream() {
             this.token = None;
         }
-        Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {

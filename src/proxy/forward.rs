@@ -416,7 +416,8 @@ async fn to_instance(
                 strip_hop_by_hop(&mut head.headers);
                 head.headers
                     .insert(X_REQUEST_ID.clone(), request_id.clone());
-                let body = GatewayBody::Http2(Holding::new(incoming, guard));
+                let body = Holding::paced(incoming, guard, config.response_timeout);
+                let body = GatewayBody::Http2(body);
                 return Ok(Response::from_parts(head, body));
             }
             Ok(Answer::Http1(conn, mut answer)) => {

@@ -304,6 +304,20 @@ pub async fn raw_exchange_off_thread(addr: SocketAddr, bytes: &[u8]) -> String {
         .unwrap()
 }
 
+/// GETs `path` from a gateway whose one instance sends "0123456789" of its answer body and then
+/// pauses past a 1 s response timeout: the client gets those bytes, then the gateway cuts the
+/// answer off (well before raw_exchange's 3 s of silence), and nothing stays in flight.
+pub async fn assert_cut_off_after_ten_bytes(gw: &Gateway, path: &str) {
+    let started = std::time::Instant::now();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let cut = raw_exchange_off_thread(gw.proxy, head.as_bytes()).await;
+    assert!(cut.ends_with("\r\n\r\n0123456789"), "{cut}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+    let upstreams = get(&client(), &gw.admin_url("/api/upstreams")).await.json();
+    assert_eq!(upstreams["upstreams"][0]["instances"][0]["in_flight"], 0);
+}
+
 pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
