@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::client_h1::RequestBody;
+use super::deadline::{LazyDeadline, PauseLimit, PAUSED};
 use super::h1::{InstanceBody, RawFields};
 use super::upstream::InFlightGuard;
 use crate::ratelimit::Slots;
@@ -281,48 +282,14 @@ impl Body for ForwardBody {
     }
 }
 
-/// Fails a body once it has waited `idle` for its next frame (nginx's `proxy_read_timeout`
-/// between two reads), so a stalled instance cannot hold the client and the in-flight count for
-/// good. It runs only while the body waits: a client that takes nothing does not poll it. One
-/// Sleep, made at the first wait, serves the body's whole life.
-pub struct IdleTimer {
-    idle: Duration,
-    timer: Option<Pin<Box<Sleep>>>,
-    waiting: bool,
-}
-
-impl IdleTimer {
-    pub fn new(idle: Duration) -> IdleTimer {
-        IdleTimer {
-            idle,
-            timer: None,
-            waiting: false,
-        }
-    }
-
-    /// The body waits for a frame: ready once it has waited `idle`; a new wait starts afresh.
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let due = Instant::now() + self.idle;
-        let timer = match (&mut self.timer, self.waiting) {
-            (Some(timer), true) => timer,
-            (Some(timer), false) => {
-                timer.as_mut().reset(due);
-                timer
-            }
-            (timer @ None, _) => timer.insert(Box::pin(tokio::time::sleep_until(due))),
-        };
-        self.waiting = true;
-        timer.as_mut().poll(cx)
-    }
-}
-
 /// A body that keeps `token` (an in-flight guard, concurrency slots) until it ends, fails or is
 /// dropped, so what the token counts covers the whole answer, not just its head.
-/// With `idle`, the body also fails when it pauses too long (an instance's body).
+/// With `pause`, the body also fails when it waits too long for its next frame (an instance's
+/// body, see `PauseLimit`).
 pub struct Holding<B, T> {
     body: B,
     token: Option<T>,
-    idle: Option<IdleTimer>,
+    pause: Option<(PauseLimit, LazyDeadline)>,
 }
 
 impl<B: Body, T> Holding<B, T> {
@@ -331,14 +298,16 @@ impl<B: Body, T> Holding<B, T> {
         Holding {
             body,
             token,
-            idle: None,
+            pause: None,
         }
     }
 
-    /// An instance's body, which fails once it has paused for `idle`.
-    pub fn paced(body: B, token: T, idle: Duration) -> Holding<B, T> {
+    /// An instance's body, which fails once it has waited `limit` for its next frame.
+    pub fn paced(body: B, token: T, limit: Duration) -> Holding<B, T> {
+        // Not in the timer wheel until the body first waits.
+        let timer = LazyDeadline::new(Instant::now() + limit);
         Holding {
-            idle: Some(IdleTimer::new(idle)),
+            pause: Some((PauseLimit::new(limit), timer)),
             ..Holding::new(body, token)
         }
     }
@@ -360,19 +329,17 @@ where
         let this = self.get_mut();
         let frame = match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(frame) => {
-                if let Some(idle) = &mut this.idle {
-                    idle.waiting = false;
+                if let Some((pause, _)) = &mut this.pause {
+                    pause.progressed();
                 }
                 frame.map(|frame| frame.map_err(Into::into))
             }
             Poll::Pending => {
-                let expired = this.idle.as_mut().map(|idle| idle.poll_expired(cx));
-                if expired != Some(Poll::Ready(())) {
+                let Some((pause, timer)) = &mut this.pause else {
                     return Poll::Pending;
-                }
-                Some(Err(
-                    "instance paused inside its answer body past the timeout".into(),
-                ))
+                };
+                ready!(pause.poll_expired(cx, timer));
+                Some(Err(PAUSED.into()))
             }
         };
         if !matches!(frame, Some(Ok(_))) || this.body.is_end_stream() {

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
@@ -39,6 +40,35 @@ impl LazyDeadline {
             }
             self.sleep.as_mut().reset(due);
         }
+    }
+}
+
+/// How long an instance's answer body may wait for its next bytes (nginx's
+/// `proxy_read_timeout` between two reads), so a stalled instance cannot hold a client, a
+/// connection and the in-flight count for good. Only waits count: a client that takes nothing
+/// does not poll the body. The timer is a `LazyDeadline` the caller owns.
+pub struct PauseLimit {
+    limit: Duration,
+    since: Option<Instant>,
+}
+
+/// Why a body that paused too long ends.
+pub const PAUSED: &str = "instance paused inside its answer body past the timeout";
+
+impl PauseLimit {
+    pub fn new(limit: Duration) -> PauseLimit {
+        PauseLimit { limit, since: None }
+    }
+
+    /// Bytes came: the next wait starts afresh.
+    pub fn progressed(&mut self) {
+        self.since = None;
+    }
+
+    /// The body waits: ready once this wait has lasted the limit.
+    pub fn poll_expired(&mut self, cx: &mut Context<'_>, timer: &mut LazyDeadline) -> Poll<()> {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        timer.poll_until(cx, since + self.limit)
     }
 }
 

@@ -449,7 +449,9 @@ async fn to_instance(
                         .headers
                         .insert(X_REQUEST_ID.clone(), request_id.clone());
                 }
-                let body = GatewayBody::Upstream(InstanceBody::new(conn, &mut answer, guard));
+                let timeout = config.response_timeout;
+                let body = InstanceBody::new(conn, &mut answer, guard, timeout);
+                let body = GatewayBody::Upstream(body);
                 return Ok(Response::from_parts(answer.head, body));
             }
             Err(failure) => {

@@ -26,7 +26,7 @@ use tokio_util::io::poll_read_buf;
 
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::InstanceStream;
-use super::deadline::LazyDeadline;
+use super::deadline::{LazyDeadline, PauseLimit, PAUSED};
 use super::headers::{has, ForwardedFields};
 use super::upstream::InFlightGuard;
 use crate::http1::{
@@ -48,8 +48,6 @@ pub struct InstanceConn {
     write: Vec<u8>,
     /// The response timeout, one timer for the connection's life.
     deadline: LazyDeadline,
-    /// The response timeout of the request on it; also how long its answer body may pause.
-    timeout: Duration,
 }
 
 /// How an exchange with an instance failed.
@@ -190,7 +188,6 @@ impl InstanceConn {
             write: Vec::with_capacity(1024),
             // Armed by the first request; until then the timer is not in the wheel.
             deadline: LazyDeadline::new(Instant::now() + Duration::from_secs(3600)),
-            timeout: Duration::from_secs(3600),
         }
     }
 
@@ -227,13 +224,11 @@ impl InstanceConn {
         body: &mut ForwardBody,
         timeout: Duration,
     ) -> Result<AnswerHead, SendError> {
-        self.timeout = timeout;
         let InstanceConn {
             stream,
             read,
             write,
             deadline,
-            ..
         } = self;
         let parts = head.parts;
         let reading = Reading {
@@ -648,18 +643,18 @@ pub struct InstanceBody {
     reusable: bool,
     guard: Option<InFlightGuard>,
     raw_fields: Option<RawFields>,
-    /// Since when the body waits for the instance's next bytes: after the response timeout
-    /// it fails (nginx's proxy_read_timeout between two reads), so a stalled instance cannot
-    /// hold the client, the connection and the in-flight count for good.
-    waiting_since: Option<Instant>,
+    /// Timed with the connection's own timer.
+    pause: PauseLimit,
 }
 
 impl InstanceBody {
-    /// The body of `answer`, which takes the answer's raw fields along.
+    /// The body of `answer`, which takes the answer's raw fields along and fails once it has
+    /// waited `pause_limit` for the instance's next bytes.
     pub fn new(
         conn: Box<InstanceConn>,
         answer: &mut AnswerHead,
         guard: InFlightGuard,
+        pause_limit: Duration,
     ) -> InstanceBody {
         let mut body = InstanceBody {
             conn: Some(conn),
@@ -667,7 +662,7 @@ impl InstanceBody {
             reusable: answer.framing.keep_alive && answer.request_complete,
             guard: Some(guard),
             raw_fields: answer.raw_fields.take(),
-            waiting_since: None,
+            pause: PauseLimit::new(pause_limit),
         };
         if body.progress.is_done() {
             body.finish();
@@ -737,12 +732,11 @@ impl Body for InstanceBody {
             let read = match poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.read) {
                 Poll::Ready(read) => read,
                 Poll::Pending => {
-                    let since = *this.waiting_since.get_or_insert_with(Instant::now);
-                    ready!(conn.deadline.poll_until(cx, since + conn.timeout));
-                    return this.fail("instance paused inside its answer body past the timeout");
+                    ready!(this.pause.poll_expired(cx, &mut conn.deadline));
+                    return this.fail(PAUSED);
                 }
             };
-            this.waiting_since = None;
+            this.pause.progressed();
             match read {
                 Ok(0) if this.progress == BodyProgress::UntilClose => {
                     this.progress = BodyProgress::Done;
