@@ -165,9 +165,7 @@ pub async fn serve(
                     }
                     // nginx proxy_cache_lock: a late waiter goes to the instance, uncached.
                     Waited::TimedOut => {
-                        let result = fetch
-                            .send(as_cache_fetch(parts).0, ForwardBody::Empty)
-                            .await;
+                        let result = fetch.send(as_cache_fetch(parts), ForwardBody::Empty).await;
                         labelled(result, Outcome::Miss, cache, &fetch.request_id)
                     }
                 },
@@ -223,13 +221,12 @@ fn labelled(
 /// A client's request as the cache fetches it: HEAD as GET (nginx `proxy_cache_convert_head`),
 /// without the client's conditions and Range, so the answer is the whole resource and can be
 /// stored; a revalidation adds the entry's own validators afterwards.
-fn as_cache_fetch(mut parts: Parts) -> (Parts, bool) {
-    let head = parts.method == Method::HEAD;
+fn as_cache_fetch(mut parts: Parts) -> Parts {
     parts.method = Method::GET;
     for name in &policy::CLIENT_CONDITIONS {
         parts.headers.remove(name);
     }
-    (parts, head)
+    parts
 }
 
 /// Fetches for a client and stores the answer when allowed, streaming it to the client as it
@@ -250,7 +247,7 @@ async fn fill(
         Outcome::Miss
     };
     let request_headers = parts.headers.clone();
-    let (mut parts, _head) = as_cache_fetch(parts);
+    let mut parts = as_cache_fetch(parts);
     let revalidating = add_validators(&mut parts.headers, stale.as_ref());
     let result = fetch.send(parts, ForwardBody::Empty).await;
     if let (Ok(response), Some(stale)) = (&result, &revalidating) {
@@ -290,7 +287,7 @@ async fn fill(
     };
     let (head, body) = response.into_parts();
     let length = http_body::Body::size_hint(&body).exact();
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let (tx, rx) = mpsc::channel(16);
     let store = cache.store.clone();
     let max_body = cache.rules.max_body;
     tokio::spawn(async move {
@@ -506,7 +503,7 @@ async fn refresh(
     stale: Option<Arc<Entry>>,
 ) {
     let request_headers = parts.headers.clone();
-    let (mut parts, _head) = as_cache_fetch(parts);
+    let mut parts = as_cache_fetch(parts);
     let revalidating = add_validators(&mut parts.headers, stale.as_ref());
     let Ok(response) = fetch.send(parts, ForwardBody::Empty).await else {
         return;
