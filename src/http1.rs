@@ -125,7 +125,7 @@ pub fn response_framing(
 ) -> Result<BodyFraming, ParseError> {
     let mut connection = ConnectionOptions::default();
     let mut length: Option<u64> = None;
-    let mut transfer_encoding: Option<()> = None;
+    let mut chunked = false;
     for header in headers {
         match FieldKind::of(header.name) {
             FieldKind::ContentLength => {
@@ -140,10 +140,9 @@ pub fn response_framing(
             // Other codings would reach the client still applied and unnamed once the gateway
             // re-frames the body; nginx refuses them too.
             FieldKind::TransferEncoding
-                if transfer_encoding.is_none()
-                    && header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") =>
+                if !chunked && header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") =>
             {
-                transfer_encoding = Some(());
+                chunked = true;
             }
             FieldKind::TransferEncoding => return Err(ParseError::Coding),
             FieldKind::Connection => connection.read(header.value),
@@ -153,7 +152,7 @@ pub fn response_framing(
     let mut keep_alive = connection.keep_alive(minor_version == 1);
     let framing = if head_request || status / 100 == 1 || status == 204 || status == 304 {
         Framing::Length(0)
-    } else if transfer_encoding.is_some() {
+    } else if chunked {
         if length.is_some() {
             keep_alive = false;
         }
