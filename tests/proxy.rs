@@ -926,28 +926,6 @@ async fn folded_headers_and_bare_lf_never_smuggle() {
     );
 }
 
-/// The paths a scripted instance was asked for, in order.
-/// Sends `POST path` with a 10-byte body in two halves `pause` apart, blocking; the connection
-/// is left to read the answer from.
-fn post_in_two_halves(
-    proxy: std::net::SocketAddr,
-    path: &str,
-    fields: &str,
-    pause: Duration,
-) -> std::net::TcpStream {
-    use std::io::Write;
-    let mut stream = std::net::TcpStream::connect(proxy).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n{fields}\r\n");
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(b"12345").unwrap();
-    std::thread::sleep(pause);
-    stream.write_all(b"67890").unwrap();
-    stream
-}
-
 /// Reads (and drops) a body of the length `head` gives from `buf` and then `stream`: its length,
 /// `Some(None)` without a Content-Length, `None` when the connection ends first.
 async fn read_sized_body(

@@ -268,7 +268,10 @@ async fn h2c_instances_get_http2_on_one_connection() {
 /// An h2c instance built on the h2 crate that answers every stream with `answer`.
 async fn h2c_instance<F>(answer: F) -> SocketAddr
 where
-    F: Fn(h2::server::SendResponse<bytes::Bytes>) + Clone + Send + 'static,
+    F: Fn(http::Request<h2::RecvStream>, h2::server::SendResponse<bytes::Bytes>)
+        + Clone
+        + Send
+        + 'static,
 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -279,8 +282,8 @@ where
                 let Ok(mut conn) = h2::server::handshake(socket).await else {
                     return;
                 };
-                while let Some(Ok((_request, respond))) = conn.accept().await {
-                    answer(respond);
+                while let Some(Ok((request, respond))) = conn.accept().await {
+                    answer(request, respond);
                 }
             });
         }
@@ -294,7 +297,7 @@ async fn resetting_h2c_instance(
 ) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let streams = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = streams.clone();
-    let addr = h2c_instance(move |mut respond| {
+    let addr = h2c_instance(move |_, mut respond| {
         seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         respond.send_reset(reason);
     })
@@ -306,7 +309,7 @@ async fn resetting_h2c_instance(
 /// gets what came, then the answer is cut off, and the request no longer counts as in flight.
 #[tokio::test]
 async fn a_paused_http2_answer_body_is_cut_off() {
-    let stalling = h2c_instance(|mut respond| {
+    let stalling = h2c_instance(|_, mut respond| {
         let head = http::Response::builder()
             .header("content-length", "100")
             .body(())
@@ -325,6 +328,50 @@ async fn a_paused_http2_answer_body_is_cut_off() {
         "protocol = \"h2c\"\nresponse_timeout = \"1s\"",
     ));
     assert_cut_off_after_ten_bytes(&gw, "/x").await;
+}
+
+/// Towards an HTTP/2 instance too, the response timeout runs only while the gateway waits on
+/// the instance: a client that pauses inside its body past it still gets the answer, and an
+/// instance that takes no part of the body for the whole timeout gets 504.
+#[tokio::test]
+async fn an_http2_instance_is_timed_while_waited_on_never_while_the_client_is() {
+    let backend = demo_backend(&[]);
+    let gw = gateway(&upstream(
+        &[backend.addr().to_string()],
+        "protocol = \"h2c\"\nresponse_timeout = \"1s\"",
+    ));
+    let proxy = gw.proxy;
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let pause = Duration::from_millis(1500);
+        let mut stream = post_in_two_halves(proxy, "/upload", "Connection: close\r\n", pause);
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("x-body-received: 10\r\n"), "{answer}");
+
+    // This one keeps the stream open but never reads from it: past its window (64 KiB), the
+    // body waits on the instance.
+    let deaf = h2c_instance(|request, respond| {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop((request, respond));
+        });
+    })
+    .await;
+    let gw = gateway(&upstream(
+        &[deaf.to_string()],
+        "protocol = \"h2c\"\nresponse_timeout = \"1s\"",
+    ));
+    let client = client();
+    let stalled = request(&client, "POST", &gw.url("/deaf"), &[], &"z".repeat(1 << 20))
+        .await
+        .unwrap();
+    assert_eq!(stalled.status, 504);
 }
 
 /// A stream an HTTP/2 instance resets fails that request, not the instance: it stays in

@@ -590,13 +590,8 @@ async fn send_http2(
         .map(|()| std::mem::replace(body, ForwardBody::Empty));
     // A refused stream's body is gone with it: only a body-less request can go again.
     let bodiless = request.body().is_end_stream();
-    // HTTP/1.1 connections time their exchanges with their own long-lived timer; hyper's
-    // HTTP/2 streams get one each.
     let started = Instant::now();
-    let answer = tokio::time::timeout_at(started + timeout, h2::send(sender, request))
-        .await
-        .map_err(|_| Attempt::timed_out())?;
-    match answer {
+    match h2::send(sender, request, timeout).await {
         Ok(response) => {
             observe_latency(instance, started);
             Ok(Answer::Http2(response))
@@ -613,6 +608,7 @@ async fn send_http2(
             reason,
         )),
         Err(Http2Error::Client(failure)) => Err(Attempt::client(failure)),
+        Err(Http2Error::TimedOut) => Err(Attempt::timed_out()),
     }
 }
 

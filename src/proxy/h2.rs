@@ -4,7 +4,7 @@
 //! the request's in-flight guard to its end.
 
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -18,6 +18,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::{ConnectError, Connector};
@@ -50,6 +52,8 @@ pub enum Http2Error {
     },
     /// The client's body failed: not the instance's fault.
     Client(ClientBodyFailure),
+    /// The instance took longer than the response timeout over a part of the body or the answer.
+    TimedOut,
 }
 
 impl Http2Conn {
@@ -94,21 +98,35 @@ impl Http2Conn {
     }
 }
 
-/// Sends one request; resolves with the answer head.
+/// Sends one request; resolves with the answer head, or `TimedOut` once the instance kept the
+/// gateway waiting for `timeout` (see `UploadWatch`).
 pub async fn send(
     mut sender: SendRequest<Upload>,
     request: Request<ForwardBody>,
+    timeout: Duration,
 ) -> Result<hyper::Response<Incoming>, Http2Error> {
-    let outcome = (!request.body().is_end_stream()).then(Arc::default);
+    let started = Instant::now();
+    let watch = (!request.body().is_end_stream()).then(|| Arc::new(UploadWatch::new(started)));
     let request = request.map(|body| Upload {
         body,
-        outcome: outcome.clone(),
+        watch: watch.clone(),
     });
-    sender.try_send_request(request).await.map_err(|mut err| {
+    let expired = async {
+        match &watch {
+            Some(watch) => watch.expired(timeout).await,
+            None => tokio::time::sleep_until(started + timeout).await,
+        }
+    };
+    let answer = tokio::select! {
+        biased;
+        answer = sender.try_send_request(request) => answer,
+        () = expired => return Err(Http2Error::TimedOut),
+    };
+    answer.map_err(|mut err| {
         if let Some(request) = err.take_message() {
             return Http2Error::NotSent(err.into_error().to_string(), request.into_body().body);
         }
-        if let Some(failure) = outcome.and_then(|outcome| outcome.get().cloned()) {
+        if let Some(failure) = watch.and_then(|watch| watch.failure.get().cloned()) {
             return Http2Error::Client(failure);
         }
         let error = err.into_error();
@@ -139,8 +157,68 @@ fn stream_reset(error: &hyper::Error) -> Option<h2::Reason> {
 /// (413) or a client gone from an instance failure.
 pub struct Upload {
     body: ForwardBody,
-    /// `None` for an empty body, which cannot fail.
-    outcome: Option<Arc<OnceLock<ClientBodyFailure>>>,
+    /// `None` for an empty body, which cannot fail and is never polled.
+    watch: Option<Arc<UploadWatch>>,
+}
+
+/// What the upload of a body to an HTTP/2 instance tells the exchange: how the client's body
+/// failed (hyper then only reports a broken stream), and since when the gateway waits on the
+/// instance. The response timeout counts only that wait, as over HTTP/1.1: for the instance
+/// to take the last part of the body (hyper polls for the next part once the flow-control
+/// window lets it send), then for the answer head once the body is all out. While the next
+/// part is still on its way from the client, no clock runs.
+struct UploadWatch {
+    failure: OnceLock<ClientBodyFailure>,
+    /// `None` while the client's next part is awaited.
+    waiting_on_instance_since: Mutex<Option<Instant>>,
+    /// Wakes `expired` when the wait goes back to the instance.
+    resumed: Notify,
+}
+
+impl UploadWatch {
+    fn new(head_sent: Instant) -> Self {
+        UploadWatch {
+            failure: OnceLock::new(),
+            waiting_on_instance_since: Mutex::new(Some(head_sent)),
+            resumed: Notify::new(),
+        }
+    }
+
+    fn since(&self) -> Option<Instant> {
+        *self.waiting_on_instance_since.lock().expect("upload watch")
+    }
+
+    /// Notes whether the last poll of the body waits on the client (`Pending`) or handed a
+    /// part (or the end) to the instance.
+    fn polled(&self, waiting_on_client: bool) {
+        let now = (!waiting_on_client).then(Instant::now);
+        let before = std::mem::replace(
+            &mut *self.waiting_on_instance_since.lock().expect("upload watch"),
+            now,
+        );
+        if before.is_none() && now.is_some() {
+            self.resumed.notify_waiters();
+        }
+    }
+
+    /// Completes once one wait on the instance lasted `timeout`.
+    async fn expired(&self, timeout: Duration) {
+        loop {
+            let resumed = self.resumed.notified();
+            tokio::pin!(resumed);
+            // Registered before the state is read, so a resumption in between is not missed.
+            resumed.as_mut().enable();
+            match self.since() {
+                None => resumed.await,
+                Some(since) => {
+                    tokio::time::sleep_until(since + timeout).await;
+                    if self.since() == Some(since) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Body for Upload {
@@ -152,9 +230,14 @@ impl Body for Upload {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
-        if let (Some(Err(err)), Some(outcome)) = (&frame, &this.outcome) {
-            let _ = outcome.set(ClientBodyFailure::of(err));
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let Some(watch) = &this.watch else {
+            return polled;
+        };
+        watch.polled(polled.is_pending());
+        let frame = ready!(polled);
+        if let Some(Err(err)) = &frame {
+            let _ = watch.failure.set(ClientBodyFailure::of(err));
         }
         Poll::Ready(frame)
     }
@@ -209,6 +292,30 @@ pub fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The timeout counts each wait on the instance on its own and never a wait on the client.
+    #[tokio::test(start_paused = true)]
+    async fn only_waits_on_the_instance_expire() {
+        let second = Duration::from_secs(1);
+        let start = Instant::now();
+        let watch = UploadWatch::new(start);
+        let expired = watch.expired(second);
+        tokio::pin!(expired);
+        let steps = async {
+            tokio::time::sleep(second / 2).await;
+            watch.polled(false); // the instance took a part, and the next one is handed over
+            tokio::time::sleep(second / 2).await;
+            watch.polled(true); // the client's next part is not here yet
+            tokio::time::sleep(second * 5).await;
+            watch.polled(false); // it came, and went to the instance
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            () = &mut expired => {}
+            () = steps => unreachable!(),
+        }
+        assert_eq!(Instant::now() - start, second * 7);
+    }
 
     #[test]
     fn requests_get_an_absolute_uri_from_the_host() {

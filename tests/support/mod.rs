@@ -330,6 +330,27 @@ pub async fn assert_cut_off_after_ten_bytes(gw: &Gateway, path: &str) {
     assert_eq!(upstreams["upstreams"][0]["instances"][0]["in_flight"], 0);
 }
 
+/// Sends `POST path` with a 10-byte body in two halves `pause` apart, blocking; the connection
+/// is left to read the answer from.
+pub fn post_in_two_halves(
+    proxy: std::net::SocketAddr,
+    path: &str,
+    fields: &str,
+    pause: Duration,
+) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(proxy).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n{fields}\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(b"12345").unwrap();
+    std::thread::sleep(pause);
+    stream.write_all(b"67890").unwrap();
+    stream
+}
+
 pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
