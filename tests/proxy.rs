@@ -561,16 +561,7 @@ async fn the_response_timeout_waits_on_instances_never_on_clients() {
     // A client that pauses longer than the response timeout inside its body: the instance
     // took every byte as it came, so the wait is the client's, not the instance's.
     let proxy = gw.proxy;
-    let answer = tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let pause = Duration::from_millis(1500);
-        let mut stream = post_in_two_halves(proxy, "/upload", "Connection: close\r\n", pause);
-        let mut answer = String::new();
-        let _ = stream.read_to_string(&mut answer);
-        answer
-    })
-    .await
-    .unwrap();
+    let answer = answer_to_a_paused_upload(proxy).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("length:10"), "{answer}");
     // The instance was not held to blame: it still takes requests (max_fails = 1).

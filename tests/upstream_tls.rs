@@ -340,17 +340,7 @@ async fn an_http2_instance_is_timed_while_waited_on_never_while_the_client_is() 
         &[backend.addr().to_string()],
         "protocol = \"h2c\"\nresponse_timeout = \"1s\"",
     ));
-    let proxy = gw.proxy;
-    let answer = tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let pause = Duration::from_millis(1500);
-        let mut stream = post_in_two_halves(proxy, "/upload", "Connection: close\r\n", pause);
-        let mut answer = String::new();
-        let _ = stream.read_to_string(&mut answer);
-        answer
-    })
-    .await
-    .unwrap();
+    let answer = answer_to_a_paused_upload(gw.proxy).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("x-body-received: 10\r\n"), "{answer}");
 

@@ -330,6 +330,21 @@ pub async fn assert_cut_off_after_ten_bytes(gw: &Gateway, path: &str) {
     assert_eq!(upstreams["upstreams"][0]["instances"][0]["in_flight"], 0);
 }
 
+/// The whole answer to `POST /upload` whose 10-byte body pauses 1.5 s halfway, longer than
+/// the `response_timeout` of 1 s the tests give it, on a connection that then closes.
+pub async fn answer_to_a_paused_upload(proxy: SocketAddr) -> String {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let pause = Duration::from_millis(1500);
+        let mut stream = post_in_two_halves(proxy, "/upload", "Connection: close\r\n", pause);
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    })
+    .await
+    .unwrap()
+}
+
 /// Sends `POST path` with a 10-byte body in two halves `pause` apart, blocking; the connection
 /// is left to read the answer from.
 pub fn post_in_two_halves(
