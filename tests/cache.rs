@@ -146,18 +146,58 @@ async fn expired_entries_with_an_etag_are_revalidated_without_the_body() {
     assert_eq!(backend_requests(&client, &backend).await, 2);
     assert_eq!(status_and_n(&client, &url, &[]).await, ("HIT".into(), 1));
     // A client's own condition does not reach the instance: the cache revalidates with the
-    // entry's validators, renews the entry and answers the client in full.
+    // entry's validators and renews the entry, then answers the condition itself.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let conditional = [("if-none-match", "\"v1\"")];
+    let conditional = [("if-none-match", "\"v0\", \"v1\"")];
     let reply = request(&client, "GET", &url, &conditional, "")
         .await
         .unwrap();
     assert_eq!(
         (reply.status, reply.header("x-cache-status")),
-        (200, "EXPIRED")
+        (304, "EXPIRED")
     );
-    assert_eq!(reply.json()["n"], 1);
+    assert!(reply.body.is_empty());
+    assert_eq!(backend_requests(&client, &backend).await, 3);
     assert_eq!(status_and_n(&client, &url, &[]).await, ("HIT".into(), 1));
+}
+
+/// Hits answer a client's conditional GET as nginx's cache does: 304 without a body when its
+/// If-None-Match names the stored ETag, or when nothing changed since its If-Modified-Since;
+/// the whole answer otherwise.
+#[tokio::test]
+async fn conditional_requests_get_304_from_stored_answers() {
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "", "");
+    let client = client();
+    let modified = "Tue, 24 Nov 2026 10:00:00 GMT";
+    let url = gw.url("/cache?etag=v1&last_modified=Tue%2C%2024%20Nov%202026%2010%3A00%3A00%20GMT");
+    assert_eq!(status_and_n(&client, &url, &[]).await, ("MISS".into(), 1));
+    let unchanged = [
+        ("if-none-match", "W/\"v1\""),
+        ("if-modified-since", modified),
+        ("if-modified-since", "Wed, 25 Nov 2026 10:00:00 GMT"),
+    ];
+    for condition in unchanged {
+        let reply = request(&client, "GET", &url, &[condition], "")
+            .await
+            .unwrap();
+        assert_eq!((reply.status, reply.header("x-cache-status")), (304, "HIT"));
+        assert!(reply.body.is_empty());
+        assert_eq!(reply.header("etag"), "\"v1\"");
+        assert_eq!(reply.header("last-modified"), modified);
+        assert!(!reply.header("x-request-id").is_empty());
+    }
+    let changed = [
+        ("if-none-match", "\"v0\""),
+        ("if-modified-since", "Mon, 23 Nov 2026 10:00:00 GMT"),
+    ];
+    for condition in changed {
+        assert_eq!(
+            status_and_n(&client, &url, &[condition]).await,
+            ("HIT".into(), 1)
+        );
+    }
+    assert_eq!(backend_requests(&client, &backend).await, 1);
 }
 
 #[tokio::test]

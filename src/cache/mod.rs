@@ -103,9 +103,17 @@ pub async fn serve(
         .map(|e| State::at(&e.freshness, now.saturating_duration_since(e.stored_at)));
     match (state, stored) {
         (Some(State::Fresh), Some(entry)) => {
-            hit(&entry, Outcome::Hit, cache, &fetch.request_id, now)
+            hit(&entry, Outcome::Hit, &parts.headers, cache, &fetch, now)
         }
         (Some(State::Revalidate), Some(entry)) => {
+            let answer = hit(
+                &entry,
+                Outcome::Updating,
+                &parts.headers,
+                cache,
+                &fetch,
+                now,
+            );
             let key: Arc<str> = Arc::from(key);
             if let Some(lease) = store.inflight.try_lead(&key) {
                 tokio::spawn(refresh(
@@ -118,7 +126,7 @@ pub async fn serve(
                     Some(entry.clone()),
                 ));
             }
-            hit(&entry, Outcome::Updating, cache, &fetch.request_id, now)
+            answer
         }
         (_, stale) => {
             let key: Arc<str> = Arc::from(key);
@@ -141,7 +149,7 @@ pub async fn serve(
                             if let Some(shared) = &store.shared {
                                 shared.hits.fetch_add(1, Ordering::Relaxed);
                             }
-                            hit(&entry, Outcome::Hit, cache, &fetch.request_id, now)
+                            hit(&entry, Outcome::Hit, &parts.headers, cache, &fetch, now)
                         }
                         // A stale shared entry still serves on error, as a memory one would.
                         Some(entry) => {
@@ -158,7 +166,9 @@ pub async fn serve(
                                 == State::Fresh
                         });
                         match fresh {
-                            Some(entry) => hit(&entry, Outcome::Hit, cache, &fetch.request_id, now),
+                            Some(entry) => {
+                                hit(&entry, Outcome::Hit, &parts.headers, cache, &fetch, now)
+                            }
                             // Not stored (uncacheable or failed): fetch for this request alone.
                             None => fill(cache, key, parts, fetch, None, stale).await,
                         }
@@ -174,22 +184,30 @@ pub async fn serve(
     }
 }
 
-/// A response made from a stored entry.
+/// A response made from a stored entry: 304 without a body when it satisfies the client's own
+/// conditions (If-None-Match, If-Modified-Since), as nginx answers from its cache.
 fn hit(
     entry: &Entry,
     outcome: Outcome,
+    request: &HeaderMap,
     cache: &RouteCache,
-    request_id: &HeaderValue,
+    fetch: &InstanceFetch,
     now: Instant,
 ) -> Response<GatewayBody> {
     cache.store.counters.record(outcome);
-    let mut response = Response::new(GatewayBody::Full(Some(entry.body.clone())));
-    *response.status_mut() = entry.status;
+    let unchanged = policy::not_modified(request, entry.status, &entry.headers);
+    let body = (!unchanged).then(|| entry.body.clone());
+    let mut response = Response::new(GatewayBody::Full(body));
+    *response.status_mut() = if unchanged {
+        StatusCode::NOT_MODIFIED
+    } else {
+        entry.status
+    };
     let headers = response.headers_mut();
     headers.clone_from(&entry.headers);
     let age = entry.freshness.initial_age + now.saturating_duration_since(entry.stored_at);
     headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    headers.insert(X_REQUEST_ID.clone(), fetch.request_id.clone());
     headers.insert(
         X_CACHE_STATUS.clone(),
         HeaderValue::from_static(outcome.as_str()),
@@ -259,7 +277,14 @@ async fn fill(
             } else {
                 Arc::new(entry)
             };
-            return hit(&entry, outcome, cache, &fetch.request_id, Instant::now());
+            return hit(
+                &entry,
+                outcome,
+                &request_headers,
+                cache,
+                &fetch,
+                Instant::now(),
+            );
         }
     }
     let failed = match &result {
@@ -276,7 +301,7 @@ async fn fill(
                 } | State::Revalidate
             )
         }) {
-            return hit(&entry, Outcome::Stale, cache, &fetch.request_id, now);
+            return hit(&entry, Outcome::Stale, &request_headers, cache, &fetch, now);
         }
     }
     let Ok(response) = result else {

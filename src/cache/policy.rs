@@ -1,8 +1,9 @@
 //! The cache's decisions, as pure functions over plain data with the clock passed in (RFC 9111
 //! subset for a shared cache, RFC 5861 stale extensions): may a request use the cache, may a
 //! response be stored and for how long, is an entry fresh, servable stale or expired, does an
-//! entry's Vary match a request, what a request's cache key is, and how a stored response is
-//! revalidated (conditional request headers, headers after a 304).
+//! entry's Vary match a request, what a request's cache key is, how a stored response is
+//! revalidated (conditional request headers, headers after a 304), and when a client's own
+//! conditional request gets 304 from a stored response.
 
 use std::time::{Duration, SystemTime};
 
@@ -203,6 +204,70 @@ fn expires_lifetime(response: &HeaderMap, now: SystemTime) -> Option<Duration> {
 
 fn http_date(value: &HeaderValue) -> Option<SystemTime> {
     httpdate::parse_http_date(value.to_str().ok()?).ok()
+}
+
+/// Whether a client's conditional GET or HEAD gets 304 Not Modified from a stored 200 (RFC 9110
+/// §13.1.2, §13.1.3, §13.2.2): If-None-Match, when present, decides alone: `*`, or one of its
+/// entity tags weakly equal to the stored ETag. Otherwise If-Modified-Since, a single valid
+/// date, at or after the stored Last-Modified (nginx's `if_modified_since before`; its default
+/// `exact` wants the same second). If-Match and If-Unmodified-Since are not evaluated.
+pub fn not_modified(request: &HeaderMap, stored_status: StatusCode, stored: &HeaderMap) -> bool {
+    if stored_status != StatusCode::OK {
+        return false;
+    }
+    let mut none_match = request.get_all(header::IF_NONE_MATCH).iter().peekable();
+    if none_match.peek().is_some() {
+        let etag = stored
+            .get(header::ETAG)
+            .and_then(|v| opaque_tag(v.as_bytes()));
+        return none_match.any(|list| matches_entity_tag(list.as_bytes(), etag));
+    }
+    let mut since = request.get_all(header::IF_MODIFIED_SINCE).iter();
+    let (Some(since), None) = (since.next(), since.next()) else {
+        return false;
+    };
+    match (
+        http_date(since),
+        stored.get(header::LAST_MODIFIED).and_then(http_date),
+    ) {
+        (Some(since), Some(modified)) => modified <= since,
+        _ => false,
+    }
+}
+
+/// The quoted part of an entity tag (`"xyz"` of `W/"xyz"`), which weak comparison compares.
+fn opaque_tag(tag: &[u8]) -> Option<&[u8]> {
+    let tag = tag.trim_ascii();
+    let tag = tag.strip_prefix(b"W/").unwrap_or(tag);
+    let ok = tag.len() >= 2 && tag[0] == b'"' && tag[tag.len() - 1] == b'"';
+    ok.then_some(tag)
+}
+
+/// Whether an If-None-Match value names the stored representation: `*` names any; a list of
+/// entity tags (commas may sit inside their quotes) names the one whose opaque tag it holds.
+fn matches_entity_tag(list: &[u8], opaque: Option<&[u8]>) -> bool {
+    let mut rest = list.trim_ascii();
+    if rest == b"*" {
+        return true;
+    }
+    let Some(opaque) = opaque else {
+        return false;
+    };
+    loop {
+        rest = rest.trim_ascii_start();
+        rest = rest.strip_prefix(b",").unwrap_or(rest).trim_ascii_start();
+        let after_weak = rest.strip_prefix(b"W/").unwrap_or(rest);
+        let Some(body) = after_weak.strip_prefix(b"\"") else {
+            return false;
+        };
+        let Some(close) = body.iter().position(|&b| b == b'"') else {
+            return false;
+        };
+        if &after_weak[..close + 2] == opaque {
+            return true;
+        }
+        rest = &body[close + 1..];
+    }
 }
 
 /// The `Age` the instance reported (it may sit behind another cache). The gateway's own time
@@ -408,6 +473,66 @@ mod tests {
             allow_authorization: false,
             warm: Vec::new(),
         }
+    }
+
+    #[test]
+    fn conditional_requests_get_304_from_a_matching_stored_200() {
+        let stored = headers(&[
+            ("etag", "W/\"v1,a\""),
+            ("last-modified", "Tue, 24 Nov 2026 10:00:00 GMT"),
+        ]);
+        let ok = StatusCode::OK;
+        let asks = |pairs: &[(&str, &str)]| not_modified(&headers(pairs), ok, &stored);
+        // Entity tags: weak comparison, lists (commas inside quotes too), several fields, `*`.
+        assert!(asks(&[("if-none-match", "\"v1,a\"")]));
+        assert!(asks(&[("if-none-match", "\"x\", W/\"v1,a\"")]));
+        assert!(asks(&[
+            ("if-none-match", "\"x\""),
+            ("if-none-match", "\"v1,a\"")
+        ]));
+        assert!(asks(&[("if-none-match", "*")]));
+        assert!(!asks(&[("if-none-match", "\"v1\"")]));
+        assert!(!asks(&[("if-none-match", "v1,a")]));
+        // If-None-Match decides alone, even when the date would match.
+        let newer = "Wed, 25 Nov 2026 10:00:00 GMT";
+        assert!(!asks(&[
+            ("if-none-match", "\"x\""),
+            ("if-modified-since", newer)
+        ]));
+        // Dates: at or after Last-Modified; one valid date only.
+        assert!(asks(&[("if-modified-since", newer)]));
+        assert!(asks(&[(
+            "if-modified-since",
+            "Tue, 24 Nov 2026 10:00:00 GMT"
+        )]));
+        assert!(!asks(&[(
+            "if-modified-since",
+            "Tue, 24 Nov 2026 09:59:59 GMT"
+        )]));
+        assert!(!asks(&[("if-modified-since", "yesterday")]));
+        assert!(!asks(&[
+            ("if-modified-since", newer),
+            ("if-modified-since", newer)
+        ]));
+        assert!(!asks(&[]));
+        // `*` names any stored representation; a tag needs an ETag to match; only a 200 counts.
+        let untagged = HeaderMap::new();
+        assert!(not_modified(
+            &headers(&[("if-none-match", "*")]),
+            ok,
+            &untagged
+        ));
+        assert!(!not_modified(
+            &headers(&[("if-none-match", "\"x\"")]),
+            ok,
+            &untagged
+        ));
+        let moved = StatusCode::MOVED_PERMANENTLY;
+        assert!(!not_modified(
+            &headers(&[("if-none-match", "*")]),
+            moved,
+            &stored
+        ));
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

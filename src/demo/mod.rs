@@ -4,7 +4,7 @@
 //! connections seen),
 //! `/echo` (the request head and HTTP version as JSON), `/upgrade` (101 to the asked protocol, then a byte
 //! echo), `/cache...` (caching headers taken from the query: `cc`, `vary`, `set_cookie`,
-//! `expires`, `status`, `bytes`, `latency_ms`, `etag` (sent quoted; a matching If-None-Match
+//! `expires`, `last_modified`, `status`, `bytes`, `latency_ms`, `etag` (sent quoted; a matching If-None-Match
 //! gets 304 without a body); the body says which request of the instance it was and the
 //! varying header's value); anything else answers `body_bytes` bytes after
 //! `latency_ms`, failing with 500 at `fail_rate`. Request bodies are read to the end and
@@ -313,6 +313,7 @@ async fn cache_answer(state: Arc<DemoState>, req: Request<Incoming>) -> Response
         ("vary", http::header::VARY),
         ("set_cookie", http::header::SET_COOKIE),
         ("expires", http::header::EXPIRES),
+        ("last_modified", http::header::LAST_MODIFIED),
     ] {
         if let Some(value) = param(param_name).and_then(|v| http::HeaderValue::from_str(v).ok()) {
             headers.insert(header, value);
