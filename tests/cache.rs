@@ -161,6 +161,43 @@ async fn expired_entries_with_an_etag_are_revalidated_without_the_body() {
     assert_eq!(status_and_n(&client, &url, &[]).await, ("HIT".into(), 1));
 }
 
+/// A GET's single byte range is served from the stored answer as 206, one past the end as 416,
+/// over HTTP/1.1 and HTTP/2 alike; the instance only ever sees the one whole fetch.
+#[tokio::test]
+async fn ranges_are_cut_from_stored_answers() {
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "", "");
+    let url = gw.url("/cache?bytes=100");
+    for client in [client(), h2c_client()] {
+        let whole = get(&client, &url).await;
+        assert_eq!((whole.status, whole.body.len()), (200, 100));
+        let part = request(&client, "GET", &url, &[("range", "bytes=90-")], "")
+            .await
+            .unwrap();
+        assert_eq!((part.status, part.header("x-cache-status")), (206, "HIT"));
+        assert_eq!(part.header("content-range"), "bytes 90-99/100");
+        assert_eq!((part.header("content-length"), part.body.len()), ("10", 10));
+        let past = request(&client, "GET", &url, &[("range", "bytes=100-")], "")
+            .await
+            .unwrap();
+        assert_eq!(
+            (past.status, past.header("content-range")),
+            (416, "bytes */100")
+        );
+        assert!(past.body.is_empty());
+        // HEAD has no ranges; several ranges get the whole answer.
+        let head = request(&client, "HEAD", &url, &[("range", "bytes=0-1")], "")
+            .await
+            .unwrap();
+        assert_eq!((head.status, head.header("content-length")), (200, "100"));
+        let several = request(&client, "GET", &url, &[("range", "bytes=0-1,5-6")], "")
+            .await
+            .unwrap();
+        assert_eq!((several.status, several.body.len()), (200, 100));
+    }
+    assert_eq!(backend_requests(&client(), &backend).await, 1);
+}
+
 /// Hits answer a client's conditional GET as nginx's cache does: 304 without a body when its
 /// If-None-Match names the stored ETag, or when nothing changed since its If-Modified-Since;
 /// the whole answer otherwise.

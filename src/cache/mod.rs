@@ -27,7 +27,7 @@ use crate::config::{RouteCacheConfig, RouteConfig};
 use crate::proxy::headers::X_REQUEST_ID;
 use crate::proxy::{BoxError, ForwardBody, GatewayBody, InstanceFetch, ProxyError, Runtime};
 use coalesce::{Lease, Turn, Waited, LOCK_TIMEOUT};
-use policy::{RequestVerdict, State};
+use policy::{RangeAnswer, RequestVerdict, State};
 pub use store::{Entry, Outcome, Purge, Store};
 
 pub static X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");
@@ -101,19 +101,20 @@ pub async fn serve(
     let state = stored
         .as_ref()
         .map(|e| State::at(&e.freshness, now.saturating_duration_since(e.stored_at)));
+    let stored_answer = |entry: &Entry, outcome, now| {
+        hit(
+            entry,
+            outcome,
+            (&parts.method, &parts.headers),
+            cache,
+            &fetch,
+            now,
+        )
+    };
     match (state, stored) {
-        (Some(State::Fresh), Some(entry)) => {
-            hit(&entry, Outcome::Hit, &parts.headers, cache, &fetch, now)
-        }
+        (Some(State::Fresh), Some(entry)) => stored_answer(&entry, Outcome::Hit, now),
         (Some(State::Revalidate), Some(entry)) => {
-            let answer = hit(
-                &entry,
-                Outcome::Updating,
-                &parts.headers,
-                cache,
-                &fetch,
-                now,
-            );
+            let answer = stored_answer(&entry, Outcome::Updating, now);
             let key: Arc<str> = Arc::from(key);
             if let Some(lease) = store.inflight.try_lead(&key) {
                 tokio::spawn(refresh(
@@ -149,7 +150,7 @@ pub async fn serve(
                             if let Some(shared) = &store.shared {
                                 shared.hits.fetch_add(1, Ordering::Relaxed);
                             }
-                            hit(&entry, Outcome::Hit, &parts.headers, cache, &fetch, now)
+                            stored_answer(&entry, Outcome::Hit, now)
                         }
                         // A stale shared entry still serves on error, as a memory one would.
                         Some(entry) => {
@@ -166,9 +167,7 @@ pub async fn serve(
                                 == State::Fresh
                         });
                         match fresh {
-                            Some(entry) => {
-                                hit(&entry, Outcome::Hit, &parts.headers, cache, &fetch, now)
-                            }
+                            Some(entry) => stored_answer(&entry, Outcome::Hit, now),
                             // Not stored (uncacheable or failed): fetch for this request alone.
                             None => fill(cache, key, parts, fetch, None, stale).await,
                         }
@@ -185,26 +184,62 @@ pub async fn serve(
 }
 
 /// A response made from a stored entry: 304 without a body when it satisfies the client's own
-/// conditions (If-None-Match, If-Modified-Since), as nginx answers from its cache.
+/// conditions (If-None-Match, If-Modified-Since), else the part a GET's Range asks for (206, or
+/// 416 past the end), else the whole answer, as nginx answers from its cache.
 fn hit(
     entry: &Entry,
     outcome: Outcome,
-    request: &HeaderMap,
+    (method, request): (&Method, &HeaderMap),
     cache: &RouteCache,
     fetch: &InstanceFetch,
     now: Instant,
 ) -> Response<GatewayBody> {
     cache.store.counters.record(outcome);
-    let unchanged = policy::not_modified(request, entry.status, &entry.headers);
-    let body = (!unchanged).then(|| entry.body.clone());
-    let mut response = Response::new(GatewayBody::Full(body));
-    *response.status_mut() = if unchanged {
-        StatusCode::NOT_MODIFIED
+    let length = entry.body.len() as u64;
+    let range = if policy::not_modified(request, entry.status, &entry.headers) {
+        None
+    } else if method == Method::GET {
+        Some(policy::range_answer(
+            request,
+            entry.status,
+            &entry.headers,
+            length,
+        ))
     } else {
-        entry.status
+        Some(RangeAnswer::Whole)
     };
+    let (status, body) = match range {
+        None => (StatusCode::NOT_MODIFIED, None),
+        Some(RangeAnswer::Whole) => (entry.status, Some(entry.body.clone())),
+        Some(RangeAnswer::Part { first, last }) => {
+            let part = entry.body.slice(first as usize..=last as usize);
+            (StatusCode::PARTIAL_CONTENT, Some(part))
+        }
+        Some(RangeAnswer::Unsatisfiable) => (StatusCode::RANGE_NOT_SATISFIABLE, None),
+    };
+    let mut response = Response::new(GatewayBody::Full(body));
+    *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.clone_from(&entry.headers);
+    match range {
+        Some(RangeAnswer::Unsatisfiable) => {
+            let unsatisfied = format!("bytes */{length}");
+            headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::try_from(unsatisfied).expect("digits"),
+            );
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+        }
+        Some(RangeAnswer::Part { first, last }) => {
+            headers.clone_from(&entry.headers);
+            let part = format!("bytes {first}-{last}/{length}");
+            headers.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::try_from(part).expect("digits"),
+            );
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(last - first + 1));
+        }
+        _ => headers.clone_from(&entry.headers),
+    }
     let age = entry.freshness.initial_age + now.saturating_duration_since(entry.stored_at);
     headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
     headers.insert(X_REQUEST_ID.clone(), fetch.request_id.clone());
@@ -264,7 +299,7 @@ async fn fill(
     } else {
         Outcome::Miss
     };
-    let request_headers = parts.headers.clone();
+    let (method, request_headers) = (parts.method.clone(), parts.headers.clone());
     let mut parts = as_cache_fetch(parts);
     let revalidating = add_validators(&mut parts.headers, stale.as_ref());
     let result = fetch.send(parts, ForwardBody::Empty).await;
@@ -280,7 +315,7 @@ async fn fill(
             return hit(
                 &entry,
                 outcome,
-                &request_headers,
+                (&method, &request_headers),
                 cache,
                 &fetch,
                 Instant::now(),
@@ -301,7 +336,14 @@ async fn fill(
                 } | State::Revalidate
             )
         }) {
-            return hit(&entry, Outcome::Stale, &request_headers, cache, &fetch, now);
+            return hit(
+                &entry,
+                Outcome::Stale,
+                (&method, &request_headers),
+                cache,
+                &fetch,
+                now,
+            );
         }
     }
     let Ok(response) = result else {

@@ -235,6 +235,96 @@ pub fn not_modified(request: &HeaderMap, stored_status: StatusCode, stored: &Hea
     }
 }
 
+/// What a client's Range asks of a stored 200 of `length` bytes (RFC 9110 §14).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeAnswer {
+    /// No Range, or one the cache may ignore: the whole answer.
+    Whole,
+    /// Bytes `first..=last`, as 206.
+    Part { first: u64, last: u64 },
+    /// A range that starts past the end: 416.
+    Unsatisfiable,
+}
+
+/// The answer to a GET's Range from a stored 200, as nginx serves ranges from its cache: one
+/// byte range (`first-last`, `first-`, `-suffix`) gets its part; several ranges, other units,
+/// a malformed value, or an If-Range that names another version (entity tags compared
+/// strongly, a date against Last-Modified exactly) get the whole answer, as a server may.
+pub fn range_answer(
+    request: &HeaderMap,
+    stored_status: StatusCode,
+    stored: &HeaderMap,
+    length: u64,
+) -> RangeAnswer {
+    let mut ranges = request.get_all(header::RANGE).iter();
+    let (Some(range), None) = (ranges.next(), ranges.next()) else {
+        return RangeAnswer::Whole;
+    };
+    if stored_status != StatusCode::OK || !if_range_holds(request, stored) {
+        return RangeAnswer::Whole;
+    }
+    let Some(spec) = range.to_str().ok().and_then(|v| {
+        let (unit, spec) = v.trim().split_once('=')?;
+        unit.trim()
+            .eq_ignore_ascii_case("bytes")
+            .then_some(spec.trim())
+    }) else {
+        return RangeAnswer::Whole;
+    };
+    let number = |digits: &str| {
+        let ok = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
+        ok.then(|| digits.parse::<u64>().ok()).flatten()
+    };
+    let Some((first, last)) = spec.split_once('-') else {
+        return RangeAnswer::Whole;
+    };
+    let (first, last) = match (first.trim(), last.trim()) {
+        ("", suffix) => match number(suffix) {
+            Some(0) => return RangeAnswer::Unsatisfiable,
+            Some(suffix) => (length.saturating_sub(suffix), u64::MAX),
+            None => return RangeAnswer::Whole,
+        },
+        (first, "") => match number(first) {
+            Some(first) => (first, u64::MAX),
+            None => return RangeAnswer::Whole,
+        },
+        (first, last) => match (number(first), number(last)) {
+            (Some(first), Some(last)) if first <= last => (first, last),
+            _ => return RangeAnswer::Whole,
+        },
+    };
+    if first >= length {
+        return RangeAnswer::Unsatisfiable;
+    }
+    RangeAnswer::Part {
+        first,
+        last: last.min(length - 1),
+    }
+}
+
+/// Whether If-Range, when present, still names the stored answer: an entity tag equal to the
+/// stored ETag, both strong, or a date equal to Last-Modified.
+fn if_range_holds(request: &HeaderMap, stored: &HeaderMap) -> bool {
+    let Some(validator) = request.get(header::IF_RANGE) else {
+        return true;
+    };
+    let validator = validator.as_bytes().trim_ascii();
+    if validator.starts_with(b"\"") {
+        return stored
+            .get(header::ETAG)
+            .map(|etag| etag.as_bytes().trim_ascii())
+            == Some(validator);
+    }
+    let date = HeaderValue::from_bytes(validator).ok();
+    match (
+        date.as_ref().and_then(http_date),
+        stored.get(header::LAST_MODIFIED).and_then(http_date),
+    ) {
+        (Some(date), Some(modified)) => date == modified,
+        _ => false,
+    }
+}
+
 /// The quoted part of an entity tag (`"xyz"` of `W/"xyz"`), which weak comparison compares.
 fn opaque_tag(tag: &[u8]) -> Option<&[u8]> {
     let tag = tag.trim_ascii();
@@ -533,6 +623,83 @@ mod tests {
             moved,
             &stored
         ));
+    }
+
+    #[test]
+    fn one_byte_range_of_a_stored_200_is_served() {
+        use RangeAnswer::{Part, Unsatisfiable, Whole};
+        let stored = headers(&[
+            ("etag", "\"v1\""),
+            ("last-modified", "Tue, 24 Nov 2026 10:00:00 GMT"),
+        ]);
+        let ok = StatusCode::OK;
+        let ask = |pairs: &[(&str, &str)]| range_answer(&headers(pairs), ok, &stored, 100);
+        assert_eq!(ask(&[]), Whole);
+        assert_eq!(ask(&[("range", "bytes=0-9")]), Part { first: 0, last: 9 });
+        assert_eq!(
+            ask(&[("range", "Bytes = 90-200")]),
+            Part {
+                first: 90,
+                last: 99
+            }
+        );
+        assert_eq!(
+            ask(&[("range", "bytes=95-")]),
+            Part {
+                first: 95,
+                last: 99
+            }
+        );
+        assert_eq!(
+            ask(&[("range", "bytes=-10")]),
+            Part {
+                first: 90,
+                last: 99
+            }
+        );
+        assert_eq!(ask(&[("range", "bytes=-500")]), Part { first: 0, last: 99 });
+        assert_eq!(ask(&[("range", "bytes=100-")]), Unsatisfiable);
+        assert_eq!(ask(&[("range", "bytes=-0")]), Unsatisfiable);
+        // What the cache may ignore: several ranges, other units, nonsense, two fields.
+        for ignored in [
+            "bytes=0-1,5-6",
+            "items=0-1",
+            "bytes=5-1",
+            "bytes=+1-2",
+            "bytes",
+            "bytes=-",
+        ] {
+            assert_eq!(ask(&[("range", ignored)]), Whole, "{ignored}");
+        }
+        assert_eq!(
+            ask(&[("range", "bytes=0-1"), ("range", "bytes=0-1")]),
+            Whole
+        );
+        // If-Range: the same version (strong tag, exact date) or the whole answer.
+        let range = ("range", "bytes=0-9");
+        assert_eq!(
+            ask(&[range, ("if-range", "\"v1\"")]),
+            Part { first: 0, last: 9 }
+        );
+        let date = "Tue, 24 Nov 2026 10:00:00 GMT";
+        assert_eq!(
+            ask(&[range, ("if-range", date)]),
+            Part { first: 0, last: 9 }
+        );
+        for other in [
+            "\"v2\"",
+            "W/\"v1\"",
+            "Wed, 25 Nov 2026 10:00:00 GMT",
+            "soon",
+        ] {
+            assert_eq!(ask(&[range, ("if-range", other)]), Whole, "{other}");
+        }
+        let moved = StatusCode::MOVED_PERMANENTLY;
+        assert_eq!(range_answer(&headers(&[range]), moved, &stored, 100), Whole);
+        assert_eq!(
+            range_answer(&headers(&[range]), ok, &stored, 0),
+            Unsatisfiable
+        );
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
