@@ -210,9 +210,13 @@ fn http_date(value: &HeaderValue) -> Option<SystemTime> {
 /// §13.1.2, §13.1.3, §13.2.2): If-None-Match, when present, decides alone: `*`, or one of its
 /// entity tags weakly equal to the stored ETag. Otherwise If-Modified-Since, a single valid
 /// date, at or after the stored Last-Modified (nginx's `if_modified_since before`; its default
-/// `exact` wants the same second). If-Match and If-Unmodified-Since are not evaluated.
+/// `exact` wants the same second). A request that also has If-Match or If-Unmodified-Since, which
+/// are not evaluated here, never gets 304.
 pub fn not_modified(request: &HeaderMap, stored_status: StatusCode, stored: &HeaderMap) -> bool {
-    if stored_status != StatusCode::OK {
+    // If-Match and If-Unmodified-Since come first (§13.2.2) and the cache does not judge them:
+    // the whole answer goes, as it would without any condition.
+    let judged_first = [header::IF_MATCH, header::IF_UNMODIFIED_SINCE];
+    if stored_status != StatusCode::OK || judged_first.iter().any(|f| request.contains_key(f)) {
         return false;
     }
     let mut none_match = request.get_all(header::IF_NONE_MATCH).iter().peekable();
@@ -344,8 +348,9 @@ fn matches_entity_tag(list: &[u8], opaque: Option<&[u8]>) -> bool {
         return false;
     };
     loop {
-        rest = rest.trim_ascii_start();
-        rest = rest.strip_prefix(b",").unwrap_or(rest).trim_ascii_start();
+        // Empty list elements are allowed (RFC 9110 §5.6.1): skip every comma and space.
+        let skip = rest.iter().take_while(|b| b",\t ".contains(b)).count();
+        rest = &rest[skip..];
         let after_weak = rest.strip_prefix(b"W/").unwrap_or(rest);
         let Some(body) = after_weak.strip_prefix(b"\"") else {
             return false;
@@ -576,6 +581,12 @@ mod tests {
         // Entity tags: weak comparison, lists (commas inside quotes too), several fields, `*`.
         assert!(asks(&[("if-none-match", "\"v1,a\"")]));
         assert!(asks(&[("if-none-match", "\"x\", W/\"v1,a\"")]));
+        assert!(asks(&[("if-none-match", ", \"x\" , ,\t\"v1,a\"")]));
+        assert!(!asks(&[("if-none-match", "*"), ("if-match", "\"nope\"")]));
+        assert!(!asks(&[
+            ("if-none-match", "*"),
+            ("if-unmodified-since", "yesterday")
+        ]));
         assert!(asks(&[
             ("if-none-match", "\"x\""),
             ("if-none-match", "\"v1,a\"")

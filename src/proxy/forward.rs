@@ -591,7 +591,7 @@ async fn send_http2(
     // A refused stream's body is gone with it: only a body-less request can go again.
     let bodiless = request.body().is_end_stream();
     let started = Instant::now();
-    match h2::send(sender, request, timeout).await {
+    match h2::send(sender, request, started, timeout).await {
         Ok(response) => {
             observe_latency(instance, started);
             Ok(Answer::Http2(response))

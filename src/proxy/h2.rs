@@ -98,14 +98,14 @@ impl Http2Conn {
     }
 }
 
-/// Sends one request; resolves with the answer head, or `TimedOut` once the instance kept the
-/// gateway waiting for `timeout` (see `UploadWatch`).
+/// Sends one request `started` now; resolves with the answer head, or `TimedOut` once the
+/// instance kept the gateway waiting for `timeout` (see `UploadWatch`).
 pub async fn send(
     mut sender: SendRequest<Upload>,
     request: Request<ForwardBody>,
+    started: Instant,
     timeout: Duration,
 ) -> Result<hyper::Response<Incoming>, Http2Error> {
-    let started = Instant::now();
     let watch = (!request.body().is_end_stream()).then(|| Arc::new(UploadWatch::new(started)));
     let request = request.map(|body| Upload {
         body,
