@@ -1,12 +1,16 @@
 //! Response headers as an instance may send them, through the cache's RFC 9111 decisions:
-//! Cache-Control parsing, storability and freshness, Vary. None of it may panic.
+//! Cache-Control parsing, storability and freshness, Vary; and the same fields as a client's
+//! conditions and Range against a stored answer. None of it may panic, and a range served is
+//! always inside the stored body.
 #![no_main]
 
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use libfuzzer_sys::fuzz_target;
-use scalegate::cache::policy::{storable, vary_names, vary_values, CacheControl};
+use scalegate::cache::policy::{
+    not_modified, range_answer, storable, vary_names, vary_values, CacheControl, RangeAnswer,
+};
 use scalegate::config::Config;
 
 const ROUTE: &str = r#"
@@ -44,5 +48,10 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Some(names) = vary_names(&headers) {
         let _ = vary_values(&names, &headers);
+    }
+    let _ = not_modified(&headers, status, &headers);
+    let length = u64::from(status_byte);
+    if let RangeAnswer::Part { first, last } = range_answer(&headers, status, &headers, length) {
+        assert!(first <= last && last < length, "{first}-{last} of {length}");
     }
 });
