@@ -56,6 +56,20 @@ async fn echo(stream: TlsStream, host: &str) -> (u16, http::HeaderMap, serde_jso
     )
 }
 
+/// A gateway with an HTTPS listener for `a.test`, its certificate issued by `ca` into `dir`, in
+/// front of `backend`; `route_tail` adds keys to the route.
+fn https_gateway(ca: &TestCa, dir: &std::path::Path, backend: &Proc, route_tail: &str) -> Gateway {
+    ca.issue(dir, "a.test", &["a.test"], &[]);
+    let d = dir.display();
+    let config = format!(
+        "[tls]\nlisten = \"127.0.0.1:0\"\n\
+         [[tls.certificates]]\ncert = \"{d}/a.test.pem\"\nkey = \"{d}/a.test.key\"\nnames = [\"a.test\"]\n\n\
+         {}{route_tail}",
+        app_config(&[backend], "")
+    );
+    gateway_announcing(&config, 3)
+}
+
 fn forwarded_proto(echo: &serde_json::Value) -> String {
     echo["headers"]
         .as_array()
@@ -70,18 +84,9 @@ fn forwarded_proto(echo: &serde_json::Value) -> String {
 /// cached route keeps plain-HTTP and HTTPS clients' entries apart, as nginx's default key does.
 #[tokio::test]
 async fn cached_answers_never_cross_schemes() {
-    let ca = TestCa::new();
-    let dir = tempfile::tempdir().unwrap();
-    ca.issue(dir.path(), "a.test", &["a.test"], &[]);
+    let (ca, dir) = (TestCa::new(), tempfile::tempdir().unwrap());
     let backend = demo_backend(&[]);
-    let d = dir.path().display();
-    let config = format!(
-        "[tls]\nlisten = \"127.0.0.1:0\"\n\
-         [[tls.certificates]]\ncert = \"{d}/a.test.pem\"\nkey = \"{d}/a.test.key\"\nnames = [\"a.test\"]\n\n\
-         {}cache = {{ ttl = \"60s\" }}\n",
-        app_config(&[&backend], "")
-    );
-    let gw = gateway_announcing(&config, 3);
+    let gw = https_gateway(&ca, dir.path(), &backend, "cache = { ttl = \"60s\" }\n");
     let plain = get(&client(), &gw.url("/echo")).await;
     assert_eq!(plain.header("x-cache-status"), "MISS");
     assert_eq!(forwarded_proto(&plain.json()), "http");
@@ -183,6 +188,82 @@ async fn sni_alpn_forwarded_proto_hsts_and_redirect() {
     );
     let (status, _, _) = echo(open, "a.test").await;
     assert_eq!(status, 200);
+}
+
+/// HTTPS clients on HTTP/1.1 get the gateway's own HTTP/1.1 rules, as on the plain listener:
+/// smuggling-shaped framing and oversized heads are refused with a request ID; a 100 Continue
+/// comes when the body is wanted; upgrades tunnel; keep-alive carries the next request.
+#[tokio::test]
+async fn https_clients_on_http1_get_the_plain_listeners_rules() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (ca, dir) = (TestCa::new(), tempfile::tempdir().unwrap());
+    let backend = demo_backend(&[]);
+    let gw = https_gateway(&ca, dir.path(), &backend, "");
+    let tls_addr = gw.proc.named("tls");
+    let h1_only = ca.connector(&[b"http/1.1"]);
+    let answer_to = |request: Vec<u8>| {
+        let connector = h1_only.clone();
+        async move {
+            let mut stream = connect(&connector, tls_addr, "a.test").await;
+            stream.write_all(&request).await.unwrap();
+            let mut answer = Vec::new();
+            let _ = stream.read_to_end(&mut answer).await;
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+    let both = b"POST /echo HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\
+        Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+    let answer = answer_to(both.to_vec()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"request_id\""), "{answer}");
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: a.test\r\nX-Big: {}\r\n\r\n",
+        "b".repeat(40_000)
+    );
+    let answer = answer_to(huge.into_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert!(answer.contains("\"request_id\""), "{answer}");
+    assert_eq!(backend_requests(&client(), &backend).await, 0);
+
+    // 100 Continue, then the answer to the body, then the next request on the same connection.
+    let mut stream = connect(&h1_only, tls_addr, "a.test").await;
+    let head = b"POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n";
+    stream.write_all(head).await.unwrap();
+    let mut continued = [0u8; 25];
+    stream.read_exact(&mut continued).await.unwrap();
+    assert_eq!(&continued, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(b"hello").await.unwrap();
+    stream
+        .write_all(b"GET /echo HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    let _ = stream.read_to_end(&mut answers).await;
+    let answers = String::from_utf8_lossy(&answers);
+    assert!(answers.starts_with("HTTP/1.1 200"), "{answers}");
+    assert!(answers.contains("x-body-received: 5\r\n"), "{answers}");
+    assert!(answers.contains("x-forwarded-proto"), "{answers}");
+
+    // An upgrade becomes a tunnel through the TLS session.
+    let mut stream = connect(&h1_only, tls_addr, "a.test").await;
+    let upgrade =
+        b"GET /upgrade HTTP/1.1\r\nHost: a.test\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n";
+    stream.write_all(upgrade).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    stream.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"ping");
 }
 
 #[test]

@@ -165,8 +165,8 @@ impl PaceCheck {
     }
 }
 
-/// A client's request body, read by the gateway's own HTTP/1.1 server (plain connections) or by
-/// hyper (HTTP/2 and HTTPS).
+/// A client's request body, read by the gateway's own HTTP/1.1 server (plain or TLS) or by
+/// hyper (HTTP/2).
 pub enum ClientBody {
     Empty,
     Plain(RequestBody),

@@ -1,8 +1,8 @@
-//! The client side of HTTP/1.1 on plain connections: reads request heads with `httparse`,
+//! The client side of HTTP/1.1, plain or over TLS: reads request heads with `httparse`,
 //! streams request bodies by their framing, writes answers (head and the first body bytes in
 //! one write when they are at hand), keeps connections alive, and hands upgraded connections
-//! to the tunnel. HTTP/2 (prior knowledge or TLS ALPN) and HTTPS stay with hyper's server; on
-//! the plain listener this path costs a fraction of hyper's per-request dispatch.
+//! to the tunnel. HTTP/2 (prior knowledge or TLS ALPN h2) stays with hyper's server; this path
+//! costs a fraction of hyper's per-request dispatch, and holds HTTPS clients to the same rules.
 //!
 //! Limits: a new connection must bring a complete head within `header_read_timeout`; an idle
 //! keep-alive connection is closed after `idle_timeout`, and once its next head has started it
@@ -29,14 +29,13 @@ use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
-use tokio::sync::{oneshot, watch};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::io::poll_read_buf;
 
 use super::body::{BoxError, ClientBody, GatewayBody};
+use super::client_io::{ClientRead, ClientStream, ClientWrite};
 use super::deadline::LazyDeadline;
 use super::error::ProxyError;
 use super::forward::{self, ClientAddr};
@@ -83,7 +82,7 @@ impl ClientLimits {
 
 /// The read side of a client connection and what was read but not yet used.
 pub struct ConnReader {
-    half: OwnedReadHalf,
+    half: ClientRead,
     buf: BytesMut,
 }
 
@@ -112,16 +111,16 @@ enum BodyKind {
     Chunked,
 }
 
-/// Serves one plain client connection until it closes, fails, idles out or the gateway drains.
+/// Serves one client connection until it closes, fails, idles out or the gateway drains.
 pub async fn serve(
-    stream: TcpStream,
+    stream: ClientStream,
     gateway: Arc<Gateway>,
     client: ClientAddr,
     limits: ClientLimits,
     drain: watch::Receiver<bool>,
 ) {
     let client = client.answered_raw();
-    let (half, writer) = stream.into_split();
+    let (half, writer) = stream.split();
     let mut conn = ClientConn {
         reader: Some(ConnReader {
             half,
@@ -180,7 +179,11 @@ pub async fn serve(
             (None, None)
         };
         let request = Request::from_parts(parts, body);
-        let Ok(response) = forward::handle(&gateway, request, &client, upgrade).await;
+        let handled = forward::handle(&gateway, request, &client, upgrade);
+        let Ok(response) = match (&conn.writer, &back) {
+            (ClientWrite::Tls(_), Some(back)) => conn.handle_with_continue(handled, back).await,
+            _ => handled.await,
+        };
         if let Some(back) = &back {
             *back.responded.lock().expect("body return") = true;
         }
@@ -196,7 +199,7 @@ pub async fn serve(
             Ok(After::Upgrade(tx)) => {
                 if let Some(reader) = conn.reader.take() {
                     let early = reader.buf.freeze();
-                    if let Ok(stream) = reader.half.reunite(conn.writer) {
+                    if let Some(stream) = reader.half.reunite(conn.writer) {
                         let _ = tx.send((stream, early));
                     }
                 }
@@ -238,7 +241,7 @@ enum After {
     KeepAlive,
     Close,
     /// The instance switched protocols: the connection goes to the tunnel.
-    Upgrade(oneshot::Sender<(TcpStream, Bytes)>),
+    Upgrade(oneshot::Sender<(ClientStream, Bytes)>),
 }
 
 struct ClientConn {
@@ -246,7 +249,7 @@ struct ClientConn {
     reader: Option<ConnReader>,
     /// A request body dropped before its end (the answer came first), to discard.
     unread_body: Option<Returned>,
-    writer: OwnedWriteHalf,
+    writer: ClientWrite,
     out: Vec<u8>,
     deadline: LazyDeadline,
     limits: ClientLimits,
@@ -339,7 +342,7 @@ impl ClientConn {
         mut keep_alive: bool,
         head_request: bool,
         http10: bool,
-        upgrade: Option<oneshot::Sender<(TcpStream, Bytes)>>,
+        upgrade: Option<oneshot::Sender<(ClientStream, Bytes)>>,
     ) -> io::Result<After> {
         let (head, mut body) = response.into_parts();
         let status = head.status;
@@ -457,9 +460,26 @@ impl ClientConn {
     /// (nginx's `send_timeout`): a client that stops reading must not hold the connection and
     /// the instance's answer forever.
     async fn write_within_idle(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let writer = match &mut self.writer {
+            ClientWrite::Tcp(writer) => writer,
+            // TLS writes through the session: the whole write (and the records it leaves
+            // buffered) must go out within the time.
+            tls @ ClientWrite::Tls(_) => {
+                let due = Instant::now() + self.limits.idle_timeout;
+                let write = async {
+                    tls.write_all(bytes).await?;
+                    tls.flush().await
+                };
+                return tokio::select! {
+                    biased;
+                    written = write => written,
+                    () = self.deadline.wait(due) => Err(client_stopped_reading()),
+                };
+            }
+        };
         let mut rest = bytes;
         while !rest.is_empty() {
-            match self.writer.try_write(rest) {
+            match writer.try_write(rest) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(written) => rest = &rest[written..],
                 // Only a blocked write starts the clock: most go out at once.
@@ -467,19 +487,36 @@ impl ClientConn {
                     let due = Instant::now() + self.limits.idle_timeout;
                     tokio::select! {
                         biased;
-                        ready = self.writer.writable() => ready?,
-                        () = self.deadline.wait(due) => {
-                            return Err(io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                "the client stopped reading",
-                            ));
-                        }
+                        ready = writer.writable() => ready?,
+                        () = self.deadline.wait(due) => return Err(client_stopped_reading()),
                     }
                 }
                 Err(err) => return Err(err),
             }
         }
         Ok(())
+    }
+
+    /// Waits for the answer to a request whose body may want a 100 Continue that only the
+    /// writing side can send (TLS), and sends it when the body asks, before any answer.
+    async fn handle_with_continue<F: Future>(
+        &mut self,
+        handled: F,
+        back: &BodyReturn,
+    ) -> F::Output {
+        tokio::pin!(handled);
+        let mut sent = false;
+        loop {
+            tokio::select! {
+                biased;
+                answer = &mut handled => return answer,
+                () = back.continue_wanted.notified(), if !sent => {
+                    sent = true;
+                    // A client gone is the body's failure to report, not this write's.
+                    let _ = self.write_within_idle(CONTINUE).await;
+                }
+            }
+        }
     }
 
     /// Closes after an answer while the client may still be sending (an unread body, a
@@ -489,22 +526,40 @@ impl ClientConn {
         let ClientConn {
             reader, mut writer, ..
         } = self;
-        drop(reader);
         if writer.shutdown().await.is_err() {
             return;
         }
-        let stream: &TcpStream = writer.as_ref();
         let until = Instant::now() + LINGER;
         // On the heap: a buffer here would grow every connection task's future.
         let mut scratch = vec![0u8; 4096];
-        while let Ok(Ok(())) = tokio::time::timeout_at(until, stream.readable()).await {
-            match stream.try_read(&mut scratch) {
-                Ok(0) => break,
-                Err(err) if err.kind() != io::ErrorKind::WouldBlock => break,
-                _ => {}
+        match (&writer, reader) {
+            // The socket itself, whether or not a request body kept the reading half.
+            (ClientWrite::Tcp(writer), _) => {
+                let stream = writer.as_ref();
+                while let Ok(Ok(())) = tokio::time::timeout_at(until, stream.readable()).await {
+                    match stream.try_read(&mut scratch) {
+                        Ok(0) => break,
+                        Err(err) if err.kind() != io::ErrorKind::WouldBlock => break,
+                        _ => {}
+                    }
+                }
             }
+            (ClientWrite::Tls(_), Some(mut reader)) => {
+                while let Ok(Ok(read)) =
+                    tokio::time::timeout_at(until, reader.half.read(&mut scratch)).await
+                {
+                    if read == 0 {
+                        break;
+                    }
+                }
+            }
+            (ClientWrite::Tls(_), None) => {}
         }
     }
+}
+
+fn client_stopped_reading() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")
 }
 
 /// Reads more of the client's bytes; false when the client closed, the read failed or `due`
@@ -713,6 +768,8 @@ fn too_large(buf: &[u8], limits: &ClientLimits) -> ProxyError {
 struct BodyReturn {
     reader: Mutex<Option<Returned>>,
     responded: Mutex<bool>,
+    /// Asks the connection to send the 100 Continue where the body cannot (TLS).
+    continue_wanted: Notify,
 }
 
 /// The connection's reader as a request body gave it back, with what was left of the body.
@@ -805,12 +862,17 @@ impl Body for RequestBody {
                 return Poll::Ready(None);
             };
             if std::mem::take(&mut this.send_continue) && reader.buf.is_empty() {
-                let responded = this.back.responded.lock().expect("body return");
-                if !*responded {
-                    // 25 bytes on a connection with nothing else in flight: the socket takes
-                    // them at once. If it did not, the client sends its body after its own
-                    // wait anyway.
-                    let _ = reader.half.as_ref().try_write(CONTINUE);
+                match reader.half.plain_socket() {
+                    Some(socket) => {
+                        let responded = this.back.responded.lock().expect("body return");
+                        if !*responded {
+                            // 25 bytes on a connection with nothing else in flight: the socket
+                            // takes them at once. If it did not, the client sends its body
+                            // after its own wait anyway.
+                            let _ = socket.try_write(CONTINUE);
+                        }
+                    }
+                    None => this.back.continue_wanted.notify_one(),
                 }
             }
             match ready!(reader.poll_fill(cx)) {

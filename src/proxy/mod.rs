@@ -5,6 +5,7 @@
 
 mod body;
 pub mod client_h1;
+mod client_io;
 mod connect;
 pub mod connections;
 mod deadline;
@@ -42,6 +43,7 @@ use crate::config::{CacheStoreKind, Config, ConfigErrors};
 use crate::metrics::live::LiveStats;
 use crate::metrics::{Metrics, RequestStats};
 use crate::redis_link::{ConnectError, RedisLink};
+use client_io::ClientStream;
 use http::Response;
 use upstream::Upstream;
 
@@ -356,16 +358,9 @@ async fn accept_loop(
     stop: &mut (impl std::future::Future<Output = ()> + Unpin),
 ) {
     let server = gateway.runtime.load().config.server.clone();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(server.header_read_timeout)
-        .max_buf_size(server.max_header_bytes.max(8192));
-    if server.max_headers != crate::config::DEFAULT_MAX_HEADERS {
-        // Any other count makes hyper allocate the header array per request (~5 % slower).
-        builder.http1().max_headers(server.max_headers);
-    }
+    // hyper serves HTTP/2 only: prior knowledge on the plain listener, ALPN h2 over TLS. Every
+    // HTTP/1.1 connection, plain or TLS, is the gateway's own loop (client_h1).
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
     let h2 = server.http2;
     builder
         .http2()
@@ -379,8 +374,8 @@ async fn accept_loop(
         .keep_alive_timeout(h2.keep_alive_timeout);
     let builder = Arc::new(builder);
     let limits = client_h1::ClientLimits::of(&server);
-    // HTTP/1.1 on the plain listener is served by the gateway's own connection loop, which
-    // watches `drain`; HTTP/2 and HTTPS connections are hyper's, watched by `graceful`.
+    // HTTP/1.1 connections are served by the gateway's own connection loop, which watches
+    // `drain`; HTTP/2 connections are hyper's, watched by `graceful`.
     let graceful = GracefulShutdown::new();
     let drain = watch::Sender::new(false);
     loop {
@@ -414,7 +409,10 @@ async fn accept_loop(
             let drain = drain.subscribe();
             tokio::spawn(async move {
                 match starts_with_http2_preface(&stream, limits.header_read_timeout).await {
-                    Some(false) => client_h1::serve(stream, gateway, client, limits, drain).await,
+                    Some(false) => {
+                        let stream = ClientStream::Tcp(stream);
+                        client_h1::serve(stream, gateway, client, limits, drain).await;
+                    }
                     Some(true) => serve_hyper(&builder, watcher, stream, gateway, client).await,
                     None => {}
                 }
@@ -425,6 +423,7 @@ async fn accept_loop(
         let Some(tls) = gateway.runtime.load().tls.clone() else {
             continue;
         };
+        let drain = drain.subscribe();
         tokio::spawn(async move {
             let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
             let stream = match tokio::time::timeout(server.header_read_timeout, handshake).await {
@@ -438,7 +437,12 @@ async fn accept_loop(
                     return;
                 }
             };
-            serve_hyper(&builder, watcher, stream, gateway, client).await;
+            if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                serve_hyper(&builder, watcher, stream, gateway, client).await;
+            } else {
+                let stream = ClientStream::Tls(Box::new(stream));
+                client_h1::serve(stream, gateway, client, limits, drain).await;
+            }
             drop(permit);
         });
     }
@@ -459,7 +463,7 @@ async fn accept_loop(
     }
 }
 
-/// Serves a connection with hyper: HTTP/2 (prior knowledge or ALPN) and HTTPS.
+/// Serves an HTTP/2 connection with hyper: prior knowledge on the plain listener, or ALPN h2.
 async fn serve_hyper<I>(
     builder: &auto::Builder<TokioExecutor>,
     watcher: Watcher,

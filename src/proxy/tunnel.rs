@@ -13,19 +13,20 @@ use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::client_io::ClientStream;
 use super::h1::InstanceConn;
 use super::upstream::InFlightGuard;
 
 /// The client's side of an upgrade, once the 101 went out.
 pub enum ClientUpgrade {
-    /// A connection hyper served (HTTPS).
+    /// A connection hyper served (HTTP/2).
     Hyper(OnUpgrade),
-    /// A plain connection the gateway served, with what the client sent after its request.
-    Plain(oneshot::Receiver<(TcpStream, Bytes)>),
+    /// A connection the gateway's HTTP/1.1 loop served, with what the client sent after its
+    /// request.
+    Plain(oneshot::Receiver<(ClientStream, Bytes)>),
 }
 
 /// Either kind of upgraded client connection.
