@@ -179,10 +179,14 @@ pub async fn serve(
             (None, None)
         };
         let request = Request::from_parts(parts, body);
-        let handled = forward::handle(&gateway, request, &client, upgrade);
         let Ok(response) = match (&conn.writer, &back) {
-            (ClientWrite::Tls(_), Some(back)) => conn.handle_with_continue(handled, back).await,
-            _ => handled.await,
+            // Boxed: inline, this branch's future would double the connection task's size
+            // for plain connections too.
+            (ClientWrite::Tls(_), Some(back)) => {
+                let handled = forward::handle(&gateway, request, &client, upgrade);
+                Box::pin(conn.handle_with_continue(handled, back)).await
+            }
+            _ => forward::handle(&gateway, request, &client, upgrade).await,
         };
         if let Some(back) = &back {
             *back.responded.lock().expect("body return") = true;

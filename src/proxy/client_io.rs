@@ -82,6 +82,7 @@ macro_rules! each_variant {
 macro_rules! delegate_io {
     (read: $($reader:ty),+; write: $($writer:ty),+) => {
         $(impl AsyncRead for $reader {
+            #[inline]
             fn poll_read(
                 self: Pin<&mut Self>,
                 cx: &mut Context<'_>,
@@ -91,6 +92,7 @@ macro_rules! delegate_io {
             }
         })+
         $(impl AsyncWrite for $writer {
+            #[inline]
             fn poll_write(
                 self: Pin<&mut Self>,
                 cx: &mut Context<'_>,
