@@ -192,7 +192,8 @@ async fn sni_alpn_forwarded_proto_hsts_and_redirect() {
 
 /// HTTPS clients on HTTP/1.1 get the gateway's own HTTP/1.1 rules, as on the plain listener:
 /// smuggling-shaped framing and oversized heads are refused with a request ID; a 100 Continue
-/// comes when the body is wanted; upgrades tunnel; keep-alive carries the next request.
+/// comes when the body is wanted; upgrades tunnel; keep-alive carries the next request; every
+/// close sends TLS's close_notify first, so an answer read to the close is known whole.
 #[tokio::test]
 async fn https_clients_on_http1_get_the_plain_listeners_rules() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -207,7 +208,8 @@ async fn https_clients_on_http1_get_the_plain_listeners_rules() {
             let mut stream = connect(&connector, tls_addr, "a.test").await;
             stream.write_all(&request).await.unwrap();
             let mut answer = Vec::new();
-            let _ = stream.read_to_end(&mut answer).await;
+            // Unwrapped: a close without TLS's close_notify alert is an error to the client.
+            stream.read_to_end(&mut answer).await.unwrap();
             String::from_utf8_lossy(&answer).into_owned()
         }
     };
@@ -238,7 +240,7 @@ async fn https_clients_on_http1_get_the_plain_listeners_rules() {
         .await
         .unwrap();
     let mut answers = Vec::new();
-    let _ = stream.read_to_end(&mut answers).await;
+    stream.read_to_end(&mut answers).await.unwrap();
     let answers = String::from_utf8_lossy(&answers);
     assert!(answers.starts_with("HTTP/1.1 200"), "{answers}");
     assert!(answers.contains("x-body-received: 5\r\n"), "{answers}");

@@ -20,6 +20,7 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -138,7 +139,7 @@ pub async fn serve(
     loop {
         let head = match conn.next_head(first).await {
             NextHead::Request(head) => head,
-            NextHead::Closed => return,
+            NextHead::Closed => return conn.close().await,
             NextHead::Refused(error) => {
                 let response = error.response(&gateway.new_request_id());
                 let _ = conn
@@ -212,7 +213,7 @@ pub async fn serve(
             Ok(after) => after,
             Err(err) => {
                 tracing::debug!(%err, peer = %client.addr, "client connection broke while answering");
-                return;
+                return conn.close().await;
             }
         };
         // An HTTP/2 instance's connection may finish reading the body while the answer streams;
@@ -227,7 +228,7 @@ pub async fn serve(
             // close): without lingering, closing would reset the connection under the answer.
             (_, None) => return conn.linger().await,
             (_, Some(reader)) if !reader.buf.is_empty() => return conn.linger().await,
-            (_, Some(_)) => return,
+            (_, Some(_)) => return conn.close().await,
         }
     }
 }
@@ -266,9 +267,14 @@ struct ClientConn {
 impl ClientConn {
     /// Takes the reader back from a request body that ended or was dropped.
     fn take_back(&mut self, back: Option<&BodyReturn>) {
-        let Some(returned) = back.and_then(|b| b.reader.lock().expect("body return").take()) else {
+        let Some(back) = back else {
             return;
         };
+        let Some(mut returned) = back.reader.lock().expect("body return").take() else {
+            return;
+        };
+        // Asked for over TLS, but the answer came before it could be written.
+        returned.awaiting_continue |= back.continue_unsent.load(Ordering::Relaxed);
         if returned.left.is_done() {
             self.reader = Some(returned.reader);
         } else {
@@ -518,6 +524,7 @@ impl ClientConn {
                     sent = true;
                     // A client gone is the body's failure to report, not this write's.
                     let _ = self.write_within_idle(CONTINUE).await;
+                    back.continue_unsent.store(false, Ordering::Relaxed);
                 }
             }
         }
@@ -528,11 +535,15 @@ impl ClientConn {
     /// the kernel does not reset the connection before the client read the answer.
     async fn linger(self) {
         let ClientConn {
-            reader, mut writer, ..
+            reader,
+            unread_body,
+            mut writer,
+            ..
         } = self;
         if writer.shutdown().await.is_err() {
             return;
         }
+        let reader = reader.or(unread_body.map(|unread| unread.reader));
         let until = Instant::now() + LINGER;
         // On the heap: a buffer here would grow every connection task's future.
         let mut scratch = vec![0u8; 4096];
@@ -559,6 +570,12 @@ impl ClientConn {
             }
             (ClientWrite::Tls(_), None) => {}
         }
+    }
+
+    /// Closes with nothing left to read: over TLS the close_notify alert goes first, so the
+    /// client can tell the end of an answer read to the close from a cut-off one.
+    async fn close(mut self) {
+        let _ = tokio::time::timeout(LINGER, self.writer.shutdown()).await;
     }
 }
 
@@ -774,6 +791,8 @@ struct BodyReturn {
     responded: Mutex<bool>,
     /// Asks the connection to send the 100 Continue where the body cannot (TLS).
     continue_wanted: Notify,
+    /// A 100 Continue asked for that way and not written yet: the client may still be waiting.
+    continue_unsent: AtomicBool,
 }
 
 /// The connection's reader as a request body gave it back, with what was left of the body.
@@ -876,7 +895,10 @@ impl Body for RequestBody {
                             let _ = socket.try_write(CONTINUE);
                         }
                     }
-                    None => this.back.continue_wanted.notify_one(),
+                    None => {
+                        this.back.continue_unsent.store(true, Ordering::Relaxed);
+                        this.back.continue_wanted.notify_one();
+                    }
                 }
             }
             match ready!(reader.poll_fill(cx)) {
