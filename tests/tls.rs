@@ -226,6 +226,19 @@ async fn https_clients_on_http1_get_the_plain_listeners_rules() {
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
     assert!(answer.contains("\"request_id\""), "{answer}");
     assert_eq!(backend_requests(&client(), &backend).await, 0);
+    // A client that offers only http/1.0 by ALPN (curl --http1.0) is served, not refused.
+    let mut stream = connect(&ca.connector(&[b"http/1.0"]), tls_addr, "a.test").await;
+    stream
+        .write_all(b"GET /echo HTTP/1.0\r\nHost: a.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
 
     // 100 Continue, then the answer to the body, then the next request on the same connection.
     let mut stream = connect(&h1_only, tls_addr, "a.test").await;
