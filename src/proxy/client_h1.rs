@@ -180,18 +180,14 @@ pub async fn serve(
             (None, None)
         };
         let request = Request::from_parts(parts, body);
-        let Ok(response) = match (&conn.writer, &back) {
-            // Boxed: inline, this branch's future would double the connection task's size
-            // for plain connections too.
-            (ClientWrite::Tls(_), Some(back)) => {
+        let Ok(response) = match (&back, expect_continue) {
+            // Boxed: inline, this rare branch's future would double every connection task.
+            (Some(back), true) => {
                 let handled = forward::handle(&gateway, request, &client, upgrade);
                 Box::pin(conn.handle_with_continue(handled, back)).await
             }
             _ => forward::handle(&gateway, request, &client, upgrade).await,
         };
-        if let Some(back) = &back {
-            *back.responded.lock().expect("body return") = true;
-        }
         conn.take_back(back.as_deref());
         // A body left unread that cannot be discarded closes the connection: the answer says so.
         let keep_alive = keep_alive
@@ -273,7 +269,7 @@ impl ClientConn {
         let Some(mut returned) = back.reader.lock().expect("body return").take() else {
             return;
         };
-        // Asked for over TLS, but the answer came before it could be written.
+        // Asked for, but the answer came before it could be written.
         returned.awaiting_continue |= back.continue_unsent.load(Ordering::Relaxed);
         if returned.left.is_done() {
             self.reader = Some(returned.reader);
@@ -507,27 +503,26 @@ impl ClientConn {
         Ok(())
     }
 
-    /// Waits for the answer to a request whose body may want a 100 Continue that only the
-    /// writing side can send (TLS), and sends it when the body asks, before any answer.
+    /// Waits for the answer to a request that expects 100 Continue, and writes the 100 when the
+    /// body first wants bytes, unless the answer came first. Written here, on the writing side,
+    /// for plain and TLS connections alike (a TLS session's reading half cannot write records),
+    /// and never after the answer: once this returns, a late ask is left unanswered.
     async fn handle_with_continue<F: Future>(
         &mut self,
         handled: F,
         back: &BodyReturn,
     ) -> F::Output {
         tokio::pin!(handled);
-        let mut sent = false;
-        loop {
-            tokio::select! {
-                biased;
-                answer = &mut handled => return answer,
-                () = back.continue_wanted.notified(), if !sent => {
-                    sent = true;
-                    // A client gone is the body's failure to report, not this write's.
-                    let _ = self.write_within_idle(CONTINUE).await;
-                    back.continue_unsent.store(false, Ordering::Relaxed);
-                }
+        tokio::select! {
+            biased;
+            answer = &mut handled => return answer,
+            () = back.continue_wanted.notified() => {
+                // A client gone is the body's failure to report, not this write's.
+                let _ = self.write_within_idle(CONTINUE).await;
+                back.continue_unsent.store(false, Ordering::Relaxed);
             }
         }
+        handled.await
     }
 
     /// Closes after an answer while the client may still be sending (an unread body, a
@@ -781,17 +776,15 @@ fn too_large(buf: &[u8], limits: &ClientLimits) -> ProxyError {
     }
 }
 
-/// Where the connection's reader goes back when a request body ended or was dropped, and
-/// whether the answer was already started (after which no 100 Continue may be written). The
-/// body may be read on another thread (by an HTTP/2 instance connection's task): a 100 Continue
-/// is written while `responded` is locked, so it cannot land after the answer's head.
+/// Where the connection's reader goes back when a request body ended or was dropped, and the
+/// body's ask for a 100 Continue. The body may be read on another thread (by an HTTP/2
+/// instance connection's task), so both go through the connection task.
 #[derive(Default)]
 struct BodyReturn {
     reader: Mutex<Option<Returned>>,
-    responded: Mutex<bool>,
-    /// Asks the connection to send the 100 Continue where the body cannot (TLS).
+    /// The body wants its first bytes: the connection writes the 100 Continue.
     continue_wanted: Notify,
-    /// A 100 Continue asked for that way and not written yet: the client may still be waiting.
+    /// Asked for and not written (the answer came first): the client may still be waiting.
     continue_unsent: AtomicBool,
 }
 
@@ -885,21 +878,8 @@ impl Body for RequestBody {
                 return Poll::Ready(None);
             };
             if std::mem::take(&mut this.send_continue) && reader.buf.is_empty() {
-                match reader.half.plain_socket() {
-                    Some(socket) => {
-                        let responded = this.back.responded.lock().expect("body return");
-                        if !*responded {
-                            // 25 bytes on a connection with nothing else in flight: the socket
-                            // takes them at once. If it did not, the client sends its body
-                            // after its own wait anyway.
-                            let _ = socket.try_write(CONTINUE);
-                        }
-                    }
-                    None => {
-                        this.back.continue_unsent.store(true, Ordering::Relaxed);
-                        this.back.continue_wanted.notify_one();
-                    }
-                }
+                this.back.continue_unsent.store(true, Ordering::Relaxed);
+                this.back.continue_wanted.notify_one();
             }
             match ready!(reader.poll_fill(cx)) {
                 Ok(0) => return this.fail("client closed the connection inside its body"),

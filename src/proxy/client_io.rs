@@ -1,7 +1,6 @@
 //! The connections the gateway's own HTTP/1.1 loop serves: plain TCP, or TLS whose client chose
 //! http/1.1 (or nothing) by ALPN. Plain TCP splits into tokio's owned halves, which share the
-//! socket without a lock, so a 100 Continue can go out from the reading side; a TLS session
-//! splits with tokio's `split`, which locks the session, and writes only from the writing side.
+//! socket without a lock; a TLS session splits with tokio's `split`, which locks the session.
 
 use std::io;
 use std::pin::Pin;
@@ -11,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-pub type TlsClient = tokio_rustls::server::TlsStream<TcpStream>;
+type TlsClient = tokio_rustls::server::TlsStream<TcpStream>;
 
 /// A whole client connection: served, or handed to the tunnel after an upgrade.
 pub enum ClientStream {
@@ -55,15 +54,6 @@ impl ClientRead {
                 Some(ClientStream::Tls(read.unsplit(write)))
             }
             _ => None,
-        }
-    }
-
-    /// The plain socket under the reading side, which may also write (a 100 Continue) without
-    /// the writing side; `None` for TLS, whose records only the writing side may produce.
-    pub fn plain_socket(&self) -> Option<&TcpStream> {
-        match self {
-            ClientRead::Tcp(read) => Some(read.as_ref()),
-            ClientRead::Tls(_) => None,
         }
     }
 }
