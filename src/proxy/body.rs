@@ -169,7 +169,7 @@ impl PaceCheck {
 /// hyper (HTTP/2).
 pub enum ClientBody {
     Empty,
-    Plain(RequestBody),
+    Http1(RequestBody),
     Hyper(Incoming),
 }
 
@@ -183,7 +183,7 @@ impl Body for ClientBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ClientBody::Empty => Poll::Ready(None),
-            ClientBody::Plain(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::Http1(body) => Pin::new(body).poll_frame(cx),
             ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
         }
     }
@@ -191,7 +191,7 @@ impl Body for ClientBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ClientBody::Empty => true,
-            ClientBody::Plain(body) => body.is_end_stream(),
+            ClientBody::Http1(body) => body.is_end_stream(),
             ClientBody::Hyper(body) => body.is_end_stream(),
         }
     }
@@ -199,7 +199,7 @@ impl Body for ClientBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ClientBody::Empty => SizeHint::with_exact(0),
-            ClientBody::Plain(body) => body.size_hint(),
+            ClientBody::Http1(body) => body.size_hint(),
             ClientBody::Hyper(body) => body.size_hint(),
         }
     }

@@ -42,7 +42,6 @@ use super::error::ProxyError;
 use super::forward::{self, ClientAddr};
 use super::h1::{chunk_header, RawFields};
 use super::headers::{check_framing, has, value, values};
-use super::tunnel::ClientUpgrade;
 use super::Gateway;
 use crate::config::ServerConfig;
 use crate::http1::{has_token, recycle_map, BodyProgress, ConnectionOptions, FieldSpans, Framing};
@@ -161,7 +160,7 @@ pub async fn serve(
         let back = (body != BodyKind::None).then(|| Arc::new(BodyReturn::default()));
         let body = match (body, &back) {
             (BodyKind::None, _) | (_, None) => ClientBody::Empty,
-            (kind, Some(back)) => ClientBody::Plain(RequestBody {
+            (kind, Some(back)) => ClientBody::Http1(RequestBody {
                 reader: conn.reader.take(),
                 progress: BodyProgress::of(match kind {
                     BodyKind::Length(length) => Framing::Length(length),
@@ -175,7 +174,7 @@ pub async fn serve(
         // request really asks to switch (Connection: upgrade too) and drops it otherwise.
         let (upgrade_tx, upgrade) = if has(&parts.headers, &header::UPGRADE) {
             let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(ClientUpgrade::Plain(rx)))
+            (Some(tx), Some(rx))
         } else {
             (None, None)
         };

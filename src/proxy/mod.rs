@@ -485,12 +485,9 @@ async fn serve_hyper<I>(
                 let refusal = ProxyError::BadRequest(err.reason());
                 return Ok(refusal.response(&gateway.new_request_id()));
             }
-            let upgrade = parts
-                .extensions
-                .remove::<hyper::upgrade::OnUpgrade>()
-                .map(tunnel::ClientUpgrade::Hyper);
             let req = http::Request::from_parts(parts, body::ClientBody::Hyper(body));
-            let Ok(response) = forward::handle(&gateway, req, &client, upgrade).await;
+            // HTTP/2 has no Upgrade: there is no connection to hand over.
+            let Ok(response) = forward::handle(&gateway, req, &client, None).await;
             Ok::<_, Infallible>(if head_request {
                 headers_only(response)
             } else {
@@ -498,7 +495,7 @@ async fn serve_hyper<I>(
             })
         }
     });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
     if let Err(err) = watcher.watch(connection.into_owned()).await {
         tracing::debug!(%err, %peer, "client connection ended with an error");
     }

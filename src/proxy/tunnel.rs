@@ -10,8 +10,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -20,36 +18,9 @@ use super::client_io::ClientStream;
 use super::h1::InstanceConn;
 use super::upstream::InFlightGuard;
 
-/// The client's side of an upgrade, once the 101 went out.
-pub enum ClientUpgrade {
-    /// A connection hyper served (HTTP/2).
-    Hyper(OnUpgrade),
-    /// A connection the gateway's HTTP/1.1 loop served, with what the client sent after its
-    /// request.
-    Plain(oneshot::Receiver<(ClientStream, Bytes)>),
-}
-
-/// Either kind of upgraded client connection.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-impl ClientUpgrade {
-    async fn connection(self) -> Option<(Box<dyn Io>, Bytes)> {
-        match self {
-            ClientUpgrade::Hyper(upgrade) => match upgrade.await {
-                Ok(upgraded) => Some((Box::new(TokioIo::new(upgraded)), Bytes::new())),
-                Err(err) => {
-                    tracing::debug!(%err, "upgrade did not complete");
-                    None
-                }
-            },
-            ClientUpgrade::Plain(handed) => {
-                let (stream, early) = handed.await.ok()?;
-                Some((Box::new(stream), early))
-            }
-        }
-    }
-}
+/// The client's side of an upgrade: the HTTP/1.1 loop hands its connection over once the 101
+/// went out, with what the client sent after its request. (HTTP/2 has no `Upgrade`.)
+pub type ClientUpgrade = oneshot::Receiver<(ClientStream, Bytes)>;
 
 /// Joins the client's upgraded connection with the instance's, which answered 101.
 pub fn spawn(
@@ -59,7 +30,7 @@ pub fn spawn(
     idle: Duration,
 ) {
     tokio::spawn(async move {
-        let Some((mut client, client_early)) = client.connection().await else {
+        let Ok((mut client, client_early)) = client.await else {
             return;
         };
         // What either side sent right after the 101 or the request belongs to the new
