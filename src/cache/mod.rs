@@ -196,49 +196,43 @@ fn hit(
 ) -> Response<GatewayBody> {
     cache.store.counters.record(outcome);
     let length = entry.body.len() as u64;
-    let range = if policy::not_modified(request, entry.status, &entry.headers) {
-        None
-    } else if method == Method::GET {
-        Some(policy::range_answer(
-            request,
-            entry.status,
-            &entry.headers,
-            length,
-        ))
-    } else {
-        Some(RangeAnswer::Whole)
-    };
-    let (status, body) = match range {
-        None => (StatusCode::NOT_MODIFIED, None),
-        Some(RangeAnswer::Whole) => (entry.status, Some(entry.body.clone())),
-        Some(RangeAnswer::Part { first, last }) => {
-            let part = entry.body.slice(first as usize..=last as usize);
-            (StatusCode::PARTIAL_CONTENT, Some(part))
+    // HEAD is never ranged (RFC 9110 §14.2).
+    let range = || {
+        if *method == Method::GET {
+            policy::range_answer(request, entry.status, &entry.headers, length)
+        } else {
+            RangeAnswer::Whole
         }
-        Some(RangeAnswer::Unsatisfiable) => (StatusCode::RANGE_NOT_SATISFIABLE, None),
+    };
+    // The status, the body, and for a range its Content-Range and length.
+    let (status, body, range) = if policy::not_modified(request, entry.status, &entry.headers) {
+        (StatusCode::NOT_MODIFIED, None, None)
+    } else {
+        match range() {
+            RangeAnswer::Whole => (entry.status, Some(entry.body.clone()), None),
+            RangeAnswer::Part { first, last } => (
+                StatusCode::PARTIAL_CONTENT,
+                Some(entry.body.slice(first as usize..=last as usize)),
+                Some((format!("bytes {first}-{last}/{length}"), last - first + 1)),
+            ),
+            RangeAnswer::Unsatisfiable => (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                None,
+                Some((format!("bytes */{length}"), 0)),
+            ),
+        }
     };
     let mut response = Response::new(GatewayBody::Full(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    match range {
-        Some(RangeAnswer::Unsatisfiable) => {
-            let unsatisfied = format!("bytes */{length}");
-            headers.insert(
-                header::CONTENT_RANGE,
-                HeaderValue::try_from(unsatisfied).expect("digits"),
-            );
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-        }
-        Some(RangeAnswer::Part { first, last }) => {
-            headers.clone_from(&entry.headers);
-            let part = format!("bytes {first}-{last}/{length}");
-            headers.insert(
-                header::CONTENT_RANGE,
-                HeaderValue::try_from(part).expect("digits"),
-            );
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(last - first + 1));
-        }
-        _ => headers.clone_from(&entry.headers),
+    // A 416 describes no stored bytes: none of the stored fields go with it.
+    if status != StatusCode::RANGE_NOT_SATISFIABLE {
+        headers.clone_from(&entry.headers);
+    }
+    if let Some((content_range, part_length)) = range {
+        let content_range = HeaderValue::try_from(content_range).expect("digits");
+        headers.insert(header::CONTENT_RANGE, content_range);
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(part_length));
     }
     let age = entry.freshness.initial_age + now.saturating_duration_since(entry.stored_at);
     headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
