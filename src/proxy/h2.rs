@@ -4,7 +4,7 @@
 //! the request's in-flight guard to its end.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
@@ -169,50 +169,43 @@ pub struct Upload {
 /// part is still on its way from the client, no clock runs.
 struct UploadWatch {
     failure: OnceLock<ClientBodyFailure>,
-    /// `None` while the client's next part is awaited.
-    waiting_on_instance_since: Mutex<Option<Instant>>,
-    /// Wakes `expired` when the wait goes back to the instance.
-    resumed: Notify,
+    /// Since when the instance is waited on; `None` while the client's next part is awaited.
+    /// Receivers hear of a change only when the wait goes back to the instance.
+    waiting_on_instance_since: watch::Sender<Option<Instant>>,
 }
 
 impl UploadWatch {
     fn new(head_sent: Instant) -> Self {
         UploadWatch {
             failure: OnceLock::new(),
-            waiting_on_instance_since: Mutex::new(Some(head_sent)),
-            resumed: Notify::new(),
+            waiting_on_instance_since: watch::Sender::new(Some(head_sent)),
         }
-    }
-
-    fn since(&self) -> Option<Instant> {
-        *self.waiting_on_instance_since.lock().expect("upload watch")
     }
 
     /// Notes whether the last poll of the body waits on the client (`Pending`) or handed a
     /// part (or the end) to the instance.
     fn polled(&self, waiting_on_client: bool) {
         let now = (!waiting_on_client).then(Instant::now);
-        let before = std::mem::replace(
-            &mut *self.waiting_on_instance_since.lock().expect("upload watch"),
-            now,
-        );
-        if before.is_none() && now.is_some() {
-            self.resumed.notify_waiters();
-        }
+        self.waiting_on_instance_since.send_if_modified(|since| {
+            let resumed = since.is_none() && now.is_some();
+            *since = now;
+            resumed
+        });
     }
 
     /// Completes once one wait on the instance lasted `timeout`.
     async fn expired(&self, timeout: Duration) {
+        let mut since = self.waiting_on_instance_since.subscribe();
         loop {
-            let resumed = self.resumed.notified();
-            tokio::pin!(resumed);
-            // Registered before the state is read, so a resumption in between is not missed.
-            resumed.as_mut().enable();
-            match self.since() {
-                None => resumed.await,
-                Some(since) => {
-                    tokio::time::sleep_until(since + timeout).await;
-                    if self.since() == Some(since) {
+            let waiting = *since.borrow_and_update();
+            match waiting {
+                // The sender lives as long as `self`: `changed` cannot fail here.
+                None => {
+                    let _ = since.changed().await;
+                }
+                Some(from) => {
+                    tokio::time::sleep_until(from + timeout).await;
+                    if *since.borrow() == Some(from) {
                         return;
                     }
                 }
