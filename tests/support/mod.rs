@@ -384,6 +384,28 @@ pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A free loopback port for a server that is started (and restarted) on a port chosen for it.
+/// It lies below the kernel's ephemeral range (32768 and up) and so does its Redis cluster bus
+/// port (port + 10000): no socket another test binds to port 0 or connects from can take it
+/// while the server is down. A counter keeps two servers of one test binary apart.
+fn port_below_ephemeral_range() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: std::sync::OnceLock<AtomicU64> = std::sync::OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        let random = std::collections::hash_map::RandomState::new().build_hasher();
+        AtomicU64::new(random.finish())
+    });
+    let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+    for _ in 0..10_000 {
+        let port = 10_000 + (next.fetch_add(1, Ordering::Relaxed) % 10_000) as u16;
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!("no free port in 10000-19999");
+}
+
 /// A `redis-server` of our own on a free loopback port, killed on drop.
 pub struct Redis {
     pub child: Option<Child>,
@@ -407,11 +429,7 @@ impl Redis {
         extra: &[&str],
         dir: Option<&std::path::Path>,
     ) -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = port_below_ephemeral_range();
         let mut redis = Redis {
             child: None,
             port,
