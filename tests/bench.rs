@@ -45,12 +45,6 @@ fn latency_ms(report: &Value, key: &str) -> f64 {
     report["latency_us"][key].as_f64().unwrap() / 1000.0
 }
 
-/// A loopback port with nothing listening on it.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 #[tokio::test]
 async fn counts_are_exact_with_n_and_match_the_server() {
     let backend = demo_backend(&[]);
@@ -155,7 +149,7 @@ async fn a_stalled_server_shows_in_p99_in_rate_mode() {
 
 #[tokio::test]
 async fn errors_are_classified() {
-    let closed = format!("http://127.0.0.1:{}/", closed_port());
+    let closed = format!("http://{}/", dead_addr());
     let report = bench_json(&["-n", "10", "-c", "2", &closed]).await;
     assert_eq!(count(&report, "responses"), 0);
     assert_eq!(report["errors"]["connect"], 10);

@@ -600,10 +600,7 @@ fn a_client_that_stops_reading_is_cut_off_after_the_idle_timeout() {
 #[test]
 fn gateway_errors_carry_the_request_id_and_keep_the_connection() {
     let live = instance();
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_addr();
     let gw = gateway(&format!(
         "[upstreams.app]\ninstances = [\"{live}\"]\n[upstreams.dead]\ninstances = [\"{dead}\"]\n\n\
          [[routes]]\npath_prefix = \"/only\"\nupstream = \"app\"\n\

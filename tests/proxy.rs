@@ -656,10 +656,7 @@ async fn error_statuses_carry_json_and_the_request_id() {
     );
 
     // Nothing listens there: connect refused on every instance → 502.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_addr();
     let gw = gateway(&format!(
         "[upstreams.app]\ninstances = [\"{dead}\"]\n[[routes]]\nupstream = \"app\"\n"
     ));
@@ -736,10 +733,7 @@ async fn h2c_clients_are_served() {
     assert_eq!(&reply.body[..], b"ok");
     // HEAD gets the fields and no body (RFC 9110 §9.3.2), also for answers the gateway makes:
     // hyper's HTTP/2 server would send their body, a stream error for the client.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = dead_addr();
     let refused = gateway(&app_config_at(&[dead], "retries = 0"));
     for (url, status) in [(gw.url("/work"), 200), (refused.url("/work"), 502)] {
         let head = request(&client, "HEAD", &url, &[], "").await.unwrap();

@@ -384,11 +384,12 @@ pub fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A free loopback port for a server that is started (and restarted) on a port chosen for it.
-/// It lies below the kernel's ephemeral range (32768 and up) and so does its Redis cluster bus
-/// port (port + 10000): no socket another test binds to port 0 or connects from can take it
-/// while the server is down. A counter keeps two servers of one test binary apart.
-fn port_below_ephemeral_range() -> u16 {
+/// A free loopback port that stays free until this test binary uses it: for a server started
+/// (and restarted) on a port chosen for it, or an address where nothing must listen. It lies
+/// below the kernel's ephemeral range (32768 and up), and so does a Redis cluster bus port
+/// (port + 10000), so no socket another test binds to port 0 or connects from can take it; a
+/// counter keeps one binary's ports apart.
+pub fn unclaimed_port() -> u16 {
     use std::hash::{BuildHasher, Hasher};
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: std::sync::OnceLock<AtomicU64> = std::sync::OnceLock::new();
@@ -404,6 +405,11 @@ fn port_below_ephemeral_range() -> u16 {
         }
     }
     panic!("no free port in 10000-19999");
+}
+
+/// A loopback address where nothing listens: connecting to it is refused.
+pub fn dead_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], unclaimed_port()))
 }
 
 /// A `redis-server` of our own on a free loopback port, killed on drop.
@@ -429,7 +435,7 @@ impl Redis {
         extra: &[&str],
         dir: Option<&std::path::Path>,
     ) -> Redis {
-        let port = port_below_ephemeral_range();
+        let port = unclaimed_port();
         let mut redis = Redis {
             child: None,
             port,
