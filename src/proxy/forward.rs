@@ -385,7 +385,8 @@ async fn to_instance(
     let mut last_error = ProxyError::NoHealthyInstance;
     loop {
         let set = upstream.set.load_full();
-        let (index, instance) = match upstream.pick(&set, tried, hash, Instant::now()) {
+        let now = Instant::now();
+        let (index, instance) = match upstream.pick(&set, tried, hash, now) {
             Ok(picked) => picked,
             Err(NoInstance::NoneHealthy) if attempts == 0 => {
                 return Err(ProxyError::NoHealthyInstance)
@@ -400,6 +401,7 @@ async fn to_instance(
         let checkout = Checkout {
             probe: !replayable,
             fresh,
+            now,
         };
         match send(
             &instance,
@@ -530,6 +532,9 @@ struct Checkout {
     probe: bool,
     /// Open a new connection (the last pooled one was stale).
     fresh: bool,
+    /// When the attempt began: a pooled connection's idle time and, when the connection was
+    /// pooled, the start of the instance's latency.
+    now: Instant,
 }
 
 async fn send(
@@ -542,12 +547,17 @@ async fn send(
     if let Some(shared) = &instance.pool.http2 {
         return Box::pin(send_http2(instance, shared, head, body, timeout)).await;
     }
-    let (mut conn, reused) = match instance.pool.checkout(checkout.probe, checkout.fresh).await {
+    let checked_out = instance
+        .pool
+        .checkout(checkout.probe, checkout.fresh, checkout.now)
+        .await;
+    let (mut conn, reused) = match checked_out {
         Ok(checked_out) => checked_out,
         Err(err) => return Err(Attempt::failed(FailureKind::NotSent, err.to_string())),
     };
-    let started = Instant::now();
-    match conn.send(head, body, timeout).await {
+    // A new connection's set-up is not the instance's answer time.
+    let started = if reused { checkout.now } else { Instant::now() };
+    match conn.send(head, body, started, timeout).await {
         Ok(answer) => {
             observe_latency(instance, started);
             Ok(Answer::Http1(conn, answer))

@@ -213,7 +213,8 @@ impl InstanceConn {
     }
 
     /// Writes the request and reads the answer's head. The instance has `timeout` to answer
-    /// once the whole request went out, and while a body goes out, that long to take each
+    /// once the whole request went out (counted from `started` for a request without a body,
+    /// which goes out at once), and while a body goes out, that long to take each
     /// part of it (nginx's `proxy_read_timeout` and `proxy_send_timeout`); the time a slow
     /// client takes to send its body is not held against the instance. An answer that comes
     /// before the whole body went out (an early 413, say) is taken as it is; the connection
@@ -222,6 +223,7 @@ impl InstanceConn {
         &mut self,
         head: Outgoing<'_>,
         body: &mut ForwardBody,
+        started: Instant,
         timeout: Duration,
     ) -> Result<AnswerHead, SendError> {
         let InstanceConn {
@@ -245,7 +247,7 @@ impl InstanceConn {
         read.clear();
         read.reserve(READ_CHUNK);
         if body.is_end_stream() {
-            let due = Instant::now() + timeout;
+            let due = started + timeout;
             return tokio::select! {
                 biased;
                 answer = send_head(stream, read, write, reading) => answer,

@@ -474,8 +474,8 @@ impl Pool {
         &self,
         probe: bool,
         fresh: bool,
+        now: Instant,
     ) -> Result<(Box<InstanceConn>, bool), ConnectError> {
-        let now = Instant::now();
         // A fresh checkout leaves the idle connections where they are.
         if !fresh {
             while let Some(mut idle) = self.pop() {
@@ -550,17 +550,17 @@ mod tests {
     #[tokio::test]
     async fn the_pool_hands_out_the_warmest_connection_and_ages_out_the_coldest() {
         let (pool, _listener) = pool(2, "200ms");
-        let (first, reused) = pool.checkout(false, false).await.unwrap();
+        let (first, reused) = pool.checkout(false, false, Instant::now()).await.unwrap();
         assert!(!reused);
-        let (second, _) = pool.checkout(false, false).await.unwrap();
-        let (third, _) = pool.checkout(false, false).await.unwrap();
+        let (second, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
+        let (third, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
         let second_port = second.local_port();
         pool.checkin(first);
         pool.checkin(second);
         // Full: the third is closed rather than kept.
         pool.checkin(third);
         assert_eq!(pool.idle_count(), 2);
-        let (warmest, reused) = pool.checkout(false, false).await.unwrap();
+        let (warmest, reused) = pool.checkout(false, false, Instant::now()).await.unwrap();
         assert!(reused);
         assert_eq!(warmest.local_port(), second_port);
 
@@ -569,21 +569,21 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         pool.checkin(warmest);
         assert_eq!(pool.idle_count(), 1);
-        let (again, _) = pool.checkout(false, false).await.unwrap();
+        let (again, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
         assert_eq!(again.local_port(), second_port);
     }
 
     #[tokio::test]
     async fn a_fresh_checkout_opens_a_connection_and_keeps_the_idle_ones() {
         let (pool, _listener) = pool(2, "10s");
-        let (idle, _) = pool.checkout(false, false).await.unwrap();
+        let (idle, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
         let idle_port = idle.local_port();
         pool.checkin(idle);
-        let (fresh, reused) = pool.checkout(false, true).await.unwrap();
+        let (fresh, reused) = pool.checkout(false, true, Instant::now()).await.unwrap();
         assert!(!reused);
         assert_ne!(fresh.local_port(), idle_port);
         assert_eq!(pool.idle_count(), 1);
-        let (again, reused) = pool.checkout(false, false).await.unwrap();
+        let (again, reused) = pool.checkout(false, false, Instant::now()).await.unwrap();
         assert!(reused);
         assert_eq!(again.local_port(), idle_port);
     }
@@ -591,13 +591,13 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_instance_closed_while_idle_is_not_handed_out() {
         let (pool, listener) = pool(2, "10s");
-        let (conn, _) = pool.checkout(true, false).await.unwrap();
+        let (conn, _) = pool.checkout(true, false, Instant::now()).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
         let closed_port = conn.local_port();
         pool.checkin(conn);
         drop(accepted);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let (fresh, reused) = pool.checkout(true, false).await.unwrap();
+        let (fresh, reused) = pool.checkout(true, false, Instant::now()).await.unwrap();
         assert!(!reused, "the closed connection was handed out again");
         assert_ne!(fresh.local_port(), closed_port);
     }
