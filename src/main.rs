@@ -35,11 +35,14 @@ enum Command {
     /// Run the gateway, from a config file or from --listen/--upstream flags.
     Serve {
         /// TOML config file.
-        #[arg(long, short, conflicts_with_all = ["listen", "upstream"])]
+        #[arg(long, short, conflicts_with_all = ["listen", "admin_listen", "upstream"])]
         config: Option<PathBuf>,
         /// Address to listen on (zero-config form).
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
+        /// Address of the admin API and dashboard (zero-config form).
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: String,
         /// Instance address (repeatable; zero-config form).
         #[arg(long)]
         upstream: Vec<String>,
@@ -62,8 +65,9 @@ fn main() -> ExitCode {
         Command::Serve {
             config,
             listen,
+            admin_listen,
             upstream,
-        } => serve(config, &listen, &upstream),
+        } => serve(config, [&listen, &admin_listen], &upstream),
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -86,7 +90,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(path: Option<PathBuf>, listen: &str, upstreams: &[String]) -> anyhow::Result<()> {
+fn serve(path: Option<PathBuf>, listen: [&str; 2], upstreams: &[String]) -> anyhow::Result<()> {
     let config = match &path {
         Some(path) => Config::load(path)
             .map_err(|errors| anyhow::anyhow!("{}: invalid\n{errors}", path.display()))?,

@@ -810,6 +810,38 @@ impl hyper::body::Body for Chunks {
     }
 }
 
+#[tokio::test]
+async fn zero_config_flags_balance_over_the_given_instances() {
+    let (a, b) = (demo_backend(&[]), demo_backend(&[]));
+    let (a_addr, b_addr) = (a.addr().to_string(), b.addr().to_string());
+    let gw = spawn(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &a_addr,
+            "--upstream",
+            &b_addr,
+        ],
+        2,
+    );
+    let client = client();
+    let mut seen = HashMap::new();
+    for _ in 0..4 {
+        let reply = get(&client, &format!("http://{}/work", gw.named("proxy"))).await;
+        assert_eq!(reply.status, 200);
+        *seen
+            .entry(reply.header("x-instance").to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let health = get(&client, &format!("http://{}/health", gw.named("admin"))).await;
+    assert_eq!(health.status, 200);
+}
+
 #[test]
 fn check_names_the_bad_keys_and_serve_refuses_the_same_config() {
     let dir = tempfile::tempdir().unwrap();
@@ -826,9 +858,9 @@ fn check_names_the_bad_keys_and_serve_refuses_the_same_config() {
     assert!(!check.status.success());
     let stderr = String::from_utf8_lossy(&check.stderr);
     for key in [
-        "server.listen",
-        "upstreams.app.strategy",
-        "routes[0].upstream",
+        "server.listen (line 2)",
+        "upstreams.app.strategy (line 5)",
+        "routes[0].upstream (line 7)",
     ] {
         assert!(stderr.contains(key), "{key} missing in: {stderr}");
     }

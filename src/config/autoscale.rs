@@ -185,7 +185,7 @@ pub(super) fn validate(
             "a fraction from 0 up to (not including) 1",
         );
     }
-    let sync_period = positive_duration(p, &format!("{key}.sync_period"), &raw.sync_period);
+    let sync_period = p.positive_duration(&format!("{key}.sync_period"), &raw.sync_period);
     let scale_up = validate_rules(p, &format!("{key}.scale_up"), raw.scale_up.as_ref(), true);
     let scale_down = validate_rules(
         p,
@@ -248,14 +248,6 @@ pub(super) fn validate(
         stop_grace: p.duration(&format!("{key}.stop_grace"), &raw.stop_grace),
         provider,
     }
-}
-
-fn positive_duration(p: &mut Problems, key: &str, text: &str) -> Duration {
-    let value = p.duration(key, text);
-    if value.is_zero() && !p.0.iter().any(|e| e.key == key) {
-        p.push(key, "must be more than 0");
-    }
-    value
 }
 
 fn validate_targets(p: &mut Problems, key: &str, raw: &RawAutoscale) -> Vec<(Metric, f64)> {
@@ -344,7 +336,7 @@ fn validate_rules(p: &mut Problems, key: &str, raw: Option<&RawRules>, up: bool)
                 ScalingPolicy {
                     kind,
                     value: policy.value,
-                    period: positive_duration(p, &format!("{pkey}.period"), &policy.period),
+                    period: p.positive_duration(&format!("{pkey}.period"), &policy.period),
                 }
             })
             .collect();
@@ -486,7 +478,7 @@ fn validate_exec(p: &mut Problems, key: &str, raw: &RawAutoscale) -> ExecConfig 
         }
         DiscoverConfig {
             dns: d.dns.clone(),
-            interval: positive_duration(p, &format!("{dkey}.interval"), &d.interval),
+            interval: p.positive_duration(&format!("{dkey}.interval"), &d.interval),
         }
     });
     ExecConfig {
@@ -495,7 +487,7 @@ fn validate_exec(p: &mut Problems, key: &str, raw: &RawAutoscale) -> ExecConfig 
             .command_timeout
             .as_ref()
             .map_or(Duration::from_secs(60), |t| {
-                positive_duration(p, &format!("{key}.command_timeout"), t)
+                p.positive_duration(&format!("{key}.command_timeout"), t)
             }),
         discover,
     }

@@ -657,7 +657,8 @@ fn validate_concurrency(
     ConcurrencyConfig {
         max_in_flight: max_in_flight.max(1),
         queue_size,
-        queue_timeout: p.duration(&format!("{key}.queue_timeout"), queue_timeout),
+        // queue_size = 0 is how a route refuses at once instead of queueing.
+        queue_timeout: p.positive_duration(&format!("{key}.queue_timeout"), queue_timeout),
     }
 }
 

@@ -6,6 +6,7 @@ mod autoscale;
 mod cache;
 mod env;
 pub mod limits;
+mod lines;
 mod raw;
 mod tls;
 pub mod units;
@@ -197,22 +198,36 @@ impl Config {
                     .collect(),
             )
         })?;
-        let raw: RawConfig = toml::from_str(&text).map_err(|err| {
-            let line = err
-                .span()
-                .map(|span| text[..span.start].matches('\n').count() + 1);
-            ConfigErrors(vec![ConfigError {
-                key: "config".into(),
-                line,
-                message: err.message().to_string(),
-            }])
-        })?;
-        raw.validate()
+        let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(&text))
+            .map_err(|err| {
+                let key = err.path().to_string();
+                let err = err.into_inner();
+                let line = err
+                    .span()
+                    .map(|span| text[..span.start].matches('\n').count() + 1);
+                ConfigErrors(vec![ConfigError {
+                    // The path is `.` when the error is not inside a key (a syntax error).
+                    key: if key == "." { "config".into() } else { key },
+                    line,
+                    message: err.message().to_string(),
+                }])
+            })?;
+        raw.validate().map_err(|ConfigErrors(errors)| {
+            let placed = errors.into_iter().map(|mut err| {
+                err.line = err.line.or_else(|| lines::line_of(&text, &err.key));
+                err
+            });
+            ConfigErrors(placed.collect())
+        })
     }
 
-    /// The zero-config form: one listener, one `default` upstream, one catch-all route.
-    pub fn from_flags(listen: &str, upstreams: &[String]) -> Result<Config, ConfigErrors> {
-        let raw = RawConfig::from_flags(listen, upstreams);
+    /// The zero-config form: the proxy and admin listeners, one `default` upstream, one
+    /// catch-all route.
+    pub fn from_flags(
+        [listen, admin_listen]: [&str; 2],
+        upstreams: &[String],
+    ) -> Result<Config, ConfigErrors> {
+        let raw = RawConfig::from_flags([listen, admin_listen], upstreams);
         raw.validate()
     }
 
@@ -239,6 +254,15 @@ impl Problems {
             self.push(key, err);
             Duration::ZERO
         })
+    }
+
+    /// A duration that must be more than 0 (0 is reported, unless the text was already).
+    pub(crate) fn positive_duration(&mut self, key: &str, text: &str) -> Duration {
+        let value = self.duration(key, text);
+        if value.is_zero() && !self.0.iter().any(|e| e.key == key) {
+            self.push(key, "must be more than 0");
+        }
+        value
     }
 
     pub(crate) fn size(&mut self, key: &str, text: &str) -> u64 {
@@ -369,19 +393,85 @@ upstream = "missing"
             Config::from_toml("[upstreams.a]\ninstances = [\"127.0.0.1:1\"]\nretries = \"x\"\n")
                 .unwrap_err()
                 .0;
-        assert_eq!(err[0].line, Some(3));
+        assert_eq!(
+            (err[0].key.as_str(), err[0].line),
+            ("upstreams.a.retries", Some(3))
+        );
+        // An instance table is checked like any other table.
+        let err = Config::from_toml(
+            "[upstreams.a]\ninstances = [\"127.0.0.1:1\", { addr = \"127.0.0.1:2\", wieght = 5 }]\n",
+        )
+        .unwrap_err()
+        .0;
+        assert_eq!(err[0].key, "upstreams.a.instances[1].wieght");
+        assert!(
+            err[0].message.contains("unknown field"),
+            "{}",
+            err[0].message
+        );
+    }
+
+    #[test]
+    fn values_that_could_never_work_are_refused() {
+        let text = "[server]\nheader_read_timeout = \"0s\"\nidle_timeout = \"0s\"\n\
+                    max_uri_length = \"0\"\n\
+                    [upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nidle_timeout = \"0s\"\n\
+                    fail_timeout = \"0s\"\nmax_in_flight = 5\nqueue_timeout = \"0s\"\n\
+                    [[routes]]\nhost = \"exa mple..com\"\nupstream = \"app\"\n\
+                    [[routes]]\nhost = \"api.example.com:8080\"\nupstream = \"app\"\n\
+                    [[routes]]\nupstream = \"app\"\n[[routes]]\nupstream = \"app\"\n\
+                    [[routes]]\nhost = \"*.Example.com\"\nupstream = \"app\"\n\
+                    [[routes]]\nhost = \"::1\"\nupstream = \"app\"\n";
+        let errors = Config::from_toml(text).unwrap_err().0;
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "server.max_uri_length",
+                "server.header_read_timeout",
+                "server.idle_timeout",
+                "upstreams.app.idle_timeout",
+                "upstreams.app.fail_timeout",
+                "upstreams.app.queue_timeout",
+                "routes[0].host",
+                "routes[1].host",
+                "routes[3]",
+            ]
+        );
+        assert!(
+            errors[8].message.contains("routes[2]"),
+            "{}",
+            errors[8].message
+        );
+    }
+
+    #[test]
+    fn problems_found_after_parsing_have_lines_too() {
+        let text = "[upstreams.app]\nstrategy = \"fastest\"\ninstances = [\"127.0.0.1:1\"]\n\n\
+                    [[routes]]\nupstream = \"app\"\n[[routes]]\nupstream = \"nowhere\"\npath_prefix = \"/b\"\n";
+        let errors = Config::from_toml(text).unwrap_err().0;
+        let placed: Vec<(&str, Option<usize>)> =
+            errors.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            placed,
+            [
+                ("upstreams.app.strategy", Some(2)),
+                ("routes[1].upstream", Some(8))
+            ]
+        );
     }
 
     #[test]
     fn zero_config_flags() {
         let config = Config::from_flags(
-            "127.0.0.1:8081",
+            ["127.0.0.1:8081", "127.0.0.1:9091"],
             &["127.0.0.1:3001".into(), "localhost:3002".into()],
         )
         .unwrap();
         assert_eq!(config.upstreams[0].instances.len(), 2);
         assert_eq!(config.routes.len(), 1);
-        assert!(Config::from_flags("127.0.0.1:8081", &[]).is_err());
+        assert_eq!(config.admin.listen, "127.0.0.1:9091".parse().unwrap());
+        assert!(Config::from_flags(["127.0.0.1:8081", "127.0.0.1:9091"], &[]).is_err());
     }
 
     #[test]

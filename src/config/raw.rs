@@ -144,17 +144,49 @@ impl Default for RawUpstream {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+/// An instance: `"host:port"` or a table. Not a serde `untagged` enum: that would take a
+/// table with a misspelt key as the plain form's defaults and report a wrong type without the
+/// field; the table form here rejects unknown keys and names the field in type errors.
+#[derive(Debug)]
 pub enum RawInstance {
     Addr(String),
-    Full {
-        addr: String,
-        #[serde(default = "one")]
-        weight: u32,
-        #[serde(default)]
-        backup: bool,
-    },
+    Table(RawInstanceTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInstanceTable {
+    addr: String,
+    #[serde(default = "one")]
+    weight: u32,
+    #[serde(default)]
+    backup: bool,
+}
+
+impl<'de> Deserialize<'de> for RawInstance {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct InstanceVisitor;
+        impl<'de> serde::de::Visitor<'de> for InstanceVisitor {
+            type Value = RawInstance;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an address \"host:port\" or a table { addr, weight, backup }")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, addr: &str) -> Result<RawInstance, E> {
+                Ok(RawInstance::Addr(addr.to_owned()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                table: A,
+            ) -> Result<RawInstance, A::Error> {
+                let table = serde::de::value::MapAccessDeserializer::new(table);
+                RawInstanceTable::deserialize(table).map(RawInstance::Table)
+            }
+        }
+        deserializer.deserialize_any(InstanceVisitor)
+    }
 }
 
 fn one() -> u32 {
@@ -211,7 +243,7 @@ fn root() -> String {
 }
 
 impl RawConfig {
-    pub(super) fn from_flags(listen: &str, upstreams: &[String]) -> RawConfig {
+    pub(super) fn from_flags([listen, admin_listen]: [&str; 2], upstreams: &[String]) -> RawConfig {
         let upstream = RawUpstream {
             instances: upstreams.iter().cloned().map(RawInstance::Addr).collect(),
             ..RawUpstream::default()
@@ -219,6 +251,7 @@ impl RawConfig {
         RawConfig {
             server: RawServer {
                 listen: listen.to_string(),
+                admin_listen: Some(admin_listen.to_string()),
                 ..RawServer::default()
             },
             admin: RawAdmin::default(),
@@ -312,12 +345,26 @@ impl RawConfig {
             &route_limits,
             &upstream_limits,
         );
+        let mut first_with: BTreeMap<(Option<String>, String), usize> = BTreeMap::new();
         let routes = self
             .routes
             .into_iter()
             .enumerate()
             .map(|(i, raw)| {
                 let key = format!("routes[{i}]");
+                let host = raw.host.map(|h| h.to_ascii_lowercase());
+                if let Some(problem) = host.as_deref().and_then(route_host_problem) {
+                    p.push(format!("{key}.host"), problem);
+                }
+                let matches = (host.clone(), raw.path_prefix.clone());
+                if let Some(first) = first_with.get(&matches) {
+                    p.push(
+                        key.clone(),
+                        format!("same host and path_prefix as routes[{first}], which is always chosen first"),
+                    );
+                } else {
+                    first_with.insert(matches, i);
+                }
                 if !self.upstreams.contains_key(&raw.upstream) {
                     p.push(
                         format!("{key}.upstream"),
@@ -328,11 +375,11 @@ impl RawConfig {
                     p.push(format!("{key}.path_prefix"), "must start with /");
                 }
                 let cache = raw.cache.as_ref().map(|c| {
-                    validate_route_cache(&mut p, &format!("{key}.cache"), c, raw.host.as_deref())
+                    validate_route_cache(&mut p, &format!("{key}.cache"), c, host.as_deref())
                 });
                 RouteConfig {
                     name: raw.name.unwrap_or_else(|| raw.upstream.clone()),
-                    host: raw.host.map(|h| h.to_ascii_lowercase()),
+                    host,
                     path_prefix: raw.path_prefix,
                     upstream: raw.upstream,
                     cache,
@@ -356,6 +403,29 @@ impl RawConfig {
     }
 }
 
+/// Why a route's `host` (lowercased) could never match a request's Host, if so: it is a name
+/// or an IP address, or `*.` and a name; without a port, as ports are not compared.
+fn route_host_problem(host: &str) -> Option<&'static str> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    if name.contains(':') {
+        return Some("names a port: ports are not compared, give the host alone");
+    }
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.split('.').all(label) {
+        None
+    } else {
+        Some("is not a host name: letters, digits, `-` and dots, `*.` in front for subdomains")
+    }
+}
+
 /// hyper's own limit: keeping it lets hyper parse heads on the stack.
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 
@@ -373,6 +443,10 @@ fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
     if max_header_bytes < 8192 {
         p.push("server.max_header_size", "must be at least 8KiB");
     }
+    let max_uri_length = p.size("server.max_uri_length", &raw.max_uri_length);
+    if max_uri_length < 16 {
+        p.push("server.max_uri_length", "must be at least 16 bytes");
+    }
     ServerConfig {
         listen: p.addr("server.listen", &raw.listen),
         workers: raw.workers,
@@ -380,12 +454,13 @@ fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
         metrics: raw.metrics,
         max_body: p.size("server.max_body", &raw.max_body),
         max_header_bytes,
-        max_uri_length: p.size("server.max_uri_length", &raw.max_uri_length) as usize,
+        max_uri_length: max_uri_length as usize,
         max_headers: raw.max_headers,
-        header_read_timeout: p.duration("server.header_read_timeout", &raw.header_read_timeout),
+        header_read_timeout: p
+            .positive_duration("server.header_read_timeout", &raw.header_read_timeout),
         max_connections: raw.max_connections,
         max_connections_per_ip: raw.max_connections_per_ip,
-        idle_timeout: p.duration("server.idle_timeout", &raw.idle_timeout),
+        idle_timeout: p.positive_duration("server.idle_timeout", &raw.idle_timeout),
         body_read_timeout: p.duration("server.body_read_timeout", &raw.body_read_timeout),
         min_body_rate: p.size("server.min_body_rate", &raw.min_body_rate),
         http2: limits::validate_http2(p, &raw.http2),
@@ -431,11 +506,7 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
         let ikey = format!("{key}.instances[{i}]");
         let (addr, weight, backup) = match instance {
             RawInstance::Addr(addr) => (addr.as_str(), 1, false),
-            RawInstance::Full {
-                addr,
-                weight,
-                backup,
-            } => (addr.as_str(), *weight, *backup),
+            RawInstance::Table(table) => (table.addr.as_str(), table.weight, table.backup),
         };
         if weight == 0 || weight > 1000 {
             p.push(format!("{ikey}.weight"), "must be between 1 and 1000");
@@ -493,16 +564,10 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
             expect_status,
         }
     });
-    let connect_timeout = p.duration(&format!("{key}.connect_timeout"), &raw.connect_timeout);
-    let response_timeout = p.duration(&format!("{key}.response_timeout"), &raw.response_timeout);
-    for (field, value) in [
-        ("connect_timeout", connect_timeout),
-        ("response_timeout", response_timeout),
-    ] {
-        if value.is_zero() && !p.0.iter().any(|e| e.key == format!("{key}.{field}")) {
-            p.push(format!("{key}.{field}"), "must be more than 0");
-        }
-    }
+    let connect_timeout =
+        p.positive_duration(&format!("{key}.connect_timeout"), &raw.connect_timeout);
+    let response_timeout =
+        p.positive_duration(&format!("{key}.response_timeout"), &raw.response_timeout);
     let drain_timeout = p.duration(&format!("{key}.drain_timeout"), &raw.drain_timeout);
     let autoscale = raw.autoscale.as_ref().map(|auto| {
         super::autoscale::validate(p, &format!("{key}.autoscale"), auto, drain_timeout)
@@ -522,14 +587,16 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
         keepalive: raw.keepalive,
         connect_timeout,
         response_timeout,
-        idle_timeout: p.duration(&format!("{key}.idle_timeout"), &raw.idle_timeout),
+        // keepalive = 0 is how pooling is turned off; an idle time of 0 would only hide that.
+        idle_timeout: p.positive_duration(&format!("{key}.idle_timeout"), &raw.idle_timeout),
         retries: raw.retries,
         retry_budget: raw.retry_budget / 100.0,
         slow_start: p.duration(&format!("{key}.slow_start"), &raw.slow_start),
         health,
         passive: PassiveHealthConfig {
             max_fails: raw.max_fails,
-            fail_timeout: p.duration(&format!("{key}.fail_timeout"), &raw.fail_timeout),
+            // max_fails = 0 is how passive checks are turned off.
+            fail_timeout: p.positive_duration(&format!("{key}.fail_timeout"), &raw.fail_timeout),
         },
         drain_timeout,
         autoscale,

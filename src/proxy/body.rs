@@ -513,9 +513,12 @@ mod tests {
 
     #[test]
     fn pace_from_config_needs_at_least_one_byte_per_window() {
-        let mut server = crate::config::Config::from_flags("127.0.0.1:0", &["127.0.0.1:1".into()])
-            .unwrap()
-            .server;
+        let mut server = crate::config::Config::from_flags(
+            ["127.0.0.1:0", "127.0.0.1:0"],
+            &["127.0.0.1:1".into()],
+        )
+        .unwrap()
+        .server;
         server.body_read_timeout = Duration::from_secs(30);
         server.min_body_rate = 0;
         assert_eq!(BodyPace::from_config(&server).unwrap().min_bytes, 1);

@@ -1,0 +1,56 @@
+//! The line a key path of the config file (`upstreams.app.instances[1].weight`, `routes[0]`)
+//! stands on, for the problems found after parsing, which serde cannot place.
+
+use toml_edit::ImDocument;
+
+/// The line of `key` in `text`; for a key the file leaves out, the line of the nearest table
+/// or key above it that is there. `None` when not even the first part is in the file.
+pub fn line_of(text: &str, key: &str) -> Option<usize> {
+    let doc = ImDocument::parse(text).ok()?;
+    let mut item = doc.as_item();
+    let mut span = None;
+    'walk: for part in key.split('.') {
+        let (name, indexes) = part.split_once('[').unwrap_or((part, ""));
+        let Some((found, next)) = item.as_table_like().and_then(|t| t.get_key_value(name)) else {
+            break;
+        };
+        span = found.span().or(next.span()).or(span);
+        item = next;
+        for index in indexes.split('[').filter(|i| !i.is_empty()) {
+            let index: Option<usize> = index.trim_end_matches(']').parse().ok();
+            let Some(element) = index.and_then(|i| item.get(i)) else {
+                break 'walk;
+            };
+            span = element.span().or(span);
+            item = element;
+        }
+    }
+    span.map(|span| text[..span.start].matches('\n').count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::line_of;
+
+    const TEXT: &str = "[server]\nlisten = \"127.0.0.1:8080\"\n\n\
+        [upstreams.app]\nstrategy = \"fastest\"\n\
+        instances = [\n  \"127.0.0.1:3001\",\n  { addr = \"127.0.0.1:3002\", weight = 0 },\n]\n\n\
+        [[routes]]\nupstream = \"app\"\n\n[[routes]]\nupstream = \"nowhere\"\n";
+
+    #[test]
+    fn keys_tables_and_array_elements_have_their_lines() {
+        assert_eq!(line_of(TEXT, "server.listen"), Some(2));
+        assert_eq!(line_of(TEXT, "upstreams.app.strategy"), Some(5));
+        assert_eq!(line_of(TEXT, "upstreams.app.instances[1].weight"), Some(8));
+        assert_eq!(line_of(TEXT, "routes[1].upstream"), Some(15));
+        assert_eq!(line_of(TEXT, "routes[1]"), Some(14));
+    }
+
+    #[test]
+    fn a_missing_key_points_at_what_holds_it() {
+        assert_eq!(line_of(TEXT, "upstreams.app.health.path"), Some(4));
+        assert_eq!(line_of(TEXT, "routes[7].upstream"), Some(11));
+        assert_eq!(line_of(TEXT, "cache.max_size"), None);
+        assert_eq!(line_of(TEXT, "${HOME}"), None);
+    }
+}
