@@ -160,6 +160,22 @@ async fn an_overlong_uri_gets_414_with_the_request_id() {
     assert_eq!(backend_requests(&client, &a).await, 1);
 }
 
+#[test]
+fn an_h2c_upgrade_goes_on_as_a_plain_request() {
+    // Tunnelled, the client's next requests would reach the instance past routing and checks.
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let answer = raw_exchange(
+        gw.proxy,
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    .to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(!answer.contains("upgrade"), "{answer}");
+    assert!(!answer.contains("http2-settings"), "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
     let a = demo_backend(&[]);
@@ -228,7 +244,7 @@ async fn bytes_sent_right_behind_an_upgrade_request_reach_the_instance_first() {
     // with the head and must hand them to the tunnel before anything else.
     tunnel
         .write_all(
-            b"GET /upgrade HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\nearly",
+            b"GET /upgrade HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nearly",
         )
         .unwrap();
     tunnel.write_all(b"+late").unwrap();
@@ -241,7 +257,7 @@ async fn bytes_sent_right_behind_an_upgrade_request_reach_the_instance_first() {
     }
     let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
     assert!(text.starts_with("http/1.1 101"), "{text}");
-    assert!(text.contains("upgrade: echo"), "{text}");
+    assert!(text.contains("upgrade: websocket"), "{text}");
 }
 
 #[tokio::test]

@@ -262,7 +262,7 @@ async fn https_clients_on_http1_get_the_plain_listeners_rules() {
     // An upgrade becomes a tunnel through the TLS session.
     let mut stream = connect(&h1_only, tls_addr, "a.test").await;
     let upgrade =
-        b"GET /upgrade HTTP/1.1\r\nHost: a.test\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n";
+        b"GET /upgrade HTTP/1.1\r\nHost: a.test\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
     stream.write_all(upgrade).await.unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {

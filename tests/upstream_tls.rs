@@ -259,7 +259,7 @@ async fn h2c_instances_get_http2_on_one_connection() {
     let asked = backend_requests(&client, &backend).await;
     let answer = raw_exchange(
         gw.proxy,
-        b"GET /upgrade HTTP/1.1\r\nHost: a\r\nConnection: upgrade, close\r\nUpgrade: echo\r\n\r\n",
+        b"GET /upgrade HTTP/1.1\r\nHost: a\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\n\r\n",
     );
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
     assert_eq!(backend_requests(&client, &backend).await, asked);
@@ -447,7 +447,7 @@ async fn upgrades_tunnel_through_tls_instances() {
         .unwrap();
     tunnel
         .write_all(
-            b"GET /upgrade HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+            b"GET /upgrade HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
         )
         .unwrap();
     let mut head = Vec::new();

@@ -24,7 +24,7 @@ use super::h1::{AnswerHead, InstanceBody, InstanceConn, Outgoing, SendError};
 use super::h2::{self, Http2Error};
 use super::headers::{
     cookie_value, is_sane_request_id, requested_upgrade, restore_upgrade, strip_hop_by_hop, value,
-    values, ForwardedFields, X_REQUEST_ID,
+    values, websocket_upgrade, ForwardedFields, X_REQUEST_ID,
 };
 use super::retry::{next_attempt, FailureKind, NextAttempt};
 use super::router::{host_without_port, match_route};
@@ -219,7 +219,7 @@ async fn forward(
             }
         }
     }
-    let upgrade = requested_upgrade(&parts.headers);
+    let upgrade = websocket_upgrade(&parts.headers);
     let client_upgrade = client_upgrade.filter(|_| upgrade.is_some());
     let fields = ForwardedFields::take(
         &mut parts.headers,

@@ -90,6 +90,19 @@ pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
         .then(|| protocol.clone())
 }
 
+/// The upgrade a request may make through the gateway: WebSocket alone, as Envoy and Traefik
+/// allow by default. Any other (h2c above all: RFC 9113 §3.1 deprecates it, and its tunnel would
+/// carry the client's later requests past routing, authentication and rate limits) is dropped
+/// with the other hop-by-hop fields, and the request goes on as a plain one, as in nginx.
+pub fn websocket_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    requested_upgrade(headers).filter(|protocol| {
+        protocol
+            .as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"websocket")
+    })
+}
+
 /// Puts `Connection: upgrade` and `Upgrade` back after hop-by-hop fields were stripped.
 pub fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -315,6 +328,15 @@ mod tests {
         let mut stripped = ws.clone();
         strip_hop_by_hop(&mut stripped);
         assert!(requested_upgrade(&stripped).is_none());
+        let h2c = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+        ]);
+        assert_eq!(requested_upgrade(&h2c).unwrap(), "h2c");
+        assert!(websocket_upgrade(&h2c).is_none());
+        let both = map(&[("connection", "upgrade"), ("upgrade", "websocket, h2c")]);
+        assert!(websocket_upgrade(&both).is_none());
+        assert_eq!(websocket_upgrade(&ws).unwrap(), "websocket");
         restore_upgrade(&mut stripped, HeaderValue::from_static("websocket"));
         assert_eq!(requested_upgrade(&stripped).unwrap(), "websocket");
     }
