@@ -338,6 +338,11 @@ rate_limits = [{{ key = "api_key", limit = 2, period = "1m", burst = 1 }}]
     assert_eq!(missing.json()["error"], "unauthorized");
     assert_eq!(missing.json()["reason"], "missing API key");
     assert!(!missing.json()["request_id"].as_str().unwrap().is_empty());
+    // The same path in disguise is the same route: instances resolve these to /private/x.
+    for disguised in ["/open/../private/x", "//private/x", "/./%70rivate/x"] {
+        let reply = get(&client, &gw.url(disguised)).await;
+        assert_eq!(reply.status, 401, "{disguised}");
+    }
     let wrong = request(
         &client,
         "GET",

@@ -1,11 +1,15 @@
 //! Route matching: which route (and so which upstream) serves a request, by host and path prefix.
 
+use std::borrow::Cow;
+
 use crate::config::RouteConfig;
 
-/// Picks the route for `host` (the Host as sent: a port is ignored) and `path`. A route naming
-/// a host beats one that does not; among those, the longest matching path prefix wins; ties go
-/// to the route listed first. The host is only read when a route names one.
+/// Picks the route for `host` (the Host as sent: a port is ignored) and `path`, matched in its
+/// [`normalized_path`] form. A route naming a host beats one that does not; among those, the
+/// longest matching path prefix wins; ties go to the route listed first. The host is only read
+/// when a route names one.
 pub fn match_route(routes: &[RouteConfig], host: Option<&[u8]>, path: &str) -> Option<usize> {
+    let path = normalized_path(path);
     let mut best: Option<(usize, (bool, usize))> = None;
     let mut bare_host: Option<Option<&str>> = None;
     for (index, route) in routes.iter().enumerate() {
@@ -19,7 +23,7 @@ pub fn match_route(routes: &[RouteConfig], host: Option<&[u8]>, path: &str) -> O
                 continue;
             }
         }
-        if !path.starts_with(route.path_prefix.as_str()) {
+        if !path.starts_with(route.path_prefix.as_bytes()) {
             continue;
         }
         let rank = (host_specific, route.path_prefix.len());
@@ -28,6 +32,72 @@ pub fn match_route(routes: &[RouteConfig], host: Option<&[u8]>, path: &str) -> O
         }
     }
     best.map(|(index, _)| index)
+}
+
+/// The path as routes see it: `%XX` decoded, `.` and `..` segments resolved (RFC 3986 §5.2.4)
+/// and repeated slashes merged, as nginx matches its locations; otherwise `/x/../admin`,
+/// `//admin` or `/%61dmin` would pass a route's checks for `/admin` and still reach an
+/// instance that resolves them to it. The instance gets the path as sent.
+pub fn normalized_path(path: &str) -> Cow<'_, [u8]> {
+    let bytes = path.as_bytes();
+    let plain = !bytes.contains(&b'%')
+        && !bytes
+            .windows(2)
+            .any(|pair| pair[0] == b'/' && matches!(pair[1], b'/' | b'.'));
+    if plain {
+        return Cow::Borrowed(bytes);
+    }
+    let decoded = percent_decoded(bytes);
+    let mut out: Vec<u8> = Vec::with_capacity(decoded.len());
+    let mut segments = decoded.split(|&b| b == b'/').peekable();
+    // The part before the first slash (none in origin-form) stays as it is.
+    out.extend_from_slice(segments.next().unwrap_or_default());
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        match segment {
+            b"" | b"." if !last => {}
+            b".." => {
+                let parent = out.iter().rposition(|&b| b == b'/').unwrap_or(0);
+                out.truncate(parent);
+                if last {
+                    out.push(b'/');
+                }
+            }
+            b"." => out.push(b'/'),
+            _ => {
+                out.push(b'/');
+                out.extend_from_slice(segment);
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push(b'/');
+    }
+    Cow::Owned(out)
+}
+
+/// `bytes` with each valid `%XX` replaced by the byte it stands for.
+fn percent_decoded(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = match bytes.get(i..i + 3) {
+            Some([b'%', high, low]) => hex(*high).zip(hex(*low)).map(|(h, l)| h << 4 | l),
+            _ => None,
+        };
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// `example.com` matches itself; `*.example.com` matches any subdomain (not the bare domain).
@@ -101,6 +171,39 @@ mod tests {
         let routes = vec![route(None, "/api")];
         assert_eq!(match_route(&routes, None, "/other"), None);
         assert_eq!(match_route(&routes, None, "/api"), Some(0));
+    }
+
+    #[test]
+    fn paths_are_matched_resolved_and_decoded() {
+        let cases = [
+            ("/admin/secret", "/admin/secret"),
+            ("/x/../admin/secret", "/admin/secret"),
+            ("/./admin/secret", "/admin/secret"),
+            ("//admin//secret", "/admin/secret"),
+            ("/x/%2e%2e/admin/secret", "/admin/secret"),
+            ("/%61dmin/secret", "/admin/secret"),
+            ("/x/..%2fadmin/secret", "/admin/secret"),
+            ("/../../admin", "/admin"),
+            ("/a/b/..", "/a/"),
+            ("/a/.", "/a/"),
+            ("/a/", "/a/"),
+            ("/..", "/"),
+            ("/", "/"),
+            ("/.well-known/x", "/.well-known/x"),
+            ("/100%", "/100%"),
+            ("/%zz/%4", "/%zz/%4"),
+        ];
+        for (sent, matched) in cases {
+            assert_eq!(
+                String::from_utf8_lossy(&normalized_path(sent)),
+                matched,
+                "{sent}"
+            );
+        }
+        assert!(matches!(normalized_path("/api/v1/users"), Cow::Borrowed(_)));
+        let routes = vec![route(None, "/"), route(None, "/admin")];
+        assert_eq!(match_route(&routes, None, "/x/../admin/secret"), Some(1));
+        assert_eq!(match_route(&routes, None, "/%61dmin"), Some(1));
     }
 
     #[test]
