@@ -427,6 +427,10 @@ async fn forwarding_headers_and_request_ids() {
             b"GET /echo HTTP/1.1\r\nHost: a.example/x\r\n\r\n",
             "not a host",
         ),
+        (
+            b"GET http://user:pw@b.example/echo HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            "authority is not a host",
+        ),
     ] {
         let refused = raw_exchange_off_thread(gw.proxy, head).await;
         assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");

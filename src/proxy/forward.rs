@@ -642,10 +642,17 @@ fn request_host(parts: &Parts) -> Result<(Option<HeaderValue>, bool), ProxyError
             "HTTP/1.1 request without a Host field",
         ));
     }
-    let target = parts
-        .uri
-        .authority()
-        .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok());
+    // An absolute-form target's authority is held to the same rule: user info in it (RFC 9110
+    // §4.2.4 says to treat it as an error) would otherwise reach the instance as its Host.
+    let target = match parts.uri.authority() {
+        Some(authority) if !is_host(authority.as_str().as_bytes()) => {
+            return Err(ProxyError::BadRequest(
+                "the target's authority is not a host[:port]",
+            ))
+        }
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => None,
+    };
     Ok(match target {
         Some(target) => (Some(target), true),
         None => (field.cloned(), false),
