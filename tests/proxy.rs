@@ -510,6 +510,35 @@ async fn answer_fields_reach_clients_once_each() {
 }
 
 #[tokio::test]
+async fn fields_named_with_underscores_are_dropped_unless_allowed() {
+    // CGI-style instances read X_Forwarded_For as X-Forwarded-For: the gateway's own field.
+    let a = demo_backend(&[]);
+    let strict = gateway(&app_config(&[&a], ""));
+    let lenient = gateway_with_server_keys("underscores_in_headers = true", &app_config(&[&a], ""));
+    let head =
+        b"GET /echo HTTP/1.1\r\nHost: x\r\nX_Forwarded_For: 6.6.6.6\r\nConnection: close\r\n\r\n";
+    let dropped = raw_exchange_off_thread(strict.proxy, head).await;
+    assert!(dropped.starts_with("HTTP/1.1 200"), "{dropped}");
+    assert!(!dropped.contains("6.6.6.6"), "{dropped}");
+    let kept = raw_exchange_off_thread(lenient.proxy, head).await;
+    assert!(kept.contains(r#"["x_forwarded_for","6.6.6.6"]"#), "{kept}");
+    for (gw, passed) in [(&strict, false), (&lenient, true)] {
+        let reply = request(
+            &h2c_client(),
+            "GET",
+            &gw.url("/echo"),
+            &[("x_tenant", "evil")],
+            "",
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, 200);
+        let echoed = reply.json().to_string();
+        assert_eq!(echoed.contains("evil"), passed, "{echoed}");
+    }
+}
+
+#[tokio::test]
 async fn smuggling_shaped_requests_never_smuggle() {
     let a = demo_backend(&[]);
     let gw = gateway(&app_config(&[&a], ""));

@@ -84,6 +84,8 @@ pub struct ServerConfig {
     pub metrics: bool,
     pub max_body: u64,
     pub max_header_bytes: usize,
+    /// Request fields whose names hold `_` are passed on (nginx's `underscores_in_headers`).
+    pub underscores_in_headers: bool,
     pub max_uri_length: usize,
     /// Header fields a request may have; more get 431.
     pub max_headers: usize,

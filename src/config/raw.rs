@@ -48,6 +48,7 @@ pub struct RawServer {
     pub metrics: bool,
     pub max_body: String,
     pub max_header_size: String,
+    pub underscores_in_headers: bool,
     pub max_uri_length: String,
     pub max_headers: usize,
     pub header_read_timeout: String,
@@ -70,6 +71,7 @@ impl Default for RawServer {
             metrics: true,
             max_body: "10MiB".into(),
             max_header_size: "32KiB".into(),
+            underscores_in_headers: false,
             max_uri_length: "8KiB".into(),
             max_headers: DEFAULT_MAX_HEADERS,
             header_read_timeout: "10s".into(),
@@ -454,6 +456,7 @@ fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
         metrics: raw.metrics,
         max_body: p.size("server.max_body", &raw.max_body),
         max_header_bytes,
+        underscores_in_headers: raw.underscores_in_headers,
         max_uri_length: max_uri_length as usize,
         max_headers: raw.max_headers,
         header_read_timeout: p

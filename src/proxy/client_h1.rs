@@ -66,6 +66,7 @@ pub struct ClientLimits {
     pub max_head: usize,
     pub max_headers: usize,
     pub max_uri: usize,
+    pub underscores_in_headers: bool,
 }
 
 impl ClientLimits {
@@ -76,6 +77,7 @@ impl ClientLimits {
             max_head: server.max_header_bytes,
             max_headers: server.max_headers,
             max_uri: server.max_uri_length,
+            underscores_in_headers: server.underscores_in_headers,
         }
     }
 }
@@ -722,7 +724,9 @@ fn parse_head(
     let target_start = (target.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
     let target_end = target_start + target.len();
     let mut spans = FieldSpans::default();
-    spans.record(request.headers, buf.as_ptr(), |_| true);
+    spans.record(request.headers, buf.as_ptr(), |name| {
+        limits.underscores_in_headers || !name.contains('_')
+    });
     let head = buf.split_to(len).freeze();
     // Room for X-Forwarded-For, -Proto, -Host and X-Request-ID.
     let mut headers = spans.to_map(&head, 4).map_err(malformed)?;
@@ -933,6 +937,7 @@ mod tests {
         max_head: 256,
         max_headers: 8,
         max_uri: 64,
+        underscores_in_headers: false,
     };
 
     fn parsed(text: &[u8]) -> Result<Option<RequestHead>, ProxyError> {
@@ -967,6 +972,11 @@ mod tests {
         let old_expect =
             head(b"PUT / HTTP/1.0\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\n");
         assert!(!old_expect.expect_continue);
+        // Underscored names are left out (nginx's default), framing ones included.
+        let underscored =
+            head(b"POST / HTTP/1.1\r\nX_Real_IP: 1.2.3.4\r\nTransfer_Encoding: chunked\r\n\r\n");
+        assert_eq!(underscored.parts.headers.len(), 0);
+        assert!(underscored.body == BodyKind::None);
     }
 
     #[test]

@@ -23,8 +23,8 @@ use super::error::ProxyError;
 use super::h1::{AnswerHead, InstanceBody, InstanceConn, Outgoing, SendError};
 use super::h2::{self, Http2Error};
 use super::headers::{
-    cookie_value, is_sane_request_id, requested_upgrade, restore_upgrade, strip_hop_by_hop, value,
-    values, websocket_upgrade, ForwardedFields, X_REQUEST_ID,
+    cookie_value, drop_underscored, is_sane_request_id, requested_upgrade, restore_upgrade,
+    strip_hop_by_hop, value, values, websocket_upgrade, ForwardedFields, X_REQUEST_ID,
 };
 use super::retry::{next_attempt, FailureKind, NextAttempt};
 use super::router::{host_without_port, match_route};
@@ -163,6 +163,9 @@ async fn forward(
         ));
     }
     let server = &runtime.config.server;
+    if parts.version == Version::HTTP_2 && !server.underscores_in_headers {
+        drop_underscored(&mut parts.headers);
+    }
     if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > server.max_uri_length {
         return Err((ProxyError::UriTooLong, None));
     }

@@ -81,6 +81,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes the fields whose names hold `_`, as nginx does unless `underscores_in_headers`:
+/// CGI-style instances read `X_Forwarded_For` as `X-Forwarded-For`, which would undo the
+/// fields the gateway sets. (The HTTP/1.1 loop leaves them out as it parses.)
+pub fn drop_underscored(headers: &mut HeaderMap) {
+    let underscored = |name: &HeaderName| name.as_str().contains('_');
+    if !headers.keys().any(underscored) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|n| underscored(n)).cloned().collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
 /// The protocol a message asks to switch to (`Connection: upgrade` with `Upgrade: X`), if any.
 pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     // Most messages have no Upgrade field: look for it before parsing Connection.
