@@ -477,8 +477,27 @@ impl Chunked {
     }
 }
 
-/// A chunk-size line: hex digits from its first byte, then optionally whitespace and
-/// `;extensions` (RFC 9112 §7.1.1).
+/// What the chunked body at the front of `buf` declares as far as `buf` goes: the chunk data
+/// it holds plus the rest of a chunk it ends inside. Fails where its framing does.
+pub fn declared_chunked_length(buf: &[u8]) -> Result<u64, ParseError> {
+    let mut decoder = Chunked::Size;
+    let (mut at, mut declared) = (0, 0u64);
+    loop {
+        let step = decoder.decode(&buf[at..])?;
+        at += step.used;
+        declared = declared.saturating_add(step.data.len() as u64);
+        if step.used == 0 || decoder == Chunked::Done {
+            break;
+        }
+    }
+    if let Chunked::Data(left) = decoder {
+        declared = declared.saturating_add(left);
+    }
+    Ok(declared)
+}
+
+/// A chunk-size line: hex digits from its first byte (any number of leading zeros, at most
+/// 15 more), then optionally whitespace and `;extensions` (RFC 9112 §7.1.1).
 fn chunk_size(line: &[u8]) -> Result<u64, ParseError> {
     let end = line
         .iter()
@@ -486,7 +505,8 @@ fn chunk_size(line: &[u8]) -> Result<u64, ParseError> {
         .unwrap_or(line.len());
     let (digits, rest) = line.split_at(end);
     let rest = rest.trim_ascii_start();
-    if digits.is_empty() || digits.len() > 15 || !(rest.is_empty() || rest[0] == b';') {
+    let zeros = digits.iter().take_while(|&&b| b == b'0').count();
+    if digits.is_empty() || digits.len() - zeros > 15 || !(rest.is_empty() || rest[0] == b';') {
         return Err(ParseError::Chunk);
     }
     let text = std::str::from_utf8(digits).map_err(|_| ParseError::Chunk)?;
@@ -760,15 +780,27 @@ mod tests {
             b"5;a\rb\r\nhello\r\n0\r\n\r\n",
             b"5\r\nhello\r\n0\r\nT: x\nGET /smuggled HTTP/1.1\r\n\r\n",
         ] {
-            let mut state = Chunked::Size;
-            let mut at = 0;
-            let result = loop {
-                match state.decode(&bad[at..]) {
-                    Ok(step) if step.used > 0 => at += step.used,
-                    other => break other,
-                }
-            };
+            let result = declared_chunked_length(bad);
             assert_eq!(result, Err(ParseError::Chunk), "{:?}", bad);
+        }
+    }
+
+    #[test]
+    fn a_buffered_chunked_start_declares_its_length() {
+        for (buffered, declared) in [
+            (&b""[..], 0),
+            (b"5\r\nhel", 5),
+            (b"5\r\nhello\r\n1000000\r\nab", 5 + 0x100_0000),
+            (b"5\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\n", 5),
+            // Leading zeros are not digits that count (RFC 9112 §7.1 sets no length).
+            (b"00000000000000000000005\r\nhello", 5),
+            (b"fffffffffffffff\r\n", 0xfff_ffff_ffff_ffff),
+        ] {
+            assert_eq!(
+                declared_chunked_length(buffered),
+                Ok(declared),
+                "{buffered:?}"
+            );
         }
     }
 }

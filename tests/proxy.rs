@@ -543,12 +543,15 @@ async fn smuggling_shaped_requests_never_smuggle() {
     let a = demo_backend(&[]);
     let gw = gateway(&app_config(&[&a], ""));
     let client = client();
-    let refused: [&[u8]; 4] = [
+    let refused: [&[u8]; 6] = [
         b"POST /work HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         b"POST /work HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\nhello!",
         b"POST /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nhello",
         // Both framings: refused, and the tail is never read as a second request.
         b"POST /work HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        // Broken chunks that come with the head: not even the head goes to an instance.
+        b"POST /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n",
+        b"POST /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
     ];
     for case in refused {
         let answer = raw_exchange(gw.proxy, case);
@@ -561,6 +564,12 @@ async fn smuggling_shaped_requests_never_smuggle() {
         assert!(answer.contains("\"request_id\""), "{answer}");
         assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
     }
+    // A chunk past max_body (10 MiB) is refused as soon as its size line is read.
+    let answer = raw_exchange(
+        gw.proxy,
+        b"POST /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1000000\r\nhello",
+    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert_eq!(backend_requests(&client, &a).await, 0);
 }
 

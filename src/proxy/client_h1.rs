@@ -67,6 +67,7 @@ pub struct ClientLimits {
     pub max_headers: usize,
     pub max_uri: usize,
     pub underscores_in_headers: bool,
+    pub max_body: u64,
 }
 
 impl ClientLimits {
@@ -78,6 +79,7 @@ impl ClientLimits {
             max_headers: server.max_headers,
             max_uri: server.max_uri_length,
             underscores_in_headers: server.underscores_in_headers,
+            max_body: server.max_body,
         }
     }
 }
@@ -321,7 +323,12 @@ impl ClientConn {
         loop {
             if !reader.buf.is_empty() {
                 match parse_head(&mut reader.buf, &self.limits) {
-                    Ok(Some(head)) => return NextHead::Request(head),
+                    Ok(Some(head)) => {
+                        return match check_buffered_chunks(&head, &reader.buf, &self.limits) {
+                            Ok(()) => NextHead::Request(head),
+                            Err(error) => NextHead::Refused(error),
+                        }
+                    }
                     Ok(None) => {}
                     Err(error) => return NextHead::Refused(error),
                 }
@@ -690,6 +697,25 @@ pub fn read_request_head(
     Ok(head.map(|head| (head.parts, bytes.len() - buf.len())))
 }
 
+/// The part of a chunked body that came with its head, checked before the request goes
+/// anywhere: broken framing gets 400 and chunk sizes that already add up past `max_body` 413,
+/// and no instance sees the head of a request the gateway refuses. (Framing that breaks
+/// later cuts the request off; nginx, which reads whole bodies first, never sends one.)
+fn check_buffered_chunks(
+    head: &RequestHead,
+    buffered: &[u8],
+    limits: &ClientLimits,
+) -> Result<(), ProxyError> {
+    if head.body != BodyKind::Chunked {
+        return Ok(());
+    }
+    match crate::http1::declared_chunked_length(buffered) {
+        Ok(declared) if declared > limits.max_body => Err(ProxyError::BodyTooLarge),
+        Ok(_) => Ok(()),
+        Err(_) => Err(ProxyError::BadRequest("malformed chunked body")),
+    }
+}
+
 /// Parses a request head at the front of `buf`, taking it out of the buffer when complete.
 fn parse_head(
     buf: &mut BytesMut,
@@ -938,6 +964,7 @@ mod tests {
         max_headers: 8,
         max_uri: 64,
         underscores_in_headers: false,
+        max_body: 100,
     };
 
     fn parsed(text: &[u8]) -> Result<Option<RequestHead>, ProxyError> {
