@@ -762,6 +762,11 @@ async fn routes_by_host_and_path_prefix() {
         "{absolute}"
     );
     assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
+    assert!(connect.contains("allow: GET, HEAD, POST"), "{connect}");
+    // A request line of another HTTP major version: 505, with the request ID.
+    let newer = raw_exchange_off_thread(proxy, b"GET /api/x HTTP/2.0\r\nHost: a\r\n\r\n").await;
+    assert!(newer.starts_with("HTTP/1.1 505"), "{newer}");
+    assert!(newer.contains("\"request_id\""), "{newer}");
     assert_eq!(backend_requests(&client, &web).await, 1);
 }
 

@@ -697,6 +697,40 @@ pub fn read_request_head(
     Ok(head.map(|head| (head.parts, bytes.len() - buf.len())))
 }
 
+/// A request line whose version httparse (HTTP/1.0 and 1.1 only) refused.
+#[derive(Debug, PartialEq, Eq)]
+enum UnparsedVersion {
+    /// The line has not ended yet.
+    Incomplete,
+    /// `HTTP/1.x` with x above 1: the minor digit is at this index.
+    LaterMinor(usize),
+    /// `HTTP/2` and up: 505.
+    OtherMajor,
+    Malformed,
+}
+
+fn unparsed_version(buf: &[u8]) -> UnparsedVersion {
+    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+        return UnparsedVersion::Incomplete;
+    };
+    let line = &buf[..end];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some(space) = line.iter().rposition(|&b| b == b' ') else {
+        return UnparsedVersion::Malformed;
+    };
+    match &line[space + 1..] {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor] if minor.is_ascii_digit() => {
+            UnparsedVersion::LaterMinor(space + 8)
+        }
+        [b'H', b'T', b'T', b'P', b'/', major, rest @ ..]
+            if (b'2'..=b'9').contains(major) && matches!(rest, [] | [b'.', b'0'..=b'9']) =>
+        {
+            UnparsedVersion::OtherMajor
+        }
+        _ => UnparsedVersion::Malformed,
+    }
+}
+
 /// The part of a chunked body that came with its head, checked before the request goes
 /// anywhere: broken framing gets 400 and chunk sizes that already add up past `max_body` 413,
 /// and no instance sees the head of a request the gateway refuses. (Framing that breaks
@@ -737,6 +771,19 @@ fn parse_head(
         Ok(httparse::Status::Partial) if buf.len() <= limits.max_head => return Ok(None),
         Ok(httparse::Status::Partial) => return Err(too_large(buf, limits)),
         Err(httparse::Error::TooManyHeaders) => return Err(ProxyError::HeadersTooLarge),
+        Err(httparse::Error::Version) => {
+            return match unparsed_version(buf) {
+                UnparsedVersion::Incomplete if buf.len() <= limits.max_head => Ok(None),
+                UnparsedVersion::LaterMinor(at) => {
+                    // Read as HTTP/1.1 (RFC 9110 §2.5); the instance gets the gateway's own
+                    // request line in any case.
+                    buf[at] = b'1';
+                    parse_head(buf, limits)
+                }
+                UnparsedVersion::OtherMajor => Err(ProxyError::VersionNotSupported),
+                _ => Err(ProxyError::BadRequest("malformed request head")),
+            };
+        }
         Err(_) => return Err(ProxyError::BadRequest("malformed request head")),
     };
     let malformed = |_| ProxyError::BadRequest("malformed request head");
@@ -758,6 +805,17 @@ fn parse_head(
     let mut headers = spans.to_map(&head, 4).map_err(malformed)?;
     let uri = Uri::from_maybe_shared(head.slice(target_start..target_end))
         .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
+    // Origin-form or absolute-form (RFC 9112 §3.2); authority-form is CONNECT's alone (which
+    // gets 405) and `*` OPTIONS' alone.
+    let target_form_fits = uri.path().starts_with('/')
+        || uri.scheme().is_some()
+        || method == Method::CONNECT
+        || (method == Method::OPTIONS && uri == "*");
+    if !target_form_fits {
+        return Err(ProxyError::BadRequest(
+            "the request target is neither a path nor an absolute URI",
+        ));
+    }
 
     let declared =
         check_framing(&mut headers).map_err(|err| ProxyError::BadRequest(err.reason()))?;
@@ -974,6 +1032,35 @@ mod tests {
 
     fn head(text: &[u8]) -> RequestHead {
         parsed(text).unwrap().expect("a complete head")
+    }
+
+    #[test]
+    fn later_versions_and_target_forms() {
+        // A later HTTP/1 minor version is read as 1.1 (RFC 9110 §2.5); HTTP/2 and up get 505.
+        let later = head(b"GET / HTTP/1.2\r\nHost: x\r\n\r\n");
+        assert_eq!(later.parts.version, Version::HTTP_11);
+        for other in [&b"GET / HTTP/2.0\r\n\r\n"[..], b"GET / HTTP/3\r\n\r\n"] {
+            assert!(matches!(
+                parsed(other),
+                Err(ProxyError::VersionNotSupported)
+            ));
+        }
+        assert!(matches!(parsed(b"GET / HTTP/1.2"), Ok(None)));
+        assert!(matches!(
+            parsed(b"GET / HTTX/1.1\r\n\r\n"),
+            Err(ProxyError::BadRequest(_))
+        ));
+        // Authority-form is CONNECT's and `*` OPTIONS' (RFC 9112 §3.2).
+        for refused in [
+            &b"GET other.example:80 HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET foo HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            assert!(matches!(parsed(refused), Err(ProxyError::BadRequest(_))));
+        }
+        head(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n");
+        head(b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n");
+        head(b"GET http://a.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n");
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub enum ProxyError {
     HeadersTooLarge,
     #[error("method not allowed: {0}")]
     MethodNotAllowed(&'static str),
+    #[error("HTTP version not supported: this listener speaks HTTP/1.x (HTTP/2 by its preface)")]
+    VersionNotSupported,
     #[error("no route matches this request")]
     NoRoute,
     #[error("no healthy instance")]
@@ -63,6 +65,7 @@ impl ProxyError {
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::VersionNotSupported => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoHealthyInstance => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::InstanceFailed(_) => StatusCode::BAD_GATEWAY,
@@ -81,6 +84,7 @@ impl ProxyError {
             ProxyError::UriTooLong => "uri_too_long",
             ProxyError::HeadersTooLarge => "headers_too_large",
             ProxyError::MethodNotAllowed(_) => "method_not_allowed",
+            ProxyError::VersionNotSupported => "version_not_supported",
             ProxyError::NoRoute => "no_route",
             ProxyError::NoHealthyInstance => "no_healthy_instance",
             ProxyError::InstanceFailed(_) => "bad_gateway",
@@ -120,11 +124,20 @@ impl ProxyError {
             ProxyError::Overloaded { retry_after } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
+            // RFC 9110 §15.5.6: a 405 lists what the target allows; CONNECT is the one method
+            // the gateway refuses for every target.
+            ProxyError::MethodNotAllowed(_) => {
+                headers.insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+                );
+            }
             _ => {}
         }
         if matches!(
             self,
             ProxyError::BadRequest(_)
+                | ProxyError::VersionNotSupported
                 | ProxyError::BodyTooLarge
                 | ProxyError::BodyTooSlow
                 | ProxyError::UriTooLong

@@ -140,8 +140,10 @@ pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 pub enum FramingError {
     /// Both Content-Length and Transfer-Encoding: the classic smuggling shape.
     LengthAndChunked,
-    /// Several Content-Length values that disagree, or one that is not plain digits.
+    /// Several Content-Length values that disagree.
     ConflictingLengths,
+    /// A Content-Length that is not plain digits (a sign, hex, nothing) or does not fit.
+    InvalidLength,
     /// A transfer coding other than one `chunked`: the gateway cannot pass other codings on
     /// (Transfer-Encoding is hop-by-hop), and a doubled `chunked` is framed differently by
     /// different parsers.
@@ -153,6 +155,7 @@ impl FramingError {
         match self {
             FramingError::LengthAndChunked => "both Content-Length and Transfer-Encoding",
             FramingError::ConflictingLengths => "conflicting Content-Length values",
+            FramingError::InvalidLength => "a Content-Length that is not a number of bytes",
             FramingError::UnsupportedTransferCoding => {
                 "Transfer-Encoding other than a single chunked"
             }
@@ -172,12 +175,12 @@ pub fn check_framing(headers: &mut HeaderMap) -> Result<Option<u64>, FramingErro
             let part = part.trim_ascii();
             // Digits only: `u64::from_str` would also take a leading `+`.
             if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
-                return Err(FramingError::ConflictingLengths);
+                return Err(FramingError::InvalidLength);
             }
             let parsed: u64 = std::str::from_utf8(part)
                 .ok()
                 .and_then(|digits| digits.parse().ok())
-                .ok_or(FramingError::ConflictingLengths)?;
+                .ok_or(FramingError::InvalidLength)?;
             match length {
                 Some(previous) if previous != parsed => {
                     return Err(FramingError::ConflictingLengths)
@@ -517,7 +520,7 @@ mod tests {
         );
         assert_eq!(
             check_framing(&mut map(&[("content-length", "-1")])),
-            Err(FramingError::ConflictingLengths)
+            Err(FramingError::InvalidLength)
         );
         assert_eq!(
             check_framing(&mut map(&[
@@ -538,7 +541,7 @@ mod tests {
             let expected = if signed == " 5 " {
                 Ok(Some(5))
             } else {
-                Err(FramingError::ConflictingLengths)
+                Err(FramingError::InvalidLength)
             };
             assert_eq!(
                 check_framing(&mut map(&[("content-length", signed)])),
