@@ -479,13 +479,17 @@ fn oversized_heads_get_431_and_malformed_ones_400_then_the_close() {
     for malformed in [
         "GET\r\n\r\n",
         "\x01\x02 garbage\r\n\r\n",
-        "GET / HTTP/9.9\r\n\r\n",
+        "GET / HTTX/1.1\r\n\r\n",
     ] {
         let mut conn = Conn::open(gw.proxy);
         let answer = conn.exchange("GET", malformed);
         assert_eq!(answer.status, 400, "{malformed:?}: {answer:?}");
         assert!(conn.closed(), "{malformed:?}");
     }
+    let mut conn = Conn::open(gw.proxy);
+    let answer = conn.exchange("GET", "GET / HTTP/9.9\r\n\r\n");
+    assert_eq!(answer.status, 505, "{answer:?}");
+    assert!(conn.closed());
 }
 
 #[test]
