@@ -62,6 +62,7 @@ impl HealthState {
 pub struct PassiveState {
     window_start: Option<Instant>,
     fails: u32,
+    out_until: Option<Instant>,
 }
 
 impl PassiveState {
@@ -73,7 +74,8 @@ impl PassiveState {
         max_fails: u32,
         fail_timeout: Duration,
     ) -> Option<Instant> {
-        if max_fails == 0 {
+        // Requests that were in flight when it was taken out fail too: one ejection, not many.
+        if max_fails == 0 || self.out_until.is_some_and(|until| now < until) {
             return None;
         }
         match self.window_start {
@@ -86,7 +88,8 @@ impl PassiveState {
         if self.fails >= max_fails {
             self.window_start = None;
             self.fails = 0;
-            Some(now + fail_timeout)
+            self.out_until = Some(now + fail_timeout);
+            self.out_until
         } else {
             None
         }
@@ -128,6 +131,17 @@ mod tests {
         );
         let until = state.record_failure(t0 + Duration::from_secs(2), 3, timeout);
         assert_eq!(until, Some(t0 + Duration::from_secs(12)));
+        // Its requests still in flight fail while it is out: the same ejection.
+        for late in [2, 5, 11] {
+            let at = t0 + Duration::from_secs(late);
+            assert_eq!(state.record_failure(at, 1, timeout), None, "{late}");
+        }
+        // Back in rotation, failures count again.
+        let again = t0 + Duration::from_secs(12);
+        assert_eq!(
+            state.record_failure(again, 1, timeout),
+            Some(again + timeout)
+        );
     }
 
     #[tokio::test(start_paused = true)]
