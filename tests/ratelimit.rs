@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -370,6 +371,34 @@ rate_limits = [{{ key = "api_key", limit = 2, period = "1m", burst = 1 }}]
     }
     assert_eq!(get(&client, &gw.url("/open")).await.status, 200);
     assert_eq!(backend_requests(&client, &backend).await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_leaves_takes_its_request_and_its_place_with_it() {
+    let backend = demo_backend(&["--latency-ms", "1000"]);
+    let config = format!(
+        "[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\n\
+         max_in_flight = 1\nqueue_size = 1\nqueue_timeout = \"5s\"\n",
+        backend.addr()
+    );
+    let gw = gateway(&config);
+    // Two clients give up together: the one being served and the one queued behind it.
+    let mut leaving = Vec::new();
+    for _ in 0..2 {
+        let mut client = std::net::TcpStream::connect(gw.proxy).unwrap();
+        client
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        leaving.push(client);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    drop(leaving);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Both places are free again at once: a client that stays is served, not refused, and the
+    // queued request never reached the instance.
+    let client = client();
+    assert_eq!(get(&client, &gw.url("/slow")).await.status, 200);
+    assert_eq!(backend_requests(&client, &backend).await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -183,13 +183,18 @@ pub async fn serve(
             (None, None)
         };
         let request = Request::from_parts(parts, body);
-        let Ok(response) = match (&back, expect_continue) {
-            // Boxed: inline, this rare branch's future would double every connection task.
-            (Some(back), true) => {
-                let handled = forward::handle(&gateway, request, &client, upgrade);
-                Box::pin(conn.handle_with_continue(handled, back)).await
-            }
-            _ => forward::handle(&gateway, request, &client, upgrade).await,
+        let handled = forward::handle(&gateway, request, &client, upgrade);
+        // Pinned here, once: each branch only borrows it, so the task holds one such future.
+        tokio::pin!(handled);
+        let answer = match (&back, expect_continue) {
+            // Boxed: inline, this rare branch's state would grow every connection task.
+            (Some(back), true) => Some(Box::pin(conn.handle_with_continue(handled, back)).await),
+            (None, _) => conn.unless_client_leaves(handled).await,
+            _ => Some(handled.await),
+        };
+        let Some(Ok(response)) = answer else {
+            tracing::debug!("client left before its answer; its request was dropped");
+            return;
         };
         conn.take_back(back.as_deref());
         // A body left unread that cannot be discarded closes the connection: the answer says so.
@@ -531,6 +536,33 @@ impl ClientConn {
             }
         }
         handled.await
+    }
+
+    /// Runs `handled` unless the client leaves first: a request without a body whose client
+    /// closes or breaks the connection while it waits is dropped, which cancels it at the
+    /// instance and frees its in-flight and queue places (nginx's default,
+    /// `proxy_ignore_client_abort off`; HTTP/2 clients cancel by resetting the stream). Bytes
+    /// pipelined meanwhile stay buffered for the next request; past a head's worth, the watch
+    /// stops. Watching costs no system call: the socket is read only once it is readable.
+    async fn unless_client_leaves<F: Future>(&mut self, handled: F) -> Option<F::Output> {
+        let Some(reader) = self.reader.as_mut() else {
+            return Some(handled.await);
+        };
+        let max_head = self.limits.max_head;
+        let left = async {
+            while reader.buf.len() <= max_head {
+                match std::future::poll_fn(|cx| reader.poll_fill(cx)).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+            std::future::pending().await
+        };
+        tokio::select! {
+            biased;
+            answer = handled => Some(answer),
+            () = left => None,
+        }
     }
 
     /// Closes after an answer while the client may still be sending (an unread body, a
