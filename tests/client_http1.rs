@@ -548,7 +548,16 @@ fn sigterm_closes_idle_keep_alive_connections_and_exits_zero() {
     let mut gw = gateway(&config_with_long_grace(instance()));
     let mut idle = Conn::open(gw.proxy);
     assert_ok(&idle.exchange("GET", &get_request("/once")), "path=/once");
+    let mut late = Conn::open(gw.proxy);
+    assert_ok(&late.exchange("GET", &get_request("/once")), "path=/once");
     signal(gw.proc.pid(), "TERM");
+    // A request sent as the drain began (the client could not know) is still served, and the
+    // connection closes after it.
+    std::thread::sleep(Duration::from_millis(200));
+    let answer = late.exchange("GET", &get_request("/late"));
+    assert_ok(&answer, "path=/late");
+    assert!(!keeps_alive(&answer));
+    assert!(late.closed());
     // Closed within the read limit, well before the 20 s grace would force it.
     assert!(idle.closed());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -55,6 +55,10 @@ const STACK_HEADERS: usize = crate::config::DEFAULT_MAX_HEADERS;
 /// How long a connection closed with unread client bytes keeps reading (and discarding) them.
 const LINGER: Duration = Duration::from_secs(2);
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+/// How long an idle keep-alive connection is kept once the gateway drains: a request the client
+/// sent before it could see the drain is on its way, and is served (with `Connection: close`)
+/// instead of meeting a closed connection.
+const DRAIN_LINGER: Duration = Duration::from_secs(1);
 /// Most request-body bytes read and dropped after an early answer to keep the connection.
 const DISCARD_LIMIT: usize = 1024 * 1024;
 
@@ -136,6 +140,7 @@ pub async fn serve(
         deadline: LazyDeadline::new(Instant::now() + limits.header_read_timeout),
         limits,
         drained: Box::pin(drained(drain.clone())),
+        draining: false,
         drain,
     };
     let mut first = true;
@@ -266,6 +271,8 @@ struct ClientConn {
     /// Completes when the gateway drains. One waiter for the connection's life: waiting on
     /// `drain.changed()` afresh registered and removed a waiter at every idle wait.
     drained: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// `drained` completed: idle waits are cut to `DRAIN_LINGER`.
+    draining: bool,
 }
 
 impl ClientConn {
@@ -341,6 +348,9 @@ impl ClientConn {
             let idle = reader.buf.is_empty() && head_started.is_none();
             let due = match head_started {
                 Some(started) => started + self.limits.header_read_timeout,
+                None if idle && self.draining => {
+                    Instant::now() + DRAIN_LINGER.min(self.limits.idle_timeout)
+                }
                 None if idle => Instant::now() + self.limits.idle_timeout,
                 None => *head_started.insert(Instant::now()) + self.limits.header_read_timeout,
             };
@@ -349,7 +359,7 @@ impl ClientConn {
                 more = fill_before(reader, &mut self.deadline, due) => if !more {
                     return NextHead::Closed;
                 },
-                () = &mut self.drained, if idle => return NextHead::Closed,
+                () = &mut self.drained, if idle && !self.draining => self.draining = true,
             }
         }
     }
