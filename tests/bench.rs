@@ -173,6 +173,37 @@ async fn errors_are_classified() {
     hang_up.abort();
     assert_eq!(report["errors"]["reset"], 5, "{report}");
 
+    // A server that answers the first request of each connection and hangs up on the second
+    // after reading it: that second request failed, and is never sent twice.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let one_only = format!("http://{}/", listener.local_addr().unwrap());
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = received.clone();
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                for answered in [true, false] {
+                    match stream.read(&mut buf).await {
+                        Ok(n) if n > 0 => seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+                        _ => return,
+                    };
+                    if answered {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        let _ = stream.write_all(ok).await;
+                    }
+                }
+            });
+        }
+    });
+    let report = bench_json(&["-n", "10", "-c", "1", &one_only]).await;
+    server.abort();
+    assert_eq!(report["status"]["200"], 5, "{report}");
+    assert_eq!(report["errors"]["reset"], 5, "{report}");
+    assert_eq!(received.load(std::sync::atomic::Ordering::SeqCst), 10);
+
     let failing = demo_backend(&["--fail-rate", "1"]);
     let report = bench_json(&["-n", "20", &url(&failing, "/")]).await;
     assert_eq!(report["status"]["500"], 20);

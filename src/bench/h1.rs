@@ -59,9 +59,9 @@ pub fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Head>, ErrorK
 /// Why an exchange got no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// The connection was closed before any byte of the answer: on a reused connection the
-    /// server had given up on it, so the request may be sent again on a new one.
-    Closed,
+    /// The request could not be written: the server had closed the connection before it, so
+    /// it never got the request, which may go again on a new connection.
+    Unsent,
     Error(ErrorKind),
 }
 
@@ -95,13 +95,12 @@ impl Http1 {
         head_request: bool,
     ) -> Result<Answer, Failure> {
         self.buf.clear();
-        // A write refused by a closed connection never reached the server: like an idle
-        // connection closed under us, it may be sent again on a new one.
+        // A write refused by a closed connection never reached the server.
         self.stream
             .write_all(request)
             .await
             .map_err(|err| match io_failure(err) {
-                Failure::Error(ErrorKind::Reset) => Failure::Closed,
+                Failure::Error(ErrorKind::Reset) => Failure::Unsent,
                 other => other,
             })?;
         self.counts.add_written(request.len());
@@ -114,12 +113,10 @@ impl Http1 {
                 }
                 break head;
             }
+            // Closed after the request went out: the server may have acted on it, so it counts
+            // as failed and is never sent twice (wrk counts such reads as errors too).
             if self.fill().await? == 0 {
-                return Err(if self.buf.is_empty() {
-                    Failure::Closed
-                } else {
-                    Failure::Error(ErrorKind::Reset)
-                });
+                return Err(Failure::Error(ErrorKind::Reset));
             }
         };
         self.buf.advance(head.len);

@@ -1,7 +1,7 @@
 //! The load itself: one task per connection, each doing its own exchanges in place (HTTP/1.1
 //! through `h1`, HTTP/2 by polling a hyper connection in the same task, so no hand-off to
 //! another task per request), keeping its own tally, and reconnecting when the server closes
-//! or breaks the connection.
+//! or breaks the connection. A request is sent again only when it provably never went out.
 
 use std::io;
 use std::pin::{pin, Pin};
@@ -261,8 +261,9 @@ enum Step {
         status: u16,
         keep_alive: bool,
     },
-    /// Closed before the request was answered at all: reconnect and send it again.
-    Closed,
+    /// The server had closed the connection before the request went out: reconnect and send
+    /// it again.
+    Unsent,
     Failed(ErrorKind),
 }
 
@@ -308,7 +309,7 @@ impl Connection {
                         status: answer.status,
                         keep_alive: answer.keep_alive,
                     },
-                    Err(h1::Failure::Closed) => Step::Closed,
+                    Err(h1::Failure::Unsent) => Step::Unsent,
                     Err(h1::Failure::Error(kind)) => Step::Failed(kind),
                 }
             }
@@ -328,7 +329,7 @@ impl Http2 {
         } = self;
         let mut work = pin!(async move {
             if sender.ready().await.is_err() {
-                return Step::Closed;
+                return Step::Unsent;
             }
             match sender.send_request(template.http2()).await {
                 Ok(response) => read_to_end(response).await,
@@ -583,8 +584,8 @@ impl Worker {
                     }
                     return Ok(status);
                 }
-                Ok(Step::Closed) if conn.answered > 0 => *slot = None,
-                Ok(Step::Closed) => {
+                Ok(Step::Unsent) if conn.answered > 0 => *slot = None,
+                Ok(Step::Unsent) => {
                     *slot = None;
                     return Err(ErrorKind::Reset);
                 }
