@@ -382,7 +382,8 @@ async fn a_client_that_leaves_takes_its_request_and_its_place_with_it() {
         backend.addr()
     );
     let gw = gateway(&config);
-    // Two clients give up together: the one being served and the one queued behind it.
+    // Two clients give up: the one queued, then the one being served (in that order, so the
+    // queued request cannot take the freed place before its own client's close is seen).
     let mut leaving = Vec::new();
     for _ in 0..2 {
         let mut client = std::net::TcpStream::connect(gw.proxy).unwrap();
@@ -392,8 +393,10 @@ async fn a_client_that_leaves_takes_its_request_and_its_place_with_it() {
         leaving.push(client);
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    drop(leaving);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    while let Some(client) = leaving.pop() {
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     // Both places are free again at once: a client that stays is served, not refused, and the
     // queued request never reached the instance.
     let client = client();
