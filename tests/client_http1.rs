@@ -553,7 +553,19 @@ fn sigterm_closes_idle_keep_alive_connections_and_exits_zero() {
     signal(gw.proc.pid(), "TERM");
     // A request sent as the drain began (the client could not know) is still served, and the
     // connection closes after it.
-    std::thread::sleep(Duration::from_millis(200));
+    let draining = std::time::Instant::now() + Duration::from_secs(5);
+    while !raw_exchange(
+        gw.admin,
+        b"GET /health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .starts_with("HTTP/1.1 503")
+    {
+        assert!(
+            std::time::Instant::now() < draining,
+            "the gateway did not drain"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let answer = late.exchange("GET", &get_request("/late"));
     assert_ok(&answer, "path=/late");
     assert!(!keeps_alive(&answer));
