@@ -761,7 +761,9 @@ fn unparsed_version(buf: &[u8]) -> UnparsedVersion {
         return UnparsedVersion::Malformed;
     };
     match &line[space + 1..] {
-        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor] if minor.is_ascii_digit() => {
+        // Above 1 only: httparse may have refused a 1.0 or 1.1 line for something else (two
+        // spaces before the version), and rewriting its digit would change nothing.
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor] if (b'2'..=b'9').contains(minor) => {
             UnparsedVersion::LaterMinor(space + 8)
         }
         [b'H', b'T', b'T', b'P', b'/', major, rest @ ..]
@@ -1088,10 +1090,13 @@ mod tests {
             ));
         }
         assert!(matches!(parsed(b"GET / HTTP/1.2"), Ok(None)));
-        assert!(matches!(
-            parsed(b"GET / HTTX/1.1\r\n\r\n"),
-            Err(ProxyError::BadRequest(_))
-        ));
+        for malformed in [
+            &b"GET / HTTX/1.1\r\n\r\n"[..],
+            b"GET /  HTTP/1.1\r\n\r\n",
+            b"GET /  HTTP/1.2\r\n\r\n",
+        ] {
+            assert!(matches!(parsed(malformed), Err(ProxyError::BadRequest(_))));
+        }
         // Authority-form is CONNECT's and `*` OPTIONS' (RFC 9112 §3.2).
         for refused in [
             &b"GET other.example:80 HTTP/1.1\r\nHost: x\r\n\r\n"[..],
