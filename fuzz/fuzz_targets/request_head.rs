@@ -9,10 +9,10 @@ use std::time::Duration;
 use http::HeaderValue;
 use libfuzzer_sys::fuzz_target;
 use scalegate::config::Config;
-use scalegate::http1::Chunked;
+use scalegate::http1::declared_chunked_length;
 use scalegate::proxy::client_h1::{read_request_head, ClientLimits};
 use scalegate::proxy::headers::{
-    check_framing, forward_request_headers, is_sane_request_id, requested_upgrade, strip_hop_by_hop,
+    check_framing, drop_underscored, is_sane_request_id, websocket_upgrade, ForwardedFields,
 };
 use scalegate::proxy::router::match_route;
 
@@ -34,6 +34,8 @@ fuzz_target!(|data: &[u8]| {
         max_head: 8192,
         max_headers: 100,
         max_uri: 4096,
+        underscores_in_headers: false,
+        max_body: 1 << 20,
     };
     let parsed = read_request_head(data, &limits);
     // What follows a complete head is a body; anything else is fed to the decoder whole.
@@ -41,32 +43,23 @@ fuzz_target!(|data: &[u8]| {
         Ok(Some((_, head_len))) => &data[*head_len..],
         _ => data,
     };
-    let mut chunked = Chunked::Size;
-    let mut rest = body;
-    while let Ok(step) = chunked.decode(rest) {
-        if step.used == 0 {
-            break;
-        }
-        rest = &rest[step.used..];
-    }
+    let _ = declared_chunked_length(body);
     let Ok(Some((request, _))) = parsed else {
         return;
     };
-    let headers = request.headers;
-    let _ = check_framing(&headers);
+    let mut headers = request.headers;
+    let _ = check_framing(&mut headers);
     if let Some(id) = headers.get("x-request-id") {
         let _ = is_sane_request_id(id);
     }
-    let host = headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(|h| h.split(':').next().unwrap_or(h).to_string());
+    let host = headers.get(http::header::HOST).map(HeaderValue::as_bytes);
     let config = Config::from_toml(ROUTES).expect("the fuzz routes are valid");
-    let _ = match_route(&config.routes, host.as_deref(), request.uri.path());
-    let upgrade = requested_upgrade(&headers);
+    let _ = match_route(&config.routes, host, request.uri.path());
+    let upgrade = websocket_upgrade(&headers);
     let mut forwarded = headers.clone();
-    strip_hop_by_hop(&mut forwarded);
-    forward_request_headers(
+    // What the HTTP/2 path does to the same fields.
+    drop_underscored(&mut forwarded);
+    let _ = ForwardedFields::take(
         &mut forwarded,
         &HeaderValue::from_static("192.0.2.1"),
         "http",
