@@ -163,8 +163,11 @@ async fn forward(
         ));
     }
     let server = &runtime.config.server;
-    if parts.version == Version::HTTP_2 && !server.underscores_in_headers {
-        drop_underscored(&mut parts.headers);
+    if parts.version == Version::HTTP_2 {
+        http2_malformation(&parts).map_err(|reason| (ProxyError::BadRequest(reason), None))?;
+        if !server.underscores_in_headers {
+            drop_underscored(&mut parts.headers);
+        }
     }
     if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > server.max_uri_length {
         return Err((ProxyError::UriTooLong, None));
@@ -629,6 +632,33 @@ async fn send_http2(
 /// (RFC 9112 §3.2): the target's authority when it has one (absolute form, or HTTP/2's
 /// `:authority`), else the Host field. 400 for more than one Host field, one that is not a
 /// `host[:port]`, or an HTTP/1.1 request without one, as nginx answers.
+/// What makes an HTTP/2 request malformed beyond what hyper checks (RFC 9113 §8.2.1, §8.3.1):
+/// a field value with whitespace at either end (an HTTP/1.1 instance would trim it, so the
+/// request it sees is not the one checked here), `*` as the path of a method other than
+/// OPTIONS, and a Host naming another authority than `:authority`. An intermediary must not
+/// forward a malformed request; these get 400.
+fn http2_malformation(parts: &Parts) -> Result<(), &'static str> {
+    let padded = |value: &HeaderValue| {
+        let bytes = value.as_bytes();
+        let blank = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+        blank(bytes.first()) || blank(bytes.last())
+    };
+    if parts.headers.values().any(padded) {
+        return Err("a field value starts or ends with whitespace");
+    }
+    if parts.uri.path() == "*" && parts.method != Method::OPTIONS {
+        return Err("only OPTIONS may have * as its path");
+    }
+    let host = parts.headers.get(header::HOST).map(HeaderValue::as_bytes);
+    let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
+    if let (Some(host), Some(authority)) = (host, authority) {
+        if !host.eq_ignore_ascii_case(authority) {
+            return Err("Host names another authority than :authority");
+        }
+    }
+    Ok(())
+}
+
 fn request_host(parts: &Parts) -> Result<(Option<HeaderValue>, bool), ProxyError> {
     let mut fields = values(&parts.headers, &header::HOST);
     let field = fields.next();
@@ -787,6 +817,31 @@ mod tests {
             request = request.header(header::HOST, *host);
         }
         request.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn malformed_http2_requests_are_named() {
+        let v2 = Version::HTTP_2;
+        assert_eq!(
+            http2_malformation(&head(v2, "https://a.example/x", &[])),
+            Ok(())
+        );
+        assert_eq!(
+            http2_malformation(&head(v2, "https://a.example/x", &["A.example"])),
+            Ok(())
+        );
+        assert!(http2_malformation(&head(v2, "https://a.example/x", &["b.example"])).is_err());
+        assert!(http2_malformation(&head(v2, "*", &[])).is_err());
+        let mut options = head(v2, "*", &[]);
+        options.method = Method::OPTIONS;
+        assert_eq!(http2_malformation(&options), Ok(()));
+        for padded in [" a", "a ", "\tb"] {
+            let mut parts = head(v2, "https://a.example/x", &[]);
+            parts
+                .headers
+                .insert("x-padded", HeaderValue::from_str(padded).unwrap());
+            assert!(http2_malformation(&parts).is_err(), "{padded:?}");
+        }
     }
 
     #[test]
