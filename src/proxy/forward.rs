@@ -23,8 +23,8 @@ use super::error::ProxyError;
 use super::h1::{AnswerHead, InstanceBody, InstanceConn, Outgoing, SendError};
 use super::h2::{self, Http2Error};
 use super::headers::{
-    cookie_value, drop_underscored, is_sane_request_id, requested_upgrade, restore_upgrade,
-    strip_hop_by_hop, value, values, websocket_upgrade, ForwardedFields, X_REQUEST_ID,
+    cookie_value, is_sane_request_id, requested_upgrade, restore_upgrade, strip_hop_by_hop, value,
+    values, websocket_upgrade, ForwardedFields, X_REQUEST_ID,
 };
 use super::retry::{next_attempt, FailureKind, NextAttempt};
 use super::router::{host_without_port, match_route};
@@ -163,12 +163,6 @@ async fn forward(
         ));
     }
     let server = &runtime.config.server;
-    if parts.version == Version::HTTP_2 {
-        http2_malformation(&parts).map_err(|reason| (ProxyError::BadRequest(reason), None))?;
-        if !server.underscores_in_headers {
-            drop_underscored(&mut parts.headers);
-        }
-    }
     if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > server.max_uri_length {
         return Err((ProxyError::UriTooLong, None));
     }
@@ -628,16 +622,12 @@ async fn send_http2(
     }
 }
 
-/// The host a request is for, and whether it came from the target rather than a Host field
-/// (RFC 9112 §3.2): the target's authority when it has one (absolute form, or HTTP/2's
-/// `:authority`), else the Host field. 400 for more than one Host field, one that is not a
-/// `host[:port]`, or an HTTP/1.1 request without one, as nginx answers.
 /// What makes an HTTP/2 request malformed beyond what hyper checks (RFC 9113 §8.2.1, §8.3.1):
 /// a field value with whitespace at either end (an HTTP/1.1 instance would trim it, so the
 /// request it sees is not the one checked here), `*` as the path of a method other than
 /// OPTIONS, and a Host naming another authority than `:authority`. An intermediary must not
 /// forward a malformed request; these get 400.
-fn http2_malformation(parts: &Parts) -> Result<(), &'static str> {
+pub(super) fn http2_malformation(parts: &Parts) -> Result<(), &'static str> {
     let padded = |value: &HeaderValue| {
         let bytes = value.as_bytes();
         let blank = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
@@ -659,6 +649,10 @@ fn http2_malformation(parts: &Parts) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The host a request is for, and whether it came from the target rather than a Host field
+/// (RFC 9112 §3.2): the target's authority when it has one (absolute form, or HTTP/2's
+/// `:authority`), else the Host field. 400 for more than one Host field, one that is not a
+/// `host[:port]`, or an HTTP/1.1 request without one, as nginx answers.
 fn request_host(parts: &Parts) -> Result<(Option<HeaderValue>, bool), ProxyError> {
     let mut fields = values(&parts.headers, &header::HOST);
     let field = fields.next();

@@ -479,11 +479,19 @@ async fn serve_hyper<I>(
         async move {
             let (mut parts, body) = req.into_parts();
             let head_request = parts.method == http::Method::HEAD;
-            // Framing hyper let through that the gateway refuses (codings other than one
-            // `chunked`, signed lengths), as client_h1 refuses it when it reads a head.
-            if let Err(err) = headers::check_framing(&mut parts.headers) {
-                let refusal = ProxyError::BadRequest(err.reason());
+            // What hyper let through that the gateway refuses, as client_h1 refuses it when it
+            // reads a head: framing (codings other than one `chunked`, signed lengths) and the
+            // malformations of RFC 9113 §8 hyper does not check.
+            let refused = headers::check_framing(&mut parts.headers)
+                .map_err(|err| err.reason())
+                .and_then(|_| forward::http2_malformation(&parts));
+            if let Err(reason) = refused {
+                let refusal = ProxyError::BadRequest(reason);
                 return Ok(refusal.response(&gateway.new_request_id()));
+            }
+            // client_h1 leaves such fields out as it parses.
+            if !gateway.runtime.load().config.server.underscores_in_headers {
+                headers::drop_underscored(&mut parts.headers);
             }
             let req = http::Request::from_parts(parts, body::ClientBody::Hyper(body));
             // HTTP/2 has no Upgrade: there is no connection to hand over.
