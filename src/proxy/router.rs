@@ -47,7 +47,8 @@ pub fn normalized_path(path: &str) -> Cow<'_, [u8]> {
     if plain {
         return Cow::Borrowed(bytes);
     }
-    let decoded = percent_decoded(bytes);
+    // Invalid escapes (`%zz`, a `%` at the end) stay as they are.
+    let decoded: Vec<u8> = percent_encoding::percent_decode(bytes).collect();
     let mut out: Vec<u8> = Vec::with_capacity(decoded.len());
     let mut segments = decoded.split(|&b| b == b'/').peekable();
     // The part before the first slash (none in origin-form) stays as it is.
@@ -74,30 +75,6 @@ pub fn normalized_path(path: &str) -> Cow<'_, [u8]> {
         out.push(b'/');
     }
     Cow::Owned(out)
-}
-
-/// `bytes` with each valid `%XX` replaced by the byte it stands for.
-fn percent_decoded(bytes: &[u8]) -> Vec<u8> {
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = match bytes.get(i..i + 3) {
-            Some([b'%', high, low]) => hex(*high).zip(hex(*low)).map(|(h, l)| h << 4 | l),
-            _ => None,
-        };
-        match escaped {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 /// `example.com` matches itself; `*.example.com` matches any subdomain (not the bare domain).
