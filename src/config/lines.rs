@@ -3,10 +3,21 @@
 
 use toml_edit::ImDocument;
 
-/// The line of `key` in `text`; for a key the file leaves out, the line of the nearest table
-/// or key above it that is there. `None` when not even the first part is in the file.
-pub fn line_of(text: &str, key: &str) -> Option<usize> {
-    let doc = ImDocument::parse(text).ok()?;
+use super::ConfigError;
+
+/// Gives each of `errors` without a line the line of its key in `text` (parsed once for all).
+pub fn place(text: &str, errors: &mut [ConfigError]) {
+    let Ok(doc) = ImDocument::parse(text) else {
+        return;
+    };
+    for err in errors.iter_mut().filter(|err| err.line.is_none()) {
+        err.line = line_of(&doc, text, &err.key);
+    }
+}
+
+/// The line of `key`; for a key the file leaves out, the line of the nearest table or key
+/// above it that is there. `None` when not even the first part is in the file.
+fn line_of(doc: &ImDocument<&str>, text: &str, key: &str) -> Option<usize> {
     let mut item = doc.as_item();
     let mut span = None;
     'walk: for part in key.split('.') {
@@ -30,7 +41,12 @@ pub fn line_of(text: &str, key: &str) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::line_of;
+    use toml_edit::ImDocument;
+
+    /// The line of `key` in `TEXT`.
+    fn line_of(key: &str) -> Option<usize> {
+        super::line_of(&ImDocument::parse(TEXT).unwrap(), TEXT, key)
+    }
 
     const TEXT: &str = "[server]\nlisten = \"127.0.0.1:8080\"\n\n\
         [upstreams.app]\nstrategy = \"fastest\"\n\
@@ -39,18 +55,18 @@ mod tests {
 
     #[test]
     fn keys_tables_and_array_elements_have_their_lines() {
-        assert_eq!(line_of(TEXT, "server.listen"), Some(2));
-        assert_eq!(line_of(TEXT, "upstreams.app.strategy"), Some(5));
-        assert_eq!(line_of(TEXT, "upstreams.app.instances[1].weight"), Some(8));
-        assert_eq!(line_of(TEXT, "routes[1].upstream"), Some(15));
-        assert_eq!(line_of(TEXT, "routes[1]"), Some(14));
+        assert_eq!(line_of("server.listen"), Some(2));
+        assert_eq!(line_of("upstreams.app.strategy"), Some(5));
+        assert_eq!(line_of("upstreams.app.instances[1].weight"), Some(8));
+        assert_eq!(line_of("routes[1].upstream"), Some(15));
+        assert_eq!(line_of("routes[1]"), Some(14));
     }
 
     #[test]
     fn a_missing_key_points_at_what_holds_it() {
-        assert_eq!(line_of(TEXT, "upstreams.app.health.path"), Some(4));
-        assert_eq!(line_of(TEXT, "routes[7].upstream"), Some(11));
-        assert_eq!(line_of(TEXT, "cache.max_size"), None);
-        assert_eq!(line_of(TEXT, "${HOME}"), None);
+        assert_eq!(line_of("upstreams.app.health.path"), Some(4));
+        assert_eq!(line_of("routes[7].upstream"), Some(11));
+        assert_eq!(line_of("cache.max_size"), None);
+        assert_eq!(line_of("${HOME}"), None);
     }
 }

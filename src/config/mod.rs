@@ -214,12 +214,9 @@ impl Config {
                     message: err.message().to_string(),
                 }])
             })?;
-        raw.validate().map_err(|ConfigErrors(errors)| {
-            let placed = errors.into_iter().map(|mut err| {
-                err.line = err.line.or_else(|| lines::line_of(&text, &err.key));
-                err
-            });
-            ConfigErrors(placed.collect())
+        raw.validate().map_err(|mut errors| {
+            lines::place(&text, &mut errors.0);
+            errors
         })
     }
 
