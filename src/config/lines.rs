@@ -36,7 +36,12 @@ fn line_of(doc: &ImDocument<&str>, text: &str, key: &str) -> Option<usize> {
             item = element;
         }
     }
-    span.map(|span| text[..span.start].matches('\n').count() + 1)
+    span.map(|span| line_at(text, span.start))
+}
+
+/// The line (from 1) byte `offset` of `text` is on.
+pub fn line_at(text: &str, offset: usize) -> usize {
+    text[..offset].matches('\n').count() + 1
 }
 
 #[cfg(test)]

@@ -204,9 +204,7 @@ impl Config {
             .map_err(|err| {
                 let key = err.path().to_string();
                 let err = err.into_inner();
-                let line = err
-                    .span()
-                    .map(|span| text[..span.start].matches('\n').count() + 1);
+                let line = err.span().map(|span| lines::line_at(&text, span.start));
                 ConfigErrors(vec![ConfigError {
                     // The path is `.` when the error is not inside a key (a syntax error).
                     key: if key == "." { "config".into() } else { key },
