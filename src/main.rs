@@ -67,7 +67,7 @@ fn main() -> ExitCode {
             listen,
             admin_listen,
             upstream,
-        } => serve(config, [&listen, &admin_listen], &upstream),
+        } => serve(config, &listen, &admin_listen, &upstream),
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -90,7 +90,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(path: Option<PathBuf>, listen: [&str; 2], upstreams: &[String]) -> anyhow::Result<()> {
+fn serve(
+    path: Option<PathBuf>,
+    listen: &str,
+    admin_listen: &str,
+    upstreams: &[String],
+) -> anyhow::Result<()> {
     let config = match &path {
         Some(path) => Config::load(path)
             .map_err(|errors| anyhow::anyhow!("{}: invalid\n{errors}", path.display()))?,
@@ -99,7 +104,7 @@ fn serve(path: Option<PathBuf>, listen: [&str; 2], upstreams: &[String]) -> anyh
                 "give --config FILE, or --upstream ADDR (repeatable) for the zero-config form"
             )
         }
-        None => Config::from_flags(listen, upstreams)
+        None => Config::from_flags(listen, admin_listen, upstreams)
             .map_err(|errors| anyhow::anyhow!("invalid flags\n{errors}"))?,
     };
     let rt = runtime(config.server.workers)?;

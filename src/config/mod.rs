@@ -221,10 +221,11 @@ impl Config {
     /// The zero-config form: the proxy and admin listeners, one `default` upstream, one
     /// catch-all route.
     pub fn from_flags(
-        [listen, admin_listen]: [&str; 2],
+        listen: &str,
+        admin_listen: &str,
         upstreams: &[String],
     ) -> Result<Config, ConfigErrors> {
-        let raw = RawConfig::from_flags([listen, admin_listen], upstreams);
+        let raw = RawConfig::from_flags(listen, admin_listen, upstreams);
         raw.validate()
     }
 
@@ -461,14 +462,15 @@ upstream = "missing"
     #[test]
     fn zero_config_flags() {
         let config = Config::from_flags(
-            ["127.0.0.1:8081", "127.0.0.1:9091"],
+            "127.0.0.1:8081",
+            "127.0.0.1:9091",
             &["127.0.0.1:3001".into(), "localhost:3002".into()],
         )
         .unwrap();
         assert_eq!(config.upstreams[0].instances.len(), 2);
         assert_eq!(config.routes.len(), 1);
         assert_eq!(config.admin.listen, "127.0.0.1:9091".parse().unwrap());
-        assert!(Config::from_flags(["127.0.0.1:8081", "127.0.0.1:9091"], &[]).is_err());
+        assert!(Config::from_flags("127.0.0.1:8081", "127.0.0.1:9091", &[]).is_err());
     }
 
     #[test]

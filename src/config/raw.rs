@@ -245,7 +245,7 @@ fn root() -> String {
 }
 
 impl RawConfig {
-    pub(super) fn from_flags([listen, admin_listen]: [&str; 2], upstreams: &[String]) -> RawConfig {
+    pub(super) fn from_flags(listen: &str, admin_listen: &str, upstreams: &[String]) -> RawConfig {
         let upstream = RawUpstream {
             instances: upstreams.iter().cloned().map(RawInstance::Addr).collect(),
             ..RawUpstream::default()

@@ -514,7 +514,8 @@ mod tests {
     #[test]
     fn pace_from_config_needs_at_least_one_byte_per_window() {
         let mut server = crate::config::Config::from_flags(
-            ["127.0.0.1:0", "127.0.0.1:0"],
+            "127.0.0.1:0",
+            "127.0.0.1:0",
             &["127.0.0.1:1".into()],
         )
         .unwrap()
