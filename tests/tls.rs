@@ -202,8 +202,8 @@ async fn https_clients_on_http1_get_the_plain_listeners_rules() {
     let gw = https_gateway(&ca, dir.path(), &backend, "");
     let tls_addr = gw.proc.named("tls");
     let h1_only = ca.connector(&[b"http/1.1"]);
-    let answer_to = |request: Vec<u8>| {
-        let connector = h1_only.clone();
+    // One request on a new connection made by `connector`; the answer read to the close.
+    let answer_to = |connector: tokio_rustls::TlsConnector, request: Vec<u8>| {
         async move {
             let mut stream = connect(&connector, tls_addr, "a.test").await;
             stream.write_all(&request).await.unwrap();
@@ -215,30 +215,21 @@ async fn https_clients_on_http1_get_the_plain_listeners_rules() {
     };
     let both = b"POST /echo HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\
         Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
-    let answer = answer_to(both.to_vec()).await;
+    let answer = answer_to(h1_only.clone(), both.to_vec()).await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("\"request_id\""), "{answer}");
     let huge = format!(
         "GET / HTTP/1.1\r\nHost: a.test\r\nX-Big: {}\r\n\r\n",
         "b".repeat(40_000)
     );
-    let answer = answer_to(huge.into_bytes()).await;
+    let answer = answer_to(h1_only.clone(), huge.into_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
     assert!(answer.contains("\"request_id\""), "{answer}");
     assert_eq!(backend_requests(&client(), &backend).await, 0);
     // A client that offers only http/1.0 by ALPN (curl --http1.0) is served, not refused.
-    let mut stream = connect(&ca.connector(&[b"http/1.0"]), tls_addr, "a.test").await;
-    stream
-        .write_all(b"GET /echo HTTP/1.0\r\nHost: a.test\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.unwrap();
-    assert!(
-        answer.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&answer)
-    );
+    let http10 = b"GET /echo HTTP/1.0\r\nHost: a.test\r\n\r\n".to_vec();
+    let answer = answer_to(ca.connector(&[b"http/1.0"]), http10).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     // 100 Continue, then the answer to the body, then the next request on the same connection.
     let mut stream = connect(&h1_only, tls_addr, "a.test").await;
