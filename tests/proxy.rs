@@ -340,6 +340,103 @@ async fn reload_under_load_loses_nothing_and_bad_config_is_refused() {
     assert_eq!(get(&client, &gw.url("/work")).await.status, 200);
 }
 
+/// The access-log lines (JSON) of `gw` so far, by request ID.
+fn access_lines(gw: &Gateway) -> HashMap<String, serde_json::Value> {
+    gw.proc
+        .log_lines()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["target"] == "access")
+        .map(|line| (line["request_id"].as_str().unwrap_or("").to_string(), line))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
+    use std::io::Write;
+    let a = demo_backend(&["--latency-ms", "400"]);
+    let gw = gateway_logging(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n{}",
+        app_config(&[&a], "")
+    ));
+    let client = client();
+    let served = request(
+        &client,
+        "GET",
+        &gw.url("/done?q=1"),
+        &[("x-request-id", "served-1")],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(served.status, 200);
+    // An HTTP/1.1 client that closes while its request waits for the instance...
+    let mut leaving = std::net::TcpStream::connect(gw.proxy).unwrap();
+    leaving
+        .write_all(b"GET /gone HTTP/1.1\r\nHost: x\r\nX-Request-ID: left-h1\r\n\r\n")
+        .unwrap();
+    // ...and an HTTP/2 client that resets its stream.
+    let h2 = h2c_client();
+    let url = gw.url("/reset");
+    let reset =
+        tokio::spawn(
+            async move { request(&h2, "GET", &url, &[("x-request-id", "left-h2")], "").await },
+        );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    drop(leaving);
+    reset.abort();
+    let logged = eventually(Duration::from_secs(5), || async {
+        let lines = access_lines(&gw);
+        ["served-1", "left-h1", "left-h2"]
+            .iter()
+            .all(|id| lines.contains_key(*id))
+    })
+    .await;
+    let lines = access_lines(&gw);
+    assert!(logged, "{lines:?}");
+    let line = &lines["served-1"];
+    assert_eq!(
+        (
+            &line["method"],
+            &line["path"],
+            &line["status"],
+            &line["upstream"],
+            &line["client"]
+        ),
+        (
+            &"GET".into(),
+            &"/done".into(),
+            &200.into(),
+            &"app".into(),
+            &"127.0.0.1".into()
+        )
+    );
+    assert!(line["duration_ms"].as_f64().unwrap() >= 400.0, "{line}");
+    // nginx's 499: the client closed the request before its answer.
+    for (id, path) in [("left-h1", "/gone"), ("left-h2", "/reset")] {
+        let line = &lines[id];
+        assert_eq!(
+            (&line["status"], &line["path"], &line["upstream"]),
+            (&499.into(), &path.into(), &"app".into()),
+            "{line}"
+        );
+    }
+    let metrics = get(&client, &gw.admin_url("/metrics")).await.body;
+    let metrics = String::from_utf8_lossy(&metrics);
+    let count = |class: &str| {
+        let labels = format!("status=\"{class}\"}}");
+        metrics
+            .lines()
+            .find(|line| line.starts_with("scalegate_requests_total{") && line.contains(&labels))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert_eq!(
+        (count("2xx"), count("4xx")),
+        (Some(1), Some(2)),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn forwarding_headers_and_request_ids() {
     let a = demo_backend(&[]);

@@ -74,6 +74,9 @@ impl ClientAddr {
     }
 }
 
+/// nginx's status for a request whose client left before its answer.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
 /// Entry point for one client request; never fails (errors become responses).
 /// `upgrade` is the client's side of the connection should the request switch protocols.
 pub async fn handle(
@@ -89,30 +92,43 @@ pub async fn handle(
     };
     let runtime = gateway.runtime.load_full();
     let _in_flight = gateway.metrics.enter();
-    let method = req.method().clone();
-    let access_log = runtime
-        .config
-        .server
-        .access_log
-        .then(|| req.uri().path().to_owned());
+    let mut record = RequestRecord {
+        gateway,
+        started,
+        method: req.method().clone(),
+        path: runtime
+            .config
+            .server
+            .access_log
+            .then(|| req.uri().path().to_owned()),
+        request_id,
+        client_ip: client.addr.ip(),
+        runtime,
+        route: None,
+        status: CLIENT_CLOSED_REQUEST,
+    };
+    let runtime = &record.runtime;
     let tls = runtime.config.tls.as_ref();
     let redirect = tls
         .filter(|tls| tls.redirect_http && !client.secure)
         .and_then(|_| https_redirect(&req, gateway.https_port()));
-    let (mut response, route) = match redirect {
-        Some(response) => (response, None),
-        None => match forward(&runtime, req, client, &request_id, upgrade).await {
-            Ok((response, route)) => (response, Some(route)),
-            Err((error, route)) => {
-                // Overload refusals are expected under load; logging each would add to it.
-                if error.status().is_server_error()
-                    && !matches!(error, ProxyError::Overloaded { .. })
-                {
-                    tracing::warn!(request_id = ?request_id, %error, "request failed");
+    let mut response = match redirect {
+        Some(response) => response,
+        None => {
+            let request_id = &record.request_id;
+            match forward(runtime, req, client, request_id, upgrade, &mut record.route).await {
+                Ok(response) => response,
+                Err(error) => {
+                    // Overload refusals are expected under load; logging each would add to it.
+                    if error.status().is_server_error()
+                        && !matches!(error, ProxyError::Overloaded { .. })
+                    {
+                        tracing::warn!(request_id = ?request_id, %error, "request failed");
+                    }
+                    error.response(request_id)
                 }
-                (error.response(&request_id), route)
             }
-        },
+        }
     };
     if let Some(hsts) = tls
         .and_then(|tls| tls.hsts.as_ref())
@@ -122,30 +138,49 @@ pub async fn handle(
             .headers_mut()
             .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
     }
-    let status = response.status().as_u16();
-    let elapsed = started.elapsed();
-    if let Some(stats) = runtime.request_stats(route, &gateway.metrics) {
-        stats.record(&method, status, elapsed);
-    }
-    if let Some(path) = access_log {
-        tracing::info!(
-            target: "access",
-            method = %method,
-            path = %path,
-            status,
-            upstream = route.map_or("-", |r| runtime.route_upstream(r).config.name.as_str()),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            request_id = request_id.to_str().unwrap_or_default(),
-            client = %client.addr.ip(),
-        );
-    }
+    record.status = response.status().as_u16();
     Ok(response)
 }
 
-/// The response and the position of the route that produced it.
-type Forwarded = (Response<GatewayBody>, usize);
-/// The error and the route, when one matched.
-type Failed = (ProxyError, Option<usize>);
+/// One request's access-log line and counters, written when it is dropped: at the end of
+/// [`handle`], or on the way when the request is abandoned (its HTTP/1.1 client left, its
+/// HTTP/2 stream was reset), which is then recorded as 499, as nginx logs it.
+struct RequestRecord<'a> {
+    gateway: &'a Gateway,
+    runtime: Arc<Runtime>,
+    started: Instant,
+    method: Method,
+    /// `None` when the access log is off.
+    path: Option<String>,
+    request_id: HeaderValue,
+    client_ip: IpAddr,
+    route: Option<usize>,
+    status: u16,
+}
+
+impl Drop for RequestRecord<'_> {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        let runtime = &self.runtime;
+        if let Some(stats) = runtime.request_stats(self.route, &self.gateway.metrics) {
+            stats.record(&self.method, self.status, elapsed);
+        }
+        if let Some(path) = &self.path {
+            tracing::info!(
+                target: "access",
+                method = %self.method,
+                path = %path,
+                status = self.status,
+                upstream = self
+                    .route
+                    .map_or("-", |r| runtime.route_upstream(r).config.name.as_str()),
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                request_id = self.request_id.to_str().unwrap_or_default(),
+                client = %self.client_ip,
+            );
+        }
+    }
+}
 
 async fn forward(
     runtime: &Arc<Runtime>,
@@ -153,18 +188,18 @@ async fn forward(
     client: &ClientAddr,
     request_id: &HeaderValue,
     client_upgrade: Option<ClientUpgrade>,
-) -> Result<Forwarded, Failed> {
+    matched_route: &mut Option<usize>,
+) -> Result<Response<GatewayBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     if parts.method == Method::CONNECT {
         // A reverse proxy never opens tunnels to where a client asks (no open proxy).
-        return Err((
-            ProxyError::MethodNotAllowed("CONNECT: this is a reverse proxy"),
-            None,
+        return Err(ProxyError::MethodNotAllowed(
+            "CONNECT: this is a reverse proxy",
         ));
     }
     let server = &runtime.config.server;
     if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > server.max_uri_length {
-        return Err((ProxyError::UriTooLong, None));
+        return Err(ProxyError::UriTooLong);
     }
     let max_body = server.max_body;
     // Framing was checked where the head was read (client_h1, serve_hyper): the body knows
@@ -174,12 +209,13 @@ async fn forward(
         .exact()
         .is_some_and(|length| length > max_body)
     {
-        return Err((ProxyError::BodyTooLarge, None));
+        return Err(ProxyError::BodyTooLarge);
     }
-    let (host, host_from_target) = request_host(&parts).map_err(|error| (error, None))?;
+    let (host, host_from_target) = request_host(&parts)?;
     let host_bytes = host.as_ref().map(HeaderValue::as_bytes);
     let route = match_route(&runtime.config.routes, host_bytes, parts.uri.path())
-        .ok_or((ProxyError::NoRoute, None))?;
+        .ok_or(ProxyError::NoRoute)?;
+    *matched_route = Some(route);
     let upstream = runtime.route_upstream(route);
     // The concurrency slots in `admitted` go to the response body and are held to its end.
     let admission = &runtime.admission;
@@ -188,8 +224,7 @@ async fn forward(
         Some(admitted) => admitted,
         // Boxed: only requests that wait for Redis or a queue carry the waiting state.
         None => Box::pin(admission.admit(route, &parts.headers, client_ip)).await,
-    }
-    .map_err(|error| (error, Some(route)))?;
+    }?;
     let hash = match &upstream.config.strategy {
         Strategy::ConsistentHash(key) => hash_key(key, &parts, client_ip),
         _ => None,
@@ -261,7 +296,7 @@ async fn forward(
         ))
         .await;
         admitted.apply_to(&mut response);
-        return Ok((response, route));
+        return Ok(response);
     }
     // Fields the gateway adds to the answer later must replace the instance's: those go
     // through the map.
@@ -277,12 +312,10 @@ async fn forward(
     )
     .await;
     recycle_map(parts.headers);
-    result
-        .map(|mut response| {
-            admitted.apply_to(&mut response);
-            (response, route)
-        })
-        .map_err(|error| (error, Some(route)))
+    result.map(|mut response| {
+        admitted.apply_to(&mut response);
+        response
+    })
 }
 
 /// The pipeline after routing, owned so the cache can run it for a client or in the background.

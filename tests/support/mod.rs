@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 /// Path of the built `scalegate` binary.
@@ -18,6 +18,8 @@ pub struct Proc {
     pub child: Child,
     /// Each `NAME listening on ADDR` line seen before start-up finished, as (NAME, ADDR).
     pub addrs: Vec<(String, SocketAddr)>,
+    /// Its stderr, line by line, when started by [`spawn_logging`]; empty otherwise.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Proc {
@@ -38,6 +40,11 @@ impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// The stderr lines written so far (see [`spawn_logging`]).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
 }
 
 impl Drop for Proc {
@@ -54,11 +61,24 @@ pub fn spawn(args: &[&str], expect: usize) -> Proc {
 }
 
 pub fn spawn_with_env(args: &[&str], expect: usize, env: &[(&str, &str)]) -> Proc {
+    start(args, expect, env, false)
+}
+
+/// As [`spawn_with_env`], keeping stderr (the log) for [`Proc::log_lines`].
+pub fn spawn_logging(args: &[&str], expect: usize, env: &[(&str, &str)]) -> Proc {
+    start(args, expect, env, true)
+}
+
+fn start(args: &[&str], expect: usize, env: &[(&str, &str)], keep_log: bool) -> Proc {
     let mut cmd = Command::new(bin());
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(if keep_log {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        });
     if !env.iter().any(|(k, _)| *k == "LOG_LEVEL") {
         cmd.env("LOG_LEVEL", "warn");
     }
@@ -67,6 +87,15 @@ pub fn spawn_with_env(args: &[&str], expect: usize, env: &[(&str, &str)]) -> Pro
     }
     let mut child = cmd.spawn().expect("spawn scalegate");
     let stdout = child.stdout.take().expect("stdout");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    if let Some(stderr) = child.stderr.take() {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log.lock().unwrap().push(line);
+            }
+        });
+    }
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut sent = 0;
@@ -93,7 +122,7 @@ pub fn spawn_with_env(args: &[&str], expect: usize, env: &[(&str, &str)]) -> Pro
             }
         }
     }
-    Proc { child, addrs }
+    Proc { child, addrs, log }
 }
 
 /// Starts a demo backend on a free port with extra flags.
@@ -152,13 +181,28 @@ pub fn gateway(body: &str) -> Gateway {
 
 /// As [`gateway`], waiting for `listeners` announced addresses (3 with a `[tls]` listener).
 pub fn gateway_announcing(body: &str, listeners: usize) -> Gateway {
+    start_gateway(body, listeners, false)
+}
+
+/// As [`gateway`], logging at `info` in JSON; its lines are in `proc.log_lines()`.
+pub fn gateway_logging(body: &str) -> Gateway {
+    start_gateway(body, 2, true)
+}
+
+fn start_gateway(body: &str, listeners: usize, keep_log: bool) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("scalegate.toml");
     std::fs::write(&config_path, with_listeners(body)).unwrap();
-    let proc = spawn(
-        &["serve", "--config", config_path.to_str().unwrap()],
-        listeners,
-    );
+    let config = config_path.to_str().unwrap();
+    let proc = if keep_log {
+        spawn_logging(
+            &["serve", "--config", config, "--log-format", "json"],
+            listeners,
+            &[("LOG_LEVEL", "info")],
+        )
+    } else {
+        spawn(&["serve", "--config", config], listeners)
+    };
     Gateway {
         proxy: proc.named("proxy"),
         admin: proc.named("admin"),
