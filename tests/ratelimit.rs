@@ -405,6 +405,29 @@ async fn a_client_that_leaves_takes_its_request_and_its_place_with_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_leaves_after_sending_its_body_frees_its_place() {
+    let backend = demo_backend(&["--latency-ms", "1500"]);
+    let config = format!(
+        "[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\n\
+         max_in_flight = 1\nqueue_size = 0\n",
+        backend.addr()
+    );
+    let gw = gateway(&config);
+    for expect in ["", "Expect: 100-continue\r\n"] {
+        let mut leaving = std::net::TcpStream::connect(gw.proxy).unwrap();
+        let head = format!("POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n{expect}\r\n");
+        leaving.write_all(head.as_bytes()).unwrap();
+        leaving.write_all(b"hello").unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(leaving);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The one place is free again: without a queue, a request finding it taken gets 503.
+        let status = get(&client(), &gw.url("/next")).await.status;
+        assert_eq!(status, 200, "{expect:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrency_limit_queues_then_answers_503() {
     let backend = demo_backend(&["--latency-ms", "300"]);
     let config = format!(

@@ -191,11 +191,10 @@ pub async fn serve(
         let handled = forward::handle(&gateway, request, &client, upgrade);
         // Pinned here, once: each branch only borrows it, so the task holds one such future.
         tokio::pin!(handled);
-        let answer = match (&back, expect_continue) {
-            // Boxed: inline, this rare branch's state would grow every connection task.
-            (Some(back), true) => Some(Box::pin(conn.handle_with_continue(handled, back)).await),
-            (None, _) => conn.unless_client_leaves(handled).await,
-            _ => Some(handled.await),
+        let answer = match &back {
+            // Boxed: inline, this branch's state would grow every connection task.
+            Some(back) => Box::pin(conn.handle_with_body(handled, back, expect_continue)).await,
+            None => conn.unless_client_leaves(handled).await,
         };
         let Some(Ok(response)) = answer else {
             tracing::debug!("client left before its answer; its request was dropped");
@@ -526,30 +525,37 @@ impl ClientConn {
         Ok(())
     }
 
-    /// Waits for the answer to a request that expects 100 Continue, and writes the 100 when the
-    /// body first wants bytes, unless the answer came first. Written here, on the writing side,
-    /// for plain and TLS connections alike (a TLS session's reading half cannot write records),
-    /// and never after the answer: once this returns, a late ask is left unanswered.
-    async fn handle_with_continue<F: Future>(
+    /// Waits for the answer to a request with a body. A client that expects 100 Continue gets it
+    /// when the body first wants bytes, unless the answer came first: written here, on the
+    /// writing side, for plain and TLS connections alike (a TLS session's reading half cannot
+    /// write records), and never after the answer. Once the body has been read to its end, the
+    /// client is watched as for a request without one.
+    async fn handle_with_body<F: Future>(
         &mut self,
         handled: F,
         back: &BodyReturn,
-    ) -> F::Output {
+        mut expect_continue: bool,
+    ) -> Option<F::Output> {
         tokio::pin!(handled);
-        tokio::select! {
-            biased;
-            answer = &mut handled => return answer,
-            () = back.continue_wanted.notified() => {
-                // A client gone is the body's failure to report, not this write's.
-                let _ = self.write_within_idle(CONTINUE).await;
-                back.continue_unsent.store(false, Ordering::Relaxed);
+        loop {
+            tokio::select! {
+                biased;
+                answer = &mut handled => return Some(answer),
+                () = back.continue_wanted.notified(), if expect_continue => {
+                    expect_continue = false;
+                    // A client gone is the body's failure to report, not this write's.
+                    let _ = self.write_within_idle(CONTINUE).await;
+                    back.continue_unsent.store(false, Ordering::Relaxed);
+                }
+                () = back.returned.notified() => break,
             }
         }
-        handled.await
+        self.take_back(Some(back));
+        self.unless_client_leaves(handled).await
     }
 
-    /// Runs `handled` unless the client leaves first: a request without a body whose client
-    /// closes or breaks the connection while it waits is dropped, which cancels it at the
+    /// Runs `handled` unless the client leaves first: a request (whose body, if any, was read)
+    /// whose client closes or breaks the connection while it waits is dropped, which cancels it at the
     /// instance and frees its in-flight and queue places (nginx's default,
     /// `proxy_ignore_client_abort off`; HTTP/2 clients cancel by resetting the stream). Bytes
     /// pipelined meanwhile stay buffered for the next request; past a head's worth, the watch
@@ -917,6 +923,8 @@ struct BodyReturn {
     continue_wanted: Notify,
     /// Asked for and not written (the answer came first): the client may still be waiting.
     continue_unsent: AtomicBool,
+    /// The body gave the reader back.
+    returned: Notify,
 }
 
 /// The connection's reader as a request body gave it back, with what was left of the body.
@@ -970,6 +978,7 @@ impl RequestBody {
                 left: self.progress,
                 awaiting_continue: self.send_continue,
             });
+            self.back.returned.notify_one();
         }
     }
 
