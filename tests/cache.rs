@@ -200,9 +200,9 @@ async fn ranges_are_cut_from_stored_answers() {
 
 /// Hits answer a client's conditional GET as nginx's cache does: 304 without a body when its
 /// If-None-Match names the stored ETag, or when nothing changed since its If-Modified-Since;
-/// the whole answer otherwise.
+/// 412 when its If-Match or If-Unmodified-Since does not hold; the whole answer otherwise.
 #[tokio::test]
-async fn conditional_requests_get_304_from_stored_answers() {
+async fn conditional_requests_get_304_or_412_from_stored_answers() {
     let backend = demo_backend(&[]);
     let gw = cached(&backend, "", "");
     let client = client();
@@ -227,12 +227,36 @@ async fn conditional_requests_get_304_from_stored_answers() {
     let changed = [
         ("if-none-match", "\"v0\""),
         ("if-modified-since", "Mon, 23 Nov 2026 10:00:00 GMT"),
+        ("if-match", "\"v1\""),
+        ("if-unmodified-since", modified),
     ];
     for condition in changed {
         assert_eq!(
             status_and_n(&client, &url, &[condition]).await,
             ("HIT".into(), 1)
         );
+    }
+    // If-Match and If-Unmodified-Since that do not hold get 412, with none of the stored fields.
+    let failing = [
+        ("if-match", "\"v0\""),
+        ("if-unmodified-since", "Mon, 23 Nov 2026 10:00:00 GMT"),
+    ];
+    for condition in failing {
+        let reply = request(
+            &client,
+            "GET",
+            &url,
+            &[condition, ("if-none-match", "*")],
+            "",
+        )
+        .await
+        .unwrap();
+        assert_eq!((reply.status, reply.header("x-cache-status")), (412, "HIT"));
+        assert_eq!(
+            (reply.header("content-length"), reply.header("etag")),
+            ("0", "")
+        );
+        assert!(reply.body.is_empty() && !reply.header("x-request-id").is_empty());
     }
     assert_eq!(backend_requests(&client, &backend).await, 1);
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use libfuzzer_sys::fuzz_target;
 use scalegate::cache::policy::{
-    not_modified, range_answer, storable, vary_names, vary_values, CacheControl, RangeAnswer,
+    precondition, range_answer, storable, vary_names, vary_values, CacheControl, RangeAnswer,
 };
 use scalegate::config::Config;
 
@@ -49,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
     if let Some(names) = vary_names(&headers) {
         let _ = vary_values(&names, &headers);
     }
-    let _ = not_modified(&headers, status, &headers);
+    let _ = precondition(&headers, status, &headers);
     let length = u64::from(status_byte);
     if let RangeAnswer::Part { first, last } = range_answer(&headers, status, &headers, length) {
         assert!(first <= last && last < length, "{first}-{last} of {length}");

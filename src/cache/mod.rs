@@ -27,7 +27,7 @@ use crate::config::{RouteCacheConfig, RouteConfig};
 use crate::proxy::headers::X_REQUEST_ID;
 use crate::proxy::{BoxError, ForwardBody, GatewayBody, InstanceFetch, ProxyError, Runtime};
 use coalesce::{Lease, Turn, Waited, LOCK_TIMEOUT};
-use policy::{RangeAnswer, RequestVerdict, State};
+use policy::{Precondition, RangeAnswer, RequestVerdict, State};
 pub use store::{Entry, Outcome, Purge, Store};
 
 pub static X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");
@@ -205,10 +205,10 @@ fn hit(
         }
     };
     // The status, the body, and for a range its Content-Range and length.
-    let (status, body, range) = if policy::not_modified(request, entry.status, &entry.headers) {
-        (StatusCode::NOT_MODIFIED, None, None)
-    } else {
-        match range() {
+    let (status, body, range) = match policy::precondition(request, entry.status, &entry.headers) {
+        Precondition::NotModified => (StatusCode::NOT_MODIFIED, None, None),
+        Precondition::Failed => (StatusCode::PRECONDITION_FAILED, None, None),
+        Precondition::Holds => match range() {
             RangeAnswer::Whole => (entry.status, Some(entry.body.clone()), None),
             RangeAnswer::Part { first, last } => (
                 StatusCode::PARTIAL_CONTENT,
@@ -220,13 +220,16 @@ fn hit(
                 None,
                 Some((format!("bytes */{length}"), 0)),
             ),
-        }
+        },
     };
     let mut response = Response::new(GatewayBody::Full(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    // A 416 describes no stored bytes: none of the stored fields go with it.
-    if status != StatusCode::RANGE_NOT_SATISFIABLE {
+    // A 412 or a 416 describes no stored bytes: none of the stored fields go with it.
+    if !matches!(
+        status,
+        StatusCode::PRECONDITION_FAILED | StatusCode::RANGE_NOT_SATISFIABLE
+    ) {
         headers.clone_from(&entry.headers);
     }
     if let Some((content_range, part_length)) = range {

@@ -206,36 +206,68 @@ fn http_date(value: &HeaderValue) -> Option<SystemTime> {
     httpdate::parse_http_date(value.to_str().ok()?).ok()
 }
 
-/// Whether a client's conditional GET or HEAD gets 304 Not Modified from a stored 200 (RFC 9110
-/// §13.1.2, §13.1.3, §13.2.2): If-None-Match, when present, decides alone: `*`, or one of its
-/// entity tags weakly equal to the stored ETag. Otherwise If-Modified-Since, a single valid
-/// date, at or after the stored Last-Modified (nginx's `if_modified_since before`; its default
-/// `exact` wants the same second). A request that also has If-Match or If-Unmodified-Since, which
-/// are not evaluated here, never gets 304.
-pub fn not_modified(request: &HeaderMap, stored_status: StatusCode, stored: &HeaderMap) -> bool {
-    // If-Match and If-Unmodified-Since come first (§13.2.2) and the cache does not judge them:
-    // the whole answer goes, as it would without any condition.
-    let judged_first = [header::IF_MATCH, header::IF_UNMODIFIED_SINCE];
-    if stored_status != StatusCode::OK || judged_first.iter().any(|f| request.contains_key(f)) {
-        return false;
+/// What a client's preconditions make of a stored answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// No condition, or every one holds: the answer goes (whole, or the asked range).
+    Holds,
+    /// 304 Not Modified.
+    NotModified,
+    /// 412 Precondition Failed.
+    Failed,
+}
+
+/// A client's conditional GET or HEAD against a stored 200, in the order of RFC 9110 §13.2.2,
+/// as nginx judges them on cached answers. If-Match must name the stored ETag (strong
+/// comparison, or `*`), else 412; without it, If-Unmodified-Since (a single valid date, else
+/// ignored) must be at or after the stored Last-Modified, else 412 (also without a
+/// Last-Modified, as in nginx). Then If-None-Match, when present, decides alone: `*`, or one of
+/// its entity tags weakly equal to the stored ETag, gives 304. Otherwise If-Modified-Since, a
+/// single valid date at or after the stored Last-Modified, gives 304 (nginx's
+/// `if_modified_since before`; its default `exact` wants the same second). Answers other than
+/// 200 are not judged.
+pub fn precondition(
+    request: &HeaderMap,
+    stored_status: StatusCode,
+    stored: &HeaderMap,
+) -> Precondition {
+    if stored_status != StatusCode::OK {
+        return Precondition::Holds;
+    }
+    let etag = stored.get(header::ETAG).map(HeaderValue::as_bytes);
+    let modified = stored.get(header::LAST_MODIFIED).and_then(http_date);
+    let mut if_match = request.get_all(header::IF_MATCH).iter().peekable();
+    let unmodified = if if_match.peek().is_some() {
+        if_match.any(|list| names_stored(list.as_bytes(), etag, Comparison::Strong))
+    } else {
+        single_date(request, header::IF_UNMODIFIED_SINCE)
+            .is_none_or(|since| modified.is_some_and(|modified| modified <= since))
+    };
+    if !unmodified {
+        return Precondition::Failed;
     }
     let mut none_match = request.get_all(header::IF_NONE_MATCH).iter().peekable();
-    if none_match.peek().is_some() {
-        let etag = stored
-            .get(header::ETAG)
-            .and_then(|v| opaque_tag(v.as_bytes()));
-        return none_match.any(|list| matches_entity_tag(list.as_bytes(), etag));
-    }
-    let mut since = request.get_all(header::IF_MODIFIED_SINCE).iter();
-    let (Some(since), None) = (since.next(), since.next()) else {
-        return false;
+    let not_modified = if none_match.peek().is_some() {
+        none_match.any(|list| names_stored(list.as_bytes(), etag, Comparison::Weak))
+    } else {
+        single_date(request, header::IF_MODIFIED_SINCE)
+            .zip(modified)
+            .is_some_and(|(since, modified)| modified <= since)
     };
-    match (
-        http_date(since),
-        stored.get(header::LAST_MODIFIED).and_then(http_date),
-    ) {
-        (Some(since), Some(modified)) => modified <= since,
-        _ => false,
+    if not_modified {
+        Precondition::NotModified
+    } else {
+        Precondition::Holds
+    }
+}
+
+/// The date of a field that holds one valid HTTP-date; `None` when it is missing, repeated or
+/// not a date (such fields are ignored, RFC 9110 §13.1.3, §13.1.4).
+fn single_date(request: &HeaderMap, name: HeaderName) -> Option<SystemTime> {
+    let mut values = request.get_all(name).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => http_date(value),
+        _ => None,
     }
 }
 
@@ -329,36 +361,55 @@ fn if_range_holds(request: &HeaderMap, stored: &HeaderMap) -> bool {
     }
 }
 
-/// The quoted part of an entity tag (`"xyz"` of `W/"xyz"`), which weak comparison compares.
-fn opaque_tag(tag: &[u8]) -> Option<&[u8]> {
-    let tag = tag.trim_ascii();
-    let tag = tag.strip_prefix(b"W/").unwrap_or(tag);
-    let ok = tag.len() >= 2 && tag[0] == b'"' && tag[tag.len() - 1] == b'"';
-    ok.then_some(tag)
+/// How two entity tags are compared (RFC 9110 §8.8.3.2).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Comparison {
+    /// Neither is weak, and the quoted parts are the same.
+    Strong,
+    /// The quoted parts are the same.
+    Weak,
 }
 
-/// Whether an If-None-Match value names the stored representation: `*` names any; a list of
-/// entity tags (commas may sit inside their quotes) names the one whose opaque tag it holds.
-fn matches_entity_tag(list: &[u8], opaque: Option<&[u8]>) -> bool {
+/// Splits an entity tag into whether it is weak and its quoted part; `None` when malformed.
+fn entity_tag(tag: &[u8]) -> Option<(bool, &[u8])> {
+    let (weak, quoted) = match tag.strip_prefix(b"W/") {
+        Some(quoted) => (true, quoted),
+        None => (false, tag),
+    };
+    let ok = quoted.len() >= 2 && quoted[0] == b'"' && quoted[quoted.len() - 1] == b'"';
+    ok.then_some((weak, quoted))
+}
+
+/// Whether an If-Match or If-None-Match value names the stored representation: `*` names any;
+/// a list of entity tags (commas may sit inside their quotes) names the one whose tag it holds,
+/// compared as `comparison` says.
+fn names_stored(list: &[u8], etag: Option<&[u8]>, comparison: Comparison) -> bool {
     let mut rest = list.trim_ascii();
     if rest == b"*" {
         return true;
     }
-    let Some(opaque) = opaque else {
+    let Some((stored_weak, stored)) = etag.and_then(|tag| entity_tag(tag.trim_ascii())) else {
         return false;
     };
+    let strong = comparison == Comparison::Strong;
+    if strong && stored_weak {
+        return false;
+    }
     loop {
         // Empty list elements are allowed (RFC 9110 §5.6.1): skip every comma and space.
         let skip = rest.iter().take_while(|b| b",\t ".contains(b)).count();
         rest = &rest[skip..];
-        let after_weak = rest.strip_prefix(b"W/").unwrap_or(rest);
+        let (weak, after_weak) = match rest.strip_prefix(b"W/") {
+            Some(after) => (true, after),
+            None => (false, rest),
+        };
         let Some(body) = after_weak.strip_prefix(b"\"") else {
             return false;
         };
         let Some(close) = body.iter().position(|&b| b == b'"') else {
             return false;
         };
-        if &after_weak[..close + 2] == opaque {
+        if &after_weak[..close + 2] == stored && !(strong && weak) {
             return true;
         }
         rest = &body[close + 1..];
@@ -572,68 +623,97 @@ mod tests {
 
     #[test]
     fn conditional_requests_get_304_from_a_matching_stored_200() {
+        use Precondition::{Holds, NotModified};
         let stored = headers(&[
             ("etag", "W/\"v1,a\""),
             ("last-modified", "Tue, 24 Nov 2026 10:00:00 GMT"),
         ]);
         let ok = StatusCode::OK;
-        let asks = |pairs: &[(&str, &str)]| not_modified(&headers(pairs), ok, &stored);
+        let asks = |pairs: &[(&str, &str)]| precondition(&headers(pairs), ok, &stored);
         // Entity tags: weak comparison, lists (commas inside quotes too), several fields, `*`.
-        assert!(asks(&[("if-none-match", "\"v1,a\"")]));
-        assert!(asks(&[("if-none-match", "\"x\", W/\"v1,a\"")]));
-        assert!(asks(&[("if-none-match", ", \"x\" , ,\t\"v1,a\"")]));
-        assert!(!asks(&[("if-none-match", "*"), ("if-match", "\"nope\"")]));
-        assert!(!asks(&[
-            ("if-none-match", "*"),
-            ("if-unmodified-since", "yesterday")
-        ]));
-        assert!(asks(&[
-            ("if-none-match", "\"x\""),
-            ("if-none-match", "\"v1,a\"")
-        ]));
-        assert!(asks(&[("if-none-match", "*")]));
-        assert!(!asks(&[("if-none-match", "\"v1\"")]));
-        assert!(!asks(&[("if-none-match", "v1,a")]));
+        assert_eq!(asks(&[("if-none-match", "\"v1,a\"")]), NotModified);
+        assert_eq!(asks(&[("if-none-match", "\"x\", W/\"v1,a\"")]), NotModified);
+        assert_eq!(
+            asks(&[("if-none-match", ", \"x\" , ,\t\"v1,a\"")]),
+            NotModified
+        );
+        assert_eq!(
+            asks(&[("if-none-match", "\"x\""), ("if-none-match", "\"v1,a\"")]),
+            NotModified
+        );
+        assert_eq!(asks(&[("if-none-match", "*")]), NotModified);
+        assert_eq!(asks(&[("if-none-match", "\"v1\"")]), Holds);
+        assert_eq!(asks(&[("if-none-match", "v1,a")]), Holds);
         // If-None-Match decides alone, even when the date would match.
         let newer = "Wed, 25 Nov 2026 10:00:00 GMT";
-        assert!(!asks(&[
-            ("if-none-match", "\"x\""),
-            ("if-modified-since", newer)
-        ]));
+        assert_eq!(
+            asks(&[("if-none-match", "\"x\""), ("if-modified-since", newer)]),
+            Holds
+        );
         // Dates: at or after Last-Modified; one valid date only.
-        assert!(asks(&[("if-modified-since", newer)]));
-        assert!(asks(&[(
-            "if-modified-since",
-            "Tue, 24 Nov 2026 10:00:00 GMT"
-        )]));
-        assert!(!asks(&[(
-            "if-modified-since",
-            "Tue, 24 Nov 2026 09:59:59 GMT"
-        )]));
-        assert!(!asks(&[("if-modified-since", "yesterday")]));
-        assert!(!asks(&[
-            ("if-modified-since", newer),
-            ("if-modified-since", newer)
-        ]));
-        assert!(!asks(&[]));
+        assert_eq!(asks(&[("if-modified-since", newer)]), NotModified);
+        let same = "Tue, 24 Nov 2026 10:00:00 GMT";
+        assert_eq!(asks(&[("if-modified-since", same)]), NotModified);
+        let older = "Tue, 24 Nov 2026 09:59:59 GMT";
+        assert_eq!(asks(&[("if-modified-since", older)]), Holds);
+        assert_eq!(asks(&[("if-modified-since", "yesterday")]), Holds);
+        assert_eq!(
+            asks(&[("if-modified-since", newer), ("if-modified-since", newer)]),
+            Holds
+        );
+        assert_eq!(asks(&[]), Holds);
         // `*` names any stored representation; a tag needs an ETag to match; only a 200 counts.
         let untagged = HeaderMap::new();
-        assert!(not_modified(
-            &headers(&[("if-none-match", "*")]),
-            ok,
-            &untagged
-        ));
-        assert!(!not_modified(
-            &headers(&[("if-none-match", "\"x\"")]),
-            ok,
-            &untagged
-        ));
+        let star = headers(&[("if-none-match", "*")]);
+        assert_eq!(precondition(&star, ok, &untagged), NotModified);
+        let tag = headers(&[("if-none-match", "\"x\"")]);
+        assert_eq!(precondition(&tag, ok, &untagged), Holds);
         let moved = StatusCode::MOVED_PERMANENTLY;
-        assert!(!not_modified(
-            &headers(&[("if-none-match", "*")]),
-            moved,
-            &stored
-        ));
+        assert_eq!(precondition(&star, moved, &stored), Holds);
+    }
+
+    #[test]
+    fn if_match_and_if_unmodified_since_come_first_and_may_fail() {
+        use Precondition::{Failed, Holds, NotModified};
+        let newer = "Wed, 25 Nov 2026 10:00:00 GMT";
+        let older = "Tue, 24 Nov 2026 09:59:59 GMT";
+        let stored = headers(&[
+            ("etag", "\"s1\""),
+            ("last-modified", "Tue, 24 Nov 2026 10:00:00 GMT"),
+        ]);
+        let ok = StatusCode::OK;
+        let asks = |pairs: &[(&str, &str)]| precondition(&headers(pairs), ok, &stored);
+        // If-Match compares strongly: a weak tag never matches.
+        assert_eq!(asks(&[("if-match", "\"x\", \"s1\"")]), Holds);
+        assert_eq!(asks(&[("if-match", "\"s2\"")]), Failed);
+        assert_eq!(asks(&[("if-match", "W/\"s1\"")]), Failed);
+        assert_eq!(asks(&[("if-match", "*")]), Holds);
+        // If-Match, when present, decides over If-Unmodified-Since.
+        assert_eq!(
+            asks(&[("if-match", "\"s1\""), ("if-unmodified-since", older)]),
+            Holds
+        );
+        // If-Unmodified-Since: at or after Last-Modified holds; a bad date is ignored.
+        assert_eq!(asks(&[("if-unmodified-since", newer)]), Holds);
+        assert_eq!(asks(&[("if-unmodified-since", older)]), Failed);
+        assert_eq!(asks(&[("if-unmodified-since", "yesterday")]), Holds);
+        // They come before If-None-Match: a failed one is 412 even where 304 would be.
+        assert_eq!(
+            asks(&[("if-none-match", "*"), ("if-match", "\"nope\"")]),
+            Failed
+        );
+        assert_eq!(
+            asks(&[("if-none-match", "*"), ("if-unmodified-since", newer)]),
+            NotModified
+        );
+        // A weak stored tag matches only `*`; without Last-Modified the date cannot hold.
+        let weak = headers(&[("etag", "W/\"s1\"")]);
+        let if_match = |value: &str| headers(&[("if-match", value)]);
+        assert_eq!(precondition(&if_match("W/\"s1\""), ok, &weak), Failed);
+        assert_eq!(precondition(&if_match("\"s1\""), ok, &weak), Failed);
+        assert_eq!(precondition(&if_match("*"), ok, &weak), Holds);
+        let since = headers(&[("if-unmodified-since", newer)]);
+        assert_eq!(precondition(&since, ok, &weak), Failed);
     }
 
     #[test]
