@@ -48,6 +48,30 @@ async fn round_robin_spreads_evenly_and_weights_count() {
     assert_eq!(counts[&b.addr().port().to_string()], 30);
 }
 
+#[tokio::test]
+async fn a_retry_leaves_the_rotation_as_it_was() {
+    // One of two instances refuses connections and passive checks are off: every request is
+    // served, and the refusing one is met first by every other request, not by all of them.
+    let live = demo_backend(&[]);
+    let dead = dead_addr();
+    let client = client();
+    for strategy in ["round_robin", "least_conn"] {
+        let gw = gateway(&app_config_at(
+            &[dead, live.addr()],
+            &format!("strategy = \"{strategy}\"\nmax_fails = 0"),
+        ));
+        let counts = instance_counts(&client, &gw, 10, &[]).await;
+        assert_eq!(counts.values().sum::<u32>(), 10);
+        let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
+        let instances = detailed["upstreams"][0]["instances"].as_array().unwrap();
+        let failures = instances
+            .iter()
+            .find(|i| i["addr"] == dead.to_string())
+            .map(|i| i["failures"].as_u64().unwrap());
+        assert_eq!(failures, Some(5), "{strategy}: {detailed}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn least_conn_sends_fewer_requests_to_the_slow_instance() {
     let slow = demo_backend(&["--latency-ms", "60"]);
@@ -218,6 +242,20 @@ async fn active_checks_take_an_instance_out_after_fall_and_back_after_rise() {
     );
     let counts = instance_counts(&client, &gw, 10, &[]).await;
     assert_eq!(counts.len(), 2);
+    // With every instance failing its checks there is nothing to try: 503.
+    for backend in [&a, &b] {
+        set_health(&client, backend, false).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            state_of(a.addr().to_string()).await == "down"
+                && state_of(b.addr().to_string()).await == "down"
+        })
+        .await
+    );
+    let reply = get(&client, &gw.url("/work")).await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.json()["error"], "no_healthy_instance");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -799,13 +837,38 @@ async fn error_statuses_carry_json_and_the_request_id() {
     let gw = gateway(&format!(
         "[upstreams.app]\ninstances = [\"{dead}\"]\n[[routes]]\nupstream = \"app\"\n"
     ));
+    for _ in 0..2 {
+        let reply = get(&client, &gw.url("/work")).await;
+        assert_eq!(reply.status, 502);
+        assert_eq!(reply.json()["error"], "bad_gateway");
+    }
+    // That failure took it out of rotation (max_fails = 1, fail_timeout 10 s), but it is the
+    // only instance: it is still tried (nginx ignores max_fails for a lone server), so it
+    // serves again as soon as it listens.
+    let _revived = spawn(&["demo-backend", "--port", &dead.port().to_string()], 1);
+    assert_eq!(get(&client, &gw.url("/work")).await.status, 200);
+
+    // A connect that does not finish within connect_timeout is a 504, as in nginx: a listener
+    // whose accept queue is full drops further SYNs.
+    let full = tokio::net::TcpSocket::new_v4().unwrap();
+    full.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let full = full.listen(0).unwrap();
+    let addr = full.local_addr().unwrap();
+    let _queued: Vec<std::net::TcpStream> = (0..2)
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+        })
+        .collect();
+    let gw = gateway(&format!(
+        "[upstreams.app]\ninstances = [\"{addr}\"]\nconnect_timeout = \"200ms\"\n\
+         [[routes]]\nupstream = \"app\"\n"
+    ));
     let reply = get(&client, &gw.url("/work")).await;
-    assert_eq!(reply.status, 502);
-    assert_eq!(reply.json()["error"], "bad_gateway");
-    // After that failure the instance is out of rotation (max_fails = 1): 503.
-    let reply = get(&client, &gw.url("/work")).await;
-    assert_eq!(reply.status, 503);
-    assert_eq!(reply.json()["error"], "no_healthy_instance");
+    assert_eq!(reply.status, 504);
+    assert_eq!(
+        reply.json()["reason"],
+        "could not connect to an instance in time"
+    );
 }
 
 #[tokio::test]
@@ -1295,13 +1358,24 @@ async fn broken_or_invalid_answer_heads_are_never_sent_again() {
             .sum::<usize>();
         assert_eq!(tries, 1, "{path} went to more than one instance");
     }
-    // An invalid head is one endpoint's bug, not a sick instance: with max_fails = 1
-    // the instance stays in rotation after several of them.
-    let lone = gateway(&app_config_at(&[first], ""));
-    for _ in 0..3 {
-        assert_eq!(get(&client, &lone.url("/invalid")).await.status, 502);
+    // An invalid head counts against the instance (max_fails = 1): the other one takes the
+    // following requests. Without that, an instance answering garbage at once would draw the
+    // traffic of latency- and load-aware strategies.
+    let (one, one_seen) = scripted_instance().await;
+    let (two, two_seen) = scripted_instance().await;
+    let pair = gateway(&app_config_at(&[one, two], "strategy = \"p2c_ewma\""));
+    assert_eq!(get(&client, &pair.url("/invalid")).await.status, 502);
+    for _ in 0..4 {
+        assert_eq!(get(&client, &pair.url("/chunked")).await.status, 200);
     }
-    assert_eq!(get(&client, &lone.url("/chunked")).await.status, 200);
+    let (one_paths, two_paths) = (paths(&one_seen), paths(&two_seen));
+    let (bad, good) = if one_paths.contains(&"/invalid".to_string()) {
+        (one_paths, two_paths)
+    } else {
+        (two_paths, one_paths)
+    };
+    assert_eq!(bad, ["/invalid"]);
+    assert_eq!(good, ["/chunked"; 4]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

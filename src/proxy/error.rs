@@ -31,6 +31,8 @@ pub enum ProxyError {
     InstanceFailed(String),
     #[error("instance did not answer in time")]
     InstanceTimeout,
+    #[error("could not connect to an instance in time")]
+    ConnectTimeout,
     #[error("{0}")]
     Unauthorized(&'static str),
     #[error("rate limit exceeded, retry in {retry_after} s")]
@@ -69,7 +71,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::NoHealthyInstance => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::InstanceFailed(_) => StatusCode::BAD_GATEWAY,
-            ProxyError::InstanceTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::InstanceTimeout | ProxyError::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -88,7 +90,7 @@ impl ProxyError {
             ProxyError::NoRoute => "no_route",
             ProxyError::NoHealthyInstance => "no_healthy_instance",
             ProxyError::InstanceFailed(_) => "bad_gateway",
-            ProxyError::InstanceTimeout => "gateway_timeout",
+            ProxyError::InstanceTimeout | ProxyError::ConnectTimeout => "gateway_timeout",
             ProxyError::Unauthorized(_) => "unauthorized",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::Overloaded { .. } => "overloaded",
@@ -167,6 +169,7 @@ mod tests {
             (ProxyError::NoHealthyInstance, 503),
             (ProxyError::InstanceFailed("refused".into()), 502),
             (ProxyError::InstanceTimeout, 504),
+            (ProxyError::ConnectTimeout, 504),
             (ProxyError::Unauthorized("missing API key"), 401),
             (
                 ProxyError::RateLimited {

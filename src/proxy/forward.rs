@@ -16,9 +16,11 @@ use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::body::{BodyPace, ClientBody, ClientBodyFailure, ForwardBody, GatewayBody, Holding};
+use super::connect::ConnectError;
 use super::error::ProxyError;
 use super::h1::{AnswerHead, InstanceBody, InstanceConn, Outgoing, SendError};
 use super::h2::{self, Http2Error};
@@ -411,7 +413,9 @@ async fn to_instance(
     }
     upstream.retry_budget.deposit();
 
-    let mut tried: u64 = 0;
+    // Positions already tried: retries are few, and an upstream may have hundreds of instances.
+    let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
+    let seq = upstream.next_seq();
     let mut attempts: u32 = 0;
     // After a stale pooled connection, the next attempt opens a new one.
     let mut fresh = false;
@@ -419,16 +423,14 @@ async fn to_instance(
     loop {
         let set = upstream.set.load_full();
         let now = Instant::now();
-        let (index, instance) = match upstream.pick(&set, tried, hash, now) {
+        let (index, instance) = match upstream.pick(&set, &tried, hash, seq, now) {
             Ok(picked) => picked,
             Err(NoInstance::NoneHealthy) if attempts == 0 => {
                 return Err(ProxyError::NoHealthyInstance)
             }
             Err(_) => return Err(last_error),
         };
-        if index < 64 {
-            tried |= 1 << index;
-        }
+        tried.push(index);
         attempts += 1;
         let guard = InFlightGuard::enter(instance.clone());
         let checkout = Checkout {
@@ -501,13 +503,11 @@ async fn to_instance(
                         last_error = error;
                         fresh = true;
                         attempts -= 1;
-                        if index < 64 {
-                            tried &= !(1 << index);
-                        }
+                        tried.pop();
                     }
                     NextAttempt::Retry => {
                         last_error = error;
-                        if attempts > config.retries || !upstream.retry_budget.try_withdraw() {
+                        if attempts > config.retries || !upstream.retry_budget.try_withdraw(now) {
                             return Err(last_error);
                         }
                         instance.retries.fetch_add(1, Ordering::Relaxed);
@@ -531,6 +531,20 @@ impl Attempt {
         Attempt {
             kind,
             error: ProxyError::InstanceFailed(reason),
+        }
+    }
+
+    /// No connection: never sent, so it may go elsewhere. A connect timeout is a 504, as in
+    /// nginx.
+    #[cold]
+    fn not_connected(err: ConnectError) -> Attempt {
+        let error = match err {
+            ConnectError::Timeout => ProxyError::ConnectTimeout,
+            err => ProxyError::InstanceFailed(err.to_string()),
+        };
+        Attempt {
+            kind: FailureKind::NotSent,
+            error,
         }
     }
 
@@ -586,7 +600,7 @@ async fn send(
         .await;
     let (mut conn, reused) = match checked_out {
         Ok(checked_out) => checked_out,
-        Err(err) => return Err(Attempt::failed(FailureKind::NotSent, err.to_string())),
+        Err(err) => return Err(Attempt::not_connected(err)),
     };
     // A new connection's set-up is not the instance's answer time.
     let started = if reused { checkout.now } else { Instant::now() };
@@ -627,7 +641,7 @@ async fn send_http2(
     let sender = shared
         .sender(connector)
         .await
-        .map_err(|err| Attempt::failed(FailureKind::NotSent, err.to_string()))?;
+        .map_err(Attempt::not_connected)?;
     let request = h2::request(parts, fields, connector.is_tls(), &instance.addr_text)
         .map_err(|reason| Attempt::failed(FailureKind::NotSent, reason))?
         .map(|()| std::mem::replace(body, ForwardBody::Empty));

@@ -1,14 +1,19 @@
 //! What follows a failed attempt on an instance, and the retry budget: retries may add at most
 //! a fixed share on top of live requests, so a failing pool is not hit by a retry storm. Every
-//! request deposits `ratio` of a token, every retry withdraws one; a small reserve lets the
-//! first retries through on a quiet gateway.
+//! request deposits `ratio` of a token, every retry withdraws one; a floor of a few retries a
+//! second lets retries through on a quiet gateway (Linkerd's `minRetriesPerSecond`).
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use tokio::time::Instant;
 
 /// Tokens are counted in thousandths so the deposit per request stays an integer.
 const UNIT: i64 = 1000;
-/// Retries allowed with no traffic to earn them (the floor), and the cap on saved tokens.
-const RESERVE: i64 = 10 * UNIT;
+/// Retries allowed each second beyond those the traffic earned.
+const FLOOR_PER_SECOND: u64 = 10;
+/// Savings are capped at this many requests' deposits, so a long calm period cannot fund a
+/// long storm.
+const SAVED_REQUESTS: i64 = 100;
 
 /// How an attempt on one instance failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,8 +25,10 @@ pub enum FailureKind {
     /// Part of an answer head came back, then the connection broke: never sent again, since
     /// the instance acted on the request.
     BrokeOff,
-    /// The answer head is not valid HTTP/1.1. Often one endpoint's bug, so neither sent again
-    /// nor held against the instance (nginx's `invalid_header` is not, by default).
+    /// The answer head is not valid HTTP/1.1: never sent again (the instance acted on the
+    /// request), and held against the instance, as Envoy's gateway failures and HAProxy's
+    /// layer-7 observation count it. An instance that answers garbage at once would otherwise
+    /// draw most of the traffic: it has no latency to weigh and nothing in flight.
     Invalid,
     /// An HTTP/2 instance reset the request's stream: one request failed, not the instance.
     /// `refused` (REFUSED_STREAM): it was not processed, so it may go anywhere.
@@ -40,7 +47,11 @@ impl FailureKind {
     pub fn is_instance_fault(self) -> bool {
         matches!(
             self,
-            FailureKind::NotSent | FailureKind::Sent | FailureKind::BrokeOff | FailureKind::Timeout
+            FailureKind::NotSent
+                | FailureKind::Sent
+                | FailureKind::BrokeOff
+                | FailureKind::Invalid
+                | FailureKind::Timeout
         )
     }
 }
@@ -83,6 +94,10 @@ pub struct RetryBudget {
     deposit: i64,
     balance: AtomicI64,
     cap: i64,
+    /// Seconds are counted from here for the floor.
+    origin: Instant,
+    /// The floor's current second (high bits) and the retries it allowed in it (low 16 bits).
+    floor: AtomicU64,
 }
 
 impl RetryBudget {
@@ -91,9 +106,10 @@ impl RetryBudget {
         let deposit = (ratio * UNIT as f64).round() as i64;
         RetryBudget {
             deposit,
-            balance: AtomicI64::new(RESERVE),
-            // Savings are capped so a long calm period cannot fund a long storm.
-            cap: RESERVE + deposit * 100,
+            balance: AtomicI64::new(0),
+            cap: deposit * SAVED_REQUESTS,
+            origin: Instant::now(),
+            floor: AtomicU64::new(0),
         }
     }
 
@@ -105,14 +121,40 @@ impl RetryBudget {
         }
     }
 
-    /// Takes one retry's worth of tokens if there is one.
-    pub fn try_withdraw(&self) -> bool {
+    /// Takes one retry's worth of tokens if the traffic earned one, else a place under the
+    /// floor of the second `now` falls in.
+    pub fn try_withdraw(&self, now: Instant) -> bool {
         let previous = self.balance.fetch_sub(UNIT, Ordering::Relaxed);
         if previous >= UNIT {
-            true
-        } else {
-            self.balance.fetch_add(UNIT, Ordering::Relaxed);
-            false
+            return true;
+        }
+        self.balance.fetch_add(UNIT, Ordering::Relaxed);
+        self.floor_allows(now)
+    }
+
+    #[cold]
+    fn floor_allows(&self, now: Instant) -> bool {
+        let second = now.saturating_duration_since(self.origin).as_secs();
+        let mut current = self.floor.load(Ordering::Relaxed);
+        loop {
+            let used = if current >> 16 == second {
+                current & 0xffff
+            } else {
+                0
+            };
+            if used >= FLOOR_PER_SECOND {
+                return false;
+            }
+            let next = (second << 16) | (used + 1);
+            match self.floor.compare_exchange_weak(
+                current,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
         }
     }
 }
@@ -120,6 +162,7 @@ impl RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn what_follows_a_failed_attempt() {
@@ -152,7 +195,7 @@ mod tests {
         }
         assert!(Timeout.is_instance_fault());
         assert!(BrokeOff.is_instance_fault());
-        assert!(!Invalid.is_instance_fault());
+        assert!(Invalid.is_instance_fault());
         assert!(!Reset { refused: true }.is_instance_fault());
         assert!(!Reset { refused: false }.is_instance_fault());
         assert!(!Stale { sent: true }.is_instance_fault());
@@ -160,24 +203,29 @@ mod tests {
     }
 
     #[test]
-    fn retries_are_capped_at_the_ratio_after_the_reserve() {
+    fn retries_are_capped_at_the_ratio_plus_the_floor() {
         let budget = RetryBudget::new(0.2);
+        let now = Instant::now();
         let mut retries = 0;
         for _ in 0..1000 {
             budget.deposit();
-            if budget.try_withdraw() {
+            if budget.try_withdraw(now) {
                 retries += 1;
             }
         }
-        // 20 % of 1000 requests plus the reserve of 10.
+        // 20 % of 1000 requests plus the floor's 10 in this second.
         assert_eq!(retries, 210);
     }
 
     #[test]
-    fn the_reserve_allows_a_few_retries_without_traffic() {
+    fn the_floor_allows_ten_retries_a_second_without_traffic() {
         let budget = RetryBudget::new(0.2);
-        let allowed = (0..50).filter(|_| budget.try_withdraw()).count();
-        assert_eq!(allowed, 10);
+        let start = Instant::now();
+        for later in [0, 1, 5] {
+            let now = start + Duration::from_secs(later);
+            let allowed = (0..50).filter(|_| budget.try_withdraw(now)).count();
+            assert_eq!(allowed, 10, "second {later}");
+        }
     }
 
     #[test]
@@ -186,16 +234,18 @@ mod tests {
         for _ in 0..100_000 {
             budget.deposit();
         }
-        let allowed = (0..1000).filter(|_| budget.try_withdraw()).count();
-        assert_eq!(allowed, 30);
+        let now = Instant::now();
+        let allowed = (0..1000).filter(|_| budget.try_withdraw(now)).count();
+        assert_eq!(allowed, 20 + 10);
     }
 
     #[test]
-    fn zero_ratio_leaves_only_the_reserve() {
+    fn zero_ratio_leaves_only_the_floor() {
         let budget = RetryBudget::new(0.0);
         for _ in 0..100 {
             budget.deposit();
         }
-        assert_eq!((0..50).filter(|_| budget.try_withdraw()).count(), 10);
+        let now = Instant::now();
+        assert_eq!((0..50).filter(|_| budget.try_withdraw(now)).count(), 10);
     }
 }

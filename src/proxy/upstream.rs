@@ -315,39 +315,53 @@ impl Upstream {
         }
     }
 
-    /// Chooses an instance for one attempt. `tried` is a bitmask of instance positions already
-    /// tried for this request (positions ≥ 64 are never excluded).
+    /// The sequence number of a new request, for round robin and tie rotation. Drawn once per
+    /// request: were retries to draw too, with two instances and one dead every request would
+    /// meet the dead one first.
+    pub fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Chooses an instance for one attempt, skipping the positions in `tried`. Backups serve
+    /// only when no primary is available. When every instance is out by passive checks alone
+    /// (none failing active checks), they are used anyway rather than refusing every request:
+    /// nginx ignores `max_fails` for a lone server, and Envoy's panic routing does the same
+    /// for a whole pool. One failure must not stop a one-instance upstream for `fail_timeout`.
     pub fn pick(
         &self,
         set: &InstanceSet,
-        tried: u64,
+        tried: &[usize],
         hash: Option<u64>,
+        seq: u64,
         now: Instant,
     ) -> Result<(usize, Arc<Instance>), NoInstance> {
         let slow_start = self.config.slow_start;
         let mut candidates: SmallVec<[Candidate; 16]> = SmallVec::new();
         let mut any_healthy = false;
-        for backup_tier in [false, true] {
-            for (index, instance) in set.instances.iter().enumerate() {
-                if instance.backup != backup_tier
-                    || instance.is_draining()
-                    || !instance.is_available(now)
-                {
-                    continue;
+        'tiers: for passive_ignored in [false, true] {
+            for backup_tier in [false, true] {
+                for (index, instance) in set.instances.iter().enumerate() {
+                    let usable = if passive_ignored {
+                        instance.active_up.load(Ordering::Relaxed)
+                    } else {
+                        instance.is_available(now)
+                    };
+                    if instance.backup != backup_tier || instance.is_draining() || !usable {
+                        continue;
+                    }
+                    any_healthy = true;
+                    if tried.contains(&index) {
+                        continue;
+                    }
+                    candidates.push(instance.candidate(index, now, slow_start));
                 }
-                any_healthy = true;
-                if index < 64 && tried & (1 << index) != 0 {
-                    continue;
+                if any_healthy {
+                    break 'tiers;
                 }
-                candidates.push(instance.candidate(index, now, slow_start));
-            }
-            // Backups serve only when no primary is healthy at all.
-            if any_healthy {
-                break;
             }
         }
         let input = PickInput {
-            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            seq,
             random: rand::random(),
             hash,
         };
@@ -545,6 +559,67 @@ mod tests {
             Pool::new(addr, upstream),
             tokio::net::TcpListener::from_std(listener).unwrap(),
         )
+    }
+
+    fn upstream(instances: usize, strategy: &str) -> Upstream {
+        let list: Vec<String> = (0..instances)
+            .map(|i| format!("\"127.0.0.1:{}\"", 20000 + i))
+            .collect();
+        let config = Config::from_toml(&format!(
+            "[upstreams.app]\nstrategy = \"{strategy}\"\ninstances = [{}]\n[[routes]]\nupstream = \"app\"\n",
+            list.join(", ")
+        ))
+        .unwrap();
+        Upstream::new(config.upstream("app").unwrap().clone(), None)
+    }
+
+    #[test]
+    fn retries_skip_every_tried_instance_however_many_there_are() {
+        for strategy in ["round_robin", "least_conn", "random_two", "p2c_ewma"] {
+            let upstream = upstream(70, strategy);
+            let set = upstream.set.load();
+            let now = Instant::now();
+            let mut tried = Vec::new();
+            for seq in 0..70 {
+                let (index, _) = upstream.pick(&set, &tried, None, seq, now).unwrap();
+                assert!(!tried.contains(&index), "{strategy}: {index} again");
+                tried.push(index);
+            }
+            let all = upstream.pick(&set, &tried, None, 70, now);
+            assert!(matches!(all, Err(NoInstance::AllTried)), "{strategy}");
+        }
+    }
+
+    #[test]
+    fn instances_out_by_passive_checks_alone_still_serve_when_nothing_else_can() {
+        let upstream = upstream(2, "round_robin");
+        let set = upstream.set.load();
+        let now = Instant::now();
+        let config = &upstream.config;
+        // One of two out: the other takes every request.
+        set.instances[0].record_failure(now, config);
+        for seq in 0..4 {
+            let (index, _) = upstream.pick(&set, &[], None, seq, now).unwrap();
+            assert_eq!(index, 1);
+        }
+        // Both out by passive checks: both serve again, in turn, rather than nothing.
+        set.instances[1].record_failure(now, config);
+        let picked: Vec<usize> = (0..4)
+            .map(|seq| upstream.pick(&set, &[], None, seq, now).unwrap().0)
+            .collect();
+        assert_eq!(picked, [0, 1, 0, 1]);
+        assert!(matches!(
+            upstream.pick(&set, &[0, 1], None, 4, now),
+            Err(NoInstance::AllTried)
+        ));
+        // Failing active checks is different: such an instance stays out.
+        for instance in set.instances.iter() {
+            instance.record_check(false, String::new(), 2, 1, now);
+        }
+        assert!(matches!(
+            upstream.pick(&set, &[], None, 5, now),
+            Err(NoInstance::NoneHealthy)
+        ));
     }
 
     #[tokio::test]
