@@ -72,6 +72,20 @@ async fn a_retry_leaves_the_rotation_as_it_was() {
     }
 }
 
+#[tokio::test]
+async fn pooled_connections_are_closed_after_idle_timeout_without_traffic() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], "idle_timeout = \"1s\""));
+    let client = client();
+    assert_eq!(get(&client, &gw.url("/work")).await.status, 200);
+    let idle = || async {
+        let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
+        detailed["upstreams"][0]["instances"][0]["idle_connections"].as_u64()
+    };
+    assert_eq!(idle().await, Some(1));
+    assert!(eventually(Duration::from_secs(5), || async { idle().await == Some(0) }).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn least_conn_sends_fewer_requests_to_the_slow_instance() {
     let slow = demo_backend(&["--latency-ms", "60"]);

@@ -340,6 +340,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
         stop_rx.clone(),
     ));
     tokio::spawn(reload_on_sighup(gateway.clone()));
+    tokio::spawn(close_expired_connections(gateway.clone()));
     let signal = wait_for_stop_signal();
     tokio::pin!(signal);
     accept_loop(gateway.clone(), proxy_listener, tls_listener, &mut signal).await;
@@ -584,6 +585,24 @@ async fn wait_for_stop_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Closes pooled instance connections idle past their upstream's `idle_timeout`, once a second,
+/// as nginx's upstream `keepalive_timeout` does: a quiet gateway does not hold sockets (and the
+/// instances' connection slots) for good.
+async fn close_expired_connections(gateway: Arc<Gateway>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let runtime = gateway.runtime.load();
+        let now = tokio::time::Instant::now();
+        for upstream in &runtime.upstreams {
+            for instance in &upstream.set.load().instances {
+                instance.pool.close_expired(now);
+            }
+        }
     }
 }
 

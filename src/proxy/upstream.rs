@@ -536,6 +536,19 @@ impl Pool {
         drop((expired, refused));
     }
 
+    /// Closes the idle connections that outlived the idle timeout (the oldest are in front).
+    pub fn close_expired(&self, now: Instant) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let fresh = idle
+            .iter()
+            .position(|conn| now.duration_since(conn.since) <= self.idle_timeout)
+            .unwrap_or(idle.len());
+        let expired: Vec<IdleConn> = idle.drain(..fresh).collect();
+        drop(idle);
+        // Sockets are closed outside the lock.
+        drop(expired);
+    }
+
     pub fn idle_count(&self) -> usize {
         self.idle.lock().expect("pool lock").len()
     }
@@ -646,6 +659,22 @@ mod tests {
         assert_eq!(pool.idle_count(), 1);
         let (again, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
         assert_eq!(again.local_port(), second_port);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_the_idle_timeout_are_closed_without_traffic() {
+        let (pool, _listener) = pool(4, "200ms");
+        let (old, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
+        let (young, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
+        pool.checkin(old);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let young_in = Instant::now();
+        pool.checkin(young);
+        // Judged at set instants: the old one idled over 300 ms, the young one at most 100.
+        pool.close_expired(young_in + Duration::from_millis(100));
+        assert_eq!(pool.idle_count(), 1);
+        pool.close_expired(young_in + Duration::from_secs(1));
+        assert_eq!(pool.idle_count(), 0);
     }
 
     #[tokio::test]
