@@ -511,6 +511,8 @@ async fn to_instance(
                             return Err(last_error);
                         }
                         instance.retries.fetch_add(1, Ordering::Relaxed);
+                        // Another instance's pool is not suspect.
+                        fresh = false;
                         tracing::debug!(instance = %instance.addr, attempt = attempts, "retrying on another instance");
                     }
                 }
