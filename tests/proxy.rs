@@ -86,6 +86,67 @@ async fn pooled_connections_are_closed_after_idle_timeout_without_traffic() {
     assert!(eventually(Duration::from_secs(5), || async { idle().await == Some(0) }).await);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_keep_health_verdicts_and_run_time_instances_right() {
+    let (a, b, c, d) = (
+        demo_backend(&[]),
+        demo_backend(&[]),
+        demo_backend(&[]),
+        demo_backend(&[]),
+    );
+    let checks =
+        "[upstreams.app.health]\npath = \"/health\"\ninterval = \"100ms\"\nfall = 1\nrise = 2";
+    let gw = gateway(&app_config(&[&a, &b], checks));
+    let client = client();
+    let ports = |counts: HashMap<String, u32>| {
+        let mut ports: Vec<String> = counts.into_keys().collect();
+        ports.sort();
+        ports
+    };
+    let port = |p: &Proc| p.addr().port().to_string();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    // An instance added through the admin API stays across a reload that changes the
+    // connection settings (it used to be dropped).
+    let body = format!("{{\"addr\": \"{}\"}}", d.addr());
+    let added = request(
+        &client,
+        "POST",
+        &gw.admin_url("/api/upstreams/app/instances"),
+        &[],
+        &body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(added.status, 201);
+    let all_three = sorted(vec![port(&a), port(&b), port(&d)]);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            ports(instance_counts(&client, &gw, 6, &[]).await) == all_three
+        })
+        .await
+    );
+    // An instance new in a reload must pass its checks first: c is failing them.
+    set_health(&client, &c, false).await;
+    set_health(&client, &b, false).await;
+    let with_c = format!("connect_timeout = \"1500ms\"\n{checks}");
+    gw.reload_with(&app_config(&[&a, &b, &c], &with_c));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let serving = sorted(vec![port(&a), port(&d)]);
+    assert_eq!(ports(instance_counts(&client, &gw, 8, &[]).await), serving);
+    // Without [health] the checks' last verdict no longer holds: b and c serve again.
+    gw.reload_with(&app_config(&[&a, &b, &c], "connect_timeout = \"1500ms\""));
+    let everyone = sorted(vec![port(&a), port(&b), port(&c), port(&d)]);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            ports(instance_counts(&client, &gw, 12, &[]).await) == everyone
+        })
+        .await
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn least_conn_sends_fewer_requests_to_the_slow_instance() {
     let slow = demo_backend(&["--latency-ms", "60"]);
@@ -307,6 +368,19 @@ async fn draining_through_the_admin_api_loses_nothing() {
         })
         .await
     );
+    // Fields of the wrong type are refused, not read as defaults.
+    for odd in [r#""weight": "5""#, r#""backup": "yes""#, r#""wieght": 2"#] {
+        let body = format!("{{\"addr\": \"{}\", {odd}}}", a.addr());
+        let url = gw.admin_url("/api/upstreams/app/instances");
+        let reply = request(&client, "POST", &url, &[], &body).await.unwrap();
+        assert_eq!(reply.status, 400, "{odd}");
+        assert!(reply.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("body must be"));
+    }
+    let json = get(&client, &gw.admin_url("/api/upstreams")).await.json();
+    assert_eq!(json["upstreams"][0]["strategy"], "round_robin");
     // And it can be added back.
     let body = format!("{{\"addr\": \"{}\"}}", a.addr());
     let reply = request(

@@ -430,7 +430,7 @@ fn upstream_json(upstream: &Upstream, now: Instant) -> Value {
         .collect();
     json!({
         "name": upstream.config.name,
-        "strategy": format!("{:?}", upstream.config.strategy),
+        "strategy": upstream.config.strategy.name(),
         "instances": instances,
     })
 }
@@ -461,18 +461,31 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
             json!({"error": format!("no upstream named `{name}`")}),
         );
     };
-    let Some(addr) = body.get("addr").and_then(Value::as_str) else {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            json!({"error": "body needs \"addr\": \"IP:PORT\""}),
-        );
+    // Typed, so `"weight": "5"` or `"backup": "yes"` is refused rather than read as a default.
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NewInstance {
+        addr: String,
+        #[serde(default = "one")]
+        weight: u32,
+        #[serde(default)]
+        backup: bool,
+    }
+    fn one() -> u32 {
+        1
+    }
+    let new = match <NewInstance as serde::Deserialize>::deserialize(body) {
+        Ok(new) => new,
+        Err(err) => {
+            let error = format!("body must be {{\"addr\": \"IP:PORT\", \"weight\": 1-1000, \"backup\": bool}}: {err}");
+            return reply(StatusCode::BAD_REQUEST, json!({ "error": error }));
+        }
     };
-    let addr = match parse_addr(addr) {
+    let addr = match parse_addr(&new.addr) {
         Ok(addr) => addr,
         Err(err) => return reply(StatusCode::BAD_REQUEST, json!({ "error": err })),
     };
-    let weight = body.get("weight").and_then(Value::as_u64).unwrap_or(1);
-    if !(1..=1000).contains(&weight) {
+    if !(1..=1000).contains(&new.weight) {
         return reply(
             StatusCode::BAD_REQUEST,
             json!({"error": "weight must be between 1 and 1000"}),
@@ -480,8 +493,8 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
     }
     let config = InstanceConfig {
         addr,
-        weight: weight as u32,
-        backup: body.get("backup").and_then(Value::as_bool).unwrap_or(false),
+        weight: new.weight,
+        backup: new.backup,
     };
     if upstream.add_instance(&config) {
         tracing::info!(upstream = name, instance = %addr, "instance added");

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use http::HeaderName;
+use smallvec::SmallVec;
 
 /// How an upstream spreads requests over its instances.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,9 +14,22 @@ pub enum Strategy {
     LeastConn,
     /// Power of two choices over in-flight requests, peak-EWMA latency breaking ties.
     RandomTwo,
-    /// Power of two choices over cost = peak-EWMA latency × (in-flight + 1).
+    /// Power of two choices (drawn by weight) over cost = peak-EWMA latency × (in-flight + 1).
     P2cEwma,
     ConsistentHash(HashKey),
+}
+
+impl Strategy {
+    /// The name the config file gives it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::LeastConn => "least_conn",
+            Strategy::RandomTwo => "random_two",
+            Strategy::P2cEwma => "p2c_ewma",
+            Strategy::ConsistentHash(_) => "consistent_hash",
+        }
+    }
 }
 
 /// Where a consistent-hash key comes from.
@@ -71,9 +85,9 @@ pub fn pick_instance(
     }
     let chosen = match strategy {
         Strategy::RoundRobin => weighted_round_robin(candidates, input),
-        Strategy::LeastConn => least_loaded(candidates, input.seq),
+        Strategy::LeastConn => least_loaded(candidates, input),
         Strategy::RandomTwo => {
-            let (a, b) = two_distinct(candidates.len(), input.random);
+            let (a, b) = two_by_capacity(candidates, input.random);
             let (a, b) = (&candidates[a], &candidates[b]);
             let load = |c: &Candidate| f64::from(c.in_flight) / c.capacity();
             match load(a).partial_cmp(&load(b)) {
@@ -84,16 +98,17 @@ pub fn pick_instance(
             }
         }
         Strategy::P2cEwma => {
-            let (a, b) = two_distinct(candidates.len(), input.random);
+            let (a, b) = two_by_capacity(candidates, input.random);
             let (a, b) = (&candidates[a], &candidates[b]);
             // Without a sample yet, assume 1 ms so fresh instances are tried but not flooded.
+            // Weights act in the draw; the slow-start ramp raises a new instance's cost.
             let cost = |c: &Candidate| {
                 let latency = if c.latency_ns > 0.0 {
                     c.latency_ns
                 } else {
                     1e6
                 };
-                latency * f64::from(c.in_flight + 1) / c.capacity()
+                latency * f64::from(c.in_flight + 1) / c.ramp
             };
             if cost(b) < cost(a) {
                 b
@@ -138,27 +153,47 @@ fn weighted_round_robin(candidates: &[Candidate], input: PickInput) -> &Candidat
     &candidates[pos]
 }
 
-/// Fewest in-flight requests per unit of weight; ties rotate with `seq` so idle instances share.
-fn least_loaded(candidates: &[Candidate], seq: u64) -> &Candidate {
-    let start = (seq % candidates.len() as u64) as usize;
-    let mut best = &candidates[start];
-    let mut best_load = f64::from(best.in_flight + 1) / best.capacity();
-    for step in 1..candidates.len() {
-        let c = &candidates[(start + step) % candidates.len()];
-        let load = f64::from(c.in_flight + 1) / c.capacity();
-        if load < best_load {
-            best = c;
-            best_load = load;
-        }
-    }
-    best
+/// Fewest in-flight requests per unit of weight; instances tied for the fewest share by
+/// weighted round robin (nginx's least_conn), so weights hold at low load too.
+fn least_loaded(candidates: &[Candidate], input: PickInput) -> &Candidate {
+    let load = |c: &Candidate| f64::from(c.in_flight) / c.capacity();
+    let least = candidates.iter().map(load).fold(f64::INFINITY, f64::min);
+    let tied: SmallVec<[Candidate; 16]> = candidates
+        .iter()
+        .filter(|c| load(c) <= least)
+        .copied()
+        .collect();
+    let chosen = weighted_round_robin(&tied, input).index;
+    candidates
+        .iter()
+        .find(|c| c.index == chosen)
+        .expect("chosen among the candidates")
 }
 
-/// Two different positions in 0..n (n ≥ 2) from random bits.
-fn two_distinct(n: usize, random: u64) -> (usize, usize) {
-    let a = (random % n as u64) as usize;
-    let b = ((random >> 32) % (n as u64 - 1)) as usize;
-    (a, if b >= a { b + 1 } else { b })
+/// Two different positions among `candidates` (at least two), each drawn with a chance in
+/// proportion to its capacity (weight × slow-start ramp), as nginx's `random two` draws.
+fn two_by_capacity(candidates: &[Candidate], random: u64) -> (usize, usize) {
+    let total: f64 = candidates.iter().map(Candidate::capacity).sum();
+    let unit = |bits: u64| (bits >> 11) as f64 / (1u64 << 53) as f64;
+    let draw = |target: f64, skip: Option<usize>| {
+        let mut left = target;
+        let mut last = 0;
+        for (i, c) in candidates.iter().enumerate() {
+            if Some(i) == skip {
+                continue;
+            }
+            last = i;
+            left -= c.capacity();
+            if left < 0.0 {
+                return i;
+            }
+        }
+        last
+    };
+    let a = draw(unit(random) * total, None);
+    let second = mix(random);
+    let b = draw(unit(second) * (total - candidates[a].capacity()), Some(a));
+    (a, b)
 }
 
 /// Consistent-hash ring: virtual nodes per instance (proportional to weight) hashed from the
@@ -318,15 +353,37 @@ mod tests {
     }
 
     #[test]
-    fn two_distinct_is_distinct_and_covers_all() {
+    fn two_by_capacity_is_distinct_and_follows_weights() {
+        let mut cands = [cand(0, 0), cand(1, 0), cand(2, 0)];
         let mut seen = [0u32; 3];
-        for r in 0..1000u64 {
-            let (a, b) = two_distinct(3, mix(r));
+        for r in 0..3000u64 {
+            let (a, b) = two_by_capacity(&cands, mix(r));
             assert_ne!(a, b);
             seen[a] += 1;
             seen[b] += 1;
         }
-        assert!(seen.iter().all(|s| *s > 500), "{seen:?}");
+        assert!(seen.iter().all(|s| (1800..2200).contains(s)), "{seen:?}");
+        // Weights 1, 1, 8: the heavy one is nearly always one of the two.
+        cands[2].weight = 8;
+        let heavy = (0..1000u64)
+            .filter(|r| {
+                let (a, b) = two_by_capacity(&cands, mix(*r));
+                a == 2 || b == 2
+            })
+            .count();
+        assert!(heavy > 900, "{heavy}");
+    }
+
+    #[test]
+    fn idle_instances_share_by_weight_under_every_load_aware_strategy() {
+        let mut idle = [cand(0, 0), cand(1, 0)];
+        idle[1].weight = 3;
+        // nginx: least_conn with weights 1 and 3 and nothing in flight gives 10 and 30.
+        assert_eq!(counts(&Strategy::LeastConn, &idle, 40), vec![10, 30]);
+        for strategy in [Strategy::RandomTwo, Strategy::P2cEwma] {
+            let c = counts(&strategy, &idle, 4000);
+            assert!((2600..3400).contains(&c[1]), "{strategy:?}: {c:?}");
+        }
     }
 
     #[test]

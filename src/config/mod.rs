@@ -415,6 +415,7 @@ upstream = "missing"
                     max_uri_length = \"0\"\n\
                     [upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nidle_timeout = \"0s\"\n\
                     fail_timeout = \"0s\"\nmax_in_flight = 5\nqueue_timeout = \"0s\"\n\
+                    [upstreams.app.health]\ninterval = \"0s\"\ntimeout = \"0s\"\n\
                     [[routes]]\nhost = \"exa mple..com\"\nupstream = \"app\"\n\
                     [[routes]]\nhost = \"api.example.com:8080\"\nupstream = \"app\"\n\
                     [[routes]]\nupstream = \"app\"\n[[routes]]\nupstream = \"app\"\n\
@@ -428,6 +429,8 @@ upstream = "missing"
                 "server.max_uri_length",
                 "server.header_read_timeout",
                 "server.idle_timeout",
+                "upstreams.app.health.interval",
+                "upstreams.app.health.timeout",
                 "upstreams.app.idle_timeout",
                 "upstreams.app.fail_timeout",
                 "upstreams.app.queue_timeout",
@@ -437,9 +440,9 @@ upstream = "missing"
             ]
         );
         assert!(
-            errors[8].message.contains("routes[2]"),
+            errors[10].message.contains("routes[2]"),
             "{}",
-            errors[8].message
+            errors[10].message
         );
     }
 

@@ -554,14 +554,10 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
             );
             (200, 399)
         });
-        let interval = p.duration(&format!("{hkey}.interval"), &h.interval);
-        if interval.is_zero() {
-            p.push(format!("{hkey}.interval"), "must be more than 0");
-        }
         ActiveHealthConfig {
             path: h.path.clone(),
-            interval,
-            timeout: p.duration(&format!("{hkey}.timeout"), &h.timeout),
+            interval: p.positive_duration(&format!("{hkey}.interval"), &h.interval),
+            timeout: p.positive_duration(&format!("{hkey}.timeout"), &h.timeout),
             rise: h.rise,
             fall: h.fall,
             expect_status,

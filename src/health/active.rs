@@ -17,7 +17,7 @@ use crate::config::ActiveHealthConfig;
 use crate::proxy::upstream::{Instance, Upstream};
 
 /// Starts the checker for `upstream` when it has active checks configured. The task holds only
-/// a weak reference and ends once the upstream is gone (replaced by a reload).
+/// a weak reference and ends once the upstream is gone or retired (replaced by a reload).
 pub fn spawn_active_checks(upstream: &Arc<Upstream>) {
     let Some(config) = upstream.config.health.clone() else {
         return;
@@ -28,7 +28,7 @@ pub fn spawn_active_checks(upstream: &Arc<Upstream>) {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let Some(live) = upstream.upgrade() else {
+            let Some(live) = upstream.upgrade().filter(|u| !u.is_retired()) else {
                 break;
             };
             let set = live.set.load_full();

@@ -265,6 +265,9 @@ impl Gateway {
         }
         crate::cache::spawn_warming(&next);
         self.runtime.store(next);
+        for upstream in &current.upstreams {
+            upstream.retire();
+        }
         tracing::info!(path = %path.display(), "configuration reloaded");
         Ok(())
     }

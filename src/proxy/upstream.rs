@@ -37,6 +37,18 @@ pub struct CheckReport {
     pub at_unix_ms: u128,
 }
 
+/// How an instance joined its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// Listed in the config the gateway started with: serves at once, at full weight.
+    AtStart,
+    /// New in a reloaded config: like one added at run time, it must pass its active checks
+    /// (when configured) before it serves, and ramps under slow start.
+    ByReload,
+    /// Added at run time (admin API or autoscaler); kept across reloads.
+    AtRunTime,
+}
+
 /// One instance of an upstream.
 pub struct Instance {
     pub addr: SocketAddr,
@@ -66,9 +78,10 @@ pub struct Instance {
 }
 
 impl Instance {
-    pub fn new(config: &InstanceConfig, upstream: &UpstreamConfig, dynamic: bool) -> Instance {
-        // Instances added at run time must pass their active checks before they serve.
-        let starts_up = !(dynamic && upstream.health.is_some());
+    pub fn new(config: &InstanceConfig, upstream: &UpstreamConfig, joined: Joined) -> Instance {
+        let dynamic = joined == Joined::AtRunTime;
+        // Instances joining a serving upstream must pass their active checks before they serve.
+        let starts_up = joined == Joined::AtStart || upstream.health.is_none();
         Instance {
             addr: config.addr,
             addr_text: config.addr.to_string(),
@@ -87,7 +100,11 @@ impl Instance {
             passive: Mutex::new(PassiveState::default()),
             passive_down_until: AtomicU64::new(0),
             draining: AtomicBool::new(false),
-            up_since: AtomicU64::new(if dynamic { nanos(Instant::now()) } else { 0 }),
+            up_since: AtomicU64::new(if joined == Joined::AtStart {
+                0
+            } else {
+                nanos(Instant::now())
+            }),
             last_check: Mutex::new(None),
             pool: Pool::new(config.addr, upstream),
         }
@@ -198,9 +215,17 @@ impl Instance {
         *self.active.lock().expect("health state lock")
     }
 
+    /// The slow-start factor: the instance ramps after it came up by active checks, joined,
+    /// or came back from a passive ejection.
     fn ramp(&self, now: Instant, slow_start: Duration) -> f64 {
-        let since = self.up_since.load(Ordering::Relaxed);
-        if since == 0 || slow_start.is_zero() {
+        if slow_start.is_zero() {
+            return 1.0;
+        }
+        let since = self
+            .up_since
+            .load(Ordering::Relaxed)
+            .max(self.passive_down_until.load(Ordering::Relaxed));
+        if since == 0 {
             return 1.0;
         }
         balance::ramp_factor(
@@ -209,14 +234,46 @@ impl Instance {
         )
     }
 
-    fn candidate(&self, index: usize, now: Instant, slow_start: Duration) -> Candidate {
+    /// What the balancer needs of the instance. `latency_aware`: the latency, decayed toward
+    /// zero for the time since its last sample (as Finagle's and tower's peak-EWMA do), so an
+    /// instance that stopped getting requests after one slow answer is tried again.
+    fn candidate(
+        &self,
+        index: usize,
+        now: Instant,
+        slow_start: Duration,
+        latency_aware: bool,
+    ) -> Candidate {
+        let latency_ns = if latency_aware {
+            let stamp = self.latency_stamp.load(Ordering::Relaxed);
+            let since = Duration::from_nanos(nanos(now).saturating_sub(stamp));
+            let latency = f64::from_bits(self.latency_bits.load(Ordering::Relaxed));
+            balance::peak_ewma(latency, since, 0.0, EWMA_TAU)
+        } else {
+            0.0
+        };
         Candidate {
             index,
             in_flight: self.in_flight.load(Ordering::Relaxed),
-            latency_ns: f64::from_bits(self.latency_bits.load(Ordering::Relaxed)),
+            latency_ns,
             weight: self.weight,
             ramp: self.ramp(now, slow_start),
         }
+    }
+
+    /// Takes the active-check verdict of `old` (same address, rebuilt for new pool settings).
+    fn carry_health_from(&self, old: &Instance) {
+        *self.active.lock().expect("health state lock") = old.health_counts();
+        let up = old.active_up.load(Ordering::Relaxed);
+        self.active_up.store(up, Ordering::Relaxed);
+        let since = old.up_since.load(Ordering::Relaxed);
+        self.up_since.store(since, Ordering::Relaxed);
+    }
+
+    /// Active checks were removed from the config: their last verdict no longer applies.
+    fn forget_active_checks(&self) {
+        *self.active.lock().expect("health state lock") = HealthState::new(true);
+        self.active_up.store(true, Ordering::Relaxed);
     }
 }
 
@@ -271,39 +328,58 @@ pub struct Upstream {
     pub set: ArcSwap<InstanceSet>,
     seq: AtomicU64,
     pub retry_budget: RetryBudget,
+    /// A reload replaced this upstream; its active checker stops (requests still holding it
+    /// must not keep a second checker probing the instances the new one shares).
+    retired: AtomicBool,
 }
 
 impl Upstream {
-    /// Builds the upstream, reusing live instances from `previous` (same address and pool
-    /// settings) so health, counters and pooled connections survive a reload.
+    /// Builds the upstream, reusing live instances from `previous` (same address, weight, role
+    /// and pool settings) so health, counters and pooled connections survive a reload. An
+    /// instance whose settings changed is rebuilt with its health verdict; instances added at
+    /// run time (admin API, autoscaler) are kept whatever changed.
     pub fn new(config: UpstreamConfig, previous: Option<&Upstream>) -> Upstream {
         let old: Vec<Arc<Instance>> = previous
             .map(|p| p.set.load().instances.clone())
             .unwrap_or_default();
         let same_pool = previous.is_some_and(|p| p.config.same_pool(&config));
+        let carried = |ic: &InstanceConfig, joined: Joined| {
+            // A configured instance being drained comes back fresh: the reload says it
+            // belongs, and the drain removes only the old one from the old set.
+            let before = old.iter().find(|i| i.addr == ic.addr && !i.is_draining());
+            match before {
+                Some(i) if same_pool && i.weight == ic.weight && i.backup == ic.backup => i.clone(),
+                Some(i) => {
+                    let rebuilt = Instance::new(ic, &config, joined);
+                    rebuilt.carry_health_from(i);
+                    Arc::new(rebuilt)
+                }
+                None => Arc::new(Instance::new(ic, &config, joined)),
+            }
+        };
+        let joined = if previous.is_some() {
+            Joined::ByReload
+        } else {
+            Joined::AtStart
+        };
         let mut instances: Vec<Arc<Instance>> = config
             .instances
             .iter()
-            .map(|ic| {
-                // A configured instance being drained comes back fresh: the reload says it
-                // belongs, and the drain removes only the old one from the old set.
-                old.iter()
-                    .find(|i| {
-                        same_pool
-                            && i.addr == ic.addr
-                            && i.weight == ic.weight
-                            && i.backup == ic.backup
-                            && !i.is_draining()
-                    })
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Instance::new(ic, &config, false)))
-            })
+            .map(|ic| carried(ic, joined))
             .collect();
-        if same_pool {
-            for dynamic in old.iter().filter(|i| i.dynamic && !i.is_draining()) {
-                if !instances.iter().any(|i| i.addr == dynamic.addr) {
-                    instances.push(dynamic.clone());
-                }
+        for dynamic in old.iter().filter(|i| i.dynamic && !i.is_draining()) {
+            if !instances.iter().any(|i| i.addr == dynamic.addr) {
+                let ic = InstanceConfig {
+                    addr: dynamic.addr,
+                    weight: dynamic.weight,
+                    backup: dynamic.backup,
+                };
+                instances.push(carried(&ic, Joined::AtRunTime));
+            }
+        }
+        if config.health.is_none() {
+            for instance in &instances {
+                instance.forget_active_checks();
             }
         }
         let set = InstanceSet::new(instances, &config.strategy);
@@ -311,8 +387,17 @@ impl Upstream {
             retry_budget: RetryBudget::new(config.retry_budget),
             set: ArcSwap::from_pointee(set),
             seq: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
             config,
         }
+    }
+
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
     }
 
     /// The sequence number of a new request, for round robin and tie rotation. Drawn once per
@@ -323,7 +408,7 @@ impl Upstream {
     }
 
     /// Chooses an instance for one attempt, skipping the positions in `tried`. Backups serve
-    /// only when no primary is available. When every instance is out by passive checks alone
+    /// only when no primary is available or every available one was tried for this request. When every instance is out by passive checks alone
     /// (none failing active checks), they are used anyway rather than refusing every request:
     /// nginx ignores `max_fails` for a lone server, and Envoy's panic routing does the same
     /// for a whole pool. One failure must not stop a one-instance upstream for `fail_timeout`.
@@ -336,9 +421,14 @@ impl Upstream {
         now: Instant,
     ) -> Result<(usize, Arc<Instance>), NoInstance> {
         let slow_start = self.config.slow_start;
+        let latency_aware = matches!(
+            self.config.strategy,
+            Strategy::RandomTwo | Strategy::P2cEwma
+        );
         let mut candidates: SmallVec<[Candidate; 16]> = SmallVec::new();
         let mut any_healthy = false;
         'tiers: for passive_ignored in [false, true] {
+            // Backups take over once every available primary was tried for this request too.
             for backup_tier in [false, true] {
                 for (index, instance) in set.instances.iter().enumerate() {
                     let usable = if passive_ignored {
@@ -353,11 +443,14 @@ impl Upstream {
                     if tried.contains(&index) {
                         continue;
                     }
-                    candidates.push(instance.candidate(index, now, slow_start));
+                    candidates.push(instance.candidate(index, now, slow_start, latency_aware));
                 }
-                if any_healthy {
+                if !candidates.is_empty() {
                     break 'tiers;
                 }
+            }
+            if any_healthy {
+                break;
             }
         }
         let input = PickInput {
@@ -382,7 +475,11 @@ impl Upstream {
             }
             added = true;
             let mut instances = set.instances.clone();
-            instances.push(Arc::new(Instance::new(config, &self.config, true)));
+            instances.push(Arc::new(Instance::new(
+                config,
+                &self.config,
+                Joined::AtRunTime,
+            )));
             Arc::new(InstanceSet::new(instances, &self.config.strategy))
         });
         added
@@ -575,15 +672,79 @@ mod tests {
     }
 
     fn upstream(instances: usize, strategy: &str) -> Upstream {
+        upstream_with(instances, &format!("strategy = \"{strategy}\""))
+    }
+
+    /// An upstream of `instances` addresses (none listening) with more keys.
+    fn upstream_with(instances: usize, keys: &str) -> Upstream {
         let list: Vec<String> = (0..instances)
             .map(|i| format!("\"127.0.0.1:{}\"", 20000 + i))
             .collect();
         let config = Config::from_toml(&format!(
-            "[upstreams.app]\nstrategy = \"{strategy}\"\ninstances = [{}]\n[[routes]]\nupstream = \"app\"\n",
+            "[upstreams.app]\n{keys}\ninstances = [{}]\n[[routes]]\nupstream = \"app\"\n",
             list.join(", ")
         ))
         .unwrap();
         Upstream::new(config.upstream("app").unwrap().clone(), None)
+    }
+
+    #[test]
+    fn backups_take_over_once_every_primary_was_tried() {
+        let config = Config::from_toml(
+            "[upstreams.app]\ninstances = [\"127.0.0.1:1\", \"127.0.0.1:2\", \
+             { addr = \"127.0.0.1:3\", backup = true }]\n[[routes]]\nupstream = \"app\"\n",
+        )
+        .unwrap();
+        let upstream = Upstream::new(config.upstream("app").unwrap().clone(), None);
+        let set = upstream.set.load();
+        let now = Instant::now();
+        let first = upstream.pick(&set, &[], None, 0, now).unwrap().0;
+        assert!(first < 2);
+        let second = upstream.pick(&set, &[first], None, 0, now).unwrap().0;
+        assert_eq!(second, 1 - first);
+        assert_eq!(upstream.pick(&set, &[0, 1], None, 0, now).unwrap().0, 2);
+        assert!(matches!(
+            upstream.pick(&set, &[0, 1, 2], None, 0, now),
+            Err(NoInstance::AllTried)
+        ));
+    }
+
+    #[test]
+    fn latency_decays_while_an_instance_gets_no_answers() {
+        let upstream = upstream(2, "p2c_ewma");
+        let set = upstream.set.load();
+        let now = Instant::now();
+        set.instances[0].observe_latency(Duration::from_millis(400), now);
+        let at = |later: u64| {
+            let when = now + Duration::from_secs(later);
+            set.instances[0]
+                .candidate(0, when, Duration::ZERO, true)
+                .latency_ns
+                / 1e6
+        };
+        assert!((at(0) - 400.0).abs() < 1.0, "{}", at(0));
+        // One time constant (10 s): e⁻¹ of it; a minute on, under a millisecond.
+        assert!(
+            (at(10) - 400.0 / std::f64::consts::E).abs() < 1.0,
+            "{}",
+            at(10)
+        );
+        assert!(at(60) < 1.0, "{}", at(60));
+    }
+
+    #[test]
+    fn slow_start_ramps_after_a_passive_ejection_too() {
+        let upstream = upstream_with(2, "slow_start = \"10s\"\nfail_timeout = \"5s\"");
+        let set = upstream.set.load();
+        let now = Instant::now();
+        let instance = &set.instances[0];
+        assert_eq!(instance.ramp(now, upstream.config.slow_start), 1.0);
+        instance.record_failure(now, &upstream.config);
+        // Back 5 s later; one second after that it has 10 % + 9 % of its weight.
+        let ramp = instance.ramp(now + Duration::from_secs(6), upstream.config.slow_start);
+        assert!((ramp - 0.19).abs() < 0.01, "{ramp}");
+        let ramp = instance.ramp(now + Duration::from_secs(15), upstream.config.slow_start);
+        assert_eq!(ramp, 1.0);
     }
 
     #[test]
