@@ -1,5 +1,7 @@
 //! Logging set-up: `tracing` with text or JSON output, level from `--log-level` or `LOG_LEVEL`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Output format of the log.
@@ -10,8 +12,29 @@ pub enum LogFormat {
     Json,
 }
 
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// A log filter as given (`--log-level`, `LOG_LEVEL`), if every directive is a level or
+/// `TARGET=LEVEL`: a bare word that is no level (`inof`) would be read as a target name and
+/// silence every log, so it is refused.
+pub fn checked_filter(text: &str) -> Result<String, String> {
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, level)| level);
+        if !LEVELS.iter().any(|known| known.eq_ignore_ascii_case(level)) {
+            return Err(format!(
+                "`{directive}`: expected a level ({}) or TARGET=LEVEL",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    EnvFilter::try_new(text).map_err(|err| err.to_string())?;
+    Ok(text.to_owned())
+}
+
 /// Installs the global subscriber writing to stderr. `level` is an `EnvFilter` directive
-/// such as `info` or `scalegate=debug`.
+/// such as `info` or `info,scalegate=debug`. Colours only when stderr is a terminal.
 pub fn init(format: LogFormat, level: &str) {
     let mut filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     if !level.contains("rustls") {
@@ -21,6 +44,7 @@ pub fn init(format: LogFormat, level: &str) {
     }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
@@ -28,4 +52,26 @@ pub fn init(format: LogFormat, level: &str) {
     };
     // A second init (tests) keeps the first subscriber.
     drop(result);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_filters_are_levels_or_target_levels() {
+        for good in [
+            "info",
+            "WARN",
+            "info,scalegate=debug",
+            "access=off,debug",
+            "rustls=trace",
+        ] {
+            assert_eq!(checked_filter(good).as_deref(), Ok(good), "{good}");
+        }
+        for bad in ["inof", "verbose", "info,scalegate=loud", "scalegate"] {
+            let error = checked_filter(bad).unwrap_err();
+            assert!(error.contains("expected a level"), "{bad}: {error}");
+        }
+    }
 }

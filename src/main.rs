@@ -23,8 +23,14 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     log_format: LogFormat,
-    /// Log level or filter directive (e.g. info, debug, scalegate=trace).
-    #[arg(long, global = true, env = "LOG_LEVEL", default_value = "info")]
+    /// Log level or filter directives (e.g. info, debug, info,scalegate=trace).
+    #[arg(
+        long,
+        global = true,
+        env = "LOG_LEVEL",
+        default_value = "info",
+        value_parser = logging::checked_filter
+    )]
     log_level: String,
     #[command(subcommand)]
     command: Command,

@@ -147,6 +147,59 @@ async fn reloads_keep_health_verdicts_and_run_time_instances_right() {
     );
 }
 
+#[tokio::test]
+async fn the_admin_api_answers_odd_requests_clearly() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let client = client();
+    let call = |method: &'static str, path: &str, body: &str| {
+        let (client, url, body) = (client.clone(), gw.admin_url(path), body.to_string());
+        async move { request(&client, method, &url, &[], &body).await.unwrap() }
+    };
+    // A known path with another method: 405 and what is allowed; HEAD is GET without a body.
+    let wrong = call("POST", "/metrics", "").await;
+    assert_eq!((wrong.status, wrong.header("allow")), (405, "GET, HEAD"));
+    let head = call("HEAD", "/metrics", "").await;
+    assert_eq!((head.status, head.body.len()), (200, 0));
+    assert_eq!(call("GET", "/nowhere", "").await.status, 404);
+    // Port 0 is no instance; a body over 64 KiB is 413.
+    let port_zero = call(
+        "POST",
+        "/api/upstreams/app/instances",
+        r#"{"addr": "127.0.0.1:0"}"#,
+    );
+    assert_eq!(port_zero.await.status, 400);
+    let huge = format!("{{\"addr\": \"{}\"}}", "x".repeat(70 * 1024));
+    assert_eq!(
+        call("POST", "/api/upstreams/app/instances", &huge)
+            .await
+            .status,
+        413
+    );
+    // Addresses may be percent-encoded in the path; a second drain of an instance still
+    // finishing a request says it is already draining.
+    let slow = {
+        let (client, url) = (client.clone(), gw.url("/work?latency_ms=1000"));
+        tokio::spawn(async move { get(&client, &url).await.status })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let encoded = format!(
+        "/api/upstreams/app/instances/127.0.0.1%3A{}",
+        a.addr().port()
+    );
+    let first = call("DELETE", &encoded, "").await;
+    assert_eq!(
+        (first.status, first.json()["already"].as_bool()),
+        (202, None)
+    );
+    let again = call("DELETE", &encoded, "").await;
+    assert_eq!(
+        (again.status, again.json()["already"].as_bool()),
+        (202, Some(true))
+    );
+    assert_eq!(slow.await.unwrap(), 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn least_conn_sends_fewer_requests_to_the_slow_instance() {
     let slow = demo_backend(&["--latency-ms", "60"]);

@@ -15,7 +15,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -29,6 +29,9 @@ use crate::config::{parse_addr, InstanceConfig};
 use crate::metrics::{live, InstanceSample};
 use crate::proxy::upstream::{Instance, Upstream};
 use crate::proxy::{Gateway, GatewayBody};
+
+/// Time an admin client has to send a request head.
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the admin API until `stop` turns true.
 pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
@@ -48,7 +51,13 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, mut stop: watch
         let gateway = gateway.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(gateway.clone(), req));
-            let _ = auto::Builder::new(TokioExecutor::new())
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // A client that never finishes its head is not kept for good.
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT);
+            let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
@@ -92,8 +101,19 @@ async fn handle(
             return Ok(response);
         }
     }
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let method = req.method().clone();
+    // Segments are percent-decoded: an instance address may come as `127.0.0.1%3A3001` or
+    // `%5B::1%5D:3001`, and an upstream name may hold any character.
+    let decoded: Vec<std::borrow::Cow<str>> = path
+        .trim_matches('/')
+        .split('/')
+        .map(|segment| percent_encoding::percent_decode_str(segment).decode_utf8_lossy())
+        .collect();
+    let segments: Vec<&str> = decoded.iter().map(AsRef::as_ref).collect();
+    // HEAD is GET without the body (hyper leaves the body out).
+    let method = match req.method() {
+        &Method::HEAD => Method::GET,
+        other => other.clone(),
+    };
     let response = match (&method, segments.as_slice()) {
         (&Method::GET, [""] | ["dashboard"]) => dashboard(),
         (&Method::GET, ["api", "stats"]) => reply(
@@ -157,12 +177,39 @@ async fn handle(
                 )
             }
         },
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            json!({"error": "not found", "path": path}),
-        ),
+        _ => match allowed_methods(&segments) {
+            Some(allow) => {
+                let mut response = reply(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    json!({"error": format!("{method} is not allowed here; use {allow}"), "path": path}),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+                response
+            }
+            None => reply(
+                StatusCode::NOT_FOUND,
+                json!({"error": "not found", "path": path}),
+            ),
+        },
     };
     Ok(response)
+}
+
+/// The methods a known admin path answers to (for 405's `Allow`); `None` for unknown paths.
+fn allowed_methods(segments: &[&str]) -> Option<&'static str> {
+    Some(match segments {
+        [""] | ["dashboard"] | ["health", "detailed"] | ["metrics"] => "GET, HEAD",
+        ["api", "stats" | "stream" | "upstreams" | "ratelimit" | "autoscale"] => "GET, HEAD",
+        ["api", "cache", "stats"] => "GET, HEAD",
+        ["api", "cache"] => "DELETE",
+        ["api", "upstreams", _, "instances"] | ["api", "autoscale", _] | ["api", "reload"] => {
+            "POST"
+        }
+        ["api", "upstreams", _, "instances", _] => "DELETE",
+        _ => return None,
+    })
 }
 
 /// The dashboard page; its script and styles are inside it, so it works with no internet.
@@ -482,6 +529,10 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
         }
     };
     let addr = match parse_addr(&new.addr) {
+        Ok(addr) if addr.port() == 0 => {
+            let error = format!("`{}`: an instance needs a port other than 0", new.addr);
+            return reply(StatusCode::BAD_REQUEST, json!({ "error": error }));
+        }
         Ok(addr) => addr,
         Err(err) => return reply(StatusCode::BAD_REQUEST, json!({ "error": err })),
     };
@@ -523,6 +574,12 @@ fn drain_instance(gateway: &Gateway, name: &str, addr: &str) -> Response<Gateway
             json!({"error": format!("no instance {addr} in `{name}`")}),
         );
     };
+    if instance.is_draining() {
+        return reply(
+            StatusCode::ACCEPTED,
+            json!({"draining": addr, "already": true}),
+        );
+    }
     instance.start_draining();
     let timeout = upstream.config.drain_timeout;
     tracing::info!(upstream = name, instance = %instance.addr, "draining instance");
@@ -606,7 +663,16 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Response<GatewayBody
     let bytes: Bytes = Limited::new(req.into_body(), 64 * 1024)
         .collect()
         .await
-        .map_err(|_| reply(StatusCode::BAD_REQUEST, json!({"error": "unreadable body"})))?
+        .map_err(|err| {
+            if err.is::<http_body_util::LengthLimitError>() {
+                reply(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    json!({"error": "the body is over 64 KiB"}),
+                )
+            } else {
+                reply(StatusCode::BAD_REQUEST, json!({"error": "unreadable body"}))
+            }
+        })?
         .to_bytes();
     serde_json::from_slice(&bytes).map_err(|err| {
         reply(
@@ -618,9 +684,11 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Response<GatewayBody
 
 /// Basic auth check; compares without early exit so timing does not reveal the password.
 fn authorized(value: Option<&HeaderValue>, user: &str, password: &str) -> bool {
+    // The scheme is case-insensitive (RFC 9110 §11.1).
     let Some(encoded) = value
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|v| v.split_once(' '))
+        .and_then(|(scheme, encoded)| scheme.eq_ignore_ascii_case("basic").then_some(encoded))
     else {
         return false;
     };
@@ -649,6 +717,8 @@ mod tests {
     fn basic_auth() {
         let good = HeaderValue::from_static("Basic YWRtaW46c2VjcmV0"); // admin:secret
         assert!(authorized(Some(&good), "admin", "secret"));
+        let lower = HeaderValue::from_static("basic YWRtaW46c2VjcmV0");
+        assert!(authorized(Some(&lower), "admin", "secret"));
         assert!(!authorized(Some(&good), "admin", "secreT"));
         assert!(!authorized(None, "admin", "secret"));
         assert!(!authorized(

@@ -157,7 +157,18 @@ fn weighted_round_robin(candidates: &[Candidate], input: PickInput) -> &Candidat
 /// weighted round robin (nginx's least_conn), so weights hold at low load too.
 fn least_loaded(candidates: &[Candidate], input: PickInput) -> &Candidate {
     let load = |c: &Candidate| f64::from(c.in_flight) / c.capacity();
-    let least = candidates.iter().map(load).fold(f64::INFINITY, f64::min);
+    let (mut best, mut least, mut ties) = (&candidates[0], load(&candidates[0]), 1);
+    for c in &candidates[1..] {
+        let l = load(c);
+        if l < least {
+            (best, least, ties) = (c, l, 1);
+        } else if l == least {
+            ties += 1;
+        }
+    }
+    if ties == 1 {
+        return best;
+    }
     let tied: SmallVec<[Candidate; 16]> = candidates
         .iter()
         .filter(|c| load(c) <= least)

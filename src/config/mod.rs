@@ -447,6 +447,21 @@ upstream = "missing"
     }
 
     #[test]
+    fn the_admin_listener_needs_its_own_port_and_a_password() {
+        let text = "[server]\nlisten = \"127.0.0.1:8080\"\n[admin]\nlisten = \"127.0.0.1:8080\"\n\
+                    username = \"admin\"\npassword = \"\"\n\
+                    [upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = \"app\"\n";
+        let errors = Config::from_toml(text).unwrap_err().0;
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["admin.password", "admin.listen"]);
+        assert!(
+            errors[1].message.contains("server.listen too"),
+            "{}",
+            errors[1]
+        );
+    }
+
+    #[test]
     fn problems_found_after_parsing_have_lines_too() {
         let text = "[upstreams.app]\nstrategy = \"fastest\"\ninstances = [\"127.0.0.1:1\"]\n\n\
                     [[routes]]\nupstream = \"app\"\n[[routes]]\nupstream = \"nowhere\"\npath_prefix = \"/b\"\n";

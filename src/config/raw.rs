@@ -290,6 +290,10 @@ impl RawConfig {
         let admin = AdminConfig {
             listen: p.addr("admin.listen", admin_listen),
             credentials: match (self.admin.username, self.admin.password) {
+                (Some(_), Some(pass)) if pass.is_empty() => {
+                    p.push("admin.password", "must not be empty");
+                    None
+                }
                 (Some(user), Some(pass)) => Some((user, pass)),
                 (None, None) => None,
                 _ => {
@@ -298,6 +302,16 @@ impl RawConfig {
                 }
             },
         };
+        // Port 0 (any free port) is the one address both may share.
+        if admin.listen == server.listen && admin.listen.port() != 0 {
+            p.push(
+                "admin.listen",
+                format!(
+                    "{} is server.listen too: the two need their own ports",
+                    admin.listen
+                ),
+            );
+        }
         if self.upstreams.is_empty() {
             p.push("upstreams", "at least one upstream is needed");
         }
