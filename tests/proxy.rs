@@ -200,6 +200,28 @@ async fn the_admin_api_answers_odd_requests_clearly() {
     assert_eq!(slow.await.unwrap(), 200);
 }
 
+#[tokio::test]
+async fn a_reload_sets_the_server_limits_of_new_connections() {
+    let a = demo_backend(&[]);
+    // Raised by the reload: the chunk-size check as the head is read follows it too.
+    let gw = gateway_with_server_keys("max_body = \"1KiB\"", &app_config(&[&a], ""));
+    let upload = "POST /up HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n";
+    let answer = |gw: &Gateway| {
+        let mut bytes = upload.as_bytes().to_vec();
+        bytes.extend_from_slice(&[b'x'; 0x800]);
+        bytes.extend_from_slice(b"\r\n0\r\n\r\n");
+        raw_exchange(gw.proxy, &bytes)
+    };
+    assert!(answer(&gw).starts_with("HTTP/1.1 413"));
+    gw.reload_with_server_keys("max_body = \"1MiB\"", &app_config(&[&a], ""));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            answer(&gw).starts_with("HTTP/1.1 200")
+        })
+        .await
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn least_conn_sends_fewer_requests_to_the_slow_instance() {
     let slow = demo_backend(&["--latency-ms", "60"]);

@@ -188,6 +188,22 @@ async fn sni_alpn_forwarded_proto_hsts_and_redirect() {
     );
     let (status, _, _) = echo(open, "a.test").await;
     assert_eq!(status, 200);
+
+    // Closing the HTTPS listener (or opening one) takes a restart: a reload without [tls] is
+    // refused, saying so, and HTTPS keeps serving.
+    gw.reload_with(&app_config(&[&backend], ""));
+    let reload = request(&client(), "POST", &gw.admin_url("/api/reload"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(reload.status, 422);
+    let errors = reload.json()["errors"].to_string();
+    assert!(
+        errors.contains("tls.listen") && errors.contains("restart"),
+        "{errors}"
+    );
+    let stream = connect(&h1_only, tls_addr, "a.test").await;
+    let (status, _, _) = echo(stream, "a.test").await;
+    assert_eq!(status, 200);
 }
 
 /// HTTPS clients on HTTP/1.1 get the gateway's own HTTP/1.1 rules, as on the plain listener:

@@ -39,7 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::limits::StoreKind;
-use crate::config::{CacheStoreKind, Config, ConfigErrors};
+use crate::config::{CacheStoreKind, Config, ConfigError, ConfigErrors};
 use crate::metrics::live::LiveStats;
 use crate::metrics::{Metrics, RequestStats};
 use crate::redis_link::{ConnectError, RedisLink};
@@ -240,18 +240,9 @@ impl Gateway {
         };
         let config = Config::load(path)?;
         let current = self.runtime.load_full();
-        if config.server.listen != current.config.server.listen
-            || config.admin.listen != current.config.admin.listen
-        {
-            tracing::warn!("listen addresses changed: they take effect at the next restart");
-        }
-        if config.limits.state.redis_urls != current.config.limits.state.redis_urls
-            || config.limits.store != current.config.limits.store
-        {
-            tracing::warn!("rate-limit store changed: it takes effect at the next restart");
-        }
-        if config.cache.store == CacheStoreKind::Redis && self.redis.is_none() {
-            tracing::warn!("cache.store = \"redis\" takes effect at the next restart");
+        let needing_restart = restart_only_changes(&current.config, &config, self.redis.is_some());
+        if !needing_restart.is_empty() {
+            return Err(ConfigErrors(needing_restart));
         }
         let next = Arc::new(Runtime::build(
             config,
@@ -354,6 +345,80 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     Ok(())
 }
 
+/// What a reload cannot apply: listeners are opened, and the rate-limit and cache stores
+/// connected, at start. Such a reload is refused, so the config in force always says what the
+/// gateway does.
+fn restart_only_changes(running: &Config, next: &Config, has_redis: bool) -> Vec<ConfigError> {
+    let mut problems = Vec::new();
+    let mut needs_restart = |key: &str, what: String| {
+        problems.push(ConfigError {
+            key: key.to_owned(),
+            line: None,
+            message: format!("{what}: that takes a restart, so this reload is refused"),
+        });
+    };
+    if next.server.listen != running.server.listen {
+        let what = format!("the gateway listens on {}", running.server.listen);
+        needs_restart("server.listen", what);
+    }
+    if next.admin.listen != running.admin.listen {
+        let what = format!("the admin API listens on {}", running.admin.listen);
+        needs_restart("admin.listen", what);
+    }
+    let https = |config: &Config| config.tls.as_ref().map(|tls| tls.listen);
+    if https(next) != https(running) {
+        let what = match https(running) {
+            Some(addr) => format!("HTTPS is served on {addr}"),
+            None => "no HTTPS listener is open".to_owned(),
+        };
+        needs_restart("tls.listen", what);
+    }
+    if next.limits.state.redis_urls != running.limits.state.redis_urls
+        || next.limits.store != running.limits.store
+    {
+        needs_restart(
+            "rate_limit.store",
+            "the rate-limit store changed".to_owned(),
+        );
+    }
+    if next.cache.store == CacheStoreKind::Redis && !has_redis {
+        needs_restart("cache.store", "the gateway runs without Redis".to_owned());
+    }
+    problems
+}
+
+/// How new client connections are served under one config.
+struct ConnectionSettings {
+    runtime: Arc<Runtime>,
+    /// hyper serves HTTP/2 only: prior knowledge on the plain listener, ALPN h2 over TLS.
+    /// Every HTTP/1.1 connection, plain or TLS, is the gateway's own loop (client_h1).
+    http2: Arc<auto::Builder<TokioExecutor>>,
+    limits: client_h1::ClientLimits,
+}
+
+impl ConnectionSettings {
+    fn of(runtime: Arc<Runtime>) -> ConnectionSettings {
+        let server = &runtime.config.server;
+        let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
+        let h2 = server.http2;
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(server.max_header_bytes as u32)
+            .max_concurrent_streams(h2.max_concurrent_streams)
+            .initial_stream_window_size(h2.initial_stream_window)
+            .initial_connection_window_size(h2.initial_connection_window)
+            .max_frame_size(h2.max_frame_size)
+            .keep_alive_interval(h2.keep_alive_interval)
+            .keep_alive_timeout(h2.keep_alive_timeout);
+        ConnectionSettings {
+            limits: client_h1::ClientLimits::of(server),
+            http2: Arc::new(builder),
+            runtime,
+        }
+    }
+}
+
 /// Accepts on the plain listener and, when TLS is configured, the HTTPS one, until `stop`.
 async fn accept_loop(
     gateway: Arc<Gateway>,
@@ -361,23 +426,9 @@ async fn accept_loop(
     tls_listener: Option<TcpListener>,
     stop: &mut (impl std::future::Future<Output = ()> + Unpin),
 ) {
-    let server = gateway.runtime.load().config.server.clone();
-    // hyper serves HTTP/2 only: prior knowledge on the plain listener, ALPN h2 over TLS. Every
-    // HTTP/1.1 connection, plain or TLS, is the gateway's own loop (client_h1).
-    let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
-    let h2 = server.http2;
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(server.max_header_bytes as u32)
-        .max_concurrent_streams(h2.max_concurrent_streams)
-        .initial_stream_window_size(h2.initial_stream_window)
-        .initial_connection_window_size(h2.initial_connection_window)
-        .max_frame_size(h2.max_frame_size)
-        .keep_alive_interval(h2.keep_alive_interval)
-        .keep_alive_timeout(h2.keep_alive_timeout);
-    let builder = Arc::new(builder);
-    let limits = client_h1::ClientLimits::of(&server);
+    // The `[server]` settings of the config in force; a reload changes them for the connections
+    // accepted after it (as nginx's new workers do), so they are rebuilt when it does.
+    let mut settings = ConnectionSettings::of(gateway.runtime.load_full());
     // HTTP/1.1 connections are served by the gateway's own connection loop, which watches
     // `drain`; HTTP/2 connections are hyper's, watched by `graceful`.
     let graceful = GracefulShutdown::new();
@@ -397,6 +448,10 @@ async fn accept_loop(
                 continue;
             }
         };
+        if !Arc::ptr_eq(&gateway.runtime.load(), &settings.runtime) {
+            settings = ConnectionSettings::of(gateway.runtime.load_full());
+        }
+        let (builder, limits) = (settings.http2.clone(), settings.limits);
         let permit = match gateway.connections.admit(peer.ip()) {
             Ok(permit) => permit,
             Err(refusal) => {
@@ -407,7 +462,6 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let client = forward::ClientAddr::new(peer, secure);
         let gateway = gateway.clone();
-        let builder = builder.clone();
         let watcher = graceful.watcher();
         if !secure {
             let drain = drain.subscribe();
@@ -424,13 +478,13 @@ async fn accept_loop(
             });
             continue;
         }
-        let Some(tls) = gateway.runtime.load().tls.clone() else {
+        let Some(tls) = settings.runtime.tls.clone() else {
             continue;
         };
         let drain = drain.subscribe();
         tokio::spawn(async move {
             let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
-            let stream = match tokio::time::timeout(server.header_read_timeout, handshake).await {
+            let stream = match tokio::time::timeout(limits.header_read_timeout, handshake).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(err)) => {
                     tracing::debug!(%err, %peer, "TLS handshake failed");
@@ -454,15 +508,13 @@ async fn accept_loop(
     drop(tls_listener);
     gateway.draining.store(true, Ordering::Relaxed);
     drain.send_replace(true);
+    let grace = gateway.runtime.load().config.server.shutdown_grace;
     tracing::info!(
-        grace_secs = server.shutdown_grace.as_secs_f64(),
+        grace_secs = grace.as_secs_f64(),
         "draining: finishing in-flight requests"
     );
     let finished = async { tokio::join!(graceful.shutdown(), drain.closed()) };
-    if tokio::time::timeout(server.shutdown_grace, finished)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, finished).await.is_err() {
         tracing::warn!("shutdown grace elapsed with requests still in flight");
     }
 }

@@ -155,6 +155,11 @@ impl Gateway {
         std::fs::write(&self.config_path, with_listeners(body)).unwrap();
         signal(self.proc.pid(), "HUP");
     }
+
+    /// As [`Gateway::reload_with`], with more `[server]` keys beside the test listeners.
+    pub fn reload_with_server_keys(&self, keys: &str, body: &str) {
+        self.reload_with(&format!("{TEST_SERVER}{keys}\n\n{body}"));
+    }
 }
 
 /// The `[server]` table of test gateways: ephemeral listeners, no access log, a short grace.
