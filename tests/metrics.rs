@@ -20,7 +20,8 @@ async fn metrics_count_known_traffic_exactly_and_pass_promtool() {
     let a = demo_backend(&[]);
     let b = demo_backend(&[]);
     let config = format!(
-        "[upstreams.app]\ninstances = [\"{}\", \"{}\"]\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstream = \"app\"\n",
+        "[upstreams.app]\ninstances = [\"{}\", \"{}\"]\n\n[[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstream = \"app\"\n\
+         [[routes]]\nname = \"odd \\\"route\\\" \\\\ name\\nline\"\npath_prefix = \"/odd\"\nupstream = \"app\"\n",
         a.addr(),
         b.addr()
     );
@@ -36,6 +37,8 @@ async fn metrics_count_known_traffic_exactly_and_pass_promtool() {
         assert_eq!(reply.status, 200);
     }
     assert_eq!(get(&client, &gw.url("/elsewhere")).await.status, 404);
+    // A route name with a quote, a backslash and a line feed is escaped in its label.
+    assert_eq!(get(&client, &gw.url("/odd")).await.status, 200);
 
     let reply = get(&client, &gw.admin_url("/metrics")).await;
     assert_eq!(reply.status, 200);
@@ -43,6 +46,11 @@ async fn metrics_count_known_traffic_exactly_and_pass_promtool() {
         .header("content-type")
         .starts_with("text/plain; version=0.0.4"));
     let text = String::from_utf8(reply.body.to_vec()).unwrap();
+    let odd = r#"route="odd \"route\" \\ name\nline",upstream="app",method="GET",status="2xx""#;
+    assert_eq!(
+        sample(&text, &format!("scalegate_requests_total{{{odd}}}")),
+        1.0
+    );
     let api = r#"route="api",upstream="app""#;
     assert_eq!(
         sample(
@@ -90,7 +98,7 @@ async fn metrics_count_known_traffic_exactly_and_pass_promtool() {
             )
         })
         .sum();
-    assert_eq!(per_instance, 7.0);
+    assert_eq!(per_instance, 8.0);
     assert_eq!(
         sample(
             &text,

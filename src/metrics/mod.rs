@@ -9,6 +9,7 @@
 pub mod live;
 mod process;
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -663,16 +664,36 @@ impl prometheus_client::collector::Collector for Families {
                 }
             }
             for sample in &family.samples {
-                let labels: Vec<(&str, &str)> = sample
+                let escaped: Vec<(&str, Cow<str>)> = sample
                     .labels
                     .iter()
-                    .map(|(k, v)| (*k, v.as_str()))
+                    .map(|(k, v)| (*k, escaped_label_value(v)))
                     .collect();
+                let labels: Vec<(&str, &str)> =
+                    escaped.iter().map(|(k, v)| (*k, v.as_ref())).collect();
                 encode_value(metric.encode_family(&labels.as_slice())?, &sample.value)?;
             }
         }
         Ok(())
     }
+}
+
+/// A label value as the exposition formats want it: `\`, `"` and line feeds escaped
+/// (prometheus-client writes values as given, and a route named `a"b` broke the whole scrape).
+fn escaped_label_value(value: &str) -> Cow<'_, str> {
+    if !value.contains(['\\', '"', '\n']) {
+        return Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 4);
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 fn encode_value(
