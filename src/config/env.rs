@@ -1,50 +1,120 @@
 //! `${VAR}` and `${VAR:-default}` in the config text, filled from the environment before parsing.
-//! `$${` stands for a literal `${`. Comments are left as they are.
+//! `$${` stands for a literal `${`. Comments are left as they are. A value goes in as what it
+//! stands for, never as config syntax: inside "..." it is escaped; inside '...' or outside
+//! quotes, a value that would end the string or add syntax is refused.
 
-/// A variable the text needs but the environment lacks.
+/// A variable the text needs that cannot be filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MissingVar {
+pub struct EnvProblem {
     pub name: String,
     pub line: usize,
+    pub message: &'static str,
 }
 
-/// Replaces every `${NAME}` / `${NAME:-default}` outside comments using `lookup`. Returns all
-/// missing variables (those without a default) rather than the first, so one run of `check`
-/// shows them all.
+const MISSING: &str = "environment variable is not set and has no default (use ${NAME:-default})";
+const UNFIT_LITERAL: &str =
+    "its value has a ' or a control character, which a '...' string cannot hold: use \"...\"";
+const UNFIT_BARE: &str =
+    "outside quotes its value must be a number or true/false: put it in \"...\"";
+
+/// Where in a line a `${...}` stands.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Context {
+    Bare,
+    /// Inside "...": the value is escaped.
+    Basic,
+    /// Inside '...': taken as written, so it must not hold a quote or a control character.
+    Literal,
+}
+
+/// Replaces every `${NAME}` / `${NAME:-default}` outside comments using `lookup`. Returns every
+/// problem (a missing variable, a value that does not fit where it goes) rather than the
+/// first, so one run of `check` shows them all.
 pub fn interpolate(
     text: &str,
     lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, Vec<MissingVar>> {
+) -> Result<String, Vec<EnvProblem>> {
     let mut out = String::with_capacity(text.len());
-    let mut missing = Vec::new();
+    let mut problems = Vec::new();
     for (number, line) in text.split_inclusive('\n').enumerate() {
         let (code, comment) = line.split_at(comment_start(line));
-        interpolate_line(code, number + 1, &lookup, &mut out, &mut missing);
+        interpolate_line(code, number + 1, &lookup, &mut out, &mut problems);
         out.push_str(comment);
     }
-    if missing.is_empty() {
+    if problems.is_empty() {
         Ok(out)
     } else {
-        Err(missing)
+        Err(problems)
     }
 }
 
-/// Byte offset where a `#` comment starts on this line (outside "..." and '...' strings).
-fn comment_start(line: &str) -> usize {
+/// The quoting state after `prefix` of a line, and where a `#` comment starts (if it does).
+fn scan(prefix: &str) -> (Context, Option<usize>) {
     let mut quote: Option<u8> = None;
     let mut escaped = false;
-    for (i, b) in line.bytes().enumerate() {
+    for (i, b) in prefix.bytes().enumerate() {
         match quote {
             Some(b'"') if escaped => escaped = false,
             Some(b'"') if b == b'\\' => escaped = true,
             Some(q) if b == q => quote = None,
             Some(_) => {}
             None if b == b'"' || b == b'\'' => quote = Some(b),
-            None if b == b'#' => return i,
+            None if b == b'#' => return (Context::Bare, Some(i)),
             None => {}
         }
     }
-    line.len()
+    let context = match quote {
+        Some(b'"') => Context::Basic,
+        Some(_) => Context::Literal,
+        None => Context::Bare,
+    };
+    (context, None)
+}
+
+/// Byte offset where a `#` comment starts on this line (outside "..." and '...' strings).
+fn comment_start(line: &str) -> usize {
+    scan(line).1.unwrap_or(line.len())
+}
+
+/// `value` as it may stand in `context`, or why it cannot.
+fn fitted(value: &str, context: Context) -> Result<std::borrow::Cow<'_, str>, &'static str> {
+    use std::fmt::Write as _;
+    match context {
+        Context::Basic => {
+            if !value.contains(|c: char| c == '"' || c == '\\' || c.is_control()) {
+                return Ok(value.into());
+            }
+            let mut out = String::with_capacity(value.len() + 8);
+            for c in value.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\t' => out.push_str("\\t"),
+                    '\r' => out.push_str("\\r"),
+                    c if c.is_control() => {
+                        let _ = write!(out, "\\u{:04X}", u32::from(c));
+                    }
+                    c => out.push(c),
+                }
+            }
+            Ok(out.into())
+        }
+        Context::Literal
+            if value.contains(|c: char| c == '\'' || (c.is_control() && c != '\t')) =>
+        {
+            Err(UNFIT_LITERAL)
+        }
+        Context::Literal => Ok(value.into()),
+        Context::Bare
+            if value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c)) =>
+        {
+            Ok(value.into())
+        }
+        Context::Bare => Err(UNFIT_BARE),
+    }
 }
 
 fn interpolate_line(
@@ -52,7 +122,7 @@ fn interpolate_line(
     line: usize,
     lookup: &impl Fn(&str) -> Option<String>,
     out: &mut String,
-    missing: &mut Vec<MissingVar>,
+    problems: &mut Vec<EnvProblem>,
 ) {
     let mut rest = text;
     while let Some(pos) = rest.find('$') {
@@ -78,18 +148,32 @@ fn interpolate_line(
             Some((name, default)) => (name, Some(default)),
             None => (expr, None),
         };
-        match (
-            lookup(name).filter(|v| !v.is_empty() || default.is_none()),
-            default,
-        ) {
-            (Some(value), _) => out.push_str(&value),
-            (None, Some(default)) => out.push_str(default),
-            (None, None) => {
-                missing.push(MissingVar {
-                    name: name.to_string(),
-                    line,
-                });
+        let value = lookup(name).filter(|v| !v.is_empty() || default.is_none());
+        let problem = match (value.as_deref(), default) {
+            (Some(value), _) => {
+                // The context is that of the text written so far on this line.
+                let written = &out[out.rfind('\n').map_or(0, |i| i + 1)..];
+                match fitted(value, scan(written).0) {
+                    Ok(fitted) => {
+                        out.push_str(&fitted);
+                        None
+                    }
+                    Err(message) => Some(message),
+                }
             }
+            // A default is written by the config's author: it goes in as written.
+            (None, Some(default)) => {
+                out.push_str(default);
+                None
+            }
+            (None, None) => Some(MISSING),
+        };
+        if let Some(message) = problem {
+            problems.push(EnvProblem {
+                name: name.to_string(),
+                line,
+                message,
+            });
         }
         rest = &body_start[end + 1..];
     }
@@ -135,18 +219,47 @@ mod tests {
     #[test]
     fn reports_every_missing_variable_with_its_line() {
         let err = interpolate("a = 1\nb = \"${ONE}\"\nc = \"${TWO}\"", env).unwrap_err();
-        assert_eq!(
-            err,
-            vec![
-                MissingVar {
-                    name: "ONE".into(),
-                    line: 2
-                },
-                MissingVar {
-                    name: "TWO".into(),
-                    line: 3
+        let found: Vec<(&str, usize)> = err.iter().map(|p| (p.name.as_str(), p.line)).collect();
+        assert_eq!(found, [("ONE", 2), ("TWO", 3)]);
+        assert!(err.iter().all(|p| p.message == MISSING));
+    }
+
+    #[test]
+    fn values_go_in_as_values_never_as_syntax() {
+        let odd = |name: &str| {
+            Some(
+                match name {
+                    "PASS" => "pa\"ss\\wo\trd",
+                    "INJECT" => "x\"\n[upstreams.evil]\ninstances = [\"6.6.6.6:80\"]\nkey = \"",
+                    "NUMBER" => "42",
+                    _ => return None,
                 }
-            ]
+                .to_owned(),
+            )
+        };
+        // Inside "...", escaped: the parsed string is the value, whatever it holds.
+        let text = interpolate("password = \"${PASS}\"\nname = \"${INJECT}\"\n", odd).unwrap();
+        let parsed: toml::Table = text.parse().unwrap();
+        assert_eq!(parsed["password"].as_str(), Some("pa\"ss\\wo\trd"));
+        assert_eq!(parsed["name"].as_str(), odd("INJECT").as_deref());
+        assert_eq!(parsed.len(), 2);
+        // Outside quotes only a bare scalar fits; inside '...' no quote or line break.
+        assert_eq!(
+            interpolate("retries = ${NUMBER}", odd).unwrap(),
+            "retries = 42"
         );
+        let literal: toml::Table = interpolate("key = '${PASS}'", odd)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(literal["key"].as_str(), odd("PASS").as_deref());
+        for text in [
+            "retries = ${INJECT}",
+            "key = '${INJECT}'",
+            "key = \"a\" ${PASS}",
+        ] {
+            let err = interpolate(text, odd).unwrap_err();
+            assert_ne!(err[0].message, MISSING, "{text}");
+        }
     }
 }

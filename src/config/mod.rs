@@ -188,14 +188,14 @@ impl Config {
 
     /// Interpolates `${ENV}` from the process environment, parses and validates.
     pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
-        let text = env::interpolate(text, |name| std::env::var(name).ok()).map_err(|missing| {
+        let text = env::interpolate(text, |name| std::env::var(name).ok()).map_err(|problems| {
             ConfigErrors(
-                missing
+                problems
                     .into_iter()
-                    .map(|var| ConfigError {
-                        key: format!("${{{}}}", var.name),
-                        line: Some(var.line),
-                        message: "environment variable is not set and has no default (use ${NAME:-default})".into(),
+                    .map(|problem| ConfigError {
+                        key: format!("${{{}}}", problem.name),
+                        line: Some(problem.line),
+                        message: problem.message.into(),
                     })
                     .collect(),
             )
