@@ -586,9 +586,17 @@ async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     drop(leaving);
     reset.abort();
+    // A head refused as it is read gets its line too, with the ID its answer carries.
+    let refused = raw_exchange(gw.proxy, b"NOT HTTP AT ALL\r\n\r\n");
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+    let refused_id = refused
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap()
+        .to_string();
     let logged = eventually(Duration::from_secs(5), || async {
         let lines = access_lines(&gw);
-        ["served-1", "left-h1", "left-h2"]
+        ["served-1", "left-h1", "left-h2", refused_id.as_str()]
             .iter()
             .all(|id| lines.contains_key(*id))
     })
@@ -613,6 +621,16 @@ async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
         )
     );
     assert!(line["duration_ms"].as_f64().unwrap() >= 400.0, "{line}");
+    let line = &lines[&refused_id];
+    assert_eq!(
+        (
+            &line["status"],
+            &line["method"],
+            &line["path"],
+            &line["upstream"]
+        ),
+        (&400.into(), &"-".into(), &"-".into(), &"-".into())
+    );
     // nginx's 499: the client closed the request before its answer.
     for (id, path) in [("left-h1", "/gone"), ("left-h2", "/reset")] {
         let line = &lines[id];
@@ -624,16 +642,25 @@ async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
     }
     let metrics = get(&client, &gw.admin_url("/metrics")).await.body;
     let metrics = String::from_utf8_lossy(&metrics);
-    let count = |class: &str| {
-        let labels = format!("status=\"{class}\"}}");
+    let count = |route: &str, class: &str| {
+        let (route, status) = (
+            format!("{{route=\"{route}\""),
+            format!("status=\"{class}\"}}"),
+        );
         metrics
             .lines()
-            .find(|line| line.starts_with("scalegate_requests_total{") && line.contains(&labels))
+            .filter(|line| line.starts_with("scalegate_requests_total{"))
+            .find(|line| line.contains(&route) && line.contains(&status))
             .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
     };
+    // The refused head counts where requests no route matched do.
     assert_eq!(
-        (count("2xx"), count("4xx")),
-        (Some(1), Some(2)),
+        (
+            count("app", "2xx"),
+            count("app", "4xx"),
+            count("-", "4xx")
+        ),
+        (Some(1), Some(2), Some(1)),
         "{metrics}"
     );
 }

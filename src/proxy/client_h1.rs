@@ -149,7 +149,9 @@ pub async fn serve(
             NextHead::Request(head) => head,
             NextHead::Closed => return conn.close().await,
             NextHead::Refused(error) => {
-                let response = error.response(&gateway.new_request_id());
+                let request_id = gateway.new_request_id();
+                let response = error.response(&request_id);
+                forward::record_refused(&gateway, &client, error.status(), request_id);
                 let _ = conn
                     .write_response(response, false, false, false, None)
                     .await;

@@ -144,6 +144,29 @@ pub async fn handle(
     Ok(response)
 }
 
+/// Logs and counts a request refused as its head was read (400, 414, 431, 505): it has no
+/// route, and its method and path are logged as `-`, as nginx logs a request it could not
+/// parse.
+pub fn record_refused(
+    gateway: &Gateway,
+    client: &ClientAddr,
+    status: http::StatusCode,
+    request_id: HeaderValue,
+) {
+    let runtime = gateway.runtime.load_full();
+    drop(RequestRecord {
+        gateway,
+        started: Instant::now(),
+        method: Method::from_bytes(b"-").expect("a token"),
+        path: runtime.config.server.access_log.then(|| "-".to_owned()),
+        request_id,
+        client_ip: client.addr.ip(),
+        runtime,
+        route: None,
+        status: status.as_u16(),
+    });
+}
+
 /// One request's access-log line and counters, written when it is dropped: at the end of
 /// [`handle`], or on the way when the request is abandoned (its HTTP/1.1 client left, its
 /// HTTP/2 stream was reset), which is then recorded as 499, as nginx logs it.
