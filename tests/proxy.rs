@@ -655,11 +655,7 @@ async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
     };
     // The refused head counts where requests no route matched do.
     assert_eq!(
-        (
-            count("app", "2xx"),
-            count("app", "4xx"),
-            count("-", "4xx")
-        ),
+        (count("app", "2xx"), count("app", "4xx"), count("-", "4xx")),
         (Some(1), Some(2), Some(1)),
         "{metrics}"
     );

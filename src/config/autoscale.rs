@@ -14,7 +14,6 @@ use crate::autoscale::policy::{
 use crate::autoscale::schedule::{Cron, Schedule};
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawAutoscale {
     #[serde(default = "one")]
     pub min: u32,
@@ -71,7 +70,6 @@ fn discover_interval() -> String {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawRules {
     pub stabilization: Option<String>,
     pub select_policy: Option<String>,
@@ -79,7 +77,6 @@ pub struct RawRules {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawPolicy {
     #[serde(rename = "type")]
     pub kind: String,
@@ -88,7 +85,6 @@ pub struct RawPolicy {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawSchedule {
     pub cron: String,
     pub min: Option<u32>,
@@ -96,7 +92,6 @@ pub struct RawSchedule {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawDiscover {
     pub dns: String,
     #[serde(default = "discover_interval")]

@@ -43,7 +43,7 @@ pub struct RouteCacheConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawCache {
     pub max_size: String,
     pub store: String,
@@ -59,7 +59,7 @@ impl Default for RawCache {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawRouteCache {
     pub ttl: String,
     pub stale_while_revalidate: String,

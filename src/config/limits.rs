@@ -15,7 +15,7 @@ use super::Problems;
 use crate::ratelimit::algorithm::{Algorithm, Quota};
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawState {
     pub redis_url: Option<String>,
     /// PEM file of the CA that signed the server certificate of `rediss://` URLs (instead of
@@ -39,7 +39,7 @@ impl Default for RawState {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawRateLimit {
     pub store: String,
     pub trusted_proxies: Vec<String>,
@@ -59,7 +59,6 @@ impl Default for RawRateLimit {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawRule {
     pub name: Option<String>,
     #[serde(default = "ip")]
@@ -81,7 +80,7 @@ fn gcra() -> String {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawAuth {
     pub api_keys: Vec<String>,
     pub api_keys_file: Option<String>,
@@ -100,7 +99,7 @@ impl Default for RawAuth {
 
 /// `[server.http2]`: the settings the gateway announces to HTTP/2 clients, and its pings.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawHttp2 {
     pub max_concurrent_streams: u32,
     pub initial_stream_window: String,

@@ -200,22 +200,40 @@ impl Config {
                     .collect(),
             )
         })?;
-        let raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(&text))
-            .map_err(|err| {
-                let key = err.path().to_string();
-                let err = err.into_inner();
-                let line = err.span().map(|span| lines::line_at(&text, span.start));
-                ConfigErrors(vec![ConfigError {
-                    // The path is `.` when the error is not inside a key (a syntax error).
-                    key: if key == "." { "config".into() } else { key },
-                    line,
-                    message: err.message().to_string(),
-                }])
-            })?;
-        raw.validate().map_err(|mut errors| {
-            lines::place(&text, &mut errors.0);
-            errors
-        })
+        // Keys no field takes are collected rather than failing at the first, so one run of
+        // `check` names every misspelt key.
+        let mut unknown = Vec::new();
+        let mut note_unknown = |path: serde_ignored::Path| {
+            let key = key_path(&path);
+            let name = key.rsplit('.').next().unwrap_or_default();
+            let message = format!("unknown field `{name}`: no such key here (misspelt?)");
+            unknown.push(ConfigError {
+                line: None,
+                message,
+                key,
+            });
+        };
+        let ignoring =
+            serde_ignored::Deserializer::new(toml::Deserializer::new(&text), &mut note_unknown);
+        let parsed: Result<RawConfig, _> = serde_path_to_error::deserialize(ignoring);
+        let raw = parsed.map_err(|err| {
+            let key = err.path().to_string();
+            let err = err.into_inner();
+            let line = err.span().map(|span| lines::line_at(&text, span.start));
+            ConfigErrors(vec![ConfigError {
+                // The path is `.` when the error is not inside a key (a syntax error).
+                key: if key == "." { "config".into() } else { key },
+                line,
+                message: err.message().to_string(),
+            }])
+        })?;
+        let mut errors = match raw.validate() {
+            Ok(config) if unknown.is_empty() => return Ok(config),
+            Ok(_) => unknown,
+            Err(ConfigErrors(problems)) => unknown.into_iter().chain(problems).collect(),
+        };
+        lines::place(&text, &mut errors);
+        Err(ConfigErrors(errors))
     }
 
     /// The zero-config form: the proxy and admin listeners, one `default` upstream, one
@@ -308,6 +326,22 @@ pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
     Err(format!("`{text}` is not an address (expected IP:PORT)"))
 }
 
+/// A key path as the config errors write it (`upstreams.app.instances[1].wieght`).
+fn key_path(path: &serde_ignored::Path) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", key_path(parent)),
+        Path::Map { parent, key } => match key_path(parent) {
+            parent if parent.is_empty() => key.clone(),
+            parent => format!("{parent}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => key_path(parent),
+    }
+}
+
 /// `consistent_hash` key from its config spelling: `ip`, `header:NAME` or `cookie:NAME`.
 pub(crate) fn parse_hash_key(problems: &mut Problems, key: &str, text: &str) -> HashKey {
     if text == "ip" {
@@ -387,6 +421,24 @@ upstream = "missing"
             .0;
         assert_eq!(err[0].line, Some(3));
         assert!(err[0].message.contains("lisen"), "{}", err[0].message);
+        // Every unknown key at once, each with its line, beside the other problems.
+        let err = Config::from_toml(
+            "[server]\nlisen = 3\n[upstreams.a]\ninstances = [\"127.0.0.1:1\"]\nretires = 2\n\
+             [[routes]]\nupstream = \"nowhere\"\nhots = \"x\"\n",
+        )
+        .unwrap_err()
+        .0;
+        let found: Vec<(&str, Option<usize>)> =
+            err.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            found,
+            [
+                ("server.lisen", Some(2)),
+                ("upstreams.a.retires", Some(5)),
+                ("routes[0].hots", Some(8)),
+                ("routes[0].upstream", Some(7)),
+            ]
+        );
         let err =
             Config::from_toml("[upstreams.a]\ninstances = [\"127.0.0.1:1\"]\nretries = \"x\"\n")
                 .unwrap_err()

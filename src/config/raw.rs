@@ -17,7 +17,6 @@ use super::{
 use crate::balance::Strategy;
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     #[serde(default)]
     pub server: RawServer,
@@ -39,7 +38,7 @@ pub struct RawConfig {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawServer {
     pub listen: String,
     pub admin_listen: Option<String>,
@@ -87,7 +86,7 @@ impl Default for RawServer {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawAdmin {
     pub listen: Option<String>,
     pub username: Option<String>,
@@ -95,7 +94,7 @@ pub struct RawAdmin {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawUpstream {
     pub strategy: String,
     pub hash_key: Option<String>,
@@ -156,7 +155,6 @@ pub enum RawInstance {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawInstanceTable {
     addr: String,
     #[serde(default = "one")]
@@ -196,7 +194,7 @@ fn one() -> u32 {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawActiveHealth {
     pub path: String,
     pub interval: String,
@@ -220,7 +218,6 @@ impl Default for RawActiveHealth {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawRoute {
     pub name: Option<String>,
     pub host: Option<String>,

@@ -10,7 +10,6 @@ use super::Problems;
 use crate::tls::{load_certificate, TlsCertificate};
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawTls {
     #[serde(default = "default_listen")]
     pub listen: String,
@@ -25,7 +24,6 @@ pub struct RawTls {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawCertificate {
     pub cert: String,
     pub key: String,

@@ -13,7 +13,7 @@ use crate::tls::client::{client_config, Verify};
 use crate::tls::{load_certificate, load_certificates};
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RawUpstreamTls {
     /// PEM file of the CA(s) instance certificates must chain to; default the system roots.
     pub ca: Option<String>,
