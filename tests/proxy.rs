@@ -28,6 +28,13 @@ async fn instance_counts(
     counts
 }
 
+/// `POST /api/upstreams/app/instances` with `addr`.
+async fn add_instance(client: &Client, gw: &Gateway, addr: std::net::SocketAddr) -> Reply {
+    let body = format!("{{\"addr\": \"{addr}\"}}");
+    let url = gw.admin_url("/api/upstreams/app/instances");
+    request(client, "POST", &url, &[], &body).await.unwrap()
+}
+
 #[tokio::test]
 async fn round_robin_spreads_evenly_and_weights_count() {
     let a = demo_backend(&[]);
@@ -110,17 +117,7 @@ async fn reloads_keep_health_verdicts_and_run_time_instances_right() {
     };
     // An instance added through the admin API stays across a reload that changes the
     // connection settings (it used to be dropped).
-    let body = format!("{{\"addr\": \"{}\"}}", d.addr());
-    let added = request(
-        &client,
-        "POST",
-        &gw.admin_url("/api/upstreams/app/instances"),
-        &[],
-        &body,
-    )
-    .await
-    .unwrap();
-    assert_eq!(added.status, 201);
+    assert_eq!(add_instance(&client, &gw, d.addr()).await.status, 201);
     let all_three = sorted(vec![port(&a), port(&b), port(&d)]);
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -457,17 +454,7 @@ async fn draining_through_the_admin_api_loses_nothing() {
     let json = get(&client, &gw.admin_url("/api/upstreams")).await.json();
     assert_eq!(json["upstreams"][0]["strategy"], "round_robin");
     // And it can be added back.
-    let body = format!("{{\"addr\": \"{}\"}}", a.addr());
-    let reply = request(
-        &client,
-        "POST",
-        &gw.admin_url("/api/upstreams/app/instances"),
-        &[],
-        &body,
-    )
-    .await
-    .unwrap();
-    assert_eq!(reply.status, 201);
+    assert_eq!(add_instance(&client, &gw, a.addr()).await.status, 201);
     let counts = instance_counts(&client, &gw, 4, &[]).await;
     assert_eq!(counts.len(), 2);
 
