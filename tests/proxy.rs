@@ -1296,6 +1296,27 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
 }
 
 #[tokio::test]
+async fn shutdown_delay_serves_on_while_health_says_503() {
+    let a = demo_backend(&[]);
+    let mut gw = gateway_with_server_keys("shutdown_delay = \"1500ms\"", &app_config(&[&a], ""));
+    let client = client();
+    signal(gw.proc.pid(), "TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let health = get(&client, &gw.admin_url("/health")).await;
+    assert_eq!(health.status, 503);
+    // A new connection is still accepted and served while load balancers catch up.
+    let answer = raw_exchange(
+        gw.proxy,
+        b"GET /work HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let status = tokio::task::spawn_blocking(move || gw.proc.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
 async fn folded_headers_and_bare_lf_never_smuggle() {
     let a = demo_backend(&[]);
     let gw = gateway(&app_config(&[&a], ""));

@@ -103,6 +103,8 @@ pub struct ServerConfig {
     /// What HTTP/2 clients may open and send.
     pub http2: limits::Http2Config,
     pub shutdown_grace: Duration,
+    /// After SIGTERM/SIGINT, how long to go on accepting while /health answers 503.
+    pub shutdown_delay: Duration,
 }
 
 #[derive(Debug, Clone)]

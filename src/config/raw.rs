@@ -57,6 +57,7 @@ pub struct RawServer {
     pub body_read_timeout: String,
     pub min_body_rate: String,
     pub shutdown_grace: String,
+    pub shutdown_delay: String,
     pub http2: limits::RawHttp2,
 }
 
@@ -80,6 +81,7 @@ impl Default for RawServer {
             body_read_timeout: "30s".into(),
             min_body_rate: "1KiB".into(),
             shutdown_grace: "30s".into(),
+            shutdown_delay: "0s".into(),
             http2: limits::RawHttp2::default(),
         }
     }
@@ -479,6 +481,7 @@ fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
         min_body_rate: p.size("server.min_body_rate", &raw.min_body_rate),
         http2: limits::validate_http2(p, &raw.http2),
         shutdown_grace: p.duration("server.shutdown_grace", &raw.shutdown_grace),
+        shutdown_delay: p.duration("server.shutdown_delay", &raw.shutdown_delay),
     }
 }
 

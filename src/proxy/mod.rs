@@ -335,7 +335,20 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     ));
     tokio::spawn(reload_on_sighup(gateway.clone()));
     tokio::spawn(close_expired_connections(gateway.clone()));
-    let signal = wait_for_stop_signal();
+    let signal = async {
+        wait_for_stop_signal().await;
+        // Load balancers and Kubernetes endpoints learn of the stop only from /health: keep
+        // serving a while after it turned 503, then stop accepting.
+        let delay = gateway.runtime.load().config.server.shutdown_delay;
+        if !delay.is_zero() {
+            gateway.draining.store(true, Ordering::Relaxed);
+            tracing::info!(
+                delay_secs = delay.as_secs_f64(),
+                "/health answers 503; serving on for shutdown_delay"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    };
     tokio::pin!(signal);
     accept_loop(gateway.clone(), proxy_listener, tls_listener, &mut signal).await;
     gateway.draining.store(true, Ordering::Relaxed);
