@@ -129,10 +129,22 @@ async fn reloads_keep_health_verdicts_and_run_time_instances_right() {
     set_health(&client, &c, false).await;
     set_health(&client, &b, false).await;
     let with_c = format!("connect_timeout = \"1500ms\"\n{checks}");
-    gw.reload_with(&app_config(&[&a, &b, &c], &with_c));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    gw.write_config(&app_config(&[&a, &b, &c], &with_c));
+    let reload_url = gw.admin_url("/api/reload");
+    let reload = request(&client, "POST", &reload_url, &[], "")
+        .await
+        .unwrap();
+    assert_eq!(reload.status, 200);
+    // At once, before any check of it ran, c gets nothing; b leaves once its checks fail.
+    let first = ports(instance_counts(&client, &gw, 8, &[]).await);
+    assert!(!first.contains(&port(&c)), "{first:?}");
     let serving = sorted(vec![port(&a), port(&d)]);
-    assert_eq!(ports(instance_counts(&client, &gw, 8, &[]).await), serving);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            ports(instance_counts(&client, &gw, 8, &[]).await) == serving
+        })
+        .await
+    );
     // Without [health] the checks' last verdict no longer holds: b and c serve again.
     gw.reload_with(&app_config(&[&a, &b, &c], "connect_timeout = \"1500ms\""));
     let everyone = sorted(vec![port(&a), port(&b), port(&c), port(&d)]);
@@ -179,7 +191,16 @@ async fn the_admin_api_answers_odd_requests_clearly() {
         let (client, url) = (client.clone(), gw.url("/work?latency_ms=1000"));
         tokio::spawn(async move { get(&client, &url).await.status })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let in_flight = || async {
+        let detailed = call("GET", "/health/detailed", "").await.json();
+        detailed["upstreams"][0]["instances"][0]["in_flight"].as_u64()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            in_flight().await == Some(1)
+        })
+        .await
+    );
     let encoded = format!(
         "/api/upstreams/app/instances/127.0.0.1%3A{}",
         a.addr().port()

@@ -156,6 +156,12 @@ impl Gateway {
         signal(self.proc.pid(), "HUP");
     }
 
+    /// Rewrites the config file (same listeners) without signalling: `POST /api/reload` then
+    /// applies it before it answers.
+    pub fn write_config(&self, body: &str) {
+        std::fs::write(&self.config_path, with_listeners(body)).unwrap();
+    }
+
     /// As [`Gateway::reload_with`], with more `[server]` keys beside the test listeners.
     pub fn reload_with_server_keys(&self, keys: &str, body: &str) {
         self.reload_with(&format!("{TEST_SERVER}{keys}\n\n{body}"));
