@@ -287,6 +287,9 @@ impl Gateway {
 /// Runs the gateway until SIGTERM/SIGINT, then drains: the proxy stops accepting, `/health`
 /// answers 503, in-flight requests finish within `shutdown_grace`.
 pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Result<()> {
+    // Before anything is announced: a SIGTERM sent right after the "listening" lines must
+    // drain, not kill the process by the default action.
+    let stop_signals = StopSignals::register()?;
     let (listen, admin_listen) = (config.server.listen, config.admin.listen);
     let tls_listen = config.tls.as_ref().map(|tls| tls.listen);
     let gateway = Gateway::new(config, config_path);
@@ -336,7 +339,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     tokio::spawn(reload_on_sighup(gateway.clone()));
     tokio::spawn(close_expired_connections(gateway.clone()));
     let signal = async {
-        wait_for_stop_signal().await;
+        stop_signals.received().await;
         // Load balancers and Kubernetes endpoints learn of the stop only from /health: keep
         // serving a while after it turned 503, then stop accepting.
         let delay = gateway.runtime.load().config.server.shutdown_delay;
@@ -646,13 +649,26 @@ async fn accept_on(
     }
 }
 
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// SIGTERM and SIGINT, caught from the moment they are registered.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn register() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn received(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
 
