@@ -56,6 +56,33 @@ async fn round_robin_spreads_evenly_and_weights_count() {
 }
 
 #[tokio::test]
+async fn fail_on_status_takes_an_instance_answering_500_out() {
+    let failing = demo_backend(&["--fail-rate", "1"]);
+    let fine = demo_backend(&[]);
+    let client = client();
+    let statuses = |gw: Gateway| {
+        let client = client.clone();
+        async move {
+            let mut statuses = Vec::new();
+            for _ in 0..6 {
+                statuses.push(get(&client, &gw.url("/work")).await.status);
+            }
+            statuses.iter().filter(|s| **s == 500).count()
+        }
+    };
+    // By default an answer is an answer: round robin sends every other request to it.
+    let plain = gateway(&app_config(&[&failing, &fine], ""));
+    assert_eq!(statuses(plain).await, 3);
+    // Counted as a failure, the first 500 takes it out (max_fails = 1); the 500 itself still
+    // reaches the client, never retried.
+    let counted = gateway(&app_config(
+        &[&failing, &fine],
+        "fail_on_status = [500, 502, 503]",
+    ));
+    assert_eq!(statuses(counted).await, 1);
+}
+
+#[tokio::test]
 async fn a_retry_leaves_the_rotation_as_it_was() {
     // One of two instances refuses connections and passive checks are off: every request is
     // served, and the refusing one is met first by every other request, not by all of them.

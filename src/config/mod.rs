@@ -157,11 +157,13 @@ pub struct ActiveHealthConfig {
     pub expect_status: (u16, u16),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PassiveHealthConfig {
     /// Failures within `fail_timeout` that take an instance out; 0 disables passive checks.
     pub max_fails: u32,
     pub fail_timeout: Duration,
+    /// Answer statuses that count as failures too (Envoy's consecutive 5xx); none by default.
+    pub fail_on_status: Vec<u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -498,6 +500,26 @@ upstream = "missing"
             "{}",
             errors[10].message
         );
+    }
+
+    #[test]
+    fn fail_on_status_takes_http_statuses_only() {
+        let text =
+            "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nfail_on_status = [500, 99, 600]\n\
+                    [[routes]]\nupstream = \"app\"\n";
+        let errors = Config::from_toml(text).unwrap_err().0;
+        let found: Vec<(&str, Option<usize>)> =
+            errors.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            found,
+            [
+                ("upstreams.app.fail_on_status", Some(3)),
+                ("upstreams.app.fail_on_status", Some(3))
+            ]
+        );
+        let fine = text.replace("500, 99, 600", "500, 503");
+        let config = Config::from_toml(&fine).unwrap();
+        assert_eq!(config.upstreams[0].passive.fail_on_status, [500, 503]);
     }
 
     #[test]

@@ -112,6 +112,7 @@ pub struct RawUpstream {
     pub health: Option<RawActiveHealth>,
     pub max_fails: u32,
     pub fail_timeout: String,
+    pub fail_on_status: Vec<u16>,
     pub max_in_flight: u32,
     pub queue_size: usize,
     pub queue_timeout: String,
@@ -137,6 +138,7 @@ impl Default for RawUpstream {
             health: None,
             max_fails: 1,
             fail_timeout: "10s".into(),
+            fail_on_status: Vec::new(),
             max_in_flight: 0,
             queue_size: DEFAULT_QUEUE_SIZE,
             queue_timeout: DEFAULT_QUEUE_TIMEOUT.into(),
@@ -610,6 +612,19 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
             max_fails: raw.max_fails,
             // max_fails = 0 is how passive checks are turned off.
             fail_timeout: p.positive_duration(&format!("{key}.fail_timeout"), &raw.fail_timeout),
+            fail_on_status: {
+                for status in raw
+                    .fail_on_status
+                    .iter()
+                    .filter(|s| !(100..=599).contains(*s))
+                {
+                    p.push(
+                        format!("{key}.fail_on_status"),
+                        format!("{status} is not an HTTP status (100-599)"),
+                    );
+                }
+                raw.fail_on_status.clone()
+            },
         },
         drain_timeout,
         autoscale,

@@ -34,6 +34,7 @@ use super::tunnel::{self, ClientUpgrade};
 use super::upstream::{InFlightGuard, Instance, NoInstance};
 use super::{Gateway, Runtime};
 use crate::balance::{hash_bytes, HashKey, Strategy};
+use crate::config::UpstreamConfig;
 use crate::http1::recycle_map;
 
 /// The client end of a connection, its IP rendered once per connection for X-Forwarded-For.
@@ -471,6 +472,7 @@ async fn to_instance(
         .await
         {
             Ok(Answer::Http2(response)) => {
+                count_failing_status(&instance, config, response.status());
                 let (mut head, incoming) = response.into_parts();
                 head.version = Version::HTTP_11;
                 strip_hop_by_hop(&mut head.headers);
@@ -481,6 +483,7 @@ async fn to_instance(
                 return Ok(Response::from_parts(head, body));
             }
             Ok(Answer::Http1(conn, mut answer)) => {
+                count_failing_status(&instance, config, answer.head.status);
                 let switched = answer.head.status == http::StatusCode::SWITCHING_PROTOCOLS;
                 if switched {
                     let Some(client_side) = client_upgrade.take() else {
@@ -820,6 +823,14 @@ fn join_cookies(headers: &mut HeaderMap) {
     }
     if let Ok(joined) = HeaderValue::from_bytes(&joined) {
         headers.insert(header::COOKIE, joined);
+    }
+}
+
+/// An answer whose status the upstream's `fail_on_status` lists counts against the instance's
+/// passive health; it still goes to the client (it is an answer: never retried).
+fn count_failing_status(instance: &Instance, config: &UpstreamConfig, status: http::StatusCode) {
+    if config.passive.fail_on_status.contains(&status.as_u16()) {
+        instance.record_failure(Instant::now(), config);
     }
 }
 
