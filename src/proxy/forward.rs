@@ -533,7 +533,11 @@ async fn to_instance(
                     }
                     NextAttempt::Retry => {
                         last_error = error;
-                        if attempts > config.retries || !upstream.retry_budget.try_withdraw(now) {
+                        // The attempt's `now` may be a response timeout old.
+                        let retry_at = Instant::now();
+                        if attempts > config.retries
+                            || !upstream.retry_budget.try_withdraw(retry_at)
+                        {
                             return Err(last_error);
                         }
                         instance.retries.fetch_add(1, Ordering::Relaxed);

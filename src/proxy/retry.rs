@@ -137,10 +137,11 @@ impl RetryBudget {
         let second = now.saturating_duration_since(self.origin).as_secs();
         let mut current = self.floor.load(Ordering::Relaxed);
         loop {
-            let used = if current >> 16 == second {
-                current & 0xffff
-            } else {
-                0
+            // The window only moves forward: a caller with an older `now` counts against the
+            // current second rather than starting its own.
+            let (second, used) = match current >> 16 {
+                current_second if current_second >= second => (current_second, current & 0xffff),
+                _ => (second, 0),
             };
             if used >= FLOOR_PER_SECOND {
                 return false;
@@ -226,6 +227,17 @@ mod tests {
             let allowed = (0..50).filter(|_| budget.try_withdraw(now)).count();
             assert_eq!(allowed, 10, "second {later}");
         }
+    }
+
+    #[test]
+    fn an_older_instant_never_reopens_the_floor() {
+        let budget = RetryBudget::new(0.0);
+        let start = Instant::now();
+        let later = start + Duration::from_secs(3);
+        assert_eq!((0..20).filter(|_| budget.try_withdraw(later)).count(), 10);
+        // Interleaved callers with an instant from the second before: no new ten.
+        assert_eq!((0..20).filter(|_| budget.try_withdraw(start)).count(), 0);
+        assert_eq!((0..20).filter(|_| budget.try_withdraw(later)).count(), 0);
     }
 
     #[test]
