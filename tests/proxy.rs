@@ -590,11 +590,8 @@ fn access_lines(gw: &Gateway) -> HashMap<String, serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
     use std::io::Write;
-    let a = demo_backend(&["--latency-ms", "400"]);
-    let gw = gateway_logging(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\n{}",
-        app_config(&[&a], "")
-    ));
+    let a = demo_backend(&["--latency-ms", "1000"]);
+    let gw = gateway_logging(&app_config(&[&a], ""));
     let client = client();
     let served = request(
         &client,
@@ -618,10 +615,21 @@ async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
         tokio::spawn(
             async move { request(&h2, "GET", &url, &[("x-request-id", "left-h2")], "").await },
         );
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Both are at the instance before their clients go.
+    let in_flight = || async {
+        let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
+        detailed["upstreams"][0]["instances"][0]["in_flight"].as_u64()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            in_flight().await == Some(2)
+        })
+        .await
+    );
     drop(leaving);
     reset.abort();
-    // A head refused as it is read gets its line too, with the ID its answer carries.
+    // Heads refused as they are read get their line too, with the ID their answer carries:
+    // an HTTP/1.1 one, and an HTTP/2 one malformed by RFC 9113 §8.2.1.
     let refused = raw_exchange(gw.proxy, b"NOT HTTP AT ALL\r\n\r\n");
     assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
     let refused_id = refused
@@ -629,9 +637,20 @@ async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
         .find_map(|l| l.strip_prefix("x-request-id: "))
         .unwrap()
         .to_string();
+    let padded = request(
+        &h2c_client(),
+        "GET",
+        &gw.url("/x"),
+        &[("x-padded", "a ")],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(padded.status, 400);
+    let padded_id = padded.header("x-request-id").to_string();
     let logged = eventually(Duration::from_secs(5), || async {
         let lines = access_lines(&gw);
-        ["served-1", "left-h1", "left-h2", refused_id.as_str()]
+        ["served-1", "left-h1", "left-h2", &refused_id, &padded_id]
             .iter()
             .all(|id| lines.contains_key(*id))
     })
@@ -655,17 +674,19 @@ async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
             &"127.0.0.1".into()
         )
     );
-    assert!(line["duration_ms"].as_f64().unwrap() >= 400.0, "{line}");
-    let line = &lines[&refused_id];
-    assert_eq!(
-        (
-            &line["status"],
-            &line["method"],
-            &line["path"],
-            &line["upstream"]
-        ),
-        (&400.into(), &"-".into(), &"-".into(), &"-".into())
-    );
+    assert!(line["duration_ms"].as_f64().unwrap() >= 1000.0, "{line}");
+    for id in [&refused_id, &padded_id] {
+        let line = &lines[id];
+        assert_eq!(
+            (
+                &line["status"],
+                &line["method"],
+                &line["path"],
+                &line["upstream"]
+            ),
+            (&400.into(), &"-".into(), &"-".into(), &"-".into())
+        );
+    }
     // nginx's 499: the client closed the request before its answer.
     for (id, path) in [("left-h1", "/gone"), ("left-h2", "/reset")] {
         let line = &lines[id];
@@ -688,10 +709,10 @@ async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
             .find(|line| line.contains(&route) && line.contains(&status))
             .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
     };
-    // The refused head counts where requests no route matched do.
+    // The refused heads count where requests no route matched do.
     assert_eq!(
         (count("app", "2xx"), count("app", "4xx"), count("-", "4xx")),
-        (Some(1), Some(2), Some(1)),
+        (Some(1), Some(2), Some(2)),
         "{metrics}"
     );
 }

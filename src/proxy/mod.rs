@@ -487,7 +487,10 @@ async fn accept_loop(
                         let stream = ClientStream::Tcp(stream);
                         client_h1::serve(stream, gateway, client, limits, drain).await;
                     }
-                    Some(true) => serve_hyper(&builder, watcher, stream, gateway, client).await,
+                    Some(true) => {
+                        let underscores = limits.underscores_in_headers;
+                        serve_hyper(&builder, watcher, stream, gateway, client, underscores).await
+                    }
                     None => {}
                 }
                 drop(permit);
@@ -512,7 +515,8 @@ async fn accept_loop(
                 }
             };
             if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                serve_hyper(&builder, watcher, stream, gateway, client).await;
+                let underscores = limits.underscores_in_headers;
+                serve_hyper(&builder, watcher, stream, gateway, client, underscores).await;
             } else {
                 let stream = ClientStream::Tls(Box::new(stream));
                 client_h1::serve(stream, gateway, client, limits, drain).await;
@@ -542,6 +546,7 @@ async fn serve_hyper<I>(
     io: I,
     gateway: Arc<Gateway>,
     client: forward::ClientAddr,
+    underscores_in_headers: bool,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -559,10 +564,13 @@ async fn serve_hyper<I>(
                 .and_then(|_| forward::http2_malformation(&parts));
             if let Err(reason) = refused {
                 let refusal = ProxyError::BadRequest(reason);
-                return Ok(refusal.response(&gateway.new_request_id()));
+                let request_id = gateway.new_request_id();
+                let response = refusal.response(&request_id);
+                forward::record_refused(&gateway, &client, refusal.status(), request_id);
+                return Ok(response);
             }
             // client_h1 leaves such fields out as it parses.
-            if !gateway.runtime.load().config.server.underscores_in_headers {
+            if !underscores_in_headers {
                 headers::drop_underscored(&mut parts.headers);
             }
             let req = http::Request::from_parts(parts, body::ClientBody::Hyper(body));

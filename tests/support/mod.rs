@@ -164,7 +164,7 @@ impl Gateway {
 
     /// As [`Gateway::reload_with`], with more `[server]` keys beside the test listeners.
     pub fn reload_with_server_keys(&self, keys: &str, body: &str) {
-        self.reload_with(&format!("{TEST_SERVER}{keys}\n\n{body}"));
+        self.reload_with(&with_server_keys(keys, body));
     }
 }
 
@@ -179,9 +179,14 @@ fn with_listeners(body: &str) -> String {
     }
 }
 
+/// `body` with the test `[server]` table and more of its keys (`keys`, one per line).
+fn with_server_keys(keys: &str, body: &str) -> String {
+    format!("{TEST_SERVER}{keys}\n\n{body}")
+}
+
 /// [`gateway`] with more `[server]` keys (`keys`, one per line) beside the test listeners.
 pub fn gateway_with_server_keys(keys: &str, body: &str) -> Gateway {
-    gateway(&format!("{TEST_SERVER}{keys}\n\n{body}"))
+    gateway(&with_server_keys(keys, body))
 }
 
 /// Starts `scalegate serve --config` with `body` (a `[server]` section on ephemeral ports is
@@ -195,9 +200,11 @@ pub fn gateway_announcing(body: &str, listeners: usize) -> Gateway {
     start_gateway(body, listeners, false)
 }
 
-/// As [`gateway`], logging at `info` in JSON; its lines are in `proc.log_lines()`.
+/// As [`gateway`] with the access log on (test gateways have it off), logging at `info` in
+/// JSON; its lines are in `proc.log_lines()`.
 pub fn gateway_logging(body: &str) -> Gateway {
-    start_gateway(body, 2, true)
+    let server = TEST_SERVER.replace("access_log = false", "access_log = true");
+    start_gateway(&format!("{server}\n{body}"), 2, true)
 }
 
 fn start_gateway(body: &str, listeners: usize, keep_log: bool) -> Gateway {
