@@ -373,57 +373,87 @@ rate_limits = [{{ key = "api_key", limit = 2, period = "1m", burst = 1 }}]
     assert_eq!(backend_requests(&client, &backend).await, 5);
 }
 
+/// The first route's concurrency limit: requests in flight and waiting in its queue.
+async fn limit_state(client: &Client, gw: &Gateway) -> (u64, u64) {
+    let (_, report) = admin_json(client, gw, "/api/ratelimit").await;
+    let limit = &report["concurrency"]["routes"][0]["limit"];
+    (
+        limit["in_flight"].as_u64().unwrap(),
+        limit["waiting"].as_u64().unwrap(),
+    )
+}
+
+/// Waits until the limit reads `state`, for at most `within`.
+async fn limit_reaches(client: &Client, gw: &Gateway, state: (u64, u64), within: Duration) -> bool {
+    eventually(within, || async { limit_state(client, gw).await == state }).await
+}
+
+/// An instance slower than any wait below: a place freed before its answer was freed by the
+/// client leaving.
+const SLOW_MS: &str = "3000";
+const WELL_BEFORE_THE_ANSWER: Duration = Duration::from_millis(1500);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_leaves_takes_its_request_and_its_place_with_it() {
-    let backend = demo_backend(&["--latency-ms", "1000"]);
+    let backend = demo_backend(&["--latency-ms", SLOW_MS]);
     let config = format!(
         "[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\n\
          max_in_flight = 1\nqueue_size = 1\nqueue_timeout = \"5s\"\n",
         backend.addr()
     );
     let gw = gateway(&config);
-    // Two clients give up: the one queued, then the one being served (in that order, so the
-    // queued request cannot take the freed place before its own client's close is seen).
+    let client = client();
+    // One client is served, one waits in the queue.
     let mut leaving = Vec::new();
-    for _ in 0..2 {
-        let mut client = std::net::TcpStream::connect(gw.proxy).unwrap();
-        client
+    for state in [(1, 0), (1, 1)] {
+        let mut stream = std::net::TcpStream::connect(gw.proxy).unwrap();
+        stream
             .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
-        leaving.push(client);
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        leaving.push(stream);
+        assert!(limit_reaches(&client, &gw, state, Duration::from_secs(5)).await);
     }
-    while let Some(client) = leaving.pop() {
-        drop(client);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both give up, the queued one first (so it cannot take the place the other frees): each
+    // place is freed long before the instance would have answered.
+    for state in [(1, 0), (0, 0)] {
+        drop(leaving.pop());
+        assert!(
+            limit_reaches(&client, &gw, state, WELL_BEFORE_THE_ANSWER).await,
+            "{state:?}"
+        );
     }
-    // Both places are free again at once: a client that stays is served, not refused, and the
-    // queued request never reached the instance.
-    let client = client();
+    // A client that stays is served, and the queued request never reached the instance.
     assert_eq!(get(&client, &gw.url("/slow")).await.status, 200);
     assert_eq!(backend_requests(&client, &backend).await, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_leaves_after_sending_its_body_frees_its_place() {
-    let backend = demo_backend(&["--latency-ms", "1500"]);
+    let backend = demo_backend(&["--latency-ms", SLOW_MS]);
     let config = format!(
         "[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\n\
          max_in_flight = 1\nqueue_size = 0\n",
         backend.addr()
     );
     let gw = gateway(&config);
+    let client = client();
     for expect in ["", "Expect: 100-continue\r\n"] {
         let mut leaving = std::net::TcpStream::connect(gw.proxy).unwrap();
         let head = format!("POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n{expect}\r\n");
         leaving.write_all(head.as_bytes()).unwrap();
         leaving.write_all(b"hello").unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(limit_reaches(&client, &gw, (1, 0), Duration::from_secs(5)).await);
         drop(leaving);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        // The one place is free again: without a queue, a request finding it taken gets 503.
-        let status = get(&client(), &gw.url("/next")).await.status;
-        assert_eq!(status, 200, "{expect:?}");
+        assert!(
+            limit_reaches(&client, &gw, (0, 0), WELL_BEFORE_THE_ANSWER).await,
+            "{expect:?}"
+        );
+        // Without a queue, a request finding the place taken would get 503.
+        assert_eq!(
+            get(&client, &gw.url("/next")).await.status,
+            200,
+            "{expect:?}"
+        );
     }
 }
 
