@@ -590,7 +590,7 @@ impl Pool {
         // A fresh checkout leaves the idle connections where they are.
         if !fresh {
             while let Some(mut idle) = self.pop() {
-                if now.duration_since(idle.since) <= self.idle_timeout
+                if !self.expired(&idle, now)
                     && idle.conn.is_open()
                     && (!probe || idle.conn.probe_open())
                 {
@@ -619,7 +619,7 @@ impl Pool {
         let mut idle = self.idle.lock().expect("pool lock");
         let expired = idle
             .front()
-            .is_some_and(|oldest| now.duration_since(oldest.since) > self.idle_timeout)
+            .is_some_and(|oldest| self.expired(oldest, now))
             .then(|| idle.pop_front())
             .flatten();
         let refused = if idle.len() < self.keepalive {
@@ -633,12 +633,17 @@ impl Pool {
         drop((expired, refused));
     }
 
+    /// Whether `idle` has been idle past the idle timeout at `now`.
+    fn expired(&self, idle: &IdleConn, now: Instant) -> bool {
+        now.duration_since(idle.since) > self.idle_timeout
+    }
+
     /// Closes the idle connections that outlived the idle timeout (the oldest are in front).
     pub fn close_expired(&self, now: Instant) {
         let mut idle = self.idle.lock().expect("pool lock");
         let fresh = idle
             .iter()
-            .position(|conn| now.duration_since(conn.since) <= self.idle_timeout)
+            .position(|conn| !self.expired(conn, now))
             .unwrap_or(idle.len());
         let expired: Vec<IdleConn> = idle.drain(..fresh).collect();
         drop(idle);
@@ -824,17 +829,19 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_past_the_idle_timeout_are_closed_without_traffic() {
-        let (pool, _listener) = pool(4, "200ms");
+        let (pool, _listener) = pool(4, "1s");
         let (old, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
         let (young, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
         pool.checkin(old);
+        // Under the timeout, so this check-in closes nothing itself.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let young_in = Instant::now();
         pool.checkin(young);
-        // Judged at set instants: the old one idled over 300 ms, the young one at most 100.
-        pool.close_expired(young_in + Duration::from_millis(100));
+        assert_eq!(pool.idle_count(), 2);
+        // Judged at set instants: the old one has idled over 1.1 s, the young one 0.8 s.
+        pool.close_expired(young_in + Duration::from_millis(800));
         assert_eq!(pool.idle_count(), 1);
-        pool.close_expired(young_in + Duration::from_secs(1));
+        pool.close_expired(young_in + Duration::from_secs(2));
         assert_eq!(pool.idle_count(), 0);
     }
 
