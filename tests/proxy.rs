@@ -129,7 +129,7 @@ async fn reloads_keep_health_verdicts_and_run_time_instances_right() {
         demo_backend(&[]),
     );
     let checks =
-        "[upstreams.app.health]\npath = \"/health\"\ninterval = \"100ms\"\nfall = 1\nrise = 2";
+        "[upstreams.app.health]\npath = \"/health\"\ninterval = \"100ms\"\nfall = 3\nrise = 2";
     let gw = gateway(&app_config(&[&a, &b], checks));
     let client = client();
     let ports = |counts: HashMap<String, u32>| {
@@ -215,7 +215,7 @@ async fn the_admin_api_answers_odd_requests_clearly() {
     // Addresses may be percent-encoded in the path; a second drain of an instance still
     // finishing a request says it is already draining.
     let slow = {
-        let (client, url) = (client.clone(), gw.url("/work?latency_ms=1000"));
+        let (client, url) = (client.clone(), gw.url("/work?latency_ms=3000"));
         tokio::spawn(async move { get(&client, &url).await.status })
     };
     let in_flight = || async {
@@ -1367,12 +1367,13 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
 #[tokio::test]
 async fn shutdown_delay_serves_on_while_health_says_503() {
     let a = demo_backend(&[]);
-    let mut gw = gateway_with_server_keys("shutdown_delay = \"1500ms\"", &app_config(&[&a], ""));
+    let mut gw = gateway_with_server_keys("shutdown_delay = \"3s\"", &app_config(&[&a], ""));
     let client = client();
     signal(gw.proc.pid(), "TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let health = get(&client, &gw.admin_url("/health")).await;
-    assert_eq!(health.status, 503);
+    let health_503 = eventually(Duration::from_secs(2), || async {
+        get(&client, &gw.admin_url("/health")).await.status == 503
+    });
+    assert!(health_503.await);
     // A new connection is still accepted and served while load balancers catch up.
     let answer = raw_exchange(
         gw.proxy,
