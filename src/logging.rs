@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal;
 
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::EnvFilter;
 
 /// Output format of the log.
@@ -12,8 +13,6 @@ pub enum LogFormat {
     Json,
 }
 
-const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-
 /// A log filter as given (`--log-level`, `LOG_LEVEL`), if every directive is a level or
 /// `TARGET=LEVEL`: a bare word that is no level (`inof`) would be read as a target name and
 /// silence every log, so it is refused.
@@ -22,10 +21,10 @@ pub fn checked_filter(text: &str) -> Result<String, String> {
         let level = directive
             .rsplit_once('=')
             .map_or(directive, |(_, level)| level);
-        if !LEVELS.iter().any(|known| known.eq_ignore_ascii_case(level)) {
+        if level.parse::<LevelFilter>().is_err() {
             return Err(format!(
-                "`{directive}`: expected a level ({}) or TARGET=LEVEL",
-                LEVELS.join(", ")
+                "`{directive}`: expected a level (trace, debug, info, warn, error, off) or \
+                 TARGET=LEVEL"
             ));
         }
     }
@@ -33,10 +32,10 @@ pub fn checked_filter(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
-/// Installs the global subscriber writing to stderr. `level` is an `EnvFilter` directive
-/// such as `info` or `info,scalegate=debug`. Colours only when stderr is a terminal.
+/// Installs the global subscriber writing to stderr. `level` is a filter [`checked_filter`]
+/// accepted, such as `info` or `info,scalegate=debug`. Colours only when stderr is a terminal.
 pub fn init(format: LogFormat, level: &str) {
-    let mut filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_new(level).expect("a filter checked_filter accepted");
     if !level.contains("rustls") {
         // rustls warns once per handshake about things clients choose (an IP address sent as
         // SNI, as wrk and many scripts do): a log line per connection any client can trigger.
