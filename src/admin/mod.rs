@@ -181,7 +181,7 @@ async fn handle(
             Some(allow) => {
                 let mut response = reply(
                     StatusCode::METHOD_NOT_ALLOWED,
-                    json!({"error": format!("{method} is not allowed here; use {allow}"), "path": path}),
+                    json!({"error": format!("{} is not allowed here; use {allow}", req.method()), "path": path}),
                 );
                 response
                     .headers_mut()
@@ -574,13 +574,13 @@ fn drain_instance(gateway: &Gateway, name: &str, addr: &str) -> Response<Gateway
             json!({"error": format!("no instance {addr} in `{name}`")}),
         );
     };
-    if instance.is_draining() {
+    // One check-and-set, so two DELETEs at once start one drain.
+    if instance.start_draining() {
         return reply(
             StatusCode::ACCEPTED,
             json!({"draining": addr, "already": true}),
         );
     }
-    instance.start_draining();
     let timeout = upstream.config.drain_timeout;
     tracing::info!(upstream = name, instance = %instance.addr, "draining instance");
     tokio::spawn(async move { upstream.drain(&instance, timeout).await });

@@ -121,8 +121,9 @@ impl Instance {
         self.draining.load(Ordering::Relaxed)
     }
 
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
+    /// Marks the instance draining; returns whether it already was.
+    pub fn start_draining(&self) -> bool {
+        self.draining.swap(true, Ordering::Relaxed)
     }
 
     pub fn state_name(&self, now: Instant) -> &'static str {
@@ -501,7 +502,8 @@ impl Upstream {
     /// Takes `instance` out of rotation, waits until its in-flight requests finished (at most
     /// `timeout`), then removes it from the set. Shared by the admin API and the autoscaler.
     pub async fn drain(&self, instance: &Arc<Instance>, timeout: Duration) {
-        instance.start_draining();
+        // The admin API may have marked it already.
+        let _ = instance.start_draining();
         let deadline = Instant::now() + timeout;
         let wait_idle = || async {
             while instance.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
