@@ -528,25 +528,26 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
             return reply(StatusCode::BAD_REQUEST, json!({ "error": error }));
         }
     };
-    let addr = match parse_addr(&new.addr) {
-        Ok(addr) if addr.port() == 0 => {
-            let error = format!("`{}`: an instance needs a port other than 0", new.addr);
+    let config = match InstanceConfig::parse(&new.addr, new.weight, new.backup) {
+        // `https://` only restates the upstream's own TLS.
+        Ok((config, https)) if !https || upstream.config.tls.is_some() => config,
+        Ok(_) => {
+            let error = format!("`{}`: upstream `{name}` does not speak TLS", new.addr);
             return reply(StatusCode::BAD_REQUEST, json!({ "error": error }));
         }
-        Ok(addr) => addr,
-        Err(err) => return reply(StatusCode::BAD_REQUEST, json!({ "error": err })),
+        Err(problems) => {
+            let error: Vec<String> = problems
+                .into_iter()
+                .map(|(field, message)| match field.strip_prefix('.') {
+                    Some(field) => format!("{field} {message}"),
+                    None => message,
+                })
+                .collect();
+            let error = error.join("; ");
+            return reply(StatusCode::BAD_REQUEST, json!({ "error": error }));
+        }
     };
-    if !(1..=1000).contains(&new.weight) {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            json!({"error": "weight must be between 1 and 1000"}),
-        );
-    }
-    let config = InstanceConfig {
-        addr,
-        weight: new.weight,
-        backup: new.backup,
-    };
+    let addr = config.addr;
     if upstream.add_instance(&config) {
         tracing::info!(upstream = name, instance = %addr, "instance added");
         reply(StatusCode::CREATED, json!({"added": addr.to_string()}))

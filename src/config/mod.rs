@@ -146,6 +146,48 @@ pub struct InstanceConfig {
     pub backup: bool,
 }
 
+/// What is wrong with an instance as given: the field under the instance's key (`""` for the
+/// address itself, `".weight"`) and why.
+pub type InstanceProblem = (&'static str, String);
+
+impl InstanceConfig {
+    /// An instance as the config file and the admin API give it: `IP:PORT` or
+    /// `localhost:PORT` (port 0 is no instance), after `http://` or `https://`, weight 1 to
+    /// 1000. Also says whether it was written `https://` (TLS is set per upstream).
+    pub fn parse(
+        addr: &str,
+        weight: u32,
+        backup: bool,
+    ) -> Result<(InstanceConfig, bool), Vec<InstanceProblem>> {
+        let mut problems = Vec::new();
+        if !(1..=1000).contains(&weight) {
+            problems.push((".weight", "must be between 1 and 1000".to_owned()));
+        }
+        let (addr, https) = match addr.trim().strip_prefix("https://") {
+            Some(addr) => (addr, true),
+            None => (addr, false),
+        };
+        match parse_addr(addr) {
+            Ok(addr) if addr.port() == 0 => {
+                problems.push(("", format!("{addr}: an instance needs a port other than 0")));
+            }
+            Ok(addr) if problems.is_empty() => {
+                return Ok((
+                    InstanceConfig {
+                        addr,
+                        weight,
+                        backup,
+                    },
+                    https,
+                ));
+            }
+            Ok(_) => {}
+            Err(err) => problems.push(("", err)),
+        }
+        Err(problems)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ActiveHealthConfig {
     pub path: String,
@@ -499,6 +541,30 @@ upstream = "missing"
             errors[10].message.contains("routes[2]"),
             "{}",
             errors[10].message
+        );
+    }
+
+    #[test]
+    fn instances_in_the_file_follow_the_admin_apis_rules() {
+        let text = "[upstreams.app]\ninstances = [\"127.0.0.1:0\", { addr = \"127.0.0.1:2\", weight = 0 }]\n\
+                    [[routes]]\nupstream = \"app\"\n";
+        let errors = Config::from_toml(text).unwrap_err().0;
+        let found: Vec<(&str, &str)> = errors
+            .iter()
+            .map(|e| (e.key.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "upstreams.app.instances[0]",
+                    "127.0.0.1:0: an instance needs a port other than 0"
+                ),
+                (
+                    "upstreams.app.instances[1].weight",
+                    "must be between 1 and 1000"
+                ),
+            ]
         );
     }
 

@@ -527,24 +527,20 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
             RawInstance::Addr(addr) => (addr.as_str(), 1, false),
             RawInstance::Table(table) => (table.addr.as_str(), table.weight, table.backup),
         };
-        if weight == 0 || weight > 1000 {
-            p.push(format!("{ikey}.weight"), "must be between 1 and 1000");
-        }
-        let addr = match addr.trim().strip_prefix("https://") {
-            Some(addr) => {
-                https += 1;
-                p.addr(&ikey, addr)
+        match InstanceConfig::parse(addr, weight, backup) {
+            Ok((instance, tls)) => {
+                https += usize::from(tls);
+                if instances.iter().any(|seen| seen.addr == instance.addr) {
+                    p.push(&ikey, format!("{} is listed twice", instance.addr));
+                }
+                instances.push(instance);
             }
-            None => p.addr(&ikey, addr),
-        };
-        if instances.iter().any(|seen| seen.addr == addr) {
-            p.push(&ikey, format!("{addr} is listed twice"));
+            Err(problems) => {
+                for (field, message) in problems {
+                    p.push(format!("{ikey}{field}"), message);
+                }
+            }
         }
-        instances.push(InstanceConfig {
-            addr,
-            weight: weight.clamp(1, 1000),
-            backup,
-        });
     }
     if !(0.0..=1000.0).contains(&raw.retry_budget) {
         p.push(
