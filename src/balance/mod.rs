@@ -101,7 +101,8 @@ pub fn pick_instance(
             let (a, b) = two_by_capacity(candidates, input.random);
             let (a, b) = (&candidates[a], &candidates[b]);
             // Without a sample yet, assume 1 ms so fresh instances are tried but not flooded.
-            // Weights act in the draw; the slow-start ramp raises a new instance's cost.
+            // Weights act in the draw only; the slow-start ramp acts in the draw and raises a new
+            // instance's cost too, so a fresh instance is both drawn less and chosen less.
             let cost = |c: &Candidate| {
                 let latency = if c.latency_ns > 0.0 {
                     c.latency_ns
@@ -143,7 +144,7 @@ fn weighted_round_robin(candidates: &[Candidate], input: PickInput) -> &Candidat
         }
         slot -= u64::from(c.weight);
     }
-    let dice = (input.random >> 11) as f64 / (1u64 << 53) as f64;
+    let dice = unit_interval(input.random);
     for step in 0..candidates.len() {
         let c = &candidates[(pos + step) % candidates.len()];
         if c.ramp >= 1.0 || dice < c.ramp {
@@ -181,11 +182,15 @@ fn least_loaded(candidates: &[Candidate], input: PickInput) -> &Candidate {
         .expect("chosen among the candidates")
 }
 
+/// 64 random bits as a number in [0, 1).
+fn unit_interval(bits: u64) -> f64 {
+    (bits >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// Two different positions among `candidates` (at least two), each drawn with a chance in
 /// proportion to its capacity (weight × slow-start ramp), as nginx's `random two` draws.
 fn two_by_capacity(candidates: &[Candidate], random: u64) -> (usize, usize) {
     let total: f64 = candidates.iter().map(Candidate::capacity).sum();
-    let unit = |bits: u64| (bits >> 11) as f64 / (1u64 << 53) as f64;
     let draw = |target: f64, skip: Option<usize>| {
         let mut left = target;
         let mut last = 0;
@@ -201,9 +206,12 @@ fn two_by_capacity(candidates: &[Candidate], random: u64) -> (usize, usize) {
         }
         last
     };
-    let a = draw(unit(random) * total, None);
+    let a = draw(unit_interval(random) * total, None);
     let second = mix(random);
-    let b = draw(unit(second) * (total - candidates[a].capacity()), Some(a));
+    let b = draw(
+        unit_interval(second) * (total - candidates[a].capacity()),
+        Some(a),
+    );
     (a, b)
 }
 

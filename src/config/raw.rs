@@ -151,7 +151,8 @@ impl Default for RawUpstream {
 
 /// An instance: `"host:port"` or a table. Not a serde `untagged` enum: that would take a
 /// table with a misspelt key as the plain form's defaults and report a wrong type without the
-/// field; the table form here rejects unknown keys and names the field in type errors.
+/// field; the table form here names the field in type errors (its unknown keys are reported
+/// with every other one's, by `Config::from_toml`).
 #[derive(Debug)]
 pub enum RawInstance {
     Addr(String),

@@ -561,7 +561,8 @@ impl ClientConn {
     /// instance and frees its in-flight and queue places (nginx's default,
     /// `proxy_ignore_client_abort off`; HTTP/2 clients cancel by resetting the stream). Bytes
     /// pipelined meanwhile stay buffered for the next request; past a head's worth, the watch
-    /// stops. Watching costs no system call: the socket is read only once it is readable.
+    /// stops. Watching adds no wake-up: the socket is read when tokio reports it readable, at
+    /// most once (an EAGAIN) before the answer when nothing more arrived.
     async fn unless_client_leaves<F: Future>(&mut self, handled: F) -> Option<F::Output> {
         let Some(reader) = self.reader.as_mut() else {
             return Some(handled.await);

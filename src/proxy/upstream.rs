@@ -337,8 +337,9 @@ pub struct Upstream {
 impl Upstream {
     /// Builds the upstream, reusing live instances from `previous` (same address, weight, role
     /// and pool settings) so health, counters and pooled connections survive a reload. An
-    /// instance whose settings changed is rebuilt with its health verdict; instances added at
-    /// run time (admin API, autoscaler) are kept whatever changed.
+    /// instance whose settings changed is rebuilt with its active-check verdict (a passive
+    /// ejection and the counters start afresh); instances added at run time (admin API,
+    /// autoscaler) are kept whatever changed.
     pub fn new(config: UpstreamConfig, previous: Option<&Upstream>) -> Upstream {
         let old: Vec<Arc<Instance>> = previous
             .map(|p| p.set.load().instances.clone())
@@ -409,10 +410,11 @@ impl Upstream {
     }
 
     /// Chooses an instance for one attempt, skipping the positions in `tried`. Backups serve
-    /// only when no primary is available or every available one was tried for this request. When every instance is out by passive checks alone
-    /// (none failing active checks), they are used anyway rather than refusing every request:
-    /// nginx ignores `max_fails` for a lone server, and Envoy's panic routing does the same
-    /// for a whole pool. One failure must not stop a one-instance upstream for `fail_timeout`.
+    /// only when no primary is available or every available one was tried for this request.
+    /// When none is available, those out by passive checks alone (not failing active checks)
+    /// are used anyway rather than refusing every request: nginx ignores `max_fails` for a lone
+    /// server, and Envoy's panic routing does the same for a whole pool. One failure must not
+    /// stop a one-instance upstream for `fail_timeout`.
     pub fn pick(
         &self,
         set: &InstanceSet,
