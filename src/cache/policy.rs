@@ -346,10 +346,12 @@ fn if_range_holds(request: &HeaderMap, stored: &HeaderMap) -> bool {
     };
     let validator = validator.as_bytes().trim_ascii();
     if validator.starts_with(b"\"") {
-        return stored
+        let stored = stored
             .get(header::ETAG)
-            .map(|etag| etag.as_bytes().trim_ascii())
-            == Some(validator);
+            .and_then(|etag| entity_tag(etag.as_bytes().trim_ascii()));
+        return entity_tag(validator)
+            .zip(stored)
+            .is_some_and(|(validator, stored)| Comparison::Strong.equal(validator, stored));
     }
     let date = HeaderValue::from_bytes(validator).ok();
     match (
@@ -370,12 +372,24 @@ enum Comparison {
     Weak,
 }
 
+impl Comparison {
+    /// Whether two entity tags, each (weak, quoted part), compare equal this way.
+    fn equal(self, (a_weak, a): (bool, &[u8]), (b_weak, b): (bool, &[u8])) -> bool {
+        a == b && (self == Comparison::Weak || !(a_weak || b_weak))
+    }
+}
+
+/// Whether `tag` starts with `W/`, and the rest.
+fn split_weak(tag: &[u8]) -> (bool, &[u8]) {
+    match tag.strip_prefix(b"W/") {
+        Some(rest) => (true, rest),
+        None => (false, tag),
+    }
+}
+
 /// Splits an entity tag into whether it is weak and its quoted part; `None` when malformed.
 fn entity_tag(tag: &[u8]) -> Option<(bool, &[u8])> {
-    let (weak, quoted) = match tag.strip_prefix(b"W/") {
-        Some(quoted) => (true, quoted),
-        None => (false, tag),
-    };
+    let (weak, quoted) = split_weak(tag);
     let ok = quoted.len() >= 2 && quoted[0] == b'"' && quoted[quoted.len() - 1] == b'"';
     ok.then_some((weak, quoted))
 }
@@ -388,28 +402,21 @@ fn names_stored(list: &[u8], etag: Option<&[u8]>, comparison: Comparison) -> boo
     if rest == b"*" {
         return true;
     }
-    let Some((stored_weak, stored)) = etag.and_then(|tag| entity_tag(tag.trim_ascii())) else {
+    let Some(stored) = etag.and_then(|tag| entity_tag(tag.trim_ascii())) else {
         return false;
     };
-    let strong = comparison == Comparison::Strong;
-    if strong && stored_weak {
-        return false;
-    }
     loop {
         // Empty list elements are allowed (RFC 9110 §5.6.1): skip every comma and space.
         let skip = rest.iter().take_while(|b| b",\t ".contains(b)).count();
         rest = &rest[skip..];
-        let (weak, after_weak) = match rest.strip_prefix(b"W/") {
-            Some(after) => (true, after),
-            None => (false, rest),
-        };
+        let (weak, after_weak) = split_weak(rest);
         let Some(body) = after_weak.strip_prefix(b"\"") else {
             return false;
         };
         let Some(close) = body.iter().position(|&b| b == b'"') else {
             return false;
         };
-        if &after_weak[..close + 2] == stored && !(strong && weak) {
+        if comparison.equal((weak, &after_weak[..close + 2]), stored) {
             return true;
         }
         rest = &body[close + 1..];
