@@ -1,7 +1,9 @@
 //! `${VAR}` and `${VAR:-default}` in the config text, filled from the environment before parsing.
 //! `$${` stands for a literal `${`. Comments are left as they are. A value goes in as what it
 //! stands for, never as config syntax: inside "..." it is escaped; inside '...' or outside
-//! quotes, a value that would end the string or add syntax is refused.
+//! quotes, a value that would end the string or add syntax is refused. The quoting is read per
+//! line, so a `${VAR}` inside a multi-line string ("""...""" or '''...''') is taken for one
+//! outside quotes.
 
 /// A variable the text needs that cannot be filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,13 +255,13 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(literal["key"].as_str(), odd("PASS").as_deref());
-        for text in [
-            "retries = ${INJECT}",
-            "key = '${INJECT}'",
-            "key = \"a\" ${PASS}",
+        for (text, message) in [
+            ("retries = ${INJECT}", UNFIT_BARE),
+            ("key = '${INJECT}'", UNFIT_LITERAL),
+            ("key = \"a\" ${PASS}", UNFIT_BARE),
         ] {
             let err = interpolate(text, odd).unwrap_err();
-            assert_ne!(err[0].message, MISSING, "{text}");
+            assert_eq!(err[0].message, message, "{text}");
         }
     }
 }
