@@ -106,6 +106,34 @@ async fn a_retry_leaves_the_rotation_as_it_was() {
     }
 }
 
+/// An idempotent request without a body that got no answer within `response_timeout` goes to
+/// another instance (nginx's `proxy_next_upstream error timeout`); a POST with a body cannot.
+#[tokio::test]
+async fn a_response_timeout_is_retried_only_when_the_request_can_be_replayed() {
+    let slow = demo_backend(&["--latency-ms", "3000"]);
+    let fast = demo_backend(&[]);
+    let gw = gateway(&app_config(
+        &[&slow, &fast],
+        "response_timeout = \"300ms\"\nmax_fails = 0",
+    ));
+    let client = client();
+    let fast_port = fast.addr().port().to_string();
+    for _ in 0..4 {
+        let reply = get(&client, &gw.url("/work")).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-instance"), fast_port);
+    }
+    let mut posts = Vec::new();
+    for _ in 0..2 {
+        let reply = request(&client, "POST", &gw.url("/work"), &[], "body")
+            .await
+            .unwrap();
+        posts.push(reply.status);
+    }
+    posts.sort_unstable();
+    assert_eq!(posts, [200, 504]);
+}
+
 #[tokio::test]
 async fn pooled_connections_are_closed_after_idle_timeout_without_traffic() {
     let a = demo_backend(&[]);

@@ -2,9 +2,9 @@
 //! be retried, and stream the answer back.
 //!
 //! Retry rules: a request that never reached an instance (connect failure, or a write refused
-//! before the head's first byte) is retried for every method; once sent, only idempotent requests
-//! without a body are retried (the body is gone); nothing is retried after response bytes came
-//! back, nor after a timeout. Every retry spends the upstream's retry budget.
+//! before the head's first byte) is retried for every method; once sent (a response timeout
+//! included), only idempotent requests without a body are retried (the body is gone); nothing is
+//! retried after response bytes came back. Every retry spends the upstream's retry budget.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};

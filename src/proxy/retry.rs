@@ -69,13 +69,16 @@ pub enum NextAttempt {
 }
 
 /// A request that never reached an instance may go anywhere; one an instance may have seen
-/// only when it is `replayable` (idempotent and body-less); never once answer bytes came back
-/// or after a response timeout. A stale pooled connection gets one reconnect, unless this
-/// attempt was it (`reconnected`).
+/// (including one it did not answer within the response timeout, as nginx's default
+/// `proxy_next_upstream error timeout`) only when it is `replayable` (idempotent and
+/// body-less); never once answer bytes came back. A stale pooled connection gets one
+/// reconnect, unless this attempt was it (`reconnected`).
 pub fn next_attempt(failure: FailureKind, replayable: bool, reconnected: bool) -> NextAttempt {
     match failure {
         FailureKind::NotSent | FailureKind::Reset { refused: true } => NextAttempt::Retry,
-        FailureKind::Sent | FailureKind::Reset { .. } if replayable => NextAttempt::Retry,
+        FailureKind::Sent | FailureKind::Reset { .. } | FailureKind::Timeout if replayable => {
+            NextAttempt::Retry
+        }
         FailureKind::Stale { sent } if !reconnected && (replayable || !sent) => {
             NextAttempt::Reconnect
         }
@@ -184,7 +187,8 @@ mod tests {
             (Reset { refused: false }, false, false, GiveUp),
             (BrokeOff, true, false, GiveUp),
             (Invalid, true, false, GiveUp),
-            (Timeout, true, false, GiveUp),
+            (Timeout, true, false, Retry),
+            (Timeout, false, false, GiveUp),
             (Client, true, false, GiveUp),
         ];
         for (failure, replayable, reconnected, next) in cases {
