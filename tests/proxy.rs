@@ -615,6 +615,42 @@ fn access_lines(gw: &Gateway) -> HashMap<String, serde_json::Value> {
         .collect()
 }
 
+/// The access-log line is written once the answer's last byte went out (nginx's
+/// `$request_time`), with the body bytes sent (`$body_bytes_sent`), over HTTP/1.1 and HTTP/2.
+#[tokio::test]
+async fn the_access_log_line_covers_the_whole_answer_body() {
+    let (instance, _) = scripted_instance().await;
+    let gw = gateway_logging(&app_config_at(&[instance], ""));
+    for (client, id) in [(client(), "drip-h1"), (h2c_client(), "drip-h2")] {
+        let reply = request(
+            &client,
+            "GET",
+            &gw.url("/drip"),
+            &[("x-request-id", id)],
+            "",
+        )
+        .await
+        .unwrap();
+        assert_eq!(&reply.body[..], b"0123456789");
+    }
+    let chunked = get(&client(), &gw.url("/chunked")).await;
+    let chunked_id = chunked.header("x-request-id").to_string();
+    let ids = ["drip-h1", "drip-h2", chunked_id.as_str()];
+    let logged = eventually(Duration::from_secs(5), || async {
+        let lines = access_lines(&gw);
+        ids.iter().all(|id| lines.contains_key(*id))
+    })
+    .await;
+    let lines = access_lines(&gw);
+    assert!(logged, "{lines:?}");
+    for id in ["drip-h1", "drip-h2"] {
+        let line = &lines[id];
+        assert_eq!(line["bytes"], 10, "{line}");
+        assert!(line["duration_ms"].as_f64().unwrap() >= 500.0, "{line}");
+    }
+    assert_eq!(lines[chunked_id.as_str()]["bytes"], 11);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
     use std::io::Write;
@@ -1531,6 +1567,14 @@ async fn scripted_instance() -> (
                                 .await;
                             tokio::time::sleep(Duration::from_secs(30)).await;
                             return;
+                        }
+                        "/drip" => {
+                            // Half the body, a pause, the other half.
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+                                .await;
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            b"56789".to_vec()
                         }
                         "/deaf" => {
                             // Takes the head, then neither reads the body nor answers.

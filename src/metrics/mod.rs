@@ -218,15 +218,6 @@ impl RequestStats {
     }
 }
 
-/// Holds one request's place in the gateway's in-flight gauge until dropped.
-pub struct InFlight<'a>(&'a AtomicI64);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// The request counters of every route ever configured, kept across reloads so counters never
 /// go backwards.
 #[derive(Debug, Default)]
@@ -244,10 +235,14 @@ struct RouteStatsEntry {
 }
 
 impl Metrics {
-    /// Counts a request in flight until the guard drops.
-    pub fn enter(&self) -> InFlight<'_> {
+    /// Counts a request in flight, until [`Metrics::request_ended`]. The proxy's request record
+    /// calls both, as it is made and dropped.
+    pub fn request_started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(&self.in_flight)
+    }
+
+    pub fn request_ended(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn in_flight(&self) -> i64 {
@@ -799,9 +794,9 @@ mod tests {
         let metrics = Metrics::default();
         let stats = metrics.route("api", "app");
         assert!(Arc::ptr_eq(&stats, &metrics.route("api", "app")));
-        let guard = metrics.enter();
+        metrics.request_started();
         assert_eq!(metrics.in_flight(), 1);
-        drop(guard);
+        metrics.request_ended();
         assert_eq!(metrics.in_flight(), 0);
         stats.record(&Method::GET, 204, Duration::from_millis(2));
         stats.record(&Method::from_bytes(b"PURGE").unwrap(), 503, Duration::ZERO);

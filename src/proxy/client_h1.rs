@@ -42,6 +42,7 @@ use super::error::ProxyError;
 use super::forward::{self, ClientAddr};
 use super::h1::{chunk_header, RawFields};
 use super::headers::{check_framing, has, value, values};
+use super::record::RequestRecord;
 use super::Gateway;
 use crate::config::ServerConfig;
 use crate::http1::{has_token, recycle_map, BodyProgress, ConnectionOptions, FieldSpans, Framing};
@@ -151,10 +152,12 @@ pub async fn serve(
             NextHead::Refused(error) => {
                 let request_id = gateway.new_request_id();
                 let response = error.response(&request_id);
-                forward::record_refused(&gateway, &client, error.status(), request_id);
+                let mut record =
+                    forward::refused_record(&gateway, &client, error.status(), request_id);
                 let _ = conn
-                    .write_response(response, false, false, false, None)
+                    .write_response(response, &mut record, false, false, false, None)
                     .await;
+                drop(record);
                 conn.linger().await;
                 return;
             }
@@ -198,7 +201,7 @@ pub async fn serve(
             Some(back) => Box::pin(conn.handle_with_body(handled, back, expect_continue)).await,
             None => conn.unless_client_leaves(handled).await,
         };
-        let Some(Ok(response)) = answer else {
+        let Some((response, mut record)) = answer else {
             tracing::debug!("client left before its answer; its request was dropped");
             return;
         };
@@ -208,8 +211,17 @@ pub async fn serve(
             && !*conn.drain.borrow()
             && conn.unread_body.as_ref().is_none_or(Returned::discardable);
         let after = conn
-            .write_response(response, keep_alive, head_request, http10, upgrade_tx)
+            .write_response(
+                response,
+                &mut record,
+                keep_alive,
+                head_request,
+                http10,
+                upgrade_tx,
+            )
             .await;
+        // The request is over: its last byte went out, or never will.
+        drop(record);
         let after = match after {
             Ok(After::Upgrade(tx)) => {
                 if let Some(reader) = conn.reader.take() {
@@ -369,6 +381,7 @@ impl ClientConn {
     async fn write_response(
         &mut self,
         response: Response<GatewayBody>,
+        record: &mut RequestRecord,
         mut keep_alive: bool,
         head_request: bool,
         http10: bool,
@@ -446,6 +459,7 @@ impl ClientConn {
                     if data.is_empty() {
                         continue;
                     }
+                    record.sent(data.len());
                     if chunked {
                         chunk_header(&mut self.out, data.len());
                     }

@@ -6,7 +6,6 @@
 //! included), only idempotent requests without a body are retried (the body is gone); nothing is
 //! retried after response bytes came back. Every retry spends the upstream's retry budget.
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -28,6 +27,7 @@ use super::headers::{
     cookie_value, is_sane_request_id, requested_upgrade, restore_upgrade, strip_hop_by_hop, value,
     values, websocket_upgrade, ForwardedFields, X_REQUEST_ID,
 };
+use super::record::RequestRecord;
 use super::retry::{next_attempt, FailureKind, NextAttempt};
 use super::router::{host_without_port, match_route};
 use super::tunnel::{self, ClientUpgrade};
@@ -77,39 +77,27 @@ impl ClientAddr {
     }
 }
 
-/// nginx's status for a request whose client left before its answer.
-const CLIENT_CLOSED_REQUEST: u16 = 499;
-
-/// Entry point for one client request; never fails (errors become responses).
+/// Entry point for one client request; never fails (errors become responses). The record it
+/// returns with the answer is to be dropped once the answer went out (see [`RequestRecord`]).
 /// `upgrade` is the client's side of the connection should the request switch protocols.
 pub async fn handle(
-    gateway: &Gateway,
+    gateway: &Arc<Gateway>,
     req: Request<ClientBody>,
     client: &ClientAddr,
     upgrade: Option<ClientUpgrade>,
-) -> Result<Response<GatewayBody>, Infallible> {
-    let started = Instant::now();
+) -> (Response<GatewayBody>, RequestRecord) {
     let request_id = match value(req.headers(), &X_REQUEST_ID) {
         Some(id) if is_sane_request_id(id) => id.clone(),
         _ => gateway.new_request_id(),
     };
-    let runtime = gateway.runtime.load_full();
-    let _in_flight = gateway.metrics.enter();
-    let mut record = RequestRecord {
+    let mut record = RequestRecord::new(
         gateway,
-        started,
-        method: req.method().clone(),
-        path: runtime
-            .config
-            .server
-            .access_log
-            .then(|| req.uri().path().to_owned()),
+        gateway.runtime.load_full(),
+        req.method().clone(),
+        req.uri().path(),
         request_id,
-        client_ip: client.addr.ip(),
-        runtime,
-        route: None,
-        status: CLIENT_CLOSED_REQUEST,
-    };
+        client.addr.ip(),
+    );
     let runtime = &record.runtime;
     let tls = runtime.config.tls.as_ref();
     let redirect = tls
@@ -141,71 +129,28 @@ pub async fn handle(
             .headers_mut()
             .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
     }
-    record.status = response.status().as_u16();
-    Ok(response)
+    record.answered(response.status());
+    (response, record)
 }
 
-/// Logs and counts a request refused as its head was read (400, 414, 431, 505): it has no
-/// route, and its method and path are logged as `-`, as nginx logs a request it could not
-/// parse.
-pub fn record_refused(
-    gateway: &Gateway,
+/// The record of a request refused as its head was read (400, 414, 431, 505): it has no route,
+/// and its method and path are logged as `-`, as nginx logs a request it could not parse.
+pub fn refused_record(
+    gateway: &Arc<Gateway>,
     client: &ClientAddr,
     status: http::StatusCode,
     request_id: HeaderValue,
-) {
-    let runtime = gateway.runtime.load_full();
-    drop(RequestRecord {
+) -> RequestRecord {
+    let mut record = RequestRecord::new(
         gateway,
-        started: Instant::now(),
-        method: Method::from_bytes(b"-").expect("a token"),
-        path: runtime.config.server.access_log.then(|| "-".to_owned()),
+        gateway.runtime.load_full(),
+        Method::from_bytes(b"-").expect("a token"),
+        "-",
         request_id,
-        client_ip: client.addr.ip(),
-        runtime,
-        route: None,
-        status: status.as_u16(),
-    });
-}
-
-/// One request's access-log line and counters, written when it is dropped: at the end of
-/// [`handle`], or on the way when the request is abandoned (its HTTP/1.1 client left, its
-/// HTTP/2 stream was reset), which is then recorded as 499, as nginx logs it.
-struct RequestRecord<'a> {
-    gateway: &'a Gateway,
-    runtime: Arc<Runtime>,
-    started: Instant,
-    method: Method,
-    /// `None` when the access log is off.
-    path: Option<String>,
-    request_id: HeaderValue,
-    client_ip: IpAddr,
-    route: Option<usize>,
-    status: u16,
-}
-
-impl Drop for RequestRecord<'_> {
-    fn drop(&mut self) {
-        let elapsed = self.started.elapsed();
-        let runtime = &self.runtime;
-        if let Some(stats) = runtime.request_stats(self.route, &self.gateway.metrics) {
-            stats.record(&self.method, self.status, elapsed);
-        }
-        if let Some(path) = &self.path {
-            tracing::info!(
-                target: "access",
-                method = %self.method,
-                path = %path,
-                status = self.status,
-                upstream = self
-                    .route
-                    .map_or("-", |r| runtime.route_upstream(r).config.name.as_str()),
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                request_id = self.request_id.to_str().unwrap_or_default(),
-                client = %self.client_ip,
-            );
-        }
-    }
+        client.addr.ip(),
+    );
+    record.answered(status);
+    record
 }
 
 async fn forward(

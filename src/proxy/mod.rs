@@ -14,6 +14,7 @@ mod forward;
 mod h1;
 mod h2;
 pub mod headers;
+mod record;
 mod retry;
 pub mod router;
 mod tunnel;
@@ -45,6 +46,7 @@ use crate::metrics::{Metrics, RequestStats};
 use crate::redis_link::{ConnectError, RedisLink};
 use client_io::ClientStream;
 use http::Response;
+use record::RecordedBody;
 use upstream::Upstream;
 
 /// One configuration in force: the config and the live upstreams it describes.
@@ -566,8 +568,9 @@ async fn serve_hyper<I>(
                 let refusal = ProxyError::BadRequest(reason);
                 let request_id = gateway.new_request_id();
                 let response = refusal.response(&request_id);
-                forward::record_refused(&gateway, &client, refusal.status(), request_id);
-                return Ok(response);
+                let record =
+                    forward::refused_record(&gateway, &client, refusal.status(), request_id);
+                return Ok(response.map(|body| RecordedBody::new(body, record)));
             }
             // client_h1 leaves such fields out as it parses.
             if !underscores_in_headers {
@@ -575,12 +578,13 @@ async fn serve_hyper<I>(
             }
             let req = http::Request::from_parts(parts, body::ClientBody::Hyper(body));
             // HTTP/2 has no Upgrade: there is no connection to hand over.
-            let Ok(response) = forward::handle(&gateway, req, &client, None).await;
-            Ok::<_, Infallible>(if head_request {
+            let (response, record) = forward::handle(&gateway, req, &client, None).await;
+            let response = if head_request {
                 headers_only(response)
             } else {
                 response
-            })
+            };
+            Ok::<_, Infallible>(response.map(|body| RecordedBody::new(body, record)))
         }
     });
     let connection = builder.serve_connection(TokioIo::new(io), service);

@@ -1,0 +1,146 @@
+//! One request's access-log line, request counters and place in the in-flight gauge, written
+//! when the request is over: after the last byte of its answer went to the client (nginx's
+//! `$request_time`), or when it was abandoned on the way.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method};
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+use super::body::{BoxError, GatewayBody};
+use super::{Gateway, Runtime};
+
+/// nginx's status for a request whose client left before its answer.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// Written when dropped. Until the answer's status is known it stands for an abandoned request
+/// (its HTTP/1.1 client left, its HTTP/2 stream was reset, the shutdown grace ran out), logged
+/// as 499 as nginx logs it.
+pub struct RequestRecord {
+    gateway: Arc<Gateway>,
+    /// The runtime snapshot the request is served with.
+    pub runtime: Arc<Runtime>,
+    started: Instant,
+    method: Method,
+    /// `None` when the access log is off.
+    path: Option<String>,
+    pub request_id: HeaderValue,
+    client_ip: IpAddr,
+    pub route: Option<usize>,
+    status: u16,
+    /// Answer body bytes handed to the client's connection (nginx's `$body_bytes_sent`).
+    body_bytes: u64,
+}
+
+impl RequestRecord {
+    pub fn new(
+        gateway: &Arc<Gateway>,
+        runtime: Arc<Runtime>,
+        method: Method,
+        path: &str,
+        request_id: HeaderValue,
+        client_ip: IpAddr,
+    ) -> RequestRecord {
+        gateway.metrics.request_started();
+        RequestRecord {
+            gateway: gateway.clone(),
+            path: runtime.config.server.access_log.then(|| path.to_owned()),
+            runtime,
+            started: Instant::now(),
+            method,
+            request_id,
+            client_ip,
+            route: None,
+            status: CLIENT_CLOSED_REQUEST,
+            body_bytes: 0,
+        }
+    }
+
+    pub fn answered(&mut self, status: http::StatusCode) {
+        self.status = status.as_u16();
+    }
+
+    pub fn sent(&mut self, bytes: usize) {
+        self.body_bytes += bytes as u64;
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        let runtime = &self.runtime;
+        let metrics = &self.gateway.metrics;
+        metrics.request_ended();
+        if let Some(stats) = runtime.request_stats(self.route, metrics) {
+            stats.record(&self.method, self.status, elapsed);
+        }
+        if let Some(path) = &self.path {
+            tracing::info!(
+                target: "access",
+                method = %self.method,
+                path = %path,
+                status = self.status,
+                bytes = self.body_bytes,
+                upstream = self
+                    .route
+                    .map_or("-", |r| runtime.route_upstream(r).config.name.as_str()),
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                request_id = self.request_id.to_str().unwrap_or_default(),
+                client = %self.client_ip,
+            );
+        }
+    }
+}
+
+/// An answer body for hyper's HTTP/2 server: counts the bytes it hands over and writes the
+/// request's record once the body has ended, failed or been dropped.
+pub struct RecordedBody {
+    body: GatewayBody,
+    record: Option<RequestRecord>,
+}
+
+impl RecordedBody {
+    pub fn new(body: GatewayBody, record: RequestRecord) -> RecordedBody {
+        // Written at once for an empty body: hyper may keep a finished body a while.
+        let record = (!body.is_end_stream()).then_some(record);
+        RecordedBody { body, record }
+    }
+}
+
+impl Body for RecordedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let (Some(record), Some(data)) = (&mut this.record, frame.data_ref()) {
+                    record.sent(data.len());
+                }
+                if this.body.is_end_stream() {
+                    this.record = None;
+                }
+            }
+            None | Some(Err(_)) => this.record = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
