@@ -223,13 +223,19 @@ pub struct HashRing {
 }
 
 const VNODES_PER_WEIGHT: u32 = 160;
+/// Points a ring may hold (1 MiB of them): past it, every instance's count is scaled down by
+/// the same factor, so weights keep their proportions (up to rounding) however large.
+const MAX_POINTS: f64 = 65_536.0;
 
 impl HashRing {
     /// `instances`: (stable name such as the address, weight) in instance-list order.
-    pub fn new<'a>(instances: impl IntoIterator<Item = (&'a str, u32)>) -> HashRing {
+    pub fn new(instances: &[(&str, u32)]) -> HashRing {
+        let weight = |w: u32| f64::from(VNODES_PER_WEIGHT * w.max(1));
+        let wanted: f64 = instances.iter().map(|(_, w)| weight(*w)).sum();
+        let scale = (MAX_POINTS / wanted).min(1.0);
         let mut points = Vec::new();
-        for (index, (name, weight)) in instances.into_iter().enumerate() {
-            let vnodes = VNODES_PER_WEIGHT * weight.clamp(1, 16);
+        for (index, (name, w)) in instances.iter().enumerate() {
+            let vnodes = (weight(*w) * scale).round().max(1.0) as u32;
             for v in 0..vnodes {
                 let mut h = hash_bytes(name.as_bytes());
                 h = mix(h ^ u64::from(v).wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -408,14 +414,10 @@ mod tests {
     #[test]
     fn ring_moves_about_one_nth_of_keys_when_one_instance_is_added() {
         let names: Vec<String> = (0..5).map(|i| format!("10.0.0.{i}:80")).collect();
-        let before = HashRing::new(names.iter().map(|n| (n.as_str(), 1)));
-        let after = HashRing::new(
-            names
-                .iter()
-                .map(|n| n.as_str())
-                .chain(["10.0.0.9:80"])
-                .map(|n| (n, 1)),
-        );
+        let mut instances: Vec<(&str, u32)> = names.iter().map(|n| (n.as_str(), 1)).collect();
+        let before = HashRing::new(&instances);
+        instances.push(("10.0.0.9:80", 1));
+        let after = HashRing::new(&instances);
         let keys = 20_000u64;
         let mut moved = 0;
         for k in 0..keys {
@@ -432,8 +434,39 @@ mod tests {
     }
 
     #[test]
+    fn ring_shares_follow_weights_however_large() {
+        // 1:40 fits the point budget, 1:1000 with 2:500 is scaled down to it.
+        for weights in [vec![1, 40], vec![1, 1000, 500]] {
+            let names: Vec<String> = (0..weights.len())
+                .map(|i| format!("10.0.0.{i}:80"))
+                .collect();
+            let instances: Vec<(&str, u32)> = names
+                .iter()
+                .map(String::as_str)
+                .zip(weights.iter().copied())
+                .collect();
+            let ring = HashRing::new(&instances);
+            let keys = 200_000u64;
+            let mut counts = vec![0u64; weights.len()];
+            for k in 0..keys {
+                counts[ring.lookup(hash_bytes(&k.to_le_bytes()), |_| true).unwrap()] += 1;
+            }
+            let total: u32 = weights.iter().sum();
+            for (count, weight) in counts.iter().zip(&weights) {
+                let share = *count as f64 / keys as f64;
+                let expected = f64::from(*weight) / f64::from(total);
+                // Few points give a light instance a rough share; a heavy one is close.
+                assert!(
+                    (share - expected).abs() < 0.25 * expected + 0.002,
+                    "{weights:?}: {counts:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn ring_skips_unusable_instances_and_is_stable() {
-        let ring = HashRing::new([("a:1", 1), ("b:1", 1), ("c:1", 1)]);
+        let ring = HashRing::new(&[("a:1", 1), ("b:1", 1), ("c:1", 1)]);
         let h = hash_bytes(b"user-42");
         let first = ring.lookup(h, |_| true).unwrap();
         assert_eq!(ring.lookup(h, |_| true), Some(first));
@@ -443,7 +476,7 @@ mod tests {
 
     #[test]
     fn consistent_hash_pick_is_sticky() {
-        let ring = HashRing::new([("a:1", 1), ("b:1", 1), ("c:1", 1)]);
+        let ring = HashRing::new(&[("a:1", 1), ("b:1", 1), ("c:1", 1)]);
         let cands = [cand(0, 0), cand(1, 7), cand(2, 0)];
         let strategy = Strategy::ConsistentHash(HashKey::ClientIp);
         let input = |seq| PickInput {

@@ -308,8 +308,13 @@ pub struct InstanceSet {
 
 impl InstanceSet {
     pub fn new(instances: Vec<Arc<Instance>>, strategy: &Strategy) -> InstanceSet {
-        let ring = matches!(strategy, Strategy::ConsistentHash(_))
-            .then(|| HashRing::new(instances.iter().map(|i| (i.addr_text.as_str(), i.weight))));
+        let ring = matches!(strategy, Strategy::ConsistentHash(_)).then(|| {
+            let weights: Vec<(&str, u32)> = instances
+                .iter()
+                .map(|i| (i.addr_text.as_str(), i.weight))
+                .collect();
+            HashRing::new(&weights)
+        });
         InstanceSet { instances, ring }
     }
 }
