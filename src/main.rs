@@ -21,12 +21,19 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 )]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        help_heading = "Logging (every command)"
+    )]
     log_format: LogFormat,
     /// Log level or filter directives (e.g. info, debug, info,scalegate=trace).
     #[arg(
         long,
         global = true,
+        help_heading = "Logging (every command)",
         env = "LOG_LEVEL",
         default_value = "info",
         value_parser = logging::checked_filter
@@ -41,8 +48,11 @@ enum Command {
     /// Run the gateway, from a config file or from --listen/--upstream flags.
     Serve {
         /// TOML config file.
-        #[arg(long, short, conflicts_with_all = ["listen", "admin_listen", "upstream"])]
+        #[arg(long, short, conflicts_with_all = ["file", "listen", "admin_listen", "upstream"])]
         config: Option<PathBuf>,
+        /// The config file, given without --config (as `check` takes it).
+        #[arg(value_name = "CONFIG", conflicts_with_all = ["listen", "admin_listen", "upstream"])]
+        file: Option<PathBuf>,
         /// Address to listen on (zero-config form).
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
@@ -56,7 +66,17 @@ enum Command {
     /// Validate a config file and print every problem with its key.
     Check {
         /// TOML config file.
-        config: PathBuf,
+        #[arg(required_unless_present = "config_flag")]
+        config: Option<PathBuf>,
+        /// The config file, given as `serve` takes it.
+        #[arg(
+            long = "config",
+            short = 'c',
+            id = "config_flag",
+            value_name = "CONFIG",
+            conflicts_with = "config"
+        )]
+        config_flag: Option<PathBuf>,
     },
     /// Run a tiny demo instance (for the quickstart, tests and benchmarks).
     DemoBackend(scalegate::demo::DemoConfig),
@@ -70,17 +90,24 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve {
             config,
+            file,
             listen,
             admin_listen,
             upstream,
-        } => serve(config, &listen, &admin_listen, &upstream),
-        Command::Check { config } => match Config::load(&config) {
-            Ok(_) => {
-                println!("{}: ok", config.display());
-                Ok(())
+        } => serve(config.or(file), &listen, &admin_listen, &upstream),
+        Command::Check {
+            config,
+            config_flag,
+        } => {
+            let config = config.or(config_flag).expect("clap requires one");
+            match Config::load(&config) {
+                Ok(_) => {
+                    println!("{}: ok", config.display());
+                    Ok(())
+                }
+                Err(errors) => Err(anyhow::anyhow!("{}: invalid\n{errors}", config.display())),
             }
-            Err(errors) => Err(anyhow::anyhow!("{}: invalid\n{errors}", config.display())),
-        },
+        }
         Command::DemoBackend(demo) => runtime(None).and_then(|rt| {
             rt.block_on(scalegate::demo::run(demo))
                 .context("demo-backend")

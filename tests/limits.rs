@@ -52,6 +52,32 @@ async fn per_ip_connection_cap_refuses_cleanly_and_frees_on_close() {
     );
 }
 
+/// Connection caps change on reload for the connections after it; a worker count cannot, and
+/// such a reload is refused naming the key rather than reported as applied.
+#[tokio::test]
+async fn a_reload_changes_connection_caps_and_refuses_a_new_worker_count() {
+    let a = demo_backend(&[]);
+    let app = app_config(&[&a], "");
+    let gw = gateway(&app);
+    let client = client();
+    let reload = |keys: &str| {
+        gw.write_config(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{keys}\n{app}"
+        ));
+        let (client, url) = (client.clone(), gw.admin_url("/api/reload"));
+        async move { request(&client, "POST", &url, &[], "").await.unwrap() }
+    };
+    assert_eq!(reload("max_connections_per_ip = 1").await.status, 200);
+    let _held = TcpStream::connect(gw.proxy).unwrap();
+    let answer = raw_exchange(gw.proxy, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+
+    let refused = reload("max_connections_per_ip = 1\nworkers = 3").await;
+    assert_eq!(refused.status, 422);
+    let errors = refused.json()["errors"].to_string();
+    assert!(errors.contains("server.workers"), "{errors}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off_while_others_are_served() {
     let a = demo_backend(&[]);

@@ -114,14 +114,14 @@ pub struct AutoscaleConfig {
     pub provider: ProviderConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ProviderConfig {
     Process(ProcessConfig),
     Exec(ExecConfig),
 }
 
 /// Local child processes, one per instance.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProcessConfig {
     /// Program and arguments; `{self}` and `{port}` are filled in at spawn.
     pub command: Vec<String>,
@@ -131,7 +131,7 @@ pub struct ProcessConfig {
 }
 
 /// An external scaler (e.g. `kubectl scale`) plus instance discovery.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExecConfig {
     /// Program and arguments; `{replicas}` and `{upstream}` are filled in.
     pub scale_command: Vec<String>,
@@ -139,7 +139,7 @@ pub struct ExecConfig {
     pub discover: Option<DiscoverConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DiscoverConfig {
     /// `host:port` re-resolved every `interval`.
     pub dns: String,

@@ -45,6 +45,7 @@ pub struct RouteCacheConfig {
 #[derive(Debug, Deserialize)]
 #[serde(default)]
 pub struct RawCache {
+    #[serde(deserialize_with = "super::units::size_text")]
     pub max_size: String,
     pub store: String,
 }
@@ -64,6 +65,7 @@ pub struct RawRouteCache {
     pub ttl: String,
     pub stale_while_revalidate: String,
     pub stale_if_error: String,
+    #[serde(deserialize_with = "super::units::size_text")]
     pub max_body: String,
     pub key: Vec<String>,
     #[serde(rename = "override")]

@@ -102,8 +102,11 @@ impl Default for RawAuth {
 #[serde(default)]
 pub struct RawHttp2 {
     pub max_concurrent_streams: u32,
+    #[serde(deserialize_with = "super::units::size_text")]
     pub initial_stream_window: String,
+    #[serde(deserialize_with = "super::units::size_text")]
     pub initial_connection_window: String,
+    #[serde(deserialize_with = "super::units::size_text")]
     pub max_frame_size: String,
     pub keep_alive_interval: String,
     pub keep_alive_timeout: String,

@@ -290,7 +290,29 @@ impl Config {
         upstreams: &[String],
     ) -> Result<Config, ConfigErrors> {
         let raw = RawConfig::from_flags(listen, admin_listen, upstreams);
-        raw.validate()
+        raw.validate().map_err(|ConfigErrors(errors)| {
+            // Named as the user wrote them: flags, not the keys they stand for.
+            let flag = |key: &str| match key {
+                "server.listen" => "--listen".to_owned(),
+                "admin.listen" => "--admin-listen".to_owned(),
+                key => match key.strip_prefix("upstreams.default.instances[") {
+                    Some(rest) => {
+                        let index: usize = rest.trim_end_matches(']').parse().unwrap_or(0);
+                        format!("--upstream (#{})", index + 1)
+                    }
+                    None => key.to_owned(),
+                },
+            };
+            ConfigErrors(
+                errors
+                    .into_iter()
+                    .map(|error| ConfigError {
+                        key: flag(&error.key),
+                        ..error
+                    })
+                    .collect(),
+            )
+        })
     }
 
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
@@ -569,6 +591,37 @@ upstream = "missing"
     }
 
     #[test]
+    fn sizes_may_be_bare_numbers_of_bytes_and_durations_are_bounded() {
+        let app =
+            "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = \"app\"\n";
+        let config = Config::from_toml(&format!(
+            "[server]\nmax_body = 1048576\n[server.http2]\nmax_frame_size = 32768\n{app}"
+        ))
+        .unwrap();
+        assert_eq!(config.server.max_body, 1 << 20);
+        assert_eq!(config.server.http2.max_frame_size, 32768);
+        let unlimited = Config::from_toml(&format!("[server]\nmax_body = 0\n{app}")).unwrap();
+        assert_eq!(unlimited.server.max_body, u64::MAX);
+        let errors = Config::from_toml(&format!("[server]\nmax_body = -1\n{app}"))
+            .unwrap_err()
+            .0;
+        assert_eq!(errors[0].key, "server.max_body");
+        assert!(
+            errors[0].message.contains("cannot be negative"),
+            "{errors:?}"
+        );
+        let errors = Config::from_toml(&format!(
+            "[server]\nidle_timeout = \"99999999999999999999h\"\n{app}"
+        ))
+        .unwrap_err()
+        .0;
+        assert_eq!(
+            (errors[0].key.as_str(), errors[0].line),
+            ("server.idle_timeout", Some(2))
+        );
+    }
+
+    #[test]
     fn fail_on_status_takes_http_statuses_only() {
         let text =
             "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nfail_on_status = [500, 99, 600]\n\
@@ -589,6 +642,28 @@ upstream = "missing"
     }
 
     #[test]
+    fn flag_errors_name_the_flags() {
+        let upstreams = ["127.0.0.1:1".to_owned(), "nowhere".to_owned()];
+        let errors = Config::from_flags("8080", "127.0.0.1:9090", &upstreams)
+            .unwrap_err()
+            .0;
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["--listen", "--upstream (#2)"]);
+    }
+
+    #[test]
+    fn given_route_names_are_unique() {
+        let text = "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n\
+                    [[routes]]\nname = \"api\"\npath_prefix = \"/a\"\nupstream = \"app\"\n\
+                    [[routes]]\nname = \"api\"\npath_prefix = \"/b\"\nupstream = \"app\"\n\
+                    [[routes]]\nupstream = \"app\"\n";
+        let errors = Config::from_toml(text).unwrap_err().0;
+        let found: Vec<(&str, Option<usize>)> =
+            errors.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(found, [("routes[1].name", Some(8))]);
+    }
+
+    #[test]
     fn the_admin_listener_needs_its_own_port_and_a_password() {
         let text = "[server]\nlisten = \"127.0.0.1:8080\"\n[admin]\nlisten = \"127.0.0.1:8080\"\n\
                     username = \"admin\"\npassword = \"\"\n\
@@ -597,10 +672,20 @@ upstream = "missing"
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["admin.password", "admin.listen"]);
         assert!(
-            errors[1].message.contains("server.listen too"),
+            errors[1]
+                .message
+                .contains("takes the port of server.listen"),
             "{}",
             errors[1]
         );
+        // A wildcard address takes its port on every address; port 0 is any free port.
+        let wildcard = text
+            .replace("\"127.0.0.1:8080\"\n[admin]", "\"0.0.0.0:8080\"\n[admin]")
+            .replace("password = \"\"", "password = \"s\"");
+        let errors = Config::from_toml(&wildcard).unwrap_err().0;
+        assert_eq!(errors[0].key, "admin.listen");
+        let any_port = wildcard.replace(":8080", ":0");
+        assert!(Config::from_toml(&any_port).is_ok());
     }
 
     #[test]

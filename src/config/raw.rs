@@ -2,6 +2,7 @@
 //! Defaults here are the documented ones (see `scalegate.example.toml`).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 
 use serde::Deserialize;
 
@@ -45,9 +46,12 @@ pub struct RawServer {
     pub workers: Option<usize>,
     pub access_log: bool,
     pub metrics: bool,
+    #[serde(deserialize_with = "super::units::size_text")]
     pub max_body: String,
+    #[serde(deserialize_with = "super::units::size_text")]
     pub max_header_size: String,
     pub underscores_in_headers: bool,
+    #[serde(deserialize_with = "super::units::size_text")]
     pub max_uri_length: String,
     pub max_headers: usize,
     pub header_read_timeout: String,
@@ -55,6 +59,7 @@ pub struct RawServer {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub body_read_timeout: String,
+    #[serde(deserialize_with = "super::units::size_text")]
     pub min_body_rate: String,
     pub shutdown_grace: String,
     pub shutdown_delay: String,
@@ -304,16 +309,6 @@ impl RawConfig {
                 }
             },
         };
-        // Port 0 (any free port) is the one address both may share.
-        if admin.listen == server.listen && admin.listen.port() != 0 {
-            p.push(
-                "admin.listen",
-                format!(
-                    "{} is server.listen too: the two need their own ports",
-                    admin.listen
-                ),
-            );
-        }
         if self.upstreams.is_empty() {
             p.push("upstreams", "at least one upstream is needed");
         }
@@ -327,6 +322,20 @@ impl RawConfig {
                 "routes",
                 "at least one route is needed (e.g. [[routes]] upstream = \"app\")",
             );
+        }
+        // Given names label metrics and rate limits: two routes may not share one. Unnamed
+        // routes take their upstream's name, which routes to one upstream do share.
+        for (i, route) in self.routes.iter().enumerate() {
+            let Some(name) = &route.name else { continue };
+            if let Some(first) = self.routes[..i]
+                .iter()
+                .position(|earlier| earlier.name.as_ref() == Some(name))
+            {
+                p.push(
+                    format!("routes[{i}].name"),
+                    format!("`{name}` is already the name of routes[{first}]"),
+                );
+            }
         }
         let route_limits: Vec<(String, RawRouteLimits)> = self
             .routes
@@ -409,6 +418,22 @@ impl RawConfig {
             .tls
             .as_ref()
             .map(|raw| super::tls::validate_tls(&mut p, raw));
+        let mut listeners = vec![
+            ("server.listen", server.listen),
+            ("admin.listen", admin.listen),
+        ];
+        listeners.extend(tls.as_ref().map(|tls| ("tls.listen", tls.listen)));
+        for (i, (key, addr)) in listeners.iter().enumerate() {
+            if let Some((other, _)) = listeners[..i]
+                .iter()
+                .find(|(_, earlier)| listeners_clash(*earlier, *addr))
+            {
+                p.push(
+                    *key,
+                    format!("{addr} takes the port of {other}: each listener needs its own"),
+                );
+            }
+        }
         p.finish(Config {
             server,
             admin,
@@ -419,6 +444,14 @@ impl RawConfig {
             limits,
         })
     }
+}
+
+/// Two listeners that could not both bind: the same port (other than 0, any free port) on the
+/// same address, or on any address when either is a wildcard (0.0.0.0 or ::).
+fn listeners_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// Why a route's `host` (lowercased) could never match a request's Host, if so: it is a name
@@ -470,7 +503,11 @@ fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
         workers: raw.workers,
         access_log: raw.access_log,
         metrics: raw.metrics,
-        max_body: p.size("server.max_body", &raw.max_body),
+        // 0 lifts the limit, as nginx's `client_max_body_size 0` does.
+        max_body: match p.size("server.max_body", &raw.max_body) {
+            0 => u64::MAX,
+            bytes => bytes,
+        },
         max_header_bytes,
         underscores_in_headers: raw.underscores_in_headers,
         max_uri_length: max_uri_length as usize,

@@ -1,7 +1,10 @@
 //! Human units in the config file: durations ("250ms", "15s", "5m", "1h", "1m30s") and sizes
 //! ("512", "16KiB", "10MiB", "1GB").
 
+use std::fmt;
 use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
 
 /// Parses a duration made of one or more `<number><unit>` parts; units: ms, s, m, h, d.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -34,13 +37,22 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "d" => value * 86400.0,
             _ => return Err(format!("`{text}`: unknown unit `{unit}` (ms, s, m, h, d)")),
         };
-        total += Duration::from_secs_f64(seconds);
+        total = Duration::try_from_secs_f64(seconds)
+            .ok()
+            .and_then(|part| total.checked_add(part))
+            .filter(|total| *total <= LONGEST)
+            .ok_or_else(|| format!("`{text}` is too long (at most 3650d)"))?;
         rest = next;
     }
     Ok(total)
 }
 
-/// Parses a byte size: a plain number of bytes or a number with B, KB, KiB, MB, MiB, GB, GiB.
+/// The longest duration taken: ten years is past any timeout or lifetime worth setting, and
+/// far from where adding it to the clock could overflow.
+const LONGEST: Duration = Duration::from_secs(3650 * 86_400);
+
+/// Parses a byte size: a plain number of bytes or a number with B, KB, KiB, MB, MiB, GB, GiB
+/// (KB, MB, GB are powers of 1000), or k, m, g, which are powers of 1024 as in nginx's sizes.
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text
@@ -52,15 +64,39 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .map_err(|_| format!("`{text}` is not a size"))?;
     let factor: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
-        "kb" | "k" => 1e3,
-        "kib" => 1024.0,
-        "mb" | "m" => 1e6,
-        "mib" => 1024.0 * 1024.0,
-        "gb" | "g" => 1e9,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "kib" | "k" => 1024.0,
+        "mb" => 1e6,
+        "mib" | "m" => 1024.0 * 1024.0,
+        "gb" => 1e9,
+        "gib" | "g" => 1024.0 * 1024.0 * 1024.0,
         other => return Err(format!("`{text}`: unknown size unit `{other}`")),
     };
     Ok((value * factor) as u64)
+}
+
+/// Reads a size field as written: text with a unit, or a bare integer of bytes (`max_body =
+/// 1048576`); the text is parsed with the other keys' values, so every bad one is reported.
+pub fn size_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    struct SizeText;
+    impl Visitor<'_> for SizeText {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a size such as \"16KiB\" or a number of bytes")
+        }
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<String, E> {
+            Ok(text.to_owned())
+        }
+        fn visit_u64<E: de::Error>(self, bytes: u64) -> Result<String, E> {
+            Ok(bytes.to_string())
+        }
+        fn visit_i64<E: de::Error>(self, bytes: i64) -> Result<String, E> {
+            u64::try_from(bytes)
+                .map(|bytes| bytes.to_string())
+                .map_err(|_| E::custom("a size cannot be negative"))
+        }
+    }
+    deserializer.deserialize_any(SizeText)
 }
 
 #[cfg(test)]
@@ -78,6 +114,10 @@ mod tests {
         assert!(parse_duration("15").is_err());
         assert!(parse_duration("15x").is_err());
         assert!(parse_duration("").is_err());
+        assert_eq!(parse_duration("3650d"), Ok(LONGEST));
+        for huge in ["3651d", "99999999999999999999h", "3000d1000d", "1e400s"] {
+            assert!(parse_duration(huge).is_err(), "{huge}");
+        }
     }
 
     #[test]
@@ -86,6 +126,8 @@ mod tests {
         assert_eq!(parse_size("16KiB"), Ok(16 * 1024));
         assert_eq!(parse_size("10MiB"), Ok(10 * 1024 * 1024));
         assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
+        assert_eq!(parse_size("10m"), Ok(10 * 1024 * 1024));
+        assert_eq!(parse_size("8k"), Ok(8 * 1024));
         assert!(parse_size("ten").is_err());
         assert!(parse_size("1XB").is_err());
     }

@@ -29,10 +29,12 @@ pub fn admit_decision(
     }
 }
 
+/// The limits in force (a reload changes them for the connections that come after it; open
+/// ones count toward them either way).
 #[derive(Debug, Default)]
 pub struct ConnectionLimits {
-    max_open: usize,
-    max_per_ip: usize,
+    max_open: AtomicUsize,
+    max_per_ip: AtomicUsize,
     open: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     pub refused_total: AtomicU64,
@@ -41,11 +43,14 @@ pub struct ConnectionLimits {
 
 impl ConnectionLimits {
     pub fn new(max_open: usize, max_per_ip: usize) -> ConnectionLimits {
-        ConnectionLimits {
-            max_open,
-            max_per_ip,
-            ..ConnectionLimits::default()
-        }
+        let limits = ConnectionLimits::default();
+        limits.set_limits(max_open, max_per_ip);
+        limits
+    }
+
+    pub fn set_limits(&self, max_open: usize, max_per_ip: usize) {
+        self.max_open.store(max_open, Ordering::Relaxed);
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
     }
 
     pub fn open(&self) -> usize {
@@ -56,7 +61,9 @@ impl ConnectionLimits {
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, Refusal> {
         let mut per_ip = self.per_ip.lock().expect("connection limits lock");
         let from_ip = per_ip.get(&ip).copied().unwrap_or(0);
-        if let Err(refusal) = admit_decision(self.open(), self.max_open, from_ip, self.max_per_ip) {
+        let max_open = self.max_open.load(Ordering::Relaxed);
+        let max_per_ip = self.max_per_ip.load(Ordering::Relaxed);
+        if let Err(refusal) = admit_decision(self.open(), max_open, from_ip, max_per_ip) {
             let counter = match refusal {
                 Refusal::TooManyConnections => &self.refused_total,
                 Refusal::TooManyFromClient => &self.refused_per_ip,
@@ -64,13 +71,16 @@ impl ConnectionLimits {
             counter.fetch_add(1, Ordering::Relaxed);
             return Err(refusal);
         }
-        if self.max_per_ip > 0 {
+        // Counted by IP only under a per-IP limit: the map costs a lookup per connection.
+        let counted_per_ip = max_per_ip > 0;
+        if counted_per_ip {
             per_ip.insert(ip, from_ip + 1);
         }
         self.open.fetch_add(1, Ordering::Relaxed);
         Ok(ConnectionPermit {
             limits: self.clone(),
             ip,
+            counted_per_ip,
         })
     }
 }
@@ -79,12 +89,13 @@ impl ConnectionLimits {
 pub struct ConnectionPermit {
     limits: Arc<ConnectionLimits>,
     ip: IpAddr,
+    counted_per_ip: bool,
 }
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
         // Per-IP first: whoever sees the total drop may rely on the per-IP slot being free too.
-        if self.limits.max_per_ip > 0 {
+        if self.counted_per_ip {
             let mut per_ip = self.limits.per_ip.lock().expect("connection limits lock");
             if let Some(count) = per_ip.get_mut(&self.ip) {
                 *count -= 1;
@@ -127,5 +138,21 @@ mod tests {
         assert_eq!(limits.refused_total.load(Ordering::Relaxed), 1);
         assert_eq!(limits.refused_per_ip.load(Ordering::Relaxed), 1);
         assert!(limits.per_ip.lock().unwrap().len() <= 2);
+    }
+
+    #[test]
+    fn changed_limits_apply_to_the_next_connections() {
+        let limits = Arc::new(ConnectionLimits::new(0, 0));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let uncounted = limits.admit(a).unwrap();
+        limits.set_limits(10, 1);
+        let counted = limits.admit(a).unwrap();
+        assert_eq!(limits.admit(a).err(), Some(Refusal::TooManyFromClient));
+        // One opened before the per-IP limit leaves the count alone as it closes.
+        drop(uncounted);
+        assert_eq!(limits.admit(a).err(), Some(Refusal::TooManyFromClient));
+        drop(counted);
+        assert!(limits.per_ip.lock().unwrap().is_empty());
+        let _again = limits.admit(a).unwrap();
     }
 }

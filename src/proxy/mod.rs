@@ -231,7 +231,11 @@ impl Gateway {
 
     /// Re-reads the config file. A bad config is refused and the running one keeps serving.
     pub fn reload(&self) -> Result<(), ConfigErrors> {
-        let _serialized = self.reload_lock.lock().expect("reload lock");
+        // The lock guards no data: a reload that panicked leaves nothing half-done behind it.
+        let _serialized = self
+            .reload_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(path) = &self.config_path else {
             return Err(ConfigErrors(vec![crate::config::ConfigError {
                 key: "reload".into(),
@@ -246,6 +250,10 @@ impl Gateway {
         if !needing_restart.is_empty() {
             return Err(ConfigErrors(needing_restart));
         }
+        self.connections.set_limits(
+            config.server.max_connections,
+            config.server.max_connections_per_ip,
+        );
         let next = Arc::new(Runtime::build(
             config,
             Some(&current),
@@ -308,10 +316,10 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
             Err(ConnectError::Unavailable(_)) => {}
         }
     }
-    let proxy_listener = TcpListener::bind(listen).await?;
-    let admin_listener = TcpListener::bind(admin_listen).await?;
+    let proxy_listener = bind("server.listen", listen).await?;
+    let admin_listener = bind("admin.listen", admin_listen).await?;
     let tls_listener = match tls_listen {
-        Some(addr) => Some(TcpListener::bind(addr).await?),
+        Some(addr) => Some(bind("tls.listen", addr).await?),
         None => None,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -363,6 +371,13 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     Ok(())
 }
 
+/// Binds one listener; a failure names the key and address, as nginx names the address.
+async fn bind(key: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|err| std::io::Error::new(err.kind(), format!("{key} {addr}: {err}")))
+}
+
 /// What a reload cannot apply: listeners are opened, and the rate-limit and cache stores
 /// connected, at start. Such a reload is refused, so the config in force always says what the
 /// gateway does.
@@ -401,6 +416,36 @@ fn restart_only_changes(running: &Config, next: &Config, has_redis: bool) -> Vec
     }
     if next.cache.store == CacheStoreKind::Redis && !has_redis {
         needs_restart("cache.store", "the gateway runs without Redis".to_owned());
+    }
+    if next.server.workers != running.server.workers {
+        let what = match running.server.workers {
+            Some(workers) => format!("the gateway runs {workers} worker threads"),
+            None => "the gateway runs one worker thread per CPU".to_owned(),
+        };
+        needs_restart("server.workers", what);
+    }
+    // Autoscalers start with the gateway: bounds, targets and behavior reload, who runs the
+    // instances does not.
+    let names = running
+        .upstreams
+        .iter()
+        .chain(&next.upstreams)
+        .map(|u| &u.name);
+    let mut seen = std::collections::HashSet::new();
+    for name in names.filter(|name| seen.insert(*name)) {
+        let provider = |config: &Config| {
+            let upstream = config.upstreams.iter().find(|u| &u.name == name)?;
+            upstream.autoscale.as_ref().map(|a| a.provider.clone())
+        };
+        let (before, after) = (provider(running), provider(next));
+        if before != after {
+            let what = match (before, after) {
+                (None, _) => "it has no autoscaler running",
+                (_, None) => "its autoscaler is running",
+                _ => "its autoscaler's provider settings changed",
+            };
+            needs_restart(&format!("upstreams.{name}.autoscale"), what.to_owned());
+        }
     }
     problems
 }
