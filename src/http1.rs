@@ -449,17 +449,20 @@ impl Chunked {
                     *self = Chunked::Size;
                 }
                 Chunked::Size | Chunked::Trailers => {
+                    // A bare CR or LF (or another control byte) inside a line could end it
+                    // for a parser in front of the gateway: such bodies are refused, as soon
+                    // as the byte is seen, not when a CRLF that may never come arrives.
+                    let breaks_lines = |b: &u8| (*b < b' ' && *b != b'\t') || *b == 0x7f;
                     let Some(end) = rest.windows(2).position(|w| w == b"\r\n") else {
-                        return if rest.len() > MAX_HEAD {
+                        let unended = rest.strip_suffix(b"\r").unwrap_or(rest);
+                        return if rest.len() > MAX_HEAD || unended.iter().any(breaks_lines) {
                             Err(ParseError::Chunk)
                         } else {
                             Ok(ChunkStep { used, data: 0..0 })
                         };
                     };
                     let line = &rest[..end];
-                    // A bare CR or LF (or another control byte) inside a line could end it
-                    // for a parser in front of the gateway: such bodies are refused.
-                    if line.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f) {
+                    if line.iter().any(breaks_lines) {
                         return Err(ParseError::Chunk);
                     }
                     used += end + 2;
@@ -779,6 +782,9 @@ mod tests {
             b"5;ext\nX\r\nhello\r\n0\r\n\r\n",
             b"5;a\rb\r\nhello\r\n0\r\n\r\n",
             b"5\r\nhello\r\n0\r\nT: x\nGET /smuggled HTTP/1.1\r\n\r\n",
+            // Lines ended by bare LFs only: refused at once, not waited on for a CRLF.
+            b"3\nabc\n0\n\n",
+            b"5\r\nhello\r\n0\n",
         ] {
             let result = declared_chunked_length(bad);
             assert_eq!(result, Err(ParseError::Chunk), "{:?}", bad);
@@ -792,6 +798,8 @@ mod tests {
             (b"5\r\nhel", 5),
             (b"5\r\nhello\r\n1000000\r\nab", 5 + 0x100_0000),
             (b"5\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\n", 5),
+            // A line the buffer cuts between its CR and LF.
+            (b"5\r\nhello\r\n0\r", 5),
             // Leading zeros are not digits that count (RFC 9112 §7.1 sets no length).
             (b"00000000000000000000005\r\nhello", 5),
             (b"fffffffffffffff\r\n", 0xfff_ffff_ffff_ffff),

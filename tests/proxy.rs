@@ -984,7 +984,7 @@ async fn smuggling_shaped_requests_never_smuggle() {
     let a = demo_backend(&[]);
     let gw = gateway(&app_config(&[&a], ""));
     let client = client();
-    let refused: [&[u8]; 6] = [
+    let refused: [&[u8]; 7] = [
         b"POST /work HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         b"POST /work HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\nhello!",
         b"POST /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nhello",
@@ -993,6 +993,8 @@ async fn smuggling_shaped_requests_never_smuggle() {
         // Broken chunks that come with the head: not even the head goes to an instance.
         b"POST /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n",
         b"POST /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+        // Chunk lines ended by bare LFs: refused at once, not waited on for a CRLF.
+        b"POST /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\n0\n\n",
     ];
     for case in refused {
         let answer = raw_exchange(gw.proxy, case);
@@ -1008,9 +1010,16 @@ async fn smuggling_shaped_requests_never_smuggle() {
     // A chunk past max_body (10 MiB) is refused as soon as its size line is read.
     let answer = raw_exchange(
         gw.proxy,
-        b"POST /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1000000\r\nhello",
+        b"POST /work HTTP/1.1\r\nHost: x\r\nX-Request-ID: mine-413\r\nTransfer-Encoding: chunked\r\n\r\n1000000\r\nhello",
     );
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    // Refusals of heads whose fields were read keep the client's request ID.
+    assert!(answer.contains("x-request-id: mine-413"), "{answer}");
+    let answer = raw_exchange(
+        gw.proxy,
+        b"POST /work HTTP/1.1\r\nHost: x\r\nX-Request-ID: mine-400\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    assert!(answer.contains("x-request-id: mine-400"), "{answer}");
     assert_eq!(backend_requests(&client, &a).await, 0);
 }
 

@@ -26,7 +26,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -41,7 +41,7 @@ use super::deadline::LazyDeadline;
 use super::error::ProxyError;
 use super::forward::{self, ClientAddr};
 use super::h1::{chunk_header, RawFields};
-use super::headers::{check_framing, has, value, values};
+use super::headers::{check_framing, has, is_sane_request_id, value, values, X_REQUEST_ID};
 use super::record::RequestRecord;
 use super::Gateway;
 use crate::config::ServerConfig;
@@ -149,8 +149,8 @@ pub async fn serve(
         let head = match conn.next_head(first).await {
             NextHead::Request(head) => head,
             NextHead::Closed => return conn.close().await,
-            NextHead::Refused(error) => {
-                let request_id = gateway.new_request_id();
+            NextHead::Refused(Refusal { error, request_id }) => {
+                let request_id = request_id.unwrap_or_else(|| gateway.new_request_id());
                 let response = error.response(&request_id);
                 let mut record =
                     forward::refused_record(&gateway, &client, error.status(), request_id);
@@ -259,8 +259,8 @@ enum NextHead {
     Request(RequestHead),
     /// The client closed, went quiet past a timeout, or the gateway drains.
     Closed,
-    /// A head the gateway refuses (400, 414, 431).
-    Refused(ProxyError),
+    /// A head the gateway refuses (400, 413, 414, 431, 505).
+    Refused(Refusal),
 }
 
 /// What happens to the connection after an answer.
@@ -351,11 +351,13 @@ impl ClientConn {
                     Ok(Some(head)) => {
                         return match check_buffered_chunks(&head, &reader.buf, &self.limits) {
                             Ok(()) => NextHead::Request(head),
-                            Err(error) => NextHead::Refused(error),
+                            Err(error) => {
+                                NextHead::Refused(*Refusal::of(error, &head.parts.headers))
+                            }
                         }
                     }
                     Ok(None) => {}
-                    Err(error) => return NextHead::Refused(error),
+                    Err(refusal) => return NextHead::Refused(*refusal),
                 }
             }
             let idle = reader.buf.is_empty() && head_started.is_none();
@@ -758,7 +760,7 @@ pub fn read_request_head(
     limits: &ClientLimits,
 ) -> Result<Option<(http::request::Parts, usize)>, ProxyError> {
     let mut buf = BytesMut::from(bytes);
-    let head = parse_head(&mut buf, limits)?;
+    let head = parse_head(&mut buf, limits).map_err(|refusal| refusal.error)?;
     Ok(head.map(|head| (head.parts, bytes.len() - buf.len())))
 }
 
@@ -821,7 +823,27 @@ fn check_buffered_chunks(
 fn parse_head(
     buf: &mut BytesMut,
     limits: &ClientLimits,
-) -> Result<Option<RequestHead>, ProxyError> {
+) -> Result<Option<RequestHead>, Box<Refusal>> {
+    let Some((method, version, target, mut headers)) = read_fields(buf, limits)? else {
+        return Ok(None);
+    };
+    match checked_head(method, version, target, &mut headers) {
+        Ok(mut request) => {
+            request.parts.headers = headers;
+            Ok(Some(request))
+        }
+        Err(error) => Err(Refusal::of(error, &headers)),
+    }
+}
+
+/// A request line and fields as read: method, version, target, fields.
+type ReadFields = (Method, Version, Bytes, HeaderMap);
+
+/// Reads a request head's line and fields, taking the head out of the buffer when complete.
+fn read_fields(
+    buf: &mut BytesMut,
+    limits: &ClientLimits,
+) -> Result<Option<ReadFields>, ProxyError> {
     // Uninitialised: parsing fills what it uses, and most heads have a handful of fields.
     let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
     let mut heap = Vec::new();
@@ -845,7 +867,7 @@ fn parse_head(
                     // Read as HTTP/1.1 (RFC 9110 §2.5); the instance gets the gateway's own
                     // request line in any case.
                     buf[at] = b'1';
-                    parse_head(buf, limits)
+                    read_fields(buf, limits)
                 }
                 UnparsedVersion::OtherMajor => Err(ProxyError::VersionNotSupported),
                 _ => Err(ProxyError::BadRequest("malformed request head")),
@@ -869,8 +891,51 @@ fn parse_head(
     });
     let head = buf.split_to(len).freeze();
     // Room for X-Forwarded-For, -Proto, -Host and X-Request-ID.
-    let mut headers = spans.to_map(&head, 4).map_err(malformed)?;
-    let uri = Uri::from_maybe_shared(head.slice(target_start..target_end))
+    let headers = spans.to_map(&head, 4).map_err(malformed)?;
+    let target = head.slice(target_start..target_end);
+    Ok(Some((method, version, target, headers)))
+}
+
+/// A refused request head, with the client's request ID when the head got as far as its
+/// fields.
+#[derive(Debug)]
+struct Refusal {
+    error: ProxyError,
+    request_id: Option<HeaderValue>,
+}
+
+impl Refusal {
+    /// The refusal of a head with these fields: the client's own request ID, if sane, goes on
+    /// the answer and its log line.
+    fn of(error: ProxyError, headers: &HeaderMap) -> Box<Refusal> {
+        Box::new(Refusal {
+            error,
+            request_id: value(headers, &X_REQUEST_ID)
+                .filter(|id| is_sane_request_id(id))
+                .cloned(),
+        })
+    }
+}
+
+// Boxed: refusals are rare, and a large error would widen every parse's result.
+impl From<ProxyError> for Box<Refusal> {
+    fn from(error: ProxyError) -> Box<Refusal> {
+        Box::new(Refusal {
+            error,
+            request_id: None,
+        })
+    }
+}
+
+/// The checks on a head whose fields were read: its target, its framing, its connection
+/// options. The fields go into the returned head's parts afterwards.
+fn checked_head(
+    method: Method,
+    version: Version,
+    target: Bytes,
+    headers: &mut HeaderMap,
+) -> Result<RequestHead, ProxyError> {
+    let uri = Uri::from_maybe_shared(target)
         .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
     // Origin-form or absolute-form (RFC 9112 §3.2); authority-form is CONNECT's alone (which
     // gets 405) and `*` OPTIONS' alone.
@@ -884,9 +949,8 @@ fn parse_head(
         ));
     }
 
-    let declared =
-        check_framing(&mut headers).map_err(|err| ProxyError::BadRequest(err.reason()))?;
-    let chunked = has(&headers, &header::TRANSFER_ENCODING);
+    let declared = check_framing(headers).map_err(|err| ProxyError::BadRequest(err.reason()))?;
+    let chunked = has(headers, &header::TRANSFER_ENCODING);
     if chunked && version == Version::HTTP_10 {
         return Err(ProxyError::BadRequest(
             "Transfer-Encoding in an HTTP/1.0 request",
@@ -898,26 +962,25 @@ fn parse_head(
         Some(length) => BodyKind::Length(length),
     };
     let mut connection = ConnectionOptions::default();
-    for value in values(&headers, &header::CONNECTION) {
+    for value in values(headers, &header::CONNECTION) {
         connection.read(value.as_bytes());
     }
     let keep_alive = connection.keep_alive(version == Version::HTTP_11);
     // 100-continue means nothing to an HTTP/1.0 client (RFC 9110 §10.1.1).
     let expect_continue = version == Version::HTTP_11
         && body != BodyKind::None
-        && value(&headers, &header::EXPECT)
+        && value(headers, &header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = method;
     parts.uri = uri;
     parts.version = version;
-    parts.headers = headers;
-    Ok(Some(RequestHead {
+    Ok(RequestHead {
         parts,
         body,
         keep_alive,
         expect_continue,
-    }))
+    })
 }
 
 /// A head over `max_header_size`: 414 when the request line alone is over `max_uri_length`.
@@ -1097,7 +1160,7 @@ mod tests {
 
     fn parsed(text: &[u8]) -> Result<Option<RequestHead>, ProxyError> {
         let mut buf = BytesMut::from(text);
-        parse_head(&mut buf, &LIMITS)
+        parse_head(&mut buf, &LIMITS).map_err(|refusal| refusal.error)
     }
 
     fn head(text: &[u8]) -> RequestHead {

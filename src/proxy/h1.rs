@@ -34,8 +34,11 @@ use crate::http1::{
     MAX_HEAD,
 };
 
-/// Most header fields an instance's answer may have.
-const MAX_HEADERS: usize = 128;
+/// Header fields of an answer parsed on the stack; more are parsed again on the heap.
+const STACK_HEADERS: usize = 128;
+/// As many fields as the largest head can hold (each takes at least 4 bytes), so that the
+/// head's size is the one limit, as it is for nginx.
+const MOST_HEADERS: usize = MAX_HEAD / 4;
 const READ_CHUNK: usize = 16 * 1024;
 /// Chunks of an upload up to this size are framed and written in one call.
 const SMALL_CHUNK: usize = 8 * 1024;
@@ -571,10 +574,28 @@ enum Parsed {
 /// Parses an answer head at the front of `buf`, taking it out of the buffer when complete. The
 /// header values are slices of the head's bytes, not copies.
 fn parse_head(buf: &mut BytesMut, reading: Reading<'_>) -> Result<Option<Parsed>, SendError> {
-    let mut fields = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
-    let (answer, parsed) = parse_response(buf, &mut fields);
+    parse_head_in(buf, reading, false)
+}
+
+/// `many`: the fields did not fit on the stack, parse them on the heap.
+fn parse_head_in(
+    buf: &mut BytesMut,
+    reading: Reading<'_>,
+    many: bool,
+) -> Result<Option<Parsed>, SendError> {
+    let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
+    let mut heap = Vec::new();
+    let fields = if many {
+        heap.resize(MOST_HEADERS, MaybeUninit::uninit());
+        &mut heap[..]
+    } else {
+        &mut stack[..]
+    };
+    let (answer, parsed) = parse_response(buf, fields);
     let len = match parsed {
         Ok(httparse::Status::Complete(len)) => len,
+        // Many cookies, CSP or tracing fields make a valid answer, however rare.
+        Err(httparse::Error::TooManyHeaders) if !many => return parse_many_fields(buf, reading),
         Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(None),
         Ok(httparse::Status::Partial) => return Err(invalid_answer(&"head larger than 64 KiB")),
         Err(err) => return Err(invalid_answer(&err)),
@@ -630,6 +651,14 @@ fn parse_head(buf: &mut BytesMut, reading: Reading<'_>) -> Result<Option<Parsed>
         framing,
         request_complete: true,
     })))
+}
+
+#[cold]
+fn parse_many_fields(
+    buf: &mut BytesMut,
+    reading: Reading<'_>,
+) -> Result<Option<Parsed>, SendError> {
+    parse_head_in(buf, reading, true)
 }
 
 #[cold]
@@ -910,6 +939,20 @@ mod tests {
             false,
         );
         assert_eq!(names(&head), ["connection", "upgrade"]);
+    }
+
+    #[test]
+    fn answers_with_more_fields_than_the_stack_holds_are_read() {
+        let mut text = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..STACK_HEADERS + 22 {
+            text.extend_from_slice(format!("Set-Cookie: c{i}=1\r\n").as_bytes());
+        }
+        text.extend_from_slice(b"Content-Length: 2\r\n\r\nok");
+        let (head, _, rest) = parsed(&text, false);
+        assert_eq!(head.headers.get_all("set-cookie").iter().count(), 150);
+        assert_eq!(&rest[..], b"ok");
+        let raw = raw(&text).unwrap();
+        assert_eq!(raw.matches("Set-Cookie: ").count(), 150);
     }
 
     #[test]
