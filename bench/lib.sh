@@ -13,8 +13,11 @@ bench_init() { # tools...
   for tool in wrk taskset python3 "$@"; do
     command -v "$tool" >/dev/null || { echo "$0: $tool is missing (scripts/test installs it)" >&2; exit 2; }
   done
-  cargo build --release --quiet
-  SCALEGATE=$PWD/target/release/scalegate
+  # SCALEGATE_BIN: another build to measure (an A/B against an older commit).
+  if [ -z "${SCALEGATE_BIN:-}" ]; then
+    cargo build --release --quiet
+  fi
+  SCALEGATE=${SCALEGATE_BIN:-$PWD/target/release/scalegate}
   WORK=$(mktemp -d)
   RESULTS=$WORK/results.tsv
   PIDS=()

@@ -193,15 +193,19 @@ pub async fn serve(
             (None, None)
         };
         let request = Request::from_parts(parts, body);
-        let handled = forward::handle(&gateway, request, &client, upgrade);
-        // Pinned here, once: each branch only borrows it, so the task holds one such future.
-        tokio::pin!(handled);
-        let answer = match &back {
-            // Boxed: inline, this branch's state would grow every connection task.
-            Some(back) => Box::pin(conn.handle_with_body(handled, back, expect_continue)).await,
-            None => conn.unless_client_leaves(handled).await,
+        // Dropped once the answer went out, or with the connection when the client left first.
+        let mut record = forward::request_record(&gateway, &request, &client);
+        let answer = {
+            let handled = forward::handle(&gateway, request, &client, upgrade, &mut record);
+            // Pinned here, once: each branch only borrows it, so the task holds one such future.
+            tokio::pin!(handled);
+            match &back {
+                // Boxed: inline, this branch's state would grow every connection task.
+                Some(back) => Box::pin(conn.handle_with_body(handled, back, expect_continue)).await,
+                None => conn.unless_client_leaves(handled).await,
+            }
         };
-        let Some((response, mut record)) = answer else {
+        let Some(response) = answer else {
             tracing::debug!("client left before its answer; its request was dropped");
             return;
         };
@@ -824,26 +828,6 @@ fn parse_head(
     buf: &mut BytesMut,
     limits: &ClientLimits,
 ) -> Result<Option<RequestHead>, Box<Refusal>> {
-    let Some((method, version, target, mut headers)) = read_fields(buf, limits)? else {
-        return Ok(None);
-    };
-    match checked_head(method, version, target, &mut headers) {
-        Ok(mut request) => {
-            request.parts.headers = headers;
-            Ok(Some(request))
-        }
-        Err(error) => Err(Refusal::of(error, &headers)),
-    }
-}
-
-/// A request line and fields as read: method, version, target, fields.
-type ReadFields = (Method, Version, Bytes, HeaderMap);
-
-/// Reads a request head's line and fields, taking the head out of the buffer when complete.
-fn read_fields(
-    buf: &mut BytesMut,
-    limits: &ClientLimits,
-) -> Result<Option<ReadFields>, ProxyError> {
     // Uninitialised: parsing fills what it uses, and most heads have a handful of fields.
     let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
     let mut heap = Vec::new();
@@ -856,10 +840,10 @@ fn read_fields(
     let mut request = httparse::Request::new(&mut []);
     let len = match request.parse_with_uninit_headers(buf, fields) {
         Ok(httparse::Status::Complete(len)) if len <= limits.max_head => len,
-        Ok(httparse::Status::Complete(_)) => return Err(too_large(buf, limits)),
+        Ok(httparse::Status::Complete(_)) => return Err(too_large(buf, limits).into()),
         Ok(httparse::Status::Partial) if buf.len() <= limits.max_head => return Ok(None),
-        Ok(httparse::Status::Partial) => return Err(too_large(buf, limits)),
-        Err(httparse::Error::TooManyHeaders) => return Err(ProxyError::HeadersTooLarge),
+        Ok(httparse::Status::Partial) => return Err(too_large(buf, limits).into()),
+        Err(httparse::Error::TooManyHeaders) => return Err(ProxyError::HeadersTooLarge.into()),
         Err(httparse::Error::Version) => {
             return match unparsed_version(buf) {
                 UnparsedVersion::Incomplete if buf.len() <= limits.max_head => Ok(None),
@@ -867,13 +851,13 @@ fn read_fields(
                     // Read as HTTP/1.1 (RFC 9110 §2.5); the instance gets the gateway's own
                     // request line in any case.
                     buf[at] = b'1';
-                    read_fields(buf, limits)
+                    parse_head(buf, limits)
                 }
-                UnparsedVersion::OtherMajor => Err(ProxyError::VersionNotSupported),
-                _ => Err(ProxyError::BadRequest("malformed request head")),
+                UnparsedVersion::OtherMajor => Err(ProxyError::VersionNotSupported.into()),
+                _ => Err(ProxyError::BadRequest("malformed request head").into()),
             };
         }
-        Err(_) => return Err(ProxyError::BadRequest("malformed request head")),
+        Err(_) => return Err(ProxyError::BadRequest("malformed request head").into()),
     };
     let malformed = |_| ProxyError::BadRequest("malformed request head");
     let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
@@ -891,9 +875,31 @@ fn read_fields(
     });
     let head = buf.split_to(len).freeze();
     // Room for X-Forwarded-For, -Proto, -Host and X-Request-ID.
-    let headers = spans.to_map(&head, 4).map_err(malformed)?;
+    let mut headers = spans.to_map(&head, 4).map_err(malformed)?;
     let target = head.slice(target_start..target_end);
-    Ok(Some((method, version, target, headers)))
+    let checked = match checked_head(&method, version, target, &mut headers) {
+        Ok(checked) => checked,
+        Err(error) => return Err(Refusal::of(error, &headers)),
+    };
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = checked.uri;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some(RequestHead {
+        parts,
+        body: checked.body,
+        keep_alive: checked.keep_alive,
+        expect_continue: checked.expect_continue,
+    }))
+}
+
+/// What the checks on a head's target and fields found.
+struct CheckedHead {
+    uri: Uri,
+    body: BodyKind,
+    keep_alive: bool,
+    expect_continue: bool,
 }
 
 /// A refused request head, with the client's request ID when the head got as far as its
@@ -928,13 +934,13 @@ impl From<ProxyError> for Box<Refusal> {
 }
 
 /// The checks on a head whose fields were read: its target, its framing, its connection
-/// options. The fields go into the returned head's parts afterwards.
+/// options.
 fn checked_head(
-    method: Method,
+    method: &Method,
     version: Version,
     target: Bytes,
     headers: &mut HeaderMap,
-) -> Result<RequestHead, ProxyError> {
+) -> Result<CheckedHead, ProxyError> {
     let uri = Uri::from_maybe_shared(target)
         .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
     // Origin-form or absolute-form (RFC 9112 §3.2); authority-form is CONNECT's alone (which
@@ -971,12 +977,8 @@ fn checked_head(
         && body != BodyKind::None
         && value(headers, &header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let (mut parts, ()) = Request::new(()).into_parts();
-    parts.method = method;
-    parts.uri = uri;
-    parts.version = version;
-    Ok(RequestHead {
-        parts,
+    Ok(CheckedHead {
+        uri,
         body,
         keep_alive,
         expect_continue,

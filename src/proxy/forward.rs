@@ -77,27 +77,37 @@ impl ClientAddr {
     }
 }
 
-/// Entry point for one client request; never fails (errors become responses). The record it
-/// returns with the answer is to be dropped once the answer went out (see [`RequestRecord`]).
-/// `upgrade` is the client's side of the connection should the request switch protocols.
-pub async fn handle(
+/// The record of a request about to be handled (see [`RequestRecord`]): made by the caller,
+/// which keeps it until the answer went out, so that the answer's end is what it times.
+pub fn request_record(
     gateway: &Arc<Gateway>,
-    req: Request<ClientBody>,
+    req: &Request<ClientBody>,
     client: &ClientAddr,
-    upgrade: Option<ClientUpgrade>,
-) -> (Response<GatewayBody>, RequestRecord) {
+) -> RequestRecord {
     let request_id = match value(req.headers(), &X_REQUEST_ID) {
         Some(id) if is_sane_request_id(id) => id.clone(),
         _ => gateway.new_request_id(),
     };
-    let mut record = RequestRecord::new(
+    RequestRecord::new(
         gateway,
         gateway.runtime.load_full(),
         req.method().clone(),
         req.uri().path(),
         request_id,
         client.addr.ip(),
-    );
+    )
+}
+
+/// Entry point for one client request, recorded in `record`; never fails (errors become
+/// responses). `upgrade` is the client's side of the connection should the request switch
+/// protocols.
+pub async fn handle(
+    gateway: &Gateway,
+    req: Request<ClientBody>,
+    client: &ClientAddr,
+    upgrade: Option<ClientUpgrade>,
+    record: &mut RequestRecord,
+) -> Response<GatewayBody> {
     let runtime = &record.runtime;
     let tls = runtime.config.tls.as_ref();
     let redirect = tls
@@ -130,7 +140,7 @@ pub async fn handle(
             .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
     }
     record.answered(response.status());
-    (response, record)
+    response
 }
 
 /// The record of a request refused as its head was read (400, 414, 431, 505): it has no route,

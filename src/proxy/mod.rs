@@ -623,7 +623,8 @@ async fn serve_hyper<I>(
             }
             let req = http::Request::from_parts(parts, body::ClientBody::Hyper(body));
             // HTTP/2 has no Upgrade: there is no connection to hand over.
-            let (response, record) = forward::handle(&gateway, req, &client, None).await;
+            let mut record = forward::request_record(&gateway, &req, &client);
+            let response = forward::handle(&gateway, req, &client, None, &mut record).await;
             let response = if head_request {
                 headers_only(response)
             } else {
