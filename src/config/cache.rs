@@ -94,8 +94,8 @@ impl Default for RawRouteCache {
 /// `has_redis`: whether `[state] redis_url` is set.
 pub(super) fn validate_cache(p: &mut Problems, raw: &RawCache, has_redis: bool) -> CacheConfig {
     let max_size = p.size("cache.max_size", &raw.max_size);
-    if max_size == 0 && !p.0.iter().any(|e| e.key == "cache.max_size") {
-        p.push("cache.max_size", "must be more than 0");
+    if max_size == 0 {
+        p.push_unless_reported("cache.max_size", "must be more than 0");
     }
     let store = match raw.store.as_str() {
         "memory" => CacheStoreKind::Memory,

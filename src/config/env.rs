@@ -108,15 +108,30 @@ fn fitted(value: &str, context: Context) -> Result<std::borrow::Cow<'_, str>, &'
             Err(UNFIT_LITERAL)
         }
         Context::Literal => Ok(value.into()),
-        Context::Bare
-            if value
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c)) =>
-        {
-            Ok(value.into())
-        }
+        Context::Bare if is_bare_scalar(value) => Ok(value.into()),
         Context::Bare => Err(UNFIT_BARE),
     }
+}
+
+/// A TOML number or boolean, as it may stand outside quotes (or nothing, as a shell leaves an
+/// empty variable); anything else would be read as syntax, or fail with an error that names
+/// neither the variable nor the key.
+fn is_bare_scalar(value: &str) -> bool {
+    if value.is_empty() {
+        return true;
+    }
+    let simple = value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c));
+    simple
+        && format!("v = {value}")
+            .parse::<toml::Table>()
+            .is_ok_and(|table| {
+                matches!(
+                    table.get("v"),
+                    Some(toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_))
+                )
+            })
 }
 
 fn interpolate_line(
@@ -234,6 +249,9 @@ mod tests {
                     "PASS" => "pa\"ss\\wo\trd",
                     "INJECT" => "x\"\n[upstreams.evil]\ninstances = [\"6.6.6.6:80\"]\nkey = \"",
                     "NUMBER" => "42",
+                    "FLOAT" => "-1.5e3",
+                    "FLAG" => "true",
+                    "WORD" => "12abc",
                     _ => return None,
                 }
                 .to_owned(),
@@ -250,6 +268,10 @@ mod tests {
             interpolate("retries = ${NUMBER}", odd).unwrap(),
             "retries = 42"
         );
+        assert_eq!(
+            interpolate("a = ${FLOAT}\nb = ${FLAG}", odd).unwrap(),
+            "a = -1.5e3\nb = true"
+        );
         let literal: toml::Table = interpolate("key = '${PASS}'", odd)
             .unwrap()
             .parse()
@@ -259,6 +281,7 @@ mod tests {
             ("retries = ${INJECT}", UNFIT_BARE),
             ("key = '${INJECT}'", UNFIT_LITERAL),
             ("key = \"a\" ${PASS}", UNFIT_BARE),
+            ("max_connections = ${WORD}", UNFIT_BARE),
         ] {
             let err = interpolate(text, odd).unwrap_err();
             assert_eq!(err[0].message, message, "{text}");

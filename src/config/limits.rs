@@ -148,7 +148,7 @@ pub(super) fn validate_http2(p: &mut Problems, raw: &RawHttp2) -> Http2Config {
     let mut size_in = |name: &str, text: &str, range: std::ops::RangeInclusive<u64>, why: &str| {
         let size = p.size(&key(name), text);
         if !range.contains(&size) {
-            p.push(key(name), format!("{size} bytes: {why}"));
+            p.push_unless_reported(&key(name), format!("{size} bytes: {why}"));
         }
         size.clamp(*range.start(), *range.end()) as u32
     };
@@ -507,10 +507,7 @@ fn validate_state(p: &mut Problems, raw: &RawState) -> StateConfig {
             }
         }
     });
-    let redis_timeout = p.duration("state.redis_timeout", &raw.redis_timeout);
-    if redis_timeout.is_zero() {
-        p.push("state.redis_timeout", "must be more than 0");
-    }
+    let redis_timeout = p.positive_duration("state.redis_timeout", &raw.redis_timeout);
     let on_redis_error = match raw.on_redis_error.as_str() {
         "local" => OnRedisError::Local,
         "allow" => OnRedisError::Allow,

@@ -266,12 +266,19 @@ impl Config {
             let key = err.path().to_string();
             let err = err.into_inner();
             let line = err.span().map(|span| lines::line_at(&text, span.start));
-            ConfigErrors(vec![ConfigError {
-                // The path is `.` when the error is not inside a key (a syntax error).
-                key: if key == "." { "config".into() } else { key },
-                line,
-                message: err.message().to_string(),
-            }])
+            // The path is `.` when the error is not inside a key: a syntax error, which the
+            // column helps to find.
+            let (key, message) = match err.span() {
+                Some(span) if key == "." => {
+                    let line_start = text[..span.start].rfind('\n').map_or(0, |at| at + 1);
+                    let column = text[line_start..span.start].chars().count() + 1;
+                    let message = format!("{} (column {column})", err.message());
+                    ("config".to_owned(), message)
+                }
+                _ if key == "." => ("config".to_owned(), err.message().to_string()),
+                _ => (key, err.message().to_string()),
+            };
+            ConfigErrors(vec![ConfigError { key, line, message }])
         })?;
         let mut errors = match raw.validate() {
             Ok(config) if unknown.is_empty() => return Ok(config),
@@ -340,11 +347,19 @@ impl Problems {
         })
     }
 
+    /// Adds a problem with a parsed value unless `key` already has one: a value that did not
+    /// parse is not also reported out of range.
+    pub(crate) fn push_unless_reported(&mut self, key: &str, message: impl Into<String>) {
+        if !self.0.iter().any(|e| e.key == key) {
+            self.push(key, message);
+        }
+    }
+
     /// A duration that must be more than 0 (0 is reported, unless the text was already).
     pub(crate) fn positive_duration(&mut self, key: &str, text: &str) -> Duration {
         let value = self.duration(key, text);
-        if value.is_zero() && !self.0.iter().any(|e| e.key == key) {
-            self.push(key, "must be more than 0");
+        if value.is_zero() {
+            self.push_unless_reported(key, "must be more than 0");
         }
         value
     }
@@ -649,6 +664,38 @@ upstream = "missing"
             .0;
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["--listen", "--upstream (#2)"]);
+    }
+
+    #[test]
+    fn the_admin_address_is_named_as_it_was_written() {
+        let app =
+            "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = \"app\"\n";
+        let errors = Config::from_toml(&format!(
+            "[server]\nadmin_listen = \"0.0.0.0:99999\"\n{app}"
+        ))
+        .unwrap_err()
+        .0;
+        assert_eq!(
+            (errors[0].key.as_str(), errors[0].line),
+            ("server.admin_listen", Some(2))
+        );
+        let both = format!(
+            "[server]\nadmin_listen = \"127.0.0.1:9091\"\n[admin]\nlisten = \"127.0.0.1:9092\"\n{app}"
+        );
+        let errors = Config::from_toml(&both).unwrap_err().0;
+        assert_eq!(errors[0].key, "server.admin_listen");
+    }
+
+    #[test]
+    fn syntax_errors_name_their_line_and_column() {
+        let errors = Config::from_toml("[server]\nlisten = \"127.0.0.1:1\n")
+            .unwrap_err()
+            .0;
+        assert_eq!(
+            (errors[0].key.as_str(), errors[0].line),
+            ("config", Some(2))
+        );
+        assert!(errors[0].message.contains("(column "), "{}", errors[0]);
     }
 
     #[test]

@@ -288,14 +288,21 @@ impl RawConfig {
     pub(super) fn validate(mut self) -> Result<Config, ConfigErrors> {
         let mut p = Problems::default();
         let server = validate_server(&mut p, &self.server);
-        let admin_listen = self
-            .admin
-            .listen
-            .as_deref()
-            .or(self.server.admin_listen.as_deref())
-            .unwrap_or("127.0.0.1:9090");
+        // Two spellings of one key: `[admin] listen` and `[server] admin_listen`.
+        let (admin_key, admin_listen) = match (&self.admin.listen, &self.server.admin_listen) {
+            (Some(admin), Some(server)) if admin != server => {
+                p.push(
+                    "server.admin_listen",
+                    format!("`{server}` differs from admin.listen `{admin}`: set one of the two"),
+                );
+                ("admin.listen", admin.as_str())
+            }
+            (Some(admin), _) => ("admin.listen", admin.as_str()),
+            (None, Some(server)) => ("server.admin_listen", server.as_str()),
+            (None, None) => ("admin.listen", "127.0.0.1:9090"),
+        };
         let admin = AdminConfig {
-            listen: p.addr("admin.listen", admin_listen),
+            listen: p.addr(admin_key, admin_listen),
             credentials: match (self.admin.username, self.admin.password) {
                 (Some(_), Some(pass)) if pass.is_empty() => {
                     p.push("admin.password", "must not be empty");
@@ -492,11 +499,11 @@ fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
     }
     let max_header_bytes = p.size("server.max_header_size", &raw.max_header_size) as usize;
     if max_header_bytes < 8192 {
-        p.push("server.max_header_size", "must be at least 8KiB");
+        p.push_unless_reported("server.max_header_size", "must be at least 8KiB");
     }
     let max_uri_length = p.size("server.max_uri_length", &raw.max_uri_length);
     if max_uri_length < 16 {
-        p.push("server.max_uri_length", "must be at least 16 bytes");
+        p.push_unless_reported("server.max_uri_length", "must be at least 16 bytes");
     }
     ServerConfig {
         listen: p.addr("server.listen", &raw.listen),
