@@ -110,11 +110,11 @@ async fn a_retry_leaves_the_rotation_as_it_was() {
 /// another instance (nginx's `proxy_next_upstream error timeout`); a POST with a body cannot.
 #[tokio::test]
 async fn a_response_timeout_is_retried_only_when_the_request_can_be_replayed() {
-    let slow = demo_backend(&["--latency-ms", "3000"]);
+    let slow = demo_backend(&["--latency-ms", "10000"]);
     let fast = demo_backend(&[]);
     let gw = gateway(&app_config(
         &[&slow, &fast],
-        "response_timeout = \"300ms\"\nmax_fails = 0",
+        "response_timeout = \"1s\"\nmax_fails = 0",
     ));
     let client = client();
     let fast_port = fast.addr().port().to_string();
@@ -132,6 +132,20 @@ async fn a_response_timeout_is_retried_only_when_the_request_can_be_replayed() {
     }
     posts.sort_unstable();
     assert_eq!(posts, [200, 504]);
+
+    // Part of an answer head came back: the instance acted on the request, so a GET is not
+    // sent again either (504 as for any response timeout).
+    let (half, _) = scripted_instance().await;
+    let gw = gateway(&app_config_at(
+        &[half, fast.addr()],
+        "response_timeout = \"1s\"\nmax_fails = 0",
+    ));
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        statuses.push(get(&client, &gw.url("/half-head")).await.status);
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 504]);
 }
 
 #[tokio::test]
@@ -705,13 +719,15 @@ async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
         &h2c_client(),
         "GET",
         &gw.url("/x"),
-        &[("x-padded", "a ")],
+        &[("x-padded", "a "), ("x-request-id", "padded-h2")],
         "",
     )
     .await
     .unwrap();
     assert_eq!(padded.status, 400);
+    // Refused after its fields were read: the client's ID stays.
     let padded_id = padded.header("x-request-id").to_string();
+    assert_eq!(padded_id, "padded-h2");
     let logged = eventually(Duration::from_secs(5), || async {
         let lines = access_lines(&gw);
         ["served-1", "left-h1", "left-h2", &refused_id, &padded_id]
@@ -1616,6 +1632,12 @@ async fn scripted_instance() -> (
                                 .await;
                             tokio::time::sleep(Duration::from_millis(500)).await;
                             b"56789".to_vec()
+                        }
+                        "/half-head" => {
+                            // The status line, then silence with the connection open.
+                            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\n").await;
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            return;
                         }
                         "/deaf" => {
                             // Takes the head, then neither reads the body nor answers.

@@ -224,7 +224,9 @@ pub struct HashRing {
 
 const VNODES_PER_WEIGHT: u32 = 160;
 /// Points a ring may hold (1 MiB of them): past it, every instance's count is scaled down by
-/// the same factor, so weights keep their proportions (up to rounding) however large.
+/// the same factor, so weights keep their proportions (up to rounding) however large. Past it
+/// (about 410 instances of weight 1), adding an instance rescales every count, and about 2/N
+/// of the keys move rather than 1/N.
 const MAX_POINTS: f64 = 65_536.0;
 
 impl HashRing {

@@ -301,7 +301,7 @@ impl Config {
             // Named as the user wrote them: flags, not the keys they stand for.
             let flag = |key: &str| match key {
                 "server.listen" => "--listen".to_owned(),
-                "admin.listen" => "--admin-listen".to_owned(),
+                "server.admin_listen" | "admin.listen" => "--admin-listen".to_owned(),
                 key => match key.strip_prefix("upstreams.default.instances[") {
                     Some(rest) => {
                         let index: usize = rest.trim_end_matches(']').parse().unwrap_or(0);
@@ -310,11 +310,19 @@ impl Config {
                     None => key.to_owned(),
                 },
             };
+            let in_words = |message: &str| {
+                ["server.admin_listen", "server.listen"]
+                    .iter()
+                    .fold(message.to_owned(), |message, key| {
+                        message.replace(key, &flag(key))
+                    })
+            };
             ConfigErrors(
                 errors
                     .into_iter()
                     .map(|error| ConfigError {
                         key: flag(&error.key),
+                        message: in_words(&error.message),
                         ..error
                     })
                     .collect(),
@@ -664,6 +672,15 @@ upstream = "missing"
             .0;
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(keys, ["--listen", "--upstream (#2)"]);
+        let errors = Config::from_flags("127.0.0.1:8080", "127.0.0.1:8080", &upstreams[..1])
+            .unwrap_err()
+            .0;
+        assert_eq!(errors[0].key, "--admin-listen");
+        assert!(
+            errors[0].message.contains("port of --listen"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]
@@ -733,6 +750,11 @@ upstream = "missing"
         assert_eq!(errors[0].key, "admin.listen");
         let any_port = wildcard.replace(":8080", ":0");
         assert!(Config::from_toml(&any_port).is_ok());
+        // 0.0.0.0 leaves IPv6 addresses free; :: takes the port on both families.
+        let v6 = wildcard.replace("\"127.0.0.1:8080\"", "\"[::1]:8080\"");
+        assert!(Config::from_toml(&v6).is_ok());
+        let dual = v6.replace("0.0.0.0:8080", "[::]:8080");
+        assert!(Config::from_toml(&dual).is_err());
     }
 
     #[test]

@@ -425,10 +425,7 @@ impl RawConfig {
             .tls
             .as_ref()
             .map(|raw| super::tls::validate_tls(&mut p, raw));
-        let mut listeners = vec![
-            ("server.listen", server.listen),
-            ("admin.listen", admin.listen),
-        ];
+        let mut listeners = vec![("server.listen", server.listen), (admin_key, admin.listen)];
         listeners.extend(tls.as_ref().map(|tls| ("tls.listen", tls.listen)));
         for (i, (key, addr)) in listeners.iter().enumerate() {
             if let Some((other, _)) = listeners[..i]
@@ -454,11 +451,14 @@ impl RawConfig {
 }
 
 /// Two listeners that could not both bind: the same port (other than 0, any free port) on the
-/// same address, or on any address when either is a wildcard (0.0.0.0 or ::).
+/// same address, or under a wildcard: 0.0.0.0 takes the port on every IPv4 address, :: on every
+/// address (dual stack, as the listeners are opened).
 fn listeners_clash(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port()
-        && a.port() != 0
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    let covers = |wide: SocketAddr, other: SocketAddr| match wide.ip() {
+        std::net::IpAddr::V6(ip) => ip.is_unspecified(),
+        std::net::IpAddr::V4(ip) => ip.is_unspecified() && other.is_ipv4(),
+    };
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 /// Why a route's `host` (lowercased) could never match a request's Host, if so: it is a name

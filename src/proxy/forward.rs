@@ -80,22 +80,25 @@ impl ClientAddr {
 /// The record of a request about to be handled (see [`RequestRecord`]): made by the caller,
 /// which keeps it until the answer went out, so that the answer's end is what it times.
 pub fn request_record(
-    gateway: &Arc<Gateway>,
+    gateway: &Gateway,
     req: &Request<ClientBody>,
     client: &ClientAddr,
 ) -> RequestRecord {
-    let request_id = match value(req.headers(), &X_REQUEST_ID) {
-        Some(id) if is_sane_request_id(id) => id.clone(),
-        _ => gateway.new_request_id(),
-    };
     RequestRecord::new(
-        gateway,
         gateway.runtime.load_full(),
         req.method().clone(),
         req.uri().path(),
-        request_id,
+        request_id(gateway, req.headers()),
         client.addr.ip(),
     )
+}
+
+/// The request's ID: the client's X-Request-ID when it is sane, else a new one.
+pub fn request_id(gateway: &Gateway, headers: &HeaderMap) -> HeaderValue {
+    match value(headers, &X_REQUEST_ID) {
+        Some(id) if is_sane_request_id(id) => id.clone(),
+        _ => gateway.new_request_id(),
+    }
 }
 
 /// Entry point for one client request, recorded in `record`; never fails (errors become
@@ -146,13 +149,12 @@ pub async fn handle(
 /// The record of a request refused as its head was read (400, 414, 431, 505): it has no route,
 /// and its method and path are logged as `-`, as nginx logs a request it could not parse.
 pub fn refused_record(
-    gateway: &Arc<Gateway>,
+    gateway: &Gateway,
     client: &ClientAddr,
     status: http::StatusCode,
     request_id: HeaderValue,
 ) -> RequestRecord {
     let mut record = RequestRecord::new(
-        gateway,
         gateway.runtime.load_full(),
         Method::from_bytes(b"-").expect("a token"),
         "-",
@@ -611,6 +613,10 @@ async fn send(
             SendError::Invalid(reason) => Attempt::failed(FailureKind::Invalid, reason),
             SendError::Client(failure) => Attempt::client(failure),
             SendError::TimedOut => Attempt::timed_out(),
+            SendError::TimedOutMidHead => Attempt {
+                kind: FailureKind::BrokeOff,
+                error: ProxyError::InstanceTimeout,
+            },
         }),
     }
 }

@@ -34,11 +34,10 @@ use crate::http1::{
     MAX_HEAD,
 };
 
-/// Header fields of an answer parsed on the stack; more are parsed again on the heap.
+/// Header fields of an answer parsed on the stack; more are parsed again on the heap, with
+/// room for as many as the bytes read so far can hold, so that the head's size is the one
+/// limit, as it is for nginx.
 const STACK_HEADERS: usize = 128;
-/// As many fields as the largest head can hold (each takes at least 4 bytes), so that the
-/// head's size is the one limit, as it is for nginx.
-const MOST_HEADERS: usize = MAX_HEAD / 4;
 const READ_CHUNK: usize = 16 * 1024;
 /// Chunks of an upload up to this size are framed and written in one call.
 const SMALL_CHUNK: usize = 8 * 1024;
@@ -71,6 +70,9 @@ pub enum SendError {
     Client(ClientBodyFailure),
     /// No answer head before the response timeout.
     TimedOut,
+    /// Part of an answer head came, not all of it, before the response timeout: never sent
+    /// again, like [`SendError::BrokeOff`].
+    TimedOutMidHead,
 }
 
 /// A request as it goes to an instance.
@@ -251,10 +253,14 @@ impl InstanceConn {
         read.reserve(READ_CHUNK);
         if body.is_end_stream() {
             let due = started + timeout;
-            return tokio::select! {
+            let answer = tokio::select! {
                 biased;
                 answer = send_head(stream, read, write, reading) => answer,
                 () = deadline.wait(due) => Err(SendError::TimedOut),
+            };
+            return match answer {
+                Err(SendError::TimedOut) if !read.is_empty() => Err(SendError::TimedOutMidHead),
+                answer => answer,
             };
         }
         write_first(stream, write).await?;
@@ -586,7 +592,8 @@ fn parse_head_in(
     let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
     let mut heap = Vec::new();
     let fields = if many {
-        heap.resize(MOST_HEADERS, MaybeUninit::uninit());
+        // A field takes at least 3 bytes (`a:` and a line end).
+        heap.resize(buf.len().min(MAX_HEAD) / 3 + 1, MaybeUninit::uninit());
         &mut heap[..]
     } else {
         &mut stack[..]

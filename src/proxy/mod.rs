@@ -65,6 +65,9 @@ pub struct Runtime {
     tls: Option<Arc<rustls::ServerConfig>>,
     /// API keys, rate limits and concurrency limits per route.
     pub admission: crate::ratelimit::Admission,
+    /// The gateway's request counters (they outlive reloads), reached through the runtime so
+    /// that a request holds one shared reference, not two.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Runtime {
@@ -72,7 +75,7 @@ impl Runtime {
     fn build(
         config: Config,
         previous: Option<&Runtime>,
-        metrics: &Metrics,
+        metrics: &Arc<Metrics>,
         limiter: &Arc<crate::ratelimit::Limiter>,
         redis: Option<&Arc<RedisLink>>,
     ) -> Runtime {
@@ -130,6 +133,7 @@ impl Runtime {
             route_caches,
             tls,
             admission,
+            metrics: metrics.clone(),
         }
     }
 
@@ -155,15 +159,11 @@ impl Runtime {
 
     /// Where to count a request: its route's counters, or the unrouted ones; `None` when
     /// recording is off.
-    fn request_stats<'a>(
-        &'a self,
-        route: Option<usize>,
-        metrics: &'a Metrics,
-    ) -> Option<&'a RequestStats> {
+    fn request_stats(&self, route: Option<usize>) -> Option<&RequestStats> {
         if !self.config.server.metrics {
             return None;
         }
-        Some(route.map_or(&*metrics.unrouted, |r| &*self.route_stats[r]))
+        Some(route.map_or(&*self.metrics.unrouted, |r| &*self.route_stats[r]))
     }
 }
 
@@ -175,7 +175,7 @@ pub struct Gateway {
     request_seq: AtomicU64,
     id_prefix: u32,
     reload_lock: Mutex<()>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub live: LiveStats,
     /// Open client connections against `server.max_connections` and `max_connections_per_ip`.
     pub connections: Arc<connections::ConnectionLimits>,
@@ -192,7 +192,7 @@ pub struct Gateway {
 impl Gateway {
     /// Creates the gateway and starts its health checks (needs a tokio runtime).
     pub fn new(config: Config, config_path: Option<PathBuf>) -> Arc<Gateway> {
-        let metrics = Metrics::default();
+        let metrics = Arc::new(Metrics::default());
         let connections = Arc::new(connections::ConnectionLimits::new(
             config.server.max_connections,
             config.server.max_connections_per_ip,
@@ -424,8 +424,8 @@ fn restart_only_changes(running: &Config, next: &Config, has_redis: bool) -> Vec
         };
         needs_restart("server.workers", what);
     }
-    // Autoscalers start with the gateway: bounds, targets and behavior reload, who runs the
-    // instances does not.
+    // Autoscalers start with the gateway: bounds, targets and behavior reload; who runs the
+    // instances, and how long they are drained and given to stop, do not.
     let names = running
         .upstreams
         .iter()
@@ -435,14 +435,15 @@ fn restart_only_changes(running: &Config, next: &Config, has_redis: bool) -> Vec
     for name in names.filter(|name| seen.insert(*name)) {
         let provider = |config: &Config| {
             let upstream = config.upstreams.iter().find(|u| &u.name == name)?;
-            upstream.autoscale.as_ref().map(|a| a.provider.clone())
+            let a = upstream.autoscale.as_ref()?;
+            Some((a.provider.clone(), a.drain_timeout, a.stop_grace))
         };
         let (before, after) = (provider(running), provider(next));
         if before != after {
             let what = match (before, after) {
                 (None, _) => "it has no autoscaler running",
                 (_, None) => "its autoscaler is running",
-                _ => "its autoscaler's provider settings changed",
+                _ => "its autoscaler's provider, drain_timeout or stop_grace changed",
             };
             needs_restart(&format!("upstreams.{name}.autoscale"), what.to_owned());
         }
@@ -611,7 +612,7 @@ async fn serve_hyper<I>(
                 .and_then(|_| forward::http2_malformation(&parts));
             if let Err(reason) = refused {
                 let refusal = ProxyError::BadRequest(reason);
-                let request_id = gateway.new_request_id();
+                let request_id = forward::request_id(&gateway, &parts.headers);
                 let response = refusal.response(&request_id);
                 let record =
                     forward::refused_record(&gateway, &client, refusal.status(), request_id);
@@ -756,6 +757,45 @@ async fn reload_on_sighup(gateway: Arc<Gateway>) {
     while hup.recv().await.is_some() {
         if let Err(errors) = gateway.reload() {
             tracing::error!("reload refused, the running configuration stays:\n{errors}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(autoscale: &str) -> Config {
+        Config::from_toml(&format!(
+            "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n{autoscale}\n[[routes]]\nupstream = \"app\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn autoscalers_reload_their_bounds_not_what_they_start_with() {
+        let table = "[upstreams.app.autoscale]\nmax = 4\ntarget = { in_flight_per_instance = 8 }\n\
+                     command = \"{self} demo-backend --port {port}\"";
+        let running = config(table);
+        let keys = |next: &Config| -> Vec<String> {
+            restart_only_changes(&running, next, false)
+                .into_iter()
+                .map(|e| e.key)
+                .collect()
+        };
+        assert!(keys(&config(table)).is_empty());
+        assert!(keys(&config(&table.replace("max = 4", "max = 8"))).is_empty());
+        for changed in [
+            format!("{table}\nstop_grace = \"30s\""),
+            format!("{table}\ndrain_timeout = \"2m\""),
+            table.replace("demo-backend", "demo-backend2"),
+            String::new(),
+        ] {
+            assert_eq!(
+                keys(&config(&changed)),
+                ["upstreams.app.autoscale"],
+                "{changed}"
+            );
         }
     }
 }

@@ -13,7 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use super::body::{BoxError, GatewayBody};
-use super::{Gateway, Runtime};
+use super::Runtime;
 
 /// nginx's status for a request whose client left before its answer.
 const CLIENT_CLOSED_REQUEST: u16 = 499;
@@ -22,8 +22,7 @@ const CLIENT_CLOSED_REQUEST: u16 = 499;
 /// (its HTTP/1.1 client left, its HTTP/2 stream was reset, the shutdown grace ran out), logged
 /// as 499 as nginx logs it.
 pub struct RequestRecord {
-    gateway: Arc<Gateway>,
-    /// The runtime snapshot the request is served with.
+    /// The runtime snapshot the request is served with (and the gateway's metrics with it).
     pub runtime: Arc<Runtime>,
     started: Instant,
     method: Method,
@@ -39,16 +38,14 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     pub fn new(
-        gateway: &Arc<Gateway>,
         runtime: Arc<Runtime>,
         method: Method,
         path: &str,
         request_id: HeaderValue,
         client_ip: IpAddr,
     ) -> RequestRecord {
-        gateway.metrics.request_started();
+        runtime.metrics.request_started();
         RequestRecord {
-            gateway: gateway.clone(),
             path: runtime.config.server.access_log.then(|| path.to_owned()),
             runtime,
             started: Instant::now(),
@@ -74,9 +71,8 @@ impl Drop for RequestRecord {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
         let runtime = &self.runtime;
-        let metrics = &self.gateway.metrics;
-        metrics.request_ended();
-        if let Some(stats) = runtime.request_stats(self.route, metrics) {
+        runtime.metrics.request_ended();
+        if let Some(stats) = runtime.request_stats(self.route) {
             stats.record(&self.method, self.status, elapsed);
         }
         if let Some(path) = &self.path {
