@@ -1436,27 +1436,15 @@ fn check_names_the_bad_keys_and_serve_refuses_the_same_config() {
 fn a_taken_port_is_named_with_its_key() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let mut serve = std::process::Command::new(bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", &addr])
-        .args(["--upstream", "127.0.0.1:1"])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = serve.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            serve.kill().unwrap();
-            panic!("serve kept running on a taken port");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(!status.success());
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut serve.stderr.take().unwrap(), &mut stderr).unwrap();
+    let stderr = refused_start(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        &addr,
+        "--upstream",
+        "127.0.0.1:1",
+    ]);
     assert!(
         stderr.contains(&format!("admin.listen {addr}: Address already in use")),
         "{stderr}"

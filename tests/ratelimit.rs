@@ -249,28 +249,7 @@ async fn redis_password_is_checked_at_start_and_a_change_falls_back() {
         format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{wrong}"),
     )
     .unwrap();
-    let mut child = Command::new(bin())
-        .args(["serve", "--config", path.to_str().unwrap()])
-        .env("LOG_LEVEL", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the gateway started with a wrong Redis password");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(!status.success());
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let stderr = refused_start(&["serve", "--config", path.to_str().unwrap()]);
     assert!(stderr.contains("state.redis_url"), "{stderr}");
     assert!(!stderr.contains("wrong-password"), "{stderr}");
 

@@ -613,35 +613,35 @@ upstream = "missing"
         );
     }
 
+    /// One upstream and a catch-all route: the rest of a config whose `[server]` a test varies.
+    const APP: &str =
+        "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = \"app\"\n";
+
+    /// The first problem found in `server` (a `[server]` table and more) followed by [`APP`]:
+    /// its key and line.
+    fn first_problem(server: &str) -> (String, Option<usize>, String) {
+        let errors = Config::from_toml(&format!("{server}\n{APP}"))
+            .unwrap_err()
+            .0;
+        let first = errors.into_iter().next().expect("a problem");
+        (first.key, first.line, first.message)
+    }
+
     #[test]
     fn sizes_may_be_bare_numbers_of_bytes_and_durations_are_bounded() {
-        let app =
-            "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = \"app\"\n";
         let config = Config::from_toml(&format!(
-            "[server]\nmax_body = 1048576\n[server.http2]\nmax_frame_size = 32768\n{app}"
+            "[server]\nmax_body = 1048576\n[server.http2]\nmax_frame_size = 32768\n{APP}"
         ))
         .unwrap();
         assert_eq!(config.server.max_body, 1 << 20);
         assert_eq!(config.server.http2.max_frame_size, 32768);
-        let unlimited = Config::from_toml(&format!("[server]\nmax_body = 0\n{app}")).unwrap();
+        let unlimited = Config::from_toml(&format!("[server]\nmax_body = 0\n{APP}")).unwrap();
         assert_eq!(unlimited.server.max_body, u64::MAX);
-        let errors = Config::from_toml(&format!("[server]\nmax_body = -1\n{app}"))
-            .unwrap_err()
-            .0;
-        assert_eq!(errors[0].key, "server.max_body");
-        assert!(
-            errors[0].message.contains("cannot be negative"),
-            "{errors:?}"
-        );
-        let errors = Config::from_toml(&format!(
-            "[server]\nidle_timeout = \"99999999999999999999h\"\n{app}"
-        ))
-        .unwrap_err()
-        .0;
-        assert_eq!(
-            (errors[0].key.as_str(), errors[0].line),
-            ("server.idle_timeout", Some(2))
-        );
+        let (key, _, message) = first_problem("[server]\nmax_body = -1");
+        assert_eq!(key, "server.max_body");
+        assert!(message.contains("cannot be negative"), "{message}");
+        let (key, line, _) = first_problem("[server]\nidle_timeout = \"99999999999999999999h\"");
+        assert_eq!((key.as_str(), line), ("server.idle_timeout", Some(2)));
     }
 
     #[test]
@@ -685,22 +685,12 @@ upstream = "missing"
 
     #[test]
     fn the_admin_address_is_named_as_it_was_written() {
-        let app =
-            "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = \"app\"\n";
-        let errors = Config::from_toml(&format!(
-            "[server]\nadmin_listen = \"0.0.0.0:99999\"\n{app}"
-        ))
-        .unwrap_err()
-        .0;
-        assert_eq!(
-            (errors[0].key.as_str(), errors[0].line),
-            ("server.admin_listen", Some(2))
+        let (key, line, _) = first_problem("[server]\nadmin_listen = \"0.0.0.0:99999\"");
+        assert_eq!((key.as_str(), line), ("server.admin_listen", Some(2)));
+        let (key, _, _) = first_problem(
+            "[server]\nadmin_listen = \"127.0.0.1:9091\"\n[admin]\nlisten = \"127.0.0.1:9092\"",
         );
-        let both = format!(
-            "[server]\nadmin_listen = \"127.0.0.1:9091\"\n[admin]\nlisten = \"127.0.0.1:9092\"\n{app}"
-        );
-        let errors = Config::from_toml(&both).unwrap_err().0;
-        assert_eq!(errors[0].key, "server.admin_listen");
+        assert_eq!(key, "server.admin_listen");
     }
 
     #[test]

@@ -13,6 +13,34 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_scalegate")
 }
 
+/// Runs `scalegate` with `args`, which must make it refuse to start: waits (at most 10 s) for
+/// it to exit with a failure and returns what it printed on stderr.
+pub fn refused_start(args: &[&str]) -> String {
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("LOG_LEVEL", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("scalegate {args:?} started when it should have refused");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    stderr
+}
+
 /// A child process killed on drop, with the addresses it announced on stdout.
 pub struct Proc {
     pub child: Child,
