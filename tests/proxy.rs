@@ -665,6 +665,41 @@ async fn the_access_log_line_covers_the_whole_answer_body() {
     assert_eq!(lines[chunked_id.as_str()]["bytes"], 11);
 }
 
+/// A request whose client leaves while its answer streams (an HTTP/1.1 client that closes, an
+/// HTTP/2 stream dropped) is over for the gauge too: nothing stays counted in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_leaving_mid_answer_leave_nothing_in_flight() {
+    use std::io::{Read, Write};
+    let (instance, _) = scripted_instance().await;
+    let gw = gateway(&app_config_at(&[instance], "response_timeout = \"1s\""));
+    let proxy = gw.proxy;
+    tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(proxy).unwrap();
+        stream
+            .write_all(b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut head = [0u8; 64];
+        let n = stream.read(&mut head).unwrap();
+        assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    })
+    .await
+    .unwrap();
+    let h2 = h2c_client();
+    let started = http::Request::get(gw.url("/stall"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let answer = h2.request(started).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    drop(answer);
+    let client = client();
+    let settled = eventually(Duration::from_secs(10), || async {
+        let metrics = get(&client, &gw.admin_url("/metrics")).await;
+        String::from_utf8_lossy(&metrics.body).contains("scalegate_in_flight_requests 0.0\n")
+    })
+    .await;
+    assert!(settled, "requests stayed in flight");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
     use std::io::Write;
