@@ -70,12 +70,12 @@ pub struct PickInput {
 }
 
 /// Picks one of `candidates` (all eligible: healthy, not draining, not yet tried) and returns its
-/// `index`. `ring` is needed for consistent hashing.
+/// `index`. `layout` is what the strategy laid out for the instance set.
 pub fn pick_instance(
     strategy: &Strategy,
     candidates: &[Candidate],
     input: PickInput,
-    ring: Option<&HashRing>,
+    layout: &Layout,
 ) -> Option<usize> {
     if candidates.is_empty() {
         return None;
@@ -84,7 +84,13 @@ pub fn pick_instance(
         return Some(candidates[0].index);
     }
     let chosen = match strategy {
-        Strategy::RoundRobin => weighted_round_robin(candidates, input),
+        Strategy::RoundRobin => {
+            let scheduled = match layout {
+                Layout::Schedule(schedule) => schedule.pick(candidates, input.seq),
+                _ => None,
+            };
+            scheduled.unwrap_or_else(|| weighted_round_robin(candidates, input))
+        }
         Strategy::LeastConn => least_loaded(candidates, input),
         Strategy::RandomTwo => {
             let (a, b) = two_by_capacity(candidates, input.random);
@@ -119,11 +125,11 @@ pub fn pick_instance(
         }
         Strategy::ConsistentHash(_) => {
             let hash = input.hash.unwrap_or(input.random);
-            return match ring {
-                Some(ring) => ring
+            return match layout {
+                Layout::Ring(ring) => ring
                     .lookup(hash, |index| candidates.iter().any(|c| c.index == index))
                     .or(Some(candidates[0].index)),
-                None => Some(candidates[(hash % candidates.len() as u64) as usize].index),
+                _ => Some(candidates[(hash % candidates.len() as u64) as usize].index),
             };
         }
     };
@@ -213,6 +219,86 @@ fn two_by_capacity(candidates: &[Candidate], random: u64) -> (usize, usize) {
         Some(a),
     );
     (a, b)
+}
+
+/// What a strategy lays out once per instance set rather than at every pick.
+#[derive(Debug, Clone, Default)]
+pub enum Layout {
+    #[default]
+    Nothing,
+    /// `consistent_hash`.
+    Ring(HashRing),
+    /// `round_robin`.
+    Schedule(SmoothSchedule),
+}
+
+impl Layout {
+    /// `instances`: (stable name such as the address, weight, primary) in instance-list order.
+    pub fn new(strategy: &Strategy, instances: &[(&str, u32, bool)]) -> Layout {
+        match strategy {
+            Strategy::ConsistentHash(_) => {
+                let weights: Vec<(&str, u32)> = instances.iter().map(|&(n, w, _)| (n, w)).collect();
+                Layout::Ring(HashRing::new(&weights))
+            }
+            Strategy::RoundRobin => {
+                // Backups serve only when no primary may: they have no turn in the schedule.
+                let weights: Vec<u32> = instances
+                    .iter()
+                    .map(|&(_, w, primary)| if primary { w } else { 0 })
+                    .collect();
+                SmoothSchedule::new(&weights).map_or(Layout::Nothing, Layout::Schedule)
+            }
+            _ => Layout::Nothing,
+        }
+    }
+}
+
+/// nginx's smooth weighted round robin, played once through a cycle (as many turns as the
+/// weights add up to): weights 5, 1, 1 give a a b a c a a, where walking the weights in order
+/// gives a a a a a b c. Laid out per instance set, a pick is one lookup by the request's
+/// sequence number, with no shared state to lock.
+#[derive(Debug, Clone)]
+pub struct SmoothSchedule {
+    /// The instance position of each turn.
+    turns: Vec<u32>,
+}
+
+/// Most turns a schedule holds, and most turns × instances spent laying one out; past either,
+/// round robin walks the weights in order instead.
+const MAX_TURNS: u64 = 65_536;
+const MAX_LAYOUT_STEPS: u64 = 1 << 22;
+
+impl SmoothSchedule {
+    /// `weights` by instance position; 0 gives an instance no turn. `None` when there is
+    /// nothing to lay out, or too much.
+    pub fn new(weights: &[u32]) -> Option<SmoothSchedule> {
+        let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+        if total == 0 || total > MAX_TURNS || total * weights.len() as u64 > MAX_LAYOUT_STEPS {
+            return None;
+        }
+        let total = total as i64;
+        let mut current = vec![0i64; weights.len()];
+        let mut turns = Vec::with_capacity(total as usize);
+        for _ in 0..total {
+            let mut best = 0;
+            for (i, &weight) in weights.iter().enumerate() {
+                current[i] += i64::from(weight);
+                if current[i] > current[best] {
+                    best = i;
+                }
+            }
+            current[best] -= total;
+            turns.push(best as u32);
+        }
+        Some(SmoothSchedule { turns })
+    }
+
+    /// The candidate whose turn `seq` is, when it may take it: a candidate (healthy, not tried
+    /// yet) and fully ramped. Otherwise the caller walks the candidates' weights.
+    fn pick<'c>(&self, candidates: &'c [Candidate], seq: u64) -> Option<&'c Candidate> {
+        let turn = self.turns[(seq % self.turns.len() as u64) as usize] as usize;
+        candidates.iter().find(|c| c.index == turn && c.ramp >= 1.0)
+    }
 }
 
 /// Consistent-hash ring: virtual nodes per instance (proportional to weight) hashed from the
@@ -318,7 +404,7 @@ mod tests {
                 random: mix(seq + 1),
                 hash: None,
             };
-            counts[pick_instance(strategy, cands, input, None).unwrap()] += 1;
+            counts[pick_instance(strategy, cands, input, &Layout::Nothing).unwrap()] += 1;
         }
         counts
     }
@@ -337,6 +423,51 @@ mod tests {
         let mut cands = [cand(0, 0), cand(1, 0)];
         cands[1].weight = 3;
         assert_eq!(counts(&Strategy::RoundRobin, &cands, 400), vec![100, 300]);
+    }
+
+    #[test]
+    fn round_robin_interleaves_weights_as_nginx_does() {
+        let strategy = Strategy::RoundRobin;
+        let layout = Layout::new(&strategy, &[("a", 5, true), ("b", 1, true), ("c", 1, true)]);
+        let cands = [cand(0, 0), cand(1, 0), cand(2, 0)];
+        let cands = cands.map(|c| Candidate {
+            weight: if c.index == 0 { 5 } else { 1 },
+            ..c
+        });
+        let pick = |seq| {
+            pick_instance(
+                &strategy,
+                &cands,
+                PickInput {
+                    seq,
+                    ..PickInput::default()
+                },
+                &layout,
+            )
+        };
+        let cycle: Vec<usize> = (0..7).map(pick).map(Option::unwrap).collect();
+        assert_eq!(cycle, [0, 0, 1, 0, 2, 0, 0]);
+        // With one out of the candidates (unhealthy, or tried), its turns go by weight to the
+        // others, and the rest of the cycle stays as it was.
+        let without_b = [cands[0], cands[2]];
+        let picks: Vec<usize> = (0..7)
+            .map(|seq| {
+                let input = PickInput {
+                    seq,
+                    ..PickInput::default()
+                };
+                pick_instance(&strategy, &without_b, input, &layout).unwrap()
+            })
+            .collect();
+        assert_eq!(picks.iter().filter(|&&i| i == 1).count(), 0);
+        assert_eq!(picks.iter().filter(|&&i| i == 2).count(), 1, "{picks:?}");
+        // Backups have no turn; a layout too large to play is left out.
+        let with_backup = Layout::new(&strategy, &[("a", 1, true), ("z", 1, false)]);
+        let Layout::Schedule(schedule) = with_backup else {
+            panic!("a schedule");
+        };
+        assert_eq!(schedule.turns, [0]);
+        assert!(SmoothSchedule::new(&[1000; 100]).is_none());
     }
 
     #[test]
@@ -478,20 +609,20 @@ mod tests {
 
     #[test]
     fn consistent_hash_pick_is_sticky() {
-        let ring = HashRing::new(&[("a:1", 1), ("b:1", 1), ("c:1", 1)]);
-        let cands = [cand(0, 0), cand(1, 7), cand(2, 0)];
         let strategy = Strategy::ConsistentHash(HashKey::ClientIp);
+        let layout = Layout::new(
+            &strategy,
+            &[("a:1", 1, true), ("b:1", 1, true), ("c:1", 1, true)],
+        );
+        let cands = [cand(0, 0), cand(1, 7), cand(2, 0)];
         let input = |seq| PickInput {
             seq,
             random: seq,
             hash: Some(hash_bytes(b"10.1.2.3")),
         };
-        let first = pick_instance(&strategy, &cands, input(0), Some(&ring));
+        let first = pick_instance(&strategy, &cands, input(0), &layout);
         for seq in 1..50 {
-            assert_eq!(
-                pick_instance(&strategy, &cands, input(seq), Some(&ring)),
-                first
-            );
+            assert_eq!(pick_instance(&strategy, &cands, input(seq), &layout), first);
         }
     }
 

@@ -15,7 +15,7 @@ use super::connect::{ConnectError, Connector};
 use super::h1::InstanceConn;
 use super::h2::Http2Conn;
 use super::retry::RetryBudget;
-use crate::balance::{self, Candidate, HashRing, PickInput, Strategy};
+use crate::balance::{self, Candidate, Layout, PickInput, Strategy};
 use crate::config::{InstanceConfig, UpstreamConfig};
 use crate::health::{HealthState, PassiveState, Transition};
 
@@ -303,19 +303,18 @@ impl Drop for InFlightGuard {
 #[derive(Default)]
 pub struct InstanceSet {
     pub instances: Vec<Arc<Instance>>,
-    pub ring: Option<HashRing>,
+    /// The strategy's ring or schedule for these instances.
+    pub layout: Layout,
 }
 
 impl InstanceSet {
     pub fn new(instances: Vec<Arc<Instance>>, strategy: &Strategy) -> InstanceSet {
-        let ring = matches!(strategy, Strategy::ConsistentHash(_)).then(|| {
-            let weights: Vec<(&str, u32)> = instances
-                .iter()
-                .map(|i| (i.addr_text.as_str(), i.weight))
-                .collect();
-            HashRing::new(&weights)
-        });
-        InstanceSet { instances, ring }
+        let described: Vec<(&str, u32, bool)> = instances
+            .iter()
+            .map(|i| (i.addr_text.as_str(), i.weight, !i.backup))
+            .collect();
+        let layout = Layout::new(strategy, &described);
+        InstanceSet { instances, layout }
     }
 }
 
@@ -466,7 +465,7 @@ impl Upstream {
             random: rand::random(),
             hash,
         };
-        match balance::pick_instance(&self.config.strategy, &candidates, input, set.ring.as_ref()) {
+        match balance::pick_instance(&self.config.strategy, &candidates, input, &set.layout) {
             Some(index) => Ok((index, set.instances[index].clone())),
             None if any_healthy => Err(NoInstance::AllTried),
             None => Err(NoInstance::NoneHealthy),
