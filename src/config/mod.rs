@@ -513,22 +513,15 @@ upstream = "missing"
         assert_eq!(err[0].line, Some(3));
         assert!(err[0].message.contains("lisen"), "{}", err[0].message);
         // Every unknown key at once, each with its line, beside the other problems.
-        let err = Config::from_toml(
+        assert_placed(
             "[server]\nlisen = 3\n[upstreams.a]\ninstances = [\"127.0.0.1:1\"]\nretires = 2\n\
              [[routes]]\nupstream = \"nowhere\"\nhots = \"x\"\n",
-        )
-        .unwrap_err()
-        .0;
-        let found: Vec<(&str, Option<usize>)> =
-            err.iter().map(|e| (e.key.as_str(), e.line)).collect();
-        assert_eq!(
-            found,
-            [
+            &[
                 ("server.lisen", Some(2)),
                 ("upstreams.a.retires", Some(5)),
                 ("routes[0].hots", Some(8)),
                 ("routes[0].upstream", Some(7)),
-            ]
+            ],
         );
         let err =
             Config::from_toml("[upstreams.a]\ninstances = [\"127.0.0.1:1\"]\nretries = \"x\"\n")
@@ -627,6 +620,14 @@ upstream = "missing"
         (first.key, first.line, first.message)
     }
 
+    /// Checks where the problems of `text` are: each one's key and line, in order.
+    fn assert_placed(text: &str, expected: &[(&str, Option<usize>)]) {
+        let errors = Config::from_toml(text).unwrap_err().0;
+        let found: Vec<(&str, Option<usize>)> =
+            errors.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(found, expected);
+    }
+
     #[test]
     fn sizes_may_be_bare_numbers_of_bytes_and_durations_are_bounded() {
         let config = Config::from_toml(&format!(
@@ -649,15 +650,12 @@ upstream = "missing"
         let text =
             "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nfail_on_status = [500, 99, 600]\n\
                     [[routes]]\nupstream = \"app\"\n";
-        let errors = Config::from_toml(text).unwrap_err().0;
-        let found: Vec<(&str, Option<usize>)> =
-            errors.iter().map(|e| (e.key.as_str(), e.line)).collect();
-        assert_eq!(
-            found,
-            [
+        assert_placed(
+            text,
+            &[
                 ("upstreams.app.fail_on_status", Some(3)),
-                ("upstreams.app.fail_on_status", Some(3))
-            ]
+                ("upstreams.app.fail_on_status", Some(3)),
+            ],
         );
         let fine = text.replace("500, 99, 600", "500, 503");
         let config = Config::from_toml(&fine).unwrap();
@@ -711,10 +709,7 @@ upstream = "missing"
                     [[routes]]\nname = \"api\"\npath_prefix = \"/a\"\nupstream = \"app\"\n\
                     [[routes]]\nname = \"api\"\npath_prefix = \"/b\"\nupstream = \"app\"\n\
                     [[routes]]\nupstream = \"app\"\n";
-        let errors = Config::from_toml(text).unwrap_err().0;
-        let found: Vec<(&str, Option<usize>)> =
-            errors.iter().map(|e| (e.key.as_str(), e.line)).collect();
-        assert_eq!(found, [("routes[1].name", Some(8))]);
+        assert_placed(text, &[("routes[1].name", Some(8))]);
     }
 
     #[test]
@@ -751,15 +746,12 @@ upstream = "missing"
     fn problems_found_after_parsing_have_lines_too() {
         let text = "[upstreams.app]\nstrategy = \"fastest\"\ninstances = [\"127.0.0.1:1\"]\n\n\
                     [[routes]]\nupstream = \"app\"\n[[routes]]\nupstream = \"nowhere\"\npath_prefix = \"/b\"\n";
-        let errors = Config::from_toml(text).unwrap_err().0;
-        let placed: Vec<(&str, Option<usize>)> =
-            errors.iter().map(|e| (e.key.as_str(), e.line)).collect();
-        assert_eq!(
-            placed,
-            [
+        assert_placed(
+            text,
+            &[
                 ("upstreams.app.strategy", Some(2)),
-                ("routes[1].upstream", Some(8))
-            ]
+                ("routes[1].upstream", Some(8)),
+            ],
         );
     }
 
