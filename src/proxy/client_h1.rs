@@ -41,7 +41,7 @@ use super::deadline::LazyDeadline;
 use super::error::ProxyError;
 use super::forward::{self, ClientAddr};
 use super::h1::{chunk_header, RawFields};
-use super::headers::{check_framing, has, is_sane_request_id, value, values, X_REQUEST_ID};
+use super::headers::{check_framing, client_request_id, has, value, values};
 use super::record::RequestRecord;
 use super::Gateway;
 use crate::config::ServerConfig;
@@ -356,7 +356,7 @@ impl ClientConn {
                         return match check_buffered_chunks(&head, &reader.buf, &self.limits) {
                             Ok(()) => NextHead::Request(head),
                             Err(error) => {
-                                NextHead::Refused(*Refusal::of(error, &head.parts.headers))
+                                NextHead::Refused(Refusal::of(error, &head.parts.headers))
                             }
                         }
                     }
@@ -879,7 +879,7 @@ fn parse_head(
     let target = head.slice(target_start..target_end);
     let checked = match checked_head(&method, version, target, &mut headers) {
         Ok(checked) => checked,
-        Err(error) => return Err(Refusal::of(error, &headers)),
+        Err(error) => return Err(Box::new(Refusal::of(error, &headers))),
     };
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = method;
@@ -913,13 +913,11 @@ struct Refusal {
 impl Refusal {
     /// The refusal of a head with these fields: the client's own request ID, if sane, goes on
     /// the answer and its log line.
-    fn of(error: ProxyError, headers: &HeaderMap) -> Box<Refusal> {
-        Box::new(Refusal {
+    fn of(error: ProxyError, headers: &HeaderMap) -> Refusal {
+        Refusal {
             error,
-            request_id: value(headers, &X_REQUEST_ID)
-                .filter(|id| is_sane_request_id(id))
-                .cloned(),
-        })
+            request_id: client_request_id(headers).cloned(),
+        }
     }
 }
 

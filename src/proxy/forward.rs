@@ -24,8 +24,8 @@ use super::error::ProxyError;
 use super::h1::{AnswerHead, InstanceBody, InstanceConn, Outgoing, SendError};
 use super::h2::{self, Http2Error};
 use super::headers::{
-    cookie_value, is_sane_request_id, requested_upgrade, restore_upgrade, strip_hop_by_hop, value,
-    values, websocket_upgrade, ForwardedFields, X_REQUEST_ID,
+    client_request_id, cookie_value, requested_upgrade, restore_upgrade, strip_hop_by_hop, values,
+    websocket_upgrade, ForwardedFields, X_REQUEST_ID,
 };
 use super::record::RequestRecord;
 use super::retry::{next_attempt, FailureKind, NextAttempt};
@@ -95,10 +95,7 @@ pub fn request_record(
 
 /// The request's ID: the client's X-Request-ID when it is sane, else a new one.
 pub fn request_id(gateway: &Gateway, headers: &HeaderMap) -> HeaderValue {
-    match value(headers, &X_REQUEST_ID) {
-        Some(id) if is_sane_request_id(id) => id.clone(),
-        _ => gateway.new_request_id(),
-    }
+    client_request_id(headers).map_or_else(|| gateway.new_request_id(), HeaderValue::clone)
 }
 
 /// Entry point for one client request, recorded in `record`; never fails (errors become
@@ -146,7 +143,7 @@ pub async fn handle(
     response
 }
 
-/// The record of a request refused as its head was read (400, 414, 431, 505): it has no route,
+/// The record of a request refused as its head was read (400, 413, 414, 431, 505): no route,
 /// and its method and path are logged as `-`, as nginx logs a request it could not parse.
 pub fn refused_record(
     gateway: &Gateway,

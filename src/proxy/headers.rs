@@ -314,6 +314,11 @@ pub fn is_sane_request_id(value: &HeaderValue) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:+/=".contains(b))
 }
 
+/// The client's X-Request-ID, when it is one to keep.
+pub fn client_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
+    value(headers, &X_REQUEST_ID).filter(|id| is_sane_request_id(id))
+}
+
 /// A new request ID: 16 hex digits from a per-process random prefix and a sequence number,
 /// unique without coordination and cheap to make.
 pub fn new_request_id(prefix: u32, seq: u64) -> HeaderValue {
