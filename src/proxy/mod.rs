@@ -426,16 +426,13 @@ fn restart_only_changes(running: &Config, next: &Config, has_redis: bool) -> Vec
     }
     // Autoscalers start with the gateway: bounds, targets and behavior reload; who runs the
     // instances, and how long they are drained and given to stop, do not.
-    let names = running
+    let added = next
         .upstreams
         .iter()
-        .chain(&next.upstreams)
-        .map(|u| &u.name);
-    let mut seen = std::collections::HashSet::new();
-    for name in names.filter(|name| seen.insert(*name)) {
+        .filter(|u| running.upstream(&u.name).is_none());
+    for name in running.upstreams.iter().chain(added).map(|u| &u.name) {
         let provider = |config: &Config| {
-            let upstream = config.upstreams.iter().find(|u| &u.name == name)?;
-            let a = upstream.autoscale.as_ref()?;
+            let a = config.upstream(name)?.autoscale.as_ref()?;
             Some((a.provider.clone(), a.drain_timeout, a.stop_grace))
         };
         let (before, after) = (provider(running), provider(next));
