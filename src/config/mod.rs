@@ -4,6 +4,7 @@
 
 mod autoscale;
 mod cache;
+mod decode;
 mod env;
 pub mod limits;
 mod lines;
@@ -246,45 +247,22 @@ impl Config {
                     .collect(),
             )
         })?;
-        // Keys no field takes are collected rather than failing at the first, so one run of
-        // `check` names every misspelt key.
-        let mut unknown = Vec::new();
-        let mut note_unknown = |path: serde_ignored::Path| {
-            let key = key_path(&path);
-            let name = key.rsplit('.').next().unwrap_or_default();
-            let message = format!("unknown field `{name}`: no such key here (misspelt?)");
-            unknown.push(ConfigError {
-                line: None,
-                message,
-                key,
-            });
-        };
-        let ignoring =
-            serde_ignored::Deserializer::new(toml::Deserializer::new(&text), &mut note_unknown);
-        let parsed: Result<RawConfig, _> = serde_path_to_error::deserialize(ignoring);
-        let raw = parsed.map_err(|err| {
-            let key = err.path().to_string();
-            let err = err.into_inner();
-            let line = err.span().map(|span| lines::line_at(&text, span.start));
-            // The path is `.` when the error is not inside a key: a syntax error, which the
-            // column helps to find.
-            let (key, message) = match err.span() {
-                Some(span) if key == "." => {
-                    let line_start = text[..span.start].rfind('\n').map_or(0, |at| at + 1);
-                    let column = text[line_start..span.start].chars().count() + 1;
-                    let message = format!("{} (column {column})", err.message());
-                    ("config".to_owned(), message)
-                }
-                _ if key == "." => ("config".to_owned(), err.message().to_string()),
-                _ => (key, err.message().to_string()),
-            };
-            ConfigErrors(vec![ConfigError { key, line, message }])
-        })?;
-        let mut errors = match raw.validate() {
-            Ok(config) if unknown.is_empty() => return Ok(config),
-            Ok(_) => unknown,
-            Err(ConfigErrors(problems)) => unknown.into_iter().chain(problems).collect(),
-        };
+        let decode::Decoded {
+            raw,
+            mut problems,
+            removed,
+        } = decode::decode(&text)?;
+        match raw.map(RawConfig::validate) {
+            Some(Ok(config)) if problems.is_empty() => return Ok(config),
+            Some(Ok(_)) | None => {}
+            // What a key taken out for its type leaves behind is not reported again.
+            Some(Err(ConfigErrors(later))) => problems.extend(
+                later
+                    .into_iter()
+                    .filter(|problem| !decode::left_by_removed(&removed, &problem.key)),
+            ),
+        }
+        let mut errors = problems;
         lines::place(&text, &mut errors);
         Err(ConfigErrors(errors))
     }
@@ -643,6 +621,52 @@ upstream = "missing"
         assert!(message.contains("cannot be negative"), "{message}");
         let (key, line, _) = first_problem("[server]\nidle_timeout = \"99999999999999999999h\"");
         assert_eq!((key.as_str(), line), ("server.idle_timeout", Some(2)));
+    }
+
+    #[test]
+    fn every_wrongly_typed_value_is_reported_with_the_other_problems() {
+        let text = "[server]\nworkers = \"two\"\nidle_timeout = 5\n\
+            [upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nmax_fails = \"three\"\n\
+            strategy = \"fastest\"\n[[routes]]\nupstream = \"app\"\nwieght = 1\n";
+        assert_placed(
+            text,
+            &[
+                ("routes[0].wieght", Some(10)),
+                ("server.workers", Some(2)),
+                ("server.idle_timeout", Some(3)),
+                ("upstreams.app.max_fails", Some(6)),
+                ("upstreams.app.strategy", Some(7)),
+            ],
+        );
+        let errors = Config::from_toml(text).unwrap_err().0;
+        assert!(errors[1].message.contains("invalid type"), "{}", errors[1]);
+    }
+
+    #[test]
+    fn a_key_taken_out_for_its_type_leaves_no_second_problem() {
+        // A required field: reading stops there, without "missing field" for it.
+        assert_placed(
+            "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = 5\n",
+            &[("routes[0].upstream", Some(4))],
+        );
+        // The instances taken out do not also count as "no instances".
+        assert_placed(
+            "[upstreams.app]\ninstances = \"127.0.0.1:1\"\nretries = -1\n\
+             [[routes]]\nupstream = \"app\"\n",
+            &[
+                ("upstreams.app.instances", Some(2)),
+                ("upstreams.app.retries", Some(3)),
+            ],
+        );
+        // An array element cannot be taken out without renumbering the rest: reading stops.
+        assert_placed(
+            "[server]\nworkers = \"x\"\n[upstreams.app]\ninstances = [\"127.0.0.1:1\", 5]\n\
+             [[routes]]\nupstream = \"app\"\n",
+            &[
+                ("server.workers", Some(2)),
+                ("upstreams.app.instances[1]", Some(4)),
+            ],
+        );
     }
 
     #[test]

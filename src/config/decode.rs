@@ -1,0 +1,176 @@
+//! Reading the interpolated text into [`RawConfig`] so that every value of the wrong type and
+//! every unknown key is reported at once. serde stops at its first error; the key that failed is
+//! taken out of the parsed document and the rest is read again, until it reads or no key can be
+//! taken out (an element of an array, a required field).
+
+use serde_path_to_error::Segment;
+
+use super::{key_path, lines, ConfigError, ConfigErrors, RawConfig};
+
+/// How many wrongly typed values one run reports at most.
+const MAX_TYPE_ERRORS: usize = 64;
+
+/// What reading the file gave: the raw config when it read (once any wrongly typed keys were
+/// taken out), and the problems found on the way.
+pub struct Decoded {
+    pub raw: Option<RawConfig>,
+    /// Unknown keys, then wrongly typed values, each once.
+    pub problems: Vec<ConfigError>,
+    /// Keys taken out because their values had the wrong type.
+    pub removed: Vec<String>,
+}
+
+/// Whether a problem found at `key` after reading may come only from a key taken out: the key
+/// itself, something inside it, or the table or array holding it.
+pub fn left_by_removed(removed: &[String], key: &str) -> bool {
+    let within = |inner: &str, outer: &str| {
+        inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+    };
+    removed
+        .iter()
+        .any(|removed| within(key, removed) || within(removed, key))
+}
+
+/// Reads `text`; a syntax error is the one error returned.
+pub fn decode(text: &str) -> Result<Decoded, ConfigErrors> {
+    let mut unknown = Vec::new();
+    let first = match read(toml::Deserializer::new(text), &mut unknown) {
+        Ok(raw) => {
+            return Ok(Decoded {
+                raw: Some(raw),
+                problems: unknown,
+                removed: Vec::new(),
+            })
+        }
+        Err(err) => err,
+    };
+    let path = first.path().clone();
+    let err = first.into_inner();
+    let line = err.span().map(|span| lines::line_at(text, span.start));
+    if path.iter().next().is_none() {
+        return Err(ConfigErrors(vec![syntax_error(text, &err)]));
+    }
+    // The text parsed (serde reached a key), so it parses as a document too.
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return Err(ConfigErrors(vec![syntax_error(text, &err)]));
+    };
+    let mut document = toml::Value::Table(table);
+    let (mut raw, mut removed, mut typed) = (None, Vec::<String>::new(), Vec::new());
+    let mut failed = (path, err.message().to_owned(), line);
+    for _ in 0..MAX_TYPE_ERRORS {
+        let (path, message, line) = failed;
+        let key = match path.iter().next() {
+            None => "config".to_owned(),
+            Some(_) => path.to_string(),
+        };
+        if let Some(field) = missing_field(&message) {
+            // Missing because its wrongly typed value was taken out: reported already.
+            let missing = match path.iter().next() {
+                None => field.to_owned(),
+                Some(_) => format!("{key}.{field}"),
+            };
+            if !removed.contains(&missing) {
+                typed.push(ConfigError { key, line, message });
+            }
+            break;
+        }
+        typed.push(ConfigError {
+            key: key.clone(),
+            line,
+            message,
+        });
+        if !take_out(&mut document, &path) {
+            break;
+        }
+        removed.push(key);
+        match read(document.clone(), &mut unknown) {
+            Ok(read) => {
+                raw = Some(read);
+                break;
+            }
+            Err(err) => {
+                failed = (
+                    err.path().clone(),
+                    err.into_inner().message().to_owned(),
+                    None,
+                )
+            }
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    unknown.retain(|problem: &ConfigError| seen.insert(problem.key.clone()));
+    Ok(Decoded {
+        raw,
+        problems: unknown.into_iter().chain(typed).collect(),
+        removed,
+    })
+}
+
+/// One pass of serde over the document, noting keys no field takes into `unknown`.
+fn read<'de, D: serde::Deserializer<'de>>(
+    document: D,
+    unknown: &mut Vec<ConfigError>,
+) -> Result<RawConfig, serde_path_to_error::Error<D::Error>> {
+    let mut note_unknown = |path: serde_ignored::Path| {
+        let key = key_path(&path);
+        let name = key.rsplit('.').next().unwrap_or_default();
+        let message = format!("unknown field `{name}`: no such key here (misspelt?)");
+        unknown.push(ConfigError {
+            line: None,
+            message,
+            key,
+        });
+    };
+    serde_path_to_error::deserialize(serde_ignored::Deserializer::new(
+        document,
+        &mut note_unknown,
+    ))
+}
+
+/// An error outside any key, with the column that helps to find it.
+fn syntax_error(text: &str, err: &toml::de::Error) -> ConfigError {
+    let line = err.span().map(|span| lines::line_at(text, span.start));
+    let message = match err.span() {
+        Some(span) => {
+            let line_start = text[..span.start].rfind('\n').map_or(0, |at| at + 1);
+            let column = text[line_start..span.start].chars().count() + 1;
+            format!("{} (column {column})", err.message())
+        }
+        None => err.message().to_owned(),
+    };
+    ConfigError {
+        key: "config".to_owned(),
+        line,
+        message,
+    }
+}
+
+/// The field a "missing field `x`" message names.
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next()
+}
+
+/// Takes the key at `path` out of `document`; false when the path does not end at a key of a
+/// table (an array element: taking it out would renumber the ones after it).
+fn take_out(document: &mut toml::Value, path: &serde_path_to_error::Path) -> bool {
+    let segments: Vec<&Segment> = path.iter().collect();
+    let Some((Segment::Map { key }, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut at = document;
+    for segment in parents {
+        let next = match segment {
+            Segment::Map { key } => at.get_mut(key.as_str()),
+            Segment::Seq { index } => at.get_mut(*index),
+            _ => None,
+        };
+        let Some(next) = next else {
+            return false;
+        };
+        at = next;
+    }
+    at.as_table_mut()
+        .is_some_and(|table| table.remove(key).is_some())
+}
