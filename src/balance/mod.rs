@@ -92,6 +92,8 @@ pub fn pick_instance(
             scheduled.unwrap_or_else(|| weighted_round_robin(candidates, input))
         }
         Strategy::LeastConn => least_loaded(candidates, input),
+        // Both draw two by capacity and keep the first unless the second is better: ties and
+        // near-ties leave the choice to the draw, so weights and slow start hold at low load.
         Strategy::RandomTwo => {
             let (a, b) = two_by_capacity(candidates, input.random);
             let (a, b) = (&candidates[a], &candidates[b]);
@@ -99,7 +101,7 @@ pub fn pick_instance(
             match load(a).partial_cmp(&load(b)) {
                 Some(std::cmp::Ordering::Less) => a,
                 Some(std::cmp::Ordering::Greater) => b,
-                _ if b.latency_ns < a.latency_ns => b,
+                _ if clearly_lower(b.latency_ns, a.latency_ns) => b,
                 _ => a,
             }
         }
@@ -107,17 +109,17 @@ pub fn pick_instance(
             let (a, b) = two_by_capacity(candidates, input.random);
             let (a, b) = (&candidates[a], &candidates[b]);
             // Without a sample yet, assume 1 ms so fresh instances are tried but not flooded.
-            // Weights act in the draw only; the slow-start ramp acts in the draw and raises a new
-            // instance's cost too, so a fresh instance is both drawn less and chosen less.
+            // In-flight requests count per unit of capacity, as least_conn counts them, so an
+            // instance of weight 5 carries five times the queue at the same cost.
             let cost = |c: &Candidate| {
                 let latency = if c.latency_ns > 0.0 {
                     c.latency_ns
                 } else {
                     1e6
                 };
-                latency * f64::from(c.in_flight + 1) / c.ramp
+                latency * (1.0 + f64::from(c.in_flight) / c.capacity())
             };
-            if cost(b) < cost(a) {
+            if clearly_lower(cost(b), cost(a)) {
                 b
             } else {
                 a
@@ -186,6 +188,14 @@ fn least_loaded(candidates: &[Candidate], input: PickInput) -> &Candidate {
         .iter()
         .find(|c| c.index == chosen)
         .expect("chosen among the candidates")
+}
+
+/// Whether latency or cost `x` is clearly below `than`: instances of one service differ by
+/// noise, and an idle instance's latency decays while others answer, so a small difference must
+/// not outweigh the weighted draw (that sent nearly every request to one instance, whatever the
+/// weights); a clearly slower instance still loses.
+fn clearly_lower(x: f64, than: f64) -> bool {
+    x < than * 0.75
 }
 
 /// 64 random bits as a number in [0, 1).
@@ -542,6 +552,34 @@ mod tests {
             let c = counts(&strategy, &idle, 4000);
             assert!((2600..3400).contains(&c[1]), "{strategy:?}: {c:?}");
         }
+    }
+
+    #[test]
+    fn latencies_alike_leave_the_choice_to_the_weights() {
+        // Weights 5, 1, 1 and latencies that differ by noise (the heavy instance's the highest,
+        // the others' decayed a little while it answered): the weights still hold, idle or
+        // loaded in proportion to them.
+        let mut cands = [cand(0, 0), cand(1, 0), cand(2, 0)];
+        cands[0].weight = 5;
+        for (c, ms) in cands.iter_mut().zip([5.2, 4.6, 4.1]) {
+            c.latency_ns = ms * 1e6;
+        }
+        for in_flight in [[0, 0, 0], [5, 1, 1]] {
+            for (c, n) in cands.iter_mut().zip(in_flight) {
+                c.in_flight = n;
+            }
+            for strategy in [Strategy::RandomTwo, Strategy::P2cEwma] {
+                let c = counts(&strategy, &cands, 7000);
+                assert!(
+                    (4500..5500).contains(&c[0]),
+                    "{strategy:?} {in_flight:?}: {c:?}"
+                );
+            }
+        }
+        // A clearly faster instance still wins a tie in flight.
+        cands[1].latency_ns = 2e6;
+        let c = counts(&Strategy::RandomTwo, &[cands[0], cands[1]], 1000);
+        assert_eq!(c[1], 1000, "{c:?}");
     }
 
     #[test]
