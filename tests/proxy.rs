@@ -1159,6 +1159,36 @@ async fn the_response_timeout_waits_on_instances_never_on_clients() {
 }
 
 #[tokio::test]
+async fn an_instance_back_while_all_were_out_takes_the_requests_at_once() {
+    // Both instances refuse and are taken out (max_fails = 1, fail_timeout 30 s); then one
+    // listens again. While every instance is out both are tried, so the first answer may take
+    // a request or two; from then on the one that answered is back in rotation and the dead
+    // one gets nothing (it shared the requests with it, each second one a 502, for 30 s).
+    let (first, second) = (dead_addr(), dead_addr());
+    let gw = gateway(&app_config_at(
+        &[first, second],
+        "retries = 0
+fail_timeout = \"30s\"",
+    ));
+    let client = client();
+    for _ in 0..2 {
+        assert_eq!(get(&client, &gw.url("/work")).await.status, 502);
+    }
+    let _revived = spawn(&["demo-backend", "--port", &second.port().to_string()], 1);
+    let mut answered = false;
+    for _ in 0..4 {
+        if get(&client, &gw.url("/work")).await.status == 200 {
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "the revived instance never answered");
+    for _ in 0..20 {
+        assert_eq!(get(&client, &gw.url("/work")).await.status, 200);
+    }
+}
+
+#[tokio::test]
 async fn error_statuses_carry_json_and_the_request_id() {
     let slow = demo_backend(&["--latency-ms", "3000"]);
     let gw = gateway_with_server_keys(

@@ -57,25 +57,30 @@ impl HealthState {
 }
 
 /// Passive-check state (nginx semantics): `max_fails` failed requests within `fail_timeout`
-/// make the instance unavailable for `fail_timeout`; after that it is tried again.
+/// take the instance out for `fail_timeout`; then one request at a time tries it (the balancer
+/// claims that trial), and the first valid answer to a request sent after the ejection puts it
+/// back. When it is out until is kept by the instance, where the balancer reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PassiveState {
     window_start: Option<Instant>,
     fails: u32,
-    out_until: Option<Instant>,
+    /// When the instance was last taken out, until a valid answer ends that.
+    ejected_at: Option<Instant>,
 }
 
 impl PassiveState {
-    /// Records a failed request at `now`; returns `Some(until)` when the instance must be taken
-    /// out of rotation until `until`.
+    /// Records a failed request at `now`, `out` saying whether the instance is out of rotation
+    /// then; returns `Some(until)` when it must be taken out until `until`.
     pub fn record_failure(
         &mut self,
         now: Instant,
+        out: bool,
         max_fails: u32,
         fail_timeout: Duration,
     ) -> Option<Instant> {
-        // Requests that were in flight when it was taken out fail too: one ejection, not many.
-        if max_fails == 0 || self.out_until.is_some_and(|until| now < until) {
+        // Requests that were in flight when it was taken out fail too, and so may its trial:
+        // one ejection, not many (a failed trial leaves it out until its claim runs out).
+        if max_fails == 0 || out {
             return None;
         }
         match self.window_start {
@@ -85,13 +90,26 @@ impl PassiveState {
                 self.fails = 1;
             }
         }
-        if self.fails >= max_fails {
-            self.window_start = None;
-            self.fails = 0;
-            self.out_until = Some(now + fail_timeout);
-            self.out_until
-        } else {
-            None
+        if self.fails < max_fails {
+            return None;
+        }
+        self.window_start = None;
+        self.fails = 0;
+        self.ejected_at = Some(now);
+        Some(now + fail_timeout)
+    }
+
+    /// Records a valid answer to a request sent at `sent`; returns whether it ends an
+    /// ejection. An answer to a request sent before the ejection does not: a slow instance's
+    /// late answers must not undo the failures that took it out (nginx resets `fails` only for
+    /// a peer chosen after its last failure).
+    pub fn record_success(&mut self, sent: Instant) -> bool {
+        match self.ejected_at {
+            Some(at) if sent >= at => {
+                self.ejected_at = None;
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -124,23 +142,24 @@ mod tests {
         let timeout = Duration::from_secs(10);
         let mut state = PassiveState::default();
         let t0 = Instant::now();
-        assert_eq!(state.record_failure(t0, 3, timeout), None);
-        assert_eq!(
-            state.record_failure(t0 + Duration::from_secs(1), 3, timeout),
-            None
-        );
-        let until = state.record_failure(t0 + Duration::from_secs(2), 3, timeout);
-        assert_eq!(until, Some(t0 + Duration::from_secs(12)));
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        assert_eq!(state.record_failure(t0, false, 3, timeout), None);
+        assert_eq!(state.record_failure(at(1), false, 3, timeout), None);
+        let until = state.record_failure(at(2), false, 3, timeout);
+        assert_eq!(until, Some(at(12)));
         // Its requests still in flight fail while it is out: the same ejection.
         for late in [2, 5, 11] {
-            let at = t0 + Duration::from_secs(late);
-            assert_eq!(state.record_failure(at, 1, timeout), None, "{late}");
+            assert_eq!(state.record_failure(at(late), true, 1, timeout), None);
         }
+        // A late answer to a request sent before the ejection does not end it; an answer to
+        // one sent after (its trial) does, once.
+        assert!(!state.record_success(at(1)));
+        assert!(state.record_success(at(12)));
+        assert!(!state.record_success(at(13)));
         // Back in rotation, failures count again.
-        let again = t0 + Duration::from_secs(12);
         assert_eq!(
-            state.record_failure(again, 1, timeout),
-            Some(again + timeout)
+            state.record_failure(at(14), false, 1, timeout),
+            Some(at(24))
         );
     }
 
@@ -149,14 +168,18 @@ mod tests {
         let timeout = Duration::from_secs(10);
         let mut state = PassiveState::default();
         let t0 = Instant::now();
-        assert_eq!(state.record_failure(t0, 2, timeout), None);
+        assert_eq!(state.record_failure(t0, false, 2, timeout), None);
         assert_eq!(
-            state.record_failure(t0 + Duration::from_secs(11), 2, timeout),
+            state.record_failure(t0 + Duration::from_secs(11), false, 2, timeout),
             None
         );
         assert!(state
-            .record_failure(t0 + Duration::from_secs(12), 2, timeout)
+            .record_failure(t0 + Duration::from_secs(12), false, 2, timeout)
             .is_some());
-        assert_eq!(state.record_failure(t0, 0, timeout), None, "0 disables");
+        assert_eq!(
+            state.record_failure(t0, false, 0, timeout),
+            None,
+            "0 disables"
+        );
     }
 }

@@ -398,8 +398,10 @@ async fn to_instance(
     // After a stale pooled connection, the next attempt opens a new one.
     let mut fresh = false;
     let mut last_error = ProxyError::NoHealthyInstance;
+    // One instance set for every attempt: `tried` holds positions in it, which a set changed
+    // between attempts (an instance added or removed) would shift.
+    let set = upstream.set.load_full();
     loop {
-        let set = upstream.set.load_full();
         let now = Instant::now();
         let (index, instance) = match upstream.pick(&set, &tried, hash, seq, now) {
             Ok(picked) => picked,
@@ -426,7 +428,7 @@ async fn to_instance(
         .await
         {
             Ok(Answer::Http2(response)) => {
-                count_failing_status(&instance, config, response.status());
+                judge_answer(&instance, config, response.status(), now);
                 let (mut head, incoming) = response.into_parts();
                 head.version = Version::HTTP_11;
                 strip_hop_by_hop(&mut head.headers);
@@ -437,7 +439,7 @@ async fn to_instance(
                 return Ok(Response::from_parts(head, body));
             }
             Ok(Answer::Http1(conn, mut answer)) => {
-                count_failing_status(&instance, config, answer.head.status);
+                judge_answer(&instance, config, answer.head.status, now);
                 let switched = answer.head.status == http::StatusCode::SWITCHING_PROTOCOLS;
                 if switched {
                     let Some(client_side) = client_upgrade.take() else {
@@ -788,11 +790,19 @@ fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
-/// An answer whose status the upstream's `fail_on_status` lists counts against the instance's
-/// passive health; it still goes to the client (it is an answer: never retried).
-fn count_failing_status(instance: &Instance, config: &UpstreamConfig, status: http::StatusCode) {
+/// An answer to a request sent at `sent` counts for the instance's passive health: against it
+/// when the upstream's `fail_on_status` lists its status (it still goes to the client, and as
+/// an answer is never retried), for it otherwise.
+fn judge_answer(
+    instance: &Instance,
+    config: &UpstreamConfig,
+    status: http::StatusCode,
+    sent: Instant,
+) {
     if config.passive.fail_on_status.contains(&status.as_u16()) {
         instance.record_failure(Instant::now(), config);
+    } else {
+        instance.record_success(sent);
     }
 }
 

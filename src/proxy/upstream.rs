@@ -158,12 +158,14 @@ impl Instance {
     #[cold]
     pub fn record_failure(&self, now: Instant, upstream: &UpstreamConfig) {
         self.failures.fetch_add(1, Ordering::Relaxed);
+        let out = !self.is_available(now);
         let until = self
             .passive
             .lock()
             .expect("passive state lock")
             .record_failure(
                 now,
+                out,
                 upstream.passive.max_fails,
                 upstream.passive.fail_timeout,
             );
@@ -179,6 +181,49 @@ impl Instance {
             self.passive_down_until
                 .store(nanos(until), Ordering::Relaxed);
         }
+    }
+
+    /// Records a valid answer to a request sent at `sent`: one from an instance out by passive
+    /// checks (its trial, or any answer while every instance was out and all were tried) puts
+    /// it back in rotation, ramping under slow start.
+    #[inline]
+    pub fn record_success(&self, sent: Instant) {
+        if self.passive_down_until.load(Ordering::Relaxed) != 0 {
+            self.back_from_ejection(sent);
+        }
+    }
+
+    #[cold]
+    fn back_from_ejection(&self, sent: Instant) {
+        if !self
+            .passive
+            .lock()
+            .expect("passive state lock")
+            .record_success(sent)
+        {
+            return;
+        }
+        tracing::info!(instance = %self.addr, "instance answered again: back in rotation");
+        self.up_since
+            .store(nanos(Instant::now()), Ordering::Relaxed);
+        self.passive_down_until.store(0, Ordering::Relaxed);
+    }
+
+    /// Claims the one request an instance whose passive ejection ran out gets before it is back
+    /// (nginx lets one through per `fail_timeout`); false when another request holds it. An
+    /// instance never taken out needs no claim.
+    fn claim_trial(&self, now: Instant, fail_timeout: Duration) -> bool {
+        let down_until = self.passive_down_until.load(Ordering::Relaxed);
+        down_until == 0
+            || self
+                .passive_down_until
+                .compare_exchange(
+                    down_until,
+                    nanos(now + fail_timeout),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
     /// Records an active check result; logs and applies a change of verdict.
@@ -200,6 +245,8 @@ impl Instance {
             Some(Transition::WentUp) => {
                 tracing::info!(instance = %self.addr, "instance is healthy again");
                 self.up_since.store(nanos(now), Ordering::Relaxed);
+                // Healthy by active checks: a passive ejection ends as well.
+                *self.passive.lock().expect("passive state lock") = PassiveState::default();
                 self.passive_down_until.store(0, Ordering::Relaxed);
                 self.active_up.store(true, Ordering::Relaxed);
             }
@@ -434,7 +481,9 @@ impl Upstream {
         );
         let mut candidates: SmallVec<[Candidate; 16]> = SmallVec::new();
         let mut any_healthy = false;
+        let mut panic = false;
         'tiers: for passive_ignored in [false, true] {
+            panic = passive_ignored;
             // Backups take over once every available primary was tried for this request too.
             for backup_tier in [false, true] {
                 for (index, instance) in set.instances.iter().enumerate() {
@@ -465,10 +514,24 @@ impl Upstream {
             random: rand::random(),
             hash,
         };
-        match balance::pick_instance(&self.config.strategy, &candidates, input, &set.layout) {
-            Some(index) => Ok((index, set.instances[index].clone())),
-            None if any_healthy => Err(NoInstance::AllTried),
-            None => Err(NoInstance::NoneHealthy),
+        let fail_timeout = self.config.passive.fail_timeout;
+        loop {
+            let Some(index) =
+                balance::pick_instance(&self.config.strategy, &candidates, input, &set.layout)
+            else {
+                return Err(if any_healthy {
+                    NoInstance::AllTried
+                } else {
+                    NoInstance::NoneHealthy
+                });
+            };
+            let instance = &set.instances[index];
+            // While every instance is out, any may be tried; otherwise one whose ejection ran
+            // out takes one request at a time until it answers.
+            if panic || instance.claim_trial(now, fail_timeout) {
+                return Ok((index, instance.clone()));
+            }
+            candidates.retain(|c| c.index != index);
         }
     }
 
@@ -774,6 +837,52 @@ mod tests {
             }
             let all = upstream.pick(&set, &tried, None, 70, now);
             assert!(matches!(all, Err(NoInstance::AllTried)), "{strategy}");
+        }
+    }
+
+    #[test]
+    fn an_ejected_instance_gets_one_request_at_a_time_until_it_answers() {
+        let upstream = upstream_with(2, "fail_timeout = \"5s\"");
+        let set = upstream.set.load();
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let picks = |now: Instant| -> Vec<usize> {
+            (0..4)
+                .map(|seq| upstream.pick(&set, &[], None, seq, now).unwrap().0)
+                .collect()
+        };
+        let ejected = &set.instances[0];
+        ejected.record_failure(t0, &upstream.config);
+        assert_eq!(picks(at(1)), [1, 1, 1, 1]);
+        // Its time out ran: the first request that picks it is its trial; the others go on to
+        // the other instance while the trial is under way (nginx: one request per fail_timeout).
+        assert_eq!(picks(at(5)), [0, 1, 1, 1]);
+        assert_eq!(picks(at(6)), [1, 1, 1, 1]);
+        // A late answer to a request sent before the ejection does not bring it back...
+        ejected.record_success(t0 - Duration::from_millis(1));
+        assert_eq!(picks(at(6)), [1, 1, 1, 1]);
+        // ... the trial's answer does.
+        ejected.record_success(at(5));
+        assert_eq!(picks(at(6)), [0, 1, 0, 1]);
+        assert_eq!(ejected.state_name(at(6)), "up");
+    }
+
+    #[test]
+    fn an_instance_that_answers_while_all_are_out_is_back_in_rotation() {
+        let upstream = upstream_with(2, "fail_timeout = \"30s\"");
+        let set = upstream.set.load();
+        let t0 = Instant::now();
+        for instance in set.instances.iter() {
+            instance.record_failure(t0, &upstream.config);
+        }
+        // Every instance out: both are tried; the one that answers is back at once, rather
+        // than sharing requests with the dead one until fail_timeout.
+        let later = t0 + Duration::from_secs(1);
+        set.instances[1].record_success(later);
+        assert_eq!(set.instances[1].state_name(later), "up");
+        assert_eq!(set.instances[0].state_name(later), "failed");
+        for seq in 0..4 {
+            assert_eq!(upstream.pick(&set, &[], None, seq, later).unwrap().0, 1);
         }
     }
 
