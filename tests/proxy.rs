@@ -495,6 +495,59 @@ async fn active_checks_take_an_instance_out_after_fall_and_back_after_rise() {
     assert_eq!(reply.json()["error"], "no_healthy_instance");
 }
 
+#[tokio::test]
+async fn a_slow_probe_holds_back_no_other_check_and_probes_carry_the_configured_host() {
+    // One instance takes its probes and never answers (timeout 10 s); the other's checks go on
+    // every 100 ms meanwhile, so it is seen down long before the slow probe times out.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let heads = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut conn, _)) = silent.accept().await {
+            let mut head = vec![0; 1024];
+            let read = tokio::io::AsyncReadExt::read(&mut conn, &mut head).await;
+            let head = String::from_utf8_lossy(&head[..read.unwrap_or(0)]).to_lowercase();
+            seen.lock().unwrap().push(head);
+            held.push(conn);
+        }
+    });
+    let b = demo_backend(&[]);
+    let gw = gateway(&app_config_at(
+        &[silent_addr, b.addr()],
+        "[upstreams.app.health]\ninterval = \"100ms\"\ntimeout = \"10s\"\nfall = 1\n\
+         host = \"app.internal\"",
+    ));
+    let client = client();
+    let url = gw.admin_url("/api/upstreams");
+    let state_of_b = || {
+        let (client, url, addr) = (client.clone(), url.clone(), b.addr().to_string());
+        async move {
+            let json = get(&client, &url).await.json();
+            json["upstreams"][0]["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i["addr"] == addr.as_str() && i["state"] == "down")
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            !heads.lock().unwrap().is_empty()
+        })
+        .await
+    );
+    set_health(&client, &b, false).await;
+    assert!(
+        eventually(Duration::from_secs(5), state_of_b).await,
+        "the other instance's checks waited for the silent one's"
+    );
+    let head = heads.lock().unwrap()[0].clone();
+    assert!(head.starts_with("get /health "), "{head}");
+    assert!(head.contains("\r\nhost: app.internal\r\n"), "{head}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn draining_through_the_admin_api_loses_nothing() {
     let a = demo_backend(&["--latency-ms", "300"]);

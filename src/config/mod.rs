@@ -192,6 +192,8 @@ impl InstanceConfig {
 #[derive(Debug, Clone)]
 pub struct ActiveHealthConfig {
     pub path: String,
+    /// The probe's Host; the instance's address when unset.
+    pub host: Option<String>,
     pub interval: Duration,
     pub timeout: Duration,
     pub rise: u32,
@@ -667,6 +669,24 @@ upstream = "missing"
                 ("upstreams.app.instances[1]", Some(4)),
             ],
         );
+    }
+
+    #[test]
+    fn a_probe_host_must_be_a_host() {
+        let text = |host: &str| {
+            format!(
+                "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[upstreams.app.health]\n\
+                 host = \"{host}\"\n[[routes]]\nupstream = \"app\"\n"
+            )
+        };
+        for fine in ["app.internal", "app.internal:8080", "10.0.0.1"] {
+            let config = Config::from_toml(&text(fine)).unwrap();
+            let health = config.upstreams[0].health.as_ref().unwrap();
+            assert_eq!(health.host.as_deref(), Some(fine));
+        }
+        for bad in ["two words", "app/path", "user@app"] {
+            assert_placed(&text(bad), &[("upstreams.app.health.host", Some(4))]);
+        }
     }
 
     #[test]

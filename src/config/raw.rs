@@ -207,6 +207,7 @@ fn one() -> u32 {
 #[serde(default)]
 pub struct RawActiveHealth {
     pub path: String,
+    pub host: Option<String>,
     pub interval: String,
     pub timeout: String,
     pub rise: u32,
@@ -218,6 +219,7 @@ impl Default for RawActiveHealth {
     fn default() -> Self {
         RawActiveHealth {
             path: "/health".into(),
+            host: None,
             interval: "5s".into(),
             timeout: "2s".into(),
             rise: 2,
@@ -604,6 +606,19 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
         if !h.path.starts_with('/') {
             p.push(format!("{hkey}.path"), "must start with /");
         }
+        let host = h.host.as_deref().filter(|host| {
+            let valid = !host.contains('@')
+                && host
+                    .parse::<http::uri::Authority>()
+                    .is_ok_and(|a| a.as_str() == *host);
+            if !valid {
+                p.push(
+                    format!("{hkey}.host"),
+                    format!("`{host}` is not a host name (with an optional :port)"),
+                );
+            }
+            valid
+        });
         let expect_status = parse_status_range(&h.expect_status).unwrap_or_else(|| {
             p.push(
                 format!("{hkey}.expect_status"),
@@ -613,6 +628,7 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
         });
         ActiveHealthConfig {
             path: h.path.clone(),
+            host: host.map(str::to_owned),
             interval: p.positive_duration(&format!("{hkey}.interval"), &h.interval),
             timeout: p.positive_duration(&format!("{hkey}.timeout"), &h.timeout),
             rise: h.rise,

@@ -1,8 +1,11 @@
 //! The active health checker: one task per upstream probes every instance each `interval`
-//! with `GET path` on a fresh connection and feeds the result to the instance's `HealthState`.
+//! with `GET path` on a fresh connection (an instance whose last probe is still under way skips
+//! the round) and feeds the result to the instance's `HealthState`.
 //! The probe goes the way requests do: over TLS when the upstream has it, in HTTP/2 for h2 and
 //! h2c upstreams.
 
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -10,7 +13,7 @@ use http::{header, Request};
 use http_body_util::Empty;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::task::JoinSet;
+use tokio::task::{self, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::config::ActiveHealthConfig;
@@ -26,6 +29,11 @@ pub fn spawn_active_checks(upstream: &Arc<Upstream>) {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(config.interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Probes still under way, by task: an instance slow to answer skips a round of its own
+        // rather than holding back every other instance's checks.
+        let mut checks = JoinSet::new();
+        let mut probing: HashMap<task::Id, SocketAddr> = HashMap::new();
+        let mut busy: HashSet<SocketAddr> = HashSet::new();
         loop {
             ticker.tick().await;
             let Some(live) = upstream.upgrade().filter(|u| !u.is_retired()) else {
@@ -33,18 +41,26 @@ pub fn spawn_active_checks(upstream: &Arc<Upstream>) {
             };
             let set = live.set.load_full();
             drop(live);
-            let mut checks = JoinSet::new();
-            for instance in &set.instances {
-                checks.spawn(check_instance(instance.clone(), config.clone()));
+            while let Some(done) = checks.try_join_next_with_id() {
+                let id = done.map_or_else(|err| err.id(), |(id, ())| id);
+                if let Some(addr) = probing.remove(&id) {
+                    busy.remove(&addr);
+                }
             }
-            while checks.join_next().await.is_some() {}
+            for instance in &set.instances {
+                if busy.insert(instance.addr) {
+                    let check = checks.spawn(check_instance(instance.clone(), config.clone()));
+                    probing.insert(check.id(), instance.addr);
+                }
+            }
         }
     });
 }
 
 /// Probes one instance once and records the result.
 pub async fn check_instance(instance: Arc<Instance>, config: ActiveHealthConfig) {
-    let outcome = tokio::time::timeout(config.timeout, probe(&instance, &config.path)).await;
+    let host = config.host.as_deref().unwrap_or(&instance.addr_text);
+    let outcome = tokio::time::timeout(config.timeout, probe(&instance, &config.path, host)).await;
     let (ok, detail) = match outcome {
         Ok(Ok(status)) => (
             (config.expect_status.0..=config.expect_status.1).contains(&status),
@@ -56,11 +72,11 @@ pub async fn check_instance(instance: Arc<Instance>, config: ActiveHealthConfig)
     instance.record_check(ok, detail, config.rise, config.fall, Instant::now());
 }
 
-async fn probe(instance: &Instance, path: &str) -> Result<u16, String> {
+async fn probe(instance: &Instance, path: &str, host: &str) -> Result<u16, String> {
     let connector = &instance.pool.connector;
     let io = TokioIo::new(connector.connect().await.map_err(|err| err.to_string())?);
     let request = Request::get(path)
-        .header(header::HOST, &instance.addr_text)
+        .header(header::HOST, host)
         .header(header::USER_AGENT, "scalegate-health");
     let response = if instance.pool.http2.is_some() {
         let (mut sender, connection) = http2::handshake(TokioExecutor::new(), io)
@@ -69,7 +85,7 @@ async fn probe(instance: &Instance, path: &str) -> Result<u16, String> {
         tokio::spawn(connection);
         let scheme = if connector.is_tls() { "https" } else { "http" };
         let request = request
-            .uri(format!("{scheme}://{}{path}", instance.addr_text))
+            .uri(format!("{scheme}://{host}{path}"))
             .body(Empty::<Bytes>::new())
             .map_err(|err| err.to_string())?;
         sender.send_request(request).await
