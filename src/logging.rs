@@ -15,8 +15,12 @@ pub enum LogFormat {
 
 /// A log filter as given (`--log-level`, `LOG_LEVEL`), if every directive is a level or
 /// `TARGET=LEVEL`: a bare word that is no level (`inof`) would be read as a target name and
-/// silence every log, so it is refused.
+/// silence every log, so it is refused. An empty value is the default, `info`, as if unset
+/// (`LOG_LEVEL: ${LOG_LEVEL}` in a compose file passes one): it would silence errors too.
 pub fn checked_filter(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Ok("info".to_owned());
+    }
     for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         let level = directive
             .rsplit_once('=')
@@ -67,6 +71,9 @@ mod tests {
             "rustls=trace",
         ] {
             assert_eq!(checked_filter(good).as_deref(), Ok(good), "{good}");
+        }
+        for unset in ["", " "] {
+            assert_eq!(checked_filter(unset).as_deref(), Ok("info"));
         }
         for bad in ["inof", "verbose", "info,scalegate=loud", "scalegate"] {
             let error = checked_filter(bad).unwrap_err();

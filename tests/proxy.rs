@@ -1592,6 +1592,42 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
 }
 
 #[tokio::test]
+async fn a_second_stop_signal_stops_at_once_and_a_hangup_right_after_start_reloads() {
+    let a = demo_backend(&["--latency-ms", "20000"]);
+    let mut gw = gateway(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         access_log = false\nshutdown_grace = \"60s\"\n{}",
+        app_config(&[&a], "")
+    ));
+    // SIGHUP at once after the "listening" lines: a reload, not the signal's default (death).
+    signal(gw.proc.pid(), "HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        gw.proc.child.try_wait().unwrap().is_none(),
+        "a SIGHUP killed it"
+    );
+    let client = client();
+    let url = gw.url("/work");
+    let _in_flight = tokio::spawn(async move { request(&client, "GET", &url, &[], "").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(gw.proc.pid(), "TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        gw.proc.child.try_wait().unwrap().is_none(),
+        "the first signal drains"
+    );
+    signal(gw.proc.pid(), "INT");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut exited = None;
+    while exited.is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        exited = gw.proc.child.try_wait().unwrap();
+    }
+    let status = exited.expect("a second signal did not stop the gateway within 5 s");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
 async fn shutdown_delay_serves_on_while_health_says_503() {
     let a = demo_backend(&[]);
     let mut gw = gateway_with_server_keys("shutdown_delay = \"3s\"", &app_config(&[&a], ""));

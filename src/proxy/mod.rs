@@ -298,8 +298,8 @@ impl Gateway {
 /// answers 503, in-flight requests finish within `shutdown_grace`.
 pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Result<()> {
     // Before anything is announced: a SIGTERM sent right after the "listening" lines must
-    // drain, not kill the process by the default action.
-    let stop_signals = StopSignals::register()?;
+    // drain, and a SIGHUP reload, not kill the process by the default action.
+    let Signals { stop, hangup } = Signals::register()?;
     let (listen, admin_listen) = (config.server.listen, config.admin.listen);
     let tls_listen = config.tls.as_ref().map(|tls| tls.listen);
     let gateway = Gateway::new(config, config_path);
@@ -346,10 +346,17 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
         admin_listener,
         stop_rx.clone(),
     ));
-    tokio::spawn(reload_on_sighup(gateway.clone()));
+    tokio::spawn(reload_on_sighup(gateway.clone(), hangup));
     tokio::spawn(close_expired_connections(gateway.clone()));
+    let mut stops = count_stop_signals(stop);
+    let forced = {
+        let mut stops = stops.clone();
+        async move {
+            let _ = stops.wait_for(|count| *count >= 2).await;
+        }
+    };
     let signal = async {
-        stop_signals.received().await;
+        let _ = stops.wait_for(|count| *count >= 1).await;
         // Load balancers and Kubernetes endpoints learn of the stop only from /health: keep
         // serving a while after it turned 503, then stop accepting.
         let delay = gateway.runtime.load().config.server.shutdown_delay;
@@ -363,7 +370,13 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
         }
     };
     tokio::pin!(signal);
-    accept_loop(gateway.clone(), proxy_listener, tls_listener, &mut signal).await;
+    accept_loop(
+        gateway.clone(),
+        (proxy_listener, tls_listener),
+        &mut signal,
+        forced,
+    )
+    .await;
     gateway.draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     // Instances the autoscaler started are stopped only after in-flight requests finished.
@@ -481,11 +494,13 @@ impl ConnectionSettings {
 }
 
 /// Accepts on the plain listener and, when TLS is configured, the HTTPS one, until `stop`.
+/// Serves until `stop`, then drains: in-flight requests get `shutdown_grace`, unless `forced`
+/// (a second stop signal) completes first.
 async fn accept_loop(
     gateway: Arc<Gateway>,
-    listener: TcpListener,
-    tls_listener: Option<TcpListener>,
+    (listener, tls_listener): (TcpListener, Option<TcpListener>),
     stop: &mut (impl std::future::Future<Output = ()> + Unpin),
+    forced: impl std::future::Future<Output = ()>,
 ) {
     // The `[server]` settings of the config in force; a reload changes them for the connections
     // accepted after it (as nginx's new workers do), so they are rebuilt when it does.
@@ -579,8 +594,11 @@ async fn accept_loop(
         "draining: finishing in-flight requests"
     );
     let finished = async { tokio::join!(graceful.shutdown(), drain.closed()) };
-    if tokio::time::timeout(grace, finished).await.is_err() {
-        tracing::warn!("shutdown grace elapsed with requests still in flight");
+    tokio::select! {
+        finished = tokio::time::timeout(grace, finished) => if finished.is_err() {
+            tracing::warn!("shutdown grace elapsed with requests still in flight");
+        },
+        () = forced => {}
     }
 }
 
@@ -705,27 +723,50 @@ async fn accept_on(
     }
 }
 
-/// SIGTERM and SIGINT, caught from the moment they are registered.
-struct StopSignals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
+/// The signals the gateway acts on, caught from the moment they are registered.
+struct Signals {
+    /// SIGTERM and SIGINT.
+    stop: [tokio::signal::unix::Signal; 2],
+    hangup: tokio::signal::unix::Signal,
 }
 
-impl StopSignals {
-    fn register() -> std::io::Result<StopSignals> {
+impl Signals {
+    fn register() -> std::io::Result<Signals> {
         use tokio::signal::unix::{signal, SignalKind};
-        Ok(StopSignals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
+        Ok(Signals {
+            stop: [
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::interrupt())?,
+            ],
+            hangup: signal(SignalKind::hangup())?,
         })
     }
+}
 
-    async fn received(mut self) {
-        tokio::select! {
-            _ = self.term.recv() => tracing::info!("SIGTERM received"),
-            _ = self.int.recv() => tracing::info!("SIGINT received"),
+/// Counts stop signals: the first drains, a second (Ctrl-C again, or a supervisor's second
+/// SIGTERM) stops without waiting out `shutdown_grace`, as a second Ctrl-C does for most
+/// supervisors; autoscaled instances are still stopped.
+fn count_stop_signals(
+    [mut term, mut int]: [tokio::signal::unix::Signal; 2],
+) -> watch::Receiver<u32> {
+    let (count, counted) = watch::channel(0);
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            count.send_modify(|count| *count += 1);
+            if *count.borrow() == 1 {
+                tracing::info!("{name} received");
+            } else {
+                tracing::warn!(
+                    "{name} received again: stopping without waiting for requests in flight"
+                );
+            }
         }
-    }
+    });
+    counted
 }
 
 /// Closes pooled instance connections idle past their upstream's `idle_timeout`, once a second,
@@ -746,12 +787,8 @@ async fn close_expired_connections(gateway: Arc<Gateway>) {
     }
 }
 
-async fn reload_on_sighup(gateway: Arc<Gateway>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        return;
-    };
-    while hup.recv().await.is_some() {
+async fn reload_on_sighup(gateway: Arc<Gateway>, mut hangup: tokio::signal::unix::Signal) {
+    while hangup.recv().await.is_some() {
         if let Err(errors) = gateway.reload() {
             tracing::error!("reload refused, the running configuration stays:\n{errors}");
         }
