@@ -416,6 +416,18 @@ async fn admin_api_pins_pauses_and_resumes() {
     .await
     .unwrap();
     assert_eq!(missing.status, 404);
+    // Its instances are the autoscaler's: a drain through the instance API, which the
+    // autoscaler would undo at its next sync, is refused and names the way to scale.
+    let (addr, _) = children(&autoscale_status(&client, &gw).await, "serving")[0].clone();
+    let path = format!("/api/upstreams/app/instances/{addr}");
+    let refused = request(&client, "DELETE", &gw.admin_url(&path), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(refused.status, 409);
+    assert!(refused.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("/api/autoscale/app"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

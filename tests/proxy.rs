@@ -632,6 +632,58 @@ async fn draining_through_the_admin_api_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drain_can_be_cancelled_and_admin_changes_survive_reloads_at_the_same_moment() {
+    let a = demo_backend(&[]);
+    let b = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a, &b], ""));
+    let client = client();
+    let slow = {
+        let (client, url) = (client.clone(), gw.url("/work?latency_ms=1000"));
+        tokio::spawn(async move { get(&client, &url).await.status })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let path = format!("/api/upstreams/app/instances/{}", a.addr());
+    let reply = request(&client, "DELETE", &gw.admin_url(&path), &[], "").await;
+    assert_eq!(reply.unwrap().status, 202);
+    // Adding it again while it drains cancels the drain: it stays once its requests are done.
+    let reply = add_instance(&client, &gw, a.addr()).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["undrained"], a.addr().to_string());
+    assert_eq!(slow.await.unwrap(), 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(instance_counts(&client, &gw, 4, &[]).await.len(), 2);
+
+    // Instances added while reloads run are kept: a reload builds on the sets in force, and an
+    // addition made meanwhile went to the sets it replaced.
+    let mut changes = Vec::new();
+    for i in 0..60u16 {
+        let (reloader, reload) = (client.clone(), gw.admin_url("/api/reload"));
+        changes.push(tokio::spawn(async move {
+            request(&reloader, "POST", &reload, &[], "")
+                .await
+                .unwrap()
+                .status
+        }));
+        let (client, url) = (client.clone(), gw.admin_url("/api/upstreams/app/instances"));
+        let body = format!("{{\"addr\": \"127.0.0.2:{}\"}}", 20000 + i);
+        changes.push(tokio::spawn(async move {
+            request(&client, "POST", &url, &[], &body)
+                .await
+                .unwrap()
+                .status
+        }));
+    }
+    for change in changes {
+        assert!([200, 201].contains(&change.await.unwrap()));
+    }
+    let json = get(&client, &gw.admin_url("/api/upstreams")).await.json();
+    assert_eq!(
+        json["upstreams"][0]["instances"].as_array().unwrap().len(),
+        62
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reload_under_load_loses_nothing_and_bad_config_is_refused() {
     let a = demo_backend(&["--latency-ms", "20"]);
     let b = demo_backend(&["--latency-ms", "20"]);

@@ -502,6 +502,7 @@ fn instance_json(instance: &Instance, now: Instant) -> Value {
 }
 
 fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<GatewayBody> {
+    let _serialized = gateway.hold_reloads();
     let Some(upstream) = gateway.upstream(name) else {
         return reply(
             StatusCode::NOT_FOUND,
@@ -550,24 +551,57 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
     let addr = config.addr;
     if upstream.add_instance(&config) {
         tracing::info!(upstream = name, instance = %addr, "instance added");
-        reply(StatusCode::CREATED, json!({"added": addr.to_string()}))
-    } else {
-        reply(
+        return reply(StatusCode::CREATED, json!({"added": addr.to_string()}));
+    }
+    let draining = upstream
+        .find(addr)
+        .filter(|instance| instance.is_draining());
+    match draining {
+        // Adding an instance being drained cancels the drain (HAProxy's `set server ... state
+        // ready`), unless the autoscaler drains it to stop its process.
+        Some(instance) if !autoscaled_by_process(&upstream) => {
+            instance.stop_draining();
+            tracing::info!(upstream = name, instance = %addr, "drain cancelled through the admin API");
+            reply(StatusCode::OK, json!({"undrained": addr.to_string()}))
+        }
+        Some(_) => reply(
+            StatusCode::CONFLICT,
+            json!({"error": format!("{addr} is being drained by the autoscaler of `{name}`")}),
+        ),
+        None => reply(
             StatusCode::CONFLICT,
             json!({"error": format!("{addr} is already in `{name}`")}),
-        )
+        ),
     }
+}
+
+/// The upstream's instances are processes its autoscaler starts and stops: the autoscaler, not
+/// the admin API, decides which of them run.
+fn autoscaled_by_process(upstream: &Upstream) -> bool {
+    upstream
+        .config
+        .autoscale
+        .as_ref()
+        .is_some_and(|auto| matches!(auto.provider, crate::config::ProviderConfig::Process(_)))
 }
 
 /// Marks the instance draining (no new requests) and removes it once its in-flight requests
 /// finished or `drain_timeout` passed.
 fn drain_instance(gateway: &Gateway, name: &str, addr: &str) -> Response<GatewayBody> {
+    let _serialized = gateway.hold_reloads();
     let Some(upstream) = gateway.upstream(name) else {
         return reply(
             StatusCode::NOT_FOUND,
             json!({"error": format!("no upstream named `{name}`")}),
         );
     };
+    if autoscaled_by_process(&upstream) {
+        // It would start the process's instance again at its next sync.
+        let error = format!(
+            "the instances of `{name}` are its autoscaler's: scale it with POST /api/autoscale/{name}"
+        );
+        return reply(StatusCode::CONFLICT, json!({ "error": error }));
+    }
     let instance = parse_addr(addr).ok().and_then(|addr| upstream.find(addr));
     let Some(instance) = instance else {
         return reply(

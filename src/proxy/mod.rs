@@ -231,11 +231,7 @@ impl Gateway {
 
     /// Re-reads the config file. A bad config is refused and the running one keeps serving.
     pub fn reload(&self) -> Result<(), ConfigErrors> {
-        // The lock guards no data: a reload that panicked leaves nothing half-done behind it.
-        let _serialized = self
-            .reload_lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _serialized = self.hold_reloads();
         let Some(path) = &self.config_path else {
             return Err(ConfigErrors(vec![crate::config::ConfigError {
                 key: "reload".into(),
@@ -283,6 +279,16 @@ impl Gateway {
 
     pub fn upstream(&self, name: &str) -> Option<Arc<Upstream>> {
         self.runtime.load().upstream(name).cloned()
+    }
+
+    /// Holds off reloads while the guard lives: a reload builds the next upstreams from the
+    /// instance sets in force, so an instance added or drained through the admin API meanwhile
+    /// would be lost with the old ones. The lock guards no data: a reload that panicked leaves
+    /// nothing half-done behind it.
+    pub fn hold_reloads(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.reload_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A request ID for a request that came without a usable one.

@@ -126,6 +126,12 @@ impl Instance {
         self.draining.swap(true, Ordering::Relaxed)
     }
 
+    /// Puts a draining instance back in rotation; returns whether it was draining. Its drain
+    /// then ends without removing it.
+    pub fn stop_draining(&self) -> bool {
+        self.draining.swap(false, Ordering::Relaxed)
+    }
+
     pub fn state_name(&self, now: Instant) -> &'static str {
         if self.is_draining() {
             "draining"
@@ -574,18 +580,32 @@ impl Upstream {
         // The admin API may have marked it already.
         let _ = instance.start_draining();
         let deadline = Instant::now() + timeout;
+        let in_flight = || instance.in_flight.load(Ordering::Relaxed);
         let wait_idle = || async {
-            while instance.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            while in_flight() > 0 && Instant::now() < deadline && instance.is_draining() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
         wait_idle().await;
-        self.remove_instance(instance.addr);
+        let (name, addr) = (&self.config.name, instance.addr);
+        if !instance.is_draining() {
+            tracing::info!(upstream = %name, instance = %addr, "drain cancelled: instance back in rotation");
+            return;
+        }
+        self.remove_instance(addr);
         // A request that picked the instance just before it was marked draining counts itself
         // in flight a moment later: give it that moment, then wait for it as well.
         tokio::time::sleep(Duration::from_millis(50)).await;
         wait_idle().await;
-        tracing::info!(upstream = %self.config.name, instance = %instance.addr, "drained instance removed");
+        match in_flight() {
+            0 => tracing::info!(upstream = %name, instance = %addr, "drained instance removed"),
+            left => tracing::warn!(
+                upstream = %name,
+                instance = %addr,
+                in_flight = left,
+                "drain_timeout ran out: instance removed with requests still in flight"
+            ),
+        }
     }
 
     pub fn find(&self, addr: SocketAddr) -> Option<Arc<Instance>> {
