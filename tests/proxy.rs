@@ -888,11 +888,15 @@ async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
         ),
         (
             &"GET".into(),
-            &"/done".into(),
+            &"/done?q=1".into(),
             &200.into(),
             &"app".into(),
             &"127.0.0.1".into()
         )
+    );
+    assert_eq!(
+        (&line["instance"], &line["attempts"]),
+        (&a.addr().to_string().into(), &1.into())
     );
     assert!(line["duration_ms"].as_f64().unwrap() >= 1000.0, "{line}");
     for id in [&refused_id, &padded_id] {
@@ -902,9 +906,18 @@ async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
                 &line["status"],
                 &line["method"],
                 &line["path"],
-                &line["upstream"]
+                &line["upstream"],
+                &line["instance"],
+                &line["attempts"]
             ),
-            (&400.into(), &"-".into(), &"-".into(), &"-".into())
+            (
+                &400.into(),
+                &"-".into(),
+                &"-".into(),
+                &"-".into(),
+                &"-".into(),
+                &0.into()
+            )
         );
     }
     // nginx's 499: the client closed the request before its answer.

@@ -27,7 +27,7 @@ use super::headers::{
     client_request_id, cookie_value, requested_upgrade, restore_upgrade, strip_hop_by_hop, values,
     websocket_upgrade, ForwardedFields, X_REQUEST_ID,
 };
-use super::record::RequestRecord;
+use super::record::{RequestRecord, Served};
 use super::retry::{next_attempt, FailureKind, NextAttempt};
 use super::router::{host_without_port, match_route};
 use super::tunnel::{self, ClientUpgrade};
@@ -87,7 +87,10 @@ pub fn request_record(
     RequestRecord::new(
         gateway.runtime.load_full(),
         req.method().clone(),
-        req.uri().path(),
+        // With its query, as nginx's `$request_uri` and HAProxy's and Envoy's default logs.
+        req.uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().path(), |target| target.as_str()),
         request_id(gateway, req.headers()),
         client.addr.ip(),
     )
@@ -117,7 +120,16 @@ pub async fn handle(
         Some(response) => response,
         None => {
             let request_id = &record.request_id;
-            match forward(runtime, req, client, request_id, upgrade, &mut record.route).await {
+            match forward(
+                runtime,
+                req,
+                client,
+                request_id,
+                upgrade,
+                &mut record.served,
+            )
+            .await
+            {
                 Ok(response) => response,
                 Err(error) => {
                     // Overload refusals are expected under load; logging each would add to it.
@@ -168,7 +180,7 @@ async fn forward(
     client: &ClientAddr,
     request_id: &HeaderValue,
     client_upgrade: Option<ClientUpgrade>,
-    matched_route: &mut Option<usize>,
+    served: &mut Served,
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     if parts.method == Method::CONNECT {
@@ -195,7 +207,7 @@ async fn forward(
     let host_bytes = host.as_ref().map(HeaderValue::as_bytes);
     let route = match_route(&runtime.config.routes, host_bytes, parts.uri.path())
         .ok_or(ProxyError::NoRoute)?;
-    *matched_route = Some(route);
+    served.route = Some(route);
     let upstream = runtime.route_upstream(route);
     // The concurrency slots in `admitted` go to the response body and are held to its end.
     let admission = &runtime.admission;
@@ -288,7 +300,7 @@ async fn forward(
         body,
         hash,
         Added::Fields(&fields, raw_answer),
-        client_upgrade,
+        (client_upgrade, served),
     )
     .await;
     recycle_map(parts.headers);
@@ -330,7 +342,7 @@ impl InstanceFetch {
             body,
             self.hash,
             Added::InMap(&self.request_id),
-            None,
+            (None, &mut Served::default()),
         )
         .await
     }
@@ -369,7 +381,7 @@ impl<'a> Added<'a> {
     }
 }
 
-/// Picks an instance, sends, retries what may be retried.
+/// Picks an instance, sends, retries what may be retried; notes each attempt in `served`.
 async fn to_instance(
     runtime: &Runtime,
     route: usize,
@@ -377,7 +389,7 @@ async fn to_instance(
     mut body: ForwardBody,
     hash: Option<u64>,
     added: Added<'_>,
-    mut client_upgrade: Option<ClientUpgrade>,
+    (mut client_upgrade, served): (Option<ClientUpgrade>, &mut Served),
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let request_id = added.request_id();
     let upstream = runtime.route_upstream(route).clone();
@@ -412,6 +424,7 @@ async fn to_instance(
         };
         tried.push(index);
         attempts += 1;
+        (served.instance, served.attempts) = (Some(instance.addr), attempts);
         let guard = InFlightGuard::enter(instance.clone());
         let checkout = Checkout {
             probe: !replayable,

@@ -2,7 +2,7 @@
 //! when the request is over: after the last byte of its answer went to the client (nginx's
 //! `$request_time`), or when it was abandoned on the way.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -18,6 +18,16 @@ use super::Runtime;
 /// nginx's status for a request whose client left before its answer.
 const CLIENT_CLOSED_REQUEST: u16 = 499;
 
+/// Where forwarding took a request: filled in as it routes and tries instances.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Served {
+    pub route: Option<usize>,
+    /// The instance of the last attempt (the one that answered, when one did).
+    pub instance: Option<SocketAddr>,
+    /// Instances tried: more than one when the request was retried.
+    pub attempts: u32,
+}
+
 /// Written when dropped. Until the answer's status is known it stands for an abandoned request
 /// (its HTTP/1.1 client left, its HTTP/2 stream was reset, the shutdown grace ran out), logged
 /// as 499 as nginx logs it.
@@ -30,7 +40,7 @@ pub struct RequestRecord {
     path: Option<String>,
     pub request_id: HeaderValue,
     client_ip: IpAddr,
-    pub route: Option<usize>,
+    pub served: Served,
     status: u16,
     /// Answer body bytes handed to the client's connection (nginx's `$body_bytes_sent`).
     body_bytes: u64,
@@ -52,7 +62,7 @@ impl RequestRecord {
             method,
             request_id,
             client_ip,
-            route: None,
+            served: Served::default(),
             status: CLIENT_CLOSED_REQUEST,
             body_bytes: 0,
         }
@@ -72,7 +82,8 @@ impl Drop for RequestRecord {
         let elapsed = self.started.elapsed();
         let runtime = &self.runtime;
         runtime.metrics.request_ended();
-        if let Some(stats) = runtime.request_stats(self.route) {
+        let served = self.served;
+        if let Some(stats) = runtime.request_stats(served.route) {
             stats.record(&self.method, self.status, elapsed);
         }
         if let Some(path) = &self.path {
@@ -82,13 +93,27 @@ impl Drop for RequestRecord {
                 path = %path,
                 status = self.status,
                 bytes = self.body_bytes,
-                upstream = self
+                upstream = served
                     .route
                     .map_or("-", |r| runtime.route_upstream(r).config.name.as_str()),
+                instance = %InstanceAddr(served.instance),
+                attempts = served.attempts,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 request_id = self.request_id.to_str().unwrap_or_default(),
                 client = %self.client_ip,
             );
+        }
+    }
+}
+
+/// An instance address in the access log, `-` for a request no instance got.
+struct InstanceAddr(Option<SocketAddr>);
+
+impl std::fmt::Display for InstanceAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("-"),
         }
     }
 }
