@@ -457,15 +457,25 @@ fn upstream_component(upstream: &Upstream, now: Instant) -> Component {
     }
 }
 
-/// `draining` while shutting down, else the worst component status.
+/// `draining` while shutting down; `down` (503) when no upstream can serve; `degraded` when
+/// any component is not `ok`: one pool down leaves the others' routes serving, and a monitor
+/// or load balancer probing this must not take the whole gateway out for it.
 fn overall_status(draining: bool, components: &[Component]) -> &'static str {
     if draining {
         return "draining";
     }
-    ["down", "degraded"]
-        .into_iter()
-        .find(|worst| components.iter().any(|c| c.status == *worst))
-        .unwrap_or("ok")
+    let mut upstreams = components
+        .iter()
+        .filter(|c| c.kind == "upstream")
+        .peekable();
+    if upstreams.peek().is_some() && upstreams.all(|c| c.status == "down") {
+        return "down";
+    }
+    if components.iter().any(|c| c.status != "ok") {
+        "degraded"
+    } else {
+        "ok"
+    }
 }
 
 fn upstream_json(upstream: &Upstream, now: Instant) -> Value {
@@ -764,22 +774,24 @@ mod tests {
     }
 
     #[test]
-    fn overall_status_is_the_worst_component() {
-        let component = |status| Component {
+    fn the_gateway_is_down_only_when_no_upstream_can_serve() {
+        let component = |kind, status| Component {
             name: "x".into(),
-            kind: "upstream",
+            kind,
             status,
             reason: String::new(),
         };
+        let (up, down) = (component("upstream", "ok"), component("upstream", "down"));
         assert_eq!(overall_status(false, &[]), "ok");
         assert_eq!(
-            overall_status(false, &[component("ok"), component("degraded")]),
+            overall_status(false, &[up.clone(), component("redis", "degraded")]),
             "degraded"
         );
         assert_eq!(
-            overall_status(false, &[component("down"), component("degraded")]),
-            "down"
+            overall_status(false, &[up.clone(), down.clone()]),
+            "degraded"
         );
-        assert_eq!(overall_status(true, &[component("ok")]), "draining");
+        assert_eq!(overall_status(false, &[down.clone(), down.clone()]), "down");
+        assert_eq!(overall_status(true, &[up]), "draining");
     }
 }
