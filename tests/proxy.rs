@@ -721,6 +721,19 @@ async fn reload_under_load_loses_nothing_and_bad_config_is_refused() {
         .to_string()
         .contains("upstreams.app.strategy"));
     assert_eq!(get(&client, &gw.url("/work")).await.status, 200);
+    // Both counted, and the last one was refused: what an alert on a bad push watches.
+    let metrics = get(&client, &gw.admin_url("/metrics")).await.body;
+    let metrics = String::from_utf8_lossy(&metrics);
+    for sample in [
+        "scalegate_config_reloads_total{result=\"applied\"} 1",
+        "scalegate_config_reloads_total{result=\"refused\"} 1",
+        "scalegate_config_last_reload_successful 0.0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == sample),
+            "{sample} not in {metrics}"
+        );
+    }
 }
 
 /// The access-log lines (JSON) of `gw` so far, by request ID.

@@ -313,6 +313,7 @@ fn metrics(gateway: &Gateway, openmetrics: bool) -> Response<GatewayBody> {
     families.extend(crate::metrics::autoscale_families(
         &gateway.autoscale.status(),
     ));
+    families.extend(crate::metrics::reload_families(&gateway.metrics.reloads));
     let text = crate::metrics::render(families);
     let (text, content_type) = if openmetrics {
         (

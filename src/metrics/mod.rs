@@ -11,7 +11,7 @@ mod process;
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +58,8 @@ pub const CACHE_BYTES: &str = "cache_bytes";
 pub const CACHE_MAX_BYTES: &str = "cache_max_bytes";
 pub const CACHE_SHARED_HITS: &str = "cache_shared_hits";
 pub const CACHE_SHARED_ERRORS: &str = "cache_shared_errors";
+pub const CONFIG_RELOADS: &str = "config_reloads";
+pub const CONFIG_LAST_RELOAD_OK: &str = "config_last_reload_successful";
 
 /// Method label values; anything else counts as `OTHER`.
 pub const METHODS: [&str; 8] = [
@@ -225,6 +227,49 @@ pub struct Metrics {
     routes: Mutex<Vec<RouteStatsEntry>>,
     pub unrouted: Arc<RequestStats>,
     in_flight: AtomicI64,
+    pub reloads: ReloadCounts,
+}
+
+/// Config reloads by outcome, and whether the last one took (Prometheus's and Traefik's
+/// `..._last_reload_successful`, what an alert on a bad config push watches).
+#[derive(Debug, Default)]
+pub struct ReloadCounts {
+    applied: AtomicU64,
+    refused: AtomicU64,
+    last_refused: AtomicBool,
+}
+
+impl ReloadCounts {
+    pub fn record(&self, applied: bool) {
+        let counter = if applied {
+            &self.applied
+        } else {
+            &self.refused
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.last_refused.store(!applied, Ordering::Relaxed);
+    }
+}
+
+/// Reloads by result (`applied`, `refused`) and whether the last one was applied (1 before any).
+pub fn reload_families(reloads: &ReloadCounts) -> Vec<Family> {
+    let mut counts = Family::new(
+        CONFIG_RELOADS,
+        "Config reloads (SIGHUP, POST /api/reload) by result.",
+    );
+    for (result, count) in [("applied", &reloads.applied), ("refused", &reloads.refused)] {
+        counts.push(
+            vec![("result", result.to_owned())],
+            Value::Counter(count.load(Ordering::Relaxed)),
+        );
+    }
+    let mut last = Family::new(
+        CONFIG_LAST_RELOAD_OK,
+        "1 when the last config reload was applied (or none was tried), 0 when it was refused.",
+    );
+    let ok = !reloads.last_refused.load(Ordering::Relaxed);
+    last.push(Vec::new(), Value::Gauge(f64::from(u8::from(ok))));
+    vec![counts, last]
 }
 
 #[derive(Debug)]

@@ -231,6 +231,12 @@ impl Gateway {
 
     /// Re-reads the config file. A bad config is refused and the running one keeps serving.
     pub fn reload(&self) -> Result<(), ConfigErrors> {
+        let result = self.apply_config_file();
+        self.metrics.reloads.record(result.is_ok());
+        result
+    }
+
+    fn apply_config_file(&self) -> Result<(), ConfigErrors> {
         let _serialized = self.hold_reloads();
         let Some(path) = &self.config_path else {
             return Err(ConfigErrors(vec![crate::config::ConfigError {
