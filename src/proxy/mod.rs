@@ -352,6 +352,10 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
         println!("tls listening on {}", listener.local_addr()?);
     }
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "scalegate is serving");
+    if !admin_addr.ip().is_loopback() && gateway.runtime.load().config.admin.credentials.is_none() {
+        // Its API can point live traffic anywhere (add an instance), reload and purge.
+        tracing::warn!(admin = %admin_addr, "the admin API is reachable from other hosts without credentials: set admin.username and admin.password");
+    }
 
     tokio::spawn(crate::admin::serve(
         gateway.clone(),
