@@ -1627,6 +1627,20 @@ fn check_names_the_bad_keys_and_serve_refuses_the_same_config() {
     );
 }
 
+/// The demo instance refuses values it would misread: a failure rate outside 0–1 (or NaN,
+/// which failed nothing), a body too large to hold.
+#[test]
+fn demo_backend_refuses_what_it_cannot_honour() {
+    for (flag, value, expected) in [
+        ("--fail-rate", "1.5", "expected a number from 0.0 to 1.0"),
+        ("--fail-rate", "nan", "expected a number from 0.0 to 1.0"),
+        ("--body-bytes", "99999999999999", "is not in 0..=1073741824"),
+    ] {
+        let stderr = refused_start(&["demo-backend", "--port", "0", flag, value]);
+        assert!(stderr.contains(expected), "{flag} {value}: {stderr}");
+    }
+}
+
 /// A listener that cannot bind names its key and address (nginx names the address).
 #[test]
 fn a_taken_port_is_named_with_its_key() {

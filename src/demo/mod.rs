@@ -29,6 +29,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+/// A fraction from 0 to 1 (`nan` and `1.5` are refused rather than read as never or always).
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err(format!("`{text}`: expected a number from 0.0 to 1.0")),
+    }
+}
+
 /// How the demo instance behaves.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoConfig {
@@ -41,11 +49,11 @@ pub struct DemoConfig {
     /// Added latency per request, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub latency_ms: u64,
-    /// Size of the response body in bytes.
-    #[arg(long, default_value_t = 2)]
-    pub body_bytes: usize,
+    /// Size of the response body in bytes (at most 1 GiB: the body is held in memory).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(..=1 << 30))]
+    pub body_bytes: u32,
     /// Fraction of requests (0.0–1.0) answered with 500.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = fraction)]
     pub fail_rate: f64,
     /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
     #[arg(long, requires = "tls_key")]
@@ -82,7 +90,7 @@ pub async fn serve(listener: TcpListener, config: DemoConfig) -> std::io::Result
     let body = if config.body_bytes == 2 {
         Bytes::from_static(b"ok")
     } else {
-        Bytes::from(vec![b'x'; config.body_bytes])
+        Bytes::from(vec![b'x'; config.body_bytes as usize])
     };
     let state = Arc::new(DemoState {
         config,
