@@ -35,6 +35,18 @@ async fn add_instance(client: &Client, gw: &Gateway, addr: std::net::SocketAddr)
     request(client, "POST", &url, &[], &body).await.unwrap()
 }
 
+/// The state `/api/upstreams` gives the instance at `addr` of the first upstream.
+async fn instance_state(client: &Client, gw: &Gateway, addr: String) -> String {
+    let json = get(client, &gw.admin_url("/api/upstreams")).await.json();
+    json["upstreams"][0]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["addr"] == addr.as_str())
+        .map(|i| i["state"].as_str().unwrap().to_string())
+        .unwrap()
+}
+
 #[tokio::test]
 async fn round_robin_spreads_evenly_and_weights_count() {
     let a = demo_backend(&[]);
@@ -440,20 +452,7 @@ async fn active_checks_take_an_instance_out_after_fall_and_back_after_rise() {
         "[upstreams.app.health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"1s\"\nfall = 2\nrise = 3",
     ));
     let client = client();
-    let state_of = |addr: String| {
-        let client = client.clone();
-        let url = gw.admin_url("/api/upstreams");
-        async move {
-            let json = get(&client, &url).await.json();
-            json["upstreams"][0]["instances"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|i| i["addr"] == addr.as_str())
-                .map(|i| i["state"].as_str().unwrap().to_string())
-                .unwrap()
-        }
-    };
+    let state_of = |addr: String| instance_state(&client, &gw, addr);
     set_health(&client, &a, false).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -520,18 +519,8 @@ async fn a_slow_probe_holds_back_no_other_check_and_probes_carry_the_configured_
          host = \"app.internal\"",
     ));
     let client = client();
-    let url = gw.admin_url("/api/upstreams");
-    let state_of_b = || {
-        let (client, url, addr) = (client.clone(), url.clone(), b.addr().to_string());
-        async move {
-            let json = get(&client, &url).await.json();
-            json["upstreams"][0]["instances"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|i| i["addr"] == addr.as_str() && i["state"] == "down")
-        }
-    };
+    let state_of_b =
+        || async { instance_state(&client, &gw, b.addr().to_string()).await == "down" };
     assert!(
         eventually(Duration::from_secs(2), || async {
             !heads.lock().unwrap().is_empty()
