@@ -1294,6 +1294,10 @@ fail_timeout = \"30s\"",
     for _ in 0..2 {
         assert_eq!(get(&client, &gw.url("/work")).await.status, 502);
     }
+    // Out by passive checks alone, they are still tried: degraded, not down.
+    let detailed = get(&client, &gw.admin_url("/health/detailed")).await;
+    assert_eq!(detailed.status, 200);
+    assert_eq!(detailed.json()["components"][0]["status"], "degraded");
     let _revived = spawn(&["demo-backend", "--port", &second.port().to_string()], 1);
     let mut answered = false;
     for _ in 0..4 {
@@ -1675,37 +1679,33 @@ async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
 #[tokio::test]
 async fn a_second_stop_signal_stops_at_once_and_a_hangup_right_after_start_reloads() {
     let a = demo_backend(&["--latency-ms", "20000"]);
-    let mut gw = gateway(&format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         access_log = false\nshutdown_grace = \"60s\"\n{}",
-        app_config(&[&a], "")
-    ));
-    // SIGHUP at once after the "listening" lines: a reload, not the signal's default (death).
-    signal(gw.proc.pid(), "HUP");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        gw.proc.child.try_wait().unwrap().is_none(),
-        "a SIGHUP killed it"
-    );
-    let client = client();
-    let url = gw.url("/work");
-    let _in_flight = tokio::spawn(async move { request(&client, "GET", &url, &[], "").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    signal(gw.proc.pid(), "TERM");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        gw.proc.child.try_wait().unwrap().is_none(),
-        "the first signal drains"
-    );
-    signal(gw.proc.pid(), "INT");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let mut exited = None;
-    while exited.is_none() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        exited = gw.proc.child.try_wait().unwrap();
+    // Cut short in the grace (a request in flight), and in the delay before it.
+    for delay in ["0s", "60s"] {
+        let mut gw = gateway(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             access_log = false\nshutdown_grace = \"60s\"\nshutdown_delay = \"{delay}\"\n{}",
+            app_config(&[&a], "")
+        ));
+        // SIGHUP at once after the "listening" lines: a reload, not the default (death).
+        signal(gw.proc.pid(), "HUP");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let alive = |gw: &mut Gateway| gw.proc.child.try_wait().unwrap().is_none();
+        assert!(alive(&mut gw), "a SIGHUP killed it");
+        let (client, url) = (client(), gw.url("/work"));
+        let _in_flight = tokio::spawn(async move { request(&client, "GET", &url, &[], "").await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        signal(gw.proc.pid(), "TERM");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(alive(&mut gw), "the first signal drains");
+        signal(gw.proc.pid(), "INT");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while alive(&mut gw) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let status = gw.proc.child.try_wait().unwrap();
+        let status = status.expect("a second signal did not stop the gateway within 5 s");
+        assert!(status.success(), "shutdown_delay {delay}: {status:?}");
     }
-    let status = exited.expect("a second signal did not stop the gateway within 5 s");
-    assert!(status.success(), "{status:?}");
 }
 
 #[tokio::test]

@@ -445,8 +445,9 @@ fn upstream_component(upstream: &Upstream, now: Instant) -> Component {
     let set = upstream.set.load();
     let serving: Vec<&Arc<Instance>> = set.instances.iter().filter(|i| !i.is_draining()).collect();
     let up = serving.iter().filter(|i| i.is_available(now)).count();
+    // Instances out by passive checks alone are still tried when no other is available.
     let status = match up {
-        0 => "down",
+        0 if !serving.iter().any(|i| i.passes_active_checks()) => "down",
         n if n < serving.len() => "degraded",
         _ => "ok",
     };
@@ -570,14 +571,17 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
     match draining {
         // Adding an instance being drained cancels the drain (HAProxy's `set server ... state
         // ready`), unless the autoscaler drains it to stop its process.
-        Some(instance) if !autoscaled_by_process(&upstream) => {
-            instance.stop_draining();
+        Some(_) if run_by_autoscaler(gateway, &upstream, addr) => reply(
+            StatusCode::CONFLICT,
+            json!({"error": format!("{addr} is being drained by the autoscaler of `{name}`")}),
+        ),
+        Some(instance) if instance.stop_draining() => {
             tracing::info!(upstream = name, instance = %addr, "drain cancelled through the admin API");
             reply(StatusCode::OK, json!({"undrained": addr.to_string()}))
         }
         Some(_) => reply(
             StatusCode::CONFLICT,
-            json!({"error": format!("{addr} is being drained by the autoscaler of `{name}`")}),
+            json!({"error": format!("{addr} is being removed from `{name}`: add it again once it is gone")}),
         ),
         None => reply(
             StatusCode::CONFLICT,
@@ -586,14 +590,27 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
     }
 }
 
-/// The upstream's instances are processes its autoscaler starts and stops: the autoscaler, not
-/// the admin API, decides which of them run.
-fn autoscaled_by_process(upstream: &Upstream) -> bool {
-    upstream
+/// The instance at `addr` is a process the upstream's autoscaler started: the autoscaler, not
+/// the admin API, decides whether it runs (it would start it again after a drain, and stops it
+/// after its own).
+fn run_by_autoscaler(gateway: &Gateway, upstream: &Upstream, addr: std::net::SocketAddr) -> bool {
+    let process = upstream
         .config
         .autoscale
         .as_ref()
-        .is_some_and(|auto| matches!(auto.provider, crate::config::ProviderConfig::Process(_)))
+        .is_some_and(|auto| matches!(auto.provider, crate::config::ProviderConfig::Process(_)));
+    if !process {
+        return false;
+    }
+    let status = gateway.autoscale.status();
+    let addr = addr.to_string();
+    status["upstreams"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|scaled| scaled["upstream"] == upstream.config.name.as_str())
+        .flat_map(|scaled| scaled["instances"].as_array().into_iter().flatten())
+        .any(|instance| instance["addr"] == addr.as_str())
 }
 
 /// Marks the instance draining (no new requests) and removes it once its in-flight requests
@@ -606,13 +623,6 @@ fn drain_instance(gateway: &Gateway, name: &str, addr: &str) -> Response<Gateway
             json!({"error": format!("no upstream named `{name}`")}),
         );
     };
-    if autoscaled_by_process(&upstream) {
-        // It would start the process's instance again at its next sync.
-        let error = format!(
-            "the instances of `{name}` are its autoscaler's: scale it with POST /api/autoscale/{name}"
-        );
-        return reply(StatusCode::CONFLICT, json!({ "error": error }));
-    }
     let instance = parse_addr(addr).ok().and_then(|addr| upstream.find(addr));
     let Some(instance) = instance else {
         return reply(
@@ -620,6 +630,12 @@ fn drain_instance(gateway: &Gateway, name: &str, addr: &str) -> Response<Gateway
             json!({"error": format!("no instance {addr} in `{name}`")}),
         );
     };
+    if run_by_autoscaler(gateway, &upstream, instance.addr) {
+        let error = format!(
+            "{addr} is a process of the autoscaler of `{name}`: scale it with POST /api/autoscale/{name}"
+        );
+        return reply(StatusCode::CONFLICT, json!({ "error": error }));
+    }
     // One check-and-set, so two DELETEs at once start one drain.
     if instance.start_draining() {
         return reply(

@@ -21,16 +21,12 @@ pub struct Decoded {
 }
 
 /// Whether a problem found at `key` after reading may come only from a key taken out: the key
-/// itself, something inside it, or the table or array holding it.
+/// itself or something inside it.
 pub fn left_by_removed(removed: &[String], key: &str) -> bool {
-    let within = |inner: &str, outer: &str| {
-        inner
-            .strip_prefix(outer)
+    removed.iter().any(|removed| {
+        key.strip_prefix(removed.as_str())
             .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
-    };
-    removed
-        .iter()
-        .any(|removed| within(key, removed) || within(removed, key))
+    })
 }
 
 /// Reads `text`; a syntax error is the one error returned.

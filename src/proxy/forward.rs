@@ -452,15 +452,17 @@ async fn to_instance(
                 return Ok(Response::from_parts(head, body));
             }
             Ok(Answer::Http1(conn, mut answer)) => {
-                judge_answer(&instance, config, answer.head.status, now);
+                // The answer ends this loop: the client's side of an upgrade is taken either way.
                 let switched = answer.head.status == http::StatusCode::SWITCHING_PROTOCOLS;
-                if switched {
-                    let Some(client_side) = client_upgrade.take() else {
-                        instance.record_failure(Instant::now(), config);
-                        return Err(ProxyError::InstanceFailed(
-                            "instance switched protocols unasked".to_owned(),
-                        ));
-                    };
+                let upgrade = client_upgrade.take().filter(|_| switched);
+                if switched && upgrade.is_none() {
+                    instance.record_failure(Instant::now(), config);
+                    return Err(ProxyError::InstanceFailed(
+                        "instance switched protocols unasked".to_owned(),
+                    ));
+                }
+                judge_answer(&instance, config, answer.head.status, now);
+                if let Some(client_side) = upgrade {
                     let head = &mut answer.head;
                     let protocol = requested_upgrade(&head.headers);
                     strip_hop_by_hop(&mut head.headers);

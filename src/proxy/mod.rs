@@ -231,13 +231,7 @@ impl Gateway {
 
     /// Re-reads the config file. A bad config is refused and the running one keeps serving.
     pub fn reload(&self) -> Result<(), ConfigErrors> {
-        let result = self.apply_config_file();
-        self.metrics.reloads.record(result.is_ok());
-        result
-    }
-
-    fn apply_config_file(&self) -> Result<(), ConfigErrors> {
-        let _serialized = self.hold_reloads();
+        // Not a reload refused (no config was pushed): not counted as one.
         let Some(path) = &self.config_path else {
             return Err(ConfigErrors(vec![crate::config::ConfigError {
                 key: "reload".into(),
@@ -246,6 +240,13 @@ impl Gateway {
                     .into(),
             }]));
         };
+        let result = self.apply_config_file(path);
+        self.metrics.reloads.record(result.is_ok());
+        result
+    }
+
+    fn apply_config_file(&self, path: &std::path::Path) -> Result<(), ConfigErrors> {
+        let _serialized = self.hold_reloads();
         let config = Config::load(path)?;
         let current = self.runtime.load_full();
         let needing_restart = restart_only_changes(&current.config, &config, self.redis.is_some());
@@ -364,15 +365,16 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     ));
     tokio::spawn(reload_on_sighup(gateway.clone(), hangup));
     tokio::spawn(close_expired_connections(gateway.clone()));
-    let mut stops = count_stop_signals(stop);
-    let forced = {
+    let stops = count_stop_signals(stop);
+    let stop_count = |at_least: u32| {
         let mut stops = stops.clone();
         async move {
-            let _ = stops.wait_for(|count| *count >= 2).await;
+            let _ = stops.wait_for(|count| *count >= at_least).await;
         }
     };
+    let forced = stop_count(2);
     let signal = async {
-        let _ = stops.wait_for(|count| *count >= 1).await;
+        stop_count(1).await;
         // Load balancers and Kubernetes endpoints learn of the stop only from /health: keep
         // serving a while after it turned 503, then stop accepting.
         let delay = gateway.runtime.load().config.server.shutdown_delay;
@@ -382,7 +384,11 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
                 delay_secs = delay.as_secs_f64(),
                 "/health answers 503; serving on for shutdown_delay"
             );
-            tokio::time::sleep(delay).await;
+            // A second stop signal cuts the delay too.
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = stop_count(2) => {}
+            }
         }
     };
     tokio::pin!(signal);

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -70,12 +70,18 @@ pub struct Instance {
     active: Mutex<HealthState>,
     passive: Mutex<PassiveState>,
     passive_down_until: AtomicU64,
-    draining: AtomicBool,
+    /// `SERVING`, `DRAINING` (no new requests; the drain may still be cancelled) or
+    /// `REMOVING` (the drain is taking it out of the set).
+    drain_state: AtomicU8,
     /// When the instance last came up after being down; 0 = up from the start (no slow start).
     up_since: AtomicU64,
     pub last_check: Mutex<Option<CheckReport>>,
     pub pool: Pool,
 }
+
+const SERVING: u8 = 0;
+const DRAINING: u8 = 1;
+const REMOVING: u8 = 2;
 
 impl Instance {
     pub fn new(config: &InstanceConfig, upstream: &UpstreamConfig, joined: Joined) -> Instance {
@@ -99,7 +105,7 @@ impl Instance {
             active: Mutex::new(HealthState::new(starts_up)),
             passive: Mutex::new(PassiveState::default()),
             passive_down_until: AtomicU64::new(0),
-            draining: AtomicBool::new(false),
+            drain_state: AtomicU8::new(SERVING),
             up_since: AtomicU64::new(if joined == Joined::AtStart {
                 0
             } else {
@@ -117,25 +123,34 @@ impl Instance {
         self.active_up.load(Ordering::Relaxed) && (down_until == 0 || down_until <= nanos(now))
     }
 
+    /// Up by active checks (or has none), whatever passive checks say.
+    pub fn passes_active_checks(&self) -> bool {
+        self.active_up.load(Ordering::Relaxed)
+    }
+
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.drain_state.load(Ordering::Relaxed) != SERVING
     }
 
     /// Marks the instance draining; returns whether it already was.
     pub fn start_draining(&self) -> bool {
-        self.draining.swap(true, Ordering::Relaxed)
+        self.drain_state
+            .compare_exchange(SERVING, DRAINING, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
     }
 
-    /// Puts a draining instance back in rotation; returns whether it was draining. Its drain
-    /// then ends without removing it.
+    /// Puts a draining instance back in rotation, its drain then ending without removing it;
+    /// false when it is not draining or its drain is already taking it out.
     pub fn stop_draining(&self) -> bool {
-        self.draining.swap(false, Ordering::Relaxed)
+        self.drain_state
+            .compare_exchange(DRAINING, SERVING, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
     }
 
     pub fn state_name(&self, now: Instant) -> &'static str {
         if self.is_draining() {
             "draining"
-        } else if !self.active_up.load(Ordering::Relaxed) {
+        } else if !self.passes_active_checks() {
             "down"
         } else if !self.is_available(now) {
             "failed"
@@ -165,17 +180,18 @@ impl Instance {
     pub fn record_failure(&self, now: Instant, upstream: &UpstreamConfig) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         let out = !self.is_available(now);
-        let until = self
-            .passive
-            .lock()
-            .expect("passive state lock")
-            .record_failure(
-                now,
-                out,
-                upstream.passive.max_fails,
-                upstream.passive.fail_timeout,
-            );
+        let mut passive = self.passive.lock().expect("passive state lock");
+        let until = passive.record_failure(
+            now,
+            out,
+            upstream.passive.max_fails,
+            upstream.passive.fail_timeout,
+        );
         if let Some(until) = until {
+            // Under the lock, as a success ending an ejection stores too.
+            self.passive_down_until
+                .store(nanos(until), Ordering::Relaxed);
+            drop(passive);
             self.ejections.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 upstream = %upstream.name,
@@ -184,8 +200,6 @@ impl Instance {
                 "instance failed {} time(s): taken out of rotation",
                 upstream.passive.max_fails
             );
-            self.passive_down_until
-                .store(nanos(until), Ordering::Relaxed);
         }
     }
 
@@ -201,18 +215,17 @@ impl Instance {
 
     #[cold]
     fn back_from_ejection(&self, sent: Instant) {
-        if !self
-            .passive
-            .lock()
-            .expect("passive state lock")
-            .record_success(sent)
-        {
+        // The stores happen under the lock: a failure ejecting it again meanwhile must not be
+        // overwritten.
+        let mut passive = self.passive.lock().expect("passive state lock");
+        if !passive.record_success(sent) {
             return;
         }
-        tracing::info!(instance = %self.addr, "instance answered again: back in rotation");
         self.up_since
             .store(nanos(Instant::now()), Ordering::Relaxed);
         self.passive_down_until.store(0, Ordering::Relaxed);
+        drop(passive);
+        tracing::info!(instance = %self.addr, "instance answered again: back in rotation");
     }
 
     /// Claims the one request an instance whose passive ejection ran out gets before it is back
@@ -220,16 +233,18 @@ impl Instance {
     /// instance never taken out needs no claim.
     fn claim_trial(&self, now: Instant, fail_timeout: Duration) -> bool {
         let down_until = self.passive_down_until.load(Ordering::Relaxed);
+        // Another request's claim pushed the time out forward: it holds the trial.
         down_until == 0
-            || self
-                .passive_down_until
-                .compare_exchange(
-                    down_until,
-                    nanos(now + fail_timeout),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
+            || (down_until <= nanos(now)
+                && self
+                    .passive_down_until
+                    .compare_exchange(
+                        down_until,
+                        nanos(now + fail_timeout),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok())
     }
 
     /// Records an active check result; logs and applies a change of verdict.
@@ -494,7 +509,7 @@ impl Upstream {
             for backup_tier in [false, true] {
                 for (index, instance) in set.instances.iter().enumerate() {
                     let usable = if passive_ignored {
-                        instance.active_up.load(Ordering::Relaxed)
+                        instance.passes_active_checks()
                     } else {
                         instance.is_available(now)
                     };
@@ -521,10 +536,16 @@ impl Upstream {
             hash,
         };
         let fail_timeout = self.config.passive.fail_timeout;
+        let mut held_by_trial = None;
         loop {
             let Some(index) =
                 balance::pick_instance(&self.config.strategy, &candidates, input, &set.layout)
             else {
+                // Only instances whose trial another request holds were left: they are out by
+                // passive checks alone, so one is tried anyway, as when every instance is out.
+                if let Some(index) = held_by_trial {
+                    return Ok((index, set.instances[index].clone()));
+                }
                 return Err(if any_healthy {
                     NoInstance::AllTried
                 } else {
@@ -537,6 +558,7 @@ impl Upstream {
             if panic || instance.claim_trial(now, fail_timeout) {
                 return Ok((index, instance.clone()));
             }
+            held_by_trial = Some(index);
             candidates.retain(|c| c.index != index);
         }
     }
@@ -588,7 +610,14 @@ impl Upstream {
         };
         wait_idle().await;
         let (name, addr) = (&self.config.name, instance.addr);
-        if !instance.is_draining() {
+        // From here on the drain cannot be cancelled (nor run twice): it removes the instance.
+        let removing = instance.drain_state.compare_exchange(
+            DRAINING,
+            REMOVING,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        if removing.is_err() {
             tracing::info!(upstream = %name, instance = %addr, "drain cancelled: instance back in rotation");
             return;
         }
@@ -878,6 +907,8 @@ mod tests {
         // the other instance while the trial is under way (nginx: one request per fail_timeout).
         assert_eq!(picks(at(5)), [0, 1, 1, 1]);
         assert_eq!(picks(at(6)), [1, 1, 1, 1]);
+        // A request that saw it available as the trial was claimed does not get a second one.
+        assert!(!ejected.claim_trial(at(5), upstream.config.passive.fail_timeout));
         // A late answer to a request sent before the ejection does not bring it back...
         ejected.record_success(t0 - Duration::from_millis(1));
         assert_eq!(picks(at(6)), [1, 1, 1, 1]);
