@@ -583,6 +583,18 @@ async fn draining_through_the_admin_api_loses_nothing() {
             .unwrap()
             .contains("body must be"));
     }
+    // So are an array in place of the object, and an address no host has.
+    let url = gw.admin_url("/api/upstreams/app/instances");
+    for body in [
+        r#"["127.0.0.1:5556", 7, true]"#,
+        r#"{"addr": "0.0.0.0:80"}"#,
+    ] {
+        let reply = request(&client, "POST", &url, &[], body).await.unwrap();
+        assert_eq!(reply.status, 400, "{body}");
+    }
+    let garbage = gw.admin_url("/api/upstreams/app/instances/garbage");
+    let reply = request(&client, "DELETE", &garbage, &[], "").await.unwrap();
+    assert_eq!(reply.status, 400);
     let json = get(&client, &gw.admin_url("/api/upstreams")).await.json();
     assert_eq!(json["upstreams"][0]["strategy"], "round_robin");
     // And it can be added back.

@@ -534,7 +534,12 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
     fn one() -> u32 {
         1
     }
-    let new = match <NewInstance as serde::Deserialize>::deserialize(body) {
+    // An object only: serde would also read `["IP:PORT", 1, false]` as the struct.
+    let parsed = match body {
+        Value::Object(_) => <NewInstance as serde::Deserialize>::deserialize(body),
+        _ => Err(serde::de::Error::custom("not a JSON object")),
+    };
+    let new = match parsed {
         Ok(new) => new,
         Err(err) => {
             let error = format!("body must be {{\"addr\": \"IP:PORT\", \"weight\": 1-1000, \"backup\": bool}}: {err}");
@@ -623,8 +628,11 @@ fn drain_instance(gateway: &Gateway, name: &str, addr: &str) -> Response<Gateway
             json!({"error": format!("no upstream named `{name}`")}),
         );
     };
-    let instance = parse_addr(addr).ok().and_then(|addr| upstream.find(addr));
-    let Some(instance) = instance else {
+    let Ok(parsed) = parse_addr(addr) else {
+        let error = format!("`{addr}` is not an address (expected IP:PORT)");
+        return reply(StatusCode::BAD_REQUEST, json!({ "error": error }));
+    };
+    let Some(instance) = upstream.find(parsed) else {
         return reply(
             StatusCode::NOT_FOUND,
             json!({"error": format!("no instance {addr} in `{name}`")}),

@@ -172,6 +172,17 @@ impl InstanceConfig {
             Ok(addr) if addr.port() == 0 => {
                 problems.push(("", format!("{addr}: an instance needs a port other than 0")));
             }
+            // A listen-everywhere address names no host to connect to (Linux would take it as
+            // this host, which is never what an instance list means).
+            Ok(addr) if addr.ip().is_unspecified() => {
+                problems.push((
+                    "",
+                    format!(
+                        "{addr}: an instance needs the address of a host, not {}",
+                        addr.ip()
+                    ),
+                ));
+            }
             Ok(addr) if problems.is_empty() => {
                 return Ok((
                     InstanceConfig {
@@ -564,8 +575,8 @@ upstream = "missing"
 
     #[test]
     fn instances_in_the_file_follow_the_admin_apis_rules() {
-        let text = "[upstreams.app]\ninstances = [\"127.0.0.1:0\", { addr = \"127.0.0.1:2\", weight = 0 }]\n\
-                    [[routes]]\nupstream = \"app\"\n";
+        let text = "[upstreams.app]\ninstances = [\"127.0.0.1:0\", { addr = \"127.0.0.1:2\", weight = 0 }, \
+                    \"0.0.0.0:80\"]\n[[routes]]\nupstream = \"app\"\n";
         let errors = Config::from_toml(text).unwrap_err().0;
         let found: Vec<(&str, &str)> = errors
             .iter()
@@ -581,6 +592,10 @@ upstream = "missing"
                 (
                     "upstreams.app.instances[1].weight",
                     "must be between 1 and 1000"
+                ),
+                (
+                    "upstreams.app.instances[2]",
+                    "0.0.0.0:80: an instance needs the address of a host, not 0.0.0.0"
                 ),
             ]
         );
