@@ -609,7 +609,7 @@ async fn send(
     let started = if reused { checkout.now } else { Instant::now() };
     match conn.send(head, body, started, timeout).await {
         Ok(answer) => {
-            observe_latency(instance, started);
+            observe_latency(instance, started, answer.head.status);
             Ok(Answer::Http1(conn, answer))
         }
         Err(err) => Err(match err {
@@ -657,7 +657,7 @@ async fn send_http2(
     let started = Instant::now();
     match h2::send(sender, request, started, timeout).await {
         Ok(response) => {
-            observe_latency(instance, started);
+            observe_latency(instance, started, response.status());
             Ok(Answer::Http2(response))
         }
         Err(Http2Error::NotSent(reason, unsent)) => {
@@ -822,9 +822,9 @@ fn judge_answer(
 }
 
 /// An answer's latency feeds the balancer.
-fn observe_latency(instance: &Instance, started: Instant) {
+fn observe_latency(instance: &Instance, started: Instant, status: http::StatusCode) {
     let now = Instant::now();
-    instance.observe_latency(now - started, now);
+    instance.observe_latency(now - started, now, status.is_server_error());
 }
 
 /// A 308 to the same URL on HTTPS (`https_port` left out when it is 443); `None` without a

@@ -165,12 +165,20 @@ impl Instance {
 
     /// Folds one response-header latency into the peak-EWMA. Concurrent updates may lose one
     /// sample; the average does not need to be exact, only cheap.
-    pub fn observe_latency(&self, sample: Duration, now: Instant) {
+    /// A 5xx answer (`server_error`) never lowers the average: an instance that fails fast (its
+    /// database gone, say) must not look fast to `p2c_ewma` and `random_two` and draw requests.
+    pub fn observe_latency(&self, sample: Duration, now: Instant, server_error: bool) {
         let now_ns = nanos(now);
         let previous = f64::from_bits(self.latency_bits.load(Ordering::Relaxed));
         let elapsed =
             Duration::from_nanos(now_ns.saturating_sub(self.latency_stamp.load(Ordering::Relaxed)));
-        let next = balance::peak_ewma(previous, elapsed, sample.as_nanos() as f64, EWMA_TAU);
+        let sample = sample.as_nanos() as f64;
+        let sample = if server_error {
+            sample.max(previous)
+        } else {
+            sample
+        };
+        let next = balance::peak_ewma(previous, elapsed, sample, EWMA_TAU);
         self.latency_bits.store(next.to_bits(), Ordering::Relaxed);
         self.latency_stamp.store(now_ns, Ordering::Relaxed);
     }
@@ -839,7 +847,7 @@ mod tests {
         let upstream = upstream(2, "p2c_ewma");
         let set = upstream.set.load();
         let now = Instant::now();
-        set.instances[0].observe_latency(Duration::from_millis(400), now);
+        set.instances[0].observe_latency(Duration::from_millis(400), now, false);
         let at = |later: u64| {
             let when = now + Duration::from_secs(later);
             set.instances[0]
@@ -855,6 +863,27 @@ mod tests {
             at(10)
         );
         assert!(at(60) < 1.0, "{}", at(60));
+    }
+
+    #[test]
+    fn answers_that_fail_fast_do_not_make_an_instance_look_fast() {
+        let upstream = upstream(2, "p2c_ewma");
+        let set = upstream.set.load();
+        let instance = &set.instances[0];
+        let now = Instant::now();
+        instance.observe_latency(Duration::from_millis(50), now, false);
+        // Its database went away: instant 500s for a minute keep the 50 ms it had.
+        for second in 1..=60 {
+            let at = now + Duration::from_secs(second);
+            instance.observe_latency(Duration::from_micros(300), at, true);
+        }
+        assert_eq!(instance.latency(), Duration::from_millis(50));
+        // Fast valid answers do bring it down.
+        for second in 61..=120 {
+            let at = now + Duration::from_secs(second);
+            instance.observe_latency(Duration::from_micros(300), at, false);
+        }
+        assert!(instance.latency() < Duration::from_millis(5));
     }
 
     #[test]
