@@ -576,9 +576,11 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
     match draining {
         // Adding an instance being drained cancels the drain (HAProxy's `set server ... state
         // ready`), unless the autoscaler drains it to stop its process.
-        Some(_) if run_by_autoscaler(gateway, &upstream, addr) => reply(
+        // The autoscaler may be the one draining it (before stopping its process, or as it
+        // left DNS): not for the admin API to undo.
+        Some(_) if upstream.config.autoscale.is_some() => reply(
             StatusCode::CONFLICT,
-            json!({"error": format!("{addr} is being drained by the autoscaler of `{name}`")}),
+            json!({"error": format!("{addr} is being drained in `{name}`, which an autoscaler manages: add it again once it is gone")}),
         ),
         Some(instance) if instance.stop_draining() => {
             tracing::info!(upstream = name, instance = %addr, "drain cancelled through the admin API");

@@ -21,11 +21,15 @@ pub struct Decoded {
 }
 
 /// Whether a problem found at `key` after reading may come only from a key taken out: the key
-/// itself or something inside it.
+/// itself, something inside it, or the table holding it (whose checks across its keys, such as
+/// "username and password together" or "a route like another", saw the key's default).
 pub fn left_by_removed(removed: &[String], key: &str) -> bool {
     removed.iter().any(|removed| {
-        key.strip_prefix(removed.as_str())
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        let inside = key
+            .strip_prefix(removed.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']));
+        let holder = removed.rfind(['.', '[']).map(|at| &removed[..at]);
+        inside || holder == Some(key)
     })
 }
 

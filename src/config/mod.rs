@@ -675,6 +675,12 @@ upstream = "missing"
                 ("upstreams.app.retries", Some(3)),
             ],
         );
+        // Nor do the checks of the table that held it, which saw its default.
+        assert_placed(
+            "[admin]\nusername = 5\npassword = \"x\"\n[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n\
+             [[routes]]\nupstream = \"app\"\n",
+            &[("admin.username", Some(2))],
+        );
         // An array element cannot be taken out without renumbering the rest: reading stops.
         assert_placed(
             "[server]\nworkers = \"x\"\n[upstreams.app]\ninstances = [\"127.0.0.1:1\", 5]\n\

@@ -79,6 +79,9 @@ pub struct Instance {
     pub pool: Pool,
 }
 
+/// What a 5xx answer counts as for an instance with no latency average yet.
+const UNPROVEN_FAILURE: Duration = Duration::from_millis(100);
+
 const SERVING: u8 = 0;
 const DRAINING: u8 = 1;
 const REMOVING: u8 = 2;
@@ -173,10 +176,12 @@ impl Instance {
         let elapsed =
             Duration::from_nanos(now_ns.saturating_sub(self.latency_stamp.load(Ordering::Relaxed)));
         let sample = sample.as_nanos() as f64;
-        let sample = if server_error {
-            sample.max(previous)
-        } else {
-            sample
+        let sample = match (server_error, previous > 0.0) {
+            (true, true) => sample.max(previous),
+            // No average yet (a new instance whose first answers are instant 500s): an
+            // assumed, unremarkable latency rather than the fastest in the pool.
+            (true, false) => sample.max(UNPROVEN_FAILURE.as_nanos() as f64),
+            (false, _) => sample,
         };
         let next = balance::peak_ewma(previous, elapsed, sample, EWMA_TAU);
         self.latency_bits.store(next.to_bits(), Ordering::Relaxed);
@@ -187,8 +192,8 @@ impl Instance {
     #[cold]
     pub fn record_failure(&self, now: Instant, upstream: &UpstreamConfig) {
         self.failures.fetch_add(1, Ordering::Relaxed);
-        let out = !self.is_available(now);
         let mut passive = self.passive.lock().expect("passive state lock");
+        let out = !self.is_available(now);
         let until = passive.record_failure(
             now,
             out,
@@ -275,8 +280,10 @@ impl Instance {
                 tracing::info!(instance = %self.addr, "instance is healthy again");
                 self.up_since.store(nanos(now), Ordering::Relaxed);
                 // Healthy by active checks: a passive ejection ends as well.
-                *self.passive.lock().expect("passive state lock") = PassiveState::default();
+                let mut passive = self.passive.lock().expect("passive state lock");
+                *passive = PassiveState::default();
                 self.passive_down_until.store(0, Ordering::Relaxed);
+                drop(passive);
                 self.active_up.store(true, Ordering::Relaxed);
             }
             Some(Transition::WentDown) => {
@@ -884,6 +891,10 @@ mod tests {
             instance.observe_latency(Duration::from_micros(300), at, false);
         }
         assert!(instance.latency() < Duration::from_millis(5));
+        // A new instance whose first answers are instant 500s is not the fastest either.
+        let fresh = &set.instances[1];
+        fresh.observe_latency(Duration::from_micros(300), now, true);
+        assert_eq!(fresh.latency(), UNPROVEN_FAILURE);
     }
 
     #[test]
