@@ -575,9 +575,8 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
         .filter(|instance| instance.is_draining());
     match draining {
         // Adding an instance being drained cancels the drain (HAProxy's `set server ... state
-        // ready`), unless the autoscaler drains it to stop its process.
-        // The autoscaler may be the one draining it (before stopping its process, or as it
-        // left DNS): not for the admin API to undo.
+        // ready`), unless an autoscaler may be the one draining it (before stopping its
+        // process, or as it left DNS): not for the admin API to undo.
         Some(_) if upstream.config.autoscale.is_some() => reply(
             StatusCode::CONFLICT,
             json!({"error": format!("{addr} is being drained in `{name}`, which an autoscaler manages: add it again once it is gone")}),
@@ -595,29 +594,6 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
             json!({"error": format!("{addr} is already in `{name}`")}),
         ),
     }
-}
-
-/// The instance at `addr` is a process the upstream's autoscaler started: the autoscaler, not
-/// the admin API, decides whether it runs (it would start it again after a drain, and stops it
-/// after its own).
-fn run_by_autoscaler(gateway: &Gateway, upstream: &Upstream, addr: std::net::SocketAddr) -> bool {
-    let process = upstream
-        .config
-        .autoscale
-        .as_ref()
-        .is_some_and(|auto| matches!(auto.provider, crate::config::ProviderConfig::Process(_)));
-    if !process {
-        return false;
-    }
-    let status = gateway.autoscale.status();
-    let addr = addr.to_string();
-    status["upstreams"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|scaled| scaled["upstream"] == upstream.config.name.as_str())
-        .flat_map(|scaled| scaled["instances"].as_array().into_iter().flatten())
-        .any(|instance| instance["addr"] == addr.as_str())
 }
 
 /// Marks the instance draining (no new requests) and removes it once its in-flight requests
@@ -640,7 +616,9 @@ fn drain_instance(gateway: &Gateway, name: &str, addr: &str) -> Response<Gateway
             json!({"error": format!("no instance {addr} in `{name}`")}),
         );
     };
-    if run_by_autoscaler(gateway, &upstream, instance.addr) {
+    // The autoscaler, not the admin API, decides whether its processes run: it would start
+    // this one again after the drain.
+    if gateway.autoscale.runs_process(name, instance.addr) {
         let error = format!(
             "{addr} is a process of the autoscaler of `{name}`: scale it with POST /api/autoscale/{name}"
         );

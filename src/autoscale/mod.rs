@@ -79,6 +79,20 @@ impl Registry {
         json!({ "upstreams": upstreams })
     }
 
+    /// Whether the autoscaler of `upstream` runs the instance at `addr` as one of its processes
+    /// (the `process` provider lists its children; `exec`'s instances are the cluster's).
+    pub fn runs_process(&self, upstream: &str, addr: std::net::SocketAddr) -> bool {
+        let handles = self.handles.lock().expect("autoscale registry lock");
+        let Some(handle) = handles.iter().find(|h| h.upstream == upstream) else {
+            return false;
+        };
+        let status = handle.status.lock().expect("autoscale status lock");
+        let addr = addr.to_string();
+        status["instances"]
+            .as_array()
+            .is_some_and(|children| children.iter().any(|c| c["addr"] == addr.as_str()))
+    }
+
     /// Hands a new mode to the upstream's controller.
     pub fn set_mode(&self, upstream: &str, mode: Mode) -> Result<(), ModeError> {
         let handles = self.handles.lock().expect("autoscale registry lock");
