@@ -61,15 +61,18 @@ pub fn decode(text: &str) -> Result<Decoded, ConfigErrors> {
     let mut failed = (path, err.message().to_owned(), line);
     for _ in 0..MAX_TYPE_ERRORS {
         let (path, message, line) = failed;
-        let key = match path.iter().next() {
-            None => "config".to_owned(),
-            Some(_) => path.to_string(),
+        let root = path.iter().next().is_none();
+        let key = if root {
+            "config".to_owned()
+        } else {
+            path.to_string()
         };
         if let Some(field) = missing_field(&message) {
             // Missing because its wrongly typed value was taken out: reported already.
-            let missing = match path.iter().next() {
-                None => field.to_owned(),
-                Some(_) => format!("{key}.{field}"),
+            let missing = if root {
+                field.to_owned()
+            } else {
+                format!("{key}.{field}")
             };
             if !removed.contains(&missing) {
                 typed.push(ConfigError { key, line, message });

@@ -275,9 +275,8 @@ impl Config {
                     .filter(|problem| !decode::left_by_removed(&removed, &problem.key)),
             ),
         }
-        let mut errors = problems;
-        lines::place(&text, &mut errors);
-        Err(ConfigErrors(errors))
+        lines::place(&text, &mut problems);
+        Err(ConfigErrors(problems))
     }
 
     /// The zero-config form: the proxy and admin listeners, one `default` upstream, one

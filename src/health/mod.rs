@@ -59,7 +59,7 @@ impl HealthState {
 /// Passive-check state (nginx semantics): `max_fails` failed requests within `fail_timeout`
 /// take the instance out for `fail_timeout`; then one request at a time tries it (the balancer
 /// claims that trial), and the first valid answer to a request sent after the ejection puts it
-/// back. When it is out until is kept by the instance, where the balancer reads it.
+/// back. The time it is out until is kept by the instance, where the balancer reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PassiveState {
     window_start: Option<Instant>,

@@ -394,7 +394,8 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     tokio::pin!(signal);
     accept_loop(
         gateway.clone(),
-        (proxy_listener, tls_listener),
+        proxy_listener,
+        tls_listener,
         &mut signal,
         forced,
     )
@@ -515,12 +516,13 @@ impl ConnectionSettings {
     }
 }
 
-/// Accepts on the plain listener and, when TLS is configured, the HTTPS one, until `stop`.
-/// Serves until `stop`, then drains: in-flight requests get `shutdown_grace`, unless `forced`
-/// (a second stop signal) completes first.
+/// Accepts on the plain listener and, when TLS is configured, the HTTPS one, until `stop`;
+/// then drains: in-flight requests get `shutdown_grace`, unless `forced` (a second stop signal)
+/// completes first.
 async fn accept_loop(
     gateway: Arc<Gateway>,
-    (listener, tls_listener): (TcpListener, Option<TcpListener>),
+    listener: TcpListener,
+    tls_listener: Option<TcpListener>,
     stop: &mut (impl std::future::Future<Output = ()> + Unpin),
     forced: impl std::future::Future<Output = ()>,
 ) {
