@@ -20,15 +20,36 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// Every name the config file accepts, in the order the docs list them.
+    pub const NAMES: [&'static str; 5] = [
+        "round_robin",
+        "least_conn",
+        "random_two",
+        "p2c_ewma",
+        "consistent_hash",
+    ];
+
+    /// The strategy a config name stands for; `hash_key` is asked only for `consistent_hash`.
+    pub fn from_name(name: &str, hash_key: impl FnOnce() -> HashKey) -> Option<Strategy> {
+        let strategy = match Self::NAMES.iter().position(|known| *known == name)? {
+            0 => Strategy::RoundRobin,
+            1 => Strategy::LeastConn,
+            2 => Strategy::RandomTwo,
+            3 => Strategy::P2cEwma,
+            _ => Strategy::ConsistentHash(hash_key()),
+        };
+        Some(strategy)
+    }
+
     /// The name the config file gives it.
     pub fn name(&self) -> &'static str {
-        match self {
-            Strategy::RoundRobin => "round_robin",
-            Strategy::LeastConn => "least_conn",
-            Strategy::RandomTwo => "random_two",
-            Strategy::P2cEwma => "p2c_ewma",
-            Strategy::ConsistentHash(_) => "consistent_hash",
-        }
+        Self::NAMES[match self {
+            Strategy::RoundRobin => 0,
+            Strategy::LeastConn => 1,
+            Strategy::RandomTwo => 2,
+            Strategy::P2cEwma => 3,
+            Strategy::ConsistentHash(_) => 4,
+        }]
     }
 }
 
@@ -404,6 +425,15 @@ mod tests {
             weight: 1,
             ramp: 1.0,
         }
+    }
+
+    #[test]
+    fn every_strategy_name_reads_back_as_itself() {
+        for name in Strategy::NAMES {
+            let strategy = Strategy::from_name(name, || HashKey::ClientIp).unwrap();
+            assert_eq!(strategy.name(), name);
+        }
+        assert_eq!(Strategy::from_name("leastconn", || HashKey::ClientIp), None);
     }
 
     fn counts(strategy: &Strategy, cands: &[Candidate], n: u64) -> Vec<u64> {

@@ -482,10 +482,25 @@ connect_timeout = "5"
 [upstreams.app.health]
 fall = 0
 
+[upstreams.other]
+strategy = "leastconn"
+instances = ["127.0.0.1:3001"]
+
 [[routes]]
 upstream = "missing"
 "#;
         let errors = Config::from_toml(text).unwrap_err().0;
+        let strategy = errors
+            .iter()
+            .find(|e| e.key == "upstreams.other.strategy")
+            .expect("the misspelt strategy is named");
+        assert!(
+            strategy.message.ends_with(
+                "expected round_robin, least_conn, random_two, p2c_ewma or consistent_hash"
+            ),
+            "{}",
+            strategy.message
+        );
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
         assert!(keys.contains(&"server.listen"), "{keys:?}");
         assert!(keys.contains(&"server.max_body"), "{keys:?}");

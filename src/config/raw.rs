@@ -536,24 +536,25 @@ fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
 
 fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> UpstreamConfig {
     let key = format!("upstreams.{name}");
-    let strategy = match raw.strategy.as_str() {
-        "round_robin" => Strategy::RoundRobin,
-        "least_conn" => Strategy::LeastConn,
-        "random_two" => Strategy::RandomTwo,
-        "p2c_ewma" => Strategy::P2cEwma,
-        "consistent_hash" => Strategy::ConsistentHash(parse_hash_key(
+    let strategy = Strategy::from_name(&raw.strategy, || {
+        parse_hash_key(
             p,
             &format!("{key}.hash_key"),
             raw.hash_key.as_deref().unwrap_or("ip"),
-        )),
-        other => {
-            p.push(
-                format!("{key}.strategy"),
-                format!("`{other}`: expected round_robin, least_conn, random_two, p2c_ewma or consistent_hash"),
-            );
-            Strategy::RoundRobin
-        }
-    };
+        )
+    })
+    .unwrap_or_else(|| {
+        let (last, others) = Strategy::NAMES.split_last().expect("strategies exist");
+        p.push(
+            format!("{key}.strategy"),
+            format!(
+                "`{}`: expected {} or {last}",
+                raw.strategy,
+                others.join(", ")
+            ),
+        );
+        Strategy::RoundRobin
+    });
     if raw.hash_key.is_some() && !matches!(strategy, Strategy::ConsistentHash(_)) {
         p.push(
             format!("{key}.hash_key"),
