@@ -16,8 +16,10 @@ use tokio::time::Instant;
 use super::{unix_ms, Provider};
 use crate::config::{AutoscaleConfig, ExecConfig, InstanceConfig};
 use crate::proxy::upstream::Upstream;
+use crate::proxy::Gateway;
 
 pub(super) struct ExecProvider {
+    gateway: Arc<Gateway>,
     upstream: String,
     config: ExecConfig,
     drain_timeout: Duration,
@@ -32,8 +34,14 @@ pub(super) struct ExecProvider {
 }
 
 impl ExecProvider {
-    pub fn new(upstream: &str, config: ExecConfig, auto: &AutoscaleConfig) -> ExecProvider {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        upstream: &str,
+        config: ExecConfig,
+        auto: &AutoscaleConfig,
+    ) -> ExecProvider {
         ExecProvider {
+            gateway,
             upstream: upstream.to_string(),
             config,
             drain_timeout: auto.drain_timeout,
@@ -45,7 +53,7 @@ impl ExecProvider {
         }
     }
 
-    async fn discover(&mut self, upstream: &Arc<Upstream>, dns: &str, now: Instant) {
+    async fn discover(&mut self, dns: &str, now: Instant) {
         let found: Vec<SocketAddr> = match tokio::net::lookup_host(dns).await {
             Ok(addrs) => addrs.collect(),
             Err(err) => {
@@ -53,6 +61,13 @@ impl ExecProvider {
                 tracing::warn!(upstream = %self.upstream, dns, %err, "discovery lookup failed");
                 return;
             }
+        };
+        // Changed on the upstream in force once the lookup is back, with reloads held off: an
+        // instance added to an upstream that a reload was replacing would be lost, and it is
+        // added only once.
+        let _serialized = self.gateway.hold_reloads();
+        let Some(upstream) = self.gateway.upstream(&self.upstream) else {
+            return;
         };
         for addr in &found {
             if !self.discovered.contains_key(addr) {
@@ -105,7 +120,7 @@ impl Provider for ExecProvider {
         if let Some(discover) = self.config.discover.clone() {
             if now >= self.next_discovery {
                 self.next_discovery = now + discover.interval;
-                self.discover(upstream, &discover.dns, now).await;
+                self.discover(&discover.dns, now).await;
             }
         }
         let set = upstream.set.load();

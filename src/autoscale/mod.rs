@@ -202,7 +202,8 @@ pub fn start(gateway: &Arc<Gateway>, stop: watch::Receiver<bool>) -> Autoscalers
                 tasks.spawn(run.run(provider));
             }
             ProviderConfig::Exec(exec) => {
-                let provider = exec::ExecProvider::new(&name, exec.clone(), &config);
+                let provider =
+                    exec::ExecProvider::new(Arc::clone(gateway), &name, exec.clone(), &config);
                 tasks.spawn(run.run(provider));
             }
         }

@@ -310,7 +310,8 @@ impl Provider for ProcessProvider {
             let port = child.addr.port();
             self.spawn_child(now, (port != 0).then_some(port), child);
         }
-        // A reload that changed the pool settings rebuilt the set without our instances.
+        // An instance added to an upstream that a reload was replacing went with it (adds here
+        // do not wait for reloads): put it back on the upstream in force.
         for child in self
             .children
             .iter()
