@@ -166,7 +166,7 @@ async fn handle(
                 Err(response) => response,
             }
         }
-        (&Method::POST, ["api", "reload"]) => match gateway.reload() {
+        (&Method::POST, ["api", "reload"]) => match gateway.reload_aside().await {
             Ok(()) => reply(StatusCode::OK, json!({"reloaded": true})),
             Err(errors) => {
                 tracing::error!("reload refused, the running configuration stays:\n{errors}");

@@ -245,6 +245,21 @@ impl Gateway {
         result
     }
 
+    /// `reload` on the blocking pool: reading the file and building the next runtime would
+    /// otherwise hold up a worker that serves requests.
+    pub async fn reload_aside(self: &Arc<Self>) -> Result<(), ConfigErrors> {
+        let gateway = Arc::clone(self);
+        tokio::task::spawn_blocking(move || gateway.reload())
+            .await
+            .unwrap_or_else(|failed| {
+                Err(ConfigErrors(vec![crate::config::ConfigError {
+                    key: "reload".into(),
+                    line: None,
+                    message: format!("the reload stopped half-way: {failed}"),
+                }]))
+            })
+    }
+
     fn apply_config_file(&self, path: &std::path::Path) -> Result<(), ConfigErrors> {
         let _serialized = self.hold_reloads();
         let config = Config::load(path)?;
@@ -813,7 +828,7 @@ async fn close_expired_connections(gateway: Arc<Gateway>) {
 
 async fn reload_on_sighup(gateway: Arc<Gateway>, mut hangup: tokio::signal::unix::Signal) {
     while hangup.recv().await.is_some() {
-        if let Err(errors) = gateway.reload() {
+        if let Err(errors) = gateway.reload_aside().await {
             tracing::error!("reload refused, the running configuration stays:\n{errors}");
         }
     }
