@@ -1,7 +1,8 @@
 //! Reading the interpolated text into [`RawConfig`] so that every value of the wrong type and
 //! every unknown key is reported at once. serde stops at its first error; the key that failed is
-//! taken out of the parsed document and the rest is read again, until it reads or no key can be
-//! taken out (an element of an array, a required field).
+//! taken out of the parsed document and the rest is read again, until it reads. A wrongly typed
+//! array element or a missing required key takes out the innermost key holding it (the whole
+//! array, the table lacking the key), since an element cannot go without renumbering the rest.
 
 use serde_path_to_error::Segment;
 
@@ -67,27 +68,22 @@ pub fn decode(text: &str) -> Result<Decoded, ConfigErrors> {
         } else {
             path.to_string()
         };
-        if let Some(field) = missing_field(&message) {
+        let reported = missing_field(&message).is_some_and(|field| {
             // Missing because its wrongly typed value was taken out: reported already.
             let missing = if root {
                 field.to_owned()
             } else {
                 format!("{key}.{field}")
             };
-            if !removed.contains(&missing) {
-                typed.push(ConfigError { key, line, message });
-            }
-            break;
-        }
-        typed.push(ConfigError {
-            key: key.clone(),
-            line,
-            message,
+            removed.contains(&missing)
         });
-        if !take_out(&mut document, &path) {
-            break;
+        if !reported {
+            typed.push(ConfigError { key, line, message });
         }
-        removed.push(key);
+        let Some(taken) = take_out(&mut document, &path) else {
+            break;
+        };
+        removed.push(taken);
         match read(document.clone(), &mut unknown) {
             Ok(read) => {
                 raw = Some(read);
@@ -155,25 +151,40 @@ fn missing_field(message: &str) -> Option<&str> {
     message.strip_prefix("missing field `")?.split('`').next()
 }
 
-/// Takes the key at `path` out of `document`; false when the path does not end at a key of a
-/// table (an array element: taking it out would renumber the ones after it).
-fn take_out(document: &mut toml::Value, path: &serde_path_to_error::Path) -> bool {
+/// Takes the innermost table key on `path` out of `document` and returns it as problems name
+/// keys; None at the root. Not an array element: taking it out would renumber the ones after it.
+fn take_out(document: &mut toml::Value, path: &serde_path_to_error::Path) -> Option<String> {
     let segments: Vec<&Segment> = path.iter().collect();
-    let Some((Segment::Map { key }, parents)) = segments.split_last() else {
-        return false;
+    let last_key = segments
+        .iter()
+        .rposition(|segment| matches!(segment, Segment::Map { .. }))?;
+    let (parents, key) = match (&segments[..last_key], segments[last_key]) {
+        (parents, Segment::Map { key }) => (parents, key),
+        _ => return None,
     };
     let mut at = document;
+    let mut name = String::new();
     for segment in parents {
         let next = match segment {
-            Segment::Map { key } => at.get_mut(key.as_str()),
-            Segment::Seq { index } => at.get_mut(*index),
+            Segment::Map { key } => {
+                if !name.is_empty() {
+                    name.push('.');
+                }
+                name.push_str(key);
+                at.get_mut(key.as_str())
+            }
+            Segment::Seq { index } => {
+                name.push_str(&format!("[{index}]"));
+                at.get_mut(*index)
+            }
             _ => None,
         };
-        let Some(next) = next else {
-            return false;
-        };
-        at = next;
+        at = next?;
     }
-    at.as_table_mut()
-        .is_some_and(|table| table.remove(key).is_some())
+    at.as_table_mut()?.remove(key)?;
+    if !name.is_empty() {
+        name.push('.');
+    }
+    name.push_str(key);
+    Some(name)
 }

@@ -675,10 +675,18 @@ upstream = "missing"
 
     #[test]
     fn a_key_taken_out_for_its_type_leaves_no_second_problem() {
-        // A required field: reading stops there, without "missing field" for it.
+        // A required field: without "missing field" for it, and the keys read after it still are
+        // (tables are read in name order).
         assert_placed(
-            "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = 5\n",
-            &[("routes[0].upstream", Some(4))],
+            "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = 5\n\
+             [server]\nworkers = \"x\"\n",
+            &[("routes[0].upstream", Some(4)), ("server.workers", Some(6))],
+        );
+        // A table lacking a required key goes whole, the rest still read.
+        assert_placed(
+            "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\npath_prefix = \"/\"\n\
+             [server]\nworkers = \"x\"\n",
+            &[("routes[0]", Some(3)), ("server.workers", Some(6))],
         );
         // The instances taken out do not also count as "no instances".
         assert_placed(
@@ -695,13 +703,15 @@ upstream = "missing"
              [[routes]]\nupstream = \"app\"\n",
             &[("admin.username", Some(2))],
         );
-        // An array element cannot be taken out without renumbering the rest: reading stops.
+        // An array element cannot go without renumbering the rest: the array goes whole, with
+        // no "no instances" for it, and the keys after it still read.
         assert_placed(
             "[server]\nworkers = \"x\"\n[upstreams.app]\ninstances = [\"127.0.0.1:1\", 5]\n\
-             [[routes]]\nupstream = \"app\"\n",
+             retries = \"two\"\n[[routes]]\nupstream = \"app\"\n",
             &[
                 ("server.workers", Some(2)),
                 ("upstreams.app.instances[1]", Some(4)),
+                ("upstreams.app.retries", Some(5)),
             ],
         );
     }
