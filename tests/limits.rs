@@ -32,6 +32,15 @@ async fn per_ip_connection_cap_refuses_cleanly_and_frees_on_close() {
     );
     let answer = raw_exchange(gw.proxy, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    // A JSON body like every error's, its request ID also in the head.
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    let json: serde_json::Value = serde_json::from_str(body).expect(body);
+    assert_eq!(json["error"], "too_many_connections");
+    let id = json["request_id"].as_str().unwrap();
+    assert!(
+        !id.is_empty() && head.contains(&format!("x-request-id: {id}\r\n")),
+        "{answer}"
+    );
     drop(first);
     // Once the gateway has seen the close, the freed slot takes a new connection at once.
     assert!(

@@ -457,13 +457,38 @@ fn restart_only_changes(running: &Config, next: &Config, has_redis: bool) -> Vec
         };
         needs_restart("tls.listen", what);
     }
-    if next.limits.state.redis_urls != running.limits.state.redis_urls
-        || next.limits.store != running.limits.store
-    {
-        needs_restart(
+    // The Redis link and the rate limiter are built once, from these.
+    let (state, next_state) = (&running.limits.state, &next.limits.state);
+    for (key, changed) in [
+        ("state.redis_url", next_state.redis_urls != state.redis_urls),
+        ("state.redis_ca", next_state.redis_ca != state.redis_ca),
+        (
+            "state.redis_cluster",
+            next_state.redis_cluster != state.redis_cluster,
+        ),
+        (
+            "state.redis_timeout",
+            next_state.redis_timeout != state.redis_timeout,
+        ),
+        (
+            "state.on_redis_error",
+            next_state.on_redis_error != state.on_redis_error,
+        ),
+        (
             "rate_limit.store",
-            "the rate-limit store changed".to_owned(),
-        );
+            next.limits.store != running.limits.store,
+        ),
+        (
+            "rate_limit.max_keys",
+            next.limits.max_keys != running.limits.max_keys,
+        ),
+    ] {
+        if changed {
+            needs_restart(
+                key,
+                "the Redis link and rate limiter are set up with it at start".to_owned(),
+            );
+        }
     }
     if next.cache.store == CacheStoreKind::Redis && !has_redis {
         needs_restart("cache.store", "the gateway runs without Redis".to_owned());
@@ -570,7 +595,7 @@ async fn accept_loop(
         let permit = match gateway.connections.admit(peer.ip()) {
             Ok(permit) => permit,
             Err(refusal) => {
-                refuse(stream, secure, refusal);
+                refuse(stream, secure, refusal, gateway.new_request_id());
                 continue;
             }
         };
@@ -741,15 +766,40 @@ async fn starts_with_http2_preface(
     }
 }
 
-/// Closes a connection over the limits; a plain-HTTP client first gets a bare 503 (written only
-/// if the socket takes it at once: a refused client never holds the accept loop).
-fn refuse(stream: tokio::net::TcpStream, secure: bool, refusal: connections::Refusal) {
+/// Closes a connection over the limits; a plain-HTTP client first gets a 503 with the JSON body
+/// every error has, its request ID generated as no request was read (written only if the socket
+/// takes it at once: a refused client never holds the accept loop).
+fn refuse(
+    stream: tokio::net::TcpStream,
+    secure: bool,
+    refusal: connections::Refusal,
+    request_id: http::HeaderValue,
+) {
     tracing::debug!(?refusal, "connection refused");
-    if !secure {
-        let _ = stream.try_write(
-            b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n",
-        );
+    if secure {
+        return;
     }
+    let reason = match refusal {
+        connections::Refusal::TooManyConnections => {
+            "the gateway holds server.max_connections connections"
+        }
+        connections::Refusal::TooManyFromClient => {
+            "this client holds server.max_connections_per_ip connections"
+        }
+    };
+    let id = request_id.to_str().unwrap_or_default();
+    let body = serde_json::json!({
+        "error": "too_many_connections",
+        "reason": reason,
+        "request_id": id,
+    })
+    .to_string();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\nretry-after: 1\r\n\
+         content-type: application/json\r\nx-request-id: {id}\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(answer.as_bytes());
 }
 
 /// Accepts on `listener`, or never when there is none.
@@ -870,5 +920,30 @@ mod tests {
                 "{changed}"
             );
         }
+    }
+
+    #[test]
+    fn redis_and_limiter_settings_are_refused_by_name_on_reload() {
+        let running = config("[state]\nredis_url = \"redis://127.0.0.1:1\"");
+        let keys = |next: &str| -> Vec<String> {
+            restart_only_changes(&running, &config(next), true)
+                .into_iter()
+                .map(|e| e.key)
+                .collect()
+        };
+        assert!(keys("[state]\nredis_url = \"redis://127.0.0.1:1\"").is_empty());
+        assert_eq!(
+            keys(
+                "[state]\nredis_url = \"redis://127.0.0.1:2\"\non_redis_error = \"deny\"\n\
+                  redis_timeout = \"2s\"\n[rate_limit]\nstore = \"redis\"\nmax_keys = 10"
+            ),
+            [
+                "state.redis_url",
+                "state.redis_timeout",
+                "state.on_redis_error",
+                "rate_limit.store",
+                "rate_limit.max_keys"
+            ]
+        );
     }
 }
