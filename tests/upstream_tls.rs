@@ -240,6 +240,20 @@ async fn h2c_instances_get_http2_on_one_connection() {
     ] {
         assert!(seen(name), "{name} missing: {echo}");
     }
+    // TE is hop-by-hop: none unless the client takes trailers, which the gateway then says.
+    assert!(!seen("te"), "{echo}");
+    let with_te = request(&client, "GET", &gw.url("/echo"), &[("te", "trailers")], "")
+        .await
+        .unwrap()
+        .json();
+    let te: Vec<_> = with_te["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|pair| pair[0] == "te")
+        .collect();
+    assert_eq!(te.len(), 1, "{with_te}");
+    assert_eq!(te[0][1], "trailers", "{with_te}");
     let check = last_check(&client, &gw).await;
     assert_eq!(check["detail"], "status 200", "{check}");
     let before = backend_connections(&client, &backend).await;

@@ -116,8 +116,8 @@ impl Default for RawHttp2 {
     fn default() -> Self {
         RawHttp2 {
             max_concurrent_streams: 256,
-            initial_stream_window: "1MiB".into(),
-            initial_connection_window: "1MiB".into(),
+            initial_stream_window: "256KiB".into(),
+            initial_connection_window: "2MiB".into(),
             max_frame_size: "16KiB".into(),
             keep_alive_interval: "30s".into(),
             keep_alive_timeout: "20s".into(),
@@ -170,6 +170,13 @@ pub(super) fn validate_http2(p: &mut Problems, raw: &RawHttp2) -> Http2Config {
         16_384..=16_777_215,
         "must be between 16384 (16KiB) and 16777215 (16MiB - 1)",
     );
+    if initial_connection_window < initial_stream_window {
+        p.push_unless_reported(
+            &key("initial_connection_window"),
+            "must be at least initial_stream_window: one upload the instance is slow to read \
+             would otherwise stop every other upload on the connection",
+        );
+    }
     let interval = p.duration(&key("keep_alive_interval"), &raw.keep_alive_interval);
     let keep_alive_timeout = p.duration(&key("keep_alive_timeout"), &raw.keep_alive_timeout);
     if !interval.is_zero() && keep_alive_timeout.is_zero() {
@@ -784,8 +791,8 @@ max_in_flight = 0
         let config = Config::from_toml(&format!("{BASE}[[routes]]\nupstream = \"app\"\n")).unwrap();
         let h2 = config.server.http2;
         assert_eq!(h2.max_concurrent_streams, 256);
-        assert_eq!(h2.initial_stream_window, 1 << 20);
-        assert_eq!(h2.initial_connection_window, 1 << 20);
+        assert_eq!(h2.initial_stream_window, 256 << 10);
+        assert_eq!(h2.initial_connection_window, 2 << 20);
         assert_eq!(h2.max_frame_size, 16_384);
         assert_eq!(h2.keep_alive_interval, Some(Duration::from_secs(30)));
 
@@ -804,6 +811,16 @@ max_in_flight = 0
             (16 << 20, 1 << 20)
         );
         assert_eq!(h2.keep_alive_interval, None);
+
+        // A connection window below the stream window is named.
+        let text = format!(
+            "[server.http2]\ninitial_stream_window = \"1MiB\"\n\
+             initial_connection_window = \"512KiB\"\n{BASE}[[routes]]\nupstream = \"app\"\n"
+        );
+        let errors = Config::from_toml(&text).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].key, "server.http2.initial_connection_window");
+        assert!(errors[0].message.contains("initial_stream_window"));
 
         let text = format!(
             "[server.http2]\nmax_concurrent_streams = 0\ninitial_stream_window = \"2GiB\"\n\

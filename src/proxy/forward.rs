@@ -248,6 +248,11 @@ async fn forward(
     }
     let upgrade = websocket_upgrade(&parts.headers);
     let client_upgrade = client_upgrade.filter(|_| upgrade.is_some());
+    // TE is hop-by-hop, but an HTTP/2 instance (gRPC) wants to hear on its own hop that trailers
+    // reach the client (RFC 9113 §8.2.2 allows `te: trailers` alone); the gateway relays them.
+    let te_trailers = upstream.config.protocol.is_http2()
+        && values(&parts.headers, &header::TE)
+            .any(|value| crate::http1::has_token(value.as_bytes(), b"trailers"));
     let fields = ForwardedFields::take(
         &mut parts.headers,
         &client.ip,
@@ -257,6 +262,11 @@ async fn forward(
     );
     if let Some(protocol) = upgrade {
         restore_upgrade(&mut parts.headers, protocol);
+    }
+    if te_trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
     }
 
     let body = if body.is_end_stream() {

@@ -533,6 +533,11 @@ struct ConnectionSettings {
     limits: client_h1::ClientLimits,
 }
 
+/// Answer bytes hyper holds per HTTP/2 stream beyond what the client's window took (its default
+/// is 400 KiB): a client reading slowly on many streams would otherwise hold that much of the
+/// gateway's memory per stream. Two default-sized frames keep a fast client's stream busy.
+const H2_SEND_BUFFER: usize = 32 << 10;
+
 impl ConnectionSettings {
     fn of(runtime: Arc<Runtime>) -> ConnectionSettings {
         let server = &runtime.config.server;
@@ -546,6 +551,7 @@ impl ConnectionSettings {
             .initial_stream_window_size(h2.initial_stream_window)
             .initial_connection_window_size(h2.initial_connection_window)
             .max_frame_size(h2.max_frame_size)
+            .max_send_buf_size(H2_SEND_BUFFER)
             .keep_alive_interval(h2.keep_alive_interval)
             .keep_alive_timeout(h2.keep_alive_timeout);
         ConnectionSettings {
