@@ -433,3 +433,90 @@ async fn an_http2_client_queues_streams_beyond_max_concurrent_streams() {
     );
     assert_eq!(backend_requests(&support::client(), &a).await, 5);
 }
+
+/// The timers hyper's HTTP/2 server lacks: a connection that never finishes its preface, one
+/// left idle and one whose client stops taking answer data are closed; a stream waiting on a
+/// slow instance keeps its connection open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_that_stall_or_idle_are_closed() {
+    let big = demo_backend(&["--body-bytes", "4194304"]);
+    let gw = gateway_with_server_keys(
+        "header_read_timeout = \"1s\"\nidle_timeout = \"1s\"",
+        &app_config(&[&big], ""),
+    );
+    let closes_within = |seconds: u64, mut stream: TcpStream| {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(seconds)))
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(err) => {
+                    return !matches!(
+                        err.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    )
+                }
+            }
+        }
+    };
+    // Half a preface: hyper would wait for the rest forever.
+    let mut partial = TcpStream::connect(gw.proxy).unwrap();
+    partial.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
+    assert!(
+        closes_within(8, partial),
+        "a half-sent preface kept its connection"
+    );
+
+    // A request to an instance slower than idle_timeout is answered; then the idle
+    // connection is closed.
+    let socket = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let (mut sender, connection) = h2::client::handshake(socket).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(gw.url("/slow?latency_ms=1500"))
+        .body(())
+        .unwrap();
+    let (answer, _) = sender.send_request(request, true).unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let mut body = answer.into_body();
+    let mut received = 0;
+    while let Some(data) = body.data().await {
+        let data = data.unwrap();
+        received += data.len();
+        body.flow_control().release_capacity(data.len()).unwrap();
+    }
+    assert_eq!(received, 4 << 20);
+    drop(sender);
+    let ended = tokio::time::timeout(Duration::from_secs(8), connection).await;
+    assert!(ended.is_ok(), "an idle HTTP/2 connection stayed open");
+
+    // A client that takes none of a large answer: its connection is dropped and the request
+    // stops counting as in flight.
+    let socket = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let (mut sender, connection) = h2::client::Builder::new()
+        .initial_window_size(16 << 10)
+        .handshake::<_, bytes::Bytes>(socket)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(gw.url("/big")).body(()).unwrap();
+    let (answer, _) = sender.send_request(request, true).unwrap();
+    let _unread = answer.await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(8), connection).await;
+    assert!(ended.is_ok(), "a client taking no data kept its connection");
+    let client = client();
+    let idle = || {
+        let (client, url) = (client.clone(), gw.admin_url("/metrics"));
+        async move {
+            let metrics = get(&client, &url).await;
+            String::from_utf8_lossy(&metrics.body).contains("scalegate_in_flight_requests 0")
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(5), idle).await,
+        "the stalled request still counts as in flight"
+    );
+}

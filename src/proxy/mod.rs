@@ -5,6 +5,7 @@
 
 mod body;
 pub mod client_h1;
+mod client_h2;
 mod client_io;
 mod connect;
 pub mod connections;
@@ -24,7 +25,6 @@ pub use body::{BoxError, ForwardBody, GatewayBody};
 pub use error::ProxyError;
 pub use forward::InstanceFetch;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
@@ -32,10 +32,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -45,8 +43,6 @@ use crate::metrics::live::LiveStats;
 use crate::metrics::{Metrics, RequestStats};
 use crate::redis_link::{ConnectError, RedisLink};
 use client_io::ClientStream;
-use http::Response;
-use record::RecordedBody;
 use upstream::Upstream;
 
 /// One configuration in force: the config and the live upstreams it describes.
@@ -575,9 +571,7 @@ async fn accept_loop(
     // The `[server]` settings of the config in force; a reload changes them for the connections
     // accepted after it (as nginx's new workers do), so they are rebuilt when it does.
     let mut settings = ConnectionSettings::of(gateway.runtime.load_full());
-    // HTTP/1.1 connections are served by the gateway's own connection loop, which watches
-    // `drain`; HTTP/2 connections are hyper's, watched by `graceful`.
-    let graceful = GracefulShutdown::new();
+    // Every connection watches `drain`, and holds a receiver until it is done.
     let drain = watch::Sender::new(false);
     loop {
         let (accepted, secure) = tokio::select! {
@@ -608,7 +602,6 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let client = forward::ClientAddr::new(peer, secure);
         let gateway = gateway.clone();
-        let watcher = graceful.watcher();
         if !secure {
             let drain = drain.subscribe();
             tokio::spawn(async move {
@@ -618,8 +611,8 @@ async fn accept_loop(
                         client_h1::serve(stream, gateway, client, limits, drain).await;
                     }
                     Some(true) => {
-                        let underscores = limits.underscores_in_headers;
-                        serve_hyper(&builder, watcher, stream, gateway, client, underscores).await
+                        let settings = (limits.underscores_in_headers, limits.http2_timers());
+                        client_h2::serve(&builder, stream, gateway, client, settings, drain).await
                     }
                     None => {}
                 }
@@ -645,8 +638,8 @@ async fn accept_loop(
                 }
             };
             if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                let underscores = limits.underscores_in_headers;
-                serve_hyper(&builder, watcher, stream, gateway, client, underscores).await;
+                let settings = (limits.underscores_in_headers, limits.http2_timers());
+                client_h2::serve(&builder, stream, gateway, client, settings, drain).await;
             } else {
                 let stream = ClientStream::Tls(Box::new(stream));
                 client_h1::serve(stream, gateway, client, limits, drain).await;
@@ -663,84 +656,13 @@ async fn accept_loop(
         grace_secs = grace.as_secs_f64(),
         "draining: finishing in-flight requests"
     );
-    let finished = async { tokio::join!(graceful.shutdown(), drain.closed()) };
+    let finished = drain.closed();
     tokio::select! {
         finished = tokio::time::timeout(grace, finished) => if finished.is_err() {
             tracing::warn!("shutdown grace elapsed with requests still in flight");
         },
         () = forced => {}
     }
-}
-
-/// Serves an HTTP/2 connection with hyper: prior knowledge on the plain listener, or ALPN h2.
-async fn serve_hyper<I>(
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: Watcher,
-    io: I,
-    gateway: Arc<Gateway>,
-    client: forward::ClientAddr,
-    underscores_in_headers: bool,
-) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let peer = client.addr;
-    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-        let (gateway, client) = (gateway.clone(), client.clone());
-        async move {
-            let (mut parts, body) = req.into_parts();
-            let head_request = parts.method == http::Method::HEAD;
-            // What hyper let through that the gateway refuses, as client_h1 refuses it when it
-            // reads a head: framing (codings other than one `chunked`, signed lengths) and the
-            // malformations of RFC 9113 §8 hyper does not check.
-            let refused = headers::check_framing(&mut parts.headers)
-                .map_err(|err| err.reason())
-                .and_then(|_| forward::http2_malformation(&parts));
-            if let Err(reason) = refused {
-                let refusal = ProxyError::BadRequest(reason);
-                let request_id = forward::request_id(&gateway, &parts.headers);
-                let response = refusal.response(&request_id);
-                let record =
-                    forward::refused_record(&gateway, &client, refusal.status(), request_id);
-                return Ok(response.map(|body| RecordedBody::new(body, record)));
-            }
-            // client_h1 leaves such fields out as it parses.
-            if !underscores_in_headers {
-                headers::drop_underscored(&mut parts.headers);
-            }
-            let req = http::Request::from_parts(parts, body::ClientBody::Hyper(body));
-            // HTTP/2 has no Upgrade: there is no connection to hand over.
-            let mut record = forward::request_record(&gateway, &req, &client);
-            let response = forward::handle(&gateway, req, &client, None, &mut record).await;
-            let response = if head_request {
-                headers_only(response)
-            } else {
-                response
-            };
-            Ok::<_, Infallible>(response.map(|body| RecordedBody::new(body, record)))
-        }
-    });
-    let connection = builder.serve_connection(TokioIo::new(io), service);
-    if let Err(err) = watcher.watch(connection.into_owned()).await {
-        tracing::debug!(%err, %peer, "client connection ended with an error");
-    }
-}
-
-/// An answer to HEAD without its body, which hyper's HTTP/2 server would send (a stream error
-/// for the client): the fields stay, with the length a GET would carry when the gateway holds
-/// the body (its own answers, cache hits).
-fn headers_only(mut response: Response<GatewayBody>) -> Response<GatewayBody> {
-    if !response
-        .headers()
-        .contains_key(http::header::CONTENT_LENGTH)
-    {
-        if let Some(length) = response.body().held_length() {
-            response
-                .headers_mut()
-                .insert(http::header::CONTENT_LENGTH, length.into());
-        }
-    }
-    *response.body_mut() = GatewayBody::Full(None);
-    response
 }
 
 /// Waits for a new plain connection's first bytes: `Some(true)` when they are HTTP/2's

@@ -3,16 +3,11 @@
 //! `$request_time`), or when it was abandoned on the way.
 
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::{HeaderValue, Method};
-use http_body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
-use super::body::{BoxError, GatewayBody};
 use super::Runtime;
 
 /// nginx's status for a request whose client left before its answer.
@@ -115,53 +110,5 @@ impl std::fmt::Display for InstanceAddr {
             Some(addr) => addr.fmt(f),
             None => f.write_str("-"),
         }
-    }
-}
-
-/// An answer body for hyper's HTTP/2 server: counts the bytes it hands over and writes the
-/// request's record once the body has ended, failed or been dropped.
-pub struct RecordedBody {
-    body: GatewayBody,
-    record: Option<RequestRecord>,
-}
-
-impl RecordedBody {
-    pub fn new(body: GatewayBody, record: RequestRecord) -> RecordedBody {
-        // Written at once for an empty body: hyper may keep a finished body a while.
-        let record = (!body.is_end_stream()).then_some(record);
-        RecordedBody { body, record }
-    }
-}
-
-impl Body for RecordedBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
-        match &frame {
-            Some(Ok(frame)) => {
-                if let (Some(record), Some(data)) = (&mut this.record, frame.data_ref()) {
-                    record.sent(data.len());
-                }
-                if this.body.is_end_stream() {
-                    this.record = None;
-                }
-            }
-            None | Some(Err(_)) => this.record = None,
-        }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }

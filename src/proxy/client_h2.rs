@@ -1,0 +1,454 @@
+//! HTTP/2 clients (prior-knowledge h2c on the plain listener, ALPN h2 over TLS), served by
+//! hyper, with the connection timers hyper's server lacks: a connection that opens no stream
+//! within `header_read_timeout` (a preface sent in part included), one idle for `idle_timeout`,
+//! and one whose client took no answer bytes for `idle_timeout` while answers waited for it
+//! (nginx's `send_timeout`) are closed. PINGs only find peers that are gone.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Response;
+use http_body::{Body, Frame, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::body::{BoxError, ClientBody, GatewayBody};
+use super::error::ProxyError;
+use super::record::RequestRecord;
+use super::{forward, headers, Gateway};
+
+/// How long a connection closed by its timers gets to say GOAWAY and end before it is dropped
+/// (unless a stream came meanwhile): a client sending only part of the preface never lets hyper
+/// get that far.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// The timers of one connection, from the `[server]` settings it was accepted under.
+#[derive(Debug, Clone, Copy)]
+pub struct Http2Timers {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// What the streams of one connection did, as offsets from when it was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamsSeen {
+    pub opened: bool,
+    /// Streams from the request's arrival to the end (or drop) of its answer.
+    pub live: u32,
+    /// Streams whose answer handed hyper a frame it has not yet come back for: hyper comes
+    /// back once the client's flow-control window took it.
+    pub waiting_on_client: u32,
+    /// When a stream last opened or ended.
+    pub last_change: Duration,
+    /// When the client last took answer data, or the first answer began waiting for it.
+    pub last_client_progress: Duration,
+}
+
+/// Why a connection's timers close it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// No stream within `header_read_timeout` of the connection's start.
+    NoRequest,
+    /// No stream for `idle_timeout`.
+    Idle,
+    /// Answers waited on the client for `idle_timeout`, and it took nothing.
+    ClientStalled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing to do before this offset; look again then.
+    LookAt(Duration),
+    Close(Closing),
+}
+
+/// What a connection's timers decide at `now` (an offset from its start). Streams waiting on
+/// their instance are left to the upstream's own timeouts.
+pub fn judge_connection(seen: StreamsSeen, now: Duration, timers: Http2Timers) -> Verdict {
+    let (deadline, closing) = if !seen.opened {
+        (timers.header_read_timeout, Closing::NoRequest)
+    } else if seen.live == 0 {
+        (seen.last_change + timers.idle_timeout, Closing::Idle)
+    } else if seen.waiting_on_client > 0 {
+        let deadline = seen.last_client_progress + timers.idle_timeout;
+        (deadline, Closing::ClientStalled)
+    } else {
+        return Verdict::LookAt(now + timers.idle_timeout);
+    };
+    if now >= deadline {
+        Verdict::Close(closing)
+    } else {
+        Verdict::LookAt(deadline)
+    }
+}
+
+/// The shared record behind [`StreamsSeen`], written by the streams as they go.
+struct Activity {
+    started: Instant,
+    opened: AtomicU32,
+    live: AtomicU32,
+    waiting_on_client: AtomicU32,
+    last_change: AtomicU64,
+    last_client_progress: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            started: Instant::now(),
+            opened: AtomicU32::new(0),
+            live: AtomicU32::new(0),
+            waiting_on_client: AtomicU32::new(0),
+            last_change: AtomicU64::new(0),
+            last_client_progress: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
+
+    fn seen(&self) -> StreamsSeen {
+        StreamsSeen {
+            opened: self.opened.load(Ordering::Relaxed) > 0,
+            live: self.live.load(Ordering::Relaxed),
+            waiting_on_client: self.waiting_on_client.load(Ordering::Relaxed),
+            last_change: Duration::from_nanos(self.last_change.load(Ordering::Relaxed)),
+            last_client_progress: Duration::from_nanos(
+                self.last_client_progress.load(Ordering::Relaxed),
+            ),
+        }
+    }
+
+    fn open(self: &Arc<Self>) -> StreamGuard {
+        self.last_change.store(self.now(), Ordering::Relaxed);
+        self.opened.store(1, Ordering::Relaxed);
+        self.live.fetch_add(1, Ordering::Relaxed);
+        StreamGuard {
+            activity: Arc::clone(self),
+            waiting: false,
+        }
+    }
+}
+
+/// One stream's place in its connection's [`Activity`], from the request's arrival until its
+/// answer body is done or dropped (or the request is abandoned before it has one).
+struct StreamGuard {
+    activity: Arc<Activity>,
+    waiting: bool,
+}
+
+impl StreamGuard {
+    /// hyper came back for more: the client's window took what it had.
+    fn client_took(&mut self) {
+        if std::mem::take(&mut self.waiting) {
+            let activity = &self.activity;
+            activity
+                .last_client_progress
+                .store(activity.now(), Ordering::Relaxed);
+            activity.waiting_on_client.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// hyper holds a frame for the client.
+    fn wait_on_client(&mut self) {
+        if !self.waiting {
+            self.waiting = true;
+            let activity = &self.activity;
+            // The first to wait starts the clock: time the client spent with nothing to take
+            // does not count against it.
+            if activity.waiting_on_client.fetch_add(1, Ordering::Relaxed) == 0 {
+                activity
+                    .last_client_progress
+                    .store(activity.now(), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let activity = &self.activity;
+        if self.waiting {
+            activity.waiting_on_client.fetch_sub(1, Ordering::Relaxed);
+        }
+        activity.live.fetch_sub(1, Ordering::Relaxed);
+        activity
+            .last_change
+            .store(activity.now(), Ordering::Relaxed);
+    }
+}
+
+/// Serves one HTTP/2 connection until it ends, its timers close it, or `drain` (the gateway's
+/// shutdown) turns true, which closes it gracefully: open streams finish.
+pub async fn serve<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    gateway: Arc<Gateway>,
+    client: forward::ClientAddr,
+    (underscores_in_headers, timers): (bool, Http2Timers),
+    mut drain: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = client.addr;
+    let activity = Arc::new(Activity::new());
+    let streams = Arc::clone(&activity);
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        let (gateway, client) = (gateway.clone(), client.clone());
+        let stream = streams.open();
+        async move {
+            let (mut parts, body) = req.into_parts();
+            let head_request = parts.method == http::Method::HEAD;
+            // What hyper let through that the gateway refuses, as client_h1 refuses it when it
+            // reads a head: framing (codings other than one `chunked`, signed lengths) and the
+            // malformations of RFC 9113 §8 hyper does not check.
+            let refused = headers::check_framing(&mut parts.headers)
+                .map_err(|err| err.reason())
+                .and_then(|_| forward::http2_malformation(&parts));
+            if let Err(reason) = refused {
+                let refusal = ProxyError::BadRequest(reason);
+                let request_id = forward::request_id(&gateway, &parts.headers);
+                let response = refusal.response(&request_id);
+                let record =
+                    forward::refused_record(&gateway, &client, refusal.status(), request_id);
+                return Ok(response.map(|body| RecordedBody::new(body, record, stream)));
+            }
+            // client_h1 leaves such fields out as it parses.
+            if !underscores_in_headers {
+                headers::drop_underscored(&mut parts.headers);
+            }
+            let req = http::Request::from_parts(parts, ClientBody::Hyper(body));
+            // HTTP/2 has no Upgrade: there is no connection to hand over.
+            let mut record = forward::request_record(&gateway, &req, &client);
+            let response = forward::handle(&gateway, req, &client, None, &mut record).await;
+            let response = if head_request {
+                headers_only(response)
+            } else {
+                response
+            };
+            Ok::<_, Infallible>(response.map(|body| RecordedBody::new(body, record, stream)))
+        }
+    });
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let mut look_at = activity.started;
+    let mut dropped_at: Option<Instant> = None;
+    let mut draining = *drain.borrow();
+    if draining {
+        connection.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            ended = connection.as_mut() => {
+                if let Err(err) = ended {
+                    tracing::debug!(%err, %peer, "client connection ended with an error");
+                }
+                return;
+            }
+            changed = drain.changed(), if !draining => {
+                // A closed channel means the gateway is gone: close as on a drain.
+                draining = changed.is_err() || *drain.borrow();
+                if draining {
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+            () = tokio::time::sleep_until(dropped_at.unwrap_or(look_at)) => {
+                // A stream that came as the connection was closed is let finish.
+                if dropped_at.take().is_some() && activity.seen().live == 0 {
+                    tracing::debug!(%peer, "closed connection did not finish: dropped");
+                    return;
+                }
+                let now = activity.started.elapsed();
+                match judge_connection(activity.seen(), now, timers) {
+                    Verdict::LookAt(at) => look_at = activity.started + at,
+                    Verdict::Close(Closing::ClientStalled) => {
+                        tracing::debug!(%peer, "client took no answer data: connection dropped");
+                        return;
+                    }
+                    Verdict::Close(closing) => {
+                        tracing::debug!(%peer, ?closing, "closing the connection");
+                        connection.as_mut().graceful_shutdown();
+                        dropped_at = Some(Instant::now() + CLOSE_GRACE);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An answer to HEAD without its body, which hyper's HTTP/2 server would send (a stream error
+/// for the client): the fields stay, with the length a GET would carry when the gateway holds
+/// the body (its own answers, cache hits).
+fn headers_only(mut response: Response<GatewayBody>) -> Response<GatewayBody> {
+    if !response
+        .headers()
+        .contains_key(http::header::CONTENT_LENGTH)
+    {
+        if let Some(length) = response.body().held_length() {
+            response
+                .headers_mut()
+                .insert(http::header::CONTENT_LENGTH, length.into());
+        }
+    }
+    *response.body_mut() = GatewayBody::Full(None);
+    response
+}
+
+/// An answer body for hyper's HTTP/2 server: counts the bytes it hands over, writes the
+/// request's record once the body has ended, failed or been dropped, and tells the
+/// connection's timers when the client took data.
+struct RecordedBody {
+    body: GatewayBody,
+    record: Option<RequestRecord>,
+    stream: StreamGuard,
+}
+
+impl RecordedBody {
+    fn new(body: GatewayBody, record: RequestRecord, stream: StreamGuard) -> RecordedBody {
+        // Written at once for an empty body: hyper may keep a finished body a while.
+        let record = (!body.is_end_stream()).then_some(record);
+        RecordedBody {
+            body,
+            record,
+            stream,
+        }
+    }
+}
+
+impl Body for RecordedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        this.stream.client_took();
+        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let (Some(record), Some(data)) = (&mut this.record, frame.data_ref()) {
+                    record.sent(data.len());
+                }
+                if this.body.is_end_stream() {
+                    this.record = None;
+                } else {
+                    this.stream.wait_on_client();
+                }
+            }
+            None | Some(Err(_)) => this.record = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMERS: Http2Timers = Http2Timers {
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+    };
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn seen(live: u32, waiting_on_client: u32) -> StreamsSeen {
+        StreamsSeen {
+            opened: true,
+            live,
+            waiting_on_client,
+            last_change: secs(5),
+            last_client_progress: secs(20),
+        }
+    }
+
+    #[test]
+    fn a_connection_must_open_a_stream_within_the_header_read_timeout() {
+        let fresh = StreamsSeen {
+            opened: false,
+            ..seen(0, 0)
+        };
+        assert_eq!(
+            judge_connection(fresh, secs(3), TIMERS),
+            Verdict::LookAt(secs(10))
+        );
+        assert_eq!(
+            judge_connection(fresh, secs(10), TIMERS),
+            Verdict::Close(Closing::NoRequest)
+        );
+    }
+
+    #[test]
+    fn a_connection_without_streams_closes_once_idle() {
+        assert_eq!(
+            judge_connection(seen(0, 0), secs(30), TIMERS),
+            Verdict::LookAt(secs(65))
+        );
+        assert_eq!(
+            judge_connection(seen(0, 0), secs(65), TIMERS),
+            Verdict::Close(Closing::Idle)
+        );
+    }
+
+    #[test]
+    fn streams_waiting_on_instances_keep_it_open() {
+        assert_eq!(
+            judge_connection(seen(3, 0), secs(500), TIMERS),
+            Verdict::LookAt(secs(560))
+        );
+    }
+
+    #[test]
+    fn a_client_that_takes_nothing_while_answers_wait_is_dropped() {
+        assert_eq!(
+            judge_connection(seen(3, 1), secs(50), TIMERS),
+            Verdict::LookAt(secs(80))
+        );
+        assert_eq!(
+            judge_connection(seen(3, 1), secs(80), TIMERS),
+            Verdict::Close(Closing::ClientStalled)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_clock_of_a_stalled_client_starts_when_an_answer_first_waits() {
+        let activity = Arc::new(Activity::new());
+        let mut first = activity.open();
+        tokio::time::advance(secs(100)).await;
+        first.wait_on_client();
+        let mut second = activity.open();
+        tokio::time::advance(secs(30)).await;
+        second.wait_on_client();
+        let seen = activity.seen();
+        assert_eq!((seen.live, seen.waiting_on_client), (2, 2));
+        assert_eq!(seen.last_client_progress, secs(100));
+        tokio::time::advance(secs(10)).await;
+        first.client_took();
+        assert_eq!(activity.seen().last_client_progress, secs(140));
+        drop(second);
+        let seen = activity.seen();
+        assert_eq!((seen.live, seen.waiting_on_client), (1, 0));
+        assert_eq!(seen.last_change, secs(140));
+    }
+}
