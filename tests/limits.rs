@@ -520,3 +520,62 @@ async fn http2_connections_that_stall_or_idle_are_closed() {
         "the stalled request still counts as in flight"
     );
 }
+
+/// Out of file descriptors, a request that cannot reach an instance is the gateway's shortage:
+/// a 503 saying so, the instance not held to blame (nginx answers 500 and blames none either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_blames_no_instance() {
+    let a = demo_backend(&[]);
+    // No pooled connection to the instance: every request needs a new descriptor.
+    let gw = gateway(&app_config(&[&a], "max_fails = 1\nkeepalive = 0"));
+    let client = client();
+    assert_eq!(get(&client, &gw.url("/")).await.status, 200);
+    let pid = gw.proc.pid();
+    let open_fds = || -> Vec<u64> {
+        let mut fds: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        fds.sort_unstable();
+        fds
+    };
+    // Once the warm-up's instance connection is surely closed: the same set twice running.
+    let mut open = open_fds();
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(50));
+        let again = open_fds();
+        if again == open {
+            break;
+        }
+        open = again;
+    }
+    // The lowest limit leaving exactly one descriptor free: the client's connection takes it,
+    // and nothing is left for a connection to the instance.
+    let limit = (1..)
+        .find(|limit| limit - open.iter().filter(|fd| *fd < limit).count() as u64 == 1)
+        .unwrap();
+    let raised = (limit + 64).to_string();
+    let limited = |value: &str| {
+        let status = std::process::Command::new("prlimit")
+            .args([
+                "--pid",
+                &pid.to_string(),
+                &format!("--nofile={value}:{raised}"),
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "prlimit failed");
+    };
+    limited(&limit.to_string());
+    let answer = raw_exchange(
+        gw.proxy,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    limited(&raised);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("gateway_short_of_resources"), "{answer}");
+    let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
+    let instance = &detailed["upstreams"][0]["instances"][0];
+    assert_eq!(instance["failures"], 0, "{detailed}");
+    assert_eq!(get(&client, &gw.url("/")).await.status, 200);
+}

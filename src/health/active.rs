@@ -66,15 +66,38 @@ pub async fn check_instance(instance: Arc<Instance>, config: ActiveHealthConfig)
             (config.expect_status.0..=config.expect_status.1).contains(&status),
             format!("status {status}"),
         ),
-        Ok(Err(err)) => (false, err),
+        Ok(Err(ProbeFailure::Instance(err))) => (false, err),
+        Ok(Err(ProbeFailure::Gateway(err))) => {
+            tracing::debug!(instance = %instance.addr, %err, "health check skipped");
+            return;
+        }
         Err(_) => (false, format!("no answer within {:?}", config.timeout)),
     };
     instance.record_check(ok, detail, config.rise, config.fall, Instant::now());
 }
 
-async fn probe(instance: &Instance, path: &str, host: &str) -> Result<u16, String> {
+/// Why a probe got no status.
+enum ProbeFailure {
+    /// The instance's doing: the check failed.
+    Instance(String),
+    /// The gateway could not open a connection (out of file descriptors and the like): no
+    /// verdict on the instance.
+    Gateway(String),
+}
+
+impl From<String> for ProbeFailure {
+    fn from(reason: String) -> ProbeFailure {
+        ProbeFailure::Instance(reason)
+    }
+}
+
+async fn probe(instance: &Instance, path: &str, host: &str) -> Result<u16, ProbeFailure> {
     let connector = &instance.pool.connector;
-    let io = TokioIo::new(connector.connect().await.map_err(|err| err.to_string())?);
+    let io = match connector.connect().await {
+        Ok(io) => TokioIo::new(io),
+        Err(err) if err.is_local() => return Err(ProbeFailure::Gateway(err.to_string())),
+        Err(err) => return Err(ProbeFailure::Instance(err.to_string())),
+    };
     let request = Request::get(path)
         .header(header::HOST, host)
         .header(header::USER_AGENT, "scalegate-health");

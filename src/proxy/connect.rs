@@ -24,12 +24,23 @@ pub enum ConnectError {
     Timeout,
     #[error("connect failed: {0}")]
     Io(#[from] io::Error),
+    /// The gateway's own resources ran short (descriptors, buffers, memory, local ports): not
+    /// the instance's fault, and another instance would fail alike.
+    #[error("the gateway could not open a connection: {0}")]
+    Local(io::Error),
     #[error("TLS handshake with the instance failed: {0}")]
     Tls(io::Error),
     #[error("HTTP/2 handshake with the instance failed: {0}")]
     Http2(String),
     #[error("the instance did not agree to h2 in the TLS handshake (ALPN)")]
     NoH2,
+}
+
+impl ConnectError {
+    /// The gateway's shortage, which says nothing about the instance.
+    pub fn is_local(&self) -> bool {
+        matches!(self, ConnectError::Local(_))
+    }
 }
 
 /// A connection to an instance, plain or TLS.
@@ -79,7 +90,13 @@ impl Connector {
     }
 
     async fn open(&self) -> Result<InstanceStream, ConnectError> {
-        let tcp = TcpStream::connect(self.addr).await?;
+        let tcp =
+            TcpStream::connect(self.addr)
+                .await
+                .map_err(|err| match is_local_shortage(&err) {
+                    true => ConnectError::Local(err),
+                    false => ConnectError::Io(err),
+                })?;
         tcp.set_nodelay(true)?;
         match &self.tls {
             None => Ok(InstanceStream::Tcp(tcp)),
@@ -95,6 +112,16 @@ impl Connector {
             }
         }
     }
+}
+
+/// Whether a connect failed for want of the gateway's own resources rather than anything the
+/// instance did.
+fn is_local_shortage(err: &io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        err.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM | Errno::EADDRNOTAVAIL)
+    )
 }
 
 impl InstanceStream {

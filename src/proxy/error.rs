@@ -43,6 +43,10 @@ pub enum ProxyError {
     },
     #[error("too many requests in flight, retry in {retry_after} s")]
     Overloaded { retry_after: u64 },
+    #[error(
+        "the gateway is short of resources (file descriptors, memory or local ports), retry in 1 s"
+    )]
+    GatewayShortage,
 }
 
 impl From<ClientBodyFailure> for ProxyError {
@@ -74,7 +78,9 @@ impl ProxyError {
             ProxyError::InstanceTimeout | ProxyError::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Overloaded { .. } | ProxyError::GatewayShortage => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -94,6 +100,7 @@ impl ProxyError {
             ProxyError::Unauthorized(_) => "unauthorized",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::Overloaded { .. } => "overloaded",
+            ProxyError::GatewayShortage => "gateway_short_of_resources",
         }
     }
 
@@ -125,6 +132,9 @@ impl ProxyError {
             }
             ProxyError::Overloaded { retry_after } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            ProxyError::GatewayShortage => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(1));
             }
             // RFC 9110 §15.5.6: a 405 lists what the target allows; CONNECT is the one method
             // the gateway refuses for every target.

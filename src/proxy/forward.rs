@@ -551,14 +551,18 @@ impl Attempt {
     /// nginx.
     #[cold]
     fn not_connected(err: ConnectError) -> Attempt {
-        let error = match err {
-            ConnectError::Timeout => ProxyError::ConnectTimeout,
-            err => ProxyError::InstanceFailed(err.to_string()),
+        let (kind, error) = match err {
+            ConnectError::Timeout => (FailureKind::NotSent, ProxyError::ConnectTimeout),
+            ConnectError::Local(err) => {
+                tracing::error!(%err, "the gateway could not open a connection to an instance");
+                (FailureKind::Local, ProxyError::GatewayShortage)
+            }
+            err => (
+                FailureKind::NotSent,
+                ProxyError::InstanceFailed(err.to_string()),
+            ),
         };
-        Attempt {
-            kind: FailureKind::NotSent,
-            error,
-        }
+        Attempt { kind, error }
     }
 
     #[cold]

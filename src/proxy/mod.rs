@@ -573,6 +573,7 @@ async fn accept_loop(
     let mut settings = ConnectionSettings::of(gateway.runtime.load_full());
     // Every connection watches `drain`, and holds a receiver until it is done.
     let drain = watch::Sender::new(false);
+    let mut accept_failing = false;
     loop {
         let (accepted, secure) = tokio::select! {
             accepted = listener.accept() => (accepted, false),
@@ -580,10 +581,21 @@ async fn accept_loop(
             () = &mut *stop => break,
         };
         let (stream, peer) = match accepted {
-            Ok(conn) => conn,
+            Ok(conn) => {
+                if std::mem::take(&mut accept_failing) {
+                    tracing::info!("accepting connections again");
+                }
+                conn
+            }
             Err(err) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(%err, "accept failed");
+                // Out of file descriptors and the like: back off instead of spinning, and say
+                // so once, not every 20 ms.
+                if accept_failing {
+                    tracing::debug!(%err, "accept failed");
+                } else {
+                    tracing::warn!(%err, "accept failed: retrying every 20 ms until it works");
+                    accept_failing = true;
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }

@@ -40,6 +40,9 @@ pub enum FailureKind {
     Timeout,
     /// The client's body failed.
     Client,
+    /// The gateway ran short of its own resources (out of file descriptors and the like):
+    /// neither the instance's fault nor worth trying on another instance.
+    Local,
 }
 
 impl FailureKind {
@@ -88,7 +91,8 @@ pub fn next_attempt(failure: FailureKind, replayable: bool, reconnected: bool) -
         | FailureKind::BrokeOff
         | FailureKind::Invalid
         | FailureKind::Timeout
-        | FailureKind::Client => NextAttempt::GiveUp,
+        | FailureKind::Client
+        | FailureKind::Local => NextAttempt::GiveUp,
     }
 }
 
@@ -205,6 +209,8 @@ mod tests {
         assert!(!Reset { refused: false }.is_instance_fault());
         assert!(!Stale { sent: true }.is_instance_fault());
         assert!(!Client.is_instance_fault());
+        assert!(!Local.is_instance_fault());
+        assert_eq!(next_attempt(Local, true, false), NextAttempt::GiveUp);
     }
 
     #[test]
