@@ -579,3 +579,37 @@ async fn running_out_of_descriptors_blames_no_instance() {
     assert_eq!(instance["failures"], 0, "{detailed}");
     assert_eq!(get(&client, &gw.url("/")).await.status, 200);
 }
+
+/// An HTTP/2 head over `max_headers` or `max_header_size` gets the 431 an HTTP/1.1 one gets: a
+/// JSON answer with the request ID, and an access-log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_http2_head_gets_the_json_431() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let client = h2c_client();
+    let names: Vec<String> = (0..150).map(|i| format!("x-field-{i}")).collect();
+    let mut many: Vec<(&str, &str)> = names.iter().map(|name| (name.as_str(), "1")).collect();
+    many.push(("x-request-id", "many-fields"));
+    let long = "a".repeat(40 << 10);
+    let large = [("x-large", long.as_str()), ("x-request-id", "large-field")];
+    for (fields, id) in [(&many[..], "many-fields"), (&large[..], "large-field")] {
+        let reply = request(&client, "GET", &gw.url("/"), fields, "")
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 431, "{id}");
+        let json = reply.json();
+        assert_eq!(json["error"], "headers_too_large", "{json}");
+        assert_eq!(json["request_id"], id, "{json}");
+    }
+    assert_eq!(backend_requests(&support::client(), &a).await, 0);
+    let metrics = get(&support::client(), &gw.admin_url("/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        metrics.lines().any(
+            |line| line.starts_with("scalegate_requests_total{route=\"-\"")
+                && line.contains("status=\"4xx\"")
+                && line.ends_with(" 2")
+        ),
+        "{metrics}"
+    );
+}

@@ -76,13 +76,6 @@ pub struct ClientLimits {
 }
 
 impl ClientLimits {
-    pub fn http2_timers(&self) -> super::client_h2::Http2Timers {
-        super::client_h2::Http2Timers {
-            header_read_timeout: self.header_read_timeout,
-            idle_timeout: self.idle_timeout,
-        }
-    }
-
     pub fn of(server: &ServerConfig) -> ClientLimits {
         ClientLimits {
             header_read_timeout: server.header_read_timeout,

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::body::{BoxError, ClientBody, GatewayBody};
+use super::client_h1::ClientLimits;
 use super::error::ProxyError;
 use super::record::RequestRecord;
 use super::{forward, headers, Gateway};
@@ -35,6 +36,42 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 pub struct Http2Timers {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+}
+
+impl Http2Timers {
+    fn of(limits: &ClientLimits) -> Http2Timers {
+        Http2Timers {
+            header_read_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
+        }
+    }
+}
+
+/// hyper's own limit on a decoded header block, answered with a bare 431: this many times
+/// `max_header_size`, so that blocks over the gateway's limit but under hyper's get the JSON
+/// answer, log line and request ID every refusal has, while a huge one is cut while decoded.
+pub const HYPER_HEADER_LIST_FACTOR: usize = 2;
+
+/// Whether a request head is over the limits an HTTP/1.1 client gets: `max_headers` fields, or
+/// `max_header_size` bytes counted as HTTP/1.1 would carry them (request line and
+/// `name: value` lines), so that both protocols meet the same bound.
+fn head_too_large(parts: &http::request::Parts, limits: &ClientLimits) -> bool {
+    if parts.headers.len() > limits.max_headers {
+        return true;
+    }
+    // `METHOD target HTTP/1.1` and `Host: authority`, each with its CRLF.
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or(1, |target| target.as_str().len());
+    let authority = parts.uri.authority().map_or(0, |a| a.as_str().len() + 8);
+    let request_line = parts.method.as_str().len() + target + 12 + authority;
+    let fields: usize = parts
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    request_line + fields > limits.max_head
 }
 
 /// What the streams of one connection did, as offsets from when it was accepted.
@@ -194,12 +231,13 @@ pub async fn serve<I>(
     io: I,
     gateway: Arc<Gateway>,
     client: forward::ClientAddr,
-    (underscores_in_headers, timers): (bool, Http2Timers),
+    limits: ClientLimits,
     mut drain: watch::Receiver<bool>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = client.addr;
+    let timers = Http2Timers::of(&limits);
     let activity = Arc::new(Activity::new());
     let streams = Arc::clone(&activity);
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -211,11 +249,15 @@ pub async fn serve<I>(
             // What hyper let through that the gateway refuses, as client_h1 refuses it when it
             // reads a head: framing (codings other than one `chunked`, signed lengths) and the
             // malformations of RFC 9113 §8 hyper does not check.
-            let refused = headers::check_framing(&mut parts.headers)
-                .map_err(|err| err.reason())
-                .and_then(|_| forward::http2_malformation(&parts));
-            if let Err(reason) = refused {
-                let refusal = ProxyError::BadRequest(reason);
+            let refused = if head_too_large(&parts, &limits) {
+                Err(ProxyError::HeadersTooLarge)
+            } else {
+                headers::check_framing(&mut parts.headers)
+                    .map_err(|err| err.reason())
+                    .and_then(|_| forward::http2_malformation(&parts))
+                    .map_err(ProxyError::BadRequest)
+            };
+            if let Err(refusal) = refused {
                 let request_id = forward::request_id(&gateway, &parts.headers);
                 let response = refusal.response(&request_id);
                 let record =
@@ -223,7 +265,7 @@ pub async fn serve<I>(
                 return Ok(response.map(|body| RecordedBody::new(body, record, stream)));
             }
             // client_h1 leaves such fields out as it parses.
-            if !underscores_in_headers {
+            if !limits.underscores_in_headers {
                 headers::drop_underscored(&mut parts.headers);
             }
             let req = http::Request::from_parts(parts, ClientBody::Hyper(body));

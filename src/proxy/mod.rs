@@ -542,7 +542,11 @@ impl ConnectionSettings {
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(server.max_header_bytes as u32)
+            .max_header_list_size(
+                (server.max_header_bytes * client_h2::HYPER_HEADER_LIST_FACTOR)
+                    .try_into()
+                    .unwrap_or(u32::MAX),
+            )
             .max_concurrent_streams(h2.max_concurrent_streams)
             .initial_stream_window_size(h2.initial_stream_window)
             .initial_connection_window_size(h2.initial_connection_window)
@@ -623,8 +627,7 @@ async fn accept_loop(
                         client_h1::serve(stream, gateway, client, limits, drain).await;
                     }
                     Some(true) => {
-                        let settings = (limits.underscores_in_headers, limits.http2_timers());
-                        client_h2::serve(&builder, stream, gateway, client, settings, drain).await
+                        client_h2::serve(&builder, stream, gateway, client, limits, drain).await
                     }
                     None => {}
                 }
@@ -650,8 +653,7 @@ async fn accept_loop(
                 }
             };
             if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                let settings = (limits.underscores_in_headers, limits.http2_timers());
-                client_h2::serve(&builder, stream, gateway, client, settings, drain).await;
+                client_h2::serve(&builder, stream, gateway, client, limits, drain).await;
             } else {
                 let stream = ClientStream::Tls(Box::new(stream));
                 client_h1::serve(stream, gateway, client, limits, drain).await;
