@@ -441,7 +441,7 @@ async fn an_http2_client_queues_streams_beyond_max_concurrent_streams() {
 async fn http2_connections_that_stall_or_idle_are_closed() {
     let big = demo_backend(&["--body-bytes", "4194304"]);
     let gw = gateway_with_server_keys(
-        "header_read_timeout = \"1s\"\nidle_timeout = \"1s\"",
+        "header_read_timeout = \"1s\"\nidle_timeout = \"2s\"",
         &app_config(&[&big], ""),
     );
     let closes_within = |seconds: u64, mut stream: TcpStream| {
@@ -475,7 +475,7 @@ async fn http2_connections_that_stall_or_idle_are_closed() {
     let socket = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
     let (mut sender, connection) = h2::client::handshake(socket).await.unwrap();
     let connection = tokio::spawn(connection);
-    let request = http::Request::get(gw.url("/slow?latency_ms=1500"))
+    let request = http::Request::get(gw.url("/slow?latency_ms=2500"))
         .body(())
         .unwrap();
     let (answer, _) = sender.send_request(request, true).unwrap();
@@ -489,9 +489,15 @@ async fn http2_connections_that_stall_or_idle_are_closed() {
         body.flow_control().release_capacity(data.len()).unwrap();
     }
     assert_eq!(received, 4 << 20);
-    drop(sender);
+    // The client keeps its side open (`sender` lives on): only the gateway can end it.
+    let idle_since = Instant::now();
     let ended = tokio::time::timeout(Duration::from_secs(8), connection).await;
     assert!(ended.is_ok(), "an idle HTTP/2 connection stayed open");
+    assert!(
+        idle_since.elapsed() >= Duration::from_millis(1500),
+        "closed before it was idle for idle_timeout"
+    );
+    drop(sender);
 
     // A client that takes none of a large answer: its connection is dropped and the request
     // stops counting as in flight.
@@ -529,7 +535,6 @@ async fn running_out_of_descriptors_blames_no_instance() {
     // No pooled connection to the instance: every request needs a new descriptor.
     let gw = gateway(&app_config(&[&a], "max_fails = 1\nkeepalive = 0"));
     let client = client();
-    assert_eq!(get(&client, &gw.url("/")).await.status, 200);
     let pid = gw.proc.pid();
     let open_fds = || -> Vec<u64> {
         let mut fds: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -539,7 +544,7 @@ async fn running_out_of_descriptors_blames_no_instance() {
         fds.sort_unstable();
         fds
     };
-    // Once the warm-up's instance connection is surely closed: the same set twice running.
+    // Once the descriptors of starting up have settled: the same set twice running.
     let mut open = open_fds();
     for _ in 0..40 {
         std::thread::sleep(Duration::from_millis(50));
@@ -611,5 +616,59 @@ async fn an_oversized_http2_head_gets_the_json_431() {
                 && line.ends_with(" 2")
         ),
         "{metrics}"
+    );
+}
+
+/// The HTTP/2 send timeout follows the client's real pace: a client reading a large cached
+/// answer slowly but steadily gets all of it, and one that opens no window at all, even for an
+/// answer of one frame, loses its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http2_send_timeout_follows_the_clients_pace() {
+    let big = demo_backend(&["--body-bytes", "300000"]);
+    let gw = gateway_with_server_keys(
+        "idle_timeout = \"1s\"",
+        &format!(
+            "[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\n\
+             cache = {{ ttl = \"60s\", max_body = \"1MiB\" }}\n",
+            big.addr()
+        ),
+    );
+    let h2c = |window: u32| {
+        let proxy = gw.proxy;
+        async move {
+            let socket = tokio::net::TcpStream::connect(proxy).await.unwrap();
+            let (sender, connection) = h2::client::Builder::new()
+                .initial_window_size(window)
+                .handshake::<_, bytes::Bytes>(socket)
+                .await
+                .unwrap();
+            (sender, tokio::spawn(connection))
+        }
+    };
+    assert_eq!(get(&client(), &gw.url("/page")).await.status, 200);
+    let (mut sender, _connection) = h2c(16 << 10).await;
+    let request = http::Request::get(gw.url("/page")).body(()).unwrap();
+    let (answer, _) = sender.send_request(request, true).unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.headers()["x-cache-status"], "HIT");
+    let mut body = answer.into_body();
+    let mut received = 0;
+    // 16 KiB every 200 ms: 300 kB take about 4 s, four times idle_timeout.
+    while let Some(data) = body.data().await {
+        let data = data.expect("a steady reader was cut off");
+        received += data.len();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        body.flow_control().release_capacity(data.len()).unwrap();
+    }
+    assert_eq!(received, 300_000);
+
+    let (mut sender, connection) = h2c(0).await;
+    let request = http::Request::get(gw.url("/health")).body(()).unwrap();
+    let (answer, _) = sender.send_request(request, true).unwrap();
+    let _unread = answer.await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(8), connection).await;
+    assert!(
+        ended.is_ok(),
+        "a client opening no window kept its connection"
     );
 }

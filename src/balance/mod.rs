@@ -20,36 +20,39 @@ pub enum Strategy {
 }
 
 impl Strategy {
-    /// Every name the config file accepts, in the order the docs list them.
-    pub const NAMES: [&'static str; 5] = [
-        "round_robin",
-        "least_conn",
-        "random_two",
-        "p2c_ewma",
-        "consistent_hash",
-    ];
+    /// Every strategy, in the order the docs list them (`consistent_hash` with a stand-in key).
+    fn every() -> [Strategy; 5] {
+        [
+            Strategy::RoundRobin,
+            Strategy::LeastConn,
+            Strategy::RandomTwo,
+            Strategy::P2cEwma,
+            Strategy::ConsistentHash(HashKey::ClientIp),
+        ]
+    }
+
+    /// Every name the config file accepts.
+    pub fn names() -> impl Iterator<Item = &'static str> {
+        Self::every().into_iter().map(|strategy| strategy.name())
+    }
 
     /// The strategy a config name stands for; `hash_key` is asked only for `consistent_hash`.
     pub fn from_name(name: &str, hash_key: impl FnOnce() -> HashKey) -> Option<Strategy> {
-        let strategy = match Self::NAMES.iter().position(|known| *known == name)? {
-            0 => Strategy::RoundRobin,
-            1 => Strategy::LeastConn,
-            2 => Strategy::RandomTwo,
-            3 => Strategy::P2cEwma,
-            _ => Strategy::ConsistentHash(hash_key()),
-        };
-        Some(strategy)
+        match Self::every().into_iter().find(|s| s.name() == name)? {
+            Strategy::ConsistentHash(_) => Some(Strategy::ConsistentHash(hash_key())),
+            strategy => Some(strategy),
+        }
     }
 
     /// The name the config file gives it.
     pub fn name(&self) -> &'static str {
-        Self::NAMES[match self {
-            Strategy::RoundRobin => 0,
-            Strategy::LeastConn => 1,
-            Strategy::RandomTwo => 2,
-            Strategy::P2cEwma => 3,
-            Strategy::ConsistentHash(_) => 4,
-        }]
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::LeastConn => "least_conn",
+            Strategy::RandomTwo => "random_two",
+            Strategy::P2cEwma => "p2c_ewma",
+            Strategy::ConsistentHash(_) => "consistent_hash",
+        }
     }
 }
 
@@ -429,10 +432,19 @@ mod tests {
 
     #[test]
     fn every_strategy_name_reads_back_as_itself() {
-        for name in Strategy::NAMES {
+        for name in Strategy::names() {
             let strategy = Strategy::from_name(name, || HashKey::ClientIp).unwrap();
             assert_eq!(strategy.name(), name);
         }
+        assert_eq!(
+            Strategy::from_name("least_conn", || HashKey::ClientIp),
+            Some(Strategy::LeastConn)
+        );
+        let cookie = || HashKey::Cookie("session".into());
+        assert_eq!(
+            Strategy::from_name("consistent_hash", cookie),
+            Some(Strategy::ConsistentHash(cookie()))
+        );
         assert_eq!(Strategy::from_name("leastconn", || HashKey::ClientIp), None);
     }
 

@@ -1,8 +1,11 @@
 //! Reading the interpolated text into [`RawConfig`] so that every value of the wrong type and
 //! every unknown key is reported at once. serde stops at its first error; the key that failed is
 //! taken out of the parsed document and the rest is read again, until it reads. A wrongly typed
-//! array element or a missing required key takes out the innermost key holding it (the whole
-//! array, the table lacking the key), since an element cannot go without renumbering the rest.
+//! array element or a missing required key takes out the innermost key holding it, since an
+//! element cannot go without renumbering the rest: the whole array (for a `[[routes]]` entry
+//! lacking `upstream`, every route), or the table lacking the key.
+
+use std::fmt::Write as _;
 
 use serde_path_to_error::Segment;
 
@@ -174,7 +177,7 @@ fn take_out(document: &mut toml::Value, path: &serde_path_to_error::Path) -> Opt
                 at.get_mut(key.as_str())
             }
             Segment::Seq { index } => {
-                name.push_str(&format!("[{index}]"));
+                let _ = write!(name, "[{index}]");
                 at.get_mut(*index)
             }
             _ => None,

@@ -104,8 +104,9 @@ pub struct RawHttp2 {
     pub max_concurrent_streams: u32,
     #[serde(deserialize_with = "super::units::size_text")]
     pub initial_stream_window: String,
-    #[serde(deserialize_with = "super::units::size_text")]
-    pub initial_connection_window: String,
+    /// Left out: [`DEFAULT_CONNECTION_WINDOW`], or the stream window when that is larger.
+    #[serde(deserialize_with = "super::units::optional_size_text")]
+    pub initial_connection_window: Option<String>,
     #[serde(deserialize_with = "super::units::size_text")]
     pub max_frame_size: String,
     pub keep_alive_interval: String,
@@ -117,7 +118,7 @@ impl Default for RawHttp2 {
         RawHttp2 {
             max_concurrent_streams: 256,
             initial_stream_window: "256KiB".into(),
-            initial_connection_window: "2MiB".into(),
+            initial_connection_window: None,
             max_frame_size: "16KiB".into(),
             keep_alive_interval: "30s".into(),
             keep_alive_timeout: "20s".into(),
@@ -136,6 +137,10 @@ pub struct Http2Config {
     pub keep_alive_interval: Option<Duration>,
     pub keep_alive_timeout: Duration,
 }
+
+/// The connection's flow-control window when none is given: room for several streams' windows,
+/// so that one upload its instance is slow to read does not hold up the others.
+const DEFAULT_CONNECTION_WINDOW: u32 = 2 << 20;
 
 /// Largest flow-control window HTTP/2 allows (RFC 9113 §6.9.1).
 const MAX_WINDOW: u64 = (1 << 31) - 1;
@@ -158,12 +163,16 @@ pub(super) fn validate_http2(p: &mut Problems, raw: &RawHttp2) -> Http2Config {
         1..=MAX_WINDOW,
         "must be between 1 and 2147483647 (2^31 - 1)",
     );
-    let initial_connection_window = size_in(
-        "initial_connection_window",
-        &raw.initial_connection_window,
-        65_535..=MAX_WINDOW,
-        "must be between 65535 (the protocol's starting window) and 2147483647",
-    );
+    let initial_connection_window = match &raw.initial_connection_window {
+        Some(text) => size_in(
+            "initial_connection_window",
+            text,
+            65_535..=MAX_WINDOW,
+            "must be between 65535 (the protocol's starting window) and 2147483647",
+        ),
+        // Raising the stream window alone keeps a config valid.
+        None => initial_stream_window.max(DEFAULT_CONNECTION_WINDOW),
+    };
     let max_frame_size = size_in(
         "max_frame_size",
         &raw.max_frame_size,
@@ -812,7 +821,13 @@ max_in_flight = 0
         );
         assert_eq!(h2.keep_alive_interval, None);
 
-        // A connection window below the stream window is named.
+        // Raising the stream window alone raises the connection's with it; a connection window
+        // set below the stream window is named.
+        let text = format!(
+            "[server.http2]\ninitial_stream_window = \"4MiB\"\n{BASE}[[routes]]\nupstream = \"app\"\n"
+        );
+        let h2 = Config::from_toml(&text).unwrap().server.http2;
+        assert_eq!(h2.initial_connection_window, 4 << 20);
         let text = format!(
             "[server.http2]\ninitial_stream_window = \"1MiB\"\n\
              initial_connection_window = \"512KiB\"\n{BASE}[[routes]]\nupstream = \"app\"\n"

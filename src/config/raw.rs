@@ -544,7 +544,8 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
         )
     })
     .unwrap_or_else(|| {
-        let (last, others) = Strategy::NAMES.split_last().expect("strategies exist");
+        let names: Vec<&str> = Strategy::names().collect();
+        let (last, others) = names.split_last().expect("strategies exist");
         p.push(
             format!("{key}.strategy"),
             format!(

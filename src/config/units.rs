@@ -77,6 +77,13 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Reads a size field as written: text with a unit, or a bare integer of bytes (`max_body =
 /// 1048576`); the text is parsed with the other keys' values, so every bad one is reported.
+/// [`size_text`] for a key whose absence means something of its own.
+pub fn optional_size_text<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    size_text(deserializer).map(Some)
+}
+
 pub fn size_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
     struct SizeText;
     impl Visitor<'_> for SizeText {

@@ -6,8 +6,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -53,10 +52,14 @@ impl Http2Timers {
 pub const HYPER_HEADER_LIST_FACTOR: usize = 2;
 
 /// Whether a request head is over the limits an HTTP/1.1 client gets: `max_headers` fields, or
-/// `max_header_size` bytes counted as HTTP/1.1 would carry them (request line and
-/// `name: value` lines), so that both protocols meet the same bound.
+/// `max_header_size` bytes counted as HTTP/1.1 would carry them (request line, `Host`, one
+/// `name: value` line per field and the empty line), so that both protocols meet the same
+/// bound. Cookie crumbs, which HTTP/2 clients may send one per field (RFC 9113 §8.2.3), count
+/// as the one `Cookie` field they are joined into.
 fn head_too_large(parts: &http::request::Parts, limits: &ClientLimits) -> bool {
-    if parts.headers.len() > limits.max_headers {
+    let crumbs = parts.headers.get_all(http::header::COOKIE).iter().count();
+    let joined = crumbs.saturating_sub(1);
+    if parts.headers.len() - joined > limits.max_headers {
         return true;
     }
     // `METHOD target HTTP/1.1` and `Host: authority`, each with its CRLF.
@@ -66,12 +69,13 @@ fn head_too_large(parts: &http::request::Parts, limits: &ClientLimits) -> bool {
         .map_or(1, |target| target.as_str().len());
     let authority = parts.uri.authority().map_or(0, |a| a.as_str().len() + 8);
     let request_line = parts.method.as_str().len() + target + 12 + authority;
-    let fields: usize = parts
+    let lines: usize = parts
         .headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
-    request_line + fields > limits.max_head
+    // A joined crumb takes "; " instead of a line of its own ("cookie: " and CRLF).
+    request_line + lines + 2 - joined * ("cookie: \r\n".len() - "; ".len()) > limits.max_head
 }
 
 /// What the streams of one connection did, as offsets from when it was accepted.
@@ -127,48 +131,43 @@ pub fn judge_connection(seen: StreamsSeen, now: Duration, timers: Http2Timers) -
     }
 }
 
-/// The shared record behind [`StreamsSeen`], written by the streams as they go.
+/// The shared record behind [`StreamsSeen`], written by the streams as they go. One lock
+/// keeps each change whole for the timers: a count seen without the time that goes with it
+/// could close a healthy connection. Uncontended, and only on the HTTP/2 path.
 struct Activity {
     started: Instant,
-    opened: AtomicU32,
-    live: AtomicU32,
-    waiting_on_client: AtomicU32,
-    last_change: AtomicU64,
-    last_client_progress: AtomicU64,
+    seen: Mutex<StreamsSeen>,
 }
 
 impl Activity {
-    fn new() -> Activity {
+    fn new(started: Instant) -> Activity {
         Activity {
-            started: Instant::now(),
-            opened: AtomicU32::new(0),
-            live: AtomicU32::new(0),
-            waiting_on_client: AtomicU32::new(0),
-            last_change: AtomicU64::new(0),
-            last_client_progress: AtomicU64::new(0),
+            started,
+            seen: Mutex::new(StreamsSeen {
+                opened: false,
+                live: 0,
+                waiting_on_client: 0,
+                last_change: Duration::ZERO,
+                last_client_progress: Duration::ZERO,
+            }),
         }
     }
 
-    fn now(&self) -> u64 {
-        self.started.elapsed().as_nanos() as u64
+    fn lock(&self) -> MutexGuard<'_, StreamsSeen> {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn seen(&self) -> StreamsSeen {
-        StreamsSeen {
-            opened: self.opened.load(Ordering::Relaxed) > 0,
-            live: self.live.load(Ordering::Relaxed),
-            waiting_on_client: self.waiting_on_client.load(Ordering::Relaxed),
-            last_change: Duration::from_nanos(self.last_change.load(Ordering::Relaxed)),
-            last_client_progress: Duration::from_nanos(
-                self.last_client_progress.load(Ordering::Relaxed),
-            ),
-        }
+        *self.lock()
     }
 
     fn open(self: &Arc<Self>) -> StreamGuard {
-        self.last_change.store(self.now(), Ordering::Relaxed);
-        self.opened.store(1, Ordering::Relaxed);
-        self.live.fetch_add(1, Ordering::Relaxed);
+        let now = self.started.elapsed();
+        let mut seen = self.lock();
+        seen.opened = true;
+        seen.live += 1;
+        seen.last_change = now;
+        drop(seen);
         StreamGuard {
             activity: Arc::clone(self),
             waiting: false,
@@ -184,14 +183,13 @@ struct StreamGuard {
 }
 
 impl StreamGuard {
-    /// hyper came back for more: the client's window took what it had.
+    /// hyper came back for more: h2 took what it had, within the client's window.
     fn client_took(&mut self) {
         if std::mem::take(&mut self.waiting) {
-            let activity = &self.activity;
-            activity
-                .last_client_progress
-                .store(activity.now(), Ordering::Relaxed);
-            activity.waiting_on_client.fetch_sub(1, Ordering::Relaxed);
+            let now = self.activity.started.elapsed();
+            let mut seen = self.activity.lock();
+            seen.last_client_progress = now;
+            seen.waiting_on_client -= 1;
         }
     }
 
@@ -199,28 +197,27 @@ impl StreamGuard {
     fn wait_on_client(&mut self) {
         if !self.waiting {
             self.waiting = true;
-            let activity = &self.activity;
+            let now = self.activity.started.elapsed();
+            let mut seen = self.activity.lock();
             // The first to wait starts the clock: time the client spent with nothing to take
             // does not count against it.
-            if activity.waiting_on_client.fetch_add(1, Ordering::Relaxed) == 0 {
-                activity
-                    .last_client_progress
-                    .store(activity.now(), Ordering::Relaxed);
+            if seen.waiting_on_client == 0 {
+                seen.last_client_progress = now;
             }
+            seen.waiting_on_client += 1;
         }
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        let activity = &self.activity;
+        let now = self.activity.started.elapsed();
+        let mut seen = self.activity.lock();
         if self.waiting {
-            activity.waiting_on_client.fetch_sub(1, Ordering::Relaxed);
+            seen.waiting_on_client -= 1;
         }
-        activity.live.fetch_sub(1, Ordering::Relaxed);
-        activity
-            .last_change
-            .store(activity.now(), Ordering::Relaxed);
+        seen.live -= 1;
+        seen.last_change = now;
     }
 }
 
@@ -231,14 +228,14 @@ pub async fn serve<I>(
     io: I,
     gateway: Arc<Gateway>,
     client: forward::ClientAddr,
-    limits: ClientLimits,
+    (limits, accepted): (ClientLimits, Instant),
     mut drain: watch::Receiver<bool>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let peer = client.addr;
     let timers = Http2Timers::of(&limits);
-    let activity = Arc::new(Activity::new());
+    let activity = Arc::new(Activity::new(accepted));
     let streams = Arc::clone(&activity);
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let (gateway, client) = (gateway.clone(), client.clone());
@@ -345,13 +342,22 @@ fn headers_only(mut response: Response<GatewayBody>) -> Response<GatewayBody> {
     response
 }
 
-/// An answer body for hyper's HTTP/2 server: counts the bytes it hands over, writes the
-/// request's record once the body has ended, failed or been dropped, and tells the
-/// connection's timers when the client took data.
+/// The most answer data handed to hyper at once. hyper passes a whole frame to h2 once the
+/// client's window has room for one byte of it, and h2 keeps what the window does not take yet:
+/// a large frame (a cache hit, the gateway's own answers) would sit in h2 whole, beyond
+/// `H2_SEND_BUFFER`, and the stream would look finished to the timers while the client still
+/// reads it. Pieces of one default HTTP/2 frame keep both true to the client's pace.
+const MAX_PIECE: usize = 16 << 10;
+
+/// An answer body for hyper's HTTP/2 server: hands the data over in pieces of at most
+/// [`MAX_PIECE`], counts the bytes, writes the request's record once the body has ended, failed
+/// or been dropped, and tells the connection's timers when the client took data.
 struct RecordedBody {
     body: GatewayBody,
     record: Option<RequestRecord>,
     stream: StreamGuard,
+    /// The rest of a frame larger than a piece.
+    pending: Option<Bytes>,
 }
 
 impl RecordedBody {
@@ -362,7 +368,26 @@ impl RecordedBody {
             body,
             record,
             stream,
+            pending: None,
         }
+    }
+
+    /// The next piece of `data`, the rest kept for the next poll.
+    fn piece_of(&mut self, mut data: Bytes) -> Frame<Bytes> {
+        if data.len() > MAX_PIECE {
+            self.pending = Some(data.split_off(MAX_PIECE));
+        }
+        if let Some(record) = &mut self.record {
+            record.sent(data.len());
+        }
+        if self.is_end_stream() {
+            self.record = None;
+        }
+        if !data.is_empty() {
+            // Even the last piece: hyper waits for window before it hands it over.
+            self.stream.wait_on_client();
+        }
+        Frame::data(data)
     }
 }
 
@@ -376,29 +401,44 @@ impl Body for RecordedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         this.stream.client_took();
-        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
-        match &frame {
-            Some(Ok(frame)) => {
-                if let (Some(record), Some(data)) = (&mut this.record, frame.data_ref()) {
-                    record.sent(data.len());
-                }
-                if this.body.is_end_stream() {
-                    this.record = None;
-                } else {
-                    this.stream.wait_on_client();
-                }
-            }
-            None | Some(Err(_)) => this.record = None,
+        if let Some(rest) = this.pending.take() {
+            return Poll::Ready(Some(Ok(this.piece_of(rest))));
         }
-        Poll::Ready(frame)
+        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match frame {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => Poll::Ready(Some(Ok(this.piece_of(data)))),
+                Err(other) => {
+                    if this.body.is_end_stream() {
+                        this.record = None;
+                    }
+                    Poll::Ready(Some(Ok(other)))
+                }
+            },
+            None => {
+                this.record = None;
+                Poll::Ready(None)
+            }
+            Some(Err(err)) => {
+                this.record = None;
+                Poll::Ready(Some(Err(err)))
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.pending.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let pending = self.pending.as_ref().map_or(0, |rest| rest.len() as u64);
+        let inner = self.body.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + pending);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + pending);
+        }
+        hint
     }
 }
 
@@ -473,9 +513,41 @@ mod tests {
         );
     }
 
+    fn limits(max_head: usize, max_headers: usize) -> ClientLimits {
+        ClientLimits {
+            header_read_timeout: secs(10),
+            idle_timeout: secs(60),
+            max_head,
+            max_headers,
+            max_uri: 8192,
+            underscores_in_headers: false,
+            max_body: u64::MAX,
+        }
+    }
+
+    #[test]
+    fn a_head_is_measured_as_http1_would_carry_it_with_cookie_crumbs_joined() {
+        let request = |crumbs: usize| {
+            let mut builder = http::Request::get("http://a.example/p").header("x-one", "1");
+            for i in 0..crumbs {
+                builder = builder.header("cookie", format!("c{i}=v"));
+            }
+            builder.body(()).unwrap().into_parts().0
+        };
+        // GET /p HTTP/1.1\r\n (17) Host: a.example\r\n (17) x-one: 1\r\n (10) \r\n (2) = 46,
+        // and with three crumbs `cookie: c0=v; c1=v; c2=v\r\n` (26): 72.
+        assert!(!head_too_large(&request(0), &limits(46, 100)));
+        assert!(head_too_large(&request(0), &limits(45, 100)));
+        assert!(!head_too_large(&request(3), &limits(72, 100)));
+        assert!(head_too_large(&request(3), &limits(71, 100)));
+        // Three crumbs are one field, as over HTTP/1.1: two fields in all.
+        assert!(!head_too_large(&request(3), &limits(1000, 2)));
+        assert!(head_too_large(&request(3), &limits(1000, 1)));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_clock_of_a_stalled_client_starts_when_an_answer_first_waits() {
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(Instant::now()));
         let mut first = activity.open();
         tokio::time::advance(secs(100)).await;
         first.wait_on_client();

@@ -24,8 +24,8 @@ pub enum ConnectError {
     Timeout,
     #[error("connect failed: {0}")]
     Io(#[from] io::Error),
-    /// The gateway's own resources ran short (descriptors, buffers, memory, local ports): not
-    /// the instance's fault, and another instance would fail alike.
+    /// The gateway's own resources ran short (descriptors, buffers, memory): not the instance's
+    /// fault, and another instance would fail alike.
     #[error("the gateway could not open a connection: {0}")]
     Local(io::Error),
     #[error("TLS handshake with the instance failed: {0}")]
@@ -90,13 +90,13 @@ impl Connector {
     }
 
     async fn open(&self) -> Result<InstanceStream, ConnectError> {
-        let tcp =
-            TcpStream::connect(self.addr)
-                .await
-                .map_err(|err| match is_local_shortage(&err) {
-                    true => ConnectError::Local(err),
-                    false => ConnectError::Io(err),
-                })?;
+        let tcp = TcpStream::connect(self.addr).await.map_err(|err| {
+            if is_local_shortage(&err) {
+                ConnectError::Local(err)
+            } else {
+                ConnectError::Io(err)
+            }
+        })?;
         tcp.set_nodelay(true)?;
         match &self.tls {
             None => Ok(InstanceStream::Tcp(tcp)),
@@ -115,12 +115,13 @@ impl Connector {
 }
 
 /// Whether a connect failed for want of the gateway's own resources rather than anything the
-/// instance did.
+/// instance did. Not EADDRNOTAVAIL: local ports run out per destination, and it also means no
+/// source address of the instance's family (IPv6 off), which is the instance's address at fault.
 fn is_local_shortage(err: &io::Error) -> bool {
     use nix::errno::Errno;
     matches!(
         err.raw_os_error().map(Errno::from_raw),
-        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM | Errno::EADDRNOTAVAIL)
+        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
     )
 }
 

@@ -43,9 +43,7 @@ pub enum ProxyError {
     },
     #[error("too many requests in flight, retry in {retry_after} s")]
     Overloaded { retry_after: u64 },
-    #[error(
-        "the gateway is short of resources (file descriptors, memory or local ports), retry in 1 s"
-    )]
+    #[error("the gateway is short of resources (file descriptors or memory), retry in 1 s")]
     GatewayShortage,
 }
 

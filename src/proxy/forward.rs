@@ -228,7 +228,9 @@ async fn forward(
             .path_and_query()
             .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     }
-    if parts.version == Version::HTTP_2 {
+    // Only an HTTP/2 client gets the instance's trailers (client_h1 drops them).
+    let from_http2 = parts.version == Version::HTTP_2;
+    if from_http2 {
         join_cookies(&mut parts.headers);
     }
     parts.version = Version::HTTP_11;
@@ -249,8 +251,10 @@ async fn forward(
     let upgrade = websocket_upgrade(&parts.headers);
     let client_upgrade = client_upgrade.filter(|_| upgrade.is_some());
     // TE is hop-by-hop, but an HTTP/2 instance (gRPC) wants to hear on its own hop that trailers
-    // reach the client (RFC 9113 §8.2.2 allows `te: trailers` alone); the gateway relays them.
-    let te_trailers = upstream.config.protocol.is_http2()
+    // reach the client (RFC 9113 §8.2.2 allows `te: trailers` alone), which holds when the
+    // client speaks HTTP/2 too.
+    let te_trailers = from_http2
+        && upstream.config.protocol.is_http2()
         && values(&parts.headers, &header::TE)
             .any(|value| crate::http1::has_token(value.as_bytes(), b"trailers"));
     let fields = ForwardedFields::take(
@@ -553,10 +557,8 @@ impl Attempt {
     fn not_connected(err: ConnectError) -> Attempt {
         let (kind, error) = match err {
             ConnectError::Timeout => (FailureKind::NotSent, ProxyError::ConnectTimeout),
-            ConnectError::Local(err) => {
-                tracing::error!(%err, "the gateway could not open a connection to an instance");
-                (FailureKind::Local, ProxyError::GatewayShortage)
-            }
+            // The request's failure line says so; nothing more per request.
+            ConnectError::Local(_) => (FailureKind::Local, ProxyError::GatewayShortage),
             err => (
                 FailureKind::NotSent,
                 ProxyError::InstanceFailed(err.to_string()),

@@ -245,9 +245,12 @@ impl Gateway {
     /// otherwise hold up a worker that serves requests.
     pub async fn reload_aside(self: &Arc<Self>) -> Result<(), ConfigErrors> {
         let gateway = Arc::clone(self);
+        let metrics = Arc::clone(&self.metrics);
         tokio::task::spawn_blocking(move || gateway.reload())
             .await
             .unwrap_or_else(|failed| {
+                // A panic, or the runtime stopping: the running config stays either way.
+                metrics.reloads.record(false);
                 Err(ConfigErrors(vec![crate::config::ConfigError {
                     key: "reload".into(),
                     line: None,
@@ -543,9 +546,11 @@ impl ConnectionSettings {
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(
-                (server.max_header_bytes * client_h2::HYPER_HEADER_LIST_FACTOR)
-                    .try_into()
-                    .unwrap_or(u32::MAX),
+                (server
+                    .max_header_bytes
+                    .saturating_mul(client_h2::HYPER_HEADER_LIST_FACTOR))
+                .try_into()
+                .unwrap_or(u32::MAX),
             )
             .max_concurrent_streams(h2.max_concurrent_streams)
             .initial_stream_window_size(h2.initial_stream_window)
@@ -611,7 +616,7 @@ async fn accept_loop(
         let permit = match gateway.connections.admit(peer.ip()) {
             Ok(permit) => permit,
             Err(refusal) => {
-                refuse(stream, secure, refusal, gateway.new_request_id());
+                refuse(stream, secure, refusal, &gateway);
                 continue;
             }
         };
@@ -621,13 +626,15 @@ async fn accept_loop(
         if !secure {
             let drain = drain.subscribe();
             tokio::spawn(async move {
+                let accepted = tokio::time::Instant::now();
                 match starts_with_http2_preface(&stream, limits.header_read_timeout).await {
                     Some(false) => {
                         let stream = ClientStream::Tcp(stream);
                         client_h1::serve(stream, gateway, client, limits, drain).await;
                     }
                     Some(true) => {
-                        client_h2::serve(&builder, stream, gateway, client, limits, drain).await
+                        let settings = (limits, accepted);
+                        client_h2::serve(&builder, stream, gateway, client, settings, drain).await
                     }
                     None => {}
                 }
@@ -640,6 +647,7 @@ async fn accept_loop(
         };
         let drain = drain.subscribe();
         tokio::spawn(async move {
+            let accepted = tokio::time::Instant::now();
             let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
             let stream = match tokio::time::timeout(limits.header_read_timeout, handshake).await {
                 Ok(Ok(stream)) => stream,
@@ -653,7 +661,8 @@ async fn accept_loop(
                 }
             };
             if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                client_h2::serve(&builder, stream, gateway, client, limits, drain).await;
+                let settings = (limits, accepted);
+                client_h2::serve(&builder, stream, gateway, client, settings, drain).await;
             } else {
                 let stream = ClientStream::Tls(Box::new(stream));
                 client_h1::serve(stream, gateway, client, limits, drain).await;
@@ -715,12 +724,13 @@ fn refuse(
     stream: tokio::net::TcpStream,
     secure: bool,
     refusal: connections::Refusal,
-    request_id: http::HeaderValue,
+    gateway: &Gateway,
 ) {
     tracing::debug!(?refusal, "connection refused");
     if secure {
         return;
     }
+    let request_id = gateway.new_request_id();
     let reason = match refusal {
         connections::Refusal::TooManyConnections => {
             "the gateway holds server.max_connections connections"
