@@ -151,11 +151,15 @@ async fn handle(
         (&Method::POST, ["api", "upstreams", name, "instances"]) => {
             let name = name.to_string();
             match read_json(req).await {
-                Ok(body) => add_instance(&gateway, &name, &body),
+                Ok(body) => {
+                    let _serialized = gateway.hold_reloads().await;
+                    add_instance(&gateway, &name, &body)
+                }
                 Err(response) => response,
             }
         }
         (&Method::DELETE, ["api", "upstreams", name, "instances", addr]) => {
+            let _serialized = gateway.hold_reloads().await;
             drain_instance(&gateway, name, addr)
         }
         (&Method::GET, ["api", "autoscale"]) => reply(StatusCode::OK, gateway.autoscale.status()),
@@ -513,8 +517,8 @@ fn instance_json(instance: &Instance, now: Instant) -> Value {
     })
 }
 
+/// Called with reloads held off.
 fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<GatewayBody> {
-    let _serialized = gateway.hold_reloads();
     let Some(upstream) = gateway.upstream(name) else {
         return reply(
             StatusCode::NOT_FOUND,
@@ -598,8 +602,8 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
 
 /// Marks the instance draining (no new requests) and removes it once its in-flight requests
 /// finished or `drain_timeout` passed.
+/// Called with reloads held off.
 fn drain_instance(gateway: &Gateway, name: &str, addr: &str) -> Response<GatewayBody> {
-    let _serialized = gateway.hold_reloads();
     let Some(upstream) = gateway.upstream(name) else {
         return reply(
             StatusCode::NOT_FOUND,

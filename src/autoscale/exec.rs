@@ -65,7 +65,7 @@ impl ExecProvider {
         // Changed on the upstream in force once the lookup is back, with reloads held off: an
         // instance added to an upstream that a reload was replacing would be lost, and it is
         // added only once.
-        let _serialized = self.gateway.hold_reloads();
+        let _serialized = self.gateway.hold_reloads().await;
         let Some(upstream) = self.gateway.upstream(&self.upstream) else {
             return;
         };

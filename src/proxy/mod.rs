@@ -28,7 +28,7 @@ pub use forward::InstanceFetch;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -170,7 +170,7 @@ pub struct Gateway {
     config_path: Option<PathBuf>,
     request_seq: AtomicU64,
     id_prefix: u32,
-    reload_lock: Mutex<()>,
+    reload_lock: tokio::sync::Mutex<()>,
     pub metrics: Arc<Metrics>,
     pub live: LiveStats,
     /// Open client connections against `server.max_connections` and `max_connections_per_ip`.
@@ -214,7 +214,7 @@ impl Gateway {
             config_path,
             request_seq: AtomicU64::new(1),
             id_prefix: rand::random(),
-            reload_lock: Mutex::new(()),
+            reload_lock: tokio::sync::Mutex::new(()),
             metrics,
             live: LiveStats::default(),
             https_port: AtomicU16::new(0),
@@ -226,7 +226,7 @@ impl Gateway {
     }
 
     /// Re-reads the config file. A bad config is refused and the running one keeps serving.
-    pub fn reload(&self) -> Result<(), ConfigErrors> {
+    fn reload(&self) -> Result<(), ConfigErrors> {
         // Not a reload refused (no config was pushed): not counted as one.
         let Some(path) = &self.config_path else {
             return Err(ConfigErrors(vec![crate::config::ConfigError {
@@ -260,7 +260,8 @@ impl Gateway {
     }
 
     fn apply_config_file(&self, path: &std::path::Path) -> Result<(), ConfigErrors> {
-        let _serialized = self.hold_reloads();
+        // On the blocking pool (`reload_aside`), where waiting blocks no worker.
+        let _serialized = self.reload_lock.blocking_lock();
         let config = Config::load(path)?;
         let current = self.runtime.load_full();
         let needing_restart = restart_only_changes(&current.config, &config, self.redis.is_some());
@@ -303,13 +304,12 @@ impl Gateway {
     }
 
     /// Holds off reloads while the guard lives: a reload builds the next upstreams from the
-    /// instance sets in force, so an instance added or drained through the admin API meanwhile
-    /// would be lost with the old ones. The lock guards no data: a reload that panicked leaves
-    /// nothing half-done behind it.
-    pub fn hold_reloads(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.reload_lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// instance sets in force, so an instance added or drained through the admin API or by
+    /// discovery meanwhile would be lost with the old ones. An async lock: a reload holds it on
+    /// the blocking pool for as long as it reads and builds, and a worker waiting on it would
+    /// stop serving requests.
+    pub async fn hold_reloads(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.reload_lock.lock().await
     }
 
     /// A request ID for a request that came without a usable one.
