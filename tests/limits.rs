@@ -527,15 +527,9 @@ async fn http2_connections_that_stall_or_idle_are_closed() {
     );
 }
 
-/// Out of file descriptors, a request that cannot reach an instance is the gateway's shortage:
-/// a 503 saying so, the instance not held to blame (nginx answers 500 and blames none either).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn running_out_of_descriptors_blames_no_instance() {
-    let a = demo_backend(&[]);
-    // No pooled connection to the instance: every request needs a new descriptor.
-    let gw = gateway(&app_config(&[&a], "max_fails = 1\nkeepalive = 0"));
-    let client = client();
-    let pid = gw.proc.pid();
+/// The descriptors `pid` has open, once those of starting up have settled (the same set twice
+/// running), and a function that sets its descriptor limit (soft; the hard one stays above).
+fn settled_descriptors(pid: u32) -> (Vec<u64>, impl Fn(u64)) {
     let open_fds = || -> Vec<u64> {
         let mut fds: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .unwrap()
@@ -544,7 +538,6 @@ async fn running_out_of_descriptors_blames_no_instance() {
         fds.sort_unstable();
         fds
     };
-    // Once the descriptors of starting up have settled: the same set twice running.
     let mut open = open_fds();
     for _ in 0..40 {
         std::thread::sleep(Duration::from_millis(50));
@@ -554,35 +547,78 @@ async fn running_out_of_descriptors_blames_no_instance() {
         }
         open = again;
     }
-    // The lowest limit leaving exactly one descriptor free: the client's connection takes it,
-    // and nothing is left for a connection to the instance.
-    let limit = (1..)
-        .find(|limit| limit - open.iter().filter(|fd| *fd < limit).count() as u64 == 1)
-        .unwrap();
-    let raised = (limit + 64).to_string();
-    let limited = |value: &str| {
+    let hard = open.last().copied().unwrap_or(0) + 128;
+    let limit = move |soft: u64| {
         let status = std::process::Command::new("prlimit")
             .args([
                 "--pid",
                 &pid.to_string(),
-                &format!("--nofile={value}:{raised}"),
+                &format!("--nofile={soft}:{hard}"),
             ])
             .status()
             .unwrap();
         assert!(status.success(), "prlimit failed");
     };
-    limited(&limit.to_string());
+    (open, limit)
+}
+
+/// The lowest descriptor limit that leaves `free` descriptors free besides those `open`.
+fn limit_leaving(open: &[u64], free: u64) -> u64 {
+    (1..)
+        .find(|limit| limit - open.iter().filter(|fd| *fd < limit).count() as u64 == free)
+        .unwrap()
+}
+
+/// Out of file descriptors, a request that cannot reach an instance is the gateway's shortage:
+/// a 503 saying so, the instance not held to blame (nginx answers 500 and blames none either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_blames_no_instance() {
+    let a = demo_backend(&[]);
+    // No pooled connection to the instance: every request needs a new descriptor.
+    let gw = gateway(&app_config(&[&a], "max_fails = 1\nkeepalive = 0"));
+    let client = client();
+    let (open, limit) = settled_descriptors(gw.proc.pid());
+    // One descriptor free: the client's connection takes it, and nothing is left for a
+    // connection to the instance.
+    limit(limit_leaving(&open, 1));
     let answer = raw_exchange(
         gw.proxy,
         b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
-    limited(&raised);
+    limit(limit_leaving(&open, 64));
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("gateway_short_of_resources"), "{answer}");
     let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
     let instance = &detailed["upstreams"][0]["instances"][0];
     assert_eq!(instance["failures"], 0, "{detailed}");
     assert_eq!(get(&client, &gw.url("/")).await.status, 200);
+}
+
+/// Active checks that cannot open a connection for want of descriptors pass no verdict: the
+/// instance stays up (with `fall = 1` one failed check would take it out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_checks_skip_a_round_the_gateway_cannot_open() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(
+        &[&a],
+        "health = { interval = \"100ms\", fall = 1, rise = 50 }",
+    ));
+    let client = client();
+    let up = || {
+        let (client, url) = (client.clone(), gw.admin_url("/health/detailed"));
+        async move {
+            let detailed = get(&client, &url).await.json();
+            detailed["upstreams"][0]["instances"][0]["state"] == "up"
+        }
+    };
+    assert!(eventually(Duration::from_secs(10), up).await);
+    let (open, limit) = settled_descriptors(gw.proc.pid());
+    limit(limit_leaving(&open, 0));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    limit(limit_leaving(&open, 64));
+    let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
+    let instance = &detailed["upstreams"][0]["instances"][0];
+    assert_eq!(instance["state"], "up", "{detailed}");
 }
 
 /// An HTTP/2 head over `max_headers` or `max_header_size` gets the 431 an HTTP/1.1 one gets: a
