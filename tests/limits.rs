@@ -499,8 +499,10 @@ async fn http2_connections_that_stall_or_idle_are_closed() {
     );
     drop(sender);
 
-    // A client that takes none of a large answer: its connection is dropped and the request
-    // stops counting as in flight.
+    // A client that takes none of a large answer: while another stream on the connection waits
+    // on a slow instance, and then takes its answer, the connection stays; once the unread
+    // answer is all that is left, the connection is dropped and the request stops counting as
+    // in flight.
     let socket = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
     let (mut sender, connection) = h2::client::Builder::new()
         .initial_window_size(16 << 10)
@@ -511,6 +513,21 @@ async fn http2_connections_that_stall_or_idle_are_closed() {
     let request = http::Request::get(gw.url("/big")).body(()).unwrap();
     let (answer, _) = sender.send_request(request, true).unwrap();
     let _unread = answer.await.unwrap();
+    let request = http::Request::get(gw.url("/slow?latency_ms=3000"))
+        .body(())
+        .unwrap();
+    let (answer, _) = sender.send_request(request, true).unwrap();
+    let mut body = answer
+        .await
+        .expect("a stream beside a paused one was cut")
+        .into_body();
+    let mut received = 0;
+    while let Some(data) = body.data().await {
+        let data = data.expect("a stream beside a paused one was cut");
+        received += data.len();
+        body.flow_control().release_capacity(data.len()).unwrap();
+    }
+    assert_eq!(received, 4 << 20);
     let ended = tokio::time::timeout(Duration::from_secs(8), connection).await;
     assert!(ended.is_ok(), "a client taking no data kept its connection");
     let client = client();

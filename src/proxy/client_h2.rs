@@ -1,8 +1,9 @@
 //! HTTP/2 clients (prior-knowledge h2c on the plain listener, ALPN h2 over TLS), served by
 //! hyper, with the connection timers hyper's server lacks: a connection that opens no stream
 //! within `header_read_timeout` (a preface sent in part included), one idle for `idle_timeout`,
-//! and one whose client took no answer bytes for `idle_timeout` while answers waited for it
-//! (nginx's `send_timeout`) are closed. PINGs only find peers that are gone.
+//! and one whose client took no answer bytes for `idle_timeout` while every stream's answer
+//! waited for it (nginx's `send_timeout`, for the whole connection: hyper offers no way to
+//! reset one stream from outside it) are closed. PINGs only find peers that are gone.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -100,7 +101,7 @@ pub enum Closing {
     NoRequest,
     /// No stream for `idle_timeout`.
     Idle,
-    /// Answers waited on the client for `idle_timeout`, and it took nothing.
+    /// Every stream's answer waited on the client for `idle_timeout`, and it took nothing.
     ClientStalled,
 }
 
@@ -112,13 +113,15 @@ pub enum Verdict {
 }
 
 /// What a connection's timers decide at `now` (an offset from its start). Streams waiting on
-/// their instance are left to the upstream's own timeouts.
+/// their instance are left to the upstream's own timeouts, and while one does, or the client
+/// takes data on any stream, the connection stays: closing it would end streams that are
+/// doing well along with one the client paused (a video it stopped reading, say).
 pub fn judge_connection(seen: StreamsSeen, now: Duration, timers: Http2Timers) -> Verdict {
     let (deadline, closing) = if !seen.opened {
         (timers.header_read_timeout, Closing::NoRequest)
     } else if seen.live == 0 {
         (seen.last_change + timers.idle_timeout, Closing::Idle)
-    } else if seen.waiting_on_client > 0 {
+    } else if seen.waiting_on_client == seen.live {
         let deadline = seen.last_client_progress + timers.idle_timeout;
         (deadline, Closing::ClientStalled)
     } else {
@@ -502,14 +505,19 @@ mod tests {
     }
 
     #[test]
-    fn a_client_that_takes_nothing_while_answers_wait_is_dropped() {
+    fn a_client_that_takes_nothing_while_every_answer_waits_is_dropped() {
         assert_eq!(
-            judge_connection(seen(3, 1), secs(50), TIMERS),
+            judge_connection(seen(3, 3), secs(50), TIMERS),
             Verdict::LookAt(secs(80))
         );
         assert_eq!(
-            judge_connection(seen(3, 1), secs(80), TIMERS),
+            judge_connection(seen(3, 3), secs(80), TIMERS),
             Verdict::Close(Closing::ClientStalled)
+        );
+        // One stream still waits on its instance: the paused ones stay with it.
+        assert_eq!(
+            judge_connection(seen(3, 2), secs(80), TIMERS),
+            Verdict::LookAt(secs(140))
         );
     }
 
