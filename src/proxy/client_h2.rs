@@ -469,56 +469,33 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_must_open_a_stream_within_the_header_read_timeout() {
+    fn the_timers_close_a_connection_only_when_it_is_silent_idle_or_wholly_stalled() {
         let fresh = StreamsSeen {
             opened: false,
             ..seen(0, 0)
         };
-        assert_eq!(
-            judge_connection(fresh, secs(3), TIMERS),
-            Verdict::LookAt(secs(10))
-        );
-        assert_eq!(
-            judge_connection(fresh, secs(10), TIMERS),
-            Verdict::Close(Closing::NoRequest)
-        );
-    }
-
-    #[test]
-    fn a_connection_without_streams_closes_once_idle() {
-        assert_eq!(
-            judge_connection(seen(0, 0), secs(30), TIMERS),
-            Verdict::LookAt(secs(65))
-        );
-        assert_eq!(
-            judge_connection(seen(0, 0), secs(65), TIMERS),
-            Verdict::Close(Closing::Idle)
-        );
-    }
-
-    #[test]
-    fn streams_waiting_on_instances_keep_it_open() {
-        assert_eq!(
-            judge_connection(seen(3, 0), secs(500), TIMERS),
-            Verdict::LookAt(secs(560))
-        );
-    }
-
-    #[test]
-    fn a_client_that_takes_nothing_while_every_answer_waits_is_dropped() {
-        assert_eq!(
-            judge_connection(seen(3, 3), secs(50), TIMERS),
-            Verdict::LookAt(secs(80))
-        );
-        assert_eq!(
-            judge_connection(seen(3, 3), secs(80), TIMERS),
-            Verdict::Close(Closing::ClientStalled)
-        );
-        // One stream still waits on its instance: the paused ones stay with it.
-        assert_eq!(
-            judge_connection(seen(3, 2), secs(80), TIMERS),
-            Verdict::LookAt(secs(140))
-        );
+        let cases = [
+            // No stream yet: `header_read_timeout` from the start.
+            (fresh, 3, Verdict::LookAt(secs(10))),
+            (fresh, 10, Verdict::Close(Closing::NoRequest)),
+            // No stream open: `idle_timeout` from the last one's end.
+            (seen(0, 0), 30, Verdict::LookAt(secs(65))),
+            (seen(0, 0), 65, Verdict::Close(Closing::Idle)),
+            // Streams waiting on instances: their own timeouts bound them.
+            (seen(3, 0), 500, Verdict::LookAt(secs(560))),
+            // Every answer waiting on the client: `idle_timeout` from its last progress.
+            (seen(3, 3), 50, Verdict::LookAt(secs(80))),
+            (seen(3, 3), 80, Verdict::Close(Closing::ClientStalled)),
+            // One stream still waits on its instance: the paused ones stay with it.
+            (seen(3, 2), 80, Verdict::LookAt(secs(140))),
+        ];
+        for (seen, now, verdict) in cases {
+            assert_eq!(
+                judge_connection(seen, secs(now), TIMERS),
+                verdict,
+                "{seen:?} at {now} s"
+            );
+        }
     }
 
     fn limits(max_head: usize, max_headers: usize) -> ClientLimits {
