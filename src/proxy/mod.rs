@@ -887,10 +887,12 @@ mod tests {
         assert_eq!(
             keys(
                 "[state]\nredis_url = \"redis://127.0.0.1:2\"\non_redis_error = \"deny\"\n\
-                  redis_timeout = \"2s\"\n[rate_limit]\nstore = \"redis\"\nmax_keys = 10"
+                  redis_timeout = \"2s\"\nredis_cluster = true\n\
+                  [rate_limit]\nstore = \"redis\"\nmax_keys = 10"
             ),
             [
                 "state.redis_url",
+                "state.redis_cluster",
                 "state.redis_timeout",
                 "state.on_redis_error",
                 "rate_limit.store",
