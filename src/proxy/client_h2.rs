@@ -130,7 +130,10 @@ pub fn judge_connection(seen: StreamsSeen, now: Duration, timers: Http2Timers) -
     if now >= deadline {
         Verdict::Close(closing)
     } else {
-        Verdict::LookAt(deadline)
+        // Never later than `idle_timeout` from now: the streams do not wake the timers, and a
+        // deadline the next change brings is at least that far off (a stream opening while
+        // `header_read_timeout` still runs can bring one sooner).
+        Verdict::LookAt(deadline.min(now + timers.idle_timeout))
     }
 }
 
@@ -496,6 +499,16 @@ mod tests {
                 "{seen:?} at {now} s"
             );
         }
+        // An idle_timeout shorter than the header_read_timeout: the timers look again by then,
+        // so a stream that opens and stalls meanwhile is not judged late.
+        let short_idle = Http2Timers {
+            idle_timeout: secs(2),
+            ..TIMERS
+        };
+        assert_eq!(
+            judge_connection(fresh, secs(1), short_idle),
+            Verdict::LookAt(secs(3))
+        );
     }
 
     fn limits(max_head: usize, max_headers: usize) -> ClientLimits {
