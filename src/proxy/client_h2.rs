@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -25,6 +25,7 @@ use super::client_h1::ClientLimits;
 use super::error::ProxyError;
 use super::record::RequestRecord;
 use super::{forward, headers, Gateway};
+use crate::config::ServerConfig;
 
 /// How long a connection closed by its timers gets to say GOAWAY and end before it is dropped
 /// (unless a stream came meanwhile): a client sending only part of the preface never lets hyper
@@ -50,7 +51,33 @@ impl Http2Timers {
 /// hyper's own limit on a decoded header block, answered with a bare 431: this many times
 /// `max_header_size`, so that blocks over the gateway's limit but under hyper's get the JSON
 /// answer, log line and request ID every refusal has, while a huge one is cut while decoded.
-pub const HYPER_HEADER_LIST_FACTOR: usize = 2;
+const HYPER_HEADER_LIST_FACTOR: usize = 2;
+
+/// Answer bytes hyper holds per HTTP/2 stream beyond what the client's window took (its default
+/// is 400 KiB): a client reading slowly on many streams would otherwise hold that much of the
+/// gateway's memory per stream. Two default-sized frames keep a fast client's stream busy.
+const H2_SEND_BUFFER: usize = 32 << 10;
+
+/// hyper's HTTP/2 server as `[server]` and `[server.http2]` set it.
+pub fn server(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
+    let h2 = server.http2;
+    let header_list = server
+        .max_header_bytes
+        .saturating_mul(HYPER_HEADER_LIST_FACTOR);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(header_list.try_into().unwrap_or(u32::MAX))
+        .max_concurrent_streams(h2.max_concurrent_streams)
+        .initial_stream_window_size(h2.initial_stream_window)
+        .initial_connection_window_size(h2.initial_connection_window)
+        .max_frame_size(h2.max_frame_size)
+        .max_send_buf_size(H2_SEND_BUFFER)
+        .keep_alive_interval(h2.keep_alive_interval)
+        .keep_alive_timeout(h2.keep_alive_timeout);
+    builder
+}
 
 /// Whether a request head is over the limits an HTTP/1.1 client gets: `max_headers` fields, or
 /// `max_header_size` bytes counted as HTTP/1.1 would carry them (request line, `Host`, one
@@ -234,7 +261,8 @@ pub async fn serve<I>(
     io: I,
     gateway: Arc<Gateway>,
     client: forward::ClientAddr,
-    (limits, accepted): (ClientLimits, Instant),
+    limits: ClientLimits,
+    accepted: Instant,
     mut drain: watch::Receiver<bool>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -532,36 +532,12 @@ struct ConnectionSettings {
     limits: client_h1::ClientLimits,
 }
 
-/// Answer bytes hyper holds per HTTP/2 stream beyond what the client's window took (its default
-/// is 400 KiB): a client reading slowly on many streams would otherwise hold that much of the
-/// gateway's memory per stream. Two default-sized frames keep a fast client's stream busy.
-const H2_SEND_BUFFER: usize = 32 << 10;
-
 impl ConnectionSettings {
     fn of(runtime: Arc<Runtime>) -> ConnectionSettings {
         let server = &runtime.config.server;
-        let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
-        let h2 = server.http2;
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(
-                (server
-                    .max_header_bytes
-                    .saturating_mul(client_h2::HYPER_HEADER_LIST_FACTOR))
-                .try_into()
-                .unwrap_or(u32::MAX),
-            )
-            .max_concurrent_streams(h2.max_concurrent_streams)
-            .initial_stream_window_size(h2.initial_stream_window)
-            .initial_connection_window_size(h2.initial_connection_window)
-            .max_frame_size(h2.max_frame_size)
-            .max_send_buf_size(H2_SEND_BUFFER)
-            .keep_alive_interval(h2.keep_alive_interval)
-            .keep_alive_timeout(h2.keep_alive_timeout);
         ConnectionSettings {
             limits: client_h1::ClientLimits::of(server),
-            http2: Arc::new(builder),
+            http2: Arc::new(client_h2::server(server)),
             runtime,
         }
     }
@@ -633,8 +609,8 @@ async fn accept_loop(
                         client_h1::serve(stream, gateway, client, limits, drain).await;
                     }
                     Some(true) => {
-                        let settings = (limits, accepted);
-                        client_h2::serve(&builder, stream, gateway, client, settings, drain).await
+                        client_h2::serve(&builder, stream, gateway, client, limits, accepted, drain)
+                            .await
                     }
                     None => {}
                 }
@@ -661,8 +637,7 @@ async fn accept_loop(
                 }
             };
             if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                let settings = (limits, accepted);
-                client_h2::serve(&builder, stream, gateway, client, settings, drain).await;
+                client_h2::serve(&builder, stream, gateway, client, limits, accepted, drain).await;
             } else {
                 let stream = ClientStream::Tls(Box::new(stream));
                 client_h1::serve(stream, gateway, client, limits, drain).await;
