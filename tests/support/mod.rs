@@ -316,6 +316,15 @@ impl Reply {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
+
+    /// The `error` text of a JSON error answer (the admin API's carry a sentence there).
+    pub fn error_text(&self) -> String {
+        let json = self.json();
+        json["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error text in {json}"))
+            .to_owned()
+    }
 }
 
 pub async fn request(
