@@ -685,6 +685,26 @@ enum AnswerFraming {
     UntilClose,
 }
 
+/// One of the gateway's own answers, whole, for a connection it closes after writing it (a
+/// refusal sent before any request was read). Written like every answer of this loop.
+pub fn closing_answer_bytes(response: &Response<GatewayBody>) -> Vec<u8> {
+    let body = match response.body() {
+        GatewayBody::Full(Some(body)) => body.clone(),
+        _ => Bytes::new(),
+    };
+    let mut out = Vec::with_capacity(256 + body.len());
+    let framing = (AnswerFraming::Length(body.len() as u64), false);
+    encode_head(
+        &mut out,
+        response.status(),
+        (response.headers(), None),
+        Some(framing),
+        false,
+    );
+    out.extend_from_slice(&body);
+    out
+}
+
 /// The status line and fields; with `framing`, the framing and connection fields the gateway
 /// decides (the answer's own `Connection` and `Content-Length` are replaced). Returns whether
 /// the connection stays open: a `Connection: close` in the answer (the gateway's refusals carry

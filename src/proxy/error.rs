@@ -45,6 +45,10 @@ pub enum ProxyError {
     Overloaded { retry_after: u64 },
     #[error("the gateway is short of resources (file descriptors or memory), retry in 1 s")]
     GatewayShortage,
+    /// A connection over `max_connections` or `max_connections_per_ip`, refused before any
+    /// request was read.
+    #[error("{0}")]
+    TooManyConnections(&'static str),
 }
 
 impl From<ClientBodyFailure> for ProxyError {
@@ -76,9 +80,9 @@ impl ProxyError {
             ProxyError::InstanceTimeout | ProxyError::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::Overloaded { .. } | ProxyError::GatewayShortage => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::Overloaded { .. }
+            | ProxyError::GatewayShortage
+            | ProxyError::TooManyConnections(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -99,6 +103,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::GatewayShortage => "gateway_short_of_resources",
+            ProxyError::TooManyConnections(_) => "too_many_connections",
         }
     }
 
@@ -131,7 +136,7 @@ impl ProxyError {
             ProxyError::Overloaded { retry_after } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
-            ProxyError::GatewayShortage => {
+            ProxyError::GatewayShortage | ProxyError::TooManyConnections(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(1));
             }
             // RFC 9110 §15.5.6: a 405 lists what the target allows; CONNECT is the one method
@@ -152,8 +157,10 @@ impl ProxyError {
                 | ProxyError::BodyTooSlow
                 | ProxyError::UriTooLong
                 | ProxyError::HeadersTooLarge
+                | ProxyError::TooManyConnections(_)
         ) {
-            // The rest of the connection cannot be trusted to be framed as the client meant.
+            // The rest of the connection cannot be trusted to be framed as the client meant,
+            // or there is to be no rest.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
@@ -188,6 +195,8 @@ mod tests {
                 429,
             ),
             (ProxyError::Overloaded { retry_after: 1 }, 503),
+            (ProxyError::GatewayShortage, 503),
+            (ProxyError::TooManyConnections("x"), 503),
         ];
         for (error, status) in cases {
             let response = error.response(&id);

@@ -705,7 +705,6 @@ fn refuse(
     if secure {
         return;
     }
-    let request_id = gateway.new_request_id();
     let reason = match refusal {
         connections::Refusal::TooManyConnections => {
             "the gateway holds server.max_connections connections"
@@ -714,19 +713,8 @@ fn refuse(
             "this client holds server.max_connections_per_ip connections"
         }
     };
-    let id = request_id.to_str().unwrap_or_default();
-    let body = serde_json::json!({
-        "error": "too_many_connections",
-        "reason": reason,
-        "request_id": id,
-    })
-    .to_string();
-    let answer = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\nretry-after: 1\r\n\
-         content-type: application/json\r\nx-request-id: {id}\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.try_write(answer.as_bytes());
+    let answer = ProxyError::TooManyConnections(reason).response(&gateway.new_request_id());
+    let _ = stream.try_write(&client_h1::closing_answer_bytes(&answer));
 }
 
 /// Accepts on `listener`, or never when there is none.
