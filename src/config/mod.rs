@@ -122,6 +122,9 @@ pub struct UpstreamConfig {
     pub instances: Vec<InstanceConfig>,
     /// Idle keep-alive connections kept per instance.
     pub keepalive: usize,
+    /// Requests in flight on one connection to an instance: above 1, body-less idempotent
+    /// requests are pipelined (see `proxy::pipeline`).
+    pub pipeline: usize,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub idle_timeout: Duration,

@@ -107,6 +107,7 @@ pub struct RawUpstream {
     pub hash_key: Option<String>,
     pub instances: Vec<RawInstance>,
     pub keepalive: usize,
+    pub pipeline: usize,
     pub connect_timeout: String,
     pub response_timeout: String,
     pub idle_timeout: String,
@@ -133,6 +134,7 @@ impl Default for RawUpstream {
             hash_key: None,
             instances: Vec::new(),
             keepalive: 256,
+            pipeline: 1,
             connect_timeout: "2s".into(),
             response_timeout: "60s".into(),
             idle_timeout: "60s".into(),
@@ -654,11 +656,23 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
         https > 0,
         https == raw.instances.len(),
     );
+    if raw.pipeline == 0 {
+        p.push(
+            format!("{key}.pipeline"),
+            "must be at least 1 (1 = no pipelining)",
+        );
+    } else if raw.pipeline > 1 && (protocol.is_http2() || tls.is_some()) {
+        p.push(
+            format!("{key}.pipeline"),
+            "pipelining is for plain HTTP/1.1 instances (no `tls`, protocol \"http1\")",
+        );
+    }
     UpstreamConfig {
         name: name.to_string(),
         strategy,
         instances,
         keepalive: raw.keepalive,
+        pipeline: raw.pipeline.max(1),
         connect_timeout,
         response_timeout,
         // keepalive = 0 is how pooling is turned off; an idle time of 0 would only hide that.

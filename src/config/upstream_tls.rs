@@ -208,6 +208,12 @@ mod tests {
                 "tls = { insecure_skip_verify = true, server_name = \"bad name!\" }",
                 "upstreams.app.tls.server_name",
             ),
+            ("pipeline = 0", "upstreams.app.pipeline"),
+            ("pipeline = 4\nprotocol = \"h2c\"", "upstreams.app.pipeline"),
+            (
+                "pipeline = 4\ntls = { insecure_skip_verify = true }",
+                "upstreams.app.pipeline",
+            ),
         ];
         for (keys, expected) in cases {
             let found = errors(keys);
@@ -216,6 +222,7 @@ mod tests {
                 "{keys}: expected an error on {expected}, got {found:?}"
             );
         }
+        assert!(errors("pipeline = 32").is_empty());
         let missing = errors("tls = { ca = \"/nonexistent/ca.pem\" }");
         assert!(missing[0].1.contains("/nonexistent/ca.pem"), "{missing:?}");
     }

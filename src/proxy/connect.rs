@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -43,13 +44,16 @@ impl ConnectError {
     }
 }
 
-/// A connection to an instance, plain or TLS.
+/// A connection to an instance, plain or TLS; or the read side of a plain one whose writes
+/// go through a pipelined line's writer (`proxy::pipeline`).
 pub enum InstanceStream {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    PipedRead(OwnedReadHalf),
 }
 
 /// Opens connections to one instance as its upstream says.
+#[derive(Clone)]
 pub struct Connector {
     addr: SocketAddr,
     timeout: Duration,
@@ -126,22 +130,23 @@ fn is_local_shortage(err: &io::Error) -> bool {
 }
 
 impl InstanceStream {
-    pub fn local_port(&self) -> u16 {
-        let tcp = match self {
+    fn tcp(&self) -> &TcpStream {
+        match self {
             InstanceStream::Tcp(tcp) => tcp,
             InstanceStream::Tls(tls) => tls.get_ref().0,
-        };
-        tcp.local_addr().map_or(0, |addr| addr.port())
+            InstanceStream::PipedRead(read) => read.as_ref(),
+        }
+    }
+
+    pub fn local_port(&self) -> u16 {
+        self.tcp().local_addr().map_or(0, |addr| addr.port())
     }
 
     /// Asks the kernel, not the runtime's last readiness, whether the instance has closed the
     /// connection: its close may have arrived since the runtime last looked. One system call;
     /// for requests that could not be sent again if the connection turned out closed.
     pub fn probe_open(&self) -> bool {
-        let tcp = match self {
-            InstanceStream::Tcp(tcp) => tcp,
-            InstanceStream::Tls(tls) => tls.get_ref().0,
-        };
+        let tcp = self.tcp();
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit()];
         match socket2::SockRef::from(tcp).peek(&mut probe) {
             Err(err) => err.kind() == io::ErrorKind::WouldBlock,
@@ -156,14 +161,17 @@ impl InstanceStream {
     pub fn is_open(&mut self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match self {
-            InstanceStream::Tcp(tcp) => match tcp.poll_read_ready(&mut cx) {
-                Poll::Pending => true,
-                Poll::Ready(Err(_)) => false,
-                Poll::Ready(Ok(())) => {
-                    let mut probe = [0u8; 1];
-                    matches!(tcp.try_read(&mut probe), Err(err) if err.kind() == io::ErrorKind::WouldBlock)
+            InstanceStream::Tcp(_) | InstanceStream::PipedRead(_) => {
+                let tcp = self.tcp();
+                match tcp.poll_read_ready(&mut cx) {
+                    Poll::Pending => true,
+                    Poll::Ready(Err(_)) => false,
+                    Poll::Ready(Ok(())) => {
+                        let mut probe = [0u8; 1];
+                        matches!(tcp.try_read(&mut probe), Err(err) if err.kind() == io::ErrorKind::WouldBlock)
+                    }
                 }
-            },
+            }
             InstanceStream::Tls(tls) => {
                 if tls.get_ref().0.poll_read_ready(&mut cx).is_pending() {
                     return true;
@@ -189,6 +197,7 @@ impl AsyncRead for InstanceStream {
         match self.get_mut() {
             InstanceStream::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
             InstanceStream::Tls(tls) => Pin::new(&mut **tls).poll_read(cx, buf),
+            InstanceStream::PipedRead(read) => Pin::new(read).poll_read(cx, buf),
         }
     }
 }
@@ -202,6 +211,7 @@ impl AsyncWrite for InstanceStream {
         match self.get_mut() {
             InstanceStream::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
             InstanceStream::Tls(tls) => Pin::new(&mut **tls).poll_write(cx, buf),
+            InstanceStream::PipedRead(_) => Poll::Ready(Err(piped_write())),
         }
     }
 
@@ -213,6 +223,7 @@ impl AsyncWrite for InstanceStream {
         match self.get_mut() {
             InstanceStream::Tcp(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
             InstanceStream::Tls(tls) => Pin::new(&mut **tls).poll_write_vectored(cx, bufs),
+            InstanceStream::PipedRead(_) => Poll::Ready(Err(piped_write())),
         }
     }
 
@@ -220,6 +231,7 @@ impl AsyncWrite for InstanceStream {
         match self {
             InstanceStream::Tcp(tcp) => tcp.is_write_vectored(),
             InstanceStream::Tls(tls) => tls.is_write_vectored(),
+            InstanceStream::PipedRead(_) => false,
         }
     }
 
@@ -227,6 +239,7 @@ impl AsyncWrite for InstanceStream {
         match self.get_mut() {
             InstanceStream::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
             InstanceStream::Tls(tls) => Pin::new(&mut **tls).poll_flush(cx),
+            InstanceStream::PipedRead(_) => Poll::Ready(Ok(())),
         }
     }
 
@@ -234,6 +247,16 @@ impl AsyncWrite for InstanceStream {
         match self.get_mut() {
             InstanceStream::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
             InstanceStream::Tls(tls) => Pin::new(&mut **tls).poll_shutdown(cx),
+            InstanceStream::PipedRead(_) => Poll::Ready(Ok(())),
         }
     }
+}
+
+/// Writes to a pipelined line go through its writer, never through a request's read side.
+#[cold]
+fn piped_write() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "a pipelined connection is written by its line",
+    )
 }

@@ -21,12 +21,13 @@ use tokio::time::Instant;
 use super::body::{BodyPace, ClientBody, ClientBodyFailure, ForwardBody, GatewayBody, Holding};
 use super::connect::ConnectError;
 use super::error::ProxyError;
-use super::h1::{AnswerHead, InstanceBody, InstanceConn, Outgoing, SendError};
+use super::h1::{encode_bodiless, AnswerHead, InstanceBody, InstanceConn, Outgoing, SendError};
 use super::h2::{self, Http2Error};
 use super::headers::{
     client_request_id, cookie_value, requested_upgrade, restore_upgrade, strip_hop_by_hop, values,
     websocket_upgrade, ForwardedFields, X_REQUEST_ID,
 };
+use super::pipeline::{Broken, LineHold, Lines};
 use super::record::{RequestRecord, Served};
 use super::retry::{next_attempt, FailureKind, NextAttempt};
 use super::router::{host_without_port, match_route};
@@ -443,6 +444,7 @@ async fn to_instance(
         let checkout = Checkout {
             probe: !replayable,
             fresh,
+            pipelinable: replayable && client_upgrade.is_none(),
             now,
         };
         match send(
@@ -465,7 +467,7 @@ async fn to_instance(
                 let body = GatewayBody::Http2(body);
                 return Ok(Response::from_parts(head, body));
             }
-            Ok(Answer::Http1(conn, mut answer)) => {
+            Ok(Answer::Http1(conn, line, mut answer)) => {
                 // The answer ends this loop: the client's side of an upgrade is taken either way.
                 let switched = answer.head.status == http::StatusCode::SWITCHING_PROTOCOLS;
                 let upgrade = client_upgrade.take().filter(|_| switched);
@@ -498,7 +500,7 @@ async fn to_instance(
                         .insert(X_REQUEST_ID.clone(), request_id.clone());
                 }
                 let timeout = config.response_timeout;
-                let body = InstanceBody::new(conn, &mut answer, guard, timeout);
+                let body = InstanceBody::new((conn, line), &mut answer, guard, timeout);
                 let body = GatewayBody::Upstream(body);
                 return Ok(Response::from_parts(answer.head, body));
             }
@@ -554,7 +556,7 @@ impl Attempt {
     /// No connection: never sent, so it may go elsewhere. A connect timeout is a 504, as in
     /// nginx.
     #[cold]
-    fn not_connected(err: ConnectError) -> Attempt {
+    fn not_connected(err: &ConnectError) -> Attempt {
         let (kind, error) = match err {
             ConnectError::Timeout => (FailureKind::NotSent, ProxyError::ConnectTimeout),
             // The request's failure line says so; nothing more per request.
@@ -565,6 +567,31 @@ impl Attempt {
             ),
         };
         Attempt { kind, error }
+    }
+
+    /// How a failed HTTP/1.1 exchange counts; `reused`: on a connection that served before.
+    #[cold]
+    fn of_send(err: SendError, reused: bool) -> Attempt {
+        match err {
+            SendError::Unsent(err) if reused => {
+                Attempt::failed(FailureKind::Stale { sent: false }, err.to_string())
+            }
+            SendError::Unsent(err) => Attempt::failed(FailureKind::NotSent, err.to_string()),
+            SendError::NoAnswer(reason) if reused => {
+                Attempt::failed(FailureKind::Stale { sent: true }, reason)
+            }
+            SendError::Sent(reason) | SendError::NoAnswer(reason) => {
+                Attempt::failed(FailureKind::Sent, reason)
+            }
+            SendError::BrokeOff(reason) => Attempt::failed(FailureKind::BrokeOff, reason),
+            SendError::Invalid(reason) => Attempt::failed(FailureKind::Invalid, reason),
+            SendError::Client(failure) => Attempt::client(failure),
+            SendError::TimedOut => Attempt::timed_out(),
+            SendError::TimedOutMidHead => Attempt {
+                kind: FailureKind::BrokeOff,
+                error: ProxyError::InstanceTimeout,
+            },
+        }
     }
 
     #[cold]
@@ -584,9 +611,10 @@ impl Attempt {
     }
 }
 
-/// An instance's answer head: on the HTTP/1.1 connection it came on, or from HTTP/2.
+/// An instance's answer head: on the HTTP/1.1 connection it came on (with the request's place
+/// on it when pipelined), or from HTTP/2.
 enum Answer {
-    Http1(Box<InstanceConn>, AnswerHead),
+    Http1(Box<InstanceConn>, Option<LineHold>, AnswerHead),
     Http2(Response<Incoming>),
 }
 
@@ -596,8 +624,10 @@ struct Checkout {
     /// Check a pooled connection with the kernel first: the request could not be sent again
     /// if the connection turned out closed.
     probe: bool,
-    /// Open a new connection (the last pooled one was stale).
+    /// Open a new connection (the last pooled one was stale), never pipelined.
     fresh: bool,
+    /// A body-less idempotent request, no upgrade: it may be pipelined.
+    pipelinable: bool,
     /// When the attempt began: a pooled connection's idle time and, when the connection was
     /// pooled, the start of the instance's latency.
     now: Instant,
@@ -613,41 +643,64 @@ async fn send(
     if let Some(shared) = &instance.pool.http2 {
         return Box::pin(send_http2(instance, shared, head, body, timeout)).await;
     }
+    if let Some(lines) = &instance.pool.lines {
+        if checkout.pipelinable && !checkout.fresh {
+            return send_pipelined(instance, lines, head, timeout, checkout.now).await;
+        }
+    }
     let checked_out = instance
         .pool
         .checkout(checkout.probe, checkout.fresh, checkout.now)
         .await;
     let (mut conn, reused) = match checked_out {
         Ok(checked_out) => checked_out,
-        Err(err) => return Err(Attempt::not_connected(err)),
+        Err(err) => return Err(Attempt::not_connected(&err)),
     };
     // A new connection's set-up is not the instance's answer time.
     let started = if reused { checkout.now } else { Instant::now() };
     match conn.send(head, body, started, timeout).await {
         Ok(answer) => {
             observe_latency(instance, started, answer.head.status);
-            Ok(Answer::Http1(conn, answer))
+            Ok(Answer::Http1(conn, None, answer))
         }
-        Err(err) => Err(match err {
-            SendError::Unsent(err) if reused => {
-                Attempt::failed(FailureKind::Stale { sent: false }, err.to_string())
+        Err(err) => Err(Attempt::of_send(err, reused)),
+    }
+}
+
+/// One attempt on a pipelined line: the request is queued, then its answer head is read in
+/// its turn. The response timeout counts from the queueing, the wait behind earlier answers
+/// included. A line that breaks before the answer came sends the request again once, on a
+/// connection of its own, as a stale pooled connection does.
+async fn send_pipelined(
+    instance: &Instance,
+    lines: &Lines,
+    head: Outgoing<'_>,
+    timeout: std::time::Duration,
+    started: Instant,
+) -> Result<Answer, Attempt> {
+    let connector = &instance.pool.connector;
+    let ticket = lines.enqueue(connector, started, |out| encode_bodiless(out, head));
+    let due = started + timeout;
+    let (mut conn, line) = match tokio::time::timeout_at(due, ticket.turn()).await {
+        Ok(Ok(turn)) => turn,
+        Ok(Err(Broken::Unconnected(err))) => return Err(Attempt::not_connected(&err)),
+        Ok(Err(Broken::Lost)) => {
+            return Err(Attempt::failed(
+                FailureKind::Stale { sent: true },
+                "the pipelined connection closed before the answer".to_owned(),
+            ))
+        }
+        Err(_) => return Err(Attempt::timed_out()),
+    };
+    match conn.read_answer(head, due).await {
+        Ok(answer) => {
+            if !answer.framing.keep_alive {
+                line.line().stop_taking();
             }
-            SendError::Unsent(err) => Attempt::failed(FailureKind::NotSent, err.to_string()),
-            SendError::NoAnswer(reason) if reused => {
-                Attempt::failed(FailureKind::Stale { sent: true }, reason)
-            }
-            SendError::Sent(reason) | SendError::NoAnswer(reason) => {
-                Attempt::failed(FailureKind::Sent, reason)
-            }
-            SendError::BrokeOff(reason) => Attempt::failed(FailureKind::BrokeOff, reason),
-            SendError::Invalid(reason) => Attempt::failed(FailureKind::Invalid, reason),
-            SendError::Client(failure) => Attempt::client(failure),
-            SendError::TimedOut => Attempt::timed_out(),
-            SendError::TimedOutMidHead => Attempt {
-                kind: FailureKind::BrokeOff,
-                error: ProxyError::InstanceTimeout,
-            },
-        }),
+            observe_latency(instance, started, answer.head.status);
+            Ok(Answer::Http1(conn, Some(line), answer))
+        }
+        Err(err) => Err(Attempt::of_send(err, true)),
     }
 }
 
@@ -664,7 +717,7 @@ async fn send_http2(
     let sender = shared
         .sender(connector)
         .await
-        .map_err(Attempt::not_connected)?;
+        .map_err(|err| Attempt::not_connected(&err))?;
     let request = h2::request(parts, fields, connector.is_tls(), &instance.addr_text)
         .map_err(|reason| Attempt::failed(FailureKind::NotSent, reason))?
         .map(|()| std::mem::replace(body, ForwardBody::Empty));

@@ -28,6 +28,7 @@ use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::InstanceStream;
 use super::deadline::{LazyDeadline, PauseLimit, PAUSED};
 use super::headers::{has, ForwardedFields};
+use super::pipeline::LineHold;
 use super::upstream::InFlightGuard;
 use crate::http1::{
     parse_response, response_framing, BodyFraming, BodyProgress, FieldKind, FieldSpans, Framing,
@@ -185,6 +186,18 @@ struct Reading<'a> {
     raw_fields: Option<&'a HeaderValue>,
 }
 
+impl<'a> Reading<'a> {
+    fn of(head: Outgoing<'a>) -> Reading<'a> {
+        Reading {
+            head_request: head.parts.method == Method::HEAD,
+            raw_fields: head
+                .fields
+                .filter(|_| head.raw_answer)
+                .map(ForwardedFields::request_id),
+        }
+    }
+}
+
 impl InstanceConn {
     pub fn new(stream: InstanceStream) -> InstanceConn {
         InstanceConn {
@@ -238,14 +251,9 @@ impl InstanceConn {
             deadline,
         } = self;
         let parts = head.parts;
-        let reading = Reading {
-            head_request: parts.method == Method::HEAD,
-            raw_fields: head
-                .fields
-                .filter(|_| head.raw_answer)
-                .map(ForwardedFields::request_id),
-        };
+        let reading = Reading::of(head);
         let chunked = !body.is_end_stream() && !has(&parts.headers, &CONTENT_LENGTH);
+        write.clear();
         encode_head(write, parts, head.fields, chunked);
         // Back to the front of the buffer once the last answer's bytes were released, so each
         // exchange reuses the same (cache-warm) memory instead of walking through all of it.
@@ -258,10 +266,7 @@ impl InstanceConn {
                 answer = send_head(stream, read, write, reading) => answer,
                 () = deadline.wait(due) => Err(SendError::TimedOut),
             };
-            return match answer {
-                Err(SendError::TimedOut) if !read.is_empty() => Err(SendError::TimedOutMidHead),
-                answer => answer,
-            };
+            return mid_head(answer, read);
         }
         write_first(stream, write).await?;
         let upload = Upload {
@@ -278,8 +283,49 @@ impl InstanceConn {
                 let (reader, writer) = tokio::io::split(&mut **tls);
                 exchange(reader, writer, read, write, upload, deadline, reading).await
             }
+            // Only body-less requests are pipelined.
+            InstanceStream::PipedRead(_) => Err(SendError::Sent(
+                "a request with a body on a pipelined connection".to_owned(),
+            )),
         }
     }
+
+    /// Reads a pipelined request's answer head, due at `due`, on the read side its turn
+    /// brought: the bytes left after the answers before it are the start of its own.
+    pub async fn read_answer(
+        &mut self,
+        head: Outgoing<'_>,
+        due: Instant,
+    ) -> Result<AnswerHead, SendError> {
+        let InstanceConn {
+            stream,
+            read,
+            deadline,
+            ..
+        } = self;
+        let answer = tokio::select! {
+            biased;
+            answer = read_head(stream, read, Reading::of(head)) => answer,
+            () = deadline.wait(due) => Err(SendError::TimedOut),
+        };
+        mid_head(answer, read)
+    }
+}
+
+/// A timeout with part of the answer head read is never sent again.
+fn mid_head(
+    answer: Result<AnswerHead, SendError>,
+    read: &BytesMut,
+) -> Result<AnswerHead, SendError> {
+    match answer {
+        Err(SendError::TimedOut) if !read.is_empty() => Err(SendError::TimedOutMidHead),
+        answer => answer,
+    }
+}
+
+/// Appends the head of a body-less request as it goes to an instance.
+pub fn encode_bodiless(out: &mut Vec<u8>, head: Outgoing<'_>) {
+    encode_head(out, head.parts, head.fields, false);
 }
 
 /// A body-less request: the head goes out, the answer head comes back.
@@ -396,7 +442,6 @@ async fn finish_upload<R: AsyncRead + Unpin>(
 /// The request line and fields, then the gateway's `fields`; `chunked` adds the framing of a
 /// body of unknown length.
 fn encode_head(out: &mut Vec<u8>, parts: &Parts, fields: Option<&ForwardedFields>, chunked: bool) {
-    out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -680,6 +725,8 @@ pub struct InstanceBody {
     progress: BodyProgress,
     reusable: bool,
     guard: Option<InFlightGuard>,
+    /// The request's place on a pipelined line: the connection goes on to the next request.
+    line: Option<LineHold>,
     raw_fields: Option<RawFields>,
     /// Timed with the connection's own timer.
     pause: PauseLimit,
@@ -689,7 +736,7 @@ impl InstanceBody {
     /// The body of `answer`, which takes the answer's raw fields along and fails once it has
     /// waited `pause_limit` for the instance's next bytes.
     pub fn new(
-        conn: Box<InstanceConn>,
+        (conn, line): (Box<InstanceConn>, Option<LineHold>),
         answer: &mut AnswerHead,
         guard: InFlightGuard,
         pause_limit: Duration,
@@ -699,6 +746,7 @@ impl InstanceBody {
             progress: BodyProgress::of(answer.framing.framing),
             reusable: answer.framing.keep_alive && answer.request_complete,
             guard: Some(guard),
+            line,
             raw_fields: answer.raw_fields.take(),
             pause: PauseLimit::new(pause_limit),
         };
@@ -718,8 +766,10 @@ impl InstanceBody {
     fn finish(&mut self) {
         self.progress = BodyProgress::Done;
         if let (Some(conn), Some(guard)) = (self.conn.take(), self.guard.take()) {
-            if self.reusable && conn.read.is_empty() {
-                guard.instance.pool.checkin(conn);
+            match self.line.take() {
+                Some(line) => line.hand_on(conn, self.reusable),
+                None if self.reusable && conn.read.is_empty() => guard.instance.pool.checkin(conn),
+                None => {}
             }
         }
     }
@@ -729,6 +779,7 @@ impl InstanceBody {
         self.progress = BodyProgress::Done;
         self.conn = None;
         self.guard = None;
+        self.line = None;
         Poll::Ready(Some(Err(error.into())))
     }
 
@@ -780,6 +831,7 @@ impl Body for InstanceBody {
                     this.progress = BodyProgress::Done;
                     this.conn = None;
                     this.guard = None;
+                    this.line = None;
                     return Poll::Ready(None);
                 }
                 Ok(0) => return this.fail("instance closed the connection inside its answer body"),

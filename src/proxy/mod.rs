@@ -15,6 +15,7 @@ mod forward;
 mod h1;
 mod h2;
 pub mod headers;
+mod pipeline;
 mod record;
 mod retry;
 pub mod router;

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::connect::{ConnectError, Connector};
 use super::h1::InstanceConn;
 use super::h2::Http2Conn;
+use super::pipeline::Lines;
 use super::retry::RetryBudget;
 use crate::balance::{self, Candidate, Layout, PickInput, Strategy};
 use crate::config::{InstanceConfig, UpstreamConfig};
@@ -667,11 +668,13 @@ impl UpstreamConfig {
     fn same_pool(&self, other: &UpstreamConfig) -> bool {
         (
             self.keepalive,
+            self.pipeline,
             self.connect_timeout,
             self.idle_timeout,
             self.protocol,
         ) == (
             other.keepalive,
+            other.pipeline,
             other.connect_timeout,
             other.idle_timeout,
             other.protocol,
@@ -699,6 +702,8 @@ pub struct Pool {
     idle_timeout: Duration,
     /// Set for h2 and h2c upstreams (which then keep no idle HTTP/1.1 connections).
     pub(crate) http2: Option<Http2Conn>,
+    /// Set when the upstream pipelines (`pipeline` above 1).
+    pub(crate) lines: Option<Lines>,
 }
 
 impl Pool {
@@ -710,6 +715,8 @@ impl Pool {
             keepalive: if http2 { 0 } else { upstream.keepalive },
             idle_timeout: upstream.idle_timeout,
             http2: http2.then(Http2Conn::default),
+            lines: (upstream.pipeline > 1 && !http2)
+                .then(|| Lines::new(upstream.pipeline, upstream.idle_timeout)),
         }
     }
 
@@ -775,6 +782,9 @@ impl Pool {
 
     /// Closes the idle connections that outlived the idle timeout (the oldest are in front).
     pub fn close_expired(&self, now: Instant) {
+        if let Some(lines) = &self.lines {
+            lines.close_idle(now);
+        }
         let mut idle = self.idle.lock().expect("pool lock");
         let fresh = idle
             .iter()

@@ -1,0 +1,387 @@
+//! HTTP/1.1 pipelining to an instance, for upstreams with `pipeline` above 1: body-less
+//! idempotent requests are queued on a shared connection (a "line") and the answers read back
+//! in the order the requests went out (RFC 9112 §9.3.2).
+//!
+//! Why: on loopback most of a proxied request's cost is the kernel's work per TCP segment, and
+//! the instance's per read. A line's writer sends every request queued during one scheduler
+//! turn in one write, so the instance reads many requests at once and answers them in a burst.
+//!
+//! How: the task of each request appends its head to the line's pending bytes and queues a
+//! turn. The read side of the connection ([`InstanceConn`]) is handed from turn to turn: the
+//! request at the front reads its answer head and body as on a pooled connection, and at the
+//! body's end passes it on ([`LineHold::hand_on`]). Anything that leaves the order in doubt (a
+//! request given up before its answer was read, a broken read or write, an answer that closes
+//! the connection) breaks the line: every request still queued on it gets [`Broken::Lost`] and
+//! is sent again on a connection of its own, as after a stale keep-alive connection.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+use super::connect::{ConnectError, Connector, InstanceStream};
+use super::h1::InstanceConn;
+
+/// Why a queued request got no turn on its line.
+#[derive(Clone)]
+pub enum Broken {
+    /// The line's connection could not be opened: nothing was sent.
+    Unconnected(Arc<ConnectError>),
+    /// The line broke with the request written (or about to be): its answer will not come.
+    Lost,
+}
+
+type Turn = oneshot::Sender<Result<Box<InstanceConn>, Broken>>;
+
+/// The lines to one instance.
+pub struct Lines {
+    lines: Mutex<Vec<Arc<Line>>>,
+    /// Requests in flight per line before another line is opened.
+    depth: usize,
+    idle_timeout: Duration,
+}
+
+/// One pipelined connection.
+pub struct Line {
+    state: Mutex<LineState>,
+    /// Requests queued and not yet answered to the end.
+    outstanding: AtomicUsize,
+    wake_writer: Notify,
+}
+
+struct LineState {
+    /// Request heads queued since the writer last wrote.
+    pending: Vec<u8>,
+    /// The writer has been woken for `pending`.
+    write_asked: bool,
+    /// The requests whose answers are due, in order; the front one is next to read.
+    turns: VecDeque<Turn>,
+    /// The read side, while no request holds it; `None` while connecting too.
+    reader: Option<Box<InstanceConn>>,
+    /// Set once the line takes no more requests: broken, or the instance said it closes.
+    closed: Option<Broken>,
+    last_used: Instant,
+}
+
+/// A request's place on a line, from queueing to the end of its answer's body. Dropped before
+/// [`LineHold::hand_on`], it breaks the line: the answers behind it could not be told apart.
+pub struct LineHold {
+    line: Arc<Line>,
+    handed_on: bool,
+}
+
+/// A queued request: its turn at the read side.
+pub struct Ticket {
+    hold: LineHold,
+    turn: oneshot::Receiver<Result<Box<InstanceConn>, Broken>>,
+}
+
+/// The line a new request joins: the one with the fewest requests in flight among those with
+/// room for another, `None` when every line is full (or there is none).
+pub fn pick_line(outstanding: impl IntoIterator<Item = usize>, depth: usize) -> Option<usize> {
+    outstanding
+        .into_iter()
+        .enumerate()
+        .filter(|&(_, load)| load < depth)
+        .min_by_key(|&(_, load)| load)
+        .map(|(index, _)| index)
+}
+
+impl Lines {
+    pub fn new(depth: usize, idle_timeout: Duration) -> Lines {
+        Lines {
+            lines: Mutex::new(Vec::new()),
+            depth,
+            idle_timeout,
+        }
+    }
+
+    /// Queues a request on a line with room, opening a line when none has; `write_head`
+    /// appends its head to the bytes the line writes next.
+    pub fn enqueue(
+        &self,
+        connector: &Connector,
+        now: Instant,
+        write_head: impl Fn(&mut Vec<u8>),
+    ) -> Ticket {
+        let mut lines = self.lines.lock().expect("lines lock");
+        loop {
+            lines.retain(|line| !line.is_closed());
+            let picked = pick_line(lines.iter().map(|line| line.load()), self.depth);
+            let line = match picked {
+                Some(index) => lines[index].clone(),
+                None => {
+                    let line = Line::open(connector.clone(), now);
+                    lines.push(line.clone());
+                    line
+                }
+            };
+            if let Some(ticket) = line.join(&write_head, now, self.idle_timeout) {
+                return ticket;
+            }
+        }
+    }
+
+    /// Closes the lines idle past the idle timeout (the pool's sweep calls this).
+    pub fn close_idle(&self, now: Instant) {
+        let lines = self.lines.lock().expect("lines lock").clone();
+        for line in lines {
+            line.close_if_idle(now, self.idle_timeout);
+        }
+    }
+}
+
+impl Drop for Lines {
+    /// The writers hold their lines: they end when the lines break.
+    fn drop(&mut self) {
+        for line in self.lines.get_mut().expect("lines lock").drain(..) {
+            line.break_off(Broken::Lost);
+        }
+    }
+}
+
+impl Line {
+    fn open(connector: Connector, now: Instant) -> Arc<Line> {
+        let line = Arc::new(Line {
+            state: Mutex::new(LineState {
+                pending: Vec::with_capacity(4096),
+                write_asked: false,
+                turns: VecDeque::new(),
+                reader: None,
+                closed: None,
+                last_used: now,
+            }),
+            outstanding: AtomicUsize::new(0),
+            wake_writer: Notify::new(),
+        });
+        tokio::spawn(write_line(line.clone(), connector));
+        line
+    }
+
+    fn load(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.state.lock().expect("line lock").closed.is_some()
+    }
+
+    /// Queues `head`; `None` when the line turned out closed (an idle connection the instance
+    /// closed, or one idle too long), which is then broken.
+    fn join(
+        self: &Arc<Line>,
+        write_head: &impl Fn(&mut Vec<u8>),
+        now: Instant,
+        idle_timeout: Duration,
+    ) -> Option<Ticket> {
+        let mut state = self.state.lock().expect("line lock");
+        if state.closed.is_some() {
+            return None;
+        }
+        let idle = state.turns.is_empty() && self.load() == 0;
+        let idle_too_long = now.duration_since(state.last_used) > idle_timeout;
+        let stale = idle
+            && state
+                .reader
+                .as_mut()
+                .is_some_and(|reader| idle_too_long || !reader.is_open());
+        if stale {
+            drop(state);
+            self.break_off(Broken::Lost);
+            return None;
+        }
+        let (turn, waiting) = oneshot::channel();
+        match state.reader.take() {
+            Some(reader) if state.turns.is_empty() => {
+                // The read side is free: this request is next.
+                let _ = turn.send(Ok(reader));
+            }
+            reader => {
+                state.reader = reader;
+                state.turns.push_back(turn);
+            }
+        }
+        write_head(&mut state.pending);
+        state.last_used = now;
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        let wake = !std::mem::replace(&mut state.write_asked, true);
+        drop(state);
+        if wake {
+            self.wake_writer.notify_one();
+        }
+        Some(Ticket {
+            hold: LineHold {
+                line: self.clone(),
+                handed_on: false,
+            },
+            turn: waiting,
+        })
+    }
+
+    /// The connection is open: its read side goes to the first request queued.
+    fn connected(&self, reader: Box<InstanceConn>) {
+        let mut state = self.state.lock().expect("line lock");
+        if state.closed.is_some() {
+            return;
+        }
+        let Some(turn) = state.turns.pop_front() else {
+            state.reader = Some(reader);
+            return;
+        };
+        drop(state);
+        if turn.send(Ok(reader)).is_err() {
+            self.break_off(Broken::Lost);
+        }
+    }
+
+    /// Takes no more requests; every queued one gets `why`.
+    fn break_off(&self, why: Broken) {
+        let mut state = self.state.lock().expect("line lock");
+        if state.closed.is_none() {
+            state.closed = Some(why.clone());
+        }
+        let turns = std::mem::take(&mut state.turns);
+        let reader = state.reader.take();
+        drop(state);
+        for turn in turns {
+            let _ = turn.send(Err(why.clone()));
+        }
+        // Closed outside the lock; the writer wakes to see the line closed and stops.
+        drop(reader);
+        self.wake_writer.notify_one();
+    }
+
+    /// An answer said the instance closes the connection after it: no one else may join.
+    pub fn stop_taking(&self) {
+        let mut state = self.state.lock().expect("line lock");
+        if state.closed.is_none() {
+            state.closed = Some(Broken::Lost);
+        }
+    }
+
+    fn close_if_idle(&self, now: Instant, idle_timeout: Duration) {
+        let state = self.state.lock().expect("line lock");
+        let idle = state.reader.is_some()
+            && state.turns.is_empty()
+            && now.duration_since(state.last_used) > idle_timeout;
+        drop(state);
+        if idle {
+            self.break_off(Broken::Lost);
+        }
+    }
+
+    /// The bytes to write next, into `out`; `false` once the line is closed and no request on
+    /// it is left, when the writer ends (closing the connection's write side). Requests queued
+    /// on a closed line are not written: their answers could not come.
+    fn take_pending(&self, out: &mut Vec<u8>) -> bool {
+        let mut state = self.state.lock().expect("line lock");
+        state.write_asked = false;
+        if state.closed.is_some() {
+            return self.load() > 0;
+        }
+        std::mem::swap(out, &mut state.pending);
+        true
+    }
+}
+
+impl Ticket {
+    /// Waits for this request's turn at the read side: the answers before its own were read.
+    pub async fn turn(self) -> Result<(Box<InstanceConn>, LineHold), Broken> {
+        let Ticket { hold, turn } = self;
+        match turn.await {
+            Ok(Ok(reader)) => Ok((reader, hold)),
+            Ok(Err(why)) => Err(why),
+            Err(_) => Err(Broken::Lost),
+        }
+    }
+}
+
+impl LineHold {
+    /// The line, to stop it taking requests after an answer that closes the connection.
+    pub fn line(&self) -> &Line {
+        &self.line
+    }
+
+    /// This request's answer was read to its end: the read side goes to the next request, or
+    /// waits for one. `reusable` false (the connection closes, or the answer was cut short)
+    /// breaks the line.
+    pub fn hand_on(mut self, reader: Box<InstanceConn>, reusable: bool) {
+        self.handed_on = true;
+        let line = &self.line;
+        line.outstanding.fetch_sub(1, Ordering::Relaxed);
+        if !reusable {
+            drop(reader);
+            line.break_off(Broken::Lost);
+            return;
+        }
+        let mut state = line.state.lock().expect("line lock");
+        if state.closed.is_some() {
+            drop(state);
+            drop(reader);
+            line.break_off(Broken::Lost);
+            return;
+        }
+        let Some(turn) = state.turns.pop_front() else {
+            state.reader = Some(reader);
+            return;
+        };
+        drop(state);
+        // A request that gave up on its answer leaves the order in doubt.
+        if turn.send(Ok(reader)).is_err() {
+            line.break_off(Broken::Lost);
+        }
+    }
+}
+
+impl Drop for LineHold {
+    fn drop(&mut self) {
+        if !self.handed_on {
+            self.line.outstanding.fetch_sub(1, Ordering::Relaxed);
+            self.line.break_off(Broken::Lost);
+        }
+    }
+}
+
+/// A line's writer: opens the connection, then writes whatever requests were queued since its
+/// last write, once per wake-up, after letting the requests of the same scheduler turn join.
+async fn write_line(line: Arc<Line>, connector: Connector) {
+    let tcp = match connector.connect().await {
+        Ok(InstanceStream::Tcp(tcp)) => tcp,
+        Ok(_) => return line.break_off(Broken::Lost),
+        Err(err) => return line.break_off(Broken::Unconnected(Arc::new(err))),
+    };
+    let (read, mut write) = tcp.into_split();
+    line.connected(Box::new(InstanceConn::new(InstanceStream::PipedRead(read))));
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        line.wake_writer.notified().await;
+        // Requests woken by the same readiness events run before this write and join it.
+        tokio::task::yield_now().await;
+        out.clear();
+        if !line.take_pending(&mut out) {
+            return;
+        }
+        if !out.is_empty() && write.write_all(&out).await.is_err() {
+            return line.break_off(Broken::Lost);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_joins_the_least_loaded_line_with_room() {
+        assert_eq!(pick_line([3, 1, 2], 4), Some(1));
+        assert_eq!(pick_line([4, 4, 3], 4), Some(2));
+        assert_eq!(pick_line([4, 4], 4), None);
+        assert_eq!(pick_line([], 4), None);
+        // The first of equals, so lines fill in the order they were opened.
+        assert_eq!(pick_line([2, 2], 4), Some(0));
+    }
+}
