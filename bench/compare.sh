@@ -5,7 +5,8 @@
 # CPU time per request (utime+stime from /proc over the run / requests), ratio to scalegate, and
 # how busy CPU 1 was. The `direct` row is wrk straight at one instance, both on CPU 1 with no
 # proxy: about the same work CPU 1 does in a proxied run, so its req/s is about the most any proxy can
-# reach in this layout.
+# reach in this layout. `scalegate-pipelined` is scalegate with `pipeline = 32` on its upstream
+# (HTTP/1.1 pipelining to the instances, off by default).
 #
 #   bench/compare.sh                                   # 64 and 256 connections, 10 s, 3 runs
 #   RUNS=5 DURATION=5s CONNS="64" bench/compare.sh
@@ -13,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 CONNS=${CONNS:-"64 256"}
-PROXIES=${PROXIES:-"scalegate nginx haproxy direct"}
+PROXIES=${PROXIES:-"scalegate scalegate-pipelined nginx haproxy direct"}
 bench_init nginx haproxy
 start_nginx_backend
 start_nginx_backend
@@ -21,6 +22,7 @@ start_nginx_backend
 for proxy in $PROXIES; do
   case $proxy in
     scalegate) start_scalegate scalegate ;;
+    scalegate-pipelined) start_scalegate scalegate-pipelined "pipeline = ${PIPELINE:-32}" ;;
     direct) PORT[direct]=${BACKENDS[0]} ;;
     *) "start_${proxy}_proxy" ;;
   esac

@@ -374,6 +374,68 @@ async fn write_line(line: Arc<Line>, connector: Connector) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+
+    /// Lines of depth 4 to a listener that takes connections and never answers.
+    fn lines() -> (Lines, Connector, tokio::net::TcpListener) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = Config::from_toml(&format!(
+            "[upstreams.app]\ninstances = [\"{addr}\"]\npipeline = 4\n[[routes]]\nupstream = \"app\"\n"
+        ))
+        .unwrap();
+        let connector = Connector::new(addr, config.upstream("app").unwrap());
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        (Lines::new(4, Duration::from_secs(60)), connector, listener)
+    }
+
+    fn get(out: &mut Vec<u8>) {
+        out.extend_from_slice(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn after_an_answer_that_closes_the_line_takes_no_one_and_its_queue_goes_elsewhere() {
+        let (lines, connector, _listener) = lines();
+        let now = Instant::now();
+        let (reader, first) = lines
+            .enqueue(&connector, now, get)
+            .turn()
+            .await
+            .ok()
+            .unwrap();
+        let second = lines.enqueue(&connector, now, get);
+        assert!(Arc::ptr_eq(&first.line, &second.hold.line));
+        first.line().stop_taking();
+        let third = lines.enqueue(&connector, now, get);
+        assert!(!Arc::ptr_eq(&first.line, &third.hold.line));
+        first.hand_on(reader, true);
+        let second = tokio::time::timeout(Duration::from_secs(5), second.turn()).await;
+        assert!(matches!(second, Ok(Err(Broken::Lost))));
+        assert_eq!(third.hold.line.load(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_request_given_up_breaks_its_line_and_the_read_side_goes_in_order() {
+        let (lines, connector, _listener) = lines();
+        let now = Instant::now();
+        let (reader, first) = lines
+            .enqueue(&connector, now, get)
+            .turn()
+            .await
+            .ok()
+            .unwrap();
+        let second = lines.enqueue(&connector, now, get);
+        let third = lines.enqueue(&connector, now, get);
+        first.hand_on(reader, true);
+        let (reader, second) = second.turn().await.ok().unwrap();
+        assert_eq!(second.line.load(), 2);
+        drop(reader);
+        drop(second);
+        let third = tokio::time::timeout(Duration::from_secs(5), third.turn()).await;
+        assert!(matches!(third, Ok(Err(Broken::Lost))));
+        assert_eq!(lines.enqueue(&connector, now, get).hold.line.load(), 1);
+    }
 
     #[test]
     fn a_request_joins_the_least_loaded_line_with_room() {
