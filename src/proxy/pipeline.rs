@@ -222,17 +222,21 @@ impl Line {
         })
     }
 
-    /// The connection is open: its read side goes to the first request queued.
-    fn connected(&self, reader: Box<InstanceConn>) {
+    /// The read side goes to the request whose answer is next, or waits for one; on a closed
+    /// line it is closed, and whoever still waits is told.
+    fn pass_reader(&self, reader: Box<InstanceConn>) {
         let mut state = self.state.lock().expect("line lock");
         if state.closed.is_some() {
-            return;
+            drop(state);
+            drop(reader);
+            return self.break_off(Broken::Lost);
         }
         let Some(turn) = state.turns.pop_front() else {
             state.reader = Some(reader);
             return;
         };
         drop(state);
+        // A request that gave up on its answer leaves the order in doubt.
         if turn.send(Ok(reader)).is_err() {
             self.break_off(Broken::Lost);
         }
@@ -318,22 +322,7 @@ impl LineHold {
             line.break_off(Broken::Lost);
             return;
         }
-        let mut state = line.state.lock().expect("line lock");
-        if state.closed.is_some() {
-            drop(state);
-            drop(reader);
-            line.break_off(Broken::Lost);
-            return;
-        }
-        let Some(turn) = state.turns.pop_front() else {
-            state.reader = Some(reader);
-            return;
-        };
-        drop(state);
-        // A request that gave up on its answer leaves the order in doubt.
-        if turn.send(Ok(reader)).is_err() {
-            line.break_off(Broken::Lost);
-        }
+        line.pass_reader(reader);
     }
 }
 
@@ -355,7 +344,7 @@ async fn write_line(line: Arc<Line>, connector: Connector) {
         Err(err) => return line.break_off(Broken::Unconnected(Arc::new(err))),
     };
     let (read, mut write) = tcp.into_split();
-    line.connected(Box::new(InstanceConn::new(InstanceStream::PipedRead(read))));
+    line.pass_reader(Box::new(InstanceConn::new(InstanceStream::PipedRead(read))));
     let mut out = Vec::with_capacity(4096);
     loop {
         line.wake_writer.notified().await;
@@ -394,24 +383,30 @@ mod tests {
         out.extend_from_slice(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n");
     }
 
+    /// A request queued first on a new line: its turn comes as soon as the line connects.
+    async fn first_in_line(lines: &Lines, connector: &Connector) -> (Box<InstanceConn>, LineHold) {
+        let ticket = lines.enqueue(connector, Instant::now(), get);
+        ticket.turn().await.ok().unwrap()
+    }
+
+    /// Whether the ticket's line broke before its turn came (within 5 s).
+    async fn lost(ticket: Ticket) -> bool {
+        let turn = tokio::time::timeout(Duration::from_secs(5), ticket.turn()).await;
+        matches!(turn, Ok(Err(Broken::Lost)))
+    }
+
     #[tokio::test]
     async fn after_an_answer_that_closes_the_line_takes_no_one_and_its_queue_goes_elsewhere() {
         let (lines, connector, _listener) = lines();
         let now = Instant::now();
-        let (reader, first) = lines
-            .enqueue(&connector, now, get)
-            .turn()
-            .await
-            .ok()
-            .unwrap();
+        let (reader, first) = first_in_line(&lines, &connector).await;
         let second = lines.enqueue(&connector, now, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold.line));
         first.line().stop_taking();
         let third = lines.enqueue(&connector, now, get);
         assert!(!Arc::ptr_eq(&first.line, &third.hold.line));
         first.hand_on(reader, true);
-        let second = tokio::time::timeout(Duration::from_secs(5), second.turn()).await;
-        assert!(matches!(second, Ok(Err(Broken::Lost))));
+        assert!(lost(second).await);
         assert_eq!(third.hold.line.load(), 1);
     }
 
@@ -419,12 +414,7 @@ mod tests {
     async fn a_request_given_up_breaks_its_line_and_the_read_side_goes_in_order() {
         let (lines, connector, _listener) = lines();
         let now = Instant::now();
-        let (reader, first) = lines
-            .enqueue(&connector, now, get)
-            .turn()
-            .await
-            .ok()
-            .unwrap();
+        let (reader, first) = first_in_line(&lines, &connector).await;
         let second = lines.enqueue(&connector, now, get);
         let third = lines.enqueue(&connector, now, get);
         first.hand_on(reader, true);
@@ -432,8 +422,7 @@ mod tests {
         assert_eq!(second.line.load(), 2);
         drop(reader);
         drop(second);
-        let third = tokio::time::timeout(Duration::from_secs(5), third.turn()).await;
-        assert!(matches!(third, Ok(Err(Broken::Lost))));
+        assert!(lost(third).await);
         assert_eq!(lines.enqueue(&connector, now, get).hold.line.load(), 1);
     }
 
