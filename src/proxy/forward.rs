@@ -644,7 +644,7 @@ async fn send(
         return Box::pin(send_http2(instance, shared, head, body, timeout)).await;
     }
     if let Some(lines) = &instance.pool.lines {
-        if checkout.pipelinable && !checkout.fresh {
+        if checkout.pipelinable && !checkout.fresh && lines.taken() {
             return send_pipelined(instance, lines, head, timeout, checkout.now).await;
         }
     }
@@ -669,8 +669,9 @@ async fn send(
 
 /// One attempt on a pipelined line: the request is queued, then its answer head is read in
 /// its turn. The response timeout counts from the queueing, the wait behind earlier answers
-/// included. A line that breaks before the answer came sends the request again once, on a
-/// connection of its own, as a stale pooled connection does.
+/// included. A line that breaks before the request's turn, or a turn that does not come within
+/// the timeout, sends the request again once, on a connection of its own, as a stale pooled
+/// connection does.
 async fn send_pipelined(
     instance: &Instance,
     lines: &Lines,
@@ -690,13 +691,19 @@ async fn send_pipelined(
                 "the pipelined connection closed before the answer".to_owned(),
             ))
         }
-        Err(_) => return Err(Attempt::timed_out()),
+        // Held up by the answers before it, which are not this request's instance's fault
+        // alone: it goes again on a connection of its own, with a timeout of its own.
+        Err(_) => {
+            return Err(Attempt::failed(
+                FailureKind::Stale { sent: true },
+                "the answers before it on its pipelined connection took the response timeout"
+                    .to_owned(),
+            ))
+        }
     };
     match conn.read_answer(head, due).await {
         Ok(answer) => {
-            if !answer.framing.keep_alive {
-                line.line().stop_taking();
-            }
+            lines.answered(&line, answer.framing.keep_alive);
             observe_latency(instance, started, answer.head.status);
             Ok(Answer::Http1(conn, Some(line), answer))
         }

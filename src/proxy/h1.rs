@@ -219,6 +219,11 @@ impl InstanceConn {
         self.stream.probe_open()
     }
 
+    /// Whether bytes the instance sent are waiting to be read as an answer.
+    pub fn has_buffered(&self) -> bool {
+        !self.read.is_empty()
+    }
+
     /// The local port, which tells connections apart in tests and logs.
     pub fn local_port(&self) -> u16 {
         self.stream.local_port()
@@ -814,6 +819,9 @@ impl Body for InstanceBody {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
+            if let Some(line) = this.line.as_mut() {
+                line.release_queue();
+            }
             if conn.read.capacity() - conn.read.len() < READ_CHUNK / 4 {
                 conn.read.reserve(READ_CHUNK);
             }

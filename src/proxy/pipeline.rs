@@ -13,9 +13,18 @@
 //! request given up before its answer was read, a broken read or write, an answer that closes
 //! the connection) breaks the line: every request still queued on it gets [`Broken::Lost`] and
 //! is sent again on a connection of its own, as after a stale keep-alive connection.
+//!
+//! When not to pipeline ([`joinable`]): a new line carries one request until its first answer
+//! shows the connection persists (RFC 9112 §9.3.2), and an instance whose first answer on a
+//! line closes the connection is not pipelined to again (it would reset the connection with
+//! requests unread, cutting its answer off). A request does not queue behind one that has
+//! waited [`FLOWING_WAIT`] already: instances answer a connection's requests one after another,
+//! so a slow one is better served by connections of its own. And an answer whose body does not
+//! come whole with its head sends the requests queued behind it elsewhere, so that a large
+//! answer, or its slow reader, holds up no one.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,7 +44,12 @@ pub enum Broken {
     Lost,
 }
 
-type Turn = oneshot::Sender<Result<Box<InstanceConn>, Broken>>;
+/// A queued request's way to its turn, and when it was queued.
+type Turn = (oneshot::Sender<Result<Box<InstanceConn>, Broken>>, Instant);
+
+/// The longest a line's oldest unanswered request may have waited for a request to queue
+/// behind it.
+pub const FLOWING_WAIT: Duration = Duration::from_millis(1);
 
 /// The lines to one instance.
 pub struct Lines {
@@ -43,6 +57,12 @@ pub struct Lines {
     /// Requests in flight per line before another line is opened.
     depth: usize,
     idle_timeout: Duration,
+    /// An answer showed the instance keeps connections open: lines may carry more than one
+    /// request from their first.
+    proven: AtomicBool,
+    /// The instance closed a connection before it had ever kept one open: it gets no
+    /// pipelined requests.
+    refused: AtomicBool,
 }
 
 /// One pipelined connection.
@@ -64,6 +84,10 @@ struct LineState {
     reader: Option<Box<InstanceConn>>,
     /// Set once the line takes no more requests: broken, or the instance said it closes.
     closed: Option<Broken>,
+    /// See [`LineView::streaming`].
+    streaming: bool,
+    /// When the oldest request not yet answered to its end was queued.
+    front_since: Instant,
     last_used: Instant,
 }
 
@@ -72,6 +96,8 @@ struct LineState {
 pub struct LineHold {
     line: Arc<Line>,
     handed_on: bool,
+    /// The requests behind this one were sent elsewhere ([`LineHold::release_queue`]).
+    released_queue: bool,
 }
 
 /// A queued request: its turn at the read side.
@@ -80,15 +106,36 @@ pub struct Ticket {
     turn: oneshot::Receiver<Result<Box<InstanceConn>, Broken>>,
 }
 
-/// The line a new request joins: the one with the fewest requests in flight among those with
-/// room for another, `None` when every line is full (or there is none).
-pub fn pick_line(outstanding: impl IntoIterator<Item = usize>, depth: usize) -> Option<usize> {
-    outstanding
-        .into_iter()
-        .enumerate()
-        .filter(|&(_, load)| load < depth)
-        .min_by_key(|&(_, load)| load)
-        .map(|(index, _)| index)
+/// A request looking for a line to join.
+struct Joining<'a, F> {
+    write_head: &'a F,
+    now: Instant,
+    depth: usize,
+    /// See [`LineView::proven`].
+    proven: bool,
+    idle_timeout: Duration,
+}
+
+/// A line as a request choosing one sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct LineView {
+    /// Requests on it not yet answered to their end.
+    pub load: usize,
+    /// The instance is known to keep connections open.
+    pub proven: bool,
+    /// How long its oldest unanswered request has waited.
+    pub waited: Duration,
+    /// Its reader is taking an answer body that did not come whole with its head.
+    pub streaming: bool,
+}
+
+/// Whether a request may join a line of `depth`: an empty one always; a busy one while it has
+/// room, its connection is known to persist and its oldest request has not waited
+/// [`FLOWING_WAIT`]. Requests join the first such line (the oldest), so that a scheduler
+/// turn's requests share few writes.
+pub fn joinable(line: LineView, depth: usize) -> bool {
+    line.load == 0
+        || (line.proven && !line.streaming && line.load < depth && line.waited < FLOWING_WAIT)
 }
 
 impl Lines {
@@ -97,32 +144,59 @@ impl Lines {
             lines: Mutex::new(Vec::new()),
             depth,
             idle_timeout,
+            proven: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
         }
     }
 
-    /// Queues a request on a line with room, opening a line when none has; `write_head`
-    /// appends its head to the bytes the line writes next.
+    /// Whether requests to this instance may be pipelined: not once it closed a connection
+    /// before it had ever kept one open.
+    pub fn taken(&self) -> bool {
+        !self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Queues a request on the first line it may join ([`joinable`]), opening a line when
+    /// there is none; `write_head` appends its head to the bytes the line writes next.
     pub fn enqueue(
         &self,
         connector: &Connector,
         now: Instant,
         write_head: impl Fn(&mut Vec<u8>),
     ) -> Ticket {
+        let joining = Joining {
+            write_head: &write_head,
+            now,
+            depth: self.depth,
+            proven: self.proven.load(Ordering::Relaxed),
+            idle_timeout: self.idle_timeout,
+        };
         let mut lines = self.lines.lock().expect("lines lock");
-        loop {
-            lines.retain(|line| !line.is_closed());
-            let picked = pick_line(lines.iter().map(|line| line.load()), self.depth);
-            let line = match picked {
-                Some(index) => lines[index].clone(),
-                None => {
-                    let line = Line::open(connector.clone(), now);
-                    lines.push(line.clone());
-                    line
-                }
-            };
-            if let Some(ticket) = line.join(&write_head, now, self.idle_timeout) {
+        lines.retain(|line| !line.is_closed());
+        for line in lines.iter() {
+            if let Some(ticket) = line.join(&joining) {
                 return ticket;
             }
+        }
+        let line = Line::open(connector.clone(), now);
+        lines.push(line.clone());
+        line.join(&joining)
+            .expect("a new line takes its first request")
+    }
+
+    /// An answer head came on `hold`'s line: one that keeps the connection open proves the
+    /// instance; one that closes it ends the line, and ends pipelining to an instance never
+    /// proven (a server that closes every connection after one answer).
+    pub fn answered(&self, hold: &LineHold, persistent: bool) {
+        if persistent {
+            self.proven.store(true, Ordering::Relaxed);
+            return;
+        }
+        if !self.proven.load(Ordering::Relaxed) {
+            self.refused.store(true, Ordering::Relaxed);
+        }
+        let mut state = hold.line.state.lock().expect("line lock");
+        if state.closed.is_none() {
+            state.closed = Some(Broken::Lost);
         }
     }
 
@@ -153,6 +227,8 @@ impl Line {
                 turns: VecDeque::new(),
                 reader: None,
                 closed: None,
+                streaming: false,
+                front_since: now,
                 last_used: now,
             }),
             outstanding: AtomicUsize::new(0),
@@ -170,19 +246,29 @@ impl Line {
         self.state.lock().expect("line lock").closed.is_some()
     }
 
-    /// Queues `head`; `None` when the line turned out closed (an idle connection the instance
-    /// closed, or one idle too long), which is then broken.
-    fn join(
-        self: &Arc<Line>,
-        write_head: &impl Fn(&mut Vec<u8>),
-        now: Instant,
-        idle_timeout: Duration,
-    ) -> Option<Ticket> {
+    /// Queues a request when it may join ([`joinable`]); `None` when not, or when the line
+    /// turned out closed (an idle connection the instance closed, or one idle too long), which
+    /// is then broken.
+    fn join<F: Fn(&mut Vec<u8>)>(self: &Arc<Line>, joining: &Joining<'_, F>) -> Option<Ticket> {
+        let Joining {
+            write_head,
+            now,
+            depth,
+            proven,
+            idle_timeout,
+        } = *joining;
         let mut state = self.state.lock().expect("line lock");
-        if state.closed.is_some() {
+        let load = self.load();
+        let view = LineView {
+            load,
+            proven,
+            waited: now.saturating_duration_since(state.front_since),
+            streaming: state.streaming,
+        };
+        if state.closed.is_some() || !joinable(view, depth) {
             return None;
         }
-        let idle = state.turns.is_empty() && self.load() == 0;
+        let idle = state.turns.is_empty() && load == 0;
         let idle_too_long = now.duration_since(state.last_used) > idle_timeout;
         let stale = idle
             && state
@@ -195,6 +281,9 @@ impl Line {
             return None;
         }
         let (turn, waiting) = oneshot::channel();
+        if idle {
+            state.front_since = now;
+        }
         match state.reader.take() {
             Some(reader) if state.turns.is_empty() => {
                 // The read side is free: this request is next.
@@ -202,7 +291,7 @@ impl Line {
             }
             reader => {
                 state.reader = reader;
-                state.turns.push_back(turn);
+                state.turns.push_back((turn, now));
             }
         }
         write_head(&mut state.pending);
@@ -217,6 +306,7 @@ impl Line {
             hold: LineHold {
                 line: self.clone(),
                 handed_on: false,
+                released_queue: false,
             },
             turn: waiting,
         })
@@ -231,10 +321,19 @@ impl Line {
             drop(reader);
             return self.break_off(Broken::Lost);
         }
-        let Some(turn) = state.turns.pop_front() else {
+        let Some((turn, queued)) = state.turns.pop_front() else {
+            if reader.has_buffered() {
+                // Bytes no request asked for: whoever joins next would take them as its answer.
+                drop(state);
+                drop(reader);
+                return self.break_off(Broken::Lost);
+            }
+            state.streaming = false;
             state.reader = Some(reader);
             return;
         };
+        state.front_since = queued;
+        state.streaming = false;
         drop(state);
         // A request that gave up on its answer leaves the order in doubt.
         if turn.send(Ok(reader)).is_err() {
@@ -251,20 +350,12 @@ impl Line {
         let turns = std::mem::take(&mut state.turns);
         let reader = state.reader.take();
         drop(state);
-        for turn in turns {
+        for (turn, _) in turns {
             let _ = turn.send(Err(why.clone()));
         }
         // Closed outside the lock; the writer wakes to see the line closed and stops.
         drop(reader);
         self.wake_writer.notify_one();
-    }
-
-    /// An answer said the instance closes the connection after it: no one else may join.
-    pub fn stop_taking(&self) {
-        let mut state = self.state.lock().expect("line lock");
-        if state.closed.is_none() {
-            state.closed = Some(Broken::Lost);
-        }
     }
 
     fn close_if_idle(&self, now: Instant, idle_timeout: Duration) {
@@ -305,9 +396,20 @@ impl Ticket {
 }
 
 impl LineHold {
-    /// The line, to stop it taking requests after an answer that closes the connection.
-    pub fn line(&self) -> &Line {
-        &self.line
+    /// This answer's body did not come whole with its head: no one joins the line until it
+    /// ends, and the requests already queued behind it go elsewhere now rather than wait for
+    /// it and its client (the line then ends with it).
+    pub fn release_queue(&mut self) {
+        if std::mem::replace(&mut self.released_queue, true) {
+            return;
+        }
+        let mut state = self.line.state.lock().expect("line lock");
+        state.streaming = true;
+        let queued = !state.turns.is_empty();
+        drop(state);
+        if queued {
+            self.line.break_off(Broken::Lost);
+        }
     }
 
     /// This request's answer was read to its end: the read side goes to the next request, or
@@ -400,14 +502,32 @@ mod tests {
         let (lines, connector, _listener) = lines();
         let now = Instant::now();
         let (reader, first) = first_in_line(&lines, &connector).await;
+        // Unproven, the line takes no second request.
+        let aside = lines.enqueue(&connector, now, get);
+        assert!(!Arc::ptr_eq(&first.line, &aside.hold.line));
+        lines.answered(&first, true);
         let second = lines.enqueue(&connector, now, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold.line));
-        first.line().stop_taking();
-        let third = lines.enqueue(&connector, now, get);
-        assert!(!Arc::ptr_eq(&first.line, &third.hold.line));
         first.hand_on(reader, true);
-        assert!(lost(second).await);
-        assert_eq!(third.hold.line.load(), 1);
+        let (reader, second) = second.turn().await.ok().unwrap();
+        let third = lines.enqueue(&connector, now, get);
+        assert!(Arc::ptr_eq(&second.line, &third.hold.line));
+        lines.answered(&second, false);
+        let fourth = lines.enqueue(&connector, now, get);
+        assert!(!Arc::ptr_eq(&second.line, &fourth.hold.line));
+        second.hand_on(reader, true);
+        assert!(lost(third).await);
+        // A proven line closing later (nginx's keepalive_requests) does not end pipelining.
+        assert!(lines.taken());
+    }
+
+    #[tokio::test]
+    async fn an_instance_closing_a_line_after_its_first_answer_is_not_pipelined_to() {
+        let (lines, connector, _listener) = lines();
+        let (_reader, first) = first_in_line(&lines, &connector).await;
+        assert!(lines.taken());
+        lines.answered(&first, false);
+        assert!(!lines.taken());
     }
 
     #[tokio::test]
@@ -415,6 +535,7 @@ mod tests {
         let (lines, connector, _listener) = lines();
         let now = Instant::now();
         let (reader, first) = first_in_line(&lines, &connector).await;
+        lines.answered(&first, true);
         let second = lines.enqueue(&connector, now, get);
         let third = lines.enqueue(&connector, now, get);
         first.hand_on(reader, true);
@@ -426,13 +547,62 @@ mod tests {
         assert_eq!(lines.enqueue(&connector, now, get).hold.line.load(), 1);
     }
 
+    #[tokio::test]
+    async fn an_answer_streaming_its_body_sends_the_queue_behind_it_elsewhere() {
+        let (lines, connector, _listener) = lines();
+        let now = Instant::now();
+        let (_reader, mut first) = first_in_line(&lines, &connector).await;
+        lines.answered(&first, true);
+        let second = lines.enqueue(&connector, now, get);
+        first.release_queue();
+        assert!(lost(second).await);
+        let (lines, connector, _listener) = self::lines();
+        let (_reader, mut first) = first_in_line(&lines, &connector).await;
+        lines.answered(&first, true);
+        first.release_queue();
+        // Nothing was queued: the line lives on, but no one joins it while the body streams.
+        let second = lines.enqueue(&connector, now, get);
+        assert!(!Arc::ptr_eq(&first.line, &second.hold.line));
+        assert!(!first.line.is_closed());
+    }
+
     #[test]
-    fn a_request_joins_the_least_loaded_line_with_room() {
-        assert_eq!(pick_line([3, 1, 2], 4), Some(1));
-        assert_eq!(pick_line([4, 4, 3], 4), Some(2));
-        assert_eq!(pick_line([4, 4], 4), None);
-        assert_eq!(pick_line([], 4), None);
-        // The first of equals, so lines fill in the order they were opened.
-        assert_eq!(pick_line([2, 2], 4), Some(0));
+    fn a_request_joins_an_empty_line_or_a_proven_one_with_room_that_flows() {
+        let busy = LineView {
+            load: 3,
+            proven: true,
+            waited: Duration::from_micros(300),
+            streaming: false,
+        };
+        assert!(joinable(busy, 4));
+        assert!(!joinable(LineView { load: 4, ..busy }, 4));
+        assert!(!joinable(
+            LineView {
+                proven: false,
+                ..busy
+            },
+            4
+        ));
+        assert!(!joinable(
+            LineView {
+                streaming: true,
+                ..busy
+            },
+            4
+        ));
+        assert!(!joinable(
+            LineView {
+                waited: FLOWING_WAIT,
+                ..busy
+            },
+            4
+        ));
+        let empty = LineView {
+            load: 0,
+            proven: false,
+            waited: Duration::from_secs(5),
+            streaming: false,
+        };
+        assert!(joinable(empty, 4));
     }
 }
