@@ -28,13 +28,15 @@ for proxy in $PROXIES; do
   esac
 done
 sleep 0.5
-rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/${PID[scalegate]}/status")
+# The first scalegate started (PROXIES may leave the default one out).
+first=${PROXIES%% *}
+rss_kib=$(awk '/VmRSS/ {print $2}' "/proc/${PID[$first]:-${PID[scalegate]}}/status")
 warm $PROXIES
 for conns in $CONNS; do
   for _ in $(seq "$RUNS"); do
     for proxy in $PROXIES; do measure "$proxy" "$conns"; done
   done
 done
-summarize scalegate
+summarize "$first"
 echo
 echo "scalegate idle RSS (after start, before any load): $((rss_kib / 1024)) MiB ($rss_kib KiB)"

@@ -449,9 +449,9 @@ async fn write_line(line: Arc<Line>, connector: Connector) {
     line.pass_reader(Box::new(InstanceConn::new(InstanceStream::PipedRead(read))));
     let mut out = Vec::with_capacity(4096);
     loop {
+        // Woken by the first request queued since the last write, the writer runs after the
+        // other tasks already ready: their requests join this write.
         line.wake_writer.notified().await;
-        // Requests woken by the same readiness events run before this write and join it.
-        tokio::task::yield_now().await;
         out.clear();
         if !line.take_pending(&mut out) {
             return;
