@@ -60,6 +60,11 @@ fn raw_instance(serve: fn(TcpStream, usize)) -> SocketAddr {
     addr
 }
 
+/// A gateway in front of one [`raw_instance`], its upstream with `extra` keys.
+fn gateway_before(serve: fn(TcpStream, usize), extra: &str) -> Gateway {
+    gateway(&app_config_at(&[raw_instance(serve)], extra))
+}
+
 /// The targets of the requests on `stream`, one by one as their heads arrive; `None` once the
 /// connection ends.
 struct Targets {
@@ -126,10 +131,7 @@ fn answer_three(stream: TcpStream, index: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_closing_its_connections_loses_no_pipelined_request() {
-    let gw = gateway(&app_config_at(
-        &[raw_instance(answer_three)],
-        "pipeline = 8\nretries = 0\nmax_fails = 0",
-    ));
+    let gw = gateway_before(answer_three, "pipeline = 8\nretries = 0\nmax_fails = 0");
     echo_in_parallel(&gw, 12, 10).await;
 }
 
@@ -164,10 +166,7 @@ fn answer_once_and_close(stream: TcpStream, _: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_closing_after_each_answer_gets_no_pipelined_requests_and_no_answer_is_cut() {
-    let gw = gateway(&app_config_at(
-        &[raw_instance(answer_once_and_close)],
-        "pipeline = 8\nmax_fails = 0",
-    ));
+    let gw = gateway_before(answer_once_and_close, "pipeline = 8\nmax_fails = 0");
     let client = client();
     let mut running = Vec::new();
     for _ in 0..8 {
@@ -196,10 +195,7 @@ fn answer_twice(stream: TcpStream, _: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_an_instance_sends_unasked_are_nobody_s_answer() {
-    let gw = gateway(&app_config_at(
-        &[raw_instance(answer_twice)],
-        "pipeline = 8\nmax_fails = 0",
-    ));
+    let gw = gateway_before(answer_twice, "pipeline = 8\nmax_fails = 0");
     let client = client();
     for n in 0..6 {
         let target = format!("/req{n}");
