@@ -5,6 +5,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use support::*;
@@ -32,19 +33,32 @@ async fn echo_in_parallel(gw: &Gateway, tasks: usize, each: usize) {
     }
 }
 
+/// Requests [`echo_every_target`] found already waiting behind another one it had not
+/// answered yet: sent pipelined.
+static ECHO_PIPELINED: AtomicUsize = AtomicUsize::new(0);
+
+/// Answers every request with its target, at once.
+fn echo_every_target(stream: TcpStream, _: usize) {
+    let mut targets = Targets::new(stream);
+    while let Some(target) = targets.next() {
+        if targets.read.windows(4).any(|w| w == b"\r\n\r\n") {
+            ECHO_PIPELINED.fetch_add(1, Ordering::Relaxed);
+        }
+        if !targets.answer("", target.as_bytes()) {
+            return;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answers_reach_their_own_requests_on_few_connections() {
-    let backend = demo_backend(&[]);
-    let gw = gateway(&app_config(&[&backend], "pipeline = 8"));
+async fn answers_reach_their_own_requests_sent_pipelined() {
+    let gw = gateway_before(echo_every_target, "pipeline = 8");
     // Until an answer shows the instance keeps connections open, each request has its own.
     echo_in_parallel(&gw, 1, 1).await;
     echo_in_parallel(&gw, 40, 10).await;
-    let stats = get(&client(), &format!("http://{}/__stats", backend.addr()))
-        .await
-        .json();
-    // One connection per concurrent request without pipelining; a line carries up to 8.
-    let connections = stats["connections"].as_u64().unwrap();
-    assert!((1..=20).contains(&connections), "{connections} connections");
+    // How many go together depends on timing (a request queues only behind one answered
+    // within the last millisecond); none would without pipelining.
+    assert!(ECHO_PIPELINED.load(Ordering::Relaxed) > 0);
 }
 
 /// A hand-written instance: `serve(connection, its index)` on a thread per connection.
@@ -183,11 +197,18 @@ async fn an_instance_closing_after_each_answer_gets_no_pipelined_requests_and_no
     }
 }
 
-/// Answers each request, and after each answer sends a second one nobody asked for.
+/// Answers each request, and right behind each answer, in the same write, sends a second one
+/// nobody asked for. (Sent later, the unasked answer could reach a request that joins the idle
+/// connection before the gateway sees the bytes arrive, pooled or pipelined alike.)
 fn answer_twice(stream: TcpStream, _: usize) {
     let mut targets = Targets::new(stream);
     while let Some(target) = targets.next() {
-        if !targets.answer("", target.as_bytes()) || !targets.answer("", b"WRONG") {
+        let both = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{target}\
+             HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG",
+            target.len()
+        );
+        if targets.stream.write_all(both.as_bytes()).is_err() {
             return;
         }
     }

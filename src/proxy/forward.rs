@@ -707,7 +707,12 @@ async fn send_pipelined(
             observe_latency(instance, started, answer.head.status);
             Ok(Answer::Http1(conn, Some(line), answer))
         }
-        Err(err) => Err(Attempt::of_send(err, true)),
+        Err(err) => {
+            if matches!(err, SendError::Invalid(_)) {
+                lines.refuse();
+            }
+            Err(Attempt::of_send(err, true))
+        }
     }
 }
 

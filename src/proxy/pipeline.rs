@@ -183,6 +183,12 @@ impl Lines {
             .expect("a new line takes its first request")
     }
 
+    /// The instance's answer did not parse: with requests queued, a misframed answer (a body
+    /// after a HEAD answer, say) would shift every answer behind it, so pipelining to it ends.
+    pub fn refuse(&self) {
+        self.refused.store(true, Ordering::Relaxed);
+    }
+
     /// An answer head came on `hold`'s line: one that keeps the connection open proves the
     /// instance; one that closes it ends the line, and ends pipelining to an instance never
     /// proven (a server that closes every connection after one answer).
