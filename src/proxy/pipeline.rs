@@ -14,10 +14,11 @@
 //! the connection) breaks the line: every request still queued on it gets [`Broken::Lost`] and
 //! is sent again on a connection of its own, as after a stale keep-alive connection.
 //!
-//! When not to pipeline ([`joinable`]): a new line carries one request until its first answer
-//! shows the connection persists (RFC 9112 §9.3.2), and an instance whose first answer on a
-//! line closes the connection is not pipelined to again (it would reset the connection with
-//! requests unread, cutting its answer off). A request does not queue behind one that has
+//! When not to pipeline ([`joinable`]): lines carry one request each until an answer has shown
+//! that the instance keeps connections open (RFC 9112 §9.3.2), and an instance that closes a
+//! connection before it ever kept one open, or sends an answer that does not parse, is not
+//! pipelined to again (closing with requests unread resets the connection, cutting its answer
+//! off; a misframed answer would shift every answer queued behind it). A request does not queue behind one that has
 //! waited [`FLOWING_WAIT`] already: instances answer a connection's requests one after another,
 //! so a slow one is better served by connections of its own. And an answer whose body does not
 //! come whole with its head sends the requests queued behind it elsewhere, so that a large
