@@ -151,7 +151,7 @@ impl Lines {
     }
 
     /// Whether requests to this instance may be pipelined: not once it closed a connection
-    /// before it had ever kept one open.
+    /// before it had ever kept one open, or sent an answer that did not parse.
     pub fn taken(&self) -> bool {
         !self.refused.load(Ordering::Relaxed)
     }
@@ -172,12 +172,14 @@ impl Lines {
             idle_timeout: self.idle_timeout,
         };
         let mut lines = self.lines.lock().expect("lines lock");
-        lines.retain(|line| !line.is_closed());
+        // A closed line refuses in `join`; closed ones are dropped when a line opens and by the
+        // sweep, so a request locks no more lines than it looks at.
         for line in lines.iter() {
             if let Some(ticket) = line.join(&joining) {
                 return ticket;
             }
         }
+        lines.retain(|line| !line.is_closed());
         let line = Line::open(connector.clone(), now);
         lines.push(line.clone());
         line.join(&joining)
@@ -207,9 +209,14 @@ impl Lines {
         }
     }
 
-    /// Closes the lines idle past the idle timeout (the pool's sweep calls this).
+    /// Closes the lines idle past the idle timeout, and lets go of closed ones (the pool's
+    /// sweep calls this).
     pub fn close_idle(&self, now: Instant) {
-        let lines = self.lines.lock().expect("lines lock").clone();
+        let lines = {
+            let mut lines = self.lines.lock().expect("lines lock");
+            lines.retain(|line| !line.is_closed());
+            lines.clone()
+        };
         for line in lines {
             line.close_if_idle(now, self.idle_timeout);
         }
