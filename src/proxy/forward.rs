@@ -500,7 +500,7 @@ async fn to_instance(
                         .insert(X_REQUEST_ID.clone(), request_id.clone());
                 }
                 let timeout = config.response_timeout;
-                let body = InstanceBody::new((conn, line), &mut answer, guard, timeout);
+                let body = InstanceBody::new(conn, line, &mut answer, guard, timeout);
                 let body = GatewayBody::Upstream(body);
                 return Ok(Response::from_parts(answer.head, body));
             }
@@ -682,23 +682,20 @@ async fn send_pipelined(
     let connector = &instance.pool.connector;
     let ticket = lines.enqueue(connector, started, |out| encode_bodiless(out, head));
     let due = started + timeout;
+    let stale = |reason: &str| {
+        Err(Attempt::failed(
+            FailureKind::Stale { sent: true },
+            reason.into(),
+        ))
+    };
     let (mut conn, line) = match tokio::time::timeout_at(due, ticket.turn()).await {
         Ok(Ok(turn)) => turn,
         Ok(Err(Broken::Unconnected(err))) => return Err(Attempt::not_connected(&err)),
-        Ok(Err(Broken::Lost)) => {
-            return Err(Attempt::failed(
-                FailureKind::Stale { sent: true },
-                "the pipelined connection closed before the answer".to_owned(),
-            ))
-        }
+        Ok(Err(Broken::Lost)) => return stale("the pipelined connection closed before the answer"),
         // Held up by the answers before it, which are not this request's instance's fault
         // alone: it goes again on a connection of its own, with a timeout of its own.
         Err(_) => {
-            return Err(Attempt::failed(
-                FailureKind::Stale { sent: true },
-                "the answers before it on its pipelined connection took the response timeout"
-                    .to_owned(),
-            ))
+            return stale("the answers before it on its pipelined line took the response timeout")
         }
     };
     match conn.read_answer(head, due).await {

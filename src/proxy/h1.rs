@@ -741,7 +741,8 @@ impl InstanceBody {
     /// The body of `answer`, which takes the answer's raw fields along and fails once it has
     /// waited `pause_limit` for the instance's next bytes.
     pub fn new(
-        (conn, line): (Box<InstanceConn>, Option<LineHold>),
+        conn: Box<InstanceConn>,
+        line: Option<LineHold>,
         answer: &mut AnswerHead,
         guard: InFlightGuard,
         pause_limit: Duration,
