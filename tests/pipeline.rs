@@ -1,5 +1,5 @@
 //! End-to-end tests of HTTP/1.1 pipelining to instances (`pipeline` above 1): answers reach the
-//! requests they belong to, on few connections, and a line that breaks loses no request.
+//! requests they belong to, and a line that breaks loses no request and cuts no answer.
 
 mod support;
 
@@ -10,27 +10,33 @@ use std::time::Duration;
 
 use support::*;
 
-/// `tasks` clients each sending `each` GETs of `/echo?id=TASK-N` at once, in turn; every
-/// answer must be 200 and echo its own request's target.
-async fn echo_in_parallel(gw: &Gateway, tasks: usize, each: usize) {
+/// `tasks` clients each sending `each` GETs of `/echo?id=TASK-N` at once, in turn; `check`
+/// judges each answer, given the request's target.
+async fn get_in_parallel(gw: &Gateway, tasks: usize, each: usize, check: fn(&str, Reply)) {
     let client = client();
     let mut running = Vec::new();
     for task in 0..tasks {
-        let (client, base) = (client.clone(), gw.url("/echo"));
+        let (client, base) = (client.clone(), gw.url(""));
         running.push(tokio::spawn(async move {
             for n in 0..each {
-                let target = format!("{base}?id={task}-{n}");
-                let reply = get(&client, &target).await;
-                let body = String::from_utf8_lossy(&reply.body).into_owned();
-                assert_eq!(reply.status, 200, "{target}: {body}");
-                let own = format!("/echo?id={task}-{n}");
-                assert!(body.contains(&own), "{own} got {body}");
+                let target = format!("/echo?id={task}-{n}");
+                check(&target, get(&client, &format!("{base}{target}")).await);
             }
         }));
     }
     for task in running {
         task.await.unwrap();
     }
+}
+
+/// [`get_in_parallel`], every answer a 200 echoing its own request's target.
+async fn echo_in_parallel(gw: &Gateway, tasks: usize, each: usize) {
+    get_in_parallel(gw, tasks, each, |target, reply| {
+        let body = String::from_utf8_lossy(&reply.body).into_owned();
+        assert_eq!(reply.status, 200, "{target}: {body}");
+        assert!(body.contains(target), "{target} got {body}");
+    })
+    .await;
 }
 
 /// Requests [`echo_every_target`] found already waiting behind another one it had not
@@ -115,14 +121,19 @@ impl Targets {
 
     /// Writes a 200 answer with `body`, and `fields` (whole lines) in its head.
     fn answer(&mut self, fields: &str, body: &[u8]) -> bool {
-        let head = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{fields}\r\n",
-            body.len()
-        );
-        let mut answer = head.into_bytes();
-        answer.extend_from_slice(body);
-        self.stream.write_all(&answer).is_ok()
+        self.stream.write_all(&answer_bytes(fields, body)).is_ok()
     }
+}
+
+/// A 200 answer with `body`, and `fields` (whole lines) in its head.
+fn answer_bytes(fields: &str, body: &[u8]) -> Vec<u8> {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{fields}\r\n",
+        body.len()
+    );
+    let mut answer = head.into_bytes();
+    answer.extend_from_slice(body);
+    answer
 }
 
 /// Answers each request with its target as the body and closes the connection after the third
@@ -181,20 +192,11 @@ fn answer_once_and_close(stream: TcpStream, _: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_closing_after_each_answer_gets_no_pipelined_requests_and_no_answer_is_cut() {
     let gw = gateway_before(answer_once_and_close, "pipeline = 8\nmax_fails = 0");
-    let client = client();
-    let mut running = Vec::new();
-    for _ in 0..8 {
-        let (client, url) = (client.clone(), gw.url("/big"));
-        running.push(tokio::spawn(async move {
-            for _ in 0..5 {
-                let reply = get(&client, &url).await;
-                assert_eq!((reply.status, reply.body.len()), (200, 1 << 20));
-            }
-        }));
-    }
-    for task in running {
-        task.await.unwrap();
-    }
+    get_in_parallel(&gw, 8, 10, |target, reply| {
+        let answer = (reply.status, reply.body.len());
+        assert_eq!(answer, (200, 1 << 20), "{target}");
+    })
+    .await;
 }
 
 /// Answers each request, and right behind each answer, in the same write, sends a second one
@@ -203,12 +205,9 @@ async fn an_instance_closing_after_each_answer_gets_no_pipelined_requests_and_no
 fn answer_twice(stream: TcpStream, _: usize) {
     let mut targets = Targets::new(stream);
     while let Some(target) = targets.next() {
-        let both = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{target}\
-             HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG",
-            target.len()
-        );
-        if targets.stream.write_all(both.as_bytes()).is_err() {
+        let mut both = answer_bytes("", target.as_bytes());
+        both.extend_from_slice(&answer_bytes("", b"WRONG"));
+        if targets.stream.write_all(&both).is_err() {
             return;
         }
     }
