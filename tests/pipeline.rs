@@ -45,11 +45,26 @@ static ECHO_PIPELINED: AtomicUsize = AtomicUsize::new(0);
 
 /// Answers every request with its target, at once.
 fn echo_every_target(stream: TcpStream, _: usize) {
+    echo_after(stream, Duration::ZERO, &ECHO_PIPELINED);
+}
+
+/// Requests [`slow_echo`] found waiting behind another one it had not answered yet.
+static SLOW_PIPELINED: AtomicUsize = AtomicUsize::new(0);
+
+/// Answers every request with its target, 20 ms after reading it.
+fn slow_echo(stream: TcpStream, _: usize) {
+    echo_after(stream, Duration::from_millis(20), &SLOW_PIPELINED);
+}
+
+/// Answers every request with its target, `delay` after reading it; counts in `pipelined`
+/// those found waiting behind another.
+fn echo_after(stream: TcpStream, delay: Duration, pipelined: &AtomicUsize) {
     let mut targets = Targets::new(stream);
     while let Some(target) = targets.next() {
         if targets.read.windows(4).any(|w| w == b"\r\n\r\n") {
-            ECHO_PIPELINED.fetch_add(1, Ordering::Relaxed);
+            pipelined.fetch_add(1, Ordering::Relaxed);
         }
+        std::thread::sleep(delay);
         if !targets.answer("", target.as_bytes()) {
             return;
         }
@@ -65,6 +80,24 @@ async fn answers_reach_their_own_requests_sent_pipelined() {
     // How many go together depends on timing (a request queues only behind one answered
     // within the last millisecond); none would without pipelining.
     assert!(ECHO_PIPELINED.load(Ordering::Relaxed) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_to_a_slow_instance_go_on_connections_of_their_own() {
+    let gw = gateway_before(slow_echo, "pipeline = 8");
+    echo_in_parallel(&gw, 1, 1).await;
+    // The first wave queues (nothing measured the instance yet), and its answers, 20 ms apart
+    // on a line, show it slow.
+    echo_in_parallel(&gw, 16, 1).await;
+    let first_wave = SLOW_PIPELINED.load(Ordering::Relaxed);
+    // From then on each request has a connection of its own, but for one in about 80 that
+    // queues to measure the instance again.
+    echo_in_parallel(&gw, 16, 16).await;
+    let later = SLOW_PIPELINED.load(Ordering::Relaxed) - first_wave;
+    assert!(
+        later <= 12,
+        "{later} of 256 requests queued after the first wave"
+    );
 }
 
 /// A hand-written instance: `serve(connection, its index)` on a thread per connection.

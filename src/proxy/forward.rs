@@ -698,8 +698,10 @@ async fn send_pipelined(
             return stale("the answers before it on its pipelined line took the response timeout")
         }
     };
+    let pace = line.pace_sample(&conn);
     match conn.read_answer(head, due).await {
         Ok(answer) => {
+            lines.record_pace(pace, Instant::now());
             lines.answered(&line, answer.framing.keep_alive);
             observe_latency(instance, started, answer.head.status);
             Ok(Answer::Http1(conn, Some(line), answer))

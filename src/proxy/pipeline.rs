@@ -18,14 +18,16 @@
 //! that the instance keeps connections open (RFC 9112 §9.3.2), and an instance that closes a
 //! connection before it ever kept one open, or sends an answer that does not parse, is not
 //! pipelined to again (closing with requests unread resets the connection, cutting its answer
-//! off; a misframed answer would shift every answer queued behind it). A request does not queue behind one that has
-//! waited [`FLOWING_WAIT`] already: instances answer a connection's requests one after another,
-//! so a slow one is better served by connections of its own. And an answer whose body does not
+//! off; a misframed answer would shift every answer queued behind it). Instances answer a
+//! connection's requests one after another, so a slow one is better served by connections of
+//! its own: a request does not queue behind one that has waited [`FLOWING_WAIT`] already, nor
+//! at all while the instance's pace (its time per answer on a line) is past [`PACE_LIMIT`].
+//! And an answer whose body does not
 //! come whole with its head sends the requests queued behind it elsewhere, so that a large
 //! answer, or its slow reader, holds up no one.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,6 +54,13 @@ type Turn = (oneshot::Sender<Result<Box<InstanceConn>, Broken>>, Instant);
 /// behind it.
 pub const FLOWING_WAIT: Duration = Duration::from_millis(1);
 
+/// The most time per answer an instance may take on average, on a line, for requests to queue
+/// behind one another on its lines. Sub-millisecond instances gain from pipelining; one taking
+/// longer would answer queued requests one after another where connections of their own get
+/// them answered side by side (in front of an instance taking 10 ms per answer, 64 clients got
+/// a third of the requests per second they get without pipelining).
+pub const PACE_LIMIT: Duration = Duration::from_micros(500);
+
 /// The lines to one instance.
 pub struct Lines {
     lines: Mutex<Vec<Arc<Line>>>,
@@ -64,7 +73,36 @@ pub struct Lines {
     /// The instance closed a connection before it had ever kept one open: it gets no
     /// pipelined requests.
     refused: AtomicBool,
+    /// The instance's pace in microseconds: an average of the time its answers took after the
+    /// request's turn came, for requests queued behind another ([`PaceSample`]).
+    pace: AtomicU32,
+    /// When a request may next queue to measure a slow instance: [`PROBE_INTERVAL`] after the
+    /// last answer that found it slow, or after the last probe.
+    probe_at: Mutex<Instant>,
 }
+
+/// What one answer tells of its instance's pace, taken when the request's turn comes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PaceSample {
+    /// The request was first on its line: its wait tells the instance's whole latency, not its
+    /// time per answer.
+    First,
+    /// The answer had started arriving before the request's turn came.
+    Ready,
+    /// The request waited behind another one's answer, and its own had not started arriving
+    /// when its turn came, at this time.
+    From(Instant),
+}
+
+/// The pace after an answer took `sample_us`: a moving average weighting each answer 1/8, so
+/// that one long pause (the instance descheduled) does not stop pipelining to a fast instance.
+pub fn next_pace(pace_us: u32, sample_us: u32) -> u32 {
+    pace_us - pace_us / 8 + sample_us / 8
+}
+
+/// While an instance's pace is past [`PACE_LIMIT`], one request per this interval queues
+/// behind another anyway, alone, so that its answer measures the instance again.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// One pipelined connection.
 pub struct Line {
@@ -99,6 +137,8 @@ pub struct LineHold {
     handed_on: bool,
     /// The requests behind this one were sent elsewhere ([`LineHold::release_queue`]).
     released_queue: bool,
+    /// It was queued behind another request's answer, not first on an idle line.
+    behind: bool,
 }
 
 /// A queued request: its turn at the read side.
@@ -114,6 +154,8 @@ struct Joining<'a, F> {
     depth: usize,
     /// See [`LineView::proven`].
     proven: bool,
+    /// See [`LineView::paced`].
+    paced: bool,
     idle_timeout: Duration,
 }
 
@@ -124,6 +166,8 @@ pub struct LineView {
     pub load: usize,
     /// The instance is known to keep connections open.
     pub proven: bool,
+    /// The instance's pace is within [`PACE_LIMIT`], or this request measures it again.
+    pub paced: bool,
     /// How long its oldest unanswered request has waited.
     pub waited: Duration,
     /// Its reader is taking an answer body that did not come whole with its head.
@@ -131,12 +175,16 @@ pub struct LineView {
 }
 
 /// Whether a request may join a line of `depth`: an empty one always; a busy one while it has
-/// room, its connection is known to persist and its oldest request has not waited
-/// [`FLOWING_WAIT`]. Requests join the first such line (the oldest), so that a scheduler
-/// turn's requests share few writes.
+/// room, its connection is known to persist, its instance answers quickly and its oldest
+/// request has not waited [`FLOWING_WAIT`]. Requests join the first such line (the oldest), so
+/// that a scheduler turn's requests share few writes.
 pub fn joinable(line: LineView, depth: usize) -> bool {
     line.load == 0
-        || (line.proven && !line.streaming && line.load < depth && line.waited < FLOWING_WAIT)
+        || (line.proven
+            && line.paced
+            && !line.streaming
+            && line.load < depth
+            && line.waited < FLOWING_WAIT)
 }
 
 impl Lines {
@@ -147,6 +195,8 @@ impl Lines {
             idle_timeout,
             proven: AtomicBool::new(false),
             refused: AtomicBool::new(false),
+            pace: AtomicU32::new(0),
+            probe_at: Mutex::new(Instant::now()),
         }
     }
 
@@ -169,21 +219,64 @@ impl Lines {
             now,
             depth: self.depth,
             proven: self.proven.load(Ordering::Relaxed),
+            paced: self.pace.load(Ordering::Relaxed) < PACE_LIMIT.as_micros() as u32,
             idle_timeout: self.idle_timeout,
         };
         let mut lines = self.lines.lock().expect("lines lock");
+        if !joining.paced {
+            // Past the pace limit, one request per probe interval may queue all the same; the
+            // probe is spent once one did.
+            let mut probe_at = self.probe_at.lock().expect("probe lock");
+            if now >= *probe_at {
+                let probing = Joining {
+                    paced: true,
+                    ..joining
+                };
+                let ticket = Lines::join_first(&mut lines, connector, &probing);
+                if ticket.hold.behind {
+                    *probe_at = now + PROBE_INTERVAL;
+                }
+                return ticket;
+            }
+        }
+        Lines::join_first(&mut lines, connector, &joining)
+    }
+
+    /// Queues a request on the first of `lines` it may join, opening a line when there is none.
+    fn join_first<F: Fn(&mut Vec<u8>)>(
+        lines: &mut Vec<Arc<Line>>,
+        connector: &Connector,
+        joining: &Joining<'_, F>,
+    ) -> Ticket {
         // A closed line refuses in `join`; closed ones are dropped when a line opens and by the
         // sweep, so a request locks no more lines than it looks at.
         for line in lines.iter() {
-            if let Some(ticket) = line.join(&joining) {
+            if let Some(ticket) = line.join(joining) {
                 return ticket;
             }
         }
         lines.retain(|line| !line.is_closed());
-        let line = Line::open(connector.clone(), now);
+        let line = Line::open(connector.clone(), joining.now);
         lines.push(line.clone());
-        line.join(&joining)
+        line.join(joining)
             .expect("a new line takes its first request")
+    }
+
+    /// Takes an answer head's [`PaceSample`] into the instance's pace; `now` is when the head
+    /// came.
+    pub fn record_pace(&self, sample: PaceSample, now: Instant) {
+        let took = match sample {
+            PaceSample::First => return,
+            PaceSample::Ready => 0,
+            PaceSample::From(turn) => {
+                u32::try_from(now.saturating_duration_since(turn).as_micros()).unwrap_or(u32::MAX)
+            }
+        };
+        let pace = next_pace(self.pace.load(Ordering::Relaxed), took);
+        self.pace.store(pace, Ordering::Relaxed);
+        if pace >= PACE_LIMIT.as_micros() as u32 {
+            *self.probe_at.lock().expect("probe lock") = now + PROBE_INTERVAL;
+        }
     }
 
     /// The instance's answer did not parse: with requests queued, a misframed answer (a body
@@ -269,6 +362,7 @@ impl Line {
             now,
             depth,
             proven,
+            paced,
             idle_timeout,
         } = *joining;
         let mut state = self.state.lock().expect("line lock");
@@ -276,6 +370,7 @@ impl Line {
         let view = LineView {
             load,
             proven,
+            paced,
             waited: now.saturating_duration_since(state.front_since),
             streaming: state.streaming,
         };
@@ -298,16 +393,18 @@ impl Line {
         if idle {
             state.front_since = now;
         }
-        match state.reader.take() {
+        let behind = match state.reader.take() {
             Some(reader) if state.turns.is_empty() => {
                 // The read side is free: this request is next.
                 let _ = turn.send(Ok(reader));
+                false
             }
             reader => {
                 state.reader = reader;
                 state.turns.push_back((turn, now));
+                !idle
             }
-        }
+        };
         write_head(&mut state.pending);
         state.last_used = now;
         self.outstanding.fetch_add(1, Ordering::Relaxed);
@@ -321,6 +418,7 @@ impl Line {
                 line: self.clone(),
                 handed_on: false,
                 released_queue: false,
+                behind,
             },
             turn: waiting,
         })
@@ -410,6 +508,18 @@ impl Ticket {
 }
 
 impl LineHold {
+    /// What this request's answer will tell of the instance's pace, its turn having come with
+    /// `reader`.
+    pub fn pace_sample(&self, reader: &InstanceConn) -> PaceSample {
+        if !self.behind {
+            PaceSample::First
+        } else if reader.has_buffered() {
+            PaceSample::Ready
+        } else {
+            PaceSample::From(Instant::now())
+        }
+    }
+
     /// This answer's body did not come whole with its head: no one joins the line until it
     /// ends, and the requests already queued behind it go elsewhere now rather than wait for
     /// it and its client (the line then ends with it).
@@ -580,11 +690,55 @@ mod tests {
         assert!(!first.line.is_closed());
     }
 
+    #[tokio::test]
+    async fn requests_queue_behind_a_slow_instance_only_to_measure_it_again() {
+        let (lines, connector, _listener) = lines();
+        let now = Instant::now();
+        let (reader, first) = first_in_line(&lines, &connector).await;
+        lines.answered(&first, true);
+        let second = lines.enqueue(&connector, now, get);
+        assert!(Arc::ptr_eq(&first.line, &second.hold.line));
+        // The first on a line, or an answer there at its turn, tells no slowness.
+        assert_eq!(first.pace_sample(&reader), PaceSample::First);
+        lines.record_pace(PaceSample::First, now + Duration::from_secs(1));
+        lines.record_pace(PaceSample::Ready, now);
+        let third = lines.enqueue(&connector, now, get);
+        assert!(Arc::ptr_eq(&first.line, &third.hold.line));
+        first.hand_on(reader, true);
+        let (reader, second) = second.turn().await.ok().unwrap();
+        let PaceSample::From(turn) = second.pace_sample(&reader) else {
+            panic!("the second request waited behind the first, its answer not yet here");
+        };
+        // Its answer took 10 ms after its turn came: no request queues behind another (each one
+        // dropped here breaks the line it opened)...
+        lines.record_pace(PaceSample::From(turn), turn + Duration::from_millis(10));
+        for _ in 0..10 {
+            let apart = lines.enqueue(&connector, now, get);
+            assert!(!Arc::ptr_eq(&second.line, &apart.hold.line));
+        }
+        // ... but for one per probe interval, which measures it again (a request first on its
+        // line does not: it measures nothing).
+        let probe_time = turn + Duration::from_millis(10) + PROBE_INTERVAL;
+        let front = lines.enqueue(&connector, probe_time, get);
+        let probe = lines.enqueue(&connector, probe_time, get);
+        assert!(Arc::ptr_eq(&front.hold.line, &probe.hold.line));
+        let apart = lines.enqueue(&connector, probe_time, get);
+        assert!(!Arc::ptr_eq(&front.hold.line, &apart.hold.line));
+    }
+
+    #[test]
+    fn the_pace_follows_answers_weighting_each_an_eighth() {
+        assert_eq!(next_pace(0, 800), 100);
+        assert_eq!(next_pace(800, 800), 800);
+        assert_eq!(next_pace(800, 0), 700);
+    }
+
     #[test]
     fn a_request_joins_an_empty_line_or_a_proven_one_with_room_that_flows() {
         let busy = LineView {
             load: 3,
             proven: true,
+            paced: true,
             waited: Duration::from_micros(300),
             streaming: false,
         };
@@ -606,6 +760,13 @@ mod tests {
         ));
         assert!(!joinable(
             LineView {
+                paced: false,
+                ..busy
+            },
+            4
+        ));
+        assert!(!joinable(
+            LineView {
                 waited: FLOWING_WAIT,
                 ..busy
             },
@@ -614,6 +775,7 @@ mod tests {
         let empty = LineView {
             load: 0,
             proven: false,
+            paced: false,
             waited: Duration::from_secs(5),
             streaming: false,
         };
