@@ -100,6 +100,42 @@ async fn requests_to_a_slow_instance_go_on_connections_of_their_own() {
     );
 }
 
+/// Requests [`echo_or_misframe`] found waiting behind another one it had not answered yet.
+static MISFRAMED_PIPELINED: AtomicUsize = AtomicUsize::new(0);
+
+/// Answers every request with its target, at once, but `/misframed` with an answer whose
+/// Content-Length does not parse.
+fn echo_or_misframe(stream: TcpStream, _: usize) {
+    let mut targets = Targets::new(stream);
+    while let Some(target) = targets.next() {
+        if targets.read.windows(4).any(|w| w == b"\r\n\r\n") {
+            MISFRAMED_PIPELINED.fetch_add(1, Ordering::Relaxed);
+        }
+        let answered = match target.as_str() {
+            "/misframed" => targets
+                .stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: two\r\n\r\nok")
+                .is_ok(),
+            _ => targets.answer("", target.as_bytes()),
+        };
+        if !answered {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_sent_an_answer_that_does_not_parse_is_not_pipelined_to() {
+    let gw = gateway_before(echo_or_misframe, "pipeline = 8\nmax_fails = 0");
+    echo_in_parallel(&gw, 1, 1).await;
+    let reply = get(&client(), &gw.url("/misframed")).await;
+    assert_eq!(reply.status, 502);
+    let before = MISFRAMED_PIPELINED.load(Ordering::Relaxed);
+    // Pipelined, the same load queues requests every run (see the first test).
+    echo_in_parallel(&gw, 40, 10).await;
+    assert_eq!(MISFRAMED_PIPELINED.load(Ordering::Relaxed), before);
+}
+
 /// A hand-written instance: `serve(connection, its index)` on a thread per connection.
 fn raw_instance(serve: fn(TcpStream, usize)) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
