@@ -3,9 +3,11 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use support::*;
@@ -134,6 +136,76 @@ async fn an_instance_that_sent_an_answer_that_does_not_parse_is_not_pipelined_to
     // Pipelined, the same load queues requests every run (see the first test).
     echo_in_parallel(&gw, 40, 10).await;
     assert_eq!(MISFRAMED_PIPELINED.load(Ordering::Relaxed), before);
+}
+
+/// Every target [`answer_in_batches`] was asked for, and how many times.
+static BATCHED_SEEN: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
+
+/// Answers in batches, as a busy instance's answers arrive: 1 ms after a request comes, it
+/// answers that one and every one that came meanwhile, in one write.
+fn answer_in_batches(stream: TcpStream, _: usize) {
+    let mut targets = Targets::new(stream);
+    while let Some(first) = targets.next() {
+        std::thread::sleep(Duration::from_millis(1));
+        targets.stream.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 65536];
+        while let Ok(read @ 1..) = targets.stream.read(&mut buf) {
+            targets.read.extend_from_slice(&buf[..read]);
+        }
+        targets.stream.set_nonblocking(false).unwrap();
+        let mut batch = vec![first];
+        while targets.read.windows(4).any(|w| w == b"\r\n\r\n") {
+            batch.extend(targets.next());
+        }
+        let mut answers = Vec::new();
+        let mut seen = BATCHED_SEEN.lock().unwrap();
+        for target in batch {
+            *seen.entry(target.clone()).or_default() += 1;
+            answers.extend_from_slice(&answer_bytes("", target.as_bytes()));
+        }
+        drop(seen);
+        if targets.stream.write_all(&answers).is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_leaving_while_their_answers_are_due_get_no_request_sent_twice() {
+    let gw = gateway_before(answer_in_batches, "pipeline = 8\nmax_fails = 0");
+    let client = client();
+    assert_eq!(get(&client, &gw.url("/first")).await.status, 200);
+    // Each sends a request and closes its connection 0.5 ms later, before the answer, until
+    // the others are done.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let quitters: Vec<_> = (0..16)
+        .map(|task| {
+            let (addr, done) = (gw.proxy, done.clone());
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                for n in 0..200 {
+                    if done.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let mut quitter = tokio::net::TcpStream::connect(addr).await.unwrap();
+                    let head = format!("GET /quit?id={task}-{n} HTTP/1.1\r\nHost: a\r\n\r\n");
+                    quitter.write_all(head.as_bytes()).await.unwrap();
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                }
+            })
+        })
+        .collect();
+    echo_in_parallel(&gw, 16, 20).await;
+    done.store(true, Ordering::Relaxed);
+    for quitter in quitters {
+        quitter.await.unwrap();
+    }
+    // The answers of requests given up are read and thrown away; requests queued behind them
+    // get their own, each sent once.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let seen = BATCHED_SEEN.lock().unwrap();
+    let twice: Vec<_> = seen.iter().filter(|&(_, &times)| times > 1).collect();
+    assert!(twice.is_empty(), "sent twice: {twice:?}");
 }
 
 /// A hand-written instance: `serve(connection, its index)` on a thread per connection.

@@ -27,7 +27,7 @@ use super::headers::{
     client_request_id, cookie_value, requested_upgrade, restore_upgrade, strip_hop_by_hop, values,
     websocket_upgrade, ForwardedFields, X_REQUEST_ID,
 };
-use super::pipeline::{Broken, LineHold, Lines};
+use super::pipeline::{AnswerWait, Broken, LineHold, Lines};
 use super::record::{RequestRecord, Served};
 use super::retry::{next_attempt, FailureKind, NextAttempt};
 use super::router::{host_without_port, match_route};
@@ -680,7 +680,10 @@ async fn send_pipelined(
     started: Instant,
 ) -> Result<Answer, Attempt> {
     let connector = &instance.pool.connector;
-    let ticket = lines.enqueue(connector, started, |out| encode_bodiless(out, head));
+    let head_request = head.parts.method == Method::HEAD;
+    let ticket = lines.enqueue(connector, started, head_request, |out| {
+        encode_bodiless(out, head)
+    });
     let due = started + timeout;
     let stale = |reason: &str| {
         Err(Attempt::failed(
@@ -688,7 +691,7 @@ async fn send_pipelined(
             reason.into(),
         ))
     };
-    let (mut conn, line) = match tokio::time::timeout_at(due, ticket.turn()).await {
+    let (conn, line) = match tokio::time::timeout_at(due, ticket.turn()).await {
         Ok(Ok(turn)) => turn,
         Ok(Err(Broken::Unconnected(err))) => return Err(Attempt::not_connected(&err)),
         Ok(Err(Broken::Lost)) => return stale("the pipelined connection closed before the answer"),
@@ -699,7 +702,10 @@ async fn send_pipelined(
         }
     };
     let pace = line.pace_sample(&conn);
-    match conn.read_answer(head, due).await {
+    let mut waiting = AnswerWait::new(conn, line);
+    let answer = waiting.reader().read_answer(head, due).await;
+    let (conn, line) = waiting.into_parts();
+    match answer {
         Ok(answer) => {
             lines.record_pace(pace, Instant::now());
             lines.answered(&line, answer.framing.keep_alive);

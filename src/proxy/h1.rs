@@ -315,6 +315,54 @@ impl InstanceConn {
         };
         mid_head(answer, read)
     }
+
+    /// Reads the next answer, head and body, and throws it away, by `due`: the answer to a
+    /// pipelined request given up while it waited. `Ok(true)` when it ended as framed within
+    /// `most` bytes of body and left the connection open.
+    pub async fn skip_answer(
+        &mut self,
+        head_request: bool,
+        due: Instant,
+        most: u64,
+    ) -> Result<bool, SendError> {
+        let reading = Reading {
+            head_request,
+            raw_fields: None,
+        };
+        let InstanceConn {
+            stream,
+            read,
+            deadline,
+            ..
+        } = self;
+        let skipped = async {
+            let answer = read_head(stream, read, reading).await?;
+            let mut body = BodyProgress::of(answer.framing.framing);
+            let mut taken = 0;
+            loop {
+                taken += body.take(read).map_err(|err| invalid_answer(&err))?.len() as u64;
+                if body.is_done() {
+                    return Ok(answer.framing.keep_alive);
+                }
+                if taken > most || body == BodyProgress::UntilClose {
+                    return Ok(false);
+                }
+                if read.capacity() - read.len() < READ_CHUNK / 4 {
+                    read.reserve(READ_CHUNK);
+                }
+                match stream.read_buf(read).await {
+                    Ok(0) => return Ok(false),
+                    Ok(_) => {}
+                    Err(err) => return Err(SendError::BrokeOff(err.to_string())),
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            skipped = skipped => skipped,
+            () = deadline.wait(due) => Err(SendError::TimedOut),
+        }
+    }
 }
 
 /// A timeout with part of the answer head read is never sent again.

@@ -9,10 +9,13 @@
 //! How: the task of each request appends its head to the line's pending bytes and queues a
 //! turn. The read side of the connection ([`InstanceConn`]) is handed from turn to turn: the
 //! request at the front reads its answer head and body as on a pooled connection, and at the
-//! body's end passes it on ([`LineHold::hand_on`]). Anything that leaves the order in doubt (a
-//! request given up before its answer was read, a broken read or write, an answer that closes
-//! the connection) breaks the line: every request still queued on it gets [`Broken::Lost`] and
-//! is sent again on a connection of its own, as after a stale keep-alive connection.
+//! body's end passes it on ([`LineHold::hand_on`]). A request given up before any of its answer
+//! was read (its client left, or its turn took too long) leaves that answer to be read and
+//! thrown away when it comes, by a task of its own, and the line goes on. Anything else that
+//! leaves the order in doubt (a request given up in the middle of its answer, a broken read or
+//! write, an answer that closes the connection) breaks the line: every request still queued on
+//! it gets [`Broken::Lost`] and is sent again on a connection of its own, as after a stale
+//! keep-alive connection.
 //!
 //! When not to pipeline ([`joinable`]): lines carry one request each until an answer has shown
 //! that the instance keeps connections open (RFC 9112 §9.3.2), and an instance that closes a
@@ -22,9 +25,8 @@
 //! connection's requests one after another, so a slow one is better served by connections of
 //! its own: a request does not queue behind one that has waited [`FLOWING_WAIT`] already, nor
 //! at all while the instance's pace (its time per answer on a line) is past [`PACE_LIMIT`].
-//! And an answer whose body does not
-//! come whole with its head sends the requests queued behind it elsewhere, so that a large
-//! answer, or its slow reader, holds up no one.
+//! And an answer whose body does not come whole with its head sends the requests queued behind
+//! it elsewhere, so that a large answer, or its slow reader, holds up no one.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -47,8 +49,23 @@ pub enum Broken {
     Lost,
 }
 
-/// A queued request's way to its turn, and when it was queued.
-type Turn = (oneshot::Sender<Result<Box<InstanceConn>, Broken>>, Instant);
+/// A queued request's way to its turn.
+struct Turn {
+    to: oneshot::Sender<Result<Box<InstanceConn>, Broken>>,
+    queued: Instant,
+    /// Tells the turn apart on its line, for [`Line::abandon`].
+    id: u64,
+    /// A HEAD request: its answer has no body, whatever its fields say.
+    head_request: bool,
+    /// The request was given up while it waited: its answer is read and thrown away.
+    abandoned: bool,
+}
+
+/// The most time an abandoned request's answer may take to be read and thrown away, and the
+/// most bytes of body it may have; past either the line breaks instead, and the requests
+/// behind it go again on connections of their own.
+const SKIP_WAIT: Duration = Duration::from_secs(1);
+const SKIP_BYTES: u64 = 256 * 1024;
 
 /// The longest a line's oldest unanswered request may have waited for a request to queue
 /// behind it.
@@ -128,12 +145,17 @@ struct LineState {
     /// When the oldest request not yet answered to its end was queued.
     front_since: Instant,
     last_used: Instant,
+    /// The id of the next turn queued.
+    next_turn: u64,
 }
 
-/// A request's place on a line, from queueing to the end of its answer's body. Dropped before
-/// [`LineHold::hand_on`], it breaks the line: the answers behind it could not be told apart.
+/// A request's place on a line, from its turn to the end of its answer's body. Dropped before
+/// [`LineHold::hand_on`], it breaks the line: the answers behind it could not be told apart
+/// (but see [`LineHold::skip`]).
 pub struct LineHold {
     line: Arc<Line>,
+    /// A HEAD request: its answer has no body, whatever its fields say.
+    head_request: bool,
     handed_on: bool,
     /// The requests behind this one were sent elsewhere ([`LineHold::release_queue`]).
     released_queue: bool,
@@ -141,15 +163,20 @@ pub struct LineHold {
     behind: bool,
 }
 
-/// A queued request: its turn at the read side.
+/// A queued request: its turn at the read side. Dropped before its turn came (its client left),
+/// it leaves its answer to be read and thrown away, and the line goes on.
 pub struct Ticket {
-    hold: LineHold,
+    /// Until the turn comes.
+    hold: Option<LineHold>,
     turn: oneshot::Receiver<Result<Box<InstanceConn>, Broken>>,
+    /// Its turn's id, when it was queued rather than given the read side at once.
+    queued: Option<u64>,
 }
 
 /// A request looking for a line to join.
 struct Joining<'a, F> {
     write_head: &'a F,
+    head_request: bool,
     now: Instant,
     depth: usize,
     /// See [`LineView::proven`].
@@ -212,10 +239,12 @@ impl Lines {
         &self,
         connector: &Connector,
         now: Instant,
+        head_request: bool,
         write_head: impl Fn(&mut Vec<u8>),
     ) -> Ticket {
         let joining = Joining {
             write_head: &write_head,
+            head_request,
             now,
             depth: self.depth,
             proven: self.proven.load(Ordering::Relaxed),
@@ -233,7 +262,7 @@ impl Lines {
                     ..joining
                 };
                 let ticket = Lines::join_first(&mut lines, connector, &probing);
-                if ticket.hold.behind {
+                if ticket.hold().behind {
                     *probe_at = now + PROBE_INTERVAL;
                 }
                 return ticket;
@@ -337,6 +366,7 @@ impl Line {
                 streaming: false,
                 front_since: now,
                 last_used: now,
+                next_turn: 0,
             }),
             outstanding: AtomicUsize::new(0),
             wake_writer: Notify::new(),
@@ -359,6 +389,7 @@ impl Line {
     fn join<F: Fn(&mut Vec<u8>)>(self: &Arc<Line>, joining: &Joining<'_, F>) -> Option<Ticket> {
         let Joining {
             write_head,
+            head_request,
             now,
             depth,
             proven,
@@ -393,16 +424,24 @@ impl Line {
         if idle {
             state.front_since = now;
         }
-        let behind = match state.reader.take() {
+        let (queued, behind) = match state.reader.take() {
             Some(reader) if state.turns.is_empty() => {
                 // The read side is free: this request is next.
                 let _ = turn.send(Ok(reader));
-                false
+                (None, false)
             }
             reader => {
                 state.reader = reader;
-                state.turns.push_back((turn, now));
-                !idle
+                let id = state.next_turn;
+                state.next_turn += 1;
+                state.turns.push_back(Turn {
+                    to: turn,
+                    queued: now,
+                    id,
+                    head_request,
+                    abandoned: false,
+                });
+                (Some(id), !idle)
             }
         };
         write_head(&mut state.pending);
@@ -414,26 +453,29 @@ impl Line {
             self.wake_writer.notify_one();
         }
         Some(Ticket {
-            hold: LineHold {
+            hold: Some(LineHold {
                 line: self.clone(),
+                head_request,
                 handed_on: false,
                 released_queue: false,
                 behind,
-            },
+            }),
             turn: waiting,
+            queued,
         })
     }
 
     /// The read side goes to the request whose answer is next, or waits for one; on a closed
-    /// line it is closed, and whoever still waits is told.
-    fn pass_reader(&self, reader: Box<InstanceConn>) {
+    /// line it is closed, and whoever still waits is told. An abandoned request's answer is
+    /// read and thrown away first, by a task of its own.
+    fn pass_reader(self: &Arc<Line>, reader: Box<InstanceConn>) {
         let mut state = self.state.lock().expect("line lock");
         if state.closed.is_some() {
             drop(state);
             drop(reader);
             return self.break_off(Broken::Lost);
         }
-        let Some((turn, queued)) = state.turns.pop_front() else {
+        let Some(turn) = state.turns.pop_front() else {
             if reader.has_buffered() {
                 // Bytes no request asked for: whoever joins next would take them as its answer.
                 drop(state);
@@ -444,13 +486,28 @@ impl Line {
             state.reader = Some(reader);
             return;
         };
-        state.front_since = queued;
+        state.front_since = turn.queued;
         state.streaming = false;
+        if turn.abandoned {
+            drop(state);
+            tokio::spawn(skip_abandoned(self.clone(), reader, turn.head_request));
+            return;
+        }
+        // Sent under the lock: a ticket given up that finds its turn gone finds the read side
+        // in its channel ([`Ticket`]'s drop).
+        let sent = turn.to.send(Ok(reader));
         drop(state);
-        // A request that gave up on its answer leaves the order in doubt.
-        if turn.send(Ok(reader)).is_err() {
+        if sent.is_err() {
             self.break_off(Broken::Lost);
         }
+    }
+
+    /// Marks the queued turn `id` abandoned; `false` when it is no longer queued (its turn
+    /// came, or the line broke).
+    fn abandon(&self, id: u64) -> bool {
+        let mut state = self.state.lock().expect("line lock");
+        let turn = state.turns.iter_mut().find(|turn| turn.id == id);
+        turn.map(|turn| turn.abandoned = true).is_some()
     }
 
     /// Takes no more requests; every queued one gets `why`.
@@ -462,8 +519,11 @@ impl Line {
         let turns = std::mem::take(&mut state.turns);
         let reader = state.reader.take();
         drop(state);
-        for (turn, _) in turns {
-            let _ = turn.send(Err(why.clone()));
+        for turn in turns {
+            if turn.abandoned {
+                self.outstanding.fetch_sub(1, Ordering::Relaxed);
+            }
+            let _ = turn.to.send(Err(why.clone()));
         }
         // Closed outside the lock; the writer wakes to see the line closed and stops.
         drop(reader);
@@ -497,12 +557,33 @@ impl Line {
 
 impl Ticket {
     /// Waits for this request's turn at the read side: the answers before its own were read.
-    pub async fn turn(self) -> Result<(Box<InstanceConn>, LineHold), Broken> {
-        let Ticket { hold, turn } = self;
-        match turn.await {
+    pub async fn turn(mut self) -> Result<(Box<InstanceConn>, LineHold), Broken> {
+        let turn = (&mut self.turn).await;
+        let hold = self.hold.take().expect("held until the turn");
+        match turn {
             Ok(Ok(reader)) => Ok((reader, hold)),
             Ok(Err(why)) => Err(why),
             Err(_) => Err(Broken::Lost),
+        }
+    }
+
+    fn hold(&self) -> &LineHold {
+        self.hold.as_ref().expect("held until the turn")
+    }
+}
+
+impl Drop for Ticket {
+    /// Still queued, the turn is marked abandoned: its answer is thrown away when it comes, and
+    /// the request counts on the line until then. Its turn already come, the read side is in
+    /// the channel: the answer is thrown away now.
+    fn drop(&mut self) {
+        let Some(mut hold) = self.hold.take() else {
+            return;
+        };
+        if self.queued.is_some_and(|id| hold.line.abandon(id)) {
+            hold.handed_on = true;
+        } else if let Ok(Ok(reader)) = self.turn.try_recv() {
+            hold.skip(reader);
         }
     }
 }
@@ -536,6 +617,16 @@ impl LineHold {
         }
     }
 
+    /// The request was given up with the read side in hand, before any of its answer was
+    /// taken: a task of its own reads the answer and throws it away, then passes the read side
+    /// on. (Outside a runtime, shutting down, the line breaks.)
+    fn skip(mut self, reader: Box<InstanceConn>) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.handed_on = true;
+            tokio::spawn(skip_abandoned(self.line.clone(), reader, self.head_request));
+        }
+    }
+
     /// This request's answer was read to its end: the read side goes to the next request, or
     /// waits for one. `reusable` false (the connection closes, or the answer was cut short)
     /// breaks the line.
@@ -558,6 +649,51 @@ impl Drop for LineHold {
             self.line.outstanding.fetch_sub(1, Ordering::Relaxed);
             self.line.break_off(Broken::Lost);
         }
+    }
+}
+
+/// A request whose turn came, waiting for its answer head. Dropped while it waits (its client
+/// left), it leaves its answer to be read and thrown away, and the line goes on.
+pub struct AnswerWait {
+    turn: Option<(Box<InstanceConn>, LineHold)>,
+}
+
+impl AnswerWait {
+    pub fn new(reader: Box<InstanceConn>, hold: LineHold) -> AnswerWait {
+        AnswerWait {
+            turn: Some((reader, hold)),
+        }
+    }
+
+    pub fn reader(&mut self) -> &mut InstanceConn {
+        &mut self.turn.as_mut().expect("an answer waited for").0
+    }
+
+    /// The head came, or reading it failed: what becomes of the line is the caller's.
+    pub fn into_parts(mut self) -> (Box<InstanceConn>, LineHold) {
+        self.turn.take().expect("an answer waited for")
+    }
+}
+
+impl Drop for AnswerWait {
+    fn drop(&mut self) {
+        if let Some((reader, hold)) = self.turn.take() {
+            hold.skip(reader);
+        }
+    }
+}
+
+/// Reads an abandoned request's answer and throws it away, then passes the read side on; the
+/// line breaks when that fails or takes more than [`SKIP_WAIT`] or [`SKIP_BYTES`].
+async fn skip_abandoned(line: Arc<Line>, mut reader: Box<InstanceConn>, head_request: bool) {
+    let due = Instant::now() + SKIP_WAIT;
+    let skipped = reader.skip_answer(head_request, due, SKIP_BYTES).await;
+    line.outstanding.fetch_sub(1, Ordering::Relaxed);
+    if matches!(skipped, Ok(true)) {
+        line.pass_reader(reader);
+    } else {
+        drop(reader);
+        line.break_off(Broken::Lost);
     }
 }
 
@@ -590,6 +726,9 @@ async fn write_line(line: Arc<Line>, connector: Connector) {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::proxy::h1::Outgoing;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
 
     /// Lines of depth 4 to a listener that takes connections and never answers.
     fn lines() -> (Lines, Connector, tokio::net::TcpListener) {
@@ -611,7 +750,7 @@ mod tests {
 
     /// A request queued first on a new line: its turn comes as soon as the line connects.
     async fn first_in_line(lines: &Lines, connector: &Connector) -> (Box<InstanceConn>, LineHold) {
-        let ticket = lines.enqueue(connector, Instant::now(), get);
+        let ticket = lines.enqueue(connector, Instant::now(), false, get);
         ticket.turn().await.ok().unwrap()
     }
 
@@ -627,18 +766,18 @@ mod tests {
         let now = Instant::now();
         let (reader, first) = first_in_line(&lines, &connector).await;
         // Unproven, the line takes no second request.
-        let aside = lines.enqueue(&connector, now, get);
-        assert!(!Arc::ptr_eq(&first.line, &aside.hold.line));
+        let aside = lines.enqueue(&connector, now, false, get);
+        assert!(!Arc::ptr_eq(&first.line, &aside.hold().line));
         lines.answered(&first, true);
-        let second = lines.enqueue(&connector, now, get);
-        assert!(Arc::ptr_eq(&first.line, &second.hold.line));
+        let second = lines.enqueue(&connector, now, false, get);
+        assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         first.hand_on(reader, true);
         let (reader, second) = second.turn().await.ok().unwrap();
-        let third = lines.enqueue(&connector, now, get);
-        assert!(Arc::ptr_eq(&second.line, &third.hold.line));
+        let third = lines.enqueue(&connector, now, false, get);
+        assert!(Arc::ptr_eq(&second.line, &third.hold().line));
         lines.answered(&second, false);
-        let fourth = lines.enqueue(&connector, now, get);
-        assert!(!Arc::ptr_eq(&second.line, &fourth.hold.line));
+        let fourth = lines.enqueue(&connector, now, false, get);
+        assert!(!Arc::ptr_eq(&second.line, &fourth.hold().line));
         second.hand_on(reader, true);
         assert!(lost(third).await);
         // A proven line closing later (nginx's keepalive_requests) does not end pipelining.
@@ -660,15 +799,103 @@ mod tests {
         let now = Instant::now();
         let (reader, first) = first_in_line(&lines, &connector).await;
         lines.answered(&first, true);
-        let second = lines.enqueue(&connector, now, get);
-        let third = lines.enqueue(&connector, now, get);
+        let second = lines.enqueue(&connector, now, false, get);
+        let third = lines.enqueue(&connector, now, false, get);
         first.hand_on(reader, true);
         let (reader, second) = second.turn().await.ok().unwrap();
         assert_eq!(second.line.load(), 2);
         drop(reader);
         drop(second);
         assert!(lost(third).await);
-        assert_eq!(lines.enqueue(&connector, now, get).hold.line.load(), 1);
+        assert_eq!(
+            lines
+                .enqueue(&connector, now, false, get)
+                .hold()
+                .line
+                .load(),
+            1
+        );
+    }
+
+    /// `lines()` with a first request reading its answer, and two queued behind it; the
+    /// instance's side of the connection.
+    async fn three_in_line() -> (Lines, TcpStream, [Ticket; 2], Box<InstanceConn>, LineHold) {
+        let (lines, connector, listener) = lines();
+        let now = Instant::now();
+        let (mut reader, first) = first_in_line(&lines, &connector).await;
+        lines.answered(&first, true);
+        let queued = [(); 2].map(|()| lines.enqueue(&connector, now, false, get));
+        let (mut instance, _) = listener.accept().await.unwrap();
+        instance.write_all(OK).await.unwrap();
+        assert_eq!(status_read(&mut reader).await, 200);
+        (lines, instance, queued, reader, first)
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+
+    /// The status of the answer `reader` reads next, for a GET.
+    async fn status_read(reader: &mut InstanceConn) -> http::StatusCode {
+        let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
+        let head = Outgoing {
+            parts: &parts,
+            fields: None,
+            raw_answer: false,
+        };
+        let due = Instant::now() + Duration::from_secs(5);
+        reader.read_answer(head, due).await.unwrap().head.status
+    }
+
+    #[tokio::test]
+    async fn a_request_given_up_in_the_queue_has_its_answer_thrown_away() {
+        let (lines, mut instance, [second, third], reader, first) = three_in_line().await;
+        let line = first.line.clone();
+        drop(second);
+        assert_eq!(
+            line.load(),
+            3,
+            "the abandoned request still counts until its answer"
+        );
+        first.hand_on(reader, true);
+        instance
+            .write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        instance
+            .write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        let (mut reader, third) = third.turn().await.ok().unwrap();
+        assert_eq!(status_read(&mut reader).await, 202);
+        assert!(!line.is_closed());
+        assert_eq!(line.load(), 1);
+        third.hand_on(reader, true);
+        assert!(lines.taken());
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_answer_that_closes_the_connection_breaks_the_line() {
+        let (_lines, mut instance, [second, third], reader, first) = three_in_line().await;
+        drop(second);
+        first.hand_on(reader, true);
+        instance
+            .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(lost(third).await);
+    }
+
+    #[tokio::test]
+    async fn a_line_that_breaks_lets_go_of_its_abandoned_requests() {
+        let (lines, connector, _listener) = lines();
+        let (_reader, first) = first_in_line(&lines, &connector).await;
+        lines.answered(&first, true);
+        let line = first.line.clone();
+        drop(lines.enqueue(&connector, Instant::now(), false, get));
+        assert_eq!(line.load(), 2);
+        // Its writer ends once nothing is left on the closed line.
+        drop(first);
+        assert!(line.is_closed());
+        assert_eq!(line.load(), 0);
     }
 
     #[tokio::test]
@@ -677,7 +904,7 @@ mod tests {
         let now = Instant::now();
         let (_reader, mut first) = first_in_line(&lines, &connector).await;
         lines.answered(&first, true);
-        let second = lines.enqueue(&connector, now, get);
+        let second = lines.enqueue(&connector, now, false, get);
         first.release_queue();
         assert!(lost(second).await);
         let (lines, connector, _listener) = self::lines();
@@ -685,8 +912,8 @@ mod tests {
         lines.answered(&first, true);
         first.release_queue();
         // Nothing was queued: the line lives on, but no one joins it while the body streams.
-        let second = lines.enqueue(&connector, now, get);
-        assert!(!Arc::ptr_eq(&first.line, &second.hold.line));
+        let second = lines.enqueue(&connector, now, false, get);
+        assert!(!Arc::ptr_eq(&first.line, &second.hold().line));
         assert!(!first.line.is_closed());
     }
 
@@ -696,14 +923,14 @@ mod tests {
         let now = Instant::now();
         let (reader, first) = first_in_line(&lines, &connector).await;
         lines.answered(&first, true);
-        let second = lines.enqueue(&connector, now, get);
-        assert!(Arc::ptr_eq(&first.line, &second.hold.line));
+        let second = lines.enqueue(&connector, now, false, get);
+        assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         // The first on a line, or an answer there at its turn, tells no slowness.
         assert_eq!(first.pace_sample(&reader), PaceSample::First);
         lines.record_pace(PaceSample::First, now + Duration::from_secs(1));
         lines.record_pace(PaceSample::Ready, now);
-        let third = lines.enqueue(&connector, now, get);
-        assert!(Arc::ptr_eq(&first.line, &third.hold.line));
+        let third = lines.enqueue(&connector, now, false, get);
+        assert!(Arc::ptr_eq(&first.line, &third.hold().line));
         first.hand_on(reader, true);
         let (reader, second) = second.turn().await.ok().unwrap();
         let PaceSample::From(turn) = second.pace_sample(&reader) else {
@@ -713,17 +940,17 @@ mod tests {
         // dropped here breaks the line it opened)...
         lines.record_pace(PaceSample::From(turn), turn + Duration::from_millis(10));
         for _ in 0..10 {
-            let apart = lines.enqueue(&connector, now, get);
-            assert!(!Arc::ptr_eq(&second.line, &apart.hold.line));
+            let apart = lines.enqueue(&connector, now, false, get);
+            assert!(!Arc::ptr_eq(&second.line, &apart.hold().line));
         }
         // ... but for one per probe interval, which measures it again (a request first on its
         // line does not: it measures nothing).
         let probe_time = turn + Duration::from_millis(10) + PROBE_INTERVAL;
-        let front = lines.enqueue(&connector, probe_time, get);
-        let probe = lines.enqueue(&connector, probe_time, get);
-        assert!(Arc::ptr_eq(&front.hold.line, &probe.hold.line));
-        let apart = lines.enqueue(&connector, probe_time, get);
-        assert!(!Arc::ptr_eq(&front.hold.line, &apart.hold.line));
+        let front = lines.enqueue(&connector, probe_time, false, get);
+        let probe = lines.enqueue(&connector, probe_time, false, get);
+        assert!(Arc::ptr_eq(&front.hold().line, &probe.hold().line));
+        let apart = lines.enqueue(&connector, probe_time, false, get);
+        assert!(!Arc::ptr_eq(&front.hold().line, &apart.hold().line));
     }
 
     #[test]
