@@ -340,7 +340,14 @@ impl InstanceConn {
             let mut body = BodyProgress::of(answer.framing.framing);
             let mut taken = 0;
             loop {
-                taken += body.take(read).map_err(|err| invalid_answer(&err))?.len() as u64;
+                // Every run of body already here (one chunk each), then the socket.
+                loop {
+                    let run = body.take(read).map_err(|err| invalid_answer(&err))?;
+                    if run.is_empty() {
+                        break;
+                    }
+                    taken += run.len() as u64;
+                }
                 if body.is_done() {
                     return Ok(answer.framing.keep_alive);
                 }

@@ -63,8 +63,9 @@ struct Turn {
 
 /// The most time an abandoned request's answer may take to be read and thrown away, and the
 /// most bytes of body it may have; past either the line breaks instead, and the requests
-/// behind it go again on connections of their own.
-const SKIP_WAIT: Duration = Duration::from_secs(1);
+/// behind it go again on connections of their own (so they wait no longer than this behind
+/// an answer nobody reads).
+const SKIP_WAIT: Duration = Duration::from_millis(100);
 const SKIP_BYTES: u64 = 256 * 1024;
 
 /// The longest a line's oldest unanswered request may have waited for a request to queue
@@ -856,15 +857,16 @@ mod tests {
             "the abandoned request still counts until its answer"
         );
         first.hand_on(reader, true);
+        // A chunked answer, all here: thrown away without waiting for more.
         instance
-            .write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+            .write_all(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n3\r\nabc\r\n0\r\n\r\n")
             .await
             .unwrap();
+        let (mut reader, third) = third.turn().await.ok().unwrap();
         instance
             .write_all(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
             .await
             .unwrap();
-        let (mut reader, third) = third.turn().await.ok().unwrap();
         assert_eq!(status_read(&mut reader).await, 202);
         assert!(!line.is_closed());
         assert_eq!(line.load(), 1);
