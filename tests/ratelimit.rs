@@ -392,6 +392,9 @@ async fn a_client_that_leaves_takes_its_request_and_its_place_with_it() {
         leaving.push(stream);
         assert!(limit_reaches(&client, &gw, state, Duration::from_secs(5)).await);
     }
+    // The served one reached the instance (on a loaded machine, after a while).
+    let reached = || async { backend_requests(&client, &backend).await == 1 };
+    assert!(eventually(Duration::from_secs(5), reached).await);
     // Both give up, the queued one first (so it cannot take the place the other frees): each
     // place is freed long before the instance would have answered.
     for state in [(1, 0), (0, 0)] {

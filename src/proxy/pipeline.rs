@@ -53,7 +53,7 @@ pub enum Broken {
 struct Turn {
     to: oneshot::Sender<Result<Box<InstanceConn>, Broken>>,
     queued: Instant,
-    /// Tells the turn apart on its line, for [`Line::abandon`].
+    /// The request's id on its line ([`Line::give_up`]).
     id: u64,
     /// A HEAD request: its answer has no body, whatever its fields say.
     head_request: bool,
@@ -146,8 +146,22 @@ struct LineState {
     /// When the oldest request not yet answered to its end was queued.
     front_since: Instant,
     last_used: Instant,
-    /// The id of the next turn queued.
+    /// The id of the next request to join.
     next_turn: u64,
+    /// The requests whose heads are in `pending`, not yet written: their ids, and where each
+    /// head ends in `pending`.
+    unwritten: Vec<(u64, usize)>,
+}
+
+/// What became of a request given up before its answer ([`Line::give_up`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GiveUp {
+    /// Its head was not written yet: taken out, it is never sent.
+    Unsent,
+    /// Still queued: its answer will be thrown away when it comes.
+    Abandoned,
+    /// Its turn came: the read side is in its channel.
+    TurnCame,
 }
 
 /// A request's place on a line, from its turn to the end of its answer's body. Dropped before
@@ -170,8 +184,8 @@ pub struct Ticket {
     /// Until the turn comes.
     hold: Option<LineHold>,
     turn: oneshot::Receiver<Result<Box<InstanceConn>, Broken>>,
-    /// Its turn's id, when it was queued rather than given the read side at once.
-    queued: Option<u64>,
+    /// Tells the request apart on its line, for [`Line::give_up`].
+    id: u64,
 }
 
 /// A request looking for a line to join.
@@ -368,6 +382,7 @@ impl Line {
                 front_since: now,
                 last_used: now,
                 next_turn: 0,
+                unwritten: Vec::new(),
             }),
             outstanding: AtomicUsize::new(0),
             wake_writer: Notify::new(),
@@ -425,16 +440,16 @@ impl Line {
         if idle {
             state.front_since = now;
         }
-        let (queued, behind) = match state.reader.take() {
+        let id = state.next_turn;
+        state.next_turn += 1;
+        let behind = match state.reader.take() {
             Some(reader) if state.turns.is_empty() => {
                 // The read side is free: this request is next.
                 let _ = turn.send(Ok(reader));
-                (None, false)
+                false
             }
             reader => {
                 state.reader = reader;
-                let id = state.next_turn;
-                state.next_turn += 1;
                 state.turns.push_back(Turn {
                     to: turn,
                     queued: now,
@@ -442,10 +457,12 @@ impl Line {
                     head_request,
                     abandoned: false,
                 });
-                (Some(id), !idle)
+                !idle
             }
         };
         write_head(&mut state.pending);
+        let end = state.pending.len();
+        state.unwritten.push((id, end));
         state.last_used = now;
         self.outstanding.fetch_add(1, Ordering::Relaxed);
         let wake = !std::mem::replace(&mut state.write_asked, true);
@@ -462,7 +479,7 @@ impl Line {
                 behind,
             }),
             turn: waiting,
-            queued,
+            id,
         })
     }
 
@@ -503,12 +520,34 @@ impl Line {
         }
     }
 
-    /// Marks the queued turn `id` abandoned; `false` when it is no longer queued (its turn
-    /// came, or the line broke).
-    fn abandon(&self, id: u64) -> bool {
+    /// Gives up request `id` before its answer: unsent, its head is taken out of the bytes to
+    /// write and its turn out of the queue; queued, its turn is marked abandoned.
+    fn give_up(&self, id: u64) -> GiveUp {
         let mut state = self.state.lock().expect("line lock");
-        let turn = state.turns.iter_mut().find(|turn| turn.id == id);
-        turn.map(|turn| turn.abandoned = true).is_some()
+        let state = &mut *state;
+        let queued = state.turns.iter().position(|turn| turn.id == id);
+        if let Some(at) = state.unwritten.iter().position(|&(unsent, _)| unsent == id) {
+            let start = at
+                .checked_sub(1)
+                .map_or(0, |before| state.unwritten[before].1);
+            let end = state.unwritten.remove(at).1;
+            state.pending.drain(start..end);
+            for later in &mut state.unwritten[at..] {
+                later.1 -= end - start;
+            }
+            if let Some(at) = queued {
+                state.turns.remove(at);
+            }
+            self.outstanding.fetch_sub(1, Ordering::Relaxed);
+            return GiveUp::Unsent;
+        }
+        match queued {
+            Some(at) => {
+                state.turns[at].abandoned = true;
+                GiveUp::Abandoned
+            }
+            None => GiveUp::TurnCame,
+        }
     }
 
     /// Takes no more requests; every queued one gets `why`.
@@ -552,6 +591,7 @@ impl Line {
             return self.load() > 0;
         }
         std::mem::swap(out, &mut state.pending);
+        state.unwritten.clear();
         true
     }
 }
@@ -574,17 +614,27 @@ impl Ticket {
 }
 
 impl Drop for Ticket {
-    /// Still queued, the turn is marked abandoned: its answer is thrown away when it comes, and
-    /// the request counts on the line until then. Its turn already come, the read side is in
-    /// the channel: the answer is thrown away now.
+    /// Not yet written, the request is never sent (given the read side at once, it passes it
+    /// on). Written and queued, its turn is marked abandoned: its answer is thrown away when it
+    /// comes, and the request counts on the line until then. Its turn come, the read side is
+    /// in the channel: the answer is thrown away now.
     fn drop(&mut self) {
         let Some(mut hold) = self.hold.take() else {
             return;
         };
-        if self.queued.is_some_and(|id| hold.line.abandon(id)) {
-            hold.handed_on = true;
-        } else if let Ok(Ok(reader)) = self.turn.try_recv() {
-            hold.skip(reader);
+        match hold.line.give_up(self.id) {
+            GiveUp::Unsent => {
+                hold.handed_on = true;
+                if let Ok(Ok(reader)) = self.turn.try_recv() {
+                    hold.line.pass_reader(reader);
+                }
+            }
+            GiveUp::Abandoned => hold.handed_on = true,
+            GiveUp::TurnCame => {
+                if let Ok(Ok(reader)) = self.turn.try_recv() {
+                    hold.skip(reader);
+                }
+            }
         }
     }
 }
@@ -887,12 +937,67 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_given_up_before_it_was_written_is_never_sent() {
+        use tokio::io::AsyncReadExt;
+        let (lines, connector, listener) = lines();
+        let now = Instant::now();
+        let (_reader, first) = first_in_line(&lines, &connector).await;
+        lines.answered(&first, true);
+        let target = |n: u8| {
+            move |out: &mut Vec<u8>| {
+                out.extend_from_slice(b"GET /");
+                out.push(b'0' + n);
+                out.extend_from_slice(b" HTTP/1.1\r\nhost: a\r\n\r\n");
+            }
+        };
+        let line = first.line.clone();
+        // Queued in one scheduler turn; the writer writes none of them before the next.
+        let queued = [2, 3, 4].map(|n| lines.enqueue(&connector, now, false, target(n)));
+        let [second, third, fourth] = queued;
+        drop(third);
+        assert_eq!(line.load(), 3);
+        let (mut instance, _) = listener.accept().await.unwrap();
+        let mut written = Vec::new();
+        while written.windows(4).filter(|w| w == b"\r\n\r\n").count() < 3 {
+            let mut buf = [0u8; 1024];
+            let read = instance.read(&mut buf).await.unwrap();
+            assert!(read > 0);
+            written.extend_from_slice(&buf[..read]);
+        }
+        let written = String::from_utf8(written).unwrap();
+        assert!(
+            written.contains("GET /2 ")
+                && written.contains("GET /4 ")
+                && !written.contains("GET /3 "),
+            "{written}"
+        );
+        drop((second, fourth));
+    }
+
+    #[tokio::test]
+    async fn a_request_given_the_read_side_and_up_before_it_was_written_passes_it_on() {
+        let (lines, connector, _listener) = lines();
+        let now = Instant::now();
+        let (reader, first) = first_in_line(&lines, &connector).await;
+        lines.answered(&first, true);
+        first.hand_on(reader, true);
+        let second = lines.enqueue(&connector, now, false, get);
+        let third = lines.enqueue(&connector, now, false, get);
+        drop(second);
+        let turn = tokio::time::timeout(Duration::from_secs(5), third.turn()).await;
+        assert!(matches!(turn, Ok(Ok(_))));
+    }
+
+    #[tokio::test]
     async fn a_line_that_breaks_lets_go_of_its_abandoned_requests() {
         let (lines, connector, _listener) = lines();
         let (_reader, first) = first_in_line(&lines, &connector).await;
         lines.answered(&first, true);
         let line = first.line.clone();
-        drop(lines.enqueue(&connector, Instant::now(), false, get));
+        let second = lines.enqueue(&connector, Instant::now(), false, get);
+        // Written (the writer's turn), then given up: abandoned.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(second);
         assert_eq!(line.load(), 2);
         // Its writer ends once nothing is left on the closed line.
         drop(first);
