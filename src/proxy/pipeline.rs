@@ -805,6 +805,21 @@ mod tests {
         ticket.turn().await.ok().unwrap()
     }
 
+    /// `lines()` with a first request holding the read side, its answer having shown that the
+    /// instance keeps connections open.
+    async fn proven() -> (
+        Lines,
+        Connector,
+        tokio::net::TcpListener,
+        Box<InstanceConn>,
+        LineHold,
+    ) {
+        let (lines, connector, listener) = lines();
+        let (reader, first) = first_in_line(&lines, &connector).await;
+        lines.answered(&first, true);
+        (lines, connector, listener, reader, first)
+    }
+
     /// Whether the ticket's line broke before its turn came (within 5 s).
     async fn lost(ticket: Ticket) -> bool {
         let turn = tokio::time::timeout(Duration::from_secs(5), ticket.turn()).await;
@@ -846,10 +861,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_given_up_breaks_its_line_and_the_read_side_goes_in_order() {
-        let (lines, connector, _listener) = lines();
+        let (lines, connector, _listener, reader, first) = proven().await;
         let now = Instant::now();
-        let (reader, first) = first_in_line(&lines, &connector).await;
-        lines.answered(&first, true);
         let second = lines.enqueue(&connector, now, false, get);
         let third = lines.enqueue(&connector, now, false, get);
         first.hand_on(reader, true);
@@ -871,10 +884,8 @@ mod tests {
     /// `lines()` with a first request reading its answer, and two queued behind it; the
     /// instance's side of the connection.
     async fn three_in_line() -> (Lines, TcpStream, [Ticket; 2], Box<InstanceConn>, LineHold) {
-        let (lines, connector, listener) = lines();
+        let (lines, connector, listener, mut reader, first) = proven().await;
         let now = Instant::now();
-        let (mut reader, first) = first_in_line(&lines, &connector).await;
-        lines.answered(&first, true);
         let queued = [(); 2].map(|()| lines.enqueue(&connector, now, false, get));
         let (mut instance, _) = listener.accept().await.unwrap();
         instance.write_all(OK).await.unwrap();
@@ -939,10 +950,8 @@ mod tests {
     #[tokio::test]
     async fn a_request_given_up_before_it_was_written_is_never_sent() {
         use tokio::io::AsyncReadExt;
-        let (lines, connector, listener) = lines();
+        let (lines, connector, listener, _reader, first) = proven().await;
         let now = Instant::now();
-        let (_reader, first) = first_in_line(&lines, &connector).await;
-        lines.answered(&first, true);
         let target = |n: u8| {
             move |out: &mut Vec<u8>| {
                 out.extend_from_slice(b"GET /");
@@ -976,10 +985,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_given_the_read_side_and_up_before_it_was_written_passes_it_on() {
-        let (lines, connector, _listener) = lines();
+        let (lines, connector, _listener, reader, first) = proven().await;
         let now = Instant::now();
-        let (reader, first) = first_in_line(&lines, &connector).await;
-        lines.answered(&first, true);
         first.hand_on(reader, true);
         let second = lines.enqueue(&connector, now, false, get);
         let third = lines.enqueue(&connector, now, false, get);
@@ -990,9 +997,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_line_that_breaks_lets_go_of_its_abandoned_requests() {
-        let (lines, connector, _listener) = lines();
-        let (_reader, first) = first_in_line(&lines, &connector).await;
-        lines.answered(&first, true);
+        let (lines, connector, _listener, _reader, first) = proven().await;
         let line = first.line.clone();
         let second = lines.enqueue(&connector, Instant::now(), false, get);
         // Written (the writer's turn), then given up: abandoned.
@@ -1026,10 +1031,8 @@ mod tests {
 
     #[tokio::test]
     async fn requests_queue_behind_a_slow_instance_only_to_measure_it_again() {
-        let (lines, connector, _listener) = lines();
+        let (lines, connector, _listener, reader, first) = proven().await;
         let now = Instant::now();
-        let (reader, first) = first_in_line(&lines, &connector).await;
-        lines.answered(&first, true);
         let second = lines.enqueue(&connector, now, false, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         // The first on a line, or an answer there at its turn, tells no slowness.
