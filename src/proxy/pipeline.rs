@@ -38,7 +38,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 use super::connect::{ConnectError, Connector, InstanceStream};
-use super::h1::InstanceConn;
+use super::h1::{InstanceConn, SendError};
 
 /// Why a queued request got no turn on its line.
 #[derive(Clone)]
@@ -89,8 +89,8 @@ pub struct Lines {
     /// request from their first.
     proven: AtomicBool,
     /// The instance closed a connection before it had ever kept one open: it gets no
-    /// pipelined requests.
-    refused: AtomicBool,
+    /// pipelined requests. Shared with its lines, for their abandoned answers.
+    refused: Arc<AtomicBool>,
     /// The instance's pace in microseconds: an average of the time its answers took after the
     /// request's turn came, for requests queued behind another ([`PaceSample`]).
     pace: AtomicU32,
@@ -128,6 +128,9 @@ pub struct Line {
     /// Requests queued and not yet answered to the end.
     outstanding: AtomicUsize,
     wake_writer: Notify,
+    /// Its instance's refusal ([`Lines::taken`]), which an abandoned answer that does not
+    /// parse sets as a read one does.
+    refused: Arc<AtomicBool>,
 }
 
 struct LineState {
@@ -236,7 +239,7 @@ impl Lines {
             depth,
             idle_timeout,
             proven: AtomicBool::new(false),
-            refused: AtomicBool::new(false),
+            refused: Arc::new(AtomicBool::new(false)),
             pace: AtomicU32::new(0),
             probe_at: Mutex::new(Instant::now()),
         }
@@ -276,18 +279,19 @@ impl Lines {
                     paced: true,
                     ..joining
                 };
-                let ticket = Lines::join_first(&mut lines, connector, &probing);
+                let ticket = self.join_first(&mut lines, connector, &probing);
                 if ticket.hold().behind {
                     *probe_at = now + PROBE_INTERVAL;
                 }
                 return ticket;
             }
         }
-        Lines::join_first(&mut lines, connector, &joining)
+        self.join_first(&mut lines, connector, &joining)
     }
 
     /// Queues a request on the first of `lines` it may join, opening a line when there is none.
     fn join_first<F: Fn(&mut Vec<u8>)>(
+        &self,
         lines: &mut Vec<Arc<Line>>,
         connector: &Connector,
         joining: &Joining<'_, F>,
@@ -300,7 +304,7 @@ impl Lines {
             }
         }
         lines.retain(|line| !line.is_closed());
-        let line = Line::open(connector.clone(), joining.now);
+        let line = Line::open(connector.clone(), joining.now, self.refused.clone());
         lines.push(line.clone());
         line.join(joining)
             .expect("a new line takes its first request")
@@ -370,7 +374,7 @@ impl Drop for Lines {
 }
 
 impl Line {
-    fn open(connector: Connector, now: Instant) -> Arc<Line> {
+    fn open(connector: Connector, now: Instant, refused: Arc<AtomicBool>) -> Arc<Line> {
         let line = Arc::new(Line {
             state: Mutex::new(LineState {
                 pending: Vec::with_capacity(4096),
@@ -386,6 +390,7 @@ impl Line {
             }),
             outstanding: AtomicUsize::new(0),
             wake_writer: Notify::new(),
+            refused,
         });
         tokio::spawn(write_line(line.clone(), connector));
         line
@@ -741,11 +746,13 @@ async fn skip_abandoned(line: Arc<Line>, mut reader: Box<InstanceConn>, head_req
     let skipped = reader.skip_answer(head_request, due, SKIP_BYTES).await;
     line.outstanding.fetch_sub(1, Ordering::Relaxed);
     if matches!(skipped, Ok(true)) {
-        line.pass_reader(reader);
-    } else {
-        drop(reader);
-        line.break_off(Broken::Lost);
+        return line.pass_reader(reader);
     }
+    if matches!(skipped, Err(SendError::Invalid(_))) {
+        line.refused.store(true, Ordering::Relaxed);
+    }
+    drop(reader);
+    line.break_off(Broken::Lost);
 }
 
 /// A line's writer: opens the connection, then writes whatever requests were queued since its
@@ -945,6 +952,19 @@ mod tests {
             .await
             .unwrap();
         assert!(lost(third).await);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_answer_that_does_not_parse_ends_pipelining_to_the_instance() {
+        let (lines, mut instance, [second, third], reader, first) = three_in_line().await;
+        drop(second);
+        first.hand_on(reader, true);
+        instance
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: two\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(lost(third).await);
+        assert!(!lines.taken());
     }
 
     #[tokio::test]
