@@ -942,29 +942,27 @@ mod tests {
         assert!(lines.taken());
     }
 
-    #[tokio::test]
-    async fn an_abandoned_answer_that_closes_the_connection_breaks_the_line() {
-        let (_lines, mut instance, [second, third], reader, first) = three_in_line().await;
+    /// [`three_in_line`] with the second request given up and `answer` its answer, which
+    /// breaks the line: the third request's turn does not come.
+    async fn broken_by_abandoned(answer: &[u8]) -> Lines {
+        let (lines, mut instance, [second, third], reader, first) = three_in_line().await;
         drop(second);
         first.hand_on(reader, true);
-        instance
-            .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-            .await
-            .unwrap();
+        instance.write_all(answer).await.unwrap();
         assert!(lost(third).await);
+        lines
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_answer_that_closes_the_connection_breaks_the_line() {
+        let closing = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+        assert!(broken_by_abandoned(closing).await.taken());
     }
 
     #[tokio::test]
     async fn an_abandoned_answer_that_does_not_parse_ends_pipelining_to_the_instance() {
-        let (lines, mut instance, [second, third], reader, first) = three_in_line().await;
-        drop(second);
-        first.hand_on(reader, true);
-        instance
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: two\r\n\r\n")
-            .await
-            .unwrap();
-        assert!(lost(third).await);
-        assert!(!lines.taken());
+        let misframed = b"HTTP/1.1 200 OK\r\nContent-Length: two\r\n\r\n";
+        assert!(!broken_by_abandoned(misframed).await.taken());
     }
 
     #[tokio::test]
