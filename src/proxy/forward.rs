@@ -707,9 +707,9 @@ async fn send_pipelined(
     let (conn, line) = waiting.into_parts();
     match answer {
         Ok(answer) => {
-            lines.record_pace(pace, Instant::now());
+            let came = observe_latency(instance, started, answer.head.status);
+            lines.record_pace(pace, came);
             lines.answered(&line, answer.framing.keep_alive);
-            observe_latency(instance, started, answer.head.status);
             Ok(Answer::Http1(conn, Some(line), answer))
         }
         Err(err) => {
@@ -907,10 +907,11 @@ fn judge_answer(
     }
 }
 
-/// An answer's latency feeds the balancer.
-fn observe_latency(instance: &Instance, started: Instant, status: http::StatusCode) {
+/// An answer's latency feeds the balancer; returns when the answer head came.
+fn observe_latency(instance: &Instance, started: Instant, status: http::StatusCode) -> Instant {
     let now = Instant::now();
     instance.observe_latency(now - started, now, status.is_server_error());
+    now
 }
 
 /// A 308 to the same URL on HTTPS (`https_port` left out when it is 443); `None` without a

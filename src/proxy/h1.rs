@@ -354,9 +354,7 @@ impl InstanceConn {
                 if taken > most || body == BodyProgress::UntilClose {
                     return Ok(false);
                 }
-                if read.capacity() - read.len() < READ_CHUNK / 4 {
-                    read.reserve(READ_CHUNK);
-                }
+                make_room(read);
                 match stream.read_buf(read).await {
                     Ok(0) => return Ok(false),
                     Ok(_) => {}
@@ -634,6 +632,14 @@ pub(super) fn chunk_header(out: &mut Vec<u8>, len: usize) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Room for the next read from an instance: another chunk once less than a quarter of one is
+/// left.
+fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
 /// Reads until an answer head (other than 1xx interim ones) is complete.
 async fn read_head<R: AsyncRead + Unpin>(
     reader: &mut R,
@@ -652,9 +658,7 @@ async fn read_head<R: AsyncRead + Unpin>(
                 None => {}
             }
         }
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
-        }
+        make_room(buf);
         let read = match reader.read_buf(buf).await {
             Ok(read) => read,
             Err(err) if !answered => return Err(SendError::NoAnswer(err.to_string())),
@@ -878,9 +882,7 @@ impl Body for InstanceBody {
             if let Some(line) = this.line.as_mut() {
                 line.release_queue();
             }
-            if conn.read.capacity() - conn.read.len() < READ_CHUNK / 4 {
-                conn.read.reserve(READ_CHUNK);
-            }
+            make_room(&mut conn.read);
             let before = conn.read.len();
             let read = match poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.read) {
                 Poll::Ready(read) => read,
