@@ -114,10 +114,7 @@ fn echo_or_misframe(stream: TcpStream, _: usize) {
             MISFRAMED_PIPELINED.fetch_add(1, Ordering::Relaxed);
         }
         let answered = match target.as_str() {
-            "/misframed" => targets
-                .stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: two\r\n\r\nok")
-                .is_ok(),
+            "/misframed" => targets.send(b"HTTP/1.1 200 OK\r\nContent-Length: two\r\n\r\nok"),
             _ => targets.answer("", target.as_bytes()),
         };
         if !answered {
@@ -164,7 +161,7 @@ fn answer_in_batches(stream: TcpStream, _: usize) {
             answers.extend_from_slice(&answer_bytes("", target.as_bytes()));
         }
         drop(seen);
-        if targets.stream.write_all(&answers).is_err() {
+        if !targets.send(&answers) {
             return;
         }
     }
@@ -204,6 +201,7 @@ async fn clients_leaving_while_their_answers_are_due_get_no_request_sent_twice()
     // get their own, each sent once.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let seen = BATCHED_SEEN.lock().unwrap();
+    assert!(seen.keys().any(|target| target.starts_with("/quit")));
     let twice: Vec<_> = seen.iter().filter(|&(_, &times)| times > 1).collect();
     assert!(twice.is_empty(), "sent twice: {twice:?}");
 }
@@ -262,7 +260,12 @@ impl Targets {
 
     /// Writes a 200 answer with `body`, and `fields` (whole lines) in its head.
     fn answer(&mut self, fields: &str, body: &[u8]) -> bool {
-        self.stream.write_all(&answer_bytes(fields, body)).is_ok()
+        self.send(&answer_bytes(fields, body))
+    }
+
+    /// Writes `bytes` as they are, in one write; false once the gateway closed.
+    fn send(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).is_ok()
     }
 }
 
@@ -348,7 +351,7 @@ fn answer_twice(stream: TcpStream, _: usize) {
     while let Some(target) = targets.next() {
         let mut both = answer_bytes("", target.as_bytes());
         both.extend_from_slice(&answer_bytes("", b"WRONG"));
-        if targets.stream.write_all(&both).is_err() {
+        if !targets.send(&both) {
             return;
         }
     }

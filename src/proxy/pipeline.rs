@@ -79,6 +79,10 @@ pub const FLOWING_WAIT: Duration = Duration::from_millis(1);
 /// a third of the requests per second they get without pipelining).
 pub const PACE_LIMIT: Duration = Duration::from_micros(500);
 
+/// While an instance's pace is past [`PACE_LIMIT`], one request per this interval queues
+/// behind another anyway, alone, so that its answer measures the instance again.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
 /// The lines to one instance.
 pub struct Lines {
     lines: Mutex<Vec<Arc<Line>>>,
@@ -117,10 +121,6 @@ pub enum PaceSample {
 pub fn next_pace(pace_us: u32, sample_us: u32) -> u32 {
     pace_us - pace_us / 8 + sample_us / 8
 }
-
-/// While an instance's pace is past [`PACE_LIMIT`], one request per this interval queues
-/// behind another anyway, alone, so that its answer measures the instance again.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// One pipelined connection.
 pub struct Line {
@@ -902,6 +902,19 @@ mod tests {
 
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
 
+    /// What the instance's side of a line reads until `heads` request heads came.
+    async fn heads_read(instance: &mut TcpStream, heads: usize) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut written = Vec::new();
+        while written.windows(4).filter(|w| w == b"\r\n\r\n").count() < heads {
+            let mut buf = [0u8; 1024];
+            let read = instance.read(&mut buf).await.unwrap();
+            assert!(read > 0);
+            written.extend_from_slice(&buf[..read]);
+        }
+        String::from_utf8(written).unwrap()
+    }
+
     /// The status of the answer `reader` reads next, for a GET.
     async fn status_read(reader: &mut InstanceConn) -> http::StatusCode {
         let (parts, ()) = http::Request::get("/").body(()).unwrap().into_parts();
@@ -967,7 +980,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_given_up_before_it_was_written_is_never_sent() {
-        use tokio::io::AsyncReadExt;
         let (lines, connector, listener, _reader, first) = proven().await;
         let now = Instant::now();
         let target = |n: u8| {
@@ -984,14 +996,7 @@ mod tests {
         drop(third);
         assert_eq!(line.load(), 3);
         let (mut instance, _) = listener.accept().await.unwrap();
-        let mut written = Vec::new();
-        while written.windows(4).filter(|w| w == b"\r\n\r\n").count() < 3 {
-            let mut buf = [0u8; 1024];
-            let read = instance.read(&mut buf).await.unwrap();
-            assert!(read > 0);
-            written.extend_from_slice(&buf[..read]);
-        }
-        let written = String::from_utf8(written).unwrap();
+        let written = heads_read(&mut instance, 3).await;
         assert!(
             written.contains("GET /2 ")
                 && written.contains("GET /4 ")
@@ -1015,11 +1020,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_line_that_breaks_lets_go_of_its_abandoned_requests() {
-        let (lines, connector, _listener, _reader, first) = proven().await;
+        let (lines, connector, listener, _reader, first) = proven().await;
         let line = first.line.clone();
         let second = lines.enqueue(&connector, Instant::now(), false, get);
-        // Written (the writer's turn), then given up: abandoned.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Written (the instance has read it), then given up: abandoned.
+        let (mut instance, _) = listener.accept().await.unwrap();
+        heads_read(&mut instance, 2).await;
         drop(second);
         assert_eq!(line.load(), 2);
         // Its writer ends once nothing is left on the closed line.
