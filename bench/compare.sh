@@ -5,8 +5,10 @@
 # CPU time per request (utime+stime from /proc over the run / requests), ratio to scalegate, and
 # how busy CPU 1 was. The `direct` row is wrk straight at one instance, both on CPU 1 with no
 # proxy: about the same work CPU 1 does in a proxied run, so its req/s is about the most any proxy can
-# reach in this layout. `scalegate-pipelined` is scalegate with `pipeline = 32` on its upstream
-# (HTTP/1.1 pipelining to the instances, off by default).
+# reach in this layout. `scalegate` runs its default configuration, which pipelines HTTP/1.1
+# requests to the instances (`pipeline = 32`); `scalegate-unpipelined` is scalegate with
+# `pipeline = 1` on its upstream, one request per instance connection at a time as nginx and
+# HAProxy send them.
 #
 #   bench/compare.sh                                   # 64 and 256 connections, 10 s, 3 runs
 #   RUNS=5 DURATION=5s CONNS="64" bench/compare.sh
@@ -14,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 CONNS=${CONNS:-"64 256"}
-PROXIES=${PROXIES:-"scalegate scalegate-pipelined nginx haproxy direct"}
+PROXIES=${PROXIES:-"scalegate scalegate-unpipelined nginx haproxy direct"}
 bench_init nginx haproxy
 start_nginx_backend
 start_nginx_backend
@@ -22,7 +24,7 @@ start_nginx_backend
 for proxy in $PROXIES; do
   case $proxy in
     scalegate) start_scalegate scalegate ;;
-    scalegate-pipelined) start_scalegate scalegate-pipelined "pipeline = ${PIPELINE:-32}" ;;
+    scalegate-unpipelined) start_scalegate scalegate-unpipelined "pipeline = 1" ;;
     direct) PORT[direct]=${BACKENDS[0]} ;;
     *) "start_${proxy}_proxy" ;;
   esac

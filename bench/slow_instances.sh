@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Pipelining in front of instances that take time to answer: scalegate with `pipeline = 1` (off)
-# and `pipeline = 32` in front of the same two demo backends answering after LATENCY_MS (async,
+# and its default (`pipeline = 32`) in front of the same two demo backends answering after LATENCY_MS (async,
 # so an instance answers many connections side by side, as application servers do), same wrk
 # load, alternating runs. Fair layout of bench/lib.sh. A line's requests are answered one after
 # another, so pipelining must stay out of the way of such instances: the two rows should match.
@@ -18,8 +18,8 @@ for _ in 1 2; do
   taskset -c "$LOAD_CPU" "$SCALEGATE" demo-backend --port "$port" --latency-ms "${LATENCY_MS:-10}" >/dev/null 2>&1 &
   PIDS+=($!); BACKENDS+=("$port"); wait_port "$port"
 done
-start_scalegate unpipelined
-start_scalegate pipelined "pipeline = ${PIPELINE:-32}"
+start_scalegate unpipelined "pipeline = 1"
+start_scalegate pipelined "${PIPELINE:+pipeline = $PIPELINE}"
 warm unpipelined pipelined
 for conns in $CONNS; do
   for _ in $(seq "$RUNS"); do

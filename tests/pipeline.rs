@@ -1,5 +1,6 @@
-//! End-to-end tests of HTTP/1.1 pipelining to instances (`pipeline` above 1): answers reach the
-//! requests they belong to, and a line that breaks loses no request and cuts no answer.
+//! End-to-end tests of HTTP/1.1 pipelining to instances (`pipeline` above 1, the default for
+//! plain HTTP/1.1 instances): answers reach the requests they belong to, and a line that breaks
+//! loses no request and cuts no answer.
 
 mod support;
 
@@ -75,7 +76,8 @@ fn echo_after(stream: TcpStream, delay: Duration, pipelined: &AtomicUsize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_reach_their_own_requests_sent_pipelined() {
-    let gw = gateway_before(echo_every_target, "pipeline = 8");
+    // Pipelining is the default for plain HTTP/1.1 instances.
+    let gw = gateway_before(echo_every_target, "");
     // Until an answer shows the instance keeps connections open, each request has its own.
     echo_in_parallel(&gw, 1, 1).await;
     echo_in_parallel(&gw, 40, 10).await;
@@ -367,4 +369,35 @@ async fn bytes_an_instance_sends_unasked_are_nobody_s_answer() {
         assert_eq!(reply.status, 200);
         assert_eq!(String::from_utf8_lossy(&reply.body), target);
     }
+}
+
+/// The targets [`answer_recording_connections`] was asked for, with its connection's index.
+static CONNECTION_OF: Mutex<Vec<(usize, String)>> = Mutex::new(Vec::new());
+
+/// Answers each request (heads only: no body is expected) and notes which connection it came on.
+fn answer_recording_connections(stream: TcpStream, index: usize) {
+    let mut targets = Targets::new(stream);
+    while let Some(target) = targets.next() {
+        CONNECTION_OF.lock().unwrap().push((index, target.clone()));
+        if !targets.answer("", target.as_bytes()) {
+            return;
+        }
+    }
+}
+
+/// The pool and the lines share connections one way: a line opens on a connection a request
+/// that is not pipelined left idle, and an idle line counts among the idle connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_opens_on_the_connection_a_post_left_idle() {
+    let gw = gateway_before(answer_recording_connections, "");
+    let client = client();
+    // Not idempotent: pooled, never pipelined.
+    let posted = request(&client, "POST", &gw.url("/posted"), &[], "").await;
+    assert_eq!(posted.unwrap().status, 200);
+    assert_eq!(get(&client, &gw.url("/got")).await.status, 200);
+    let seen = CONNECTION_OF.lock().unwrap().clone();
+    assert_eq!(seen, [(0, "/posted".into()), (0, "/got".into())]);
+    let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
+    let idle = &detailed["upstreams"][0]["instances"][0]["idle_connections"];
+    assert_eq!(idle.as_u64(), Some(1), "{detailed}");
 }

@@ -1229,7 +1229,11 @@ async fn the_response_timeout_holds_for_every_request_on_a_reused_connection() {
 #[tokio::test]
 async fn the_response_timeout_waits_on_instances_never_on_clients() {
     let (instance, seen) = scripted_instance().await;
-    let gw = gateway(&app_config_at(&[instance], "response_timeout = \"1s\""));
+    // Not pipelined: the test checks which connection the request after an upload takes.
+    let gw = gateway(&app_config_at(
+        &[instance],
+        "response_timeout = \"1s\"\npipeline = 1",
+    ));
     // A client that pauses longer than the response timeout inside its body: the instance
     // took every byte as it came, so the wait is the client's, not the instance's.
     let proxy = gw.proxy;

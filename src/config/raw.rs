@@ -107,7 +107,7 @@ pub struct RawUpstream {
     pub hash_key: Option<String>,
     pub instances: Vec<RawInstance>,
     pub keepalive: usize,
-    pub pipeline: usize,
+    pub pipeline: Option<usize>,
     pub connect_timeout: String,
     pub response_timeout: String,
     pub idle_timeout: String,
@@ -134,7 +134,7 @@ impl Default for RawUpstream {
             hash_key: None,
             instances: Vec::new(),
             keepalive: 256,
-            pipeline: 1,
+            pipeline: None,
             connect_timeout: "2s".into(),
             response_timeout: "60s".into(),
             idle_timeout: "60s".into(),
@@ -536,6 +536,20 @@ fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
     }
 }
 
+/// Requests per pipelined connection when the config names none: plain HTTP/1.1 instances
+/// are pipelined to (see `proxy::pipeline` for when a request queues and when it does not);
+/// TLS and HTTP/2 ones are not, nor are instances of an upstream that keeps no connections
+/// open (`keepalive = 0`).
+pub const DEFAULT_PIPELINE: usize = 32;
+
+fn default_pipeline(plain_http1: bool, keepalive: usize) -> usize {
+    if plain_http1 && keepalive > 0 {
+        DEFAULT_PIPELINE
+    } else {
+        1
+    }
+}
+
 fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> UpstreamConfig {
     let key = format!("upstreams.{name}");
     let strategy = Strategy::from_name(&raw.strategy, || {
@@ -656,23 +670,31 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
         https > 0,
         https == raw.instances.len(),
     );
-    if raw.pipeline == 0 {
-        p.push(
-            format!("{key}.pipeline"),
-            "must be at least 1 (1 = no pipelining)",
-        );
-    } else if raw.pipeline > 1 && (protocol.is_http2() || tls.is_some()) {
-        p.push(
-            format!("{key}.pipeline"),
-            "pipelining is for plain HTTP/1.1 instances (no `tls`, protocol \"http1\")",
-        );
-    }
+    let plain_http1 = !protocol.is_http2() && tls.is_none();
+    let pipeline = match raw.pipeline {
+        Some(0) => {
+            p.push(
+                format!("{key}.pipeline"),
+                "must be at least 1 (1 = no pipelining)",
+            );
+            1
+        }
+        Some(depth) if depth > 1 && !plain_http1 => {
+            p.push(
+                format!("{key}.pipeline"),
+                "pipelining is for plain HTTP/1.1 instances (no `tls`, protocol \"http1\")",
+            );
+            1
+        }
+        Some(depth) => depth,
+        None => default_pipeline(plain_http1, raw.keepalive),
+    };
     UpstreamConfig {
         name: name.to_string(),
         strategy,
         instances,
         keepalive: raw.keepalive,
-        pipeline: raw.pipeline.max(1),
+        pipeline,
         connect_timeout,
         response_timeout,
         // keepalive = 0 is how pooling is turned off; an idle time of 0 would only hide that.

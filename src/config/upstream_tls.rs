@@ -242,6 +242,12 @@ mod tests {
         assert!(b.protocol.is_http2() && b.tls.is_none());
         let c = config.upstream("c").unwrap();
         assert!(!c.protocol.is_http2() && c.tls.is_none());
+        // Only plain HTTP/1.1 instances are pipelined to unless the config says otherwise.
+        let pipelines = [a.pipeline, b.pipeline, c.pipeline];
+        assert_eq!(pipelines, [1, 1, crate::config::raw::DEFAULT_PIPELINE]);
+        let unpooled = "[upstreams.a]\ninstances = [\"127.0.0.1:1\"]\nkeepalive = 0\n[[routes]]\nupstream = \"a\"\n";
+        let unpooled = Config::from_toml(unpooled).unwrap();
+        assert_eq!(unpooled.upstream("a").unwrap().pipeline, 1);
         let mixed = "[upstreams.a]\ninstances = [\"https://127.0.0.1:1\", \"127.0.0.1:2\"]\n[[routes]]\nupstream = \"a\"\n";
         let mixed = Config::from_toml(mixed).unwrap_err().0;
         assert_eq!(mixed[0].key, "upstreams.a.instances", "{mixed:?}");

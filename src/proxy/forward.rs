@@ -681,7 +681,8 @@ async fn send_pipelined(
 ) -> Result<Answer, Attempt> {
     let connector = &instance.pool.connector;
     let head_request = head.parts.method == Method::HEAD;
-    let ticket = lines.enqueue(connector, started, head_request, |out| {
+    let idle = || instance.pool.take_idle(false, started);
+    let ticket = lines.enqueue(connector, idle, started, head_request, |out| {
         encode_bodiless(out, head)
     });
     let due = started + timeout;

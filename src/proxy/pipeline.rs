@@ -252,10 +252,13 @@ impl Lines {
     }
 
     /// Queues a request on the first line it may join ([`joinable`]), opening a line when
-    /// there is none; `write_head` appends its head to the bytes the line writes next.
+    /// there is none, on the idle pooled connection `idle` gives when it gives one (the
+    /// instance kept it open: it is proven); `write_head` appends its head to the bytes the
+    /// line writes next.
     pub fn enqueue(
         &self,
         connector: &Connector,
+        idle: impl FnOnce() -> Option<Box<InstanceConn>>,
         now: Instant,
         head_request: bool,
         write_head: impl Fn(&mut Vec<u8>),
@@ -279,14 +282,14 @@ impl Lines {
                     paced: true,
                     ..joining
                 };
-                let ticket = self.join_first(&mut lines, connector, &probing);
+                let ticket = self.join_first(&mut lines, connector, idle, &probing);
                 if ticket.hold().behind {
                     *probe_at = now + PROBE_INTERVAL;
                 }
                 return ticket;
             }
         }
-        self.join_first(&mut lines, connector, &joining)
+        self.join_first(&mut lines, connector, idle, &joining)
     }
 
     /// Queues a request on the first of `lines` it may join, opening a line when there is none.
@@ -294,6 +297,7 @@ impl Lines {
         &self,
         lines: &mut Vec<Arc<Line>>,
         connector: &Connector,
+        idle: impl FnOnce() -> Option<Box<InstanceConn>>,
         joining: &Joining<'_, F>,
     ) -> Ticket {
         // A closed line refuses in `join`; closed ones are dropped when a line opens and by the
@@ -304,7 +308,11 @@ impl Lines {
             }
         }
         lines.retain(|line| !line.is_closed());
-        let line = Line::open(connector.clone(), joining.now, self.refused.clone());
+        let pooled = idle();
+        if pooled.is_some() {
+            self.proven.store(true, Ordering::Relaxed);
+        }
+        let line = Line::open(connector.clone(), pooled, joining.now, self.refused.clone());
         lines.push(line.clone());
         line.join(joining)
             .expect("a new line takes its first request")
@@ -350,6 +358,12 @@ impl Lines {
         }
     }
 
+    /// Lines connected with no request on them.
+    pub fn idle_count(&self) -> usize {
+        let lines = self.lines.lock().expect("lines lock");
+        lines.iter().filter(|line| line.is_idle()).count()
+    }
+
     /// Closes the lines idle past the idle timeout, and lets go of closed ones (the pool's
     /// sweep calls this).
     pub fn close_idle(&self, now: Instant) {
@@ -374,7 +388,12 @@ impl Drop for Lines {
 }
 
 impl Line {
-    fn open(connector: Connector, now: Instant, refused: Arc<AtomicBool>) -> Arc<Line> {
+    fn open(
+        connector: Connector,
+        pooled: Option<Box<InstanceConn>>,
+        now: Instant,
+        refused: Arc<AtomicBool>,
+    ) -> Arc<Line> {
         let line = Arc::new(Line {
             state: Mutex::new(LineState {
                 pending: Vec::with_capacity(4096),
@@ -392,7 +411,7 @@ impl Line {
             wake_writer: Notify::new(),
             refused,
         });
-        tokio::spawn(write_line(line.clone(), connector));
+        tokio::spawn(write_line(line.clone(), connector, pooled));
         line
     }
 
@@ -573,6 +592,12 @@ impl Line {
         // Closed outside the lock; the writer wakes to see the line closed and stops.
         drop(reader);
         self.wake_writer.notify_one();
+    }
+
+    /// Connected, not closed, no request on it.
+    fn is_idle(&self) -> bool {
+        let state = self.state.lock().expect("line lock");
+        state.closed.is_none() && state.reader.is_some() && state.turns.is_empty()
     }
 
     fn close_if_idle(&self, now: Instant, idle_timeout: Duration) {
@@ -757,8 +782,13 @@ async fn skip_abandoned(line: Arc<Line>, mut reader: Box<InstanceConn>, head_req
 
 /// A line's writer: opens the connection, then writes whatever requests were queued since its
 /// last write, once per wake-up, after letting the requests of the same scheduler turn join.
-async fn write_line(line: Arc<Line>, connector: Connector) {
-    let tcp = match connector.connect().await {
+async fn write_line(line: Arc<Line>, connector: Connector, pooled: Option<Box<InstanceConn>>) {
+    let stream = match pooled.map(|conn| conn.into_parts()) {
+        // An idle pooled connection has nothing buffered (it would not have been pooled).
+        Some((stream, rest)) if rest.is_empty() => Ok(stream),
+        _ => connector.connect().await,
+    };
+    let tcp = match stream {
         Ok(InstanceStream::Tcp(tcp)) => tcp,
         Ok(_) => return line.break_off(Broken::Lost),
         Err(err) => return line.break_off(Broken::Unconnected(Arc::new(err))),
@@ -802,13 +832,18 @@ mod tests {
         (Lines::new(4, Duration::from_secs(60)), connector, listener)
     }
 
+    /// No idle pooled connection: a new line connects.
+    fn no_idle() -> Option<Box<InstanceConn>> {
+        None
+    }
+
     fn get(out: &mut Vec<u8>) {
         out.extend_from_slice(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n");
     }
 
     /// A request queued first on a new line: its turn comes as soon as the line connects.
     async fn first_in_line(lines: &Lines, connector: &Connector) -> (Box<InstanceConn>, LineHold) {
-        let ticket = lines.enqueue(connector, Instant::now(), false, get);
+        let ticket = lines.enqueue(connector, no_idle, Instant::now(), false, get);
         ticket.turn().await.ok().unwrap()
     }
 
@@ -839,17 +874,17 @@ mod tests {
         let now = Instant::now();
         let (reader, first) = first_in_line(&lines, &connector).await;
         // Unproven, the line takes no second request.
-        let aside = lines.enqueue(&connector, now, false, get);
+        let aside = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(!Arc::ptr_eq(&first.line, &aside.hold().line));
         lines.answered(&first, true);
-        let second = lines.enqueue(&connector, now, false, get);
+        let second = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         first.hand_on(reader, true);
         let (reader, second) = second.turn().await.ok().unwrap();
-        let third = lines.enqueue(&connector, now, false, get);
+        let third = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(Arc::ptr_eq(&second.line, &third.hold().line));
         lines.answered(&second, false);
-        let fourth = lines.enqueue(&connector, now, false, get);
+        let fourth = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(!Arc::ptr_eq(&second.line, &fourth.hold().line));
         second.hand_on(reader, true);
         assert!(lost(third).await);
@@ -870,8 +905,8 @@ mod tests {
     async fn a_request_given_up_breaks_its_line_and_the_read_side_goes_in_order() {
         let (lines, connector, _listener, reader, first) = proven().await;
         let now = Instant::now();
-        let second = lines.enqueue(&connector, now, false, get);
-        let third = lines.enqueue(&connector, now, false, get);
+        let second = lines.enqueue(&connector, no_idle, now, false, get);
+        let third = lines.enqueue(&connector, no_idle, now, false, get);
         first.hand_on(reader, true);
         let (reader, second) = second.turn().await.ok().unwrap();
         assert_eq!(second.line.load(), 2);
@@ -880,7 +915,7 @@ mod tests {
         assert!(lost(third).await);
         assert_eq!(
             lines
-                .enqueue(&connector, now, false, get)
+                .enqueue(&connector, no_idle, now, false, get)
                 .hold()
                 .line
                 .load(),
@@ -893,7 +928,7 @@ mod tests {
     async fn three_in_line() -> (Lines, TcpStream, [Ticket; 2], Box<InstanceConn>, LineHold) {
         let (lines, connector, listener, mut reader, first) = proven().await;
         let now = Instant::now();
-        let queued = [(); 2].map(|()| lines.enqueue(&connector, now, false, get));
+        let queued = [(); 2].map(|()| lines.enqueue(&connector, no_idle, now, false, get));
         let (mut instance, _) = listener.accept().await.unwrap();
         instance.write_all(OK).await.unwrap();
         assert_eq!(status_read(&mut reader).await, 200);
@@ -991,7 +1026,7 @@ mod tests {
         };
         let line = first.line.clone();
         // Queued in one scheduler turn; the writer writes none of them before the next.
-        let queued = [2, 3, 4].map(|n| lines.enqueue(&connector, now, false, target(n)));
+        let queued = [2, 3, 4].map(|n| lines.enqueue(&connector, no_idle, now, false, target(n)));
         let [second, third, fourth] = queued;
         drop(third);
         assert_eq!(line.load(), 3);
@@ -1011,8 +1046,8 @@ mod tests {
         let (lines, connector, _listener, reader, first) = proven().await;
         let now = Instant::now();
         first.hand_on(reader, true);
-        let second = lines.enqueue(&connector, now, false, get);
-        let third = lines.enqueue(&connector, now, false, get);
+        let second = lines.enqueue(&connector, no_idle, now, false, get);
+        let third = lines.enqueue(&connector, no_idle, now, false, get);
         drop(second);
         let turn = tokio::time::timeout(Duration::from_secs(5), third.turn()).await;
         assert!(matches!(turn, Ok(Ok(_))));
@@ -1022,7 +1057,7 @@ mod tests {
     async fn a_line_that_breaks_lets_go_of_its_abandoned_requests() {
         let (lines, connector, listener, _reader, first) = proven().await;
         let line = first.line.clone();
-        let second = lines.enqueue(&connector, Instant::now(), false, get);
+        let second = lines.enqueue(&connector, no_idle, Instant::now(), false, get);
         // Written (the instance has read it), then given up: abandoned.
         let (mut instance, _) = listener.accept().await.unwrap();
         heads_read(&mut instance, 2).await;
@@ -1040,7 +1075,7 @@ mod tests {
         let now = Instant::now();
         let (_reader, mut first) = first_in_line(&lines, &connector).await;
         lines.answered(&first, true);
-        let second = lines.enqueue(&connector, now, false, get);
+        let second = lines.enqueue(&connector, no_idle, now, false, get);
         first.release_queue();
         assert!(lost(second).await);
         let (lines, connector, _listener) = self::lines();
@@ -1048,7 +1083,7 @@ mod tests {
         lines.answered(&first, true);
         first.release_queue();
         // Nothing was queued: the line lives on, but no one joins it while the body streams.
-        let second = lines.enqueue(&connector, now, false, get);
+        let second = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(!Arc::ptr_eq(&first.line, &second.hold().line));
         assert!(!first.line.is_closed());
     }
@@ -1057,13 +1092,13 @@ mod tests {
     async fn requests_queue_behind_a_slow_instance_only_to_measure_it_again() {
         let (lines, connector, _listener, reader, first) = proven().await;
         let now = Instant::now();
-        let second = lines.enqueue(&connector, now, false, get);
+        let second = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         // The first on a line, or an answer there at its turn, tells no slowness.
         assert_eq!(first.pace_sample(&reader), PaceSample::First);
         lines.record_pace(PaceSample::First, now + Duration::from_secs(1));
         lines.record_pace(PaceSample::Ready, now);
-        let third = lines.enqueue(&connector, now, false, get);
+        let third = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(Arc::ptr_eq(&first.line, &third.hold().line));
         first.hand_on(reader, true);
         let (reader, second) = second.turn().await.ok().unwrap();
@@ -1074,16 +1109,16 @@ mod tests {
         // dropped here breaks the line it opened)...
         lines.record_pace(PaceSample::From(turn), turn + Duration::from_millis(10));
         for _ in 0..10 {
-            let apart = lines.enqueue(&connector, now, false, get);
+            let apart = lines.enqueue(&connector, no_idle, now, false, get);
             assert!(!Arc::ptr_eq(&second.line, &apart.hold().line));
         }
         // ... but for one per probe interval, which measures it again (a request first on its
         // line does not: it measures nothing).
         let probe_time = turn + Duration::from_millis(10) + PROBE_INTERVAL;
-        let front = lines.enqueue(&connector, probe_time, false, get);
-        let probe = lines.enqueue(&connector, probe_time, false, get);
+        let front = lines.enqueue(&connector, no_idle, probe_time, false, get);
+        let probe = lines.enqueue(&connector, no_idle, probe_time, false, get);
         assert!(Arc::ptr_eq(&front.hold().line, &probe.hold().line));
-        let apart = lines.enqueue(&connector, probe_time, false, get);
+        let apart = lines.enqueue(&connector, no_idle, probe_time, false, get);
         assert!(!Arc::ptr_eq(&front.hold().line, &apart.hold().line));
     }
 

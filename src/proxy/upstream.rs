@@ -731,13 +731,8 @@ impl Pool {
     ) -> Result<(Box<InstanceConn>, bool), ConnectError> {
         // A fresh checkout leaves the idle connections where they are.
         if !fresh {
-            while let Some(mut idle) = self.pop() {
-                if !self.expired(&idle, now)
-                    && idle.conn.is_open()
-                    && (!probe || idle.conn.probe_open())
-                {
-                    return Ok((idle.conn, true));
-                }
+            if let Some(conn) = self.take_idle(probe, now) {
+                return Ok((conn, true));
             }
         }
         // Boxed: the connect (and TLS handshake) state is only needed on a pool miss.
@@ -745,6 +740,20 @@ impl Pool {
             Box::new(InstanceConn::new(Box::pin(self.connector.connect()).await?)),
             false,
         ))
+    }
+
+    /// The most recently used idle connection that is still open, closing the ones found
+    /// closed or idle too long on the way.
+    pub(crate) fn take_idle(&self, probe: bool, now: Instant) -> Option<Box<InstanceConn>> {
+        while let Some(mut idle) = self.pop() {
+            if !self.expired(&idle, now)
+                && idle.conn.is_open()
+                && (!probe || idle.conn.probe_open())
+            {
+                return Some(idle.conn);
+            }
+        }
+        None
     }
 
     fn pop(&self) -> Option<IdleConn> {
@@ -796,8 +805,10 @@ impl Pool {
         drop(expired);
     }
 
+    /// Idle connections: pooled ones, and lines no request is on.
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().expect("pool lock").len()
+        let lines = self.lines.as_ref().map_or(0, Lines::idle_count);
+        lines + self.idle.lock().expect("pool lock").len()
     }
 }
 
