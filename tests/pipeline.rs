@@ -401,3 +401,42 @@ async fn a_line_opens_on_the_connection_a_post_left_idle() {
     let idle = &detailed["upstreams"][0]["instances"][0]["idle_connections"];
     assert_eq!(idle.as_u64(), Some(1), "{detailed}");
 }
+
+/// Requests [`answer_first_of_each_read`] read and dropped.
+static DROPPED: AtomicUsize = AtomicUsize::new(0);
+
+/// A server that mishandles pipelining: of the requests one read brings, it answers the first
+/// (echoing its target) and drops the others. (Its reads are large enough that the gateway's
+/// writes, whole heads each, arrive whole.)
+fn answer_first_of_each_read(mut stream: TcpStream, _: usize) {
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let read = match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => &buf[..n],
+        };
+        let heads = read.windows(4).filter(|w| w == b"\r\n\r\n").count();
+        DROPPED.fetch_add(heads.saturating_sub(1), Ordering::Relaxed);
+        let head = String::from_utf8_lossy(read);
+        let target = head.split(' ').nth(1).unwrap_or("?");
+        if stream
+            .write_all(&answer_bytes("", target.as_bytes()))
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// An instance that drops pipelined requests holds each for [`PROOF_WAIT`], not the response
+/// timeout (60 s: the requests would time out in the client), once: then it gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_dropping_pipelined_requests_holds_them_a_second_once() {
+    let gw = gateway_before(answer_first_of_each_read, "");
+    echo_in_parallel(&gw, 1, 1).await;
+    echo_in_parallel(&gw, 40, 5).await;
+    let dropped = DROPPED.load(Ordering::Relaxed);
+    assert!(dropped > 0, "no request went pipelined");
+    echo_in_parallel(&gw, 40, 5).await;
+    assert_eq!(DROPPED.load(Ordering::Relaxed), dropped);
+}

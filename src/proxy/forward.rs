@@ -703,8 +703,10 @@ async fn send_pipelined(
         }
     };
     let pace = line.pace_sample(&conn);
+    let proof_due = lines.proof_due(pace).filter(|&proof| proof < due);
     let mut waiting = AnswerWait::new(conn, line);
-    let answer = waiting.reader().read_answer(head, due).await;
+    let answer_due = proof_due.unwrap_or(due);
+    let answer = waiting.reader().read_answer(head, answer_due).await;
     let (conn, line) = waiting.into_parts();
     match answer {
         Ok(answer) => {
@@ -712,6 +714,13 @@ async fn send_pipelined(
             lines.record_pace(pace, came);
             lines.answered(&line, answer.framing.keep_alive);
             Ok(Answer::Http1(conn, Some(line), answer))
+        }
+        // The first answer due behind another did not come, or the connection closed
+        // instead: the instance may drop pipelined requests. It gets no more; this one goes
+        // again on a connection of its own, and the line breaks as `line` is dropped.
+        Err(SendError::TimedOut | SendError::NoAnswer(_)) if proof_due.is_some() => {
+            lines.refuse();
+            stale("no answer to a pipelined request: the instance is not pipelined to")
         }
         Err(err) => {
             if matches!(err, SendError::Invalid(_)) {

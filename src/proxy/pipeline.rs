@@ -83,6 +83,13 @@ pub const PACE_LIMIT: Duration = Duration::from_micros(500);
 /// behind another anyway, alone, so that its answer measures the instance again.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Until an instance has answered a request queued behind another, the most time such an
+/// answer may take to start once its turn came. A server that reads pipelined requests and
+/// drops all but the first would otherwise hold each queued request for the whole response
+/// timeout; past this wait the request goes again on a connection of its own and the instance
+/// gets no pipelined requests (see [`Lines::proof_due`]).
+pub const PROOF_WAIT: Duration = Duration::from_secs(1);
+
 /// The lines to one instance.
 pub struct Lines {
     lines: Mutex<Vec<Arc<Line>>>,
@@ -92,9 +99,8 @@ pub struct Lines {
     /// An answer showed the instance keeps connections open: lines may carry more than one
     /// request from their first.
     proven: AtomicBool,
-    /// The instance closed a connection before it had ever kept one open: it gets no
-    /// pipelined requests. Shared with its lines, for their abandoned answers.
-    refused: Arc<AtomicBool>,
+    /// What the instance showed of how it takes pipelined requests; shared with its lines.
+    verdict: Arc<Verdict>,
     /// The instance's pace in microseconds: an average of the time its answers took after the
     /// request's turn came, for requests queued behind another ([`PaceSample`]).
     pace: AtomicU32,
@@ -122,15 +128,29 @@ pub fn next_pace(pace_us: u32, sample_us: u32) -> u32 {
     pace_us - pace_us / 8 + sample_us / 8
 }
 
+/// What an instance showed of how it takes pipelined requests.
+#[derive(Default)]
+struct Verdict {
+    /// It answered every request of a write that carried several ([`Line::take_pending`]).
+    /// Until then a line writes nothing more while a request it wrote is unanswered, so that
+    /// a server that drops the requests after the first of a read cannot answer a later one
+    /// in a dropped one's place; and an answer due behind another must start within
+    /// [`PROOF_WAIT`] of its turn.
+    pipelined: AtomicBool,
+    /// It gets no pipelined requests: it closed a connection before it had ever kept one
+    /// open, sent an answer that did not parse, or did not answer a pipelined request.
+    refused: AtomicBool,
+}
+
 /// One pipelined connection.
 pub struct Line {
     state: Mutex<LineState>,
     /// Requests queued and not yet answered to the end.
     outstanding: AtomicUsize,
     wake_writer: Notify,
-    /// Its instance's refusal ([`Lines::taken`]), which an abandoned answer that does not
-    /// parse sets as a read one does.
-    refused: Arc<AtomicBool>,
+    /// Its instance's [`Verdict`]: an abandoned answer that does not parse refuses it as a read
+    /// one does.
+    verdict: Arc<Verdict>,
 }
 
 struct LineState {
@@ -146,6 +166,8 @@ struct LineState {
     closed: Option<Broken>,
     /// See [`LineView::streaming`].
     streaming: bool,
+    /// Requests in the last write (see [`Verdict::pipelined`]).
+    last_write: usize,
     /// When the oldest request not yet answered to its end was queued.
     front_since: Instant,
     last_used: Instant,
@@ -239,7 +261,7 @@ impl Lines {
             depth,
             idle_timeout,
             proven: AtomicBool::new(false),
-            refused: Arc::new(AtomicBool::new(false)),
+            verdict: Arc::default(),
             pace: AtomicU32::new(0),
             probe_at: Mutex::new(Instant::now()),
         }
@@ -248,7 +270,7 @@ impl Lines {
     /// Whether requests to this instance may be pipelined: not once it closed a connection
     /// before it had ever kept one open, or sent an answer that did not parse.
     pub fn taken(&self) -> bool {
-        !self.refused.load(Ordering::Relaxed)
+        !self.verdict.refused.load(Ordering::Relaxed)
     }
 
     /// Queues a request on the first line it may join ([`joinable`]), opening a line when
@@ -312,7 +334,7 @@ impl Lines {
         if pooled.is_some() {
             self.proven.store(true, Ordering::Relaxed);
         }
-        let line = Line::open(connector.clone(), pooled, joining.now, self.refused.clone());
+        let line = Line::open(connector.clone(), pooled, joining.now, self.verdict.clone());
         lines.push(line.clone());
         line.join(joining)
             .expect("a new line takes its first request")
@@ -335,10 +357,22 @@ impl Lines {
         }
     }
 
+    /// When the answer of a request whose turn came with `sample` must have started: [`PROOF_WAIT`]
+    /// after its turn while the instance has not yet answered a request queued behind
+    /// another, else never (`None`: only the response timeout bounds it).
+    pub fn proof_due(&self, sample: PaceSample) -> Option<Instant> {
+        match sample {
+            PaceSample::From(turn) if !self.verdict.pipelined.load(Ordering::Relaxed) => {
+                Some(turn + PROOF_WAIT)
+            }
+            _ => None,
+        }
+    }
+
     /// The instance's answer did not parse: with requests queued, a misframed answer (a body
     /// after a HEAD answer, say) would shift every answer behind it, so pipelining to it ends.
     pub fn refuse(&self) {
-        self.refused.store(true, Ordering::Relaxed);
+        self.verdict.refused.store(true, Ordering::Relaxed);
     }
 
     /// An answer head came on `hold`'s line: one that keeps the connection open proves the
@@ -350,7 +384,7 @@ impl Lines {
             return;
         }
         if !self.proven.load(Ordering::Relaxed) {
-            self.refused.store(true, Ordering::Relaxed);
+            self.verdict.refused.store(true, Ordering::Relaxed);
         }
         let mut state = hold.line.state.lock().expect("line lock");
         if state.closed.is_none() {
@@ -392,7 +426,7 @@ impl Line {
         connector: Connector,
         pooled: Option<Box<InstanceConn>>,
         now: Instant,
-        refused: Arc<AtomicBool>,
+        verdict: Arc<Verdict>,
     ) -> Arc<Line> {
         let line = Arc::new(Line {
             state: Mutex::new(LineState {
@@ -406,10 +440,11 @@ impl Line {
                 last_used: now,
                 next_turn: 0,
                 unwritten: Vec::new(),
+                last_write: 0,
             }),
             outstanding: AtomicUsize::new(0),
             wake_writer: Notify::new(),
-            refused,
+            verdict,
         });
         tokio::spawn(write_line(line.clone(), connector, pooled));
         line
@@ -517,6 +552,15 @@ impl Line {
             drop(reader);
             return self.break_off(Broken::Lost);
         }
+        if !self.verdict.pipelined.load(Ordering::Relaxed) && self.all_written_answered(&state) {
+            if state.last_write > 1 {
+                self.verdict.pipelined.store(true, Ordering::Relaxed);
+            }
+            // The writer held back the requests queued meanwhile.
+            if !state.pending.is_empty() && !std::mem::replace(&mut state.write_asked, true) {
+                self.wake_writer.notify_one();
+            }
+        }
         let Some(turn) = state.turns.pop_front() else {
             if reader.has_buffered() {
                 // Bytes no request asked for: whoever joins next would take them as its answer.
@@ -620,9 +664,21 @@ impl Line {
         if state.closed.is_some() {
             return self.load() > 0;
         }
+        if !self.verdict.pipelined.load(Ordering::Relaxed) && !self.all_written_answered(&state) {
+            // Held back until they are ([`Verdict::pipelined`]): the last answer wakes the writer.
+            return true;
+        }
+        if !state.unwritten.is_empty() {
+            state.last_write = state.unwritten.len();
+        }
         std::mem::swap(out, &mut state.pending);
         state.unwritten.clear();
         true
+    }
+
+    /// Every request written so far was answered to its end (or its answer thrown away).
+    fn all_written_answered(&self, state: &LineState) -> bool {
+        self.load() == state.unwritten.len()
     }
 }
 
@@ -774,7 +830,7 @@ async fn skip_abandoned(line: Arc<Line>, mut reader: Box<InstanceConn>, head_req
         return line.pass_reader(reader);
     }
     if matches!(skipped, Err(SendError::Invalid(_))) {
-        line.refused.store(true, Ordering::Relaxed);
+        line.verdict.refused.store(true, Ordering::Relaxed);
     }
     drop(reader);
     line.break_off(Broken::Lost);
@@ -848,7 +904,7 @@ mod tests {
     }
 
     /// `lines()` with a first request holding the read side, its answer having shown that the
-    /// instance keeps connections open.
+    /// instance keeps connections open, and the instance known to answer pipelined requests.
     async fn proven() -> (
         Lines,
         Connector,
@@ -857,9 +913,43 @@ mod tests {
         LineHold,
     ) {
         let (lines, connector, listener) = lines();
+        lines.verdict.pipelined.store(true, Ordering::Relaxed);
         let (reader, first) = first_in_line(&lines, &connector).await;
         lines.answered(&first, true);
         (lines, connector, listener, reader, first)
+    }
+
+    #[tokio::test]
+    async fn until_a_write_of_several_requests_was_answered_no_write_follows_an_unanswered_one() {
+        use tokio::io::AsyncReadExt;
+        let (lines, connector, listener) = lines();
+        let (reader, first) = first_in_line(&lines, &connector).await;
+        lines.answered(&first, true);
+        let (mut instance, _) = listener.accept().await.unwrap();
+        heads_read(&mut instance, 1).await;
+        let queued =
+            [(); 2].map(|()| lines.enqueue(&connector, no_idle, Instant::now(), false, get));
+        // Held back while the first is unanswered.
+        let mut byte = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(50), instance.read(&mut byte));
+        assert!(early.await.is_err());
+        first.hand_on(reader, true);
+        heads_read(&mut instance, 2).await;
+        let pipelined = || lines.verdict.pipelined.load(Ordering::Relaxed);
+        let mut answered = Vec::new();
+        for ticket in queued {
+            assert!(!pipelined());
+            let (reader, hold) = ticket.turn().await.ok().unwrap();
+            hold.hand_on(reader, true);
+            answered.push(pipelined());
+        }
+        // Both requests of that write answered: from then on writes follow one another.
+        assert_eq!(answered, [false, true]);
+        let (reader, first) = first_in_line(&lines, &connector).await;
+        let second = lines.enqueue(&connector, no_idle, Instant::now(), false, get);
+        assert!(Arc::ptr_eq(&first.line, &second.hold().line));
+        heads_read(&mut instance, 2).await;
+        drop((reader, first, second));
     }
 
     /// Whether the ticket's line broke before its turn came (within 5 s).
