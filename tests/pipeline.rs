@@ -440,3 +440,31 @@ async fn an_instance_dropping_pipelined_requests_holds_them_a_second_once() {
     echo_in_parallel(&gw, 40, 5).await;
     assert_eq!(DROPPED.load(Ordering::Relaxed), dropped);
 }
+
+/// Connections [`echo_counting_connections`] has open.
+static OPEN_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// [`echo_every_target`], counting its open connections.
+fn echo_counting_connections(stream: TcpStream, index: usize) {
+    OPEN_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+    echo_every_target(stream, index);
+    OPEN_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// A reload that changes how instances are connected to closes the old connections once their
+/// requests are done, with no client connecting after it (they used to stay until one did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_closes_the_connections_made_under_the_old_settings() {
+    let instance = raw_instance(echo_counting_connections);
+    let gw = gateway(&app_config_at(&[instance], ""));
+    echo_in_parallel(&gw, 4, 4).await;
+    assert!(OPEN_CONNECTIONS.load(Ordering::Relaxed) > 0);
+    gw.write_config(&app_config_at(&[instance], "idle_timeout = \"30s\""));
+    let client = client();
+    let reload = request(&client, "POST", &gw.admin_url("/api/reload"), &[], "").await;
+    assert_eq!(reload.unwrap().status, 200);
+    let closed = eventually(Duration::from_secs(5), || async {
+        OPEN_CONNECTIONS.load(Ordering::Relaxed) == 0
+    });
+    assert!(closed.await);
+}
