@@ -16,13 +16,26 @@ use support::*;
 /// `tasks` clients each sending `each` GETs of `/echo?id=TASK-N` at once, in turn; `check`
 /// judges each answer, given the request's target.
 async fn get_in_parallel(gw: &Gateway, tasks: usize, each: usize, check: fn(&str, Reply)) {
+    let echo = |task, n| format!("/echo?id={task}-{n}");
+    get_each_in_parallel(gw, tasks, each, echo, check).await;
+}
+
+/// `tasks` clients each sending `each` GETs of `target(task, n)` at once, in turn; `check`
+/// judges each answer, given the request's target.
+async fn get_each_in_parallel(
+    gw: &Gateway,
+    tasks: usize,
+    each: usize,
+    target: fn(usize, usize) -> String,
+    check: fn(&str, Reply),
+) {
     let client = client();
     let mut running = Vec::new();
     for task in 0..tasks {
         let (client, base) = (client.clone(), gw.url(""));
         running.push(tokio::spawn(async move {
             for n in 0..each {
-                let target = format!("/echo?id={task}-{n}");
+                let target = target(task, n);
                 check(&target, get(&client, &format!("{base}{target}")).await);
             }
         }));
@@ -30,6 +43,20 @@ async fn get_in_parallel(gw: &Gateway, tasks: usize, each: usize, check: fn(&str
     for task in running {
         task.await.unwrap();
     }
+}
+
+/// [`get_each_in_parallel`], every answer a 200 echoing its own request's target.
+async fn get_targets_in_parallel(
+    gw: &Gateway,
+    tasks: usize,
+    each: usize,
+    target: fn(usize, usize) -> String,
+) {
+    get_each_in_parallel(gw, tasks, each, target, |target, reply| {
+        assert_eq!(reply.status, 200, "{target}");
+        assert_eq!(String::from_utf8_lossy(&reply.body), target);
+    })
+    .await;
 }
 
 /// [`get_in_parallel`], every answer a 200 echoing its own request's target.
@@ -260,6 +287,17 @@ impl Targets {
         Some(head.split(' ').nth(1).unwrap_or("?").to_owned())
     }
 
+    /// What has come after the head last read, without waiting for more.
+    fn waiting(&mut self) -> String {
+        let mut buf = [0u8; 4096];
+        self.stream.set_nonblocking(true).unwrap();
+        while let Ok(n @ 1..) = self.stream.read(&mut buf) {
+            self.read.extend_from_slice(&buf[..n]);
+        }
+        self.stream.set_nonblocking(false).unwrap();
+        String::from_utf8_lossy(&self.read).into_owned()
+    }
+
     /// Writes a 200 answer with `body`, and `fields` (whole lines) in its head.
     fn answer(&mut self, fields: &str, body: &[u8]) -> bool {
         self.send(&answer_bytes(fields, body))
@@ -467,4 +505,51 @@ async fn a_reload_closes_the_connections_made_under_the_old_settings() {
         OPEN_CONNECTIONS.load(Ordering::Relaxed) == 0
     });
     assert!(closed.await);
+}
+
+/// Quick requests [`slow_path_among_quick_ones`] found queued behind a `/slow` one.
+static BEHIND_SLOW: AtomicUsize = AtomicUsize::new(0);
+
+/// Answers `/slow` after 50 ms and everything else at once, echoing the target.
+fn slow_path_among_quick_ones(stream: TcpStream, _: usize) {
+    let mut targets = Targets::new(stream);
+    while let Some(target) = targets.next() {
+        if target.starts_with("/slow") {
+            std::thread::sleep(Duration::from_millis(50));
+            let waiting = targets.waiting();
+            BEHIND_SLOW.fetch_add(waiting.matches("GET /quick").count(), Ordering::Relaxed);
+        }
+        if !targets.answer("", target.as_bytes()) {
+            return;
+        }
+    }
+}
+
+/// A slow path among quick ones is not pipelined to once it showed itself slow, so the quick
+/// requests do not queue behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_requests_do_not_queue_behind_a_path_known_slow() {
+    let gw = gateway_before(slow_path_among_quick_ones, "");
+    let client = client();
+    // Quick requests side by side show that the instance answers pipelined requests; then one
+    // `/slow` shows its path slow.
+    assert_eq!(get(&client, &gw.url("/quick?first")).await.status, 200);
+    let quick = |task, n| format!("/quick?warm-{task}-{n}");
+    get_targets_in_parallel(&gw, 16, 4, quick).await;
+    assert_eq!(get(&client, &gw.url("/slow?first")).await.status, 200);
+    // Rounds of one `/slow` and eight quick requests sent together: without the pause, the
+    // quick ones that reach a line just after the `/slow` one queue behind it.
+    let url = |target: String| gw.url(&target);
+    for round in 0..10 {
+        let slow = format!("/slow?{round}");
+        let quick = (0..8).map(|n| format!("/quick?{round}-{n}"));
+        let sent = std::iter::once(slow).chain(quick).map(|target| {
+            let (client, url) = (client.clone(), url(target.clone()));
+            async move { (target, get(&client, &url).await) }
+        });
+        for (target, reply) in futures_util::future::join_all(sent).await {
+            assert_eq!(String::from_utf8_lossy(&reply.body), target);
+        }
+    }
+    assert_eq!(BEHIND_SLOW.load(Ordering::Relaxed), 0);
 }

@@ -27,7 +27,7 @@ use super::headers::{
     client_request_id, cookie_value, requested_upgrade, restore_upgrade, strip_hop_by_hop, values,
     websocket_upgrade, ForwardedFields, X_REQUEST_ID,
 };
-use super::pipeline::{AnswerWait, Broken, LineHold, Lines};
+use super::pipeline::{AnswerWait, Broken, LineHold, Lines, PathSlot};
 use super::record::{RequestRecord, Served};
 use super::retry::{next_attempt, FailureKind, NextAttempt};
 use super::router::{host_without_port, match_route};
@@ -645,7 +645,10 @@ async fn send(
     }
     if let Some(lines) = &instance.pool.lines {
         if checkout.pipelinable && !checkout.fresh && lines.taken() {
-            return send_pipelined(instance, lines, head, timeout, checkout.now).await;
+            let path = PathSlot::of(head.parts.uri.path());
+            if lines.path_pipelined(path, checkout.now) {
+                return send_pipelined(instance, lines, head, path, timeout, checkout.now).await;
+            }
         }
     }
     let checked_out = instance
@@ -676,6 +679,7 @@ async fn send_pipelined(
     instance: &Instance,
     lines: &Lines,
     head: Outgoing<'_>,
+    path: PathSlot,
     timeout: std::time::Duration,
     started: Instant,
 ) -> Result<Answer, Attempt> {
@@ -712,6 +716,7 @@ async fn send_pipelined(
         Ok(answer) => {
             let came = observe_latency(instance, started, answer.head.status);
             lines.record_pace(pace, came);
+            lines.record_path(path, pace, started, came);
             lines.answered(&line, answer.framing.keep_alive);
             Ok(Answer::Http1(conn, Some(line), answer))
         }

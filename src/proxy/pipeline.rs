@@ -29,7 +29,7 @@
 //! it elsewhere, so that a large answer, or its slow reader, holds up no one.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -83,6 +83,19 @@ pub const PACE_LIMIT: Duration = Duration::from_micros(500);
 /// behind another anyway, alone, so that its answer measures the instance again.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Paths are told apart for their pace by a hash into this many slots (two paths sharing one
+/// only pipeline less).
+const PATH_SLOTS: usize = 256;
+
+/// A path whose answers take this long on average is not pipelined to for [`SLOW_PATH_PAUSE`],
+/// so that no request queues behind it: an instance's slow endpoint among quick ones. Set well
+/// above [`PACE_LIMIT`], as a path's first request on a line counts its whole wait, connection
+/// and queueing included.
+pub const SLOW_PATH: Duration = Duration::from_millis(2);
+
+/// How long a slow path ([`SLOW_PATH`]) goes unpipelined before it is measured afresh.
+pub const SLOW_PATH_PAUSE: Duration = Duration::from_secs(5);
+
 /// Until an instance has answered a request queued behind another, the most time such an
 /// answer may take to start once its turn came. A server that reads pipelined requests and
 /// drops all but the first would otherwise hold each queued request for the whole response
@@ -107,6 +120,29 @@ pub struct Lines {
     /// When a request may next queue to measure a slow instance: [`PROBE_INTERVAL`] after the
     /// last answer that found it slow, or after the last probe.
     probe_at: Mutex<Instant>,
+    /// The pace of each slot of paths ([`PathSlot`]).
+    paths: Box<[PathPace]>,
+    /// What [`PathPace::paused_until_ms`] counts from.
+    epoch: Instant,
+}
+
+/// Where a request's path falls among [`PATH_SLOTS`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PathSlot(usize);
+
+impl PathSlot {
+    pub fn of(path: &str) -> PathSlot {
+        PathSlot((crate::balance::hash_bytes(path.as_bytes()) % PATH_SLOTS as u64) as usize)
+    }
+}
+
+/// The answers of one slot of paths.
+#[derive(Default)]
+struct PathPace {
+    /// An average of their time in microseconds ([`next_path_pace`]).
+    pace_us: AtomicU32,
+    /// Until when, in milliseconds from [`Lines::epoch`], its requests are not pipelined.
+    paused_until_ms: AtomicU64,
 }
 
 /// What one answer tells of its instance's pace, taken when the request's turn comes.
@@ -126,6 +162,13 @@ pub enum PaceSample {
 /// that one long pause (the instance descheduled) does not stop pipelining to a fast instance.
 pub fn next_pace(pace_us: u32, sample_us: u32) -> u32 {
     pace_us - pace_us / 8 + sample_us / 8
+}
+
+/// A path's pace after an answer took `sample_us` ([`next_pace`]); `None` once that is past
+/// [`SLOW_PATH`]: the path is then paused, and measured afresh from 0 after.
+pub fn next_path_pace(pace_us: u32, sample_us: u32) -> Option<u32> {
+    let pace = next_pace(pace_us, sample_us);
+    (pace < SLOW_PATH.as_micros() as u32).then_some(pace)
 }
 
 /// What an instance showed of how it takes pipelined requests.
@@ -264,6 +307,8 @@ impl Lines {
             verdict: Arc::default(),
             pace: AtomicU32::new(0),
             probe_at: Mutex::new(Instant::now()),
+            paths: (0..PATH_SLOTS).map(|_| PathPace::default()).collect(),
+            epoch: Instant::now(),
         }
     }
 
@@ -355,6 +400,38 @@ impl Lines {
         if pace >= PACE_LIMIT.as_micros() as u32 {
             *self.probe_at.lock().expect("probe lock") = now + PROBE_INTERVAL;
         }
+    }
+
+    /// Whether requests for `path` may be pipelined at `now`: not while it is paused as slow.
+    pub fn path_pipelined(&self, path: PathSlot, now: Instant) -> bool {
+        let paused_until = self.paths[path.0].paused_until_ms.load(Ordering::Relaxed);
+        paused_until == 0 || self.ms_since_epoch(now) >= paused_until
+    }
+
+    /// Takes the time an answer for `path` took into its pace: from its turn when it queued
+    /// behind another (0 when it was there by then), else from `started`, when it was queued.
+    /// `came` is when the head came.
+    pub fn record_path(&self, path: PathSlot, sample: PaceSample, started: Instant, came: Instant) {
+        let since = match sample {
+            PaceSample::First => started,
+            PaceSample::Ready => came,
+            PaceSample::From(turn) => turn,
+        };
+        let took = came.saturating_duration_since(since).as_micros();
+        let slot = &self.paths[path.0];
+        let pace = slot.pace_us.load(Ordering::Relaxed);
+        match next_path_pace(pace, u32::try_from(took).unwrap_or(u32::MAX)) {
+            Some(pace) => slot.pace_us.store(pace, Ordering::Relaxed),
+            None => {
+                slot.pace_us.store(0, Ordering::Relaxed);
+                let until = self.ms_since_epoch(came) + SLOW_PATH_PAUSE.as_millis() as u64;
+                slot.paused_until_ms.store(until.max(1), Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn ms_since_epoch(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// When the answer of a request whose turn came with `sample` must have started: [`PROOF_WAIT`]
@@ -552,14 +629,20 @@ impl Line {
             drop(reader);
             return self.break_off(Broken::Lost);
         }
-        if !self.verdict.pipelined.load(Ordering::Relaxed) && self.all_written_answered(&state) {
-            if state.last_write > 1 {
-                self.verdict.pipelined.store(true, Ordering::Relaxed);
-            }
-            // The writer held back the requests queued meanwhile.
-            if !state.pending.is_empty() && !std::mem::replace(&mut state.write_asked, true) {
-                self.wake_writer.notify_one();
-            }
+        let mut pipelined = self.verdict.pipelined.load(Ordering::Relaxed);
+        if !pipelined && self.all_written_answered(&state) && state.last_write > 1 {
+            self.verdict.pipelined.store(true, Ordering::Relaxed);
+            pipelined = true;
+        }
+        // Requests queued but not asked to be written were held back ([`Line::take_pending`]):
+        // they go now, once the instance proved itself (on this line or another) or every
+        // request written before them was answered.
+        if !state.pending.is_empty()
+            && !state.write_asked
+            && (pipelined || self.all_written_answered(&state))
+        {
+            state.write_asked = true;
+            self.wake_writer.notify_one();
         }
         let Some(turn) = state.turns.pop_front() else {
             if reader.has_buffered() {
@@ -920,6 +1003,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn requests_held_back_go_when_another_line_proved_the_instance() {
+        let (lines, connector, listener) = lines();
+        let (reader, first) = first_in_line(&lines, &connector).await;
+        lines.answered(&first, true);
+        let (mut instance, _) = listener.accept().await.unwrap();
+        heads_read(&mut instance, 1).await;
+        let held = lines.enqueue(&connector, no_idle, Instant::now(), false, get);
+        tokio::task::yield_now().await;
+        lines.verdict.pipelined.store(true, Ordering::Relaxed);
+        first.hand_on(reader, true);
+        let written = tokio::time::timeout(Duration::from_secs(5), heads_read(&mut instance, 1));
+        assert!(written.await.is_ok());
+        drop(held);
+    }
+
+    #[tokio::test]
     async fn until_a_write_of_several_requests_was_answered_no_write_follows_an_unanswered_one() {
         use tokio::io::AsyncReadExt;
         let (lines, connector, listener) = lines();
@@ -1217,6 +1316,38 @@ mod tests {
         assert_eq!(next_pace(0, 800), 100);
         assert_eq!(next_pace(800, 800), 800);
         assert_eq!(next_pace(800, 0), 700);
+    }
+
+    #[tokio::test]
+    async fn a_path_averaging_past_the_slow_limit_is_paused_then_measured_afresh() {
+        assert_eq!(next_path_pace(0, 8_000), Some(1_000));
+        // One answer of 16 ms, or a few of 5 ms, make a path slow; 1 ms ones never do.
+        assert_eq!(next_path_pace(0, 16_000), None);
+        let paced = |samples: &[u32]| {
+            samples
+                .iter()
+                .try_fold(0, |pace, &sample| next_path_pace(pace, sample))
+        };
+        assert_eq!(paced(&[5_000; 3]), Some(1_651));
+        assert_eq!(paced(&[5_000; 4]), None);
+        assert!(paced(&[1_000; 100]).is_some());
+
+        let (lines, _, _) = lines();
+        let (slow, quick) = (PathSlot::of("/report"), PathSlot::of("/"));
+        assert_ne!(slow, quick);
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // Counted from the queueing for the first on its line, from the turn behind another.
+        lines.record_path(slow, PaceSample::First, at(0), at(10));
+        lines.record_path(quick, PaceSample::From(at(0)), at(0), at(1));
+        assert!(lines.path_pipelined(slow, at(10)));
+        lines.record_path(slow, PaceSample::From(at(10)), at(0), at(60));
+        lines.record_path(quick, PaceSample::Ready, at(0), at(60));
+        assert!(!lines.path_pipelined(slow, at(61)));
+        assert!(lines.path_pipelined(quick, at(61)));
+        let resumes = 60 + SLOW_PATH_PAUSE.as_millis() as u64;
+        assert!(!lines.path_pipelined(slow, at(resumes - 5)));
+        assert!(lines.path_pipelined(slow, at(resumes + 5)));
     }
 
     #[test]
