@@ -403,23 +403,37 @@ async fn backup_serves_only_when_every_primary_is_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_an_instance_under_load_fails_no_idempotent_request() {
-    let a = demo_backend(&["--latency-ms", "5"]);
-    let mut b = demo_backend(&["--latency-ms", "5"]);
-    let c = demo_backend(&["--latency-ms", "5"]);
+    kill_one_of_three_under_load(8, 60, "5").await;
+}
+
+/// About 40 requests in flight on the instance killed: each is owed a retry at once (the retry
+/// budget used to save too little for more than 30).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_an_instance_with_many_requests_in_flight_fails_none_of_them() {
+    kill_one_of_three_under_load(120, 3, "200").await;
+}
+
+/// `tasks` clients each sending `each` GETs in turn to three instances answering after
+/// `latency_ms`; one instance is killed once each client had its first answer. No request
+/// fails.
+async fn kill_one_of_three_under_load(tasks: u64, each: u64, latency_ms: &str) {
+    let a = demo_backend(&["--latency-ms", latency_ms]);
+    let mut b = demo_backend(&["--latency-ms", latency_ms]);
+    let c = demo_backend(&["--latency-ms", latency_ms]);
     let gw = gateway(&app_config(&[&a, &b, &c], "strategy = \"least_conn\""));
     let client = client();
     let failures = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
+    let mut running = Vec::new();
+    for _ in 0..tasks {
         let (client, url, failures, done) = (
             client.clone(),
             gw.url("/work"),
             failures.clone(),
             done.clone(),
         );
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..60 {
+        running.push(tokio::spawn(async move {
+            for _ in 0..each {
                 match request(&client, "GET", &url, &[], "").await {
                     Ok(reply) if reply.status == 200 => {}
                     other => {
@@ -431,15 +445,15 @@ async fn killing_an_instance_under_load_fails_no_idempotent_request() {
             }
         }));
     }
-    while done.load(Ordering::Relaxed) < 120 {
+    while done.load(Ordering::Relaxed) < tasks.max(120) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     b.child.kill().unwrap();
     b.child.wait().unwrap();
-    for task in tasks {
+    for task in running {
         task.await.unwrap();
     }
-    assert_eq!(done.load(Ordering::Relaxed), 480);
+    assert_eq!(done.load(Ordering::Relaxed), tasks * each);
     assert_eq!(failures.load(Ordering::Relaxed), 0);
 }
 

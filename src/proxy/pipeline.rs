@@ -87,10 +87,13 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// only pipeline less).
 const PATH_SLOTS: usize = 256;
 
-/// A path whose answers take this long on average is not pipelined to for [`SLOW_PATH_PAUSE`],
-/// so that no request queues behind it: an instance's slow endpoint among quick ones. Set well
-/// above [`PACE_LIMIT`], as a path's first request on a line counts its whole wait, connection
-/// and queueing included.
+/// A path whose answers take this long on average, and over twice as long as the instance's
+/// answers for every path together, is not pipelined to for [`SLOW_PATH_PAUSE`], so that no
+/// request queues behind it: an instance's slow endpoint among quick ones. Set well above
+/// [`PACE_LIMIT`], as a path's first request on a line counts its whole wait, connection and
+/// queueing included; and relative to the other paths, so that a stall of the gateway or the
+/// instance, which slows every path at once, pauses none (nor the one path of an instance
+/// that serves one).
 pub const SLOW_PATH: Duration = Duration::from_millis(2);
 
 /// How long a slow path ([`SLOW_PATH`]) goes unpipelined before it is measured afresh.
@@ -120,8 +123,9 @@ pub struct Lines {
     /// When a request may next queue to measure a slow instance: [`PROBE_INTERVAL`] after the
     /// last answer that found it slow, or after the last probe.
     probe_at: Mutex<Instant>,
-    /// The pace of each slot of paths ([`PathSlot`]).
+    /// The pace of each slot of paths ([`PathSlot`]), and of every path together.
     paths: Box<[PathPace]>,
+    all_paths: AtomicU32,
     /// What [`PathPace::paused_until_ms`] counts from.
     epoch: Instant,
 }
@@ -164,11 +168,13 @@ pub fn next_pace(pace_us: u32, sample_us: u32) -> u32 {
     pace_us - pace_us / 8 + sample_us / 8
 }
 
-/// A path's pace after an answer took `sample_us` ([`next_pace`]); `None` once that is past
-/// [`SLOW_PATH`]: the path is then paused, and measured afresh from 0 after.
-pub fn next_path_pace(pace_us: u32, sample_us: u32) -> Option<u32> {
+/// A path's pace after an answer took `sample_us` ([`next_pace`]), `all_us` being the pace of
+/// every path together with that answer; `None` once the path is slow ([`SLOW_PATH`]): it is
+/// then paused, and measured afresh from 0 after.
+pub fn next_path_pace(pace_us: u32, sample_us: u32, all_us: u32) -> Option<u32> {
     let pace = next_pace(pace_us, sample_us);
-    (pace < SLOW_PATH.as_micros() as u32).then_some(pace)
+    let slow = pace >= SLOW_PATH.as_micros() as u32 && pace / 2 > all_us;
+    (!slow).then_some(pace)
 }
 
 /// What an instance showed of how it takes pipelined requests.
@@ -308,6 +314,7 @@ impl Lines {
             pace: AtomicU32::new(0),
             probe_at: Mutex::new(Instant::now()),
             paths: (0..PATH_SLOTS).map(|_| PathPace::default()).collect(),
+            all_paths: AtomicU32::new(0),
             epoch: Instant::now(),
         }
     }
@@ -417,10 +424,13 @@ impl Lines {
             PaceSample::Ready => came,
             PaceSample::From(turn) => turn,
         };
-        let took = came.saturating_duration_since(since).as_micros();
+        let took = u32::try_from(came.saturating_duration_since(since).as_micros());
+        let took = took.unwrap_or(u32::MAX);
+        let all = next_pace(self.all_paths.load(Ordering::Relaxed), took);
+        self.all_paths.store(all, Ordering::Relaxed);
         let slot = &self.paths[path.0];
         let pace = slot.pace_us.load(Ordering::Relaxed);
-        match next_path_pace(pace, u32::try_from(took).unwrap_or(u32::MAX)) {
+        match next_path_pace(pace, took, all) {
             Some(pace) => slot.pace_us.store(pace, Ordering::Relaxed),
             None => {
                 slot.pace_us.store(0, Ordering::Relaxed);
@@ -1002,6 +1012,12 @@ mod tests {
         (lines, connector, listener, reader, first)
     }
 
+    /// When `first`, on its line, was queued: requests queued at that instant join its line
+    /// however long the test took since (see [`FLOWING_WAIT`]).
+    fn queued_at(first: &LineHold) -> Instant {
+        first.line.state.lock().unwrap().front_since
+    }
+
     #[tokio::test]
     async fn requests_held_back_go_when_another_line_proved_the_instance() {
         let (lines, connector, listener) = lines();
@@ -1009,7 +1025,7 @@ mod tests {
         lines.answered(&first, true);
         let (mut instance, _) = listener.accept().await.unwrap();
         heads_read(&mut instance, 1).await;
-        let held = lines.enqueue(&connector, no_idle, Instant::now(), false, get);
+        let held = lines.enqueue(&connector, no_idle, queued_at(&first), false, get);
         tokio::task::yield_now().await;
         lines.verdict.pipelined.store(true, Ordering::Relaxed);
         first.hand_on(reader, true);
@@ -1027,7 +1043,7 @@ mod tests {
         let (mut instance, _) = listener.accept().await.unwrap();
         heads_read(&mut instance, 1).await;
         let queued =
-            [(); 2].map(|()| lines.enqueue(&connector, no_idle, Instant::now(), false, get));
+            [(); 2].map(|()| lines.enqueue(&connector, no_idle, queued_at(&first), false, get));
         // Held back while the first is unanswered.
         let mut byte = [0u8; 1];
         let early = tokio::time::timeout(Duration::from_millis(50), instance.read(&mut byte));
@@ -1045,7 +1061,7 @@ mod tests {
         // Both requests of that write answered: from then on writes follow one another.
         assert_eq!(answered, [false, true]);
         let (reader, first) = first_in_line(&lines, &connector).await;
-        let second = lines.enqueue(&connector, no_idle, Instant::now(), false, get);
+        let second = lines.enqueue(&connector, no_idle, queued_at(&first), false, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         heads_read(&mut instance, 2).await;
         drop((reader, first, second));
@@ -1093,7 +1109,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_given_up_breaks_its_line_and_the_read_side_goes_in_order() {
         let (lines, connector, _listener, reader, first) = proven().await;
-        let now = Instant::now();
+        let now = queued_at(&first);
         let second = lines.enqueue(&connector, no_idle, now, false, get);
         let third = lines.enqueue(&connector, no_idle, now, false, get);
         first.hand_on(reader, true);
@@ -1116,7 +1132,7 @@ mod tests {
     /// instance's side of the connection.
     async fn three_in_line() -> (Lines, TcpStream, [Ticket; 2], Box<InstanceConn>, LineHold) {
         let (lines, connector, listener, mut reader, first) = proven().await;
-        let now = Instant::now();
+        let now = queued_at(&first);
         let queued = [(); 2].map(|()| lines.enqueue(&connector, no_idle, now, false, get));
         let (mut instance, _) = listener.accept().await.unwrap();
         instance.write_all(OK).await.unwrap();
@@ -1205,7 +1221,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_given_up_before_it_was_written_is_never_sent() {
         let (lines, connector, listener, _reader, first) = proven().await;
-        let now = Instant::now();
+        let now = queued_at(&first);
         let target = |n: u8| {
             move |out: &mut Vec<u8>| {
                 out.extend_from_slice(b"GET /");
@@ -1233,7 +1249,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_given_the_read_side_and_up_before_it_was_written_passes_it_on() {
         let (lines, connector, _listener, reader, first) = proven().await;
-        let now = Instant::now();
+        let now = queued_at(&first);
         first.hand_on(reader, true);
         let second = lines.enqueue(&connector, no_idle, now, false, get);
         let third = lines.enqueue(&connector, no_idle, now, false, get);
@@ -1246,7 +1262,7 @@ mod tests {
     async fn a_line_that_breaks_lets_go_of_its_abandoned_requests() {
         let (lines, connector, listener, _reader, first) = proven().await;
         let line = first.line.clone();
-        let second = lines.enqueue(&connector, no_idle, Instant::now(), false, get);
+        let second = lines.enqueue(&connector, no_idle, queued_at(&first), false, get);
         // Written (the instance has read it), then given up: abandoned.
         let (mut instance, _) = listener.accept().await.unwrap();
         heads_read(&mut instance, 2).await;
@@ -1280,7 +1296,7 @@ mod tests {
     #[tokio::test]
     async fn requests_queue_behind_a_slow_instance_only_to_measure_it_again() {
         let (lines, connector, _listener, reader, first) = proven().await;
-        let now = Instant::now();
+        let now = queued_at(&first);
         let second = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         // The first on a line, or an answer there at its turn, tells no slowness.
@@ -1320,29 +1336,45 @@ mod tests {
 
     #[tokio::test]
     async fn a_path_averaging_past_the_slow_limit_is_paused_then_measured_afresh() {
-        assert_eq!(next_path_pace(0, 8_000), Some(1_000));
-        // One answer of 16 ms, or a few of 5 ms, make a path slow; 1 ms ones never do.
-        assert_eq!(next_path_pace(0, 16_000), None);
+        // Beside quick paths, one answer of 16 ms, or a few of 5 ms, make a path slow; answers
+        // of 1 ms never do.
+        assert_eq!(next_path_pace(0, 8_000, 100), Some(1_000));
+        assert_eq!(next_path_pace(0, 16_000, 100), None);
         let paced = |samples: &[u32]| {
             samples
                 .iter()
-                .try_fold(0, |pace, &sample| next_path_pace(pace, sample))
+                .try_fold(0, |pace, &sample| next_path_pace(pace, sample, 100))
         };
         assert_eq!(paced(&[5_000; 3]), Some(1_651));
         assert_eq!(paced(&[5_000; 4]), None);
         assert!(paced(&[1_000; 100]).is_some());
+        // Every path as slow at once (a stall, or the one path of an instance): no pause.
+        assert_eq!(next_path_pace(0, 16_000, 2_000), Some(2_000));
+        let alone = (0..100).try_fold(0, |pace, _| {
+            next_path_pace(pace, 50_000, next_pace(pace, 50_000))
+        });
+        assert!(alone.is_some());
 
         let (lines, _, _) = lines();
         let (slow, quick) = (PathSlot::of("/report"), PathSlot::of("/"));
         assert_ne!(slow, quick);
         let start = Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
-        // Counted from the queueing for the first on its line, from the turn behind another.
-        lines.record_path(slow, PaceSample::First, at(0), at(10));
-        lines.record_path(quick, PaceSample::From(at(0)), at(0), at(1));
-        assert!(lines.path_pipelined(slow, at(10)));
+        let quick_answers = |ms| {
+            for _ in 0..40 {
+                lines.record_path(quick, PaceSample::Ready, at(ms), at(ms));
+            }
+        };
+        // Counted from the queueing for the first on its line, from the turn behind another:
+        // three answers of 50 ms among quick ones make the path slow.
+        quick_answers(0);
+        lines.record_path(slow, PaceSample::First, at(0), at(50));
+        quick_answers(50);
+        lines.record_path(slow, PaceSample::From(at(50)), at(0), at(100));
+        quick_answers(100);
+        assert!(lines.path_pipelined(slow, at(100)));
         lines.record_path(slow, PaceSample::From(at(10)), at(0), at(60));
-        lines.record_path(quick, PaceSample::Ready, at(0), at(60));
+        lines.record_path(quick, PaceSample::From(at(60)), at(0), at(61));
         assert!(!lines.path_pipelined(slow, at(61)));
         assert!(lines.path_pipelined(quick, at(61)));
         let resumes = 60 + SLOW_PATH_PAUSE.as_millis() as u64;

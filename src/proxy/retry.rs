@@ -12,8 +12,10 @@ const UNIT: i64 = 1000;
 /// Retries allowed each second beyond those the traffic earned.
 const FLOOR_PER_SECOND: u64 = 10;
 /// Savings are capped at this many requests' deposits, so a long calm period cannot fund a
-/// long storm.
-const SAVED_REQUESTS: i64 = 100;
+/// long storm; yet enough for a burst: every request in flight on an instance that dies
+/// fails at once, and each is owed its retry (at 100 requests' worth, a killed instance with
+/// more than 30 in flight turned the rest into 502s).
+const SAVED_REQUESTS: i64 = 10_000;
 
 /// How an attempt on one instance failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,8 +259,8 @@ mod tests {
             budget.deposit();
         }
         let now = Instant::now();
-        let allowed = (0..1000).filter(|_| budget.try_withdraw(now)).count();
-        assert_eq!(allowed, 20 + 10);
+        let allowed = (0..10_000).filter(|_| budget.try_withdraw(now)).count();
+        assert_eq!(allowed, 2_000 + 10);
     }
 
     #[test]
