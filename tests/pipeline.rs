@@ -525,16 +525,19 @@ fn slow_path_among_quick_ones(stream: TcpStream, _: usize) {
     }
 }
 
+/// The gateway's count of slow answers in a row that pause a path.
+const SLOW_ANSWERS: usize = 4;
+
 /// A slow path among quick ones is not pipelined to once it showed itself slow, so the quick
 /// requests do not queue behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quick_requests_do_not_queue_behind_a_path_known_slow() {
     let gw = gateway_before(slow_path_among_quick_ones, "");
     let client = client();
-    // Quick requests side by side show that the instance answers pipelined requests; then a
-    // few `/slow` ones among them show their path slow.
+    // Quick requests side by side show that the instance answers pipelined requests; then
+    // `/slow` ones among them show their path slow (four in a row, the gateway's limit).
     assert_eq!(get(&client, &gw.url("/quick?first")).await.status, 200);
-    for _ in 0..3 {
+    for _ in 0..SLOW_ANSWERS {
         let quick = |task, n| format!("/quick?warm-{task}-{n}");
         get_targets_in_parallel(&gw, 16, 4, quick).await;
         assert_eq!(get(&client, &gw.url("/slow?warm")).await.status, 200);

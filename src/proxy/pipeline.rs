@@ -87,14 +87,17 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// only pipeline less).
 const PATH_SLOTS: usize = 256;
 
-/// A path whose answers take this long on average, and over twice as long as the instance's
-/// answers for every path together, is not pipelined to for [`SLOW_PATH_PAUSE`], so that no
-/// request queues behind it: an instance's slow endpoint among quick ones. Set well above
-/// [`PACE_LIMIT`], as a path's first request on a line counts its whole wait, connection and
-/// queueing included; and relative to the other paths, so that a stall of the gateway or the
-/// instance, which slows every path at once, pauses none (nor the one path of an instance
-/// that serves one).
+/// A path whose answers take this long, and over four times the instance's pace for every path
+/// together, [`SLOW_ANSWERS`] times in a row, is not pipelined to for [`SLOW_PATH_PAUSE`], so
+/// that no request queues behind it: an instance's slow endpoint among quick ones. Set well
+/// above [`PACE_LIMIT`], as a path's first request on a line counts its whole wait, connection
+/// and queueing included; and relative to every path's answers as they come, so that a stall
+/// of the gateway or the instance, or queueing under load, which slows every path at once,
+/// pauses none: the common pace catches up within a few answers, whichever paths they are for.
 pub const SLOW_PATH: Duration = Duration::from_millis(2);
+
+/// Slow answers in a row that pause a path ([`SLOW_PATH`]); after a pause, one does.
+pub const SLOW_ANSWERS: u32 = 4;
 
 /// How long a slow path ([`SLOW_PATH`]) goes unpipelined before it is measured afresh.
 pub const SLOW_PATH_PAUSE: Duration = Duration::from_secs(5);
@@ -123,7 +126,8 @@ pub struct Lines {
     /// When a request may next queue to measure a slow instance: [`PROBE_INTERVAL`] after the
     /// last answer that found it slow, or after the last probe.
     probe_at: Mutex<Instant>,
-    /// The pace of each slot of paths ([`PathSlot`]), and of every path together.
+    /// The slow answers of each slot of paths ([`PathSlot`]), and the pace of every path
+    /// together ([`next_pace`]).
     paths: Box<[PathPace]>,
     all_paths: AtomicU32,
     /// What [`PathPace::paused_until_ms`] counts from.
@@ -143,8 +147,8 @@ impl PathSlot {
 /// The answers of one slot of paths.
 #[derive(Default)]
 struct PathPace {
-    /// An average of their time in microseconds ([`next_path_pace`]).
-    pace_us: AtomicU32,
+    /// Its slow answers in a row ([`next_slow_answers`]).
+    slow_answers: AtomicU32,
     /// Until when, in milliseconds from [`Lines::epoch`], its requests are not pipelined.
     paused_until_ms: AtomicU64,
 }
@@ -168,13 +172,14 @@ pub fn next_pace(pace_us: u32, sample_us: u32) -> u32 {
     pace_us - pace_us / 8 + sample_us / 8
 }
 
-/// A path's pace after an answer took `sample_us` ([`next_pace`]), `all_us` being the pace of
-/// every path together with that answer; `None` once the path is slow ([`SLOW_PATH`]): it is
-/// then paused, and measured afresh from 0 after.
-pub fn next_path_pace(pace_us: u32, sample_us: u32, all_us: u32) -> Option<u32> {
-    let pace = next_pace(pace_us, sample_us);
-    let slow = pace >= SLOW_PATH.as_micros() as u32 && pace / 2 > all_us;
-    (!slow).then_some(pace)
+/// A path's slow answers in a row after `slow` of them and an answer that took `sample_us`,
+/// `all_us` being the pace of every path together with that answer; `None` once they reach
+/// [`SLOW_ANSWERS`]: the path is then paused.
+pub fn next_slow_answers(slow: u32, sample_us: u32, all_us: u32) -> Option<u32> {
+    if sample_us < SLOW_PATH.as_micros() as u32 || sample_us / 4 <= all_us {
+        return Some(0);
+    }
+    (slow + 1 < SLOW_ANSWERS).then_some(slow + 1)
 }
 
 /// What an instance showed of how it takes pipelined requests.
@@ -415,9 +420,9 @@ impl Lines {
         paused_until == 0 || self.ms_since_epoch(now) >= paused_until
     }
 
-    /// Takes the time an answer for `path` took into its pace: from its turn when it queued
-    /// behind another (0 when it was there by then), else from `started`, when it was queued.
-    /// `came` is when the head came.
+    /// Takes the time an answer for `path` took into the count of its slow answers: from its
+    /// turn when it queued behind another (0 when it was there by then), else from `started`,
+    /// when it was queued. `came` is when the head came.
     pub fn record_path(&self, path: PathSlot, sample: PaceSample, started: Instant, came: Instant) {
         let since = match sample {
             PaceSample::First => started,
@@ -429,11 +434,12 @@ impl Lines {
         let all = next_pace(self.all_paths.load(Ordering::Relaxed), took);
         self.all_paths.store(all, Ordering::Relaxed);
         let slot = &self.paths[path.0];
-        let pace = slot.pace_us.load(Ordering::Relaxed);
-        match next_path_pace(pace, took, all) {
-            Some(pace) => slot.pace_us.store(pace, Ordering::Relaxed),
+        let slow = slot.slow_answers.load(Ordering::Relaxed);
+        match next_slow_answers(slow, took, all) {
+            Some(slow) => slot.slow_answers.store(slow, Ordering::Relaxed),
             None => {
-                slot.pace_us.store(0, Ordering::Relaxed);
+                // One slow answer after the pause pauses it again.
+                slot.slow_answers.store(SLOW_ANSWERS - 1, Ordering::Relaxed);
                 let until = self.ms_since_epoch(came) + SLOW_PATH_PAUSE.as_millis() as u64;
                 slot.paused_until_ms.store(until.max(1), Ordering::Relaxed);
             }
@@ -1335,25 +1341,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_path_averaging_past_the_slow_limit_is_paused_then_measured_afresh() {
-        // Beside quick paths, one answer of 16 ms, or a few of 5 ms, make a path slow; answers
-        // of 1 ms never do.
-        assert_eq!(next_path_pace(0, 8_000, 100), Some(1_000));
-        assert_eq!(next_path_pace(0, 16_000, 100), None);
-        let paced = |samples: &[u32]| {
+    async fn a_path_slow_four_times_in_a_row_beside_the_others_is_paused_for_a_while() {
+        // Beside quick paths (all paths together at 100 µs), answers of 2 ms or more count;
+        // four in a row pause the path; a quick one starts the count again.
+        let count = |samples: &[u32]| {
             samples
                 .iter()
-                .try_fold(0, |pace, &sample| next_path_pace(pace, sample, 100))
+                .try_fold(0, |slow, &sample| next_slow_answers(slow, sample, 100))
         };
-        assert_eq!(paced(&[5_000; 3]), Some(1_651));
-        assert_eq!(paced(&[5_000; 4]), None);
-        assert!(paced(&[1_000; 100]).is_some());
-        // Every path as slow at once (a stall, or the one path of an instance): no pause.
-        assert_eq!(next_path_pace(0, 16_000, 2_000), Some(2_000));
-        let alone = (0..100).try_fold(0, |pace, _| {
-            next_path_pace(pace, 50_000, next_pace(pace, 50_000))
+        assert_eq!(count(&[50_000; 3]), Some(3));
+        assert_eq!(count(&[50_000; 4]), None);
+        assert_eq!(count(&[2_000; 4]), None);
+        assert_eq!(count(&[1_900; 4]), Some(0));
+        assert_eq!(count(&[50_000, 50_000, 50_000, 100, 50_000]), Some(1));
+        // Every path slow at once (a stall, queueing, or the one path of an instance): the
+        // common pace catches up before four in a row.
+        let mut all = 100;
+        let stalled = (0..100).try_fold(0, |slow, _| {
+            all = next_pace(all, 20_000);
+            next_slow_answers(slow, 20_000, all)
         });
-        assert!(alone.is_some());
+        assert_eq!(stalled, Some(0));
 
         let (lines, _, _) = lines();
         let (slow, quick) = (PathSlot::of("/report"), PathSlot::of("/"));
@@ -1366,20 +1374,30 @@ mod tests {
             }
         };
         // Counted from the queueing for the first on its line, from the turn behind another:
-        // three answers of 50 ms among quick ones make the path slow.
-        quick_answers(0);
-        lines.record_path(slow, PaceSample::First, at(0), at(50));
-        quick_answers(50);
-        lines.record_path(slow, PaceSample::From(at(50)), at(0), at(100));
-        quick_answers(100);
-        assert!(lines.path_pipelined(slow, at(100)));
-        lines.record_path(slow, PaceSample::From(at(10)), at(0), at(60));
-        lines.record_path(quick, PaceSample::From(at(60)), at(0), at(61));
-        assert!(!lines.path_pipelined(slow, at(61)));
-        assert!(lines.path_pipelined(quick, at(61)));
-        let resumes = 60 + SLOW_PATH_PAUSE.as_millis() as u64;
+        // four answers of 50 ms among quick ones make the path slow.
+        for ms in [0, 50, 100] {
+            quick_answers(ms);
+            lines.record_path(slow, PaceSample::First, at(ms), at(ms + 50));
+        }
+        quick_answers(150);
+        assert!(lines.path_pipelined(slow, at(150)));
+        lines.record_path(slow, PaceSample::From(at(150)), at(100), at(200));
+        lines.record_path(quick, PaceSample::From(at(200)), at(100), at(201));
+        assert!(!lines.path_pipelined(slow, at(201)));
+        assert!(lines.path_pipelined(quick, at(201)));
+        let resumes = 200 + SLOW_PATH_PAUSE.as_millis() as u64;
         assert!(!lines.path_pipelined(slow, at(resumes - 5)));
         assert!(lines.path_pipelined(slow, at(resumes + 5)));
+        // Once back, one slow answer pauses it again.
+        quick_answers(resumes + 5);
+        let back = at(resumes + 5);
+        lines.record_path(
+            slow,
+            PaceSample::First,
+            back,
+            back + Duration::from_millis(50),
+        );
+        assert!(!lines.path_pipelined(slow, back + Duration::from_millis(51)));
     }
 
     #[test]
