@@ -1024,13 +1024,21 @@ mod tests {
         first.line.state.lock().unwrap().front_since
     }
 
-    #[tokio::test]
-    async fn requests_held_back_go_when_another_line_proved_the_instance() {
+    /// `lines()` with a first request holding the read side, its head read by the instance
+    /// (the other end of the line, returned) and its answer having shown that the instance
+    /// keeps connections open; not yet known to answer pipelined requests.
+    async fn first_written() -> (Lines, Connector, TcpStream, Box<InstanceConn>, LineHold) {
         let (lines, connector, listener) = lines();
         let (reader, first) = first_in_line(&lines, &connector).await;
         lines.answered(&first, true);
         let (mut instance, _) = listener.accept().await.unwrap();
         heads_read(&mut instance, 1).await;
+        (lines, connector, instance, reader, first)
+    }
+
+    #[tokio::test]
+    async fn requests_held_back_go_when_another_line_proved_the_instance() {
+        let (lines, connector, mut instance, reader, first) = first_written().await;
         let held = lines.enqueue(&connector, no_idle, queued_at(&first), false, get);
         tokio::task::yield_now().await;
         lines.verdict.pipelined.store(true, Ordering::Relaxed);
@@ -1043,11 +1051,7 @@ mod tests {
     #[tokio::test]
     async fn until_a_write_of_several_requests_was_answered_no_write_follows_an_unanswered_one() {
         use tokio::io::AsyncReadExt;
-        let (lines, connector, listener) = lines();
-        let (reader, first) = first_in_line(&lines, &connector).await;
-        lines.answered(&first, true);
-        let (mut instance, _) = listener.accept().await.unwrap();
-        heads_read(&mut instance, 1).await;
+        let (lines, connector, mut instance, reader, first) = first_written().await;
         let queued =
             [(); 2].map(|()| lines.enqueue(&connector, no_idle, queued_at(&first), false, get));
         // Held back while the first is unanswered.
