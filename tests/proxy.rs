@@ -407,8 +407,8 @@ async fn killing_an_instance_under_load_fails_no_idempotent_request() {
 }
 
 /// About 40 requests in flight on the instance killed, each owed another attempt at once. (The
-/// retry budget's savings cap, which used to allow about 30, is checked by its unit test: here
-/// lines sent again after a break do not spend the budget, so this passes with the old cap.)
+/// retry budget's savings cap, which used to allow about 30, is checked by its unit test; this
+/// test passes with the old cap as well.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_an_instance_with_many_requests_in_flight_fails_none_of_them() {
     kill_one_of_three_under_load(120, 3, "200").await;
