@@ -644,9 +644,9 @@ async fn send(
         return Box::pin(send_http2(instance, shared, head, body, timeout)).await;
     }
     if let Some(lines) = &instance.pool.lines {
-        if checkout.pipelinable && !checkout.fresh && lines.taken() {
+        if checkout.pipelinable && !checkout.fresh {
             let path = PathSlot::of(head.parts.uri.path());
-            if lines.path_pipelined(path, checkout.now) {
+            if lines.pipelines(path, checkout.now) {
                 return send_pipelined(instance, lines, head, path, timeout, checkout.now).await;
             }
         }
@@ -715,8 +715,7 @@ async fn send_pipelined(
     match answer {
         Ok(answer) => {
             let came = observe_latency(instance, started, answer.head.status);
-            lines.record_pace(pace, came);
-            lines.record_path(path, pace, started, came);
+            lines.record_answer(path, pace, started, came);
             lines.answered(&line, answer.framing.keep_alive);
             Ok(Answer::Http1(conn, Some(line), answer))
         }

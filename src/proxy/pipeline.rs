@@ -1,5 +1,5 @@
-//! HTTP/1.1 pipelining to an instance, for upstreams with `pipeline` above 1: body-less
-//! idempotent requests are queued on a shared connection (a "line") and the answers read back
+//! HTTP/1.1 pipelining to an instance, for upstreams with `pipeline` above 1 (the default for
+//! plain HTTP/1.1 instances): body-less idempotent requests are queued on a shared connection (a "line") and the answers read back
 //! in the order the requests went out (RFC 9112 §9.3.2).
 //!
 //! Why: on loopback most of a proxied request's cost is the kernel's work per TCP segment, and
@@ -24,9 +24,13 @@
 //! off; a misframed answer would shift every answer queued behind it). Instances answer a
 //! connection's requests one after another, so a slow one is better served by connections of
 //! its own: a request does not queue behind one that has waited [`FLOWING_WAIT`] already, nor
-//! at all while the instance's pace (its time per answer on a line) is past [`PACE_LIMIT`].
-//! And an answer whose body does not come whole with its head sends the requests queued behind
-//! it elsewhere, so that a large answer, or its slow reader, holds up no one.
+//! at all while the instance's pace (its time per answer on a line) is past [`PACE_LIMIT`];
+//! nor are requests for a path that answered slowly among quick ones ([`SLOW_PATH`]). And an
+//! answer whose body does not come whole with its head sends the requests queued behind it
+//! elsewhere, so that a large answer, or its slow reader, holds up no one. Until the instance
+//! has answered a whole write of several requests, a line writes no more while one it wrote is
+//! unanswered ([`Verdict::pipelined`]): a server that drops pipelined requests is found out
+//! before it can answer a later request in a dropped one's place.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -83,8 +87,8 @@ pub const PACE_LIMIT: Duration = Duration::from_micros(500);
 /// behind another anyway, alone, so that its answer measures the instance again.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Paths are told apart for their pace by a hash into this many slots (two paths sharing one
-/// only pipeline less).
+/// Paths are told apart for their slowness by a hash into this many slots (two paths sharing
+/// one only pipeline less).
 const PATH_SLOTS: usize = 256;
 
 /// A path whose answers take this long, and over four times the instance's pace for every path
@@ -115,9 +119,6 @@ pub struct Lines {
     /// Requests in flight per line before another line is opened.
     depth: usize,
     idle_timeout: Duration,
-    /// An answer showed the instance keeps connections open: lines may carry more than one
-    /// request from their first.
-    proven: AtomicBool,
     /// What the instance showed of how it takes pipelined requests; shared with its lines.
     verdict: Arc<Verdict>,
     /// The instance's pace in microseconds: an average of the time its answers took after the
@@ -128,9 +129,9 @@ pub struct Lines {
     probe_at: Mutex<Instant>,
     /// The slow answers of each slot of paths ([`PathSlot`]), and the pace of every path
     /// together ([`next_pace`]).
-    paths: Box<[PathPace]>,
+    paths: Box<[PathWatch]>,
     all_paths: AtomicU32,
-    /// What [`PathPace::paused_until_ms`] counts from.
+    /// What [`PathWatch::paused_until_ms`] counts from.
     epoch: Instant,
 }
 
@@ -146,7 +147,7 @@ impl PathSlot {
 
 /// The answers of one slot of paths.
 #[derive(Default)]
-struct PathPace {
+struct PathWatch {
     /// Its slow answers in a row ([`next_slow_answers`]).
     slow_answers: AtomicU32,
     /// Until when, in milliseconds from [`Lines::epoch`], its requests are not pipelined.
@@ -185,6 +186,9 @@ pub fn next_slow_answers(slow: u32, sample_us: u32, all_us: u32) -> Option<u32> 
 /// What an instance showed of how it takes pipelined requests.
 #[derive(Default)]
 struct Verdict {
+    /// An answer showed it keeps connections open: lines may carry more than one request from
+    /// their first.
+    proven: AtomicBool,
     /// It answered every request of a write that carried several ([`Line::take_pending`]).
     /// Until then a line writes nothing more while a request it wrote is unanswered, so that
     /// a server that drops the requests after the first of a read cannot answer a later one
@@ -314,11 +318,10 @@ impl Lines {
             lines: Mutex::new(Vec::new()),
             depth,
             idle_timeout,
-            proven: AtomicBool::new(false),
             verdict: Arc::default(),
             pace: AtomicU32::new(0),
             probe_at: Mutex::new(Instant::now()),
-            paths: (0..PATH_SLOTS).map(|_| PathPace::default()).collect(),
+            paths: (0..PATH_SLOTS).map(|_| PathWatch::default()).collect(),
             all_paths: AtomicU32::new(0),
             epoch: Instant::now(),
         }
@@ -347,7 +350,7 @@ impl Lines {
             head_request,
             now,
             depth: self.depth,
-            proven: self.proven.load(Ordering::Relaxed),
+            proven: self.verdict.proven.load(Ordering::Relaxed),
             paced: self.pace.load(Ordering::Relaxed) < PACE_LIMIT.as_micros() as u32,
             idle_timeout: self.idle_timeout,
         };
@@ -389,7 +392,7 @@ impl Lines {
         lines.retain(|line| !line.is_closed());
         let pooled = idle();
         if pooled.is_some() {
-            self.proven.store(true, Ordering::Relaxed);
+            self.verdict.proven.store(true, Ordering::Relaxed);
         }
         let line = Line::open(connector.clone(), pooled, joining.now, self.verdict.clone());
         lines.push(line.clone());
@@ -397,33 +400,24 @@ impl Lines {
             .expect("a new line takes its first request")
     }
 
-    /// Takes an answer head's [`PaceSample`] into the instance's pace; `now` is when the head
-    /// came.
-    pub fn record_pace(&self, sample: PaceSample, now: Instant) {
-        let took = match sample {
-            PaceSample::First => return,
-            PaceSample::Ready => 0,
-            PaceSample::From(turn) => {
-                u32::try_from(now.saturating_duration_since(turn).as_micros()).unwrap_or(u32::MAX)
-            }
-        };
-        let pace = next_pace(self.pace.load(Ordering::Relaxed), took);
-        self.pace.store(pace, Ordering::Relaxed);
-        if pace >= PACE_LIMIT.as_micros() as u32 {
-            *self.probe_at.lock().expect("probe lock") = now + PROBE_INTERVAL;
-        }
-    }
-
-    /// Whether requests for `path` may be pipelined at `now`: not while it is paused as slow.
-    pub fn path_pipelined(&self, path: PathSlot, now: Instant) -> bool {
+    /// Whether a request for `path` may be pipelined at `now`: not once the instance was
+    /// refused pipelining ([`Lines::taken`]), nor while the path is paused as slow.
+    pub fn pipelines(&self, path: PathSlot, now: Instant) -> bool {
         let paused_until = self.paths[path.0].paused_until_ms.load(Ordering::Relaxed);
-        paused_until == 0 || self.ms_since_epoch(now) >= paused_until
+        self.taken() && self.ms_since_epoch(now) >= paused_until
     }
 
-    /// Takes the time an answer for `path` took into the count of its slow answers: from its
-    /// turn when it queued behind another (0 when it was there by then), else from `started`,
-    /// when it was queued. `came` is when the head came.
-    pub fn record_path(&self, path: PathSlot, sample: PaceSample, started: Instant, came: Instant) {
+    /// Takes an answer head for `path`, queued at `started`, come at `came`, into the
+    /// instance's pace ([`PaceSample`]: requests behind another only) and into the count of
+    /// the path's slow answers (timed from the turn behind another, 0 when the answer was
+    /// there by then, else from the queueing).
+    pub fn record_answer(
+        &self,
+        path: PathSlot,
+        sample: PaceSample,
+        started: Instant,
+        came: Instant,
+    ) {
         let since = match sample {
             PaceSample::First => started,
             PaceSample::Ready => came,
@@ -431,6 +425,13 @@ impl Lines {
         };
         let took = u32::try_from(came.saturating_duration_since(since).as_micros());
         let took = took.unwrap_or(u32::MAX);
+        if sample != PaceSample::First {
+            let pace = next_pace(self.pace.load(Ordering::Relaxed), took);
+            self.pace.store(pace, Ordering::Relaxed);
+            if pace >= PACE_LIMIT.as_micros() as u32 {
+                *self.probe_at.lock().expect("probe lock") = came + PROBE_INTERVAL;
+            }
+        }
         let all = next_pace(self.all_paths.load(Ordering::Relaxed), took);
         self.all_paths.store(all, Ordering::Relaxed);
         let slot = &self.paths[path.0];
@@ -441,7 +442,7 @@ impl Lines {
                 // One slow answer after the pause pauses it again.
                 slot.slow_answers.store(SLOW_ANSWERS - 1, Ordering::Relaxed);
                 let until = self.ms_since_epoch(came) + SLOW_PATH_PAUSE.as_millis() as u64;
-                slot.paused_until_ms.store(until.max(1), Ordering::Relaxed);
+                slot.paused_until_ms.store(until, Ordering::Relaxed);
             }
         }
     }
@@ -473,10 +474,10 @@ impl Lines {
     /// proven (a server that closes every connection after one answer).
     pub fn answered(&self, hold: &LineHold, persistent: bool) {
         if persistent {
-            self.proven.store(true, Ordering::Relaxed);
+            self.verdict.proven.store(true, Ordering::Relaxed);
             return;
         }
-        if !self.proven.load(Ordering::Relaxed) {
+        if !self.verdict.proven.load(Ordering::Relaxed) {
             self.verdict.refused.store(true, Ordering::Relaxed);
         }
         let mut state = hold.line.state.lock().expect("line lock");
@@ -488,7 +489,10 @@ impl Lines {
     /// Lines connected with no request on them.
     pub fn idle_count(&self) -> usize {
         let lines = self.lines.lock().expect("lines lock");
-        lines.iter().filter(|line| line.is_idle()).count()
+        lines
+            .iter()
+            .filter(|line| line.idle_since().is_some())
+            .count()
     }
 
     /// Closes the lines idle past the idle timeout, and lets go of closed ones (the pool's
@@ -737,19 +741,18 @@ impl Line {
         self.wake_writer.notify_one();
     }
 
-    /// Connected, not closed, no request on it.
-    fn is_idle(&self) -> bool {
+    /// Since when the line has been idle: connected, not closed, no request on it.
+    fn idle_since(&self) -> Option<Instant> {
         let state = self.state.lock().expect("line lock");
-        state.closed.is_none() && state.reader.is_some() && state.turns.is_empty()
+        let idle = state.closed.is_none() && state.reader.is_some() && state.turns.is_empty();
+        idle.then_some(state.last_used)
     }
 
     fn close_if_idle(&self, now: Instant, idle_timeout: Duration) {
-        let state = self.state.lock().expect("line lock");
-        let idle = state.reader.is_some()
-            && state.turns.is_empty()
-            && now.duration_since(state.last_used) > idle_timeout;
-        drop(state);
-        if idle {
+        let idle_too_long = self
+            .idle_since()
+            .is_some_and(|since| now.duration_since(since) > idle_timeout);
+        if idle_too_long {
             self.break_off(Broken::Lost);
         }
     }
@@ -1311,8 +1314,9 @@ mod tests {
         assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         // The first on a line, or an answer there at its turn, tells no slowness.
         assert_eq!(first.pace_sample(&reader), PaceSample::First);
-        lines.record_pace(PaceSample::First, now + Duration::from_secs(1));
-        lines.record_pace(PaceSample::Ready, now);
+        let answered = |sample, came| lines.record_answer(PathSlot::of("/"), sample, now, came);
+        answered(PaceSample::First, now + Duration::from_secs(1));
+        answered(PaceSample::Ready, now);
         let third = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(Arc::ptr_eq(&first.line, &third.hold().line));
         first.hand_on(reader, true);
@@ -1322,7 +1326,7 @@ mod tests {
         };
         // Its answer took 10 ms after its turn came: no request queues behind another (each one
         // dropped here breaks the line it opened)...
-        lines.record_pace(PaceSample::From(turn), turn + Duration::from_millis(10));
+        answered(PaceSample::From(turn), turn + Duration::from_millis(10));
         for _ in 0..10 {
             let apart = lines.enqueue(&connector, no_idle, now, false, get);
             assert!(!Arc::ptr_eq(&second.line, &apart.hold().line));
@@ -1374,34 +1378,34 @@ mod tests {
         let at = |ms: u64| start + Duration::from_millis(ms);
         let quick_answers = |ms| {
             for _ in 0..40 {
-                lines.record_path(quick, PaceSample::Ready, at(ms), at(ms));
+                lines.record_answer(quick, PaceSample::Ready, at(ms), at(ms));
             }
         };
         // Counted from the queueing for the first on its line, from the turn behind another:
         // four answers of 50 ms among quick ones make the path slow.
         for ms in [0, 50, 100] {
             quick_answers(ms);
-            lines.record_path(slow, PaceSample::First, at(ms), at(ms + 50));
+            lines.record_answer(slow, PaceSample::First, at(ms), at(ms + 50));
         }
         quick_answers(150);
-        assert!(lines.path_pipelined(slow, at(150)));
-        lines.record_path(slow, PaceSample::From(at(150)), at(100), at(200));
-        lines.record_path(quick, PaceSample::From(at(200)), at(100), at(201));
-        assert!(!lines.path_pipelined(slow, at(201)));
-        assert!(lines.path_pipelined(quick, at(201)));
+        assert!(lines.pipelines(slow, at(150)));
+        lines.record_answer(slow, PaceSample::From(at(150)), at(100), at(200));
+        lines.record_answer(quick, PaceSample::From(at(200)), at(100), at(201));
+        assert!(!lines.pipelines(slow, at(201)));
+        assert!(lines.pipelines(quick, at(201)));
         let resumes = 200 + SLOW_PATH_PAUSE.as_millis() as u64;
-        assert!(!lines.path_pipelined(slow, at(resumes - 5)));
-        assert!(lines.path_pipelined(slow, at(resumes + 5)));
+        assert!(!lines.pipelines(slow, at(resumes - 5)));
+        assert!(lines.pipelines(slow, at(resumes + 5)));
         // Once back, one slow answer pauses it again.
         quick_answers(resumes + 5);
         let back = at(resumes + 5);
-        lines.record_path(
+        lines.record_answer(
             slow,
             PaceSample::First,
             back,
             back + Duration::from_millis(50),
         );
-        assert!(!lines.path_pipelined(slow, back + Duration::from_millis(51)));
+        assert!(!lines.pipelines(slow, back + Duration::from_millis(51)));
     }
 
     #[test]
