@@ -13,11 +13,9 @@ use std::time::Duration;
 
 use support::*;
 
-/// `tasks` clients each sending `each` GETs of `/echo?id=TASK-N` at once, in turn; `check`
-/// judges each answer, given the request's target.
-async fn get_in_parallel(gw: &Gateway, tasks: usize, each: usize, check: fn(&str, Reply)) {
-    let echo = |task, n| format!("/echo?id={task}-{n}");
-    get_each_in_parallel(gw, tasks, each, echo, check).await;
+/// The target of request `n` of client `task` in [`echo_in_parallel`].
+fn echo_target(task: usize, n: usize) -> String {
+    format!("/echo?id={task}-{n}")
 }
 
 /// `tasks` clients each sending `each` GETs of `target(task, n)` at once, in turn; `check`
@@ -45,7 +43,7 @@ async fn get_each_in_parallel(
     }
 }
 
-/// [`get_each_in_parallel`], every answer a 200 echoing its own request's target.
+/// [`get_each_in_parallel`], every answer a 200 with its own request's target as its body.
 async fn get_targets_in_parallel(
     gw: &Gateway,
     tasks: usize,
@@ -53,16 +51,18 @@ async fn get_targets_in_parallel(
     target: fn(usize, usize) -> String,
 ) {
     get_each_in_parallel(gw, tasks, each, target, |target, reply| {
-        assert_eq!(reply.status, 200, "{target}");
-        assert_eq!(String::from_utf8_lossy(&reply.body), target);
+        let body = String::from_utf8_lossy(&reply.body);
+        assert_eq!(reply.status, 200, "{target}: {body}");
+        assert_eq!(body, target);
     })
     .await;
 }
 
-/// [`get_in_parallel`], every answer a 200 echoing its own request's target.
+/// [`get_each_in_parallel`] of `/echo?id=TASK-N`, every answer a 200 with its own request's
+/// target in its body.
 async fn echo_in_parallel(gw: &Gateway, tasks: usize, each: usize) {
-    get_in_parallel(gw, tasks, each, |target, reply| {
-        let body = String::from_utf8_lossy(&reply.body).into_owned();
+    get_each_in_parallel(gw, tasks, each, echo_target, |target, reply| {
+        let body = String::from_utf8_lossy(&reply.body);
         assert_eq!(reply.status, 200, "{target}: {body}");
         assert!(body.contains(target), "{target} got {body}");
     })
@@ -376,7 +376,7 @@ fn answer_once_and_close(stream: TcpStream, _: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_closing_after_each_answer_gets_no_pipelined_requests_and_no_answer_is_cut() {
     let gw = gateway_before(answer_once_and_close, "pipeline = 8\nmax_fails = 0");
-    get_in_parallel(&gw, 8, 10, |target, reply| {
+    get_each_in_parallel(&gw, 8, 10, echo_target, |target, reply| {
         let answer = (reply.status, reply.body.len());
         assert_eq!(answer, (200, 1 << 20), "{target}");
     })
