@@ -603,6 +603,28 @@ fn a_large_answer_read_slowly_arrives_complete_then_the_connection_is_reused() {
 }
 
 #[test]
+fn a_slow_steady_reader_is_not_cut_off_by_the_idle_timeout() {
+    // About 400 kB/s against an idle_timeout of 2 s. The kernel wakes a blocked writer only once
+    // the bytes it has not yet sent fall under the socket's low-water mark; by default that is a
+    // third of a send buffer of megabytes on loopback, which takes this reader seconds, so the
+    // gateway saw no progress for the whole timeout and cut it off. With the gateway's mark it
+    // sees progress about every 0.7 s.
+    let gw = gateway_to_instance("idle_timeout = \"2s\"");
+    let mut conn = Conn::open(gw.proxy);
+    conn.send(get_request("/big").as_bytes());
+    conn.pace = Duration::from_millis(40);
+    let slow_until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < slow_until {
+        assert!(conn.fill() > 0, "closed after {} bytes", conn.buf.len());
+    }
+    // Then the rest at full speed: a connection cut off during the slow part ends short.
+    conn.pace = Duration::ZERO;
+    let answer = conn.answer("GET");
+    assert_eq!(answer.status, 200);
+    assert!(answer.body == big_body(), "the body's bytes differ");
+}
+
+#[test]
 fn a_client_that_stops_reading_is_cut_off_after_the_idle_timeout() {
     let gw = gateway_to_instance("idle_timeout = \"1s\"");
     let mut conn = Conn::open(gw.proxy);
