@@ -61,8 +61,9 @@ async fn per_ip_connection_cap_refuses_cleanly_and_frees_on_close() {
     );
 }
 
-/// Connection caps change on reload for the connections after it; a worker count cannot, and
-/// such a reload is refused naming the key rather than reported as applied.
+/// Connection caps change on reload for the connections after it, with the ones already open
+/// counted; a worker count cannot change, and such a reload is refused naming the key rather
+/// than reported as applied.
 #[tokio::test]
 async fn a_reload_changes_connection_caps_and_refuses_a_new_worker_count() {
     let a = demo_backend(&[]);
@@ -76,8 +77,16 @@ async fn a_reload_changes_connection_caps_and_refuses_a_new_worker_count() {
         let (client, url) = (client.clone(), gw.admin_url("/api/reload"));
         async move { request(&client, "POST", &url, &[], "").await.unwrap() }
     };
+    // A connection opened while there is no per-IP cap counts toward the one a reload sets.
+    assert_eq!(reload("max_connections_per_ip = 0").await.status, 200);
+    let mut held = TcpStream::connect(gw.proxy).unwrap();
+    held.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    held.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut status = [0u8; 12];
+    held.read_exact(&mut status).unwrap();
+    assert_eq!(&status, b"HTTP/1.1 200");
     assert_eq!(reload("max_connections_per_ip = 1").await.status, 200);
-    let _held = TcpStream::connect(gw.proxy).unwrap();
     let answer = raw_exchange(gw.proxy, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
 

@@ -30,7 +30,8 @@ pub fn admit_decision(
 }
 
 /// The limits in force (a reload changes them for the connections that come after it; open
-/// ones count toward them either way).
+/// ones count toward them either way, per IP too: every connection is counted by its IP, with
+/// or without a per-IP limit, so that one a reload sets finds the connections already open).
 #[derive(Debug, Default)]
 pub struct ConnectionLimits {
     max_open: AtomicUsize,
@@ -71,16 +72,11 @@ impl ConnectionLimits {
             counter.fetch_add(1, Ordering::Relaxed);
             return Err(refusal);
         }
-        // Counted by IP only under a per-IP limit: the map costs a lookup per connection.
-        let counted_per_ip = max_per_ip > 0;
-        if counted_per_ip {
-            per_ip.insert(ip, from_ip + 1);
-        }
+        per_ip.insert(ip, from_ip + 1);
         self.open.fetch_add(1, Ordering::Relaxed);
         Ok(ConnectionPermit {
             limits: self.clone(),
             ip,
-            counted_per_ip,
         })
     }
 }
@@ -89,21 +85,19 @@ impl ConnectionLimits {
 pub struct ConnectionPermit {
     limits: Arc<ConnectionLimits>,
     ip: IpAddr,
-    counted_per_ip: bool,
 }
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
         // Per-IP first: whoever sees the total drop may rely on the per-IP slot being free too.
-        if self.counted_per_ip {
-            let mut per_ip = self.limits.per_ip.lock().expect("connection limits lock");
-            if let Some(count) = per_ip.get_mut(&self.ip) {
-                *count -= 1;
-                if *count == 0 {
-                    per_ip.remove(&self.ip);
-                }
+        let mut per_ip = self.limits.per_ip.lock().expect("connection limits lock");
+        if let Some(count) = per_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&self.ip);
             }
         }
+        drop(per_ip);
         self.limits.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -141,18 +135,15 @@ mod tests {
     }
 
     #[test]
-    fn changed_limits_apply_to_the_next_connections() {
+    fn a_per_ip_limit_set_later_counts_the_connections_already_open() {
         let limits = Arc::new(ConnectionLimits::new(0, 0));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let uncounted = limits.admit(a).unwrap();
-        limits.set_limits(10, 1);
-        let counted = limits.admit(a).unwrap();
+        let before = limits.admit(a).unwrap();
+        let _also_before = limits.admit(a).unwrap();
+        limits.set_limits(10, 2);
         assert_eq!(limits.admit(a).err(), Some(Refusal::TooManyFromClient));
-        // One opened before the per-IP limit leaves the count alone as it closes.
-        drop(uncounted);
+        drop(before);
+        let _after = limits.admit(a).unwrap();
         assert_eq!(limits.admit(a).err(), Some(Refusal::TooManyFromClient));
-        drop(counted);
-        assert!(limits.per_ip.lock().unwrap().is_empty());
-        let _again = limits.admit(a).unwrap();
     }
 }
