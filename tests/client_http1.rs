@@ -608,7 +608,7 @@ fn a_slow_steady_reader_is_not_cut_off_by_the_idle_timeout() {
     // the bytes it has not yet sent fall under the socket's low-water mark; by default that is a
     // third of a send buffer of megabytes on loopback, which takes this reader seconds, so the
     // gateway saw no progress for the whole timeout and cut it off. With the gateway's mark it
-    // sees progress about every 0.7 s.
+    // sees progress about every 0.3 s.
     let gw = gateway_to_instance("idle_timeout = \"2s\"");
     let mut conn = Conn::open(gw.proxy);
     conn.send(get_request("/big").as_bytes());
