@@ -735,3 +735,65 @@ async fn the_http2_send_timeout_follows_the_clients_pace() {
         "a client opening no window kept its connection"
     );
 }
+
+/// Out of file descriptors, the gateway keeps running: it says so once (not at every retry, nor
+/// again each time one freed descriptor lets an accept through), and the connections that
+/// waited in the listen queue are served once descriptors are free.
+#[test]
+fn running_out_of_file_descriptors_is_logged_once_and_recovered_from() {
+    let a = demo_backend(&[]);
+    let gw = gateway_logging(&app_config(&[&a], ""));
+    let pid = gw.proc.child.id();
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let limit = format!("--nofile={0}:{0}", open_fds + 16);
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &limit])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success());
+    let mut held: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(gw.proxy).unwrap())
+        .collect();
+    let logged = |text: &str| {
+        let lines = gw.proc.log_lines();
+        lines.iter().filter(|line| line.contains(text)).count()
+    };
+    let failing = "accept failed: retrying every 20 ms until it works";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while logged(failing) == 0 {
+        assert!(Instant::now() < deadline, "no accept failure logged");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The last connection still waits to be accepted; its request is answered once the others
+    // close and free their descriptors.
+    let mut waiting = held.pop().unwrap();
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    waiting
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(held);
+    let mut answer = String::new();
+    waiting.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Said once, though descriptors freed one by one let accepts through between failures.
+    assert_eq!(logged(failing), 1, "{:#?}", gw.proc.log_lines());
+    // Over once accepting has gone a second without failing: the next connection says so.
+    std::thread::sleep(Duration::from_millis(1100));
+    let answer = raw_exchange(
+        gw.proxy,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        logged("accepting connections again"),
+        1,
+        "{:#?}",
+        gw.proc.log_lines()
+    );
+    assert_eq!(logged(failing), 1);
+}

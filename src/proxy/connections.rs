@@ -1,10 +1,45 @@
 //! Connection admission: a cap on open client connections in total and per client IP, counted
-//! while each connection lives. Checked once per connection, never per request.
+//! while each connection lives, checked once per connection, never per request; and what is
+//! said when accepting fails.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How long accepting must go without a failure before an episode of failures (out of file
+/// descriptors, say) counts as over. With descriptors at the limit, every one freed lets one
+/// accept through before the next fails: ending the episode there logged it again each time.
+pub const ACCEPT_QUIET: Duration = Duration::from_secs(1);
+
+/// What to log of one accept, given the last failure of the episode in progress, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptLog {
+    /// The first failure of an episode: a warning.
+    Failing,
+    /// A failure within an episode, or a success while it may still go on: debug at most.
+    Quiet,
+    /// The first success after [`ACCEPT_QUIET`] without a failure: the episode is over.
+    Recovered,
+}
+
+/// The log line for an accept at `now` that `failed` or not, and the episode's last failure
+/// after it.
+pub fn accept_log(
+    last_failure: Option<Instant>,
+    failed: bool,
+    now: Instant,
+) -> (AcceptLog, Option<Instant>) {
+    match (last_failure, failed) {
+        (None, true) => (AcceptLog::Failing, Some(now)),
+        (Some(_), true) => (AcceptLog::Quiet, Some(now)),
+        (Some(at), false) if now.duration_since(at) >= ACCEPT_QUIET => (AcceptLog::Recovered, None),
+        (episode, false) => (AcceptLog::Quiet, episode),
+    }
+}
 
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +140,25 @@ impl Drop for ConnectionPermit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_accept_failure_episode_is_logged_once_and_ends_after_a_quiet_second() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let (log, episode) = accept_log(None, true, t0);
+        assert_eq!((log, episode), (AcceptLog::Failing, Some(t0)));
+        // A descriptor freed lets one accept through; the next fails: still the same episode.
+        let (log, episode) = accept_log(episode, false, at(20));
+        assert_eq!((log, episode), (AcceptLog::Quiet, Some(t0)));
+        let (log, episode) = accept_log(episode, true, at(40));
+        assert_eq!((log, episode), (AcceptLog::Quiet, Some(at(40))));
+        let (log, episode) = accept_log(episode, false, at(1039));
+        assert_eq!(log, AcceptLog::Quiet);
+        let (log, episode) = accept_log(episode, false, at(1040));
+        assert_eq!((log, episode), (AcceptLog::Recovered, None));
+        assert_eq!(accept_log(None, false, at(2000)), (AcceptLog::Quiet, None));
+        assert_eq!(accept_log(None, true, at(3000)).0, AcceptLog::Failing);
+    }
 
     #[test]
     fn limits_apply_and_zero_means_none() {
