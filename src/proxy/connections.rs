@@ -35,6 +35,11 @@ pub fn accept_log(
 ) -> (AcceptLog, Option<Instant>) {
     match (last_failure, failed) {
         (None, true) => (AcceptLog::Failing, Some(now)),
+        // A failure a quiet second after the last one starts another episode, even when no
+        // accept came in between to end this one.
+        (Some(at), true) if now.duration_since(at) >= ACCEPT_QUIET => {
+            (AcceptLog::Failing, Some(now))
+        }
         (Some(_), true) => (AcceptLog::Quiet, Some(now)),
         (Some(at), false) if now.duration_since(at) >= ACCEPT_QUIET => (AcceptLog::Recovered, None),
         (episode, false) => (AcceptLog::Quiet, episode),
@@ -158,6 +163,11 @@ mod tests {
         assert_eq!((log, episode), (AcceptLog::Recovered, None));
         assert_eq!(accept_log(None, false, at(2000)), (AcceptLog::Quiet, None));
         assert_eq!(accept_log(None, true, at(3000)).0, AcceptLog::Failing);
+        // An episode whose last accept worked, then nothing for a while: the next failure is
+        // a new episode, said again.
+        let (_, episode) = accept_log(Some(at(3000)), false, at(3020));
+        assert_eq!(accept_log(episode, true, at(3999)).0, AcceptLog::Quiet);
+        assert_eq!(accept_log(episode, true, at(4000)).0, AcceptLog::Failing);
     }
 
     #[test]
