@@ -736,9 +736,10 @@ async fn the_http2_send_timeout_follows_the_clients_pace() {
     );
 }
 
-/// Out of file descriptors, the gateway keeps running: it says so once (not at every retry, nor
-/// again each time one freed descriptor lets an accept through), and the connections that
-/// waited in the listen queue are served once descriptors are free.
+/// Out of file descriptors, the gateway keeps running: each listener (the proxy's and the admin
+/// API's) says so once (not at every retry, nor again each time one freed descriptor lets an
+/// accept through), and the connections that waited in the listen queue are served once
+/// descriptors are free.
 #[test]
 fn running_out_of_file_descriptors_is_logged_once_and_recovered_from() {
     let a = demo_backend(&[]);
@@ -753,19 +754,36 @@ fn running_out_of_file_descriptors_is_logged_once_and_recovered_from() {
         .status()
         .expect("prlimit (util-linux)");
     assert!(status.success());
+    // Lines of the log saying `text` of `listener`.
+    let logged = |text: &str, listener: &str| {
+        let listener = format!("\"listener\":\"{listener}\"");
+        let lines = gw.proc.log_lines();
+        lines
+            .iter()
+            .filter(|line| line.contains(text) && line.contains(&listener))
+            .count()
+    };
+    let failing = "accept failed: retrying every 20 ms until it works";
+    let again = "accepting connections again";
+    // The log comes through a pipe read by another thread: wait for a line to arrive.
+    let logged_soon = |text: &str, listener: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while logged(text, listener) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{listener} never logged {text:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
     let mut held: Vec<TcpStream> = (0..40)
         .map(|_| TcpStream::connect(gw.proxy).unwrap())
         .collect();
-    let logged = |text: &str| {
-        let lines = gw.proc.log_lines();
-        lines.iter().filter(|line| line.contains(text)).count()
-    };
-    let failing = "accept failed: retrying every 20 ms until it works";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while logged(failing) == 0 {
-        assert!(Instant::now() < deadline, "no accept failure logged");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    logged_soon(failing, "proxy");
+    let _admin_waiting: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(gw.admin).unwrap())
+        .collect();
+    logged_soon(failing, "admin");
     // The last connection still waits to be accepted; its request is answered once the others
     // close and free their descriptors.
     let mut waiting = held.pop().unwrap();
@@ -780,20 +798,18 @@ fn running_out_of_file_descriptors_is_logged_once_and_recovered_from() {
     let mut answer = String::new();
     waiting.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    // Said once, though descriptors freed one by one let accepts through between failures.
-    assert_eq!(logged(failing), 1, "{:#?}", gw.proc.log_lines());
+    // Said once each, though descriptors freed one by one let accepts through between failures.
+    for listener in ["proxy", "admin"] {
+        assert_eq!(logged(failing, listener), 1, "{:#?}", gw.proc.log_lines());
+    }
     // Over once accepting has gone a second without failing: the next connection says so.
     std::thread::sleep(Duration::from_millis(1100));
-    let answer = raw_exchange(
-        gw.proxy,
-        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert_eq!(
-        logged("accepting connections again"),
-        1,
-        "{:#?}",
-        gw.proc.log_lines()
-    );
-    assert_eq!(logged(failing), 1);
+    let get = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    for (listener, addr) in [("proxy", gw.proxy), ("admin", gw.admin)] {
+        let answer = raw_exchange(addr, get);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{listener}: {answer}");
+        logged_soon(again, listener);
+        assert_eq!(logged(again, listener), 1, "{:#?}", gw.proc.log_lines());
+        assert_eq!(logged(failing, listener), 1);
+    }
 }

@@ -27,6 +27,7 @@ use crate::autoscale::ModeError;
 use crate::cache::Purge;
 use crate::config::{parse_addr, InstanceConfig};
 use crate::metrics::{live, InstanceSample};
+use crate::proxy::connections::AcceptFailures;
 use crate::proxy::upstream::{Instance, Upstream};
 use crate::proxy::{Gateway, GatewayBody};
 
@@ -36,17 +37,14 @@ const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Serves the admin API until `stop` turns true.
 pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     tokio::spawn(sample_stats(gateway.clone(), stop.clone()));
+    let mut accept_failures = AcceptFailures::default();
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(err) => {
-                    tracing::warn!(%err, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
             _ = stop.changed() => break,
+        };
+        let Some((stream, _)) = accept_failures.accepted("admin", accepted).await else {
+            continue;
         };
         let gateway = gateway.clone();
         tokio::spawn(async move {

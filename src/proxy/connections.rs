@@ -13,11 +13,11 @@ use tokio::time::Instant;
 /// How long accepting must go without a failure before an episode of failures (out of file
 /// descriptors, say) counts as over. With descriptors at the limit, every one freed lets one
 /// accept through before the next fails: ending the episode there logged it again each time.
-pub const ACCEPT_QUIET: Duration = Duration::from_secs(1);
+const ACCEPT_QUIET: Duration = Duration::from_secs(1);
 
 /// What to log of one accept, given the last failure of the episode in progress, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AcceptLog {
+enum AcceptLog {
     /// The first failure of an episode: a warning.
     Failing,
     /// A failure within an episode, or a success while it may still go on: debug at most.
@@ -28,7 +28,7 @@ pub enum AcceptLog {
 
 /// The log line for an accept at `now` that `failed` or not, and the episode's last failure
 /// after it.
-pub fn accept_log(
+fn accept_log(
     last_failure: Option<Instant>,
     failed: bool,
     now: Instant,
@@ -43,6 +43,51 @@ pub fn accept_log(
         (Some(_), true) => (AcceptLog::Quiet, Some(now)),
         (Some(at), false) if now.duration_since(at) >= ACCEPT_QUIET => (AcceptLog::Recovered, None),
         (episode, false) => (AcceptLog::Quiet, episode),
+    }
+}
+
+/// How long a listener waits after a failed accept before it tries again: out of file
+/// descriptors, an accept at once would fail again and spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
+
+/// The accept failures of one listener ([`accept_log`]), for the gateway's listener and the
+/// admin API's alike.
+#[derive(Default)]
+pub struct AcceptFailures {
+    last_failure: Option<Instant>,
+}
+
+impl AcceptFailures {
+    /// The connection `accepted` gave; on a failure `None`, once the failure was logged as
+    /// [`accept_log`] says and [`ACCEPT_BACKOFF`] has passed. `listener` names it in the log.
+    pub async fn accepted<T>(
+        &mut self,
+        listener: &'static str,
+        accepted: std::io::Result<T>,
+    ) -> Option<T> {
+        let (log, episode) = accept_log(self.last_failure, accepted.is_err(), Instant::now());
+        self.last_failure = episode;
+        match accepted {
+            Ok(conn) => {
+                if log == AcceptLog::Recovered {
+                    tracing::info!(listener, "accepting connections again");
+                }
+                Some(conn)
+            }
+            Err(err) => {
+                if log == AcceptLog::Failing {
+                    tracing::warn!(
+                        listener,
+                        %err,
+                        "accept failed: retrying every 20 ms until it works"
+                    );
+                } else {
+                    tracing::debug!(listener, %err, "accept failed");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                None
+            }
+        }
     }
 }
 

@@ -44,7 +44,7 @@ use crate::metrics::live::LiveStats;
 use crate::metrics::{Metrics, RequestStats};
 use crate::redis_link::{ConnectError, RedisLink};
 use client_io::ClientStream;
-use connections::{accept_log, AcceptLog};
+use connections::AcceptFailures;
 use upstream::Upstream;
 
 /// One configuration in force: the config and the live upstreams it describes.
@@ -585,34 +585,15 @@ async fn accept_loop(
     let mut settings = ConnectionSettings::of(gateway.runtime.load_full());
     // Every connection watches `drain`, and holds a receiver until it is done.
     let drain = watch::Sender::new(false);
-    let mut accept_failures = None;
+    let mut accept_failures = AcceptFailures::default();
     loop {
         let (accepted, secure) = tokio::select! {
             accepted = listener.accept() => (accepted, false),
             accepted = accept_on(tls_listener.as_ref()) => (accepted, true),
             () = &mut *stop => break,
         };
-        let now = tokio::time::Instant::now();
-        let (log, episode) = accept_log(accept_failures, accepted.is_err(), now);
-        accept_failures = episode;
-        let (stream, peer) = match accepted {
-            Ok(conn) => {
-                if log == AcceptLog::Recovered {
-                    tracing::info!("accepting connections again");
-                }
-                conn
-            }
-            Err(err) => {
-                // Out of file descriptors and the like: back off instead of spinning, and say
-                // so once an episode, not every 20 ms.
-                if log == AcceptLog::Failing {
-                    tracing::warn!(%err, "accept failed: retrying every 20 ms until it works");
-                } else {
-                    tracing::debug!(%err, "accept failed");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
+        let Some((stream, peer)) = accept_failures.accepted("proxy", accepted).await else {
+            continue;
         };
         if !std::ptr::eq(
             Arc::as_ptr(&gateway.runtime.load()),
