@@ -403,23 +403,24 @@ async fn backup_serves_only_when_every_primary_is_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_an_instance_under_load_fails_no_idempotent_request() {
-    kill_one_of_three_under_load(8, 60, "5", "").await;
+    kill_one_of_three_under_load(8, 60, 5, "").await;
 }
 
 /// About 80 requests in flight on the instance killed, each on a connection of its own and owed
 /// a retry at once: the retry budget's savings must cover them (they used to cover 30).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_an_instance_with_many_requests_in_flight_fails_none_of_them() {
-    kill_one_of_three_under_load(240, 3, "200", "pipeline = 1").await;
+    kill_one_of_three_under_load(240, 3, 200, "pipeline = 1").await;
 }
 
 /// `tasks` clients each sending `each` GETs in turn to three instances answering after
 /// `latency_ms`; one instance is killed once each client had its first answer. No request
 /// fails.
-async fn kill_one_of_three_under_load(tasks: u64, each: u64, latency_ms: &str, extra: &str) {
-    let a = demo_backend(&["--latency-ms", latency_ms]);
-    let mut b = demo_backend(&["--latency-ms", latency_ms]);
-    let c = demo_backend(&["--latency-ms", latency_ms]);
+async fn kill_one_of_three_under_load(tasks: u64, each: u64, latency_ms: u64, extra: &str) {
+    let latency = latency_ms.to_string();
+    let a = demo_backend(&["--latency-ms", &latency]);
+    let mut b = demo_backend(&["--latency-ms", &latency]);
+    let c = demo_backend(&["--latency-ms", &latency]);
     let extra = format!("strategy = \"least_conn\"\n{extra}");
     let gw = gateway(&app_config(&[&a, &b, &c], &extra));
     let client = client();
@@ -446,12 +447,16 @@ async fn kill_one_of_three_under_load(tasks: u64, each: u64, latency_ms: &str, e
             }
         }));
     }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while done.load(Ordering::Relaxed) < tasks.max(120) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first answers did not come"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Half way through the requests then in flight.
-    let latency: u64 = latency_ms.parse().unwrap();
-    tokio::time::sleep(Duration::from_millis(latency / 2)).await;
+    tokio::time::sleep(Duration::from_millis(latency_ms / 2)).await;
     b.child.kill().unwrap();
     b.child.wait().unwrap();
     for task in running {

@@ -1,6 +1,6 @@
 //! HTTP/1.1 pipelining to an instance, for upstreams with `pipeline` above 1 (the default for
-//! plain HTTP/1.1 instances): body-less idempotent requests are queued on a shared connection (a "line") and the answers read back
-//! in the order the requests went out (RFC 9112 §9.3.2).
+//! plain HTTP/1.1 instances): body-less idempotent requests are queued on a shared connection
+//! (a "line") and the answers read back in the order the requests went out (RFC 9112 §9.3.2).
 //!
 //! Why: on loopback most of a proxied request's cost is the kernel's work per TCP segment, and
 //! the instance's per read. A line's writer sends every request queued during one scheduler
