@@ -558,3 +558,86 @@ async fn quick_requests_do_not_queue_behind_a_path_known_slow() {
     }
     assert_eq!(BEHIND_SLOW.load(Ordering::Relaxed), 0);
 }
+
+/// What an instance closing its connections after a number of answers saw: request heads it
+/// read and never answered, and the most requests one connection brought.
+struct ClosingCounts {
+    unanswered: AtomicUsize,
+    most: AtomicUsize,
+}
+
+impl ClosingCounts {
+    const fn new() -> ClosingCounts {
+        ClosingCounts {
+            unanswered: AtomicUsize::new(0),
+            most: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Answers each request with its target, and after the `limit`-th answer (which says
+/// `Connection: close`) closes the connection, as nginx does at `keepalive_requests`; counts
+/// in `counts` the requests that came on a connection beyond its limit.
+fn answer_then_close(stream: TcpStream, limit: usize, counts: &ClosingCounts) {
+    let mut targets = Targets::new(stream);
+    for seen in 1..=limit {
+        let Some(target) = targets.next() else { return };
+        counts.most.fetch_max(seen, Ordering::Relaxed);
+        let close = if seen == limit {
+            "Connection: close\r\n"
+        } else {
+            ""
+        };
+        if !targets.answer(close, target.as_bytes()) {
+            return;
+        }
+    }
+    // Whatever came behind the last answer is lost with the connection; give a request the
+    // gateway was about to send a moment to arrive.
+    std::thread::sleep(Duration::from_millis(20));
+    let behind = targets.waiting().matches("\r\n\r\n").count();
+    counts.unanswered.fetch_add(behind, Ordering::Relaxed);
+    counts.most.fetch_max(limit + behind, Ordering::Relaxed);
+}
+
+static LINES_CLOSING: ClosingCounts = ClosingCounts::new();
+
+fn answer_five_on_a_line(stream: TcpStream, _: usize) {
+    answer_then_close(stream, 5, &LINES_CLOSING);
+}
+
+/// A line takes at most `keepalive_requests` requests and closes once they are answered, so an
+/// instance closing connections at that count finds no request queued behind its last answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_retires_at_keepalive_requests_before_the_instance_closes_it() {
+    let gw = gateway_before(
+        answer_five_on_a_line,
+        "pipeline = 8\nkeepalive_requests = 5\nretries = 0\nmax_fails = 0",
+    );
+    echo_in_parallel(&gw, 12, 10).await;
+    assert_eq!(LINES_CLOSING.unanswered.load(Ordering::Relaxed), 0);
+    assert_eq!(LINES_CLOSING.most.load(Ordering::Relaxed), 5);
+    // Pipelined, the requests of a line were sent before their answers came.
+    let gw = gateway_before(echo_every_target, "pipeline = 8\nkeepalive_requests = 5");
+    let before = ECHO_PIPELINED.load(Ordering::Relaxed);
+    echo_in_parallel(&gw, 12, 10).await;
+    assert!(ECHO_PIPELINED.load(Ordering::Relaxed) > before);
+}
+
+static POOLED_CLOSING: ClosingCounts = ClosingCounts::new();
+
+fn answer_three_pooled(stream: TcpStream, _: usize) {
+    answer_then_close(stream, 3, &POOLED_CLOSING);
+}
+
+/// Unpipelined, a pooled connection that carried `keepalive_requests` is closed, not reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_is_closed_after_keepalive_requests() {
+    let gw = gateway_before(
+        answer_three_pooled,
+        "pipeline = 1\nkeepalive_requests = 2\nretries = 0\nmax_fails = 0",
+    );
+    echo_in_parallel(&gw, 4, 10).await;
+    assert_eq!(POOLED_CLOSING.unanswered.load(Ordering::Relaxed), 0);
+    assert_eq!(POOLED_CLOSING.most.load(Ordering::Relaxed), 2);
+}

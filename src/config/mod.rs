@@ -122,6 +122,9 @@ pub struct UpstreamConfig {
     pub instances: Vec<InstanceConfig>,
     /// Idle keep-alive connections kept per instance.
     pub keepalive: usize,
+    /// Requests one instance connection carries, then it is closed (pooled connections and
+    /// pipelined lines alike).
+    pub keepalive_requests: u64,
     /// Requests in flight on one connection to an instance: above 1, body-less idempotent
     /// requests are pipelined (see `proxy::pipeline`).
     pub pipeline: usize,
@@ -558,6 +561,7 @@ upstream = "missing"
         let text = "[server]\nheader_read_timeout = \"0s\"\nidle_timeout = \"0s\"\n\
                     max_uri_length = \"0\"\n\
                     [upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nidle_timeout = \"0s\"\n\
+                    keepalive_requests = 0\n\
                     fail_timeout = \"0s\"\nmax_in_flight = 5\nqueue_timeout = \"0s\"\n\
                     [upstreams.app.health]\ninterval = \"0s\"\ntimeout = \"0s\"\n\
                     [[routes]]\nhost = \"exa mple..com\"\nupstream = \"app\"\n\
@@ -575,6 +579,7 @@ upstream = "missing"
                 "server.idle_timeout",
                 "upstreams.app.health.interval",
                 "upstreams.app.health.timeout",
+                "upstreams.app.keepalive_requests",
                 "upstreams.app.idle_timeout",
                 "upstreams.app.fail_timeout",
                 "upstreams.app.queue_timeout",
@@ -584,9 +589,9 @@ upstream = "missing"
             ]
         );
         assert!(
-            errors[10].message.contains("routes[2]"),
+            errors[11].message.contains("routes[2]"),
             "{}",
-            errors[10].message
+            errors[11].message
         );
     }
 

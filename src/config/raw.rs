@@ -107,6 +107,7 @@ pub struct RawUpstream {
     pub hash_key: Option<String>,
     pub instances: Vec<RawInstance>,
     pub keepalive: usize,
+    pub keepalive_requests: u64,
     pub pipeline: Option<usize>,
     pub connect_timeout: String,
     pub response_timeout: String,
@@ -134,6 +135,7 @@ impl Default for RawUpstream {
             hash_key: None,
             instances: Vec::new(),
             keepalive: 256,
+            keepalive_requests: DEFAULT_KEEPALIVE_REQUESTS,
             pipeline: None,
             connect_timeout: "2s".into(),
             response_timeout: "60s".into(),
@@ -542,6 +544,13 @@ fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
 /// open (`keepalive = 0`).
 pub const DEFAULT_PIPELINE: usize = 32;
 
+/// Requests one instance connection carries before it is closed, as nginx's upstream
+/// `keepalive_requests` (also its default, and nginx's own default as a server): a line
+/// retired by the gateway loses no request queued on it, where one the instance closes does,
+/// and a server's state per connection (nginx's grows with every pipelined request and takes
+/// milliseconds to free after a million) is freed often.
+pub const DEFAULT_KEEPALIVE_REQUESTS: u64 = 1000;
+
 fn default_pipeline(plain_http1: bool, keepalive: usize) -> usize {
     if plain_http1 && keepalive > 0 {
         DEFAULT_PIPELINE
@@ -689,11 +698,18 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
         Some(depth) => depth,
         None => default_pipeline(plain_http1, raw.keepalive),
     };
+    if raw.keepalive_requests == 0 {
+        p.push(
+            format!("{key}.keepalive_requests"),
+            "must be at least 1 (requests per instance connection)",
+        );
+    }
     UpstreamConfig {
         name: name.to_string(),
         strategy,
         instances,
         keepalive: raw.keepalive,
+        keepalive_requests: raw.keepalive_requests.max(1),
         pipeline,
         connect_timeout,
         response_timeout,

@@ -51,6 +51,8 @@ pub struct InstanceConn {
     write: Vec<u8>,
     /// The response timeout, one timer for the connection's life.
     deadline: LazyDeadline,
+    /// Requests sent on it (`keepalive_requests`).
+    requests: u64,
 }
 
 /// How an exchange with an instance failed.
@@ -206,7 +208,13 @@ impl InstanceConn {
             write: Vec::with_capacity(1024),
             // Armed by the first request; until then the timer is not in the wheel.
             deadline: LazyDeadline::new(Instant::now() + Duration::from_secs(3600)),
+            requests: 0,
         }
+    }
+
+    /// Requests sent on this connection so far.
+    pub fn requests(&self) -> u64 {
+        self.requests
     }
 
     /// False once the instance closed the idle connection or sent something unasked.
@@ -254,7 +262,9 @@ impl InstanceConn {
             read,
             write,
             deadline,
+            requests,
         } = self;
+        *requests += 1;
         let parts = head.parts;
         let reading = Reading::of(head);
         let chunked = !body.is_end_stream() && !has(&parts.headers, &CONTENT_LENGTH);

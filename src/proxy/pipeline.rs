@@ -118,6 +118,8 @@ pub struct Lines {
     lines: Mutex<Vec<Arc<Line>>>,
     /// Requests in flight per line before another line is opened.
     depth: usize,
+    /// Requests a line takes in all; it closes once they are answered ([`LineView::spent`]).
+    keepalive_requests: u64,
     idle_timeout: Duration,
     /// What the instance showed of how it takes pipelined requests; shared with its lines.
     verdict: Arc<Verdict>,
@@ -209,6 +211,8 @@ pub struct Line {
     /// Its instance's [`Verdict`]: an abandoned answer that does not parse refuses it as a read
     /// one does.
     verdict: Arc<Verdict>,
+    /// See [`LineView::spent`].
+    keepalive_requests: u64,
 }
 
 struct LineState {
@@ -282,6 +286,7 @@ struct Joining<'a, F> {
     /// See [`LineView::paced`].
     paced: bool,
     idle_timeout: Duration,
+    keepalive_requests: u64,
 }
 
 /// A line as a request choosing one sees it.
@@ -297,26 +302,32 @@ pub struct LineView {
     pub waited: Duration,
     /// Its reader is taking an answer body that did not come whole with its head.
     pub streaming: bool,
+    /// It took its `keepalive_requests` (those its connection carried before it became a line
+    /// counted): it takes no more and closes once they are answered, so that no request is
+    /// queued on it when it closes, as there would be on one the instance closes at its limit.
+    pub spent: bool,
 }
 
-/// Whether a request may join a line of `depth`: an empty one always; a busy one while it has
-/// room, its connection is known to persist, its instance answers quickly and its oldest
-/// request has not waited [`FLOWING_WAIT`]. Requests join the first such line (the oldest), so
-/// that a scheduler turn's requests share few writes.
+/// Whether a request may join a line of `depth`: none that is spent; an empty one always; a busy
+/// one while it has room, its connection is known to persist, its instance answers quickly and
+/// its oldest request has not waited [`FLOWING_WAIT`]. Requests join the first such line (the
+/// oldest), so that a scheduler turn's requests share few writes.
 pub fn joinable(line: LineView, depth: usize) -> bool {
-    line.load == 0
-        || (line.proven
-            && line.paced
-            && !line.streaming
-            && line.load < depth
-            && line.waited < FLOWING_WAIT)
+    !line.spent
+        && (line.load == 0
+            || (line.proven
+                && line.paced
+                && !line.streaming
+                && line.load < depth
+                && line.waited < FLOWING_WAIT))
 }
 
 impl Lines {
-    pub fn new(depth: usize, idle_timeout: Duration) -> Lines {
+    pub fn new(depth: usize, keepalive_requests: u64, idle_timeout: Duration) -> Lines {
         Lines {
             lines: Mutex::new(Vec::new()),
             depth,
+            keepalive_requests,
             idle_timeout,
             verdict: Arc::default(),
             pace: AtomicU32::new(0),
@@ -353,6 +364,7 @@ impl Lines {
             proven: self.verdict.proven.load(Ordering::Relaxed),
             paced: self.pace.load(Ordering::Relaxed) < PACE_LIMIT.as_micros() as u32,
             idle_timeout: self.idle_timeout,
+            keepalive_requests: self.keepalive_requests,
         };
         let mut lines = self.lines.lock().expect("lines lock");
         if !joining.paced {
@@ -394,7 +406,13 @@ impl Lines {
         if pooled.is_some() {
             self.verdict.proven.store(true, Ordering::Relaxed);
         }
-        let line = Line::open(connector.clone(), pooled, joining.now, self.verdict.clone());
+        let line = Line::open(
+            connector.clone(),
+            pooled,
+            joining.now,
+            self.verdict.clone(),
+            joining.keepalive_requests,
+        );
         lines.push(line.clone());
         line.join(joining)
             .expect("a new line takes its first request")
@@ -524,6 +542,7 @@ impl Line {
         pooled: Option<Box<InstanceConn>>,
         now: Instant,
         verdict: Arc<Verdict>,
+        keepalive_requests: u64,
     ) -> Arc<Line> {
         let line = Arc::new(Line {
             state: Mutex::new(LineState {
@@ -535,13 +554,15 @@ impl Line {
                 streaming: false,
                 front_since: now,
                 last_used: now,
-                next_turn: 0,
+                // A pooled connection's requests count toward `keepalive_requests`.
+                next_turn: pooled.as_ref().map_or(0, |conn| conn.requests()),
                 unwritten: Vec::new(),
                 last_write: 0,
             }),
             outstanding: AtomicUsize::new(0),
             wake_writer: Notify::new(),
             verdict,
+            keepalive_requests,
         });
         tokio::spawn(write_line(line.clone(), connector, pooled));
         line
@@ -567,6 +588,7 @@ impl Line {
             proven,
             paced,
             idle_timeout,
+            ..
         } = *joining;
         let mut state = self.state.lock().expect("line lock");
         let load = self.load();
@@ -576,6 +598,7 @@ impl Line {
             paced,
             waited: now.saturating_duration_since(state.front_since),
             streaming: state.streaming,
+            spent: state.next_turn >= self.keepalive_requests,
         };
         if state.closed.is_some() || !joinable(view, depth) {
             return None;
@@ -665,8 +688,9 @@ impl Line {
             self.wake_writer.notify_one();
         }
         let Some(turn) = state.turns.pop_front() else {
-            if reader.has_buffered() {
-                // Bytes no request asked for: whoever joins next would take them as its answer.
+            // Bytes no request asked for: whoever joins next would take them as its answer. A
+            // spent line has no request left to answer: it closes.
+            if reader.has_buffered() || state.next_turn >= self.keepalive_requests {
                 drop(state);
                 drop(reader);
                 return self.break_off(Broken::Lost);
@@ -987,7 +1011,11 @@ mod tests {
         .unwrap();
         let connector = Connector::new(addr, config.upstream("app").unwrap());
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        (Lines::new(4, Duration::from_secs(60)), connector, listener)
+        (
+            Lines::new(4, 1000, Duration::from_secs(60)),
+            connector,
+            listener,
+        )
     }
 
     /// No idle pooled connection: a new line connects.
@@ -1416,6 +1444,7 @@ mod tests {
             paced: true,
             waited: Duration::from_micros(300),
             streaming: false,
+            spent: false,
         };
         assert!(joinable(busy, 4));
         assert!(!joinable(LineView { load: 4, ..busy }, 4));
@@ -1453,7 +1482,22 @@ mod tests {
             paced: false,
             waited: Duration::from_secs(5),
             streaming: false,
+            spent: false,
         };
         assert!(joinable(empty, 4));
+        assert!(!joinable(
+            LineView {
+                spent: true,
+                ..empty
+            },
+            4
+        ));
+        assert!(!joinable(
+            LineView {
+                spent: true,
+                ..busy
+            },
+            4
+        ));
     }
 }

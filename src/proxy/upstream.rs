@@ -668,12 +668,14 @@ impl UpstreamConfig {
     fn same_pool(&self, other: &UpstreamConfig) -> bool {
         (
             self.keepalive,
+            self.keepalive_requests,
             self.pipeline,
             self.connect_timeout,
             self.idle_timeout,
             self.protocol,
         ) == (
             other.keepalive,
+            other.keepalive_requests,
             other.pipeline,
             other.connect_timeout,
             other.idle_timeout,
@@ -699,6 +701,8 @@ pub struct Pool {
     pub(crate) connector: Connector,
     idle: Mutex<VecDeque<IdleConn>>,
     keepalive: usize,
+    /// Requests a connection carries before it is closed instead of pooled.
+    keepalive_requests: u64,
     idle_timeout: Duration,
     /// Set for h2 and h2c upstreams (which then keep no idle HTTP/1.1 connections).
     pub(crate) http2: Option<Http2Conn>,
@@ -713,10 +717,16 @@ impl Pool {
             connector: Connector::new(addr, upstream),
             idle: Mutex::new(VecDeque::new()),
             keepalive: if http2 { 0 } else { upstream.keepalive },
+            keepalive_requests: upstream.keepalive_requests,
             idle_timeout: upstream.idle_timeout,
             http2: http2.then(Http2Conn::default),
-            lines: (upstream.pipeline > 1 && !http2)
-                .then(|| Lines::new(upstream.pipeline, upstream.idle_timeout)),
+            lines: (upstream.pipeline > 1 && !http2).then(|| {
+                Lines::new(
+                    upstream.pipeline,
+                    upstream.keepalive_requests,
+                    upstream.idle_timeout,
+                )
+            }),
         }
     }
 
@@ -760,10 +770,11 @@ impl Pool {
         self.idle.lock().expect("pool lock").pop_back()
     }
 
-    /// Returns a connection whose exchange finished; dropped when the pool is full. The oldest
-    /// idle connection is closed once it outlived the idle timeout.
+    /// Returns a connection whose exchange finished; dropped when the pool is full or the
+    /// connection carried `keepalive_requests`. The oldest idle connection is closed once it
+    /// outlived the idle timeout.
     pub fn checkin(&self, conn: Box<InstanceConn>) {
-        if self.keepalive == 0 {
+        if self.keepalive == 0 || conn.requests() >= self.keepalive_requests {
             return;
         }
         let now = Instant::now();
