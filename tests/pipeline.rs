@@ -641,3 +641,27 @@ async fn a_pooled_connection_is_closed_after_keepalive_requests() {
     assert_eq!(POOLED_CLOSING.unanswered.load(Ordering::Relaxed), 0);
     assert_eq!(POOLED_CLOSING.most.load(Ordering::Relaxed), 2);
 }
+
+static LEARNED_CLOSING: ClosingCounts = ClosingCounts::new();
+
+fn answer_five_unannounced(stream: TcpStream, _: usize) {
+    answer_then_close(stream, 5, &LEARNED_CLOSING);
+}
+
+/// An instance closing its connections after 5 requests, the gateway's `keepalive_requests`
+/// left at its default: once two lines ended after 5 answers, lines retire at 5, and the
+/// instance finds no request queued behind its last answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_learn_the_instance_s_own_limit_of_requests_per_connection() {
+    let gw = gateway_before(
+        answer_five_unannounced,
+        "pipeline = 8\nretries = 0\nmax_fails = 0",
+    );
+    // Learning costs requests sent again on connections of their own; every answer is right.
+    echo_in_parallel(&gw, 12, 10).await;
+    // The instance counts what came behind its last answers a moment after them.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    LEARNED_CLOSING.unanswered.store(0, Ordering::Relaxed);
+    echo_in_parallel(&gw, 12, 10).await;
+    assert_eq!(LEARNED_CLOSING.unanswered.load(Ordering::Relaxed), 0);
+}

@@ -716,7 +716,8 @@ async fn send_pipelined(
         Ok(answer) => {
             let came = observe_latency(instance, started, answer.head.status);
             lines.record_answer(path, pace, started, came);
-            lines.answered(&line, answer.framing.keep_alive);
+            let ordinary = answer.head.status.as_u16() < 400;
+            lines.answered(&line, answer.framing.keep_alive, ordinary);
             Ok(Answer::Http1(conn, Some(line), answer))
         }
         // The first answer due behind another did not come, or the connection closed

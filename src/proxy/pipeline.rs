@@ -118,8 +118,6 @@ pub struct Lines {
     lines: Mutex<Vec<Arc<Line>>>,
     /// Requests in flight per line before another line is opened.
     depth: usize,
-    /// Requests a line takes in all; it closes once they are answered ([`LineView::spent`]).
-    keepalive_requests: u64,
     idle_timeout: Duration,
     /// What the instance showed of how it takes pipelined requests; shared with its lines.
     verdict: Arc<Verdict>,
@@ -186,7 +184,6 @@ pub fn next_slow_answers(slow: u32, sample_us: u32, all_us: u32) -> Option<u32> 
 }
 
 /// What an instance showed of how it takes pipelined requests.
-#[derive(Default)]
 struct Verdict {
     /// An answer showed it keeps connections open: lines may carry more than one request from
     /// their first.
@@ -200,6 +197,42 @@ struct Verdict {
     /// It gets no pipelined requests: it closed a connection before it had ever kept one
     /// open, sent an answer that did not parse, or did not answer a pipelined request.
     refused: AtomicBool,
+    /// Requests a line takes in all ([`LineView::spent`]): `keepalive_requests`, or fewer once
+    /// the instance showed a limit of its own ([`learned_limit`]).
+    limit: AtomicU64,
+    /// After how many requests the instance last closed a line with an answer (0: never).
+    last_close: AtomicU64,
+}
+
+impl Verdict {
+    fn new(keepalive_requests: u64) -> Verdict {
+        Verdict {
+            proven: AtomicBool::new(false),
+            pipelined: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
+            limit: AtomicU64::new(keepalive_requests),
+            last_close: AtomicU64::new(0),
+        }
+    }
+
+    fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+}
+
+/// The requests a line may take in all, `limit` so far, once the instance closed a line with
+/// an ordinary answer (not an error) to the `closed_after`-th request on the connection, having
+/// closed the one before after `last_close`: a count seen twice in a row is the instance's own
+/// limit (nginx's `keepalive_requests`, Apache's `MaxKeepAliveRequests`), and lines retire
+/// there from then on, so that no request is queued behind its last answer. One close teaches
+/// nothing (a server may close after any answer now and then), nor does a close after the
+/// first request (such an instance is not pipelined to at all).
+pub fn learned_limit(limit: u64, last_close: u64, closed_after: u64) -> u64 {
+    if closed_after >= 2 && closed_after == last_close {
+        limit.min(closed_after)
+    } else {
+        limit
+    }
 }
 
 /// One pipelined connection.
@@ -211,8 +244,6 @@ pub struct Line {
     /// Its instance's [`Verdict`]: an abandoned answer that does not parse refuses it as a read
     /// one does.
     verdict: Arc<Verdict>,
-    /// See [`LineView::spent`].
-    keepalive_requests: u64,
 }
 
 struct LineState {
@@ -263,6 +294,8 @@ pub struct LineHold {
     released_queue: bool,
     /// It was queued behind another request's answer, not first on an idle line.
     behind: bool,
+    /// Requests the connection carried before this one.
+    position: u64,
 }
 
 /// A queued request: its turn at the read side. Dropped before its turn came (its client left),
@@ -286,7 +319,6 @@ struct Joining<'a, F> {
     /// See [`LineView::paced`].
     paced: bool,
     idle_timeout: Duration,
-    keepalive_requests: u64,
 }
 
 /// A line as a request choosing one sees it.
@@ -327,9 +359,8 @@ impl Lines {
         Lines {
             lines: Mutex::new(Vec::new()),
             depth,
-            keepalive_requests,
             idle_timeout,
-            verdict: Arc::default(),
+            verdict: Arc::new(Verdict::new(keepalive_requests)),
             pace: AtomicU32::new(0),
             probe_at: Mutex::new(Instant::now()),
             paths: (0..PATH_SLOTS).map(|_| PathWatch::default()).collect(),
@@ -364,7 +395,6 @@ impl Lines {
             proven: self.verdict.proven.load(Ordering::Relaxed),
             paced: self.pace.load(Ordering::Relaxed) < PACE_LIMIT.as_micros() as u32,
             idle_timeout: self.idle_timeout,
-            keepalive_requests: self.keepalive_requests,
         };
         let mut lines = self.lines.lock().expect("lines lock");
         if !joining.paced {
@@ -406,13 +436,7 @@ impl Lines {
         if pooled.is_some() {
             self.verdict.proven.store(true, Ordering::Relaxed);
         }
-        let line = Line::open(
-            connector.clone(),
-            pooled,
-            joining.now,
-            self.verdict.clone(),
-            joining.keepalive_requests,
-        );
+        let line = Line::open(connector.clone(), pooled, joining.now, self.verdict.clone());
         lines.push(line.clone());
         line.join(joining)
             .expect("a new line takes its first request")
@@ -488,12 +512,23 @@ impl Lines {
     }
 
     /// An answer head came on `hold`'s line: one that keeps the connection open proves the
-    /// instance; one that closes it ends the line, and ends pipelining to an instance never
-    /// proven (a server that closes every connection after one answer).
-    pub fn answered(&self, hold: &LineHold, persistent: bool) {
+    /// instance; one that closes it ends the line, ends pipelining to an instance never proven
+    /// (a server that closes every connection after one answer), and may show the instance's
+    /// own limit of requests per connection ([`learned_limit`]) when it is `ordinary` (not an
+    /// error answer).
+    pub fn answered(&self, hold: &LineHold, persistent: bool, ordinary: bool) {
         if persistent {
             self.verdict.proven.store(true, Ordering::Relaxed);
             return;
+        }
+        if ordinary {
+            let closed_after = hold.position + 1;
+            let last_close = self
+                .verdict
+                .last_close
+                .swap(closed_after, Ordering::Relaxed);
+            let limit = learned_limit(self.verdict.limit(), last_close, closed_after);
+            self.verdict.limit.store(limit, Ordering::Relaxed);
         }
         if !self.verdict.proven.load(Ordering::Relaxed) {
             self.verdict.refused.store(true, Ordering::Relaxed);
@@ -542,7 +577,6 @@ impl Line {
         pooled: Option<Box<InstanceConn>>,
         now: Instant,
         verdict: Arc<Verdict>,
-        keepalive_requests: u64,
     ) -> Arc<Line> {
         let line = Arc::new(Line {
             state: Mutex::new(LineState {
@@ -562,7 +596,6 @@ impl Line {
             outstanding: AtomicUsize::new(0),
             wake_writer: Notify::new(),
             verdict,
-            keepalive_requests,
         });
         tokio::spawn(write_line(line.clone(), connector, pooled));
         line
@@ -598,7 +631,7 @@ impl Line {
             paced,
             waited: now.saturating_duration_since(state.front_since),
             streaming: state.streaming,
-            spent: state.next_turn >= self.keepalive_requests,
+            spent: state.next_turn >= self.verdict.limit(),
         };
         if state.closed.is_some() || !joinable(view, depth) {
             return None;
@@ -656,6 +689,7 @@ impl Line {
                 handed_on: false,
                 released_queue: false,
                 behind,
+                position: id,
             }),
             turn: waiting,
             id,
@@ -690,7 +724,7 @@ impl Line {
         let Some(turn) = state.turns.pop_front() else {
             // Bytes no request asked for: whoever joins next would take them as its answer. A
             // spent line has no request left to answer: it closes.
-            if reader.has_buffered() || state.next_turn >= self.keepalive_requests {
+            if reader.has_buffered() || state.next_turn >= self.verdict.limit() {
                 drop(state);
                 drop(reader);
                 return self.break_off(Broken::Lost);
@@ -1045,7 +1079,7 @@ mod tests {
         let (lines, connector, listener) = lines();
         lines.verdict.pipelined.store(true, Ordering::Relaxed);
         let (reader, first) = first_in_line(&lines, &connector).await;
-        lines.answered(&first, true);
+        lines.answered(&first, true, true);
         (lines, connector, listener, reader, first)
     }
 
@@ -1061,7 +1095,7 @@ mod tests {
     async fn first_written() -> (Lines, Connector, TcpStream, Box<InstanceConn>, LineHold) {
         let (lines, connector, listener) = lines();
         let (reader, first) = first_in_line(&lines, &connector).await;
-        lines.answered(&first, true);
+        lines.answered(&first, true, true);
         let (mut instance, _) = listener.accept().await.unwrap();
         heads_read(&mut instance, 1).await;
         (lines, connector, instance, reader, first)
@@ -1122,14 +1156,14 @@ mod tests {
         // Unproven, the line takes no second request.
         let aside = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(!Arc::ptr_eq(&first.line, &aside.hold().line));
-        lines.answered(&first, true);
+        lines.answered(&first, true, true);
         let second = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         first.hand_on(reader, true);
         let (reader, second) = second.turn().await.ok().unwrap();
         let third = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(Arc::ptr_eq(&second.line, &third.hold().line));
-        lines.answered(&second, false);
+        lines.answered(&second, false, true);
         let fourth = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(!Arc::ptr_eq(&second.line, &fourth.hold().line));
         second.hand_on(reader, true);
@@ -1143,7 +1177,7 @@ mod tests {
         let (lines, connector, _listener) = lines();
         let (_reader, first) = first_in_line(&lines, &connector).await;
         assert!(lines.taken());
-        lines.answered(&first, false);
+        lines.answered(&first, false, true);
         assert!(!lines.taken());
     }
 
@@ -1320,13 +1354,13 @@ mod tests {
         let (lines, connector, _listener) = lines();
         let now = Instant::now();
         let (_reader, mut first) = first_in_line(&lines, &connector).await;
-        lines.answered(&first, true);
+        lines.answered(&first, true, true);
         let second = lines.enqueue(&connector, no_idle, now, false, get);
         first.release_queue();
         assert!(lost(second).await);
         let (lines, connector, _listener) = self::lines();
         let (_reader, mut first) = first_in_line(&lines, &connector).await;
-        lines.answered(&first, true);
+        lines.answered(&first, true, true);
         first.release_queue();
         // Nothing was queued: the line lives on, but no one joins it while the body streams.
         let second = lines.enqueue(&connector, no_idle, now, false, get);
@@ -1434,6 +1468,17 @@ mod tests {
             back + Duration::from_millis(50),
         );
         assert!(!lines.pipelines(slow, back + Duration::from_millis(51)));
+    }
+
+    #[test]
+    fn an_instance_closing_lines_twice_after_as_many_requests_shows_its_limit() {
+        // One close teaches nothing; the same count twice in a row is the instance's limit.
+        assert_eq!(learned_limit(1000, 0, 100), 1000);
+        assert_eq!(learned_limit(1000, 100, 100), 100);
+        assert_eq!(learned_limit(1000, 37, 100), 1000);
+        // Never above the limit configured; a close after the first request shows nothing.
+        assert_eq!(learned_limit(50, 100, 100), 50);
+        assert_eq!(learned_limit(1000, 1, 1), 1000);
     }
 
     #[test]
