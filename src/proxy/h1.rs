@@ -217,6 +217,13 @@ impl InstanceConn {
         self.requests
     }
 
+    /// A connection that carried `requests` already (tests of the limits on that count).
+    #[cfg(test)]
+    pub fn with_requests(mut self: Box<Self>, requests: u64) -> Box<Self> {
+        self.requests = requests;
+        self
+    }
+
     /// False once the instance closed the idle connection or sent something unasked.
     pub fn is_open(&mut self) -> bool {
         self.stream.is_open()

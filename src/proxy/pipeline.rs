@@ -221,12 +221,13 @@ impl Verdict {
 }
 
 /// The requests a line may take in all, `limit` so far, once the instance closed a line with
-/// an ordinary answer (not an error) to the `closed_after`-th request on the connection, having
-/// closed the one before after `last_close`: a count seen twice in a row is the instance's own
-/// limit (nginx's `keepalive_requests`, Apache's `MaxKeepAliveRequests`), and lines retire
-/// there from then on, so that no request is queued behind its last answer. One close teaches
-/// nothing (a server may close after any answer now and then), nor does a close after the
-/// first request (such an instance is not pipelined to at all).
+/// an ordinary answer (not an error), requests queued behind it, to the `closed_after`-th
+/// request on the connection, having closed the one before after `last_close`: a count seen
+/// twice in a row is the instance's own limit (nginx's `keepalive_requests`, Apache's
+/// `MaxKeepAliveRequests`), and lines retire there from then on, so that no request is queued
+/// behind its last answer. One close teaches nothing (a server may close after any answer now
+/// and then), nor does a close after the first request (such an instance is not pipelined to at
+/// all).
 pub fn learned_limit(limit: u64, last_close: u64, closed_after: u64) -> u64 {
     if closed_after >= 2 && closed_after == last_close {
         limit.min(closed_after)
@@ -432,7 +433,8 @@ impl Lines {
             }
         }
         lines.retain(|line| !line.is_closed());
-        let pooled = idle();
+        // A pooled connection past a limit learned since it was pooled is closed, not a line.
+        let pooled = idle().filter(|conn| conn.requests() < self.verdict.limit());
         if pooled.is_some() {
             self.verdict.proven.store(true, Ordering::Relaxed);
         }
@@ -515,20 +517,21 @@ impl Lines {
     /// instance; one that closes it ends the line, ends pipelining to an instance never proven
     /// (a server that closes every connection after one answer), and may show the instance's
     /// own limit of requests per connection ([`learned_limit`]) when it is `ordinary` (not an
-    /// error answer).
+    /// error answer) and requests were queued behind it (the close cost them their place: a
+    /// line closed with nothing behind it, under light load, lost nothing worth learning from).
     pub fn answered(&self, hold: &LineHold, persistent: bool, ordinary: bool) {
         if persistent {
             self.verdict.proven.store(true, Ordering::Relaxed);
             return;
         }
-        if ordinary {
+        if ordinary && hold.line.load() > 1 {
             let closed_after = hold.position + 1;
             let last_close = self
                 .verdict
                 .last_close
                 .swap(closed_after, Ordering::Relaxed);
             let limit = learned_limit(self.verdict.limit(), last_close, closed_after);
-            self.verdict.limit.store(limit, Ordering::Relaxed);
+            self.verdict.limit.fetch_min(limit, Ordering::Relaxed);
         }
         if !self.verdict.proven.load(Ordering::Relaxed) {
             self.verdict.refused.store(true, Ordering::Relaxed);
@@ -633,10 +636,16 @@ impl Line {
             streaming: state.streaming,
             spent: state.next_turn >= self.verdict.limit(),
         };
+        let idle = state.turns.is_empty() && load == 0;
+        if view.spent && idle && state.closed.is_none() {
+            // Spent by a limit learned while it sat idle: nothing will pass its reader on again.
+            drop(state);
+            self.break_off(Broken::Lost);
+            return None;
+        }
         if state.closed.is_some() || !joinable(view, depth) {
             return None;
         }
-        let idle = state.turns.is_empty() && load == 0;
         let idle_too_long = now.duration_since(state.last_used) > idle_timeout;
         let stale = idle
             && state
@@ -1468,6 +1477,21 @@ mod tests {
             back + Duration::from_millis(50),
         );
         assert!(!lines.pipelines(slow, back + Duration::from_millis(51)));
+    }
+
+    /// A pooled connection that carried more requests than a limit learned since it was pooled
+    /// is closed rather than made a line, which would be spent before its first request.
+    #[tokio::test]
+    async fn a_pooled_connection_past_a_learned_limit_is_not_made_a_line() {
+        let (lines, connector, listener) = lines();
+        lines.verdict.limit.store(2, Ordering::Relaxed);
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let pooled = Box::new(InstanceConn::new(InstanceStream::Tcp(stream))).with_requests(5);
+        let ticket = lines.enqueue(&connector, || Some(pooled), Instant::now(), false, get);
+        // The line connects afresh: its first request is the connection's first.
+        assert_eq!(ticket.hold().position, 0);
     }
 
     #[test]
