@@ -716,8 +716,7 @@ async fn send_pipelined(
         Ok(answer) => {
             let came = observe_latency(instance, started, answer.head.status);
             lines.record_answer(path, pace, started, came);
-            let ordinary = answer.head.status.as_u16() < 400;
-            lines.answered(&line, answer.framing.keep_alive, ordinary);
+            lines.answered(&line, answer.framing.keep_alive, answer.head.status);
             Ok(Answer::Http1(conn, Some(line), answer))
         }
         // The first answer due behind another did not come, or the connection closed

@@ -295,8 +295,9 @@ pub struct LineHold {
     released_queue: bool,
     /// It was queued behind another request's answer, not first on an idle line.
     behind: bool,
-    /// Requests the connection carried before this one.
-    position: u64,
+    /// Tells the request apart on its line ([`Line::give_up`]); also the requests its
+    /// connection carried before this one.
+    id: u64,
 }
 
 /// A queued request: its turn at the read side. Dropped before its turn came (its client left),
@@ -305,8 +306,6 @@ pub struct Ticket {
     /// Until the turn comes.
     hold: Option<LineHold>,
     turn: oneshot::Receiver<Result<Box<InstanceConn>, Broken>>,
-    /// Tells the request apart on its line, for [`Line::give_up`].
-    id: u64,
 }
 
 /// A request looking for a line to join.
@@ -516,16 +515,17 @@ impl Lines {
     /// An answer head came on `hold`'s line: one that keeps the connection open proves the
     /// instance; one that closes it ends the line, ends pipelining to an instance never proven
     /// (a server that closes every connection after one answer), and may show the instance's
-    /// own limit of requests per connection ([`learned_limit`]) when it is `ordinary` (not an
-    /// error answer) and requests were queued behind it (the close cost them their place: a
-    /// line closed with nothing behind it, under light load, lost nothing worth learning from).
-    pub fn answered(&self, hold: &LineHold, persistent: bool, ordinary: bool) {
+    /// own limit of requests per connection ([`learned_limit`]) when its `status` is not an
+    /// error and requests were queued behind it (the close cost them their place: a line closed
+    /// with nothing behind it, under light load, lost nothing worth learning from).
+    pub fn answered(&self, hold: &LineHold, persistent: bool, status: http::StatusCode) {
         if persistent {
             self.verdict.proven.store(true, Ordering::Relaxed);
             return;
         }
+        let ordinary = !status.is_client_error() && !status.is_server_error();
         if ordinary && hold.line.load() > 1 {
-            let closed_after = hold.position + 1;
+            let closed_after = hold.id + 1;
             let last_close = self
                 .verdict
                 .last_close
@@ -608,6 +608,11 @@ impl Line {
         self.outstanding.load(Ordering::Relaxed)
     }
 
+    /// See [`LineView::spent`].
+    fn spent(&self, state: &LineState) -> bool {
+        state.next_turn >= self.verdict.limit()
+    }
+
     fn is_closed(&self) -> bool {
         self.state.lock().expect("line lock").closed.is_some()
     }
@@ -634,27 +639,27 @@ impl Line {
             paced,
             waited: now.saturating_duration_since(state.front_since),
             streaming: state.streaming,
-            spent: state.next_turn >= self.verdict.limit(),
+            spent: self.spent(&state),
         };
+        if state.closed.is_some() {
+            return None;
+        }
+        // An idle line is done with when the instance closed it, it idled too long, or a limit
+        // learned while it sat idle left it spent (no answer will pass its reader on again).
         let idle = state.turns.is_empty() && load == 0;
-        if view.spent && idle && state.closed.is_none() {
-            // Spent by a limit learned while it sat idle: nothing will pass its reader on again.
-            drop(state);
-            self.break_off(Broken::Lost);
-            return None;
-        }
-        if state.closed.is_some() || !joinable(view, depth) {
-            return None;
-        }
         let idle_too_long = now.duration_since(state.last_used) > idle_timeout;
         let stale = idle
-            && state
-                .reader
-                .as_mut()
-                .is_some_and(|reader| idle_too_long || !reader.is_open());
+            && (view.spent
+                || state
+                    .reader
+                    .as_mut()
+                    .is_some_and(|reader| idle_too_long || !reader.is_open()));
         if stale {
             drop(state);
             self.break_off(Broken::Lost);
+            return None;
+        }
+        if !joinable(view, depth) {
             return None;
         }
         let (turn, waiting) = oneshot::channel();
@@ -698,10 +703,9 @@ impl Line {
                 handed_on: false,
                 released_queue: false,
                 behind,
-                position: id,
+                id,
             }),
             turn: waiting,
-            id,
         })
     }
 
@@ -733,7 +737,7 @@ impl Line {
         let Some(turn) = state.turns.pop_front() else {
             // Bytes no request asked for: whoever joins next would take them as its answer. A
             // spent line has no request left to answer: it closes.
-            if reader.has_buffered() || state.next_turn >= self.verdict.limit() {
+            if reader.has_buffered() || self.spent(&state) {
                 drop(state);
                 drop(reader);
                 return self.break_off(Broken::Lost);
@@ -877,7 +881,7 @@ impl Drop for Ticket {
         let Some(mut hold) = self.hold.take() else {
             return;
         };
-        match hold.line.give_up(self.id) {
+        match hold.line.give_up(hold.id) {
             GiveUp::Unsent => {
                 hold.handed_on = true;
                 if let Ok(Ok(reader)) = self.turn.try_recv() {
@@ -1041,10 +1045,10 @@ mod tests {
     use crate::config::Config;
     use crate::proxy::h1::Outgoing;
     use tokio::io::AsyncWriteExt;
-    use tokio::net::TcpStream;
+    use tokio::net::{TcpListener, TcpStream};
 
     /// Lines of depth 4 to a listener that takes connections and never answers.
-    fn lines() -> (Lines, Connector, tokio::net::TcpListener) {
+    fn lines() -> (Lines, Connector, TcpListener) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1053,7 +1057,7 @@ mod tests {
         ))
         .unwrap();
         let connector = Connector::new(addr, config.upstream("app").unwrap());
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
         (
             Lines::new(4, 1000, Duration::from_secs(60)),
             connector,
@@ -1078,17 +1082,11 @@ mod tests {
 
     /// `lines()` with a first request holding the read side, its answer having shown that the
     /// instance keeps connections open, and the instance known to answer pipelined requests.
-    async fn proven() -> (
-        Lines,
-        Connector,
-        tokio::net::TcpListener,
-        Box<InstanceConn>,
-        LineHold,
-    ) {
+    async fn proven() -> (Lines, Connector, TcpListener, Box<InstanceConn>, LineHold) {
         let (lines, connector, listener) = lines();
         lines.verdict.pipelined.store(true, Ordering::Relaxed);
         let (reader, first) = first_in_line(&lines, &connector).await;
-        lines.answered(&first, true, true);
+        lines.answered(&first, true, http::StatusCode::OK);
         (lines, connector, listener, reader, first)
     }
 
@@ -1104,7 +1102,7 @@ mod tests {
     async fn first_written() -> (Lines, Connector, TcpStream, Box<InstanceConn>, LineHold) {
         let (lines, connector, listener) = lines();
         let (reader, first) = first_in_line(&lines, &connector).await;
-        lines.answered(&first, true, true);
+        lines.answered(&first, true, http::StatusCode::OK);
         let (mut instance, _) = listener.accept().await.unwrap();
         heads_read(&mut instance, 1).await;
         (lines, connector, instance, reader, first)
@@ -1165,14 +1163,14 @@ mod tests {
         // Unproven, the line takes no second request.
         let aside = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(!Arc::ptr_eq(&first.line, &aside.hold().line));
-        lines.answered(&first, true, true);
+        lines.answered(&first, true, http::StatusCode::OK);
         let second = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         first.hand_on(reader, true);
         let (reader, second) = second.turn().await.ok().unwrap();
         let third = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(Arc::ptr_eq(&second.line, &third.hold().line));
-        lines.answered(&second, false, true);
+        lines.answered(&second, false, http::StatusCode::OK);
         let fourth = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(!Arc::ptr_eq(&second.line, &fourth.hold().line));
         second.hand_on(reader, true);
@@ -1186,7 +1184,7 @@ mod tests {
         let (lines, connector, _listener) = lines();
         let (_reader, first) = first_in_line(&lines, &connector).await;
         assert!(lines.taken());
-        lines.answered(&first, false, true);
+        lines.answered(&first, false, http::StatusCode::OK);
         assert!(!lines.taken());
     }
 
@@ -1363,13 +1361,13 @@ mod tests {
         let (lines, connector, _listener) = lines();
         let now = Instant::now();
         let (_reader, mut first) = first_in_line(&lines, &connector).await;
-        lines.answered(&first, true, true);
+        lines.answered(&first, true, http::StatusCode::OK);
         let second = lines.enqueue(&connector, no_idle, now, false, get);
         first.release_queue();
         assert!(lost(second).await);
         let (lines, connector, _listener) = self::lines();
         let (_reader, mut first) = first_in_line(&lines, &connector).await;
-        lines.answered(&first, true, true);
+        lines.answered(&first, true, http::StatusCode::OK);
         first.release_queue();
         // Nothing was queued: the line lives on, but no one joins it while the body streams.
         let second = lines.enqueue(&connector, no_idle, now, false, get);
@@ -1491,7 +1489,66 @@ mod tests {
         let pooled = Box::new(InstanceConn::new(InstanceStream::Tcp(stream))).with_requests(5);
         let ticket = lines.enqueue(&connector, || Some(pooled), Instant::now(), false, get);
         // The line connects afresh: its first request is the connection's first.
-        assert_eq!(ticket.hold().position, 0);
+        assert_eq!(ticket.hold().id, 0);
+    }
+
+    /// An idle line a limit learned since its last request left spent is closed when next
+    /// looked at, not left open until the idle sweep.
+    #[tokio::test]
+    async fn an_idle_line_spent_by_a_learned_limit_is_closed() {
+        let (lines, connector, _listener) = lines();
+        let (reader, first) = first_in_line(&lines, &connector).await;
+        lines.answered(&first, true, http::StatusCode::OK);
+        let line = first.line.clone();
+        first.hand_on(reader, true);
+        lines.verdict.limit.store(1, Ordering::Relaxed);
+        let next = lines.enqueue(&connector, no_idle, Instant::now(), false, get);
+        assert!(!Arc::ptr_eq(&line, &next.hold().line));
+        assert!(line.is_closed());
+    }
+
+    /// The instance closes a line on a pooled connection that carried 4 requests, answering its
+    /// 5th with `status` and `Connection: close`, with another request queued behind it when
+    /// `behind`.
+    async fn closed_after_five(
+        lines: &Lines,
+        connector: &Connector,
+        status: http::StatusCode,
+        behind: bool,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let pooled = Box::new(InstanceConn::new(InstanceStream::Tcp(stream))).with_requests(4);
+        let now = Instant::now();
+        let ticket = lines.enqueue(connector, || Some(pooled), now, false, get);
+        let queued = behind.then(|| lines.enqueue(connector, no_idle, now, false, get));
+        let (_reader, fifth) = ticket.turn().await.ok().unwrap();
+        assert_eq!(fifth.id + 1, 5);
+        if let Some(queued) = &queued {
+            assert!(Arc::ptr_eq(&fifth.line, &queued.hold().line));
+        }
+        lines.answered(&fifth, false, status);
+    }
+
+    /// Two lines in a row closed by the instance after 5 requests, each with an ordinary answer
+    /// and a request queued behind it, make 5 the most a line takes; a close with nothing
+    /// queued behind, or with an error answer, teaches nothing.
+    #[tokio::test]
+    async fn lines_learn_an_instance_s_own_limit_of_requests_per_connection() {
+        let (lines, connector, _listener) = lines();
+        let (ok, error) = (http::StatusCode::OK, http::StatusCode::SERVICE_UNAVAILABLE);
+        closed_after_five(&lines, &connector, ok, false).await;
+        closed_after_five(&lines, &connector, ok, false).await;
+        assert_eq!(lines.verdict.limit(), 1000, "nothing was queued behind");
+        closed_after_five(&lines, &connector, error, true).await;
+        closed_after_five(&lines, &connector, error, true).await;
+        assert_eq!(lines.verdict.limit(), 1000, "error answers");
+        closed_after_five(&lines, &connector, ok, true).await;
+        assert_eq!(lines.verdict.limit(), 1000, "one close");
+        closed_after_five(&lines, &connector, ok, true).await;
+        assert_eq!(lines.verdict.limit(), 5);
     }
 
     #[test]
