@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::*;
@@ -236,12 +236,14 @@ async fn clients_leaving_while_their_answers_are_due_get_no_request_sent_twice()
 }
 
 /// A hand-written instance: `serve(connection, its index)` on a thread per connection.
-fn raw_instance(serve: fn(TcpStream, usize)) -> SocketAddr {
+fn raw_instance(serve: impl Fn(TcpStream, usize) + Send + Sync + 'static) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let serve = Arc::new(serve);
     std::thread::spawn(move || {
         for (index, stream) in listener.incoming().enumerate() {
             let Ok(stream) = stream else { return };
+            let serve = serve.clone();
             std::thread::spawn(move || serve(stream, index));
         }
     });
@@ -249,7 +251,10 @@ fn raw_instance(serve: fn(TcpStream, usize)) -> SocketAddr {
 }
 
 /// A gateway in front of one [`raw_instance`], its upstream with `extra` keys.
-fn gateway_before(serve: fn(TcpStream, usize), extra: &str) -> Gateway {
+fn gateway_before(
+    serve: impl Fn(TcpStream, usize) + Send + Sync + 'static,
+    extra: &str,
+) -> Gateway {
     gateway(&app_config_at(&[raw_instance(serve)], extra))
 }
 
@@ -564,17 +569,18 @@ async fn quick_requests_do_not_queue_behind_a_path_known_slow() {
 
 /// What an instance closing its connections after a number of answers saw: request heads it
 /// read and never answered, and the most requests one connection brought.
+#[derive(Default)]
 struct ClosingCounts {
     unanswered: AtomicUsize,
     most: AtomicUsize,
 }
 
 impl ClosingCounts {
-    const fn new() -> ClosingCounts {
-        ClosingCounts {
-            unanswered: AtomicUsize::new(0),
-            most: AtomicUsize::new(0),
-        }
+    fn seen(&self) -> (usize, usize) {
+        (
+            self.unanswered.load(Ordering::Relaxed),
+            self.most.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -603,36 +609,23 @@ fn answer_then_close(stream: TcpStream, limit: usize, counts: &ClosingCounts) {
     counts.most.fetch_max(limit + behind, Ordering::Relaxed);
 }
 
-/// Through a gateway before `serve` (its upstream with `extra` keys, no retries, no passive
-/// checks), `tasks` clients each sending 10 requests: what `counts` then holds, requests that
-/// came behind an instance's last answer on a connection and the most one connection brought.
-async fn closing_after(
-    serve: fn(TcpStream, usize),
-    extra: &str,
-    tasks: usize,
-    counts: &ClosingCounts,
-) -> (usize, usize) {
+/// A gateway (its upstream with `extra` keys, no retries, no passive checks) before an instance
+/// that [`answer_then_close`]s after `limit` answers, and what that instance counts.
+fn gateway_before_closing(limit: usize, extra: &str) -> (Gateway, Arc<ClosingCounts>) {
+    let counts = Arc::new(ClosingCounts::default());
+    let seen = counts.clone();
+    let serve = move |stream, _| answer_then_close(stream, limit, &seen);
     let gw = gateway_before(serve, &format!("retries = 0\nmax_fails = 0\n{extra}"));
-    echo_in_parallel(&gw, tasks, 10).await;
-    (
-        counts.unanswered.load(Ordering::Relaxed),
-        counts.most.load(Ordering::Relaxed),
-    )
-}
-
-static LINES_CLOSING: ClosingCounts = ClosingCounts::new();
-
-fn answer_five_on_a_line(stream: TcpStream, _: usize) {
-    answer_then_close(stream, 5, &LINES_CLOSING);
+    (gw, counts)
 }
 
 /// A line takes at most `keepalive_requests` requests and closes once they are answered, so an
 /// instance closing connections at that count finds no request queued behind its last answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_line_retires_at_keepalive_requests_before_the_instance_closes_it() {
-    let extra = "pipeline = 8\nkeepalive_requests = 5";
-    let seen = closing_after(answer_five_on_a_line, extra, 12, &LINES_CLOSING).await;
-    assert_eq!(seen, (0, 5));
+    let (gw, counts) = gateway_before_closing(5, "pipeline = 8\nkeepalive_requests = 5");
+    echo_in_parallel(&gw, 12, 10).await;
+    assert_eq!(counts.seen(), (0, 5));
     // Pipelined, the requests of a line were sent before their answers came.
     let gw = gateway_before(echo_every_target, "pipeline = 8\nkeepalive_requests = 5");
     let before = ECHO_PIPELINED.load(Ordering::Relaxed);
@@ -640,40 +633,10 @@ async fn a_line_retires_at_keepalive_requests_before_the_instance_closes_it() {
     assert!(ECHO_PIPELINED.load(Ordering::Relaxed) > before);
 }
 
-static POOLED_CLOSING: ClosingCounts = ClosingCounts::new();
-
-fn answer_three_pooled(stream: TcpStream, _: usize) {
-    answer_then_close(stream, 3, &POOLED_CLOSING);
-}
-
 /// Unpipelined, a pooled connection that carried `keepalive_requests` is closed, not reused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_connection_is_closed_after_keepalive_requests() {
-    let extra = "pipeline = 1\nkeepalive_requests = 2";
-    let seen = closing_after(answer_three_pooled, extra, 4, &POOLED_CLOSING).await;
-    assert_eq!(seen, (0, 2));
-}
-
-static LEARNED_CLOSING: ClosingCounts = ClosingCounts::new();
-
-fn answer_five_unannounced(stream: TcpStream, _: usize) {
-    answer_then_close(stream, 5, &LEARNED_CLOSING);
-}
-
-/// An instance closing its connections after 5 requests, the gateway's `keepalive_requests`
-/// left at its default: once two lines ended after 5 answers, lines retire at 5, and the
-/// instance finds no request queued behind its last answer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lines_learn_the_instance_s_own_limit_of_requests_per_connection() {
-    let gw = gateway_before(
-        answer_five_unannounced,
-        "pipeline = 8\nretries = 0\nmax_fails = 0",
-    );
-    // Learning costs requests sent again on connections of their own; every answer is right.
-    echo_in_parallel(&gw, 12, 10).await;
-    // The instance counts what came behind its last answers a moment after them.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    LEARNED_CLOSING.unanswered.store(0, Ordering::Relaxed);
-    echo_in_parallel(&gw, 12, 10).await;
-    assert_eq!(LEARNED_CLOSING.unanswered.load(Ordering::Relaxed), 0);
+    let (gw, counts) = gateway_before_closing(3, "pipeline = 1\nkeepalive_requests = 2");
+    echo_in_parallel(&gw, 4, 10).await;
+    assert_eq!(counts.seen(), (0, 2));
 }
