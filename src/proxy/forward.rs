@@ -730,7 +730,7 @@ async fn send_pipelined(
             if matches!(err, SendError::Invalid(_)) {
                 lines.refuse();
             }
-            Err(Attempt::of_send(err, true))
+            Err(Attempt::of_send(err, line.reused()))
         }
     }
 }

@@ -24,7 +24,8 @@
 //! off; a misframed answer would shift every answer queued behind it). Instances answer a
 //! connection's requests one after another, so a slow one is better served by connections of
 //! its own: a request does not queue behind one that has waited [`FLOWING_WAIT`] already, nor
-//! at all while the instance's pace (its time per answer on a line) is past [`PACE_LIMIT`];
+//! at all while the instance's pace (its time per answer on a line) is past [`PACE_LIMIT`] or
+//! not yet measured ([`pace_after`]);
 //! nor are requests for a path that answered slowly among quick ones ([`SLOW_PATH`]). And an
 //! answer whose body does not come whole with its head sends the requests queued behind it
 //! elsewhere, so that a large answer, or its slow reader, holds up no one. Until the instance
@@ -83,9 +84,16 @@ pub const FLOWING_WAIT: Duration = Duration::from_millis(1);
 /// a third of the requests per second they get without pipelining).
 pub const PACE_LIMIT: Duration = Duration::from_micros(500);
 
-/// While an instance's pace is past [`PACE_LIMIT`], one request per this interval queues
-/// behind another anyway, alone, so that its answer measures the instance again.
+/// While an instance's pace is past [`PACE_LIMIT`] or not yet measured, one request per
+/// [`probe_interval`] queues behind another anyway, alone, so that its answer measures the
+/// instance again: at least this often.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A pace not yet measured: the instance is not pipelined to, but for a probe, until an answer
+/// shows it quick. Taking it for quick, a new gateway (a deploy, a restart) would queue a
+/// whole first wave of requests behind a slow instance's answers, each waiting for all those
+/// before it.
+const UNMEASURED: u32 = u32::MAX;
 
 /// Paths are told apart for their slowness by a hash into this many slots (two paths sharing
 /// one only pipeline less).
@@ -121,11 +129,12 @@ pub struct Lines {
     idle_timeout: Duration,
     /// What the instance showed of how it takes pipelined requests; shared with its lines.
     verdict: Arc<Verdict>,
-    /// The instance's pace in microseconds: an average of the time its answers took after the
-    /// request's turn came, for requests queued behind another ([`PaceSample`]).
+    /// The instance's pace in microseconds ([`pace_after`]): an average of the time its answers
+    /// took after the request's turn came, for requests queued behind another ([`PaceSample`]),
+    /// or [`UNMEASURED`].
     pace: AtomicU32,
-    /// When a request may next queue to measure a slow instance: [`PROBE_INTERVAL`] after the
-    /// last answer that found it slow, or after the last probe.
+    /// When a request may next queue to measure a slow or unmeasured instance
+    /// ([`probe_interval`] after the last answer that found it slow, or after the last probe).
     probe_at: Mutex<Instant>,
     /// The slow answers of each slot of paths ([`PathSlot`]), and the pace of every path
     /// together ([`next_pace`]).
@@ -171,6 +180,36 @@ pub enum PaceSample {
 /// that one long pause (the instance descheduled) does not stop pipelining to a fast instance.
 pub fn next_pace(pace_us: u32, sample_us: u32) -> u32 {
     pace_us - pace_us / 8 + sample_us / 8
+}
+
+/// An instance's pace ([`Lines`]) after an answer that took `sample_us`, `first` when the
+/// request was first on its line (its wait is the instance's whole latency, an upper bound of
+/// its time per answer). An answer within [`PACE_LIMIT`] while the pace is past it or
+/// [`UNMEASURED`] sets it outright, whole latency or not: the instance is quick now, and an
+/// average would keep it unpipelined for dozens of probes after a slow spell. Otherwise only
+/// answers behind another count, the first of them outright.
+pub fn pace_after(pace_us: u32, sample_us: u32, first: bool) -> u32 {
+    let limit = PACE_LIMIT.as_micros() as u32;
+    if sample_us < limit && pace_us >= limit {
+        sample_us
+    } else if first {
+        pace_us
+    } else if pace_us == UNMEASURED {
+        sample_us.min(UNMEASURED - 1)
+    } else {
+        next_pace(pace_us, sample_us)
+    }
+}
+
+/// How long after a probe (or an answer that found the instance slow) the next request may
+/// queue to measure it: [`PROBE_INTERVAL`], or the time of 64 answers at its pace when that is
+/// longer, so that in front of an instance taking 300 ms per answer one request in 19 s waits
+/// for another's answer, not one in every 100 ms.
+pub fn probe_interval(pace_us: u32) -> Duration {
+    if pace_us == UNMEASURED {
+        return PROBE_INTERVAL;
+    }
+    PROBE_INTERVAL.max(Duration::from_micros(u64::from(pace_us) * 64))
 }
 
 /// A path's slow answers in a row after `slow` of them and an answer that took `sample_us`,
@@ -361,7 +400,7 @@ impl Lines {
             depth,
             idle_timeout,
             verdict: Arc::new(Verdict::new(keepalive_requests)),
-            pace: AtomicU32::new(0),
+            pace: AtomicU32::new(UNMEASURED),
             probe_at: Mutex::new(Instant::now()),
             paths: (0..PATH_SLOTS).map(|_| PathWatch::default()).collect(),
             all_paths: AtomicU32::new(0),
@@ -408,7 +447,7 @@ impl Lines {
                 };
                 let ticket = self.join_first(&mut lines, connector, idle, &probing);
                 if ticket.hold().behind {
-                    *probe_at = now + PROBE_INTERVAL;
+                    *probe_at = now + probe_interval(self.pace.load(Ordering::Relaxed));
                 }
                 return ticket;
             }
@@ -468,11 +507,13 @@ impl Lines {
         };
         let took = u32::try_from(came.saturating_duration_since(since).as_micros());
         let took = took.unwrap_or(u32::MAX);
-        if sample != PaceSample::First {
-            let pace = next_pace(self.pace.load(Ordering::Relaxed), took);
+        let first = sample == PaceSample::First;
+        let before = self.pace.load(Ordering::Relaxed);
+        let pace = pace_after(before, took, first);
+        if pace != before {
             self.pace.store(pace, Ordering::Relaxed);
             if pace >= PACE_LIMIT.as_micros() as u32 {
-                *self.probe_at.lock().expect("probe lock") = came + PROBE_INTERVAL;
+                *self.probe_at.lock().expect("probe lock") = came + probe_interval(pace);
             }
         }
         let all = next_pace(self.all_paths.load(Ordering::Relaxed), took);
@@ -899,6 +940,14 @@ impl Drop for Ticket {
 }
 
 impl LineHold {
+    /// Whether its connection carried requests before this one, whose answers were read by the
+    /// time this one's turn came: the instance closing it now is the close of a kept-alive
+    /// connection, as on a stale pooled one, not this request's failure alone. On a new
+    /// connection its first request has no such excuse.
+    pub fn reused(&self) -> bool {
+        self.id > 0
+    }
+
     /// What this request's answer will tell of the instance's pace, its turn having come with
     /// `reader`.
     pub fn pace_sample(&self, reader: &InstanceConn) -> PaceSample {
@@ -1047,8 +1096,17 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::{TcpListener, TcpStream};
 
-    /// Lines of depth 4 to a listener that takes connections and never answers.
+    /// Lines of depth 4 to a listener that takes connections and never answers, its pace
+    /// measured quick (unmeasured, see
+    /// `a_new_instance_gets_one_probe_until_an_answer_shows_it_quick`).
     fn lines() -> (Lines, Connector, TcpListener) {
+        let (lines, connector, listener) = unmeasured_lines();
+        lines.pace.store(100, Ordering::Relaxed);
+        (lines, connector, listener)
+    }
+
+    /// [`lines`] before any answer measured the instance.
+    fn unmeasured_lines() -> (Lines, Connector, TcpListener) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1393,21 +1451,71 @@ mod tests {
         let PaceSample::From(turn) = second.pace_sample(&reader) else {
             panic!("the second request waited behind the first, its answer not yet here");
         };
-        // Its answer took 10 ms after its turn came: no request queues behind another (each one
-        // dropped here breaks the line it opened)...
-        answered(PaceSample::From(turn), turn + Duration::from_millis(10));
+        // Its answer took 100 ms after its turn came: no request queues behind another (each
+        // one dropped here breaks the line it opened)...
+        let came = turn + Duration::from_millis(100);
+        answered(PaceSample::From(turn), came);
         for _ in 0..10 {
             let apart = lines.enqueue(&connector, no_idle, now, false, get);
             assert!(!Arc::ptr_eq(&second.line, &apart.hold().line));
         }
         // ... but for one per probe interval, which measures it again (a request first on its
-        // line does not: it measures nothing).
-        let probe_time = turn + Duration::from_millis(10) + PROBE_INTERVAL;
+        // line does not: it measures nothing): 64 answers' time at its pace (12.6 ms).
+        let pace = lines.pace.load(Ordering::Relaxed);
+        assert!(probe_interval(pace) > PROBE_INTERVAL);
+        let early = came + PROBE_INTERVAL;
+        let front = lines.enqueue(&connector, no_idle, early, false, get);
+        let apart = lines.enqueue(&connector, no_idle, early, false, get);
+        assert!(!Arc::ptr_eq(&front.hold().line, &apart.hold().line));
+        let probe_time = came + probe_interval(pace);
         let front = lines.enqueue(&connector, no_idle, probe_time, false, get);
         let probe = lines.enqueue(&connector, no_idle, probe_time, false, get);
         assert!(Arc::ptr_eq(&front.hold().line, &probe.hold().line));
         let apart = lines.enqueue(&connector, no_idle, probe_time, false, get);
         assert!(!Arc::ptr_eq(&front.hold().line, &apart.hold().line));
+    }
+
+    #[tokio::test]
+    async fn a_new_instance_gets_one_probe_until_an_answer_shows_it_quick() {
+        let (lines, connector, _listener) = unmeasured_lines();
+        let (_reader, first) = first_in_line(&lines, &connector).await;
+        lines.answered(&first, true, http::StatusCode::OK);
+        let now = queued_at(&first);
+        let probe = lines.enqueue(&connector, no_idle, now, false, get);
+        assert!(Arc::ptr_eq(&first.line, &probe.hold().line));
+        let apart = lines.enqueue(&connector, no_idle, now, false, get);
+        assert!(!Arc::ptr_eq(&first.line, &apart.hold().line));
+        // A slow answer of a request first on its line measures nothing; a quick one shows the
+        // instance quick.
+        let answered =
+            |took| lines.record_answer(PathSlot::of("/"), PaceSample::First, now, now + took);
+        answered(Duration::from_millis(300));
+        let apart = lines.enqueue(&connector, no_idle, now, false, get);
+        assert!(!Arc::ptr_eq(&first.line, &apart.hold().line));
+        answered(Duration::from_micros(200));
+        let joining = lines.enqueue(&connector, no_idle, now, false, get);
+        assert!(Arc::ptr_eq(&first.line, &joining.hold().line));
+    }
+
+    #[test]
+    fn the_pace_is_set_by_a_quick_answer_and_averaged_from_answers_behind_another() {
+        // Unmeasured or slow, one quick answer sets it, first on its line or not.
+        assert_eq!(pace_after(UNMEASURED, 300, true), 300);
+        assert_eq!(pace_after(40_000, 300, false), 300);
+        // A slow answer first on its line is the instance's whole latency: it measures nothing.
+        assert_eq!(pace_after(UNMEASURED, 3_000, true), UNMEASURED);
+        assert_eq!(pace_after(200, 3_000, true), 200);
+        // Behind another, the first answer sets it and the others are averaged.
+        assert_eq!(pace_after(UNMEASURED, 3_000, false), 3_000);
+        assert_eq!(pace_after(200, 3_000, false), next_pace(200, 3_000));
+        assert_eq!(pace_after(3_000, 600, false), next_pace(3_000, 600));
+    }
+
+    #[test]
+    fn probes_of_a_slow_instance_are_64_of_its_answers_apart() {
+        assert_eq!(probe_interval(UNMEASURED), PROBE_INTERVAL);
+        assert_eq!(probe_interval(600), PROBE_INTERVAL);
+        assert_eq!(probe_interval(300_000), Duration::from_millis(19_200));
     }
 
     #[test]
