@@ -251,6 +251,12 @@ async fn the_admin_api_answers_odd_requests_clearly() {
     assert_eq!((wrong.status, wrong.header("allow")), (405, "GET, HEAD"));
     let head = call("HEAD", "/metrics", "").await;
     assert_eq!((head.status, head.body.len()), (200, 0));
+    // The open health paths too, however a monitor or a mistyped script calls them.
+    for path in ["/health", "/health/redis"] {
+        let wrong = call("DELETE", path, "").await;
+        assert_eq!((wrong.status, wrong.header("allow")), (405, "GET, HEAD"));
+        assert_eq!(call("HEAD", path, "").await.status, 200);
+    }
     assert_eq!(call("GET", "/nowhere", "").await.status, 404);
     // Port 0 is no instance; a body over 64 KiB is 413.
     let port_zero = call(

@@ -67,6 +67,11 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<GatewayBody>, Infallible> {
     let path = req.uri().path().to_string();
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
+    if (path == "/health" || path == "/health/redis") && !read {
+        // Open like their answers: 405 needs no credentials.
+        return Ok(method_not_allowed(req.method(), &path, "GET, HEAD"));
+    }
     if path == "/health/redis" {
         // Open like /health: load balancers and monitors probe it.
         let limiter = gateway.limiter.clone();
@@ -180,16 +185,7 @@ async fn handle(
             }
         },
         _ => match allowed_methods(&segments) {
-            Some(allow) => {
-                let mut response = reply(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    json!({"error": format!("{} is not allowed here; use {allow}", req.method()), "path": path}),
-                );
-                response
-                    .headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static(allow));
-                response
-            }
+            Some(allow) => method_not_allowed(req.method(), &path, allow),
             None => reply(
                 StatusCode::NOT_FOUND,
                 json!({"error": "not found", "path": path}),
@@ -197,6 +193,18 @@ async fn handle(
         },
     };
     Ok(response)
+}
+
+/// 405 for `method` on a known `path`, with `Allow`.
+fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> Response<GatewayBody> {
+    let mut response = reply(
+        StatusCode::METHOD_NOT_ALLOWED,
+        json!({"error": format!("{method} is not allowed here; use {allow}"), "path": path}),
+    );
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
 }
 
 /// The methods a known admin path answers to (for 405's `Allow`); `None` for unknown paths.
