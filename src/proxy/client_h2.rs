@@ -302,7 +302,12 @@ pub async fn serve<I>(
             let req = http::Request::from_parts(parts, ClientBody::Hyper(body));
             // HTTP/2 has no Upgrade: there is no connection to hand over.
             let mut record = forward::request_record(&gateway, &req, &client);
-            let response = forward::handle(&gateway, req, &client, None, &mut record).await;
+            let mut response = forward::handle(&gateway, req, &client, None, &mut record).await;
+            // A 204 must not have one (RFC 9110 §8.6), and HTTP/2 clients refuse the stream if
+            // it does; the HTTP/1.1 writer leaves it out as it writes the head.
+            if response.status() == http::StatusCode::NO_CONTENT {
+                response.headers_mut().remove(http::header::CONTENT_LENGTH);
+            }
             let response = if head_request {
                 headers_only(response)
             } else {
