@@ -1061,6 +1061,13 @@ async fn forwarding_headers_and_request_ids() {
         absolute.contains(r#"["host","target.example"]"#),
         "{absolute}"
     );
+    // Its empty path goes as `/` (RFC 9112 §3.2.1): the instance would refuse `GET ?x=1`.
+    let rooted = raw_exchange_off_thread(
+        gw.proxy,
+        b"GET http://target.example?x=1 HTTP/1.1\r\nHost: target.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(rooted.starts_with("HTTP/1.1 200"), "{rooted}");
     let kept = raw_exchange_off_thread(
         gw.proxy,
         b"GET /echo HTTP/1.1\r\nHost: a.example\r\nConnection: Host, close\r\n\r\n",

@@ -972,6 +972,7 @@ fn checked_head(
             "the request target is neither a path nor an absolute URI",
         ));
     }
+    let uri = with_root_path(uri);
 
     let declared = check_framing(headers).map_err(|err| ProxyError::BadRequest(err.reason()))?;
     let chunked = has(headers, &header::TRANSFER_ENCODING);
@@ -1001,6 +1002,23 @@ fn checked_head(
         keep_alive,
         expect_continue,
     })
+}
+
+/// An absolute-form target with an empty path (`http://a?x=1`) given the path `/`, which its
+/// origin form must have (RFC 9112 §3.2.1): sent as it is, an instance would get `GET ?x=1`.
+fn with_root_path(uri: Uri) -> Uri {
+    let Some(pq) = uri
+        .path_and_query()
+        .filter(|pq| pq.as_str().starts_with('?'))
+    else {
+        return uri;
+    };
+    let Ok(rooted) = format!("/{}", pq.as_str()).parse() else {
+        return uri;
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(rooted);
+    Uri::from_parts(parts).unwrap_or(uri)
 }
 
 /// A head over `max_header_size`: 414 when the request line alone is over `max_uri_length`.
@@ -1185,6 +1203,25 @@ mod tests {
 
     fn head(text: &[u8]) -> RequestHead {
         parsed(text).unwrap().expect("a complete head")
+    }
+
+    #[test]
+    fn an_absolute_target_with_an_empty_path_gets_the_root_path() {
+        // What goes to the instance: the path and query as they are held.
+        let sent = |target: &'static str| {
+            let uri = with_root_path(Uri::from_static(target));
+            (
+                uri.authority().map(ToString::to_string),
+                uri.path_and_query().unwrap().as_str().to_owned(),
+            )
+        };
+        let authority = Some("a.example".to_owned());
+        assert_eq!(
+            sent("http://a.example?x=1"),
+            (authority.clone(), "/?x=1".into())
+        );
+        assert_eq!(sent("http://a.example/p?x=1"), (authority, "/p?x=1".into()));
+        assert_eq!(sent("/p?x=1"), (None, "/p?x=1".into()));
     }
 
     #[test]
