@@ -220,6 +220,19 @@ fn an_h2c_upgrade_goes_on_as_a_plain_request() {
     assert!(!answer.contains("http2-settings"), "{answer}");
 }
 
+#[test]
+fn an_http_1_0_upgrade_goes_on_as_a_plain_request() {
+    // HTTP/1.0 has no Upgrade (RFC 9110 §7.8): the instance gets none and answers plainly.
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let answer = raw_exchange(
+        gw.proxy,
+        b"GET /upgrade HTTP/1.0\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.ends_with("no Upgrade"), "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
     let a = demo_backend(&[]);

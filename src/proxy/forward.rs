@@ -24,8 +24,8 @@ use super::error::ProxyError;
 use super::h1::{encode_bodiless, AnswerHead, InstanceBody, InstanceConn, Outgoing, SendError};
 use super::h2::{self, Http2Error};
 use super::headers::{
-    client_request_id, cookie_value, requested_upgrade, restore_upgrade, strip_hop_by_hop, values,
-    websocket_upgrade, ForwardedFields, X_REQUEST_ID,
+    client_request_id, cookie_value, is_websocket, requested_upgrade, restore_upgrade,
+    strip_hop_by_hop, values, websocket_upgrade, ForwardedFields, X_REQUEST_ID,
 };
 use super::pipeline::{AnswerWait, Broken, LineHold, Lines, PathSlot};
 use super::record::{RequestRecord, Served};
@@ -234,6 +234,8 @@ async fn forward(
     if from_http2 {
         join_cookies(&mut parts.headers);
     }
+    // An HTTP/1.0 request's Upgrade is ignored (RFC 9110 §7.8): 1.0 has no such mechanism.
+    let may_upgrade = parts.version != Version::HTTP_10;
     parts.version = Version::HTTP_11;
     match &host {
         // The target's authority replaces what Host said (RFC 9112 §3.2.2).
@@ -249,7 +251,7 @@ async fn forward(
             }
         }
     }
-    let upgrade = websocket_upgrade(&parts.headers);
+    let upgrade = websocket_upgrade(&parts.headers).filter(|_| may_upgrade);
     let client_upgrade = client_upgrade.filter(|_| upgrade.is_some());
     // TE is hop-by-hop, but an HTTP/2 instance (gRPC) wants to hear on its own hop that trailers
     // reach the client (RFC 9113 §8.2.2 allows `te: trailers` alone), which holds when the
@@ -471,7 +473,13 @@ async fn to_instance(
                 // The answer ends this loop: the client's side of an upgrade is taken either way.
                 let switched = answer.head.status == http::StatusCode::SWITCHING_PROTOCOLS;
                 let upgrade = client_upgrade.take().filter(|_| switched);
-                if switched && upgrade.is_none() {
+                // Only WebSocket is ever asked for (`websocket_upgrade`): a switch to anything
+                // else is one the client did not ask for either (RFC 9110 §7.8).
+                let unasked = || {
+                    let switched_to = answer.head.headers.get(header::UPGRADE);
+                    upgrade.is_none() || switched_to.is_some_and(|protocol| !is_websocket(protocol))
+                };
+                if switched && unasked() {
                     instance.record_failure(Instant::now(), config);
                     return Err(ProxyError::InstanceFailed(
                         "instance switched protocols unasked".to_owned(),

@@ -109,12 +109,15 @@ pub fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
 /// carry the client's later requests past routing, authentication and rate limits) is dropped
 /// with the other hop-by-hop fields, and the request goes on as a plain one, as in nginx.
 pub fn websocket_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
-    requested_upgrade(headers).filter(|protocol| {
-        protocol
-            .as_bytes()
-            .trim_ascii()
-            .eq_ignore_ascii_case(b"websocket")
-    })
+    requested_upgrade(headers).filter(is_websocket)
+}
+
+/// Whether an `Upgrade` value names WebSocket.
+pub fn is_websocket(protocol: &HeaderValue) -> bool {
+    protocol
+        .as_bytes()
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"websocket")
 }
 
 /// Puts `Connection: upgrade` and `Upgrade` back after hop-by-hop fields were stripped.
