@@ -806,6 +806,10 @@ async fn the_access_log_line_covers_the_whole_answer_body() {
         let line = &lines[id];
         assert_eq!(line["bytes"], 10, "{line}");
         assert!(line["duration_ms"].as_f64().unwrap() >= 500.0, "{line}");
+        // In whole microseconds: no float noise in the log.
+        let duration = line["duration_ms"].to_string();
+        let decimals = duration.split('.').nth(1).map_or(0, str::len);
+        assert!(decimals <= 3, "{line}");
     }
     assert_eq!(lines[chunked_id.as_str()]["bytes"], 11);
 }

@@ -93,7 +93,9 @@ impl Drop for RequestRecord {
                     .map_or("-", |r| runtime.route_upstream(r).config.name.as_str()),
                 instance = %InstanceAddr(served.instance),
                 attempts = served.attempts,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                // Whole microseconds over 1000 print as short as they are (1.733, not
+                // 1.7328219999999999).
+                duration_ms = elapsed.as_micros() as f64 / 1000.0,
                 request_id = self.request_id.to_str().unwrap_or_default(),
                 client = %self.client_ip,
             );
