@@ -1240,6 +1240,13 @@ async fn smuggling_shaped_requests_never_smuggle() {
         b"POST /work HTTP/1.1\r\nHost: x\r\nX-Request-ID: mine-400\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
     );
     assert!(answer.contains("x-request-id: mine-400"), "{answer}");
+    // A refused HEAD gets its answer's head alone (RFC 9110 §9.3.2).
+    let answer = raw_exchange(
+        gw.proxy,
+        b"HEAD /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\n"), "{answer}");
     assert_eq!(backend_requests(&client, &a).await, 0);
 }
 

@@ -149,13 +149,17 @@ pub async fn serve(
         let head = match conn.next_head(first).await {
             NextHead::Request(head) => head,
             NextHead::Closed => return conn.close().await,
-            NextHead::Refused(Refusal { error, request_id }) => {
+            NextHead::Refused(Refusal {
+                error,
+                request_id,
+                head_request,
+            }) => {
                 let request_id = request_id.unwrap_or_else(|| gateway.new_request_id());
                 let response = error.response(&request_id);
                 let mut record =
                     forward::refused_record(&gateway, &client, error.status(), request_id);
                 let _ = conn
-                    .write_response(response, &mut record, false, false, false, None)
+                    .write_response(response, &mut record, false, head_request, false, None)
                     .await;
                 drop(record);
                 conn.linger().await;
@@ -356,7 +360,8 @@ impl ClientConn {
                         return match check_buffered_chunks(&head, &reader.buf, &self.limits) {
                             Ok(()) => NextHead::Request(head),
                             Err(error) => {
-                                NextHead::Refused(Refusal::of(error, &head.parts.headers))
+                                let parts = &head.parts;
+                                NextHead::Refused(Refusal::of(error, &parts.method, &parts.headers))
                             }
                         }
                     }
@@ -899,7 +904,7 @@ fn parse_head(
     let target = head.slice(target_start..target_end);
     let checked = match checked_head(&method, version, target, &mut headers) {
         Ok(checked) => checked,
-        Err(error) => return Err(Box::new(Refusal::of(error, &headers))),
+        Err(error) => return Err(Box::new(Refusal::of(error, &method, &headers))),
     };
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = method;
@@ -928,15 +933,18 @@ struct CheckedHead {
 struct Refusal {
     error: ProxyError,
     request_id: Option<HeaderValue>,
+    /// Refused HEAD: answered without the body (RFC 9110 §9.3.2).
+    head_request: bool,
 }
 
 impl Refusal {
-    /// The refusal of a head with these fields: the client's own request ID, if sane, goes on
-    /// the answer and its log line.
-    fn of(error: ProxyError, headers: &HeaderMap) -> Refusal {
+    /// The refusal of a head with this method and fields: the client's own request ID, if sane,
+    /// goes on the answer and its log line.
+    fn of(error: ProxyError, method: &Method, headers: &HeaderMap) -> Refusal {
         Refusal {
             error,
             request_id: client_request_id(headers).cloned(),
+            head_request: method == Method::HEAD,
         }
     }
 }
@@ -947,6 +955,7 @@ impl From<ProxyError> for Box<Refusal> {
         Box::new(Refusal {
             error,
             request_id: None,
+            head_request: false,
         })
     }
 }
