@@ -1547,6 +1547,9 @@ async fn h2c_clients_are_served() {
     let reason = padded.json()["reason"].to_string();
     assert!(reason.contains("whitespace"), "{reason}");
     assert!(!padded.header("x-request-id").is_empty());
+    // So does a path that is not ASCII, as the HTTP/1.1 listener refuses its request line.
+    let raw = request(&client, "GET", &gw.url("/caf\u{e9}"), &[], "").await;
+    assert_eq!(raw.unwrap().status, 400);
     assert_eq!(backend_requests(&support::client(), &a).await, 3);
 }
 

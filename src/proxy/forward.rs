@@ -787,8 +787,9 @@ async fn send_http2(
 /// What makes an HTTP/2 request malformed beyond what hyper checks (RFC 9113 §8.2.1, §8.3.1):
 /// a field value with whitespace at either end (an HTTP/1.1 instance would trim it, so the
 /// request it sees is not the one checked here), `*` as the path of a method other than
-/// OPTIONS, and a Host naming another authority than `:authority`. An intermediary must not
-/// forward a malformed request; these get 400.
+/// OPTIONS, a Host naming another authority than `:authority`, and a path that is not ASCII (a
+/// request target is, RFC 3986; the HTTP/1.1 listener refuses such a line too). An intermediary
+/// must not forward a malformed request; these get 400.
 pub(super) fn http2_malformation(parts: &Parts) -> Result<(), &'static str> {
     let padded = |value: &HeaderValue| {
         let bytes = value.as_bytes();
@@ -800,6 +801,13 @@ pub(super) fn http2_malformation(parts: &Parts) -> Result<(), &'static str> {
     }
     if parts.uri.path() == "*" && parts.method != Method::OPTIONS {
         return Err("only OPTIONS may have * as its path");
+    }
+    if parts
+        .uri
+        .path_and_query()
+        .is_some_and(|pq| !pq.as_str().is_ascii())
+    {
+        return Err("the path is not ASCII");
     }
     let host = parts.headers.get(header::HOST).map(HeaderValue::as_bytes);
     let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
