@@ -468,7 +468,8 @@ impl Chunked {
                     used += end + 2;
                     *self = match *self {
                         Chunked::Trailers if line.is_empty() => Chunked::Done,
-                        Chunked::Trailers => Chunked::Trailers,
+                        Chunked::Trailers if is_field_line(line) => Chunked::Trailers,
+                        Chunked::Trailers => return Err(ParseError::Chunk),
                         _ => match chunk_size(line)? {
                             0 => Chunked::Trailers,
                             size => Chunked::Data(size),
@@ -478,6 +479,16 @@ impl Chunked {
             }
         }
     }
+}
+
+/// A trailer line as RFC 9112 §7.1.2 has it, `name: value`: a name of token characters right
+/// before the colon. A line without one, or a folded one (starting with whitespace), is refused
+/// as HAProxy refuses it: a parser in front of the gateway might read it otherwise.
+fn is_field_line(line: &[u8]) -> bool {
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    line.iter()
+        .position(|&b| b == b':')
+        .is_some_and(|colon| colon > 0 && line[..colon].iter().all(tchar))
 }
 
 /// What the chunked body at the front of `buf` declares as far as `buf` goes: the chunk data
@@ -782,6 +793,11 @@ mod tests {
             b"5;ext\nX\r\nhello\r\n0\r\n\r\n",
             b"5;a\rb\r\nhello\r\n0\r\n\r\n",
             b"5\r\nhello\r\n0\r\nT: x\nGET /smuggled HTTP/1.1\r\n\r\n",
+            // Trailer lines that are no field lines: no colon, folded, a space before the colon.
+            b"3\r\nabc\r\n0\r\nGET /smug HTTP/1.1\r\n\r\n",
+            b"3\r\nabc\r\n0\r\nX-T: 1\r\n 2\r\n\r\n",
+            b"3\r\nabc\r\n0\r\nX-T : 1\r\n\r\n",
+            b"3\r\nabc\r\n0\r\n: 1\r\n\r\n",
             // Lines ended by bare LFs only: refused at once, not waited on for a CRLF.
             b"3\nabc\n0\n\n",
             b"5\r\nhello\r\n0\n",
