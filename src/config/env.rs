@@ -166,8 +166,10 @@ fn interpolate_line(
             None => (expr, None),
         };
         let value = lookup(name).filter(|v| !v.is_empty() || default.is_none());
-        let problem = match (value.as_deref(), default) {
-            (Some(value), _) => {
+        // A default is a value too, held to the same rules: outside quotes `${PORT:-x}` would
+        // otherwise fail as TOML syntax, naming neither the variable nor the key.
+        let problem = match value.as_deref().or(default) {
+            Some(value) => {
                 // The context is that of the text written so far on this line.
                 let written = &out[out.rfind('\n').map_or(0, |i| i + 1)..];
                 match fitted(value, scan(written).0) {
@@ -178,12 +180,7 @@ fn interpolate_line(
                     Err(message) => Some(message),
                 }
             }
-            // A default is written by the config's author: it goes in as written.
-            (None, Some(default)) => {
-                out.push_str(default);
-                None
-            }
-            (None, None) => Some(MISSING),
+            None => Some(MISSING),
         };
         if let Some(message) = problem {
             problems.push(EnvProblem {
@@ -216,12 +213,25 @@ mod tests {
             "listen = \"0.0.0.0:8080\""
         );
         assert_eq!(interpolate("${NOPE:-9090}", env).unwrap(), "9090");
-        assert_eq!(interpolate("${EMPTY:-x}", env).unwrap(), "x");
+        assert_eq!(interpolate("\"${EMPTY:-x}\"", env).unwrap(), "\"x\"");
         assert_eq!(interpolate("${EMPTY}", env).unwrap(), "");
         assert_eq!(
             interpolate("cost $5 and $${PORT}", env).unwrap(),
             "cost $5 and ${PORT}"
         );
+    }
+
+    #[test]
+    fn defaults_go_in_as_values_too() {
+        // Outside quotes only a number or true/false: the variable is named, not a TOML error.
+        let err = interpolate("retries = ${R:-x}\nlisten = ${L:-127.0.0.1:8080}", env).unwrap_err();
+        let found: Vec<(&str, usize)> = err.iter().map(|p| (p.name.as_str(), p.line)).collect();
+        assert_eq!(found, [("R", 1), ("L", 2)]);
+        assert!(err.iter().all(|p| p.message == UNFIT_BARE));
+        // Inside "...", escaped as a value is.
+        let text = interpolate("name = \"${N:-a\"b}\"", env).unwrap();
+        let parsed: toml::Table = text.parse().unwrap();
+        assert_eq!(parsed["name"].as_str(), Some("a\"b"));
     }
 
     #[test]
