@@ -673,6 +673,11 @@ async fn a_drain_can_be_cancelled_and_admin_changes_survive_reloads_at_the_same_
     let reply = request(&client, "DELETE", &gw.admin_url(&path), &[], "").await;
     assert_eq!(reply.unwrap().status, 202);
     // Adding it again while it drains cancels the drain: it stays once its requests are done.
+    // Not with another weight, which it cannot take.
+    let url = gw.admin_url("/api/upstreams/app/instances");
+    let heavier = format!("{{\"addr\": \"{}\", \"weight\": 3}}", a.addr());
+    let reply = request(&client, "POST", &url, &[], &heavier).await.unwrap();
+    assert_eq!(reply.status, 409, "{}", reply.error_text());
     let reply = add_instance(&client, &gw, a.addr()).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()["undrained"], a.addr().to_string());

@@ -591,6 +591,14 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
             StatusCode::CONFLICT,
             json!({"error": format!("{addr} is being drained in `{name}`, which an autoscaler manages: add it again once it is gone")}),
         ),
+        // Its weight and role are fixed for its life: another would not be what was asked for.
+        Some(instance) if (instance.weight, instance.backup) != (config.weight, config.backup) => {
+            let (weight, backup) = (instance.weight, instance.backup);
+            reply(
+                StatusCode::CONFLICT,
+                json!({"error": format!("{addr} is being drained in `{name}` with weight {weight} and backup {backup}: add it with those to cancel the drain, or again once it is gone")}),
+            )
+        }
         Some(instance) if instance.stop_draining() => {
             tracing::info!(upstream = name, instance = %addr, "drain cancelled through the admin API");
             reply(StatusCode::OK, json!({"undrained": addr.to_string()}))
