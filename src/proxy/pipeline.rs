@@ -89,6 +89,12 @@ pub const PACE_LIMIT: Duration = Duration::from_micros(500);
 /// instance again: at least this often.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How long a probe's answer is awaited before another request may probe: its answer sets when
+/// the next one may ([`probe_interval`]), so that a slow instance gets one probe in flight, not
+/// one per wave of requests while the first is unanswered; bounded for a probe never answered
+/// (its client left).
+const PROBE_HOLD: Duration = Duration::from_secs(10);
+
 /// A pace not yet measured: the instance is not pipelined to, but for a probe, until an answer
 /// shows it quick. Taking it for quick, a new gateway (a deploy, a restart) would queue a
 /// whole first wave of requests behind a slow instance's answers, each waiting for all those
@@ -134,7 +140,8 @@ pub struct Lines {
     /// or [`UNMEASURED`].
     pace: AtomicU32,
     /// When a request may next queue to measure a slow or unmeasured instance
-    /// ([`probe_interval`] after the last answer that found it slow, or after the last probe).
+    /// ([`probe_interval`] after the last answer that found it slow, [`PROBE_HOLD`] after the
+    /// last probe).
     probe_at: Mutex<Instant>,
     /// The slow answers of each slot of paths ([`PathSlot`]), and the pace of every path
     /// together ([`next_pace`]).
@@ -447,7 +454,7 @@ impl Lines {
                 };
                 let ticket = self.join_first(&mut lines, connector, idle, &probing);
                 if ticket.hold().behind {
-                    *probe_at = now + probe_interval(self.pace.load(Ordering::Relaxed));
+                    *probe_at = now + PROBE_HOLD;
                 }
                 return ticket;
             }
@@ -512,9 +519,10 @@ impl Lines {
         let pace = pace_after(before, took, first);
         if pace != before {
             self.pace.store(pace, Ordering::Relaxed);
-            if pace >= PACE_LIMIT.as_micros() as u32 {
-                *self.probe_at.lock().expect("probe lock") = came + probe_interval(pace);
-            }
+        }
+        // A slow answer behind another (a probe's, most often) sets when the next may probe.
+        if !first && pace >= PACE_LIMIT.as_micros() as u32 {
+            *self.probe_at.lock().expect("probe lock") = came + probe_interval(pace);
         }
         let all = next_pace(self.all_paths.load(Ordering::Relaxed), took);
         self.all_paths.store(all, Ordering::Relaxed);
@@ -1485,6 +1493,12 @@ mod tests {
         assert!(Arc::ptr_eq(&first.line, &probe.hold().line));
         let apart = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(!Arc::ptr_eq(&first.line, &apart.hold().line));
+        // While the probe is unanswered, no other request probes (with the next wave of a slow
+        // instance's clients, say), however long after.
+        let later = now + PROBE_INTERVAL * 5;
+        let front = lines.enqueue(&connector, no_idle, later, false, get);
+        let apart = lines.enqueue(&connector, no_idle, later, false, get);
+        assert!(!Arc::ptr_eq(&front.hold().line, &apart.hold().line));
         // A slow answer of a request first on its line measures nothing; a quick one shows the
         // instance quick.
         let answered =
