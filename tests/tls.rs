@@ -306,4 +306,7 @@ fn a_bad_certificate_is_refused_naming_its_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("tls.cert"), "{stderr}");
     assert!(stderr.contains("/nonexistent/cert.pem"), "{stderr}");
+    // The key file is checked too, and named under its own key.
+    assert!(stderr.contains("tls.key"), "{stderr}");
+    assert!(stderr.contains("/nonexistent/key.pem"), "{stderr}");
 }

@@ -70,8 +70,10 @@ pub(super) fn validate_tls(p: &mut Problems, raw: &RawTls) -> TlsConfig {
                     names: names.to_vec(),
                     key: certified,
                 }),
-                Err(err) => {
-                    p.push(format!("{key}.cert"), err);
+                Err(problems) => {
+                    for (key, err) in problems.keyed(format!("{key}.cert"), format!("{key}.key")) {
+                        p.push(key, err);
+                    }
                     None
                 }
             }

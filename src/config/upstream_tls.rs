@@ -120,8 +120,11 @@ pub(super) fn validate(
         (Some(cert), Some(private)) => {
             match load_certificate(Path::new(cert), Path::new(private)) {
                 Ok(identity) => Some(identity),
-                Err(err) => {
-                    p.push(format!("{tkey}.client_cert"), err);
+                Err(problems) => {
+                    let keys = (format!("{tkey}.client_cert"), format!("{tkey}.client_key"));
+                    for (key, err) in problems.keyed(keys.0, keys.1) {
+                        p.push(key, err);
+                    }
                     return (protocol, None);
                 }
             }

@@ -33,17 +33,72 @@ pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, St
     Ok(certs)
 }
 
+/// What is wrong with a certificate and key pair: the certificate file's problem, the key
+/// file's, or both, each read whatever the other's state, so that a config check names every
+/// bad file at once, under its own key.
+#[derive(Debug, Default)]
+pub struct PairProblems {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+}
+
+impl PairProblems {
+    /// Each problem under the config key of its file.
+    pub fn keyed(
+        self,
+        cert_key: String,
+        key_key: String,
+    ) -> impl Iterator<Item = (String, String)> {
+        let cert = self.cert.map(|err| (cert_key, err));
+        let key = self.key.map(|err| (key_key, err));
+        cert.into_iter().chain(key)
+    }
+}
+
+impl std::fmt::Display for PairProblems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let problems: Vec<&str> = [&self.cert, &self.key]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        f.write_str(&problems.join("; "))
+    }
+}
+
+impl From<PairProblems> for String {
+    fn from(problems: PairProblems) -> String {
+        problems.to_string()
+    }
+}
+
 /// Reads a PEM certificate chain and its private key.
-pub fn load_certificate(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
-    let chain = load_certificates(cert)?;
-    let key_der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|err| format!("cannot read a private key from {}: {err}", key.display()))?;
-    let signing = any_supported_type(&key_der)
-        .map_err(|err| format!("{}: unsupported private key: {err}", key.display()))?;
+pub fn load_certificate(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, PairProblems> {
+    let chain = load_certificates(cert);
+    let signing = PrivateKeyDer::from_pem_file(key)
+        .map_err(|err| format!("cannot read a private key from {}: {err}", key.display()))
+        .and_then(|key_der| {
+            any_supported_type(&key_der)
+                .map_err(|err| format!("{}: unsupported private key: {err}", key.display()))
+        });
+    let (chain, signing) = match (chain, signing) {
+        (Ok(chain), Ok(signing)) => (chain, signing),
+        (chain, signing) => {
+            return Err(PairProblems {
+                cert: chain.err(),
+                key: signing.err(),
+            })
+        }
+    };
     let certified = CertifiedKey::new(chain, signing);
-    certified
-        .keys_match()
-        .map_err(|err| format!("{} does not match {}: {err}", key.display(), cert.display()))?;
+    certified.keys_match().map_err(|err| PairProblems {
+        cert: None,
+        key: Some(format!(
+            "{} does not match {}: {err}",
+            key.display(),
+            cert.display()
+        )),
+    })?;
     Ok(Arc::new(certified))
 }
 
@@ -139,10 +194,16 @@ mod tests {
         std::fs::write(&cert, one.cert.pem()).unwrap();
         std::fs::write(&key, two.key_pair.serialize_pem()).unwrap();
         let err = load_certificate(&cert, &key).unwrap_err();
-        assert!(err.contains("does not match"), "{err}");
+        assert!(err.key.unwrap().contains("does not match"));
         std::fs::write(&key, one.key_pair.serialize_pem()).unwrap();
         assert!(load_certificate(&cert, &key).is_ok());
         let missing = load_certificate(&dir.path().join("nope.pem"), &key).unwrap_err();
-        assert!(missing.contains("nope.pem"), "{missing}");
+        assert!(missing.cert.unwrap().contains("nope.pem"));
+        assert!(missing.key.is_none());
+        // Both files bad: each is named.
+        let both = dir.path().join("nokey.pem");
+        let missing = load_certificate(&dir.path().join("nope.pem"), &both).unwrap_err();
+        assert!(missing.cert.unwrap().contains("nope.pem"));
+        assert!(missing.key.unwrap().contains("nokey.pem"));
     }
 }
