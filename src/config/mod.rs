@@ -282,6 +282,8 @@ impl Config {
             ),
         }
         lines::place(&text, &mut problems);
+        // In the file's order, as one fixes them; those no line holds last.
+        problems.sort_by_key(|problem| problem.line.unwrap_or(usize::MAX));
         Err(ConfigErrors(problems))
     }
 
@@ -475,6 +477,22 @@ upstream = "app"
     }
 
     #[test]
+    fn errors_come_in_the_order_of_their_lines() {
+        let text = "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nconnect_timeout = \"0s\"\n\
+                    [server]\nlisten = \"nope\"\n[[routes]]\nupstream = \"app\"\n";
+        let errors = Config::from_toml(text).unwrap_err().0;
+        let keys: Vec<(&str, Option<usize>)> =
+            errors.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("upstreams.app.connect_timeout", Some(3)),
+                ("server.listen", Some(5))
+            ]
+        );
+    }
+
+    #[test]
     fn every_error_names_its_key() {
         let text = r#"
 [server]
@@ -530,8 +548,8 @@ upstream = "missing"
             &[
                 ("server.lisen", Some(2)),
                 ("upstreams.a.retires", Some(5)),
-                ("routes[0].hots", Some(8)),
                 ("routes[0].upstream", Some(7)),
+                ("routes[0].hots", Some(8)),
             ],
         );
         let err =
@@ -574,15 +592,15 @@ upstream = "missing"
         assert_eq!(
             keys,
             [
-                "server.max_uri_length",
                 "server.header_read_timeout",
                 "server.idle_timeout",
-                "upstreams.app.health.interval",
-                "upstreams.app.health.timeout",
-                "upstreams.app.keepalive_requests",
+                "server.max_uri_length",
                 "upstreams.app.idle_timeout",
+                "upstreams.app.keepalive_requests",
                 "upstreams.app.fail_timeout",
                 "upstreams.app.queue_timeout",
+                "upstreams.app.health.interval",
+                "upstreams.app.health.timeout",
                 "routes[0].host",
                 "routes[1].host",
                 "routes[3]",
@@ -670,11 +688,11 @@ upstream = "missing"
         assert_placed(
             text,
             &[
-                ("routes[0].wieght", Some(10)),
                 ("server.workers", Some(2)),
                 ("server.idle_timeout", Some(3)),
                 ("upstreams.app.max_fails", Some(6)),
                 ("upstreams.app.strategy", Some(7)),
+                ("routes[0].wieght", Some(10)),
             ],
         );
         let errors = Config::from_toml(text).unwrap_err().0;
@@ -816,13 +834,13 @@ upstream = "missing"
                     [upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = \"app\"\n";
         let errors = Config::from_toml(text).unwrap_err().0;
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, ["admin.password", "admin.listen"]);
+        assert_eq!(keys, ["admin.listen", "admin.password"]);
         assert!(
-            errors[1]
+            errors[0]
                 .message
                 .contains("takes the port of server.listen"),
             "{}",
-            errors[1]
+            errors[0]
         );
         // A wildcard address takes its port on every address; port 0 is any free port.
         let wildcard = text
