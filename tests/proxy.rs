@@ -1950,6 +1950,7 @@ async fn scripted_instance() -> (
                         }
                         "/no-content" => b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n".to_vec(),
                         "/switch-h2c" => b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n".to_vec(),
+                        "/switch-unsaid" => b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n".to_vec(),
                         "/head-chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
                         "/broken" => {
                             let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n").await;
@@ -2019,12 +2020,18 @@ async fn bodyless_and_early_answers_say_what_rfc_9110_asks() {
         !no_content.to_ascii_lowercase().contains("content-length"),
         "{no_content}"
     );
-    // A switch to a protocol the client did not ask for is not passed on (RFC 9110 §7.8).
+    // A switch to a protocol the client did not ask for, or to one it does not say, is not
+    // passed on (RFC 9110 §7.8, §15.2.2).
     let switched = answer(
         b"GET /switch-h2c HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
     )
     .await;
     assert!(switched.starts_with("HTTP/1.1 502"), "{switched}");
+    let unsaid = answer(
+        b"GET /switch-unsaid HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
+    assert!(unsaid.starts_with("HTTP/1.1 502"), "{unsaid}");
     // Nor over HTTP/2, whose clients refuse the stream if it does.
     let h2 = request(&h2c_client(), "GET", &gw.url("/no-content"), &[], "").await;
     let h2 = h2.unwrap();

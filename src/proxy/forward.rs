@@ -474,10 +474,11 @@ async fn to_instance(
                 let switched = answer.head.status == http::StatusCode::SWITCHING_PROTOCOLS;
                 let upgrade = client_upgrade.take().filter(|_| switched);
                 // Only WebSocket is ever asked for (`websocket_upgrade`): a switch to anything
-                // else is one the client did not ask for either (RFC 9110 §7.8).
+                // else, or one that does not say to what (a 101 must, RFC 9110 §15.2.2), is one
+                // the client did not ask for either (§7.8).
                 let unasked = || {
                     let switched_to = answer.head.headers.get(header::UPGRADE);
-                    upgrade.is_none() || switched_to.is_some_and(|protocol| !is_websocket(protocol))
+                    upgrade.is_none() || !switched_to.is_some_and(is_websocket)
                 };
                 if switched && unasked() {
                     instance.record_failure(Instant::now(), config);

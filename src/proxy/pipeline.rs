@@ -89,10 +89,7 @@ pub const PACE_LIMIT: Duration = Duration::from_micros(500);
 /// instance again: at least this often.
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
-/// How long a probe's answer is awaited before another request may probe: its answer sets when
-/// the next one may ([`probe_interval`]), so that a slow instance gets one probe in flight, not
-/// one per wave of requests while the first is unanswered; bounded for a probe never answered
-/// (its client left).
+/// The longest a probe's answer is awaited before another request may probe ([`probe_hold`]).
 const PROBE_HOLD: Duration = Duration::from_secs(10);
 
 /// A pace not yet measured: the instance is not pipelined to, but for a probe, until an answer
@@ -140,9 +137,11 @@ pub struct Lines {
     /// or [`UNMEASURED`].
     pace: AtomicU32,
     /// When a request may next queue to measure a slow or unmeasured instance
-    /// ([`probe_interval`] after the last answer that found it slow, [`PROBE_HOLD`] after the
+    /// ([`probe_interval`] after the last answer that found it slow, [`probe_hold`] after the
     /// last probe).
     probe_at: Mutex<Instant>,
+    /// The last whole latency of a request first on its line, in microseconds ([`probe_hold`]).
+    latency: AtomicU32,
     /// The slow answers of each slot of paths ([`PathSlot`]), and the pace of every path
     /// together ([`next_pace`]).
     paths: Box<[PathWatch]>,
@@ -190,22 +189,35 @@ pub fn next_pace(pace_us: u32, sample_us: u32) -> u32 {
 }
 
 /// An instance's pace ([`Lines`]) after an answer that took `sample_us`, `first` when the
-/// request was first on its line (its wait is the instance's whole latency, an upper bound of
-/// its time per answer). An answer within [`PACE_LIMIT`] while the pace is past it or
-/// [`UNMEASURED`] sets it outright, whole latency or not: the instance is quick now, and an
-/// average would keep it unpipelined for dozens of probes after a slow spell. Otherwise only
-/// answers behind another count, the first of them outright.
+/// request was first on its line. Such an answer's wait is the instance's whole latency, an
+/// upper bound of its time per answer: within [`PACE_LIMIT`] it sets an [`UNMEASURED`] pace (a
+/// new gateway in front of a quick instance pipelines at once), and is averaged into one past
+/// the limit (a quick instance measured slow by a stall comes back within a few answers, while
+/// a slow instance's occasional quick answer, a 404 say, does not make it quick); otherwise it
+/// tells nothing. An answer behind another within the limit while the pace is past it sets it
+/// outright (a probe found the instance quick again); the first sets it, the others are
+/// averaged ([`next_pace`]).
 pub fn pace_after(pace_us: u32, sample_us: u32, first: bool) -> u32 {
     let limit = PACE_LIMIT.as_micros() as u32;
-    if sample_us < limit && pace_us >= limit {
-        sample_us
-    } else if first {
-        pace_us
-    } else if pace_us == UNMEASURED {
-        sample_us.min(UNMEASURED - 1)
-    } else {
-        next_pace(pace_us, sample_us)
+    let quick = sample_us < limit;
+    match pace_us {
+        UNMEASURED if quick => sample_us,
+        _ if first && quick && pace_us >= limit => next_pace(pace_us, sample_us),
+        _ if first => pace_us,
+        _ if quick && pace_us >= limit => sample_us,
+        UNMEASURED => sample_us.min(UNMEASURED - 1),
+        _ => next_pace(pace_us, sample_us),
     }
+}
+
+/// How long a probe's answer is awaited before another request may probe, the instance's last
+/// whole latency being `latency_us`: twice that (the answer before the probe's, then its own),
+/// at least [`PROBE_INTERVAL`] and at most [`PROBE_HOLD`]. Its answer sets when the next may
+/// come ([`probe_interval`]), so a slow instance gets one probe in flight, not one per wave of
+/// requests while the first is unanswered; a probe never answered (its client left, its line
+/// broke) is given up on after this.
+pub fn probe_hold(latency_us: u32) -> Duration {
+    Duration::from_micros(u64::from(latency_us) * 2).clamp(PROBE_INTERVAL, PROBE_HOLD)
 }
 
 /// How long after a probe (or an answer that found the instance slow) the next request may
@@ -316,6 +328,8 @@ struct LineState {
     /// The requests whose heads are in `pending`, not yet written: their ids, and where each
     /// head ends in `pending`.
     unwritten: Vec<(u64, usize)>,
+    /// A probe is among them ([`Joining::probe`]).
+    probe_unwritten: bool,
 }
 
 /// What became of a request given up before its answer ([`Line::give_up`]).
@@ -364,6 +378,9 @@ struct Joining<'a, F> {
     proven: bool,
     /// See [`LineView::paced`].
     paced: bool,
+    /// It queues to measure the instance ([`PROBE_INTERVAL`]): written at once, not held back
+    /// until the answers before it came ([`Verdict::pipelined`]).
+    probe: bool,
     idle_timeout: Duration,
 }
 
@@ -409,6 +426,7 @@ impl Lines {
             verdict: Arc::new(Verdict::new(keepalive_requests)),
             pace: AtomicU32::new(UNMEASURED),
             probe_at: Mutex::new(Instant::now()),
+            latency: AtomicU32::new(0),
             paths: (0..PATH_SLOTS).map(|_| PathWatch::default()).collect(),
             all_paths: AtomicU32::new(0),
             epoch: Instant::now(),
@@ -440,6 +458,7 @@ impl Lines {
             depth: self.depth,
             proven: self.verdict.proven.load(Ordering::Relaxed),
             paced: self.pace.load(Ordering::Relaxed) < PACE_LIMIT.as_micros() as u32,
+            probe: false,
             idle_timeout: self.idle_timeout,
         };
         let mut lines = self.lines.lock().expect("lines lock");
@@ -450,11 +469,12 @@ impl Lines {
             if now >= *probe_at {
                 let probing = Joining {
                     paced: true,
+                    probe: true,
                     ..joining
                 };
                 let ticket = self.join_first(&mut lines, connector, idle, &probing);
                 if ticket.hold().behind {
-                    *probe_at = now + PROBE_HOLD;
+                    *probe_at = now + probe_hold(self.latency.load(Ordering::Relaxed));
                 }
                 return ticket;
             }
@@ -515,6 +535,9 @@ impl Lines {
         let took = u32::try_from(came.saturating_duration_since(since).as_micros());
         let took = took.unwrap_or(u32::MAX);
         let first = sample == PaceSample::First;
+        if first {
+            self.latency.store(took, Ordering::Relaxed);
+        }
         let before = self.pace.load(Ordering::Relaxed);
         let pace = pace_after(before, took, first);
         if pace != before {
@@ -643,6 +666,7 @@ impl Line {
                 // A pooled connection's requests count toward `keepalive_requests`.
                 next_turn: pooled.as_ref().map_or(0, |conn| conn.requests()),
                 unwritten: Vec::new(),
+                probe_unwritten: false,
                 last_write: 0,
             }),
             outstanding: AtomicUsize::new(0),
@@ -677,6 +701,7 @@ impl Line {
             depth,
             proven,
             paced,
+            probe,
             idle_timeout,
             ..
         } = *joining;
@@ -735,6 +760,11 @@ impl Line {
                 !idle
             }
         };
+        // A probe behind an unanswered request goes out at once: its answer then follows that
+        // one's as a pipelined answer would, and measures the instance's time per answer, not
+        // the round trip and the writer's wait; an instance dropping it is found out as
+        // [`PROOF_WAIT`] says.
+        state.probe_unwritten |= probe && behind;
         write_head(&mut state.pending);
         let end = state.pending.len();
         state.unwritten.push((id, end));
@@ -886,10 +916,12 @@ impl Line {
         if state.closed.is_some() {
             return self.load() > 0;
         }
-        if !self.verdict.pipelined.load(Ordering::Relaxed) && !self.all_written_answered(&state) {
+        let proving = !self.verdict.pipelined.load(Ordering::Relaxed);
+        if proving && !state.probe_unwritten && !self.all_written_answered(&state) {
             // Held back until they are ([`Verdict::pipelined`]): the last answer wakes the writer.
             return true;
         }
+        state.probe_unwritten = false;
         if !state.unwritten.is_empty() {
             state.last_write = state.unwritten.len();
         }
@@ -1215,6 +1247,18 @@ mod tests {
         drop((reader, first, second));
     }
 
+    #[tokio::test]
+    async fn a_probe_goes_out_at_once_behind_an_unanswered_request() {
+        let (lines, connector, mut instance, _reader, first) = first_written().await;
+        lines.pace.store(UNMEASURED, Ordering::Relaxed);
+        // Not yet known to answer pipelined requests, a line holds a request back while one it
+        // wrote is unanswered: but a probe, measuring the instance, goes out behind it now.
+        let probe = lines.enqueue(&connector, no_idle, queued_at(&first), false, get);
+        assert!(Arc::ptr_eq(&first.line, &probe.hold().line));
+        let written = tokio::time::timeout(Duration::from_secs(5), heads_read(&mut instance, 1));
+        assert!(written.await.is_ok());
+    }
+
     /// Whether the ticket's line broke before its turn came (within 5 s).
     async fn lost(ticket: Ticket) -> bool {
         let turn = tokio::time::timeout(Duration::from_secs(5), ticket.turn()).await;
@@ -1489,23 +1533,27 @@ mod tests {
         let (_reader, first) = first_in_line(&lines, &connector).await;
         lines.answered(&first, true, http::StatusCode::OK);
         let now = queued_at(&first);
+        // A slow answer of a request first on its line measures no pace, only the instance's
+        // whole latency.
+        let answered =
+            |took| lines.record_answer(PathSlot::of("/"), PaceSample::First, now, now + took);
+        answered(Duration::from_millis(300));
         let probe = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(Arc::ptr_eq(&first.line, &probe.hold().line));
         let apart = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(!Arc::ptr_eq(&first.line, &apart.hold().line));
         // While the probe is unanswered, no other request probes (with the next wave of a slow
-        // instance's clients, say), however long after.
-        let later = now + PROBE_INTERVAL * 5;
+        // instance's clients, say) for twice the instance's latency...
+        let later = now + Duration::from_millis(500);
         let front = lines.enqueue(&connector, no_idle, later, false, get);
         let apart = lines.enqueue(&connector, no_idle, later, false, get);
         assert!(!Arc::ptr_eq(&front.hold().line, &apart.hold().line));
-        // A slow answer of a request first on its line measures nothing; a quick one shows the
-        // instance quick.
-        let answered =
-            |took| lines.record_answer(PathSlot::of("/"), PaceSample::First, now, now + took);
-        answered(Duration::from_millis(300));
-        let apart = lines.enqueue(&connector, no_idle, now, false, get);
-        assert!(!Arc::ptr_eq(&first.line, &apart.hold().line));
+        // ... after which a probe whose answer never came is given up on.
+        let given_up = now + Duration::from_millis(700);
+        let front = lines.enqueue(&connector, no_idle, given_up, false, get);
+        let probe = lines.enqueue(&connector, no_idle, given_up, false, get);
+        assert!(Arc::ptr_eq(&front.hold().line, &probe.hold().line));
+        // A quick answer of a request first on its line shows the instance quick.
         answered(Duration::from_micros(200));
         let joining = lines.enqueue(&connector, no_idle, now, false, get);
         assert!(Arc::ptr_eq(&first.line, &joining.hold().line));
@@ -1513,16 +1561,33 @@ mod tests {
 
     #[test]
     fn the_pace_is_set_by_a_quick_answer_and_averaged_from_answers_behind_another() {
-        // Unmeasured or slow, one quick answer sets it, first on its line or not.
+        // Unmeasured, one quick answer sets it, first on its line or not; slow, one quick
+        // answer behind another does.
         assert_eq!(pace_after(UNMEASURED, 300, true), 300);
+        assert_eq!(pace_after(UNMEASURED, 300, false), 300);
         assert_eq!(pace_after(40_000, 300, false), 300);
-        // A slow answer first on its line is the instance's whole latency: it measures nothing.
+        // An answer first on its line is the instance's whole latency: slow, it tells nothing;
+        // quick, it is averaged into a slow pace, so that a slow instance's occasional quick
+        // answer (a 404, say) does not make it quick, and a run of them does.
         assert_eq!(pace_after(UNMEASURED, 3_000, true), UNMEASURED);
         assert_eq!(pace_after(200, 3_000, true), 200);
+        assert_eq!(pace_after(200, 100, true), 200);
+        assert_eq!(pace_after(40_000, 300, true), next_pace(40_000, 300));
+        let after_404s = (0..10).fold(300_000, |pace, _| pace_after(pace, 100, true));
+        assert!(after_404s >= PACE_LIMIT.as_micros() as u32);
+        let after_quick_ones = (0..8).fold(800, |pace, _| pace_after(pace, 300, true));
+        assert!(after_quick_ones < PACE_LIMIT.as_micros() as u32);
         // Behind another, the first answer sets it and the others are averaged.
         assert_eq!(pace_after(UNMEASURED, 3_000, false), 3_000);
         assert_eq!(pace_after(200, 3_000, false), next_pace(200, 3_000));
         assert_eq!(pace_after(3_000, 600, false), next_pace(3_000, 600));
+    }
+
+    #[test]
+    fn a_probe_is_awaited_for_twice_the_instance_s_latency_within_bounds() {
+        assert_eq!(probe_hold(0), PROBE_INTERVAL);
+        assert_eq!(probe_hold(300_000), Duration::from_millis(600));
+        assert_eq!(probe_hold(60_000_000), PROBE_HOLD);
     }
 
     #[test]
