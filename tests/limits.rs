@@ -205,10 +205,11 @@ async fn an_overlong_uri_gets_414_with_the_request_id() {
 }
 
 #[test]
-fn an_h2c_upgrade_goes_on_as_a_plain_request() {
-    // Tunnelled, the client's next requests would reach the instance past routing and checks.
+fn upgrades_other_than_websocket_over_http_1_1_go_on_as_plain_requests() {
     let a = demo_backend(&[]);
     let gw = gateway(&app_config(&[&a], ""));
+    // h2c: tunnelled, the client's next requests would reach the instance past routing and
+    // checks.
     let answer = raw_exchange(
         gw.proxy,
         b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
@@ -218,13 +219,7 @@ fn an_h2c_upgrade_goes_on_as_a_plain_request() {
     assert!(answer.starts_with("http/1.1 200"), "{answer}");
     assert!(!answer.contains("upgrade"), "{answer}");
     assert!(!answer.contains("http2-settings"), "{answer}");
-}
-
-#[test]
-fn an_http_1_0_upgrade_goes_on_as_a_plain_request() {
     // HTTP/1.0 has no Upgrade (RFC 9110 §7.8): the instance gets none and answers plainly.
-    let a = demo_backend(&[]);
-    let gw = gateway(&app_config(&[&a], ""));
     let answer = raw_exchange(
         gw.proxy,
         b"GET /upgrade HTTP/1.0\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",

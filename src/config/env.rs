@@ -221,12 +221,15 @@ mod tests {
         );
     }
 
+    fn names_and_lines(problems: &[EnvProblem]) -> Vec<(&str, usize)> {
+        problems.iter().map(|p| (p.name.as_str(), p.line)).collect()
+    }
+
     #[test]
     fn defaults_go_in_as_values_too() {
         // Outside quotes only a number or true/false: the variable is named, not a TOML error.
         let err = interpolate("retries = ${R:-x}\nlisten = ${L:-127.0.0.1:8080}", env).unwrap_err();
-        let found: Vec<(&str, usize)> = err.iter().map(|p| (p.name.as_str(), p.line)).collect();
-        assert_eq!(found, [("R", 1), ("L", 2)]);
+        assert_eq!(names_and_lines(&err), [("R", 1), ("L", 2)]);
         assert!(err.iter().all(|p| p.message == UNFIT_BARE));
         // Inside "...", escaped as a value is.
         let text = interpolate("name = \"${N:-a\"b}\"", env).unwrap();
@@ -246,8 +249,7 @@ mod tests {
     #[test]
     fn reports_every_missing_variable_with_its_line() {
         let err = interpolate("a = 1\nb = \"${ONE}\"\nc = \"${TWO}\"", env).unwrap_err();
-        let found: Vec<(&str, usize)> = err.iter().map(|p| (p.name.as_str(), p.line)).collect();
-        assert_eq!(found, [("ONE", 2), ("TWO", 3)]);
+        assert_eq!(names_and_lines(&err), [("ONE", 2), ("TWO", 3)]);
         assert!(err.iter().all(|p| p.message == MISSING));
     }
 
