@@ -651,6 +651,42 @@ fn read_and_close(stream: TcpStream, seen: &AtomicUsize) {
     }
 }
 
+/// Answers a connection's first request and every `/post`, keeping the connection open, and
+/// closes it without an answer at any other request (as a server closing an idle connection
+/// just as a request came).
+fn answer_first_then_close(stream: TcpStream, _: usize) {
+    let mut targets = Targets::new(stream);
+    let mut first = true;
+    while let Some(target) = targets.next() {
+        let answered = std::mem::take(&mut first) || target.starts_with("/post");
+        if !answered || !targets.answer("", target.as_bytes()) {
+            return;
+        }
+    }
+}
+
+/// A connection that carried an answer and is then closed without one is a stale kept-alive
+/// one: its request goes once more on a new connection, outside `retries`, pipelined or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_closed_without_an_answer_is_a_stale_one() {
+    for pipeline in [8, 1] {
+        let extra = format!("pipeline = {pipeline}\nretries = 0\nmax_fails = 0");
+        let gw = gateway_before(answer_first_then_close, &extra);
+        let client = client();
+        for n in 0..6 {
+            let reply = get(&client, &gw.url(&format!("/x{n}"))).await;
+            assert_eq!(reply.status, 200, "pipeline = {pipeline}, request {n}");
+            // A POST leaves a connection pooled, answered: a line opens on it next.
+            let posted = request(&client, "POST", &gw.url("/post"), &[], "").await;
+            assert_eq!(
+                posted.unwrap().status,
+                200,
+                "pipeline = {pipeline}, post {n}"
+            );
+        }
+    }
+}
+
 /// A request whose new connection the instance closes without an answer failed there: it is
 /// not sent again as if a kept-alive connection had gone stale, so with `retries = 0` each
 /// request reaches the instance once, pipelined or not, and gets 502.

@@ -739,7 +739,7 @@ async fn send_pipelined(
             if matches!(err, SendError::Invalid(_)) {
                 lines.refuse();
             }
-            Err(Attempt::of_send(err, line.reused()))
+            Err(Attempt::of_send(err, conn.answered_any()))
         }
     }
 }

@@ -53,6 +53,8 @@ pub struct InstanceConn {
     deadline: LazyDeadline,
     /// Requests sent on it (`keepalive_requests`).
     requests: u64,
+    /// Answer heads read on it ([`InstanceConn::answered_any`]).
+    answers: u64,
 }
 
 /// How an exchange with an instance failed.
@@ -209,12 +211,31 @@ impl InstanceConn {
             // Armed by the first request; until then the timer is not in the wheel.
             deadline: LazyDeadline::new(Instant::now() + Duration::from_secs(3600)),
             requests: 0,
+            answers: 0,
         }
     }
 
     /// Requests sent on this connection so far.
     pub fn requests(&self) -> u64 {
         self.requests
+    }
+
+    /// Whether an answer came on this connection before: the instance closing it now without
+    /// one is the close of a kept-alive connection (a stale one), not a failure of the request
+    /// alone. On a new connection the first request has no such excuse.
+    pub fn answered_any(&self) -> bool {
+        self.answers > 0
+    }
+
+    /// The read side of this connection's stream as a line takes it over, still knowing
+    /// whether an answer came on it ([`InstanceConn::answered_any`]).
+    pub fn read_side(
+        read: tokio::net::tcp::OwnedReadHalf,
+        answered_any: bool,
+    ) -> Box<InstanceConn> {
+        let mut reader = Box::new(InstanceConn::new(InstanceStream::PipedRead(read)));
+        reader.answers = u64::from(answered_any);
+        reader
     }
 
     /// A connection that carried `requests` already (tests of the limits on that count).
@@ -270,6 +291,7 @@ impl InstanceConn {
             write,
             deadline,
             requests,
+            answers,
         } = self;
         *requests += 1;
         let parts = head.parts;
@@ -288,7 +310,9 @@ impl InstanceConn {
                 answer = send_head(stream, read, write, reading) => answer,
                 () = deadline.wait(due) => Err(SendError::TimedOut),
             };
-            return mid_head(answer, read);
+            let answer = mid_head(answer, read);
+            *answers += u64::from(answer.is_ok());
+            return answer;
         }
         write_first(stream, write).await?;
         let upload = Upload {
@@ -296,7 +320,7 @@ impl InstanceConn {
             chunked,
             timeout,
         };
-        match stream {
+        let answer = match stream {
             InstanceStream::Tcp(tcp) => {
                 let (reader, writer) = tcp.split();
                 exchange(reader, writer, read, write, upload, deadline, reading).await
@@ -309,7 +333,9 @@ impl InstanceConn {
             InstanceStream::PipedRead(_) => Err(SendError::Sent(
                 "a request with a body on a pipelined connection".to_owned(),
             )),
-        }
+        };
+        *answers += u64::from(answer.is_ok());
+        answer
     }
 
     /// Reads a pipelined request's answer head, due at `due`, on the read side its turn
@@ -323,6 +349,7 @@ impl InstanceConn {
             stream,
             read,
             deadline,
+            answers,
             ..
         } = self;
         let answer = tokio::select! {
@@ -330,7 +357,9 @@ impl InstanceConn {
             answer = read_head(stream, read, Reading::of(head)) => answer,
             () = deadline.wait(due) => Err(SendError::TimedOut),
         };
-        mid_head(answer, read)
+        let answer = mid_head(answer, read);
+        *answers += u64::from(answer.is_ok());
+        answer
     }
 
     /// Reads the next answer, head and body, and throws it away, by `due`: the answer to a
@@ -350,10 +379,12 @@ impl InstanceConn {
             stream,
             read,
             deadline,
+            answers,
             ..
         } = self;
         let skipped = async {
             let answer = read_head(stream, read, reading).await?;
+            *answers += 1;
             let mut body = BodyProgress::of(answer.framing.framing);
             let mut taken = 0;
             loop {

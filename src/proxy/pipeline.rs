@@ -980,14 +980,6 @@ impl Drop for Ticket {
 }
 
 impl LineHold {
-    /// Whether its connection carried requests before this one, whose answers were read by the
-    /// time this one's turn came: the instance closing it now is the close of a kept-alive
-    /// connection, as on a stale pooled one, not this request's failure alone. On a new
-    /// connection its first request has no such excuse.
-    pub fn reused(&self) -> bool {
-        self.id > 0
-    }
-
     /// What this request's answer will tell of the instance's pace, its turn having come with
     /// `reader`.
     pub fn pace_sample(&self, reader: &InstanceConn) -> PaceSample {
@@ -1101,10 +1093,11 @@ async fn skip_abandoned(line: Arc<Line>, mut reader: Box<InstanceConn>, head_req
 /// A line's writer: opens the connection, then writes whatever requests were queued since its
 /// last write, once per wake-up, after letting the requests of the same scheduler turn join.
 async fn write_line(line: Arc<Line>, connector: Connector, pooled: Option<Box<InstanceConn>>) {
-    let stream = match pooled.map(|conn| conn.into_parts()) {
+    let answered_any = pooled.as_ref().is_some_and(|conn| conn.answered_any());
+    let (stream, answered_any) = match pooled.map(|conn| conn.into_parts()) {
         // An idle pooled connection has nothing buffered (it would not have been pooled).
-        Some((stream, rest)) if rest.is_empty() => Ok(stream),
-        _ => connector.connect().await,
+        Some((stream, rest)) if rest.is_empty() => (Ok(stream), answered_any),
+        _ => (connector.connect().await, false),
     };
     let tcp = match stream {
         Ok(InstanceStream::Tcp(tcp)) => tcp,
@@ -1112,7 +1105,7 @@ async fn write_line(line: Arc<Line>, connector: Connector, pooled: Option<Box<In
         Err(err) => return line.break_off(Broken::Unconnected(Arc::new(err))),
     };
     let (read, mut write) = tcp.into_split();
-    line.pass_reader(Box::new(InstanceConn::new(InstanceStream::PipedRead(read))));
+    line.pass_reader(InstanceConn::read_side(read, answered_any));
     let mut out = Vec::with_capacity(4096);
     loop {
         // Woken by the first request queued since the last write, the writer runs after the
