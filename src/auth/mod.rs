@@ -1,5 +1,5 @@
 //! API keys: which configured key a request presents, compared in constant time. Keys are
-//! identified by their position in the list from here on, so nothing downstream (rate-limit
+//! identified by a fingerprint from here on ([`ApiKeyId`]), so nothing downstream (rate-limit
 //! keys, logs) ever sees a key itself.
 
 use http::{HeaderMap, HeaderName};
@@ -9,8 +9,14 @@ use crate::config::limits::AuthConfig;
 /// The configured API keys and the header that carries them.
 pub struct ApiKeys {
     header: HeaderName,
-    keys: Vec<Box<[u8]>>,
+    keys: Vec<(Box<[u8]>, ApiKeyId)>,
 }
+
+/// Which API key a request presents: a 64-bit fingerprint of the key. It stays the key's
+/// however the list is edited and reloaded (a position would pass one client's rate-limit
+/// counters to another when a key before it is removed), and tells nothing usable of the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ApiKeyId(pub u64);
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,19 +32,22 @@ impl ApiKeys {
             keys: config
                 .api_keys
                 .iter()
-                .map(|k| k.as_bytes().into())
+                .map(|k| {
+                    let id = ApiKeyId(crate::balance::hash_bytes(k.as_bytes()));
+                    (k.as_bytes().into(), id)
+                })
                 .collect(),
         }
     }
 
     /// Position of the key the request presents. Every configured key is compared, in
     /// constant time, so timing reveals neither a key nor which one matched.
-    pub fn identify(&self, headers: &HeaderMap) -> Result<usize, AuthFailure> {
+    pub fn identify(&self, headers: &HeaderMap) -> Result<ApiKeyId, AuthFailure> {
         let presented = headers.get(&self.header).ok_or(AuthFailure::Missing)?;
         let mut found = None;
-        for (index, key) in self.keys.iter().enumerate() {
+        for (key, id) in &self.keys {
             if constant_time_eq(presented.as_bytes(), key) {
-                found = Some(index);
+                found = Some(*id);
             }
         }
         found.ok_or(AuthFailure::Wrong)
@@ -62,17 +71,26 @@ mod tests {
     use http::HeaderValue;
 
     #[test]
-    fn keys_are_identified_by_position() {
-        let keys = ApiKeys::new(&AuthConfig {
-            header: HeaderName::from_static("x-api-key"),
-            api_keys: vec!["first-key-1".into(), "second-key-2".into()],
-        });
+    fn keys_are_identified_by_a_fingerprint_that_outlives_list_edits() {
+        let keys = |list: &[&str]| {
+            ApiKeys::new(&AuthConfig {
+                header: HeaderName::from_static("x-api-key"),
+                api_keys: list.iter().map(|k| (*k).to_owned()).collect(),
+            })
+        };
+        let before = keys(&["first-key-1", "second-key-2"]);
         let mut headers = HeaderMap::new();
-        assert_eq!(keys.identify(&headers), Err(AuthFailure::Missing));
+        assert_eq!(before.identify(&headers), Err(AuthFailure::Missing));
         headers.insert("x-api-key", HeaderValue::from_static("second-key-2"));
-        assert_eq!(keys.identify(&headers), Ok(1));
+        let second = before.identify(&headers).unwrap();
+        // The first key removed, another added behind: the second, now first in the list, is
+        // still itself, and the new one, where it stood, is not.
+        let after = keys(&["second-key-2", "third-key-3"]);
+        assert_eq!(after.identify(&headers), Ok(second));
+        headers.insert("x-api-key", HeaderValue::from_static("third-key-3"));
+        assert_ne!(after.identify(&headers).unwrap(), second);
         headers.insert("x-api-key", HeaderValue::from_static("second-key-"));
-        assert_eq!(keys.identify(&headers), Err(AuthFailure::Wrong));
+        assert_eq!(after.identify(&headers), Err(AuthFailure::Wrong));
     }
 
     #[test]

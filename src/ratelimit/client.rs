@@ -8,6 +8,7 @@ use http::HeaderMap;
 use ipnet::IpNet;
 use smallvec::SmallVec;
 
+use crate::auth::ApiKeyId;
 use crate::config::limits::RuleKey;
 
 /// The client address: the peer, unless the peer is a trusted proxy; then the right-most
@@ -40,8 +41,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LimitKey<'a> {
     Ip(IpAddr),
-    /// Position of the API key in the configured list.
-    ApiKey(usize),
+    ApiKey(ApiKeyId),
     Header(&'a [u8]),
     Route(&'a str),
 }
@@ -52,7 +52,7 @@ impl<'a> LimitKey<'a> {
     pub fn of(
         rule: &RuleKey,
         client: IpAddr,
-        api_key: Option<usize>,
+        api_key: Option<ApiKeyId>,
         headers: &'a HeaderMap,
         route: &'a str,
     ) -> LimitKey<'a> {
@@ -80,9 +80,9 @@ impl<'a> LimitKey<'a> {
                 let len = 48 - rest.len();
                 key.extend_from_slice(&text[..len]);
             }
-            LimitKey::ApiKey(index) => {
+            LimitKey::ApiKey(ApiKeyId(id)) => {
                 key.extend_from_slice(b"key:");
-                key.extend_from_slice(itoa::Buffer::new().format(*index).as_bytes());
+                key.extend_from_slice(itoa::Buffer::new().format(*id).as_bytes());
             }
             LimitKey::Header(value) => {
                 key.extend_from_slice(b"h:");
@@ -148,11 +148,11 @@ mod tests {
             LimitKey::Ip(client)
         );
         assert_eq!(
-            LimitKey::of(&RuleKey::ApiKey, client, Some(2), &headers, "r"),
-            LimitKey::ApiKey(2)
+            LimitKey::of(&RuleKey::ApiKey, client, Some(ApiKeyId(2)), &headers, "r"),
+            LimitKey::ApiKey(ApiKeyId(2))
         );
         assert_eq!(
-            LimitKey::ApiKey(2).redis_key(&redis_prefix("per_key"))[..],
+            LimitKey::ApiKey(ApiKeyId(2)).redis_key(&redis_prefix("per_key"))[..],
             b"scalegate:rl:per_key:key:2"[..]
         );
         assert_eq!(

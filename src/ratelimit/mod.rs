@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
-use crate::auth::{ApiKeys, AuthFailure};
+use crate::auth::{ApiKeyId, ApiKeys, AuthFailure};
 use crate::config::limits::{OnRedisError, RuleKey, StoreKind};
 use crate::config::{Config, LimitsConfig};
 use crate::proxy::GatewayBody;
@@ -463,17 +463,17 @@ impl Admission {
         client_ip(peer, headers, &self.trusted_proxies)
     }
 
-    /// The position of the request's API key when the route asks for one.
+    /// The request's API key when the route asks for one.
     fn api_key(
         &self,
         policy: &RoutePolicy,
         headers: &HeaderMap,
-    ) -> Result<Option<usize>, ProxyError> {
+    ) -> Result<Option<ApiKeyId>, ProxyError> {
         if !policy.api_key {
             return Ok(None);
         }
         match self.api_keys.identify(headers) {
-            Ok(index) => Ok(Some(index)),
+            Ok(id) => Ok(Some(id)),
             Err(AuthFailure::Missing) => Err(ProxyError::Unauthorized("missing API key")),
             Err(AuthFailure::Wrong) => Err(ProxyError::Unauthorized("wrong API key")),
         }
