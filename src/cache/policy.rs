@@ -62,7 +62,8 @@ pub struct CacheControl {
 
 impl CacheControl {
     /// Reads every `Cache-Control` line; unknown directives are ignored, a malformed number
-    /// counts as 0 (stale) as RFC 9111 §4.2.1 asks.
+    /// counts as 0 (stale) and of a repeated directive the first counts, as RFC 9111 §4.2.1
+    /// asks; a number too large counts as 2^31 seconds (§1.2.2).
     pub fn parse(headers: &HeaderMap) -> CacheControl {
         let mut cc = CacheControl::default();
         for value in headers.get_all(header::CACHE_CONTROL) {
@@ -72,24 +73,35 @@ impl CacheControl {
                     Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
                     None => (directive.trim(), None),
                 };
-                let seconds =
-                    || Duration::from_secs(arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0));
+                let seconds = || delta_seconds(arg);
                 match name.to_ascii_lowercase().as_str() {
                     "no-store" => cc.no_store = true,
                     "no-cache" => cc.no_cache = true,
                     "private" => cc.private = true,
                     "public" => cc.public = true,
                     "must-revalidate" | "proxy-revalidate" => cc.must_revalidate = true,
-                    "max-age" => cc.max_age = Some(seconds()),
-                    "s-maxage" => cc.s_maxage = Some(seconds()),
-                    "stale-while-revalidate" => cc.stale_while_revalidate = Some(seconds()),
-                    "stale-if-error" => cc.stale_if_error = Some(seconds()),
+                    "max-age" => _ = cc.max_age.get_or_insert_with(seconds),
+                    "s-maxage" => _ = cc.s_maxage.get_or_insert_with(seconds),
+                    "stale-while-revalidate" => {
+                        _ = cc.stale_while_revalidate.get_or_insert_with(seconds);
+                    }
+                    "stale-if-error" => _ = cc.stale_if_error.get_or_insert_with(seconds),
                     _ => {}
                 }
             }
         }
         cc
     }
+}
+
+/// A directive's delta-seconds (RFC 9111 §1.2.2): digits only, else 0; past what a `u64`
+/// holds, 2^31 seconds, as the RFC asks of a value too large to represent.
+fn delta_seconds(arg: Option<&str>) -> Duration {
+    let Some(digits) = arg.filter(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()))
+    else {
+        return Duration::ZERO;
+    };
+    Duration::from_secs(digits.parse::<u64>().unwrap_or(1 << 31))
 }
 
 /// How long a stored response may be used: fresh for `lifetime` from an age of `initial_age`,
@@ -798,6 +810,20 @@ mod tests {
             range_answer(&headers(&[range]), ok, &stored, 0),
             Unsatisfiable
         );
+    }
+
+    #[test]
+    fn of_a_repeated_directive_the_first_counts_and_a_huge_number_is_2_to_the_31_seconds() {
+        let max_age =
+            |value: &str| CacheControl::parse(&headers(&[("cache-control", value)])).max_age;
+        let secs = |n| Some(Duration::from_secs(n));
+        assert_eq!(max_age("max-age=0, max-age=60"), secs(0));
+        assert_eq!(max_age("max-age=60, max-age=0"), secs(60));
+        assert_eq!(max_age("max-age=18446744073709551616"), secs(1 << 31));
+        assert_eq!(max_age("max-age=18446744073709551615"), secs(u64::MAX));
+        // Not delta-seconds: stale.
+        assert_eq!(max_age("max-age=+5"), secs(0));
+        assert_eq!(max_age("max-age=abc"), secs(0));
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
