@@ -481,14 +481,13 @@ impl Chunked {
     }
 }
 
-/// A trailer line as RFC 9112 §7.1.2 has it, `name: value`: a name of token characters right
-/// before the colon. A line without one, or a folded one (starting with whitespace), is refused
-/// as HAProxy refuses it: a parser in front of the gateway might read it otherwise.
+/// A trailer line as RFC 9112 §7.1.2 has it, `name: value`: a field name right before the
+/// colon. A line without one, or a folded one (starting with whitespace), is refused as HAProxy
+/// refuses it: a parser in front of the gateway might read it otherwise.
 fn is_field_line(line: &[u8]) -> bool {
-    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
     line.iter()
         .position(|&b| b == b':')
-        .is_some_and(|colon| colon > 0 && line[..colon].iter().all(tchar))
+        .is_some_and(|colon| http::HeaderName::from_bytes(&line[..colon]).is_ok())
 }
 
 /// What the chunked body at the front of `buf` declares as far as `buf` goes: the chunk data

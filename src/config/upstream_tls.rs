@@ -121,8 +121,8 @@ pub(super) fn validate(
             match load_certificate(Path::new(cert), Path::new(private)) {
                 Ok(identity) => Some(identity),
                 Err(problems) => {
-                    let keys = (format!("{tkey}.client_cert"), format!("{tkey}.client_key"));
-                    for (key, err) in problems.keyed(keys.0, keys.1) {
+                    let (cert, key) = (format!("{tkey}.client_cert"), format!("{tkey}.client_key"));
+                    for (key, err) in problems.keyed(cert, key) {
                         p.push(key, err);
                     }
                     return (protocol, None);

@@ -53,8 +53,8 @@ pub struct InstanceConn {
     deadline: LazyDeadline,
     /// Requests sent on it (`keepalive_requests`).
     requests: u64,
-    /// Answer heads read on it ([`InstanceConn::answered_any`]).
-    answers: u64,
+    /// An answer head was read on it ([`InstanceConn::answered_any`]).
+    answered: bool,
 }
 
 /// How an exchange with an instance failed.
@@ -211,7 +211,7 @@ impl InstanceConn {
             // Armed by the first request; until then the timer is not in the wheel.
             deadline: LazyDeadline::new(Instant::now() + Duration::from_secs(3600)),
             requests: 0,
-            answers: 0,
+            answered: false,
         }
     }
 
@@ -224,7 +224,7 @@ impl InstanceConn {
     /// one is the close of a kept-alive connection (a stale one), not a failure of the request
     /// alone. On a new connection the first request has no such excuse.
     pub fn answered_any(&self) -> bool {
-        self.answers > 0
+        self.answered
     }
 
     /// The read side of this connection's stream as a line takes it over, still knowing
@@ -234,7 +234,7 @@ impl InstanceConn {
         answered_any: bool,
     ) -> Box<InstanceConn> {
         let mut reader = Box::new(InstanceConn::new(InstanceStream::PipedRead(read)));
-        reader.answers = u64::from(answered_any);
+        reader.answered = answered_any;
         reader
     }
 
@@ -291,7 +291,7 @@ impl InstanceConn {
             write,
             deadline,
             requests,
-            answers,
+            answered,
         } = self;
         *requests += 1;
         let parts = head.parts;
@@ -311,7 +311,7 @@ impl InstanceConn {
                 () = deadline.wait(due) => Err(SendError::TimedOut),
             };
             let answer = mid_head(answer, read);
-            *answers += u64::from(answer.is_ok());
+            *answered |= answer.is_ok();
             return answer;
         }
         write_first(stream, write).await?;
@@ -334,7 +334,7 @@ impl InstanceConn {
                 "a request with a body on a pipelined connection".to_owned(),
             )),
         };
-        *answers += u64::from(answer.is_ok());
+        *answered |= answer.is_ok();
         answer
     }
 
@@ -349,7 +349,7 @@ impl InstanceConn {
             stream,
             read,
             deadline,
-            answers,
+            answered,
             ..
         } = self;
         let answer = tokio::select! {
@@ -358,7 +358,7 @@ impl InstanceConn {
             () = deadline.wait(due) => Err(SendError::TimedOut),
         };
         let answer = mid_head(answer, read);
-        *answers += u64::from(answer.is_ok());
+        *answered |= answer.is_ok();
         answer
     }
 
@@ -379,12 +379,12 @@ impl InstanceConn {
             stream,
             read,
             deadline,
-            answers,
+            answered,
             ..
         } = self;
         let skipped = async {
             let answer = read_head(stream, read, reading).await?;
-            *answers += 1;
+            *answered = true;
             let mut body = BodyProgress::of(answer.framing.framing);
             let mut taken = 0;
             loop {

@@ -83,6 +83,7 @@ pub const FLOWING_WAIT: Duration = Duration::from_millis(1);
 /// them answered side by side (in front of an instance taking 10 ms per answer, 64 clients got
 /// a third of the requests per second they get without pipelining).
 pub const PACE_LIMIT: Duration = Duration::from_micros(500);
+const PACE_LIMIT_US: u32 = PACE_LIMIT.as_micros() as u32;
 
 /// While an instance's pace is past [`PACE_LIMIT`] or not yet measured, one request per
 /// [`probe_interval`] queues behind another anyway, alone, so that its answer measures the
@@ -198,13 +199,12 @@ pub fn next_pace(pace_us: u32, sample_us: u32) -> u32 {
 /// outright (a probe found the instance quick again); the first sets it, the others are
 /// averaged ([`next_pace`]).
 pub fn pace_after(pace_us: u32, sample_us: u32, first: bool) -> u32 {
-    let limit = PACE_LIMIT.as_micros() as u32;
-    let quick = sample_us < limit;
+    let quick = sample_us < PACE_LIMIT_US;
     match pace_us {
         UNMEASURED if quick => sample_us,
-        _ if first && quick && pace_us >= limit => next_pace(pace_us, sample_us),
+        _ if first && quick && pace_us >= PACE_LIMIT_US => next_pace(pace_us, sample_us),
         _ if first => pace_us,
-        _ if quick && pace_us >= limit => sample_us,
+        _ if quick && pace_us >= PACE_LIMIT_US => sample_us,
         UNMEASURED => sample_us.min(UNMEASURED - 1),
         _ => next_pace(pace_us, sample_us),
     }
@@ -457,7 +457,7 @@ impl Lines {
             now,
             depth: self.depth,
             proven: self.verdict.proven.load(Ordering::Relaxed),
-            paced: self.pace.load(Ordering::Relaxed) < PACE_LIMIT.as_micros() as u32,
+            paced: self.pace.load(Ordering::Relaxed) < PACE_LIMIT_US,
             probe: false,
             idle_timeout: self.idle_timeout,
         };
@@ -544,7 +544,7 @@ impl Lines {
             self.pace.store(pace, Ordering::Relaxed);
         }
         // A slow answer behind another (a probe's, most often) sets when the next may probe.
-        if !first && pace >= PACE_LIMIT.as_micros() as u32 {
+        if !first && pace >= PACE_LIMIT_US {
             *self.probe_at.lock().expect("probe lock") = came + probe_interval(pace);
         }
         let all = next_pace(self.all_paths.load(Ordering::Relaxed), took);
@@ -1093,10 +1093,9 @@ async fn skip_abandoned(line: Arc<Line>, mut reader: Box<InstanceConn>, head_req
 /// A line's writer: opens the connection, then writes whatever requests were queued since its
 /// last write, once per wake-up, after letting the requests of the same scheduler turn join.
 async fn write_line(line: Arc<Line>, connector: Connector, pooled: Option<Box<InstanceConn>>) {
-    let answered_any = pooled.as_ref().is_some_and(|conn| conn.answered_any());
-    let (stream, answered_any) = match pooled.map(|conn| conn.into_parts()) {
+    let (stream, answered_any) = match pooled.map(|conn| (conn.answered_any(), conn.into_parts())) {
         // An idle pooled connection has nothing buffered (it would not have been pooled).
-        Some((stream, rest)) if rest.is_empty() => (Ok(stream), answered_any),
+        Some((answered_any, (stream, rest))) if rest.is_empty() => (Ok(stream), answered_any),
         _ => (connector.connect().await, false),
     };
     let tcp = match stream {
@@ -1129,8 +1128,8 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::{TcpListener, TcpStream};
 
-    /// Lines of depth 4 to a listener that takes connections and never answers, its pace
-    /// measured quick (unmeasured, see
+    /// Lines of depth 4 to a listener that takes connections and never answers, the instance's
+    /// pace already measured quick (a new one starts unmeasured: see
     /// `a_new_instance_gets_one_probe_until_an_answer_shows_it_quick`).
     fn lines() -> (Lines, Connector, TcpListener) {
         let (lines, connector, listener) = unmeasured_lines();
@@ -1567,9 +1566,9 @@ mod tests {
         assert_eq!(pace_after(200, 100, true), 200);
         assert_eq!(pace_after(40_000, 300, true), next_pace(40_000, 300));
         let after_404s = (0..10).fold(300_000, |pace, _| pace_after(pace, 100, true));
-        assert!(after_404s >= PACE_LIMIT.as_micros() as u32);
+        assert!(after_404s >= PACE_LIMIT_US);
         let after_quick_ones = (0..8).fold(800, |pace, _| pace_after(pace, 300, true));
-        assert!(after_quick_ones < PACE_LIMIT.as_micros() as u32);
+        assert!(after_quick_ones < PACE_LIMIT_US);
         // Behind another, the first answer sets it and the others are averaged.
         assert_eq!(pace_after(UNMEASURED, 3_000, false), 3_000);
         assert_eq!(pace_after(200, 3_000, false), next_pace(200, 3_000));

@@ -36,7 +36,7 @@ pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, St
 /// What is wrong with a certificate and key pair: the certificate file's problem, the key
 /// file's, or both, each read whatever the other's state, so that a config check names every
 /// bad file at once, under its own key.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PairProblems {
     pub cert: Option<String>,
     pub key: Option<String>,
