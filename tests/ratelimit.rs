@@ -153,6 +153,73 @@ rate_limits = [{ name = "per_ip_gcra", limit = 20, period = "1m", burst = 19 }]
     }
 }
 
+/// A route under a one-a-second rule and a three-an-hour rule, hit ten times at once, then
+/// once more a second later: the nine the first rule refused must not have spent the hourly
+/// quota. Returns the statuses and the rules' (name, allowed, limited) counts.
+async fn retries_under_two_rules(gw: &Gateway) -> (Vec<u16>, Vec<(String, u64, u64)>) {
+    let client = client();
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(get(&client, &gw.url("/")).await.status);
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    statuses.push(get(&client, &gw.url("/")).await.status);
+    let (_, report) = admin_json(&client, gw, "/api/ratelimit").await;
+    let counts = report["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|rule| {
+            (
+                rule["name"].as_str().unwrap().to_string(),
+                rule["allowed"].as_u64().unwrap(),
+                rule["limited"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    (statuses, counts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_one_rule_refuses_does_not_count_against_the_others() {
+    let redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let routes = r#"
+[[routes]]
+upstream = "app"
+rate_limits = [
+  { name = "per_second", limit = 1, period = "1s" },
+  { name = "per_hour", limit = 3, period = "1h", algorithm = "sliding_window" },
+]
+"#;
+    let shared = redis_config(&redis, &backend, routes);
+    let local = shared.replace("store = \"redis\"", "store = \"memory\"");
+    let mut expected = vec![200];
+    expected.extend([429; 9]);
+    expected.push(200);
+    for config in [shared, local] {
+        let gw = gateway(&config);
+        let (statuses, counts) = retries_under_two_rules(&gw).await;
+        assert_eq!(statuses, expected, "{config}");
+        assert_eq!(
+            counts,
+            [
+                ("per_hour".to_string(), 2, 0),
+                ("per_second".to_string(), 2, 9)
+            ],
+            "{config}"
+        );
+    }
+    // The hourly rule at Redis counted the two that passed.
+    let mut conn = redis.conn();
+    let count: i64 = redis::cmd("HGET")
+        .arg("scalegate:rl:per_hour:ip:127.0.0.1")
+        .arg("c")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(count, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_outage_falls_back_to_local_limits_and_recovers() {
     let mut redis = Redis::start(None);

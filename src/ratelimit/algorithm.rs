@@ -3,6 +3,8 @@
 //! hands back what it read, and these functions turn that into the decision, so both stores
 //! answer the same way.
 
+use smallvec::SmallVec;
+
 /// How a rule counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algorithm {
@@ -99,6 +101,44 @@ pub fn decide(
             (decision, window.map(SlotState::Window))
         }
     }
+}
+
+/// One request under several rules at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JointDecision {
+    /// Each rule's answer, in the rules' order.
+    pub decisions: SmallVec<[RateDecision; 4]>,
+    /// The state each rule stores: one per rule when every rule let the request pass, else
+    /// none at all.
+    pub booked: SmallVec<[SlotState; 4]>,
+}
+
+impl JointDecision {
+    pub fn allowed(&self) -> bool {
+        self.decisions.iter().all(|d| d.allowed)
+    }
+}
+
+/// Decides one request under all of its route's rules, each on its own stored state. It counts
+/// against the rules only when all of them let it pass: as with nginx's `limit_req` over
+/// several zones, a client retrying on one rule's 429 does not spend another rule's quota.
+pub fn decide_all<'q>(
+    checks: impl IntoIterator<Item = (&'q Quota, Option<SlotState>)>,
+    now: u64,
+) -> JointDecision {
+    let mut joint = JointDecision {
+        decisions: SmallVec::new(),
+        booked: SmallVec::new(),
+    };
+    for (quota, stored) in checks {
+        let (decision, next) = decide(quota, stored, now);
+        joint.decisions.push(decision);
+        joint.booked.extend(next);
+    }
+    if !joint.allowed() {
+        joint.booked.clear();
+    }
+    joint
 }
 
 /// GCRA: allow iff now ≥ TAT − τ, then TAT = max(TAT, now) + T.
@@ -331,6 +371,30 @@ mod tests {
         assert_eq!(strictest((0, no(9)), (1, no(5))).0, 0);
     }
 
+    #[test]
+    fn a_request_one_rule_refuses_counts_against_none() {
+        // 2 per 2 s and 6 per hour: a client retrying on the first rule's 429 keeps its hourly
+        // quota for the requests that pass.
+        let short = gcra_quota(2, 2 * SEC, 1);
+        let long = window_quota(6, 3600 * SEC);
+        let (mut a, mut b) = (None, None);
+        let mut served = 0;
+        for step in 0..200u64 {
+            let now = 1_000 * SEC + step * 100_000;
+            let joint = decide_all([(&short, a), (&long, b)], now);
+            if joint.allowed() {
+                assert_eq!(joint.booked.len(), 2);
+                a = Some(joint.booked[0]);
+                b = Some(joint.booked[1]);
+                served += 1;
+            } else {
+                assert!(joint.booked.is_empty());
+            }
+        }
+        // 20 s of retries every 100 ms: the burst of 2, then one a second until the hour's 6.
+        assert_eq!(served, 6);
+    }
+
     /// Most admitted in any half-open window [t, t + period).
     fn max_in_any_window(times: &[u64], period: u64) -> usize {
         let mut best = 0;
@@ -383,6 +447,33 @@ mod tests {
             }
             prop_assert!(per_window.values().all(|&n| n <= limit));
             prop_assert!(max_in_any_window(&times, q.period_us) as u64 <= 2 * limit);
+        }
+
+        #[test]
+        fn joint_decisions_are_each_rules_own_and_book_all_or_none(
+            limits in proptest::collection::vec(1u64..5, 1..4),
+            gaps in proptest::collection::vec(0u64..400_000, 1..100),
+        ) {
+            let quotas: Vec<Quota> = limits
+                .iter()
+                .enumerate()
+                .map(|(i, &limit)| {
+                    let period_us = (i as u64 + 1) * SEC;
+                    if i % 2 == 0 { gcra_quota(limit, period_us, 1) } else { window_quota(limit, period_us) }
+                })
+                .collect();
+            let mut states: Vec<Option<SlotState>> = vec![None; quotas.len()];
+            for now in arrivals(gaps) {
+                let joint = decide_all(quotas.iter().zip(states.iter().copied()), now);
+                for (i, quota) in quotas.iter().enumerate() {
+                    prop_assert_eq!(joint.decisions[i], decide(quota, states[i], now).0);
+                }
+                let all = joint.decisions.iter().all(|d| d.allowed);
+                prop_assert_eq!(joint.booked.len(), if all { quotas.len() } else { 0 });
+                for (state, booked) in states.iter_mut().zip(&joint.booked) {
+                    *state = Some(*booked);
+                }
+            }
         }
 
         #[test]

@@ -4,9 +4,11 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
-use super::algorithm::{decide, Quota, RateDecision, SlotState};
+use smallvec::SmallVec;
+
+use super::algorithm::{decide_all, JointDecision, Quota, SlotState};
 
 const SHARDS: usize = 64;
 
@@ -31,26 +33,53 @@ impl MemoryStore {
         }
     }
 
-    /// Decides one request for `key` under the rule identified by `rule_id`, at `now` (µs).
-    pub fn decide(&self, rule_id: u64, quota: &Quota, key: &impl Hash, now: u64) -> RateDecision {
-        let hash = self.hasher.hash_one((rule_id, key));
-        let shard = &self.shards[(hash % SHARDS as u64) as usize];
-        let mut slots = shard.lock().expect("rate-limit shard");
-        let stored = slots.get(&hash).map(|slot| slot.state);
-        let (decision, next) = decide(quota, stored, now);
-        if let Some(state) = next {
+    /// Decides one request under several rules, each given as (rule id, quota, key), at `now`
+    /// (µs); it is booked in all of them or, when one refuses it, in none
+    /// ([`decide_all`]).
+    pub fn decide<K: Hash>(&self, checks: &[(u64, &Quota, K)], now: u64) -> JointDecision {
+        let hashes: SmallVec<[u64; 4]> = checks
+            .iter()
+            .map(|(rule_id, _, key)| self.hasher.hash_one((rule_id, key)))
+            .collect();
+        let shard_of = |hash: u64| (hash % SHARDS as u64) as usize;
+        let mut shards: SmallVec<[usize; 4]> = hashes.iter().map(|&h| shard_of(h)).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        // All the rules' shards at once, so no other request books in between; taken in index
+        // order, so two requests over the same shards cannot wait on each other.
+        let mut locked: SmallVec<[MutexGuard<'_, HashMap<u64, Slot>>; 4]> = shards
+            .iter()
+            .map(|&i| self.shards[i].lock().expect("rate-limit shard"))
+            .collect();
+        let guard = |hash: u64| {
+            shards
+                .binary_search(&shard_of(hash))
+                .expect("every rule's shard is locked")
+        };
+        let stored: SmallVec<[Option<SlotState>; 4]> = hashes
+            .iter()
+            .map(|&hash| locked[guard(hash)].get(&hash).map(|slot| slot.state))
+            .collect();
+        let joint = decide_all(
+            checks.iter().zip(&stored).map(|((_, q, _), s)| (*q, *s)),
+            now,
+        );
+        for (((hash, state), stored), (_, quota, _)) in
+            hashes.iter().zip(&joint.booked).zip(&stored).zip(checks)
+        {
+            let slots = &mut locked[guard(*hash)];
             if stored.is_none() && slots.len() >= self.per_shard {
-                make_room(&mut slots, now);
+                make_room(slots, now);
             }
             slots.insert(
-                hash,
+                *hash,
                 Slot {
-                    state,
+                    state: *state,
                     idle_after: state.idle_after(quota),
                 },
             );
         }
-        decision
+        joint
     }
 
     /// Entries held now (for the admin API).
@@ -99,10 +128,25 @@ mod tests {
     fn keys_and_rules_are_separate() {
         let store = MemoryStore::new(1000);
         let q = quota(1, 0);
-        assert!(store.decide(1, &q, &"a", 0).allowed);
-        assert!(!store.decide(1, &q, &"a", 0).allowed);
-        assert!(store.decide(1, &q, &"b", 0).allowed);
-        assert!(store.decide(2, &q, &"a", 0).allowed);
+        assert!(store.decide(&[(1, &q, &"a")], 0).allowed());
+        assert!(!store.decide(&[(1, &q, &"a")], 0).allowed());
+        assert!(store.decide(&[(1, &q, &"b")], 0).allowed());
+        assert!(store.decide(&[(2, &q, &"a")], 0).allowed());
+    }
+
+    #[test]
+    fn a_request_one_rule_refuses_is_booked_in_none() {
+        let store = MemoryStore::new(1000);
+        let (strict, loose) = (quota(1, 0), quota(100, 99));
+        let both = |now| store.decide(&[(1, &strict, "c"), (2, &loose, "c")], now);
+        assert!(both(0).allowed());
+        for now in 1..50 {
+            assert!(!both(now).allowed());
+        }
+        // The loose rule counted the one request that passed, not the 49 refused ones: 99 of
+        // its 100 a second are left.
+        let loose_alone = store.decide(&[(2, &loose, "c")], 50);
+        assert_eq!(loose_alone.decisions[0].remaining, 98);
     }
 
     #[test]
@@ -110,16 +154,16 @@ mod tests {
         let store = MemoryStore::new(SHARDS * 16);
         let q = quota(1, 0);
         for i in 0..100_000u64 {
-            store.decide(1, &q, &i, i);
+            store.decide(&[(1, &q, &i)], i);
         }
         assert!(store.len() <= SHARDS * 16, "{}", store.len());
         // A key that is still limited survives when the others have gone idle.
         let later = 10 * SEC;
-        assert!(store.decide(1, &q, &"hot", later).allowed);
+        assert!(store.decide(&[(1, &q, &"hot")], later).allowed());
         for i in 0..(SHARDS as u64 * 2) {
-            store.decide(1, &q, &(i + 1_000_000), later + 1);
+            store.decide(&[(1, &q, &(i + 1_000_000))], later + 1);
         }
-        assert!(!store.decide(1, &q, &"hot", later + 2).allowed);
+        assert!(!store.decide(&[(1, &q, &"hot")], later + 2).allowed());
     }
 
     /// nginx `limit_req zone=z rate=10r/s burst=5 nodelay`, driven by tokio's paused clock the
@@ -133,24 +177,24 @@ mod tests {
         let origin = Instant::now();
         let now = || origin.elapsed().as_micros() as u64 + SEC;
         let burst: Vec<bool> = (0..8)
-            .map(|_| store.decide(7, &q, &"client", now()).allowed)
+            .map(|_| store.decide(&[(7, &q, &"client")], now()).allowed())
             .collect();
         assert_eq!(burst, [true, true, true, true, true, true, false, false]);
         tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(store.decide(7, &q, &"client", now()).allowed);
-        assert!(!store.decide(7, &q, &"client", now()).allowed);
+        assert!(store.decide(&[(7, &q, &"client")], now()).allowed());
+        assert!(!store.decide(&[(7, &q, &"client")], now()).allowed());
         // 10 r/s sustained: one every 100 ms passes, a second in between does not.
         for _ in 0..20 {
             tokio::time::advance(Duration::from_millis(50)).await;
-            let half = store.decide(7, &q, &"client", now()).allowed;
+            let half = store.decide(&[(7, &q, &"client")], now()).allowed();
             tokio::time::advance(Duration::from_millis(50)).await;
-            let full = store.decide(7, &q, &"client", now()).allowed;
+            let full = store.decide(&[(7, &q, &"client")], now()).allowed();
             assert!(!half && full);
         }
         // Quiet for a second: the burst of 6 is back.
         tokio::time::advance(Duration::from_secs(1)).await;
         let refill = (0..8)
-            .filter(|_| store.decide(7, &q, &"client", now()).allowed)
+            .filter(|_| store.decide(&[(7, &q, &"client")], now()).allowed())
             .count();
         assert_eq!(refill, 6);
     }

@@ -34,7 +34,7 @@ use algorithm::{ceil_secs, strictest, Quota, RateDecision};
 pub use client::{client_ip, redis_prefix, LimitKey};
 pub use concurrency::{ConcurrencyLimit, Slots};
 use memory::MemoryStore;
-use redis_store::RedisStore;
+use redis_store::{RedisCheck, RedisStore};
 
 pub static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -42,7 +42,9 @@ pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 /// Decisions of one rule since start (kept across reloads by rule name).
 #[derive(Debug, Default)]
 pub struct RuleCounters {
+    /// Requests that passed every rule of their route.
     pub allowed: AtomicU64,
+    /// Requests this rule refused.
     pub limited: AtomicU64,
     /// Decided without Redis because it did not answer (whatever `on_redis_error` then did).
     pub fallback: AtomicU64,
@@ -94,42 +96,62 @@ impl Limiter {
             .is_some_and(|redis| redis.link().is_up())
     }
 
-    /// Decides at Redis while it answers, else as [`Limiter::decide_here`].
-    async fn decide(&self, rule: &Rule, key: LimitKey<'_>) -> RateDecision {
+    /// Decides a request under `rules` (`keys`: its key under each) at Redis while it
+    /// answers, else as [`Limiter::decide_here`]. The decisions come in the rules' order; on a
+    /// Redis cluster they may stop at the first refusal.
+    async fn decide(&self, rules: &[Rule], keys: &[LimitKey<'_>]) -> SmallVec<[RateDecision; 4]> {
         if let Some(redis) = &self.redis {
-            if let Some(decision) = redis.decide(&rule.redis_prefix, &rule.quota, &key).await {
-                return decision;
+            let checks: SmallVec<[RedisCheck<'_>; 4]> = rules
+                .iter()
+                .zip(keys)
+                .map(|(rule, key)| (&rule.redis_prefix[..], &rule.quota, *key))
+                .collect();
+            if let Some(decisions) = redis.decide(&checks).await {
+                return decisions;
             }
         }
-        self.decide_here(rule, key)
+        self.decide_here(rules, keys)
     }
 
     /// Decides in this process: with the memory store, or by `on_redis_error` when Redis is
     /// configured (it did not answer).
-    fn decide_here(&self, rule: &Rule, key: LimitKey<'_>) -> RateDecision {
+    fn decide_here(&self, rules: &[Rule], keys: &[LimitKey<'_>]) -> SmallVec<[RateDecision; 4]> {
         if self.redis.is_some() {
-            rule.counters.fallback.fetch_add(1, Ordering::Relaxed);
+            for rule in rules {
+                rule.counters.fallback.fetch_add(1, Ordering::Relaxed);
+            }
             match self.on_redis_error {
                 OnRedisError::Local => {}
                 OnRedisError::Allow => {
-                    return RateDecision {
-                        allowed: true,
-                        remaining: rule.quota.limit,
-                        reset_us: 0,
-                        retry_after_us: 0,
-                    }
+                    return rules
+                        .iter()
+                        .map(|rule| RateDecision {
+                            allowed: true,
+                            remaining: rule.quota.limit,
+                            reset_us: 0,
+                            retry_after_us: 0,
+                        })
+                        .collect()
                 }
                 OnRedisError::Deny => {
-                    return RateDecision {
-                        allowed: false,
-                        remaining: 0,
-                        reset_us: 1_000_000,
-                        retry_after_us: 1_000_000,
-                    }
+                    return rules
+                        .iter()
+                        .map(|_| RateDecision {
+                            allowed: false,
+                            remaining: 0,
+                            reset_us: 1_000_000,
+                            retry_after_us: 1_000_000,
+                        })
+                        .collect()
                 }
             }
         }
-        self.memory.decide(rule.id, &rule.quota, &key, micros_now())
+        let checks: SmallVec<[(u64, &Quota, LimitKey<'_>); 4]> = rules
+            .iter()
+            .zip(keys)
+            .map(|(rule, key)| (rule.id, &rule.quota, *key))
+            .collect();
+        self.memory.decide(&checks, micros_now()).decisions
     }
 
     /// `/health/redis`: `(healthy, body)`.
@@ -234,6 +256,21 @@ struct RoutePolicy {
     upstream_limit: Option<Arc<ConcurrencyLimit>>,
 }
 
+impl RoutePolicy {
+    /// The request's key under each of the route's rules.
+    fn keys<'a>(
+        &'a self,
+        client: IpAddr,
+        api_key: Option<ApiKeyId>,
+        headers: &'a HeaderMap,
+    ) -> SmallVec<[LimitKey<'a>; 4]> {
+        self.rules
+            .iter()
+            .map(|rule| LimitKey::of(&rule.key, client, api_key, headers, &self.name))
+            .collect()
+    }
+}
+
 /// Everything a config says about who may pass, per route.
 pub struct Admission {
     limiter: Arc<Limiter>,
@@ -271,28 +308,27 @@ impl Admitted {
     }
 }
 
-/// The strictest decision so far over a request's rules: (rule index, decision).
-type Verdict = Option<(usize, RateDecision)>;
-
-fn count_and_fold(rule: &Rule, index: usize, decision: RateDecision, verdict: &mut Verdict) {
-    let counter = if decision.allowed {
-        &rule.counters.allowed
-    } else {
-        &rule.counters.limited
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
-    *verdict = Some(match verdict.take() {
-        None => (index, decision),
-        Some(so_far) => strictest(so_far, (index, decision)),
-    });
-}
-
-/// The 429 of a refused verdict, or the headers of an allowed one.
+/// The 429 of a request some rule refused (the longest wait speaks), or the headers of an
+/// allowed one (the rule with the least remaining speaks). Counts the request as allowed by
+/// every rule when it passes, else as limited by the rules that refused it.
 fn conclude(
     policy: &RoutePolicy,
-    verdict: Verdict,
+    decisions: &[RateDecision],
     admitted: &mut Admitted,
 ) -> Result<(), ProxyError> {
+    let passes = decisions.iter().all(|d| d.allowed);
+    let mut verdict: Option<(usize, RateDecision)> = None;
+    for (index, (rule, decision)) in policy.rules.iter().zip(decisions).enumerate() {
+        if passes {
+            rule.counters.allowed.fetch_add(1, Ordering::Relaxed);
+        } else if !decision.allowed {
+            rule.counters.limited.fetch_add(1, Ordering::Relaxed);
+        }
+        verdict = Some(match verdict {
+            None => (index, *decision),
+            Some(so_far) => strictest(so_far, (index, *decision)),
+        });
+    }
     let Some((index, decision)) = verdict else {
         return Ok(());
     };
@@ -415,13 +451,14 @@ impl Admission {
         for limit in policy.own_limit.iter().chain(&policy.upstream_limit) {
             admitted.slots.push(limit.try_acquire()?);
         }
-        let mut verdict = None;
-        for (index, rule) in policy.rules.iter().enumerate() {
-            let key = LimitKey::of(&rule.key, client, api_key, headers, &policy.name);
-            let decision = self.limiter.decide_here(rule, key);
-            count_and_fold(rule, index, decision, &mut verdict);
+        if !policy.rules.is_empty() {
+            let keys = policy.keys(client, api_key, headers);
+            let decisions = self.limiter.decide_here(&policy.rules, &keys);
+            if let Err(refusal) = conclude(policy, &decisions, &mut admitted) {
+                return Some(Err(refusal));
+            }
         }
-        Some(conclude(policy, verdict, &mut admitted).map(|()| admitted))
+        Some(Ok(admitted))
     }
 
     /// Decides whether the request routed to `route` may go on, asking Redis and waiting in
@@ -435,13 +472,11 @@ impl Admission {
         let policy = &self.routes[route];
         let api_key = self.api_key(policy, headers)?;
         let mut admitted = Admitted::default();
-        let mut verdict = None;
-        for (index, rule) in policy.rules.iter().enumerate() {
-            let key = LimitKey::of(&rule.key, client, api_key, headers, &policy.name);
-            let decision = self.limiter.decide(rule, key).await;
-            count_and_fold(rule, index, decision, &mut verdict);
+        if !policy.rules.is_empty() {
+            let keys = policy.keys(client, api_key, headers);
+            let decisions = self.limiter.decide(&policy.rules, &keys).await;
+            conclude(policy, &decisions, &mut admitted)?;
         }
-        conclude(policy, verdict, &mut admitted)?;
         for limit in policy.own_limit.iter().chain(&policy.upstream_limit) {
             let slot = match limit.try_acquire() {
                 Some(slot) => slot,

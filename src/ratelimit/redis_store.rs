@@ -1,46 +1,67 @@
-//! The shared store: one Lua script per decision (EVALSHA, loaded again on NOSCRIPT), time
+//! The shared store: one Lua script per request (EVALSHA, loaded again on NOSCRIPT), time
 //! from Redis `TIME` so replicas with skewed clocks agree, keys expiring on their own. Calls go
 //! through the gateway's [`RedisLink`]: while it is down, decisions fall back.
 
 use std::sync::Arc;
 
-use redis::{Cmd, ErrorKind, Script, ServerErrorKind};
+use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
+use smallvec::SmallVec;
 
-use super::algorithm::{decide, Algorithm, Quota, RateDecision, SlotState, Window};
+use super::algorithm::{
+    decide_all, Algorithm, JointDecision, Quota, RateDecision, SlotState, Window,
+};
 use super::client::LimitKey;
 use crate::redis_link::RedisLink;
 
-/// Reads the state, applies the same update as `algorithm::decide` when the request passes,
-/// and returns what it read: {now, a, b, c}. GCRA (ARGV: 'g', T, τ): a = stored TAT or -1.
-/// Sliding window (ARGV: 'w', period, limit): a = stored window index or -1, b = its previous
-/// count, c = its current count. Kept lean: it runs in Redis for every request.
+/// Reads each rule's state and returns what it read: {now, then a, b, c per key}. GCRA (ARGV
+/// triple 'g', T, τ): a = stored TAT or -1. Sliding window ('w', period, limit): a = stored
+/// window index or -1, b = its previous count, c = its current count. When every rule lets the
+/// request pass, applies to each the update `algorithm::decide` makes; when one refuses it,
+/// to none (`algorithm::decide_all`). Kept lean: it runs in Redis for every request.
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
-if ARGV[1] == 'g' then
-  local stored = tonumber(redis.call('GET', KEYS[1]))
-  local tat = stored or now
-  if tat < now then tat = now end
-  if now + ARGV[3] >= tat then
-    tat = tat + ARGV[2]
-    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PXAT', math.ceil(tat / 1000) + 1)
+local reply, book, pass = {now}, {}, true
+for i, key in ipairs(KEYS) do
+  local x, y = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
+  if ARGV[3 * i - 2] == 'g' then
+    local stored = tonumber(redis.call('GET', key))
+    local tat = stored or now
+    if tat < now then tat = now end
+    if now + y >= tat then book[i] = {tat + x} else pass = false end
+    reply[3 * i - 1], reply[3 * i], reply[3 * i + 1] = stored or -1, 0, 0
+  else
+    local s = redis.call('HMGET', key, 'w', 'p', 'c')
+    local sw, sp, sc = tonumber(s[1]), tonumber(s[2]) or 0, tonumber(s[3]) or 0
+    local w = math.floor(now / x)
+    local elapsed = now - w * x
+    local prev, curr = 0, 0
+    if sw == w then prev, curr = sp, sc elseif sw == w - 1 then prev = sc end
+    if prev * (x - elapsed) + (curr + 1) * x <= y * x then
+      book[i] = {w, prev, curr + 1, x}
+    else
+      pass = false
+    end
+    reply[3 * i - 1], reply[3 * i], reply[3 * i + 1] = sw or -1, sp, sc
   end
-  return {now, stored or -1, 0, 0}
 end
-local period = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-local s = redis.call('HMGET', KEYS[1], 'w', 'p', 'c')
-local sw, sp, sc = tonumber(s[1]), tonumber(s[2]) or 0, tonumber(s[3]) or 0
-local w = math.floor(now / period)
-local elapsed = now - w * period
-local prev, curr = 0, 0
-if sw == w then prev, curr = sp, sc elseif sw == w - 1 then prev = sc end
-if prev * (period - elapsed) + (curr + 1) * period <= limit * period then
-  redis.call('HSET', KEYS[1], 'w', string.format('%.0f', w), 'p', prev, 'c', curr + 1)
-  redis.call('PEXPIREAT', KEYS[1], math.ceil((w + 2) * period / 1000))
+if pass then
+  for i, key in ipairs(KEYS) do
+    local b = book[i]
+    if #b == 1 then
+      redis.call('SET', key, string.format('%.0f', b[1]), 'PXAT', math.ceil(b[1] / 1000) + 1)
+    else
+      redis.call('HSET', key, 'w', string.format('%.0f', b[1]), 'p', b[2], 'c', b[3])
+      redis.call('PEXPIREAT', key, math.ceil((b[1] + 2) * b[4] / 1000))
+    end
+  end
 end
-return {now, sw or -1, sp, sc}
+return reply
 ";
+
+/// One rule's part of a decision at Redis: the rule's [`super::redis_prefix`], its quota, and
+/// the request's key under it.
+pub type RedisCheck<'a> = (&'a [u8], &'a Quota, LimitKey<'a>);
 
 pub struct RedisStore {
     link: Arc<RedisLink>,
@@ -59,49 +80,89 @@ impl RedisStore {
         &self.link
     }
 
-    /// Decides at Redis with one EVALSHA (`key_prefix`: the rule's [`super::redis_prefix`]);
-    /// `None` when the link is down or this call failed (which marks it down).
-    pub async fn decide(
-        &self,
-        key_prefix: &[u8],
-        quota: &Quota,
-        key: &LimitKey<'_>,
-    ) -> Option<RateDecision> {
-        let mut cmd = Cmd::with_capacity(7, 160);
-        cmd.arg("EVALSHA")
-            .arg(self.script.get_hash())
-            .arg(1)
-            .arg(&key.redis_key(key_prefix)[..]);
-        match quota.algorithm {
-            Algorithm::Gcra => cmd
-                .arg("g")
-                .arg(quota.interval_us())
-                .arg(quota.tolerance_us()),
-            Algorithm::SlidingWindow => cmd.arg("w").arg(quota.period_us).arg(quota.limit),
+    /// Decides one request under its route's rules at Redis; `None` when the link is down or
+    /// a call failed (which marks it down).
+    ///
+    /// On one node that is one EVALSHA over all the rules' keys, booked in all or none. A
+    /// cluster keeps keys of different slots on different nodes, out of one script's reach:
+    /// there each rule is one EVALSHA, in order, and the first refusal ends the request's
+    /// decisions (so the rules before it have counted it).
+    pub async fn decide(&self, checks: &[RedisCheck<'_>]) -> Option<SmallVec<[RateDecision; 4]>> {
+        let per_call = if self.link.state.redis_cluster {
+            1
+        } else {
+            checks.len().max(1)
         };
         let script = &self.script;
-        let (now, a, b, c) = self
-            .link
+        self.link
             .call(|mut connection| async move {
-                match connection.query::<(i64, i64, i64, i64)>(&cmd).await {
-                    Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                        // Redis restarted or flushed its scripts: load it again, then decide.
-                        script.load_async(&mut connection).await?;
-                        connection.query(&cmd).await
+                let mut decisions = SmallVec::new();
+                for group in checks.chunks(per_call) {
+                    let cmd = self.command(group);
+                    let reply: Vec<i64> = match connection.query(&cmd).await {
+                        Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                            // Redis restarted or flushed its scripts: load it again, then decide.
+                            script.load_async(&mut connection).await?;
+                            connection.query(&cmd).await?
+                        }
+                        other => other?,
+                    };
+                    let joint = read_reply(group, &reply).ok_or_else(|| {
+                        RedisError::from((ErrorKind::Parse, "rate-limit script reply"))
+                    })?;
+                    decisions.extend_from_slice(&joint.decisions);
+                    if !joint.allowed() {
+                        break;
                     }
-                    other => other,
                 }
+                Ok(decisions)
             })
-            .await?;
-        let now = now.max(0) as u64;
-        let stored = (a >= 0).then(|| match quota.algorithm {
-            Algorithm::Gcra => SlotState::Gcra(a as u64),
-            Algorithm::SlidingWindow => SlotState::Window(Window {
-                index: a as u64,
-                prev: b.max(0) as u64,
-                curr: c.max(0) as u64,
-            }),
-        });
-        Some(decide(quota, stored, now).0)
+            .await
     }
+
+    /// EVALSHA of the script over `group`'s keys.
+    fn command(&self, group: &[RedisCheck<'_>]) -> Cmd {
+        let mut cmd = Cmd::with_capacity(3 + 4 * group.len(), 64 + 96 * group.len());
+        cmd.arg("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(group.len());
+        for (prefix, _, key) in group {
+            cmd.arg(&key.redis_key(prefix)[..]);
+        }
+        for (_, quota, _) in group {
+            match quota.algorithm {
+                Algorithm::Gcra => cmd
+                    .arg("g")
+                    .arg(quota.interval_us())
+                    .arg(quota.tolerance_us()),
+                Algorithm::SlidingWindow => cmd.arg("w").arg(quota.period_us).arg(quota.limit),
+            };
+        }
+        cmd
+    }
+}
+
+/// The decisions the script's reply stands for: the same computation over the same states, at
+/// Redis's time. `None` when the reply does not have the script's shape.
+fn read_reply(group: &[RedisCheck<'_>], reply: &[i64]) -> Option<JointDecision> {
+    let (&now, states) = reply.split_first()?;
+    if states.len() != 3 * group.len() {
+        return None;
+    }
+    let stored = group
+        .iter()
+        .zip(states.chunks(3))
+        .map(|((_, quota, _), abc)| {
+            let (a, b, c) = (abc[0], abc[1], abc[2]);
+            let state = (a >= 0).then(|| match quota.algorithm {
+                Algorithm::Gcra => SlotState::Gcra(a as u64),
+                Algorithm::SlidingWindow => SlotState::Window(Window {
+                    index: a as u64,
+                    prev: b.max(0) as u64,
+                    curr: c.max(0) as u64,
+                }),
+            });
+            (*quota, state)
+        });
+    Some(decide_all(stored, now.max(0) as u64))
 }
