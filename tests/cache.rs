@@ -108,6 +108,34 @@ async fn a_hundred_concurrent_misses_make_one_instance_request() {
     assert_eq!(statuses.get("MISS"), Some(&1), "{statuses:?}");
 }
 
+/// The client whose miss started the fetch leaves before the answer: the fetch goes on, and
+/// the requests waiting for it are answered from it, not each by the instance.
+#[tokio::test]
+async fn waiting_requests_keep_their_fetch_when_the_first_client_leaves() {
+    use tokio::io::AsyncWriteExt;
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "ttl = \"60s\"", "");
+    let path = "/cache?latency_ms=600";
+    let mut first = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    first.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let client = client();
+    let waiting: Vec<_> = (0..20)
+        .map(|_| {
+            let client = client.clone();
+            let url = gw.url(path);
+            tokio::spawn(async move { status_and_n(&client, &url, &[]).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(first);
+    for task in waiting {
+        assert_eq!(task.await.unwrap(), ("HIT".into(), 1));
+    }
+    assert_eq!(backend_requests(&client, &backend).await, 1);
+}
+
 #[tokio::test]
 async fn stale_is_served_while_the_instance_is_down() {
     let backend = demo_backend(&[]);

@@ -44,15 +44,17 @@ pub struct RouteCache {
 
 impl RouteCache {
     /// One slot per route, `None` where the route has no `cache` table.
-    pub fn for_routes(routes: &[RouteConfig], store: &Arc<Store>) -> Vec<Option<RouteCache>> {
+    pub fn for_routes(routes: &[RouteConfig], store: &Arc<Store>) -> Vec<Option<Arc<RouteCache>>> {
         routes
             .iter()
             .map(|route| {
-                route.cache.clone().map(|rules| RouteCache {
-                    rules,
-                    store: store.clone(),
-                    host_in_key: route.host.is_some(),
-                    host: route.host.clone().filter(|h| !h.starts_with('*')),
+                route.cache.clone().map(|rules| {
+                    Arc::new(RouteCache {
+                        rules,
+                        store: store.clone(),
+                        host_in_key: route.host.is_some(),
+                        host: route.host.clone().filter(|h| !h.starts_with('*')),
+                    })
                 })
             })
             .collect()
@@ -82,7 +84,7 @@ impl RouteCache {
 /// Answers a request of a cached route; errors become responses here so that every answer
 /// carries `X-Cache-Status`.
 pub async fn serve(
-    cache: &RouteCache,
+    cache: &Arc<RouteCache>,
     parts: Parts,
     body: ForwardBody,
     (client_ip, scheme): (IpAddr, &'static str),
@@ -133,30 +135,23 @@ pub async fn serve(
             let key: Arc<str> = Arc::from(key);
             match store.inflight.join(&key) {
                 Turn::Lead(lease) => {
-                    // Another replica may have stored it: the shared tier before an instance.
-                    let shared = match &store.shared {
-                        Some(_) => store.get_shared(&key, &parts.headers).await,
-                        None => None,
-                    };
-                    let now = Instant::now();
-                    match shared {
-                        Some(entry)
-                            if State::at(
-                                &entry.freshness,
-                                now.saturating_duration_since(entry.stored_at),
-                            ) == State::Fresh =>
-                        {
-                            drop(lease);
-                            if let Some(shared) = &store.shared {
-                                shared.hits.fetch_add(1, Ordering::Relaxed);
-                            }
-                            stored_answer(&entry, Outcome::Hit, now)
+                    // The fetch outlives this client: the requests waiting on the lease get its
+                    // answer even when the one that started it leaves, as Varnish keeps a
+                    // fetch going for its waiting list.
+                    let request_id = fetch.request_id.clone();
+                    let lead = lead(cache.clone(), key, parts, fetch, lease, stale);
+                    match tokio::spawn(lead).await {
+                        Ok(response) => response,
+                        Err(error) if error.is_panic() => {
+                            std::panic::resume_unwind(error.into_panic())
                         }
-                        // A stale shared entry still serves on error, as a memory one would.
-                        Some(entry) => {
-                            fill(cache, key, parts, fetch, Some(lease), Some(entry)).await
-                        }
-                        None => fill(cache, key, parts, fetch, Some(lease), stale).await,
+                        // Only when the runtime shuts down.
+                        Err(_) => labelled(
+                            Err(ProxyError::InstanceFailed("the gateway is stopping".into())),
+                            Outcome::Miss,
+                            cache,
+                            &request_id,
+                        ),
                     }
                 }
                 Turn::Wait(rx) => match coalesce::wait(rx, LOCK_TIMEOUT).await {
@@ -180,6 +175,48 @@ pub async fn serve(
                 },
             }
         }
+    }
+}
+
+/// The request that took a key's lease: the shared tier, when there is one, then an instance.
+async fn lead(
+    cache: Arc<RouteCache>,
+    key: Arc<str>,
+    parts: Parts,
+    fetch: InstanceFetch,
+    lease: Lease,
+    stale: Option<Arc<Entry>>,
+) -> Response<GatewayBody> {
+    let store = &cache.store;
+    // Another replica may have stored it: the shared tier before an instance.
+    let shared = match &store.shared {
+        Some(_) => store.get_shared(&key, &parts.headers).await,
+        None => None,
+    };
+    let now = Instant::now();
+    match shared {
+        Some(entry)
+            if State::at(
+                &entry.freshness,
+                now.saturating_duration_since(entry.stored_at),
+            ) == State::Fresh =>
+        {
+            drop(lease);
+            if let Some(shared) = &store.shared {
+                shared.hits.fetch_add(1, Ordering::Relaxed);
+            }
+            hit(
+                &entry,
+                Outcome::Hit,
+                (&parts.method, &parts.headers),
+                &cache,
+                &fetch,
+                now,
+            )
+        }
+        // A stale shared entry still serves on error, as a memory one would.
+        Some(entry) => fill(&cache, key, parts, fetch, Some(lease), Some(entry)).await,
+        None => fill(&cache, key, parts, fetch, Some(lease), stale).await,
     }
 }
 

@@ -58,7 +58,7 @@ pub struct Runtime {
     /// The response store, kept across reloads while `[cache]` stays the same.
     pub cache: Arc<crate::cache::Store>,
     /// The cache of each route, by route position; `None` where the route is not cached.
-    route_caches: Vec<Option<crate::cache::RouteCache>>,
+    route_caches: Vec<Option<Arc<crate::cache::RouteCache>>>,
     /// TLS settings for new connections on the HTTPS listener.
     tls: Option<Arc<rustls::ServerConfig>>,
     /// API keys, rate limits and concurrency limits per route.
@@ -143,7 +143,7 @@ impl Runtime {
         &self.route_upstreams[route]
     }
 
-    fn route_cache(&self, route: usize) -> Option<&crate::cache::RouteCache> {
+    fn route_cache(&self, route: usize) -> Option<&Arc<crate::cache::RouteCache>> {
         self.route_caches[route].as_ref()
     }
 
@@ -152,7 +152,7 @@ impl Runtime {
         self.route_caches
             .iter()
             .enumerate()
-            .filter_map(|(i, c)| Some((i, c.as_ref()?)))
+            .filter_map(|(i, c)| Some((i, c.as_deref()?)))
     }
 
     /// Where to count a request: its route's counters, or the unrouted ones; `None` when
