@@ -112,13 +112,32 @@ pub struct Freshness {
     pub initial_age: Duration,
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
+    /// The response has a validator (`ETag`, `Last-Modified`) to renew it with.
+    pub revalidatable: bool,
 }
 
+/// How long an entry with a validator is kept once it can no longer answer by itself, so the
+/// next request asks the instance whether it changed and a 304 renews it without the body.
+/// nginx's `proxy_cache_revalidate` works on entries its `inactive` time (10 minutes by
+/// default) has not removed.
+pub const REVALIDATION_KEEP: Duration = Duration::from_secs(600);
+
 impl Freshness {
-    /// How long after storing the entry is of any use.
-    pub fn keep_for(&self) -> Duration {
+    /// How long after storing the entry can answer requests: fresh, or stale within a window.
+    pub fn usable_for(&self) -> Duration {
         (self.lifetime + self.stale_while_revalidate.max(self.stale_if_error))
             .saturating_sub(self.initial_age)
+    }
+
+    /// How long after storing the entry is kept: while usable, then [`REVALIDATION_KEEP`]
+    /// longer when it can be revalidated.
+    pub fn keep_for(&self) -> Duration {
+        let revalidation = if self.revalidatable {
+            REVALIDATION_KEEP
+        } else {
+            Duration::ZERO
+        };
+        self.usable_for() + revalidation
     }
 }
 
@@ -194,8 +213,9 @@ pub fn storable(
         initial_age: age_header(response),
         stale_while_revalidate: window(cc.stale_while_revalidate, rules.stale_while_revalidate),
         stale_if_error: window(cc.stale_if_error, rules.stale_if_error),
+        revalidatable: has_validator(response),
     };
-    if freshness.keep_for().is_zero() {
+    if freshness.usable_for().is_zero() {
         return Err(NotStored::NoLifetime);
     }
     Ok(freshness)
@@ -577,6 +597,11 @@ fn push_escaped(key: &mut String, text: &str) {
 /// Request headers that ask the instance whether a stored response is still current (RFC 9111
 /// §4.3.1): its `ETag` as If-None-Match, its `Last-Modified` as If-Modified-Since. Empty when
 /// it has neither.
+/// Whether `response` carries something [`validators`] turns into a condition.
+pub fn has_validator(response: &HeaderMap) -> bool {
+    response.contains_key(header::ETAG) || response.contains_key(header::LAST_MODIFIED)
+}
+
 pub fn validators(stored: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
     let mut conditions = Vec::with_capacity(2);
     if let Some(etag) = stored.get(header::ETAG) {
@@ -1003,12 +1028,42 @@ mod tests {
     }
 
     #[test]
+    fn entries_with_a_validator_are_kept_to_be_revalidated() {
+        let mut r = rules();
+        r.stale_while_revalidate = S(0);
+        r.stale_if_error = S(0);
+        let plain = store(&[("cache-control", "max-age=10")], &r).unwrap();
+        assert_eq!(plain.keep_for(), S(10));
+        for validator in [
+            ("etag", "\"v1\""),
+            ("last-modified", "Tue, 01 Dec 2026 10:00:00 GMT"),
+        ] {
+            let kept = store(&[("cache-control", "max-age=10"), validator], &r).unwrap();
+            assert_eq!(kept.usable_for(), S(10));
+            assert_eq!(kept.keep_for(), S(10) + REVALIDATION_KEEP);
+            // Past its lifetime it answers nothing by itself: it is only asked about.
+            assert_eq!(
+                State::at(&kept, S(11)),
+                State::Expired {
+                    usable_on_error: false
+                }
+            );
+        }
+        // A response with no lifetime at all is still not stored, validator or not.
+        assert_eq!(
+            store(&[("cache-control", "max-age=0"), ("etag", "\"v1\"")], &r),
+            Err(NotStored::NoLifetime)
+        );
+    }
+
+    #[test]
     fn age_moves_an_entry_through_its_states() {
         let f = Freshness {
             lifetime: S(10),
             initial_age: S(2),
             stale_while_revalidate: S(5),
             stale_if_error: S(20),
+            revalidatable: false,
         };
         assert_eq!(State::at(&f, S(0)), State::Fresh);
         assert_eq!(State::at(&f, S(7)), State::Fresh);

@@ -17,7 +17,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
 use tokio::time::Instant;
 
-use super::policy::Freshness;
+use super::policy::{self, Freshness};
 use super::store::{Entry, Purge, Store};
 use crate::redis_link::{startup_timeout, RedisLink};
 
@@ -316,11 +316,12 @@ fn decode(stored: Bytes, now_unix_ms: u64, now: Instant) -> Option<Entry> {
     let status = StatusCode::from_u16(r.u16()?).ok()?;
     let stored_unix_ms = r.u64()?;
     let mut duration = || r.u64().map(Duration::from_millis);
-    let freshness = Freshness {
+    let mut freshness = Freshness {
         lifetime: duration()?,
         initial_age: duration()?,
         stale_while_revalidate: duration()?,
         stale_if_error: duration()?,
+        revalidatable: false,
     };
     let count = r.u32()? as usize;
     let mut headers = HeaderMap::with_capacity(count.min(64));
@@ -329,6 +330,7 @@ fn decode(stored: Bytes, now_unix_ms: u64, now: Instant) -> Option<Entry> {
         let value = HeaderValue::from_bytes(r.bytes()?).ok()?;
         headers.append(name, value);
     }
+    freshness.revalidatable = policy::has_validator(&headers);
     let count = r.u32()? as usize;
     let mut vary_names = Vec::with_capacity(count.min(16));
     let mut vary_values = Vec::with_capacity(count.min(16));
@@ -416,6 +418,7 @@ mod tests {
                 initial_age: Duration::from_secs(2),
                 stale_while_revalidate: Duration::from_millis(1500),
                 stale_if_error: Duration::ZERO,
+                revalidatable: false,
             },
             vary_names: vec![
                 HeaderName::from_static("accept"),

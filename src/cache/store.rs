@@ -344,6 +344,7 @@ mod tests {
                 initial_age: Duration::ZERO,
                 stale_while_revalidate: Duration::ZERO,
                 stale_if_error: Duration::ZERO,
+                revalidatable: false,
             },
             vary_names: vary
                 .map(|_| vec![HeaderName::from_static("accept")])
