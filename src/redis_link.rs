@@ -94,6 +94,8 @@ pub struct RedisLink {
     connection: ArcSwapOption<Connection>,
     up: AtomicBool,
     probing: AtomicBool,
+    /// Held by the call replacing a broken connection.
+    reconnecting: tokio::sync::Mutex<()>,
     pub outages: AtomicU64,
 }
 
@@ -104,6 +106,7 @@ impl RedisLink {
             connection: ArcSwapOption::empty(),
             up: AtomicBool::new(false),
             probing: AtomicBool::new(false),
+            reconnecting: tokio::sync::Mutex::new(()),
             outages: AtomicU64::new(0),
         })
     }
@@ -154,13 +157,49 @@ impl RedisLink {
     /// Runs `call` on the connection; `None` when the link is down or the call failed or timed
     /// out (which marks the link down). Each command is bounded by the connection's own
     /// response timeout (`redis_timeout`), so no timer of ours is armed per call.
+    ///
+    /// A single node's connection found broken (Redis restarted, or the connection was cut)
+    /// is replaced at once and `call` runs once more on the new one, so a restart does not send
+    /// the requests in flight to the fallback.
     pub async fn call<T, F, Fut>(self: &Arc<Self>, call: F) -> Option<T>
     where
-        F: FnOnce(Connection) -> Fut,
+        F: Fn(Connection) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
-        let connection = self.connection()?;
-        self.settle(call(connection).await)
+        if !self.is_up() {
+            return None;
+        }
+        let connection = self.connection.load_full()?;
+        match call(Connection::clone(&connection)).await {
+            Err(err)
+                if err.is_connection_dropped() && matches!(*connection, Connection::Single(_)) =>
+            {
+                tracing::debug!(%err, "Redis connection broken, opening another");
+                let fresh = self.replace_broken(&connection).await?;
+                self.settle(call(fresh).await)
+            }
+            result => self.settle(result),
+        }
+    }
+
+    /// A working connection in place of `broken`: the one another call already opened, or a
+    /// new one (within a few `redis_timeout`s). `None`, and the link marked down, when none
+    /// opens.
+    async fn replace_broken(self: &Arc<Self>, broken: &Arc<Connection>) -> Option<Connection> {
+        // One caller reconnects; the others wait for it and take what it opened.
+        let _turn = self.reconnecting.lock().await;
+        let current = self.connection.load_full()?;
+        if !Arc::ptr_eq(&current, broken) {
+            return Some(Connection::clone(&current));
+        }
+        match self.connect_and_check(self.state.redis_timeout * 4).await {
+            Ok(()) => self.connection(),
+            Err(err) => {
+                tracing::debug!(%err, "Redis reconnection failed");
+                self.mark_down();
+                None
+            }
+        }
     }
 
     /// [`RedisLink::call`] with an overall bound, for admin work that takes several round trips.

@@ -220,6 +220,38 @@ rate_limits = [
     assert_eq!(count, 2);
 }
 
+/// Redis drops every client connection (as a restart or a failover does): the next decisions
+/// open a new connection and are still made at Redis, none by the fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_redis_connection_is_replaced_without_falling_back() {
+    let redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let routes = r#"
+[[routes]]
+upstream = "app"
+rate_limits = [{ name = "per_ip", limit = 20, period = "1m", burst = 19 }]
+"#;
+    let config = redis_config(&redis, &backend, routes);
+    let (a, b) = (gateway(&config), gateway(&config));
+    let client = client();
+    let urls = vec![a.url("/"), b.url("/")];
+    assert_eq!(count(&burst(&client, &urls, 10, &[]).await, 200), 10);
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(killed >= 2, "{killed}");
+    let replies = burst(&client, &urls, 15, &[]).await;
+    assert_eq!((count(&replies, 200), count(&replies, 429)), (10, 5));
+    for gw in [&a, &b] {
+        let (_, report) = admin_json(&client, gw, "/api/ratelimit").await;
+        assert_eq!(report["rules"][0]["fallback"], 0, "{report}");
+        assert_eq!(report["redis_outages"], 0, "{report}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_outage_falls_back_to_local_limits_and_recovers() {
     let mut redis = Redis::start(None);

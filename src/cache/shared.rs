@@ -51,12 +51,12 @@ impl SharedTier {
 
     /// The entry stored under `key` by any replica; `None` when there is none or Redis failed.
     pub async fn get(&self, key: &str) -> Option<Entry> {
-        let redis_key = redis_key(key);
+        let redis_key = &redis_key(key);
         let reply = self
             .link
             .call(|mut c| async move {
                 redis::cmd("GET")
-                    .arg(&redis_key)
+                    .arg(redis_key)
                     .query_async::<Option<Vec<u8>>>(&mut c)
                     .await
             })
@@ -81,14 +81,14 @@ impl SharedTier {
             return;
         }
         let stored_unix_ms = unix_ms(SystemTime::now()).saturating_sub(in_store.as_millis() as u64);
-        let value = encode(entry, stored_unix_ms);
-        let redis_key = redis_key(key);
+        let value = &encode(entry, stored_unix_ms);
+        let redis_key = &redis_key(key);
         let px = remaining.as_millis().max(1) as u64;
         let stored = self
             .link
             .call(|mut c| async move {
                 redis::cmd("SET")
-                    .arg(&redis_key)
+                    .arg(redis_key)
                     .arg(value)
                     .arg("PX")
                     .arg(px)
