@@ -668,7 +668,7 @@ async fn redis_cluster_shares_limits_across_slots() {
 
     let backend = demo_backend(&[]);
     let config = format!(
-        "[state]\nredis_url = \"{}, {}\"\nredis_cluster = true\n\n[rate_limit]\nstore = \"redis\"\n\n[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\nrate_limits = [{{ name = \"cl\", key = \"header:X-Client\", limit = 5, period = \"1m\", burst = 4 }}]\n",
+        "[state]\nredis_url = \"{}, {}\"\nredis_cluster = true\n\n[rate_limit]\nstore = \"redis\"\n\n[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\nrate_limits = [{{ name = \"cl\", key = \"header:X-Client\", limit = 5, period = \"1m\", burst = 4 }}]\n\n[[routes]]\npath_prefix = \"/two\"\nupstream = \"app\"\nrate_limits = [{{ name = \"per_hour\", key = \"header:X-Client\", limit = 3, period = \"1h\", algorithm = \"sliding_window\" }}, {{ name = \"per_second\", key = \"header:X-Client\", limit = 1, period = \"1s\" }}]\n",
         nodes[0].url(),
         nodes[1].url(),
         backend.addr()
@@ -693,6 +693,28 @@ async fn redis_cluster_shares_limits_across_slots() {
     assert!(holding >= 2, "keys on {holding} node(s)");
     let (status, health) = admin_json(&client, &a, "/health/redis").await;
     assert_eq!(status, 200, "{health}");
+    // Two rules, decided one after the other on the cluster: what the hourly rule booked for
+    // a request the per-second rule then refused is given back, so a client retrying on the
+    // per-second 429 keeps its hourly quota.
+    let two = [("x-client", "erin")];
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        let reply = request(&client, "GET", &a.url("/two"), &two, "")
+            .await
+            .unwrap();
+        statuses.push(reply.status);
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for gw in [&a, &b] {
+        let reply = request(&client, "GET", &gw.url("/two"), &two, "")
+            .await
+            .unwrap();
+        statuses.push(reply.status);
+    }
+    let mut expected = vec![200];
+    expected.extend([429; 9]);
+    expected.extend([200, 429]);
+    assert_eq!(statuses, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -11,7 +11,7 @@ use super::algorithm::{
     decide_all, Algorithm, JointDecision, Quota, RateDecision, SlotState, Window,
 };
 use super::client::LimitKey;
-use crate::redis_link::RedisLink;
+use crate::redis_link::{Connection, RedisLink};
 
 /// Reads each rule's state and returns what it read: {now, then a, b, c per key}. GCRA (ARGV
 /// triple 'g', T, τ): a = stored TAT or -1. Sliding window ('w', period, limit): a = stored
@@ -59,6 +59,32 @@ end
 return reply
 ";
 
+/// Gives back what [`SCRIPT`] booked for one key, on a cluster, when a later rule refused the
+/// request. ARGV: 'g', T (the TAT moves back by T) or 'w', period, the window index booked in
+/// (its count, now current or previous, goes down by one).
+const GIVE_BACK: &str = r"
+local now = redis.call('TIME')
+if ARGV[1] == 'g' then
+  local tat = tonumber(redis.call('GET', KEYS[1]))
+  if not tat then return 0 end
+  tat = tat - ARGV[2]
+  if tat <= now[1] * 1000000 + now[2] then
+    redis.call('DEL', KEYS[1])
+  else
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PXAT', math.ceil(tat / 1000) + 1)
+  end
+  return 1
+end
+local s = redis.call('HMGET', KEYS[1], 'w', 'p', 'c')
+local w, booked = tonumber(s[1]), tonumber(ARGV[3])
+if w == booked and (tonumber(s[3]) or 0) > 0 then
+  redis.call('HINCRBY', KEYS[1], 'c', -1)
+elseif w == booked + 1 and (tonumber(s[2]) or 0) > 0 then
+  redis.call('HINCRBY', KEYS[1], 'p', -1)
+end
+return 1
+";
+
 /// One rule's part of a decision at Redis: the rule's [`super::redis_prefix`], its quota, and
 /// the request's key under it.
 pub type RedisCheck<'a> = (&'a [u8], &'a Quota, LimitKey<'a>);
@@ -66,6 +92,7 @@ pub type RedisCheck<'a> = (&'a [u8], &'a Quota, LimitKey<'a>);
 pub struct RedisStore {
     link: Arc<RedisLink>,
     script: Script,
+    give_back: Script,
 }
 
 impl RedisStore {
@@ -73,6 +100,7 @@ impl RedisStore {
         RedisStore {
             link,
             script: Script::new(SCRIPT),
+            give_back: Script::new(GIVE_BACK),
         }
     }
 
@@ -85,39 +113,63 @@ impl RedisStore {
     ///
     /// On one node that is one EVALSHA over all the rules' keys, booked in all or none. A
     /// cluster keeps keys of different slots on different nodes, out of one script's reach:
-    /// there each rule is one EVALSHA, in order, and the first refusal ends the request's
-    /// decisions (so the rules before it have counted it).
+    /// there each rule is one EVALSHA, in order; the first refusal ends the request's
+    /// decisions, and what the rules before it booked is given back.
     pub async fn decide(&self, checks: &[RedisCheck<'_>]) -> Option<SmallVec<[RateDecision; 4]>> {
         let per_call = if self.link.state.redis_cluster {
             1
         } else {
             checks.len().max(1)
         };
-        let script = &self.script;
         self.link
             .call(|mut connection| async move {
                 let mut decisions = SmallVec::new();
+                // On a cluster: the rules that booked the request so far, with Redis's time.
+                let mut booked: SmallVec<[(&RedisCheck<'_>, u64); 4]> = SmallVec::new();
                 for group in checks.chunks(per_call) {
-                    let cmd = self.command(group);
-                    let reply: Vec<i64> = match connection.query(&cmd).await {
-                        Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                            // Redis restarted or flushed its scripts: load it again, then decide.
-                            script.load_async(&mut connection).await?;
-                            connection.query(&cmd).await?
-                        }
-                        other => other?,
-                    };
-                    let joint = read_reply(group, &reply).ok_or_else(|| {
+                    let reply: Vec<i64> =
+                        run(&mut connection, &self.script, &self.command(group)).await?;
+                    let (joint, now) = read_reply(group, &reply).ok_or_else(|| {
                         RedisError::from((ErrorKind::Parse, "rate-limit script reply"))
                     })?;
                     decisions.extend_from_slice(&joint.decisions);
                     if !joint.allowed() {
+                        for (check, booked_at) in &booked {
+                            let cmd = self.give_back_command(check, *booked_at);
+                            // Not given back, the request counts against that rule, as it
+                            // would have before: no reason to fail the decision.
+                            if let Err(err) =
+                                run::<i64>(&mut connection, &self.give_back, &cmd).await
+                            {
+                                tracing::debug!(%err, "rate-limit give-back failed");
+                            }
+                        }
                         break;
+                    }
+                    if let [check] = group {
+                        booked.push((check, now));
                     }
                 }
                 Ok(decisions)
             })
             .await
+    }
+
+    /// EVALSHA of the give-back script for `check`, booked at `booked_at` (Redis's µs).
+    fn give_back_command(&self, (prefix, quota, key): &RedisCheck<'_>, booked_at: u64) -> Cmd {
+        let mut cmd = Cmd::with_capacity(7, 160);
+        cmd.arg("EVALSHA")
+            .arg(self.give_back.get_hash())
+            .arg(1)
+            .arg(&key.redis_key(prefix)[..]);
+        match quota.algorithm {
+            Algorithm::Gcra => cmd.arg("g").arg(quota.interval_us()),
+            Algorithm::SlidingWindow => cmd
+                .arg("w")
+                .arg(quota.period_us)
+                .arg(booked_at / quota.period_us),
+        };
+        cmd
     }
 
     /// EVALSHA of the script over `group`'s keys.
@@ -142,9 +194,25 @@ impl RedisStore {
     }
 }
 
-/// The decisions the script's reply stands for: the same computation over the same states, at
-/// Redis's time. `None` when the reply does not have the script's shape.
-fn read_reply(group: &[RedisCheck<'_>], reply: &[i64]) -> Option<JointDecision> {
+/// `cmd` (an EVALSHA of `script`), loading the script first when Redis does not have it
+/// (restarted, or its scripts flushed).
+async fn run<T: redis::FromRedisValue>(
+    connection: &mut Connection,
+    script: &Script,
+    cmd: &Cmd,
+) -> Result<T, RedisError> {
+    match connection.query(cmd).await {
+        Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.load_async(connection).await?;
+            connection.query(cmd).await
+        }
+        other => other,
+    }
+}
+
+/// The decisions the script's reply stands for, and Redis's time (µs): the same computation
+/// over the same states, at that time. `None` when the reply does not have the script's shape.
+fn read_reply(group: &[RedisCheck<'_>], reply: &[i64]) -> Option<(JointDecision, u64)> {
     let (&now, states) = reply.split_first()?;
     if states.len() != 3 * group.len() {
         return None;
@@ -164,5 +232,6 @@ fn read_reply(group: &[RedisCheck<'_>], reply: &[i64]) -> Option<JointDecision> 
             });
             (*quota, state)
         });
-    Some(decide_all(stored, now.max(0) as u64))
+    let now = now.max(0) as u64;
+    Some((decide_all(stored, now), now))
 }
