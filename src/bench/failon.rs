@@ -104,7 +104,12 @@ fn parse_condition(text: &str) -> Result<Condition, String> {
     let (metric, limit) = match name.as_str() {
         "rps" => (Metric::Rps, number(value)?),
         "errors" => match value.strip_suffix('%') {
-            Some(percent) => (Metric::ErrorPercent, number(percent.trim())?),
+            Some(percent) => match number(percent.trim())? {
+                percent if percent > 100.0 => {
+                    return Err(format!("`{text}`: a share of the requests is at most 100%"))
+                }
+                percent => (Metric::ErrorPercent, percent),
+            },
             None => (Metric::Errors, number(value)?),
         },
         _ => {
@@ -146,10 +151,19 @@ impl FailOn {
             .iter()
             .map(|condition| {
                 let (value, shown) = match condition.metric {
-                    Metric::Latency(stat) => {
-                        let us = report.latency_us(stat);
-                        (us, micros(us))
-                    }
+                    Metric::Latency(stat) => match report.latency_us(stat) {
+                        Some(us) => (us, micros(us)),
+                        // Nothing answered: no latency can show the condition false, so it
+                        // trips whichever way it points.
+                        None => {
+                            return Outcome {
+                                condition: condition.text.clone(),
+                                value: f64::NAN,
+                                shown: "nothing, no request was answered".to_string(),
+                                tripped: true,
+                            }
+                        }
+                    },
                     Metric::Rps => {
                         let rps = report.rps();
                         (rps, format!("{rps:.1} req/s"))
@@ -191,6 +205,7 @@ mod tests {
         }
         tally.errors.add(ErrorKind::Timeout);
         tally.errors.add(ErrorKind::Timeout);
+        tally.answered_in_window = 100;
         Report {
             info: RunInfo {
                 urls: vec![],
@@ -207,9 +222,13 @@ mod tests {
     }
 
     fn tripped(spec: &str) -> Vec<bool> {
+        tripped_on(spec, &report())
+    }
+
+    fn tripped_on(spec: &str, report: &Report) -> Vec<bool> {
         spec.parse::<FailOn>()
             .unwrap()
-            .evaluate(&report())
+            .evaluate(report)
             .iter()
             .map(|o| o.tripped)
             .collect()
@@ -263,6 +282,7 @@ mod tests {
             ("rps<many", "not a number"),
             ("errors>-1", "not a number"),
             ("p99>1s,", "empty condition"),
+            ("errors>150%", "at most 100%"),
             ("", "empty condition"),
         ] {
             let err = spec.parse::<FailOn>().unwrap_err();
@@ -278,6 +298,17 @@ mod tests {
         assert_eq!(tripped("errors>3%,errors>4%"), [true, false]);
         assert_eq!(tripped("rps<1000,rps<100,rps<=100"), [true, false, true]);
         assert_eq!(tripped("max>101ms,min<2ms,mean>60ms"), [false, true, false]);
+    }
+
+    #[test]
+    fn latency_conditions_trip_when_nothing_was_answered() {
+        let mut empty = report();
+        empty.tally = Tally::default();
+        empty.tally.errors.add(ErrorKind::Connect);
+        assert_eq!(
+            tripped_on("p99>200ms,max>1s,min<1ms,errors>50%", &empty),
+            [true, true, true, true]
+        );
     }
 
     #[test]

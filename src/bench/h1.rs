@@ -9,15 +9,16 @@ use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use futures_util::FutureExt as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 use super::report::ErrorKind;
 use super::runner::ByteCounts;
 use crate::http1::{parse_response, response_framing, Chunked, Framing, MAX_HEAD};
 
-/// Most header lines an answer may have.
-const MAX_HEADERS: usize = 64;
+/// Most header lines an answer may have (hyper's client allows 100).
+const MAX_HEADERS: usize = 128;
 const READ_CHUNK: usize = 16 * 1024;
 
 /// A parsed answer head.
@@ -94,7 +95,12 @@ impl Http1 {
         request: &[u8],
         head_request: bool,
     ) -> Result<Answer, Failure> {
-        self.buf.clear();
+        // A connection the server closed while it was idle (its keep-alive timeout) would take
+        // the request and lose it: the close is already known here when it came while the
+        // generator waited, so the request goes on a new connection instead.
+        if self.read_closed() {
+            return Err(Failure::Unsent);
+        }
         // A write refused by a closed connection never reached the server.
         self.stream
             .write_all(request)
@@ -154,10 +160,25 @@ impl Http1 {
                 }
             },
         }
+        // Bytes after the answer that no request asked for: the server's framing is broken,
+        // and whatever reads this connection next would take them for the next answer.
+        if !self.buf.is_empty() {
+            return Err(Failure::Error(ErrorKind::Other));
+        }
         Ok(Answer {
             status: head.status,
             keep_alive: head.keep_alive,
         })
+    }
+
+    /// Whether the peer's close has been seen by the runtime, without a system call: tokio
+    /// keeps the readiness epoll reported.
+    fn read_closed(&self) -> bool {
+        self.stream
+            .ready(Interest::READABLE)
+            .now_or_never()
+            .and_then(Result::ok)
+            .is_some_and(|ready| ready.is_read_closed())
     }
 
     /// Reads what is there into the buffer; 0 at end of stream.

@@ -154,6 +154,7 @@ fn plan(args: &BenchArgs, urls: &[String]) -> Result<runner::Plan, String> {
     for (name, value) in &args.headers {
         headers.append(name.clone(), value.clone());
     }
+    target::check_headers(&headers, args.http2)?;
     let parts = target::RequestParts {
         method: args.method.clone(),
         headers,
@@ -165,6 +166,9 @@ fn plan(args: &BenchArgs, urls: &[String]) -> Result<runner::Plan, String> {
         (None, Some(duration)) => Limit::Time(duration),
         (None, None) => Limit::Time(DEFAULT_DURATION),
     };
+    if let Some(rate) = args.rate {
+        schedule::check_rate(rate, args.warmup, limit)?;
+    }
     Ok(runner::Plan {
         templates,
         origins,
@@ -257,11 +261,21 @@ pub fn run_cli(args: BenchArgs) -> i32 {
     let limit = plan.limit;
     let outcome = runtime.block_on(async {
         let mut drawing = None;
-        let outcome = runner::run(plan, |progress| {
-            if let Some(bar) = &bar {
-                drawing = Some(tokio::spawn(show_progress(progress, bar.clone(), limit)));
+        // Ctrl-C ends the run where it is, and the report covers it up to there (as wrk's).
+        let interrupted = async {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
             }
-        })
+        };
+        let outcome = runner::run(
+            plan,
+            |progress| {
+                if let Some(bar) = &bar {
+                    drawing = Some(tokio::spawn(show_progress(progress, bar.clone(), limit)));
+                }
+            },
+            interrupted,
+        )
         .await;
         if let Some(drawing) = drawing {
             drawing.abort();

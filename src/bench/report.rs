@@ -29,6 +29,9 @@ pub enum ErrorKind {
     Reset,
     /// Anything else (an unparsable response, for instance).
     Other,
+    /// The load generator could not open a socket itself (file descriptors or local ports
+    /// ran out): not the server's doing.
+    Local,
 }
 
 /// Failed requests by kind.
@@ -38,6 +41,7 @@ pub struct ErrorCounts {
     pub timeout: u64,
     pub reset: u64,
     pub other: u64,
+    pub local: u64,
 }
 
 impl ErrorCounts {
@@ -47,11 +51,12 @@ impl ErrorCounts {
             ErrorKind::Timeout => self.timeout += 1,
             ErrorKind::Reset => self.reset += 1,
             ErrorKind::Other => self.other += 1,
+            ErrorKind::Local => self.local += 1,
         }
     }
 
     pub fn total(&self) -> u64 {
-        self.connect + self.timeout + self.reset + self.other
+        self.named().iter().map(|(_, count)| count).sum()
     }
 
     fn merge(&mut self, other: &ErrorCounts) {
@@ -59,14 +64,16 @@ impl ErrorCounts {
         self.timeout += other.timeout;
         self.reset += other.reset;
         self.other += other.other;
+        self.local += other.local;
     }
 
-    fn named(&self) -> [(&'static str, u64); 4] {
+    fn named(&self) -> [(&'static str, u64); 5] {
         [
             ("connect", self.connect),
             ("timeout", self.timeout),
             ("reset", self.reset),
             ("other", self.other),
+            ("local", self.local),
         ]
     }
 }
@@ -74,14 +81,20 @@ impl ErrorCounts {
 /// What one connection measured (warm-up requests only counted).
 #[derive(Debug, Clone)]
 pub struct Tally {
-    /// Latency of answered requests, in microseconds.
+    /// Latency of answered requests, and the waits so far of those the end of the run cut off
+    /// (`unsent`, `unfinished`), in microseconds.
     pub latency_us: Histogram<u64>,
     /// Answered requests by status code; a short list searched linearly (usually one entry).
     pub statuses: Vec<(u16, u64)>,
     pub errors: ErrorCounts,
     pub warmup_requests: u64,
-    /// Open loop: measured requests still unsent when a timed run ended behind schedule.
+    /// Open loop: measured requests due before the end of the run and never sent.
     pub unsent: u64,
+    /// Requests sent and still unanswered when the run ended.
+    pub unfinished: u64,
+    /// Answers (warm-up ones included) that came within the measured window: what the server
+    /// delivered in it.
+    pub answered_in_window: u64,
     pub bytes_read: u64,
     pub bytes_written: u64,
 }
@@ -94,6 +107,8 @@ impl Default for Tally {
             errors: ErrorCounts::default(),
             warmup_requests: 0,
             unsent: 0,
+            unfinished: 0,
+            answered_in_window: 0,
             bytes_read: 0,
             bytes_written: 0,
         }
@@ -102,15 +117,30 @@ impl Default for Tally {
 
 impl Tally {
     pub fn record_response(&mut self, status: u16, latency: Duration) {
+        self.record_latency(latency);
+        match self.statuses.iter_mut().find(|(code, _)| *code == status) {
+            Some((_, count)) => *count += 1,
+            None => self.statuses.push((status, 1)),
+        }
+    }
+
+    /// A request the end of the run cut off, at the time it had waited by then: a lower
+    /// bound of its latency, so a server that stalls until the end still shows.
+    pub fn record_cut(&mut self, waited: Duration, sent: bool) {
+        self.record_latency(waited);
+        if sent {
+            self.unfinished += 1;
+        } else {
+            self.unsent += 1;
+        }
+    }
+
+    fn record_latency(&mut self, latency: Duration) {
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         let micros = micros.clamp(1, MAX_LATENCY_US);
         // Recording grows the histogram as needed; saturating would clamp to its current size.
         if self.latency_us.record(micros).is_err() {
             self.latency_us.saturating_record(micros);
-        }
-        match self.statuses.iter_mut().find(|(code, _)| *code == status) {
-            Some((_, count)) => *count += 1,
-            None => self.statuses.push((status, 1)),
         }
     }
 
@@ -127,6 +157,8 @@ impl Tally {
         self.errors.merge(&other.errors);
         self.warmup_requests += other.warmup_requests;
         self.unsent += other.unsent;
+        self.unfinished += other.unfinished;
+        self.answered_in_window += other.answered_in_window;
         self.bytes_read += other.bytes_read;
         self.bytes_written += other.bytes_written;
     }
@@ -176,7 +208,7 @@ const PERCENTILES: [(&str, &str, f64); 5] = [
 impl Report {
     /// Answered requests (any status).
     pub fn responses(&self) -> u64 {
-        self.tally.latency_us.len()
+        self.tally.statuses.iter().map(|(_, count)| count).sum()
     }
 
     /// Measured requests sent or attempted: answered plus failed.
@@ -196,23 +228,23 @@ impl Report {
         self.tally.errors.total() + server_errors
     }
 
-    /// Answered requests per second over the measured window.
+    /// Answers per second that came within the measured window.
     pub fn rps(&self) -> f64 {
-        per_second(self.responses(), self.elapsed)
+        per_second(self.tally.answered_in_window, self.elapsed)
     }
 
-    /// A latency figure in microseconds (0 when nothing was answered).
-    pub fn latency_us(&self, stat: LatencyStat) -> f64 {
+    /// A latency figure in microseconds; `None` when no request was measured (all failed).
+    pub fn latency_us(&self, stat: LatencyStat) -> Option<f64> {
         let histogram = &self.tally.latency_us;
         if histogram.is_empty() {
-            return 0.0;
+            return None;
         }
-        match stat {
+        Some(match stat {
             LatencyStat::Min => histogram.min() as f64,
             LatencyStat::Mean => histogram.mean(),
             LatencyStat::Max => histogram.max() as f64,
             LatencyStat::Percentile(p) => histogram.value_at_percentile(p) as f64,
-        }
+        })
     }
 
     fn statuses(&self) -> BTreeMap<u16, u64> {
@@ -222,29 +254,20 @@ impl Report {
     /// The `--json` object; every field is documented in the README's bench section.
     pub fn to_json(&self, outcomes: &[Outcome]) -> Value {
         let histogram = &self.tally.latency_us;
+        // null, not 0, when nothing was measured: a 0 would read as a real latency.
+        let whole = |stat| self.latency_us(stat).map(|us| us as u64);
         let mut latency = serde_json::Map::new();
-        latency.insert(
-            "min".into(),
-            json!(self.latency_us(LatencyStat::Min) as u64),
-        );
+        latency.insert("min".into(), json!(whole(LatencyStat::Min)));
         latency.insert(
             "mean".into(),
-            json!(round2(self.latency_us(LatencyStat::Mean))),
+            json!(self.latency_us(LatencyStat::Mean).map(round2)),
         );
-        let stdev = if histogram.is_empty() {
-            0.0
-        } else {
-            histogram.stdev()
-        };
-        latency.insert("stdev".into(), json!(round2(stdev)));
+        let stdev = (!histogram.is_empty()).then(|| round2(histogram.stdev()));
+        latency.insert("stdev".into(), json!(stdev));
         for (_, name, p) in PERCENTILES {
-            let value = self.latency_us(LatencyStat::Percentile(p)) as u64;
-            latency.insert(name.into(), json!(value));
+            latency.insert(name.into(), json!(whole(LatencyStat::Percentile(p))));
         }
-        latency.insert(
-            "max".into(),
-            json!(self.latency_us(LatencyStat::Max) as u64),
-        );
+        latency.insert("max".into(), json!(whole(LatencyStat::Max)));
         let status: serde_json::Map<String, Value> = self
             .statuses()
             .into_iter()
@@ -282,6 +305,7 @@ impl Report {
             "read_bytes_per_s": round2(per_second(self.tally.bytes_read, self.elapsed)),
             "warmup_requests": self.tally.warmup_requests,
             "unsent": self.tally.unsent,
+            "unfinished": self.tally.unfinished,
             "fail_on": outcomes.iter().map(|o| json!({
                 "condition": o.condition,
                 "value": round2(o.value),
@@ -324,7 +348,7 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "\nRequests   {} sent, {} answered in {}{warmup}: {:.1} req/s",
+            "\nRequests   {} made, {} answered in {}{warmup}: {:.1} req/s",
             self.requests(),
             self.responses(),
             seconds(self.elapsed),
@@ -344,7 +368,7 @@ impl Report {
         ];
         let line = |stats: &mut dyn Iterator<Item = (&str, LatencyStat)>| {
             stats
-                .map(|(name, stat)| format!("{name} {}", micros(self.latency_us(stat))))
+                .map(|(name, stat)| format!("{name} {}", shown_latency(self.latency_us(stat))))
                 .collect::<Vec<_>>()
                 .join("   ")
         };
@@ -371,11 +395,27 @@ impl Report {
             .filter(|(_, count)| *count > 0)
             .map(|(name, count)| format!("{name}: {count}"));
         let _ = writeln!(out, "Errors     {}", listed(errors));
+        if self.failed() > 0 {
+            let _ = writeln!(out, "Failed     {} (errors and 5xx answers)", self.failed());
+        }
         if self.tally.unsent > 0 {
             let _ = writeln!(
                 out,
                 "Unsent     {} planned requests were still waiting for a free connection at the end",
                 self.tally.unsent
+            );
+        }
+        if self.tally.unfinished > 0 {
+            let _ = writeln!(
+                out,
+                "Unfinished {} requests were still unanswered at the end",
+                self.tally.unfinished
+            );
+        }
+        if self.tally.unsent + self.tally.unfinished > 0 {
+            let _ = writeln!(
+                out,
+                "           (in the latency figures at the time they had waited by the end)"
             );
         }
         for outcome in outcomes {
@@ -428,6 +468,11 @@ fn plural(count: usize, noun: &str) -> String {
 
 fn seconds(duration: Duration) -> String {
     format!("{:.2} s", duration.as_secs_f64())
+}
+
+/// A latency figure, or "n/a" when nothing was measured.
+pub fn shown_latency(us: Option<f64>) -> String {
+    us.map_or_else(|| "n/a".to_string(), micros)
 }
 
 /// A latency in the unit that keeps it readable.
@@ -499,27 +544,63 @@ mod tests {
         b.errors.add(ErrorKind::Connect);
         a.bytes_read = 1000;
         b.bytes_read = 24;
+        // Answers of the window, warm-up ones that came in it included.
+        a.answered_in_window = 95;
+        b.answered_in_window = 6;
         let report = report(&[a, b], Duration::from_secs(2));
         assert_eq!(report.responses(), 101);
         assert_eq!(report.requests(), 104);
         assert_eq!(report.failed(), 3 + 10);
         assert!((report.rps() - 50.5).abs() < 1e-9);
         assert_eq!(report.statuses(), BTreeMap::from([(200, 91), (503, 10)]));
-        let p50 = report.latency_us(LatencyStat::Percentile(50.0));
+        let p50 = report.latency_us(LatencyStat::Percentile(50.0)).unwrap();
         assert!((50_000.0..51_000.0).contains(&p50), "{p50}");
-        let max = report.latency_us(LatencyStat::Max);
+        let max = report.latency_us(LatencyStat::Max).unwrap();
         assert!((100_000.0..100_100.0).contains(&max), "{max}");
-        assert!((1000.0..1002.0).contains(&report.latency_us(LatencyStat::Min)));
+        let min = report.latency_us(LatencyStat::Min).unwrap();
+        assert!((1000.0..1002.0).contains(&min));
     }
 
     #[test]
-    fn an_empty_run_reports_zeros() {
-        let report = report(&[Tally::default()], Duration::ZERO);
-        assert_eq!(report.rps(), 0.0);
-        assert_eq!(report.latency_us(LatencyStat::Percentile(99.0)), 0.0);
+    fn requests_cut_off_by_the_end_count_at_their_wait() {
+        let mut tally = Tally::default();
+        for _ in 0..10 {
+            tally.record_response(200, Duration::from_millis(1));
+        }
+        // A server that stopped answering: one sent and unanswered, nine never sent.
+        tally.record_cut(Duration::from_secs(2), true);
+        for waited in 1..=9 {
+            tally.record_cut(Duration::from_millis(100 * waited), false);
+        }
+        let report = report(&[tally], Duration::from_secs(3));
+        assert_eq!(report.responses(), 10);
+        assert_eq!(report.requests(), 10);
+        let p90 = report.latency_us(LatencyStat::Percentile(90.0)).unwrap();
+        assert!(p90 >= 800_000.0, "{p90}");
         let json = report.to_json(&[]);
-        assert_eq!(json["latency_us"]["stdev"], 0.0);
-        assert!(report.to_text(&[]).contains("Status     none"));
+        assert_eq!(
+            (json["unsent"].as_u64(), json["unfinished"].as_u64()),
+            (Some(9), Some(1))
+        );
+        let text = report.to_text(&[]);
+        assert!(text.contains("Unsent     9 "), "{text}");
+        assert!(text.contains("Unfinished 1 "), "{text}");
+    }
+
+    #[test]
+    fn an_empty_run_reports_no_latency() {
+        let mut tally = Tally::default();
+        tally.errors.add(ErrorKind::Connect);
+        let report = report(&[tally], Duration::ZERO);
+        assert_eq!(report.rps(), 0.0);
+        assert_eq!(report.latency_us(LatencyStat::Percentile(99.0)), None);
+        let json = report.to_json(&[]);
+        assert_eq!(json["latency_us"]["stdev"], Value::Null);
+        assert_eq!(json["latency_us"]["p99"], Value::Null);
+        let text = report.to_text(&[]);
+        assert!(text.contains("Status     none"), "{text}");
+        assert!(text.contains("p99 n/a"), "{text}");
+        assert!(text.contains("Failed     1 "), "{text}");
     }
 
     #[test]

@@ -47,9 +47,12 @@ pub struct Plan {
 struct Clock {
     start: Instant,
     measure_start: Instant,
-    /// End of a timed run.
-    deadline: Option<Instant>,
 }
+
+/// When the run ends for every connection: the end of a timed run, or the moment it was
+/// stopped (Ctrl-C); `None` while neither is known. Requests unanswered or unsent then are cut
+/// off.
+type Cut = watch::Receiver<Option<Instant>>;
 
 /// State shared by the connections: only what must be global.
 struct Shared {
@@ -84,8 +87,13 @@ impl Progress {
 }
 
 /// Starts every connection, waits for them to connect, releases them together and collects
-/// their tallies. `on_start` gets a [`Progress`] handle before the load begins.
-pub async fn run(plan: Plan, on_start: impl FnOnce(Progress)) -> Outcome {
+/// their tallies. `on_start` gets a [`Progress`] handle before the load begins; when `stop`
+/// completes (Ctrl-C), the run ends there as a timed run ends at its deadline.
+pub async fn run(
+    plan: Plan,
+    on_start: impl FnOnce(Progress),
+    stop: impl std::future::Future<Output = ()>,
+) -> Outcome {
     let schedule = plan
         .rate
         .map(|rate| Schedule::new(rate, plan.connections as u64, plan.warmup, plan.limit));
@@ -96,10 +104,11 @@ pub async fn run(plan: Plan, on_start: impl FnOnce(Progress)) -> Outcome {
         plan,
     });
     let (clock_tx, clock_rx) = watch::channel(None);
+    let (cut_tx, cut_rx) = watch::channel(None);
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(shared.plan.connections);
     let mut tasks = tokio::task::JoinSet::new();
     for index in 0..shared.plan.connections {
-        let worker = Worker::new(index, shared.clone());
+        let worker = Worker::new(index, shared.clone(), cut_rx.clone());
         let clock = clock_rx.clone();
         let ready = ready_tx.clone();
         tasks.spawn(worker.run(clock, ready));
@@ -120,20 +129,39 @@ pub async fn run(plan: Plan, on_start: impl FnOnce(Progress)) -> Outcome {
         shared: shared.clone(),
         clock: clock_rx.clone(),
     });
+    let _ = cut_tx.send(deadline);
     let _ = clock_tx.send(Some(Clock {
         start,
         measure_start,
-        deadline,
     }));
     let mut tally = Tally::default();
     let mut last_done = measure_start;
-    while let Some(joined) = tasks.join_next().await {
+    let mut stop = pin!(stop);
+    let mut stopped = false;
+    loop {
+        let joined = tokio::select! {
+            joined = tasks.join_next() => joined,
+            () = &mut stop, if !stopped => {
+                stopped = true;
+                let now = Instant::now();
+                cut_tx.send_if_modified(|cut| match cut {
+                    Some(at) if *at <= now => false,
+                    _ => {
+                        *cut = Some(now);
+                        true
+                    }
+                });
+                continue;
+            }
+        };
+        let Some(joined) = joined else { break };
         // A worker only ends by returning its tally; a panic would be a bug worth seeing.
         let (worker_tally, done) = joined.expect("a bench connection task panicked");
         tally.merge(&worker_tally);
         last_done = last_done.max(done);
     }
-    let end = deadline.map_or(last_done, |deadline| deadline.max(last_done));
+    // A cut run lasted until its cut, however soon its connections then stopped.
+    let end = (*cut_tx.borrow()).unwrap_or(last_done);
     Outcome {
         tally,
         elapsed: end.saturating_duration_since(measure_start),
@@ -261,8 +289,8 @@ enum Step {
         status: u16,
         keep_alive: bool,
     },
-    /// The server had closed the connection before the request went out: reconnect and send
-    /// it again.
+    /// The server had closed the connection before the request went out (seen before the
+    /// write, or the write refused): reconnect and send it again.
     Unsent,
     Failed(ErrorKind),
 }
@@ -275,7 +303,7 @@ impl Connection {
     ) -> Result<Connection, ErrorKind> {
         let stream = TcpStream::connect(origin.addr)
             .await
-            .map_err(|_| ErrorKind::Connect)?;
+            .map_err(|err| connect_error(&err))?;
         // Latency is the point of measuring: never let Nagle hold a request back.
         stream.set_nodelay(true).map_err(|_| ErrorKind::Connect)?;
         let protocol = if http2 {
@@ -361,6 +389,23 @@ async fn read_to_end(response: http::Response<Incoming>) -> Step {
     }
 }
 
+/// Why a connection could not be opened: the server's side (refused, unreachable), or this
+/// machine's (out of file descriptors, local ports or memory), which is said once on stderr.
+fn connect_error(err: &io::Error) -> ErrorKind {
+    // EMFILE, ENFILE, ENOMEM, EADDRNOTAVAIL, ENOBUFS.
+    const LOCAL: [i32; 5] = [24, 23, 12, 99, 105];
+    if !err.raw_os_error().is_some_and(|code| LOCAL.contains(&code)) {
+        return ErrorKind::Connect;
+    }
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        eprintln!(
+            "bench: this machine cannot open more connections ({err}); counted as `local` errors, not the server's. Use fewer connections or raise `ulimit -n`."
+        );
+    });
+    ErrorKind::Local
+}
+
 /// Sorts a transport error into the kinds the report counts, from the error and its sources.
 pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
     let mut current = Some(err);
@@ -389,6 +434,24 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> ErrorKind {
     ErrorKind::Other
 }
 
+/// How one request ended.
+enum Sent {
+    Answered(u16),
+    Failed(ErrorKind),
+    /// The run ended first, at this instant.
+    Cut(Instant),
+}
+
+/// The wait before connecting again after `failures` connects in a row failed: none after a
+/// success, then 10 ms doubling up to 1 s, so a refusing server (or a local limit) is not
+/// hammered and does not use up a counted run's requests at once.
+pub fn reconnect_delay(failures: u32) -> Duration {
+    match failures {
+        0 => Duration::ZERO,
+        n => Duration::from_millis(10 << (n - 1).min(7)).min(Duration::from_secs(1)),
+    }
+}
+
 /// One connection's share of the run.
 struct Worker {
     index: usize,
@@ -400,10 +463,13 @@ struct Worker {
     /// Byte counts when the measured window began.
     baseline: Option<(u64, u64)>,
     unpublished: u64,
+    cut: Cut,
+    /// Connects that failed in a row ([`reconnect_delay`]).
+    connect_failures: u32,
 }
 
 impl Worker {
-    fn new(index: usize, shared: Arc<Shared>) -> Worker {
+    fn new(index: usize, shared: Arc<Shared>, cut: Cut) -> Worker {
         let origins = shared.plan.origins.len();
         Worker {
             index,
@@ -413,7 +479,14 @@ impl Worker {
             counts: Arc::new(ByteCounts::default()),
             baseline: None,
             unpublished: 0,
+            cut,
+            connect_failures: 0,
         }
+    }
+
+    /// Whether the run has ended by `at`.
+    fn is_cut(&self, at: Instant) -> bool {
+        self.cut.borrow().is_some_and(|cut| at >= cut)
     }
 
     async fn run(
@@ -460,7 +533,7 @@ impl Worker {
         let mut free_at = clock.start;
         let connections = self.shared.plan.connections as u64;
         for k in 0.. {
-            if clock.deadline.is_some_and(|deadline| free_at >= deadline) {
+            if self.is_cut(free_at) {
                 break;
             }
             let measured = free_at >= clock.measure_start;
@@ -473,7 +546,9 @@ impl Worker {
             }) else {
                 break;
             };
-            free_at = self.request(free_at, free_at, measured, index).await;
+            free_at = self
+                .request(&clock, free_at, free_at, measured, index)
+                .await;
         }
         free_at
     }
@@ -497,8 +572,19 @@ impl Worker {
         let mut free_at = clock.start;
         let mut k = 0;
         while let Some(planned) = schedule.planned(conn, k) {
-            if clock.deadline.is_some_and(|deadline| free_at >= deadline) {
-                self.tally.unsent += schedule.measured_from(conn, k);
+            if self.is_cut(free_at) {
+                // What was due before the end and never went out waited all that time.
+                let cut = self.cut.borrow().unwrap_or(free_at);
+                while let Some(planned) = schedule.planned(conn, k) {
+                    let due = clock.start + planned.at;
+                    if due >= cut {
+                        break;
+                    }
+                    if planned.measured {
+                        self.tally.record_cut(cut - due, false);
+                    }
+                    k += 1;
+                }
                 break;
             }
             let (latency_from, sent_at) = match departure(clock.start + planned.at, free_at) {
@@ -510,7 +596,13 @@ impl Worker {
                 }
             };
             free_at = self
-                .request(latency_from, sent_at, planned.measured, planned.index)
+                .request(
+                    &clock,
+                    latency_from,
+                    sent_at,
+                    planned.measured,
+                    planned.index,
+                )
                 .await;
             k += 1;
         }
@@ -521,6 +613,7 @@ impl Worker {
     /// needed, records it, and returns when it finished.
     async fn request(
         &mut self,
+        clock: &Clock,
         latency_from: Instant,
         sent_at: Instant,
         measured: bool,
@@ -534,13 +627,22 @@ impl Worker {
         }
         let template = (index % self.shared.plan.templates.len() as u64) as usize;
         let result = self.send(template, sent_at).await;
-        let done = Instant::now();
+        let done = match result {
+            Sent::Cut(at) => at,
+            _ => Instant::now(),
+        };
+        if matches!(result, Sent::Answered(_)) && done >= clock.measure_start {
+            self.tally.answered_in_window += 1;
+        }
         if !measured {
             self.tally.warmup_requests += 1;
         } else {
             match result {
-                Ok(status) => self.tally.record_response(status, done - latency_from),
-                Err(kind) => self.tally.errors.add(kind),
+                Sent::Answered(status) => {
+                    self.tally.record_response(status, done - latency_from);
+                }
+                Sent::Failed(kind) => self.tally.errors.add(kind),
+                Sent::Cut(at) => self.tally.record_cut(at - latency_from, true),
             }
         }
         self.unpublished += 1;
@@ -554,48 +656,86 @@ impl Worker {
     }
 
     /// One request from `template` on this worker's connection to its origin, within the
-    /// timeout counted from `sent_at`.
-    async fn send(&mut self, template: usize, sent_at: Instant) -> Result<u16, ErrorKind> {
+    /// timeout counted from `sent_at`, until the run is cut.
+    async fn send(&mut self, template: usize, sent_at: Instant) -> Sent {
         let plan = &self.shared.plan;
         let template = &plan.templates[template];
-        let limit = sent_at + plan.timeout;
+        let timeout = sent_at + plan.timeout;
+        let cut = &mut self.cut;
+        // `changed` below then wakes only for a cut that comes while this request is out.
+        cut.borrow_and_update();
+        let ends = |cut: &Cut| cut.borrow().map_or(timeout, |at| at.min(timeout));
+        // A request goes again on a new connection once when its connection turned out closed
+        // before it went out; a server that closes every new connection gets no more tries.
+        let mut resent = false;
+        // Past the limit: a timeout, or the run's end when that came first.
+        let over = |cut: &Cut| match *cut.borrow() {
+            Some(at) if at <= timeout => Sent::Cut(at),
+            _ => Sent::Failed(ErrorKind::Timeout),
+        };
         loop {
             let slot = &mut self.connections[template.origin];
             let conn = match slot {
                 Some(conn) => conn,
                 None => {
-                    let opened = timeout_at(
-                        limit,
-                        Connection::open(&plan.origins[template.origin], plan.http2, &self.counts),
-                    )
-                    .await;
+                    let delay = reconnect_delay(self.connect_failures);
+                    if !delay.is_zero() {
+                        sleep_until((Instant::now() + delay).min(ends(cut))).await;
+                    }
+                    let open =
+                        Connection::open(&plan.origins[template.origin], plan.http2, &self.counts);
+                    let opened = tokio::select! {
+                        opened = timeout_at(ends(cut), open) => opened,
+                        _ = cut.changed() => return over(cut),
+                    };
                     match opened {
-                        Ok(Ok(conn)) => slot.insert(conn),
-                        Ok(Err(kind)) => return Err(kind),
-                        Err(_) => return Err(ErrorKind::Connect),
+                        Ok(Ok(conn)) => {
+                            self.connect_failures = 0;
+                            slot.insert(conn)
+                        }
+                        Ok(Err(kind)) => {
+                            self.connect_failures += 1;
+                            return Sent::Failed(kind);
+                        }
+                        Err(_) => {
+                            self.connect_failures += 1;
+                            return match over(cut) {
+                                Sent::Cut(at) => Sent::Cut(at),
+                                _ => Sent::Failed(ErrorKind::Connect),
+                            };
+                        }
                     }
                 }
             };
-            match timeout_at(limit, conn.exchange(template)).await {
-                Ok(Step::Answered { status, keep_alive }) => {
+            let exchange = timeout_at(ends(cut), conn.exchange(template));
+            let step = tokio::select! {
+                step = exchange => step.ok(),
+                _ = cut.changed() => None,
+            };
+            match step {
+                Some(Step::Answered { status, keep_alive }) => {
                     conn.answered += 1;
-                    if !keep_alive {
+                    if !keep_alive || template.closes() {
                         *slot = None;
                     }
-                    return Ok(status);
+                    return Sent::Answered(status);
                 }
-                Ok(Step::Unsent) if conn.answered > 0 => *slot = None,
-                Ok(Step::Unsent) => {
+                Some(Step::Unsent) if conn.answered > 0 || !resent => {
                     *slot = None;
-                    return Err(ErrorKind::Reset);
+                    resent = true;
                 }
-                Ok(Step::Failed(kind)) => {
+                Some(Step::Unsent) => {
                     *slot = None;
-                    return Err(kind);
+                    return Sent::Failed(ErrorKind::Reset);
                 }
-                Err(_) => {
+                Some(Step::Failed(kind)) => {
                     *slot = None;
-                    return Err(ErrorKind::Timeout);
+                    return Sent::Failed(kind);
+                }
+                None => {
+                    // Unanswered: where the answer would begin on this connection is unknown.
+                    *slot = None;
+                    return over(cut);
                 }
             }
         }
@@ -619,6 +759,27 @@ mod tests {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             Some(&self.0)
         }
+    }
+
+    #[test]
+    fn reconnects_back_off_after_failures() {
+        let delays: Vec<u128> = (0..10).map(|n| reconnect_delay(n).as_millis()).collect();
+        assert_eq!(delays, [0, 10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        assert_eq!(reconnect_delay(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn local_shortages_are_not_the_servers() {
+        assert_eq!(
+            connect_error(&io::Error::from_raw_os_error(24)),
+            ErrorKind::Local
+        );
+        assert_eq!(
+            connect_error(&io::Error::from_raw_os_error(99)),
+            ErrorKind::Local
+        );
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(connect_error(&refused), ErrorKind::Connect);
     }
 
     #[test]

@@ -65,28 +65,38 @@ impl Schedule {
             measured: j >= self.first_measured,
         })
     }
+}
 
-    /// How many measured requests connection `conn` has planned from its `k`-th on: what is
-    /// left unsent when a timed run ends behind schedule.
-    pub fn measured_from(&self, conn: u64, k: u64) -> u64 {
-        let from = k
-            .saturating_mul(self.connections)
-            .saturating_add(conn)
-            .max(self.first_measured);
-        // Indices of this connection in [from, end).
-        let first = from + (conn + self.connections - from % self.connections) % self.connections;
-        if first >= self.end {
-            0
-        } else {
-            (self.end - first).div_ceil(self.connections)
-        }
+/// How many indices `j` have `j / rate < time`: `time × rate` rounded up, except that a
+/// product within float error of a whole number is taken as that number (so 3 s at 200/s plans
+/// 600, not 601), while any time past 0 plans request 0 however low the rate.
+fn planned_before(time: Duration, rate: f64) -> u64 {
+    let product = time.as_secs_f64() * rate;
+    let nearest = product.round();
+    if (product - nearest).abs() <= 1e-9 * nearest.max(1.0) {
+        nearest as u64
+    } else {
+        product.ceil() as u64
     }
 }
 
-/// How many indices `j` have `j / rate < time`; the slack keeps float error in `time × rate`
-/// from adding a request when the product is a whole number.
-fn planned_before(time: Duration, rate: f64) -> u64 {
-    (time.as_secs_f64() * rate - 1e-6).ceil().max(0.0) as u64
+/// The longest an open-loop run may be planned to take: a rate too low for its count is a
+/// mistake, not a run.
+pub const LONGEST_PLAN: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Checks that `rate` over `limit` (after `warmup`) plans a run of at most [`LONGEST_PLAN`].
+pub fn check_rate(rate: f64, warmup: Duration, limit: Limit) -> Result<(), String> {
+    let last = match limit {
+        Limit::Count(n) => (planned_before(warmup, rate) as f64 + n as f64 - 1.0) / rate,
+        Limit::Time(_) => 1.0 / rate,
+    };
+    if last.is_finite() && last <= LONGEST_PLAN.as_secs_f64() {
+        Ok(())
+    } else {
+        Err(format!(
+            "-q {rate}: the run's requests would be due over more than a year; raise the rate"
+        ))
+    }
 }
 
 /// How a planned request leaves, given when its connection became free.
@@ -171,21 +181,21 @@ mod tests {
     }
 
     #[test]
-    fn measured_from_counts_what_is_left() {
-        let schedule = Schedule::new(100.0, 3, Duration::from_millis(20), Limit::Count(10));
-        // Indices 2..12 are measured; connection 1 carries 4, 7, 10 of them.
-        assert_eq!(schedule.measured_from(1, 0), 3);
-        assert_eq!(schedule.measured_from(1, 2), 2); // from index 7
-        assert_eq!(schedule.measured_from(1, 4), 0); // index 13 is past the end
-        for conn in 0..3 {
-            let mut k = 0;
-            let mut left = 0;
-            while let Some(p) = schedule.planned(conn, k) {
-                left += u64::from(p.measured);
-                k += 1;
-            }
-            assert_eq!(schedule.measured_from(conn, 0), left, "conn {conn}");
-        }
+    fn any_time_plans_the_first_request_and_whole_products_are_exact() {
+        assert_eq!(planned_before(Duration::from_secs(1), 1e-6), 1);
+        assert_eq!(planned_before(Duration::ZERO, 1e-6), 0);
+        assert_eq!(planned_before(Duration::from_secs(3), 200.0), 600);
+        assert_eq!(planned_before(Duration::from_millis(2500), 1.0), 3);
+        assert_eq!(planned_before(Duration::from_millis(100), 0.1 * 3.0), 1);
+    }
+
+    #[test]
+    fn rates_too_low_for_the_run_are_refused() {
+        assert!(check_rate(1e-19, Duration::ZERO, Limit::Count(2)).is_err());
+        assert!(check_rate(1e-300, Duration::ZERO, Limit::Count(2)).is_err());
+        assert!(check_rate(1e-9, Duration::ZERO, Limit::Time(Duration::from_secs(1))).is_err());
+        assert!(check_rate(0.01, Duration::ZERO, Limit::Count(2)).is_ok());
+        assert!(check_rate(1.0, Duration::from_secs(5), Limit::Count(1000)).is_ok());
     }
 
     #[test]

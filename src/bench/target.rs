@@ -4,9 +4,9 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, HOST};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, Method, Request, Uri};
+use http::{HeaderMap, HeaderName, Method, Request, Uri};
 use http_body_util::Full;
 
 /// A server to connect to; URLs with the same authority share one.
@@ -28,9 +28,16 @@ pub struct Template {
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
+    /// The request says `Connection: close`: its connection is not used again.
+    closes: bool,
 }
 
 impl Template {
+    /// Whether the connection ends with this request's answer (RFC 9112 §9.6).
+    pub fn closes(&self) -> bool {
+        self.closes
+    }
+
     /// The HTTP/1.1 request as it goes on the wire.
     pub fn http1(&self) -> &[u8] {
         &self.http1
@@ -96,7 +103,17 @@ pub fn parse_url(url: &str) -> Result<ParsedUrl, String> {
             "`{url}`: credentials in the URL are not supported; use -H"
         ));
     }
-    let port = authority.port_u16().unwrap_or(80);
+    // Read from the text: `Authority::port` takes a port that is no u16 (99999) for none.
+    let text = authority.as_str();
+    let after_host = text.rsplit_once(']').map_or(text, |(_, rest)| rest);
+    let port = match after_host.rsplit_once(':') {
+        None | Some((_, "")) => 80,
+        Some((_, port)) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|port| *port > 0)
+            .ok_or_else(|| format!("`{url}`: `{port}` is not a port (1–65535)"))?,
+    };
     let path_and_query = uri
         .path_and_query()
         .cloned()
@@ -106,6 +123,36 @@ pub fn parse_url(url: &str) -> Result<ParsedUrl, String> {
         port,
         path_and_query,
     })
+}
+
+/// Refuses `-H` headers that would make the request other than it says: the body's framing is
+/// the generator's own (Content-Length from the body), and HTTP/2 has no connection-specific
+/// fields (RFC 9113 §8.2.2).
+pub fn check_headers(headers: &HeaderMap, http2: bool) -> Result<(), String> {
+    for name in [CONTENT_LENGTH, TRANSFER_ENCODING] {
+        if headers.contains_key(&name) {
+            return Err(format!(
+                "-H {name}: scalegate bench frames the body itself (Content-Length of --body or --body-file)"
+            ));
+        }
+    }
+    if http2 {
+        let specific = [CONNECTION, UPGRADE, TE].into_iter().find(|name| {
+            headers
+                .get_all(name)
+                .iter()
+                .any(|value| *name != TE || value != "trailers")
+        });
+        let named = ["keep-alive", "proxy-connection"]
+            .into_iter()
+            .find(|name| headers.contains_key(*name));
+        if let Some(name) = specific.as_ref().map(HeaderName::as_str).or(named) {
+            return Err(format!(
+                "-H {name}: a connection-specific field, which HTTP/2 does not carry"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Parses, resolves and templates every URL; the error names the first unusable one.
@@ -159,6 +206,13 @@ fn template(origin: usize, parsed: ParsedUrl, parts: &RequestParts) -> Template 
         uri,
         headers: parts.headers.clone(),
         body: parts.body.clone(),
+        closes: parts.headers.get_all(CONNECTION).iter().any(|value| {
+            value.to_str().is_ok_and(|value| {
+                value
+                    .split(',')
+                    .any(|token| token.trim().eq_ignore_ascii_case("close"))
+            })
+        }),
     }
 }
 
@@ -183,7 +237,7 @@ fn http1_bytes(parsed: &ParsedUrl, parts: &RequestParts) -> Bytes {
         line(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     let expects_body = [Method::POST, Method::PUT, Method::PATCH].contains(&parts.method);
-    if !parts.headers.contains_key(CONTENT_LENGTH) && (expects_body || !parts.body.is_empty()) {
+    if expects_body || !parts.body.is_empty() {
         line(
             &mut out,
             b"content-length",
@@ -215,6 +269,9 @@ mod tests {
         assert_eq!(parsed.port, 8080);
         assert_eq!(parsed.path_and_query.as_str(), "/a?b=1");
         assert_eq!(parse_url("http://localhost").unwrap().port, 80);
+        for bad in ["http://127.0.0.1:99999/", "http://127.0.0.1:0/"] {
+            assert!(parse_url(bad).unwrap_err().contains("not a port"), "{bad}");
+        }
         assert_eq!(parse_url("http://localhost").unwrap().path_and_query, "/");
         assert!(parse_url("https://x/").unwrap_err().contains("https"));
         let err = parse_url("127.0.0.1:80/x").unwrap_err();
@@ -266,19 +323,38 @@ mod tests {
     }
 
     #[test]
-    fn given_host_and_length_headers_win() {
+    fn a_given_host_wins_and_framing_headers_are_refused() {
         let mut given = parts(Method::POST, "hi");
         given
             .headers
             .insert(HOST, HeaderValue::from_static("example.test"));
-        given
-            .headers
-            .insert(CONTENT_LENGTH, HeaderValue::from_static("2"));
         let (templates, _) = build(&["http://127.0.0.1:9/".into()], &given).unwrap();
         let text = std::str::from_utf8(templates[0].http1()).unwrap();
         assert_eq!(text.matches("host").count(), 1, "{text}");
         assert!(text.contains("host: example.test\r\n"));
-        assert_eq!(text.matches("content-length").count(), 1, "{text}");
+        assert!(!templates[0].closes());
+        let one = |name: &'static str, value: &'static str| {
+            HeaderMap::from_iter([(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            )])
+        };
+        for (name, value) in [("content-length", "3"), ("transfer-encoding", "chunked")] {
+            let err = check_headers(&one(name, value), false).unwrap_err();
+            assert!(err.contains(name), "{err}");
+        }
+        assert!(check_headers(&one("connection", "close"), false).is_ok());
+        for (name, value) in [("connection", "close"), ("te", "gzip"), ("keep-alive", "5")] {
+            let err = check_headers(&one(name, value), true).unwrap_err();
+            assert!(err.contains(name), "{err}");
+        }
+        assert!(check_headers(&one("te", "trailers"), true).is_ok());
+        let mut closing = parts(Method::GET, "");
+        closing
+            .headers
+            .insert(CONNECTION, HeaderValue::from_static("keep-alive, Close"));
+        let (templates, _) = build(&["http://127.0.0.1:9/".into()], &closing).unwrap();
+        assert!(templates[0].closes());
     }
 
     #[test]
