@@ -5,12 +5,13 @@
 
 use std::io;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
@@ -50,9 +51,54 @@ struct Clock {
 }
 
 /// When the run ends for every connection: the end of a timed run, or the moment it was
-/// stopped (Ctrl-C); `None` while neither is known. Requests unanswered or unsent then are cut
-/// off.
-type Cut = watch::Receiver<Option<Instant>>;
+/// stopped (Ctrl-C). Requests unanswered or unsent then are cut off. Read on every request, so
+/// it is atomics, not a lock: nanoseconds after the start, and a waker per connection for a
+/// stop that comes while a request is out.
+struct Cut {
+    /// `u64::MAX` while neither the end nor a stop is known.
+    after_start_ns: AtomicU64,
+    stopped: AtomicBool,
+    wakers: Box<[AtomicWaker]>,
+}
+
+impl Cut {
+    fn at(&self, clock: &Clock) -> Option<Instant> {
+        match self.after_start_ns.load(Ordering::Acquire) {
+            u64::MAX => None,
+            ns => Some(clock.start + Duration::from_nanos(ns)),
+        }
+    }
+
+    /// Moves the cut to `at` (after `start`) when that is sooner.
+    fn bring_to(&self, start: Instant, at: Instant) {
+        let ns = u64::try_from(at.saturating_duration_since(start).as_nanos()).unwrap_or(u64::MAX);
+        self.after_start_ns.fetch_min(ns, Ordering::AcqRel);
+    }
+
+    /// The run is stopped now: every connection's request out is cut at once.
+    fn stop(&self, start: Instant) {
+        self.bring_to(start, Instant::now());
+        self.stopped.store(true, Ordering::Release);
+        for waker in &self.wakers {
+            waker.wake();
+        }
+    }
+
+    /// Completes once the run is stopped; connection `index` registers its waker.
+    fn stopped(&self, index: usize) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.stopped.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.wakers[index].register(cx.waker());
+            if self.stopped.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+}
 
 /// State shared by the connections: only what must be global.
 struct Shared {
@@ -62,6 +108,7 @@ struct Shared {
     claimed: AtomicU64,
     /// Completed requests (warm-up included), published in batches, for the progress bar.
     completed: AtomicU64,
+    cut: Cut,
 }
 
 /// A finished run: the merged tally and when the measured window ended.
@@ -101,14 +148,18 @@ pub async fn run(
         schedule,
         claimed: AtomicU64::new(0),
         completed: AtomicU64::new(0),
+        cut: Cut {
+            after_start_ns: AtomicU64::new(u64::MAX),
+            stopped: AtomicBool::new(false),
+            wakers: (0..plan.connections).map(|_| AtomicWaker::new()).collect(),
+        },
         plan,
     });
     let (clock_tx, clock_rx) = watch::channel(None);
-    let (cut_tx, cut_rx) = watch::channel(None);
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(shared.plan.connections);
     let mut tasks = tokio::task::JoinSet::new();
     for index in 0..shared.plan.connections {
-        let worker = Worker::new(index, shared.clone(), cut_rx.clone());
+        let worker = Worker::new(index, shared.clone());
         let clock = clock_rx.clone();
         let ready = ready_tx.clone();
         tasks.spawn(worker.run(clock, ready));
@@ -129,7 +180,9 @@ pub async fn run(
         shared: shared.clone(),
         clock: clock_rx.clone(),
     });
-    let _ = cut_tx.send(deadline);
+    if let Some(deadline) = deadline {
+        shared.cut.bring_to(start, deadline);
+    }
     let _ = clock_tx.send(Some(Clock {
         start,
         measure_start,
@@ -143,14 +196,7 @@ pub async fn run(
             joined = tasks.join_next() => joined,
             () = &mut stop, if !stopped => {
                 stopped = true;
-                let now = Instant::now();
-                cut_tx.send_if_modified(|cut| match cut {
-                    Some(at) if *at <= now => false,
-                    _ => {
-                        *cut = Some(now);
-                        true
-                    }
-                });
+                shared.cut.stop(start);
                 continue;
             }
         };
@@ -161,7 +207,11 @@ pub async fn run(
         last_done = last_done.max(done);
     }
     // A cut run lasted until its cut, however soon its connections then stopped.
-    let end = (*cut_tx.borrow()).unwrap_or(last_done);
+    let clock = Clock {
+        start,
+        measure_start,
+    };
+    let end = shared.cut.at(&clock).unwrap_or(last_done);
     Outcome {
         tally,
         elapsed: end.saturating_duration_since(measure_start),
@@ -463,13 +513,12 @@ struct Worker {
     /// Byte counts when the measured window began.
     baseline: Option<(u64, u64)>,
     unpublished: u64,
-    cut: Cut,
     /// Connects that failed in a row ([`reconnect_delay`]).
     connect_failures: u32,
 }
 
 impl Worker {
-    fn new(index: usize, shared: Arc<Shared>, cut: Cut) -> Worker {
+    fn new(index: usize, shared: Arc<Shared>) -> Worker {
         let origins = shared.plan.origins.len();
         Worker {
             index,
@@ -479,14 +528,13 @@ impl Worker {
             counts: Arc::new(ByteCounts::default()),
             baseline: None,
             unpublished: 0,
-            cut,
             connect_failures: 0,
         }
     }
 
     /// Whether the run has ended by `at`.
-    fn is_cut(&self, at: Instant) -> bool {
-        self.cut.borrow().is_some_and(|cut| at >= cut)
+    fn is_cut(&self, clock: &Clock, at: Instant) -> bool {
+        self.shared.cut.at(clock).is_some_and(|cut| at >= cut)
     }
 
     async fn run(
@@ -533,7 +581,7 @@ impl Worker {
         let mut free_at = clock.start;
         let connections = self.shared.plan.connections as u64;
         for k in 0.. {
-            if self.is_cut(free_at) {
+            if self.is_cut(&clock, free_at) {
                 break;
             }
             let measured = free_at >= clock.measure_start;
@@ -572,9 +620,9 @@ impl Worker {
         let mut free_at = clock.start;
         let mut k = 0;
         while let Some(planned) = schedule.planned(conn, k) {
-            if self.is_cut(free_at) {
+            if self.is_cut(&clock, free_at) {
                 // What was due before the end and never went out waited all that time.
-                let cut = self.cut.borrow().unwrap_or(free_at);
+                let cut = self.shared.cut.at(&clock).unwrap_or(free_at);
                 while let Some(planned) = schedule.planned(conn, k) {
                     let due = clock.start + planned.at;
                     if due >= cut {
@@ -626,7 +674,7 @@ impl Worker {
             ));
         }
         let template = (index % self.shared.plan.templates.len() as u64) as usize;
-        let result = self.send(template, sent_at).await;
+        let result = self.send(clock, template, sent_at).await;
         let done = match result {
             Sent::Cut(at) => at,
             _ => Instant::now(),
@@ -657,22 +705,20 @@ impl Worker {
 
     /// One request from `template` on this worker's connection to its origin, within the
     /// timeout counted from `sent_at`, until the run is cut.
-    async fn send(&mut self, template: usize, sent_at: Instant) -> Sent {
+    async fn send(&mut self, clock: &Clock, template: usize, sent_at: Instant) -> Sent {
         let plan = &self.shared.plan;
+        let cut = &self.shared.cut;
         let template = &plan.templates[template];
         let timeout = sent_at + plan.timeout;
-        let cut = &mut self.cut;
-        // `changed` below then wakes only for a cut that comes while this request is out.
-        cut.borrow_and_update();
-        let ends = |cut: &Cut| cut.borrow().map_or(timeout, |at| at.min(timeout));
-        // A request goes again on a new connection once when its connection turned out closed
-        // before it went out; a server that closes every new connection gets no more tries.
-        let mut resent = false;
+        let ends = || cut.at(clock).map_or(timeout, |at| at.min(timeout));
         // Past the limit: a timeout, or the run's end when that came first.
-        let over = |cut: &Cut| match *cut.borrow() {
+        let over = || match cut.at(clock) {
             Some(at) if at <= timeout => Sent::Cut(at),
             _ => Sent::Failed(ErrorKind::Timeout),
         };
+        // A request goes again on a new connection once when its connection turned out closed
+        // before it went out; a server that closes every new connection gets no more tries.
+        let mut resent = false;
         loop {
             let slot = &mut self.connections[template.origin];
             let conn = match slot {
@@ -680,13 +726,13 @@ impl Worker {
                 None => {
                     let delay = reconnect_delay(self.connect_failures);
                     if !delay.is_zero() {
-                        sleep_until((Instant::now() + delay).min(ends(cut))).await;
+                        sleep_until((Instant::now() + delay).min(ends())).await;
                     }
                     let open =
                         Connection::open(&plan.origins[template.origin], plan.http2, &self.counts);
                     let opened = tokio::select! {
-                        opened = timeout_at(ends(cut), open) => opened,
-                        _ = cut.changed() => return over(cut),
+                        opened = timeout_at(ends(), open) => opened,
+                        () = cut.stopped(self.index) => return over(),
                     };
                     match opened {
                         Ok(Ok(conn)) => {
@@ -699,7 +745,7 @@ impl Worker {
                         }
                         Err(_) => {
                             self.connect_failures += 1;
-                            return match over(cut) {
+                            return match over() {
                                 Sent::Cut(at) => Sent::Cut(at),
                                 _ => Sent::Failed(ErrorKind::Connect),
                             };
@@ -707,10 +753,10 @@ impl Worker {
                     }
                 }
             };
-            let exchange = timeout_at(ends(cut), conn.exchange(template));
+            let exchange = timeout_at(ends(), conn.exchange(template));
             let step = tokio::select! {
                 step = exchange => step.ok(),
-                _ = cut.changed() => None,
+                () = cut.stopped(self.index) => None,
             };
             match step {
                 Some(Step::Answered { status, keep_alive }) => {
@@ -735,7 +781,7 @@ impl Worker {
                 None => {
                     // Unanswered: where the answer would begin on this connection is unknown.
                     *slot = None;
-                    return over(cut);
+                    return over();
                 }
             }
         }
