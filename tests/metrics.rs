@@ -164,3 +164,33 @@ async fn metrics_count_known_traffic_exactly_and_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A retry is counted when it happens: with two dead instances and `retries = 2`, each request
+/// is tried on both, so one retry each, not one per failed attempt.
+#[tokio::test]
+async fn retries_count_the_attempts_that_were_made() {
+    let (a, b) = (dead_addr(), dead_addr());
+    let config = format!(
+        "[upstreams.app]\ninstances = [\"{a}\", \"{b}\"]\nretries = 2\nmax_fails = 0\n\n[[routes]]\nupstream = \"app\"\n"
+    );
+    let gw = gateway(&config);
+    let client = client();
+    for _ in 0..4 {
+        assert_eq!(get(&client, &gw.url("/")).await.status, 502);
+    }
+    let text =
+        String::from_utf8(get(&client, &gw.admin_url("/metrics")).await.body.to_vec()).unwrap();
+    let total = |name: &str| -> f64 {
+        [a, b]
+            .iter()
+            .map(|addr| {
+                sample(
+                    &text,
+                    &format!(r#"{name}{{upstream="app",instance="{addr}"}}"#),
+                )
+            })
+            .sum()
+    };
+    assert_eq!(total("scalegate_instance_failures_total"), 8.0);
+    assert_eq!(total("scalegate_instance_retries_total"), 4.0);
+}

@@ -2291,3 +2291,32 @@ async fn instances_closing_idle_connections_never_count_as_failures() {
     let instance = &detailed["upstreams"][0]["instances"][0];
     assert_eq!(instance["failures"], 0, "{detailed}");
 }
+
+/// The warning of a failed request names it by the same request ID as its access line and its
+/// answer, so the two can be joined in JSON logs.
+#[tokio::test]
+async fn a_failed_requests_warning_carries_its_plain_request_id() {
+    let gw = gateway_logging(&format!(
+        "[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\n",
+        dead_addr()
+    ));
+    let reply = request(
+        &client(),
+        "GET",
+        &gw.url("/"),
+        &[("x-request-id", "failed-1")],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 502);
+    let warned = || {
+        gw.proc
+            .log_lines()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|line| line["message"] == "request failed")
+    };
+    assert!(eventually(Duration::from_secs(5), || async { warned().is_some() }).await);
+    assert_eq!(warned().unwrap()["request_id"], "failed-1");
+}

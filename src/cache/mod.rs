@@ -294,7 +294,7 @@ fn labelled(
     cache.store.counters.record(outcome);
     let mut response = result.unwrap_or_else(|error| {
         if error.status().is_server_error() {
-            tracing::warn!(request_id = ?request_id, %error, "request failed");
+            tracing::warn!(request_id = request_id.to_str().unwrap_or_default(), %error, "request failed");
         }
         error.response(request_id)
     });

@@ -402,7 +402,7 @@ pub fn core_families(metrics: &Metrics, instances: &[InstanceSample]) -> Vec<Fam
     in_flight.push(Vec::new(), Value::Gauge(metrics.in_flight() as f64));
     let mut duration = Family::new(
         REQUEST_DURATION,
-        "Time from request head to response head, by route.",
+        "Time from request head to the answer's last byte, by route and upstream.",
     );
     for (route, upstream, stats) in metrics.routes() {
         let labels = vec![("route", route), ("upstream", upstream)];

@@ -137,7 +137,7 @@ pub async fn handle(
                     if error.status().is_server_error()
                         && !matches!(error, ProxyError::Overloaded { .. })
                     {
-                        tracing::warn!(request_id = ?request_id, %error, "request failed");
+                        tracing::warn!(request_id = request_id.to_str().unwrap_or_default(), %error, "request failed");
                     }
                     error.response(request_id)
                 }
@@ -430,6 +430,9 @@ async fn to_instance(
     // One instance set for every attempt: `tried` holds positions in it, which a set changed
     // between attempts (an instance added or removed) would shift.
     let set = upstream.set.load_full();
+    // The instance whose failed attempt the next one retries: counted, and the retry budget
+    // spent, only once another instance is there to take it.
+    let mut retrying: Option<Arc<Instance>> = None;
     loop {
         let now = Instant::now();
         let (index, instance) = match upstream.pick(&set, &tried, hash, seq, now) {
@@ -439,6 +442,13 @@ async fn to_instance(
             }
             Err(_) => return Err(last_error),
         };
+        if let Some(failed) = retrying.take() {
+            if !upstream.retry_budget.try_withdraw(now) {
+                return Err(last_error);
+            }
+            failed.retries.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(instance = %failed.addr, retry = %instance.addr, attempt = attempts, "retrying on another instance");
+        }
         tried.push(index);
         attempts += 1;
         (served.instance, served.attempts) = (Some(instance.addr), attempts);
@@ -529,17 +539,12 @@ async fn to_instance(
                     }
                     NextAttempt::Retry => {
                         last_error = error;
-                        // The attempt's `now` may be a response timeout old.
-                        let retry_at = Instant::now();
-                        if attempts > config.retries
-                            || !upstream.retry_budget.try_withdraw(retry_at)
-                        {
+                        if attempts > config.retries {
                             return Err(last_error);
                         }
-                        instance.retries.fetch_add(1, Ordering::Relaxed);
+                        retrying = Some(instance);
                         // Another instance's pool is not suspect.
                         fresh = false;
-                        tracing::debug!(instance = %instance.addr, attempt = attempts, "retrying on another instance");
                     }
                 }
             }
