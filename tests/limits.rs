@@ -231,7 +231,8 @@ fn upgrades_other_than_websocket_over_http_1_1_go_on_as_plain_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
     let a = demo_backend(&[]);
-    let gw = gateway(&app_config(&[&a], ""));
+    // A tunnel is still an open client connection: it holds its place under the caps.
+    let gw = gateway_with_server_keys("max_connections = 1", &app_config(&[&a], ""));
     let mut ws = TcpStream::connect(gw.proxy).unwrap();
     ws.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     ws.write_all(
@@ -277,11 +278,28 @@ async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
             .unwrap()
     };
     assert_eq!(in_flight().await, 1, "an open tunnel counts as in flight");
+    let metrics = get(&client, &gw.admin_url("/metrics")).await;
+    assert!(String::from_utf8_lossy(&metrics.body).contains("scalegate_open_connections 1"));
+    let refused = raw_exchange(gw.proxy, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     drop(ws);
     assert!(
         eventually(Duration::from_secs(5), || async { in_flight().await == 0 }).await,
         "the tunnel's in-flight count was not released"
     );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let metrics = get(&client, &gw.admin_url("/metrics")).await;
+            String::from_utf8_lossy(&metrics.body).contains("scalegate_open_connections 0")
+        })
+        .await,
+        "the tunnel's connection slot was not released"
+    );
+    let answer = raw_exchange(
+        gw.proxy,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

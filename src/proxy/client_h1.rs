@@ -37,12 +37,14 @@ use tokio_util::io::poll_read_buf;
 
 use super::body::{BoxError, ClientBody, GatewayBody};
 use super::client_io::{ClientRead, ClientStream, ClientWrite};
+use super::connections::ConnectionPermit;
 use super::deadline::LazyDeadline;
 use super::error::ProxyError;
 use super::forward::{self, ClientAddr};
 use super::h1::{chunk_header, RawFields};
 use super::headers::{check_framing, client_request_id, has, value, values};
 use super::record::RequestRecord;
+use super::tunnel::Handover;
 use super::Gateway;
 use crate::config::ServerConfig;
 use crate::http1::{has_token, recycle_map, BodyProgress, ConnectionOptions, FieldSpans, Framing};
@@ -124,10 +126,12 @@ enum BodyKind {
 pub async fn serve(
     stream: ClientStream,
     gateway: Arc<Gateway>,
-    client: ClientAddr,
+    (client, permit): (ClientAddr, ConnectionPermit),
     limits: ClientLimits,
     drain: watch::Receiver<bool>,
 ) {
+    // Held while the connection is open, then by the tunnel an upgrade hands it to.
+    let mut permit = Some(permit);
     let client = client.answered_raw();
     let (half, writer) = stream.split();
     let mut conn = ClientConn {
@@ -234,8 +238,10 @@ pub async fn serve(
             Ok(After::Upgrade(tx)) => {
                 if let Some(reader) = conn.reader.take() {
                     let early = reader.buf.freeze();
-                    if let Some(stream) = reader.half.reunite(conn.writer) {
-                        let _ = tx.send((stream, early));
+                    if let (Some(stream), Some(permit)) =
+                        (reader.half.reunite(conn.writer), permit.take())
+                    {
+                        let _ = tx.send((stream, early, permit));
                     }
                 }
                 return;
@@ -276,7 +282,7 @@ enum After {
     KeepAlive,
     Close,
     /// The instance switched protocols: the connection goes to the tunnel.
-    Upgrade(oneshot::Sender<(ClientStream, Bytes)>),
+    Upgrade(oneshot::Sender<Handover>),
 }
 
 struct ClientConn {
@@ -396,7 +402,7 @@ impl ClientConn {
         mut keep_alive: bool,
         head_request: bool,
         http10: bool,
-        upgrade: Option<oneshot::Sender<(ClientStream, Bytes)>>,
+        upgrade: Option<oneshot::Sender<Handover>>,
     ) -> io::Result<After> {
         let (head, mut body) = response.into_parts();
         let status = head.status;

@@ -620,15 +620,17 @@ async fn accept_loop(
                     Some(false) => {
                         limit_unsent(&stream);
                         let stream = ClientStream::Tcp(stream);
-                        client_h1::serve(stream, gateway, client, limits, drain).await;
+                        client_h1::serve(stream, gateway, (client, permit), limits, drain).await;
                     }
                     Some(true) => {
-                        client_h2::serve(&builder, stream, gateway, client, limits, accepted, drain)
-                            .await
+                        client_h2::serve(
+                            &builder, stream, gateway, client, limits, accepted, drain,
+                        )
+                        .await;
+                        drop(permit);
                     }
-                    None => {}
+                    None => drop(permit),
                 }
-                drop(permit);
             });
             continue;
         }
@@ -652,12 +654,12 @@ async fn accept_loop(
             };
             if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
                 client_h2::serve(&builder, stream, gateway, client, limits, accepted, drain).await;
+                drop(permit);
             } else {
                 limit_unsent(stream.get_ref().0);
                 let stream = ClientStream::Tls(Box::new(stream));
-                client_h1::serve(stream, gateway, client, limits, drain).await;
+                client_h1::serve(stream, gateway, (client, permit), limits, drain).await;
             }
-            drop(permit);
         });
     }
     drop(listener);

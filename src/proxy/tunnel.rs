@@ -15,12 +15,17 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::client_io::ClientStream;
+use super::connections::ConnectionPermit;
 use super::h1::InstanceConn;
 use super::upstream::InFlightGuard;
 
-/// The client's side of an upgrade: the HTTP/1.1 loop hands its connection over once the 101
-/// went out, with what the client sent after its request. (HTTP/2 has no `Upgrade`.)
-pub type ClientUpgrade = oneshot::Receiver<(ClientStream, Bytes)>;
+/// What the HTTP/1.1 loop hands over once the 101 went out: the client's connection, what the
+/// client sent after its request, and the connection's place under the connection limits,
+/// which the tunnel holds for as long as it lasts.
+pub type Handover = (ClientStream, Bytes, ConnectionPermit);
+
+/// The client's side of an upgrade. (HTTP/2 has no `Upgrade`.)
+pub type ClientUpgrade = oneshot::Receiver<Handover>;
 
 /// Joins the client's upgraded connection with the instance's, which answered 101.
 pub fn spawn(
@@ -30,7 +35,7 @@ pub fn spawn(
     idle: Duration,
 ) {
     tokio::spawn(async move {
-        let Ok((mut client, client_early)) = client.await else {
+        let Ok((mut client, client_early, _permit)) = client.await else {
             return;
         };
         // What either side sent right after the 101 or the request belongs to the new
