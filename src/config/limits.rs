@@ -270,6 +270,9 @@ pub fn redacted(url: &str) -> String {
             let user = auth.split_once(':').map_or("", |(user, _)| user);
             format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
         }
+        // Not URL-shaped (a scheme typo such as `redis:/:PW@host`): all before the `@` may be
+        // the password.
+        (_, Some(at)) => format!("***{}", &url[at..]),
         _ => url.to_string(),
     }
 }

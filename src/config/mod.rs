@@ -281,6 +281,7 @@ impl Config {
                     .filter(|problem| !decode::left_by_removed(&removed, &problem.key)),
             ),
         }
+        hide_secret_values(&mut problems);
         lines::place(&text, &mut problems);
         // In the file's order, as one fixes them; those no line holds last.
         problems.sort_by_key(|problem| problem.line.unwrap_or(usize::MAX));
@@ -449,9 +450,60 @@ pub(crate) fn parse_hash_key(problems: &mut Problems, key: &str, text: &str) -> 
     HashKey::ClientIp
 }
 
+/// Keys whose values are secrets: a problem with one never quotes the value (serde's type
+/// errors do, as in ``invalid type: integer `98765432` ``), since a mistyped secret is usually
+/// the real one.
+fn hide_secret_values(problems: &mut [ConfigError]) {
+    const SECRET: [&str; 2] = ["admin.password", "auth.api_keys"];
+    for problem in problems {
+        let key = problem.key.split('[').next().unwrap_or_default();
+        if !SECRET.contains(&key) {
+            continue;
+        }
+        let mut kept = String::with_capacity(problem.message.len());
+        let mut rest = problem.message.as_str();
+        while let Some(start) = rest.find('`') {
+            let Some(len) = rest[start + 1..].find('`') else {
+                break;
+            };
+            kept.push_str(rest[..start].trim_end());
+            rest = &rest[start + len + 2..];
+        }
+        kept.push_str(rest);
+        problem.message = kept;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mistyped_secrets_are_named_but_never_quoted() {
+        let text = r#"
+[state]
+redis_url = "redis:/:LEAKME-REDIS@127.0.0.1:6379/0"
+[admin]
+username = "ops"
+password = 98765432
+[auth]
+api_keys = ["a-good-key-123", 123456789012]
+[upstreams.app]
+instances = ["127.0.0.1:1"]
+"#;
+        let errors = Config::from_toml(text).unwrap_err().to_string();
+        for secret in ["LEAKME-REDIS", "98765432", "123456789012"] {
+            assert!(!errors.contains(secret), "{secret} in {errors}");
+        }
+        for key in ["state.redis_url", "admin.password", "auth.api_keys[1]"] {
+            assert!(errors.contains(key), "{key} not named in {errors}");
+        }
+        assert!(errors.contains("***@127.0.0.1:6379/0"), "{errors}");
+        assert!(
+            errors.contains("invalid type: integer, expected"),
+            "{errors}"
+        );
+    }
 
     const MINIMAL: &str = r#"
 [upstreams.app]
