@@ -478,3 +478,52 @@ upstream = "app"
     assert_eq!(status["current"], 2);
     assert_eq!(status["instances"]["last_command"]["ok"], true);
 }
+
+/// A cluster whose instances are not known yet (discovery does not answer) is left alone: HPA
+/// never acts on a target at 0, and `kubectl scale --replicas=min` would shrink it.
+#[tokio::test]
+async fn exec_provider_leaves_a_cluster_it_cannot_see_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("replicas");
+    let body = format!(
+        r#"
+[upstreams.app]
+instances = []
+[upstreams.app.autoscale]
+provider = "exec"
+min = 2
+max = 3
+scale_command = "sh -c 'echo {{replicas}} >> {record}'"
+discover = {{ dns = "no-such-host.invalid:80", interval = "1s" }}
+target = {{ rps_per_instance = 100 }}
+sync_period = "500ms"
+[[routes]]
+upstream = "app"
+"#,
+        record = record.display(),
+    );
+    let gw = autoscaled(&body);
+    let client = client();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let status = autoscale_status(&client, &gw).await;
+            status["decisions"]
+                .as_array()
+                .is_some_and(|decisions| decisions.len() >= 3)
+        })
+        .await
+    );
+    let status = autoscale_status(&client, &gw).await;
+    assert_eq!(status["current"], 0, "{status}");
+    assert!(
+        status["decisions"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("left alone"),
+        "{status}"
+    );
+    assert!(
+        !record.exists(),
+        "the scale command ran for a cluster never seen"
+    );
+}

@@ -2,7 +2,8 @@
 //! once per period (or at once when the operator changes the mode), have the provider apply
 //! the result, and publish the status for the admin API.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +41,9 @@ struct State {
     scale_events: VecDeque<Value>,
     last: Option<Decision>,
     desired: u32,
+    /// Since when each member has been in service (passing its checks, not draining), as seen
+    /// at the sample ticks.
+    serving_since: HashMap<SocketAddr, Instant>,
 }
 
 impl Run {
@@ -56,6 +60,7 @@ impl Run {
             scale_events: VecDeque::new(),
             last: None,
             desired: 0,
+            serving_since: HashMap::new(),
         };
         loop {
             let mut sync_now = false;
@@ -82,6 +87,19 @@ impl Run {
             state
                 .sampler
                 .sample(&upstream, &members, &provider.cpu_seconds(), now);
+            let serving = |addr: &SocketAddr| {
+                upstream
+                    .find(*addr)
+                    .is_some_and(|i| i.is_available(now) && !i.is_draining())
+            };
+            state
+                .serving_since
+                .retain(|addr, _| members.iter().any(|(m, _)| m == addr) && serving(addr));
+            for (addr, _) in &members {
+                if serving(addr) {
+                    state.serving_since.entry(*addr).or_insert(now);
+                }
+            }
             if sync_now || now >= next_sync {
                 next_sync = now + config.sync_period;
                 self.sync(&mut provider, &upstream, &config, &members, &mut state, now)
@@ -105,16 +123,31 @@ impl Run {
     ) {
         let ready: Vec<_> = members
             .iter()
-            .filter(|(addr, since)| {
-                now.saturating_duration_since(*since) >= config.startup_grace
-                    && upstream
-                        .find(*addr)
-                        .is_some_and(|i| i.is_available(now) && !i.is_draining())
+            .filter(|(addr, started)| {
+                let serving = state.serving_since.get(addr).copied();
+                is_ready(
+                    now,
+                    *started,
+                    serving,
+                    config.startup_grace,
+                    config.sync_period,
+                )
             })
             .map(|(addr, _)| *addr)
             .collect();
         let samples = state.sampler.finish(&ready, &config.targets);
         let current = provider.current();
+        if current == 0 && !provider.scales_from_zero() {
+            let record = json!({
+                "at_unix_ms": unix_ms(),
+                "mode": state.mode,
+                "current": 0,
+                "desired": 0,
+                "reason": "no instance known yet: a target at 0 is left alone",
+            });
+            push_bounded(&mut state.decisions, record);
+            return;
+        }
         let unix_secs = (unix_ms() / 1000) as u64;
         let bounds = schedule::bounds_at(config.bounds, &config.schedules, unix_secs);
         let decision = policy::decide(
@@ -196,9 +229,44 @@ impl Run {
     }
 }
 
+/// Whether a member counts as ready at a sync: past its startup grace, and in service for the
+/// whole sync period (give or take one sample tick). One that joined during the period counts
+/// as still starting (at 0 when scaling up), as HPA treats a pod that only just became ready:
+/// its average, and the others' from before it took a share of the load, would otherwise add
+/// up to more load than there is.
+fn is_ready(
+    now: Instant,
+    started: Instant,
+    serving_since: Option<Instant>,
+    grace: Duration,
+    period: Duration,
+) -> bool {
+    now.saturating_duration_since(started) >= grace
+        && serving_since
+            .is_some_and(|serving| now.saturating_duration_since(serving) + SAMPLE_EVERY >= period)
+}
+
 fn push_bounded(list: &mut VecDeque<Value>, value: Value) {
     if list.len() == KEEP_DECISIONS {
         list.pop_front();
     }
     list.push_back(value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_is_ready_once_it_served_a_whole_period() {
+        let (grace, period) = (Duration::from_secs(5), Duration::from_secs(2));
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // Started at 0, serving from 6 s: ready at 8 s less one tick, not before.
+        assert!(!is_ready(at(7_000), t0, Some(at(6_000)), grace, period));
+        assert!(is_ready(at(7_750), t0, Some(at(6_000)), grace, period));
+        // Serving for long, but still within its grace; or not serving at all.
+        assert!(!is_ready(at(4_000), t0, Some(at(1_000)), grace, period));
+        assert!(!is_ready(at(60_000), t0, None, grace, period));
+    }
 }

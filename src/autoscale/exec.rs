@@ -108,6 +108,10 @@ impl Provider for ExecProvider {
         self.replicas.unwrap_or(self.first_seen.len() as u32)
     }
 
+    fn scales_from_zero(&self) -> bool {
+        false
+    }
+
     fn members(&self, _upstream: &Upstream) -> Vec<(SocketAddr, Instant)> {
         self.first_seen.iter().map(|(a, t)| (*a, *t)).collect()
     }

@@ -126,6 +126,10 @@ trait Provider: Send + 'static {
     fn kind(&self) -> &'static str;
     /// The count being worked toward, instances still starting included (HPA's "current").
     fn current(&self) -> u32;
+    /// Whether a count of 0 is one to scale up from. The process provider starts the pool
+    /// itself; a cluster seen with no instance (discovery not answered yet) is left alone, as
+    /// HPA leaves a target at 0 replicas.
+    fn scales_from_zero(&self) -> bool;
     /// Instances that count as capacity and are in the pool, with when each started.
     fn members(&self, upstream: &Upstream) -> Vec<(SocketAddr, Instant)>;
     /// Cumulative CPU seconds of each member, where the provider can read them.

@@ -208,12 +208,16 @@ pub struct History {
     recommendations: VecDeque<(Instant, u32)>,
     /// Positive: instances added, negative: removed.
     events: VecDeque<(Instant, i64)>,
+    /// The count found at the first decision has been recorded as a recommendation.
+    seeded: bool,
 }
 
 impl History {
-    /// Records that the count went from `from` to `to` at `now`.
+    /// Records that the count went from `from` to `to` at `now`. A start from nothing (the
+    /// pool brought up to `min`) is not a scaling step and takes nothing from the policies'
+    /// allowance, as HPA never scales a target up from 0.
     pub fn record_scale(&mut self, now: Instant, from: u32, to: u32) {
-        if from != to {
+        if from != to && from > 0 {
             self.events
                 .push_back((now, i64::from(to) - i64::from(from)));
         }
@@ -298,6 +302,12 @@ pub fn decide(
     } else if current < bounds.min {
         (bounds.min, "below min")
     } else if let Some(recommended) = recommended {
+        // HPA's `recordInitialRecommendation`: the count found at start stands in the down
+        // window, so a restarted gateway does not shrink the pool before the window passed.
+        if !history.seeded {
+            history.seeded = true;
+            history.recommendations.push_back((now, current));
+        }
         let stabilized = stabilize(now, current, recommended, config, history);
         history.recommendations.push_back((now, recommended));
         limit_rate(now, current, stabilized, bounds, config, history)
@@ -575,6 +585,51 @@ mod tests {
             &mut history,
         );
         assert!(current < peak);
+    }
+
+    #[test]
+    fn a_restart_does_not_shrink_the_pool_before_the_down_window_passed() {
+        let config = config();
+        let mut history = History::default();
+        let start = Instant::now();
+        // Found at 8 instances, all idle from the first decision on.
+        let mut current = 8;
+        let mut t = start;
+        while t < start + Duration::from_secs(300) {
+            sync(t, &mut current, 0.1, WIDE, &config, &mut history);
+            assert_eq!(current, 8, "shrank at {t:?}");
+            t += Duration::from_secs(15);
+        }
+        sync(
+            start + Duration::from_secs(301),
+            &mut current,
+            0.1,
+            WIDE,
+            &config,
+            &mut history,
+        );
+        assert!(current < 8);
+    }
+
+    #[test]
+    fn the_start_from_nothing_takes_no_scale_up_allowance() {
+        let config = config();
+        let mut history = History::default();
+        let start = Instant::now();
+        let bounds = Bounds { min: 4, max: 20 };
+        let mut current = 0;
+        let d = sync(start, &mut current, 1.0, bounds, &config, &mut history);
+        assert_eq!((d.desired, d.reason), (4, "below min"));
+        // 4× the target right away: 4 more (Pods 4, Percent 100 % of 4) within the first period.
+        let d = sync(
+            start + Duration::from_secs(2),
+            &mut current,
+            4.0,
+            bounds,
+            &config,
+            &mut history,
+        );
+        assert_eq!(d.desired, 8, "{d:?}");
     }
 
     #[test]

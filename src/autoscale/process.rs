@@ -169,19 +169,17 @@ impl ProcessProvider {
 
     /// Starts a new child, or records a failed start as a crash so it is retried.
     fn spawn_child(&mut self, now: Instant, prefer_port: Option<u16>, mut child: Child) {
-        match self.free_port(prefer_port) {
-            Some(port) => child.addr = SocketAddr::from(([127, 0, 0, 1], port)),
-            None => {
-                tracing::error!(upstream = %self.upstream, "no free port left in port_range");
-                child.state = ChildState::Crashed {
-                    restart_at: now + child.backoff,
-                };
-                self.children.push(child);
-                return;
+        // A port another program holds is as much a failed start as a command that will not
+        // run: both are tried again with the same growing backoff.
+        let started = match self.free_port(prefer_port) {
+            Some(port) => {
+                child.addr = SocketAddr::from(([127, 0, 0, 1], port));
+                self.launch(&mut child)
             }
-        }
-        if let Err(err) = self.launch(&mut child) {
-            tracing::error!(upstream = %self.upstream, %err, "instance did not start");
+            None => Err("no free port left in port_range".to_string()),
+        };
+        if let Err(err) = started {
+            tracing::error!(upstream = %self.upstream, %err, retry_in_secs = child.backoff.as_secs_f64(), "instance did not start");
             child.state = ChildState::Crashed {
                 restart_at: now + child.backoff,
             };
@@ -263,6 +261,10 @@ fn instance_config(addr: SocketAddr) -> InstanceConfig {
 impl Provider for ProcessProvider {
     fn kind(&self) -> &'static str {
         "process"
+    }
+
+    fn scales_from_zero(&self) -> bool {
+        true
     }
 
     fn current(&self) -> u32 {

@@ -202,6 +202,13 @@ pub(super) fn validate(
             if s.min.is_none() && s.max.is_none() {
                 p.push(&skey, "give min, max or both");
             }
+            // At 0 instances no load is ever measured, so nothing would start one again.
+            if s.min == Some(0) {
+                p.push(format!("{skey}.min"), "must be at least 1");
+            }
+            if s.max.is_some_and(|max| max > 1000) {
+                p.push(format!("{skey}.max"), "must be at most 1000");
+            }
             match Cron::parse(&s.cron) {
                 Ok(cron) => Some(Schedule {
                     cron,
@@ -215,15 +222,21 @@ pub(super) fn validate(
             }
         })
         .collect();
+    // The most instances ever asked for: `max`, or a schedule's.
+    let most = raw
+        .schedules
+        .iter()
+        .filter_map(|s| s.max)
+        .fold(max, u32::max);
     let provider = match raw.provider.as_str() {
-        "process" => ProviderConfig::Process(validate_process(p, key, raw, max)),
+        "process" => ProviderConfig::Process(validate_process(p, key, raw, most)),
         "exec" => ProviderConfig::Exec(validate_exec(p, key, raw)),
         other => {
             p.push(
                 format!("{key}.provider"),
                 format!("`{other}`: expected process or exec"),
             );
-            ProviderConfig::Process(validate_process(p, key, raw, max))
+            ProviderConfig::Process(validate_process(p, key, raw, most))
         }
     };
     AutoscaleConfig {
@@ -365,7 +378,7 @@ fn misplaced(p: &mut Problems, key: &str, names: &[(&str, bool)], provider: &str
     }
 }
 
-fn validate_process(p: &mut Problems, key: &str, raw: &RawAutoscale, max: u32) -> ProcessConfig {
+fn validate_process(p: &mut Problems, key: &str, raw: &RawAutoscale, most: u32) -> ProcessConfig {
     misplaced(
         p,
         key,
@@ -403,10 +416,10 @@ fn validate_process(p: &mut Problems, key: &str, raw: &RawAutoscale, max: u32) -
         );
         (1, 1)
     });
-    if u32::from(ports.1 - ports.0) + 1 < max {
+    if u32::from(ports.1 - ports.0) + 1 < most {
         p.push(
             format!("{key}.port_range"),
-            format!("has fewer ports than max ({max})"),
+            format!("has fewer ports than the most instances max or a schedule allows ({most})"),
         );
     }
     ProcessConfig {
@@ -549,7 +562,7 @@ scale_command = "x {replicas}"
 target = { in_flight_per_instance = 0, queue_depth = 3 }
 scale_up = { select_policy = "most", policies = [{ type = "pods", value = 0, period = "soon" }] }
 scale_down = { policies = [{ type = "share", value = 1, period = "1m" }] }
-schedules = [{ cron = "* 25 * * *", min = 3 }, { cron = "* * * * *", min = 5, max = 2 }]
+schedules = [{ cron = "* 25 * * *", min = 3 }, { cron = "* * * * *", min = 5, max = 2 }, { cron = "* * * * *", min = 0, max = 2000 }]
 
 [upstreams.cluster]
 instances = []
@@ -576,6 +589,8 @@ upstream = "app"
             "upstreams.app.autoscale.scale_down.policies[0].type",
             "upstreams.app.autoscale.schedules[0].cron",
             "upstreams.app.autoscale.schedules[1].max",
+            "upstreams.app.autoscale.schedules[2].min",
+            "upstreams.app.autoscale.schedules[2].max",
             "upstreams.cluster.autoscale.target.cpu_percent",
             "upstreams.cluster.autoscale.scale_command",
             "upstreams.cluster.autoscale.discover.dns",
