@@ -226,8 +226,23 @@ async fn reloads_keep_health_verdicts_and_run_time_instances_right() {
         })
         .await
     );
-    // Without [health] the checks' last verdict no longer holds: b and c serve again.
-    gw.reload_with(&app_config(&[&a, &b, &c], "connect_timeout = \"1500ms\""));
+    // Requests a has served so far, as /health/detailed counts them.
+    let served_by_a = || async {
+        let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
+        detailed["upstreams"][0]["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["addr"] == a.addr().to_string())
+            .and_then(|i| i["requests"].as_u64())
+            .unwrap()
+    };
+    let before = served_by_a().await;
+    assert!(before > 0);
+    // Without [health] the checks' last verdict no longer holds: b and c serve again. The
+    // instances are rebuilt for the new settings and keep their counters.
+    gw.reload_with(&app_config(&[&a, &b, &c], "connect_timeout = \"1200ms\""));
+    assert!(served_by_a().await >= before, "a's counters started afresh");
     let everyone = sorted(vec![port(&a), port(&b), port(&c), port(&d)]);
     assert!(
         eventually(Duration::from_secs(5), || async {

@@ -346,8 +346,17 @@ impl Instance {
         }
     }
 
-    /// Takes the active-check verdict of `old` (same address, rebuilt for new pool settings).
-    fn carry_health_from(&self, old: &Instance) {
+    /// Takes the active-check verdict and the counters of `old` (same address, rebuilt for
+    /// new pool settings), so its metrics stay counters that only grow.
+    fn carry_from(&self, old: &Instance) {
+        for (new, old) in [
+            (&self.requests, &old.requests),
+            (&self.failures, &old.failures),
+            (&self.ejections, &old.ejections),
+            (&self.retries, &old.retries),
+        ] {
+            new.store(old.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
         *self.active.lock().expect("health state lock") = old.health_counts();
         let up = old.active_up.load(Ordering::Relaxed);
         self.active_up.store(up, Ordering::Relaxed);
@@ -425,9 +434,9 @@ pub struct Upstream {
 impl Upstream {
     /// Builds the upstream, reusing live instances from `previous` (same address, weight, role
     /// and pool settings) so health, counters and pooled connections survive a reload. An
-    /// instance whose settings changed is rebuilt with its active-check verdict (a passive
-    /// ejection and the counters start afresh); instances added at run time (admin API,
-    /// autoscaler) are kept whatever changed.
+    /// instance whose settings changed is rebuilt with its active-check verdict and counters (a
+    /// passive ejection starts afresh); instances added at run time (admin API, autoscaler)
+    /// are kept whatever changed.
     pub fn new(config: UpstreamConfig, previous: Option<&Upstream>) -> Upstream {
         let old: Vec<Arc<Instance>> = previous
             .map(|p| p.set.load().instances.clone())
@@ -441,7 +450,7 @@ impl Upstream {
                 Some(i) if same_pool && i.weight == ic.weight && i.backup == ic.backup => i.clone(),
                 Some(i) => {
                     let rebuilt = Instance::new(ic, &config, joined);
-                    rebuilt.carry_health_from(i);
+                    rebuilt.carry_from(i);
                     Arc::new(rebuilt)
                 }
                 None => Arc::new(Instance::new(ic, &config, joined)),
