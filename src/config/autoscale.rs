@@ -146,6 +146,36 @@ pub struct DiscoverConfig {
     pub interval: Duration,
 }
 
+impl AutoscaleConfig {
+    /// The keys, set up when the autoscaler starts, whose values differ in `next`: a reload
+    /// cannot change them. (Bounds, targets, behavior and schedules reload.)
+    pub fn restart_keys(&self, next: &AutoscaleConfig) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        let mut differ = |key, differs: bool| {
+            if differs {
+                keys.push(key);
+            }
+        };
+        differ("drain_timeout", self.drain_timeout != next.drain_timeout);
+        differ("stop_grace", self.stop_grace != next.stop_grace);
+        match (&self.provider, &next.provider) {
+            (ProviderConfig::Process(a), ProviderConfig::Process(b)) => {
+                differ("command", a.command != b.command);
+                differ("port_range", a.ports != b.ports);
+                differ("env", a.env != b.env);
+                differ("workdir", a.workdir != b.workdir);
+            }
+            (ProviderConfig::Exec(a), ProviderConfig::Exec(b)) => {
+                differ("scale_command", a.scale_command != b.scale_command);
+                differ("command_timeout", a.timeout != b.timeout);
+                differ("discover", a.discover != b.discover);
+            }
+            _ => differ("provider", true),
+        }
+        keys
+    }
+}
+
 /// Validates `raw` (at `key`, e.g. `upstreams.app.autoscale`); `drain_default` is the
 /// upstream's own `drain_timeout`.
 pub(super) fn validate(
@@ -546,6 +576,32 @@ upstream = "app"
         assert!(Config::load(&quickstart).unwrap().upstreams[0]
             .autoscale
             .is_some());
+    }
+
+    #[test]
+    fn a_reload_names_each_setup_key_that_changed() {
+        let autoscale = |table: &str| {
+            let text = format!(
+                "[upstreams.app]\ninstances = []\n[upstreams.app.autoscale]\nmax = 4\ntarget = {{ rps_per_instance = 10 }}\n{table}\n[[routes]]\nupstream = \"app\"\n"
+            );
+            Config::from_toml(&text).unwrap().upstreams[0]
+                .autoscale
+                .clone()
+                .unwrap()
+        };
+        let running = autoscale("command = \"app --port {port}\"\nenv = { A = \"1\" }");
+        let same_but_bounds =
+            autoscale("command = \"app --port {port}\"\nenv = { A = \"1\" }\nmin = 2");
+        assert!(running.restart_keys(&same_but_bounds).is_empty());
+        let changed = autoscale(
+            "command = \"app2 --port {port}\"\nenv = { A = \"2\" }\nport_range = \"4001-4010\"",
+        );
+        assert_eq!(
+            running.restart_keys(&changed),
+            ["command", "port_range", "env"]
+        );
+        let exec = autoscale("provider = \"exec\"\nscale_command = \"kubectl {replicas}\"");
+        assert_eq!(running.restart_keys(&exec), ["provider"]);
     }
 
     #[test]

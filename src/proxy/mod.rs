@@ -508,18 +508,20 @@ fn restart_only_changes(running: &Config, next: &Config, has_redis: bool) -> Vec
         .iter()
         .filter(|u| running.upstream(&u.name).is_none());
     for name in running.upstreams.iter().chain(added).map(|u| &u.name) {
-        let provider = |config: &Config| {
-            let a = config.upstream(name)?.autoscale.as_ref()?;
-            Some((a.provider.clone(), a.drain_timeout, a.stop_grace))
-        };
-        let (before, after) = (provider(running), provider(next));
-        if before != after {
-            let what = match (before, after) {
-                (None, _) => "it has no autoscaler running",
-                (_, None) => "its autoscaler is running",
-                _ => "its autoscaler's provider, drain_timeout or stop_grace changed",
-            };
-            needs_restart(&format!("upstreams.{name}.autoscale"), what.to_owned());
+        let autoscale = |config: &Config| config.upstream(name)?.autoscale.clone();
+        let key = format!("upstreams.{name}.autoscale");
+        match (autoscale(running), autoscale(next)) {
+            (None, None) => {}
+            (None, Some(_)) => needs_restart(&key, "it has no autoscaler running".to_owned()),
+            (Some(_), None) => needs_restart(&key, "its autoscaler is running".to_owned()),
+            (Some(before), Some(after)) => {
+                for changed in before.restart_keys(&after) {
+                    needs_restart(
+                        &format!("{key}.{changed}"),
+                        "the autoscaler runs with the value it started with".to_owned(),
+                    );
+                }
+            }
         }
     }
     problems
