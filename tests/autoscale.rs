@@ -527,3 +527,45 @@ upstream = "app"
         "the scale command ran for a cluster never seen"
     );
 }
+
+/// A scale command that outlives `command_timeout` is stopped with everything it started: a
+/// wrapper's late `kubectl` would otherwise apply an old count.
+#[tokio::test]
+async fn a_timed_out_scale_command_is_stopped_with_its_children() {
+    let backend = demo_backend(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("late");
+    let body = format!(
+        r#"
+[upstreams.app]
+instances = []
+[upstreams.app.autoscale]
+provider = "exec"
+min = 2
+max = 3
+scale_command = "sh -c '(sleep 1.5; echo {{replicas}} >> {record}) & wait'"
+command_timeout = "300ms"
+discover = {{ dns = "localhost:{port}", interval = "1s" }}
+target = {{ rps_per_instance = 100 }}
+sync_period = "500ms"
+[[routes]]
+upstream = "app"
+"#,
+        record = record.display(),
+        port = backend.addr().port()
+    );
+    let gw = autoscaled(&body);
+    let client = client();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let status = autoscale_status(&client, &gw).await;
+            status["instances"]["last_command"]["error"]
+                .as_str()
+                .is_some_and(|error| error.contains("timed out"))
+        })
+        .await,
+        "the scale command never timed out"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!record.exists(), "a timed-out command's child ran on");
+}

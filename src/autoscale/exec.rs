@@ -4,7 +4,7 @@
 //! serve once their health checks pass), vanished ones are drained and removed. Without
 //! `discover`, instances come from the config or the admin API.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -13,6 +13,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use nix::sys::signal::Signal;
+
+use super::process::{each_line, forward_lines, signal_group};
 use super::{unix_ms, Provider};
 use crate::config::{AutoscaleConfig, ExecConfig, InstanceConfig};
 use crate::proxy::upstream::Upstream;
@@ -155,25 +158,50 @@ impl Provider for ExecProvider {
         command
             .args(&args[1..])
             .stdin(Stdio::null())
-            .kill_on_drop(true);
-        let outcome = tokio::time::timeout(self.config.timeout, command.output()).await;
-        let result = match outcome {
-            Err(_) => Err(format!("`{}` timed out", args.join(" "))),
-            Ok(Err(err)) => Err(format!("cannot run `{}`: {err}", args[0])),
-            Ok(Ok(output)) => {
-                for line in String::from_utf8_lossy(&output.stdout).lines() {
-                    tracing::info!(target: "instance", upstream = %self.upstream, "{line}");
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            // Its own group: a timed-out command goes with whatever it started (a wrapper's
+            // late `kubectl` would apply an old count).
+            .process_group(0);
+        let result = match command.spawn() {
+            Err(err) => Err(format!("cannot run `{}`: {err}", args[0])),
+            Ok(mut child) => {
+                let tag = format!("{} scale_command", self.upstream);
+                if let Some(out) = child.stdout.take() {
+                    tokio::spawn(forward_lines(out, tag, "stdout"));
                 }
-                let stderr = String::from_utf8_lossy(&output.stderr);
-                if output.status.success() {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "`{}` failed ({}): {}",
-                        args.join(" "),
-                        output.status,
-                        stderr.trim()
-                    ))
+                // The last lines of stderr say why it failed; all of it is read, little kept.
+                let stderr = child.stderr.take().map(|err| {
+                    tokio::spawn(async move {
+                        let mut kept = VecDeque::new();
+                        each_line(err, |line| {
+                            if kept.len() == 5 {
+                                kept.pop_front();
+                            }
+                            kept.push_back(line);
+                        })
+                        .await;
+                        Vec::from(kept).join("; ")
+                    })
+                });
+                match tokio::time::timeout(self.config.timeout, child.wait()).await {
+                    Err(_) => {
+                        if let Some(pid) = child.id() {
+                            signal_group(pid, Signal::SIGKILL);
+                        }
+                        let _ = child.wait().await;
+                        Err(format!("`{}` timed out", args.join(" ")))
+                    }
+                    Ok(Err(err)) => Err(format!("`{}` failed: {err}", args.join(" "))),
+                    Ok(Ok(status)) if status.success() => Ok(()),
+                    Ok(Ok(status)) => {
+                        let said = match stderr {
+                            Some(task) => task.await.unwrap_or_default(),
+                            None => String::new(),
+                        };
+                        Err(format!("`{}` failed ({status}): {said}", args.join(" ")))
+                    }
                 }
             }
         };

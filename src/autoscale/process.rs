@@ -492,7 +492,7 @@ async fn terminate(process: &mut tokio::process::Child, grace: Duration) {
 
 /// Signals the process group led by `pid` (its own, from `process_group(0)`), so whatever the
 /// instance started goes too.
-fn signal_group(pid: u32, signal: Signal) {
+pub(super) fn signal_group(pid: u32, signal: Signal) {
     let Ok(raw) = i32::try_from(pid) else {
         return;
     };
@@ -501,16 +501,87 @@ fn signal_group(pid: u32, signal: Signal) {
     }
 }
 
-async fn forward_lines(stream: impl AsyncRead + Unpin, tag: String, name: &'static str) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        tracing::info!(target: "instance", instance = %tag, stream = name, "{line}");
+/// The longest line of an instance's (or a scale command's) output that is logged; the rest of
+/// a longer one is left out and counted, so output without line breaks cannot fill memory.
+const MAX_LINE: usize = 16 * 1024;
+
+/// Logs `stream` line by line (each at most [`MAX_LINE`] bytes), reading it to its end so the
+/// writer never blocks on a full pipe.
+pub(super) async fn forward_lines(stream: impl AsyncRead + Unpin, tag: String, name: &'static str) {
+    each_line(stream, |text| {
+        tracing::info!(target: "instance", instance = %tag, stream = name, "{text}");
+    })
+    .await;
+}
+
+/// Hands each line of `stream` to `emit` as [`printable`] text, cut at [`MAX_LINE`] bytes.
+pub(super) async fn each_line(stream: impl AsyncRead + Unpin, mut emit: impl FnMut(String)) {
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::new();
+    let mut cut = 0;
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok(buf) if !buf.is_empty() => buf,
+            _ => break,
+        };
+        let end = buf.iter().position(|&b| b == b'\n');
+        let chunk = &buf[..end.unwrap_or(buf.len())];
+        let room = MAX_LINE - line.len();
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        cut += chunk.len().saturating_sub(room);
+        let used = chunk.len() + usize::from(end.is_some());
+        reader.consume(used);
+        if end.is_some() {
+            emit(printable(&line, cut));
+            line.clear();
+            cut = 0;
+        }
     }
+    if !line.is_empty() || cut > 0 {
+        emit(printable(&line, cut));
+    }
+}
+
+/// A line of output fit for a log line: invalid UTF-8 replaced, control characters escaped,
+/// and what was cut from it counted.
+pub(super) fn printable(line: &[u8], cut: usize) -> String {
+    let text = String::from_utf8_lossy(line);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if cut > 0 {
+        out.push_str(&format!(" … ({cut} more bytes left out)"));
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn output_lines_are_cut_and_made_printable() {
+        let mut input = b"first\nbell\x07 and \xff\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
+        input.extend(b"\nlast without a break");
+        let mut lines = Vec::new();
+        each_line(&input[..], |line| lines.push(line)).await;
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert_eq!(lines[0], "first");
+        assert_eq!(lines[1], "bell\\u{7} and \u{fffd}");
+        assert!(lines[2].starts_with("xxx"));
+        assert!(
+            lines[2].ends_with("(10 more bytes left out)"),
+            "{}",
+            &lines[2][MAX_LINE..]
+        );
+        assert_eq!(lines[3], "last without a break");
+    }
 
     #[test]
     fn victims_prefer_idle_new_and_not_yet_serving() {

@@ -842,15 +842,15 @@ mod tests {
         };
         assert!(keys(&config(table)).is_empty());
         assert!(keys(&config(&table.replace("max = 4", "max = 8"))).is_empty());
-        for changed in [
-            format!("{table}\nstop_grace = \"30s\""),
-            format!("{table}\ndrain_timeout = \"2m\""),
-            table.replace("demo-backend", "demo-backend2"),
-            String::new(),
+        for (changed, key) in [
+            (format!("{table}\nstop_grace = \"30s\""), ".stop_grace"),
+            (format!("{table}\ndrain_timeout = \"2m\""), ".drain_timeout"),
+            (table.replace("demo-backend", "demo-backend2"), ".command"),
+            (String::new(), ""),
         ] {
             assert_eq!(
                 keys(&config(&changed)),
-                ["upstreams.app.autoscale"],
+                [format!("upstreams.app.autoscale{key}")],
                 "{changed}"
             );
         }
