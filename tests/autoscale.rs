@@ -569,3 +569,38 @@ upstream = "app"
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!record.exists(), "a timed-out command's child ran on");
 }
+
+/// `cpu_percent` is the CPU of the instance's whole process group: here a wrapper shell starts
+/// a busy helper and execs the server, which itself idles.
+#[tokio::test]
+async fn cpu_percent_counts_what_the_instance_started() {
+    let body = r#"
+[upstreams.app]
+instances = []
+[upstreams.app.health]
+interval = "200ms"
+rise = 1
+[upstreams.app.autoscale]
+min = 1
+max = 1
+command = "sh -c 'yes > /dev/null & exec {self} demo-backend --port {port}'"
+port_range = "44400-44409"
+target = { cpu_percent = 50 }
+sync_period = "1s"
+startup_grace = "0s"
+[[routes]]
+upstream = "app"
+"#;
+    let gw = autoscaled(body);
+    let client = client();
+    let busy = eventually(Duration::from_secs(15), || async {
+        let status = autoscale_status(&client, &gw).await;
+        status["signals"]
+            .as_array()
+            .and_then(|signals| signals.first())
+            .and_then(|cpu| cpu["value"].as_f64())
+            .is_some_and(|percent| percent > 30.0)
+    })
+    .await;
+    assert!(busy, "{}", autoscale_status(&client, &gw).await);
+}

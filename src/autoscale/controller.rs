@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::policy::{self, Decision, History};
+use super::policy::{self, Decision, History, Metric};
 use super::signals::Sampler;
 use super::{schedule, unix_ms, Handle, Mode, Provider};
 use crate::config::AutoscaleConfig;
@@ -84,9 +84,13 @@ impl Run {
             let now = Instant::now();
             provider.maintain(&upstream, now).await;
             let members = provider.members(&upstream);
-            state
-                .sampler
-                .sample(&upstream, &members, &provider.cpu_seconds(), now);
+            // Read from /proc, so only for an upstream that targets CPU.
+            let cpu = if config.targets.iter().any(|(m, _)| *m == Metric::CpuPercent) {
+                provider.cpu_seconds()
+            } else {
+                Vec::new()
+            };
+            state.sampler.sample(&upstream, &members, &cpu, now);
             let serving = |addr: &SocketAddr| {
                 upstream
                     .find(*addr)

@@ -283,13 +283,40 @@ impl Provider for ProcessProvider {
     }
 
     fn cpu_seconds(&self) -> Vec<(SocketAddr, f64)> {
-        self.children
+        let serving: Vec<(SocketAddr, u32)> = self
+            .children
             .iter()
             .filter(|c| c.state == ChildState::Serving)
-            .filter_map(|c| {
-                let stat = std::fs::read_to_string(format!("/proc/{}/stat", c.pid?)).ok()?;
-                Some((c.addr, cpu_seconds_from_stat(&stat)?))
+            .filter_map(|c| Some((c.addr, c.pid?)))
+            .collect();
+        if serving.is_empty() {
+            return Vec::new();
+        }
+        // Each instance leads its own process group: what a wrapper or a multi-process server
+        // started counts as the instance's own CPU.
+        let stats = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| {
+                entry
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|name| name.bytes().all(|b| b.is_ascii_digit()))
             })
+            .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok());
+        let mut groups: Vec<(u32, f64)> = serving.iter().map(|&(_, pid)| (pid, 0.0)).collect();
+        for stat in stats {
+            if let Some((group, seconds)) = group_cpu_seconds(&stat) {
+                if let Some((_, total)) = groups.iter_mut().find(|(pid, _)| *pid == group) {
+                    *total += seconds;
+                }
+            }
+        }
+        serving
+            .iter()
+            .zip(groups)
+            .map(|(&(addr, _), (_, seconds))| (addr, seconds))
             .collect()
     }
 
@@ -426,14 +453,17 @@ fn pick_victims(mut candidates: Vec<Victim>, count: usize) -> Vec<u64> {
     candidates.into_iter().take(count).map(|v| v.id).collect()
 }
 
-/// utime + stime of a `/proc/PID/stat` line, in seconds. The command name (field 2) is in
+/// The process group of a `/proc/PID/stat` line and the CPU seconds it stands for: its own
+/// (utime + stime) and that of its children it has waited for (cutime + cstime), so summed over
+/// a group's live processes they give the group's CPU. The command name (field 2) is in
 /// parentheses and may hold spaces, so fields are counted after its closing parenthesis.
-fn cpu_seconds_from_stat(stat: &str) -> Option<f64> {
+fn group_cpu_seconds(stat: &str) -> Option<(u32, f64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some((utime + stime) as f64 / TICKS_PER_SECOND)
+    let fields: Vec<&str> = rest.split_whitespace().take(15).collect();
+    let number = |i: usize| -> Option<u64> { fields.get(i)?.parse().ok() };
+    let group = u32::try_from(number(2)?).ok()?;
+    let ticks = number(11)? + number(12)? + number(13)? + number(14)?;
+    Some((group, ticks as f64 / TICKS_PER_SECOND))
 }
 
 /// Waits for the child to exit or to be told to stop; reports its port accepting once.
@@ -605,8 +635,10 @@ mod tests {
     #[test]
     fn proc_stat_cpu_times() {
         let stat =
-            "1234 (my app (x)) S 1 1234 1234 0 -1 4194560 120 0 0 0 250 50 0 0 20 0 4 0 100 0 0";
-        assert_eq!(cpu_seconds_from_stat(stat), Some(3.0));
-        assert_eq!(cpu_seconds_from_stat("garbage"), None);
+            "1234 (my app (x)) S 1 1234 1234 0 -1 4194560 120 0 0 0 250 50 30 20 20 0 4 0 100 0 0";
+        assert_eq!(group_cpu_seconds(stat), Some((1234, 3.5)));
+        let worker = "1240 (worker) R 1234 1234 1234 0 -1 0 0 0 0 0 100 0 0 0 20 0 1 0 100 0 0";
+        assert_eq!(group_cpu_seconds(worker), Some((1234, 1.0)));
+        assert_eq!(group_cpu_seconds("garbage"), None);
     }
 }
