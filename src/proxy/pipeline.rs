@@ -503,10 +503,15 @@ impl Lines {
         if pooled.is_some() {
             self.verdict.proven.store(true, Ordering::Relaxed);
         }
-        let line = Line::open(connector.clone(), pooled, joining.now, self.verdict.clone());
+        let line = Line::new(pooled.as_deref(), joining.now, self.verdict.clone());
         lines.push(line.clone());
-        line.join(joining)
-            .expect("a new line takes its first request")
+        // Joined before its writer starts: a writer that failed to connect at once (a refused
+        // connection, on another worker thread) would otherwise close the line first.
+        let ticket = line
+            .join(joining)
+            .expect("a new line takes its first request");
+        tokio::spawn(write_line(line, connector.clone(), pooled));
+        ticket
     }
 
     /// Whether a request for `path` may be pipelined at `now`: not once the instance was
@@ -647,13 +652,9 @@ impl Drop for Lines {
 }
 
 impl Line {
-    fn open(
-        connector: Connector,
-        pooled: Option<Box<InstanceConn>>,
-        now: Instant,
-        verdict: Arc<Verdict>,
-    ) -> Arc<Line> {
-        let line = Arc::new(Line {
+    /// A line on `pooled`, or on a connection its writer opens once started.
+    fn new(pooled: Option<&InstanceConn>, now: Instant, verdict: Arc<Verdict>) -> Arc<Line> {
+        Arc::new(Line {
             state: Mutex::new(LineState {
                 pending: Vec::with_capacity(4096),
                 write_asked: false,
@@ -664,7 +665,7 @@ impl Line {
                 front_since: now,
                 last_used: now,
                 // A pooled connection's requests count toward `keepalive_requests`.
-                next_turn: pooled.as_ref().map_or(0, |conn| conn.requests()),
+                next_turn: pooled.map_or(0, |conn| conn.requests()),
                 unwritten: Vec::new(),
                 probe_unwritten: false,
                 last_write: 0,
@@ -672,9 +673,7 @@ impl Line {
             outstanding: AtomicUsize::new(0),
             wake_writer: Notify::new(),
             verdict,
-        });
-        tokio::spawn(write_line(line.clone(), connector, pooled));
-        line
+        })
     }
 
     fn load(&self) -> usize {
