@@ -136,6 +136,32 @@ async fn waiting_requests_keep_their_fetch_when_the_first_client_leaves() {
     assert_eq!(backend_requests(&client, &backend).await, 1);
 }
 
+/// A fetch that outlives its client still holds the request's place under the route's
+/// `max_in_flight`: a client cannot push misses past the cap by hanging up.
+#[tokio::test]
+async fn a_fetch_its_client_left_still_counts_against_the_concurrency_cap() {
+    use tokio::io::AsyncWriteExt;
+    let backend = demo_backend(&[]);
+    let gw = gateway(&format!(
+        "[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\nmax_in_flight = 1\nqueue_timeout = \"100ms\"\ncache = {{ ttl = \"60s\" }}\n",
+        backend.addr()
+    ));
+    let mut leaving = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    leaving
+        .write_all(b"GET /cache?latency_ms=800 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    drop(leaving);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let client = client();
+    let other = get(&client, &gw.url("/cache?latency_ms=800&other=1")).await;
+    assert_eq!(other.status, 503, "{:?}", other.body);
+    // Once the fetch is done, the place is free again.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(get(&client, &gw.url("/cache?quick=1")).await.status, 200);
+}
+
 #[tokio::test]
 async fn stale_is_served_while_the_instance_is_down() {
     let backend = demo_backend(&[]);

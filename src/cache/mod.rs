@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use crate::config::{RouteCacheConfig, RouteConfig};
 use crate::proxy::headers::X_REQUEST_ID;
 use crate::proxy::{BoxError, ForwardBody, GatewayBody, InstanceFetch, ProxyError, Runtime};
+use crate::ratelimit::{hold_slots, Slots};
 use coalesce::{Lease, Turn, Waited, LOCK_TIMEOUT};
 use policy::{Precondition, RangeAnswer, RequestVerdict, State};
 pub use store::{Entry, Outcome, Purge, Store};
@@ -82,13 +83,31 @@ impl RouteCache {
 }
 
 /// Answers a request of a cached route; errors become responses here so that every answer
-/// carries `X-Cache-Status`.
+/// carries `X-Cache-Status`. The request's concurrency `slots` are held by the answer's body,
+/// and by a fetch others wait on for as long as it lasts, even when its client left.
 pub async fn serve(
     cache: &Arc<RouteCache>,
     parts: Parts,
     body: ForwardBody,
     (client_ip, scheme): (IpAddr, &'static str),
+    (fetch, slots): (InstanceFetch, Slots),
+) -> Response<GatewayBody> {
+    let mut slots = Some(slots);
+    let mut response = answer(cache, parts, body, (client_ip, scheme), fetch, &mut slots).await;
+    if let Some(slots) = slots {
+        hold_slots(&mut response, slots);
+    }
+    response
+}
+
+/// [`serve`], leaving `slots` where the answer did not take them.
+async fn answer(
+    cache: &Arc<RouteCache>,
+    parts: Parts,
+    body: ForwardBody,
+    (client_ip, scheme): (IpAddr, &'static str),
     fetch: InstanceFetch,
+    slots: &mut Option<Slots>,
 ) -> Response<GatewayBody> {
     let has_body = !http_body::Body::is_end_stream(&body);
     let verdict = policy::request_verdict(&parts.method, &parts.headers, has_body, &cache.rules);
@@ -139,7 +158,13 @@ pub async fn serve(
                     // answer even when the one that started it leaves, as Varnish keeps a
                     // fetch going for its waiting list.
                     let request_id = fetch.request_id.clone();
+                    let held = slots.take().unwrap_or_default();
                     let lead = lead(cache.clone(), key, parts, fetch, lease, stale);
+                    let lead = async move {
+                        let mut response = lead.await;
+                        hold_slots(&mut response, held);
+                        response
+                    };
                     match tokio::spawn(lead).await {
                         Ok(response) => response,
                         Err(error) if error.is_panic() => {

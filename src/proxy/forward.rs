@@ -213,7 +213,7 @@ async fn forward(
     // The concurrency slots in `admitted` go to the response body and are held to its end.
     let admission = &runtime.admission;
     let client_ip = admission.client_ip(client.addr.ip(), &parts.headers);
-    let admitted = match admission.admit_now(route, &parts.headers, client_ip) {
+    let mut admitted = match admission.admit_now(route, &parts.headers, client_ip) {
         Some(admitted) => admitted,
         // Boxed: only requests that wait for Redis or a queue carry the waiting state.
         None => Box::pin(admission.admit(route, &parts.headers, client_ip)).await,
@@ -296,12 +296,13 @@ async fn forward(
         };
         // Boxed, like the HTTP/2 path: every connection's task would otherwise carry the
         // cache's (large) state whether its route is cached or not.
+        let slots = admitted.take_slots();
         let mut response = Box::pin(crate::cache::serve(
             cache,
             parts,
             body,
             (client_ip, client.scheme()),
-            fetch,
+            (fetch, slots),
         ))
         .await;
         admitted.apply_to(&mut response);

@@ -293,6 +293,12 @@ impl Admitted {
         self.headers.is_some()
     }
 
+    /// The concurrency slots, for work that outlives the request (a cache fill its client
+    /// left) to hold instead.
+    pub fn take_slots(&mut self) -> Slots {
+        std::mem::take(&mut self.slots)
+    }
+
     /// Adds `RateLimit-Policy` and `RateLimit` (the rule with the least remaining) to the
     /// response, and hands the concurrency slots to its body, which holds them to its end.
     pub fn apply_to(self, response: &mut Response<GatewayBody>) {
@@ -301,10 +307,15 @@ impl Admitted {
             headers.insert(RATELIMIT_POLICY.clone(), policy);
             headers.insert(RATELIMIT.clone(), state);
         }
-        if !self.slots.is_empty() {
-            let body = std::mem::replace(response.body_mut(), GatewayBody::Full(None));
-            *response.body_mut() = body.holding(self.slots);
-        }
+        hold_slots(response, self.slots);
+    }
+}
+
+/// Hands `slots` to the response's body, which holds them to its end.
+pub fn hold_slots(response: &mut Response<GatewayBody>, slots: Slots) {
+    if !slots.is_empty() {
+        let body = std::mem::replace(response.body_mut(), GatewayBody::Full(None));
+        *response.body_mut() = body.holding(slots);
     }
 }
 
