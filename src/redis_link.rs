@@ -186,8 +186,12 @@ impl RedisLink {
     /// new one (within a few `redis_timeout`s). `None`, and the link marked down, when none
     /// opens.
     async fn replace_broken(self: &Arc<Self>, broken: &Arc<Connection>) -> Option<Connection> {
-        // One caller reconnects; the others wait for it and take what it opened.
+        // One caller reconnects; the others wait for it and take what it opened, or fall back
+        // at once when it found Redis down (each trying again would stall them in turn).
         let _turn = self.reconnecting.lock().await;
+        if !self.is_up() {
+            return None;
+        }
         let current = self.connection.load_full()?;
         if !Arc::ptr_eq(&current, broken) {
             return Some(Connection::clone(&current));

@@ -196,8 +196,13 @@ impl Provider for ExecProvider {
                     Ok(Err(err)) => Err(format!("`{}` failed: {err}", args.join(" "))),
                     Ok(Ok(status)) if status.success() => Ok(()),
                     Ok(Ok(status)) => {
+                        // A process it left running may hold stderr open: wait a moment only.
                         let said = match stderr {
-                            Some(task) => task.await.unwrap_or_default(),
+                            Some(task) => tokio::time::timeout(Duration::from_secs(1), task)
+                                .await
+                                .ok()
+                                .and_then(Result::ok)
+                                .unwrap_or_default(),
                             None => String::new(),
                         };
                         Err(format!("`{}` failed ({status}): {said}", args.join(" ")))

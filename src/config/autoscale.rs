@@ -236,8 +236,10 @@ pub(super) fn validate(
             if s.min == Some(0) {
                 p.push(format!("{skey}.min"), "must be at least 1");
             }
-            if s.max.is_some_and(|max| max > 1000) {
-                p.push(format!("{skey}.max"), "must be at most 1000");
+            match s.max {
+                Some(0) => p.push(format!("{skey}.max"), "must be at least 1"),
+                Some(max) if max > 1000 => p.push(format!("{skey}.max"), "must be at most 1000"),
+                _ => {}
             }
             match Cron::parse(&s.cron) {
                 Ok(cron) => Some(Schedule {
@@ -618,7 +620,7 @@ scale_command = "x {replicas}"
 target = { in_flight_per_instance = 0, queue_depth = 3 }
 scale_up = { select_policy = "most", policies = [{ type = "pods", value = 0, period = "soon" }] }
 scale_down = { policies = [{ type = "share", value = 1, period = "1m" }] }
-schedules = [{ cron = "* 25 * * *", min = 3 }, { cron = "* * * * *", min = 5, max = 2 }, { cron = "* * * * *", min = 0, max = 2000 }]
+schedules = [{ cron = "* 25 * * *", min = 3 }, { cron = "* * * * *", min = 5, max = 2 }, { cron = "* * * * *", min = 0, max = 2000 }, { cron = "* * * * *", max = 0 }]
 
 [upstreams.cluster]
 instances = []
@@ -647,6 +649,7 @@ upstream = "app"
             "upstreams.app.autoscale.schedules[1].max",
             "upstreams.app.autoscale.schedules[2].min",
             "upstreams.app.autoscale.schedules[2].max",
+            "upstreams.app.autoscale.schedules[3].max",
             "upstreams.cluster.autoscale.target.cpu_percent",
             "upstreams.cluster.autoscale.scale_command",
             "upstreams.cluster.autoscale.discover.dns",

@@ -451,8 +451,8 @@ pub(crate) fn parse_hash_key(problems: &mut Problems, key: &str, text: &str) -> 
 }
 
 /// Keys whose values are secrets: a problem with one never quotes the value (serde's type
-/// errors do, as in ``invalid type: integer `98765432` ``), since a mistyped secret is usually
-/// the real one.
+/// errors do, as in ``invalid type: integer `98765432` `` or `invalid type: string "key"`),
+/// since a mistyped secret is usually the real one.
 fn hide_secret_values(problems: &mut [ConfigError]) {
     const SECRET: [&str; 2] = ["admin.password", "auth.api_keys"];
     for problem in problems {
@@ -462,8 +462,9 @@ fn hide_secret_values(problems: &mut [ConfigError]) {
         }
         let mut kept = String::with_capacity(problem.message.len());
         let mut rest = problem.message.as_str();
-        while let Some(start) = rest.find('`') {
-            let Some(len) = rest[start + 1..].find('`') else {
+        while let Some(start) = rest.find(['`', '"']) {
+            let quote = &rest[start..=start];
+            let Some(len) = rest[start + 1..].find(quote) else {
                 break;
             };
             kept.push_str(rest[..start].trim_end());
@@ -495,6 +496,11 @@ instances = ["127.0.0.1:1"]
         for secret in ["LEAKME-REDIS", "98765432", "123456789012"] {
             assert!(!errors.contains(secret), "{secret} in {errors}");
         }
+        // A string where a list belongs is quoted with double quotes.
+        let one_key = "[auth]\napi_keys = \"the-real-key-42\"\n[upstreams.app]\ninstances = []\n";
+        let listed = Config::from_toml(one_key).unwrap_err().to_string();
+        assert!(!listed.contains("the-real-key-42"), "{listed}");
+        assert!(listed.contains("auth.api_keys"), "{listed}");
         for key in ["state.redis_url", "admin.password", "auth.api_keys[1]"] {
             assert!(errors.contains(key), "{key} not named in {errors}");
         }
