@@ -432,16 +432,21 @@ async fn a_server_that_stalls_until_the_end_shows_and_the_run_ends_on_time() {
 #[tokio::test]
 async fn ctrl_c_ends_the_run_with_a_report_of_it() {
     let backend = demo_backend(&[]);
+    // A closed loop, and an open loop whose next request is seconds away.
+    ctrl_c_during(&backend, &["-c", "2"]).await;
+    let open = ctrl_c_during(&backend, &["-c", "1", "-q", "0.5"]).await;
+    // Its one request went out at the start and was answered; the next was not due yet.
+    assert_eq!(count(&open, "responses"), 1, "{open}");
+    assert_eq!(count(&open, "unfinished"), 0, "{open}");
+}
+
+/// Runs `bench -d 20s MODE`, stops it with SIGINT after 0.8 s, and returns its report.
+async fn ctrl_c_during(backend: &Proc, mode: &[&str]) -> Value {
+    let target = url(backend, "/");
+    let mut args = vec!["bench", "-d", "20s", "--json", target.as_str()];
+    args.extend_from_slice(mode);
     let child = tokio::process::Command::new(bin())
-        .args([
-            "bench",
-            "-c",
-            "2",
-            "-d",
-            "20s",
-            "--json",
-            &url(&backend, "/"),
-        ])
+        .args(&args)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -453,15 +458,16 @@ async fn ctrl_c_ends_the_run_with_a_report_of_it() {
         .status()
         .unwrap();
     assert!(signalled.success());
-    let output = tokio::time::timeout(Duration::from_secs(5), child.wait_with_output())
+    let output = tokio::time::timeout(Duration::from_secs(1), child.wait_with_output())
         .await
-        .expect("bench ended soon after Ctrl-C")
+        .unwrap_or_else(|_| panic!("bench {mode:?} did not end soon after Ctrl-C"))
         .unwrap();
     assert_eq!(output.status.code(), Some(0));
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
     let duration = report["duration_s"].as_f64().unwrap();
     assert!((0.3..3.0).contains(&duration), "{duration}");
-    assert!(count(&report, "responses") > 0);
+    assert!(count(&report, "responses") > 0, "{report}");
+    report
 }
 
 #[tokio::test]

@@ -81,9 +81,11 @@ impl ErrorCounts {
 /// What one connection measured (warm-up requests only counted).
 #[derive(Debug, Clone)]
 pub struct Tally {
-    /// Latency of answered requests, and the waits so far of those the end of the run cut off
-    /// (`unsent`, `unfinished`), in microseconds.
+    /// Latency of answered requests, in microseconds (and, once [`Tally::with_cut_offs`], of
+    /// the cut-off requests that count).
     pub latency_us: Histogram<u64>,
+    /// The waits so far of the requests the end of the run cut off (`unsent`, `unfinished`).
+    pub cut_us: Histogram<u64>,
     /// Answered requests by status code; a short list searched linearly (usually one entry).
     pub statuses: Vec<(u16, u64)>,
     pub errors: ErrorCounts,
@@ -103,6 +105,7 @@ impl Default for Tally {
     fn default() -> Tally {
         Tally {
             latency_us: Histogram::new(3).expect("3 significant figures is a valid precision"),
+            cut_us: Histogram::new(3).expect("3 significant figures is a valid precision"),
             statuses: Vec::new(),
             errors: ErrorCounts::default(),
             warmup_requests: 0,
@@ -117,7 +120,7 @@ impl Default for Tally {
 
 impl Tally {
     pub fn record_response(&mut self, status: u16, latency: Duration) {
-        self.record_latency(latency);
+        record(&mut self.latency_us, latency);
         match self.statuses.iter_mut().find(|(code, _)| *code == status) {
             Some((_, count)) => *count += 1,
             None => self.statuses.push((status, 1)),
@@ -125,9 +128,9 @@ impl Tally {
     }
 
     /// A request the end of the run cut off, at the time it had waited by then: a lower
-    /// bound of its latency, so a server that stalls until the end still shows.
+    /// bound of its latency.
     pub fn record_cut(&mut self, waited: Duration, sent: bool) {
-        self.record_latency(waited);
+        record(&mut self.cut_us, waited);
         if sent {
             self.unfinished += 1;
         } else {
@@ -135,19 +138,33 @@ impl Tally {
         }
     }
 
-    fn record_latency(&mut self, latency: Duration) {
-        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        let micros = micros.clamp(1, MAX_LATENCY_US);
-        // Recording grows the histogram as needed; saturating would clamp to its current size.
-        if self.latency_us.record(micros).is_err() {
-            self.latency_us.saturating_record(micros);
+    /// The merged tally with the cut-off requests that tell something in its latency figures:
+    /// those that had already waited at least the median answer's time (all of them when
+    /// nothing was answered). So a server that stalls until the end still shows, while a
+    /// request sent a microsecond before the end does not pass for a quick answer.
+    pub fn with_cut_offs(mut self) -> Tally {
+        let median = if self.latency_us.is_empty() {
+            0
+        } else {
+            self.latency_us.value_at_quantile(0.5)
+        };
+        for value in self.cut_us.iter_recorded() {
+            let micros = value.value_iterated_to();
+            if micros >= median {
+                let _ = self.latency_us.record_n(micros, value.count_at_value());
+            }
         }
+        self
     }
 
     pub fn merge(&mut self, other: &Tally) {
-        self.latency_us
-            .add(&other.latency_us)
-            .expect("auto-resizing histograms of the same precision always add");
+        for (mine, theirs) in [
+            (&mut self.latency_us, &other.latency_us),
+            (&mut self.cut_us, &other.cut_us),
+        ] {
+            mine.add(theirs)
+                .expect("auto-resizing histograms of the same precision always add");
+        }
         for &(status, count) in &other.statuses {
             match self.statuses.iter_mut().find(|(code, _)| *code == status) {
                 Some((_, total)) => *total += count,
@@ -161,6 +178,15 @@ impl Tally {
         self.answered_in_window += other.answered_in_window;
         self.bytes_read += other.bytes_read;
         self.bytes_written += other.bytes_written;
+    }
+}
+
+fn record(histogram: &mut Histogram<u64>, latency: Duration) {
+    let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+    let micros = micros.clamp(1, MAX_LATENCY_US);
+    // Recording grows the histogram as needed; saturating would clamp to its current size.
+    if histogram.record(micros).is_err() {
+        histogram.saturating_record(micros);
     }
 }
 
@@ -523,7 +549,7 @@ mod tests {
         }
         Report {
             info: info(),
-            tally,
+            tally: tally.with_cut_offs(),
             elapsed,
         }
     }
@@ -572,19 +598,24 @@ mod tests {
         for waited in 1..=9 {
             tally.record_cut(Duration::from_millis(100 * waited), false);
         }
+        // And one sent a moment before the end: it says nothing, and is left out.
+        tally.record_cut(Duration::from_micros(3), true);
         let report = report(&[tally], Duration::from_secs(3));
         assert_eq!(report.responses(), 10);
         assert_eq!(report.requests(), 10);
+        assert_eq!(report.tally.latency_us.len(), 20);
         let p90 = report.latency_us(LatencyStat::Percentile(90.0)).unwrap();
         assert!(p90 >= 800_000.0, "{p90}");
+        let min = report.latency_us(LatencyStat::Min).unwrap();
+        assert!(min >= 1000.0, "{min}");
         let json = report.to_json(&[]);
         assert_eq!(
             (json["unsent"].as_u64(), json["unfinished"].as_u64()),
-            (Some(9), Some(1))
+            (Some(9), Some(2))
         );
         let text = report.to_text(&[]);
         assert!(text.contains("Unsent     9 "), "{text}");
-        assert!(text.contains("Unfinished 1 "), "{text}");
+        assert!(text.contains("Unfinished 2 "), "{text}");
     }
 
     #[test]

@@ -638,7 +638,14 @@ impl Worker {
             let (latency_from, sent_at) = match departure(clock.start + planned.at, free_at) {
                 Departure::Late { latency_from } => (latency_from, free_at),
                 Departure::Wait { until } => {
-                    sleep_until(until).await;
+                    // A stop (Ctrl-C) ends the wait: at a low rate the next request may be far off.
+                    tokio::select! {
+                        () = sleep_until(until) => {}
+                        () = self.shared.cut.stopped(self.index) => {
+                            free_at = Instant::now();
+                            continue;
+                        }
+                    }
                     let now = Instant::now();
                     (now, now)
                 }
