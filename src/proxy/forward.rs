@@ -431,8 +431,8 @@ async fn to_instance(
     // One instance set for every attempt: `tried` holds positions in it, which a set changed
     // between attempts (an instance added or removed) would shift.
     let set = upstream.set.load_full();
-    // The instance whose failed attempt the next one retries: counted, and the retry budget
-    // spent, only once another instance is there to take it.
+    // The instance whose failed attempt the next one retries: counted once another instance
+    // is there to take it.
     let mut retrying: Option<Arc<Instance>> = None;
     loop {
         let now = Instant::now();
@@ -444,9 +444,6 @@ async fn to_instance(
             Err(_) => return Err(last_error),
         };
         if let Some(failed) = retrying.take() {
-            if !upstream.retry_budget.try_withdraw(now) {
-                return Err(last_error);
-            }
             failed.retries.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(instance = %failed.addr, retry = %instance.addr, attempt = attempts, "retrying on another instance");
         }
@@ -540,7 +537,12 @@ async fn to_instance(
                     }
                     NextAttempt::Retry => {
                         last_error = error;
-                        if attempts > config.retries {
+                        // The budget is asked before the next pick: a pick may take an
+                        // ejected instance's one trial request, which a refusal would waste.
+                        // (When no instance is left to try, the retry is spent for nothing.)
+                        if attempts > config.retries
+                            || !upstream.retry_budget.try_withdraw(Instant::now())
+                        {
                             return Err(last_error);
                         }
                         retrying = Some(instance);
