@@ -160,7 +160,9 @@ impl RedisLink {
     ///
     /// A single node's connection found broken (Redis restarted, or the connection was cut)
     /// is replaced at once and `call` runs once more on the new one, so a restart does not send
-    /// the requests in flight to the fallback.
+    /// the requests in flight to the fallback. `call` thus runs at least once: a connection cut
+    /// after Redis ran it but before the reply came runs it twice (a rate-limit decision then
+    /// counts the request twice, the stricter way).
     pub async fn call<T, F, Fut>(self: &Arc<Self>, call: F) -> Option<T>
     where
         F: Fn(Connection) -> Fut,

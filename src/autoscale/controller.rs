@@ -141,7 +141,7 @@ impl Run {
             .collect();
         let samples = state.sampler.finish(&ready, &config.targets);
         let current = provider.current();
-        if current == 0 && !provider.scales_from_zero() {
+        if current == 0 && !provider.scales_from_zero() && !matches!(state.mode, Mode::Pinned(_)) {
             let record = json!({
                 "at_unix_ms": unix_ms(),
                 "mode": state.mode,

@@ -111,8 +111,10 @@ impl Provider for ExecProvider {
         self.replicas.unwrap_or(self.first_seen.len() as u32)
     }
 
+    /// Only a count this provider set itself: 0 seen before any scale command is a cluster
+    /// not found yet.
     fn scales_from_zero(&self) -> bool {
-        false
+        self.replicas.is_some()
     }
 
     fn members(&self, _upstream: &Upstream) -> Vec<(SocketAddr, Instant)> {

@@ -442,9 +442,18 @@ async fn read_to_end(response: http::Response<Incoming>) -> Step {
 /// Why a connection could not be opened: the server's side (refused, unreachable), or this
 /// machine's (out of file descriptors, local ports or memory), which is said once on stderr.
 fn connect_error(err: &io::Error) -> ErrorKind {
-    // EMFILE, ENFILE, ENOMEM, EADDRNOTAVAIL, ENOBUFS.
-    const LOCAL: [i32; 5] = [24, 23, 12, 99, 105];
-    if !err.raw_os_error().is_some_and(|code| LOCAL.contains(&code)) {
+    use nix::errno::Errno;
+    const LOCAL: [Errno; 5] = [
+        Errno::EMFILE,
+        Errno::ENFILE,
+        Errno::ENOMEM,
+        Errno::EADDRNOTAVAIL,
+        Errno::ENOBUFS,
+    ];
+    if !err
+        .raw_os_error()
+        .is_some_and(|code| LOCAL.contains(&Errno::from_raw(code)))
+    {
         return ErrorKind::Connect;
     }
     static SAID: std::sync::Once = std::sync::Once::new();
@@ -681,6 +690,20 @@ impl Worker {
             ));
         }
         let template = (index % self.shared.plan.templates.len() as u64) as usize;
+        let (mut latency_from, mut sent_at) = (latency_from, sent_at);
+        let delay = reconnect_delay(self.connect_failures);
+        if !delay.is_zero() {
+            let cut = self.shared.cut.at(clock);
+            let until = cut.map_or(Instant::now() + delay, |cut| {
+                cut.min(Instant::now() + delay)
+            });
+            sleep_until(until).await;
+            // The generator's own wait is not the server's latency, unless the request was
+            // already due (open loop, behind schedule).
+            if latency_from == sent_at {
+                (latency_from, sent_at) = (until, until);
+            }
+        }
         let result = self.send(clock, template, sent_at).await;
         let done = match result {
             Sent::Cut(at) => at,
@@ -731,10 +754,6 @@ impl Worker {
             let conn = match slot {
                 Some(conn) => conn,
                 None => {
-                    let delay = reconnect_delay(self.connect_failures);
-                    if !delay.is_zero() {
-                        sleep_until((Instant::now() + delay).min(ends())).await;
-                    }
                     let open =
                         Connection::open(&plan.origins[template.origin], plan.http2, &self.counts);
                     let opened = tokio::select! {

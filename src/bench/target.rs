@@ -141,7 +141,7 @@ pub fn check_headers(headers: &HeaderMap, http2: bool) -> Result<(), String> {
             headers
                 .get_all(name)
                 .iter()
-                .any(|value| *name != TE || value != "trailers")
+                .any(|value| *name != TE || !value.as_bytes().eq_ignore_ascii_case(b"trailers"))
         });
         let named = ["keep-alive", "proxy-connection"]
             .into_iter()

@@ -594,14 +594,14 @@ fn push_escaped(key: &mut String, text: &str) {
     }
 }
 
-/// Request headers that ask the instance whether a stored response is still current (RFC 9111
-/// §4.3.1): its `ETag` as If-None-Match, its `Last-Modified` as If-Modified-Since. Empty when
-/// it has neither.
 /// Whether `response` carries something [`validators`] turns into a condition.
 pub fn has_validator(response: &HeaderMap) -> bool {
     response.contains_key(header::ETAG) || response.contains_key(header::LAST_MODIFIED)
 }
 
+/// Request headers that ask the instance whether a stored response is still current (RFC 9111
+/// §4.3.1): its `ETag` as If-None-Match, its `Last-Modified` as If-Modified-Since. Empty when
+/// it has neither.
 pub fn validators(stored: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
     let mut conditions = Vec::with_capacity(2);
     if let Some(etag) = stored.get(header::ETAG) {

@@ -608,7 +608,7 @@ pub fn rate_limit_families(
 ) -> Vec<Family> {
     let mut decisions = Family::new(
         RATE_LIMIT_DECISIONS,
-        "Rate-limit decisions by rule and outcome (allowed, limited; fallback = made without Redis).",
+        "Requests by rule and outcome: allowed (passed every rule of the route), limited (refused by this rule), fallback (decided without Redis).",
     );
     for (rule, counters) in rules {
         for (outcome, counter) in [

@@ -127,23 +127,22 @@ impl RedisStore {
                 // On a cluster: the rules that booked the request so far, with Redis's time.
                 let mut booked: SmallVec<[(&RedisCheck<'_>, u64); 4]> = SmallVec::new();
                 for group in checks.chunks(per_call) {
-                    let reply: Vec<i64> =
-                        run(&mut connection, &self.script, &self.command(group)).await?;
+                    let reply = run(&mut connection, &self.script, &self.command(group)).await;
+                    let reply: Vec<i64> = match reply {
+                        Ok(reply) => reply,
+                        Err(err) => {
+                            // The request is decided again without Redis: what the rules
+                            // before this one booked goes back first.
+                            self.give_back(&mut connection, &booked).await;
+                            return Err(err);
+                        }
+                    };
                     let (joint, now) = read_reply(group, &reply).ok_or_else(|| {
                         RedisError::from((ErrorKind::Parse, "rate-limit script reply"))
                     })?;
                     decisions.extend_from_slice(&joint.decisions);
                     if !joint.allowed() {
-                        for (check, booked_at) in &booked {
-                            let cmd = self.give_back_command(check, *booked_at);
-                            // Not given back, the request counts against that rule, as it
-                            // would have before: no reason to fail the decision.
-                            if let Err(err) =
-                                run::<i64>(&mut connection, &self.give_back, &cmd).await
-                            {
-                                tracing::debug!(%err, "rate-limit give-back failed");
-                            }
-                        }
+                        self.give_back(&mut connection, &booked).await;
                         break;
                     }
                     if let [check] = group {
@@ -153,6 +152,17 @@ impl RedisStore {
                 Ok(decisions)
             })
             .await
+    }
+
+    /// Gives back what each of `booked` (a check, and when Redis booked it) took. One not given
+    /// back counts the request against its rule, as it would have before: no reason to fail.
+    async fn give_back(&self, connection: &mut Connection, booked: &[(&RedisCheck<'_>, u64)]) {
+        for (check, booked_at) in booked {
+            let cmd = self.give_back_command(check, *booked_at);
+            if let Err(err) = run::<i64>(connection, &self.give_back, &cmd).await {
+                tracing::debug!(%err, "rate-limit give-back failed");
+            }
+        }
     }
 
     /// EVALSHA of the give-back script for `check`, booked at `booked_at` (Redis's µs).
