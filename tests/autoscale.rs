@@ -427,12 +427,10 @@ async fn admin_api_pins_pauses_and_resumes() {
     assert!(refused.error_text().contains("/api/autoscale/app"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exec_provider_runs_the_scale_command_and_discovers_instances() {
-    let backend = demo_backend(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let record = dir.path().join("replicas");
-    let body = format!(
+/// An upstream scaled by the exec provider between 2 and 3 instances: `scale` is the scale
+/// command, instances are found at `dns`; `extra` adds autoscale keys.
+fn exec_config(scale: &str, dns: &str, extra: &str) -> String {
+    format!(
         r#"
 [upstreams.app]
 instances = []
@@ -443,15 +441,25 @@ rise = 1
 provider = "exec"
 min = 2
 max = 3
-scale_command = "sh -c 'echo {{replicas}} >> {record}'"
-discover = {{ dns = "localhost:{port}", interval = "1s" }}
+scale_command = "{scale}"
+discover = {{ dns = "{dns}", interval = "1s" }}
 target = {{ rps_per_instance = 100 }}
-sync_period = "1s"
+{extra}
 [[routes]]
 upstream = "app"
-"#,
-        record = record.display(),
-        port = backend.addr().port()
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_provider_runs_the_scale_command_and_discovers_instances() {
+    let backend = demo_backend(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("replicas");
+    let body = exec_config(
+        &format!("sh -c 'echo {{replicas}} >> {}'", record.display()),
+        &format!("localhost:{}", backend.addr().port()),
+        "sync_period = \"1s\"",
     );
     let gw = autoscaled(&body);
     let client = client();
@@ -485,22 +493,10 @@ upstream = "app"
 async fn exec_provider_leaves_a_cluster_it_cannot_see_alone() {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("replicas");
-    let body = format!(
-        r#"
-[upstreams.app]
-instances = []
-[upstreams.app.autoscale]
-provider = "exec"
-min = 2
-max = 3
-scale_command = "sh -c 'echo {{replicas}} >> {record}'"
-discover = {{ dns = "no-such-host.invalid:80", interval = "1s" }}
-target = {{ rps_per_instance = 100 }}
-sync_period = "500ms"
-[[routes]]
-upstream = "app"
-"#,
-        record = record.display(),
+    let body = exec_config(
+        &format!("sh -c 'echo {{replicas}} >> {}'", record.display()),
+        "no-such-host.invalid:80",
+        "sync_period = \"500ms\"",
     );
     let gw = autoscaled(&body);
     let client = client();
@@ -535,24 +531,13 @@ async fn a_timed_out_scale_command_is_stopped_with_its_children() {
     let backend = demo_backend(&[]);
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("late");
-    let body = format!(
-        r#"
-[upstreams.app]
-instances = []
-[upstreams.app.autoscale]
-provider = "exec"
-min = 2
-max = 3
-scale_command = "sh -c '(sleep 1.5; echo {{replicas}} >> {record}) & wait'"
-command_timeout = "300ms"
-discover = {{ dns = "localhost:{port}", interval = "1s" }}
-target = {{ rps_per_instance = 100 }}
-sync_period = "500ms"
-[[routes]]
-upstream = "app"
-"#,
-        record = record.display(),
-        port = backend.addr().port()
+    let body = exec_config(
+        &format!(
+            "sh -c '(sleep 1.5; echo {{replicas}} >> {}) & wait'",
+            record.display()
+        ),
+        &format!("localhost:{}", backend.addr().port()),
+        "command_timeout = \"300ms\"\nsync_period = \"500ms\"",
     );
     let gw = autoscaled(&body);
     let client = client();
