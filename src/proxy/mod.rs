@@ -720,8 +720,8 @@ fn refuse(
     refusal: connections::Refusal,
     gateway: &Gateway,
 ) {
-    tracing::debug!(?refusal, "connection refused");
     if secure {
+        tracing::debug!(?refusal, peer = ?stream.peer_addr().ok(), "connection refused");
         return;
     }
     let reason = match refusal {
@@ -732,7 +732,10 @@ fn refuse(
             "this client holds server.max_connections_per_ip connections"
         }
     };
-    let answer = ProxyError::TooManyConnections(reason).response(&gateway.new_request_id());
+    let request_id = gateway.new_request_id();
+    // Named by the request ID its answer carries, for whoever looks one up.
+    tracing::debug!(?refusal, peer = ?stream.peer_addr().ok(), request_id = request_id.to_str().unwrap_or_default(), "connection refused");
+    let answer = ProxyError::TooManyConnections(reason).response(&request_id);
     let _ = stream.try_write(&client_h1::closing_answer_bytes(&answer));
 }
 
