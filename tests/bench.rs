@@ -494,3 +494,48 @@ async fn running_out_of_sockets_here_is_not_the_servers_fault() {
     assert_eq!(report["errors"]["connect"], 0, "{report}");
     assert_eq!(count(&report, "requests"), 200, "{report}");
 }
+
+/// A server that answers a large upload early (413) and closes without reading the rest: that
+/// answer is the request's result (RFC 9112 §9.5), not a reset, and the bytes written count.
+#[tokio::test]
+async fn an_early_answer_to_a_large_upload_is_the_result() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/upload", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let refused = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                let _ = stream.write_all(refused).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let body = dir.path().join("big");
+    std::fs::write(&body, vec![b'x'; 4 << 20]).unwrap();
+    let report = bench_json(&[
+        "-n",
+        "3",
+        "-c",
+        "1",
+        "-m",
+        "POST",
+        "--body-file",
+        body.to_str().unwrap(),
+        &url,
+    ])
+    .await;
+    server.abort();
+    assert_eq!(report["status"]["413"], 3, "{report}");
+    assert_eq!(report["errors"]["total"], 0, "{report}");
+    assert!(count(&report, "bytes_written") > 0, "{report}");
+}

@@ -20,6 +20,8 @@ use crate::http1::{parse_response, response_framing, Chunked, Framing, MAX_HEAD}
 /// Most header lines an answer may have (hyper's client allows 100).
 const MAX_HEADERS: usize = 128;
 const READ_CHUNK: usize = 16 * 1024;
+/// Requests longer than this are written while the answer is watched for.
+const WATCHED_WRITE: usize = 64 * 1024;
 
 /// A parsed answer head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,15 +103,23 @@ impl Http1 {
         if self.read_closed() {
             return Err(Failure::Unsent);
         }
-        // A write refused by a closed connection never reached the server.
-        self.stream
-            .write_all(request)
-            .await
-            .map_err(|err| match io_failure(err) {
-                Failure::Error(ErrorKind::Reset) => Failure::Unsent,
-                other => other,
-            })?;
-        self.counts.add_written(request.len());
+        // A large request (a body being uploaded) is written while the answer is watched for: a
+        // server may answer early (413, 401) and close without reading the rest (RFC 9112
+        // §9.5), and that answer is the request's result.
+        let cut_short = if request.len() <= WATCHED_WRITE {
+            // A write refused by a closed connection never reached the server.
+            self.stream
+                .write_all(request)
+                .await
+                .map_err(|err| match io_failure(err) {
+                    Failure::Error(ErrorKind::Reset) => Failure::Unsent,
+                    other => other,
+                })?;
+            self.counts.add_written(request.len());
+            false
+        } else {
+            self.write_watching(request, head_request).await?
+        };
         let head = loop {
             if let Some(head) = parse_head(&self.buf, head_request).map_err(Failure::Error)? {
                 if head.status / 100 == 1 && head.status != 101 {
@@ -167,8 +177,53 @@ impl Http1 {
         }
         Ok(Answer {
             status: head.status,
-            keep_alive: head.keep_alive,
+            // The rest of a request cut short would be read as the next one.
+            keep_alive: head.keep_alive && !cut_short,
         })
+    }
+
+    /// Writes `request` while reading what the server sends; true when it answered (or
+    /// closed) before the whole request was written, which then stops.
+    async fn write_watching(
+        &mut self,
+        request: &[u8],
+        head_request: bool,
+    ) -> Result<bool, Failure> {
+        let Http1 {
+            stream,
+            buf,
+            counts,
+        } = self;
+        let (mut reader, mut writer) = stream.split();
+        let mut written = 0;
+        while written < request.len() {
+            tokio::select! {
+                read = reader.read_buf(buf) => {
+                    let n = read.map_err(io_failure)?;
+                    counts.add_read(n);
+                    if n == 0 || parse_head(buf, head_request).map_err(Failure::Error)?.is_some() {
+                        return Ok(true);
+                    }
+                }
+                wrote = writer.write(&request[written..]) => match wrote {
+                    Ok(n) => {
+                        written += n;
+                        counts.add_written(n);
+                    }
+                    // Refused before any byte: it never reached the server.
+                    Err(err) if written == 0 => {
+                        return Err(match io_failure(err) {
+                            Failure::Error(ErrorKind::Reset) => Failure::Unsent,
+                            other => other,
+                        })
+                    }
+                    // The server stopped reading: its answer may be here already.
+                    Err(_) if !buf.is_empty() => return Ok(true),
+                    Err(err) => return Err(io_failure(err)),
+                },
+            }
+        }
+        Ok(false)
     }
 
     /// Whether the peer's close has been seen by the runtime, without a system call: tokio
