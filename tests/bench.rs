@@ -539,3 +539,22 @@ async fn an_early_answer_to_a_large_upload_is_the_result() {
     assert_eq!(report["errors"]["total"], 0, "{report}");
     assert!(count(&report, "bytes_written") > 0, "{report}");
 }
+
+/// An HTTP/2 server that hangs up during the handshake resets the requests at once: none
+/// waits out `--timeout`.
+#[tokio::test]
+async fn an_http2_server_hanging_up_resets_requests_at_once() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let rude = format!("http://{}/", listener.local_addr().unwrap());
+    let hang_up = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            drop(stream);
+        }
+    });
+    let started = std::time::Instant::now();
+    let report = bench_json(&["--http2", "-n", "8", "-c", "2", "--timeout", "5s", &rude]).await;
+    hang_up.abort();
+    assert!(started.elapsed() < Duration::from_secs(4), "{report}");
+    assert_eq!(report["errors"]["timeout"], 0, "{report}");
+    assert_eq!(report["errors"]["total"], 8, "{report}");
+}

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
+use futures_util::FutureExt as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
@@ -398,7 +399,8 @@ impl Connection {
 
 impl Http2 {
     /// Runs the exchange while polling the connection's driver in the same task; once the
-    /// driver is done (the server closed), the exchange still gets an answer already delivered.
+    /// driver is done (the server closed), the exchange gets an answer already delivered, and
+    /// nothing more is coming: without the driver it would wait out the timeout.
     async fn exchange(&mut self, template: &Template) -> Step {
         let Http2 {
             sender,
@@ -421,7 +423,8 @@ impl Http2 {
                 _ = driver.as_mut() => *driver_done = true,
             }
         }
-        work.await
+        work.now_or_never()
+            .unwrap_or(Step::Failed(ErrorKind::Reset))
     }
 }
 
