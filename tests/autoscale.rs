@@ -371,6 +371,12 @@ async fn admin_api_pins_pauses_and_resumes() {
     );
     let status = autoscale_status(&client, &gw).await;
     assert_eq!(status["mode"]["pinned"], 3);
+    let last = status["decisions"].as_array().unwrap().last().cloned();
+    assert_eq!(
+        last.unwrap()["reason"],
+        "pinned by the operator",
+        "{status}"
+    );
     // Paused keeps the count although the idle pool would shrink.
     assert_eq!(pin(r#"{"pause": true}"#).await.status, 202);
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -162,10 +162,15 @@ impl Run {
             &config.policy,
             &mut state.history,
         );
-        let desired = match state.mode {
-            Mode::Auto => decision.desired,
-            Mode::Paused => current,
-            Mode::Pinned(n) => n,
+        // The operator's word wins over the policy's, within the bounds in force (a reload may
+        // have lowered `max` below a pin).
+        let (desired, reason) = match state.mode {
+            Mode::Auto => (decision.desired, decision.reason),
+            Mode::Paused => (current, "paused by the operator"),
+            Mode::Pinned(n) => (
+                n.clamp(decision.bounds.min, decision.bounds.max),
+                "pinned by the operator",
+            ),
         };
         state.desired = desired;
         let mut record = json!({
@@ -175,7 +180,7 @@ impl Run {
             "ready": ready.len(),
             "desired": desired,
             "recommended": decision.recommended,
-            "reason": decision.reason,
+            "reason": reason,
             "bounds": decision.bounds,
             "metrics": decision.metrics,
         });
@@ -188,7 +193,7 @@ impl Run {
                         upstream = %self.name,
                         from = current,
                         to = desired,
-                        reason = decision.reason,
+                        reason,
                         "autoscale"
                     );
                 }
