@@ -16,6 +16,7 @@ use std::time::Duration;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
+use smallvec::SmallVec;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -305,18 +306,16 @@ impl Provider for ProcessProvider {
                     .is_some_and(|name| name.bytes().all(|b| b.is_ascii_digit()))
             })
             .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok());
-        let mut groups: Vec<(u32, f64)> = serving.iter().map(|&(_, pid)| (pid, 0.0)).collect();
-        for stat in stats {
-            if let Some((group, seconds)) = group_cpu_seconds(&stat) {
-                if let Some((_, total)) = groups.iter_mut().find(|(pid, _)| *pid == group) {
-                    *total += seconds;
-                }
+        let mut totals = vec![0.0; serving.len()];
+        for (group, seconds) in stats.filter_map(|stat| group_cpu_seconds(&stat)) {
+            if let Some(i) = serving.iter().position(|&(_, pid)| pid == group) {
+                totals[i] += seconds;
             }
         }
         serving
             .iter()
-            .zip(groups)
-            .map(|(&(addr, _), (_, seconds))| (addr, seconds))
+            .zip(totals)
+            .map(|(&(addr, _), seconds)| (addr, seconds))
             .collect()
     }
 
@@ -459,7 +458,7 @@ fn pick_victims(mut candidates: Vec<Victim>, count: usize) -> Vec<u64> {
 /// parentheses and may hold spaces, so fields are counted after its closing parenthesis.
 fn group_cpu_seconds(stat: &str) -> Option<(u32, f64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().take(15).collect();
+    let fields: SmallVec<[&str; 15]> = rest.split_whitespace().take(15).collect();
     let number = |i: usize| -> Option<u64> { fields.get(i)?.parse().ok() };
     let group = u32::try_from(number(2)?).ok()?;
     let ticks = number(11)? + number(12)? + number(13)? + number(14)?;
@@ -574,7 +573,7 @@ pub(super) async fn each_line(stream: impl AsyncRead + Unpin, mut emit: impl FnM
 
 /// A line of output fit for a log line: invalid UTF-8 replaced, control characters escaped,
 /// and what was cut from it counted.
-pub(super) fn printable(line: &[u8], cut: usize) -> String {
+fn printable(line: &[u8], cut: usize) -> String {
     let text = String::from_utf8_lossy(line);
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {

@@ -107,14 +107,7 @@ impl Http1 {
         // server may answer early (413, 401) and close without reading the rest (RFC 9112
         // §9.5), and that answer is the request's result.
         let cut_short = if request.len() <= WATCHED_WRITE {
-            // A write refused by a closed connection never reached the server.
-            self.stream
-                .write_all(request)
-                .await
-                .map_err(|err| match io_failure(err) {
-                    Failure::Error(ErrorKind::Reset) => Failure::Unsent,
-                    other => other,
-                })?;
+            self.stream.write_all(request).await.map_err(refused)?;
             self.counts.add_written(request.len());
             false
         } else {
@@ -210,13 +203,7 @@ impl Http1 {
                         written += n;
                         counts.add_written(n);
                     }
-                    // Refused before any byte: it never reached the server.
-                    Err(err) if written == 0 => {
-                        return Err(match io_failure(err) {
-                            Failure::Error(ErrorKind::Reset) => Failure::Unsent,
-                            other => other,
-                        })
-                    }
+                    Err(err) if written == 0 => return Err(refused(err)),
                     // The server stopped reading: its answer may be here already.
                     Err(_) if !buf.is_empty() => return Ok(true),
                     Err(err) => return Err(io_failure(err)),
@@ -253,6 +240,15 @@ impl Http1 {
 
 fn io_failure(err: io::Error) -> Failure {
     Failure::Error(super::runner::classify(&err))
+}
+
+/// A write refused before any byte of the request went: a connection the server had closed
+/// never got it.
+fn refused(err: io::Error) -> Failure {
+    match io_failure(err) {
+        Failure::Error(ErrorKind::Reset) => Failure::Unsent,
+        other => other,
+    }
 }
 
 #[cfg(test)]

@@ -696,10 +696,12 @@ impl Worker {
         let (mut latency_from, mut sent_at) = (latency_from, sent_at);
         let delay = reconnect_delay(self.connect_failures);
         if !delay.is_zero() {
-            let cut = self.shared.cut.at(clock);
-            let until = cut.map_or(Instant::now() + delay, |cut| {
-                cut.min(Instant::now() + delay)
-            });
+            let until = Instant::now() + delay;
+            let until = self
+                .shared
+                .cut
+                .at(clock)
+                .map_or(until, |cut| cut.min(until));
             sleep_until(until).await;
             // The generator's own wait is not the server's latency, unless the request was
             // already due (open loop, behind schedule).
@@ -744,10 +746,10 @@ impl Worker {
         let template = &plan.templates[template];
         let timeout = sent_at + plan.timeout;
         let ends = || cut.at(clock).map_or(timeout, |at| at.min(timeout));
-        // Past the limit: a timeout, or the run's end when that came first.
-        let over = || match cut.at(clock) {
+        // Past the limit: the run's end when that came first, else `kind`.
+        let over = |kind| match cut.at(clock) {
             Some(at) if at <= timeout => Sent::Cut(at),
-            _ => Sent::Failed(ErrorKind::Timeout),
+            _ => Sent::Failed(kind),
         };
         // A request goes again on a new connection once when its connection turned out closed
         // before it went out; a server that closes every new connection gets no more tries.
@@ -761,24 +763,17 @@ impl Worker {
                         Connection::open(&plan.origins[template.origin], plan.http2, &self.counts);
                     let opened = tokio::select! {
                         opened = timeout_at(ends(), open) => opened,
-                        () = cut.stopped(self.index) => return over(),
+                        () = cut.stopped(self.index) => return over(ErrorKind::Connect),
                     };
-                    match opened {
-                        Ok(Ok(conn)) => {
-                            self.connect_failures = 0;
-                            slot.insert(conn)
-                        }
-                        Ok(Err(kind)) => {
-                            self.connect_failures += 1;
-                            return Sent::Failed(kind);
-                        }
-                        Err(_) => {
-                            self.connect_failures += 1;
-                            return match over() {
-                                Sent::Cut(at) => Sent::Cut(at),
-                                _ => Sent::Failed(ErrorKind::Connect),
-                            };
-                        }
+                    if let Ok(Ok(conn)) = opened {
+                        self.connect_failures = 0;
+                        slot.insert(conn)
+                    } else {
+                        self.connect_failures += 1;
+                        return match opened {
+                            Ok(Err(kind)) => Sent::Failed(kind),
+                            _ => over(ErrorKind::Connect),
+                        };
                     }
                 }
             };
@@ -810,7 +805,7 @@ impl Worker {
                 None => {
                     // Unanswered: where the answer would begin on this connection is unknown.
                     *slot = None;
-                    return over();
+                    return over(ErrorKind::Timeout);
                 }
             }
         }
@@ -845,14 +840,11 @@ mod tests {
 
     #[test]
     fn local_shortages_are_not_the_servers() {
-        assert_eq!(
-            connect_error(&io::Error::from_raw_os_error(24)),
-            ErrorKind::Local
-        );
-        assert_eq!(
-            connect_error(&io::Error::from_raw_os_error(99)),
-            ErrorKind::Local
-        );
+        use nix::errno::Errno;
+        for local in [Errno::EMFILE, Errno::EADDRNOTAVAIL] {
+            let err = io::Error::from_raw_os_error(local as i32);
+            assert_eq!(connect_error(&err), ErrorKind::Local, "{local}");
+        }
         let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
         assert_eq!(connect_error(&refused), ErrorKind::Connect);
     }

@@ -7,6 +7,8 @@ use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, Method, Request, Uri};
+
+use crate::http1::has_token;
 use http_body_util::Full;
 
 /// A server to connect to; URLs with the same authority share one.
@@ -206,13 +208,11 @@ fn template(origin: usize, parsed: ParsedUrl, parts: &RequestParts) -> Template 
         uri,
         headers: parts.headers.clone(),
         body: parts.body.clone(),
-        closes: parts.headers.get_all(CONNECTION).iter().any(|value| {
-            value.to_str().is_ok_and(|value| {
-                value
-                    .split(',')
-                    .any(|token| token.trim().eq_ignore_ascii_case("close"))
-            })
-        }),
+        closes: parts
+            .headers
+            .get_all(CONNECTION)
+            .iter()
+            .any(|value| has_token(value.as_bytes(), b"close")),
     }
 }
 

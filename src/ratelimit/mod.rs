@@ -328,19 +328,14 @@ fn conclude(
     admitted: &mut Admitted,
 ) -> Result<(), ProxyError> {
     let passes = decisions.iter().all(|d| d.allowed);
-    let mut verdict: Option<(usize, RateDecision)> = None;
-    for (index, (rule, decision)) in policy.rules.iter().zip(decisions).enumerate() {
+    for (rule, decision) in policy.rules.iter().zip(decisions) {
         if passes {
             rule.counters.allowed.fetch_add(1, Ordering::Relaxed);
         } else if !decision.allowed {
             rule.counters.limited.fetch_add(1, Ordering::Relaxed);
         }
-        verdict = Some(match verdict {
-            None => (index, *decision),
-            Some(so_far) => strictest(so_far, (index, *decision)),
-        });
     }
-    let Some((index, decision)) = verdict else {
+    let Some((index, decision)) = decisions.iter().copied().enumerate().reduce(strictest) else {
         return Ok(());
     };
     let rule = &policy.rules[index];
