@@ -1,6 +1,7 @@
 //! Logging set-up: `tracing` with text or JSON output, level from `--log-level` or `LOG_LEVEL`.
 
-use std::io::IsTerminal;
+use std::borrow::Cow;
+use std::io::{IsTerminal, Write};
 
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::EnvFilter;
@@ -47,19 +48,74 @@ pub fn init(format: LogFormat, level: &str) {
     }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_ansi(std::io::stderr().is_terminal());
     let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder
+            .with_writer(|| OneLine(std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => builder
+            .with_writer(std::io::stderr)
+            .json()
+            .flatten_event(true)
+            .try_init(),
     };
     // A second init (tests) keeps the first subscriber.
     drop(result);
 }
 
+/// Stderr for the text format, which writes each event whole in one call: a line break inside
+/// a value (an error text, a name from outside) is written escaped, so one event stays one line
+/// and nothing a peer sends can forge a log line of its own. JSON escapes them itself.
+struct OneLine<W>(W);
+
+impl<W: Write> Write for OneLine<W> {
+    fn write(&mut self, event: &[u8]) -> std::io::Result<usize> {
+        self.0.write_all(&one_line(event))?;
+        Ok(event.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// `event` with every CR and LF but a final LF written as `\r` and `\n`.
+fn one_line(event: &[u8]) -> Cow<'_, [u8]> {
+    let body = event.strip_suffix(b"\n").unwrap_or(event);
+    if !body.iter().any(|&b| b == b'\n' || b == b'\r') {
+        return Cow::Borrowed(event);
+    }
+    let mut line = Vec::with_capacity(event.len() + 8);
+    for &byte in body {
+        match byte {
+            b'\n' => line.extend_from_slice(b"\\n"),
+            b'\r' => line.extend_from_slice(b"\\r"),
+            _ => line.push(byte),
+        }
+    }
+    line.extend_from_slice(&event[body.len()..]);
+    Cow::Owned(line)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_text_event_is_written_as_one_line() {
+        let plain = b"INFO scalegate: served\n";
+        assert!(matches!(one_line(plain), Cow::Borrowed(_)));
+        assert_eq!(
+            &*one_line(b"WARN request failed error=bad\r\nINFO forged\n"),
+            b"WARN request failed error=bad\\r\\nINFO forged\n"
+        );
+        assert_eq!(&*one_line(b"no end\nof line"), b"no end\\nof line");
+
+        let mut written = Vec::new();
+        let event = b"a\nb\n";
+        assert_eq!(OneLine(&mut written).write(event).unwrap(), event.len());
+        assert_eq!(written, b"a\\nb\n");
+    }
 
     #[test]
     fn log_filters_are_levels_or_target_levels() {
