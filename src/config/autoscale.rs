@@ -321,6 +321,11 @@ fn validate_targets(p: &mut Problems, key: &str, raw: &RawAutoscale) -> Vec<(Met
     targets
 }
 
+/// HPA's bounds: the decisions of a window are kept in memory, one per sync period, and a
+/// longer one is a mistyped unit more often than a wish.
+const LONGEST_STABILIZATION: Duration = Duration::from_secs(3600);
+const LONGEST_POLICY_PERIOD: Duration = Duration::from_secs(1800);
+
 fn validate_rules(p: &mut Problems, key: &str, raw: Option<&RawRules>, up: bool) -> ScalingRules {
     let mut rules = if up {
         ScalingRules::default_up()
@@ -331,7 +336,11 @@ fn validate_rules(p: &mut Problems, key: &str, raw: Option<&RawRules>, up: bool)
         return rules;
     };
     if let Some(text) = &raw.stabilization {
-        rules.stabilization = p.duration(&format!("{key}.stabilization"), text);
+        let skey = format!("{key}.stabilization");
+        rules.stabilization = p.duration(&skey, text);
+        if rules.stabilization > LONGEST_STABILIZATION {
+            p.push(&skey, "must be at most 1h (as in HPA)");
+        }
     }
     if let Some(select) = &raw.select_policy {
         rules.select = match select.as_str() {
@@ -373,10 +382,15 @@ fn validate_rules(p: &mut Problems, key: &str, raw: Option<&RawRules>, up: bool)
                 if policy.value == 0 {
                     p.push(format!("{pkey}.value"), "must be at least 1");
                 }
+                let period_key = format!("{pkey}.period");
+                let period = p.positive_duration(&period_key, &policy.period);
+                if period > LONGEST_POLICY_PERIOD {
+                    p.push(&period_key, "must be at most 30m (as in HPA)");
+                }
                 ScalingPolicy {
                     kind,
                     value: policy.value,
-                    period: p.positive_duration(&format!("{pkey}.period"), &policy.period),
+                    period,
                 }
             })
             .collect();
@@ -619,7 +633,7 @@ port_range = "9-1"
 scale_command = "x {replicas}"
 target = { in_flight_per_instance = 0, queue_depth = 3 }
 scale_up = { select_policy = "most", policies = [{ type = "pods", value = 0, period = "soon" }] }
-scale_down = { policies = [{ type = "share", value = 1, period = "1m" }] }
+scale_down = { stabilization = "61m", policies = [{ type = "share", value = 1, period = "1m" }, { type = "pods", value = 1, period = "31m" }] }
 schedules = [{ cron = "* 25 * * *", min = 3 }, { cron = "* * * * *", min = 5, max = 2 }, { cron = "* * * * *", min = 0, max = 2000 }, { cron = "* * * * *", max = 0 }]
 
 [upstreams.cluster]
@@ -645,6 +659,8 @@ upstream = "app"
             "upstreams.app.autoscale.scale_up.policies[0].value",
             "upstreams.app.autoscale.scale_up.policies[0].period",
             "upstreams.app.autoscale.scale_down.policies[0].type",
+            "upstreams.app.autoscale.scale_down.stabilization",
+            "upstreams.app.autoscale.scale_down.policies[1].period",
             "upstreams.app.autoscale.schedules[0].cron",
             "upstreams.app.autoscale.schedules[1].max",
             "upstreams.app.autoscale.schedules[2].min",
