@@ -380,6 +380,20 @@ async fn redis_password_is_checked_at_start_and_a_change_falls_back() {
     // Every one of the 20 was decided locally: a killed connection and a refused password leave
     // nothing to decide at Redis.
     assert_eq!(report["rules"][0]["fallback"], 20, "{report}");
+    // Metrics count them once by outcome and once more in their own family, so a sum over
+    // outcomes is the number of requests decided.
+    let metrics = get(&client, &gw.admin_url("/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    for line in [
+        "scalegate_rate_limit_decisions_total{rule=\"pw\",outcome=\"allowed\"} 21",
+        "scalegate_rate_limit_fallback_decisions_total{rule=\"pw\"} 20",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in {metrics}"
+        );
+    }
+    assert!(!metrics.contains("outcome=\"fallback\""), "{metrics}");
 }
 
 #[tokio::test]

@@ -41,6 +41,7 @@ pub const OPEN_CONNECTIONS: &str = "open_connections";
 pub const CONNECTIONS_REFUSED: &str = "connections_refused";
 pub const RATE_LIMIT_DECISIONS: &str = "rate_limit_decisions";
 pub const RATE_LIMIT_REDIS_UP: &str = "rate_limit_redis_up";
+pub const RATE_LIMIT_FALLBACK: &str = "rate_limit_fallback_decisions";
 pub const AUTOSCALE_CURRENT: &str = "autoscale_current_replicas";
 pub const AUTOSCALE_DESIRED: &str = "autoscale_desired_replicas";
 pub const AUTOSCALE_READY: &str = "autoscale_ready_replicas";
@@ -608,13 +609,12 @@ pub fn rate_limit_families(
 ) -> Vec<Family> {
     let mut decisions = Family::new(
         RATE_LIMIT_DECISIONS,
-        "Requests by rule and outcome: allowed (passed every rule of the route), limited (refused by this rule), fallback (decided without Redis).",
+        "Requests by rule and outcome: allowed (passed every rule of the route), limited (refused by this rule).",
     );
     for (rule, counters) in rules {
         for (outcome, counter) in [
             ("allowed", &counters.allowed),
             ("limited", &counters.limited),
-            ("fallback", &counters.fallback),
         ] {
             decisions.push(
                 vec![("rule", rule.clone()), ("outcome", outcome.to_string())],
@@ -624,6 +624,19 @@ pub fn rate_limit_families(
     }
     let mut families = vec![decisions];
     if let Some(up) = redis_up {
+        // Its own family: these requests are also in the decisions above, so an outcome label
+        // would count them twice in a sum over outcomes.
+        let mut fallback = Family::new(
+            RATE_LIMIT_FALLBACK,
+            "Rate-limit decisions made without Redis (while it did not answer), by rule; each is also counted as allowed or limited.",
+        );
+        for (rule, counters) in rules {
+            fallback.push(
+                vec![("rule", rule.clone())],
+                Value::Counter(counters.fallback.load(Ordering::Relaxed)),
+            );
+        }
+        families.push(fallback);
         let mut family = Family::new(
             RATE_LIMIT_REDIS_UP,
             "1 while the shared rate-limit store (Redis) answers, 0 while falling back.",
