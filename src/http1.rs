@@ -112,9 +112,20 @@ fn is_named(name: &[u8], known: &[u8]) -> bool {
         .all(|at| word(name, at) == word(known, at))
 }
 
+/// Which Transfer-Encoding an answer may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codings {
+    /// One `chunked` and nothing else: a proxy re-frames the body towards its client, and any
+    /// other coding would reach it applied and unnamed (nginx refuses them too).
+    ChunkedOnly,
+    /// Any list (a reader that only measures the body): chunked framing when `chunked` is the
+    /// last coding, else the body runs until the connection closes (RFC 9112 §6.3).
+    Any,
+}
+
 /// Decides an answer's framing from its status, minor version and fields. Answers to HEAD
 /// (`head_request`), 1xx, 204 and 304 have no body whatever their fields say; Transfer-Encoding
-/// must be one `chunked` and wins over Content-Length, and a message carrying both closes its
+/// (as `codings` allows) wins over Content-Length, and a message carrying both closes its
 /// connection, as RFC 9112 §6.3 asks, so nothing smuggled after it can be read as another
 /// answer.
 pub fn response_framing(
@@ -122,10 +133,13 @@ pub fn response_framing(
     minor_version: u8,
     headers: &[httparse::Header<'_>],
     head_request: bool,
+    codings: Codings,
 ) -> Result<BodyFraming, ParseError> {
     let mut connection = ConnectionOptions::default();
     let mut length: Option<u64> = None;
     let mut chunked = false;
+    // A coding list whose last coding is not chunked (`Codings::Any` only).
+    let mut unframed = false;
     for header in headers {
         match FieldKind::of(header.name) {
             FieldKind::ContentLength => {
@@ -137,8 +151,18 @@ pub fn response_framing(
                     length = Some(parsed);
                 }
             }
-            // Other codings would reach the client still applied and unnamed once the gateway
-            // re-frames the body; nginx refuses them too.
+            FieldKind::TransferEncoding if codings == Codings::Any => {
+                // Fields are one list in order: the last coding of the last field decides.
+                let last = header
+                    .value
+                    .split(|&b| b == b',')
+                    .map(<[u8]>::trim_ascii)
+                    .rfind(|coding| !coding.is_empty());
+                if let Some(last) = last {
+                    chunked = last.eq_ignore_ascii_case(b"chunked");
+                    unframed = !chunked;
+                }
+            }
             FieldKind::TransferEncoding
                 if !chunked && header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") =>
             {
@@ -152,6 +176,9 @@ pub fn response_framing(
     let mut keep_alive = connection.keep_alive(minor_version == 1);
     let framing = if head_request || status / 100 == 1 || status == 204 || status == 304 {
         Framing::Length(0)
+    } else if unframed {
+        keep_alive = false;
+        Framing::UntilClose
     } else if chunked {
         if length.is_some() {
             keep_alive = false;
@@ -648,6 +675,7 @@ mod tests {
             response.version.unwrap(),
             response.headers,
             head_request,
+            Codings::ChunkedOnly,
         )
     }
 
@@ -717,6 +745,30 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             assert_eq!(framing_of(coding, false), Err(ParseError::Coding));
+        }
+        // A reader that only measures the body takes any list: chunked when it ends the list.
+        let measured = |head: &[u8]| {
+            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut response = httparse::Response::new(&mut headers);
+            assert!(response.parse(head).unwrap().is_complete());
+            let framing = response_framing(200, 1, response.headers, false, Codings::Any).unwrap();
+            (framing.framing, framing.keep_alive)
+        };
+        for (head, framing) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"[..],
+                (Framing::Chunked, true),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: Chunked,\r\n\r\n",
+                (Framing::Chunked, true),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\nContent-Length: 4\r\n\r\n",
+                (Framing::UntilClose, false),
+            ),
+        ] {
+            assert_eq!(measured(head), framing, "{}", String::from_utf8_lossy(head));
         }
         for bad in [
             &b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"[..],

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 
 use super::report::ErrorKind;
 use super::runner::ByteCounts;
-use crate::http1::{parse_response, response_framing, Chunked, Framing, MAX_HEAD};
+use crate::http1::{parse_response, response_framing, Chunked, Codings, Framing, MAX_HEAD};
 
 /// Most header lines an answer may have (hyper's client allows 100).
 const MAX_HEADERS: usize = 128;
@@ -49,6 +49,7 @@ pub fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Head>, ErrorK
         response.version.unwrap_or(0),
         response.headers,
         head_request,
+        Codings::Any,
     )
     .map_err(|_| ErrorKind::Other)?;
     Ok(Some(Head {

@@ -31,8 +31,8 @@ use super::headers::{has, ForwardedFields};
 use super::pipeline::LineHold;
 use super::upstream::InFlightGuard;
 use crate::http1::{
-    parse_response, response_framing, BodyFraming, BodyProgress, FieldKind, FieldSpans, Framing,
-    MAX_HEAD,
+    parse_response, response_framing, BodyFraming, BodyProgress, Codings, FieldKind, FieldSpans,
+    Framing, MAX_HEAD,
 };
 
 /// Header fields of an answer parsed on the stack; more are parsed again on the heap, with
@@ -774,6 +774,7 @@ fn parse_head_in(
         answer.version.unwrap_or(1),
         answer.headers,
         reading.head_request,
+        Codings::ChunkedOnly,
     )
     .map_err(|err| invalid_answer(&err))?;
     // The gateway frames the body itself towards the client.
