@@ -595,3 +595,110 @@ upstream = "app"
     .await;
     assert!(busy, "{}", autoscale_status(&client, &gw).await);
 }
+
+/// A child whose port accepts connections but whose health check never passes is listed as
+/// unhealthy, not as serving, and takes no traffic.
+#[tokio::test]
+async fn a_child_failing_its_checks_is_not_listed_as_serving() {
+    let body = r#"
+[upstreams.app]
+instances = []
+[upstreams.app.health]
+path = "/cache?status=503"
+interval = "200ms"
+rise = 1
+[upstreams.app.autoscale]
+min = 1
+max = 1
+command = "{self} demo-backend --port {port}"
+port_range = "44500-44509"
+target = { in_flight_per_instance = 2 }
+sync_period = "1s"
+[[routes]]
+upstream = "app"
+"#;
+    let gw = autoscaled(body);
+    let client = client();
+    let listed = eventually(Duration::from_secs(15), || async {
+        let status = autoscale_status(&client, &gw).await;
+        status["instances"][0]["pid"].as_u64().is_some()
+            && status["instances"][0]["state"] == "unhealthy"
+            && status["instances"][0]["health"] == "down"
+    })
+    .await;
+    let status = autoscale_status(&client, &gw).await;
+    assert!(listed, "{status}");
+    assert!(children(&status, "serving").is_empty(), "{status}");
+    assert_eq!(get(&client, &gw.url("/")).await.status, 503);
+}
+
+/// A start that finds no free port (another program holds the only one of `port_range`) is a
+/// failed start: retried with backoff, and the instance starts once the port is free.
+#[tokio::test]
+async fn a_start_without_a_free_port_is_retried_until_one_frees() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:44610").unwrap();
+    let body = r#"
+[upstreams.app]
+instances = []
+[upstreams.app.health]
+interval = "200ms"
+rise = 1
+[upstreams.app.autoscale]
+min = 1
+max = 1
+command = "{self} demo-backend --port {port}"
+port_range = "44610-44610"
+target = { in_flight_per_instance = 2 }
+sync_period = "1s"
+[[routes]]
+upstream = "app"
+"#;
+    let gw = autoscaled(body);
+    let client = client();
+    let retried = eventually(Duration::from_secs(10), || async {
+        let status = autoscale_status(&client, &gw).await;
+        status["instances"][0]["state"] == "crashed"
+            && status["instances"][0]["restarts"].as_u64() >= Some(1)
+    })
+    .await;
+    assert!(retried, "{}", autoscale_status(&client, &gw).await);
+    assert_eq!(get(&client, &gw.url("/")).await.status, 503);
+
+    drop(holder);
+    let serving = eventually(Duration::from_secs(15), || async {
+        children(&autoscale_status(&client, &gw).await, "serving").len() == 1
+    })
+    .await;
+    assert!(serving, "{}", autoscale_status(&client, &gw).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            get(&client, &gw.url("/")).await.status == 200
+        })
+        .await
+    );
+}
+
+/// A failed scale command's reason comes from its stderr, but a process it left running that
+/// holds stderr open delays the verdict by a second at most, not until that process ends.
+#[tokio::test]
+async fn a_failed_scale_command_is_reported_without_waiting_for_what_it_left_running() {
+    let backend = demo_backend(&[]);
+    let body = exec_config(
+        "sh -c 'echo quota exceeded for {replicas} >&2; sleep 8 & exit 3'",
+        &format!("localhost:{}", backend.addr().port()),
+        "sync_period = \"1s\"",
+    );
+    let gw = autoscaled(&body);
+    let client = client();
+    let reported = eventually(Duration::from_secs(5), || async {
+        let status = autoscale_status(&client, &gw).await;
+        status["instances"]["last_command"]["ok"] == false
+    })
+    .await;
+    let status = autoscale_status(&client, &gw).await;
+    assert!(reported, "{status}");
+    let error = status["instances"]["last_command"]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("quota exceeded"), "{status}");
+}

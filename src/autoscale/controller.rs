@@ -231,7 +231,7 @@ impl Run {
             "bounds": last.map(|d| d.bounds).unwrap_or(config.bounds),
             "sync_period_secs": config.sync_period.as_secs_f64(),
             "signals": last.map(|d| d.metrics.clone()).unwrap_or_default(),
-            "instances": provider.status(now),
+            "instances": provider.status(upstream, now),
             "decisions": state.decisions,
             "scale_events": state.scale_events,
         })

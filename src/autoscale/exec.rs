@@ -224,7 +224,7 @@ impl Provider for ExecProvider {
         result
     }
 
-    fn status(&self, _now: Instant) -> Value {
+    fn status(&self, _upstream: &Upstream, _now: Instant) -> Value {
         json!({
             "replicas": self.replicas,
             "discovered": self.discovered.keys().map(ToString::to_string).collect::<Vec<_>>(),

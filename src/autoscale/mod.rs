@@ -147,7 +147,7 @@ trait Provider: Send + 'static {
         desired: u32,
     ) -> impl Future<Output = Result<(), String>> + Send;
     /// Provider-specific detail for the admin API.
-    fn status(&self, now: Instant) -> Value;
+    fn status(&self, upstream: &Upstream, now: Instant) -> Value;
     /// Stops what the provider started (gateway exit).
     fn shutdown(self) -> impl Future<Output = ()> + Send;
 }

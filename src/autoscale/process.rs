@@ -398,16 +398,26 @@ impl Provider for ProcessProvider {
         Ok(())
     }
 
-    fn status(&self, now: Instant) -> Value {
+    fn status(&self, upstream: &Upstream, now: Instant) -> Value {
         let children: Vec<Value> = self
             .children
             .iter()
             .map(|c| {
+                // A child in the pool serves only while its checks pass: one that never passes
+                // them (or fails them later) is listed as such, not as serving.
+                let health = (c.state == ChildState::Serving)
+                    .then(|| upstream.find(c.addr))
+                    .flatten();
+                let state = match &health {
+                    Some(instance) if !instance.is_available(now) => "unhealthy",
+                    _ => c.state.name(),
+                };
                 json!({
                     "id": c.id,
                     "addr": c.addr.to_string(),
                     "pid": c.pid,
-                    "state": c.state.name(),
+                    "state": state,
+                    "health": health.map(|instance| instance.state_name(now)),
                     "restarts": c.restarts,
                     "uptime_secs": now.saturating_duration_since(c.started).as_secs_f64(),
                 })
