@@ -561,28 +561,30 @@ async fn a_timed_out_scale_command_is_stopped_with_its_children() {
     assert!(!record.exists(), "a timed-out command's child ran on");
 }
 
+/// A demo-backend child scaled on in-flight requests, for [`one_child`].
+const DEMO_CHILD: &str =
+    "command = \"{self} demo-backend --port {port}\"\ntarget = { in_flight_per_instance = 2 }";
+
+/// An upstream of exactly one process child on `ports`, checked every 200 ms; `health` and
+/// `autoscale` are more keys of those tables (`autoscale` names the command and target).
+fn one_child(ports: &str, health: &str, autoscale: &str) -> String {
+    format!(
+        "[upstreams.app]\ninstances = []\n[upstreams.app.health]\ninterval = \"200ms\"\nrise = 1\n\
+         {health}\n[upstreams.app.autoscale]\nmin = 1\nmax = 1\nport_range = \"{ports}\"\n\
+         sync_period = \"1s\"\n{autoscale}\n[[routes]]\nupstream = \"app\"\n"
+    )
+}
+
 /// `cpu_percent` is the CPU of the instance's whole process group: here a wrapper shell starts
 /// a busy helper and execs the server, which itself idles.
 #[tokio::test]
 async fn cpu_percent_counts_what_the_instance_started() {
-    let body = r#"
-[upstreams.app]
-instances = []
-[upstreams.app.health]
-interval = "200ms"
-rise = 1
-[upstreams.app.autoscale]
-min = 1
-max = 1
-command = "sh -c 'yes > /dev/null & exec {self} demo-backend --port {port}'"
-port_range = "44400-44409"
-target = { cpu_percent = 50 }
-sync_period = "1s"
-startup_grace = "0s"
-[[routes]]
-upstream = "app"
-"#;
-    let gw = autoscaled(body);
+    let gw = autoscaled(&one_child(
+        "44400-44409",
+        "",
+        "command = \"sh -c 'yes > /dev/null & exec {self} demo-backend --port {port}'\"\n\
+         target = { cpu_percent = 50 }\nstartup_grace = \"0s\"",
+    ));
     let client = client();
     let busy = eventually(Duration::from_secs(15), || async {
         let status = autoscale_status(&client, &gw).await;
@@ -600,24 +602,11 @@ upstream = "app"
 /// unhealthy, not as serving, and takes no traffic.
 #[tokio::test]
 async fn a_child_failing_its_checks_is_not_listed_as_serving() {
-    let body = r#"
-[upstreams.app]
-instances = []
-[upstreams.app.health]
-path = "/cache?status=503"
-interval = "200ms"
-rise = 1
-[upstreams.app.autoscale]
-min = 1
-max = 1
-command = "{self} demo-backend --port {port}"
-port_range = "44500-44509"
-target = { in_flight_per_instance = 2 }
-sync_period = "1s"
-[[routes]]
-upstream = "app"
-"#;
-    let gw = autoscaled(body);
+    let gw = autoscaled(&one_child(
+        "44500-44509",
+        "path = \"/cache?status=503\"",
+        DEMO_CHILD,
+    ));
     let client = client();
     let listed = eventually(Duration::from_secs(15), || async {
         let status = autoscale_status(&client, &gw).await;
@@ -637,23 +626,7 @@ upstream = "app"
 #[tokio::test]
 async fn a_start_without_a_free_port_is_retried_until_one_frees() {
     let holder = std::net::TcpListener::bind("127.0.0.1:44610").unwrap();
-    let body = r#"
-[upstreams.app]
-instances = []
-[upstreams.app.health]
-interval = "200ms"
-rise = 1
-[upstreams.app.autoscale]
-min = 1
-max = 1
-command = "{self} demo-backend --port {port}"
-port_range = "44610-44610"
-target = { in_flight_per_instance = 2 }
-sync_period = "1s"
-[[routes]]
-upstream = "app"
-"#;
-    let gw = autoscaled(body);
+    let gw = autoscaled(&one_child("44610-44610", "", DEMO_CHILD));
     let client = client();
     let retried = eventually(Duration::from_secs(10), || async {
         let status = autoscale_status(&client, &gw).await;
