@@ -419,6 +419,12 @@ path_prefix = "/private"
 upstream = "app"
 auth = "api_key"
 rate_limits = [{{ key = "api_key", limit = 2, period = "1m", burst = 1 }}]
+
+[[routes]]
+name = "metered"
+path_prefix = "/metered"
+upstream = "app"
+rate_limits = [{{ key = "api_key", limit = 2, period = "1m", burst = 1 }}]
 "#,
         keys_file.display(),
         backend.addr()
@@ -463,6 +469,31 @@ rate_limits = [{{ key = "api_key", limit = 2, period = "1m", burst = 1 }}]
     }
     assert_eq!(get(&client, &gw.url("/open")).await.status, 200);
     assert_eq!(backend_requests(&client, &backend).await, 5);
+
+    // A route without auth still counts by the key presented; requests without a valid one
+    // share their address's quota.
+    let metered = gw.url("/metered");
+    let mut statuses = Vec::new();
+    for key in [
+        "inline-key-0001",
+        "inline-key-0001",
+        "inline-key-0001",
+        "file-key-0002",
+        "",
+        "inline-key-0009",
+        "",
+    ] {
+        let headers: &[(&str, &str)] = if key.is_empty() {
+            &[]
+        } else {
+            &[("x-api-key", key)]
+        };
+        let reply = request(&client, "GET", &metered, headers, "")
+            .await
+            .unwrap();
+        statuses.push(reply.status);
+    }
+    assert_eq!(statuses, [200, 200, 429, 200, 200, 200, 429]);
 }
 
 /// The first route's concurrency limit: requests in flight and waiting in its queue.

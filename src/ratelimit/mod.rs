@@ -248,9 +248,20 @@ impl Rule {
     }
 }
 
+/// What a route does with the API key a request presents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyUse {
+    /// Nothing: no `auth` and no rule keyed by it.
+    Ignored,
+    /// A rule counts by it; a request without a valid one counts by client address.
+    Counted,
+    /// `auth = "api_key"`: a request without a valid one gets 401.
+    Required,
+}
+
 struct RoutePolicy {
     name: String,
-    api_key: bool,
+    key_use: KeyUse,
     rules: Vec<Rule>,
     own_limit: Option<Arc<ConcurrencyLimit>>,
     upstream_limit: Option<Arc<ConcurrencyLimit>>,
@@ -392,7 +403,7 @@ impl Admission {
                     .iter()
                     .find(|(n, _)| *n == route.upstream)
                     .map(|(_, limit)| limit.clone());
-                let rules = route_limits
+                let rules: Vec<Rule> = route_limits
                     .rules
                     .iter()
                     .map(|rule| {
@@ -416,9 +427,16 @@ impl Admission {
                         }
                     })
                     .collect();
+                let key_use = if route_limits.api_key {
+                    KeyUse::Required
+                } else if rules.iter().any(|rule| rule.key == RuleKey::ApiKey) {
+                    KeyUse::Counted
+                } else {
+                    KeyUse::Ignored
+                };
                 RoutePolicy {
                     name: route.name.clone(),
-                    api_key: route_limits.api_key,
+                    key_use,
                     rules,
                     own_limit,
                     upstream_limit,
@@ -504,17 +522,18 @@ impl Admission {
         client_ip(peer, headers, &self.trusted_proxies)
     }
 
-    /// The request's API key when the route asks for one.
+    /// The request's API key when the route requires one or counts by it.
     fn api_key(
         &self,
         policy: &RoutePolicy,
         headers: &HeaderMap,
     ) -> Result<Option<ApiKeyId>, ProxyError> {
-        if !policy.api_key {
+        if policy.key_use == KeyUse::Ignored {
             return Ok(None);
         }
         match self.api_keys.identify(headers) {
             Ok(id) => Ok(Some(id)),
+            Err(_) if policy.key_use == KeyUse::Counted => Ok(None),
             Err(AuthFailure::Missing) => Err(ProxyError::Unauthorized("missing API key")),
             Err(AuthFailure::Wrong) => Err(ProxyError::Unauthorized("wrong API key")),
         }
