@@ -91,12 +91,15 @@ fn host_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
-/// Host of a request without the port.
+/// Host of a request without the port, and without the trailing dot of a fully qualified
+/// name: `only.example.` is the site `only.example` (nginx strips it too), so it meets that
+/// site's routes and their checks rather than slipping past them to a catch-all route.
 pub fn host_without_port(host: &str) -> &str {
     if host.starts_with('[') {
         return host.split_once(']').map_or(host, |(h, _)| &h[1..]);
     }
-    host.rsplit_once(':').map_or(host, |(h, _)| h)
+    let name = host.rsplit_once(':').map_or(host, |(h, _)| h);
+    name.strip_suffix('.').unwrap_or(name)
 }
 
 #[cfg(test)]
@@ -132,6 +135,10 @@ mod tests {
             (None, "/api", Some(1)),
             (Some("Admin.TEST"), "/", Some(2)),
             (Some("EU.Shop.Test"), "/cart", Some(3)),
+            (Some("admin.test."), "/", Some(2)),
+            (Some("admin.test.:8080"), "/", Some(2)),
+            (Some("eu.shop.test."), "/cart", Some(3)),
+            (Some("admin.test.."), "/", Some(0)),
         ];
         for (host, path, expected) in cases {
             let host_bytes = host.map(str::as_bytes);
