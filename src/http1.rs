@@ -173,7 +173,10 @@ pub fn response_framing(
             _ => {}
         }
     }
-    let mut keep_alive = connection.keep_alive(minor_version == 1);
+    // Transfer-Encoding in an HTTP/1.0 message is faulty framing: the connection ends after
+    // it (RFC 9112 §6.1), as nginx ends it.
+    let mut keep_alive =
+        connection.keep_alive(minor_version == 1) && !(minor_version == 0 && (chunked || unframed));
     let framing = if head_request || status / 100 == 1 || status == 204 || status == 304 {
         Framing::Length(0)
     } else if unframed {
@@ -701,6 +704,15 @@ mod tests {
         );
         let old = framing_of(b"HTTP/1.0 200 OK\r\n\r\n", false).unwrap();
         assert_eq!((old.framing, old.keep_alive), (Framing::UntilClose, false));
+        let old_chunked = framing_of(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            (old_chunked.framing, old_chunked.keep_alive),
+            (Framing::Chunked, false)
+        );
         let kept = framing_of(
             b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
             false,
