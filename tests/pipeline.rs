@@ -570,6 +570,50 @@ async fn quick_requests_do_not_queue_behind_a_path_known_slow() {
     assert_eq!(BEHIND_SLOW.load(Ordering::Relaxed), 0);
 }
 
+/// `/report` requests [`report_among_quick_ones`] read, and requests it found queued behind one.
+static REPORTS: AtomicUsize = AtomicUsize::new(0);
+static BEHIND_REPORT: AtomicUsize = AtomicUsize::new(0);
+
+/// Answers `/report` after 300 ms and everything else at once, echoing the target.
+fn report_among_quick_ones(stream: TcpStream, _: usize) {
+    let mut targets = Targets::new(stream);
+    while let Some(target) = targets.next() {
+        if target.starts_with("/report") {
+            REPORTS.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(300));
+            let waiting = targets.waiting();
+            BEHIND_REPORT.fetch_add(waiting.matches("GET /").count(), Ordering::Relaxed);
+        }
+        if !targets.answer("", target.as_bytes()) {
+            return;
+        }
+    }
+}
+
+/// A burst of requests for a path that never answered yet goes out one per connection, on an
+/// instance pipelined to for every other path: none waits behind another's slow answer, and
+/// none is taken for dropped and sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_for_a_path_not_yet_answered_does_not_queue_behind_itself() {
+    let gw = gateway_before(report_among_quick_ones, "");
+    let client = client();
+    assert_eq!(get(&client, &gw.url("/quick?first")).await.status, 200);
+    get_targets_in_parallel(&gw, 16, 4, |task, n| format!("/quick?warm-{task}-{n}")).await;
+    // Over one HTTP/2 connection, open already, the burst reaches the gateway at once.
+    let h2 = h2c_client();
+    assert_eq!(get(&h2, &gw.url("/quick?h2")).await.status, 200);
+    let sent = (0..8).map(|n| {
+        let (client, target) = (h2.clone(), format!("/report?{n}"));
+        let url = gw.url(&target);
+        async move { (get(&client, &url).await, target) }
+    });
+    for (reply, target) in futures_util::future::join_all(sent).await {
+        assert_eq!(String::from_utf8_lossy(&reply.body), target);
+    }
+    assert_eq!(REPORTS.load(Ordering::Relaxed), 8);
+    assert_eq!(BEHIND_REPORT.load(Ordering::Relaxed), 0);
+}
+
 /// What an instance closing its connections after a number of answers saw: request heads it
 /// read and never answered, and the most requests one connection brought.
 #[derive(Default)]

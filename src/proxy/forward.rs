@@ -703,7 +703,7 @@ async fn send_pipelined(
     let connector = &instance.pool.connector;
     let head_request = head.parts.method == Method::HEAD;
     let idle = || instance.pool.take_idle(false, started);
-    let ticket = lines.enqueue(connector, idle, started, head_request, |out| {
+    let ticket = lines.enqueue(connector, idle, started, head_request, path, |out| {
         encode_bodiless(out, head)
     });
     let due = started + timeout;

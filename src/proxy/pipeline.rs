@@ -26,7 +26,8 @@
 //! its own: a request does not queue behind one that has waited [`FLOWING_WAIT`] already, nor
 //! at all while the instance's pace (its time per answer on a line) is past [`PACE_LIMIT`] or
 //! not yet measured ([`pace_after`]);
-//! nor are requests for a path that answered slowly among quick ones ([`SLOW_PATH`]). And an
+//! nor are requests for a path that answered slowly among quick ones ([`SLOW_PATH`]); a request
+//! for a path that has not answered yet goes alone on its line ([`LineView::lonely`]). And an
 //! answer whose body does not come whole with its head sends the requests queued behind it
 //! elsewhere, so that a large answer, or its slow reader, holds up no one. Until the instance
 //! has answered a whole write of several requests, a line writes no more while one it wrote is
@@ -164,6 +165,11 @@ impl PathSlot {
 /// The answers of one slot of paths.
 #[derive(Default)]
 struct PathWatch {
+    /// An answer for a path of this slot came. Until then each of its requests goes alone on
+    /// its line ([`LineView::lonely`]): a burst of requests for a path never seen (a report
+    /// that takes a second, on an instance quick everywhere else) would otherwise queue behind
+    /// one another.
+    answered: AtomicBool,
     /// Its slow answers in a row ([`next_slow_answers`]).
     slow_answers: AtomicU32,
     /// Until when, in milliseconds from [`Lines::epoch`], its requests are not pipelined.
@@ -318,6 +324,8 @@ struct LineState {
     closed: Option<Broken>,
     /// See [`LineView::streaming`].
     streaming: bool,
+    /// See [`LineView::lonely`].
+    lonely: bool,
     /// Requests in the last write (see [`Verdict::pipelined`]).
     last_write: usize,
     /// When the oldest request not yet answered to its end was queued.
@@ -381,6 +389,8 @@ struct Joining<'a, F> {
     /// It queues to measure the instance ([`PROBE_INTERVAL`]): written at once, not held back
     /// until the answers before it came ([`Verdict::pipelined`]).
     probe: bool,
+    /// Its path has not answered yet ([`PathWatch::answered`]): it goes alone on its line.
+    alone: bool,
     idle_timeout: Duration,
 }
 
@@ -397,6 +407,9 @@ pub struct LineView {
     pub waited: Duration,
     /// Its reader is taking an answer body that did not come whole with its head.
     pub streaming: bool,
+    /// It carries a request for a path that has not answered yet, and nothing may queue
+    /// behind that until its answer came.
+    pub lonely: bool,
     /// It took its `keepalive_requests` (those its connection carried before it became a line
     /// counted): it takes no more and closes once they are answered, so that no request is
     /// queued on it when it closes, as there would be on one the instance closes at its limit.
@@ -413,6 +426,7 @@ pub fn joinable(line: LineView, depth: usize) -> bool {
             || (line.proven
                 && line.paced
                 && !line.streaming
+                && !line.lonely
                 && line.load < depth
                 && line.waited < FLOWING_WAIT))
 }
@@ -439,30 +453,33 @@ impl Lines {
         !self.verdict.refused.load(Ordering::Relaxed)
     }
 
-    /// Queues a request on the first line it may join ([`joinable`]), opening a line when
-    /// there is none, on the idle pooled connection `idle` gives when it gives one (the
-    /// instance kept it open: it is proven); `write_head` appends its head to the bytes the
-    /// line writes next.
+    /// Queues a request for `path` on the first line it may join ([`joinable`]), opening a
+    /// line when there is none, on the idle pooled connection `idle` gives when it gives one
+    /// (the instance kept it open: it is proven); `write_head` appends its head to the bytes
+    /// the line writes next.
     pub fn enqueue(
         &self,
         connector: &Connector,
         idle: impl FnOnce() -> Option<Box<InstanceConn>>,
         now: Instant,
         head_request: bool,
+        path: PathSlot,
         write_head: impl Fn(&mut Vec<u8>),
     ) -> Ticket {
+        let alone = !self.paths[path.0].answered.load(Ordering::Relaxed);
         let joining = Joining {
             write_head: &write_head,
             head_request,
             now,
             depth: self.depth,
             proven: self.verdict.proven.load(Ordering::Relaxed),
-            paced: self.pace.load(Ordering::Relaxed) < PACE_LIMIT_US,
+            paced: !alone && self.pace.load(Ordering::Relaxed) < PACE_LIMIT_US,
             probe: false,
+            alone,
             idle_timeout: self.idle_timeout,
         };
         let mut lines = self.lines.lock().expect("lines lock");
-        if !joining.paced {
+        if !joining.paced && !alone {
             // Past the pace limit, one request per probe interval may queue all the same; the
             // probe is spent once one did.
             let mut probe_at = self.probe_at.lock().expect("probe lock");
@@ -555,6 +572,9 @@ impl Lines {
         let all = next_pace(self.all_paths.load(Ordering::Relaxed), took);
         self.all_paths.store(all, Ordering::Relaxed);
         let slot = &self.paths[path.0];
+        if !slot.answered.load(Ordering::Relaxed) {
+            slot.answered.store(true, Ordering::Relaxed);
+        }
         let slow = slot.slow_answers.load(Ordering::Relaxed);
         match next_slow_answers(slow, took, all) {
             Some(slow) => slot.slow_answers.store(slow, Ordering::Relaxed),
@@ -662,6 +682,7 @@ impl Line {
                 reader: None,
                 closed: None,
                 streaming: false,
+                lonely: false,
                 front_since: now,
                 last_used: now,
                 // A pooled connection's requests count toward `keepalive_requests`.
@@ -701,6 +722,7 @@ impl Line {
             proven,
             paced,
             probe,
+            alone,
             idle_timeout,
             ..
         } = *joining;
@@ -712,6 +734,7 @@ impl Line {
             paced,
             waited: now.saturating_duration_since(state.front_since),
             streaming: state.streaming,
+            lonely: state.lonely,
             spent: self.spent(&state),
         };
         if state.closed.is_some() {
@@ -739,6 +762,8 @@ impl Line {
         if idle {
             state.front_since = now;
         }
+        // Alone, it joined an empty line (it is not `paced`).
+        state.lonely |= alone;
         let id = state.next_turn;
         state.next_turn += 1;
         let behind = match state.reader.take() {
@@ -821,11 +846,13 @@ impl Line {
                 return self.break_off(Broken::Lost);
             }
             state.streaming = false;
+            state.lonely = false;
             state.reader = Some(reader);
             return;
         };
         state.front_since = turn.queued;
         state.streaming = false;
+        state.lonely = false;
         if turn.abandoned {
             drop(state);
             tokio::spawn(skip_abandoned(self.clone(), reader, turn.head_request));
@@ -1136,6 +1163,10 @@ mod tests {
         (lines, connector, listener)
     }
 
+    /// The path the tests' requests are for, answered before (see
+    /// `a_request_for_a_path_not_yet_answered_goes_alone_on_its_line` for one that was not).
+    const ROOT: PathSlot = PathSlot(0);
+
     /// [`lines`] before any answer measured the instance.
     fn unmeasured_lines() -> (Lines, Connector, TcpListener) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1147,11 +1178,9 @@ mod tests {
         .unwrap();
         let connector = Connector::new(addr, config.upstream("app").unwrap());
         let listener = TcpListener::from_std(listener).unwrap();
-        (
-            Lines::new(4, 1000, Duration::from_secs(60)),
-            connector,
-            listener,
-        )
+        let lines = Lines::new(4, 1000, Duration::from_secs(60));
+        lines.paths[ROOT.0].answered.store(true, Ordering::Relaxed);
+        (lines, connector, listener)
     }
 
     /// No idle pooled connection: a new line connects.
@@ -1165,7 +1194,7 @@ mod tests {
 
     /// A request queued first on a new line: its turn comes as soon as the line connects.
     async fn first_in_line(lines: &Lines, connector: &Connector) -> (Box<InstanceConn>, LineHold) {
-        let ticket = lines.enqueue(connector, no_idle, Instant::now(), false, get);
+        let ticket = lines.enqueue(connector, no_idle, Instant::now(), false, ROOT, get);
         ticket.turn().await.ok().unwrap()
     }
 
@@ -1197,10 +1226,36 @@ mod tests {
         (lines, connector, instance, reader, first)
     }
 
+    /// A request for a path that has not answered yet goes alone on its line: nothing joins
+    /// behind it until its answer came; from then on the path is pipelined as any other.
+    #[tokio::test]
+    async fn a_request_for_a_path_not_yet_answered_goes_alone_on_its_line() {
+        let (lines, connector, _listener, reader, first) = proven().await;
+        let now = queued_at(&first);
+        let line = first.line.clone();
+        first.hand_on(reader, true);
+        let report = PathSlot(1);
+        let alone = lines.enqueue(&connector, no_idle, now, false, report, get);
+        assert!(Arc::ptr_eq(&line, &alone.hold().line));
+        let quick = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        assert!(!Arc::ptr_eq(&line, &quick.hold().line));
+        let again = lines.enqueue(&connector, no_idle, now, false, report, get);
+        assert!(!Arc::ptr_eq(&line, &again.hold().line));
+        assert!(!Arc::ptr_eq(&quick.hold().line, &again.hold().line));
+
+        let (reader, hold) = alone.turn().await.ok().unwrap();
+        lines.record_answer(report, PaceSample::First, now, now);
+        hold.hand_on(reader, true);
+        let first = lines.enqueue(&connector, no_idle, now, false, report, get);
+        let behind = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        assert!(Arc::ptr_eq(&line, &first.hold().line));
+        assert!(Arc::ptr_eq(&line, &behind.hold().line));
+    }
+
     #[tokio::test]
     async fn requests_held_back_go_when_another_line_proved_the_instance() {
         let (lines, connector, mut instance, reader, first) = first_written().await;
-        let held = lines.enqueue(&connector, no_idle, queued_at(&first), false, get);
+        let held = lines.enqueue(&connector, no_idle, queued_at(&first), false, ROOT, get);
         tokio::task::yield_now().await;
         lines.verdict.pipelined.store(true, Ordering::Relaxed);
         first.hand_on(reader, true);
@@ -1213,8 +1268,8 @@ mod tests {
     async fn until_a_write_of_several_requests_was_answered_no_write_follows_an_unanswered_one() {
         use tokio::io::AsyncReadExt;
         let (lines, connector, mut instance, reader, first) = first_written().await;
-        let queued =
-            [(); 2].map(|()| lines.enqueue(&connector, no_idle, queued_at(&first), false, get));
+        let queued = [(); 2]
+            .map(|()| lines.enqueue(&connector, no_idle, queued_at(&first), false, ROOT, get));
         // Held back while the first is unanswered.
         let mut byte = [0u8; 1];
         let early = tokio::time::timeout(Duration::from_millis(50), instance.read(&mut byte));
@@ -1232,7 +1287,7 @@ mod tests {
         // Both requests of that write answered: from then on writes follow one another.
         assert_eq!(answered, [false, true]);
         let (reader, first) = first_in_line(&lines, &connector).await;
-        let second = lines.enqueue(&connector, no_idle, queued_at(&first), false, get);
+        let second = lines.enqueue(&connector, no_idle, queued_at(&first), false, ROOT, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         heads_read(&mut instance, 2).await;
         drop((reader, first, second));
@@ -1244,7 +1299,7 @@ mod tests {
         lines.pace.store(UNMEASURED, Ordering::Relaxed);
         // Not yet known to answer pipelined requests, a line holds a request back while one it
         // wrote is unanswered: but a probe, measuring the instance, goes out behind it now.
-        let probe = lines.enqueue(&connector, no_idle, queued_at(&first), false, get);
+        let probe = lines.enqueue(&connector, no_idle, queued_at(&first), false, ROOT, get);
         assert!(Arc::ptr_eq(&first.line, &probe.hold().line));
         let written = tokio::time::timeout(Duration::from_secs(5), heads_read(&mut instance, 1));
         assert!(written.await.is_ok());
@@ -1262,17 +1317,17 @@ mod tests {
         let now = Instant::now();
         let (reader, first) = first_in_line(&lines, &connector).await;
         // Unproven, the line takes no second request.
-        let aside = lines.enqueue(&connector, no_idle, now, false, get);
+        let aside = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
         assert!(!Arc::ptr_eq(&first.line, &aside.hold().line));
         lines.answered(&first, true, http::StatusCode::OK);
-        let second = lines.enqueue(&connector, no_idle, now, false, get);
+        let second = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         first.hand_on(reader, true);
         let (reader, second) = second.turn().await.ok().unwrap();
-        let third = lines.enqueue(&connector, no_idle, now, false, get);
+        let third = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
         assert!(Arc::ptr_eq(&second.line, &third.hold().line));
         lines.answered(&second, false, http::StatusCode::OK);
-        let fourth = lines.enqueue(&connector, no_idle, now, false, get);
+        let fourth = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
         assert!(!Arc::ptr_eq(&second.line, &fourth.hold().line));
         second.hand_on(reader, true);
         assert!(lost(third).await);
@@ -1293,8 +1348,8 @@ mod tests {
     async fn a_request_given_up_breaks_its_line_and_the_read_side_goes_in_order() {
         let (lines, connector, _listener, reader, first) = proven().await;
         let now = queued_at(&first);
-        let second = lines.enqueue(&connector, no_idle, now, false, get);
-        let third = lines.enqueue(&connector, no_idle, now, false, get);
+        let second = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let third = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
         first.hand_on(reader, true);
         let (reader, second) = second.turn().await.ok().unwrap();
         assert_eq!(second.line.load(), 2);
@@ -1303,7 +1358,7 @@ mod tests {
         assert!(lost(third).await);
         assert_eq!(
             lines
-                .enqueue(&connector, no_idle, now, false, get)
+                .enqueue(&connector, no_idle, now, false, ROOT, get)
                 .hold()
                 .line
                 .load(),
@@ -1316,7 +1371,7 @@ mod tests {
     async fn three_in_line() -> (Lines, TcpStream, [Ticket; 2], Box<InstanceConn>, LineHold) {
         let (lines, connector, listener, mut reader, first) = proven().await;
         let now = queued_at(&first);
-        let queued = [(); 2].map(|()| lines.enqueue(&connector, no_idle, now, false, get));
+        let queued = [(); 2].map(|()| lines.enqueue(&connector, no_idle, now, false, ROOT, get));
         let (mut instance, _) = listener.accept().await.unwrap();
         instance.write_all(OK).await.unwrap();
         assert_eq!(status_read(&mut reader).await, 200);
@@ -1414,7 +1469,8 @@ mod tests {
         };
         let line = first.line.clone();
         // Queued in one scheduler turn; the writer writes none of them before the next.
-        let queued = [2, 3, 4].map(|n| lines.enqueue(&connector, no_idle, now, false, target(n)));
+        let queued =
+            [2, 3, 4].map(|n| lines.enqueue(&connector, no_idle, now, false, ROOT, target(n)));
         let [second, third, fourth] = queued;
         drop(third);
         assert_eq!(line.load(), 3);
@@ -1434,8 +1490,8 @@ mod tests {
         let (lines, connector, _listener, reader, first) = proven().await;
         let now = queued_at(&first);
         first.hand_on(reader, true);
-        let second = lines.enqueue(&connector, no_idle, now, false, get);
-        let third = lines.enqueue(&connector, no_idle, now, false, get);
+        let second = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let third = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
         drop(second);
         let turn = tokio::time::timeout(Duration::from_secs(5), third.turn()).await;
         assert!(matches!(turn, Ok(Ok(_))));
@@ -1445,7 +1501,7 @@ mod tests {
     async fn a_line_that_breaks_lets_go_of_its_abandoned_requests() {
         let (lines, connector, listener, _reader, first) = proven().await;
         let line = first.line.clone();
-        let second = lines.enqueue(&connector, no_idle, queued_at(&first), false, get);
+        let second = lines.enqueue(&connector, no_idle, queued_at(&first), false, ROOT, get);
         // Written (the instance has read it), then given up: abandoned.
         let (mut instance, _) = listener.accept().await.unwrap();
         heads_read(&mut instance, 2).await;
@@ -1463,7 +1519,7 @@ mod tests {
         let now = Instant::now();
         let (_reader, mut first) = first_in_line(&lines, &connector).await;
         lines.answered(&first, true, http::StatusCode::OK);
-        let second = lines.enqueue(&connector, no_idle, now, false, get);
+        let second = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
         first.release_queue();
         assert!(lost(second).await);
         let (lines, connector, _listener) = self::lines();
@@ -1471,7 +1527,7 @@ mod tests {
         lines.answered(&first, true, http::StatusCode::OK);
         first.release_queue();
         // Nothing was queued: the line lives on, but no one joins it while the body streams.
-        let second = lines.enqueue(&connector, no_idle, now, false, get);
+        let second = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
         assert!(!Arc::ptr_eq(&first.line, &second.hold().line));
         assert!(!first.line.is_closed());
     }
@@ -1480,14 +1536,14 @@ mod tests {
     async fn requests_queue_behind_a_slow_instance_only_to_measure_it_again() {
         let (lines, connector, _listener, reader, first) = proven().await;
         let now = queued_at(&first);
-        let second = lines.enqueue(&connector, no_idle, now, false, get);
+        let second = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         // The first on a line, or an answer there at its turn, tells no slowness.
         assert_eq!(first.pace_sample(&reader), PaceSample::First);
         let answered = |sample, came| lines.record_answer(PathSlot::of("/"), sample, now, came);
         answered(PaceSample::First, now + Duration::from_secs(1));
         answered(PaceSample::Ready, now);
-        let third = lines.enqueue(&connector, no_idle, now, false, get);
+        let third = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
         assert!(Arc::ptr_eq(&first.line, &third.hold().line));
         first.hand_on(reader, true);
         let (reader, second) = second.turn().await.ok().unwrap();
@@ -1499,7 +1555,7 @@ mod tests {
         let came = turn + Duration::from_millis(100);
         answered(PaceSample::From(turn), came);
         for _ in 0..10 {
-            let apart = lines.enqueue(&connector, no_idle, now, false, get);
+            let apart = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
             assert!(!Arc::ptr_eq(&second.line, &apart.hold().line));
         }
         // ... but for one per probe interval, which measures it again (a request first on its
@@ -1507,14 +1563,14 @@ mod tests {
         let pace = lines.pace.load(Ordering::Relaxed);
         assert!(probe_interval(pace) > PROBE_INTERVAL);
         let early = came + PROBE_INTERVAL;
-        let front = lines.enqueue(&connector, no_idle, early, false, get);
-        let apart = lines.enqueue(&connector, no_idle, early, false, get);
+        let front = lines.enqueue(&connector, no_idle, early, false, ROOT, get);
+        let apart = lines.enqueue(&connector, no_idle, early, false, ROOT, get);
         assert!(!Arc::ptr_eq(&front.hold().line, &apart.hold().line));
         let probe_time = came + probe_interval(pace);
-        let front = lines.enqueue(&connector, no_idle, probe_time, false, get);
-        let probe = lines.enqueue(&connector, no_idle, probe_time, false, get);
+        let front = lines.enqueue(&connector, no_idle, probe_time, false, ROOT, get);
+        let probe = lines.enqueue(&connector, no_idle, probe_time, false, ROOT, get);
         assert!(Arc::ptr_eq(&front.hold().line, &probe.hold().line));
-        let apart = lines.enqueue(&connector, no_idle, probe_time, false, get);
+        let apart = lines.enqueue(&connector, no_idle, probe_time, false, ROOT, get);
         assert!(!Arc::ptr_eq(&front.hold().line, &apart.hold().line));
     }
 
@@ -1529,24 +1585,24 @@ mod tests {
         let answered =
             |took| lines.record_answer(PathSlot::of("/"), PaceSample::First, now, now + took);
         answered(Duration::from_millis(300));
-        let probe = lines.enqueue(&connector, no_idle, now, false, get);
+        let probe = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
         assert!(Arc::ptr_eq(&first.line, &probe.hold().line));
-        let apart = lines.enqueue(&connector, no_idle, now, false, get);
+        let apart = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
         assert!(!Arc::ptr_eq(&first.line, &apart.hold().line));
         // While the probe is unanswered, no other request probes (with the next wave of a slow
         // instance's clients, say) for twice the instance's latency...
         let later = now + Duration::from_millis(500);
-        let front = lines.enqueue(&connector, no_idle, later, false, get);
-        let apart = lines.enqueue(&connector, no_idle, later, false, get);
+        let front = lines.enqueue(&connector, no_idle, later, false, ROOT, get);
+        let apart = lines.enqueue(&connector, no_idle, later, false, ROOT, get);
         assert!(!Arc::ptr_eq(&front.hold().line, &apart.hold().line));
         // ... after which a probe whose answer never came is given up on.
         let given_up = now + Duration::from_millis(700);
-        let front = lines.enqueue(&connector, no_idle, given_up, false, get);
-        let probe = lines.enqueue(&connector, no_idle, given_up, false, get);
+        let front = lines.enqueue(&connector, no_idle, given_up, false, ROOT, get);
+        let probe = lines.enqueue(&connector, no_idle, given_up, false, ROOT, get);
         assert!(Arc::ptr_eq(&front.hold().line, &probe.hold().line));
         // A quick answer of a request first on its line shows the instance quick.
         answered(Duration::from_micros(200));
-        let joining = lines.enqueue(&connector, no_idle, now, false, get);
+        let joining = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
         assert!(Arc::ptr_eq(&first.line, &joining.hold().line));
     }
 
@@ -1665,7 +1721,14 @@ mod tests {
             .await
             .unwrap();
         let pooled = Box::new(InstanceConn::new(InstanceStream::Tcp(stream))).with_requests(5);
-        let ticket = lines.enqueue(&connector, || Some(pooled), Instant::now(), false, get);
+        let ticket = lines.enqueue(
+            &connector,
+            || Some(pooled),
+            Instant::now(),
+            false,
+            ROOT,
+            get,
+        );
         // The line connects afresh: its first request is the connection's first.
         assert_eq!(ticket.hold().id, 0);
     }
@@ -1680,7 +1743,7 @@ mod tests {
         let line = first.line.clone();
         first.hand_on(reader, true);
         lines.verdict.limit.store(1, Ordering::Relaxed);
-        let next = lines.enqueue(&connector, no_idle, Instant::now(), false, get);
+        let next = lines.enqueue(&connector, no_idle, Instant::now(), false, ROOT, get);
         assert!(!Arc::ptr_eq(&line, &next.hold().line));
         assert!(line.is_closed());
     }
@@ -1700,8 +1763,8 @@ mod tests {
             .unwrap();
         let pooled = Box::new(InstanceConn::new(InstanceStream::Tcp(stream))).with_requests(4);
         let now = Instant::now();
-        let ticket = lines.enqueue(connector, || Some(pooled), now, false, get);
-        let queued = behind.then(|| lines.enqueue(connector, no_idle, now, false, get));
+        let ticket = lines.enqueue(connector, || Some(pooled), now, false, ROOT, get);
+        let queued = behind.then(|| lines.enqueue(connector, no_idle, now, false, ROOT, get));
         let (_reader, fifth) = ticket.turn().await.ok().unwrap();
         assert_eq!(fifth.id + 1, 5);
         if let Some(queued) = &queued {
@@ -1748,6 +1811,7 @@ mod tests {
             paced: true,
             waited: Duration::from_micros(300),
             streaming: false,
+            lonely: false,
             spent: false,
         };
         assert!(joinable(busy, 4));
@@ -1762,6 +1826,14 @@ mod tests {
         assert!(!joinable(
             LineView {
                 streaming: true,
+                ..busy
+            },
+            4
+        ));
+        assert!(!joinable(
+            LineView {
+                load: 1,
+                lonely: true,
                 ..busy
             },
             4
@@ -1786,6 +1858,7 @@ mod tests {
             paced: false,
             waited: Duration::from_secs(5),
             streaming: false,
+            lonely: false,
             spent: false,
         };
         assert!(joinable(empty, 4));
