@@ -3,6 +3,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -1571,6 +1572,48 @@ async fn h2c_clients_are_served() {
     let raw = request(&client, "GET", &gw.url("/caf\u{e9}"), &[], "").await;
     assert_eq!(raw.unwrap().status, 400);
     assert_eq!(backend_requests(&support::client(), &a).await, 3);
+}
+
+/// Request trailers are dropped on the way to an HTTP/1.1 instance from an HTTP/2 client as
+/// from an HTTP/1.1 one: they would pass every check the header fields go through.
+#[tokio::test]
+async fn an_http2_client_s_request_trailers_do_not_reach_the_instance() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let instance = listener.local_addr().unwrap();
+    let received = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Up to the end of the chunked body: its last chunk and the empty line after it.
+        while !seen.windows(5).any(|w| w == b"0\r\n\r\n") {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let gw = gateway(&app_config_at(&[instance], ""));
+    let socket = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let (sender, connection) = h2::client::handshake(socket).await.unwrap();
+    tokio::spawn(connection);
+    let mut sender = sender.ready().await.unwrap();
+    let request = http::Request::post(gw.url("/upload")).body(()).unwrap();
+    let (answer, mut upload) = sender.send_request(request, false).unwrap();
+    upload.send_data("hello".into(), false).unwrap();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-forwarded-for", "6.6.6.6".parse().unwrap());
+    trailers.insert("authorization", "Bearer stolen".parse().unwrap());
+    upload.send_trailers(trailers).unwrap();
+    assert_eq!(answer.await.unwrap().status(), 200);
+    let received = received.join().unwrap();
+    assert!(received.ends_with("5\r\nhello\r\n0\r\n\r\n"), "{received}");
+    assert!(!received.contains("6.6.6.6"), "{received}");
+    assert!(!received.contains("stolen"), "{received}");
 }
 
 #[tokio::test]

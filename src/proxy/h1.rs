@@ -588,7 +588,9 @@ enum UploadError {
     Client(ClientBodyFailure),
 }
 
-/// Streams the client's body to the instance, chunk-framed when its length is unknown.
+/// Streams the client's body to the instance, chunk-framed when its length is unknown. Request
+/// trailers are dropped, whatever the client's protocol, as nginx does: an HTTP/2 client's
+/// would otherwise reach the instance past every check its header fields go through.
 async fn write_body<W: AsyncWrite + Unpin>(
     writer: &mut W,
     upload: Upload<'_>,
@@ -599,15 +601,10 @@ async fn write_body<W: AsyncWrite + Unpin>(
         chunked,
         timeout,
     } = upload;
-    let mut trailers = None;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|err| UploadError::Client(ClientBodyFailure::of(&err)))?;
-        let data = match frame.into_data() {
-            Ok(data) => data,
-            Err(frame) => {
-                trailers = frame.into_trailers().ok();
-                continue;
-            }
+        let Ok(data) = frame.into_data() else {
+            continue;
         };
         if data.is_empty() {
             continue;
@@ -633,17 +630,8 @@ async fn write_body<W: AsyncWrite + Unpin>(
         .await?;
     }
     if chunked {
-        scratch.clear();
-        scratch.extend_from_slice(b"0\r\n");
-        for (name, value) in trailers.iter().flatten() {
-            scratch.extend_from_slice(name.as_str().as_bytes());
-            scratch.extend_from_slice(b": ");
-            scratch.extend_from_slice(value.as_bytes());
-            scratch.extend_from_slice(b"\r\n");
-        }
-        scratch.extend_from_slice(b"\r\n");
         within(timeout, async {
-            writer.write_all(scratch).await?;
+            writer.write_all(b"0\r\n\r\n").await?;
             writer.flush().await
         })
         .await?;
