@@ -1528,7 +1528,15 @@ async fn routes_by_host_and_path_prefix() {
     let newer = raw_exchange_off_thread(proxy, b"GET /api/x HTTP/2.0\r\nHost: a\r\n\r\n").await;
     assert!(newer.starts_with("HTTP/1.1 505"), "{newer}");
     assert!(newer.contains("\"request_id\""), "{newer}");
+    // An encoded NUL in the path: 400, as nginx answers (a C instance would cut the path
+    // there, at another route's path than the one matched).
+    for nul in ["/x/..%00/api", "/api/a%00b"] {
+        let reply = get(&client, &gw.url(nul)).await;
+        assert_eq!(reply.status, 400, "{nul}");
+        assert!(reply.json()["reason"].to_string().contains("%00"), "{nul}");
+    }
     assert_eq!(backend_requests(&client, &web).await, 1);
+    assert_eq!(backend_requests(&client, &api).await, 3);
 }
 
 #[tokio::test]

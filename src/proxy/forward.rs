@@ -30,7 +30,7 @@ use super::headers::{
 use super::pipeline::{AnswerWait, Broken, LineHold, Lines, PathSlot};
 use super::record::{RequestRecord, Served};
 use super::retry::{next_attempt, FailureKind, NextAttempt};
-use super::router::{host_without_port, match_route};
+use super::router::{has_encoded_nul, host_without_port, match_route};
 use super::tunnel::{self, ClientUpgrade};
 use super::upstream::{InFlightGuard, Instance, NoInstance};
 use super::{Gateway, Runtime};
@@ -203,6 +203,9 @@ async fn forward(
         .is_some_and(|length| length > max_body)
     {
         return Err(ProxyError::BodyTooLarge);
+    }
+    if has_encoded_nul(parts.uri.path()) {
+        return Err(ProxyError::BadRequest("an encoded NUL (%00) in the path"));
     }
     let (host, host_from_target) = request_host(&parts)?;
     let host_bytes = host.as_ref().map(HeaderValue::as_bytes);

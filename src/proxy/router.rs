@@ -77,6 +77,12 @@ pub fn normalized_path(path: &str) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
+/// Whether `path` carries `%00`. Decoded, a NUL ends the path for an instance written in C, at
+/// a place routing never saw; nginx refuses it too.
+pub fn has_encoded_nul(path: &str) -> bool {
+    path.as_bytes().windows(3).any(|w| w == b"%00")
+}
+
 /// `example.com` matches itself; `*.example.com` matches any subdomain (not the bare domain).
 /// Patterns are lowercase (config validation); hosts are compared ignoring ASCII case.
 fn host_matches(pattern: &str, host: &str) -> bool {
