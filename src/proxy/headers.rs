@@ -168,14 +168,16 @@ impl FramingError {
 
 /// Checks message framing and returns the declared Content-Length, if any. A length repeated
 /// with the same value (RFC 9110 §8.6 lets a recipient take it) is collapsed into one field, as
-/// some instances refuse a repeated Content-Length outright.
+/// some instances refuse a repeated Content-Length outright; one written with leading zeros is
+/// written plainly, as nginx does, for an instance that would read `010` otherwise (as octal).
 pub fn check_framing(headers: &mut HeaderMap) -> Result<Option<u64>, FramingError> {
     let mut length: Option<u64> = None;
-    let mut repeated = false;
+    let mut rewrite = false;
     for value in values(headers, &header::CONTENT_LENGTH) {
         for part in value.as_bytes().split(|&b| b == b',') {
-            repeated |= length.is_some();
+            rewrite |= length.is_some();
             let part = part.trim_ascii();
+            rewrite |= part.len() > 1 && part[0] == b'0';
             // Digits only: `u64::from_str` would also take a leading `+`.
             if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
                 return Err(FramingError::InvalidLength);
@@ -206,7 +208,7 @@ pub fn check_framing(headers: &mut HeaderMap) -> Result<Option<u64>, FramingErro
             return Err(FramingError::UnsupportedTransferCoding);
         }
     }
-    if let Some(length) = length.filter(|_| repeated) {
+    if let Some(length) = length.filter(|_| rewrite) {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     Ok(length)
@@ -509,6 +511,8 @@ mod tests {
         for repeated in [
             map(&[("content-length", "5"), ("content-length", "5")]),
             map(&[("content-length", "5, 5")]),
+            map(&[("content-length", "0005")]),
+            map(&[("content-length", "05, 5")]),
         ] {
             let mut headers = repeated;
             assert_eq!(check_framing(&mut headers), Ok(Some(5)));
