@@ -253,6 +253,54 @@ async fn reloads_keep_health_verdicts_and_run_time_instances_right() {
     );
 }
 
+/// A reload that swaps an upstream's instance for another fails no request: the new one
+/// serves at once when nothing else would. One added beside a serving instance waits for a
+/// check, and one passing check brings it in (`rise` is for instances that failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_swapping_instances_fails_no_request() {
+    let (a, b, c) = (demo_backend(&[]), demo_backend(&[]), demo_backend(&[]));
+    let checks = "[upstreams.app.health]\ninterval = \"5s\"\nrise = 3";
+    let gw = gateway(&app_config(&[&a], checks));
+    let client = client();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let load = {
+        let (client, url, stop, failed) =
+            (client.clone(), gw.url("/"), stop.clone(), failed.clone());
+        tokio::spawn(async move {
+            for _ in 0..20_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if get(&client, &url).await.status != 200 {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw.reload_with(&app_config(&[&b], checks));
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            backend_requests(&client, &b).await > 0
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.reload_with(&app_config(&[&b, &c], checks));
+    let c_serves = eventually(Duration::from_secs(3), || async {
+        backend_requests(&client, &c).await > 0
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(
+        c_serves,
+        "the added instance waited for more than one check"
+    );
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+}
+
 #[tokio::test]
 async fn the_admin_api_answers_odd_requests_clearly() {
     let a = demo_backend(&[]);

@@ -35,6 +35,15 @@ impl HealthState {
         }
     }
 
+    /// An instance joining a serving upstream: down until its first passing check (as Envoy
+    /// takes a new host), then as any other (`rise` passes in a row after a failure).
+    pub fn joining(rise: u32) -> HealthState {
+        HealthState {
+            consecutive_ok: rise.saturating_sub(1),
+            ..HealthState::new(false)
+        }
+    }
+
     /// Records one check result and says whether the verdict changed.
     pub fn observe(&mut self, ok: bool, rise: u32, fall: u32) -> Option<Transition> {
         if ok {
@@ -135,6 +144,18 @@ mod tests {
         assert_eq!(state.observe(true, 2, 3), None);
         assert_eq!(state.observe(true, 2, 3), Some(Transition::WentUp));
         assert!(state.up);
+    }
+
+    #[test]
+    fn a_joining_instance_comes_up_on_its_first_pass_then_rises_as_any_other() {
+        let mut joining = HealthState::joining(3);
+        assert_eq!(joining.observe(true, 3, 2), Some(Transition::WentUp));
+        let mut failed_first = HealthState::joining(3);
+        assert_eq!(failed_first.observe(false, 3, 2), None);
+        assert_eq!(failed_first.observe(true, 3, 2), None);
+        assert_eq!(failed_first.observe(true, 3, 2), None);
+        assert_eq!(failed_first.observe(true, 3, 2), Some(Transition::WentUp));
+        assert_eq!(HealthState::joining(1), HealthState::joining(0));
     }
 
     #[tokio::test(start_paused = true)]

@@ -43,8 +43,9 @@ pub struct CheckReport {
 pub enum Joined {
     /// Listed in the config the gateway started with: serves at once, at full weight.
     AtStart,
-    /// New in a reloaded config: like one added at run time, it must pass its active checks
-    /// (when configured) before it serves, and ramps under slow start.
+    /// New in a reloaded config: like one added at run time, it must pass an active check
+    /// (when configured) before it serves, and ramps under slow start; unless the reload left
+    /// its upstream nothing else to serve with ([`Upstream::new`]).
     ByReload,
     /// Added at run time (admin API or autoscaler); kept across reloads.
     AtRunTime,
@@ -106,7 +107,10 @@ impl Instance {
             latency_bits: AtomicU64::new(0),
             latency_stamp: AtomicU64::new(0),
             active_up: AtomicBool::new(starts_up),
-            active: Mutex::new(HealthState::new(starts_up)),
+            active: Mutex::new(match &upstream.health {
+                Some(checks) if !starts_up => HealthState::joining(checks.rise),
+                _ => HealthState::new(true),
+            }),
             passive: Mutex::new(PassiveState::default()),
             passive_down_until: AtomicU64::new(0),
             drain_state: AtomicU8::new(SERVING),
@@ -364,6 +368,15 @@ impl Instance {
         self.up_since.store(since, Ordering::Relaxed);
     }
 
+    /// Serves before any check of it ran, as an instance listed at start does.
+    fn serve_unchecked(&self) {
+        let checked = self.last_check.lock().expect("last check lock").is_some();
+        if !checked && !self.active_up.load(Ordering::Relaxed) {
+            *self.active.lock().expect("health state lock") = HealthState::new(true);
+            self.active_up.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Active checks were removed from the config: their last verdict no longer applies.
     fn forget_active_checks(&self) {
         *self.active.lock().expect("health state lock") = HealthState::new(true);
@@ -479,6 +492,18 @@ impl Upstream {
         if config.health.is_none() {
             for instance in &instances {
                 instance.forget_active_checks();
+            }
+        }
+        // A reload that replaces every instance that served (A swapped for B) would leave
+        // nothing to serve with until a check passed: the new ones then serve at once, as they
+        // would at start and as nginx and HAProxy take new servers; checks take out any that
+        // is not up.
+        let now = Instant::now();
+        let serving =
+            |set: &[Arc<Instance>]| set.iter().any(|i| i.is_available(now) && !i.is_draining());
+        if serving(&old) && !serving(&instances) {
+            for instance in &instances {
+                instance.serve_unchecked();
             }
         }
         let set = InstanceSet::new(instances, &config.strategy);
