@@ -906,3 +906,41 @@ async fn a_streaming_body_keeps_its_concurrency_slot_until_it_ends() {
     );
     assert_eq!(report["concurrency"]["routes"][0]["limit"]["refused"], 1);
 }
+
+/// A limit raised by a reload holds at once, in memory as in Redis: what the old limit booked
+/// does not keep clients waiting as long as it said.
+#[tokio::test]
+async fn a_limit_raised_by_a_reload_holds_at_once() {
+    let redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let rule = |limit: &str| {
+        format!("[[routes]]\nupstream = \"app\"\nrate_limits = [{{ name = \"r\", {limit} }}]\n")
+    };
+    let strict = rule("limit = 1, period = \"1h\"");
+    let loose = rule("limit = 1000, period = \"1m\", burst = 100");
+    let memory = |routes: &str| {
+        format!(
+            "[upstreams.app]\ninstances = [\"{}\"]\n\n{routes}",
+            backend.addr()
+        )
+    };
+    let client = client();
+    for (gw, loosened) in [
+        (gateway(&memory(&strict)), memory(&loose)),
+        (
+            gateway(&redis_config(&redis, &backend, &strict)),
+            redis_config(&redis, &backend, &loose),
+        ),
+    ] {
+        assert_eq!(get(&client, &gw.url("/")).await.status, 200);
+        let refused = get(&client, &gw.url("/")).await;
+        assert_eq!(refused.status, 429);
+        assert!(refused.header("retry-after").parse::<u64>().unwrap() > 3000);
+        gw.reload_with(&loosened);
+        let passes = eventually(Duration::from_secs(5), || async {
+            get(&client, &gw.url("/")).await.status == 200
+        })
+        .await;
+        assert!(passes, "the raised limit did not hold");
+    }
+}

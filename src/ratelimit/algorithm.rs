@@ -111,6 +111,10 @@ pub struct JointDecision {
     /// The state each rule stores: one per rule when every rule let the request pass, else
     /// none at all.
     pub booked: SmallVec<[SlotState; 4]>,
+    /// Rules (by position) whose stored TAT lay beyond what their quota can book (the quota
+    /// was loosened by a reload), with the TAT brought down to that ([`gcra_cap`]): stored
+    /// whatever the decision, so that the waits the old quota booked end at once.
+    pub capped: SmallVec<[(usize, SlotState); 2]>,
 }
 
 impl JointDecision {
@@ -129,8 +133,16 @@ pub fn decide_all<'q>(
     let mut joint = JointDecision {
         decisions: SmallVec::new(),
         booked: SmallVec::new(),
+        capped: SmallVec::new(),
     };
-    for (quota, stored) in checks {
+    for (i, (quota, stored)) in checks.into_iter().enumerate() {
+        if let (Algorithm::Gcra, Some(SlotState::Gcra(tat))) = (quota.algorithm, stored) {
+            if tat > gcra_cap(quota, now) {
+                joint
+                    .capped
+                    .push((i, SlotState::Gcra(gcra_cap(quota, now))));
+            }
+        }
         let (decision, next) = decide(quota, stored, now);
         joint.decisions.push(decision);
         joint.booked.extend(next);
@@ -141,11 +153,18 @@ pub fn decide_all<'q>(
     joint
 }
 
-/// GCRA: allow iff now ≥ TAT − τ, then TAT = max(TAT, now) + T.
+/// The latest TAT `quota` can book at `now`: τ + T ahead, a quota used up. One stored under a
+/// stricter quota can lie further ahead; it counts as this, so a limit raised by a reload holds
+/// from then on instead of after the waits the old limit booked.
+pub fn gcra_cap(quota: &Quota, now: u64) -> u64 {
+    now + quota.tolerance_us() + quota.interval_us()
+}
+
+/// GCRA: allow iff now ≥ TAT − τ, then TAT = max(TAT, now) + T (TAT at most [`gcra_cap`]).
 pub fn gcra(quota: &Quota, tat: Option<u64>, now: u64) -> (RateDecision, Option<u64>) {
     let interval = quota.interval_us();
     let tolerance = quota.tolerance_us();
-    let tat = tat.unwrap_or(now).max(now);
+    let tat = tat.unwrap_or(now).clamp(now, gcra_cap(quota, now));
     if now + tolerance >= tat {
         let next = tat + interval;
         let decision = RateDecision {
@@ -211,7 +230,8 @@ pub fn sliding_window(
         let decision = RateDecision {
             allowed: false,
             remaining: 0,
-            reset_us: period - elapsed,
+            // Not before a request would pass: a client waiting for the reset is let through.
+            reset_us: (period - elapsed).max(retry_after_us),
             retry_after_us,
         };
         (decision, None)
@@ -275,6 +295,33 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A limit raised by a reload holds from then on: the TAT booked under the old quota is
+    /// brought down to a quota used up under the new one, not kept as the old quota's wait.
+    #[test]
+    fn a_raised_limit_holds_at_once() {
+        let (strict, loose) = (
+            gcra_quota(1, 3600 * SEC, 0),
+            gcra_quota(1000, 60 * SEC, 100),
+        );
+        let t0 = 50 * SEC;
+        let (_, booked) = gcra(&strict, None, t0);
+        let stored = booked.map(SlotState::Gcra);
+        let joint = decide_all([(&loose, stored)], t0 + 1);
+        assert!(!joint.allowed());
+        assert_eq!(joint.decisions[0].retry_after_us, 60_000);
+        assert!(joint.decisions[0].reset_us <= 6 * SEC + 60_000);
+        assert_eq!(joint.capped.len(), 1);
+        let (_, capped) = joint.capped[0];
+        let joint = decide_all([(&loose, Some(capped))], t0 + 1 + 60_000);
+        assert!(joint.allowed());
+        assert!(joint.capped.is_empty());
+        // A limit lowered keeps what was booked (the loose quota's 60 ms), and books its own.
+        let (_, booked) = gcra(&loose, None, t0);
+        let joint = decide_all([(&strict, booked.map(SlotState::Gcra))], t0 + 1);
+        assert_eq!(joint.decisions[0].retry_after_us, 60_000 - 1);
+        assert!(joint.capped.is_empty());
     }
 
     #[test]
@@ -497,6 +544,8 @@ mod tests {
                     state = next;
                 } else {
                     prop_assert!(d.retry_after_us > 0);
+                    // The reset (RateLimit `t`) is no earlier than a request would pass.
+                    prop_assert!(d.reset_us >= d.retry_after_us);
                     let (later, _) = decide(&q, state, now + d.retry_after_us);
                     prop_assert!(later.allowed);
                 }

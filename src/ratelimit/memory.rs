@@ -64,6 +64,14 @@ impl MemoryStore {
             checks.iter().zip(&stored).map(|((_, q, _), s)| (*q, *s)),
             now,
         );
+        for &(i, state) in &joint.capped {
+            if let Some(slot) = locked[guard(hashes[i])].get_mut(&hashes[i]) {
+                *slot = Slot {
+                    state,
+                    idle_after: state.idle_after(checks[i].1),
+                };
+            }
+        }
         for (((hash, state), stored), (_, quota, _)) in
             hashes.iter().zip(&joint.booked).zip(&stored).zip(checks)
         {

@@ -28,6 +28,10 @@ for i, key in ipairs(KEYS) do
     local stored = tonumber(redis.call('GET', key))
     local tat = stored or now
     if tat < now then tat = now end
+    if tat > now + y + x then
+      tat = now + y + x
+      redis.call('SET', key, string.format('%.0f', tat), 'PXAT', math.ceil(tat / 1000) + 1)
+    end
     if now + y >= tat then book[i] = {tat + x} else pass = false end
     reply[3 * i - 1], reply[3 * i], reply[3 * i + 1] = stored or -1, 0, 0
   else
