@@ -108,7 +108,7 @@ fn main() -> ExitCode {
                 Err(errors) => Err(anyhow::anyhow!("{}: invalid\n{errors}", config.display())),
             }
         }
-        Command::DemoBackend(demo) => runtime(None).and_then(|rt| {
+        Command::DemoBackend(demo) => runtime(scalegate::config::cpus_available()).and_then(|rt| {
             rt.block_on(scalegate::demo::run(demo))
                 .context("demo-backend")
         }),
@@ -140,19 +140,16 @@ fn serve(
         None => Config::from_flags(listen, admin_listen, upstreams)
             .map_err(|errors| anyhow::anyhow!("invalid flags\n{errors}"))?,
     };
-    let rt = runtime(config.server.workers)?;
+    let rt = runtime(config.server.worker_threads())?;
     rt.block_on(scalegate::proxy::serve(config, path))
         .context("serve")
 }
 
 const EVENT_INTERVAL: u32 = 255;
 
-/// One worker thread per CPU this process may use (so `taskset -c 0` means one), unless set.
-/// A single worker runs on the current thread, which avoids cross-thread wake-ups.
-fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
-    let workers = workers.unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    });
+/// A runtime of `workers` threads; a single worker runs on the current thread, which avoids
+/// cross-thread wake-ups.
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {

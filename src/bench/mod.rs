@@ -243,10 +243,9 @@ pub fn run_cli(args: BenchArgs) -> i32 {
             return 2;
         }
     };
-    let threads = args.threads.map_or_else(
-        || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
-        |threads| threads as usize,
-    );
+    let threads = args
+        .threads
+        .map_or_else(crate::config::cpus_available, |threads| threads as usize);
     let runtime = match runtime(threads) {
         Ok(runtime) => runtime,
         Err(err) => {

@@ -108,6 +108,19 @@ pub struct ServerConfig {
     pub shutdown_delay: Duration,
 }
 
+impl ServerConfig {
+    /// The runtime's worker threads: `workers`, else one per CPU this process may use (so
+    /// `taskset -c 0` means one).
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(cpus_available)
+    }
+}
+
+/// The CPUs this process may run on.
+pub fn cpus_available() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,

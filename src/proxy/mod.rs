@@ -494,12 +494,13 @@ fn restart_only_changes(running: &Config, next: &Config, has_redis: bool) -> Vec
     if next.cache.store == CacheStoreKind::Redis && !has_redis {
         needs_restart("cache.store", "the gateway runs without Redis".to_owned());
     }
-    if next.server.workers != running.server.workers {
-        let what = match running.server.workers {
-            Some(workers) => format!("the gateway runs {workers} worker threads"),
-            None => "the gateway runs one worker thread per CPU".to_owned(),
-        };
-        needs_restart("server.workers", what);
+    // Compared as run: writing down the count in force (one per CPU) changes nothing.
+    let workers = running.server.worker_threads();
+    if next.server.worker_threads() != workers {
+        needs_restart(
+            "server.workers",
+            format!("the gateway runs {workers} worker threads"),
+        );
     }
     // Autoscalers start with the gateway: bounds, targets and behavior reload; who runs the
     // instances, and how long they are drained and given to stop, do not.
