@@ -35,22 +35,23 @@ pub enum Mode {
 }
 
 /// Reads a `POST /api/autoscale/{upstream}` body: `{"pin": N}`, `{"pause": true}` or
-/// `{"resume": true}`.
+/// `{"resume": true}`, one command alone (with two, one would be dropped unsaid).
 pub fn parse_mode(body: &Value) -> Result<Mode, String> {
-    if let Some(pin) = body.get("pin") {
-        return pin
+    let shapes = || "expected one of {\"pin\": N}, {\"pause\": true} or {\"resume\": true}".into();
+    let mut fields = body.as_object().into_iter().flatten();
+    let (Some((command, value)), None) = (fields.next(), fields.next()) else {
+        return Err(shapes());
+    };
+    match (command.as_str(), value) {
+        ("pin", pin) => pin
             .as_u64()
             .filter(|n| (1..=1000).contains(n))
             .map(|n| Mode::Pinned(n as u32))
-            .ok_or_else(|| "\"pin\" must be a count from 1 to 1000".to_string());
+            .ok_or_else(|| "\"pin\" must be a count from 1 to 1000".to_string()),
+        ("pause", Value::Bool(true)) => Ok(Mode::Paused),
+        ("resume", Value::Bool(true)) => Ok(Mode::Auto),
+        _ => Err(shapes()),
     }
-    if body.get("pause").and_then(Value::as_bool) == Some(true) {
-        return Ok(Mode::Paused);
-    }
-    if body.get("resume").and_then(Value::as_bool) == Some(true) {
-        return Ok(Mode::Auto);
-    }
-    Err("expected {\"pin\": N}, {\"pause\": true} or {\"resume\": true}".into())
 }
 
 /// What one controller shares with the admin API.
@@ -235,5 +236,8 @@ mod tests {
         assert!(parse_mode(&json!({"pin": 0})).is_err());
         assert!(parse_mode(&json!({"pin": "3"})).is_err());
         assert!(parse_mode(&json!({})).is_err());
+        assert!(parse_mode(&json!({"pin": 2, "pause": true})).is_err());
+        assert!(parse_mode(&json!({"pause": false})).is_err());
+        assert!(parse_mode(&json!([{"pause": true}])).is_err());
     }
 }
