@@ -203,9 +203,10 @@ rate_limits = [
         assert_eq!(statuses, expected, "{config}");
         assert_eq!(
             counts,
+            // In the config's order.
             [
-                ("per_hour".to_string(), 2, 0),
-                ("per_second".to_string(), 2, 9)
+                ("per_second".to_string(), 2, 9),
+                ("per_hour".to_string(), 2, 0)
             ],
             "{config}"
         );
@@ -942,5 +943,18 @@ async fn a_limit_raised_by_a_reload_holds_at_once() {
         })
         .await;
         assert!(passes, "the raised limit did not hold");
+        // The admin API lists the rules in force, not one a reload removed.
+        gw.reload_with(&loosened.replace("name = \"r\"", "name = \"s\""));
+        let listed = eventually(Duration::from_secs(5), || async {
+            let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
+            report["rules"]
+                == serde_json::json!([{"name": "s", "allowed": 0, "limited": 0, "fallback": 0}])
+        })
+        .await;
+        assert!(
+            listed,
+            "{}",
+            admin_json(&client, &gw, "/api/ratelimit").await.1
+        );
     }
 }

@@ -138,6 +138,7 @@ async fn handle(
         (&Method::GET, ["api", "ratelimit"]) => {
             let runtime = gateway.runtime.load();
             let mut report = gateway.limiter.report();
+            report["rules"] = runtime.admission.rules_report();
             report["concurrency"] = runtime.admission.concurrency_report();
             reply(StatusCode::OK, report)
         }

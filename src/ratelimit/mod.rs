@@ -183,20 +183,8 @@ impl Limiter {
         }
     }
 
-    /// Store state and per-rule counters, for the admin API.
+    /// Store state, for the admin API.
     pub fn report(&self) -> Value {
-        let rules: Vec<Value> = self
-            .rule_counters()
-            .into_iter()
-            .map(|(name, c)| {
-                json!({
-                    "name": name,
-                    "allowed": c.allowed.load(Ordering::Relaxed),
-                    "limited": c.limited.load(Ordering::Relaxed),
-                    "fallback": c.fallback.load(Ordering::Relaxed),
-                })
-            })
-            .collect();
         json!({
             "store": if self.redis.is_some() { "redis" } else { "memory" },
             "redis_up": self.redis.as_ref().map(|r| r.link().is_up()),
@@ -205,7 +193,6 @@ impl Limiter {
                 .as_ref()
                 .map(|r| r.link().outages.load(Ordering::Relaxed)),
             "memory_keys": self.memory.len(),
-            "rules": rules,
         })
     }
 }
@@ -541,6 +528,28 @@ impl Admission {
 
     pub fn limiter(&self) -> &Arc<Limiter> {
         &self.limiter
+    }
+
+    /// The counters of the rules in force (each once, however many routes share it), for the
+    /// admin API; a rule a reload removed keeps its counters for metrics only.
+    pub fn rules_report(&self) -> Value {
+        let mut seen = std::collections::HashSet::new();
+        let rules: Vec<Value> = self
+            .routes
+            .iter()
+            .flat_map(|route| &route.rules)
+            .filter(|rule| seen.insert(&rule.name))
+            .map(|rule| {
+                let c = &rule.counters;
+                json!({
+                    "name": rule.name,
+                    "allowed": c.allowed.load(Ordering::Relaxed),
+                    "limited": c.limited.load(Ordering::Relaxed),
+                    "fallback": c.fallback.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        Value::Array(rules)
     }
 
     /// Concurrency limits in force, for the admin API.
