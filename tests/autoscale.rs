@@ -618,6 +618,13 @@ async fn a_child_failing_its_checks_is_not_listed_as_serving() {
     let status = autoscale_status(&client, &gw).await;
     assert!(listed, "{status}");
     assert!(children(&status, "serving").is_empty(), "{status}");
+    let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
+    let component = detailed["components"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["name"] == "autoscale:app"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(component["status"], "degraded", "{detailed}");
     assert_eq!(get(&client, &gw.url("/")).await.status, 503);
 }
 

@@ -413,15 +413,22 @@ fn health_detailed(gateway: &Gateway) -> Response<GatewayBody> {
     let autoscale = gateway.autoscale.status();
     for upstream in autoscale["upstreams"].as_array().into_iter().flatten() {
         let (current, desired) = (&upstream["current"], &upstream["desired"]);
+        let ready = &upstream["ready"];
         components.push(Component {
             name: format!(
                 "autoscale:{}",
                 upstream["upstream"].as_str().unwrap_or_default()
             ),
             kind: "autoscaler",
-            status: if current == desired { "ok" } else { "degraded" },
+            // Instances it runs that do not serve (starting, crashing, failing their checks)
+            // leave it short as surely as a count below the desired one.
+            status: if current == desired && ready == current {
+                "ok"
+            } else {
+                "degraded"
+            },
             reason: format!(
-                "{current} instances, working toward {desired} ({})",
+                "{ready} of {current} instances ready, working toward {desired} ({})",
                 upstream["mode"]
             ),
         });
