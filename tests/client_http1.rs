@@ -464,6 +464,37 @@ fn expect_100_continue_gets_the_interim_answer_before_the_body() {
     assert!(conn.closed());
 }
 
+/// A request refused without its body being read (here: no API key) whose client asked for
+/// 100 Continue but sent the body along anyway keeps its connection: the body is all there to
+/// drop, and the request pipelined behind it is answered (nginx does the same). One whose body
+/// has not come yet closes it, as the client may never send it.
+#[test]
+fn a_refused_expect_request_whose_body_came_along_keeps_the_connection() {
+    let config = format!(
+        "[auth]\napi_keys = [\"key-00000001\"]\n{}\n[[routes]]\npath_prefix = \"/private\"\nupstream = \"app\"\nauth = \"api_key\"\n",
+        app_config_at(&[instance()], "")
+    );
+    let gw = gateway(&config);
+    let mut conn = Conn::open(gw.proxy);
+    conn.send(
+        b"POST /private HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc\
+          GET /next HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    let refused = conn.answer("POST");
+    assert_eq!(refused.status, 401, "{refused:?}");
+    assert!(keeps_alive(&refused), "{refused:?}");
+    assert_ok(&conn.answer("GET"), "path=/next");
+
+    let mut conn = Conn::open(gw.proxy);
+    let refused = conn.exchange(
+        "POST",
+        "POST /private HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+    );
+    assert_eq!(refused.status, 401, "{refused:?}");
+    assert_eq!(refused.header("connection"), Some("close"));
+    assert!(conn.closed());
+}
+
 #[test]
 fn oversized_heads_get_431_and_malformed_ones_400_then_the_close() {
     let gw = gateway_to_instance("max_header_size = \"8KiB\"");

@@ -1070,13 +1070,12 @@ struct Returned {
 
 impl Returned {
     /// Whether the rest of the body may be read and dropped to keep the connection: not when
-    /// the client waits for a 100 Continue, nor past `DISCARD_LIMIT` bytes it announced.
+    /// the client waits for a 100 Continue (it may never send the body) unless the body came
+    /// whole all the same, nor past `DISCARD_LIMIT` bytes it announced.
     fn discardable(&self) -> bool {
-        !self.awaiting_continue
-            && self
-                .left
-                .exact_left()
-                .is_none_or(|n| n <= DISCARD_LIMIT as u64)
+        let left = self.left.exact_left();
+        let all_here = left.is_some_and(|n| n <= self.reader.buf.len() as u64);
+        (!self.awaiting_continue || all_here) && left.is_none_or(|n| n <= DISCARD_LIMIT as u64)
     }
 }
 
