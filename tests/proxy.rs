@@ -1572,6 +1572,14 @@ async fn routes_by_host_and_path_prefix() {
     );
     assert!(connect.starts_with("HTTP/1.1 405"), "{connect}");
     assert!(connect.contains("allow: GET, HEAD, POST"), "{connect}");
+    // TRACE is refused too: an instance's echo would hand back cookies and credentials.
+    let trace = raw_exchange_off_thread(
+        proxy,
+        b"TRACE /api/x HTTP/1.1\r\nHost: a\r\nCookie: s=secret\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(trace.starts_with("HTTP/1.1 405"), "{trace}");
+    assert!(!trace.contains("secret"), "{trace}");
     // A request line of another HTTP major version: 505, with the request ID.
     let newer = raw_exchange_off_thread(proxy, b"GET /api/x HTTP/2.0\r\nHost: a\r\n\r\n").await;
     assert!(newer.starts_with("HTTP/1.1 505"), "{newer}");

@@ -139,8 +139,8 @@ impl ProxyError {
             ProxyError::GatewayShortage | ProxyError::TooManyConnections(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(1));
             }
-            // RFC 9110 §15.5.6: a 405 lists what the target allows; CONNECT is the one method
-            // the gateway refuses for every target.
+            // RFC 9110 §15.5.6: a 405 lists what the target allows; CONNECT and TRACE are the
+            // methods the gateway refuses for every target.
             ProxyError::MethodNotAllowed(_) => {
                 headers.insert(
                     header::ALLOW,

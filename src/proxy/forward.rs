@@ -190,6 +190,13 @@ async fn forward(
             "CONNECT: this is a reverse proxy",
         ));
     }
+    if parts.method == Method::TRACE {
+        // An instance's echo would hand a page's script the cookies and credentials it cannot
+        // read (cross-site tracing); nginx refuses TRACE too.
+        return Err(ProxyError::MethodNotAllowed(
+            "TRACE: it would echo credentials back",
+        ));
+    }
     let server = &runtime.config.server;
     if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > server.max_uri_length {
         return Err(ProxyError::UriTooLong);
