@@ -29,16 +29,15 @@ struct Cli {
         help_heading = "Logging (every command)"
     )]
     log_format: LogFormat,
-    /// Log level or filter directives (e.g. info, debug, info,scalegate=trace).
+    /// Log level or filter directives (e.g. info, debug, info,scalegate=trace); else the
+    /// LOG_LEVEL environment variable; else info.
     #[arg(
         long,
         global = true,
         help_heading = "Logging (every command)",
-        env = "LOG_LEVEL",
-        default_value = "info",
         value_parser = logging::checked_filter
     )]
-    log_level: String,
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,7 +85,19 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format, &cli.log_level);
+    // Read here rather than by clap, whose global flag given on one level would still have the
+    // variable checked on the other: a flag must win over a bad LOG_LEVEL.
+    let level = match cli.log_level {
+        Some(level) => level,
+        None => match logging::checked_filter(&std::env::var("LOG_LEVEL").unwrap_or_default()) {
+            Ok(level) => level,
+            Err(err) => {
+                eprintln!("error: LOG_LEVEL: {err}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    logging::init(cli.log_format, &level);
     let result = match cli.command {
         Command::Serve {
             config,

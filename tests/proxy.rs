@@ -1769,6 +1769,34 @@ async fn zero_config_flags_balance_over_the_given_instances() {
     assert_eq!(health.status, 200);
 }
 
+/// `--log-level` wins over LOG_LEVEL, whichever side of the command it is given on; a bad
+/// LOG_LEVEL alone is refused, named as such.
+#[test]
+fn the_log_level_flag_wins_over_the_environment() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart.toml");
+    let run = |args: &[&str], env: &str| {
+        std::process::Command::new(bin())
+            .args(args)
+            .env("LOG_LEVEL", env)
+            .output()
+            .unwrap()
+    };
+    for args in [
+        ["--log-level", "info", "check", example],
+        ["check", "--log-level", "info", example],
+    ] {
+        let out = run(&args, "bogus");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+    let out = run(&["check", example], "bogus");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("LOG_LEVEL"),
+        "{out:?}"
+    );
+    assert!(run(&["check", example], "").status.success());
+}
+
 #[test]
 fn check_names_the_bad_keys_and_serve_refuses_the_same_config() {
     let dir = tempfile::tempdir().unwrap();

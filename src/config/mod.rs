@@ -749,6 +749,9 @@ upstream = "missing"
         assert!(message.contains("cannot be negative"), "{message}");
         let (key, line, _) = first_problem("[server]\nidle_timeout = \"99999999999999999999h\"");
         assert_eq!((key.as_str(), line), ("server.idle_timeout", Some(2)));
+        let (key, line, message) = first_problem("[server]\nworkers = 2000");
+        assert_eq!((key.as_str(), line), ("server.workers", Some(2)));
+        assert!(message.contains("at most 1024"), "{message}");
     }
 
     #[test]

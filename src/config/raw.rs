@@ -493,15 +493,25 @@ fn route_host_problem(host: &str) -> Option<&'static str> {
 /// hyper's own limit: keeping it lets hyper parse heads on the stack.
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 
+/// The most runtime worker threads a config may ask for.
+const MAX_WORKERS: usize = 1024;
+
 fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
     if raw.max_headers == 0 {
         p.push("server.max_headers", "must be at least 1");
     }
-    if raw.workers == Some(0) {
-        p.push(
+    match raw.workers {
+        Some(0) => p.push(
             "server.workers",
             "must be at least 1 (leave it out for one per CPU)",
-        );
+        ),
+        // Thousands of threads serve no better than one per CPU, and where a container caps
+        // threads or memory the runtime cannot even start them.
+        Some(workers) if workers > MAX_WORKERS => p.push(
+            "server.workers",
+            format!("must be at most {MAX_WORKERS} (leave it out for one per CPU)"),
+        ),
+        _ => {}
     }
     let max_header_bytes = p.size("server.max_header_size", &raw.max_header_size) as usize;
     if max_header_bytes < 8192 {
