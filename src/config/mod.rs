@@ -829,9 +829,15 @@ upstream = "missing"
             let health = config.upstreams[0].health.as_ref().unwrap();
             assert_eq!(health.host.as_deref(), Some(fine));
         }
-        for bad in ["two words", "app/path", "user@app"] {
+        for bad in ["two words", "app/path", "user@app", "app:99999", "app:0"] {
             assert_placed(&text(bad), &[("upstreams.app.health.host", Some(4))]);
         }
+        let path =
+            |path: &str| text("app").replace("host = \"app\"", &format!("path = \"{path}\""));
+        for bad in ["/h ealth", "health", "/a\\u0007"] {
+            assert_placed(&path(bad), &[("upstreams.app.health.path", Some(4))]);
+        }
+        assert!(Config::from_toml(&path("/health?full=1")).is_ok());
     }
 
     #[test]

@@ -640,11 +640,21 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
         if h.fall == 0 {
             p.push(format!("{hkey}.fall"), "must be at least 1");
         }
-        if !h.path.starts_with('/') {
-            p.push(format!("{hkey}.path"), "must start with /");
+        // A path no request line can carry would fail every probe, and so take the upstream down.
+        if !h.path.starts_with('/') || h.path.parse::<http::uri::PathAndQuery>().is_err() {
+            p.push(
+                format!("{hkey}.path"),
+                format!("`{}` is not a path starting with /", h.path),
+            );
         }
         let host = h.host.as_deref().filter(|host| {
+            // `Authority` takes any digits for a port; a port is 1 to 65535.
+            let port = (!host.ends_with(']'))
+                .then(|| host.rsplit_once(':'))
+                .flatten()
+                .map(|(_, port)| port);
             let valid = !host.contains('@')
+                && port.is_none_or(|port| port.parse::<u16>().is_ok_and(|n| n > 0))
                 && host
                     .parse::<http::uri::Authority>()
                     .is_ok_and(|a| a.as_str() == *host);
