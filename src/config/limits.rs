@@ -378,6 +378,7 @@ pub(super) fn validate(
     if rate_limit.max_keys == 0 {
         p.push("rate_limit.max_keys", "must be at least 1");
     }
+    let raw_auth_file = auth.api_keys_file.as_ref();
     let auth = validate_auth(p, auth);
 
     let mut names: BTreeMap<String, String> = BTreeMap::new();
@@ -399,7 +400,8 @@ pub(super) fn validate(
             let api_key = match raw.auth.as_deref() {
                 None | Some("none") => false,
                 Some("api_key") => {
-                    if auth.api_keys.is_empty() {
+                    // An unreadable key file is reported as such, not again here.
+                    if auth.api_keys.is_empty() && raw_auth_file.is_none() {
                         p.push(
                             format!("{key}.auth"),
                             "\"api_key\" needs auth.api_keys or auth.api_keys_file",
@@ -549,25 +551,31 @@ fn validate_state(p: &mut Problems, raw: &RawState) -> StateConfig {
 }
 
 fn validate_auth(p: &mut Problems, raw: &RawAuth) -> AuthConfig {
+    // Never echo a key itself.
+    const BAD_KEY: &str = "must be at least 8 visible ASCII characters";
+    let usable = |key: &str| key.len() >= 8 && http::HeaderValue::from_str(key).is_ok();
     let mut api_keys: Vec<String> = raw.api_keys.clone();
-    if let Some(path) = &raw.api_keys_file {
-        match std::fs::read_to_string(path) {
-            Ok(text) => api_keys.extend(
-                text.lines()
-                    .map(str::trim)
-                    .filter(|line| !line.is_empty() && !line.starts_with('#'))
-                    .map(String::from),
-            ),
-            Err(err) => p.push("auth.api_keys_file", format!("cannot read {path}: {err}")),
+    for (i, key) in api_keys.iter().enumerate() {
+        if !usable(key) {
+            p.push(format!("auth.api_keys[{i}]"), BAD_KEY);
         }
     }
-    for (i, key) in api_keys.iter().enumerate() {
-        if key.len() < 8 || http::HeaderValue::from_str(key).is_err() {
-            // Never echo the key itself.
-            p.push(
-                format!("auth.api_keys[{i}]"),
-                "must be at least 8 visible ASCII characters",
-            );
+    if let Some(path) = &raw.api_keys_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                for (number, line) in text.lines().enumerate() {
+                    let key = line.trim();
+                    if key.is_empty() || key.starts_with('#') {
+                        continue;
+                    }
+                    if !usable(key) {
+                        let at = number + 1;
+                        p.push("auth.api_keys_file", format!("{path} line {at}: {BAD_KEY}"));
+                    }
+                    api_keys.push(key.to_owned());
+                }
+            }
+            Err(err) => p.push("auth.api_keys_file", format!("cannot read {path}: {err}")),
         }
     }
     AuthConfig {
@@ -796,6 +804,31 @@ max_in_flight = 0
             assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
         }
         assert!(!errors.iter().any(|e| e.message.contains("short")));
+    }
+
+    /// A bad key in the key file is reported there, by its line (never the key itself); an
+    /// unreadable file is reported once, not also as a route's missing keys.
+    #[test]
+    fn key_file_problems_name_the_file_and_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        std::fs::write(&file, "# keys\ngood-key-0001\nshort\n").unwrap();
+        let text = |path: &std::path::Path| {
+            format!(
+                "{BASE}[auth]\napi_keys_file = \"{}\"\n[[routes]]\nupstream = \"app\"\nauth = \"api_key\"\n",
+                path.display()
+            )
+        };
+        let errors = Config::from_toml(&text(&file)).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].key, "auth.api_keys_file");
+        assert!(errors[0].message.contains("line 3"), "{}", errors[0]);
+        assert!(!errors[0].message.contains("short"), "{}", errors[0]);
+        let errors = Config::from_toml(&text(&dir.path().join("missing")))
+            .unwrap_err()
+            .0;
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["auth.api_keys_file"]);
     }
 
     #[test]
