@@ -642,11 +642,17 @@ fn validate_rule(
     if raw.limit == 0 {
         p.push(format!("{key}.limit"), "must be at least 1");
     }
-    // The Redis script computes in doubles: keep limit × period (µs) exact in 53 bits.
-    if u128::from(raw.limit.max(raw.burst)) * u128::from(period_us) >= 1 << 52 {
+    // The Redis script computes in doubles: keep limit × period (µs), and burst × period, exact
+    // in 53 bits. The larger of the two is the one named.
+    let (larger, count) = if raw.burst > raw.limit {
+        ("burst", raw.burst)
+    } else {
+        ("limit", raw.limit)
+    };
+    if u128::from(count) * u128::from(period_us) >= 1 << 52 {
         p.push(
-            format!("{key}.limit"),
-            "limit × period is too large (keep it below 4.5e15 requests·µs)",
+            format!("{key}.{larger}"),
+            format!("{larger} × period is too large (keep it below 4.5e15 requests·µs)"),
         );
     }
     if algorithm == Algorithm::SlidingWindow && raw.burst > 0 {
@@ -804,6 +810,25 @@ max_in_flight = 0
             assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
         }
         assert!(!errors.iter().any(|e| e.message.contains("short")));
+    }
+
+    /// Numbers too large for the Redis script's doubles name the one that is too large.
+    #[test]
+    fn an_oversized_quota_names_its_number() {
+        for (numbers, named) in [
+            ("limit = 1, period = \"1s\", burst = 5000000000", "burst"),
+            ("limit = 5000000000, period = \"1s\"", "limit"),
+        ] {
+            let text =
+                format!("{BASE}[[routes]]\nupstream = \"app\"\nrate_limits = [{{ {numbers} }}]\n");
+            let errors = Config::from_toml(&text).unwrap_err().0;
+            let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+            assert_eq!(
+                keys,
+                [format!("routes[0].rate_limits[0].{named}")],
+                "{errors:?}"
+            );
+        }
     }
 
     /// A bad key in the key file is reported there, by its line (never the key itself); an
