@@ -1850,6 +1850,15 @@ fn demo_backend_refuses_what_it_cannot_honour() {
         let stderr = refused_start(&["demo-backend", "--port", "0", flag, value]);
         assert!(stderr.contains(expected), "{flag} {value}: {stderr}");
     }
+    // TLS files it cannot read: refused before it says it listens (scripts wait for that line).
+    let missing = std::process::Command::new(bin())
+        .args(["demo-backend", "--port", "0", "--tls-cert", "/nonexistent/c.pem"])
+        .args(["--tls-key", "/nonexistent/k.pem"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(missing.stdout.is_empty(), "{missing:?}");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/c.pem"));
 }
 
 /// A listener that cannot bind names its key and address (nginx names the address).

@@ -75,18 +75,24 @@ struct DemoState {
     healthy: AtomicBool,
 }
 
-/// Binds the listener, prints `listening on ADDR` on stdout, and serves until the process ends.
+/// Binds the listener, prints `listening on ADDR` on stdout once it can serve (its TLS files
+/// read: a script waiting for the line must not see it from an instance about to exit), and
+/// serves until the process ends.
 pub async fn run(config: DemoConfig) -> std::io::Result<()> {
+    let tls = tls_acceptor(&config).map_err(std::io::Error::other)?;
     let listener = TcpListener::bind(SocketAddr::new(config.host, config.port)).await?;
     let addr = listener.local_addr()?;
     println!("listening on {addr}");
-    serve(listener, config).await
+    serve(listener, tls, config).await
 }
 
-/// Serves the demo instance on an already bound listener.
-pub async fn serve(listener: TcpListener, config: DemoConfig) -> std::io::Result<()> {
+/// Serves the demo instance on a bound listener.
+async fn serve(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    config: DemoConfig,
+) -> std::io::Result<()> {
     let port = listener.local_addr()?.port();
-    let tls = tls_acceptor(&config).map_err(std::io::Error::other)?;
     let body = if config.body_bytes == 2 {
         Bytes::from_static(b"ok")
     } else {
