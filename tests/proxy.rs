@@ -832,6 +832,37 @@ async fn reload_under_load_loses_nothing_and_bad_config_is_refused() {
     }
 }
 
+/// A refused reload logs an event per problem, so each stays one line of a text log too.
+#[tokio::test]
+async fn a_refused_reload_logs_each_problem() {
+    let a = demo_backend(&[]);
+    let gw = gateway_logging(&app_config(&[&a], ""));
+    let client = client();
+    gw.write_config("[upstreams.app]\nstrategy = \"fastest\"\nretries = \"x\"\n");
+    let reply = request(&client, "POST", &gw.admin_url("/api/reload"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 422);
+    let problems = reply.json()["errors"].as_array().unwrap().len();
+    assert!(problems >= 2, "{}", reply.json());
+    let refused = || {
+        gw.proc
+            .log_lines()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|line| line["message"].as_str().map(str::to_owned))
+            .filter(|message| message.starts_with("reload refused"))
+            .collect::<Vec<_>>()
+    };
+    let all_logged = eventually(Duration::from_secs(5), || async {
+        refused().len() == problems
+    });
+    assert!(all_logged.await, "{:?}", refused());
+    let logged = refused();
+    assert!(logged.iter().all(|m| !m.contains('\n')), "{logged:?}");
+    assert!(logged[0].contains("upstreams.app"), "{logged:?}");
+}
+
 /// The access-log lines (JSON) of `gw` so far, by request ID.
 fn access_lines(gw: &Gateway) -> HashMap<String, serde_json::Value> {
     gw.proc
@@ -1852,7 +1883,13 @@ fn demo_backend_refuses_what_it_cannot_honour() {
     }
     // TLS files it cannot read: refused before it says it listens (scripts wait for that line).
     let missing = std::process::Command::new(bin())
-        .args(["demo-backend", "--port", "0", "--tls-cert", "/nonexistent/c.pem"])
+        .args([
+            "demo-backend",
+            "--port",
+            "0",
+            "--tls-cert",
+            "/nonexistent/c.pem",
+        ])
         .args(["--tls-key", "/nonexistent/k.pem"])
         .output()
         .unwrap();

@@ -177,7 +177,7 @@ async fn handle(
         (&Method::POST, ["api", "reload"]) => match gateway.reload_aside().await {
             Ok(()) => reply(StatusCode::OK, json!({"reloaded": true})),
             Err(errors) => {
-                tracing::error!("reload refused, the running configuration stays:\n{errors}");
+                crate::proxy::log_refused_reload(&errors);
                 let errors: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
                 reply(
                     StatusCode::UNPROCESSABLE_ENTITY,

@@ -369,7 +369,9 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
         println!("tls listening on {}", listener.local_addr()?);
     }
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "scalegate is serving");
-    if !admin_addr.ip().is_loopback() && gateway.runtime.load().config.admin.credentials.is_none() {
+    if !admin_addr.ip().to_canonical().is_loopback()
+        && gateway.runtime.load().config.admin.credentials.is_none()
+    {
         // Its API can point live traffic anywhere (add an instance), reload and purge.
         tracing::warn!(admin = %admin_addr, "the admin API is reachable from other hosts without credentials: set admin.username and admin.password");
     }
@@ -817,8 +819,15 @@ async fn close_expired_connections(gateway: Arc<Gateway>) {
 async fn reload_on_sighup(gateway: Arc<Gateway>, mut hangup: tokio::signal::unix::Signal) {
     while hangup.recv().await.is_some() {
         if let Err(errors) = gateway.reload_aside().await {
-            tracing::error!("reload refused, the running configuration stays:\n{errors}");
+            log_refused_reload(&errors);
         }
+    }
+}
+
+/// Logs a refused reload, an event per problem: each stays one line of the log.
+pub fn log_refused_reload(errors: &ConfigErrors) {
+    for error in &errors.0 {
+        tracing::error!("reload refused, the running configuration stays: {error}");
     }
 }
 
