@@ -632,8 +632,10 @@ async fn a_child_failing_its_checks_is_not_listed_as_serving() {
 /// failed start: retried with backoff, and the instance starts once the port is free.
 #[tokio::test]
 async fn a_start_without_a_free_port_is_retried_until_one_frees() {
-    let holder = std::net::TcpListener::bind("127.0.0.1:44610").unwrap();
-    let gw = autoscaled(&one_child("44610-44610", "", DEMO_CHILD));
+    // A port the system just gave out: a fixed one may be another test's ephemeral port.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let gw = autoscaled(&one_child(&format!("{port}-{port}"), "", DEMO_CHILD));
     let client = client();
     let retried = eventually(Duration::from_secs(10), || async {
         let status = autoscale_status(&client, &gw).await;
