@@ -170,6 +170,43 @@ async fn sni_alpn_forwarded_proto_hsts_and_redirect() {
         format!("https://a.test:{}/path?q=1", tls_addr.port())
     );
     assert!(reply.headers.get("strict-transport-security").is_none());
+    assert!(!reply.header("x-request-id").is_empty());
+    // Only a host that passes the checks every request's host passes is redirected to; a
+    // request naming none is not served over plain HTTP either.
+    let proxy = gw.proxy;
+    for (head, status, location) in [
+        ("GET /x HTTP/1.1\r\nHost: evil.example/abc\r\n", "400", None),
+        ("GET /x HTTP/1.1\r\nHost: u:p@evil.example\r\n", "400", None),
+        (
+            "GET /x HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n",
+            "400",
+            None,
+        ),
+        ("GET /x HTTP/1.0\r\n", "400", None),
+        (
+            "GET /x HTTP/1.1\r\nHost: [::1]:8080\r\n",
+            "308",
+            Some("https://[::1]:"),
+        ),
+        (
+            "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n",
+            "405",
+            None,
+        ),
+    ] {
+        let sent = format!("{head}Connection: close\r\n\r\n");
+        let answer = raw_exchange_off_thread(proxy, sent.as_bytes()).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{head}: {answer}"
+        );
+        if let Some(location) = location {
+            assert!(
+                answer.contains(&format!("location: {location}")),
+                "{head}: {answer}"
+            );
+        }
+    }
     assert_eq!(backend_requests(&client(), &backend).await, 2);
 
     // SIGHUP reloads the certificate files; an open connection keeps working meanwhile.

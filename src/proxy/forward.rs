@@ -118,7 +118,12 @@ pub async fn handle(
         .filter(|tls| tls.redirect_http && !client.secure)
         .and_then(|_| https_redirect(&req, gateway.https_port()));
     let mut response = match redirect {
-        Some(response) => response,
+        Some(Ok(mut response)) => {
+            let id = record.request_id.clone();
+            response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+            response
+        }
+        Some(Err(error)) => error.response(&record.request_id),
         None => {
             let request_id = &record.request_id;
             match forward(
@@ -214,7 +219,7 @@ async fn forward(
     if has_encoded_nul(parts.uri.path()) {
         return Err(ProxyError::BadRequest("an encoded NUL (%00) in the path"));
     }
-    let (host, host_from_target) = request_host(&parts)?;
+    let (host, host_from_target) = request_host(&parts.headers, &parts.uri, parts.version)?;
     let host_bytes = host.as_ref().map(HeaderValue::as_bytes);
     let route = match_route(&runtime.config.routes, host_bytes, parts.uri.path())
         .ok_or(ProxyError::NoRoute)?;
@@ -842,8 +847,12 @@ pub(super) fn http2_malformation(parts: &Parts) -> Result<(), &'static str> {
 /// (RFC 9112 §3.2): the target's authority when it has one (absolute form, or HTTP/2's
 /// `:authority`), else the Host field. 400 for more than one Host field, one that is not a
 /// `host[:port]`, or an HTTP/1.1 request without one, as nginx answers.
-fn request_host(parts: &Parts) -> Result<(Option<HeaderValue>, bool), ProxyError> {
-    let mut fields = values(&parts.headers, &header::HOST);
+fn request_host(
+    headers: &HeaderMap,
+    uri: &Uri,
+    version: Version,
+) -> Result<(Option<HeaderValue>, bool), ProxyError> {
+    let mut fields = values(headers, &header::HOST);
     let field = fields.next();
     if fields.next().is_some() {
         return Err(ProxyError::BadRequest("more than one Host field"));
@@ -853,14 +862,14 @@ fn request_host(parts: &Parts) -> Result<(Option<HeaderValue>, bool), ProxyError
             "the Host field is not a host[:port]",
         ));
     }
-    if field.is_none() && parts.version == Version::HTTP_11 {
+    if field.is_none() && version == Version::HTTP_11 {
         return Err(ProxyError::BadRequest(
             "HTTP/1.1 request without a Host field",
         ));
     }
     // An absolute-form target's authority is held to the same rule: user info in it (RFC 9110
     // §4.2.4 says to treat it as an error) would otherwise reach the instance as its Host.
-    let target = match parts.uri.authority() {
+    let target = match uri.authority() {
         Some(authority) if !is_host(authority.as_str().as_bytes()) => {
             return Err(ProxyError::BadRequest(
                 "the target's authority is not a host[:port]",
@@ -965,25 +974,44 @@ fn observe_latency(instance: &Instance, started: Instant, status: http::StatusCo
 
 /// A 308 to the same URL on HTTPS (`https_port` left out when it is 443); `None` without a
 /// usable Host.
-fn https_redirect<B>(req: &Request<B>, https_port: u16) -> Option<Response<GatewayBody>> {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host())?;
-    let host = host_without_port(host);
+/// The 308 to the same URL on HTTPS (`https_port` left out when it is 443), built from the
+/// host the request names once it passed the checks every request's host passes (else the
+/// error, a 400); `None` for what is refused on any listener (CONNECT, TRACE) or names no
+/// resource (`OPTIONS *`), which `forward` answers.
+fn https_redirect<B>(
+    req: &Request<B>,
+    https_port: u16,
+) -> Option<Result<Response<GatewayBody>, ProxyError>> {
     let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    let location = if https_port == 443 {
-        format!("https://{host}{path}")
-    } else {
-        format!("https://{host}:{https_port}{path}")
+    if matches!(*req.method(), Method::CONNECT | Method::TRACE) || !path.starts_with('/') {
+        return None;
+    }
+    let host = match request_host(req.headers(), req.uri(), req.version()) {
+        Ok((Some(host), _)) => host,
+        Ok((None, _)) => {
+            return Some(Err(ProxyError::BadRequest(
+                "no Host to redirect to HTTPS (plain HTTP is redirected)",
+            )))
+        }
+        Err(error) => return Some(Err(error)),
     };
+    let name = host_without_port(host.to_str().unwrap_or_default());
+    // An IP literal keeps its brackets in a URL.
+    let name = if name.contains(':') {
+        format!("[{name}]")
+    } else {
+        name.to_owned()
+    };
+    let location = if https_port == 443 {
+        format!("https://{name}{path}")
+    } else {
+        format!("https://{name}:{https_port}{path}")
+    };
+    let location = HeaderValue::try_from(location).ok()?;
     let mut response = Response::new(GatewayBody::Full(None));
     *response.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
-    response
-        .headers_mut()
-        .insert(header::LOCATION, HeaderValue::try_from(location).ok()?);
-    Some(response)
+    response.headers_mut().insert(header::LOCATION, location);
+    Some(Ok(response))
 }
 
 fn is_idempotent(method: &Method) -> bool {
@@ -1047,7 +1075,8 @@ mod tests {
     #[test]
     fn the_host_comes_from_the_target_else_the_one_host_field() {
         let host = |version, target, hosts: &[&str]| {
-            request_host(&head(version, target, hosts))
+            let parts = head(version, target, hosts);
+            request_host(&parts.headers, &parts.uri, parts.version)
                 .map(|(host, from_target)| {
                     (host.map(|h| h.to_str().unwrap().to_owned()), from_target)
                 })
