@@ -80,6 +80,13 @@ pub(super) fn validate_tls(p: &mut Problems, raw: &RawTls) -> TlsConfig {
         })
         .collect();
     let hsts = raw.hsts.as_deref().and_then(|value| {
+        if !is_hsts(value) {
+            p.push(
+                "tls.hsts",
+                "expected max-age=SECONDS, then includeSubDomains or preload if wanted (RFC 6797)",
+            );
+            return None;
+        }
         HeaderValue::from_str(value)
             .map_err(|_| p.push("tls.hsts", "not a valid header value"))
             .ok()
@@ -89,5 +96,59 @@ pub(super) fn validate_tls(p: &mut Problems, raw: &RawTls) -> TlsConfig {
         certificates,
         redirect_http: raw.redirect_http,
         hsts,
+    }
+}
+
+/// Whether `value` is a Strict-Transport-Security value a browser takes: one `max-age` with a
+/// number of seconds (quoted or not), and `includeSubDomains` or `preload` at most once each.
+/// Browsers ignore a field without max-age, so a typo would turn HSTS off unnoticed.
+fn is_hsts(value: &str) -> bool {
+    let mut seen = [0u8; 3];
+    for directive in value.split(';').map(str::trim).filter(|d| !d.is_empty()) {
+        let (name, argument) = directive
+            .split_once('=')
+            .map_or((directive, None), |(n, a)| (n.trim(), Some(a.trim())));
+        let slot = match (name.to_ascii_lowercase().as_str(), argument) {
+            ("max-age", Some(seconds)) => {
+                let seconds = seconds.trim_matches('"');
+                if seconds.is_empty() || !seconds.bytes().all(|b| b.is_ascii_digit()) {
+                    return false;
+                }
+                0
+            }
+            ("includesubdomains", None) => 1,
+            ("preload", None) => 2,
+            _ => return false,
+        };
+        seen[slot] += 1;
+    }
+    seen[0] == 1 && seen[1] <= 1 && seen[2] <= 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_hsts;
+
+    #[test]
+    fn hsts_values_need_one_max_age() {
+        for good in [
+            "max-age=31536000",
+            "max-age=0",
+            "max-age=\"600\"; includeSubDomains",
+            "Max-Age=63072000; includeSubDomains; preload",
+        ] {
+            assert!(is_hsts(good), "{good}");
+        }
+        for bad in [
+            "bogus value",
+            "",
+            "includeSubDomains",
+            "max-age=abc",
+            "max-age=1; max-age=2",
+            "max-age=1; preload; preload",
+            "max-age",
+        ] {
+            assert!(!is_hsts(bad), "{bad}");
+        }
     }
 }
