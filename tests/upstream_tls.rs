@@ -509,3 +509,80 @@ async fn h2_uploads_over_max_body_get_413() {
     let answer = raw_exchange(gw.proxy, &upload);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 }
+
+/// An h2c instance that answers the first `answered` streams of each connection, then sends a
+/// graceful GOAWAY naming the last of them: the streams after it on that connection were not
+/// processed (RFC 9113 §6.8), as when nginx reaches `keepalive_requests`. Written at the frame
+/// level: the h2 crate's server names the last stream it received, never leaving one out.
+async fn going_away_h2c_instance(
+    answered: usize,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let streams = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = streams.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                socket.read_exact(&mut preface).await?;
+                socket.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+                let (mut served, mut gone) = (0, false);
+                loop {
+                    let mut head = [0u8; 9];
+                    socket.read_exact(&mut head).await?;
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+                    let mut payload = vec![0u8; len];
+                    socket.read_exact(&mut payload).await?;
+                    match (head[3], head[4]) {
+                        // SETTINGS, not an ACK: acknowledged.
+                        (4, flags) if flags & 1 == 0 => {
+                            socket.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?;
+                        }
+                        // HEADERS of a request: `:status 200` (static index 8), and the end.
+                        (1, _) if !gone => {
+                            served += 1;
+                            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            let mut answer = vec![0, 0, 1, 1, 0x5];
+                            answer.extend_from_slice(&stream.to_be_bytes());
+                            answer.push(0x88);
+                            if served == answered {
+                                answer.extend_from_slice(&[0, 0, 8, 7, 0, 0, 0, 0, 0]);
+                                answer.extend_from_slice(&stream.to_be_bytes());
+                                answer.extend_from_slice(&[0, 0, 0, 0]);
+                                gone = true;
+                            }
+                            socket.write_all(&answer).await?;
+                        }
+                        _ => {}
+                    }
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), std::io::Error>(())
+            });
+        }
+    });
+    (addr, streams)
+}
+
+/// Requests an HTTP/2 instance did not take up before it went away (a graceful GOAWAY) go again
+/// on a new connection to it, not counted as retries: with `retries = 0` every one is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_an_http2_instance_left_unprocessed_go_again_on_a_new_connection() {
+    let (instance, answered) = going_away_h2c_instance(5).await;
+    let gw = gateway(&upstream(
+        &[instance.to_string()],
+        "protocol = \"h2c\"\nretries = 0",
+    ));
+    let client = client();
+    let sent = (0..8).map(|n| {
+        let (client, url) = (client.clone(), gw.url(&format!("/r{n}")));
+        async move { get(&client, &url).await.status }
+    });
+    let statuses = futures_util::future::join_all(sent).await;
+    assert_eq!(statuses, [200; 8]);
+    assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 8);
+}

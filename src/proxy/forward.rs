@@ -777,34 +777,51 @@ async fn send_http2(
     timeout: std::time::Duration,
 ) -> Result<Answer, Attempt> {
     let connector = &instance.pool.connector;
-    let sender = shared
-        .sender(connector)
-        .await
-        .map_err(|err| Attempt::not_connected(&err))?;
-    let request = h2::request(parts, fields, connector.is_tls(), &instance.addr_text)
-        .map_err(|reason| Attempt::failed(FailureKind::NotSent, reason))?
-        .map(|()| std::mem::replace(body, ForwardBody::Empty));
-    // A refused stream's body is gone with it: only a body-less request can go again.
-    let bodiless = request.body().is_end_stream();
-    let started = Instant::now();
-    match h2::send(sender, request, started, timeout).await {
-        Ok(response) => {
-            observe_latency(instance, started, response.status());
-            Ok(Answer::Http2(response))
+    // Once, a request the instance did not take up on a connection it is leaving (a GOAWAY:
+    // nginx sends one after `keepalive_requests`) goes again on a new connection to it, as
+    // after a stale pooled HTTP/1.1 connection.
+    let mut reconnected = false;
+    loop {
+        let sender = shared
+            .sender(connector)
+            .await
+            .map_err(|err| Attempt::not_connected(&err))?;
+        let request = h2::request(parts, fields, connector.is_tls(), &instance.addr_text)
+            .map_err(|reason| Attempt::failed(FailureKind::NotSent, reason))?
+            .map(|()| std::mem::replace(body, ForwardBody::Empty));
+        // A refused stream's body is gone with it: only a body-less request can go again.
+        let bodiless = request.body().is_end_stream();
+        let started = Instant::now();
+        let (kind, reason) = match h2::send(sender, request, started, timeout).await {
+            Ok(response) => {
+                observe_latency(instance, started, response.status());
+                return Ok(Answer::Http2(response));
+            }
+            Err(Http2Error::NotSent(reason, unsent)) => {
+                *body = unsent;
+                (FailureKind::NotSent, reason)
+            }
+            Err(Http2Error::GoneAway(reason)) => (FailureKind::Reset { refused: bodiless }, reason),
+            Err(Http2Error::Sent(reason)) => (FailureKind::Sent, reason),
+            Err(Http2Error::Reset { reason, refused }) => (
+                FailureKind::Reset {
+                    refused: refused && bodiless,
+                },
+                reason,
+            ),
+            Err(Http2Error::Client(failure)) => return Err(Attempt::client(failure)),
+            Err(Http2Error::TimedOut) => return Err(Attempt::timed_out()),
+        };
+        let untouched = matches!(
+            kind,
+            FailureKind::NotSent | FailureKind::Reset { refused: true }
+        );
+        if untouched && !reconnected {
+            shared.forget();
+            reconnected = true;
+            continue;
         }
-        Err(Http2Error::NotSent(reason, unsent)) => {
-            *body = unsent;
-            Err(Attempt::failed(FailureKind::NotSent, reason))
-        }
-        Err(Http2Error::Sent(reason)) => Err(Attempt::failed(FailureKind::Sent, reason)),
-        Err(Http2Error::Reset { reason, refused }) => Err(Attempt::failed(
-            FailureKind::Reset {
-                refused: refused && bodiless,
-            },
-            reason,
-        )),
-        Err(Http2Error::Client(failure)) => Err(Attempt::client(failure)),
-        Err(Http2Error::TimedOut) => Err(Attempt::timed_out()),
+        return Err(Attempt::failed(kind, reason));
     }
 }
 

@@ -50,6 +50,9 @@ pub enum Http2Error {
         reason: String,
         refused: bool,
     },
+    /// The instance went away (a graceful GOAWAY) before it took the stream up: it did not
+    /// process the request (RFC 9113 §6.8), which may go again on a new connection.
+    GoneAway(String),
     /// The client's body failed: not the instance's fault.
     Client(ClientBodyFailure),
     /// The instance took longer than the response timeout over a part of the body or the answer.
@@ -87,6 +90,12 @@ impl Http2Conn {
         });
         self.sender.store(Some(Arc::new(sender.clone())));
         Ok(sender)
+    }
+
+    /// Drops the connection a GOAWAY ended (it takes no new stream) so that the next request
+    /// opens a new one, not waiting for its last streams to finish.
+    pub fn forget(&self) {
+        self.sender.store(None);
     }
 
     fn live(&self) -> Option<SendRequest<Upload>> {
@@ -130,22 +139,31 @@ pub async fn send(
             return Http2Error::Client(failure);
         }
         let error = err.into_error();
-        match stream_reset(&error) {
-            Some(reason) => Http2Error::Reset {
-                refused: reason == h2::Reason::REFUSED_STREAM,
+        match h2_cause(&error) {
+            Some(h2) if h2.is_reset() => Http2Error::Reset {
+                refused: h2.reason() == Some(h2::Reason::REFUSED_STREAM),
                 reason: error.to_string(),
             },
-            None => Http2Error::Sent(error.to_string()),
+            // A GOAWAY without an error only ends streams above its last one, which the
+            // instance never took up; one with an error may end streams it was processing.
+            Some(h2)
+                if h2.is_go_away()
+                    && h2.is_remote()
+                    && h2.reason() == Some(h2::Reason::NO_ERROR) =>
+            {
+                Http2Error::GoneAway(error.to_string())
+            }
+            _ => Http2Error::Sent(error.to_string()),
         }
     })
 }
 
-/// The reason of a stream the instance reset on its own (not the whole connection going away).
-fn stream_reset(error: &hyper::Error) -> Option<h2::Reason> {
+/// The HTTP/2 error behind a failed exchange, if that is what ended it.
+fn h2_cause(error: &hyper::Error) -> Option<&h2::Error> {
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
         if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            return h2.is_reset().then(|| h2.reason()).flatten();
+            return Some(h2);
         }
         source = cause.source();
     }
