@@ -53,8 +53,26 @@ pub(super) fn validate_tls(p: &mut Problems, raw: &RawTls) -> TlsConfig {
         (None, None) => {}
         _ => p.push("tls", "cert and key must be set together"),
     }
+    // The first certificate serves clients no name matches; any other serves only its names,
+    // and a name an earlier one has already takes no client to it.
+    let mut named: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for (i, c) in raw.certificates.iter().enumerate() {
-        files.push((format!("tls.certificates[{i}]"), &c.cert, &c.key, &c.names));
+        let key = format!("tls.certificates[{i}]");
+        if c.names.is_empty() && (i > 0 || !files.is_empty()) {
+            p.push(
+                format!("{key}.names"),
+                "is empty: only the first certificate is served without a matching name",
+            );
+        }
+        for name in &c.names {
+            if let Some(first) = named.insert(name.to_ascii_lowercase(), i) {
+                p.push(
+                    format!("{key}.names"),
+                    format!("`{name}` is already a name of tls.certificates[{first}]"),
+                );
+            }
+        }
+        files.push((key, &c.cert, &c.key, &c.names));
     }
     if files.is_empty() {
         p.push(
@@ -128,6 +146,37 @@ fn is_hsts(value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::is_hsts;
+    use crate::config::Config;
+
+    /// A certificate no client could be given is refused: one without names after the first,
+    /// or a name an earlier one has.
+    #[test]
+    fn every_certificate_but_the_first_needs_names_of_its_own() {
+        let entry = |names: &str| {
+            format!("[[tls.certificates]]\ncert = \"/none/c.pem\"\nkey = \"/none/k.pem\"\nnames = [{names}]\n")
+        };
+        let text = format!(
+            "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = \"app\"\n\
+             [tls]\nlisten = \"127.0.0.1:0\"\n{}{}{}",
+            entry(""),
+            entry("\"a.test\""),
+            entry("\"b.test\", \"A.test\"")
+        );
+        let errors = Config::from_toml(&text).unwrap_err().0;
+        let names: Vec<&str> = errors
+            .iter()
+            .filter(|e| e.key.ends_with(".names"))
+            .map(|e| e.key.as_str())
+            .collect();
+        assert_eq!(names, ["tls.certificates[2].names"], "{errors:?}");
+        let text = text.replacen("names = []", "names = [\"c.test\"]", 1);
+        let text = text.replacen("names = [\"a.test\"]", "names = []", 1);
+        let errors = Config::from_toml(&text).unwrap_err().0;
+        assert!(
+            errors.iter().any(|e| e.key == "tls.certificates[1].names"),
+            "{errors:?}"
+        );
+    }
 
     #[test]
     fn hsts_values_need_one_max_age() {
