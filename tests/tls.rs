@@ -347,3 +347,61 @@ fn a_bad_certificate_is_refused_naming_its_key() {
     assert!(stderr.contains("tls.key"), "{stderr}");
     assert!(stderr.contains("/nonexistent/key.pem"), "{stderr}");
 }
+
+/// With `hsts` set, an instance's own Strict-Transport-Security is replaced by the gateway's,
+/// not sent beside it (a client would get two policies).
+#[tokio::test]
+async fn the_gateway_s_hsts_replaces_the_instance_s() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let instance = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming().take(8) {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = stream.read(&mut buf) {
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\nStrict-Transport-Security: max-age=1\r\nContent-Length: 2\r\n\r\nok";
+                        if stream.write_all(answer).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    ca.issue(dir.path(), "a.test", &["a.test"], &[]);
+    let d = dir.path().display();
+    let config = format!(
+        "[tls]\nlisten = \"127.0.0.1:0\"\nhsts = \"max-age=31536000\"\ncert = \"{d}/a.test.pem\"\n\
+         key = \"{d}/a.test.key\"\n\n{}",
+        app_config_at(&[instance], "")
+    );
+    let gw = gateway_announcing(&config, 3);
+    let stream = connect(
+        &ca.connector(&[b"http/1.1"]),
+        gw.proc.named("tls"),
+        "a.test",
+    )
+    .await;
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/")
+        .header("host", "a.test")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let answer = sender.send_request(req).await.unwrap();
+    let policies: Vec<_> = answer
+        .headers()
+        .get_all("strict-transport-security")
+        .iter()
+        .collect();
+    assert_eq!(policies, ["max-age=31536000"]);
+}

@@ -324,8 +324,14 @@ async fn forward(
         return Ok(response);
     }
     // Fields the gateway adds to the answer later must replace the instance's: those go
-    // through the map.
-    let raw_answer = client.raw_answers && !admitted.adds_fields();
+    // through the map (rate-limit state, and HSTS on a secure connection).
+    let adds_hsts = client.secure
+        && runtime
+            .config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.hsts.is_some());
+    let raw_answer = client.raw_answers && !admitted.adds_fields() && !adds_hsts;
     let result = to_instance(
         runtime,
         route,
