@@ -128,7 +128,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            // A JSON log stays JSON to its last line, so a collector does not drop the one that
+            // says why the process stopped.
+            match cli.log_format {
+                LogFormat::Json => tracing::error!("{err:#}"),
+                LogFormat::Text => eprintln!("error: {err:#}"),
+            }
             ExitCode::FAILURE
         }
     }
