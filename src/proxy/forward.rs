@@ -149,10 +149,7 @@ pub async fn handle(
             }
         }
     };
-    if let Some(hsts) = tls
-        .and_then(|tls| tls.hsts.as_ref())
-        .filter(|_| client.secure)
-    {
+    if let Some(hsts) = hsts_for(runtime, client) {
         response
             .headers_mut()
             .insert(header::STRICT_TRANSPORT_SECURITY, hsts.clone());
@@ -189,18 +186,8 @@ async fn forward(
     served: &mut Served,
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
-    if parts.method == Method::CONNECT {
-        // A reverse proxy never opens tunnels to where a client asks (no open proxy).
-        return Err(ProxyError::MethodNotAllowed(
-            "CONNECT: this is a reverse proxy",
-        ));
-    }
-    if parts.method == Method::TRACE {
-        // An instance's echo would hand a page's script the cookies and credentials it cannot
-        // read (cross-site tracing); nginx refuses TRACE too.
-        return Err(ProxyError::MethodNotAllowed(
-            "TRACE: it would echo credentials back",
-        ));
+    if let Some(refusal) = refused_method(&parts.method) {
+        return Err(refusal);
     }
     let server = &runtime.config.server;
     if parts.uri.path_and_query().map_or(0, |pq| pq.as_str().len()) > server.max_uri_length {
@@ -325,13 +312,8 @@ async fn forward(
     }
     // Fields the gateway adds to the answer later must replace the instance's: those go
     // through the map (rate-limit state, and HSTS on a secure connection).
-    let adds_hsts = client.secure
-        && runtime
-            .config
-            .tls
-            .as_ref()
-            .is_some_and(|t| t.hsts.is_some());
-    let raw_answer = client.raw_answers && !admitted.adds_fields() && !adds_hsts;
+    let raw_answer =
+        client.raw_answers && !admitted.adds_fields() && hsts_for(runtime, client).is_none();
     let result = to_instance(
         runtime,
         route,
@@ -995,18 +977,19 @@ fn observe_latency(instance: &Instance, started: Instant, status: http::StatusCo
     now
 }
 
-/// A 308 to the same URL on HTTPS (`https_port` left out when it is 443); `None` without a
-/// usable Host.
 /// The 308 to the same URL on HTTPS (`https_port` left out when it is 443), built from the
-/// host the request names once it passed the checks every request's host passes (else the
-/// error, a 400); `None` for what is refused on any listener (CONNECT, TRACE) or names no
-/// resource (`OPTIONS *`), which `forward` answers.
+/// host the request names once it passed the checks every request's host passes, else the
+/// error (a 400, or the 405 of a method refused on any listener); `None` for a target that
+/// names no resource (`OPTIONS *`), which `forward` answers.
 fn https_redirect<B>(
     req: &Request<B>,
     https_port: u16,
 ) -> Option<Result<Response<GatewayBody>, ProxyError>> {
     let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    if matches!(*req.method(), Method::CONNECT | Method::TRACE) || !path.starts_with('/') {
+    if let Some(refusal) = refused_method(req.method()) {
+        return Some(Err(refusal));
+    }
+    if !path.starts_with('/') {
         return None;
     }
     let host = match request_host(req.headers(), req.uri(), req.version()) {
@@ -1035,6 +1018,30 @@ fn https_redirect<B>(
     *response.status_mut() = http::StatusCode::PERMANENT_REDIRECT;
     response.headers_mut().insert(header::LOCATION, location);
     Some(Ok(response))
+}
+
+/// The refusal of a method the gateway answers for every target, on any listener.
+fn refused_method(method: &Method) -> Option<ProxyError> {
+    match *method {
+        // A reverse proxy never opens tunnels to where a client asks (no open proxy).
+        Method::CONNECT => Some(ProxyError::MethodNotAllowed(
+            "CONNECT: this is a reverse proxy",
+        )),
+        // An instance's echo would hand a page's script the cookies and credentials it cannot
+        // read (cross-site tracing); nginx refuses TRACE too.
+        Method::TRACE => Some(ProxyError::MethodNotAllowed(
+            "TRACE: it would echo credentials back",
+        )),
+        _ => None,
+    }
+}
+
+/// The Strict-Transport-Security field the gateway sets on answers to `client`: its `hsts`,
+/// on secure connections only. One place decides it, as the answer's fields must go through
+/// the header map wherever it is set (it replaces an instance's own).
+fn hsts_for<'a>(runtime: &'a Runtime, client: &ClientAddr) -> Option<&'a HeaderValue> {
+    let tls = runtime.config.tls.as_ref()?;
+    tls.hsts.as_ref().filter(|_| client.secure)
 }
 
 fn is_idempotent(method: &Method) -> bool {
