@@ -137,10 +137,9 @@ pub fn decide_all<'q>(
     };
     for (i, (quota, stored)) in checks.into_iter().enumerate() {
         if let (Algorithm::Gcra, Some(SlotState::Gcra(tat))) = (quota.algorithm, stored) {
-            if tat > gcra_cap(quota, now) {
-                joint
-                    .capped
-                    .push((i, SlotState::Gcra(gcra_cap(quota, now))));
+            let cap = gcra_cap(quota, now);
+            if tat > cap {
+                joint.capped.push((i, SlotState::Gcra(cap)));
             }
         }
         let (decision, next) = decide(quota, stored, now);
