@@ -670,6 +670,14 @@ mod tests {
     }
 
     fn framing_of(head: &[u8], head_request: bool) -> Result<BodyFraming, ParseError> {
+        framing_taking(head, head_request, Codings::ChunkedOnly)
+    }
+
+    fn framing_taking(
+        head: &[u8],
+        head_request: bool,
+        codings: Codings,
+    ) -> Result<BodyFraming, ParseError> {
         let mut headers = [httparse::EMPTY_HEADER; 16];
         let mut response = httparse::Response::new(&mut headers);
         assert!(response.parse(head).unwrap().is_complete());
@@ -678,7 +686,7 @@ mod tests {
             response.version.unwrap(),
             response.headers,
             head_request,
-            Codings::ChunkedOnly,
+            codings,
         )
     }
 
@@ -760,10 +768,7 @@ mod tests {
         }
         // A reader that only measures the body takes any list: chunked when it ends the list.
         let measured = |head: &[u8]| {
-            let mut headers = [httparse::EMPTY_HEADER; 16];
-            let mut response = httparse::Response::new(&mut headers);
-            assert!(response.parse(head).unwrap().is_complete());
-            let framing = response_framing(200, 1, response.headers, false, Codings::Any).unwrap();
+            let framing = framing_taking(head, false, Codings::Any).unwrap();
             (framing.framing, framing.keep_alive)
         };
         for (head, framing) in [
