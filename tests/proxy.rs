@@ -779,6 +779,50 @@ async fn a_drain_can_be_cancelled_and_admin_changes_survive_reloads_at_the_same_
     );
 }
 
+/// A reload while an instance added at run time drains keeps it in view, draining with its
+/// request in flight, and its drain then removes it from the upstream in force.
+#[tokio::test]
+async fn a_drain_outlives_a_reload_and_stays_in_view() {
+    let a = demo_backend(&[]);
+    let b = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let client = client();
+    assert_eq!(add_instance(&client, &gw, b.addr()).await.status, 201);
+    // Round robin over two: of two requests, one holds b.
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, url) = (client.clone(), gw.url("/work?latency_ms=1500"));
+            tokio::spawn(async move { get(&client, &url).await.status })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let path = format!("/api/upstreams/app/instances/{}", b.addr());
+    let reply = request(&client, "DELETE", &gw.admin_url(&path), &[], "").await;
+    assert_eq!(reply.unwrap().status, 202);
+    gw.write_config(&app_config(&[&a], ""));
+    let reload = request(&client, "POST", &gw.admin_url("/api/reload"), &[], "").await;
+    assert_eq!(reload.unwrap().status, 200);
+    let json = get(&client, &gw.admin_url("/api/upstreams")).await.json();
+    let instances = json["upstreams"][0]["instances"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let b_view = instances.iter().find(|i| i["addr"] == b.addr().to_string());
+    let b_view = b_view.unwrap_or_else(|| panic!("draining instance gone: {json}"));
+    assert_eq!(b_view["state"], "draining", "{json}");
+    assert_eq!(b_view["in_flight"], 1, "{json}");
+    for request in slow {
+        assert_eq!(request.await.unwrap(), 200);
+    }
+    let removed = eventually(Duration::from_secs(5), || async {
+        let json = get(&client, &gw.admin_url("/api/upstreams")).await.json();
+        json["upstreams"][0]["instances"].as_array().unwrap().len() == 1
+    });
+    assert!(removed.await);
+    // Gone from the upstream in force, so it can be added again.
+    assert_eq!(add_instance(&client, &gw, b.addr()).await.status, 201);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reload_under_load_loses_nothing_and_bad_config_is_refused() {
     let a = demo_backend(&["--latency-ms", "20"]);

@@ -625,7 +625,7 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
 /// Marks the instance draining (no new requests) and removes it once its in-flight requests
 /// finished or `drain_timeout` passed.
 /// Called with reloads held off.
-fn drain_instance(gateway: &Gateway, name: &str, addr: &str) -> Response<GatewayBody> {
+fn drain_instance(gateway: &Arc<Gateway>, name: &str, addr: &str) -> Response<GatewayBody> {
     let Some(upstream) = gateway.upstream(name) else {
         return reply(
             StatusCode::NOT_FOUND,
@@ -659,7 +659,8 @@ fn drain_instance(gateway: &Gateway, name: &str, addr: &str) -> Response<Gateway
     }
     let timeout = upstream.config.drain_timeout;
     tracing::info!(upstream = name, instance = %instance.addr, "draining instance");
-    tokio::spawn(async move { upstream.drain(&instance, timeout).await });
+    let gateway = gateway.clone();
+    tokio::spawn(async move { upstream.drain(&gateway, &instance, timeout).await });
     reply(StatusCode::ACCEPTED, json!({"draining": addr}))
 }
 

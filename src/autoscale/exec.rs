@@ -94,9 +94,9 @@ impl ExecProvider {
             self.discovered.remove(&addr);
             if let Some(instance) = upstream.find(addr) {
                 tracing::info!(upstream = %self.upstream, instance = %addr, "instance left DNS: draining it");
-                let upstream = upstream.clone();
+                let (upstream, gateway) = (upstream.clone(), self.gateway.clone());
                 let timeout = self.drain_timeout;
-                tokio::spawn(async move { upstream.drain(&instance, timeout).await });
+                tokio::spawn(async move { upstream.drain(&gateway, &instance, timeout).await });
             }
         }
     }

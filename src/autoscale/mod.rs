@@ -203,7 +203,12 @@ pub fn start(gateway: &Arc<Gateway>, stop: watch::Receiver<bool>) -> Autoscalers
         };
         match &config.provider {
             ProviderConfig::Process(process) => {
-                let provider = process::ProcessProvider::new(&name, process.clone(), &config);
+                let provider = process::ProcessProvider::new(
+                    Arc::clone(gateway),
+                    &name,
+                    process.clone(),
+                    &config,
+                );
                 tasks.spawn(run.run(provider));
             }
             ProviderConfig::Exec(exec) => {

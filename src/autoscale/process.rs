@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use super::Provider;
 use crate::config::{AutoscaleConfig, InstanceConfig, ProcessConfig};
 use crate::proxy::upstream::Upstream;
+use crate::proxy::Gateway;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -73,6 +74,7 @@ enum Event {
 }
 
 pub(super) struct ProcessProvider {
+    gateway: Arc<Gateway>,
     upstream: String,
     config: ProcessConfig,
     exe: String,
@@ -85,7 +87,12 @@ pub(super) struct ProcessProvider {
 }
 
 impl ProcessProvider {
-    pub fn new(upstream: &str, config: ProcessConfig, auto: &AutoscaleConfig) -> ProcessProvider {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        upstream: &str,
+        config: ProcessConfig,
+        auto: &AutoscaleConfig,
+    ) -> ProcessProvider {
         let exe = std::env::current_exe()
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_else(|_| {
@@ -95,6 +102,7 @@ impl ProcessProvider {
             });
         let (events_tx, events) = mpsc::unbounded_channel();
         ProcessProvider {
+            gateway,
             upstream: upstream.to_string(),
             config,
             exe,
@@ -229,7 +237,9 @@ impl ProcessProvider {
                     self.children.retain(|c| c.id != id);
                     return;
                 }
-                upstream.remove_instance(child.addr);
+                if let Some(instance) = upstream.find(child.addr) {
+                    upstream.remove_instance(&instance);
+                }
                 if now.saturating_duration_since(child.started) >= STABLE_AFTER {
                     child.backoff = FIRST_BACKOFF;
                 }
@@ -384,11 +394,11 @@ impl Provider for ProcessProvider {
             match (was, upstream.find(child.addr)) {
                 (ChildState::Crashed { .. }, _) => self.children.retain(|c| c.id != id),
                 (_, Some(instance)) => {
-                    let upstream = upstream.clone();
+                    let (upstream, gateway) = (upstream.clone(), self.gateway.clone());
                     let stop = child.stop.clone();
                     let timeout = self.drain_timeout;
                     tokio::spawn(async move {
-                        upstream.drain(&instance, timeout).await;
+                        upstream.drain(&gateway, &instance, timeout).await;
                         stop.notify_one();
                     });
                 }

@@ -16,6 +16,7 @@ use super::h1::InstanceConn;
 use super::h2::Http2Conn;
 use super::pipeline::Lines;
 use super::retry::RetryBudget;
+use super::Gateway;
 use crate::balance::{self, Candidate, Layout, PickInput, Strategy};
 use crate::config::{InstanceConfig, UpstreamConfig};
 use crate::health::{HealthState, PassiveState, Transition};
@@ -489,6 +490,14 @@ impl Upstream {
                 instances.push(carried(&ic, Joined::AtRunTime));
             }
         }
+        // An instance being drained stays, still draining, until its drain removes it (from
+        // the upstream in force then): its in-flight requests stay in view, and the admin API
+        // can still cancel the drain. One the reload configures afresh is already back.
+        for draining in old.iter().filter(|i| i.is_draining()) {
+            if !instances.iter().any(|i| i.addr == draining.addr) {
+                instances.push(draining.clone());
+            }
+        }
         if config.health.is_none() {
             for instance in &instances {
                 instance.forget_active_checks();
@@ -633,13 +642,14 @@ impl Upstream {
         added
     }
 
-    /// Removes an instance from the set (in-flight requests keep their own reference).
-    pub fn remove_instance(&self, addr: SocketAddr) {
+    /// Removes an instance from the set (in-flight requests keep their own reference); one
+    /// that has replaced it at the same address stays.
+    pub fn remove_instance(&self, instance: &Arc<Instance>) {
         self.set.rcu(|set| {
             let instances = set
                 .instances
                 .iter()
-                .filter(|i| i.addr != addr)
+                .filter(|i| !Arc::ptr_eq(i, instance))
                 .cloned()
                 .collect();
             Arc::new(InstanceSet::new(instances, &self.config.strategy))
@@ -647,8 +657,10 @@ impl Upstream {
     }
 
     /// Takes `instance` out of rotation, waits until its in-flight requests finished (at most
-    /// `timeout`), then removes it from the set. Shared by the admin API and the autoscaler.
-    pub async fn drain(&self, instance: &Arc<Instance>, timeout: Duration) {
+    /// `timeout`), then removes it from the set, and from the upstream that replaced this one
+    /// if a reload came meanwhile (it carries draining instances over). Shared by the admin
+    /// API and the autoscaler.
+    pub async fn drain(&self, gateway: &Gateway, instance: &Arc<Instance>, timeout: Duration) {
         // The admin API may have marked it already.
         let _ = instance.start_draining();
         let deadline = Instant::now() + timeout;
@@ -671,7 +683,14 @@ impl Upstream {
             tracing::info!(upstream = %name, instance = %addr, "drain cancelled: instance back in rotation");
             return;
         }
-        self.remove_instance(addr);
+        {
+            // Serialized with reloads, so none builds its sets from one still holding it.
+            let _serialized = gateway.hold_reloads().await;
+            self.remove_instance(instance);
+            if let Some(current) = gateway.upstream(name) {
+                current.remove_instance(instance);
+            }
+        }
         // A request that picked the instance just before it was marked draining counts itself
         // in flight a moment later: give it that moment, then wait for it as well.
         tokio::time::sleep(Duration::from_millis(50)).await;
