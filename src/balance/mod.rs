@@ -125,24 +125,17 @@ pub fn pick_instance(
             match load(a).partial_cmp(&load(b)) {
                 Some(std::cmp::Ordering::Less) => a,
                 Some(std::cmp::Ordering::Greater) => b,
-                _ if clearly_lower(b.latency_ns, a.latency_ns) => b,
+                _ if clearly_lower(compared_latency(b), compared_latency(a)) => b,
                 _ => a,
             }
         }
         Strategy::P2cEwma => {
             let (a, b) = two_by_capacity(candidates, input.random);
             let (a, b) = (&candidates[a], &candidates[b]);
-            // Without a sample yet, assume 1 ms so fresh instances are tried but not flooded.
             // In-flight requests count per unit of capacity, as least_conn counts them, so an
             // instance of weight 5 carries five times the queue at the same cost.
-            let cost = |c: &Candidate| {
-                let latency = if c.latency_ns > 0.0 {
-                    c.latency_ns
-                } else {
-                    1e6
-                };
-                latency * (1.0 + f64::from(c.in_flight) / c.capacity())
-            };
+            let cost =
+                |c: &Candidate| compared_latency(c) * (1.0 + f64::from(c.in_flight) / c.capacity());
             if clearly_lower(cost(b), cost(a)) {
                 b
             } else {
@@ -212,6 +205,17 @@ fn least_loaded(candidates: &[Candidate], input: PickInput) -> &Candidate {
         .iter()
         .find(|c| c.index == chosen)
         .expect("chosen among the candidates")
+}
+
+/// Latencies under this are compared as this. Below a millisecond the difference between
+/// instances of one service is scheduling noise on a busy host, not capacity: compared as they
+/// were, one spike sent every request to the other instance, whatever the weights. An instance
+/// with no sample yet counts as this too, so it is tried but not flooded.
+const LATENCY_FLOOR_NS: f64 = 1e6;
+
+/// A candidate's latency as the load-aware strategies compare it.
+fn compared_latency(c: &Candidate) -> f64 {
+    c.latency_ns.max(LATENCY_FLOOR_NS)
 }
 
 /// Whether latency or cost `x` is clearly below `than`: instances of one service differ by
@@ -621,6 +625,24 @@ mod tests {
         // A clearly faster instance still wins a tie in flight.
         cands[1].latency_ns = 2e6;
         let c = counts(&Strategy::RandomTwo, &[cands[0], cands[1]], 1000);
+        assert_eq!(c[1], 1000, "{c:?}");
+    }
+
+    #[test]
+    fn sub_millisecond_latencies_leave_the_choice_to_the_weights() {
+        // Instances answering in tens of microseconds, one of them three times the other's
+        // latency after a scheduling hiccup: weights 3 and 1 still share 3 : 1.
+        let mut cands = [cand(0, 0), cand(1, 0)];
+        cands[0].weight = 3;
+        cands[0].latency_ns = 0.3e6;
+        cands[1].latency_ns = 0.1e6;
+        for strategy in [Strategy::RandomTwo, Strategy::P2cEwma] {
+            let c = counts(&strategy, &cands, 4000);
+            assert!((2600..3400).contains(&c[0]), "{strategy:?}: {c:?}");
+        }
+        // In-flight still counts under p2c_ewma: the busy one of two alike instances loses.
+        cands[0].in_flight = 6;
+        let c = counts(&Strategy::P2cEwma, &cands, 1000);
         assert_eq!(c[1], 1000, "{c:?}");
     }
 

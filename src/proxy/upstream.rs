@@ -23,6 +23,11 @@ use crate::health::{HealthState, PassiveState, Transition};
 
 /// Time constant of the peak-EWMA latency average.
 const EWMA_TAU: Duration = Duration::from_secs(10);
+/// How fast an instance's latency goes stale once it gets no answers: the balancer takes it as
+/// decaying toward zero with this time constant since its last sample, so an instance passed
+/// over after one slow answer is tried again within seconds (under the 10 s of `EWMA_TAU` a
+/// spike kept it out for half a minute while the others answered).
+const STALE_TAU: Duration = Duration::from_secs(1);
 
 /// Nanoseconds since a process-wide origin, so instants fit in atomics (0 means "never").
 fn nanos(at: Instant) -> u64 {
@@ -325,8 +330,9 @@ impl Instance {
     }
 
     /// What the balancer needs of the instance. `latency_aware`: the latency, decayed toward
-    /// zero for the time since its last sample (as Finagle's and tower's peak-EWMA do), so an
-    /// instance that stopped getting requests after one slow answer is tried again.
+    /// zero for the time since its last sample (as Finagle's and tower's peak-EWMA do, though
+    /// faster: `STALE_TAU`), so an instance that stopped getting requests after one slow answer
+    /// is tried again.
     fn candidate(
         &self,
         index: usize,
@@ -338,7 +344,7 @@ impl Instance {
             let stamp = self.latency_stamp.load(Ordering::Relaxed);
             let since = Duration::from_nanos(nanos(now).saturating_sub(stamp));
             let latency = f64::from_bits(self.latency_bits.load(Ordering::Relaxed));
-            balance::peak_ewma(latency, since, 0.0, EWMA_TAU)
+            balance::peak_ewma(latency, since, 0.0, STALE_TAU)
         } else {
             0.0
         };
@@ -948,13 +954,15 @@ mod tests {
                 / 1e6
         };
         assert!((at(0) - 400.0).abs() < 1.0, "{}", at(0));
-        // One time constant (10 s): e⁻¹ of it; a minute on, under a millisecond.
+        // One time constant (1 s): e⁻¹ of it; ten seconds on, under a millisecond.
         assert!(
-            (at(10) - 400.0 / std::f64::consts::E).abs() < 1.0,
+            (at(1) - 400.0 / std::f64::consts::E).abs() < 1.0,
             "{}",
-            at(10)
+            at(1)
         );
-        assert!(at(60) < 1.0, "{}", at(60));
+        assert!(at(10) < 1.0, "{}", at(10));
+        // What was measured stays as it was (the admin API, metrics and autoscaler read it).
+        assert_eq!(set.instances[0].latency(), Duration::from_millis(400));
     }
 
     #[test]
