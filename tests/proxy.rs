@@ -1473,6 +1473,15 @@ async fn the_response_timeout_waits_on_instances_never_on_clients() {
     // An instance that pauses inside its answer body past the timeout: the client gets what
     // came, then the connection closes, and the request no longer counts as in flight.
     assert_cut_off_after_ten_bytes(&gw, "/stall").await;
+    // Toward an HTTP/2 client the stream is reset, and the cut counted the same.
+    let broken = || async {
+        let upstreams = get(&client, &gw.admin_url("/api/upstreams")).await.json();
+        upstreams["upstreams"][0]["instances"][0]["broken_answers"].clone()
+    };
+    let before = broken().await.as_u64().unwrap();
+    let h2 = request(&h2c_client(), "GET", &gw.url("/stall"), &[], "").await;
+    assert!(h2.is_err(), "{:?}", h2.map(|r| r.body));
+    assert_eq!(broken().await, before + 1);
 
     // An instance that takes none of the body for the whole timeout gets the blame: 504 (a
     // close when the instance gives up after 30 s would be a 502).

@@ -367,6 +367,7 @@ fn instance_sample(upstream: &str, instance: &Instance, now: Instant) -> Instanc
         in_flight: instance.in_flight.load(Ordering::Relaxed),
         ejections: instance.ejections.load(Ordering::Relaxed),
         retries: instance.retries.load(Ordering::Relaxed),
+        broken_answers: instance.broken_answers.load(Ordering::Relaxed),
         latency_seconds: instance.latency().as_secs_f64(),
     }
 }
@@ -523,6 +524,7 @@ fn instance_json(instance: &Instance, now: Instant) -> Value {
         "in_flight": instance.in_flight.load(Ordering::Relaxed),
         "requests": instance.requests.load(Ordering::Relaxed),
         "failures": instance.failures.load(Ordering::Relaxed),
+        "broken_answers": instance.broken_answers.load(Ordering::Relaxed),
         "latency_ms": instance.latency().as_secs_f64() * 1000.0,
         "idle_connections": instance.pool.idle_count(),
         "consecutive_ok": counts.consecutive_ok,

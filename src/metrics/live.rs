@@ -178,6 +178,7 @@ mod tests {
                 failures,
                 ejections: 0,
                 retries: 0,
+                broken_answers: 0,
                 latency_seconds: 0.0015,
             }],
             cache: CacheSample::default(),

@@ -36,6 +36,7 @@ pub const INSTANCE_UP: &str = "instance_up";
 pub const INSTANCE_STATE: &str = "instance_state";
 pub const INSTANCE_EJECTIONS: &str = "instance_ejections";
 pub const INSTANCE_RETRIES: &str = "instance_retries";
+pub const INSTANCE_BROKEN_ANSWERS: &str = "instance_broken_answers";
 pub const INSTANCE_LATENCY: &str = "instance_latency_ewma_seconds";
 pub const OPEN_CONNECTIONS: &str = "open_connections";
 pub const CONNECTIONS_REFUSED: &str = "connections_refused";
@@ -387,6 +388,7 @@ pub struct InstanceSample {
     pub in_flight: u32,
     pub ejections: u64,
     pub retries: u64,
+    pub broken_answers: u64,
     pub latency_seconds: f64,
 }
 
@@ -421,7 +423,7 @@ pub fn core_families(metrics: &Metrics, instances: &[InstanceSample]) -> Vec<Fam
         duration.push(labels, Value::Histogram(stats.duration.snapshot()));
     }
     let mut families = vec![requests, in_flight, duration];
-    let per_instance: [InstanceFamily; 6] = [
+    let per_instance: [InstanceFamily; 7] = [
         (INSTANCE_REQUESTS, "Requests sent to the instance.", |i| {
             Value::Counter(i.requests)
         }),
@@ -444,6 +446,11 @@ pub fn core_families(metrics: &Metrics, instances: &[InstanceSample]) -> Vec<Fam
             INSTANCE_RETRIES,
             "Failed attempts on the instance that were retried elsewhere.",
             |i| Value::Counter(i.retries),
+        ),
+        (
+            INSTANCE_BROKEN_ANSWERS,
+            "Answers the instance broke off after their head went out (closed, reset, stalled or malformed body).",
+            |i| Value::Counter(i.broken_answers),
         ),
         (
             INSTANCE_LATENCY,

@@ -465,6 +465,7 @@ impl ClientConn {
             match frame {
                 None => break,
                 Some(Err(err)) => {
+                    record.broke_off(&*err);
                     // Cut short: the client must not take a partial body for a whole one.
                     let _ = self.flush().await;
                     return Err(io::Error::other(err));

@@ -459,7 +459,9 @@ impl Body for RecordedBody {
                 Poll::Ready(None)
             }
             Some(Err(err)) => {
-                this.record = None;
+                if let Some(record) = this.record.take() {
+                    record.broke_off(&*err);
+                }
                 Poll::Ready(Some(Err(err)))
             }
         }

@@ -3,6 +3,7 @@
 //! `$request_time`), or when it was abandoned on the way.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use http::{HeaderValue, Method};
@@ -69,6 +70,30 @@ impl RequestRecord {
 
     pub fn sent(&mut self, bytes: usize) {
         self.body_bytes += bytes as u64;
+    }
+
+    /// The answer's body failed after its head went out: every such failure comes from the
+    /// instance (closed, reset, stalled, malformed). The access log keeps the status sent, as
+    /// nginx's does; this says why the answer is short (nginx's "upstream prematurely closed
+    /// connection") and counts it against the instance.
+    #[cold]
+    pub fn broke_off(&self, error: &(dyn std::error::Error + 'static)) {
+        let served = self.served;
+        let upstream = served.route.map(|r| self.runtime.route_upstream(r));
+        let instance = served
+            .instance
+            .zip(upstream)
+            .and_then(|(addr, upstream)| upstream.find(addr));
+        if let Some(instance) = &instance {
+            instance.broken_answers.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::warn!(
+            upstream = upstream.map_or("-", |u| u.config.name.as_str()),
+            instance = %InstanceAddr(served.instance),
+            request_id = self.request_id.to_str().unwrap_or_default(),
+            error,
+            "answer cut short: the instance broke off its body"
+        );
     }
 }
 

@@ -72,6 +72,9 @@ pub struct Instance {
     pub ejections: AtomicU64,
     /// Failed attempts on this instance that were retried on another.
     pub retries: AtomicU64,
+    /// Answers whose body the instance broke off after their head went to the client (closed,
+    /// reset, stalled or malformed): the client got a cut answer under a 2xx in the access log.
+    pub broken_answers: AtomicU64,
     latency_bits: AtomicU64,
     latency_stamp: AtomicU64,
     active_up: AtomicBool,
@@ -110,6 +113,7 @@ impl Instance {
             failures: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            broken_answers: AtomicU64::new(0),
             latency_bits: AtomicU64::new(0),
             latency_stamp: AtomicU64::new(0),
             active_up: AtomicBool::new(starts_up),
@@ -365,6 +369,7 @@ impl Instance {
             (&self.failures, &old.failures),
             (&self.ejections, &old.ejections),
             (&self.retries, &old.retries),
+            (&self.broken_answers, &old.broken_answers),
         ] {
             new.store(old.load(Ordering::Relaxed), Ordering::Relaxed);
         }

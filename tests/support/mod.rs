@@ -409,6 +409,13 @@ pub async fn raw_exchange_off_thread(addr: SocketAddr, bytes: &[u8]) -> String {
 /// nothing stays in flight.
 pub async fn assert_cut_off_after_ten_bytes(gw: &Gateway, path: &str) {
     use std::io::{Read, Write};
+    let broken = || async {
+        let upstreams = get(&client(), &gw.admin_url("/api/upstreams")).await.json();
+        upstreams["upstreams"][0]["instances"][0]["broken_answers"]
+            .as_u64()
+            .unwrap()
+    };
+    let broken_before = broken().await;
     let (proxy, head) = (gw.proxy, format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"));
     let (cut, closed) = tokio::task::spawn_blocking(move || {
         let mut stream = std::net::TcpStream::connect(proxy).unwrap();
@@ -427,6 +434,8 @@ pub async fn assert_cut_off_after_ten_bytes(gw: &Gateway, path: &str) {
     assert!(cut.ends_with("\r\n\r\n0123456789"), "{cut}");
     let upstreams = get(&client(), &gw.admin_url("/api/upstreams")).await.json();
     assert_eq!(upstreams["upstreams"][0]["instances"][0]["in_flight"], 0);
+    // Counted against the instance: the access log has the 200 that went out.
+    assert_eq!(broken().await, broken_before + 1);
 }
 
 /// The whole answer to `POST /upload` whose 10-byte body pauses 1.5 s halfway, longer than
