@@ -924,11 +924,19 @@ impl Line {
         idle.then_some(state.last_used)
     }
 
+    /// Closes the line when it is idle and idled too long or the instance closed it (or sent
+    /// something unasked): its socket is not held half-closed until the idle timeout.
     fn close_if_idle(&self, now: Instant, idle_timeout: Duration) {
-        let idle_too_long = self
-            .idle_since()
-            .is_some_and(|since| now.duration_since(since) > idle_timeout);
-        if idle_too_long {
+        let mut state = self.state.lock().expect("line lock");
+        let idle_too_long = now.duration_since(state.last_used) > idle_timeout;
+        let stale = state.closed.is_none()
+            && state.turns.is_empty()
+            && state
+                .reader
+                .as_mut()
+                .is_some_and(|reader| idle_too_long || !reader.is_open());
+        drop(state);
+        if stale {
             self.break_off(Broken::Lost);
         }
     }
@@ -1745,6 +1753,24 @@ mod tests {
         lines.verdict.limit.store(1, Ordering::Relaxed);
         let next = lines.enqueue(&connector, no_idle, Instant::now(), false, ROOT, get);
         assert!(!Arc::ptr_eq(&line, &next.hold().line));
+        assert!(line.is_closed());
+    }
+
+    /// An idle line the instance closed is closed by the idle sweep at once, not held
+    /// half-closed until the idle timeout.
+    #[tokio::test]
+    async fn the_idle_sweep_closes_a_line_the_instance_closed() {
+        let (lines, connector, listener) = lines();
+        let (reader, first) = first_in_line(&lines, &connector).await;
+        let (instance_end, _) = listener.accept().await.unwrap();
+        lines.answered(&first, true, http::StatusCode::OK);
+        let line = first.line.clone();
+        first.hand_on(reader, true);
+        lines.close_idle(Instant::now());
+        assert!(!line.is_closed());
+        drop(instance_end);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        lines.close_idle(Instant::now());
         assert!(line.is_closed());
     }
 

@@ -864,20 +864,26 @@ impl Pool {
         now.duration_since(idle.since) > self.idle_timeout
     }
 
-    /// Closes the idle connections that outlived the idle timeout (the oldest are in front).
+    /// Closes the idle connections that outlived the idle timeout, and those the instance
+    /// closed meanwhile (as nginx's keepalive cache does when their close arrives: a socket
+    /// held half-closed until the timeout holds a descriptor). Costs no system call for an
+    /// idle connection with no event since its last read.
     pub fn close_expired(&self, now: Instant) {
         if let Some(lines) = &self.lines {
             lines.close_idle(now);
         }
         let mut idle = self.idle.lock().expect("pool lock");
-        let fresh = idle
-            .iter()
-            .position(|conn| !self.expired(conn, now))
-            .unwrap_or(idle.len());
-        let expired: Vec<IdleConn> = idle.drain(..fresh).collect();
+        let mut stale = Vec::new();
+        for mut conn in std::mem::take(&mut *idle) {
+            if self.expired(&conn, now) || !conn.conn.is_open() {
+                stale.push(conn);
+            } else {
+                idle.push_back(conn);
+            }
+        }
         drop(idle);
         // Sockets are closed outside the lock.
-        drop(expired);
+        drop(stale);
     }
 
     /// Idle connections: pooled ones, and lines no request is on.
@@ -1178,5 +1184,21 @@ mod tests {
         let (fresh, reused) = pool.checkout(true, false, Instant::now()).await.unwrap();
         assert!(!reused, "the closed connection was handed out again");
         assert_ne!(fresh.local_port(), closed_port);
+    }
+
+    #[tokio::test]
+    async fn the_sweep_closes_an_idle_connection_the_instance_closed() {
+        let (pool, listener) = pool(2, "10s");
+        let (closing, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
+        let (closing_end, _) = listener.accept().await.unwrap();
+        let (kept, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
+        let (_kept_end, _) = listener.accept().await.unwrap();
+        pool.checkin(closing);
+        pool.checkin(kept);
+        drop(closing_end);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Well within the idle timeout: only the closed one goes.
+        pool.close_expired(Instant::now());
+        assert_eq!(pool.idle_count(), 1);
     }
 }
