@@ -531,6 +531,18 @@ impl Lines {
         ticket
     }
 
+    /// Forgets the instance's pace: once taken out of rotation it may come back as another
+    /// process, slower than the one measured, and requests queued behind its answers as if it
+    /// were not would wait a line's depth of them.
+    pub fn forget_pace(&self) {
+        self.pace.store(UNMEASURED, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn pace_measured(&self) -> bool {
+        self.pace.load(Ordering::Relaxed) != UNMEASURED
+    }
+
     /// Whether a request for `path` may be pipelined at `now`: not once the instance was
     /// refused pipelining ([`Lines::taken`]), nor while the path is paused as slow.
     pub fn pipelines(&self, path: PathSlot, now: Instant) -> bool {

@@ -221,6 +221,7 @@ impl Instance {
                 .store(nanos(until), Ordering::Relaxed);
             drop(passive);
             self.ejections.fetch_add(1, Ordering::Relaxed);
+            self.pool.forget_pace();
             tracing::warn!(
                 upstream = %upstream.name,
                 instance = %self.addr,
@@ -303,6 +304,7 @@ impl Instance {
             }
             Some(Transition::WentDown) => {
                 self.ejections.fetch_add(1, Ordering::Relaxed);
+                self.pool.forget_pace();
                 tracing::warn!(instance = %self.addr, "instance failed its health checks");
                 self.active_up.store(false, Ordering::Relaxed);
             }
@@ -886,6 +888,13 @@ impl Pool {
         drop(stale);
     }
 
+    /// What pipelining learned of the instance's pace (see [`Lines::forget_pace`]).
+    pub fn forget_pace(&self) {
+        if let Some(lines) = &self.lines {
+            lines.forget_pace();
+        }
+    }
+
     /// Idle connections: pooled ones, and lines no request is on.
     pub fn idle_count(&self) -> usize {
         let lines = self.lines.as_ref().map_or(0, Lines::idle_count);
@@ -999,6 +1008,28 @@ mod tests {
         let fresh = &set.instances[1];
         fresh.observe_latency(Duration::from_micros(300), now, true);
         assert_eq!(fresh.latency(), UNPROVEN_FAILURE);
+    }
+
+    /// Taken out by passive or active checks, an instance may come back as another, slower
+    /// process: pipelining measures it afresh.
+    #[test]
+    fn an_instance_taken_out_is_measured_afresh_for_pipelining() {
+        use super::super::pipeline::{PaceSample, PathSlot};
+        let upstream = upstream(1, "round_robin");
+        let instance = &upstream.set.load().instances[0];
+        let lines = instance.pool.lines.as_ref().expect("pipelined by default");
+        let measure = || {
+            let now = Instant::now();
+            let quick = now + Duration::from_micros(200);
+            lines.record_answer(PathSlot::of("/"), PaceSample::First, now, quick);
+            assert!(lines.pace_measured());
+        };
+        measure();
+        instance.record_failure(Instant::now(), &upstream.config);
+        assert!(!lines.pace_measured(), "after a passive ejection");
+        measure();
+        instance.record_check(false, "refused".into(), 1, 1, Instant::now());
+        assert!(!lines.pace_measured(), "after failing active checks");
     }
 
     #[test]
