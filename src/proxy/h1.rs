@@ -745,6 +745,10 @@ fn parse_head_in(
     };
     let (answer, parsed) = parse_response(buf, fields);
     let len = match parsed {
+        // The limit holds however the head arrived (in one read, it would parse whole).
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+            return Err(invalid_answer(&"head larger than 64 KiB"))
+        }
         Ok(httparse::Status::Complete(len)) => len,
         // Many cookies, CSP or tracing fields make a valid answer, however rare.
         Err(httparse::Error::TooManyHeaders) if !many => return parse_many_fields(buf, reading),
@@ -1133,6 +1137,12 @@ mod tests {
         ));
         let mut huge = BytesMut::from(&b"HTTP/1.1 200 OK\r\nX: "[..]);
         huge.extend_from_slice(&vec![b'a'; MAX_HEAD]);
+        assert!(matches!(
+            parse_head(&mut huge, MAP),
+            Err(SendError::Invalid(_))
+        ));
+        // Whole in one read, it is just as much over the limit.
+        huge.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
         assert!(matches!(
             parse_head(&mut huge, MAP),
             Err(SendError::Invalid(_))
