@@ -735,6 +735,18 @@ upstream = "missing"
     }
 
     #[test]
+    fn an_expected_status_may_be_a_bare_number() {
+        let health = |value: &str| {
+            let text = format!("{APP}\n[upstreams.app.health]\nexpect_status = {value}\n");
+            Config::from_toml(&text).map(|c| c.upstream("app").unwrap().health.clone().unwrap())
+        };
+        assert_eq!(health("200").unwrap().expect_status, (200, 200));
+        assert_eq!(health("\"200-204\"").unwrap().expect_status, (200, 204));
+        assert!(health("-200").is_err());
+        assert!(health("true").is_err());
+    }
+
+    #[test]
     fn sizes_may_be_bare_numbers_of_bytes_and_durations_are_bounded() {
         let config = Config::from_toml(&format!(
             "[server]\nmax_body = 1048576\n[server.http2]\nmax_frame_size = 32768\n{APP}"
@@ -746,7 +758,7 @@ upstream = "missing"
         assert_eq!(unlimited.server.max_body, u64::MAX);
         let (key, _, message) = first_problem("[server]\nmax_body = -1");
         assert_eq!(key, "server.max_body");
-        assert!(message.contains("cannot be negative"), "{message}");
+        assert!(message.contains("not negative"), "{message}");
         let (key, line, _) = first_problem("[server]\nidle_timeout = \"99999999999999999999h\"");
         assert_eq!((key.as_str(), line), ("server.idle_timeout", Some(2)));
         let (key, line, message) = first_problem("[server]\nworkers = 2000");

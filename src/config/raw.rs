@@ -216,6 +216,7 @@ pub struct RawActiveHealth {
     pub timeout: String,
     pub rise: u32,
     pub fall: u32,
+    #[serde(deserialize_with = "super::units::status_text")]
     pub expect_status: String,
 }
 

@@ -85,25 +85,42 @@ pub fn optional_size_text<'de, D: Deserializer<'de>>(
 }
 
 pub fn size_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    struct SizeText;
-    impl Visitor<'_> for SizeText {
+    text_or_count(
+        deserializer,
+        "a size such as \"16KiB\" or a number of bytes",
+    )
+}
+
+/// Reads a status range as written: text (`"200-399"`) or one status as a bare integer
+/// (`expect_status = 200`).
+pub fn status_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    text_or_count(deserializer, "a status or range such as \"200-399\"")
+}
+
+/// Text as written, or a non-negative integer as its digits.
+fn text_or_count<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    expecting: &'static str,
+) -> Result<String, D::Error> {
+    struct TextOrCount(&'static str);
+    impl Visitor<'_> for TextOrCount {
         type Value = String;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a size such as \"16KiB\" or a number of bytes")
+            f.write_str(self.0)
         }
         fn visit_str<E: de::Error>(self, text: &str) -> Result<String, E> {
             Ok(text.to_owned())
         }
-        fn visit_u64<E: de::Error>(self, bytes: u64) -> Result<String, E> {
-            Ok(bytes.to_string())
+        fn visit_u64<E: de::Error>(self, count: u64) -> Result<String, E> {
+            Ok(count.to_string())
         }
-        fn visit_i64<E: de::Error>(self, bytes: i64) -> Result<String, E> {
-            u64::try_from(bytes)
-                .map(|bytes| bytes.to_string())
-                .map_err(|_| E::custom("a size cannot be negative"))
+        fn visit_i64<E: de::Error>(self, count: i64) -> Result<String, E> {
+            u64::try_from(count)
+                .map(|count| count.to_string())
+                .map_err(|_| E::custom(format!("{}, not negative", self.0)))
         }
     }
-    deserializer.deserialize_any(SizeText)
+    deserializer.deserialize_any(TextOrCount(expecting))
 }
 
 #[cfg(test)]
