@@ -587,6 +587,30 @@ async fn active_checks_take_an_instance_out_after_fall_and_back_after_rise() {
     assert_eq!(reply.json()["error"], "no_healthy_instance");
 }
 
+/// With `port`, each instance is checked at that port of its IP (a management port): its
+/// verdict there decides, whatever the instance's own port would answer.
+#[tokio::test]
+async fn probes_go_to_the_health_port_when_one_is_set() {
+    let serving = demo_backend(&[]);
+    let management = demo_backend(&[]);
+    let gw = gateway(&app_config(
+        &[&serving],
+        &format!(
+            "[upstreams.app.health]\ninterval = \"100ms\"\nfall = 1\nrise = 1\nport = {}",
+            management.addr().port()
+        ),
+    ));
+    let client = client();
+    let state = || instance_state(&client, &gw, serving.addr().to_string());
+    assert_eq!(state().await, "up");
+    set_health(&client, &management, false).await;
+    assert!(eventually(Duration::from_secs(5), || async { state().await == "down" }).await);
+    assert_eq!(get(&client, &gw.url("/work")).await.status, 503);
+    set_health(&client, &management, true).await;
+    assert!(eventually(Duration::from_secs(5), || async { state().await == "up" }).await);
+    assert_eq!(get(&client, &gw.url("/work")).await.status, 200);
+}
+
 #[tokio::test]
 async fn a_slow_probe_holds_back_no_other_check_and_probes_carry_the_configured_host() {
     // One instance takes its probes and never answers (timeout 10 s); the other's checks go on

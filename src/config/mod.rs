@@ -222,8 +222,11 @@ impl InstanceConfig {
 #[derive(Debug, Clone)]
 pub struct ActiveHealthConfig {
     pub path: String,
-    /// The probe's Host; the instance's address when unset.
+    /// The probe's Host; the address probed when unset.
     pub host: Option<String>,
+    /// Probe this port of each instance's IP instead of the instance's own (a management
+    /// port), as HAProxy's `check port` and Envoy's health-check `port_value`.
+    pub port: Option<u16>,
     pub interval: Duration,
     pub timeout: Duration,
     pub rise: u32,
@@ -744,6 +747,9 @@ upstream = "missing"
         assert_eq!(health("\"200-204\"").unwrap().expect_status, (200, 204));
         assert!(health("-200").is_err());
         assert!(health("true").is_err());
+        let port_zero = format!("{APP}[upstreams.app.health]\nport = 0\n");
+        let errors = Config::from_toml(&port_zero).unwrap_err().0;
+        assert_eq!(errors[0].key, "upstreams.app.health.port");
     }
 
     #[test]

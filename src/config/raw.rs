@@ -212,6 +212,7 @@ fn one() -> u32 {
 pub struct RawActiveHealth {
     pub path: String,
     pub host: Option<String>,
+    pub port: Option<u16>,
     pub interval: String,
     pub timeout: String,
     pub rise: u32,
@@ -225,6 +226,7 @@ impl Default for RawActiveHealth {
         RawActiveHealth {
             path: "/health".into(),
             host: None,
+            port: None,
             interval: "5s".into(),
             timeout: "2s".into(),
             rise: 2,
@@ -674,9 +676,13 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
             );
             (200, 399)
         });
+        if h.port == Some(0) {
+            p.push(format!("{hkey}.port"), "expected a port from 1 to 65535");
+        }
         ActiveHealthConfig {
             path: h.path.clone(),
             host: host.map(str::to_owned),
+            port: h.port.filter(|port| *port > 0),
             interval: p.positive_duration(&format!("{hkey}.interval"), &h.interval),
             timeout: p.positive_duration(&format!("{hkey}.timeout"), &h.timeout),
             rise: h.rise,

@@ -4,6 +4,7 @@
 //! The probe goes the way requests do: over TLS when the upstream has it, in HTTP/2 for h2 and
 //! h2c upstreams.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokio::task::{self, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::config::ActiveHealthConfig;
+use crate::proxy::connect::Connector;
 use crate::proxy::upstream::{Instance, Upstream};
 
 /// Starts the checker for `upstream` when it has active checks configured. The task holds only
@@ -59,8 +61,18 @@ pub fn spawn_active_checks(upstream: &Arc<Upstream>) {
 
 /// Probes one instance once and records the result.
 pub async fn check_instance(instance: Arc<Instance>, config: ActiveHealthConfig) {
-    let host = config.host.as_deref().unwrap_or(&instance.addr_text);
-    let outcome = tokio::time::timeout(config.timeout, probe(&instance, &config.path, host)).await;
+    let connector = &instance.pool.connector;
+    let (connector, probed) = match config.port {
+        Some(port) => (
+            Cow::Owned(connector.on_port(port)),
+            Cow::Owned(SocketAddr::new(instance.addr.ip(), port).to_string()),
+        ),
+        None => (Cow::Borrowed(connector), Cow::Borrowed(&instance.addr_text)),
+    };
+    let host = config.host.as_deref().unwrap_or(&probed);
+    let http2 = instance.pool.http2.is_some();
+    let probing = probe(&connector, http2, &config.path, host);
+    let outcome = tokio::time::timeout(config.timeout, probing).await;
     let (ok, detail) = match outcome {
         Ok(Ok(status)) => (
             (config.expect_status.0..=config.expect_status.1).contains(&status),
@@ -91,8 +103,12 @@ impl From<String> for ProbeFailure {
     }
 }
 
-async fn probe(instance: &Instance, path: &str, host: &str) -> Result<u16, ProbeFailure> {
-    let connector = &instance.pool.connector;
+async fn probe(
+    connector: &Connector,
+    http2: bool,
+    path: &str,
+    host: &str,
+) -> Result<u16, ProbeFailure> {
     let io = match connector.connect().await {
         Ok(io) => TokioIo::new(io),
         Err(err) if err.is_local() => return Err(ProbeFailure::Gateway(err.to_string())),
@@ -101,7 +117,7 @@ async fn probe(instance: &Instance, path: &str, host: &str) -> Result<u16, Probe
     let request = Request::get(path)
         .header(header::HOST, host)
         .header(header::USER_AGENT, "scalegate-health");
-    let response = if instance.pool.http2.is_some() {
+    let response = if http2 {
         let (mut sender, connection) = http2::handshake(TokioExecutor::new(), io)
             .await
             .map_err(|err| format!("handshake: {err}"))?;

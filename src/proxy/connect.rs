@@ -82,6 +82,14 @@ impl Connector {
         self.timeout
     }
 
+    /// The same instance on another port (a health check's own), with the same settings.
+    pub fn on_port(&self, port: u16) -> Connector {
+        Connector {
+            addr: SocketAddr::new(self.addr.ip(), port),
+            ..self.clone()
+        }
+    }
+
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
     }

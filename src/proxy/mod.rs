@@ -7,7 +7,7 @@ mod body;
 pub mod client_h1;
 mod client_h2;
 mod client_io;
-mod connect;
+pub(crate) mod connect;
 pub mod connections;
 mod deadline;
 mod error;
