@@ -98,6 +98,31 @@ pub enum Refusal {
     TooManyFromClient,
 }
 
+/// Descriptors kept for everything but client connections and their instance connections:
+/// listeners, the admin API's clients, Redis, health probes, idle pooled connections, logs.
+const DESCRIPTOR_RESERVE: u64 = 128;
+
+/// The most client connections `nofile` descriptors carry, each with a connection to an
+/// instance beside it (HAProxy derives its `maxconn` from `ulimit -n` the same way). Admitting
+/// more lets clients take the descriptors their requests need: every request then fails for
+/// want of one, and keep-alive clients hold them.
+pub fn connections_within(nofile: u64) -> usize {
+    let budget = nofile.saturating_sub(DESCRIPTOR_RESERVE) / 2;
+    usize::try_from(budget).unwrap_or(usize::MAX).max(1)
+}
+
+/// Raises the soft limit on open files to the hard one, as the Go runtime does at start (a
+/// shell's default soft limit of 1024 is far below what a gateway needs), and returns the
+/// limit in force; `None` when it cannot be read.
+pub fn raise_descriptor_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return Some(hard);
+    }
+    Some(soft)
+}
+
 /// Whether one more connection fits; a limit of 0 means none.
 pub fn admit_decision(
     open: usize,
@@ -119,6 +144,8 @@ pub fn admit_decision(
 /// or without a per-IP limit, so that one a reload sets finds the connections already open).
 #[derive(Debug, Default)]
 pub struct ConnectionLimits {
+    /// What the descriptor limit allows ([`connections_within`]); 0 when unknown.
+    within_descriptors: usize,
     max_open: AtomicUsize,
     max_per_ip: AtomicUsize,
     open: AtomicUsize,
@@ -128,13 +155,29 @@ pub struct ConnectionLimits {
 }
 
 impl ConnectionLimits {
-    pub fn new(max_open: usize, max_per_ip: usize) -> ConnectionLimits {
-        let limits = ConnectionLimits::default();
+    /// `nofile`: the process's descriptor limit, which caps `max_open`.
+    pub fn new(max_open: usize, max_per_ip: usize, nofile: Option<u64>) -> ConnectionLimits {
+        let limits = ConnectionLimits {
+            within_descriptors: nofile.map_or(0, connections_within),
+            ..ConnectionLimits::default()
+        };
         limits.set_limits(max_open, max_per_ip);
         limits
     }
 
+    /// Sets the limits; `max_open` (0: none) is capped by the descriptor limit, and the cap is
+    /// logged when it applies.
     pub fn set_limits(&self, max_open: usize, max_per_ip: usize) {
+        let fits = self.within_descriptors;
+        let capped = fits > 0 && (max_open == 0 || max_open > fits);
+        if capped {
+            tracing::info!(
+                max_connections = max_open,
+                admitted = fits,
+                "client connections capped by the file descriptor limit (ulimit -n): two per connection, one for its instance"
+            );
+        }
+        let max_open = if capped { fits } else { max_open };
         self.max_open.store(max_open, Ordering::Relaxed);
         self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
     }
@@ -227,8 +270,35 @@ mod tests {
     }
 
     #[test]
+    fn the_descriptor_limit_caps_client_connections() {
+        // Two descriptors per connection once 128 are kept aside.
+        assert_eq!(connections_within(1024), 448);
+        assert_eq!(connections_within(20_000), 9936);
+        assert_eq!(connections_within(64), 1);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        // 130 descriptors carry one connection: the configured 10, or no cap at all, give one.
+        for configured in [10, 0] {
+            let limits = Arc::new(ConnectionLimits::new(configured, 0, Some(130)));
+            let _only = limits.admit(a).unwrap();
+            assert_eq!(limits.admit(a).err(), Some(Refusal::TooManyConnections));
+        }
+        // Within the budget, the configured limit holds.
+        let limits = Arc::new(ConnectionLimits::new(1, 0, Some(1024)));
+        let _only = limits.admit(a).unwrap();
+        assert!(limits.admit(a).is_err());
+    }
+
+    #[test]
+    fn the_soft_descriptor_limit_is_raised_to_the_hard_one() {
+        use nix::sys::resource::{getrlimit, Resource};
+        let raised = raise_descriptor_limit().expect("a limit");
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        assert_eq!((raised, soft), (hard, hard));
+    }
+
+    #[test]
     fn permits_count_per_ip_and_free_on_drop() {
-        let limits = Arc::new(ConnectionLimits::new(3, 2));
+        let limits = Arc::new(ConnectionLimits::new(3, 2, None));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let first = limits.admit(a).unwrap();
@@ -245,7 +315,7 @@ mod tests {
 
     #[test]
     fn a_per_ip_limit_set_later_counts_the_connections_already_open() {
-        let limits = Arc::new(ConnectionLimits::new(0, 0));
+        let limits = Arc::new(ConnectionLimits::new(0, 0, None));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let before = limits.admit(a).unwrap();
         let _also_before = limits.admit(a).unwrap();

@@ -158,9 +158,10 @@ impl ProxyError {
                 | ProxyError::UriTooLong
                 | ProxyError::HeadersTooLarge
                 | ProxyError::TooManyConnections(_)
+                | ProxyError::GatewayShortage
         ) {
             // The rest of the connection cannot be trusted to be framed as the client meant,
-            // or there is to be no rest.
+            // or there is to be no rest (out of descriptors, closing frees one).
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response

@@ -194,6 +194,7 @@ impl Gateway {
         let connections = Arc::new(connections::ConnectionLimits::new(
             config.server.max_connections,
             config.server.max_connections_per_ip,
+            connections::raise_descriptor_limit(),
         ));
         let uses_redis =
             config.limits.store == StoreKind::Redis || config.cache.store == CacheStoreKind::Redis;
