@@ -1688,6 +1688,19 @@ async fn routes_by_host_and_path_prefix() {
     .await;
     assert!(trace.starts_with("HTTP/1.1 405"), "{trace}");
     assert!(!trace.contains("secret"), "{trace}");
+    // So is a standard method in other letters, which a case-blind instance would take for it;
+    // an extension method in lower case passes.
+    for method in ["trace", "Get", "hEAD"] {
+        let head = format!("{method} /api/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let odd = raw_exchange_off_thread(proxy, head.as_bytes()).await;
+        assert!(odd.starts_with("HTTP/1.1 400"), "{method}: {odd}");
+    }
+    let extension = raw_exchange_off_thread(
+        proxy,
+        b"purge /api/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(extension.starts_with("HTTP/1.1 200"), "{extension}");
     // A request line of another HTTP major version: 505, with the request ID.
     let newer = raw_exchange_off_thread(proxy, b"GET /api/x HTTP/2.0\r\nHost: a\r\n\r\n").await;
     assert!(newer.starts_with("HTTP/1.1 505"), "{newer}");
@@ -1700,7 +1713,8 @@ async fn routes_by_host_and_path_prefix() {
         assert!(reply.json()["reason"].to_string().contains("%00"), "{nul}");
     }
     assert_eq!(backend_requests(&client, &web).await, 1);
-    assert_eq!(backend_requests(&client, &api).await, 3);
+    // The extension method's request is the last one to reach it.
+    assert_eq!(backend_requests(&client, &api).await, 4);
 }
 
 #[tokio::test]

@@ -1032,8 +1032,31 @@ fn refused_method(method: &Method) -> Option<ProxyError> {
         Method::TRACE => Some(ProxyError::MethodNotAllowed(
             "TRACE: it would echo credentials back",
         )),
+        Method::GET
+        | Method::HEAD
+        | Method::POST
+        | Method::PUT
+        | Method::DELETE
+        | Method::OPTIONS
+        | Method::PATCH => None,
+        // Methods are case-sensitive: `trace` is not TRACE to the gateway, but an instance that
+        // reads methods without case would take it for TRACE (past the refusal above), or a
+        // `head` for HEAD and frame its answer as the gateway does not. nginx answers 400 to
+        // any method not in capitals; extension methods in other letters still pass.
+        ref other if is_standard_method_in_other_case(other.as_str()) => Some(
+            ProxyError::BadRequest("a standard method must be written in capitals"),
+        ),
         _ => None,
     }
+}
+
+fn is_standard_method_in_other_case(method: &str) -> bool {
+    const STANDARD: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    STANDARD
+        .iter()
+        .any(|name| name.eq_ignore_ascii_case(method) && *name != method)
 }
 
 /// The Strict-Transport-Security field the gateway sets on answers to `client`: its `hsts`,
