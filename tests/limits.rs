@@ -477,6 +477,49 @@ async fn an_http2_client_queues_streams_beyond_max_concurrent_streams() {
     assert_eq!(backend_requests(&support::client(), &a).await, 5);
 }
 
+/// HTTP/2 rapid reset (CVE-2023-44487): a client that resets most of its streams before their
+/// answers, 100 of them at least, has its connection closed, and the log names it; each such
+/// stream may have cost a request to an instance. Other clients are served on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resetting_its_streams_before_their_answers_is_cut_off() {
+    let a = demo_backend(&[]);
+    let gw = gateway_logging(&app_config(&[&a], ""));
+    let socket = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let (mut sender, connection) = h2::client::handshake(socket).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut reset = 0;
+    for _ in 0..300 {
+        sender = match sender.ready().await {
+            Ok(sender) => sender,
+            Err(_) => break,
+        };
+        let request = http::Request::get(gw.url("/?latency_ms=3000"))
+            .body(())
+            .unwrap();
+        let Ok((_answer, mut stream)) = sender.send_request(request, true) else {
+            break;
+        };
+        // On its way to the instance before it is reset.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        stream.send_reset(h2::Reason::CANCEL);
+        reset += 1;
+    }
+    assert!(
+        (100..300).contains(&reset),
+        "{reset} streams reset: {:?}",
+        gw.proc.log_lines()
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    assert!(ended.is_ok(), "the connection stayed open");
+    let named = gw
+        .proc
+        .log_lines()
+        .iter()
+        .any(|line| line.contains("rapid reset") && line.contains("\"client\":\"127.0.0.1:"));
+    assert!(named, "{:?}", gw.proc.log_lines());
+    assert_eq!(get(&h2c_client(), &gw.url("/")).await.status, 200);
+}
+
 /// The timers hyper's HTTP/2 server lacks: a connection that never finishes its preface, one
 /// left idle and one whose client stops taking answer data are closed; a stream waiting on a
 /// slow instance keeps its connection open.

@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -17,7 +18,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use super::body::{BoxError, ClientBody, GatewayBody};
@@ -164,18 +165,58 @@ pub fn judge_connection(seen: StreamsSeen, now: Duration, timers: Http2Timers) -
     }
 }
 
+/// Whether a client that reset `premature` of the `streams` it opened before their answer came
+/// is abusing the connection (HTTP/2 rapid reset, CVE-2023-44487): each such stream may have
+/// cost a request to an instance and its connection. Envoy's rule: at least 100 of them, and
+/// at least half of all. Browsers cancelling navigations stay far below it.
+pub fn resets_abusive(streams: u64, premature: u64) -> bool {
+    premature >= 100 && premature * 2 >= streams
+}
+
+/// A stream's request as it is being answered: dropped before [`Answering::answered`], it
+/// was reset by the client before its answer head (or the connection went).
+struct Answering {
+    activity: Arc<Activity>,
+    answered: bool,
+}
+
+impl Answering {
+    fn answered(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        if !self.answered {
+            let activity = &self.activity;
+            let premature = activity.premature.fetch_add(1, Ordering::Relaxed) + 1;
+            if resets_abusive(activity.streams.load(Ordering::Relaxed), premature) {
+                activity.abused.notify_one();
+            }
+        }
+    }
+}
+
 /// The shared record behind [`StreamsSeen`], written by the streams as they go. One lock
 /// keeps each change whole for the timers: a count seen without the time that goes with it
 /// could close a healthy connection. Uncontended, and only on the HTTP/2 path.
 struct Activity {
     started: Instant,
     seen: Mutex<StreamsSeen>,
+    /// Streams opened, and those of them dropped before their answer ([`resets_abusive`]).
+    streams: AtomicU64,
+    premature: AtomicU64,
+    abused: Notify,
 }
 
 impl Activity {
     fn new(started: Instant) -> Activity {
         Activity {
             started,
+            streams: AtomicU64::new(0),
+            premature: AtomicU64::new(0),
+            abused: Notify::new(),
             seen: Mutex::new(StreamsSeen {
                 opened: false,
                 live: 0,
@@ -195,6 +236,7 @@ impl Activity {
     }
 
     fn open(self: &Arc<Self>) -> StreamGuard {
+        self.streams.fetch_add(1, Ordering::Relaxed);
         let now = self.started.elapsed();
         let mut seen = self.lock();
         seen.opened = true;
@@ -274,6 +316,10 @@ pub async fn serve<I>(
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let (gateway, client) = (gateway.clone(), client.clone());
         let stream = streams.open();
+        let answering = Answering {
+            activity: Arc::clone(&streams),
+            answered: false,
+        };
         async move {
             let (mut parts, body) = req.into_parts();
             let head_request = parts.method == http::Method::HEAD;
@@ -293,6 +339,7 @@ pub async fn serve<I>(
                 let response = refusal.response(&request_id);
                 let record =
                     forward::refused_record(&gateway, &client, refusal.status(), request_id);
+                answering.answered();
                 return Ok(response.map(|body| RecordedBody::new(body, record, stream)));
             }
             // client_h1 leaves such fields out as it parses.
@@ -313,6 +360,7 @@ pub async fn serve<I>(
             } else {
                 response
             };
+            answering.answered();
             Ok::<_, Infallible>(response.map(|body| RecordedBody::new(body, record, stream)))
         }
     });
@@ -331,6 +379,16 @@ pub async fn serve<I>(
                     tracing::debug!(%err, %peer, "client connection ended with an error");
                 }
                 return;
+            }
+            () = activity.abused.notified(), if dropped_at.is_none() => {
+                tracing::warn!(
+                    client = %peer,
+                    streams = activity.streams.load(Ordering::Relaxed),
+                    reset_before_answer = activity.premature.load(Ordering::Relaxed),
+                    "HTTP/2 client reset most of its streams before their answers (rapid reset): connection closed"
+                );
+                connection.as_mut().graceful_shutdown();
+                dropped_at = Some(Instant::now() + CLOSE_GRACE);
             }
             changed = drain.changed(), if !draining => {
                 // A closed channel means the gateway is gone: close as on a drain.
@@ -494,6 +552,18 @@ mod tests {
 
     fn secs(n: u64) -> Duration {
         Duration::from_secs(n)
+    }
+
+    #[test]
+    fn a_client_resetting_most_streams_before_their_answer_is_abusive() {
+        assert!(!resets_abusive(99, 99), "fewer than 100");
+        assert!(resets_abusive(100, 100));
+        assert!(resets_abusive(200, 100), "half");
+        assert!(!resets_abusive(201, 100), "under half");
+        assert!(
+            !resets_abusive(10_000, 150),
+            "a browser cancelling now and then"
+        );
     }
 
     fn seen(live: u32, waiting_on_client: u32) -> StreamsSeen {
