@@ -1058,6 +1058,32 @@ async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
     );
     drop(leaving);
     reset.abort();
+    // Clients that leave inside their uploads: closing the connection, and resetting the
+    // stream; no answer reaches them, and they are logged as gone, not as bad requests.
+    let mut uploading = std::net::TcpStream::connect(gw.proxy).unwrap();
+    uploading
+        .write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nX-Request-ID: left-upload-h1\r\nContent-Length: 100000\r\n\r\nsome")
+        .unwrap();
+    let socket = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let (sender, connection) = h2::client::handshake(socket).await.unwrap();
+    tokio::spawn(connection);
+    let upload = http::Request::post(gw.url("/up"))
+        .header("x-request-id", "left-upload-h2")
+        .header("content-length", "100000")
+        .body(())
+        .unwrap();
+    let (_answer, mut stream) = sender
+        .ready()
+        .await
+        .unwrap()
+        .send_request(upload, false)
+        .unwrap();
+    stream
+        .send_data(bytes::Bytes::from_static(b"some"), false)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(uploading);
+    stream.send_reset(h2::Reason::CANCEL);
     // Heads refused as they are read get their line too, with the ID their answer carries:
     // an HTTP/1.1 one, and an HTTP/2 one malformed by RFC 9113 §8.2.1.
     let refused = raw_exchange(gw.proxy, b"NOT HTTP AT ALL\r\n\r\n");
@@ -1082,9 +1108,17 @@ async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
     assert_eq!(padded_id, "padded-h2");
     let logged = eventually(Duration::from_secs(5), || async {
         let lines = access_lines(&gw);
-        ["served-1", "left-h1", "left-h2", &refused_id, &padded_id]
-            .iter()
-            .all(|id| lines.contains_key(*id))
+        [
+            "served-1",
+            "left-h1",
+            "left-h2",
+            &refused_id,
+            &padded_id,
+            "left-upload-h1",
+            "left-upload-h2",
+        ]
+        .iter()
+        .all(|id| lines.contains_key(*id))
     })
     .await;
     let lines = access_lines(&gw);
@@ -1133,8 +1167,14 @@ async fn every_request_gets_an_access_log_line_even_when_its_client_left() {
         );
     }
     // nginx's 499: the client closed the request before its answer.
-    for (id, path) in [("left-h1", "/gone"), ("left-h2", "/reset")] {
+    for (id, path) in [
+        ("left-h1", "/gone"),
+        ("left-h2", "/reset"),
+        ("left-upload-h1", "/up"),
+        ("left-upload-h2", "/up"),
+    ] {
         let line = &lines[id];
+        assert_eq!(line["bytes"], 0, "{line}");
         assert_eq!(
             (&line["status"], &line["path"], &line["upstream"]),
             (&499.into(), &path.into(), &"app".into()),

@@ -35,6 +35,11 @@ pub struct BodyTooSlow {
     pub window: Duration,
 }
 
+/// The client closed its connection inside its request body.
+#[derive(Debug, thiserror::Error)]
+#[error("client closed the connection inside its body")]
+pub struct ClientLeft;
+
 /// Why the client's body could not be passed on to an instance: never the instance's fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientBodyFailure {
@@ -42,7 +47,9 @@ pub enum ClientBodyFailure {
     TooLarge,
     /// Slower than `server.min_body_rate` (408).
     TooSlow,
-    /// Malformed (a bad chunk size) or cut off by the client (400).
+    /// The client went away: closed its connection or reset its stream (nginx's 499).
+    Left,
+    /// Malformed (a bad chunk size) (400).
     Broken(String),
 }
 
@@ -53,10 +60,32 @@ impl ClientBodyFailure {
             ClientBodyFailure::TooLarge
         } else if err.is::<BodyTooSlow>() {
             ClientBodyFailure::TooSlow
+        } else if client_left(&**err) {
+            ClientBodyFailure::Left
         } else {
             ClientBodyFailure::Broken(err.to_string())
         }
     }
+}
+
+/// Whether a request body's error says its client went away (its connection closed or reset,
+/// its HTTP/2 stream or connection ended from its side) rather than sent something wrong.
+fn client_left(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(err) = cause {
+        if err.is::<ClientLeft>() {
+            return true;
+        }
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_io() || (h2.is_remote() && (h2.is_reset() || h2.is_go_away()));
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+            return matches!(io.kind(), ConnectionReset | BrokenPipe | UnexpectedEof);
+        }
+        cause = err.source();
+    }
+    false
 }
 
 /// How fast a request body must arrive: at least `min_bytes` in every `window`

@@ -35,11 +35,11 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::io::poll_read_buf;
 
-use super::body::{BoxError, ClientBody, GatewayBody};
+use super::body::{BoxError, ClientBody, ClientLeft, GatewayBody};
 use super::client_io::{ClientRead, ClientStream, ClientWrite};
 use super::connections::ConnectionPermit;
 use super::deadline::LazyDeadline;
-use super::error::ProxyError;
+use super::error::{ProxyError, CLIENT_CLOSED_REQUEST};
 use super::forward::{self, ClientAddr};
 use super::h1::{chunk_header, RawFields};
 use super::headers::{check_framing, client_request_id, has, value, values};
@@ -406,6 +406,10 @@ impl ClientConn {
     ) -> io::Result<After> {
         let (head, mut body) = response.into_parts();
         let status = head.status;
+        // The client closed its connection inside its body: nobody reads an answer.
+        if status == CLIENT_CLOSED_REQUEST {
+            return Ok(After::Close);
+        }
         if status == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(tx) = upgrade {
                 encode_head(&mut self.out, status, (&head.headers, None), None, false);
@@ -1155,7 +1159,7 @@ impl Body for RequestBody {
                 this.back.continue_wanted.notify_one();
             }
             match ready!(reader.poll_fill(cx)) {
-                Ok(0) => return this.fail("client closed the connection inside its body"),
+                Ok(0) => return this.fail(ClientLeft),
                 Ok(_) => {}
                 Err(err) => return this.fail(err),
             }

@@ -7,10 +7,19 @@ use http::{Response, StatusCode};
 use super::body::{ClientBodyFailure, GatewayBody};
 use super::headers::X_REQUEST_ID;
 
+/// nginx's status for a request whose client left before its answer.
+pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => panic!("499 is a status"),
+};
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// Logged as nginx logs it; nobody is left to read the answer.
+    #[error("the client closed the request")]
+    ClientLeft,
     #[error("request body is too large")]
     BodyTooLarge,
     #[error("request body arrived too slowly")]
@@ -56,9 +65,10 @@ impl From<ClientBodyFailure> for ProxyError {
         match failure {
             ClientBodyFailure::TooLarge => ProxyError::BodyTooLarge,
             ClientBodyFailure::TooSlow => ProxyError::BodyTooSlow,
+            ClientBodyFailure::Left => ProxyError::ClientLeft,
             ClientBodyFailure::Broken(reason) => {
                 tracing::debug!(%reason, "client request body failed");
-                ProxyError::BadRequest("the request body is malformed or was cut off")
+                ProxyError::BadRequest("the request body is malformed")
             }
         }
     }
@@ -68,6 +78,7 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientLeft => CLIENT_CLOSED_REQUEST,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
@@ -89,6 +100,7 @@ impl ProxyError {
     fn code(&self) -> &'static str {
         match self {
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::ClientLeft => "client_closed_request",
             ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::BodyTooSlow => "body_too_slow",
             ProxyError::UriTooLong => "uri_too_long",
@@ -152,6 +164,7 @@ impl ProxyError {
         if matches!(
             self,
             ProxyError::BadRequest(_)
+                | ProxyError::ClientLeft
                 | ProxyError::VersionNotSupported
                 | ProxyError::BodyTooLarge
                 | ProxyError::BodyTooSlow

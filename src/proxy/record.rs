@@ -11,8 +11,7 @@ use tokio::time::Instant;
 
 use super::Runtime;
 
-/// nginx's status for a request whose client left before its answer.
-const CLIENT_CLOSED_REQUEST: u16 = 499;
+use super::error::CLIENT_CLOSED_REQUEST;
 
 /// Where forwarding took a request: filled in as it routes and tries instances.
 #[derive(Debug, Clone, Copy, Default)]
@@ -59,7 +58,7 @@ impl RequestRecord {
             request_id,
             client_ip,
             served: Served::default(),
-            status: CLIENT_CLOSED_REQUEST,
+            status: CLIENT_CLOSED_REQUEST.as_u16(),
             body_bytes: 0,
         }
     }
