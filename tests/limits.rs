@@ -131,6 +131,15 @@ async fn slowloris_is_cut_off_while_others_are_served() {
         "{rest}"
     );
     assert_eq!(backend_requests(&client, &a).await, 20);
+    // Counted (and logged) as nginx does: a 408 with no route.
+    let metrics = get(&client, &gw.admin_url("/metrics")).await.body;
+    let metrics = String::from_utf8_lossy(&metrics);
+    let timed_out = metrics.lines().any(|line| {
+        line.starts_with("scalegate_requests_total{route=\"-\"")
+            && line.contains("status=\"4xx\"")
+            && line.ends_with(" 1")
+    });
+    assert!(timed_out, "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -153,6 +153,15 @@ pub async fn serve(
         let head = match conn.next_head(first).await {
             NextHead::Request(head) => head,
             NextHead::Closed => return conn.close().await,
+            // Logged and counted, with no answer: the client is too slow to be worth one.
+            NextHead::TimedOut => {
+                let status = StatusCode::REQUEST_TIMEOUT;
+                let request_id = gateway.new_request_id();
+                drop(forward::refused_record(
+                    &gateway, &client, status, request_id,
+                ));
+                return conn.close().await;
+            }
             NextHead::Refused(Refusal {
                 error,
                 request_id,
@@ -273,6 +282,8 @@ enum NextHead {
     Request(RequestHead),
     /// The client closed, went quiet past a timeout, or the gateway drains.
     Closed,
+    /// `header_read_timeout` ran out with part of a head read (slowloris): nginx's 408.
+    TimedOut,
     /// A head the gateway refuses (400, 413, 414, 431, 505).
     Refused(Refusal),
 }
@@ -387,7 +398,8 @@ impl ClientConn {
             tokio::select! {
                 biased;
                 more = fill_before(reader, &mut self.deadline, due) => if !more {
-                    return NextHead::Closed;
+                    let partial = !reader.buf.is_empty() && Instant::now() >= due;
+                    return if partial { NextHead::TimedOut } else { NextHead::Closed };
                 },
                 () = &mut self.drained, if idle && !self.draining => self.draining = true,
             }
