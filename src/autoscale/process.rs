@@ -380,7 +380,9 @@ impl Provider for ProcessProvider {
                 running: !matches!(c.state, ChildState::Crashed { .. }),
                 serving: c.state == ChildState::Serving,
                 in_flight: upstream.find(c.addr).map_or(0, |i| {
-                    i.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+                    i.counters
+                        .in_flight
+                        .load(std::sync::atomic::Ordering::Relaxed)
                 }),
             })
             .collect();

@@ -80,10 +80,10 @@ impl Sampler {
             };
             let reading = Reading {
                 at: now,
-                requests: instance.requests.load(Ordering::Relaxed),
+                requests: instance.counters.requests.load(Ordering::Relaxed),
                 cpu_seconds: cpu.iter().find(|(a, _)| a == addr).map(|(_, s)| *s),
             };
-            let in_flight = f64::from(instance.in_flight.load(Ordering::Relaxed));
+            let in_flight = f64::from(instance.counters.in_flight.load(Ordering::Relaxed));
             let latency_ms = instance.latency().as_secs_f64() * 1000.0;
             match self.tracks.get_mut(addr) {
                 Some(track) => {

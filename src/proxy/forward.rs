@@ -447,7 +447,7 @@ async fn to_instance(
             Err(_) => return Err(last_error),
         };
         if let Some(failed) = retrying.take() {
-            failed.retries.fetch_add(1, Ordering::Relaxed);
+            failed.counters.retries.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(instance = %failed.addr, retry = %instance.addr, attempt = attempts, "retrying on another instance");
         }
         tried.push(index);

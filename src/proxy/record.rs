@@ -84,7 +84,10 @@ impl RequestRecord {
             .zip(upstream)
             .and_then(|(addr, upstream)| upstream.find(addr));
         if let Some(instance) = &instance {
-            instance.broken_answers.fetch_add(1, Ordering::Relaxed);
+            instance
+                .counters
+                .broken_answers
+                .fetch_add(1, Ordering::Relaxed);
         }
         tracing::warn!(
             upstream = upstream.map_or("-", |u| u.config.name.as_str()),

@@ -65,6 +65,27 @@ pub struct Instance {
     pub backup: bool,
     /// Added at run time (admin API or autoscaler), kept across config reloads.
     pub dynamic: bool,
+    /// Shared with the instance a reload rebuilds at this address.
+    pub counters: Arc<InstanceCounters>,
+    active_up: AtomicBool,
+    active: Mutex<HealthState>,
+    passive: Mutex<PassiveState>,
+    passive_down_until: AtomicU64,
+    /// `SERVING`, `DRAINING` (no new requests; the drain may still be cancelled) or
+    /// `REMOVING` (the drain is taking it out of the set).
+    drain_state: AtomicU8,
+    /// When the instance last came up after being down; 0 = up from the start (no slow start).
+    up_since: AtomicU64,
+    pub last_check: Mutex<Option<CheckReport>>,
+    pub pool: Pool,
+}
+
+/// What is counted of an instance's requests. A reload that rebuilds an instance (new weight,
+/// role or connection settings) shares them with the new one: requests still in flight on the
+/// old one go on counting where scrapes, the balancer and the autoscaler read, so counters only
+/// grow and the in-flight gauge stays true.
+#[derive(Debug, Default)]
+pub struct InstanceCounters {
     pub in_flight: AtomicU32,
     pub requests: AtomicU64,
     pub failures: AtomicU64,
@@ -77,17 +98,6 @@ pub struct Instance {
     pub broken_answers: AtomicU64,
     latency_bits: AtomicU64,
     latency_stamp: AtomicU64,
-    active_up: AtomicBool,
-    active: Mutex<HealthState>,
-    passive: Mutex<PassiveState>,
-    passive_down_until: AtomicU64,
-    /// `SERVING`, `DRAINING` (no new requests; the drain may still be cancelled) or
-    /// `REMOVING` (the drain is taking it out of the set).
-    drain_state: AtomicU8,
-    /// When the instance last came up after being down; 0 = up from the start (no slow start).
-    up_since: AtomicU64,
-    pub last_check: Mutex<Option<CheckReport>>,
-    pub pool: Pool,
 }
 
 /// What a 5xx answer counts as for an instance with no latency average yet.
@@ -108,14 +118,7 @@ impl Instance {
             weight: config.weight,
             backup: config.backup,
             dynamic,
-            in_flight: AtomicU32::new(0),
-            requests: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            ejections: AtomicU64::new(0),
-            retries: AtomicU64::new(0),
-            broken_answers: AtomicU64::new(0),
-            latency_bits: AtomicU64::new(0),
-            latency_stamp: AtomicU64::new(0),
+            counters: Arc::default(),
             active_up: AtomicBool::new(starts_up),
             active: Mutex::new(match &upstream.health {
                 Some(checks) if !starts_up => HealthState::joining(checks.rise),
@@ -178,7 +181,9 @@ impl Instance {
     }
 
     pub fn latency(&self) -> Duration {
-        Duration::from_nanos(f64::from_bits(self.latency_bits.load(Ordering::Relaxed)) as u64)
+        Duration::from_nanos(
+            f64::from_bits(self.counters.latency_bits.load(Ordering::Relaxed)) as u64,
+        )
     }
 
     /// Folds one response-header latency into the peak-EWMA. Concurrent updates may lose one
@@ -187,9 +192,10 @@ impl Instance {
     /// database gone, say) must not look fast to `p2c_ewma` and `random_two` and draw requests.
     pub fn observe_latency(&self, sample: Duration, now: Instant, server_error: bool) {
         let now_ns = nanos(now);
-        let previous = f64::from_bits(self.latency_bits.load(Ordering::Relaxed));
-        let elapsed =
-            Duration::from_nanos(now_ns.saturating_sub(self.latency_stamp.load(Ordering::Relaxed)));
+        let previous = f64::from_bits(self.counters.latency_bits.load(Ordering::Relaxed));
+        let elapsed = Duration::from_nanos(
+            now_ns.saturating_sub(self.counters.latency_stamp.load(Ordering::Relaxed)),
+        );
         let sample = sample.as_nanos() as f64;
         let sample = match (server_error, previous > 0.0) {
             (true, true) => sample.max(previous),
@@ -199,14 +205,16 @@ impl Instance {
             (false, _) => sample,
         };
         let next = balance::peak_ewma(previous, elapsed, sample, EWMA_TAU);
-        self.latency_bits.store(next.to_bits(), Ordering::Relaxed);
-        self.latency_stamp.store(now_ns, Ordering::Relaxed);
+        self.counters
+            .latency_bits
+            .store(next.to_bits(), Ordering::Relaxed);
+        self.counters.latency_stamp.store(now_ns, Ordering::Relaxed);
     }
 
     /// Records a failed request (transport error or timeout) for passive health.
     #[cold]
     pub fn record_failure(&self, now: Instant, upstream: &UpstreamConfig) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.counters.failures.fetch_add(1, Ordering::Relaxed);
         let mut passive = self.passive.lock().expect("passive state lock");
         let out = !self.is_available(now);
         let until = passive.record_failure(
@@ -220,7 +228,7 @@ impl Instance {
             self.passive_down_until
                 .store(nanos(until), Ordering::Relaxed);
             drop(passive);
-            self.ejections.fetch_add(1, Ordering::Relaxed);
+            self.counters.ejections.fetch_add(1, Ordering::Relaxed);
             self.pool.forget_pace();
             tracing::warn!(
                 upstream = %upstream.name,
@@ -303,7 +311,7 @@ impl Instance {
                 self.active_up.store(true, Ordering::Relaxed);
             }
             Some(Transition::WentDown) => {
-                self.ejections.fetch_add(1, Ordering::Relaxed);
+                self.counters.ejections.fetch_add(1, Ordering::Relaxed);
                 self.pool.forget_pace();
                 tracing::warn!(instance = %self.addr, "instance failed its health checks");
                 self.active_up.store(false, Ordering::Relaxed);
@@ -347,34 +355,26 @@ impl Instance {
         latency_aware: bool,
     ) -> Candidate {
         let latency_ns = if latency_aware {
-            let stamp = self.latency_stamp.load(Ordering::Relaxed);
+            let stamp = self.counters.latency_stamp.load(Ordering::Relaxed);
             let since = Duration::from_nanos(nanos(now).saturating_sub(stamp));
-            let latency = f64::from_bits(self.latency_bits.load(Ordering::Relaxed));
+            let latency = f64::from_bits(self.counters.latency_bits.load(Ordering::Relaxed));
             balance::peak_ewma(latency, since, 0.0, STALE_TAU)
         } else {
             0.0
         };
         Candidate {
             index,
-            in_flight: self.in_flight.load(Ordering::Relaxed),
+            in_flight: self.counters.in_flight.load(Ordering::Relaxed),
             latency_ns,
             weight: self.weight,
             ramp: self.ramp(now, slow_start),
         }
     }
 
-    /// Takes the active-check verdict and the counters of `old` (same address, rebuilt for
-    /// new pool settings), so its metrics stay counters that only grow.
-    fn carry_from(&self, old: &Instance) {
-        for (new, old) in [
-            (&self.requests, &old.requests),
-            (&self.failures, &old.failures),
-            (&self.ejections, &old.ejections),
-            (&self.retries, &old.retries),
-            (&self.broken_answers, &old.broken_answers),
-        ] {
-            new.store(old.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
+    /// Takes the active-check verdict of `old` (same address, rebuilt for new pool settings)
+    /// and shares its counters ([`InstanceCounters`]).
+    fn carry_from(&mut self, old: &Instance) {
+        self.counters = Arc::clone(&old.counters);
         *self.active.lock().expect("health state lock") = old.health_counts();
         let up = old.active_up.load(Ordering::Relaxed);
         self.active_up.store(up, Ordering::Relaxed);
@@ -406,15 +406,18 @@ pub struct InFlightGuard {
 
 impl InFlightGuard {
     pub fn enter(instance: Arc<Instance>) -> InFlightGuard {
-        instance.in_flight.fetch_add(1, Ordering::Relaxed);
-        instance.requests.fetch_add(1, Ordering::Relaxed);
+        instance.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        instance.counters.requests.fetch_add(1, Ordering::Relaxed);
         InFlightGuard { instance }
     }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.instance.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.instance
+            .counters
+            .in_flight
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -476,7 +479,7 @@ impl Upstream {
             match before {
                 Some(i) if same_pool && i.weight == ic.weight && i.backup == ic.backup => i.clone(),
                 Some(i) => {
-                    let rebuilt = Instance::new(ic, &config, joined);
+                    let mut rebuilt = Instance::new(ic, &config, joined);
                     rebuilt.carry_from(i);
                     Arc::new(rebuilt)
                 }
@@ -677,7 +680,7 @@ impl Upstream {
         // The admin API may have marked it already.
         let _ = instance.start_draining();
         let deadline = Instant::now() + timeout;
-        let in_flight = || instance.in_flight.load(Ordering::Relaxed);
+        let in_flight = || instance.counters.in_flight.load(Ordering::Relaxed);
         let wait_idle = || async {
             while in_flight() > 0 && Instant::now() < deadline && instance.is_draining() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1008,6 +1011,31 @@ mod tests {
         let fresh = &set.instances[1];
         fresh.observe_latency(Duration::from_micros(300), now, true);
         assert_eq!(fresh.latency(), UNPROVEN_FAILURE);
+    }
+
+    /// A reload that rebuilds an instance (its weight changed) shares its counters: a request in
+    /// flight on the old one is in the new one's gauge, and what it counts (a failure) lands
+    /// where scrapes read.
+    #[test]
+    fn a_rebuilt_instance_counts_the_requests_in_flight_on_the_old_one() {
+        let old = upstream(1, "least_conn");
+        let in_flight = InFlightGuard::enter(old.set.load().instances[0].clone());
+        let config = Config::from_toml(
+            "[upstreams.app]\ninstances = [{ addr = \"127.0.0.1:20000\", weight = 5 }]\n[[routes]]\nupstream = \"app\"\n",
+        )
+        .unwrap();
+        let new = Upstream::new(config.upstream("app").unwrap().clone(), Some(&old));
+        let rebuilt = new.set.load().instances[0].clone();
+        assert!(!Arc::ptr_eq(&rebuilt, &in_flight.instance), "not rebuilt");
+        let counters = &rebuilt.counters;
+        assert_eq!(counters.in_flight.load(Ordering::Relaxed), 1);
+        in_flight
+            .instance
+            .record_failure(Instant::now(), &old.config);
+        assert_eq!(counters.failures.load(Ordering::Relaxed), 1);
+        drop(in_flight);
+        assert_eq!(counters.in_flight.load(Ordering::Relaxed), 0);
+        assert_eq!(counters.requests.load(Ordering::Relaxed), 1);
     }
 
     /// Taken out by passive or active checks, an instance may come back as another, slower
