@@ -176,6 +176,17 @@ struct PathWatch {
     paused_until_ms: AtomicU64,
 }
 
+impl PathWatch {
+    /// Its requests go alone on their lines ([`LineView::lonely`]) while it has not answered,
+    /// and while its last answers were slow: once its pause ([`SLOW_PATH_PAUSE`]) ends, a
+    /// burst of its requests would otherwise queue behind one another before the first slow
+    /// answer pauses it again (eight 1 s requests took up to 4 s).
+    fn goes_alone(&self) -> bool {
+        !self.answered.load(Ordering::Relaxed)
+            || self.slow_answers.load(Ordering::Relaxed) >= SLOW_ANSWERS - 1
+    }
+}
+
 /// What one answer tells of its instance's pace, taken when the request's turn comes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PaceSample {
@@ -466,7 +477,7 @@ impl Lines {
         path: PathSlot,
         write_head: impl Fn(&mut Vec<u8>),
     ) -> Ticket {
-        let alone = !self.paths[path.0].answered.load(Ordering::Relaxed);
+        let alone = self.paths[path.0].goes_alone();
         let joining = Joining {
             write_head: &write_head,
             head_request,
@@ -1270,6 +1281,26 @@ mod tests {
         let behind = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
         assert!(Arc::ptr_eq(&line, &first.hold().line));
         assert!(Arc::ptr_eq(&line, &behind.hold().line));
+    }
+
+    /// A path known slow goes alone too once its pause ended, until an answer shows it quick.
+    #[tokio::test]
+    async fn a_request_for_a_path_known_slow_goes_alone_on_its_line() {
+        let (lines, connector, _listener, reader, first) = proven().await;
+        let now = queued_at(&first);
+        let line = first.line.clone();
+        first.hand_on(reader, true);
+        let report = PathSlot(1);
+        lines.paths[report.0]
+            .answered
+            .store(true, Ordering::Relaxed);
+        lines.paths[report.0]
+            .slow_answers
+            .store(SLOW_ANSWERS - 1, Ordering::Relaxed);
+        let alone = lines.enqueue(&connector, no_idle, now, false, report, get);
+        assert!(Arc::ptr_eq(&line, &alone.hold().line));
+        let again = lines.enqueue(&connector, no_idle, now, false, report, get);
+        assert!(!Arc::ptr_eq(&line, &again.hold().line));
     }
 
     #[tokio::test]
