@@ -113,6 +113,12 @@ const PATH_SLOTS: usize = 256;
 /// pauses none: the common pace catches up within a few answers, whichever paths they are for.
 pub const SLOW_PATH: Duration = Duration::from_millis(2);
 
+/// A path whose last answer took this long goes alone on its line ([`PathWatch::goes_alone`])
+/// until one comes quicker: whatever the other paths do, its requests would wait that long
+/// behind one another (a burst of 1 s reports, all the traffic there is, never counts as slow
+/// among quick ones). Far above what queueing under load adds to a quick answer.
+pub const LONG_ANSWER: Duration = Duration::from_millis(20);
+
 /// Slow answers in a row that pause a path ([`SLOW_PATH`]); after a pause, one does.
 pub const SLOW_ANSWERS: u32 = 4;
 
@@ -172,17 +178,20 @@ struct PathWatch {
     answered: AtomicBool,
     /// Its slow answers in a row ([`next_slow_answers`]).
     slow_answers: AtomicU32,
+    /// Its last answer took [`LONG_ANSWER`] or more.
+    took_long: AtomicBool,
     /// Until when, in milliseconds from [`Lines::epoch`], its requests are not pipelined.
     paused_until_ms: AtomicU64,
 }
 
 impl PathWatch {
     /// Its requests go alone on their lines ([`LineView::lonely`]) while it has not answered,
-    /// and while its last answers were slow: once its pause ([`SLOW_PATH_PAUSE`]) ends, a
-    /// burst of its requests would otherwise queue behind one another before the first slow
-    /// answer pauses it again (eight 1 s requests took up to 4 s).
+    /// while its last answer took long, and while its last answers were slow: once its pause
+    /// ([`SLOW_PATH_PAUSE`]) ends, a burst of its requests would otherwise queue behind one
+    /// another before the first slow answer pauses it again (eight 1 s requests took up to 4 s).
     fn goes_alone(&self) -> bool {
         !self.answered.load(Ordering::Relaxed)
+            || self.took_long.load(Ordering::Relaxed)
             || self.slow_answers.load(Ordering::Relaxed) >= SLOW_ANSWERS - 1
     }
 }
@@ -597,6 +606,10 @@ impl Lines {
         let slot = &self.paths[path.0];
         if !slot.answered.load(Ordering::Relaxed) {
             slot.answered.store(true, Ordering::Relaxed);
+        }
+        let long = took >= LONG_ANSWER.as_micros() as u32;
+        if slot.took_long.load(Ordering::Relaxed) != long {
+            slot.took_long.store(long, Ordering::Relaxed);
         }
         let slow = slot.slow_answers.load(Ordering::Relaxed);
         match next_slow_answers(slow, took, all) {
@@ -1301,6 +1314,26 @@ mod tests {
         assert!(Arc::ptr_eq(&line, &alone.hold().line));
         let again = lines.enqueue(&connector, no_idle, now, false, report, get);
         assert!(!Arc::ptr_eq(&line, &again.hold().line));
+        drop((alone, again));
+
+        // So does one whose last answer took long, whatever the others' pace; a quick answer
+        // brings it back.
+        let (lines, connector, _listener, reader, first) = proven().await;
+        let now = queued_at(&first);
+        let line = first.line.clone();
+        first.hand_on(reader, true);
+        lines.record_answer(report, PaceSample::First, now, now + LONG_ANSWER);
+        let alone = lines.enqueue(&connector, no_idle, now, false, report, get);
+        assert!(Arc::ptr_eq(&line, &alone.hold().line));
+        let again = lines.enqueue(&connector, no_idle, now, false, report, get);
+        assert!(!Arc::ptr_eq(&line, &again.hold().line));
+        drop(again);
+        let (reader, hold) = alone.turn().await.ok().unwrap();
+        lines.record_answer(report, PaceSample::First, now, now);
+        hold.hand_on(reader, true);
+        let first = lines.enqueue(&connector, no_idle, now, false, report, get);
+        let behind = lines.enqueue(&connector, no_idle, now, false, report, get);
+        assert!(Arc::ptr_eq(&first.hold().line, &behind.hold().line));
     }
 
     #[tokio::test]
