@@ -375,15 +375,19 @@ impl Provider for ProcessProvider {
             .children
             .iter()
             .filter(|c| c.state != ChildState::Stopping)
-            .map(|c| Victim {
-                id: c.id,
-                running: !matches!(c.state, ChildState::Crashed { .. }),
-                serving: c.state == ChildState::Serving,
-                in_flight: upstream.find(c.addr).map_or(0, |i| {
-                    i.counters
-                        .in_flight
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                }),
+            .map(|c| {
+                let instance = upstream.find(c.addr);
+                Victim {
+                    id: c.id,
+                    running: !matches!(c.state, ChildState::Crashed { .. }),
+                    serving: c.state == ChildState::Serving,
+                    healthy: instance.as_ref().is_some_and(|i| i.passes_active_checks()),
+                    in_flight: instance.map_or(0, |i| {
+                        i.counters
+                            .in_flight
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                    }),
+                }
             })
             .collect();
         for id in pick_victims(candidates, (current - desired) as usize) {
@@ -464,13 +468,20 @@ struct Victim {
     id: u64,
     running: bool,
     serving: bool,
+    /// Passes its active checks (or there are none).
+    healthy: bool,
     in_flight: u32,
 }
 
-/// Which children to stop first: ones not running, then ones not yet serving, then the least
-/// loaded, the newest among equals (the oldest have warm caches and proven health).
+/// Which children to stop first: ones not running, then ones not yet serving, then ones
+/// failing their checks (Kubernetes removes pods not ready first: keeping one would leave the
+/// pool with nothing to serve), then the least loaded, the newest among equals (the oldest have
+/// warm caches and proven health).
 fn pick_victims(mut candidates: Vec<Victim>, count: usize) -> Vec<u64> {
-    candidates.sort_by_key(|v| (v.running, v.serving, v.in_flight, std::cmp::Reverse(v.id)));
+    candidates.sort_by_key(|v| {
+        let order = (v.running, v.serving, v.healthy, v.in_flight);
+        (order, std::cmp::Reverse(v.id))
+    });
     candidates.into_iter().take(count).map(|v| v.id).collect()
 }
 
@@ -640,6 +651,7 @@ mod tests {
             id,
             running,
             serving,
+            healthy: true,
             in_flight,
         };
         let candidates = vec![
@@ -650,7 +662,13 @@ mod tests {
             v(5, false, false, 0),
         ];
         assert_eq!(pick_victims(candidates.clone(), 3), vec![5, 4, 3]);
-        assert_eq!(pick_victims(candidates, 4), vec![5, 4, 3, 1]);
+        assert_eq!(pick_victims(candidates.clone(), 4), vec![5, 4, 3, 1]);
+        // One failing its checks goes before any healthy one, however new or idle they are:
+        // scaling 3 to 1 must not keep it alone.
+        let mut failing = candidates[..3].to_vec();
+        failing[0].healthy = false;
+        failing[0].in_flight = 3;
+        assert_eq!(pick_victims(failing, 2), vec![1, 3]);
     }
 
     #[test]
