@@ -4,7 +4,8 @@
 //!
 //! `p95_latency_ms` is approximated by the instance's peak-EWMA response-head latency (the
 //! balancer's own average; it follows peaks fast and decays over ~10 s); an instance that
-//! served nothing during the period has no latency sample.
+//! served nothing during the period has no latency sample, and when no ready instance served
+//! anything the latency is 0: nothing waited, so an idle pool comes down.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -109,6 +110,23 @@ impl Sampler {
         }
     }
 
+    /// The value of `metric` for each ready instance.
+    fn values(&self, ready: &[SocketAddr], metric: Metric) -> Vec<Option<f64>> {
+        let track = |addr: &SocketAddr| self.tracks.get(addr);
+        let values: Vec<Option<f64>> = ready
+            .iter()
+            .map(|addr| track(addr).and_then(|t| t.value(metric)))
+            .collect();
+        if metric != Metric::P95LatencyMs || values.iter().any(Option::is_some) {
+            return values;
+        }
+        // Nothing served over a whole period: no request waited.
+        ready
+            .iter()
+            .map(|addr| track(addr).filter(|t| t.last.at > t.base.at).map(|_| 0.0))
+            .collect()
+    }
+
     /// Ends the period: one sample per target with a value (or none) per ready instance.
     pub fn finish(&mut self, ready: &[SocketAddr], targets: &[(Metric, f64)]) -> Vec<MetricSample> {
         let samples = targets
@@ -116,10 +134,7 @@ impl Sampler {
             .map(|&(metric, target)| MetricSample {
                 metric,
                 target,
-                ready: ready
-                    .iter()
-                    .map(|addr| self.tracks.get(addr).and_then(|t| t.value(metric)))
-                    .collect(),
+                ready: self.values(ready, metric),
             })
             .collect();
         for track in self.tracks.values_mut() {
@@ -166,5 +181,34 @@ mod tests {
         assert_eq!(idle.value(Metric::InFlightPerInstance), None);
         assert_eq!(idle.value(Metric::RpsPerInstance), None);
         assert_eq!(idle.value(Metric::P95LatencyMs), None);
+    }
+
+    #[test]
+    fn an_idle_pool_has_no_latency_to_scale_for() {
+        let start = Instant::now();
+        let reading = |at: u64, requests: u64| Reading {
+            at: start + Duration::from_secs(at),
+            requests,
+            cpu_seconds: None,
+        };
+        let track = |served: u64| Track {
+            base: reading(0, 10),
+            last: reading(2, 10 + served),
+            in_flight_sum: 0.0,
+            samples: 4,
+            latency_ms: 80.0,
+        };
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        let mut sampler = Sampler::default();
+        sampler.tracks.insert(a, track(0));
+        sampler.tracks.insert(b, track(0));
+        let latency = |sampler: &Sampler| sampler.values(&[a, b], Metric::P95LatencyMs);
+        assert_eq!(latency(&sampler), vec![Some(0.0), Some(0.0)]);
+        // One served: the idle one has no sample, as before.
+        sampler.tracks.insert(b, track(5));
+        assert_eq!(latency(&sampler), vec![None, Some(80.0)]);
     }
 }
