@@ -412,6 +412,17 @@ async fn admin_api_pins_pauses_and_resumes() {
     );
     assert_eq!(pin(r#"{"pin": 0}"#).await.status, 400);
     assert_eq!(pin(r#"{"pin": 5}"#).await.status, 400);
+    // Pins are checked against the bounds in force: a reload raising max admits 5.
+    gw.write_config(&process_config(
+        "44300-44319",
+        1,
+        6,
+        "scale_down = { stabilization = \"1s\" }",
+    ));
+    let reload = request(&client, "POST", &gw.admin_url("/api/reload"), &[], "").await;
+    assert_eq!(reload.unwrap().status, 200);
+    assert_eq!(pin(r#"{"pin": 5}"#).await.status, 202);
+    assert_eq!(pin(r#"{"resume": true}"#).await.status, 202);
     let missing = request(
         &client,
         "POST",

@@ -725,7 +725,17 @@ fn set_autoscale_mode(gateway: &Gateway, name: &str, body: &Value) -> Response<G
         Ok(mode) => mode,
         Err(err) => return reply(StatusCode::BAD_REQUEST, json!({ "error": err })),
     };
-    match gateway.autoscale.set_mode(name, mode) {
+    let config = gateway
+        .upstream(name)
+        .and_then(|u| u.config.autoscale.clone());
+    let Some(config) = config else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no autoscaled upstream named `{name}`")}),
+        );
+    };
+    let bounds = crate::autoscale::bounds_in_force(&config);
+    match gateway.autoscale.set_mode(name, mode, bounds) {
         Ok(()) => reply(
             StatusCode::ACCEPTED,
             json!({ "upstream": name, "mode": mode }),

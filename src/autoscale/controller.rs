@@ -13,7 +13,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::policy::{self, Decision, History, Metric};
 use super::signals::Sampler;
-use super::{schedule, unix_ms, Handle, Mode, Provider};
+use super::{unix_ms, Handle, Mode, Provider};
 use crate::config::AutoscaleConfig;
 use crate::proxy::upstream::Upstream;
 use crate::proxy::Gateway;
@@ -152,8 +152,7 @@ impl Run {
             push_bounded(&mut state.decisions, record);
             return;
         }
-        let unix_secs = (unix_ms() / 1000) as u64;
-        let bounds = schedule::bounds_at(config.bounds, &config.schedules, unix_secs);
+        let bounds = super::bounds_in_force(config);
         let decision = policy::decide(
             now,
             current,

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use crate::config::ProviderConfig;
 use crate::proxy::upstream::Upstream;
 use crate::proxy::Gateway;
+use policy::Bounds;
 
 /// Who decides the count: the policy, nobody (paused), or the operator (pinned).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -57,8 +58,6 @@ pub fn parse_mode(body: &Value) -> Result<Mode, String> {
 /// What one controller shares with the admin API.
 struct Handle {
     upstream: String,
-    /// The largest count a pin may ask for: `max`, or a schedule's when larger.
-    pin_limit: u32,
     status: Mutex<Value>,
     modes: mpsc::UnboundedSender<Mode>,
 }
@@ -94,17 +93,16 @@ impl Registry {
             .is_some_and(|children| children.iter().any(|c| c["addr"] == addr.as_str()))
     }
 
-    /// Hands a new mode to the upstream's controller.
-    pub fn set_mode(&self, upstream: &str, mode: Mode) -> Result<(), ModeError> {
+    /// Hands a new mode to the upstream's controller; a pin must lie within `bounds`, those in
+    /// force for the upstream (its config as last reloaded, its schedules now).
+    pub fn set_mode(&self, upstream: &str, mode: Mode, bounds: Bounds) -> Result<(), ModeError> {
         let handles = self.handles.lock().expect("autoscale registry lock");
         let handle = handles
             .iter()
             .find(|h| h.upstream == upstream)
             .ok_or(ModeError::NotAutoscaled)?;
         if let Mode::Pinned(n) = mode {
-            if n > handle.pin_limit {
-                return Err(ModeError::AboveMax(handle.pin_limit));
-            }
+            check_pin(n, bounds)?;
         }
         handle
             .modes
@@ -113,13 +111,29 @@ impl Registry {
     }
 }
 
+/// A pinned count within the bounds in force, or why not: the controller would clamp it,
+/// and the answer would say it was taken as asked.
+fn check_pin(n: u32, bounds: Bounds) -> Result<(), ModeError> {
+    if (bounds.min..=bounds.max).contains(&n) {
+        Ok(())
+    } else {
+        Err(ModeError::OutOfBounds(bounds.min, bounds.max))
+    }
+}
+
+/// The bounds of `config` in force now: its `min` and `max`, as its schedules change them.
+pub fn bounds_in_force(config: &crate::config::AutoscaleConfig) -> Bounds {
+    let unix_secs = (unix_ms() / 1000) as u64;
+    schedule::bounds_at(config.bounds, &config.schedules, unix_secs)
+}
+
 /// Why a mode change was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ModeError {
     #[error("no autoscaled upstream of that name")]
     NotAutoscaled,
-    #[error("the pinned count is above max ({0})")]
-    AboveMax(u32),
+    #[error("the pinned count must be within the bounds in force: min {0}, max {1}")]
+    OutOfBounds(u32, u32),
 }
 
 /// What the controller needs from a provider. Two implementations: `process` and `exec`.
@@ -176,14 +190,8 @@ pub fn start(gateway: &Arc<Gateway>, stop: watch::Receiver<bool>) -> Autoscalers
         };
         let name = upstream.config.name.clone();
         let (modes, mode_rx) = mpsc::unbounded_channel();
-        let pin_limit = config
-            .schedules
-            .iter()
-            .filter_map(|s| s.max)
-            .fold(config.bounds.max, u32::max);
         let handle = Arc::new(Handle {
             upstream: name.clone(),
-            pin_limit,
             status: Mutex::new(json!({ "upstream": name })),
             modes,
         });
@@ -232,6 +240,15 @@ fn unix_ms() -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pin_must_lie_within_the_bounds_in_force() {
+        let bounds = Bounds { min: 2, max: 6 };
+        assert_eq!(check_pin(2, bounds), Ok(()));
+        assert_eq!(check_pin(6, bounds), Ok(()));
+        assert_eq!(check_pin(1, bounds), Err(ModeError::OutOfBounds(2, 6)));
+        assert_eq!(check_pin(7, bounds), Err(ModeError::OutOfBounds(2, 6)));
+    }
 
     #[test]
     fn admin_bodies() {
