@@ -232,6 +232,13 @@ pub(super) fn validate(
             if s.min.is_none() && s.max.is_none() {
                 p.push(&skey, "give min, max or both");
             }
+            // Alone in force, it would run with `max`, and its min would be lowered to that.
+            if let (Some(min), None) = (s.min, s.max) {
+                if min > max {
+                    let message = format!("is above max ({max}): give the schedule a max too");
+                    p.push(format!("{skey}.min"), message);
+                }
+            }
             // At 0 instances no load is ever measured, so nothing would start one again.
             if s.min == Some(0) {
                 p.push(format!("{skey}.min"), "must be at least 1");
@@ -592,6 +599,17 @@ upstream = "app"
         assert!(Config::load(&quickstart).unwrap().upstreams[0]
             .autoscale
             .is_some());
+    }
+
+    #[test]
+    fn a_schedule_min_above_the_max_it_runs_with_is_refused() {
+        let text = "[upstreams.app]\ninstances = []\n[upstreams.app.autoscale]\nmax = 4\n\
+            command = \"app {port}\"\ntarget = { in_flight_per_instance = 4 }\n\
+            schedules = [{ cron = \"* * * * *\", min = 6 }, { cron = \"* * * * *\", min = 6, max = 8 }]\n\
+            [[routes]]\nupstream = \"app\"\n";
+        let errors = Config::from_toml(text).unwrap_err().0;
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["upstreams.app.autoscale.schedules[0].min"]);
     }
 
     #[test]
