@@ -639,6 +639,39 @@ async fn a_child_failing_its_checks_is_not_listed_as_serving() {
     assert_eq!(get(&client, &gw.url("/")).await.status, 503);
 }
 
+/// A child failing its checks for `unhealthy_restart` is stopped and started again (as a
+/// Kubernetes liveness probe restarts a container), with a crash's backoff.
+#[tokio::test]
+async fn a_child_failing_its_checks_too_long_is_restarted() {
+    let gw = autoscaled(&one_child(
+        "44600-44609",
+        "path = \"/cache?status=503\"",
+        &format!("{DEMO_CHILD}\nunhealthy_restart = \"1s\"\nstop_grace = \"1s\""),
+    ));
+    let client = client();
+    let first_pid = eventually(Duration::from_secs(15), || async {
+        let status = autoscale_status(&client, &gw).await;
+        status["instances"][0]["pid"].as_u64().is_some()
+    })
+    .await;
+    assert!(first_pid, "{}", autoscale_status(&client, &gw).await);
+    let pid = autoscale_status(&client, &gw).await["instances"][0]["pid"].clone();
+    let restarted = eventually(Duration::from_secs(15), || async {
+        let status = autoscale_status(&client, &gw).await;
+        let child = &status["instances"][0];
+        child["restarts"].as_u64() >= Some(1) && child["pid"].is_u64() && child["pid"] != pid
+    })
+    .await;
+    let status = autoscale_status(&client, &gw).await;
+    assert!(restarted, "{status}");
+    // Still one child: the one being replaced counted as current, so none was added beside it.
+    assert_eq!(
+        status["instances"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+}
+
 /// A start that finds no free port (another program holds the only one of `port_range`) is a
 /// failed start: retried with backoff, and the instance starts once the port is free.
 #[tokio::test]

@@ -65,6 +65,10 @@ struct Child {
     restarts: u32,
     backoff: Duration,
     stop: Arc<Notify>,
+    /// Since when it has failed its active checks while serving.
+    failing_since: Option<Instant>,
+    /// Stopped for failing too long (`unhealthy_restart`): started again once it is down.
+    replace: bool,
 }
 
 enum Event {
@@ -209,6 +213,8 @@ impl ProcessProvider {
             restarts: 0,
             backoff: FIRST_BACKOFF,
             stop: Arc::new(Notify::new()),
+            failing_since: None,
+            replace: false,
         }
     }
 
@@ -233,30 +239,73 @@ impl ProcessProvider {
                 let Some(child) = self.children.iter_mut().find(|c| c.id == id) else {
                     return;
                 };
-                if child.state == ChildState::Stopping {
+                if child.state == ChildState::Stopping && !child.replace {
                     self.children.retain(|c| c.id != id);
                     return;
                 }
                 if let Some(instance) = upstream.find(child.addr) {
                     upstream.remove_instance(&instance);
                 }
-                if now.saturating_duration_since(child.started) >= STABLE_AFTER {
-                    child.backoff = FIRST_BACKOFF;
-                }
+                let restart_in = restart_later(child, now);
                 tracing::warn!(
                     upstream = %self.upstream,
                     instance = %child.addr,
                     %status,
-                    restart_in_ms = child.backoff.as_millis() as u64,
+                    restart_in_ms = restart_in.as_millis() as u64,
                     "instance exited unexpectedly"
                 );
-                child.pid = None;
-                child.state = ChildState::Crashed {
-                    restart_at: now + child.backoff,
-                };
-                child.backoff = (child.backoff * 2).min(MAX_BACKOFF);
             }
-            Event::Stopped { id } => self.children.retain(|c| c.id != id),
+            Event::Stopped { id } => match self.children.iter_mut().find(|c| c.id == id) {
+                Some(child) if child.replace => {
+                    let restart_in = restart_later(child, now);
+                    tracing::info!(
+                        upstream = %self.upstream,
+                        instance = %child.addr,
+                        restart_in_ms = restart_in.as_millis() as u64,
+                        "unhealthy instance stopped: starting it again"
+                    );
+                }
+                _ => self.children.retain(|c| c.id != id),
+            },
+        }
+    }
+
+    /// Stops the children that have failed their health checks, or not opened their port, for
+    /// `limit` (Kubernetes' liveness probe restarts a container the same way): one that never
+    /// becomes healthy would otherwise count in the pool for good, serving nothing. They start
+    /// again, on the same port, with the backoff of a crash.
+    fn replace_unhealthy(&mut self, upstream: &Upstream, limit: Duration, now: Instant) {
+        for child in &mut self.children {
+            let failing_since = match child.state {
+                ChildState::Starting => Some(child.started),
+                ChildState::Serving => match upstream.find(child.addr) {
+                    Some(instance) if !instance.passes_active_checks() => {
+                        Some(*child.failing_since.get_or_insert(now))
+                    }
+                    _ => {
+                        child.failing_since = None;
+                        None
+                    }
+                },
+                ChildState::Crashed { .. } | ChildState::Stopping => None,
+            };
+            if failing_since.is_none_or(|since| now.saturating_duration_since(since) < limit) {
+                continue;
+            }
+            tracing::warn!(
+                upstream = %self.upstream,
+                instance = %child.addr,
+                state = child.state.name(),
+                after_secs = limit.as_secs_f64(),
+                "instance unhealthy for unhealthy_restart: stopping it to start it again"
+            );
+            if let Some(instance) = upstream.find(child.addr) {
+                upstream.remove_instance(&instance);
+            }
+            child.state = ChildState::Stopping;
+            child.replace = true;
+            child.failing_since = None;
+            child.stop.notify_one();
         }
     }
 }
@@ -278,10 +327,11 @@ impl Provider for ProcessProvider {
         true
     }
 
+    /// Children being replaced count: they start again.
     fn current(&self) -> u32 {
         self.children
             .iter()
-            .filter(|c| c.state != ChildState::Stopping)
+            .filter(|c| c.state != ChildState::Stopping || c.replace)
             .count() as u32
     }
 
@@ -332,6 +382,14 @@ impl Provider for ProcessProvider {
     async fn maintain(&mut self, upstream: &Arc<Upstream>, now: Instant) {
         while let Ok(event) = self.events.try_recv() {
             self.handle_event(upstream, event, now);
+        }
+        let limit = upstream
+            .config
+            .autoscale
+            .as_ref()
+            .map(|a| a.unhealthy_restart);
+        if let Some(limit) = limit.filter(|limit| !limit.is_zero()) {
+            self.replace_unhealthy(upstream, limit, now);
         }
         let due: Vec<u64> = self
             .children
@@ -460,6 +518,24 @@ impl Provider for ProcessProvider {
         }
         tracing::info!(upstream = %self.upstream, "all instances stopped");
     }
+}
+
+/// Schedules a child that is down (crashed, or stopped to be replaced) to start again after
+/// its backoff, which doubles for the next time (and starts over after a stable run); returns
+/// the wait.
+fn restart_later(child: &mut Child, now: Instant) -> Duration {
+    if now.saturating_duration_since(child.started) >= STABLE_AFTER {
+        child.backoff = FIRST_BACKOFF;
+    }
+    let wait = child.backoff;
+    child.pid = None;
+    child.replace = false;
+    child.failing_since = None;
+    child.state = ChildState::Crashed {
+        restart_at: now + wait,
+    };
+    child.backoff = (wait * 2).min(MAX_BACKOFF);
+    wait
 }
 
 /// A child that could be stopped, as the victim choice sees it.

@@ -35,6 +35,8 @@ pub struct RawAutoscale {
     pub drain_timeout: Option<String>,
     #[serde(default = "stop_grace")]
     pub stop_grace: String,
+    #[serde(default = "unhealthy_restart")]
+    pub unhealthy_restart: String,
     // provider = "process"
     pub command: Option<String>,
     pub port_range: Option<String>,
@@ -64,6 +66,9 @@ fn startup_grace() -> String {
 }
 fn stop_grace() -> String {
     "10s".into()
+}
+fn unhealthy_restart() -> String {
+    "60s".into()
 }
 fn discover_interval() -> String {
     "10s".into()
@@ -111,6 +116,9 @@ pub struct AutoscaleConfig {
     pub drain_timeout: Duration,
     /// Time between SIGTERM and SIGKILL when an instance is stopped.
     pub stop_grace: Duration,
+    /// Process provider: a child failing its checks (or not listening) this long is restarted;
+    /// zero: never.
+    pub unhealthy_restart: Duration,
     pub provider: ProviderConfig,
 }
 
@@ -293,6 +301,7 @@ pub(super) fn validate(
             p.duration(&format!("{key}.drain_timeout"), d)
         }),
         stop_grace: p.duration(&format!("{key}.stop_grace"), &raw.stop_grace),
+        unhealthy_restart: p.duration(&format!("{key}.unhealthy_restart"), &raw.unhealthy_restart),
         provider,
     }
 }
