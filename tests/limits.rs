@@ -59,6 +59,13 @@ async fn per_ip_connection_cap_refuses_cleanly_and_frees_on_close() {
             .contains(r#"scalegate_connections_refused_total{reason="max_connections_per_ip"} 1"#),
         "{metrics}"
     );
+    // Counted (and logged) with the ID its answer carried, as nginx logs its limit_conn 503s.
+    let refused = metrics.lines().any(|line| {
+        line.starts_with("scalegate_requests_total{route=\"-\"")
+            && line.contains("status=\"5xx\"")
+            && line.ends_with(" 1")
+    });
+    assert!(refused, "{metrics}");
 }
 
 /// Connection caps change on reload for the connections after it, with the ones already open

@@ -611,7 +611,7 @@ async fn accept_loop(
         let permit = match gateway.connections.admit(peer.ip()) {
             Ok(permit) => permit,
             Err(refusal) => {
-                refuse(stream, secure, refusal, &gateway);
+                refuse(stream, peer, secure, refusal, &gateway);
                 continue;
             }
         };
@@ -720,6 +720,7 @@ async fn starts_with_http2_preface(
 /// takes it at once: a refused client never holds the accept loop).
 fn refuse(
     stream: tokio::net::TcpStream,
+    peer: SocketAddr,
     secure: bool,
     refusal: connections::Refusal,
     gateway: &Gateway,
@@ -737,10 +738,18 @@ fn refuse(
         }
     };
     let request_id = gateway.new_request_id();
-    // Named by the request ID its answer carries, for whoever looks one up.
-    tracing::debug!(?refusal, peer = ?stream.peer_addr().ok(), request_id = request_id.to_str().unwrap_or_default(), "connection refused");
-    let answer = ProxyError::TooManyConnections(reason).response(&request_id);
+    let error = ProxyError::TooManyConnections(reason);
+    let answer = error.response(&request_id);
     let _ = stream.try_write(&client_h1::closing_answer_bytes(&answer));
+    // An access-log line and a count, as nginx's limit_conn 503s get: the request ID the
+    // answer carries is then found somewhere.
+    let client = forward::ClientAddr::new(peer, secure);
+    drop(forward::refused_record(
+        gateway,
+        &client,
+        error.status(),
+        request_id,
+    ));
 }
 
 /// Accepts on `listener`, or never when there is none.
