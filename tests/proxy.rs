@@ -587,6 +587,28 @@ async fn active_checks_take_an_instance_out_after_fall_and_back_after_rise() {
     assert_eq!(reply.json()["error"], "no_healthy_instance");
 }
 
+/// An instance added through the admin API is checked at once, not at the checker's next
+/// round: with checks 30 s apart it serves within a second.
+#[tokio::test]
+async fn an_instance_added_at_run_time_is_checked_at_once() {
+    let a = demo_backend(&[]);
+    let b = demo_backend(&[]);
+    let gw = gateway(&app_config(
+        &[&a],
+        "[upstreams.app.health]\ninterval = \"30s\"\nrise = 1",
+    ));
+    let client = client();
+    assert_eq!(add_instance(&client, &gw, b.addr()).await.status, 201);
+    let up = eventually(Duration::from_secs(3), || async {
+        instance_state(&client, &gw, b.addr().to_string()).await == "up"
+    });
+    assert!(
+        up.await,
+        "{}",
+        get(&client, &gw.admin_url("/api/upstreams")).await.json()
+    );
+}
+
 /// With `port`, each instance is checked at that port of its IP (a management port): its
 /// verdict there decides, whatever the instance's own port would answer.
 #[tokio::test]

@@ -588,6 +588,7 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
     let addr = config.addr;
     if upstream.add_instance(&config) {
         tracing::info!(upstream = name, instance = %addr, "instance added");
+        crate::health::check_soon(&upstream, addr);
         return reply(StatusCode::CREATED, json!({"added": addr.to_string()}));
     }
     let draining = upstream

@@ -81,6 +81,7 @@ impl ExecProvider {
                     backup: false,
                 }) {
                     tracing::info!(upstream = %self.upstream, instance = %addr, "discovered instance added");
+                    crate::health::check_soon(&upstream, *addr);
                 }
             }
         }

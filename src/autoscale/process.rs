@@ -225,13 +225,7 @@ impl ProcessProvider {
                     if child.state == ChildState::Starting {
                         child.state = ChildState::Serving;
                         upstream.add_instance(&instance_config(child.addr));
-                        // Check at once rather than at the checker's next tick: the new
-                        // capacity serves sooner.
-                        let instance = upstream.find(child.addr);
-                        if let (Some(instance), Some(health)) = (instance, &upstream.config.health)
-                        {
-                            tokio::spawn(crate::health::check_instance(instance, health.clone()));
-                        }
+                        crate::health::check_soon(upstream, child.addr);
                     }
                 }
             }

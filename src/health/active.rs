@@ -59,6 +59,15 @@ pub fn spawn_active_checks(upstream: &Arc<Upstream>) {
     });
 }
 
+/// Probes the instance at `addr` now rather than at the checker's next round, when `upstream`
+/// has active checks: an instance added at run time serves once a check passed, and waiting up
+/// to an `interval` for it leaves the new capacity idle.
+pub fn check_soon(upstream: &Upstream, addr: SocketAddr) {
+    if let (Some(instance), Some(health)) = (upstream.find(addr), &upstream.config.health) {
+        tokio::spawn(check_instance(instance, health.clone()));
+    }
+}
+
 /// Probes one instance once and records the result.
 pub async fn check_instance(instance: Arc<Instance>, config: ActiveHealthConfig) {
     let connector = &instance.pool.connector;

@@ -4,7 +4,7 @@
 
 mod active;
 
-pub use active::{check_instance, spawn_active_checks};
+pub use active::{check_soon, spawn_active_checks};
 
 use std::time::Duration;
 
