@@ -558,3 +558,37 @@ async fn an_http2_server_hanging_up_resets_requests_at_once() {
     assert_eq!(report["errors"]["timeout"], 0, "{report}");
     assert_eq!(report["errors"]["total"], 8, "{report}");
 }
+
+/// An HTTP/2 server that shuts down gracefully (GOAWAY, then its answers, then the close)
+/// delivers every answer it sends: bench counts them all, none as `reset`, and sends the
+/// requests the closed connections did not take on new ones.
+#[tokio::test]
+async fn answers_before_a_graceful_http2_close_are_counted() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let polite = format!("http://{}/", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(socket).await else {
+                    return;
+                };
+                let Some(Ok((_request, mut respond))) = conn.accept().await else {
+                    return;
+                };
+                conn.graceful_shutdown();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let head = http::Response::builder().status(200).body(()).unwrap();
+                    if let Ok(mut body) = respond.send_response(head, false) {
+                        let _ = body.send_data(bytes::Bytes::from_static(b"ok"), true);
+                    }
+                });
+                while let Some(Ok(_)) = conn.accept().await {}
+            });
+        }
+    });
+    let report = bench_json(&["--http2", "-n", "60", "-c", "6", &polite]).await;
+    server.abort();
+    assert_eq!(report["errors"]["total"], 0, "{report}");
+    assert_eq!(report["status"]["200"], 60, "{report}");
+}

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
-use futures_util::FutureExt as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
@@ -317,8 +316,8 @@ type Body = Full<Bytes>;
 /// polled by the task that sends.
 struct Http2 {
     sender: http2::SendRequest<Body>,
-    driver: Pin<Box<http2::Connection<Io, Body, TokioExecutor>>>,
-    driver_done: bool,
+    /// Dropped once done (the server closed): requests it had not sent then come back.
+    driver: Option<Pin<Box<http2::Connection<Io, Body, TokioExecutor>>>>,
 }
 
 enum Protocol {
@@ -367,8 +366,7 @@ impl Connection {
                 .map_err(|err| classify(&err))?;
             Protocol::Http2(Http2 {
                 sender,
-                driver: Box::pin(conn),
-                driver_done: false,
+                driver: Some(Box::pin(conn)),
             })
         } else {
             Protocol::Http1(Http1::new(stream, counts.clone()))
@@ -398,34 +396,52 @@ impl Connection {
 }
 
 impl Http2 {
-    /// Runs the exchange while polling the connection's driver in the same task; once the
-    /// driver is done (the server closed), the exchange gets an answer already delivered, and
-    /// nothing more is coming: without the driver it would wait out the timeout.
+    /// Runs the exchange while polling the connection's driver in the same task. Once the
+    /// driver is done (the server closed), it is dropped: a request it had not sent comes back
+    /// unsent, to go again on a new connection, and an answer that came before the close,
+    /// still being handed over (hyper does it from a task of its own), gets
+    /// [`CLOSE_HANDOVER`] to arrive; so a graceful GOAWAY loses no answer. A request the
+    /// server refused unprocessed goes again too.
     async fn exchange(&mut self, template: &Template) -> Step {
-        let Http2 {
-            sender,
-            driver,
-            driver_done,
-        } = self;
+        let Http2 { sender, driver } = self;
         let mut work = pin!(async move {
             if sender.ready().await.is_err() {
                 return Step::Unsent;
             }
-            match sender.send_request(template.http2()).await {
+            match sender.try_send_request(template.http2()).await {
                 Ok(response) => read_to_end(response).await,
-                Err(err) => Step::Failed(classify(&err)),
+                Err(err) if err.message().is_some() => Step::Unsent,
+                Err(err) if refused_unprocessed(err.error()) => Step::Unsent,
+                Err(err) => Step::Failed(classify(err.error())),
             }
         });
-        if !*driver_done {
+        if let Some(running) = driver {
             tokio::select! {
                 biased;
                 out = &mut work => return out,
-                _ = driver.as_mut() => *driver_done = true,
+                _ = running.as_mut() => *driver = None,
             }
         }
-        work.now_or_never()
+        tokio::time::timeout(CLOSE_HANDOVER, work)
+            .await
             .unwrap_or(Step::Failed(ErrorKind::Reset))
     }
+}
+
+/// How long an answer that came before an HTTP/2 server closed the connection may take to be
+/// handed over once the close was seen.
+const CLOSE_HANDOVER: Duration = Duration::from_millis(200);
+
+/// Whether an HTTP/2 server said it did not process the request: it refused the stream, or
+/// the stream was past the last one its graceful GOAWAY took (RFC 9113 §8.7): safe to send
+/// again, and no answer was lost.
+fn refused_unprocessed(err: &hyper::Error) -> bool {
+    let h2 = std::error::Error::source(err).and_then(|source| source.downcast_ref::<h2::Error>());
+    h2.is_some_and(|h2| match h2.reason() {
+        Some(h2::Reason::REFUSED_STREAM) => true,
+        Some(h2::Reason::NO_ERROR) => h2.is_go_away() && h2.is_remote(),
+        _ => false,
+    })
 }
 
 async fn read_to_end(response: http::Response<Incoming>) -> Step {
