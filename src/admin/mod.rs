@@ -130,7 +130,7 @@ async fn handle(
                 .headers()
                 .get(header::ACCEPT)
                 .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.contains("application/openmetrics-text"));
+                .is_some_and(prefers_openmetrics);
             metrics(&gateway, openmetrics)
         }
         (&Method::GET, ["api", "cache", "stats"]) => cache_stats(&gateway),
@@ -342,6 +342,31 @@ fn metrics(gateway: &Gateway, openmetrics: bool) -> Response<GatewayBody> {
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+/// Whether an `Accept` field prefers OpenMetrics to the classic text format: by quality
+/// (RFC 9110 §12.5.1; `q=0` refuses), media types without case; a tie goes to the classic
+/// format, the default.
+fn prefers_openmetrics(accept: &str) -> bool {
+    let (mut openmetrics, mut text) = (0.0f64, 0.0f64);
+    for range in accept.split(',') {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or_default().trim();
+        let quality = parts
+            .filter_map(|param| param.split_once('='))
+            .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+            .and_then(|(_, q)| q.trim().parse::<f64>().ok())
+            .unwrap_or(1.0);
+        if media.eq_ignore_ascii_case("application/openmetrics-text") {
+            openmetrics = openmetrics.max(quality);
+        } else if ["text/plain", "text/*", "*/*"]
+            .iter()
+            .any(|m| media.eq_ignore_ascii_case(m))
+        {
+            text = text.max(quality);
+        }
+    }
+    openmetrics > 0.0 && openmetrics > text
 }
 
 /// Every instance of every upstream, as metrics and the dashboard see it.
@@ -802,6 +827,23 @@ fn reply(status: StatusCode, body: Value) -> Response<GatewayBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_metrics_format_follows_the_accept_qualities() {
+        // What Prometheus sends.
+        assert!(prefers_openmetrics(
+            "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+        ));
+        assert!(prefers_openmetrics("Application/OpenMetrics-Text"));
+        assert!(!prefers_openmetrics(
+            "application/openmetrics-text;q=0, text/plain"
+        ));
+        assert!(!prefers_openmetrics(
+            "text/plain;version=0.0.4;q=1, application/openmetrics-text;q=0.5"
+        ));
+        assert!(!prefers_openmetrics("text/plain"));
+        assert!(!prefers_openmetrics("*/*"));
+    }
 
     #[test]
     fn basic_auth() {
