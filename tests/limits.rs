@@ -303,13 +303,34 @@ async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
     };
     assert_eq!(in_flight().await, 1, "an open tunnel counts as in flight");
     let metrics = get(&client, &gw.admin_url("/metrics")).await;
-    assert!(String::from_utf8_lossy(&metrics.body).contains("scalegate_open_connections 1"));
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(metrics.contains("scalegate_open_connections 1"));
+    // For the gateway too, and its request is counted (and logged) once it closes, with its
+    // whole time, as nginx logs a WebSocket.
+    assert!(
+        metrics.contains("scalegate_in_flight_requests 1"),
+        "{metrics}"
+    );
+    let switched = |metrics: &str| {
+        metrics
+            .lines()
+            .any(|l| l.starts_with("scalegate_requests_total{") && l.contains("status=\"1xx\""))
+    };
+    assert!(!switched(&metrics), "{metrics}");
     let refused = raw_exchange(gw.proxy, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     drop(ws);
     assert!(
         eventually(Duration::from_secs(5), || async { in_flight().await == 0 }).await,
         "the tunnel's in-flight count was not released"
+    );
+    let counted = eventually(Duration::from_secs(5), || async {
+        let metrics = get(&client, &gw.admin_url("/metrics")).await;
+        switched(&String::from_utf8_lossy(&metrics.body))
+    });
+    assert!(
+        counted.await,
+        "the tunnel's request was not counted when it closed"
     );
     assert!(
         eventually(Duration::from_secs(5), || async {

@@ -241,8 +241,6 @@ pub async fn serve(
                 upgrade_tx,
             )
             .await;
-        // The request is over: its last byte went out, or never will.
-        drop(record);
         let after = match after {
             Ok(After::Upgrade(tx)) => {
                 if let Some(reader) = conn.reader.take() {
@@ -250,7 +248,9 @@ pub async fn serve(
                     if let (Some(stream), Some(permit)) =
                         (reader.half.reunite(conn.writer), permit.take())
                     {
-                        let _ = tx.send((stream, early, permit));
+                        // The tunnel writes the record when it closes, with its whole time and
+                        // the bytes it carried to the client, as nginx logs a WebSocket.
+                        let _ = tx.send((stream, early, permit, record));
                     }
                 }
                 return;
@@ -261,6 +261,8 @@ pub async fn serve(
                 return conn.close().await;
             }
         };
+        // The request is over: its last byte went out, or never will.
+        drop(record);
         // An HTTP/2 instance's connection may finish reading the body while the answer streams;
         // an early answer leaves the rest of the body to discard.
         conn.take_back(back.as_deref());

@@ -17,12 +17,13 @@ use tokio::time::Instant;
 use super::client_io::ClientStream;
 use super::connections::ConnectionPermit;
 use super::h1::InstanceConn;
+use super::record::RequestRecord;
 use super::upstream::InFlightGuard;
 
 /// What the HTTP/1.1 loop hands over once the 101 went out: the client's connection, what the
-/// client sent after its request, and the connection's place under the connection limits,
-/// which the tunnel holds for as long as it lasts.
-pub type Handover = (ClientStream, Bytes, ConnectionPermit);
+/// client sent after its request, the connection's place under the connection limits, which
+/// the tunnel holds for as long as it lasts, and the request's record, written when it ends.
+pub type Handover = (ClientStream, Bytes, ConnectionPermit, RequestRecord);
 
 /// The client's side of an upgrade. (HTTP/2 has no `Upgrade`.)
 pub type ClientUpgrade = oneshot::Receiver<Handover>;
@@ -35,7 +36,7 @@ pub fn spawn(
     idle: Duration,
 ) {
     tokio::spawn(async move {
-        let Ok((mut client, client_early, _permit)) = client.await else {
+        let Ok((mut client, client_early, _permit, mut record)) = client.await else {
             return;
         };
         // What either side sent right after the 101 or the request belongs to the new
@@ -46,6 +47,7 @@ pub fn spawn(
                 tracing::debug!(%err, "tunnel closed with an error");
                 return;
             }
+            record.sent(early.len());
         }
         if !client_early.is_empty() {
             if let Err(err) = instance.write_all(&client_early).await {
@@ -67,6 +69,7 @@ pub fn spawn(
                 tracing::debug!(idle_secs = idle.as_secs_f64(), "tunnel idle: closed");
             }
         }
+        record.sent(client.written);
         drop(guard);
     });
 }
@@ -83,16 +86,23 @@ async fn idle_expiry(origin: Instant, last: &AtomicU64, idle: Duration) {
     }
 }
 
-/// An IO that stamps `last` (milliseconds since `origin`) whenever bytes are read.
+/// An IO that stamps `last` (milliseconds since `origin`) whenever bytes are read, and counts
+/// the bytes written to it.
 struct Activity<T> {
     io: T,
     origin: Instant,
     last: Arc<AtomicU64>,
+    written: usize,
 }
 
 impl<T> Activity<T> {
     fn new(io: T, origin: Instant, last: Arc<AtomicU64>) -> Self {
-        Activity { io, origin, last }
+        Activity {
+            io,
+            origin,
+            last,
+            written: 0,
+        }
     }
 }
 
@@ -119,7 +129,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.written += n;
+        }
+        polled
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
