@@ -842,9 +842,12 @@ async fn a_drain_outlives_a_reload_and_stays_in_view() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let path = format!("/api/upstreams/app/instances/{}", b.addr());
+    // Named as the config may name it; the answer says which instance that is.
+    let path = format!("/api/upstreams/app/instances/localhost:{}", b.addr().port());
     let reply = request(&client, "DELETE", &gw.admin_url(&path), &[], "").await;
-    assert_eq!(reply.unwrap().status, 202);
+    let reply = reply.unwrap();
+    assert_eq!(reply.status, 202);
+    assert_eq!(reply.json()["draining"], b.addr().to_string());
     gw.write_config(&app_config(&[&a], ""));
     let reload = request(&client, "POST", &gw.admin_url("/api/reload"), &[], "").await;
     assert_eq!(reload.unwrap().status, 200);

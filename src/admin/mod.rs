@@ -682,14 +682,14 @@ fn drain_instance(gateway: &Arc<Gateway>, name: &str, addr: &str) -> Response<Ga
     if instance.start_draining() {
         return reply(
             StatusCode::ACCEPTED,
-            json!({"draining": addr, "already": true}),
+            json!({"draining": instance.addr.to_string(), "already": true}),
         );
     }
     let timeout = upstream.config.drain_timeout;
     tracing::info!(upstream = name, instance = %instance.addr, "draining instance");
-    let gateway = gateway.clone();
+    let (gateway, draining) = (gateway.clone(), instance.addr.to_string());
     tokio::spawn(async move { upstream.drain(&gateway, &instance, timeout).await });
-    reply(StatusCode::ACCEPTED, json!({"draining": addr}))
+    reply(StatusCode::ACCEPTED, json!({ "draining": draining }))
 }
 
 /// `GET /api/cache/stats`: entries, bytes, hit ratio and the counters behind it.
