@@ -69,10 +69,24 @@ pub const METHODS: [&str; 8] = [
 ];
 /// Status class label values, by `status / 100 - 1`.
 pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-/// Upper bounds (seconds) of the duration histogram: 100 µs to 60 s, about 2.5× apart.
+/// Upper bounds (seconds) of the duration histogram as exported: 100 µs to 60 s, about 2.5×
+/// apart.
 pub const DURATION_BUCKETS: [f64; 18] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0, 30.0, 60.0,
+];
+
+/// Upper bounds (seconds) the durations are counted in: ten per decade (the R10 series, about
+/// 1.25× apart), every exported bound among them, so the exported buckets are sums of these.
+/// The dashboard's percentiles come from these: interpolated in the exported buckets, 2.5×
+/// wide, a p99 of 39 ms read as 50 ms.
+const FINE_BUCKETS: [f64; 58] = [
+    0.0001, 0.000125, 0.00016, 0.0002, 0.00025, 0.000315, 0.0004, 0.0005, 0.00063, 0.0008, //
+    0.001, 0.00125, 0.0016, 0.002, 0.0025, 0.00315, 0.004, 0.005, 0.0063, 0.008, //
+    0.01, 0.0125, 0.016, 0.02, 0.025, 0.0315, 0.04, 0.05, 0.063, 0.08, //
+    0.1, 0.125, 0.16, 0.2, 0.25, 0.315, 0.4, 0.5, 0.63, 0.8, //
+    1.0, 1.25, 1.6, 2.0, 2.5, 3.15, 4.0, 5.0, 6.3, 8.0, //
+    10.0, 12.5, 16.0, 20.0, 25.0, 30.0, 40.0, 60.0,
 ];
 
 fn method_index(method: &Method) -> usize {
@@ -92,21 +106,28 @@ fn status_index(status: u16) -> usize {
     usize::from(status / 100).clamp(1, 5) - 1
 }
 
-/// A histogram with fixed buckets, recorded with one atomic add per bucket hit.
-#[derive(Debug, Default)]
+/// A histogram with fixed buckets ([`FINE_BUCKETS`]), recorded with one atomic add per bucket
+/// hit.
+#[derive(Debug)]
 pub struct DurationHistogram {
     /// Non-cumulative counts; the last slot is +Inf.
-    counts: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    counts: [AtomicU64; FINE_BUCKETS.len() + 1],
     sum_micros: AtomicU64,
+}
+
+impl Default for DurationHistogram {
+    fn default() -> Self {
+        DurationHistogram {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
 }
 
 impl DurationHistogram {
     pub fn record(&self, duration: Duration) {
         let seconds = duration.as_secs_f64();
-        let slot = DURATION_BUCKETS
-            .iter()
-            .position(|&bound| seconds <= bound)
-            .unwrap_or(DURATION_BUCKETS.len());
+        let slot = FINE_BUCKETS.partition_point(|&bound| bound < seconds);
         self.counts[slot].fetch_add(1, Ordering::Relaxed);
         self.sum_micros
             .fetch_add(duration.as_micros() as u64, Ordering::Relaxed);
@@ -114,7 +135,7 @@ impl DurationHistogram {
 
     /// Current non-cumulative bucket counts (last = +Inf) and the sum in seconds.
     pub fn snapshot(&self) -> HistogramSnapshot {
-        let mut counts = [0u64; DURATION_BUCKETS.len() + 1];
+        let mut counts = [0u64; FINE_BUCKETS.len() + 1];
         for (slot, count) in counts.iter_mut().zip(&self.counts) {
             *slot = count.load(Ordering::Relaxed);
         }
@@ -128,14 +149,15 @@ impl DurationHistogram {
 /// Bucket counts at one moment; subtract two to get what happened in between.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HistogramSnapshot {
-    pub counts: [u64; DURATION_BUCKETS.len() + 1],
+    /// Non-cumulative counts in [`FINE_BUCKETS`]; the last slot is +Inf.
+    counts: [u64; FINE_BUCKETS.len() + 1],
     pub sum_seconds: f64,
 }
 
 impl Default for HistogramSnapshot {
     fn default() -> Self {
         HistogramSnapshot {
-            counts: [0; DURATION_BUCKETS.len() + 1],
+            counts: [0; FINE_BUCKETS.len() + 1],
             sum_seconds: 0.0,
         }
     }
@@ -144,6 +166,17 @@ impl Default for HistogramSnapshot {
 impl HistogramSnapshot {
     pub fn count(&self) -> u64 {
         self.counts.iter().sum()
+    }
+
+    /// Non-cumulative counts in the exported buckets ([`DURATION_BUCKETS`], then +Inf): each
+    /// sums the fine buckets within it.
+    pub fn exported_counts(&self) -> [u64; DURATION_BUCKETS.len() + 1] {
+        let mut exported = [0; DURATION_BUCKETS.len() + 1];
+        for (slot, &count) in self.counts.iter().enumerate() {
+            let upper = FINE_BUCKETS.get(slot).copied().unwrap_or(f64::INFINITY);
+            exported[DURATION_BUCKETS.partition_point(|&bound| bound < upper)] += count;
+        }
+        exported
     }
 
     /// What was recorded between `earlier` and `self`.
@@ -180,20 +213,20 @@ impl HistogramSnapshot {
                 continue;
             }
             if (seen + count) as f64 >= rank {
-                let Some(&upper) = DURATION_BUCKETS.get(slot) else {
-                    return Some(DURATION_BUCKETS[DURATION_BUCKETS.len() - 1]);
+                let Some(&upper) = FINE_BUCKETS.get(slot) else {
+                    return Some(FINE_BUCKETS[FINE_BUCKETS.len() - 1]);
                 };
                 let lower = if slot == 0 {
                     0.0
                 } else {
-                    DURATION_BUCKETS[slot - 1]
+                    FINE_BUCKETS[slot - 1]
                 };
                 let within = (rank - seen as f64) / count as f64;
                 return Some(lower + (upper - lower) * within.clamp(0.0, 1.0));
             }
             seen += count;
         }
-        Some(DURATION_BUCKETS[DURATION_BUCKETS.len() - 1])
+        Some(FINE_BUCKETS[FINE_BUCKETS.len() - 1])
     }
 }
 
@@ -352,7 +385,7 @@ pub enum Value {
     /// A counter of seconds (CPU time).
     CounterSeconds(f64),
     Gauge(f64),
-    Histogram(HistogramSnapshot),
+    Histogram(Box<HistogramSnapshot>),
 }
 
 impl Family {
@@ -420,7 +453,7 @@ pub fn core_families(metrics: &Metrics, instances: &[InstanceSample]) -> Vec<Fam
                 }
             }
         }
-        duration.push(labels, Value::Histogram(stats.duration.snapshot()));
+        duration.push(labels, Value::Histogram(Box::new(stats.duration.snapshot())));
     }
     let mut families = vec![requests, in_flight, duration];
     let per_instance: [InstanceFamily; 7] = [
@@ -777,7 +810,7 @@ fn encode_histogram(
         .iter()
         .copied()
         .chain(std::iter::once(f64::MAX))
-        .zip(histogram.counts)
+        .zip(histogram.exported_counts())
         .collect();
     encoder.encode_histogram::<NoLabelSet>(histogram.sum_seconds, histogram.count(), &buckets, None)
 }
@@ -830,16 +863,30 @@ mod tests {
         }
         let snap = h.snapshot();
         assert_eq!(snap.count(), 100);
-        assert_eq!(snap.counts[3], 90);
-        assert_eq!(snap.counts[8], 10);
+        let exported = snap.exported_counts();
+        assert_eq!(exported[3], 90);
+        assert_eq!(exported[8], 10);
+        // Counted 1.25x apart, the percentiles land within a quarter of the truth.
         let p50 = snap.quantile(0.5).unwrap();
-        assert!(p50 > 0.0005 && p50 <= 0.001, "{p50}");
+        assert!(p50 > 0.00063 && p50 <= 0.0008, "{p50}");
         let p99 = snap.quantile(0.99).unwrap();
-        assert!(p99 > 0.025 && p99 <= 0.05, "{p99}");
+        assert!(p99 > 0.0315 && p99 <= 0.04, "{p99}");
         assert_eq!(HistogramSnapshot::default().quantile(0.5), None);
         h.record(Duration::from_secs(100));
-        assert_eq!(h.snapshot().counts[DURATION_BUCKETS.len()], 1);
+        assert_eq!(h.snapshot().exported_counts()[DURATION_BUCKETS.len()], 1);
         assert_eq!(h.snapshot().quantile(1.0), Some(60.0));
+        // A duration on a bound counts in the bucket it bounds (`le`), in both sets.
+        let on_bound = DurationHistogram::default();
+        on_bound.record(Duration::from_micros(250));
+        assert_eq!(on_bound.snapshot().exported_counts()[1], 1);
+    }
+
+    #[test]
+    fn every_exported_bound_is_a_fine_one() {
+        for bound in DURATION_BUCKETS {
+            assert!(FINE_BUCKETS.contains(&bound), "{bound}");
+        }
+        assert!(FINE_BUCKETS.windows(2).all(|pair| pair[0] < pair[1]));
     }
 
     #[test]
