@@ -117,8 +117,13 @@ fn read<'de, D: serde::Deserializer<'de>>(
 ) -> Result<RawConfig, serde_path_to_error::Error<D::Error>> {
     let mut note_unknown = |path: serde_ignored::Path| {
         let key = key_path(&path);
-        let name = key.rsplit('.').next().unwrap_or_default();
-        let message = format!("unknown field `{name}`: no such key here (misspelt?)");
+        let (table, name) = key.rsplit_once('.').unwrap_or(("", &key));
+        let message = match super::suggest::closest_key(table, name) {
+            Some(meant) => {
+                format!("unknown field `{name}`: no such key here; did you mean `{meant}`?")
+            }
+            None => format!("unknown field `{name}`: no such key here (misspelt?)"),
+        };
         unknown.push(ConfigError {
             line: None,
             message,

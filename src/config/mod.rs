@@ -9,6 +9,7 @@ mod env;
 pub mod limits;
 mod lines;
 mod raw;
+mod suggest;
 mod tls;
 pub mod units;
 mod upstream_tls;

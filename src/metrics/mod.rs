@@ -453,7 +453,10 @@ pub fn core_families(metrics: &Metrics, instances: &[InstanceSample]) -> Vec<Fam
                 }
             }
         }
-        duration.push(labels, Value::Histogram(Box::new(stats.duration.snapshot())));
+        duration.push(
+            labels,
+            Value::Histogram(Box::new(stats.duration.snapshot())),
+        );
     }
     let mut families = vec![requests, in_flight, duration];
     let per_instance: [InstanceFamily; 7] = [

@@ -1,0 +1,201 @@
+//! "Did you mean" for unknown config keys: the keys each table takes, read from the serde
+//! types that read it, and the one an unknown key is likely a misspelling of.
+
+use serde::de::{self, Deserialize, Deserializer, Visitor};
+
+use super::autoscale::{RawAutoscale, RawDiscover, RawPolicy, RawRules, RawSchedule};
+use super::cache::{RawCache, RawRouteCache};
+use super::limits::{RawAuth, RawHttp2, RawRateLimit, RawRule, RawState};
+use super::raw::{
+    RawActiveHealth, RawAdmin, RawConfig, RawInstanceTable, RawRoute, RawServer, RawUpstream,
+};
+use super::tls::{RawCertificate, RawTls};
+use super::upstream_tls::RawUpstreamTls;
+
+/// The key a misspelt `key` of the table at `table` (a key path, `upstreams.app.health`) most
+/// likely meant, if one is close enough.
+pub fn closest_key(table: &str, key: &str) -> Option<&'static str> {
+    let known = keys_of(&shape(table))?;
+    let most = (key.chars().count() / 3).max(1);
+    known
+        .iter()
+        .map(|candidate| (edit_distance(key, candidate), *candidate))
+        .filter(|(distance, _)| *distance <= most)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate)
+}
+
+/// A table's path with what varies taken out: upstream names become `*`, array positions `[]`.
+fn shape(table: &str) -> String {
+    let mut shaped = Vec::new();
+    for (i, segment) in table.split('.').enumerate() {
+        let name = segment.split('[').next().unwrap_or_default();
+        let indexed = segment.contains('[');
+        let name = if i == 1 && shaped.first() == Some(&"upstreams".to_string()) {
+            "*"
+        } else {
+            name
+        };
+        shaped.push(if indexed {
+            format!("{name}[]")
+        } else {
+            name.to_string()
+        });
+    }
+    shaped.join(".")
+}
+
+/// The keys the table of that shape takes.
+fn keys_of(shape: &str) -> Option<&'static [&'static str]> {
+    let keys = match shape {
+        "" => fields_of::<RawConfig>(),
+        "server" => fields_of::<RawServer>(),
+        "server.http2" => fields_of::<RawHttp2>(),
+        "admin" => fields_of::<RawAdmin>(),
+        "upstreams.*" => fields_of::<RawUpstream>(),
+        "upstreams.*.instances[]" => fields_of::<RawInstanceTable>(),
+        "upstreams.*.health" => fields_of::<RawActiveHealth>(),
+        "upstreams.*.tls" => fields_of::<RawUpstreamTls>(),
+        "upstreams.*.autoscale" => fields_of::<RawAutoscale>(),
+        "upstreams.*.autoscale.scale_up" | "upstreams.*.autoscale.scale_down" => {
+            fields_of::<RawRules>()
+        }
+        "upstreams.*.autoscale.scale_up.policies[]"
+        | "upstreams.*.autoscale.scale_down.policies[]" => fields_of::<RawPolicy>(),
+        "upstreams.*.autoscale.schedules[]" => fields_of::<RawSchedule>(),
+        "upstreams.*.autoscale.discover" => fields_of::<RawDiscover>(),
+        "routes[]" => fields_of::<RawRoute>(),
+        "routes[].cache" => fields_of::<RawRouteCache>(),
+        "routes[].rate_limits[]" | "rate_limit.rules[]" => fields_of::<RawRule>(),
+        "cache" => fields_of::<RawCache>(),
+        "tls" => fields_of::<RawTls>(),
+        "tls.certificates[]" => fields_of::<RawCertificate>(),
+        "state" => fields_of::<RawState>(),
+        "rate_limit" => fields_of::<RawRateLimit>(),
+        "auth" => fields_of::<RawAuth>(),
+        _ => return None,
+    };
+    (!keys.is_empty()).then_some(keys)
+}
+
+/// The field names serde reads `T` with: a deserializer that only takes note of them.
+fn fields_of<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+    struct Fields<'a>(&'a mut &'static [&'static str]);
+    impl<'de> Deserializer<'de> for Fields<'_> {
+        type Error = de::value::Error;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("names only"))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(de::Error::custom("names only"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Fields(&mut fields));
+    fields
+}
+
+/// Edits (insertions, deletions, substitutions, swaps of neighbours) from `a` to `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in rows.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in rows[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (rows[i - 1][j] + 1)
+                .min(rows[i][j - 1] + 1)
+                .min(rows[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(rows[i - 2][j - 2] + 1);
+            }
+            rows[i][j] = best;
+        }
+    }
+    rows[a.len()][b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn misspelt_keys_get_the_key_of_their_table() {
+        assert_eq!(
+            closest_key("server", "shutdown_grase"),
+            Some("shutdown_grace")
+        );
+        assert_eq!(closest_key("upstreams.app", "stratgey"), Some("strategy"));
+        assert_eq!(
+            closest_key("upstreams.app.health", "intervall"),
+            Some("interval")
+        );
+        assert_eq!(closest_key("routes[2]", "path_prefx"), Some("path_prefix"));
+        assert_eq!(
+            closest_key("upstreams.api.instances[0]", "wieght"),
+            Some("weight")
+        );
+        assert_eq!(closest_key("", "upstream"), Some("upstreams"));
+        // Nothing close, or a table not known here: no guess.
+        assert_eq!(closest_key("server", "colour"), None);
+        assert_eq!(closest_key("nowhere", "listen"), None);
+    }
+
+    #[test]
+    fn every_table_shape_knows_its_keys() {
+        for shape in [
+            "",
+            "server",
+            "server.http2",
+            "admin",
+            "upstreams.*",
+            "upstreams.*.instances[]",
+            "upstreams.*.health",
+            "upstreams.*.tls",
+            "upstreams.*.autoscale",
+            "upstreams.*.autoscale.scale_up",
+            "upstreams.*.autoscale.scale_up.policies[]",
+            "upstreams.*.autoscale.schedules[]",
+            "upstreams.*.autoscale.discover",
+            "routes[]",
+            "routes[].cache",
+            "routes[].rate_limits[]",
+            "cache",
+            "tls",
+            "tls.certificates[]",
+            "state",
+            "rate_limit",
+            "auth",
+        ] {
+            assert!(keys_of(shape).is_some(), "{shape}");
+        }
+        assert_eq!(
+            shape("upstreams.a.autoscale.schedules[3]"),
+            "upstreams.*.autoscale.schedules[]"
+        );
+    }
+
+    #[test]
+    fn edits_count_swaps_as_one() {
+        assert_eq!(edit_distance("strategy", "strategy"), 0);
+        assert_eq!(edit_distance("stratgey", "strategy"), 1);
+        assert_eq!(edit_distance("path_prefx", "path_prefix"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+}
