@@ -4,8 +4,8 @@
 //!
 //! `p95_latency_ms` is approximated by the instance's peak-EWMA response-head latency (the
 //! balancer's own average; it follows peaks fast and decays over ~10 s); an instance that
-//! served nothing during the period has no latency sample, and when no ready instance served
-//! anything the latency is 0: nothing waited, so an idle pool comes down.
+//! served nothing during the period has no latency sample, and when no ready instance started
+//! or held a request the latency is 0: nothing waited, so an idle pool comes down.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -120,10 +120,15 @@ impl Sampler {
         if metric != Metric::P95LatencyMs || values.iter().any(Option::is_some) {
             return values;
         }
-        // Nothing served over a whole period: no request waited.
+        // Nothing started nor in flight over a whole period: no request waited. (Requests longer
+        // than the period start in none of its samples, yet keep the instances busy.)
+        let idle = |t: &&Track| t.last.at > t.base.at && t.in_flight_sum == 0.0;
+        if ready.iter().filter_map(track).any(|t| !idle(&t)) {
+            return values;
+        }
         ready
             .iter()
-            .map(|addr| track(addr).filter(|t| t.last.at > t.base.at).map(|_| 0.0))
+            .map(|addr| track(addr).filter(idle).map(|_| 0.0))
             .collect()
     }
 
@@ -210,5 +215,10 @@ mod tests {
         // One served: the idle one has no sample, as before.
         sampler.tracks.insert(b, track(5));
         assert_eq!(latency(&sampler), vec![None, Some(80.0)]);
+        // None started one, but one holds a request longer than the period: no sample either.
+        let mut busy = track(0);
+        busy.in_flight_sum = 4.0;
+        sampler.tracks.insert(b, busy);
+        assert_eq!(latency(&sampler), vec![None, None]);
     }
 }
