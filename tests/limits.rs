@@ -521,9 +521,27 @@ async fn an_http2_client_queues_streams_beyond_max_concurrent_streams() {
 async fn a_client_resetting_its_streams_before_their_answers_is_cut_off() {
     let a = demo_backend(&[]);
     let gw = gateway_logging(&app_config(&[&a], ""));
+    let slow = |sender: &mut h2::client::SendRequest<bytes::Bytes>| {
+        let request = http::Request::get(gw.url("/?latency_ms=10000"))
+            .body(())
+            .unwrap();
+        sender.send_request(request, true).unwrap()
+    };
+    // Giving up on slow answers after more than a second is no abuse, however many.
     let socket = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    let (mut sender, connection) = h2::client::handshake(socket).await.unwrap();
-    let connection = tokio::spawn(connection);
+    let (sender, connection) = h2::client::handshake(socket).await.unwrap();
+    let mut connection = tokio::spawn(connection);
+    let mut sender = sender.ready().await.unwrap();
+    let mut patient: Vec<_> = (0..150).map(|_| slow(&mut sender)).collect();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for (_, stream) in &mut patient {
+        stream.send_reset(h2::Reason::CANCEL);
+    }
+    let still_open = tokio::time::timeout(Duration::from_millis(1500), &mut connection).await;
+    assert!(still_open.is_err(), "a patient client was cut off");
+    drop(patient);
+    // A rapid one is, even holding a stream open past the GOAWAY.
+    let _held = slow(&mut sender);
     let mut reset = 0;
     for _ in 0..300 {
         sender = match sender.ready().await {

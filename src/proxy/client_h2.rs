@@ -165,18 +165,24 @@ pub fn judge_connection(seen: StreamsSeen, now: Duration, timers: Http2Timers) -
     }
 }
 
-/// Whether a client that reset `premature` of the `streams` it opened before their answer came
-/// is abusing the connection (HTTP/2 rapid reset, CVE-2023-44487): each such stream may have
-/// cost a request to an instance and its connection. Envoy's rule: at least 100 of them, and
-/// at least half of all. Browsers cancelling navigations stay far below it.
+/// Whether a client that reset `premature` of the `streams` it opened, within a second and
+/// before their answer came, is abusing the connection (HTTP/2 rapid reset, CVE-2023-44487):
+/// each such stream may have cost a request to an instance and its connection. Envoy's rule,
+/// from 100 such resets rather than its 500 streams: at least half of all. Browsers cancelling
+/// navigations stay far below it.
 pub fn resets_abusive(streams: u64, premature: u64) -> bool {
     premature >= 100 && premature * 2 >= streams
 }
+
+/// A stream reset this soon after it opened, before its answer, counts as premature
+/// ([`resets_abusive`]); a client giving up on a slow answer later does not (Envoy's rule).
+const PREMATURE_RESET: Duration = Duration::from_secs(1);
 
 /// A stream's request as it is being answered: dropped before [`Answering::answered`], it
 /// was reset by the client before its answer head (or the connection went).
 struct Answering {
     activity: Arc<Activity>,
+    opened: Instant,
     answered: bool,
 }
 
@@ -188,7 +194,7 @@ impl Answering {
 
 impl Drop for Answering {
     fn drop(&mut self) {
-        if !self.answered {
+        if !self.answered && self.opened.elapsed() < PREMATURE_RESET {
             let activity = &self.activity;
             let premature = activity.premature.fetch_add(1, Ordering::Relaxed) + 1;
             if resets_abusive(activity.streams.load(Ordering::Relaxed), premature) {
@@ -318,6 +324,7 @@ pub async fn serve<I>(
         let stream = streams.open();
         let answering = Answering {
             activity: Arc::clone(&streams),
+            opened: Instant::now(),
             answered: false,
         };
         async move {
@@ -368,6 +375,8 @@ pub async fn serve<I>(
     tokio::pin!(connection);
     let mut look_at = activity.started;
     let mut dropped_at: Option<Instant> = None;
+    // Closed for abuse: dropped once the grace passed, whatever streams it keeps open.
+    let mut abused = false;
     let mut draining = *drain.borrow();
     if draining {
         connection.as_mut().graceful_shutdown();
@@ -380,7 +389,8 @@ pub async fn serve<I>(
                 }
                 return;
             }
-            () = activity.abused.notified(), if dropped_at.is_none() => {
+            () = activity.abused.notified(), if !abused => {
+                abused = true;
                 tracing::warn!(
                     client = %peer,
                     streams = activity.streams.load(Ordering::Relaxed),
@@ -398,8 +408,9 @@ pub async fn serve<I>(
                 }
             }
             () = tokio::time::sleep_until(dropped_at.unwrap_or(look_at)) => {
-                // A stream that came as the connection was closed is let finish.
-                if dropped_at.take().is_some() && activity.seen().live == 0 {
+                // A stream that came as the connection was closed is let finish, unless the
+                // client was closed for abuse (it may ignore the GOAWAY and keep one open).
+                if dropped_at.take().is_some() && (abused || activity.seen().live == 0) {
                     tracing::debug!(%peer, "closed connection did not finish: dropped");
                     return;
                 }
