@@ -207,11 +207,12 @@ fn least_loaded(candidates: &[Candidate], input: PickInput) -> &Candidate {
         .expect("chosen among the candidates")
 }
 
-/// Latencies under this are compared as this. Below a millisecond the difference between
-/// instances of one service is scheduling noise on a busy host, not capacity: compared as they
-/// were, one spike sent every request to the other instance, whatever the weights. An instance
-/// with no sample yet counts as this too, so it is tried but not flooded.
-const LATENCY_FLOOR_NS: f64 = 1e6;
+/// Latencies under this are compared as this. Below a few milliseconds the difference between
+/// instances of one service is scheduling noise on a busy host, not capacity (instances
+/// answering in 70 µs showed peaks of 3-5 ms on a loaded 2-core machine): compared as they were,
+/// one spike sent every request to the other instance, whatever the weights. An instance with
+/// no sample yet counts as this too, so it is tried but not flooded.
+const LATENCY_FLOOR_NS: f64 = 5e6;
 
 /// A candidate's latency as the load-aware strategies compare it.
 fn compared_latency(c: &Candidate) -> f64 {
@@ -623,6 +624,7 @@ mod tests {
             }
         }
         // A clearly faster instance still wins a tie in flight.
+        cands[0].latency_ns = 12e6;
         cands[1].latency_ns = 2e6;
         let c = counts(&Strategy::RandomTwo, &[cands[0], cands[1]], 1000);
         assert_eq!(c[1], 1000, "{c:?}");
@@ -634,11 +636,14 @@ mod tests {
         // latency after a scheduling hiccup: weights 3 and 1 still share 3 : 1.
         let mut cands = [cand(0, 0), cand(1, 0)];
         cands[0].weight = 3;
-        cands[0].latency_ns = 0.3e6;
-        cands[1].latency_ns = 0.1e6;
-        for strategy in [Strategy::RandomTwo, Strategy::P2cEwma] {
-            let c = counts(&strategy, &cands, 4000);
-            assert!((2600..3400).contains(&c[0]), "{strategy:?}: {c:?}");
+        // Answers of 70 µs with the peaks of a busy host: 4 ms against 0.1 ms.
+        for (slow, quick) in [(0.3e6, 0.1e6), (4e6, 0.1e6)] {
+            cands[0].latency_ns = slow;
+            cands[1].latency_ns = quick;
+            for strategy in [Strategy::RandomTwo, Strategy::P2cEwma] {
+                let c = counts(&strategy, &cands, 4000);
+                assert!((2600..3400).contains(&c[0]), "{strategy:?}: {c:?}");
+            }
         }
         // In-flight still counts under p2c_ewma: the busy one of two alike instances loses.
         cands[0].in_flight = 6;
