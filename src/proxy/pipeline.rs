@@ -1270,21 +1270,39 @@ mod tests {
         (lines, connector, instance, reader, first)
     }
 
+    /// A proven line left idle, and when its first request was queued.
+    async fn idle_proven() -> (Lines, Connector, TcpListener, Arc<Line>, Instant) {
+        let (lines, connector, listener, reader, first) = proven().await;
+        let now = queued_at(&first);
+        let line = first.line.clone();
+        first.hand_on(reader, true);
+        (lines, connector, listener, line, now)
+    }
+
+    /// Two requests for `path`: the first takes the idle `line`, the second does not queue
+    /// behind it.
+    fn assert_alone(
+        lines: &Lines,
+        connector: &Connector,
+        (line, now): (&Arc<Line>, Instant),
+        path: PathSlot,
+    ) -> (Ticket, Ticket) {
+        let alone = lines.enqueue(connector, no_idle, now, false, path, get);
+        assert!(Arc::ptr_eq(line, &alone.hold().line));
+        let again = lines.enqueue(connector, no_idle, now, false, path, get);
+        assert!(!Arc::ptr_eq(line, &again.hold().line));
+        (alone, again)
+    }
+
     /// A request for a path that has not answered yet goes alone on its line: nothing joins
     /// behind it until its answer came; from then on the path is pipelined as any other.
     #[tokio::test]
     async fn a_request_for_a_path_not_yet_answered_goes_alone_on_its_line() {
-        let (lines, connector, _listener, reader, first) = proven().await;
-        let now = queued_at(&first);
-        let line = first.line.clone();
-        first.hand_on(reader, true);
+        let (lines, connector, _listener, line, now) = idle_proven().await;
         let report = PathSlot(1);
-        let alone = lines.enqueue(&connector, no_idle, now, false, report, get);
-        assert!(Arc::ptr_eq(&line, &alone.hold().line));
+        let (alone, again) = assert_alone(&lines, &connector, (&line, now), report);
         let quick = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
         assert!(!Arc::ptr_eq(&line, &quick.hold().line));
-        let again = lines.enqueue(&connector, no_idle, now, false, report, get);
-        assert!(!Arc::ptr_eq(&line, &again.hold().line));
         assert!(!Arc::ptr_eq(&quick.hold().line, &again.hold().line));
 
         let (reader, hold) = alone.turn().await.ok().unwrap();
@@ -1299,10 +1317,7 @@ mod tests {
     /// A path known slow goes alone too once its pause ended, until an answer shows it quick.
     #[tokio::test]
     async fn a_request_for_a_path_known_slow_goes_alone_on_its_line() {
-        let (lines, connector, _listener, reader, first) = proven().await;
-        let now = queued_at(&first);
-        let line = first.line.clone();
-        first.hand_on(reader, true);
+        let (lines, connector, _listener, line, now) = idle_proven().await;
         let report = PathSlot(1);
         lines.paths[report.0]
             .answered
@@ -1310,23 +1325,13 @@ mod tests {
         lines.paths[report.0]
             .slow_answers
             .store(SLOW_ANSWERS - 1, Ordering::Relaxed);
-        let alone = lines.enqueue(&connector, no_idle, now, false, report, get);
-        assert!(Arc::ptr_eq(&line, &alone.hold().line));
-        let again = lines.enqueue(&connector, no_idle, now, false, report, get);
-        assert!(!Arc::ptr_eq(&line, &again.hold().line));
-        drop((alone, again));
+        drop(assert_alone(&lines, &connector, (&line, now), report));
 
         // So does one whose last answer took long, whatever the others' pace; a quick answer
         // brings it back.
-        let (lines, connector, _listener, reader, first) = proven().await;
-        let now = queued_at(&first);
-        let line = first.line.clone();
-        first.hand_on(reader, true);
+        let (lines, connector, _listener, line, now) = idle_proven().await;
         lines.record_answer(report, PaceSample::First, now, now + LONG_ANSWER);
-        let alone = lines.enqueue(&connector, no_idle, now, false, report, get);
-        assert!(Arc::ptr_eq(&line, &alone.hold().line));
-        let again = lines.enqueue(&connector, no_idle, now, false, report, get);
-        assert!(!Arc::ptr_eq(&line, &again.hold().line));
+        let (alone, again) = assert_alone(&lines, &connector, (&line, now), report);
         drop(again);
         let (reader, hold) = alone.turn().await.ok().unwrap();
         lines.record_answer(report, PaceSample::First, now, now);
