@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::policy::{self, Decision, History, Metric};
+use super::policy::{self, Bounds, Decision, History, Metric};
 use super::signals::Sampler;
 use super::{unix_ms, Handle, Mode, Provider};
 use crate::config::AutoscaleConfig;
@@ -166,10 +166,7 @@ impl Run {
         let (desired, reason) = match state.mode {
             Mode::Auto => (decision.desired, decision.reason),
             Mode::Paused => (current, "paused by the operator"),
-            Mode::Pinned(n) => (
-                n.clamp(decision.bounds.min, decision.bounds.max),
-                "pinned by the operator",
-            ),
+            Mode::Pinned(n) => pinned(n, decision.bounds),
         };
         state.desired = desired;
         let mut record = json!({
@@ -261,9 +258,31 @@ fn push_bounded(list: &mut VecDeque<Value>, value: Value) {
     list.push_back(value);
 }
 
+/// The count a pin of `n` runs at within `bounds`, and why: a reload or schedule may have moved
+/// the bounds past the pin since it was set.
+fn pinned(n: u32, bounds: Bounds) -> (u32, &'static str) {
+    let held = n.clamp(bounds.min, bounds.max);
+    let reason = if held == n {
+        "pinned by the operator"
+    } else {
+        "pinned by the operator, held within the bounds in force"
+    };
+    (held, reason)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pin_outside_the_bounds_in_force_runs_within_them_and_says_so() {
+        let bounds = Bounds { min: 1, max: 2 };
+        assert_eq!(pinned(2, bounds), (2, "pinned by the operator"));
+        assert_eq!(
+            pinned(6, bounds),
+            (2, "pinned by the operator, held within the bounds in force")
+        );
+    }
 
     #[test]
     fn an_instance_is_ready_once_it_served_a_whole_period() {
