@@ -436,8 +436,7 @@ const CLOSE_HANDOVER: Duration = Duration::from_millis(200);
 /// the stream was past the last one its graceful GOAWAY took (RFC 9113 §8.7): safe to send
 /// again, and no answer was lost.
 fn refused_unprocessed(err: &hyper::Error) -> bool {
-    let h2 = std::error::Error::source(err).and_then(|source| source.downcast_ref::<h2::Error>());
-    h2.is_some_and(|h2| match h2.reason() {
+    crate::proxy::h2::h2_cause(err).is_some_and(|h2| match h2.reason() {
         Some(h2::Reason::REFUSED_STREAM) => true,
         Some(h2::Reason::NO_ERROR) => h2.is_go_away() && h2.is_remote(),
         _ => false,

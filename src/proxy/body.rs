@@ -71,13 +71,13 @@ impl ClientBodyFailure {
 /// Whether a request body's error says its client went away (its connection closed or reset,
 /// its HTTP/2 stream or connection ended from its side) rather than sent something wrong.
 fn client_left(err: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(h2) = super::h2::h2_cause(err) {
+        return h2.is_io() || (h2.is_remote() && (h2.is_reset() || h2.is_go_away()));
+    }
     let mut cause = Some(err);
     while let Some(err) = cause {
         if err.is::<ClientLeft>() {
             return true;
-        }
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.is_io() || (h2.is_remote() && (h2.is_reset() || h2.is_go_away()));
         }
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};

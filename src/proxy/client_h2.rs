@@ -182,7 +182,8 @@ const PREMATURE_RESET: Duration = Duration::from_secs(1);
 /// was reset by the client before its answer head (or the connection went).
 struct Answering {
     activity: Arc<Activity>,
-    opened: Instant,
+    /// When it opened, from the connection's start.
+    opened: Duration,
     answered: bool,
 }
 
@@ -194,7 +195,8 @@ impl Answering {
 
 impl Drop for Answering {
     fn drop(&mut self) {
-        if !self.answered && self.opened.elapsed() < PREMATURE_RESET {
+        let lived = || self.activity.started.elapsed().saturating_sub(self.opened);
+        if !self.answered && lived() < PREMATURE_RESET {
             let activity = &self.activity;
             let premature = activity.premature.fetch_add(1, Ordering::Relaxed) + 1;
             if resets_abusive(activity.streams.load(Ordering::Relaxed), premature) {
@@ -241,7 +243,8 @@ impl Activity {
         *self.lock()
     }
 
-    fn open(self: &Arc<Self>) -> StreamGuard {
+    /// A new stream: its place among the live ones, and its watch for a premature reset.
+    fn open(self: &Arc<Self>) -> (StreamGuard, Answering) {
         self.streams.fetch_add(1, Ordering::Relaxed);
         let now = self.started.elapsed();
         let mut seen = self.lock();
@@ -249,10 +252,16 @@ impl Activity {
         seen.live += 1;
         seen.last_change = now;
         drop(seen);
-        StreamGuard {
+        let stream = StreamGuard {
             activity: Arc::clone(self),
             waiting: false,
-        }
+        };
+        let answering = Answering {
+            activity: Arc::clone(self),
+            opened: now,
+            answered: false,
+        };
+        (stream, answering)
     }
 }
 
@@ -321,12 +330,7 @@ pub async fn serve<I>(
     let streams = Arc::clone(&activity);
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let (gateway, client) = (gateway.clone(), client.clone());
-        let stream = streams.open();
-        let answering = Answering {
-            activity: Arc::clone(&streams),
-            opened: Instant::now(),
-            answered: false,
-        };
+        let (stream, answering) = streams.open();
         async move {
             let (mut parts, body) = req.into_parts();
             let head_request = parts.method == http::Method::HEAD;
@@ -662,10 +666,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_clock_of_a_stalled_client_starts_when_an_answer_first_waits() {
         let activity = Arc::new(Activity::new(Instant::now()));
-        let mut first = activity.open();
+        let (mut first, _first_watch) = activity.open();
         tokio::time::advance(secs(100)).await;
         first.wait_on_client();
-        let mut second = activity.open();
+        let (mut second, _second_watch) = activity.open();
         tokio::time::advance(secs(30)).await;
         second.wait_on_client();
         let seen = activity.seen();

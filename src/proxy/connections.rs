@@ -290,7 +290,11 @@ mod tests {
 
     #[test]
     fn the_soft_descriptor_limit_is_raised_to_the_hard_one() {
-        use nix::sys::resource::{getrlimit, Resource};
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        // One under the hard limit first, so that a raise that did nothing shows (other tests
+        // in this process keep all but one descriptor).
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        setrlimit(Resource::RLIMIT_NOFILE, hard - 1, hard).unwrap();
         let raised = raise_descriptor_limit().expect("a limit");
         let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
         assert_eq!((raised, soft), (hard, hard));

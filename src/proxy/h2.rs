@@ -158,9 +158,9 @@ pub async fn send(
     })
 }
 
-/// The HTTP/2 error behind a failed exchange, if that is what ended it.
-fn h2_cause(error: &hyper::Error) -> Option<&h2::Error> {
-    let mut source = std::error::Error::source(error);
+/// The HTTP/2 error behind `error` (itself or a cause of it), if that is what ended it.
+pub(crate) fn h2_cause<'e>(error: &'e (dyn std::error::Error + 'static)) -> Option<&'e h2::Error> {
+    let mut source = Some(error);
     while let Some(cause) = source {
         if let Some(h2) = cause.downcast_ref::<h2::Error>() {
             return Some(h2);

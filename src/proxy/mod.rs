@@ -13,7 +13,7 @@ mod deadline;
 mod error;
 mod forward;
 mod h1;
-mod h2;
+pub(crate) mod h2;
 pub mod headers;
 mod pipeline;
 mod record;
@@ -383,7 +383,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
         stop_rx.clone(),
     ));
     tokio::spawn(reload_on_sighup(gateway.clone(), hangup));
-    tokio::spawn(close_expired_connections(gateway.clone()));
+    tokio::spawn(close_stale_connections(gateway.clone()));
     let stops = count_stop_signals(stop);
     let stop_count = |at_least: u32| {
         let mut stops = stops.clone();
@@ -808,10 +808,10 @@ fn count_stop_signals(
     counted
 }
 
-/// Closes pooled instance connections idle past their upstream's `idle_timeout`, once a second,
-/// as nginx's upstream `keepalive_timeout` does: a quiet gateway does not hold sockets (and the
-/// instances' connection slots) for good.
-async fn close_expired_connections(gateway: Arc<Gateway>) {
+/// Closes pooled instance connections idle past their upstream's `idle_timeout`, or closed by
+/// the instance meanwhile, once a second, as nginx's upstream keepalive cache does: a quiet
+/// gateway does not hold sockets (and the instances' connection slots) for good.
+async fn close_stale_connections(gateway: Arc<Gateway>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -820,7 +820,7 @@ async fn close_expired_connections(gateway: Arc<Gateway>) {
         let now = tokio::time::Instant::now();
         for upstream in &runtime.upstreams {
             for instance in &upstream.set.load().instances {
-                instance.pool.close_expired(now);
+                instance.pool.close_stale(now);
             }
         }
     }

@@ -873,7 +873,7 @@ impl Pool {
     /// closed meanwhile (as nginx's keepalive cache does when their close arrives: a socket
     /// held half-closed until the timeout holds a descriptor). Costs no system call for an
     /// idle connection with no event since its last read.
-    pub fn close_expired(&self, now: Instant) {
+    pub fn close_stale(&self, now: Instant) {
         if let Some(lines) = &self.lines {
             lines.close_idle(now);
         }
@@ -1210,9 +1210,9 @@ mod tests {
         pool.checkin(young);
         assert_eq!(pool.idle_count(), 2);
         // Judged at set instants: the old one has idled over 1.1 s, the young one 0.8 s.
-        pool.close_expired(young_in + Duration::from_millis(800));
+        pool.close_stale(young_in + Duration::from_millis(800));
         assert_eq!(pool.idle_count(), 1);
-        pool.close_expired(young_in + Duration::from_secs(2));
+        pool.close_stale(young_in + Duration::from_secs(2));
         assert_eq!(pool.idle_count(), 0);
     }
 
@@ -1257,7 +1257,7 @@ mod tests {
         drop(closing_end);
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Well within the idle timeout: only the closed one goes.
-        pool.close_expired(Instant::now());
+        pool.close_stale(Instant::now());
         assert_eq!(pool.idle_count(), 1);
     }
 }
