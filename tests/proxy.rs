@@ -2323,6 +2323,7 @@ async fn scripted_instance() -> (
                             format!("{:x}\r\n{got}\r\n0\r\n\r\n", got.len()).into_bytes()
                         }
                         "/no-content" => b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n".to_vec(),
+                        "/499" => b"HTTP/1.1 499 Client Closed\r\nContent-Length: 4\r\n\r\ngone".to_vec(),
                         "/switch-h2c" => b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n".to_vec(),
                         "/switch-unsaid" => b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n".to_vec(),
                         "/head-chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
@@ -2531,6 +2532,10 @@ async fn instance_answers_are_reframed_and_connections_reused_only_when_safe() {
     .await;
     let early = early.unwrap();
     assert_eq!((early.status, &early.body[..]), (413, &b"big!"[..]));
+    // An instance's own 499 is an answer: it reaches the client (the gateway's 499, for a
+    // client gone inside its upload, is written to nobody).
+    let own = get(&client, &gw.url("/499")).await;
+    assert_eq!((own.status, &own.body[..]), (499, &b"gone"[..]));
 }
 
 #[tokio::test]

@@ -35,8 +35,9 @@ pub struct BodyTooSlow {
     pub window: Duration,
 }
 
-/// The client closed its connection inside its request body.
-#[derive(Debug, thiserror::Error)]
+/// The client closed its connection inside its request body. Also the mark on the gateway's
+/// answer for such a request (a response extension): nobody is left to write it to.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("client closed the connection inside its body")]
 pub struct ClientLeft;
 

@@ -39,7 +39,7 @@ use super::body::{BoxError, ClientBody, ClientLeft, GatewayBody};
 use super::client_io::{ClientRead, ClientStream, ClientWrite};
 use super::connections::ConnectionPermit;
 use super::deadline::LazyDeadline;
-use super::error::{ProxyError, CLIENT_CLOSED_REQUEST};
+use super::error::ProxyError;
 use super::forward::{self, ClientAddr};
 use super::h1::{chunk_header, RawFields};
 use super::headers::{check_framing, client_request_id, has, value, values};
@@ -420,8 +420,9 @@ impl ClientConn {
     ) -> io::Result<After> {
         let (head, mut body) = response.into_parts();
         let status = head.status;
-        // The client closed its connection inside its body: nobody reads an answer.
-        if status == CLIENT_CLOSED_REQUEST {
+        // The client closed its connection inside its body: nobody reads an answer. (An
+        // instance's own 499 is an answer like any other.)
+        if head.extensions.get::<ClientLeft>().is_some() {
             return Ok(After::Close);
         }
         if status == StatusCode::SWITCHING_PROTOCOLS {

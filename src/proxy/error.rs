@@ -4,7 +4,7 @@
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
-use super::body::{ClientBodyFailure, GatewayBody};
+use super::body::{ClientBodyFailure, ClientLeft, GatewayBody};
 use super::headers::X_REQUEST_ID;
 
 /// nginx's status for a request whose client left before its answer.
@@ -176,6 +176,9 @@ impl ProxyError {
             // The rest of the connection cannot be trusted to be framed as the client meant,
             // or there is to be no rest (out of descriptors, closing frees one).
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if *self == ProxyError::ClientLeft {
+            response.extensions_mut().insert(ClientLeft);
         }
         response
     }
