@@ -69,7 +69,7 @@ pub fn check_soon(upstream: &Upstream, addr: SocketAddr) {
 }
 
 /// Probes one instance once and records the result.
-pub async fn check_instance(instance: Arc<Instance>, config: ActiveHealthConfig) {
+async fn check_instance(instance: Arc<Instance>, config: ActiveHealthConfig) {
     let connector = &instance.pool.connector;
     let (connector, probed) = match config.port {
         Some(port) => (

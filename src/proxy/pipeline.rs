@@ -27,8 +27,8 @@
 //! at all while the instance's pace (its time per answer on a line) is past [`PACE_LIMIT`] or
 //! not yet measured ([`pace_after`]);
 //! nor are requests for a path that answered slowly among quick ones ([`SLOW_PATH`]); a request
-//! for a path that has not answered yet goes alone on its line ([`LineView::lonely`]). And an
-//! answer whose body does not come whole with its head sends the requests queued behind it
+//! for a path whose last answer was not quick, or that has not answered yet, goes alone on its
+//! line ([`PathWatch::goes_alone`]). And an answer whose body does not come whole with its head sends the requests queued behind it
 //! elsewhere, so that a large answer, or its slow reader, holds up no one. Until the instance
 //! has answered a whole write of several requests, a line writes no more while one it wrote is
 //! unanswered ([`Verdict::pipelined`]): a server that drops pipelined requests is found out
@@ -171,27 +171,24 @@ impl PathSlot {
 /// The answers of one slot of paths.
 #[derive(Default)]
 struct PathWatch {
-    /// An answer for a path of this slot came. Until then each of its requests goes alone on
-    /// its line ([`LineView::lonely`]): a burst of requests for a path never seen (a report
-    /// that takes a second, on an instance quick everywhere else) would otherwise queue behind
-    /// one another.
-    answered: AtomicBool,
+    /// Its last answer came within [`LONG_ANSWER`]. Until one has, each of its requests goes
+    /// alone on its line ([`LineView::lonely`]): a burst of requests for a path never seen, or
+    /// one that answers slowly (a report that takes a second, on an instance quick everywhere
+    /// else), would otherwise queue behind one another.
+    last_quick: AtomicBool,
     /// Its slow answers in a row ([`next_slow_answers`]).
     slow_answers: AtomicU32,
-    /// Its last answer took [`LONG_ANSWER`] or more.
-    took_long: AtomicBool,
     /// Until when, in milliseconds from [`Lines::epoch`], its requests are not pipelined.
     paused_until_ms: AtomicU64,
 }
 
 impl PathWatch {
-    /// Its requests go alone on their lines ([`LineView::lonely`]) while it has not answered,
-    /// while its last answer took long, and while its last answers were slow: once its pause
+    /// Its requests go alone on their lines ([`LineView::lonely`]) until an answer came quick
+    /// ([`PathWatch::last_quick`]), and while its last answers were slow: once its pause
     /// ([`SLOW_PATH_PAUSE`]) ends, a burst of its requests would otherwise queue behind one
     /// another before the first slow answer pauses it again (eight 1 s requests took up to 4 s).
     fn goes_alone(&self) -> bool {
-        !self.answered.load(Ordering::Relaxed)
-            || self.took_long.load(Ordering::Relaxed)
+        !self.last_quick.load(Ordering::Relaxed)
             || self.slow_answers.load(Ordering::Relaxed) >= SLOW_ANSWERS - 1
     }
 }
@@ -409,7 +406,7 @@ struct Joining<'a, F> {
     /// It queues to measure the instance ([`PROBE_INTERVAL`]): written at once, not held back
     /// until the answers before it came ([`Verdict::pipelined`]).
     probe: bool,
-    /// Its path has not answered yet ([`PathWatch::answered`]): it goes alone on its line.
+    /// Its path goes alone ([`PathWatch::goes_alone`]): nothing queues behind it on its line.
     alone: bool,
     idle_timeout: Duration,
 }
@@ -427,8 +424,8 @@ pub struct LineView {
     pub waited: Duration,
     /// Its reader is taking an answer body that did not come whole with its head.
     pub streaming: bool,
-    /// It carries a request for a path that has not answered yet, and nothing may queue
-    /// behind that until its answer came.
+    /// It carries a request for a path that goes alone ([`PathWatch::goes_alone`]), and
+    /// nothing may queue behind that until its answer came.
     pub lonely: bool,
     /// It took its `keepalive_requests` (those its connection carried before it became a line
     /// counted): it takes no more and closes once they are answered, so that no request is
@@ -604,12 +601,9 @@ impl Lines {
         let all = next_pace(self.all_paths.load(Ordering::Relaxed), took);
         self.all_paths.store(all, Ordering::Relaxed);
         let slot = &self.paths[path.0];
-        if !slot.answered.load(Ordering::Relaxed) {
-            slot.answered.store(true, Ordering::Relaxed);
-        }
-        let long = took >= LONG_ANSWER.as_micros() as u32;
-        if slot.took_long.load(Ordering::Relaxed) != long {
-            slot.took_long.store(long, Ordering::Relaxed);
+        let quick = took < LONG_ANSWER.as_micros() as u32;
+        if slot.last_quick.load(Ordering::Relaxed) != quick {
+            slot.last_quick.store(quick, Ordering::Relaxed);
         }
         let slow = slot.slow_answers.load(Ordering::Relaxed);
         match next_slow_answers(slow, took, all) {
@@ -1223,7 +1217,9 @@ mod tests {
         let connector = Connector::new(addr, config.upstream("app").unwrap());
         let listener = TcpListener::from_std(listener).unwrap();
         let lines = Lines::new(4, 1000, Duration::from_secs(60));
-        lines.paths[ROOT.0].answered.store(true, Ordering::Relaxed);
+        lines.paths[ROOT.0]
+            .last_quick
+            .store(true, Ordering::Relaxed);
         (lines, connector, listener)
     }
 
@@ -1320,7 +1316,7 @@ mod tests {
         let (lines, connector, _listener, line, now) = idle_proven().await;
         let report = PathSlot(1);
         lines.paths[report.0]
-            .answered
+            .last_quick
             .store(true, Ordering::Relaxed);
         lines.paths[report.0]
             .slow_answers

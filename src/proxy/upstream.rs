@@ -879,7 +879,11 @@ impl Pool {
         }
         let mut idle = self.idle.lock().expect("pool lock");
         let mut stale = Vec::new();
-        for mut conn in std::mem::take(&mut *idle) {
+        // In place, oldest first, keeping the order and the queue's memory.
+        for _ in 0..idle.len() {
+            let Some(mut conn) = idle.pop_front() else {
+                break;
+            };
             if self.expired(&conn, now) || !conn.conn.is_open() {
                 stale.push(conn);
             } else {
