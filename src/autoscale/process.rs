@@ -43,6 +43,9 @@ enum ChildState {
     Crashed { restart_at: Instant },
     /// Being drained and stopped.
     Stopping,
+    /// Being stopped for failing its checks too long (`unhealthy_restart`): it starts again
+    /// once it is down, and counts as current meanwhile.
+    Replacing,
 }
 
 impl ChildState {
@@ -51,7 +54,7 @@ impl ChildState {
             ChildState::Starting => "starting",
             ChildState::Serving => "serving",
             ChildState::Crashed { .. } => "crashed",
-            ChildState::Stopping => "stopping",
+            ChildState::Stopping | ChildState::Replacing => "stopping",
         }
     }
 }
@@ -67,8 +70,6 @@ struct Child {
     stop: Arc<Notify>,
     /// Since when it has failed its active checks while serving.
     failing_since: Option<Instant>,
-    /// Stopped for failing too long (`unhealthy_restart`): started again once it is down.
-    replace: bool,
 }
 
 enum Event {
@@ -214,7 +215,6 @@ impl ProcessProvider {
             backoff: FIRST_BACKOFF,
             stop: Arc::new(Notify::new()),
             failing_since: None,
-            replace: false,
         }
     }
 
@@ -233,7 +233,7 @@ impl ProcessProvider {
                 let Some(child) = self.children.iter_mut().find(|c| c.id == id) else {
                     return;
                 };
-                if child.state == ChildState::Stopping && !child.replace {
+                if child.state == ChildState::Stopping {
                     self.children.retain(|c| c.id != id);
                     return;
                 }
@@ -250,7 +250,7 @@ impl ProcessProvider {
                 );
             }
             Event::Stopped { id } => match self.children.iter_mut().find(|c| c.id == id) {
-                Some(child) if child.replace => {
+                Some(child) if child.state == ChildState::Replacing => {
                     let restart_in = restart_later(child, now);
                     tracing::info!(
                         upstream = %self.upstream,
@@ -281,7 +281,7 @@ impl ProcessProvider {
                         None
                     }
                 },
-                ChildState::Crashed { .. } | ChildState::Stopping => None,
+                ChildState::Crashed { .. } | ChildState::Stopping | ChildState::Replacing => None,
             };
             if failing_since.is_none_or(|since| now.saturating_duration_since(since) < limit) {
                 continue;
@@ -296,8 +296,7 @@ impl ProcessProvider {
             if let Some(instance) = upstream.find(child.addr) {
                 upstream.remove_instance(&instance);
             }
-            child.state = ChildState::Stopping;
-            child.replace = true;
+            child.state = ChildState::Replacing;
             child.failing_since = None;
             child.stop.notify_one();
         }
@@ -325,7 +324,7 @@ impl Provider for ProcessProvider {
     fn current(&self) -> u32 {
         self.children
             .iter()
-            .filter(|c| c.state != ChildState::Stopping || c.replace)
+            .filter(|c| c.state != ChildState::Stopping)
             .count() as u32
     }
 
@@ -426,7 +425,7 @@ impl Provider for ProcessProvider {
         let candidates: Vec<Victim> = self
             .children
             .iter()
-            .filter(|c| c.state != ChildState::Stopping)
+            .filter(|c| !matches!(c.state, ChildState::Stopping | ChildState::Replacing))
             .map(|c| {
                 let instance = upstream.find(c.addr);
                 Victim {
@@ -523,7 +522,6 @@ fn restart_later(child: &mut Child, now: Instant) -> Duration {
     }
     let wait = child.backoff;
     child.pid = None;
-    child.replace = false;
     child.failing_since = None;
     child.state = ChildState::Crashed {
         restart_at: now + wait,
