@@ -751,25 +751,23 @@ fn set_autoscale_mode(gateway: &Gateway, name: &str, body: &Value) -> Response<G
         Ok(mode) => mode,
         Err(err) => return reply(StatusCode::BAD_REQUEST, json!({ "error": err })),
     };
-    let config = gateway
-        .upstream(name)
-        .and_then(|u| u.config.autoscale.clone());
-    let Some(config) = config else {
-        return reply(
-            StatusCode::NOT_FOUND,
-            json!({"error": format!("no autoscaled upstream named `{name}`")}),
-        );
+    let not_autoscaled = || {
+        let error = format!("no autoscaled upstream named `{name}`");
+        reply(StatusCode::NOT_FOUND, json!({ "error": error }))
     };
-    let bounds = crate::autoscale::bounds_in_force(&config);
+    let bounds = gateway.upstream(name).and_then(|upstream| {
+        let config = upstream.config.autoscale.as_ref()?;
+        Some(crate::autoscale::bounds_in_force(config))
+    });
+    let Some(bounds) = bounds else {
+        return not_autoscaled();
+    };
     match gateway.autoscale.set_mode(name, mode, bounds) {
         Ok(()) => reply(
             StatusCode::ACCEPTED,
             json!({ "upstream": name, "mode": mode }),
         ),
-        Err(ModeError::NotAutoscaled) => reply(
-            StatusCode::NOT_FOUND,
-            json!({"error": format!("no autoscaled upstream named `{name}`")}),
-        ),
+        Err(ModeError::NotAutoscaled) => not_autoscaled(),
         Err(err) => reply(StatusCode::BAD_REQUEST, json!({ "error": err.to_string() })),
     }
 }

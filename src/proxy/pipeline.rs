@@ -357,6 +357,13 @@ struct LineState {
     probe_unwritten: bool,
 }
 
+impl LineState {
+    /// Connected, not closed, no request on it.
+    fn is_idle(&self) -> bool {
+        self.closed.is_none() && self.reader.is_some() && self.turns.is_empty()
+    }
+}
+
 /// What became of a request given up before its answer ([`Line::give_up`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum GiveUp {
@@ -950,8 +957,7 @@ impl Line {
     /// Since when the line has been idle: connected, not closed, no request on it.
     fn idle_since(&self) -> Option<Instant> {
         let state = self.state.lock().expect("line lock");
-        let idle = state.closed.is_none() && state.reader.is_some() && state.turns.is_empty();
-        idle.then_some(state.last_used)
+        state.is_idle().then_some(state.last_used)
     }
 
     /// Closes the line when it is idle and idled too long or the instance closed it (or sent
@@ -959,12 +965,12 @@ impl Line {
     fn close_if_idle(&self, now: Instant, idle_timeout: Duration) {
         let mut state = self.state.lock().expect("line lock");
         let idle_too_long = now.duration_since(state.last_used) > idle_timeout;
-        let stale = state.closed.is_none()
-            && state.turns.is_empty()
-            && state
-                .reader
-                .as_mut()
-                .is_some_and(|reader| idle_too_long || !reader.is_open());
+        let stale = state.is_idle()
+            && (idle_too_long
+                || state
+                    .reader
+                    .as_mut()
+                    .is_some_and(|reader| !reader.is_open()));
         drop(state);
         if stale {
             self.break_off(Broken::Lost);
