@@ -466,7 +466,8 @@ impl Upstream {
     /// and pool settings) so health, counters and pooled connections survive a reload. An
     /// instance whose settings changed is rebuilt with its active-check verdict and counters (a
     /// passive ejection starts afresh); instances added at run time (admin API, autoscaler)
-    /// are kept whatever changed.
+    /// are kept whatever changed, and one the new config lists becomes the config's (a later
+    /// reload that drops it from the file removes it).
     pub fn new(config: UpstreamConfig, previous: Option<&Upstream>) -> Upstream {
         let old: Vec<Arc<Instance>> = previous
             .map(|p| p.set.load().instances.clone())
@@ -477,7 +478,14 @@ impl Upstream {
             // belongs, and the drain removes only the old one from the old set.
             let before = old.iter().find(|i| i.addr == ic.addr && !i.is_draining());
             match before {
-                Some(i) if same_pool && i.weight == ic.weight && i.backup == ic.backup => i.clone(),
+                Some(i)
+                    if same_pool
+                        && i.weight == ic.weight
+                        && i.backup == ic.backup
+                        && i.dynamic == (joined == Joined::AtRunTime) =>
+                {
+                    i.clone()
+                }
                 Some(i) => {
                     let mut rebuilt = Instance::new(ic, &config, joined);
                     rebuilt.carry_from(i);
@@ -1040,6 +1048,42 @@ mod tests {
         drop(in_flight);
         assert_eq!(counters.in_flight.load(Ordering::Relaxed), 0);
         assert_eq!(counters.requests.load(Ordering::Relaxed), 1);
+    }
+
+    /// An instance added at run time that a reloaded file lists (weight unchanged) is the
+    /// file's from then on: the next reload without it removes it.
+    #[test]
+    fn a_run_time_instance_the_file_lists_is_adopted_by_the_reload() {
+        let start = upstream(1, "round_robin");
+        let added: SocketAddr = "127.0.0.1:20001".parse().unwrap();
+        let run_time = InstanceConfig {
+            addr: added,
+            weight: 1,
+            backup: false,
+        };
+        assert!(start.add_instance(&run_time));
+        let listed = Config::from_toml(
+            "[upstreams.app]\ninstances = [\"127.0.0.1:20000\", \"127.0.0.1:20001\"]\n[[routes]]\nupstream = \"app\"\n",
+        )
+        .unwrap();
+        let adopted = Upstream::new(listed.upstream("app").unwrap().clone(), Some(&start));
+        let dynamic: Vec<bool> = adopted
+            .set
+            .load()
+            .instances
+            .iter()
+            .map(|i| i.dynamic)
+            .collect();
+        assert_eq!(dynamic, [false, false]);
+        let dropped = Upstream::new(start.config.clone(), Some(&adopted));
+        let left: Vec<SocketAddr> = dropped
+            .set
+            .load()
+            .instances
+            .iter()
+            .map(|i| i.addr)
+            .collect();
+        assert_eq!(left, ["127.0.0.1:20000".parse::<SocketAddr>().unwrap()]);
     }
 
     /// Taken out by passive or active checks, an instance may come back as another, slower
