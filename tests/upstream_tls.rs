@@ -388,7 +388,7 @@ async fn an_http2_instance_is_timed_while_waited_on_never_while_the_client_is() 
 
 /// A stream an HTTP/2 instance resets fails that request, not the instance: it stays in
 /// rotation (max_fails = 1). A refused stream (REFUSED_STREAM: not processed, RFC 9113 §8.7)
-/// goes to another instance whatever its method.
+/// goes to another instance whatever its method, with its body.
 #[tokio::test]
 async fn reset_streams_fail_requests_not_instances() {
     use std::sync::atomic::Ordering;
@@ -404,10 +404,11 @@ async fn reset_streams_fail_requests_not_instances() {
     let gw = gateway(&config(&format!("\"{refusing}\", \"{}\"", backend.addr())));
     let client = client();
     for _ in 0..4 {
-        let reply = request(&client, "POST", &gw.url("/echo"), &[], "")
+        let reply = request(&client, "POST", &gw.url("/work"), &[], "payload")
             .await
             .unwrap();
         assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-body-received"), "7");
     }
     assert!(refused.load(Ordering::SeqCst) >= 1);
     let lone = gateway(&config(&format!("\"{failing}\"")));
@@ -569,20 +570,28 @@ async fn going_away_h2c_instance(
 }
 
 /// Requests an HTTP/2 instance did not take up before it went away (a graceful GOAWAY) go again
-/// on a new connection to it, not counted as retries: with `retries = 0` every one is answered.
+/// on a new connection to it, not counted as retries: with `retries = 0` every one is answered,
+/// those with a body (whatever their method) as those without.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_an_http2_instance_left_unprocessed_go_again_on_a_new_connection() {
-    let (instance, answered) = going_away_h2c_instance(5).await;
-    let gw = gateway(&upstream(
-        &[instance.to_string()],
-        "protocol = \"h2c\"\nretries = 0",
-    ));
     let client = client();
-    let sent = (0..8).map(|n| {
-        let (client, url) = (client.clone(), gw.url(&format!("/r{n}")));
-        async move { get(&client, &url).await.status }
-    });
-    let statuses = futures_util::future::join_all(sent).await;
-    assert_eq!(statuses, [200; 8]);
-    assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 8);
+    for (method, body) in [("GET", ""), ("POST", "payload")] {
+        let (instance, answered) = going_away_h2c_instance(5).await;
+        let gw = gateway(&upstream(
+            &[instance.to_string()],
+            "protocol = \"h2c\"\nretries = 0",
+        ));
+        let sent = (0..8).map(|n| {
+            let (client, url) = (client.clone(), gw.url(&format!("/r{n}")));
+            async move {
+                request(&client, method, &url, &[], body)
+                    .await
+                    .unwrap()
+                    .status
+            }
+        });
+        let statuses = futures_util::future::join_all(sent).await;
+        assert_eq!(statuses, [200; 8], "{method}");
+        assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 8);
+    }
 }

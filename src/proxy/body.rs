@@ -7,7 +7,8 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
@@ -239,14 +240,26 @@ impl Body for ClientBody {
 pub enum ForwardBody {
     Empty,
     /// Streamed from the client, failing with [`BodyTooLarge`] once more than `limit` bytes came
-    /// and with [`BodyTooSlow`] when they come slower than the pace.
+    /// and with [`BodyTooSlow`] when they come slower than the pace. Its first
+    /// [`REPLAY_LIMIT`] bytes are kept (`replay`, `None` once it grew past them), so that an
+    /// attempt that fails with it can be followed by another.
     Stream {
         inner: ClientBody,
         seen: u64,
         limit: u64,
         pace: Option<PaceCheck>,
+        replay: Option<Replay>,
     },
+    /// Went with an attempt that kept it (an HTTP/2 exchange that did not give it back): it
+    /// cannot go again.
+    Spent,
 }
+
+/// How much of a request body is kept to send again, as nginx's in-memory body buffer, Envoy's
+/// retry buffer and HAProxy's `l7-retries` buffer allow: a request whose body grew past this
+/// has gone out in part and cannot be retried; a larger upload streams through once, in
+/// bounded memory.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
 
 impl ForwardBody {
     pub fn stream(inner: ClientBody, limit: u64, pace: Option<BodyPace>) -> ForwardBody {
@@ -255,6 +268,95 @@ impl ForwardBody {
             seen: 0,
             limit,
             pace: pace.map(PaceCheck::new),
+            replay: Some(Replay::default()),
+        }
+    }
+
+    /// Makes the body start again from its first byte for another attempt, what came before
+    /// handed out from what was kept and the rest still read from the client. False when that
+    /// cannot be done: the body grew past [`REPLAY_LIMIT`], or an attempt kept it.
+    pub fn rewind(&mut self) -> bool {
+        match self {
+            ForwardBody::Empty => true,
+            ForwardBody::Spent => false,
+            ForwardBody::Stream { replay, .. } => match replay {
+                Some(replay) => {
+                    replay.again = Again::Data;
+                    true
+                }
+                None => false,
+            },
+        }
+    }
+}
+
+/// The part of a request body that went out, kept to send again. Copied rather than the
+/// client's buffers held: a body of many tiny chunks would otherwise pin a buffer per chunk.
+#[derive(Default)]
+pub struct Replay {
+    kept: BytesMut,
+    trailers: Option<Box<HeaderMap>>,
+    again: Again,
+}
+
+/// What of the kept body is still to hand out again after a rewind.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Again {
+    #[default]
+    Nothing,
+    Data,
+    Trailers,
+}
+
+impl Replay {
+    /// Keeps `frame` as it goes out; false once the body outgrew [`REPLAY_LIMIT`].
+    fn keep(&mut self, frame: &Frame<Bytes>) -> bool {
+        if let Some(data) = frame.data_ref() {
+            if self.kept.len() + data.len() > REPLAY_LIMIT {
+                return false;
+            }
+            self.kept.extend_from_slice(data);
+        } else if let Some(trailers) = frame.trailers_ref() {
+            self.trailers = Some(Box::new(trailers.clone()));
+        }
+        true
+    }
+
+    /// The next kept frame to hand out again, if a rewind left any.
+    fn next_again(&mut self) -> Option<Frame<Bytes>> {
+        loop {
+            match self.again {
+                Again::Nothing => return None,
+                Again::Data => {
+                    self.again = Again::Trailers;
+                    if !self.kept.is_empty() {
+                        return Some(Frame::data(Bytes::copy_from_slice(&self.kept)));
+                    }
+                }
+                Again::Trailers => {
+                    self.again = Again::Nothing;
+                    if let Some(trailers) = &self.trailers {
+                        return Some(Frame::trailers(HeaderMap::clone(trailers)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bytes still to hand out again.
+    fn pending(&self) -> u64 {
+        match self.again {
+            Again::Data => self.kept.len() as u64,
+            Again::Nothing | Again::Trailers => 0,
+        }
+    }
+
+    /// Whether a frame is still to hand out again.
+    fn has_pending(&self) -> bool {
+        match self.again {
+            Again::Nothing => false,
+            Again::Data => !self.kept.is_empty() || self.trailers.is_some(),
+            Again::Trailers => self.trailers.is_some(),
         }
     }
 }
@@ -269,45 +371,68 @@ impl Body for ForwardBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ForwardBody::Empty => Poll::Ready(None),
+            ForwardBody::Spent => Poll::Ready(Some(Err("the request body was spent".into()))),
             ForwardBody::Stream {
                 inner,
                 seen,
                 limit,
                 pace,
-            } => match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(data) = frame.data_ref() {
-                        *seen += data.len() as u64;
-                        if *seen > *limit {
-                            return Poll::Ready(Some(Err(BodyTooLarge { limit: *limit }.into())));
-                        }
-                        if let Some(pace) = pace {
-                            pace.arrived(data.len());
-                        }
-                    }
-                    Poll::Ready(Some(Ok(frame)))
+                replay,
+            } => {
+                if let Some(again) = replay.as_mut().and_then(Replay::next_again) {
+                    return Poll::Ready(Some(Ok(again)));
                 }
-                Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err))),
-                Poll::Ready(None) => Poll::Ready(None),
-                Poll::Pending => match pace.as_mut().map(|pace| pace.waiting(cx)) {
-                    Some(Err(too_slow)) => Poll::Ready(Some(Err(too_slow.into()))),
-                    _ => Poll::Pending,
-                },
-            },
+                match Pin::new(inner).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            *seen += data.len() as u64;
+                            if *seen > *limit {
+                                return Poll::Ready(Some(Err(
+                                    BodyTooLarge { limit: *limit }.into()
+                                )));
+                            }
+                            if let Some(pace) = pace {
+                                pace.arrived(data.len());
+                            }
+                        }
+                        if replay.as_mut().is_some_and(|kept| !kept.keep(&frame)) {
+                            *replay = None;
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err))),
+                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Pending => match pace.as_mut().map(|pace| pace.waiting(cx)) {
+                        Some(Err(too_slow)) => Poll::Ready(Some(Err(too_slow.into()))),
+                        _ => Poll::Pending,
+                    },
+                }
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ForwardBody::Empty => true,
-            ForwardBody::Stream { inner, .. } => inner.is_end_stream(),
+            ForwardBody::Empty | ForwardBody::Spent => true,
+            ForwardBody::Stream { inner, replay, .. } => {
+                !replay.as_ref().is_some_and(Replay::has_pending) && inner.is_end_stream()
+            }
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ForwardBody::Empty => SizeHint::with_exact(0),
-            ForwardBody::Stream { inner, .. } => inner.size_hint(),
+            ForwardBody::Empty | ForwardBody::Spent => SizeHint::with_exact(0),
+            ForwardBody::Stream { inner, replay, .. } => {
+                let again = replay.as_ref().map_or(0, Replay::pending);
+                let rest = inner.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + again);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + again);
+                }
+                hint
+            }
         }
     }
 }
@@ -539,6 +664,29 @@ mod tests {
             tokio::time::advance(Duration::from_millis(100)).await;
             check.arrived(1);
         }
+    }
+
+    #[test]
+    fn a_kept_body_comes_again_whole_until_it_outgrows_the_limit() {
+        let mut replay = Replay::default();
+        assert!(replay.next_again().is_none());
+        assert!(replay.keep(&Frame::data(Bytes::from_static(b"abc"))));
+        assert!(replay.keep(&Frame::data(Bytes::from_static(b"def"))));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", http::HeaderValue::from_static("1"));
+        assert!(replay.keep(&Frame::trailers(trailers)));
+        replay.again = Again::Data;
+        assert_eq!(replay.pending(), 6);
+        let data = replay.next_again().unwrap().into_data().unwrap();
+        assert_eq!(&data[..], b"abcdef");
+        assert!(replay.has_pending());
+        let trailers = replay.next_again().unwrap().into_trailers().unwrap();
+        assert_eq!(trailers["x-sum"], "1");
+        assert!(!replay.has_pending());
+        assert!(replay.next_again().is_none());
+        let up_to_the_limit = Bytes::from(vec![0u8; REPLAY_LIMIT - 6]);
+        assert!(replay.keep(&Frame::data(up_to_the_limit)));
+        assert!(!replay.keep(&Frame::data(Bytes::from_static(b"x"))));
     }
 
     #[test]

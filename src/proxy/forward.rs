@@ -29,7 +29,7 @@ use super::headers::{
 };
 use super::pipeline::{AnswerWait, Broken, LineHold, Lines, PathSlot};
 use super::record::{RequestRecord, Served};
-use super::retry::{next_attempt, FailureKind, NextAttempt};
+use super::retry::{next_attempt, FailureKind, NextAttempt, Resend};
 use super::router::{has_encoded_nul, host_without_port, match_route};
 use super::tunnel::{self, ClientUpgrade};
 use super::upstream::{InFlightGuard, Instance, NoInstance};
@@ -415,8 +415,10 @@ async fn to_instance(
     let request_id = added.request_id();
     let upstream = runtime.route_upstream(route).clone();
     let config = &upstream.config;
-    // A body-less idempotent request can be sent again even after an instance took it.
-    let replayable = body.is_end_stream() && is_idempotent(&parts.method);
+    let idempotent = is_idempotent(&parts.method);
+    // A body-less idempotent request can be sent again whatever became of an attempt: such
+    // requests may wait for a pooled connection's liveness unchecked, and be pipelined.
+    let replayable = body.is_end_stream() && idempotent;
     if client_upgrade.is_some() && config.protocol.is_http2() {
         return Err(ProxyError::InstanceFailed(
             "upgrades cannot be forwarded to HTTP/2 instances".to_owned(),
@@ -530,7 +532,11 @@ async fn to_instance(
                 if kind.is_instance_fault() {
                     instance.record_failure(Instant::now(), config);
                 }
-                match next_attempt(kind, replayable, fresh) {
+                let request = Resend {
+                    idempotent,
+                    body_again: body.rewind(),
+                };
+                match next_attempt(kind, request, fresh) {
                     NextAttempt::GiveUp => return Err(error),
                     NextAttempt::Reconnect => {
                         last_error = error;
@@ -755,8 +761,8 @@ async fn send_pipelined(
     }
 }
 
-/// One attempt on an HTTP/2 instance. A request hyper hands back unsent gets its body back, so
-/// it can go to another instance as it is.
+/// One attempt on an HTTP/2 instance. The body comes back from a failed exchange (unless it
+/// outgrew what is kept of it), so the request can go again, here or on another instance.
 async fn send_http2(
     instance: &Instance,
     shared: &h2::Http2Conn,
@@ -775,28 +781,17 @@ async fn send_http2(
             .await
             .map_err(|err| Attempt::not_connected(&err))?;
         let request = h2::request(parts, fields, connector.is_tls(), &instance.addr_text)
-            .map_err(|reason| Attempt::failed(FailureKind::NotSent, reason))?
-            .map(|()| std::mem::replace(body, ForwardBody::Empty));
-        // A refused stream's body is gone with it: only a body-less request can go again.
-        let bodiless = request.body().is_end_stream();
+            .map_err(|reason| Attempt::failed(FailureKind::NotSent, reason))?;
         let started = Instant::now();
-        let (kind, reason) = match h2::send(sender, request, started, timeout).await {
+        let (kind, reason) = match h2::send(sender, request, body, started, timeout).await {
             Ok(response) => {
                 observe_latency(instance, started, response.status());
                 return Ok(Answer::Http2(response));
             }
-            Err(Http2Error::NotSent(reason, unsent)) => {
-                *body = unsent;
-                (FailureKind::NotSent, reason)
-            }
-            Err(Http2Error::GoneAway(reason)) => (FailureKind::Reset { refused: bodiless }, reason),
+            Err(Http2Error::NotSent(reason)) => (FailureKind::NotSent, reason),
+            Err(Http2Error::GoneAway(reason)) => (FailureKind::Reset { refused: true }, reason),
             Err(Http2Error::Sent(reason)) => (FailureKind::Sent, reason),
-            Err(Http2Error::Reset { reason, refused }) => (
-                FailureKind::Reset {
-                    refused: refused && bodiless,
-                },
-                reason,
-            ),
+            Err(Http2Error::Reset { reason, refused }) => (FailureKind::Reset { refused }, reason),
             Err(Http2Error::Client(failure)) => return Err(Attempt::client(failure)),
             Err(Http2Error::TimedOut) => return Err(Attempt::timed_out()),
         };
@@ -804,7 +799,7 @@ async fn send_http2(
             kind,
             FailureKind::NotSent | FailureKind::Reset { refused: true }
         );
-        if untouched && !reconnected {
+        if untouched && !reconnected && body.rewind() {
             shared.forget();
             reconnected = true;
             continue;

@@ -18,7 +18,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
@@ -41,8 +41,8 @@ pub struct Http2Conn {
 
 /// How sending on the shared connection failed.
 pub enum Http2Error {
-    /// The request never reached the instance; its body is given back for a retry.
-    NotSent(String, ForwardBody),
+    /// The request never reached the instance.
+    NotSent(String),
     Sent(String),
     /// The instance reset the stream: `refused` (REFUSED_STREAM) means it did not process the
     /// request at all (RFC 9113 §8.7); either way the connection, and the instance, are fine.
@@ -107,19 +107,24 @@ impl Http2Conn {
     }
 }
 
-/// Sends one request `started` now; resolves with the answer head, or `TimedOut` once the
-/// instance kept the gateway waiting for `timeout` (see `UploadWatch`).
+/// How long a failed exchange may take to give its body back: hyper drops it from the task
+/// that sent it once the stream ended, which follows the failure at once.
+const GIVE_BACK_WAIT: Duration = Duration::from_millis(100);
+
+/// Sends one request with `body`, `started` now; resolves with the answer head, or `TimedOut`
+/// once the instance kept the gateway waiting for `timeout` (see `UploadWatch`). A failed
+/// exchange gives the body back when hyper lets it go (else it is left `Spent`), so it can be
+/// rewound for another attempt.
 pub async fn send(
     mut sender: SendRequest<Upload>,
-    request: Request<ForwardBody>,
+    request: Request<()>,
+    body: &mut ForwardBody,
     started: Instant,
     timeout: Duration,
 ) -> Result<hyper::Response<Incoming>, Http2Error> {
-    let watch = (!request.body().is_end_stream()).then(|| Arc::new(UploadWatch::new(started)));
-    let request = request.map(|body| Upload {
-        body,
-        watch: watch.clone(),
-    });
+    let (upload, mut given_back) = Upload::take(body, started);
+    let watch = upload.watch.clone();
+    let request = request.map(|()| upload);
     let expired = async {
         match &watch {
             Some(watch) => watch.expired(timeout).await,
@@ -129,33 +134,54 @@ pub async fn send(
     let answer = tokio::select! {
         biased;
         answer = sender.try_send_request(request) => answer,
-        () = expired => return Err(Http2Error::TimedOut),
-    };
-    answer.map_err(|mut err| {
-        if let Some(request) = err.take_message() {
-            return Http2Error::NotSent(err.into_error().to_string(), request.into_body().body);
-        }
-        if let Some(failure) = watch.and_then(|watch| watch.failure.get().cloned()) {
-            return Http2Error::Client(failure);
-        }
-        let error = err.into_error();
-        match h2_cause(&error) {
-            Some(h2) if h2.is_reset() => Http2Error::Reset {
-                refused: h2.reason() == Some(h2::Reason::REFUSED_STREAM),
-                reason: error.to_string(),
-            },
-            // A GOAWAY without an error only ends streams above its last one, which the
-            // instance never took up; one with an error may end streams it was processing.
-            Some(h2)
-                if h2.is_go_away()
-                    && h2.is_remote()
-                    && h2.reason() == Some(h2::Reason::NO_ERROR) =>
-            {
-                Http2Error::GoneAway(error.to_string())
+        () = expired => {
+            // A body all sent before the wait for the answer began is back already.
+            if let Some(Ok(back)) = given_back.as_mut().map(oneshot::Receiver::try_recv) {
+                *body = back;
             }
-            _ => Http2Error::Sent(error.to_string()),
+            return Err(Http2Error::TimedOut);
         }
-    })
+    };
+    let failure = match answer {
+        Ok(response) => return Ok(response),
+        Err(err) => sort_failure(err, watch.as_deref()),
+    };
+    if let Some(given_back) = given_back {
+        if let Ok(Ok(back)) = tokio::time::timeout(GIVE_BACK_WAIT, given_back).await {
+            *body = back;
+        }
+    }
+    Err(failure)
+}
+
+/// What a failed exchange means for the request.
+fn sort_failure(
+    mut err: hyper::client::conn::TrySendError<Request<Upload>>,
+    watch: Option<&UploadWatch>,
+) -> Http2Error {
+    if let Some(request) = err.take_message() {
+        // Dropped, the request gives its body back.
+        drop(request);
+        return Http2Error::NotSent(err.into_error().to_string());
+    }
+    if let Some(failure) = watch.and_then(|watch| watch.failure.get().cloned()) {
+        return Http2Error::Client(failure);
+    }
+    let error = err.into_error();
+    match h2_cause(&error) {
+        Some(h2) if h2.is_reset() => Http2Error::Reset {
+            refused: h2.reason() == Some(h2::Reason::REFUSED_STREAM),
+            reason: error.to_string(),
+        },
+        // A GOAWAY without an error only ends streams above its last one, which the
+        // instance never took up; one with an error may end streams it was processing.
+        Some(h2)
+            if h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR) =>
+        {
+            Http2Error::GoneAway(error.to_string())
+        }
+        _ => Http2Error::Sent(error.to_string()),
+    }
 }
 
 /// The HTTP/2 error behind `error` (itself or a cause of it), if that is what ended it.
@@ -172,11 +198,47 @@ pub(crate) fn h2_cause<'e>(error: &'e (dyn std::error::Error + 'static)) -> Opti
 
 /// The client's body on its way to an HTTP/2 instance. hyper sends it from a task of its own
 /// and then only reports a broken stream; the outcome noted here tells a body over `max_body`
-/// (413) or a client gone from an instance failure.
+/// (413) or a client gone from an instance failure. Dropped, it gives the body back to the
+/// exchange (`give_back`), which may send it again.
 pub struct Upload {
     body: ForwardBody,
     /// `None` for an empty body, which cannot fail and is never polled.
     watch: Option<Arc<UploadWatch>>,
+    give_back: Option<oneshot::Sender<ForwardBody>>,
+}
+
+impl Upload {
+    /// Takes `body` for one exchange `started` now, leaving it `Spent` until given back by
+    /// the receiver returned with it (`None` for an empty body, which stays where it is).
+    fn take(
+        body: &mut ForwardBody,
+        started: Instant,
+    ) -> (Upload, Option<oneshot::Receiver<ForwardBody>>) {
+        if body.is_end_stream() {
+            let empty = Upload {
+                body: ForwardBody::Empty,
+                watch: None,
+                give_back: None,
+            };
+            return (empty, None);
+        }
+        let (give_back, given_back) = oneshot::channel();
+        let upload = Upload {
+            body: std::mem::replace(body, ForwardBody::Spent),
+            watch: Some(Arc::new(UploadWatch::new(started))),
+            give_back: Some(give_back),
+        };
+        (upload, Some(given_back))
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if let Some(give_back) = self.give_back.take() {
+            // Nobody waits for it once the exchange succeeded.
+            let _ = give_back.send(std::mem::replace(&mut self.body, ForwardBody::Spent));
+        }
+    }
 }
 
 /// What the upload of a body to an HTTP/2 instance tells the exchange: how the client's body

@@ -73,18 +73,34 @@ pub enum NextAttempt {
     Retry,
 }
 
-/// A request that never reached an instance may go anywhere; one an instance may have seen
-/// (including one it did not answer within the response timeout, as nginx's default
-/// `proxy_next_upstream error timeout`) only when it is `replayable` (idempotent and
-/// body-less); never once answer bytes came back. A stale pooled connection gets one
-/// reconnect, unless this attempt was it (`reconnected`).
-pub fn next_attempt(failure: FailureKind, replayable: bool, reconnected: bool) -> NextAttempt {
+/// What a request allows once an attempt with it failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resend {
+    /// Its method is idempotent (RFC 9110 §9.2.2).
+    pub idempotent: bool,
+    /// Its body, if it has one, can be sent again (`ForwardBody::rewind`).
+    pub body_again: bool,
+}
+
+/// A request that never reached an instance (or that an HTTP/2 instance refused unprocessed)
+/// may go anywhere; one an instance may have seen (including one it did not answer within the
+/// response timeout, as nginx's default `proxy_next_upstream error timeout`) only when its
+/// method is idempotent; never once answer bytes came back, and never without its body. A
+/// stale pooled connection gets one reconnect, unless this attempt was it (`reconnected`).
+pub fn next_attempt(failure: FailureKind, request: Resend, reconnected: bool) -> NextAttempt {
+    let Resend {
+        idempotent,
+        body_again,
+    } = request;
+    if !body_again {
+        return NextAttempt::GiveUp;
+    }
     match failure {
         FailureKind::NotSent | FailureKind::Reset { refused: true } => NextAttempt::Retry,
-        FailureKind::Sent | FailureKind::Reset { .. } | FailureKind::Timeout if replayable => {
+        FailureKind::Sent | FailureKind::Reset { .. } | FailureKind::Timeout if idempotent => {
             NextAttempt::Retry
         }
-        FailureKind::Stale { sent } if !reconnected && (replayable || !sent) => {
+        FailureKind::Stale { sent } if !reconnected && (idempotent || !sent) => {
             NextAttempt::Reconnect
         }
         FailureKind::Sent
@@ -178,7 +194,7 @@ mod tests {
     fn what_follows_a_failed_attempt() {
         use FailureKind::*;
         use NextAttempt::*;
-        // (failure, replayable, reconnected) -> next
+        // (failure, idempotent, reconnected) -> next, for a request whose body can go again
         let cases = [
             (NotSent, false, false, Retry),
             (NotSent, true, true, Retry),
@@ -197,12 +213,22 @@ mod tests {
             (Timeout, false, false, GiveUp),
             (Client, true, false, GiveUp),
         ];
-        for (failure, replayable, reconnected, next) in cases {
+        for (failure, idempotent, reconnected, next) in cases {
+            let request = Resend {
+                idempotent,
+                body_again: true,
+            };
             assert_eq!(
-                next_attempt(failure, replayable, reconnected),
+                next_attempt(failure, request, reconnected),
                 next,
-                "{failure:?} replayable={replayable} reconnected={reconnected}"
+                "{failure:?} idempotent={idempotent} reconnected={reconnected}"
             );
+            // A body that cannot go again keeps the request where it failed.
+            let spent = Resend {
+                idempotent,
+                body_again: false,
+            };
+            assert_eq!(next_attempt(failure, spent, reconnected), GiveUp);
         }
         assert!(Timeout.is_instance_fault());
         assert!(BrokeOff.is_instance_fault());
@@ -212,7 +238,11 @@ mod tests {
         assert!(!Stale { sent: true }.is_instance_fault());
         assert!(!Client.is_instance_fault());
         assert!(!Local.is_instance_fault());
-        assert_eq!(next_attempt(Local, true, false), NextAttempt::GiveUp);
+        let any = Resend {
+            idempotent: true,
+            body_again: true,
+        };
+        assert_eq!(next_attempt(Local, any, false), NextAttempt::GiveUp);
     }
 
     #[test]
