@@ -399,6 +399,40 @@ async fn no_store_private_set_cookie_and_authorization_are_not_cached() {
     );
 }
 
+/// An unsafe request the instance accepted drops what is stored for its URI (RFC 9111 §4.4),
+/// and only that. An answer that says how long it keeps is stored whatever its final status
+/// (a 307 with a max-age, as nginx stores it); a 503 without is not.
+#[tokio::test]
+async fn unsafe_requests_invalidate_and_explicit_freshness_stores_any_status() {
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "ttl = \"60s\"", "");
+    let client = client();
+    let (doc, other) = (gw.url("/cache/doc"), gw.url("/cache/other"));
+    assert_eq!(status_and_n(&client, &doc, &[]).await, ("MISS".into(), 1));
+    assert_eq!(status_and_n(&client, &other, &[]).await, ("MISS".into(), 2));
+    for (method, n) in [("PUT", 4), ("POST", 6), ("DELETE", 8)] {
+        let change = request(&client, method, &doc, &[], "new").await.unwrap();
+        assert_eq!(change.header("x-cache-status"), "BYPASS");
+        assert_eq!(status_and_n(&client, &doc, &[]).await, ("MISS".into(), n));
+        assert_eq!(status_and_n(&client, &doc, &[]).await, ("HIT".into(), n));
+    }
+    assert_eq!(status_and_n(&client, &other, &[]).await, ("HIT".into(), 2));
+
+    let cache_status = |url: String| {
+        let client = client.clone();
+        async move {
+            let reply = get(&client, &url).await;
+            (reply.status, reply.header("x-cache-status").to_string())
+        }
+    };
+    let told = gw.url("/cache/moved?status=307&cc=max-age%3D60");
+    assert_eq!(cache_status(told.clone()).await, (307, "MISS".into()));
+    assert_eq!(cache_status(told).await, (307, "HIT".into()));
+    let untold = gw.url("/cache/down?status=503");
+    assert_eq!(cache_status(untold.clone()).await, (503, "MISS".into()));
+    assert_eq!(cache_status(untold).await, (503, "MISS".into()));
+}
+
 #[tokio::test]
 async fn size_bound_holds_under_a_flood_of_distinct_keys() {
     let backend = demo_backend(&[]);
@@ -657,6 +691,27 @@ async fn replicas_share_hits_and_purges_through_redis() {
     .await;
     assert!(emptied, "{}", stats(&client, &b).await);
     assert!(!redis_has(&redis, path));
+
+    // A change through one replica drops the entry from Redis and from the other's memory.
+    let changed = "/cache/changed";
+    assert_eq!(status_and_n(&client, &a.url(changed), &[]).await.0, "MISS");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            redis_has(&redis, changed)
+        })
+        .await
+    );
+    assert_eq!(status_and_n(&client, &b.url(changed), &[]).await.0, "HIT");
+    let put = request(&client, "PUT", &a.url(changed), &[], "new")
+        .await
+        .unwrap();
+    assert_eq!(put.status, 200);
+    let gone = eventually(Duration::from_secs(5), || async {
+        !redis_has(&redis, changed) && stats(&client, &b).await["entries"] == 0
+    })
+    .await;
+    assert!(gone, "{}", stats(&client, &b).await);
+    assert_eq!(status_and_n(&client, &b.url(changed), &[]).await.0, "MISS");
 
     // Redis gone: answers still come (from instances, or memory), never a 5xx.
     assert_eq!(status_and_n(&client, &a.url(path), &[]).await.0, "MISS");

@@ -3,7 +3,7 @@
 //! to [`LOCK_TIMEOUT`], after which they go to an instance themselves (nginx `proxy_cache_lock`).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,9 +15,17 @@ pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keys being fetched. Touched only on misses, never held across an await.
 #[derive(Debug, Default)]
 pub struct Coalescer {
-    inflight: Mutex<HashMap<Arc<str>, watch::Receiver<()>>>,
-    /// Bumped by every purge: a fetch that started before one must not store what it got.
+    inflight: Mutex<HashMap<Arc<str>, InFlight>>,
+    /// Bumped by every purge of more than one key: a fetch that started before one must not
+    /// store what it got.
     generation: AtomicU64,
+}
+
+/// A fetch in flight: its waiters' wake-up, and its mark of a purge of its own key.
+#[derive(Debug)]
+struct InFlight {
+    done: watch::Receiver<()>,
+    purged: Arc<AtomicBool>,
 }
 
 /// The right to fetch a key; waiters wake when it drops.
@@ -26,13 +34,17 @@ pub struct Lease {
     coalescer: Arc<Coalescer>,
     key: Arc<str>,
     generation: u64,
+    /// Its key was purged since the lease was taken.
+    purged: Arc<AtomicBool>,
     _done: watch::Sender<()>,
 }
 
 impl Lease {
-    /// No purge happened since the lease was taken: what the fetch got may be stored.
+    /// No purge of its key happened since the lease was taken: what the fetch got may be
+    /// stored.
     pub fn is_current(&self) -> bool {
         self.coalescer.generation.load(Ordering::Acquire) == self.generation
+            && !self.purged.load(Ordering::Acquire)
     }
 }
 
@@ -63,22 +75,35 @@ pub enum Waited {
 impl Coalescer {
     pub fn join(self: &Arc<Self>, key: &Arc<str>) -> Turn {
         let mut inflight = self.inflight.lock().expect("coalescer lock");
-        if let Some(rx) = inflight.get(key) {
-            return Turn::Wait(rx.clone());
+        if let Some(fetch) = inflight.get(key) {
+            return Turn::Wait(fetch.done.clone());
         }
-        let (tx, rx) = watch::channel(());
-        inflight.insert(key.clone(), rx);
+        let (tx, done) = watch::channel(());
+        let purged = Arc::new(AtomicBool::new(false));
+        let fetch = InFlight {
+            done,
+            purged: purged.clone(),
+        };
+        inflight.insert(key.clone(), fetch);
         Turn::Lead(Lease {
             coalescer: self.clone(),
             key: key.clone(),
             generation: self.generation.load(Ordering::Acquire),
+            purged,
             _done: tx,
         })
     }
 
-    /// A purge happened: fetches in flight store nothing.
+    /// A purge of many keys happened: fetches in flight store nothing.
     pub fn invalidate(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// `key` was purged: its fetch in flight, if any, stores nothing; others are untouched.
+    pub fn invalidate_key(&self, key: &str) {
+        if let Some(fetch) = self.inflight.lock().expect("coalescer lock").get(key) {
+            fetch.purged.store(true, Ordering::Release);
+        }
     }
 
     /// Only takes the lease when nobody holds it (for background refreshes, which never wait).
@@ -118,6 +143,26 @@ mod tests {
         drop(lease);
         assert_eq!(waiter.await.unwrap(), Waited::Done);
         assert!(coalescer.try_lead(&key).is_some(), "the key is free again");
+    }
+
+    #[test]
+    fn a_purged_key_stores_nothing_and_leaves_other_fetches_alone() {
+        let coalescer = Arc::new(Coalescer::default());
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("/a h"), Arc::from("/b h"));
+        let (Some(lease_a), Some(lease_b)) = (coalescer.try_lead(&a), coalescer.try_lead(&b))
+        else {
+            panic!("both lead")
+        };
+        coalescer.invalidate_key(&a);
+        assert!(!lease_a.is_current());
+        assert!(lease_b.is_current());
+        drop(lease_a);
+        assert!(
+            coalescer.try_lead(&a).unwrap().is_current(),
+            "a new fetch stores"
+        );
+        coalescer.invalidate();
+        assert!(!lease_b.is_current());
     }
 
     #[tokio::test(start_paused = true)]

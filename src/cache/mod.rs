@@ -112,7 +112,14 @@ async fn answer(
     let has_body = !http_body::Body::is_end_stream(&body);
     let verdict = policy::request_verdict(&parts.method, &parts.headers, has_body, &cache.rules);
     if verdict == RequestVerdict::Bypass {
+        // What an unsafe request changed is no longer what is stored (RFC 9111 §4.4).
+        let changes = (!parts.method.is_safe()).then(|| cache.key_of(&parts, scheme, client_ip));
         let result = fetch.send(parts, body).await;
+        if let (Some(key), Ok(answer)) = (changes, &result) {
+            if policy::invalidates(answer.status()) {
+                cache.store.invalidate(key);
+            }
+        }
         return labelled(result, Outcome::Bypass, cache, &fetch.request_id);
     }
     let key = cache.key_of(&parts, scheme, client_ip);

@@ -38,6 +38,12 @@ pub fn request_verdict(
     }
 }
 
+/// Whether an answer to an unsafe request says the resource changed, so that what is stored
+/// for its URI goes (RFC 9111 §4.4: a non-error status).
+pub fn invalidates(status: StatusCode) -> bool {
+    status.is_success() || status.is_redirection()
+}
+
 /// Statuses a cache may store without being told explicitly (RFC 9110 §15.1).
 fn heuristically_cacheable(status: StatusCode) -> bool {
     matches!(
@@ -167,10 +173,20 @@ pub fn storable(
     rules: &RouteCacheConfig,
     now: SystemTime,
 ) -> Result<Freshness, NotStored> {
-    if !heuristically_cacheable(status) {
+    let cc = CacheControl::parse(response);
+    // Any final status the cache understands may be stored when the answer says it may (RFC
+    // 9111 §3: explicit freshness, or `public`), as nginx stores a 302 with a max-age; without
+    // that, only those a cache may store on its own. A 206 or 304 is never a whole answer.
+    let explicit = cc.public
+        || cc.max_age.is_some()
+        || cc.s_maxage.is_some()
+        || response.contains_key(header::EXPIRES);
+    let understood = status.as_u16() >= 200
+        && status != StatusCode::PARTIAL_CONTENT
+        && status != StatusCode::NOT_MODIFIED;
+    if !(heuristically_cacheable(status) || explicit && understood) {
         return Err(NotStored::Status);
     }
-    let cc = CacheControl::parse(response);
     if cc.no_store {
         return Err(NotStored::NoStore);
     }
@@ -971,6 +987,16 @@ mod tests {
     }
 
     #[test]
+    fn only_accepted_unsafe_requests_invalidate() {
+        for yes in [200, 201, 204, 303] {
+            assert!(invalidates(StatusCode::from_u16(yes).unwrap()), "{yes}");
+        }
+        for no in [100, 400, 409, 500, 503] {
+            assert!(!invalidates(StatusCode::from_u16(no).unwrap()), "{no}");
+        }
+    }
+
+    #[test]
     fn only_cacheable_statuses_are_stored() {
         let r = rules();
         let none = HeaderMap::new();
@@ -983,6 +1009,28 @@ mod tests {
             let status = StatusCode::from_u16(no).unwrap();
             assert_eq!(
                 storable(status, &none, false, &r, now),
+                Err(NotStored::Status)
+            );
+        }
+        // Told explicitly, any final status the cache understands.
+        let told = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_str(value).unwrap());
+            headers
+        };
+        for ok in [201, 302, 307, 503] {
+            let status = StatusCode::from_u16(ok).unwrap();
+            let stored = storable(status, &told("max-age=60"), false, &r, now);
+            assert_eq!(stored.unwrap().lifetime, S(60), "{ok}");
+            assert!(
+                storable(status, &told("public"), false, &r, now).is_ok(),
+                "{ok}"
+            );
+        }
+        for no in [206, 304] {
+            let status = StatusCode::from_u16(no).unwrap();
+            assert_eq!(
+                storable(status, &told("max-age=60"), false, &r, now),
                 Err(NotStored::Status)
             );
         }

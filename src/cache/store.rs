@@ -265,9 +265,13 @@ impl Store {
         Some(self.insert(key.clone(), entry))
     }
 
-    /// Removes entries from memory only; the number of keys removed.
+    /// Removes entries from memory only (and keeps fills in flight for them from storing); the
+    /// number of keys removed.
     pub fn purge_memory(&self, purge: &Purge) -> u64 {
-        self.inflight.invalidate();
+        match purge {
+            Purge::Key(key) => self.inflight.invalidate_key(key),
+            Purge::All | Purge::Prefix(_) => self.inflight.invalidate(),
+        }
         self.entries.run_pending_tasks();
         let purged = match purge {
             Purge::All => {
@@ -301,6 +305,22 @@ impl Store {
             None => Ok(None),
         };
         (memory, shared)
+    }
+
+    /// Drops what is stored for `key` after an unsafe request changed it (RFC 9111 §4.4): from
+    /// memory at once, from the shared tier and the other replicas in the background.
+    pub fn invalidate(self: &Arc<Self>, key: String) {
+        let purge = Purge::Key(key);
+        self.purge_memory(&purge);
+        if self.shared.is_some() {
+            let store = self.clone();
+            tokio::spawn(async move {
+                if let Some(shared) = &store.shared {
+                    // A failure is counted in the shared tier's errors.
+                    let _ = shared.purge(&purge).await;
+                }
+            });
+        }
     }
 
     /// Counters and sizes, with moka's pending bookkeeping applied first so sizes are current.
