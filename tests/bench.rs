@@ -429,6 +429,60 @@ async fn a_server_that_stalls_until_the_end_shows_and_the_run_ends_on_time() {
     assert!(latency_ms(&report, "p99") >= 900.0, "{report}");
 }
 
+/// A listener whose accept queue is full: connects to it hang (the kernel drops their SYNs).
+/// The streams that filled it are returned, to be held.
+async fn accepting_nothing() -> (std::net::SocketAddr, Vec<tokio::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let connect = tokio::net::TcpStream::connect(addr);
+        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(200), connect).await {
+            held.push(stream);
+        }
+    }
+    // The listener stays open (never accepting) for as long as the test runs.
+    std::mem::forget(listener);
+    (addr, held)
+}
+
+/// A server that accepts no connection holds neither a timed run past its time nor Ctrl-C:
+/// the clock waits at most a second for connections to open, and a stop ends the wait.
+#[tokio::test]
+async fn a_server_accepting_nothing_holds_neither_the_run_nor_ctrl_c() {
+    let (addr, _held) = accepting_nothing().await;
+    let target = format!("http://{addr}/");
+    let started = std::time::Instant::now();
+    let report = bench_json(&["-c", "8", "-d", "1s", "--timeout", "10s", &target]).await;
+    // Its time plus at most the connect phase, not the 10 s a connect may take.
+    assert!(started.elapsed() < Duration::from_secs(5), "{report}");
+    assert_eq!(count(&report, "responses"), 0, "{report}");
+    assert_eq!(count(&report, "unfinished"), 8, "{report}");
+
+    let child = tokio::process::Command::new(bin())
+        .args(["bench", "-c", "8", "-d", "20s", "--json", &target])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = child.id().unwrap().to_string();
+    let signalled = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let output = tokio::time::timeout(Duration::from_secs(2), child.wait_with_output())
+        .await
+        .expect("bench did not end soon after Ctrl-C while connecting")
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(count(&report, "responses"), 0, "{report}");
+}
+
 #[tokio::test]
 async fn ctrl_c_ends_the_run_with_a_report_of_it() {
     let backend = demo_backend(&[]);
@@ -557,6 +611,45 @@ async fn an_http2_server_hanging_up_resets_requests_at_once() {
     assert!(started.elapsed() < Duration::from_secs(4), "{report}");
     assert_eq!(report["errors"]["timeout"], 0, "{report}");
     assert_eq!(report["errors"]["total"], 8, "{report}");
+}
+
+/// `--http2` against a server that only speaks HTTP/1.1 says why every request fails, and backs
+/// off as after failed connects rather than opening thousands of connections a second.
+#[tokio::test]
+async fn http2_to_an_http1_server_says_why_and_backs_off() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = format!("http://{}/", listener.local_addr().unwrap());
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let tally = accepted.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tally.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                let _ = stream.read_exact(&mut preface).await;
+                let answer =
+                    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                let _ = stream.write_all(answer).await;
+            });
+        }
+    });
+    let (code, stdout, stderr) =
+        bench(&["--http2", "-c", "2", "-d", "1s", "--json", &target]).await;
+    server.abort();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("did not answer in HTTP/2"), "{stderr}");
+    assert_eq!(
+        stderr.matches("did not answer in HTTP/2").count(),
+        1,
+        "{stderr}"
+    );
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(count(&report, "responses"), 0, "{report}");
+    // Without backing off, two connections made thousands of attempts in that second.
+    let connections = accepted.load(Ordering::Relaxed);
+    assert!(connections < 100, "{connections} connections: {report}");
 }
 
 /// An HTTP/2 server that shuts down gracefully (GOAWAY, then its answers, then the close)

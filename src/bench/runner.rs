@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::{sleep_until, timeout_at, Instant};
+use tokio::time::{sleep, sleep_until, timeout_at, Instant};
 
 use super::h1::{self, Http1};
 use super::report::{ErrorKind, Tally};
@@ -28,6 +28,13 @@ use super::target::{Origin, Template};
 
 /// Completed requests are published for the progress bar in batches of this many.
 const PROGRESS_BATCH: u64 = 64;
+
+/// The longest the clock waits for every connection to open. Connections are opened before
+/// it starts, so their set-up is not charged to the first requests; but a server that does
+/// not accept (its backlog full) must not hold the run past its time. A connection still
+/// opening when the clock starts goes on opening, its first request timed from the start, as
+/// wrk's clock runs while it connects.
+const CONNECT_PHASE: Duration = Duration::from_secs(1);
 
 /// A validated run: what to send, where, how much and how fast.
 #[derive(Debug, Clone)]
@@ -133,9 +140,10 @@ impl Progress {
     }
 }
 
-/// Starts every connection, waits for them to connect, releases them together and collects
-/// their tallies. `on_start` gets a [`Progress`] handle before the load begins; when `stop`
-/// completes (Ctrl-C), the run ends there as a timed run ends at its deadline.
+/// Starts every connection, waits for them to connect (at most [`CONNECT_PHASE`]), releases
+/// them together and collects their tallies. `on_start` gets a [`Progress`] handle before the
+/// load begins; when `stop` completes (Ctrl-C), the run ends there as a timed run ends at its
+/// deadline, also while connections are still opening.
 pub async fn run(
     plan: Plan,
     on_start: impl FnOnce(Progress),
@@ -165,9 +173,22 @@ pub async fn run(
         tasks.spawn(worker.run(clock, ready));
     }
     drop(ready_tx);
-    for _ in 0..shared.plan.connections {
-        if ready_rx.recv().await.is_none() {
-            break;
+    let mut stop = pin!(stop);
+    let mut stopped = false;
+    let connect_phase = sleep(CONNECT_PHASE);
+    let mut connect_phase = pin!(connect_phase);
+    let mut opening = shared.plan.connections;
+    while opening > 0 {
+        tokio::select! {
+            ready = ready_rx.recv() => match ready {
+                Some(()) => opening -= 1,
+                None => break,
+            },
+            () = &mut connect_phase => break,
+            () = &mut stop => {
+                stopped = true;
+                break;
+            }
         }
     }
     let start = Instant::now();
@@ -183,14 +204,15 @@ pub async fn run(
     if let Some(deadline) = deadline {
         shared.cut.bring_to(start, deadline);
     }
+    if stopped {
+        shared.cut.stop(start);
+    }
     let _ = clock_tx.send(Some(Clock {
         start,
         measure_start,
     }));
     let mut tally = Tally::default();
     let mut last_done = measure_start;
-    let mut stop = pin!(stop);
-    let mut stopped = false;
     loop {
         let joined = tokio::select! {
             joined = tasks.join_next() => joined,
@@ -419,13 +441,42 @@ impl Http2 {
             tokio::select! {
                 biased;
                 out = &mut work => return out,
-                _ = running.as_mut() => *driver = None,
+                ended = running.as_mut() => {
+                    if let Err(err) = &ended {
+                        say_if_not_http2(err);
+                    }
+                    *driver = None;
+                }
             }
         }
         tokio::time::timeout(CLOSE_HANDOVER, work)
             .await
             .unwrap_or(Step::Failed(ErrorKind::Reset))
     }
+}
+
+/// Says once on stderr that a server's bytes were not HTTP/2 (the h2 codec found them
+/// malformed): `--http2` speaks HTTP/2 from the first byte (prior knowledge), which a server
+/// that only speaks HTTP/1.1 cannot read. Its requests count as errors, as they should; this
+/// says why.
+fn say_if_not_http2(err: &hyper::Error) {
+    let malformed = crate::proxy::h2::h2_cause(err).is_some_and(|h2| {
+        h2.is_go_away()
+            && h2.is_library()
+            && matches!(
+                h2.reason(),
+                Some(h2::Reason::FRAME_SIZE_ERROR | h2::Reason::PROTOCOL_ERROR)
+            )
+    });
+    if !malformed {
+        return;
+    }
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        eprintln!(
+            "bench: the server did not answer in HTTP/2 ({err}); --http2 speaks HTTP/2 from the first byte (h2c prior knowledge), which a server that only speaks HTTP/1.1 cannot read."
+        );
+    });
 }
 
 /// How long an answer that came before an HTTP/2 server closed the connection may take to be
@@ -570,16 +621,20 @@ impl Worker {
         ready: tokio::sync::mpsc::Sender<()>,
     ) -> (Tally, Instant) {
         // Connect before the clock starts, so connection set-up is not charged to the first
-        // requests; a failure here is counted when a request tries again.
+        // requests; a failure here is counted when a request tries again, and a connect the
+        // clock did not wait for is given up for one the first request makes, timed.
         let templates = &self.shared.plan.templates;
         let origin = templates[self.index % templates.len()].origin;
         let first = &self.shared.plan.origins[origin];
-        if let Ok(Ok(conn)) = tokio::time::timeout(
+        let open = tokio::time::timeout(
             self.shared.plan.timeout,
             Connection::open(first, self.shared.plan.http2, &self.counts),
-        )
-        .await
-        {
+        );
+        let opened = tokio::select! {
+            opened = open => opened.ok().and_then(Result::ok),
+            _ = clock.wait_for(Option::is_some) => None,
+        };
+        if let Some(conn) = opened {
             self.connections[origin] = Some(conn);
         }
         let _ = ready.send(()).await;
@@ -781,7 +836,6 @@ impl Worker {
                         () = cut.stopped(self.index) => return over(ErrorKind::Connect),
                     };
                     if let Ok(Ok(conn)) = opened {
-                        self.connect_failures = 0;
                         slot.insert(conn)
                     } else {
                         self.connect_failures += 1;
@@ -797,9 +851,16 @@ impl Worker {
                 step = exchange => step.ok(),
                 () = cut.stopped(self.index) => None,
             };
+            // A connection that fails before its first answer counts as a failed connect, so
+            // the next ones back off: a server that takes connections and drops them (or does
+            // not speak the protocol) is not hammered with new ones.
+            if !matches!(step, Some(Step::Answered { .. })) && conn.answered == 0 {
+                self.connect_failures += 1;
+            }
             match step {
                 Some(Step::Answered { status, keep_alive }) => {
                     conn.answered += 1;
+                    self.connect_failures = 0;
                     if !keep_alive || template.closes() {
                         *slot = None;
                     }
