@@ -257,6 +257,9 @@ async fn json_report_has_the_documented_schema() {
     assert_eq!(report["rate"], Value::Null);
     assert_eq!(report["threads"], 1);
     assert_eq!(report["status"], serde_json::json!({"200": 50}));
+    // Never more threads than connections.
+    let one = bench_json(&["-n", "5", "-c", "1", "--threads", "4", &target]).await;
+    assert_eq!(one["threads"], 1, "{one}");
     let errors: Vec<&str> = report["errors"]
         .as_object()
         .unwrap()

@@ -243,9 +243,11 @@ pub fn run_cli(args: BenchArgs) -> i32 {
             return 2;
         }
     };
+    // A thread beyond one per connection would have nothing to run.
     let threads = args
         .threads
-        .map_or_else(crate::config::cpus_available, |threads| threads as usize);
+        .map_or_else(crate::config::cpus_available, |threads| threads as usize)
+        .min(plan.connections);
     let runtime = match runtime(threads) {
         Ok(runtime) => runtime,
         Err(err) => {
