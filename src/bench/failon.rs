@@ -168,15 +168,22 @@ impl FailOn {
                         let rps = report.rps();
                         (rps, format!("{rps:.1} req/s"))
                     }
+                    // Nothing answered: no share of failures can pass a server that answers
+                    // nothing (requests cut unanswered at the end are no errors).
+                    Metric::Errors | Metric::ErrorPercent if report.responses() == 0 => {
+                        return Outcome {
+                            condition: condition.text.clone(),
+                            value: f64::NAN,
+                            shown: "nothing, no request was answered".to_string(),
+                            tripped: true,
+                        }
+                    }
                     Metric::Errors => {
                         let failed = report.failed() as f64;
                         (failed, format!("{failed} failed"))
                     }
                     Metric::ErrorPercent => {
-                        let percent = match report.requests() {
-                            0 => 0.0,
-                            requests => report.failed() as f64 * 100.0 / requests as f64,
-                        };
+                        let percent = report.failed() as f64 * 100.0 / report.requests() as f64;
                         (percent, format!("{percent:.2}% failed"))
                     }
                 };
@@ -301,13 +308,19 @@ mod tests {
     }
 
     #[test]
-    fn latency_conditions_trip_when_nothing_was_answered() {
+    fn latency_and_error_conditions_trip_when_nothing_was_answered() {
         let mut empty = report();
         empty.tally = Tally::default();
         empty.tally.errors.add(ErrorKind::Connect);
         assert_eq!(
             tripped_on("p99>200ms,max>1s,min<1ms,errors>50%", &empty),
             [true, true, true, true]
+        );
+        // Not even an error: every request was still unanswered when the run ended.
+        empty.tally = Tally::default();
+        assert_eq!(
+            tripped_on("errors>1%,errors>0,rps<1", &empty),
+            [true, true, true]
         );
     }
 
