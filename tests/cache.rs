@@ -399,6 +399,31 @@ async fn no_store_private_set_cookie_and_authorization_are_not_cached() {
     );
 }
 
+/// An answer too large to store marks its key: for a while its requests go to the instance as
+/// the client sent them, a Range included, rather than refetching the whole body to cut from;
+/// a purge forgets the mark.
+#[tokio::test]
+async fn a_key_too_large_to_store_passes_its_requests_through() {
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "max_body = \"16B\"", "");
+    let client = client();
+    let url = gw.url("/echo");
+    let range = [("range", "bytes=0-9")];
+    let asked = |reply: &Reply| String::from_utf8_lossy(&reply.body).contains("bytes=0-9");
+    let first = request(&client, "GET", &url, &range, "").await.unwrap();
+    assert_eq!(first.header("x-cache-status"), "MISS");
+    assert!(!asked(&first), "a fill asks for the whole answer");
+    let second = request(&client, "GET", &url, &range, "").await.unwrap();
+    assert_eq!(second.header("x-cache-status"), "MISS");
+    assert!(asked(&second), "passed as sent: {:?}", second.body);
+    let purged = request(&client, "DELETE", &gw.admin_url("/api/cache"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(purged.status, 200);
+    let third = request(&client, "GET", &url, &range, "").await.unwrap();
+    assert!(!asked(&third), "the purge forgot the pass");
+}
+
 /// An unsafe request the instance accepted drops what is stored for its URI (RFC 9111 §4.4),
 /// and only that. An answer that says how long it keeps is stored whatever its final status
 /// (a 307 with a max-age, as nginx stores it); a 503 without is not.

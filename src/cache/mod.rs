@@ -124,6 +124,10 @@ async fn answer(
     }
     let key = cache.key_of(&parts, scheme, client_ip);
     let store = &cache.store;
+    if store.is_pass(&key) {
+        let result = fetch.send(parts, body).await;
+        return labelled(result, Outcome::Miss, cache, &fetch.request_id);
+    }
     let stored = store.get(&key, &parts.headers);
     let now = Instant::now();
     let state = stored
@@ -416,6 +420,9 @@ async fn fill(
         return labelled(result, outcome, cache, &fetch.request_id);
     };
     let Some(pending) = Pending::new(&cache.rules, &response, &request_headers) else {
+        if declared_length(&response).is_some_and(|length| length > cache.rules.max_body) {
+            cache.store.mark_pass(key);
+        }
         return labelled(Ok(response), outcome, cache, &fetch.request_id);
     };
     let (head, body) = response.into_parts();
@@ -454,6 +461,7 @@ async fn fill(
                     // Too large to store: the waiters need not wait any longer.
                     buffer = None;
                     drop(lease.take());
+                    store.mark_pass(key.clone());
                 }
             }
             backlog.push_back(data);
@@ -522,11 +530,7 @@ impl Pending {
         request: &http::HeaderMap,
     ) -> Option<Pending> {
         let headers = response.headers();
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > rules.max_body) {
+        if declared_length(response).is_some_and(|length| length > rules.max_body) {
             return None;
         }
         let freshness = policy::storable(
@@ -557,6 +561,15 @@ impl Pending {
     fn into_entry(self, body: Bytes) -> Entry {
         Entry { body, ..self.entry }
     }
+}
+
+/// The length an answer's Content-Length declares.
+fn declared_length(response: &Response<GatewayBody>) -> Option<u64> {
+    response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// Headers set per answer, never stored.

@@ -175,9 +175,20 @@ impl Purge {
     }
 }
 
+/// How long a key whose answer was too large to store (over the route's `max_body`) is passed
+/// straight to the instance, its requests as the client sent them (a `Range` or a condition
+/// the instance answers itself, rather than the whole body fetched again for every request
+/// to cut from), as Varnish's hit-for-pass objects do (their default lifetime too).
+pub const PASS_WINDOW: Duration = Duration::from_secs(120);
+
+/// At most this many keys are remembered as passed; the oldest unused go first.
+const MAX_PASSES: u64 = 10_000;
+
 /// The gateway's response store, shared by every cached route and kept across reloads.
 pub struct Store {
     entries: moka::sync::Cache<Arc<str>, Variants>,
+    /// Keys whose last answer was too large to store ([`PASS_WINDOW`]).
+    passes: moka::sync::Cache<Arc<str>, ()>,
     pub counters: Arc<Counters>,
     pub inflight: Arc<Coalescer>,
     pub max_size: u64,
@@ -204,8 +215,13 @@ impl Store {
                 }
             })
             .build();
+        let passes = moka::sync::Cache::builder()
+            .max_capacity(MAX_PASSES)
+            .time_to_live(PASS_WINDOW)
+            .build();
         let store = Arc::new(Store {
             entries,
+            passes,
             counters,
             inflight: Arc::new(Coalescer::default()),
             max_size,
@@ -265,12 +281,36 @@ impl Store {
         Some(self.insert(key.clone(), entry))
     }
 
-    /// Removes entries from memory only (and keeps fills in flight for them from storing); the
-    /// number of keys removed.
+    /// Notes that `key`'s answer was too large to store: its requests pass for a while.
+    pub fn mark_pass(&self, key: Arc<str>) {
+        self.passes.insert(key, ());
+    }
+
+    /// Whether requests for `key` go straight to the instance ([`PASS_WINDOW`]).
+    pub fn is_pass(&self, key: &str) -> bool {
+        self.passes.contains_key(key)
+    }
+
+    /// Removes entries from memory only (and keeps fills in flight for them from storing, and
+    /// forgets passes); the number of keys removed.
     pub fn purge_memory(&self, purge: &Purge) -> u64 {
         match purge {
-            Purge::Key(key) => self.inflight.invalidate_key(key),
-            Purge::All | Purge::Prefix(_) => self.inflight.invalidate(),
+            Purge::Key(key) => {
+                self.inflight.invalidate_key(key);
+                self.passes.invalidate(key.as_str());
+            }
+            Purge::All => {
+                self.inflight.invalidate();
+                self.passes.invalidate_all();
+            }
+            Purge::Prefix(prefix) => {
+                self.inflight.invalidate();
+                for (key, ()) in self.passes.iter() {
+                    if key.starts_with(prefix.as_str()) {
+                        self.passes.invalidate(&*key);
+                    }
+                }
+            }
         }
         self.entries.run_pending_tasks();
         let purged = match purge {
