@@ -37,10 +37,19 @@ pub fn checked_filter(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
+/// The target of the event that says why the process stopped: never filtered out.
+pub const FATAL: &str = "scalegate::fatal";
+
 /// Installs the global subscriber writing to stderr. `level` is a filter [`checked_filter`]
 /// accepted, such as `info` or `info,scalegate=debug`. Colours only when stderr is a terminal.
 pub fn init(format: LogFormat, level: &str) {
     let mut filter = EnvFilter::try_new(level).expect("a filter checked_filter accepted");
+    // The error that stops the process is always written, whatever the filter leaves out.
+    filter = filter.add_directive(
+        format!("{FATAL}=error")
+            .parse()
+            .expect("a valid directive"),
+    );
     if !level.contains("rustls") {
         // rustls warns once per handshake about things clients choose (an IP address sent as
         // SNI, as wrk and many scripts do): a log line per connection any client can trigger.

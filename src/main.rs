@@ -131,7 +131,7 @@ fn main() -> ExitCode {
             // A JSON log stays JSON to its last line, so a collector does not drop the one that
             // says why the process stopped.
             match cli.log_format {
-                LogFormat::Json => tracing::error!("{err:#}"),
+                LogFormat::Json => tracing::error!(target: logging::FATAL, "{err:#}"),
                 LogFormat::Text => eprintln!("error: {err:#}"),
             }
             ExitCode::FAILURE

@@ -2031,28 +2031,33 @@ fn check_names_the_bad_keys_and_serve_refuses_the_same_config() {
         .unwrap();
     assert!(!serve.status.success());
     assert!(String::from_utf8_lossy(&serve.stderr).contains("upstreams.app.strategy"));
-    // Under a JSON log, the reason it stopped is a JSON line too.
-    let serve = std::process::Command::new(bin())
-        .args([
-            "serve",
-            "--config",
-            path.to_str().unwrap(),
-            "--log-format",
-            "json",
-        ])
-        .output()
-        .unwrap();
-    assert!(!serve.status.success());
-    let stderr = String::from_utf8_lossy(&serve.stderr);
-    let last: serde_json::Value =
-        serde_json::from_str(stderr.lines().last().unwrap_or_default()).unwrap();
-    assert_eq!(last["level"], "ERROR", "{stderr}");
-    assert!(
-        last["message"]
-            .to_string()
-            .contains("upstreams.app.strategy"),
-        "{stderr}"
-    );
+    // Under a JSON log, the reason it stopped is a JSON line too, whatever the level filter
+    // leaves out (`access=info` keeps the access log alone; `off`).
+    for filter in ["info", "access=info", "off"] {
+        let serve = std::process::Command::new(bin())
+            .args([
+                "serve",
+                "--config",
+                path.to_str().unwrap(),
+                "--log-format",
+                "json",
+                "--log-level",
+                filter,
+            ])
+            .output()
+            .unwrap();
+        assert!(!serve.status.success());
+        let stderr = String::from_utf8_lossy(&serve.stderr);
+        let last: serde_json::Value =
+            serde_json::from_str(stderr.lines().last().unwrap_or_default()).unwrap();
+        assert_eq!(last["level"], "ERROR", "{filter}: {stderr}");
+        assert!(
+            last["message"]
+                .to_string()
+                .contains("upstreams.app.strategy"),
+            "{filter}: {stderr}"
+        );
+    }
 
     std::fs::write(&path, "[upstreams.app]\ninstances = [\"${SG_TEST_ADDR:-127.0.0.1:1}\"]\n[[routes]]\nupstream = \"app\"\n").unwrap();
     let check = std::process::Command::new(bin())
