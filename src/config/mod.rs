@@ -918,6 +918,36 @@ upstream = "missing"
     }
 
     #[test]
+    fn path_prefixes_that_never_match_are_refused_and_ipv6_hosts_taken() {
+        let route = |keys: &str| {
+            format!(
+                "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\n{keys}\nupstream = \"app\"\n"
+            )
+        };
+        for (prefix, hint) in [
+            ("/caf%C3%A9", "write `/café`"),
+            ("/a/../b", "write `/b`"),
+            ("/c//d", "write `/c/d`"),
+            ("/x?y=1", "no `?`"),
+            ("api", "must start with /"),
+        ] {
+            let errors = Config::from_toml(&route(&format!("path_prefix = \"{prefix}\"")))
+                .unwrap_err()
+                .0;
+            assert_eq!(errors[0].key, "routes[0].path_prefix", "{prefix}");
+            assert!(errors[0].message.contains(hint), "{prefix}: {}", errors[0]);
+        }
+        for prefix in ["/", "/api/", "/café", "/a.b/c"] {
+            let config = Config::from_toml(&route(&format!("path_prefix = \"{prefix}\"")));
+            assert!(config.is_ok(), "{prefix}: {:?}", config.err());
+        }
+        let v6 = Config::from_toml(&route("host = \"[::1]\"")).unwrap();
+        assert_eq!(v6.routes[0].host.as_deref(), Some("::1"));
+        let index = crate::proxy::router::match_route(&v6.routes, Some(b"[::1]:8080"), "/");
+        assert_eq!(index, Some(0));
+    }
+
+    #[test]
     fn given_route_names_are_unique() {
         let text = "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n\
                     [[routes]]\nname = \"api\"\npath_prefix = \"/a\"\nupstream = \"app\"\n\

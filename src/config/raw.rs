@@ -395,7 +395,14 @@ impl RawConfig {
             .enumerate()
             .map(|(i, raw)| {
                 let key = format!("routes[{i}]");
-                let host = raw.host.map(|h| h.to_ascii_lowercase());
+                // An IPv6 address is compared without its brackets, as a Host's is read.
+                let host = raw.host.map(|h| {
+                    let h = h.to_ascii_lowercase();
+                    match h.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                        Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => v6.to_owned(),
+                        _ => h,
+                    }
+                });
                 if let Some(problem) = host.as_deref().and_then(route_host_problem) {
                     p.push(format!("{key}.host"), problem);
                 }
@@ -414,8 +421,8 @@ impl RawConfig {
                         format!("no upstream named `{}`", raw.upstream),
                     );
                 }
-                if !raw.path_prefix.starts_with('/') {
-                    p.push(format!("{key}.path_prefix"), "must start with /");
+                if let Some(problem) = path_prefix_problem(&raw.path_prefix) {
+                    p.push(format!("{key}.path_prefix"), problem);
                 }
                 let cache = raw.cache.as_ref().map(|c| {
                     validate_route_cache(&mut p, &format!("{key}.cache"), c, host.as_deref())
@@ -468,6 +475,27 @@ fn listeners_clash(a: SocketAddr, b: SocketAddr) -> bool {
         std::net::IpAddr::V4(ip) => ip.is_unspecified() && other.is_ipv4(),
     };
     a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
+/// Why a route's `path_prefix` could never match, if so. Requests are matched on their path
+/// decoded (`%XX`), with `.` and `..` resolved and slashes merged (`proxy::router`), so a prefix
+/// must be in that form itself, and hold no query or fragment.
+fn path_prefix_problem(prefix: &str) -> Option<String> {
+    if !prefix.starts_with('/') {
+        return Some("must start with /".into());
+    }
+    if prefix.contains(['?', '#']) {
+        return Some("routes match the path alone: no `?` or `#` (and what follows)".into());
+    }
+    let normal = crate::proxy::router::normalized_path(prefix);
+    if *normal != *prefix.as_bytes() {
+        return Some(format!(
+            "never matches: requests are matched on their path decoded, with `.` and `..` \
+             resolved and repeated slashes merged; write `{}`",
+            String::from_utf8_lossy(&normal)
+        ));
+    }
+    None
 }
 
 /// Why a route's `host` (lowercased) could never match a request's Host, if so: it is a name
