@@ -1456,7 +1456,7 @@ async fn smuggling_shaped_requests_never_smuggle() {
     let a = demo_backend(&[]);
     let gw = gateway(&app_config(&[&a], ""));
     let client = client();
-    let refused: [&[u8]; 7] = [
+    let refused: [&[u8]; 8] = [
         b"POST /work HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         b"POST /work HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\nhello!",
         b"POST /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nhello",
@@ -1467,6 +1467,8 @@ async fn smuggling_shaped_requests_never_smuggle() {
         b"POST /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
         // Chunk lines ended by bare LFs: refused at once, not waited on for a CRLF.
         b"POST /work HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\n0\n\n",
+        // A target that is not ASCII (RFC 3986), as the HTTP/2 listener refuses its path.
+        b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n",
     ];
     for case in refused {
         let answer = raw_exchange(gw.proxy, case);

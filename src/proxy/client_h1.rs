@@ -994,6 +994,11 @@ fn checked_head(
     target: Bytes,
     headers: &mut HeaderMap,
 ) -> Result<CheckedHead, ProxyError> {
+    // A target is ASCII (RFC 3986); the parser below lets UTF-8 through, which the HTTP/2
+    // listener refuses (`http2_malformation`): both refuse it.
+    if !target.is_ascii() {
+        return Err(ProxyError::BadRequest("the path is not ASCII"));
+    }
     let uri = Uri::from_maybe_shared(target)
         .map_err(|_| ProxyError::BadRequest("malformed request target"))?;
     // Origin-form or absolute-form (RFC 9112 §3.2); authority-form is CONNECT's alone (which
