@@ -45,11 +45,7 @@ pub const FATAL: &str = "scalegate::fatal";
 pub fn init(format: LogFormat, level: &str) {
     let mut filter = EnvFilter::try_new(level).expect("a filter checked_filter accepted");
     // The error that stops the process is always written, whatever the filter leaves out.
-    filter = filter.add_directive(
-        format!("{FATAL}=error")
-            .parse()
-            .expect("a valid directive"),
-    );
+    filter = filter.add_directive(format!("{FATAL}=error").parse().expect("a valid directive"));
     if !level.contains("rustls") {
         // rustls warns once per handshake about things clients choose (an IP address sent as
         // SNI, as wrk and many scripts do): a log line per connection any client can trigger.

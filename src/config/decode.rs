@@ -63,6 +63,7 @@ pub fn decode(text: &str) -> Result<Decoded, ConfigErrors> {
     let mut document = toml::Value::Table(table);
     let (mut raw, mut removed, mut typed) = (None, Vec::<String>::new(), Vec::new());
     let mut failed = (path, err.message().to_owned(), line);
+    let mut complete = false;
     for _ in 0..MAX_TYPE_ERRORS {
         let (path, message, line) = failed;
         let root = path.iter().next().is_none();
@@ -84,12 +85,14 @@ pub fn decode(text: &str) -> Result<Decoded, ConfigErrors> {
             typed.push(ConfigError { key, line, message });
         }
         let Some(taken) = take_out(&mut document, &path) else {
+            complete = true;
             break;
         };
         removed.push(taken);
         match read(document.clone(), &mut unknown) {
             Ok(read) => {
                 raw = Some(read);
+                complete = true;
                 break;
             }
             Err(err) => {
@@ -100,6 +103,16 @@ pub fn decode(text: &str) -> Result<Decoded, ConfigErrors> {
                 )
             }
         }
+    }
+    if !complete {
+        typed.push(ConfigError {
+            key: "config".to_owned(),
+            line: None,
+            message: format!(
+                "more than {MAX_TYPE_ERRORS} values of the wrong type; the rest are not shown \
+                 (nor what else is wrong): fix these and check again"
+            ),
+        });
     }
     let mut seen = std::collections::HashSet::new();
     unknown.retain(|problem: &ConfigError| seen.insert(problem.key.clone()));

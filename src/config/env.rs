@@ -14,6 +14,9 @@ pub struct EnvProblem {
 }
 
 const MISSING: &str = "environment variable is not set and has no default (use ${NAME:-default})";
+const UNCLOSED: &str = "a `${` without its `}` (write `$${` for a literal `${`)";
+const BAD_NAME: &str = "not a variable name: letters, digits and `_`, not starting with a digit \
+     (a `${` inside another is not supported)";
 const UNFIT_LITERAL: &str =
     "its value has a ' or a control character, which a '...' string cannot hold: use \"...\"";
 const UNFIT_BARE: &str =
@@ -134,6 +137,15 @@ fn is_bare_scalar(value: &str) -> bool {
             })
 }
 
+/// A shell variable's name: letters, digits and `_`, not starting with a digit.
+fn is_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 fn interpolate_line(
     text: &str,
     line: usize,
@@ -156,6 +168,11 @@ fn interpolate_line(
             continue;
         };
         let Some(end) = body_start.find('}') else {
+            problems.push(EnvProblem {
+                name: body_start.trim_end().to_string(),
+                line,
+                message: UNCLOSED,
+            });
             out.push_str(after);
             rest = "";
             break;
@@ -165,6 +182,15 @@ fn interpolate_line(
             Some((name, default)) => (name, Some(default)),
             None => (expr, None),
         };
+        if !is_variable_name(name) {
+            problems.push(EnvProblem {
+                name: name.to_string(),
+                line,
+                message: BAD_NAME,
+            });
+            rest = &body_start[end + 1..];
+            continue;
+        }
         let value = lookup(name).filter(|v| !v.is_empty() || default.is_none());
         // A default is a value too, held to the same rules: outside quotes `${PORT:-x}` would
         // otherwise fail as TOML syntax, naming neither the variable nor the key.
@@ -251,6 +277,27 @@ mod tests {
         let err = interpolate("a = 1\nb = \"${ONE}\"\nc = \"${TWO}\"", env).unwrap_err();
         assert_eq!(names_and_lines(&err), [("ONE", 2), ("TWO", 3)]);
         assert!(err.iter().all(|p| p.message == MISSING));
+    }
+
+    #[test]
+    fn malformed_references_are_named_for_what_they_are() {
+        let text = "a = \"${}\"\nb = \"${1BAD}\"\nc = \"${A${B}}\"\nd = \"/${UNCLOSED\"\n";
+        let err = interpolate(text, env).unwrap_err();
+        let found: Vec<(&str, usize, &str)> = err
+            .iter()
+            .map(|p| (p.name.as_str(), p.line, p.message))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("", 1, BAD_NAME),
+                ("1BAD", 2, BAD_NAME),
+                ("A${B", 3, BAD_NAME),
+                ("UNCLOSED\"", 4, UNCLOSED),
+            ]
+        );
+        // A literal `${` written as `$${` is no reference at all.
+        assert_eq!(interpolate("a = \"$${X\"", env).unwrap(), "a = \"${X\"");
     }
 
     #[test]

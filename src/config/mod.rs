@@ -948,6 +948,21 @@ upstream = "missing"
     }
 
     #[test]
+    fn past_the_cap_on_type_errors_a_last_line_says_more_follow() {
+        let mut text = String::new();
+        for i in 0..70 {
+            text.push_str(&format!(
+                "[upstreams.u{i}]\ninstances = [\"127.0.0.1:1\"]\nretries = \"x\"\n"
+            ));
+        }
+        text.push_str("[[routes]]\nupstream = \"u0\"\n");
+        let errors = Config::from_toml(&text).unwrap_err().0;
+        let last = errors.last().unwrap();
+        assert_eq!(last.key, "config");
+        assert!(last.message.contains("not shown"), "{last}");
+    }
+
+    #[test]
     fn given_route_names_are_unique() {
         let text = "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n\
                     [[routes]]\nname = \"api\"\npath_prefix = \"/a\"\nupstream = \"app\"\n\
