@@ -320,6 +320,63 @@ async fn a_reload_swapping_instances_fails_no_request() {
     assert_eq!(failed.load(Ordering::Relaxed), 0);
 }
 
+/// The admin port holds no client for good: HTTP/1.1 alone (an HTTP/2 preface is refused and
+/// closed), a body that stalls gets 408, and connections past 256 are closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_bounds_what_clients_hold() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    // Reads until the peer closes (true), or `limit` passes (false); what came is returned.
+    async fn until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> (bool, String) {
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let closed = tokio::time::timeout(limit, async {
+            loop {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await
+        .is_ok();
+        (closed, String::from_utf8_lossy(&seen).into_owned())
+    }
+    let mut h2 = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let (closed, _) = until_closed(&mut h2, Duration::from_secs(5)).await;
+    assert!(closed, "an HTTP/2 preface kept the admin connection open");
+
+    let mut stalled = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    let head = "POST /api/upstreams/app/instances HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"addr\":";
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let (_, answer) = until_closed(&mut stalled, Duration::from_secs(15)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    let mut held = Vec::new();
+    for _ in 0..256 {
+        held.push(tokio::net::TcpStream::connect(gw.admin).await.unwrap());
+    }
+    let mut over = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    let _ = over
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let (closed, answer) = until_closed(&mut over, Duration::from_secs(5)).await;
+    assert!(closed && answer.is_empty(), "{answer}");
+    drop(held);
+    let health = eventually(Duration::from_secs(5), || async {
+        get(&client(), &gw.admin_url("/health")).await.status == 200
+    })
+    .await;
+    assert!(
+        health,
+        "the admin port did not serve again once connections closed"
+    );
+}
+
 #[tokio::test]
 async fn the_admin_api_answers_odd_requests_clearly() {
     let a = demo_backend(&[]);

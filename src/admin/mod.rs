@@ -15,8 +15,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -31,13 +30,20 @@ use crate::proxy::connections::AcceptFailures;
 use crate::proxy::upstream::{Instance, Upstream};
 use crate::proxy::{Gateway, GatewayBody};
 
-/// Time an admin client has to send a request head.
+/// Time an admin client has to send a request head (and an idle keep-alive connection is
+/// kept), and a request body.
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const ADMIN_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Open admin connections at most: the port is for operators, dashboards and scrapers, and
+/// one that any client may reach must not let them hold file descriptors without bound.
+const ADMIN_MAX_CONNECTIONS: usize = 256;
 
 /// Serves the admin API until `stop` turns true.
 pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     tokio::spawn(sample_stats(gateway.clone(), stop.clone()));
     let mut accept_failures = AcceptFailures::default();
+    let open = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -46,18 +52,22 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, mut stop: watch
         let Some((stream, _)) = accept_failures.accepted("admin", accepted).await else {
             continue;
         };
+        // Past the cap the connection is closed at once.
+        let Ok(slot) = open.clone().try_acquire_owned() else {
+            continue;
+        };
         let gateway = gateway.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(gateway.clone(), req));
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            // A client that never finishes its head is not kept for good.
-            builder
-                .http1()
+            // HTTP/1.1 alone: browsers, scrapers and scripts speak it to a plain-HTTP port,
+            // and hyper's HTTP/2 has no time limit on a connection that opens no stream. A
+            // client that never finishes its head, or idles, is not kept for good.
+            let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(ADMIN_HEADER_TIMEOUT);
-            let _ = builder
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(slot);
         });
     }
 }
@@ -773,9 +783,14 @@ fn set_autoscale_mode(gateway: &Gateway, name: &str, body: &Value) -> Response<G
 }
 
 async fn read_json(req: Request<Incoming>) -> Result<Value, Response<GatewayBody>> {
-    let bytes: Bytes = Limited::new(req.into_body(), 64 * 1024)
-        .collect()
-        .await
+    let body = Limited::new(req.into_body(), 64 * 1024).collect();
+    let Ok(collected) = tokio::time::timeout(ADMIN_BODY_TIMEOUT, body).await else {
+        return Err(reply(
+            StatusCode::REQUEST_TIMEOUT,
+            json!({"error": "the body did not come within 10 s"}),
+        ));
+    };
+    let bytes: Bytes = collected
         .map_err(|err| {
             if err.is::<http_body_util::LengthLimitError>() {
                 reply(
