@@ -377,6 +377,51 @@ async fn the_admin_port_bounds_what_clients_hold() {
     );
 }
 
+/// Admin changes are logged with the client that asked, and wrong credentials are logged too
+/// (a first request without any is how a browser learns it needs them: not logged).
+#[tokio::test]
+async fn admin_changes_and_refused_credentials_name_the_client() {
+    let a = demo_backend(&[]);
+    let b = demo_backend(&[]);
+    let gw = gateway_logging(&format!(
+        "[admin]\nusername = \"ops\"\npassword = \"s3cret\"\n{}",
+        app_config(&[&a], "")
+    ));
+    let client = client();
+    let url = gw.admin_url("/api/upstreams/app/instances");
+    let body = format!("{{\"addr\":\"{}\"}}", b.addr());
+    let bare = request(&client, "POST", &url, &[], &body).await.unwrap();
+    assert_eq!(bare.status, 401);
+    let wrong = [("authorization", "Basic b3BzOndyb25n")];
+    let refused = request(&client, "POST", &url, &wrong, &body).await.unwrap();
+    assert_eq!(refused.status, 401);
+    let right = [("authorization", "Basic b3BzOnMzY3JldA==")];
+    let added = request(&client, "POST", &url, &right, &body).await.unwrap();
+    assert_eq!(added.status, 201);
+    let logged = |message: &str| {
+        gw.proc
+            .log_lines()
+            .into_iter()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
+            .filter(|line| line["message"] == message)
+            .collect::<Vec<_>>()
+    };
+    let found = eventually(Duration::from_secs(3), || async {
+        !logged("instance added").is_empty()
+    })
+    .await;
+    assert!(found, "{:?}", gw.proc.log_lines());
+    let client_of =
+        |line: &serde_json::Value| line["span"]["client"].as_str().unwrap_or("").to_owned();
+    assert!(client_of(&logged("instance added")[0]).starts_with("127.0.0.1:"));
+    let refusals = logged("admin credentials refused");
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert!(
+        client_of(&refusals[0]).starts_with("127.0.0.1:"),
+        "{refusals:?}"
+    );
+}
+
 #[tokio::test]
 async fn the_admin_api_answers_odd_requests_clearly() {
     let a = demo_backend(&[]);

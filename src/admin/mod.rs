@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::auth::constant_time_eq;
 use crate::autoscale::ModeError;
@@ -49,7 +50,7 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, mut stop: watch
             accepted = listener.accept() => accepted,
             _ = stop.changed() => break,
         };
-        let Some((stream, _)) = accept_failures.accepted("admin", accepted).await else {
+        let Some((stream, peer)) = accept_failures.accepted("admin", accepted).await else {
             continue;
         };
         // Past the cap the connection is closed at once.
@@ -58,7 +59,11 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, mut stop: watch
         };
         let gateway = gateway.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| handle(gateway.clone(), req));
+            // What a request changes is logged with who asked (the span's `client`).
+            let service = service_fn(move |req| {
+                let span = tracing::info_span!("admin", client = %peer);
+                handle(gateway.clone(), req).instrument(span)
+            });
             // HTTP/1.1 alone: browsers, scrapers and scripts speak it to a plain-HTTP port,
             // and hyper's HTTP/2 has no time limit on a connection that opens no stream. A
             // client that never finishes its head, or idles, is not kept for good.
@@ -105,7 +110,13 @@ async fn handle(
     }
     let credentials = gateway.runtime.load().config.admin.credentials.clone();
     if let Some((user, password)) = credentials {
-        if !authorized(req.headers().get(header::AUTHORIZATION), &user, &password) {
+        let given = req.headers().get(header::AUTHORIZATION);
+        if !authorized(given, &user, &password) {
+            // A first request without credentials is how a browser learns it needs them;
+            // wrong ones are worth an operator's eye, as nginx logs them.
+            if given.is_some() {
+                tracing::warn!(path, "admin credentials refused");
+            }
             let mut response = reply(StatusCode::UNAUTHORIZED, json!({"error": "unauthorized"}));
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
