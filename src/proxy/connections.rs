@@ -170,15 +170,17 @@ impl ConnectionLimits {
     pub fn set_limits(&self, max_open: usize, max_per_ip: usize) {
         let fits = self.within_descriptors;
         let capped = fits > 0 && (max_open == 0 || max_open > fits);
-        if capped {
+        let asked = max_open;
+        let max_open = if capped { fits } else { max_open };
+        let before = self.max_open.swap(max_open, Ordering::Relaxed);
+        // Said at start, and again only when a reload changes what is admitted.
+        if capped && before != max_open {
             tracing::info!(
-                max_connections = max_open,
+                max_connections = asked,
                 admitted = fits,
                 "client connections capped by the file descriptor limit (ulimit -n): two per connection, one for its instance"
             );
         }
-        let max_open = if capped { fits } else { max_open };
-        self.max_open.store(max_open, Ordering::Relaxed);
         self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
     }
 

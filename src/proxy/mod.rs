@@ -291,6 +291,7 @@ impl Gateway {
             upstream.retire();
         }
         tracing::info!(path = %path.display(), "configuration reloaded");
+        warn_if_admin_open(&self.runtime.load().config);
         Ok(())
     }
 
@@ -370,12 +371,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
         println!("tls listening on {}", listener.local_addr()?);
     }
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "scalegate is serving");
-    if !admin_addr.ip().to_canonical().is_loopback()
-        && gateway.runtime.load().config.admin.credentials.is_none()
-    {
-        // Its API can point live traffic anywhere (add an instance), reload and purge.
-        tracing::warn!(admin = %admin_addr, "the admin API is reachable from other hosts without credentials: set admin.username and admin.password");
-    }
+    warn_if_admin_open(&gateway.runtime.load().config);
 
     tokio::spawn(crate::admin::serve(
         gateway.clone(),
@@ -823,6 +819,15 @@ async fn close_stale_connections(gateway: Arc<Gateway>) {
                 instance.pool.close_stale(now);
             }
         }
+    }
+}
+
+/// Warns (at start and after each reload) when the admin API is reachable from other hosts
+/// without credentials: it can point live traffic anywhere (add an instance), reload and purge.
+fn warn_if_admin_open(config: &Config) {
+    let admin = config.admin.listen;
+    if !admin.ip().to_canonical().is_loopback() && config.admin.credentials.is_none() {
+        tracing::warn!(%admin, "the admin API is reachable from other hosts without credentials: set admin.username and admin.password");
     }
 }
 
