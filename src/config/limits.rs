@@ -575,7 +575,10 @@ fn validate_auth(p: &mut Problems, raw: &RawAuth) -> AuthConfig {
                     api_keys.push(key.to_owned());
                 }
             }
-            Err(err) => p.push("auth.api_keys_file", format!("cannot read {path}: {err}")),
+            Err(err) => {
+                let shown = super::shown_path(std::path::Path::new(path));
+                p.push("auth.api_keys_file", format!("cannot read {shown}: {err}"));
+            }
         }
     }
     AuthConfig {

@@ -118,6 +118,20 @@ impl ServerConfig {
 }
 
 /// The CPUs this process may run on.
+/// A file path as errors show it: a relative one with the working directory it is read from
+/// (not the config file's directory, as with HAProxy and Envoy), which is easy to miss when
+/// `check` passed in one directory and a service starts in another.
+pub fn shown_path(path: &std::path::Path) -> String {
+    match std::env::current_dir() {
+        Ok(cwd) if path.is_relative() => format!(
+            "{} (relative paths are read from the working directory, {})",
+            path.display(),
+            cwd.display()
+        ),
+        _ => path.display().to_string(),
+    }
+}
+
 pub fn cpus_available() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }

@@ -24,7 +24,7 @@ pub struct TlsCertificate {
 /// Reads the certificates of a PEM file (at least one).
 pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|err| format!("cannot read {}: {err}", path.display()))?
+        .map_err(|err| format!("cannot read {}: {err}", crate::config::shown_path(path)))?
         .collect::<Result<_, _>>()
         .map_err(|err| format!("{}: not a PEM certificate: {err}", path.display()))?;
     if certs.is_empty() {
@@ -76,7 +76,10 @@ impl From<PairProblems> for String {
 pub fn load_certificate(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, PairProblems> {
     let chain = load_certificates(cert);
     let signing = PrivateKeyDer::from_pem_file(key)
-        .map_err(|err| format!("cannot read a private key from {}: {err}", key.display()))
+        .map_err(|err| {
+            let shown = crate::config::shown_path(key);
+            format!("cannot read a private key from {shown}: {err}")
+        })
         .and_then(|key_der| {
             any_supported_type(&key_der)
                 .map_err(|err| format!("{}: unsupported private key: {err}", key.display()))
