@@ -108,7 +108,8 @@ async fn a_reload_changes_connection_caps_and_refuses_a_new_worker_count() {
     .await;
     assert_eq!(refused.status, 422);
     let errors = refused.json()["errors"].to_string();
-    assert!(errors.contains("server.workers"), "{errors}");
+    // Named with its line in the file, as every other config problem.
+    assert!(errors.contains("server.workers (line "), "{errors}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

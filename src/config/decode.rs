@@ -131,11 +131,15 @@ fn read<'de, D: serde::Deserializer<'de>>(
     let mut note_unknown = |path: serde_ignored::Path| {
         let key = key_path(&path);
         let (table, name) = key.rsplit_once('.').unwrap_or(("", &key));
-        let message = match super::suggest::closest_key(table, name) {
-            Some(meant) => {
-                format!("unknown field `{name}`: no such key here; did you mean `{meant}`?")
-            }
-            None => format!("unknown field `{name}`: no such key here (misspelt?)"),
+        let meant = super::suggest::closest_keys(table, name);
+        let message = if meant.is_empty() {
+            format!("unknown field `{name}`: no such key here (misspelt?)")
+        } else {
+            let meant: Vec<String> = meant.iter().map(|key| format!("`{key}`")).collect();
+            format!(
+                "unknown field `{name}`: no such key here; did you mean {}?",
+                meant.join(" or ")
+            )
         };
         unknown.push(ConfigError {
             line: None,

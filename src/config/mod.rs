@@ -283,6 +283,14 @@ impl Config {
         Config::from_toml(&text)
     }
 
+    /// Gives `errors` found in the file at `path` after it was loaded (a reload's refusals)
+    /// the lines of their keys in it.
+    pub fn place_in_file(path: &Path, errors: &mut [ConfigError]) {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            lines::place(&text, errors);
+        }
+    }
+
     /// Interpolates `${ENV}` from the process environment, parses and validates.
     pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
         let text = env::interpolate(text, |name| std::env::var(name).ok()).map_err(|problems| {

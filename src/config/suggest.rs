@@ -12,17 +12,32 @@ use super::raw::{
 use super::tls::{RawCertificate, RawTls};
 use super::upstream_tls::RawUpstreamTls;
 
-/// The key a misspelt `key` of the table at `table` (a key path, `upstreams.app.health`) most
-/// likely meant, if one is close enough.
-pub fn closest_key(table: &str, key: &str) -> Option<&'static str> {
-    let known = keys_of(&shape(table))?;
+/// The keys a misspelt or shortened `key` of the table at `table` (a key path,
+/// `upstreams.app.health`) most likely meant: the closest one if it is close enough, else
+/// those it begins (`stale` for `stale_if_error` and `stale_while_revalidate`); empty when
+/// nothing fits.
+pub fn closest_keys(table: &str, key: &str) -> Vec<&'static str> {
+    let Some(known) = keys_of(&shape(table)) else {
+        return Vec::new();
+    };
     let most = (key.chars().count() / 3).max(1);
-    known
+    let closest = known
         .iter()
         .map(|candidate| (edit_distance(key, candidate), *candidate))
         .filter(|(distance, _)| *distance <= most)
         .min_by_key(|(distance, _)| *distance)
-        .map(|(_, candidate)| candidate)
+        .map(|(_, candidate)| candidate);
+    if let Some(closest) = closest {
+        return vec![closest];
+    }
+    if key.chars().count() < 3 {
+        return Vec::new();
+    }
+    known
+        .iter()
+        .copied()
+        .filter(|candidate| candidate.starts_with(key))
+        .collect()
 }
 
 /// A table's path with what varies taken out: upstream names become `*`, array positions `[]`.
@@ -137,24 +152,25 @@ mod tests {
 
     #[test]
     fn misspelt_keys_get_the_key_of_their_table() {
+        assert_eq!(closest_keys("server", "shutdown_grase"), ["shutdown_grace"]);
+        assert_eq!(closest_keys("upstreams.app", "stratgey"), ["strategy"]);
         assert_eq!(
-            closest_key("server", "shutdown_grase"),
-            Some("shutdown_grace")
+            closest_keys("upstreams.app.health", "intervall"),
+            ["interval"]
         );
-        assert_eq!(closest_key("upstreams.app", "stratgey"), Some("strategy"));
+        assert_eq!(closest_keys("routes[2]", "path_prefx"), ["path_prefix"]);
         assert_eq!(
-            closest_key("upstreams.app.health", "intervall"),
-            Some("interval")
+            closest_keys("upstreams.api.instances[0]", "wieght"),
+            ["weight"]
         );
-        assert_eq!(closest_key("routes[2]", "path_prefx"), Some("path_prefix"));
-        assert_eq!(
-            closest_key("upstreams.api.instances[0]", "wieght"),
-            Some("weight")
-        );
-        assert_eq!(closest_key("", "upstream"), Some("upstreams"));
+        assert_eq!(closest_keys("", "upstream"), ["upstreams"]);
+        // A key shortened: those it begins.
+        let mut stale = closest_keys("routes[0].cache", "stale");
+        stale.sort_unstable();
+        assert_eq!(stale, ["stale_if_error", "stale_while_revalidate"]);
         // Nothing close, or a table not known here: no guess.
-        assert_eq!(closest_key("server", "colour"), None);
-        assert_eq!(closest_key("nowhere", "listen"), None);
+        assert!(closest_keys("server", "colour").is_empty());
+        assert!(closest_keys("nowhere", "listen").is_empty());
     }
 
     #[test]

@@ -267,8 +267,10 @@ impl Gateway {
         let _serialized = self.reload_lock.blocking_lock();
         let config = Config::load(path)?;
         let current = self.runtime.load_full();
-        let needing_restart = restart_only_changes(&current.config, &config, self.redis.is_some());
+        let mut needing_restart =
+            restart_only_changes(&current.config, &config, self.redis.is_some());
         if !needing_restart.is_empty() {
+            Config::place_in_file(path, &mut needing_restart);
             return Err(ConfigErrors(needing_restart));
         }
         self.connections.set_limits(
