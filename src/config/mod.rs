@@ -445,7 +445,8 @@ pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
     let text = text.trim();
     let text = text.strip_prefix("http://").unwrap_or(text);
     if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok(addr);
+        // An IPv4-mapped IPv6 address is the IPv4 one: the same instance, not another.
+        return Ok(SocketAddr::new(addr.ip().to_canonical(), addr.port()));
     }
     if let Some(port) = text.strip_prefix("localhost:") {
         if let Ok(port) = port.parse::<u16>() {
@@ -925,6 +926,23 @@ upstream = "missing"
             "[server]\nadmin_listen = \"127.0.0.1:9091\"\n[admin]\nlisten = \"127.0.0.1:9092\"",
         );
         assert_eq!(key, "server.admin_listen");
+    }
+
+    #[test]
+    fn upstream_names_fit_where_they_are_used() {
+        for name in ["", "a/b", "q?"] {
+            let text = format!(
+                "[upstreams.\"{name}\"]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = \"{name}\"\n"
+            );
+            let errors = Config::from_toml(&text).unwrap_err().0;
+            assert_eq!(errors[0].key, format!("upstreams.{name}"), "{name}");
+        }
+    }
+
+    #[test]
+    fn an_ipv4_mapped_address_is_the_ipv4_one() {
+        let mapped = parse_addr("[::ffff:127.0.0.1]:3001").unwrap();
+        assert_eq!(mapped, parse_addr("127.0.0.1:3001").unwrap());
     }
 
     #[test]

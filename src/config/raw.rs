@@ -602,6 +602,13 @@ fn default_pipeline(plain_http1: bool, keepalive: usize) -> usize {
 
 fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> UpstreamConfig {
     let key = format!("upstreams.{name}");
+    // The name is a route's `upstream`, a metrics label and a segment of admin API paths.
+    if name.is_empty() || name.contains(['/', '?', '#']) || name.chars().any(char::is_control) {
+        p.push(
+            key.clone(),
+            "an upstream name must be non-empty, without `/`, `?`, `#` or control characters",
+        );
+    }
     let strategy = Strategy::from_name(&raw.strategy, || {
         parse_hash_key(
             p,

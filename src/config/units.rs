@@ -72,7 +72,12 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "gib" | "g" => 1024.0 * 1024.0 * 1024.0,
         other => return Err(format!("`{text}`: unknown size unit `{other}`")),
     };
-    Ok((value * factor) as u64)
+    let bytes = (value * factor) as u64;
+    // Rounded down to nothing, a size would read as 0, which means "no limit" for some keys.
+    if bytes == 0 && value > 0.0 {
+        return Err(format!("`{text}` is less than one byte"));
+    }
+    Ok(bytes)
 }
 
 /// Reads a size field as written: text with a unit, or a bare integer of bytes (`max_body =
@@ -154,5 +159,10 @@ mod tests {
         assert_eq!(parse_size("8k"), Ok(8 * 1024));
         assert!(parse_size("ten").is_err());
         assert!(parse_size("1XB").is_err());
+        // 0 is 0 (no limit where that means none), but a fraction of a byte is a mistake.
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("0.0004KB")
+            .unwrap_err()
+            .contains("less than one byte"));
     }
 }
