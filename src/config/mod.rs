@@ -340,6 +340,7 @@ impl Config {
             let flag = |key: &str| match key {
                 "server.listen" => "--listen".to_owned(),
                 "server.admin_listen" | "admin.listen" => "--admin-listen".to_owned(),
+                "upstreams.default.instances" => "--upstream".to_owned(),
                 key => match key.strip_prefix("upstreams.default.instances[") {
                     Some(rest) => {
                         let index: usize = rest.trim_end_matches(']').parse().unwrap_or(0);
@@ -916,6 +917,11 @@ upstream = "missing"
             "{}",
             errors[0]
         );
+        let mixed = ["127.0.0.1:1".to_owned(), "https://127.0.0.1:2".to_owned()];
+        let errors = Config::from_flags("127.0.0.1:8080", "127.0.0.1:9090", &mixed)
+            .unwrap_err()
+            .0;
+        assert_eq!(errors[0].key, "--upstream", "{}", errors[0]);
     }
 
     #[test]
