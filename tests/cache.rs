@@ -314,6 +314,33 @@ async fn conditional_requests_get_304_or_412_from_stored_answers() {
         assert!(reply.body.is_empty() && !reply.header("x-request-id").is_empty());
     }
     assert_eq!(backend_requests(&client, &backend).await, 1);
+
+    // On a miss too, as nginx judges them: the client gets its 304 or 412 at once, and the
+    // fill still stores the whole answer.
+    let fresh = gw.url("/cache/fresh?etag=v2");
+    let reply = request(&client, "GET", &fresh, &[("if-none-match", "\"v2\"")], "")
+        .await
+        .unwrap();
+    assert_eq!(
+        (reply.status, reply.header("x-cache-status")),
+        (304, "MISS")
+    );
+    assert!(reply.body.is_empty());
+    assert_eq!(reply.header("etag"), "\"v2\"");
+    let stored = eventually(Duration::from_secs(3), || async {
+        get(&client, &fresh).await.header("x-cache-status") == "HIT"
+    })
+    .await;
+    assert!(stored, "the fill behind a 304 was not stored");
+    let other = gw.url("/cache/other?etag=v3");
+    let reply = request(&client, "GET", &other, &[("if-match", "\"v0\"")], "")
+        .await
+        .unwrap();
+    assert_eq!(
+        (reply.status, reply.header("x-cache-status")),
+        (412, "MISS")
+    );
+    assert!(reply.body.is_empty() && !reply.header("x-request-id").is_empty());
 }
 
 #[tokio::test]

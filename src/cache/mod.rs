@@ -425,16 +425,21 @@ async fn fill(
         }
         return labelled(Ok(response), outcome, cache, &fetch.request_id);
     };
+    // The client's own conditions, judged on the fresh answer as on a stored one (and as nginx
+    // judges them on a miss): a 304 or 412 goes without a body, while the fill goes on reading
+    // the whole answer into the store.
+    let judged = policy::precondition(&request_headers, response.status(), response.headers());
     let (head, body) = response.into_parts();
     let length = http_body::Body::size_hint(&body).exact();
     let (tx, rx) = mpsc::channel(16);
     let store = cache.store.clone();
     let max_body = cache.rules.max_body;
+    let client = (judged == Precondition::Holds).then_some(tx);
     tokio::spawn(async move {
         let mut lease = lease;
         let mut body = body;
         let mut buffer = Some(BytesMut::new());
-        let mut client = Some(tx);
+        let mut client = client;
         // Frames the client has not taken yet: while the answer may still be stored, the
         // instance is read at its own pace (at most max_body ahead), so one slow client does
         // not hold the lease every other request for the key waits on.
@@ -475,7 +480,23 @@ async fn fill(
         }
         relay(&mut client, &mut backlog, false).await;
     });
-    let mut response = Response::from_parts(head, GatewayBody::Relay(rx, length));
+    let mut response = match judged {
+        Precondition::Holds => Response::from_parts(head, GatewayBody::Relay(rx, length)),
+        Precondition::NotModified => {
+            let mut response = Response::from_parts(head, GatewayBody::Full(None));
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            response
+        }
+        // As from the store: no stored field describes a failed precondition.
+        Precondition::Failed => {
+            let mut response = Response::new(GatewayBody::Full(None));
+            *response.status_mut() = StatusCode::PRECONDITION_FAILED;
+            response
+                .headers_mut()
+                .insert(X_REQUEST_ID.clone(), fetch.request_id.clone());
+            response
+        }
+    };
     cache.store.counters.record(outcome);
     response.headers_mut().insert(
         X_CACHE_STATUS.clone(),
