@@ -374,7 +374,7 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "\nRequests   {} made, {} answered in {}{warmup}: {:.1} req/s",
+            "\nRequests   {} ended (answered or failed), {} answered in {}{warmup}: {:.1} req/s",
             self.requests(),
             self.responses(),
             seconds(self.elapsed),
