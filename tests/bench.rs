@@ -464,26 +464,33 @@ async fn a_server_accepting_nothing_holds_neither_the_run_nor_ctrl_c() {
     assert_eq!(count(&report, "responses"), 0, "{report}");
     assert_eq!(count(&report, "unfinished"), 8, "{report}");
 
+    let args = ["bench", "-c", "8", "-d", "20s", "--json", &target];
+    let report = interrupted(&args, Duration::from_millis(300), Duration::from_secs(2)).await;
+    assert_eq!(count(&report, "responses"), 0, "{report}");
+}
+
+/// Runs `scalegate ARGS`, stops it with SIGINT `after` a while, and returns its report, which
+/// must come `within` that long of the signal, with exit status 0.
+async fn interrupted(args: &[&str], after: Duration, within: Duration) -> Value {
     let child = tokio::process::Command::new(bin())
-        .args(["bench", "-c", "8", "-d", "20s", "--json", &target])
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(after).await;
     let pid = child.id().unwrap().to_string();
     let signalled = std::process::Command::new("kill")
         .args(["-INT", &pid])
         .status()
         .unwrap();
     assert!(signalled.success());
-    let output = tokio::time::timeout(Duration::from_secs(2), child.wait_with_output())
+    let output = tokio::time::timeout(within, child.wait_with_output())
         .await
-        .expect("bench did not end soon after Ctrl-C while connecting")
+        .unwrap_or_else(|_| panic!("{args:?} did not end soon after Ctrl-C"))
         .unwrap();
     assert_eq!(output.status.code(), Some(0));
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(count(&report, "responses"), 0, "{report}");
+    serde_json::from_slice(&output.stdout).unwrap()
 }
 
 #[tokio::test]
@@ -502,25 +509,7 @@ async fn ctrl_c_during(backend: &Proc, mode: &[&str]) -> Value {
     let target = url(backend, "/");
     let mut args = vec!["bench", "-d", "20s", "--json", target.as_str()];
     args.extend_from_slice(mode);
-    let child = tokio::process::Command::new(bin())
-        .args(&args)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let pid = child.id().unwrap().to_string();
-    let signalled = std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap();
-    assert!(signalled.success());
-    let output = tokio::time::timeout(Duration::from_secs(1), child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("bench {mode:?} did not end soon after Ctrl-C"))
-        .unwrap();
-    assert_eq!(output.status.code(), Some(0));
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let report = interrupted(&args, Duration::from_millis(800), Duration::from_secs(1)).await;
     let duration = report["duration_s"].as_f64().unwrap();
     assert!((0.3..3.0).contains(&duration), "{duration}");
     assert!(count(&report, "responses") > 0, "{report}");

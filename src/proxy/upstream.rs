@@ -1067,23 +1067,12 @@ mod tests {
         )
         .unwrap();
         let adopted = Upstream::new(listed.upstream("app").unwrap().clone(), Some(&start));
-        let dynamic: Vec<bool> = adopted
-            .set
-            .load()
-            .instances
-            .iter()
-            .map(|i| i.dynamic)
-            .collect();
-        assert_eq!(dynamic, [false, false]);
+        let set = adopted.set.load();
+        assert!(set.instances.iter().all(|i| !i.dynamic));
         let dropped = Upstream::new(start.config.clone(), Some(&adopted));
-        let left: Vec<SocketAddr> = dropped
-            .set
-            .load()
-            .instances
-            .iter()
-            .map(|i| i.addr)
-            .collect();
-        assert_eq!(left, ["127.0.0.1:20000".parse::<SocketAddr>().unwrap()]);
+        let set = dropped.set.load();
+        assert_eq!(set.instances.len(), 1);
+        assert_ne!(set.instances[0].addr, added);
     }
 
     /// Taken out by passive or active checks, an instance may come back as another, slower
