@@ -253,11 +253,8 @@ fn upgrades_other_than_websocket_over_http_1_1_go_on_as_plain_requests() {
     assert!(answer.ends_with("no Upgrade"), "{answer}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
-    let a = demo_backend(&[]);
-    // A tunnel is still an open client connection: it holds its place under the caps.
-    let gw = gateway_with_server_keys("max_connections = 1", &app_config(&[&a], ""));
+/// Opens a WebSocket tunnel through `gw` to the demo instance's echo; with the 101's head.
+fn open_tunnel(gw: &Gateway) -> (TcpStream, String) {
     let mut ws = TcpStream::connect(gw.proxy).unwrap();
     ws.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     ws.write_all(
@@ -273,6 +270,59 @@ async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
     }
     let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
+    (ws, head)
+}
+
+/// Sends `frame` through the tunnel and reads its echo.
+fn echoed(ws: &mut TcpStream, frame: &[u8]) -> std::io::Result<()> {
+    ws.write_all(frame)?;
+    let mut echo = vec![0u8; frame.len()];
+    ws.read_exact(&mut echo)?;
+    assert_eq!(echo, frame);
+    Ok(())
+}
+
+/// A graceful stop waits for open tunnels, as nginx, HAProxy and Traefik do, up to the grace;
+/// a tunnel cut when it runs out is logged with the bytes it carried to the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_keeps_tunnels_open_for_the_grace() {
+    let a = demo_backend(&[]);
+    let mut gw =
+        gateway_logging_with_server_keys("shutdown_grace = \"1500ms\"", &app_config(&[&a], ""));
+    let (mut ws, _) = open_tunnel(&gw);
+    let frame = *b"0123456789";
+    echoed(&mut ws, &frame).unwrap();
+    signal(gw.proc.pid(), "TERM");
+    std::thread::sleep(Duration::from_millis(500));
+    echoed(&mut ws, &frame).expect("the tunnel was cut as the stop began");
+    let stopped = Instant::now();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = gw.proc.child.wait().unwrap();
+        (status, gw)
+    })
+    .await
+    .unwrap();
+    let (status, gw) = status;
+    assert!(status.success(), "{status:?}");
+    assert!(stopped.elapsed() < Duration::from_secs(3));
+    let line = gw
+        .proc
+        .log_lines()
+        .into_iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
+        .find(|line| line["path"] == "/upgrade")
+        .expect("the tunnel's access line");
+    assert_eq!(line["status"], 101, "{line}");
+    assert_eq!(line["bytes"], 20, "{line}");
+    drop(ws);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
+    let a = demo_backend(&[]);
+    // A tunnel is still an open client connection: it holds its place under the caps.
+    let gw = gateway_with_server_keys("max_connections = 1", &app_config(&[&a], ""));
+    let (mut ws, head) = open_tunnel(&gw);
     assert!(head.contains("upgrade: websocket"), "{head}");
     assert!(head.contains("x-request-id:"), "{head}");
     // A masked WebSocket text frame "hello" and whatever else: bytes flow both ways untouched.
@@ -290,10 +340,7 @@ async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
         b'o' ^ 1,
     ];
     for _ in 0..3 {
-        ws.write_all(&frame).unwrap();
-        let mut echoed = [0u8; 11];
-        ws.read_exact(&mut echoed).unwrap();
-        assert_eq!(echoed, frame);
+        echoed(&mut ws, &frame).unwrap();
     }
     let client = client();
     let in_flight = || async {

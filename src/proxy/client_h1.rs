@@ -250,7 +250,13 @@ pub async fn serve(
                     {
                         // The tunnel writes the record when it closes, with its whole time and
                         // the bytes it carried to the client, as nginx logs a WebSocket.
-                        let _ = tx.send((stream, early, permit, record));
+                        let _ = tx.send(Handover {
+                            client: stream,
+                            early,
+                            permit,
+                            record,
+                            drain: conn.drain.clone(),
+                        });
                     }
                 }
                 return;

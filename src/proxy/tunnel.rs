@@ -1,7 +1,8 @@
 //! Upgraded connections (WebSocket and other `Upgrade` protocols): once the instance answered
 //! 101, bytes are copied both ways until either side closes or nothing moves for the idle
 //! timeout. The request's in-flight guard lives as long as the tunnel, so balancing and
-//! draining see it.
+//! draining see it, and so does the client connection's hold on a shutdown: a graceful stop
+//! waits for open tunnels up to `shutdown_grace`, as nginx, HAProxy and Traefik do.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::client_io::ClientStream;
@@ -20,10 +21,18 @@ use super::h1::InstanceConn;
 use super::record::RequestRecord;
 use super::upstream::InFlightGuard;
 
-/// What the HTTP/1.1 loop hands over once the 101 went out: the client's connection, what the
-/// client sent after its request, the connection's place under the connection limits, which
-/// the tunnel holds for as long as it lasts, and the request's record, written when it ends.
-pub type Handover = (ClientStream, Bytes, ConnectionPermit, RequestRecord);
+/// What the HTTP/1.1 loop hands over once the 101 went out.
+pub struct Handover {
+    pub client: ClientStream,
+    /// What the client sent after its request.
+    pub early: Bytes,
+    /// The connection's place under the connection limits, held as long as the tunnel lasts.
+    pub permit: ConnectionPermit,
+    /// The request's record, written when the tunnel ends.
+    pub record: RequestRecord,
+    /// Held as long as the tunnel lasts: a graceful stop waits for it.
+    pub drain: watch::Receiver<bool>,
+}
 
 /// The client's side of an upgrade. (HTTP/2 has no `Upgrade`.)
 pub type ClientUpgrade = oneshot::Receiver<Handover>;
@@ -36,14 +45,21 @@ pub fn spawn(
     idle: Duration,
 ) {
     tokio::spawn(async move {
-        let Ok((mut client, client_early, _permit, mut record)) = client.await else {
+        let Ok(handover) = client.await else {
             return;
         };
+        let Handover {
+            client: mut client_io,
+            early: client_early,
+            permit: _permit,
+            mut record,
+            drain: _drain,
+        } = handover;
         // What either side sent right after the 101 or the request belongs to the new
         // protocol.
         let (mut instance, early) = instance.into_parts();
         if !early.is_empty() {
-            if let Err(err) = client.write_all(&early).await {
+            if let Err(err) = client_io.write_all(&early).await {
                 tracing::debug!(%err, "tunnel closed with an error");
                 return;
             }
@@ -57,7 +73,12 @@ pub fn spawn(
         }
         let origin = Instant::now();
         let last = Arc::new(AtomicU64::new(0));
-        let mut client = Activity::new(client, origin, last.clone());
+        let record = TunnelRecord {
+            record,
+            to_client: Arc::new(AtomicU64::new(0)),
+        };
+        let mut client =
+            Activity::new(client_io, origin, last.clone()).counting(record.to_client.clone());
         let mut instance = Activity::new(instance, origin, last.clone());
         tokio::select! {
             result = tokio::io::copy_bidirectional(&mut client, &mut instance) => {
@@ -69,9 +90,23 @@ pub fn spawn(
                 tracing::debug!(idle_secs = idle.as_secs_f64(), "tunnel idle: closed");
             }
         }
-        record.sent(client.written);
+        drop(record);
         drop(guard);
     });
+}
+
+/// A tunnel's request record, written with the bytes that reached the client however the
+/// tunnel ends: also when a shutdown's grace runs out and the runtime drops the tunnel.
+struct TunnelRecord {
+    record: RequestRecord,
+    to_client: Arc<AtomicU64>,
+}
+
+impl Drop for TunnelRecord {
+    fn drop(&mut self) {
+        self.record
+            .sent(self.to_client.load(Ordering::Relaxed) as usize);
+    }
 }
 
 /// Ends once nothing moved through the tunnel for `idle`.
@@ -87,12 +122,12 @@ async fn idle_expiry(origin: Instant, last: &AtomicU64, idle: Duration) {
 }
 
 /// An IO that stamps `last` (milliseconds since `origin`) whenever bytes are read, and counts
-/// the bytes written to it.
+/// the bytes written to it into `written` when it has one.
 struct Activity<T> {
     io: T,
     origin: Instant,
     last: Arc<AtomicU64>,
-    written: usize,
+    written: Option<Arc<AtomicU64>>,
 }
 
 impl<T> Activity<T> {
@@ -101,7 +136,14 @@ impl<T> Activity<T> {
             io,
             origin,
             last,
-            written: 0,
+            written: None,
+        }
+    }
+
+    fn counting(self, written: Arc<AtomicU64>) -> Self {
+        Activity {
+            written: Some(written),
+            ..self
         }
     }
 }
@@ -131,8 +173,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled {
-            this.written += n;
+        if let (Poll::Ready(Ok(n)), Some(written)) = (&polled, &this.written) {
+            written.fetch_add(*n as u64, Ordering::Relaxed);
         }
         polled
     }

@@ -231,8 +231,21 @@ pub fn gateway_announcing(body: &str, listeners: usize) -> Gateway {
 /// As [`gateway`] with the access log on (test gateways have it off), logging at `info` in
 /// JSON; its lines are in `proc.log_lines()`.
 pub fn gateway_logging(body: &str) -> Gateway {
-    let server = TEST_SERVER.replace("access_log = false", "access_log = true");
-    start_gateway(&format!("{server}\n{body}"), 2, true)
+    gateway_logging_with_server_keys("", body)
+}
+
+/// [`gateway_logging`] with more `[server]` keys (`keys`, one per line), which replace the
+/// test table's own.
+pub fn gateway_logging_with_server_keys(keys: &str, body: &str) -> Gateway {
+    let name = |line: &str| line.split('=').next().unwrap_or_default().trim().to_owned();
+    let given: Vec<String> = keys.lines().map(name).collect();
+    let server: String = TEST_SERVER
+        .replace("access_log = false", "access_log = true")
+        .lines()
+        .filter(|line| !given.contains(&name(line)))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    start_gateway(&format!("{server}{keys}\n\n{body}"), 2, true)
 }
 
 fn start_gateway(body: &str, listeners: usize, keep_log: bool) -> Gateway {
