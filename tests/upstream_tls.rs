@@ -386,6 +386,103 @@ async fn an_http2_instance_is_timed_while_waited_on_never_while_the_client_is() 
     assert_eq!(stalled.status, 504);
 }
 
+/// An h2c instance answering `/big` with 8 MiB and anything else with `small`, counting the
+/// connections it accepted; each answer waits `pause` first.
+async fn sized_h2c_instance(
+    pause: Duration,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(socket).await else {
+                    return;
+                };
+                while let Some(Ok((request, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(pause).await;
+                        let big = request.uri().path() == "/big";
+                        let body = if big {
+                            bytes::Bytes::from(vec![b'b'; 8 << 20])
+                        } else {
+                            bytes::Bytes::from_static(b"small")
+                        };
+                        let head = http::Response::builder()
+                            .header("content-length", body.len())
+                            .body(())
+                            .unwrap();
+                        let Ok(mut stream) = respond.send_response(head, false) else {
+                            return;
+                        };
+                        // Sent as flow control allows, a window at a time.
+                        let mut rest = body;
+                        while !rest.is_empty() {
+                            stream.reserve_capacity(rest.len().min(1 << 20));
+                            let Some(Ok(room)) =
+                                std::future::poll_fn(|cx| stream.poll_capacity(cx)).await
+                            else {
+                                return;
+                            };
+                            let part = rest.split_to(room.min(rest.len()));
+                            if stream.send_data(part, rest.is_empty()).is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// Clients that stop reading large answers hold no other answer up (each stream's unread data
+/// holds the shared connection's window too), and requests past what one connection carries
+/// at once go on another connection rather than queue for a stream slot at the instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_downloads_and_busy_connections_hold_no_request_up() {
+    use tokio::io::AsyncWriteExt;
+    let (instance, _) = sized_h2c_instance(Duration::ZERO).await;
+    let gw = gateway(&upstream(
+        &[instance.to_string()],
+        "protocol = \"h2c\"\nresponse_timeout = \"3s\"",
+    ));
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut client = socket.connect(gw.proxy).await.unwrap();
+        client
+            .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        stalled.push(client);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = client();
+    for _ in 0..3 {
+        let reply = get(&client, &gw.url("/small")).await;
+        assert_eq!((reply.status, &reply.body[..]), (200, &b"small"[..]));
+    }
+    drop(stalled);
+
+    // 150 requests at once on an instance that takes 300 ms each: two connections carry them.
+    let (slow, connections_to_slow) = sized_h2c_instance(Duration::from_millis(300)).await;
+    let gw = gateway(&upstream(&[slow.to_string()], "protocol = \"h2c\""));
+    let sent = (0..150).map(|n| {
+        let (client, url) = (client.clone(), gw.url(&format!("/s{n}")));
+        async move { get(&client, &url).await.status }
+    });
+    let statuses = futures_util::future::join_all(sent).await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    let opened = connections_to_slow.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(opened, 2, "connections opened for 150 concurrent requests");
+}
+
 /// A stream an HTTP/2 instance resets fails that request, not the instance: it stays in
 /// rotation (max_fails = 1). A refused stream (REFUSED_STREAM: not processed, RFC 9113 §8.7)
 /// goes to another instance whatever its method, with its body.

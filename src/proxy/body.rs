@@ -519,7 +519,7 @@ pub enum GatewayBody {
     /// An instance's body, streamed.
     Upstream(InstanceBody),
     /// An HTTP/2 instance's body, streamed, counting the request in flight until it ends.
-    Http2(Holding<Incoming, InFlightGuard>),
+    Http2(Holding<Incoming, (InFlightGuard, super::h2::StreamSlot)>),
     /// Chunks the gateway produces over time (server-sent events); ends when the sender drops.
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
     /// Chunks relayed by a task reading an instance's body (the cache storing a response while

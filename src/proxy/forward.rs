@@ -471,14 +471,14 @@ async fn to_instance(
         )
         .await
         {
-            Ok(Answer::Http2(response)) => {
+            Ok(Answer::Http2(response, slot)) => {
                 judge_answer(&instance, config, response.status(), now);
                 let (mut head, incoming) = response.into_parts();
                 head.version = Version::HTTP_11;
                 strip_hop_by_hop(&mut head.headers);
                 head.headers
                     .insert(X_REQUEST_ID.clone(), request_id.clone());
-                let body = Holding::paced(incoming, guard, config.response_timeout);
+                let body = Holding::paced(incoming, (guard, slot), config.response_timeout);
                 let body = GatewayBody::Http2(body);
                 return Ok(Response::from_parts(head, body));
             }
@@ -641,7 +641,8 @@ impl Attempt {
 /// on it when pipelined), or from HTTP/2.
 enum Answer {
     Http1(Box<InstanceConn>, Option<LineHold>, AnswerHead),
-    Http2(Response<Incoming>),
+    /// With the request's place on its connection, held until the answer ends.
+    Http2(Response<Incoming>, h2::StreamSlot),
 }
 
 /// Which HTTP/1.1 connection an attempt may take.
@@ -776,7 +777,7 @@ async fn send_http2(
     // after a stale pooled HTTP/1.1 connection.
     let mut reconnected = false;
     loop {
-        let sender = shared
+        let (sender, slot) = shared
             .sender(connector)
             .await
             .map_err(|err| Attempt::not_connected(&err))?;
@@ -786,7 +787,7 @@ async fn send_http2(
         let (kind, reason) = match h2::send(sender, request, body, started, timeout).await {
             Ok(response) => {
                 observe_latency(instance, started, response.status());
-                return Ok(Answer::Http2(response));
+                return Ok(Answer::Http2(response, slot));
             }
             Err(Http2Error::NotSent(reason)) => (FailureKind::NotSent, reason),
             Err(Http2Error::GoneAway(reason)) => (FailureKind::Reset { refused: true }, reason),
@@ -800,7 +801,7 @@ async fn send_http2(
             FailureKind::NotSent | FailureKind::Reset { refused: true }
         );
         if untouched && !reconnected && body.rewind() {
-            shared.forget();
+            shared.forget(&slot);
             reconnected = true;
             continue;
         }

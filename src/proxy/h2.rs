@@ -1,14 +1,16 @@
 //! The instance side of HTTP/2 (`protocol = "h2"` over TLS, `"h2c"` over TCP) with hyper's
-//! client: one multiplexed connection per instance, opened on first use and again once it
-//! closed; requests run concurrently on it. The answer body is hyper's, wrapped so it holds
-//! the request's in-flight guard to its end.
+//! client: multiplexed connections per instance, opened on first use, again once one closed,
+//! and another whenever each open one carries [`STREAMS_PER_CONNECTION`] requests (as Envoy
+//! opens another at the instance's stream limit, rather than queueing). The answer body is
+//! hyper's, wrapped so it holds the request's in-flight guard and stream slot to its end.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::HOST;
 use http::request::Parts;
@@ -25,18 +27,42 @@ use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::{ConnectError, Connector};
 use super::headers::ForwardedFields;
 
-/// Flow-control windows towards instances: hyper's defaults (64 KiB) cap a stream at a window
-/// per round trip, far below loopback or LAN bandwidth.
-const STREAM_WINDOW: u32 = 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// Requests one connection to an instance carries at once; past it another connection opens.
+/// Below the stream limits servers advertise (nginx 128, Go 250, h2o and Apache 100), so
+/// requests do not queue unseen for a stream slot at the instance, their wait counted against
+/// it.
+pub const STREAMS_PER_CONNECTION: usize = 100;
 
-/// The shared HTTP/2 connection to one instance.
+/// Flow-control windows towards instances: hyper's defaults (64 KiB) cap a stream at a window
+/// per round trip, far below loopback or LAN bandwidth. The connection's window covers every
+/// stream's: a stream's unread data holds the connection's window too (until the gateway's
+/// client reads it), so with less a few stalled downloads would stop every other answer on
+/// the connection. What it may hold is bounded by the streams' windows all the same.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = STREAM_WINDOW * STREAMS_PER_CONNECTION as u32;
+
+/// The HTTP/2 connections to one instance.
 #[derive(Default)]
 pub struct Http2Conn {
-    sender: ArcSwapOption<SendRequest<Upload>>,
-    /// Held while (re)connecting only, so a burst of requests on a closed connection opens one
-    /// new connection, not one each; requests on a live connection never take it.
+    lines: ArcSwap<Vec<Arc<Http2Line>>>,
+    /// Held while connecting only, so a burst of requests opens one new connection, not one
+    /// each; requests that find a free stream slot never take it.
     connecting: tokio::sync::Mutex<()>,
+}
+
+/// One HTTP/2 connection and the requests it carries.
+pub struct Http2Line {
+    sender: SendRequest<Upload>,
+    streams: AtomicUsize,
+}
+
+/// A request's place on a connection, held until its answer ends.
+pub struct StreamSlot(Arc<Http2Line>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How sending on the shared connection failed.
@@ -60,18 +86,22 @@ pub enum Http2Error {
 }
 
 impl Http2Conn {
-    /// A sender on the live connection, connecting first when there is none.
-    pub async fn sender(&self, connector: &Connector) -> Result<SendRequest<Upload>, ConnectError> {
-        if let Some(sender) = self.live() {
-            return Ok(sender);
+    /// A sender and a stream slot on a live connection with room, connecting first when there
+    /// is none.
+    pub async fn sender(
+        &self,
+        connector: &Connector,
+    ) -> Result<(SendRequest<Upload>, StreamSlot), ConnectError> {
+        if let Some(slot) = self.free_slot() {
+            return Ok(slot);
         }
         // Another request is connecting: wait for it, but no longer than a connect may take,
         // so requests do not queue behind a run of connect timeouts to a dead instance.
         let _connecting = tokio::time::timeout(connector.timeout(), self.connecting.lock())
             .await
             .map_err(|_| ConnectError::Timeout)?;
-        if let Some(sender) = self.live() {
-            return Ok(sender);
+        if let Some(slot) = self.free_slot() {
+            return Ok(slot);
         }
         let stream = connector.connect().await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
@@ -88,22 +118,48 @@ impl Http2Conn {
                 tracing::debug!(%err, "HTTP/2 connection to an instance ended with an error");
             }
         });
-        self.sender.store(Some(Arc::new(sender.clone())));
-        Ok(sender)
+        let line = Arc::new(Http2Line {
+            sender: sender.clone(),
+            streams: AtomicUsize::new(1),
+        });
+        self.lines.rcu(|lines| {
+            let mut kept: Vec<Arc<Http2Line>> = lines
+                .iter()
+                .filter(|line| !line.sender.is_closed())
+                .cloned()
+                .collect();
+            kept.push(line.clone());
+            kept
+        });
+        Ok((sender, StreamSlot(line)))
     }
 
-    /// Drops the connection a GOAWAY ended (it takes no new stream) so that the next request
-    /// opens a new one, not waiting for its last streams to finish.
-    pub fn forget(&self) {
-        self.sender.store(None);
+    /// Drops the connection of `slot`, which a GOAWAY ended (it takes no new stream), so that
+    /// the next request opens a new one rather than wait for its last streams to finish.
+    pub fn forget(&self, slot: &StreamSlot) {
+        self.lines.rcu(|lines| {
+            lines
+                .iter()
+                .filter(|line| !Arc::ptr_eq(line, &slot.0))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
     }
 
-    fn live(&self) -> Option<SendRequest<Upload>> {
-        self.sender
-            .load()
-            .as_ref()
-            .filter(|sender| !sender.is_closed())
-            .map(|sender| SendRequest::clone(sender))
+    /// A live connection's sender with a stream slot taken on it, if one has room.
+    fn free_slot(&self) -> Option<(SendRequest<Upload>, StreamSlot)> {
+        let lines = self.lines.load();
+        lines.iter().find_map(|line| {
+            if line.sender.is_closed() {
+                return None;
+            }
+            line.streams
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |taken| {
+                    (taken < STREAMS_PER_CONNECTION).then_some(taken + 1)
+                })
+                .ok()?;
+            Some((SendRequest::clone(&line.sender), StreamSlot(line.clone())))
+        })
     }
 }
 
