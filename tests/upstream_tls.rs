@@ -508,11 +508,20 @@ async fn reset_streams_fail_requests_not_instances() {
         assert_eq!(reply.header("x-body-received"), "7");
     }
     assert!(refused.load(Ordering::SeqCst) >= 1);
-    let lone = gateway(&config(&format!("\"{failing}\"")));
+    let lone = gateway_logging(&config(&format!("\"{failing}\"")));
     for _ in 0..3 {
         // 502, never 503: the instance was not taken out.
         assert_eq!(get(&client, &lone.url("/x")).await.status, 502);
     }
+    // The log says which HTTP/2 error it was, not just "http2 error".
+    let said = eventually(Duration::from_secs(3), || async {
+        lone.proc
+            .log_lines()
+            .iter()
+            .any(|line| line.contains("request failed") && line.contains("internal error"))
+    })
+    .await;
+    assert!(said, "{:?}", lone.proc.log_lines());
 }
 
 async fn backend_connections(client: &Client, backend: &Proc) -> u64 {

@@ -122,9 +122,19 @@ impl ProxyError {
     /// The response for this error.
     #[cold]
     pub fn response(&self, request_id: &HeaderValue) -> Response<GatewayBody> {
+        // What went wrong with an instance is for the log (under the request ID): its first
+        // clause only goes to the client, not the names and addresses of the instances behind
+        // (a certificate's), as nginx's 502 page says nothing of them.
+        let reason = match self {
+            ProxyError::InstanceFailed(reason) => {
+                let clause = reason.split(": ").next().unwrap_or_default();
+                format!("no instance answered: {clause}")
+            }
+            other => other.to_string(),
+        };
         let body = serde_json::json!({
             "error": self.code(),
-            "reason": self.to_string(),
+            "reason": reason,
             "request_id": request_id.to_str().unwrap_or_default(),
         });
         let mut response = Response::new(GatewayBody::full(body.to_string()));
@@ -229,5 +239,25 @@ mod tests {
             let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert_eq!(json["request_id"], "req-1");
         }
+    }
+
+    #[test]
+    fn an_instance_failure_tells_the_client_its_kind_not_its_details() {
+        let id = HeaderValue::from_static("req-1");
+        let failed = ProxyError::InstanceFailed(
+            "TLS handshake with the instance failed: invalid peer certificate: certificate not \
+             valid for name \"db.internal\""
+                .into(),
+        );
+        // The log line keeps it all.
+        assert!(failed.to_string().contains("db.internal"));
+        let GatewayBody::Full(Some(body)) = failed.response(&id).into_body() else {
+            panic!("expected a body")
+        };
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            json["reason"],
+            "no instance answered: TLS handshake with the instance failed"
+        );
     }
 }

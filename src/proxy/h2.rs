@@ -112,7 +112,7 @@ impl Http2Conn {
             .keep_alive_timeout(Duration::from_secs(20))
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|err| ConnectError::Http2(err.to_string()))?;
+            .map_err(|err| ConnectError::Http2(described(&err)))?;
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 tracing::debug!(%err, "HTTP/2 connection to an instance ended with an error");
@@ -218,26 +218,43 @@ fn sort_failure(
     if let Some(request) = err.take_message() {
         // Dropped, the request gives its body back.
         drop(request);
-        return Http2Error::NotSent(err.into_error().to_string());
+        return Http2Error::NotSent(described(&err.into_error()));
     }
     if let Some(failure) = watch.and_then(|watch| watch.failure.get().cloned()) {
         return Http2Error::Client(failure);
     }
     let error = err.into_error();
+    let reason = described(&error);
     match h2_cause(&error) {
         Some(h2) if h2.is_reset() => Http2Error::Reset {
             refused: h2.reason() == Some(h2::Reason::REFUSED_STREAM),
-            reason: error.to_string(),
+            reason,
         },
         // A GOAWAY without an error only ends streams above its last one, which the
         // instance never took up; one with an error may end streams it was processing.
         Some(h2)
             if h2.is_go_away() && h2.is_remote() && h2.reason() == Some(h2::Reason::NO_ERROR) =>
         {
-            Http2Error::GoneAway(error.to_string())
+            Http2Error::GoneAway(reason)
         }
-        _ => Http2Error::Sent(error.to_string()),
+        _ => Http2Error::Sent(reason),
     }
+}
+
+/// `error` with its causes: hyper's own text is only "http2 error", the cause says which (a
+/// stream reset and its code, a GOAWAY, a malformed frame).
+fn described(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.ends_with(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// The HTTP/2 error behind `error` (itself or a cause of it), if that is what ended it.
