@@ -154,6 +154,16 @@ async fn sni_alpn_forwarded_proto_hsts_and_redirect() {
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("\"request_id\""), "{answer}");
 
+    // A plain HTTP request sent to the TLS port gets a 400 saying so, as nginx answers it,
+    // rather than a TLS alert.
+    let answer = raw_exchange(tls_addr, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("plain HTTP request was sent to the HTTPS port"),
+        "{answer}"
+    );
+    assert!(answer.contains("\"request_id\""), "{answer}");
+
     // Plain HTTP is redirected to the same URL on the TLS port, and carries no HSTS.
     let reply = request(
         &client(),

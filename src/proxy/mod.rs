@@ -644,6 +644,10 @@ async fn accept_loop(
         let drain = drain.subscribe();
         tokio::spawn(async move {
             let accepted = tokio::time::Instant::now();
+            if sends_plain_http(&stream, limits.header_read_timeout).await {
+                answer_plain_http_on_https(stream, &client, &gateway).await;
+                return;
+            }
             let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
             let stream = match tokio::time::timeout(limits.header_read_timeout, handshake).await {
                 Ok(Ok(stream)) => stream,
@@ -711,6 +715,45 @@ async fn starts_with_http2_preface(
         // The preface's first bytes came alone: peek again once more have arrived.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Whether a client of the HTTPS listener opened with a plain HTTP request (a method's first
+/// letter) rather than a TLS handshake record (0x16). Peeks, so nothing is consumed.
+async fn sends_plain_http(stream: &tokio::net::TcpStream, timeout: Duration) -> bool {
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout(timeout, stream.peek(&mut first)).await;
+    matches!(peeked, Ok(Ok(1))) && first[0].is_ascii_uppercase()
+}
+
+/// A plain HTTP request on the HTTPS listener gets a 400 that says so (as nginx's "The plain
+/// HTTP request was sent to HTTPS port"), rather than a TLS alert a client shows as garbage;
+/// logged and counted like any refused head. The request is read and dropped for a moment
+/// after the answer, so that closing with it unread does not reset the answer away.
+async fn answer_plain_http_on_https(
+    mut stream: tokio::net::TcpStream,
+    client: &forward::ClientAddr,
+    gateway: &Gateway,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request_id = gateway.new_request_id();
+    let error = ProxyError::BadRequest("a plain HTTP request was sent to the HTTPS port");
+    let answer = error.response(&request_id);
+    let written = tokio::time::timeout(
+        Duration::from_secs(1),
+        stream.write_all(&client_h1::closing_answer_bytes(&answer)),
+    )
+    .await;
+    if matches!(written, Ok(Ok(()))) && stream.shutdown().await.is_ok() {
+        let mut sink = [0u8; 4096];
+        let linger = async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
+        let _ = tokio::time::timeout(Duration::from_secs(1), linger).await;
+    }
+    drop(forward::refused_record(
+        gateway,
+        client,
+        error.status(),
+        request_id,
+    ));
 }
 
 /// Closes a connection over the limits; a plain-HTTP client first gets a 503 with the JSON body
