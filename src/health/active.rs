@@ -19,6 +19,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::config::ActiveHealthConfig;
 use crate::proxy::connect::Connector;
+use crate::proxy::error::described;
 use crate::proxy::upstream::{Instance, Upstream};
 
 /// Starts the checker for `upstream` when it has active checks configured. The task holds only
@@ -129,7 +130,7 @@ async fn probe(
     let response = if http2 {
         let (mut sender, connection) = http2::handshake(TokioExecutor::new(), io)
             .await
-            .map_err(|err| format!("handshake: {err}"))?;
+            .map_err(|err| format!("handshake: {}", described(&err)))?;
         tokio::spawn(connection);
         let scheme = if connector.is_tls() { "https" } else { "http" };
         let request = request
@@ -140,7 +141,7 @@ async fn probe(
     } else {
         let (mut sender, connection) = http1::handshake(io)
             .await
-            .map_err(|err| format!("handshake: {err}"))?;
+            .map_err(|err| format!("handshake: {}", described(&err)))?;
         tokio::spawn(connection);
         let request = request
             .header(header::CONNECTION, "close")
@@ -148,6 +149,6 @@ async fn probe(
             .map_err(|err| err.to_string())?;
         sender.send_request(request).await
     };
-    let response = response.map_err(|err| format!("request: {err}"))?;
+    let response = response.map_err(|err| format!("request: {}", described(&err)))?;
     Ok(response.status().as_u16())
 }

@@ -194,6 +194,22 @@ impl ProxyError {
     }
 }
 
+/// `error` with its causes: hyper's own text is often only "http2 error" or "connection
+/// error", the cause says which (a stream reset and its code, a GOAWAY, a TLS alert).
+pub fn described(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.ends_with(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

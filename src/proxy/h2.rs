@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::{ConnectError, Connector};
+use super::error::described;
 use super::headers::ForwardedFields;
 
 /// Requests one connection to an instance carries at once; past it another connection opens.
@@ -239,22 +240,6 @@ fn sort_failure(
         }
         _ => Http2Error::Sent(reason),
     }
-}
-
-/// `error` with its causes: hyper's own text is only "http2 error", the cause says which (a
-/// stream reset and its code, a GOAWAY, a malformed frame).
-fn described(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let said = cause.to_string();
-        if !text.ends_with(&said) {
-            text.push_str(": ");
-            text.push_str(&said);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// The HTTP/2 error behind `error` (itself or a cause of it), if that is what ended it.

@@ -10,7 +10,7 @@ mod client_io;
 pub(crate) mod connect;
 pub mod connections;
 mod deadline;
-mod error;
+pub mod error;
 mod forward;
 mod h1;
 pub(crate) mod h2;
