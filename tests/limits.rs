@@ -623,6 +623,47 @@ async fn a_client_resetting_its_streams_before_their_answers_is_cut_off() {
     assert_eq!(get(&h2c_client(), &gw.url("/")).await.status, 200);
 }
 
+/// A CONTINUATION flood (a header block sent in endless pieces, CVE-2024-27316's kind) is cut
+/// by the h2 codec with a GOAWAY, and the log names the client, as for a rapid reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_flood_is_cut_off_and_named() {
+    let a = demo_backend(&[]);
+    let gw = gateway_logging(&app_config(&[&a], ""));
+    let mut h2 = TcpStream::connect(gw.proxy).unwrap();
+    h2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    h2.write_all(&frame(4, 0, 0, &[])).unwrap();
+    // HEADERS without END_HEADERS, then CONTINUATION frames that never end the block.
+    let mut flood = frame(1, 0x1, 1, &[0x82]);
+    for _ in 0..50 {
+        flood.extend(frame(9, 0, 1, &[]));
+    }
+    let _ = h2.write_all(&flood);
+    let mut goaway = None;
+    while goaway.is_none() {
+        let mut head = [0u8; 9];
+        if h2.read_exact(&mut head).is_err() {
+            break;
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        h2.read_exact(&mut payload).unwrap();
+        if head[3] == 7 {
+            goaway = Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+        }
+    }
+    // ENHANCE_YOUR_CALM.
+    assert_eq!(goaway, Some(0xb));
+    let named = eventually(Duration::from_secs(3), || async {
+        gw.proc.log_lines().iter().any(|line| {
+            line.contains("flooded the connection") && line.contains("\"client\":\"127.0.0.1:")
+        })
+    })
+    .await;
+    assert!(named, "{:?}", gw.proc.log_lines());
+    assert_eq!(backend_requests(&client(), &a).await, 0);
+}
+
 /// The timers hyper's HTTP/2 server lacks: a connection that never finishes its preface, one
 /// left idle and one whose client stops taking answer data are closed; a stream waiting on a
 /// slow instance keeps its connection open.

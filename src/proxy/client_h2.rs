@@ -23,7 +23,8 @@ use tokio::time::Instant;
 
 use super::body::{BoxError, ClientBody, GatewayBody};
 use super::client_h1::ClientLimits;
-use super::error::ProxyError;
+use super::error::{described, ProxyError};
+use super::h2::h2_cause;
 use super::record::RequestRecord;
 use super::{forward, headers, Gateway};
 use crate::config::ServerConfig;
@@ -389,7 +390,18 @@ pub async fn serve<I>(
         tokio::select! {
             ended = connection.as_mut() => {
                 if let Err(err) = ended {
-                    tracing::debug!(%err, %peer, "client connection ended with an error");
+                    let flooded = h2_cause(&*err).is_some_and(|h2| {
+                        h2.is_go_away()
+                            && h2.is_library()
+                            && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+                    });
+                    // The h2 codec's own limits (CONTINUATION or reset floods) close such a
+                    // client: an operator hears of it with its address, as of a rapid reset.
+                    if flooded {
+                        tracing::warn!(client = %peer, error = %described(&*err), "HTTP/2 client flooded the connection: closed");
+                    } else {
+                        tracing::debug!(%err, %peer, "client connection ended with an error");
+                    }
                 }
                 return;
             }
