@@ -420,6 +420,17 @@ async fn admin_changes_and_refused_credentials_name_the_client() {
         client_of(&refusals[0]).starts_with("127.0.0.1:"),
         "{refusals:?}"
     );
+    // A reload through the API too, though it runs off the request's task.
+    let reload = gw.admin_url("/api/reload");
+    let reloaded = request(&client, "POST", &reload, &right, "").await.unwrap();
+    assert_eq!(reloaded.status, 200);
+    let found = eventually(Duration::from_secs(3), || async {
+        !logged("configuration reloaded").is_empty()
+    })
+    .await;
+    assert!(found, "{:?}", gw.proc.log_lines());
+    let line = &logged("configuration reloaded")[0];
+    assert!(client_of(line).starts_with("127.0.0.1:"), "{line}");
 }
 
 #[tokio::test]

@@ -753,7 +753,9 @@ async fn purge_cache(gateway: &Gateway, query: Option<&str>) -> Response<Gateway
             )
         }
     };
-    match store.purge(&purge).await {
+    let purged = store.purge(&purge).await;
+    tracing::info!(purge = purge.to_message(), keys = purged.0, "cache purged");
+    match purged {
         (purged, Ok(None)) => reply(StatusCode::OK, json!({ "purged": purged })),
         (purged, Ok(Some(shared))) => reply(
             StatusCode::OK,

@@ -106,6 +106,16 @@ impl Coalescer {
         }
     }
 
+    /// Keys starting with `prefix` were purged: their fetches in flight store nothing.
+    pub fn invalidate_prefix(&self, prefix: &str) {
+        let inflight = self.inflight.lock().expect("coalescer lock");
+        for (key, fetch) in inflight.iter() {
+            if key.starts_with(prefix) {
+                fetch.purged.store(true, Ordering::Release);
+            }
+        }
+    }
+
     /// Only takes the lease when nobody holds it (for background refreshes, which never wait).
     pub fn try_lead(self: &Arc<Self>, key: &Arc<str>) -> Option<Lease> {
         match self.join(key) {
@@ -161,8 +171,11 @@ mod tests {
             coalescer.try_lead(&a).unwrap().is_current(),
             "a new fetch stores"
         );
-        coalescer.invalidate();
+        coalescer.invalidate_prefix("/b");
         assert!(!lease_b.is_current());
+        let lease_c = coalescer.try_lead(&Arc::from("/c h")).unwrap();
+        coalescer.invalidate();
+        assert!(!lease_c.is_current());
     }
 
     #[tokio::test(start_paused = true)]

@@ -304,7 +304,7 @@ impl Store {
                 self.passes.invalidate_all();
             }
             Purge::Prefix(prefix) => {
-                self.inflight.invalidate();
+                self.inflight.invalidate_prefix(prefix);
                 for (key, ()) in self.passes.iter() {
                     if key.starts_with(prefix.as_str()) {
                         self.passes.invalidate(&*key);

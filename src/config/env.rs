@@ -17,6 +17,7 @@ const MISSING: &str = "environment variable is not set and has no default (use $
 const UNCLOSED: &str = "a `${` without its `}` (write `$${` for a literal `${`)";
 const BAD_NAME: &str = "not a variable name: letters, digits and `_`, not starting with a digit \
      (a `${` inside another is not supported)";
+const NESTED_DEFAULT: &str = "a `${` in a default is not supported (`}` ends the first one)";
 const UNFIT_LITERAL: &str =
     "its value has a ' or a control character, which a '...' string cannot hold: use \"...\"";
 const UNFIT_BARE: &str =
@@ -182,11 +183,19 @@ fn interpolate_line(
             Some((name, default)) => (name, Some(default)),
             None => (expr, None),
         };
-        if !is_variable_name(name) {
+        // `}` ends the first reference, so `${A:-${B}}` would leave `}` behind as text.
+        let malformed = if !is_variable_name(name) {
+            Some(BAD_NAME)
+        } else if default.is_some_and(|default| default.contains("${")) {
+            Some(NESTED_DEFAULT)
+        } else {
+            None
+        };
+        if let Some(message) = malformed {
             problems.push(EnvProblem {
                 name: name.to_string(),
                 line,
-                message: BAD_NAME,
+                message,
             });
             rest = &body_start[end + 1..];
             continue;
@@ -295,6 +304,11 @@ mod tests {
                 ("A${B", 3, BAD_NAME),
                 ("UNCLOSED\"", 4, UNCLOSED),
             ]
+        );
+        let nested = interpolate("a = \"${X:-${Y}}\"", env).unwrap_err();
+        assert_eq!(
+            (nested[0].name.as_str(), nested[0].message),
+            ("X", NESTED_DEFAULT)
         );
         // A literal `${` written as `$${` is no reference at all.
         assert_eq!(interpolate("a = \"$${X\"", env).unwrap(), "a = \"${X\"");

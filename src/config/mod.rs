@@ -286,9 +286,24 @@ impl Config {
     /// Gives `errors` found in the file at `path` after it was loaded (a reload's refusals)
     /// the lines of their keys in it.
     pub fn place_in_file(path: &Path, errors: &mut [ConfigError]) {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            lines::place(&text, errors);
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return;
+        };
+        lines::place(&text, errors);
+        // The admin address may be written as `server.admin_listen`: named as the file has it.
+        for error in errors.iter_mut().filter(|e| e.key == "admin.listen") {
+            let mut aliased = [ConfigError {
+                key: "server.admin_listen".into(),
+                line: None,
+                message: String::new(),
+            }];
+            lines::place(&text, &mut aliased);
+            if aliased[0].line.is_some() && !text.contains("[admin]") {
+                error.key = aliased[0].key.clone();
+                error.line = aliased[0].line;
+            }
         }
+        errors.sort_by_key(|error| error.line.unwrap_or(usize::MAX));
     }
 
     /// Interpolates `${ENV}` from the process environment, parses and validates.
@@ -935,6 +950,30 @@ upstream = "missing"
     }
 
     #[test]
+    fn refusals_found_after_loading_are_placed_as_the_file_writes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(
+            &path,
+            "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n",
+        )
+        .unwrap();
+        let refusal = |key: &str| ConfigError {
+            key: key.into(),
+            line: None,
+            message: "takes a restart".into(),
+        };
+        let mut errors = [refusal("admin.listen"), refusal("server.listen")];
+        Config::place_in_file(&path, &mut errors);
+        let placed: Vec<(&str, Option<usize>)> =
+            errors.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            placed,
+            [("server.listen", Some(2)), ("server.admin_listen", Some(3))]
+        );
+    }
+
+    #[test]
     fn upstream_names_fit_where_they_are_used() {
         for name in ["", "a/b", "q?"] {
             let text = format!(
@@ -975,6 +1014,9 @@ upstream = "missing"
             ("/a/../b", "write `/b`"),
             ("/c//d", "write `/c/d`"),
             ("/x?y=1", "no `?`"),
+            ("/%E9", "not text"),
+            ("/a%00b", "not text"),
+            ("/n\\u0000b", "control character"),
             ("api", "must start with /"),
         ] {
             let errors = Config::from_toml(&route(&format!("path_prefix = \"{prefix}\"")))

@@ -487,12 +487,24 @@ fn path_prefix_problem(prefix: &str) -> Option<String> {
     if prefix.contains(['?', '#']) {
         return Some("routes match the path alone: no `?` or `#` (and what follows)".into());
     }
+    if prefix.chars().any(char::is_control) {
+        return Some("holds a control character, which no request's path may hold".into());
+    }
     let normal = crate::proxy::router::normalized_path(prefix);
     if *normal != *prefix.as_bytes() {
+        let written = std::str::from_utf8(&normal)
+            .ok()
+            .filter(|text| !text.chars().any(char::is_control));
+        let Some(written) = written else {
+            return Some(
+                "never matches: requests are matched on their path decoded, and this one \
+                 decodes to bytes that are not text (or to a control character)"
+                    .into(),
+            );
+        };
         return Some(format!(
             "never matches: requests are matched on their path decoded, with `.` and `..` \
-             resolved and repeated slashes merged; write `{}`",
-            String::from_utf8_lossy(&normal)
+             resolved and repeated slashes merged; write `{written}`"
         ));
     }
     None

@@ -249,7 +249,9 @@ impl Gateway {
     pub async fn reload_aside(self: &Arc<Self>) -> Result<(), ConfigErrors> {
         let gateway = Arc::clone(self);
         let metrics = Arc::clone(&self.metrics);
-        tokio::task::spawn_blocking(move || gateway.reload())
+        // Its log lines keep the caller's context (the admin API's client).
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(|| gateway.reload()))
             .await
             .unwrap_or_else(|failed| {
                 // A panic, or the runtime stopping: the running config stays either way.
