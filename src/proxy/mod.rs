@@ -651,7 +651,9 @@ async fn accept_loop(
                 return;
             }
             let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
-            let stream = match tokio::time::timeout(limits.header_read_timeout, handshake).await {
+            // The first byte's wait and the handshake share one header_read_timeout.
+            let due = accepted + limits.header_read_timeout;
+            let stream = match tokio::time::timeout_at(due, handshake).await {
                 Ok(Ok(stream)) => stream,
                 Ok(Err(err)) => {
                     tracing::debug!(%err, %peer, "TLS handshake failed");
