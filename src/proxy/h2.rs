@@ -52,7 +52,7 @@ pub struct Http2Conn {
 }
 
 /// One HTTP/2 connection and the requests it carries.
-pub struct Http2Line {
+struct Http2Line {
     sender: SendRequest<Upload>,
     streams: AtomicUsize,
 }
