@@ -183,39 +183,29 @@ fn interpolate_line(
             Some((name, default)) => (name, Some(default)),
             None => (expr, None),
         };
-        // `}` ends the first reference, so `${A:-${B}}` would leave `}` behind as text.
-        let malformed = if !is_variable_name(name) {
+        let problem = if !is_variable_name(name) {
             Some(BAD_NAME)
         } else if default.is_some_and(|default| default.contains("${")) {
+            // `}` ends the first reference, so `${A:-${B}}` would leave `}` behind as text.
             Some(NESTED_DEFAULT)
         } else {
-            None
-        };
-        if let Some(message) = malformed {
-            problems.push(EnvProblem {
-                name: name.to_string(),
-                line,
-                message,
-            });
-            rest = &body_start[end + 1..];
-            continue;
-        }
-        let value = lookup(name).filter(|v| !v.is_empty() || default.is_none());
-        // A default is a value too, held to the same rules: outside quotes `${PORT:-x}` would
-        // otherwise fail as TOML syntax, naming neither the variable nor the key.
-        let problem = match value.as_deref().or(default) {
-            Some(value) => {
-                // The context is that of the text written so far on this line.
-                let written = &out[out.rfind('\n').map_or(0, |i| i + 1)..];
-                match fitted(value, scan(written).0) {
-                    Ok(fitted) => {
-                        out.push_str(&fitted);
-                        None
+            let value = lookup(name).filter(|v| !v.is_empty() || default.is_none());
+            // A default is a value too, held to the same rules: outside quotes `${PORT:-x}`
+            // would otherwise fail as TOML syntax, naming neither the variable nor the key.
+            match value.as_deref().or(default) {
+                Some(value) => {
+                    // The context is that of the text written so far on this line.
+                    let written = &out[out.rfind('\n').map_or(0, |i| i + 1)..];
+                    match fitted(value, scan(written).0) {
+                        Ok(fitted) => {
+                            out.push_str(&fitted);
+                            None
+                        }
+                        Err(message) => Some(message),
                     }
-                    Err(message) => Some(message),
                 }
+                None => Some(MISSING),
             }
-            None => Some(MISSING),
         };
         if let Some(message) = problem {
             problems.push(EnvProblem {
