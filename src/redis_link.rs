@@ -260,7 +260,7 @@ impl RedisLink {
             self.outages.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 redis = %self.target(),
-                "Redis does not answer; rate limits and the cache fall back to this instance until it does"
+                "Redis does not answer, or refuses commands; rate limits and the cache fall back to this instance until it serves"
             );
         }
         if !self.probing.swap(true, Ordering::Relaxed) {
@@ -294,6 +294,9 @@ impl RedisLink {
                 _ => self.open().await?,
             };
             ping(connection.clone()).await?;
+            if matches!(connection, Connection::Single(_)) {
+                takes_writes(connection.clone()).await?;
+            }
             self.connection.store(Some(Arc::new(connection)));
             Ok(())
         };
@@ -347,11 +350,36 @@ pub fn startup_timeout(state: &StateConfig) -> Duration {
     (state.redis_timeout * 10).max(Duration::from_secs(1))
 }
 
+/// A PING answered with success: an error reply (NOAUTH from a Redis that wants a password)
+/// is a failure, though the connection carried it.
 async fn ping(mut connection: Connection) -> Result<(), RedisError> {
     connection
         .req_packed_command(&redis::cmd("PING"))
         .await
+        .and_then(Value::extract_error)
         .map(drop)
+}
+
+/// Whether a lone Redis takes writes: a replica answers PING but refuses every script with
+/// READONLY, so it cannot hold shared state. (A cluster routes writes to its primaries.)
+async fn takes_writes(mut connection: Connection) -> Result<(), RedisError> {
+    let role = connection
+        .req_packed_command(&redis::cmd("ROLE"))
+        .await
+        .and_then(Value::extract_error)?;
+    let first = match &role {
+        Value::Array(parts) => parts.first(),
+        _ => None,
+    };
+    let is_replica = matches!(first, Some(Value::BulkString(role)) if role.as_slice() == b"slave");
+    if is_replica {
+        return Err(RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+            "a read-only replica",
+            "point state.redis_url at the primary".to_owned(),
+        )));
+    }
+    Ok(())
 }
 
 fn is_auth_error(err: &RedisError) -> bool {

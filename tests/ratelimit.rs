@@ -334,6 +334,36 @@ rate_limits = [{ name = "per_client", key = "header:X-Client", limit = 5, period
     assert_eq!(report["redis_outages"], 1);
 }
 
+/// A read-only replica answers PING but refuses every write: it is down for the shared state,
+/// said once, shown by `/health/redis` and `redis_up`, and decisions fall back to this
+/// instance; the link does not flap up at every probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_replica_is_not_taken_for_a_serving_redis() {
+    let primary = Redis::start(None);
+    let primary_port = primary.port.to_string();
+    let replica = Redis::start_with(None, &["--replicaof", "127.0.0.1", &primary_port], None);
+    let backend = demo_backend(&[]);
+    let routes = "[[routes]]\nupstream = \"app\"\nrate_limits = [{ name = \"ro\", limit = 100, period = \"1m\", burst = 99 }]\n";
+    let gw = gateway_logging(&redis_config(&replica, &backend, routes));
+    let client = client();
+    for _ in 0..10 {
+        assert_eq!(get(&client, &gw.url("/")).await.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, health) = admin_json(&client, &gw, "/health/redis").await;
+    assert_eq!(status, 503, "{health}");
+    let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
+    assert_eq!(report["redis_up"], false, "{report}");
+    assert_eq!(report["rules"][0]["fallback"], 10, "{report}");
+    let lines = gw.proc.log_lines();
+    let back_up = lines
+        .iter()
+        .filter(|l| l.contains("Redis answers again"))
+        .count();
+    assert_eq!(back_up, 0, "{lines:?}");
+    drop(primary);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_password_is_checked_at_start_and_a_change_falls_back() {
     let redis = Redis::start(Some("right-password"));
@@ -352,6 +382,16 @@ async fn redis_password_is_checked_at_start_and_a_change_falls_back() {
     let stderr = refused_start(&["serve", "--config", path.to_str().unwrap()]);
     assert!(stderr.contains("state.redis_url"), "{stderr}");
     assert!(!stderr.contains("wrong-password"), "{stderr}");
+    // No password where Redis wants one (NOAUTH, though the connection opened) is the same
+    // mistake.
+    let none = redis_config(&redis, &backend, routes).replace(":right-password@", "");
+    std::fs::write(
+        &path,
+        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{none}"),
+    )
+    .unwrap();
+    let stderr = refused_start(&["serve", "--config", path.to_str().unwrap()]);
+    assert!(stderr.contains("refused the credentials"), "{stderr}");
 
     // Right password: decisions in Redis.
     let gw = gateway(&redis_config(&redis, &backend, routes));
