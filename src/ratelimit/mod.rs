@@ -350,8 +350,8 @@ fn conclude(
 }
 
 impl Admission {
-    /// Compiles `config`; concurrency limits whose numbers did not change are carried over from
-    /// `previous`, so requests in flight across a reload still count.
+    /// Compiles `config`; concurrency limits are carried over from `previous` (resized when
+    /// their numbers changed), so requests in flight across a reload still count.
     pub fn build(
         config: &Config,
         limiter: Arc<Limiter>,
@@ -360,7 +360,8 @@ impl Admission {
         let limits = &config.limits;
         let reuse = |old: Option<&Arc<ConcurrencyLimit>>, new| match old {
             Some(old) if old.config == new => old.clone(),
-            _ => Arc::new(ConcurrencyLimit::new(new)),
+            Some(old) => Arc::new(old.resized(new)),
+            None => Arc::new(ConcurrencyLimit::new(new)),
         };
         let upstream_limits: Vec<(String, Arc<ConcurrencyLimit>)> = limits
             .upstreams
