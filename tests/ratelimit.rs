@@ -478,11 +478,11 @@ rate_limits = [{{ key = "api_key", limit = 2, period = "1m", burst = 1 }}]
     assert_eq!(missing.json()["error"], "unauthorized");
     assert_eq!(missing.json()["reason"], "missing API key");
     assert!(!missing.json()["request_id"].as_str().unwrap().is_empty());
-    // The same path in disguise is the same route: instances resolve these to /private/x.
-    for disguised in ["/open/../private/x", "//private/x", "/./%70rivate/x"] {
-        let reply = get(&client, &gw.url(disguised)).await;
-        assert_eq!(reply.status, 401, "{disguised}");
-    }
+    // RFC 9110 §15.5.2: a 401 names how to authenticate.
+    assert_eq!(
+        missing.header("www-authenticate"),
+        "ApiKey header=\"X-API-Key\""
+    );
     let wrong = request(
         &client,
         "GET",
@@ -494,6 +494,26 @@ rate_limits = [{{ key = "api_key", limit = 2, period = "1m", burst = 1 }}]
     .unwrap();
     assert_eq!(wrong.status, 401);
     assert_eq!(wrong.json()["reason"], "wrong API key");
+    // Refused keys count under the route's rules by address, as nginx limits before it checks
+    // credentials: past two, guessing is throttled. The same path in disguise is the same
+    // route (instances resolve these to /private/x), so its rule refuses them too.
+    for disguised in [
+        "/private/x",
+        "/open/../private/x",
+        "//private/x",
+        "/./%70rivate/x",
+    ] {
+        let reply = request(
+            &client,
+            "GET",
+            &gw.url(disguised),
+            &[("x-api-key", "guess")],
+            "",
+        )
+        .await
+        .unwrap();
+        assert_eq!(reply.status, 429, "{disguised}");
+    }
     for key in ["inline-key-0001", "file-key-0002"] {
         let statuses: Vec<u16> = {
             let mut out = Vec::new();

@@ -145,6 +145,13 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+        if let ProxyError::Unauthorized(_) = self {
+            // RFC 9110 §15.5.2: a 401 carries a challenge; the key goes in this header.
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("ApiKey header=\"X-API-Key\""),
+            );
+        }
         match self {
             ProxyError::RateLimited {
                 retry_after,

@@ -140,7 +140,9 @@ async fn take_back(slots: Arc<Semaphore>, owed: Arc<AtomicUsize>) {
             return;
         };
         let paid = owed
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| owed.checked_sub(1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| {
+                owed.checked_sub(1)
+            })
             .is_ok();
         if paid {
             slot.forget();

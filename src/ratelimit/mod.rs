@@ -349,6 +349,20 @@ fn conclude(
     Ok(())
 }
 
+/// A request refused for its API key still counts under the route's rules, by client address,
+/// as nginx limits requests before it checks credentials: keys cannot be guessed faster than
+/// the rules let requests through. Its 429 when a rule refuses it, else `unauthorized`.
+fn limited_first(
+    policy: &RoutePolicy,
+    decisions: &[RateDecision],
+    unauthorized: ProxyError,
+) -> ProxyError {
+    match conclude(policy, decisions, &mut Admitted::default()) {
+        Err(limited) => limited,
+        Ok(()) => unauthorized,
+    }
+}
+
 impl Admission {
     /// Compiles `config`; concurrency limits are carried over from `previous` (resized when
     /// their numbers changed), so requests in flight across a reload still count.
@@ -455,7 +469,12 @@ impl Admission {
         }
         let api_key = match self.api_key(policy, headers) {
             Ok(api_key) => api_key,
-            Err(error) => return Some(Err(error)),
+            Err(unauthorized) if policy.rules.is_empty() => return Some(Err(unauthorized)),
+            Err(unauthorized) => {
+                let keys = policy.keys(client, None, headers);
+                let decisions = self.limiter.decide_here(&policy.rules, &keys);
+                return Some(Err(limited_first(policy, &decisions, unauthorized)));
+            }
         };
         let mut admitted = Admitted::default();
         // Slots first: when one is taken the request would queue, and must not have been
@@ -482,7 +501,15 @@ impl Admission {
         client: IpAddr,
     ) -> Result<Admitted, ProxyError> {
         let policy = &self.routes[route];
-        let api_key = self.api_key(policy, headers)?;
+        let api_key = match self.api_key(policy, headers) {
+            Ok(api_key) => api_key,
+            Err(unauthorized) if policy.rules.is_empty() => return Err(unauthorized),
+            Err(unauthorized) => {
+                let keys = policy.keys(client, None, headers);
+                let decisions = self.limiter.decide(&policy.rules, &keys).await;
+                return Err(limited_first(policy, &decisions, unauthorized));
+            }
+        };
         let mut admitted = Admitted::default();
         if !policy.rules.is_empty() {
             let keys = policy.keys(client, api_key, headers);
