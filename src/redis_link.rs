@@ -361,12 +361,11 @@ async fn ping(mut connection: Connection) -> Result<(), RedisError> {
 }
 
 /// Whether a lone Redis takes writes: a replica answers PING but refuses every script with
-/// READONLY, so it cannot hold shared state. (A cluster routes writes to its primaries.)
+/// READONLY, so it cannot hold shared state. (A cluster routes writes to its primaries.) Only
+/// a replica's answer fails the check: a user not allowed ROLE (an ACL without `@admin`)
+/// gets an error reply, and its Redis is taken as it is.
 async fn takes_writes(mut connection: Connection) -> Result<(), RedisError> {
-    let role = connection
-        .req_packed_command(&redis::cmd("ROLE"))
-        .await
-        .and_then(Value::extract_error)?;
+    let role = connection.req_packed_command(&redis::cmd("ROLE")).await?;
     let first = match &role {
         Value::Array(parts) => parts.first(),
         _ => None,
