@@ -30,9 +30,10 @@ pub struct ConcurrencyLimit {
     slots: Arc<Semaphore>,
     /// Slots a lowered limit still takes back as requests in flight end (see [`Self::resized`]).
     owed: Arc<AtomicUsize>,
-    waiting: AtomicUsize,
+    /// Shared with the limits this one replaced, as the queue on `slots` is.
+    waiting: Arc<AtomicUsize>,
     /// Requests turned away (queue full or waited too long), for metrics.
-    pub refused: AtomicU64,
+    pub refused: Arc<AtomicU64>,
 }
 
 /// Counts a waiter while it waits, also when its request is dropped mid-wait.
@@ -50,8 +51,8 @@ impl ConcurrencyLimit {
             config,
             slots: Arc::new(Semaphore::new(config.max_in_flight as usize)),
             owed: Arc::new(AtomicUsize::new(0)),
-            waiting: AtomicUsize::new(0),
-            refused: AtomicU64::new(0),
+            waiting: Arc::new(AtomicUsize::new(0)),
+            refused: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -88,8 +89,8 @@ impl ConcurrencyLimit {
             config,
             slots: self.slots.clone(),
             owed: self.owed.clone(),
-            waiting: AtomicUsize::new(0),
-            refused: AtomicU64::new(self.refused.load(Ordering::Relaxed)),
+            waiting: self.waiting.clone(),
+            refused: self.refused.clone(),
         }
     }
 
