@@ -124,10 +124,6 @@ async fn answer(
     }
     let key = cache.key_of(&parts, scheme, client_ip);
     let store = &cache.store;
-    if store.is_pass(&key) {
-        let result = fetch.send(parts, body).await;
-        return labelled(result, Outcome::Miss, cache, &fetch.request_id);
-    }
     let stored = store.get(&key, &parts.headers);
     let now = Instant::now();
     let state = stored
@@ -160,6 +156,12 @@ async fn answer(
                 ));
             }
             answer
+        }
+        // A key whose answer was too large to store goes as the client sent it (hits never
+        // ask: nothing of it is stored).
+        (_, None) if store.is_pass(&key) => {
+            let result = fetch.send(parts, body).await;
+            labelled(result, Outcome::Miss, cache, &fetch.request_id)
         }
         (_, stale) => {
             let key: Arc<str> = Arc::from(key);

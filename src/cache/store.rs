@@ -312,14 +312,18 @@ impl Store {
                 }
             }
         }
-        self.entries.run_pending_tasks();
+        // moka's bookkeeping is brought up to date around a count or a walk; a key's removal
+        // takes effect at once, and is what every accepted unsafe request costs.
         let purged = match purge {
             Purge::All => {
+                self.entries.run_pending_tasks();
                 let count = self.entries.entry_count();
                 self.entries.invalidate_all();
+                self.entries.run_pending_tasks();
                 count
             }
             Purge::Prefix(prefix) => {
+                self.entries.run_pending_tasks();
                 let mut purged = 0;
                 for (key, _) in self.entries.iter() {
                     if key.starts_with(prefix.as_str()) {
@@ -327,11 +331,11 @@ impl Store {
                         purged += 1;
                     }
                 }
+                self.entries.run_pending_tasks();
                 purged
             }
             Purge::Key(key) => u64::from(self.entries.remove(key.as_str()).is_some()),
         };
-        self.entries.run_pending_tasks();
         purged
     }
 
