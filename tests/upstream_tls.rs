@@ -387,24 +387,39 @@ async fn an_http2_instance_is_timed_while_waited_on_never_while_the_client_is() 
 }
 
 /// An h2c instance answering `/big` with 8 MiB and anything else with `small`, counting the
-/// connections it accepted; each answer waits `pause` first.
+/// connections it accepted. With a `gate`, answers wait until that many requests have come
+/// since the last release (at most 10 s), so a burst is all in flight at once however slowly
+/// its requests arrive.
 async fn sized_h2c_instance(
-    pause: Duration,
+    gate: usize,
 ) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let connections = std::sync::Arc::new(AtomicUsize::new(0));
     let counted = connections.clone();
+    let arrived = std::sync::Arc::new(AtomicUsize::new(0));
+    let released = std::sync::Arc::new(tokio::sync::Notify::new());
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
-            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            counted.fetch_add(1, Ordering::SeqCst);
+            let (arrived, released) = (arrived.clone(), released.clone());
             tokio::spawn(async move {
                 let Ok(mut conn) = h2::server::handshake(socket).await else {
                     return;
                 };
                 while let Some(Ok((request, mut respond))) = conn.accept().await {
+                    let (arrived, released) = (arrived.clone(), released.clone());
                     tokio::spawn(async move {
-                        tokio::time::sleep(pause).await;
+                        if gate > 0 {
+                            let release = released.notified();
+                            if (arrived.fetch_add(1, Ordering::SeqCst) + 1) % gate == 0 {
+                                released.notify_waiters();
+                            } else {
+                                let _ =
+                                    tokio::time::timeout(Duration::from_secs(10), release).await;
+                            }
+                        }
                         let big = request.uri().path() == "/big";
                         let body = if big {
                             bytes::Bytes::from(vec![b'b'; 8 << 20])
@@ -446,7 +461,7 @@ async fn sized_h2c_instance(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_downloads_and_busy_connections_hold_no_request_up() {
     use tokio::io::AsyncWriteExt;
-    let (instance, _) = sized_h2c_instance(Duration::ZERO).await;
+    let (instance, _) = sized_h2c_instance(0).await;
     let gw = gateway(&upstream(
         &[instance.to_string()],
         "protocol = \"h2c\"\nresponse_timeout = \"3s\"",
@@ -470,17 +485,21 @@ async fn stalled_downloads_and_busy_connections_hold_no_request_up() {
     }
     drop(stalled);
 
-    // 150 requests at once on an instance that takes 300 ms each: two connections carry them.
-    let (slow, connections_to_slow) = sized_h2c_instance(Duration::from_millis(300)).await;
+    // 150 requests in flight at once: two connections carry them. Once the burst is over the
+    // second is closed (the pool's sweep, once a second), so the next burst opens one again.
+    let (slow, connections_to_slow) = sized_h2c_instance(150).await;
     let gw = gateway(&upstream(&[slow.to_string()], "protocol = \"h2c\""));
-    let sent = (0..150).map(|n| {
-        let (client, url) = (client.clone(), gw.url(&format!("/s{n}")));
-        async move { get(&client, &url).await.status }
-    });
-    let statuses = futures_util::future::join_all(sent).await;
-    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
-    let opened = connections_to_slow.load(std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(opened, 2, "connections opened for 150 concurrent requests");
+    let opened = || connections_to_slow.load(std::sync::atomic::Ordering::SeqCst);
+    for (burst, connections) in [(0, 2), (1, 3)] {
+        let sent = (0..150).map(|n| {
+            let (client, url) = (client.clone(), gw.url(&format!("/s{burst}-{n}")));
+            async move { get(&client, &url).await.status }
+        });
+        let statuses = futures_util::future::join_all(sent).await;
+        assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+        assert_eq!(opened(), connections, "burst {burst}");
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
 }
 
 /// A stream an HTTP/2 instance resets fails that request, not the instance: it stays in

@@ -147,6 +147,27 @@ impl Http2Conn {
         });
     }
 
+    /// Closes the connections a burst opened beside the first once they carry nothing (and
+    /// drops closed ones): requests fill the first with room, so the others would sit idle
+    /// for good. A request that took a slot on one meanwhile finishes on it.
+    pub fn close_idle(&self) {
+        let lines = self.lines.load();
+        let idle = |line: &Arc<Http2Line>| {
+            line.sender.is_closed() || line.streams.load(Ordering::Relaxed) == 0
+        };
+        if !lines.iter().skip(1).any(idle) {
+            return;
+        }
+        self.lines.rcu(|lines| {
+            lines
+                .iter()
+                .enumerate()
+                .filter(|(at, line)| !line.sender.is_closed() && (*at == 0 || !idle(line)))
+                .map(|(_, line)| line.clone())
+                .collect::<Vec<_>>()
+        });
+    }
+
     /// A live connection's sender with a stream slot taken on it, if one has room.
     fn free_slot(&self) -> Option<(SendRequest<Upload>, StreamSlot)> {
         let lines = self.lines.load();

@@ -885,6 +885,9 @@ impl Pool {
         if let Some(lines) = &self.lines {
             lines.close_idle(now);
         }
+        if let Some(http2) = &self.http2 {
+            http2.close_idle();
+        }
         let mut idle = self.idle.lock().expect("pool lock");
         let mut stale = Vec::new();
         // In place, oldest first, keeping the order and the queue's memory.
