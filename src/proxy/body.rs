@@ -263,28 +263,32 @@ pub const REPLAY_LIMIT: usize = 64 * 1024;
 
 impl ForwardBody {
     pub fn stream(inner: ClientBody, limit: u64, pace: Option<BodyPace>) -> ForwardBody {
+        // A body announced larger than what is kept is not copied at all. (Room is made as
+        // bytes come, not as announced: an announcement costs the gateway nothing.)
+        let replay = (inner.size_hint().lower() <= REPLAY_LIMIT as u64).then(Replay::default);
         ForwardBody::Stream {
             inner,
             seen: 0,
             limit,
             pace: pace.map(PaceCheck::new),
-            replay: Some(Replay::default()),
+            replay,
         }
     }
 
     /// Makes the body start again from its first byte for another attempt, what came before
     /// handed out from what was kept and the rest still read from the client. False when that
-    /// cannot be done: the body grew past [`REPLAY_LIMIT`], or an attempt kept it.
+    /// cannot be done: more went out than [`REPLAY_LIMIT`], or an attempt kept it.
     pub fn rewind(&mut self) -> bool {
         match self {
             ForwardBody::Empty => true,
             ForwardBody::Spent => false,
-            ForwardBody::Stream { replay, .. } => match replay {
+            ForwardBody::Stream { replay, seen, .. } => match replay {
                 Some(replay) => {
                     replay.again = Again::Data;
                     true
                 }
-                None => false,
+                // Nothing of it went out yet.
+                None => *seen == 0,
             },
         }
     }
