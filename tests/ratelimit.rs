@@ -530,6 +530,15 @@ rate_limits = [{{ key = "api_key", limit = 2, period = "1m", burst = 1 }}]
     }
     assert_eq!(get(&client, &gw.url("/open")).await.status, 200);
     assert_eq!(backend_requests(&client, &backend).await, 5);
+    // Only the four that went on count as allowed: not the two 401s that passed the rule.
+    let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
+    let allowed: u64 = report["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|rule| rule["allowed"].as_u64().unwrap())
+        .sum();
+    assert_eq!(allowed, 4, "{report}");
 
     // A route without auth still counts by the key presented; requests without a valid one
     // share their address's quota.

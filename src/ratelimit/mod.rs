@@ -319,15 +319,17 @@ pub fn hold_slots(response: &mut Response<GatewayBody>, slots: Slots) {
 
 /// The 429 of a request some rule refused (the longest wait speaks), or the headers of an
 /// allowed one (the rule with the least remaining speaks). Counts the request as allowed by
-/// every rule when it passes, else as limited by the rules that refused it.
+/// every rule when it passes and `going_on` (a request refused for its API key passes no
+/// further), else as limited by the rules that refused it.
 fn conclude(
     policy: &RoutePolicy,
     decisions: &[RateDecision],
     admitted: &mut Admitted,
+    going_on: bool,
 ) -> Result<(), ProxyError> {
     let passes = decisions.iter().all(|d| d.allowed);
     for (rule, decision) in policy.rules.iter().zip(decisions) {
-        if passes {
+        if passes && going_on {
             rule.counters.allowed.fetch_add(1, Ordering::Relaxed);
         } else if !decision.allowed {
             rule.counters.limited.fetch_add(1, Ordering::Relaxed);
@@ -347,20 +349,6 @@ fn conclude(
     }
     admitted.headers = Some((rule.policy.clone(), state));
     Ok(())
-}
-
-/// A request refused for its API key still counts under the route's rules, by client address,
-/// as nginx limits requests before it checks credentials: keys cannot be guessed faster than
-/// the rules let requests through. Its 429 when a rule refuses it, else `unauthorized`.
-fn limited_first(
-    policy: &RoutePolicy,
-    decisions: &[RateDecision],
-    unauthorized: ProxyError,
-) -> ProxyError {
-    match conclude(policy, decisions, &mut Admitted::default()) {
-        Err(limited) => limited,
-        Ok(()) => unauthorized,
-    }
 }
 
 impl Admission {
@@ -467,29 +455,24 @@ impl Admission {
         if !policy.rules.is_empty() && self.limiter.is_shared() {
             return None;
         }
-        let api_key = match self.api_key(policy, headers) {
-            Ok(api_key) => api_key,
-            Err(unauthorized) if policy.rules.is_empty() => return Some(Err(unauthorized)),
-            Err(unauthorized) => {
-                let keys = policy.keys(client, None, headers);
-                let decisions = self.limiter.decide_here(&policy.rules, &keys);
-                return Some(Err(limited_first(policy, &decisions, unauthorized)));
-            }
-        };
+        let (api_key, unauthorized) = self.api_key(policy, headers);
         let mut admitted = Admitted::default();
         // Slots first: when one is taken the request would queue, and must not have been
         // counted yet. A refusal below frees them again.
-        for limit in policy.own_limit.iter().chain(&policy.upstream_limit) {
-            admitted.slots.push(limit.try_acquire()?);
+        if unauthorized.is_none() {
+            for limit in policy.own_limit.iter().chain(&policy.upstream_limit) {
+                admitted.slots.push(limit.try_acquire()?);
+            }
         }
         if !policy.rules.is_empty() {
             let keys = policy.keys(client, api_key, headers);
             let decisions = self.limiter.decide_here(&policy.rules, &keys);
-            if let Err(refusal) = conclude(policy, &decisions, &mut admitted) {
+            let going_on = unauthorized.is_none();
+            if let Err(refusal) = conclude(policy, &decisions, &mut admitted, going_on) {
                 return Some(Err(refusal));
             }
         }
-        Some(Ok(admitted))
+        Some(unauthorized.map_or(Ok(admitted), Err))
     }
 
     /// Decides whether the request routed to `route` may go on, asking Redis and waiting in
@@ -501,20 +484,15 @@ impl Admission {
         client: IpAddr,
     ) -> Result<Admitted, ProxyError> {
         let policy = &self.routes[route];
-        let api_key = match self.api_key(policy, headers) {
-            Ok(api_key) => api_key,
-            Err(unauthorized) if policy.rules.is_empty() => return Err(unauthorized),
-            Err(unauthorized) => {
-                let keys = policy.keys(client, None, headers);
-                let decisions = self.limiter.decide(&policy.rules, &keys).await;
-                return Err(limited_first(policy, &decisions, unauthorized));
-            }
-        };
+        let (api_key, unauthorized) = self.api_key(policy, headers);
         let mut admitted = Admitted::default();
         if !policy.rules.is_empty() {
             let keys = policy.keys(client, api_key, headers);
             let decisions = self.limiter.decide(&policy.rules, &keys).await;
-            conclude(policy, &decisions, &mut admitted)?;
+            conclude(policy, &decisions, &mut admitted, unauthorized.is_none())?;
+        }
+        if let Some(unauthorized) = unauthorized {
+            return Err(unauthorized);
         }
         for limit in policy.own_limit.iter().chain(&policy.upstream_limit) {
             let slot = match limit.try_acquire() {
@@ -537,21 +515,25 @@ impl Admission {
         client_ip(peer, headers, &self.trusted_proxies)
     }
 
-    /// The request's API key when the route requires one or counts by it.
+    /// The request's API key when the route requires one or counts by it, and its 401 when the
+    /// route requires one it lacks. Such a request still counts under the route's rules, by
+    /// client address, as nginx limits requests before it checks credentials: keys cannot be
+    /// guessed faster than the rules let requests through (past them, a guess gets 429).
     fn api_key(
         &self,
         policy: &RoutePolicy,
         headers: &HeaderMap,
-    ) -> Result<Option<ApiKeyId>, ProxyError> {
+    ) -> (Option<ApiKeyId>, Option<ProxyError>) {
         if policy.key_use == KeyUse::Ignored {
-            return Ok(None);
+            return (None, None);
         }
-        match self.api_keys.identify(headers) {
-            Ok(id) => Ok(Some(id)),
-            Err(_) if policy.key_use == KeyUse::Counted => Ok(None),
-            Err(AuthFailure::Missing) => Err(ProxyError::Unauthorized("missing API key")),
-            Err(AuthFailure::Wrong) => Err(ProxyError::Unauthorized("wrong API key")),
-        }
+        let refused = match self.api_keys.identify(headers) {
+            Ok(id) => return (Some(id), None),
+            Err(_) if policy.key_use == KeyUse::Counted => return (None, None),
+            Err(AuthFailure::Missing) => ProxyError::Unauthorized("missing API key"),
+            Err(AuthFailure::Wrong) => ProxyError::Unauthorized("wrong API key"),
+        };
+        (None, Some(refused))
     }
 
     pub fn limiter(&self) -> &Arc<Limiter> {
