@@ -481,7 +481,7 @@ rate_limits = [{{ key = "api_key", limit = 2, period = "1m", burst = 1 }}]
     // RFC 9110 §15.5.2: a 401 names how to authenticate.
     assert_eq!(
         missing.header("www-authenticate"),
-        "ApiKey header=\"X-API-Key\""
+        "ApiKey header=\"x-api-key\""
     );
     let wrong = request(
         &client,

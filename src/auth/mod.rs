@@ -2,13 +2,15 @@
 //! identified by a fingerprint from here on ([`ApiKeyId`]), so nothing downstream (rate-limit
 //! keys, logs) ever sees a key itself.
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::limits::AuthConfig;
 
 /// The configured API keys and the header that carries them.
 pub struct ApiKeys {
     header: HeaderName,
+    /// What a 401 says of how to authenticate: the header the key goes in.
+    pub challenge: HeaderValue,
     keys: Vec<(Box<[u8]>, ApiKeyId)>,
 }
 
@@ -27,7 +29,9 @@ pub enum AuthFailure {
 
 impl ApiKeys {
     pub fn new(config: &AuthConfig) -> ApiKeys {
+        let challenge = format!("ApiKey header=\"{}\"", config.header);
         ApiKeys {
+            challenge: HeaderValue::try_from(challenge).expect("a header name is a valid value"),
             header: config.header.clone(),
             keys: config
                 .api_keys
@@ -68,7 +72,15 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
+
+    #[test]
+    fn the_challenge_names_the_configured_header() {
+        let keys = ApiKeys::new(&AuthConfig {
+            header: HeaderName::from_static("x-client-token"),
+            api_keys: vec!["a-key-of-some-length".into()],
+        });
+        assert_eq!(keys.challenge, "ApiKey header=\"x-client-token\"");
+    }
 
     #[test]
     fn keys_are_identified_by_a_fingerprint_that_outlives_list_edits() {

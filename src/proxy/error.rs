@@ -42,8 +42,12 @@ pub enum ProxyError {
     InstanceTimeout,
     #[error("could not connect to an instance in time")]
     ConnectTimeout,
-    #[error("{0}")]
-    Unauthorized(&'static str),
+    /// With the challenge its answer carries (RFC 9110 §15.5.2: the header the key goes in).
+    #[error("{reason}")]
+    Unauthorized {
+        reason: &'static str,
+        challenge: HeaderValue,
+    },
     #[error("rate limit exceeded, retry in {retry_after} s")]
     RateLimited {
         retry_after: u64,
@@ -89,7 +93,7 @@ impl ProxyError {
             ProxyError::NoHealthyInstance => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::InstanceFailed(_) => StatusCode::BAD_GATEWAY,
             ProxyError::InstanceTimeout | ProxyError::ConnectTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Overloaded { .. }
             | ProxyError::GatewayShortage
@@ -111,7 +115,7 @@ impl ProxyError {
             ProxyError::NoHealthyInstance => "no_healthy_instance",
             ProxyError::InstanceFailed(_) => "bad_gateway",
             ProxyError::InstanceTimeout | ProxyError::ConnectTimeout => "gateway_timeout",
-            ProxyError::Unauthorized(_) => "unauthorized",
+            ProxyError::Unauthorized { .. } => "unauthorized",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::GatewayShortage => "gateway_short_of_resources",
@@ -145,12 +149,8 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-        if let ProxyError::Unauthorized(_) = self {
-            // RFC 9110 §15.5.2: a 401 carries a challenge; the key goes in this header.
-            headers.insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("ApiKey header=\"X-API-Key\""),
-            );
+        if let ProxyError::Unauthorized { challenge, .. } = self {
+            headers.insert(header::WWW_AUTHENTICATE, challenge.clone());
         }
         match self {
             ProxyError::RateLimited {
@@ -235,7 +235,13 @@ mod tests {
             (ProxyError::InstanceFailed("refused".into()), 502),
             (ProxyError::InstanceTimeout, 504),
             (ProxyError::ConnectTimeout, 504),
-            (ProxyError::Unauthorized("missing API key"), 401),
+            (
+                ProxyError::Unauthorized {
+                    reason: "missing API key",
+                    challenge: HeaderValue::from_static("ApiKey header=\"x-api-key\""),
+                },
+                401,
+            ),
             (
                 ProxyError::RateLimited {
                     retry_after: 3,

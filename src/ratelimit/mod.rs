@@ -530,8 +530,12 @@ impl Admission {
         let refused = match self.api_keys.identify(headers) {
             Ok(id) => return (Some(id), None),
             Err(_) if policy.key_use == KeyUse::Counted => return (None, None),
-            Err(AuthFailure::Missing) => ProxyError::Unauthorized("missing API key"),
-            Err(AuthFailure::Wrong) => ProxyError::Unauthorized("wrong API key"),
+            Err(AuthFailure::Missing) => "missing API key",
+            Err(AuthFailure::Wrong) => "wrong API key",
+        };
+        let refused = ProxyError::Unauthorized {
+            reason: refused,
+            challenge: self.api_keys.challenge.clone(),
         };
         (None, Some(refused))
     }
