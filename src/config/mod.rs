@@ -139,6 +139,9 @@ pub fn cpus_available() -> usize {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// How the file spells the key of `listen` (`admin.listen` or `server.admin_listen`), so
+    /// that problems with it are named as written.
+    pub listen_key: &'static str,
     /// `user:password` for HTTP basic auth on the admin port, when set.
     pub credentials: Option<(String, String)>,
 }
@@ -290,19 +293,6 @@ impl Config {
             return;
         };
         lines::place(&text, errors);
-        // The admin address may be written as `server.admin_listen`: named as the file has it.
-        for error in errors.iter_mut().filter(|e| e.key == "admin.listen") {
-            let mut aliased = [ConfigError {
-                key: "server.admin_listen".into(),
-                line: None,
-                message: String::new(),
-            }];
-            lines::place(&text, &mut aliased);
-            if aliased[0].line.is_some() && !text.contains("[admin]") {
-                error.key = aliased[0].key.clone();
-                error.line = aliased[0].line;
-            }
-        }
         errors.sort_by_key(|error| error.line.unwrap_or(usize::MAX));
     }
 
@@ -963,7 +953,13 @@ upstream = "missing"
             line: None,
             message: "takes a restart".into(),
         };
-        let mut errors = [refusal("admin.listen"), refusal("server.listen")];
+        // The config knows how the file spells the admin address's key.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let written = format!("{text}[upstreams.app]\ninstances = [\"127.0.0.1:3\"]\n[[routes]]\nupstream = \"app\"\n");
+        std::fs::write(&path, &written).unwrap();
+        let admin_key = Config::load(&path).unwrap().admin.listen_key;
+        assert_eq!(admin_key, "server.admin_listen");
+        let mut errors = [refusal(admin_key), refusal("server.listen")];
         Config::place_in_file(&path, &mut errors);
         let placed: Vec<(&str, Option<usize>)> =
             errors.iter().map(|e| (e.key.as_str(), e.line)).collect();

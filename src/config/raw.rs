@@ -312,6 +312,7 @@ impl RawConfig {
         };
         let admin = AdminConfig {
             listen: p.addr(admin_key, admin_listen),
+            listen_key: admin_key,
             credentials: match (self.admin.username, self.admin.password) {
                 (Some(_), Some(pass)) if pass.is_empty() => {
                     p.push("admin.password", "must not be empty");

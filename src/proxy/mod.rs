@@ -451,7 +451,7 @@ fn restart_only_changes(running: &Config, next: &Config, has_redis: bool) -> Vec
     }
     if next.admin.listen != running.admin.listen {
         let what = format!("the admin API listens on {}", running.admin.listen);
-        needs_restart("admin.listen", what);
+        needs_restart(next.admin.listen_key, what);
     }
     let https = |config: &Config| config.tls.as_ref().map(|tls| tls.listen);
     if https(next) != https(running) {
