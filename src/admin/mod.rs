@@ -800,7 +800,7 @@ async fn read_json(req: Request<Incoming>) -> Result<Value, Response<GatewayBody
     let Ok(collected) = tokio::time::timeout(ADMIN_BODY_TIMEOUT, body).await else {
         return Err(reply(
             StatusCode::REQUEST_TIMEOUT,
-            json!({"error": "the body did not come within 10 s"}),
+            json!({"error": format!("the body did not come within {} s", ADMIN_BODY_TIMEOUT.as_secs())}),
         ));
     };
     let bytes: Bytes = collected

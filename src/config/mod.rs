@@ -117,7 +117,6 @@ impl ServerConfig {
     }
 }
 
-/// The CPUs this process may run on.
 /// A file path as errors show it: a relative one with the working directory it is read from
 /// (not the config file's directory, as with HAProxy and Envoy), which is easy to miss when
 /// `check` passed in one directory and a service starts in another.
@@ -132,6 +131,7 @@ pub fn shown_path(path: &std::path::Path) -> String {
     }
 }
 
+/// The CPUs this process may run on.
 pub fn cpus_available() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }

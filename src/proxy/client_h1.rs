@@ -264,6 +264,8 @@ pub async fn serve(
             Ok(after) => after,
             Err(err) => {
                 tracing::debug!(%err, peer = %client.addr, "client connection broke while answering");
+                // Logged with the answer's time, not the close's linger.
+                drop(record);
                 return conn.close().await;
             }
         };
