@@ -465,7 +465,8 @@ async fn a_server_accepting_nothing_holds_neither_the_run_nor_ctrl_c() {
     assert_eq!(count(&report, "unfinished"), 8, "{report}");
 
     let args = ["bench", "-c", "8", "-d", "20s", "--json", &target];
-    let report = interrupted(&args, Duration::from_millis(300), Duration::from_secs(2)).await;
+    // Late enough for the generator to be listening for Ctrl-C, inside its 1 s connect wait.
+    let report = interrupted(&args, Duration::from_millis(600), Duration::from_secs(2)).await;
     assert_eq!(count(&report, "responses"), 0, "{report}");
 }
 

@@ -304,7 +304,12 @@ async fn a_graceful_stop_keeps_tunnels_open_for_the_grace() {
     .unwrap();
     let (status, gw) = status;
     assert!(status.success(), "{status:?}");
-    assert!(stopped.elapsed() < Duration::from_secs(3));
+    // The open tunnel held the stop until the grace (1.5 s after the signal) ran out.
+    let held = stopped.elapsed();
+    assert!(
+        (Duration::from_millis(700)..Duration::from_secs(3)).contains(&held),
+        "{held:?}"
+    );
     let line = gw
         .proc
         .log_lines()

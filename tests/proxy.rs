@@ -119,8 +119,9 @@ async fn a_retry_leaves_the_rotation_as_it_was() {
     }
 }
 
-/// An idempotent request without a body that got no answer within `response_timeout` goes to
-/// another instance (nginx's `proxy_next_upstream error timeout`); a POST with a body cannot.
+/// An idempotent request that got no answer within `response_timeout` goes to another instance
+/// (nginx's `proxy_next_upstream error timeout`), its body too while at most 64 KiB; a POST
+/// cannot, nor a PUT whose larger body went out.
 #[tokio::test]
 async fn a_response_timeout_is_retried_only_when_the_request_can_be_replayed() {
     let slow = demo_backend(&["--latency-ms", "10000"]);
@@ -720,7 +721,7 @@ async fn active_checks_take_an_instance_out_after_fall_and_back_after_rise() {
 }
 
 /// An instance added through the admin API is checked at once, not at the checker's next
-/// round: with checks 30 s apart it serves within a second.
+/// round: with checks 30 s apart it serves within a few seconds.
 #[tokio::test]
 async fn an_instance_added_at_run_time_is_checked_at_once() {
     let a = demo_backend(&[]);

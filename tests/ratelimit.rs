@@ -361,6 +361,13 @@ async fn a_read_only_replica_is_not_taken_for_a_serving_redis() {
         .filter(|l| l.contains("Redis answers again"))
         .count();
     assert_eq!(back_up, 0, "{lines:?}");
+    // Said once, at start, naming the cause.
+    let down = lines.iter().filter(|l| l.contains("falling back")).count();
+    assert_eq!(down, 1, "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("read-only replica")),
+        "{lines:?}"
+    );
     drop(primary);
 }
 

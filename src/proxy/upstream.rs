@@ -1071,6 +1071,7 @@ mod tests {
         .unwrap();
         let adopted = Upstream::new(listed.upstream("app").unwrap().clone(), Some(&start));
         let set = adopted.set.load();
+        assert_eq!(set.instances.len(), 2);
         assert!(set.instances.iter().all(|i| !i.dynamic));
         let dropped = Upstream::new(start.config.clone(), Some(&adopted));
         let set = dropped.set.load();
