@@ -425,12 +425,12 @@ impl Provider for ProcessProvider {
         let candidates: Vec<Victim> = self
             .children
             .iter()
-            .filter(|c| !matches!(c.state, ChildState::Stopping | ChildState::Replacing))
-            .map(|c| {
+            .filter_map(|c| Some((c, runs_if_kept(c.state)?)))
+            .map(|(c, running)| {
                 let instance = upstream.find(c.addr);
                 Victim {
                     id: c.id,
-                    running: !matches!(c.state, ChildState::Crashed { .. }),
+                    running,
                     serving: c.state == ChildState::Serving,
                     healthy: instance.as_ref().is_some_and(|i| i.passes_active_checks()),
                     in_flight: instance.map_or(0, |i| {
@@ -450,6 +450,8 @@ impl Provider for ProcessProvider {
             tracing::info!(upstream = %self.upstream, instance = %child.addr, "scaling in: draining instance");
             match (was, upstream.find(child.addr)) {
                 (ChildState::Crashed { .. }, _) => self.children.retain(|c| c.id != id),
+                // Its stop is under way: once stopped it is removed, not started again.
+                (ChildState::Replacing, _) => {}
                 (_, Some(instance)) => {
                     let (upstream, gateway) = (upstream.clone(), self.gateway.clone());
                     let stop = child.stop.clone();
@@ -545,6 +547,17 @@ struct Victim {
 /// failing their checks (Kubernetes removes pods not ready first: keeping one would leave the
 /// pool with nothing to serve), then the least loaded, the newest among equals (the oldest have
 /// warm caches and proven health).
+/// Whether a child may be stopped to scale in, and whether it runs now: a crashed child, or
+/// one stopped to be replaced (counted in the pool, but serving nothing), goes before any
+/// running one; one already stopping is not counted.
+fn runs_if_kept(state: ChildState) -> Option<bool> {
+    match state {
+        ChildState::Stopping => None,
+        ChildState::Crashed { .. } | ChildState::Replacing => Some(false),
+        ChildState::Starting | ChildState::Serving => Some(true),
+    }
+}
+
 fn pick_victims(mut candidates: Vec<Victim>, count: usize) -> Vec<u64> {
     candidates.sort_by_key(|v| {
         let order = (v.running, v.serving, v.healthy, v.in_flight);
@@ -737,6 +750,38 @@ mod tests {
         failing[0].healthy = false;
         failing[0].in_flight = 3;
         assert_eq!(pick_victims(failing, 2), vec![1, 3]);
+    }
+
+    /// Scaling in, a child being replaced (counted in the pool, serving nothing) goes before
+    /// any running one, as a crashed one does; one already stopping is not a candidate.
+    #[test]
+    fn a_child_being_replaced_is_the_first_to_go() {
+        let restart_at = Instant::now();
+        assert_eq!(runs_if_kept(ChildState::Replacing), Some(false));
+        assert_eq!(
+            runs_if_kept(ChildState::Crashed { restart_at }),
+            Some(false)
+        );
+        assert_eq!(runs_if_kept(ChildState::Serving), Some(true));
+        assert_eq!(runs_if_kept(ChildState::Starting), Some(true));
+        assert_eq!(runs_if_kept(ChildState::Stopping), None);
+        let candidates = vec![
+            Victim {
+                id: 1,
+                running: true,
+                serving: true,
+                healthy: true,
+                in_flight: 0,
+            },
+            Victim {
+                id: 2,
+                running: false,
+                serving: false,
+                healthy: false,
+                in_flight: 0,
+            },
+        ];
+        assert_eq!(pick_victims(candidates, 1), vec![2]);
     }
 
     #[test]
