@@ -378,26 +378,24 @@ async fn redis_password_is_checked_at_start_and_a_change_falls_back() {
     let routes = "[[routes]]\nupstream = \"app\"\nrate_limits = [{ name = \"pw\", limit = 100, period = \"1m\", burst = 99 }]\n";
 
     // Wrong password: the gateway refuses to start and names the key, not the password.
-    let wrong = redis_config(&redis, &backend, routes).replace("right-password", "wrong-password");
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("wrong.toml");
-    std::fs::write(
-        &path,
-        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{wrong}"),
-    )
-    .unwrap();
-    let stderr = refused_start(&["serve", "--config", path.to_str().unwrap()]);
+    let path = dir.path().join("refused.toml");
+    let refused = |body: String| {
+        std::fs::write(
+            &path,
+            format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{body}"),
+        )
+        .unwrap();
+        refused_start(&["serve", "--config", path.to_str().unwrap()])
+    };
+    let wrong = redis_config(&redis, &backend, routes).replace("right-password", "wrong-password");
+    let stderr = refused(wrong);
     assert!(stderr.contains("state.redis_url"), "{stderr}");
     assert!(!stderr.contains("wrong-password"), "{stderr}");
     // No password where Redis wants one (NOAUTH, though the connection opened) is the same
     // mistake.
     let none = redis_config(&redis, &backend, routes).replace(":right-password@", "");
-    std::fs::write(
-        &path,
-        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{none}"),
-    )
-    .unwrap();
-    let stderr = refused_start(&["serve", "--config", path.to_str().unwrap()]);
+    let stderr = refused(none);
     assert!(stderr.contains("refused the credentials"), "{stderr}");
 
     // Right password: decisions in Redis.

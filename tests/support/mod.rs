@@ -207,9 +207,17 @@ fn with_listeners(body: &str) -> String {
     }
 }
 
-/// `body` with the test `[server]` table and more of its keys (`keys`, one per line).
+/// `body` with the test `[server]` table and more of its keys (`keys`, one per line), which
+/// replace the table's own.
 fn with_server_keys(keys: &str, body: &str) -> String {
-    format!("{TEST_SERVER}{keys}\n\n{body}")
+    let name = |line: &str| line.split('=').next().unwrap_or_default().trim().to_owned();
+    let given: Vec<String> = keys.lines().map(name).collect();
+    let server: String = TEST_SERVER
+        .lines()
+        .filter(|line| !given.contains(&name(line)))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    format!("{server}{keys}\n\n{body}")
 }
 
 /// [`gateway`] with more `[server]` keys (`keys`, one per line) beside the test listeners.
@@ -237,15 +245,8 @@ pub fn gateway_logging(body: &str) -> Gateway {
 /// [`gateway_logging`] with more `[server]` keys (`keys`, one per line), which replace the
 /// test table's own.
 pub fn gateway_logging_with_server_keys(keys: &str, body: &str) -> Gateway {
-    let name = |line: &str| line.split('=').next().unwrap_or_default().trim().to_owned();
-    let given: Vec<String> = keys.lines().map(name).collect();
-    let server: String = TEST_SERVER
-        .replace("access_log = false", "access_log = true")
-        .lines()
-        .filter(|line| !given.contains(&name(line)))
-        .map(|line| format!("{line}\n"))
-        .collect();
-    start_gateway(&format!("{server}{keys}\n\n{body}"), 2, true)
+    let config = with_server_keys(keys, body).replace("access_log = false", "access_log = true");
+    start_gateway(&config, 2, true)
 }
 
 fn start_gateway(body: &str, listeners: usize, keep_log: bool) -> Gateway {
