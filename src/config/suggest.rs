@@ -60,36 +60,49 @@ fn shape(table: &str) -> String {
     shaped.join(".")
 }
 
+/// Every table shape and the keys its serde type takes.
+type KeysOf = fn() -> &'static [&'static str];
+const TABLES: &[(&str, KeysOf)] = &[
+    ("", fields_of::<RawConfig>),
+    ("server", fields_of::<RawServer>),
+    ("server.http2", fields_of::<RawHttp2>),
+    ("admin", fields_of::<RawAdmin>),
+    ("upstreams.*", fields_of::<RawUpstream>),
+    ("upstreams.*.instances[]", fields_of::<RawInstanceTable>),
+    ("upstreams.*.health", fields_of::<RawActiveHealth>),
+    ("upstreams.*.tls", fields_of::<RawUpstreamTls>),
+    ("upstreams.*.autoscale", fields_of::<RawAutoscale>),
+    ("upstreams.*.autoscale.scale_up", fields_of::<RawRules>),
+    ("upstreams.*.autoscale.scale_down", fields_of::<RawRules>),
+    (
+        "upstreams.*.autoscale.scale_up.policies[]",
+        fields_of::<RawPolicy>,
+    ),
+    (
+        "upstreams.*.autoscale.scale_down.policies[]",
+        fields_of::<RawPolicy>,
+    ),
+    (
+        "upstreams.*.autoscale.schedules[]",
+        fields_of::<RawSchedule>,
+    ),
+    ("upstreams.*.autoscale.discover", fields_of::<RawDiscover>),
+    ("routes[]", fields_of::<RawRoute>),
+    ("routes[].cache", fields_of::<RawRouteCache>),
+    ("routes[].rate_limits[]", fields_of::<RawRule>),
+    ("rate_limit.rules[]", fields_of::<RawRule>),
+    ("cache", fields_of::<RawCache>),
+    ("tls", fields_of::<RawTls>),
+    ("tls.certificates[]", fields_of::<RawCertificate>),
+    ("state", fields_of::<RawState>),
+    ("rate_limit", fields_of::<RawRateLimit>),
+    ("auth", fields_of::<RawAuth>),
+];
+
 /// The keys the table of that shape takes.
 fn keys_of(shape: &str) -> Option<&'static [&'static str]> {
-    let keys = match shape {
-        "" => fields_of::<RawConfig>(),
-        "server" => fields_of::<RawServer>(),
-        "server.http2" => fields_of::<RawHttp2>(),
-        "admin" => fields_of::<RawAdmin>(),
-        "upstreams.*" => fields_of::<RawUpstream>(),
-        "upstreams.*.instances[]" => fields_of::<RawInstanceTable>(),
-        "upstreams.*.health" => fields_of::<RawActiveHealth>(),
-        "upstreams.*.tls" => fields_of::<RawUpstreamTls>(),
-        "upstreams.*.autoscale" => fields_of::<RawAutoscale>(),
-        "upstreams.*.autoscale.scale_up" | "upstreams.*.autoscale.scale_down" => {
-            fields_of::<RawRules>()
-        }
-        "upstreams.*.autoscale.scale_up.policies[]"
-        | "upstreams.*.autoscale.scale_down.policies[]" => fields_of::<RawPolicy>(),
-        "upstreams.*.autoscale.schedules[]" => fields_of::<RawSchedule>(),
-        "upstreams.*.autoscale.discover" => fields_of::<RawDiscover>(),
-        "routes[]" => fields_of::<RawRoute>(),
-        "routes[].cache" => fields_of::<RawRouteCache>(),
-        "routes[].rate_limits[]" | "rate_limit.rules[]" => fields_of::<RawRule>(),
-        "cache" => fields_of::<RawCache>(),
-        "tls" => fields_of::<RawTls>(),
-        "tls.certificates[]" => fields_of::<RawCertificate>(),
-        "state" => fields_of::<RawState>(),
-        "rate_limit" => fields_of::<RawRateLimit>(),
-        "auth" => fields_of::<RawAuth>(),
-        _ => return None,
-    };
+    let (_, keys) = TABLES.iter().find(|(table, _)| *table == shape)?;
+    let keys = keys();
     (!keys.is_empty()).then_some(keys)
 }
 
@@ -175,30 +188,7 @@ mod tests {
 
     #[test]
     fn every_table_shape_knows_its_keys() {
-        for shape in [
-            "",
-            "server",
-            "server.http2",
-            "admin",
-            "upstreams.*",
-            "upstreams.*.instances[]",
-            "upstreams.*.health",
-            "upstreams.*.tls",
-            "upstreams.*.autoscale",
-            "upstreams.*.autoscale.scale_up",
-            "upstreams.*.autoscale.scale_up.policies[]",
-            "upstreams.*.autoscale.schedules[]",
-            "upstreams.*.autoscale.discover",
-            "routes[]",
-            "routes[].cache",
-            "routes[].rate_limits[]",
-            "cache",
-            "tls",
-            "tls.certificates[]",
-            "state",
-            "rate_limit",
-            "auth",
-        ] {
+        for (shape, _) in TABLES {
             assert!(keys_of(shape).is_some(), "{shape}");
         }
         assert_eq!(
