@@ -233,7 +233,14 @@ pub async fn run(
         start,
         measure_start,
     };
-    let end = shared.cut.at(&clock).unwrap_or(last_done);
+    // A count-limited open-loop run lasted at least its plan, however soon its last answer came.
+    let planned_end = shared
+        .schedule
+        .map(|schedule| start + schedule.planned_end());
+    let end = shared
+        .cut
+        .at(&clock)
+        .unwrap_or_else(|| planned_end.map_or(last_done, |planned| last_done.max(planned)));
     Outcome {
         tally,
         elapsed: end.saturating_duration_since(measure_start),

@@ -65,6 +65,13 @@ impl Schedule {
             measured: j >= self.first_measured,
         })
     }
+
+    /// Time after the run start when the plan's last slot closes: each request holds a
+    /// `1 / rate` slot, so a count-limited run answered on time lasts `count / rate` and reports
+    /// the rate asked, not `count / ((count - 1) / rate)`.
+    pub fn planned_end(&self) -> Duration {
+        Duration::from_secs_f64(self.end as f64 / self.rate)
+    }
 }
 
 /// How many indices `j` have `j / rate < time`: `time × rate` rounded up, except that a
@@ -147,6 +154,8 @@ mod tests {
             assert_eq!(p.at, Duration::from_millis(10 * j as u64));
             assert!(p.measured);
         }
+        // The last request's slot, 70 to 80 ms, closes the plan.
+        assert_eq!(schedule.planned_end(), Duration::from_millis(80));
     }
 
     #[test]
