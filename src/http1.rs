@@ -46,6 +46,9 @@ pub struct BodyFraming {
     /// A `Connection` field names fields besides its options (`close`, `keep-alive`): those
     /// are hop-by-hop too. Found in the same pass over the fields, which a proxy needs anyway.
     pub names_fields: bool,
+    /// The one length every Content-Length value gave (`5, 5` or two fields of 5 are 5), also
+    /// where it frames no body (HEAD, 204, 304): what goes on as one field.
+    pub content_length: Option<u64>,
 }
 
 /// The fields the gateway reads or drops, told apart by a field name's length and at most two
@@ -197,6 +200,7 @@ pub fn response_framing(
         framing,
         keep_alive,
         names_fields: connection.names_fields,
+        content_length: length,
     })
 }
 
@@ -699,6 +703,7 @@ mod tests {
                 framing: Framing::Length(2),
                 keep_alive: true,
                 names_fields: false,
+                content_length: Some(2),
             })
         );
         let chunked = framing_of(

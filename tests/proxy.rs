@@ -2462,6 +2462,7 @@ async fn scripted_instance() -> (
                             let got = format!("got {length}");
                             format!("{:x}\r\n{got}\r\n0\r\n\r\n", got.len()).into_bytes()
                         }
+                        "/repeated-length" => b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
                         "/no-content" => b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n".to_vec(),
                         "/499" => b"HTTP/1.1 499 Client Closed\r\nContent-Length: 4\r\n\r\ngone".to_vec(),
                         "/switch-h2c" => b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n".to_vec(),
@@ -2562,6 +2563,18 @@ async fn bodyless_and_early_answers_say_what_rfc_9110_asks() {
     let early = answer(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n").await;
     assert!(early.starts_with("HTTP/1.1 413"), "{early}");
     assert!(early.contains("connection: close\r\n"), "{early}");
+    // A length the instance repeated goes on as one field with one number: an HTTP/2 client
+    // refuses `5, 5` (RFC 9113 §8.1.1), and a HEAD answer carries the field as it is.
+    let h2 = request(&h2c_client(), "GET", &gw.url("/repeated-length"), &[], "").await;
+    let h2 = h2.unwrap();
+    assert_eq!((h2.status, &h2.body[..]), (200, &b"hello"[..]));
+    let head =
+        answer(b"HEAD /repeated-length HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let lengths: Vec<_> = head
+        .lines()
+        .filter(|line| line.to_ascii_lowercase().starts_with("content-length:"))
+        .collect();
+    assert_eq!(lengths, ["content-length: 5"], "{head}");
 }
 
 #[tokio::test]

@@ -789,13 +789,18 @@ fn parse_head_in(
             let mut spans = FieldSpans::default();
             spans.record(answer.headers, buf.as_ptr(), |name| {
                 let kind = FieldKind::of(name);
-                !(skip_hop_by_hop && kind.is_hop_by_hop())
-                    && (framed_by_length || kind != FieldKind::ContentLength)
+                !(skip_hop_by_hop && kind.is_hop_by_hop()) && kind != FieldKind::ContentLength
             });
             let head_bytes = buf.split_to(len).freeze();
-            let map = spans
-                .to_map(&head_bytes, 2)
+            let mut map = spans
+                .to_map(&head_bytes, 3)
                 .map_err(|err| invalid_answer(&err))?;
+            // One field with one number, whatever repetition the instance wrote: an HTTP/2
+            // client takes `5, 5` or two fields as malformed (RFC 9113 §8.1.1), and a HEAD
+            // answer or a stored one would pass them on.
+            if let Some(length) = framing.content_length.filter(|_| framed_by_length) {
+                map.insert(CONTENT_LENGTH, HeaderValue::from(length));
+            }
             (map, None)
         }
     };
@@ -1161,6 +1166,22 @@ mod tests {
         let (head, framing, _) = parsed(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true);
         assert_eq!(framing.framing, Framing::Length(0));
         assert_eq!(head.headers[CONTENT_LENGTH], "3");
+        // A repeated length goes on as one field with one number, with a body or without.
+        for (text, head_request) in [
+            (
+                &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n"[..],
+                false,
+            ),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\n", false),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3,3\r\nContent-Length: 3\r\n\r\n",
+                true,
+            ),
+        ] {
+            let (head, _, _) = parsed(text, head_request);
+            let lengths: Vec<_> = head.headers.get_all(CONTENT_LENGTH).iter().collect();
+            assert_eq!(lengths, ["3"], "{}", String::from_utf8_lossy(text));
+        }
     }
 
     #[test]
