@@ -162,6 +162,39 @@ async fn a_fetch_its_client_left_still_counts_against_the_concurrency_cap() {
     assert_eq!(get(&client, &gw.url("/cache?quick=1")).await.status, 200);
 }
 
+/// An upstream's `max_in_flight` counts the requests that reach its instances: hits take no
+/// slot, and a refresh refused one serves the stale entry (nginx's upstream `max_conns` with
+/// `proxy_cache_use_stale`).
+#[tokio::test]
+async fn hits_take_no_slot_of_the_upstream_limit() {
+    let backend = demo_backend(&[]);
+    let gw = gateway(&format!(
+        "[upstreams.app]\ninstances = [\"{}\"]\nmax_in_flight = 1\nqueue_size = 0\n\n\
+         [[routes]]\nupstream = \"app\"\ncache = {{ ttl = \"60s\", stale_if_error = \"60s\" }}\n",
+        backend.addr()
+    ));
+    let client = client();
+    let old = gw.url("/cache?k=old&cc=max-age%3D1");
+    assert_eq!(status_and_n(&client, &old, &[]).await, ("MISS".into(), 1));
+    let hot = gw.url("/cache?k=hot");
+    assert_eq!(status_and_n(&client, &hot, &[]).await, ("MISS".into(), 2));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // A miss holds the upstream's one slot for 1.5 s.
+    let slow = tokio::spawn({
+        let (client, url) = (client.clone(), gw.url("/cache?k=slow&latency_ms=1500"));
+        async move { get(&client, &url).await.status }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(status_and_n(&client, &hot, &[]).await, ("HIT".into(), 2));
+    assert_eq!(status_and_n(&client, &old, &[]).await, ("STALE".into(), 1));
+    let refused = get(&client, &gw.url("/cache?k=new")).await;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert_eq!(refused.json()["error"], "overloaded");
+    assert_eq!(refused.header("x-cache-status"), "MISS");
+    assert_eq!(slow.await.unwrap(), 200);
+    assert_eq!(get(&client, &gw.url("/cache?k=new")).await.status, 200);
+}
+
 #[tokio::test]
 async fn stale_is_served_while_the_instance_is_down() {
     let backend = demo_backend(&[]);

@@ -37,6 +37,7 @@ use super::{Gateway, Runtime};
 use crate::balance::{hash_bytes, HashKey, Strategy};
 use crate::config::UpstreamConfig;
 use crate::http1::recycle_map;
+use crate::ratelimit::hold_slots;
 
 /// The client end of a connection, its IP rendered once per connection for X-Forwarded-For.
 #[derive(Clone)]
@@ -314,6 +315,13 @@ async fn forward(
     // through the map (rate-limit state, and HSTS on a secure connection).
     let raw_answer =
         client.raw_answers && !admitted.adds_fields() && hsts_for(runtime, client).is_none();
+    // A cached route's upgrade (a tunnel, never cached) goes to an instance: it takes the
+    // upstream's slot that its hits do not.
+    if client_upgrade.is_some() {
+        if let Some(slot) = admission.fetch_slot(route).await? {
+            admitted.add_slots(slot);
+        }
+    }
     let result = to_instance(
         runtime,
         route,
@@ -351,12 +359,15 @@ impl InstanceFetch {
         }
     }
 
+    /// Sends the request to an instance, holding the upstream's concurrency slot (a cached
+    /// route's hits take none) to the answer's end.
     pub async fn send(
         &self,
         parts: Parts,
         body: ForwardBody,
     ) -> Result<Response<GatewayBody>, ProxyError> {
-        to_instance(
+        let slot = self.runtime.admission.fetch_slot(self.route).await?;
+        let mut response = to_instance(
             &self.runtime,
             self.route,
             &parts,
@@ -365,7 +376,11 @@ impl InstanceFetch {
             Added::InMap(&self.request_id),
             (None, &mut Served::default()),
         )
-        .await
+        .await?;
+        if let Some(slot) = slot {
+            hold_slots(&mut response, slot);
+        }
+        Ok(response)
     }
 }
 

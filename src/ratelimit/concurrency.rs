@@ -22,6 +22,10 @@ impl Slots {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    pub fn extend(&mut self, other: Slots) {
+        self.0.extend(other.0);
+    }
 }
 
 pub struct ConcurrencyLimit {

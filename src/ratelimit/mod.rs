@@ -22,6 +22,7 @@ use http::{HeaderMap, HeaderName, Response};
 use ipnet::IpNet;
 use serde_json::{json, Value};
 use smallvec::SmallVec;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::auth::{ApiKeyId, ApiKeys, AuthFailure};
@@ -251,7 +252,12 @@ struct RoutePolicy {
     key_use: KeyUse,
     rules: Vec<Rule>,
     own_limit: Option<Arc<ConcurrencyLimit>>,
+    /// The upstream's limit, taken on admission by a route without a cache.
     upstream_limit: Option<Arc<ConcurrencyLimit>>,
+    /// The upstream's limit on a cached route: taken only by requests that go to an instance
+    /// (a miss, a refresh, a bypass), never by a hit, as nginx's `max_conns` and HAProxy's
+    /// server `maxconn` count connections to servers.
+    fetch_limit: Option<Arc<ConcurrencyLimit>>,
 }
 
 impl RoutePolicy {
@@ -297,6 +303,11 @@ impl Admitted {
         std::mem::take(&mut self.slots)
     }
 
+    /// Slots taken after admission, held with the others.
+    pub fn add_slots(&mut self, slots: Slots) {
+        self.slots.extend(slots);
+    }
+
     /// Adds `RateLimit-Policy` and `RateLimit` (the rule with the least remaining) to the
     /// response, and hands the concurrency slots to its body, which holds them to its end.
     pub fn apply_to(self, response: &mut Response<GatewayBody>) {
@@ -306,6 +317,20 @@ impl Admitted {
             headers.insert(RATELIMIT.clone(), state);
         }
         hold_slots(response, self.slots);
+    }
+}
+
+/// A slot of `limit`, at once or after waiting in its queue; 503 when the queue is full or the
+/// wait ran out.
+async fn take_slot(limit: &ConcurrencyLimit) -> Result<OwnedSemaphorePermit, ProxyError> {
+    match limit.try_acquire() {
+        Some(slot) => Ok(slot),
+        None => limit
+            .wait()
+            .await
+            .map_err(|retry_after| ProxyError::Overloaded {
+                retry_after: retry_after.as_secs().max(1),
+            }),
     }
 }
 
@@ -393,6 +418,10 @@ impl Admission {
                     .iter()
                     .find(|(n, _)| *n == route.upstream)
                     .map(|(_, limit)| limit.clone());
+                let (upstream_limit, fetch_limit) = match route.cache {
+                    Some(_) => (None, upstream_limit),
+                    None => (upstream_limit, None),
+                };
                 let rules: Vec<Rule> = route_limits
                     .rules
                     .iter()
@@ -430,6 +459,7 @@ impl Admission {
                     rules,
                     own_limit,
                     upstream_limit,
+                    fetch_limit,
                 }
             })
             .collect();
@@ -495,18 +525,21 @@ impl Admission {
             return Err(unauthorized);
         }
         for limit in policy.own_limit.iter().chain(&policy.upstream_limit) {
-            let slot = match limit.try_acquire() {
-                Some(slot) => slot,
-                None => limit
-                    .wait()
-                    .await
-                    .map_err(|retry_after| ProxyError::Overloaded {
-                        retry_after: retry_after.as_secs().max(1),
-                    })?,
-            };
-            admitted.slots.push(slot);
+            admitted.slots.push(take_slot(limit).await?);
         }
         Ok(admitted)
+    }
+
+    /// The upstream's slot for a request of a cached route that goes to an instance, waiting
+    /// in its queue as needed; `None` when the route has no such limit (or took it on
+    /// admission).
+    pub async fn fetch_slot(&self, route: usize) -> Result<Option<Slots>, ProxyError> {
+        let Some(limit) = &self.routes[route].fetch_limit else {
+            return Ok(None);
+        };
+        let mut slots = Slots::default();
+        slots.push(take_slot(limit).await?);
+        Ok(Some(slots))
     }
 
     /// The client's address: the peer, or the last untrusted hop of X-Forwarded-For when the
