@@ -3,6 +3,10 @@
 
 mod support;
 
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
@@ -193,6 +197,136 @@ async fn hits_take_no_slot_of_the_upstream_limit() {
     assert_eq!(refused.header("x-cache-status"), "MISS");
     assert_eq!(slow.await.unwrap(), 200);
     assert_eq!(get(&client, &gw.url("/cache?k=new")).await.status, 200);
+}
+
+/// An instance that answers its `n`-th request (counted over every connection, from 0) with
+/// `answer(n)`: a pause, then those bytes. Also returns the count of requests.
+fn numbered_instance(
+    answer: impl Fn(usize) -> (Duration, &'static str) + Send + Sync + 'static,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    let addr = raw_instance(move |mut stream, _| {
+        let mut read = Vec::new();
+        loop {
+            let mut buf = [0u8; 4096];
+            while !read.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => read.extend_from_slice(&buf[..n]),
+                }
+            }
+            read.clear();
+            let (pause, text) = answer(seen.fetch_add(1, Ordering::SeqCst));
+            std::thread::sleep(pause);
+            if stream.write_all(text.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    (addr, count)
+}
+
+const FAILED: &str = "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nfail";
+const FRESH_A_MINUTE: &str =
+    "HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 3\r\n\r\nnew";
+const FRESH_A_SECOND: &str =
+    "HTTP/1.1 200 OK\r\nCache-Control: max-age=1\r\nContent-Length: 3\r\n\r\nold";
+
+/// A gateway with one cached route to `instance`, its upstream with `extra` keys.
+fn cached_at(instance: SocketAddr, extra: &str, cache: &str) -> Gateway {
+    gateway(&format!(
+        "{}cache = {{ {cache} }}\n",
+        app_config_at(&[instance], extra)
+    ))
+}
+
+/// GETs `path` from `gw` once at once, then `waiters` times 100 ms later (while the first is
+/// the fetch they wait on); the statuses, `X-Cache-Status` and bodies, the first's first.
+async fn first_then_waiters(
+    gw: &Gateway,
+    path: &str,
+    waiters: usize,
+) -> Vec<(u16, String, String)> {
+    let client = client();
+    let ask = |client: Client, url: String| async move {
+        let reply = get(&client, &url).await;
+        let label = reply.header("x-cache-status").to_string();
+        (
+            reply.status,
+            label,
+            String::from_utf8_lossy(&reply.body).into_owned(),
+        )
+    };
+    let first = tokio::spawn(ask(client.clone(), gw.url(path)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let rest: Vec<_> = (0..waiters)
+        .map(|_| tokio::spawn(ask(client.clone(), gw.url(path))))
+        .collect();
+    let mut answers = vec![first.await.unwrap()];
+    for waiter in rest {
+        answers.push(waiter.await.unwrap());
+    }
+    answers
+}
+
+/// A fill the instance fails hands the lease to one waiter, as nginx's cache lock does: the
+/// others wait on, then hit, rather than all asking the instance that just failed at once.
+#[tokio::test]
+async fn after_a_failed_fill_one_waiter_fetches_for_the_rest() {
+    let (instance, asked) = numbered_instance(|n| match n {
+        0 => (Duration::from_millis(400), FAILED),
+        _ => (Duration::from_millis(50), FRESH_A_MINUTE),
+    });
+    let gw = cached_at(instance, "", "ttl = \"60s\"");
+    let answers = first_then_waiters(&gw, "/x", 9).await;
+    assert_eq!(answers[0], (500, "MISS".into(), "fail".into()));
+    let statuses: Vec<_> = answers[1..].iter().map(|(status, ..)| *status).collect();
+    assert_eq!(statuses, [200; 9], "{answers:?}");
+    assert_eq!(asked.load(Ordering::SeqCst), 2, "{answers:?}");
+}
+
+/// When the instance fails a refresh, the requests waiting on it get the stale entry its
+/// failure serves (`stale_if_error`) without asking the instance again; and a request that
+/// waited out the lock (5 s) and failed on its own gets it too.
+#[tokio::test]
+async fn waiters_on_a_failed_refresh_get_the_stale_entry() {
+    let (instance, asked) = numbered_instance(|n| match n {
+        0 => (Duration::ZERO, FRESH_A_SECOND),
+        1 => (Duration::from_millis(400), FAILED),
+        // The third hangs past the lock timeout, the rest fail at once.
+        2 => (Duration::from_secs(20), FAILED),
+        _ => (Duration::ZERO, FAILED),
+    });
+    let gw = cached_at(
+        instance,
+        "response_timeout = \"15s\"",
+        "ttl = \"60s\", stale_if_error = \"60s\"",
+    );
+    let client = client();
+    assert_eq!(
+        get(&client, &gw.url("/x")).await.header("x-cache-status"),
+        "MISS"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let answers = first_then_waiters(&gw, "/x", 4).await;
+    for answer in &answers {
+        assert_eq!(*answer, (200, "STALE".into(), "old".into()), "{answers:?}");
+    }
+    assert_eq!(asked.load(Ordering::SeqCst), 2, "{answers:?}");
+
+    let hung = tokio::spawn({
+        let (client, url) = (client.clone(), gw.url("/x"));
+        async move { get(&client, &url).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let late = get(&client, &gw.url("/x")).await;
+    assert_eq!(
+        (late.status, late.header("x-cache-status"), &late.body[..]),
+        (200, "STALE", &b"old"[..])
+    );
+    assert_eq!(asked.load(Ordering::SeqCst), 4);
+    hung.abort();
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -236,21 +236,6 @@ async fn clients_leaving_while_their_answers_are_due_get_no_request_sent_twice()
     assert!(seen.keys().any(|target| target.starts_with("/quit")));
     let twice: Vec<_> = seen.iter().filter(|&(_, &times)| times > 1).collect();
     assert!(twice.is_empty(), "sent twice: {twice:?}");
-}
-
-/// A hand-written instance: `serve(connection, its index)` on a thread per connection.
-fn raw_instance(serve: impl Fn(TcpStream, usize) + Send + Sync + 'static) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let serve = Arc::new(serve);
-    std::thread::spawn(move || {
-        for (index, stream) in listener.incoming().enumerate() {
-            let Ok(stream) = stream else { return };
-            let serve = serve.clone();
-            std::thread::spawn(move || serve(stream, index));
-        }
-    });
-    addr
 }
 
 /// A gateway in front of one [`raw_instance`], its upstream with `extra` keys.

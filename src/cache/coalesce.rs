@@ -1,6 +1,8 @@
 //! Request coalescing: one fetch per key at a time. The first request for a key takes a lease;
 //! identical requests wait until the lease ends (the entry stored, or the fetch given up), up
 //! to [`LOCK_TIMEOUT`], after which they go to an instance themselves (nginx `proxy_cache_lock`).
+//! A lease whose fetch failed says so: one waiter then takes the next lease and the others
+//! keep waiting, rather than all asking the instance that just failed at once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -8,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// How long identical requests wait for the fetch in flight (nginx `proxy_cache_lock_timeout`).
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -21,10 +24,11 @@ pub struct Coalescer {
     generation: AtomicU64,
 }
 
-/// A fetch in flight: its waiters' wake-up, and its mark of a purge of its own key.
+/// A fetch in flight: its waiters' wake-up (true once the fetch failed), and its mark of a
+/// purge of its own key.
 #[derive(Debug)]
 struct InFlight {
-    done: watch::Receiver<()>,
+    done: watch::Receiver<bool>,
     purged: Arc<AtomicBool>,
 }
 
@@ -36,10 +40,16 @@ pub struct Lease {
     generation: u64,
     /// Its key was purged since the lease was taken.
     purged: Arc<AtomicBool>,
-    _done: watch::Sender<()>,
+    done: watch::Sender<bool>,
 }
 
 impl Lease {
+    /// The instance failed this fetch (an error, or a 5xx not stored): the waiters take turns
+    /// rather than all retrying at once.
+    pub fn failed(&self) {
+        self.done.send_replace(true);
+    }
+
     /// No purge of its key happened since the lease was taken: what the fetch got may be
     /// stored.
     pub fn is_current(&self) -> bool {
@@ -62,13 +72,16 @@ pub enum Turn {
     /// Nobody is fetching this key: fetch it.
     Lead(Lease),
     /// Someone is: wait for them.
-    Wait(watch::Receiver<()>),
+    Wait(watch::Receiver<bool>),
 }
 
 /// How a wait ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Waited {
-    Done,
+    /// The lease ended; `failed`: its fetch failed.
+    Done {
+        failed: bool,
+    },
     TimedOut,
 }
 
@@ -78,7 +91,7 @@ impl Coalescer {
         if let Some(fetch) = inflight.get(key) {
             return Turn::Wait(fetch.done.clone());
         }
-        let (tx, done) = watch::channel(());
+        let (tx, done) = watch::channel(false);
         let purged = Arc::new(AtomicBool::new(false));
         let fetch = InFlight {
             done,
@@ -90,7 +103,7 @@ impl Coalescer {
             key: key.clone(),
             generation: self.generation.load(Ordering::Acquire),
             purged,
-            _done: tx,
+            done: tx,
         })
     }
 
@@ -125,11 +138,13 @@ impl Coalescer {
     }
 }
 
-/// Waits until the lease holder is done, at most `limit`.
-pub async fn wait(mut rx: watch::Receiver<()>, limit: Duration) -> Waited {
+/// Waits until the lease holder is done, at most until `deadline`.
+pub async fn wait(mut rx: watch::Receiver<bool>, deadline: Instant) -> Waited {
     // `changed` fails once the sender (inside the lease) is dropped: that is the signal.
-    match tokio::time::timeout(limit, async { while rx.changed().await.is_ok() {} }).await {
-        Ok(()) => Waited::Done,
+    match tokio::time::timeout_at(deadline, async { while rx.changed().await.is_ok() {} }).await {
+        Ok(()) => Waited::Done {
+            failed: *rx.borrow(),
+        },
         Err(_) => Waited::TimedOut,
     }
 }
@@ -149,10 +164,18 @@ mod tests {
             panic!("second waits")
         };
         assert!(coalescer.try_lead(&key).is_none());
-        let waiter = tokio::spawn(wait(rx, LOCK_TIMEOUT));
+        let waiter = tokio::spawn(wait(rx, Instant::now() + LOCK_TIMEOUT));
         drop(lease);
-        assert_eq!(waiter.await.unwrap(), Waited::Done);
-        assert!(coalescer.try_lead(&key).is_some(), "the key is free again");
+        assert_eq!(waiter.await.unwrap(), Waited::Done { failed: false });
+        let lease = coalescer.try_lead(&key).expect("the key is free again");
+        // A failed fetch says so to its waiters.
+        let Turn::Wait(rx) = coalescer.join(&key) else {
+            panic!("waits")
+        };
+        let waiter = tokio::spawn(wait(rx, Instant::now() + LOCK_TIMEOUT));
+        lease.failed();
+        drop(lease);
+        assert_eq!(waiter.await.unwrap(), Waited::Done { failed: true });
     }
 
     #[test]
@@ -186,6 +209,8 @@ mod tests {
         let Turn::Wait(rx) = coalescer.join(&key) else {
             panic!("waits")
         };
-        assert_eq!(wait(rx, LOCK_TIMEOUT).await, Waited::TimedOut);
+        let start = Instant::now();
+        assert_eq!(wait(rx, start + LOCK_TIMEOUT).await, Waited::TimedOut);
+        assert_eq!(start.elapsed(), LOCK_TIMEOUT);
     }
 }

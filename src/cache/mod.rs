@@ -165,54 +165,74 @@ async fn answer(
         }
         (_, stale) => {
             let key: Arc<str> = Arc::from(key);
-            match store.inflight.join(&key) {
-                Turn::Lead(lease) => {
-                    // The fetch outlives this client: the requests waiting on the lease get its
-                    // answer even when the one that started it leaves, as Varnish keeps a
-                    // fetch going for its waiting list.
-                    let request_id = fetch.request_id.clone();
-                    let held = slots.take().unwrap_or_default();
-                    let lead = lead(cache.clone(), key, parts, fetch, lease, stale);
-                    let lead = async move {
-                        let mut response = lead.await;
-                        hold_slots(&mut response, held);
-                        response
-                    };
-                    match tokio::spawn(lead).await {
-                        Ok(response) => response,
-                        Err(error) if error.is_panic() => {
-                            std::panic::resume_unwind(error.into_panic())
-                        }
-                        // Only when the runtime shuts down.
-                        Err(_) => labelled(
-                            Err(ProxyError::InstanceFailed("the gateway is stopping".into())),
-                            Outcome::Miss,
-                            cache,
-                            &request_id,
-                        ),
+            // However many turns it waits, a request waits LOCK_TIMEOUT at most in all.
+            let deadline = Instant::now() + LOCK_TIMEOUT;
+            loop {
+                let rx = match store.inflight.join(&key) {
+                    Turn::Lead(lease) => {
+                        break lead_for(cache, key, parts, fetch, lease, stale, slots).await
                     }
-                }
-                Turn::Wait(rx) => match coalesce::wait(rx, LOCK_TIMEOUT).await {
-                    Waited::Done => {
+                    Turn::Wait(rx) => rx,
+                };
+                match coalesce::wait(rx, deadline).await {
+                    Waited::Done { failed } => {
                         let now = Instant::now();
                         let fresh = store.get(&key, &parts.headers).filter(|e| {
                             State::at(&e.freshness, now.saturating_duration_since(e.stored_at))
                                 == State::Fresh
                         });
-                        match fresh {
-                            Some(entry) => stored_answer(&entry, Outcome::Hit, now),
-                            // Not stored (uncacheable or failed): fetch for this request alone.
-                            None => fill(cache, key, parts, fetch, None, stale).await,
+                        if let Some(entry) = fresh {
+                            break stored_answer(&entry, Outcome::Hit, now);
+                        }
+                        if !failed {
+                            // Not stored (uncacheable): fetch for this request alone.
+                            break fill(cache, key, parts, fetch, None, stale).await;
+                        }
+                        // The instance just failed the fetch: the entry its failure serves, if
+                        // any, else one waiter at a time tries again.
+                        if let Some(entry) = stale.as_ref().filter(|e| usable_on_error(e, now)) {
+                            break stored_answer(entry, Outcome::Stale, now);
                         }
                     }
-                    // nginx proxy_cache_lock: a late waiter goes to the instance, uncached.
-                    Waited::TimedOut => {
-                        let result = fetch.send(as_cache_fetch(parts), ForwardBody::Empty).await;
-                        labelled(result, Outcome::Miss, cache, &fetch.request_id)
-                    }
-                },
+                    // nginx proxy_cache_lock: a late waiter goes to the instance, uncached;
+                    // its failure still serves what stale_if_error allows.
+                    Waited::TimedOut => break fill(cache, key, parts, fetch, None, stale).await,
+                }
             }
         }
+    }
+}
+
+/// Runs the fetch of a request that took a key's lease, holding the request's `slots`.
+async fn lead_for(
+    cache: &Arc<RouteCache>,
+    key: Arc<str>,
+    parts: Parts,
+    fetch: InstanceFetch,
+    lease: Lease,
+    stale: Option<Arc<Entry>>,
+    slots: &mut Option<Slots>,
+) -> Response<GatewayBody> {
+    // The fetch outlives this client: the requests waiting on the lease get its answer even
+    // when the one that started it leaves, as Varnish keeps a fetch going for its waiting list.
+    let request_id = fetch.request_id.clone();
+    let held = slots.take().unwrap_or_default();
+    let lead = lead(cache.clone(), key, parts, fetch, lease, stale);
+    let lead = async move {
+        let mut response = lead.await;
+        hold_slots(&mut response, held);
+        response
+    };
+    match tokio::spawn(lead).await {
+        Ok(response) => response,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // Only when the runtime shuts down.
+        Err(_) => labelled(
+            Err(ProxyError::InstanceFailed("the gateway is stopping".into())),
+            Outcome::Miss,
+            cache,
+            &request_id,
+        ),
     }
 }
 
@@ -322,6 +342,20 @@ fn hit(
     response
 }
 
+/// Whether `entry` may answer in place of a failure now (within `stale_if_error`, or
+/// `stale_while_revalidate` whose refresh this is).
+fn usable_on_error(entry: &Entry, now: Instant) -> bool {
+    matches!(
+        State::at(
+            &entry.freshness,
+            now.saturating_duration_since(entry.stored_at)
+        ),
+        State::Expired {
+            usable_on_error: true
+        } | State::Revalidate
+    )
+}
+
 /// An instance's answer (or the gateway's error) with `X-Cache-Status`.
 fn labelled(
     result: Result<Response<GatewayBody>, ProxyError>,
@@ -399,15 +433,11 @@ async fn fill(
         Err(error) => error.status().is_server_error(),
     };
     if failed {
+        if let Some(lease) = &lease {
+            lease.failed();
+        }
         let now = Instant::now();
-        if let Some(entry) = stale.filter(|e| {
-            matches!(
-                State::at(&e.freshness, now.saturating_duration_since(e.stored_at)),
-                State::Expired {
-                    usable_on_error: true
-                } | State::Revalidate
-            )
-        }) {
+        if let Some(entry) = stale.filter(|e| usable_on_error(e, now)) {
             return hit(
                 &entry,
                 Outcome::Stale,
@@ -453,6 +483,10 @@ async fn fill(
                     Err(_) => continue,
                 },
                 Err(err) => {
+                    // Cut off mid-body: a failure of the instance, as one before the head.
+                    if let Some(lease) = &lease {
+                        lease.failed();
+                    }
                     if relay(&mut client, &mut backlog, false).await {
                         if let Some(tx) = client.take() {
                             let _ = tx.send(Err(err)).await;

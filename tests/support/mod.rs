@@ -417,6 +417,23 @@ pub async fn raw_exchange_off_thread(addr: SocketAddr, bytes: &[u8]) -> String {
         .unwrap()
 }
 
+/// A hand-written instance: `serve(connection, its index)` on a thread per connection.
+pub fn raw_instance(
+    serve: impl Fn(std::net::TcpStream, usize) + Send + Sync + 'static,
+) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serve = Arc::new(serve);
+    std::thread::spawn(move || {
+        for (index, stream) in listener.incoming().enumerate() {
+            let Ok(stream) = stream else { return };
+            let serve = serve.clone();
+            std::thread::spawn(move || serve(stream, index));
+        }
+    });
+    addr
+}
+
 /// GETs `path` from a gateway whose one instance sends "0123456789" of its answer body and then
 /// pauses for 30 s: the client gets those bytes, then the gateway closes the connection (a
 /// 1 s response timeout; waiting on the instance would outlast the 10 s this waits), and
