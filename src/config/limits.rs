@@ -553,7 +553,9 @@ fn validate_state(p: &mut Problems, raw: &RawState) -> StateConfig {
 fn validate_auth(p: &mut Problems, raw: &RawAuth) -> AuthConfig {
     // Never echo a key itself.
     const BAD_KEY: &str = "must be at least 8 visible ASCII characters";
-    let usable = |key: &str| key.len() >= 8 && http::HeaderValue::from_str(key).is_ok();
+    // No space or tab either: a client's header value loses them at its ends, so such a key
+    // could never match (and a `# note` after a key in the file would be part of it).
+    let usable = |key: &str| key.len() >= 8 && key.bytes().all(|b| b.is_ascii_graphic());
     let mut api_keys: Vec<String> = raw.api_keys.clone();
     for (i, key) in api_keys.iter().enumerate() {
         if !usable(key) {
@@ -784,7 +786,7 @@ period = "1s"
 burst = 3
 algorithm = "sliding_window"
 [auth]
-api_keys = ["short"]
+api_keys = ["short", "trailing-space ", "tab\tinside-it", "non-ascii-\u00e9t\u00e9"]
 header = "bad header"
 [[routes]]
 upstream = "app"
@@ -806,6 +808,9 @@ max_in_flight = 0
             "rate_limit.rules[1].name",
             "rate_limit.rules[1].burst",
             "auth.api_keys[0]",
+            "auth.api_keys[1]",
+            "auth.api_keys[2]",
+            "auth.api_keys[3]",
             "auth.header",
             "routes[0].auth",
             "routes[0].max_in_flight",
@@ -840,7 +845,11 @@ max_in_flight = 0
     fn key_file_problems_name_the_file_and_its_line() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("keys");
-        std::fs::write(&file, "# keys\ngood-key-0001\nshort\n").unwrap();
+        std::fs::write(
+            &file,
+            "# keys\ngood-key-0001\nshort\n  padded-key-0002  \nfilekey-003 # note\n",
+        )
+        .unwrap();
         let text = |path: &std::path::Path| {
             format!(
                 "{BASE}[auth]\napi_keys_file = \"{}\"\n[[routes]]\nupstream = \"app\"\nauth = \"api_key\"\n",
@@ -848,9 +857,11 @@ max_in_flight = 0
             )
         };
         let errors = Config::from_toml(&text(&file)).unwrap_err().0;
-        assert_eq!(errors.len(), 1, "{errors:?}");
+        // A key padded in the file is trimmed; a note after one is refused, not made part of it.
+        assert_eq!(errors.len(), 2, "{errors:?}");
         assert_eq!(errors[0].key, "auth.api_keys_file");
         assert!(errors[0].message.contains("line 3"), "{}", errors[0]);
+        assert!(errors[1].message.contains("line 5"), "{}", errors[1]);
         assert!(!errors[0].message.contains("short"), "{}", errors[0]);
         let errors = Config::from_toml(&text(&dir.path().join("missing")))
             .unwrap_err()
