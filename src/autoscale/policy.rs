@@ -359,8 +359,10 @@ fn limit_rate(
     let mut minimum = i64::from(bounds.min);
     let mut maximum = i64::from(bounds.max);
     let cur = i64::from(current);
-    let mut reason_low = "too few replicas";
-    let mut reason_high = "too many replicas";
+    // The HPA calls these TooFewReplicas and TooManyReplicas: the wanted count was outside the
+    // bounds, not the count before.
+    let mut reason_low = "held at min";
+    let mut reason_high = "held at max";
     if desired > current {
         let limit = scale_limit(now, cur, &config.scale_up, history, true).max(cur);
         if maximum > limit {
@@ -840,7 +842,7 @@ mod tests {
             &config,
             &mut history,
         );
-        assert_eq!((d.desired, d.reason), (5, "too many replicas"));
+        assert_eq!((d.desired, d.reason), (5, "held at max"));
         let d = decide(
             now,
             4,

@@ -7,6 +7,9 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 
 /// Parses a duration made of one or more `<number><unit>` parts; units: ms, s, m, h, d.
+/// The units a duration may be written in.
+const UNITS: &str = "us, ms, s, m, h, d";
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text.is_empty() {
@@ -20,7 +23,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("`{text}` needs a unit (ms, s, m, h)"))?;
+            .ok_or_else(|| format!("`{text}` needs a unit ({UNITS})"))?;
         let (number, tail) = rest.split_at(digits);
         let unit_len = tail
             .find(|c: char| c.is_ascii_digit())
@@ -30,12 +33,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             .parse()
             .map_err(|_| format!("`{text}` is not a duration"))?;
         let seconds = match unit {
+            // Latency limits (`bench --fail-on p99>500us`) are read in microseconds.
+            "us" | "µs" => value / 1_000_000.0,
             "ms" => value / 1000.0,
             "s" => value,
             "m" => value * 60.0,
             "h" => value * 3600.0,
             "d" => value * 86400.0,
-            _ => return Err(format!("`{text}`: unknown unit `{unit}` (ms, s, m, h, d)")),
+            _ => return Err(format!("`{text}`: unknown unit `{unit}` ({UNITS})")),
         };
         total = Duration::try_from_secs_f64(seconds)
             .ok()
@@ -134,6 +139,8 @@ mod tests {
 
     #[test]
     fn durations() {
+        assert_eq!(parse_duration("500us"), Ok(Duration::from_micros(500)));
+        assert_eq!(parse_duration("2µs"), Ok(Duration::from_micros(2)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));

@@ -17,11 +17,16 @@ pub struct HealthState {
     pub up: bool,
     pub consecutive_ok: u32,
     pub consecutive_fail: u32,
+    /// It was up at some time: coming up is coming back.
+    ever_up: bool,
 }
 
 /// A change of an instance's active-check verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
+    /// Up for the first time (an instance that joined down).
+    CameUp,
+    /// Up again after it went down.
     WentUp,
     WentDown,
 }
@@ -32,6 +37,7 @@ impl HealthState {
             up,
             consecutive_ok: 0,
             consecutive_fail: 0,
+            ever_up: up,
         }
     }
 
@@ -51,7 +57,12 @@ impl HealthState {
             self.consecutive_fail = 0;
             if !self.up && self.consecutive_ok >= rise {
                 self.up = true;
-                return Some(Transition::WentUp);
+                let first = !std::mem::replace(&mut self.ever_up, true);
+                return Some(if first {
+                    Transition::CameUp
+                } else {
+                    Transition::WentUp
+                });
             }
         } else {
             self.consecutive_fail = self.consecutive_fail.saturating_add(1);
@@ -149,12 +160,21 @@ mod tests {
     #[test]
     fn a_joining_instance_comes_up_on_its_first_pass_then_rises_as_any_other() {
         let mut joining = HealthState::joining(3);
-        assert_eq!(joining.observe(true, 3, 2), Some(Transition::WentUp));
+        assert_eq!(joining.observe(true, 3, 2), Some(Transition::CameUp));
         let mut failed_first = HealthState::joining(3);
         assert_eq!(failed_first.observe(false, 3, 2), None);
         assert_eq!(failed_first.observe(true, 3, 2), None);
         assert_eq!(failed_first.observe(true, 3, 2), None);
-        assert_eq!(failed_first.observe(true, 3, 2), Some(Transition::WentUp));
+        assert_eq!(failed_first.observe(true, 3, 2), Some(Transition::CameUp));
+        // Down and up again: back, not new.
+        assert_eq!(
+            failed_first.observe(false, 3, 1),
+            Some(Transition::WentDown)
+        );
+        for _ in 0..2 {
+            assert_eq!(failed_first.observe(true, 3, 1), None);
+        }
+        assert_eq!(failed_first.observe(true, 3, 1), Some(Transition::WentUp));
         assert_eq!(HealthState::joining(1), HealthState::joining(0));
     }
 

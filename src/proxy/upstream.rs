@@ -300,8 +300,12 @@ impl Instance {
                 .unwrap_or(0),
         });
         match transition {
-            Some(Transition::WentUp) => {
-                tracing::info!(instance = %self.addr, "instance is healthy again");
+            Some(came @ (Transition::CameUp | Transition::WentUp)) => {
+                if came == Transition::CameUp {
+                    tracing::info!(instance = %self.addr, "instance passed its checks: in rotation");
+                } else {
+                    tracing::info!(instance = %self.addr, "instance is healthy again");
+                }
                 self.up_since.store(nanos(now), Ordering::Relaxed);
                 // Healthy by active checks: a passive ejection ends as well.
                 let mut passive = self.passive.lock().expect("passive state lock");
