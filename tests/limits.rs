@@ -13,7 +13,7 @@ use support::*;
 #[tokio::test]
 async fn per_ip_connection_cap_refuses_cleanly_and_frees_on_close() {
     let a = demo_backend(&[]);
-    let gw = gateway_with_server_keys("max_connections_per_ip = 2", &app_config(&[&a], ""));
+    let gw = gateway_logging_with_server_keys("max_connections_per_ip = 2", &app_config(&[&a], ""));
     let first = TcpStream::connect(gw.proxy).unwrap();
     let _second = TcpStream::connect(gw.proxy).unwrap();
     let client = client();
@@ -41,6 +41,12 @@ async fn per_ip_connection_cap_refuses_cleanly_and_frees_on_close() {
         !id.is_empty() && head.contains(&format!("x-request-id: {id}\r\n")),
         "{answer}"
     );
+    // Logged with the body it sent, as every answer is.
+    let logged = eventually(Duration::from_secs(5), || async {
+        access_lines(&gw).contains_key(id)
+    });
+    assert!(logged.await, "{:?}", access_lines(&gw));
+    assert_eq!(access_lines(&gw)[id]["bytes"], body.len(), "{answer}");
     drop(first);
     // Once the gateway has seen the close, the freed slot takes a new connection at once.
     assert!(
@@ -115,7 +121,8 @@ async fn a_reload_changes_connection_caps_and_refuses_a_new_worker_count() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_cut_off_while_others_are_served() {
     let a = demo_backend(&[]);
-    let gw = gateway_with_server_keys("header_read_timeout = \"1s\"", &app_config(&[&a], ""));
+    let gw =
+        gateway_logging_with_server_keys("header_read_timeout = \"1s\"", &app_config(&[&a], ""));
     let mut slow = TcpStream::connect(gw.proxy).unwrap();
     slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         .unwrap();
@@ -148,6 +155,16 @@ async fn slowloris_is_cut_off_while_others_are_served() {
             && line.ends_with(" 1")
     });
     assert!(timed_out, "{metrics}");
+    // Logged with the time it held its connection, as nginx's `$request_time` shows it.
+    let timed_out = || {
+        access_lines(&gw)
+            .into_values()
+            .find(|line| line["status"] == 408)
+    };
+    let logged = eventually(Duration::from_secs(5), || async { timed_out().is_some() });
+    assert!(logged.await, "{:?}", access_lines(&gw));
+    let cut = timed_out().unwrap();
+    assert!(cut["duration_ms"].as_f64().unwrap() >= 1000.0, "{cut}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1089,17 +1089,6 @@ async fn a_refused_reload_logs_each_problem() {
     assert!(logged[0].contains("upstreams.app"), "{logged:?}");
 }
 
-/// The access-log lines (JSON) of `gw` so far, by request ID.
-fn access_lines(gw: &Gateway) -> HashMap<String, serde_json::Value> {
-    gw.proc
-        .log_lines()
-        .iter()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|line| line["target"] == "access")
-        .map(|line| (line["request_id"].as_str().unwrap_or("").to_string(), line))
-        .collect()
-}
-
 /// The access-log line is written once the answer's last byte went out (nginx's
 /// `$request_time`), with the body bytes sent (`$body_bytes_sent`), over HTTP/1.1 and HTTP/2.
 #[tokio::test]

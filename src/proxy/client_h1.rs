@@ -157,9 +157,10 @@ pub async fn serve(
             NextHead::TimedOut => {
                 let status = StatusCode::REQUEST_TIMEOUT;
                 let request_id = gateway.new_request_id();
-                drop(forward::refused_record(
-                    &gateway, &client, status, request_id,
-                ));
+                let mut record = forward::refused_record(&gateway, &client, status, request_id);
+                // It waited out the head's time, as nginx's `$request_time` shows.
+                record.began(conn.limits.header_read_timeout);
+                drop(record);
                 return conn.close().await;
             }
             NextHead::Refused(Refusal {

@@ -747,17 +747,16 @@ async fn answer_plain_http_on_https(
         stream.write_all(&client_h1::closing_answer_bytes(&answer)),
     )
     .await;
-    if matches!(written, Ok(Ok(()))) && stream.shutdown().await.is_ok() {
+    let sent = matches!(written, Ok(Ok(())));
+    if sent && stream.shutdown().await.is_ok() {
         let mut sink = [0u8; 4096];
         let linger = async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
         let _ = tokio::time::timeout(Duration::from_secs(1), linger).await;
     }
-    drop(forward::refused_record(
-        gateway,
-        client,
-        error.status(),
-        request_id,
-    ));
+    let mut record = forward::refused_record(gateway, client, error.status(), request_id);
+    if sent {
+        record.sent_whole(&answer);
+    }
 }
 
 /// Closes a connection over the limits; a plain-HTTP client first gets a 503 with the JSON body
@@ -785,16 +784,15 @@ fn refuse(
     let request_id = gateway.new_request_id();
     let error = ProxyError::TooManyConnections(reason);
     let answer = error.response(&request_id);
-    let _ = stream.try_write(&client_h1::closing_answer_bytes(&answer));
+    let bytes = client_h1::closing_answer_bytes(&answer);
+    let written = stream.try_write(&bytes);
     // An access-log line and a count, as nginx's limit_conn 503s get: the request ID the
     // answer carries is then found somewhere.
     let client = forward::ClientAddr::new(peer, secure);
-    drop(forward::refused_record(
-        gateway,
-        &client,
-        error.status(),
-        request_id,
-    ));
+    let mut record = forward::refused_record(gateway, &client, error.status(), request_id);
+    if written.is_ok_and(|n| n == bytes.len()) {
+        record.sent_whole(&answer);
+    }
 }
 
 /// Accepts on `listener`, or never when there is none.

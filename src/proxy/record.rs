@@ -71,6 +71,18 @@ impl RequestRecord {
         self.body_bytes += bytes as u64;
     }
 
+    /// The whole of the gateway's own `answer` went out (written by hand, not by a loop that
+    /// counts as it writes).
+    pub fn sent_whole(&mut self, answer: &http::Response<super::GatewayBody>) {
+        let length = http_body::Body::size_hint(answer.body()).exact();
+        self.body_bytes += length.unwrap_or(0);
+    }
+
+    /// The request began `waited` ago (a head that timed out began before its record).
+    pub fn began(&mut self, waited: std::time::Duration) {
+        self.started = Instant::now().checked_sub(waited).unwrap_or(self.started);
+    }
+
     /// The answer's body failed after its head went out: every such failure comes from the
     /// instance (closed, reset, stalled, malformed). The access log keeps the status sent, as
     /// nginx's does; this says why the answer is short (nginx's "upstream prematurely closed

@@ -417,6 +417,17 @@ pub async fn raw_exchange_off_thread(addr: SocketAddr, bytes: &[u8]) -> String {
         .unwrap()
 }
 
+/// The access-log lines (JSON) of `gw` so far, by request ID.
+pub fn access_lines(gw: &Gateway) -> std::collections::HashMap<String, serde_json::Value> {
+    gw.proc
+        .log_lines()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["target"] == "access")
+        .map(|line| (line["request_id"].as_str().unwrap_or("").to_string(), line))
+        .collect()
+}
+
 /// A hand-written instance: `serve(connection, its index)` on a thread per connection.
 pub fn raw_instance(
     serve: impl Fn(std::net::TcpStream, usize) + Send + Sync + 'static,
