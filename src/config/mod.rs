@@ -450,6 +450,8 @@ impl Problems {
 pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
     let text = text.trim();
     let text = text.strip_prefix("http://").unwrap_or(text);
+    // A pasted URL's root: `http://10.0.0.5:8080/` is the same instance.
+    let text = text.strip_suffix('/').unwrap_or(text);
     if let Ok(addr) = text.parse::<SocketAddr>() {
         // An IPv4-mapped IPv6 address is the IPv4 one: the same instance, not another.
         return Ok(SocketAddr::new(addr.ip().to_canonical(), addr.port()));
@@ -982,6 +984,11 @@ upstream = "missing"
 
     #[test]
     fn an_ipv4_mapped_address_is_the_ipv4_one() {
+        assert_eq!(
+            parse_addr("http://127.0.0.1:3001/"),
+            parse_addr("127.0.0.1:3001")
+        );
+        assert!(parse_addr("http://127.0.0.1:3001/api").is_err());
         let mapped = parse_addr("[::ffff:127.0.0.1]:3001").unwrap();
         assert_eq!(mapped, parse_addr("127.0.0.1:3001").unwrap());
     }
