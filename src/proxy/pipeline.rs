@@ -685,16 +685,30 @@ impl Lines {
             .count()
     }
 
-    /// Closes the lines idle past the idle timeout, and lets go of closed ones (the pool's
-    /// sweep calls this).
-    pub fn close_idle(&self, now: Instant) {
+    /// Closes the lines idle past the idle timeout, then those idle longest past `keep` (what
+    /// the upstream's `keepalive` leaves beside the pool's idle connections), and lets go of
+    /// closed ones (the pool's sweep calls this). A burst's lines thus idle down to the cap
+    /// within a sweep, not only after the idle timeout.
+    pub fn close_idle(&self, now: Instant, keep: usize) {
         let lines = {
             let mut lines = self.lines.lock().expect("lines lock");
             lines.retain(|line| !line.is_closed());
             lines.clone()
         };
+        let mut idle = Vec::new();
         for line in lines {
             line.close_if_idle(now, self.idle_timeout);
+            if let Some(since) = line.idle_since() {
+                idle.push((since, line));
+            }
+        }
+        if idle.len() > keep {
+            idle.sort_by_key(|(since, _)| *since);
+            let surplus = idle.len() - keep;
+            for (_, line) in idle.into_iter().take(surplus) {
+                // Only while still idle: a request may have taken it meanwhile.
+                line.close_if_idle(now, Duration::ZERO);
+            }
         }
     }
 }
@@ -1849,12 +1863,36 @@ mod tests {
         lines.answered(&first, true, http::StatusCode::OK);
         let line = first.line.clone();
         first.hand_on(reader, true);
-        lines.close_idle(Instant::now());
+        lines.close_idle(Instant::now(), 1);
         assert!(!line.is_closed());
         drop(instance_end);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        lines.close_idle(Instant::now());
+        lines.close_idle(Instant::now(), 1);
         assert!(line.is_closed());
+    }
+
+    /// Idle lines past what `keepalive` leaves are closed by the sweep, the longest idle first,
+    /// as the pool keeps its warmest connections.
+    #[tokio::test]
+    async fn the_idle_sweep_keeps_no_more_idle_lines_than_keepalive_leaves() {
+        let (lines, connector, _listener) = lines();
+        // Unproven, the busy first line takes no second request: another line opens.
+        let (first_reader, first) = first_in_line(&lines, &connector).await;
+        let (second_reader, second) = first_in_line(&lines, &connector).await;
+        let (older, younger) = (first.line.clone(), second.line.clone());
+        assert!(!Arc::ptr_eq(&older, &younger));
+        lines.answered(&first, true, http::StatusCode::OK);
+        first.hand_on(first_reader, true);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        lines.answered(&second, true, http::StatusCode::OK);
+        second.hand_on(second_reader, true);
+        assert_eq!(lines.idle_count(), 2);
+        lines.close_idle(Instant::now(), 2);
+        assert_eq!(lines.idle_count(), 2);
+        lines.close_idle(Instant::now(), 1);
+        assert!(older.is_closed() && !younger.is_closed());
+        lines.close_idle(Instant::now(), 0);
+        assert!(younger.is_closed());
     }
 
     /// The instance closes a line on a pooled connection that carried 4 requests, answering its

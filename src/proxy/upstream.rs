@@ -886,9 +886,6 @@ impl Pool {
     /// held half-closed until the timeout holds a descriptor). Costs no system call for an
     /// idle connection with no event since its last read.
     pub fn close_stale(&self, now: Instant) {
-        if let Some(lines) = &self.lines {
-            lines.close_idle(now);
-        }
         if let Some(http2) = &self.http2 {
             http2.close_idle();
         }
@@ -905,9 +902,15 @@ impl Pool {
                 idle.push_back(conn);
             }
         }
+        let pooled = idle.len();
         drop(idle);
         // Sockets are closed outside the lock.
         drop(stale);
+        // Idle lines and idle pooled connections share `keepalive`, as nginx's cache holds
+        // that many idle connections in all.
+        if let Some(lines) = &self.lines {
+            lines.close_idle(now, self.keepalive.saturating_sub(pooled));
+        }
     }
 
     /// What pipelining learned of the instance's pace (see [`Lines::forget_pace`]).
