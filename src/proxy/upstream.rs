@@ -729,7 +729,7 @@ impl Upstream {
                 upstream = %name,
                 instance = %addr,
                 in_flight = left,
-                "drain_timeout ran out: instance removed with requests still in flight"
+                "drain_timeout ran out: instance removed with requests or WebSocket tunnels still open (they go on to their end)"
             ),
         }
     }
