@@ -469,6 +469,7 @@ const H2_SETTINGS: &str = "[server.http2]\nmax_concurrent_streams = 2\ninitial_s
 /// One HTTP/2 frame: type, flags, stream and payload.
 struct Frame {
     kind: u8,
+    flags: u8,
     stream: u32,
     payload: Vec<u8>,
 }
@@ -481,6 +482,7 @@ fn read_frame(stream: &mut TcpStream) -> Frame {
     stream.read_exact(&mut payload).unwrap();
     Frame {
         kind: head[3],
+        flags: head[4],
         stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
         payload,
     }
@@ -492,6 +494,39 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&stream.to_be_bytes());
     out.extend_from_slice(payload);
     out
+}
+
+/// A stop closes an idle HTTP/2 connection whose client never acknowledges the GOAWAY's PING
+/// (frozen, or gone without a FIN) within a second or so, as an idle HTTP/1.1 one: it held the
+/// stop for the whole shutdown grace.
+#[tokio::test]
+async fn a_stop_does_not_wait_on_an_http2_client_that_never_answers() {
+    let a = demo_backend(&[]);
+    let mut gw = gateway_with_server_keys("shutdown_grace = \"60s\"", &app_config(&[&a], ""));
+    let mut h2 = TcpStream::connect(gw.proxy).unwrap();
+    h2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    h2.write_all(&frame(4, 0, 0, &[])).unwrap();
+    // One request answered, so the connection is served and then idle.
+    h2.write_all(&frame(1, 0x5, 1, &[0x82, 0x86, 0x84, 0x01, 0x01, b'x']))
+        .unwrap();
+    loop {
+        let f = read_frame(&mut h2);
+        // HEADERS or DATA ending stream 1.
+        if f.stream == 1 && f.kind <= 1 && f.flags & 0x1 != 0 {
+            break;
+        }
+    }
+    signal(gw.proc.pid(), "TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while gw.proc.child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = gw.proc.child.try_wait().unwrap();
+    assert!(status
+        .expect("the stop waited on the silent client")
+        .success());
+    drop(h2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

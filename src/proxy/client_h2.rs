@@ -379,12 +379,16 @@ pub async fn serve<I>(
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let mut look_at = activity.started;
-    let mut dropped_at: Option<Instant> = None;
+    // Closing (GOAWAY sent): when to look whether it is done with. hyper ends a connection it
+    // closes once the client acknowledges the PING sent with the GOAWAY; a client that never
+    // does (frozen, gone without a FIN) would hold it, and a drain, until the shutdown grace.
+    let mut close_check: Option<Instant> = None;
     // Closed for abuse: dropped once the grace passed, whatever streams it keeps open.
     let mut abused = false;
     let mut draining = *drain.borrow();
     if draining {
         connection.as_mut().graceful_shutdown();
+        close_check = Some(Instant::now() + CLOSE_GRACE);
     }
     loop {
         tokio::select! {
@@ -414,21 +418,30 @@ pub async fn serve<I>(
                     "HTTP/2 client reset most of its streams before their answers (rapid reset): connection closed"
                 );
                 connection.as_mut().graceful_shutdown();
-                dropped_at = Some(Instant::now() + CLOSE_GRACE);
+                close_check = Some(Instant::now() + CLOSE_GRACE);
             }
             changed = drain.changed(), if !draining => {
                 // A closed channel means the gateway is gone: close as on a drain.
                 draining = changed.is_err() || *drain.borrow();
                 if draining {
                     connection.as_mut().graceful_shutdown();
+                    close_check.get_or_insert(Instant::now() + CLOSE_GRACE);
                 }
             }
-            () = tokio::time::sleep_until(dropped_at.unwrap_or(look_at)) => {
-                // A stream that came as the connection was closed is let finish, unless the
-                // client was closed for abuse (it may ignore the GOAWAY and keep one open).
-                if dropped_at.take().is_some() && (abused || activity.seen().live == 0) {
-                    tracing::debug!(%peer, "closed connection did not finish: dropped");
-                    return;
+            () = tokio::time::sleep_until(close_check.map_or(look_at, |at| at.min(look_at))) => {
+                let at = Instant::now();
+                if close_check.is_some_and(|check| check <= at) {
+                    // Streams that came as the connection was closed are let finish (looked
+                    // at again until they have), unless the client was closed for abuse (it
+                    // may ignore the GOAWAY and keep one open).
+                    if abused || activity.seen().live == 0 {
+                        tracing::debug!(%peer, "closed connection did not finish: dropped");
+                        return;
+                    }
+                    close_check = Some(at + CLOSE_GRACE);
+                }
+                if at < look_at {
+                    continue;
                 }
                 let now = activity.started.elapsed();
                 match judge_connection(activity.seen(), now, timers) {
@@ -440,7 +453,7 @@ pub async fn serve<I>(
                     Verdict::Close(closing) => {
                         tracing::debug!(%peer, ?closing, "closing the connection");
                         connection.as_mut().graceful_shutdown();
-                        dropped_at = Some(Instant::now() + CLOSE_GRACE);
+                        close_check.get_or_insert(Instant::now() + CLOSE_GRACE);
                     }
                 }
             }
