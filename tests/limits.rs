@@ -529,6 +529,30 @@ async fn a_stop_does_not_wait_on_an_http2_client_that_never_answers() {
     drop(h2);
 }
 
+/// An HTTP/2 request that names no host (no :authority, no Host) gets 400, as an HTTP/1.1 one
+/// without Host does, rather than reaching the instance under the upstream's name.
+#[tokio::test]
+async fn an_http2_request_naming_no_host_gets_400() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let mut h2 = TcpStream::connect(gw.proxy).unwrap();
+    h2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    h2.write_all(&frame(4, 0, 0, &[])).unwrap();
+    // GET, http, / and nothing else.
+    h2.write_all(&frame(1, 0x5, 1, &[0x82, 0x86, 0x84]))
+        .unwrap();
+    let answer = loop {
+        let f = read_frame(&mut h2);
+        if f.kind == 1 && f.stream == 1 {
+            break f.payload;
+        }
+    };
+    // `:status 400`, indexed in HPACK's static table.
+    assert_eq!(answer.first(), Some(&0x8c), "{answer:?}");
+    assert_eq!(backend_requests(&client(), &a).await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_clients_get_the_configured_settings_and_extra_streams_are_refused() {
     let a = demo_backend(&[]);

@@ -851,12 +851,15 @@ pub(super) fn http2_malformation(parts: &Parts) -> Result<(), &'static str> {
     }
     let host = parts.headers.get(header::HOST).map(HeaderValue::as_bytes);
     let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
-    if let (Some(host), Some(authority)) = (host, authority) {
-        if !host.eq_ignore_ascii_case(authority) {
-            return Err("Host names another authority than :authority");
+    match (host, authority) {
+        (Some(host), Some(authority)) if !host.eq_ignore_ascii_case(authority) => {
+            Err("Host names another authority than :authority")
         }
+        // An http(s) target has a host (RFC 9110 §4.2.1), as an HTTP/1.1 request must say
+        // (nginx refuses it alike).
+        (None, None) => Err("an HTTP/2 request without :authority or Host"),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// The host a request is for, and whether it came from the target rather than a Host field
