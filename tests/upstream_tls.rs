@@ -327,6 +327,43 @@ async fn resetting_h2c_instance(
     (addr, streams)
 }
 
+/// An HTTP/2 instance's answer that breaks the h2 rules (less body than its content-length)
+/// reaches an HTTP/2 client as INTERNAL_ERROR, a failure on the gateway's side, not the
+/// instance's PROTOCOL_ERROR, which would tell the client that it erred.
+#[tokio::test]
+async fn an_http2_instance_s_broken_answer_resets_the_client_s_stream_as_internal() {
+    let short = h2c_instance(|_, mut respond| {
+        let head = http::Response::builder()
+            .header("content-length", "10")
+            .body(())
+            .unwrap();
+        let mut body = respond.send_response(head, false).unwrap();
+        let _ = body.send_data(bytes::Bytes::from_static(b"hello"), true);
+    })
+    .await;
+    let gw = gateway(&upstream(&[short.to_string()], "protocol = \"h2c\""));
+    let socket = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let (sender, connection) = h2::client::handshake(socket).await.unwrap();
+    tokio::spawn(connection);
+    let mut sender = sender.ready().await.unwrap();
+    let request = http::Request::get(gw.url("/x")).body(()).unwrap();
+    let (answer, _) = sender.send_request(request, true).unwrap();
+    let reason = match answer.await {
+        Ok(answer) => {
+            let mut body = answer.into_body();
+            loop {
+                match body.data().await {
+                    Some(Ok(_)) => {}
+                    Some(Err(err)) => break err.reason(),
+                    None => break None,
+                }
+            }
+        }
+        Err(err) => err.reason(),
+    };
+    assert_eq!(reason, Some(h2::Reason::INTERNAL_ERROR));
+}
+
 /// An HTTP/2 instance that pauses inside its answer body past the response timeout: the client
 /// gets what came, then the answer is cut off, and the request no longer counts as in flight.
 #[tokio::test]

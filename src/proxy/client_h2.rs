@@ -528,6 +528,11 @@ impl RecordedBody {
     }
 }
 
+/// The instance's answer failed midway (the cause is in the log under the request ID).
+#[derive(Debug, thiserror::Error)]
+#[error("the instance's answer broke off")]
+struct AnswerBrokeOff;
+
 impl Body for RecordedBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -560,7 +565,10 @@ impl Body for RecordedBody {
                 if let Some(record) = this.record.take() {
                     record.broke_off(&*err);
                 }
-                Poll::Ready(Some(Err(err)))
+                // Without the cause: hyper resets the stream with the code of an h2 error it
+                // finds among the causes, and an HTTP/2 instance's PROTOCOL_ERROR would then
+                // tell the client that it erred. INTERNAL_ERROR, as nginx and Envoy reset.
+                Poll::Ready(Some(Err(Box::new(AnswerBrokeOff))))
             }
         }
     }
