@@ -30,7 +30,10 @@ pub enum ProxyError {
     HeadersTooLarge,
     #[error("method not allowed: {0}")]
     MethodNotAllowed(&'static str),
-    #[error("HTTP version not supported: this listener speaks HTTP/1.x (HTTP/2 by its preface)")]
+    #[error(
+        "HTTP version not supported: this connection speaks HTTP/1.x (HTTP/2 comes by its preface \
+         in cleartext, by ALPN h2 over TLS)"
+    )]
     VersionNotSupported,
     #[error("no route matches this request")]
     NoRoute,
