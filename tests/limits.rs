@@ -529,6 +529,44 @@ async fn a_stop_does_not_wait_on_an_http2_client_that_never_answers() {
     drop(h2);
 }
 
+/// The gateway's CPU time so far (user and system), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// An HTTP/2 connection its timers close waits quietly for its client to go: a client that
+/// opened one and then said nothing made the connection's task spin a core until dropped.
+#[tokio::test]
+async fn a_connection_its_timers_close_does_not_spin() {
+    let a = demo_backend(&[]);
+    let gw = gateway_with_server_keys("header_read_timeout = \"500ms\"", &app_config(&[&a], ""));
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        let mut h2 = TcpStream::connect(gw.proxy).unwrap();
+        h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+        h2.write_all(&frame(4, 0, 0, &[])).unwrap();
+        silent.push(h2);
+    }
+    let before = cpu_ticks(gw.proc.pid());
+    // Past the timeout, and the second the closing connections get to end.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let spent = cpu_ticks(gw.proc.pid()) - before;
+    // Spinning, four connections cost about four seconds of CPU (400 ticks); quiet, almost none.
+    assert!(
+        spent < 50,
+        "{spent} ticks of CPU while closing idle connections"
+    );
+    drop(silent);
+}
+
 /// An HTTP/2 request that names no host (no :authority, no Host) gets 400, as an HTTP/1.1 one
 /// without Host does, rather than reaching the instance under the upstream's name.
 #[tokio::test]

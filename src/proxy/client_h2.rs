@@ -453,7 +453,8 @@ pub async fn serve<I>(
                     Verdict::Close(closing) => {
                         tracing::debug!(%peer, ?closing, "closing the connection");
                         connection.as_mut().graceful_shutdown();
-                        close_check.get_or_insert(Instant::now() + CLOSE_GRACE);
+                        // Judged again when next looked at, not at once: its verdict stands.
+                        look_at = *close_check.get_or_insert(Instant::now() + CLOSE_GRACE);
                     }
                 }
             }
