@@ -241,12 +241,14 @@ fn cached_at(instance: SocketAddr, extra: &str, cache: &str) -> Gateway {
     ))
 }
 
-/// GETs `path` from `gw` once at once, then `waiters` times 100 ms later (while the first is
-/// the fetch they wait on); the statuses, `X-Cache-Status` and bodies, the first's first.
+/// GETs `path` from `gw` once, then `waiters` times once the instance has its request (the
+/// count `asked` went past what it was), so that the first is the fetch they wait on; the
+/// statuses, `X-Cache-Status` and bodies, the first's first.
 async fn first_then_waiters(
     gw: &Gateway,
     path: &str,
     waiters: usize,
+    asked: &AtomicUsize,
 ) -> Vec<(u16, String, String)> {
     let client = client();
     let ask = |client: Client, url: String| async move {
@@ -258,8 +260,12 @@ async fn first_then_waiters(
             String::from_utf8_lossy(&reply.body).into_owned(),
         )
     };
+    let before = asked.load(Ordering::SeqCst);
     let first = tokio::spawn(ask(client.clone(), gw.url(path)));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sent = eventually(Duration::from_secs(5), || async {
+        asked.load(Ordering::SeqCst) > before
+    });
+    assert!(sent.await, "the first request never reached the instance");
     let rest: Vec<_> = (0..waiters)
         .map(|_| tokio::spawn(ask(client.clone(), gw.url(path))))
         .collect();
@@ -279,7 +285,7 @@ async fn after_a_failed_fill_one_waiter_fetches_for_the_rest() {
         _ => (Duration::from_millis(50), FRESH_A_MINUTE),
     });
     let gw = cached_at(instance, "", "ttl = \"60s\"");
-    let answers = first_then_waiters(&gw, "/x", 9).await;
+    let answers = first_then_waiters(&gw, "/x", 9, &asked).await;
     assert_eq!(answers[0], (500, "MISS".into(), "fail".into()));
     let statuses: Vec<_> = answers[1..].iter().map(|(status, ..)| *status).collect();
     assert_eq!(statuses, [200; 9], "{answers:?}");
@@ -309,7 +315,7 @@ async fn waiters_on_a_failed_refresh_get_the_stale_entry() {
         "MISS"
     );
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let answers = first_then_waiters(&gw, "/x", 4).await;
+    let answers = first_then_waiters(&gw, "/x", 4, &asked).await;
     for answer in &answers {
         assert_eq!(*answer, (200, "STALE".into(), "old".into()), "{answers:?}");
     }

@@ -568,7 +568,8 @@ async fn a_connection_its_timers_close_does_not_spin() {
 }
 
 /// An HTTP/2 request that names no host (no :authority, no Host) gets 400, as an HTTP/1.1 one
-/// without Host does, rather than reaching the instance under the upstream's name.
+/// without Host does, rather than reaching the instance under the upstream's name; so does one
+/// whose path does not start with `/`.
 #[tokio::test]
 async fn an_http2_request_naming_no_host_gets_400() {
     let a = demo_backend(&[]);
@@ -577,17 +578,34 @@ async fn an_http2_request_naming_no_host_gets_400() {
     h2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
     h2.write_all(&frame(4, 0, 0, &[])).unwrap();
-    // GET, http, / and nothing else.
-    h2.write_all(&frame(1, 0x5, 1, &[0x82, 0x86, 0x84]))
-        .unwrap();
-    let answer = loop {
-        let f = read_frame(&mut h2);
-        if f.kind == 1 && f.stream == 1 {
-            break f.payload;
+    // The head block and the body of the answer on `stream`.
+    let mut answer_to = |stream: u32, block: &[u8]| {
+        h2.write_all(&frame(1, 0x5, stream, block)).unwrap();
+        let (mut head, mut body) = (Vec::new(), Vec::new());
+        loop {
+            let f = read_frame(&mut h2);
+            if f.stream != stream {
+                continue;
+            }
+            match f.kind {
+                1 => head = f.payload,
+                0 => body.extend_from_slice(&f.payload),
+                _ => {}
+            }
+            if f.flags & 0x1 != 0 {
+                break (head, String::from_utf8_lossy(&body).into_owned());
+            }
         }
     };
-    // `:status 400`, indexed in HPACK's static table.
-    assert_eq!(answer.first(), Some(&0x8c), "{answer:?}");
+    // GET, http, / and nothing else; `:status 400` is indexed in HPACK's static table, and the
+    // gateway's own refusal says why.
+    let (head, body) = answer_to(1, &[0x82, 0x86, 0x84]);
+    assert_eq!(head.first(), Some(&0x8c), "{head:?}");
+    assert!(body.contains(":authority"), "{body}");
+    // Nor does a path that is not one (`?x` would reach the instance as `GET ?x`).
+    let (head, body) = answer_to(3, &[0x82, 0x86, 0x04, 0x02, b'?', b'x', 0x01, 0x01, b'x']);
+    assert_eq!(head.first(), Some(&0x8c), "{head:?}");
+    assert!(body.contains("does not start with /"), "{body}");
     assert_eq!(backend_requests(&client(), &a).await, 0);
 }
 

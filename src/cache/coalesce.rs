@@ -44,8 +44,8 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// The instance failed this fetch (an error, or a 5xx not stored): the waiters take turns
-    /// rather than all retrying at once.
+    /// The instance failed this fetch (an error, a 5xx answer, a body cut off): the waiters
+    /// take turns rather than all retrying at once (a 5xx the fetch stores is a hit for them).
     pub fn failed(&self) {
         self.done.send_replace(true);
     }

@@ -126,9 +126,7 @@ async fn answer(
     let store = &cache.store;
     let stored = store.get(&key, &parts.headers);
     let now = Instant::now();
-    let state = stored
-        .as_ref()
-        .map(|e| State::at(&e.freshness, now.saturating_duration_since(e.stored_at)));
+    let state = stored.as_ref().map(|e| state_at(e, now));
     let stored_answer = |entry: &Entry, outcome, now| {
         hit(
             entry,
@@ -177,15 +175,15 @@ async fn answer(
                 match coalesce::wait(rx, deadline).await {
                     Waited::Done { failed } => {
                         let now = Instant::now();
-                        let fresh = store.get(&key, &parts.headers).filter(|e| {
-                            State::at(&e.freshness, now.saturating_duration_since(e.stored_at))
-                                == State::Fresh
-                        });
+                        let fresh = store
+                            .get(&key, &parts.headers)
+                            .filter(|e| state_at(e, now) == State::Fresh);
                         if let Some(entry) = fresh {
                             break stored_answer(&entry, Outcome::Hit, now);
                         }
                         if !failed {
-                            // Not stored (uncacheable): fetch for this request alone.
+                            // Nothing stored, and no failure (uncacheable, too large, purged):
+                            // fetch for this request alone.
                             break fill(cache, key, parts, fetch, None, stale).await;
                         }
                         // The instance just failed the fetch: the entry its failure serves, if
@@ -196,7 +194,25 @@ async fn answer(
                     }
                     // nginx proxy_cache_lock: a late waiter goes to the instance, uncached;
                     // its failure still serves what stale_if_error allows.
-                    Waited::TimedOut => break fill(cache, key, parts, fetch, None, stale).await,
+                    Waited::TimedOut => {
+                        let (method, request_headers) =
+                            (parts.method.clone(), parts.headers.clone());
+                        let result = fetch.send(as_cache_fetch(parts), ForwardBody::Empty).await;
+                        let now = Instant::now();
+                        let stale =
+                            stale.filter(|e| instance_failed(&result) && usable_on_error(e, now));
+                        break match stale {
+                            Some(entry) => hit(
+                                &entry,
+                                Outcome::Stale,
+                                (&method, &request_headers),
+                                cache,
+                                &fetch,
+                                now,
+                            ),
+                            None => labelled(result, Outcome::Miss, cache, &fetch.request_id),
+                        };
+                    }
                 }
             }
         }
@@ -253,12 +269,7 @@ async fn lead(
     };
     let now = Instant::now();
     match shared {
-        Some(entry)
-            if State::at(
-                &entry.freshness,
-                now.saturating_duration_since(entry.stored_at),
-            ) == State::Fresh =>
-        {
+        Some(entry) if state_at(&entry, now) == State::Fresh => {
             drop(lease);
             if let Some(shared) = &store.shared {
                 shared.hits.fetch_add(1, Ordering::Relaxed);
@@ -342,17 +353,31 @@ fn hit(
     response
 }
 
+/// Whether a fetch's outcome is the instance failing (an error, or a 5xx answer): what a stale
+/// entry may stand in for, and what its waiters take turns after.
+fn instance_failed(result: &Result<Response<GatewayBody>, ProxyError>) -> bool {
+    match result {
+        Ok(response) => policy::is_error_status(response.status()),
+        Err(error) => error.status().is_server_error(),
+    }
+}
+
 /// Whether `entry` may answer in place of a failure now (within `stale_if_error`, or
 /// `stale_while_revalidate` whose refresh this is).
 fn usable_on_error(entry: &Entry, now: Instant) -> bool {
     matches!(
-        State::at(
-            &entry.freshness,
-            now.saturating_duration_since(entry.stored_at)
-        ),
+        state_at(entry, now),
         State::Expired {
             usable_on_error: true
         } | State::Revalidate
+    )
+}
+
+/// Where `entry` stands in its lifetime at `now`.
+fn state_at(entry: &Entry, now: Instant) -> State {
+    State::at(
+        &entry.freshness,
+        now.saturating_duration_since(entry.stored_at),
     )
 }
 
@@ -365,9 +390,7 @@ fn labelled(
 ) -> Response<GatewayBody> {
     cache.store.counters.record(outcome);
     let mut response = result.unwrap_or_else(|error| {
-        if error.status().is_server_error() {
-            tracing::warn!(request_id = request_id.to_str().unwrap_or_default(), %error, "request failed");
-        }
+        error.log_failure(request_id);
         error.response(request_id)
     });
     response.headers_mut().insert(
@@ -428,11 +451,7 @@ async fn fill(
             );
         }
     }
-    let failed = match &result {
-        Ok(response) => policy::is_error_status(response.status()),
-        Err(error) => error.status().is_server_error(),
-    };
-    if failed {
+    if instance_failed(&result) {
         if let Some(lease) = &lease {
             lease.failed();
         }
@@ -483,8 +502,9 @@ async fn fill(
                     Err(_) => continue,
                 },
                 Err(err) => {
-                    // Cut off mid-body: a failure of the instance, as one before the head.
-                    if let Some(lease) = &lease {
+                    // Cut off mid-body: a failure of the instance, as one before the head. The
+                    // waiters hear of it now, not once a slow client took what came.
+                    if let Some(lease) = lease.take() {
                         lease.failed();
                     }
                     if relay(&mut client, &mut backlog, false).await {
@@ -708,7 +728,13 @@ async fn refresh(
     let request_headers = parts.headers.clone();
     let mut parts = as_cache_fetch(parts);
     let revalidating = add_validators(&mut parts.headers, stale.as_ref());
-    let Ok(response) = fetch.send(parts, ForwardBody::Empty).await else {
+    let result = fetch.send(parts, ForwardBody::Empty).await;
+    // Requests for the key that expired meanwhile wait on this lease: they hear of a failure
+    // as from a client's fetch.
+    if instance_failed(&result) {
+        lease.failed();
+    }
+    let Ok(response) = result else {
         return;
     };
     if let Some(stale) = revalidating.filter(|_| response.status() == StatusCode::NOT_MODIFIED) {
@@ -722,13 +748,24 @@ async fn refresh(
         return;
     };
     let limited = http_body_util::Limited::new(response.into_body(), rules.max_body as usize);
-    if let Ok(body) = limited.collect().await {
-        keep(
-            &store,
-            key,
-            pending.into_entry(body.to_bytes()),
-            Some(lease),
-        );
+    match limited.collect().await {
+        Ok(body) => {
+            keep(
+                &store,
+                key,
+                pending.into_entry(body.to_bytes()),
+                Some(lease),
+            );
+        }
+        // Cut off midway, or over max_body (which storing gives up on, as a fill does).
+        Err(err)
+            if err
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_none() =>
+        {
+            lease.failed()
+        }
+        Err(_) => {}
     }
 }
 

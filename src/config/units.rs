@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use serde::de::{self, Deserializer, Visitor};
 
-/// Parses a duration made of one or more `<number><unit>` parts; units: ms, s, m, h, d.
 /// The units a duration may be written in.
 const UNITS: &str = "us, ms, s, m, h, d";
 
+/// Parses a duration made of one or more `<number><unit>` parts, in the [`UNITS`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text.is_empty() {

@@ -126,6 +126,15 @@ impl ProxyError {
         }
     }
 
+    /// Logs a failure on the gateway's or the instances' side (5xx) under the request ID.
+    /// Overload refusals are expected under load: logging each would add to it.
+    #[cold]
+    pub fn log_failure(&self, request_id: &HeaderValue) {
+        if self.status().is_server_error() && !matches!(self, ProxyError::Overloaded { .. }) {
+            tracing::warn!(request_id = request_id.to_str().unwrap_or_default(), error = %self, "request failed");
+        }
+    }
+
     /// The response for this error.
     #[cold]
     pub fn response(&self, request_id: &HeaderValue) -> Response<GatewayBody> {

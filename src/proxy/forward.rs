@@ -139,12 +139,7 @@ pub async fn handle(
             {
                 Ok(response) => response,
                 Err(error) => {
-                    // Overload refusals are expected under load; logging each would add to it.
-                    if error.status().is_server_error()
-                        && !matches!(error, ProxyError::Overloaded { .. })
-                    {
-                        tracing::warn!(request_id = request_id.to_str().unwrap_or_default(), %error, "request failed");
-                    }
+                    error.log_failure(request_id);
                     error.response(request_id)
                 }
             }
@@ -827,9 +822,10 @@ async fn send_http2(
 /// What makes an HTTP/2 request malformed beyond what hyper checks (RFC 9113 §8.2.1, §8.3.1):
 /// a field value with whitespace at either end (an HTTP/1.1 instance would trim it, so the
 /// request it sees is not the one checked here), `*` as the path of a method other than
-/// OPTIONS, a Host naming another authority than `:authority`, and a path that is not ASCII (a
-/// request target is, RFC 3986; the HTTP/1.1 listener refuses such a line too). An intermediary
-/// must not forward a malformed request; these get 400.
+/// OPTIONS, a path that neither is `*` nor starts with `/` (`?x` would go out as the request
+/// line `GET ?x`), a path that is not ASCII (a request target is, RFC 3986; the HTTP/1.1
+/// listener refuses such a line too), a Host naming another authority than `:authority`, and
+/// neither of them. An intermediary must not forward a malformed request; these get 400.
 pub(super) fn http2_malformation(parts: &Parts) -> Result<(), &'static str> {
     let padded = |value: &HeaderValue| {
         let bytes = value.as_bytes();
@@ -841,6 +837,10 @@ pub(super) fn http2_malformation(parts: &Parts) -> Result<(), &'static str> {
     }
     if parts.uri.path() == "*" && parts.method != Method::OPTIONS {
         return Err("only OPTIONS may have * as its path");
+    }
+    let target = parts.uri.path_and_query().map_or("", |pq| pq.as_str());
+    if !(target.starts_with('/') || target == "*") {
+        return Err("the path does not start with /");
     }
     if parts
         .uri
