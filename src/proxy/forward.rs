@@ -1126,10 +1126,13 @@ mod tests {
             Ok(())
         );
         assert!(http2_malformation(&head(v2, "https://a.example/x", &["b.example"])).is_err());
-        assert!(http2_malformation(&head(v2, "*", &[])).is_err());
-        let mut options = head(v2, "*", &[]);
+        assert!(http2_malformation(&head(v2, "*", &["a.example"])).is_err());
+        let mut options = head(v2, "*", &["a.example"]);
         options.method = Method::OPTIONS;
         assert_eq!(http2_malformation(&options), Ok(()));
+        // A host is named somewhere, and the path is one.
+        assert!(http2_malformation(&head(v2, "/x", &[])).is_err());
+        assert_eq!(http2_malformation(&head(v2, "/x", &["a.example"])), Ok(()));
         for padded in [" a", "a ", "\tb"] {
             let mut parts = head(v2, "https://a.example/x", &[]);
             parts
