@@ -985,10 +985,16 @@ impl Line {
                     .reader
                     .as_mut()
                     .is_some_and(|reader| !reader.is_open()));
-        drop(state);
-        if stale {
-            self.break_off(Broken::Lost);
+        if !stale {
+            return;
         }
+        // Closed under the lock that found it idle: a request joining in between would be
+        // failed with the line (and, written already, sent again elsewhere).
+        state.closed.get_or_insert(Broken::Lost);
+        let reader = state.reader.take();
+        drop(state);
+        drop(reader);
+        self.wake_writer.notify_one();
     }
 
     /// The bytes to write next, into `out`; `false` once the line is closed and no request on
