@@ -54,11 +54,8 @@ async fn admin_json(client: &Client, gw: &Gateway, path: &str) -> (u16, serde_js
     (reply.status, reply.json())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn twenty_of_twenty_five_pass_through_two_replicas_sharing_redis() {
-    let redis = Redis::start(None);
-    let backend = demo_backend(&[]);
-    let routes = r#"
+/// 20 a minute per client, one route per algorithm.
+const BOTH_ALGORITHMS: &str = r#"
 [[routes]]
 name = "sw"
 path_prefix = "/sw"
@@ -71,7 +68,44 @@ path_prefix = "/gcra"
 upstream = "app"
 rate_limits = [{ name = "per_ip_gcra", limit = 20, period = "1m", burst = 19 }]
 "#;
-    let config = redis_config(&redis, &backend, routes);
+
+/// A rate-limit key of another type (left by the rule's other algorithm, or written by
+/// something else) is replaced: the decision stays Redis's and exact. It failed every decision
+/// on it, took the whole link down and let the limits pass several times over.
+#[tokio::test]
+async fn a_key_of_the_wrong_type_is_replaced_not_an_outage() {
+    let redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let gw = gateway(&redis_config(&redis, &backend, BOTH_ALGORITHMS));
+    let mut conn = redis.conn();
+    let () = redis::cmd("HSET")
+        .arg("scalegate:rl:per_ip_gcra:ip:127.0.0.1")
+        .arg("w")
+        .arg(1)
+        .query(&mut conn)
+        .unwrap();
+    let () = redis::cmd("SET")
+        .arg("scalegate:rl:per_ip_window:ip:127.0.0.1")
+        .arg("garbage")
+        .query(&mut conn)
+        .unwrap();
+    let client = client();
+    for path in ["/gcra", "/sw"] {
+        let replies = burst(&client, &[gw.url(path)], 25, &[]).await;
+        assert_eq!(count(&replies, 200), 20, "{path}");
+    }
+    let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
+    assert_eq!(report["redis_up"], true, "{report}");
+    for rule in report["rules"].as_array().unwrap() {
+        assert_eq!(rule["fallback"], 0, "{report}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_of_twenty_five_pass_through_two_replicas_sharing_redis() {
+    let redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let config = redis_config(&redis, &backend, BOTH_ALGORITHMS);
     let a = gateway(&config);
     let b = gateway(&config);
     let client = client();

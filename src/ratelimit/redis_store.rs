@@ -17,15 +17,26 @@ use crate::redis_link::{Connection, RedisLink};
 /// triple 'g', T, τ): a = stored TAT or -1. Sliding window ('w', period, limit): a = stored
 /// window index or -1, b = its previous count, c = its current count. When every rule lets the
 /// request pass, applies to each the update `algorithm::decide` makes; when one refuses it,
-/// to none (`algorithm::decide_all`). Kept lean: it runs in Redis for every request.
+/// to none (`algorithm::decide_all`). A key of another type (the rule's algorithm changed, or
+/// something else wrote it) is deleted and read as absent, as an unparsable value is: a
+/// WRONGTYPE error would fail every decision on it, for as long as the key lives. Kept lean:
+/// it runs in Redis for every request.
 const SCRIPT: &str = r"
+local function read(command, key, ...)
+  local r = redis.pcall(command, key, ...)
+  if type(r) == 'table' and r.err then
+    redis.call('DEL', key)
+    return false
+  end
+  return r
+end
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 local reply, book, pass = {now}, {}, true
 for i, key in ipairs(KEYS) do
   local x, y = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
   if ARGV[3 * i - 2] == 'g' then
-    local stored = tonumber(redis.call('GET', key))
+    local stored = tonumber(read('GET', key))
     local tat = stored or now
     if tat < now then tat = now end
     if tat > now + y + x then
@@ -35,7 +46,7 @@ for i, key in ipairs(KEYS) do
     if now + y >= tat then book[i] = {tat + x} else pass = false end
     reply[3 * i - 1], reply[3 * i], reply[3 * i + 1] = stored or -1, 0, 0
   else
-    local s = redis.call('HMGET', key, 'w', 'p', 'c')
+    local s = read('HMGET', key, 'w', 'p', 'c') or {}
     local sw, sp, sc = tonumber(s[1]), tonumber(s[2]) or 0, tonumber(s[3]) or 0
     local w = math.floor(now / x)
     local elapsed = now - w * x
@@ -68,6 +79,7 @@ return reply
 /// (its count, now current or previous, goes down by one).
 const GIVE_BACK: &str = r"
 local now = redis.call('TIME')
+if redis.call('TYPE', KEYS[1]).ok ~= (ARGV[1] == 'g' and 'string' or 'hash') then return 0 end
 if ARGV[1] == 'g' then
   local tat = tonumber(redis.call('GET', KEYS[1]))
   if not tat then return 0 end
