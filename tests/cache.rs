@@ -842,6 +842,43 @@ async fn stats(client: &Client, gw: &Gateway) -> serde_json::Value {
     get(client, &gw.admin_url("/api/cache/stats")).await.json()
 }
 
+/// A cache key in Redis of another type (something else wrote it) is a miss whose fill
+/// replaces it; its WRONGTYPE took the whole Redis link down (rate limits fell back with it)
+/// and the fill was never stored.
+#[tokio::test]
+async fn a_foreign_value_at_a_cache_key_is_replaced() {
+    let redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let (a, b) = shared_pair(&redis, &backend, "ttl = \"60s\"");
+    let path = "/cache/planted";
+    let key = format!("scalegate:cache:{path} http");
+    let () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("x")
+        .arg("y")
+        .query(&mut redis.conn())
+        .unwrap();
+    let client = client();
+    assert_eq!(
+        status_and_n(&client, &a.url(path), &[]).await,
+        ("MISS".into(), 1)
+    );
+    let kind = || {
+        redis::cmd("TYPE")
+            .arg(&key)
+            .query::<String>(&mut redis.conn())
+            .unwrap()
+    };
+    let replaced = eventually(Duration::from_secs(5), || async { kind() == "string" }).await;
+    assert!(replaced, "the key is still a {}", kind());
+    assert_eq!(
+        status_and_n(&client, &b.url(path), &[]).await,
+        ("HIT".into(), 1)
+    );
+    let health = get(&client, &a.admin_url("/health/redis")).await;
+    assert_eq!(health.status, 200, "{:?}", health.body);
+}
+
 #[tokio::test]
 async fn replicas_share_hits_and_purges_through_redis() {
     let mut redis = Redis::start(None);

@@ -15,10 +15,13 @@ use bytes::{BufMut, Bytes};
 use futures_util::StreamExt;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
+use redis::aio::ConnectionLike as _;
+use redis::Value;
 use tokio::time::Instant;
 
 use super::policy::{self, Freshness};
 use super::store::{Entry, Purge, Store};
+use crate::proxy::headers::strip_hop_by_hop;
 use crate::redis_link::{startup_timeout, RedisLink};
 
 /// Every cache key in Redis starts with this.
@@ -54,19 +57,22 @@ impl SharedTier {
         let redis_key = &redis_key(key);
         let reply = self
             .link
-            .call(|mut c| async move {
-                redis::cmd("GET")
-                    .arg(redis_key)
-                    .query_async::<Option<Vec<u8>>>(&mut c)
-                    .await
-            })
+            .call(
+                |mut c| async move { c.req_packed_command(redis::cmd("GET").arg(redis_key)).await },
+            )
             .await;
-        let Some(found) = reply else {
-            self.errors.fetch_add(1, Ordering::Relaxed);
-            return None;
+        let found = match reply {
+            Some(Value::BulkString(bytes)) => bytes,
+            // An error reply (WRONGTYPE: something else wrote the key) concerns that key, not
+            // the link: a miss, whose fill overwrites it.
+            Some(_) => return None,
+            None => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
         };
         decode(
-            Bytes::from(found?),
+            Bytes::from(found),
             unix_ms(SystemTime::now()),
             Instant::now(),
         )
@@ -304,7 +310,9 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// The entry in `stored`, placed on this process's clock: stored as long ago as the wall clocks
-/// say (never in the future). `None` for anything malformed.
+/// say (never in the future). `None` for anything malformed, and for what no fill stores (an
+/// interim or 304 status); hop-by-hop and framing fields are dropped, as from an instance's
+/// answer: whatever wrote the key, the answer is framed by the gateway.
 fn decode(stored: Bytes, now_unix_ms: u64, now: Instant) -> Option<Entry> {
     let mut r = Reader {
         bytes: &stored,
@@ -313,7 +321,9 @@ fn decode(stored: Bytes, now_unix_ms: u64, now: Instant) -> Option<Entry> {
     if r.u8()? != FORMAT {
         return None;
     }
-    let status = StatusCode::from_u16(r.u16()?).ok()?;
+    let status = StatusCode::from_u16(r.u16()?)
+        .ok()
+        .filter(|s| !s.is_informational() && *s != StatusCode::NOT_MODIFIED)?;
     let stored_unix_ms = r.u64()?;
     let mut duration = || r.u64().map(Duration::from_millis);
     let mut freshness = Freshness {
@@ -330,6 +340,7 @@ fn decode(stored: Bytes, now_unix_ms: u64, now: Instant) -> Option<Entry> {
         let value = HeaderValue::from_bytes(r.bytes()?).ok()?;
         headers.append(name, value);
     }
+    strip_hop_by_hop(&mut headers);
     freshness.revalidatable = policy::has_validator(&headers);
     let count = r.u32()? as usize;
     let mut vary_names = Vec::with_capacity(count.min(16));
@@ -464,6 +475,25 @@ mod tests {
         other_format[0] = 9;
         assert!(decode(Bytes::from(other_format), 2, now).is_none());
         assert!(decode(Bytes::from_static(&[1, 0, 200, 0xff]), 2, now).is_none());
+        // What no fill stores is not served from whatever wrote it.
+        for status in [StatusCode::SWITCHING_PROTOCOLS, StatusCode::NOT_MODIFIED] {
+            let planted = Entry {
+                status,
+                ..entry(now)
+            };
+            assert!(decode(Bytes::from(encode(&planted, 1)), 2, now).is_none());
+        }
+        let mut framed = entry(now);
+        for (name, value) in [
+            ("transfer-encoding", "chunked"),
+            ("connection", "x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=1"),
+        ] {
+            framed.headers.insert(name, HeaderValue::from_static(value));
+        }
+        let read = decode(Bytes::from(encode(&framed, 1)), 2, now).unwrap();
+        assert_eq!(read.headers, entry(now).headers);
     }
 
     #[test]
