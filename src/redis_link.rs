@@ -297,6 +297,7 @@ impl RedisLink {
             if matches!(connection, Connection::Single(_)) {
                 takes_writes(connection.clone()).await?;
             }
+            writes_in_time(connection.clone(), self.state.redis_timeout).await?;
             self.connection.store(Some(Arc::new(connection)));
             Ok(())
         };
@@ -376,6 +377,31 @@ async fn takes_writes(mut connection: Connection) -> Result<(), RedisError> {
             redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
             "a read-only replica",
             "point state.redis_url at the primary".to_owned(),
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a write goes through, well within `redis_timeout`: a Redis that answers PING but
+/// refuses writes (out of memory under `noeviction`) or holds them (`CLIENT PAUSE WRITE`, as
+/// a failover does), or that answers near the timeout, would fail the next decisions again at
+/// once, and the link would flap down and up at every request. Half the timeout leaves the
+/// margin between coming back and going down again.
+async fn writes_in_time(
+    mut connection: Connection,
+    redis_timeout: Duration,
+) -> Result<(), RedisError> {
+    let started = Instant::now();
+    let mut set = redis::cmd("SET");
+    set.arg("scalegate:probe").arg(1).arg("PX").arg(10_000);
+    connection
+        .req_packed_command(&set)
+        .await
+        .and_then(Value::extract_error)?;
+    if started.elapsed() > redis_timeout / 2 {
+        return Err(RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "a write took over half of redis_timeout",
         )));
     }
     Ok(())

@@ -879,6 +879,31 @@ async fn a_foreign_value_at_a_cache_key_is_replaced() {
     assert_eq!(health.status, 200, "{:?}", health.body);
 }
 
+/// An entry over 1 MiB stays in memory: its transfer would hold up the rate limiter's
+/// decisions on the one Redis connection and outlast `redis_timeout`.
+#[tokio::test]
+async fn large_entries_stay_out_of_the_shared_tier() {
+    let redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let (a, _b) = shared_pair(&redis, &backend, "ttl = \"60s\", max_body = \"4MiB\"");
+    let client = client();
+    let (large, small) = ("/cache/large?bytes=2000000", "/cache/small?bytes=1000000");
+    for path in [large, small] {
+        let reply = get(&client, &a.url(path)).await;
+        assert_eq!(reply.header("x-cache-status"), "MISS");
+    }
+    let stored = eventually(Duration::from_secs(5), || async {
+        redis_has(&redis, small)
+    })
+    .await;
+    assert!(stored, "the small entry never reached Redis");
+    assert!(!redis_has(&redis, large));
+    assert_eq!(
+        get(&client, &a.url(large)).await.header("x-cache-status"),
+        "HIT"
+    );
+}
+
 #[tokio::test]
 async fn replicas_share_hits_and_purges_through_redis() {
     let mut redis = Redis::start(None);

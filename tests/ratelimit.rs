@@ -69,6 +69,44 @@ upstream = "app"
 rate_limits = [{ name = "per_ip_gcra", limit = 20, period = "1m", burst = 19 }]
 "#;
 
+/// A Redis that answers PING but refuses writes (out of memory under `noeviction`) is down
+/// until writes pass again: one outage, said once, with `/health/redis` 503 throughout. The
+/// link flapped down and up at every request, and the health said 200.
+#[tokio::test]
+async fn a_redis_refusing_writes_is_one_outage_until_it_takes_them() {
+    let redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let gw = gateway(&redis_config(&redis, &backend, BOTH_ALGORITHMS));
+    let client = client();
+    let config_set = |value: &str| {
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(value)
+            .query(&mut redis.conn())
+            .unwrap();
+    };
+    config_set("1");
+    for _ in 0..20 {
+        assert_eq!(get(&client, &gw.url("/sw")).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, health) = admin_json(&client, &gw, "/health/redis").await;
+    assert_eq!(status, 503, "{health}");
+    let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
+    assert_eq!(report["redis_outages"], 1, "{report}");
+    config_set("0");
+    let back = eventually(Duration::from_secs(5), || async {
+        admin_json(&client, &gw, "/health/redis").await.0 == 200
+    });
+    assert!(back.await, "the link never came back");
+    let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
+    assert_eq!(
+        (report["redis_up"].clone(), report["redis_outages"].clone()),
+        (true.into(), 1.into())
+    );
+}
+
 /// A rate-limit key of another type (left by the rule's other algorithm, or written by
 /// something else) is replaced: the decision stays Redis's and exact. It failed every decision
 /// on it, took the whole link down and let the limits pass several times over.

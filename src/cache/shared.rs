@@ -43,6 +43,12 @@ pub struct SharedTier {
     pub errors: AtomicU64,
 }
 
+/// The largest body the shared tier holds. The rate limiter's decisions share the one Redis
+/// connection and its `redis_timeout`: a transfer of tens of megabytes outlasts that timeout
+/// (taking the link down, every limit falling back with it) and holds up the decisions queued
+/// behind it. Larger entries stay in each replica's memory.
+pub const SHARED_MAX_BODY: usize = 1024 * 1024;
+
 impl SharedTier {
     pub fn new(link: Arc<RedisLink>) -> SharedTier {
         SharedTier {
@@ -78,8 +84,12 @@ impl SharedTier {
         )
     }
 
-    /// Stores `entry` for the rest of its useful life (nothing when it has none left).
+    /// Stores `entry` for the rest of its useful life (nothing when it has none left, or when
+    /// it is over [`SHARED_MAX_BODY`]).
     pub async fn put(&self, key: &str, entry: &Entry) {
+        if entry.body.len() > SHARED_MAX_BODY {
+            return;
+        }
         let now = Instant::now();
         let in_store = now.saturating_duration_since(entry.stored_at);
         let remaining = entry.freshness.keep_for().saturating_sub(in_store);

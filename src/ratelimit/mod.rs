@@ -161,14 +161,28 @@ impl Limiter {
             return (true, json!({"status": "ok", "store": "memory"}));
         };
         let shared = redis.link().is_up();
+        let on_error = format!("{:?}", self.on_redis_error).to_lowercase();
         match redis.link().ping().await {
-            Ok(latency) => (
+            Ok(latency) if shared => (
                 true,
                 json!({
                     "status": "ok",
                     "store": "redis",
-                    "shared": shared,
+                    "shared": true,
                     "latency_ms": latency.as_secs_f64() * 1000.0,
+                }),
+            ),
+            // Decisions fall back while the link is down, whatever PING says: a Redis out of
+            // memory, paused for writes, demoted to a replica or too slow answers it.
+            Ok(latency) => (
+                false,
+                json!({
+                    "status": "down",
+                    "store": "redis",
+                    "shared": false,
+                    "latency_ms": latency.as_secs_f64() * 1000.0,
+                    "error": "Redis answers PING but not the writes the shared state needs, in time",
+                    "on_redis_error": on_error,
                 }),
             ),
             Err(error) => (
@@ -178,7 +192,7 @@ impl Limiter {
                     "store": "redis",
                     "shared": false,
                     "error": error,
-                    "on_redis_error": format!("{:?}", self.on_redis_error).to_lowercase(),
+                    "on_redis_error": on_error,
                 }),
             ),
         }
