@@ -352,7 +352,7 @@ async fn the_admin_port_bounds_what_clients_hold() {
     assert!(closed, "an HTTP/2 preface kept the admin connection open");
 
     let mut stalled = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
-    let head = "POST /api/upstreams/app/instances HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"addr\":";
+    let head = "POST /api/upstreams/app/instances HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{\"addr\":";
     stalled.write_all(head.as_bytes()).await.unwrap();
     let (_, answer) = until_closed(&mut stalled, Duration::from_secs(15)).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
@@ -1056,6 +1056,30 @@ async fn reload_under_load_loses_nothing_and_bad_config_is_refused() {
             "{sample} not in {metrics}"
         );
     }
+}
+
+/// A web page cannot change the gateway through an open admin port: a change that a browser
+/// says comes from another origin gets 403 (CSRF), the operator's own goes through.
+#[tokio::test]
+async fn the_admin_refuses_changes_from_web_pages() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let client = client();
+    let add = gw.admin_url("/api/upstreams/app/instances");
+    let body = r#"{"addr": "127.0.0.1:9"}"#;
+    let page = [
+        ("origin", "https://evil.example"),
+        ("content-type", "text/plain"),
+    ];
+    let refused = request(&client, "POST", &add, &page, body).await.unwrap();
+    assert_eq!(refused.status, 403, "{:?}", refused.body);
+    let upstreams = get(&client, &gw.admin_url("/api/upstreams")).await.json();
+    assert!(
+        !upstreams.to_string().contains("127.0.0.1:9\""),
+        "{upstreams}"
+    );
+    let reload = request(&client, "POST", &gw.admin_url("/api/reload"), &[], "").await;
+    assert_eq!(reload.unwrap().status, 200);
 }
 
 /// A refused reload logs an event per problem, so each stays one line of a text log too.

@@ -109,6 +109,12 @@ async fn handle(
         });
     }
     let credentials = gateway.runtime.load().config.admin.credentials.clone();
+    if !read {
+        if let Some(refusal) = cross_site_refusal(req.headers(), credentials.is_some()) {
+            tracing::warn!(path, refusal, "admin change refused");
+            return Ok(reply(StatusCode::FORBIDDEN, json!({"error": refusal})));
+        }
+    }
     if let Some((user, password)) = credentials {
         let given = req.headers().get(header::AUTHORIZATION);
         if !authorized(given, &user, &password) {
@@ -840,6 +846,40 @@ fn authorized(value: Option<&HeaderValue>, user: &str, password: &str) -> bool {
     constant_time_eq(&decoded, expected.as_bytes())
 }
 
+/// Why a change (any method but GET and HEAD) is refused as coming from a web page rather
+/// than from the operator, or `None`. A browser sends any page's POST to the admin port,
+/// `text/plain` needing no preflight (CSRF), but says where it came from: an `Origin` other
+/// than the admin's own, or `Sec-Fetch-Site` other than same-origin, is refused. Without
+/// credentials, a change must also name the admin by IP address or `localhost`: a page whose
+/// name an attacker points at 127.0.0.1 (DNS rebinding) is its own origin.
+fn cross_site_refusal(headers: &http::HeaderMap, credentials: bool) -> Option<&'static str> {
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    if let Some(origin) = origin {
+        let origin_host = origin.split_once("://").map(|(_, rest)| rest);
+        let same = origin_host
+            .zip(host)
+            .is_some_and(|(origin, host)| origin.eq_ignore_ascii_case(host));
+        if !same {
+            return Some("a change from another origin (a web page's request) is refused");
+        }
+    }
+    let site = headers.get("sec-fetch-site").map(HeaderValue::as_bytes);
+    if site.is_some_and(|site| site != b"same-origin" && site != b"none") {
+        return Some("a change from another site (a web page's request) is refused");
+    }
+    let by_address = host.is_some_and(|host| {
+        let name = crate::proxy::router::host_without_port(host);
+        name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
+    });
+    if !credentials && !by_address {
+        return Some(
+            "without admin credentials, changes must name the admin by IP address or localhost",
+        );
+    }
+    None
+}
+
 fn reply(status: StatusCode, body: Value) -> Response<GatewayBody> {
     let mut response = Response::new(GatewayBody::full(body.to_string()));
     *response.status_mut() = status;
@@ -853,6 +893,44 @@ fn reply(status: StatusCode, body: Value) -> Response<GatewayBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changes_from_web_pages_are_refused() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = http::HeaderMap::new();
+            for (name, value) in pairs {
+                map.insert(*name, HeaderValue::from_static(value));
+            }
+            map
+        };
+        let refused = |pairs, credentials| cross_site_refusal(&headers(pairs), credentials);
+        // The operator's curl, and the dashboard's own requests.
+        assert_eq!(refused(&[("host", "127.0.0.1:9090")], false), None);
+        assert_eq!(refused(&[("host", "[::1]:9090")], false), None);
+        let dashboard = [
+            ("host", "localhost:9090"),
+            ("origin", "http://localhost:9090"),
+            ("sec-fetch-site", "same-origin"),
+        ];
+        assert_eq!(refused(&dashboard, false), None);
+        // Another page's POST (CSRF), however it says so.
+        let page = [
+            ("host", "127.0.0.1:9090"),
+            ("origin", "https://evil.example"),
+        ];
+        assert!(refused(&page, true).is_some());
+        assert!(refused(&[("host", "127.0.0.1:9090"), ("origin", "null")], true).is_some());
+        let site = [("host", "127.0.0.1:9090"), ("sec-fetch-site", "cross-site")];
+        assert!(refused(&site, true).is_some());
+        // A name pointed at the admin (DNS rebinding) is its own origin: without credentials,
+        // only an address or localhost is taken; with them, the name is the operator's.
+        let rebound = [
+            ("host", "rebind.evil.example:9090"),
+            ("origin", "http://rebind.evil.example:9090"),
+        ];
+        assert!(refused(&rebound, false).is_some());
+        assert_eq!(refused(&rebound, true), None);
+    }
 
     #[test]
     fn the_metrics_format_follows_the_accept_qualities() {
