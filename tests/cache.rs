@@ -39,7 +39,7 @@ async fn a_slow_first_client_neither_slows_the_fill_nor_loses_the_length() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut slow = socket.connect(gw.proxy).await.unwrap();
-    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let head = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", gw.proxy);
     slow.write_all(head.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let client = client();
@@ -121,7 +121,7 @@ async fn waiting_requests_keep_their_fetch_when_the_first_client_leaves() {
     let gw = cached(&backend, "ttl = \"60s\"", "");
     let path = "/cache?latency_ms=600";
     let mut first = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let head = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", gw.proxy);
     first.write_all(head.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let client = client();
@@ -722,8 +722,10 @@ async fn purge_all_by_prefix_and_by_key() {
         status_and_n(&client, &gw.url("/cache/q"), &[]).await.0,
         "HIT"
     );
-    // A key is the path and query, then the scheme, then the route's other parts.
-    assert_eq!(purge("?key=/cache/q%20http".into()).await["purged"], 1);
+    // A key is the path and query, then the scheme, then the Host, then the route's other
+    // parts.
+    let key = format!("?key=/cache/q%20http%20{}", gw.proxy);
+    assert_eq!(purge(key).await["purged"], 1);
     assert_eq!(
         status_and_n(&client, &gw.url("/cache/q"), &[]).await.0,
         "MISS"
@@ -754,10 +756,33 @@ async fn purge_all_by_prefix_and_by_key() {
     assert_eq!(status_and_n(&client, &slow, &[]).await.0, "MISS");
 }
 
+/// Entries are kept per Host, as the instance gets it: one client's Host (a redirect built
+/// from it) never answers another's, on a catch-all route too.
+#[tokio::test]
+async fn one_host_s_answer_is_not_served_for_another() {
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "ttl = \"60s\"", "");
+    let client = client();
+    let url = gw.url("/cache/page");
+    let evil = [("host", "evil.example")];
+    assert_eq!(status_and_n(&client, &url, &evil).await, ("MISS".into(), 1));
+    assert_eq!(status_and_n(&client, &url, &[]).await, ("MISS".into(), 2));
+    assert_eq!(status_and_n(&client, &url, &evil).await, ("HIT".into(), 1));
+    // The port is part of it, as the instance sees it.
+    let port = [("host", "evil.example:6666")];
+    assert_eq!(status_and_n(&client, &url, &port).await, ("MISS".into(), 3));
+}
+
 #[tokio::test]
 async fn warm_paths_are_fetched_at_start_and_kept_fresh() {
     let backend = demo_backend(&[]);
-    let gw = cached(&backend, "ttl = \"3s\", warm = [\"/cache/warm\"]", "");
+    // Warmed for the route's host: entries are kept per Host.
+    let gw = gateway(&format!(
+        "[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nhost = \"warm.test\"\n\
+         upstream = \"app\"\ncache = {{ ttl = \"3s\", warm = [\"/cache/warm\"] }}\n",
+        backend.addr()
+    ));
+    let site = [("host", "warm.test")];
     let client = client();
     let fetched = eventually(Duration::from_secs(5), || async {
         backend_requests(&client, &backend).await >= 1
@@ -765,12 +790,12 @@ async fn warm_paths_are_fetched_at_start_and_kept_fresh() {
     .await;
     assert!(fetched, "the warm path was never fetched");
     assert_eq!(
-        status_and_n(&client, &gw.url("/cache/warm"), &[]).await.0,
+        status_and_n(&client, &gw.url("/cache/warm"), &site).await.0,
         "HIT"
     );
     // Past the first entry's ttl the path is still a hit: it was fetched again before expiry.
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    let (status, n) = status_and_n(&client, &gw.url("/cache/warm"), &[]).await;
+    let (status, n) = status_and_n(&client, &gw.url("/cache/warm"), &site).await;
     assert_eq!(status, "HIT");
     assert!(n >= 2, "{n}");
 }
@@ -821,6 +846,15 @@ async fn client_ip_keys_follow_trusted_proxies_like_rate_limits() {
 }
 
 /// Two replicas sharing one Redis tier (and one instance).
+/// The Host both replicas of [`shared_pair`] are asked by, as behind one load balancer: the
+/// shared tier keeps entries per Host.
+const SITE: (&str, &str) = ("host", "site.test");
+
+/// A GET asking for [`SITE`].
+async fn site_get(client: &Client, url: &str) -> Reply {
+    request(client, "GET", url, &[SITE], "").await.unwrap()
+}
+
 fn shared_pair(redis: &Redis, backend: &Proc, cache: &str) -> (Gateway, Gateway) {
     let top = format!(
         "[state]\nredis_url = \"{}\"\n\n[cache]\nstore = \"redis\"\n",
@@ -829,10 +863,10 @@ fn shared_pair(redis: &Redis, backend: &Proc, cache: &str) -> (Gateway, Gateway)
     (cached(backend, cache, &top), cached(backend, cache, &top))
 }
 
-/// Whether Redis holds the entry of a plain-HTTP client's request for `path`.
+/// Whether Redis holds the entry of a plain-HTTP client's request for `path` on [`SITE`].
 fn redis_has(redis: &Redis, path: &str) -> bool {
     redis::cmd("EXISTS")
-        .arg(format!("scalegate:cache:{path} http"))
+        .arg(format!("scalegate:cache:{path} http site.test"))
         .query::<i64>(&mut redis.conn())
         .unwrap()
         == 1
@@ -851,7 +885,7 @@ async fn a_foreign_value_at_a_cache_key_is_replaced() {
     let backend = demo_backend(&[]);
     let (a, b) = shared_pair(&redis, &backend, "ttl = \"60s\"");
     let path = "/cache/planted";
-    let key = format!("scalegate:cache:{path} http");
+    let key = format!("scalegate:cache:{path} http site.test");
     let () = redis::cmd("HSET")
         .arg(&key)
         .arg("x")
@@ -860,7 +894,7 @@ async fn a_foreign_value_at_a_cache_key_is_replaced() {
         .unwrap();
     let client = client();
     assert_eq!(
-        status_and_n(&client, &a.url(path), &[]).await,
+        status_and_n(&client, &a.url(path), &[SITE]).await,
         ("MISS".into(), 1)
     );
     let kind = || {
@@ -872,7 +906,7 @@ async fn a_foreign_value_at_a_cache_key_is_replaced() {
     let replaced = eventually(Duration::from_secs(5), || async { kind() == "string" }).await;
     assert!(replaced, "the key is still a {}", kind());
     assert_eq!(
-        status_and_n(&client, &b.url(path), &[]).await,
+        status_and_n(&client, &b.url(path), &[SITE]).await,
         ("HIT".into(), 1)
     );
     let health = get(&client, &a.admin_url("/health/redis")).await;
@@ -889,7 +923,7 @@ async fn large_entries_stay_out_of_the_shared_tier() {
     let client = client();
     let (large, small) = ("/cache/large?bytes=2000000", "/cache/small?bytes=1000000");
     for path in [large, small] {
-        let reply = get(&client, &a.url(path)).await;
+        let reply = site_get(&client, &a.url(path)).await;
         assert_eq!(reply.header("x-cache-status"), "MISS");
     }
     let stored = eventually(Duration::from_secs(5), || async {
@@ -899,7 +933,9 @@ async fn large_entries_stay_out_of_the_shared_tier() {
     assert!(stored, "the small entry never reached Redis");
     assert!(!redis_has(&redis, large));
     assert_eq!(
-        get(&client, &a.url(large)).await.header("x-cache-status"),
+        site_get(&client, &a.url(large))
+            .await
+            .header("x-cache-status"),
         "HIT"
     );
 }
@@ -912,25 +948,25 @@ async fn replicas_share_hits_and_purges_through_redis() {
     let client = client();
     let path = "/cache/shared";
     assert_eq!(
-        status_and_n(&client, &a.url(path), &[]).await,
+        status_and_n(&client, &a.url(path), &[SITE]).await,
         ("MISS".into(), 1)
     );
     // The shared write follows the client's answer.
     let stored = eventually(Duration::from_secs(5), || async { redis_has(&redis, path) }).await;
     assert!(stored, "the entry never reached Redis");
     let pttl: i64 = redis::cmd("PTTL")
-        .arg(format!("scalegate:cache:{path} http"))
+        .arg(format!("scalegate:cache:{path} http site.test"))
         .query(&mut redis.conn())
         .unwrap();
     assert!((1..=60_000).contains(&pttl), "{pttl}");
     // Fetched through A, a hit through B: the instance saw one request.
-    let reply = get(&client, &b.url(path)).await;
+    let reply = site_get(&client, &b.url(path)).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("x-cache-status"), "HIT");
     assert_eq!(reply.json()["n"], 1);
     assert_eq!(reply.header("age"), "0");
     assert_eq!(
-        status_and_n(&client, &b.url(path), &[]).await,
+        status_and_n(&client, &b.url(path), &[SITE]).await,
         ("HIT".into(), 1)
     );
     assert_eq!(backend_requests(&client, &backend).await, 1);
@@ -940,10 +976,10 @@ async fn replicas_share_hits_and_purges_through_redis() {
 
     // Age is counted from when A stored it, on B as well.
     let aged = "/cache/aged";
-    assert_eq!(status_and_n(&client, &a.url(aged), &[]).await.0, "MISS");
+    assert_eq!(status_and_n(&client, &a.url(aged), &[SITE]).await.0, "MISS");
     assert!(eventually(Duration::from_secs(5), || async { redis_has(&redis, aged) }).await);
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let reply = get(&client, &b.url(aged)).await;
+    let reply = site_get(&client, &b.url(aged)).await;
     assert_eq!(reply.header("x-cache-status"), "HIT");
     assert_eq!(reply.header("age"), "1");
 
@@ -970,7 +1006,7 @@ async fn replicas_share_hits_and_purges_through_redis() {
         stats(&client, &b).await
     );
     assert_eq!(
-        status_and_n(&client, &b.url(path), &[]).await,
+        status_and_n(&client, &b.url(path), &[SITE]).await,
         ("MISS".into(), 3)
     );
     // B writes its new entry to Redis after answering: wait for it, so the purge below finds it.
@@ -989,15 +1025,21 @@ async fn replicas_share_hits_and_purges_through_redis() {
 
     // A change through one replica drops the entry from Redis and from the other's memory.
     let changed = "/cache/changed";
-    assert_eq!(status_and_n(&client, &a.url(changed), &[]).await.0, "MISS");
+    assert_eq!(
+        status_and_n(&client, &a.url(changed), &[SITE]).await.0,
+        "MISS"
+    );
     assert!(
         eventually(Duration::from_secs(5), || async {
             redis_has(&redis, changed)
         })
         .await
     );
-    assert_eq!(status_and_n(&client, &b.url(changed), &[]).await.0, "HIT");
-    let put = request(&client, "PUT", &a.url(changed), &[], "new")
+    assert_eq!(
+        status_and_n(&client, &b.url(changed), &[SITE]).await.0,
+        "HIT"
+    );
+    let put = request(&client, "PUT", &a.url(changed), &[SITE], "new")
         .await
         .unwrap();
     assert_eq!(put.status, 200);
@@ -1006,10 +1048,13 @@ async fn replicas_share_hits_and_purges_through_redis() {
     })
     .await;
     assert!(gone, "{}", stats(&client, &b).await);
-    assert_eq!(status_and_n(&client, &b.url(changed), &[]).await.0, "MISS");
+    assert_eq!(
+        status_and_n(&client, &b.url(changed), &[SITE]).await.0,
+        "MISS"
+    );
 
     // Redis gone: answers still come (from instances, or memory), never a 5xx.
-    assert_eq!(status_and_n(&client, &a.url(path), &[]).await.0, "MISS");
+    assert_eq!(status_and_n(&client, &a.url(path), &[SITE]).await.0, "MISS");
     redis.kill();
     for i in 0..5 {
         for gw in [&a, &b] {
@@ -1018,7 +1063,7 @@ async fn replicas_share_hits_and_purges_through_redis() {
             assert_eq!(status, "MISS");
         }
     }
-    assert_eq!(status_and_n(&client, &a.url(path), &[]).await.0, "HIT");
+    assert_eq!(status_and_n(&client, &a.url(path), &[SITE]).await.0, "HIT");
     let a_stats = stats(&client, &a).await;
     assert!(a_stats["shared_errors"].as_u64().unwrap() >= 1, "{a_stats}");
     let metrics = get(&client, &a.admin_url("/metrics")).await;

@@ -37,8 +37,6 @@ pub static X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status"
 pub struct RouteCache {
     pub rules: RouteCacheConfig,
     pub store: Arc<Store>,
-    /// The route matches on host, so the host is part of the key.
-    host_in_key: bool,
     /// The route's exact host, sent on warming requests.
     host: Option<String>,
 }
@@ -53,7 +51,6 @@ impl RouteCache {
                     Arc::new(RouteCache {
                         rules,
                         store: store.clone(),
-                        host_in_key: route.host.is_some(),
                         host: route.host.clone().filter(|h| !h.starts_with('*')),
                     })
                 })
@@ -61,15 +58,14 @@ impl RouteCache {
             .collect()
     }
 
-    /// The key of a request on this route (see `policy::cache_key`).
+    /// The key of a request on this route (see `policy::cache_key`). It holds the Host as the
+    /// instance gets it, port and all: an answer built from it (a redirect, a link) would
+    /// otherwise be stored for every client of the route, one request's Host poisoning it.
     fn key_of(&self, parts: &Parts, scheme: &str, client_ip: IpAddr) -> String {
-        let host = self.host_in_key.then(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map_or("", crate::proxy::router::host_without_port)
-        });
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok());
         let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         policy::cache_key(
             path,

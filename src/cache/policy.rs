@@ -552,9 +552,10 @@ pub fn vary_values(names: &[HeaderName], request: &HeaderMap) -> Vec<Option<Vec<
 
 /// The cache key: path and query first (so a purge by path prefix is a string prefix test),
 /// then the client's scheme (answers often depend on it: redirects to HTTPS, absolute links;
-/// nginx's default key starts with it), then the host (given for routes that match on host;
-/// like nginx's default key, a catch-all route's entries do not depend on the Host a client
-/// sent), then the route's configured parts, each after a space. In the parts, `%`, space and
+/// nginx's default key starts with it), then the Host the instance gets, lowercased (the
+/// gateway passes the client's on, as HAProxy does, whose cache keys by it too; nginx's
+/// default key can leave it out only because nginx sends the upstream's name instead), then
+/// the route's configured parts, each after a space. In the parts, `%`, space and
 /// `,` are percent-escaped and repeated header lines joined by `,`, so one part cannot pass
 /// for two. GET and HEAD share keys.
 pub fn cache_key(

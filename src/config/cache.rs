@@ -131,10 +131,11 @@ pub(super) fn validate_route_cache(
             );
         }
     }
-    if !raw.warm.is_empty() && host.is_some_and(|h| h.starts_with('*')) {
+    if !raw.warm.is_empty() && host.is_none_or(|h| h.starts_with('*')) {
         p.push(
             format!("{key}.warm"),
-            "a route with a wildcard host cannot be warmed (which host would it be?)",
+            "only a route with an exact `host` can be warmed: entries are kept per Host, and \
+             which one would it be?",
         );
     }
     let max_body = p.size(&format!("{key}.max_body"), &raw.max_body);

@@ -1133,6 +1133,10 @@ cache = { ttl = "5", stale_if_error = "x", max_body = "1XB", key = ["header:bad 
 host = "*.a.test"
 upstream = "app"
 cache = { warm = ["/w"] }
+[[routes]]
+path_prefix = "/any-host"
+upstream = "app"
+cache = { warm = ["/w"] }
 "#;
         let errors = Config::from_toml(text).unwrap_err().0;
         let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
@@ -1145,6 +1149,7 @@ cache = { warm = ["/w"] }
             "routes[0].cache.key[1]",
             "routes[0].cache.warm[0]",
             "routes[1].cache.warm",
+            "routes[2].cache.warm",
         ] {
             assert!(keys.contains(&key), "{key} missing from {keys:?}");
         }
