@@ -53,6 +53,9 @@ pub struct ClientAddr {
 
 impl ClientAddr {
     pub fn new(addr: SocketAddr, secure: bool) -> ClientAddr {
+        // A dual-stack listener (`[::]:PORT`) takes IPv4 peers as `::ffff:a.b.c.d`: they are
+        // the IPv4 clients they are, for `trusted_proxies`, rate-limit keys and the log.
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         let ip = HeaderValue::try_from(addr.ip().to_string()).expect("an IP is a header value");
         ClientAddr {
             addr,
@@ -1112,6 +1115,14 @@ mod tests {
             request = request.header(header::HOST, *host);
         }
         request.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn ipv4_clients_of_a_dual_stack_listener_are_ipv4() {
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:5000".parse().unwrap();
+        let client = ClientAddr::new(mapped, false);
+        assert_eq!(client.addr, "192.0.2.7:5000".parse::<SocketAddr>().unwrap());
+        assert_eq!(client.ip, "192.0.2.7");
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
             return client;
         };
         for hop in line.rsplit(',') {
-            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+            let Some(ip) = forwarded_ip(hop.trim()) else {
                 return client;
             };
             client = ip;
@@ -35,6 +35,23 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
         }
     }
     client
+}
+
+/// An `X-Forwarded-For` entry's address: `IP`, or with a port as some proxies write it
+/// (`1.2.3.4:5555`, `[2001:db8::9]:443`, as nginx's realip module reads them), an IPv4-mapped
+/// one as the IPv4 it is.
+fn forwarded_ip(hop: &str) -> Option<IpAddr> {
+    let ip = hop
+        .parse::<IpAddr>()
+        .or_else(|_| hop.parse::<std::net::SocketAddr>().map(|addr| addr.ip()))
+        .or_else(|_| {
+            let bracketed = hop.strip_prefix('[').and_then(|h| h.strip_suffix(']'));
+            bracketed
+                .ok_or(())
+                .and_then(|h| h.parse::<IpAddr>().map_err(drop))
+        })
+        .ok()?;
+    Some(ip.to_canonical())
 }
 
 /// One request's key under one rule; hashed as is by the memory store.
@@ -136,6 +153,20 @@ mod tests {
             client_ip(ip("10.0.0.1"), &headers, &trusted),
             ip("10.0.0.3")
         );
+        // Entries with a port, bracketed IPv6 and IPv4-mapped addresses are the clients they name.
+        for (entry, client) in [
+            ("1.2.3.4:5555", "1.2.3.4"),
+            ("[2001:db8::9]:443", "2001:db8::9"),
+            ("[2001:db8::9]", "2001:db8::9"),
+            ("::ffff:1.2.3.4", "1.2.3.4"),
+        ] {
+            headers.insert("x-forwarded-for", HeaderValue::from_static(entry));
+            assert_eq!(
+                client_ip(ip("10.0.0.1"), &headers, &trusted),
+                ip(client),
+                "{entry}"
+            );
+        }
     }
 
     #[test]
