@@ -918,7 +918,13 @@ fn is_host(host: &[u8]) -> bool {
         [b'[', literal @ .., b']'] => literal
             .iter()
             .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.'),
-        _ => name.iter().all(|&b| REG_NAME[usize::from(b)]),
+        // No empty label (`a..example`, `.a`), as nginx refuses them: a trailing dot ends a
+        // fully qualified name, more than one names nothing.
+        _ => {
+            name.iter().all(|&b| REG_NAME[usize::from(b)])
+                && name.first() != Some(&b'.')
+                && !name.windows(2).any(|pair| pair == b"..")
+        }
     };
     !name.is_empty() && name_ok && port.iter().all(u8::is_ascii_digit)
 }
@@ -1217,7 +1223,20 @@ mod tests {
             assert!(is_host(good.as_bytes()), "{good}");
         }
         for bad in [
-            "", ":80", "a b", "a\\b", "a/b", "a@b", "[::1", "::1", "a:b", "[::1]x",
+            "",
+            ":80",
+            "a b",
+            "a\\b",
+            "a/b",
+            "a@b",
+            "[::1",
+            "::1",
+            "a:b",
+            "[::1]x",
+            "a.example..",
+            "a..example",
+            ".a.example",
+            "a.example...:80",
         ] {
             assert!(!is_host(bad.as_bytes()), "{bad}");
         }
