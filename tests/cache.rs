@@ -1068,6 +1068,19 @@ async fn replicas_share_hits_and_purges_through_redis() {
     assert!(a_stats["shared_errors"].as_u64().unwrap() >= 1, "{a_stats}");
     let metrics = get(&client, &a.admin_url("/metrics")).await;
     assert!(String::from_utf8_lossy(&metrics.body).contains("scalegate_cache_shared_errors_total"));
+    // The health view says the cache is memory only meanwhile.
+    let detailed = get(&client, &a.admin_url("/health/detailed")).await.json();
+    let cache = detailed["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "cache")
+        .cloned();
+    assert_eq!(
+        cache.map(|c| c["status"].clone()),
+        Some("degraded".into()),
+        "{detailed}"
+    );
     // A purge that cannot reach Redis says so, after purging memory.
     let failed = request(&client, "DELETE", &a.admin_url("/api/cache"), &[], "")
         .await

@@ -453,14 +453,21 @@ fn health_detailed(gateway: &Gateway) -> Response<GatewayBody> {
     }
     if runtime.cached_routes().next().is_some() {
         let cache = runtime.cache.sample();
+        let held = format!(
+            "{} entries, {} of {} bytes",
+            cache.entries, cache.bytes, cache.max_bytes
+        );
+        // Without Redis each replica serves from its memory: degraded, as the limits are.
+        let shared_down = runtime.cache.shared.as_ref().is_some_and(|s| !s.is_up());
         components.push(Component {
             name: "cache".into(),
             kind: "cache",
-            status: "ok",
-            reason: format!(
-                "{} entries, {} of {} bytes",
-                cache.entries, cache.bytes, cache.max_bytes
-            ),
+            status: if shared_down { "degraded" } else { "ok" },
+            reason: if shared_down {
+                format!("{held}; Redis does not answer: the shared tier is out, memory only")
+            } else {
+                held
+            },
         });
     }
     let autoscale = gateway.autoscale.status();

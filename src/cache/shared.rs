@@ -58,6 +58,11 @@ impl SharedTier {
         }
     }
 
+    /// Whether Redis serves the shared tier now (else each replica has its memory only).
+    pub fn is_up(&self) -> bool {
+        self.link.is_up()
+    }
+
     /// The entry stored under `key` by any replica; `None` when there is none or Redis failed.
     pub async fn get(&self, key: &str) -> Option<Entry> {
         let redis_key = &redis_key(key);
