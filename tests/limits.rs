@@ -488,6 +488,16 @@ fn read_frame(stream: &mut TcpStream) -> Frame {
     }
 }
 
+/// A raw HTTP/2 connection to `gw`'s proxy port: the preface and an empty SETTINGS sent, reads
+/// timing out after 5 s.
+fn h2_opened(gw: &Gateway) -> TcpStream {
+    let mut h2 = TcpStream::connect(gw.proxy).unwrap();
+    h2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    h2.write_all(&frame(4, 0, 0, &[])).unwrap();
+    h2
+}
+
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
     out.extend_from_slice(&[kind, flags]);
@@ -503,10 +513,7 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 async fn a_stop_does_not_wait_on_an_http2_client_that_never_answers() {
     let a = demo_backend(&[]);
     let mut gw = gateway_with_server_keys("shutdown_grace = \"60s\"", &app_config(&[&a], ""));
-    let mut h2 = TcpStream::connect(gw.proxy).unwrap();
-    h2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
-    h2.write_all(&frame(4, 0, 0, &[])).unwrap();
+    let mut h2 = h2_opened(&gw);
     // One request answered, so the connection is served and then idle.
     h2.write_all(&frame(1, 0x5, 1, &[0x82, 0x86, 0x84, 0x01, 0x01, b'x']))
         .unwrap();
@@ -550,10 +557,7 @@ async fn a_connection_its_timers_close_does_not_spin() {
     let gw = gateway_with_server_keys("header_read_timeout = \"500ms\"", &app_config(&[&a], ""));
     let mut silent = Vec::new();
     for _ in 0..4 {
-        let mut h2 = TcpStream::connect(gw.proxy).unwrap();
-        h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
-        h2.write_all(&frame(4, 0, 0, &[])).unwrap();
-        silent.push(h2);
+        silent.push(h2_opened(&gw));
     }
     let before = cpu_ticks(gw.proc.pid());
     // Past the timeout, and the second the closing connections get to end.
@@ -574,10 +578,7 @@ async fn a_connection_its_timers_close_does_not_spin() {
 async fn an_http2_request_naming_no_host_gets_400() {
     let a = demo_backend(&[]);
     let gw = gateway(&app_config(&[&a], ""));
-    let mut h2 = TcpStream::connect(gw.proxy).unwrap();
-    h2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
-    h2.write_all(&frame(4, 0, 0, &[])).unwrap();
+    let mut h2 = h2_opened(&gw);
     // The head block and the body of the answer on `stream`.
     let mut answer_to = |stream: u32, block: &[u8]| {
         h2.write_all(&frame(1, 0x5, stream, block)).unwrap();
@@ -613,10 +614,7 @@ async fn an_http2_request_naming_no_host_gets_400() {
 async fn http2_clients_get_the_configured_settings_and_extra_streams_are_refused() {
     let a = demo_backend(&[]);
     let gw = gateway_with_server_keys(H2_SETTINGS, &app_config(&[&a], ""));
-    let mut h2 = TcpStream::connect(gw.proxy).unwrap();
-    h2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
-    h2.write_all(&frame(4, 0, 0, &[])).unwrap();
+    let mut h2 = h2_opened(&gw);
     let (mut settings, mut window_update) = (None, None);
     while settings.is_none() || window_update.is_none() {
         let f = read_frame(&mut h2);
@@ -766,10 +764,7 @@ async fn a_client_resetting_its_streams_before_their_answers_is_cut_off() {
 async fn a_continuation_flood_is_cut_off_and_named() {
     let a = demo_backend(&[]);
     let gw = gateway_logging(&app_config(&[&a], ""));
-    let mut h2 = TcpStream::connect(gw.proxy).unwrap();
-    h2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
-    h2.write_all(&frame(4, 0, 0, &[])).unwrap();
+    let mut h2 = h2_opened(&gw);
     // HEADERS without END_HEADERS, then CONTINUATION frames that never end the block.
     let mut flood = frame(1, 0x1, 1, &[0x82]);
     for _ in 0..50 {

@@ -194,20 +194,10 @@ async fn answer(
                         let (method, request_headers) =
                             (parts.method.clone(), parts.headers.clone());
                         let result = fetch.send(as_cache_fetch(parts), ForwardBody::Empty).await;
-                        let now = Instant::now();
-                        let stale =
-                            stale.filter(|e| instance_failed(&result) && usable_on_error(e, now));
-                        break match stale {
-                            Some(entry) => hit(
-                                &entry,
-                                Outcome::Stale,
-                                (&method, &request_headers),
-                                cache,
-                                &fetch,
-                                now,
-                            ),
-                            None => labelled(result, Outcome::Miss, cache, &fetch.request_id),
-                        };
+                        let request = (&method, &request_headers);
+                        break stale_answer(&result, stale, request, cache, &fetch).unwrap_or_else(
+                            || labelled(result, Outcome::Miss, cache, &fetch.request_id),
+                        );
                     }
                 }
             }
@@ -349,6 +339,20 @@ fn hit(
     response
 }
 
+/// The `stale` entry's answer in place of `result` when that is the instance failing and the
+/// entry's `stale_if_error` window allows.
+fn stale_answer(
+    result: &Result<Response<GatewayBody>, ProxyError>,
+    stale: Option<Arc<Entry>>,
+    request: (&Method, &HeaderMap),
+    cache: &RouteCache,
+    fetch: &InstanceFetch,
+) -> Option<Response<GatewayBody>> {
+    let now = Instant::now();
+    let entry = stale.filter(|e| instance_failed(result) && usable_on_error(e, now))?;
+    Some(hit(&entry, Outcome::Stale, request, cache, fetch, now))
+}
+
 /// Whether a fetch's outcome is the instance failing (an error, or a 5xx answer): what a stale
 /// entry may stand in for, and what its waiters take turns after.
 fn instance_failed(result: &Result<Response<GatewayBody>, ProxyError>) -> bool {
@@ -451,17 +455,9 @@ async fn fill(
         if let Some(lease) = &lease {
             lease.failed();
         }
-        let now = Instant::now();
-        if let Some(entry) = stale.filter(|e| usable_on_error(e, now)) {
-            return hit(
-                &entry,
-                Outcome::Stale,
-                (&method, &request_headers),
-                cache,
-                &fetch,
-                now,
-            );
-        }
+    }
+    if let Some(answer) = stale_answer(&result, stale, (&method, &request_headers), cache, &fetch) {
+        return answer;
     }
     let Ok(response) = result else {
         return labelled(result, outcome, cache, &fetch.request_id);
