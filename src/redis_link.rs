@@ -235,8 +235,10 @@ impl RedisLink {
         }
     }
 
-    /// PING round trip, for `/health/redis`.
-    pub async fn ping(&self) -> Result<Duration, String> {
+    /// PING round trip, for `/health/redis`; while the link is up, also the write its probe
+    /// makes, so that a Redis demoted or out of memory is found by the health check of an
+    /// idle gateway too (the link is marked down then, as by a failed decision).
+    pub async fn ping(self: &Arc<Self>) -> Result<Duration, String> {
         let Some(connection) = self.connection.load_full() else {
             return Err(if self.probing.load(Ordering::Relaxed) {
                 "not connected yet".to_string()
@@ -247,11 +249,30 @@ impl RedisLink {
         let started = Instant::now();
         let limit = self.state.redis_timeout.max(Duration::from_millis(500));
         let connection = Connection::clone(&connection).with_response_timeout(limit);
-        match timeout(limit, ping(connection)).await {
-            Ok(Ok(())) => Ok(started.elapsed()),
-            Ok(Err(err)) => Err(err.to_string()),
-            Err(_) => Err("timed out".into()),
+        let latency = match timeout(limit, ping(connection.clone())).await {
+            Ok(Ok(())) => started.elapsed(),
+            Ok(Err(err)) => return Err(err.to_string()),
+            Err(_) => return Err("timed out".into()),
+        };
+        if self.is_up() {
+            let writes = async {
+                if matches!(connection, Connection::Single(_)) {
+                    takes_writes(connection.clone()).await?;
+                }
+                writes_in_time(connection, self.state.redis_timeout).await
+            };
+            let written = timeout(limit, writes).await.unwrap_or_else(|_| {
+                Err(RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "a write timed out",
+                )))
+            });
+            if let Err(err) = written {
+                self.mark_down();
+                return Err(err.to_string());
+            }
         }
+        Ok(latency)
     }
 
     /// Marks the link down (logged once per outage) and starts the probe that brings it back.

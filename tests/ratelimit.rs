@@ -87,6 +87,9 @@ async fn a_redis_refusing_writes_is_one_outage_until_it_takes_them() {
             .unwrap();
     };
     config_set("1");
+    // Found by the health check of a gateway no request reached yet, too.
+    let (status, health) = admin_json(&client, &gw, "/health/redis").await;
+    assert_eq!(status, 503, "{health}");
     for _ in 0..20 {
         assert_eq!(get(&client, &gw.url("/sw")).await.status, 200);
         tokio::time::sleep(Duration::from_millis(20)).await;
