@@ -577,7 +577,7 @@ async fn a_connection_its_timers_close_does_not_spin() {
 #[tokio::test]
 async fn an_http2_request_naming_no_host_gets_400() {
     let a = demo_backend(&[]);
-    let gw = gateway(&app_config(&[&a], ""));
+    let gw = gateway_logging(&app_config(&[&a], ""));
     let mut h2 = h2_opened(&gw);
     // The head block and the body of the answer on `stream`.
     let mut answer_to = |stream: u32, block: &[u8]| {
@@ -608,6 +608,19 @@ async fn an_http2_request_naming_no_host_gets_400() {
     assert_eq!(head.first(), Some(&0x8c), "{head:?}");
     assert!(body.contains("does not start with /"), "{body}");
     assert_eq!(backend_requests(&client(), &a).await, 0);
+    // Logged with the method and target it came with.
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let id = json["request_id"].as_str().unwrap().to_owned();
+    let logged = eventually(Duration::from_secs(5), || async {
+        access_lines(&gw).contains_key(&id)
+    });
+    assert!(logged.await, "{:?}", access_lines(&gw));
+    let line = &access_lines(&gw)[&id];
+    assert_eq!(
+        (&line["method"], &line["path"], &line["status"]),
+        (&"GET".into(), &"?x".into(), &400.into()),
+        "{line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -210,9 +210,9 @@ pub async fn serve(
         } else {
             (None, None)
         };
-        let request = Request::from_parts(parts, body);
         // Dropped once the answer went out, or with the connection when the client left first.
-        let mut record = forward::request_record(&gateway, &request, &client);
+        let mut record = forward::request_record(&gateway, &parts, &client);
+        let request = Request::from_parts(parts, body);
         let answer = {
             let handled = forward::handle(&gateway, request, &client, upgrade, &mut record);
             // Pinned here, once: each branch only borrows it, so the task holds one such future.

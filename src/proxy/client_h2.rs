@@ -347,10 +347,10 @@ pub async fn serve<I>(
                     .map_err(ProxyError::BadRequest)
             };
             if let Err(refusal) = refused {
-                let request_id = forward::request_id(&gateway, &parts.headers);
-                let response = refusal.response(&request_id);
-                let record =
-                    forward::refused_record(&gateway, &client, refusal.status(), request_id);
+                // Logged with its method and target, which are known here.
+                let mut record = forward::request_record(&gateway, &parts, &client);
+                record.answered(refusal.status());
+                let response = refusal.response(&record.request_id);
                 answering.answered();
                 return Ok(response.map(|body| RecordedBody::new(body, record, stream)));
             }
@@ -358,9 +358,9 @@ pub async fn serve<I>(
             if !limits.underscores_in_headers {
                 headers::drop_underscored(&mut parts.headers);
             }
-            let req = http::Request::from_parts(parts, ClientBody::Hyper(body));
             // HTTP/2 has no Upgrade: there is no connection to hand over.
-            let mut record = forward::request_record(&gateway, &req, &client);
+            let mut record = forward::request_record(&gateway, &parts, &client);
+            let req = http::Request::from_parts(parts, ClientBody::Hyper(body));
             let mut response = forward::handle(&gateway, req, &client, None, &mut record).await;
             // A 204 must not have one (RFC 9110 §8.6), and HTTP/2 clients refuse the stream if
             // it does; the HTTP/1.1 writer leaves it out as it writes the head.

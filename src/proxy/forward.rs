@@ -84,19 +84,15 @@ impl ClientAddr {
 
 /// The record of a request about to be handled (see [`RequestRecord`]): made by the caller,
 /// which keeps it until the answer went out, so that the answer's end is what it times.
-pub fn request_record(
-    gateway: &Gateway,
-    req: &Request<ClientBody>,
-    client: &ClientAddr,
-) -> RequestRecord {
+pub fn request_record(gateway: &Gateway, head: &Parts, client: &ClientAddr) -> RequestRecord {
     RequestRecord::new(
         gateway.runtime.load_full(),
-        req.method().clone(),
+        head.method.clone(),
         // With its query, as nginx's `$request_uri` and HAProxy's and Envoy's default logs.
-        req.uri()
+        head.uri
             .path_and_query()
-            .map_or_else(|| req.uri().path(), |target| target.as_str()),
-        request_id(gateway, req.headers()),
+            .map_or_else(|| head.uri.path(), |target| target.as_str()),
+        request_id(gateway, &head.headers),
         client.addr.ip(),
     )
 }
