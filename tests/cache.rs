@@ -730,6 +730,12 @@ async fn purge_all_by_prefix_and_by_key() {
         status_and_n(&client, &gw.url("/cache/q"), &[]).await.0,
         "MISS"
     );
+    // A key of the path and scheme alone is that entry for every Host.
+    assert_eq!(purge("?key=/cache/q%20http".into()).await["purged"], 1);
+    assert_eq!(
+        status_and_n(&client, &gw.url("/cache/q"), &[]).await.0,
+        "MISS"
+    );
     assert_eq!(purge(String::new()).await["purged"], 2);
     assert_eq!(
         status_and_n(&client, &gw.url("/cache/p/a"), &[]).await.0,

@@ -750,6 +750,25 @@ fn cache_stats(gateway: &Gateway) -> Response<GatewayBody> {
 /// `DELETE /api/cache` (everything), `?prefix=/path` (keys whose path starts so) or `?key=KEY`
 /// (one key exactly: `PATH?QUERY SCHEME[ HOST][ PARTS]`, see `cache_key`). With the shared
 /// tier, Redis and every replica's memory too; 503 when Redis could not be purged.
+/// The purge a `?key=` asks for. Keys hold the Host lowercased, as the operator may not write
+/// it; a key of a path and scheme alone (no Host, as keys were before they held it) purges that
+/// path and scheme for every Host.
+fn purge_of_key(key: &str) -> Purge {
+    let parts: Vec<&str> = key.split(' ').collect();
+    match parts.as_slice() {
+        [_, _] => Purge::Prefix(format!("{key} ")),
+        [path, scheme, host, rest @ ..] => {
+            let mut key = format!("{path} {scheme} {}", host.to_ascii_lowercase());
+            for part in rest {
+                key.push(' ');
+                key.push_str(part);
+            }
+            Purge::Key(key)
+        }
+        _ => Purge::Key(key.to_owned()),
+    }
+}
+
 async fn purge_cache(gateway: &Gateway, query: Option<&str>) -> Response<GatewayBody> {
     let store = gateway.runtime.load().cache.clone();
     let pairs: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
@@ -758,7 +777,7 @@ async fn purge_cache(gateway: &Gateway, query: Option<&str>) -> Response<Gateway
     let purge = match pairs.as_slice() {
         [] => Purge::All,
         [(name, prefix)] if name == "prefix" => Purge::Prefix(prefix.clone()),
-        [(name, key)] if name == "key" => Purge::Key(key.clone()),
+        [(name, key)] if name == "key" => purge_of_key(key),
         _ => {
             return reply(
                 StatusCode::BAD_REQUEST,
@@ -900,6 +919,23 @@ fn reply(status: StatusCode, body: Value) -> Response<GatewayBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn purge_keys_are_read_as_stored() {
+        let key = |text: &str| match purge_of_key(text) {
+            Purge::Key(key) => format!("key {key}"),
+            Purge::Prefix(prefix) => format!("prefix {prefix}"),
+            Purge::All => "all".into(),
+        };
+        assert_eq!(
+            key("/a?b=1 https Shop.Example:443"),
+            "key /a?b=1 https shop.example:443"
+        );
+        assert_eq!(key("/a http site.test X-1 "), "key /a http site.test X-1 ");
+        // Without a Host: that path and scheme for every Host.
+        assert_eq!(key("/a?b=1 https"), "prefix /a?b=1 https ");
+        assert_eq!(key("/a"), "key /a");
+    }
 
     #[test]
     fn changes_from_web_pages_are_refused() {
