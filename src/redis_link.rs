@@ -268,7 +268,11 @@ impl RedisLink {
                 )))
             });
             if let Err(err) = written {
-                self.mark_down();
+                // A refusal takes the link down, as a decision's would. A health check that
+                // anyone may call does not, for a slow answer or a cut connection.
+                if refused_by_redis(&err) {
+                    self.mark_down();
+                }
                 return Err(err.to_string());
             }
         }
@@ -403,29 +407,42 @@ async fn takes_writes(mut connection: Connection) -> Result<(), RedisError> {
     Ok(())
 }
 
-/// Whether a write goes through, well within `redis_timeout`: a Redis that answers PING but
-/// refuses writes (out of memory under `noeviction`) or holds them (`CLIENT PAUSE WRITE`, as
-/// a failover does), or that answers near the timeout, would fail the next decisions again at
-/// once, and the link would flap down and up at every request. Half the timeout leaves the
-/// margin between coming back and going down again.
+/// Whether a write goes through within `redis_timeout`: a Redis that answers PING but refuses
+/// writes (out of memory under `noeviction`, a replica) or holds them (`CLIENT PAUSE WRITE`, as
+/// a failover does) would fail the next decisions again at once, and the link would flap down
+/// and up at every request. Not on a cluster, where the probe key's one shard would decide for
+/// all of them; and a user whose ACL does not cover the probe key (NOPERM) is taken as it is,
+/// as one not allowed ROLE is.
 async fn writes_in_time(
     mut connection: Connection,
     redis_timeout: Duration,
 ) -> Result<(), RedisError> {
+    if matches!(connection, Connection::Cluster(_)) {
+        return Ok(());
+    }
     let started = Instant::now();
     let mut set = redis::cmd("SET");
     set.arg("scalegate:probe").arg(1).arg("PX").arg(10_000);
-    connection
-        .req_packed_command(&set)
-        .await
-        .and_then(Value::extract_error)?;
-    if started.elapsed() > redis_timeout / 2 {
+    match connection.req_packed_command(&set).await? {
+        Value::ServerError(err) if err.code() == "NOPERM" => {}
+        reply => drop(reply.extract_error()?),
+    }
+    if started.elapsed() > redis_timeout {
         return Err(RedisError::from(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            "a write took over half of redis_timeout",
+            "a write took longer than redis_timeout",
         )));
     }
     Ok(())
+}
+
+/// Redis itself refused (an error reply): not a connection cut, nor one slow answer, which
+/// the next decision judges on its own.
+fn refused_by_redis(err: &RedisError) -> bool {
+    matches!(
+        err.kind(),
+        redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+    )
 }
 
 fn is_auth_error(err: &RedisError) -> bool {

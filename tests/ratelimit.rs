@@ -110,6 +110,34 @@ async fn a_redis_refusing_writes_is_one_outage_until_it_takes_them() {
     );
 }
 
+/// A user whose ACL covers the rate-limit keys only (not the link's probe key) is taken as it
+/// is: its NOPERM on the probe write neither stops the start nor keeps the limits local.
+#[tokio::test]
+async fn an_acl_covering_only_the_limits_still_shares_them() {
+    let redis = Redis::start(None);
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("limits")
+        .arg("on")
+        .arg(">secret-pass")
+        .arg("~scalegate:rl:*")
+        .arg("+@all")
+        .query(&mut redis.conn())
+        .unwrap();
+    let backend = demo_backend(&[]);
+    let config = redis_config(&redis, &backend, BOTH_ALGORITHMS)
+        .replace("redis://127.0.0.1", "redis://limits:secret-pass@127.0.0.1");
+    let gw = gateway(&config);
+    let client = client();
+    let replies = burst(&client, &[gw.url("/gcra")], 25, &[]).await;
+    assert_eq!(count(&replies, 200), 20);
+    let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
+    assert_eq!(report["redis_up"], true, "{report}");
+    assert_eq!(report["rules"][1]["fallback"], 0, "{report}");
+    let (status, health) = admin_json(&client, &gw, "/health/redis").await;
+    assert_eq!(status, 200, "{health}");
+}
+
 /// A rate-limit key of another type (left by the rule's other algorithm, or written by
 /// something else) is replaced: the decision stays Redis's and exact. It failed every decision
 /// on it, took the whole link down and let the limits pass several times over.

@@ -747,9 +747,6 @@ fn cache_stats(gateway: &Gateway) -> Response<GatewayBody> {
     )
 }
 
-/// `DELETE /api/cache` (everything), `?prefix=/path` (keys whose path starts so) or `?key=KEY`
-/// (one key exactly: `PATH?QUERY SCHEME[ HOST][ PARTS]`, see `cache_key`). With the shared
-/// tier, Redis and every replica's memory too; 503 when Redis could not be purged.
 /// The purge a `?key=` asks for. Keys hold the Host lowercased, as the operator may not write
 /// it; a key of a path and scheme alone (no Host, as keys were before they held it) purges that
 /// path and scheme for every Host.
@@ -769,6 +766,9 @@ fn purge_of_key(key: &str) -> Purge {
     }
 }
 
+/// `DELETE /api/cache` (everything), `?prefix=/path` (keys whose path starts so) or `?key=KEY`
+/// (one key exactly: `PATH?QUERY SCHEME HOST[ PARTS]`, see `cache_key`). With the shared
+/// tier, Redis and every replica's memory too; 503 when Redis could not be purged.
 async fn purge_cache(gateway: &Gateway, query: Option<&str>) -> Response<GatewayBody> {
     let store = gateway.runtime.load().cache.clone();
     let pairs: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or_default().as_bytes())

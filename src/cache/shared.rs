@@ -74,10 +74,12 @@ impl SharedTier {
             .await;
         let found = match reply {
             Some(Value::BulkString(bytes)) => bytes,
-            // An error reply (WRONGTYPE: something else wrote the key) concerns that key, not
-            // the link: a miss, whose fill overwrites it.
-            Some(_) => return None,
-            None => {
+            Some(Value::Nil) => return None,
+            // Something else wrote the key: that key's problem, not the link's; a miss, whose
+            // fill overwrites it.
+            Some(Value::ServerError(err)) if err.code() == "WRONGTYPE" => return None,
+            // Another refusal (LOADING, NOPERM, ...) or no answer: counted.
+            _ => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 return None;
             }

@@ -700,11 +700,23 @@ fn validate_concurrency(
 }
 
 /// `10.0.0.0/8`, `::1/128`, or a bare address (a single host).
+/// An address or CIDR range; an IPv4-mapped IPv6 one (`::ffff:10.0.0.0/104`) as the IPv4 range it
+/// is, since client addresses are compared as IPv4 (a dual-stack listener's peers included).
 fn parse_net(text: &str) -> Result<IpNet, String> {
     let text = text.trim();
-    text.parse::<IpNet>()
+    let net = text
+        .parse::<IpNet>()
         .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from))
-        .map_err(|_| format!("`{text}` is not an address or CIDR range"))
+        .map_err(|_| format!("`{text}` is not an address or CIDR range"))?;
+    Ok(match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        _ => net,
+    })
 }
 
 #[cfg(test)]
@@ -746,6 +758,14 @@ rate_limits = [{{ key = "api_key", limit = 5, period = "1s", algorithm = "slidin
         let limits = &config.limits;
         assert_eq!(limits.store, StoreKind::Memory);
         assert_eq!(limits.trusted_proxies.len(), 2);
+        assert_eq!(
+            parse_net("::ffff:10.0.0.0/104"),
+            Ok("10.0.0.0/8".parse::<IpNet>().unwrap())
+        );
+        assert_eq!(
+            parse_net("::ffff:127.0.0.1"),
+            Ok("127.0.0.1/32".parse::<IpNet>().unwrap())
+        );
         assert_eq!(limits.routes[0].rules[0].name, "per_ip");
         assert_eq!(limits.routes[0].rules[0].quota.period_us, 60_000_000);
         assert!(!limits.routes[0].api_key);
