@@ -255,12 +255,7 @@ impl RedisLink {
             Err(_) => return Err("timed out".into()),
         };
         if self.is_up() {
-            let writes = async {
-                if matches!(connection, Connection::Single(_)) {
-                    takes_writes(connection.clone()).await?;
-                }
-                writes_in_time(connection, self.state.redis_timeout).await
-            };
+            let writes = serves_writes(connection, self.state.redis_timeout);
             let written = timeout(limit, writes).await.unwrap_or_else(|_| {
                 Err(RedisError::from(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -319,10 +314,7 @@ impl RedisLink {
                 _ => self.open().await?,
             };
             ping(connection.clone()).await?;
-            if matches!(connection, Connection::Single(_)) {
-                takes_writes(connection.clone()).await?;
-            }
-            writes_in_time(connection.clone(), self.state.redis_timeout).await?;
+            serves_writes(connection.clone(), self.state.redis_timeout).await?;
             self.connection.store(Some(Arc::new(connection)));
             Ok(())
         };
@@ -407,19 +399,21 @@ async fn takes_writes(mut connection: Connection) -> Result<(), RedisError> {
     Ok(())
 }
 
-/// Whether a write goes through within `redis_timeout`: a Redis that answers PING but refuses
-/// writes (out of memory under `noeviction`, a replica) or holds them (`CLIENT PAUSE WRITE`, as
-/// a failover does) would fail the next decisions again at once, and the link would flap down
-/// and up at every request. Not on a cluster, where the probe key's one shard would decide for
-/// all of them; and a user whose ACL does not cover the probe key (NOPERM) is taken as it is,
-/// as one not allowed ROLE is.
-async fn writes_in_time(
+/// Whether a lone Redis takes writes ([`takes_writes`]) and one goes through within
+/// `redis_timeout`: a Redis that answers PING but refuses writes (out of memory under
+/// `noeviction`) or holds them (`CLIENT PAUSE WRITE`, as a failover does) would fail the next
+/// decisions again at once, and the link would flap down and up at every request. Not on a
+/// cluster, which routes writes to its primaries and where the probe key's one shard would
+/// decide for all of them; and a user whose ACL does not cover the probe key (NOPERM) is taken
+/// as it is, as one not allowed ROLE is.
+async fn serves_writes(
     mut connection: Connection,
     redis_timeout: Duration,
 ) -> Result<(), RedisError> {
     if matches!(connection, Connection::Cluster(_)) {
         return Ok(());
     }
+    takes_writes(connection.clone()).await?;
     let started = Instant::now();
     let mut set = redis::cmd("SET");
     set.arg("scalegate:probe").arg(1).arg("PX").arg(10_000);
