@@ -823,8 +823,8 @@ async fn send_http2(
 /// request it sees is not the one checked here), `*` as the path of a method other than
 /// OPTIONS, a path that neither is `*` nor starts with `/` (`?x` would go out as the request
 /// line `GET ?x`), a path that is not ASCII (a request target is, RFC 3986; the HTTP/1.1
-/// listener refuses such a line too), a Host naming another authority than `:authority`, and
-/// neither of them. An intermediary must not forward a malformed request; these get 400.
+/// listener refuses such a line too), and a Host naming another authority than `:authority`.
+/// An intermediary must not forward a malformed request; these get 400.
 pub(super) fn http2_malformation(parts: &Parts) -> Result<(), &'static str> {
     let padded = |value: &HeaderValue| {
         let bytes = value.as_bytes();
@@ -850,21 +850,19 @@ pub(super) fn http2_malformation(parts: &Parts) -> Result<(), &'static str> {
     }
     let host = parts.headers.get(header::HOST).map(HeaderValue::as_bytes);
     let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
-    match (host, authority) {
-        (Some(host), Some(authority)) if !host.eq_ignore_ascii_case(authority) => {
-            Err("Host names another authority than :authority")
+    if let (Some(host), Some(authority)) = (host, authority) {
+        if !host.eq_ignore_ascii_case(authority) {
+            return Err("Host names another authority than :authority");
         }
-        // An http(s) target has a host (RFC 9110 §4.2.1), as an HTTP/1.1 request must say
-        // (nginx refuses it alike).
-        (None, None) => Err("an HTTP/2 request without :authority or Host"),
-        _ => Ok(()),
     }
+    Ok(())
 }
 
 /// The host a request is for, and whether it came from the target rather than a Host field
 /// (RFC 9112 §3.2): the target's authority when it has one (absolute form, or HTTP/2's
 /// `:authority`), else the Host field. 400 for more than one Host field, one that is not a
-/// `host[:port]`, or an HTTP/1.1 request without one, as nginx answers.
+/// `host[:port]`, an HTTP/1.1 request without one, or an HTTP/2 one naming no host at all (an
+/// http(s) target has one, RFC 9110 §4.2.1), as nginx answers.
 fn request_host(
     headers: &HeaderMap,
     uri: &Uri,
@@ -883,6 +881,11 @@ fn request_host(
     if field.is_none() && version == Version::HTTP_11 {
         return Err(ProxyError::BadRequest(
             "HTTP/1.1 request without a Host field",
+        ));
+    }
+    if field.is_none() && version == Version::HTTP_2 && uri.authority().is_none() {
+        return Err(ProxyError::BadRequest(
+            "HTTP/2 request without :authority or Host",
         ));
     }
     // An absolute-form target's authority is held to the same rule: user info in it (RFC 9110
@@ -1143,8 +1146,6 @@ mod tests {
         let mut options = head(v2, "*", &["a.example"]);
         options.method = Method::OPTIONS;
         assert_eq!(http2_malformation(&options), Ok(()));
-        // A host is named somewhere, and the path is one.
-        assert!(http2_malformation(&head(v2, "/x", &[])).is_err());
         assert_eq!(http2_malformation(&head(v2, "/x", &["a.example"])), Ok(()));
         for padded in [" a", "a ", "\tb"] {
             let mut parts = head(v2, "https://a.example/x", &[]);
@@ -1177,6 +1178,9 @@ mod tests {
         assert_eq!(host(Version::HTTP_10, "/", &[]), Ok((None, false)));
         let h2 = host(Version::HTTP_2, "https://c.example/", &[]);
         assert_eq!(h2, Ok((Some("c.example".into()), true)));
+        // An HTTP/2 request naming no host at all is refused, as an HTTP/1.1 one is.
+        let nowhere = host(Version::HTTP_2, "/x", &[]).unwrap_err();
+        assert!(nowhere.contains(":authority"), "{nowhere}");
         for (hosts, why) in [
             (&[][..], "without a Host"),
             (&["a.example", "b.example"][..], "more than one"),
