@@ -312,9 +312,7 @@ async fn forward(
     // A cached route's upgrade (a tunnel, never cached) goes to an instance: it takes the
     // upstream's slot that its hits do not.
     if client_upgrade.is_some() {
-        if let Some(slot) = admission.fetch_slot(route).await? {
-            admitted.add_slots(slot);
-        }
+        admitted.add_slots(admission.fetch_slot(route).await?);
     }
     let result = to_instance(
         runtime,
@@ -371,9 +369,7 @@ impl InstanceFetch {
             (None, &mut Served::default()),
         )
         .await?;
-        if let Some(slot) = slot {
-            hold_slots(&mut response, slot);
-        }
+        hold_slots(&mut response, slot);
         Ok(response)
     }
 }

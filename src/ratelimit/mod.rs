@@ -545,15 +545,13 @@ impl Admission {
     }
 
     /// The upstream's slot for a request of a cached route that goes to an instance, waiting
-    /// in its queue as needed; `None` when the route has no such limit (or took it on
-    /// admission).
-    pub async fn fetch_slot(&self, route: usize) -> Result<Option<Slots>, ProxyError> {
-        let Some(limit) = &self.routes[route].fetch_limit else {
-            return Ok(None);
-        };
+    /// in its queue as needed; none when the route has no such limit (or took it on admission).
+    pub async fn fetch_slot(&self, route: usize) -> Result<Slots, ProxyError> {
         let mut slots = Slots::default();
-        slots.push(take_slot(limit).await?);
-        Ok(Some(slots))
+        if let Some(limit) = &self.routes[route].fetch_limit {
+            slots.push(take_slot(limit).await?);
+        }
+        Ok(slots)
     }
 
     /// The client's address: the peer, or the last untrusted hop of X-Forwarded-For when the
