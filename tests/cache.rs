@@ -13,9 +13,17 @@ use support::*;
 
 fn cached(backend: &Proc, cache: &str, top: &str) -> Gateway {
     gateway(&format!(
-        "{top}\n[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\ncache = {{ {cache} }}\n",
-        backend.addr()
+        "{top}\n{}",
+        cached_config(backend.addr(), "", cache)
     ))
+}
+
+/// One upstream (with `extra` keys) of `instance`, and one route to it with `cache`.
+fn cached_config(instance: SocketAddr, extra: &str, cache: &str) -> String {
+    format!(
+        "{}cache = {{ {cache} }}\n",
+        app_config_at(&[instance], extra)
+    )
 }
 
 async fn status_and_n(client: &Client, url: &str, headers: &[(&str, &str)]) -> (String, u64) {
@@ -235,10 +243,7 @@ const FRESH_A_SECOND: &str =
 
 /// A gateway with one cached route to `instance`, its upstream with `extra` keys.
 fn cached_at(instance: SocketAddr, extra: &str, cache: &str) -> Gateway {
-    gateway(&format!(
-        "{}cache = {{ {cache} }}\n",
-        app_config_at(&[instance], extra)
-    ))
+    gateway(&cached_config(instance, extra, cache))
 }
 
 /// GETs `path` from `gw` once, then `waiters` times once the instance has its request (the
