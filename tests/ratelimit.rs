@@ -1135,3 +1135,50 @@ async fn a_limit_raised_by_a_reload_holds_at_once() {
         );
     }
 }
+
+/// A sliding window whose period a reload lengthened keeps its counts, in memory as in Redis:
+/// 3 per minute used up stays used up as 3 per hour. The window index of the old period read
+/// as nothing under the new one, and the client got 3 more at once.
+#[tokio::test]
+async fn a_window_period_changed_by_a_reload_keeps_its_counts() {
+    let redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let rule = |period: &str| {
+        format!(
+            "[[routes]]\nupstream = \"app\"\nrate_limits = [{{ name = \"w\", algorithm = \"sliding_window\", limit = 3, period = \"{period}\" }}]\n"
+        )
+    };
+    let memory = |routes: &str| {
+        format!(
+            "[upstreams.app]\ninstances = [\"{}\"]\n\n{routes}",
+            backend.addr()
+        )
+    };
+    let client = client();
+    for (gw, lengthened) in [
+        (gateway(&memory(&rule("1m"))), memory(&rule("1h"))),
+        (
+            gateway(&redis_config(&redis, &backend, &rule("1m"))),
+            redis_config(&redis, &backend, &rule("1h")),
+        ),
+    ] {
+        let replies = burst(&client, &[gw.url("/")], 4, &[]).await;
+        assert_eq!(count(&replies, 200), 3);
+        gw.write_config(&lengthened);
+        let reload = request(&client, "POST", &gw.admin_url("/api/reload"), &[], "").await;
+        assert_eq!(reload.unwrap().status, 200);
+        let replies = burst(&client, &[gw.url("/")], 3, &[]).await;
+        assert_eq!(count(&replies, 429), 3, "the counts were lost");
+    }
+    // Redis holds the counts restated under the hour, to expire with the hour's windows.
+    let mut conn = redis.conn();
+    let key = "scalegate:rl:w:ip:127.0.0.1";
+    let period: u64 = redis::cmd("HGET")
+        .arg(key)
+        .arg("l")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(period, 3_600_000_000);
+    let ttl: i64 = redis::cmd("PTTL").arg(key).query(&mut conn).unwrap();
+    assert!(ttl > 3_600_000, "{ttl}");
+}

@@ -27,9 +27,10 @@ pub struct Quota {
 }
 
 impl Quota {
-    /// GCRA emission interval T = period / limit.
+    /// GCRA emission interval T = period / limit, rounded up to whole microseconds: rounded
+    /// down, `limit` + 1 requests would fit in one period (3 per second spaced 333 333 µs).
     pub fn interval_us(&self) -> u64 {
-        (self.period_us / self.limit.max(1)).max(1)
+        self.period_us.div_ceil(self.limit.max(1)).max(1)
     }
 
     /// GCRA tolerance τ = T × burst.
@@ -55,8 +56,37 @@ pub struct RateDecision {
 pub struct Window {
     /// Index of the current fixed window (now / period).
     pub index: u64,
+    /// The period the windows were cut by: a reload may change the rule's.
+    pub period_us: u64,
     pub prev: u64,
     pub curr: u64,
+}
+
+impl Window {
+    /// The counts as (previous, current) of the window `index` of `period` that holds `now`.
+    /// Each count goes to the latest window it may have been made in: under the same period
+    /// that is where it was made, and a period changed by a reload keeps them (the stricter
+    /// way) instead of reading a window index of another period as nothing.
+    fn counts_at(&self, period: u64, index: u64, now: u64) -> (u64, u64) {
+        let start = self.index.saturating_mul(self.period_us);
+        let mut counts = (0, 0);
+        for (latest, count) in [
+            (start.saturating_sub(1), self.prev),
+            (self.last_current_us().min(now), self.curr),
+        ] {
+            match index.checked_sub(latest / period) {
+                Some(0) => counts.1 += count,
+                Some(1) => counts.0 += count,
+                _ => {}
+            }
+        }
+        counts
+    }
+
+    /// The last microsecond of the window the current count was made in.
+    fn last_current_us(&self) -> u64 {
+        (self.index + 1).saturating_mul(self.period_us) - 1
+    }
 }
 
 /// What a store keeps per (rule, key).
@@ -72,7 +102,10 @@ impl SlotState {
     pub fn idle_after(&self, quota: &Quota) -> u64 {
         match self {
             SlotState::Gcra(tat) => *tat,
-            SlotState::Window(w) => (w.index + 2) * quota.period_us,
+            // Its current count is gone two windows of the quota after the one it falls in.
+            SlotState::Window(w) => {
+                (w.last_current_us() / quota.period_us + 2).saturating_mul(quota.period_us)
+            }
         }
     }
 }
@@ -111,10 +144,12 @@ pub struct JointDecision {
     /// The state each rule stores: one per rule when every rule let the request pass, else
     /// none at all.
     pub booked: SmallVec<[SlotState; 4]>,
-    /// Rules (by position) whose stored TAT lay beyond what their quota can book (the quota
-    /// was loosened by a reload), with the TAT brought down to that ([`gcra_cap`]): stored
-    /// whatever the decision, so that the waits the old quota booked end at once.
-    pub capped: SmallVec<[(usize, SlotState); 2]>,
+    /// Rules (by position) whose stored state was made under other numbers (a reload changed
+    /// the quota), restated under their own: a TAT beyond what the quota can book brought down
+    /// to that ([`gcra_cap`]), so the waits a stricter quota booked end at once; a window of
+    /// another period as [`Window::counts_at`] places its counts, so they expire with the new
+    /// windows. Stored whatever the decision.
+    pub restated: SmallVec<[(usize, SlotState); 2]>,
 }
 
 impl JointDecision {
@@ -133,14 +168,11 @@ pub fn decide_all<'q>(
     let mut joint = JointDecision {
         decisions: SmallVec::new(),
         booked: SmallVec::new(),
-        capped: SmallVec::new(),
+        restated: SmallVec::new(),
     };
     for (i, (quota, stored)) in checks.into_iter().enumerate() {
-        if let (Algorithm::Gcra, Some(SlotState::Gcra(tat))) = (quota.algorithm, stored) {
-            let cap = gcra_cap(quota, now);
-            if tat > cap {
-                joint.capped.push((i, SlotState::Gcra(cap)));
-            }
+        if let Some(restated) = stored.and_then(|s| restate(quota, s, now)) {
+            joint.restated.push((i, restated));
         }
         let (decision, next) = decide(quota, stored, now);
         joint.decisions.push(decision);
@@ -150,6 +182,28 @@ pub fn decide_all<'q>(
         joint.booked.clear();
     }
     joint
+}
+
+/// `stored` under `quota`'s numbers when it was made under others; `None` when it reads the
+/// same under both.
+fn restate(quota: &Quota, stored: SlotState, now: u64) -> Option<SlotState> {
+    match (quota.algorithm, stored) {
+        (Algorithm::Gcra, SlotState::Gcra(tat)) => {
+            let cap = gcra_cap(quota, now);
+            (tat > cap).then_some(SlotState::Gcra(cap))
+        }
+        (Algorithm::SlidingWindow, SlotState::Window(w)) if w.period_us != quota.period_us => {
+            let index = now / quota.period_us;
+            let (prev, curr) = w.counts_at(quota.period_us, index, now);
+            Some(SlotState::Window(Window {
+                index,
+                period_us: quota.period_us,
+                prev,
+                curr,
+            }))
+        }
+        _ => None,
+    }
 }
 
 /// The latest TAT `quota` can book at `now`: τ + T ahead, a quota used up. One stored under a
@@ -194,11 +248,7 @@ pub fn sliding_window(
     let period = quota.period_us;
     let index = now / period;
     let elapsed = now - index * period;
-    let (prev, curr) = match stored {
-        Some(w) if w.index == index => (w.prev, w.curr),
-        Some(w) if w.index + 1 == index => (w.curr, 0),
-        _ => (0, 0),
-    };
+    let (prev, curr) = stored.map_or((0, 0), |w| w.counts_at(period, index, now));
     let weighted = u128::from(prev) * u128::from(period - elapsed);
     let capacity = u128::from(quota.limit) * u128::from(period);
     let used = weighted + u128::from(curr + 1) * u128::from(period);
@@ -211,6 +261,7 @@ pub fn sliding_window(
         };
         let window = Window {
             index,
+            period_us: period,
             prev,
             curr: curr + 1,
         };
@@ -311,16 +362,16 @@ mod tests {
         assert!(!joint.allowed());
         assert_eq!(joint.decisions[0].retry_after_us, 60_000);
         assert!(joint.decisions[0].reset_us <= 6 * SEC + 60_000);
-        assert_eq!(joint.capped.len(), 1);
-        let (_, capped) = joint.capped[0];
+        assert_eq!(joint.restated.len(), 1);
+        let (_, capped) = joint.restated[0];
         let joint = decide_all([(&loose, Some(capped))], t0 + 1 + 60_000);
         assert!(joint.allowed());
-        assert!(joint.capped.is_empty());
+        assert!(joint.restated.is_empty());
         // A limit lowered keeps what was booked (the loose quota's 60 ms), and books its own.
         let (_, booked) = gcra(&loose, None, t0);
         let joint = decide_all([(&strict, booked.map(SlotState::Gcra))], t0 + 1);
         assert_eq!(joint.decisions[0].retry_after_us, 60_000 - 1);
-        assert!(joint.capped.is_empty());
+        assert!(joint.restated.is_empty());
     }
 
     #[test]
@@ -348,6 +399,57 @@ mod tests {
         let (d, _) = gcra(&q, next, later);
         assert!(d.allowed);
         assert_eq!(d.remaining, 5);
+    }
+
+    /// The interval rounds up: 3 per second spaced 333 333 µs let a fourth in within 1 s.
+    #[test]
+    fn gcra_never_fits_one_more_in_a_period_it_does_not_divide() {
+        let q = gcra_quota(3, SEC, 0);
+        let t0 = 50 * SEC;
+        let times = admitted(&q, &[t0, t0 + 333_334, t0 + 666_668, t0 + 999_999]);
+        assert_eq!(times.len(), 3);
+        assert_eq!(max_in_any_window(&times, SEC), 3);
+    }
+
+    /// A reload that changes a sliding window's period keeps its counts: 3 per minute used
+    /// up stays used up as 3 per hour, and is stored so (expiring with the hour's windows).
+    #[test]
+    fn a_changed_window_period_keeps_the_counts() {
+        let (minute, hour) = (window_quota(3, 60 * SEC), window_quota(3, 3600 * SEC));
+        let t0 = 7200 * SEC + 61 * SEC;
+        let mut state = None;
+        for i in 0..3 {
+            let joint = decide_all([(&minute, state)], t0 + i);
+            assert!(joint.allowed());
+            state = Some(joint.booked[0]);
+        }
+        let joint = decide_all([(&hour, state)], t0 + 10);
+        assert!(!joint.allowed());
+        let [(0, restated)] = joint.restated[..] else {
+            panic!("{:?}", joint.restated)
+        };
+        let SlotState::Window(w) = restated else {
+            panic!("{restated:?}")
+        };
+        assert_eq!(
+            (w.index, w.period_us, w.prev, w.curr),
+            (2, 3600 * SEC, 0, 3)
+        );
+        assert_eq!(restated.idle_after(&hour), 4 * 3600 * SEC);
+        // Still used up near the hour's end, when the minute's windows were long gone.
+        let (late, _) = decide(&hour, Some(restated), 3 * 3600 * SEC - 1);
+        assert!(!late.allowed);
+        // Back to a minute: the counts fall in the minute they may have been made in last,
+        // and slide out of it as that minute's would.
+        let joint = decide_all([(&minute, Some(restated))], t0 + 20);
+        assert!(!joint.allowed());
+        let [(0, restated)] = joint.restated[..] else {
+            panic!("{:?}", joint.restated)
+        };
+        let (later, _) = decide(&minute, Some(restated), t0 + 2 * 60 * SEC);
+        assert!(later.allowed);
+        // The same period reads as it always did.
+        assert!(decide_all([(&minute, state)], t0 + 30).restated.is_empty());
     }
 
     #[test]

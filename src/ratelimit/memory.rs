@@ -64,7 +64,7 @@ impl MemoryStore {
             checks.iter().zip(&stored).map(|((_, q, _), s)| (*q, *s)),
             now,
         );
-        for &(i, state) in &joint.capped {
+        for &(i, state) in &joint.restated {
             if let Some(slot) = locked[guard(hashes[i])].get_mut(&hashes[i]) {
                 *slot = Slot {
                     state,

@@ -13,14 +13,18 @@ use super::algorithm::{
 use super::client::LimitKey;
 use crate::redis_link::{Connection, RedisLink};
 
-/// Reads each rule's state and returns what it read: {now, then a, b, c per key}. GCRA (ARGV
-/// triple 'g', T, τ): a = stored TAT or -1. Sliding window ('w', period, limit): a = stored
-/// window index or -1, b = its previous count, c = its current count. When every rule lets the
-/// request pass, applies to each the update `algorithm::decide` makes; when one refuses it,
-/// to none (`algorithm::decide_all`). A key of another type (the rule's algorithm changed, or
+/// Reads each rule's state and returns what it read: {now, then a, b, c, d per key}. GCRA
+/// (ARGV triple 'g', T, τ): a = stored TAT or -1. Sliding window ('w', period, limit): a =
+/// stored window index or -1, b = its previous count, c = its current count, d = the period it
+/// was cut by (a key from before periods were stored has none: the rule's). Counts of another
+/// period go to the latest window of this one they may fall in (`Window::counts_at`), and are
+/// stored so, whatever the decision, as a TAT beyond the cap is (`algorithm::restate`). When
+/// every rule lets the request pass, applies to each the update `algorithm::decide` makes; when
+/// one refuses it, to none (`algorithm::decide_all`). A key of another type (the rule's algorithm changed, or
 /// something else wrote it) is deleted and read as absent, as an unparsable value is: a
-/// WRONGTYPE error would fail every decision on it, for as long as the key lives. Kept lean:
-/// it runs in Redis for every request.
+/// WRONGTYPE error would fail every decision on it, for as long as the key lives. Expiries are
+/// relative (PX), as Redis before 6.2 has no PXAT. Kept lean: it runs in Redis for every
+/// request.
 const SCRIPT: &str = r"
 local function read(command, key, ...)
   local r = redis.pcall(command, key, ...)
@@ -32,6 +36,13 @@ local function read(command, key, ...)
 end
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
+local function set_tat(key, tat)
+  redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil(tat / 1000) + 1 - math.floor(now / 1000))
+end
+local function set_window(key, w, prev, curr, x)
+  redis.call('HSET', key, 'w', string.format('%.0f', w), 'p', prev, 'c', curr, 'l', x)
+  redis.call('PEXPIRE', key, math.ceil((w + 2) * x / 1000) - math.floor(now / 1000))
+end
 local reply, book, pass = {now}, {}, true
 for i, key in ipairs(KEYS) do
   local x, y = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
@@ -41,33 +52,39 @@ for i, key in ipairs(KEYS) do
     if tat < now then tat = now end
     if tat > now + y + x then
       tat = now + y + x
-      redis.call('SET', key, string.format('%.0f', tat), 'PXAT', math.ceil(tat / 1000) + 1)
+      set_tat(key, tat)
     end
     if now + y >= tat then book[i] = {tat + x} else pass = false end
-    reply[3 * i - 1], reply[3 * i], reply[3 * i + 1] = stored or -1, 0, 0
+    reply[4 * i - 2], reply[4 * i - 1], reply[4 * i], reply[4 * i + 1] = stored or -1, 0, 0, 0
   else
-    local s = read('HMGET', key, 'w', 'p', 'c') or {}
-    local sw, sp, sc = tonumber(s[1]), tonumber(s[2]) or 0, tonumber(s[3]) or 0
+    local s = read('HMGET', key, 'w', 'p', 'c', 'l') or {}
+    local sw, sp, sc, sl = tonumber(s[1]), tonumber(s[2]) or 0, tonumber(s[3]) or 0, tonumber(s[4]) or x
     local w = math.floor(now / x)
     local elapsed = now - w * x
     local prev, curr = 0, 0
-    if sw == w then prev, curr = sp, sc elseif sw == w - 1 then prev = sc end
+    if sw then
+      local ends = {math.max(sw * sl - 1, 0), math.min((sw + 1) * sl - 1, now)}
+      for j, count in ipairs({sp, sc}) do
+        local back = w - math.floor(ends[j] / x)
+        if back == 0 then curr = curr + count elseif back == 1 then prev = prev + count end
+      end
+      if sl ~= x then set_window(key, w, prev, curr, x) end
+    end
     if prev * (x - elapsed) + (curr + 1) * x <= y * x then
       book[i] = {w, prev, curr + 1, x}
     else
       pass = false
     end
-    reply[3 * i - 1], reply[3 * i], reply[3 * i + 1] = sw or -1, sp, sc
+    reply[4 * i - 2], reply[4 * i - 1], reply[4 * i], reply[4 * i + 1] = sw or -1, sp, sc, sl
   end
 end
 if pass then
   for i, key in ipairs(KEYS) do
     local b = book[i]
     if #b == 1 then
-      redis.call('SET', key, string.format('%.0f', b[1]), 'PXAT', math.ceil(b[1] / 1000) + 1)
+      set_tat(key, b[1])
     else
-      redis.call('HSET', key, 'w', string.format('%.0f', b[1]), 'p', b[2], 'c', b[3])
-      redis.call('PEXPIREAT', key, math.ceil((b[1] + 2) * b[4] / 1000))
+      set_window(key, b[1], b[2], b[3], b[4])
     end
   end
 end
@@ -78,21 +95,23 @@ return reply
 /// request. ARGV: 'g', T (the TAT moves back by T) or 'w', period, the window index booked in
 /// (its count, now current or previous, goes down by one).
 const GIVE_BACK: &str = r"
-local now = redis.call('TIME')
+local t = redis.call('TIME')
+local now = t[1] * 1000000 + t[2]
 if redis.call('TYPE', KEYS[1]).ok ~= (ARGV[1] == 'g' and 'string' or 'hash') then return 0 end
 if ARGV[1] == 'g' then
   local tat = tonumber(redis.call('GET', KEYS[1]))
   if not tat then return 0 end
   tat = tat - ARGV[2]
-  if tat <= now[1] * 1000000 + now[2] then
+  if tat <= now then
     redis.call('DEL', KEYS[1])
   else
-    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PXAT', math.ceil(tat / 1000) + 1)
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil(tat / 1000) + 1 - math.floor(now / 1000))
   end
   return 1
 end
-local s = redis.call('HMGET', KEYS[1], 'w', 'p', 'c')
+local s = redis.call('HMGET', KEYS[1], 'w', 'p', 'c', 'l')
 local w, booked = tonumber(s[1]), tonumber(ARGV[3])
+if (tonumber(s[4]) or tonumber(ARGV[2])) ~= tonumber(ARGV[2]) then return 0 end
 if w == booked and (tonumber(s[3]) or 0) > 0 then
   redis.call('HINCRBY', KEYS[1], 'c', -1)
 elseif w == booked + 1 and (tonumber(s[2]) or 0) > 0 then
@@ -240,18 +259,19 @@ async fn run<T: redis::FromRedisValue>(
 /// over the same states, at that time. `None` when the reply does not have the script's shape.
 fn read_reply(group: &[RedisCheck<'_>], reply: &[i64]) -> Option<(JointDecision, u64)> {
     let (&now, states) = reply.split_first()?;
-    if states.len() != 3 * group.len() {
+    if states.len() != 4 * group.len() {
         return None;
     }
     let stored = group
         .iter()
-        .zip(states.chunks(3))
-        .map(|((_, quota, _), abc)| {
-            let (a, b, c) = (abc[0], abc[1], abc[2]);
+        .zip(states.chunks(4))
+        .map(|((_, quota, _), abcd)| {
+            let (a, b, c, d) = (abcd[0], abcd[1], abcd[2], abcd[3]);
             let state = (a >= 0).then(|| match quota.algorithm {
                 Algorithm::Gcra => SlotState::Gcra(a as u64),
                 Algorithm::SlidingWindow => SlotState::Window(Window {
                     index: a as u64,
+                    period_us: d.max(1) as u64,
                     prev: b.max(0) as u64,
                     curr: c.max(0) as u64,
                 }),
