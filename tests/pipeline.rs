@@ -745,3 +745,54 @@ async fn a_new_connection_closed_without_an_answer_is_not_a_stale_one() {
         assert_eq!(seen.load(Ordering::Relaxed), 3, "pipeline = {pipeline}");
     }
 }
+
+/// Times each target reached [`hints_then_slow`].
+static HINTED_SEEN: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
+/// 103 Early Hints [`hints_then_slow`] sent.
+static HINTS_SENT: AtomicUsize = AtomicUsize::new(0);
+
+/// Answers the first two requests of each connection at once; a later one gets a 103 Early
+/// Hints at once (its answer has started) and its final answer 1.2 s later, as a page that
+/// takes a while to render sends hints for its style sheets first.
+fn hints_then_slow(stream: TcpStream, _: usize) {
+    let mut targets = Targets::new(stream);
+    let mut n = 0;
+    while let Some(target) = targets.next() {
+        n += 1;
+        *HINTED_SEEN
+            .lock()
+            .unwrap()
+            .entry(target.clone())
+            .or_default() += 1;
+        if n > 2 {
+            HINTS_SENT.fetch_add(1, Ordering::Relaxed);
+            if !targets.send(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1200));
+        }
+        if !targets.answer("", target.as_bytes()) {
+            return;
+        }
+    }
+}
+
+/// A pipelined request whose answer started at once (a 103) but whose final head takes over
+/// PROOF_WAIT is not a dropped request: it must not be sent again, nor end pipelining.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_started_by_early_hints_is_not_taken_for_a_dropped_request() {
+    let gw = gateway_before(hints_then_slow, "pipeline = 8\nmax_fails = 0");
+    echo_in_parallel(&gw, 1, 1).await;
+    for _ in 0..2 {
+        HINTED_SEEN.lock().unwrap().clear();
+        echo_in_parallel(&gw, 16, 1).await;
+        let seen = HINTED_SEEN.lock().unwrap().clone();
+        let twice: Vec<_> = seen.iter().filter(|&(_, &times)| times > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "sent twice after the instance began answering ({} hints sent): {twice:?}",
+            HINTS_SENT.load(Ordering::Relaxed)
+        );
+    }
+    assert!(HINTS_SENT.load(Ordering::Relaxed) > 0);
+}

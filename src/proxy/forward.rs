@@ -741,8 +741,10 @@ async fn send_pipelined(
     let pace = line.pace_sample(&conn);
     let proof_due = lines.proof_due(pace).filter(|&proof| proof < due);
     let mut waiting = AnswerWait::new(conn, line);
-    let answer_due = proof_due.unwrap_or(due);
-    let answer = waiting.reader().read_answer(head, answer_due).await;
+    let answer = waiting
+        .reader()
+        .read_answer(head, proof_due.unwrap_or(due), due)
+        .await;
     let (conn, line) = waiting.into_parts();
     match answer {
         Ok(answer) => {

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -75,8 +76,8 @@ pub enum SendError {
     Client(ClientBodyFailure),
     /// No answer head before the response timeout.
     TimedOut,
-    /// Part of an answer head came, not all of it, before the response timeout: never sent
-    /// again, like [`SendError::BrokeOff`].
+    /// Part of an answer head (or an interim answer) came, not the whole final head, before
+    /// the response timeout: never sent again, like [`SendError::BrokeOff`].
     TimedOutMidHead,
 }
 
@@ -305,12 +306,13 @@ impl InstanceConn {
         read.reserve(READ_CHUNK);
         if body.is_end_stream() {
             let due = started + timeout;
+            let answer_started = AtomicBool::new(false);
             let answer = tokio::select! {
                 biased;
-                answer = send_head(stream, read, write, reading) => answer,
+                answer = send_head(stream, read, write, reading, &answer_started) => answer,
                 () = deadline.wait(due) => Err(SendError::TimedOut),
             };
-            let answer = mid_head(answer, read);
+            let answer = mid_head(answer, answer_started.load(Relaxed));
             *answered |= answer.is_ok();
             return answer;
         }
@@ -338,11 +340,13 @@ impl InstanceConn {
         answer
     }
 
-    /// Reads a pipelined request's answer head, due at `due`, on the read side its turn
-    /// brought: the bytes left after the answers before it are the start of its own.
+    /// Reads a pipelined request's answer head on the read side its turn brought (the bytes
+    /// left after the answers before it are the start of its own): its first byte (an interim
+    /// answer's included) is due at `start_due`, the whole head at `due`.
     pub async fn read_answer(
         &mut self,
         head: Outgoing<'_>,
+        start_due: Instant,
         due: Instant,
     ) -> Result<AnswerHead, SendError> {
         let InstanceConn {
@@ -352,12 +356,24 @@ impl InstanceConn {
             answered,
             ..
         } = self;
-        let answer = tokio::select! {
-            biased;
-            answer = read_head(stream, read, Reading::of(head)) => answer,
-            () = deadline.wait(due) => Err(SendError::TimedOut),
+        let answer_started = AtomicBool::new(false);
+        let reading = read_head(stream, read, Reading::of(head), &answer_started);
+        tokio::pin!(reading);
+        let mut until = start_due.min(due);
+        let answer = loop {
+            tokio::select! {
+                biased;
+                answer = &mut reading => break answer,
+                () = deadline.wait(until) => {
+                    if answer_started.load(Relaxed) && until < due {
+                        until = due;
+                        continue;
+                    }
+                    break Err(SendError::TimedOut);
+                }
+            }
         };
-        let answer = mid_head(answer, read);
+        let answer = mid_head(answer, answer_started.load(Relaxed));
         *answered |= answer.is_ok();
         answer
     }
@@ -383,7 +399,7 @@ impl InstanceConn {
             ..
         } = self;
         let skipped = async {
-            let answer = read_head(stream, read, reading).await?;
+            let answer = read_head(stream, read, reading, &AtomicBool::new(false)).await?;
             *answered = true;
             let mut body = BodyProgress::of(answer.framing.framing);
             let mut taken = 0;
@@ -418,13 +434,11 @@ impl InstanceConn {
     }
 }
 
-/// A timeout with part of the answer head read is never sent again.
-fn mid_head(
-    answer: Result<AnswerHead, SendError>,
-    read: &BytesMut,
-) -> Result<AnswerHead, SendError> {
+/// A timeout once the answer `started` (part of its head, or an interim answer, came) is
+/// never sent again.
+fn mid_head(answer: Result<AnswerHead, SendError>, started: bool) -> Result<AnswerHead, SendError> {
     match answer {
-        Err(SendError::TimedOut) if !read.is_empty() => Err(SendError::TimedOutMidHead),
+        Err(SendError::TimedOut) if started => Err(SendError::TimedOutMidHead),
         answer => answer,
     }
 }
@@ -440,9 +454,10 @@ async fn send_head(
     read: &mut BytesMut,
     write: &[u8],
     reading: Reading<'_>,
+    started: &AtomicBool,
 ) -> Result<AnswerHead, SendError> {
     write_first(stream, write).await?;
-    read_head(stream, read, reading).await
+    read_head(stream, read, reading, started).await
 }
 
 /// A request body on its way to an instance.
@@ -474,7 +489,8 @@ async fn exchange<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     let mut due = None;
     let mut request_complete = false;
     let mut answer = {
-        let answer = read_head(&mut reader, read, reading);
+        let answer_started = AtomicBool::new(false);
+        let answer = read_head(&mut reader, read, reading, &answer_started);
         tokio::pin!(answer);
         loop {
             tokio::select! {
@@ -676,13 +692,17 @@ fn make_room(buf: &mut BytesMut) {
     }
 }
 
-/// Reads until an answer head (other than 1xx interim ones) is complete.
+/// Reads until an answer head (other than 1xx interim ones) is complete. `started` is set once
+/// a byte of answer is here, an interim one's included: a timeout then cuts an answer off.
 async fn read_head<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut BytesMut,
     reading: Reading<'_>,
+    started: &AtomicBool,
 ) -> Result<AnswerHead, SendError> {
-    let mut answered = !buf.is_empty();
+    if !buf.is_empty() {
+        started.store(true, Relaxed);
+    }
     loop {
         if !buf.is_empty() {
             match parse_head(buf, reading)? {
@@ -697,11 +717,11 @@ async fn read_head<R: AsyncRead + Unpin>(
         make_room(buf);
         let read = match reader.read_buf(buf).await {
             Ok(read) => read,
-            Err(err) if !answered => return Err(SendError::NoAnswer(err.to_string())),
+            Err(err) if !started.load(Relaxed) => return Err(SendError::NoAnswer(err.to_string())),
             Err(err) => return Err(SendError::BrokeOff(err.to_string())),
         };
         if read == 0 {
-            return Err(if answered {
+            return Err(if started.load(Relaxed) {
                 SendError::BrokeOff(
                     "instance closed the connection inside its answer head".to_owned(),
                 )
@@ -709,7 +729,7 @@ async fn read_head<R: AsyncRead + Unpin>(
                 SendError::NoAnswer("instance closed the connection without answering".to_owned())
             });
         }
-        answered = true;
+        started.store(true, Relaxed);
     }
 }
 

@@ -345,6 +345,9 @@ struct LineState {
     lonely: bool,
     /// Requests in the last write (see [`Verdict::pipelined`]).
     last_write: usize,
+    /// The last write held several requests, or went out behind unanswered ones: an instance
+    /// that drops pipelined requests may have dropped one of them, unanswered yet.
+    last_write_pipelined: bool,
     /// When the oldest request not yet answered to its end was queued.
     front_since: Instant,
     last_used: Instant,
@@ -741,6 +744,7 @@ impl Line {
                 unwritten: Vec::new(),
                 probe_unwritten: false,
                 last_write: 0,
+                last_write_pipelined: false,
             }),
             outstanding: AtomicUsize::new(0),
             wake_writer: Notify::new(),
@@ -937,6 +941,10 @@ impl Line {
                 state.turns.remove(at);
             }
             self.outstanding.fetch_sub(1, Ordering::Relaxed);
+            if state.closed.is_some() {
+                // The writer of a closed line waits for its last request to go: this was it.
+                self.wake_writer.notify_one();
+            }
             return GiveUp::Unsent;
         }
         match queued {
@@ -1007,13 +1015,19 @@ impl Line {
             return self.load() > 0;
         }
         let proving = !self.verdict.pipelined.load(Ordering::Relaxed);
-        if proving && !state.probe_unwritten && !self.all_written_answered(&state) {
+        let unanswered = self.load().saturating_sub(state.unwritten.len());
+        // While proving, a probe goes out at once only behind a request the instance cannot
+        // have dropped (written alone, with nothing else unanswered): behind a dropped one,
+        // the probe's answer would be read as that one's.
+        let probe_may_go = state.probe_unwritten && !state.last_write_pipelined;
+        if proving && !probe_may_go && unanswered > 0 {
             // Held back until they are ([`Verdict::pipelined`]): the last answer wakes the writer.
             return true;
         }
         state.probe_unwritten = false;
         if !state.unwritten.is_empty() {
             state.last_write = state.unwritten.len();
+            state.last_write_pipelined = state.unwritten.len() > 1 || unanswered > 0;
         }
         std::mem::swap(out, &mut state.pending);
         state.unwritten.clear();
@@ -1513,7 +1527,12 @@ mod tests {
             raw_answer: false,
         };
         let due = Instant::now() + Duration::from_secs(5);
-        reader.read_answer(head, due).await.unwrap().head.status
+        reader
+            .read_answer(head, due, due)
+            .await
+            .unwrap()
+            .head
+            .status
     }
 
     #[tokio::test]
@@ -2029,5 +2048,75 @@ mod tests {
             },
             4
         ));
+    }
+
+    /// A request given up (its client left) after its line broke, before its task saw the break,
+    /// is taken out as never written: the closed line's writer, parked with that request still
+    /// counted, must still end and let go of the connection.
+    #[tokio::test]
+    async fn a_request_dropped_unsent_on_a_broken_line_lets_the_writer_end() {
+        use tokio::io::AsyncReadExt;
+        let (lines, connector, mut instance, reader, first) = first_written().await;
+        // Held back: the first is unanswered and the instance not yet known to answer
+        // pipelined requests.
+        let second = lines.enqueue(&connector, no_idle, queued_at(&first), false, ROOT, get);
+        assert!(Arc::ptr_eq(&first.line, &second.hold().line));
+        let line = first.line.clone();
+        // The first answer closes the connection: the line breaks at its end.
+        lines.answered(&first, false, http::StatusCode::OK);
+        first.hand_on(reader, false);
+        // The writer sees the closed line with the second request still counted, and waits.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The second's client leaves before its task saw the break.
+        drop(second);
+        assert!(line.is_closed());
+        assert_eq!(line.load(), 0);
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(2), instance.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "the closed line's writer still holds the connection open: {read:?}"
+        );
+    }
+
+    /// Until the instance answered a whole write of several, an answer must not be taken for
+    /// that of a request it may have dropped. A write of two (A, B) the instance reads at once
+    /// and answers only the first of (a server dropping pipelined requests); the pace turns
+    /// slow (a slow answer on another line, or `forget_pace`), and the next request, a probe,
+    /// joins behind B within `FLOWING_WAIT`: written at once, its answer is read as B's.
+    #[tokio::test]
+    async fn a_probe_is_not_written_behind_a_request_the_instance_may_have_dropped() {
+        let (lines, connector, listener) = lines();
+        lines.verdict.proven.store(true, Ordering::Relaxed);
+        let now = Instant::now();
+        let target = |n: u8| {
+            move |out: &mut Vec<u8>| {
+                out.extend_from_slice(b"GET /");
+                out.push(b'0' + n);
+                out.extend_from_slice(b" HTTP/1.1\r\nhost: a\r\n\r\n");
+            }
+        };
+        // One scheduler turn: one write of two.
+        let a = lines.enqueue(&connector, no_idle, now, false, ROOT, target(1));
+        let b = lines.enqueue(&connector, no_idle, now, false, ROOT, target(2));
+        assert!(Arc::ptr_eq(&a.hold().line, &b.hold().line));
+        let (mut instance, _) = listener.accept().await.unwrap();
+        let written = heads_read(&mut instance, 2).await;
+        assert!(
+            written.contains("GET /1 ") && written.contains("GET /2 "),
+            "{written}"
+        );
+        // The instance answers A and drops B. Meanwhile the pace turned slow.
+        lines.pace.store(UNMEASURED, Ordering::Relaxed);
+        let c = lines.enqueue(&connector, no_idle, now, false, ROOT, target(3));
+        assert!(Arc::ptr_eq(&a.hold().line, &c.hold().line));
+        // Written now, C's answer would follow A's and be read as B's.
+        let early = tokio::time::timeout(Duration::from_millis(200), heads_read(&mut instance, 1));
+        let written = early.await;
+        assert!(
+            written.is_err(),
+            "C went out behind unanswered B: {written:?}"
+        );
+        drop((a, b, c));
     }
 }
