@@ -74,6 +74,12 @@ fn ceil_count(x: f64) -> i64 {
     (x - 1e-9).ceil().max(0.0) as i64
 }
 
+/// An instance count, at most `u32::MAX` (a tiny target can ask for more; the bounds then
+/// cap it) rather than wrapped to a small one.
+fn to_count(replicas: i64) -> u32 {
+    u32::try_from(replicas).unwrap_or(u32::MAX)
+}
+
 /// The HPA recommendation for one metric (`calcPlainMetricReplicas`). `current` counts every
 /// instance, including those still starting; `sample.ready` has one entry per ready instance.
 pub fn recommend(current: u32, sample: &MetricSample, tolerance: f64) -> Option<u32> {
@@ -92,7 +98,7 @@ pub fn recommend(current: u32, sample: &MetricSample, tolerance: f64) -> Option<
         if (1.0 - ratio).abs() <= tolerance {
             return Some(current);
         }
-        return Some(ceil_count(ratio * ready) as u32);
+        return Some(to_count(ceil_count(ratio * ready)));
     }
     // Missing samples count at the target on the way down and at 0 on the way up.
     let mut total = sum;
@@ -115,7 +121,7 @@ pub fn recommend(current: u32, sample: &MetricSample, tolerance: f64) -> Option<
     if (new_ratio < 1.0 && replicas > current_i) || (new_ratio > 1.0 && replicas < current_i) {
         return Some(current);
     }
-    Some(replicas as u32)
+    Some(to_count(replicas))
 }
 
 /// How a scaling policy limits the change within its period.
@@ -297,10 +303,14 @@ pub fn decide(
         })
         .collect();
     let recommended = metrics.iter().filter_map(|m| m.replicas).max();
+    // As the HPA: a metric without samples may hide load, so the others cannot scale down.
+    let unmeasured = metrics.iter().any(|m| m.replicas.is_none());
     let (desired, reason) = if current > bounds.max {
         (bounds.max, "above max")
     } else if current < bounds.min {
         (bounds.min, "below min")
+    } else if unmeasured && recommended.is_some_and(|r| r < current) {
+        (current, "a metric without samples holds the scale-down")
     } else if let Some(recommended) = recommended {
         // HPA's `recordInitialRecommendation`: the count found at start stands in the down
         // window, so a restarted gateway does not shrink the pool before the window passed.
@@ -523,6 +533,39 @@ mod tests {
         assert_eq!(decision.desired, 6);
         assert_eq!(decision.metrics[0].replicas, Some(4));
         assert_eq!(decision.metrics[1].replicas, Some(6));
+    }
+
+    /// A metric without samples holds a scale-down the others ask for (the HPA refuses to
+    /// scale down on invalid metrics), not a scale-up.
+    #[test]
+    fn a_metric_without_samples_holds_a_scale_down() {
+        let now = Instant::now();
+        let quiet = [sample(10.0, &all(&[1.0; 6])), sample(10.0, &[None; 6])];
+        let decision = decide(now, 6, &quiet, WIDE, &config(), &mut History::default());
+        assert_eq!(decision.desired, 6, "{}", decision.reason);
+        assert_eq!(
+            decision.reason,
+            "a metric without samples holds the scale-down"
+        );
+        let busy = [sample(10.0, &all(&[30.0; 2])), sample(10.0, &[None; 2])];
+        let decision = decide(now, 2, &busy, WIDE, &config(), &mut History::default());
+        assert_eq!(decision.desired, 6);
+    }
+
+    /// A recommendation beyond u32 saturates; the bounds cap it.
+    #[test]
+    fn a_huge_recommendation_is_capped_not_wrapped() {
+        let tiny = sample(1e-9, &all(&[1e3; 4]));
+        assert_eq!(recommend(4, &tiny, 0.1), Some(u32::MAX));
+        let decision = decide(
+            Instant::now(),
+            4,
+            &[tiny],
+            WIDE,
+            &config(),
+            &mut History::default(),
+        );
+        assert!(decision.desired > 4);
     }
 
     /// Runs one sync with all instances at `load` × target and applies the result.

@@ -103,10 +103,10 @@ impl ConcurrencyLimit {
         self.slots.clone().try_acquire_owned().ok()
     }
 
-    /// Waits in the queue for a slot; `Err(retry_after)` when the queue is full or the wait
-    /// timed out.
-    pub async fn wait(&self) -> Result<OwnedSemaphorePermit, Duration> {
-        let retry_after = self.config.queue_timeout.max(Duration::from_secs(1));
+    /// Waits in the queue for a slot; `Err(retry_after)` (whole seconds) when the queue is full
+    /// or the wait timed out.
+    pub async fn wait(&self) -> Result<OwnedSemaphorePermit, u64> {
+        let retry_after = retry_after_secs(self.config.queue_timeout);
         if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.config.queue_size {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
             self.refused.fetch_add(1, Ordering::Relaxed);
@@ -155,11 +155,24 @@ async fn take_back(slots: Arc<Semaphore>, owed: Arc<AtomicUsize>) {
     }
 }
 
+/// What a refused client is told to wait, in whole seconds: the queue's timeout, rounded up so
+/// that it is not told too soon, and at least 1.
+fn retry_after_secs(queue_timeout: Duration) -> u64 {
+    queue_timeout.as_millis().div_ceil(1000).max(1) as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    async fn acquire(limit: &ConcurrencyLimit) -> Result<OwnedSemaphorePermit, Duration> {
+    #[test]
+    fn retry_after_rounds_the_queue_timeout_up() {
+        for (ms, secs) in [(0, 1), (300, 1), (2000, 2), (2500, 3)] {
+            assert_eq!(retry_after_secs(Duration::from_millis(ms)), secs, "{ms} ms");
+        }
+    }
+
+    async fn acquire(limit: &ConcurrencyLimit) -> Result<OwnedSemaphorePermit, u64> {
         match limit.try_acquire() {
             Some(permit) => Ok(permit),
             None => limit.wait().await,
@@ -181,7 +194,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(limit.waiting(), 1);
         // The queue (1) is full: refused at once.
-        assert_eq!(acquire(&limit).await.unwrap_err(), Duration::from_secs(1));
+        assert_eq!(acquire(&limit).await.unwrap_err(), 1);
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(first);
         assert!(queued.await.unwrap());

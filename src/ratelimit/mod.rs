@@ -342,9 +342,7 @@ async fn take_slot(limit: &ConcurrencyLimit) -> Result<OwnedSemaphorePermit, Pro
         None => limit
             .wait()
             .await
-            .map_err(|retry_after| ProxyError::Overloaded {
-                retry_after: retry_after.as_secs().max(1),
-            }),
+            .map_err(|retry_after| ProxyError::Overloaded { retry_after }),
     }
 }
 
