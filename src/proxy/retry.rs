@@ -66,8 +66,9 @@ impl FailureKind {
 pub enum NextAttempt {
     /// The request fails with this attempt's error.
     GiveUp,
-    /// Once more on a new connection to the same instance, outside `retries` and the budget
-    /// (nginx does not count such tries either).
+    /// Once more on a new connection, outside `retries` and the budget (nginx does not count
+    /// such tries either); the instance is picked again, as nginx does after a cached
+    /// connection failed, so it may be the same one or, by then less loaded, another.
     Reconnect,
     /// On another instance, when `retries` and the retry budget allow.
     Retry,
