@@ -105,7 +105,7 @@ measure() { # NAME CONNS [PATH]
     function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return v*1000; if (v ~ /s$/) return v*1000000; return v }
     /^ +50%/ { p50 = us($2) } /^ +99%/ { p99 = us($2) }
     / requests in / { reqs = $1 }
-    /Non-2xx/ { bad += $NF } /Socket errors/ { split($0, e, /[ ,]+/); bad += e[4] + e[6] + e[8] + e[10] }
+    /Non-2xx/ { bad += $NF } /Socket errors/ { n = split($0, e, /[^0-9]+/); for (i = 1; i <= n; i++) bad += e[i] }
     /^Requests\/sec/ { rps = $2 }
     END { split(load, j, " "); busy = (j[3] - j[1]) * 100 / (j[4] - j[2])
           cpu = has_pid ? ticks / hz * 1e6 / reqs : "nan"

@@ -21,7 +21,7 @@ run_wrk() {
   taskset -c "$GEN_CPU" wrk -t1 -c"$CONNS" -d"$DURATION" --latency "$url" | awk -v conns="$CONNS" '
     function us(v) { if (v ~ /us$/) return v+0; if (v ~ /ms$/) return v*1000; if (v ~ /s$/) return v*1000000; return v }
     /^ +50%/ { p50 = us($2) } /^ +99%/ { p99 = us($2) } /^Requests\/sec/ { rps = $2 }
-    /Socket errors/ { split($0, e, /[ ,]+/); bad += e[4] + e[6] + e[8] + e[10] }
+    /Socket errors/ { n = split($0, e, /[^0-9]+/); for (i = 1; i <= n; i++) bad += e[i] }
     END { printf "wrk\t%s\t%s\t%s\t%s\t0\t%d\n", conns, rps, p50, p99, bad }' >>"$RESULTS"
 }
 run_scalegate() {

@@ -303,6 +303,32 @@ async fn json_report_has_the_documented_schema() {
     );
 }
 
+/// A timed run against a server that is down measures nothing: the requests the end of the run
+/// found in the generator's own reconnect back-off never went out. They passed for 1 µs
+/// answers, so a latency gate held while the server was down.
+#[tokio::test]
+async fn a_run_against_a_server_that_is_down_measures_no_latency() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = format!("http://{}/", closed.local_addr().unwrap());
+    drop(closed);
+    let (code, stdout, stderr) = bench(&[
+        "-c",
+        "4",
+        "-d",
+        "1s",
+        "--json",
+        "--fail-on",
+        "p99>100ms",
+        &target,
+    ])
+    .await;
+    assert_eq!(code, 1, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["latency_us"]["p99"], Value::Null, "{report}");
+    assert_eq!(report["unfinished"], 0, "{report}");
+    assert!(count(&report, "requests") > 0, "{report}");
+}
+
 #[tokio::test]
 async fn fail_on_sets_the_exit_status() {
     let backend = demo_backend(&[]);
@@ -592,6 +618,63 @@ async fn an_early_answer_to_a_large_upload_is_the_result() {
     assert_eq!(report["status"]["413"], 3, "{report}");
     assert_eq!(report["errors"]["total"], 0, "{report}");
     assert!(count(&report, "bytes_written") > 0, "{report}");
+}
+
+/// A server that asks for a large upload's body with `100 Continue` gets it whole: an interim
+/// answer is no early answer. The upload stopped at it, and every request timed out.
+#[tokio::test]
+async fn an_interim_answer_does_not_stop_an_upload() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const BODY: usize = 32 << 20;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/upload", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                loop {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if stream.read_exact(&mut byte).await.is_err() {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                    let mut body = vec![0u8; BODY];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if stream.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let body = dir.path().join("big");
+    std::fs::write(&body, vec![b'x'; BODY]).unwrap();
+    let report = bench_json(&[
+        "-n",
+        "3",
+        "-c",
+        "1",
+        "--timeout",
+        "3s",
+        "-m",
+        "POST",
+        "-H",
+        "Expect: 100-continue",
+        "--body-file",
+        body.to_str().unwrap(),
+        &url,
+    ])
+    .await;
+    server.abort();
+    assert_eq!(report["status"]["200"], 3, "{report}");
+    assert_eq!(report["errors"]["total"], 0, "{report}");
 }
 
 /// An HTTP/2 server that hangs up during the handshake resets the requests at once: none

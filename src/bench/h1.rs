@@ -33,6 +33,13 @@ pub struct Head {
     pub keep_alive: bool,
 }
 
+impl Head {
+    /// An interim answer (100 Continue, 103 Early Hints): the real one follows.
+    fn is_interim(&self) -> bool {
+        self.status / 100 == 1 && self.status != 101
+    }
+}
+
 /// Parses an answer head at the start of `buf`: `Ok(None)` until it is complete.
 /// `head_request` answers carry no body whatever their headers say.
 pub fn parse_head(buf: &[u8], head_request: bool) -> Result<Option<Head>, ErrorKind> {
@@ -116,8 +123,7 @@ impl Http1 {
         };
         let head = loop {
             if let Some(head) = parse_head(&self.buf, head_request).map_err(Failure::Error)? {
-                if head.status / 100 == 1 && head.status != 101 {
-                    // An interim answer (100 Continue, 103 Early Hints): the real one follows.
+                if head.is_interim() {
                     self.buf.advance(head.len);
                     continue;
                 }
@@ -195,8 +201,16 @@ impl Http1 {
                 read = reader.read_buf(buf) => {
                     let n = read.map_err(io_failure)?;
                     counts.add_read(n);
-                    if n == 0 || parse_head(buf, head_request).map_err(Failure::Error)?.is_some() {
+                    if n == 0 {
                         return Ok(true);
+                    }
+                    // An interim answer asks for the rest of the body (100 Continue) or
+                    // announces the answer: the upload goes on.
+                    while let Some(head) = parse_head(buf, head_request).map_err(Failure::Error)? {
+                        if !head.is_interim() {
+                            return Ok(true);
+                        }
+                        buf.advance(head.len);
                     }
                 }
                 wrote = writer.write(&request[written..]) => match wrote {

@@ -780,6 +780,14 @@ impl Worker {
                 .at(clock)
                 .map_or(until, |cut| cut.min(until));
             sleep_until(until).await;
+            if self.is_cut(clock, until) {
+                // The run ended during the generator's own wait: the request never went out.
+                // Only one already due (open loop, behind schedule) waited for the server.
+                if measured && latency_from < sent_at {
+                    self.tally.record_cut(until - latency_from, false);
+                }
+                return until;
+            }
             // The generator's own wait is not the server's latency, unless the request was
             // already due (open loop, behind schedule).
             if latency_from == sent_at {
