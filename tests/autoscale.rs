@@ -728,3 +728,103 @@ async fn a_failed_scale_command_is_reported_without_waiting_for_what_it_left_run
         .unwrap_or_default();
     assert!(error.contains("quota exceeded"), "{status}");
 }
+
+/// What an instance started goes with it: a member of its process group that ignores SIGTERM
+/// is killed when the instance crashes and when the gateway stops, not left running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_takes_its_whole_process_group_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let members = dir.path().join("members");
+    let command = format!(
+        "command = '''sh -c 'sh -c \"trap \\\"\\\" TERM; echo \\$\\$ >> {}; exec sleep 300\" & exec {{self}} demo-backend --port {{port}}' '''\n\
+         target = {{ in_flight_per_instance = 2 }}\nstop_grace = \"1s\"",
+        members.display()
+    );
+    let mut gw = autoscaled(&one_child("44700-44709", "", &command));
+    let client = client();
+    let member_pids = || {
+        std::fs::read_to_string(&members)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.trim().parse::<u64>().ok())
+            .collect::<Vec<u64>>()
+    };
+    let serving = eventually(Duration::from_secs(15), || async {
+        children(&autoscale_status(&client, &gw).await, "serving").len() == 1
+            && member_pids().len() == 1
+    })
+    .await;
+    assert!(serving, "{}", autoscale_status(&client, &gw).await);
+    let (_, leader) = children(&autoscale_status(&client, &gw).await, "serving")[0].clone();
+    signal(leader as u32, "KILL");
+    let restarted = eventually(Duration::from_secs(15), || async {
+        let serving = children(&autoscale_status(&client, &gw).await, "serving");
+        serving.len() == 1 && serving[0].1 != leader && member_pids().len() == 2
+    })
+    .await;
+    assert!(restarted, "{}", autoscale_status(&client, &gw).await);
+    let first = member_pids()[0];
+    assert!(
+        !process_alive(first),
+        "a crashed instance's group member lives on"
+    );
+    let second = member_pids()[1];
+    assert!(process_alive(second));
+    signal(gw.proc.pid(), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while gw.proc.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gone = eventually(Duration::from_secs(2), || async { !process_alive(second) }).await;
+    assert!(gone, "a group member outlived the gateway");
+}
+
+/// Two autoscaled upstreams on one port range never get the same port: the second's children
+/// found the first's listening and took them for their own, so one upstream's requests went to
+/// the other's application. (Each child takes a moment to listen, as an application does.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_sharing_a_port_range_get_ports_of_their_own() {
+    let upstream = |name: &str| {
+        format!(
+            "[upstreams.{name}]\ninstances = []\n[upstreams.{name}.autoscale]\nmin = 2\nmax = 2\n\
+             port_range = \"44800-44803\"\nsync_period = \"1s\"\n\
+             command = \"sh -c 'sleep 0.5; exec {{self}} demo-backend --port {{port}}'\"\n\
+             target = {{ in_flight_per_instance = 2 }}\n"
+        )
+    };
+    let gw = autoscaled(&format!(
+        "{}{}[[routes]]\npath_prefix = \"/a\"\nupstream = \"a\"\n[[routes]]\nupstream = \"b\"\n",
+        upstream("a"),
+        upstream("b")
+    ));
+    let client = client();
+    let serving = || async {
+        let status = get(&client, &gw.admin_url("/api/autoscale")).await.json();
+        status["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|u| children(u, "serving"))
+            .map(|(addr, _)| addr)
+            .collect::<Vec<String>>()
+    };
+    let all = eventually(Duration::from_secs(15), || async {
+        serving().await.len() == 4
+    })
+    .await;
+    let mut addrs = serving().await;
+    assert!(all, "{addrs:?}");
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!(addrs.len(), 4, "two children on one port: {addrs:?}");
+    // None of them found its port taken by the other upstream's child and crashed.
+    let status = get(&client, &gw.admin_url("/api/autoscale")).await.json();
+    let restarts: Vec<&Value> = status["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|u| u["instances"].as_array().unwrap())
+        .map(|c| &c["restarts"])
+        .collect();
+    assert!(restarts.iter().all(|r| *r == 0), "{status}");
+}

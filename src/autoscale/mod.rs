@@ -184,6 +184,7 @@ impl Autoscalers {
 pub fn start(gateway: &Arc<Gateway>, stop: watch::Receiver<bool>) -> Autoscalers {
     let mut tasks = JoinSet::new();
     let runtime = gateway.runtime.load_full();
+    let ports = Arc::new(process::PortBook::default());
     for upstream in &runtime.upstreams {
         let Some(config) = upstream.config.autoscale.clone() else {
             continue;
@@ -213,6 +214,7 @@ pub fn start(gateway: &Arc<Gateway>, stop: watch::Receiver<bool>) -> Autoscalers
             ProviderConfig::Process(process) => {
                 let provider = process::ProcessProvider::new(
                     Arc::clone(gateway),
+                    Arc::clone(&ports),
                     &name,
                     process.clone(),
                     &config,

@@ -5,12 +5,16 @@
 //! health checks, serves only after they pass). A child that exits on its own is taken out and
 //! restarted after an exponential backoff. Scale-in drains the chosen child (no new requests,
 //! in-flight ones finish up to `drain_timeout`), then sends SIGTERM to its group and SIGKILL
-//! after `stop_grace`. On gateway exit every child is stopped the same way; `kill_on_drop`
-//! covers exits that skip that (a SIGKILLed gateway cannot clean up: see the docs).
+//! after `stop_grace`; whatever of its group outlives the child then is killed (as a container's
+//! processes go with its main one). On gateway exit every child is stopped the same way, and a
+//! guard kills the group of one whose supervisor is dropped without that (a SIGKILLed gateway
+//! cannot clean up: see the docs). Ports come from one [`PortBook`] for every upstream, so two
+//! `port_range`s that overlap never hand out one port twice.
 
-use std::net::SocketAddr;
+use std::collections::BTreeSet;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
@@ -64,6 +68,9 @@ struct Child {
     addr: SocketAddr,
     pid: Option<u32>,
     state: ChildState,
+    /// Its port accepted connections since it was last started: a restart keeps that port (the
+    /// instance keeps its address); one that never listened tries another.
+    listened: bool,
     started: Instant,
     restarts: u32,
     backoff: Duration,
@@ -78,8 +85,42 @@ enum Event {
     Stopped { id: u64 },
 }
 
+/// The ports the gateway's children hold, across every upstream: a port is booked from the
+/// start of a child until it is forgotten, whether it runs, crashed or is being replaced.
+#[derive(Default)]
+pub(super) struct PortBook {
+    booked: Mutex<BTreeSet<u16>>,
+}
+
+impl PortBook {
+    /// Books the first port of `candidates` that nobody booked and nothing listens on.
+    fn book(&self, candidates: impl Iterator<Item = u16>) -> Option<u16> {
+        let mut booked = self.booked.lock().expect("port book");
+        let port = candidates
+            .filter(|port| !booked.contains(port))
+            .find(|&port| nothing_listens_on(port))?;
+        booked.insert(port);
+        Some(port)
+    }
+
+    fn release(&self, port: u16) {
+        self.booked.lock().expect("port book").remove(&port);
+    }
+}
+
+/// Whether `port` is free on every address: the wildcards clash with a listener on any one
+/// (another program on 127.0.0.2 or the LAN address would make a child binding the wildcard
+/// fail). A machine without IPv6 says so on the second bind, which is no clash.
+fn nothing_listens_on(port: u16) -> bool {
+    let in_use = |err: std::io::Error| err.kind() == std::io::ErrorKind::AddrInUse;
+    std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok()
+        && std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
+            .map_or_else(|err| !in_use(err), |_| true)
+}
+
 pub(super) struct ProcessProvider {
     gateway: Arc<Gateway>,
+    ports: Arc<PortBook>,
     upstream: String,
     config: ProcessConfig,
     exe: String,
@@ -94,6 +135,7 @@ pub(super) struct ProcessProvider {
 impl ProcessProvider {
     pub fn new(
         gateway: Arc<Gateway>,
+        ports: Arc<PortBook>,
         upstream: &str,
         config: ProcessConfig,
         auto: &AutoscaleConfig,
@@ -108,6 +150,7 @@ impl ProcessProvider {
         let (events_tx, events) = mpsc::unbounded_channel();
         ProcessProvider {
             gateway,
+            ports,
             upstream: upstream.to_string(),
             config,
             exe,
@@ -120,18 +163,18 @@ impl ProcessProvider {
         }
     }
 
-    /// A port of the range that no child uses and that can be bound right now.
-    fn free_port(&self, prefer: Option<u16>) -> Option<u16> {
-        let (low, high) = self.config.ports;
-        let taken = |port: u16| {
-            self.children
-                .iter()
-                .any(|c| c.addr.port() == port && Some(port) != prefer)
-        };
-        prefer
-            .into_iter()
-            .chain(low..=high)
-            .find(|&port| !taken(port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+    /// Forgets child `id` (stopped, or given up), and its port.
+    fn forget(&mut self, id: u64) {
+        if let Some(index) = self.children.iter().position(|c| c.id == id) {
+            let child = self.children.remove(index);
+            self.release_port(&child);
+        }
+    }
+
+    fn release_port(&self, child: &Child) {
+        if child.addr.port() != 0 {
+            self.ports.release(child.addr.port());
+        }
     }
 
     /// Starts the process of `child` and its supervisor task.
@@ -161,6 +204,7 @@ impl ProcessProvider {
         child.pid = process.id();
         child.started = Instant::now();
         child.state = ChildState::Starting;
+        child.listened = false;
         child.stop = Arc::new(Notify::new());
         let tag = format!("{}#{} {}", self.upstream, child.id, child.addr);
         if let Some(out) = process.stdout.take() {
@@ -181,16 +225,32 @@ impl ProcessProvider {
         Ok(())
     }
 
-    /// Starts a new child, or records a failed start as a crash so it is retried.
-    fn spawn_child(&mut self, now: Instant, prefer_port: Option<u16>, mut child: Child) {
+    /// Starts a new child, or records a failed start as a crash so it is retried. A child that
+    /// listened before starts again on its port when that is free; otherwise its port goes back
+    /// to the book and it takes the first free one of the range.
+    fn spawn_child(&mut self, now: Instant, mut child: Child) {
+        let (low, high) = self.config.ports;
+        let own = child.addr.port();
+        let keep = child.listened && own != 0 && nothing_listens_on(own);
+        if own != 0 && !keep {
+            self.ports.release(own);
+        }
+        let port = if keep {
+            Some(own)
+        } else {
+            self.ports.book(low..=high)
+        };
         // A port another program holds is as much a failed start as a command that will not
         // run: both are tried again with the same growing backoff.
-        let started = match self.free_port(prefer_port) {
+        let started = match port {
             Some(port) => {
                 child.addr = SocketAddr::from(([127, 0, 0, 1], port));
                 self.launch(&mut child)
             }
-            None => Err("no free port left in port_range".to_string()),
+            None => {
+                child.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+                Err("no free port left in port_range".to_string())
+            }
         };
         if let Err(err) = started {
             tracing::error!(upstream = %self.upstream, %err, retry_in_secs = child.backoff.as_secs_f64(), "instance did not start");
@@ -210,6 +270,7 @@ impl ProcessProvider {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             pid: None,
             state: ChildState::Starting,
+            listened: false,
             started: now,
             restarts: 0,
             backoff: FIRST_BACKOFF,
@@ -224,6 +285,7 @@ impl ProcessProvider {
                 if let Some(child) = self.children.iter_mut().find(|c| c.id == id) {
                     if child.state == ChildState::Starting {
                         child.state = ChildState::Serving;
+                        child.listened = true;
                         upstream.add_instance(&instance_config(child.addr));
                         crate::health::check_soon(upstream, child.addr);
                     }
@@ -234,7 +296,7 @@ impl ProcessProvider {
                     return;
                 };
                 if child.state == ChildState::Stopping {
-                    self.children.retain(|c| c.id != id);
+                    self.forget(id);
                     return;
                 }
                 if let Some(instance) = upstream.find(child.addr) {
@@ -259,7 +321,7 @@ impl ProcessProvider {
                         "unhealthy instance stopped: starting it again"
                     );
                 }
-                _ => self.children.retain(|c| c.id != id),
+                _ => self.forget(id),
             },
         }
     }
@@ -396,8 +458,7 @@ impl Provider for ProcessProvider {
             };
             let mut child = self.children.remove(index);
             child.restarts += 1;
-            let port = child.addr.port();
-            self.spawn_child(now, (port != 0).then_some(port), child);
+            self.spawn_child(now, child);
         }
         // An instance added to an upstream that a reload was replacing went with it (adds here
         // do not wait for reloads): put it back on the upstream in force.
@@ -417,7 +478,7 @@ impl Provider for ProcessProvider {
         let current = self.current();
         for _ in current..desired {
             let child = self.new_child(now);
-            self.spawn_child(now, None, child);
+            self.spawn_child(now, child);
         }
         if desired >= current {
             return Ok(());
@@ -449,7 +510,7 @@ impl Provider for ProcessProvider {
             child.state = ChildState::Stopping;
             tracing::info!(upstream = %self.upstream, instance = %child.addr, "scaling in: draining instance");
             match (was, upstream.find(child.addr)) {
-                (ChildState::Crashed { .. }, _) => self.children.retain(|c| c.id != id),
+                (ChildState::Crashed { .. }, _) => self.forget(id),
                 // Its stop is under way: once stopped it is removed, not started again.
                 (ChildState::Replacing, _) => {}
                 (_, Some(instance)) => {
@@ -588,12 +649,16 @@ async fn supervise(
     events: mpsc::UnboundedSender<Event>,
     grace: Duration,
 ) {
+    // Dropped without the stop below (the runtime shutting down, a panic): the whole group goes.
+    let mut group = GroupGuard(process.id());
     let listening = wait_listening(addr);
     tokio::pin!(listening);
     let mut announced = false;
     loop {
         tokio::select! {
             status = process.wait() => {
+                // What the instance started goes with it, as a container's processes do.
+                group.kill();
                 let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
                 let _ = events.send(Event::Exited { id, status });
                 return;
@@ -608,7 +673,25 @@ async fn supervise(
         }
     }
     terminate(&mut process, grace).await;
+    group.kill();
     let _ = events.send(Event::Stopped { id });
+}
+
+/// The process group of a child, killed (SIGKILL) when it is dropped or told to, once.
+struct GroupGuard(Option<u32>);
+
+impl GroupGuard {
+    fn kill(&mut self) {
+        if let Some(pid) = self.0.take() {
+            signal_group(pid, Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 async fn wait_listening(addr: SocketAddr) {
@@ -620,17 +703,32 @@ async fn wait_listening(addr: SocketAddr) {
     }
 }
 
-/// SIGTERM to the child's process group, SIGKILL after `grace`.
+/// SIGTERM to the child's process group; within `grace` the child and the rest of its group
+/// may end, then SIGKILL (the caller kills what is left of the group).
 async fn terminate(process: &mut tokio::process::Child, grace: Duration) {
     let Some(pid) = process.id() else {
         return;
     };
+    let deadline = Instant::now() + grace;
     signal_group(pid, Signal::SIGTERM);
-    if tokio::time::timeout(grace, process.wait()).await.is_err() {
+    if tokio::time::timeout_at(deadline, process.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(pid, "instance ignored SIGTERM: killing it");
         signal_group(pid, Signal::SIGKILL);
         let _ = process.wait().await;
+        return;
     }
+    // The leader ended: the members it left (workers still finishing) have what is left of it.
+    while group_lives(pid) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether a process of the group led by `pid` is still there.
+fn group_lives(pid: u32) -> bool {
+    i32::try_from(pid).is_ok_and(|raw| killpg(Pid::from_raw(raw), None).is_ok())
 }
 
 /// Signals the process group led by `pid` (its own, from `process_group(0)`), so whatever the
@@ -724,6 +822,27 @@ mod tests {
             &lines[2][MAX_LINE..]
         );
         assert_eq!(lines[3], "last without a break");
+    }
+
+    /// A port goes to one child at a time, and one held on any address is not handed out: a
+    /// child binding the wildcard would fail on it for good.
+    #[test]
+    fn the_port_book_hands_out_each_free_port_once() {
+        let elsewhere = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        let held = elsewhere.local_addr().unwrap().port();
+        assert!(!nothing_listens_on(held));
+        let free: Vec<u16> = (held.saturating_sub(50)..held)
+            .filter(|port| nothing_listens_on(*port))
+            .take(2)
+            .collect();
+        assert_eq!(free.len(), 2);
+        let ports = [held, free[0], free[1]];
+        let book = PortBook::default();
+        assert_eq!(book.book(ports.into_iter()), Some(free[0]));
+        assert_eq!(book.book(ports.into_iter()), Some(free[1]));
+        assert_eq!(book.book(ports.into_iter()), None);
+        book.release(free[0]);
+        assert_eq!(book.book(ports.into_iter()), Some(free[0]));
     }
 
     #[test]
