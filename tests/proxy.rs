@@ -2253,26 +2253,30 @@ fn a_taken_port_is_named_with_its_key() {
     );
 }
 
+/// SIGTERM, and SIGQUIT (nginx's graceful stop, its image's STOPSIGNAL; it used to kill the
+/// gateway at once), drain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_finishes_in_flight_requests_then_exits_zero() {
+async fn a_stop_signal_finishes_in_flight_requests_then_exits_zero() {
     let a = demo_backend(&["--latency-ms", "700"]);
-    let mut gw = gateway(&app_config(&[&a], ""));
-    let client = client();
-    let url = gw.url("/work");
-    let in_flight = {
-        let client = client.clone();
-        tokio::spawn(async move { get(&client, &url).await.status })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    signal(gw.proc.pid(), "TERM");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let health = request(&client, "GET", &gw.admin_url("/health"), &[], "").await;
-    assert_eq!(health.map(|r| r.status).unwrap_or(503), 503);
-    assert_eq!(in_flight.await.unwrap(), 200);
-    let status = tokio::task::spawn_blocking(move || gw.proc.child.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    for stop in ["TERM", "QUIT"] {
+        let mut gw = gateway(&app_config(&[&a], ""));
+        let client = client();
+        let url = gw.url("/work");
+        let in_flight = {
+            let client = client.clone();
+            tokio::spawn(async move { get(&client, &url).await.status })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        signal(gw.proc.pid(), stop);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let health = request(&client, "GET", &gw.admin_url("/health"), &[], "").await;
+        assert_eq!(health.map(|r| r.status).unwrap_or(503), 503, "SIG{stop}");
+        assert_eq!(in_flight.await.unwrap(), 200, "SIG{stop}");
+        let status = tokio::task::spawn_blocking(move || gw.proc.child.wait().unwrap())
+            .await
+            .unwrap();
+        assert!(status.success(), "SIG{stop}: {status:?}");
+    }
 }
 
 #[tokio::test]
@@ -2868,4 +2872,42 @@ async fn a_failed_requests_warning_carries_its_plain_request_id() {
     };
     assert!(eventually(Duration::from_secs(5), || async { warned().is_some() }).await);
     assert_eq!(warned().unwrap()["request_id"], "failed-1");
+}
+
+/// A stdout that cannot be written (full, or a closed pipe) does not stop the gateway: the
+/// "listening" lines panicked on it at start.
+#[tokio::test]
+async fn a_stdout_that_cannot_be_written_does_not_stop_the_gateway() {
+    let a = demo_backend(&[]);
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        })
+        .collect();
+    let (listen, admin) = (
+        format!("127.0.0.1:{}", ports[0]),
+        format!("127.0.0.1:{}", ports[1]),
+    );
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["serve", "--listen", &listen, "--admin-listen", &admin])
+        .args(["--upstream", &a.addr().to_string()])
+        .stdout(full)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = client();
+    let serving = eventually(Duration::from_secs(10), || async {
+        let reply = request(&client, "GET", &format!("http://{listen}/x"), &[], "").await;
+        reply.is_ok_and(|r| r.status == 200)
+    })
+    .await;
+    let exited = child.try_wait().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(serving, "the gateway did not serve: {exited:?}");
 }

@@ -141,22 +141,20 @@ pub struct Schedule {
     pub max: Option<u32>,
 }
 
-/// The bounds at Unix time `now_unix`: active schedules replace the base min/max (several
-/// active: the largest of each); min never exceeds max.
+/// The bounds at Unix time `now_unix`: the active schedules that set a bound replace the base
+/// one (several: the largest); one that sets only `min` leaves another's `max` in force. Min
+/// never exceeds max.
 pub fn bounds_at(base: Bounds, schedules: &[Schedule], now_unix: u64) -> Bounds {
     let t = CivilTime::from_unix(now_unix);
     let active: Vec<&Schedule> = schedules.iter().filter(|s| s.cron.matches(t)).collect();
-    if active.is_empty() {
-        return base;
-    }
     let min = active
         .iter()
-        .map(|s| s.min.unwrap_or(base.min))
+        .filter_map(|s| s.min)
         .max()
         .unwrap_or(base.min);
     let max = active
         .iter()
-        .map(|s| s.max.unwrap_or(base.max))
+        .filter_map(|s| s.max)
         .max()
         .unwrap_or(base.max);
     Bounds {
@@ -171,6 +169,29 @@ mod tests {
 
     // 2024-03-04 (a Monday) 09:30:00 UTC.
     const MONDAY_0930: u64 = 1_709_544_600;
+
+    /// A weekend floor does not lift a night cap active at the same time.
+    #[test]
+    fn a_schedule_setting_only_min_keeps_another_ones_max() {
+        let every_minute = || Cron::parse("* * * * *").unwrap();
+        let schedules = [
+            Schedule {
+                cron: every_minute(),
+                min: None,
+                max: Some(2),
+            },
+            Schedule {
+                cron: every_minute(),
+                min: Some(1),
+                max: None,
+            },
+        ];
+        let base = Bounds { min: 1, max: 6 };
+        assert_eq!(
+            bounds_at(base, &schedules, MONDAY_0930),
+            Bounds { min: 1, max: 2 }
+        );
+    }
 
     #[test]
     fn civil_time_from_unix() {

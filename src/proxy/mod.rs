@@ -26,6 +26,7 @@ pub use body::{BoxError, ForwardBody, GatewayBody};
 pub use error::ProxyError;
 pub use forward::InstanceFetch;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
@@ -329,7 +330,7 @@ impl Gateway {
     }
 }
 
-/// Runs the gateway until SIGTERM/SIGINT, then drains: the proxy stops accepting, `/health`
+/// Runs the gateway until SIGTERM/SIGINT/SIGQUIT, then drains: the proxy stops accepting, `/health`
 /// answers 503, in-flight requests finish within `shutdown_grace`.
 pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Result<()> {
     // Before anything is announced: a SIGTERM sent right after the "listening" lines must
@@ -368,12 +369,16 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     }
     let proxy_addr: SocketAddr = proxy_listener.local_addr()?;
     let admin_addr: SocketAddr = admin_listener.local_addr()?;
-    // Tests and scripts wait for these lines.
-    println!("proxy listening on {proxy_addr}");
-    println!("admin listening on {admin_addr}");
+    // Tests and scripts wait for these lines; a stdout that is closed or full (println! would
+    // panic) does not stop the gateway.
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "proxy listening on {proxy_addr}");
+    let _ = writeln!(stdout, "admin listening on {admin_addr}");
     if let Some(listener) = &tls_listener {
-        println!("tls listening on {}", listener.local_addr()?);
+        let _ = writeln!(stdout, "tls listening on {}", listener.local_addr()?);
     }
+    let _ = stdout.flush();
+    drop(stdout);
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "scalegate is serving");
     warn_if_admin_open(&gateway.runtime.load().config);
 
@@ -807,8 +812,8 @@ async fn accept_on(
 
 /// The signals the gateway acts on, caught from the moment they are registered.
 struct Signals {
-    /// SIGTERM and SIGINT.
-    stop: [tokio::signal::unix::Signal; 2],
+    /// SIGTERM, SIGINT and SIGQUIT (nginx's graceful stop, the `STOPSIGNAL` of its image).
+    stop: [tokio::signal::unix::Signal; 3],
     hangup: tokio::signal::unix::Signal,
 }
 
@@ -819,6 +824,7 @@ impl Signals {
             stop: [
                 signal(SignalKind::terminate())?,
                 signal(SignalKind::interrupt())?,
+                signal(SignalKind::quit())?,
             ],
             hangup: signal(SignalKind::hangup())?,
         })
@@ -829,7 +835,7 @@ impl Signals {
 /// SIGTERM) stops without waiting out `shutdown_grace`, as a second Ctrl-C does for most
 /// supervisors; autoscaled instances are still stopped.
 fn count_stop_signals(
-    [mut term, mut int]: [tokio::signal::unix::Signal; 2],
+    [mut term, mut int, mut quit]: [tokio::signal::unix::Signal; 3],
 ) -> watch::Receiver<u32> {
     let (count, counted) = watch::channel(0);
     tokio::spawn(async move {
@@ -837,6 +843,7 @@ fn count_stop_signals(
             let name = tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
+                _ = quit.recv() => "SIGQUIT",
             };
             count.send_modify(|count| *count += 1);
             if *count.borrow() == 1 {
