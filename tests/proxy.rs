@@ -95,6 +95,36 @@ async fn fail_on_status_takes_an_instance_answering_500_out() {
     assert_eq!(statuses(counted).await, 1);
 }
 
+/// A passive ejection the active checks never saw fail (an instance restarted between two of
+/// them, or failing requests while its health endpoint answers) ends after `rise` passing
+/// checks, not after all of `fail_timeout`, as HAProxy and Envoy do.
+#[tokio::test]
+async fn passing_active_checks_end_a_passive_ejection() {
+    let failing = demo_backend(&["--fail-rate", "1"]);
+    let fine = demo_backend(&[]);
+    let client = client();
+    let gw = gateway(&app_config(
+        &[&failing, &fine],
+        "fail_on_status = [500]\nfail_timeout = \"60s\"\n[upstreams.app.health]\ninterval = \"100ms\"\nrise = 2",
+    ));
+    let addr = failing.addr().to_string();
+    let up = |state: String| state == "up";
+    let checked = eventually(Duration::from_secs(5), || async {
+        up(instance_state(&client, &gw, addr.clone()).await)
+    });
+    assert!(checked.await);
+    let mut failed = false;
+    for _ in 0..4 {
+        failed |= get(&client, &gw.url("/work")).await.status == 500;
+    }
+    assert!(failed);
+    assert_ne!(instance_state(&client, &gw, addr.clone()).await, "up");
+    let back = eventually(Duration::from_secs(5), || async {
+        up(instance_state(&client, &gw, addr.clone()).await)
+    });
+    assert!(back.await, "still out, while its checks pass");
+}
+
 #[tokio::test]
 async fn a_retry_leaves_the_rotation_as_it_was() {
     // One of two instances refuses connections and passive checks are off: every request is

@@ -86,6 +86,8 @@ pub struct PassiveState {
     fails: u32,
     /// When the instance was last taken out, until a valid answer ends that.
     ejected_at: Option<Instant>,
+    /// Active checks passed in a row since it was taken out.
+    checks_passed: u32,
 }
 
 impl PassiveState {
@@ -116,7 +118,29 @@ impl PassiveState {
         self.window_start = None;
         self.fails = 0;
         self.ejected_at = Some(now);
+        self.checks_passed = 0;
         Some(now + fail_timeout)
+    }
+
+    /// Records an active check; returns whether it ends an ejection: `rise` passed in a row
+    /// since the instance was taken out (HAProxy brings a server `observe` took down back after
+    /// `rise` checks; Envoy un-ejects on a passing one). Without that, an instance restarted
+    /// quicker than `fall` checks stayed out for all of `fail_timeout` while every check passed.
+    pub fn record_check(&mut self, ok: bool, rise: u32) -> bool {
+        if self.ejected_at.is_none() {
+            return false;
+        }
+        if !ok {
+            self.checks_passed = 0;
+            return false;
+        }
+        self.checks_passed += 1;
+        if self.checks_passed < rise.max(1) {
+            return false;
+        }
+        self.ejected_at = None;
+        self.checks_passed = 0;
+        true
     }
 
     /// Records a valid answer to a request sent at `sent`; returns whether it ends an
@@ -137,6 +161,25 @@ impl PassiveState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rise_passing_checks_end_a_passive_ejection() {
+        let now = Instant::now();
+        let mut passive = PassiveState::default();
+        assert!(!passive.record_check(true, 2), "not ejected");
+        let fail_timeout = Duration::from_secs(30);
+        assert!(passive
+            .record_failure(now, false, 1, fail_timeout)
+            .is_some());
+        assert!(!passive.record_check(true, 2));
+        assert!(
+            !passive.record_check(false, 2),
+            "a failure starts the count over"
+        );
+        assert!(!passive.record_check(true, 2));
+        assert!(passive.record_check(true, 2));
+        assert!(!passive.record_success(now), "already back");
+    }
 
     #[test]
     fn falls_after_fall_failures_and_rises_after_rise_successes() {

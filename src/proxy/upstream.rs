@@ -320,8 +320,21 @@ impl Instance {
                 tracing::warn!(instance = %self.addr, "instance failed its health checks");
                 self.active_up.store(false, Ordering::Relaxed);
             }
-            None => {}
+            None => self.end_ejection_by_checks(ok, rise, now),
         }
+    }
+
+    /// A passive ejection the active checks never saw (the instance restarted between two of
+    /// them) ends once `rise` of them passed since: [`PassiveState::record_check`].
+    fn end_ejection_by_checks(&self, ok: bool, rise: u32, now: Instant) {
+        let mut passive = self.passive.lock().expect("passive state lock");
+        if !passive.record_check(ok, rise) {
+            return;
+        }
+        self.up_since.store(nanos(now), Ordering::Relaxed);
+        self.passive_down_until.store(0, Ordering::Relaxed);
+        drop(passive);
+        tracing::info!(instance = %self.addr, "instance passed its checks: back in rotation");
     }
 
     pub fn health_counts(&self) -> HealthState {
