@@ -62,6 +62,28 @@ async fn a_slow_first_client_neither_slows_the_fill_nor_loses_the_length() {
     assert_eq!(miss.header("content-length"), miss.body.len().to_string());
 }
 
+/// `ttl_statuses = [200]` (nginx `proxy_cache_valid 200 1m`): a 404 that gives no lifetime is
+/// not kept for `ttl`, as by default it is.
+#[tokio::test]
+async fn ttl_statuses_limit_what_ttl_keeps() {
+    let backend = demo_backend(&[]);
+    let client = client();
+    for (statuses, second) in [("", "HIT"), (", ttl_statuses = [200]", "MISS")] {
+        let gw = cached(&backend, &format!("ttl = \"60s\"{statuses}"), "");
+        let url = gw.url("/cache/missing?status=404");
+        let first = get(&client, &url).await;
+        assert_eq!(
+            (first.status, first.header("x-cache-status")),
+            (404, "MISS")
+        );
+        let again = get(&client, &url).await;
+        assert_eq!(again.header("x-cache-status"), second, "{statuses}");
+        let ok = gw.url("/cache/found");
+        get(&client, &ok).await;
+        assert_eq!(get(&client, &ok).await.header("x-cache-status"), "HIT");
+    }
+}
+
 #[tokio::test]
 async fn hits_until_the_ttl_then_fetches_again() {
     let backend = demo_backend(&[]);

@@ -184,7 +184,12 @@ pub fn storable(
     let understood = status.as_u16() >= 200
         && status != StatusCode::PARTIAL_CONTENT
         && status != StatusCode::NOT_MODIFIED;
-    if !(heuristically_cacheable(status) || explicit && understood) {
+    // The route's `ttl_statuses` (nginx `proxy_cache_valid 200 1m`) narrow or widen those.
+    let ttl_applies = rules.ttl_statuses.as_ref().map_or_else(
+        || heuristically_cacheable(status),
+        |statuses| statuses.contains(&status.as_u16()),
+    );
+    if !(ttl_applies || explicit && understood) {
         return Err(NotStored::Status);
     }
     if cc.no_store {
@@ -207,7 +212,7 @@ pub fn storable(
     {
         return Err(NotStored::Authorization);
     }
-    let lifetime = if rules.override_ttl {
+    let lifetime = if rules.override_ttl && ttl_applies {
         rules.ttl
     } else {
         cc.s_maxage
@@ -671,6 +676,7 @@ mod tests {
     fn rules() -> RouteCacheConfig {
         RouteCacheConfig {
             ttl: Duration::from_secs(60),
+            ttl_statuses: None,
             stale_while_revalidate: Duration::from_secs(30),
             stale_if_error: Duration::from_secs(300),
             max_body: 1 << 20,
@@ -995,6 +1001,35 @@ mod tests {
         for no in [100, 400, 409, 500, 503] {
             assert!(!invalidates(StatusCode::from_u16(no).unwrap()), "{no}");
         }
+    }
+
+    /// `ttl_statuses = [200, 302]` is nginx's `proxy_cache_valid 200 302 1m`: a 404 without a
+    /// lifetime of its own is not stored, a 302 is, and a 404 that gives one still is.
+    #[test]
+    fn ttl_statuses_choose_what_ttl_applies_to() {
+        let r = RouteCacheConfig {
+            ttl_statuses: Some(vec![200, 302]),
+            override_ttl: true,
+            ..rules()
+        };
+        let none = HeaderMap::new();
+        let now = SystemTime::now();
+        let stored = |status: u16, headers: &HeaderMap| {
+            storable(
+                StatusCode::from_u16(status).unwrap(),
+                headers,
+                false,
+                &r,
+                now,
+            )
+        };
+        assert_eq!(stored(200, &none).unwrap().lifetime, r.ttl);
+        assert_eq!(stored(302, &none).unwrap().lifetime, r.ttl);
+        assert_eq!(stored(404, &none), Err(NotStored::Status));
+        let mut own = HeaderMap::new();
+        own.insert(header::CACHE_CONTROL, HeaderValue::from_static("max-age=5"));
+        assert_eq!(stored(404, &own).unwrap().lifetime, Duration::from_secs(5));
+        assert_eq!(stored(200, &own).unwrap().lifetime, r.ttl, "override");
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub enum CacheStoreKind {
 pub struct RouteCacheConfig {
     /// Freshness when the response gives none (or always, with `override_ttl`).
     pub ttl: Duration,
+    /// The statuses `ttl` applies to; `None`: those a cache may store on its own.
+    pub ttl_statuses: Option<Vec<u16>>,
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
     /// Larger bodies stream through uncached.
@@ -63,6 +65,7 @@ impl Default for RawCache {
 #[serde(default)]
 pub struct RawRouteCache {
     pub ttl: String,
+    pub ttl_statuses: Option<Vec<u16>>,
     pub stale_while_revalidate: String,
     pub stale_if_error: String,
     #[serde(deserialize_with = "super::units::size_text")]
@@ -79,6 +82,7 @@ impl Default for RawRouteCache {
     fn default() -> Self {
         RawRouteCache {
             ttl: "60s".into(),
+            ttl_statuses: None,
             stale_while_revalidate: "0s".into(),
             stale_if_error: "0s".into(),
             max_body: "1MiB".into(),
@@ -138,12 +142,21 @@ pub(super) fn validate_route_cache(
              which one would it be?",
         );
     }
+    for (i, status) in raw.ttl_statuses.iter().flatten().enumerate() {
+        if !(200..=599).contains(status) || matches!(status, 206 | 304) {
+            p.push(
+                format!("{key}.ttl_statuses[{i}]"),
+                format!("{status}: a final status of a whole answer (200-599, not 206 or 304)"),
+            );
+        }
+    }
     let max_body = p.size(&format!("{key}.max_body"), &raw.max_body);
     if max_body > u64::from(u32::MAX / 2) {
         p.push(format!("{key}.max_body"), "must be at most 2GiB");
     }
     RouteCacheConfig {
         ttl: p.duration(&format!("{key}.ttl"), &raw.ttl),
+        ttl_statuses: raw.ttl_statuses.clone(),
         stale_while_revalidate: p.duration(
             &format!("{key}.stale_while_revalidate"),
             &raw.stale_while_revalidate,

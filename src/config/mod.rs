@@ -1128,7 +1128,7 @@ max_size = "lots"
 instances = ["127.0.0.1:1"]
 [[routes]]
 upstream = "app"
-cache = { ttl = "5", stale_if_error = "x", max_body = "1XB", key = ["header:bad header", "nope"], warm = ["x"] }
+cache = { ttl = "5", stale_if_error = "x", max_body = "1XB", key = ["header:bad header", "nope"], warm = ["x"], ttl_statuses = [200, 304] }
 [[routes]]
 host = "*.a.test"
 upstream = "app"
@@ -1148,6 +1148,7 @@ cache = { warm = ["/w"] }
             "routes[0].cache.key[0]",
             "routes[0].cache.key[1]",
             "routes[0].cache.warm[0]",
+            "routes[0].cache.ttl_statuses[1]",
             "routes[1].cache.warm",
             "routes[2].cache.warm",
         ] {
