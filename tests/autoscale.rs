@@ -504,6 +504,42 @@ async fn exec_provider_runs_the_scale_command_and_discovers_instances() {
     assert_eq!(status["instances"]["last_command"]["ok"], true);
 }
 
+/// A scale command still running when the gateway is told to stop does not hold the stop up
+/// (for up to `command_timeout`): it is killed, with its group, and the gateway exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_scale_command_does_not_hold_the_stop_up() {
+    let backend = demo_backend(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let body = exec_config(
+        &format!(
+            "sh -c 'echo $$ > {}; exec sleep 40 {{replicas}}'",
+            pid_file.display()
+        ),
+        &format!("localhost:{}", backend.addr().port()),
+        "sync_period = \"500ms\"\ncommand_timeout = \"60s\"",
+    );
+    let mut gw = autoscaled(&body);
+    let pid = || {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+    };
+    let running = eventually(Duration::from_secs(10), || async { pid().is_some() }).await;
+    assert!(running, "the scale command did not run");
+    let command = pid().unwrap();
+    assert!(process_alive(command));
+    signal(gw.proc.pid(), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.proc.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let exited = gw.proc.child.try_wait().unwrap();
+    assert!(exited.is_some_and(|s| s.success()), "{exited:?}");
+    let gone = eventually(Duration::from_secs(2), || async { !process_alive(command) }).await;
+    assert!(gone, "the scale command outlived the gateway");
+}
+
 /// A cluster whose instances are not known yet (discovery does not answer) is left alone: HPA
 /// never acts on a target at 0, and `kubectl scale --replicas=min` would shrink it.
 #[tokio::test]

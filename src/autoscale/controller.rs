@@ -62,6 +62,9 @@ impl Run {
             desired: 0,
             serving_since: HashMap::new(),
         };
+        // Watched during a tick's work too: a scale command or a DNS lookup that hangs must not
+        // hold the gateway's stop up (for up to `command_timeout`); the command is killed.
+        let mut stop = self.stop.clone();
         loop {
             let mut sync_now = false;
             tokio::select! {
@@ -71,49 +74,65 @@ impl Run {
                     state.mode = mode;
                     sync_now = true;
                 }
-                _ = self.stop.changed() => break,
+                _ = stop.changed() => break,
             }
-            let Some(upstream) = self.gateway.upstream(&self.name) else {
-                continue;
-            };
-            let config = upstream
-                .config
-                .autoscale
-                .clone()
-                .unwrap_or_else(|| self.initial.clone());
-            let now = Instant::now();
-            provider.maintain(&upstream, now).await;
-            let members = provider.members(&upstream);
-            // Read from /proc, so only for an upstream that targets CPU.
-            let cpu = if config.targets.iter().any(|(m, _)| *m == Metric::CpuPercent) {
-                provider.cpu_seconds()
-            } else {
-                Vec::new()
-            };
-            state.sampler.sample(&upstream, &members, &cpu, now);
-            let serving = |addr: &SocketAddr| {
-                upstream
-                    .find(*addr)
-                    .is_some_and(|i| i.is_available(now) && !i.is_draining())
-            };
-            state
-                .serving_since
-                .retain(|addr, _| members.iter().any(|(m, _)| m == addr) && serving(addr));
-            for (addr, _) in &members {
-                if serving(addr) {
-                    state.serving_since.entry(*addr).or_insert(now);
-                }
+            let tick = self.tick(&mut provider, &mut state, &mut next_sync, sync_now);
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                () = tick => {}
             }
-            if sync_now || now >= next_sync {
-                next_sync = now + config.sync_period;
-                self.sync(&mut provider, &upstream, &config, &members, &mut state, now)
-                    .await;
-            }
-            let status = self.status(&provider, &upstream, &config, &state, now);
-            *self.handle.status.lock().expect("autoscale status lock") = status;
         }
         tracing::info!(upstream = %self.name, "autoscaler stopping its instances");
         provider.shutdown().await;
+    }
+
+    /// One tick: the provider's upkeep, a sample, and a sync when one is due (or `sync_now`).
+    async fn tick<P: Provider>(
+        &self,
+        provider: &mut P,
+        state: &mut State,
+        next_sync: &mut Instant,
+        sync_now: bool,
+    ) {
+        let Some(upstream) = self.gateway.upstream(&self.name) else {
+            return;
+        };
+        let config = upstream
+            .config
+            .autoscale
+            .clone()
+            .unwrap_or_else(|| self.initial.clone());
+        let now = Instant::now();
+        provider.maintain(&upstream, now).await;
+        let members = provider.members(&upstream);
+        // Read from /proc, so only for an upstream that targets CPU.
+        let cpu = if config.targets.iter().any(|(m, _)| *m == Metric::CpuPercent) {
+            provider.cpu_seconds()
+        } else {
+            Vec::new()
+        };
+        state.sampler.sample(&upstream, &members, &cpu, now);
+        let serving = |addr: &SocketAddr| {
+            upstream
+                .find(*addr)
+                .is_some_and(|i| i.is_available(now) && !i.is_draining())
+        };
+        state
+            .serving_since
+            .retain(|addr, _| members.iter().any(|(m, _)| m == addr) && serving(addr));
+        for (addr, _) in &members {
+            if serving(addr) {
+                state.serving_since.entry(*addr).or_insert(now);
+            }
+        }
+        if sync_now || now >= *next_sync {
+            *next_sync = now + config.sync_period;
+            self.sync(provider, &upstream, &config, &members, state, now)
+                .await;
+        }
+        let status = self.status(provider, &upstream, &config, state, now);
+        *self.handle.status.lock().expect("autoscale status lock") = status;
     }
 
     async fn sync<P: Provider>(

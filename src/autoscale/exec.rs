@@ -13,10 +13,11 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use nix::sys::signal::Signal;
-
-use super::process::{each_line, forward_lines, signal_group};
+use super::process::{each_line, forward_lines, GroupGuard};
 use super::{unix_ms, Provider};
+
+/// How long a discovery lookup may take; a failed one keeps the pool as it is.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 use crate::config::{AutoscaleConfig, ExecConfig, InstanceConfig};
 use crate::proxy::upstream::Upstream;
 use crate::proxy::Gateway;
@@ -57,7 +58,14 @@ impl ExecProvider {
     }
 
     async fn discover(&mut self, dns: &str, now: Instant) {
-        let found: Vec<SocketAddr> = match tokio::net::lookup_host(dns).await {
+        // A resolver that does not answer must not freeze the controller's syncs and status.
+        let lookup = tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host(dns)).await;
+        let found: Vec<SocketAddr> = match lookup.unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer within 5 s",
+            ))
+        }) {
             Ok(addrs) => addrs.collect(),
             Err(err) => {
                 // A failed lookup keeps the pool as it is rather than emptying it.
@@ -73,16 +81,29 @@ impl ExecProvider {
             return;
         };
         for addr in &found {
-            if !self.discovered.contains_key(addr) {
-                self.discovered.insert(*addr, now);
-                if upstream.add_instance(&InstanceConfig {
-                    addr: *addr,
-                    weight: 1,
-                    backup: false,
-                }) {
-                    tracing::info!(upstream = %self.upstream, instance = %addr, "discovered instance added");
-                    crate::health::check_soon(&upstream, *addr);
+            if self.discovered.contains_key(addr) {
+                continue;
+            }
+            let in_pool = match upstream.find(*addr) {
+                // Back in DNS while the drain its leaving started runs: the drain is called
+                // off. One already being removed is added again by a later lookup.
+                Some(instance) if instance.is_draining() => instance.stop_draining(),
+                Some(_) => true,
+                None => {
+                    let config = InstanceConfig {
+                        addr: *addr,
+                        weight: 1,
+                        backup: false,
+                    };
+                    if upstream.add_instance(&config) {
+                        tracing::info!(upstream = %self.upstream, instance = %addr, "discovered instance added");
+                        crate::health::check_soon(&upstream, *addr);
+                    }
+                    true
                 }
+            };
+            if in_pool {
+                self.discovered.insert(*addr, now);
             }
         }
         let gone: Vec<SocketAddr> = self
@@ -170,6 +191,8 @@ impl Provider for ExecProvider {
         let result = match command.spawn() {
             Err(err) => Err(format!("cannot run `{}`: {err}", args[0])),
             Ok(mut child) => {
+                // The gateway stopping drops this wait: the command goes, with its group.
+                let mut group = GroupGuard(child.id());
                 let tag = format!("{} scale_command", self.upstream);
                 if let Some(out) = child.stdout.take() {
                     tokio::spawn(forward_lines(out, tag, "stdout"));
@@ -188,11 +211,13 @@ impl Provider for ExecProvider {
                         Vec::from(kept).join("; ")
                     })
                 });
-                match tokio::time::timeout(self.config.timeout, child.wait()).await {
+                let waited = tokio::time::timeout(self.config.timeout, child.wait()).await;
+                if waited.is_ok() {
+                    group.disarm();
+                }
+                match waited {
                     Err(_) => {
-                        if let Some(pid) = child.id() {
-                            signal_group(pid, Signal::SIGKILL);
-                        }
+                        group.kill();
                         let _ = child.wait().await;
                         Err(format!("`{}` timed out", args.join(" ")))
                     }

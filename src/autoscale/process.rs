@@ -678,13 +678,18 @@ async fn supervise(
 }
 
 /// The process group of a child, killed (SIGKILL) when it is dropped or told to, once.
-struct GroupGuard(Option<u32>);
+pub(super) struct GroupGuard(pub(super) Option<u32>);
 
 impl GroupGuard {
-    fn kill(&mut self) {
+    pub(super) fn kill(&mut self) {
         if let Some(pid) = self.0.take() {
             signal_group(pid, Signal::SIGKILL);
         }
+    }
+
+    /// Leaves the group alone from now on.
+    pub(super) fn disarm(&mut self) {
+        self.0 = None;
     }
 }
 
