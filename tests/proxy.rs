@@ -125,6 +125,52 @@ async fn passing_active_checks_end_a_passive_ejection() {
     assert!(back.await, "still out, while its checks pass");
 }
 
+/// `strip_prefix` (nginx `proxy_pass http://app/;`, Traefik's StripPrefix): the instance gets
+/// the path without the route's prefix, the query, and `X-Forwarded-Prefix` (the client's own
+/// replaced); other routes pass the path as sent. A path matched only in its normalized form
+/// goes in that form.
+#[tokio::test]
+async fn a_route_can_strip_its_prefix() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&format!(
+        "[upstreams.app]\ninstances = [\"{}\"]\n[[routes]]\npath_prefix = \"/api/\"\n\
+         strip_prefix = true\nupstream = \"app\"\n[[routes]]\nupstream = \"app\"\n",
+        a.addr()
+    ));
+    let client = client();
+    let echo = |path: &'static str| {
+        let (client, url) = (client.clone(), gw.url(path));
+        async move {
+            let reply = request(&client, "GET", &url, &[("x-forwarded-prefix", "/evil")], "")
+                .await
+                .unwrap();
+            assert_eq!(reply.status, 200, "{path}");
+            let json = reply.json();
+            let prefix = json["headers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|pair| pair[0] == "x-forwarded-prefix")
+                .map(|pair| pair[1].as_str().unwrap().to_string())
+                .collect::<Vec<String>>();
+            (json["uri"].as_str().unwrap().to_string(), prefix)
+        }
+    };
+    assert_eq!(
+        echo("/api/echo?x=1").await,
+        ("/echo?x=1".to_string(), vec!["/api".to_string()])
+    );
+    assert_eq!(
+        echo("/echo").await,
+        ("/echo".to_string(), vec!["/evil".to_string()])
+    );
+    let normalized = raw_exchange(
+        gw.proxy,
+        b"GET //api/./echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(normalized.contains("\"uri\":\"/echo\""), "{normalized}");
+}
+
 #[tokio::test]
 async fn a_retry_leaves_the_rotation_as_it_was() {
     // One of two instances refuses connections and passive checks are off: every request is

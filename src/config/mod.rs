@@ -268,6 +268,9 @@ pub struct RouteConfig {
     /// Exact host, or `*.example.com` for any subdomain; `None` matches every host.
     pub host: Option<String>,
     pub path_prefix: String,
+    /// The instance gets the path without `path_prefix` (nginx `proxy_pass http://app/;`,
+    /// Traefik's StripPrefix), and `X-Forwarded-Prefix`.
+    pub strip_prefix: bool,
     pub upstream: String,
     /// Responses are cached only on routes that have this.
     pub cache: Option<RouteCacheConfig>,

@@ -242,6 +242,8 @@ pub struct RawRoute {
     pub host: Option<String>,
     #[serde(default = "root")]
     pub path_prefix: String,
+    #[serde(default)]
+    pub strip_prefix: bool,
     pub upstream: String,
     pub cache: Option<RawRouteCache>,
     #[serde(default)]
@@ -278,6 +280,7 @@ impl RawConfig {
                 name: None,
                 host: None,
                 path_prefix: root(),
+                strip_prefix: false,
                 upstream: "default".into(),
                 cache: None,
                 rate_limits: None,
@@ -432,6 +435,7 @@ impl RawConfig {
                     name: raw.name.unwrap_or_else(|| raw.upstream.clone()),
                     host,
                     path_prefix: raw.path_prefix,
+                    strip_prefix: raw.strip_prefix,
                     upstream: raw.upstream,
                     cache,
                 }

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
@@ -30,12 +30,12 @@ use super::headers::{
 use super::pipeline::{AnswerWait, Broken, LineHold, Lines, PathSlot};
 use super::record::{RequestRecord, Served};
 use super::retry::{next_attempt, FailureKind, NextAttempt, Resend};
-use super::router::{has_encoded_nul, host_without_port, match_route};
+use super::router::{has_encoded_nul, host_without_port, match_route, stripped_target};
 use super::tunnel::{self, ClientUpgrade};
 use super::upstream::{InFlightGuard, Instance, NoInstance};
 use super::{Gateway, Runtime};
 use crate::balance::{hash_bytes, HashKey, Strategy};
-use crate::config::UpstreamConfig;
+use crate::config::{RouteConfig, UpstreamConfig};
 use crate::http1::recycle_map;
 use crate::ratelimit::hold_slots;
 
@@ -418,6 +418,14 @@ async fn to_instance(
     (mut client_upgrade, served): (Option<ClientUpgrade>, &mut Served),
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let request_id = added.request_id();
+    let stripped;
+    let parts = match without_route_prefix(&runtime.config.routes[route], parts) {
+        Some(without) => {
+            stripped = without;
+            &stripped
+        }
+        None => parts,
+    };
     let upstream = runtime.route_upstream(route).clone();
     let config = &upstream.config;
     let idempotent = is_idempotent(&parts.method);
@@ -568,6 +576,33 @@ async fn to_instance(
         }
     }
 }
+
+/// The request as a route with `strip_prefix` sends it: its path without the prefix, and
+/// `X-Forwarded-Prefix` (Traefik's) saying what was taken off, so the instance can build its
+/// links; the client's own is replaced. `None` on other routes. The cache keys, the access log
+/// and the metrics keep the path the client sent.
+fn without_route_prefix(route: &RouteConfig, parts: &Parts) -> Option<Parts> {
+    if !route.strip_prefix {
+        return None;
+    }
+    let target = stripped_target(parts.uri.path_and_query()?.as_str(), &route.path_prefix)?;
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = Uri::try_from(target).ok()?;
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    let (mut stripped, ()) = request.into_parts();
+    let prefix = route.path_prefix.trim_end_matches('/');
+    if let Some(value) = HeaderValue::from_str(prefix)
+        .ok()
+        .filter(|_| !prefix.is_empty())
+    {
+        stripped.headers.insert(X_FORWARDED_PREFIX.clone(), value);
+    }
+    Some(stripped)
+}
+
+static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 
 /// How one attempt on one instance failed, and the error the client gets if it was the last.
 struct Attempt {

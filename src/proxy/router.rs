@@ -77,6 +77,54 @@ pub fn normalized_path(path: &str) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
+/// The target an instance gets from a route with `strip_prefix`: `path_and_query` without
+/// `prefix`, starting with `/`, the query kept. The path as sent when it starts with the prefix;
+/// else (the route matched its [`normalized_path`], e.g. `//api/x`) that form, escaped again,
+/// as nginx forwards a URI whose location part it replaced. `None` when neither starts with it.
+pub fn stripped_target(path_and_query: &str, prefix: &str) -> Option<String> {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    let rest: Cow<'_, str> = match path.strip_prefix(prefix) {
+        Some(rest) => Cow::Borrowed(rest),
+        None => {
+            let normalized = normalized_path(path);
+            let rest = normalized.strip_prefix(prefix.as_bytes())?;
+            Cow::Owned(percent_encoding::percent_encode(rest, PATH_ESCAPES).to_string())
+        }
+    };
+    let mut target = String::with_capacity(path_and_query.len() + 1);
+    if !rest.starts_with('/') {
+        target.push('/');
+    }
+    target.push_str(&rest);
+    if let Some(query) = query {
+        target.push('?');
+        target.push_str(query);
+    }
+    Some(target)
+}
+
+/// What a decoded path escapes again on its way to an instance: what may not stand in a path
+/// (RFC 3986 §3.3), and `%` itself.
+const PATH_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
+
 /// Whether `path` carries `%00`. Decoded, a NUL ends the path for an instance written in C, at
 /// a place routing never saw; nginx refuses it too.
 pub fn has_encoded_nul(path: &str) -> bool {
@@ -118,8 +166,34 @@ mod tests {
             name: format!("{host:?}{prefix}"),
             host: host.map(String::from),
             path_prefix: prefix.into(),
+            strip_prefix: false,
             upstream: "u".into(),
         }
+    }
+
+    #[test]
+    fn a_stripped_prefix_leaves_a_path_and_the_query() {
+        let cases = [
+            ("/api/x?a=1", "/api/", "/x?a=1"),
+            ("/api/x", "/api", "/x"),
+            ("/api", "/api", "/"),
+            ("/api?q", "/api", "/?q"),
+            ("/api/", "/api/", "/"),
+            ("/apix", "/api", "/x"),
+            ("/api/a%20b/", "/api", "/a%20b/"),
+            // Matched on the normalized path: that form goes, escaped again.
+            ("//api/x%3Fy", "/api", "/x%3Fy"),
+            ("/%61pi/x%25y?z", "/api", "/x%25y?z"),
+            ("/other/../api/x", "/api", "/x"),
+        ];
+        for (target, prefix, stripped) in cases {
+            assert_eq!(
+                stripped_target(target, prefix).as_deref(),
+                Some(stripped),
+                "{target} - {prefix}"
+            );
+        }
+        assert_eq!(stripped_target("/else", "/api"), None);
     }
 
     #[test]
