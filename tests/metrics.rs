@@ -99,6 +99,27 @@ async fn metrics_count_known_traffic_exactly_and_pass_promtool() {
         })
         .sum();
     assert_eq!(per_instance, 8.0);
+    // A stats page's hrsp_2xx: every answer by status class, in /metrics and /api/upstreams.
+    let answered: f64 = [a.addr(), b.addr()]
+        .iter()
+        .map(|addr| {
+            sample(
+                &text,
+                &format!(
+                    r#"scalegate_instance_answers_total{{upstream="app",instance="{addr}",status="2xx"}}"#
+                ),
+            )
+        })
+        .sum();
+    assert_eq!(answered, 8.0);
+    let listed = get(&client, &gw.admin_url("/api/upstreams")).await.json();
+    let by_api: u64 = listed["upstreams"][0]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["answers"]["2xx"].as_u64().unwrap() + i["answers"]["5xx"].as_u64().unwrap())
+        .sum();
+    assert_eq!(by_api, 8);
     assert_eq!(
         sample(
             &text,

@@ -420,6 +420,11 @@ fn instance_sample(upstream: &str, instance: &Instance, now: Instant) -> Instanc
         ejections: instance.counters.ejections.load(Ordering::Relaxed),
         retries: instance.counters.retries.load(Ordering::Relaxed),
         broken_answers: instance.counters.broken_answers.load(Ordering::Relaxed),
+        answers: instance
+            .counters
+            .answers
+            .each_ref()
+            .map(|count| count.load(Ordering::Relaxed)),
         latency_seconds: instance.latency().as_secs_f64(),
     }
 }
@@ -584,6 +589,11 @@ fn instance_json(instance: &Instance, now: Instant) -> Value {
         "requests": instance.counters.requests.load(Ordering::Relaxed),
         "failures": instance.counters.failures.load(Ordering::Relaxed),
         "broken_answers": instance.counters.broken_answers.load(Ordering::Relaxed),
+        "answers": crate::metrics::STATUS_CLASSES
+            .iter()
+            .zip(&instance.counters.answers)
+            .map(|(class, count)| ((*class).to_string(), json!(count.load(Ordering::Relaxed))))
+            .collect::<serde_json::Map<String, Value>>(),
         "latency_ms": instance.latency().as_secs_f64() * 1000.0,
         "idle_connections": instance.pool.idle_count(),
         "consecutive_ok": counts.consecutive_ok,

@@ -179,6 +179,7 @@ mod tests {
                 ejections: 0,
                 retries: 0,
                 broken_answers: 0,
+                answers: [0; 5],
                 latency_seconds: 0.0015,
             }],
             cache: CacheSample::default(),

@@ -37,6 +37,7 @@ pub const INSTANCE_STATE: &str = "instance_state";
 pub const INSTANCE_EJECTIONS: &str = "instance_ejections";
 pub const INSTANCE_RETRIES: &str = "instance_retries";
 pub const INSTANCE_BROKEN_ANSWERS: &str = "instance_broken_answers";
+pub const INSTANCE_ANSWERS: &str = "instance_answers";
 pub const INSTANCE_LATENCY: &str = "instance_latency_ewma_seconds";
 pub const OPEN_CONNECTIONS: &str = "open_connections";
 pub const CONNECTIONS_REFUSED: &str = "connections_refused";
@@ -102,7 +103,8 @@ fn method_index(method: &Method) -> usize {
     }
 }
 
-fn status_index(status: u16) -> usize {
+/// The [`STATUS_CLASSES`] position of `status`.
+pub fn status_index(status: u16) -> usize {
     usize::from(status / 100).clamp(1, 5) - 1
 }
 
@@ -422,6 +424,8 @@ pub struct InstanceSample {
     pub ejections: u64,
     pub retries: u64,
     pub broken_answers: u64,
+    /// By [`STATUS_CLASSES`].
+    pub answers: [u64; 5],
     pub latency_seconds: f64,
 }
 
@@ -501,6 +505,20 @@ pub fn core_families(metrics: &Metrics, instances: &[InstanceSample]) -> Vec<Fam
         }
         families.push(family);
     }
+    let mut answers = Family::new(
+        INSTANCE_ANSWERS,
+        "Answers the instance sent, by status class.",
+    );
+    for i in instances {
+        for (class, count) in STATUS_CLASSES.iter().zip(i.answers) {
+            if count > 0 {
+                let mut labels = instance_labels(i);
+                labels.push(("status", (*class).to_string()));
+                answers.push(labels, Value::Counter(count));
+            }
+        }
+    }
+    families.push(answers);
     let mut up = Family::new(INSTANCE_UP, "1 when the instance may get traffic.");
     let mut state = Family::new(
         INSTANCE_STATE,

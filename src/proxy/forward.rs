@@ -1018,6 +1018,8 @@ fn judge_answer(
     status: http::StatusCode,
     sent: Instant,
 ) {
+    instance.counters.answers[crate::metrics::status_index(status.as_u16())]
+        .fetch_add(1, Ordering::Relaxed);
     if config.passive.fail_on_status.contains(&status.as_u16()) {
         instance.record_failure(Instant::now(), config);
     } else {

@@ -96,6 +96,9 @@ pub struct InstanceCounters {
     /// Answers whose body the instance broke off after their head went to the client (closed,
     /// reset, stalled or malformed): the client got a cut answer under a 2xx in the access log.
     pub broken_answers: AtomicU64,
+    /// Answer heads the instance sent, by status class (1xx … 5xx; interim ones not counted):
+    /// a stats page's `hrsp_5xx`, which `failures` leaves out unless `fail_on_status` lists it.
+    pub answers: [AtomicU64; 5],
     latency_bits: AtomicU64,
     latency_stamp: AtomicU64,
 }
