@@ -84,6 +84,30 @@ async fn ttl_statuses_limit_what_ttl_keeps() {
     }
 }
 
+/// A reload that changes `[cache]` (here its size) keeps the entries that fit and the
+/// counters going: they went back to 0, which Prometheus reads as a reset.
+#[tokio::test]
+async fn a_reload_that_resizes_the_cache_keeps_its_entries_and_counts() {
+    let backend = demo_backend(&[]);
+    let config = |size: &str| {
+        format!(
+            "[cache]\nmax_size = \"{size}\"\n{}",
+            cached_config(backend.addr(), "", "ttl = \"60s\"")
+        )
+    };
+    let gw = gateway(&config("1MiB"));
+    let client = client();
+    let url = gw.url("/cache/kept");
+    assert_eq!(get(&client, &url).await.header("x-cache-status"), "MISS");
+    assert_eq!(get(&client, &url).await.header("x-cache-status"), "HIT");
+    gw.write_config(&config("2MiB"));
+    let reload = request(&client, "POST", &gw.admin_url("/api/reload"), &[], "").await;
+    assert_eq!(reload.unwrap().status, 200);
+    assert_eq!(get(&client, &url).await.header("x-cache-status"), "HIT");
+    let stats = get(&client, &gw.admin_url("/api/cache/stats")).await.json();
+    assert_eq!((&stats["hits"], &stats["misses"]), (&2.into(), &1.into()), "{stats}");
+}
+
 #[tokio::test]
 async fn hits_until_the_ttl_then_fetches_again() {
     let backend = demo_backend(&[]);

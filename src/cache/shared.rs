@@ -58,6 +58,13 @@ impl SharedTier {
         }
     }
 
+    /// Goes on counting from `before`'s counts (the tier a reload replaced).
+    pub fn carry_counts(&self, before: &SharedTier) {
+        for (count, was) in [(&self.hits, &before.hits), (&self.errors, &before.errors)] {
+            count.store(was.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
     /// Whether Redis serves the shared tier now (else each replica has its memory only).
     pub fn is_up(&self) -> bool {
         self.link.is_up()

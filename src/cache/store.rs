@@ -200,7 +200,17 @@ impl Store {
     /// With `shared`, entries are also kept in Redis and purges from other replicas are
     /// followed (that needs a tokio runtime).
     pub fn new(max_size: u64, shared: Option<Arc<RedisLink>>) -> Arc<Store> {
-        let counters = Arc::new(Counters::default());
+        Store::replacing(max_size, shared, None)
+    }
+
+    /// A store in place of `previous` (a reload changed `[cache]`): its counters go on, so
+    /// they never go backwards, and its entries move over as far as they fit.
+    pub fn replacing(
+        max_size: u64,
+        shared: Option<Arc<RedisLink>>,
+        previous: Option<&Store>,
+    ) -> Arc<Store> {
+        let counters = previous.map_or_else(Arc::default, |p| p.counters.clone());
         let evictions = counters.clone();
         let entries = moka::sync::Cache::builder()
             .max_capacity(max_size)
@@ -219,13 +229,25 @@ impl Store {
             .max_capacity(MAX_PASSES)
             .time_to_live(PASS_WINDOW)
             .build();
+        if let Some(previous) = previous {
+            for (key, variants) in previous.entries.iter() {
+                entries.insert(Arc::clone(&key), variants);
+            }
+        }
+        let shared = shared.map(|link| {
+            let tier = SharedTier::new(link);
+            if let Some(before) = previous.and_then(|p| p.shared.as_ref()) {
+                tier.carry_counts(before);
+            }
+            tier
+        });
         let store = Arc::new(Store {
             entries,
             passes,
             counters,
             inflight: Arc::new(Coalescer::default()),
             max_size,
-            shared: shared.map(SharedTier::new),
+            shared,
         });
         if let Some(shared) = &store.shared {
             shared.spawn_purge_subscriber(Arc::downgrade(&store));

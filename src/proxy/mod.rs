@@ -110,7 +110,8 @@ impl Runtime {
             Some(p) if p.config.cache == config.cache => p.cache.clone(),
             _ => {
                 let shared = redis.filter(|_| config.cache.store == CacheStoreKind::Redis);
-                crate::cache::Store::new(config.cache.max_size, shared.cloned())
+                let before = previous.map(|p| &*p.cache);
+                crate::cache::Store::replacing(config.cache.max_size, shared.cloned(), before)
             }
         };
         let route_caches = crate::cache::RouteCache::for_routes(&config.routes, &cache);
