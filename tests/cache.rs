@@ -105,7 +105,11 @@ async fn a_reload_that_resizes_the_cache_keeps_its_entries_and_counts() {
     assert_eq!(reload.unwrap().status, 200);
     assert_eq!(get(&client, &url).await.header("x-cache-status"), "HIT");
     let stats = get(&client, &gw.admin_url("/api/cache/stats")).await.json();
-    assert_eq!((&stats["hits"], &stats["misses"]), (&2.into(), &1.into()), "{stats}");
+    assert_eq!(
+        (&stats["hits"], &stats["misses"]),
+        (&2.into(), &1.into()),
+        "{stats}"
+    );
 }
 
 #[tokio::test]

@@ -452,6 +452,32 @@ async fn the_admin_port_bounds_what_clients_hold() {
         health,
         "the admin port did not serve again once connections closed"
     );
+
+    // Live streams, which hold their connection as long as their page is open, take a quarter
+    // of the places at most: 256 of them had kept /health out for good.
+    async fn stream_head(stream: &mut tokio::net::TcpStream) -> String {
+        stream
+            .write_all(b"GET /api/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+    let mut streams = Vec::new();
+    for _ in 0..64 {
+        let mut stream = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+        assert!(stream_head(&mut stream).await.starts_with("HTTP/1.1 200"));
+        streams.push(stream);
+    }
+    let mut over = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
+    assert!(stream_head(&mut over).await.starts_with("HTTP/1.1 503"));
+    assert_eq!(get(&client(), &gw.admin_url("/health")).await.status, 200);
 }
 
 /// Admin changes are logged with the client that asked, and wrong credentials are logged too
@@ -2986,4 +3012,103 @@ async fn a_stdout_that_cannot_be_written_does_not_stop_the_gateway() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(serving, "the gateway did not serve: {exited:?}");
+}
+
+/// `DELETE /api/upstreams/app/instances/{addr}`.
+async fn drain_instance(client: &Client, gw: &Gateway, addr: std::net::SocketAddr) -> Reply {
+    let url = gw.admin_url(&format!("/api/upstreams/app/instances/{addr}"));
+    request(client, "DELETE", &url, &[], "").await.unwrap()
+}
+
+/// Whether `/api/upstreams` lists `addr` in upstream `app`.
+async fn listed(client: &Client, gw: &Gateway, addr: std::net::SocketAddr) -> bool {
+    let json = get(client, &gw.admin_url("/api/upstreams")).await.json();
+    json["upstreams"][0]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["addr"] == addr.to_string().as_str())
+}
+
+/// A drain called off and started again within one poll of the first drain: the new drain
+/// has its whole `drain_timeout` (the first one's deadline removed the instance), and the
+/// first ends without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_started_again_has_its_whole_timeout() {
+    let slow = demo_backend(&["--latency-ms", "20000"]);
+    let other = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&slow, &other], "drain_timeout = \"3s\""));
+    let client = client();
+    let url = gw.url("/work");
+    let pinned = {
+        let (client, url) = (client.clone(), url.clone());
+        // Both instances get one: least_conn or round robin, the slow one has one in flight.
+        tokio::spawn(async move {
+            let a = request(&client, "GET", &url, &[], "");
+            let b = request(&client, "GET", &url, &[], "");
+            let _ = tokio::join!(a, b);
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(drain_instance(&client, &gw, slow.addr()).await.status, 202);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(add_instance(&client, &gw, slow.addr()).await.status, 200);
+    assert_eq!(drain_instance(&client, &gw, slow.addr()).await.status, 202);
+    // Past the first drain's deadline, within the second's.
+    while started.elapsed() < Duration::from_millis(3700) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        listed(&client, &gw, slow.addr()).await,
+        "removed at the first drain's deadline"
+    );
+    let gone = eventually(Duration::from_secs(5), || async {
+        !listed(&client, &gw, slow.addr()).await
+    });
+    assert!(gone.await);
+    pinned.abort();
+}
+
+/// A configured instance that a reload dropped while it drained, brought back through the
+/// admin API, is kept by later reloads as one added at run time: the next reload removed it at
+/// once, in-flight requests and all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undrained_instance_the_file_dropped_stays_across_reloads() {
+    let a = demo_backend(&["--latency-ms", "3000"]);
+    let b = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a, &b], ""));
+    let client = client();
+    let in_flight = {
+        let (client, url) = (client.clone(), gw.url("/work"));
+        tokio::spawn(async move {
+            let first = request(&client, "GET", &url, &[], "");
+            let second = request(&client, "GET", &url, &[], "");
+            let _ = tokio::join!(first, second);
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(drain_instance(&client, &gw, a.addr()).await.status, 202);
+    let reload = |body: String| {
+        let (client, url) = (client.clone(), gw.admin_url("/api/reload"));
+        gw.write_config(&body);
+        async move {
+            request(&client, "POST", &url, &[], "")
+                .await
+                .unwrap()
+                .status
+        }
+    };
+    assert_eq!(reload(app_config(&[&b], "")).await, 200);
+    assert!(
+        listed(&client, &gw, a.addr()).await,
+        "a draining instance stays"
+    );
+    assert_eq!(add_instance(&client, &gw, a.addr()).await.status, 200);
+    assert_eq!(reload(app_config(&[&b], "retries = 1")).await, 200);
+    assert!(
+        listed(&client, &gw, a.addr()).await,
+        "the next reload removed it"
+    );
+    in_flight.abort();
 }

@@ -264,9 +264,16 @@ fn dashboard() -> Response<GatewayBody> {
 
 /// `GET /api/stream`: server-sent events, one `StatsPoint` a second, until the client leaves.
 fn stats_stream(gateway: &Gateway) -> Response<GatewayBody> {
-    let mut updates = gateway.live.subscribe();
+    let Some((mut updates, place)) = gateway.live.subscribe() else {
+        let error = format!(
+            "{} live streams are open already: close one (the admin port's connections, /health's included, are capped)",
+            crate::metrics::live::MAX_STREAMS
+        );
+        return reply(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": error }));
+    };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
+        let _place = place;
         loop {
             let event = format!("data: {}\n\n", json!(*updates.borrow_and_update().clone()));
             if tx.send(Bytes::from(event)).await.is_err() || updates.changed().await.is_err() {
@@ -584,7 +591,7 @@ fn instance_json(instance: &Instance, now: Instant) -> Value {
         "state": instance.state_name(now),
         "weight": instance.weight,
         "backup": instance.backup,
-        "dynamic": instance.dynamic,
+        "dynamic": instance.is_dynamic(),
         "in_flight": instance.counters.in_flight.load(Ordering::Relaxed),
         "requests": instance.counters.requests.load(Ordering::Relaxed),
         "failures": instance.counters.failures.load(Ordering::Relaxed),
@@ -680,6 +687,11 @@ fn add_instance(gateway: &Gateway, name: &str, body: &Value) -> Response<Gateway
             )
         }
         Some(instance) if instance.stop_draining() => {
+            // One the file in force no longer lists stays as one added now would: the next
+            // reload would otherwise remove it at once, in-flight requests and all.
+            if !upstream.config.instances.iter().any(|i| i.addr == addr) {
+                instance.make_dynamic();
+            }
             tracing::info!(upstream = name, instance = %addr, "drain cancelled through the admin API");
             reply(StatusCode::OK, json!({"undrained": addr.to_string()}))
         }

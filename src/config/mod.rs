@@ -1065,6 +1065,18 @@ upstream = "missing"
         assert_placed(text, &[("routes[1].name", Some(8))]);
     }
 
+    /// `-` labels the requests no route took: a route or upstream of that name gave a second
+    /// series of the same labels, and Prometheus dropped one.
+    #[test]
+    fn no_route_or_upstream_is_named_dash() {
+        let text = "[upstreams.\"-\"]\ninstances = [\"127.0.0.1:1\"]\n\
+                    [[routes]]\nname = \"-\"\nupstream = \"-\"\n";
+        let errors = Config::from_toml(text).unwrap_err().0;
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"upstreams.-"), "{keys:?}");
+        assert!(keys.contains(&"routes[0].name"), "{keys:?}");
+    }
+
     #[test]
     fn the_admin_listener_needs_its_own_port_and_a_password() {
         let text = "[server]\nlisten = \"127.0.0.1:8080\"\n[admin]\nlisten = \"127.0.0.1:8080\"\n\

@@ -347,6 +347,12 @@ impl RawConfig {
         // routes take their upstream's name, which routes to one upstream do share.
         for (i, route) in self.routes.iter().enumerate() {
             let Some(name) = &route.name else { continue };
+            if name == "-" {
+                p.push(
+                    format!("routes[{i}].name"),
+                    "`-` labels the requests no route took in the metrics: choose another",
+                );
+            }
             if let Some(first) = self.routes[..i]
                 .iter()
                 .position(|earlier| earlier.name.as_ref() == Some(name))
@@ -619,11 +625,16 @@ fn default_pipeline(plain_http1: bool, keepalive: usize) -> usize {
 
 fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> UpstreamConfig {
     let key = format!("upstreams.{name}");
-    // The name is a route's `upstream`, a metrics label and a segment of admin API paths.
-    if name.is_empty() || name.contains(['/', '?', '#']) || name.chars().any(char::is_control) {
+    // The name is a route's `upstream`, a metrics label and a segment of admin API paths;
+    // `-` labels the requests no route took.
+    if name.is_empty()
+        || name == "-"
+        || name.contains(['/', '?', '#'])
+        || name.chars().any(char::is_control)
+    {
         p.push(
             key.clone(),
-            "an upstream name must be non-empty, without `/`, `?`, `#` or control characters",
+            "an upstream name must be non-empty, not `-`, without `/`, `?`, `#` or control characters",
         );
     }
     let strategy = Strategy::from_name(&raw.strategy, || {

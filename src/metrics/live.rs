@@ -114,13 +114,20 @@ fn cache_hit_ratio(before: &CacheSample, now: &CacheSample) -> Option<f64> {
 pub struct LiveStats {
     latest: watch::Sender<Arc<StatsPoint>>,
     history: Mutex<VecDeque<StatsPoint>>,
+    /// Live streams open: each holds an admin connection for as long as its page is open, and
+    /// the admin port's connections are capped, `/health` among them.
+    streams: Arc<tokio::sync::Semaphore>,
 }
+
+/// Live streams (`/api/stream`) open at most: a quarter of the admin port's connections.
+pub const MAX_STREAMS: usize = 64;
 
 impl Default for LiveStats {
     fn default() -> Self {
         LiveStats {
             latest: watch::channel(Arc::new(StatsPoint::default())).0,
             history: Mutex::new(VecDeque::with_capacity(HISTORY)),
+            streams: Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS)),
         }
     }
 }
@@ -154,8 +161,16 @@ impl LiveStats {
             .collect()
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Arc<StatsPoint>> {
-        self.latest.subscribe()
+    /// The points to come, with a stream's place held until both are dropped; `None` when
+    /// [`MAX_STREAMS`] are open.
+    pub fn subscribe(
+        &self,
+    ) -> Option<(
+        watch::Receiver<Arc<StatsPoint>>,
+        tokio::sync::OwnedSemaphorePermit,
+    )> {
+        let place = self.streams.clone().try_acquire_owned().ok()?;
+        Some((self.latest.subscribe(), place))
     }
 }
 

@@ -63,8 +63,9 @@ pub struct Instance {
     pub addr_text: String,
     pub weight: u32,
     pub backup: bool,
-    /// Added at run time (admin API or autoscaler), kept across config reloads.
-    pub dynamic: bool,
+    /// Added at run time (admin API or autoscaler), kept across config reloads; also a
+    /// configured one a reload dropped whose drain the admin API called off.
+    dynamic: AtomicBool,
     /// Shared with the instance a reload rebuilds at this address.
     pub counters: Arc<InstanceCounters>,
     active_up: AtomicBool,
@@ -74,6 +75,10 @@ pub struct Instance {
     /// `SERVING`, `DRAINING` (no new requests; the drain may still be cancelled) or
     /// `REMOVING` (the drain is taking it out of the set).
     drain_state: AtomicU8,
+    /// Counts the drains started: a drain called off and started again within one of the
+    /// first one's polls leaves the first to end quietly, the new one keeping its whole
+    /// `drain_timeout`.
+    drains: AtomicU64,
     /// When the instance last came up after being down; 0 = up from the start (no slow start).
     up_since: AtomicU64,
     pub last_check: Mutex<Option<CheckReport>>,
@@ -120,7 +125,7 @@ impl Instance {
             addr_text: config.addr.to_string(),
             weight: config.weight,
             backup: config.backup,
-            dynamic,
+            dynamic: AtomicBool::new(dynamic),
             counters: Arc::default(),
             active_up: AtomicBool::new(starts_up),
             active: Mutex::new(match &upstream.health {
@@ -130,6 +135,7 @@ impl Instance {
             passive: Mutex::new(PassiveState::default()),
             passive_down_until: AtomicU64::new(0),
             drain_state: AtomicU8::new(SERVING),
+            drains: AtomicU64::new(0),
             up_since: AtomicU64::new(if joined == Joined::AtStart {
                 0
             } else {
@@ -165,6 +171,15 @@ impl Instance {
 
     /// Puts a draining instance back in rotation, its drain then ending without removing it;
     /// false when it is not draining or its drain is already taking it out.
+    pub fn is_dynamic(&self) -> bool {
+        self.dynamic.load(Ordering::Relaxed)
+    }
+
+    /// From now on kept across reloads as one added at run time.
+    pub fn make_dynamic(&self) {
+        self.dynamic.store(true, Ordering::Relaxed);
+    }
+
     pub fn stop_draining(&self) -> bool {
         self.drain_state
             .compare_exchange(DRAINING, SERVING, Ordering::Relaxed, Ordering::Relaxed)
@@ -502,7 +517,7 @@ impl Upstream {
                     if same_pool
                         && i.weight == ic.weight
                         && i.backup == ic.backup
-                        && i.dynamic == (joined == Joined::AtRunTime) =>
+                        && i.is_dynamic() == (joined == Joined::AtRunTime) =>
                 {
                     i.clone()
                 }
@@ -524,7 +539,7 @@ impl Upstream {
             .iter()
             .map(|ic| carried(ic, joined))
             .collect();
-        for dynamic in old.iter().filter(|i| i.dynamic && !i.is_draining()) {
+        for dynamic in old.iter().filter(|i| i.is_dynamic() && !i.is_draining()) {
             if !instances.iter().any(|i| i.addr == dynamic.addr) {
                 let ic = InstanceConfig {
                     addr: dynamic.addr,
@@ -707,14 +722,23 @@ impl Upstream {
     pub async fn drain(&self, gateway: &Gateway, instance: &Arc<Instance>, timeout: Duration) {
         // The admin API may have marked it already.
         let _ = instance.start_draining();
+        let drain = instance.drains.fetch_add(1, Ordering::Relaxed) + 1;
+        let superseded = || instance.drains.load(Ordering::Relaxed) != drain;
         let deadline = Instant::now() + timeout;
         let in_flight = || instance.counters.in_flight.load(Ordering::Relaxed);
         let wait_idle = || async {
-            while in_flight() > 0 && Instant::now() < deadline && instance.is_draining() {
+            while in_flight() > 0
+                && Instant::now() < deadline
+                && instance.is_draining()
+                && !superseded()
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
         wait_idle().await;
+        if superseded() {
+            return;
+        }
         let (name, addr) = (&self.config.name, instance.addr);
         // From here on the drain cannot be cancelled (nor run twice): it removes the instance.
         let removing = instance.drain_state.compare_exchange(
@@ -1095,7 +1119,7 @@ mod tests {
         let adopted = Upstream::new(listed.upstream("app").unwrap().clone(), Some(&start));
         let set = adopted.set.load();
         assert_eq!(set.instances.len(), 2);
-        assert!(set.instances.iter().all(|i| !i.dynamic));
+        assert!(set.instances.iter().all(|i| !i.is_dynamic()));
         let dropped = Upstream::new(start.config.clone(), Some(&adopted));
         let set = dropped.set.load();
         assert_eq!(set.instances.len(), 1);
