@@ -757,3 +757,87 @@ async fn requests_an_http2_instance_left_unprocessed_go_again_on_a_new_connectio
         assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 8);
     }
 }
+
+/// An h2c instance that takes `limit` streams at once on each connection and answers each
+/// after `delay`; returns the connections it accepted so far.
+async fn limited_h2c_instance(
+    limit: u32,
+    delay: Duration,
+) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepted = connections.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut builder = h2::server::Builder::new();
+                builder.max_concurrent_streams(limit);
+                let Ok(mut conn) = builder.handshake::<_, bytes::Bytes>(socket).await else {
+                    return;
+                };
+                while let Some(Ok((_, mut respond))) = conn.accept().await {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = respond.send_response(http::Response::new(()), true);
+                    });
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// Past an instance's own stream limit (below the gateway's 100 a connection), requests go on
+/// another connection, as Envoy does, rather than wait unseen inside the HTTP/2 client (where a
+/// graceful GOAWAY failed the one waiting, counted as sent: a 502, the instance ejected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_instance_s_stream_limit_opens_connections_rather_than_queueing() {
+    let (instance, connections) = limited_h2c_instance(2, Duration::from_millis(300)).await;
+    let gw = gateway(&upstream(&[instance.to_string()], "protocol = \"h2c\""));
+    let client = client();
+    // The first connection learns the limit.
+    assert_eq!(get(&client, &gw.url("/warm")).await.status, 200);
+    let sent = (0..6).map(|n| {
+        let (client, url) = (client.clone(), gw.url(&format!("/r{n}")));
+        async move { get(&client, &url).await.status }
+    });
+    let statuses = futures_util::future::join_all(sent).await;
+    assert_eq!(statuses, [200; 6]);
+    let opened = connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        opened >= 3,
+        "6 requests over {opened} connection(s) of 2 streams"
+    );
+}
+
+/// An HTTP/2 instance may send as large an answer head as an HTTP/1.1 one (64 KiB; hyper's
+/// client allowed 16 KiB), and a body it sends with a 204 does not reach an HTTP/2 client,
+/// whose stream it broke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_instance_s_large_head_passes_and_a_204_s_body_does_not() {
+    let instance = h2c_instance(|request, mut respond| {
+        let (status, body): (u16, &[u8]) = if request.uri().path() == "/empty" {
+            (204, b"not for a 204")
+        } else {
+            (200, b"ok")
+        };
+        let large = if status == 200 { 20_000 } else { 1 };
+        let head = http::Response::builder()
+            .status(status)
+            .header("x-large", "v".repeat(large))
+            .body(())
+            .unwrap();
+        let mut stream = respond.send_response(head, false).unwrap();
+        let _ = stream.send_data(bytes::Bytes::from_static(body), true);
+    })
+    .await;
+    let gw = gateway(&upstream(&[instance.to_string()], "protocol = \"h2c\""));
+    let large = get(&client(), &gw.url("/large")).await;
+    assert_eq!((large.status, large.header("x-large").len()), (200, 20_000));
+    let empty = request(&h2c_client(), "GET", &gw.url("/empty"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!((empty.status, empty.body.len()), (204, 0));
+}

@@ -491,6 +491,12 @@ async fn to_instance(
                 strip_hop_by_hop(&mut head.headers);
                 head.headers
                     .insert(X_REQUEST_ID.clone(), request_id.clone());
+                // A 204, a 304 or a HEAD answer has no body whatever the instance sent (RFC
+                // 9110 §6.4.1): passed on, it broke an HTTP/2 client's stream. The answer ends
+                // here, and the instance's stream with it.
+                if matches!(head.status.as_u16(), 204 | 304) || parts.method == Method::HEAD {
+                    return Ok(Response::from_parts(head, GatewayBody::Full(None)));
+                }
                 let body = Holding::paced(incoming, (guard, slot), config.response_timeout);
                 let body = GatewayBody::Http2(body);
                 return Ok(Response::from_parts(head, body));

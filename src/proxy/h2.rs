@@ -1,7 +1,9 @@
 //! The instance side of HTTP/2 (`protocol = "h2"` over TLS, `"h2c"` over TCP) with hyper's
 //! client: multiplexed connections per instance, opened on first use, again once one closed,
-//! and another whenever each open one carries [`STREAMS_PER_CONNECTION`] requests (as Envoy
-//! opens another at the instance's stream limit, rather than queueing). The answer body is
+//! and another whenever each open one carries [`STREAMS_PER_CONNECTION`] requests, or the
+//! instance's own stream limit when that is lower (as Envoy opens another at the instance's
+//! limit, rather than queueing: hyper would hold the request, and fail it unsent, though
+//! counted as sent, when a GOAWAY came first). The answer body is
 //! hyper's, wrapped so it holds the request's in-flight guard and stream slot to its end.
 
 use std::pin::Pin;
@@ -27,6 +29,7 @@ use super::body::{BoxError, ClientBodyFailure, ForwardBody};
 use super::connect::{ConnectError, Connector};
 use super::error::described;
 use super::headers::ForwardedFields;
+use crate::http1::MAX_HEAD;
 
 /// Requests one connection to an instance carries at once; past it another connection opens.
 /// Below the stream limits servers advertise (nginx 128, Go 250, h2o and Apache 100), so
@@ -43,12 +46,25 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = STREAM_WINDOW * STREAMS_PER_CONNECTION as u32;
 
 /// The HTTP/2 connections to one instance.
-#[derive(Default)]
 pub struct Http2Conn {
     lines: ArcSwap<Vec<Arc<Http2Line>>>,
     /// Held while connecting only, so a burst of requests opens one new connection, not one
     /// each; requests that find a free stream slot never take it.
     connecting: tokio::sync::Mutex<()>,
+    /// The streams each connection may carry: [`STREAMS_PER_CONNECTION`], or the instance's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS when lower, as its connections' tasks last read it (a
+    /// new connection takes it before its own SETTINGS came).
+    limit: Arc<AtomicUsize>,
+}
+
+impl Default for Http2Conn {
+    fn default() -> Self {
+        Http2Conn {
+            lines: ArcSwap::default(),
+            connecting: tokio::sync::Mutex::default(),
+            limit: Arc::new(AtomicUsize::new(STREAMS_PER_CONNECTION)),
+        }
+    }
 }
 
 /// One HTTP/2 connection and the requests it carries.
@@ -111,11 +127,25 @@ impl Http2Conn {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))
+            // As much of an answer head as an HTTP/1.1 instance may send.
+            .max_header_list_size(MAX_HEAD as u32)
+            // Until its SETTINGS come, the limit the instance's other connections told.
+            .initial_max_send_streams(self.limit.load(Ordering::Relaxed))
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|err| ConnectError::Http2(described(&err)))?;
+        let published = self.limit.clone();
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            // The instance's stream limit may come with any SETTINGS frame: read on each poll.
+            let ended = std::future::poll_fn(|cx| {
+                let polled = std::future::Future::poll(connection.as_mut(), cx);
+                let allowed = connection.current_max_send_streams().max(1);
+                published.store(allowed.min(STREAMS_PER_CONNECTION), Ordering::Relaxed);
+                polled
+            })
+            .await;
+            if let Err(err) = ended {
                 tracing::debug!(%err, "HTTP/2 connection to an instance ended with an error");
             }
         });
@@ -171,13 +201,14 @@ impl Http2Conn {
     /// A live connection's sender with a stream slot taken on it, if one has room.
     fn free_slot(&self) -> Option<(SendRequest<Upload>, StreamSlot)> {
         let lines = self.lines.load();
+        let limit = self.limit.load(Ordering::Relaxed);
         lines.iter().find_map(|line| {
             if line.sender.is_closed() {
                 return None;
             }
             line.streams
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |taken| {
-                    (taken < STREAMS_PER_CONNECTION).then_some(taken + 1)
+                    (taken < limit).then_some(taken + 1)
                 })
                 .ok()?;
             Some((SendRequest::clone(&line.sender), StreamSlot(line.clone())))
