@@ -986,6 +986,57 @@ async fn running_out_of_descriptors_blames_no_instance() {
     assert_eq!(get(&client, &gw.url("/")).await.status, 200);
 }
 
+/// Out of descriptors because a burst left idle connections in the pools (an HTTP/2 client's
+/// streams each took one), the gateway closes them rather than leave new clients waiting in
+/// the listen queue until `idle_timeout`, without even a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_connections_give_way_when_descriptors_run_out() {
+    const STREAMS: usize = 16;
+    let a = demo_backend(&["--latency-ms", "300"]);
+    let gw = gateway(&app_config(&[&a], "keepalive = 64\npipeline = 1"));
+    let (open, limit) = settled_descriptors(gw.proc.pid());
+    // Room for the HTTP/2 client and an instance connection for each of its streams: once it
+    // is gone, one descriptor is free and the pool holds the rest. Kept, they would let the
+    // 12 clients below in one at a time, 300 ms each, past the clients' 3 s.
+    limit(limit_leaving(&open, STREAMS as u64 + 1));
+    let h2 = h2c_client();
+    let burst = (0..STREAMS).map(|n| {
+        let (h2, url) = (h2.clone(), gw.url(&format!("/s{n}")));
+        async move { get(&h2, &url).await.status }
+    });
+    assert_eq!(futures_util::future::join_all(burst).await, [200; STREAMS]);
+    drop(h2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let proxy = gw.proxy;
+    let clients: Vec<_> = (0..12)
+        .map(|_| {
+            tokio::task::spawn_blocking(move || {
+                raw_exchange(
+                    proxy,
+                    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                )
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for client in clients {
+        answers.push(client.await.unwrap());
+    }
+    limit(limit_leaving(&open, 64));
+    // Each one answered at once: served, or refused for want of descriptors (12 clients need
+    // 24), none left waiting.
+    let served = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 200"))
+        .count();
+    let refused = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 503") && a.contains("gateway_short_of_resources"))
+        .count();
+    assert_eq!(served + refused, answers.len(), "{answers:?}");
+    assert!(served >= 6, "{answers:?}");
+}
+
 /// Active checks that cannot open a connection for want of descriptors pass no verdict: the
 /// instance stays up (with `fall = 1` one failed check would take it out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,9 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, mut stop: watch
             accepted = listener.accept() => accepted,
             _ = stop.changed() => break,
         };
+        if let Err(failed) = &accepted {
+            crate::proxy::shed_idle_on_shortage(&gateway.runtime.load(), failed);
+        }
         let Some((stream, peer)) = accept_failures.accepted("admin", accepted).await else {
             continue;
         };

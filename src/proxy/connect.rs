@@ -129,7 +129,7 @@ impl Connector {
 /// Whether a connect failed for want of the gateway's own resources rather than anything the
 /// instance did. Not EADDRNOTAVAIL: local ports run out per destination, and it also means no
 /// source address of the instance's family (IPv6 off), which is the instance's address at fault.
-fn is_local_shortage(err: &io::Error) -> bool {
+pub fn is_local_shortage(err: &io::Error) -> bool {
     use nix::errno::Errno;
     matches!(
         err.raw_os_error().map(Errno::from_raw),

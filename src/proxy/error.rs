@@ -1,6 +1,8 @@
 //! Errors the gateway answers itself: where they came from (client, routing, instance) and the
 //! one status each maps to. Every error response is a small JSON body carrying the request ID.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
@@ -81,6 +83,17 @@ impl From<ClientBodyFailure> for ProxyError {
     }
 }
 
+/// The second (since the epoch) of the last gateway-shortage failure logged.
+static SHORTAGE_LOGGED: AtomicU64 = AtomicU64::new(0);
+
+/// Whether this is the first call this second for `last`, which it then marks.
+fn first_this_second(last: &AtomicU64) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    last.swap(now, Ordering::Relaxed) != now
+}
+
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -130,9 +143,15 @@ impl ProxyError {
     /// Overload refusals are expected under load: logging each would add to it.
     #[cold]
     pub fn log_failure(&self, request_id: &HeaderValue) {
-        if self.status().is_server_error() && !matches!(self, ProxyError::Overloaded { .. }) {
-            tracing::warn!(request_id = request_id.to_str().unwrap_or_default(), error = %self, "request failed");
+        if !self.status().is_server_error() || matches!(self, ProxyError::Overloaded { .. }) {
+            return;
         }
+        // A shortage of the gateway's own descriptors fails every request at once: once a
+        // second says it (hundreds of lines within a millisecond said nothing more).
+        if matches!(self, ProxyError::GatewayShortage) && !first_this_second(&SHORTAGE_LOGGED) {
+            return;
+        }
+        tracing::warn!(request_id = request_id.to_str().unwrap_or_default(), error = %self, "request failed");
     }
 
     /// The response for this error.

@@ -551,6 +551,9 @@ async fn to_instance(
                 if kind.is_instance_fault() {
                     instance.record_failure(Instant::now(), config);
                 }
+                if kind == FailureKind::Local {
+                    super::shed_idle_connections(runtime, &error);
+                }
                 let request = Resend {
                     idempotent,
                     body_again: body.rewind(),

@@ -604,6 +604,9 @@ async fn accept_loop(
             accepted = accept_on(tls_listener.as_ref()) => (accepted, true),
             () = &mut *stop => break,
         };
+        if let Err(failed) = &accepted {
+            shed_idle_on_shortage(&gateway.runtime.load(), failed);
+        }
         let Some((stream, peer)) = accept_failures.accepted("proxy", accepted).await else {
             continue;
         };
@@ -874,6 +877,34 @@ async fn close_stale_connections(gateway: Arc<Gateway>) {
                 instance.pool.close_stale(now);
             }
         }
+    }
+}
+
+/// Closes every idle instance connection when `failed` says the gateway is short of file
+/// descriptors (or memory), so that accepting clients and connecting to instances can go on:
+/// the fds a burst left in the pools would otherwise stay taken until `idle_timeout`, and new
+/// clients wait in the listen queue without even a 503.
+pub fn shed_idle_on_shortage(runtime: &Runtime, failed: &std::io::Error) {
+    if connect::is_local_shortage(failed) {
+        shed_idle_connections(runtime, failed);
+    }
+}
+
+/// See [`shed_idle_on_shortage`]; `failed` says why, for the log.
+pub fn shed_idle_connections(runtime: &Runtime, failed: &dyn std::fmt::Display) {
+    let now = tokio::time::Instant::now();
+    let shed: usize = runtime
+        .upstreams
+        .iter()
+        .flat_map(|upstream| upstream.set.load().instances.clone())
+        .map(|instance| instance.pool.shed_idle(now))
+        .sum();
+    if shed > 0 {
+        tracing::warn!(
+            shed,
+            error = %failed,
+            "short of file descriptors: idle instance connections closed"
+        );
     }
 }
 
