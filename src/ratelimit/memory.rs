@@ -108,10 +108,19 @@ fn make_room(slots: &mut HashMap<u64, Slot>, now: u64) {
     slots.retain(|_, slot| slot.idle_after > now);
     if slots.len() * 8 > before * 7 {
         // Still (nearly) full of live entries: forget some, which only ever admits more. Drop
-        // enough that the next purge is an eighth of the capacity away.
-        let drop: Vec<u64> = slots.keys().take(before / 8 + 1).copied().collect();
-        for key in drop {
-            slots.remove(&key);
+        // enough that the next purge is an eighth of the capacity away, those that would be
+        // idle soonest first: a flood of new keys (one request each) goes before a client the
+        // rule holds back for long, which forgetting would let straight through again.
+        let mut soonest: Vec<(u64, u64)> = slots
+            .iter()
+            .map(|(key, slot)| (slot.idle_after, *key))
+            .collect();
+        let count = (before / 8 + 1).min(soonest.len());
+        if count < soonest.len() {
+            soonest.select_nth_unstable(count);
+        }
+        for (_, key) in &soonest[..count] {
+            slots.remove(key);
         }
     }
 }
@@ -172,6 +181,31 @@ mod tests {
             store.decide(&[(1, &q, &(i + 1_000_000))], later + 1);
         }
         assert!(!store.decide(&[(1, &q, &"hot")], later + 2).allowed());
+    }
+
+    /// A flood of new keys, each live (one request of a slow rule), does not make room by
+    /// forgetting a client the rule holds back for an hour: those idle soonest go first.
+    #[test]
+    fn a_flood_of_keys_does_not_free_a_held_back_client() {
+        let store = MemoryStore::new(SHARDS * 16);
+        let hourly = Quota {
+            algorithm: Algorithm::Gcra,
+            limit: 1,
+            period_us: 3600 * SEC,
+            burst: 0,
+        };
+        let flood = quota(1, 0);
+        let held = 0..(SHARDS as u64 * 4);
+        for client in held.clone() {
+            assert!(store.decide(&[(1, &hourly, &client)], 0).allowed());
+        }
+        for i in 0..50_000u64 {
+            store.decide(&[(2, &flood, &i)], 1);
+        }
+        let freed = held
+            .filter(|client| store.decide(&[(1, &hourly, client)], 2).allowed())
+            .count();
+        assert_eq!(freed, 0);
     }
 
     /// nginx `limit_req zone=z rate=10r/s burst=5 nodelay`, driven by tokio's paused clock the
