@@ -575,23 +575,44 @@ async fn running_out_of_sockets_here_is_not_the_servers_fault() {
     assert_eq!(count(&report, "requests"), 200, "{report}");
 }
 
+/// Reads a request head off `stream`, byte by byte (the body stays unread); false once the
+/// client went away.
+async fn head_read(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read_exact(&mut byte).await.is_err() {
+            return false;
+        }
+        head.push(byte[0]);
+    }
+    true
+}
+
+/// Three POSTs of a `bytes`-long body, one connection, to `url`, with `more` arguments.
+async fn large_uploads(url: &str, bytes: usize, more: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let body = dir.path().join("big");
+    std::fs::write(&body, vec![b'x'; bytes]).unwrap();
+    let body = body.to_str().unwrap();
+    let mut args = vec!["-n", "3", "-c", "1", "-m", "POST", "--body-file", body, url];
+    args.extend_from_slice(more);
+    bench_json(&args).await
+}
+
 /// A server that answers a large upload early (413) and closes without reading the rest: that
 /// answer is the request's result (RFC 9112 §9.5), not a reset, and the bytes written count.
 #[tokio::test]
 async fn an_early_answer_to_a_large_upload_is_the_result() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/upload", listener.local_addr().unwrap());
     let server = tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if stream.read_exact(&mut byte).await.is_err() {
-                        return;
-                    }
-                    head.push(byte[0]);
+                if !head_read(&mut stream).await {
+                    return;
                 }
                 let refused = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
                 let _ = stream.write_all(refused).await;
@@ -599,21 +620,7 @@ async fn an_early_answer_to_a_large_upload_is_the_result() {
             });
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let body = dir.path().join("big");
-    std::fs::write(&body, vec![b'x'; 4 << 20]).unwrap();
-    let report = bench_json(&[
-        "-n",
-        "3",
-        "-c",
-        "1",
-        "-m",
-        "POST",
-        "--body-file",
-        body.to_str().unwrap(),
-        &url,
-    ])
-    .await;
+    let report = large_uploads(&url, 4 << 20, &[]).await;
     server.abort();
     assert_eq!(report["status"]["413"], 3, "{report}");
     assert_eq!(report["errors"]["total"], 0, "{report}");
@@ -631,15 +638,7 @@ async fn an_interim_answer_does_not_stop_an_upload() {
     let server = tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                loop {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if stream.read_exact(&mut byte).await.is_err() {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
+                while head_read(&mut stream).await {
                     let _ = stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
                     let mut body = vec![0u8; BODY];
                     if stream.read_exact(&mut body).await.is_err() {
@@ -653,25 +652,8 @@ async fn an_interim_answer_does_not_stop_an_upload() {
             });
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let body = dir.path().join("big");
-    std::fs::write(&body, vec![b'x'; BODY]).unwrap();
-    let report = bench_json(&[
-        "-n",
-        "3",
-        "-c",
-        "1",
-        "--timeout",
-        "3s",
-        "-m",
-        "POST",
-        "-H",
-        "Expect: 100-continue",
-        "--body-file",
-        body.to_str().unwrap(),
-        &url,
-    ])
-    .await;
+    let expect = ["--timeout", "3s", "-H", "Expect: 100-continue"];
+    let report = large_uploads(&url, BODY, &expect).await;
     server.abort();
     assert_eq!(report["status"]["200"], 3, "{report}");
     assert_eq!(report["errors"]["total"], 0, "{report}");

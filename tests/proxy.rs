@@ -3030,6 +3030,19 @@ async fn listed(client: &Client, gw: &Gateway, addr: std::net::SocketAddr) -> bo
         .any(|i| i["addr"] == addr.to_string().as_str())
 }
 
+/// Two requests at once, so each of two instances has one in flight (round robin or
+/// least_conn alike), 300 ms after which it returns; abort the task to let them go.
+async fn one_on_each(client: &Client, gw: &Gateway) -> tokio::task::JoinHandle<()> {
+    let (client, url) = (client.clone(), gw.url("/work"));
+    let both = tokio::spawn(async move {
+        let first = request(&client, "GET", &url, &[], "");
+        let second = request(&client, "GET", &url, &[], "");
+        let _ = tokio::join!(first, second);
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    both
+}
+
 /// A drain called off and started again within one poll of the first drain: the new drain
 /// has its whole `drain_timeout` (the first one's deadline removed the instance), and the
 /// first ends without a word.
@@ -3039,17 +3052,7 @@ async fn a_drain_started_again_has_its_whole_timeout() {
     let other = demo_backend(&[]);
     let gw = gateway(&app_config(&[&slow, &other], "drain_timeout = \"3s\""));
     let client = client();
-    let url = gw.url("/work");
-    let pinned = {
-        let (client, url) = (client.clone(), url.clone());
-        // Both instances get one: least_conn or round robin, the slow one has one in flight.
-        tokio::spawn(async move {
-            let a = request(&client, "GET", &url, &[], "");
-            let b = request(&client, "GET", &url, &[], "");
-            let _ = tokio::join!(a, b);
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pinned = one_on_each(&client, &gw).await;
     let started = std::time::Instant::now();
     assert_eq!(drain_instance(&client, &gw, slow.addr()).await.status, 202);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -3079,15 +3082,7 @@ async fn an_undrained_instance_the_file_dropped_stays_across_reloads() {
     let b = demo_backend(&[]);
     let gw = gateway(&app_config(&[&a, &b], ""));
     let client = client();
-    let in_flight = {
-        let (client, url) = (client.clone(), gw.url("/work"));
-        tokio::spawn(async move {
-            let first = request(&client, "GET", &url, &[], "");
-            let second = request(&client, "GET", &url, &[], "");
-            let _ = tokio::join!(first, second);
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let in_flight = one_on_each(&client, &gw).await;
     assert_eq!(drain_instance(&client, &gw, a.addr()).await.status, 202);
     let reload = |body: String| {
         let (client, url) = (client.clone(), gw.admin_url("/api/reload"));
