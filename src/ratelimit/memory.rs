@@ -15,6 +15,9 @@ const SHARDS: usize = 64;
 struct Slot {
     state: SlotState,
     idle_after: u64,
+    /// When a request last asked about it, passed or refused: a full shard forgets the least
+    /// recently asked first.
+    seen: u64,
 }
 
 pub struct MemoryStore {
@@ -58,7 +61,12 @@ impl MemoryStore {
         };
         let stored: SmallVec<[Option<SlotState>; 4]> = hashes
             .iter()
-            .map(|&hash| locked[guard(hash)].get(&hash).map(|slot| slot.state))
+            .map(|&hash| {
+                locked[guard(hash)].get_mut(&hash).map(|slot| {
+                    slot.seen = now;
+                    slot.state
+                })
+            })
             .collect();
         let joint = decide_all(
             checks.iter().zip(&stored).map(|((_, q, _), s)| (*q, *s)),
@@ -69,6 +77,7 @@ impl MemoryStore {
                 *slot = Slot {
                     state,
                     idle_after: state.idle_after(checks[i].1),
+                    seen: now,
                 };
             }
         }
@@ -84,6 +93,7 @@ impl MemoryStore {
                 Slot {
                     state: *state,
                     idle_after: state.idle_after(quota),
+                    seen: now,
                 },
             );
         }
@@ -108,18 +118,16 @@ fn make_room(slots: &mut HashMap<u64, Slot>, now: u64) {
     slots.retain(|_, slot| slot.idle_after > now);
     if slots.len() * 8 > before * 7 {
         // Still (nearly) full of live entries: forget some, which only ever admits more. Drop
-        // enough that the next purge is an eighth of the capacity away, those that would be
-        // idle soonest first: a flood of new keys (one request each) goes before a client the
-        // rule holds back for long, which forgetting would let straight through again.
-        let mut soonest: Vec<(u64, u64)> = slots
-            .iter()
-            .map(|(key, slot)| (slot.idle_after, *key))
-            .collect();
-        let count = (before / 8 + 1).min(soonest.len());
-        if count < soonest.len() {
-            soonest.select_nth_unstable(count);
+        // enough that the next purge is an eighth of the capacity away, the least recently
+        // asked first (nginx's limit_req drops the least recently used): a client held back
+        // that keeps asking stays held back through a flood of new keys.
+        let mut oldest: Vec<(u64, u64)> =
+            slots.iter().map(|(key, slot)| (slot.seen, *key)).collect();
+        let count = (before / 8 + 1).min(oldest.len());
+        if count < oldest.len() {
+            oldest.select_nth_unstable(count);
         }
-        for (_, key) in &soonest[..count] {
+        for (_, key) in &oldest[..count] {
             slots.remove(key);
         }
     }
@@ -183,8 +191,8 @@ mod tests {
         assert!(!store.decide(&[(1, &q, &"hot")], later + 2).allowed());
     }
 
-    /// A flood of new keys, each live (one request of a slow rule), does not make room by
-    /// forgetting a client the rule holds back for an hour: those idle soonest go first.
+    /// A flood of new keys under the same hourly rule does not make room by forgetting clients
+    /// the rule holds back that keep asking: the least recently asked go first.
     #[test]
     fn a_flood_of_keys_does_not_free_a_held_back_client() {
         let store = MemoryStore::new(SHARDS * 16);
@@ -194,17 +202,22 @@ mod tests {
             period_us: 3600 * SEC,
             burst: 0,
         };
-        let flood = quota(1, 0);
-        let held = 0..(SHARDS as u64 * 4);
+        let held = 0..(SHARDS as u64 * 2);
         for client in held.clone() {
             assert!(store.decide(&[(1, &hourly, &client)], 0).allowed());
         }
-        for i in 0..50_000u64 {
-            store.decide(&[(2, &flood, &i)], 1);
+        let mut freed = 0;
+        // 50,000 new keys, 200 between two of the held clients' tries.
+        for round in 1..=250u64 {
+            let at = round * 1000;
+            for key in 0..200u64 {
+                store.decide(&[(1, &hourly, &(1_000_000 * round + key))], at + key);
+            }
+            freed += held
+                .clone()
+                .filter(|client| store.decide(&[(1, &hourly, client)], at + 500).allowed())
+                .count();
         }
-        let freed = held
-            .filter(|client| store.decide(&[(1, &hourly, client)], 2).allowed())
-            .count();
         assert_eq!(freed, 0);
     }
 
