@@ -56,10 +56,10 @@ pub fn init(format: LogFormat, level: &str) {
         .with_ansi(std::io::stderr().is_terminal());
     let result = match format {
         LogFormat::Text => builder
-            .with_writer(|| OneLine(std::io::stderr()))
+            .with_writer(|| Lossy(OneLine(std::io::stderr())))
             .try_init(),
         LogFormat::Json => builder
-            .with_writer(std::io::stderr)
+            .with_writer(|| Lossy(std::io::stderr()))
             .json()
             .flatten_event(true)
             .try_init(),
@@ -81,6 +81,24 @@ impl<W: Write> Write for OneLine<W> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.flush()
+    }
+}
+
+/// A writer whose failures lose the line, not the process: tracing-subscriber reports a failed
+/// write with `eprintln!`, which panics when stderr is what failed (a full disk, a log reader
+/// gone: a restarted shipper or journald), and the gateway died at its next log line. nginx
+/// and HAProxy carry on without the line too.
+struct Lossy<W>(W);
+
+impl<W: Write> Write for Lossy<W> {
+    fn write(&mut self, event: &[u8]) -> std::io::Result<usize> {
+        let _ = self.0.write_all(event);
+        Ok(event.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = self.0.flush();
+        Ok(())
     }
 }
 

@@ -2976,10 +2976,11 @@ async fn a_failed_requests_warning_carries_its_plain_request_id() {
     assert_eq!(warned().unwrap()["request_id"], "failed-1");
 }
 
-/// A stdout that cannot be written (full, or a closed pipe) does not stop the gateway: the
-/// "listening" lines panicked on it at start.
+/// A stdout or stderr that cannot be written (full, or a closed pipe) does not stop the
+/// gateway: the "listening" lines panicked on stdout at start, and a failed log line (every
+/// request's access-log line) aborted it.
 #[tokio::test]
-async fn a_stdout_that_cannot_be_written_does_not_stop_the_gateway() {
+async fn outputs_that_cannot_be_written_do_not_stop_the_gateway() {
     let a = demo_backend(&[]);
     let ports: Vec<u16> = (0..2)
         .map(|_| {
@@ -2991,15 +2992,17 @@ async fn a_stdout_that_cannot_be_written_does_not_stop_the_gateway() {
         format!("127.0.0.1:{}", ports[0]),
         format!("127.0.0.1:{}", ports[1]),
     );
-    let full = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/full")
-        .unwrap();
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
     let mut child = std::process::Command::new(bin())
         .args(["serve", "--listen", &listen, "--admin-listen", &admin])
         .args(["--upstream", &a.addr().to_string()])
-        .stdout(full)
-        .stderr(std::process::Stdio::null())
+        .stdout(full())
+        .stderr(full())
         .spawn()
         .unwrap();
     let client = client();
@@ -3008,6 +3011,10 @@ async fn a_stdout_that_cannot_be_written_does_not_stop_the_gateway() {
         reply.is_ok_and(|r| r.status == 200)
     })
     .await;
+    for _ in 0..3 {
+        let reply = request(&client, "GET", &format!("http://{listen}/y"), &[], "").await;
+        assert_eq!(reply.map(|r| r.status).ok(), Some(200));
+    }
     let exited = child.try_wait().unwrap();
     let _ = child.kill();
     let _ = child.wait();
