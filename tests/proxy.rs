@@ -96,33 +96,45 @@ async fn fail_on_status_takes_an_instance_answering_500_out() {
 }
 
 /// A passive ejection the active checks never saw fail (an instance restarted between two of
-/// them, or failing requests while its health endpoint answers) ends after `rise` passing
-/// checks, not after all of `fail_timeout`, as HAProxy and Envoy do.
-#[tokio::test]
-async fn passing_active_checks_end_a_passive_ejection() {
-    let failing = demo_backend(&["--fail-rate", "1"]);
+/// them) ends after `rise` passing checks, not after all of `fail_timeout`, as HAProxy and
+/// Envoy do. One for the instance's answers (`fail_on_status`) does not: its health endpoint
+/// passing says nothing of those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passing_active_checks_end_an_ejection_for_failing_to_answer() {
+    let mut restarted = demo_backend(&[]);
     let fine = demo_backend(&[]);
+    let failing = demo_backend(&["--fail-rate", "1"]);
     let client = client();
     let gw = gateway(&app_config(
-        &[&failing, &fine],
-        "fail_on_status = [500]\nfail_timeout = \"60s\"\n[upstreams.app.health]\ninterval = \"100ms\"\nrise = 2",
+        &[&restarted, &fine, &failing],
+        "fail_on_status = [500]\nfail_timeout = \"60s\"\n[upstreams.app.health]\ninterval = \"500ms\"\nrise = 2\nfall = 3",
     ));
-    let addr = failing.addr().to_string();
-    let up = |state: String| state == "up";
-    let checked = eventually(Duration::from_secs(5), || async {
-        up(instance_state(&client, &gw, addr.clone()).await)
+    let state = |proc: &Proc| {
+        let (client, gw, addr) = (client.clone(), &gw, proc.addr().to_string());
+        async move { instance_state(&client, gw, addr).await }
+    };
+    let all_up = eventually(Duration::from_secs(5), || async {
+        state(&restarted).await == "up" && state(&failing).await == "up"
     });
-    assert!(checked.await);
-    let mut failed = false;
-    for _ in 0..4 {
-        failed |= get(&client, &gw.url("/work")).await.status == 500;
+    assert!(all_up.await);
+    // Down for less than `fall` checks: only requests see it, and they take it out.
+    let port = restarted.addr().port().to_string();
+    drop(restarted);
+    for _ in 0..6 {
+        get(&client, &gw.url("/work")).await;
     }
-    assert!(failed);
-    assert_ne!(instance_state(&client, &gw, addr.clone()).await, "up");
+    restarted = spawn(&["demo-backend", "--port", &port], 1);
+    assert_eq!(state(&restarted).await, "failed");
+    assert_eq!(state(&failing).await, "failed");
     let back = eventually(Duration::from_secs(5), || async {
-        up(instance_state(&client, &gw, addr.clone()).await)
+        state(&restarted).await == "up"
     });
     assert!(back.await, "still out, while its checks pass");
+    assert_eq!(
+        state(&failing).await,
+        "failed",
+        "back though it answers 500s"
+    );
 }
 
 /// `strip_prefix` (nginx `proxy_pass http://app/;`, Traefik's StripPrefix): the instance gets

@@ -88,6 +88,9 @@ pub struct PassiveState {
     ejected_at: Option<Instant>,
     /// Active checks passed in a row since it was taken out.
     checks_passed: u32,
+    /// It was taken out for its answers (`fail_on_status`), not for failing to answer: its
+    /// health endpoint passing says nothing of those, so only `fail_timeout` ends that.
+    ejected_for_answers: bool,
 }
 
 impl PassiveState {
@@ -127,7 +130,7 @@ impl PassiveState {
     /// `rise` checks; Envoy un-ejects on a passing one). Without that, an instance restarted
     /// quicker than `fall` checks stayed out for all of `fail_timeout` while every check passed.
     pub fn record_check(&mut self, ok: bool, rise: u32) -> bool {
-        if self.ejected_at.is_none() {
+        if self.ejected_at.is_none() || self.ejected_for_answers {
             return false;
         }
         if !ok {
@@ -141,6 +144,12 @@ impl PassiveState {
         self.ejected_at = None;
         self.checks_passed = 0;
         true
+    }
+
+    /// Says what the last ejection was for: its answers (`fail_on_status`), or a failure to
+    /// answer.
+    pub fn ejected_for(&mut self, answers: bool) {
+        self.ejected_for_answers = answers;
     }
 
     /// Records a valid answer to a request sent at `sent`; returns whether it ends an
@@ -179,6 +188,14 @@ mod tests {
         assert!(!passive.record_check(true, 2));
         assert!(passive.record_check(true, 2));
         assert!(!passive.record_success(now), "already back");
+        // Taken out for its answers (fail_on_status): passing checks say nothing of those.
+        assert!(passive
+            .record_failure(now, false, 1, fail_timeout)
+            .is_some());
+        passive.ejected_for(true);
+        for _ in 0..5 {
+            assert!(!passive.record_check(true, 2));
+        }
     }
 
     #[test]

@@ -1030,7 +1030,7 @@ fn judge_answer(
     instance.counters.answers[crate::metrics::status_index(status.as_u16())]
         .fetch_add(1, Ordering::Relaxed);
     if config.passive.fail_on_status.contains(&status.as_u16()) {
-        instance.record_failure(Instant::now(), config);
+        instance.record_failed_answer(Instant::now(), config);
     } else {
         instance.record_success(sent);
     }

@@ -232,6 +232,16 @@ impl Instance {
     /// Records a failed request (transport error or timeout) for passive health.
     #[cold]
     pub fn record_failure(&self, now: Instant, upstream: &UpstreamConfig) {
+        self.record_failure_of(now, upstream, false);
+    }
+
+    /// [`Instance::record_failure`] for an answer `fail_on_status` lists: an ejection it causes
+    /// lasts `fail_timeout`, whatever the active checks say.
+    pub fn record_failed_answer(&self, now: Instant, upstream: &UpstreamConfig) {
+        self.record_failure_of(now, upstream, true);
+    }
+
+    fn record_failure_of(&self, now: Instant, upstream: &UpstreamConfig, answer: bool) {
         self.counters.failures.fetch_add(1, Ordering::Relaxed);
         let mut passive = self.passive.lock().expect("passive state lock");
         let out = !self.is_available(now);
@@ -242,6 +252,7 @@ impl Instance {
             upstream.passive.fail_timeout,
         );
         if let Some(until) = until {
+            passive.ejected_for(answer);
             // Under the lock, as a success ending an ejection stores too.
             self.passive_down_until
                 .store(nanos(until), Ordering::Relaxed);
