@@ -202,15 +202,15 @@ mod tests {
             period_us: 3600 * SEC,
             burst: 0,
         };
-        let held = 0..(SHARDS as u64 * 2);
+        let held = 0..(SHARDS as u64 / 2);
         for client in held.clone() {
             assert!(store.decide(&[(1, &hourly, &client)], 0).allowed());
         }
         let mut freed = 0;
-        // 50,000 new keys, 200 between two of the held clients' tries.
-        for round in 1..=250u64 {
+        // 50,000 new keys, 100 between two of the held clients' tries.
+        for round in 1..=500u64 {
             let at = round * 1000;
-            for key in 0..200u64 {
+            for key in 0..100u64 {
                 store.decide(&[(1, &hourly, &(1_000_000 * round + key))], at + key);
             }
             freed += held
