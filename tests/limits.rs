@@ -1037,6 +1037,44 @@ async fn idle_pooled_connections_give_way_when_descriptors_run_out() {
     assert!(served >= 6, "{answers:?}");
 }
 
+/// A request that finds no descriptor for its instance connection while idle connections to
+/// another upstream hold them: those are closed and the request goes once more, served rather
+/// than refused with the 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_short_of_a_descriptor_goes_again_once_idle_ones_are_closed() {
+    let a = demo_backend(&["--latency-ms", "200"]);
+    let b = demo_backend(&[]);
+    let gw = gateway(&format!(
+        "[upstreams.a]\ninstances = [\"{}\"]\npipeline = 1\n[upstreams.b]\ninstances = [\"{}\"]\n\
+         [[routes]]\npath_prefix = \"/b\"\nupstream = \"b\"\n[[routes]]\nupstream = \"a\"\n",
+        a.addr(),
+        b.addr()
+    ));
+    let (open, limit) = settled_descriptors(gw.proc.pid());
+    // An HTTP/2 client and a connection to `a` for each of its 4 streams, which then wait in
+    // `a`'s pool: one descriptor is left.
+    limit(limit_leaving(&open, 6));
+    let h2 = h2c_client();
+    let burst = (0..4).map(|n| {
+        let (h2, url) = (h2.clone(), gw.url(&format!("/a{n}")));
+        async move { get(&h2, &url).await.status }
+    });
+    assert_eq!(futures_util::future::join_all(burst).await, [200; 4]);
+    // The client's connection takes the free one, none is left for `b`'s.
+    let proxy = gw.proxy;
+    let answer = tokio::task::spawn_blocking(move || {
+        raw_exchange(
+            proxy,
+            b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+    })
+    .await
+    .unwrap();
+    limit(limit_leaving(&open, 64));
+    drop(h2);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
 /// Active checks that cannot open a connection for want of descriptors pass no verdict: the
 /// instance stays up (with `fall = 1` one failed check would take it out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -272,7 +272,12 @@ fn stats_stream(gateway: &Gateway) -> Response<GatewayBody> {
             "{} live streams are open already: close one (the admin port's connections, /health's included, are capped)",
             crate::metrics::live::MAX_STREAMS
         );
-        return reply(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": error }));
+        // And the connection goes: kept open, it would hold the admin place it took.
+        let mut refused = reply(StatusCode::SERVICE_UNAVAILABLE, json!({ "error": error }));
+        refused
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return refused;
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
@@ -25,7 +25,7 @@ use super::h1::{encode_bodiless, AnswerHead, InstanceBody, InstanceConn, Outgoin
 use super::h2::{self, Http2Error};
 use super::headers::{
     client_request_id, cookie_value, is_websocket, requested_upgrade, restore_upgrade,
-    strip_hop_by_hop, values, websocket_upgrade, ForwardedFields, X_REQUEST_ID,
+    strip_hop_by_hop, values, websocket_upgrade, ForwardedFields, X_FORWARDED_PREFIX, X_REQUEST_ID,
 };
 use super::pipeline::{AnswerWait, Broken, LineHold, Lines, PathSlot};
 use super::record::{RequestRecord, Served};
@@ -551,9 +551,15 @@ async fn to_instance(
                 if kind.is_instance_fault() {
                     instance.record_failure(Instant::now(), config);
                 }
-                if kind == FailureKind::Local {
-                    super::shed_idle_connections(runtime, &error);
-                }
+                // Short of descriptors: once idle connections made room, the request goes
+                // once more (as after a stale pooled connection) rather than get the 503.
+                let shed =
+                    kind == FailureKind::Local && super::shed_idle_connections(runtime, &error) > 0;
+                let kind = if shed {
+                    FailureKind::Stale { sent: false }
+                } else {
+                    kind
+                };
                 let request = Resend {
                     idempotent,
                     body_again: body.rewind(),
@@ -601,17 +607,17 @@ fn without_route_prefix(route: &RouteConfig, parts: &Parts) -> Option<Parts> {
     *request.version_mut() = parts.version;
     *request.headers_mut() = parts.headers.clone();
     let (mut stripped, ()) = request.into_parts();
+    // Escaped as in a path: a prefix of other than ASCII goes as `%C3%A9`, as clients send it.
     let prefix = route.path_prefix.trim_end_matches('/');
-    if let Some(value) = HeaderValue::from_str(prefix)
+    let prefix = percent_encoding::utf8_percent_encode(prefix, super::router::PATH_ESCAPES);
+    if let Some(value) = HeaderValue::from_str(&prefix.to_string())
         .ok()
-        .filter(|_| !prefix.is_empty())
+        .filter(|value| !value.is_empty())
     {
         stripped.headers.insert(X_FORWARDED_PREFIX.clone(), value);
     }
     Some(stripped)
 }
-
-static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 
 /// How one attempt on one instance failed, and the error the client gets if it was the last.
 struct Attempt {

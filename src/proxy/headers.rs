@@ -10,6 +10,9 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// Set by a route with `strip_prefix`; a client's own is never passed on, as for the others
+/// (an application building links from it would build them for whoever sent it).
+pub static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 
 /// Heads with at most this many field lines are searched by a scan instead of a hashed lookup.
 const SCAN_LIMIT: usize = 16;
@@ -241,6 +244,7 @@ impl ForwardedFields {
             &X_FORWARDED_FOR,
             &X_FORWARDED_PROTO,
             &X_FORWARDED_HOST,
+            &X_FORWARDED_PREFIX,
             &X_REQUEST_ID,
         ];
         // One pass finds whether the client sent any; most requests carry none of them.

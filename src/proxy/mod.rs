@@ -890,8 +890,8 @@ pub fn shed_idle_on_shortage(runtime: &Runtime, failed: &std::io::Error) {
     }
 }
 
-/// See [`shed_idle_on_shortage`]; `failed` says why, for the log.
-pub fn shed_idle_connections(runtime: &Runtime, failed: &dyn std::fmt::Display) {
+/// See [`shed_idle_on_shortage`]; `failed` says why, for the log. Returns how many closed.
+pub fn shed_idle_connections(runtime: &Runtime, failed: &dyn std::fmt::Display) -> usize {
     let now = tokio::time::Instant::now();
     let shed: usize = runtime
         .upstreams
@@ -906,6 +906,7 @@ pub fn shed_idle_connections(runtime: &Runtime, failed: &dyn std::fmt::Display) 
             "short of file descriptors: idle instance connections closed"
         );
     }
+    shed
 }
 
 /// Warns (at start and after each reload) when the admin API is reachable from other hosts

@@ -108,7 +108,7 @@ pub fn stripped_target(path_and_query: &str, prefix: &str) -> Option<String> {
 
 /// What a decoded path escapes again on its way to an instance: what may not stand in a path
 /// (RFC 3986 §3.3), and `%` itself.
-const PATH_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+pub const PATH_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
     .add(b' ')
     .add(b'"')
     .add(b'#')

@@ -966,16 +966,19 @@ impl Pool {
 
     /// Closes every idle connection (pooled, idle lines, extra HTTP/2 ones) now: the gateway
     /// ran out of file descriptors, and a burst's idle connections would otherwise hold them,
-    /// the clients' share included, until `idle_timeout`. Returns how many pooled ones went.
+    /// the clients' share included, until `idle_timeout`. Returns how many pooled connections
+    /// and idle lines went.
     pub fn shed_idle(&self, now: Instant) -> usize {
         if let Some(http2) = &self.http2 {
             http2.close_idle();
         }
         let shed = std::mem::take(&mut *self.idle.lock().expect("pool lock"));
-        if let Some(lines) = &self.lines {
+        let lines = self.lines.as_ref().map_or(0, |lines| {
+            let idle = lines.idle_count();
             lines.close_idle(now, 0);
-        }
-        shed.len()
+            idle
+        });
+        shed.len() + lines
     }
 
     /// What pipelining learned of the instance's pace (see [`Lines::forget_pace`]).
