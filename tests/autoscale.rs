@@ -864,3 +864,23 @@ async fn upstreams_sharing_a_port_range_get_ports_of_their_own() {
         .collect();
     assert!(restarts.iter().all(|r| *r == 0), "{status}");
 }
+
+/// A child that exits before it ever listens starts again on the next port of the range, not
+/// on its own for good (whatever made it fail there, a listener the probe cannot see, may hold).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_that_never_listened_tries_the_next_port() {
+    let gw = autoscaled(&one_child(
+        "44900-44903",
+        "",
+        "command = \"sh -c '[ {port} = 44900 ] && exit 1; exec {self} demo-backend --port {port}'\"\n\
+         target = { in_flight_per_instance = 2 }",
+    ));
+    let client = client();
+    let serving = eventually(Duration::from_secs(10), || async {
+        children(&autoscale_status(&client, &gw).await, "serving").len() == 1
+    })
+    .await;
+    let status = autoscale_status(&client, &gw).await;
+    assert!(serving, "{status}");
+    assert_eq!(children(&status, "serving")[0].0, "127.0.0.1:44901");
+}

@@ -235,10 +235,13 @@ impl ProcessProvider {
         if own != 0 && !keep {
             self.ports.release(own);
         }
+        // One that never listened tries the ports after its own first: whatever made it fail
+        // there (a listener the probe cannot see) may not hold on the next.
+        let after = if own == 0 { low } else { own.saturating_add(1) };
         let port = if keep {
             Some(own)
         } else {
-            self.ports.book(low..=high)
+            self.ports.book((after..=high).chain(low..after))
         };
         // A port another program holds is as much a failed start as a command that will not
         // run: both are tried again with the same growing backoff.
