@@ -841,3 +841,14 @@ async fn an_http2_instance_s_large_head_passes_and_a_204_s_body_does_not() {
         .unwrap();
     assert_eq!((empty.status, empty.body.len()), (204, 0));
 }
+
+/// The demo instance sends no body with a 204 or 304, over HTTP/2 either (hyper sent one there).
+#[tokio::test]
+async fn the_demo_instance_sends_no_body_with_a_204() {
+    let demo = demo_backend(&[]);
+    for status in [204, 304] {
+        let url = format!("http://{}/cache/empty?status={status}", demo.addr());
+        let reply = request(&h2c_client(), "GET", &url, &[], "").await.unwrap();
+        assert_eq!((reply.status, reply.body.len()), (status, 0));
+    }
+}

@@ -314,6 +314,9 @@ async fn cache_answer(state: Arc<DemoState>, req: Request<Incoming>) -> Response
         .is_some_and(|tag| req.headers().get(http::header::IF_NONE_MATCH) == Some(tag));
     let mut response = if unchanged {
         text(StatusCode::NOT_MODIFIED, Bytes::new())
+    } else if matches!(status.as_u16(), 204 | 304) {
+        // These carry no body (RFC 9110 §15.3.5, §15.4.5): over HTTP/2 one breaks the stream.
+        text(status, Bytes::new())
     } else {
         text(status, body)
     };

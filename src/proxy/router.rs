@@ -78,15 +78,20 @@ pub fn normalized_path(path: &str) -> Cow<'_, [u8]> {
 }
 
 /// The target an instance gets from a route with `strip_prefix`: `path_and_query` without
-/// `prefix`, starting with `/`, the query kept. The path as sent when it starts with the prefix;
-/// else (the route matched its [`normalized_path`], e.g. `//api/x`) that form, escaped again,
-/// as nginx forwards a URI whose location part it replaced. `None` when neither starts with it.
+/// `prefix`, starting with `/`, the query kept. The path as sent when it starts with the prefix
+/// and has no dot segment or empty one; else (e.g. `//api/x`, `/api/./x`) its
+/// [`normalized_path`], the form the route matched, escaped again, as nginx forwards a URI
+/// whose location part it replaced. `None` when neither starts with it.
 pub fn stripped_target(path_and_query: &str, prefix: &str) -> Option<String> {
     let (path, query) = match path_and_query.split_once('?') {
         Some((path, query)) => (path, Some(query)),
         None => (path_and_query, None),
     };
-    let rest: Cow<'_, str> = match path.strip_prefix(prefix) {
+    let dotted = path
+        .as_bytes()
+        .windows(2)
+        .any(|pair| pair[0] == b'/' && matches!(pair[1], b'/' | b'.'));
+    let rest: Cow<'_, str> = match path.strip_prefix(prefix).filter(|_| !dotted) {
         Some(rest) => Cow::Borrowed(rest),
         None => {
             let normalized = normalized_path(path);
@@ -185,6 +190,9 @@ mod tests {
             ("//api/x%3Fy", "/api", "/x%3Fy"),
             ("/%61pi/x%25y?z", "/api", "/x%25y?z"),
             ("/other/../api/x", "/api", "/x"),
+            ("/api/./x", "/api", "/x"),
+            ("/api//x", "/api/", "/x"),
+            ("/api/.well-known/x", "/api", "/.well-known/x"),
         ];
         for (target, prefix, stripped) in cases {
             assert_eq!(
