@@ -1007,21 +1007,9 @@ async fn idle_pooled_connections_give_way_when_descriptors_run_out() {
     assert_eq!(futures_util::future::join_all(burst).await, [200; STREAMS]);
     drop(h2);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let proxy = gw.proxy;
-    let clients: Vec<_> = (0..12)
-        .map(|_| {
-            tokio::task::spawn_blocking(move || {
-                raw_exchange(
-                    proxy,
-                    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                )
-            })
-        })
-        .collect();
-    let mut answers = Vec::new();
-    for client in clients {
-        answers.push(client.await.unwrap());
-    }
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let clients = (0..12).map(|_| raw_exchange_off_thread(gw.proxy, request));
+    let answers = futures_util::future::join_all(clients).await;
     limit(limit_leaving(&open, 64));
     // Each one answered at once: served, or refused for want of descriptors (12 clients need
     // 24), none left waiting.
@@ -1061,15 +1049,8 @@ async fn a_request_short_of_a_descriptor_goes_again_once_idle_ones_are_closed() 
     });
     assert_eq!(futures_util::future::join_all(burst).await, [200; 4]);
     // The client's connection takes the free one, none is left for `b`'s.
-    let proxy = gw.proxy;
-    let answer = tokio::task::spawn_blocking(move || {
-        raw_exchange(
-            proxy,
-            b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-    })
-    .await
-    .unwrap();
+    let request = b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange_off_thread(gw.proxy, request).await;
     limit(limit_leaving(&open, 64));
     drop(h2);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");

@@ -19,6 +19,14 @@ fn redis_config(redis: &Redis, backend: &Proc, routes: &str) -> String {
     )
 }
 
+/// [`redis_config`] without Redis: the limits in memory.
+fn memory_config(backend: &Proc, routes: &str) -> String {
+    format!(
+        "[upstreams.app]\ninstances = [\"{}\"]\n\n{routes}",
+        backend.addr()
+    )
+}
+
 /// Fires `n` GETs at once, alternating over `urls`; returns the replies.
 async fn burst(client: &Client, urls: &[String], n: usize, headers: &[(&str, &str)]) -> Vec<Reply> {
     let tasks: Vec<_> = (0..n)
@@ -1096,15 +1104,12 @@ async fn a_limit_raised_by_a_reload_holds_at_once() {
     };
     let strict = rule("limit = 1, period = \"1h\"");
     let loose = rule("limit = 1000, period = \"1m\", burst = 100");
-    let memory = |routes: &str| {
-        format!(
-            "[upstreams.app]\ninstances = [\"{}\"]\n\n{routes}",
-            backend.addr()
-        )
-    };
     let client = client();
     for (gw, loosened) in [
-        (gateway(&memory(&strict)), memory(&loose)),
+        (
+            gateway(&memory_config(&backend, &strict)),
+            memory_config(&backend, &loose),
+        ),
         (
             gateway(&redis_config(&redis, &backend, &strict)),
             redis_config(&redis, &backend, &loose),
@@ -1148,15 +1153,12 @@ async fn a_window_period_changed_by_a_reload_keeps_its_counts() {
             "[[routes]]\nupstream = \"app\"\nrate_limits = [{{ name = \"w\", algorithm = \"sliding_window\", limit = 3, period = \"{period}\" }}]\n"
         )
     };
-    let memory = |routes: &str| {
-        format!(
-            "[upstreams.app]\ninstances = [\"{}\"]\n\n{routes}",
-            backend.addr()
-        )
-    };
     let client = client();
     for (gw, lengthened) in [
-        (gateway(&memory(&rule("1m"))), memory(&rule("1h"))),
+        (
+            gateway(&memory_config(&backend, &rule("1m"))),
+            memory_config(&backend, &rule("1h")),
+        ),
         (
             gateway(&redis_config(&redis, &backend, &rule("1m"))),
             redis_config(&redis, &backend, &rule("1h")),

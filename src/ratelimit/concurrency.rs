@@ -158,7 +158,8 @@ async fn take_back(slots: Arc<Semaphore>, owed: Arc<AtomicUsize>) {
 /// What a refused client is told to wait, in whole seconds: the queue's timeout, rounded up so
 /// that it is not told too soon, and at least 1.
 fn retry_after_secs(queue_timeout: Duration) -> u64 {
-    queue_timeout.as_millis().div_ceil(1000).max(1) as u64
+    let micros = u64::try_from(queue_timeout.as_micros()).unwrap_or(u64::MAX);
+    super::algorithm::ceil_secs(micros).max(1)
 }
 
 #[cfg(test)]
