@@ -741,7 +741,7 @@ fn group_lives(pid: u32) -> bool {
 
 /// Signals the process group led by `pid` (its own, from `process_group(0)`), so whatever the
 /// instance started goes too.
-pub(super) fn signal_group(pid: u32, signal: Signal) {
+fn signal_group(pid: u32, signal: Signal) {
     let Ok(raw) = i32::try_from(pid) else {
         return;
     };
