@@ -419,7 +419,8 @@ async fn to_instance(
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let request_id = added.request_id();
     let stripped;
-    let parts = match without_route_prefix(&runtime.config.routes[route], parts) {
+    let prefix = runtime.route_prefixes[route].as_ref();
+    let parts = match without_route_prefix(&runtime.config.routes[route], prefix, parts) {
         Some(without) => {
             stripped = without;
             &stripped
@@ -596,7 +597,11 @@ async fn to_instance(
 /// `X-Forwarded-Prefix` (Traefik's) saying what was taken off, so the instance can build its
 /// links; the client's own is replaced. `None` on other routes. The cache keys, the access log
 /// and the metrics keep the path the client sent.
-fn without_route_prefix(route: &RouteConfig, parts: &Parts) -> Option<Parts> {
+fn without_route_prefix(
+    route: &RouteConfig,
+    forwarded_prefix: Option<&HeaderValue>,
+    parts: &Parts,
+) -> Option<Parts> {
     if !route.strip_prefix {
         return None;
     }
@@ -607,16 +612,24 @@ fn without_route_prefix(route: &RouteConfig, parts: &Parts) -> Option<Parts> {
     *request.version_mut() = parts.version;
     *request.headers_mut() = parts.headers.clone();
     let (mut stripped, ()) = request.into_parts();
-    // Escaped as in a path: a prefix of other than ASCII goes as `%C3%A9`, as clients send it.
-    let prefix = route.path_prefix.trim_end_matches('/');
-    let prefix = percent_encoding::utf8_percent_encode(prefix, super::router::PATH_ESCAPES);
-    if let Some(value) = HeaderValue::from_str(&prefix.to_string())
-        .ok()
-        .filter(|value| !value.is_empty())
-    {
-        stripped.headers.insert(X_FORWARDED_PREFIX.clone(), value);
+    if let Some(prefix) = forwarded_prefix {
+        stripped
+            .headers
+            .insert(X_FORWARDED_PREFIX.clone(), prefix.clone());
     }
     Some(stripped)
+}
+
+/// The `X-Forwarded-Prefix` a route with `strip_prefix` sends: its prefix without the final
+/// `/`, escaped as in a path (a prefix of other than ASCII goes as `%C3%A9`, as clients send
+/// it); `None` for other routes and for the prefix `/`.
+pub(super) fn forwarded_prefix(route: &RouteConfig) -> Option<HeaderValue> {
+    let prefix = route.path_prefix.trim_end_matches('/');
+    if !route.strip_prefix || prefix.is_empty() {
+        return None;
+    }
+    let escaped = percent_encoding::utf8_percent_encode(prefix, super::router::PATH_ESCAPES);
+    HeaderValue::from_str(&escaped.to_string()).ok()
 }
 
 /// How one attempt on one instance failed, and the error the client gets if it was the last.

@@ -60,6 +60,9 @@ pub struct Runtime {
     pub cache: Arc<crate::cache::Store>,
     /// The cache of each route, by route position; `None` where the route is not cached.
     route_caches: Vec<Option<Arc<crate::cache::RouteCache>>>,
+    /// The `X-Forwarded-Prefix` of each route that strips a prefix other than `/`, by route
+    /// position: made once here, not per request.
+    route_prefixes: Vec<Option<http::HeaderValue>>,
     /// TLS settings for new connections on the HTTPS listener.
     tls: Option<Arc<rustls::ServerConfig>>,
     /// API keys, rate limits and concurrency limits per route.
@@ -115,6 +118,11 @@ impl Runtime {
             }
         };
         let route_caches = crate::cache::RouteCache::for_routes(&config.routes, &cache);
+        let route_prefixes = config
+            .routes
+            .iter()
+            .map(forward::forwarded_prefix)
+            .collect();
         let tls = config
             .tls
             .as_ref()
@@ -131,6 +139,7 @@ impl Runtime {
             route_stats,
             cache,
             route_caches,
+            route_prefixes,
             tls,
             admission,
             metrics: metrics.clone(),
