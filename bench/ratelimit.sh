@@ -17,7 +17,8 @@ start_nginx_backend
 
 redis_port=$(free_port)
 taskset -c "$LOAD_CPU" redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
-PIDS+=($!)
+redis_pid=$!
+PIDS+=("$redis_pid")
 wait_port "$redis_port"
 
 huge='rate_limits = [{ name = "huge", limit = 1000000000, period = "1s", burst = 1000000 }]'
@@ -31,14 +32,21 @@ warm none memory redis
 # decision; it shares CPU 1 with wrk and the instances).
 evalsha_stat() { redis-cli -p "$redis_port" INFO commandstats | tr -d '\r' | awk -F'[=,:]' -v f="$1" '/^cmdstat_evalsha:/ {print $f}'; }
 before=$(evalsha_stat 3); before=${before:-0}
+redis_ticks=0
 for conns in $CONNS; do
   for _ in $(seq "$RUNS"); do
-    for name in none memory redis; do measure "$name" "$conns"; done
+    measure none "$conns"
+    measure memory "$conns"
+    ticks0=$(cpu_ticks "$redis_pid")
+    measure redis "$conns"
+    redis_ticks=$((redis_ticks + $(cpu_ticks "$redis_pid") - ticks0))
   done
 done
 after=$(evalsha_stat 3)
 summarize none
 requests=$(awk -F'\t' '$1 == "redis" {n += $8} END {print n}' "$RESULTS")
 awk -v e=$((after - before)) -v n="$requests" \
-  'BEGIN {printf "\nRedis: %d EVALSHA for %d requests = %.4f round trips per request\n", e, n, e / n}'
+  'BEGIN {printf "\nRedis: %d EVALSHA for %d requests = %.4f calls per request\n", e, n, e / n}'
 echo "Redis CPU per EVALSHA (INFO commandstats usec_per_call, whole run incl. warm-up): $(evalsha_stat 7) µs"
+awk -v t="$redis_ticks" -v hz="$(getconf CLK_TCK)" -v n="$requests" \
+  'BEGIN {printf "Redis process CPU (utime+stime over the redis runs) per request: %.1f µs\n", t / hz * 1e6 / n}'

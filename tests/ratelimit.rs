@@ -1184,3 +1184,93 @@ async fn a_window_period_changed_by_a_reload_keeps_its_counts() {
     let ttl: i64 = redis::cmd("PTTL").arg(key).query(&mut conn).unwrap();
     assert!(ttl > 3_600_000, "{ttl}");
 }
+
+/// EVALSHA calls Redis counted so far.
+fn evalsha_calls(redis: &Redis) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.conn())
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_waiting_for_redis_go_out_together_and_stay_exact() {
+    use scalegate::config::limits::{OnRedisError, StateConfig};
+    use scalegate::ratelimit::algorithm::{Algorithm, Quota};
+    use scalegate::ratelimit::redis_store::RedisStore;
+    use scalegate::ratelimit::LimitKey;
+    use scalegate::redis_link::RedisLink;
+
+    let redis = Redis::start_with(None, &["--enable-debug-command", "yes"], None);
+    let link = RedisLink::new(&StateConfig {
+        redis_urls: vec![redis.url()],
+        redis_ca: None,
+        redis_cluster: false,
+        redis_timeout: Duration::from_secs(5),
+        on_redis_error: OnRedisError::Local,
+    });
+    link.start().await.unwrap();
+    let store = RedisStore::new(link);
+    let minute = 60_000_000;
+    // 15 at once (the first and a burst of 14), then none for a minute.
+    let gcra = Quota {
+        algorithm: Algorithm::Gcra,
+        limit: 1,
+        period_us: minute,
+        burst: 14,
+    };
+    // The same rule after a reload made it a window of 10 a minute.
+    let window = Quota {
+        algorithm: Algorithm::SlidingWindow,
+        limit: 10,
+        period_us: minute,
+        burst: 0,
+    };
+    let prefix = scalegate::ratelimit::redis_prefix("batched");
+    let other = scalegate::ratelimit::redis_prefix("warm-up");
+    let key = LimitKey::Route("/");
+    // Loads the script, so that every call counted below is a decision.
+    store.decide(&[(&other[..], &gcra, key)]).await.unwrap();
+    let calls_before = evalsha_calls(&redis);
+
+    let mut sleeper = redis.conn();
+    let asleep = std::thread::spawn(move || {
+        let () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("0.6")
+            .query(&mut sleeper)
+            .unwrap();
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Two requests while Redis sleeps: their calls go out and wait with it.
+    let first = [(&prefix[..], &gcra, key)];
+    let first = futures_util::future::join_all([store.decide(&first), store.decide(&first)]);
+    // 40 more, 20 under each form of the rule, in that order: they wait for the first two
+    // calls, then go out together.
+    let checks: Vec<_> = (0..40)
+        .map(|i| [(&prefix[..], if i < 20 { &gcra } else { &window }, key)])
+        .collect();
+    let rest = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        futures_util::future::join_all(checks.iter().map(|check| store.decide(check))).await
+    };
+    let (first, decisions) = tokio::join!(first, rest);
+    asleep.join().unwrap();
+    assert!(first
+        .iter()
+        .all(|decision| decision.as_ref().unwrap()[0].allowed));
+
+    let allowed: Vec<bool> = decisions
+        .iter()
+        .map(|decision| decision.as_ref().expect("decided at Redis")[0].allowed)
+        .collect();
+    let passed = |range: std::ops::Range<usize>| allowed[range].iter().filter(|a| **a).count();
+    assert_eq!(passed(0..20), 13, "{allowed:?}");
+    assert_eq!(passed(20..40), 10, "{allowed:?}");
+    let calls = evalsha_calls(&redis) - calls_before;
+    assert_eq!(calls, 3, "42 decisions took {calls} calls");
+}

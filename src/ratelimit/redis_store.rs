@@ -1,11 +1,13 @@
-//! The shared store: one Lua script per request (EVALSHA, loaded again on NOSCRIPT), time
+//! The shared store: one Lua script per decision call (EVALSHA, loaded again on NOSCRIPT), time
 //! from Redis `TIME` so replicas with skewed clocks agree, keys expiring on their own. Calls go
-//! through the gateway's [`RedisLink`]: while it is down, decisions fall back.
+//! through the gateway's [`RedisLink`]: while it is down, decisions fall back. On one node,
+//! decisions asked for while earlier ones are at Redis go out together in one call.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
 use smallvec::SmallVec;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::algorithm::{
     decide_all, Algorithm, JointDecision, Quota, RateDecision, SlotState, Window,
@@ -13,18 +15,22 @@ use super::algorithm::{
 use super::client::LimitKey;
 use crate::redis_link::{Connection, RedisLink};
 
-/// Reads each rule's state and returns what it read: {now, then a, b, c, d per key}. GCRA
-/// (ARGV triple 'g', T, τ): a = stored TAT or -1. Sliding window ('w', period, limit): a =
-/// stored window index or -1, b = its previous count, c = its current count, d = the period it
-/// was cut by (a key from before periods were stored has none: the rule's). Counts of another
-/// period go to the latest window of this one they may fall in (`Window::counts_at`), and are
-/// stored so, whatever the decision, as a TAT beyond the cap is (`algorithm::restate`). When
-/// every rule lets the request pass, applies to each the update `algorithm::decide` makes; when
-/// one refuses it, to none (`algorithm::decide_all`). A key of another type (the rule's algorithm changed, or
-/// something else wrote it) is deleted and read as absent, as an unparsable value is: a
-/// WRONGTYPE error would fail every decision on it, for as long as the key lives. Expiries are
-/// relative (PX), as Redis before 6.2 has no PXAT. Kept lean: it runs in Redis for every
-/// request.
+/// Decides requests one after another, each under its rules, and returns what it read: {now,
+/// then a, b, c, d per key}. ARGV per request: its number of keys n, then a triple per key;
+/// KEYS: every request's keys in order. GCRA (triple 'g', T, τ): a = stored TAT or -1. Sliding
+/// window ('w', period, limit): a = stored window index or -1, b = its previous count, c = its
+/// current count, d = the period it was cut by (a key from before periods were stored has none:
+/// the rule's). Counts of another period go to the latest window of this one they may fall in
+/// (`Window::counts_at`), and are stored so, whatever the decision, as a TAT beyond the cap is
+/// (`algorithm::restate`). When every rule of a request lets it pass, applies to each the
+/// update `algorithm::decide` makes; when one refuses it, to none (`algorithm::decide_all`). A
+/// later request of the same call sees what an earlier one booked, as a later call would: each
+/// key is read once, held in the script while the call lasts and written once at its end, so
+/// the requests of one busy client, which share a key, cost one read and one write. A key of another type (the rule's algorithm
+/// changed, or something else wrote it) is deleted and read as absent, as an unparsable value
+/// is: a WRONGTYPE error would fail every decision on it, for as long as the key lives.
+/// Expiries are relative (PX), as Redis before 6.2 has no PXAT. Kept lean: it runs in Redis for
+/// every request.
 const SCRIPT: &str = r"
 local function read(command, key, ...)
   local r = redis.pcall(command, key, ...)
@@ -36,56 +42,86 @@ local function read(command, key, ...)
 end
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
-local function set_tat(key, tat)
-  redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil(tat / 1000) + 1 - math.floor(now / 1000))
-end
-local function set_window(key, w, prev, curr, x)
-  redis.call('HSET', key, 'w', string.format('%.0f', w), 'p', prev, 'c', curr, 'l', x)
-  redis.call('PEXPIRE', key, math.ceil((w + 2) * x / 1000) - math.floor(now / 1000))
-end
-local reply, book, pass = {now}, {}, true
-for i, key in ipairs(KEYS) do
-  local x, y = tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
-  if ARGV[3 * i - 2] == 'g' then
-    local stored = tonumber(read('GET', key))
-    local tat = stored or now
-    if tat < now then tat = now end
-    if tat > now + y + x then
-      tat = now + y + x
-      set_tat(key, tat)
-    end
-    if now + y >= tat then book[i] = {tat + x} else pass = false end
-    reply[4 * i - 2], reply[4 * i - 1], reply[4 * i], reply[4 * i + 1] = stored or -1, 0, 0, 0
-  else
-    local s = read('HMGET', key, 'w', 'p', 'c', 'l') or {}
-    local sw, sp, sc, sl = tonumber(s[1]), tonumber(s[2]) or 0, tonumber(s[3]) or 0, tonumber(s[4]) or x
-    local w = math.floor(now / x)
-    local elapsed = now - w * x
-    local prev, curr = 0, 0
-    if sw then
-      local ends = {math.max(sw * sl - 1, 0), math.min((sw + 1) * sl - 1, now)}
-      for j, count in ipairs({sp, sc}) do
-        local back = w - math.floor(ends[j] / x)
-        if back == 0 then curr = curr + count elseif back == 1 then prev = prev + count end
-      end
-      if sl ~= x then set_window(key, w, prev, curr, x) end
-    end
-    if prev * (x - elapsed) + (curr + 1) * x <= y * x then
-      book[i] = {w, prev, curr + 1, x}
-    else
-      pass = false
-    end
-    reply[4 * i - 2], reply[4 * i - 1], reply[4 * i], reply[4 * i + 1] = sw or -1, sp, sc, sl
+local held, changed = {}, {}
+local function hold(key, state)
+  if not held[key].changed then
+    held[key].changed = true
+    changed[#changed + 1] = key
   end
+  held[key].state = state
 end
-if pass then
-  for i, key in ipairs(KEYS) do
-    local b = book[i]
-    if #b == 1 then
-      set_tat(key, b[1])
-    else
-      set_window(key, b[1], b[2], b[3], b[4])
+local reply, r, k, a = {now}, 1, 0, 1
+while a <= #ARGV do
+  local n, book, pass = tonumber(ARGV[a]), {}, true
+  for i = 1, n do
+    local key, kind = KEYS[k + i], ARGV[a + 3 * i - 2]
+    local x, y = tonumber(ARGV[a + 3 * i - 1]), tonumber(ARGV[a + 3 * i])
+    if held[key] and held[key].kind ~= kind then
+      -- The rule's algorithm changed between two requests of this call (a reload).
+      redis.call('DEL', key)
+      held[key] = {state = false, kind = kind, changed = held[key].changed}
     end
+    if not held[key] then
+      local state = false
+      if kind == 'g' then
+        state = tonumber(read('GET', key)) or false
+      else
+        local s = read('HMGET', key, 'w', 'p', 'c', 'l') or {}
+        if tonumber(s[1]) then
+          state = {tonumber(s[1]), tonumber(s[2]) or 0, tonumber(s[3]) or 0, tonumber(s[4]) or x}
+        end
+      end
+      held[key] = {state = state, kind = kind}
+    end
+    local stored = held[key].state
+    if kind == 'g' then
+      local tat = stored or now
+      if tat < now then tat = now end
+      if tat > now + y + x then
+        tat = now + y + x
+        hold(key, tat)
+      end
+      if now + y >= tat then book[i] = tat + x else pass = false end
+      reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4] = stored or -1, 0, 0, 0
+    else
+      local w = math.floor(now / x)
+      local elapsed = now - w * x
+      local prev, curr = 0, 0
+      if stored then
+        local sw, sl = stored[1], stored[4]
+        local ends = {math.max(sw * sl - 1, 0), math.min((sw + 1) * sl - 1, now)}
+        for j, count in ipairs({stored[2], stored[3]}) do
+          local back = w - math.floor(ends[j] / x)
+          if back == 0 then curr = curr + count elseif back == 1 then prev = prev + count end
+        end
+        if sl ~= x then hold(key, {w, prev, curr, x}) end
+        reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4] = sw, stored[2], stored[3], sl
+      else
+        reply[r + 1], reply[r + 2], reply[r + 3], reply[r + 4] = -1, 0, 0, x
+      end
+      if prev * (x - elapsed) + (curr + 1) * x <= y * x then
+        book[i] = {w, prev, curr + 1, x}
+      else
+        pass = false
+      end
+    end
+    r = r + 4
+  end
+  if pass then
+    for i = 1, n do hold(KEYS[k + i], book[i]) end
+  end
+  k, a = k + n, a + 1 + 3 * n
+end
+for _, key in ipairs(changed) do
+  local h = held[key]
+  if not h.state then
+  elseif h.kind == 'g' then
+    local tat = h.state
+    redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil(tat / 1000) + 1 - math.floor(now / 1000))
+  else
+    local w, x = h.state[1], h.state[4]
+    redis.call('HSET', key, 'w', string.format('%.0f', w), 'p', h.state[2], 'c', h.state[3], 'l', x)
+    redis.call('PEXPIRE', key, math.ceil((w + 2) * x / 1000) - math.floor(now / 1000))
   end
 end
 return reply
@@ -124,18 +160,64 @@ return 1
 /// the request's key under it.
 pub type RedisCheck<'a> = (&'a [u8], &'a Quota, LimitKey<'a>);
 
+/// Decision calls at Redis at once. Decisions asked for while they are out wait, and go out
+/// together in the next call: Redis spends much of a decision's cost on the call itself (the
+/// script's start and its `TIME`), and it shares the machine with everything else.
+const CALLS_IN_FLIGHT: usize = 2;
+
+/// Requests decided in one call at most, so that one call does not hold Redis for long.
+const MOST_PER_CALL: usize = 64;
+
+/// One request's rules as [`SCRIPT`] takes them, owned so that they can wait for a call.
+struct Decision {
+    keys: SmallVec<[SmallVec<[u8; 96]>; 2]>,
+    rules: SmallVec<[(&'static str, u64, u64); 2]>,
+}
+
+impl Decision {
+    fn new(checks: &[RedisCheck<'_>]) -> Decision {
+        Decision {
+            keys: checks
+                .iter()
+                .map(|(prefix, _, key)| key.redis_key(prefix))
+                .collect(),
+            rules: checks
+                .iter()
+                .map(|(_, quota, _)| match quota.algorithm {
+                    Algorithm::Gcra => ("g", quota.interval_us(), quota.tolerance_us()),
+                    Algorithm::SlidingWindow => ("w", quota.period_us, quota.limit),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The reply of a decision call, and where one request's states start in it; `None` when the
+/// call failed.
+type CallReply = Option<(Arc<Vec<i64>>, usize)>;
+
+/// A decision waiting for its call.
+struct Waiting {
+    decision: Decision,
+    reply: oneshot::Sender<CallReply>,
+}
+
 pub struct RedisStore {
     link: Arc<RedisLink>,
-    script: Script,
+    script: Arc<Script>,
     give_back: Script,
+    /// To the task sending the decision calls, started on the first decision (inside the
+    /// runtime).
+    queue: OnceLock<mpsc::UnboundedSender<Waiting>>,
 }
 
 impl RedisStore {
     pub fn new(link: Arc<RedisLink>) -> RedisStore {
         RedisStore {
             link,
-            script: Script::new(SCRIPT),
+            script: Arc::new(Script::new(SCRIPT)),
             give_back: Script::new(GIVE_BACK),
+            queue: OnceLock::new(),
         }
     }
 
@@ -146,24 +228,49 @@ impl RedisStore {
     /// Decides one request under its route's rules at Redis; `None` when the link is down or
     /// a call failed (which marks it down).
     ///
-    /// On one node that is one EVALSHA over all the rules' keys, booked in all or none. A
-    /// cluster keeps keys of different slots on different nodes, out of one script's reach:
-    /// there each rule is one EVALSHA, in order; the first refusal ends the request's
-    /// decisions, and what the rules before it booked is given back.
+    /// On one node the request's rules are decided in one call, booked in all or none, with
+    /// the other requests waiting for a call then. A cluster keeps keys of different slots on
+    /// different nodes, out of one script's reach: there each rule is one call, in order; the
+    /// first refusal ends the request's decisions, and what the rules before it booked is
+    /// given back.
     pub async fn decide(&self, checks: &[RedisCheck<'_>]) -> Option<SmallVec<[RateDecision; 4]>> {
-        let per_call = if self.link.state.redis_cluster {
-            1
-        } else {
-            checks.len().max(1)
-        };
+        if self.link.state.redis_cluster {
+            return self.decide_rule_by_rule(checks).await;
+        }
+        if !self.link.is_up() {
+            return None;
+        }
+        let (reply, answer) = oneshot::channel();
+        let decision = Decision::new(checks);
+        self.queue().send(Waiting { decision, reply }).ok()?;
+        let (reply, at) = answer.await.ok()??;
+        let states = reply.get(at..at + 4 * checks.len())?;
+        let (joint, _) = read_reply(checks, reply[0], states)?;
+        Some(joint.decisions)
+    }
+
+    fn queue(&self) -> &mpsc::UnboundedSender<Waiting> {
+        self.queue.get_or_init(|| {
+            let (queue, waiting) = mpsc::unbounded_channel();
+            tokio::spawn(send_calls(self.link.clone(), self.script.clone(), waiting));
+            queue
+        })
+    }
+
+    /// [`RedisStore::decide`] on a cluster.
+    async fn decide_rule_by_rule(
+        &self,
+        checks: &[RedisCheck<'_>],
+    ) -> Option<SmallVec<[RateDecision; 4]>> {
         self.link
             .call(|mut connection| async move {
                 let mut decisions = SmallVec::new();
-                // On a cluster: the rules that booked the request so far, with Redis's time.
+                // The rules that booked the request so far, with Redis's time.
                 let mut booked: SmallVec<[(&RedisCheck<'_>, u64); 4]> = SmallVec::new();
-                for group in checks.chunks(per_call) {
-                    let reply = run(&mut connection, &self.script, &self.command(group)).await;
-                    let reply: Vec<i64> = match reply {
+                for check in checks {
+                    let one = std::slice::from_ref(check);
+                    let cmd = decision_command(&self.script, std::iter::once(&Decision::new(one)));
+                    let reply: Vec<i64> = match run(&mut connection, &self.script, &cmd).await {
                         Ok(reply) => reply,
                         Err(err) => {
                             // The request is decided again without Redis: what the rules
@@ -172,17 +279,18 @@ impl RedisStore {
                             return Err(err);
                         }
                     };
-                    let (joint, now) = read_reply(group, &reply).ok_or_else(|| {
-                        RedisError::from((ErrorKind::Parse, "rate-limit script reply"))
-                    })?;
+                    let (joint, now) = reply
+                        .split_first()
+                        .and_then(|(now, states)| read_reply(one, *now, states))
+                        .ok_or_else(|| {
+                            RedisError::from((ErrorKind::Parse, "rate-limit script reply"))
+                        })?;
                     decisions.extend_from_slice(&joint.decisions);
                     if !joint.allowed() {
                         self.give_back(&mut connection, &booked).await;
                         break;
                     }
-                    if let [check] = group {
-                        booked.push((check, now));
-                    }
+                    booked.push((check, now));
                 }
                 Ok(decisions)
             })
@@ -216,27 +324,89 @@ impl RedisStore {
         };
         cmd
     }
+}
 
-    /// EVALSHA of the script over `group`'s keys.
-    fn command(&self, group: &[RedisCheck<'_>]) -> Cmd {
-        let mut cmd = Cmd::with_capacity(3 + 4 * group.len(), 64 + 96 * group.len());
-        cmd.arg("EVALSHA")
-            .arg(self.script.get_hash())
-            .arg(group.len());
-        for (prefix, _, key) in group {
-            cmd.arg(&key.redis_key(prefix)[..]);
+/// Sends the waiting decisions, all that wait (up to [`MOST_PER_CALL`]) in each call, with at
+/// most [`CALLS_IN_FLIGHT`] calls out at once. Ends with the store.
+async fn send_calls(
+    link: Arc<RedisLink>,
+    script: Arc<Script>,
+    mut waiting: mpsc::UnboundedReceiver<Waiting>,
+) {
+    let in_flight = Arc::new(Semaphore::new(CALLS_IN_FLIGHT));
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = Vec::with_capacity(MOST_PER_CALL);
+        if waiting.recv_many(&mut batch, MOST_PER_CALL).await == 0 {
+            return;
         }
-        for (_, quota, _) in group {
-            match quota.algorithm {
-                Algorithm::Gcra => cmd
-                    .arg("g")
-                    .arg(quota.interval_us())
-                    .arg(quota.tolerance_us()),
-                Algorithm::SlidingWindow => cmd.arg("w").arg(quota.period_us).arg(quota.limit),
-            };
-        }
-        cmd
+        let (link, script) = (link.clone(), script.clone());
+        tokio::spawn(async move {
+            let reply = decide_batch(&link, &script, &batch).await.map(Arc::new);
+            let mut at = 1;
+            for Waiting {
+                decision,
+                reply: to,
+            } in batch
+            {
+                // Nobody waits when the request's client left.
+                let _ = to.send(reply.clone().map(|reply| (reply, at)));
+                at += 4 * decision.keys.len();
+            }
+            drop(permit);
+        });
     }
+}
+
+/// One call deciding `batch` in order: the script's reply, checked for its length.
+async fn decide_batch(
+    link: &Arc<RedisLink>,
+    script: &Script,
+    batch: &[Waiting],
+) -> Option<Vec<i64>> {
+    let cmd = decision_command(script, batch.iter().map(|waiting| &waiting.decision));
+    let keys: usize = batch
+        .iter()
+        .map(|waiting| waiting.decision.keys.len())
+        .sum();
+    link.call(|mut connection| {
+        let cmd = &cmd;
+        async move {
+            let reply: Vec<i64> = run(&mut connection, script, cmd).await?;
+            if reply.len() != 1 + 4 * keys {
+                return Err(RedisError::from((
+                    ErrorKind::Parse,
+                    "rate-limit script reply",
+                )));
+            }
+            Ok(reply)
+        }
+    })
+    .await
+}
+
+/// EVALSHA of [`SCRIPT`] deciding `decisions`, in order.
+fn decision_command<'d>(
+    script: &Script,
+    decisions: impl Iterator<Item = &'d Decision> + Clone,
+) -> Cmd {
+    let keys: usize = decisions.clone().map(|decision| decision.keys.len()).sum();
+    let mut cmd = Cmd::with_capacity(3 + 5 * keys, 64 + 128 * keys);
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+    for decision in decisions.clone() {
+        for key in &decision.keys {
+            cmd.arg(&key[..]);
+        }
+    }
+    for decision in decisions {
+        cmd.arg(decision.keys.len());
+        for (kind, x, y) in &decision.rules {
+            cmd.arg(*kind).arg(*x).arg(*y);
+        }
+    }
+    cmd
 }
 
 /// `cmd` (an EVALSHA of `script`), loading the script first when Redis does not have it
@@ -255,10 +425,10 @@ async fn run<T: redis::FromRedisValue>(
     }
 }
 
-/// The decisions the script's reply stands for, and Redis's time (µs): the same computation
-/// over the same states, at that time. `None` when the reply does not have the script's shape.
-fn read_reply(group: &[RedisCheck<'_>], reply: &[i64]) -> Option<(JointDecision, u64)> {
-    let (&now, states) = reply.split_first()?;
+/// The decisions a request's `states` in the script's reply stand for, and Redis's time (µs)
+/// from `now`: the same computation over the same states, at that time. `None` when the states
+/// do not have the script's shape.
+fn read_reply(group: &[RedisCheck<'_>], now: i64, states: &[i64]) -> Option<(JointDecision, u64)> {
     if states.len() != 4 * group.len() {
         return None;
     }
