@@ -3,8 +3,12 @@
 # store and with the Redis store, side by side (alternating runs), and the Redis round trips
 # each request costs (EVALSHA calls counted by Redis / requests). The gateways alone on CPU 0;
 # wrk, the instances and redis-server on CPU 1. Targets: memory ≥ 0.97×, Redis ≥ 0.7× of none.
+# By default every request comes from one client (one key per rule); with CLIENTS=N the rule
+# counts by an X-Client header naming one of N clients in turn (bench/many_clients.lua, in
+# every cell), so each decision call to Redis meets mostly different keys.
 #
 #   bench/ratelimit.sh                 # 64 connections, 5 s runs, 5 runs each
+#   CLIENTS=10000 bench/ratelimit.sh   # 10,000 keys
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-5}
@@ -21,7 +25,13 @@ redis_pid=$!
 PIDS+=("$redis_pid")
 wait_port "$redis_port"
 
-huge='rate_limits = [{ name = "huge", limit = 1000000000, period = "1s", burst = 1000000 }]'
+key=ip
+if [ -n "${CLIENTS:-}" ]; then
+  key=header:X-Client
+  WRK_ARGS="${WRK_ARGS:-} -s bench/many_clients.lua"
+  export CLIENTS
+fi
+huge="rate_limits = [{ name = \"huge\", key = \"$key\", limit = 1000000000, period = \"1s\", burst = 1000000 }]"
 start_scalegate none
 start_scalegate memory "" "$huge"
 SERVER_EXTRA=$(printf '[state]\nredis_url = "redis://127.0.0.1:%s"\n[rate_limit]\nstore = "redis"\n' "$redis_port") \
