@@ -1197,15 +1197,30 @@ fn evalsha_calls(redis: &Redis) -> u64 {
         .map_or(0, |calls| calls.parse().unwrap())
 }
 
+/// Keeps `redis` busy for `millis` in a script of its own, from another thread.
+fn hold_redis(redis: &Redis, millis: u64) -> std::thread::JoinHandle<()> {
+    let mut conn = redis.conn();
+    std::thread::spawn(move || {
+        let busy = "local t0 = redis.call('TIME') repeat local t = redis.call('TIME') \
+                    until (t[1] - t0[1]) * 1000000 + t[2] - t0[2] > tonumber(ARGV[1]) * 1000";
+        let () = redis::cmd("EVAL")
+            .arg(busy)
+            .arg(0)
+            .arg(millis)
+            .query(&mut conn)
+            .unwrap();
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decisions_waiting_for_redis_go_out_together_and_stay_exact() {
     use scalegate::config::limits::{OnRedisError, StateConfig};
     use scalegate::ratelimit::algorithm::{Algorithm, Quota};
     use scalegate::ratelimit::redis_store::RedisStore;
-    use scalegate::ratelimit::LimitKey;
+    use scalegate::ratelimit::{redis_prefix, LimitKey};
     use scalegate::redis_link::RedisLink;
 
-    let redis = Redis::start_with(None, &["--enable-debug-command", "yes"], None);
+    let redis = Redis::start(None);
     let link = RedisLink::new(&StateConfig {
         redis_urls: vec![redis.url()],
         redis_ca: None,
@@ -1216,61 +1231,80 @@ async fn decisions_waiting_for_redis_go_out_together_and_stay_exact() {
     link.start().await.unwrap();
     let store = RedisStore::new(link);
     let minute = 60_000_000;
-    // 15 at once (the first and a burst of 14), then none for a minute.
-    let gcra = Quota {
+    let gcra = |burst| Quota {
         algorithm: Algorithm::Gcra,
         limit: 1,
         period_us: minute,
-        burst: 14,
+        burst,
     };
-    // The same rule after a reload made it a window of 10 a minute.
-    let window = Quota {
+    let window = |limit| Quota {
         algorithm: Algorithm::SlidingWindow,
-        limit: 10,
+        limit,
         period_us: minute,
         burst: 0,
     };
-    let prefix = scalegate::ratelimit::redis_prefix("batched");
-    let other = scalegate::ratelimit::redis_prefix("warm-up");
+    // 15 at once (the first and a burst of 14), then none for a minute; and the same rule after
+    // a reload made it a window of 10 a minute.
+    let (fifteen, ten) = (gcra(14), window(10));
+    // A route with two rules: 5 at once by one, 3 a minute by the other.
+    let (five, three) = (gcra(4), window(3));
+    let (prefix, pair_a, pair_b) = (
+        redis_prefix("batched"),
+        redis_prefix("pair-a"),
+        redis_prefix("pair-b"),
+    );
     let key = LimitKey::Route("/");
     // Loads the script, so that every call counted below is a decision.
-    store.decide(&[(&other[..], &gcra, key)]).await.unwrap();
+    let warm_up = redis_prefix("warm-up");
+    store.decide(&[(&warm_up[..], &five, key)]).await.unwrap();
     let calls_before = evalsha_calls(&redis);
 
-    let mut sleeper = redis.conn();
-    let asleep = std::thread::spawn(move || {
-        let () = redis::cmd("DEBUG")
-            .arg("SLEEP")
-            .arg("0.6")
-            .query(&mut sleeper)
-            .unwrap();
-    });
+    let busy = hold_redis(&redis, 600);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // Two requests while Redis sleeps: their calls go out and wait with it.
-    let first = [(&prefix[..], &gcra, key)];
+    // Two requests while Redis is busy: their calls go out and wait with it.
+    let first = [(&prefix[..], &fifteen, key)];
     let first = futures_util::future::join_all([store.decide(&first), store.decide(&first)]);
-    // 40 more, 20 under each form of the rule, in that order: they wait for the first two
-    // calls, then go out together.
-    let checks: Vec<_> = (0..40)
-        .map(|i| [(&prefix[..], if i < 20 { &gcra } else { &window }, key)])
+    // 50 more, which wait for the first two calls, then go out together: 20 under each form of
+    // the one rule, in that order, with 10 under the two rules among them.
+    let checks: Vec<Vec<_>> = (0..50)
+        .map(|i| match i {
+            0..20 => vec![(&prefix[..], &fifteen, key)],
+            20..30 => vec![(&pair_a[..], &five, key), (&pair_b[..], &three, key)],
+            _ => vec![(&prefix[..], &ten, key)],
+        })
         .collect();
     let rest = async {
         tokio::time::sleep(Duration::from_millis(100)).await;
         futures_util::future::join_all(checks.iter().map(|check| store.decide(check))).await
     };
     let (first, decisions) = tokio::join!(first, rest);
-    asleep.join().unwrap();
+    busy.join().unwrap();
     assert!(first
         .iter()
         .all(|decision| decision.as_ref().unwrap()[0].allowed));
 
-    let allowed: Vec<bool> = decisions
-        .iter()
-        .map(|decision| decision.as_ref().expect("decided at Redis")[0].allowed)
+    let decisions: Vec<_> = decisions
+        .into_iter()
+        .map(|decision| decision.expect("decided at Redis"))
         .collect();
-    let passed = |range: std::ops::Range<usize>| allowed[range].iter().filter(|a| **a).count();
-    assert_eq!(passed(0..20), 13, "{allowed:?}");
-    assert_eq!(passed(20..40), 10, "{allowed:?}");
+    let passed = |range: std::ops::Range<usize>, rule: usize| {
+        decisions[range]
+            .iter()
+            .filter(|rules| rules[rule].allowed)
+            .count()
+    };
+    // 2 of the first 15 went first; the window starts afresh when the rule changes.
+    assert_eq!(passed(0..20, 0), 13, "{decisions:?}");
+    assert_eq!(passed(30..50, 0), 10, "{decisions:?}");
+    // Both rules booked the 3 the window let pass, and only those: the first rule, which
+    // would take 5, lets all 10 pass.
+    assert_eq!(passed(20..30, 0), 10, "{decisions:?}");
+    assert_eq!(passed(20..30, 1), 3, "{decisions:?}");
+    let two_rule_passes = decisions[20..30]
+        .iter()
+        .filter(|rules| rules.iter().all(|rule| rule.allowed))
+        .count();
+    assert_eq!(two_rule_passes, 3);
     let calls = evalsha_calls(&redis) - calls_before;
-    assert_eq!(calls, 3, "42 decisions took {calls} calls");
+    assert_eq!(calls, 3, "52 decisions took {calls} calls");
 }

@@ -4,10 +4,12 @@
 //! decisions asked for while earlier ones are at Redis go out together in one call.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use redis::{Cmd, ErrorKind, RedisError, Script, ServerErrorKind};
 use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
 
 use super::algorithm::{
     decide_all, Algorithm, JointDecision, Quota, RateDecision, SlotState, Window,
@@ -160,9 +162,10 @@ return 1
 /// the request's key under it.
 pub type RedisCheck<'a> = (&'a [u8], &'a Quota, LimitKey<'a>);
 
-/// Decision calls at Redis at once. Decisions asked for while they are out wait, and go out
-/// together in the next call: Redis spends much of a decision's cost on the call itself (the
-/// script's start and its `TIME`), and it shares the machine with everything else.
+/// Decision calls at Redis at once, one being run and one on its way, unless they leave full.
+/// Decisions asked for while they are out wait, and go out together in the next call: Redis
+/// spends much of a decision's cost on the call itself (the script's start and its `TIME`), and
+/// it shares the machine with everything else.
 const CALLS_IN_FLIGHT: usize = 2;
 
 /// Requests decided in one call at most, so that one call does not hold Redis for long.
@@ -199,6 +202,7 @@ type CallReply = Option<(Arc<Vec<i64>>, usize)>;
 /// A decision waiting for its call.
 struct Waiting {
     decision: Decision,
+    since: Instant,
     reply: oneshot::Sender<CallReply>,
 }
 
@@ -242,7 +246,14 @@ impl RedisStore {
         }
         let (reply, answer) = oneshot::channel();
         let decision = Decision::new(checks);
-        self.queue().send(Waiting { decision, reply }).ok()?;
+        let since = Instant::now();
+        self.queue()
+            .send(Waiting {
+                decision,
+                since,
+                reply,
+            })
+            .ok()?;
         let (reply, at) = answer.await.ok()??;
         let states = reply.get(at..at + 4 * checks.len())?;
         let (joint, _) = read_reply(checks, reply[0], states)?;
@@ -327,20 +338,32 @@ impl RedisStore {
 }
 
 /// Sends the waiting decisions, all that wait (up to [`MOST_PER_CALL`]) in each call, with at
-/// most [`CALLS_IN_FLIGHT`] calls out at once. Ends with the store.
+/// most [`CALLS_IN_FLIGHT`] calls out at once; a call that leaves full lets the next one go at
+/// once, so that a backlog goes out as fast as Redis takes it. Ends with the store.
 async fn send_calls(
     link: Arc<RedisLink>,
     script: Arc<Script>,
     mut waiting: mpsc::UnboundedReceiver<Waiting>,
 ) {
     let in_flight = Arc::new(Semaphore::new(CALLS_IN_FLIGHT));
+    let mut last_full = false;
     loop {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
+        let permit = if last_full {
+            None
+        } else {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            Some(permit)
         };
         let mut batch = Vec::with_capacity(MOST_PER_CALL);
         if waiting.recv_many(&mut batch, MOST_PER_CALL).await == 0 {
             return;
+        }
+        last_full = batch.len() == MOST_PER_CALL;
+        pass_over_stale(&mut batch, Instant::now(), link.state.redis_timeout);
+        if batch.is_empty() {
+            continue;
         }
         let (link, script) = (link.clone(), script.clone());
         tokio::spawn(async move {
@@ -349,6 +372,7 @@ async fn send_calls(
             for Waiting {
                 decision,
                 reply: to,
+                ..
             } in batch
             {
                 // Nobody waits when the request's client left.
@@ -357,6 +381,19 @@ async fn send_calls(
             }
             drop(permit);
         });
+    }
+}
+
+/// Takes out of `batch` the decisions whose client left, and those that waited for a call
+/// longer than `limit` (`redis_timeout`: Redis takes them slower than they come), which are
+/// answered `None` and so decided as when Redis does not answer in time. Neither goes to Redis.
+fn pass_over_stale(batch: &mut Vec<Waiting>, now: Instant, limit: Duration) {
+    let stale = |waiting: &mut Waiting| {
+        waiting.reply.is_closed() || now.saturating_duration_since(waiting.since) > limit
+    };
+    for waiting in batch.extract_if(.., stale) {
+        // Fails, unheard, for a client that left.
+        let _ = waiting.reply.send(None);
     }
 }
 
@@ -450,4 +487,44 @@ fn read_reply(group: &[RedisCheck<'_>], now: i64, states: &[i64]) -> Option<(Joi
         });
     let now = now.max(0) as u64;
     Some((decide_all(stored, now), now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(since: Instant) -> (Waiting, oneshot::Receiver<CallReply>) {
+        let (reply, answer) = oneshot::channel();
+        let decision = Decision::new(&[]);
+        (
+            Waiting {
+                decision,
+                since,
+                reply,
+            },
+            answer,
+        )
+    }
+
+    #[test]
+    fn decisions_that_waited_too_long_fall_back_and_those_of_clients_gone_are_dropped() {
+        let t0 = Instant::now();
+        let limit = Duration::from_millis(50);
+        let (old, mut old_answer) = waiting(t0);
+        let (fresh, mut fresh_answer) = waiting(t0 + Duration::from_millis(20));
+        let (gone, gone_answer) = waiting(t0 + Duration::from_millis(30));
+        drop(gone_answer);
+        let (due, mut due_answer) = waiting(t0 + Duration::from_millis(10));
+        let mut batch = vec![old, fresh, gone, due];
+        pass_over_stale(&mut batch, t0 + Duration::from_millis(60), limit);
+        // What stays keeps its order; only the one past the limit was answered.
+        let since: Vec<_> = batch.iter().map(|waiting| waiting.since - t0).collect();
+        assert_eq!(
+            since,
+            [Duration::from_millis(20), Duration::from_millis(10)]
+        );
+        assert_eq!(old_answer.try_recv().unwrap(), None);
+        assert!(fresh_answer.try_recv().is_err());
+        assert!(due_answer.try_recv().is_err());
+    }
 }
