@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use support::*;
 
 /// An upstream scaled by the process provider on `ports`, with fast checks for tests.
@@ -883,4 +883,63 @@ async fn a_child_that_never_listened_tries_the_next_port() {
     let status = autoscale_status(&client, &gw).await;
     assert!(serving, "{status}");
     assert_eq!(children(&status, "serving")[0].0, "127.0.0.1:44901");
+}
+
+/// While a scale command runs, the status says which count it was asked for, and a mode the
+/// operator sets meanwhile shows at once (it takes effect when the command ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_shows_a_scale_under_way_and_a_mode_set_meanwhile() {
+    let backend = demo_backend(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("replicas");
+    let body = exec_config(
+        &format!(
+            "sh -c 'echo {{replicas}} >> {}; [ {{replicas}} = 3 ] && exec sleep 4; true'",
+            record.display()
+        ),
+        &format!("localhost:{}", backend.addr().port()),
+        "sync_period = \"500ms\"",
+    );
+    let gw = autoscaled(&body);
+    let client = client();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            autoscale_status(&client, &gw).await["current"] == 2
+        })
+        .await,
+        "the first scale to the minimum did not end"
+    );
+    assert_eq!(
+        autoscale_status(&client, &gw).await["scaling_to"],
+        Value::Null
+    );
+    let url = gw.admin_url("/api/autoscale/app");
+    let pin = request(&client, "POST", &url, &[], r#"{"pin": 3}"#)
+        .await
+        .unwrap();
+    assert_eq!(pin.status, 202);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            std::fs::read_to_string(&record).is_ok_and(|text| text.lines().any(|l| l == "3"))
+        })
+        .await,
+        "the scale command did not run for the pin"
+    );
+    let status = autoscale_status(&client, &gw).await;
+    assert_eq!(status["scaling_to"], 3, "{status}");
+    assert_eq!(status["mode"], json!({"pinned": 3}), "{status}");
+    let resume = request(&client, "POST", &url, &[], r#"{"resume": true}"#)
+        .await
+        .unwrap();
+    assert_eq!(resume.status, 202);
+    let status = autoscale_status(&client, &gw).await;
+    assert_eq!(status["mode"], "auto", "{status}");
+    assert_eq!(status["scaling_to"], 3, "{status}");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            autoscale_status(&client, &gw).await["scaling_to"] == Value::Null
+        })
+        .await,
+        "the status kept the scale under way after the command ended"
+    );
 }

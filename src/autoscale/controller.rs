@@ -41,6 +41,8 @@ struct State {
     scale_events: VecDeque<Value>,
     last: Option<Decision>,
     desired: u32,
+    /// The count the provider is being asked for, while it works on it.
+    scaling_to: Option<u32>,
     /// Since when each member has been in service (passing its checks, not draining), as seen
     /// at the sample ticks.
     serving_since: HashMap<SocketAddr, Instant>,
@@ -60,6 +62,7 @@ impl Run {
             scale_events: VecDeque::new(),
             last: None,
             desired: 0,
+            scaling_to: None,
             serving_since: HashMap::new(),
         };
         // Watched during a tick's work too: a scale command or a DNS lookup that hangs must not
@@ -131,8 +134,7 @@ impl Run {
             self.sync(provider, &upstream, &config, &members, state, now)
                 .await;
         }
-        let status = self.status(provider, &upstream, &config, state, now);
-        *self.handle.status.lock().expect("autoscale status lock") = status;
+        self.publish(provider, &upstream, &config, state, now);
     }
 
     async fn sync<P: Provider>(
@@ -200,7 +202,12 @@ impl Run {
             "metrics": decision.metrics,
         });
         if desired != current {
+            // A scale command may run for up to its `command_timeout`: meanwhile the status
+            // shows the decision under way.
+            state.scaling_to = Some(desired);
+            self.publish(provider, upstream, config, state, now);
             let applied = provider.scale(upstream, desired).await;
+            state.scaling_to = None;
             match &applied {
                 Ok(()) => {
                     state.history.record_scale(now, current, desired);
@@ -223,21 +230,23 @@ impl Run {
         state.last = Some(decision);
     }
 
-    fn status<P: Provider>(
+    /// Hands the status to the admin API.
+    fn publish<P: Provider>(
         &self,
         provider: &P,
         upstream: &Upstream,
         config: &AutoscaleConfig,
         state: &State,
         now: Instant,
-    ) -> Value {
+    ) {
         let last = state.last.as_ref();
-        json!({
+        let status = json!({
             "upstream": self.name,
             "provider": provider.kind(),
             "mode": state.mode,
             "current": provider.current(),
             "desired": state.desired,
+            "scaling_to": state.scaling_to,
             "ready": provider
                 .members(upstream)
                 .iter()
@@ -249,7 +258,8 @@ impl Run {
             "instances": provider.status(upstream, now),
             "decisions": state.decisions,
             "scale_events": state.scale_events,
-        })
+        });
+        *self.handle.status.lock().expect("autoscale status lock") = status;
     }
 }
 

@@ -107,7 +107,11 @@ impl Registry {
         handle
             .modes
             .send(mode)
-            .map_err(|_| ModeError::NotAutoscaled)
+            .map_err(|_| ModeError::NotAutoscaled)?;
+        // Shown at once: the controller takes it at its next tick, which waits for a scale
+        // command under way.
+        handle.status.lock().expect("autoscale status lock")["mode"] = serde_json::json!(mode);
+        Ok(())
     }
 }
 
