@@ -3126,3 +3126,46 @@ async fn an_undrained_instance_the_file_dropped_stays_across_reloads() {
     );
     in_flight.abort();
 }
+
+/// A check under way when a reload removes `[health]` does not count once it ends: no checker
+/// is left to bring the instance back, and it stayed out for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_under_way_when_a_reload_removes_the_checks_does_not_count() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = demo_backend(&[]);
+    // The checks go to a management port of our own, answered by hand.
+    let checks = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let health = format!(
+        "[upstreams.app.health]\nport = {}\ninterval = \"200ms\"\ntimeout = \"20s\"\nfall = 1\nrise = 1",
+        checks.local_addr().unwrap().port()
+    );
+    let gw = gateway(&app_config(&[&backend], &health));
+    let client = client();
+    let failing =
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+    let probe = || async {
+        let (mut probe, _) = checks.accept().await.unwrap();
+        let mut head = [0u8; 1024];
+        let _ = probe.read(&mut head).await.unwrap();
+        probe
+    };
+    let mut first = probe().await;
+    first.write_all(failing).await.unwrap();
+    drop(first);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            get(&client, &gw.url("/")).await.status == 503
+        })
+        .await,
+        "the failed check did not take the instance out"
+    );
+    let mut under_way = probe().await;
+    gw.write_config(&app_config(&[&backend], ""));
+    let reload = request(&client, "POST", &gw.admin_url("/api/reload"), &[], "").await;
+    assert_eq!(reload.unwrap().status, 200);
+    assert_eq!(get(&client, &gw.url("/")).await.status, 200);
+    under_way.write_all(failing).await.unwrap();
+    drop(under_way);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(get(&client, &gw.url("/")).await.status, 200);
+}

@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use http::{header, Request};
@@ -52,7 +52,11 @@ pub fn spawn_active_checks(upstream: &Arc<Upstream>) {
             }
             for instance in &set.instances {
                 if busy.insert(instance.addr) {
-                    let check = checks.spawn(check_instance(instance.clone(), config.clone()));
+                    let check = checks.spawn(check_instance(
+                        instance.clone(),
+                        config.clone(),
+                        upstream.clone(),
+                    ));
                     probing.insert(check.id(), instance.addr);
                 }
             }
@@ -63,14 +67,25 @@ pub fn spawn_active_checks(upstream: &Arc<Upstream>) {
 /// Probes the instance at `addr` now rather than at the checker's next round, when `upstream`
 /// has active checks: an instance added at run time serves once a check passed, and waiting up
 /// to an `interval` for it leaves the new capacity idle.
-pub fn check_soon(upstream: &Upstream, addr: SocketAddr) {
+pub fn check_soon(upstream: &Arc<Upstream>, addr: SocketAddr) {
     if let (Some(instance), Some(health)) = (upstream.find(addr), &upstream.config.health) {
-        tokio::spawn(check_instance(instance, health.clone()));
+        tokio::spawn(check_instance(
+            instance,
+            health.clone(),
+            Arc::downgrade(upstream),
+        ));
     }
 }
 
-/// Probes one instance once and records the result.
-async fn check_instance(instance: Arc<Instance>, config: ActiveHealthConfig) {
+/// Probes one instance once and records the result, unless the checks it was made for no
+/// longer apply by then: a reload retired `checks_of` (removed the checks, or changed them and
+/// a new checker runs them), and a verdict of the old checks would stand with no checker left
+/// to revise it, or count twice with the new checker's.
+async fn check_instance(
+    instance: Arc<Instance>,
+    config: ActiveHealthConfig,
+    checks_of: Weak<Upstream>,
+) {
     let connector = &instance.pool.connector;
     let (connector, probed) = match config.port {
         Some(port) => (
@@ -95,6 +110,12 @@ async fn check_instance(instance: Arc<Instance>, config: ActiveHealthConfig) {
         }
         Err(_) => (false, format!("no answer within {:?}", config.timeout)),
     };
+    if checks_of
+        .upgrade()
+        .is_none_or(|upstream| upstream.is_retired())
+    {
+        return;
+    }
     instance.record_check(ok, detail, config.rise, config.fall, Instant::now());
 }
 

@@ -315,11 +315,10 @@ impl Instance {
 
     /// Records an active check result; logs and applies a change of verdict.
     pub fn record_check(&self, ok: bool, detail: String, rise: u32, fall: u32, now: Instant) {
-        let transition = self
-            .active
-            .lock()
-            .expect("health state lock")
-            .observe(ok, rise, fall);
+        // Held while the verdict is applied: two checks ending together (one started when the
+        // instance was added, one of the regular round) apply theirs in the order they counted.
+        let mut active = self.active.lock().expect("health state lock");
+        let transition = active.observe(ok, rise, fall);
         *self.last_check.lock().expect("last check lock") = Some(CheckReport {
             ok,
             detail,
@@ -351,6 +350,7 @@ impl Instance {
             }
             None => self.end_ejection_by_checks(ok, rise, now),
         }
+        drop(active);
     }
 
     /// A passive ejection the active checks never saw (the instance restarted between two of
@@ -421,6 +421,8 @@ impl Instance {
     /// and shares its counters ([`InstanceCounters`]).
     fn carry_from(&mut self, old: &Instance) {
         self.counters = Arc::clone(&old.counters);
+        *self.last_check.lock().expect("last check lock") =
+            old.last_check.lock().expect("last check lock").clone();
         *self.active.lock().expect("health state lock") = old.health_counts();
         let up = old.active_up.load(Ordering::Relaxed);
         self.active_up.store(up, Ordering::Relaxed);
@@ -1126,6 +1128,27 @@ mod tests {
         drop(in_flight);
         assert_eq!(counters.in_flight.load(Ordering::Relaxed), 0);
         assert_eq!(counters.requests.load(Ordering::Relaxed), 1);
+    }
+
+    /// A reload that rebuilds an instance keeps its last check: one its checks took out stays
+    /// out, even when the reload removes the only instance serving (the new ones then serve
+    /// at once only if no check has spoken of them).
+    #[test]
+    fn a_rebuilt_instance_keeps_its_last_check() {
+        let health = "health = { fall = 1 }";
+        let old = upstream_with(2, health);
+        let failing = old.set.load().instances[1].clone();
+        failing.record_check(false, "status 503".into(), 1, 1, Instant::now());
+        assert!(!failing.passes_active_checks());
+        let config = Config::from_toml(&format!(
+            "[upstreams.app]\n{health}\ninstances = [{{ addr = \"127.0.0.1:20001\", weight = 2 }}]\n[[routes]]\nupstream = \"app\"\n"
+        ))
+        .unwrap();
+        let new = Upstream::new(config.upstream("app").unwrap().clone(), Some(&old));
+        let rebuilt = new.set.load().instances[0].clone();
+        assert!(!Arc::ptr_eq(&rebuilt, &failing), "not rebuilt");
+        assert!(rebuilt.last_check.lock().unwrap().is_some());
+        assert!(!rebuilt.passes_active_checks());
     }
 
     /// An instance added at run time that a reloaded file lists (weight unchanged) is the
