@@ -72,6 +72,9 @@ pub struct Candidate {
     pub in_flight: u32,
     /// Peak-EWMA response latency in nanoseconds (0 = no sample yet).
     pub latency_ns: f64,
+    /// How much `latency_ns` still says: 1 for a sample just taken, decaying toward 0 while the
+    /// instance gets no answers; 0 without a sample.
+    pub freshness: f64,
     pub weight: u32,
     /// Slow-start factor in (0, 1]: 1 once the instance is fully ramped.
     pub ramp: f64,
@@ -108,13 +111,10 @@ pub fn pick_instance(
         return Some(candidates[0].index);
     }
     let chosen = match strategy {
-        Strategy::RoundRobin => {
-            let scheduled = match layout {
-                Layout::Schedule(schedule) => schedule.pick(candidates, input.seq),
-                _ => None,
-            };
-            scheduled.unwrap_or_else(|| weighted_round_robin(candidates, input))
-        }
+        Strategy::RoundRobin => match layout {
+            Layout::Schedule(schedule) => schedule.pick(candidates, input),
+            _ => weighted_round_robin(candidates, input),
+        },
         Strategy::LeastConn => least_loaded(candidates, input),
         // Both draw two by capacity and keep the first unless the second is better: ties and
         // near-ties leave the choice to the draw, so weights and slow start hold at low load.
@@ -125,17 +125,26 @@ pub fn pick_instance(
             match load(a).partial_cmp(&load(b)) {
                 Some(std::cmp::Ordering::Less) => a,
                 Some(std::cmp::Ordering::Greater) => b,
-                _ if clearly_lower(compared_latency(b), compared_latency(a)) => b,
-                _ => a,
+                _ => {
+                    let pool = pool_latency(candidates);
+                    let latency = |c| compared_latency(c, pool);
+                    if clearly_lower(latency(b), latency(a)) {
+                        b
+                    } else {
+                        a
+                    }
+                }
             }
         }
         Strategy::P2cEwma => {
             let (a, b) = two_by_capacity(candidates, input.random);
             let (a, b) = (&candidates[a], &candidates[b]);
+            let pool = pool_latency(candidates);
             // In-flight requests count per unit of capacity, as least_conn counts them, so an
             // instance of weight 5 carries five times the queue at the same cost.
-            let cost =
-                |c: &Candidate| compared_latency(c) * (1.0 + f64::from(c.in_flight) / c.capacity());
+            let cost = |c: &Candidate| {
+                compared_latency(c, pool) * (1.0 + f64::from(c.in_flight) / c.capacity())
+            };
             if clearly_lower(cost(b), cost(a)) {
                 b
             } else {
@@ -214,9 +223,26 @@ fn least_loaded(candidates: &[Candidate], input: PickInput) -> &Candidate {
 /// no sample yet counts as this too, so it is tried but not flooded.
 const LATENCY_FLOOR_NS: f64 = 5e6;
 
-/// A candidate's latency as the load-aware strategies compare it.
-fn compared_latency(c: &Candidate) -> f64 {
-    c.latency_ns.max(LATENCY_FLOOR_NS)
+/// The latency the candidates' samples give a typical one now: their average, each counted
+/// by its freshness; 0 when none has a sample.
+fn pool_latency(candidates: &[Candidate]) -> f64 {
+    let (sum, weight) = candidates.iter().fold((0.0, 0.0), |(sum, weight), c| {
+        (sum + c.latency_ns * c.freshness, weight + c.freshness)
+    });
+    if weight > 1e-9 {
+        sum / weight
+    } else {
+        0.0
+    }
+}
+
+/// A candidate's latency as the load-aware strategies compare it: its own, drawn toward
+/// `pool`'s as it goes stale (one without a sample counts as `pool`). An instance that gets
+/// few requests, by its weight, is not taken for faster than the others because its sample
+/// is older; one passed over after a slow answer comes back to the pool's latency, and is
+/// tried again, within seconds.
+fn compared_latency(c: &Candidate, pool: f64) -> f64 {
+    (pool + (c.latency_ns - pool) * c.freshness).max(LATENCY_FLOOR_NS)
 }
 
 /// Whether latency or cost `x` is clearly below `than`: instances of one service differ by
@@ -235,29 +261,32 @@ fn unit_interval(bits: u64) -> f64 {
 /// Two different positions among `candidates` (at least two), each drawn with a chance in
 /// proportion to its capacity (weight × slow-start ramp), as nginx's `random two` draws.
 fn two_by_capacity(candidates: &[Candidate], random: u64) -> (usize, usize) {
-    let total: f64 = candidates.iter().map(Candidate::capacity).sum();
-    let draw = |target: f64, skip: Option<usize>| {
-        let mut left = target;
-        let mut last = 0;
-        for (i, c) in candidates.iter().enumerate() {
-            if Some(i) == skip {
-                continue;
-            }
-            last = i;
-            left -= c.capacity();
-            if left < 0.0 {
-                return i;
-            }
+    let a = draw_by_capacity(candidates, random, None);
+    (a, draw_by_capacity(candidates, mix(random), Some(a)))
+}
+
+/// A position among `candidates` but `skip` (at least one other), drawn with a chance in
+/// proportion to its capacity from the random bits `random`.
+fn draw_by_capacity(candidates: &[Candidate], random: u64, skip: Option<usize>) -> usize {
+    let total: f64 = candidates
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != skip)
+        .map(|(_, c)| c.capacity())
+        .sum();
+    let mut left = unit_interval(random) * total;
+    let mut last = 0;
+    for (i, c) in candidates.iter().enumerate() {
+        if Some(i) == skip {
+            continue;
         }
-        last
-    };
-    let a = draw(unit_interval(random) * total, None);
-    let second = mix(random);
-    let b = draw(
-        unit_interval(second) * (total - candidates[a].capacity()),
-        Some(a),
-    );
-    (a, b)
+        last = i;
+        left -= c.capacity();
+        if left < 0.0 {
+            return i;
+        }
+    }
+    last
 }
 
 /// What a strategy lays out once per instance set rather than at every pick.
@@ -332,11 +361,20 @@ impl SmoothSchedule {
         Some(SmoothSchedule { turns })
     }
 
-    /// The candidate whose turn `seq` is, when it may take it: a candidate (healthy, not tried
-    /// yet) and fully ramped. Otherwise the caller walks the candidates' weights.
-    fn pick<'c>(&self, candidates: &'c [Candidate], seq: u64) -> Option<&'c Candidate> {
-        let turn = self.turns[(seq % self.turns.len() as u64) as usize] as usize;
-        candidates.iter().find(|c| c.index == turn && c.ramp >= 1.0)
+    /// The candidate whose turn `input.seq` is. In slow start it takes its turn with the
+    /// chance of its ramp. A turn its instance declines, or cannot take (out of rotation,
+    /// draining, tried already), goes to a draw by capacity among the others: passed on by the
+    /// turn's number, the turns of the instances out fell on the same few others (4 instances
+    /// with 2 out shared 1 : 3).
+    fn pick<'c>(&self, candidates: &'c [Candidate], input: PickInput) -> &'c Candidate {
+        let turn = self.turns[(input.seq % self.turns.len() as u64) as usize] as usize;
+        let owner = candidates.iter().position(|c| c.index == turn);
+        if let Some(c) = owner.map(|i| &candidates[i]) {
+            if c.ramp >= 1.0 || unit_interval(input.random) < c.ramp {
+                return c;
+            }
+        }
+        &candidates[draw_by_capacity(candidates, mix(input.random), owner)]
     }
 }
 
@@ -430,6 +468,7 @@ mod tests {
             index,
             in_flight,
             latency_ns: 0.0,
+            freshness: 1.0,
             weight: 1,
             ramp: 1.0,
         }
@@ -525,6 +564,44 @@ mod tests {
         };
         assert_eq!(schedule.turns, [0]);
         assert!(SmoothSchedule::new(&[1000; 100]).is_none());
+    }
+
+    /// Picks of `strategy` over `layout` for `n` requests, by instance.
+    fn scheduled_counts(cands: &[Candidate], layout: &Layout, n: u64) -> Vec<u64> {
+        let mut counts = vec![0; cands.iter().map(|c| c.index).max().unwrap() + 1];
+        for seq in 0..n {
+            let input = PickInput {
+                seq,
+                random: mix(seq + 1),
+                hash: None,
+            };
+            counts[pick_instance(&Strategy::RoundRobin, cands, input, layout).unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn turns_of_instances_out_or_ramping_are_shared_by_the_others_alike() {
+        let names = [
+            ("a", 1, true),
+            ("b", 1, true),
+            ("c", 1, true),
+            ("d", 1, true),
+        ];
+        let layout = Layout::new(&Strategy::RoundRobin, &names);
+        // b and d out: a and c share their turns evenly (they took 1 : 3 when the turn's
+        // number passed them on).
+        let c = scheduled_counts(&[cand(0, 0), cand(2, 0)], &layout, 4000);
+        assert!(
+            (1800..2200).contains(&c[0]) && (1800..2200).contains(&c[2]),
+            "{c:?}"
+        );
+        // a barely ramped: what it declines goes to the three others alike, not to b.
+        let mut cands = [cand(0, 0), cand(1, 0), cand(2, 0), cand(3, 0)];
+        cands[0].ramp = 0.01;
+        let c = scheduled_counts(&cands, &layout, 4000);
+        assert!(c[0] < 100, "{c:?}");
+        assert!(c[1..].iter().all(|n| (1250..1420).contains(n)), "{c:?}");
     }
 
     #[test]
@@ -628,6 +705,36 @@ mod tests {
         cands[1].latency_ns = 2e6;
         let c = counts(&Strategy::RandomTwo, &[cands[0], cands[1]], 1000);
         assert_eq!(c[1], 1000, "{c:?}");
+    }
+
+    #[test]
+    fn an_older_sample_does_not_make_an_instance_faster() {
+        // Weights 5 and 1, both answering in 50 ms, at a few requests a second: the light one's
+        // last answer is older. Taken as decaying toward zero, it won nearly every draw.
+        let mut cands = [cand(0, 0), cand(1, 0)];
+        cands[0].weight = 5;
+        for (c, freshness) in cands.iter_mut().zip([0.8, 0.1]) {
+            c.latency_ns = 50e6;
+            c.freshness = freshness;
+        }
+        for strategy in [Strategy::RandomTwo, Strategy::P2cEwma] {
+            let c = counts(&strategy, &cands, 6000);
+            assert!((4500..5500).contains(&c[0]), "{strategy:?}: {c:?}");
+        }
+        // One passed over after a slow answer: out while that answer is fresh, back to its
+        // share by weight once it is stale.
+        let mut cands = [cand(0, 0), cand(1, 0), cand(2, 0)];
+        for (c, ms) in cands.iter_mut().zip([50.0, 50.0, 400.0]) {
+            c.latency_ns = ms * 1e6;
+        }
+        // Its 400 ms draw toward the others' 50 ms: e⁻⁴ of it is left 4 s on.
+        for (freshness, share) in [(1.0, 0..1), ((-4f64).exp(), 800..1200)] {
+            cands[2].freshness = freshness;
+            for strategy in [Strategy::RandomTwo, Strategy::P2cEwma] {
+                let c = counts(&strategy, &cands, 3000);
+                assert!(share.contains(&c[2]), "{strategy:?} {freshness}: {c:?}");
+            }
+        }
     }
 
     #[test]

@@ -23,10 +23,10 @@ use crate::health::{HealthState, PassiveState, Transition};
 
 /// Time constant of the peak-EWMA latency average.
 const EWMA_TAU: Duration = Duration::from_secs(10);
-/// How fast an instance's latency goes stale once it gets no answers: the balancer takes it as
-/// decaying toward zero with this time constant since its last sample, so an instance passed
-/// over after one slow answer is tried again within seconds (under the 10 s of `EWMA_TAU` a
-/// spike kept it out for half a minute while the others answered).
+/// How fast an instance's latency goes stale once it gets no answers: the balancer draws it
+/// toward the pool's with this time constant since its last sample, so an instance passed over
+/// after one slow answer is tried again within seconds (under the 10 s of `EWMA_TAU` a spike
+/// kept it out for half a minute while the others answered).
 const STALE_TAU: Duration = Duration::from_secs(1);
 
 /// Nanoseconds since a process-wide origin, so instants fit in atomics (0 means "never").
@@ -389,10 +389,11 @@ impl Instance {
         )
     }
 
-    /// What the balancer needs of the instance. `latency_aware`: the latency, decayed toward
-    /// zero for the time since its last sample (as Finagle's and tower's peak-EWMA do, though
-    /// faster: `STALE_TAU`), so an instance that stopped getting requests after one slow answer
-    /// is tried again.
+    /// What the balancer needs of the instance. `latency_aware`: the latency, and how fresh it
+    /// is (decaying with `STALE_TAU` since its last sample): the balancer draws a stale one
+    /// toward the pool's, so that an instance that stopped getting requests after one slow
+    /// answer is tried again. (Finagle's and tower's peak-EWMA decay it toward zero, which
+    /// made whichever instance answered least recently, as a low weight makes it, the fastest.)
     fn candidate(
         &self,
         index: usize,
@@ -400,18 +401,24 @@ impl Instance {
         slow_start: Duration,
         latency_aware: bool,
     ) -> Candidate {
-        let latency_ns = if latency_aware {
+        let (latency_ns, freshness) = if latency_aware {
             let stamp = self.counters.latency_stamp.load(Ordering::Relaxed);
-            let since = Duration::from_nanos(nanos(now).saturating_sub(stamp));
             let latency = f64::from_bits(self.counters.latency_bits.load(Ordering::Relaxed));
-            balance::peak_ewma(latency, since, 0.0, STALE_TAU)
+            let since = nanos(now).saturating_sub(stamp) as f64;
+            let fresh = if stamp == 0 {
+                0.0
+            } else {
+                (-since / STALE_TAU.as_nanos() as f64).exp()
+            };
+            (latency, fresh)
         } else {
-            0.0
+            (0.0, 0.0)
         };
         Candidate {
             index,
             in_flight: self.counters.in_flight.load(Ordering::Relaxed),
             latency_ns,
+            freshness,
             weight: self.weight,
             ramp: self.ramp(now, slow_start),
         }
@@ -1056,26 +1063,32 @@ mod tests {
     }
 
     #[test]
-    fn latency_decays_while_an_instance_gets_no_answers() {
+    fn latency_goes_stale_while_an_instance_gets_no_answers() {
         let upstream = upstream(2, "p2c_ewma");
         let set = upstream.set.load();
         let now = Instant::now();
+        // No sample: nothing to go by.
+        assert_eq!(
+            set.instances[1]
+                .candidate(1, now, Duration::ZERO, true)
+                .freshness,
+            0.0
+        );
         set.instances[0].observe_latency(Duration::from_millis(400), now, false);
         let at = |later: u64| {
             let when = now + Duration::from_secs(later);
-            set.instances[0]
-                .candidate(0, when, Duration::ZERO, true)
-                .latency_ns
-                / 1e6
+            set.instances[0].candidate(0, when, Duration::ZERO, true)
         };
-        assert!((at(0) - 400.0).abs() < 1.0, "{}", at(0));
-        // One time constant (1 s): e⁻¹ of it; ten seconds on, under a millisecond.
+        assert!((at(0).freshness - 1.0).abs() < 1e-6, "{:?}", at(0));
+        // One time constant (1 s): e⁻¹ of it; ten seconds on, next to nothing. The latency
+        // itself is the sample's.
         assert!(
-            (at(1) - 400.0 / std::f64::consts::E).abs() < 1.0,
-            "{}",
+            (at(1).freshness - 1.0 / std::f64::consts::E).abs() < 1e-3,
+            "{:?}",
             at(1)
         );
-        assert!(at(10) < 1.0, "{}", at(10));
+        assert!(at(10).freshness < 1e-4, "{:?}", at(10));
+        assert_eq!(at(10).latency_ns, 400e6);
         // What was measured stays as it was (the admin API, metrics and autoscaler read it).
         assert_eq!(set.instances[0].latency(), Duration::from_millis(400));
     }
