@@ -502,14 +502,17 @@ async fn exchange<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                         Ok(()) => request_complete = true,
                         // The instance stopped reading; it may still have answered.
                         Err(UploadError::Instance) => {}
-                        Err(UploadError::Stalled) => return Err(SendError::TimedOut),
+                        Err(UploadError::Stalled) => {
+                            return mid_head(Err(SendError::TimedOut), answer_started.load(Relaxed))
+                        }
                         Err(UploadError::Client(failure)) => {
                             return Err(SendError::Client(failure))
                         }
                     }
                 }
                 () = deadline.wait(due.unwrap_or_else(Instant::now)), if due.is_some() => {
-                    return Err(SendError::TimedOut);
+                    // Part of an answer head came: the instance acted on the request.
+                    return mid_head(Err(SendError::TimedOut), answer_started.load(Relaxed));
                 }
             }
         }
