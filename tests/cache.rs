@@ -390,6 +390,41 @@ async fn waiters_on_a_failed_refresh_get_the_stale_entry() {
     hung.abort();
 }
 
+/// A background refresh that meets a failure does not store it over the entry, even when the
+/// failure says it may be stored: the entry goes on answering, as after a client's fetch.
+#[tokio::test]
+async fn a_refresh_that_fails_keeps_the_stale_entry() {
+    const FAILED_FOR_A_MINUTE: &str = "HTTP/1.1 503 Service Unavailable\r\nCache-Control: max-age=60\r\nContent-Length: 4\r\n\r\nfail";
+    let (instance, asked) = numbered_instance(|n| match n {
+        0 => (Duration::ZERO, FRESH_A_SECOND),
+        _ => (Duration::ZERO, FAILED_FOR_A_MINUTE),
+    });
+    let gw = cached_at(instance, "", "stale_while_revalidate = \"30s\"");
+    let client = client();
+    let answer = |reply: Reply| {
+        let status = reply.header("x-cache-status").to_string();
+        (reply.status, status, reply.body)
+    };
+    assert_eq!(
+        answer(get(&client, &gw.url("/x")).await),
+        (200, "MISS".into(), "old".into())
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        answer(get(&client, &gw.url("/x")).await),
+        (200, "UPDATING".into(), "old".into())
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            asked.load(Ordering::SeqCst) == 2
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let after = answer(get(&client, &gw.url("/x")).await);
+    assert_eq!((after.0, &after.2[..]), (200, &b"old"[..]), "{after:?}");
+}
+
 #[tokio::test]
 async fn stale_is_served_while_the_instance_is_down() {
     let backend = demo_backend(&[]);

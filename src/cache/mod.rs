@@ -329,7 +329,8 @@ fn hit(
         headers.insert(header::CONTENT_RANGE, content_range);
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(part_length));
     }
-    let age = entry.freshness.initial_age + now.saturating_duration_since(entry.stored_at);
+    let age = (entry.freshness.initial_age)
+        .saturating_add(now.saturating_duration_since(entry.stored_at));
     headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
     headers.insert(X_REQUEST_ID.clone(), fetch.request_id.clone());
     headers.insert(
@@ -725,6 +726,14 @@ async fn refresh(
     // as from a client's fetch.
     if instance_failed(&result) {
         lease.failed();
+        // Nor is a failure stored over an entry that may still stand in for it (a client's
+        // fetch serves the entry then), whatever lifetime the failure gives itself.
+        if stale
+            .as_ref()
+            .is_some_and(|e| usable_on_error(e, Instant::now()))
+        {
+            return;
+        }
     }
     let Ok(response) = result else {
         return;

@@ -100,14 +100,19 @@ impl CacheControl {
     }
 }
 
-/// A directive's delta-seconds (RFC 9111 §1.2.2): digits only, else 0; past what a `u64`
-/// holds, 2^31 seconds, as the RFC asks of a value too large to represent.
+/// The largest delta-seconds taken (RFC 9111 §1.2.2): 2^31 seconds, 68 years. A larger one
+/// (up to what a `u64` holds) overflowed the clock arithmetic and panicked.
+const MAX_DELTA_SECONDS: u64 = 1 << 31;
+
+/// A directive's or `Age`'s delta-seconds (RFC 9111 §1.2.2): digits only, else 0; at most
+/// [`MAX_DELTA_SECONDS`], as the RFC asks of a value too large to represent.
 fn delta_seconds(arg: Option<&str>) -> Duration {
     let Some(digits) = arg.filter(|a| !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()))
     else {
         return Duration::ZERO;
     };
-    Duration::from_secs(digits.parse::<u64>().unwrap_or(1 << 31))
+    let seconds = digits.parse::<u64>().unwrap_or(MAX_DELTA_SECONDS);
+    Duration::from_secs(seconds.min(MAX_DELTA_SECONDS))
 }
 
 /// How long a stored response may be used: fresh for `lifetime` from an age of `initial_age`,
@@ -131,7 +136,8 @@ pub const REVALIDATION_KEEP: Duration = Duration::from_secs(600);
 impl Freshness {
     /// How long after storing the entry can answer requests: fresh, or stale within a window.
     pub fn usable_for(&self) -> Duration {
-        (self.lifetime + self.stale_while_revalidate.max(self.stale_if_error))
+        self.lifetime
+            .saturating_add(self.stale_while_revalidate.max(self.stale_if_error))
             .saturating_sub(self.initial_age)
     }
 
@@ -143,7 +149,7 @@ impl Freshness {
         } else {
             Duration::ZERO
         };
-        self.usable_for() + revalidation
+        self.usable_for().saturating_add(revalidation)
     }
 }
 
@@ -479,11 +485,8 @@ fn names_stored(list: &[u8], etag: Option<&[u8]>, comparison: Comparison) -> boo
 /// The `Age` the instance reported (it may sit behind another cache). The gateway's own time
 /// in store is added by [`State::at`]; `Date` is not used for age since instance clocks drift.
 fn age_header(response: &HeaderMap) -> Duration {
-    response
-        .get(header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(Duration::ZERO, Duration::from_secs)
+    let age = response.get(header::AGE).and_then(|v| v.to_str().ok());
+    delta_seconds(age.map(str::trim))
 }
 
 /// What a stored entry is good for at a given age.
@@ -501,14 +504,15 @@ pub enum State {
 impl State {
     /// The state of an entry `in_store` after it was stored.
     pub fn at(freshness: &Freshness, in_store: Duration) -> State {
-        let age = freshness.initial_age + in_store;
+        let age = freshness.initial_age.saturating_add(in_store);
+        let within = |window: Duration| age < freshness.lifetime.saturating_add(window);
         if age < freshness.lifetime {
             State::Fresh
-        } else if age < freshness.lifetime + freshness.stale_while_revalidate {
+        } else if within(freshness.stale_while_revalidate) {
             State::Revalidate
         } else {
             State::Expired {
-                usable_on_error: age < freshness.lifetime + freshness.stale_if_error,
+                usable_on_error: within(freshness.stale_if_error),
             }
         }
     }
@@ -862,13 +866,33 @@ mod tests {
 
     #[test]
     fn of_a_repeated_directive_the_first_counts_and_a_huge_number_is_2_to_the_31_seconds() {
+        // The longest lifetime with the longest windows and age: no overflow anywhere.
+        let longest = Freshness {
+            lifetime: Duration::MAX,
+            initial_age: Duration::MAX,
+            stale_while_revalidate: Duration::MAX,
+            stale_if_error: Duration::MAX,
+            revalidatable: true,
+        };
+        assert_eq!(longest.keep_for(), REVALIDATION_KEEP);
+        assert_eq!(
+            State::at(&longest, Duration::MAX),
+            State::Expired {
+                usable_on_error: false
+            }
+        );
+        // An Age past what a u64 holds is 2^31 seconds, not 0: the answer is too old to store.
+        let aged = headers(&[("age", "99999999999999999999")]);
+        assert_eq!(age_header(&aged), Duration::from_secs(1 << 31));
         let max_age =
             |value: &str| CacheControl::parse(&headers(&[("cache-control", value)])).max_age;
         let secs = |n| Some(Duration::from_secs(n));
         assert_eq!(max_age("max-age=0, max-age=60"), secs(0));
         assert_eq!(max_age("max-age=60, max-age=0"), secs(60));
         assert_eq!(max_age("max-age=18446744073709551616"), secs(1 << 31));
-        assert_eq!(max_age("max-age=18446744073709551615"), secs(u64::MAX));
+        assert_eq!(max_age("max-age=18446744073709551615"), secs(1 << 31));
+        assert_eq!(max_age("max-age=2147483649"), secs(1 << 31));
+        assert_eq!(max_age("max-age=2147483647"), secs((1 << 31) - 1));
         // Not delta-seconds: stale.
         assert_eq!(max_age("max-age=+5"), secs(0));
         assert_eq!(max_age("max-age=abc"), secs(0));
