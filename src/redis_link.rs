@@ -327,6 +327,20 @@ impl RedisLink {
         }
     }
 
+    /// A client of the node at `url`, trusting `state.redis_ca` for `rediss://` when set.
+    pub fn node_client(&self, url: &str) -> Result<redis::Client, RedisError> {
+        match &self.state.redis_ca {
+            Some(ca) => redis::Client::build_with_tls(
+                url,
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            ),
+            None => redis::Client::open(url),
+        }
+    }
+
     async fn open(&self) -> Result<Connection, RedisError> {
         let certificates = || TlsCertificates {
             client_tls: None,
@@ -345,12 +359,7 @@ impl RedisLink {
                 builder.build()?.get_async_connection().await?,
             ))
         } else {
-            let url = self.state.redis_urls[0].as_str();
-            let client = if self.state.redis_ca.is_some() {
-                redis::Client::build_with_tls(url, certificates())?
-            } else {
-                redis::Client::open(url)?
-            };
+            let client = self.node_client(&self.state.redis_urls[0])?;
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(startup_timeout(&self.state)))
                 .set_response_timeout(Some(self.state.redis_timeout));

@@ -952,11 +952,48 @@ async fn site_get(client: &Client, url: &str) -> Reply {
 }
 
 fn shared_pair(redis: &Redis, backend: &Proc, cache: &str) -> (Gateway, Gateway) {
-    let top = format!(
-        "[state]\nredis_url = \"{}\"\n\n[cache]\nstore = \"redis\"\n",
-        redis.url()
-    );
+    shared_pair_at(&redis.url(), "", backend, cache)
+}
+
+/// [`shared_pair`] sharing the Redis at `url`, with more `[state]` keys.
+fn shared_pair_at(url: &str, state: &str, backend: &Proc, cache: &str) -> (Gateway, Gateway) {
+    let top = format!("[state]\nredis_url = \"{url}\"\n{state}\n\n[cache]\nstore = \"redis\"\n");
     (cached(backend, cache, &top), cached(backend, cache, &top))
+}
+
+/// Over `rediss://` with `redis_ca`, purges reach the other replica's memory too: its
+/// subscription ignored the CA and failed for good, quietly.
+#[tokio::test]
+async fn purges_reach_replicas_over_rediss_with_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = tls_redis(dir.path());
+    let backend = demo_backend(&[]);
+    let ca = format!("redis_ca = \"{}\"", dir.path().join("ca.pem").display());
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let (a, b) = shared_pair_at(&url, &ca, &backend, "ttl = \"60s\"");
+    let client = client();
+    let path = "/cache/tls";
+    assert_eq!(status_and_n(&client, &a.url(path), &[SITE]).await.0, "MISS");
+    // B takes it from Redis into its memory.
+    let shared = eventually(Duration::from_secs(5), || async {
+        status_and_n(&client, &b.url(path), &[SITE]).await.0 == "HIT"
+    })
+    .await;
+    assert!(shared, "B never found A's entry in Redis");
+    assert_eq!(stats(&client, &b).await["entries"], 1);
+    let purged = request(&client, "DELETE", &a.admin_url("/api/cache"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(purged.status, 200);
+    let dropped = eventually(Duration::from_secs(5), || async {
+        stats(&client, &b).await["entries"] == 0
+    })
+    .await;
+    assert!(
+        dropped,
+        "B kept the purged entry: {}",
+        stats(&client, &b).await
+    );
 }
 
 /// Whether Redis holds the entry of a plain-HTTP client's request for `path` on [`SITE`].

@@ -952,30 +952,7 @@ async fn redis_cluster_shares_limits_across_slots() {
 async fn limits_are_shared_over_rediss_with_the_configured_ca() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    let ca = TestCa::new();
-    std::fs::write(path("ca.pem"), ca.cert.pem()).unwrap();
-    ca.issue(dir.path(), "redis", &["127.0.0.1"], &[]);
-
-    // TLS only: the plain port is off.
-    let (cert, key, ca_file) = (path("redis.pem"), path("redis.key"), path("ca.pem"));
-    let redis = Redis::start_with(
-        None,
-        &[
-            "--port",
-            "0",
-            "--tls-port",
-            "{port}",
-            "--tls-cert-file",
-            &cert,
-            "--tls-key-file",
-            &key,
-            "--tls-ca-cert-file",
-            &ca_file,
-            "--tls-auth-clients",
-            "no",
-        ],
-        None,
-    );
+    let redis = tls_redis(dir.path());
     let port = redis.port;
 
     let backend = demo_backend(&[]);

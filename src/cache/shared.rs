@@ -178,17 +178,22 @@ impl SharedTier {
     /// store is in use. Whenever the subscription is made after a failed or lost one, the
     /// memory tier is emptied: purges sent meanwhile were missed.
     pub fn spawn_purge_subscriber(&self, store: Weak<Store>) {
-        let url = self.link.state.redis_urls[0].clone();
+        let link = self.link.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(50);
             let mut first = true;
+            let mut failing = false;
             loop {
                 if store.strong_count() == 0 {
                     return;
                 }
-                match subscribe(&url).await {
+                match subscribe(&link).await {
                     Ok(stream) => {
                         backoff = Duration::from_millis(50);
+                        if failing {
+                            tracing::info!("cache purge subscription back");
+                            failing = false;
+                        }
                         if !first {
                             if let Some(store) = store.upgrade() {
                                 store.purge_memory(&Purge::All);
@@ -201,7 +206,14 @@ impl SharedTier {
                     }
                     Err(err) => {
                         first = false;
-                        tracing::debug!(%err, "cache purge subscription failed");
+                        // Once per outage: the link's own outage is logged too, and this one
+                        // may last without it (a subscription refused while commands pass).
+                        if failing {
+                            tracing::debug!(%err, "cache purge subscription failed");
+                        } else {
+                            tracing::warn!(%err, "cache purge subscription failed: purges from other replicas are missed until it is back, and memory is emptied then");
+                            failing = true;
+                        }
                     }
                 }
                 tokio::time::sleep(backoff).await;
@@ -211,8 +223,9 @@ impl SharedTier {
     }
 }
 
-async fn subscribe(url: &str) -> redis::RedisResult<redis::aio::PubSubStream> {
-    let mut pubsub = redis::Client::open(url)?.get_async_pubsub().await?;
+async fn subscribe(link: &RedisLink) -> redis::RedisResult<redis::aio::PubSubStream> {
+    let client = link.node_client(&link.state.redis_urls[0])?;
+    let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(PURGE_CHANNEL).await?;
     Ok(pubsub.into_on_message())
 }

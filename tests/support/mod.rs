@@ -656,6 +656,35 @@ impl Drop for Redis {
     }
 }
 
+/// A TLS-only `redis-server` whose certificate a CA of its own signed, written as `ca.pem` in
+/// `dir` (which must outlive the server).
+pub fn tls_redis(dir: &std::path::Path) -> Redis {
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let ca = TestCa::new();
+    std::fs::write(path("ca.pem"), ca.cert.pem()).unwrap();
+    ca.issue(dir, "redis", &["127.0.0.1"], &[]);
+    let (cert, key, ca_file) = (path("redis.pem"), path("redis.key"), path("ca.pem"));
+    // The plain port is off.
+    Redis::start_with(
+        None,
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            "{port}",
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca_file,
+            "--tls-auth-clients",
+            "no",
+        ],
+        None,
+    )
+}
+
 pub fn redis_server() -> &'static str {
     if std::path::Path::new("/usr/bin/redis-server").exists() {
         "/usr/bin/redis-server"
