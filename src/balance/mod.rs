@@ -493,6 +493,11 @@ mod tests {
     }
 
     fn counts(strategy: &Strategy, cands: &[Candidate], n: u64) -> Vec<u64> {
+        counts_over(strategy, cands, &Layout::Nothing, n)
+    }
+
+    /// Picks of `strategy` over `layout` for `n` requests, by instance.
+    fn counts_over(strategy: &Strategy, cands: &[Candidate], layout: &Layout, n: u64) -> Vec<u64> {
         let mut counts = vec![0; cands.iter().map(|c| c.index).max().unwrap() + 1];
         for seq in 0..n {
             let input = PickInput {
@@ -500,7 +505,7 @@ mod tests {
                 random: mix(seq + 1),
                 hash: None,
             };
-            counts[pick_instance(strategy, cands, input, &Layout::Nothing).unwrap()] += 1;
+            counts[pick_instance(strategy, cands, input, layout).unwrap()] += 1;
         }
         counts
     }
@@ -566,20 +571,6 @@ mod tests {
         assert!(SmoothSchedule::new(&[1000; 100]).is_none());
     }
 
-    /// Picks of `strategy` over `layout` for `n` requests, by instance.
-    fn scheduled_counts(cands: &[Candidate], layout: &Layout, n: u64) -> Vec<u64> {
-        let mut counts = vec![0; cands.iter().map(|c| c.index).max().unwrap() + 1];
-        for seq in 0..n {
-            let input = PickInput {
-                seq,
-                random: mix(seq + 1),
-                hash: None,
-            };
-            counts[pick_instance(&Strategy::RoundRobin, cands, input, layout).unwrap()] += 1;
-        }
-        counts
-    }
-
     #[test]
     fn turns_of_instances_out_or_ramping_are_shared_by_the_others_alike() {
         let names = [
@@ -591,7 +582,12 @@ mod tests {
         let layout = Layout::new(&Strategy::RoundRobin, &names);
         // b and d out: a and c share their turns evenly (they took 1 : 3 when the turn's
         // number passed them on).
-        let c = scheduled_counts(&[cand(0, 0), cand(2, 0)], &layout, 4000);
+        let c = counts_over(
+            &Strategy::RoundRobin,
+            &[cand(0, 0), cand(2, 0)],
+            &layout,
+            4000,
+        );
         assert!(
             (1800..2200).contains(&c[0]) && (1800..2200).contains(&c[2]),
             "{c:?}"
@@ -599,7 +595,7 @@ mod tests {
         // a barely ramped: what it declines goes to the three others alike, not to b.
         let mut cands = [cand(0, 0), cand(1, 0), cand(2, 0), cand(3, 0)];
         cands[0].ramp = 0.01;
-        let c = scheduled_counts(&cands, &layout, 4000);
+        let c = counts_over(&Strategy::RoundRobin, &cands, &layout, 4000);
         assert!(c[0] < 100, "{c:?}");
         assert!(c[1..].iter().all(|n| (1250..1420).contains(n)), "{c:?}");
     }
