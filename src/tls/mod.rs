@@ -105,12 +105,17 @@ pub fn load_certificate(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, Pa
     Ok(Arc::new(certified))
 }
 
-/// Index of the certificate for `sni`: the first whose names match it, else the first one.
+/// Index of the certificate for `sni`: the first that names it exactly, else the first whose
+/// wildcard covers it (as nginx, HAProxy and Envoy prefer), else the first one.
 pub fn pick_certificate(certificates: &[TlsCertificate], sni: Option<&str>) -> usize {
     let Some(sni) = sni else { return 0 };
-    certificates
-        .iter()
-        .position(|c| c.names.iter().any(|name| name_matches(name, sni)))
+    let first = |matches: &dyn Fn(&str) -> bool| {
+        certificates
+            .iter()
+            .position(|c| c.names.iter().any(|name| matches(name)))
+    };
+    first(&|name| name.eq_ignore_ascii_case(sni))
+        .or_else(|| first(&|name| name_matches(name, sni)))
         .unwrap_or(0)
 }
 
@@ -185,6 +190,10 @@ mod tests {
         assert_eq!(pick_certificate(&certs, Some("deep.api.b.test")), 0);
         assert_eq!(pick_certificate(&certs, Some("other.test")), 0);
         assert_eq!(pick_certificate(&certs, None), 0);
+        // A name listed exactly wins over a wildcard listed before it.
+        let certs = [certificate(&["*.b.test"]), certificate(&["x.b.test"])];
+        assert_eq!(pick_certificate(&certs, Some("x.b.test")), 1);
+        assert_eq!(pick_certificate(&certs, Some("y.b.test")), 0);
     }
 
     #[test]
