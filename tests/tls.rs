@@ -415,3 +415,26 @@ async fn the_gateway_s_hsts_replaces_the_instance_s() {
         .collect();
     assert_eq!(policies, ["max-age=31536000"]);
 }
+
+/// Clients resume their TLS sessions, also across a reload, which builds the TLS settings
+/// anew: each reload used to start every client over with a full handshake.
+#[tokio::test]
+async fn tls_sessions_resume_across_reloads() {
+    let (ca, dir) = (TestCa::new(), tempfile::tempdir().unwrap());
+    let backend = demo_backend(&[]);
+    let gw = https_gateway(&ca, dir.path(), &backend, "");
+    let connector = ca.connector(&[b"http/1.1"]);
+    let kind = |stream: &TlsStream| stream.get_ref().1.handshake_kind();
+    let first = connect(&connector, gw.proc.named("tls"), "a.test").await;
+    assert_eq!(kind(&first), Some(rustls::HandshakeKind::Full));
+    // The request reads the tickets the gateway sent after the handshake.
+    assert_eq!(echo(first, "a.test").await.0, 200);
+    let again = connect(&connector, gw.proc.named("tls"), "a.test").await;
+    assert_eq!(kind(&again), Some(rustls::HandshakeKind::Resumed));
+    assert_eq!(echo(again, "a.test").await.0, 200);
+    let reload = request(&client(), "POST", &gw.admin_url("/api/reload"), &[], "").await;
+    assert_eq!(reload.unwrap().status, 200);
+    let after = connect(&connector, gw.proc.named("tls"), "a.test").await;
+    assert_eq!(kind(&after), Some(rustls::HandshakeKind::Resumed));
+    assert_eq!(echo(after, "a.test").await.0, 200);
+}

@@ -6,7 +6,7 @@
 pub mod client;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::pem::PemObject as _;
@@ -159,7 +159,32 @@ pub fn server_config(
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver(certificates.to_vec())));
     // http/1.0 too: a client that offers only it (curl --http1.0) is served, not refused.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
+    let (sessions, tickets) = resumption();
+    config.session_storage = sessions;
+    config.ticketer = tickets;
     Arc::new(config)
+}
+
+/// Sessions the listeners' clients may resume, the same across reloads (a new config for each
+/// reload started every client over with a full handshake): TLS 1.3 tickets, encrypted under
+/// keys rustls rotates, so they take no memory here; and TLS 1.2 session IDs, remembered for
+/// the last 8,192 clients (rustls' default of 256 forgot a client after a few hundred others).
+fn resumption() -> (
+    Arc<dyn rustls::server::StoresServerSessions>,
+    Arc<dyn rustls::server::ProducesTickets>,
+) {
+    static SHARED: OnceLock<(
+        Arc<dyn rustls::server::StoresServerSessions>,
+        Arc<dyn rustls::server::ProducesTickets>,
+    )> = OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            (
+                rustls::server::ServerSessionMemoryCache::new(8192),
+                rustls::crypto::ring::Ticketer::new().expect("ring makes ticket keys"),
+            )
+        })
+        .clone()
 }
 
 #[cfg(test)]
