@@ -237,11 +237,15 @@ fn pool_latency(candidates: &[Candidate]) -> f64 {
 }
 
 /// A candidate's latency as the load-aware strategies compare it: its own, drawn toward
-/// `pool`'s as it goes stale (one without a sample counts as `pool`). An instance that gets
-/// few requests, by its weight, is not taken for faster than the others because its sample
-/// is older; one passed over after a slow answer comes back to the pool's latency, and is
-/// tried again, within seconds.
+/// `pool`'s as it goes stale. An instance that gets few requests, by its weight, is not taken
+/// for faster than the others because its sample is older; one passed over after a slow answer
+/// comes back to the pool's latency, and is tried again, within seconds. One without a sample
+/// counts as [`LATENCY_FLOOR_NS`]: it is tried before one known slow (at start, the first to
+/// answer may be the slow one), and its first answer gives it a sample.
 fn compared_latency(c: &Candidate, pool: f64) -> f64 {
+    if c.latency_ns <= 0.0 {
+        return LATENCY_FLOOR_NS;
+    }
     (pool + (c.latency_ns - pool) * c.freshness).max(LATENCY_FLOOR_NS)
 }
 
@@ -730,6 +734,14 @@ mod tests {
                 let c = counts(&strategy, &cands, 3000);
                 assert!(share.contains(&c[2]), "{strategy:?} {freshness}: {c:?}");
             }
+        }
+        // At start only the slow one has answered: the others, with no sample, go first.
+        for c in &mut cands[..2] {
+            (c.latency_ns, c.freshness) = (0.0, 0.0);
+        }
+        cands[2].freshness = 1.0;
+        for strategy in [Strategy::RandomTwo, Strategy::P2cEwma] {
+            assert_eq!(counts(&strategy, &cands, 3000)[2], 0, "{strategy:?}");
         }
     }
 

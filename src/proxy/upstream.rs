@@ -450,6 +450,8 @@ impl Instance {
     fn forget_active_checks(&self) {
         *self.active.lock().expect("health state lock") = HealthState::new(true);
         self.active_up.store(true, Ordering::Relaxed);
+        // Shown beside "up" by the admin API, a last failed check read as a contradiction.
+        *self.last_check.lock().expect("last check lock") = None;
     }
 }
 
