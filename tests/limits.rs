@@ -339,6 +339,50 @@ async fn a_graceful_stop_keeps_tunnels_open_for_the_grace() {
     drop(ws);
 }
 
+/// When the grace runs out, a tunnel is cut then, also while the autoscaler goes on to stop
+/// its instances (for up to `stop_grace`): it was served on until they had stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_is_cut_when_the_grace_runs_out_not_when_the_autoscaler_is_done() {
+    let a = demo_backend(&[]);
+    let port = unclaimed_port();
+    // An instance that ignores SIGTERM holds the autoscaler's stop for its whole stop_grace.
+    let scaled = format!(
+        "[upstreams.scaled]\ninstances = []\n[upstreams.scaled.autoscale]\nmin = 1\nmax = 1\n\
+         port_range = \"{port}-{port}\"\nstop_grace = \"5s\"\n\
+         target = {{ in_flight_per_instance = 10 }}\n\
+         command = \"sh -c 'trap \\\"\\\" TERM; exec sleep 20' {{port}}\"\n"
+    );
+    let mut gw = gateway_logging_with_server_keys(
+        "shutdown_grace = \"1s\"",
+        &format!("{scaled}{}", app_config(&[&a], "")),
+    );
+    let (mut ws, _) = open_tunnel(&gw);
+    let frame = *b"0123456789";
+    echoed(&mut ws, &frame).unwrap();
+    ws.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    signal(gw.proc.pid(), "TERM");
+    let stopped = Instant::now();
+    let mut rest = [0u8; 16];
+    let read = ws.read(&mut rest);
+    let cut = stopped.elapsed();
+    assert!(
+        matches!(read, Ok(0))
+            || read
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{read:?} after {cut:?}"
+    );
+    assert!(
+        cut < Duration::from_secs(3),
+        "the tunnel was cut {cut:?} after the stop"
+    );
+    // The gateway stops its instance (killed after stop_grace), then exits.
+    let status = tokio::task::spawn_blocking(move || gw.proc.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
     let a = demo_backend(&[]);

@@ -257,6 +257,7 @@ pub async fn serve(
                             permit,
                             record,
                             drain: conn.drain.clone(),
+                            cut: gateway.cut.clone(),
                         });
                     }
                 }

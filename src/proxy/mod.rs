@@ -196,6 +196,10 @@ pub struct Gateway {
     pub redis: Option<Arc<RedisLink>>,
     /// The autoscalers' status and mode switches, for the admin API.
     pub autoscale: crate::autoscale::Registry,
+    /// Cancelled when a stop's `shutdown_grace` is over: the client connections and tunnels
+    /// still open are cut then, before the autoscaler stops its instances (for up to
+    /// `stop_grace`), rather than served on meanwhile.
+    pub cut: tokio_util::sync::CancellationToken,
 }
 
 impl Gateway {
@@ -236,6 +240,7 @@ impl Gateway {
             limiter,
             redis,
             autoscale: crate::autoscale::Registry::default(),
+            cut: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -435,6 +440,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     )
     .await;
     gateway.draining.store(true, Ordering::Relaxed);
+    gateway.cut.cancel();
     let _ = stop_tx.send(true);
     // Instances the autoscaler started are stopped only after in-flight requests finished.
     autoscalers.stopped().await;
@@ -636,9 +642,10 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let client = forward::ClientAddr::new(peer, secure);
         let gateway = gateway.clone();
+        let cut = gateway.cut.clone();
         if !secure {
             let drain = drain.subscribe();
-            tokio::spawn(async move {
+            let serving = async move {
                 let accepted = tokio::time::Instant::now();
                 match starts_with_http2_preface(&stream, limits.header_read_timeout).await {
                     Some(false) => {
@@ -655,14 +662,15 @@ async fn accept_loop(
                     }
                     None => drop(permit),
                 }
-            });
+            };
+            tokio::spawn(cut.run_until_cancelled_owned(serving));
             continue;
         }
         let Some(tls) = settings.tls.clone() else {
             continue;
         };
         let drain = drain.subscribe();
-        tokio::spawn(async move {
+        let serving = async move {
             let accepted = tokio::time::Instant::now();
             if sends_plain_http(&stream, limits.header_read_timeout).await {
                 answer_plain_http_on_https(stream, &client, &gateway).await;
@@ -690,7 +698,8 @@ async fn accept_loop(
                 let stream = ClientStream::Tls(Box::new(stream));
                 client_h1::serve(stream, gateway, (client, permit), limits, drain).await;
             }
-        });
+        };
+        tokio::spawn(cut.run_until_cancelled_owned(serving));
     }
     drop(listener);
     drop(tls_listener);

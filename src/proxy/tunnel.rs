@@ -32,6 +32,8 @@ pub struct Handover {
     pub record: RequestRecord,
     /// Held as long as the tunnel lasts: a graceful stop waits for it.
     pub drain: watch::Receiver<bool>,
+    /// The gateway's [`super::Gateway::cut`]: the tunnel ends with the stop's grace.
+    pub cut: tokio_util::sync::CancellationToken,
 }
 
 /// The client's side of an upgrade. (HTTP/2 has no `Upgrade`.)
@@ -54,6 +56,7 @@ pub fn spawn(
             permit: _permit,
             mut record,
             drain: _drain,
+            cut,
         } = handover;
         // What either side sent right after the 101 or the request belongs to the new
         // protocol.
@@ -88,6 +91,9 @@ pub fn spawn(
             }
             () = idle_expiry(origin, &last, idle) => {
                 tracing::debug!(idle_secs = idle.as_secs_f64(), "tunnel idle: closed");
+            }
+            () = cut.cancelled() => {
+                tracing::debug!("tunnel cut: the stop's grace is over");
             }
         }
         drop(record);
