@@ -339,6 +339,36 @@ async fn a_graceful_stop_keeps_tunnels_open_for_the_grace() {
     drop(ws);
 }
 
+/// A tunnel keeps its place under `max_in_flight` for as long as it lasts, as nginx, HAProxy and
+/// Envoy count an upgraded connection: its slots were given back with the 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_holds_its_concurrency_slot_until_it_closes() {
+    let a = demo_backend(&[]);
+    let body = format!(
+        "[upstreams.app]\ninstances = [\"{}\"]\n\n[[routes]]\nupstream = \"app\"\n\
+         max_in_flight = 1\nqueue_size = 0\n",
+        a.addr()
+    );
+    let gw = gateway(&body);
+    let (mut ws, _) = open_tunnel(&gw);
+    echoed(&mut ws, b"0123456789").unwrap();
+    let refused = raw_exchange(
+        gw.proxy,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    drop(ws);
+    let client = client();
+    let served = eventually(Duration::from_secs(5), || async {
+        get(&client, &gw.url("/")).await.status == 200
+    })
+    .await;
+    assert!(
+        served,
+        "the tunnel's slot was not given back when it closed"
+    );
+}
+
 /// When the grace runs out, a tunnel is cut then, also while the autoscaler goes on to stop
 /// its instances (for up to `stop_grace`): it was served on until they had stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -461,6 +461,16 @@ impl<B: Body, T> Holding<B, T> {
         }
     }
 
+    /// `body`, keeping `token` until it is dropped even when it has no bytes (a 101's, which
+    /// its tunnel holds).
+    pub fn until_dropped(body: B, token: T) -> Holding<B, T> {
+        Holding {
+            body,
+            token: Some(token),
+            pause: None,
+        }
+    }
+
     /// An instance's body, which fails once it has waited `limit` for its next frame.
     pub fn paced(body: B, token: T, limit: Duration) -> Holding<B, T> {
         // Not in the timer wheel until the body first waits.
@@ -542,8 +552,12 @@ impl GatewayBody {
         GatewayBody::Full(Some(bytes.into()))
     }
 
-    /// This body, keeping `slots` taken until it ends.
-    pub fn holding(self, slots: Slots) -> GatewayBody {
+    /// This body, keeping `slots` taken until it ends; or, under a 101 (`tunnel`), for as long
+    /// as the tunnel that holds it ([`super::tunnel::Handover`]) lasts, though it has no bytes.
+    pub fn holding(self, slots: Slots, tunnel: bool) -> GatewayBody {
+        if tunnel {
+            return GatewayBody::Holding(Box::new(Holding::until_dropped(self, slots)));
+        }
         if self.is_end_stream() {
             return self;
         }

@@ -243,7 +243,7 @@ pub async fn serve(
             )
             .await;
         let after = match after {
-            Ok(After::Upgrade(tx)) => {
+            Ok(After::Upgrade(tx, held)) => {
                 if let Some(reader) = conn.reader.take() {
                     let early = reader.buf.freeze();
                     if let (Some(stream), Some(permit)) =
@@ -258,6 +258,7 @@ pub async fn serve(
                             record,
                             drain: conn.drain.clone(),
                             cut: gateway.cut.clone(),
+                            held,
                         });
                     }
                 }
@@ -304,8 +305,9 @@ enum NextHead {
 enum After {
     KeepAlive,
     Close,
-    /// The instance switched protocols: the connection goes to the tunnel.
-    Upgrade(oneshot::Sender<Handover>),
+    /// The instance switched protocols: the connection goes to the tunnel, with what the
+    /// answer's body held.
+    Upgrade(oneshot::Sender<Handover>, GatewayBody),
 }
 
 struct ClientConn {
@@ -439,7 +441,7 @@ impl ClientConn {
             if let Some(tx) = upgrade {
                 encode_head(&mut self.out, status, (&head.headers, None), None, false);
                 self.flush().await?;
-                return Ok(After::Upgrade(tx));
+                return Ok(After::Upgrade(tx, body));
             }
         }
         let bodyless = head_request

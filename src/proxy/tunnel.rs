@@ -34,6 +34,10 @@ pub struct Handover {
     pub drain: watch::Receiver<bool>,
     /// The gateway's [`super::Gateway::cut`]: the tunnel ends with the stop's grace.
     pub cut: tokio_util::sync::CancellationToken,
+    /// The 101's body, which holds the request's concurrency slots (`max_in_flight` of its
+    /// route and upstream): a tunnel takes its place under them for as long as it lasts, as
+    /// nginx, HAProxy and Envoy count an upgraded connection.
+    pub held: super::body::GatewayBody,
 }
 
 /// The client's side of an upgrade. (HTTP/2 has no `Upgrade`.)
@@ -57,6 +61,7 @@ pub fn spawn(
             mut record,
             drain: _drain,
             cut,
+            held: _held,
         } = handover;
         // What either side sent right after the 101 or the request belongs to the new
         // protocol.

@@ -350,7 +350,8 @@ async fn take_slot(limit: &ConcurrencyLimit) -> Result<OwnedSemaphorePermit, Pro
 pub fn hold_slots(response: &mut Response<GatewayBody>, slots: Slots) {
     if !slots.is_empty() {
         let body = std::mem::replace(response.body_mut(), GatewayBody::Full(None));
-        *response.body_mut() = body.holding(slots);
+        let tunnel = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+        *response.body_mut() = body.holding(slots, tunnel);
     }
 }
 
