@@ -686,7 +686,7 @@ upstream = "missing"
     #[test]
     fn values_that_could_never_work_are_refused() {
         let text = "[server]\nheader_read_timeout = \"0s\"\nidle_timeout = \"0s\"\n\
-                    max_uri_length = \"0\"\n\
+                    max_uri_length = \"0\"\nmax_headers = 10000000000000\n\
                     [upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nidle_timeout = \"0s\"\n\
                     keepalive_requests = 0\n\
                     fail_timeout = \"0s\"\nmax_in_flight = 5\nqueue_timeout = \"0s\"\n\
@@ -704,6 +704,7 @@ upstream = "missing"
                 "server.header_read_timeout",
                 "server.idle_timeout",
                 "server.max_uri_length",
+                "server.max_headers",
                 "upstreams.app.idle_timeout",
                 "upstreams.app.keepalive_requests",
                 "upstreams.app.fail_timeout",
@@ -716,9 +717,9 @@ upstream = "missing"
             ]
         );
         assert!(
-            errors[11].message.contains("routes[2]"),
+            errors[12].message.contains("routes[2]"),
             "{}",
-            errors[11].message
+            errors[12].message
         );
     }
 

@@ -547,12 +547,21 @@ fn route_host_problem(host: &str) -> Option<&'static str> {
 /// hyper's own limit: keeping it lets hyper parse heads on the stack.
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 
+/// The most header fields a config may allow: a request's fields land in a map that holds at
+/// most 32,768 (more panicked its connection), and each request sets room aside for this many
+/// (a huge number ran the gateway out of memory). HAProxy's `tune.http.maxhdr` tops out near
+/// the same.
+const MOST_MAX_HEADERS: usize = 10_000;
+
 /// The most runtime worker threads a config may ask for.
 const MAX_WORKERS: usize = 1024;
 
 fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
-    if raw.max_headers == 0 {
-        p.push("server.max_headers", "must be at least 1");
+    if !(1..=MOST_MAX_HEADERS).contains(&raw.max_headers) {
+        p.push(
+            "server.max_headers",
+            format!("must be from 1 to {MOST_MAX_HEADERS}"),
+        );
     }
     match raw.workers {
         Some(0) => p.push(
