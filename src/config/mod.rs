@@ -504,11 +504,12 @@ pub(crate) fn parse_hash_key(problems: &mut Problems, key: &str, text: &str) -> 
 /// Keys whose values are secrets: a problem with one never quotes the value (serde's type
 /// errors do, as in ``invalid type: integer `98765432` `` or `invalid type: string "key"`),
 /// since a mistyped secret is usually the real one.
+/// An autoscaler's `env` is where a process's credentials go, so its values count as secrets.
 fn hide_secret_values(problems: &mut [ConfigError]) {
     const SECRET: [&str; 2] = ["admin.password", "auth.api_keys"];
     for problem in problems {
         let key = problem.key.split('[').next().unwrap_or_default();
-        if !SECRET.contains(&key) {
+        if !SECRET.contains(&key) && !key.contains(".autoscale.env.") {
             continue;
         }
         let mut kept = String::with_capacity(problem.message.len());
@@ -542,9 +543,11 @@ password = 98765432
 api_keys = ["a-good-key-123", 123456789012]
 [upstreams.app]
 instances = ["127.0.0.1:1"]
+[upstreams.app.autoscale]
+env = { DB_PASSWORD = 55501234 }
 "#;
         let errors = Config::from_toml(text).unwrap_err().to_string();
-        for secret in ["LEAKME-REDIS", "98765432", "123456789012"] {
+        for secret in ["LEAKME-REDIS", "98765432", "123456789012", "55501234"] {
             assert!(!errors.contains(secret), "{secret} in {errors}");
         }
         // A string where a list belongs is quoted with double quotes.
@@ -552,7 +555,12 @@ instances = ["127.0.0.1:1"]
         let listed = Config::from_toml(one_key).unwrap_err().to_string();
         assert!(!listed.contains("the-real-key-42"), "{listed}");
         assert!(listed.contains("auth.api_keys"), "{listed}");
-        for key in ["state.redis_url", "admin.password", "auth.api_keys[1]"] {
+        for key in [
+            "state.redis_url",
+            "admin.password",
+            "auth.api_keys[1]",
+            "upstreams.app.autoscale.env.DB_PASSWORD",
+        ] {
             assert!(errors.contains(key), "{key} not named in {errors}");
         }
         assert!(errors.contains("***@127.0.0.1:6379/0"), "{errors}");
