@@ -101,6 +101,13 @@ pub(super) fn validate(
     let default = RawUpstreamTls::default();
     let raw = raw.unwrap_or(&default);
     let tkey = format!("{key}.tls");
+    if raw.insecure_skip_verify && raw.ca.is_some() {
+        // Taken together, the CA went unused without a word: the operator meant one of them.
+        p.push(
+            format!("{tkey}.ca"),
+            "has no effect with insecure_skip_verify = true (nothing is verified): give one",
+        );
+    }
     let ca = match &raw.ca {
         Some(path) => match load_certificates(Path::new(path)) {
             Ok(certs) => Some(certs),
@@ -226,6 +233,19 @@ mod tests {
             );
         }
         assert!(errors("pipeline = 32").is_empty());
+        // A CA that loads, beside insecure_skip_verify, would go unused.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["ca.test".to_string()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        let both = format!(
+            "tls = {{ insecure_skip_verify = true, ca = \"{}\" }}",
+            ca.display()
+        );
+        let found = errors(&both);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, "upstreams.app.tls.ca");
+        assert!(errors(&format!("tls = {{ ca = \"{}\" }}", ca.display())).is_empty());
         let missing = errors("tls = { ca = \"/nonexistent/ca.pem\" }");
         assert!(missing[0].1.contains("/nonexistent/ca.pem"), "{missing:?}");
     }
