@@ -105,7 +105,7 @@ pub(super) fn validate(
         // Taken together, the CA went unused without a word: the operator meant one of them.
         p.push(
             format!("{tkey}.ca"),
-            "has no effect with insecure_skip_verify = true (nothing is verified): give one",
+            "has no effect with insecure_skip_verify = true (nothing is verified): set only one of them",
         );
     }
     let ca = match &raw.ca {
