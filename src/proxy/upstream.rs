@@ -169,8 +169,7 @@ impl Instance {
             .is_err()
     }
 
-    /// Puts a draining instance back in rotation, its drain then ending without removing it;
-    /// false when it is not draining or its drain is already taking it out.
+    /// Added at run time, or made so: kept across reloads.
     pub fn is_dynamic(&self) -> bool {
         self.dynamic.load(Ordering::Relaxed)
     }
@@ -180,6 +179,8 @@ impl Instance {
         self.dynamic.store(true, Ordering::Relaxed);
     }
 
+    /// Puts a draining instance back in rotation, its drain then ending without removing it;
+    /// false when it is not draining or its drain is already taking it out.
     pub fn stop_draining(&self) -> bool {
         self.drain_state
             .compare_exchange(DRAINING, SERVING, Ordering::Relaxed, Ordering::Relaxed)
