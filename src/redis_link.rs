@@ -329,31 +329,29 @@ impl RedisLink {
 
     /// A client of the node at `url`, trusting `state.redis_ca` for `rediss://` when set.
     pub fn node_client(&self, url: &str) -> Result<redis::Client, RedisError> {
-        match &self.state.redis_ca {
-            Some(ca) => redis::Client::build_with_tls(
-                url,
-                TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(ca.clone()),
-                },
-            ),
+        match self.trusted_ca() {
+            Some(certificates) => redis::Client::build_with_tls(url, certificates),
             None => redis::Client::open(url),
         }
     }
 
-    async fn open(&self) -> Result<Connection, RedisError> {
-        let certificates = || TlsCertificates {
+    /// `state.redis_ca` as redis-rs takes it, when set.
+    fn trusted_ca(&self) -> Option<TlsCertificates> {
+        self.state.redis_ca.as_ref().map(|ca| TlsCertificates {
             client_tls: None,
-            root_cert: self.state.redis_ca.clone(),
-        };
+            root_cert: Some(ca.clone()),
+        })
+    }
+
+    async fn open(&self) -> Result<Connection, RedisError> {
         if self.state.redis_cluster {
             let mut builder = redis::cluster::ClusterClientBuilder::new(
                 self.state.redis_urls.iter().map(String::as_str),
             )
             .connection_timeout(startup_timeout(&self.state))
             .response_timeout(self.state.redis_timeout);
-            if self.state.redis_ca.is_some() {
-                builder = builder.certs(certificates());
+            if let Some(certificates) = self.trusted_ca() {
+                builder = builder.certs(certificates);
             }
             Ok(Connection::Cluster(
                 builder.build()?.get_async_connection().await?,
