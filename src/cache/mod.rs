@@ -329,8 +329,8 @@ fn hit(
         headers.insert(header::CONTENT_RANGE, content_range);
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(part_length));
     }
-    let age = (entry.freshness.initial_age)
-        .saturating_add(now.saturating_duration_since(entry.stored_at));
+    let in_store = now.saturating_duration_since(entry.stored_at);
+    let age = entry.freshness.initial_age.saturating_add(in_store);
     headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
     headers.insert(X_REQUEST_ID.clone(), fetch.request_id.clone());
     headers.insert(

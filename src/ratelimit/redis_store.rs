@@ -245,15 +245,12 @@ impl RedisStore {
             return None;
         }
         let (reply, answer) = oneshot::channel();
-        let decision = Decision::new(checks);
-        let since = Instant::now();
-        self.queue()
-            .send(Waiting {
-                decision,
-                since,
-                reply,
-            })
-            .ok()?;
+        let waiting = Waiting {
+            decision: Decision::new(checks),
+            since: Instant::now(),
+            reply,
+        };
+        self.queue().send(waiting).ok()?;
         let (reply, at) = answer.await.ok()??;
         let states = reply.get(at..at + 4 * checks.len())?;
         let (joint, _) = read_reply(checks, reply[0], states)?;
