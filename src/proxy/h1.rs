@@ -316,11 +316,14 @@ impl InstanceConn {
             *answered |= answer.is_ok();
             return answer;
         }
+        let ready = take_ready(body, chunked, write)
+            .map_err(|err| SendError::Client(ClientBodyFailure::of(&err)))?;
         write_first(stream, write).await?;
         let upload = Upload {
             body,
             chunked,
             timeout,
+            ready,
         };
         let answer = match stream {
             InstanceStream::Tcp(tcp) => {
@@ -467,6 +470,67 @@ struct Upload<'a> {
     chunked: bool,
     /// How long the instance may take to accept each part of it.
     timeout: Duration,
+    /// What of it was taken before the head went out.
+    ready: Ready,
+}
+
+/// At most this much of a request body goes out in the head's write.
+const WITH_HEAD: usize = 16 * 1024;
+
+/// What of a request body was taken, without waiting, before its head went out.
+#[derive(Debug, PartialEq)]
+enum Ready {
+    /// What was here (maybe nothing) went with the head; the rest is still to come.
+    More,
+    /// A part too large to go with the head: it goes next.
+    Part(Bytes),
+    /// The whole body went with the head.
+    Whole,
+}
+
+/// Adds to the head in `out` the body bytes that are already here, as nginx and HAProxy send
+/// a buffered body with its head. An instance that answers after reading the head alone and
+/// finds the unread body not yet in may close the connection after its answer, without a
+/// `Connection: close` (hyper does): the next request on the pooled connection then meets
+/// that close, and is lost if it cannot be sent again.
+fn take_ready<B>(body: &mut B, chunked: bool, out: &mut Vec<u8>) -> Result<Ready, BoxError>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    // Polled once without a waker: a body with nothing here is polled again by the upload.
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    loop {
+        let frame = match Pin::new(&mut *body).poll_frame(&mut cx) {
+            Poll::Pending => return Ok(Ready::More),
+            Poll::Ready(None) => break,
+            Poll::Ready(Some(frame)) => frame?,
+        };
+        // Trailers are dropped, as by the upload.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        let framing = if chunked { 16 + 2 } else { 0 };
+        if out.len() + data.len() + framing > WITH_HEAD {
+            return Ok(Ready::Part(data));
+        }
+        if chunked {
+            chunk_header(out, data.len());
+            out.extend_from_slice(&data);
+            out.extend_from_slice(b"\r\n");
+        } else {
+            out.extend_from_slice(&data);
+        }
+        if body.is_end_stream() {
+            break;
+        }
+    }
+    if chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    Ok(Ready::Whole)
 }
 
 /// Uploads the body while reading the answer head, on the two halves of one connection; the
@@ -619,11 +683,27 @@ async fn write_body<W: AsyncWrite + Unpin>(
         body,
         chunked,
         timeout,
+        ready,
     } = upload;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|err| UploadError::Client(ClientBodyFailure::of(&err)))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
+    let mut next = match ready {
+        Ready::Whole => return Ok(()),
+        Ready::More => None,
+        Ready::Part(data) => Some(data),
+    };
+    loop {
+        let data = match next.take() {
+            Some(data) => data,
+            None => match body.frame().await {
+                None => break,
+                Some(frame) => {
+                    let frame =
+                        frame.map_err(|err| UploadError::Client(ClientBodyFailure::of(&err)))?;
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    data
+                }
+            },
         };
         if data.is_empty() {
             continue;
@@ -1229,5 +1309,68 @@ mod tests {
         chunk_header(&mut header, 0);
         chunk_header(&mut header, 0x10000);
         assert_eq!(header, b"ff\r\n0\r\n10000\r\n");
+    }
+
+    /// A body of these parts, then either its end or a wait for more.
+    fn body_of(
+        parts: &[&'static [u8]],
+        then_end: bool,
+    ) -> impl Body<Data = Bytes, Error = BoxError> + Unpin {
+        use futures_util::stream::{self, StreamExt};
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = parts
+            .iter()
+            .map(|part| Ok(Frame::data(Bytes::from_static(part))))
+            .collect();
+        let rest = if then_end {
+            stream::empty().left_stream()
+        } else {
+            stream::pending().right_stream()
+        };
+        http_body_util::StreamBody::new(stream::iter(frames).chain(rest))
+    }
+
+    #[test]
+    fn a_body_already_here_goes_out_with_its_head() {
+        let mut out = b"HEAD\r\n\r\n".to_vec();
+        let mut whole = body_of(&[b"ab", b"cde"], true);
+        assert_eq!(
+            take_ready(&mut whole, false, &mut out).unwrap(),
+            Ready::Whole
+        );
+        assert_eq!(out, b"HEAD\r\n\r\nabcde");
+
+        let mut out = Vec::new();
+        let mut chunked = body_of(&[b"ab", b"", b"cde"], true);
+        assert_eq!(
+            take_ready(&mut chunked, true, &mut out).unwrap(),
+            Ready::Whole
+        );
+        assert_eq!(out, b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n");
+
+        // What is here goes; the rest is left to the upload.
+        let mut out = Vec::new();
+        let mut partial = body_of(&[b"ab"], false);
+        assert_eq!(
+            take_ready(&mut partial, true, &mut out).unwrap(),
+            Ready::More
+        );
+        assert_eq!(out, b"2\r\nab\r\n");
+
+        // A part the head's write has no room for is handed to the upload as it is.
+        let mut out = vec![b'h'; WITH_HEAD - 2];
+        let mut large = body_of(&[b"ab", b"cd"], true);
+        let ready = take_ready(&mut large, false, &mut out).unwrap();
+        assert_eq!(ready, Ready::Part(Bytes::from_static(b"cd")));
+        assert_eq!(out.len(), WITH_HEAD);
+
+        let mut out = Vec::new();
+        let mut failing = http_body_util::StreamBody::new(futures_util::stream::iter([Err::<
+            Frame<Bytes>,
+            BoxError,
+        >(
+            "client left".into(),
+        )]));
+        assert!(take_ready(&mut failing, false, &mut out).is_err());
+        assert!(out.is_empty());
     }
 }
