@@ -13,6 +13,7 @@
 #   bench/compare.sh                                   # 64 and 256 connections, 10 s, 3 runs
 #   RUNS=5 DURATION=5s CONNS="64" bench/compare.sh
 #   WRK_ARGS="-s bench/paced.lua" CONNS=64 bench/compare.sh   # a fixed load (bench/paced.lua)
+#   WRK_ARGS="-s bench/post.lua" CONNS=64 bench/compare.sh    # 2 KiB uploads (bench/post.lua)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
