@@ -167,6 +167,60 @@ async fn an_instance_that_sent_an_answer_that_does_not_parse_is_not_pipelined_to
     assert_eq!(MISFRAMED_PIPELINED.load(Ordering::Relaxed), before);
 }
 
+/// Requests [`echo_or_misframe_head`] found waiting behind a HEAD it had not answered yet.
+static BEHIND_HEAD: AtomicUsize = AtomicUsize::new(0);
+
+/// Answers every request with its target, at once; `/head…` targets (asked with HEAD) get a
+/// HEAD answer followed by a body, as servers that get HEAD wrong send.
+fn echo_or_misframe_head(stream: TcpStream, _: usize) {
+    let mut targets = Targets::new(stream);
+    while let Some(target) = targets.next() {
+        let answered = if target.starts_with("/head") {
+            if targets.waiting().contains("\r\n\r\n") {
+                BEHIND_HEAD.fetch_add(1, Ordering::Relaxed);
+            }
+            targets.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nwrong")
+        } else {
+            targets.answer("", target.as_bytes())
+        };
+        if !answered {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_requests_are_not_pipelined() {
+    let gw = gateway_before(echo_or_misframe_head, "max_fails = 0");
+    echo_in_parallel(&gw, 1, 1).await;
+    let client = client();
+    let running: Vec<_> = (0..40)
+        .map(|task| {
+            let (client, base) = (client.clone(), gw.url(""));
+            tokio::spawn(async move {
+                for n in 0..10 {
+                    let (method, target) = match n % 3 {
+                        0 => ("HEAD", format!("/head?id={task}-{n}")),
+                        _ => ("GET", echo_target(task, n)),
+                    };
+                    let url = format!("{base}{target}");
+                    let reply = request(&client, method, &url, &[], "").await.unwrap();
+                    let body = String::from_utf8_lossy(&reply.body);
+                    assert_eq!(reply.status, 200, "{method} {target}: {body}");
+                    if method == "GET" {
+                        assert!(body.contains(&target), "{target} got {body}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in running {
+        task.await.unwrap();
+    }
+    // The same load queues GETs behind GETs every run (see the first test).
+    assert_eq!(BEHIND_HEAD.load(Ordering::Relaxed), 0);
+}
+
 /// Every target [`answer_in_batches`] was asked for, and how many times.
 static BATCHED_SEEN: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
 

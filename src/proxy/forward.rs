@@ -473,7 +473,9 @@ async fn to_instance(
         let checkout = Checkout {
             probe: !replayable,
             fresh,
-            pipelinable: replayable && client_upgrade.is_none(),
+            // Not a HEAD: a body sent after a HEAD answer by mistake (a classic server bug)
+            // would become the answer of the request queued behind it.
+            pipelinable: replayable && client_upgrade.is_none() && parts.method != Method::HEAD,
             now,
         };
         match send(
@@ -721,7 +723,7 @@ struct Checkout {
     probe: bool,
     /// Open a new connection (the last pooled one was stale), never pipelined.
     fresh: bool,
-    /// A body-less idempotent request, no upgrade: it may be pipelined.
+    /// A body-less idempotent request other than HEAD, no upgrade: it may be pipelined.
     pipelinable: bool,
     /// When the attempt began: a pooled connection's idle time and, when the connection was
     /// pooled, the start of the instance's latency.
@@ -779,9 +781,8 @@ async fn send_pipelined(
     started: Instant,
 ) -> Result<Answer, Attempt> {
     let connector = &instance.pool.connector;
-    let head_request = head.parts.method == Method::HEAD;
     let idle = || instance.pool.take_idle(false, started);
-    let ticket = lines.enqueue(connector, idle, started, head_request, path, |out| {
+    let ticket = lines.enqueue(connector, idle, started, path, |out| {
         encode_bodiless(out, head)
     });
     let due = started + timeout;

@@ -382,16 +382,11 @@ impl InstanceConn {
     }
 
     /// Reads the next answer, head and body, and throws it away, by `due`: the answer to a
-    /// pipelined request given up while it waited. `Ok(true)` when it ended as framed within
-    /// `most` bytes of body and left the connection open.
-    pub async fn skip_answer(
-        &mut self,
-        head_request: bool,
-        due: Instant,
-        most: u64,
-    ) -> Result<bool, SendError> {
+    /// pipelined request (never a HEAD) given up while it waited. `Ok(true)` when it ended as
+    /// framed within `most` bytes of body and left the connection open.
+    pub async fn skip_answer(&mut self, due: Instant, most: u64) -> Result<bool, SendError> {
         let reading = Reading {
-            head_request,
+            head_request: false,
             raw_fields: None,
         };
         let InstanceConn {

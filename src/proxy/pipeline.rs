@@ -61,8 +61,6 @@ struct Turn {
     queued: Instant,
     /// The request's id on its line ([`Line::give_up`]).
     id: u64,
-    /// A HEAD request: its answer has no body, whatever its fields say.
-    head_request: bool,
     /// The request was given up while it waited: its answer is read and thrown away.
     abandoned: bool,
 }
@@ -383,8 +381,6 @@ enum GiveUp {
 /// (but see [`LineHold::skip`]).
 pub struct LineHold {
     line: Arc<Line>,
-    /// A HEAD request: its answer has no body, whatever its fields say.
-    head_request: bool,
     handed_on: bool,
     /// The requests behind this one were sent elsewhere ([`LineHold::release_queue`]).
     released_queue: bool,
@@ -406,7 +402,6 @@ pub struct Ticket {
 /// A request looking for a line to join.
 struct Joining<'a, F> {
     write_head: &'a F,
-    head_request: bool,
     now: Instant,
     depth: usize,
     /// See [`LineView::proven`].
@@ -489,14 +484,12 @@ impl Lines {
         connector: &Connector,
         idle: impl FnOnce() -> Option<Box<InstanceConn>>,
         now: Instant,
-        head_request: bool,
         path: PathSlot,
         write_head: impl Fn(&mut Vec<u8>),
     ) -> Ticket {
         let alone = self.paths[path.0].goes_alone();
         let joining = Joining {
             write_head: &write_head,
-            head_request,
             now,
             depth: self.depth,
             proven: self.verdict.proven.load(Ordering::Relaxed),
@@ -771,7 +764,6 @@ impl Line {
     fn join<F: Fn(&mut Vec<u8>)>(self: &Arc<Line>, joining: &Joining<'_, F>) -> Option<Ticket> {
         let Joining {
             write_head,
-            head_request,
             now,
             depth,
             proven,
@@ -833,7 +825,6 @@ impl Line {
                     to: turn,
                     queued: now,
                     id,
-                    head_request,
                     abandoned: false,
                 });
                 !idle
@@ -857,7 +848,6 @@ impl Line {
         Some(Ticket {
             hold: Some(LineHold {
                 line: self.clone(),
-                head_request,
                 handed_on: false,
                 released_queue: false,
                 behind,
@@ -910,7 +900,7 @@ impl Line {
         state.lonely = false;
         if turn.abandoned {
             drop(state);
-            tokio::spawn(skip_abandoned(self.clone(), reader, turn.head_request));
+            tokio::spawn(skip_abandoned(self.clone(), reader));
             return;
         }
         // Sent under the lock: a ticket given up that finds its turn gone finds the read side
@@ -1118,7 +1108,7 @@ impl LineHold {
     fn skip(mut self, reader: Box<InstanceConn>) {
         if tokio::runtime::Handle::try_current().is_ok() {
             self.handed_on = true;
-            tokio::spawn(skip_abandoned(self.line.clone(), reader, self.head_request));
+            tokio::spawn(skip_abandoned(self.line.clone(), reader));
         }
     }
 
@@ -1180,9 +1170,9 @@ impl Drop for AnswerWait {
 
 /// Reads an abandoned request's answer and throws it away, then passes the read side on; the
 /// line breaks when that fails or takes more than [`SKIP_WAIT`] or [`SKIP_BYTES`].
-async fn skip_abandoned(line: Arc<Line>, mut reader: Box<InstanceConn>, head_request: bool) {
+async fn skip_abandoned(line: Arc<Line>, mut reader: Box<InstanceConn>) {
     let due = Instant::now() + SKIP_WAIT;
-    let skipped = reader.skip_answer(head_request, due, SKIP_BYTES).await;
+    let skipped = reader.skip_answer(due, SKIP_BYTES).await;
     line.outstanding.fetch_sub(1, Ordering::Relaxed);
     if matches!(skipped, Ok(true)) {
         return line.pass_reader(reader);
@@ -1274,7 +1264,7 @@ mod tests {
 
     /// A request queued first on a new line: its turn comes as soon as the line connects.
     async fn first_in_line(lines: &Lines, connector: &Connector) -> (Box<InstanceConn>, LineHold) {
-        let ticket = lines.enqueue(connector, no_idle, Instant::now(), false, ROOT, get);
+        let ticket = lines.enqueue(connector, no_idle, Instant::now(), ROOT, get);
         ticket.turn().await.ok().unwrap()
     }
 
@@ -1323,9 +1313,9 @@ mod tests {
         (line, now): (&Arc<Line>, Instant),
         path: PathSlot,
     ) -> (Ticket, Ticket) {
-        let alone = lines.enqueue(connector, no_idle, now, false, path, get);
+        let alone = lines.enqueue(connector, no_idle, now, path, get);
         assert!(Arc::ptr_eq(line, &alone.hold().line));
-        let again = lines.enqueue(connector, no_idle, now, false, path, get);
+        let again = lines.enqueue(connector, no_idle, now, path, get);
         assert!(!Arc::ptr_eq(line, &again.hold().line));
         (alone, again)
     }
@@ -1337,15 +1327,15 @@ mod tests {
         let (lines, connector, _listener, line, now) = idle_proven().await;
         let report = PathSlot(1);
         let (alone, again) = assert_alone(&lines, &connector, (&line, now), report);
-        let quick = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let quick = lines.enqueue(&connector, no_idle, now, ROOT, get);
         assert!(!Arc::ptr_eq(&line, &quick.hold().line));
         assert!(!Arc::ptr_eq(&quick.hold().line, &again.hold().line));
 
         let (reader, hold) = alone.turn().await.ok().unwrap();
         lines.record_answer(report, PaceSample::First, now, now);
         hold.hand_on(reader, true);
-        let first = lines.enqueue(&connector, no_idle, now, false, report, get);
-        let behind = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let first = lines.enqueue(&connector, no_idle, now, report, get);
+        let behind = lines.enqueue(&connector, no_idle, now, ROOT, get);
         assert!(Arc::ptr_eq(&line, &first.hold().line));
         assert!(Arc::ptr_eq(&line, &behind.hold().line));
     }
@@ -1372,15 +1362,15 @@ mod tests {
         let (reader, hold) = alone.turn().await.ok().unwrap();
         lines.record_answer(report, PaceSample::First, now, now);
         hold.hand_on(reader, true);
-        let first = lines.enqueue(&connector, no_idle, now, false, report, get);
-        let behind = lines.enqueue(&connector, no_idle, now, false, report, get);
+        let first = lines.enqueue(&connector, no_idle, now, report, get);
+        let behind = lines.enqueue(&connector, no_idle, now, report, get);
         assert!(Arc::ptr_eq(&first.hold().line, &behind.hold().line));
     }
 
     #[tokio::test]
     async fn requests_held_back_go_when_another_line_proved_the_instance() {
         let (lines, connector, mut instance, reader, first) = first_written().await;
-        let held = lines.enqueue(&connector, no_idle, queued_at(&first), false, ROOT, get);
+        let held = lines.enqueue(&connector, no_idle, queued_at(&first), ROOT, get);
         tokio::task::yield_now().await;
         lines.verdict.pipelined.store(true, Ordering::Relaxed);
         first.hand_on(reader, true);
@@ -1393,8 +1383,8 @@ mod tests {
     async fn until_a_write_of_several_requests_was_answered_no_write_follows_an_unanswered_one() {
         use tokio::io::AsyncReadExt;
         let (lines, connector, mut instance, reader, first) = first_written().await;
-        let queued = [(); 2]
-            .map(|()| lines.enqueue(&connector, no_idle, queued_at(&first), false, ROOT, get));
+        let queued =
+            [(); 2].map(|()| lines.enqueue(&connector, no_idle, queued_at(&first), ROOT, get));
         // Held back while the first is unanswered.
         let mut byte = [0u8; 1];
         let early = tokio::time::timeout(Duration::from_millis(50), instance.read(&mut byte));
@@ -1412,7 +1402,7 @@ mod tests {
         // Both requests of that write answered: from then on writes follow one another.
         assert_eq!(answered, [false, true]);
         let (reader, first) = first_in_line(&lines, &connector).await;
-        let second = lines.enqueue(&connector, no_idle, queued_at(&first), false, ROOT, get);
+        let second = lines.enqueue(&connector, no_idle, queued_at(&first), ROOT, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         heads_read(&mut instance, 2).await;
         drop((reader, first, second));
@@ -1424,7 +1414,7 @@ mod tests {
         lines.pace.store(UNMEASURED, Ordering::Relaxed);
         // Not yet known to answer pipelined requests, a line holds a request back while one it
         // wrote is unanswered: but a probe, measuring the instance, goes out behind it now.
-        let probe = lines.enqueue(&connector, no_idle, queued_at(&first), false, ROOT, get);
+        let probe = lines.enqueue(&connector, no_idle, queued_at(&first), ROOT, get);
         assert!(Arc::ptr_eq(&first.line, &probe.hold().line));
         let written = tokio::time::timeout(Duration::from_secs(5), heads_read(&mut instance, 1));
         assert!(written.await.is_ok());
@@ -1442,17 +1432,17 @@ mod tests {
         let now = Instant::now();
         let (reader, first) = first_in_line(&lines, &connector).await;
         // Unproven, the line takes no second request.
-        let aside = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let aside = lines.enqueue(&connector, no_idle, now, ROOT, get);
         assert!(!Arc::ptr_eq(&first.line, &aside.hold().line));
         lines.answered(&first, true, http::StatusCode::OK);
-        let second = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let second = lines.enqueue(&connector, no_idle, now, ROOT, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         first.hand_on(reader, true);
         let (reader, second) = second.turn().await.ok().unwrap();
-        let third = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let third = lines.enqueue(&connector, no_idle, now, ROOT, get);
         assert!(Arc::ptr_eq(&second.line, &third.hold().line));
         lines.answered(&second, false, http::StatusCode::OK);
-        let fourth = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let fourth = lines.enqueue(&connector, no_idle, now, ROOT, get);
         assert!(!Arc::ptr_eq(&second.line, &fourth.hold().line));
         second.hand_on(reader, true);
         assert!(lost(third).await);
@@ -1473,8 +1463,8 @@ mod tests {
     async fn a_request_given_up_breaks_its_line_and_the_read_side_goes_in_order() {
         let (lines, connector, _listener, reader, first) = proven().await;
         let now = queued_at(&first);
-        let second = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
-        let third = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let second = lines.enqueue(&connector, no_idle, now, ROOT, get);
+        let third = lines.enqueue(&connector, no_idle, now, ROOT, get);
         first.hand_on(reader, true);
         let (reader, second) = second.turn().await.ok().unwrap();
         assert_eq!(second.line.load(), 2);
@@ -1483,7 +1473,7 @@ mod tests {
         assert!(lost(third).await);
         assert_eq!(
             lines
-                .enqueue(&connector, no_idle, now, false, ROOT, get)
+                .enqueue(&connector, no_idle, now, ROOT, get)
                 .hold()
                 .line
                 .load(),
@@ -1496,7 +1486,7 @@ mod tests {
     async fn three_in_line() -> (Lines, TcpStream, [Ticket; 2], Box<InstanceConn>, LineHold) {
         let (lines, connector, listener, mut reader, first) = proven().await;
         let now = queued_at(&first);
-        let queued = [(); 2].map(|()| lines.enqueue(&connector, no_idle, now, false, ROOT, get));
+        let queued = [(); 2].map(|()| lines.enqueue(&connector, no_idle, now, ROOT, get));
         let (mut instance, _) = listener.accept().await.unwrap();
         instance.write_all(OK).await.unwrap();
         assert_eq!(status_read(&mut reader).await, 200);
@@ -1599,8 +1589,7 @@ mod tests {
         };
         let line = first.line.clone();
         // Queued in one scheduler turn; the writer writes none of them before the next.
-        let queued =
-            [2, 3, 4].map(|n| lines.enqueue(&connector, no_idle, now, false, ROOT, target(n)));
+        let queued = [2, 3, 4].map(|n| lines.enqueue(&connector, no_idle, now, ROOT, target(n)));
         let [second, third, fourth] = queued;
         drop(third);
         assert_eq!(line.load(), 3);
@@ -1620,8 +1609,8 @@ mod tests {
         let (lines, connector, _listener, reader, first) = proven().await;
         let now = queued_at(&first);
         first.hand_on(reader, true);
-        let second = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
-        let third = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let second = lines.enqueue(&connector, no_idle, now, ROOT, get);
+        let third = lines.enqueue(&connector, no_idle, now, ROOT, get);
         drop(second);
         let turn = tokio::time::timeout(Duration::from_secs(5), third.turn()).await;
         assert!(matches!(turn, Ok(Ok(_))));
@@ -1631,7 +1620,7 @@ mod tests {
     async fn a_line_that_breaks_lets_go_of_its_abandoned_requests() {
         let (lines, connector, listener, _reader, first) = proven().await;
         let line = first.line.clone();
-        let second = lines.enqueue(&connector, no_idle, queued_at(&first), false, ROOT, get);
+        let second = lines.enqueue(&connector, no_idle, queued_at(&first), ROOT, get);
         // Written (the instance has read it), then given up: abandoned.
         let (mut instance, _) = listener.accept().await.unwrap();
         heads_read(&mut instance, 2).await;
@@ -1649,7 +1638,7 @@ mod tests {
         let now = Instant::now();
         let (_reader, mut first) = first_in_line(&lines, &connector).await;
         lines.answered(&first, true, http::StatusCode::OK);
-        let second = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let second = lines.enqueue(&connector, no_idle, now, ROOT, get);
         first.release_queue();
         assert!(lost(second).await);
         let (lines, connector, _listener) = self::lines();
@@ -1657,7 +1646,7 @@ mod tests {
         lines.answered(&first, true, http::StatusCode::OK);
         first.release_queue();
         // Nothing was queued: the line lives on, but no one joins it while the body streams.
-        let second = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let second = lines.enqueue(&connector, no_idle, now, ROOT, get);
         assert!(!Arc::ptr_eq(&first.line, &second.hold().line));
         assert!(!first.line.is_closed());
     }
@@ -1666,14 +1655,14 @@ mod tests {
     async fn requests_queue_behind_a_slow_instance_only_to_measure_it_again() {
         let (lines, connector, _listener, reader, first) = proven().await;
         let now = queued_at(&first);
-        let second = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let second = lines.enqueue(&connector, no_idle, now, ROOT, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         // The first on a line, or an answer there at its turn, tells no slowness.
         assert_eq!(first.pace_sample(&reader), PaceSample::First);
         let answered = |sample, came| lines.record_answer(PathSlot::of("/"), sample, now, came);
         answered(PaceSample::First, now + Duration::from_secs(1));
         answered(PaceSample::Ready, now);
-        let third = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let third = lines.enqueue(&connector, no_idle, now, ROOT, get);
         assert!(Arc::ptr_eq(&first.line, &third.hold().line));
         first.hand_on(reader, true);
         let (reader, second) = second.turn().await.ok().unwrap();
@@ -1685,7 +1674,7 @@ mod tests {
         let came = turn + Duration::from_millis(100);
         answered(PaceSample::From(turn), came);
         for _ in 0..10 {
-            let apart = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+            let apart = lines.enqueue(&connector, no_idle, now, ROOT, get);
             assert!(!Arc::ptr_eq(&second.line, &apart.hold().line));
         }
         // ... but for one per probe interval, which measures it again (a request first on its
@@ -1693,14 +1682,14 @@ mod tests {
         let pace = lines.pace.load(Ordering::Relaxed);
         assert!(probe_interval(pace) > PROBE_INTERVAL);
         let early = came + PROBE_INTERVAL;
-        let front = lines.enqueue(&connector, no_idle, early, false, ROOT, get);
-        let apart = lines.enqueue(&connector, no_idle, early, false, ROOT, get);
+        let front = lines.enqueue(&connector, no_idle, early, ROOT, get);
+        let apart = lines.enqueue(&connector, no_idle, early, ROOT, get);
         assert!(!Arc::ptr_eq(&front.hold().line, &apart.hold().line));
         let probe_time = came + probe_interval(pace);
-        let front = lines.enqueue(&connector, no_idle, probe_time, false, ROOT, get);
-        let probe = lines.enqueue(&connector, no_idle, probe_time, false, ROOT, get);
+        let front = lines.enqueue(&connector, no_idle, probe_time, ROOT, get);
+        let probe = lines.enqueue(&connector, no_idle, probe_time, ROOT, get);
         assert!(Arc::ptr_eq(&front.hold().line, &probe.hold().line));
-        let apart = lines.enqueue(&connector, no_idle, probe_time, false, ROOT, get);
+        let apart = lines.enqueue(&connector, no_idle, probe_time, ROOT, get);
         assert!(!Arc::ptr_eq(&front.hold().line, &apart.hold().line));
     }
 
@@ -1715,24 +1704,24 @@ mod tests {
         let answered =
             |took| lines.record_answer(PathSlot::of("/"), PaceSample::First, now, now + took);
         answered(Duration::from_millis(300));
-        let probe = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let probe = lines.enqueue(&connector, no_idle, now, ROOT, get);
         assert!(Arc::ptr_eq(&first.line, &probe.hold().line));
-        let apart = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let apart = lines.enqueue(&connector, no_idle, now, ROOT, get);
         assert!(!Arc::ptr_eq(&first.line, &apart.hold().line));
         // While the probe is unanswered, no other request probes (with the next wave of a slow
         // instance's clients, say) for twice the instance's latency...
         let later = now + Duration::from_millis(500);
-        let front = lines.enqueue(&connector, no_idle, later, false, ROOT, get);
-        let apart = lines.enqueue(&connector, no_idle, later, false, ROOT, get);
+        let front = lines.enqueue(&connector, no_idle, later, ROOT, get);
+        let apart = lines.enqueue(&connector, no_idle, later, ROOT, get);
         assert!(!Arc::ptr_eq(&front.hold().line, &apart.hold().line));
         // ... after which a probe whose answer never came is given up on.
         let given_up = now + Duration::from_millis(700);
-        let front = lines.enqueue(&connector, no_idle, given_up, false, ROOT, get);
-        let probe = lines.enqueue(&connector, no_idle, given_up, false, ROOT, get);
+        let front = lines.enqueue(&connector, no_idle, given_up, ROOT, get);
+        let probe = lines.enqueue(&connector, no_idle, given_up, ROOT, get);
         assert!(Arc::ptr_eq(&front.hold().line, &probe.hold().line));
         // A quick answer of a request first on its line shows the instance quick.
         answered(Duration::from_micros(200));
-        let joining = lines.enqueue(&connector, no_idle, now, false, ROOT, get);
+        let joining = lines.enqueue(&connector, no_idle, now, ROOT, get);
         assert!(Arc::ptr_eq(&first.line, &joining.hold().line));
     }
 
@@ -1851,14 +1840,7 @@ mod tests {
             .await
             .unwrap();
         let pooled = Box::new(InstanceConn::new(InstanceStream::Tcp(stream))).with_requests(5);
-        let ticket = lines.enqueue(
-            &connector,
-            || Some(pooled),
-            Instant::now(),
-            false,
-            ROOT,
-            get,
-        );
+        let ticket = lines.enqueue(&connector, || Some(pooled), Instant::now(), ROOT, get);
         // The line connects afresh: its first request is the connection's first.
         assert_eq!(ticket.hold().id, 0);
     }
@@ -1873,7 +1855,7 @@ mod tests {
         let line = first.line.clone();
         first.hand_on(reader, true);
         lines.verdict.limit.store(1, Ordering::Relaxed);
-        let next = lines.enqueue(&connector, no_idle, Instant::now(), false, ROOT, get);
+        let next = lines.enqueue(&connector, no_idle, Instant::now(), ROOT, get);
         assert!(!Arc::ptr_eq(&line, &next.hold().line));
         assert!(line.is_closed());
     }
@@ -1935,8 +1917,8 @@ mod tests {
             .unwrap();
         let pooled = Box::new(InstanceConn::new(InstanceStream::Tcp(stream))).with_requests(4);
         let now = Instant::now();
-        let ticket = lines.enqueue(connector, || Some(pooled), now, false, ROOT, get);
-        let queued = behind.then(|| lines.enqueue(connector, no_idle, now, false, ROOT, get));
+        let ticket = lines.enqueue(connector, || Some(pooled), now, ROOT, get);
+        let queued = behind.then(|| lines.enqueue(connector, no_idle, now, ROOT, get));
         let (_reader, fifth) = ticket.turn().await.ok().unwrap();
         assert_eq!(fifth.id + 1, 5);
         if let Some(queued) = &queued {
@@ -2059,7 +2041,7 @@ mod tests {
         let (lines, connector, mut instance, reader, first) = first_written().await;
         // Held back: the first is unanswered and the instance not yet known to answer
         // pipelined requests.
-        let second = lines.enqueue(&connector, no_idle, queued_at(&first), false, ROOT, get);
+        let second = lines.enqueue(&connector, no_idle, queued_at(&first), ROOT, get);
         assert!(Arc::ptr_eq(&first.line, &second.hold().line));
         let line = first.line.clone();
         // The first answer closes the connection: the line breaks at its end.
@@ -2097,8 +2079,8 @@ mod tests {
             }
         };
         // One scheduler turn: one write of two.
-        let a = lines.enqueue(&connector, no_idle, now, false, ROOT, target(1));
-        let b = lines.enqueue(&connector, no_idle, now, false, ROOT, target(2));
+        let a = lines.enqueue(&connector, no_idle, now, ROOT, target(1));
+        let b = lines.enqueue(&connector, no_idle, now, ROOT, target(2));
         assert!(Arc::ptr_eq(&a.hold().line, &b.hold().line));
         let (mut instance, _) = listener.accept().await.unwrap();
         let written = heads_read(&mut instance, 2).await;
@@ -2108,7 +2090,7 @@ mod tests {
         );
         // The instance answers A and drops B. Meanwhile the pace turned slow.
         lines.pace.store(UNMEASURED, Ordering::Relaxed);
-        let c = lines.enqueue(&connector, no_idle, now, false, ROOT, target(3));
+        let c = lines.enqueue(&connector, no_idle, now, ROOT, target(3));
         assert!(Arc::ptr_eq(&a.hold().line, &c.hold().line));
         // Written now, C's answer would follow A's and be read as B's.
         let early = tokio::time::timeout(Duration::from_millis(200), heads_read(&mut instance, 1));
