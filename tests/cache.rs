@@ -170,6 +170,51 @@ async fn a_hundred_concurrent_misses_make_one_instance_request() {
     assert_eq!(statuses.get("MISS"), Some(&1), "{statuses:?}");
 }
 
+/// `count` requests for `path` with `accept` at once: their cache statuses and answer numbers.
+async fn burst(gw: &Gateway, path: &str, accept: &'static str, count: usize) -> Vec<(String, u64)> {
+    let tasks: Vec<_> = (0..count)
+        .map(|_| {
+            let url = gw.url(path);
+            tokio::spawn(async move { status_and_n(&client(), &url, &[("accept", accept)]).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
+/// Requests that waited for a fetch take its answer when it was stored stale at once
+/// (`max-age=0` under stale-while-revalidate), and the requests of another Vary variant than
+/// the one fetched wait for one fetch of their own, rather than each going to the instance.
+#[tokio::test]
+async fn waiting_requests_share_a_stale_stored_answer_and_a_fetch_of_their_variant() {
+    let backend = demo_backend(&[]);
+    let gw = cached(&backend, "stale_while_revalidate = \"20s\"", "");
+    let client = client();
+    let stale = "/cache?latency_ms=300&cc=max-age%3D0";
+    let answers = burst(&gw, stale, "a", 10).await;
+    assert_eq!(backend_requests(&client, &backend).await, 1, "{answers:?}");
+    let updating = answers.iter().filter(|(status, _)| status == "UPDATING");
+    assert_eq!(updating.count(), 9, "{answers:?}");
+
+    let varied = "/cache?latency_ms=300&vary=accept&cc=max-age%3D60";
+    let later = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::join!(burst(&gw, varied, "a", 5), burst(&gw, varied, "b", 5))
+    };
+    let (first, (a, b)) = tokio::join!(burst(&gw, varied, "a", 1), later);
+    // One fetch per variant.
+    assert_eq!(
+        backend_requests(&client, &backend).await,
+        3,
+        "{first:?} {a:?} {b:?}"
+    );
+    assert!(a.iter().all(|&(_, n)| n == first[0].1), "{first:?} {a:?}");
+    assert!(b.iter().all(|&(_, n)| n == b[0].1), "{b:?}");
+}
+
 /// The client whose miss started the fetch leaves before the answer: the fetch goes on, and
 /// the requests waiting for it are answered from it, not each by the instance.
 #[tokio::test]

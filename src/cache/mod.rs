@@ -161,6 +161,8 @@ async fn answer(
             let key: Arc<str> = Arc::from(key);
             // However many turns it waits, a request waits LOCK_TIMEOUT at most in all.
             let deadline = Instant::now() + LOCK_TIMEOUT;
+            // It waited once for a fetch that stored another Vary variant than its own.
+            let mut rejoined = false;
             loop {
                 let rx = match store.inflight.join(&key) {
                     Turn::Lead(lease) => {
@@ -171,13 +173,26 @@ async fn answer(
                 match coalesce::wait(rx, deadline).await {
                     Waited::Done { failed } => {
                         let now = Instant::now();
-                        let fresh = store
-                            .get(&key, &parts.headers)
-                            .filter(|e| state_at(e, now) == State::Fresh);
-                        if let Some(entry) = fresh {
-                            break stored_answer(&entry, Outcome::Hit, now);
+                        let stored = store.get(&key, &parts.headers);
+                        match stored.as_ref().map(|e| (state_at(e, now), e)) {
+                            Some((State::Fresh, entry)) => {
+                                break stored_answer(entry, Outcome::Hit, now)
+                            }
+                            // Stored stale at once (`max-age=0` under stale-while-revalidate):
+                            // served as any request arriving now would be.
+                            Some((State::Revalidate, entry)) => {
+                                break stored_answer(entry, Outcome::Updating, now)
+                            }
+                            _ => {}
                         }
                         if !failed {
+                            // Another variant was stored: this one's requests wait for one
+                            // fetch of it too, as nginx locks per variant. Once only, so that
+                            // requests of many different variants do not queue one by one.
+                            if stored.is_none() && !rejoined && store.has_entries(&key) {
+                                rejoined = true;
+                                continue;
+                            }
                             // Nothing stored, and no failure (uncacheable, too large, purged):
                             // fetch for this request alone.
                             break fill(cache, key, parts, fetch, None, stale).await;

@@ -308,6 +308,11 @@ impl Store {
         self.passes.insert(key, ());
     }
 
+    /// Whether some variant of `key` is stored in memory.
+    pub fn has_entries(&self, key: &str) -> bool {
+        self.entries.contains_key(key)
+    }
+
     /// Whether requests for `key` go straight to the instance ([`PASS_WINDOW`]).
     pub fn is_pass(&self, key: &str) -> bool {
         self.passes.contains_key(key)
