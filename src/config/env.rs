@@ -22,6 +22,8 @@ const UNFIT_LITERAL: &str =
     "its value has a ' or a control character, which a '...' string cannot hold: use \"...\"";
 const UNFIT_BARE: &str =
     "outside quotes its value must be a number or true/false: put it in \"...\"";
+const UNFIT_EMPTY: &str = "its value is empty, which outside quotes leaves no value: set it, \
+     give a default (${NAME:-value}) or put it in \"...\"";
 
 /// Where in a line a `${...}` stands.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -112,18 +114,15 @@ fn fitted(value: &str, context: Context) -> Result<std::borrow::Cow<'_, str>, &'
             Err(UNFIT_LITERAL)
         }
         Context::Literal => Ok(value.into()),
+        Context::Bare if value.is_empty() => Err(UNFIT_EMPTY),
         Context::Bare if is_bare_scalar(value) => Ok(value.into()),
         Context::Bare => Err(UNFIT_BARE),
     }
 }
 
-/// A TOML number or boolean, as it may stand outside quotes (or nothing, as a shell leaves an
-/// empty variable); anything else would be read as syntax, or fail with an error that names
-/// neither the variable nor the key.
+/// A TOML number or boolean, as it may stand outside quotes; anything else would be read as
+/// syntax, or fail with an error that names neither the variable nor the key.
 fn is_bare_scalar(value: &str) -> bool {
-    if value.is_empty() {
-        return true;
-    }
     let simple = value
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c));
@@ -239,7 +238,13 @@ mod tests {
         );
         assert_eq!(interpolate("${NOPE:-9090}", env).unwrap(), "9090");
         assert_eq!(interpolate("\"${EMPTY:-x}\"", env).unwrap(), "\"x\"");
-        assert_eq!(interpolate("${EMPTY}", env).unwrap(), "");
+        assert_eq!(interpolate("\"${EMPTY}\"", env).unwrap(), "\"\"");
+        // Outside quotes an empty value would leave the key without one.
+        let empty = interpolate("port = ${EMPTY}", env).unwrap_err();
+        assert_eq!(
+            (empty[0].name.as_str(), empty[0].message),
+            ("EMPTY", UNFIT_EMPTY)
+        );
         assert_eq!(
             interpolate("cost $5 and $${PORT}", env).unwrap(),
             "cost $5 and ${PORT}"
