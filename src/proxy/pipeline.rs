@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
@@ -637,7 +638,7 @@ impl Lines {
     }
 
     /// The instance's answer did not parse: with requests queued, a misframed answer (a body
-    /// after a HEAD answer, say) would shift every answer behind it, so pipelining to it ends.
+    /// after a 204, say) would shift every answer behind it, so pipelining to it ends.
     pub fn refuse(&self) {
         self.verdict.refused.store(true, Ordering::Relaxed);
     }
@@ -1208,10 +1209,35 @@ async fn write_line(line: Arc<Line>, connector: Connector, pooled: Option<Box<In
         if !line.take_pending(&mut out) {
             return;
         }
-        if !out.is_empty() && write.write_all(&out).await.is_err() {
+        if !out.is_empty() && !write_out(&line, &mut write, &out).await {
             return line.break_off(Broken::Lost);
         }
     }
+}
+
+/// Writes `out` to the line's connection; false when that fails, or when the line closes
+/// first: an instance that stopped reading would otherwise hold the writer, and with it the
+/// connection, for as long as it lives. (Every request on a closed line was failed over.)
+async fn write_out(line: &Line, write: &mut OwnedWriteHalf, out: &[u8]) -> bool {
+    let writing = write.write_all(out);
+    tokio::pin!(writing);
+    let mut woken = false;
+    let written = loop {
+        tokio::select! {
+            written = &mut writing => break written.is_ok(),
+            () = line.wake_writer.notified() => {
+                if line.is_closed() {
+                    return false;
+                }
+                // A request queued meanwhile: its write follows this one.
+                woken = true;
+            }
+        }
+    };
+    if woken {
+        line.wake_writer.notify_one();
+    }
+    written
 }
 
 #[cfg(test)]
@@ -1294,6 +1320,66 @@ mod tests {
         let (mut instance, _) = listener.accept().await.unwrap();
         heads_read(&mut instance, 1).await;
         (lines, connector, instance, reader, first)
+    }
+
+    /// A request of 32 MiB, more than the socket buffers hold while the instance reads nothing.
+    fn huge(out: &mut Vec<u8>) {
+        out.extend_from_slice(b"GET / HTTP/1.1\r\nx-pad: ");
+        out.resize(out.len() + HUGE, b'a');
+        out.extend_from_slice(b"\r\n\r\n");
+    }
+    const HUGE: usize = 32 << 20;
+
+    /// Reads what the instance's end of a line gets, up to `heads` request heads or the
+    /// connection's end (within 10 s): the heads and bytes read.
+    async fn read_heads(instance: &mut TcpStream, heads: usize) -> (usize, usize) {
+        let (mut got, mut bytes, mut tail) = (0, 0, [0u8; 3]);
+        let mut buf = vec![0u8; 1 << 16];
+        let reading = async {
+            while got < heads {
+                match tokio::io::AsyncReadExt::read(instance, &mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut seen = tail.to_vec();
+                        seen.extend_from_slice(&buf[..n]);
+                        got += seen.windows(4).filter(|w| w == b"\r\n\r\n").count();
+                        tail.copy_from_slice(&seen[seen.len() - 3..]);
+                        bytes += n;
+                    }
+                }
+            }
+        };
+        let read_all = tokio::time::timeout(Duration::from_secs(10), reading).await;
+        assert!(read_all.is_ok(), "stuck after {got} heads, {bytes} bytes");
+        (got, bytes)
+    }
+
+    /// A line that breaks while its writer waits on an instance that stopped reading lets its
+    /// connection go: the writer does not hold it until the instance reads the rest.
+    #[tokio::test]
+    async fn a_line_broken_mid_write_closes_its_connection() {
+        let (lines, connector, listener) = lines();
+        let ticket = lines.enqueue(&connector, no_idle, Instant::now(), ROOT, huge);
+        let (reader, hold) = ticket.turn().await.ok().unwrap();
+        let (mut instance, _) = listener.accept().await.unwrap();
+        // The socket buffers fill and the write waits.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Given up before its answer: the line breaks.
+        drop((reader, hold));
+        let (heads, bytes) = read_heads(&mut instance, 1).await;
+        assert_eq!(heads, 0, "the whole request went out: {bytes} bytes");
+    }
+
+    /// A request queued while the writer waits on a long write goes out after it.
+    #[tokio::test]
+    async fn a_request_queued_during_a_long_write_follows_it() {
+        let (lines, connector, listener, _reader, first) = proven().await;
+        let (mut instance, _) = listener.accept().await.unwrap();
+        let now = queued_at(&first);
+        let _long = lines.enqueue(&connector, no_idle, now, ROOT, huge);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _next = lines.enqueue(&connector, no_idle, now, ROOT, get);
+        assert_eq!(read_heads(&mut instance, 3).await.0, 3);
     }
 
     /// A proven line left idle, and when its first request was queued.
