@@ -275,6 +275,24 @@ impl ForwardBody {
         }
     }
 
+    /// How many bytes of it came from the client so far.
+    pub fn bytes_read(&self) -> u64 {
+        match self {
+            ForwardBody::Stream { seen, .. } => *seen,
+            ForwardBody::Empty | ForwardBody::Spent => 0,
+        }
+    }
+
+    /// Whether what is read of it is kept, so that it can start again after some of it went
+    /// out ([`ForwardBody::rewind`]).
+    pub fn keeps_replay(&self) -> bool {
+        match self {
+            ForwardBody::Empty => true,
+            ForwardBody::Spent => false,
+            ForwardBody::Stream { replay, .. } => replay.is_some(),
+        }
+    }
+
     /// Makes the body start again from its first byte for another attempt, what came before
     /// handed out from what was kept and the rest still read from the client. False when that
     /// cannot be done: more went out than [`REPLAY_LIMIT`], or an attempt kept it.

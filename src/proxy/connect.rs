@@ -78,6 +78,11 @@ impl Connector {
         }
     }
 
+    /// The instance's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     pub fn timeout(&self) -> Duration {
         self.timeout
     }

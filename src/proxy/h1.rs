@@ -56,6 +56,8 @@ pub struct InstanceConn {
     requests: u64,
     /// An answer head was read on it ([`InstanceConn::answered_any`]).
     answered: bool,
+    /// The size of its last request's body ([`InstanceConn::uploaded`]).
+    uploaded: u64,
 }
 
 /// How an exchange with an instance failed.
@@ -213,6 +215,7 @@ impl InstanceConn {
             deadline: LazyDeadline::new(Instant::now() + Duration::from_secs(3600)),
             requests: 0,
             answered: false,
+            uploaded: 0,
         }
     }
 
@@ -226,6 +229,20 @@ impl InstanceConn {
     /// alone. On a new connection the first request has no such excuse.
     pub fn answered_any(&self) -> bool {
         self.answered
+    }
+
+    /// The size of its last request's body: an instance that answered before it read all of
+    /// it may close the connection after its answer (hyper does when the rest of a body is not
+    /// in yet; the larger the body, the likelier).
+    pub fn uploaded(&self) -> u64 {
+        self.uploaded
+    }
+
+    /// A connection whose last request uploaded `bytes` (tests of the pool's handling).
+    #[cfg(test)]
+    pub fn with_upload(mut self: Box<Self>, bytes: u64) -> Box<Self> {
+        self.uploaded = bytes;
+        self
     }
 
     /// The read side of this connection's stream as a line takes it over, still knowing
@@ -293,8 +310,10 @@ impl InstanceConn {
             deadline,
             requests,
             answered,
+            uploaded,
         } = self;
         *requests += 1;
+        *uploaded = 0;
         let parts = head.parts;
         let reading = Reading::of(head);
         let chunked = !body.is_end_stream() && !has(&parts.headers, &CONTENT_LENGTH);
@@ -316,9 +335,21 @@ impl InstanceConn {
             *answered |= answer.is_ok();
             return answer;
         }
-        let ready = take_ready(body, chunked, write)
-            .map_err(|err| SendError::Client(ClientBodyFailure::of(&err)))?;
-        write_first(stream, write).await?;
+        // A body that could not go again is not read ahead: a head that fails to go out
+        // leaves it whole for another attempt.
+        let ready = if body.keeps_replay() {
+            take_ready(body, chunked, write)
+                .await
+                .map_err(|err| SendError::Client(ClientBodyFailure::of(&err)))?
+        } else {
+            Ready::More
+        };
+        let sent = write_first(stream, write).await;
+        // What a large body left in the buffer is not kept with the pooled connection.
+        if write.capacity() > KEPT_WRITE {
+            *write = Vec::with_capacity(KEPT_WRITE);
+        }
+        sent?;
         let upload = Upload {
             body,
             chunked,
@@ -339,6 +370,7 @@ impl InstanceConn {
                 "a request with a body on a pipelined connection".to_owned(),
             )),
         };
+        *uploaded = body.bytes_read();
         *answered |= answer.is_ok();
         answer
     }
@@ -470,7 +502,9 @@ struct Upload<'a> {
 }
 
 /// At most this much of a request body goes out in the head's write.
-const WITH_HEAD: usize = 16 * 1024;
+const WITH_HEAD: usize = 64 * 1024;
+/// The most of its write buffer a connection keeps between requests.
+const KEPT_WRITE: usize = 4 * 1024;
 
 /// What of a request body was taken, without waiting, before its head went out.
 #[derive(Debug, PartialEq)]
@@ -483,22 +517,35 @@ enum Ready {
     Whole,
 }
 
-/// Adds to the head in `out` the body bytes that are already here, as nginx and HAProxy send
-/// a buffered body with its head. An instance that answers after reading the head alone and
-/// finds the unread body not yet in may close the connection after its answer, without a
+/// Adds to the head in `out` the body bytes that are already here, and waits for the rest of
+/// a body whose declared length fits with the head, as nginx reads a request body before it
+/// sends the request (and its head) to an instance. An instance that answers after reading
+/// the head alone, the body not yet in, may close the connection after its answer without a
 /// `Connection: close` (hyper does): the next request on the pooled connection then meets
 /// that close, and is lost if it cannot be sent again.
-fn take_ready<B>(body: &mut B, chunked: bool, out: &mut Vec<u8>) -> Result<Ready, BoxError>
+async fn take_ready<B>(body: &mut B, chunked: bool, out: &mut Vec<u8>) -> Result<Ready, BoxError>
 where
     B: Body<Data = Bytes, Error = BoxError> + Unpin,
 {
-    // Polled once without a waker: a body with nothing here is polled again by the upload.
-    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let wait = body
+        .size_hint()
+        .exact()
+        .is_some_and(|length| out.len() as u64 + length <= WITH_HEAD as u64);
     loop {
-        let frame = match Pin::new(&mut *body).poll_frame(&mut cx) {
-            Poll::Pending => return Ok(Ready::More),
-            Poll::Ready(None) => break,
-            Poll::Ready(Some(frame)) => frame?,
+        let next = if wait {
+            body.frame().await
+        } else {
+            // Polled once without a waker: a body with nothing here is polled again by the
+            // upload.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            match Pin::new(&mut *body).poll_frame(&mut cx) {
+                Poll::Pending => return Ok(Ready::More),
+                Poll::Ready(next) => next,
+            }
+        };
+        let frame = match next {
+            None => break,
+            Some(frame) => frame?,
         };
         // Trailers are dropped, as by the upload.
         let Ok(data) = frame.into_data() else {
@@ -1306,66 +1353,116 @@ mod tests {
         assert_eq!(header, b"ff\r\n0\r\n10000\r\n");
     }
 
-    /// A body of these parts, then either its end or a wait for more.
-    fn body_of(
-        parts: &[&'static [u8]],
-        then_end: bool,
-    ) -> impl Body<Data = Bytes, Error = BoxError> + Unpin {
+    /// A test upload: its frames, and the length it declares (if any).
+    struct Upload {
+        frames: http_body_util::StreamBody<
+            futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, BoxError>>,
+        >,
+        declared: Option<u64>,
+    }
+
+    impl Body for Upload {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Pin::new(&mut self.frames).poll_frame(cx)
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            self.declared
+                .map_or_else(SizeHint::new, SizeHint::with_exact)
+        }
+    }
+
+    /// A body of these parts, the last one `Some(later)` and then its end, or `None`: all at
+    /// once and then a wait for more. It declares no length.
+    fn body_of(parts: &[&'static [u8]], last_after: Option<Duration>) -> Upload {
         use futures_util::stream::{self, StreamExt};
-        let frames: Vec<Result<Frame<Bytes>, BoxError>> = parts
+        let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = parts
             .iter()
             .map(|part| Ok(Frame::data(Bytes::from_static(part))))
             .collect();
-        let rest = if then_end {
-            stream::empty().left_stream()
-        } else {
-            stream::pending().right_stream()
+        let last = frames.pop();
+        let now = stream::iter(frames);
+        let frames = match last_after {
+            Some(Duration::ZERO) => now.chain(stream::iter(last)).boxed(),
+            Some(later) => now
+                .chain(stream::once(async move {
+                    tokio::time::sleep(later).await;
+                    last.unwrap()
+                }))
+                .boxed(),
+            None => now
+                .chain(stream::iter(last))
+                .chain(stream::pending())
+                .boxed(),
         };
-        http_body_util::StreamBody::new(stream::iter(frames).chain(rest))
+        Upload {
+            frames: http_body_util::StreamBody::new(frames),
+            declared: None,
+        }
     }
 
-    #[test]
-    fn a_body_already_here_goes_out_with_its_head() {
+    async fn ready(body: &mut Upload, chunked: bool, out: &mut Vec<u8>) -> Ready {
+        take_ready(body, chunked, out).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_body_already_here_goes_out_with_its_head() {
         let mut out = b"HEAD\r\n\r\n".to_vec();
-        let mut whole = body_of(&[b"ab", b"cde"], true);
-        assert_eq!(
-            take_ready(&mut whole, false, &mut out).unwrap(),
-            Ready::Whole
-        );
+        let mut whole = body_of(&[b"ab", b"cde"], Some(Duration::ZERO));
+        assert_eq!(ready(&mut whole, false, &mut out).await, Ready::Whole);
         assert_eq!(out, b"HEAD\r\n\r\nabcde");
 
         let mut out = Vec::new();
-        let mut chunked = body_of(&[b"ab", b"", b"cde"], true);
-        assert_eq!(
-            take_ready(&mut chunked, true, &mut out).unwrap(),
-            Ready::Whole
-        );
+        let mut chunked = body_of(&[b"ab", b"", b"cde"], Some(Duration::ZERO));
+        assert_eq!(ready(&mut chunked, true, &mut out).await, Ready::Whole);
         assert_eq!(out, b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n");
 
         // What is here goes; the rest is left to the upload.
         let mut out = Vec::new();
-        let mut partial = body_of(&[b"ab"], false);
-        assert_eq!(
-            take_ready(&mut partial, true, &mut out).unwrap(),
-            Ready::More
-        );
+        let mut partial = body_of(&[b"ab"], None);
+        assert_eq!(ready(&mut partial, true, &mut out).await, Ready::More);
         assert_eq!(out, b"2\r\nab\r\n");
+        let mut out = Vec::new();
+        let mut late = body_of(&[b"ab", b"cd"], Some(Duration::from_millis(20)));
+        assert_eq!(ready(&mut late, false, &mut out).await, Ready::More);
+        assert_eq!(out, b"ab");
 
         // A part the head's write has no room for is handed to the upload as it is.
         let mut out = vec![b'h'; WITH_HEAD - 2];
-        let mut large = body_of(&[b"ab", b"cd"], true);
-        let ready = take_ready(&mut large, false, &mut out).unwrap();
-        assert_eq!(ready, Ready::Part(Bytes::from_static(b"cd")));
+        let mut large = body_of(&[b"ab", b"cd"], Some(Duration::ZERO));
+        let part = ready(&mut large, false, &mut out).await;
+        assert_eq!(part, Ready::Part(Bytes::from_static(b"cd")));
         assert_eq!(out.len(), WITH_HEAD);
 
         let mut out = Vec::new();
-        let mut failing = http_body_util::StreamBody::new(futures_util::stream::iter([Err::<
-            Frame<Bytes>,
-            BoxError,
-        >(
-            "client left".into(),
-        )]));
-        assert!(take_ready(&mut failing, false, &mut out).is_err());
+        let failing = futures_util::stream::iter([Err("client left".into())]);
+        let mut failing = Upload {
+            frames: http_body_util::StreamBody::new(Box::pin(failing)),
+            declared: None,
+        };
+        assert!(take_ready(&mut failing, false, &mut out).await.is_err());
         assert!(out.is_empty());
+    }
+
+    /// A body declared small enough to go with its head is waited for; a larger one is not.
+    #[tokio::test]
+    async fn a_small_declared_body_is_waited_for() {
+        let mut out = b"HEAD\r\n\r\n".to_vec();
+        let mut small = body_of(&[b"ab", b"cd"], Some(Duration::from_millis(20)));
+        small.declared = Some(4);
+        assert_eq!(ready(&mut small, false, &mut out).await, Ready::Whole);
+        assert_eq!(out, b"HEAD\r\n\r\nabcd");
+
+        let mut out = b"HEAD\r\n\r\n".to_vec();
+        let mut larger = body_of(&[b"ab", b"cd"], Some(Duration::from_millis(20)));
+        larger.declared = Some(WITH_HEAD as u64);
+        assert_eq!(ready(&mut larger, false, &mut out).await, Ready::More);
+        assert_eq!(out, b"HEAD\r\n\r\nab");
     }
 }

@@ -111,6 +111,10 @@ pub struct InstanceCounters {
 /// What a 5xx answer counts as for an instance with no latency average yet.
 const UNPROVEN_FAILURE: Duration = Duration::from_millis(100);
 
+/// A pooled connection found closed within this of its answer was closed for that answer, not
+/// for idling (idle timeouts of servers are seconds long).
+const CLOSED_SOON: Duration = Duration::from_millis(100);
+
 const SERVING: u8 = 0;
 const DRAINING: u8 = 1;
 const REMOVING: u8 = 2;
@@ -852,6 +856,12 @@ pub struct Pool {
     pub(crate) http2: Option<Http2Conn>,
     /// Set when the upstream pipelines (`pipeline` above 1).
     pub(crate) lines: Option<Lines>,
+    /// The smallest upload after which a connection was found closed soon after its answer
+    /// (`u64::MAX`: none yet). The instance closes connections after answers to uploads it did
+    /// not read whole, so connections that uploaded as much are not pooled: their next request
+    /// would meet the close, and a POST could not go again. nginx and Go servers read the rest
+    /// instead; hyper does not.
+    closes_after_uploads_of: AtomicU64,
 }
 
 impl Pool {
@@ -863,6 +873,7 @@ impl Pool {
             keepalive: if http2 { 0 } else { upstream.keepalive },
             keepalive_requests: upstream.keepalive_requests,
             idle_timeout: upstream.idle_timeout,
+            closes_after_uploads_of: AtomicU64::new(u64::MAX),
             http2: http2.then(Http2Conn::default),
             lines: (upstream.pipeline > 1 && !http2).then(|| {
                 Lines::new(
@@ -875,8 +886,8 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still open, else a new one; `true` with
-    /// a reused connection. `probe` asks the kernel too (see `InstanceStream::probe_open`);
-    /// `fresh` skips the idle ones.
+    /// a reused connection. `probe` asks the kernel too (see `InstanceStream::probe_open`), and
+    /// takes the least recently used instead; `fresh` skips the idle ones.
     pub async fn checkout(
         &self,
         probe: bool,
@@ -897,28 +908,60 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still open, closing the ones found
-    /// closed or idle too long on the way.
+    /// closed or idle too long on the way. With `probe`, for a request that could not go again
+    /// on another connection, the least recently used: an instance that closes a connection
+    /// after its answer (hyper does when a body was left unread) sends its close a moment
+    /// after the answer, and the connection idle longest has had the most time for it to come.
     pub(crate) fn take_idle(&self, probe: bool, now: Instant) -> Option<Box<InstanceConn>> {
-        while let Some(mut idle) = self.pop() {
-            if !self.expired(&idle, now)
-                && idle.conn.is_open()
-                && (!probe || idle.conn.probe_open())
-            {
+        while let Some(mut idle) = self.pop(probe) {
+            if self.expired(&idle, now) {
+                continue;
+            }
+            if idle.conn.is_open() && (!probe || idle.conn.probe_open()) {
                 return Some(idle.conn);
+            }
+            // Soon after the answer: a close for idling (Node's 5 s) is no sign.
+            let bytes = idle.conn.uploaded();
+            if bytes > 0 && now.saturating_duration_since(idle.since) < CLOSED_SOON {
+                self.learn_upload_close(bytes);
             }
         }
         None
     }
 
-    fn pop(&self) -> Option<IdleConn> {
-        self.idle.lock().expect("pool lock").pop_back()
+    /// An upload of `bytes` was followed by the instance's close.
+    fn learn_upload_close(&self, bytes: u64) {
+        let before = self
+            .closes_after_uploads_of
+            .fetch_min(bytes, Ordering::Relaxed);
+        if bytes < before {
+            tracing::info!(
+                instance = %self.connector.addr(),
+                bytes,
+                "the instance closed a connection soon after answering an upload: connections \
+                 that upload as much are no longer reused on it"
+            );
+        }
+    }
+
+    /// The most recently used idle connection, or with `oldest` the least recently used.
+    fn pop(&self, oldest: bool) -> Option<IdleConn> {
+        let mut idle = self.idle.lock().expect("pool lock");
+        if oldest {
+            idle.pop_front()
+        } else {
+            idle.pop_back()
+        }
     }
 
     /// Returns a connection whose exchange finished; dropped when the pool is full or the
     /// connection carried `keepalive_requests`. The oldest idle connection is closed once it
     /// outlived the idle timeout.
     pub fn checkin(&self, conn: Box<InstanceConn>) {
-        if self.keepalive == 0 || conn.requests() >= self.keepalive_requests {
+        if self.keepalive == 0
+            || conn.requests() >= self.keepalive_requests
+            || conn.uploaded() >= self.closes_after_uploads_of.load(Ordering::Relaxed)
+        {
             return;
         }
         let now = Instant::now();
@@ -1353,6 +1396,20 @@ mod tests {
         assert_eq!(again.local_port(), second_port);
     }
 
+    /// A request that could not go again takes the connection idle longest (see `take_idle`).
+    #[tokio::test]
+    async fn a_probed_checkout_takes_the_connection_idle_longest() {
+        let (pool, _listener) = pool(2, "10s");
+        let (older, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
+        let (newer, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
+        let older_port = older.local_port();
+        pool.checkin(older);
+        pool.checkin(newer);
+        let (probed, reused) = pool.checkout(true, false, Instant::now()).await.unwrap();
+        assert!(reused);
+        assert_eq!(probed.local_port(), older_port);
+    }
+
     #[tokio::test]
     async fn idle_connections_past_the_idle_timeout_are_closed_without_traffic() {
         let (pool, _listener) = pool(4, "1s");
@@ -1398,6 +1455,49 @@ mod tests {
         let (fresh, reused) = pool.checkout(true, false, Instant::now()).await.unwrap();
         assert!(!reused, "the closed connection was handed out again");
         assert_ne!(fresh.local_port(), closed_port);
+    }
+
+    /// Once an instance closed a connection soon after answering an upload, connections that
+    /// uploaded as much are not pooled; those that uploaded less still are.
+    #[tokio::test]
+    async fn an_instance_that_closes_after_uploads_gets_no_reused_upload_connection() {
+        let (pool, listener) = pool(4, "10s");
+        let (closing, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
+        let (closing_end, _) = listener.accept().await.unwrap();
+        // Before anything was learned, a connection that uploaded is pooled.
+        pool.checkin(closing.with_upload(1000));
+        assert_eq!(pool.idle_count(), 1);
+        drop(closing_end);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (same, reused) = pool.checkout(true, false, Instant::now()).await.unwrap();
+        assert!(!reused);
+        let (_same_end, _) = listener.accept().await.unwrap();
+        pool.checkin(same.with_upload(1000));
+        assert_eq!(
+            pool.idle_count(),
+            0,
+            "a connection that uploaded as much was pooled"
+        );
+        let (less, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
+        pool.checkin(less.with_upload(999));
+        assert_eq!(pool.idle_count(), 1);
+    }
+
+    /// A connection found closed long after its upload's answer was closed for idling: that
+    /// teaches nothing.
+    #[tokio::test]
+    async fn a_close_long_after_an_upload_is_no_sign() {
+        let (pool, listener) = pool(4, "10s");
+        let (idling, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
+        let (idling_end, _) = listener.accept().await.unwrap();
+        pool.checkin(idling.with_upload(1000));
+        drop(idling_end);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let later = Instant::now() + CLOSED_SOON;
+        let (next, reused) = pool.checkout(true, false, later).await.unwrap();
+        assert!(!reused);
+        pool.checkin(next.with_upload(1000));
+        assert_eq!(pool.idle_count(), 1);
     }
 
     #[tokio::test]
