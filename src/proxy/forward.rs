@@ -231,8 +231,10 @@ async fn forward(
     if from_http2 {
         join_cookies(&mut parts.headers);
     }
-    // An HTTP/1.0 request's Upgrade is ignored (RFC 9110 §7.8): 1.0 has no such mechanism.
-    let may_upgrade = parts.version != Version::HTTP_10;
+    // An HTTP/1.0 request's Upgrade is ignored (RFC 9110 §7.8): 1.0 has no such mechanism. So
+    // is one with a body (a WebSocket handshake has none): after a 101 the client's bytes
+    // would be the body's rest and the tunnel's first alike.
+    let may_upgrade = parts.version != Version::HTTP_10 && http_body::Body::is_end_stream(&body);
     parts.version = Version::HTTP_11;
     match &host {
         // The target's authority replaces what Host said (RFC 9112 §3.2.2).
