@@ -1266,3 +1266,42 @@ async fn replicas_share_hits_and_purges_through_redis() {
     assert_eq!(failed.status, 503);
     assert!(failed.error_text().contains("not purged"));
 }
+
+/// A client that stops reading a large hit is cut off, and the access log counts what went
+/// out, not the whole answer.
+#[tokio::test]
+async fn a_hit_cut_off_logs_the_bytes_that_went_out() {
+    use tokio::io::AsyncWriteExt;
+    const SIZE: usize = 4_000_000;
+    let backend = demo_backend(&[]);
+    let cache = "ttl = \"60s\", max_body = \"8MiB\"";
+    let gw = gateway_logging_with_server_keys(
+        "idle_timeout = \"1s\"",
+        &cached_config(backend.addr(), "", cache),
+    );
+    let path = format!("/cache/big?bytes={SIZE}");
+    let stored = eventually(Duration::from_secs(5), || async {
+        get(&client(), &gw.url(&path))
+            .await
+            .header("x-cache-status")
+            == "HIT"
+    })
+    .await;
+    assert!(stored);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(gw.proxy).await.unwrap();
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nX-Request-Id: stalled\r\n\r\n",
+        gw.proxy
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let logged = eventually(Duration::from_secs(5), || async {
+        access_lines(&gw).contains_key("stalled")
+    })
+    .await;
+    let lines = access_lines(&gw);
+    assert!(logged, "{lines:?}");
+    let sent = lines["stalled"]["bytes"].as_u64().unwrap();
+    assert!(sent < SIZE as u64, "{}", lines["stalled"]);
+}

@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use http_body_util::{BodyExt, Empty};
 use rustls::pki_types::ServerName;
 use support::*;
@@ -437,4 +439,57 @@ async fn tls_sessions_resume_across_reloads() {
     let after = connect(&connector, gw.proc.named("tls"), "a.test").await;
     assert_eq!(kind(&after), Some(rustls::HandshakeKind::Resumed));
     assert_eq!(echo(after, "a.test").await.0, 200);
+}
+
+/// `path` over HTTP/1.1 on TLS as `a.test`, read 32 KiB at a time, `pause` after each read,
+/// through a 16 KiB receive buffer: the answer's head and body size.
+async fn read_over_tls(gw: &Gateway, ca: &TestCa, path: &str, pause: Duration) -> (String, usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let tcp = socket.connect(gw.proc.named("tls")).await.unwrap();
+    let name = ServerName::try_from("a.test".to_string()).unwrap();
+    let connector = ca.connector(&[b"http/1.1"]);
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let head = format!("GET {path} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let (mut answer, mut buf) = (Vec::new(), vec![0u8; 32 * 1024]);
+    loop {
+        match tls.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(read) => answer.extend_from_slice(&buf[..read]),
+        }
+        tokio::time::sleep(pause).await;
+    }
+    let body_at = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&answer[..body_at]).into_owned();
+    (head, answer.len() - body_at)
+}
+
+/// A TLS client that reads a large cached answer slowly but steadily gets all of it: the
+/// idle timeout is for a client that takes nothing, not for the whole answer.
+#[tokio::test]
+async fn a_slow_steady_tls_reader_gets_a_whole_cached_answer() {
+    const SIZE: usize = 1_500_000;
+    let (ca, dir) = (TestCa::new(), tempfile::tempdir().unwrap());
+    let backend = demo_backend(&[]);
+    ca.issue(dir.path(), "a.test", &["a.test"], &[]);
+    let d = dir.path().display();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\naccess_log = false\n\
+         idle_timeout = \"1s\"\n\
+         [tls]\nlisten = \"127.0.0.1:0\"\n\
+         [[tls.certificates]]\ncert = \"{d}/a.test.pem\"\nkey = \"{d}/a.test.key\"\nnames = [\"a.test\"]\n\n\
+         {}cache = {{ ttl = \"60s\", max_body = \"2MiB\" }}\n",
+        app_config(&[&backend], "")
+    );
+    let gw = gateway_announcing(&config, 3);
+    let path = format!("/cache/big?bytes={SIZE}");
+    let (head, filled) = read_over_tls(&gw, &ca, &path, Duration::ZERO).await;
+    assert!(head.contains("x-cache-status: MISS"), "{head}");
+    assert_eq!(filled, SIZE);
+    // About 640 kB/s: 2.3 s for the answer, twice the idle timeout and more.
+    let (head, read) = read_over_tls(&gw, &ca, &path, Duration::from_millis(50)).await;
+    assert!(head.contains("x-cache-status: HIT"), "{head}");
+    assert_eq!(read, SIZE, "cut off");
 }

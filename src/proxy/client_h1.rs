@@ -53,6 +53,8 @@ const READ_CHUNK: usize = 8 * 1024;
 /// Body bytes up to this size are copied behind the head (or the previous bytes) and go out in
 /// one write; larger ones are written from their own buffer.
 const COALESCE: usize = 16 * 1024;
+/// A large body goes to a TLS client in slices of this size, each given the idle timeout.
+const TLS_SLICE: usize = 64 * 1024;
 /// Header fields parsed on the stack; a larger `max_headers` parses into a vector.
 const STACK_HEADERS: usize = crate::config::DEFAULT_MAX_HEADERS;
 /// How long a connection closed with unread client bytes keeps reading (and discarding) them.
@@ -478,6 +480,8 @@ impl ClientConn {
             });
         }
         let chunked = framing == AnswerFraming::Chunked;
+        // Body bytes in `out` not yet written: logged as sent once they are.
+        let mut unsent = 0;
         loop {
             // With bytes waiting to go out, only take frames that are ready now; otherwise wait.
             let frame = if self.out.is_empty() {
@@ -488,7 +492,7 @@ impl ClientConn {
                 {
                     Poll::Ready(frame) => frame,
                     Poll::Pending => {
-                        self.flush().await?;
+                        self.flush_body(record, &mut unsent).await?;
                         continue;
                     }
                 }
@@ -498,7 +502,7 @@ impl ClientConn {
                 Some(Err(err)) => {
                     record.broke_off(&*err);
                     // Cut short: the client must not take a partial body for a whole one.
-                    let _ = self.flush().await;
+                    let _ = self.flush_body(record, &mut unsent).await;
                     return Err(io::Error::other(err));
                 }
                 Some(Ok(frame)) => {
@@ -508,21 +512,24 @@ impl ClientConn {
                     if data.is_empty() {
                         continue;
                     }
-                    record.sent(data.len());
                     if chunked {
                         chunk_header(&mut self.out, data.len());
                     }
                     if data.len() <= COALESCE {
                         self.out.extend_from_slice(&data);
+                        unsent += data.len();
                     } else {
-                        self.flush().await?;
-                        self.write_within_idle(&data).await?;
+                        self.flush_body(record, &mut unsent).await?;
+                        let mut written = 0;
+                        let write = self.write_within_idle(&data, &mut written).await;
+                        record.sent(written);
+                        write?;
                     }
                     if chunked {
                         self.out.extend_from_slice(b"\r\n");
                     }
                     if self.out.len() > COALESCE {
-                        self.flush().await?;
+                        self.flush_body(record, &mut unsent).await?;
                     }
                 }
             }
@@ -530,7 +537,7 @@ impl ClientConn {
         if chunked {
             self.out.extend_from_slice(b"0\r\n\r\n");
         }
-        self.flush().await?;
+        self.flush_body(record, &mut unsent).await?;
         Ok(if keep_alive {
             After::KeepAlive
         } else {
@@ -543,38 +550,58 @@ impl ClientConn {
             return Ok(());
         }
         let out = std::mem::take(&mut self.out);
-        let written = self.write_within_idle(&out).await;
+        let written = self.write_within_idle(&out, &mut 0).await;
         self.out = out;
         self.out.clear();
         written
     }
 
-    /// Writes all of `bytes`, giving up when the client takes none of them for `idle_timeout`
+    /// [`Self::flush`], the `unsent` body bytes among what it wrote then counted as sent.
+    async fn flush_body(
+        &mut self,
+        record: &mut RequestRecord,
+        unsent: &mut usize,
+    ) -> io::Result<()> {
+        self.flush().await?;
+        record.sent(std::mem::take(unsent));
+        Ok(())
+    }
+
+    /// Writes all of `bytes`, counting in `written` what went out, giving up when the client
+    /// takes none of them for `idle_timeout`
     /// (nginx's `send_timeout`): a client that stops reading must not hold the connection and
     /// the instance's answer forever.
-    async fn write_within_idle(&mut self, bytes: &[u8]) -> io::Result<()> {
+    async fn write_within_idle(&mut self, bytes: &[u8], written: &mut usize) -> io::Result<()> {
         let writer = match &mut self.writer {
             ClientWrite::Tcp(writer) => writer,
-            // TLS writes through the session: the whole write (and the records it leaves
-            // buffered) must go out within the time.
+            // TLS writes through the session, which does not say how much went out: each slice
+            // (and the records it leaves buffered) must go out within the time, so a client
+            // that reads slowly but steadily is not cut off in the middle of a large body.
             tls @ ClientWrite::Tls(_) => {
-                let due = Instant::now() + self.limits.idle_timeout;
-                let write = async {
-                    tls.write_all(bytes).await?;
-                    tls.flush().await
-                };
-                return tokio::select! {
-                    biased;
-                    written = write => written,
-                    () = self.deadline.wait(due) => Err(client_stopped_reading()),
-                };
+                for slice in bytes.chunks(TLS_SLICE) {
+                    let due = Instant::now() + self.limits.idle_timeout;
+                    let write = async {
+                        tls.write_all(slice).await?;
+                        tls.flush().await
+                    };
+                    tokio::select! {
+                        biased;
+                        done = write => done?,
+                        () = self.deadline.wait(due) => return Err(client_stopped_reading()),
+                    }
+                    *written += slice.len();
+                }
+                return Ok(());
             }
         };
         let mut rest = bytes;
         while !rest.is_empty() {
             match writer.try_write(rest) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(written) => rest = &rest[written..],
+                Ok(wrote) => {
+                    rest = &rest[wrote..];
+                    *written += wrote;
+                }
                 // Only a blocked write starts the clock: most go out at once.
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     let due = Instant::now() + self.limits.idle_timeout;
@@ -609,7 +636,7 @@ impl ClientConn {
                 () = back.continue_wanted.notified(), if expect_continue => {
                     expect_continue = false;
                     // A client gone is the body's failure to report, not this write's.
-                    let _ = self.write_within_idle(CONTINUE).await;
+                    let _ = self.write_within_idle(CONTINUE, &mut 0).await;
                     back.continue_unsent.store(false, Ordering::Relaxed);
                 }
                 () = back.returned.notified() => break,
