@@ -1282,6 +1282,8 @@ async fn decisions_waiting_for_redis_go_out_together_and_stay_exact() {
         .filter(|rules| rules.iter().all(|rule| rule.allowed))
         .count();
     assert_eq!(two_rule_passes, 3);
+    // The first two go out in one call or two (whether the second was asked for before the
+    // first call left), and the 50 in one.
     let calls = evalsha_calls(&redis) - calls_before;
-    assert_eq!(calls, 3, "52 decisions took {calls} calls");
+    assert!((2..=3).contains(&calls), "52 decisions took {calls} calls");
 }
