@@ -1457,10 +1457,11 @@ mod tests {
         assert_ne!(fresh.local_port(), closed_port);
     }
 
-    /// Once an instance closed a connection soon after answering an upload, connections that
-    /// uploaded as much are not pooled; those that uploaded less still are.
-    #[tokio::test]
-    async fn an_instance_that_closes_after_uploads_gets_no_reused_upload_connection() {
+    /// A pool whose connection that uploaded 1,000 bytes the instance closed, found closed
+    /// `found_after` its check-in plus 50 ms; with the new connection that took its place.
+    async fn pool_after_a_closed_upload(
+        found_after: Duration,
+    ) -> (Pool, tokio::net::TcpListener, Box<InstanceConn>) {
         let (pool, listener) = pool(4, "10s");
         let (closing, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
         let (closing_end, _) = listener.accept().await.unwrap();
@@ -1469,15 +1470,20 @@ mod tests {
         assert_eq!(pool.idle_count(), 1);
         drop(closing_end);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let (same, reused) = pool.checkout(true, false, Instant::now()).await.unwrap();
+        let found = Instant::now() + found_after;
+        let (next, reused) = pool.checkout(true, false, found).await.unwrap();
         assert!(!reused);
-        let (_same_end, _) = listener.accept().await.unwrap();
+        (pool, listener, next)
+    }
+
+    /// Once an instance closed a connection soon after answering an upload, connections that
+    /// uploaded as much are not pooled; those that uploaded less still are.
+    #[tokio::test]
+    async fn an_instance_that_closes_after_uploads_gets_no_reused_upload_connection() {
+        let (pool, _listener, same) = pool_after_a_closed_upload(Duration::ZERO).await;
         pool.checkin(same.with_upload(1000));
-        assert_eq!(
-            pool.idle_count(),
-            0,
-            "a connection that uploaded as much was pooled"
-        );
+        let pooled = pool.idle_count();
+        assert_eq!(pooled, 0, "a connection that uploaded as much was pooled");
         let (less, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
         pool.checkin(less.with_upload(999));
         assert_eq!(pool.idle_count(), 1);
@@ -1487,15 +1493,7 @@ mod tests {
     /// teaches nothing.
     #[tokio::test]
     async fn a_close_long_after_an_upload_is_no_sign() {
-        let (pool, listener) = pool(4, "10s");
-        let (idling, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
-        let (idling_end, _) = listener.accept().await.unwrap();
-        pool.checkin(idling.with_upload(1000));
-        drop(idling_end);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let later = Instant::now() + CLOSED_SOON;
-        let (next, reused) = pool.checkout(true, false, later).await.unwrap();
-        assert!(!reused);
+        let (pool, _listener, next) = pool_after_a_closed_upload(CLOSED_SOON).await;
         pool.checkin(next.with_upload(1000));
         assert_eq!(pool.idle_count(), 1);
     }
