@@ -167,6 +167,45 @@ async fn slowloris_is_cut_off_while_others_are_served() {
     assert!(cut["duration_ms"].as_f64().unwrap() >= 1000.0, "{cut}");
 }
 
+/// Connections [`answer_after_the_body`] accepted.
+static UPLOAD_CONNECTIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Reads one request with a 10-byte body and answers it.
+fn answer_after_the_body(mut stream: TcpStream, _: usize) {
+    UPLOAD_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut read = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !read.windows(14).any(|w| w == b"\r\n\r\nhelloworld") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => read.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+}
+
+/// A small upload is read whole before an instance is picked, as nginx reads a body first: a
+/// slow client's holds no connection to an instance meanwhile.
+#[test]
+fn a_small_upload_is_read_before_an_instance_is_picked() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let gw = gateway(&app_config_at(&[raw_instance(answer_after_the_body)], ""));
+    let mut client = TcpStream::connect(gw.proxy).unwrap();
+    client
+        .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhello")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(UPLOAD_CONNECTIONS.load(Relaxed), 0);
+    client.write_all(b"world").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = [0u8; 12];
+    client.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    assert_eq!(UPLOAD_CONNECTIONS.load(Relaxed), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_drip_upload_is_cut_with_408_while_others_are_served() {
     let a = demo_backend(&[]);

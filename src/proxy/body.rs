@@ -275,6 +275,28 @@ impl ForwardBody {
         }
     }
 
+    /// Reads a body whose declared length is at most [`REPLAY_LIMIT`] to its end, kept, and
+    /// starts it again; other bodies are left as they are.
+    pub async fn read_if_small(&mut self) -> Result<(), BoxError> {
+        let small = matches!(
+            self,
+            ForwardBody::Stream {
+                replay: Some(_),
+                ..
+            }
+        ) && self
+            .size_hint()
+            .exact()
+            .is_some_and(|length| length <= REPLAY_LIMIT as u64);
+        if small {
+            while let Some(frame) = http_body_util::BodyExt::frame(self).await {
+                frame?;
+            }
+            self.rewind();
+        }
+        Ok(())
+    }
+
     /// How many bytes of it came from the client so far.
     pub fn bytes_read(&self) -> u64 {
         match self {

@@ -440,6 +440,13 @@ async fn to_instance(
             "upgrades cannot be forwarded to HTTP/2 instances".to_owned(),
         ));
     }
+    // A small body is read whole before an instance is picked, as nginx reads a request body
+    // before it passes the request on: a slow client's upload holds no instance connection and
+    // is not in flight there, and the body leaves with its head in one write (an instance that
+    // answers after reading the head alone may close the connection after its answer).
+    if let Err(err) = body.read_if_small().await {
+        return Err(ClientBodyFailure::of(&err).into());
+    }
     upstream.retry_budget.deposit();
 
     // Positions already tried: retries are few, and an upstream may have hundreds of instances.

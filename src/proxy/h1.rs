@@ -339,7 +339,6 @@ impl InstanceConn {
         // leaves it whole for another attempt.
         let ready = if body.keeps_replay() {
             take_ready(body, chunked, write)
-                .await
                 .map_err(|err| SendError::Client(ClientBodyFailure::of(&err)))?
         } else {
             Ready::More
@@ -517,35 +516,22 @@ enum Ready {
     Whole,
 }
 
-/// Adds to the head in `out` the body bytes that are already here, and waits for the rest of
-/// a body whose declared length fits with the head, as nginx reads a request body before it
-/// sends the request (and its head) to an instance. An instance that answers after reading
-/// the head alone, the body not yet in, may close the connection after its answer without a
-/// `Connection: close` (hyper does): the next request on the pooled connection then meets
-/// that close, and is lost if it cannot be sent again.
-async fn take_ready<B>(body: &mut B, chunked: bool, out: &mut Vec<u8>) -> Result<Ready, BoxError>
+/// Adds to the head in `out` the body bytes that are already here (all of a small body, read
+/// before the instance was picked), as nginx and HAProxy send a buffered body with its head.
+/// An instance that answers after reading the head alone, the body not yet in, may close the
+/// connection after its answer without a `Connection: close` (hyper does): the next request
+/// on the pooled connection then meets that close, and is lost if it cannot be sent again.
+fn take_ready<B>(body: &mut B, chunked: bool, out: &mut Vec<u8>) -> Result<Ready, BoxError>
 where
     B: Body<Data = Bytes, Error = BoxError> + Unpin,
 {
-    let wait = body
-        .size_hint()
-        .exact()
-        .is_some_and(|length| out.len() as u64 + length <= WITH_HEAD as u64);
+    // Polled without a waker: a body with nothing here is polled again by the upload.
+    let mut cx = Context::from_waker(std::task::Waker::noop());
     loop {
-        let next = if wait {
-            body.frame().await
-        } else {
-            // Polled once without a waker: a body with nothing here is polled again by the
-            // upload.
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            match Pin::new(&mut *body).poll_frame(&mut cx) {
-                Poll::Pending => return Ok(Ready::More),
-                Poll::Ready(next) => next,
-            }
-        };
-        let frame = match next {
-            None => break,
-            Some(frame) => frame?,
+        let frame = match Pin::new(&mut *body).poll_frame(&mut cx) {
+            Poll::Pending => return Ok(Ready::More),
+            Poll::Ready(None) => break,
+            Poll::Ready(Some(frame)) => frame?,
         };
         // Trailers are dropped, as by the upload.
         let Ok(data) = frame.into_data() else {
@@ -1353,33 +1339,13 @@ mod tests {
         assert_eq!(header, b"ff\r\n0\r\n10000\r\n");
     }
 
-    /// A test upload: its frames, and the length it declares (if any).
-    struct Upload {
-        frames: http_body_util::StreamBody<
-            futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, BoxError>>,
-        >,
-        declared: Option<u64>,
-    }
-
-    impl Body for Upload {
-        type Data = Bytes;
-        type Error = BoxError;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-            Pin::new(&mut self.frames).poll_frame(cx)
-        }
-
-        fn size_hint(&self) -> SizeHint {
-            self.declared
-                .map_or_else(SizeHint::new, SizeHint::with_exact)
-        }
-    }
+    /// A test upload.
+    type Upload = http_body_util::StreamBody<
+        futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, BoxError>>,
+    >;
 
     /// A body of these parts, the last one `Some(later)` and then its end, or `None`: all at
-    /// once and then a wait for more. It declares no length.
+    /// once and then a wait for more.
     fn body_of(parts: &[&'static [u8]], last_after: Option<Duration>) -> Upload {
         use futures_util::stream::{self, StreamExt};
         let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = parts
@@ -1401,68 +1367,46 @@ mod tests {
                 .chain(stream::pending())
                 .boxed(),
         };
-        Upload {
-            frames: http_body_util::StreamBody::new(frames),
-            declared: None,
-        }
+        http_body_util::StreamBody::new(frames)
     }
 
-    async fn ready(body: &mut Upload, chunked: bool, out: &mut Vec<u8>) -> Ready {
-        take_ready(body, chunked, out).await.unwrap()
+    fn ready(body: &mut Upload, chunked: bool, out: &mut Vec<u8>) -> Ready {
+        take_ready(body, chunked, out).unwrap()
     }
 
     #[tokio::test]
     async fn a_body_already_here_goes_out_with_its_head() {
         let mut out = b"HEAD\r\n\r\n".to_vec();
         let mut whole = body_of(&[b"ab", b"cde"], Some(Duration::ZERO));
-        assert_eq!(ready(&mut whole, false, &mut out).await, Ready::Whole);
+        assert_eq!(ready(&mut whole, false, &mut out), Ready::Whole);
         assert_eq!(out, b"HEAD\r\n\r\nabcde");
 
         let mut out = Vec::new();
         let mut chunked = body_of(&[b"ab", b"", b"cde"], Some(Duration::ZERO));
-        assert_eq!(ready(&mut chunked, true, &mut out).await, Ready::Whole);
+        assert_eq!(ready(&mut chunked, true, &mut out), Ready::Whole);
         assert_eq!(out, b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n");
 
         // What is here goes; the rest is left to the upload.
         let mut out = Vec::new();
         let mut partial = body_of(&[b"ab"], None);
-        assert_eq!(ready(&mut partial, true, &mut out).await, Ready::More);
+        assert_eq!(ready(&mut partial, true, &mut out), Ready::More);
         assert_eq!(out, b"2\r\nab\r\n");
         let mut out = Vec::new();
         let mut late = body_of(&[b"ab", b"cd"], Some(Duration::from_millis(20)));
-        assert_eq!(ready(&mut late, false, &mut out).await, Ready::More);
+        assert_eq!(ready(&mut late, false, &mut out), Ready::More);
         assert_eq!(out, b"ab");
 
         // A part the head's write has no room for is handed to the upload as it is.
         let mut out = vec![b'h'; WITH_HEAD - 2];
         let mut large = body_of(&[b"ab", b"cd"], Some(Duration::ZERO));
-        let part = ready(&mut large, false, &mut out).await;
+        let part = ready(&mut large, false, &mut out);
         assert_eq!(part, Ready::Part(Bytes::from_static(b"cd")));
         assert_eq!(out.len(), WITH_HEAD);
 
         let mut out = Vec::new();
         let failing = futures_util::stream::iter([Err("client left".into())]);
-        let mut failing = Upload {
-            frames: http_body_util::StreamBody::new(Box::pin(failing)),
-            declared: None,
-        };
-        assert!(take_ready(&mut failing, false, &mut out).await.is_err());
+        let mut failing: Upload = http_body_util::StreamBody::new(Box::pin(failing));
+        assert!(take_ready(&mut failing, false, &mut out).is_err());
         assert!(out.is_empty());
-    }
-
-    /// A body declared small enough to go with its head is waited for; a larger one is not.
-    #[tokio::test]
-    async fn a_small_declared_body_is_waited_for() {
-        let mut out = b"HEAD\r\n\r\n".to_vec();
-        let mut small = body_of(&[b"ab", b"cd"], Some(Duration::from_millis(20)));
-        small.declared = Some(4);
-        assert_eq!(ready(&mut small, false, &mut out).await, Ready::Whole);
-        assert_eq!(out, b"HEAD\r\n\r\nabcd");
-
-        let mut out = b"HEAD\r\n\r\n".to_vec();
-        let mut larger = body_of(&[b"ab", b"cd"], Some(Duration::from_millis(20)));
-        larger.declared = Some(WITH_HEAD as u64);
-        assert_eq!(ready(&mut larger, false, &mut out).await, Ready::More);
-        assert_eq!(out, b"HEAD\r\n\r\nab");
     }
 }
