@@ -256,7 +256,9 @@ pub fn sliding_window(
         let decision = RateDecision {
             allowed: true,
             remaining: ((capacity - used) / u128::from(period)) as u64,
-            reset_us: period - elapsed,
+            // The quota is whole again once this request's window has slid out too, at the
+            // end of the next one (the end of this one would still find it weighing).
+            reset_us: 2 * period - elapsed,
             retry_after_us: 0,
         };
         let window = Window {
@@ -649,6 +651,32 @@ mod tests {
                     prop_assert!(d.reset_us >= d.retry_after_us);
                     let (later, _) = decide(&q, state, now + d.retry_after_us);
                     prop_assert!(later.allowed);
+                }
+            }
+        }
+
+        #[test]
+        fn a_request_after_an_allowed_reset_passes(
+            limit in 1u64..50,
+            burst in 0u64..5,
+            sliding in any::<bool>(),
+            period_ms in 10u64..5_000,
+            gaps in proptest::collection::vec(0u64..50_000, 1..200),
+        ) {
+            let q = Quota {
+                algorithm: if sliding { Algorithm::SlidingWindow } else { Algorithm::Gcra },
+                limit,
+                period_us: period_ms * 1000,
+                burst: if sliding { 0 } else { burst },
+            };
+            let mut state = None;
+            for now in arrivals(gaps) {
+                let (d, next) = decide(&q, state, now);
+                if d.allowed {
+                    state = next;
+                    // Told `r=0;t=…`, a client that waits `t` is let through.
+                    let (later, _) = decide(&q, state, now + d.reset_us);
+                    prop_assert!(later.allowed, "{d:?}");
                 }
             }
         }

@@ -99,7 +99,8 @@ impl Limiter {
 
     /// Decides a request under `rules` (`keys`: its key under each) at Redis while it
     /// answers, else as [`Limiter::decide_here`]. The decisions come in the rules' order; on a
-    /// Redis cluster they may stop at the first refusal.
+    /// Redis cluster they may stop at the first refusal, and with `on_redis_error = "allow"`
+    /// there are none while Redis does not answer.
     async fn decide(&self, rules: &[Rule], keys: &[LimitKey<'_>]) -> SmallVec<[RateDecision; 4]> {
         if let Some(redis) = &self.redis {
             let checks: SmallVec<[RedisCheck<'_>; 4]> = rules
@@ -123,17 +124,9 @@ impl Limiter {
             }
             match self.on_redis_error {
                 OnRedisError::Local => {}
-                OnRedisError::Allow => {
-                    return rules
-                        .iter()
-                        .map(|rule| RateDecision {
-                            allowed: true,
-                            remaining: rule.quota.limit,
-                            reset_us: 0,
-                            retry_after_us: 0,
-                        })
-                        .collect()
-                }
+                // Nothing is decided: the request goes on, and no RateLimit field tells of a
+                // quota nobody looked at (a client pacing itself by one would speed up).
+                OnRedisError::Allow => return SmallVec::new(),
                 OnRedisError::Deny => {
                     return rules
                         .iter()
