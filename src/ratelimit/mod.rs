@@ -236,7 +236,9 @@ impl Rule {
         value.push(b'"');
         value.extend_from_slice(self.name.as_bytes());
         value.extend_from_slice(b"\";r=");
-        value.extend_from_slice(numbers.format(decision.remaining).as_bytes());
+        // Never more than the policy's `q`: a burst larger than the limit could leave more.
+        let remaining = decision.remaining.min(self.quota.limit);
+        value.extend_from_slice(numbers.format(remaining).as_bytes());
         value.extend_from_slice(b";t=");
         value.extend_from_slice(numbers.format(ceil_secs(decision.reset_us)).as_bytes());
         HeaderValue::from_bytes(&value).expect("validated: rule names are header-safe")
@@ -660,5 +662,10 @@ mod tests {
             retry_after_us: 0,
         };
         assert_eq!(rule.state_header(&decision), "\"per_ip\";r=7;t=30");
+        let beyond = RateDecision {
+            remaining: 25,
+            ..decision
+        };
+        assert_eq!(rule.state_header(&beyond), "\"per_ip\";r=20;t=30");
     }
 }
