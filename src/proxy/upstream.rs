@@ -862,6 +862,9 @@ pub struct Pool {
     /// would meet the close, and a POST could not go again. nginx and Go servers read the rest
     /// instead; hyper does not.
     closes_after_uploads_of: AtomicU64,
+    /// The largest upload after which a reused connection still answered: a close after one
+    /// no larger (all of an instance's connections close when it restarts) teaches nothing.
+    kept_after_uploads_of: AtomicU64,
 }
 
 impl Pool {
@@ -874,6 +877,7 @@ impl Pool {
             keepalive_requests: upstream.keepalive_requests,
             idle_timeout: upstream.idle_timeout,
             closes_after_uploads_of: AtomicU64::new(u64::MAX),
+            kept_after_uploads_of: AtomicU64::new(0),
             http2: http2.then(Http2Conn::default),
             lines: (upstream.pipeline > 1 && !http2).then(|| {
                 Lines::new(
@@ -929,8 +933,20 @@ impl Pool {
         None
     }
 
+    /// A reused connection whose last request uploaded `bytes` answered: the instance keeps
+    /// connections after uploads that large.
+    pub fn kept_after_upload(&self, bytes: u64) {
+        if bytes > 0 {
+            self.kept_after_uploads_of
+                .fetch_max(bytes, Ordering::Relaxed);
+        }
+    }
+
     /// An upload of `bytes` was followed by the instance's close.
     fn learn_upload_close(&self, bytes: u64) {
+        if bytes <= self.kept_after_uploads_of.load(Ordering::Relaxed) {
+            return;
+        }
         let before = self
             .closes_after_uploads_of
             .fetch_min(bytes, Ordering::Relaxed);
@@ -1458,11 +1474,14 @@ mod tests {
     }
 
     /// A pool whose connection that uploaded 1,000 bytes the instance closed, found closed
-    /// `found_after` its check-in plus 50 ms; with the new connection that took its place.
+    /// `found_after` its check-in plus 50 ms, once a reused connection answered after an
+    /// upload of `kept` bytes; with the new connection that took its place.
     async fn pool_after_a_closed_upload(
         found_after: Duration,
+        kept: u64,
     ) -> (Pool, tokio::net::TcpListener, Box<InstanceConn>) {
         let (pool, listener) = pool(4, "10s");
+        pool.kept_after_upload(kept);
         let (closing, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
         let (closing_end, _) = listener.accept().await.unwrap();
         // Before anything was learned, a connection that uploaded is pooled.
@@ -1480,7 +1499,7 @@ mod tests {
     /// uploaded as much are not pooled; those that uploaded less still are.
     #[tokio::test]
     async fn an_instance_that_closes_after_uploads_gets_no_reused_upload_connection() {
-        let (pool, _listener, same) = pool_after_a_closed_upload(Duration::ZERO).await;
+        let (pool, _listener, same) = pool_after_a_closed_upload(Duration::ZERO, 999).await;
         pool.checkin(same.with_upload(1000));
         let pooled = pool.idle_count();
         assert_eq!(pooled, 0, "a connection that uploaded as much was pooled");
@@ -1489,11 +1508,20 @@ mod tests {
         assert_eq!(pool.idle_count(), 1);
     }
 
+    /// A close after an upload no larger than one after which a connection was reused (an
+    /// instance restarting closes every connection) teaches nothing.
+    #[tokio::test]
+    async fn a_close_after_an_upload_once_followed_by_reuse_is_no_sign() {
+        let (pool, _listener, next) = pool_after_a_closed_upload(Duration::ZERO, 1000).await;
+        pool.checkin(next.with_upload(1000));
+        assert_eq!(pool.idle_count(), 1);
+    }
+
     /// A connection found closed long after its upload's answer was closed for idling: that
     /// teaches nothing.
     #[tokio::test]
     async fn a_close_long_after_an_upload_is_no_sign() {
-        let (pool, _listener, next) = pool_after_a_closed_upload(CLOSED_SOON).await;
+        let (pool, _listener, next) = pool_after_a_closed_upload(CLOSED_SOON, 0).await;
         pool.checkin(next.with_upload(1000));
         assert_eq!(pool.idle_count(), 1);
     }
