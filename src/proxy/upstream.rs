@@ -115,6 +115,9 @@ const UNPROVEN_FAILURE: Duration = Duration::from_millis(100);
 /// for idling (idle timeouts of servers are seconds long).
 const CLOSED_SOON: Duration = Duration::from_millis(100);
 
+/// How long an instance found closing connections after uploads keeps them out of the pool.
+const UPLOAD_LESSON: Duration = Duration::from_secs(60);
+
 const SERVING: u8 = 0;
 const DRAINING: u8 = 1;
 const REMOVING: u8 = 2;
@@ -865,6 +868,9 @@ pub struct Pool {
     /// The largest upload after which a reused connection still answered: a close after one
     /// no larger (all of an instance's connections close when it restarts) teaches nothing.
     kept_after_uploads_of: AtomicU64,
+    /// When what `closes_after_uploads_of` says runs out, in ms from `created`.
+    lesson_ends_ms: AtomicU64,
+    created: Instant,
 }
 
 impl Pool {
@@ -878,6 +884,8 @@ impl Pool {
             idle_timeout: upstream.idle_timeout,
             closes_after_uploads_of: AtomicU64::new(u64::MAX),
             kept_after_uploads_of: AtomicU64::new(0),
+            lesson_ends_ms: AtomicU64::new(0),
+            created: Instant::now(),
             http2: http2.then(Http2Conn::default),
             lines: (upstream.pipeline > 1 && !http2).then(|| {
                 Lines::new(
@@ -890,8 +898,8 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still open, else a new one; `true` with
-    /// a reused connection. `probe` asks the kernel too (see `InstanceStream::probe_open`), and
-    /// takes the least recently used instead; `fresh` skips the idle ones.
+    /// a reused connection. `probe` asks the kernel too (see `InstanceStream::probe_open`);
+    /// `fresh` skips the idle ones.
     pub async fn checkout(
         &self,
         probe: bool,
@@ -912,12 +920,11 @@ impl Pool {
     }
 
     /// The most recently used idle connection that is still open, closing the ones found
-    /// closed or idle too long on the way. With `probe`, for a request that could not go again
-    /// on another connection, the least recently used: an instance that closes a connection
-    /// after its answer (hyper does when a body was left unread) sends its close a moment
-    /// after the answer, and the connection idle longest has had the most time for it to come.
+    /// closed or idle too long on the way. (Not the least recently used for a request that
+    /// could not go again: that one is the likeliest to meet an instance's idle timeout, often
+    /// 2–5 s against the pool's 60.)
     pub(crate) fn take_idle(&self, probe: bool, now: Instant) -> Option<Box<InstanceConn>> {
-        while let Some(mut idle) = self.pop(probe) {
+        while let Some(mut idle) = self.pop() {
             if self.expired(&idle, now) {
                 continue;
             }
@@ -927,7 +934,7 @@ impl Pool {
             // Soon after the answer: a close for idling (Node's 5 s) is no sign.
             let bytes = idle.conn.uploaded();
             if bytes > 0 && now.saturating_duration_since(idle.since) < CLOSED_SOON {
-                self.learn_upload_close(bytes);
+                self.learn_upload_close(bytes, now);
             }
         }
         None
@@ -942,45 +949,60 @@ impl Pool {
         }
     }
 
-    /// An upload of `bytes` was followed by the instance's close.
-    fn learn_upload_close(&self, bytes: u64) {
+    /// An upload of `bytes` was followed by the instance's close, found at `now`: uploads as
+    /// large are not pooled for [`UPLOAD_LESSON`] (from the last such close), after which the
+    /// instance is tried again (a restart's closes, or a deploy's, teach nothing lasting).
+    fn learn_upload_close(&self, bytes: u64, now: Instant) {
         if bytes <= self.kept_after_uploads_of.load(Ordering::Relaxed) {
             return;
         }
-        let before = self
-            .closes_after_uploads_of
-            .fetch_min(bytes, Ordering::Relaxed);
-        if bytes < before {
+        let now_ms = self.pool_ms(now);
+        let current = self.lesson_ends_ms.load(Ordering::Relaxed) > now_ms;
+        let before = if current {
+            self.closes_after_uploads_of
+                .fetch_min(bytes, Ordering::Relaxed)
+        } else {
+            self.closes_after_uploads_of.swap(bytes, Ordering::Relaxed)
+        };
+        let lesson = UPLOAD_LESSON.as_millis() as u64;
+        self.lesson_ends_ms
+            .fetch_max(now_ms + lesson, Ordering::Relaxed);
+        if !current || bytes < before {
             tracing::info!(
                 instance = %self.connector.addr(),
                 bytes,
                 "the instance closed a connection soon after answering an upload: connections \
-                 that upload as much are no longer reused on it"
+                 that upload as much are not reused on it for a minute"
             );
         }
     }
 
-    /// The most recently used idle connection, or with `oldest` the least recently used.
-    fn pop(&self, oldest: bool) -> Option<IdleConn> {
-        let mut idle = self.idle.lock().expect("pool lock");
-        if oldest {
-            idle.pop_front()
-        } else {
-            idle.pop_back()
-        }
+    /// Whether a connection that uploaded `bytes` is not to be pooled at `now`.
+    fn closes_after(&self, bytes: u64, now: Instant) -> bool {
+        bytes >= self.closes_after_uploads_of.load(Ordering::Relaxed)
+            && self.lesson_ends_ms.load(Ordering::Relaxed) > self.pool_ms(now)
+    }
+
+    /// Milliseconds from the pool's creation to `at`.
+    fn pool_ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.created).as_millis() as u64
+    }
+
+    fn pop(&self) -> Option<IdleConn> {
+        self.idle.lock().expect("pool lock").pop_back()
     }
 
     /// Returns a connection whose exchange finished; dropped when the pool is full or the
     /// connection carried `keepalive_requests`. The oldest idle connection is closed once it
     /// outlived the idle timeout.
     pub fn checkin(&self, conn: Box<InstanceConn>) {
+        let now = Instant::now();
         if self.keepalive == 0
             || conn.requests() >= self.keepalive_requests
-            || conn.uploaded() >= self.closes_after_uploads_of.load(Ordering::Relaxed)
+            || self.closes_after(conn.uploaded(), now)
         {
             return;
         }
-        let now = Instant::now();
         let mut idle = self.idle.lock().expect("pool lock");
         let expired = idle
             .front()
@@ -1412,20 +1434,6 @@ mod tests {
         assert_eq!(again.local_port(), second_port);
     }
 
-    /// A request that could not go again takes the connection idle longest (see `take_idle`).
-    #[tokio::test]
-    async fn a_probed_checkout_takes_the_connection_idle_longest() {
-        let (pool, _listener) = pool(2, "10s");
-        let (older, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
-        let (newer, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
-        let older_port = older.local_port();
-        pool.checkin(older);
-        pool.checkin(newer);
-        let (probed, reused) = pool.checkout(true, false, Instant::now()).await.unwrap();
-        assert!(reused);
-        assert_eq!(probed.local_port(), older_port);
-    }
-
     #[tokio::test]
     async fn idle_connections_past_the_idle_timeout_are_closed_without_traffic() {
         let (pool, _listener) = pool(4, "1s");
@@ -1506,6 +1514,9 @@ mod tests {
         let (less, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
         pool.checkin(less.with_upload(999));
         assert_eq!(pool.idle_count(), 1);
+        // For a while: then the instance is tried again.
+        assert!(pool.closes_after(1000, Instant::now()));
+        assert!(!pool.closes_after(1000, Instant::now() + UPLOAD_LESSON));
     }
 
     /// A close after an upload no larger than one after which a connection was reused (an
