@@ -767,13 +767,9 @@ async fn send(
     };
     // A new connection's set-up is not the instance's answer time.
     let started = if reused { checkout.now } else { Instant::now() };
-    let uploaded_before = conn.uploaded();
     match conn.send(head, body, started, timeout).await {
         Ok(answer) => {
             observe_latency(instance, started, answer.head.status);
-            if reused {
-                instance.pool.kept_after_upload(uploaded_before);
-            }
             Ok(Answer::Http1(conn, None, answer))
         }
         Err(err) => Err(Attempt::of_send(err, reused)),

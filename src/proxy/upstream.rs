@@ -865,9 +865,6 @@ pub struct Pool {
     /// would meet the close, and a POST could not go again. nginx and Go servers read the rest
     /// instead; hyper does not.
     closes_after_uploads_of: AtomicU64,
-    /// The largest upload after which a reused connection still answered: a close after one
-    /// no larger (all of an instance's connections close when it restarts) teaches nothing.
-    kept_after_uploads_of: AtomicU64,
     /// When what `closes_after_uploads_of` says runs out, in ms from `created`.
     lesson_ends_ms: AtomicU64,
     created: Instant,
@@ -883,7 +880,6 @@ impl Pool {
             keepalive_requests: upstream.keepalive_requests,
             idle_timeout: upstream.idle_timeout,
             closes_after_uploads_of: AtomicU64::new(u64::MAX),
-            kept_after_uploads_of: AtomicU64::new(0),
             lesson_ends_ms: AtomicU64::new(0),
             created: Instant::now(),
             http2: http2.then(Http2Conn::default),
@@ -940,22 +936,12 @@ impl Pool {
         None
     }
 
-    /// A reused connection whose last request uploaded `bytes` answered: the instance keeps
-    /// connections after uploads that large.
-    pub fn kept_after_upload(&self, bytes: u64) {
-        if bytes > 0 {
-            self.kept_after_uploads_of
-                .fetch_max(bytes, Ordering::Relaxed);
-        }
-    }
-
     /// An upload of `bytes` was followed by the instance's close, found at `now`: uploads as
     /// large are not pooled for [`UPLOAD_LESSON`] (from the last such close), after which the
-    /// instance is tried again (a restart's closes, or a deploy's, teach nothing lasting).
+    /// instance is tried again: a restart's closes, which look the same, teach nothing lasting.
+    /// (Hyper closes after some uploads of a size and not others, so a size once answered
+    /// after proves nothing.)
     fn learn_upload_close(&self, bytes: u64, now: Instant) {
-        if bytes <= self.kept_after_uploads_of.load(Ordering::Relaxed) {
-            return;
-        }
         let now_ms = self.pool_ms(now);
         let current = self.lesson_ends_ms.load(Ordering::Relaxed) > now_ms;
         let before = if current {
@@ -1482,14 +1468,11 @@ mod tests {
     }
 
     /// A pool whose connection that uploaded 1,000 bytes the instance closed, found closed
-    /// `found_after` its check-in plus 50 ms, once a reused connection answered after an
-    /// upload of `kept` bytes; with the new connection that took its place.
+    /// `found_after` its check-in plus 50 ms; with the new connection that took its place.
     async fn pool_after_a_closed_upload(
         found_after: Duration,
-        kept: u64,
     ) -> (Pool, tokio::net::TcpListener, Box<InstanceConn>) {
         let (pool, listener) = pool(4, "10s");
-        pool.kept_after_upload(kept);
         let (closing, _) = pool.checkout(false, false, Instant::now()).await.unwrap();
         let (closing_end, _) = listener.accept().await.unwrap();
         // Before anything was learned, a connection that uploaded is pooled.
@@ -1507,7 +1490,7 @@ mod tests {
     /// uploaded as much are not pooled; those that uploaded less still are.
     #[tokio::test]
     async fn an_instance_that_closes_after_uploads_gets_no_reused_upload_connection() {
-        let (pool, _listener, same) = pool_after_a_closed_upload(Duration::ZERO, 999).await;
+        let (pool, _listener, same) = pool_after_a_closed_upload(Duration::ZERO).await;
         pool.checkin(same.with_upload(1000));
         let pooled = pool.idle_count();
         assert_eq!(pooled, 0, "a connection that uploaded as much was pooled");
@@ -1519,20 +1502,11 @@ mod tests {
         assert!(!pool.closes_after(1000, Instant::now() + UPLOAD_LESSON));
     }
 
-    /// A close after an upload no larger than one after which a connection was reused (an
-    /// instance restarting closes every connection) teaches nothing.
-    #[tokio::test]
-    async fn a_close_after_an_upload_once_followed_by_reuse_is_no_sign() {
-        let (pool, _listener, next) = pool_after_a_closed_upload(Duration::ZERO, 1000).await;
-        pool.checkin(next.with_upload(1000));
-        assert_eq!(pool.idle_count(), 1);
-    }
-
     /// A connection found closed long after its upload's answer was closed for idling: that
     /// teaches nothing.
     #[tokio::test]
     async fn a_close_long_after_an_upload_is_no_sign() {
-        let (pool, _listener, next) = pool_after_a_closed_upload(CLOSED_SOON, 0).await;
+        let (pool, _listener, next) = pool_after_a_closed_upload(CLOSED_SOON).await;
         pool.checkin(next.with_upload(1000));
         assert_eq!(pool.idle_count(), 1);
     }
