@@ -1,5 +1,7 @@
 //! End-to-end tests of the autoscaler: a real gateway that starts real `scalegate demo-backend`
-//! child processes, driven by a load loop in the test that counts every failed request.
+//! child processes, driven by a load loop in the test that counts every failed request. Their
+//! port ranges lie below the kernel's ephemeral range (32768 and up), where no outgoing
+//! connection of a busy machine can hold a port a child needs.
 
 mod support;
 
@@ -190,7 +192,7 @@ impl Load {
 async fn load_step_scales_out_then_in_after_the_window_without_failed_requests() {
     let window = Duration::from_secs(4);
     let gw = autoscaled(&process_config(
-        "44100-44119",
+        "24100-24119",
         1,
         4,
         "scale_down = { stabilization = \"4s\" }",
@@ -289,7 +291,7 @@ async fn load_step_scales_out_then_in_after_the_window_without_failed_requests()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashed_instance_is_replaced_and_no_child_survives_the_gateway() {
-    let mut gw = autoscaled(&process_config("44200-44219", 2, 3, ""));
+    let mut gw = autoscaled(&process_config("24200-24219", 2, 3, ""));
     let client = client();
     assert!(
         eventually(Duration::from_secs(15), || async {
@@ -351,7 +353,7 @@ async fn crashed_instance_is_replaced_and_no_child_survives_the_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_pins_pauses_and_resumes() {
     let gw = autoscaled(&process_config(
-        "44300-44319",
+        "24300-24319",
         1,
         4,
         "scale_down = { stabilization = \"1s\" }",
@@ -414,7 +416,7 @@ async fn admin_api_pins_pauses_and_resumes() {
     assert_eq!(pin(r#"{"pin": 5}"#).await.status, 400);
     // Pins are checked against the bounds in force: a reload raising max admits 5.
     gw.write_config(&process_config(
-        "44300-44319",
+        "24300-24319",
         1,
         6,
         "scale_down = { stabilization = \"1s\" }",
@@ -627,7 +629,7 @@ fn one_child(ports: &str, health: &str, autoscale: &str) -> String {
 #[tokio::test]
 async fn cpu_percent_counts_what_the_instance_started() {
     let gw = autoscaled(&one_child(
-        "44400-44409",
+        "24400-24409",
         "",
         "command = \"sh -c 'yes > /dev/null & exec {self} demo-backend --port {port}'\"\n\
          target = { cpu_percent = 50 }\nstartup_grace = \"0s\"",
@@ -650,7 +652,7 @@ async fn cpu_percent_counts_what_the_instance_started() {
 #[tokio::test]
 async fn a_child_failing_its_checks_is_not_listed_as_serving() {
     let gw = autoscaled(&one_child(
-        "44500-44509",
+        "24500-24509",
         "path = \"/cache?status=503\"",
         DEMO_CHILD,
     ));
@@ -680,7 +682,7 @@ async fn a_child_failing_its_checks_is_not_listed_as_serving() {
 #[tokio::test]
 async fn a_child_failing_its_checks_too_long_is_restarted() {
     let gw = autoscaled(&one_child(
-        "44600-44609",
+        "24600-24609",
         "path = \"/cache?status=503\"",
         &format!("{DEMO_CHILD}\nunhealthy_restart = \"1s\"\nstop_grace = \"1s\""),
     ));
@@ -776,7 +778,7 @@ async fn an_instance_takes_its_whole_process_group_with_it() {
          target = {{ in_flight_per_instance = 2 }}\nstop_grace = \"1s\"",
         members.display()
     );
-    let mut gw = autoscaled(&one_child("44700-44709", "", &command));
+    let mut gw = autoscaled(&one_child("24700-24709", "", &command));
     let client = client();
     let member_pids = || {
         std::fs::read_to_string(&members)
@@ -823,7 +825,7 @@ async fn upstreams_sharing_a_port_range_get_ports_of_their_own() {
     let upstream = |name: &str| {
         format!(
             "[upstreams.{name}]\ninstances = []\n[upstreams.{name}.autoscale]\nmin = 2\nmax = 2\n\
-             port_range = \"44800-44803\"\nsync_period = \"1s\"\n\
+             port_range = \"24800-24803\"\nsync_period = \"1s\"\n\
              command = \"sh -c 'sleep 0.5; exec {{self}} demo-backend --port {{port}}'\"\n\
              target = {{ in_flight_per_instance = 2 }}\n"
         )
@@ -870,9 +872,9 @@ async fn upstreams_sharing_a_port_range_get_ports_of_their_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_that_never_listened_tries_the_next_port() {
     let gw = autoscaled(&one_child(
-        "44900-44903",
+        "24900-24903",
         "",
-        "command = \"sh -c '[ {port} = 44900 ] && exit 1; exec {self} demo-backend --port {port}'\"\n\
+        "command = \"sh -c '[ {port} = 24900 ] && exit 1; exec {self} demo-backend --port {port}'\"\n\
          target = { in_flight_per_instance = 2 }",
     ));
     let client = client();
@@ -882,7 +884,7 @@ async fn a_child_that_never_listened_tries_the_next_port() {
     .await;
     let status = autoscale_status(&client, &gw).await;
     assert!(serving, "{status}");
-    assert_eq!(children(&status, "serving")[0].0, "127.0.0.1:44901");
+    assert_eq!(children(&status, "serving")[0].0, "127.0.0.1:24901");
 }
 
 /// While a scale command runs, the status says which count it was asked for, and a mode the
