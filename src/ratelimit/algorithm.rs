@@ -568,6 +568,20 @@ mod tests {
             .collect()
     }
 
+    /// A quota drawn by a property test: GCRA with `burst`, or a sliding window.
+    fn drawn_quota(limit: u64, burst: u64, sliding: bool, period_ms: u64) -> Quota {
+        Quota {
+            algorithm: if sliding {
+                Algorithm::SlidingWindow
+            } else {
+                Algorithm::Gcra
+            },
+            limit,
+            period_us: period_ms * 1000,
+            burst: if sliding { 0 } else { burst },
+        }
+    }
+
     proptest! {
         #[test]
         fn gcra_never_admits_more_than_limit_plus_burst_per_period(
@@ -627,57 +641,29 @@ mod tests {
         }
 
         #[test]
-        fn a_rejected_request_passes_after_retry_after(
+        fn a_client_that_waits_as_told_is_let_through(
             limit in 1u64..50,
             burst in 0u64..5,
             sliding in any::<bool>(),
             period_ms in 10u64..5_000,
             gaps in proptest::collection::vec(0u64..50_000, 1..200),
         ) {
-            let q = Quota {
-                algorithm: if sliding { Algorithm::SlidingWindow } else { Algorithm::Gcra },
-                limit,
-                period_us: period_ms * 1000,
-                burst: if sliding { 0 } else { burst },
-            };
+            let q = drawn_quota(limit, burst, sliding, period_ms);
             let mut state = None;
             for now in arrivals(gaps) {
                 let (d, next) = decide(&q, state, now);
-                if d.allowed {
+                let wait = if d.allowed {
                     state = next;
+                    // Told `r=0;t=…`, a client that waits `t`.
+                    d.reset_us
                 } else {
                     prop_assert!(d.retry_after_us > 0);
                     // The reset (RateLimit `t`) is no earlier than a request would pass.
                     prop_assert!(d.reset_us >= d.retry_after_us);
-                    let (later, _) = decide(&q, state, now + d.retry_after_us);
-                    prop_assert!(later.allowed);
-                }
-            }
-        }
-
-        #[test]
-        fn a_request_after_an_allowed_reset_passes(
-            limit in 1u64..50,
-            burst in 0u64..5,
-            sliding in any::<bool>(),
-            period_ms in 10u64..5_000,
-            gaps in proptest::collection::vec(0u64..50_000, 1..200),
-        ) {
-            let q = Quota {
-                algorithm: if sliding { Algorithm::SlidingWindow } else { Algorithm::Gcra },
-                limit,
-                period_us: period_ms * 1000,
-                burst: if sliding { 0 } else { burst },
-            };
-            let mut state = None;
-            for now in arrivals(gaps) {
-                let (d, next) = decide(&q, state, now);
-                if d.allowed {
-                    state = next;
-                    // Told `r=0;t=…`, a client that waits `t` is let through.
-                    let (later, _) = decide(&q, state, now + d.reset_us);
-                    prop_assert!(later.allowed, "{d:?}");
-                }
+                    d.retry_after_us
+                };
+                let (later, _) = decide(&q, state, now + wait);
+                prop_assert!(later.allowed, "{d:?}");
             }
         }
     }
