@@ -41,7 +41,7 @@ use super::connections::ConnectionPermit;
 use super::deadline::LazyDeadline;
 use super::error::ProxyError;
 use super::forward::{self, ClientAddr};
-use super::h1::{chunk_header, RawFields};
+use super::h1::{chunk_header, RawFields, LAST_CHUNK};
 use super::headers::{check_framing, client_request_id, has, value, values};
 use super::record::RequestRecord;
 use super::tunnel::Handover;
@@ -535,7 +535,7 @@ impl ClientConn {
             }
         }
         if chunked {
-            self.out.extend_from_slice(b"0\r\n\r\n");
+            self.out.extend_from_slice(LAST_CHUNK);
         }
         self.flush_body(record, &mut unsent).await?;
         Ok(if keep_alive {

@@ -545,9 +545,7 @@ where
             return Ok(Ready::Part(data));
         }
         if chunked {
-            chunk_header(out, data.len());
-            out.extend_from_slice(&data);
-            out.extend_from_slice(b"\r\n");
+            push_chunk(out, &data);
         } else {
             out.extend_from_slice(&data);
         }
@@ -556,7 +554,7 @@ where
         }
     }
     if chunked {
-        out.extend_from_slice(b"0\r\n\r\n");
+        out.extend_from_slice(LAST_CHUNK);
     }
     Ok(Ready::Whole)
 }
@@ -741,9 +739,7 @@ async fn write_body<W: AsyncWrite + Unpin>(
                 writer.write_all(&data).await?;
             } else if data.len() <= SMALL_CHUNK {
                 scratch.clear();
-                chunk_header(scratch, data.len());
-                scratch.extend_from_slice(&data);
-                scratch.extend_from_slice(b"\r\n");
+                push_chunk(scratch, &data);
                 writer.write_all(scratch).await?;
             } else {
                 scratch.clear();
@@ -758,7 +754,7 @@ async fn write_body<W: AsyncWrite + Unpin>(
     }
     if chunked {
         within(timeout, async {
-            writer.write_all(b"0\r\n\r\n").await?;
+            writer.write_all(LAST_CHUNK).await?;
             writer.flush().await
         })
         .await?;
@@ -776,6 +772,16 @@ async fn within(
         Ok(Err(_)) => Err(UploadError::Instance),
         Err(_) => Err(UploadError::Stalled),
     }
+}
+
+/// The last chunk of a chunked body, with no trailers.
+pub(super) const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// `data` as one chunk: its size line, the bytes and CRLF.
+fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    chunk_header(out, data.len());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// A chunk-size line: the length in hex and CRLF.
