@@ -859,15 +859,58 @@ pub struct Pool {
     pub(crate) http2: Option<Http2Conn>,
     /// Set when the upstream pipelines (`pipeline` above 1).
     pub(crate) lines: Option<Lines>,
-    /// The smallest upload after which a connection was found closed soon after its answer
-    /// (`u64::MAX`: none yet). The instance closes connections after answers to uploads it did
-    /// not read whole, so connections that uploaded as much are not pooled: their next request
-    /// would meet the close, and a POST could not go again. nginx and Go servers read the rest
-    /// instead; hyper does not.
-    closes_after_uploads_of: AtomicU64,
-    /// When what `closes_after_uploads_of` says runs out, in ms from `created`.
-    lesson_ends_ms: AtomicU64,
-    created: Instant,
+    /// Which uploads leave connections the instance closes ([`UploadLesson`]).
+    upload_lesson: UploadLesson,
+}
+
+/// What a pool learned of an instance that closes connections after answers to uploads it did
+/// not read whole (hyper does; nginx and Go servers read the rest): connections that uploaded
+/// as much as one found closed soon after its answer are not pooled, for [`UPLOAD_LESSON`]
+/// from the last such close. Their next request would meet the close, and a POST could not go
+/// again. An instance restarting under uploads looks the same, which is why the lesson ends.
+/// (Hyper closes after some uploads of a size and not others: one answered after proves
+/// nothing.) Atomics, read at every check-in.
+struct UploadLesson {
+    /// The smallest such upload (`u64::MAX`: none).
+    smallest: AtomicU64,
+    /// When the lesson runs out, in ms from `since`.
+    ends_ms: AtomicU64,
+    since: Instant,
+}
+
+impl UploadLesson {
+    fn new() -> UploadLesson {
+        UploadLesson {
+            smallest: AtomicU64::new(u64::MAX),
+            ends_ms: AtomicU64::new(0),
+            since: Instant::now(),
+        }
+    }
+
+    /// An upload of `bytes` was followed by the instance's close, found at `now`; true when
+    /// that taught something new (a lesson begun, or a smaller size).
+    fn learn(&self, bytes: u64, now: Instant) -> bool {
+        let now_ms = self.ms(now);
+        let current = self.ends_ms.load(Ordering::Relaxed) > now_ms;
+        let before = if current {
+            self.smallest.fetch_min(bytes, Ordering::Relaxed)
+        } else {
+            self.smallest.swap(bytes, Ordering::Relaxed)
+        };
+        let lesson = UPLOAD_LESSON.as_millis() as u64;
+        self.ends_ms.fetch_max(now_ms + lesson, Ordering::Relaxed);
+        !current || bytes < before
+    }
+
+    /// Whether a connection that uploaded `bytes` is not to be pooled at `now`.
+    fn keeps_out(&self, bytes: u64, now: Instant) -> bool {
+        bytes >= self.smallest.load(Ordering::Relaxed)
+            && self.ends_ms.load(Ordering::Relaxed) > self.ms(now)
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.since).as_millis() as u64
+    }
 }
 
 impl Pool {
@@ -879,9 +922,7 @@ impl Pool {
             keepalive: if http2 { 0 } else { upstream.keepalive },
             keepalive_requests: upstream.keepalive_requests,
             idle_timeout: upstream.idle_timeout,
-            closes_after_uploads_of: AtomicU64::new(u64::MAX),
-            lesson_ends_ms: AtomicU64::new(0),
-            created: Instant::now(),
+            upload_lesson: UploadLesson::new(),
             http2: http2.then(Http2Conn::default),
             lines: (upstream.pipeline > 1 && !http2).then(|| {
                 Lines::new(
@@ -929,49 +970,17 @@ impl Pool {
             }
             // Soon after the answer: a close for idling (Node's 5 s) is no sign.
             let bytes = idle.conn.uploaded();
-            if bytes > 0 && now.saturating_duration_since(idle.since) < CLOSED_SOON {
-                self.learn_upload_close(bytes, now);
+            let soon = now.saturating_duration_since(idle.since) < CLOSED_SOON;
+            if bytes > 0 && soon && self.upload_lesson.learn(bytes, now) {
+                tracing::info!(
+                    instance = %self.connector.addr(),
+                    bytes,
+                    "the instance closed a connection soon after answering an upload: connections \
+                     that upload as much are not reused on it for a minute"
+                );
             }
         }
         None
-    }
-
-    /// An upload of `bytes` was followed by the instance's close, found at `now`: uploads as
-    /// large are not pooled for [`UPLOAD_LESSON`] (from the last such close), after which the
-    /// instance is tried again: a restart's closes, which look the same, teach nothing lasting.
-    /// (Hyper closes after some uploads of a size and not others, so a size once answered
-    /// after proves nothing.)
-    fn learn_upload_close(&self, bytes: u64, now: Instant) {
-        let now_ms = self.pool_ms(now);
-        let current = self.lesson_ends_ms.load(Ordering::Relaxed) > now_ms;
-        let before = if current {
-            self.closes_after_uploads_of
-                .fetch_min(bytes, Ordering::Relaxed)
-        } else {
-            self.closes_after_uploads_of.swap(bytes, Ordering::Relaxed)
-        };
-        let lesson = UPLOAD_LESSON.as_millis() as u64;
-        self.lesson_ends_ms
-            .fetch_max(now_ms + lesson, Ordering::Relaxed);
-        if !current || bytes < before {
-            tracing::info!(
-                instance = %self.connector.addr(),
-                bytes,
-                "the instance closed a connection soon after answering an upload: connections \
-                 that upload as much are not reused on it for a minute"
-            );
-        }
-    }
-
-    /// Whether a connection that uploaded `bytes` is not to be pooled at `now`.
-    fn closes_after(&self, bytes: u64, now: Instant) -> bool {
-        bytes >= self.closes_after_uploads_of.load(Ordering::Relaxed)
-            && self.lesson_ends_ms.load(Ordering::Relaxed) > self.pool_ms(now)
-    }
-
-    /// Milliseconds from the pool's creation to `at`.
-    fn pool_ms(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.created).as_millis() as u64
     }
 
     fn pop(&self) -> Option<IdleConn> {
@@ -985,7 +994,7 @@ impl Pool {
         let now = Instant::now();
         if self.keepalive == 0
             || conn.requests() >= self.keepalive_requests
-            || self.closes_after(conn.uploaded(), now)
+            || self.upload_lesson.keeps_out(conn.uploaded(), now)
         {
             return;
         }
@@ -1498,8 +1507,27 @@ mod tests {
         pool.checkin(less.with_upload(999));
         assert_eq!(pool.idle_count(), 1);
         // For a while: then the instance is tried again.
-        assert!(pool.closes_after(1000, Instant::now()));
-        assert!(!pool.closes_after(1000, Instant::now() + UPLOAD_LESSON));
+        let lesson = &pool.upload_lesson;
+        assert!(lesson.keeps_out(1000, Instant::now()));
+        assert!(!lesson.keeps_out(1000, Instant::now() + UPLOAD_LESSON));
+    }
+
+    /// A lesson holds for uploads at least as large, lowers with a smaller close, and once run
+    /// out starts again from the next close alone.
+    #[test]
+    fn an_upload_lesson_holds_for_a_while_then_starts_afresh() {
+        let lesson = UploadLesson::new();
+        let t0 = lesson.since;
+        assert!(!lesson.keeps_out(1_000_000, t0));
+        assert!(lesson.learn(60_000, t0));
+        assert!(lesson.keeps_out(60_000, t0) && !lesson.keeps_out(59_999, t0));
+        assert!(!lesson.learn(100_000, t0), "nothing new");
+        assert!(lesson.learn(30_000, t0 + Duration::from_secs(30)));
+        assert!(lesson.keeps_out(30_000, t0 + Duration::from_secs(89)));
+        let later = t0 + Duration::from_secs(90) + UPLOAD_LESSON;
+        assert!(!lesson.keeps_out(30_000, later));
+        assert!(lesson.learn(100_000, later));
+        assert!(!lesson.keeps_out(60_000, later) && lesson.keeps_out(100_000, later));
     }
 
     /// A connection found closed long after its upload's answer was closed for idling: that
