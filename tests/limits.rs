@@ -512,6 +512,8 @@ async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
     assert!(!switched(&metrics), "{metrics}");
     let refused = raw_exchange(gw.proxy, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    // Open a while: the duration histogram times the exchange up to the 101, not the tunnel.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     drop(ws);
     assert!(
         eventually(Duration::from_secs(5), || async { in_flight().await == 0 }).await,
@@ -524,6 +526,16 @@ async fn websocket_upgrades_are_tunnelled_and_count_as_in_flight() {
     assert!(
         counted.await,
         "the tunnel's request was not counted when it closed"
+    );
+    let metrics = get(&client, &gw.admin_url("/metrics")).await;
+    let timed: f64 = String::from_utf8_lossy(&metrics.body)
+        .lines()
+        .filter(|l| l.starts_with("scalegate_request_duration_seconds_sum{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        timed < 1.0,
+        "the tunnel's life was timed as its request: {timed} s"
     );
     assert!(
         eventually(Duration::from_secs(5), || async {

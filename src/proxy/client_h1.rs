@@ -253,6 +253,7 @@ pub async fn serve(
                     {
                         // The tunnel writes the record when it closes, with its whole time and
                         // the bytes it carried to the client, as nginx logs a WebSocket.
+                        record.switched_protocols();
                         let _ = tx.send(Handover {
                             client: stream,
                             early,

@@ -39,6 +39,9 @@ pub struct RequestRecord {
     status: u16,
     /// Answer body bytes handed to the client's connection (nginx's `$body_bytes_sent`).
     body_bytes: u64,
+    /// A tunnel's exchange time, up to its 101: what the duration histogram takes, so that an
+    /// hour-long WebSocket is not an hour-long request in the route's percentiles.
+    switched_after: Option<std::time::Duration>,
 }
 
 impl RequestRecord {
@@ -60,7 +63,14 @@ impl RequestRecord {
             served: Served::default(),
             status: CLIENT_CLOSED_REQUEST.as_u16(),
             body_bytes: 0,
+            switched_after: None,
         }
+    }
+
+    /// The 101 went out: the request goes on as a tunnel, logged with its whole time when it
+    /// closes, but timed in the histogram up to now.
+    pub fn switched_protocols(&mut self) {
+        self.switched_after = Some(self.started.elapsed());
     }
 
     pub fn answered(&mut self, status: http::StatusCode) {
@@ -118,7 +128,11 @@ impl Drop for RequestRecord {
         runtime.metrics.request_ended();
         let served = self.served;
         if let Some(stats) = runtime.request_stats(served.route) {
-            stats.record(&self.method, self.status, elapsed);
+            stats.record(
+                &self.method,
+                self.status,
+                self.switched_after.unwrap_or(elapsed),
+            );
         }
         if let Some(path) = &self.path {
             tracing::info!(

@@ -132,8 +132,9 @@ async fn idle_expiry(origin: Instant, last: &AtomicU64, idle: Duration) {
     }
 }
 
-/// An IO that stamps `last` (milliseconds since `origin`) whenever bytes are read, and counts
-/// the bytes written to it into `written` when it has one.
+/// An IO that stamps `last` (milliseconds since `origin`) whenever bytes move through it, either
+/// way, and counts the bytes written to it into `written` when it has one. Writes count too: a
+/// slow reader drains the copy's buffer for long stretches without a read, and is not idle.
 struct Activity<T> {
     io: T,
     origin: Instant,
@@ -149,6 +150,11 @@ impl<T> Activity<T> {
             last,
             written: None,
         }
+    }
+
+    fn stamp(&self) {
+        let now = self.origin.elapsed().as_millis() as u64;
+        self.last.store(now, Ordering::Relaxed);
     }
 
     fn counting(self, written: Arc<AtomicU64>) -> Self {
@@ -169,8 +175,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            let now = this.origin.elapsed().as_millis() as u64;
-            this.last.store(now, Ordering::Relaxed);
+            this.stamp();
         }
         polled
     }
@@ -184,8 +189,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.io).poll_write(cx, buf);
-        if let (Poll::Ready(Ok(n)), Some(written)) = (&polled, &this.written) {
-            written.fetch_add(*n as u64, Ordering::Relaxed);
+        if let Poll::Ready(Ok(n @ 1..)) = polled {
+            this.stamp();
+            if let Some(written) = &this.written {
+                written.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
         polled
     }
@@ -196,5 +204,29 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_written_keep_a_tunnel_side_awake_as_reads_do() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let origin = Instant::now();
+        let last = Arc::new(AtomicU64::new(0));
+        let written = Arc::new(AtomicU64::new(0));
+        let mut side = Activity::new(near, origin, last.clone()).counting(written.clone());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        side.write_all(b"slow").await.unwrap();
+        assert_eq!(last.load(Ordering::Relaxed), 5_000);
+        assert_eq!(written.load(Ordering::Relaxed), 4);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        far.write_all(b"x").await.unwrap();
+        let mut byte = [0u8; 1];
+        side.read_exact(&mut byte).await.unwrap();
+        assert_eq!(last.load(Ordering::Relaxed), 7_000);
     }
 }
