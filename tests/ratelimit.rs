@@ -1107,7 +1107,9 @@ async fn a_limit_raised_by_a_reload_holds_at_once() {
         let listed = eventually(Duration::from_secs(5), || async {
             let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
             report["rules"]
-                == serde_json::json!([{"name": "s", "allowed": 0, "limited": 0, "fallback": 0}])
+                == serde_json::json!([
+                    {"name": "s", "allowed": 0, "limited": 0, "delayed": 0, "fallback": 0}
+                ])
         })
         .await;
         assert!(
@@ -1115,6 +1117,72 @@ async fn a_limit_raised_by_a_reload_holds_at_once() {
             "{}",
             admin_json(&client, &gw, "/api/ratelimit").await.1
         );
+    }
+}
+
+/// nginx `limit_req burst=4` without `nodelay`, in memory as in Redis: of six fired at once,
+/// five pass and leave spaced at the rate (100 ms), the sixth is refused at once; with
+/// `delay = 2` the first three go together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rule_with_a_delay_spaces_a_burst_out_at_the_rate() {
+    let redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let rule = |delay: u64| {
+        format!(
+            "[[routes]]\nupstream = \"app\"\nrate_limits = [{{ name = \"paced\", limit = 10, \
+             period = \"1s\", burst = 4, delay = {delay} }}]\n"
+        )
+    };
+    let client = client();
+    for (config, delay) in [
+        (memory_config(&backend, &rule(0)), 0),
+        (redis_config(&redis, &backend, &rule(0)), 0),
+        (memory_config(&backend, &rule(2)), 2),
+    ] {
+        let gw = gateway(&config);
+        // Warm the client's connections, then a quiet second for the quota to refill.
+        assert_eq!(get(&client, &gw.url("/")).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let start = std::time::Instant::now();
+        let tasks: Vec<_> = (0..6)
+            .map(|_| {
+                let (client, url) = (client.clone(), gw.url("/"));
+                tokio::spawn(async move {
+                    let reply = get(&client, &url).await;
+                    (reply.status, start.elapsed())
+                })
+            })
+            .collect();
+        let mut replies = Vec::new();
+        for task in tasks {
+            replies.push(task.await.unwrap());
+        }
+        replies.sort_by_key(|(_, took)| *took);
+        let passed: Vec<Duration> = replies
+            .iter()
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, took)| *took)
+            .collect();
+        assert_eq!(passed.len(), 5, "{replies:?}");
+        // Only lower bounds: the k-th past the undelayed ones waits k intervals at least.
+        for (place, took) in passed.iter().enumerate().skip(delay + 1) {
+            let wait = Duration::from_millis(100 * (place - delay) as u64 - 20);
+            assert!(
+                *took >= wait,
+                "request {place} left after {took:?}: {replies:?}"
+            );
+        }
+        let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
+        let rule = &report["rules"][0];
+        assert_eq!(rule["delayed"], 4 - delay as u64, "{report}");
+        assert_eq!(rule["limited"], 1, "{report}");
+        let metrics = get(&client, &gw.admin_url("/metrics")).await;
+        let text = String::from_utf8_lossy(&metrics.body).into_owned();
+        let expected = format!(
+            "scalegate_rate_limit_delayed_total{{rule=\"paced\"}} {}",
+            4 - delay
+        );
+        assert!(text.contains(&expected), "{text}");
     }
 }
 

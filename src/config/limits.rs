@@ -67,6 +67,7 @@ pub struct RawRule {
     pub period: String,
     #[serde(default)]
     pub burst: u64,
+    pub delay: Option<u64>,
     #[serde(default = "gcra")]
     pub algorithm: String,
 }
@@ -318,6 +319,9 @@ pub struct RuleConfig {
     pub name: String,
     pub key: RuleKey,
     pub quota: Quota,
+    /// nginx `limit_req` without `nodelay`: requests of a burst past this many wait for their
+    /// turn at the rate instead of going at once. `None`: none waits (`nodelay`).
+    pub delay: Option<u64>,
 }
 
 /// What a rule counts requests by.
@@ -660,11 +664,15 @@ fn validate_rule(
             format!("{larger} × period is too large (keep it below 4.5e15 requests·µs)"),
         );
     }
-    if algorithm == Algorithm::SlidingWindow && raw.burst > 0 {
-        p.push(
-            format!("{key}.burst"),
-            "only used with algorithm = \"gcra\"",
-        );
+    if algorithm == Algorithm::SlidingWindow {
+        for (field, set) in [("burst", raw.burst > 0), ("delay", raw.delay.is_some())] {
+            if set {
+                p.push(
+                    format!("{key}.{field}"),
+                    "only used with algorithm = \"gcra\"",
+                );
+            }
+        }
     }
     RuleConfig {
         name,
@@ -675,6 +683,7 @@ fn validate_rule(
             period_us: period_us.max(1000),
             burst: raw.burst,
         },
+        delay: raw.delay,
     }
 }
 
@@ -804,6 +813,7 @@ name = "default0"
 limit = 1
 period = "1s"
 burst = 3
+delay = 1
 algorithm = "sliding_window"
 [auth]
 api_keys = ["short", "trailing-space ", "tab\tinside-it", "non-ascii-\u00e9t\u00e9"]
@@ -827,6 +837,7 @@ max_in_flight = 0
             "rate_limit.rules[0].algorithm",
             "rate_limit.rules[1].name",
             "rate_limit.rules[1].burst",
+            "rate_limit.rules[1].delay",
             "auth.api_keys[0]",
             "auth.api_keys[1]",
             "auth.api_keys[2]",

@@ -44,6 +44,7 @@ pub const CONNECTIONS_REFUSED: &str = "connections_refused";
 pub const RATE_LIMIT_DECISIONS: &str = "rate_limit_decisions";
 pub const RATE_LIMIT_REDIS_UP: &str = "rate_limit_redis_up";
 pub const RATE_LIMIT_FALLBACK: &str = "rate_limit_fallback_decisions";
+pub const RATE_LIMIT_DELAYED: &str = "rate_limit_delayed";
 pub const AUTOSCALE_CURRENT: &str = "autoscale_current_replicas";
 pub const AUTOSCALE_DESIRED: &str = "autoscale_desired_replicas";
 pub const AUTOSCALE_READY: &str = "autoscale_ready_replicas";
@@ -683,7 +684,18 @@ pub fn rate_limit_families(
             );
         }
     }
-    let mut families = vec![decisions];
+    // Its own family, as the fallbacks below: delayed requests are also allowed ones.
+    let mut delayed = Family::new(
+        RATE_LIMIT_DELAYED,
+        "Requests a rule with a delay made wait for their turn, by rule; each is also counted as allowed.",
+    );
+    for (rule, counters) in rules {
+        delayed.push(
+            vec![("rule", rule.clone())],
+            Value::Counter(counters.delayed.load(Ordering::Relaxed)),
+        );
+    }
+    let mut families = vec![decisions, delayed];
     if let Some(up) = redis_up {
         // Its own family: these requests are also in the decisions above, so an outcome label
         // would count them twice in a sum over outcomes.

@@ -238,6 +238,17 @@ pub fn gcra(quota: &Quota, tat: Option<u64>, now: u64) -> (RateDecision, Option<
     }
 }
 
+/// nginx `limit_req` without `nodelay` (and its `delay=undelayed`): how long a request GCRA
+/// let in waits before it goes on, so that requests past the first `undelayed` of a burst
+/// leave spaced by the rate instead of at once. The request's own place in the queue is how
+/// far its TAT was ahead of now, its `reset_us` less one interval; the wait is what lies
+/// beyond the `undelayed` intervals. At most the burst's tolerance.
+pub fn pacing_delay_us(quota: &Quota, allowed: &RateDecision, undelayed: u64) -> u64 {
+    let interval = quota.interval_us();
+    let ahead = allowed.reset_us.saturating_sub(interval);
+    ahead.saturating_sub(undelayed.saturating_mul(interval))
+}
+
 /// Sliding-window counter: estimate = prev × (W − elapsed)/W + curr; allow iff estimate + 1 ≤
 /// limit. Computed in integers (both sides × W) so the Lua script gets the same answer.
 pub fn sliding_window(
@@ -401,6 +412,42 @@ mod tests {
         let (d, _) = gcra(&q, next, later);
         assert!(d.allowed);
         assert_eq!(d.remaining, 5);
+    }
+
+    #[test]
+    fn pacing_delays_a_burst_as_nginx_without_nodelay() {
+        // limit_req rate=10r/s burst=5: 6 at once pass, leaving 100 ms apart; with delay=2
+        // the first three go at once and the rest keep the same spacing after them.
+        let q = gcra_quota(10, SEC, 5);
+        let t0 = 50 * SEC;
+        let mut tat = None;
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            let (d, next) = gcra(&q, tat, t0);
+            assert!(d.allowed);
+            waits.push((pacing_delay_us(&q, &d, 0), pacing_delay_us(&q, &d, 2)));
+            tat = next;
+        }
+        assert_eq!(
+            waits,
+            [
+                (0, 0),
+                (100_000, 0),
+                (200_000, 0),
+                (300_000, 100_000),
+                (400_000, 200_000),
+                (500_000, 300_000),
+            ]
+        );
+        // The seventh waits for the first place to free, 100 ms on, and queues behind the rest.
+        let (d, _) = gcra(&q, tat, t0 + 50_000);
+        assert!(!d.allowed);
+        let (d, _) = gcra(&q, tat, t0 + 150_000);
+        assert!(d.allowed);
+        assert_eq!(pacing_delay_us(&q, &d, 0), 450_000);
+        // A quiet client is not delayed.
+        let (d, _) = gcra(&q, tat, t0 + 10 * SEC);
+        assert_eq!(pacing_delay_us(&q, &d, 0), 0);
     }
 
     /// The interval rounds up: 3 per second spaced 333 333 µs let a fourth in within 1 s.

@@ -16,6 +16,7 @@ use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use http::header::HeaderValue;
 use http::{HeaderMap, HeaderName, Response};
@@ -31,7 +32,7 @@ use crate::config::{Config, LimitsConfig};
 use crate::proxy::GatewayBody;
 use crate::proxy::ProxyError;
 use crate::redis_link::RedisLink;
-use algorithm::{ceil_secs, strictest, Quota, RateDecision};
+use algorithm::{ceil_secs, pacing_delay_us, strictest, Quota, RateDecision};
 pub use client::{client_ip, redis_prefix, LimitKey};
 pub use concurrency::{ConcurrencyLimit, Slots};
 use memory::MemoryStore;
@@ -47,6 +48,8 @@ pub struct RuleCounters {
     pub allowed: AtomicU64,
     /// Requests this rule refused.
     pub limited: AtomicU64,
+    /// Requests this rule let in after a wait (`delay`), also counted as allowed.
+    pub delayed: AtomicU64,
     /// Decided without Redis because it did not answer (whatever `on_redis_error` then did).
     pub fallback: AtomicU64,
 }
@@ -219,6 +222,9 @@ struct Rule {
     id: u64,
     key: RuleKey,
     quota: Quota,
+    /// Requests of a burst past this many wait for their turn ([`pacing_delay_us`]); `None`:
+    /// all go at once.
+    delay: Option<u64>,
     /// `"name";q=LIMIT;w=SECONDS`
     policy: HeaderValue,
     /// `scalegate:rl:NAME:`, the start of the rule's Redis keys.
@@ -260,6 +266,8 @@ struct RoutePolicy {
     name: String,
     key_use: KeyUse,
     rules: Vec<Rule>,
+    /// Some rule delays requests: admission then waits, so it is never decided at once.
+    paced: bool,
     own_limit: Option<Arc<ConcurrencyLimit>>,
     /// The upstream's limit, taken on admission by a route without a cache.
     upstream_limit: Option<Arc<ConcurrencyLimit>>,
@@ -359,17 +367,27 @@ fn conclude(
     decisions: &[RateDecision],
     admitted: &mut Admitted,
     going_on: bool,
-) -> Result<(), ProxyError> {
+) -> Result<Duration, ProxyError> {
     let passes = decisions.iter().all(|d| d.allowed);
+    let mut wait_us = 0;
     for (rule, decision) in policy.rules.iter().zip(decisions) {
-        if passes && going_on {
-            rule.counters.allowed.fetch_add(1, Ordering::Relaxed);
+        if passes {
+            let wait = rule.delay.map_or(0, |undelayed| {
+                pacing_delay_us(&rule.quota, decision, undelayed)
+            });
+            wait_us = wait_us.max(wait);
+            if going_on {
+                rule.counters.allowed.fetch_add(1, Ordering::Relaxed);
+                if wait > 0 {
+                    rule.counters.delayed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         } else if !decision.allowed {
             rule.counters.limited.fetch_add(1, Ordering::Relaxed);
         }
     }
     let Some((index, decision)) = decisions.iter().copied().enumerate().reduce(strictest) else {
-        return Ok(());
+        return Ok(Duration::ZERO);
     };
     let rule = &policy.rules[index];
     let state = rule.state_header(&decision);
@@ -381,7 +399,7 @@ fn conclude(
         });
     }
     admitted.headers = Some((rule.policy.clone(), state));
-    Ok(())
+    Ok(Duration::from_micros(wait_us))
 }
 
 impl Admission {
@@ -448,6 +466,7 @@ impl Admission {
                             id: hasher.finish(),
                             key: rule.key.clone(),
                             quota: rule.quota,
+                            delay: rule.delay,
                             policy: HeaderValue::from_str(&policy)
                                 .expect("validated: rule names are header-safe"),
                             counters: limiter.counters(&rule.name),
@@ -464,6 +483,7 @@ impl Admission {
                 RoutePolicy {
                     name: route.name.clone(),
                     key_use,
+                    paced: rules.iter().any(|rule| rule.delay.is_some()),
                     rules,
                     own_limit,
                     upstream_limit,
@@ -489,8 +509,8 @@ impl Admission {
         client: IpAddr,
     ) -> Option<Result<Admitted, ProxyError>> {
         let policy = &self.routes[route];
-        // Decided at Redis: `admit` checks the API key, once.
-        if !policy.rules.is_empty() && self.limiter.is_shared() {
+        // Decided at Redis, or waited for: `admit` checks the API key, once.
+        if !policy.rules.is_empty() && (policy.paced || self.limiter.is_shared()) {
             return None;
         }
         let (api_key, unauthorized) = self.api_key(policy, headers);
@@ -506,6 +526,7 @@ impl Admission {
             let keys = policy.keys(client, api_key, headers);
             let decisions = self.limiter.decide_here(&policy.rules, &keys);
             let going_on = unauthorized.is_none();
+            // Never a wait here: paced routes are admitted by `admit`.
             if let Err(refusal) = conclude(policy, &decisions, &mut admitted, going_on) {
                 return Some(Err(refusal));
             }
@@ -527,7 +548,13 @@ impl Admission {
         if !policy.rules.is_empty() {
             let keys = policy.keys(client, api_key, headers);
             let decisions = self.limiter.decide(&policy.rules, &keys).await;
-            conclude(policy, &decisions, &mut admitted, unauthorized.is_none())?;
+            let wait = conclude(policy, &decisions, &mut admitted, unauthorized.is_none())?;
+            // Before the API key's verdict and the concurrency slots, as nginx's `limit_req`
+            // delays in its preaccess phase: a waiting request holds no slot an instance could
+            // use.
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
         }
         if let Some(unauthorized) = unauthorized {
             return Err(unauthorized);
@@ -598,6 +625,7 @@ impl Admission {
                     "name": rule.name,
                     "allowed": c.allowed.load(Ordering::Relaxed),
                     "limited": c.limited.load(Ordering::Relaxed),
+                    "delayed": c.delayed.load(Ordering::Relaxed),
                     "fallback": c.fallback.load(Ordering::Relaxed),
                 })
             })
@@ -651,6 +679,7 @@ mod tests {
                 period_us: 60_000_000,
                 burst: 0,
             },
+            delay: None,
             policy: HeaderValue::from_static("\"per_ip\";q=20;w=60"),
             redis_prefix: redis_prefix("per_ip").into(),
             counters: Arc::default(),
