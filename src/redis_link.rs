@@ -1,5 +1,6 @@
-//! The gateway's one link to Redis (`[state]`), shared by the rate limiter and the response
-//! cache: a multiplexed connection (or a cluster connection) opened with the `[state]` settings.
+//! A link to Redis (`[state]`): a multiplexed connection (or a cluster connection) opened with
+//! the `[state]` settings. The rate limiter and the response cache each have their own, so a
+//! burst of large cache transfers never holds up (or times out) a rate-limit decision.
 //!
 //! The link is either up or down. While up, every call is bounded by `redis_timeout`; the first
 //! failure marks it down (logged once per outage) and starts a probe that pings with backoff, so
@@ -91,7 +92,13 @@ pub enum ConnectError {
 
 pub struct RedisLink {
     pub state: StateConfig,
+    /// What falls back while the link is down, for the log.
+    user: &'static str,
     connection: ArcSwapOption<Connection>,
+    /// Why the link went down, or why the probe last failed: what `/health/redis` says during
+    /// an outage (the old connection's error would be stale, e.g. a broken pipe where Redis
+    /// now refuses the password).
+    last_error: std::sync::Mutex<Option<String>>,
     up: AtomicBool,
     probing: AtomicBool,
     /// Held by the call replacing a broken connection.
@@ -100,10 +107,14 @@ pub struct RedisLink {
 }
 
 impl RedisLink {
-    pub fn new(state: &StateConfig) -> Arc<RedisLink> {
+    /// `user` says what falls back while it is down ("rate limits fall back to this
+    /// instance").
+    pub fn new(state: &StateConfig, user: &'static str) -> Arc<RedisLink> {
         Arc::new(RedisLink {
             state: state.clone(),
+            user,
             connection: ArcSwapOption::empty(),
+            last_error: std::sync::Mutex::new(None),
             up: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             reconnecting: tokio::sync::Mutex::new(()),
@@ -138,11 +149,20 @@ impl RedisLink {
                     ConnectError::Unavailable(format!("Redis at {}: {err}", self.target()))
                 };
                 if let ConnectError::Unavailable(message) = &failure {
-                    tracing::warn!("{message}; falling back to this instance until it answers");
-                    self.mark_down();
+                    // Not up yet: `mark_down` does not log this first outage itself.
+                    tracing::warn!("{message}; {} until it answers", self.user);
+                    self.mark_down(message);
                 }
                 Err(failure)
             }
+        }
+    }
+
+    /// Connects in the background when the link has not been up yet nor is being tried (the
+    /// cache's link, when a reload turns the shared cache on).
+    pub fn start_in_background(self: &Arc<Self>) {
+        if !self.is_up() && !self.probing.swap(true, Ordering::Relaxed) {
+            tokio::spawn(self.clone().probe());
         }
     }
 
@@ -201,27 +221,26 @@ impl RedisLink {
         match self.connect_and_check(self.state.redis_timeout * 4).await {
             Ok(()) => self.connection(),
             Err(err) => {
-                tracing::debug!(%err, "Redis reconnection failed");
-                self.mark_down();
+                self.mark_down(&format!("reconnecting: {err}"));
                 None
             }
         }
     }
 
-    /// [`RedisLink::call`] with an overall bound, for admin work that takes several round trips.
-    pub async fn call_within<T, F, Fut>(self: &Arc<Self>, limit: Duration, call: F) -> Option<T>
+    /// [`RedisLink::call`] for admin work of many round trips (a purge's SCAN over a large
+    /// keyspace): each command bounded by `command_limit` rather than `redis_timeout`, the
+    /// whole by nothing, so it finishes however large the keyspace, as long as Redis answers.
+    pub async fn call_admin<T, F, Fut>(
+        self: &Arc<Self>,
+        command_limit: Duration,
+        call: F,
+    ) -> Option<T>
     where
         F: FnOnce(Connection) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
-        let connection = self.connection()?.with_response_timeout(limit);
-        match timeout(limit, call(connection)).await {
-            Ok(result) => self.settle(result),
-            Err(_) => {
-                self.mark_down();
-                None
-            }
-        }
+        let connection = self.connection()?.with_response_timeout(command_limit);
+        self.settle(call(connection).await)
     }
 
     fn settle<T>(self: &Arc<Self>, result: Result<T, RedisError>) -> Option<T> {
@@ -229,7 +248,7 @@ impl RedisLink {
             Ok(reply) => Some(reply),
             Err(err) => {
                 tracing::debug!(%err, "Redis call failed");
-                self.mark_down();
+                self.mark_down(&err.to_string());
                 None
             }
         }
@@ -239,17 +258,37 @@ impl RedisLink {
     /// makes, so that a Redis demoted or out of memory is found by the health check of an
     /// idle gateway too (the link is marked down then, as by a failed decision).
     pub async fn ping(self: &Arc<Self>) -> Result<Duration, String> {
-        let Some(connection) = self.connection.load_full() else {
+        if !self.is_up() {
+            // The probe's own verdict: the connection kept from before the outage may be
+            // long dead.
+            let last = self.last_error.lock().expect("last error").clone();
+            if let Some(error) = last {
+                return Err(error);
+            }
+        }
+        let Some(stored) = self.connection.load_full() else {
             return Err(if self.probing.load(Ordering::Relaxed) {
                 "not connected yet".to_string()
             } else {
                 "not connected".to_string()
             });
         };
-        let started = Instant::now();
         let limit = self.state.redis_timeout.max(Duration::from_millis(500));
-        let connection = Connection::clone(&connection).with_response_timeout(limit);
-        let latency = match timeout(limit, ping(connection.clone())).await {
+        let mut connection = Connection::clone(&stored).with_response_timeout(limit);
+        let mut started = Instant::now();
+        let mut pinged = timeout(limit, ping(connection.clone())).await;
+        // Redis restarted while this gateway was idle: no decision replaced the connection, so
+        // the health check does, as a call would, rather than report the dead one for good.
+        if let Ok(Err(err)) = &pinged {
+            if err.is_connection_dropped() && matches!(*stored, Connection::Single(_)) {
+                if let Some(fresh) = self.replace_broken(&stored).await {
+                    connection = fresh.with_response_timeout(limit);
+                    started = Instant::now();
+                    pinged = timeout(limit, ping(connection.clone())).await;
+                }
+            }
+        }
+        let latency = match pinged {
             Ok(Ok(())) => started.elapsed(),
             Ok(Err(err)) => return Err(err.to_string()),
             Err(_) => return Err("timed out".into()),
@@ -266,7 +305,7 @@ impl RedisLink {
                 // A refusal takes the link down, as a decision's would. A health check that
                 // anyone may call does not, for a slow answer or a cut connection.
                 if refused_by_redis(&err) {
-                    self.mark_down();
+                    self.mark_down(&err.to_string());
                 }
                 return Err(err.to_string());
             }
@@ -274,13 +313,48 @@ impl RedisLink {
         Ok(latency)
     }
 
-    /// Marks the link down (logged once per outage) and starts the probe that brings it back.
-    fn mark_down(self: &Arc<Self>) {
+    /// `/health/redis`'s view of this link: whether it serves, and `status`, `shared` and the
+    /// PING's `latency_ms` or the `error` that keeps it down.
+    pub async fn health(self: &Arc<Self>) -> (bool, serde_json::Value) {
+        let shared = self.is_up();
+        match self.ping().await {
+            Ok(latency) if shared => (
+                true,
+                serde_json::json!({
+                    "status": "ok",
+                    "shared": true,
+                    "latency_ms": latency.as_secs_f64() * 1000.0,
+                }),
+            ),
+            // Down whatever PING says: a Redis out of memory, paused for writes, demoted to a
+            // replica or too slow answers it.
+            Ok(latency) => (
+                false,
+                serde_json::json!({
+                    "status": "down",
+                    "shared": false,
+                    "latency_ms": latency.as_secs_f64() * 1000.0,
+                    "error": "Redis answers PING but not the writes the shared state needs, in time",
+                }),
+            ),
+            Err(error) => (
+                false,
+                serde_json::json!({"status": "down", "shared": false, "error": error}),
+            ),
+        }
+    }
+
+    /// Marks the link down for `reason` (logged once per outage) and starts the probe that
+    /// brings it back.
+    fn mark_down(self: &Arc<Self>, reason: &str) {
+        *self.last_error.lock().expect("last error") = Some(reason.to_owned());
         if self.up.swap(false, Ordering::Relaxed) {
             self.outages.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 redis = %self.target(),
-                "Redis does not answer, or refuses commands; rate limits and the cache fall back to this instance until it serves"
+                error = reason,
+                "Redis does not answer, or refuses commands; {} until it serves",
+                self.user
             );
         }
         if !self.probing.swap(true, Ordering::Relaxed) {
@@ -290,16 +364,28 @@ impl RedisLink {
 
     async fn probe(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(50);
+        // A reason the operator must act on (a password or ACL changed) is said once, at
+        // WARN: the outage's line may only say the connection broke.
+        let mut said_refusal = false;
         loop {
             tokio::time::sleep(backoff).await;
             match self.connect_and_check(startup_timeout(&self.state)).await {
                 Ok(()) => {
+                    *self.last_error.lock().expect("last error") = None;
                     self.probing.store(false, Ordering::Relaxed);
                     self.up.store(true, Ordering::Relaxed);
                     tracing::info!(redis = %self.target(), "Redis answers again; state is shared again");
                     return;
                 }
-                Err(err) => tracing::debug!(%err, "Redis probe failed"),
+                Err(err) => {
+                    if is_auth_error(&err) && !said_refusal {
+                        said_refusal = true;
+                        tracing::warn!(redis = %self.target(), error = %err, "Redis refuses the gateway's credentials");
+                    } else {
+                        tracing::debug!(%err, "Redis probe failed");
+                    }
+                    *self.last_error.lock().expect("last error") = Some(err.to_string());
+                }
             }
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }

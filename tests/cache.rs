@@ -1089,10 +1089,11 @@ async fn a_foreign_value_at_a_cache_key_is_replaced() {
     );
     let health = get(&client, &a.admin_url("/health/redis")).await;
     assert_eq!(health.status, 200, "{:?}", health.body);
+    assert_eq!(health.json()["cache"]["shared"], true);
 }
 
-/// An entry over 1 MiB stays in memory: its transfer would hold up the rate limiter's
-/// decisions on the one Redis connection and outlast `redis_timeout`.
+/// An entry over 1 MiB stays in memory: its transfer would hold up the cache reads queued
+/// behind it on the cache's Redis connection and outlast `redis_timeout`.
 #[tokio::test]
 async fn large_entries_stay_out_of_the_shared_tier() {
     let redis = Redis::start(None);
@@ -1116,6 +1117,133 @@ async fn large_entries_stay_out_of_the_shared_tier() {
             .header("x-cache-status"),
         "HIT"
     );
+}
+
+/// The cache and the rate limiter talk to Redis over connections of their own: a burst of
+/// large cache transfers queued on a shared one timed out rate-limit decisions and took the
+/// limiter's link down.
+#[tokio::test]
+async fn the_cache_and_the_rate_limiter_keep_their_own_redis_connections() {
+    let redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let top = format!(
+        "[state]\nredis_url = \"{}\"\n\n[cache]\nstore = \"redis\"\n\n[rate_limit]\nstore = \"redis\"\n\
+         [[rate_limit.rules]]\nlimit = 1000\nperiod = \"1s\"\n",
+        redis.url()
+    );
+    let gw = cached(&backend, "ttl = \"60s\"", &top);
+    let client = client();
+    // A rate-limit decision, then a cache read (a miss), then the fill's write.
+    assert_eq!(site_get(&client, &gw.url("/cache/x")).await.status, 200);
+    let written = eventually(Duration::from_secs(5), || async {
+        redis_has(&redis, "/cache/x")
+    })
+    .await;
+    assert!(written);
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut redis.conn())
+        .unwrap();
+    let last_command = |command: &str| {
+        clients
+            .lines()
+            .any(|line| line.contains(&format!(" cmd={command} ")))
+    };
+    // One connection's last command was the decision, another's the cache's write.
+    assert!(last_command("evalsha"), "{clients}");
+    assert!(last_command("set"), "{clients}");
+}
+
+/// A reload that turns the shared cache on (Redis already set up for the rate limits) connects
+/// the cache's link then: its entries reach Redis.
+#[tokio::test]
+async fn a_reload_turns_the_shared_cache_on() {
+    let redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let top = |store: &str| {
+        format!(
+            "[state]\nredis_url = \"{}\"\n\n[cache]\nstore = \"{store}\"\n\n\
+             [rate_limit]\nstore = \"redis\"\n",
+            redis.url()
+        )
+    };
+    let config = |store: &str| {
+        format!(
+            "{}\n{}",
+            top(store),
+            cached_config(backend.addr(), "", "ttl = \"60s\"")
+        )
+    };
+    let gw = gateway(&config("memory"));
+    let client = client();
+    assert_eq!(
+        site_get(&client, &gw.url("/cache/before")).await.status,
+        200
+    );
+    gw.reload_with(&config("redis"));
+    // A new path each time: one fetched before the reload took would stay a memory hit.
+    let tries = std::sync::atomic::AtomicU32::new(0);
+    let shared = eventually(Duration::from_secs(10), || async {
+        let path = format!("/cache/after-{}", tries.fetch_add(1, Ordering::Relaxed));
+        site_get(&client, &gw.url(&path)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        redis_has(&redis, &path)
+    })
+    .await;
+    assert!(shared, "entries never reached Redis after the reload");
+    assert!(!redis_has(&redis, "/cache/before"));
+}
+
+/// A purge Redis could not carry out in full (here SCAN is refused; on a large keyspace, time
+/// runs out) still tells every replica to drop its memory copies, and says it failed.
+#[tokio::test]
+async fn a_purge_that_fails_at_redis_still_reaches_the_replicas() {
+    let redis = Redis::start(None);
+    let () = redis::cmd("ACL")
+        .arg(
+            &[
+                "SETUSER",
+                "noscan",
+                "on",
+                ">secret-pass",
+                "~*",
+                "&*",
+                "+@all",
+                "-scan",
+            ][..],
+        )
+        .query(&mut redis.conn())
+        .unwrap();
+    let backend = demo_backend(&[]);
+    let url = redis
+        .url()
+        .replace("redis://", "redis://noscan:secret-pass@");
+    let (a, b) = shared_pair_at(&url, "", &backend, "ttl = \"60s\"");
+    let client = client();
+    let path = "/cache/kept";
+    assert_eq!(
+        site_get(&client, &a.url(path))
+            .await
+            .header("x-cache-status"),
+        "MISS"
+    );
+    assert!(eventually(Duration::from_secs(5), || async { redis_has(&redis, path) }).await);
+    assert_eq!(
+        site_get(&client, &b.url(path))
+            .await
+            .header("x-cache-status"),
+        "HIT"
+    );
+    assert_eq!(stats(&client, &b).await["entries"], 1);
+    let purge = request(&client, "DELETE", &a.admin_url("/api/cache"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(purge.status, 503, "{:?}", purge.json());
+    let dropped = eventually(Duration::from_secs(5), || async {
+        stats(&client, &b).await["entries"] == 0
+    })
+    .await;
+    assert!(dropped, "B kept its copy: {}", stats(&client, &b).await);
 }
 
 #[tokio::test]
@@ -1245,7 +1373,15 @@ async fn replicas_share_hits_and_purges_through_redis() {
     let a_stats = stats(&client, &a).await;
     assert!(a_stats["shared_errors"].as_u64().unwrap() >= 1, "{a_stats}");
     let metrics = get(&client, &a.admin_url("/metrics")).await;
-    assert!(String::from_utf8_lossy(&metrics.body).contains("scalegate_cache_shared_errors_total"));
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    assert!(metrics.contains("scalegate_cache_shared_errors_total"));
+    assert!(metrics.contains("scalegate_cache_redis_up 0"), "{metrics}");
+    // So does /health/redis, though the rate limits keep to memory.
+    let health = get(&client, &a.admin_url("/health/redis")).await;
+    assert_eq!(health.status, 503);
+    let health = health.json();
+    assert_eq!(health["store"], "memory", "{health}");
+    assert_eq!(health["cache"]["status"], "down", "{health}");
     // The health view says the cache is memory only meanwhile.
     let detailed = get(&client, &a.admin_url("/health/detailed")).await.json();
     let cache = detailed["components"]

@@ -171,6 +171,23 @@ async fn a_key_of_the_wrong_type_is_replaced_not_an_outage() {
         let replies = burst(&client, &[gw.url(path)], 25, &[]).await;
         assert_eq!(count(&replies, 200), 20, "{path}");
     }
+    // Numbers that are no numbers (nan, inf) are no state either: replaced, never read as a
+    // limit that lets everything through.
+    let () = redis::cmd("SET")
+        .arg("scalegate:rl:per_ip_gcra:ip:127.0.0.1")
+        .arg("nan")
+        .query(&mut conn)
+        .unwrap();
+    let () = redis::cmd("HSET")
+        .arg("scalegate:rl:per_ip_window:ip:127.0.0.1")
+        .arg("w")
+        .arg("inf")
+        .query(&mut conn)
+        .unwrap();
+    for path in ["/gcra", "/sw"] {
+        let replies = burst(&client, &[gw.url(path)], 25, &[]).await;
+        assert_eq!(count(&replies, 200), 20, "{path} after nan");
+    }
     let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
     assert_eq!(report["redis_up"], true, "{report}");
     for rule in report["rules"].as_array().unwrap() {
@@ -473,7 +490,10 @@ async fn a_read_only_replica_is_not_taken_for_a_serving_redis() {
         .count();
     assert_eq!(back_up, 0, "{lines:?}");
     // Said once, at start, naming the cause.
-    let down = lines.iter().filter(|l| l.contains("falling back")).count();
+    let down = lines
+        .iter()
+        .filter(|l| l.contains("until it answers"))
+        .count();
     assert_eq!(down, 1, "{lines:?}");
     assert!(
         lines.iter().any(|l| l.contains("read-only replica")),
@@ -802,6 +822,29 @@ queue_timeout = "2s"
     assert_eq!((status, health["store"].as_str()), (200, Some("memory")));
 }
 
+/// A Redis restarted while a replica served nothing: no decision replaced its dead connection,
+/// so its health check must, or it says 503 for good (and a readiness probe on it keeps the
+/// replica out of traffic that would heal it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_replica_health_finds_a_restarted_redis() {
+    let mut redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let gw = gateway(&redis_config(&redis, &backend, BOTH_ALGORITHMS));
+    let client = client();
+    assert_eq!(get(&client, &gw.url("/gcra")).await.status, 200);
+    redis.kill();
+    redis.restart();
+    let healthy = eventually(Duration::from_secs(5), || async {
+        admin_json(&client, &gw, "/health/redis").await.0 == 200
+    })
+    .await;
+    assert!(
+        healthy,
+        "{}",
+        admin_json(&client, &gw, "/health/redis").await.1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unreachable_redis_at_start_follows_on_redis_error_then_shares() {
     // Nothing listens on the port yet.
@@ -833,6 +876,25 @@ async fn unreachable_redis_at_start_follows_on_redis_error_then_shares() {
     // Nothing was decided: no quota is told of.
     assert!(allowed.iter().all(|r| r.header("ratelimit").is_empty()));
     assert_eq!(statuses(allowed), [200, 200, 200]);
+    // Yet counted, as allowed and as fallbacks alike.
+    let (_, report) = admin_json(&client, &allow, "/api/ratelimit").await;
+    let rule = &report["rules"][0];
+    assert_eq!(
+        (&rule["allowed"], &rule["fallback"]),
+        (&3.into(), &3.into()),
+        "{report}"
+    );
+    // The health says why Redis is down: the probe's own error.
+    let (status, health) = admin_json(&client, &allow, "/health/redis").await;
+    assert_eq!(status, 503);
+    assert!(
+        health["error"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("refused"),
+        "{health}"
+    );
     let denied = burst(&client, &[deny.url("/")], 3, &[]).await;
     assert!(denied
         .iter()
@@ -1266,13 +1328,14 @@ async fn decisions_waiting_for_redis_go_out_together_and_stay_exact() {
     use scalegate::redis_link::RedisLink;
 
     let redis = Redis::start(None);
-    let link = RedisLink::new(&StateConfig {
+    let state = StateConfig {
         redis_urls: vec![redis.url()],
         redis_ca: None,
         redis_cluster: false,
         redis_timeout: Duration::from_secs(5),
         on_redis_error: OnRedisError::Local,
-    });
+    };
+    let link = RedisLink::new(&state, "rate limits fall back");
     link.start().await.unwrap();
     let store = RedisStore::new(link);
     let minute = 60_000_000;

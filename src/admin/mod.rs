@@ -93,7 +93,14 @@ async fn handle(
     if path == "/health/redis" {
         // Open like /health: load balancers and monitors probe it.
         let limiter = gateway.limiter.clone();
-        let (healthy, body) = limiter.redis_health().await;
+        let (mut healthy, mut body) = limiter.redis_health().await;
+        // The shared cache's own link, when the cache uses Redis.
+        let runtime = gateway.runtime.load_full();
+        if let Some(tier) = &runtime.cache.shared {
+            let (up, cache) = tier.health().await;
+            healthy &= up;
+            body["cache"] = cache;
+        }
         let status = if healthy {
             StatusCode::OK
         } else {

@@ -4,7 +4,7 @@
 //! it expires on its own once no longer of any use. Purges delete the Redis keys and are
 //! announced on a channel so every replica drops its memory copies too.
 //!
-//! Redis failing never fails a request: calls go through the gateway's [`RedisLink`] (bounded
+//! Redis failing never fails a request: calls go through the cache's own [`RedisLink`] (bounded
 //! by `redis_timeout`, skipped during an outage) and a failure is counted and answered as a miss.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,8 +30,9 @@ const KEY_PREFIX: &str = "scalegate:cache:";
 const PURGE_CHANNEL: &str = "scalegate:cache:purge";
 /// First byte of every stored entry; a different one is not ours (or an older format): a miss.
 const FORMAT: u8 = 1;
-/// Keys asked for per SCAN step while purging.
-const SCAN_BATCH: u64 = 500;
+/// Keys asked for per SCAN step while purging: a few milliseconds of Redis's time each, so a
+/// purge over millions of keys takes seconds, not minutes of round trips.
+const SCAN_BATCH: u64 = 2000;
 /// How often an idle purge subscription checks that its store is still in use.
 const SUBSCRIBER_CHECK: Duration = Duration::from_secs(10);
 
@@ -43,10 +44,9 @@ pub struct SharedTier {
     pub errors: AtomicU64,
 }
 
-/// The largest body the shared tier holds. The rate limiter's decisions share the one Redis
-/// connection and its `redis_timeout`: a transfer of tens of megabytes outlasts that timeout
-/// (taking the link down, every limit falling back with it) and holds up the decisions queued
-/// behind it. Larger entries stay in each replica's memory.
+/// The largest body the shared tier holds: a transfer of tens of megabytes outlasts
+/// `redis_timeout` (taking the cache's link down) and holds up every cache read queued behind
+/// it on the connection. Larger entries stay in each replica's memory.
 pub const SHARED_MAX_BODY: usize = 1024 * 1024;
 
 impl SharedTier {
@@ -68,6 +68,11 @@ impl SharedTier {
     /// Whether Redis serves the shared tier now (else each replica has its memory only).
     pub fn is_up(&self) -> bool {
         self.link.is_up()
+    }
+
+    /// `/health/redis`'s view of the tier's link.
+    pub async fn health(&self) -> (bool, serde_json::Value) {
+        self.link.health().await
     }
 
     /// The entry stored under `key` by any replica; `None` when there is none or Redis failed.
@@ -146,22 +151,26 @@ impl SharedTier {
         let message = purge.to_message();
         let deleted = self
             .link
-            .call_within(limit, |mut c| async move {
+            .call_admin(limit, |mut c| async move {
                 let deleted = match (pattern, purge) {
                     (None, Purge::Key(key)) => {
                         redis::cmd("DEL")
                             .arg(redis_key(key))
                             .query_async::<u64>(&mut c)
-                            .await?
+                            .await
                     }
-                    (Some(pattern), _) => delete_matching(&mut c, &pattern).await?,
-                    (None, _) => 0,
+                    (Some(pattern), _) => delete_matching(&mut c, &pattern).await,
+                    (None, _) => Ok(0),
                 };
-                redis::cmd("PUBLISH")
+                // Announced also when the deletion stopped part way: the other replicas' memory
+                // copies go either way, and the purge is said to have failed.
+                let announced = redis::cmd("PUBLISH")
                     .arg(PURGE_CHANNEL)
                     .arg(message)
                     .query_async::<u64>(&mut c)
-                    .await?;
+                    .await;
+                let deleted = deleted?;
+                announced?;
                 Ok(deleted)
             })
             .await;

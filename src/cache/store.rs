@@ -415,6 +415,7 @@ impl Store {
             entries: self.entries.entry_count(),
             bytes: self.entries.weighted_size(),
             max_bytes: self.max_size,
+            shared_up: self.shared.as_ref().map(SharedTier::is_up),
         }
     }
 }

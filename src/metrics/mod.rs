@@ -62,6 +62,7 @@ pub const CACHE_BYTES: &str = "cache_bytes";
 pub const CACHE_MAX_BYTES: &str = "cache_max_bytes";
 pub const CACHE_SHARED_HITS: &str = "cache_shared_hits";
 pub const CACHE_SHARED_ERRORS: &str = "cache_shared_errors";
+pub const CACHE_REDIS_UP: &str = "cache_redis_up";
 pub const CONFIG_RELOADS: &str = "config_reloads";
 pub const CONFIG_LAST_RELOAD_OK: &str = "config_last_reload_successful";
 
@@ -563,6 +564,8 @@ pub struct CacheSample {
     pub entries: u64,
     pub bytes: u64,
     pub max_bytes: u64,
+    /// With the shared tier: whether its Redis link serves now.
+    pub shared_up: Option<bool>,
 }
 
 impl CacheSample {
@@ -637,8 +640,16 @@ pub fn cache_families(cache: &CacheSample) -> Vec<Family> {
             Value::Gauge(cache.max_bytes as f64),
         ),
     ];
+    let shared_up = cache.shared_up.map(|up| {
+        (
+            CACHE_REDIS_UP,
+            "With the shared tier: 1 while its Redis serves, 0 while each replica serves from memory only.",
+            Value::Gauge(if up { 1.0 } else { 0.0 }),
+        )
+    });
     families
         .into_iter()
+        .chain(shared_up)
         .map(|(name, help, value)| {
             let mut family = Family::new(name, help);
             family.push(Vec::new(), value);

@@ -192,8 +192,10 @@ pub struct Gateway {
     https_port: AtomicU16,
     /// Rate-limit stores and counters; outlive reloads.
     pub limiter: Arc<crate::ratelimit::Limiter>,
-    /// The link to `[state]` Redis when the rate limiter or the cache uses it (set at start).
+    /// The rate limiter's link to `[state]` Redis, when it uses Redis (set at start).
     pub redis: Option<Arc<RedisLink>>,
+    /// The response cache's link to the same Redis, whenever one is configured.
+    pub cache_redis: Option<Arc<RedisLink>>,
     /// The autoscalers' status and mode switches, for the admin API.
     pub autoscale: crate::autoscale::Registry,
     /// Cancelled when a stop's `shutdown_grace` is over: the client connections and tunnels
@@ -213,14 +215,29 @@ impl Gateway {
         ));
         let uses_redis =
             config.limits.store == StoreKind::Redis || config.cache.store == CacheStoreKind::Redis;
-        let redis = uses_redis.then(|| RedisLink::new(&config.limits.state));
+        // One link each: a burst of large cache transfers must not hold up, or time out, the
+        // rate-limit decisions queued behind it on one connection. The cache's is there
+        // whenever Redis is configured, so a reload may turn the shared cache on.
+        let state = &config.limits.state;
+        let redis = (config.limits.store == StoreKind::Redis).then(|| {
+            RedisLink::new(
+                state,
+                "rate limits fall back to this instance (on_redis_error)",
+            )
+        });
+        let cache_redis = uses_redis.then(|| {
+            RedisLink::new(
+                state,
+                "the response cache serves from this instance's memory",
+            )
+        });
         let limiter = crate::ratelimit::Limiter::new(&config.limits, redis.as_ref());
         let runtime = Arc::new(Runtime::build(
             config,
             None,
             &metrics,
             &limiter,
-            redis.as_ref(),
+            cache_redis.as_ref(),
         ));
         for upstream in &runtime.upstreams {
             crate::health::spawn_active_checks(upstream);
@@ -239,6 +256,7 @@ impl Gateway {
             connections,
             limiter,
             redis,
+            cache_redis,
             autoscale: crate::autoscale::Registry::default(),
             cut: tokio_util::sync::CancellationToken::new(),
         })
@@ -286,7 +304,7 @@ impl Gateway {
         let config = Config::load(path)?;
         let current = self.runtime.load_full();
         let mut needing_restart =
-            restart_only_changes(&current.config, &config, self.redis.is_some());
+            restart_only_changes(&current.config, &config, self.cache_redis.is_some());
         if !needing_restart.is_empty() {
             Config::place_in_file(path, &mut needing_restart);
             return Err(ConfigErrors(needing_restart));
@@ -300,12 +318,17 @@ impl Gateway {
             Some(&current),
             &self.metrics,
             &self.limiter,
-            self.redis.as_ref(),
+            self.cache_redis.as_ref(),
         ));
         for upstream in &next.upstreams {
             crate::health::spawn_active_checks(upstream);
         }
         crate::cache::spawn_warming(&next);
+        if next.config.cache.store == CacheStoreKind::Redis {
+            if let Some(link) = &self.cache_redis {
+                link.start_in_background();
+            }
+        }
         self.runtime.store(next);
         for upstream in &current.upstreams {
             upstream.retire();
@@ -356,16 +379,22 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     let gateway = Gateway::new(config, config_path);
     // Before listening: a Redis that refuses the configured password stops the start; an
     // unreachable one does not (limits and the cache fall back until it answers).
-    if let Some(redis) = &gateway.redis {
-        match redis.start().await {
-            Ok(()) => tracing::info!(redis = %redis.target(), "state is shared through Redis"),
-            Err(ConnectError::Auth(message)) => {
-                return Err(std::io::Error::other(format!(
-                    "state.redis_url: {message} (check the password in the URL)"
-                )))
-            }
-            Err(ConnectError::Unavailable(_)) => {}
+    // The cache's link only when the cache uses it now (a reload may start it later).
+    let cache_link = gateway
+        .cache_redis
+        .as_ref()
+        .filter(|_| gateway.runtime.load().config.cache.store == CacheStoreKind::Redis);
+    let links: Vec<&Arc<RedisLink>> = gateway.redis.iter().chain(cache_link).collect();
+    let started = futures_util::future::join_all(links.iter().map(|link| link.start())).await;
+    for outcome in &started {
+        if let Err(ConnectError::Auth(message)) = outcome {
+            return Err(std::io::Error::other(format!(
+                "state.redis_url: {message} (check the password in the URL)"
+            )));
         }
+    }
+    if let (Some(link), true) = (links.first(), started.iter().any(Result::is_ok)) {
+        tracing::info!(redis = %link.target(), "state is shared through Redis");
     }
     let proxy_listener = bind("server.listen", listen).await?;
     let admin_listener = bind("admin.listen", admin_listen).await?;

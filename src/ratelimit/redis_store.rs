@@ -42,6 +42,12 @@ local function read(command, key, ...)
   end
   return r
 end
+-- A number stored state can hold: nan or inf (written by hand) is no state, and is replaced.
+local function finite(text)
+  local x = tonumber(text)
+  if x and x == x and x ~= math.huge and x ~= -math.huge then return x end
+  return false
+end
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 local held, changed = {}, {}
@@ -66,11 +72,11 @@ while a <= #ARGV do
     if not held[key] then
       local state = false
       if kind == 'g' then
-        state = tonumber(read('GET', key)) or false
+        state = finite(read('GET', key))
       else
         local s = read('HMGET', key, 'w', 'p', 'c', 'l') or {}
-        if tonumber(s[1]) then
-          state = {tonumber(s[1]), tonumber(s[2]) or 0, tonumber(s[3]) or 0, tonumber(s[4]) or x}
+        if finite(s[1]) then
+          state = {finite(s[1]), finite(s[2]) or 0, finite(s[3]) or 0, finite(s[4]) or x}
         end
       end
       held[key] = {state = state, kind = kind}
