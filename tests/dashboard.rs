@@ -1,5 +1,6 @@
 //! The dashboard in a real headless Chromium, driven over the DevTools protocol: under load it
-//! must chart non-zero traffic and list every instance (50 of them); a screenshot is saved as an artifact.
+//! must chart non-zero traffic and list every instance (50 of them), and go live by itself after
+//! its stream was refused; a screenshot is saved as an artifact.
 
 mod support;
 
@@ -186,10 +187,26 @@ async fn dashboard_charts_live_traffic_and_lists_every_instance() {
         })
     };
 
+    // Every live stream taken: the page's own is refused (503), which a browser never retries
+    // by itself. The page must say so, and go live once streams are free again.
+    let auth = base64::engine::general_purpose::STANDARD.encode("ops:s3cret");
+    let streams: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(gw.admin).unwrap();
+            let head = format!(
+                "GET /api/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n\r\n"
+            );
+            std::io::Write::write_all(&mut stream, head.as_bytes()).unwrap();
+            let mut first = [0u8; 12];
+            std::io::Read::read_exact(&mut stream, &mut first).unwrap();
+            assert_eq!(&first, b"HTTP/1.1 200");
+            stream
+        })
+        .collect();
+
     let browser = launch_browser();
     let mut page = Page::open(&browser).await;
     page.call("Network.enable", json!({})).await;
-    let auth = base64::engine::general_purpose::STANDARD.encode("ops:s3cret");
     page.call(
         "Network.setExtraHTTPHeaders",
         json!({"headers": {"Authorization": format!("Basic {auth}")}}),
@@ -197,6 +214,24 @@ async fn dashboard_charts_live_traffic_and_lists_every_instance() {
     .await;
     page.call("Page.navigate", json!({"url": gw.admin_url("/dashboard")}))
         .await;
+    let status =
+        "document.getElementById('status') ? document.getElementById('status').textContent : ''";
+    let mut said = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline && !said.contains("refused") {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        said = page
+            .eval(status)
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+    }
+    assert!(
+        said.contains("refused"),
+        "with every stream taken the page says {said:?}"
+    );
+    drop(streams);
 
     let probe = "JSON.stringify(window.__dashboard ? {
         maxRps: Math.max(0, ...window.__dashboard.series.rps),

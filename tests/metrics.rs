@@ -112,6 +112,23 @@ async fn metrics_count_known_traffic_exactly_and_pass_promtool() {
         })
         .sum();
     assert_eq!(answered, 8.0);
+    // Classes that have not happened yet are there at 0, so that Prometheus's increase() sees
+    // the first ones: for each instance, and for every method a route has seen (GET always).
+    for addr in [a.addr(), b.addr()] {
+        let none = format!(
+            r#"scalegate_instance_answers_total{{upstream="app",instance="{addr}",status="5xx"}}"#
+        );
+        assert_eq!(sample(&text, &none), 0.0);
+    }
+    for (method, class) in [("GET", "5xx"), ("POST", "4xx")] {
+        let none =
+            format!(r#"scalegate_requests_total{{{api},method="{method}",status="{class}"}}"#);
+        assert_eq!(sample(&text, &none), 0.0);
+    }
+    assert!(
+        !text.contains(&format!(r#"{{{api},method="PUT""#)),
+        "a method never seen has no series"
+    );
     let listed = get(&client, &gw.admin_url("/api/upstreams")).await.json();
     let by_api: u64 = listed["upstreams"][0]["instances"]
         .as_array()

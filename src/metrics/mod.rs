@@ -449,14 +449,18 @@ pub fn core_families(metrics: &Metrics, instances: &[InstanceSample]) -> Vec<Fam
     for (route, upstream, stats) in metrics.routes() {
         let labels = vec![("route", route), ("upstream", upstream)];
         for (m, row) in stats.counts.iter().enumerate() {
-            for (c, count) in row.iter().enumerate() {
-                let count = count.load(Ordering::Relaxed);
-                if count > 0 {
-                    let mut labels = labels.clone();
-                    labels.push(("method", METHODS[m].to_string()));
-                    labels.push(("status", STATUS_CLASSES[c].to_string()));
-                    requests.push(labels, Value::Counter(count));
-                }
+            let counts = row.each_ref().map(|count| count.load(Ordering::Relaxed));
+            // Every status class of a method seen (and of GET from the start) is there, at 0
+            // until it happens: Prometheus's increase() needs a sample before the first 5xx
+            // to see it, and an alert on them would miss a route's first outage.
+            if m != 0 && counts.iter().all(|&count| count == 0) {
+                continue;
+            }
+            for (class, count) in STATUS_CLASSES.iter().zip(counts) {
+                let mut labels = labels.clone();
+                labels.push(("method", METHODS[m].to_string()));
+                labels.push(("status", (*class).to_string()));
+                requests.push(labels, Value::Counter(count));
             }
         }
         duration.push(
@@ -471,7 +475,7 @@ pub fn core_families(metrics: &Metrics, instances: &[InstanceSample]) -> Vec<Fam
         }),
         (
             INSTANCE_FAILURES,
-            "Requests to the instance that failed (connect error, reset, timeout).",
+            "Requests to the instance that failed (connect error, reset, timeout, invalid answer head, or a status listed in fail_on_status).",
             |i| Value::Counter(i.failures),
         ),
         (
@@ -511,13 +515,12 @@ pub fn core_families(metrics: &Metrics, instances: &[InstanceSample]) -> Vec<Fam
         INSTANCE_ANSWERS,
         "Answers the instance sent, by status class.",
     );
+    // All five classes from the start, as HAProxy's hrsp_* counters: see requests_total.
     for i in instances {
         for (class, count) in STATUS_CLASSES.iter().zip(i.answers) {
-            if count > 0 {
-                let mut labels = instance_labels(i);
-                labels.push(("status", (*class).to_string()));
-                answers.push(labels, Value::Counter(count));
-            }
+            let mut labels = instance_labels(i);
+            labels.push(("status", (*class).to_string()));
+            answers.push(labels, Value::Counter(count));
         }
     }
     families.push(answers);
