@@ -157,8 +157,11 @@ fn serve(
             .map_err(|errors| anyhow::anyhow!("invalid flags\n{errors}"))?,
     };
     let rt = runtime(config.server.worker_threads())?;
-    rt.block_on(scalegate::proxy::serve(config, path))
-        .context("serve")
+    let served = rt.block_on(scalegate::proxy::serve(config, path));
+    // Not the runtime's drop, which waits for every blocking thread: a reload stuck reading a
+    // file on a hung mount would hold the exit (and ignore every further signal) for good.
+    rt.shutdown_background();
+    served.context("serve")
 }
 
 const EVENT_INTERVAL: u32 = 255;

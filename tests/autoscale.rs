@@ -945,3 +945,47 @@ async fn the_status_shows_a_scale_under_way_and_a_mode_set_meanwhile() {
         "the status kept the scale under way after the command ended"
     );
 }
+
+/// A gateway told to stop decides nothing more while it drains: its in-flight requests (here
+/// four times the target) are bound to their instances, and an instance started now could
+/// never serve one. An operator's pin is refused meanwhile. It scaled up 0.8 s after SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_gateway_scales_no_more() {
+    let gw = autoscaled(&process_config("25000-25009", 1, 4, ""));
+    let client = client();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            children(&autoscale_status(&client, &gw).await, "serving").len() == 1
+        })
+        .await
+    );
+    let slow: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, url) = (client.clone(), gw.url("/slow?latency_ms=3000"));
+            tokio::spawn(async move { get(&client, &url).await.status })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(gw.proc.pid(), "TERM");
+    let pin = request(
+        &client,
+        "POST",
+        &gw.admin_url("/api/autoscale/app"),
+        &[("content-type", "application/json")],
+        r#"{"pin": 3}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(pin.status, 503, "{:?}", pin.body);
+    // Two sync periods with 8 requests in flight on one instance of target 2.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let status = autoscale_status(&client, &gw).await;
+    assert_eq!(
+        status["instances"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+    for request in slow {
+        assert_eq!(request.await.unwrap(), 200);
+    }
+}

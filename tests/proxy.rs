@@ -996,9 +996,10 @@ async fn draining_through_the_admin_api_loses_nothing() {
     assert_eq!(counts.len(), 2);
 
     // A reload during a drain brings the configured instance back into rotation, whatever the
-    // drain does afterwards to the instance set it started from.
+    // drain does afterwards to the instance set it started from, with its requests in flight
+    // still counted (it came back fresh, at 0, while one was running on it).
     let slow = {
-        let (client, url) = (client.clone(), gw.url("/work?latency_ms=1500"));
+        let (client, url) = (client.clone(), gw.url("/work?latency_ms=3000"));
         tokio::spawn(async move { get(&client, &url).await.status })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1008,6 +1009,23 @@ async fn draining_through_the_admin_api_loses_nothing() {
         assert_eq!(reply.unwrap().status, 202);
     }
     gw.reload_with(&app_config(&[&a, &b], ""));
+    let both_up = eventually(Duration::from_secs(2), || async {
+        let json = get(&client, &gw.admin_url("/api/upstreams")).await.json();
+        let instances = json["upstreams"][0]["instances"]
+            .as_array()
+            .unwrap()
+            .clone();
+        instances.len() == 2 && instances.iter().all(|i| i["state"] == "up")
+    });
+    assert!(both_up.await, "the reload did not bring them back");
+    let json = get(&client, &gw.admin_url("/api/upstreams")).await.json();
+    let in_flight: u64 = json["upstreams"][0]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["in_flight"].as_u64().unwrap())
+        .sum();
+    assert_eq!(in_flight, 1, "{json}");
     assert_eq!(slow.await.unwrap(), 200);
     let both_up = eventually(Duration::from_secs(5), || async {
         let json = get(&client, &gw.admin_url("/api/upstreams")).await.json();
@@ -2393,14 +2411,43 @@ async fn a_stop_signal_finishes_in_flight_requests_then_exits_zero() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         signal(gw.proc.pid(), stop);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let health = request(&client, "GET", &gw.admin_url("/health"), &[], "").await;
-        assert_eq!(health.map(|r| r.status).unwrap_or(503), 503, "SIG{stop}");
+        // The admin port answers through the drain: a refused connection is no 503.
+        let health = request(&client, "GET", &gw.admin_url("/health"), &[], "")
+            .await
+            .expect("the admin port answers while the gateway drains");
+        assert_eq!(health.status, 503, "SIG{stop}");
         assert_eq!(in_flight.await.unwrap(), 200, "SIG{stop}");
         let status = tokio::task::spawn_blocking(move || gw.proc.child.wait().unwrap())
             .await
             .unwrap();
         assert!(status.success(), "SIG{stop}: {status:?}");
     }
+}
+
+/// A reload stuck reading its file (a config on a hung network mount; here a FIFO nobody
+/// writes) does not hold the exit: the runtime waited for its blocking thread, and neither
+/// the stop nor a second signal ended the process.
+#[tokio::test]
+async fn a_reload_stuck_on_its_file_does_not_hold_the_exit() {
+    let a = demo_backend(&[]);
+    let mut gw = gateway(&app_config(&[&a], ""));
+    std::fs::remove_file(&gw.config_path).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&gw.config_path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    signal(gw.proc.pid(), "HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(gw.proc.pid(), "TERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut exited = None;
+    while exited.is_none() && std::time::Instant::now() < deadline {
+        exited = gw.proc.child.try_wait().unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = exited.expect("still running 10 s after SIGTERM, its reload stuck");
+    assert!(status.success(), "{status:?}");
 }
 
 #[tokio::test]

@@ -854,6 +854,12 @@ fn set_autoscale_mode(gateway: &Gateway, name: &str, body: &Value) -> Response<G
     let Some(bounds) = bounds else {
         return not_autoscaled();
     };
+    if gateway.is_draining() {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "the gateway is shutting down: its autoscalers decide nothing more"}),
+        );
+    }
     match gateway.autoscale.set_mode(name, mode, bounds) {
         Ok(()) => reply(
             StatusCode::ACCEPTED,

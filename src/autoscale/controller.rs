@@ -98,6 +98,12 @@ impl Run {
         next_sync: &mut Instant,
         sync_now: bool,
     ) {
+        // A gateway on its way out decides nothing more: the requests it drains are bound to
+        // their instances, and an instance started now (or a `kubectl scale` run now) would
+        // never serve it. Its instances are stopped once the drain is over.
+        if self.gateway.is_draining() {
+            return;
+        }
         let Some(upstream) = self.gateway.upstream(&self.name) else {
             return;
         };

@@ -539,9 +539,14 @@ impl Upstream {
             .unwrap_or_default();
         let same_pool = previous.is_some_and(|p| p.config.same_pool(&config));
         let carried = |ic: &InstanceConfig, joined: Joined| {
-            // A configured instance being drained comes back fresh: the reload says it
-            // belongs, and the drain removes only the old one from the old set.
-            let before = old.iter().find(|i| i.addr == ic.addr && !i.is_draining());
+            // A configured instance being drained comes back: the reload says it belongs. Its
+            // drain is cancelled (as the admin API's undrain does), so it keeps its counters
+            // and its requests in flight stay in its gauge. One whose drain is already
+            // removing it comes back fresh.
+            let before = old
+                .iter()
+                .find(|i| i.addr == ic.addr && !i.is_draining())
+                .or_else(|| old.iter().find(|i| i.addr == ic.addr && i.stop_draining()));
             match before {
                 Some(i)
                     if same_pool
