@@ -159,8 +159,9 @@ fn serve(
     let rt = runtime(config.server.worker_threads())?;
     let served = rt.block_on(scalegate::proxy::serve(config, path));
     // Not the runtime's drop, which waits for every blocking thread: a reload stuck reading a
-    // file on a hung mount would hold the exit (and ignore every further signal) for good.
-    rt.shutdown_background();
+    // file on a hung mount would hold the exit (and ignore every further signal) for good. A
+    // second is for the tasks to end: a tunnel cut by the grace logs its request as it goes.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     served.context("serve")
 }
 

@@ -967,6 +967,10 @@ async fn a_draining_gateway_scales_no_more() {
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(gw.proc.pid(), "TERM");
+    let draining = eventually(Duration::from_secs(2), || async {
+        get(&client, &gw.admin_url("/health")).await.status == 503
+    });
+    assert!(draining.await);
     let pin = request(
         &client,
         "POST",
