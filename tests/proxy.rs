@@ -1009,15 +1009,20 @@ async fn draining_through_the_admin_api_loses_nothing() {
         assert_eq!(reply.unwrap().status, 202);
     }
     gw.reload_with(&app_config(&[&a, &b], ""));
-    let both_up = eventually(Duration::from_secs(2), || async {
-        let json = get(&client, &gw.admin_url("/api/upstreams")).await.json();
-        let instances = json["upstreams"][0]["instances"]
-            .as_array()
-            .unwrap()
-            .clone();
-        instances.len() == 2 && instances.iter().all(|i| i["state"] == "up")
-    });
-    assert!(both_up.await, "the reload did not bring them back");
+    let both_up = |within| {
+        eventually(within, || async {
+            let json = get(&client, &gw.admin_url("/api/upstreams")).await.json();
+            let instances = json["upstreams"][0]["instances"]
+                .as_array()
+                .unwrap()
+                .clone();
+            instances.len() == 2 && instances.iter().all(|i| i["state"] == "up")
+        })
+    };
+    assert!(
+        both_up(Duration::from_secs(2)).await,
+        "the reload did not bring them back"
+    );
     let json = get(&client, &gw.admin_url("/api/upstreams")).await.json();
     let in_flight: u64 = json["upstreams"][0]["instances"]
         .as_array()
@@ -1027,16 +1032,8 @@ async fn draining_through_the_admin_api_loses_nothing() {
         .sum();
     assert_eq!(in_flight, 1, "{json}");
     assert_eq!(slow.await.unwrap(), 200);
-    let both_up = eventually(Duration::from_secs(5), || async {
-        let json = get(&client, &gw.admin_url("/api/upstreams")).await.json();
-        let instances = json["upstreams"][0]["instances"]
-            .as_array()
-            .unwrap()
-            .clone();
-        instances.len() == 2 && instances.iter().all(|i| i["state"] == "up")
-    });
     assert!(
-        both_up.await,
+        both_up(Duration::from_secs(5)).await,
         "{}",
         get(&client, &gw.admin_url("/api/upstreams")).await.json()
     );

@@ -698,32 +698,30 @@ pub fn rate_limit_families(
             );
         }
     }
-    // Its own family, as the fallbacks below: delayed requests are also allowed ones.
-    let mut delayed = Family::new(
-        RATE_LIMIT_DELAYED,
-        "Requests a rule with a delay made wait for their turn, by rule; each is also counted as allowed.",
-    );
-    for (rule, counters) in rules {
-        delayed.push(
-            vec![("rule", rule.clone())],
-            Value::Counter(counters.delayed.load(Ordering::Relaxed)),
-        );
-    }
-    let mut families = vec![decisions, delayed];
-    if let Some(up) = redis_up {
-        // Its own family: these requests are also in the decisions above, so an outcome label
-        // would count them twice in a sum over outcomes.
-        let mut fallback = Family::new(
-            RATE_LIMIT_FALLBACK,
-            "Rate-limit decisions made without Redis (while it did not answer), by rule; each is also counted as allowed or limited.",
-        );
+    // Families of their own: these requests are also in the decisions above, so an outcome
+    // label would count them twice in a sum over outcomes.
+    let per_rule = |name, help, count: fn(&crate::ratelimit::RuleCounters) -> &AtomicU64| {
+        let mut family = Family::new(name, help);
         for (rule, counters) in rules {
-            fallback.push(
+            family.push(
                 vec![("rule", rule.clone())],
-                Value::Counter(counters.fallback.load(Ordering::Relaxed)),
+                Value::Counter(count(counters).load(Ordering::Relaxed)),
             );
         }
-        families.push(fallback);
+        family
+    };
+    let delayed = per_rule(
+        RATE_LIMIT_DELAYED,
+        "Requests a rule with a delay made wait for their turn, by rule; each is also counted as allowed.",
+        |c| &c.delayed,
+    );
+    let mut families = vec![decisions, delayed];
+    if let Some(up) = redis_up {
+        families.push(per_rule(
+            RATE_LIMIT_FALLBACK,
+            "Rate-limit decisions made without Redis (while it did not answer), by rule; each is also counted as allowed or limited.",
+            |c| &c.fallback,
+        ));
         let mut family = Family::new(
             RATE_LIMIT_REDIS_UP,
             "1 while the shared rate-limit store (Redis) answers, 0 while falling back.",
