@@ -151,19 +151,23 @@ impl FailOn {
             .iter()
             .map(|condition| {
                 let (value, shown) = match condition.metric {
-                    Metric::Latency(stat) => match report.latency_us(stat) {
-                        Some(us) => (us, micros(us)),
-                        // Nothing answered: no latency can show the condition false, so it
-                        // trips whichever way it points.
-                        None => {
-                            return Outcome {
-                                condition: condition.text.clone(),
-                                value: f64::NAN,
-                                shown: "nothing, no request was answered".to_string(),
-                                tripped: true,
+                    // Only answers measure the server: with none, the figures hold the
+                    // generator's own waits (cut-offs, a reconnect's back-off) at most.
+                    Metric::Latency(stat) => {
+                        match report.latency_us(stat).filter(|_| report.responses() > 0) {
+                            Some(us) => (us, micros(us)),
+                            // Nothing answered: no latency can show the condition false, so it
+                            // trips whichever way it points.
+                            None => {
+                                return Outcome {
+                                    condition: condition.text.clone(),
+                                    value: f64::NAN,
+                                    shown: "nothing, no request was answered".to_string(),
+                                    tripped: true,
+                                }
                             }
                         }
-                    },
+                    }
                     Metric::Rps => {
                         let rps = report.rps();
                         (rps, format!("{rps:.1} req/s"))
@@ -225,6 +229,7 @@ mod tests {
             },
             tally,
             elapsed: Duration::from_secs(1),
+            interrupted: false,
         }
     }
 
@@ -322,6 +327,24 @@ mod tests {
             tripped_on("errors>1%,errors>0,rps<1", &empty),
             [true, true, true]
         );
+        // Only the generator's own waits (an open loop's requests held in a reconnect's
+        // back-off against a server that is down, cut off at the end): still nothing measured.
+        empty.tally.record_cut(Duration::from_millis(440), false);
+        empty.tally.errors.add(ErrorKind::Connect);
+        assert_eq!(tripped_on("p99>500ms,max<1s", &empty), [true, true]);
+    }
+
+    /// Requests that hit `--timeout` are in the latency figures at the time they waited, as
+    /// the end's cut-offs are: a stall that ends in timeouts does not read as quick answers.
+    #[test]
+    fn timed_out_requests_count_in_the_latency_figures() {
+        let mut stalled = report();
+        for _ in 0..30 {
+            stalled.tally.errors.add(ErrorKind::Timeout);
+            stalled.tally.record_timed_out(Duration::from_millis(250));
+        }
+        stalled.tally = stalled.tally.with_cut_offs();
+        assert_eq!(tripped_on("max>240ms,p90>240ms", &stalled), [true, true]);
     }
 
     #[test]

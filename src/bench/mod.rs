@@ -298,6 +298,7 @@ pub fn run_cli(args: BenchArgs) -> i32 {
         info,
         tally: outcome.tally.with_cut_offs(),
         elapsed: outcome.elapsed,
+        interrupted: outcome.interrupted,
     };
     let outcomes = args
         .fail_on

@@ -84,7 +84,8 @@ pub struct Tally {
     /// Latency of answered requests, in microseconds (and, once [`Tally::with_cut_offs`], of
     /// the cut-off requests that count).
     pub latency_us: Histogram<u64>,
-    /// The waits so far of the requests the end of the run cut off (`unsent`, `unfinished`).
+    /// Lower bounds: the waits so far of the requests the end of the run cut off (`unsent`,
+    /// `unfinished`), and of those that hit `--timeout`.
     pub cut_us: Histogram<u64>,
     /// Answered requests by status code; a short list searched linearly (usually one entry).
     pub statuses: Vec<(u16, u64)>,
@@ -125,6 +126,13 @@ impl Tally {
             Some((_, count)) => *count += 1,
             None => self.statuses.push((status, 1)),
         }
+    }
+
+    /// A request that hit `--timeout`, at the time it had waited: a lower bound of its
+    /// latency, in the figures as the end's cut-offs are (wrk leaves them out, and a stall
+    /// that ends in timeouts read as quick answers only).
+    pub fn record_timed_out(&mut self, waited: Duration) {
+        record(&mut self.cut_us, waited);
     }
 
     /// A request the end of the run cut off, at the time it had waited by then: a lower
@@ -220,6 +228,8 @@ pub struct Report {
     pub tally: Tally,
     /// From the end of the warm-up to the last response (or the end of a timed run).
     pub elapsed: Duration,
+    /// Stopped by Ctrl-C before its count or time: the report covers the run up to there.
+    pub interrupted: bool,
 }
 
 /// The percentiles the report always shows, with their JSON names.
@@ -332,6 +342,7 @@ impl Report {
             "warmup_requests": self.tally.warmup_requests,
             "unsent": self.tally.unsent,
             "unfinished": self.tally.unfinished,
+            "interrupted": self.interrupted,
             "fail_on": outcomes.iter().map(|o| json!({
                 "condition": o.condition,
                 "value": round2(o.value),
@@ -372,6 +383,13 @@ impl Report {
                 self.tally.warmup_requests
             )
         };
+        if self.interrupted {
+            let _ = writeln!(
+                out,
+                "\nStopped    by Ctrl-C after {}: the figures cover the run up to there",
+                seconds(self.elapsed)
+            );
+        }
         let _ = writeln!(
             out,
             "\nRequests   {} ended (answered or failed), {} answered in {}{warmup}: {:.1} req/s",
@@ -427,7 +445,7 @@ impl Report {
         if self.tally.unsent > 0 {
             let _ = writeln!(
                 out,
-                "Unsent     {} planned requests were still waiting for a free connection at the end",
+                "Unsent     {} planned requests were still waiting to go out at the end (connections busy or reconnecting)",
                 self.tally.unsent
             );
         }
@@ -441,7 +459,7 @@ impl Report {
         if self.tally.unsent + self.tally.unfinished > 0 {
             let _ = writeln!(
                 out,
-                "           (in the latency figures at the time they had waited by the end)"
+                "           (in the latency figures at the time they had waited by the end, when at least the median)"
             );
         }
         for outcome in outcomes {
@@ -551,6 +569,7 @@ mod tests {
             info: info(),
             tally: tally.with_cut_offs(),
             elapsed,
+            interrupted: false,
         }
     }
 

@@ -122,6 +122,8 @@ struct Shared {
 pub struct Outcome {
     pub tally: Tally,
     pub elapsed: Duration,
+    /// Ended by the stop (Ctrl-C), not by its count or time.
+    pub interrupted: bool,
 }
 
 /// Live counters a progress display may read while the run goes on.
@@ -244,6 +246,7 @@ pub async fn run(
     Outcome {
         tally,
         elapsed: end.saturating_duration_since(measure_start),
+        interrupted: stopped,
     }
 }
 
@@ -707,6 +710,9 @@ impl Worker {
     async fn open_loop(&mut self, clock: Clock, schedule: Schedule) -> Instant {
         let conn = self.index as u64;
         let mut free_at = clock.start;
+        // How late the timer woke this connection's last sleep: the requests behind it are
+        // not charged for it ([`departure`]).
+        let mut timer_lag = Duration::ZERO;
         let mut k = 0;
         while let Some(planned) = schedule.planned(conn, k) {
             if self.is_cut(&clock, free_at) {
@@ -724,7 +730,8 @@ impl Worker {
                 }
                 break;
             }
-            let (latency_from, sent_at) = match departure(clock.start + planned.at, free_at) {
+            let due = clock.start + planned.at;
+            let (latency_from, sent_at) = match departure(due, free_at, timer_lag) {
                 Departure::Late { latency_from } => (latency_from, free_at),
                 Departure::Wait { until } => {
                     // A stop (Ctrl-C) ends the wait: at a low rate the next request may be far off.
@@ -736,6 +743,7 @@ impl Worker {
                         }
                     }
                     let now = Instant::now();
+                    timer_lag = now.saturating_duration_since(until);
                     (now, now)
                 }
             };
@@ -809,7 +817,12 @@ impl Worker {
                 Sent::Answered(status) => {
                     self.tally.record_response(status, done - latency_from);
                 }
-                Sent::Failed(kind) => self.tally.errors.add(kind),
+                Sent::Failed(kind) => {
+                    self.tally.errors.add(kind);
+                    if kind == ErrorKind::Timeout {
+                        self.tally.record_timed_out(done - latency_from);
+                    }
+                }
                 Sent::Cut(at) => self.tally.record_cut(at - latency_from, true),
             }
         }

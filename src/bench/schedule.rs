@@ -116,10 +116,17 @@ pub enum Departure<I> {
 }
 
 /// Decides between sending at once (behind schedule) and sleeping (ahead of it).
-pub fn departure<I: Ord>(planned: I, free_at: I) -> Departure<I> {
+/// `timer_lag` is how late the timer woke the connection's last sleep (up to a millisecond):
+/// everything it sent since is that much later than with a punctual timer, so a request due
+/// meanwhile counts its latency from that much after its plan (never after it is sent). The
+/// timer's lateness is the generator's, not the server's.
+pub fn departure<I, D>(planned: I, free_at: I, timer_lag: D) -> Departure<I>
+where
+    I: Ord + Copy + std::ops::Add<D, Output = I>,
+{
     if planned <= free_at {
         Departure::Late {
-            latency_from: planned,
+            latency_from: (planned + timer_lag).min(free_at),
         }
     } else {
         Departure::Wait { until: planned }
@@ -209,8 +216,29 @@ mod tests {
 
     #[test]
     fn a_busy_connection_counts_latency_from_the_planned_time() {
-        assert_eq!(departure(10, 25), Departure::Late { latency_from: 10 });
-        assert_eq!(departure(10, 10), Departure::Late { latency_from: 10 });
-        assert_eq!(departure(30, 25), Departure::Wait { until: 30 });
+        assert_eq!(departure(10, 25, 0), Departure::Late { latency_from: 10 });
+        assert_eq!(departure(10, 10, 0), Departure::Late { latency_from: 10 });
+        assert_eq!(departure(30, 25, 0), Departure::Wait { until: 30 });
+    }
+
+    /// Requests due while the timer overslept a wait (here by 800 µs, with a 50 µs server
+    /// and one due every 200 µs) are not charged for it.
+    #[test]
+    fn the_timers_lateness_is_not_charged_to_the_requests_behind_it() {
+        // The first slept until 0 and woke at 800; answered at 850. The next, due at 200, is
+        // sent at 850: with a punctual timer it would have gone on time, so it counts from its
+        // send (its 50 µs are the server's).
+        assert_eq!(
+            departure(200, 850, 800),
+            Departure::Late { latency_from: 850 }
+        );
+        // Behind a 10 ms answer the connection is late by the server's doing: 9.9 ms of the
+        // wait are charged, as with a punctual timer.
+        assert_eq!(
+            departure(200, 10_850, 800),
+            Departure::Late {
+                latency_from: 1_000
+            }
+        );
     }
 }

@@ -116,10 +116,13 @@ pub fn parse_url(url: &str) -> Result<ParsedUrl, String> {
             .filter(|port| *port > 0)
             .ok_or_else(|| format!("`{url}`: `{port}` is not a port (1–65535)"))?,
     };
-    let path_and_query = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    // An empty path is `/` (RFC 9110 §4.2.3): `http://h?a=1` asks for `/?a=1`, never `?a=1`.
+    let path_and_query = match uri.path_and_query() {
+        Some(pq) if pq.as_str().starts_with('/') => pq.clone(),
+        Some(pq) => PathAndQuery::try_from(format!("/{}", pq.as_str()))
+            .map_err(|err| format!("`{url}`: {err}"))?,
+        None => PathAndQuery::from_static("/"),
+    };
     Ok(ParsedUrl {
         authority,
         port,
@@ -273,6 +276,8 @@ mod tests {
             assert!(parse_url(bad).unwrap_err().contains("not a port"), "{bad}");
         }
         assert_eq!(parse_url("http://localhost").unwrap().path_and_query, "/");
+        let query_only = parse_url("http://localhost:8080?a=1").unwrap();
+        assert_eq!(query_only.path_and_query, "/?a=1");
         assert!(parse_url("https://x/").unwrap_err().contains("https"));
         let err = parse_url("127.0.0.1:80/x").unwrap_err();
         assert!(err.contains("scheme"), "{err}");
