@@ -664,6 +664,17 @@ fn validate_rule(
             format!("{larger} × period is too large (keep it below 4.5e15 requests·µs)"),
         );
     }
+    if let Some(delay) = raw.delay.filter(|delay| *delay >= raw.burst) {
+        if algorithm == Algorithm::Gcra {
+            p.push(
+                format!("{key}.delay"),
+                format!(
+                    "{delay} is not below burst ({}): no request would wait; leave delay out for that",
+                    raw.burst
+                ),
+            );
+        }
+    }
     if algorithm == Algorithm::SlidingWindow {
         for (field, set) in [("burst", raw.burst > 0), ("delay", raw.delay.is_some())] {
             if set {
@@ -849,6 +860,32 @@ max_in_flight = 0
             assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
         }
         assert!(!errors.iter().any(|e| e.message.contains("short")));
+    }
+
+    /// A `delay` that no request could ever be past (at or over the burst) is a mistake to
+    /// say, not a rule that silently never waits.
+    #[test]
+    fn a_delay_no_request_reaches_is_refused() {
+        for (numbers, refused) in [
+            ("burst = 2, delay = 2", true),
+            ("delay = 0", true),
+            ("burst = 2, delay = 1", false),
+            ("burst = 2, delay = 0", false),
+        ] {
+            let text = format!(
+                "{BASE}[[routes]]\nupstream = \"app\"\nrate_limits = [{{ limit = 1, period = \"1s\", {numbers} }}]\n"
+            );
+            let keys: Vec<String> = Config::from_toml(&text)
+                .err()
+                .map(|errors| errors.0.into_iter().map(|e| e.key).collect())
+                .unwrap_or_default();
+            let expected: &[&str] = if refused {
+                &["routes[0].rate_limits[0].delay"]
+            } else {
+                &[]
+            };
+            assert_eq!(keys, expected, "{numbers}");
+        }
     }
 
     /// Numbers too large for the Redis script's doubles name the one that is too large.

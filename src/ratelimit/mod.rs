@@ -367,6 +367,11 @@ fn conclude(
         return Ok(Duration::ZERO);
     };
     let rule = &policy.rules[index];
+    // A delayed request's answer comes after its wait: its quota is whole that much sooner.
+    let decision = RateDecision {
+        reset_us: decision.reset_us.saturating_sub(wait_us),
+        ..decision
+    };
     let state = rule.state_header(&decision);
     if !decision.allowed {
         return Err(ProxyError::RateLimited {
@@ -673,5 +678,47 @@ mod tests {
             ..decision
         };
         assert_eq!(rule.state_header(&beyond), "\"per_ip\";r=20;t=30");
+    }
+
+    /// A request told to wait 2 s (third of a burst at one a second) is answered after it:
+    /// its `RateLimit` says the quota is whole 1 s after the answer, not 3.
+    #[test]
+    fn a_delayed_answer_tells_the_reset_from_after_its_wait() {
+        let quota = Quota {
+            algorithm: Algorithm::Gcra,
+            limit: 10,
+            period_us: 10_000_000,
+            burst: 2,
+        };
+        let policy = RoutePolicy {
+            name: "paced".into(),
+            key_use: KeyUse::Ignored,
+            rules: vec![Rule {
+                name: "paced".into(),
+                id: 1,
+                key: RuleKey::ClientIp,
+                quota,
+                delay: Some(0),
+                policy: HeaderValue::from_static("\"paced\";q=10;w=10"),
+                redis_prefix: redis_prefix("paced").into(),
+                counters: Arc::default(),
+            }],
+            paced: true,
+            own_limit: None,
+            upstream_limit: None,
+            fetch_limit: None,
+        };
+        let third = RateDecision {
+            allowed: true,
+            remaining: 0,
+            reset_us: 3_000_000,
+            retry_after_us: 0,
+        };
+        let mut admitted = Admitted::default();
+        let wait = conclude(&policy, &[third], &mut admitted, true).unwrap();
+        assert_eq!(wait, Duration::from_secs(2));
+        let (_, state) = admitted.headers.unwrap();
+        assert_eq!(state, "\"paced\";r=0;t=1");
+        assert_eq!(policy.rules[0].counters.delayed.load(Ordering::Relaxed), 1);
     }
 }
