@@ -427,6 +427,14 @@ impl BodyProgress {
             BodyProgress::Chunked(_) | BodyProgress::UntilClose => None,
         }
     }
+
+    /// The bytes still to come at least: a chunked body's declared rest of its current chunk.
+    pub fn least_left(&self) -> u64 {
+        match self {
+            BodyProgress::Length(left) | BodyProgress::Chunked(Chunked::Data(left)) => *left,
+            BodyProgress::Chunked(_) | BodyProgress::UntilClose | BodyProgress::Done => 0,
+        }
+    }
 }
 
 /// Where a chunked body stands while it is decoded.
@@ -438,8 +446,10 @@ pub enum Chunked {
     Data(u64),
     /// After a chunk's data: its CRLF.
     DataEnd,
-    /// After the last chunk: trailer lines until an empty one.
-    Trailers,
+    /// After the last chunk: trailer lines until an empty one, with the bytes of those so
+    /// far (at most [`MAX_HEAD`], as a head: trailers are dropped, yet a client sending them
+    /// without end would hold its request open for good).
+    Trailers(usize),
     Done,
 }
 
@@ -482,7 +492,7 @@ impl Chunked {
                     used += 2;
                     *self = Chunked::Size;
                 }
-                Chunked::Size | Chunked::Trailers => {
+                Chunked::Size | Chunked::Trailers(_) => {
                     // A bare CR or LF (or another control byte) inside a line could end it
                     // for a parser in front of the gateway: such bodies are refused, as soon
                     // as the byte is seen, not when a CRLF that may never come arrives.
@@ -501,11 +511,17 @@ impl Chunked {
                     }
                     used += end + 2;
                     *self = match *self {
-                        Chunked::Trailers if line.is_empty() => Chunked::Done,
-                        Chunked::Trailers if is_field_line(line) => Chunked::Trailers,
-                        Chunked::Trailers => return Err(ParseError::Chunk),
+                        Chunked::Trailers(_) if line.is_empty() => Chunked::Done,
+                        Chunked::Trailers(seen) if is_field_line(line) => {
+                            let seen = seen + end + 2;
+                            if seen > MAX_HEAD {
+                                return Err(ParseError::Chunk);
+                            }
+                            Chunked::Trailers(seen)
+                        }
+                        Chunked::Trailers(_) => return Err(ParseError::Chunk),
                         _ => match chunk_size(line)? {
-                            0 => Chunked::Trailers,
+                            0 => Chunked::Trailers(0),
                             size => Chunked::Data(size),
                         },
                     };
@@ -878,6 +894,28 @@ mod tests {
             let result = declared_chunked_length(bad);
             assert_eq!(result, Err(ParseError::Chunk), "{:?}", bad);
         }
+    }
+
+    /// Trailers are dropped, and bounded as a head is: a client sending them without end held
+    /// its request open for good (100 MB of them went through).
+    #[test]
+    fn trailers_are_bounded_as_a_head() {
+        let line = format!("X-T: {}\r\n", "v".repeat(1000));
+        let decode_all = |lines: usize| {
+            let mut state = Chunked::Size;
+            let mut body = b"3\r\nabc\r\n0\r\n".to_vec();
+            for _ in 0..lines {
+                body.extend_from_slice(line.as_bytes());
+            }
+            body.extend_from_slice(b"\r\n");
+            let mut at = 0;
+            while state != Chunked::Done {
+                at += state.decode(&body[at..])?.used;
+            }
+            Ok(at)
+        };
+        assert_eq!(decode_all(60), Ok(11 + 60 * line.len() + 2));
+        assert_eq!(decode_all(70), Err(ParseError::Chunk));
     }
 
     #[test]

@@ -464,6 +464,22 @@ fn expect_100_continue_gets_the_interim_answer_before_the_body() {
     assert!(conn.closed());
 }
 
+/// A chunk whose declared size takes the body over `max_body` is refused when its size line is
+/// read, as nginx refuses it, not once that much data went to the instance: a client that
+/// stopped there held the request until `body_read_timeout`.
+#[test]
+fn a_chunk_declared_over_max_body_is_refused_on_its_size_line() {
+    let gw = gateway_to_instance("max_body = \"1KiB\"");
+    let mut conn = Conn::open(gw.proxy);
+    conn.send(
+        b"POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    conn.send(b"100000\r\nxxxxxxxxxx");
+    let answer = conn.answer("POST");
+    assert_eq!(answer.status, 413, "{answer:?}");
+}
+
 /// A request refused without its body being read (here: no API key) whose client asked for
 /// 100 Continue but sent the body along anyway keeps its connection: the body is all there to
 /// drop, and the request pipelined behind it is answered (nginx does the same). One whose body
@@ -495,6 +511,23 @@ fn a_refused_expect_request_whose_body_came_along_keeps_the_connection() {
     assert!(conn.closed());
 }
 
+/// 414 is for a target over `max_uri_length`, not for a request line whose method and version
+/// take it over: a head too large with such a target is a 431.
+#[test]
+fn a_target_within_its_limit_in_a_head_too_large_is_a_431() {
+    let gw = gateway_to_instance("max_header_size = \"8KiB\"\nmax_uri_length = \"1KiB\"");
+    let big = "y".repeat(16 * 1024);
+    for (target_len, status) in [(1020, 431), (1100, 414)] {
+        let target = format!("/{}", "t".repeat(target_len - 1));
+        let mut conn = Conn::open(gw.proxy);
+        let answer = conn.exchange(
+            "GET",
+            &format!("GET {target} HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n"),
+        );
+        assert_eq!(answer.status, status, "{target_len}: {answer:?}");
+    }
+}
+
 #[test]
 fn oversized_heads_get_431_and_malformed_ones_400_then_the_close() {
     let gw = gateway_to_instance("max_header_size = \"8KiB\"");
@@ -506,6 +539,14 @@ fn oversized_heads_get_431_and_malformed_ones_400_then_the_close() {
     );
     assert_eq!(answer.status, 431, "{answer:?}");
     assert!(conn.closed());
+    // A HEAD refused before its fields were read gets no body either (RFC 9110 §9.3.2).
+    let mut conn = Conn::open(gw.proxy);
+    let answer = conn.exchange(
+        "HEAD",
+        &format!("HEAD /big-head HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n"),
+    );
+    assert_eq!(answer.status, 431, "{answer:?}");
+    assert!(conn.closed(), "a body came after the HEAD's 431");
 
     for malformed in [
         "GET\r\n\r\n",

@@ -426,11 +426,15 @@ impl Body for ForwardBody {
                 if let Some(again) = replay.as_mut().and_then(Replay::next_again) {
                     return Poll::Ready(Some(Ok(again)));
                 }
-                match Pin::new(inner).poll_frame(cx) {
+                match Pin::new(&mut *inner).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
                             *seen += data.len() as u64;
-                            if *seen > *limit {
+                            // What the body declares still to come counts too: a chunk's size
+                            // over the limit is refused before its data is passed on, as nginx
+                            // refuses it on reading the size line.
+                            let declared = inner.size_hint().lower();
+                            if seen.saturating_add(declared) > *limit {
                                 return Poll::Ready(Some(Err(
                                     BodyTooLarge { limit: *limit }.into()
                                 )));

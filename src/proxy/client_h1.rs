@@ -928,13 +928,23 @@ fn parse_head(
         heap.resize(limits.max_headers, MaybeUninit::uninit());
         &mut heap[..]
     };
+    // A head refused before its method was read is answered as a HEAD's (no body) when it
+    // starts as one.
+    let head_request = buf.starts_with(b"HEAD ");
+    let refused = |error| {
+        Box::new(Refusal {
+            error,
+            request_id: None,
+            head_request,
+        })
+    };
     let mut request = httparse::Request::new(&mut []);
     let len = match request.parse_with_uninit_headers(buf, fields) {
         Ok(httparse::Status::Complete(len)) if len <= limits.max_head => len,
-        Ok(httparse::Status::Complete(_)) => return Err(too_large(buf, limits).into()),
+        Ok(httparse::Status::Complete(_)) => return Err(refused(too_large(buf, limits))),
         Ok(httparse::Status::Partial) if buf.len() <= limits.max_head => return Ok(None),
-        Ok(httparse::Status::Partial) => return Err(too_large(buf, limits).into()),
-        Err(httparse::Error::TooManyHeaders) => return Err(ProxyError::HeadersTooLarge.into()),
+        Ok(httparse::Status::Partial) => return Err(refused(too_large(buf, limits))),
+        Err(httparse::Error::TooManyHeaders) => return Err(refused(ProxyError::HeadersTooLarge)),
         Err(httparse::Error::Version) => {
             return match unparsed_version(buf) {
                 UnparsedVersion::Incomplete if buf.len() <= limits.max_head => Ok(None),
@@ -944,11 +954,11 @@ fn parse_head(
                     buf[at] = b'1';
                     parse_head(buf, limits)
                 }
-                UnparsedVersion::OtherMajor => Err(ProxyError::VersionNotSupported.into()),
-                _ => Err(ProxyError::BadRequest("malformed request head").into()),
+                UnparsedVersion::OtherMajor => Err(refused(ProxyError::VersionNotSupported)),
+                _ => Err(refused(ProxyError::BadRequest("malformed request head"))),
             };
         }
-        Err(_) => return Err(ProxyError::BadRequest("malformed request head").into()),
+        Err(_) => return Err(refused(ProxyError::BadRequest("malformed request head"))),
     };
     let malformed = |_| ProxyError::BadRequest("malformed request head");
     let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
@@ -1101,10 +1111,13 @@ fn with_root_path(uri: Uri) -> Uri {
     Uri::from_parts(parts).unwrap_or(uri)
 }
 
-/// A head over `max_header_size`: 414 when the request line alone is over `max_uri_length`.
+/// A head over `max_header_size`: 414 when its target (what `max_uri_length` bounds; the whole
+/// line when it has no space) is over `max_uri_length`.
 fn too_large(buf: &[u8], limits: &ClientLimits) -> ProxyError {
-    let line = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
-    if line > limits.max_uri {
+    let line_end = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
+    let line = &buf[..line_end];
+    let target = line.splitn(3, |&b| b == b' ').nth(1).unwrap_or(line);
+    if target.len() > limits.max_uri {
         ProxyError::UriTooLong
     } else {
         ProxyError::HeadersTooLarge
@@ -1231,9 +1244,15 @@ impl Body for RequestBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.progress
-            .exact_left()
-            .map_or_else(SizeHint::default, SizeHint::with_exact)
+        self.progress.exact_left().map_or_else(
+            || {
+                // A chunk's declared size counts against `max_body` as soon as it is read.
+                let mut hint = SizeHint::default();
+                hint.set_lower(self.progress.least_left());
+                hint
+            },
+            SizeHint::with_exact,
+        )
     }
 }
 
