@@ -90,10 +90,33 @@ pub enum ConnectError {
     Unavailable(String),
 }
 
+/// Who a link serves: named in its log lines, as each falls back its own way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkUser {
+    RateLimits,
+    Cache,
+}
+
+impl LinkUser {
+    fn name(self) -> &'static str {
+        match self {
+            LinkUser::RateLimits => "rate limits",
+            LinkUser::Cache => "cache",
+        }
+    }
+
+    /// What happens while its link is down.
+    fn fallback(self) -> &'static str {
+        match self {
+            LinkUser::RateLimits => "rate limits fall back to this instance (on_redis_error)",
+            LinkUser::Cache => "the response cache serves from this instance's memory",
+        }
+    }
+}
+
 pub struct RedisLink {
     pub state: StateConfig,
-    /// What falls back while the link is down, for the log.
-    user: &'static str,
+    user: LinkUser,
     connection: ArcSwapOption<Connection>,
     /// Why the link went down, or why the probe last failed: what `/health/redis` says during
     /// an outage (the old connection's error would be stale, e.g. a broken pipe where Redis
@@ -107,9 +130,7 @@ pub struct RedisLink {
 }
 
 impl RedisLink {
-    /// `user` says what falls back while it is down ("rate limits fall back to this
-    /// instance").
-    pub fn new(state: &StateConfig, user: &'static str) -> Arc<RedisLink> {
+    pub fn new(state: &StateConfig, user: LinkUser) -> Arc<RedisLink> {
         Arc::new(RedisLink {
             state: state.clone(),
             user,
@@ -150,7 +171,11 @@ impl RedisLink {
                 };
                 if let ConnectError::Unavailable(message) = &failure {
                     // Not up yet: `mark_down` does not log this first outage itself.
-                    tracing::warn!("{message}; {} until it answers", self.user);
+                    tracing::warn!(
+                        link = self.user.name(),
+                        "{message}; {} until it answers",
+                        self.user.fallback()
+                    );
                     self.mark_down(message);
                 }
                 Err(failure)
@@ -352,9 +377,10 @@ impl RedisLink {
             self.outages.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 redis = %self.target(),
+                link = self.user.name(),
                 error = reason,
                 "Redis does not answer, or refuses commands; {} until it serves",
-                self.user
+                self.user.fallback()
             );
         }
         if !self.probing.swap(true, Ordering::Relaxed) {
@@ -374,13 +400,20 @@ impl RedisLink {
                     *self.last_error.lock().expect("last error") = None;
                     self.probing.store(false, Ordering::Relaxed);
                     self.up.store(true, Ordering::Relaxed);
-                    tracing::info!(redis = %self.target(), "Redis answers again; state is shared again");
+                    let link = self.user.name();
+                    if self.outages.load(Ordering::Relaxed) == 0 {
+                        // Its first connection: Redis was unreachable at start, or a reload
+                        // turned the shared cache on.
+                        tracing::info!(redis = %self.target(), link, "Redis connected; state is shared");
+                    } else {
+                        tracing::info!(redis = %self.target(), link, "Redis answers again; state is shared again");
+                    }
                     return;
                 }
                 Err(err) => {
                     if is_auth_error(&err) && !said_refusal {
                         said_refusal = true;
-                        tracing::warn!(redis = %self.target(), error = %err, "Redis refuses the gateway's credentials");
+                        tracing::warn!(redis = %self.target(), link = self.user.name(), error = %err, "Redis refuses the gateway's credentials");
                     } else {
                         tracing::debug!(%err, "Redis probe failed");
                     }

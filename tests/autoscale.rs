@@ -993,3 +993,32 @@ async fn a_draining_gateway_scales_no_more() {
         assert_eq!(request.await.unwrap(), 200);
     }
 }
+
+/// Upkeep goes on while a stopping gateway still serves (`shutdown_delay`): an instance that
+/// crashes then is replaced, not left in the pool as up with its old pid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_still_replaces_a_crashed_instance() {
+    let gw = Autoscaled(gateway_with_server_keys(
+        "shutdown_delay = \"8s\"",
+        &process_config("25010-25019", 1, 1, ""),
+    ));
+    let client = client();
+    let serving = || async { children(&autoscale_status(&client, &gw).await, "serving") };
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            serving().await.len() == 1
+        })
+        .await
+    );
+    let (_, pid) = serving().await[0].clone();
+    signal(gw.proc.pid(), "TERM");
+    let draining = eventually(Duration::from_secs(2), || async {
+        get(&client, &gw.admin_url("/health")).await.status == 503
+    });
+    assert!(draining.await);
+    signal(pid as u32, "KILL");
+    let replaced = eventually(Duration::from_secs(6), || async {
+        serving().await.first().is_some_and(|(_, now)| *now != pid)
+    });
+    assert!(replaced.await, "{}", autoscale_status(&client, &gw).await);
+}

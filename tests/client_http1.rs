@@ -475,7 +475,8 @@ fn a_chunk_declared_over_max_body_is_refused_on_its_size_line() {
         b"POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
     );
     std::thread::sleep(Duration::from_millis(200));
-    conn.send(b"100000\r\nxxxxxxxxxx");
+    // The size line alone: nothing of the chunk's data comes.
+    conn.send(b"100000\r\n");
     let answer = conn.answer("POST");
     assert_eq!(answer.status, 413, "{answer:?}");
 }
@@ -539,14 +540,17 @@ fn oversized_heads_get_431_and_malformed_ones_400_then_the_close() {
     );
     assert_eq!(answer.status, 431, "{answer:?}");
     assert!(conn.closed());
-    // A HEAD refused before its fields were read gets no body either (RFC 9110 §9.3.2).
-    let mut conn = Conn::open(gw.proxy);
-    let answer = conn.exchange(
-        "HEAD",
-        &format!("HEAD /big-head HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n"),
-    );
-    assert_eq!(answer.status, 431, "{answer:?}");
-    assert!(conn.closed(), "a body came after the HEAD's 431");
+    // A HEAD refused before its fields were read gets no body either (RFC 9110 §9.3.2), also
+    // after the empty line a request may follow.
+    for before in ["", "\r\n"] {
+        let mut conn = Conn::open(gw.proxy);
+        let answer = conn.exchange(
+            "HEAD",
+            &format!("{before}HEAD /big-head HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n"),
+        );
+        assert_eq!(answer.status, 431, "{answer:?}");
+        assert!(conn.closed(), "a body came after the HEAD's 431");
+    }
 
     for malformed in [
         "GET\r\n\r\n",

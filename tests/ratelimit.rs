@@ -1325,7 +1325,7 @@ async fn decisions_waiting_for_redis_go_out_together_and_stay_exact() {
     use scalegate::ratelimit::algorithm::{Algorithm, Quota};
     use scalegate::ratelimit::redis_store::RedisStore;
     use scalegate::ratelimit::{redis_prefix, LimitKey};
-    use scalegate::redis_link::RedisLink;
+    use scalegate::redis_link::{LinkUser, RedisLink};
 
     let redis = Redis::start(None);
     let state = StateConfig {
@@ -1335,7 +1335,7 @@ async fn decisions_waiting_for_redis_go_out_together_and_stay_exact() {
         redis_timeout: Duration::from_secs(5),
         on_redis_error: OnRedisError::Local,
     };
-    let link = RedisLink::new(&state, "rate limits fall back");
+    let link = RedisLink::new(&state, LinkUser::RateLimits);
     link.start().await.unwrap();
     let store = RedisStore::new(link);
     let minute = 60_000_000;

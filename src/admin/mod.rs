@@ -822,8 +822,14 @@ async fn purge_cache(gateway: &Gateway, query: Option<&str>) -> Response<Gateway
             )
         }
     };
-    let purged = store.purge(&purge).await;
-    tracing::info!(purge = purge.to_message(), keys = purged.0, "cache purged");
+    // Carried to its end even when the admin client leaves: a purge stopped half way (a SCAN
+    // over millions of keys takes seconds) would announce nothing to the other replicas.
+    let message = purge.to_message();
+    let purged = match tokio::spawn(async move { store.purge(&purge).await }).await {
+        Ok(purged) => purged,
+        Err(err) => (0, Err(format!("the purge stopped: {err}"))),
+    };
+    tracing::info!(purge = message, keys = purged.0, "cache purged");
     match purged {
         (purged, Ok(None)) => reply(StatusCode::OK, json!({ "purged": purged })),
         (purged, Ok(Some(shared))) => reply(

@@ -98,12 +98,6 @@ impl Run {
         next_sync: &mut Instant,
         sync_now: bool,
     ) {
-        // A gateway on its way out decides nothing more: the requests it drains are bound to
-        // their instances, and an instance started now (or a `kubectl scale` run now) would
-        // never serve it. Its instances are stopped once the drain is over.
-        if self.gateway.is_draining() {
-            return;
-        }
         let Some(upstream) = self.gateway.upstream(&self.name) else {
             return;
         };
@@ -135,7 +129,11 @@ impl Run {
                 state.serving_since.entry(*addr).or_insert(now);
             }
         }
-        if sync_now || now >= *next_sync {
+        // A gateway on its way out decides nothing more: the requests it drains are bound to
+        // their instances, and an instance started now (or a `kubectl scale` run now) would
+        // never serve it. Upkeep goes on (a crashed instance is still replaced while
+        // `shutdown_delay` serves); the instances are stopped once the drain is over.
+        if (sync_now || now >= *next_sync) && !self.gateway.is_draining() {
             *next_sync = now + config.sync_period;
             self.sync(provider, &upstream, &config, &members, state, now)
                 .await;

@@ -36,6 +36,9 @@ const PROGRESS_BATCH: u64 = 64;
 /// wrk's clock runs while it connects.
 const CONNECT_PHASE: Duration = Duration::from_secs(1);
 
+/// How late tokio's timer may wake a sleep by its own design (it keeps millisecond slots).
+const TIMER_GRANULARITY: Duration = Duration::from_millis(1);
+
 /// A validated run: what to send, where, how much and how fast.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -743,7 +746,9 @@ impl Worker {
                         }
                     }
                     let now = Instant::now();
-                    timer_lag = now.saturating_duration_since(until);
+                    // The timer's own granularity, no more: a longer stall of the generator
+                    // is charged to the requests behind it, as it would be with no sleep.
+                    timer_lag = now.saturating_duration_since(until).min(TIMER_GRANULARITY);
                     (now, now)
                 }
             };

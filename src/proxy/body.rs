@@ -426,15 +426,18 @@ impl Body for ForwardBody {
                 if let Some(again) = replay.as_mut().and_then(Replay::next_again) {
                     return Poll::Ready(Some(Ok(again)));
                 }
+                // What the body declares still to come counts too: a chunk whose size line
+                // takes it past the limit is refused as that line is read, as nginx refuses
+                // it, not once that much of it went on (a client that stopped there held the
+                // request open until `body_read_timeout`).
+                let over = |seen: u64, inner: &ClientBody| {
+                    seen.saturating_add(inner.size_hint().lower()) > *limit
+                };
                 match Pin::new(&mut *inner).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
                             *seen += data.len() as u64;
-                            // What the body declares still to come counts too: a chunk's size
-                            // over the limit is refused before its data is passed on, as nginx
-                            // refuses it on reading the size line.
-                            let declared = inner.size_hint().lower();
-                            if seen.saturating_add(declared) > *limit {
+                            if over(*seen, inner) {
                                 return Poll::Ready(Some(Err(
                                     BodyTooLarge { limit: *limit }.into()
                                 )));
@@ -450,6 +453,9 @@ impl Body for ForwardBody {
                     }
                     Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err))),
                     Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Pending if over(*seen, inner) => {
+                        Poll::Ready(Some(Err(BodyTooLarge { limit: *limit }.into())))
+                    }
                     Poll::Pending => match pace.as_mut().map(|pace| pace.waiting(cx)) {
                         Some(Err(too_slow)) => Poll::Ready(Some(Err(too_slow.into()))),
                         _ => Poll::Pending,

@@ -929,8 +929,11 @@ fn parse_head(
         &mut heap[..]
     };
     // A head refused before its method was read is answered as a HEAD's (no body) when it
-    // starts as one.
-    let head_request = buf.starts_with(b"HEAD ");
+    // starts as one (after the empty lines a request may follow, RFC 9112 §2.2).
+    let head_request = buf
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .is_some_and(|start| buf[start..].starts_with(b"HEAD "));
     let refused = |error| {
         Box::new(Refusal {
             error,
@@ -1246,7 +1249,8 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         self.progress.exact_left().map_or_else(
             || {
-                // A chunk's declared size counts against `max_body` as soon as it is read.
+                // A chunk's declared size: `ForwardBody` counts it against `max_body` as soon
+                // as its size line is read.
                 let mut hint = SizeHint::default();
                 hint.set_lower(self.progress.least_left());
                 hint

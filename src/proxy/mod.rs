@@ -43,7 +43,7 @@ use crate::config::limits::StoreKind;
 use crate::config::{CacheStoreKind, Config, ConfigError, ConfigErrors};
 use crate::metrics::live::LiveStats;
 use crate::metrics::{Metrics, RequestStats};
-use crate::redis_link::{ConnectError, RedisLink};
+use crate::redis_link::{ConnectError, LinkUser, RedisLink};
 use client_io::ClientStream;
 use connections::AcceptFailures;
 use upstream::Upstream;
@@ -219,18 +219,9 @@ impl Gateway {
         // rate-limit decisions queued behind it on one connection. The cache's is there
         // whenever Redis is configured, so a reload may turn the shared cache on.
         let state = &config.limits.state;
-        let redis = (config.limits.store == StoreKind::Redis).then(|| {
-            RedisLink::new(
-                state,
-                "rate limits fall back to this instance (on_redis_error)",
-            )
-        });
-        let cache_redis = uses_redis.then(|| {
-            RedisLink::new(
-                state,
-                "the response cache serves from this instance's memory",
-            )
-        });
+        let redis = (config.limits.store == StoreKind::Redis)
+            .then(|| RedisLink::new(state, LinkUser::RateLimits));
+        let cache_redis = uses_redis.then(|| RedisLink::new(state, LinkUser::Cache));
         let limiter = crate::ratelimit::Limiter::new(&config.limits, redis.as_ref());
         let runtime = Arc::new(Runtime::build(
             config,

@@ -32,7 +32,7 @@ use crate::config::{Config, LimitsConfig};
 use crate::proxy::GatewayBody;
 use crate::proxy::ProxyError;
 use crate::redis_link::RedisLink;
-use algorithm::{ceil_secs, pacing_delay_us, strictest, Quota, RateDecision};
+use algorithm::{ceil_secs, pacing_delay_us, strictest, Algorithm, Quota, RateDecision};
 pub use client::{client_ip, redis_prefix, LimitKey};
 pub use concurrency::{ConcurrencyLimit, Slots};
 use memory::MemoryStore;
@@ -367,9 +367,16 @@ fn conclude(
         return Ok(Duration::ZERO);
     };
     let rule = &policy.rules[index];
-    // A delayed request's answer comes after its wait: its quota is whole that much sooner.
+    // A delayed request's answer comes after its wait: its quota is whole that much sooner,
+    // and under GCRA one more request fits per interval waited (a window's weighting of the
+    // last one is not redone: its count stays, the stricter way).
+    let grown = match rule.quota.algorithm {
+        Algorithm::Gcra => wait_us / rule.quota.interval_us(),
+        Algorithm::SlidingWindow => 0,
+    };
     let decision = RateDecision {
         reset_us: decision.reset_us.saturating_sub(wait_us),
+        remaining: decision.remaining + grown,
         ..decision
     };
     let state = rule.state_header(&decision);
@@ -647,7 +654,6 @@ fn limit_json(limit: &ConcurrencyLimit) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ratelimit::algorithm::Algorithm;
 
     #[test]
     fn state_header_follows_the_draft() {
@@ -681,7 +687,8 @@ mod tests {
     }
 
     /// A request told to wait 2 s (third of a burst at one a second) is answered after it:
-    /// its `RateLimit` says the quota is whole 1 s after the answer, not 3.
+    /// its `RateLimit` says the quota is whole 1 s after the answer, not 3, and that two more
+    /// may pass then, as they may.
     #[test]
     fn a_delayed_answer_tells_the_reset_from_after_its_wait() {
         let quota = Quota {
@@ -718,7 +725,7 @@ mod tests {
         let wait = conclude(&policy, &[third], &mut admitted, true).unwrap();
         assert_eq!(wait, Duration::from_secs(2));
         let (_, state) = admitted.headers.unwrap();
-        assert_eq!(state, "\"paced\";r=0;t=1");
+        assert_eq!(state, "\"paced\";r=2;t=1");
         assert_eq!(policy.rules[0].counters.delayed.load(Ordering::Relaxed), 1);
     }
 }
