@@ -708,6 +708,43 @@ async fn a_connection_its_timers_close_does_not_spin() {
     drop(silent);
 }
 
+/// A client that sends the first bytes of the HTTP/2 preface ("PR") and nothing more is let go
+/// at `header_read_timeout`, as a slow HTTP/1.1 head is: the peek that waits for the rest
+/// returned at once, so the deadline never fired and the connection was held for good (also
+/// after its client left), each costing 200 wake-ups a second.
+#[tokio::test]
+async fn a_client_stuck_in_the_http2_preface_is_let_go() {
+    let a = demo_backend(&[]);
+    let gw = gateway_with_server_keys("header_read_timeout = \"500ms\"", &app_config(&[&a], ""));
+    let mut stuck: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut stream = TcpStream::connect(gw.proxy).unwrap();
+            stream.write_all(b"PR").unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            stream
+        })
+        .collect();
+    let before = cpu_ticks(gw.proc.pid());
+    for stream in &mut stuck {
+        let mut byte = [0u8; 1];
+        let read = stream.read(&mut byte);
+        assert!(
+            matches!(read, Ok(0))
+                || read.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "the connection was not closed"
+        );
+    }
+    assert!(cpu_ticks(gw.proc.pid()) - before < 50);
+    let client = client();
+    let closed = eventually(Duration::from_secs(2), || async {
+        let metrics = get(&client, &gw.admin_url("/metrics")).await;
+        String::from_utf8_lossy(&metrics.body).contains("scalegate_open_connections 0")
+    });
+    assert!(closed.await);
+}
+
 /// An HTTP/2 request that names no host (no :authority, no Host) gets 400, as an HTTP/1.1 one
 /// without Host does, rather than reaching the instance under the upstream's name; so does one
 /// whose path does not start with `/`.

@@ -749,6 +749,7 @@ async fn starts_with_http2_preface(
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let until = tokio::time::Instant::now() + timeout;
     let mut first = [0u8; 4];
+    let mut pause = Duration::from_millis(5);
     loop {
         let seen = tokio::time::timeout_at(until, stream.peek(&mut first))
             .await
@@ -763,8 +764,16 @@ async fn starts_with_http2_preface(
         if seen == first.len() {
             return Some(true);
         }
-        // The preface's first bytes came alone: peek again once more have arrived.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // The preface's first bytes came alone: peek again once more have arrived. A peek
+        // returns at once while they sit there (so the timeout above never fires, and a
+        // client that left after them is not seen): the deadline is checked here, and the
+        // pauses grow, so a client sending "PR" and nothing more costs little and is let go.
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return None;
+        }
+        tokio::time::sleep_until((now + pause).min(until)).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
 
