@@ -897,6 +897,11 @@ async fn send_http2(
 /// listener refuses such a line too), and a Host naming another authority than `:authority`.
 /// An intermediary must not forward a malformed request; these get 400.
 pub(super) fn http2_malformation(parts: &Parts) -> Result<(), &'static str> {
+    // A CONNECT names an authority and no path (RFC 9113 §8.5): well formed, it gets the 405
+    // an HTTP/1.1 one gets.
+    if parts.method == Method::CONNECT && parts.uri.path_and_query().is_none() {
+        return Ok(());
+    }
     let padded = |value: &HeaderValue| {
         let bytes = value.as_bytes();
         let blank = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
@@ -1220,6 +1225,9 @@ mod tests {
         options.method = Method::OPTIONS;
         assert_eq!(http2_malformation(&options), Ok(()));
         assert_eq!(http2_malformation(&head(v2, "/x", &["a.example"])), Ok(()));
+        let mut connect = head(v2, "a.example:443", &[]);
+        connect.method = Method::CONNECT;
+        assert_eq!(http2_malformation(&connect), Ok(()));
         for padded in [" a", "a ", "\tb"] {
             let mut parts = head(v2, "https://a.example/x", &[]);
             parts
