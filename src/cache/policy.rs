@@ -187,7 +187,10 @@ pub fn storable(
         || cc.max_age.is_some()
         || cc.s_maxage.is_some()
         || response.contains_key(header::EXPIRES);
+    // A status the cache does not know (299, 600) is not understood, whatever the answer says
+    // (RFC 9111 §3, and `must-understand`, §5.2.2.3).
     let understood = status.as_u16() >= 200
+        && status.canonical_reason().is_some()
         && status != StatusCode::PARTIAL_CONTENT
         && status != StatusCode::NOT_MODIFIED;
     // The route's `ttl_statuses` (nginx `proxy_cache_valid 200 1m`) narrow or widen those.
@@ -218,13 +221,28 @@ pub fn storable(
     {
         return Err(NotStored::Authorization);
     }
-    let lifetime = if rules.override_ttl && ttl_applies {
-        rules.ttl
+    // The route's `ttl` and stale windows are for the statuses it names: another (a 503 with
+    // `public` alone, a 500 with `Expires: 0`) lives only as long as it says, as nginx keeps
+    // none of them, rather than being served for the route's ttl after the instance recovered.
+    let (lifetime, initial_age) = if rules.override_ttl && ttl_applies {
+        // The route's word, from now: the instance's `Age` counts no more than its max-age.
+        (rules.ttl, Duration::ZERO)
     } else {
-        cc.s_maxage
+        let stated = cc
+            .s_maxage
             .or(cc.max_age)
-            .or_else(|| expires_lifetime(response, now))
-            .unwrap_or(rules.ttl)
+            .or_else(|| expires_lifetime(response, now));
+        let lifetime = match stated {
+            Some(lifetime) => lifetime,
+            None if ttl_applies => rules.ttl,
+            None => return Err(NotStored::NoLifetime),
+        };
+        (lifetime, age_header(response))
+    };
+    let route_windows = if ttl_applies {
+        (rules.stale_while_revalidate, rules.stale_if_error)
+    } else {
+        (Duration::ZERO, Duration::ZERO)
     };
     // must-revalidate, and s-maxage (which implies proxy-revalidate), forbid serving stale.
     let no_stale = cc.must_revalidate || cc.s_maxage.is_some();
@@ -237,9 +255,9 @@ pub fn storable(
     };
     let freshness = Freshness {
         lifetime,
-        initial_age: age_header(response),
-        stale_while_revalidate: window(cc.stale_while_revalidate, rules.stale_while_revalidate),
-        stale_if_error: window(cc.stale_if_error, rules.stale_if_error),
+        initial_age,
+        stale_while_revalidate: window(cc.stale_while_revalidate, route_windows.0),
+        stale_if_error: window(cc.stale_if_error, route_windows.1),
         revalidatable: has_validator(response),
     };
     if freshness.usable_for().is_zero() {
@@ -485,8 +503,9 @@ fn names_stored(list: &[u8], etag: Option<&[u8]>, comparison: Comparison) -> boo
 /// The `Age` the instance reported (it may sit behind another cache). The gateway's own time
 /// in store is added by [`State::at`]; `Date` is not used for age since instance clocks drift.
 fn age_header(response: &HeaderMap) -> Duration {
+    // A list (two Age fields joined, or `20, 5`) counts by its first value (RFC 9111 §5.1).
     let age = response.get(header::AGE).and_then(|v| v.to_str().ok());
-    delta_seconds(age.map(str::trim))
+    delta_seconds(age.map(|age| age.split(',').next().unwrap_or(age).trim()))
 }
 
 /// What a stored entry is good for at a given age.
@@ -527,15 +546,16 @@ pub fn is_error_status(status: StatusCode) -> bool {
 pub fn vary_names(response: &HeaderMap) -> Option<Vec<HeaderName>> {
     let mut names = Vec::new();
     for value in response.get_all(header::VARY) {
-        let Ok(text) = value.to_str() else { continue };
+        // What cannot be read as field names (`x y`, non-ASCII) varies on something unknown,
+        // as `*` does: skipped, the answer would be served across what it varies on.
+        let text = value.to_str().ok()?;
         for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             if name == "*" {
                 return None;
             }
-            if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                if !names.contains(&name) {
-                    names.push(name);
-                }
+            let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
+            if !names.contains(&name) {
+                names.push(name);
             }
         }
     }
@@ -1082,18 +1102,59 @@ mod tests {
             let status = StatusCode::from_u16(ok).unwrap();
             let stored = storable(status, &told("max-age=60"), false, &r, now);
             assert_eq!(stored.unwrap().lifetime, S(60), "{ok}");
-            assert!(
-                storable(status, &told("public"), false, &r, now).is_ok(),
+            // `public` alone says it may be stored, not for how long: the route's ttl is for
+            // the statuses it names (a 503 was served for it after the instance recovered).
+            assert_eq!(
+                storable(status, &told("public"), false, &r, now),
+                Err(NotStored::NoLifetime),
                 "{ok}"
             );
         }
-        for no in [206, 304] {
+        // Nor do the route's stale windows keep an error that says it is not to be reused.
+        let stale_route = RouteCacheConfig {
+            stale_while_revalidate: S(30),
+            stale_if_error: S(30),
+            ..rules()
+        };
+        let mut expired = HeaderMap::new();
+        expired.insert(header::EXPIRES, HeaderValue::from_static("0"));
+        for headers in [told("max-age=0"), expired] {
+            assert_eq!(
+                storable(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &headers,
+                    false,
+                    &stale_route,
+                    now
+                ),
+                Err(NotStored::NoLifetime),
+                "{headers:?}"
+            );
+        }
+        // A status the cache does not understand, nor a part or a 304, whatever it says.
+        for no in [206, 299, 304, 600] {
             let status = StatusCode::from_u16(no).unwrap();
             assert_eq!(
                 storable(status, &told("max-age=60"), false, &r, now),
-                Err(NotStored::Status)
+                Err(NotStored::Status),
+                "{no}"
             );
         }
+    }
+
+    /// With `override`, the route's ttl counts from when the entry is stored: an instance's
+    /// `Age` past it kept the answer from being stored at all (nginx keeps it for the ttl).
+    /// Without it, `Age` counts by its first value.
+    #[test]
+    fn age_is_read_as_rfc_9111_says_and_override_ignores_it() {
+        let overriding = RouteCacheConfig {
+            override_ttl: true,
+            ..rules()
+        };
+        let aged = headers(&[("cache-control", "max-age=60"), ("age", "600")]);
+        let stored = storable(StatusCode::OK, &aged, false, &overriding, SystemTime::now());
+        assert_eq!(stored.unwrap().initial_age, Duration::ZERO);
+        assert_eq!(age_header(&headers(&[("age", "20, 5")])), S(20));
     }
 
     #[test]
@@ -1208,6 +1269,8 @@ mod tests {
         let names = vary_names(&response).unwrap();
         assert_eq!(names, ["accept", "accept-encoding"]);
         assert_eq!(vary_names(&headers(&[("vary", "*")])), None);
+        // What is no field name varies on something unknown, as `*` does.
+        assert_eq!(vary_names(&headers(&[("vary", "accept, x y")])), None);
         let request = headers(&[("accept", "a"), ("accept", "b")]);
         assert_eq!(
             vary_values(&names, &request),
