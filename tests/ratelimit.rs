@@ -1248,6 +1248,43 @@ async fn a_rule_with_a_delay_spaces_a_burst_out_at_the_rate() {
     }
 }
 
+/// A delayed POST whose client sent its whole body and left during the wait is not sent to
+/// the instance after it (nginx answers it 499): its body is read while it waits, so the
+/// client's connection is watched again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_leaves_while_delayed_takes_its_request_with_it() {
+    let backend = demo_backend(&[]);
+    let gw = gateway_logging(&memory_config(
+        &backend,
+        "[[routes]]\nupstream = \"app\"\nrate_limits = [{ name = \"paced\", limit = 10, \
+         period = \"1s\", burst = 20, delay = 0 }]\n",
+    ));
+    let client = client();
+    assert_eq!(get(&client, &gw.url("/first")).await.status, 200);
+    // Twenty more wait 100 ms to 2 s: each sent whole, then its client goes.
+    let left: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| {
+            let mut left = std::net::TcpStream::connect(gw.proxy).unwrap();
+            left.write_all(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+                .unwrap();
+            left
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(left);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(backend_requests(&client, &backend).await, 1);
+    // Each ended when its client left, before any instance was tried (logged 499, as nginx
+    // does): none came as far as a connection to the instance after its wait.
+    let lines = access_lines(&gw);
+    let posts: Vec<&serde_json::Value> = lines.values().filter(|l| l["path"] == "/p").collect();
+    assert_eq!(posts.len(), 20, "{lines:?}");
+    for line in posts {
+        assert_eq!(line["status"], 499, "{line}");
+        assert_eq!(line["attempts"], 0, "{line}");
+    }
+}
+
 /// A sliding window whose period a reload lengthened keeps its counts, in memory as in Redis:
 /// 3 per minute used up stays used up as 3 per hour. The window index of the old period read
 /// as nothing under the new one, and the client got 3 more at once.

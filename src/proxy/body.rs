@@ -276,14 +276,15 @@ impl ForwardBody {
     }
 
     /// Reads a body whose declared length is at most [`REPLAY_LIMIT`] to its end, kept, and
-    /// starts it again; other bodies are left as they are.
+    /// starts it again; other bodies, and one read so already, are left as they are.
     pub async fn read_if_small(&mut self) -> Result<(), BoxError> {
         let small = matches!(
             self,
             ForwardBody::Stream {
                 replay: Some(_),
+                inner,
                 ..
-            }
+            } if !inner.is_end_stream()
         ) && self
             .size_hint()
             .exact()

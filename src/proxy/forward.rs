@@ -210,10 +210,25 @@ async fn forward(
     // The concurrency slots in `admitted` go to the response body and are held to its end.
     let admission = &runtime.admission;
     let client_ip = admission.client_ip(client.addr.ip(), &parts.headers);
+    let mut body = if body.is_end_stream() {
+        ForwardBody::Empty
+    } else {
+        ForwardBody::stream(body, max_body, BodyPace::from_config(server))
+    };
     let mut admitted = match admission.admit_now(route, &parts.headers, client_ip) {
         Some(admitted) => admitted,
         // Boxed: only requests that wait for Redis or a queue carry the waiting state.
-        None => Box::pin(admission.admit(route, &parts.headers, client_ip)).await,
+        None => {
+            // A request a rate limit delays reads its small body meanwhile: its client's
+            // connection is then watched again, and a client that leaves during the wait
+            // takes its request with it, as nginx answers it 499 rather than forward it.
+            let read_meanwhile = async {
+                body.read_if_small()
+                    .await
+                    .map_err(|err| ProxyError::from(ClientBodyFailure::of(&err)))
+            };
+            Box::pin(admission.admit(route, &parts.headers, client_ip, read_meanwhile)).await
+        }
     }?;
     let hash = match &upstream.config.strategy {
         Strategy::ConsistentHash(key) => hash_key(key, &parts, client_ip),
@@ -275,11 +290,6 @@ async fn forward(
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
 
-    let body = if body.is_end_stream() {
-        ForwardBody::Empty
-    } else {
-        ForwardBody::stream(body, max_body, BodyPace::from_config(server))
-    };
     // Upgrades (WebSocket) are tunnels, never cached.
     if let Some(cache) = runtime
         .route_cache(route)

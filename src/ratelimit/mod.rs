@@ -524,12 +524,14 @@ impl Admission {
     }
 
     /// Decides whether the request routed to `route` may go on, asking Redis and waiting in
-    /// the concurrency queues as needed.
+    /// the concurrency queues as needed. `meanwhile` runs beside a rate limit's delay, when
+    /// there is one (reading the request's body), and its failure ends the request.
     pub async fn admit(
         &self,
         route: usize,
         headers: &HeaderMap,
         client: IpAddr,
+        meanwhile: impl std::future::Future<Output = Result<(), ProxyError>>,
     ) -> Result<Admitted, ProxyError> {
         let policy = &self.routes[route];
         let (api_key, unauthorized) = self.api_key(policy, headers);
@@ -542,7 +544,8 @@ impl Admission {
             // delays in its preaccess phase: a waiting request holds no slot an instance could
             // use.
             if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
+                let (_, meanwhile) = tokio::join!(tokio::time::sleep(wait), meanwhile);
+                meanwhile?;
             }
         }
         if let Some(unauthorized) = unauthorized {
