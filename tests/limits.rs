@@ -1346,6 +1346,75 @@ async fn the_http2_send_timeout_follows_the_clients_pace() {
     );
 }
 
+/// A stream whose client takes nothing of its answer lets its instance connection go after
+/// `idle_timeout`, while the connection goes on serving its other streams (nginx's per-stream
+/// `send_timeout`): five paused downloads held five instance connections for as long as the
+/// client kept another stream busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_http2_stream_lets_its_instance_connection_go() {
+    let big = demo_backend(&["--body-bytes", "400000"]);
+    let quick = demo_backend(&[]);
+    let gw = gateway_with_server_keys(
+        "idle_timeout = \"1s\"",
+        &format!(
+            "[upstreams.big]\ninstances = [\"{}\"]\n[upstreams.quick]\ninstances = [\"{}\"]\n\n\
+             [[routes]]\npath_prefix = \"/big\"\nupstream = \"big\"\n\
+             [[routes]]\nupstream = \"quick\"\n",
+            big.addr(),
+            quick.addr()
+        ),
+    );
+    let socket = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    // Each stream's window takes one frame; the connection's, everything.
+    let (mut sender, connection) = h2::client::Builder::new()
+        .initial_window_size(16 << 10)
+        .initial_connection_window_size(8 << 20)
+        .handshake::<_, bytes::Bytes>(socket)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut paused = Vec::new();
+    for _ in 0..5 {
+        let request = http::Request::get(gw.url("/big")).body(()).unwrap();
+        let (answer, _) = sender.send_request(request, true).unwrap();
+        paused.push(answer.await.unwrap());
+    }
+    let client = client();
+    let big_in_flight = || async {
+        let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
+        let big = detailed["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["name"] == "big")
+            .cloned()
+            .unwrap();
+        big["instances"][0]["in_flight"].as_u64().unwrap()
+    };
+    assert_eq!(big_in_flight().await, 5);
+    // The connection stays busy on quick requests, past twice idle_timeout.
+    let deadline = Instant::now() + Duration::from_millis(3500);
+    while Instant::now() < deadline {
+        let request = http::Request::get(gw.url("/quick")).body(()).unwrap();
+        let (answer, _) = sender.send_request(request, true).unwrap();
+        let answer = answer.await.expect("the busy stream's connection was kept");
+        assert_eq!(answer.status(), 200);
+        let mut body = answer.into_body();
+        while let Some(data) = body.data().await {
+            let data = data.unwrap();
+            body.flow_control().release_capacity(data.len()).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        big_in_flight().await,
+        0,
+        "paused streams still hold the instance"
+    );
+    assert!(!connection.is_finished());
+    drop(paused);
+}
+
 /// Out of file descriptors, the gateway keeps running: each listener (the proxy's and the admin
 /// API's) says so once (not at every retry, nor again each time one freed descriptor lets an
 /// accept through), and the connections that waited in the listen queue are served once

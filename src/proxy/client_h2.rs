@@ -2,8 +2,9 @@
 //! hyper, with the connection timers hyper's server lacks: a connection that opens no stream
 //! within `header_read_timeout` (a preface sent in part included), one idle for `idle_timeout`,
 //! and one whose client took no answer bytes for `idle_timeout` while every stream's answer
-//! waited for it (nginx's `send_timeout`, for the whole connection: hyper offers no way to
-//! reset one stream from outside it) are closed. PINGs only find peers that are gone.
+//! waited for it (nginx's `send_timeout`) are closed; a single stream paused that long among
+//! served ones has its answer's source dropped (hyper offers no way to reset one stream from
+//! outside it: it ends when hyper next asks it for data). PINGs only find peers that are gone.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -213,6 +214,9 @@ impl Drop for Answering {
 struct Activity {
     started: Instant,
     seen: Mutex<StreamsSeen>,
+    /// The streams whose answer waits on the client now, with since when and their answer's
+    /// source: the connection's timers drop the source of one that waited `idle_timeout`.
+    parked: Mutex<Vec<Parked>>,
     /// Streams opened, and those of them dropped before their answer ([`resets_abusive`]).
     streams: AtomicU64,
     premature: AtomicU64,
@@ -226,6 +230,7 @@ impl Activity {
             streams: AtomicU64::new(0),
             premature: AtomicU64::new(0),
             abused: Notify::new(),
+            parked: Mutex::new(Vec::new()),
             seen: Mutex::new(StreamsSeen {
                 opened: false,
                 live: 0,
@@ -244,9 +249,36 @@ impl Activity {
         *self.lock()
     }
 
+    fn parked(&self) -> MutexGuard<'_, Vec<Parked>> {
+        self.parked.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Drops the answer source of every stream that has waited on the client since `stalled`
+    /// or before: its instance connection (or cache fill) is let go, as nginx's per-stream
+    /// `send_timeout` ends the stream; the rest of the connection is served on. hyper offers
+    /// no way to reset the stream itself, so it ends when hyper next asks it for data.
+    fn cut_stalled(&self, stalled: Duration) -> usize {
+        let cut: Vec<Parked> = {
+            let mut parked = self.parked();
+            let (cut, kept) = std::mem::take(&mut *parked)
+                .into_iter()
+                .partition(|p| p.since <= stalled);
+            *parked = kept;
+            cut
+        };
+        let sources: Vec<GatewayBody> = cut
+            .iter()
+            .filter_map(|p| p.source.upgrade()?.lock().ok()?.take())
+            .collect();
+        let count = sources.len();
+        // Dropped with no lock held: an instance connection's drop may do some work.
+        drop(sources);
+        count
+    }
+
     /// A new stream: its place among the live ones, and its watch for a premature reset.
     fn open(self: &Arc<Self>) -> (StreamGuard, Answering) {
-        self.streams.fetch_add(1, Ordering::Relaxed);
+        let id = self.streams.fetch_add(1, Ordering::Relaxed);
         let now = self.started.elapsed();
         let mut seen = self.lock();
         seen.opened = true;
@@ -256,6 +288,8 @@ impl Activity {
         let stream = StreamGuard {
             activity: Arc::clone(self),
             waiting: false,
+            id,
+            source: std::sync::Weak::new(),
         };
         let answering = Answering {
             activity: Arc::clone(self),
@@ -271,6 +305,17 @@ impl Activity {
 struct StreamGuard {
     activity: Arc<Activity>,
     waiting: bool,
+    /// This stream's number among the connection's, for its entry in [`Activity::parked`].
+    id: u64,
+    /// Its answer's source, once it has one.
+    source: std::sync::Weak<Mutex<Option<GatewayBody>>>,
+}
+
+/// A stream whose answer waits on the client.
+struct Parked {
+    id: u64,
+    since: Duration,
+    source: std::sync::Weak<Mutex<Option<GatewayBody>>>,
 }
 
 impl StreamGuard {
@@ -281,7 +326,13 @@ impl StreamGuard {
             let mut seen = self.activity.lock();
             seen.last_client_progress = now;
             seen.waiting_on_client -= 1;
+            drop(seen);
+            self.unpark();
         }
+    }
+
+    fn unpark(&self) {
+        self.activity.parked().retain(|p| p.id != self.id);
     }
 
     /// hyper holds a frame for the client.
@@ -296,6 +347,12 @@ impl StreamGuard {
                 seen.last_client_progress = now;
             }
             seen.waiting_on_client += 1;
+            drop(seen);
+            self.activity.parked().push(Parked {
+                id: self.id,
+                since: now,
+                source: self.source.clone(),
+            });
         }
     }
 }
@@ -306,9 +363,17 @@ impl Drop for StreamGuard {
         let mut seen = self.activity.lock();
         if self.waiting {
             seen.waiting_on_client -= 1;
+            // hyper lets an answer go once its last piece went into the client's window (or
+            // the client reset it): progress too. Short answers end so, never coming back for
+            // more, and a client taking them beside a paused stream lost its connection.
+            seen.last_client_progress = now;
         }
         seen.live -= 1;
         seen.last_change = now;
+        drop(seen);
+        if self.waiting {
+            self.unpark();
+        }
     }
 }
 
@@ -444,6 +509,12 @@ pub async fn serve<I>(
                     continue;
                 }
                 let now = activity.started.elapsed();
+                if let Some(stalled) = now.checked_sub(timers.idle_timeout) {
+                    let cut = activity.cut_stalled(stalled);
+                    if cut > 0 {
+                        tracing::debug!(%peer, streams = cut, "streams whose client took nothing for idle_timeout: their answers dropped");
+                    }
+                }
                 match judge_connection(activity.seen(), now, timers) {
                     Verdict::LookAt(at) => look_at = activity.started + at,
                     Verdict::Close(Closing::ClientStalled) => {
@@ -491,7 +562,9 @@ const MAX_PIECE: usize = 16 << 10;
 /// [`MAX_PIECE`], counts the bytes, writes the request's record once the body has ended, failed
 /// or been dropped, and tells the connection's timers when the client took data.
 struct RecordedBody {
-    body: GatewayBody,
+    /// Shared with the connection's timers, which take it out (dropping it) once the stream has
+    /// waited on the client for `idle_timeout` ([`Activity::cut_stalled`]).
+    body: Arc<Mutex<Option<GatewayBody>>>,
     record: Option<RequestRecord>,
     stream: StreamGuard,
     /// The rest of a frame larger than a piece.
@@ -499,15 +572,21 @@ struct RecordedBody {
 }
 
 impl RecordedBody {
-    fn new(body: GatewayBody, record: RequestRecord, stream: StreamGuard) -> RecordedBody {
+    fn new(body: GatewayBody, record: RequestRecord, mut stream: StreamGuard) -> RecordedBody {
         // Written at once for an empty body: hyper may keep a finished body a while.
         let record = (!body.is_end_stream()).then_some(record);
+        let body = Arc::new(Mutex::new(Some(body)));
+        stream.source = Arc::downgrade(&body);
         RecordedBody {
             body,
             record,
             stream,
             pending: None,
         }
+    }
+
+    fn source(&self) -> MutexGuard<'_, Option<GatewayBody>> {
+        self.body.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The next piece of `data`, the rest kept for the next poll.
@@ -534,6 +613,11 @@ impl RecordedBody {
 #[error("the instance's answer broke off")]
 struct AnswerBrokeOff;
 
+/// The stream's answer waited on the client for `idle_timeout`: its source was dropped.
+#[derive(Debug, thiserror::Error)]
+#[error("the client took none of the answer for idle_timeout")]
+struct StreamStalled;
+
 impl Body for RecordedBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -544,15 +628,26 @@ impl Body for RecordedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         this.stream.client_took();
+        // Cut by the connection's timers while it waited: the stream ends here (reset).
+        if this.source().is_none() {
+            tracing::debug!("HTTP/2 stream stalled on its client for idle_timeout: reset");
+            return Poll::Ready(Some(Err(Box::new(StreamStalled))));
+        }
         if let Some(rest) = this.pending.take() {
             return Poll::Ready(Some(Ok(this.piece_of(rest))));
         }
-        let frame = std::task::ready!(Pin::new(&mut this.body).poll_frame(cx));
+        let frame = {
+            let mut source = this.source();
+            let Some(body) = source.as_mut() else {
+                return Poll::Ready(Some(Err(Box::new(StreamStalled))));
+            };
+            std::task::ready!(Pin::new(body).poll_frame(cx))
+        };
         match frame {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => Poll::Ready(Some(Ok(this.piece_of(data)))),
                 Err(other) => {
-                    if this.body.is_end_stream() {
+                    if this.is_end_stream() {
                         this.record = None;
                     }
                     Poll::Ready(Some(Ok(other)))
@@ -574,13 +669,17 @@ impl Body for RecordedBody {
         }
     }
 
+    /// Never for a stream whose source was cut: hyper would end it as whole.
     fn is_end_stream(&self) -> bool {
-        self.pending.is_none() && self.body.is_end_stream()
+        self.pending.is_none() && self.source().as_ref().is_some_and(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
         let pending = self.pending.as_ref().map_or(0, |rest| rest.len() as u64);
-        let inner = self.body.size_hint();
+        let inner = self
+            .source()
+            .as_ref()
+            .map_or_else(SizeHint::default, Body::size_hint);
         let mut hint = SizeHint::new();
         hint.set_lower(inner.lower() + pending);
         if let Some(upper) = inner.upper() {
