@@ -1285,6 +1285,40 @@ async fn a_client_that_leaves_while_delayed_takes_its_request_with_it() {
     }
 }
 
+/// Requests delayed across a reload that swapped the instances go to the new ones: they were
+/// held to the upstream they were routed to, and got 502 from the instance the reload took out
+/// and the operator then stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_delayed_across_a_reload_go_to_the_instances_in_force() {
+    let old = demo_backend(&[]);
+    let new = demo_backend(&[]);
+    let routes = "[[routes]]\nupstream = \"app\"\nrate_limits = [{ name = \"paced\", limit = 4, \
+                  period = \"1s\", burst = 5, delay = 0 }]\n";
+    let gw = gateway(&memory_config(&old, routes));
+    let client = client();
+    // Six at once: one goes, five wait 250 ms to 1.25 s.
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let (client, url) = (client.clone(), gw.url("/"));
+            tokio::spawn(async move { get(&client, &url).await.status })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.reload_with(&memory_config(&new, routes));
+    let swapped = eventually(Duration::from_secs(2), || async {
+        let listed = get(&client, &gw.admin_url("/api/upstreams")).await.json();
+        listed["upstreams"][0]["instances"][0]["addr"] == new.addr().to_string()
+    });
+    assert!(swapped.await);
+    drop(old);
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.unwrap());
+    }
+    assert_eq!(statuses, [200; 6]);
+    assert!(backend_requests(&client, &new).await >= 4);
+}
+
 /// A sliding window whose period a reload lengthened keeps its counts, in memory as in Redis:
 /// 3 per minute used up stays used up as 3 per hour. The window index of the old period read
 /// as nothing under the new one, and the client got 3 more at once.

@@ -439,7 +439,9 @@ async fn to_instance(
         }
         None => parts,
     };
-    let upstream = runtime.route_upstream(route).clone();
+    // The upstream in force now: the request may have waited across a reload (a rate limit's
+    // delay, a queue) that replaced the instances it was routed to.
+    let upstream = runtime.route_upstream(route).in_force();
     let config = &upstream.config;
     let idempotent = is_idempotent(&parts.method);
     // A body-less idempotent request can be sent again whatever became of an attempt: such

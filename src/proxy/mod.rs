@@ -320,9 +320,9 @@ impl Gateway {
                 link.start_in_background();
             }
         }
-        self.runtime.store(next);
+        self.runtime.store(Arc::clone(&next));
         for upstream in &current.upstreams {
-            upstream.retire();
+            upstream.retire(next.upstream(&upstream.config.name).cloned());
         }
         tracing::info!(path = %path.display(), "configuration reloaded");
         warn_if_admin_open(&self.runtime.load().config);

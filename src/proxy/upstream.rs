@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
@@ -524,6 +524,10 @@ pub struct Upstream {
     /// A reload replaced this upstream; its active checker stops (requests still holding it
     /// must not keep a second checker probing the instances the new one shares).
     retired: AtomicBool,
+    /// The upstream of the same name that replaced it: a request that waited across the reload
+    /// (a rate limit's delay, a queue, Redis) is sent to the instances in force, not to one the
+    /// reload took out.
+    successor: ArcSwapOption<Upstream>,
 }
 
 impl Upstream {
@@ -615,12 +619,28 @@ impl Upstream {
             set: ArcSwap::from_pointee(set),
             seq: AtomicU64::new(0),
             retired: AtomicBool::new(false),
+            successor: ArcSwapOption::empty(),
             config,
         }
     }
 
-    pub fn retire(&self) {
+    /// Replaced by a reload, by `successor` when the new config has an upstream of this name.
+    pub fn retire(&self, successor: Option<Arc<Upstream>>) {
+        self.successor.store(successor);
         self.retired.store(true, Ordering::Relaxed);
+    }
+
+    /// The upstream in force under this one's name: itself, or what reloads replaced it with
+    /// (itself when a reload removed the name).
+    pub fn in_force(self: &Arc<Self>) -> Arc<Upstream> {
+        let mut upstream = Arc::clone(self);
+        while upstream.is_retired() {
+            match upstream.successor.load_full() {
+                Some(next) => upstream = next,
+                None => break,
+            }
+        }
+        upstream
     }
 
     pub fn is_retired(&self) -> bool {
