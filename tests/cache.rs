@@ -1382,6 +1382,7 @@ async fn replicas_share_hits_and_purges_through_redis() {
     let health = health.json();
     assert_eq!(health["store"], "memory", "{health}");
     assert_eq!(health["cache"]["status"], "down", "{health}");
+    assert_eq!(health["status"], "down", "{health}");
     // The health view says the cache is memory only meanwhile.
     let detailed = get(&client, &a.admin_url("/health/detailed")).await.json();
     let cache = detailed["components"]

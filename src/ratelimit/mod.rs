@@ -363,22 +363,17 @@ fn conclude(
             rule.counters.limited.fetch_add(1, Ordering::Relaxed);
         }
     }
-    let Some((index, decision)) = decisions.iter().copied().enumerate().reduce(strictest) else {
+    // A delayed request's answer comes after its wait: each rule's quota is as it will be then,
+    // and the strictest of those is told.
+    let after_wait = policy
+        .rules
+        .iter()
+        .zip(decisions)
+        .map(|(rule, decision)| as_of_wait(&rule.quota, *decision, wait_us));
+    let Some((index, decision)) = after_wait.enumerate().reduce(strictest) else {
         return Ok(Duration::ZERO);
     };
     let rule = &policy.rules[index];
-    // A delayed request's answer comes after its wait: its quota is whole that much sooner,
-    // and under GCRA one more request fits per interval waited (a window's weighting of the
-    // last one is not redone: its count stays, the stricter way).
-    let grown = match rule.quota.algorithm {
-        Algorithm::Gcra => wait_us / rule.quota.interval_us(),
-        Algorithm::SlidingWindow => 0,
-    };
-    let decision = RateDecision {
-        reset_us: decision.reset_us.saturating_sub(wait_us),
-        remaining: decision.remaining + grown,
-        ..decision
-    };
     let state = rule.state_header(&decision);
     if !decision.allowed {
         return Err(ProxyError::RateLimited {
@@ -389,6 +384,28 @@ fn conclude(
     }
     admitted.headers = Some((rule.policy.clone(), state));
     Ok(Duration::from_micros(wait_us))
+}
+
+/// `decision` as it stands `wait_us` later: the quota is whole that much sooner, and under GCRA
+/// one more request fits per interval waited, up to the burst (a window's weighting of its last
+/// count is not redone: the count stays, the stricter way).
+fn as_of_wait(quota: &Quota, decision: RateDecision, wait_us: u64) -> RateDecision {
+    if wait_us == 0 {
+        return decision;
+    }
+    let grown = match quota.algorithm {
+        Algorithm::Gcra => wait_us / quota.interval_us(),
+        Algorithm::SlidingWindow => 0,
+    };
+    let most = match quota.algorithm {
+        Algorithm::Gcra => quota.burst,
+        Algorithm::SlidingWindow => quota.limit,
+    };
+    RateDecision {
+        reset_us: decision.reset_us.saturating_sub(wait_us),
+        remaining: (decision.remaining + grown).min(most.max(decision.remaining)),
+        ..decision
+    }
 }
 
 impl Admission {
@@ -687,6 +704,29 @@ mod tests {
             ..decision
         };
         assert_eq!(rule.state_header(&beyond), "\"per_ip\";r=20;t=30");
+    }
+
+    /// Each rule is taken as of the end of the wait, within what it can hold: a rule of 10 a
+    /// second with a burst of 2, behind another rule's 2 s wait, has 2 left then, not 20.
+    #[test]
+    fn a_wait_grows_each_rules_quota_up_to_its_burst() {
+        let fast = Quota {
+            algorithm: Algorithm::Gcra,
+            limit: 10,
+            period_us: 1_000_000,
+            burst: 2,
+        };
+        let third = RateDecision {
+            allowed: true,
+            remaining: 0,
+            reset_us: 300_000,
+            retry_after_us: 0,
+        };
+        let later = as_of_wait(&fast, third, 2_000_000);
+        assert_eq!((later.remaining, later.reset_us), (2, 0));
+        let sooner = as_of_wait(&fast, third, 100_000);
+        assert_eq!((sooner.remaining, sooner.reset_us), (1, 200_000));
+        assert_eq!(as_of_wait(&fast, third, 0), third);
     }
 
     /// A request told to wait 2 s (third of a burst at one a second) is answered after it:
