@@ -1248,6 +1248,33 @@ async fn a_rule_with_a_delay_spaces_a_burst_out_at_the_rate() {
     }
 }
 
+/// A delay that can hold a request for more than a minute is said at start, naming the rule
+/// and the wait (nginx takes such a `limit_req` silently).
+#[tokio::test]
+async fn a_delay_that_holds_requests_for_long_is_warned_of() {
+    let backend = demo_backend(&[]);
+    let gw = gateway_logging(&memory_config(
+        &backend,
+        "[[routes]]\nupstream = \"app\"\nrate_limits = [{ name = \"hourly\", limit = 1, \
+         period = \"1h\", burst = 2, delay = 0 }, { name = \"brisk\", limit = 10, \
+         period = \"1s\", burst = 5, delay = 0 }]\n",
+    ));
+    let warned = |rule: &str| {
+        gw.proc.log_lines().iter().any(|line| {
+            line.contains("a rate limit's delay can hold a request this long")
+                && line.contains(&format!("\"rule\":\"{rule}\""))
+        })
+    };
+    let said = eventually(Duration::from_secs(2), || async { warned("hourly") }).await;
+    assert!(said, "{:?}", gw.proc.log_lines());
+    assert!(gw
+        .proc
+        .log_lines()
+        .iter()
+        .any(|l| l.contains("\"longest_wait_secs\":7200")));
+    assert!(!warned("brisk"));
+}
+
 /// A delayed POST whose client sent its whole body and left during the wait is not sent to
 /// the instance after it (nginx answers it 499): its body is read while it waits, so the
 /// client's connection is watched again.

@@ -325,7 +325,7 @@ impl Gateway {
             upstream.retire(next.upstream(&upstream.config.name).cloned());
         }
         tracing::info!(path = %path.display(), "configuration reloaded");
-        warn_if_admin_open(&self.runtime.load().config);
+        warn_of_risky_settings(&self.runtime.load().config);
         Ok(())
     }
 
@@ -415,7 +415,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     let _ = stdout.flush();
     drop(stdout);
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "scalegate is serving");
-    warn_if_admin_open(&gateway.runtime.load().config);
+    warn_of_risky_settings(&gateway.runtime.load().config);
 
     tokio::spawn(crate::admin::serve(
         gateway.clone(),
@@ -958,12 +958,30 @@ pub fn shed_idle_connections(runtime: &Runtime, failed: &dyn std::fmt::Display) 
 
 /// Warns (at start and after each reload) when the admin API is reachable from other hosts
 /// without credentials: it can point live traffic anywhere (add an instance), reload and purge.
-fn warn_if_admin_open(config: &Config) {
+fn warn_of_risky_settings(config: &Config) {
     let admin = config.admin.listen;
     if !admin.ip().to_canonical().is_loopback() && config.admin.credentials.is_none() {
         tracing::warn!(%admin, "the admin API is reachable from other hosts without credentials: set admin.username and admin.password");
     }
+    // A delay nginx would take as well, but one a client (and a stop's grace) rarely waits out.
+    let mut said = std::collections::HashSet::new();
+    for rule in config.limits.routes.iter().flat_map(|route| &route.rules) {
+        let Some(undelayed) = rule.delay else {
+            continue;
+        };
+        let longest = crate::ratelimit::algorithm::longest_wait(&rule.quota, undelayed);
+        if longest > LONG_RATE_LIMIT_WAIT && said.insert(&rule.name) {
+            tracing::warn!(
+                rule = %rule.name,
+                longest_wait_secs = longest.as_secs(),
+                "a rate limit's delay can hold a request this long: lower its burst or delay's gap, or shorten its period"
+            );
+        }
+    }
 }
+
+/// A rate limit's longest wait past which the start and each reload warn of it.
+const LONG_RATE_LIMIT_WAIT: Duration = Duration::from_secs(60);
 
 async fn reload_on_sighup(gateway: Arc<Gateway>, mut hangup: tokio::signal::unix::Signal) {
     while hangup.recv().await.is_some() {

@@ -249,6 +249,13 @@ pub fn pacing_delay_us(quota: &Quota, allowed: &RateDecision, undelayed: u64) ->
     ahead.saturating_sub(undelayed.saturating_mul(interval))
 }
 
+/// The longest [`pacing_delay_us`] can make a request wait under a rule with `delay =
+/// undelayed`: the burst's intervals past those let through at once.
+pub fn longest_wait(quota: &Quota, undelayed: u64) -> std::time::Duration {
+    let intervals = quota.burst.saturating_sub(undelayed);
+    std::time::Duration::from_micros(quota.interval_us().saturating_mul(intervals))
+}
+
 /// Sliding-window counter: estimate = prev × (W − elapsed)/W + curr; allow iff estimate + 1 ≤
 /// limit. Computed in integers (both sides × W) so the Lua script gets the same answer.
 pub fn sliding_window(
@@ -448,6 +455,9 @@ mod tests {
         // A quiet client is not delayed.
         let (d, _) = gcra(&q, tat, t0 + 10 * SEC);
         assert_eq!(pacing_delay_us(&q, &d, 0), 0);
+        // The sixth's wait is the longest there is.
+        assert_eq!(longest_wait(&q, 0).as_micros(), 500_000);
+        assert_eq!(longest_wait(&q, 2).as_micros(), 300_000);
     }
 
     /// The interval rounds up: 3 per second spaced 333 333 µs let a fourth in within 1 s.
