@@ -675,29 +675,38 @@ fn limit_json(limit: &ConcurrencyLimit) -> Value {
 mod tests {
     use super::*;
 
+    fn gcra(limit: u64, period_us: u64, burst: u64) -> Quota {
+        Quota {
+            algorithm: Algorithm::Gcra,
+            limit,
+            period_us,
+            burst,
+        }
+    }
+
+    /// An allowed decision with `remaining` left and the quota whole in `reset_us`.
+    fn allowed(remaining: u64, reset_us: u64) -> RateDecision {
+        RateDecision {
+            allowed: true,
+            remaining,
+            reset_us,
+            retry_after_us: 0,
+        }
+    }
+
     #[test]
     fn state_header_follows_the_draft() {
         let rule = Rule {
             name: "per_ip".into(),
             id: 1,
             key: RuleKey::ClientIp,
-            quota: Quota {
-                algorithm: Algorithm::Gcra,
-                limit: 20,
-                period_us: 60_000_000,
-                burst: 0,
-            },
+            quota: gcra(20, 60_000_000, 0),
             delay: None,
             policy: HeaderValue::from_static("\"per_ip\";q=20;w=60"),
             redis_prefix: redis_prefix("per_ip").into(),
             counters: Arc::default(),
         };
-        let decision = RateDecision {
-            allowed: true,
-            remaining: 7,
-            reset_us: 29_000_001,
-            retry_after_us: 0,
-        };
+        let decision = allowed(7, 29_000_001);
         assert_eq!(rule.state_header(&decision), "\"per_ip\";r=7;t=30");
         let beyond = RateDecision {
             remaining: 25,
@@ -710,18 +719,8 @@ mod tests {
     /// second with a burst of 2, behind another rule's 2 s wait, has 2 left then, not 20.
     #[test]
     fn a_wait_grows_each_rules_quota_up_to_its_burst() {
-        let fast = Quota {
-            algorithm: Algorithm::Gcra,
-            limit: 10,
-            period_us: 1_000_000,
-            burst: 2,
-        };
-        let third = RateDecision {
-            allowed: true,
-            remaining: 0,
-            reset_us: 300_000,
-            retry_after_us: 0,
-        };
+        let fast = gcra(10, 1_000_000, 2);
+        let third = allowed(0, 300_000);
         let later = as_of_wait(&fast, third, 2_000_000);
         assert_eq!((later.remaining, later.reset_us), (2, 0));
         let sooner = as_of_wait(&fast, third, 100_000);
@@ -734,12 +733,7 @@ mod tests {
     /// may pass then, as they may.
     #[test]
     fn a_delayed_answer_tells_the_reset_from_after_its_wait() {
-        let quota = Quota {
-            algorithm: Algorithm::Gcra,
-            limit: 10,
-            period_us: 10_000_000,
-            burst: 2,
-        };
+        let quota = gcra(10, 10_000_000, 2);
         let policy = RoutePolicy {
             name: "paced".into(),
             key_use: KeyUse::Ignored,
@@ -758,12 +752,7 @@ mod tests {
             upstream_limit: None,
             fetch_limit: None,
         };
-        let third = RateDecision {
-            allowed: true,
-            remaining: 0,
-            reset_us: 3_000_000,
-            retry_after_us: 0,
-        };
+        let third = allowed(0, 3_000_000);
         let mut admitted = Admitted::default();
         let wait = conclude(&policy, &[third], &mut admitted, true).unwrap();
         assert_eq!(wait, Duration::from_secs(2));
