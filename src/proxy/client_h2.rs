@@ -9,7 +9,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -213,10 +213,7 @@ impl Drop for Answering {
 /// could close a healthy connection. Uncontended, and only on the HTTP/2 path.
 struct Activity {
     started: Instant,
-    seen: Mutex<StreamsSeen>,
-    /// The streams whose answer waits on the client now, with since when and their answer's
-    /// source: the connection's timers drop the source of one that waited `idle_timeout`.
-    parked: Mutex<Vec<Parked>>,
+    state: Mutex<Streams>,
     /// Streams opened, and those of them dropped before their answer ([`resets_abusive`]).
     streams: AtomicU64,
     premature: AtomicU64,
@@ -230,27 +227,25 @@ impl Activity {
             streams: AtomicU64::new(0),
             premature: AtomicU64::new(0),
             abused: Notify::new(),
-            parked: Mutex::new(Vec::new()),
-            seen: Mutex::new(StreamsSeen {
-                opened: false,
-                live: 0,
-                waiting_on_client: 0,
-                last_change: Duration::ZERO,
-                last_client_progress: Duration::ZERO,
+            state: Mutex::new(Streams {
+                seen: StreamsSeen {
+                    opened: false,
+                    live: 0,
+                    waiting_on_client: 0,
+                    last_change: Duration::ZERO,
+                    last_client_progress: Duration::ZERO,
+                },
+                parked: Vec::new(),
             }),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, StreamsSeen> {
-        self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Streams> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn seen(&self) -> StreamsSeen {
-        *self.lock()
-    }
-
-    fn parked(&self) -> MutexGuard<'_, Vec<Parked>> {
-        self.parked.lock().unwrap_or_else(PoisonError::into_inner)
+        self.lock().seen
     }
 
     /// Drops the answer source of every stream that has waited on the client since `stalled`
@@ -259,11 +254,11 @@ impl Activity {
     /// no way to reset the stream itself, so it ends when hyper next asks it for data.
     fn cut_stalled(&self, stalled: Duration) -> usize {
         let cut: Vec<Parked> = {
-            let mut parked = self.parked();
-            let (cut, kept) = std::mem::take(&mut *parked)
+            let mut state = self.lock();
+            let (cut, kept) = std::mem::take(&mut state.parked)
                 .into_iter()
                 .partition(|p| p.since <= stalled);
-            *parked = kept;
+            state.parked = kept;
             cut
         };
         let sources: Vec<GatewayBody> = cut
@@ -280,16 +275,16 @@ impl Activity {
     fn open(self: &Arc<Self>) -> (StreamGuard, Answering) {
         let id = self.streams.fetch_add(1, Ordering::Relaxed);
         let now = self.started.elapsed();
-        let mut seen = self.lock();
-        seen.opened = true;
-        seen.live += 1;
-        seen.last_change = now;
-        drop(seen);
+        let mut state = self.lock();
+        state.seen.opened = true;
+        state.seen.live += 1;
+        state.seen.last_change = now;
+        drop(state);
         let stream = StreamGuard {
             activity: Arc::clone(self),
             waiting: false,
             id,
-            source: std::sync::Weak::new(),
+            source: Weak::new(),
         };
         let answering = Answering {
             activity: Arc::clone(self),
@@ -308,14 +303,24 @@ struct StreamGuard {
     /// This stream's number among the connection's, for its entry in [`Activity::parked`].
     id: u64,
     /// Its answer's source, once it has one.
-    source: std::sync::Weak<Mutex<Option<GatewayBody>>>,
+    source: Weak<AnswerSource>,
 }
+
+/// What the streams did ([`StreamsSeen`], for the timers), and which of them wait on the
+/// client now (their answers' sources the timers drop after `idle_timeout`).
+struct Streams {
+    seen: StreamsSeen,
+    parked: Vec<Parked>,
+}
+
+/// A stream's answer body, in a slot the connection's timers can empty.
+type AnswerSource = Mutex<Option<GatewayBody>>;
 
 /// A stream whose answer waits on the client.
 struct Parked {
     id: u64,
     since: Duration,
-    source: std::sync::Weak<Mutex<Option<GatewayBody>>>,
+    source: Weak<AnswerSource>,
 }
 
 impl StreamGuard {
@@ -323,16 +328,11 @@ impl StreamGuard {
     fn client_took(&mut self) {
         if std::mem::take(&mut self.waiting) {
             let now = self.activity.started.elapsed();
-            let mut seen = self.activity.lock();
-            seen.last_client_progress = now;
-            seen.waiting_on_client -= 1;
-            drop(seen);
-            self.unpark();
+            let mut state = self.activity.lock();
+            state.seen.last_client_progress = now;
+            state.seen.waiting_on_client -= 1;
+            state.parked.retain(|p| p.id != self.id);
         }
-    }
-
-    fn unpark(&self) {
-        self.activity.parked().retain(|p| p.id != self.id);
     }
 
     /// hyper holds a frame for the client.
@@ -340,15 +340,14 @@ impl StreamGuard {
         if !self.waiting {
             self.waiting = true;
             let now = self.activity.started.elapsed();
-            let mut seen = self.activity.lock();
+            let mut state = self.activity.lock();
             // The first to wait starts the clock: time the client spent with nothing to take
             // does not count against it.
-            if seen.waiting_on_client == 0 {
-                seen.last_client_progress = now;
+            if state.seen.waiting_on_client == 0 {
+                state.seen.last_client_progress = now;
             }
-            seen.waiting_on_client += 1;
-            drop(seen);
-            self.activity.parked().push(Parked {
+            state.seen.waiting_on_client += 1;
+            state.parked.push(Parked {
                 id: self.id,
                 since: now,
                 source: self.source.clone(),
@@ -360,20 +359,17 @@ impl StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         let now = self.activity.started.elapsed();
-        let mut seen = self.activity.lock();
+        let mut state = self.activity.lock();
         if self.waiting {
-            seen.waiting_on_client -= 1;
+            state.seen.waiting_on_client -= 1;
             // hyper lets an answer go once its last piece went into the client's window (or
             // the client reset it): progress too. Short answers end so, never coming back for
             // more, and a client taking them beside a paused stream lost its connection.
-            seen.last_client_progress = now;
+            state.seen.last_client_progress = now;
+            state.parked.retain(|p| p.id != self.id);
         }
-        seen.live -= 1;
-        seen.last_change = now;
-        drop(seen);
-        if self.waiting {
-            self.unpark();
-        }
+        state.seen.live -= 1;
+        state.seen.last_change = now;
     }
 }
 
@@ -564,7 +560,7 @@ const MAX_PIECE: usize = 16 << 10;
 struct RecordedBody {
     /// Shared with the connection's timers, which take it out (dropping it) once the stream has
     /// waited on the client for `idle_timeout` ([`Activity::cut_stalled`]).
-    body: Arc<Mutex<Option<GatewayBody>>>,
+    body: Arc<AnswerSource>,
     record: Option<RequestRecord>,
     stream: StreamGuard,
     /// The rest of a frame larger than a piece.
