@@ -928,26 +928,15 @@ fn parse_head(
         heap.resize(limits.max_headers, MaybeUninit::uninit());
         &mut heap[..]
     };
-    // A head refused before its method was read is answered as a HEAD's (no body) when it
-    // starts as one (after the empty lines a request may follow, RFC 9112 §2.2).
-    let head_request = buf
-        .iter()
-        .position(|b| !matches!(b, b'\r' | b'\n'))
-        .is_some_and(|start| buf[start..].starts_with(b"HEAD "));
-    let refused = |error| {
-        Box::new(Refusal {
-            error,
-            request_id: None,
-            head_request,
-        })
-    };
     let mut request = httparse::Request::new(&mut []);
     let len = match request.parse_with_uninit_headers(buf, fields) {
         Ok(httparse::Status::Complete(len)) if len <= limits.max_head => len,
-        Ok(httparse::Status::Complete(_)) => return Err(refused(too_large(buf, limits))),
+        Ok(httparse::Status::Complete(_)) => return Err(refused(buf, too_large(buf, limits))),
         Ok(httparse::Status::Partial) if buf.len() <= limits.max_head => return Ok(None),
-        Ok(httparse::Status::Partial) => return Err(refused(too_large(buf, limits))),
-        Err(httparse::Error::TooManyHeaders) => return Err(refused(ProxyError::HeadersTooLarge)),
+        Ok(httparse::Status::Partial) => return Err(refused(buf, too_large(buf, limits))),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(refused(buf, ProxyError::HeadersTooLarge))
+        }
         Err(httparse::Error::Version) => {
             return match unparsed_version(buf) {
                 UnparsedVersion::Incomplete if buf.len() <= limits.max_head => Ok(None),
@@ -957,11 +946,19 @@ fn parse_head(
                     buf[at] = b'1';
                     parse_head(buf, limits)
                 }
-                UnparsedVersion::OtherMajor => Err(refused(ProxyError::VersionNotSupported)),
-                _ => Err(refused(ProxyError::BadRequest("malformed request head"))),
+                UnparsedVersion::OtherMajor => Err(refused(buf, ProxyError::VersionNotSupported)),
+                _ => Err(refused(
+                    buf,
+                    ProxyError::BadRequest("malformed request head"),
+                )),
             };
         }
-        Err(_) => return Err(refused(ProxyError::BadRequest("malformed request head"))),
+        Err(_) => {
+            return Err(refused(
+                buf,
+                ProxyError::BadRequest("malformed request head"),
+            ))
+        }
     };
     let malformed = |_| ProxyError::BadRequest("malformed request head");
     let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
@@ -1037,6 +1034,21 @@ impl From<ProxyError> for Box<Refusal> {
             head_request: false,
         })
     }
+}
+
+/// The refusal of a head refused before its method was read: answered as a HEAD's (no body)
+/// when it starts as one, after the empty lines a request may follow (RFC 9112 §2.2). Looked
+/// at only then, not for every head.
+fn refused(buf: &[u8], error: ProxyError) -> Box<Refusal> {
+    let head_request = buf
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .is_some_and(|start| buf[start..].starts_with(b"HEAD "));
+    Box::new(Refusal {
+        error,
+        request_id: None,
+        head_request,
+    })
 }
 
 /// The checks on a head whose fields were read: its target, its framing, its connection
