@@ -369,10 +369,15 @@ impl RedisLink {
         }
     }
 
+    /// Why the link is down now (`None` once it is up), for `/health/redis`.
+    fn note_error(&self, error: Option<String>) {
+        *self.last_error.lock().expect("last error") = error;
+    }
+
     /// Marks the link down for `reason` (logged once per outage) and starts the probe that
     /// brings it back.
     fn mark_down(self: &Arc<Self>, reason: &str) {
-        *self.last_error.lock().expect("last error") = Some(reason.to_owned());
+        self.note_error(Some(reason.to_owned()));
         if self.up.swap(false, Ordering::Relaxed) {
             self.outages.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
@@ -397,7 +402,7 @@ impl RedisLink {
             tokio::time::sleep(backoff).await;
             match self.connect_and_check(startup_timeout(&self.state)).await {
                 Ok(()) => {
-                    *self.last_error.lock().expect("last error") = None;
+                    self.note_error(None);
                     self.probing.store(false, Ordering::Relaxed);
                     self.up.store(true, Ordering::Relaxed);
                     let link = self.user.name();
@@ -417,7 +422,7 @@ impl RedisLink {
                     } else {
                         tracing::debug!(%err, "Redis probe failed");
                     }
-                    *self.last_error.lock().expect("last error") = Some(err.to_string());
+                    self.note_error(Some(err.to_string()));
                 }
             }
             backoff = (backoff * 2).min(Duration::from_secs(1));

@@ -390,20 +390,15 @@ fn conclude(
 /// one more request fits per interval waited, up to the burst (a window's weighting of its last
 /// count is not redone: the count stays, the stricter way).
 fn as_of_wait(quota: &Quota, decision: RateDecision, wait_us: u64) -> RateDecision {
-    if wait_us == 0 {
-        return decision;
-    }
-    let grown = match quota.algorithm {
-        Algorithm::Gcra => wait_us / quota.interval_us(),
-        Algorithm::SlidingWindow => 0,
-    };
-    let most = match quota.algorithm {
-        Algorithm::Gcra => quota.burst,
-        Algorithm::SlidingWindow => quota.limit,
+    let remaining = match quota.algorithm {
+        Algorithm::Gcra => (decision.remaining + wait_us / quota.interval_us())
+            .min(quota.burst)
+            .max(decision.remaining),
+        Algorithm::SlidingWindow => decision.remaining,
     };
     RateDecision {
         reset_us: decision.reset_us.saturating_sub(wait_us),
-        remaining: (decision.remaining + grown).min(most.max(decision.remaining)),
+        remaining,
         ..decision
     }
 }
