@@ -1,9 +1,7 @@
 //! `${VAR}` and `${VAR:-default}` in the config text, filled from the environment before parsing.
 //! `$${` stands for a literal `${`. Comments are left as they are. A value goes in as what it
-//! stands for, never as config syntax: inside "..." it is escaped; inside '...' or outside
-//! quotes, a value that would end the string or add syntax is refused. The quoting is read per
-//! line, so a `${VAR}` inside a multi-line string ("""...""" or '''...''') is taken for one
-//! outside quotes.
+//! stands for, never as config syntax: inside "..." or """...""" it is escaped; inside '...',
+//! '''...''' or outside quotes, a value that would end the string or add syntax is refused.
 
 /// A variable the text needs that cannot be filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,25 +12,31 @@ pub struct EnvProblem {
 }
 
 const MISSING: &str = "environment variable is not set and has no default (use ${NAME:-default})";
-const UNCLOSED: &str = "a `${` without its `}` (write `$${` for a literal `${`)";
+const UNCLOSED: &str = "a `${` without its `}` on the same line (write `$${` for a literal `${`)";
 const BAD_NAME: &str = "not a variable name: letters, digits and `_`, not starting with a digit \
      (a `${` inside another is not supported)";
 const NESTED_DEFAULT: &str = "a `${` in a default is not supported (`}` ends the first one)";
-const UNFIT_LITERAL: &str =
-    "its value has a ' or a control character, which a '...' string cannot hold: use \"...\"";
+const UNFIT_LITERAL: &str = "its value has a ', a line break or a control character, which a \
+     '...' or '''...''' string cannot hold: use \"...\"";
 const UNFIT_BARE: &str =
     "outside quotes its value must be a number or true/false: put it in \"...\"";
 const UNFIT_EMPTY: &str = "its value is empty, which outside quotes leaves no value: set it, \
      give a default (${NAME:-value}) or put it in \"...\"";
 
-/// Where in a line a `${...}` stands.
+/// Where in the text a `${...}` stands.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Context {
     Bare,
-    /// Inside "...": the value is escaped.
-    Basic,
-    /// Inside '...': taken as written, so it must not hold a quote or a control character.
-    Literal,
+    /// Inside "..." or """...""": the value is escaped.
+    Basic {
+        multiline: bool,
+    },
+    /// Inside '...' or '''...''': taken as written, so it must not hold a quote or a line break.
+    Literal {
+        multiline: bool,
+    },
+    /// After a `#` outside strings, to the end of the line: left as written.
+    Comment,
 }
 
 /// Replaces every `${NAME}` / `${NAME:-default}` outside comments using `lookup`. Returns every
@@ -44,11 +48,26 @@ pub fn interpolate(
 ) -> Result<String, Vec<EnvProblem>> {
     let mut out = String::with_capacity(text.len());
     let mut problems = Vec::new();
-    for (number, line) in text.split_inclusive('\n').enumerate() {
-        let (code, comment) = line.split_at(comment_start(line));
-        interpolate_line(code, number + 1, &lookup, &mut out, &mut problems);
-        out.push_str(comment);
+    let bytes = text.as_bytes();
+    let mut context = Context::Bare;
+    let mut line = 1;
+    // `text[copied..at]` is read but not yet written out.
+    let (mut copied, mut at) = (0, 0);
+    while at < bytes.len() {
+        if bytes[at] == b'$' && context != Context::Comment {
+            out.push_str(&text[copied..at]);
+            let (written, read) = reference(&text[at..], context, line, &lookup, &mut problems);
+            out.push_str(&written);
+            at += read;
+            copied = at;
+            continue;
+        }
+        let (next, read) = step(context, &bytes[at..]);
+        line += bytes[at..at + read].iter().filter(|&&b| b == b'\n').count();
+        context = next;
+        at += read;
     }
+    out.push_str(&text[copied..]);
     if problems.is_empty() {
         Ok(out)
     } else {
@@ -56,39 +75,104 @@ pub fn interpolate(
     }
 }
 
-/// The quoting state after `prefix` of a line, and where a `#` comment starts (if it does).
-fn scan(prefix: &str) -> (Context, Option<usize>) {
-    let mut quote: Option<u8> = None;
-    let mut escaped = false;
-    for (i, b) in prefix.bytes().enumerate() {
-        match quote {
-            Some(b'"') if escaped => escaped = false,
-            Some(b'"') if b == b'\\' => escaped = true,
-            Some(q) if b == q => quote = None,
-            Some(_) => {}
-            None if b == b'"' || b == b'\'' => quote = Some(b),
-            None if b == b'#' => return (Context::Bare, Some(i)),
-            None => {}
+/// How the TOML quoting changes at the start of `rest` (which does not start with a `$` in
+/// code), and how many bytes that reads.
+fn step(context: Context, rest: &[u8]) -> (Context, usize) {
+    let run_of = |quote: u8| rest.iter().take_while(|&&b| b == quote).count();
+    match (context, rest[0]) {
+        (
+            Context::Comment
+            | Context::Basic { multiline: false }
+            | Context::Literal { multiline: false },
+            b'\n',
+        ) => (Context::Bare, 1),
+        (Context::Bare, b'#') => (Context::Comment, 1),
+        (Context::Bare, quote @ (b'"' | b'\'')) => {
+            let multiline = run_of(quote) >= 3;
+            let read = if multiline { 3 } else { 1 };
+            if quote == b'"' {
+                (Context::Basic { multiline }, read)
+            } else {
+                (Context::Literal { multiline }, read)
+            }
         }
+        // An escaped quote or backslash does not end the string nor escape what follows.
+        (Context::Basic { .. }, b'\\') if matches!(rest.get(1), Some(b'"' | b'\\')) => (context, 2),
+        (Context::Basic { multiline: false }, b'"')
+        | (Context::Literal { multiline: false }, b'\'') => (Context::Bare, 1),
+        // Up to two more quotes right before the closing three belong to the string.
+        (Context::Basic { multiline: true }, b'"')
+        | (Context::Literal { multiline: true }, b'\'')
+            if run_of(rest[0]) >= 3 =>
+        {
+            (Context::Bare, run_of(rest[0]).min(5))
+        }
+        _ => (context, 1),
     }
-    let context = match quote {
-        Some(b'"') => Context::Basic,
-        Some(_) => Context::Literal,
-        None => Context::Bare,
-    };
-    (context, None)
 }
 
-/// Byte offset where a `#` comment starts on this line (outside "..." and '...' strings).
-fn comment_start(line: &str) -> usize {
-    scan(line).1.unwrap_or(line.len())
+/// Reads the `$...` at the start of `rest` in `context`: what to write for it and how many
+/// bytes it took. A problem with it is pushed to `problems` (and the reference dropped).
+fn reference<'a>(
+    rest: &'a str,
+    context: Context,
+    line: usize,
+    lookup: &impl Fn(&str) -> Option<String>,
+    problems: &mut Vec<EnvProblem>,
+) -> (std::borrow::Cow<'a, str>, usize) {
+    if rest.starts_with("$${") {
+        return ("${".into(), 3);
+    }
+    let Some(body) = rest.strip_prefix("${") else {
+        return ("$".into(), 1);
+    };
+    let line_end = body.find('\n').unwrap_or(body.len());
+    let Some(end) = body[..line_end].find('}') else {
+        problems.push(EnvProblem {
+            name: body[..line_end].trim_end().to_string(),
+            line,
+            message: UNCLOSED,
+        });
+        return (rest[..2 + line_end].into(), 2 + line_end);
+    };
+    let read = 2 + end + 1;
+    let expr = &body[..end];
+    let (name, default) = match expr.split_once(":-") {
+        Some((name, default)) => (name, Some(default)),
+        None => (expr, None),
+    };
+    let filled = if !is_variable_name(name) {
+        Err(BAD_NAME)
+    } else if default.is_some_and(|default| default.contains("${")) {
+        // `}` ends the first reference, so `${A:-${B}}` would leave `}` behind as text.
+        Err(NESTED_DEFAULT)
+    } else {
+        let value = lookup(name).filter(|v| !v.is_empty() || default.is_none());
+        // A default is a value too, held to the same rules: outside quotes `${PORT:-x}`
+        // would otherwise fail as TOML syntax, naming neither the variable nor the key.
+        match value.as_deref().or(default) {
+            Some(value) => fitted(value, context).map(|fitted| fitted.into_owned().into()),
+            None => Err(MISSING),
+        }
+    };
+    match filled {
+        Ok(written) => (written, read),
+        Err(message) => {
+            problems.push(EnvProblem {
+                name: name.to_string(),
+                line,
+                message,
+            });
+            ("".into(), read)
+        }
+    }
 }
 
 /// `value` as it may stand in `context`, or why it cannot.
 fn fitted(value: &str, context: Context) -> Result<std::borrow::Cow<'_, str>, &'static str> {
     use std::fmt::Write as _;
     match context {
-        Context::Basic => {
+        Context::Basic { .. } => {
             if !value.contains(|c: char| c == '"' || c == '\\' || c.is_control()) {
                 return Ok(value.into());
             }
@@ -108,15 +192,16 @@ fn fitted(value: &str, context: Context) -> Result<std::borrow::Cow<'_, str>, &'
             }
             Ok(out.into())
         }
-        Context::Literal
+        // A line break would also move the line numbers of every error after it.
+        Context::Literal { .. }
             if value.contains(|c: char| c == '\'' || (c.is_control() && c != '\t')) =>
         {
             Err(UNFIT_LITERAL)
         }
-        Context::Literal => Ok(value.into()),
+        Context::Literal { .. } => Ok(value.into()),
         Context::Bare if value.is_empty() => Err(UNFIT_EMPTY),
         Context::Bare if is_bare_scalar(value) => Ok(value.into()),
-        Context::Bare => Err(UNFIT_BARE),
+        Context::Bare | Context::Comment => Err(UNFIT_BARE),
     }
 }
 
@@ -144,78 +229,6 @@ fn is_variable_name(name: &str) -> bool {
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-fn interpolate_line(
-    text: &str,
-    line: usize,
-    lookup: &impl Fn(&str) -> Option<String>,
-    out: &mut String,
-    problems: &mut Vec<EnvProblem>,
-) {
-    let mut rest = text;
-    while let Some(pos) = rest.find('$') {
-        out.push_str(&rest[..pos]);
-        let after = &rest[pos..];
-        if let Some(tail) = after.strip_prefix("$${") {
-            out.push_str("${");
-            rest = tail;
-            continue;
-        }
-        let Some(body_start) = after.strip_prefix("${") else {
-            out.push('$');
-            rest = &after[1..];
-            continue;
-        };
-        let Some(end) = body_start.find('}') else {
-            problems.push(EnvProblem {
-                name: body_start.trim_end().to_string(),
-                line,
-                message: UNCLOSED,
-            });
-            out.push_str(after);
-            rest = "";
-            break;
-        };
-        let expr = &body_start[..end];
-        let (name, default) = match expr.split_once(":-") {
-            Some((name, default)) => (name, Some(default)),
-            None => (expr, None),
-        };
-        let problem = if !is_variable_name(name) {
-            Some(BAD_NAME)
-        } else if default.is_some_and(|default| default.contains("${")) {
-            // `}` ends the first reference, so `${A:-${B}}` would leave `}` behind as text.
-            Some(NESTED_DEFAULT)
-        } else {
-            let value = lookup(name).filter(|v| !v.is_empty() || default.is_none());
-            // A default is a value too, held to the same rules: outside quotes `${PORT:-x}`
-            // would otherwise fail as TOML syntax, naming neither the variable nor the key.
-            match value.as_deref().or(default) {
-                Some(value) => {
-                    // The context is that of the text written so far on this line.
-                    let written = &out[out.rfind('\n').map_or(0, |i| i + 1)..];
-                    match fitted(value, scan(written).0) {
-                        Ok(fitted) => {
-                            out.push_str(&fitted);
-                            None
-                        }
-                        Err(message) => Some(message),
-                    }
-                }
-                None => Some(MISSING),
-            }
-        };
-        if let Some(message) = problem {
-            problems.push(EnvProblem {
-                name: name.to_string(),
-                line,
-                message,
-            });
-        }
-        rest = &body_start[end + 1..];
-    }
-    out.push_str(rest);
 }
 
 #[cfg(test)]
@@ -307,6 +320,41 @@ mod tests {
         );
         // A literal `${` written as `$${` is no reference at all.
         assert_eq!(interpolate("a = \"$${X\"", env).unwrap(), "a = \"${X\"");
+    }
+
+    #[test]
+    fn multiline_strings_are_read_as_strings() {
+        let odd = |name: &str| match name {
+            "QUOTED" => Some("say \"\"\"hi\"\"\"\nthen # more".to_owned()),
+            "WORD" => Some("abc".to_owned()),
+            _ => env(name),
+        };
+        let text = concat!(
+            "body = \"\"\"\n",
+            "line ${PORT}\n",
+            "${QUOTED} \\\" # ${WORD}\n",
+            "\"\"\"\n",
+            "raw = '''\n",
+            "x ${WORD} ''y\n",
+            "'''''\n",
+            "port = ${PORT} # ${NOPE}\n",
+            "after = \"${WORD}\"\n",
+        );
+        let filled = interpolate(text, odd).unwrap();
+        let parsed: toml::Table = filled.parse().unwrap();
+        assert_eq!(
+            parsed["body"].as_str(),
+            Some("line 8080\nsay \"\"\"hi\"\"\"\nthen # more \" # abc\n")
+        );
+        assert_eq!(parsed["raw"].as_str(), Some("x abc ''y\n''"));
+        assert_eq!(parsed["port"].as_integer(), Some(8080));
+        assert_eq!(parsed["after"].as_str(), Some("abc"));
+        // Inside '''...''' a value is held to the rules of '...', and the line is counted.
+        let err = interpolate("a = 1\nraw = '''\n${QUOTED}\n'''", odd).unwrap_err();
+        assert_eq!(
+            (err[0].name.as_str(), err[0].line, err[0].message),
+            ("QUOTED", 3, UNFIT_LITERAL)
+        );
     }
 
     #[test]
