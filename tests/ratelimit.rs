@@ -1312,6 +1312,46 @@ async fn a_client_that_leaves_while_delayed_takes_its_request_with_it() {
     }
 }
 
+/// A stop lets delayed requests whose turn comes within `shutdown_grace` be served, and
+/// answers 503 at once to those it would cut before their turn: they were cut at the end of the
+/// grace, unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stop_answers_the_delayed_requests_it_cannot_wait_for() {
+    let backend = demo_backend(&[]);
+    let mut gw = gateway_with_server_keys(
+        "shutdown_grace = \"3s\"",
+        &memory_config(
+            &backend,
+            "[[routes]]\nupstream = \"app\"\nrate_limits = [{ name = \"slow\", limit = 1, \
+             period = \"2s\", burst = 5, delay = 0 }]\n",
+        ),
+    );
+    let client = client();
+    // Three at once: one goes, one waits 2 s (within the grace), one 4 s (past it).
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let (client, url) = (client.clone(), gw.url("/"));
+            tokio::spawn(async move { get(&client, &url).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(gw.proc.pid(), "TERM");
+    let mut replies = Vec::new();
+    for task in tasks {
+        replies.push(task.await.unwrap());
+    }
+    let mut statuses: Vec<u16> = replies.iter().map(|reply| reply.status).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 200, 503]);
+    let refused = replies.iter().find(|reply| reply.status == 503).unwrap();
+    assert_eq!(refused.json()["error"], "shutting_down");
+    assert_eq!(backend_requests(&client, &backend).await, 2);
+    let status = tokio::task::spawn_blocking(move || gw.proc.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 /// Requests delayed across a reload that swapped the instances go to the new ones: they were
 /// held to the upstream they were routed to, and got 502 from the instance the reload took out
 /// and the operator then stopped.

@@ -63,6 +63,9 @@ pub enum ProxyError {
     Overloaded { retry_after: u64 },
     #[error("the gateway is short of resources (file descriptors or memory), retry in 1 s")]
     GatewayShortage,
+    /// A request a rate limit would hold past the end of the stop under way.
+    #[error("the gateway is stopping before this request's turn: retry")]
+    ShuttingDown,
     /// A connection over `max_connections` or `max_connections_per_ip`, refused before any
     /// request was read.
     #[error("{0}")]
@@ -113,6 +116,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Overloaded { .. }
             | ProxyError::GatewayShortage
+            | ProxyError::ShuttingDown
             | ProxyError::TooManyConnections(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -135,6 +139,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::GatewayShortage => "gateway_short_of_resources",
+            ProxyError::ShuttingDown => "shutting_down",
             ProxyError::TooManyConnections(_) => "too_many_connections",
         }
     }

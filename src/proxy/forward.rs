@@ -127,6 +127,7 @@ pub async fn handle(
         None => {
             let request_id = &record.request_id;
             match forward(
+                gateway,
                 runtime,
                 req,
                 client,
@@ -173,6 +174,7 @@ pub fn refused_record(
 }
 
 async fn forward(
+    gateway: &Gateway,
     runtime: &Arc<Runtime>,
     req: Request<ClientBody>,
     client: &ClientAddr,
@@ -227,7 +229,10 @@ async fn forward(
                     .await
                     .map_err(|err| ProxyError::from(ClientBodyFailure::of(&err)))
             };
-            Box::pin(admission.admit(route, &parts.headers, client_ip, read_meanwhile)).await
+            let stop_due = gateway.stop_due();
+            let admitting =
+                admission.admit(route, &parts.headers, client_ip, read_meanwhile, stop_due);
+            Box::pin(admitting).await
         }
     }?;
     let hash = match &upstream.config.strategy {

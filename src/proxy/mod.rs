@@ -202,6 +202,8 @@ pub struct Gateway {
     /// still open are cut then, before the autoscaler stops its instances (for up to
     /// `stop_grace`), rather than served on meanwhile.
     pub cut: tokio_util::sync::CancellationToken,
+    /// When the stop under way cuts what is still in flight (set as it starts draining).
+    stop_due: watch::Sender<Option<tokio::time::Instant>>,
 }
 
 impl Gateway {
@@ -250,7 +252,20 @@ impl Gateway {
             cache_redis,
             autoscale: crate::autoscale::Registry::default(),
             cut: tokio_util::sync::CancellationToken::new(),
+            stop_due: watch::Sender::new(None),
         })
+    }
+
+    /// Completes once a stop drains, with the moment its `shutdown_grace` ends and whatever
+    /// is still in flight is cut.
+    pub async fn stop_due(&self) -> tokio::time::Instant {
+        let mut due = self.stop_due.subscribe();
+        let due = due.wait_for(Option::is_some).await.map(|due| *due);
+        match due {
+            Ok(due) => due.unwrap_or_else(tokio::time::Instant::now),
+            // Never: the gateway holds the sender.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Re-reads the config file. A bad config is refused and the running one keeps serving.
@@ -726,6 +741,9 @@ async fn accept_loop(
     gateway.draining.store(true, Ordering::Relaxed);
     drain.send_replace(true);
     let grace = gateway.runtime.load().config.server.shutdown_grace;
+    gateway
+        .stop_due
+        .send_replace(Some(tokio::time::Instant::now() + grace));
     tracing::info!(
         grace_secs = grace.as_secs_f64(),
         "draining: finishing in-flight requests"

@@ -538,12 +538,15 @@ impl Admission {
     /// Decides whether the request routed to `route` may go on, asking Redis and waiting in
     /// the concurrency queues as needed. `meanwhile` runs beside a rate limit's delay, when
     /// there is one (reading the request's body), and its failure ends the request.
+    /// `stop_due` completes when a stop drains the gateway, with the moment it cuts what is in
+    /// flight: a delay that would end later is answered 503 at once, not cut then unanswered.
     pub async fn admit(
         &self,
         route: usize,
         headers: &HeaderMap,
         client: IpAddr,
         meanwhile: impl std::future::Future<Output = Result<(), ProxyError>>,
+        stop_due: impl std::future::Future<Output = tokio::time::Instant>,
     ) -> Result<Admitted, ProxyError> {
         let policy = &self.routes[route];
         let (api_key, unauthorized) = self.api_key(policy, headers);
@@ -556,8 +559,20 @@ impl Admission {
             // delays in its preaccess phase: a waiting request holds no slot an instance could
             // use.
             if !wait.is_zero() {
-                let (_, meanwhile) = tokio::join!(tokio::time::sleep(wait), meanwhile);
-                meanwhile?;
+                let until = tokio::time::Instant::now() + wait;
+                let mut waited = std::pin::pin!(async {
+                    tokio::join!(tokio::time::sleep_until(until), meanwhile).1
+                });
+                let waited = tokio::select! {
+                    waited = &mut waited => waited,
+                    stop_due = stop_due => {
+                        if until > stop_due {
+                            return Err(ProxyError::ShuttingDown);
+                        }
+                        waited.await
+                    }
+                };
+                waited?;
             }
         }
         if let Some(unauthorized) = unauthorized {
