@@ -95,6 +95,42 @@ async fn fail_on_status_takes_an_instance_answering_500_out() {
     assert_eq!(statuses(counted).await, 1);
 }
 
+/// `retry_on_status` (nginx's `proxy_next_upstream http_500`): an idempotent request answered
+/// with a listed status goes to another instance; a POST's answer is passed on as it came; and
+/// when every try was answered so, the client gets the last answer rather than a 502.
+#[tokio::test]
+async fn retry_on_status_tries_an_idempotent_request_on_another_instance() {
+    let failing = demo_backend(&["--fail-rate", "1"]);
+    let fine = demo_backend(&[]);
+    let client = client();
+    let gw = gateway(&app_config(&[&failing, &fine], "retry_on_status = [500]"));
+    for _ in 0..6 {
+        assert_eq!(get(&client, &gw.url("/work")).await.status, 200);
+    }
+    assert_eq!(backend_requests(&client, &failing).await, 3);
+    assert_eq!(backend_requests(&client, &fine).await, 6);
+    let mut posts = Vec::new();
+    for _ in 0..4 {
+        let reply = request(&client, "POST", &gw.url("/work"), &[], "x").await;
+        posts.push(reply.unwrap().status);
+    }
+    posts.sort_unstable();
+    assert_eq!(posts, [200, 200, 500, 500]);
+
+    let also_failing = demo_backend(&["--fail-rate", "1"]);
+    let gw = gateway(&app_config(
+        &[&failing, &also_failing],
+        "retry_on_status = [500]",
+    ));
+    let reply = get(&client, &gw.url("/work")).await;
+    assert_eq!(reply.status, 500);
+    assert_eq!(
+        backend_requests(&client, &failing).await + backend_requests(&client, &also_failing).await,
+        3 + 2 + 2,
+        "each instance tried once"
+    );
+}
+
 /// A passive ejection the active checks never saw fail (an instance restarted between two of
 /// them) ends after `rise` passing checks, not after all of `fail_timeout`, as HAProxy and
 /// Envoy do. One for the instance's answers (`fail_on_status`) does not: its health endpoint

@@ -163,6 +163,9 @@ pub struct UpstreamConfig {
     pub response_timeout: Duration,
     pub idle_timeout: Duration,
     pub retries: u32,
+    /// Answer statuses that have an idempotent request tried on another instance, within
+    /// `retries` and the budget; none by default (nginx's `proxy_next_upstream http_503`).
+    pub retry_on_status: Vec<u16>,
     /// Retries may add at most this fraction on top of live requests (0.2 = 20 %).
     pub retry_budget: f64,
     pub slow_start: Duration,
@@ -917,6 +920,17 @@ upstream = "missing"
         let fine = text.replace("500, 99, 600", "500, 503");
         let config = Config::from_toml(&fine).unwrap();
         assert_eq!(config.upstreams[0].passive.fail_on_status, [500, 503]);
+        // Only an error is worth another instance's try.
+        let retry = text.replace(
+            "fail_on_status = [500, 99, 600]",
+            "retry_on_status = [302, 503]",
+        );
+        assert_placed(&retry, &[("upstreams.app.retry_on_status", Some(3))]);
+        let fine = retry.replace("302, ", "");
+        assert_eq!(
+            Config::from_toml(&fine).unwrap().upstreams[0].retry_on_status,
+            [503]
+        );
     }
 
     #[test]

@@ -113,6 +113,7 @@ pub struct RawUpstream {
     pub response_timeout: String,
     pub idle_timeout: String,
     pub retries: u32,
+    pub retry_on_status: Vec<u16>,
     pub retry_budget: f64,
     pub slow_start: String,
     pub drain_timeout: String,
@@ -141,6 +142,7 @@ impl Default for RawUpstream {
             response_timeout: "60s".into(),
             idle_timeout: "60s".into(),
             retries: 2,
+            retry_on_status: Vec::new(),
             retry_budget: 20.0,
             slow_start: "0s".into(),
             drain_timeout: "30s".into(),
@@ -632,6 +634,15 @@ fn default_pipeline(plain_http1: bool, keepalive: usize) -> usize {
     }
 }
 
+/// The statuses listed under `key`, each of which must be from `lowest` to 599 (`what` says
+/// what such a status is).
+fn statuses(p: &mut Problems, key: &str, listed: &[u16], (lowest, what): (u16, &str)) -> Vec<u16> {
+    for status in listed.iter().filter(|s| !(lowest..=599).contains(*s)) {
+        p.push(key.to_owned(), format!("{status} is not {what}"));
+    }
+    listed.to_vec()
+}
+
 fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> UpstreamConfig {
     let key = format!("upstreams.{name}");
     // The name is a route's `upstream`, a metrics label and a segment of admin API paths;
@@ -815,6 +826,12 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
         // keepalive = 0 is how pooling is turned off; an idle time of 0 would only hide that.
         idle_timeout: p.positive_duration(&format!("{key}.idle_timeout"), &raw.idle_timeout),
         retries: raw.retries,
+        retry_on_status: statuses(
+            p,
+            &format!("{key}.retry_on_status"),
+            &raw.retry_on_status,
+            (400, "an error status (400-599)"),
+        ),
         retry_budget: raw.retry_budget / 100.0,
         slow_start: p.duration(&format!("{key}.slow_start"), &raw.slow_start),
         health,
@@ -822,19 +839,12 @@ fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> Upstrea
             max_fails: raw.max_fails,
             // max_fails = 0 is how passive checks are turned off.
             fail_timeout: p.positive_duration(&format!("{key}.fail_timeout"), &raw.fail_timeout),
-            fail_on_status: {
-                for status in raw
-                    .fail_on_status
-                    .iter()
-                    .filter(|s| !(100..=599).contains(*s))
-                {
-                    p.push(
-                        format!("{key}.fail_on_status"),
-                        format!("{status} is not an HTTP status (100-599)"),
-                    );
-                }
-                raw.fail_on_status.clone()
-            },
+            fail_on_status: statuses(
+                p,
+                &format!("{key}.fail_on_status"),
+                &raw.fail_on_status,
+                (100, "an HTTP status (100-599)"),
+            ),
         },
         drain_timeout,
         autoscale,

@@ -1,10 +1,10 @@
 //! The per-request pipeline: validate the head, route, pick an instance, send, retry what may
 //! be retried, and stream the answer back.
 //!
-//! Retry rules: a request that never reached an instance (connect failure, or a write refused
-//! before the head's first byte) is retried for every method; once sent (a response timeout
-//! included), only idempotent requests without a body are retried (the body is gone); nothing is
-//! retried after response bytes came back. Every retry spends the upstream's retry budget.
+//! Retry rules (`retry::next_attempt`): a request that never reached an instance is retried for
+//! every method; once sent (a response timeout included), only an idempotent one whose body can
+//! go again; nothing after response bytes came back, except an answer whose status the upstream
+//! lists in `retry_on_status`. Every retry spends the upstream's retry budget.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -32,7 +32,7 @@ use super::record::{RequestRecord, Served};
 use super::retry::{next_attempt, FailureKind, NextAttempt, Resend};
 use super::router::{has_encoded_nul, host_without_port, match_route, stripped_target};
 use super::tunnel::{self, ClientUpgrade};
-use super::upstream::{InFlightGuard, Instance, NoInstance};
+use super::upstream::{InFlightGuard, Instance, NoInstance, Upstream};
 use super::{Gateway, Runtime};
 use crate::balance::{hash_bytes, HashKey, Strategy};
 use crate::config::{RouteConfig, UpstreamConfig};
@@ -479,6 +479,9 @@ async fn to_instance(
     // The instance whose failed attempt the next one retries: counted once another instance
     // is there to take it.
     let mut retrying: Option<Arc<Instance>> = None;
+    // The last answer whose status (in `retry_on_status`) had the request tried on another
+    // instance, and who gave it: the client's when no later attempt answers.
+    let mut retried_answer: Option<(Response<GatewayBody>, SocketAddr)> = None;
     loop {
         let now = Instant::now();
         let (index, instance) = match upstream.pick(&set, &tried, hash, seq, now) {
@@ -486,7 +489,7 @@ async fn to_instance(
             Err(NoInstance::NoneHealthy) if attempts == 0 => {
                 return Err(ProxyError::NoHealthyInstance)
             }
-            Err(_) => return Err(last_error),
+            Err(_) => return given_up(last_error, retried_answer, served),
         };
         if let Some(failed) = retrying.take() {
             failed.counters.retries.fetch_add(1, Ordering::Relaxed);
@@ -504,7 +507,7 @@ async fn to_instance(
             pipelinable: replayable && client_upgrade.is_none() && parts.method != Method::HEAD,
             now,
         };
-        match send(
+        let answer = match send(
             &instance,
             added.outgoing(parts),
             &mut body,
@@ -524,11 +527,11 @@ async fn to_instance(
                 // 9110 §6.4.1): passed on, it broke an HTTP/2 client's stream. The answer ends
                 // here, and the instance's stream with it.
                 if matches!(head.status.as_u16(), 204 | 304) || parts.method == Method::HEAD {
-                    return Ok(Response::from_parts(head, GatewayBody::Full(None)));
+                    Response::from_parts(head, GatewayBody::Full(None))
+                } else {
+                    let body = Holding::paced(incoming, (guard, slot), config.response_timeout);
+                    Response::from_parts(head, GatewayBody::Http2(body))
                 }
-                let body = Holding::paced(incoming, (guard, slot), config.response_timeout);
-                let body = GatewayBody::Http2(body);
-                return Ok(Response::from_parts(head, body));
             }
             Ok(Answer::Http1(conn, line, mut answer)) => {
                 // The answer ends this loop: the client's side of an upgrade is taken either way.
@@ -571,8 +574,7 @@ async fn to_instance(
                 }
                 let timeout = config.response_timeout;
                 let body = InstanceBody::new(conn, line, &mut answer, guard, timeout);
-                let body = GatewayBody::Upstream(body);
-                return Ok(Response::from_parts(answer.head, body));
+                Response::from_parts(answer.head, GatewayBody::Upstream(body))
             }
             Err(failure) => {
                 drop(guard);
@@ -594,7 +596,7 @@ async fn to_instance(
                     body_again: body.rewind(),
                 };
                 match next_attempt(kind, request, fresh) {
-                    NextAttempt::GiveUp => return Err(error),
+                    NextAttempt::GiveUp => return given_up(error, retried_answer, served),
                     NextAttempt::Reconnect => {
                         last_error = error;
                         fresh = true;
@@ -606,18 +608,53 @@ async fn to_instance(
                         // The budget is asked before the next pick: a pick may take an
                         // ejected instance's one trial request, which a refusal would waste.
                         // (When no instance is left to try, the retry is spent for nothing.)
-                        if attempts > config.retries
-                            || !upstream.retry_budget.try_withdraw(Instant::now())
-                        {
-                            return Err(last_error);
+                        if !may_retry(&upstream, attempts) {
+                            return given_up(last_error, retried_answer, served);
                         }
                         retrying = Some(instance);
                         // Another instance's pool is not suspect.
                         fresh = false;
                     }
                 }
+                continue;
             }
+        };
+        // nginx's `proxy_next_upstream http_503` and the like: for a request that may be sent
+        // again, as for a failure after it was sent.
+        if config.retry_on_status.contains(&answer.status().as_u16())
+            && idempotent
+            && body.rewind()
+            && may_retry(&upstream, attempts)
+        {
+            tracing::debug!(instance = %instance.addr, status = %answer.status(), "answer to be retried on another instance");
+            retried_answer = Some((answer, instance.addr));
+            retrying = Some(instance);
+            fresh = false;
+            continue;
         }
+        return Ok(answer);
+    }
+}
+
+/// Whether the request's `attempts` so far leave room for one more under the upstream's
+/// `retries`, and its retry budget pays for it.
+fn may_retry(upstream: &Upstream, attempts: u32) -> bool {
+    attempts <= upstream.config.retries && upstream.retry_budget.try_withdraw(Instant::now())
+}
+
+/// A request's end when no attempt is left: the last answer that was retried for its status,
+/// when one was (nginx passes on the last answer too), else the last failure.
+fn given_up(
+    error: ProxyError,
+    retried_answer: Option<(Response<GatewayBody>, SocketAddr)>,
+    served: &mut Served,
+) -> Result<Response<GatewayBody>, ProxyError> {
+    match retried_answer {
+        Some((answer, from)) => {
+            served.instance = Some(from);
+            Ok(answer)
+        }
+        None => Err(error),
     }
 }
 
