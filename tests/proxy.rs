@@ -2692,6 +2692,13 @@ async fn scripted_instance() -> (
                         "/499" => b"HTTP/1.1 499 Client Closed\r\nContent-Length: 4\r\n\r\ngone".to_vec(),
                         "/switch-h2c" => b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n".to_vec(),
                         "/switch-unsaid" => b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n".to_vec(),
+                        "/switch-terse" => {
+                            // A switch said by its Upgrade field alone; then the tunnel ends.
+                            let _ = stream
+                                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+                                .await;
+                            return;
+                        }
                         "/head-chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
                         "/broken" => {
                             let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n").await;
@@ -2773,6 +2780,16 @@ async fn bodyless_and_early_answers_say_what_rfc_9110_asks() {
     )
     .await;
     assert!(unsaid.starts_with("HTTP/1.1 502"), "{unsaid}");
+    // One the client asked for, said without `Connection: upgrade`, reaches the client with
+    // both fields, as a WebSocket client requires.
+    let terse = answer(
+        b"GET /switch-terse HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(terse.starts_with("http/1.1 101"), "{terse}");
+    assert!(terse.contains("\r\nconnection: upgrade\r\n"), "{terse}");
+    assert!(terse.contains("\r\nupgrade: websocket\r\n"), "{terse}");
     // Nor over HTTP/2, whose clients refuse the stream if it does.
     let h2 = request(&h2c_client(), "GET", &gw.url("/no-content"), &[], "").await;
     let h2 = h2.unwrap();

@@ -24,8 +24,8 @@ use super::error::ProxyError;
 use super::h1::{encode_bodiless, AnswerHead, InstanceBody, InstanceConn, Outgoing, SendError};
 use super::h2::{self, Http2Error};
 use super::headers::{
-    client_request_id, cookie_value, is_websocket, requested_upgrade, restore_upgrade,
-    strip_hop_by_hop, values, websocket_upgrade, ForwardedFields, X_FORWARDED_PREFIX, X_REQUEST_ID,
+    client_request_id, cookie_value, is_websocket, restore_upgrade, strip_hop_by_hop, values,
+    websocket_upgrade, ForwardedFields, X_FORWARDED_PREFIX, X_REQUEST_ID,
 };
 use super::pipeline::{AnswerWait, Broken, LineHold, Lines, PathSlot};
 use super::record::{RequestRecord, Served};
@@ -553,7 +553,10 @@ async fn to_instance(
                 judge_answer(&instance, config, answer.head.status, now);
                 if let Some(client_side) = upgrade {
                     let head = &mut answer.head;
-                    let protocol = requested_upgrade(&head.headers);
+                    // The switch is the instance's Upgrade field (checked above): one that
+                    // left `Connection: upgrade` out still gets both to the client, which
+                    // fails a 101 without them (RFC 6455 §4.1), as nginx sends them.
+                    let protocol = head.headers.get(header::UPGRADE).cloned();
                     strip_hop_by_hop(&mut head.headers);
                     if let Some(protocol) = protocol {
                         restore_upgrade(&mut head.headers, protocol);
