@@ -415,7 +415,7 @@ impl RawConfig {
                         _ => h,
                     }
                 });
-                if let Some(problem) = host.as_deref().and_then(route_host_problem) {
+                if let Some(problem) = host.as_deref().and_then(host_problem) {
                     p.push(format!("{key}.host"), problem);
                 }
                 let matches = (host.clone(), raw.path_prefix.clone());
@@ -525,7 +525,7 @@ fn path_prefix_problem(prefix: &str) -> Option<String> {
 
 /// Why a route's `host` (lowercased) could never match a request's Host, if so: it is a name
 /// or an IP address, or `*.` and a name; without a port, as ports are not compared.
-fn route_host_problem(host: &str) -> Option<&'static str> {
+pub(super) fn host_problem(host: &str) -> Option<&'static str> {
     if host.parse::<std::net::IpAddr>().is_ok() {
         return None;
     }

@@ -65,6 +65,16 @@ pub(super) fn validate_tls(p: &mut Problems, raw: &RawTls) -> TlsConfig {
             );
         }
         for name in &c.names {
+            // As nginx's `server_name`: a name no client could send is refused, not kept
+            // to match nothing.
+            let problem = if name.parse::<std::net::IpAddr>().is_ok() {
+                Some("is an IP address, which clients never send as a server name (SNI)")
+            } else {
+                super::raw::host_problem(&name.to_ascii_lowercase())
+            };
+            if let Some(problem) = problem {
+                p.push(format!("{key}.names"), format!("`{name}` {problem}"));
+            }
             if let Some(first) = named.insert(name.to_ascii_lowercase(), i) {
                 p.push(
                     format!("{key}.names"),
@@ -176,6 +186,30 @@ mod tests {
             errors.iter().any(|e| e.key == "tls.certificates[1].names"),
             "{errors:?}"
         );
+        // Nor is a name no client sends: each of these is refused, alone.
+        for name in [
+            "*",
+            "a.*.test",
+            "https://b.test",
+            "",
+            "foo bar",
+            "a.test.",
+            "10.0.0.1",
+        ] {
+            let text = format!(
+                "[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = \"app\"\n\
+                 [tls]\nlisten = \"127.0.0.1:0\"\n{}{}",
+                entry(""),
+                entry(&format!("\"*.fine.test\", \"{name}\""))
+            );
+            let errors = Config::from_toml(&text).unwrap_err().0;
+            let names: Vec<&str> = errors
+                .iter()
+                .filter(|e| e.key.ends_with(".names"))
+                .map(|e| e.key.as_str())
+                .collect();
+            assert_eq!(names, ["tls.certificates[1].names"], "{name}: {errors:?}");
+        }
     }
 
     #[test]
