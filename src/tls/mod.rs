@@ -28,9 +28,47 @@ pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, St
         .collect::<Result<_, _>>()
         .map_err(|err| format!("{}: not a PEM certificate: {err}", path.display()))?;
     if certs.is_empty() {
-        return Err(format!("{}: no certificate in the file", path.display()));
+        return Err(format!(
+            "{}: no certificate in the file{}",
+            path.display(),
+            unfit_pem(path, Pem::Certificate)
+        ));
     }
     Ok(certs)
+}
+
+/// What a PEM file is expected to hold.
+#[derive(Clone, Copy)]
+enum Pem {
+    Certificate,
+    PrivateKey,
+}
+
+/// Why the file at `path` did not give the `wanted` PEM item, when its text shows it (an
+/// encrypted key, the other kind of item, DER rather than PEM), else "".
+fn unfit_pem(path: &Path, wanted: Pem) -> &'static str {
+    std::fs::read(path).map_or("", |text| pem_mismatch(&text, wanted))
+}
+
+fn pem_mismatch(text: &[u8], wanted: Pem) -> &'static str {
+    let has = |needle: &str| text.windows(needle.len()).any(|w| w == needle.as_bytes());
+    if !has("-----BEGIN ") {
+        return " (it is not PEM: a DER file? `openssl x509 -inform DER` converts a certificate, \
+                `openssl pkey -inform DER` a key)";
+    }
+    match wanted {
+        Pem::PrivateKey if has("ENCRYPTED PRIVATE KEY-----") || has("Proc-Type: 4,ENCRYPTED") => {
+            " (the key is encrypted: give it unencrypted, as `openssl pkey -in KEY -out PLAIN` \
+             writes it)"
+        }
+        Pem::PrivateKey if has("-----BEGIN CERTIFICATE-----") => {
+            " (it holds a certificate, not a private key)"
+        }
+        Pem::Certificate if has(" PRIVATE KEY-----") => {
+            " (it holds a private key, not a certificate)"
+        }
+        _ => "",
+    }
 }
 
 /// What is wrong with a certificate and key pair: the certificate file's problem, the key
@@ -78,7 +116,8 @@ pub fn load_certificate(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, Pa
     let signing = PrivateKeyDer::from_pem_file(key)
         .map_err(|err| {
             let shown = crate::config::shown_path(key);
-            format!("cannot read a private key from {shown}: {err}")
+            let unfit = unfit_pem(key, Pem::PrivateKey);
+            format!("cannot read a private key from {shown}: {err}{unfit}")
         })
         .and_then(|key_der| {
             any_supported_type(&key_der)
@@ -201,6 +240,23 @@ mod tests {
                 any_supported_type(&key).unwrap(),
             )),
         }
+    }
+
+    #[test]
+    fn a_file_holding_the_wrong_item_says_what_it_holds() {
+        let generated = rcgen::generate_simple_self_signed(vec!["x.test".to_string()]).unwrap();
+        let cert = generated.cert.pem();
+        let key = generated.key_pair.serialize_pem();
+        let encrypted =
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        let said = |text: &str, wanted| pem_mismatch(text.as_bytes(), wanted);
+        assert_eq!(said(&cert, Pem::Certificate), "");
+        assert_eq!(said(&key, Pem::PrivateKey), "");
+        assert!(said(encrypted, Pem::PrivateKey).contains("encrypted"));
+        assert!(said(&cert, Pem::PrivateKey).contains("holds a certificate"));
+        assert!(said(&key, Pem::Certificate).contains("holds a private key"));
+        let der = generated.cert.der().to_vec();
+        assert!(pem_mismatch(&der, Pem::Certificate).contains("not PEM"));
     }
 
     #[test]
