@@ -43,9 +43,8 @@ struct State {
     desired: u32,
     /// The count the provider is being asked for, while it works on it.
     scaling_to: Option<u32>,
-    /// Since when each member has been in service (passing its checks, not draining), as seen
-    /// at the sample ticks.
-    serving_since: HashMap<SocketAddr, Instant>,
+    /// When each member first served (see [`track_joined`]), as seen at the sample ticks.
+    joined: HashMap<SocketAddr, Instant>,
 }
 
 impl Run {
@@ -63,7 +62,7 @@ impl Run {
             last: None,
             desired: 0,
             scaling_to: None,
-            serving_since: HashMap::new(),
+            joined: HashMap::new(),
         };
         // Watched during a tick's work too: a scale command or a DNS lookup that hangs must not
         // hold the gateway's stop up (for up to `command_timeout`); the command is killed.
@@ -116,19 +115,16 @@ impl Run {
             Vec::new()
         };
         state.sampler.sample(&upstream, &members, &cpu, now);
-        let serving = |addr: &SocketAddr| {
-            upstream
-                .find(*addr)
-                .is_some_and(|i| i.is_available(now) && !i.is_draining())
-        };
-        state
-            .serving_since
-            .retain(|addr, _| members.iter().any(|(m, _)| m == addr) && serving(addr));
-        for (addr, _) in &members {
-            if serving(addr) {
-                state.serving_since.entry(*addr).or_insert(now);
-            }
-        }
+        let standings = members.iter().map(|(addr, _)| {
+            let standing = match upstream.find(*addr) {
+                Some(i) if i.is_draining() => Standing::Leaving,
+                Some(i) if i.is_available(now) => Standing::Serving,
+                Some(_) => Standing::TakenOut,
+                None => Standing::Leaving,
+            };
+            (*addr, standing)
+        });
+        track_joined(&mut state.joined, standings, now);
         // A gateway on its way out decides nothing more: the requests it drains are bound to
         // their instances, and an instance started now (or a `kubectl scale` run now) would
         // never serve it. Upkeep goes on (a crashed instance is still replaced while
@@ -153,11 +149,11 @@ impl Run {
         let ready: Vec<_> = members
             .iter()
             .filter(|(addr, started)| {
-                let serving = state.serving_since.get(addr).copied();
+                let joined = state.joined.get(addr).copied();
                 is_ready(
                     now,
                     *started,
-                    serving,
+                    joined,
                     config.startup_grace,
                     config.sync_period,
                 )
@@ -267,21 +263,50 @@ impl Run {
     }
 }
 
-/// Whether a member counts as ready at a sync: past its startup grace, and in service for the
-/// whole sync period (give or take one sample tick). One that joined during the period counts
-/// as still starting (at 0 when scaling up), as HPA treats a pod that only just became ready:
-/// its average, and the others' from before it took a share of the load, would otherwise add
-/// up to more load than there is.
+/// Where a member stands in its upstream at a sample tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// Passing its checks, not draining.
+    Serving,
+    /// Out of rotation by an active or passive check.
+    TakenOut,
+    /// Draining, or not (or no longer) in the upstream.
+    Leaving,
+}
+
+/// Keeps `joined`, when each member first served, up to date at a sample tick. A member a
+/// check takes out after it joined keeps its place, as HPA counts a pod that was ready once:
+/// an overloaded pool's instances time out and are taken out, and leaving their load out kept
+/// such a pool from growing. One leaving is dropped.
+fn track_joined(
+    joined: &mut HashMap<SocketAddr, Instant>,
+    standings: impl Iterator<Item = (SocketAddr, Standing)>,
+    now: Instant,
+) {
+    let standings: HashMap<SocketAddr, Standing> = standings.collect();
+    joined.retain(|addr, _| standings.get(addr).is_some_and(|s| *s != Standing::Leaving));
+    for (addr, standing) in standings {
+        if standing == Standing::Serving {
+            joined.entry(addr).or_insert(now);
+        }
+    }
+}
+
+/// Whether a member counts as ready at a sync: past its startup grace, and joined (see
+/// [`track_joined`]) for the whole sync period (give or take one sample tick). One that joined
+/// during the period counts as still starting (at 0 when scaling up), as HPA treats a pod that
+/// only just became ready: its average, and the others' from before it took a share of the
+/// load, would otherwise add up to more load than there is.
 fn is_ready(
     now: Instant,
     started: Instant,
-    serving_since: Option<Instant>,
+    joined: Option<Instant>,
     grace: Duration,
     period: Duration,
 ) -> bool {
     now.saturating_duration_since(started) >= grace
-        && serving_since
-            .is_some_and(|serving| now.saturating_duration_since(serving) + SAMPLE_EVERY >= period)
+        && joined
+            .is_some_and(|joined| now.saturating_duration_since(joined) + SAMPLE_EVERY >= period)
 }
 
 fn push_bounded(list: &mut VecDeque<Value>, value: Value) {
@@ -328,5 +353,41 @@ mod tests {
         // Serving for long, but still within its grace; or not serving at all.
         assert!(!is_ready(at(4_000), t0, Some(at(1_000)), grace, period));
         assert!(!is_ready(at(60_000), t0, None, grace, period));
+    }
+
+    #[test]
+    fn a_member_taken_out_after_it_joined_keeps_counting() {
+        let (a, b, c): (SocketAddr, SocketAddr, SocketAddr) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+            "127.0.0.1:3".parse().unwrap(),
+        );
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(1);
+        let mut joined = HashMap::new();
+        let tick = |joined: &mut HashMap<_, _>, at, standings: &[(SocketAddr, Standing)]| {
+            track_joined(joined, standings.iter().copied(), at);
+        };
+        // `a` serves; `b` has never passed a check: not joined.
+        tick(
+            &mut joined,
+            t0,
+            &[(a, Standing::Serving), (b, Standing::TakenOut)],
+        );
+        assert_eq!(joined, HashMap::from([(a, t0)]));
+        // Taken out (timing out under load), `a` keeps its place and its time; `b` joins.
+        tick(
+            &mut joined,
+            later,
+            &[(a, Standing::TakenOut), (b, Standing::Serving)],
+        );
+        assert_eq!(joined, HashMap::from([(a, t0), (b, later)]));
+        // Draining, or gone from the members: dropped.
+        tick(
+            &mut joined,
+            later,
+            &[(a, Standing::Leaving), (c, Standing::Serving)],
+        );
+        assert_eq!(joined, HashMap::from([(c, later)]));
     }
 }
