@@ -37,17 +37,6 @@ async fn add_instance(client: &Client, gw: &Gateway, addr: std::net::SocketAddr)
 }
 
 /// The state `/api/upstreams` gives the instance at `addr` of the first upstream.
-async fn instance_state(client: &Client, gw: &Gateway, addr: String) -> String {
-    let json = get(client, &gw.admin_url("/api/upstreams")).await.json();
-    json["upstreams"][0]["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["addr"] == addr.as_str())
-        .map(|i| i["state"].as_str().unwrap().to_string())
-        .unwrap()
-}
-
 #[tokio::test]
 async fn round_robin_spreads_evenly_and_weights_count() {
     let a = demo_backend(&[]);

@@ -539,11 +539,12 @@ async fn stalled_downloads_and_busy_connections_hold_no_request_up() {
     }
 }
 
-/// A stream an HTTP/2 instance resets fails that request, not the instance: it stays in
-/// rotation (max_fails = 1). A refused stream (REFUSED_STREAM: not processed, RFC 9113 §8.7)
-/// goes to another instance whatever its method, with its body.
+/// A stream an HTTP/2 instance resets counts against it as a reset connection does: with
+/// max_fails = 1 it is taken out, and an idempotent request goes to another instance. A refused
+/// stream (REFUSED_STREAM: not processed, RFC 9113 §8.7) is no failure of the instance, and goes
+/// to another instance whatever its method, with its body.
 #[tokio::test]
-async fn reset_streams_fail_requests_not_instances() {
+async fn reset_streams_count_against_the_instance_refused_ones_do_not() {
     use std::sync::atomic::Ordering;
     let (refusing, refused) = resetting_h2c_instance(h2::Reason::REFUSED_STREAM).await;
     let (failing, _) = resetting_h2c_instance(h2::Reason::INTERNAL_ERROR).await;
@@ -564,9 +565,21 @@ async fn reset_streams_fail_requests_not_instances() {
         assert_eq!(reply.header("x-body-received"), "7");
     }
     assert!(refused.load(Ordering::SeqCst) >= 1);
+    assert_eq!(
+        instance_state(&client, &gw, refusing.to_string()).await,
+        "up"
+    );
+    let both = gateway(&config(&format!("\"{failing}\", \"{}\"", backend.addr())));
+    for _ in 0..4 {
+        assert_eq!(get(&client, &both.url("/x")).await.status, 200);
+    }
+    assert_eq!(
+        instance_state(&client, &both, failing.to_string()).await,
+        "failed"
+    );
     let lone = gateway_logging(&config(&format!("\"{failing}\"")));
     for _ in 0..3 {
-        // 502, never 503: the instance was not taken out.
+        // 502, never 503: a lone instance taken out is tried anyway, as nginx does.
         assert_eq!(get(&client, &lone.url("/x")).await.status, 502);
     }
     // The log says which HTTP/2 error it was, not just "http2 error".

@@ -32,8 +32,11 @@ pub enum FailureKind {
     /// layer-7 observation count it. An instance that answers garbage at once would otherwise
     /// draw most of the traffic: it has no latency to weigh and nothing in flight.
     Invalid,
-    /// An HTTP/2 instance reset the request's stream: one request failed, not the instance.
-    /// `refused` (REFUSED_STREAM): it was not processed, so it may go anywhere.
+    /// An HTTP/2 instance reset the request's stream, which counts against it as a reset
+    /// connection does (nginx and Envoy count it too: an instance that resets every stream
+    /// answered fast and drew most requests). `refused` (REFUSED_STREAM, or a stream past a
+    /// graceful GOAWAY): it was not processed, so it may go anywhere, and is no failure of the
+    /// instance, which said it was busy or closing.
     Reset { refused: bool },
     /// A reused connection the instance had closed before answering (most often at its
     /// keep-alive timeout, as the connection was taken); `sent`: the request went out on it.
@@ -57,6 +60,7 @@ impl FailureKind {
                 | FailureKind::BrokeOff
                 | FailureKind::Invalid
                 | FailureKind::Timeout
+                | FailureKind::Reset { refused: false }
         )
     }
 }
@@ -235,7 +239,7 @@ mod tests {
         assert!(BrokeOff.is_instance_fault());
         assert!(Invalid.is_instance_fault());
         assert!(!Reset { refused: true }.is_instance_fault());
-        assert!(!Reset { refused: false }.is_instance_fault());
+        assert!(Reset { refused: false }.is_instance_fault());
         assert!(!Stale { sent: true }.is_instance_fault());
         assert!(!Client.is_instance_fault());
         assert!(!Local.is_instance_fault());

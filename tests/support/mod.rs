@@ -386,6 +386,18 @@ pub async fn set_health(client: &Client, backend: &Proc, healthy: bool) {
 }
 
 /// Requests counted by a demo backend (`/__stats`).
+/// The state `/api/upstreams` gives the instance at `addr` of the first upstream.
+pub async fn instance_state(client: &Client, gw: &Gateway, addr: String) -> String {
+    let json = get(client, &gw.admin_url("/api/upstreams")).await.json();
+    json["upstreams"][0]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["addr"] == addr.as_str())
+        .map(|i| i["state"].as_str().unwrap().to_string())
+        .unwrap()
+}
+
 pub async fn backend_requests(client: &Client, backend: &Proc) -> u64 {
     let reply = get(client, &format!("http://{}/__stats", backend.addr())).await;
     reply.json()["requests"].as_u64().unwrap()
