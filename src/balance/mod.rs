@@ -219,8 +219,7 @@ fn least_loaded(candidates: &[Candidate], input: PickInput) -> &Candidate {
 /// Latencies under this are compared as this. Below a few milliseconds the difference between
 /// instances of one service is scheduling noise on a busy host, not capacity (instances
 /// answering in 70 µs showed peaks of 3-5 ms on a loaded 2-core machine): compared as they were,
-/// one spike sent every request to the other instance, whatever the weights. An instance with
-/// no sample yet counts as this too, so it is tried but not flooded.
+/// one spike sent every request to the other instance, whatever the weights.
 const LATENCY_FLOOR_NS: f64 = 5e6;
 
 /// The latency the candidates' samples give a typical one now: their average, each counted
@@ -240,11 +239,11 @@ fn pool_latency(candidates: &[Candidate]) -> f64 {
 /// `pool`'s as it goes stale. An instance that gets few requests, by its weight, is not taken
 /// for faster than the others because its sample is older; one passed over after a slow answer
 /// comes back to the pool's latency, and is tried again, within seconds. One without a sample
-/// counts as [`LATENCY_FLOOR_NS`]: it is tried before one known slow (at start, the first to
-/// answer may be the slow one), and its first answer gives it a sample.
+/// counts as the pool's (as Envoy takes a new host for an average one): counted as fast, an
+/// instance added to a loaded pool drew nearly every request until its first answer came.
 fn compared_latency(c: &Candidate, pool: f64) -> f64 {
     if c.latency_ns <= 0.0 {
-        return LATENCY_FLOOR_NS;
+        return pool.max(LATENCY_FLOOR_NS);
     }
     (pool + (c.latency_ns - pool) * c.freshness).max(LATENCY_FLOOR_NS)
 }
@@ -735,14 +734,37 @@ mod tests {
                 assert!(share.contains(&c[2]), "{strategy:?} {freshness}: {c:?}");
             }
         }
-        // At start only the slow one has answered: the others, with no sample, go first.
+        // At start only the slow one has answered: the others, with no sample, count as it
+        // does, and go first once it holds the requests its slow answers keep in flight.
         for c in &mut cands[..2] {
             (c.latency_ns, c.freshness) = (0.0, 0.0);
         }
         cands[2].freshness = 1.0;
         for strategy in [Strategy::RandomTwo, Strategy::P2cEwma] {
+            let c = counts(&strategy, &cands, 3000);
+            assert!((800..1200).contains(&c[2]), "{strategy:?}: {c:?}");
+        }
+        cands[2].in_flight = 3;
+        for strategy in [Strategy::RandomTwo, Strategy::P2cEwma] {
             assert_eq!(counts(&strategy, &cands, 3000)[2], 0, "{strategy:?}");
         }
+    }
+
+    #[test]
+    fn an_instance_added_to_a_loaded_pool_is_not_flooded() {
+        // Three answering in 100 ms with 4 requests in flight each; the new one has no sample
+        // yet and already twice their queue. Counted as fast (5 ms), it still won every draw
+        // it was in (half the requests), and went on until it held 20 times their queue.
+        let mut cands = [cand(0, 4), cand(1, 4), cand(2, 4), cand(3, 8)];
+        for c in &mut cands[..3] {
+            c.latency_ns = 100e6;
+        }
+        let c = counts(&Strategy::P2cEwma, &cands, 4000);
+        assert_eq!(c[3], 0, "{c:?}");
+        // As loaded as the others, it gets its share.
+        cands[3].in_flight = 4;
+        let c = counts(&Strategy::P2cEwma, &cands, 4000);
+        assert!((800..1200).contains(&c[3]), "{c:?}");
     }
 
     #[test]
