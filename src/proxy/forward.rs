@@ -1232,22 +1232,45 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 /// The consistent-hash key of a request; `None` (spread at random) when the key is absent.
+/// The request's hash for `consistent_hash`; none (a random instance) when it lacks the key.
+/// An empty value is no key, as nginx's `hash` takes it: every such request went to one
+/// instance.
 fn hash_key(key: &HashKey, parts: &Parts, client_ip: IpAddr) -> Option<u64> {
-    match key {
-        HashKey::ClientIp => Some(match client_ip {
-            std::net::IpAddr::V4(ip) => hash_bytes(&ip.octets()),
-            std::net::IpAddr::V6(ip) => hash_bytes(&ip.octets()),
-        }),
-        HashKey::Header(name) => parts.headers.get(name).map(|v| hash_bytes(v.as_bytes())),
-        HashKey::Cookie(name) => {
-            cookie_value(&parts.headers, name).map(|v| hash_bytes(v.as_bytes()))
+    let value = match key {
+        HashKey::ClientIp => {
+            return Some(match client_ip {
+                std::net::IpAddr::V4(ip) => hash_bytes(&ip.octets()),
+                std::net::IpAddr::V6(ip) => hash_bytes(&ip.octets()),
+            })
         }
-    }
+        HashKey::Header(name) => parts.headers.get(name).map(HeaderValue::as_bytes),
+        HashKey::Cookie(name) => cookie_value(&parts.headers, name).map(str::as_bytes),
+    };
+    value.filter(|v| !v.is_empty()).map(hash_bytes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_hash_key_is_no_key() {
+        let parts = |field: (&str, &str)| {
+            let request = Request::builder()
+                .header(field.0, field.1)
+                .body(())
+                .unwrap();
+            request.into_parts().0
+        };
+        let client = IpAddr::from([127, 0, 0, 1]);
+        let user = HashKey::Header(http::HeaderName::from_static("x-user"));
+        let sid = HashKey::Cookie("sid".into());
+        assert!(hash_key(&user, &parts(("x-user", "ann")), client).is_some());
+        assert!(hash_key(&user, &parts(("x-user", "")), client).is_none());
+        assert!(hash_key(&sid, &parts(("cookie", "a=1; sid=s1")), client).is_some());
+        assert!(hash_key(&sid, &parts(("cookie", "a=1; sid=")), client).is_none());
+        assert!(hash_key(&sid, &parts(("cookie", "a=1")), client).is_none());
+    }
 
     fn head(version: Version, target: &str, hosts: &[&str]) -> Parts {
         let mut request = Request::builder().version(version).uri(target);
