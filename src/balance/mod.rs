@@ -165,11 +165,13 @@ pub fn pick_instance(
 }
 
 /// Weighted round robin driven by one shared counter: each cycle of sum(weights) picks gives
-/// every instance exactly its weight. An instance in slow start is admitted with probability
-/// `ramp` and otherwise passes its turn to the next one.
+/// every instance exactly its weight, its turns spread over the cycle (taken in order, weights
+/// 10 and 10 gave ten in a row to each, where nginx alternates). An instance in slow start is
+/// admitted with probability `ramp` and otherwise passes its turn to the next one.
 fn weighted_round_robin(candidates: &[Candidate], input: PickInput) -> &Candidate {
     let total: u64 = candidates.iter().map(|c| u64::from(c.weight)).sum();
-    let mut slot = input.seq % total;
+    let stride = u128::from(spread_stride(total));
+    let mut slot = (u128::from(input.seq % total) * stride % u128::from(total)) as u64;
     let mut pos = 0;
     for (i, c) in candidates.iter().enumerate() {
         if slot < u64::from(c.weight) {
@@ -186,6 +188,22 @@ fn weighted_round_robin(candidates: &[Candidate], input: PickInput) -> &Candidat
         }
     }
     &candidates[pos]
+}
+
+/// A stride coprime to `total`, near its golden section: stepping through a cycle of `total`
+/// slots by it visits each slot once, the slots of one instance (next to each other) far apart.
+fn spread_stride(total: u64) -> u64 {
+    let gcd = |mut a: u64, mut b: u64| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let mut stride = ((total as f64 * 0.618) as u64).max(1);
+    while gcd(stride, total) != 1 {
+        stride += 1;
+    }
+    stride
 }
 
 /// Fewest in-flight requests per unit of weight; instances tied for the fewest share by
@@ -618,6 +636,28 @@ mod tests {
         assert_eq!(counts(&Strategy::LeastConn, &cands, 10), vec![0, 10, 0]);
         let idle = [cand(0, 0), cand(1, 0)];
         assert_eq!(counts(&Strategy::LeastConn, &idle, 10), vec![5, 5]);
+        // Heavy weights alike take turns rather than runs of their weight, and still share a
+        // cycle by weight: 10 and 10 gave ten in a row each; 7 and 3 give 7 : 3.
+        for weights in [[10, 10], [7, 3], [1000, 1]] {
+            let mut idle = [cand(0, 0), cand(1, 0)];
+            (idle[0].weight, idle[1].weight) = (weights[0], weights[1]);
+            let total = u64::from(weights[0] + weights[1]);
+            let picks: Vec<usize> = (0..total)
+                .map(|seq| {
+                    let input = PickInput {
+                        seq,
+                        random: mix(seq + 1),
+                        hash: None,
+                    };
+                    pick_instance(&Strategy::LeastConn, &idle, input, &Layout::Nothing).unwrap()
+                })
+                .collect();
+            let ones = picks.iter().filter(|&&i| i == 1).count();
+            assert_eq!(ones as u32, weights[1], "{weights:?}: {picks:?}");
+            let longest_run = picks.chunk_by(|a, b| a == b).map(<[usize]>::len).max();
+            let fair_run = (weights[0] / weights[1]) as usize + 1;
+            assert!(longest_run <= Some(fair_run), "{weights:?}: {picks:?}");
+        }
     }
 
     #[test]
