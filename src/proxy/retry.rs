@@ -143,6 +143,18 @@ impl RetryBudget {
         }
     }
 
+    /// A budget at `ratio` that keeps what `previous` (the one a reload replaces) saved, up to
+    /// its own cap: a reload must not leave the burst after it without retries.
+    pub fn carried(ratio: f64, previous: &RetryBudget) -> RetryBudget {
+        let budget = RetryBudget::new(ratio);
+        let saved = previous
+            .balance
+            .load(Ordering::Relaxed)
+            .clamp(0, budget.cap);
+        budget.balance.store(saved, Ordering::Relaxed);
+        budget
+    }
+
     /// Called once per client request.
     pub fn deposit(&self) {
         let previous = self.balance.fetch_add(self.deposit, Ordering::Relaxed);
@@ -296,6 +308,22 @@ mod tests {
         let now = Instant::now();
         let allowed = (0..10_000).filter(|_| budget.try_withdraw(now)).count();
         assert_eq!(allowed, 2_000 + 10);
+    }
+
+    #[test]
+    fn a_reload_keeps_the_savings_within_the_new_cap() {
+        let budget = RetryBudget::new(0.2);
+        for _ in 0..1000 {
+            budget.deposit();
+        }
+        let now = Instant::now();
+        let kept = RetryBudget::carried(0.2, &budget);
+        assert_eq!(
+            (0..1000).filter(|_| kept.try_withdraw(now)).count(),
+            200 + 10
+        );
+        let none = RetryBudget::carried(0.0, &budget);
+        assert_eq!((0..1000).filter(|_| none.try_withdraw(now)).count(), 10);
     }
 
     #[test]

@@ -615,9 +615,14 @@ impl Upstream {
         }
         let set = InstanceSet::new(instances, &config.strategy);
         Upstream {
-            retry_budget: RetryBudget::new(config.retry_budget),
+            retry_budget: match previous {
+                Some(previous) => RetryBudget::carried(config.retry_budget, &previous.retry_budget),
+                None => RetryBudget::new(config.retry_budget),
+            },
             set: ArcSwap::from_pointee(set),
-            seq: AtomicU64::new(0),
+            // Round robin goes on where it was: restarted at the first instance, a pool
+            // reloaded more often than it cycles left its last instances without requests.
+            seq: AtomicU64::new(previous.map_or(0, |p| p.seq.load(Ordering::Relaxed))),
             retired: AtomicBool::new(false),
             successor: ArcSwapOption::empty(),
             config,
