@@ -33,11 +33,9 @@ pub struct RawAutoscale {
     #[serde(default = "startup_grace")]
     pub startup_grace: String,
     pub drain_timeout: Option<String>,
-    #[serde(default = "stop_grace")]
-    pub stop_grace: String,
-    #[serde(default = "unhealthy_restart")]
-    pub unhealthy_restart: String,
     // provider = "process"
+    pub stop_grace: Option<String>,
+    pub unhealthy_restart: Option<String>,
     pub command: Option<String>,
     pub port_range: Option<String>,
     #[serde(default)]
@@ -63,12 +61,6 @@ fn sync_period() -> String {
 }
 fn startup_grace() -> String {
     "5s".into()
-}
-fn stop_grace() -> String {
-    "10s".into()
-}
-fn unhealthy_restart() -> String {
-    "60s".into()
 }
 fn discover_interval() -> String {
     "10s".into()
@@ -300,8 +292,14 @@ pub(super) fn validate(
         drain_timeout: raw.drain_timeout.as_ref().map_or(drain_default, |d| {
             p.duration(&format!("{key}.drain_timeout"), d)
         }),
-        stop_grace: p.duration(&format!("{key}.stop_grace"), &raw.stop_grace),
-        unhealthy_restart: p.duration(&format!("{key}.unhealthy_restart"), &raw.unhealthy_restart),
+        stop_grace: p.duration(
+            &format!("{key}.stop_grace"),
+            raw.stop_grace.as_deref().unwrap_or("10s"),
+        ),
+        unhealthy_restart: p.duration(
+            &format!("{key}.unhealthy_restart"),
+            raw.unhealthy_restart.as_deref().unwrap_or("60s"),
+        ),
         provider,
     }
 }
@@ -512,6 +510,8 @@ fn validate_exec(p: &mut Problems, key: &str, raw: &RawAutoscale) -> ExecConfig 
             ("port_range", raw.port_range.is_some()),
             ("env", !raw.env.is_empty()),
             ("workdir", raw.workdir.is_some()),
+            ("stop_grace", raw.stop_grace.is_some()),
+            ("unhealthy_restart", raw.unhealthy_restart.is_some()),
         ],
         "exec",
     );
@@ -645,6 +645,23 @@ upstream = "app"
         );
         let exec = autoscale("provider = \"exec\"\nscale_command = \"kubectl {replicas}\"");
         assert_eq!(running.restart_keys(&exec), ["provider"]);
+    }
+
+    #[test]
+    fn keys_of_the_process_provider_are_refused_under_exec() {
+        let text = "[upstreams.app]\ninstances = []\n[upstreams.app.autoscale]\nmax = 4\n\
+            provider = \"exec\"\nscale_command = \"kubectl {replicas}\"\n\
+            target = { rps_per_instance = 10 }\nstop_grace = \"5s\"\nunhealthy_restart = \"0s\"\n\
+            [[routes]]\nupstream = \"app\"\n";
+        let errors = Config::from_toml(text).unwrap_err().0;
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "upstreams.app.autoscale.stop_grace",
+                "upstreams.app.autoscale.unhealthy_restart"
+            ]
+        );
     }
 
     #[test]
