@@ -585,15 +585,16 @@ impl RecordedBody {
         self.body.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The next piece of `data`, the rest kept for the next poll.
-    fn piece_of(&mut self, mut data: Bytes) -> Frame<Bytes> {
+    /// The next piece of `data`, the rest kept for the next poll; `source_ended`: the source
+    /// has nothing after `data`.
+    fn piece_of(&mut self, mut data: Bytes, source_ended: bool) -> Frame<Bytes> {
         if data.len() > MAX_PIECE {
             self.pending = Some(data.split_off(MAX_PIECE));
         }
         if let Some(record) = &mut self.record {
             record.sent(data.len());
         }
-        if self.is_end_stream() {
+        if self.pending.is_none() && source_ended {
             self.record = None;
         }
         if !data.is_empty() {
@@ -624,26 +625,27 @@ impl Body for RecordedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         this.stream.client_took();
-        // Cut by the connection's timers while it waited: the stream ends here (reset).
-        if this.source().is_none() {
-            tracing::debug!("HTTP/2 stream stalled on its client for idle_timeout: reset");
-            return Poll::Ready(Some(Err(Box::new(StreamStalled))));
-        }
-        if let Some(rest) = this.pending.take() {
-            return Poll::Ready(Some(Ok(this.piece_of(rest))));
-        }
-        let frame = {
-            let mut source = this.source();
+        // One look at the source per frame: whether it was cut, its frame, whether it ended.
+        let (frame, source_ended) = {
+            let mut source = this.body.lock().unwrap_or_else(PoisonError::into_inner);
+            // Cut by the connection's timers while it waited: the stream ends here (reset).
             let Some(body) = source.as_mut() else {
+                tracing::debug!("HTTP/2 stream stalled on its client for idle_timeout: reset");
                 return Poll::Ready(Some(Err(Box::new(StreamStalled))));
             };
-            std::task::ready!(Pin::new(body).poll_frame(cx))
+            if let Some(rest) = this.pending.take() {
+                let source_ended = body.is_end_stream();
+                drop(source);
+                return Poll::Ready(Some(Ok(this.piece_of(rest, source_ended))));
+            }
+            let frame = std::task::ready!(Pin::new(&mut *body).poll_frame(cx));
+            (frame, body.is_end_stream())
         };
         match frame {
             Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => Poll::Ready(Some(Ok(this.piece_of(data)))),
+                Ok(data) => Poll::Ready(Some(Ok(this.piece_of(data, source_ended)))),
                 Err(other) => {
-                    if this.is_end_stream() {
+                    if source_ended {
                         this.record = None;
                     }
                     Poll::Ready(Some(Ok(other)))
