@@ -8,6 +8,7 @@ pub mod autoscale;
 pub mod balance;
 pub mod bench;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod health;

@@ -321,9 +321,7 @@ async fn sample_stats(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => break,
         }
         let now = (Instant::now(), read_totals(&gateway));
-        let unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let unix_ms = crate::clock::unix_ms_now();
         gateway.live.publish(live::stats_point(
             &before.1,
             &now.1,

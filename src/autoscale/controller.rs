@@ -13,7 +13,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::policy::{self, Bounds, Decision, History, Metric};
 use super::signals::Sampler;
-use super::{unix_ms, Handle, Mode, Provider};
+use super::{Handle, Mode, Provider};
+use crate::clock::unix_ms_now as unix_ms;
 use crate::config::AutoscaleConfig;
 use crate::proxy::upstream::Upstream;
 use crate::proxy::Gateway;

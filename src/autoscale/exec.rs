@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::process::{each_line, forward_lines, GroupGuard};
-use super::{unix_ms, Provider};
+use super::Provider;
+use crate::clock::unix_ms_now as unix_ms;
 
 /// How long a discovery lookup may take; a failed one keeps the pool as it is.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);

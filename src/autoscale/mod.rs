@@ -127,7 +127,7 @@ fn check_pin(n: u32, bounds: Bounds) -> Result<(), ModeError> {
 
 /// The bounds of `config` in force now: its `min` and `max`, as its schedules change them.
 pub fn bounds_in_force(config: &crate::config::AutoscaleConfig) -> Bounds {
-    let unix_secs = (unix_ms() / 1000) as u64;
+    let unix_secs = crate::clock::unix_ms_now() / 1000;
     schedule::bounds_at(config.bounds, &config.schedules, unix_secs)
 }
 
@@ -233,14 +233,6 @@ pub fn start(gateway: &Arc<Gateway>, stop: watch::Receiver<bool>) -> Autoscalers
         }
     }
     Autoscalers { tasks }
-}
-
-/// Milliseconds since the Unix epoch, for timestamps in the admin API.
-fn unix_ms() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

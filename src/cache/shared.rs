@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::{BufMut, Bytes};
 use futures_util::StreamExt;
@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use super::policy::{self, Freshness};
 use super::store::{Entry, Purge, Store};
+use crate::clock::unix_ms;
 use crate::proxy::headers::strip_hop_by_hop;
 use crate::redis_link::{startup_timeout, RedisLink};
 
@@ -303,11 +304,6 @@ fn glob_escaped(text: &str) -> String {
         escaped.push(c);
     }
     escaped
-}
-
-fn unix_ms(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn millis(d: Duration) -> u64 {

@@ -91,9 +91,7 @@ static SHORTAGE_LOGGED: AtomicU64 = AtomicU64::new(0);
 
 /// Whether this is the first call this second for `last`, which it then marks.
 fn first_this_second(last: &AtomicU64) -> bool {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs());
+    let now = crate::clock::unix_ms_now() / 1000;
     last.swap(now, Ordering::Relaxed) != now
 }
 

@@ -41,7 +41,7 @@ fn nanos(at: Instant) -> u64 {
 pub struct CheckReport {
     pub ok: bool,
     pub detail: String,
-    pub at_unix_ms: u128,
+    pub at_unix_ms: u64,
 }
 
 /// How an instance joined its upstream.
@@ -330,10 +330,7 @@ impl Instance {
         *self.last_check.lock().expect("last check lock") = Some(CheckReport {
             ok,
             detail,
-            at_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0),
+            at_unix_ms: crate::clock::unix_ms_now(),
         });
         match transition {
             Some(came @ (Transition::CameUp | Transition::WentUp)) => {
