@@ -579,6 +579,29 @@ pub fn vary_values(names: &[HeaderName], request: &HeaderMap) -> Vec<Option<Vec<
         .collect()
 }
 
+/// Whether `request` has the `stored` values of the varying headers `names` (as
+/// [`vary_values`] gives them), compared in place: a lookup runs on every hit of a varying
+/// entry, and building the values first allocated for each.
+pub fn vary_matches(names: &[HeaderName], stored: &[Option<Vec<u8>>], request: &HeaderMap) -> bool {
+    names.len() == stored.len()
+        && names.iter().zip(stored).all(|(name, stored)| {
+            let mut lines = request.get_all(name).iter();
+            match (lines.next(), stored) {
+                (None, None) => true,
+                (Some(first), Some(stored)) => {
+                    let mut rest = stored.strip_prefix(first.as_bytes());
+                    for more in lines {
+                        rest = rest
+                            .and_then(|rest| rest.strip_prefix(b", "))
+                            .and_then(|rest| rest.strip_prefix(more.as_bytes()));
+                    }
+                    rest.is_some_and(<[u8]>::is_empty)
+                }
+                _ => false,
+            }
+        })
+}
+
 /// The cache key: path and query first (so a purge by path prefix is a string prefix test),
 /// then the client's scheme (answers often depend on it: redirects to HTTPS, absolute links;
 /// nginx's default key starts with it), then the Host the instance gets, lowercased (the
@@ -1276,6 +1299,31 @@ mod tests {
             vary_values(&names, &request),
             [Some(b"a, b".to_vec()), None]
         );
+        // A lookup compares in place what storing would have built.
+        let stored = vary_values(&names, &request);
+        for (asked, same) in [
+            (vec![("accept", "a"), ("accept", "b")], true),
+            (vec![("accept", "a, b")], true),
+            (vec![("accept", "a")], false),
+            (
+                vec![("accept", "a"), ("accept", "b"), ("accept", "c")],
+                false,
+            ),
+            (vec![("accept", "a"), ("accept", "bb")], false),
+            (
+                vec![
+                    ("accept", "a"),
+                    ("accept", "b"),
+                    ("accept-encoding", "gzip"),
+                ],
+                false,
+            ),
+            (vec![], false),
+        ] {
+            let asked = headers(&asked);
+            assert_eq!(vary_matches(&names, &stored, &asked), same, "{asked:?}");
+            assert_eq!(vary_values(&names, &asked) == stored, same, "{asked:?}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use moka::notification::RemovalCause;
 use tokio::time::Instant;
 
 use super::coalesce::Coalescer;
-use super::policy::{vary_values, Freshness};
+use super::policy::{vary_matches, Freshness};
 use super::shared::SharedTier;
 use crate::metrics::CacheSample;
 use crate::redis_link::RedisLink;
@@ -50,7 +50,7 @@ impl Entry {
     }
 
     pub fn matches(&self, request: &HeaderMap) -> bool {
-        vary_values(&self.vary_names, request) == self.vary_values
+        vary_matches(&self.vary_names, &self.vary_values, request)
     }
 
     fn remaining(&self, now: Instant) -> Duration {
