@@ -337,15 +337,16 @@ impl ProcessProvider {
         for child in &mut self.children {
             let failing_since = match child.state {
                 ChildState::Starting => Some(child.started),
-                ChildState::Serving => match upstream.find(child.addr) {
-                    Some(instance) if !instance.passes_active_checks() => {
-                        Some(*child.failing_since.get_or_insert(now))
-                    }
-                    _ => {
-                        child.failing_since = None;
-                        None
-                    }
-                },
+                ChildState::Serving => {
+                    let (out, last_passed) = upstream.find(child.addr).map_or((false, true), |i| {
+                        let last = i.last_check.lock().expect("last check lock");
+                        (
+                            !i.passes_active_checks(),
+                            last.as_ref().is_none_or(|c| c.ok),
+                        )
+                    });
+                    liveness_failing_since(&mut child.failing_since, out, last_passed, now)
+                }
                 ChildState::Crashed { .. } | ChildState::Stopping | ChildState::Replacing => None,
             };
             if failing_since.is_none_or(|since| now.saturating_duration_since(since) < limit) {
@@ -365,6 +366,24 @@ impl ProcessProvider {
             child.failing_since = None;
             child.stop.notify_one();
         }
+    }
+}
+
+/// Since when a serving child fails its liveness, as `unhealthy_restart` counts it: from its
+/// first failed check while its checks have it out, until a check passes (Kubernetes' liveness
+/// probe needs one success). One coming back, passing checks but short of `rise` of them, is
+/// not failing: restarted then, a process that had recovered was killed.
+fn liveness_failing_since(
+    since: &mut Option<Instant>,
+    out: bool,
+    last_passed: bool,
+    now: Instant,
+) -> Option<Instant> {
+    if out && !last_passed {
+        Some(*since.get_or_insert(now))
+    } else {
+        *since = None;
+        None
     }
 }
 
@@ -830,6 +849,29 @@ mod tests {
             &lines[2][MAX_LINE..]
         );
         assert_eq!(lines[3], "last without a break");
+    }
+
+    #[test]
+    fn a_passing_check_stops_the_liveness_clock() {
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        let mut since = None;
+        assert_eq!(
+            liveness_failing_since(&mut since, true, false, at(0)),
+            Some(at(0))
+        );
+        assert_eq!(
+            liveness_failing_since(&mut since, true, false, at(3)),
+            Some(at(0))
+        );
+        // Back to passing, still out until `rise` checks pass: not failing.
+        assert_eq!(liveness_failing_since(&mut since, true, true, at(4)), None);
+        // Failing again: the clock starts afresh.
+        assert_eq!(
+            liveness_failing_since(&mut since, true, false, at(5)),
+            Some(at(5))
+        );
+        assert_eq!(liveness_failing_since(&mut since, false, true, at(6)), None);
     }
 
     /// A port goes to one child at a time, and one held on any address is not handed out: a
