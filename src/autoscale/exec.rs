@@ -117,6 +117,8 @@ impl ExecProvider {
             self.discovered.remove(&addr);
             if let Some(instance) = upstream.find(addr) {
                 tracing::info!(upstream = %self.upstream, instance = %addr, "instance left DNS: draining it");
+                // Marked now, as on scale-in (see the process provider).
+                instance.start_draining();
                 let (upstream, gateway) = (upstream.clone(), self.gateway.clone());
                 let timeout = self.drain_timeout;
                 tokio::spawn(async move { upstream.drain(&gateway, &instance, timeout).await });

@@ -387,6 +387,14 @@ fn liveness_failing_since(
     }
 }
 
+/// Whether an instance added at run time at `addr` is a child's of this provider (on loopback
+/// in its `ports`) that no serving child (`serving`) owns any more.
+fn is_orphan(addr: SocketAddr, ports: (u16, u16), serving: &[SocketAddr]) -> bool {
+    addr.ip() == Ipv4Addr::LOCALHOST
+        && (ports.0..=ports.1).contains(&addr.port())
+        && !serving.contains(&addr)
+}
+
 fn instance_config(addr: SocketAddr) -> InstanceConfig {
     InstanceConfig {
         addr,
@@ -493,6 +501,20 @@ impl Provider for ProcessProvider {
                 upstream.add_instance(&instance_config(child.addr));
             }
         }
+        // And one whose child no longer serves (its exit was handled on an upstream a reload
+        // was replacing) goes: nothing else would take it out of rotation.
+        let serving: Vec<SocketAddr> = self
+            .children
+            .iter()
+            .filter(|c| c.state == ChildState::Serving)
+            .map(|c| c.addr)
+            .collect();
+        let set = upstream.set.load();
+        for instance in set.instances.iter().filter(|i| {
+            i.is_dynamic() && !i.is_draining() && is_orphan(i.addr, self.config.ports, &serving)
+        }) {
+            upstream.remove_instance(instance);
+        }
     }
 
     async fn scale(&mut self, upstream: &Arc<Upstream>, desired: u32) -> Result<(), String> {
@@ -536,6 +558,10 @@ impl Provider for ProcessProvider {
                 // Its stop is under way: once stopped it is removed, not started again.
                 (ChildState::Replacing, _) => {}
                 (_, Some(instance)) => {
+                    // Marked now, not when the task first runs: a reload in between would
+                    // carry it on as serving (rebuilt, if the pool settings changed), in
+                    // rotation while its process is stopped.
+                    instance.start_draining();
                     let (upstream, gateway) = (upstream.clone(), self.gateway.clone());
                     let stop = child.stop.clone();
                     let timeout = self.drain_timeout;
@@ -849,6 +875,18 @@ mod tests {
             &lines[2][MAX_LINE..]
         );
         assert_eq!(lines[3], "last without a break");
+    }
+
+    #[test]
+    fn a_child_address_no_serving_child_owns_is_an_orphan() {
+        let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let serving = [at(3001)];
+        assert!(!is_orphan(at(3001), (3001, 3010), &serving));
+        assert!(is_orphan(at(3002), (3001, 3010), &serving));
+        // Not one of this provider's: outside its ports, or not on loopback.
+        assert!(!is_orphan(at(4000), (3001, 3010), &serving));
+        let elsewhere = SocketAddr::from(([10, 0, 0, 1], 3002));
+        assert!(!is_orphan(elsewhere, (3001, 3010), &serving));
     }
 
     #[test]
