@@ -1022,3 +1022,49 @@ async fn a_stopping_gateway_still_replaces_a_crashed_instance() {
     });
     assert!(replaced.await, "{}", autoscale_status(&client, &gw).await);
 }
+
+/// Kills, when dropped, the processes whose command line matches a pattern: what a test's
+/// daemonizing command leaves behind, out of the gateway's reach.
+struct KillLeftBehind(&'static str);
+
+impl Drop for KillLeftBehind {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pkill")
+            .args(["-KILL", "-f", self.0])
+            .status();
+    }
+}
+
+/// A command whose server daemonizes (leaves the launcher's process group and outlives it) is
+/// named as such, and started again on its port: each restart left one more server behind on
+/// the next port of the range, none of them ever stopped.
+#[tokio::test]
+async fn a_command_that_daemonizes_is_named_and_keeps_its_port() {
+    // The servers alone, not the launchers (`sh -c` lines naming them too).
+    let pattern = "^[^ ]*scalegate demo-backend --port 2510[0-9]";
+    let _left = KillLeftBehind(pattern);
+    let gw = Autoscaled(gateway_logging(&one_child(
+        "25100-25109",
+        "",
+        "command = \"sh -c 'setsid {self} demo-backend --port {port} >/dev/null 2>&1 & sleep 0.5'\"\n\
+         target = { in_flight_per_instance = 2 }\nstop_grace = \"1s\"",
+    )));
+    let named = eventually(Duration::from_secs(10), || async {
+        gw.proc
+            .log_lines()
+            .iter()
+            .any(|line| line.contains("its command left a process behind"))
+    });
+    assert!(named.await, "{:?}", gw.proc.log_lines());
+    // Restarts go on (0.5 s, 1 s, 2 s apart); one server is left behind, not one each.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let client = client();
+    let restarts = autoscale_status(&client, &gw).await["instances"][0]["restarts"].clone();
+    assert!(restarts.as_u64() >= Some(2), "{restarts}");
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", pattern])
+        .output()
+        .unwrap();
+    let pids = String::from_utf8_lossy(&left.stdout).lines().count();
+    assert_eq!(pids, 1, "{}", String::from_utf8_lossy(&left.stdout));
+}

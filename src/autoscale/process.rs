@@ -77,6 +77,10 @@ struct Child {
     stop: Arc<Notify>,
     /// Since when it has failed its active checks while serving.
     failing_since: Option<Instant>,
+    /// Its port still took connections after its process exited: whatever the command left
+    /// behind (a server that daemonized) holds it. Restarts keep that port: each would
+    /// otherwise leave one more such process on the next port, none of them ever stopped.
+    port_left_held: bool,
 }
 
 enum Event {
@@ -231,7 +235,8 @@ impl ProcessProvider {
     fn spawn_child(&mut self, now: Instant, mut child: Child) {
         let (low, high) = self.config.ports;
         let own = child.addr.port();
-        let keep = child.listened && own != 0 && nothing_listens_on(own);
+        let keep =
+            own != 0 && (child.port_left_held || (child.listened && nothing_listens_on(own)));
         if own != 0 && !keep {
             self.ports.release(own);
         }
@@ -279,6 +284,7 @@ impl ProcessProvider {
             backoff: FIRST_BACKOFF,
             stop: Arc::new(Notify::new()),
             failing_since: None,
+            port_left_held: false,
         }
     }
 
@@ -304,6 +310,16 @@ impl ProcessProvider {
                 }
                 if let Some(instance) = upstream.find(child.addr) {
                     upstream.remove_instance(&instance);
+                }
+                if child.listened && !nothing_listens_on(child.addr.port()) {
+                    child.port_left_held = true;
+                    tracing::error!(
+                        upstream = %self.upstream,
+                        instance = %child.addr,
+                        "the instance's process exited but its port still takes connections: \
+                         its command left a process behind (a server that daemonizes?); run it \
+                         in the foreground. It is started again on the same port"
+                    );
                 }
                 let restart_in = restart_later(child, now);
                 tracing::warn!(
