@@ -112,7 +112,12 @@ fn main() -> ExitCode {
         } => {
             let config = config.or(config_flag).expect("clap requires one");
             match Config::load(&config) {
-                Ok(_) => {
+                Ok(loaded) => {
+                    // As `nginx -t` says its warnings: they do not make the file invalid.
+                    let now = std::time::SystemTime::now();
+                    for (key, warning) in loaded.tls.iter().flat_map(|tls| tls.warnings(now)) {
+                        eprintln!("warning: {key}: {warning}");
+                    }
                     println!("{}: ok", config.display());
                     Ok(())
                 }

@@ -493,3 +493,52 @@ async fn a_slow_steady_tls_reader_gets_a_whole_cached_answer() {
     assert!(head.contains("x-cache-status: HIT"), "{head}");
     assert_eq!(read, SIZE, "cut off");
 }
+
+/// A certificate that does not cover a name it is served for is warned of by `check` (the file
+/// stays valid, as `nginx -t` takes it); `/metrics` says when each certificate expires and counts
+/// the client handshakes that failed.
+#[tokio::test]
+async fn certificate_troubles_are_said_and_counted() {
+    let (ca, dir) = (TestCa::new(), tempfile::tempdir().unwrap());
+    let backend = demo_backend(&[]);
+    ca.issue(dir.path(), "a.test", &["a.test"], &[]);
+    let d = dir.path().display();
+    let config = format!(
+        "[tls]\nlisten = \"127.0.0.1:0\"\n\
+         [[tls.certificates]]\ncert = \"{d}/a.test.pem\"\nkey = \"{d}/a.test.key\"\nnames = [\"a.test\", \"c.test\"]\n\n{}",
+        app_config(&[&backend], "")
+    );
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, &config).unwrap();
+    let checked = std::process::Command::new(bin())
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&checked.stderr);
+    assert!(checked.status.success(), "{said}");
+    assert!(
+        said.contains("warning: tls.certificates[0].cert: its certificate does not cover `c.test` (it names a.test)"),
+        "{said}"
+    );
+
+    let gw = gateway_announcing(&config, 3);
+    let mut garbage = tokio::net::TcpStream::connect(gw.proc.named("tls"))
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    garbage
+        .write_all(b"\x16\x03\x01\x00\x05hello")
+        .await
+        .unwrap();
+    let _ = garbage.read(&mut [0; 64]).await;
+    let client = client();
+    let counted = eventually(Duration::from_secs(3), || async {
+        let text = String::from_utf8_lossy(&get(&client, &gw.admin_url("/metrics")).await.body)
+            .into_owned();
+        text.contains("scalegate_tls_handshake_failures_total{reason=\"error\"} 1")
+            && text.contains(
+                "scalegate_tls_certificate_expiry_timestamp_seconds{certificate=\"tls.certificates[0].cert\"} ",
+            )
+    });
+    assert!(counted.await);
+}

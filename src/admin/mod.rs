@@ -376,6 +376,16 @@ fn metrics(gateway: &Gateway, openmetrics: bool) -> Response<GatewayBody> {
         &gateway.autoscale.status(),
     ));
     families.extend(crate::metrics::reload_families(&gateway.metrics.reloads));
+    let runtime = gateway.runtime.load();
+    let certificates = runtime
+        .config
+        .tls
+        .as_ref()
+        .map_or(&[][..], |tls| &tls.certificates);
+    families.extend(crate::metrics::tls_families(
+        &gateway.metrics.tls_handshake_failures,
+        certificates,
+    ));
     let text = crate::metrics::render(families);
     let (text, content_type) = if openmetrics {
         (

@@ -46,6 +46,26 @@ pub struct TlsConfig {
     pub hsts: Option<HeaderValue>,
 }
 
+impl TlsConfig {
+    /// What clients would refuse of the certificates as of `now` (expired, not yet valid, or
+    /// not covering a name they are served for) or will soon, by the key of their file: said
+    /// by `check`, at start and at each reload, as they still serve.
+    pub fn warnings(&self, now: std::time::SystemTime) -> Vec<(String, String)> {
+        let now = (crate::clock::unix_ms(now) / 1000) as i64;
+        let mut warnings = Vec::new();
+        for certificate in &self.certificates {
+            for problem in certificate
+                .leaf
+                .iter()
+                .flat_map(|leaf| leaf.problems(&certificate.names, now))
+            {
+                warnings.push((format!("{}.cert", certificate.config_key), problem));
+            }
+        }
+        warnings
+    }
+}
+
 pub(super) fn validate_tls(p: &mut Problems, raw: &RawTls) -> TlsConfig {
     let mut files: Vec<(String, &str, &str, &[String])> = Vec::new();
     match (&raw.cert, &raw.key) {
@@ -96,7 +116,9 @@ pub(super) fn validate_tls(p: &mut Problems, raw: &RawTls) -> TlsConfig {
             match load_certificate(Path::new(cert), Path::new(private)) {
                 Ok(certified) => Some(TlsCertificate {
                     names: names.to_vec(),
+                    leaf: crate::tls::LeafFacts::of(&certified.cert),
                     key: certified,
+                    config_key: key,
                 }),
                 Err(problems) => {
                     for (key, err) in problems.keyed(format!("{key}.cert"), format!("{key}.key")) {

@@ -165,6 +165,8 @@ fn tls_acceptor(config: &DemoConfig) -> Result<Option<tokio_rustls::TlsAcceptor>
     let certificate = crate::tls::TlsCertificate {
         names: Vec::new(),
         key: certified,
+        config_key: "--tls-cert".into(),
+        leaf: None,
     };
     let server = crate::tls::server_config(&[certificate], client_verifier);
     Ok(Some(tokio_rustls::TlsAcceptor::from(server)))

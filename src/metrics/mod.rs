@@ -65,6 +65,8 @@ pub const CACHE_SHARED_ERRORS: &str = "cache_shared_errors";
 pub const CACHE_REDIS_UP: &str = "cache_redis_up";
 pub const CONFIG_RELOADS: &str = "config_reloads";
 pub const CONFIG_LAST_RELOAD_OK: &str = "config_last_reload_successful";
+pub const TLS_HANDSHAKE_FAILURES: &str = "tls_handshake_failures";
+pub const TLS_CERTIFICATE_EXPIRY: &str = "tls_certificate_expiry_timestamp_seconds";
 
 /// Method label values; anything else counts as `OTHER`.
 pub const METHODS: [&str; 8] = [
@@ -267,6 +269,48 @@ pub struct Metrics {
     pub unrouted: Arc<RequestStats>,
     in_flight: AtomicI64,
     pub reloads: ReloadCounts,
+    pub tls_handshake_failures: HandshakeFailures,
+}
+
+/// TLS handshakes with clients that did not complete.
+#[derive(Debug, Default)]
+pub struct HandshakeFailures {
+    pub failed: AtomicU64,
+    pub timed_out: AtomicU64,
+}
+
+/// Failed client handshakes by reason, and when each served certificate expires (what an
+/// alert on a renewal that did not happen watches, as Envoy's `days_until_expiration`).
+pub fn tls_families(
+    failures: &HandshakeFailures,
+    certificates: &[crate::tls::TlsCertificate],
+) -> Vec<Family> {
+    let mut failed = Family::new(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes with clients that failed (error) or did not finish within header_read_timeout (timeout).",
+    );
+    for (reason, count) in [
+        ("error", &failures.failed),
+        ("timeout", &failures.timed_out),
+    ] {
+        failed.push(
+            vec![("reason", reason.to_owned())],
+            Value::Counter(count.load(Ordering::Relaxed)),
+        );
+    }
+    let mut expiry = Family::new(
+        TLS_CERTIFICATE_EXPIRY,
+        "When each served certificate expires (Unix seconds), by the config key of its file.",
+    );
+    for certificate in certificates {
+        if let Some(leaf) = &certificate.leaf {
+            expiry.push(
+                vec![("certificate", format!("{}.cert", certificate.config_key))],
+                Value::Gauge(leaf.not_after_unix as f64),
+            );
+        }
+    }
+    vec![failed, expiry]
 }
 
 /// Config reloads by outcome, and whether the last one took (Prometheus's and Traefik's

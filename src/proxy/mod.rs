@@ -718,10 +718,14 @@ async fn accept_loop(
                 Ok(Ok(stream)) => stream,
                 Ok(Err(err)) => {
                     tracing::debug!(%err, %peer, "TLS handshake failed");
+                    let failed = &gateway.metrics.tls_handshake_failures.failed;
+                    failed.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 Err(_) => {
                     tracing::debug!(%peer, "TLS handshake timed out");
+                    let timed_out = &gateway.metrics.tls_handshake_failures.timed_out;
+                    timed_out.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
             };
@@ -977,6 +981,13 @@ pub fn shed_idle_connections(runtime: &Runtime, failed: &dyn std::fmt::Display) 
 /// Warns (at start and after each reload) when the admin API is reachable from other hosts
 /// without credentials: it can point live traffic anywhere (add an instance), reload and purge.
 fn warn_of_risky_settings(config: &Config) {
+    for (key, warning) in config
+        .tls
+        .iter()
+        .flat_map(|tls| tls.warnings(std::time::SystemTime::now()))
+    {
+        tracing::warn!(key, "{warning}");
+    }
     let admin = config.admin.listen;
     if !admin.ip().to_canonical().is_loopback() && config.admin.credentials.is_none() {
         tracing::warn!(%admin, "the admin API is reachable from other hosts without credentials: set admin.username and admin.password");

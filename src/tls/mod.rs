@@ -19,7 +19,101 @@ use rustls::sign::CertifiedKey;
 pub struct TlsCertificate {
     pub names: Vec<String>,
     pub key: Arc<CertifiedKey>,
+    /// Where the config gives it: `tls` or `tls.certificates[N]`.
+    pub config_key: String,
+    /// What its leaf says of itself; `None` when it cannot be read as X.509.
+    pub leaf: Option<LeafFacts>,
 }
+
+/// What the gateway reads of a served certificate: when it is valid and the DNS names it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeafFacts {
+    pub not_before_unix: i64,
+    pub not_after_unix: i64,
+    pub dns_names: Vec<String>,
+}
+
+impl LeafFacts {
+    /// The facts of the first certificate of `chain` (the leaf).
+    pub fn of(chain: &[CertificateDer<'_>]) -> Option<LeafFacts> {
+        use x509_parser::extensions::GeneralName;
+        let (_, leaf) = x509_parser::parse_x509_certificate(chain.first()?).ok()?;
+        let validity = leaf.validity();
+        let dns_names = leaf
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|names| {
+                names
+                    .value
+                    .general_names
+                    .iter()
+                    .filter_map(|name| match name {
+                        GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(LeafFacts {
+            not_before_unix: validity.not_before.timestamp(),
+            not_after_unix: validity.not_after.timestamp(),
+            dns_names,
+        })
+    }
+
+    /// What a client would refuse in serving this certificate for `names` at `now_unix`, or
+    /// soon will (it expires within [`EXPIRY_WARNING`]). nginx and HAProxy serve such a
+    /// certificate without a word: a renewal that failed shows only as clients failing.
+    pub fn problems(&self, names: &[String], now_unix: i64) -> Vec<String> {
+        let date = |unix: i64| {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix.max(0) as u64);
+            httpdate::fmt_http_date(at)
+        };
+        let mut problems = Vec::new();
+        if self.not_after_unix < now_unix {
+            problems.push(format!(
+                "its certificate expired on {}: clients refuse it",
+                date(self.not_after_unix)
+            ));
+        } else if self.not_after_unix - now_unix < EXPIRY_WARNING.as_secs() as i64 {
+            problems.push(format!(
+                "its certificate expires on {}",
+                date(self.not_after_unix)
+            ));
+        }
+        if self.not_before_unix > now_unix {
+            problems.push(format!(
+                "its certificate is not valid before {}: clients refuse it",
+                date(self.not_before_unix)
+            ));
+        }
+        for name in names {
+            let covered = self.dns_names.iter().any(|dns| {
+                if name.starts_with("*.") {
+                    dns.eq_ignore_ascii_case(name)
+                } else {
+                    name_matches(dns, name)
+                }
+            });
+            if !covered {
+                problems.push(format!(
+                    "its certificate does not cover `{name}` (it names {}): clients asking for \
+                     it refuse it",
+                    if self.dns_names.is_empty() {
+                        "no DNS name".to_owned()
+                    } else {
+                        self.dns_names.join(", ")
+                    }
+                ));
+            }
+        }
+        problems
+    }
+}
+
+/// How long before its end a certificate's expiry is warned of.
+pub const EXPIRY_WARNING: std::time::Duration = std::time::Duration::from_secs(14 * 86_400);
 
 /// Reads the certificates of a PEM file (at least one).
 pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -239,7 +333,35 @@ mod tests {
                 vec![generated.cert.der().clone()],
                 any_supported_type(&key).unwrap(),
             )),
+            config_key: "tls".into(),
+            leaf: None,
         }
+    }
+
+    #[test]
+    fn a_certificate_out_of_date_or_names_is_said_to_be() {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["a.test".to_owned(), "*.b.test".to_owned()])
+                .unwrap();
+        params.not_before = rcgen::date_time_ymd(2026, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2026, 12, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let facts = LeafFacts::of(&[cert.der().clone()]).unwrap();
+        assert_eq!(facts.dns_names, ["a.test", "*.b.test"]);
+        let day = 86_400;
+        let (start, end) = (facts.not_before_unix, facts.not_after_unix);
+        let names = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let covered = names(&["a.test", "x.b.test", "*.b.test"]);
+        assert!(facts.problems(&covered, start + day).is_empty());
+        let said = |names: &[String], now| facts.problems(names, now).join(" | ");
+        assert!(said(&covered, end - 3 * day).contains("expires on Tue, 01 Dec 2026"));
+        assert!(said(&covered, end + 1).contains("expired on"));
+        assert!(said(&covered, start - 1).contains("not valid before"));
+        let stray = names(&["c.test", "x.y.b.test", "*.a.test"]);
+        let problems = facts.problems(&stray, start + day);
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].contains("does not cover `c.test` (it names a.test, *.b.test)"));
     }
 
     #[test]
