@@ -88,12 +88,18 @@ pub fn request_record(gateway: &Gateway, head: &Parts, client: &ClientAddr) -> R
     RequestRecord::new(
         gateway.runtime.load_full(),
         head.method.clone(),
-        // With its query, as nginx's `$request_uri` and HAProxy's and Envoy's default logs.
-        head.uri
-            .path_and_query()
-            .map_or_else(|| head.uri.path(), |target| target.as_str()),
+        logged_target(&head.uri),
         request_id(gateway, &head.headers),
         client.addr.ip(),
+    )
+}
+
+/// The target a request is logged with: with its query, as nginx's `$request_uri` and HAProxy's
+/// and Envoy's default logs; a CONNECT's is its authority, as nginx logs the request line.
+fn logged_target(uri: &Uri) -> &str {
+    uri.path_and_query().map_or_else(
+        || uri.authority().map_or("-", |authority| authority.as_str()),
+        |target| target.as_str(),
     )
 }
 
@@ -1252,6 +1258,15 @@ fn hash_key(key: &HashKey, parts: &Parts, client_ip: IpAddr) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_are_logged_with_their_target() {
+        let logged = |target: &str| logged_target(&target.parse().unwrap()).to_owned();
+        assert_eq!(logged("/a/b?x=1"), "/a/b?x=1");
+        assert_eq!(logged("http://h/a?x=1"), "/a?x=1");
+        assert_eq!(logged("elsewhere.example:443"), "elsewhere.example:443");
+        assert_eq!(logged("*"), "*");
+    }
 
     #[test]
     fn an_empty_hash_key_is_no_key() {
