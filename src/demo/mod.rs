@@ -4,7 +4,7 @@
 //! connections seen),
 //! `/echo` (the request head and HTTP version as JSON), `/upgrade` (101 to the asked protocol, then a byte
 //! echo), `/cache...` (caching headers taken from the query: `cc`, `vary`, `set_cookie`,
-//! `expires`, `last_modified`, `status`, `bytes`, `latency_ms`, `etag` (sent quoted; a matching If-None-Match
+//! `expires`, `last_modified`, `status`, `bytes`, `latency_ms`, `etag` (quoted unless it is; a matching If-None-Match
 //! gets 304 without a body); the body says which request of the instance it was and the
 //! varying header's value); anything else answers `body_bytes` bytes after
 //! `latency_ms`, failing with 500 at `fail_rate`. Request bodies are read to the end and
@@ -309,8 +309,16 @@ async fn cache_answer(state: Arc<DemoState>, req: Request<Incoming>) -> Response
         .and_then(|v| v.parse::<u16>().ok())
         .and_then(|v| StatusCode::from_u16(v).ok())
         .unwrap_or(StatusCode::OK);
-    let etag =
-        param("etag").and_then(|tag| http::HeaderValue::from_str(&format!("\"{tag}\"")).ok());
+    // Quoted unless it already is (a weak `W/"x"` or a quoted `"x"` goes as given).
+    let etag = param("etag").and_then(|tag| {
+        let quoted = tag.starts_with('"') || tag.starts_with("W/\"");
+        let tag = if quoted {
+            tag.to_owned()
+        } else {
+            format!("\"{tag}\"")
+        };
+        http::HeaderValue::from_str(&tag).ok()
+    });
     let unchanged = etag
         .as_ref()
         .is_some_and(|tag| req.headers().get(http::header::IF_NONE_MATCH) == Some(tag));
