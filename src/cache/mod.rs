@@ -445,28 +445,19 @@ async fn fill(
         Outcome::Miss
     };
     let (method, request_headers) = (parts.method.clone(), parts.headers.clone());
-    let mut parts = as_cache_fetch(parts);
-    let revalidating = add_validators(&mut parts.headers, stale.as_ref());
-    let result = fetch.send(parts, ForwardBody::Empty).await;
-    if let (Ok(response), Some(stale)) = (&result, &revalidating) {
-        if response.status() == StatusCode::NOT_MODIFIED {
-            let (entry, storable) =
-                renewed(&cache.rules, stale, response.headers(), &request_headers);
+    let asked = (parts, &request_headers);
+    let result = match fetch_for_store(&cache.rules, asked, &fetch, stale.as_ref()).await {
+        Fetched::Renewed(entry, storable) => {
             let entry = if storable {
                 keep(&cache.store, key, entry, lease)
             } else {
                 Arc::new(entry)
             };
-            return hit(
-                &entry,
-                outcome,
-                (&method, &request_headers),
-                cache,
-                &fetch,
-                Instant::now(),
-            );
+            let request = (&method, &request_headers);
+            return hit(&entry, outcome, request, cache, &fetch, Instant::now());
         }
-    }
+        Fetched::Answer(result) => result,
+    };
     if instance_failed(&result) {
         if let Some(lease) = &lease {
             lease.failed();
@@ -693,6 +684,36 @@ fn add_validators(request: &mut HeaderMap, stale: Option<&Arc<Entry>>) -> Option
     Some(stale.clone())
 }
 
+/// What a fetch for the store brought back.
+enum Fetched {
+    /// A 304 to the validators of the stale entry: it, renewed, and whether it may be stored.
+    Renewed(Entry, bool),
+    /// The instance's answer, or why there is none.
+    Answer(Result<Response<GatewayBody>, ProxyError>),
+}
+
+/// Fetches the request's answer for the store, whether for a client (`fill`) or for nobody
+/// in particular (`refresh`): a GET without the client's own conditions, conditional on the
+/// `stale` entry's validators when it has some, so that a 304 renews it without its body.
+/// `request_headers` are the client's (`parts` loses some on the way).
+async fn fetch_for_store(
+    rules: &RouteCacheConfig,
+    (parts, request_headers): (Parts, &HeaderMap),
+    fetch: &InstanceFetch,
+    stale: Option<&Arc<Entry>>,
+) -> Fetched {
+    let mut parts = as_cache_fetch(parts);
+    let revalidating = add_validators(&mut parts.headers, stale);
+    let result = fetch.send(parts, ForwardBody::Empty).await;
+    match (&result, revalidating) {
+        (Ok(response), Some(stale)) if response.status() == StatusCode::NOT_MODIFIED => {
+            let (entry, storable) = renewed(rules, &stale, response.headers(), request_headers);
+            Fetched::Renewed(entry, storable)
+        }
+        _ => Fetched::Answer(result),
+    }
+}
+
 /// `stale` renewed by a 304: its body under the 304's headers, fresh from now. The flag says
 /// whether it may be stored (a 304 can forbid it; the body still answers this request).
 fn renewed(
@@ -734,9 +755,16 @@ async fn refresh(
     stale: Option<Arc<Entry>>,
 ) {
     let request_headers = parts.headers.clone();
-    let mut parts = as_cache_fetch(parts);
-    let revalidating = add_validators(&mut parts.headers, stale.as_ref());
-    let result = fetch.send(parts, ForwardBody::Empty).await;
+    let asked = (parts, &request_headers);
+    let result = match fetch_for_store(&rules, asked, &fetch, stale.as_ref()).await {
+        Fetched::Renewed(entry, storable) => {
+            if storable {
+                keep(&store, key, entry, Some(lease));
+            }
+            return;
+        }
+        Fetched::Answer(result) => result,
+    };
     // Requests for the key that expired meanwhile wait on this lease: they hear of a failure
     // as from a client's fetch.
     if instance_failed(&result) {
@@ -753,13 +781,6 @@ async fn refresh(
     let Ok(response) = result else {
         return;
     };
-    if let Some(stale) = revalidating.filter(|_| response.status() == StatusCode::NOT_MODIFIED) {
-        let (entry, storable) = renewed(&rules, &stale, response.headers(), &request_headers);
-        if storable {
-            keep(&store, key, entry, Some(lease));
-        }
-        return;
-    }
     let Some(pending) = Pending::new(&rules, &response, &request_headers) else {
         return;
     };
