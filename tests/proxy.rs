@@ -120,6 +120,45 @@ async fn retry_on_status_tries_an_idempotent_request_on_another_instance() {
     );
 }
 
+/// An upgrade is never tried again for its answer's status: the client's side of the
+/// connection went with the first answer, and another instance's 101 was taken for a switch
+/// nobody asked for (a 502).
+#[tokio::test]
+async fn retry_on_status_leaves_upgrades_alone() {
+    // Answers every request 500 (demo-backend's failures spare /upgrade).
+    let failing = raw_instance(|mut stream, _| {
+        use std::io::{Read, Write};
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = stream
+            .write_all(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    });
+    let fine = demo_backend(&[]);
+    let gw = gateway(&app_config_at(
+        &[failing, fine.addr()],
+        "retry_on_status = [500]",
+    ));
+    let upgrade =
+        b"GET /upgrade HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+    // Round robin: one of the two goes to the failing instance first.
+    let (first, second) = tokio::join!(
+        raw_exchange_off_thread(gw.proxy, upgrade),
+        raw_exchange_off_thread(gw.proxy, upgrade)
+    );
+    let mut statuses: Vec<&str> = [&first, &second]
+        .iter()
+        .map(|answer| answer.get(9..12).unwrap_or(""))
+        .collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, ["101", "500"], "{first}\n{second}");
+}
+
 /// A passive ejection the active checks never saw fail (an instance restarted between two of
 /// them) ends after `rise` passing checks, not after all of `fail_timeout`, as HAProxy and
 /// Envoy do. One for the instance's answers (`fail_on_status`) does not: its health endpoint

@@ -15,7 +15,6 @@ use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::body::{BodyPace, ClientBody, ClientBodyFailure, ForwardBody, GatewayBody, Holding};
@@ -29,10 +28,10 @@ use super::headers::{
 };
 use super::pipeline::{AnswerWait, Broken, LineHold, Lines, PathSlot};
 use super::record::{RequestRecord, Served};
-use super::retry::{next_attempt, FailureKind, NextAttempt, Resend};
+use super::retry::{next_attempt, Attempts, FailureKind, NextAttempt, Resend, Step};
 use super::router::{has_encoded_nul, host_without_port, match_route, stripped_target};
 use super::tunnel::{self, ClientUpgrade};
-use super::upstream::{InFlightGuard, Instance, NoInstance, Upstream};
+use super::upstream::{InFlightGuard, Instance, NoInstance};
 use super::{Gateway, Runtime};
 use crate::balance::{hash_bytes, HashKey, Strategy};
 use crate::config::{RouteConfig, UpstreamConfig};
@@ -472,12 +471,12 @@ async fn to_instance(
     }
     upstream.retry_budget.deposit();
 
-    // Positions already tried: retries are few, and an upstream may have hundreds of instances.
-    let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
     let seq = upstream.next_seq();
-    let mut attempts: u32 = 0;
-    // After a stale pooled connection, the next attempt opens a new one.
-    let mut fresh = false;
+    let mut attempts = Attempts::default();
+    // An upgrade's answer is the client's whatever it is: the client's side of the connection
+    // goes with the first answer (see below), so no other instance could take the upgrade.
+    let upgrade_asked = client_upgrade.is_some();
+    let budget = || upstream.retry_budget.try_withdraw(Instant::now());
     let mut last_error = ProxyError::NoHealthyInstance;
     // One instance set for every attempt: `tried` holds positions in it, which a set changed
     // between attempts (an instance added or removed) would shift.
@@ -490,24 +489,23 @@ async fn to_instance(
     let mut retried_answer: Option<(Response<GatewayBody>, SocketAddr)> = None;
     loop {
         let now = Instant::now();
-        let (index, instance) = match upstream.pick(&set, &tried, hash, seq, now) {
+        let (index, instance) = match upstream.pick(&set, &attempts.tried, hash, seq, now) {
             Ok(picked) => picked,
-            Err(NoInstance::NoneHealthy) if attempts == 0 => {
+            Err(NoInstance::NoneHealthy) if attempts.count == 0 => {
                 return Err(ProxyError::NoHealthyInstance)
             }
             Err(_) => return given_up(last_error, retried_answer, served),
         };
         if let Some(failed) = retrying.take() {
             failed.counters.retries.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(instance = %failed.addr, retry = %instance.addr, attempt = attempts, "retrying on another instance");
+            tracing::debug!(instance = %failed.addr, retry = %instance.addr, attempt = attempts.count, "retrying on another instance");
         }
-        tried.push(index);
-        attempts += 1;
-        (served.instance, served.attempts) = (Some(instance.addr), attempts);
+        let attempt = attempts.start(index);
+        (served.instance, served.attempts) = (Some(instance.addr), attempt);
         let guard = InFlightGuard::enter(instance.clone());
         let checkout = Checkout {
             probe: !replayable,
-            fresh,
+            fresh: attempts.fresh,
             // Not a HEAD: a body sent after a HEAD answer by mistake (a classic server bug)
             // would become the answer of the request queued behind it.
             pipelinable: replayable && client_upgrade.is_none() && parts.method != Method::HEAD,
@@ -604,27 +602,15 @@ async fn to_instance(
                     idempotent,
                     body_again: body.rewind(),
                 };
-                match next_attempt(kind, request, fresh) {
-                    NextAttempt::GiveUp => return given_up(error, retried_answer, served),
-                    NextAttempt::Reconnect => {
-                        last_error = error;
-                        fresh = true;
-                        attempts -= 1;
-                        tried.pop();
-                    }
-                    NextAttempt::Retry => {
-                        last_error = error;
-                        // The budget is asked before the next pick: a pick may take an
-                        // ejected instance's one trial request, which a refusal would waste.
-                        // (When no instance is left to try, the retry is spent for nothing.)
-                        if !may_retry(&upstream, attempts) {
-                            return given_up(last_error, retried_answer, served);
-                        }
-                        retrying = Some(instance);
-                        // Another instance's pool is not suspect.
-                        fresh = false;
-                    }
+                let next = next_attempt(kind, request, attempts.fresh);
+                // (When no instance is left to try, a retry is spent for nothing.)
+                if attempts.after_failure(next, config.retries, budget) == Step::GiveUp {
+                    return given_up(error, retried_answer, served);
                 }
+                if next == NextAttempt::Retry {
+                    retrying = Some(instance);
+                }
+                last_error = error;
                 continue;
             }
         };
@@ -632,23 +618,17 @@ async fn to_instance(
         // again, as for a failure after it was sent.
         if config.retry_on_status.contains(&answer.status().as_u16())
             && idempotent
+            && !upgrade_asked
             && body.rewind()
-            && may_retry(&upstream, attempts)
+            && attempts.retry(config.retries, budget) == Step::Again
         {
             tracing::debug!(instance = %instance.addr, status = %answer.status(), "answer to be retried on another instance");
             retried_answer = Some((answer, instance.addr));
             retrying = Some(instance);
-            fresh = false;
             continue;
         }
         return Ok(answer);
     }
-}
-
-/// Whether the request's `attempts` so far leave room for one more under the upstream's
-/// `retries`, and its retry budget pays for it.
-fn may_retry(upstream: &Upstream, attempts: u32) -> bool {
-    attempts <= upstream.config.retries && upstream.retry_budget.try_withdraw(Instant::now())
 }
 
 /// A request's end when no attempt is left: the last answer that was retried for its status,

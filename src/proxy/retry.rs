@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 /// Tokens are counted in thousandths so the deposit per request stays an integer.
@@ -116,6 +117,68 @@ pub fn next_attempt(failure: FailureKind, request: Resend, reconnected: bool) ->
         | FailureKind::Timeout
         | FailureKind::Client
         | FailureKind::Local => NextAttempt::GiveUp,
+    }
+}
+
+/// One request's attempts on its upstream's instances: which were tried, how many attempts
+/// count, and whether the next one opens a new connection.
+#[derive(Debug, Default)]
+pub struct Attempts {
+    /// Positions in the instance set already tried: retries are few, and an upstream may have
+    /// hundreds of instances.
+    pub tried: SmallVec<[usize; 4]>,
+    /// Attempts that count against `retries` (a reconnect does not).
+    pub count: u32,
+    /// The next attempt opens a new connection: the pooled one this attempt took was stale.
+    pub fresh: bool,
+}
+
+/// Whether a request that did not get its answer from an attempt tries again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Again,
+    GiveUp,
+}
+
+impl Attempts {
+    /// Records an attempt on the instance at position `index`; returns its number.
+    pub fn start(&mut self, index: usize) -> u32 {
+        self.tried.push(index);
+        self.count += 1;
+        self.count
+    }
+
+    /// What follows an attempt that failed, `next` saying what its failure allows. A reconnect
+    /// undoes the attempt (the instance may be picked again, on a new connection); a retry goes
+    /// as [`Attempts::retry`] decides.
+    pub fn after_failure(
+        &mut self,
+        next: NextAttempt,
+        retries: u32,
+        budget: impl FnOnce() -> bool,
+    ) -> Step {
+        match next {
+            NextAttempt::GiveUp => Step::GiveUp,
+            NextAttempt::Reconnect => {
+                self.fresh = true;
+                self.count -= 1;
+                self.tried.pop();
+                Step::Again
+            }
+            NextAttempt::Retry => self.retry(retries, budget),
+        }
+    }
+
+    /// Another instance's try, when the attempts so far leave room under `retries` and then
+    /// the retry budget pays for it (asked only then, and before the next pick: a pick may
+    /// take an ejected instance's one trial request, which a refusal would waste).
+    pub fn retry(&mut self, retries: u32, budget: impl FnOnce() -> bool) -> Step {
+        if self.count > retries || !budget() {
+            return Step::GiveUp;
+        }
+        // Another instance's pool is not suspect.
+        self.fresh = false;
+        Step::Again
     }
 }
 
@@ -260,6 +323,36 @@ mod tests {
             body_again: true,
         };
         assert_eq!(next_attempt(Local, any, false), NextAttempt::GiveUp);
+    }
+
+    #[test]
+    fn attempts_count_retries_but_not_reconnects() {
+        let mut attempts = Attempts::default();
+        assert_eq!(attempts.start(4), 1);
+        // A stale pooled connection: the attempt is undone, the next opens a new connection.
+        let again = attempts.after_failure(NextAttempt::Reconnect, 1, || unreachable!());
+        assert_eq!(again, Step::Again);
+        assert_eq!(
+            (attempts.count, attempts.fresh, attempts.tried.len()),
+            (0, true, 0)
+        );
+        assert_eq!(attempts.start(4), 1);
+        // A retry, paid by the budget, on a pooled connection again.
+        assert_eq!(
+            attempts.after_failure(NextAttempt::Retry, 1, || true),
+            Step::Again
+        );
+        assert!(!attempts.fresh);
+        assert_eq!(attempts.start(7), 2);
+        assert_eq!(attempts.tried.as_slice(), [4, 7]);
+        // `retries = 1` spent: the budget is not asked.
+        assert_eq!(attempts.retry(1, || unreachable!()), Step::GiveUp);
+        // Room left, but the budget refuses.
+        assert_eq!(attempts.retry(2, || false), Step::GiveUp);
+        assert_eq!(
+            attempts.after_failure(NextAttempt::GiveUp, 9, || true),
+            Step::GiveUp
+        );
     }
 
     #[test]
