@@ -339,7 +339,7 @@ async fn forward(
     let result = to_instance(
         runtime,
         route,
-        &parts,
+        &mut parts,
         body,
         hash,
         Added::Fields(&fields, raw_answer),
@@ -377,14 +377,14 @@ impl InstanceFetch {
     /// route's hits take none) to the answer's end.
     pub async fn send(
         &self,
-        parts: Parts,
+        mut parts: Parts,
         body: ForwardBody,
     ) -> Result<Response<GatewayBody>, ProxyError> {
         let slot = self.runtime.admission.fetch_slot(self.route).await?;
         let mut response = to_instance(
             &self.runtime,
             self.route,
-            &parts,
+            &mut parts,
             body,
             self.hash,
             Added::InMap(&self.request_id),
@@ -433,22 +433,16 @@ impl<'a> Added<'a> {
 async fn to_instance(
     runtime: &Runtime,
     route: usize,
-    parts: &Parts,
+    parts: &mut Parts,
     mut body: ForwardBody,
     hash: Option<u64>,
     added: Added<'_>,
     (mut client_upgrade, served): (Option<ClientUpgrade>, &mut Served),
 ) -> Result<Response<GatewayBody>, ProxyError> {
     let request_id = added.request_id();
-    let stripped;
     let prefix = runtime.route_prefixes[route].as_ref();
-    let parts = match without_route_prefix(&runtime.config.routes[route], prefix, parts) {
-        Some(without) => {
-            stripped = without;
-            &stripped
-        }
-        None => parts,
-    };
+    strip_route_prefix(&runtime.config.routes[route], prefix, parts);
+    let parts = &*parts;
     // The upstream in force now: the request may have waited across a reload (a rate limit's
     // delay, a queue) that replaced the instances it was routed to.
     let upstream = runtime.route_upstream(route).in_force();
@@ -647,31 +641,32 @@ fn given_up(
     }
 }
 
-/// The request as a route with `strip_prefix` sends it: its path without the prefix, and
-/// `X-Forwarded-Prefix` (Traefik's) saying what was taken off, so the instance can build its
-/// links; the client's own is replaced. `None` on other routes. The cache keys, the access log
-/// and the metrics keep the path the client sent.
-fn without_route_prefix(
+/// Makes the request as a route with `strip_prefix` sends it: its path without the prefix,
+/// and `X-Forwarded-Prefix` (Traefik's) saying what was taken off, so the instance can build
+/// its links; the client's own is replaced. Other routes' requests are left as they are. The
+/// cache keys, the access log and the metrics have the path the client sent already.
+fn strip_route_prefix(
     route: &RouteConfig,
     forwarded_prefix: Option<&HeaderValue>,
-    parts: &Parts,
-) -> Option<Parts> {
+    parts: &mut Parts,
+) {
     if !route.strip_prefix {
-        return None;
+        return;
     }
-    let target = stripped_target(parts.uri.path_and_query()?.as_str(), &route.path_prefix)?;
-    let mut request = Request::new(());
-    *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = Uri::try_from(target).ok()?;
-    *request.version_mut() = parts.version;
-    *request.headers_mut() = parts.headers.clone();
-    let (mut stripped, ()) = request.into_parts();
+    let stripped = parts
+        .uri
+        .path_and_query()
+        .and_then(|target| stripped_target(target.as_str(), &route.path_prefix))
+        .and_then(|target| Uri::try_from(target).ok());
+    let Some(uri) = stripped else {
+        return;
+    };
+    parts.uri = uri;
     if let Some(prefix) = forwarded_prefix {
-        stripped
+        parts
             .headers
             .insert(X_FORWARDED_PREFIX.clone(), prefix.clone());
     }
-    Some(stripped)
 }
 
 /// The `X-Forwarded-Prefix` a route with `strip_prefix` sends: its prefix without the final
