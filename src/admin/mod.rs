@@ -1,7 +1,9 @@
-//! The admin listener: `/health` for load balancers, `/health/detailed`, and the JSON API that
-//! lists upstreams, adds and drains instances and reloads the config; `/health/redis` and
-//! `/api/ratelimit` for the rate-limit store. Everything but `/health` and `/health/redis` sits
-//! behind basic auth when `admin.username`/`admin.password` are set.
+//! The admin listener: `/health` for load balancers, `/health/detailed` and `/health/redis`,
+//! `/metrics` for Prometheus, the dashboard (`/`) with its live stats (`/api/stats`,
+//! `/api/stream`), and the JSON API that lists upstreams, adds and drains instances, reloads the
+//! config, reports and purges the cache, reports rate limits and steers the autoscalers.
+//! Everything but `/health` and `/health/redis` sits behind basic auth when
+//! `admin.username`/`admin.password` are set.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;

@@ -2,7 +2,9 @@
 //! misses into one instance request per key (which asks the shared tier, when there is one,
 //! before an instance), store what HTTP's rules allow while the client streams it, refresh
 //! stale entries in the background and answer stale when instances fail.
-//! `policy` makes every decision; this file only moves bytes and time.
+//! `policy` makes the decisions of HTTP's rules (what is stored, for how long, what a request
+//! may be answered with); this file moves bytes and time, and sequences a miss (wait for the
+//! fill in flight, fill, revalidate, fall back to stale).
 
 pub mod coalesce;
 pub mod policy;

@@ -1,9 +1,9 @@
 //! Every metric the gateway exposes, named in this one file, and the cheap recording behind them.
 //!
 //! The request path only touches atomics: each route holds an `Arc<RequestStats>` (counters by
-//! method and status class, an in-flight gauge, a fixed-bucket duration histogram). A scrape
-//! reads those atomics and the instance counters and writes the Prometheus text format through
-//! prometheus-client. Label values come from config names and instance addresses only, so the
+//! method and status class, a fixed-bucket duration histogram), beside one gateway-wide
+//! in-flight gauge. A scrape reads those atomics and the instance counters and writes the
+//! OpenMetrics text through prometheus-client (or Prometheus's classic format from it). Label values come from config names and instance addresses only, so the
 //! label sets stay bounded whatever clients send.
 
 pub mod live;
