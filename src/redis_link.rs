@@ -570,16 +570,44 @@ fn refused_by_redis(err: &RedisError) -> bool {
     )
 }
 
+/// Redis refused the gateway's credentials or its ACL the commands. By the reply's code:
+/// redis-rs writes a NOPERM reply as `NoPerm: ...`, which a look for `NOPERM` in the text missed.
 fn is_auth_error(err: &RedisError) -> bool {
     let text = err.to_string();
     err.kind() == redis::ErrorKind::AuthenticationFailed
-        || [
-            "WRONGPASS",
-            "NOAUTH",
-            "NOPERM",
-            "invalid password",
-            "invalid username",
-        ]
-        .iter()
-        .any(|marker| text.contains(marker))
+        || err
+            .code()
+            .is_some_and(|code| ["WRONGPASS", "NOAUTH", "NOPERM"].contains(&code))
+        || ["invalid password", "invalid username"]
+            .iter()
+            .any(|marker| text.contains(marker))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_told_apart_by_what_the_operator_must_do() {
+        let refused_login = RedisError::from((redis::ErrorKind::AuthenticationFailed, "no"));
+        assert!(is_auth_error(&refused_login));
+        let cut = RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset by peer",
+        ));
+        assert!(!is_auth_error(&cut));
+        assert!(!refused_by_redis(&cut));
+        for reply in [
+            &b"-NOPERM this user has no permissions\r\n"[..],
+            b"-WRONGPASS invalid username-password pair or user is disabled.\r\n",
+            b"-NOAUTH Authentication required.\r\n",
+        ] {
+            let reply = redis::parse_redis_value(reply).unwrap();
+            let denied = reply.extract_error().unwrap_err();
+            assert!(is_auth_error(&denied), "{denied}");
+            assert!(refused_by_redis(&denied), "{denied}");
+        }
+        let busy = redis::parse_redis_value(b"-LOADING Redis is loading\r\n").unwrap();
+        assert!(!is_auth_error(&busy.extract_error().unwrap_err()));
+    }
 }
