@@ -329,8 +329,12 @@ async fn forward(
     }
     // Fields the gateway adds to the answer later must replace the instance's: those go
     // through the map (rate-limit state, and HSTS on a secure connection).
-    let raw_answer =
-        client.raw_answers && !admitted.adds_fields() && hsts_for(runtime, client).is_none();
+    // So must an answer that may be held for `retry_on_status`: it is kept with its fields
+    // in the map.
+    let raw_answer = client.raw_answers
+        && !admitted.adds_fields()
+        && hsts_for(runtime, client).is_none()
+        && upstream.config.retry_on_status.is_empty();
     // A cached route's upgrade (a tunnel, never cached) goes to an instance: it takes the
     // upstream's slot that its hits do not.
     if client_upgrade.is_some() {
@@ -610,20 +614,43 @@ async fn to_instance(
         };
         // nginx's `proxy_next_upstream http_503` and the like: for a request that may be sent
         // again, as for a failure after it was sent.
+        // The answer is read whole first, so its connection goes back to the pool (or its
+        // pipelined line on): dropped unread, it broke the line, and every request queued
+        // behind it went again. So only one of a known, small length is.
+        let holdable = http_body::Body::size_hint(answer.body())
+            .upper()
+            .is_some_and(|length| length <= HELD_ANSWER_MAX);
         if config.retry_on_status.contains(&answer.status().as_u16())
             && idempotent
             && !upgrade_asked
+            && holdable
             && body.rewind()
             && attempts.retry(config.retries, budget) == Step::Again
         {
             tracing::debug!(instance = %instance.addr, status = %answer.status(), "answer to be retried on another instance");
-            retried_answer = Some((answer, instance.addr));
+            let (head, held) = answer.into_parts();
+            // One broken off leaves nothing to hold: the retry goes on all the same.
+            match http_body_util::BodyExt::collect(held).await {
+                Ok(held) => {
+                    let held = held.to_bytes();
+                    let held = (!held.is_empty()).then_some(held);
+                    let answer = Response::from_parts(head, GatewayBody::Full(held));
+                    retried_answer = Some((answer, instance.addr));
+                }
+                Err(_) => {
+                    last_error =
+                        ProxyError::InstanceFailed("the instance broke off its answer".into());
+                }
+            }
             retrying = Some(instance);
             continue;
         }
         return Ok(answer);
     }
 }
+
+/// The largest answer held while a `retry_on_status` retry is tried.
+const HELD_ANSWER_MAX: u64 = 64 * 1024;
 
 /// A request's end when no attempt is left: the last answer that was retried for its status,
 /// when one was (nginx passes on the last answer too), else the last failure.
