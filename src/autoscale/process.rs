@@ -11,7 +11,7 @@
 //! cannot clean up: see the docs). Ports come from one [`PortBook`] for every upstream, so two
 //! `port_range`s that overlap never hand out one port twice.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -131,6 +131,9 @@ pub(super) struct ProcessProvider {
     drain_timeout: Duration,
     stop_grace: Duration,
     children: Vec<Child>,
+    /// Addresses children had and gave up (a restart on another port, a child forgotten): an
+    /// instance left at one is taken out (see `maintain`).
+    former: HashSet<SocketAddr>,
     next_id: u64,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
@@ -161,6 +164,7 @@ impl ProcessProvider {
             drain_timeout: auto.drain_timeout,
             stop_grace: auto.stop_grace,
             children: Vec::new(),
+            former: HashSet::new(),
             next_id: 1,
             events_tx,
             events,
@@ -175,9 +179,10 @@ impl ProcessProvider {
         }
     }
 
-    fn release_port(&self, child: &Child) {
+    fn release_port(&mut self, child: &Child) {
         if child.addr.port() != 0 {
             self.ports.release(child.addr.port());
+            self.former.insert(child.addr);
         }
     }
 
@@ -239,6 +244,7 @@ impl ProcessProvider {
             own != 0 && (child.port_left_held || (child.listened && nothing_listens_on(own)));
         if own != 0 && !keep {
             self.ports.release(own);
+            self.former.insert(child.addr);
         }
         // One that never listened tries the ports after its own first: whatever made it fail
         // there (a listener the probe cannot see) may not hold on the next.
@@ -403,12 +409,12 @@ fn liveness_failing_since(
     }
 }
 
-/// Whether an instance added at run time at `addr` is a child's of this provider (on loopback
-/// in its `ports`) that no serving child (`serving`) owns any more.
-fn is_orphan(addr: SocketAddr, ports: (u16, u16), serving: &[SocketAddr]) -> bool {
-    addr.ip() == Ipv4Addr::LOCALHOST
-        && (ports.0..=ports.1).contains(&addr.port())
-        && !serving.contains(&addr)
+/// Whether an instance added at run time at `addr` was a child's (one of `children` not
+/// serving there now, or an address in `former`) that no serving child owns.
+fn is_orphan(addr: SocketAddr, children: &[Child], former: &HashSet<SocketAddr>) -> bool {
+    let mut there = children.iter().filter(|c| c.addr == addr).peekable();
+    let had = there.peek().is_some() || former.contains(&addr);
+    had && !there.any(|c| c.state == ChildState::Serving)
 }
 
 fn instance_config(addr: SocketAddr) -> InstanceConfig {
@@ -517,20 +523,18 @@ impl Provider for ProcessProvider {
                 upstream.add_instance(&instance_config(child.addr));
             }
         }
-        // And one whose child no longer serves (its exit was handled on an upstream a reload
-        // was replacing) goes: nothing else would take it out of rotation.
-        let serving: Vec<SocketAddr> = self
-            .children
-            .iter()
-            .filter(|c| c.state == ChildState::Serving)
-            .map(|c| c.addr)
-            .collect();
+        // And one whose child no longer serves there (its exit was handled on an upstream a
+        // reload was replacing) goes: nothing else would take it out of rotation. Only at an
+        // address a child had: one the admin API added stays.
         let set = upstream.set.load();
         for instance in set.instances.iter().filter(|i| {
-            i.is_dynamic() && !i.is_draining() && is_orphan(i.addr, self.config.ports, &serving)
+            i.is_dynamic() && !i.is_draining() && is_orphan(i.addr, &self.children, &self.former)
         }) {
             upstream.remove_instance(instance);
         }
+        let children = &self.children;
+        self.former
+            .retain(|addr| !children.iter().any(|c| c.addr == *addr));
     }
 
     async fn scale(&mut self, upstream: &Arc<Upstream>, desired: u32) -> Result<(), String> {
@@ -896,13 +900,31 @@ mod tests {
     #[test]
     fn a_child_address_no_serving_child_owns_is_an_orphan() {
         let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
-        let serving = [at(3001)];
-        assert!(!is_orphan(at(3001), (3001, 3010), &serving));
-        assert!(is_orphan(at(3002), (3001, 3010), &serving));
-        // Not one of this provider's: outside its ports, or not on loopback.
-        assert!(!is_orphan(at(4000), (3001, 3010), &serving));
-        let elsewhere = SocketAddr::from(([10, 0, 0, 1], 3002));
-        assert!(!is_orphan(elsewhere, (3001, 3010), &serving));
+        let child = |port, state| Child {
+            id: u64::from(port),
+            addr: at(port),
+            pid: None,
+            state,
+            listened: true,
+            started: Instant::now(),
+            restarts: 0,
+            backoff: FIRST_BACKOFF,
+            stop: Arc::new(Notify::new()),
+            failing_since: None,
+            port_left_held: false,
+        };
+        let restart_at = Instant::now();
+        let children = [
+            child(3001, ChildState::Serving),
+            child(3002, ChildState::Crashed { restart_at }),
+        ];
+        // A child moved from 3003 to another port.
+        let former = HashSet::from([at(3003)]);
+        assert!(!is_orphan(at(3001), &children, &former));
+        assert!(is_orphan(at(3002), &children, &former));
+        assert!(is_orphan(at(3003), &children, &former));
+        // Never a child's (the admin API added it): left alone.
+        assert!(!is_orphan(at(3004), &children, &former));
     }
 
     #[test]
