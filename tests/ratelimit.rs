@@ -1319,7 +1319,7 @@ async fn a_client_that_leaves_while_delayed_takes_its_request_with_it() {
 async fn a_stop_answers_the_delayed_requests_it_cannot_wait_for() {
     let backend = demo_backend(&[]);
     let mut gw = gateway_with_server_keys(
-        "shutdown_grace = \"3s\"",
+        "shutdown_grace = \"4s\"",
         &memory_config(
             &backend,
             "[[routes]]\nupstream = \"app\"\nrate_limits = [{ name = \"slow\", limit = 1, \
@@ -1327,7 +1327,8 @@ async fn a_stop_answers_the_delayed_requests_it_cannot_wait_for() {
         ),
     );
     let client = client();
-    // Three at once: one goes, one waits 2 s (within the grace), one 4 s (past it).
+    // Three at once: one goes, one waits 2 s (its answer has time within the grace), one 4 s
+    // (none left: a second is kept for the answer).
     let tasks: Vec<_> = (0..3)
         .map(|_| {
             let (client, url) = (client.clone(), gw.url("/"));

@@ -262,6 +262,10 @@ impl RoutePolicy {
     }
 }
 
+/// The least time a request let go after a rate limit's delay must have left before a stop
+/// cuts what is in flight; one with less is answered 503 (`shutting_down`) at once.
+const STOP_MARGIN: Duration = Duration::from_secs(1);
+
 /// Everything a config says about who may pass, per route.
 pub struct Admission {
     limiter: Arc<Limiter>,
@@ -566,7 +570,9 @@ impl Admission {
                 let waited = tokio::select! {
                     waited = &mut waited => waited,
                     stop_due = stop_due => {
-                        if until > stop_due {
+                        // With a second to spare for its answer: one let go just before the
+                        // cut would be cut unanswered all the same.
+                        if until + STOP_MARGIN > stop_due {
                             return Err(ProxyError::ShuttingDown);
                         }
                         waited.await

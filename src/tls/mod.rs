@@ -146,6 +146,9 @@ fn unfit_pem(path: &Path, wanted: Pem) -> &'static str {
 
 fn pem_mismatch(text: &[u8], wanted: Pem) -> &'static str {
     let has = |needle: &str| text.windows(needle.len()).any(|w| w == needle.as_bytes());
+    if text.trim_ascii().is_empty() {
+        return " (the file is empty)";
+    }
     if !has("-----BEGIN ") {
         return " (it is not PEM: a DER file? `openssl x509 -inform DER` converts a certificate, \
                 `openssl pkey -inform DER` a key)";
@@ -379,6 +382,7 @@ mod tests {
         assert!(said(&key, Pem::Certificate).contains("holds a private key"));
         let der = generated.cert.der().to_vec();
         assert!(pem_mismatch(&der, Pem::Certificate).contains("not PEM"));
+        assert_eq!(pem_mismatch(b"\n", Pem::PrivateKey), " (the file is empty)");
     }
 
     #[test]
