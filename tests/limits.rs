@@ -173,13 +173,8 @@ static UPLOAD_CONNECTIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::A
 /// Reads one request with a 10-byte body and answers it.
 fn answer_after_the_body(mut stream: TcpStream, _: usize) {
     UPLOAD_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut read = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !read.windows(14).any(|w| w == b"\r\n\r\nhelloworld") {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => read.extend_from_slice(&buf[..n]),
-        }
+    if read_until(&mut stream, b"\r\n\r\nhelloworld").is_none() {
+        return;
     }
     let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
 }

@@ -132,14 +132,9 @@ async fn retry_on_status_tries_an_idempotent_request_on_another_instance() {
 async fn retry_on_status_leaves_upgrades_alone() {
     // Answers every request 500 (demo-backend's failures spare /upgrade).
     let failing = raw_instance(|mut stream, _| {
-        use std::io::{Read, Write};
-        let mut head = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
+        use std::io::Write;
+        if read_until(&mut stream, b"\r\n\r\n").is_none() {
+            return;
         }
         let _ = stream
             .write_all(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");

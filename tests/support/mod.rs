@@ -440,6 +440,19 @@ pub fn access_lines(gw: &Gateway) -> std::collections::HashMap<String, serde_jso
         .collect()
 }
 
+/// Reads `stream` until what came holds `marker`; `None` when it closed or failed first.
+pub fn read_until(stream: &mut impl std::io::Read, marker: &[u8]) -> Option<Vec<u8>> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(marker.len()).any(|w| w == marker) {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(seen)
+}
+
 /// A hand-written instance: `serve(connection, its index)` on a thread per connection.
 pub fn raw_instance(
     serve: impl Fn(std::net::TcpStream, usize) + Send + Sync + 'static,
