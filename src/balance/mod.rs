@@ -170,8 +170,12 @@ pub fn pick_instance(
 /// admitted with probability `ramp` and otherwise passes its turn to the next one.
 fn weighted_round_robin(candidates: &[Candidate], input: PickInput) -> &Candidate {
     let total: u64 = candidates.iter().map(|c| u64::from(c.weight)).sum();
-    let stride = u128::from(spread_stride(total));
-    let mut slot = (u128::from(input.seq % total) * stride % u128::from(total)) as u64;
+    let (turn, stride) = (input.seq % total, spread_stride(total));
+    // In 64 bits whenever it fits (a 128-bit division costs a call).
+    let mut slot = turn.checked_mul(stride).map_or_else(
+        || (u128::from(turn) * u128::from(stride) % u128::from(total)) as u64,
+        |product| product % total,
+    );
     let mut pos = 0;
     for (i, c) in candidates.iter().enumerate() {
         if slot < u64::from(c.weight) {

@@ -617,13 +617,14 @@ async fn to_instance(
         // The answer is read whole first, so its connection goes back to the pool (or its
         // pipelined line on): dropped unread, it broke the line, and every request queued
         // behind it went again. So only one of a known, small length is.
-        let holdable = http_body::Body::size_hint(answer.body())
-            .upper()
-            .is_some_and(|length| length <= HELD_ANSWER_MAX);
+        let holdable = |answer: &Response<GatewayBody>| {
+            let length = http_body::Body::size_hint(answer.body()).upper();
+            length.is_some_and(|length| length <= HELD_ANSWER_MAX)
+        };
         if config.retry_on_status.contains(&answer.status().as_u16())
             && idempotent
             && !upgrade_asked
-            && holdable
+            && holdable(&answer)
             && body.rewind()
             && attempts.retry(config.retries, budget) == Step::Again
         {
