@@ -1270,6 +1270,29 @@ mod tests {
         assert!(!rebuilt.passes_active_checks());
     }
 
+    /// A reload goes on with the round robin where it was and keeps what the retry budget
+    /// saved: both started from nothing, and a pool reloaded more often than it cycled left its
+    /// last instances without requests.
+    #[test]
+    fn a_reload_keeps_the_round_robin_position_and_the_budget() {
+        let old = upstream(3, "round_robin");
+        for _ in 0..5 {
+            old.next_seq();
+        }
+        for _ in 0..100 {
+            old.retry_budget.deposit();
+        }
+        let config = old.config.clone();
+        let new = Upstream::new(config, Some(&old));
+        assert_eq!(new.next_seq(), 5);
+        // 20 saved (20 % of 100 requests), then the floor's 10 a second.
+        let now = Instant::now();
+        let allowed = (0..100)
+            .filter(|_| new.retry_budget.try_withdraw(now))
+            .count();
+        assert_eq!(allowed, 20 + 10);
+    }
+
     /// An instance added at run time that a reloaded file lists (weight unchanged) is the
     /// file's from then on: the next reload without it removes it.
     #[test]
