@@ -10,6 +10,38 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
+/// A client opening with HTTP/2's preface (prior knowledge) over a connection cap is refused in
+/// HTTP/2: a GOAWAY saying none of its streams was taken up (REFUSED_STREAM), which it may send
+/// again elsewhere. An HTTP/1.1 503 was garbage to it.
+#[tokio::test]
+async fn an_http2_client_over_the_cap_is_refused_in_http2() {
+    let a = demo_backend(&[]);
+    let gw = gateway_with_server_keys("max_connections_per_ip = 1", &app_config(&[&a], ""));
+    let _held = TcpStream::connect(gw.proxy).unwrap();
+    let client = client();
+    let counted = eventually(Duration::from_secs(5), || async {
+        let metrics = get(&client, &gw.admin_url("/metrics")).await;
+        String::from_utf8_lossy(&metrics.body).contains("scalegate_open_connections 1")
+    });
+    assert!(counted.await);
+    let tcp = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let (mut sender, connection) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(connection);
+    let request = http::Request::get("http://x/").body(()).unwrap();
+    let refused = match sender.send_request(request, true) {
+        Ok((response, _)) => response.await.unwrap_err(),
+        Err(err) => err,
+    };
+    assert_eq!(
+        refused.reason(),
+        Some(h2::Reason::REFUSED_STREAM),
+        "{refused}"
+    );
+    assert!(refused.is_go_away(), "{refused}");
+    drop(sender);
+    let _ = driver.await;
+}
+
 #[tokio::test]
 async fn per_ip_connection_cap_refuses_cleanly_and_frees_on_close() {
     let a = demo_backend(&[]);

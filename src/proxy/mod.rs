@@ -816,36 +816,51 @@ async fn answer_plain_http_on_https(
     client: &forward::ClientAddr,
     gateway: &Gateway,
 ) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let request_id = gateway.new_request_id();
     let error = ProxyError::BadRequest("a plain HTTP request was sent to the HTTPS port");
     let answer = error.response(&request_id);
-    let written = tokio::time::timeout(
-        Duration::from_secs(1),
-        stream.write_all(&client_h1::closing_answer_bytes(&answer)),
-    )
-    .await;
-    let sent = matches!(written, Ok(Ok(())));
-    if sent && stream.shutdown().await.is_ok() {
-        let mut sink = [0u8; 4096];
-        let linger = async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
-        let _ = tokio::time::timeout(Duration::from_secs(1), linger).await;
-    }
+    let sent = write_and_linger(&mut stream, &client_h1::closing_answer_bytes(&answer)).await;
     let mut record = forward::refused_record(gateway, client, error.status(), request_id);
     if sent {
         record.sent_whole(&answer);
     }
 }
 
-/// Closes a connection over the limits; a plain-HTTP client first gets a 503 with the JSON body
-/// every error has, its request ID generated as no request was read (written only if the socket
-/// takes it at once: a refused client never holds the accept loop).
+/// Writes `bytes` (within a second), then closes the connection: what the client sent is read
+/// and dropped for a moment first, so that closing with it unread does not reset the answer
+/// away. Whether all of `bytes` went.
+async fn write_and_linger(stream: &mut tokio::net::TcpStream, bytes: &[u8]) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let written = tokio::time::timeout(Duration::from_secs(1), stream.write_all(bytes)).await;
+    let sent = matches!(written, Ok(Ok(())));
+    if sent && stream.shutdown().await.is_ok() {
+        let mut sink = [0u8; 4096];
+        let linger = async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
+        let _ = tokio::time::timeout(Duration::from_secs(1), linger).await;
+    }
+    sent
+}
+
+/// Refused plain connections waiting for their client's first bytes; past this many, the
+/// next ones are answered at once.
+static REFUSALS_WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+const MOST_REFUSALS_WAITING: usize = 64;
+/// How long a refused plain connection's first bytes are waited for.
+const REFUSAL_WAIT: Duration = Duration::from_millis(200);
+
+/// Closes a connection over the limits. A plain one is first told why in its client's
+/// protocol, its request ID generated as no request is read: an HTTP/1.1 client gets a 503
+/// with the JSON body every error has; a client opening with HTTP/2's preface (prior
+/// knowledge), which read that 503 as garbage, gets a GOAWAY that says none of its streams was
+/// taken up. Which one is known by the client's first bytes, waited for a moment (up to 64
+/// refusals at once; past those, a refusal is the 503 written now, or nothing if the socket does
+/// not take it at once: a flood of refused clients never holds the accept loop).
 fn refuse(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     secure: bool,
     refusal: connections::Refusal,
-    gateway: &Gateway,
+    gateway: &Arc<Gateway>,
 ) {
     if secure {
         tracing::debug!(?refusal, peer = ?stream.peer_addr().ok(), "connection refused");
@@ -859,18 +874,65 @@ fn refuse(
             "this client holds server.max_connections_per_ip connections"
         }
     };
+    let client = forward::ClientAddr::new(peer, secure);
     let request_id = gateway.new_request_id();
     let error = ProxyError::TooManyConnections(reason);
     let answer = error.response(&request_id);
-    let bytes = client_h1::closing_answer_bytes(&answer);
-    let written = stream.try_write(&bytes);
     // An access-log line and a count, as nginx's limit_conn 503s get: the request ID the
     // answer carries is then found somewhere.
-    let client = forward::ClientAddr::new(peer, secure);
-    let mut record = forward::refused_record(gateway, &client, error.status(), request_id);
-    if written.is_ok_and(|n| n == bytes.len()) {
-        record.sent_whole(&answer);
+    let record = move |gateway: &Gateway,
+                       sent_whole: Option<&http::Response<body::GatewayBody>>| {
+        let mut record = forward::refused_record(gateway, &client, error.status(), request_id);
+        if let Some(answer) = sent_whole {
+            record.sent_whole(answer);
+        }
+    };
+    if REFUSALS_WAITING.fetch_add(1, Ordering::Relaxed) >= MOST_REFUSALS_WAITING {
+        REFUSALS_WAITING.fetch_sub(1, Ordering::Relaxed);
+        let bytes = client_h1::closing_answer_bytes(&answer);
+        let written = stream.try_write(&bytes);
+        record(
+            gateway,
+            written.is_ok_and(|n| n == bytes.len()).then_some(&answer),
+        );
+        return;
     }
+    let gateway = gateway.clone();
+    tokio::spawn(async move {
+        let mut stream = stream;
+        let http2 = starts_with_http2_preface(&stream, REFUSAL_WAIT).await == Some(true);
+        REFUSALS_WAITING.fetch_sub(1, Ordering::Relaxed);
+        if http2 {
+            write_and_linger(&mut stream, &http2_refusal(reason)).await;
+            record(&gateway, None);
+        } else {
+            let bytes = client_h1::closing_answer_bytes(&answer);
+            let sent = write_and_linger(&mut stream, &bytes).await;
+            record(&gateway, sent.then_some(&answer));
+        }
+    });
+}
+
+/// An HTTP/2 server's refusal of a whole connection: its SETTINGS (the preface a server owes)
+/// and a GOAWAY with REFUSED_STREAM whose last stream is 0, so the client knows none of its
+/// requests was taken up and may send them again; `reason` goes as its debug data (RFC 9113
+/// §6.8).
+fn http2_refusal(reason: &str) -> Vec<u8> {
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const REFUSED_STREAM: u32 = 0x7;
+    let frame_head = |length: usize, kind: u8| {
+        let length = (length as u32).to_be_bytes();
+        // Length (24 bits), type, no flags, stream 0.
+        [length[1], length[2], length[3], kind, 0, 0, 0, 0, 0]
+    };
+    let mut out = Vec::with_capacity(2 * 9 + 8 + reason.len());
+    out.extend_from_slice(&frame_head(0, SETTINGS));
+    out.extend_from_slice(&frame_head(8 + reason.len(), GOAWAY));
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.extend_from_slice(&REFUSED_STREAM.to_be_bytes());
+    out.extend_from_slice(reason.as_bytes());
+    out
 }
 
 /// Accepts on `listener`, or never when there is none.
