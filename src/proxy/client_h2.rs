@@ -6,6 +6,7 @@
 //! served ones has its answer's source dropped (hyper offers no way to reset one stream from
 //! outside it: it ends when hyper next asks it for data). PINGs only find peers that are gone.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -235,7 +236,7 @@ impl Activity {
                     last_change: Duration::ZERO,
                     last_client_progress: Duration::ZERO,
                 },
-                parked: Vec::new(),
+                parked: HashMap::new(),
             }),
         }
     }
@@ -255,11 +256,11 @@ impl Activity {
     fn cut_stalled(&self, stalled: Duration) -> usize {
         let cut: Vec<Parked> = {
             let mut state = self.lock();
-            let (cut, kept) = std::mem::take(&mut state.parked)
+            let (cut, kept): (HashMap<_, _>, _) = std::mem::take(&mut state.parked)
                 .into_iter()
-                .partition(|p| p.since <= stalled);
+                .partition(|(_, p)| p.since <= stalled);
             state.parked = kept;
-            cut
+            cut.into_values().collect()
         };
         let sources: Vec<GatewayBody> = cut
             .iter()
@@ -300,7 +301,7 @@ impl Activity {
 struct StreamGuard {
     activity: Arc<Activity>,
     waiting: bool,
-    /// This stream's number among the connection's, for its entry in [`Activity::parked`].
+    /// This stream's number among the connection's, its key in [`Streams::parked`].
     id: u64,
     /// Its answer's source, once it has one.
     source: Weak<AnswerSource>,
@@ -310,7 +311,9 @@ struct StreamGuard {
 /// client now (their answers' sources the timers drop after `idle_timeout`).
 struct Streams {
     seen: StreamsSeen,
-    parked: Vec<Parked>,
+    /// By stream number: a stream parks and leaves at every frame the client holds up, and a
+    /// list of a busy connection's streams was searched each time.
+    parked: HashMap<u64, Parked>,
 }
 
 /// A stream's answer body, in a slot the connection's timers can empty.
@@ -318,7 +321,6 @@ type AnswerSource = Mutex<Option<GatewayBody>>;
 
 /// A stream whose answer waits on the client.
 struct Parked {
-    id: u64,
     since: Duration,
     source: Weak<AnswerSource>,
 }
@@ -331,7 +333,7 @@ impl StreamGuard {
             let mut state = self.activity.lock();
             state.seen.last_client_progress = now;
             state.seen.waiting_on_client -= 1;
-            state.parked.retain(|p| p.id != self.id);
+            state.parked.remove(&self.id);
         }
     }
 
@@ -347,11 +349,8 @@ impl StreamGuard {
                 state.seen.last_client_progress = now;
             }
             state.seen.waiting_on_client += 1;
-            state.parked.push(Parked {
-                id: self.id,
-                since: now,
-                source: self.source.clone(),
-            });
+            let source = self.source.clone();
+            state.parked.insert(self.id, Parked { since: now, source });
         }
     }
 }
@@ -366,7 +365,7 @@ impl Drop for StreamGuard {
             // the client reset it): progress too. Short answers end so, never coming back for
             // more, and a client taking them beside a paused stream lost its connection.
             state.seen.last_client_progress = now;
-            state.parked.retain(|p| p.id != self.id);
+            state.parked.remove(&self.id);
         }
         state.seen.live -= 1;
         state.seen.last_change = now;
