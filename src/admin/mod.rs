@@ -360,7 +360,8 @@ fn read_totals(gateway: &Gateway) -> live::Totals {
 /// when the scraper asks for it, else the classic text format.
 fn metrics(gateway: &Gateway, openmetrics: bool) -> Response<GatewayBody> {
     let instances = instance_samples(gateway);
-    let mut families = crate::metrics::core_families(&gateway.metrics, &instances);
+    let per_request = gateway.runtime.load().config.server.metrics;
+    let mut families = crate::metrics::core_families(&gateway.metrics, &instances, per_request);
     families.extend(crate::metrics::cache_families(
         &gateway.runtime.load().cache.sample(),
     ));

@@ -479,7 +479,13 @@ pub struct InstanceSample {
 type InstanceFamily = (&'static str, &'static str, fn(&InstanceSample) -> Value);
 
 /// The request families (by route) and the instance families.
-pub fn core_families(metrics: &Metrics, instances: &[InstanceSample]) -> Vec<Family> {
+/// `per_request`: `server.metrics` is on; off, no request is counted by route, and none of
+/// those series is shown (a `-` route stuck at 0 read as no malformed request ever coming).
+pub fn core_families(
+    metrics: &Metrics,
+    instances: &[InstanceSample],
+    per_request: bool,
+) -> Vec<Family> {
     let mut requests = Family::new(
         REQUESTS,
         "Requests answered, by route, upstream, method and status class.",
@@ -490,7 +496,12 @@ pub fn core_families(metrics: &Metrics, instances: &[InstanceSample]) -> Vec<Fam
         REQUEST_DURATION,
         "Time from request head to the answer's last byte, by route and upstream.",
     );
-    for (route, upstream, stats) in metrics.routes() {
+    let routes = if per_request {
+        metrics.routes()
+    } else {
+        Vec::new()
+    };
+    for (route, upstream, stats) in routes {
         let labels = vec![("route", route), ("upstream", upstream)];
         for (m, row) in stats.counts.iter().enumerate() {
             let counts = row.each_ref().map(|count| count.load(Ordering::Relaxed));
@@ -1002,7 +1013,9 @@ mod tests {
         stats.record(&Method::GET, 204, Duration::from_millis(2));
         stats.record(&Method::from_bytes(b"PURGE").unwrap(), 503, Duration::ZERO);
         assert_eq!(stats.by_status_class(), [0, 1, 0, 0, 1]);
-        let text = render(core_families(&metrics, &[]));
+        let off = render(core_families(&metrics, &[], false));
+        assert!(!off.contains("scalegate_requests_total{"), "{off}");
+        let text = render(core_families(&metrics, &[], true));
         assert!(text.contains(
             "scalegate_requests_total{route=\"api\",upstream=\"app\",method=\"GET\",status=\"2xx\"} 1"
         ), "{text}");
