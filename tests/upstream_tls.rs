@@ -540,11 +540,12 @@ async fn stalled_downloads_and_busy_connections_hold_no_request_up() {
 }
 
 /// A stream an HTTP/2 instance resets counts against it as a reset connection does: with
-/// max_fails = 1 it is taken out, and an idempotent request goes to another instance. A refused
-/// stream (REFUSED_STREAM: not processed, RFC 9113 §8.7) is no failure of the instance, and goes
-/// to another instance whatever its method, with its body.
+/// max_fails = 1 it is taken out, and an idempotent request goes to another instance. So does
+/// a refused stream (REFUSED_STREAM: not processed, RFC 9113 §8.7), which goes to another
+/// instance whatever its method, with its body: an instance refusing every stream kept its
+/// share, and 79 % of requests under least_conn got 502 once the retry budget ran out.
 #[tokio::test]
-async fn reset_streams_count_against_the_instance_refused_ones_do_not() {
+async fn reset_streams_count_against_the_instance() {
     use std::sync::atomic::Ordering;
     let (refusing, refused) = resetting_h2c_instance(h2::Reason::REFUSED_STREAM).await;
     let (failing, _) = resetting_h2c_instance(h2::Reason::INTERNAL_ERROR).await;
@@ -567,7 +568,7 @@ async fn reset_streams_count_against_the_instance_refused_ones_do_not() {
     assert!(refused.load(Ordering::SeqCst) >= 1);
     assert_eq!(
         instance_state(&client, &gw, refusing.to_string()).await,
-        "up"
+        "failed"
     );
     let both = gateway(&config(&format!("\"{failing}\", \"{}\"", backend.addr())));
     for _ in 0..4 {

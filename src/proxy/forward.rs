@@ -936,7 +936,7 @@ async fn send_http2(
                 return Ok(Answer::Http2(response, slot));
             }
             Err(Http2Error::NotSent(reason)) => (FailureKind::NotSent, reason),
-            Err(Http2Error::GoneAway(reason)) => (FailureKind::Reset { refused: true }, reason),
+            Err(Http2Error::GoneAway(reason)) => (FailureKind::GoneAway, reason),
             Err(Http2Error::Sent(reason)) => (FailureKind::Sent, reason),
             Err(Http2Error::Reset { reason, refused }) => (FailureKind::Reset { refused }, reason),
             Err(Http2Error::Client(failure)) => return Err(Attempt::client(failure)),
@@ -944,7 +944,7 @@ async fn send_http2(
         };
         let untouched = matches!(
             kind,
-            FailureKind::NotSent | FailureKind::Reset { refused: true }
+            FailureKind::NotSent | FailureKind::Reset { refused: true } | FailureKind::GoneAway
         );
         if untouched && !reconnected && body.rewind() {
             shared.forget(&slot);

@@ -35,10 +35,12 @@ pub enum FailureKind {
     Invalid,
     /// An HTTP/2 instance reset the request's stream, which counts against it as a reset
     /// connection does (nginx and Envoy count it too: an instance that resets every stream
-    /// answered fast and drew most requests). `refused` (REFUSED_STREAM, or a stream past a
-    /// graceful GOAWAY): it was not processed, so it may go anywhere, and is no failure of the
-    /// instance, which said it was busy or closing.
+    /// answered fast and drew most requests, REFUSED_STREAM included). `refused`
+    /// (REFUSED_STREAM): it was not processed, so it may go anywhere.
     Reset { refused: bool },
+    /// The stream was past the last one of a graceful GOAWAY (NO_ERROR): not processed, so it
+    /// may go anywhere, and no failure of the instance, which is closing that connection.
+    GoneAway,
     /// A reused connection the instance had closed before answering (most often at its
     /// keep-alive timeout, as the connection was taken); `sent`: the request went out on it.
     Stale { sent: bool },
@@ -61,7 +63,7 @@ impl FailureKind {
                 | FailureKind::BrokeOff
                 | FailureKind::Invalid
                 | FailureKind::Timeout
-                | FailureKind::Reset { refused: false }
+                | FailureKind::Reset { .. }
         )
     }
 }
@@ -102,7 +104,9 @@ pub fn next_attempt(failure: FailureKind, request: Resend, reconnected: bool) ->
         return NextAttempt::GiveUp;
     }
     match failure {
-        FailureKind::NotSent | FailureKind::Reset { refused: true } => NextAttempt::Retry,
+        FailureKind::NotSent | FailureKind::Reset { refused: true } | FailureKind::GoneAway => {
+            NextAttempt::Retry
+        }
         FailureKind::Sent | FailureKind::Reset { .. } | FailureKind::Timeout if idempotent => {
             NextAttempt::Retry
         }
@@ -285,6 +289,7 @@ mod tests {
             (Stale { sent: true }, false, false, GiveUp),
             (Stale { sent: false }, true, true, GiveUp),
             (Reset { refused: true }, false, false, Retry),
+            (GoneAway, false, false, Retry),
             (Reset { refused: false }, true, false, Retry),
             (Reset { refused: false }, false, false, GiveUp),
             (BrokeOff, true, false, GiveUp),
@@ -313,8 +318,9 @@ mod tests {
         assert!(Timeout.is_instance_fault());
         assert!(BrokeOff.is_instance_fault());
         assert!(Invalid.is_instance_fault());
-        assert!(!Reset { refused: true }.is_instance_fault());
+        assert!(Reset { refused: true }.is_instance_fault());
         assert!(Reset { refused: false }.is_instance_fault());
+        assert!(!GoneAway.is_instance_fault());
         assert!(!Stale { sent: true }.is_instance_fault());
         assert!(!Client.is_instance_fault());
         assert!(!Local.is_instance_fault());
