@@ -530,11 +530,19 @@ impl Provider for ProcessProvider {
         for instance in set.instances.iter().filter(|i| {
             i.is_dynamic() && !i.is_draining() && is_orphan(i.addr, &self.children, &self.former)
         }) {
+            tracing::info!(upstream = %self.upstream, instance = %instance.addr, "taking out an instance whose process no longer serves");
             upstream.remove_instance(instance);
         }
+        // A former address is remembered until it is out of the upstream: one the admin API
+        // adds there later is the operator's.
         let children = &self.children;
-        self.former
-            .retain(|addr| !children.iter().any(|c| c.addr == *addr));
+        self.former.retain(|addr| {
+            !children.iter().any(|c| c.addr == *addr)
+                && set
+                    .instances
+                    .iter()
+                    .any(|i| i.addr == *addr && !i.is_draining())
+        });
     }
 
     async fn scale(&mut self, upstream: &Arc<Upstream>, desired: u32) -> Result<(), String> {
