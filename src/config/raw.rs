@@ -530,6 +530,9 @@ pub(super) fn host_problem(host: &str) -> Option<&'static str> {
         return None;
     }
     let name = host.strip_prefix("*.").unwrap_or(host);
+    if name.contains("://") {
+        return Some("names a scheme: give the host alone");
+    }
     if name.contains(':') {
         return Some("names a port: ports are not compared, give the host alone");
     }

@@ -230,6 +230,12 @@ mod tests {
                 "{name}"
             );
         }
+        let text = config(&[entry(""), entry("\"https://b.test\"")]);
+        let errors = Config::from_toml(&text).unwrap_err().0;
+        let said = errors
+            .iter()
+            .any(|e| e.message.ends_with("names a scheme: give the host alone"));
+        assert!(said, "{errors:?}");
     }
 
     #[test]
