@@ -630,15 +630,17 @@ async fn to_instance(
         {
             tracing::debug!(instance = %instance.addr, status = %answer.status(), "answer to be retried on another instance");
             let (head, held) = answer.into_parts();
-            // One broken off leaves nothing to hold: the retry goes on all the same.
-            match http_body_util::BodyExt::collect(held).await {
-                Ok(held) => {
+            // One broken off, or stalled (it would hold the retry up to `response_timeout`),
+            // leaves nothing to hold: the retry goes on all the same.
+            let read = http_body_util::BodyExt::collect(held);
+            match tokio::time::timeout(HELD_ANSWER_WAIT, read).await {
+                Ok(Ok(held)) => {
                     let held = held.to_bytes();
                     let held = (!held.is_empty()).then_some(held);
                     let answer = Response::from_parts(head, GatewayBody::Full(held));
                     retried_answer = Some((answer, instance.addr));
                 }
-                Err(_) => {
+                Ok(Err(_)) | Err(_) => {
                     last_error =
                         ProxyError::InstanceFailed("the instance broke off its answer".into());
                 }
@@ -652,6 +654,8 @@ async fn to_instance(
 
 /// The largest answer held while a `retry_on_status` retry is tried.
 const HELD_ANSWER_MAX: u64 = 64 * 1024;
+/// The longest such an answer's body is waited for.
+const HELD_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A request's end when no attempt is left: the last answer that was retried for its status,
 /// when one was (nginx passes on the last answer too), else the last failure.
