@@ -841,8 +841,8 @@ async fn write_and_linger(stream: &mut tokio::net::TcpStream, bytes: &[u8]) -> b
     sent
 }
 
-/// Refused plain connections waiting for their client's first bytes; past this many, the
-/// next ones are answered at once.
+/// Refused plain connections being answered (waiting for their client's first bytes, then
+/// writing and closing); past this many, the next ones are answered at once.
 static REFUSALS_WAITING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 const MOST_REFUSALS_WAITING: usize = 64;
 /// How long a refused plain connection's first bytes are waited for.
@@ -901,7 +901,6 @@ fn refuse(
     tokio::spawn(async move {
         let mut stream = stream;
         let http2 = starts_with_http2_preface(&stream, REFUSAL_WAIT).await == Some(true);
-        REFUSALS_WAITING.fetch_sub(1, Ordering::Relaxed);
         if http2 {
             write_and_linger(&mut stream, &http2_refusal(reason)).await;
             record(&gateway, None);
@@ -910,6 +909,8 @@ fn refuse(
             let sent = write_and_linger(&mut stream, &bytes).await;
             record(&gateway, sent.then_some(&answer));
         }
+        // Counted to the end: a flood of refused clients holds at most so many sockets.
+        REFUSALS_WAITING.fetch_sub(1, Ordering::Relaxed);
     });
 }
 
