@@ -866,3 +866,23 @@ async fn the_demo_instance_sends_no_body_with_a_204() {
         assert_eq!((reply.status, reply.body.len()), (status, 0));
     }
 }
+
+/// The demo instance reads If-None-Match as RFC 9110 asks: weak comparison, lists and `*`.
+#[tokio::test]
+async fn the_demo_instance_compares_etags_weakly() {
+    let demo = demo_backend(&[]);
+    let client = client();
+    let url = format!("http://{}/cache?etag=W%2F%22x%22", demo.addr());
+    for (asked, status) in [
+        ("\"x\"", 304),
+        ("W/\"x\"", 304),
+        ("\"y\", W/\"x\"", 304),
+        ("*", 304),
+        ("\"y\"", 200),
+    ] {
+        let reply = request(&client, "GET", &url, &[("if-none-match", asked)], "")
+            .await
+            .unwrap();
+        assert_eq!(reply.status, status, "{asked}");
+    }
+}

@@ -319,9 +319,17 @@ async fn cache_answer(state: Arc<DemoState>, req: Request<Incoming>) -> Response
         };
         http::HeaderValue::from_str(&tag).ok()
     });
-    let unchanged = etag
-        .as_ref()
-        .is_some_and(|tag| req.headers().get(http::header::IF_NONE_MATCH) == Some(tag));
+    // If-None-Match as RFC 9110 §13.1.2 reads it (weak comparison, lists, `*`), by the cache's
+    // own rule: one field compared byte for byte missed `"x"` against a `W/"x"` tag.
+    let unchanged = etag.as_ref().is_some_and(|tag| {
+        let mut asked = http::HeaderMap::new();
+        for value in req.headers().get_all(http::header::IF_NONE_MATCH) {
+            asked.append(http::header::IF_NONE_MATCH, value.clone());
+        }
+        let stored = http::HeaderMap::from_iter([(http::header::ETAG, tag.clone())]);
+        let verdict = crate::cache::policy::precondition(&asked, StatusCode::OK, &stored);
+        verdict == crate::cache::policy::Precondition::NotModified
+    });
     let mut response = if unchanged {
         text(StatusCode::NOT_MODIFIED, Bytes::new())
     } else if matches!(status.as_u16(), 204 | 304) {
