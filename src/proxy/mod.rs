@@ -902,7 +902,7 @@ fn refuse(
         let mut stream = stream;
         let http2 = starts_with_http2_preface(&stream, REFUSAL_WAIT).await == Some(true);
         if http2 {
-            write_and_linger(&mut stream, &http2_refusal(reason)).await;
+            refuse_http2(stream).await;
             record(&gateway, None);
         } else {
             let bytes = client_h1::closing_answer_bytes(&answer);
@@ -914,26 +914,18 @@ fn refuse(
     });
 }
 
-/// An HTTP/2 server's refusal of a whole connection: its SETTINGS (the preface a server owes)
-/// and a GOAWAY with REFUSED_STREAM whose last stream is 0, so the client knows none of its
-/// requests was taken up and may send them again; `reason` goes as its debug data (RFC 9113
-/// §6.8).
-fn http2_refusal(reason: &str) -> Vec<u8> {
-    const SETTINGS: u8 = 0x4;
-    const GOAWAY: u8 = 0x7;
-    const REFUSED_STREAM: u32 = 0x7;
-    let frame_head = |length: usize, kind: u8| {
-        let length = (length as u32).to_be_bytes();
-        // Length (24 bits), type, no flags, stream 0.
-        [length[1], length[2], length[3], kind, 0, 0, 0, 0, 0]
+/// Refuses a whole HTTP/2 connection as an HTTP/2 server: h2 answers the preface, then sends
+/// a GOAWAY with REFUSED_STREAM whose last stream is 0, so the client knows none of its
+/// requests was taken up and may send them again (RFC 9113 §6.8). Within a second.
+async fn refuse_http2(stream: tokio::net::TcpStream) {
+    let refused = async {
+        let mut connection = ::h2::server::handshake(stream).await.ok()?;
+        connection.abrupt_shutdown(::h2::Reason::REFUSED_STREAM);
+        // Driven until closed, so the GOAWAY goes out (streams it brings are refused).
+        while let Some(Ok(_)) = connection.accept().await {}
+        Some(())
     };
-    let mut out = Vec::with_capacity(2 * 9 + 8 + reason.len());
-    out.extend_from_slice(&frame_head(0, SETTINGS));
-    out.extend_from_slice(&frame_head(8 + reason.len(), GOAWAY));
-    out.extend_from_slice(&0u32.to_be_bytes());
-    out.extend_from_slice(&REFUSED_STREAM.to_be_bytes());
-    out.extend_from_slice(reason.as_bytes());
-    out
+    let _ = tokio::time::timeout(Duration::from_secs(1), refused).await;
 }
 
 /// Accepts on `listener`, or never when there is none.
