@@ -458,7 +458,7 @@ async fn a_tunnel_is_cut_when_the_grace_runs_out_not_when_the_autoscaler_is_done
          target = {{ in_flight_per_instance = 10 }}\n\
          command = \"sh -c 'trap \\\"\\\" TERM; exec sleep 20' {{port}}\"\n"
     );
-    let mut gw = gateway_logging_with_server_keys(
+    let gw = gateway_logging_with_server_keys(
         "shutdown_grace = \"1s\"",
         &format!("{scaled}{}", app_config(&[&a], "")),
     );
@@ -483,9 +483,7 @@ async fn a_tunnel_is_cut_when_the_grace_runs_out_not_when_the_autoscaler_is_done
         "the tunnel was cut {cut:?} after the stop"
     );
     // The gateway stops its instance (killed after stop_grace), then exits.
-    let status = tokio::task::spawn_blocking(move || gw.proc.child.wait().unwrap())
-        .await
-        .unwrap();
+    let status = gw.exit_status().await;
     assert!(status.success(), "{status:?}");
 }
 

@@ -2462,7 +2462,7 @@ fn a_taken_port_is_named_with_its_key() {
 async fn a_stop_signal_finishes_in_flight_requests_then_exits_zero() {
     let a = demo_backend(&["--latency-ms", "700"]);
     for stop in ["TERM", "QUIT"] {
-        let mut gw = gateway(&app_config(&[&a], ""));
+        let gw = gateway(&app_config(&[&a], ""));
         let client = client();
         let url = gw.url("/work");
         let in_flight = {
@@ -2478,9 +2478,7 @@ async fn a_stop_signal_finishes_in_flight_requests_then_exits_zero() {
             .expect("the admin port answers while the gateway drains");
         assert_eq!(health.status, 503, "SIG{stop}");
         assert_eq!(in_flight.await.unwrap(), 200, "SIG{stop}");
-        let status = tokio::task::spawn_blocking(move || gw.proc.child.wait().unwrap())
-            .await
-            .unwrap();
+        let status = gw.exit_status().await;
         assert!(status.success(), "SIG{stop}: {status:?}");
     }
 }
@@ -2546,7 +2544,7 @@ async fn a_second_stop_signal_stops_at_once_and_a_hangup_right_after_start_reloa
 #[tokio::test]
 async fn shutdown_delay_serves_on_while_health_says_503() {
     let a = demo_backend(&[]);
-    let mut gw = gateway_with_server_keys("shutdown_delay = \"3s\"", &app_config(&[&a], ""));
+    let gw = gateway_with_server_keys("shutdown_delay = \"3s\"", &app_config(&[&a], ""));
     let client = client();
     signal(gw.proc.pid(), "TERM");
     let health_503 = eventually(Duration::from_secs(2), || async {
@@ -2559,9 +2557,7 @@ async fn shutdown_delay_serves_on_while_health_says_503() {
         b"GET /work HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let status = tokio::task::spawn_blocking(move || gw.proc.child.wait().unwrap())
-        .await
-        .unwrap();
+    let status = gw.exit_status().await;
     assert!(status.success(), "{status:?}");
 }
 

@@ -1318,7 +1318,7 @@ async fn a_client_that_leaves_while_delayed_takes_its_request_with_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stop_answers_the_delayed_requests_it_cannot_wait_for() {
     let backend = demo_backend(&[]);
-    let mut gw = gateway_with_server_keys(
+    let gw = gateway_with_server_keys(
         "shutdown_grace = \"4s\"",
         &memory_config(
             &backend,
@@ -1347,9 +1347,7 @@ async fn a_stop_answers_the_delayed_requests_it_cannot_wait_for() {
     let refused = replies.iter().find(|reply| reply.status == 503).unwrap();
     assert_eq!(refused.json()["error"], "shutting_down");
     assert_eq!(backend_requests(&client, &backend).await, 2);
-    let status = tokio::task::spawn_blocking(move || gw.proc.child.wait().unwrap())
-        .await
-        .unwrap();
+    let status = gw.exit_status().await;
     assert!(status.success(), "{status:?}");
 }
 

@@ -194,6 +194,13 @@ impl Gateway {
     pub fn reload_with_server_keys(&self, keys: &str, body: &str) {
         self.reload_with(&with_server_keys(keys, body));
     }
+
+    /// Waits, off the async workers, for the gateway's process to exit; its status.
+    pub async fn exit_status(mut self) -> std::process::ExitStatus {
+        tokio::task::spawn_blocking(move || self.proc.child.wait().unwrap())
+            .await
+            .unwrap()
+    }
 }
 
 /// The `[server]` table of test gateways: ephemeral listeners, no access log, a short grace.
