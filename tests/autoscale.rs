@@ -396,13 +396,7 @@ async fn admin_api_pins_pauses_and_resumes() {
         assert!(metrics.contains(line), "{line} not in\n{metrics}");
     }
     let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
-    let component = detailed["components"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "autoscale:app")
-        .cloned()
-        .unwrap_or_default();
+    let component = named(&detailed["components"], "autoscale:app");
     assert_eq!(component["status"], "ok", "{detailed}");
     // Resumed: the policy brings the idle pool back to min.
     assert_eq!(pin(r#"{"resume": true}"#).await.status, 202);
@@ -668,11 +662,7 @@ async fn a_child_failing_its_checks_is_not_listed_as_serving() {
     assert!(listed, "{status}");
     assert!(children(&status, "serving").is_empty(), "{status}");
     let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
-    let component = detailed["components"]
-        .as_array()
-        .and_then(|all| all.iter().find(|c| c["name"] == "autoscale:app"))
-        .cloned()
-        .unwrap_or_default();
+    let component = named(&detailed["components"], "autoscale:app");
     assert_eq!(component["status"], "degraded", "{detailed}");
     assert_eq!(get(&client, &gw.url("/")).await.status, 503);
 }

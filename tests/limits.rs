@@ -1407,13 +1407,7 @@ async fn a_paused_http2_stream_lets_its_instance_connection_go() {
     let client = client();
     let big_in_flight = || async {
         let detailed = get(&client, &gw.admin_url("/health/detailed")).await.json();
-        let big = detailed["upstreams"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|u| u["name"] == "big")
-            .cloned()
-            .unwrap();
+        let big = named(&detailed["upstreams"], "big");
         big["instances"][0]["in_flight"].as_u64().unwrap()
     };
     assert_eq!(big_in_flight().await, 5);

@@ -393,6 +393,14 @@ pub async fn set_health(client: &Client, backend: &Proc, healthy: bool) {
 }
 
 /// Requests counted by a demo backend (`/__stats`).
+/// The entry of a JSON list (`/health/detailed`'s `components` or `upstreams`) whose `name`
+/// is `name`; `null` when there is none.
+pub fn named(list: &serde_json::Value, name: &str) -> serde_json::Value {
+    let entries = list.as_array().map(Vec::as_slice).unwrap_or_default();
+    let found = entries.iter().find(|entry| entry["name"] == name);
+    found.cloned().unwrap_or_default()
+}
+
 /// The state `/api/upstreams` gives the instance at `addr` of the first upstream.
 pub async fn instance_state(client: &Client, gw: &Gateway, addr: String) -> String {
     let json = get(client, &gw.admin_url("/api/upstreams")).await.json();
