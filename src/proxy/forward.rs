@@ -471,9 +471,6 @@ async fn to_instance(
 
     let seq = upstream.next_seq();
     let mut attempts = Attempts::default();
-    // An upgrade's answer is the client's whatever it is: the client's side of the connection
-    // goes with the first answer (see below), so no other instance could take the upgrade.
-    let upgrade_asked = client_upgrade.is_some();
     let budget = || upstream.retry_budget.try_withdraw(Instant::now());
     let mut last_error = ProxyError::NoHealthyInstance;
     // One instance set for every attempt: `tried` holds positions in it, which a set changed
@@ -536,9 +533,14 @@ async fn to_instance(
                 }
             }
             Ok(Answer::Http1(conn, line, mut answer)) => {
-                // The answer ends this loop: the client's side of an upgrade is taken either way.
+                // The client's side of an upgrade goes with a switch only: an answer that does not
+                // switch may be tried again (`retry_on_status`) on an instance that does.
                 let switched = answer.head.status == http::StatusCode::SWITCHING_PROTOCOLS;
-                let upgrade = client_upgrade.take().filter(|_| switched);
+                let upgrade = if switched {
+                    client_upgrade.take()
+                } else {
+                    None
+                };
                 // Only WebSocket is ever asked for (`websocket_upgrade`): a switch to anything
                 // else, or one that does not say to what (a 101 must, RFC 9110 §15.2.2), is one
                 // the client did not ask for either (§7.8).
@@ -623,7 +625,6 @@ async fn to_instance(
         };
         if config.retry_on_status.contains(&answer.status().as_u16())
             && idempotent
-            && !upgrade_asked
             && holdable(&answer)
             && body.rewind()
             && attempts.retry(config.retries, budget) == Step::Again
