@@ -269,6 +269,32 @@ async fn a_retry_leaves_the_rotation_as_it_was() {
     }
 }
 
+/// The retry budget pays only for retries that have an instance to go to: with both
+/// instances refusing, each request's second failure (no instance left, one retry still allowed)
+/// spent a second retry for nothing, and within a second the budget's floor of ten ran out
+/// after five requests, so later ones were never tried on the second instance.
+#[tokio::test]
+async fn a_retry_with_no_instance_left_spends_nothing_of_the_budget() {
+    let gw = gateway_logging(&app_config_at(
+        &[dead_addr(), dead_addr()],
+        "retries = 2\nretry_budget = 0\nmax_fails = 0",
+    ));
+    let client = client();
+    let mut ids = Vec::new();
+    // Nine retries needed, ten in the floor's second (eighteen spent were past it even when the
+    // requests straddled two of its seconds, unless the second turned after the fourth or fifth).
+    for _ in 0..9 {
+        let reply = get(&client, &gw.url("/")).await;
+        assert_eq!(reply.status, 502);
+        ids.push(reply.header("x-request-id").to_owned());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let lines = access_lines(&gw);
+    for id in ids {
+        assert_eq!(lines[&id]["attempts"], 2, "{}", lines[&id]);
+    }
+}
+
 /// An idempotent request that got no answer within `response_timeout` goes to another instance
 /// (nginx's `proxy_next_upstream error timeout`), its body too while at most 64 KiB; a POST
 /// cannot, nor a PUT whose larger body went out.

@@ -1346,6 +1346,7 @@ async fn a_stop_answers_the_delayed_requests_it_cannot_wait_for() {
     assert_eq!(statuses, [200, 200, 503]);
     let refused = replies.iter().find(|reply| reply.status == 503).unwrap();
     assert_eq!(refused.json()["error"], "shutting_down");
+    assert_eq!(refused.header("retry-after"), "1");
     assert_eq!(backend_requests(&client, &backend).await, 2);
     let status = gw.exit_status().await;
     assert!(status.success(), "{status:?}");

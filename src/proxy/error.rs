@@ -199,7 +199,10 @@ impl ProxyError {
             ProxyError::Overloaded { retry_after } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
-            ProxyError::GatewayShortage | ProxyError::TooManyConnections(_) => {
+            // A stopping gateway's peers (or its restart) take the retry.
+            ProxyError::GatewayShortage
+            | ProxyError::TooManyConnections(_)
+            | ProxyError::ShuttingDown => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(1));
             }
             // RFC 9110 §15.5.6: a 405 lists what the target allows; CONNECT and TRACE are the
@@ -223,9 +226,11 @@ impl ProxyError {
                 | ProxyError::HeadersTooLarge
                 | ProxyError::TooManyConnections(_)
                 | ProxyError::GatewayShortage
+                | ProxyError::ShuttingDown
         ) {
             // The rest of the connection cannot be trusted to be framed as the client meant,
-            // or there is to be no rest (out of descriptors, closing frees one).
+            // or there is to be no rest (out of descriptors, closing frees one; the gateway
+            // stopping).
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if *self == ProxyError::ClientLeft {

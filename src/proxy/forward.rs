@@ -603,8 +603,9 @@ async fn to_instance(
                     body_again: body.rewind(),
                 };
                 let next = next_attempt(kind, request, attempts.fresh);
-                // (When no instance is left to try, a retry is spent for nothing.)
-                if attempts.after_failure(next, config.retries, budget) == Step::GiveUp {
+                let left = set.any_left(&attempts.tried);
+                if attempts.after_failure(next, config.retries, || left && budget()) == Step::GiveUp
+                {
                     return given_up(error, retried_answer, served);
                 }
                 if next == NextAttempt::Retry {
@@ -627,6 +628,7 @@ async fn to_instance(
             && idempotent
             && holdable(&answer)
             && body.rewind()
+            && set.any_left(&attempts.tried)
             && attempts.retry(config.retries, budget) == Step::Again
         {
             tracing::debug!(instance = %instance.addr, status = %answer.status(), "answer to be retried on another instance");

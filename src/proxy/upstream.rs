@@ -501,6 +501,15 @@ impl InstanceSet {
         let layout = Layout::new(strategy, &described);
         InstanceSet { instances, layout }
     }
+
+    /// Whether a pick could find an instance not in `tried`: one serving and up by active
+    /// checks (a passive ejection is no bar, as every instance out that way is tried anyway).
+    /// Asked before a retry spends from the budget, which it would spend for nothing.
+    pub fn any_left(&self, tried: &[usize]) -> bool {
+        self.instances.iter().enumerate().any(|(index, instance)| {
+            !tried.contains(&index) && !instance.is_draining() && instance.passes_active_checks()
+        })
+    }
 }
 
 /// Why no instance could be picked.
@@ -1145,6 +1154,24 @@ mod tests {
         ))
         .unwrap();
         Upstream::new(config.upstream("app").unwrap().clone(), None)
+    }
+
+    /// A retry is paid for only when a pick has an instance left: none untried, or only ones
+    /// draining or down by active checks, leaves none.
+    #[test]
+    fn only_an_untried_serving_instance_is_left_for_a_retry() {
+        let upstream = upstream(3, "round_robin");
+        let set = upstream.set.load();
+        assert!(set.any_left(&[0, 1]));
+        assert!(!set.any_left(&[0, 1, 2]));
+        set.instances[2].start_draining();
+        assert!(!set.any_left(&[0, 1]));
+        assert!(set.any_left(&[0]));
+        set.instances[1].active_up.store(false, Ordering::Relaxed);
+        assert!(!set.any_left(&[0]));
+        // Out by passive checks only: still taken when every instance is.
+        set.instances[0].record_failure(Instant::now(), &upstream.config);
+        assert!(set.any_left(&[]));
     }
 
     #[test]
