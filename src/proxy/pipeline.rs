@@ -39,6 +39,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{oneshot, Notify};
@@ -133,7 +134,9 @@ pub const PROOF_WAIT: Duration = Duration::from_secs(1);
 
 /// The lines to one instance.
 pub struct Lines {
-    lines: Mutex<Vec<Arc<Line>>>,
+    /// A snapshot a request scans for a line to join; opening a line or dropping closed ones
+    /// replaces it, so no request waits on another to look.
+    lines: ArcSwap<Vec<Arc<Line>>>,
     /// Requests in flight per line before another line is opened.
     depth: usize,
     idle_timeout: Duration,
@@ -457,7 +460,7 @@ pub fn joinable(line: LineView, depth: usize) -> bool {
 impl Lines {
     pub fn new(depth: usize, keepalive_requests: u64, idle_timeout: Duration) -> Lines {
         Lines {
-            lines: Mutex::new(Vec::new()),
+            lines: ArcSwap::default(),
             depth,
             idle_timeout,
             verdict: Arc::new(Verdict::new(keepalive_requests)),
@@ -499,7 +502,6 @@ impl Lines {
             alone,
             idle_timeout: self.idle_timeout,
         };
-        let mut lines = self.lines.lock().expect("lines lock");
         if !joining.paced && !alone {
             // Past the pace limit, one request per probe interval may queue all the same; the
             // probe is spent once one did.
@@ -510,44 +512,53 @@ impl Lines {
                     probe: true,
                     ..joining
                 };
-                let ticket = self.join_first(&mut lines, connector, idle, &probing);
+                let ticket = self.join_first(connector, idle, &probing);
                 if ticket.hold().behind {
                     *probe_at = now + probe_hold(self.latency.load(Ordering::Relaxed));
                 }
                 return ticket;
             }
         }
-        self.join_first(&mut lines, connector, idle, &joining)
+        self.join_first(connector, idle, &joining)
     }
 
-    /// Queues a request on the first of `lines` it may join, opening a line when there is none.
+    /// Queues a request on the first line it may join, opening a line when there is none.
     fn join_first<F: Fn(&mut Vec<u8>)>(
         &self,
-        lines: &mut Vec<Arc<Line>>,
         connector: &Connector,
         idle: impl FnOnce() -> Option<Box<InstanceConn>>,
         joining: &Joining<'_, F>,
     ) -> Ticket {
         // A closed line refuses in `join`; closed ones are dropped when a line opens and by the
         // sweep, so a request locks no more lines than it looks at.
-        for line in lines.iter() {
-            if let Some(ticket) = line.join(joining) {
-                return ticket;
-            }
+        let joined = self.lines.load().iter().find_map(|line| line.join(joining));
+        if let Some(ticket) = joined {
+            return ticket;
         }
-        lines.retain(|line| !line.is_closed());
+        // Requests on two threads that both found every line full each open one (as HTTP/2
+        // connections are opened): the sweep closes what the burst left idle.
         // A pooled connection past a limit learned since it was pooled is closed, not a line.
         let pooled = idle().filter(|conn| conn.requests() < self.verdict.limit());
         if pooled.is_some() {
             self.verdict.proven.store(true, Ordering::Relaxed);
         }
         let line = Line::new(pooled.as_deref(), joining.now, self.verdict.clone());
-        lines.push(line.clone());
-        // Joined before its writer starts: a writer that failed to connect at once (a refused
-        // connection, on another worker thread) would otherwise close the line first.
+        // Joined before it is shown to other requests (one alone on its line would refuse a
+        // line another joined first), and before its writer starts: a writer that failed to
+        // connect at once (a refused connection, on another worker thread) would otherwise
+        // close the line first.
         let ticket = line
             .join(joining)
             .expect("a new line takes its first request");
+        self.lines.rcu(|lines| {
+            let mut kept: Vec<Arc<Line>> = lines
+                .iter()
+                .filter(|line| !line.is_closed())
+                .cloned()
+                .collect();
+            kept.push(line.clone());
+            kept
+        });
         tokio::spawn(write_line(line, connector.clone(), pooled));
         ticket
     }
@@ -675,8 +686,8 @@ impl Lines {
 
     /// Lines connected with no request on them.
     pub fn idle_count(&self) -> usize {
-        let lines = self.lines.lock().expect("lines lock");
-        lines
+        self.lines
+            .load()
             .iter()
             .filter(|line| line.idle_since().is_some())
             .count()
@@ -687,13 +698,16 @@ impl Lines {
     /// closed ones (the pool's sweep calls this). A burst's lines thus idle down to the cap
     /// within a sweep, not only after the idle timeout.
     pub fn close_idle(&self, now: Instant, keep: usize) {
-        let lines = {
-            let mut lines = self.lines.lock().expect("lines lock");
-            lines.retain(|line| !line.is_closed());
-            lines.clone()
-        };
+        self.lines.rcu(|lines| {
+            lines
+                .iter()
+                .filter(|line| !line.is_closed())
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        let lines = self.lines.load_full();
         let mut idle = Vec::new();
-        for line in lines {
+        for line in lines.iter() {
             line.close_if_idle(now, self.idle_timeout);
             if let Some(since) = line.idle_since() {
                 idle.push((since, line));
@@ -713,7 +727,7 @@ impl Lines {
 impl Drop for Lines {
     /// The writers hold their lines: they end when the lines break.
     fn drop(&mut self) {
-        for line in self.lines.get_mut().expect("lines lock").drain(..) {
+        for line in self.lines.load().iter() {
             line.break_off(Broken::Lost);
         }
     }
