@@ -47,6 +47,7 @@ use tokio::time::Instant;
 
 use super::connect::{ConnectError, Connector, InstanceStream};
 use super::h1::{InstanceConn, SendError};
+use crate::clock::ticks_ms;
 
 /// Why a queued request got no turn on its line.
 #[derive(Clone)]
@@ -156,8 +157,6 @@ pub struct Lines {
     /// together ([`next_pace`]).
     paths: Box<[PathWatch]>,
     all_paths: AtomicU32,
-    /// What [`PathWatch::paused_until_ms`] counts from.
-    epoch: Instant,
 }
 
 /// Where a request's path falls among [`PATH_SLOTS`].
@@ -180,7 +179,7 @@ struct PathWatch {
     last_quick: AtomicBool,
     /// Its slow answers in a row ([`next_slow_answers`]).
     slow_answers: AtomicU32,
-    /// Until when, in milliseconds from [`Lines::epoch`], its requests are not pipelined.
+    /// Until when ([`ticks_ms`]) its requests are not pipelined.
     paused_until_ms: AtomicU64,
 }
 
@@ -469,7 +468,6 @@ impl Lines {
             latency: AtomicU32::new(0),
             paths: (0..PATH_SLOTS).map(|_| PathWatch::default()).collect(),
             all_paths: AtomicU32::new(0),
-            epoch: Instant::now(),
         }
     }
 
@@ -579,7 +577,7 @@ impl Lines {
     /// refused pipelining ([`Lines::taken`]), nor while the path is paused as slow.
     pub fn pipelines(&self, path: PathSlot, now: Instant) -> bool {
         let paused_until = self.paths[path.0].paused_until_ms.load(Ordering::Relaxed);
-        self.taken() && self.ms_since_epoch(now) >= paused_until
+        self.taken() && ticks_ms(now) >= paused_until
     }
 
     /// Takes an answer head for `path`, queued at `started`, come at `came`, into the
@@ -626,14 +624,10 @@ impl Lines {
             None => {
                 // One slow answer after the pause pauses it again.
                 slot.slow_answers.store(SLOW_ANSWERS - 1, Ordering::Relaxed);
-                let until = self.ms_since_epoch(came) + SLOW_PATH_PAUSE.as_millis() as u64;
+                let until = ticks_ms(came) + SLOW_PATH_PAUSE.as_millis() as u64;
                 slot.paused_until_ms.store(until, Ordering::Relaxed);
             }
         }
-    }
-
-    fn ms_since_epoch(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// When the answer of a request whose turn came with `sample` must have started: [`PROOF_WAIT`]

@@ -191,8 +191,6 @@ pub struct RetryBudget {
     deposit: i64,
     balance: AtomicI64,
     cap: i64,
-    /// Seconds are counted from here for the floor.
-    origin: Instant,
     /// The floor's current second (high bits) and the retries it allowed in it (low 16 bits).
     floor: AtomicU64,
 }
@@ -205,7 +203,6 @@ impl RetryBudget {
             deposit,
             balance: AtomicI64::new(0),
             cap: deposit * SAVED_REQUESTS,
-            origin: Instant::now(),
             floor: AtomicU64::new(0),
         }
     }
@@ -243,7 +240,7 @@ impl RetryBudget {
 
     #[cold]
     fn floor_allows(&self, now: Instant) -> bool {
-        let second = now.saturating_duration_since(self.origin).as_secs();
+        let second = crate::clock::ticks_ms(now) / 1_000;
         let mut current = self.floor.load(Ordering::Relaxed);
         loop {
             // The window only moves forward: a caller with an older `now` counts against the

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -18,6 +18,7 @@ use super::pipeline::Lines;
 use super::retry::RetryBudget;
 use super::Gateway;
 use crate::balance::{self, Candidate, Layout, PickInput, Strategy};
+use crate::clock::{ticks_ms, ticks_ns};
 use crate::config::{InstanceConfig, UpstreamConfig};
 use crate::health::{HealthState, PassiveState, Transition};
 
@@ -28,13 +29,6 @@ const EWMA_TAU: Duration = Duration::from_secs(10);
 /// after one slow answer is tried again within seconds (under the 10 s of `EWMA_TAU` a spike
 /// kept it out for half a minute while the others answered).
 const STALE_TAU: Duration = Duration::from_secs(1);
-
-/// Nanoseconds since a process-wide origin, so instants fit in atomics (0 means "never").
-fn nanos(at: Instant) -> u64 {
-    static ORIGIN: OnceLock<Instant> = OnceLock::new();
-    let origin = *ORIGIN.get_or_init(|| Instant::now() - Duration::from_secs(1));
-    at.saturating_duration_since(origin).as_nanos() as u64
-}
 
 /// The result of the last active check, for `/health/detailed`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -146,7 +140,7 @@ impl Instance {
             up_since: AtomicU64::new(if joined == Joined::AtStart {
                 0
             } else {
-                nanos(Instant::now())
+                ticks_ns(Instant::now())
             }),
             last_check: Mutex::new(None),
             pool: Pool::new(config.addr, upstream),
@@ -157,7 +151,7 @@ impl Instance {
     pub fn is_available(&self, now: Instant) -> bool {
         // Zero: never taken out, which spares reading the clock as nanoseconds per pick.
         let down_until = self.passive_down_until.load(Ordering::Relaxed);
-        self.active_up.load(Ordering::Relaxed) && (down_until == 0 || down_until <= nanos(now))
+        self.active_up.load(Ordering::Relaxed) && (down_until == 0 || down_until <= ticks_ns(now))
     }
 
     /// Up by active checks (or has none), whatever passive checks say.
@@ -217,7 +211,7 @@ impl Instance {
     /// A 5xx answer (`server_error`) never lowers the average: an instance that fails fast (its
     /// database gone, say) must not look fast to `p2c_ewma` and `random_two` and draw requests.
     pub fn observe_latency(&self, sample: Duration, now: Instant, server_error: bool) {
-        let now_ns = nanos(now);
+        let now_ns = ticks_ns(now);
         let previous = f64::from_bits(self.counters.latency_bits.load(Ordering::Relaxed));
         let elapsed = Duration::from_nanos(
             now_ns.saturating_sub(self.counters.latency_stamp.load(Ordering::Relaxed)),
@@ -263,7 +257,7 @@ impl Instance {
             passive.ejected_for(answer);
             // Under the lock, as a success ending an ejection stores too.
             self.passive_down_until
-                .store(nanos(until), Ordering::Relaxed);
+                .store(ticks_ns(until), Ordering::Relaxed);
             drop(passive);
             self.counters.ejections.fetch_add(1, Ordering::Relaxed);
             self.pool.forget_pace();
@@ -296,7 +290,7 @@ impl Instance {
             return;
         }
         self.up_since
-            .store(nanos(Instant::now()), Ordering::Relaxed);
+            .store(ticks_ns(Instant::now()), Ordering::Relaxed);
         self.passive_down_until.store(0, Ordering::Relaxed);
         drop(passive);
         tracing::info!(instance = %self.addr, "instance answered again: back in rotation");
@@ -309,12 +303,12 @@ impl Instance {
         let down_until = self.passive_down_until.load(Ordering::Relaxed);
         // Another request's claim pushed the time out forward: it holds the trial.
         down_until == 0
-            || (down_until <= nanos(now)
+            || (down_until <= ticks_ns(now)
                 && self
                     .passive_down_until
                     .compare_exchange(
                         down_until,
-                        nanos(now + fail_timeout),
+                        ticks_ns(now + fail_timeout),
                         Ordering::Relaxed,
                         Ordering::Relaxed,
                     )
@@ -339,7 +333,7 @@ impl Instance {
                 } else {
                     tracing::info!(instance = %self.addr, "instance is healthy again");
                 }
-                self.up_since.store(nanos(now), Ordering::Relaxed);
+                self.up_since.store(ticks_ns(now), Ordering::Relaxed);
                 // Healthy by active checks: a passive ejection ends as well.
                 let mut passive = self.passive.lock().expect("passive state lock");
                 *passive = PassiveState::default();
@@ -365,7 +359,7 @@ impl Instance {
         if !passive.record_check(ok, rise) {
             return;
         }
-        self.up_since.store(nanos(now), Ordering::Relaxed);
+        self.up_since.store(ticks_ns(now), Ordering::Relaxed);
         self.passive_down_until.store(0, Ordering::Relaxed);
         drop(passive);
         tracing::info!(instance = %self.addr, "instance passed its checks: back in rotation");
@@ -389,7 +383,7 @@ impl Instance {
             return 1.0;
         }
         balance::ramp_factor(
-            Duration::from_nanos(nanos(now).saturating_sub(since)),
+            Duration::from_nanos(ticks_ns(now).saturating_sub(since)),
             slow_start,
         )
     }
@@ -409,7 +403,7 @@ impl Instance {
         let (latency_ns, freshness) = if latency_aware {
             let stamp = self.counters.latency_stamp.load(Ordering::Relaxed);
             let latency = f64::from_bits(self.counters.latency_bits.load(Ordering::Relaxed));
-            let since = nanos(now).saturating_sub(stamp) as f64;
+            let since = ticks_ns(now).saturating_sub(stamp) as f64;
             let fresh = if stamp == 0 {
                 0.0
             } else {
@@ -909,9 +903,8 @@ pub struct Pool {
 struct UploadLesson {
     /// The smallest such upload (`u64::MAX`: none).
     smallest: AtomicU64,
-    /// When the lesson runs out, in ms from `since`.
+    /// When the lesson runs out ([`ticks_ms`]).
     ends_ms: AtomicU64,
-    since: Instant,
 }
 
 impl UploadLesson {
@@ -919,14 +912,13 @@ impl UploadLesson {
         UploadLesson {
             smallest: AtomicU64::new(u64::MAX),
             ends_ms: AtomicU64::new(0),
-            since: Instant::now(),
         }
     }
 
     /// An upload of `bytes` was followed by the instance's close, found at `now`; true when
     /// that taught something new (a lesson begun, or a smaller size).
     fn learn(&self, bytes: u64, now: Instant) -> bool {
-        let now_ms = self.ms(now);
+        let now_ms = ticks_ms(now);
         let current = self.ends_ms.load(Ordering::Relaxed) > now_ms;
         let before = if current {
             self.smallest.fetch_min(bytes, Ordering::Relaxed)
@@ -941,11 +933,7 @@ impl UploadLesson {
     /// Whether a connection that uploaded `bytes` is not to be pooled at `now`.
     fn keeps_out(&self, bytes: u64, now: Instant) -> bool {
         bytes >= self.smallest.load(Ordering::Relaxed)
-            && self.ends_ms.load(Ordering::Relaxed) > self.ms(now)
-    }
-
-    fn ms(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.since).as_millis() as u64
+            && self.ends_ms.load(Ordering::Relaxed) > ticks_ms(now)
     }
 }
 
@@ -1594,7 +1582,7 @@ mod tests {
     #[test]
     fn an_upload_lesson_holds_for_a_while_then_starts_afresh() {
         let lesson = UploadLesson::new();
-        let t0 = lesson.since;
+        let t0 = Instant::now();
         assert!(!lesson.keeps_out(1_000_000, t0));
         assert!(lesson.learn(60_000, t0));
         assert!(lesson.keeps_out(60_000, t0) && !lesson.keeps_out(59_999, t0));

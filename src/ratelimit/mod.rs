@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::header::HeaderValue;
@@ -148,7 +148,8 @@ impl Limiter {
             .zip(keys)
             .map(|(rule, key)| (rule.id, &rule.quota, *key))
             .collect();
-        self.memory.decide(&checks, micros_now()).decisions
+        let now = crate::clock::ticks_us(Instant::now());
+        self.memory.decide(&checks, now).decisions
     }
 
     /// `/health/redis`: `(healthy, body)`.
@@ -176,13 +177,6 @@ impl Limiter {
             "memory_keys": self.memory.len(),
         })
     }
-}
-
-/// Microseconds on tokio's clock since a process-wide origin (the memory store's time).
-fn micros_now() -> u64 {
-    static ORIGIN: OnceLock<Instant> = OnceLock::new();
-    let origin = *ORIGIN.get_or_init(Instant::now);
-    origin.elapsed().as_micros() as u64 + 1
 }
 
 /// One rule, ready to decide.
