@@ -165,7 +165,7 @@ pub async fn serve(
                 drop(record);
                 return conn.close().await;
             }
-            NextHead::Refused(Refusal {
+            NextHead::Refused(HeadRefusal {
                 error,
                 request_id,
                 head_request,
@@ -301,7 +301,7 @@ enum NextHead {
     /// `header_read_timeout` ran out with part of a head read (slowloris): nginx's 408.
     TimedOut,
     /// A head the gateway refuses (400, 413, 414, 431, 505).
-    Refused(Refusal),
+    Refused(HeadRefusal),
 }
 
 /// What happens to the connection after an answer.
@@ -395,7 +395,11 @@ impl ClientConn {
                             Ok(()) => NextHead::Request(head),
                             Err(error) => {
                                 let parts = &head.parts;
-                                NextHead::Refused(Refusal::of(error, &parts.method, &parts.headers))
+                                NextHead::Refused(HeadRefusal::of(
+                                    error,
+                                    &parts.method,
+                                    &parts.headers,
+                                ))
                             }
                         }
                     }
@@ -918,7 +922,7 @@ fn check_buffered_chunks(
 fn parse_head(
     buf: &mut BytesMut,
     limits: &ClientLimits,
-) -> Result<Option<RequestHead>, Box<Refusal>> {
+) -> Result<Option<RequestHead>, Box<HeadRefusal>> {
     // Uninitialised: parsing fills what it uses, and most heads have a handful of fields.
     let mut stack = [MaybeUninit::<httparse::Header<'_>>::uninit(); STACK_HEADERS];
     let mut heap = Vec::new();
@@ -980,7 +984,7 @@ fn parse_head(
     let target = head.slice(target_start..target_end);
     let checked = match checked_head(&method, version, target, &mut headers) {
         Ok(checked) => checked,
-        Err(error) => return Err(Box::new(Refusal::of(error, &method, &headers))),
+        Err(error) => return Err(Box::new(HeadRefusal::of(error, &method, &headers))),
     };
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = method;
@@ -1006,18 +1010,18 @@ struct CheckedHead {
 /// A refused request head, with the client's request ID when the head got as far as its
 /// fields.
 #[derive(Debug)]
-struct Refusal {
+struct HeadRefusal {
     error: ProxyError,
     request_id: Option<HeaderValue>,
     /// Refused HEAD: answered without the body (RFC 9110 §9.3.2).
     head_request: bool,
 }
 
-impl Refusal {
+impl HeadRefusal {
     /// The refusal of a head with this method and fields: the client's own request ID, if sane,
     /// goes on the answer and its log line.
-    fn of(error: ProxyError, method: &Method, headers: &HeaderMap) -> Refusal {
-        Refusal {
+    fn of(error: ProxyError, method: &Method, headers: &HeaderMap) -> HeadRefusal {
+        HeadRefusal {
             error,
             request_id: client_request_id(headers).cloned(),
             head_request: method == Method::HEAD,
@@ -1026,9 +1030,9 @@ impl Refusal {
 }
 
 // Boxed: refusals are rare, and a large error would widen every parse's result.
-impl From<ProxyError> for Box<Refusal> {
-    fn from(error: ProxyError) -> Box<Refusal> {
-        Box::new(Refusal {
+impl From<ProxyError> for Box<HeadRefusal> {
+    fn from(error: ProxyError) -> Box<HeadRefusal> {
+        Box::new(HeadRefusal {
             error,
             request_id: None,
             head_request: false,
@@ -1039,12 +1043,12 @@ impl From<ProxyError> for Box<Refusal> {
 /// The refusal of a head refused before its method was read: answered as a HEAD's (no body)
 /// when it starts as one, after the empty lines a request may follow (RFC 9112 §2.2). Looked
 /// at only then, not for every head.
-fn refused(buf: &[u8], error: ProxyError) -> Box<Refusal> {
+fn refused(buf: &[u8], error: ProxyError) -> Box<HeadRefusal> {
     let head_request = buf
         .iter()
         .position(|b| !matches!(b, b'\r' | b'\n'))
         .is_some_and(|start| buf[start..].starts_with(b"HEAD "));
-    Box::new(Refusal {
+    Box::new(HeadRefusal {
         error,
         request_id: None,
         head_request,

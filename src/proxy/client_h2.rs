@@ -137,7 +137,7 @@ pub enum Closing {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub enum TimerVerdict {
     /// Nothing to do before this offset; look again then.
     LookAt(Duration),
     Close(Closing),
@@ -147,7 +147,7 @@ pub enum Verdict {
 /// their instance are left to the upstream's own timeouts, and while one does, or the client
 /// takes data on any stream, the connection stays: closing it would end streams that are
 /// doing well along with one the client paused (a video it stopped reading, say).
-pub fn judge_connection(seen: StreamsSeen, now: Duration, timers: Http2Timers) -> Verdict {
+pub fn judge_connection(seen: StreamsSeen, now: Duration, timers: Http2Timers) -> TimerVerdict {
     let (deadline, closing) = if !seen.opened {
         (timers.header_read_timeout, Closing::NoRequest)
     } else if seen.live == 0 {
@@ -156,15 +156,15 @@ pub fn judge_connection(seen: StreamsSeen, now: Duration, timers: Http2Timers) -
         let deadline = seen.last_client_progress + timers.idle_timeout;
         (deadline, Closing::ClientStalled)
     } else {
-        return Verdict::LookAt(now + timers.idle_timeout);
+        return TimerVerdict::LookAt(now + timers.idle_timeout);
     };
     if now >= deadline {
-        Verdict::Close(closing)
+        TimerVerdict::Close(closing)
     } else {
         // Never later than `idle_timeout` from now: the streams do not wake the timers, and a
         // deadline the next change brings is at least that far off (a stream opening while
         // `header_read_timeout` still runs can bring one sooner).
-        Verdict::LookAt(deadline.min(now + timers.idle_timeout))
+        TimerVerdict::LookAt(deadline.min(now + timers.idle_timeout))
     }
 }
 
@@ -184,7 +184,7 @@ const PREMATURE_RESET: Duration = Duration::from_secs(1);
 /// A stream's request as it is being answered: dropped before [`Answering::answered`], it
 /// was reset by the client before its answer head (or the connection went).
 struct Answering {
-    activity: Arc<Activity>,
+    activity: Arc<StreamActivity>,
     /// When it opened, from the connection's start.
     opened: Duration,
     answered: bool,
@@ -212,7 +212,7 @@ impl Drop for Answering {
 /// The shared record behind [`StreamsSeen`], written by the streams as they go. One lock
 /// keeps each change whole for the timers: a count seen without the time that goes with it
 /// could close a healthy connection. Uncontended, and only on the HTTP/2 path.
-struct Activity {
+struct StreamActivity {
     started: Instant,
     state: Mutex<Streams>,
     /// Streams opened, and those of them dropped before their answer ([`resets_abusive`]).
@@ -221,9 +221,9 @@ struct Activity {
     abused: Notify,
 }
 
-impl Activity {
-    fn new(started: Instant) -> Activity {
-        Activity {
+impl StreamActivity {
+    fn new(started: Instant) -> StreamActivity {
+        StreamActivity {
             started,
             streams: AtomicU64::new(0),
             premature: AtomicU64::new(0),
@@ -296,10 +296,10 @@ impl Activity {
     }
 }
 
-/// One stream's place in its connection's [`Activity`], from the request's arrival until its
+/// One stream's place in its connection's [`StreamActivity`], from the request's arrival until its
 /// answer body is done or dropped (or the request is abandoned before it has one).
 struct StreamGuard {
-    activity: Arc<Activity>,
+    activity: Arc<StreamActivity>,
     waiting: bool,
     /// This stream's number among the connection's, its key in [`Streams::parked`].
     id: u64,
@@ -387,7 +387,7 @@ pub async fn serve<I>(
 {
     let peer = client.addr;
     let timers = Http2Timers::of(&limits);
-    let activity = Arc::new(Activity::new(accepted));
+    let activity = Arc::new(StreamActivity::new(accepted));
     let streams = Arc::clone(&activity);
     let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let (gateway, client) = (gateway.clone(), client.clone());
@@ -511,12 +511,12 @@ pub async fn serve<I>(
                     }
                 }
                 match judge_connection(activity.seen(), now, timers) {
-                    Verdict::LookAt(at) => look_at = activity.started + at,
-                    Verdict::Close(Closing::ClientStalled) => {
+                    TimerVerdict::LookAt(at) => look_at = activity.started + at,
+                    TimerVerdict::Close(Closing::ClientStalled) => {
                         tracing::debug!(%peer, "client took no answer data: connection dropped");
                         return;
                     }
-                    Verdict::Close(closing) => {
+                    TimerVerdict::Close(closing) => {
                         tracing::debug!(%peer, ?closing, "closing the connection");
                         connection.as_mut().graceful_shutdown();
                         // Judged again when next looked at, not at once: its verdict stands.
@@ -558,7 +558,7 @@ const MAX_PIECE: usize = 16 << 10;
 /// or been dropped, and tells the connection's timers when the client took data.
 struct RecordedBody {
     /// Shared with the connection's timers, which take it out (dropping it) once the stream has
-    /// waited on the client for `idle_timeout` ([`Activity::cut_stalled`]).
+    /// waited on the client for `idle_timeout` ([`StreamActivity::cut_stalled`]).
     body: Arc<AnswerSource>,
     record: Option<RequestRecord>,
     stream: StreamGuard,
@@ -729,18 +729,18 @@ mod tests {
         };
         let cases = [
             // No stream yet: `header_read_timeout` from the start.
-            (fresh, 3, Verdict::LookAt(secs(10))),
-            (fresh, 10, Verdict::Close(Closing::NoRequest)),
+            (fresh, 3, TimerVerdict::LookAt(secs(10))),
+            (fresh, 10, TimerVerdict::Close(Closing::NoRequest)),
             // No stream open: `idle_timeout` from the last one's end.
-            (seen(0, 0), 30, Verdict::LookAt(secs(65))),
-            (seen(0, 0), 65, Verdict::Close(Closing::Idle)),
+            (seen(0, 0), 30, TimerVerdict::LookAt(secs(65))),
+            (seen(0, 0), 65, TimerVerdict::Close(Closing::Idle)),
             // Streams waiting on instances: their own timeouts bound them.
-            (seen(3, 0), 500, Verdict::LookAt(secs(560))),
+            (seen(3, 0), 500, TimerVerdict::LookAt(secs(560))),
             // Every answer waiting on the client: `idle_timeout` from its last progress.
-            (seen(3, 3), 50, Verdict::LookAt(secs(80))),
-            (seen(3, 3), 80, Verdict::Close(Closing::ClientStalled)),
+            (seen(3, 3), 50, TimerVerdict::LookAt(secs(80))),
+            (seen(3, 3), 80, TimerVerdict::Close(Closing::ClientStalled)),
             // One stream still waits on its instance: the paused ones stay with it.
-            (seen(3, 2), 80, Verdict::LookAt(secs(140))),
+            (seen(3, 2), 80, TimerVerdict::LookAt(secs(140))),
         ];
         for (seen, now, verdict) in cases {
             assert_eq!(
@@ -757,7 +757,7 @@ mod tests {
         };
         assert_eq!(
             judge_connection(fresh, secs(1), short_idle),
-            Verdict::LookAt(secs(3))
+            TimerVerdict::LookAt(secs(3))
         );
     }
 
@@ -795,7 +795,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_clock_of_a_stalled_client_starts_when_an_answer_first_waits() {
-        let activity = Arc::new(Activity::new(Instant::now()));
+        let activity = Arc::new(StreamActivity::new(Instant::now()));
         let (mut first, _first_watch) = activity.open();
         tokio::time::advance(secs(100)).await;
         first.wait_on_client();

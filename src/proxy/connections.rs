@@ -93,7 +93,7 @@ impl AcceptFailures {
 
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub enum ConnRefusal {
     TooManyConnections,
     TooManyFromClient,
 }
@@ -129,11 +129,11 @@ pub fn admit_decision(
     max_open: usize,
     open_from_ip: usize,
     max_per_ip: usize,
-) -> Result<(), Refusal> {
+) -> Result<(), ConnRefusal> {
     if max_open > 0 && open >= max_open {
-        Err(Refusal::TooManyConnections)
+        Err(ConnRefusal::TooManyConnections)
     } else if max_per_ip > 0 && open_from_ip >= max_per_ip {
-        Err(Refusal::TooManyFromClient)
+        Err(ConnRefusal::TooManyFromClient)
     } else {
         Ok(())
     }
@@ -189,15 +189,15 @@ impl ConnectionLimits {
     }
 
     /// A permit for a new connection from `ip`, held for the connection's life.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, Refusal> {
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionPermit, ConnRefusal> {
         let mut per_ip = self.per_ip.lock().expect("connection limits lock");
         let from_ip = per_ip.get(&ip).copied().unwrap_or(0);
         let max_open = self.max_open.load(Ordering::Relaxed);
         let max_per_ip = self.max_per_ip.load(Ordering::Relaxed);
         if let Err(refusal) = admit_decision(self.open(), max_open, from_ip, max_per_ip) {
             let counter = match refusal {
-                Refusal::TooManyConnections => &self.refused_total,
-                Refusal::TooManyFromClient => &self.refused_per_ip,
+                ConnRefusal::TooManyConnections => &self.refused_total,
+                ConnRefusal::TooManyFromClient => &self.refused_per_ip,
             };
             counter.fetch_add(1, Ordering::Relaxed);
             return Err(refusal);
@@ -265,10 +265,13 @@ mod tests {
         assert_eq!(admit_decision(9, 10, 0, 0), Ok(()));
         assert_eq!(
             admit_decision(10, 10, 0, 0),
-            Err(Refusal::TooManyConnections)
+            Err(ConnRefusal::TooManyConnections)
         );
         assert_eq!(admit_decision(10, 0, 3, 4), Ok(()));
-        assert_eq!(admit_decision(10, 0, 4, 4), Err(Refusal::TooManyFromClient));
+        assert_eq!(
+            admit_decision(10, 0, 4, 4),
+            Err(ConnRefusal::TooManyFromClient)
+        );
     }
 
     #[test]
@@ -282,7 +285,7 @@ mod tests {
         for configured in [10, 0] {
             let limits = Arc::new(ConnectionLimits::new(configured, 0, Some(130)));
             let _only = limits.admit(a).unwrap();
-            assert_eq!(limits.admit(a).err(), Some(Refusal::TooManyConnections));
+            assert_eq!(limits.admit(a).err(), Some(ConnRefusal::TooManyConnections));
         }
         // Within the budget, the configured limit holds.
         let limits = Arc::new(ConnectionLimits::new(1, 0, Some(1024)));
@@ -309,9 +312,9 @@ mod tests {
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let first = limits.admit(a).unwrap();
         let _second = limits.admit(a).unwrap();
-        assert_eq!(limits.admit(a).err(), Some(Refusal::TooManyFromClient));
+        assert_eq!(limits.admit(a).err(), Some(ConnRefusal::TooManyFromClient));
         let _third = limits.admit(b).unwrap();
-        assert_eq!(limits.admit(b).err(), Some(Refusal::TooManyConnections));
+        assert_eq!(limits.admit(b).err(), Some(ConnRefusal::TooManyConnections));
         drop(first);
         assert!(limits.admit(a).is_ok());
         assert_eq!(limits.refused_total.load(Ordering::Relaxed), 1);
@@ -326,9 +329,9 @@ mod tests {
         let before = limits.admit(a).unwrap();
         let _also_before = limits.admit(a).unwrap();
         limits.set_limits(10, 2);
-        assert_eq!(limits.admit(a).err(), Some(Refusal::TooManyFromClient));
+        assert_eq!(limits.admit(a).err(), Some(ConnRefusal::TooManyFromClient));
         drop(before);
         let _after = limits.admit(a).unwrap();
-        assert_eq!(limits.admit(a).err(), Some(Refusal::TooManyFromClient));
+        assert_eq!(limits.admit(a).err(), Some(ConnRefusal::TooManyFromClient));
     }
 }

@@ -919,7 +919,7 @@ async fn send_pipelined(
 /// outgrew what is kept of it), so the request can go again, here or on another instance.
 async fn send_http2(
     instance: &Instance,
-    shared: &h2::Http2Conn,
+    shared: &h2::Http2Connections,
     Outgoing { parts, fields, .. }: Outgoing<'_>,
     body: &mut ForwardBody,
     timeout: std::time::Duration,

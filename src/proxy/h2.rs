@@ -46,8 +46,8 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = STREAM_WINDOW * STREAMS_PER_CONNECTION as u32;
 
 /// The HTTP/2 connections to one instance.
-pub struct Http2Conn {
-    lines: ArcSwap<Vec<Arc<Http2Line>>>,
+pub struct Http2Connections {
+    connections: ArcSwap<Vec<Arc<Http2Connection>>>,
     /// Held while connecting only, so a burst of requests opens one new connection, not one
     /// each; requests that find a free stream slot never take it.
     connecting: tokio::sync::Mutex<()>,
@@ -57,10 +57,10 @@ pub struct Http2Conn {
     limit: Arc<AtomicUsize>,
 }
 
-impl Default for Http2Conn {
+impl Default for Http2Connections {
     fn default() -> Self {
-        Http2Conn {
-            lines: ArcSwap::default(),
+        Http2Connections {
+            connections: ArcSwap::default(),
             connecting: tokio::sync::Mutex::default(),
             limit: Arc::new(AtomicUsize::new(STREAMS_PER_CONNECTION)),
         }
@@ -68,13 +68,13 @@ impl Default for Http2Conn {
 }
 
 /// One HTTP/2 connection and the requests it carries.
-struct Http2Line {
+struct Http2Connection {
     sender: SendRequest<Upload>,
     streams: AtomicUsize,
 }
 
 /// A request's place on a connection, held until its answer ends.
-pub struct StreamSlot(Arc<Http2Line>);
+pub struct StreamSlot(Arc<Http2Connection>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
@@ -102,7 +102,7 @@ pub enum Http2Error {
     TimedOut,
 }
 
-impl Http2Conn {
+impl Http2Connections {
     /// A sender and a stream slot on a live connection with room, connecting first when there
     /// is none.
     pub async fn sender(
@@ -149,29 +149,29 @@ impl Http2Conn {
                 tracing::debug!(%err, "HTTP/2 connection to an instance ended with an error");
             }
         });
-        let line = Arc::new(Http2Line {
+        let connection = Arc::new(Http2Connection {
             sender: sender.clone(),
             streams: AtomicUsize::new(1),
         });
-        self.lines.rcu(|lines| {
-            let mut kept: Vec<Arc<Http2Line>> = lines
+        self.connections.rcu(|connections| {
+            let mut kept: Vec<Arc<Http2Connection>> = connections
                 .iter()
-                .filter(|line| !line.sender.is_closed())
+                .filter(|connection| !connection.sender.is_closed())
                 .cloned()
                 .collect();
-            kept.push(line.clone());
+            kept.push(connection.clone());
             kept
         });
-        Ok((sender, StreamSlot(line)))
+        Ok((sender, StreamSlot(connection)))
     }
 
     /// Drops the connection of `slot`, which a GOAWAY ended (it takes no new stream), so that
     /// the next request opens a new one rather than wait for its last streams to finish.
     pub fn forget(&self, slot: &StreamSlot) {
-        self.lines.rcu(|lines| {
-            lines
+        self.connections.rcu(|connections| {
+            connections
                 .iter()
-                .filter(|line| !Arc::ptr_eq(line, &slot.0))
+                .filter(|connection| !Arc::ptr_eq(connection, &slot.0))
                 .cloned()
                 .collect::<Vec<_>>()
         });
@@ -181,37 +181,43 @@ impl Http2Conn {
     /// drops closed ones): requests fill the first with room, so the others would sit idle
     /// for good. A request that took a slot on one meanwhile finishes on it.
     pub fn close_idle(&self) {
-        let lines = self.lines.load();
-        let idle = |line: &Arc<Http2Line>| {
-            line.sender.is_closed() || line.streams.load(Ordering::Relaxed) == 0
+        let connections = self.connections.load();
+        let idle = |connection: &Arc<Http2Connection>| {
+            connection.sender.is_closed() || connection.streams.load(Ordering::Relaxed) == 0
         };
-        if !lines.iter().skip(1).any(idle) {
+        if !connections.iter().skip(1).any(idle) {
             return;
         }
-        self.lines.rcu(|lines| {
-            lines
+        self.connections.rcu(|connections| {
+            connections
                 .iter()
                 .enumerate()
-                .filter(|(at, line)| !line.sender.is_closed() && (*at == 0 || !idle(line)))
-                .map(|(_, line)| line.clone())
+                .filter(|(at, connection)| {
+                    !connection.sender.is_closed() && (*at == 0 || !idle(connection))
+                })
+                .map(|(_, connection)| connection.clone())
                 .collect::<Vec<_>>()
         });
     }
 
     /// A live connection's sender with a stream slot taken on it, if one has room.
     fn free_slot(&self) -> Option<(SendRequest<Upload>, StreamSlot)> {
-        let lines = self.lines.load();
+        let connections = self.connections.load();
         let limit = self.limit.load(Ordering::Relaxed);
-        lines.iter().find_map(|line| {
-            if line.sender.is_closed() {
+        connections.iter().find_map(|connection| {
+            if connection.sender.is_closed() {
                 return None;
             }
-            line.streams
+            connection
+                .streams
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |taken| {
                     (taken < limit).then_some(taken + 1)
                 })
                 .ok()?;
-            Some((SendRequest::clone(&line.sender), StreamSlot(line.clone())))
+            Some((
+                SendRequest::clone(&connection.sender),
+                StreamSlot(connection.clone()),
+            ))
         })
     }
 }

@@ -859,7 +859,7 @@ fn refuse(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     secure: bool,
-    refusal: connections::Refusal,
+    refusal: connections::ConnRefusal,
     gateway: &Arc<Gateway>,
 ) {
     if secure {
@@ -867,10 +867,10 @@ fn refuse(
         return;
     }
     let reason = match refusal {
-        connections::Refusal::TooManyConnections => {
+        connections::ConnRefusal::TooManyConnections => {
             "the gateway holds server.max_connections connections"
         }
-        connections::Refusal::TooManyFromClient => {
+        connections::ConnRefusal::TooManyFromClient => {
             "this client holds server.max_connections_per_ip connections"
         }
     };

@@ -28,11 +28,12 @@
 //! not yet measured ([`pace_after`]);
 //! nor are requests for a path that answered slowly among quick ones ([`SLOW_PATH`]); a request
 //! for a path whose last answer was not quick, or that has not answered yet, goes alone on its
-//! line ([`PathWatch::goes_alone`]). And an answer whose body does not come whole with its head sends the requests queued behind it
-//! elsewhere, so that a large answer, or its slow reader, holds up no one. Until the instance
-//! has answered a whole write of several requests, a line writes no more while one it wrote is
-//! unanswered ([`Verdict::pipelined`]): a server that drops pipelined requests is found out
-//! before it can answer a later request in a dropped one's place.
+//! line ([`PathWatch::goes_alone`]). And an answer whose body does not come whole with its head
+//! sends the requests queued behind it elsewhere, so that a large answer, or its slow reader,
+//! holds up no one. Until the instance has answered a whole write of several requests, a line
+//! writes no more while one it wrote is unanswered ([`PipeliningVerdict::pipelined`]): a server
+//! that drops pipelined requests is found out before it can answer a later request in a dropped
+//! one's place.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -59,7 +60,7 @@ pub enum Broken {
 }
 
 /// A queued request's way to its turn.
-struct Turn {
+struct QueuedTurn {
     to: oneshot::Sender<Result<Box<InstanceConn>, Broken>>,
     queued: Instant,
     /// The request's id on its line ([`Line::give_up`]).
@@ -142,7 +143,7 @@ pub struct Lines {
     depth: usize,
     idle_timeout: Duration,
     /// What the instance showed of how it takes pipelined requests; shared with its lines.
-    verdict: Arc<Verdict>,
+    verdict: Arc<PipeliningVerdict>,
     /// The instance's pace in microseconds ([`pace_after`]): an average of the time its answers
     /// took after the request's turn came, for requests queued behind another ([`PaceSample`]),
     /// or [`UNMEASURED`].
@@ -266,7 +267,7 @@ pub fn next_slow_answers(slow: u32, sample_us: u32, all_us: u32) -> Option<u32> 
 }
 
 /// What an instance showed of how it takes pipelined requests.
-struct Verdict {
+struct PipeliningVerdict {
     /// An answer showed it keeps connections open: lines may carry more than one request from
     /// their first.
     proven: AtomicBool,
@@ -286,9 +287,9 @@ struct Verdict {
     last_close: AtomicU64,
 }
 
-impl Verdict {
-    fn new(keepalive_requests: u64) -> Verdict {
-        Verdict {
+impl PipeliningVerdict {
+    fn new(keepalive_requests: u64) -> PipeliningVerdict {
+        PipeliningVerdict {
             proven: AtomicBool::new(false),
             pipelined: AtomicBool::new(false),
             refused: AtomicBool::new(false),
@@ -324,9 +325,9 @@ pub struct Line {
     /// Requests queued and not yet answered to the end.
     outstanding: AtomicUsize,
     wake_writer: Notify,
-    /// Its instance's [`Verdict`]: an abandoned answer that does not parse refuses it as a read
-    /// one does.
-    verdict: Arc<Verdict>,
+    /// Its instance's [`PipeliningVerdict`]: an abandoned answer that does not parse refuses it
+    /// as a read one does.
+    verdict: Arc<PipeliningVerdict>,
 }
 
 struct LineState {
@@ -335,7 +336,7 @@ struct LineState {
     /// The writer has been woken for `pending`.
     write_asked: bool,
     /// The requests whose answers are due, in order; the front one is next to read.
-    turns: VecDeque<Turn>,
+    turns: VecDeque<QueuedTurn>,
     /// The read side, while no request holds it; `None` while connecting too.
     reader: Option<Box<InstanceConn>>,
     /// Set once the line takes no more requests: broken, or the instance said it closes.
@@ -344,7 +345,7 @@ struct LineState {
     streaming: bool,
     /// See [`LineView::lonely`].
     lonely: bool,
-    /// Requests in the last write (see [`Verdict::pipelined`]).
+    /// Requests in the last write (see [`PipeliningVerdict::pipelined`]).
     last_write: usize,
     /// The last write held several requests, or went out behind unanswered ones: an instance
     /// that drops pipelined requests may have dropped one of them, unanswered yet.
@@ -412,7 +413,7 @@ struct Joining<'a, F> {
     /// See [`LineView::paced`].
     paced: bool,
     /// It queues to measure the instance ([`PROBE_INTERVAL`]): written at once, not held back
-    /// until the answers before it came ([`Verdict::pipelined`]).
+    /// until the answers before it came ([`PipeliningVerdict::pipelined`]).
     probe: bool,
     /// Its path goes alone ([`PathWatch::goes_alone`]): nothing queues behind it on its line.
     alone: bool,
@@ -462,7 +463,7 @@ impl Lines {
             lines: ArcSwap::default(),
             depth,
             idle_timeout,
-            verdict: Arc::new(Verdict::new(keepalive_requests)),
+            verdict: Arc::new(PipeliningVerdict::new(keepalive_requests)),
             pace: AtomicU32::new(UNMEASURED),
             probe_at: Mutex::new(Instant::now()),
             latency: AtomicU32::new(0),
@@ -729,7 +730,11 @@ impl Drop for Lines {
 
 impl Line {
     /// A line on `pooled`, or on a connection its writer opens once started.
-    fn new(pooled: Option<&InstanceConn>, now: Instant, verdict: Arc<Verdict>) -> Arc<Line> {
+    fn new(
+        pooled: Option<&InstanceConn>,
+        now: Instant,
+        verdict: Arc<PipeliningVerdict>,
+    ) -> Arc<Line> {
         Arc::new(Line {
             state: Mutex::new(LineState {
                 pending: Vec::with_capacity(4096),
@@ -830,7 +835,7 @@ impl Line {
             }
             reader => {
                 state.reader = reader;
-                state.turns.push_back(Turn {
+                state.turns.push_back(QueuedTurn {
                     to: turn,
                     queued: now,
                     id,
@@ -1020,7 +1025,8 @@ impl Line {
         // the probe's answer would be read as that one's.
         let probe_may_go = state.probe_unwritten && !state.last_write_pipelined;
         if proving && !probe_may_go && unanswered > 0 {
-            // Held back until they are ([`Verdict::pipelined`]): the last answer wakes the writer.
+            // Held back until they are ([`PipeliningVerdict::pipelined`]): the last answer wakes
+            // the writer.
             return true;
         }
         state.probe_unwritten = false;

@@ -86,8 +86,8 @@ pub fn spawn(
             to_client: Arc::new(AtomicU64::new(0)),
         };
         let mut client =
-            Activity::new(client_io, origin, last.clone()).counting(record.to_client.clone());
-        let mut instance = Activity::new(instance, origin, last.clone());
+            TunnelActivity::new(client_io, origin, last.clone()).counting(record.to_client.clone());
+        let mut instance = TunnelActivity::new(instance, origin, last.clone());
         tokio::select! {
             result = tokio::io::copy_bidirectional(&mut client, &mut instance) => {
                 if let Err(err) = result {
@@ -135,16 +135,16 @@ async fn idle_expiry(origin: Instant, last: &AtomicU64, idle: Duration) {
 /// An IO that stamps `last` (milliseconds since `origin`) whenever bytes move through it, either
 /// way, and counts the bytes written to it into `written` when it has one. Writes count too: a
 /// slow reader drains the copy's buffer for long stretches without a read, and is not idle.
-struct Activity<T> {
+struct TunnelActivity<T> {
     io: T,
     origin: Instant,
     last: Arc<AtomicU64>,
     written: Option<Arc<AtomicU64>>,
 }
 
-impl<T> Activity<T> {
+impl<T> TunnelActivity<T> {
     fn new(io: T, origin: Instant, last: Arc<AtomicU64>) -> Self {
-        Activity {
+        TunnelActivity {
             io,
             origin,
             last,
@@ -158,14 +158,14 @@ impl<T> Activity<T> {
     }
 
     fn counting(self, written: Arc<AtomicU64>) -> Self {
-        Activity {
+        TunnelActivity {
             written: Some(written),
             ..self
         }
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
+impl<T: AsyncRead + Unpin> AsyncRead for TunnelActivity<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -181,7 +181,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for TunnelActivity<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -218,7 +218,7 @@ mod tests {
         let origin = Instant::now();
         let last = Arc::new(AtomicU64::new(0));
         let written = Arc::new(AtomicU64::new(0));
-        let mut side = Activity::new(near, origin, last.clone()).counting(written.clone());
+        let mut side = TunnelActivity::new(near, origin, last.clone()).counting(written.clone());
         tokio::time::advance(Duration::from_secs(5)).await;
         side.write_all(b"slow").await.unwrap();
         assert_eq!(last.load(Ordering::Relaxed), 5_000);

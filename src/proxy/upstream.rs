@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::connect::{ConnectError, Connector};
 use super::h1::InstanceConn;
-use super::h2::Http2Conn;
+use super::h2::Http2Connections;
 use super::pipeline::Lines;
 use super::retry::RetryBudget;
 use super::Gateway;
@@ -886,7 +886,7 @@ pub struct Pool {
     keepalive_requests: u64,
     idle_timeout: Duration,
     /// Set for h2 and h2c upstreams (which then keep no idle HTTP/1.1 connections).
-    pub(crate) http2: Option<Http2Conn>,
+    pub(crate) http2: Option<Http2Connections>,
     /// Set when the upstream pipelines (`pipeline` above 1).
     pub(crate) lines: Option<Lines>,
     /// Which uploads leave connections the instance closes ([`UploadLesson`]).
@@ -947,7 +947,7 @@ impl Pool {
             keepalive_requests: upstream.keepalive_requests,
             idle_timeout: upstream.idle_timeout,
             upload_lesson: UploadLesson::new(),
-            http2: http2.then(Http2Conn::default),
+            http2: http2.then(Http2Connections::default),
             lines: (upstream.pipeline > 1 && !http2).then(|| {
                 Lines::new(
                     upstream.pipeline,
