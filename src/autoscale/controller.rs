@@ -195,7 +195,9 @@ impl Run {
             "at_unix_ms": unix_ms(),
             "mode": state.mode,
             "current": current,
-            "ready": ready.len(),
+            // Not the status's `ready` (in rotation now): an instance checks took out after it
+            // joined still counts toward the average, as HPA counts a pod once ready.
+            "counted": ready.len(),
             "desired": desired,
             "recommended": decision.recommended,
             "reason": reason,
