@@ -719,10 +719,14 @@ impl Upstream {
             let Some(index) =
                 balance::pick_instance(&self.config.strategy, &candidates, input, &set.layout)
             else {
-                // Only instances whose trial another request holds were left: they are out by
-                // passive checks alone, so one is tried anyway, as when every instance is out.
+                // Only instances whose trial another request claimed after they were listed
+                // were left. Listed again they are out, and a backup (or a primary another
+                // request put back) takes the request; when none does, one of them is tried
+                // anyway, as when every instance is out. Each claim lost puts one more
+                // instance out, so the listing is redone once per instance at most.
                 if let Some(index) = held_by_trial {
-                    return Ok((index, set.instances[index].clone()));
+                    let relisted = self.pick(set, tried, hash, seq, now);
+                    return Ok(relisted.unwrap_or_else(|_| (index, set.instances[index].clone())));
                 }
                 return Err(if any_healthy {
                     NoInstance::AllTried
@@ -1160,6 +1164,42 @@ mod tests {
         // Out by passive checks only: still taken when every instance is.
         set.instances[0].record_failure(Instant::now(), &upstream.config);
         assert!(set.any_left(&[]));
+    }
+
+    /// Requests racing for the one trial of a primary whose ejection ran out: one takes it, the
+    /// others go to the healthy backup, not to the instance still out (they used to, whenever
+    /// they had listed it before the winner claimed it).
+    #[test]
+    fn the_losers_of_a_trial_race_go_to_the_backup() {
+        let config = Config::from_toml(
+            "[upstreams.app]\ninstances = [\"127.0.0.1:1\", \
+             { addr = \"127.0.0.1:2\", backup = true }]\n[[routes]]\nupstream = \"app\"\n",
+        )
+        .unwrap();
+        let upstream = Upstream::new(config.upstream("app").unwrap().clone(), None);
+        let set = upstream.set.load_full();
+        let primary = &set.instances[0];
+        for round in 0..300 {
+            let now = Instant::now();
+            // Ejected, and the ejection just ran out.
+            primary
+                .passive_down_until
+                .store(ticks_ns(now) - 1, Ordering::Relaxed);
+            let start = std::sync::Barrier::new(4);
+            let picks: Vec<usize> = std::thread::scope(|scope| {
+                let racers: Vec<_> = (0..4)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            start.wait();
+                            upstream.pick(&set, &[], None, 0, now).unwrap().0
+                        })
+                    })
+                    .collect();
+                racers.into_iter().map(|r| r.join().unwrap()).collect()
+            });
+            let on_primary = picks.iter().filter(|&&index| index == 0).count();
+            assert_eq!(on_primary, 1, "round {round}: {picks:?}");
+        }
     }
 
     #[test]
