@@ -500,6 +500,59 @@ async fn exec_provider_runs_the_scale_command_and_discovers_instances() {
     assert_eq!(status["instances"]["last_command"]["ok"], true);
 }
 
+/// `replicas_command` reads the cluster's count at each sync: a count set outside the gateway
+/// (a `kubectl scale` by hand) is the one decisions start from, so one over `max` is scaled back
+/// to it; a read that prints no count keeps the last one and says why in the status.
+#[tokio::test]
+async fn exec_provider_reads_the_replica_count_from_the_cluster() {
+    let backend = demo_backend(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = dir.path().join("cluster");
+    std::fs::write(&cluster, "3\n").unwrap();
+    let record = dir.path().join("replicas");
+    let body = exec_config(
+        &format!("sh -c 'echo {{replicas}} >> {}'", record.display()),
+        &format!("localhost:{}", backend.addr().port()),
+        &format!(
+            "sync_period = \"500ms\"\nreplicas_command = \"cat {}\"",
+            cluster.display()
+        ),
+    );
+    let gw = autoscaled(&body);
+    let client = client();
+    let current_is = |n: u64| {
+        let client = client.clone();
+        let gw = &gw;
+        async move { autoscale_status(&client, gw).await["current"] == n }
+    };
+    assert!(eventually(Duration::from_secs(10), || current_is(3)).await);
+    // Three is within bounds: nothing to apply (without the read, the pool's one instance was
+    // scaled up to the minimum of two).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!record.exists(), "a scale command ran for a count in bounds");
+    // Scaled by hand past `max`: back to three.
+    std::fs::write(&cluster, "7").unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            std::fs::read_to_string(&record).is_ok_and(|text| text.lines().next() == Some("3"))
+        })
+        .await,
+        "a count over max was not scaled back"
+    );
+    std::fs::write(&cluster, "oops").unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let status = autoscale_status(&client, &gw).await;
+            status["instances"]["last_read"]["error"]
+                .as_str()
+                .is_some_and(|error| error.contains("`oops`, not a replica count"))
+        })
+        .await
+    );
+    let status = autoscale_status(&client, &gw).await;
+    assert!(matches!(status["current"].as_u64(), Some(3 | 7)), "{status}");
+}
+
 /// A scale command still running when the gateway is told to stop does not hold the stop up
 /// (for up to `command_timeout`): it is killed, with its group, and the gateway exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,31 +11,39 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 use super::process::{each_line, forward_lines, GroupGuard};
 use super::Provider;
 use crate::clock::unix_ms_now as unix_ms;
-
-/// How long a discovery lookup may take; a failed one keeps the pool as it is.
-const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 use crate::config::{AutoscaleConfig, ExecConfig, InstanceConfig};
 use crate::proxy::upstream::Upstream;
 use crate::proxy::Gateway;
+
+/// How long a discovery lookup may take; a failed one keeps the pool as it is.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(super) struct ExecProvider {
     gateway: Arc<Gateway>,
     upstream: String,
     config: ExecConfig,
     drain_timeout: Duration,
-    /// The count last applied; until then, the instances in the pool.
+    /// The count last applied, or read from the cluster (`replicas_command`); until either, the
+    /// instances in the pool.
     replicas: Option<u32>,
+    /// The last count came from the cluster, not from a scale command.
+    read_from_cluster: bool,
     /// Addresses added by discovery, with when they were first seen.
     discovered: BTreeMap<SocketAddr, Instant>,
     /// When each pool member was first seen (capacity age for `startup_grace`).
     first_seen: BTreeMap<SocketAddr, Instant>,
     next_discovery: Instant,
+    /// When `replicas_command` runs next: once a sync period, as HPA reads the scale target.
+    next_read: Instant,
+    sync_period: Duration,
     last_command: Value,
+    last_read: Value,
 }
 
 impl ExecProvider {
@@ -51,11 +59,59 @@ impl ExecProvider {
             config,
             drain_timeout: auto.drain_timeout,
             replicas: None,
+            read_from_cluster: false,
             discovered: BTreeMap::new(),
             first_seen: BTreeMap::new(),
             next_discovery: Instant::now(),
+            next_read: Instant::now(),
+            sync_period: auto.sync_period,
             last_command: Value::Null,
+            last_read: Value::Null,
         }
+    }
+
+    /// Fills `{upstream}` (and `{replicas}` when given) into a command's words.
+    fn command_words(&self, words: &[String], replicas: Option<u32>) -> Vec<String> {
+        let replicas = replicas.map(|n| n.to_string());
+        words
+            .iter()
+            .map(|word| {
+                let word = word.replace("{upstream}", &self.upstream);
+                match &replicas {
+                    Some(replicas) => word.replace("{replicas}", replicas),
+                    None => word,
+                }
+            })
+            .collect()
+    }
+
+    /// Reads the cluster's count with `replicas_command`: one set outside the gateway (a
+    /// `kubectl scale` by hand, a deploy) is the count the next decision starts from. A failed
+    /// read keeps the last count.
+    async fn read_replicas(&mut self, command: &[String]) {
+        let args = self.command_words(command, None);
+        let tag = format!("{} replicas_command", self.upstream);
+        let read = run_command(&args, self.config.timeout, tag, Stdout::Read)
+            .await
+            .and_then(|out| replicas_in(&out));
+        match read {
+            Ok(replicas) if self.replicas != Some(replicas) => {
+                tracing::info!(upstream = %self.upstream, replicas, before = ?self.replicas, "replica count read from the cluster");
+                self.replicas = Some(replicas);
+                self.read_from_cluster = true;
+            }
+            Ok(_) => {}
+            Err(ref err) => {
+                tracing::warn!(upstream = %self.upstream, %err, "reading the replica count failed");
+            }
+        }
+        self.last_read = json!({
+            "at_unix_ms": unix_ms(),
+            "command": args,
+            "ok": read.is_ok(),
+            "replicas": read.as_ref().ok(),
+            "error": read.as_ref().err(),
+        });
     }
 
     async fn discover(&mut self, dns: &str, now: Instant) {
@@ -137,9 +193,10 @@ impl Provider for ExecProvider {
     }
 
     /// Only a count this provider set itself: 0 seen before any scale command is a cluster
-    /// not found yet.
+    /// not found yet, and 0 read from the cluster one scaled to zero on purpose (HPA leaves
+    /// such a target alone too).
     fn scales_from_zero(&self) -> bool {
-        self.replicas.is_some()
+        self.replicas.is_some() && !self.read_from_cluster
     }
 
     fn members(&self, _upstream: &Upstream) -> Vec<(SocketAddr, Instant)> {
@@ -157,6 +214,12 @@ impl Provider for ExecProvider {
                 self.discover(&discover.dns, now).await;
             }
         }
+        if let Some(command) = self.config.replicas_command.clone() {
+            if now >= self.next_read {
+                self.next_read = now + self.sync_period;
+                self.read_replicas(&command).await;
+            }
+        }
         let set = upstream.set.load();
         let live: Vec<SocketAddr> = set
             .instances
@@ -171,76 +234,11 @@ impl Provider for ExecProvider {
     }
 
     async fn scale(&mut self, _upstream: &Arc<Upstream>, desired: u32) -> Result<(), String> {
-        let replicas = desired.to_string();
-        let args: Vec<String> = self
-            .config
-            .scale_command
-            .iter()
-            .map(|a| {
-                a.replace("{replicas}", &replicas)
-                    .replace("{upstream}", &self.upstream)
-            })
-            .collect();
-        let mut command = tokio::process::Command::new(&args[0]);
-        command
-            .args(&args[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            // Its own group: a timed-out command goes with whatever it started (a wrapper's
-            // late `kubectl` would apply an old count).
-            .process_group(0);
-        let result = match command.spawn() {
-            Err(err) => Err(format!("cannot run `{}`: {err}", args[0])),
-            Ok(mut child) => {
-                // The gateway stopping drops this wait: the command goes, with its group.
-                let mut group = GroupGuard(child.id());
-                let tag = format!("{} scale_command", self.upstream);
-                if let Some(out) = child.stdout.take() {
-                    tokio::spawn(forward_lines(out, tag, "stdout"));
-                }
-                // The last lines of stderr say why it failed; all of it is read, little kept.
-                let stderr = child.stderr.take().map(|err| {
-                    tokio::spawn(async move {
-                        let mut kept = VecDeque::new();
-                        each_line(err, |line| {
-                            if kept.len() == 5 {
-                                kept.pop_front();
-                            }
-                            kept.push_back(line);
-                        })
-                        .await;
-                        Vec::from(kept).join("; ")
-                    })
-                });
-                let waited = tokio::time::timeout(self.config.timeout, child.wait()).await;
-                if waited.is_ok() {
-                    group.disarm();
-                }
-                match waited {
-                    Err(_) => {
-                        group.kill();
-                        let _ = child.wait().await;
-                        Err(format!("`{}` timed out", args.join(" ")))
-                    }
-                    Ok(Err(err)) => Err(format!("`{}` failed: {err}", args.join(" "))),
-                    Ok(Ok(status)) if status.success() => Ok(()),
-                    Ok(Ok(status)) => {
-                        // A process it left running may hold stderr open: wait a moment only.
-                        let said = match stderr {
-                            Some(task) => tokio::time::timeout(Duration::from_secs(1), task)
-                                .await
-                                .ok()
-                                .and_then(Result::ok)
-                                .unwrap_or_default(),
-                            None => String::new(),
-                        };
-                        Err(format!("`{}` failed ({status}): {said}", args.join(" ")))
-                    }
-                }
-            }
-        };
+        let args = self.command_words(&self.config.scale_command, Some(desired));
+        let tag = format!("{} scale_command", self.upstream);
+        let result = run_command(&args, self.config.timeout, tag, Stdout::Logged)
+            .await
+            .map(drop);
         self.last_command = json!({
             "at_unix_ms": unix_ms(),
             "command": args,
@@ -249,6 +247,7 @@ impl Provider for ExecProvider {
         });
         if result.is_ok() {
             self.replicas = Some(desired);
+            self.read_from_cluster = false;
         }
         result
     }
@@ -258,8 +257,128 @@ impl Provider for ExecProvider {
             "replicas": self.replicas,
             "discovered": self.discovered.keys().map(ToString::to_string).collect::<Vec<_>>(),
             "last_command": self.last_command,
+            "last_read": self.last_read,
         })
     }
 
     async fn shutdown(self) {}
+}
+
+/// What becomes of a command's standard output.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stdout {
+    /// Each line goes to the log.
+    Logged,
+    /// Kept (its first [`READ_MAX`] bytes) and handed back.
+    Read,
+}
+
+/// The most of a command's output that is kept to be read.
+const READ_MAX: u64 = 4096;
+
+/// Runs `args` in a process group of its own, stopped with everything it started once it
+/// outlives `timeout` (a wrapper's late `kubectl` would apply an old count); the output it was
+/// asked to keep, or why it failed, with the last lines of its stderr.
+async fn run_command(
+    args: &[String],
+    timeout: Duration,
+    tag: String,
+    stdout: Stdout,
+) -> Result<String, String> {
+    let mut command = tokio::process::Command::new(&args[0]);
+    command
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .process_group(0);
+    let mut child = command
+        .spawn()
+        .map_err(|err| format!("cannot run `{}`: {err}", args[0]))?;
+    // The gateway stopping drops this wait: the command goes, with its group.
+    let mut group = GroupGuard(child.id());
+    let output = child.stdout.take().map(|out| match stdout {
+        Stdout::Logged => tokio::spawn(async move {
+            forward_lines(out, tag, "stdout").await;
+            String::new()
+        }),
+        Stdout::Read => tokio::spawn(async move {
+            let mut kept = Vec::new();
+            let _ = out.take(READ_MAX).read_to_end(&mut kept).await;
+            String::from_utf8_lossy(&kept).into_owned()
+        }),
+    });
+    // The last lines of stderr say why it failed; all of it is read, little kept.
+    let stderr = child.stderr.take().map(|err| {
+        tokio::spawn(async move {
+            let mut kept = VecDeque::new();
+            each_line(err, |line| {
+                if kept.len() == 5 {
+                    kept.pop_front();
+                }
+                kept.push_back(line);
+            })
+            .await;
+            Vec::from(kept).join("; ")
+        })
+    });
+    // A process it left running may hold an output open: its end is waited for a moment only.
+    let finished = |task: Option<tokio::task::JoinHandle<String>>| async move {
+        match task {
+            Some(task) => tokio::time::timeout(Duration::from_secs(1), task)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default(),
+            None => String::new(),
+        }
+    };
+    let waited = tokio::time::timeout(timeout, child.wait()).await;
+    if waited.is_ok() {
+        group.disarm();
+    }
+    match waited {
+        Err(_) => {
+            group.kill();
+            let _ = child.wait().await;
+            Err(format!("`{}` timed out", args.join(" ")))
+        }
+        Ok(Err(err)) => Err(format!("`{}` failed: {err}", args.join(" "))),
+        // Logged output is not waited for: a server the command started may keep it open.
+        Ok(Ok(status)) if status.success() => match stdout {
+            Stdout::Read => Ok(finished(output).await),
+            Stdout::Logged => Ok(String::new()),
+        },
+        Ok(Ok(status)) => {
+            let said = finished(stderr).await;
+            Err(format!("`{}` failed ({status}): {said}", args.join(" ")))
+        }
+    }
+}
+
+/// The replica count a `replicas_command` printed: one whole number, blanks around it allowed
+/// (`kubectl ... -o jsonpath` prints no newline, `echo` one).
+fn replicas_in(output: &str) -> Result<u32, String> {
+    let text = output.trim();
+    text.parse().map_err(|_| {
+        let shown: String = text.chars().take(80).collect();
+        format!("printed `{shown}`, not a replica count")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_count_is_one_whole_number() {
+        assert_eq!(replicas_in("3"), Ok(3));
+        assert_eq!(replicas_in(" 12\n"), Ok(12));
+        assert_eq!(replicas_in("0"), Ok(0));
+        for bad in ["", "-1", "3 4", "three", "2.5", "99999999999"] {
+            let err = replicas_in(bad).unwrap_err();
+            assert!(err.contains("not a replica count"), "{bad}: {err}");
+        }
+    }
 }

@@ -43,6 +43,7 @@ pub struct RawAutoscale {
     pub workdir: Option<String>,
     // provider = "exec"
     pub scale_command: Option<String>,
+    pub replicas_command: Option<String>,
     pub command_timeout: Option<String>,
     pub discover: Option<RawDiscover>,
 }
@@ -135,6 +136,9 @@ pub struct ProcessConfig {
 pub struct ExecConfig {
     /// Program and arguments; `{replicas}` and `{upstream}` are filled in.
     pub scale_command: Vec<String>,
+    /// Program and arguments (`{upstream}` filled in) that print the cluster's replica count,
+    /// read at each sync: a count changed outside the gateway is the one worked from.
+    pub replicas_command: Option<Vec<String>>,
     pub timeout: Duration,
     pub discover: Option<DiscoverConfig>,
 }
@@ -167,6 +171,7 @@ impl AutoscaleConfig {
             }
             (ProviderConfig::Exec(a), ProviderConfig::Exec(b)) => {
                 differ("scale_command", a.scale_command != b.scale_command);
+                differ("replicas_command", a.replicas_command != b.replicas_command);
                 differ("command_timeout", a.timeout != b.timeout);
                 differ("discover", a.discover != b.discover);
             }
@@ -444,6 +449,7 @@ fn validate_process(p: &mut Problems, key: &str, raw: &RawAutoscale, most: u32) 
         key,
         &[
             ("scale_command", raw.scale_command.is_some()),
+            ("replicas_command", raw.replicas_command.is_some()),
             ("command_timeout", raw.command_timeout.is_some()),
             ("discover", raw.discover.is_some()),
         ],
@@ -551,8 +557,19 @@ fn validate_exec(p: &mut Problems, key: &str, raw: &RawAutoscale) -> ExecConfig 
             interval: p.positive_duration(&format!("{dkey}.interval"), &d.interval),
         }
     });
+    let replicas_command = raw.replicas_command.as_ref().map(|text| {
+        let words = split_command(p, &format!("{key}.replicas_command"), text);
+        if words.iter().any(|w| w.contains("{replicas}")) {
+            p.push(
+                format!("{key}.replicas_command"),
+                "reads the count and cannot be passed {replicas} (e.g. \"kubectl get deployment/api -o jsonpath={.spec.replicas}\")",
+            );
+        }
+        words
+    });
     ExecConfig {
         scale_command,
+        replicas_command,
         timeout: raw
             .command_timeout
             .as_ref()
@@ -675,6 +692,7 @@ sync_period = "0s"
 command = "my-app"
 port_range = "9-1"
 scale_command = "x {replicas}"
+replicas_command = "kubectl get deployment/api"
 target = { in_flight_per_instance = 0, queue_depth = 3 }
 scale_up = { select_policy = "most", policies = [{ type = "pods", value = 0, period = "soon" }] }
 scale_down = { stabilization = "61m", policies = [{ type = "share", value = 1, period = "1m" }, { type = "pods", value = 1, period = "31m" }] }
@@ -682,7 +700,7 @@ schedules = [{ cron = "* 25 * * *", min = 3 }, { cron = "* * * * *", min = 5, ma
 
 [upstreams.cluster]
 instances = []
-autoscale = { max = 3, provider = "exec", target = { cpu_percent = 70 }, discover = { dns = "nohost" } }
+autoscale = { max = 3, provider = "exec", target = { cpu_percent = 70 }, discover = { dns = "nohost" }, replicas_command = "get --replicas={replicas}" }
 
 [[routes]]
 upstream = "app"
@@ -697,6 +715,7 @@ upstream = "app"
             "upstreams.app.autoscale.command",
             "upstreams.app.autoscale.port_range",
             "upstreams.app.autoscale.scale_command",
+            "upstreams.app.autoscale.replicas_command",
             "upstreams.app.autoscale.target.in_flight_per_instance",
             "upstreams.app.autoscale.target.queue_depth",
             "upstreams.app.autoscale.scale_up.select_policy",
@@ -713,6 +732,7 @@ upstream = "app"
             "upstreams.cluster.autoscale.target.cpu_percent",
             "upstreams.cluster.autoscale.scale_command",
             "upstreams.cluster.autoscale.discover.dns",
+            "upstreams.cluster.autoscale.replicas_command",
         ] {
             assert!(keys.contains(&key), "{key} missing from {keys:?}");
         }
