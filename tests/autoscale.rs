@@ -529,7 +529,10 @@ async fn exec_provider_reads_the_replica_count_from_the_cluster() {
     // Three is within bounds: nothing to apply (without the read, the pool's one instance was
     // scaled up to the minimum of two).
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(!record.exists(), "a scale command ran for a count in bounds");
+    assert!(
+        !record.exists(),
+        "a scale command ran for a count in bounds"
+    );
     // Scaled by hand past `max`: back to three.
     std::fs::write(&cluster, "7").unwrap();
     assert!(
@@ -550,7 +553,10 @@ async fn exec_provider_reads_the_replica_count_from_the_cluster() {
         .await
     );
     let status = autoscale_status(&client, &gw).await;
-    assert!(matches!(status["current"].as_u64(), Some(3 | 7)), "{status}");
+    assert!(
+        matches!(status["current"].as_u64(), Some(3 | 7)),
+        "{status}"
+    );
 }
 
 /// A scale command still running when the gateway is told to stop does not hold the stop up
