@@ -30,7 +30,7 @@ use crate::proxy::headers::X_REQUEST_ID;
 use crate::proxy::{BoxError, ForwardBody, GatewayBody, InstanceFetch, ProxyError, Runtime};
 use crate::ratelimit::{hold_slots, Slots};
 use coalesce::{Lease, Turn, Waited, LOCK_TIMEOUT};
-use policy::{Precondition, RangeAnswer, RequestVerdict, State};
+use policy::{AfterWait, Precondition, RangeAnswer, RequestVerdict, State};
 pub use store::{Entry, Outcome, Purge, Store};
 
 pub static X_CACHE_STATUS: HeaderName = HeaderName::from_static("x-cache-status");
@@ -163,7 +163,7 @@ async fn answer(
             let key: Arc<str> = Arc::from(key);
             // However many turns it waits, a request waits LOCK_TIMEOUT at most in all.
             let deadline = Instant::now() + LOCK_TIMEOUT;
-            // It waited once for a fetch that stored another Vary variant than its own.
+            // It waited once more after a fetch that stored another Vary variant than its own.
             let mut rejoined = false;
             loop {
                 let rx = match store.inflight.join(&key) {
@@ -176,33 +176,26 @@ async fn answer(
                     Waited::Done { failed } => {
                         let now = Instant::now();
                         let stored = store.get(&key, &parts.headers);
-                        match stored.as_ref().map(|e| (state_at(e, now), e)) {
-                            Some((State::Fresh, entry)) => {
-                                break stored_answer(entry, Outcome::Hit, now)
-                            }
-                            // Stored stale at once (`max-age=0` under stale-while-revalidate):
-                            // served as any request arriving now would be.
-                            Some((State::Revalidate, entry)) => {
+                        let woken = policy::Woken {
+                            stored: stored.as_ref().map(|e| (state_at(e, now), e)),
+                            failed,
+                            rejoined,
+                            variants_stored: store.has_entries(&key),
+                            stale: stale.as_ref().map(|e| (state_at(e, now), e)),
+                        };
+                        match policy::after_wait(woken) {
+                            AfterWait::Hit(entry) => break stored_answer(entry, Outcome::Hit, now),
+                            AfterWait::Updating(entry) => {
                                 break stored_answer(entry, Outcome::Updating, now)
                             }
-                            _ => {}
-                        }
-                        if !failed {
-                            // Another variant was stored: this one's requests wait for one
-                            // fetch of it too, as nginx locks per variant. Once only, so that
-                            // requests of many different variants do not queue one by one.
-                            if stored.is_none() && !rejoined && store.has_entries(&key) {
-                                rejoined = true;
-                                continue;
+                            AfterWait::Stale(entry) => {
+                                break stored_answer(entry, Outcome::Stale, now)
                             }
-                            // Nothing stored, and no failure (uncacheable, too large, purged):
-                            // fetch for this request alone.
-                            break fill(cache, key, parts, fetch, None, stale).await;
-                        }
-                        // The instance just failed the fetch: the entry its failure serves, if
-                        // any, else one waiter at a time tries again.
-                        if let Some(entry) = stale.as_ref().filter(|e| usable_on_error(e, now)) {
-                            break stored_answer(entry, Outcome::Stale, now);
+                            AfterWait::Rejoin => rejoined = true,
+                            AfterWait::FillAlone => {
+                                break fill(cache, key, parts, fetch, None, stale).await
+                            }
+                            AfterWait::WaitAgain => {}
                         }
                     }
                     // nginx proxy_cache_lock: a late waiter goes to the instance, uncached;
@@ -367,7 +360,7 @@ fn stale_answer(
     fetch: &InstanceFetch,
 ) -> Option<Response<GatewayBody>> {
     let now = Instant::now();
-    let entry = stale.filter(|e| instance_failed(result) && usable_on_error(e, now))?;
+    let entry = stale.filter(|e| instance_failed(result) && state_at(e, now).usable_on_error())?;
     Some(hit(&entry, Outcome::Stale, request, cache, fetch, now))
 }
 
@@ -378,17 +371,6 @@ fn instance_failed(result: &Result<Response<GatewayBody>, ProxyError>) -> bool {
         Ok(response) => policy::is_error_status(response.status()),
         Err(error) => error.status().is_server_error(),
     }
-}
-
-/// Whether `entry` may answer in place of a failure now (within `stale_if_error`, or
-/// `stale_while_revalidate` whose refresh this is).
-fn usable_on_error(entry: &Entry, now: Instant) -> bool {
-    matches!(
-        state_at(entry, now),
-        State::Expired {
-            usable_on_error: true
-        } | State::Revalidate
-    )
 }
 
 /// Where `entry` stands in its lifetime at `now`.
@@ -775,7 +757,7 @@ async fn refresh(
         // fetch serves the entry then), whatever lifetime the failure gives itself.
         if stale
             .as_ref()
-            .is_some_and(|e| usable_on_error(e, Instant::now()))
+            .is_some_and(|e| state_at(e, Instant::now()).usable_on_error())
         {
             return;
         }

@@ -537,6 +537,79 @@ impl State {
     }
 }
 
+impl State {
+    /// Whether an entry in this state may answer in place of a failure: within
+    /// `stale_if_error`, or within `stale_while_revalidate`, whose refresh the failed fetch may be.
+    pub fn usable_on_error(self) -> bool {
+        matches!(
+            self,
+            State::Expired {
+                usable_on_error: true
+            } | State::Revalidate
+        )
+    }
+}
+
+/// What a request that waited on another's fetch of its key finds once that fetch is done.
+/// `E` is an entry as the caller holds it, so that the decision names the one it answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Woken<E> {
+    /// The entry now stored for the request's own variant, with its state, if there is one.
+    pub stored: Option<(State, E)>,
+    /// The instance failed the fetch waited on.
+    pub failed: bool,
+    /// The request already waited once more, after a fetch that stored another variant.
+    pub rejoined: bool,
+    /// Some variant of the key is stored.
+    pub variants_stored: bool,
+    /// The entry that was stale when the request came, with its state now, if there was one.
+    pub stale: Option<(State, E)>,
+}
+
+/// What a request does once the fetch it waited on is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterWait<E> {
+    /// Answer with the stored entry, fresh.
+    Hit(E),
+    /// Answer with the stored entry, stale within stale-while-revalidate.
+    Updating(E),
+    /// Wait once more, for a fetch of the request's own variant.
+    Rejoin,
+    /// Fetch for this request alone, under no lease.
+    FillAlone,
+    /// Answer with the stale entry in place of the failure.
+    Stale(E),
+    /// Take the next turn: lead the next fetch of the key, or wait for the one who does.
+    WaitAgain,
+}
+
+/// What a request does after a wait. A stored entry answers as it would a request arriving
+/// now (one stored stale at once, `max-age=0` under stale-while-revalidate, is Updating).
+/// Without one, after a fetch that did not fail, the request fetches alone (the answer was
+/// uncacheable, too large or purged), unless the fetch stored another variant: then it waits
+/// for one fetch of its own variant, as nginx locks per variant, but only once, so that
+/// requests of many different variants do not queue one by one. After a failure, the stale
+/// entry answers if its window allows, else the waiters take turns asking the instance that
+/// just failed, rather than all at once.
+pub fn after_wait<E>(woken: Woken<E>) -> AfterWait<E> {
+    match woken.stored {
+        Some((State::Fresh, entry)) => return AfterWait::Hit(entry),
+        Some((State::Revalidate, entry)) => return AfterWait::Updating(entry),
+        _ => {}
+    }
+    if !woken.failed {
+        return if woken.stored.is_none() && !woken.rejoined && woken.variants_stored {
+            AfterWait::Rejoin
+        } else {
+            AfterWait::FillAlone
+        };
+    }
+    match woken.stale {
+        Some((state, entry)) if state.usable_on_error() => AfterWait::Stale(entry),
+        _ => AfterWait::WaitAgain,
+    }
+}
+
 /// Failures that let stale-if-error answer instead (RFC 5861 §4: 500, 502, 503, 504).
 pub fn is_error_status(status: StatusCode) -> bool {
     matches!(status.as_u16(), 500 | 502 | 503 | 504)
@@ -1275,6 +1348,77 @@ mod tests {
         assert_eq!(f.keep_for(), S(28));
         let with_age = store(&[("age", "4"), ("cache-control", "max-age=10")], &rules()).unwrap();
         assert_eq!(with_age.initial_age, S(4));
+    }
+
+    #[test]
+    fn revalidating_or_within_stale_if_error_answers_a_failure() {
+        assert!(!State::Fresh.usable_on_error());
+        assert!(State::Revalidate.usable_on_error());
+        let expired = |usable_on_error| State::Expired { usable_on_error };
+        assert!(expired(true).usable_on_error());
+        assert!(!expired(false).usable_on_error());
+    }
+
+    #[test]
+    fn after_a_wait_a_request_answers_from_the_store_rejoins_fills_or_takes_a_turn() {
+        use AfterWait::{FillAlone, Hit, Rejoin, Stale, Updating, WaitAgain};
+        let expired = |usable_on_error| State::Expired { usable_on_error };
+        let woken = Woken {
+            stored: None,
+            failed: false,
+            rejoined: false,
+            variants_stored: false,
+            stale: Some((expired(true), "stale")),
+        };
+        // What the fetch stored answers, whether or not it failed (a stored 5xx is a hit).
+        for failed in [false, true] {
+            let stored = |state| Woken {
+                stored: Some((state, "stored")),
+                failed,
+                ..woken
+            };
+            assert_eq!(after_wait(stored(State::Fresh)), Hit("stored"));
+            assert_eq!(after_wait(stored(State::Revalidate)), Updating("stored"));
+        }
+        // Nothing stored for this variant, no failure: rejoin once when another variant was
+        // stored, else fetch alone.
+        let others = Woken {
+            variants_stored: true,
+            ..woken
+        };
+        assert_eq!(after_wait(others), Rejoin);
+        let rejoined = Woken {
+            rejoined: true,
+            ..others
+        };
+        assert_eq!(after_wait(rejoined), FillAlone);
+        assert_eq!(after_wait(woken), FillAlone);
+        // Its own variant stored but expired: nothing to wait for, it fetches alone.
+        let own_expired = Woken {
+            stored: Some((expired(false), "stored")),
+            ..others
+        };
+        assert_eq!(after_wait(own_expired), FillAlone);
+        // A failure: the stale entry while its window allows, else the next turn; never a
+        // rejoin, and never the expired stored entry.
+        let failed = Woken {
+            failed: true,
+            ..others
+        };
+        assert_eq!(after_wait(failed), Stale("stale"));
+        let revalidating = Woken {
+            stale: Some((State::Revalidate, "stale")),
+            ..failed
+        };
+        assert_eq!(after_wait(revalidating), Stale("stale"));
+        for stale in [Some((expired(false), "stale")), None] {
+            assert_eq!(after_wait(Woken { stale, ..failed }), WaitAgain);
+        }
+        let failed_own_expired = Woken {
+            failed: true,
+            ..own_expired
+        };
+        assert_eq!(after_wait(failed_own_expired), Stale("stale"));
     }
 
     #[test]
