@@ -162,7 +162,7 @@ async fn answer(
         (_, stale) => {
             let key: Arc<str> = Arc::from(key);
             // However many turns it waits, a request waits LOCK_TIMEOUT at most in all.
-            let deadline = Instant::now() + LOCK_TIMEOUT;
+            let deadline = now + LOCK_TIMEOUT;
             // It waited once more after a fetch that stored another Vary variant than its own.
             let mut rejoined = false;
             loop {
@@ -205,9 +205,11 @@ async fn answer(
                             (parts.method.clone(), parts.headers.clone());
                         let result = fetch.send(as_cache_fetch(parts), ForwardBody::Empty).await;
                         let request = (&method, &request_headers);
-                        break stale_answer(&result, stale, request, cache, &fetch).unwrap_or_else(
-                            || labelled(result, Outcome::Miss, cache, &fetch.request_id),
-                        );
+                        let now = Instant::now();
+                        break stale_answer(&result, stale, request, cache, &fetch, now)
+                            .unwrap_or_else(|| {
+                                labelled(result, Outcome::Miss, cache, &fetch.request_id)
+                            });
                     }
                 }
             }
@@ -350,16 +352,16 @@ fn hit(
     response
 }
 
-/// The `stale` entry's answer in place of `result` when that is the instance failing and the
-/// entry's `stale_if_error` window allows.
+/// The `stale` entry's answer at `now` in place of `result`, when that is the instance failing
+/// and the entry's `stale_if_error` window allows.
 fn stale_answer(
     result: &Result<Response<GatewayBody>, ProxyError>,
     stale: Option<Arc<Entry>>,
     request: (&Method, &HeaderMap),
     cache: &RouteCache,
     fetch: &InstanceFetch,
+    now: Instant,
 ) -> Option<Response<GatewayBody>> {
-    let now = Instant::now();
     let entry = stale.filter(|e| instance_failed(result) && state_at(e, now).usable_on_error())?;
     Some(hit(&entry, Outcome::Stale, request, cache, fetch, now))
 }
@@ -429,16 +431,25 @@ async fn fill(
         Outcome::Miss
     };
     let (method, request_headers) = (parts.method.clone(), parts.headers.clone());
-    let asked = (parts, &request_headers);
-    let result = match fetch_for_store(&cache.rules, asked, &fetch, stale.as_ref()).await {
-        Fetched::Renewed(entry, storable) => {
+    let fetched = fetch_for_store(parts, &fetch, stale.as_ref()).await;
+    // Read when the answer came, not when it was asked for: what it stores is aged from then.
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    let result = match fetched {
+        Fetched::NotModified(stale, not_modified) => {
+            let (entry, storable) = renewed(
+                &cache.rules,
+                &stale,
+                &not_modified,
+                &request_headers,
+                (now, wall),
+            );
             let entry = if storable {
                 keep(&cache.store, key, entry, lease)
             } else {
                 Arc::new(entry)
             };
             let request = (&method, &request_headers);
-            return hit(&entry, outcome, request, cache, &fetch, Instant::now());
+            return hit(&entry, outcome, request, cache, &fetch, now);
         }
         Fetched::Answer(result) => result,
     };
@@ -447,13 +458,14 @@ async fn fill(
             lease.failed();
         }
     }
-    if let Some(answer) = stale_answer(&result, stale, (&method, &request_headers), cache, &fetch) {
+    let request = (&method, &request_headers);
+    if let Some(answer) = stale_answer(&result, stale, request, cache, &fetch, now) {
         return answer;
     }
     let Ok(response) = result else {
         return labelled(result, outcome, cache, &fetch.request_id);
     };
-    let Some(pending) = Pending::new(&cache.rules, &response, &request_headers) else {
+    let Some(pending) = Pending::new(&cache.rules, &response, &request_headers, (now, wall)) else {
         if declared_length(&response).is_some_and(|length| length > cache.rules.max_body) {
             cache.store.mark_pass(key);
         }
@@ -583,11 +595,13 @@ struct Pending {
 }
 
 impl Pending {
-    /// `None` when the rules forbid storing it or its declared length is over `max_body`.
+    /// `None` when the rules forbid storing it or its declared length is over `max_body`. The
+    /// response came at `now` (`wall` by the wall clock, which `Expires` and `Date` are read by).
     fn new(
         rules: &RouteCacheConfig,
         response: &Response<GatewayBody>,
         request: &http::HeaderMap,
+        (now, wall): (Instant, SystemTime),
     ) -> Option<Pending> {
         let headers = response.headers();
         if declared_length(response).is_some_and(|length| length > rules.max_body) {
@@ -598,7 +612,7 @@ impl Pending {
             headers,
             request.contains_key(header::AUTHORIZATION),
             rules,
-            SystemTime::now(),
+            wall,
         )
         .ok()?;
         let vary_names = policy::vary_names(headers)?;
@@ -610,7 +624,7 @@ impl Pending {
                 status: response.status(),
                 headers: stored,
                 body: Bytes::new(),
-                stored_at: Instant::now(),
+                stored_at: now,
                 freshness,
                 vary_names,
                 vary_values,
@@ -670,8 +684,9 @@ fn add_validators(request: &mut HeaderMap, stale: Option<&Arc<Entry>>) -> Option
 
 /// What a fetch for the store brought back.
 enum Fetched {
-    /// A 304 to the validators of the stale entry: it, renewed, and whether it may be stored.
-    Renewed(Entry, bool),
+    /// A 304 to the validators of the stale entry: that entry, and the 304's headers to renew
+    /// it with.
+    NotModified(Arc<Entry>, HeaderMap),
     /// The instance's answer, or why there is none.
     Answer(Result<Response<GatewayBody>, ProxyError>),
 }
@@ -679,32 +694,31 @@ enum Fetched {
 /// Fetches the request's answer for the store, whether for a client (`fill`) or for nobody
 /// in particular (`refresh`): a GET without the client's own conditions, conditional on the
 /// `stale` entry's validators when it has some, so that a 304 renews it without its body.
-/// `request_headers` are the client's (`parts` loses some on the way).
 async fn fetch_for_store(
-    rules: &RouteCacheConfig,
-    (parts, request_headers): (Parts, &HeaderMap),
+    parts: Parts,
     fetch: &InstanceFetch,
     stale: Option<&Arc<Entry>>,
 ) -> Fetched {
     let mut parts = as_cache_fetch(parts);
     let revalidating = add_validators(&mut parts.headers, stale);
     let result = fetch.send(parts, ForwardBody::Empty).await;
-    match (&result, revalidating) {
+    match (result, revalidating) {
         (Ok(response), Some(stale)) if response.status() == StatusCode::NOT_MODIFIED => {
-            let (entry, storable) = renewed(rules, &stale, response.headers(), request_headers);
-            Fetched::Renewed(entry, storable)
+            Fetched::NotModified(stale, response.into_parts().0.headers)
         }
-        _ => Fetched::Answer(result),
+        (result, _) => Fetched::Answer(result),
     }
 }
 
-/// `stale` renewed by a 304: its body under the 304's headers, fresh from now. The flag says
-/// whether it may be stored (a 304 can forbid it; the body still answers this request).
+/// `stale` renewed by a 304 that came at `now` (`wall` by the wall clock): its body under the
+/// 304's headers, fresh from then. The flag says whether it may be stored (a 304 can forbid
+/// it; the body still answers this request). `request` is the client's headers.
 fn renewed(
     rules: &RouteCacheConfig,
     stale: &Entry,
     not_modified: &HeaderMap,
     request: &HeaderMap,
+    (now, wall): (Instant, SystemTime),
 ) -> (Entry, bool) {
     let mut headers = policy::updated_headers(&stale.headers, not_modified);
     let freshness = policy::storable(
@@ -712,14 +726,14 @@ fn renewed(
         &headers,
         request.contains_key(header::AUTHORIZATION),
         rules,
-        SystemTime::now(),
+        wall,
     );
     strip_per_answer(&mut headers);
     let entry = Entry {
         status: stale.status,
         headers,
         body: stale.body.clone(),
-        stored_at: Instant::now(),
+        stored_at: now,
         freshness: freshness.unwrap_or(stale.freshness),
         vary_names: stale.vary_names.clone(),
         vary_values: stale.vary_values.clone(),
@@ -739,9 +753,12 @@ async fn refresh(
     stale: Option<Arc<Entry>>,
 ) {
     let request_headers = parts.headers.clone();
-    let asked = (parts, &request_headers);
-    let result = match fetch_for_store(&rules, asked, &fetch, stale.as_ref()).await {
-        Fetched::Renewed(entry, storable) => {
+    let fetched = fetch_for_store(parts, &fetch, stale.as_ref()).await;
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    let result = match fetched {
+        Fetched::NotModified(stale, not_modified) => {
+            let (entry, storable) =
+                renewed(&rules, &stale, &not_modified, &request_headers, (now, wall));
             if storable {
                 keep(&store, key, entry, Some(lease));
             }
@@ -755,17 +772,14 @@ async fn refresh(
         lease.failed();
         // Nor is a failure stored over an entry that may still stand in for it (a client's
         // fetch serves the entry then), whatever lifetime the failure gives itself.
-        if stale
-            .as_ref()
-            .is_some_and(|e| state_at(e, Instant::now()).usable_on_error())
-        {
+        if stale.is_some_and(|e| state_at(&e, now).usable_on_error()) {
             return;
         }
     }
     let Ok(response) = result else {
         return;
     };
-    let Some(pending) = Pending::new(&rules, &response, &request_headers) else {
+    let Some(pending) = Pending::new(&rules, &response, &request_headers, (now, wall)) else {
         return;
     };
     let limited = http_body_util::Limited::new(response.into_body(), rules.max_body as usize);
