@@ -830,6 +830,7 @@ async fn keep_warm(runtime: Weak<Runtime>) {
         let Some(runtime) = runtime.upgrade() else {
             return;
         };
+        let now = Instant::now();
         // Warmed entries are for the clients most likely to ask: HTTPS ones when the gateway
         // terminates TLS. The instance is told the scheme, as for a client's request.
         let scheme = if runtime.config.tls.is_some() {
@@ -849,14 +850,12 @@ async fn keep_warm(runtime: Weak<Runtime>) {
                 };
                 let (parts, ()) = request.into_parts();
                 let key = cache.key_of(&parts, scheme, loopback);
-                let now = Instant::now();
                 let current = cache.store.get(&key, &parts.headers);
-                // Refetch when the entry would expire before the next look.
-                let warm = current.as_ref().is_some_and(|e| {
-                    let later = now.saturating_duration_since(e.stored_at) + 2 * WARM_EVERY;
-                    State::at(&e.freshness, later) == State::Fresh
+                let due = current.as_ref().is_none_or(|e| {
+                    let in_store = now.saturating_duration_since(e.stored_at);
+                    policy::needs_warming(&e.freshness, in_store, WARM_EVERY)
                 });
-                if warm {
+                if !due {
                     continue;
                 }
                 let key: Arc<str> = Arc::from(key);

@@ -550,6 +550,13 @@ impl State {
     }
 }
 
+/// Whether a warmed path's entry, `in_store` since it was stored, is fetched again at a look
+/// at it, looks coming `every` apart: when it would no longer be fresh an interval after the
+/// next look, so that the fetch has that interval to come back before the entry goes stale.
+pub fn needs_warming(freshness: &Freshness, in_store: Duration, every: Duration) -> bool {
+    State::at(freshness, in_store.saturating_add(every.saturating_mul(2))) != State::Fresh
+}
+
 /// What a request that waited on another's fetch of its key finds once that fetch is done.
 /// `E` is an entry as the caller holds it, so that the decision names the one it answers with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1348,6 +1355,37 @@ mod tests {
         assert_eq!(f.keep_for(), S(28));
         let with_age = store(&[("age", "4"), ("cache-control", "max-age=10")], &rules()).unwrap();
         assert_eq!(with_age.initial_age, S(4));
+    }
+
+    #[test]
+    fn a_warmed_entry_is_fetched_again_unless_fresh_an_interval_past_the_next_look() {
+        let f = Freshness {
+            lifetime: S(10),
+            initial_age: S(0),
+            stale_while_revalidate: S(30),
+            stale_if_error: S(300),
+            revalidatable: true,
+        };
+        assert!(!needs_warming(&f, S(0), S(1)));
+        assert!(!needs_warming(&f, Duration::from_millis(7999), S(1)));
+        assert!(needs_warming(&f, S(8), S(1)));
+        // Within stale-while-revalidate it no longer counts as warm.
+        assert!(needs_warming(&f, S(12), S(1)));
+        // The instance's Age counts as time in store; a longer interval looks further ahead.
+        let aged = Freshness {
+            initial_age: S(3),
+            ..f
+        };
+        assert!(!needs_warming(&aged, S(4), S(1)));
+        assert!(needs_warming(&aged, S(5), S(1)));
+        assert!(needs_warming(&f, S(4), S(3)));
+        // A lifetime shorter than two intervals is fetched at every look.
+        let short = Freshness {
+            lifetime: S(2),
+            ..f
+        };
+        assert!(needs_warming(&short, S(0), S(1)));
+        assert!(needs_warming(&f, Duration::MAX, Duration::MAX));
     }
 
     #[test]
