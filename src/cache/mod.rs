@@ -876,3 +876,72 @@ async fn keep_warm(runtime: Weak<Runtime>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::policy::tests::{headers, rules};
+    use super::*;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    /// A 304 renews the entry as of when it came: its time in store starts then, and an
+    /// `Expires` is read against the wall clock of then.
+    #[test]
+    fn a_304_renews_the_entry_from_when_it_came() {
+        let stored_at = Instant::now();
+        let stale = Entry {
+            status: StatusCode::OK,
+            headers: headers(&[("etag", "\"v1\""), ("cache-control", "max-age=1")]),
+            body: Bytes::from_static(b"body"),
+            stored_at,
+            freshness: policy::Freshness {
+                lifetime: S(1),
+                initial_age: S(0),
+                stale_while_revalidate: S(0),
+                stale_if_error: S(0),
+                revalidatable: true,
+            },
+            vary_names: Vec::new(),
+            vary_values: Vec::new(),
+        };
+        let (now, wall) = (stored_at + S(5), SystemTime::UNIX_EPOCH + S(2_000_000_000));
+        let expires = httpdate::fmt_http_date(wall + S(120));
+        let not_modified = headers(&[("cache-control", "public"), ("expires", &expires)]);
+        let request = HeaderMap::new();
+        let (entry, storable) = renewed(&rules(), &stale, &not_modified, &request, (now, wall));
+        assert!(storable);
+        assert_eq!(entry.stored_at, now);
+        assert_eq!(entry.freshness.lifetime, S(120));
+        assert_eq!(entry.body, stale.body);
+        assert_eq!(entry.headers["etag"], "\"v1\"");
+        // A 304 that forbids storing still renews the answer to this request, on the old terms.
+        let no_store = headers(&[("cache-control", "no-store")]);
+        let (entry, storable) = renewed(&rules(), &stale, &no_store, &request, (now, wall));
+        assert!(!storable);
+        assert_eq!(entry.freshness, stale.freshness);
+    }
+
+    /// An answer's entry counts from when it came, its `Expires` read against the wall clock of
+    /// then; nothing is stored of one whose declared length is over `max_body`.
+    #[test]
+    fn an_answer_is_stored_from_when_it_came_unless_declared_too_large() {
+        let rules = rules();
+        let (now, wall) = (Instant::now(), SystemTime::UNIX_EPOCH + S(2_000_000_000));
+        let expires = httpdate::fmt_http_date(wall + S(60));
+        let answer = |length: u64| {
+            let mut response = Response::new(GatewayBody::Full(None));
+            *response.headers_mut() = headers(&[("expires", &expires), ("x-request-id", "r1")]);
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+            response
+        };
+        let request = HeaderMap::new();
+        let pending = Pending::new(&rules, &answer(4), &request, (now, wall)).expect("stored");
+        assert_eq!(pending.entry.stored_at, now);
+        assert_eq!(pending.entry.freshness.lifetime, S(60));
+        assert!(!pending.entry.headers.contains_key(&X_REQUEST_ID));
+        let too_large = answer(rules.max_body + 1);
+        assert!(Pending::new(&rules, &too_large, &request, (now, wall)).is_none());
+    }
+}

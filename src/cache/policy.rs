@@ -796,11 +796,12 @@ pub fn updated_headers(stored: &HeaderMap, not_modified: &HeaderMap) -> HeaderMa
     updated
 }
 
+/// The route rules and headers of the tests here serve the cache's other tests too.
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn rules() -> RouteCacheConfig {
+    pub(in crate::cache) fn rules() -> RouteCacheConfig {
         RouteCacheConfig {
             ttl: Duration::from_secs(60),
             ttl_statuses: None,
@@ -1021,7 +1022,7 @@ mod tests {
         assert_eq!(max_age("max-age=abc"), secs(0));
     }
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    pub(in crate::cache) fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (k, v) in pairs {
             map.append(
