@@ -1,9 +1,13 @@
 //! The response cache of cached routes: look the request up, answer hits from memory, coalesce
 //! misses into one instance request per key (which asks the shared tier, when there is one,
 //! before an instance), store what HTTP's rules allow while the client streams it, refresh
-//! stale entries in the background and answer stale when instances fail.
-//! `policy` makes the decisions of HTTP's rules (what is stored, for how long, what a request
-//! may be answered with); this file moves bytes and time, and sequences a miss (wait for the
+//! stale entries in the background, keep the routes' `warm` paths fresh and answer stale when
+//! instances fail.
+//! `policy` makes the decisions, with the clock passed in: those of HTTP's rules (what is
+//! stored, for how long, what a request may be answered with), what a request does once the
+//! fetch it waited on is done, and when a warmed path is fetched again. This file moves bytes
+//! and time: it reads the clocks where time has passed (a request's arrival, the end of a wait,
+//! an answer's arrival, a warming tick), passes them down, and sequences a miss (wait for the
 //! fill in flight, fill, revalidate, fall back to stale).
 
 pub mod coalesce;

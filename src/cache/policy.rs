@@ -2,8 +2,9 @@
 //! subset for a shared cache, RFC 5861 stale extensions): may a request use the cache, may a
 //! response be stored and for how long, is an entry fresh, servable stale or expired, does an
 //! entry's Vary match a request, what a request's cache key is, how a stored response is
-//! revalidated (conditional request headers, headers after a 304), and when a client's own
-//! conditional request gets 304 from a stored response.
+//! revalidated (conditional request headers, headers after a 304), when a client's own
+//! conditional request gets 304 from a stored response, what a request does once the fetch it
+//! waited on is done, and when a warmed entry is fetched again.
 
 use std::time::{Duration, SystemTime};
 
