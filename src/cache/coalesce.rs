@@ -68,7 +68,7 @@ impl Drop for Lease {
     }
 }
 
-pub enum Turn {
+pub enum FillTurn {
     /// Nobody is fetching this key: fetch it.
     Lead(Lease),
     /// Someone is: wait for them.
@@ -86,10 +86,10 @@ pub enum Waited {
 }
 
 impl Coalescer {
-    pub fn join(self: &Arc<Self>, key: &Arc<str>) -> Turn {
+    pub fn join(self: &Arc<Self>, key: &Arc<str>) -> FillTurn {
         let mut inflight = self.inflight.lock().expect("coalescer lock");
         if let Some(fetch) = inflight.get(key) {
-            return Turn::Wait(fetch.done.clone());
+            return FillTurn::Wait(fetch.done.clone());
         }
         let (tx, done) = watch::channel(false);
         let purged = Arc::new(AtomicBool::new(false));
@@ -98,7 +98,7 @@ impl Coalescer {
             purged: purged.clone(),
         };
         inflight.insert(key.clone(), fetch);
-        Turn::Lead(Lease {
+        FillTurn::Lead(Lease {
             coalescer: self.clone(),
             key: key.clone(),
             generation: self.generation.load(Ordering::Acquire),
@@ -132,8 +132,8 @@ impl Coalescer {
     /// Only takes the lease when nobody holds it (for background refreshes, which never wait).
     pub fn try_lead(self: &Arc<Self>, key: &Arc<str>) -> Option<Lease> {
         match self.join(key) {
-            Turn::Lead(lease) => Some(lease),
-            Turn::Wait(_) => None,
+            FillTurn::Lead(lease) => Some(lease),
+            FillTurn::Wait(_) => None,
         }
     }
 }
@@ -157,10 +157,10 @@ mod tests {
     async fn one_leader_and_waiters_wake_when_it_is_done() {
         let coalescer = Arc::new(Coalescer::default());
         let key: Arc<str> = Arc::from("/a h");
-        let Turn::Lead(lease) = coalescer.join(&key) else {
+        let FillTurn::Lead(lease) = coalescer.join(&key) else {
             panic!("first is the leader")
         };
-        let Turn::Wait(rx) = coalescer.join(&key) else {
+        let FillTurn::Wait(rx) = coalescer.join(&key) else {
             panic!("second waits")
         };
         assert!(coalescer.try_lead(&key).is_none());
@@ -169,7 +169,7 @@ mod tests {
         assert_eq!(waiter.await.unwrap(), Waited::Done { failed: false });
         let lease = coalescer.try_lead(&key).expect("the key is free again");
         // A failed fetch says so to its waiters.
-        let Turn::Wait(rx) = coalescer.join(&key) else {
+        let FillTurn::Wait(rx) = coalescer.join(&key) else {
             panic!("waits")
         };
         let waiter = tokio::spawn(wait(rx, Instant::now() + LOCK_TIMEOUT));
@@ -206,7 +206,7 @@ mod tests {
         let coalescer = Arc::new(Coalescer::default());
         let key: Arc<str> = Arc::from("/a h");
         let _lease = coalescer.try_lead(&key).unwrap();
-        let Turn::Wait(rx) = coalescer.join(&key) else {
+        let FillTurn::Wait(rx) = coalescer.join(&key) else {
             panic!("waits")
         };
         let start = Instant::now();

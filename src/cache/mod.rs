@@ -33,7 +33,7 @@ use crate::config::{RouteCacheConfig, RouteConfig};
 use crate::proxy::headers::X_REQUEST_ID;
 use crate::proxy::{BoxError, ForwardBody, GatewayBody, InstanceFetch, ProxyError, Runtime};
 use crate::ratelimit::{hold_slots, Slots};
-use coalesce::{Lease, Turn, Waited, LOCK_TIMEOUT};
+use coalesce::{FillTurn, Lease, Waited, LOCK_TIMEOUT};
 use policy::{AfterWait, Precondition, RangeAnswer, RequestVerdict, State};
 pub use store::{Entry, Outcome, Purge, Store};
 
@@ -171,10 +171,10 @@ async fn answer(
             let mut rejoined = false;
             loop {
                 let rx = match store.inflight.join(&key) {
-                    Turn::Lead(lease) => {
+                    FillTurn::Lead(lease) => {
                         break lead_for(cache, key, parts, fetch, lease, stale, slots).await
                     }
-                    Turn::Wait(rx) => rx,
+                    FillTurn::Wait(rx) => rx,
                 };
                 match coalesce::wait(rx, deadline).await {
                     Waited::Done { failed } => {
