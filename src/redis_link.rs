@@ -394,7 +394,7 @@ impl RedisLink {
     }
 
     async fn probe(self: Arc<Self>) {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = FIRST_PROBE_DELAY;
         // A reason the operator must act on (a password or ACL changed) is said once, at
         // WARN: the outage's line may only say the connection broke.
         let mut said_refusal = false;
@@ -425,7 +425,7 @@ impl RedisLink {
                     self.note_error(Some(err.to_string()));
                 }
             }
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            backoff = next_probe_delay(backoff);
         }
     }
 
@@ -492,6 +492,20 @@ impl RedisLink {
             ))
         }
     }
+}
+
+/// The probe's first wait: a Redis that only dropped the connection (restarted, or failed
+/// over) is found back at once.
+const FIRST_PROBE_DELAY: Duration = Duration::from_millis(50);
+
+/// The probe's longest wait: a Redis down for long is still found back within a second, and is
+/// not asked more than once a second meanwhile.
+const LONGEST_PROBE_DELAY: Duration = Duration::from_secs(1);
+
+/// The probe's wait after one of `previous` failed: twice as long, up to
+/// [`LONGEST_PROBE_DELAY`].
+fn next_probe_delay(previous: Duration) -> Duration {
+    previous.saturating_mul(2).min(LONGEST_PROBE_DELAY)
 }
 
 /// Connecting (TCP, TLS, AUTH, SELECT) takes several round trips: allow more than one call.
@@ -609,5 +623,19 @@ mod tests {
         }
         let busy = redis::parse_redis_value(b"-LOADING Redis is loading\r\n").unwrap();
         assert!(!is_auth_error(&busy.extract_error().unwrap_err()));
+    }
+
+    #[test]
+    fn the_probe_waits_twice_as_long_after_each_failure_up_to_a_second() {
+        let delays: Vec<u128> = std::iter::successors(Some(FIRST_PROBE_DELAY), |&delay| {
+            Some(next_probe_delay(delay))
+        })
+        .take(8)
+        .map(|delay| delay.as_millis())
+        .collect();
+        assert_eq!(delays, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+        // However long the outage: the cap holds, and no wait overflows past it.
+        assert_eq!(next_probe_delay(LONGEST_PROBE_DELAY), LONGEST_PROBE_DELAY);
+        assert_eq!(next_probe_delay(Duration::MAX), LONGEST_PROBE_DELAY);
     }
 }
