@@ -601,28 +601,103 @@ fn is_auth_error(err: &RedisError) -> bool {
 mod tests {
     use super::*;
 
+    /// The error redis-rs makes of an error reply, as a call or the link's own PING gets it.
+    fn reply(resp: &str) -> RedisError {
+        let reply = redis::parse_redis_value(resp.as_bytes()).expect("an error reply");
+        reply.extract_error().expect_err("an error reply")
+    }
+
+    fn io(kind: std::io::ErrorKind, text: &str) -> RedisError {
+        RedisError::from(std::io::Error::new(kind, text.to_owned()))
+    }
+
+    /// What the gateway is told when Redis refuses its credentials: the first connection then
+    /// stops the gateway, and the probe says so at WARN.
     #[test]
-    fn errors_are_told_apart_by_what_the_operator_must_do() {
-        let refused_login = RedisError::from((redis::ErrorKind::AuthenticationFailed, "no"));
-        assert!(is_auth_error(&refused_login));
-        let cut = RedisError::from(std::io::Error::new(
-            std::io::ErrorKind::ConnectionReset,
-            "reset by peer",
-        ));
-        assert!(!is_auth_error(&cut));
-        assert!(!refused_by_redis(&cut));
-        for reply in [
-            &b"-NOPERM this user has no permissions\r\n"[..],
-            b"-WRONGPASS invalid username-password pair or user is disabled.\r\n",
-            b"-NOAUTH Authentication required.\r\n",
+    fn refused_credentials_and_acls_are_auth_errors() {
+        for refused in [
+            // AUTH refused on a RESP2 connection (a wrong password, or one Redis does not
+            // want): redis-rs keeps no code, only its kind.
+            RedisError::from((
+                redis::ErrorKind::AuthenticationFailed,
+                "Password authentication failed",
+            )),
+            // HELLO's AUTH refused on a RESP3 connection.
+            reply("-WRONGPASS invalid username-password pair or user is disabled.\r\n"),
+            // No password where Redis wants one: the connection opens, its PING is refused.
+            reply("-NOAUTH Authentication required.\r\n"),
+            // An ACL without the commands the gateway runs.
+            reply("-NOPERM this user has no permissions to run the 'evalsha' command\r\n"),
+            // Redis before 6 refusing AUTH.
+            reply("-ERR invalid password\r\n"),
         ] {
-            let reply = redis::parse_redis_value(reply).unwrap();
-            let denied = reply.extract_error().unwrap_err();
-            assert!(is_auth_error(&denied), "{denied}");
-            assert!(refused_by_redis(&denied), "{denied}");
+            assert!(is_auth_error(&refused), "{refused}");
         }
-        let busy = redis::parse_redis_value(b"-LOADING Redis is loading\r\n").unwrap();
-        assert!(!is_auth_error(&busy.extract_error().unwrap_err()));
+    }
+
+    /// Redis unreachable, slow or busy: the gateway starts (or stays up) and falls back until
+    /// it answers; nothing in its config to fix.
+    #[test]
+    fn other_failures_and_refusals_are_not_auth_errors() {
+        for failure in [
+            io(std::io::ErrorKind::ConnectionRefused, "connection refused"),
+            io(std::io::ErrorKind::ConnectionReset, "reset by peer"),
+            io(std::io::ErrorKind::TimedOut, "timed out"),
+            RedisError::from((
+                redis::ErrorKind::Io,
+                "Failed to create initial connections",
+                "Connection refused (os error 111)".to_owned(),
+            )),
+            RedisError::from((redis::ErrorKind::Parse, "rate-limit script reply")),
+            reply("-LOADING Redis is loading the dataset in memory\r\n"),
+            reply("-READONLY You can't write against a read only replica.\r\n"),
+            reply("-OOM command not allowed when used memory > 'maxmemory'.\r\n"),
+            reply("-NOSCRIPT No matching script. Please use EVAL.\r\n"),
+            reply("-ERR DB index is out of range\r\n"),
+            reply("-BUSY Redis is busy running a script.\r\n"),
+        ] {
+            assert!(!is_auth_error(&failure), "{failure}");
+        }
+    }
+
+    /// A refusal (an error reply) takes the link down when the health check's write meets it;
+    /// a cut connection or a slow answer does not, as the next decision judges those itself.
+    #[test]
+    fn only_an_error_reply_is_a_refusal_by_redis() {
+        for refusal in [
+            reply("-OOM command not allowed when used memory > 'maxmemory'.\r\n"),
+            reply("-READONLY You can't write against a read only replica.\r\n"),
+            reply("-MISCONF Redis is unable to persist to disk\r\n"),
+            reply("-LOADING Redis is loading the dataset in memory\r\n"),
+            reply("-NOPERM this user has no permissions to run the 'set' command\r\n"),
+            reply("-NOAUTH Authentication required.\r\n"),
+            reply("-ERR max number of clients reached\r\n"),
+            // What `takes_writes` makes of a replica's ROLE.
+            RedisError::from((
+                redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
+                "a read-only replica",
+                "point state.redis_url at the primary".to_owned(),
+            )),
+        ] {
+            assert!(refused_by_redis(&refusal), "{refusal}");
+        }
+        for failure in [
+            io(std::io::ErrorKind::ConnectionReset, "reset by peer"),
+            io(std::io::ErrorKind::BrokenPipe, "broken pipe"),
+            // What `ping` and `serves_writes` make of a slow write.
+            io(std::io::ErrorKind::TimedOut, "a write timed out"),
+            io(
+                std::io::ErrorKind::TimedOut,
+                "a write took longer than redis_timeout",
+            ),
+            RedisError::from((redis::ErrorKind::Parse, "rate-limit script reply")),
+            RedisError::from((
+                redis::ErrorKind::AuthenticationFailed,
+                "Password authentication failed",
+            )),
+        ] {
+            assert!(!refused_by_redis(&failure), "{failure}");
+        }
     }
 
     #[test]
