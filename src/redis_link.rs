@@ -586,15 +586,25 @@ fn refused_by_redis(err: &RedisError) -> bool {
 
 /// Redis refused the gateway's credentials or its ACL the commands. By the reply's code:
 /// redis-rs writes a NOPERM reply as `NoPerm: ...`, which a look for `NOPERM` in the text missed.
+/// A cluster's first connection keeps only the text of a node's error (in an I/O error, "Failed
+/// to create initial connections"), so the text is also searched for the way redis-rs writes
+/// each of these: a refused AUTH by its kind, WRONGPASS and NOAUTH quoted, NOPERM as `NoPerm`.
 fn is_auth_error(err: &RedisError) -> bool {
     let text = err.to_string();
     err.kind() == redis::ErrorKind::AuthenticationFailed
         || err
             .code()
             .is_some_and(|code| ["WRONGPASS", "NOAUTH", "NOPERM"].contains(&code))
-        || ["invalid password", "invalid username"]
-            .iter()
-            .any(|marker| text.contains(marker))
+        || [
+            "invalid password",
+            "invalid username",
+            "AuthenticationFailed",
+            "\"WRONGPASS\"",
+            "\"NOAUTH\"",
+            "NoPerm",
+        ]
+        .iter()
+        .any(|marker| text.contains(marker))
 }
 
 #[cfg(test)]
@@ -631,6 +641,28 @@ mod tests {
             // Redis before 6 refusing AUTH.
             reply("-ERR invalid password\r\n"),
         ] {
+            assert!(is_auth_error(&refused), "{refused}");
+        }
+    }
+
+    /// A cluster's first connection fails with an I/O error that keeps only the text of a
+    /// node's: a refusal there is the same config mistake as on a lone Redis.
+    #[test]
+    fn a_cluster_refusing_the_credentials_is_an_auth_error() {
+        for refused_by_a_node in [
+            RedisError::from((
+                redis::ErrorKind::AuthenticationFailed,
+                "Password authentication failed",
+            )),
+            reply("-WRONGPASS invalid username-password pair or user is disabled.\r\n"),
+            reply("-NOAUTH Authentication required.\r\n"),
+            reply("-NOPERM this user has no permissions to run the 'ping' command\r\n"),
+        ] {
+            let refused = RedisError::from((
+                redis::ErrorKind::Io,
+                "Failed to create initial connections",
+                refused_by_a_node.to_string(),
+            ));
             assert!(is_auth_error(&refused), "{refused}");
         }
     }
