@@ -589,6 +589,7 @@ fn refused_by_redis(err: &RedisError) -> bool {
 /// A cluster's first connection keeps only the text of a node's error (in an I/O error, "Failed
 /// to create initial connections"), so the text is also searched for the way redis-rs writes
 /// each of these: a refused AUTH by its kind, WRONGPASS and NOAUTH quoted, NOPERM as `NoPerm`.
+/// A refused SELECT keeps only the reply's detail: NOAUTH's and NOPERM's are searched for too.
 fn is_auth_error(err: &RedisError) -> bool {
     let text = err.to_string();
     err.kind() == redis::ErrorKind::AuthenticationFailed
@@ -602,6 +603,8 @@ fn is_auth_error(err: &RedisError) -> bool {
             "\"WRONGPASS\"",
             "\"NOAUTH\"",
             "NoPerm",
+            "Authentication required",
+            "has no permissions",
         ]
         .iter()
         .any(|marker| text.contains(marker))
@@ -665,6 +668,29 @@ mod tests {
             ));
             assert!(is_auth_error(&refused), "{refused}");
         }
+    }
+
+    /// With a database other than 0, a RESP2 connection's SELECT is its first command: redis-rs
+    /// keeps only the detail of a refusal there.
+    #[test]
+    fn a_refused_select_for_want_of_credentials_is_an_auth_error() {
+        for detail in [
+            "Authentication required.",
+            "this user has no permissions to run the 'select' command",
+        ] {
+            let refused = RedisError::from((
+                redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+                "Redis server refused to switch database",
+                detail.to_owned(),
+            ));
+            assert!(is_auth_error(&refused), "{refused}");
+        }
+        let out_of_range = RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "Redis server refused to switch database",
+            "DB index is out of range".to_owned(),
+        ));
+        assert!(!is_auth_error(&out_of_range), "{out_of_range}");
     }
 
     /// Redis unreachable, slow or busy: the gateway starts (or stays up) and falls back until
