@@ -495,6 +495,206 @@ fn read_reply(group: &[RedisCheck<'_>], now: i64, states: &[i64]) -> Option<(Joi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redis::Value;
+
+    /// Redis's time in a reply: µs since the epoch.
+    const NOW: i64 = 1_700_000_000_000_000;
+    const MINUTE: u64 = 60_000_000;
+
+    /// 10 a minute, 4 more at once.
+    const GCRA: Quota = Quota {
+        algorithm: Algorithm::Gcra,
+        limit: 10,
+        period_us: MINUTE,
+        burst: 4,
+    };
+
+    /// 3 a minute, sliding.
+    const WINDOW: Quota = Quota {
+        algorithm: Algorithm::SlidingWindow,
+        limit: 3,
+        period_us: MINUTE,
+        burst: 0,
+    };
+
+    fn checks(quotas: &[Quota]) -> Vec<RedisCheck<'_>> {
+        let client = LimitKey::Ip([192, 0, 2, 1].into());
+        quotas
+            .iter()
+            .map(|quota| (&b"rl:"[..], quota, client))
+            .collect()
+    }
+
+    /// The script's reply as `decide_rule_by_rule` reads it: the integers `run` takes it as,
+    /// Redis's time first, then four per rule.
+    fn read(quotas: &[Quota], reply: Value) -> Option<(JointDecision, u64)> {
+        let reply: Vec<i64> = redis::from_redis_value(reply).ok()?;
+        let (now, states) = reply.split_first()?;
+        read_reply(&checks(quotas), *now, states)
+    }
+
+    fn ints(reply: &[i64]) -> Value {
+        Value::Array(reply.iter().map(|&n| Value::Int(n)).collect())
+    }
+
+    /// The same decision the memory store makes over `stored` at [`NOW`].
+    fn decided(quotas: &[Quota], stored: &[Option<SlotState>]) -> Option<(JointDecision, u64)> {
+        let now = NOW as u64;
+        Some((
+            decide_all(quotas.iter().zip(stored.iter().copied()), now),
+            now,
+        ))
+    }
+
+    #[test]
+    fn a_gcra_reply_reads_as_the_tat_it_stored_or_as_none() {
+        let absent = read(&[GCRA], ints(&[NOW, -1, 0, 0, 0]));
+        assert_eq!(absent, decided(&[GCRA], &[None]));
+        let (joint, now) = absent.unwrap();
+        assert_eq!(now, NOW as u64);
+        assert!(joint.allowed());
+        assert_eq!(joint.decisions[0].remaining, GCRA.burst);
+
+        // Two requests booked: the TAT is two intervals ahead.
+        let tat = NOW + 2 * GCRA.interval_us() as i64;
+        let booked = read(&[GCRA], ints(&[NOW, tat, 0, 0, 0]));
+        assert_eq!(
+            booked,
+            decided(&[GCRA], &[Some(SlotState::Gcra(tat as u64))])
+        );
+        assert_eq!(booked.unwrap().0.decisions[0].remaining, GCRA.burst - 2);
+
+        // Used up: a TAT past the tolerance refuses.
+        let full = NOW + ((GCRA.burst + 1) * GCRA.interval_us()) as i64;
+        let (joint, _) = read(&[GCRA], ints(&[NOW, full, 0, 0, 0])).unwrap();
+        assert!(!joint.allowed());
+        assert!(joint.booked.is_empty());
+    }
+
+    #[test]
+    fn a_window_reply_reads_as_the_window_it_stored_with_its_period() {
+        let index = NOW / MINUTE as i64;
+        let absent = read(&[WINDOW], ints(&[NOW, -1, 0, 0, MINUTE as i64]));
+        assert_eq!(absent, decided(&[WINDOW], &[None]));
+
+        let stored = Window {
+            index: index as u64,
+            period_us: MINUTE,
+            prev: 1,
+            curr: 1,
+        };
+        let read_back = read(&[WINDOW], ints(&[NOW, index, 1, 1, MINUTE as i64]));
+        assert_eq!(
+            read_back,
+            decided(&[WINDOW], &[Some(SlotState::Window(stored))])
+        );
+        assert!(read_back.unwrap().0.restated.is_empty());
+
+        // Cut by another period (a reload changed the rule's): read with that period, and
+        // restated under the rule's own.
+        let hour = 60 * MINUTE;
+        let other = Window {
+            index: NOW as u64 / hour,
+            period_us: hour,
+            prev: 0,
+            curr: 3,
+        };
+        let reply = ints(&[NOW, other.index as i64, 0, 3, hour as i64]);
+        let (joint, _) = read(&[WINDOW], reply).unwrap();
+        assert_eq!(
+            Some((joint.clone(), NOW as u64)),
+            decided(&[WINDOW], &[Some(SlotState::Window(other))])
+        );
+        assert_eq!(joint.restated.len(), 1);
+    }
+
+    #[test]
+    fn a_reply_for_several_rules_is_read_rule_by_rule_in_order() {
+        let index = NOW / MINUTE as i64;
+        // The window is used up: the request is refused and books in neither.
+        let reply = ints(&[NOW, -1, 0, 0, 0, index, 0, 3, MINUTE as i64]);
+        let (joint, _) = read(&[GCRA, WINDOW], reply).unwrap();
+        let used_up = Window {
+            index: index as u64,
+            period_us: MINUTE,
+            prev: 0,
+            curr: 3,
+        };
+        assert_eq!(
+            Some((joint.clone(), NOW as u64)),
+            decided(&[GCRA, WINDOW], &[None, Some(SlotState::Window(used_up))])
+        );
+        assert!(joint.decisions[0].allowed);
+        assert!(!joint.decisions[1].allowed);
+        assert!(joint.booked.is_empty());
+    }
+
+    #[test]
+    fn a_reply_not_of_the_scripts_shape_is_rejected() {
+        for reply in [
+            Value::Nil,
+            Value::Int(NOW),
+            ints(&[]),
+            ints(&[NOW]),
+            // One number short, one too many.
+            ints(&[NOW, -1, 0, 0]),
+            ints(&[NOW, -1, 0, 0, 0, 0]),
+            Value::Array(vec![
+                Value::Int(NOW),
+                Value::Nil,
+                Value::Int(0),
+                Value::Int(0),
+                Value::Int(0),
+            ]),
+            Value::Array(vec![
+                Value::Int(NOW),
+                Value::SimpleString("-1".into()),
+                Value::Int(0),
+                Value::Int(0),
+                Value::BulkString(b"a minute".to_vec()),
+            ]),
+        ] {
+            assert_eq!(read(&[GCRA], reply.clone()), None, "{reply:?}");
+        }
+        // Four numbers for one rule, where the request has two.
+        assert_eq!(read(&[GCRA, WINDOW], ints(&[NOW, -1, 0, 0, 0])), None);
+    }
+
+    /// Numbers the script never returns (a key written by hand, a clock before 1970): read as
+    /// the nearest state that means something, without a panic.
+    #[test]
+    fn odd_numbers_in_a_reply_of_the_right_shape_are_read_without_a_panic() {
+        let index = NOW / MINUTE as i64;
+        // A time before the epoch reads as the epoch, a negative count as none, and a period
+        // of 0 or less as 1 µs.
+        let (joint, now) = read(&[GCRA], ints(&[-5, -1, 0, 0, 0])).unwrap();
+        assert_eq!(now, 0);
+        assert!(joint.allowed());
+        let odd_window = ints(&[NOW, index, -7, -7, 0]);
+        let as_if = Window {
+            index: index as u64,
+            period_us: 1,
+            prev: 0,
+            curr: 0,
+        };
+        assert_eq!(
+            read(&[WINDOW], odd_window),
+            decided(&[WINDOW], &[Some(SlotState::Window(as_if))])
+        );
+        for reply in [
+            ints(&[i64::MAX, i64::MAX, 0, 0, 0]),
+            ints(&[NOW, i64::MAX, 0, 0, 0]),
+            ints(&[i64::MAX, i64::MAX, i64::MAX, i64::MAX, i64::MAX]),
+            ints(&[NOW, i64::MAX, i64::MAX, i64::MAX, i64::MAX]),
+            ints(&[NOW, index, i64::MAX, i64::MAX, MINUTE as i64]),
+            ints(&[NOW, 0, i64::MAX, i64::MAX, i64::MIN]),
+            ints(&[i64::MIN, i64::MIN, i64::MIN, i64::MIN, i64::MIN]),
+        ] {
+            for quota in [GCRA, WINDOW] {
+                assert!(read(&[quota], reply.clone()).is_some(), "{reply:?}");
+            }
+        }
+    }
 
     fn waiting(since: Instant) -> (Waiting, oneshot::Receiver<CallReply>) {
         let (reply, answer) = oneshot::channel();
