@@ -937,8 +937,39 @@ async fn a_client_resetting_its_streams_before_their_answers_is_cut_off() {
     drop(patient);
     // A rapid one is, even holding a stream open past the GOAWAY.
     let _held = slow(&mut sender);
+    reset_rapidly(&gw, sender, connection, 0).await;
+    let named = gw
+        .proc
+        .log_lines()
+        .iter()
+        .any(|line| line.contains("rapid reset") && line.contains("\"client\":\"127.0.0.1:"));
+    assert!(named, "{:?}", gw.proc.log_lines());
+    assert_eq!(get(&h2c_client(), &gw.url("/")).await.status, 200);
+}
+
+/// A rapid reset padded with streams the gateway answers itself (two 405s per reset stream)
+/// is cut off all the same: they cost nothing, and are not counted among the streams the
+/// resets must be half of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn padding_a_rapid_reset_with_cheap_streams_does_not_hide_it() {
+    let a = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&a], ""));
+    let socket = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let (sender, connection) = h2::client::handshake(socket).await.unwrap();
+    reset_rapidly(&gw, sender, tokio::spawn(connection), 2).await;
+}
+
+/// Opens streams to a slow path and resets each soon after, each followed by `padding` TRACE
+/// requests answered (405) by the gateway alone, until the gateway closes the connection:
+/// after 100 resets and before 300.
+async fn reset_rapidly(
+    gw: &Gateway,
+    mut sender: h2::client::SendRequest<bytes::Bytes>,
+    connection: tokio::task::JoinHandle<Result<(), h2::Error>>,
+    padding: usize,
+) {
     let mut reset = 0;
-    for _ in 0..300 {
+    'streams: for _ in 0..300 {
         sender = match sender.ready().await {
             Ok(sender) => sender,
             Err(_) => break,
@@ -953,6 +984,20 @@ async fn a_client_resetting_its_streams_before_their_answers_is_cut_off() {
         tokio::time::sleep(Duration::from_millis(2)).await;
         stream.send_reset(h2::Reason::CANCEL);
         reset += 1;
+        for _ in 0..padding {
+            let request = http::Request::builder()
+                .method("TRACE")
+                .uri(gw.url("/"))
+                .body(())
+                .unwrap();
+            let Ok((answer, _)) = sender.send_request(request, true) else {
+                break 'streams;
+            };
+            match answer.await {
+                Ok(answer) => assert_eq!(answer.status(), 405),
+                Err(_) => break 'streams,
+            }
+        }
     }
     assert!(
         (100..300).contains(&reset),
@@ -961,13 +1006,6 @@ async fn a_client_resetting_its_streams_before_their_answers_is_cut_off() {
     );
     let ended = tokio::time::timeout(Duration::from_secs(5), connection).await;
     assert!(ended.is_ok(), "the connection stayed open");
-    let named = gw
-        .proc
-        .log_lines()
-        .iter()
-        .any(|line| line.contains("rapid reset") && line.contains("\"client\":\"127.0.0.1:"));
-    assert!(named, "{:?}", gw.proc.log_lines());
-    assert_eq!(get(&h2c_client(), &gw.url("/")).await.status, 200);
 }
 
 /// A CONTINUATION flood (a header block sent in endless pieces, CVE-2024-27316's kind) is cut

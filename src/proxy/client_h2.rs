@@ -172,7 +172,9 @@ pub fn judge_connection(seen: StreamsSeen, now: Duration, timers: Http2Timers) -
 /// before their answer came, is abusing the connection (HTTP/2 rapid reset, CVE-2023-44487):
 /// each such stream may have cost a request to an instance and its connection. Envoy's rule,
 /// from 100 such resets rather than its 500 streams: at least half of all. Browsers cancelling
-/// navigations stay far below it.
+/// navigations stay far below it. `streams` leaves out those the gateway answered itself
+/// without an instance (a 405, a cache hit, a 429): they cost next to nothing, and a flood
+/// padded with two of them per reset stream used to stay under half for good.
 pub fn resets_abusive(streams: u64, premature: u64) -> bool {
     premature >= 100 && premature * 2 >= streams
 }
@@ -191,8 +193,14 @@ struct Answering {
 }
 
 impl Answering {
-    fn answered(mut self) {
+    /// The answer head is ready; `locally` when no instance was asked for it.
+    fn answered(mut self, locally: bool) {
         self.answered = true;
+        if locally {
+            self.activity
+                .answered_locally
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -202,7 +210,7 @@ impl Drop for Answering {
         if !self.answered && lived() < PREMATURE_RESET {
             let activity = &self.activity;
             let premature = activity.premature.fetch_add(1, Ordering::Relaxed) + 1;
-            if resets_abusive(activity.streams.load(Ordering::Relaxed), premature) {
+            if resets_abusive(activity.costly_streams(), premature) {
                 activity.abused.notify_one();
             }
         }
@@ -215,8 +223,10 @@ impl Drop for Answering {
 struct StreamActivity {
     started: Instant,
     state: Mutex<Streams>,
-    /// Streams opened, and those of them dropped before their answer ([`resets_abusive`]).
+    /// Streams opened, those of them answered without an instance, and those dropped before
+    /// their answer ([`resets_abusive`]).
     streams: AtomicU64,
+    answered_locally: AtomicU64,
     premature: AtomicU64,
     abused: Notify,
 }
@@ -226,6 +236,7 @@ impl StreamActivity {
         StreamActivity {
             started,
             streams: AtomicU64::new(0),
+            answered_locally: AtomicU64::new(0),
             premature: AtomicU64::new(0),
             abused: Notify::new(),
             state: Mutex::new(Streams {
@@ -273,6 +284,13 @@ impl StreamActivity {
     }
 
     /// A new stream: its place among the live ones, and its watch for a premature reset.
+    /// Streams opened that the gateway did not answer alone: an instance was asked, or is
+    /// being asked, or they were reset before their answer.
+    fn costly_streams(&self) -> u64 {
+        let opened = self.streams.load(Ordering::Relaxed);
+        opened.saturating_sub(self.answered_locally.load(Ordering::Relaxed))
+    }
+
     fn open(self: &Arc<Self>) -> (StreamGuard, Answering) {
         let id = self.streams.fetch_add(1, Ordering::Relaxed);
         let now = self.started.elapsed();
@@ -411,7 +429,7 @@ pub async fn serve<I>(
                 let mut record = forward::request_record(&gateway, &parts, &client);
                 record.answered(refusal.status());
                 let response = refusal.response(&record.request_id);
-                answering.answered();
+                answering.answered(true);
                 return Ok(response.map(|body| RecordedBody::new(body, record, stream)));
             }
             // client_h1 leaves such fields out as it parses.
@@ -432,7 +450,7 @@ pub async fn serve<I>(
             } else {
                 response
             };
-            answering.answered();
+            answering.answered(record.served.attempts == 0);
             Ok::<_, Infallible>(response.map(|body| RecordedBody::new(body, record, stream)))
         }
     });
@@ -473,7 +491,7 @@ pub async fn serve<I>(
                 abused = true;
                 tracing::warn!(
                     client = %peer,
-                    streams = activity.streams.load(Ordering::Relaxed),
+                    streams = activity.costly_streams(),
                     reset_before_answer = activity.premature.load(Ordering::Relaxed),
                     "HTTP/2 client reset most of its streams before their answers (rapid reset): connection closed"
                 );
