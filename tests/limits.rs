@@ -298,6 +298,23 @@ async fn a_slow_drip_upload_is_cut_with_408_while_others_are_served() {
         .unwrap();
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("x-body-received"), "5000");
+    // A window's bytes once the gateway waits for them, then a pause of a window and a half: as
+    // nginx's `client_body_timeout`, the silence alone is too slow (the windows alone let it
+    // pass, the first full and the pause ending within the second).
+    let mut stream = TcpStream::connect(proxy).unwrap();
+    let head = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 300\r\n\r\n";
+    stream.write_all(head).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stream.write_all(&[b'z'; 150]).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _ = stream.write_all(&[b'z'; 150]);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
 
 #[tokio::test]

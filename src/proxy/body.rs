@@ -113,11 +113,16 @@ impl BodyPace {
     }
 }
 
-/// One window of a body's pace: when it ends and the bytes that came in it so far.
+/// One window of a body's pace: when it ends and the bytes that came in it so far, and since
+/// when the client has sent nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PaceWindow {
     ends: Instant,
     bytes: u64,
+    /// The gateway's first wait after the client's last bytes.
+    quiet_since: Instant,
+    /// The window's bytes by then.
+    bytes_when_quiet: u64,
 }
 
 impl PaceWindow {
@@ -125,26 +130,39 @@ impl PaceWindow {
         PaceWindow {
             ends: now + pace.window,
             bytes: 0,
+            quiet_since: now,
+            bytes_when_quiet: 0,
         }
     }
 
-    /// Called while the gateway waits for the client's next bytes: before the window ends,
-    /// wait on (until the returned instant); after it, a window short of `min_bytes` means
-    /// the client is too slow, a full one starts the next window now. Judging only while
-    /// waiting on the client keeps time the instance spent not reading from counting
-    /// against the client.
+    /// Called while the gateway waits for the client's next bytes: a whole window without a
+    /// byte means the client is too slow (nginx's `client_body_timeout` between two reads:
+    /// windows alone let a byte at one's start and the next at the following one's end pass,
+    /// almost two windows apart); before the window ends, wait on (until the returned
+    /// instant); after it, a window short of `min_bytes` means the client is too slow, a full
+    /// one starts the next window now. Judging only while waiting on the client keeps time the
+    /// instance spent not reading from counting against the client.
     fn judge(&mut self, now: Instant, pace: &BodyPace) -> Result<Instant, BodyTooSlow> {
-        if now < self.ends {
-            return Ok(self.ends);
+        let too_slow = BodyTooSlow {
+            min_bytes: pace.min_bytes,
+            window: pace.window,
+        };
+        if self.bytes != self.bytes_when_quiet {
+            (self.quiet_since, self.bytes_when_quiet) = (now, self.bytes);
         }
-        if self.bytes < pace.min_bytes {
-            return Err(BodyTooSlow {
-                min_bytes: pace.min_bytes,
-                window: pace.window,
-            });
+        let silence_ends = self.quiet_since + pace.window;
+        if now >= silence_ends {
+            return Err(too_slow);
         }
-        *self = PaceWindow::start(now, pace);
-        Ok(self.ends)
+        if now >= self.ends {
+            if self.bytes < pace.min_bytes {
+                return Err(too_slow);
+            }
+            let quiet_since = self.quiet_since;
+            *self = PaceWindow::start(now, pace);
+            self.quiet_since = quiet_since;
+        }
+        Ok(self.ends.min(silence_ends))
     }
 }
 
@@ -703,6 +721,22 @@ mod tests {
         window.bytes += 9;
         let err = window.judge(late + PACE.window, &PACE).unwrap_err();
         assert_eq!((err.min_bytes, err.window), (10, PACE.window));
+    }
+
+    /// A window's worth of silence is too slow whatever the windows hold: bytes enough at
+    /// one's start, then none until the next one's end, are almost two windows apart.
+    #[tokio::test(start_paused = true)]
+    async fn a_whole_window_without_a_byte_is_too_slow() {
+        let t0 = Instant::now();
+        let mut window = PaceWindow::start(t0, &PACE);
+        window.bytes += 10;
+        let soon = t0 + Duration::from_millis(100);
+        // Quiet from here: the wake-up comes a window later, before the second window's end.
+        assert_eq!(window.judge(soon, &PACE).unwrap(), t0 + PACE.window);
+        let next = window.judge(t0 + PACE.window, &PACE).unwrap();
+        assert_eq!(next, soon + PACE.window);
+        let err = window.judge(soon + PACE.window, &PACE).unwrap_err();
+        assert_eq!(err.window, PACE.window);
     }
 
     #[tokio::test(start_paused = true)]
