@@ -255,6 +255,9 @@ impl Body for ClientBody {
 }
 
 /// Request body sent to an instance.
+// Held in place by its request for the request's life, never moved per frame: boxing the
+// stream's state would allocate for every request with a body.
+#[allow(clippy::large_enum_variant)]
 pub enum ForwardBody {
     Empty,
     /// Streamed from the client, failing with [`BodyTooLarge`] once more than `limit` bytes came
