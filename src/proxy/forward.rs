@@ -603,7 +603,7 @@ async fn to_instance(
                     body_again: body.rewind(),
                 };
                 let next = next_attempt(kind, request, attempts.fresh);
-                let left = set.any_left(&attempts.tried);
+                let left = set.any_left(&attempts.tried, Instant::now());
                 if attempts.after_failure(next, config.retries, || left && budget()) == Step::GiveUp
                 {
                     return given_up(error, retried_answer, served);
@@ -628,7 +628,7 @@ async fn to_instance(
             && idempotent
             && holdable(&answer)
             && body.rewind()
-            && set.any_left(&attempts.tried)
+            && set.any_left(&attempts.tried, Instant::now())
             && attempts.retry(config.retries, budget) == Step::Again
         {
             tracing::debug!(instance = %instance.addr, status = %answer.status(), "answer to be retried on another instance");

@@ -496,13 +496,24 @@ impl InstanceSet {
         InstanceSet { instances, layout }
     }
 
-    /// Whether a pick could find an instance not in `tried`: one serving and up by active
-    /// checks (a passive ejection is no bar, as every instance out that way is tried anyway).
-    /// Asked before a retry spends from the budget, which it would spend for nothing.
-    pub fn any_left(&self, tried: &[usize]) -> bool {
-        self.instances.iter().enumerate().any(|(index, instance)| {
-            !tried.contains(&index) && !instance.is_draining() && instance.passes_active_checks()
-        })
+    /// Whether a pick at `now` could find an instance not in `tried`, as [`Upstream::pick`]
+    /// lists them: an available one (up by both kinds of checks), or, only when none is
+    /// available at all, one up by active checks (every instance out by passive checks alone
+    /// is tried then). Asked before a retry spends from the budget, which it would spend for
+    /// nothing.
+    pub fn any_left(&self, tried: &[usize], now: Instant) -> bool {
+        let serving = || {
+            self.instances
+                .iter()
+                .enumerate()
+                .filter(|(_, instance)| !instance.is_draining())
+        };
+        let untried = |index: &usize| !tried.contains(index);
+        if serving().any(|(_, instance)| instance.is_available(now)) {
+            serving().any(|(index, instance)| untried(&index) && instance.is_available(now))
+        } else {
+            serving().any(|(index, instance)| untried(&index) && instance.passes_active_checks())
+        }
     }
 }
 
@@ -1149,21 +1160,26 @@ mod tests {
     }
 
     /// A retry is paid for only when a pick has an instance left: none untried, or only ones
-    /// draining or down by active checks, leaves none.
+    /// draining, down by active checks, or out by passive checks while another is available,
+    /// leaves none.
     #[test]
     fn only_an_untried_serving_instance_is_left_for_a_retry() {
         let upstream = upstream(3, "round_robin");
         let set = upstream.set.load();
-        assert!(set.any_left(&[0, 1]));
-        assert!(!set.any_left(&[0, 1, 2]));
+        let now = Instant::now();
+        assert!(set.any_left(&[0, 1], now));
+        assert!(!set.any_left(&[0, 1, 2], now));
         set.instances[2].start_draining();
-        assert!(!set.any_left(&[0, 1]));
-        assert!(set.any_left(&[0]));
+        assert!(!set.any_left(&[0, 1], now));
+        assert!(set.any_left(&[0], now));
+        // Out by passive checks while the one tried is still available: a pick passes it by.
+        set.instances[1].record_failure(now, &upstream.config);
+        assert!(!set.any_left(&[0], now));
+        // Every instance out by passive checks: each is tried anyway.
+        set.instances[0].record_failure(now, &upstream.config);
+        assert!(set.any_left(&[0], now));
         set.instances[1].active_up.store(false, Ordering::Relaxed);
-        assert!(!set.any_left(&[0]));
-        // Out by passive checks only: still taken when every instance is.
-        set.instances[0].record_failure(Instant::now(), &upstream.config);
-        assert!(set.any_left(&[]));
+        assert!(!set.any_left(&[0], now));
     }
 
     /// Requests racing for the one trial of a primary whose ejection ran out: one takes it, the
