@@ -164,12 +164,14 @@ impl Run {
         let samples = state.sampler.finish(&ready, &config.targets);
         let current = provider.current();
         if current == 0 && !provider.scales_from_zero() && !matches!(state.mode, Mode::Pinned(_)) {
+            // Nothing is worked toward: the status shows no count from before.
+            state.desired = 0;
             let record = json!({
                 "at_unix_ms": unix_ms(),
                 "mode": state.mode,
                 "current": 0,
                 "desired": 0,
-                "reason": "no instance known yet: a target at 0 is left alone",
+                "reason": "a target at 0 instances is left alone (none known yet, or scaled to zero outside the gateway)",
             });
             push_bounded(&mut state.decisions, record);
             return;

@@ -395,7 +395,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
     for outcome in &started {
         if let Err(ConnectError::Auth(message)) = outcome {
             return Err(std::io::Error::other(format!(
-                "state.redis_url: {message} (check the password in the URL)"
+                "state.redis_url: {message} (check the password in the URL, and that the user's ACL allows the gateway's commands)"
             )));
         }
     }
