@@ -502,7 +502,8 @@ async fn exec_provider_runs_the_scale_command_and_discovers_instances() {
 
 /// `replicas_command` reads the cluster's count at each sync: a count set outside the gateway
 /// (a `kubectl scale` by hand) is the one decisions start from, so one over `max` is scaled back
-/// to it; a read that prints no count keeps the last one and says why in the status.
+/// to it; a read that prints no count keeps the last one and says why in the status. The
+/// command here leaves a process holding its output: what it printed counts all the same.
 #[tokio::test]
 async fn exec_provider_reads_the_replica_count_from_the_cluster() {
     let backend = demo_backend(&[]);
@@ -514,7 +515,7 @@ async fn exec_provider_reads_the_replica_count_from_the_cluster() {
         &format!("sh -c 'echo {{replicas}} >> {}'", record.display()),
         &format!("localhost:{}", backend.addr().port()),
         &format!(
-            "sync_period = \"500ms\"\nreplicas_command = \"cat {}\"",
+            "sync_period = \"500ms\"\nreplicas_command = \"sh -c 'cat {}; sleep 30 &'\"",
             cluster.display()
         ),
     );
@@ -556,6 +557,45 @@ async fn exec_provider_reads_the_replica_count_from_the_cluster() {
     assert!(
         matches!(status["current"].as_u64(), Some(3 | 7)),
         "{status}"
+    );
+}
+
+/// A `replicas_command` that takes its time runs beside the controller: a pin is applied at
+/// once, not after the read's `command_timeout`.
+#[tokio::test]
+async fn a_slow_replica_count_read_holds_nothing_up() {
+    let backend = demo_backend(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("replicas");
+    let body = exec_config(
+        &format!("sh -c 'echo {{replicas}} >> {}'", record.display()),
+        &format!("localhost:{}", backend.addr().port()),
+        "sync_period = \"500ms\"\nreplicas_command = \"sleep 20\"\ncommand_timeout = \"30s\"",
+    );
+    let gw = autoscaled(&body);
+    let client = client();
+    // Not read yet: a count not known is left alone.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let status = autoscale_status(&client, &gw).await;
+            status["decisions"][0]["reason"]
+                .as_str()
+                .is_some_and(|reason| reason.contains("left alone"))
+        })
+        .await
+    );
+    assert!(!record.exists(), "scaled with a count not read");
+    let url = gw.admin_url("/api/autoscale/app");
+    let pin = request(&client, "POST", &url, &[], r#"{"pin": 3}"#)
+        .await
+        .unwrap();
+    assert_eq!(pin.status, 202);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            std::fs::read_to_string(&record).is_ok_and(|text| text.lines().any(|l| l == "3"))
+        })
+        .await,
+        "the pin waited for the read"
     );
 }
 

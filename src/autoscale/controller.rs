@@ -107,7 +107,7 @@ impl Run {
             .clone()
             .unwrap_or_else(|| self.initial.clone());
         let now = Instant::now();
-        provider.maintain(&upstream, now).await;
+        provider.maintain(&upstream, &config, now).await;
         let members = provider.members(&upstream);
         // Read from /proc, so only for an upstream that targets CPU.
         let cpu = if config.targets.iter().any(|(m, _)| *m == Metric::CpuPercent) {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::process::{each_line, forward_lines, GroupGuard};
@@ -23,6 +24,12 @@ use crate::proxy::Gateway;
 
 /// How long a discovery lookup may take; a failed one keeps the pool as it is.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One run of `replicas_command`: the command as run, and the count it printed or why none.
+struct ReplicaRead {
+    command: Vec<String>,
+    count: Result<u32, String>,
+}
 
 pub(super) struct ExecProvider {
     gateway: Arc<Gateway>,
@@ -41,7 +48,9 @@ pub(super) struct ExecProvider {
     next_discovery: Instant,
     /// When `replicas_command` runs next: once a sync period, as HPA reads the scale target.
     next_read: Instant,
-    sync_period: Duration,
+    /// The read under way, in the background: a slow command must not hold up the samples,
+    /// the decisions and the operator's pins for its `command_timeout`.
+    reading: Option<JoinHandle<ReplicaRead>>,
     last_command: Value,
     last_read: Value,
 }
@@ -64,7 +73,7 @@ impl ExecProvider {
             first_seen: BTreeMap::new(),
             next_discovery: Instant::now(),
             next_read: Instant::now(),
-            sync_period: auto.sync_period,
+            reading: None,
             last_command: Value::Null,
             last_read: Value::Null,
         }
@@ -85,16 +94,27 @@ impl ExecProvider {
             .collect()
     }
 
-    /// Reads the cluster's count with `replicas_command`: one set outside the gateway (a
-    /// `kubectl scale` by hand, a deploy) is the count the next decision starts from. A failed
-    /// read keeps the last count.
-    async fn read_replicas(&mut self, command: &[String]) {
+    /// Starts reading the cluster's count with `replicas_command`, in the background.
+    fn start_read(&mut self, command: &[String]) {
         let args = self.command_words(command, None);
         let tag = format!("{} replicas_command", self.upstream);
-        let read = run_command(&args, self.config.timeout, tag, Stdout::Read)
-            .await
-            .and_then(|out| replicas_in(&out));
-        match read {
+        let timeout = self.config.timeout;
+        self.reading = Some(tokio::spawn(async move {
+            let count = run_command(&args, timeout, tag, Stdout::Read)
+                .await
+                .and_then(|out| replicas_in(&out));
+            ReplicaRead {
+                command: args,
+                count,
+            }
+        }));
+    }
+
+    /// Takes the count a `replicas_command` read: one set outside the gateway (a `kubectl
+    /// scale` by hand, a deploy) is the count the next decision starts from. A failed read
+    /// keeps the last count.
+    fn took_read(&mut self, ReplicaRead { command, count }: ReplicaRead) {
+        match count {
             Ok(replicas) if self.replicas != Some(replicas) => {
                 tracing::info!(upstream = %self.upstream, replicas, before = ?self.replicas, "replica count read from the cluster");
                 self.replicas = Some(replicas);
@@ -107,10 +127,10 @@ impl ExecProvider {
         }
         self.last_read = json!({
             "at_unix_ms": unix_ms(),
-            "command": args,
-            "ok": read.is_ok(),
-            "replicas": read.as_ref().ok(),
-            "error": read.as_ref().err(),
+            "command": command,
+            "ok": count.is_ok(),
+            "replicas": count.as_ref().ok(),
+            "error": count.as_ref().err(),
         });
     }
 
@@ -188,8 +208,15 @@ impl Provider for ExecProvider {
         "exec"
     }
 
+    /// With `replicas_command`, 0 until a read succeeded: a count not known is left alone
+    /// (as HPA does not act on a target it cannot read), where the pool's count would have a
+    /// scale command shrink a cluster whose instances are not all discovered yet.
     fn current(&self) -> u32 {
-        self.replicas.unwrap_or(self.first_seen.len() as u32)
+        let unread = || match self.config.replicas_command {
+            Some(_) => 0,
+            None => self.first_seen.len() as u32,
+        };
+        self.replicas.unwrap_or_else(unread)
     }
 
     /// Only a count this provider set itself: 0 seen before any scale command is a cluster
@@ -207,7 +234,7 @@ impl Provider for ExecProvider {
         Vec::new()
     }
 
-    async fn maintain(&mut self, upstream: &Arc<Upstream>, now: Instant) {
+    async fn maintain(&mut self, upstream: &Arc<Upstream>, config: &AutoscaleConfig, now: Instant) {
         if let Some(discover) = self.config.discover.clone() {
             if now >= self.next_discovery {
                 self.next_discovery = now + discover.interval;
@@ -215,9 +242,16 @@ impl Provider for ExecProvider {
             }
         }
         if let Some(command) = self.config.replicas_command.clone() {
-            if now >= self.next_read {
-                self.next_read = now + self.sync_period;
-                self.read_replicas(&command).await;
+            let done = self.reading.as_ref().is_some_and(JoinHandle::is_finished);
+            if let Some(reading) = self.reading.take_if(|_| done) {
+                if let Ok(read) = reading.await {
+                    self.took_read(read);
+                }
+            }
+            // As often as the syncs, at the period a reload may have changed.
+            if self.reading.is_none() && now >= self.next_read {
+                self.next_read = now + config.sync_period;
+                self.start_read(&command);
             }
         }
         let set = upstream.set.load();
@@ -261,7 +295,12 @@ impl Provider for ExecProvider {
         })
     }
 
-    async fn shutdown(self) {}
+    async fn shutdown(self) {
+        // Dropped, the read's command goes with its group.
+        if let Some(reading) = self.reading {
+            reading.abort();
+        }
+    }
 }
 
 /// What becomes of a command's standard output.
@@ -298,16 +337,22 @@ async fn run_command(
         .map_err(|err| format!("cannot run `{}`: {err}", args[0]))?;
     // The gateway stopping drops this wait: the command goes, with its group.
     let mut group = GroupGuard(child.id());
+    // What a read command printed, kept as it comes: a process it left behind may hold its
+    // output open past its exit, and what came before counts all the same.
+    let printed = Arc::new(std::sync::Mutex::new(Vec::new()));
     let output = child.stdout.take().map(|out| match stdout {
-        Stdout::Logged => tokio::spawn(async move {
-            forward_lines(out, tag, "stdout").await;
-            String::new()
-        }),
-        Stdout::Read => tokio::spawn(async move {
-            let mut kept = Vec::new();
-            let _ = out.take(READ_MAX).read_to_end(&mut kept).await;
-            String::from_utf8_lossy(&kept).into_owned()
-        }),
+        Stdout::Logged => tokio::spawn(forward_lines(out, tag, "stdout")),
+        Stdout::Read => {
+            let printed = printed.clone();
+            tokio::spawn(async move {
+                let mut out = out.take(READ_MAX);
+                let mut buf = [0u8; 512];
+                while let Ok(read @ 1..) = out.read(&mut buf).await {
+                    let mut printed = printed.lock().expect("printed lock");
+                    printed.extend_from_slice(&buf[..read]);
+                }
+            })
+        }
     });
     // The last lines of stderr say why it failed; all of it is read, little kept.
     let stderr = child.stderr.take().map(|err| {
@@ -324,7 +369,7 @@ async fn run_command(
         })
     });
     // A process it left running may hold an output open: its end is waited for a moment only.
-    let finished = |task: Option<tokio::task::JoinHandle<String>>| async move {
+    let finished = |task: Option<JoinHandle<String>>| async move {
         match task {
             Some(task) => tokio::time::timeout(Duration::from_secs(1), task)
                 .await
@@ -335,8 +380,11 @@ async fn run_command(
         }
     };
     let waited = tokio::time::timeout(timeout, child.wait()).await;
-    if waited.is_ok() {
-        group.disarm();
+    match (&waited, stdout) {
+        // A read has nothing to leave running: what it left goes, and its output ends.
+        (Ok(_), Stdout::Read) => group.kill(),
+        (Ok(_), Stdout::Logged) => group.disarm(),
+        (Err(_), _) => {}
     }
     match waited {
         Err(_) => {
@@ -346,10 +394,13 @@ async fn run_command(
         }
         Ok(Err(err)) => Err(format!("`{}` failed: {err}", args.join(" "))),
         // Logged output is not waited for: a server the command started may keep it open.
-        Ok(Ok(status)) if status.success() => match stdout {
-            Stdout::Read => Ok(finished(output).await),
-            Stdout::Logged => Ok(String::new()),
-        },
+        Ok(Ok(status)) if status.success() => {
+            if let (Some(reading), Stdout::Read) = (output, stdout) {
+                let _ = tokio::time::timeout(Duration::from_secs(1), reading).await;
+            }
+            let printed = printed.lock().expect("printed lock");
+            Ok(String::from_utf8_lossy(&printed).into_owned())
+        }
         Ok(Ok(status)) => {
             let said = finished(stderr).await;
             Err(format!("`{}` failed ({status}): {said}", args.join(" ")))

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::config::ProviderConfig;
+use crate::config::{AutoscaleConfig, ProviderConfig};
 use crate::proxy::upstream::Upstream;
 use crate::proxy::Gateway;
 use policy::Bounds;
@@ -157,6 +157,7 @@ trait Provider: Send + 'static {
     fn maintain(
         &mut self,
         upstream: &Arc<Upstream>,
+        config: &AutoscaleConfig,
         now: Instant,
     ) -> impl Future<Output = ()> + Send;
     /// Moves toward `desired` instances.

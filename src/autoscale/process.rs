@@ -486,7 +486,7 @@ impl Provider for ProcessProvider {
             .collect()
     }
 
-    async fn maintain(&mut self, upstream: &Arc<Upstream>, now: Instant) {
+    async fn maintain(&mut self, upstream: &Arc<Upstream>, _: &AutoscaleConfig, now: Instant) {
         while let Ok(event) = self.events.try_recv() {
             self.handle_event(upstream, event, now);
         }
