@@ -453,13 +453,18 @@ pub(super) fn validate(
                         .unwrap_or(DEFAULT_QUEUE_TIMEOUT),
                 )
             });
-            if raw.max_in_flight.is_none()
-                && (raw.queue_size.is_some() || raw.queue_timeout.is_some())
-            {
-                p.push(
-                    format!("{key}.queue_size"),
-                    "queue_size and queue_timeout only apply with max_in_flight",
-                );
+            if raw.max_in_flight.is_none() {
+                // Named by the key that was written.
+                let given = [
+                    ("queue_size", raw.queue_size.is_some()),
+                    ("queue_timeout", raw.queue_timeout.is_some()),
+                ];
+                for (name, _) in given.iter().filter(|(_, given)| *given) {
+                    p.push(
+                        format!("{key}.{name}"),
+                        "queue_size and queue_timeout only apply with max_in_flight",
+                    );
+                }
             }
             RouteLimits {
                 api_key,

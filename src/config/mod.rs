@@ -654,6 +654,19 @@ upstream = "missing"
         assert!(keys.contains(&"routes[0].upstream"), "{keys:?}");
     }
 
+    /// A `.` in an upstream's name is refused: the dotted key paths its problems are reported
+    /// under would name another table.
+    #[test]
+    fn an_upstream_name_with_a_dot_is_refused() {
+        let text = "[upstreams.web]\ninstances = [\"127.0.0.1:1\"]\n\
+            [upstreams.\"api.v1\"]\ninstances = [\"127.0.0.1:2\"]\n\
+            [[routes]]\nupstream = \"web\"\n";
+        let errors = Config::from_toml(text).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].key, "upstreams.api.v1");
+        assert!(errors[0].message.contains("`.`"), "{}", errors[0].message);
+    }
+
     #[test]
     fn unknown_keys_and_types_report_a_line() {
         let err = Config::from_toml("[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n")
@@ -692,6 +705,17 @@ upstream = "missing"
             "{}",
             err[0].message
         );
+    }
+
+    /// A target longer than the head may be would get 431 before its own limit's 414.
+    #[test]
+    fn a_uri_limit_past_the_head_limit_is_refused() {
+        let text = "[server]\nmax_header_size = \"8KiB\"\nmax_uri_length = \"16KiB\"\n\
+                    [upstreams.app]\ninstances = [\"127.0.0.1:1\"]\n[[routes]]\nupstream = \"app\"\n";
+        let errors = Config::from_toml(text).unwrap_err().0;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].key, "server.max_uri_length");
+        assert!(errors[0].message.contains("8192"), "{}", errors[0].message);
     }
 
     #[test]

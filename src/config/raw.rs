@@ -588,6 +588,15 @@ fn validate_server(p: &mut Problems, raw: &RawServer) -> ServerConfig {
     let max_uri_length = p.size("server.max_uri_length", &raw.max_uri_length);
     if max_uri_length < 16 {
         p.push_unless_reported("server.max_uri_length", "must be at least 16 bytes");
+    } else if max_uri_length > max_header_bytes as u64 && max_header_bytes >= 8192 {
+        // The request line is part of the head: such a target would get 431, never reach
+        // this limit's 414.
+        p.push_unless_reported(
+            "server.max_uri_length",
+            format!(
+                "must be at most server.max_header_size ({max_header_bytes} bytes): the request line counts toward the head"
+            ),
+        );
     }
     ServerConfig {
         listen: p.addr("server.listen", &raw.listen),
@@ -648,16 +657,17 @@ fn statuses(p: &mut Problems, key: &str, listed: &[u16], (lowest, what): (u16, &
 
 fn validate_upstream(p: &mut Problems, name: &str, raw: &RawUpstream) -> UpstreamConfig {
     let key = format!("upstreams.{name}");
-    // The name is a route's `upstream`, a metrics label and a segment of admin API paths;
-    // `-` labels the requests no route took.
+    // The name is a route's `upstream`, a metrics label, a segment of admin API paths and
+    // of the dotted key paths problems are reported under (`upstreams.api.v1.retries` would
+    // name another table, and its line); `-` labels the requests no route took.
     if name.is_empty()
         || name == "-"
-        || name.contains(['/', '?', '#'])
+        || name.contains(['/', '?', '#', '.'])
         || name.chars().any(char::is_control)
     {
         p.push(
             key.clone(),
-            "an upstream name must be non-empty, not `-`, without `/`, `?`, `#` or control characters",
+            "an upstream name must be non-empty, not `-`, without `/`, `?`, `#`, `.` or control characters",
         );
     }
     let strategy = Strategy::from_name(&raw.strategy, || {

@@ -17,7 +17,14 @@ use super::upstream_tls::RawUpstreamTls;
 /// those it begins (`stale` for `stale_if_error` and `stale_while_revalidate`); empty when
 /// nothing fits.
 pub fn closest_keys(table: &str, key: &str) -> Vec<&'static str> {
-    let Some(known) = keys_of(&shape(table)) else {
+    let shape = shape(table);
+    let known_as = FOREIGN_NAMES
+        .iter()
+        .find(|(at, name, _)| *at == shape && *name == key);
+    if let Some((_, _, meant)) = known_as {
+        return meant.to_vec();
+    }
+    let Some(known) = keys_of(&shape) else {
         return Vec::new();
     };
     let most = (key.chars().count() / 3).max(1);
@@ -39,6 +46,47 @@ pub fn closest_keys(table: &str, key: &str) -> Vec<&'static str> {
         .filter(|candidate| candidate.starts_with(key))
         .collect()
 }
+
+/// Names nginx, HAProxy and other proxies give settings (the README's "Coming from nginx"),
+/// by table shape, and the keys that are meant: no spelling is near enough to find them, and
+/// the nearest one can mislead (`read_timeout` is nearest `idle_timeout`).
+const FOREIGN_NAMES: &[(&str, &str, &[&str])] = &[
+    ("server", "client_max_body_size", &["max_body"]),
+    ("server", "keepalive_timeout", &["idle_timeout"]),
+    ("server", "client_header_timeout", &["header_read_timeout"]),
+    ("server", "client_body_timeout", &["body_read_timeout"]),
+    (
+        "server",
+        "large_client_header_buffers",
+        &["max_header_size"],
+    ),
+    (
+        "server",
+        "read_timeout",
+        &["header_read_timeout", "body_read_timeout"],
+    ),
+    ("server", "maxconn", &["max_connections"]),
+    ("upstreams.*", "proxy_read_timeout", &["response_timeout"]),
+    ("upstreams.*", "read_timeout", &["response_timeout"]),
+    (
+        "upstreams.*",
+        "timeout",
+        &["response_timeout", "connect_timeout"],
+    ),
+    ("upstreams.*", "proxy_connect_timeout", &["connect_timeout"]),
+    ("upstreams.*", "keepalive_timeout", &["idle_timeout"]),
+    ("upstreams.*", "max_conns", &["max_in_flight"]),
+    ("upstreams.*", "maxconn", &["max_in_flight"]),
+    ("upstreams.*", "proxy_next_upstream_tries", &["retries"]),
+    ("upstreams.*", "servers", &["instances"]),
+    ("upstreams.*", "server", &["instances"]),
+    ("upstreams.*", "balance", &["strategy"]),
+    ("upstreams.*", "health_check", &["health"]),
+    ("upstreams.*", "weight", &["instances"]),
+    ("routes[]", "prefix", &["path_prefix"]),
+    ("routes[]", "location", &["path_prefix"]),
+    ("routes[]", "server_name", &["host"]),
+];
 
 /// A table's path with what varies taken out: upstream names become `*`, array positions `[]`.
 fn shape(table: &str) -> String {
@@ -181,6 +229,13 @@ mod tests {
         let mut stale = closest_keys("routes[0].cache", "stale");
         stale.sort_unstable();
         assert_eq!(stale, ["stale_if_error", "stale_while_revalidate"]);
+        // The names other proxies give: what is meant, not the nearest spelling.
+        assert_eq!(closest_keys("server", "client_max_body_size"), ["max_body"]);
+        assert_eq!(
+            closest_keys("upstreams.api", "read_timeout"),
+            ["response_timeout"]
+        );
+        assert_eq!(closest_keys("routes[1]", "prefix"), ["path_prefix"]);
         // Nothing close, or a table not known here: no guess.
         assert!(closest_keys("server", "colour").is_empty());
         assert!(closest_keys("nowhere", "listen").is_empty());
@@ -190,6 +245,14 @@ mod tests {
     fn every_table_shape_knows_its_keys() {
         for (shape, _) in TABLES {
             assert!(keys_of(shape).is_some(), "{shape}");
+        }
+        for (shape, name, meant) in FOREIGN_NAMES {
+            let known = keys_of(shape).unwrap();
+            assert!(!known.contains(name), "{shape}.{name} is a key");
+            assert!(
+                meant.iter().all(|key| known.contains(key)),
+                "{shape}: {meant:?}"
+            );
         }
         assert_eq!(
             shape("upstreams.a.autoscale.schedules[3]"),
