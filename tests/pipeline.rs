@@ -113,6 +113,47 @@ async fn answers_reach_their_own_requests_sent_pipelined() {
     assert!(ECHO_PIPELINED.load(Ordering::Relaxed) > 0);
 }
 
+/// Requests [`echo_padded`] answered, and those of them it found waiting behind another.
+static PADDED_ANSWERED: AtomicUsize = AtomicUsize::new(0);
+static PADDED_PIPELINED: AtomicUsize = AtomicUsize::new(0);
+
+/// Answers every request at once with its target padded to 40 KB: more than one read of the
+/// gateway's, less than what the queue behind an answer waits for.
+fn echo_padded(stream: TcpStream, _: usize) {
+    let mut targets = Targets::new(stream);
+    while let Some(target) = targets.next() {
+        PADDED_ANSWERED.fetch_add(1, Ordering::Relaxed);
+        if targets.read.windows(4).any(|w| w == b"\r\n\r\n") {
+            PADDED_PIPELINED.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut body = target.into_bytes();
+        body.resize(40_000, b'.');
+        if !targets.answer("", &body) {
+            return;
+        }
+    }
+}
+
+/// Answers a few reads long, already there whole, keep their line: the requests queued behind
+/// them were sent, and sent again elsewhere they ran twice (every request behind an answer
+/// split by the read size alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_longer_than_a_read_run_no_request_twice() {
+    let gw = gateway_before(echo_padded, "max_fails = 0");
+    get_each_in_parallel(&gw, 1, 1, echo_target, |_, _| {}).await;
+    get_each_in_parallel(&gw, 16, 10, echo_target, |target, reply| {
+        assert_eq!(reply.status, 200, "{target}");
+        assert_eq!(reply.body.len(), 40_000, "{target}");
+        assert!(reply.body.starts_with(target.as_bytes()), "{target}");
+    })
+    .await;
+    assert!(
+        PADDED_PIPELINED.load(Ordering::Relaxed) > 0,
+        "none pipelined"
+    );
+    assert_eq!(PADDED_ANSWERED.load(Ordering::Relaxed), 1 + 160);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_to_a_slow_instance_go_on_connections_of_their_own() {
     let gw = gateway_before(slow_echo, "pipeline = 8");

@@ -878,6 +878,12 @@ async fn send_pipelined(
         Ok(Ok(turn)) => turn,
         Ok(Err(Broken::Unconnected(err))) => return Err(Attempt::not_connected(&err)),
         Ok(Err(Broken::Lost)) => return stale("the pipelined connection closed before the answer"),
+        Ok(Err(Broken::Unsent)) => {
+            return Err(Attempt::failed(
+                FailureKind::Stale { sent: false },
+                "taken off a pipelined line behind a streaming answer".into(),
+            ))
+        }
         // Held up by the answers before it, which are not this request's instance's fault
         // alone: it goes again on a connection of its own, with a timeout of its own.
         Err(_) => {

@@ -977,7 +977,13 @@ pub struct InstanceBody {
     raw_fields: Option<RawFields>,
     /// Timed with the connection's own timer.
     pause: PauseLimit,
+    /// Bytes read from the instance since the head, for a body whose length is not known.
+    came: u64,
 }
+
+/// The most of an answer's body the requests queued behind it on its line wait for while it is
+/// already here: reading on then holds no one up; a larger answer's pace is its client's.
+const QUEUE_WAITS_FOR: u64 = 64 * 1024;
 
 impl InstanceBody {
     /// The body of `answer`, which takes the answer's raw fields along and fails once it has
@@ -997,9 +1003,16 @@ impl InstanceBody {
             line,
             raw_fields: answer.raw_fields.take(),
             pause: PauseLimit::new(pause_limit),
+            came: 0,
         };
         if body.progress.is_done() {
             body.finish();
+        } else if body.progress == BodyProgress::UntilClose {
+            // Nothing but the close ends it: an instance that keeps the connection open after
+            // it would have the next answers read as this one's body.
+            if let Some(line) = body.line.as_mut() {
+                line.unframed_answer();
+            }
         }
         body
     }
@@ -1062,19 +1075,34 @@ impl Body for InstanceBody {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            if let Some(line) = this.line.as_mut() {
-                line.release_queue();
+            // The body did not come whole with the head. The requests queued behind it wait
+            // only while the rest is small and already here: they were sent, and sent again
+            // elsewhere they would run twice (a body split by the read size alone, a few KiB,
+            // sent every one of them again).
+            let large = match this.progress.exact_left() {
+                Some(left) => left > QUEUE_WAITS_FOR,
+                None => this.came > QUEUE_WAITS_FOR,
+            };
+            if large {
+                if let Some(line) = this.line.as_mut() {
+                    line.release_queue();
+                }
             }
             make_room(&mut conn.read);
             let before = conn.read.len();
             let read = match poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.read) {
                 Poll::Ready(read) => read,
                 Poll::Pending => {
+                    // Still coming: the instance, not the read size, sets the pace.
+                    if let Some(line) = this.line.as_mut() {
+                        line.release_queue();
+                    }
                     ready!(this.pause.poll_expired(cx, &mut conn.deadline));
                     return this.fail(PAUSED);
                 }
             };
             this.pause.progressed();
+            this.came += (conn.read.len() - before) as u64;
             match read {
                 Ok(0) if this.progress == BodyProgress::UntilClose => {
                     this.progress = BodyProgress::Done;

@@ -57,6 +57,9 @@ pub enum Broken {
     Unconnected(Arc<ConnectError>),
     /// The line broke with the request written (or about to be): its answer will not come.
     Lost,
+    /// The request was taken off a line whose answer ahead streams its body, before it was
+    /// written: it goes elsewhere, and the line goes on.
+    Unsent,
 }
 
 /// A queued request's way to its turn.
@@ -1052,6 +1055,10 @@ impl Ticket {
         let hold = self.hold.take().expect("held until the turn");
         match turn {
             Ok(Ok(reader)) => Ok((reader, hold)),
+            Ok(Err(Broken::Unsent)) => {
+                hold.unsent();
+                Err(Broken::Unsent)
+            }
             Ok(Err(why)) => Err(why),
             Err(_) => Err(Broken::Lost),
         }
@@ -1079,11 +1086,11 @@ impl Drop for Ticket {
                 }
             }
             GiveUp::Abandoned => hold.handed_on = true,
-            GiveUp::TurnCame => {
-                if let Ok(Ok(reader)) = self.turn.try_recv() {
-                    hold.skip(reader);
-                }
-            }
+            GiveUp::TurnCame => match self.turn.try_recv() {
+                Ok(Ok(reader)) => hold.skip(reader),
+                Ok(Err(Broken::Unsent)) => hold.unsent(),
+                _ => {}
+            },
         }
     }
 }
@@ -1101,20 +1108,47 @@ impl LineHold {
         }
     }
 
-    /// This answer's body did not come whole with its head: no one joins the line until it
-    /// ends, and the requests already queued behind it go elsewhere now rather than wait for
-    /// it and its client (the line then ends with it).
+    /// This answer's body streams (large, or still coming): no one joins the line until it
+    /// ends, and the requests queued behind it but not yet written go elsewhere now rather than
+    /// wait for it and its client. Those written wait for their answers, which follow it: sent
+    /// again elsewhere, each would run twice.
     pub fn release_queue(&mut self) {
         if std::mem::replace(&mut self.released_queue, true) {
             return;
         }
         let mut state = self.line.state.lock().expect("line lock");
+        let state = &mut *state;
         state.streaming = true;
-        let queued = !state.turns.is_empty();
-        drop(state);
-        if queued {
-            self.line.break_off(Broken::Lost);
+        if state.unwritten.is_empty() {
+            return;
         }
+        let unwritten: smallvec::SmallVec<[u64; 8]> =
+            state.unwritten.drain(..).map(|(id, _)| id).collect();
+        state.pending.clear();
+        state.probe_unwritten = false;
+        let (released, kept) = std::mem::take(&mut state.turns)
+            .into_iter()
+            .partition(|turn| unwritten.contains(&turn.id));
+        state.turns = kept;
+        for turn in released {
+            let _ = turn.to.send(Err(Broken::Unsent));
+        }
+    }
+
+    /// This answer has no length: only the instance's close ends it. Requests queued behind it
+    /// go elsewhere, and the instance is not pipelined to again: one that kept the connection
+    /// open after such an answer would have the answers to later requests read as its body,
+    /// and handed to this request's client.
+    pub fn unframed_answer(&mut self) {
+        self.line.verdict.refused.store(true, Ordering::Relaxed);
+        self.release_queue();
+    }
+
+    /// The request was taken off the line before it was written ([`Broken::Unsent`]): its
+    /// place is given back, and the line goes on.
+    fn unsent(mut self) {
+        self.handed_on = true;
+        self.line.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The request was given up with the read side in hand, before any of its answer was
@@ -1732,15 +1766,20 @@ mod tests {
         assert_eq!(line.load(), 0);
     }
 
+    /// The request queued behind a streaming answer and not yet written (held back here: the
+    /// instance has not answered a pipelined write yet) leaves the line, which goes on.
     #[tokio::test]
-    async fn an_answer_streaming_its_body_sends_the_queue_behind_it_elsewhere() {
+    async fn an_answer_streaming_its_body_sends_the_unwritten_queue_behind_it_elsewhere() {
         let (lines, connector, _listener) = lines();
         let now = Instant::now();
         let (_reader, mut first) = first_in_line(&lines, &connector).await;
         lines.answered(&first, true, http::StatusCode::OK);
         let second = lines.enqueue(&connector, no_idle, now, ROOT, get);
         first.release_queue();
-        assert!(lost(second).await);
+        let turn = tokio::time::timeout(Duration::from_secs(5), second.turn()).await;
+        assert!(matches!(turn, Ok(Err(Broken::Unsent))));
+        assert!(!first.line.is_closed());
+        assert_eq!(first.line.load(), 1);
         let (lines, connector, _listener) = self::lines();
         let (_reader, mut first) = first_in_line(&lines, &connector).await;
         lines.answered(&first, true, http::StatusCode::OK);
