@@ -687,8 +687,6 @@ fn add_validators(request: &mut HeaderMap, stale: Option<&Arc<Entry>>) -> Option
 }
 
 /// What a fetch for the store brought back.
-// Returned once per fetch and taken apart at once: boxing the answer would allocate for it.
-#[allow(clippy::large_enum_variant)]
 enum Fetched {
     /// A 304 to the validators of the stale entry: that entry, and the 304's headers to renew
     /// it with.

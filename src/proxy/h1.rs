@@ -977,8 +977,9 @@ pub struct InstanceBody {
     raw_fields: Option<RawFields>,
     /// Timed with the connection's own timer.
     pause: PauseLimit,
-    /// Bytes read from the instance since the head, for a body whose length is not known.
-    came: u64,
+    /// Bytes read from the instance since the head (up to `u32::MAX`), for a body whose
+    /// length is not known.
+    came: u32,
 }
 
 /// The most of an answer's body the requests queued behind it on its line wait for while it is
@@ -1081,7 +1082,7 @@ impl Body for InstanceBody {
             // sent every one of them again).
             let large = match this.progress.exact_left() {
                 Some(left) => left > QUEUE_WAITS_FOR,
-                None => this.came > QUEUE_WAITS_FOR,
+                None => u64::from(this.came) > QUEUE_WAITS_FOR,
             };
             if large {
                 if let Some(line) = this.line.as_mut() {
@@ -1102,7 +1103,8 @@ impl Body for InstanceBody {
                 }
             };
             this.pause.progressed();
-            this.came += (conn.read.len() - before) as u64;
+            let read_now = u32::try_from(conn.read.len() - before).unwrap_or(u32::MAX);
+            this.came = this.came.saturating_add(read_now);
             match read {
                 Ok(0) if this.progress == BodyProgress::UntilClose => {
                     this.progress = BodyProgress::Done;
