@@ -28,9 +28,10 @@
 //! not yet measured ([`pace_after`]);
 //! nor are requests for a path that answered slowly among quick ones ([`SLOW_PATH`]); a request
 //! for a path whose last answer was not quick, or that has not answered yet, goes alone on its
-//! line ([`PathWatch::goes_alone`]). And an answer whose body does not come whole with its head
-//! sends the requests queued behind it elsewhere, so that a large answer, or its slow reader,
-//! holds up no one. Until the instance has answered a whole write of several requests, a line
+//! line ([`PathWatch::goes_alone`]). And an answer whose body streams (large, or still coming)
+//! sends the requests queued behind it and not yet written elsewhere, so that a large answer, or
+//! its slow reader, holds up no one who can still go; those written wait (sent again, they would
+//! run twice). Until the instance has answered a whole write of several requests, a line
 //! writes no more while one it wrote is unanswered ([`PipeliningVerdict::pipelined`]): a server
 //! that drops pipelined requests is found out before it can answer a later request in a dropped
 //! one's place.
