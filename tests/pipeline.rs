@@ -262,6 +262,77 @@ async fn head_requests_are_not_pipelined() {
     assert_eq!(BEHIND_HEAD.load(Ordering::Relaxed), 0);
 }
 
+/// Requests [`batches_with_a_misframed_204`] found waiting behind a `/nocontent` it had not
+/// answered yet.
+static BEHIND_NOCONTENT: AtomicUsize = AtomicUsize::new(0);
+
+/// Answers in batches (as [`answer_in_batches`]) with each target, but `/nocontent…` with a 204
+/// followed by a body, as a server that gets 204 wrong sends.
+fn batches_with_a_misframed_204(stream: TcpStream, _: usize) {
+    let mut targets = Targets::new(stream);
+    while let Some(first) = targets.next() {
+        std::thread::sleep(Duration::from_millis(1));
+        targets.stream.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 65536];
+        while let Ok(read @ 1..) = targets.stream.read(&mut buf) {
+            targets.read.extend_from_slice(&buf[..read]);
+        }
+        targets.stream.set_nonblocking(false).unwrap();
+        let mut batch = vec![first];
+        while targets.read.windows(4).any(|w| w == b"\r\n\r\n") {
+            batch.extend(targets.next());
+        }
+        let mut answers = Vec::new();
+        let last = batch.len() - 1;
+        for (at, target) in batch.into_iter().enumerate() {
+            if target == "/nocontent?id=warm" {
+                answers.extend_from_slice(b"HTTP/1.1 204 No Content\r\n\r\n");
+            } else if target.starts_with("/nocontent") {
+                if at < last {
+                    BEHIND_NOCONTENT.fetch_add(1, Ordering::Relaxed);
+                }
+                answers.extend_from_slice(b"HTTP/1.1 204 No Content\r\n\r\njunk!");
+            } else {
+                answers.extend_from_slice(&answer_bytes("", target.as_bytes()));
+            }
+        }
+        if !targets.send(&answers) {
+            return;
+        }
+    }
+}
+
+/// The request queued behind an answer that left bytes over (a body after a 204) is not failed
+/// for it: what it reads does not parse, and it goes again alone (without pipelining it would
+/// have had a connection of its own), the instance no longer pipelined to nor held to blame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_behind_a_misframed_answer_goes_again_alone() {
+    let gw = gateway_before(batches_with_a_misframed_204, "pipeline = 8");
+    echo_in_parallel(&gw, 1, 1).await;
+    echo_in_parallel(&gw, 16, 4).await;
+    // Its path answered quick once (well framed): requests may queue behind it.
+    let warm = get(&client(), &gw.url("/nocontent?id=warm")).await;
+    assert_eq!(warm.status, 204);
+    let target = |task: usize, n: usize| match n {
+        0 if task % 4 == 0 => format!("/nocontent?id={task}"),
+        _ => echo_target(task, n),
+    };
+    get_each_in_parallel(&gw, 32, 3, target, |target, reply| {
+        let body = String::from_utf8_lossy(&reply.body);
+        if target.starts_with("/nocontent") {
+            assert_eq!(reply.status, 204, "{target}: {body}");
+        } else {
+            assert_eq!(reply.status, 200, "{target}: {body}");
+            assert!(body.contains(target), "{target} got {body}");
+        }
+    })
+    .await;
+    assert!(
+        BEHIND_NOCONTENT.load(Ordering::Relaxed) > 0,
+        "none queued behind a 204"
+    );
+}
+
 /// Every target [`answer_in_batches`] was asked for, and how many times.
 static BATCHED_SEEN: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
 

@@ -912,6 +912,14 @@ async fn send_pipelined(
             lines.refuse();
             stale("no answer to a pipelined request: the instance is not pipelined to")
         }
+        // Behind another answer, what does not parse is most likely what that answer left
+        // over (a body after a 204, more bytes than its Content-Length): not this request's
+        // instance failing it. It goes again alone, as it would have gone without pipelining,
+        // and the instance is pipelined to no more.
+        Err(SendError::Invalid(_)) if line.behind() => {
+            lines.refuse();
+            stale("the answer ahead on its pipelined line was misframed")
+        }
         Err(err) => {
             if matches!(err, SendError::Invalid(_)) {
                 lines.refuse();

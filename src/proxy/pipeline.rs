@@ -1145,6 +1145,12 @@ impl LineHold {
         self.release_queue();
     }
 
+    /// It was queued behind another request's answer: what it reads may be what that answer
+    /// left over (a body after a 204, more than its Content-Length said).
+    pub fn behind(&self) -> bool {
+        self.behind
+    }
+
     /// The request was taken off the line before it was written ([`Broken::Unsent`]): its
     /// place is given back, and the line goes on.
     fn unsent(mut self) {
