@@ -314,7 +314,7 @@ async fn a_request_behind_a_misframed_answer_goes_again_alone() {
     let warm = get(&client(), &gw.url("/nocontent?id=warm")).await;
     assert_eq!(warm.status, 204);
     let target = |task: usize, n: usize| match n {
-        0 if task % 4 == 0 => format!("/nocontent?id={task}"),
+        0 if task.is_multiple_of(4) => format!("/nocontent?id={task}"),
         _ => echo_target(task, n),
     };
     get_each_in_parallel(&gw, 32, 3, target, |target, reply| {
