@@ -878,6 +878,9 @@ async fn send_pipelined(
         Ok(Ok(turn)) => turn,
         Ok(Err(Broken::Unconnected(err))) => return Err(Attempt::not_connected(&err)),
         Ok(Err(Broken::Lost)) => return stale("the pipelined connection closed before the answer"),
+        Ok(Err(Broken::Overtaken)) => {
+            return stale("the answer ahead on its pipelined line streamed too long")
+        }
         Ok(Err(Broken::Unsent)) => {
             return Err(Attempt::failed(
                 FailureKind::Stale { sent: false },

@@ -30,8 +30,8 @@
 //! for a path whose last answer was not quick, or that has not answered yet, goes alone on its
 //! line ([`PathWatch::goes_alone`]). And an answer whose body streams (large, or still coming)
 //! sends the requests queued behind it and not yet written elsewhere, so that a large answer, or
-//! its slow reader, holds up no one who can still go; those written wait (sent again, they would
-//! run twice). Until the instance has answered a whole write of several requests, a line
+//! its slow reader, holds up no one who can still go; those written wait a while
+//! ([`STREAMING_GRACE`]: sent again, they would run twice), then go too. Until the instance has answered a whole write of several requests, a line
 //! writes no more while one it wrote is unanswered ([`PipeliningVerdict::pipelined`]): a server
 //! that drops pipelined requests is found out before it can answer a later request in a dropped
 //! one's place.
@@ -61,7 +61,16 @@ pub enum Broken {
     /// The request was taken off a line whose answer ahead streams its body, before it was
     /// written: it goes elsewhere, and the line goes on.
     Unsent,
+    /// Written behind an answer that streamed its body for longer than [`STREAMING_GRACE`]:
+    /// it goes again elsewhere (it may run twice), and its answer here is thrown away.
+    Overtaken,
 }
+
+/// How long requests written behind an answer that streams its body wait for it to end before
+/// they go again elsewhere: long enough for an answer that is only larger than a read or two
+/// (sent again, each would run twice), short enough that a large answer's slow reader holds
+/// up no one for long.
+const STREAMING_GRACE: Duration = Duration::from_millis(100);
 
 /// A queued request's way to its turn.
 struct QueuedTurn {
@@ -930,6 +939,20 @@ impl Line {
         }
     }
 
+    /// The requests `ids` written behind a streaming answer, those still waiting for their
+    /// turn, go elsewhere ([`Broken::Overtaken`]): their answers are thrown away when they come,
+    /// as a client's that left.
+    fn overtake(&self, ids: &[u64]) {
+        let mut state = self.state.lock().expect("line lock");
+        for turn in state.turns.iter_mut() {
+            if ids.contains(&turn.id) && !turn.abandoned {
+                turn.abandoned = true;
+                let to = std::mem::replace(&mut turn.to, oneshot::channel().0);
+                let _ = to.send(Err(Broken::Overtaken));
+            }
+        }
+    }
+
     /// Gives up request `id` before its answer: unsent, its head is taken out of the bytes to
     /// write and its turn out of the queue; queued, its turn is marked abandoned.
     fn give_up(&self, id: u64) -> GiveUp {
@@ -1060,6 +1083,12 @@ impl Ticket {
                 hold.unsent();
                 Err(Broken::Unsent)
             }
+            // Its turn is marked abandoned: the line throws its answer away and goes on.
+            Ok(Err(Broken::Overtaken)) => {
+                let mut hold = hold;
+                hold.handed_on = true;
+                Err(Broken::Overtaken)
+            }
             Ok(Err(why)) => Err(why),
             Err(_) => Err(Broken::Lost),
         }
@@ -1120,20 +1149,28 @@ impl LineHold {
         let mut state = self.line.state.lock().expect("line lock");
         let state = &mut *state;
         state.streaming = true;
-        if state.unwritten.is_empty() {
+        if !state.unwritten.is_empty() {
+            let unwritten: smallvec::SmallVec<[u64; 8]> =
+                state.unwritten.drain(..).map(|(id, _)| id).collect();
+            state.pending.clear();
+            state.probe_unwritten = false;
+            let (released, kept) = std::mem::take(&mut state.turns)
+                .into_iter()
+                .partition(|turn| unwritten.contains(&turn.id));
+            state.turns = kept;
+            for turn in released {
+                let _ = turn.to.send(Err(Broken::Unsent));
+            }
+        }
+        if state.turns.is_empty() || tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        let unwritten: smallvec::SmallVec<[u64; 8]> =
-            state.unwritten.drain(..).map(|(id, _)| id).collect();
-        state.pending.clear();
-        state.probe_unwritten = false;
-        let (released, kept) = std::mem::take(&mut state.turns)
-            .into_iter()
-            .partition(|turn| unwritten.contains(&turn.id));
-        state.turns = kept;
-        for turn in released {
-            let _ = turn.to.send(Err(Broken::Unsent));
-        }
+        let written: smallvec::SmallVec<[u64; 8]> = state.turns.iter().map(|t| t.id).collect();
+        let line = self.line.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(STREAMING_GRACE).await;
+            line.overtake(&written);
+        });
     }
 
     /// This answer has no length: only the instance's close ends it. Requests queued behind it
@@ -1795,6 +1832,40 @@ mod tests {
         let second = lines.enqueue(&connector, no_idle, now, ROOT, get);
         assert!(!Arc::ptr_eq(&first.line, &second.hold().line));
         assert!(!first.line.is_closed());
+    }
+
+    /// A request written behind a streaming answer waits for it a while (sent again, it would
+    /// run twice), then goes elsewhere, its answer to be thrown away when it comes.
+    #[tokio::test]
+    async fn a_written_request_behind_a_streaming_answer_waits_a_grace_then_goes_elsewhere() {
+        let (lines, connector, _listener) = lines();
+        let now = Instant::now();
+        let (_reader, mut first) = first_in_line(&lines, &connector).await;
+        lines.answered(&first, true, http::StatusCode::OK);
+        // Pipelining proven: the second is written at once.
+        lines.verdict.pipelined.store(true, Ordering::Relaxed);
+        let second = lines.enqueue(&connector, no_idle, now, ROOT, get);
+        let line = first.line.clone();
+        for _ in 0..100 {
+            if line.state.lock().unwrap().unwritten.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            line.state.lock().unwrap().unwritten.is_empty(),
+            "never written"
+        );
+        let started = Instant::now();
+        first.release_queue();
+        let turn = tokio::time::timeout(Duration::from_secs(5), second.turn()).await;
+        assert!(matches!(turn, Ok(Err(Broken::Overtaken))));
+        assert!(started.elapsed() >= STREAMING_GRACE);
+        // The line goes on; the overtaken request still counts on it until its answer is read
+        // and thrown away.
+        assert!(!line.is_closed());
+        assert_eq!(line.load(), 2);
+        assert!(line.state.lock().unwrap().turns[0].abandoned);
     }
 
     #[tokio::test]
