@@ -270,18 +270,7 @@ static BEHIND_NOCONTENT: AtomicUsize = AtomicUsize::new(0);
 /// followed by a body, as a server that gets 204 wrong sends.
 fn batches_with_a_misframed_204(stream: TcpStream, _: usize) {
     let mut targets = Targets::new(stream);
-    while let Some(first) = targets.next() {
-        std::thread::sleep(Duration::from_millis(1));
-        targets.stream.set_nonblocking(true).unwrap();
-        let mut buf = [0u8; 65536];
-        while let Ok(read @ 1..) = targets.stream.read(&mut buf) {
-            targets.read.extend_from_slice(&buf[..read]);
-        }
-        targets.stream.set_nonblocking(false).unwrap();
-        let mut batch = vec![first];
-        while targets.read.windows(4).any(|w| w == b"\r\n\r\n") {
-            batch.extend(targets.next());
-        }
+    while let Some(batch) = targets.next_batch() {
         let mut answers = Vec::new();
         let last = batch.len() - 1;
         for (at, target) in batch.into_iter().enumerate() {
@@ -340,18 +329,7 @@ static BATCHED_SEEN: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
 /// answers that one and every one that came meanwhile, in one write.
 fn answer_in_batches(stream: TcpStream, _: usize) {
     let mut targets = Targets::new(stream);
-    while let Some(first) = targets.next() {
-        std::thread::sleep(Duration::from_millis(1));
-        targets.stream.set_nonblocking(true).unwrap();
-        let mut buf = [0u8; 65536];
-        while let Ok(read @ 1..) = targets.stream.read(&mut buf) {
-            targets.read.extend_from_slice(&buf[..read]);
-        }
-        targets.stream.set_nonblocking(false).unwrap();
-        let mut batch = vec![first];
-        while targets.read.windows(4).any(|w| w == b"\r\n\r\n") {
-            batch.extend(targets.next());
-        }
+    while let Some(batch) = targets.next_batch() {
         let mut answers = Vec::new();
         let mut seen = BATCHED_SEEN.lock().unwrap();
         for target in batch {
@@ -458,6 +436,24 @@ impl Targets {
     }
 
     /// Writes a 200 answer with `body`, and `fields` (whole lines) in its head.
+    /// The targets of the requests that came within 1 ms of the next one, as a busy instance
+    /// finds them waiting; `None` once the connection ends.
+    fn next_batch(&mut self) -> Option<Vec<String>> {
+        let first = self.next()?;
+        std::thread::sleep(Duration::from_millis(1));
+        self.stream.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 65536];
+        while let Ok(read @ 1..) = self.stream.read(&mut buf) {
+            self.read.extend_from_slice(&buf[..read]);
+        }
+        self.stream.set_nonblocking(false).unwrap();
+        let mut batch = vec![first];
+        while self.read.windows(4).any(|w| w == b"\r\n\r\n") {
+            batch.extend(self.next());
+        }
+        Some(batch)
+    }
+
     fn answer(&mut self, fields: &str, body: &[u8]) -> bool {
         self.send(&answer_bytes(fields, body))
     }
