@@ -464,28 +464,51 @@ upstream = "app"
     )
 }
 
+/// A gateway of [`exec_config`] whose scale command appends each count it is run with to a
+/// file, one per line.
+struct RecordedScaling {
+    gw: Autoscaled,
+    record: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn recorded_scaling(dns: &str, extra: &str) -> RecordedScaling {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("replicas");
+    let scale = format!("sh -c 'echo {{replicas}} >> {}'", record.display());
+    let gw = autoscaled(&exec_config(&scale, dns, extra));
+    RecordedScaling {
+        gw,
+        record,
+        _dir: dir,
+    }
+}
+
+impl RecordedScaling {
+    /// Whether the scale command has run with `count`, within 10 s.
+    async fn ran_with(&self, count: &str) -> bool {
+        eventually(Duration::from_secs(10), || async {
+            std::fs::read_to_string(&self.record)
+                .is_ok_and(|text| text.lines().any(|line| line == count))
+        })
+        .await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_provider_runs_the_scale_command_and_discovers_instances() {
     let backend = demo_backend(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let record = dir.path().join("replicas");
-    let body = exec_config(
-        &format!("sh -c 'echo {{replicas}} >> {}'", record.display()),
-        &format!("localhost:{}", backend.addr().port()),
-        "sync_period = \"1s\"",
-    );
-    let gw = autoscaled(&body);
+    let dns = format!("localhost:{}", backend.addr().port());
+    let scaled = recorded_scaling(&dns, "sync_period = \"1s\"");
+    let gw = &scaled.gw;
     let client = client();
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            std::fs::read_to_string(&record).is_ok_and(|text| text.lines().next() == Some("2"))
-        })
-        .await,
+        scaled.ran_with("2").await,
         "the scale command did not run with the minimum"
     );
     assert!(
         eventually(Duration::from_secs(10), || async {
-            pool_up(&client, &gw)
+            pool_up(&client, gw)
                 .await
                 .iter()
                 .any(|(addr, _)| *addr == backend.addr().to_string())
@@ -494,7 +517,7 @@ async fn exec_provider_runs_the_scale_command_and_discovers_instances() {
         "the discovered instance did not join the pool"
     );
     assert_eq!(get(&client, &gw.url("/via-discovery")).await.status, 200);
-    let status = autoscale_status(&client, &gw).await;
+    let status = autoscale_status(&client, gw).await;
     assert_eq!(status["provider"], "exec");
     assert_eq!(status["current"], 2);
     assert_eq!(status["instances"]["last_command"]["ok"], true);
@@ -507,23 +530,19 @@ async fn exec_provider_runs_the_scale_command_and_discovers_instances() {
 #[tokio::test]
 async fn exec_provider_reads_the_replica_count_from_the_cluster() {
     let backend = demo_backend(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = dir.path().join("cluster");
+    let dns = format!("localhost:{}", backend.addr().port());
+    let cluster_dir = tempfile::tempdir().unwrap();
+    let cluster = cluster_dir.path().join("cluster");
     std::fs::write(&cluster, "3\n").unwrap();
-    let record = dir.path().join("replicas");
-    let body = exec_config(
-        &format!("sh -c 'echo {{replicas}} >> {}'", record.display()),
-        &format!("localhost:{}", backend.addr().port()),
-        &format!(
-            "sync_period = \"500ms\"\nreplicas_command = \"sh -c 'cat {}; sleep 30 &'\"",
-            cluster.display()
-        ),
+    let extra = format!(
+        "sync_period = \"500ms\"\nreplicas_command = \"sh -c 'cat {}; sleep 30 &'\"",
+        cluster.display()
     );
-    let gw = autoscaled(&body);
+    let scaled = recorded_scaling(&dns, &extra);
+    let gw = &scaled.gw;
     let client = client();
     let current_is = |n: u64| {
         let client = client.clone();
-        let gw = &gw;
         async move { autoscale_status(&client, gw).await["current"] == n }
     };
     assert!(eventually(Duration::from_secs(10), || current_is(3)).await);
@@ -531,29 +550,26 @@ async fn exec_provider_reads_the_replica_count_from_the_cluster() {
     // scaled up to the minimum of two).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
-        !record.exists(),
+        !scaled.record.exists(),
         "a scale command ran for a count in bounds"
     );
     // Scaled by hand past `max`: back to three.
     std::fs::write(&cluster, "7").unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            std::fs::read_to_string(&record).is_ok_and(|text| text.lines().next() == Some("3"))
-        })
-        .await,
+        scaled.ran_with("3").await,
         "a count over max was not scaled back"
     );
     std::fs::write(&cluster, "oops").unwrap();
     assert!(
         eventually(Duration::from_secs(10), || async {
-            let status = autoscale_status(&client, &gw).await;
+            let status = autoscale_status(&client, gw).await;
             status["instances"]["last_read"]["error"]
                 .as_str()
                 .is_some_and(|error| error.contains("`oops`, not a replica count"))
         })
         .await
     );
-    let status = autoscale_status(&client, &gw).await;
+    let status = autoscale_status(&client, gw).await;
     assert!(
         matches!(status["current"].as_u64(), Some(3 | 7)),
         "{status}"
@@ -565,38 +581,29 @@ async fn exec_provider_reads_the_replica_count_from_the_cluster() {
 #[tokio::test]
 async fn a_slow_replica_count_read_holds_nothing_up() {
     let backend = demo_backend(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let record = dir.path().join("replicas");
-    let body = exec_config(
-        &format!("sh -c 'echo {{replicas}} >> {}'", record.display()),
-        &format!("localhost:{}", backend.addr().port()),
-        "sync_period = \"500ms\"\nreplicas_command = \"sleep 20\"\ncommand_timeout = \"30s\"",
-    );
-    let gw = autoscaled(&body);
+    let dns = format!("localhost:{}", backend.addr().port());
+    let extra =
+        "sync_period = \"500ms\"\nreplicas_command = \"sleep 20\"\ncommand_timeout = \"30s\"";
+    let scaled = recorded_scaling(&dns, extra);
+    let gw = &scaled.gw;
     let client = client();
     // Not read yet: a count not known is left alone.
     assert!(
         eventually(Duration::from_secs(10), || async {
-            let status = autoscale_status(&client, &gw).await;
+            let status = autoscale_status(&client, gw).await;
             status["decisions"][0]["reason"]
                 .as_str()
                 .is_some_and(|reason| reason.contains("left alone"))
         })
         .await
     );
-    assert!(!record.exists(), "scaled with a count not read");
+    assert!(!scaled.record.exists(), "scaled with a count not read");
     let url = gw.admin_url("/api/autoscale/app");
     let pin = request(&client, "POST", &url, &[], r#"{"pin": 3}"#)
         .await
         .unwrap();
     assert_eq!(pin.status, 202);
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            std::fs::read_to_string(&record).is_ok_and(|text| text.lines().any(|l| l == "3"))
-        })
-        .await,
-        "the pin waited for the read"
-    );
+    assert!(scaled.ran_with("3").await, "the pin waited for the read");
 }
 
 /// A scale command still running when the gateway is told to stop does not hold the stop up
@@ -639,25 +646,19 @@ async fn a_running_scale_command_does_not_hold_the_stop_up() {
 /// never acts on a target at 0, and `kubectl scale --replicas=min` would shrink it.
 #[tokio::test]
 async fn exec_provider_leaves_a_cluster_it_cannot_see_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let record = dir.path().join("replicas");
-    let body = exec_config(
-        &format!("sh -c 'echo {{replicas}} >> {}'", record.display()),
-        "no-such-host.invalid:80",
-        "sync_period = \"500ms\"",
-    );
-    let gw = autoscaled(&body);
+    let scaled = recorded_scaling("no-such-host.invalid:80", "sync_period = \"500ms\"");
+    let gw = &scaled.gw;
     let client = client();
     assert!(
         eventually(Duration::from_secs(10), || async {
-            let status = autoscale_status(&client, &gw).await;
+            let status = autoscale_status(&client, gw).await;
             status["decisions"]
                 .as_array()
                 .is_some_and(|decisions| decisions.len() >= 3)
         })
         .await
     );
-    let status = autoscale_status(&client, &gw).await;
+    let status = autoscale_status(&client, gw).await;
     assert_eq!(status["current"], 0, "{status}");
     assert!(
         status["decisions"][0]["reason"]
@@ -667,7 +668,7 @@ async fn exec_provider_leaves_a_cluster_it_cannot_see_alone() {
         "{status}"
     );
     assert!(
-        !record.exists(),
+        !scaled.record.exists(),
         "the scale command ran for a cluster never seen"
     );
 }
