@@ -322,6 +322,66 @@ async fn a_request_behind_a_misframed_answer_goes_again_alone() {
     );
 }
 
+/// Requests [`batches_with_an_unframed_answer`] found waiting behind a `/nolen` it had not
+/// answered yet.
+static BEHIND_NOLEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Answers in batches with each target, but `/nolen…` (all but `/nolen?id=warm`) without a
+/// length, and keeps the connection open after it when more answers follow, as a server that
+/// gets framing wrong does; it closes after one that ends a batch, so that it can end.
+fn batches_with_an_unframed_answer(stream: TcpStream, _: usize) {
+    let mut targets = Targets::new(stream);
+    while let Some(batch) = targets.next_batch() {
+        let mut answers = Vec::new();
+        let last = batch.len() - 1;
+        let mut close = false;
+        for (at, target) in batch.into_iter().enumerate() {
+            if target.starts_with("/nolen") && target != "/nolen?id=warm" {
+                if at < last {
+                    BEHIND_NOLEN.fetch_add(1, Ordering::Relaxed);
+                }
+                answers.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\nno-length");
+                close = at == last;
+            } else {
+                answers.extend_from_slice(&answer_bytes("", target.as_bytes()));
+            }
+        }
+        if !targets.send(&answers) || close {
+            return;
+        }
+    }
+}
+
+/// An answer without a length with requests written behind it is not handed on: an instance
+/// that keeps the connection open after it would have their answers read as its body, handed
+/// to its client. Its request goes again alone; every client gets its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_without_a_length_never_carries_the_answers_behind_it() {
+    let gw = gateway_before(batches_with_an_unframed_answer, "pipeline = 8");
+    echo_in_parallel(&gw, 1, 1).await;
+    echo_in_parallel(&gw, 16, 4).await;
+    // Its path answered quick once (with a length): requests may queue behind it.
+    assert_eq!(get(&client(), &gw.url("/nolen?id=warm")).await.status, 200);
+    let target = |task: usize, n: usize| match n {
+        0 if task.is_multiple_of(4) => format!("/nolen?id={task}"),
+        _ => echo_target(task, n),
+    };
+    get_each_in_parallel(&gw, 32, 3, target, |target, reply| {
+        let body = String::from_utf8_lossy(&reply.body);
+        assert_eq!(reply.status, 200, "{target}: {body}");
+        if target.starts_with("/nolen") {
+            assert_eq!(body, "no-length", "{target}");
+        } else {
+            assert!(body.contains(target), "{target} got {body}");
+        }
+    })
+    .await;
+    assert!(
+        BEHIND_NOLEN.load(Ordering::Relaxed) > 0,
+        "none queued behind an answer without a length"
+    );
+}
+
 /// Every target [`answer_in_batches`] was asked for, and how many times.
 static BATCHED_SEEN: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
 

@@ -35,7 +35,7 @@ use super::upstream::{InFlightGuard, Instance, NoInstance};
 use super::{Gateway, Runtime};
 use crate::balance::{hash_bytes, HashKey, Strategy};
 use crate::config::{RouteConfig, UpstreamConfig};
-use crate::http1::recycle_map;
+use crate::http1::{recycle_map, Framing};
 use crate::ratelimit::hold_slots;
 
 /// The client end of a connection, its IP rendered once per connection for X-Forwarded-For.
@@ -883,7 +883,7 @@ async fn send_pipelined(
         }
         Ok(Err(Broken::Unsent)) => {
             return Err(Attempt::failed(
-                FailureKind::Stale { sent: false },
+                FailureKind::Requeued,
                 "taken off a pipelined line behind a streaming answer".into(),
             ))
         }
@@ -902,6 +902,14 @@ async fn send_pipelined(
         .await;
     let (conn, line) = waiting.into_parts();
     match answer {
+        // Only the close ends this answer, and requests were written behind it: an instance
+        // that kept the connection open would have their answers read as this one's body, and
+        // handed to this client. Not trusted, it goes again alone (as without pipelining), and
+        // the instance is pipelined to no more.
+        Ok(answer) if answer.framing.framing == Framing::UntilClose && line.written_behind() => {
+            lines.refuse();
+            stale("an answer without a length, with requests written behind it")
+        }
         Ok(answer) => {
             let came = observe_latency(instance, started, answer.head.status);
             lines.record_answer(path, pace, started, came);

@@ -1182,6 +1182,12 @@ impl LineHold {
         self.release_queue();
     }
 
+    /// Requests were written on the line behind this one.
+    pub fn written_behind(&self) -> bool {
+        let state = self.line.state.lock().expect("line lock");
+        self.line.load().saturating_sub(state.unwritten.len()) > 1
+    }
+
     /// It was queued behind another request's answer: what it reads may be what that answer
     /// left over (a body after a 204, more than its Content-Length said).
     pub fn behind(&self) -> bool {

@@ -44,6 +44,9 @@ pub enum FailureKind {
     /// A reused connection the instance had closed before answering (most often at its
     /// keep-alive timeout, as the connection was taken); `sent`: the request went out on it.
     Stale { sent: bool },
+    /// Taken off a pipelined line before it was written (the answer ahead streams): nothing
+    /// went wrong with the instance or its connections.
+    Requeued,
     /// No answer head within the response timeout.
     Timeout,
     /// The client's body failed.
@@ -79,7 +82,13 @@ pub enum NextAttempt {
     Reconnect,
     /// On another instance, when `retries` and the retry budget allow.
     Retry,
+    /// Picked again as if it had just come, on any connection: it was never sent.
+    Requeue,
 }
+
+/// The most times a request is taken off lines and picked again ([`NextAttempt::Requeue`]);
+/// past them it goes as after a stale connection, on a new one.
+const REQUEUES: u8 = 4;
 
 /// What a request allows once an attempt with it failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +122,7 @@ pub fn next_attempt(failure: FailureKind, request: Resend, reconnected: bool) ->
         FailureKind::Stale { sent } if !reconnected && (idempotent || !sent) => {
             NextAttempt::Reconnect
         }
+        FailureKind::Requeued => NextAttempt::Requeue,
         FailureKind::Sent
         | FailureKind::Reset { .. }
         | FailureKind::Stale { .. }
@@ -135,6 +145,8 @@ pub struct Attempts {
     pub count: u32,
     /// The next attempt opens a new connection: the pooled one this attempt took was stale.
     pub fresh: bool,
+    /// Times it was picked again after being taken off a line unsent.
+    requeues: u8,
 }
 
 /// Whether a request that did not get its answer from an attempt tries again.
@@ -163,7 +175,13 @@ impl Attempts {
     ) -> Step {
         match next {
             NextAttempt::GiveUp => Step::GiveUp,
-            NextAttempt::Reconnect => {
+            NextAttempt::Requeue if self.requeues < REQUEUES => {
+                self.requeues += 1;
+                self.count -= 1;
+                self.tried.pop();
+                Step::Again
+            }
+            NextAttempt::Reconnect | NextAttempt::Requeue => {
                 self.fresh = true;
                 self.count -= 1;
                 self.tried.pop();
@@ -294,6 +312,7 @@ mod tests {
             (Timeout, true, false, Retry),
             (Timeout, false, false, GiveUp),
             (Client, true, false, GiveUp),
+            (Requeued, false, true, Requeue),
         ];
         for (failure, idempotent, reconnected, next) in cases {
             let request = Resend {
@@ -339,6 +358,18 @@ mod tests {
             (attempts.count, attempts.fresh, attempts.tried.len()),
             (0, true, 0)
         );
+        assert_eq!(attempts.start(4), 1);
+        // Taken off a pipelined line unsent: picked again as new, on any connection, a few
+        // times; then on a new connection.
+        for _ in 0..REQUEUES {
+            let again = attempts.after_failure(NextAttempt::Requeue, 1, || unreachable!());
+            assert_eq!(again, Step::Again);
+            assert_eq!((attempts.count, attempts.fresh), (0, true));
+            assert_eq!(attempts.start(4), 1);
+        }
+        attempts.fresh = false;
+        attempts.after_failure(NextAttempt::Requeue, 1, || unreachable!());
+        assert!(attempts.fresh);
         assert_eq!(attempts.start(4), 1);
         // A retry, paid by the budget, on a pooled connection again.
         assert_eq!(
