@@ -382,6 +382,76 @@ async fn an_answer_without_a_length_never_carries_the_answers_behind_it() {
     );
 }
 
+/// Every target [`batches_with_big_answers`] was asked for, and how many times.
+static BIG_SEEN: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
+
+/// Answers in batches with each target, `/big…` padded to 100 KB.
+fn batches_with_big_answers(stream: TcpStream, _: usize) {
+    let mut targets = Targets::new(stream);
+    while let Some(batch) = targets.next_batch() {
+        let mut answers = Vec::new();
+        let mut seen = BIG_SEEN.lock().unwrap();
+        for target in batch {
+            *seen.entry(target.clone()).or_default() += 1;
+            let mut body = target.clone().into_bytes();
+            if target.starts_with("/big") {
+                body.resize(100_000, b'.');
+            }
+            answers.extend_from_slice(&answer_bytes("", &body));
+        }
+        drop(seen);
+        if !targets.send(&answers) {
+            return;
+        }
+    }
+}
+
+/// Clients that leave in the middle of large answers: the requests written behind those on
+/// their lines get their answers there, the rest of the left answer thrown away, and none
+/// runs twice (dropped with the line, they went again elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_leaving_mid_answer_run_no_request_twice() {
+    let gw = gateway_before(batches_with_big_answers, "pipeline = 8\nmax_fails = 0");
+    echo_in_parallel(&gw, 1, 1).await;
+    echo_in_parallel(&gw, 16, 4).await;
+    assert_eq!(
+        get(&client(), &gw.url("/big?id=warm")).await.body.len(),
+        100_000
+    );
+    let proxy = gw.proxy;
+    let leaving: Vec<_> = (0..8)
+        .map(|n| {
+            std::thread::spawn(move || {
+                let mut stream = TcpStream::connect(proxy).unwrap();
+                let head = format!("GET /big?id=left-{n} HTTP/1.1\r\nHost: x\r\n\r\n");
+                stream.write_all(head.as_bytes()).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let mut some = [0u8; 1024];
+                let _ = stream.read(&mut some);
+            })
+        })
+        .collect();
+    let meanwhile = |task: usize, n: usize| format!("/echo?id=meanwhile-{task}-{n}");
+    get_each_in_parallel(&gw, 24, 4, meanwhile, |target, reply| {
+        assert_eq!(reply.status, 200, "{target}");
+        assert_eq!(reply.body, target.as_bytes(), "{target}");
+    })
+    .await;
+    for left in leaving {
+        tokio::task::spawn_blocking(move || left.join().unwrap())
+            .await
+            .unwrap();
+    }
+    let seen = BIG_SEEN.lock().unwrap();
+    let twice: Vec<_> = seen
+        .iter()
+        .filter(|(target, runs)| target.contains("meanwhile") && **runs > 1)
+        .collect();
+    assert!(twice.is_empty(), "run twice: {twice:?}");
+}
+
 /// Every target [`answer_in_batches`] was asked for, and how many times.
 static BATCHED_SEEN: Mutex<BTreeMap<String, u32>> = Mutex::new(BTreeMap::new());
 

@@ -430,35 +430,68 @@ impl InstanceConn {
         let skipped = async {
             let answer = read_head(stream, read, reading, &AtomicBool::new(false)).await?;
             *answered = true;
-            let mut body = BodyProgress::of(answer.framing.framing);
-            let mut taken = 0;
-            loop {
-                // Every run of body already here (one chunk each), then the socket.
-                loop {
-                    let run = body.take(read).map_err(|err| invalid_answer(&err))?;
-                    if run.is_empty() {
-                        break;
-                    }
-                    taken += run.len() as u64;
-                }
-                if body.is_done() {
-                    return Ok(answer.framing.keep_alive);
-                }
-                if taken > most || body == BodyProgress::UntilClose {
-                    return Ok(false);
-                }
-                make_room(read);
-                match stream.read_buf(read).await {
-                    Ok(0) => return Ok(false),
-                    Ok(_) => {}
-                    Err(err) => return Err(SendError::BrokeOff(err.to_string())),
-                }
-            }
+            let body = BodyProgress::of(answer.framing.framing);
+            let ended = discard_body(stream, read, body, most).await?;
+            Ok(ended && answer.framing.keep_alive)
         };
         tokio::select! {
             biased;
             skipped = skipped => skipped,
             () = deadline.wait(due) => Err(SendError::TimedOut),
+        }
+    }
+
+    /// Reads the rest of an answer's body, `body` of it still to come, and throws it away,
+    /// within `due` and `most` bytes; true once it ended.
+    pub async fn skip_body(
+        &mut self,
+        body: BodyProgress,
+        due: Instant,
+        most: u64,
+    ) -> Result<bool, SendError> {
+        let InstanceConn {
+            stream,
+            read,
+            deadline,
+            ..
+        } = self;
+        tokio::select! {
+            biased;
+            skipped = discard_body(stream, read, body, most) => skipped,
+            () = deadline.wait(due) => Err(SendError::TimedOut),
+        }
+    }
+}
+
+/// Reads `body` to its end out of `read`, then `stream`, throwing it away; false when it is
+/// over `most` bytes, ends only at the close, or the connection closes first.
+async fn discard_body(
+    stream: &mut InstanceStream,
+    read: &mut BytesMut,
+    mut body: BodyProgress,
+    most: u64,
+) -> Result<bool, SendError> {
+    let mut taken = 0;
+    loop {
+        // Every run of body already here (one chunk each), then the socket.
+        loop {
+            let run = body.take(read).map_err(|err| invalid_answer(&err))?;
+            if run.is_empty() {
+                break;
+            }
+            taken += run.len() as u64;
+        }
+        if body.is_done() {
+            return Ok(true);
+        }
+        if taken > most || body == BodyProgress::UntilClose {
+            return Ok(false);
+        }
+        make_room(read);
+        match stream.read_buf(read).await {
+            Ok(0) => return Ok(false),
+            Ok(_) => {}
+            Err(err) => return Err(SendError::BrokeOff(err.to_string())),
         }
     }
 }
@@ -1055,6 +1088,19 @@ impl InstanceBody {
             self.finish();
         }
         Ok(data)
+    }
+}
+
+impl Drop for InstanceBody {
+    /// Its client left mid-answer. Requests written behind it on its line get their answers
+    /// once the rest of this one is thrown away ([`LineHold::skip_rest`]): dropped with the
+    /// line, they went again elsewhere, and ran twice. Otherwise the connection closes.
+    fn drop(&mut self) {
+        if let (Some(conn), Some(line)) = (self.conn.take(), self.line.take()) {
+            if line.written_behind() {
+                line.skip_rest(conn, self.progress, self.reusable);
+            }
+        }
     }
 }
 

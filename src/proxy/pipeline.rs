@@ -50,6 +50,7 @@ use tokio::time::Instant;
 use super::connect::{ConnectError, Connector, InstanceStream};
 use super::h1::{InstanceConn, SendError};
 use crate::clock::ticks_ms;
+use crate::http1::BodyProgress;
 
 /// Why a queued request got no turn on its line.
 #[derive(Clone)]
@@ -1180,6 +1181,22 @@ impl LineHold {
     pub fn unframed_answer(&mut self) {
         self.line.verdict.refused.store(true, Ordering::Relaxed);
         self.release_queue();
+    }
+
+    /// Its client left with `body` of the answer still to come, and requests were written
+    /// behind it: the rest is read and thrown away (within [`SKIP_WAIT`] and [`SKIP_BYTES`]),
+    /// so that they get their answers here rather than run again elsewhere; else the line
+    /// breaks. `reusable`: the answer leaves the connection open.
+    pub fn skip_rest(self, mut reader: Box<InstanceConn>, body: BodyProgress, reusable: bool) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        tokio::spawn(async move {
+            let due = Instant::now() + SKIP_WAIT;
+            if let Ok(true) = reader.skip_body(body, due, SKIP_BYTES).await {
+                self.hand_on(reader, reusable);
+            }
+        });
     }
 
     /// Requests were written on the line behind this one.
