@@ -296,7 +296,8 @@ fn batches_with_a_misframed_204(stream: TcpStream, _: usize) {
 /// have had a connection of its own), the instance no longer pipelined to nor held to blame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_behind_a_misframed_answer_goes_again_alone() {
-    let gw = gateway_before(batches_with_a_misframed_204, "pipeline = 8");
+    let instance = raw_instance(batches_with_a_misframed_204);
+    let gw = gateway_logging(&app_config_at(&[instance], "pipeline = 8"));
     echo_in_parallel(&gw, 1, 1).await;
     echo_in_parallel(&gw, 16, 4).await;
     // Its path answered quick once (well framed): requests may queue behind it.
@@ -320,6 +321,11 @@ async fn a_request_behind_a_misframed_answer_goes_again_alone() {
         BEHIND_NOCONTENT.load(Ordering::Relaxed) > 0,
         "none queued behind a 204"
     );
+    // The operator hears why the instance's requests now go one per connection.
+    let said = gw.proc.log_lines().iter().any(|line| {
+        line.contains("pipelining to the instance ended") && line.contains("did not parse")
+    });
+    assert!(said, "{:?}", gw.proc.log_lines());
 }
 
 /// Requests [`batches_with_an_unframed_answer`] found waiting behind a `/nolen` it had not

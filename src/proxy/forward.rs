@@ -907,7 +907,7 @@ async fn send_pipelined(
         // handed to this client. Not trusted, it goes again alone (as without pipelining), and
         // the instance is pipelined to no more.
         Ok(answer) if answer.framing.framing == Framing::UntilClose && line.written_behind() => {
-            lines.refuse();
+            lines.refuse("it sent an answer without a length, with requests written behind it");
             stale("an answer without a length, with requests written behind it")
         }
         Ok(answer) => {
@@ -920,7 +920,7 @@ async fn send_pipelined(
         // instead: the instance may drop pipelined requests. It gets no more; this one goes
         // again on a connection of its own, and the line breaks as `line` is dropped.
         Err(SendError::TimedOut | SendError::NoAnswer(_)) if proof_due.is_some() => {
-            lines.refuse();
+            lines.refuse("it did not answer a request pipelined behind another");
             stale("no answer to a pipelined request: the instance is not pipelined to")
         }
         // Behind another answer, what does not parse is most likely what that answer left
@@ -928,12 +928,12 @@ async fn send_pipelined(
         // instance failing it. It goes again alone, as it would have gone without pipelining,
         // and the instance is pipelined to no more.
         Err(SendError::Invalid(_)) if line.behind() => {
-            lines.refuse();
+            lines.refuse("an answer that did not parse, behind another");
             stale("the answer ahead on its pipelined line was misframed")
         }
         Err(err) => {
             if matches!(err, SendError::Invalid(_)) {
-                lines.refuse();
+                lines.refuse("an answer that did not parse");
             }
             Err(Attempt::of_send(err, conn.answered_any()))
         }

@@ -37,6 +37,7 @@
 //! one's place.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -299,11 +300,14 @@ struct PipeliningVerdict {
     limit: AtomicU64,
     /// After how many requests the instance last closed a line with an answer (0: never).
     last_close: AtomicU64,
+    /// The instance, named when pipelining to it ends.
+    instance: SocketAddr,
 }
 
 impl PipeliningVerdict {
-    fn new(keepalive_requests: u64) -> PipeliningVerdict {
+    fn new(instance: SocketAddr, keepalive_requests: u64) -> PipeliningVerdict {
         PipeliningVerdict {
+            instance,
             proven: AtomicBool::new(false),
             pipelined: AtomicBool::new(false),
             refused: AtomicBool::new(false),
@@ -314,6 +318,14 @@ impl PipeliningVerdict {
 
     fn limit(&self) -> u64 {
         self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Ends pipelining to the instance until a reload, saying why the first time: an operator
+    /// who sees its requests each on a connection of its own can tell what the instance did.
+    fn refuse(&self, why: &'static str) {
+        if !self.refused.swap(true, Ordering::Relaxed) {
+            tracing::warn!(instance = %self.instance, why, "pipelining to the instance ended until a reload");
+        }
     }
 }
 
@@ -472,12 +484,17 @@ pub fn joinable(line: LineView, depth: usize) -> bool {
 }
 
 impl Lines {
-    pub fn new(depth: usize, keepalive_requests: u64, idle_timeout: Duration) -> Lines {
+    pub fn new(
+        instance: SocketAddr,
+        depth: usize,
+        keepalive_requests: u64,
+        idle_timeout: Duration,
+    ) -> Lines {
         Lines {
             lines: ArcSwap::default(),
             depth,
             idle_timeout,
-            verdict: Arc::new(PipeliningVerdict::new(keepalive_requests)),
+            verdict: Arc::new(PipeliningVerdict::new(instance, keepalive_requests)),
             pace: AtomicU32::new(UNMEASURED),
             probe_at: Mutex::new(Instant::now()),
             latency: AtomicU32::new(0),
@@ -657,10 +674,11 @@ impl Lines {
         }
     }
 
-    /// The instance's answer did not parse: with requests queued, a misframed answer (a body
-    /// after a 204, say) would shift every answer behind it, so pipelining to it ends.
-    pub fn refuse(&self) {
-        self.verdict.refused.store(true, Ordering::Relaxed);
+    /// The instance framed an answer wrongly, or dropped a pipelined request (`why`): with
+    /// requests queued, a misframed answer (a body after a 204, say) would shift every answer
+    /// behind it, so pipelining to it ends.
+    pub fn refuse(&self, why: &'static str) {
+        self.verdict.refuse(why);
     }
 
     /// An answer head came on `hold`'s line: one that keeps the connection open proves the
@@ -685,7 +703,8 @@ impl Lines {
             self.verdict.limit.fetch_min(limit, Ordering::Relaxed);
         }
         if !self.verdict.proven.load(Ordering::Relaxed) {
-            self.verdict.refused.store(true, Ordering::Relaxed);
+            self.verdict
+                .refuse("it closed a connection after its first answer");
         }
         let mut state = hold.line.state.lock().expect("line lock");
         if state.closed.is_none() {
@@ -1179,7 +1198,9 @@ impl LineHold {
     /// open after such an answer would have the answers to later requests read as its body,
     /// and handed to this request's client.
     pub fn unframed_answer(&mut self) {
-        self.line.verdict.refused.store(true, Ordering::Relaxed);
+        self.line
+            .verdict
+            .refuse("it sent an answer without a length (ended by its close)");
         self.release_queue();
     }
 
@@ -1294,7 +1315,7 @@ async fn skip_abandoned(line: Arc<Line>, mut reader: Box<InstanceConn>) {
         return line.pass_reader(reader);
     }
     if matches!(skipped, Err(SendError::Invalid(_))) {
-        line.verdict.refused.store(true, Ordering::Relaxed);
+        line.verdict.refuse("an answer that did not parse");
     }
     drop(reader);
     line.break_off(Broken::Lost);
@@ -1387,7 +1408,7 @@ mod tests {
         .unwrap();
         let connector = Connector::new(addr, config.upstream("app").unwrap());
         let listener = TcpListener::from_std(listener).unwrap();
-        let lines = Lines::new(4, 1000, Duration::from_secs(60));
+        let lines = Lines::new(addr, 4, 1000, Duration::from_secs(60));
         lines.paths[ROOT.0]
             .last_quick
             .store(true, Ordering::Relaxed);

@@ -965,6 +965,7 @@ impl Pool {
             http2: http2.then(Http2Connections::default),
             lines: (upstream.pipeline > 1 && !http2).then(|| {
                 Lines::new(
+                    addr,
                     upstream.pipeline,
                     upstream.keepalive_requests,
                     upstream.idle_timeout,
