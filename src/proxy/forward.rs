@@ -913,6 +913,7 @@ async fn send_pipelined(
         Ok(answer) => {
             let came = observe_latency(instance, started, answer.head.status);
             lines.record_answer(path, pace, started, came);
+            lines.record_length(path, answer.framing.framing);
             lines.answered(&line, answer.framing.keep_alive, answer.head.status);
             Ok(Answer::Http1(conn, Some(line), answer))
         }

@@ -51,7 +51,7 @@ use tokio::time::Instant;
 use super::connect::{ConnectError, Connector, InstanceStream};
 use super::h1::{InstanceConn, SendError};
 use crate::clock::ticks_ms;
-use crate::http1::BodyProgress;
+use crate::http1::{BodyProgress, Framing};
 
 /// Why a queued request got no turn on its line.
 #[derive(Clone)]
@@ -197,6 +197,9 @@ struct PathWatch {
     slow_answers: AtomicU32,
     /// Until when ([`ticks_ms`]) its requests are not pipelined.
     paused_until_ms: AtomicU64,
+    /// Its last answer said a length over [`SKIP_BYTES`]: were its client to leave, the rest
+    /// could not be thrown away in time, and the requests written behind it would run twice.
+    last_large: AtomicBool,
 }
 
 impl PathWatch {
@@ -207,6 +210,7 @@ impl PathWatch {
     fn goes_alone(&self) -> bool {
         !self.last_quick.load(Ordering::Relaxed)
             || self.slow_answers.load(Ordering::Relaxed) >= SLOW_ANSWERS - 1
+            || self.last_large.load(Ordering::Relaxed)
     }
 }
 
@@ -610,6 +614,16 @@ impl Lines {
     pub fn pipelines(&self, path: PathSlot, now: Instant) -> bool {
         let paused_until = self.paths[path.0].paused_until_ms.load(Ordering::Relaxed);
         self.taken() && ticks_ms(now) >= paused_until
+    }
+
+    /// Takes the length an answer for `path` said (`framing`) into whether the path's requests
+    /// go alone on their lines ([`PathWatch::last_large`]).
+    pub fn record_length(&self, path: PathSlot, framing: Framing) {
+        let large = matches!(framing, Framing::Length(length) if length > SKIP_BYTES);
+        let slot = &self.paths[path.0];
+        if slot.last_large.load(Ordering::Relaxed) != large {
+            slot.last_large.store(large, Ordering::Relaxed);
+        }
     }
 
     /// Takes an answer head for `path`, queued at `started`, come at `came`, into the
@@ -1560,6 +1574,24 @@ mod tests {
         let behind = lines.enqueue(&connector, no_idle, now, ROOT, get);
         assert!(Arc::ptr_eq(&line, &first.hold().line));
         assert!(Arc::ptr_eq(&line, &behind.hold().line));
+    }
+
+    /// A path whose last answer said a length too large to throw away when its client leaves
+    /// goes alone too, until a smaller one came.
+    #[tokio::test]
+    async fn a_request_for_a_path_with_large_answers_goes_alone_on_its_line() {
+        let (lines, connector, _listener, line, now) = idle_proven().await;
+        let download = PathSlot(1);
+        lines.record_answer(download, PaceSample::First, now, now);
+        lines.record_length(download, Framing::Length(SKIP_BYTES + 1));
+        let (alone, again) = assert_alone(&lines, &connector, (&line, now), download);
+        drop(again);
+        let (reader, hold) = alone.turn().await.ok().unwrap();
+        lines.record_length(download, Framing::Length(SKIP_BYTES));
+        hold.hand_on(reader, true);
+        let first = lines.enqueue(&connector, no_idle, now, download, get);
+        let behind = lines.enqueue(&connector, no_idle, now, download, get);
+        assert!(Arc::ptr_eq(&first.hold().line, &behind.hold().line));
     }
 
     /// A path known slow goes alone too once its pause ended, until an answer shows it quick.
