@@ -439,6 +439,9 @@ impl RedisLink {
             };
             ping(connection.clone()).await?;
             serves_writes(connection.clone(), self.state.redis_timeout).await?;
+            if self.user == LinkUser::RateLimits {
+                runs_scripts(connection.clone()).await?;
+            }
             self.connection.store(Some(Arc::new(connection)));
             Ok(())
         };
@@ -573,6 +576,21 @@ async fn serves_writes(
         )));
     }
     Ok(())
+}
+
+/// Whether the user may run the limiter's script: an ACL without `EVALSHA` passes every other
+/// check and then refuses each decision, and the link went down and up again with every
+/// request. `EVALSHA` of a script nobody loaded answers NOSCRIPT to a user who may run it.
+async fn runs_scripts(mut connection: Connection) -> Result<(), RedisError> {
+    let mut evalsha = redis::cmd("EVALSHA");
+    evalsha
+        .arg("0000000000000000000000000000000000000000")
+        .arg(0);
+    let reply = connection.req_packed_command(&evalsha).await?;
+    match &reply {
+        Value::ServerError(err) if err.code() == "NOPERM" => reply.extract_error().map(drop),
+        _ => Ok(()),
+    }
 }
 
 /// Redis itself refused (an error reply): not a connection cut, nor one slow answer, which

@@ -146,6 +146,36 @@ async fn an_acl_covering_only_the_limits_still_shares_them() {
     assert_eq!(status, 200, "{health}");
 }
 
+/// A user whose ACL does not let it run scripts (`-evalsha`) could decide nothing: the gateway
+/// refuses to start, naming the ACL, rather than take the link down and up with every request.
+#[tokio::test]
+async fn an_acl_without_scripts_stops_the_start() {
+    let redis = Redis::start(None);
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("noscripts")
+        .arg("on")
+        .arg(">secret-pass")
+        .arg("~*")
+        .arg("+@all")
+        .arg("-evalsha")
+        .query(&mut redis.conn())
+        .unwrap();
+    let backend = demo_backend(&[]);
+    let config = redis_config(&redis, &backend, BOTH_ALGORITHMS).replace(
+        "redis://127.0.0.1",
+        "redis://noscripts:secret-pass@127.0.0.1",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("noscripts.toml");
+    let body =
+        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{config}");
+    std::fs::write(&path, body).unwrap();
+    let stderr = refused_start(&["serve", "--config", path.to_str().unwrap()]);
+    assert!(stderr.contains("state.redis_url"), "{stderr}");
+    assert!(stderr.contains("ACL"), "{stderr}");
+}
+
 /// A rate-limit key of another type (left by the rule's other algorithm, or written by
 /// something else) is replaced: the decision stays Redis's and exact. It failed every decision
 /// on it, took the whole link down and let the limits pass several times over.
