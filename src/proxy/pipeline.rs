@@ -585,11 +585,7 @@ impl Lines {
             .join(joining)
             .expect("a new line takes its first request");
         self.lines.rcu(|lines| {
-            let mut kept: Vec<Arc<Line>> = lines
-                .iter()
-                .filter(|line| !line.is_closed())
-                .cloned()
-                .collect();
+            let mut kept = open_lines(lines);
             kept.push(line.clone());
             kept
         });
@@ -740,13 +736,7 @@ impl Lines {
     /// closed ones (the pool's sweep calls this). A burst's lines thus idle down to the cap
     /// within a sweep, not only after the idle timeout.
     pub fn close_idle(&self, now: Instant, keep: usize) {
-        self.lines.rcu(|lines| {
-            lines
-                .iter()
-                .filter(|line| !line.is_closed())
-                .cloned()
-                .collect::<Vec<_>>()
-        });
+        self.lines.rcu(|lines| open_lines(lines));
         let lines = self.lines.load_full();
         let mut idle = Vec::new();
         for line in lines.iter() {
@@ -764,6 +754,15 @@ impl Lines {
             }
         }
     }
+}
+
+/// `lines` without the closed ones: what a new snapshot keeps.
+fn open_lines(lines: &[Arc<Line>]) -> Vec<Arc<Line>> {
+    lines
+        .iter()
+        .filter(|line| !line.is_closed())
+        .cloned()
+        .collect()
 }
 
 impl Drop for Lines {
@@ -973,13 +972,13 @@ impl Line {
         }
     }
 
-    /// The requests `ids` written behind a streaming answer, those still waiting for their
-    /// turn, go elsewhere ([`Broken::Overtaken`]): their answers are thrown away when they come,
-    /// as a client's that left.
-    fn overtake(&self, ids: &[u64]) {
+    /// The requests written behind a streaming answer (ids up to `last_written`), those still
+    /// waiting for their turn, go elsewhere ([`Broken::Overtaken`]): their answers are thrown
+    /// away when they come, as a client's that left. Requests that joined once it ended stay.
+    fn overtake(&self, last_written: u64) {
         let mut state = self.state.lock().expect("line lock");
         for turn in state.turns.iter_mut() {
-            if ids.contains(&turn.id) && !turn.abandoned {
+            if turn.id <= last_written && !turn.abandoned {
                 turn.abandoned = true;
                 let to = std::mem::replace(&mut turn.to, oneshot::channel().0);
                 let _ = to.send(Err(Broken::Overtaken));
@@ -1117,10 +1116,8 @@ impl Ticket {
                 hold.unsent();
                 Err(Broken::Unsent)
             }
-            // Its turn is marked abandoned: the line throws its answer away and goes on.
             Ok(Err(Broken::Overtaken)) => {
-                let mut hold = hold;
-                hold.handed_on = true;
+                hold.overtaken();
                 Err(Broken::Overtaken)
             }
             Ok(Err(why)) => Err(why),
@@ -1183,27 +1180,30 @@ impl LineHold {
         let mut state = self.line.state.lock().expect("line lock");
         let state = &mut *state;
         state.streaming = true;
-        if !state.unwritten.is_empty() {
-            let unwritten: smallvec::SmallVec<[u64; 8]> =
-                state.unwritten.drain(..).map(|(id, _)| id).collect();
+        // Ids grow in queueing order and a write takes every head pending: from the first
+        // unwritten one on, no request was written.
+        if let Some(&(first_unwritten, _)) = state.unwritten.first() {
+            state.unwritten.clear();
             state.pending.clear();
             state.probe_unwritten = false;
             let (released, kept) = std::mem::take(&mut state.turns)
                 .into_iter()
-                .partition(|turn| unwritten.contains(&turn.id));
+                .partition(|turn| turn.id >= first_unwritten);
             state.turns = kept;
             for turn in released {
                 let _ = turn.to.send(Err(Broken::Unsent));
             }
         }
-        if state.turns.is_empty() || tokio::runtime::Handle::try_current().is_err() {
+        let Some(last_written) = state.turns.back().map(|turn| turn.id) else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        let written: smallvec::SmallVec<[u64; 8]> = state.turns.iter().map(|t| t.id).collect();
         let line = self.line.clone();
         tokio::spawn(async move {
             tokio::time::sleep(STREAMING_GRACE).await;
-            line.overtake(&written);
+            line.overtake(last_written);
         });
     }
 
@@ -1244,6 +1244,12 @@ impl LineHold {
     /// left over (a body after a 204, more than its Content-Length said).
     pub fn behind(&self) -> bool {
         self.behind
+    }
+
+    /// The request was overtaken ([`Broken::Overtaken`]): its turn stays, marked abandoned, and
+    /// the line throws its answer away and goes on.
+    fn overtaken(mut self) {
+        self.handed_on = true;
     }
 
     /// The request was taken off the line before it was written ([`Broken::Unsent`]): its
