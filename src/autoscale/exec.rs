@@ -25,6 +25,23 @@ use crate::proxy::Gateway;
 /// How long a discovery lookup may take; a failed one keeps the pool as it is.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A replica count the provider knows, and where from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KnownCount {
+    /// Set by its scale command.
+    Applied(u32),
+    /// Read from the cluster (`replicas_command`).
+    Read(u32),
+}
+
+impl KnownCount {
+    fn count(self) -> u32 {
+        match self {
+            KnownCount::Applied(count) | KnownCount::Read(count) => count,
+        }
+    }
+}
+
 /// One run of `replicas_command`: the command as run, and the count it printed or why none.
 struct ReplicaRead {
     command: Vec<String>,
@@ -38,9 +55,7 @@ pub(super) struct ExecProvider {
     drain_timeout: Duration,
     /// The count last applied, or read from the cluster (`replicas_command`); until either, the
     /// instances in the pool.
-    replicas: Option<u32>,
-    /// The last count came from the cluster, not from a scale command.
-    read_from_cluster: bool,
+    replicas: Option<KnownCount>,
     /// Addresses added by discovery, with when they were first seen.
     discovered: BTreeMap<SocketAddr, Instant>,
     /// When each pool member was first seen (capacity age for `startup_grace`).
@@ -68,7 +83,6 @@ impl ExecProvider {
             config,
             drain_timeout: auto.drain_timeout,
             replicas: None,
-            read_from_cluster: false,
             discovered: BTreeMap::new(),
             first_seen: BTreeMap::new(),
             next_discovery: Instant::now(),
@@ -115,10 +129,10 @@ impl ExecProvider {
     /// keeps the last count.
     fn took_read(&mut self, ReplicaRead { command, count }: ReplicaRead) {
         match count {
-            Ok(replicas) if self.replicas != Some(replicas) => {
-                tracing::info!(upstream = %self.upstream, replicas, before = ?self.replicas, "replica count read from the cluster");
-                self.replicas = Some(replicas);
-                self.read_from_cluster = true;
+            Ok(replicas) if self.replicas.map(KnownCount::count) != Some(replicas) => {
+                let before = self.replicas.map(KnownCount::count);
+                tracing::info!(upstream = %self.upstream, replicas, ?before, "replica count read from the cluster");
+                self.replicas = Some(KnownCount::Read(replicas));
             }
             Ok(_) => {}
             Err(ref err) => {
@@ -216,14 +230,14 @@ impl Provider for ExecProvider {
             Some(_) => 0,
             None => self.first_seen.len() as u32,
         };
-        self.replicas.unwrap_or_else(unread)
+        self.replicas.map_or_else(unread, KnownCount::count)
     }
 
     /// Only a count this provider set itself: 0 seen before any scale command is a cluster
     /// not found yet, and 0 read from the cluster one scaled to zero on purpose (HPA leaves
     /// such a target alone too).
     fn scales_from_zero(&self) -> bool {
-        self.replicas.is_some() && !self.read_from_cluster
+        matches!(self.replicas, Some(KnownCount::Applied(_)))
     }
 
     fn members(&self, _upstream: &Upstream) -> Vec<(SocketAddr, Instant)> {
@@ -280,15 +294,14 @@ impl Provider for ExecProvider {
             "error": result.as_ref().err(),
         });
         if result.is_ok() {
-            self.replicas = Some(desired);
-            self.read_from_cluster = false;
+            self.replicas = Some(KnownCount::Applied(desired));
         }
         result
     }
 
     fn status(&self, _upstream: &Upstream, _now: Instant) -> Value {
         json!({
-            "replicas": self.replicas,
+            "replicas": self.replicas.map(KnownCount::count),
             "discovered": self.discovered.keys().map(ToString::to_string).collect::<Vec<_>>(),
             "last_command": self.last_command,
             "last_read": self.last_read,
