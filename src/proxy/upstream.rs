@@ -154,6 +154,17 @@ impl Instance {
         self.active_up.load(Ordering::Relaxed) && (down_until == 0 || down_until <= ticks_ns(now))
     }
 
+    /// Whether a pick at `now` may take it: serving, and up by both kinds of checks, or by
+    /// active checks alone while `passive_ignored` (every instance is out).
+    fn pickable(&self, now: Instant, passive_ignored: bool) -> bool {
+        let up = if passive_ignored {
+            self.passes_active_checks()
+        } else {
+            self.is_available(now)
+        };
+        up && !self.is_draining()
+    }
+
     /// Up by active checks (or has none), whatever passive checks say.
     pub fn passes_active_checks(&self) -> bool {
         self.active_up.load(Ordering::Relaxed)
@@ -502,18 +513,11 @@ impl InstanceSet {
     /// is tried then). Asked before a retry spends from the budget, which it would spend for
     /// nothing.
     pub fn any_left(&self, tried: &[usize], now: Instant) -> bool {
-        let serving = || {
-            self.instances
-                .iter()
-                .enumerate()
-                .filter(|(_, instance)| !instance.is_draining())
-        };
-        let untried = |index: &usize| !tried.contains(index);
-        if serving().any(|(_, instance)| instance.is_available(now)) {
-            serving().any(|(index, instance)| untried(&index) && instance.is_available(now))
-        } else {
-            serving().any(|(index, instance)| untried(&index) && instance.passes_active_checks())
-        }
+        let panic = !self.instances.iter().any(|i| i.pickable(now, false));
+        self.instances
+            .iter()
+            .enumerate()
+            .any(|(index, i)| !tried.contains(&index) && i.pickable(now, panic))
     }
 }
 
@@ -697,12 +701,7 @@ impl Upstream {
             // Backups take over once every available primary was tried for this request too.
             for backup_tier in [false, true] {
                 for (index, instance) in set.instances.iter().enumerate() {
-                    let usable = if passive_ignored {
-                        instance.passes_active_checks()
-                    } else {
-                        instance.is_available(now)
-                    };
-                    if instance.backup != backup_tier || instance.is_draining() || !usable {
+                    if instance.backup != backup_tier || !instance.pickable(now, passive_ignored) {
                         continue;
                     }
                     any_healthy = true;
