@@ -381,17 +381,6 @@ async fn run_command(
             Vec::from(kept).join("; ")
         })
     });
-    // A process it left running may hold an output open: its end is waited for a moment only.
-    let finished = |task: Option<JoinHandle<String>>| async move {
-        match task {
-            Some(task) => tokio::time::timeout(Duration::from_secs(1), task)
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or_default(),
-            None => String::new(),
-        }
-    };
     let waited = tokio::time::timeout(timeout, child.wait()).await;
     match (&waited, stdout) {
         // A read has nothing to leave running: what it left goes, and its output ends.
@@ -408,16 +397,29 @@ async fn run_command(
         Ok(Err(err)) => Err(format!("`{}` failed: {err}", args.join(" "))),
         // Logged output is not waited for: a server the command started may keep it open.
         Ok(Ok(status)) if status.success() => {
-            if let (Some(reading), Stdout::Read) = (output, stdout) {
-                let _ = tokio::time::timeout(Duration::from_secs(1), reading).await;
+            if stdout == Stdout::Read {
+                ended(output).await;
             }
             let printed = printed.lock().expect("printed lock");
             Ok(String::from_utf8_lossy(&printed).into_owned())
         }
         Ok(Ok(status)) => {
-            let said = finished(stderr).await;
+            let said = ended(stderr).await;
             Err(format!("`{}` failed ({status}): {said}", args.join(" ")))
         }
+    }
+}
+
+/// What an output's reader came to once the output ended: a process the command left running
+/// may hold it open, so its end is waited for a moment only (the default past that).
+async fn ended<T: Default>(reader: Option<JoinHandle<T>>) -> T {
+    match reader {
+        Some(reader) => tokio::time::timeout(Duration::from_secs(1), reader)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default(),
+        None => T::default(),
     }
 }
 
