@@ -118,23 +118,30 @@ async fn a_redis_refusing_writes_is_one_outage_until_it_takes_them() {
     );
 }
 
+/// The config of [`redis_config`] (both algorithms) connecting as the ACL user `name`, made
+/// with `rules`.
+fn as_acl_user(redis: &Redis, backend: &Proc, name: &str, rules: &[&str]) -> String {
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(name)
+        .arg("on")
+        .arg(">secret-pass")
+        .arg(rules)
+        .query(&mut redis.conn())
+        .unwrap();
+    redis_config(redis, backend, BOTH_ALGORITHMS).replace(
+        "redis://127.0.0.1",
+        &format!("redis://{name}:secret-pass@127.0.0.1"),
+    )
+}
+
 /// A user whose ACL covers the rate-limit keys only (not the link's probe key) is taken as it
 /// is: its NOPERM on the probe write neither stops the start nor keeps the limits local.
 #[tokio::test]
 async fn an_acl_covering_only_the_limits_still_shares_them() {
     let redis = Redis::start(None);
-    let () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("limits")
-        .arg("on")
-        .arg(">secret-pass")
-        .arg("~scalegate:rl:*")
-        .arg("+@all")
-        .query(&mut redis.conn())
-        .unwrap();
     let backend = demo_backend(&[]);
-    let config = redis_config(&redis, &backend, BOTH_ALGORITHMS)
-        .replace("redis://127.0.0.1", "redis://limits:secret-pass@127.0.0.1");
+    let config = as_acl_user(&redis, &backend, "limits", &["~scalegate:rl:*", "+@all"]);
     let gw = gateway(&config);
     let client = client();
     let replies = burst(&client, &[gw.url("/gcra")], 25, &[]).await;
@@ -151,21 +158,8 @@ async fn an_acl_covering_only_the_limits_still_shares_them() {
 #[tokio::test]
 async fn an_acl_without_scripts_stops_the_start() {
     let redis = Redis::start(None);
-    let () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("noscripts")
-        .arg("on")
-        .arg(">secret-pass")
-        .arg("~*")
-        .arg("+@all")
-        .arg("-evalsha")
-        .query(&mut redis.conn())
-        .unwrap();
     let backend = demo_backend(&[]);
-    let config = redis_config(&redis, &backend, BOTH_ALGORITHMS).replace(
-        "redis://127.0.0.1",
-        "redis://noscripts:secret-pass@127.0.0.1",
-    );
+    let config = as_acl_user(&redis, &backend, "noscripts", &["~*", "+@all", "-evalsha"]);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("noscripts.toml");
     let body =
