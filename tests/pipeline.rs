@@ -69,6 +69,14 @@ async fn echo_in_parallel(gw: &Gateway, tasks: usize, each: usize) {
     .await;
 }
 
+/// One request, then a round of them in parallel: the first answer shows the instance keeps
+/// connections open (until then each request has its own), the round queues requests behind
+/// answers, so that the instance has answered pipelined requests.
+async fn prove_pipelining(gw: &Gateway) {
+    echo_in_parallel(gw, 1, 1).await;
+    echo_in_parallel(gw, 16, 4).await;
+}
+
 /// Requests [`echo_every_target`] found already waiting behind another one it had not
 /// answered yet: sent pipelined.
 static ECHO_PIPELINED: AtomicUsize = AtomicUsize::new(0);
@@ -298,8 +306,7 @@ fn batches_with_a_misframed_204(stream: TcpStream, _: usize) {
 async fn a_request_behind_a_misframed_answer_goes_again_alone() {
     let instance = raw_instance(batches_with_a_misframed_204);
     let gw = gateway_logging(&app_config_at(&[instance], "pipeline = 8"));
-    echo_in_parallel(&gw, 1, 1).await;
-    echo_in_parallel(&gw, 16, 4).await;
+    prove_pipelining(&gw).await;
     // Its path answered quick once (well framed): requests may queue behind it.
     let warm = get(&client(), &gw.url("/nocontent?id=warm")).await;
     assert_eq!(warm.status, 204);
@@ -364,8 +371,7 @@ fn batches_with_an_unframed_answer(stream: TcpStream, _: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_without_a_length_never_carries_the_answers_behind_it() {
     let gw = gateway_before(batches_with_an_unframed_answer, "pipeline = 8");
-    echo_in_parallel(&gw, 1, 1).await;
-    echo_in_parallel(&gw, 16, 4).await;
+    prove_pipelining(&gw).await;
     // Its path answered quick once (with a length): requests may queue behind it.
     assert_eq!(get(&client(), &gw.url("/nolen?id=warm")).await.status, 200);
     let target = |task: usize, n: usize| match n {
@@ -418,8 +424,7 @@ fn batches_with_big_answers(stream: TcpStream, _: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_leaving_mid_answer_run_no_request_twice() {
     let gw = gateway_before(batches_with_big_answers, "pipeline = 8\nmax_fails = 0");
-    echo_in_parallel(&gw, 1, 1).await;
-    echo_in_parallel(&gw, 16, 4).await;
+    prove_pipelining(&gw).await;
     assert_eq!(
         get(&client(), &gw.url("/big?id=warm")).await.body.len(),
         100_000
