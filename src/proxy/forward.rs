@@ -902,15 +902,17 @@ async fn send_pipelined(
         .await;
     let (conn, line) = waiting.into_parts();
     match answer {
-        // Only the close ends this answer, and requests were written behind it: an instance
-        // that kept the connection open would have their answers read as this one's body, and
-        // handed to this client. Not trusted, it goes again alone (as without pipelining), and
-        // the instance is pipelined to no more.
-        Ok(answer) if answer.framing.framing == Framing::UntilClose && line.written_behind() => {
-            lines.refuse("it sent an answer without a length, with requests written behind it");
-            stale("an answer without a length, with requests written behind it")
-        }
         Ok(answer) => {
+            // Only the close ends this answer: an instance that kept the connection open after
+            // it would have the answers to the requests behind read as its body, and handed to
+            // this client. It is pipelined to no more; with requests written behind it, the
+            // answer is not trusted, and the request goes again alone (as without pipelining).
+            if answer.framing.framing == Framing::UntilClose {
+                lines.refuse("it sent an answer without a length (ended by its close)");
+                if line.written_behind() {
+                    return stale("an answer without a length, with requests written behind it");
+                }
+            }
             let came = observe_latency(instance, started, answer.head.status);
             lines.record_answer(path, pace, started, came);
             lines.record_length(path, answer.framing.framing);

@@ -1042,10 +1042,10 @@ impl InstanceBody {
         if body.progress.is_done() {
             body.finish();
         } else if body.progress == BodyProgress::UntilClose {
-            // Nothing but the close ends it: an instance that keeps the connection open after
-            // it would have the next answers read as this one's body.
+            // The line ends with it (pipelining to the instance ended as its head came): the
+            // requests not yet written behind it go elsewhere now.
             if let Some(line) = body.line.as_mut() {
-                line.unframed_answer();
+                line.release_queue();
             }
         }
         body

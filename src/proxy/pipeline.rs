@@ -1207,17 +1207,6 @@ impl LineHold {
         });
     }
 
-    /// This answer has no length: only the instance's close ends it. Requests queued behind it
-    /// go elsewhere, and the instance is not pipelined to again: one that kept the connection
-    /// open after such an answer would have the answers to later requests read as its body,
-    /// and handed to this request's client.
-    pub fn unframed_answer(&mut self) {
-        self.line
-            .verdict
-            .refuse("it sent an answer without a length (ended by its close)");
-        self.release_queue();
-    }
-
     /// Its client left with `body` of the answer still to come, and requests were written
     /// behind it: the rest is read and thrown away (within [`SKIP_WAIT`] and [`SKIP_BYTES`]),
     /// so that they get their answers here rather than run again elsewhere; else the line
