@@ -1010,11 +1010,13 @@ fn answer_first_then_close(stream: TcpStream, _: usize) {
 
 /// A connection that carried an answer and is then closed without one is a stale kept-alive
 /// one: its request goes once more on a new connection, outside `retries`, pipelined or not.
+/// The access log's `resent` and the instance's resends count it: the instance read it twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_alive_connection_closed_without_an_answer_is_a_stale_one() {
     for pipeline in [8, 1] {
         let extra = format!("pipeline = {pipeline}\nretries = 0\nmax_fails = 0");
-        let gw = gateway_before(answer_first_then_close, &extra);
+        let instance = raw_instance(answer_first_then_close);
+        let gw = gateway_logging(&app_config_at(&[instance], &extra));
         let client = client();
         for n in 0..6 {
             let reply = get(&client, &gw.url(&format!("/x{n}"))).await;
@@ -1027,6 +1029,43 @@ async fn a_kept_alive_connection_closed_without_an_answer_is_a_stale_one() {
                 "pipeline = {pipeline}, post {n}"
             );
         }
+        // The first GET opened the connection; each later one went out on the connection its
+        // POST left pooled, which the instance closed unanswered.
+        let logged = || {
+            let lines = access_lines(&gw);
+            let resent = |path: &str| {
+                let line = lines.values().find(|line| line["path"] == path);
+                line.map(|line| (line["resent"].clone(), line["attempts"].clone()))
+            };
+            (0..6)
+                .map(|n| resent(&format!("/x{n}")))
+                .collect::<Vec<_>>()
+        };
+        let all_logged = eventually(Duration::from_secs(5), || async {
+            logged().iter().all(Option::is_some)
+        })
+        .await;
+        assert!(all_logged, "pipeline = {pipeline}: {:?}", logged());
+        let once = Some((serde_json::json!(1), serde_json::json!(1)));
+        let expected: Vec<_> = (0..6)
+            .map(|n| {
+                if n == 0 {
+                    Some((serde_json::json!(0), serde_json::json!(1)))
+                } else {
+                    once.clone()
+                }
+            })
+            .collect();
+        assert_eq!(logged(), expected, "pipeline = {pipeline}");
+        let metrics = get(&client, &gw.admin_url("/metrics")).await.body;
+        let metrics = String::from_utf8_lossy(&metrics);
+        let counted = format!(
+            "scalegate_instance_resends_total{{upstream=\"app\",instance=\"{instance}\"}} 5"
+        );
+        assert!(
+            metrics.contains(&counted),
+            "pipeline = {pipeline}: {metrics}"
+        );
     }
 }
 

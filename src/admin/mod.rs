@@ -456,6 +456,7 @@ fn instance_sample(upstream: &str, instance: &Instance, now: Instant) -> Instanc
         in_flight: instance.counters.in_flight.load(Ordering::Relaxed),
         ejections: instance.counters.ejections.load(Ordering::Relaxed),
         retries: instance.counters.retries.load(Ordering::Relaxed),
+        resends: instance.counters.resends.load(Ordering::Relaxed),
         broken_answers: instance.counters.broken_answers.load(Ordering::Relaxed),
         answers: instance
             .counters
@@ -626,6 +627,7 @@ fn instance_json(instance: &Instance, now: Instant) -> Value {
         "requests": instance.counters.requests.load(Ordering::Relaxed),
         "failures": instance.counters.failures.load(Ordering::Relaxed),
         "broken_answers": instance.counters.broken_answers.load(Ordering::Relaxed),
+        "resends": instance.counters.resends.load(Ordering::Relaxed),
         "answers": crate::metrics::STATUS_CLASSES
             .iter()
             .zip(&instance.counters.answers)

@@ -193,6 +193,7 @@ mod tests {
                 failures,
                 ejections: 0,
                 retries: 0,
+                resends: 0,
                 broken_answers: 0,
                 answers: [0; 5],
                 latency_seconds: 0.0015,

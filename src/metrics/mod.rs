@@ -36,6 +36,7 @@ pub const INSTANCE_UP: &str = "instance_up";
 pub const INSTANCE_STATE: &str = "instance_state";
 pub const INSTANCE_EJECTIONS: &str = "instance_ejections";
 pub const INSTANCE_RETRIES: &str = "instance_retries";
+pub const INSTANCE_RESENDS: &str = "instance_resends";
 pub const INSTANCE_BROKEN_ANSWERS: &str = "instance_broken_answers";
 pub const INSTANCE_ANSWERS: &str = "instance_answers";
 pub const INSTANCE_LATENCY: &str = "instance_latency_ewma_seconds";
@@ -469,6 +470,7 @@ pub struct InstanceSample {
     pub in_flight: u32,
     pub ejections: u64,
     pub retries: u64,
+    pub resends: u64,
     pub broken_answers: u64,
     /// By [`STATUS_CLASSES`].
     pub answers: [u64; 5],
@@ -524,7 +526,7 @@ pub fn core_families(
         );
     }
     let mut families = vec![requests, in_flight, duration];
-    let per_instance: [InstanceFamily; 7] = [
+    let per_instance: [InstanceFamily; 8] = [
         (INSTANCE_REQUESTS, "Requests sent to the instance.", |i| {
             Value::Counter(i.requests)
         }),
@@ -547,6 +549,11 @@ pub fn core_families(
             INSTANCE_RETRIES,
             "Failed attempts on the instance that were retried elsewhere.",
             |i| Value::Counter(i.retries),
+        ),
+        (
+            INSTANCE_RESENDS,
+            "Requests written to the instance and sent to it again on a new connection, unanswered (a closed keep-alive connection, a broken pipelined line): it may have run them twice.",
+            |i| Value::Counter(i.resends),
         ),
         (
             INSTANCE_BROKEN_ANSWERS,

@@ -608,8 +608,13 @@ async fn to_instance(
                 {
                     return given_up(error, retried_answer, served);
                 }
-                if next == NextAttempt::Retry {
-                    retrying = Some(instance);
+                match next {
+                    NextAttempt::Retry => retrying = Some(instance),
+                    NextAttempt::Reconnect if kind == (FailureKind::Stale { sent: true }) => {
+                        instance.counters.resends.fetch_add(1, Ordering::Relaxed);
+                        served.resent += 1;
+                    }
+                    _ => {}
                 }
                 last_error = error;
                 continue;

@@ -21,6 +21,11 @@ pub struct Served {
     pub instance: Option<SocketAddr>,
     /// Instances tried: more than one when the request was retried.
     pub attempts: u32,
+    /// Times it was written to an instance and sent to it again, unanswered, on a new
+    /// connection (outside `attempts`: [`InstanceCounters::resends`]).
+    ///
+    /// [`InstanceCounters::resends`]: super::upstream::InstanceCounters::resends
+    pub resent: u32,
 }
 
 /// Written when dropped. Until the answer's status is known it stands for an abandoned request
@@ -146,6 +151,7 @@ impl Drop for RequestRecord {
                     .map_or("-", |r| runtime.route_upstream(r).config.name.as_str()),
                 instance = %InstanceAddr(served.instance),
                 attempts = served.attempts,
+                resent = served.resent,
                 // Whole microseconds over 1000 print as short as they are (1.733, not
                 // 1.7328219999999999).
                 duration_ms = elapsed.as_micros() as f64 / 1000.0,

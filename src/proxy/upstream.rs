@@ -92,6 +92,11 @@ pub struct InstanceCounters {
     pub ejections: AtomicU64,
     /// Failed attempts on this instance that were retried on another.
     pub retries: AtomicU64,
+    /// Requests written to the instance that went to it again on a new connection, with no
+    /// answer from it: a kept-alive connection it had closed, a pipelined line that broke or
+    /// whose answer ahead streamed too long. Body-less idempotent ones only; the instance may
+    /// have run them twice, which `retries` and the access log's `attempts` leave out.
+    pub resends: AtomicU64,
     /// Answers whose body the instance broke off after their head went to the client (closed,
     /// reset, stalled or malformed): the client got a cut answer under a 2xx in the access log.
     pub broken_answers: AtomicU64,
