@@ -15,7 +15,7 @@ use tokio::io::AsyncReadExt;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::process::{each_line, forward_lines, GroupGuard};
+use super::process::{each_line, forward_lines, spawn_alone, GroupGuard};
 use super::Provider;
 use crate::clock::unix_ms_now as unix_ms;
 use crate::config::{AutoscaleConfig, ExecConfig, InstanceConfig};
@@ -345,9 +345,8 @@ async fn run_command(
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .process_group(0);
-    let mut child = command
-        .spawn()
-        .map_err(|err| format!("cannot run `{}`: {err}", args[0]))?;
+    let mut child =
+        spawn_alone(&mut command).map_err(|err| format!("cannot run `{}`: {err}", args[0]))?;
     // The gateway stopping drops this wait: the command goes, with its group.
     let mut group = GroupGuard(child.id());
     // What a read command printed, kept as it comes: a process it left behind may hold its

@@ -116,10 +116,33 @@ impl PortBook {
 /// (another program on 127.0.0.2 or the LAN address would make a child binding the wildcard
 /// fail). A machine without IPv6 says so on the second bind, which is no clash.
 fn nothing_listens_on(port: u16) -> bool {
+    let _alone = probe_or_spawn();
     let in_use = |err: std::io::Error| err.kind() == std::io::ErrorKind::AddrInUse;
     std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok()
         && std::net::TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
             .map_or_else(|err| !in_use(err), |_| true)
+}
+
+/// Held while the gateway probes a port or starts a process. A process started on another
+/// thread mid-probe got a copy of the probe's listener, open until it ran its command: the
+/// second bind then clashed with the first, a free port looked taken, and a child that had
+/// nothing wrong was counted as failing to start (or as one that left a daemon behind).
+static PROBING_OR_SPAWNING: Mutex<()> = Mutex::new(());
+
+fn probe_or_spawn() -> std::sync::MutexGuard<'static, ()> {
+    // Poisoned or not, it guards no data.
+    PROBING_OR_SPAWNING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Starts `command`, no port probe under way meanwhile ([`PROBING_OR_SPAWNING`]): the spawn
+/// returns once the new process runs its command, which closed the gateway's sockets.
+pub(super) fn spawn_alone(
+    command: &mut tokio::process::Command,
+) -> std::io::Result<tokio::process::Child> {
+    let _alone = probe_or_spawn();
+    command.spawn()
 }
 
 pub(super) struct ProcessProvider {
@@ -207,8 +230,7 @@ impl ProcessProvider {
         if let Some(dir) = &self.config.workdir {
             command.current_dir(dir);
         }
-        let mut process = command
-            .spawn()
+        let mut process = spawn_alone(&mut command)
             .map_err(|err| format!("cannot start `{}`: {err}", args[0]))?;
         child.pid = process.id();
         child.started = Instant::now();
@@ -977,6 +999,38 @@ mod tests {
         assert_eq!(book.book(ports.into_iter()), None);
         book.release(free[0]);
         assert_eq!(book.book(ports.into_iter()), Some(free[0]));
+    }
+
+    /// Processes started while a free port is probed leave it free: one started mid-probe got a
+    /// copy of the probe's listener, and the port looked taken (bounded: 200 starts, 10 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_process_started_meanwhile_does_not_make_a_free_port_look_taken() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let starting = tokio::task::spawn_blocking({
+            let done = done.clone();
+            move || {
+                for _ in 0..200 {
+                    let mut command = tokio::process::Command::new("true");
+                    command.process_group(0);
+                    drop(spawn_alone(&mut command).unwrap());
+                }
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut taken = 0;
+        while !done.load(std::sync::atomic::Ordering::Relaxed)
+            && std::time::Instant::now() < deadline
+        {
+            taken += usize::from(!nothing_listens_on(port));
+        }
+        starting.await.unwrap();
+        assert_eq!(taken, 0, "a free port looked taken");
     }
 
     #[test]
