@@ -576,6 +576,35 @@ async fn exec_provider_reads_the_replica_count_from_the_cluster() {
     );
 }
 
+/// A read of the cluster's count that started before a scale command and ends after it read
+/// the count the command changed: it is not taken for a change made outside the gateway, which
+/// had the next sync scale again.
+#[tokio::test]
+async fn a_read_overtaken_by_a_scale_command_does_not_undo_it() {
+    let backend = demo_backend(&[]);
+    let dns = format!("localhost:{}", backend.addr().port());
+    let dir = tempfile::tempdir().unwrap();
+    let (cluster, record) = (dir.path().join("cluster"), dir.path().join("replicas"));
+    std::fs::write(&cluster, "1\n").unwrap();
+    let scale = format!(
+        "sh -c 'sleep 0.3; echo {{replicas}} >> {record}; echo {{replicas}} > {cluster}'",
+        record = record.display(),
+        cluster = cluster.display()
+    );
+    let extra = format!(
+        "sync_period = \"500ms\"\nreplicas_command = \"sh -c 'sleep 0.1; cat {}'\"",
+        cluster.display()
+    );
+    let gw = autoscaled(&exec_config(&scale, &dns, &extra));
+    let scaled = eventually(Duration::from_secs(10), || async { record.exists() }).await;
+    assert!(scaled, "not scaled up to the minimum");
+    // Several syncs and reads later, still the one command.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(std::fs::read_to_string(&record).unwrap(), "2\n");
+    let status = autoscale_status(&client(), &gw).await;
+    assert_eq!(status["current"], 2, "{status}");
+}
+
 /// A `replicas_command` that takes its time runs beside the controller: a pin is applied at
 /// once, not after the read's `command_timeout`.
 #[tokio::test]

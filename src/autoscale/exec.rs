@@ -46,6 +46,15 @@ impl KnownCount {
 struct ReplicaRead {
     command: Vec<String>,
     count: Result<u32, String>,
+    /// [`ExecProvider::scales`] when it started.
+    after_scales: u64,
+}
+
+/// Whether a read's count is the cluster's now: one started before the last scale command may
+/// have read the count that command changed, and taken for a change made outside the gateway it
+/// undid the scale (the next sync ran the command again, a second scale event).
+fn read_is_current(after_scales: u64, scales: u64) -> bool {
+    after_scales == scales
 }
 
 pub(super) struct ExecProvider {
@@ -66,6 +75,8 @@ pub(super) struct ExecProvider {
     /// The read under way, in the background: a slow command must not hold up the samples,
     /// the decisions and the operator's pins for its `command_timeout`.
     reading: Option<JoinHandle<ReplicaRead>>,
+    /// Scale commands run so far.
+    scales: u64,
     last_command: Value,
     last_read: Value,
 }
@@ -88,6 +99,7 @@ impl ExecProvider {
             next_discovery: Instant::now(),
             next_read: Instant::now(),
             reading: None,
+            scales: 0,
             last_command: Value::Null,
             last_read: Value::Null,
         }
@@ -113,6 +125,7 @@ impl ExecProvider {
         let args = self.command_words(command, None);
         let tag = format!("{} replicas_command", self.upstream);
         let timeout = self.config.timeout;
+        let after_scales = self.scales;
         self.reading = Some(tokio::spawn(async move {
             let count = run_command(&args, timeout, tag, Stdout::Read)
                 .await
@@ -120,16 +133,23 @@ impl ExecProvider {
             ReplicaRead {
                 command: args,
                 count,
+                after_scales,
             }
         }));
     }
 
     /// Takes the count a `replicas_command` read: one set outside the gateway (a `kubectl
     /// scale` by hand, a deploy) is the count the next decision starts from. A failed read
-    /// keeps the last count.
-    fn took_read(&mut self, ReplicaRead { command, count }: ReplicaRead) {
+    /// keeps the last count, and so does one that started before a scale command.
+    fn took_read(&mut self, read: ReplicaRead) {
+        let ReplicaRead {
+            command,
+            count,
+            after_scales,
+        } = read;
+        let current = read_is_current(after_scales, self.scales);
         match count {
-            Ok(replicas) if self.replicas.map(KnownCount::count) != Some(replicas) => {
+            Ok(replicas) if current && self.replicas.map(KnownCount::count) != Some(replicas) => {
                 let before = self.replicas.map(KnownCount::count);
                 tracing::info!(upstream = %self.upstream, replicas, ?before, "replica count read from the cluster");
                 self.replicas = Some(KnownCount::Read(replicas));
@@ -284,6 +304,7 @@ impl Provider for ExecProvider {
     async fn scale(&mut self, _upstream: &Arc<Upstream>, desired: u32) -> Result<(), String> {
         let args = self.command_words(&self.config.scale_command, Some(desired));
         let tag = format!("{} scale_command", self.upstream);
+        self.scales += 1;
         let result = run_command(&args, self.config.timeout, tag, Stdout::Logged)
             .await
             .map(drop);
@@ -435,6 +456,13 @@ fn replicas_in(output: &str) -> Result<u32, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_started_before_a_scale_command_is_not_the_count() {
+        assert!(read_is_current(0, 0));
+        assert!(!read_is_current(0, 1));
+        assert!(read_is_current(1, 1));
+    }
 
     #[test]
     fn a_replica_count_is_one_whole_number() {
