@@ -388,6 +388,41 @@ async fn fail_on_sets_the_exit_status() {
     assert_eq!(backend_requests(&client(), &backend).await, 100);
 }
 
+/// A timed closed loop sends request i to URL i mod n too: with as many connections as URLs,
+/// each connection sent one URL only, so a slow URL got a handful of requests and a fast one
+/// thousands.
+#[tokio::test]
+async fn a_timed_run_shares_its_requests_between_a_fast_and_a_slow_url() {
+    let fast = demo_backend(&[]);
+    let slow = demo_backend(&["--latency-ms", "20"]);
+    let report = bench_json(&["-c", "2", "-d", "1s", &url(&fast, "/"), &url(&slow, "/")]).await;
+    let client = client();
+    let (fast, slow) = (
+        backend_requests(&client, &fast).await,
+        backend_requests(&client, &slow).await,
+    );
+    assert!(slow >= 10, "{report}");
+    assert!(fast.abs_diff(slow) <= 2, "fast {fast}, slow {slow}");
+}
+
+/// Ctrl-C during the reconnect back-off of a counted run (which has no end to cap the wait)
+/// ends the run at once, not after the back-off's second.
+#[tokio::test]
+async fn ctrl_c_ends_a_counted_runs_reconnect_wait() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = format!("http://{}/", closed.local_addr().unwrap());
+    drop(closed);
+    let args = ["bench", "-c", "1", "-n", "100", "--json", &target];
+    // Inside the wait that starts about 2.27 s in and lasts 1 s.
+    let report = interrupted(
+        &args,
+        Duration::from_millis(2400),
+        Duration::from_millis(400),
+    )
+    .await;
+    assert_eq!(count(&report, "responses"), 0, "{report}");
+}
+
 /// A server on a loopback port that answers each request with a short 200 while `answering`
 /// holds, and after that reads requests and never answers; it closes a connection idle for
 /// `idle_close`, as servers do at their keep-alive timeout. Returns its URL and how many

@@ -26,8 +26,10 @@ use super::report::{ErrorKind, Tally};
 use super::schedule::{departure, Departure, Limit, Schedule};
 use super::target::{Origin, Template};
 
-/// Completed requests are published for the progress bar in batches of this many.
+/// Measured requests are published for the progress bar in batches of this many, or after
+/// [`PROGRESS_EVERY`], whichever comes first (a slow server's few requests show too).
 const PROGRESS_BATCH: u64 = 64;
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 /// The longest the clock waits for every connection to open. Connections are opened before
 /// it starts, so their set-up is not charged to the first requests; but a server that does
@@ -114,9 +116,10 @@ impl Cut {
 struct Shared {
     plan: Plan,
     schedule: Option<Schedule>,
-    /// Closed loop with a count: requests claimed so far, so exactly that many are sent.
+    /// Closed loop: measured requests claimed so far, so a count is exact and request i goes to
+    /// URL i mod n.
     claimed: AtomicU64,
-    /// Completed requests (warm-up included), published in batches, for the progress bar.
+    /// Completed measured requests, published in batches, for the progress bar.
     completed: AtomicU64,
     cut: Cut,
 }
@@ -604,6 +607,8 @@ struct Worker {
     /// Byte counts when the measured window began.
     baseline: Option<(u64, u64)>,
     unpublished: u64,
+    /// When the unpublished requests are published at the latest.
+    publish_by: Instant,
     /// Connects that failed in a row ([`reconnect_delay`]).
     connect_failures: u32,
 }
@@ -619,6 +624,7 @@ impl Worker {
             counts: Arc::new(ByteCounts::default()),
             baseline: None,
             unpublished: 0,
+            publish_by: Instant::now(),
             connect_failures: 0,
         }
     }
@@ -674,18 +680,17 @@ impl Worker {
     async fn closed_loop(&mut self, clock: Clock) -> Instant {
         // The previous answer's time doubles as the next send time: one clock read per request.
         let mut free_at = clock.start;
-        let connections = self.shared.plan.connections as u64;
         for k in 0.. {
             if self.is_cut(&clock, free_at) {
                 break;
             }
             let measured = free_at >= clock.measure_start;
-            // Without a count, this connection's k-th request stands in for a run-wide index.
-            let index = k * connections + self.index as u64;
+            // A warm-up request takes the URLs in turn on its connection; a measured one takes
+            // the run's next index, so that request i goes to URL i mod n.
             let Some(index) = (if measured {
-                self.claim(index)
+                self.claim()
             } else {
-                Some(index)
+                Some(self.index as u64 + k)
             }) else {
                 break;
             };
@@ -697,14 +702,12 @@ impl Worker {
     }
 
     /// The run-wide index of one more measured request, or `None` when a counted run has sent
-    /// them all; `own` is used when the run has no count.
-    fn claim(&self, own: u64) -> Option<u64> {
+    /// them all.
+    fn claim(&self) -> Option<u64> {
+        let ticket = self.shared.claimed.fetch_add(1, Ordering::Relaxed);
         match self.shared.plan.limit {
-            Limit::Count(n) => {
-                let ticket = self.shared.claimed.fetch_add(1, Ordering::Relaxed);
-                (ticket < n).then_some(ticket)
-            }
-            Limit::Time(_) => Some(own),
+            Limit::Count(n) => (ticket < n).then_some(ticket),
+            Limit::Time(_) => Some(ticket),
         }
     }
 
@@ -792,7 +795,12 @@ impl Worker {
                 .cut
                 .at(clock)
                 .map_or(until, |cut| cut.min(until));
-            sleep_until(until).await;
+            // A stop (Ctrl-C) ends the wait: a counted run has no end of its own to cap it.
+            tokio::select! {
+                () = sleep_until(until) => {}
+                () = self.shared.cut.stopped(self.index) => {}
+            }
+            let until = until.min(Instant::now());
             if self.is_cut(clock, until) {
                 // The run ended during the generator's own wait: the request never went out.
                 // Only one already due (open loop, behind schedule) waited for the server.
@@ -831,12 +839,15 @@ impl Worker {
                 Sent::Cut(at) => self.tally.record_cut(at - latency_from, true),
             }
         }
-        self.unpublished += 1;
-        if self.unpublished == PROGRESS_BATCH {
+        if measured {
+            self.unpublished += 1;
+        }
+        if self.unpublished == PROGRESS_BATCH || done >= self.publish_by {
             self.shared
                 .completed
-                .fetch_add(PROGRESS_BATCH, Ordering::Relaxed);
+                .fetch_add(self.unpublished, Ordering::Relaxed);
             self.unpublished = 0;
+            self.publish_by = done + PROGRESS_EVERY;
         }
         done
     }

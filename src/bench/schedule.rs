@@ -56,9 +56,16 @@ impl Schedule {
         }
     }
 
-    /// The `k`-th request of connection `conn`, or `None` when that connection is done.
+    /// The `k`-th request of connection `conn`, or `None` when that connection is done. Each
+    /// round of one request per connection takes the next `connections` indices, the
+    /// connections' turns shifted by one from round to round: with a fixed order, connection
+    /// `conn` always got the indices of one remainder, so with connections a multiple of the
+    /// URLs it sent one URL only, and a slow URL's queue built up on its connections while
+    /// the others idled.
     pub fn planned(&self, conn: u64, k: u64) -> Option<Planned> {
-        let j = k.checked_mul(self.connections)?.checked_add(conn)?;
+        let c = self.connections;
+        let turn = (conn + c - k % c) % c;
+        let j = k.checked_mul(c)?.checked_add(turn)?;
         (j < self.end).then(|| Planned {
             index: j,
             at: Duration::from_secs_f64(j as f64 / self.rate),
@@ -155,14 +162,32 @@ mod tests {
         let schedule = Schedule::new(100.0, 4, Duration::ZERO, Limit::Count(8));
         let planned = all_planned(&schedule, 4);
         assert_eq!(planned.len(), 8);
-        for (j, (conn, p)) in planned.iter().enumerate() {
-            assert_eq!(*conn, j as u64 % 4);
+        for (j, (_, p)) in planned.iter().enumerate() {
             assert_eq!(p.index, j as u64);
             assert_eq!(p.at, Duration::from_millis(10 * j as u64));
             assert!(p.measured);
         }
         // The last request's slot, 70 to 80 ms, closes the plan.
         assert_eq!(schedule.planned_end(), Duration::from_millis(80));
+    }
+
+    /// Every connection takes every URL in turn (request `i` goes to URL `i mod n`), and each
+    /// round of requests goes one to each connection.
+    #[test]
+    fn each_connection_takes_every_url_in_turn() {
+        let schedule = Schedule::new(100.0, 4, Duration::ZERO, Limit::Count(16));
+        let planned = all_planned(&schedule, 4);
+        for round in planned.chunks(4) {
+            let mut conns: Vec<u64> = round.iter().map(|(conn, _)| *conn).collect();
+            conns.sort_unstable();
+            assert_eq!(conns, [0, 1, 2, 3]);
+        }
+        for conn in 0..4 {
+            let urls: Vec<u64> = (0..4)
+                .map(|k| schedule.planned(conn, k).unwrap().index % 2)
+                .collect();
+            assert!(urls.contains(&0) && urls.contains(&1), "{conn}: {urls:?}");
+        }
     }
 
     #[test]
