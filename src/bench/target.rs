@@ -190,11 +190,28 @@ fn resolve(parsed: &ParsedUrl, url: &str) -> Result<SocketAddr, String> {
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']');
-    (host, parsed.port)
+    let addrs: Vec<SocketAddr> = (host, parsed.port)
         .to_socket_addrs()
         .map_err(|err| format!("`{url}`: cannot resolve `{host}`: {err}"))?
-        .next()
-        .ok_or_else(|| format!("`{url}`: `{host}` has no address"))
+        .collect();
+    let connects = |addr: &SocketAddr| {
+        std::net::TcpStream::connect_timeout(addr, std::time::Duration::from_secs(1)).is_ok()
+    };
+    pick_address(&addrs, connects).ok_or_else(|| format!("`{url}`: `{host}` has no address"))
+}
+
+/// Of a name's addresses, the first that takes a connection, as wrk picks (a server on
+/// 127.0.0.1 alone, with `localhost` resolving to ::1 first, got connect errors only); the
+/// first when none does, so the run reports why. One address is taken untried.
+fn pick_address(
+    addrs: &[SocketAddr],
+    connects: impl FnMut(&SocketAddr) -> bool,
+) -> Option<SocketAddr> {
+    match addrs {
+        [] => None,
+        [only] => Some(*only),
+        [first, ..] => Some(addrs.iter().copied().find(connects).unwrap_or(*first)),
+    }
 }
 
 fn template(origin: usize, parsed: ParsedUrl, parts: &RequestParts) -> Template {
@@ -286,6 +303,21 @@ mod tests {
         assert!(parse_url("http://u:p@x/")
             .unwrap_err()
             .contains("credentials"));
+    }
+
+    #[test]
+    fn the_first_address_taking_a_connection_is_used() {
+        let listening = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = listening.local_addr().unwrap();
+        let closed = {
+            let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            gone.local_addr().unwrap()
+        };
+        let connects = |addr: &SocketAddr| std::net::TcpStream::connect(addr).is_ok();
+        assert_eq!(pick_address(&[closed, open], connects), Some(open));
+        assert_eq!(pick_address(&[closed, closed], connects), Some(closed));
+        assert_eq!(pick_address(&[closed], |_| unreachable!()), Some(closed));
+        assert_eq!(pick_address(&[], connects), None);
     }
 
     #[test]
