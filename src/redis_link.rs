@@ -123,6 +123,11 @@ pub struct RedisLink {
     /// now refuses the password).
     last_error: std::sync::Mutex<Option<String>>,
     up: AtomicBool,
+    /// When the probe last brought the link up ([`crate::clock::ticks_ms`]); `u64::MAX` while
+    /// it has not (up from the start, or never up).
+    up_since_ms: AtomicU64,
+    /// The probe's first wait, in milliseconds ([`first_probe_delay`]).
+    probe_delay_ms: AtomicU64,
     probing: AtomicBool,
     /// Held by the call replacing a broken connection.
     reconnecting: tokio::sync::Mutex<()>,
@@ -137,6 +142,8 @@ impl RedisLink {
             connection: ArcSwapOption::empty(),
             last_error: std::sync::Mutex::new(None),
             up: AtomicBool::new(false),
+            up_since_ms: AtomicU64::new(u64::MAX),
+            probe_delay_ms: AtomicU64::new(FIRST_PROBE_DELAY.as_millis() as u64),
             probing: AtomicBool::new(false),
             reconnecting: tokio::sync::Mutex::new(()),
             outages: AtomicU64::new(0),
@@ -379,14 +386,33 @@ impl RedisLink {
     fn mark_down(self: &Arc<Self>, reason: &str) {
         self.note_error(Some(reason.to_owned()));
         if self.up.swap(false, Ordering::Relaxed) {
-            self.outages.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
+            let up_since = self.up_since_ms.load(Ordering::Relaxed);
+            let up_for = match up_since {
+                u64::MAX => Duration::MAX,
+                since => {
+                    let now = crate::clock::ticks_ms(Instant::now());
+                    Duration::from_millis(now.saturating_sub(since))
+                }
+            };
+            let previous = Duration::from_millis(self.probe_delay_ms.load(Ordering::Relaxed));
+            let (delay, same_outage) = first_probe_delay(up_for, previous);
+            self.probe_delay_ms
+                .store(delay.as_millis() as u64, Ordering::Relaxed);
+            if same_outage {
+                tracing::debug!(
+                    error = reason,
+                    "Redis failed again soon after the probe passed"
+                );
+            } else {
+                self.outages.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
                 redis = %self.target(),
                 link = self.user.name(),
                 error = reason,
-                "Redis does not answer, or refuses commands; {} until it serves",
-                self.user.fallback()
-            );
+                    "Redis does not answer, or refuses commands; {} until it serves",
+                    self.user.fallback()
+                );
+            }
         }
         if !self.probing.swap(true, Ordering::Relaxed) {
             tokio::spawn(self.clone().probe());
@@ -394,7 +420,7 @@ impl RedisLink {
     }
 
     async fn probe(self: Arc<Self>) {
-        let mut backoff = FIRST_PROBE_DELAY;
+        let mut backoff = Duration::from_millis(self.probe_delay_ms.load(Ordering::Relaxed));
         // A reason the operator must act on (a password or ACL changed) is said once, at
         // WARN: the outage's line may only say the connection broke.
         let mut said_refusal = false;
@@ -404,6 +430,8 @@ impl RedisLink {
                 Ok(()) => {
                     self.note_error(None);
                     self.probing.store(false, Ordering::Relaxed);
+                    let now = crate::clock::ticks_ms(Instant::now());
+                    self.up_since_ms.store(now, Ordering::Relaxed);
                     self.up.store(true, Ordering::Relaxed);
                     let link = self.user.name();
                     if self.outages.load(Ordering::Relaxed) == 0 {
@@ -439,9 +467,7 @@ impl RedisLink {
             };
             ping(connection.clone()).await?;
             serves_writes(connection.clone(), self.state.redis_timeout).await?;
-            if self.user == LinkUser::RateLimits {
-                runs_scripts(connection.clone()).await?;
-            }
+            may_use_keys(connection.clone(), self.user).await?;
             self.connection.store(Some(Arc::new(connection)));
             Ok(())
         };
@@ -511,6 +537,22 @@ fn next_probe_delay(previous: Duration) -> Duration {
     previous.saturating_mul(2).min(LONGEST_PROBE_DELAY)
 }
 
+/// A link up for less than this when it fails again is the same outage: whatever the probe
+/// checks passed, but the calls still fail (a cluster node down that holds some keys' slots).
+const STEADY_AFTER: Duration = Duration::from_secs(5);
+
+/// The probe's first wait once the link, up for `up_for`, went down, and whether that is the
+/// outage before it going on. One that goes on waits longer each time (from `previous`, the
+/// last first wait), so the calls that pay `redis_timeout` each time it is let up again grow
+/// rarer, and it is not logged as one more outage.
+fn first_probe_delay(up_for: Duration, previous: Duration) -> (Duration, bool) {
+    if up_for < STEADY_AFTER {
+        (next_probe_delay(previous), true)
+    } else {
+        (FIRST_PROBE_DELAY, false)
+    }
+}
+
 /// Connecting (TCP, TLS, AUTH, SELECT) takes several round trips: allow more than one call.
 pub fn startup_timeout(state: &StateConfig) -> Duration {
     (state.redis_timeout * 10).max(Duration::from_secs(1))
@@ -578,15 +620,29 @@ async fn serves_writes(
     Ok(())
 }
 
-/// Whether the user may run the limiter's script: an ACL without `EVALSHA` passes every other
-/// check and then refuses each decision, and the link went down and up again with every
-/// request. `EVALSHA` of a script nobody loaded answers NOSCRIPT to a user who may run it.
-async fn runs_scripts(mut connection: Connection) -> Result<(), RedisError> {
-    let mut evalsha = redis::cmd("EVALSHA");
-    evalsha
-        .arg("0000000000000000000000000000000000000000")
-        .arg(0);
-    let reply = connection.req_packed_command(&evalsha).await?;
+/// Whether the user may do what `user` does with its keys: an ACL without `EVALSHA`, or whose
+/// key patterns leave out the limiter's (`scalegate:rl:*`) or the cache's (`scalegate:cache:*`)
+/// keys, passes every other check and then refuses each call, and the link went down and up
+/// again with every request. Redis checks a command's keys before it runs it: `EVALSHA` of a
+/// script nobody loaded answers NOSCRIPT to a user who may run it on that key, a read of a
+/// missing key 0.
+async fn may_use_keys(mut connection: Connection, user: LinkUser) -> Result<(), RedisError> {
+    let check = match user {
+        LinkUser::RateLimits => {
+            let mut evalsha = redis::cmd("EVALSHA");
+            evalsha
+                .arg("0000000000000000000000000000000000000000")
+                .arg(1)
+                .arg("scalegate:rl:probe");
+            evalsha
+        }
+        LinkUser::Cache => {
+            let mut exists = redis::cmd("EXISTS");
+            exists.arg("scalegate:cache:probe");
+            exists
+        }
+    };
+    let reply = connection.req_packed_command(&check).await?;
     match &reply {
         Value::ServerError(err) if err.code() == "NOPERM" => reply.extract_error().map(drop),
         _ => Ok(()),
@@ -788,5 +844,28 @@ mod tests {
         // However long the outage: the cap holds, and no wait overflows past it.
         assert_eq!(next_probe_delay(LONGEST_PROBE_DELAY), LONGEST_PROBE_DELAY);
         assert_eq!(next_probe_delay(Duration::MAX), LONGEST_PROBE_DELAY);
+    }
+
+    /// A link that fails again within seconds of the probe letting it up is the same outage:
+    /// the probe waits longer each time, up to its longest wait; one that served a while starts
+    /// a new outage, probed at once.
+    #[test]
+    fn a_link_failing_soon_after_it_came_back_is_probed_less_often() {
+        let soon = Duration::from_millis(300);
+        let (first, again) = first_probe_delay(soon, FIRST_PROBE_DELAY);
+        assert_eq!((first, again), (FIRST_PROBE_DELAY * 2, true));
+        let mut delay = first;
+        for _ in 0..10 {
+            delay = first_probe_delay(soon, delay).0;
+        }
+        assert_eq!(delay, LONGEST_PROBE_DELAY);
+        assert_eq!(
+            first_probe_delay(STEADY_AFTER, delay),
+            (FIRST_PROBE_DELAY, false)
+        );
+        assert_eq!(
+            first_probe_delay(Duration::MAX, delay),
+            (FIRST_PROBE_DELAY, false)
+        );
     }
 }

@@ -153,21 +153,28 @@ async fn an_acl_covering_only_the_limits_still_shares_them() {
     assert_eq!(status, 200, "{health}");
 }
 
-/// A user whose ACL does not let it run scripts (`-evalsha`) could decide nothing: the gateway
-/// refuses to start, naming the ACL, rather than take the link down and up with every request.
+/// A user whose ACL does not let it run scripts (`-evalsha`), or whose key patterns leave out
+/// the limiter's keys, could decide nothing: the gateway refuses to start, naming the ACL,
+/// rather than take the link down and up with every request.
 #[tokio::test]
-async fn an_acl_without_scripts_stops_the_start() {
+async fn an_acl_without_scripts_or_the_limit_keys_stops_the_start() {
     let redis = Redis::start(None);
     let backend = demo_backend(&[]);
-    let config = as_acl_user(&redis, &backend, "noscripts", &["~*", "+@all", "-evalsha"]);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("noscripts.toml");
-    let body =
-        format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{config}");
-    std::fs::write(&path, body).unwrap();
-    let stderr = refused_start(&["serve", "--config", path.to_str().unwrap()]);
-    assert!(stderr.contains("state.redis_url"), "{stderr}");
-    assert!(stderr.contains("ACL"), "{stderr}");
+    let users: [(&str, &[&str]); 2] = [
+        ("noscripts", &["~*", "+@all", "-evalsha"]),
+        ("otherkeys", &["~app:*", "+@all"]),
+    ];
+    for (user, rules) in users {
+        let config = as_acl_user(&redis, &backend, user, rules);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acl.toml");
+        let body =
+            format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{config}");
+        std::fs::write(&path, body).unwrap();
+        let stderr = refused_start(&["serve", "--config", path.to_str().unwrap()]);
+        assert!(stderr.contains("state.redis_url"), "{user}: {stderr}");
+        assert!(stderr.contains("ACL"), "{user}: {stderr}");
+    }
 }
 
 /// A rate-limit key of another type (left by the rule's other algorithm, or written by
