@@ -1006,6 +1006,56 @@ fn shared_pair_at(url: &str, state: &str, backend: &Proc, cache: &str) -> (Gatew
     (cached(backend, cache, &top), cached(backend, cache, &top))
 }
 
+/// A write accepted while Redis does not answer still invalidates the shared entry once it
+/// does: the replica that took the write does not read the stale entry back from Redis, and
+/// the other replica is told. The DEL and its announcement were dropped, and both served the
+/// stale entry until its TTL.
+#[tokio::test]
+async fn a_write_while_redis_is_stalled_invalidates_once_it_answers() {
+    let redis = Redis::start(None);
+    let backend = demo_backend(&[]);
+    let (a, b) = shared_pair(&redis, &backend, "ttl = \"60s\"");
+    let client = client();
+    let path = "/cache/written";
+    assert_eq!(status_and_n(&client, &a.url(path), &[SITE]).await.0, "MISS");
+    assert!(eventually(Duration::from_secs(5), || async { redis_has(&redis, path) }).await);
+    assert_eq!(
+        status_and_n(&client, &b.url(path), &[SITE]).await,
+        ("HIT".into(), 1)
+    );
+    redis.signal("STOP");
+    // A's next read of Redis times out, and its link goes down.
+    assert_eq!(site_get(&client, &a.url("/cache/other")).await.status, 200);
+    let down = eventually(Duration::from_secs(5), || async {
+        stats(&client, &a).await["shared_errors"].as_u64() >= Some(1)
+    })
+    .await;
+    assert!(down, "{}", stats(&client, &a).await);
+    let put = request(&client, "PUT", &a.url(path), &[SITE], "new")
+        .await
+        .unwrap();
+    assert_eq!(put.status, 200);
+    // Not read back from Redis meanwhile.
+    assert_eq!(status_and_n(&client, &a.url(path), &[SITE]).await.0, "MISS");
+    redis.signal("CONT");
+    let told = eventually(Duration::from_secs(10), || async {
+        !redis_has(&redis, path) || stats(&client, &b).await["entries"] == 0
+    })
+    .await;
+    assert!(told, "{}", stats(&client, &b).await);
+    let dropped = eventually(Duration::from_secs(10), || async {
+        stats(&client, &b).await["entries"] == 0
+    })
+    .await;
+    assert!(
+        dropped,
+        "B kept the stale entry: {}",
+        stats(&client, &b).await
+    );
+    let (status, n) = status_and_n(&client, &b.url(path), &[SITE]).await;
+    assert!(n > 1, "B served the stale entry: {status} {n}");
+}
+
 /// Over `rediss://` with `redis_ca`, purges reach the other replica's memory too: its
 /// subscription ignored the CA and failed for good, quietly.
 #[tokio::test]

@@ -7,8 +7,9 @@
 //! Redis failing never fails a request: calls go through the cache's own [`RedisLink`] (bounded
 //! by `redis_timeout`, skipped during an outage) and a failure is counted and answered as a miss.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use bytes::{BufMut, Bytes};
@@ -43,6 +44,76 @@ pub struct SharedTier {
     pub hits: AtomicU64,
     /// Reads, writes and purges that Redis did not serve (down, failed or too slow).
     pub errors: AtomicU64,
+    /// Shared with the tier a reload put in its place: the invalidations still under way
+    /// belong to both.
+    pub unsent: Arc<Mutex<UnsentInvalidations>>,
+}
+
+/// The most keys whose invalidation may be under way at once; past them, the whole shared
+/// tier is purged once Redis answers.
+const UNSENT_MAX: usize = 10_000;
+
+/// What an invalidation must have Redis do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnsentPurge {
+    /// Delete its key.
+    Key,
+    /// Too many keys are under way: delete every entry.
+    All,
+    /// As `All`, which an earlier invalidation is already having done.
+    AllUnderWay,
+}
+
+/// Invalidations (an unsafe request's answer makes its key's entries stale, RFC 9111 §4.4)
+/// that have not reached Redis yet: it may be down, or the DEL still on its way. While one is,
+/// its key is not read from Redis, which may still hold the entry the write made stale (served
+/// again, even to the replica that took the write, until its TTL).
+#[derive(Debug, Default)]
+pub struct UnsentInvalidations {
+    /// Keys, with how many invalidations of each are under way.
+    keys: HashMap<String, u32>,
+    /// More keys than [`UNSENT_MAX`] were: nothing is read from Redis until it was purged
+    /// whole.
+    overflowed: bool,
+}
+
+impl UnsentInvalidations {
+    /// Notes one more invalidation of `key` under way, and says what must reach Redis for it.
+    pub fn hold(&mut self, key: &str) -> UnsentPurge {
+        if let Some(count) = self.keys.get_mut(key) {
+            *count += 1;
+            return UnsentPurge::Key;
+        }
+        if self.keys.len() >= UNSENT_MAX {
+            return if std::mem::replace(&mut self.overflowed, true) {
+                UnsentPurge::AllUnderWay
+            } else {
+                UnsentPurge::All
+            };
+        }
+        self.keys.insert(key.to_owned(), 1);
+        UnsentPurge::Key
+    }
+
+    /// One invalidation of `key` reached Redis.
+    pub fn release(&mut self, key: &str) {
+        if let Some(count) = self.keys.get_mut(key) {
+            *count -= 1;
+            if *count == 0 {
+                self.keys.remove(key);
+            }
+        }
+    }
+
+    /// The whole tier was purged: the keys' own invalidations still go, and reads may resume.
+    pub fn purged_all(&mut self) {
+        self.overflowed = false;
+    }
+
+    /// Whether reading `key` from Redis could bring back what a write made stale.
+    pub fn blocks(&self, key: &str) -> bool {
+        self.overflowed || self.keys.contains_key(key)
+    }
 }
 
 /// The largest body the shared tier holds: a transfer of tens of megabytes outlasts
@@ -56,14 +127,17 @@ impl SharedTier {
             link,
             hits: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            unsent: Arc::default(),
         }
     }
 
-    /// Goes on counting from `before`'s counts (the tier a reload replaced).
-    pub fn carry_counts(&self, before: &SharedTier) {
+    /// Goes on from `before` (the tier a reload replaced): its counts, and its invalidations
+    /// under way.
+    pub fn carry_over(&mut self, before: &SharedTier) {
         for (count, was) in [(&self.hits, &before.hits), (&self.errors, &before.errors)] {
             count.store(was.load(Ordering::Relaxed), Ordering::Relaxed);
         }
+        self.unsent = before.unsent.clone();
     }
 
     /// Whether Redis serves the shared tier now (else each replica has its memory only).
@@ -78,6 +152,14 @@ impl SharedTier {
 
     /// The entry stored under `key` by any replica; `None` when there is none or Redis failed.
     pub async fn get(&self, key: &str) -> Option<Entry> {
+        if self
+            .unsent
+            .lock()
+            .expect("unsent invalidations")
+            .blocks(key)
+        {
+            return None;
+        }
         let redis_key = &redis_key(key);
         let reply = self
             .link
@@ -455,6 +537,28 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key is not read while an invalidation of it is under way, however many overlap; past
+    /// the bound one purge of everything is asked for, once, and reads wait for it.
+    #[test]
+    fn unsent_invalidations_block_their_keys_until_they_land() {
+        let mut unsent = UnsentInvalidations::default();
+        assert_eq!(unsent.hold("/a"), UnsentPurge::Key);
+        assert_eq!(unsent.hold("/a"), UnsentPurge::Key);
+        assert!(unsent.blocks("/a") && !unsent.blocks("/b"));
+        unsent.release("/a");
+        assert!(unsent.blocks("/a"));
+        unsent.release("/a");
+        assert!(!unsent.blocks("/a"));
+        for n in 0..UNSENT_MAX {
+            assert_eq!(unsent.hold(&format!("/k{n}")), UnsentPurge::Key);
+        }
+        assert_eq!(unsent.hold("/over"), UnsentPurge::All);
+        assert_eq!(unsent.hold("/later"), UnsentPurge::AllUnderWay);
+        assert!(unsent.blocks("/b"));
+        unsent.purged_all();
+        assert!(!unsent.blocks("/b") && unsent.blocks("/k0"));
+    }
 
     fn entry(stored_at: Instant) -> Entry {
         let mut headers = HeaderMap::new();

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::coalesce::Coalescer;
 use super::policy::{vary_matches, Freshness};
-use super::shared::SharedTier;
+use super::shared::{SharedTier, UnsentPurge};
 use crate::metrics::CacheSample;
 use crate::redis_link::RedisLink;
 
@@ -181,6 +181,12 @@ impl Purge {
 /// to cut from), as Varnish's hit-for-pass objects do (their default lifetime too).
 pub const PASS_WINDOW: Duration = Duration::from_secs(120);
 
+/// An invalidation Redis did not take is tried again this long after, then twice as long each
+/// time up to [`INVALIDATION_RETRY_LONGEST`], and only while the link is up (its own probe
+/// finds Redis back).
+const INVALIDATION_RETRY_FIRST: Duration = Duration::from_millis(100);
+const INVALIDATION_RETRY_LONGEST: Duration = Duration::from_secs(1);
+
 /// At most this many keys are remembered as passed; the oldest unused go first.
 const MAX_PASSES: u64 = 10_000;
 
@@ -235,9 +241,9 @@ impl Store {
             }
         }
         let shared = shared.map(|link| {
-            let tier = SharedTier::new(link);
+            let mut tier = SharedTier::new(link);
             if let Some(before) = previous.and_then(|p| p.shared.as_ref()) {
-                tier.carry_counts(before);
+                tier.carry_over(before);
             }
             tier
         });
@@ -379,19 +385,56 @@ impl Store {
     }
 
     /// Drops what is stored for `key` after an unsafe request changed it (RFC 9111 §4.4): from
-    /// memory at once, from the shared tier and the other replicas in the background.
+    /// memory at once, from the shared tier and the other replicas in the background. Until
+    /// Redis took it (tried again while it is down), the key is not read from Redis; past
+    /// [`UnsentInvalidations`]' bound, the whole tier is purged instead.
+    ///
+    /// [`UnsentInvalidations`]: super::shared::UnsentInvalidations
     pub fn invalidate(self: &Arc<Self>, key: String) {
         let purge = Purge::Key(key);
         self.purge_memory(&purge);
-        if self.shared.is_some() {
-            let store = self.clone();
-            tokio::spawn(async move {
-                if let Some(shared) = &store.shared {
-                    // A failure is counted in the shared tier's errors.
-                    let _ = shared.purge(&purge).await;
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let Purge::Key(key) = &purge else {
+            unreachable!("made above")
+        };
+        let purge = match shared
+            .unsent
+            .lock()
+            .expect("unsent invalidations")
+            .hold(key)
+        {
+            UnsentPurge::Key => purge,
+            UnsentPurge::All => Purge::All,
+            UnsentPurge::AllUnderWay => return,
+        };
+        let unsent = shared.unsent.clone();
+        let store = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut wait = INVALIDATION_RETRY_FIRST;
+            loop {
+                // A reload's store carries on with the same invalidations under way.
+                let Some(store) = store.upgrade() else {
+                    return;
+                };
+                let Some(shared) = &store.shared else {
+                    return;
+                };
+                // A failure is counted in the shared tier's errors.
+                if shared.is_up() && shared.purge(&purge).await.is_ok() {
+                    break;
                 }
-            });
-        }
+                drop(store);
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(INVALIDATION_RETRY_LONGEST);
+            }
+            let mut unsent = unsent.lock().expect("unsent invalidations");
+            match &purge {
+                Purge::Key(key) => unsent.release(key),
+                _ => unsent.purged_all(),
+            }
+        });
     }
 
     /// Counters and sizes, with moka's pending bookkeeping applied first so sizes are current.
