@@ -61,6 +61,11 @@ pub struct CacheControl {
     pub private: bool,
     pub public: bool,
     pub must_revalidate: bool,
+    /// `proxy-revalidate`: must-revalidate for shared caches only (RFC 9111 §5.2.2.8). It
+    /// forbids serving stale as must-revalidate does, but unlike it does not make an answer to
+    /// a request with Authorization shareable (§3.5 names only public, s-maxage and
+    /// must-revalidate).
+    pub proxy_revalidate: bool,
     pub max_age: Option<Duration>,
     pub s_maxage: Option<Duration>,
     pub stale_while_revalidate: Option<Duration>,
@@ -86,7 +91,8 @@ impl CacheControl {
                     "no-cache" => cc.no_cache = true,
                     "private" => cc.private = true,
                     "public" => cc.public = true,
-                    "must-revalidate" | "proxy-revalidate" => cc.must_revalidate = true,
+                    "must-revalidate" => cc.must_revalidate = true,
+                    "proxy-revalidate" => cc.proxy_revalidate = true,
                     "max-age" => _ = cc.max_age.get_or_insert_with(seconds),
                     "s-maxage" => _ = cc.s_maxage.get_or_insert_with(seconds),
                     "stale-while-revalidate" => {
@@ -245,8 +251,9 @@ pub fn storable(
     } else {
         (Duration::ZERO, Duration::ZERO)
     };
-    // must-revalidate, and s-maxage (which implies proxy-revalidate), forbid serving stale.
-    let no_stale = cc.must_revalidate || cc.s_maxage.is_some();
+    // must-revalidate, proxy-revalidate (this is a shared cache), and s-maxage (which implies
+    // proxy-revalidate) forbid serving stale.
+    let no_stale = cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some();
     let window = |directive: Option<Duration>, route: Duration| {
         if no_stale {
             Duration::ZERO
@@ -1092,6 +1099,13 @@ pub(super) mod tests {
                 "{cc}"
             );
         }
+        // proxy-revalidate is not among them (RFC 9111 §3.5): one user's answer is not shared.
+        let proxy = headers(&[("cache-control", "proxy-revalidate, max-age=10")]);
+        assert_eq!(
+            storable(StatusCode::OK, &proxy, true, &r, SystemTime::now()),
+            Err(NotStored::Authorization)
+        );
+        assert!(storable(StatusCode::OK, &proxy, false, &r, SystemTime::now()).is_ok());
     }
 
     #[test]
@@ -1282,6 +1296,7 @@ pub(super) mod tests {
         let r = rules();
         for cc in [
             "max-age=10, must-revalidate",
+            "max-age=10, proxy-revalidate, stale-while-revalidate=30",
             "s-maxage=10, stale-if-error=60",
         ] {
             let f = store(&[("cache-control", cc)], &r).unwrap();
