@@ -392,6 +392,50 @@ async fn after_a_failed_fill_one_waiter_fetches_for_the_rest() {
     assert_eq!(asked.load(Ordering::SeqCst), 2, "{answers:?}");
 }
 
+/// A purge while a fill is in flight keeps its answer out of the store; the requests waiting
+/// on it then take turns, as after a failed fill: one fetches again and the rest are answered
+/// from what that stores, rather than all asking the instance at once.
+#[tokio::test]
+async fn after_a_purge_during_a_fill_one_waiter_fetches_for_the_rest() {
+    let (instance, asked) = numbered_instance(|n| match n {
+        0 => (Duration::from_millis(1000), FRESH_A_MINUTE),
+        _ => (Duration::from_millis(300), FRESH_A_MINUTE),
+    });
+    let gw = cached_at(instance, "", "ttl = \"60s\"");
+    let client = client();
+    let ask = |url: String| {
+        let client = client.clone();
+        async move {
+            let reply = get(&client, &url).await;
+            (reply.status, reply.header("x-cache-status").to_string())
+        }
+    };
+    let first = tokio::spawn(ask(gw.url("/x")));
+    let sent = eventually(Duration::from_secs(5), || async {
+        asked.load(Ordering::SeqCst) == 1
+    });
+    assert!(sent.await, "the first request never reached the instance");
+    let waiters: Vec<_> = (0..20).map(|_| tokio::spawn(ask(gw.url("/x")))).collect();
+    // The waiters are in line well before the first fetch's answer comes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let purge = gw.admin_url("/api/cache?prefix=/x");
+    let purged = request(&client, "DELETE", &purge, &[], "").await.unwrap();
+    assert_eq!(purged.status, 200);
+    let mut answers = vec![first.await.unwrap()];
+    for waiter in waiters {
+        answers.push(waiter.await.unwrap());
+    }
+    assert!(
+        answers.iter().all(|(status, _)| *status == 200),
+        "{answers:?}"
+    );
+    // The first fetch, whose answer the purge kept out, and one more, which the rest hit.
+    assert_eq!(asked.load(Ordering::SeqCst), 2, "{answers:?}");
+    let misses = answers.iter().filter(|(_, label)| label == "MISS").count();
+    assert_eq!(misses, 2, "{answers:?}");
+    assert_eq!(ask(gw.url("/x")).await, (200, "HIT".into()));
+}
+
 /// When the instance fails a refresh, the requests waiting on it get the stale entry its
 /// failure serves (`stale_if_error`) without asking the instance again; and a request that
 /// waited out the lock (5 s) and failed on its own gets it too.

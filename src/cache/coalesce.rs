@@ -1,8 +1,9 @@
 //! Request coalescing: one fetch per key at a time. The first request for a key takes a lease;
 //! identical requests wait until the lease ends (the entry stored, or the fetch given up), up
 //! to [`LOCK_TIMEOUT`], after which they go to an instance themselves (nginx `proxy_cache_lock`).
-//! A lease whose fetch failed says so: one waiter then takes the next lease and the others
-//! keep waiting, rather than all asking the instance that just failed at once.
+//! A lease whose fetch failed, or whose key was purged while it fetched (so that it stored
+//! nothing), says so: one waiter then takes the next lease and the others keep waiting, rather
+//! than all asking the instance at once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,11 +25,11 @@ pub struct Coalescer {
     generation: AtomicU64,
 }
 
-/// A fetch in flight: its waiters' wake-up (true once the fetch failed), and its mark of a
+/// A fetch in flight: its waiters' wake-up (with how the fetch ended), and its mark of a
 /// purge of its own key.
 #[derive(Debug)]
 struct InFlight {
-    done: watch::Receiver<bool>,
+    done: watch::Receiver<Ended>,
     purged: Arc<AtomicBool>,
 }
 
@@ -40,14 +41,23 @@ pub struct Lease {
     generation: u64,
     /// Its key was purged since the lease was taken.
     purged: Arc<AtomicBool>,
-    done: watch::Sender<bool>,
+    done: watch::Sender<Ended>,
+}
+
+/// How a lease ended, as its waiters hear it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    /// The instance failed the fetch.
+    pub failed: bool,
+    /// Its key was purged while it fetched: nothing it got was stored.
+    pub purged: bool,
 }
 
 impl Lease {
     /// The instance failed this fetch (an error, a 5xx answer, a body cut off): the waiters
     /// take turns rather than all retrying at once (a 5xx the fetch stores is a hit for them).
     pub fn failed(&self) {
-        self.done.send_replace(true);
+        self.done.send_modify(|ended| ended.failed = true);
     }
 
     /// No purge of its key happened since the lease was taken: what the fetch got may be
@@ -60,6 +70,11 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        // Its waiters find nothing stored after a purge: told so, they take turns rather than
+        // each asking the instance at once.
+        if !self.is_current() {
+            self.done.send_modify(|ended| ended.purged = true);
+        }
         self.coalescer
             .inflight
             .lock()
@@ -72,16 +87,14 @@ pub enum FillTurn {
     /// Nobody is fetching this key: fetch it.
     Lead(Lease),
     /// Someone is: wait for them.
-    Wait(watch::Receiver<bool>),
+    Wait(watch::Receiver<Ended>),
 }
 
 /// How a wait ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Waited {
-    /// The lease ended; `failed`: its fetch failed.
-    Done {
-        failed: bool,
-    },
+    /// The lease ended, as it says.
+    Done(Ended),
     TimedOut,
 }
 
@@ -91,7 +104,7 @@ impl Coalescer {
         if let Some(fetch) = inflight.get(key) {
             return FillTurn::Wait(fetch.done.clone());
         }
-        let (tx, done) = watch::channel(false);
+        let (tx, done) = watch::channel(Ended::default());
         let purged = Arc::new(AtomicBool::new(false));
         let fetch = InFlight {
             done,
@@ -139,12 +152,10 @@ impl Coalescer {
 }
 
 /// Waits until the lease holder is done, at most until `deadline`.
-pub async fn wait(mut rx: watch::Receiver<bool>, deadline: Instant) -> Waited {
+pub async fn wait(mut rx: watch::Receiver<Ended>, deadline: Instant) -> Waited {
     // `changed` fails once the sender (inside the lease) is dropped: that is the signal.
     match tokio::time::timeout_at(deadline, async { while rx.changed().await.is_ok() {} }).await {
-        Ok(()) => Waited::Done {
-            failed: *rx.borrow(),
-        },
+        Ok(()) => Waited::Done(*rx.borrow()),
         Err(_) => Waited::TimedOut,
     }
 }
@@ -166,7 +177,7 @@ mod tests {
         assert!(coalescer.try_lead(&key).is_none());
         let waiter = tokio::spawn(wait(rx, Instant::now() + LOCK_TIMEOUT));
         drop(lease);
-        assert_eq!(waiter.await.unwrap(), Waited::Done { failed: false });
+        assert_eq!(waiter.await.unwrap(), Waited::Done(Ended::default()));
         let lease = coalescer.try_lead(&key).expect("the key is free again");
         // A failed fetch says so to its waiters.
         let FillTurn::Wait(rx) = coalescer.join(&key) else {
@@ -175,7 +186,38 @@ mod tests {
         let waiter = tokio::spawn(wait(rx, Instant::now() + LOCK_TIMEOUT));
         lease.failed();
         drop(lease);
-        assert_eq!(waiter.await.unwrap(), Waited::Done { failed: true });
+        let failed = Ended {
+            failed: true,
+            purged: false,
+        };
+        assert_eq!(waiter.await.unwrap(), Waited::Done(failed));
+    }
+
+    /// A lease whose key was purged while it fetched tells its waiters so, whichever purge it
+    /// was (the key, a prefix of it, everything).
+    #[tokio::test(start_paused = true)]
+    async fn waiters_hear_of_a_purge_during_the_fetch() {
+        let coalescer = Arc::new(Coalescer::default());
+        let key: Arc<str> = Arc::from("/a h");
+        let purges: [&dyn Fn(&Coalescer); 3] = [
+            &|c| c.invalidate_key("/a h"),
+            &|c| c.invalidate_prefix("/a"),
+            &|c| c.invalidate(),
+        ];
+        for purge in purges {
+            let lease = coalescer.try_lead(&key).expect("free");
+            let FillTurn::Wait(rx) = coalescer.join(&key) else {
+                panic!("waits")
+            };
+            let waiter = tokio::spawn(wait(rx, Instant::now() + LOCK_TIMEOUT));
+            purge(&coalescer);
+            drop(lease);
+            let purged = Ended {
+                failed: false,
+                purged: true,
+            };
+            assert_eq!(waiter.await.unwrap(), Waited::Done(purged));
+        }
     }
 
     #[test]

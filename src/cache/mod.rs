@@ -163,7 +163,7 @@ async fn answer(
             let result = fetch.send(parts, body).await;
             labelled(result, Outcome::Miss, cache, &fetch.request_id)
         }
-        (_, stale) => {
+        (_, mut stale) => {
             let key: Arc<str> = Arc::from(key);
             // However many turns it waits, a request waits LOCK_TIMEOUT at most in all.
             let deadline = now + LOCK_TIMEOUT;
@@ -177,12 +177,18 @@ async fn answer(
                     FillTurn::Wait(rx) => rx,
                 };
                 match coalesce::wait(rx, deadline).await {
-                    Waited::Done { failed } => {
+                    Waited::Done(ended) => {
+                        // The entry that was stale went with the purge: it no longer stands in
+                        // for a failure, nor are its validators asked about.
+                        if ended.purged {
+                            stale = None;
+                        }
                         let now = Instant::now();
                         let stored = store.get(&key, &parts.headers);
                         let woken = policy::Woken {
                             stored: stored.as_ref().map(|e| (state_at(e, now), e)),
-                            failed,
+                            failed: ended.failed,
+                            purged: ended.purged,
                             rejoined,
                             variants_stored: store.has_entries(&key),
                             stale: stale.as_ref().map(|e| (state_at(e, now), e)),

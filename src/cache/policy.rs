@@ -573,6 +573,9 @@ pub struct Woken<E> {
     pub stored: Option<(State, E)>,
     /// The instance failed the fetch waited on.
     pub failed: bool,
+    /// The key was purged (or an unsafe request changed it) during the fetch waited on, which
+    /// therefore stored nothing.
+    pub purged: bool,
     /// The request already waited once more, after a fetch that stored another variant.
     pub rejoined: bool,
     /// Some variant of the key is stored.
@@ -601,16 +604,21 @@ pub enum AfterWait<E> {
 /// What a request does after a wait. A stored entry answers as it would a request arriving
 /// now (one stored stale at once, `max-age=0` under stale-while-revalidate, is Updating).
 /// Without one, after a fetch that did not fail, the request fetches alone (the answer was
-/// uncacheable, too large or purged), unless the fetch stored another variant: then it waits
-/// for one fetch of its own variant, as nginx locks per variant, but only once, so that
-/// requests of many different variants do not queue one by one. After a failure, the stale
-/// entry answers if its window allows, else the waiters take turns asking the instance that
-/// just failed, rather than all at once.
+/// uncacheable or too large), unless the fetch stored another variant: then it waits for one
+/// fetch of its own variant, as nginx locks per variant, but only once, so that requests of
+/// many different variants do not queue one by one. After a purge during the fetch the answer
+/// may well be cacheable, so the waiters take turns (one fetches, the others wait on it)
+/// rather than all asking the instance at once; the stale entry, purged too, is not served.
+/// After a failure, the stale entry answers if its window allows, else the waiters take turns
+/// asking the instance that just failed, rather than all at once.
 pub fn after_wait<E>(woken: Woken<E>) -> AfterWait<E> {
     match woken.stored {
         Some((State::Fresh, entry)) => return AfterWait::Hit(entry),
         Some((State::Revalidate, entry)) => return AfterWait::Updating(entry),
         _ => {}
+    }
+    if woken.purged {
+        return AfterWait::WaitAgain;
     }
     if !woken.failed {
         return if woken.stored.is_none() && !woken.rejoined && woken.variants_stored {
@@ -1421,6 +1429,7 @@ pub(super) mod tests {
         let woken = Woken {
             stored: None,
             failed: false,
+            purged: false,
             rejoined: false,
             variants_stored: false,
             stale: Some((expired(true), "stale")),
@@ -1474,6 +1483,22 @@ pub(super) mod tests {
             ..own_expired
         };
         assert_eq!(after_wait(failed_own_expired), Stale("stale"));
+        // A purge during the fetch: nothing was stored, and what was stale is gone too; the
+        // waiters take turns, whatever the fetch brought, rather than all asking at once.
+        for base in [woken, others, own_expired, failed, revalidating] {
+            let purged = Woken {
+                purged: true,
+                ..base
+            };
+            assert_eq!(after_wait(purged), WaitAgain, "{base:?}");
+        }
+        // What a fetch after the purge stored still answers.
+        let stored_since = Woken {
+            stored: Some((State::Fresh, "stored")),
+            purged: true,
+            ..woken
+        };
+        assert_eq!(after_wait(stored_since), Hit("stored"));
     }
 
     #[test]
