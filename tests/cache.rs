@@ -436,6 +436,60 @@ async fn after_a_purge_during_a_fill_one_waiter_fetches_for_the_rest() {
     assert_eq!(ask(gw.url("/x")).await, (200, "HIT".into()));
 }
 
+/// A fill the instance hangs on does not hold back every request for its key until it ends:
+/// once it has gone on for 5 s (nginx `proxy_cache_lock_age`), one waiter fetches too, its
+/// answer is stored, and the other waiters are answered from it while the first fill still
+/// hangs.
+#[tokio::test]
+async fn a_hung_fill_lets_one_more_request_fetch_once_the_lock_is_5_s_old() {
+    let (instance, asked) = numbered_instance(|n| match n {
+        0 => (Duration::from_secs(30), FRESH_A_MINUTE),
+        _ => (Duration::from_millis(100), FRESH_A_MINUTE),
+    });
+    let gw = cached_at(instance, "response_timeout = \"60s\"", "ttl = \"60s\"");
+    let client = client();
+    let ask = |url: String| {
+        let client = client.clone();
+        async move {
+            let reply = get(&client, &url).await;
+            let label = reply.header("x-cache-status").to_string();
+            (
+                reply.status,
+                label,
+                String::from_utf8_lossy(&reply.body).into_owned(),
+            )
+        }
+    };
+    let hung = tokio::spawn(ask(gw.url("/x")));
+    let sent = eventually(Duration::from_secs(5), || async {
+        asked.load(Ordering::SeqCst) == 1
+    });
+    assert!(sent.await, "the first request never reached the instance");
+    // Waiters that came well after the lock: their own 5 s of waiting last past its age.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let waiters: Vec<_> = (0..10).map(|_| tokio::spawn(ask(gw.url("/x")))).collect();
+    let mut answers = Vec::new();
+    for waiter in waiters {
+        answers.push(waiter.await.unwrap());
+    }
+    assert!(!hung.is_finished(), "the first fill is still going");
+    assert!(
+        answers
+            .iter()
+            .all(|(status, _, body)| *status == 200 && body == "new"),
+        "{answers:?}"
+    );
+    // One waiter fetched (a MISS, stored), the others hit what it stored.
+    let hits = answers
+        .iter()
+        .filter(|(_, label, _)| label == "HIT")
+        .count();
+    assert_eq!(hits, 9, "{answers:?}");
+    assert_eq!(asked.load(Ordering::SeqCst), 2, "{answers:?}");
+    assert_eq!(ask(gw.url("/x")).await.1, "HIT");
+    hung.abort();
+}
+
 /// When the instance fails a refresh, the requests waiting on it get the stale entry its
 /// failure serves (`stale_if_error`) without asking the instance again; and a request that
 /// waited out the lock (5 s) and failed on its own gets it too.

@@ -170,13 +170,17 @@ async fn answer(
             // It waited once more after a fetch that stored another Vary variant than its own.
             let mut rejoined = false;
             loop {
-                let rx = match store.inflight.join(&key) {
-                    FillTurn::Lead(lease) => {
+                let waited = match store.inflight.join(&key, Instant::now(), deadline) {
+                    FillTurn::Lead(lease) => Waited::Lead(lease),
+                    FillTurn::Wait(waiting) => store.inflight.wait(&key, waiting, deadline).await,
+                    FillTurn::GiveUp => Waited::TimedOut,
+                };
+                match waited {
+                    // The first request for the key, one whose turn came after a failed or
+                    // purged fetch, or one that found the fetch as old as LOCK_AGE.
+                    Waited::Lead(lease) => {
                         break lead_for(cache, key, parts, fetch, lease, stale, slots).await
                     }
-                    FillTurn::Wait(rx) => rx,
-                };
-                match coalesce::wait(rx, deadline).await {
                     Waited::Done(ended) => {
                         // The entry that was stale went with the purge: it no longer stands in
                         // for a failure, nor are its validators asked about.
@@ -208,8 +212,9 @@ async fn answer(
                             AfterWait::WaitAgain => {}
                         }
                     }
-                    // nginx proxy_cache_lock: a late waiter goes to the instance, uncached;
-                    // its failure still serves what stale_if_error allows.
+                    // nginx proxy_cache_lock: a late waiter goes to the instance, uncached
+                    // (the fetches it waited on are younger than LOCK_AGE, or it would fetch
+                    // for the store); its failure still serves what stale_if_error allows.
                     Waited::TimedOut => {
                         let (method, request_headers) =
                             (parts.method.clone(), parts.headers.clone());
