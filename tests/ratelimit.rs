@@ -733,6 +733,58 @@ rate_limits = [{{ key = "api_key", limit = 2, period = "1m", burst = 1 }}]
     assert_eq!(statuses, [200, 200, 429, 200, 200, 200, 429]);
 }
 
+/// A rule keyed by a header on a route that requires a key: a guesser sending a new header
+/// value with each wrong key still counts by its address, so past the limit its guesses get
+/// 429, while a valid key keeps counting by the header.
+#[tokio::test]
+async fn key_guesses_count_by_address_under_a_header_keyed_rule() {
+    let backend = demo_backend(&[]);
+    let config = format!(
+        r#"[auth]
+api_keys = ["inline-key-0001"]
+
+[upstreams.app]
+instances = ["{}"]
+
+[[routes]]
+upstream = "app"
+auth = "api_key"
+rate_limits = [{{ name = "per_tenant", key = "header:X-Tenant", limit = 2, period = "1m", burst = 1 }}]
+"#,
+        backend.addr()
+    );
+    let gw = gateway(&config);
+    let client = client();
+    let url = gw.url("/x");
+    let mut statuses = Vec::new();
+    for tenant in 0..6 {
+        let tenant = format!("tenant-{tenant}");
+        let reply = request(
+            &client,
+            "GET",
+            &url,
+            &[("x-api-key", "guess"), ("x-tenant", &tenant)],
+            "",
+        )
+        .await
+        .unwrap();
+        statuses.push(reply.status);
+    }
+    assert_eq!(statuses, [401, 401, 429, 429, 429, 429]);
+    // A valid key counts by its tenant, not by the address the guesses used up.
+    let valid = request(
+        &client,
+        "GET",
+        &url,
+        &[("x-api-key", "inline-key-0001"), ("x-tenant", "tenant-0")],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(valid.status, 200);
+    assert_eq!(backend_requests(&client, &backend).await, 1);
+}
+
 /// The first route's concurrency limit: requests in flight and waiting in its queue.
 async fn limit_state(client: &Client, gw: &Gateway) -> (u64, u64) {
     let (_, report) = admin_json(client, gw, "/api/ratelimit").await;

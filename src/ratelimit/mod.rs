@@ -242,16 +242,27 @@ struct RoutePolicy {
 }
 
 impl RoutePolicy {
-    /// The request's key under each of the route's rules.
+    /// The request's key under each of the route's rules. `refused`: the route requires an
+    /// API key and the request's was missing or wrong; it then counts by client address under
+    /// every rule, whatever the rule is keyed by. Else a guesser who varies a header a rule
+    /// counts by (or the key itself) would get a fresh count for each guess and never be
+    /// limited.
     fn keys<'a>(
         &'a self,
         client: IpAddr,
         api_key: Option<ApiKeyId>,
+        refused: bool,
         headers: &'a HeaderMap,
     ) -> SmallVec<[LimitKey<'a>; 4]> {
         self.rules
             .iter()
-            .map(|rule| LimitKey::of(&rule.key, client, api_key, headers, &self.name))
+            .map(|rule| {
+                if refused {
+                    LimitKey::Ip(client)
+                } else {
+                    LimitKey::of(&rule.key, client, api_key, headers, &self.name)
+                }
+            })
             .collect()
     }
 }
@@ -522,7 +533,7 @@ impl Admission {
             }
         }
         if !policy.rules.is_empty() {
-            let keys = policy.keys(client, api_key, headers);
+            let keys = policy.keys(client, api_key, unauthorized.is_some(), headers);
             let decisions = self.limiter.decide_here(&policy.rules, &keys);
             let going_on = unauthorized.is_none();
             // Never a wait here: paced routes are admitted by `admit`.
@@ -550,7 +561,7 @@ impl Admission {
         let (api_key, unauthorized) = self.api_key(policy, headers);
         let mut admitted = Admitted::default();
         if !policy.rules.is_empty() {
-            let keys = policy.keys(client, api_key, headers);
+            let keys = policy.keys(client, api_key, unauthorized.is_some(), headers);
             let decisions = self.limiter.decide(&policy.rules, &keys).await;
             let wait = conclude(policy, &decisions, &mut admitted, unauthorized.is_none())?;
             // Before the API key's verdict and the concurrency slots, as nginx's `limit_req`
@@ -736,6 +747,56 @@ mod tests {
         let sooner = as_of_wait(&fast, third, 100_000);
         assert_eq!((sooner.remaining, sooner.reset_us), (1, 200_000));
         assert_eq!(as_of_wait(&fast, third, 0), third);
+    }
+
+    fn rule_keyed_by(key: RuleKey) -> Rule {
+        Rule {
+            name: "r".into(),
+            id: 1,
+            key,
+            quota: gcra(2, 60_000_000, 1),
+            delay: None,
+            policy: HeaderValue::from_static("\"r\";q=2;w=60"),
+            redis_prefix: redis_prefix("r").into(),
+            counters: Arc::default(),
+        }
+    }
+
+    /// A request refused for its API key counts by client address under every rule: a guesser
+    /// who sends a new `X-Tenant` (or key) with each guess would otherwise get a fresh count
+    /// each time and never see a 429. An identified request keeps each rule's own key.
+    #[test]
+    fn a_refused_key_counts_by_client_address_under_every_rule() {
+        let tenant = http::HeaderName::from_static("x-tenant");
+        let policy = RoutePolicy {
+            name: "private".into(),
+            key_use: KeyUse::Required,
+            rules: vec![
+                rule_keyed_by(RuleKey::Header(tenant.clone())),
+                rule_keyed_by(RuleKey::ApiKey),
+                rule_keyed_by(RuleKey::Route),
+                rule_keyed_by(RuleKey::ClientIp),
+            ],
+            paced: false,
+            own_limit: None,
+            upstream_limit: None,
+            fetch_limit: None,
+        };
+        let client: IpAddr = "192.0.2.7".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(tenant, HeaderValue::from_static("t-1"));
+        let refused = policy.keys(client, None, true, &headers);
+        assert_eq!(refused.as_slice(), [LimitKey::Ip(client); 4]);
+        let identified = policy.keys(client, Some(ApiKeyId(9)), false, &headers);
+        assert_eq!(
+            identified.as_slice(),
+            [
+                LimitKey::Header(b"t-1"),
+                LimitKey::ApiKey(ApiKeyId(9)),
+                LimitKey::Route("private"),
+                LimitKey::Ip(client),
+            ]
+        );
     }
 
     /// A request told to wait 2 s (third of a burst at one a second) is answered after it:
