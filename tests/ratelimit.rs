@@ -1136,14 +1136,17 @@ async fn limits_are_shared_over_rediss_with_the_configured_ca() {
 }
 
 /// A bare HTTP/1.1 instance whose responses stream: the head and a first chunk at once, the
-/// rest only after the test adds a permit to `release`.
-async fn streaming_instance(release: Arc<tokio::sync::Semaphore>) -> std::net::SocketAddr {
+/// rest only after the test adds a permit to `release`. `seen` counts the requests it got.
+async fn streaming_instance(
+    release: Arc<tokio::sync::Semaphore>,
+    seen: Arc<AtomicU64>,
+) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
-            let release = release.clone();
+            let (release, seen) = (release.clone(), seen.clone());
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut buf = [0u8; 1024];
@@ -1155,6 +1158,7 @@ async fn streaming_instance(release: Arc<tokio::sync::Semaphore>) -> std::net::S
                         }
                     }
                     head.clear();
+                    seen.fetch_add(1, Ordering::SeqCst);
                     let first =
                         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n";
                     if stream.write_all(first).await.is_err() {
@@ -1175,7 +1179,7 @@ async fn streaming_instance(release: Arc<tokio::sync::Semaphore>) -> std::net::S
 async fn a_streaming_body_keeps_its_concurrency_slot_until_it_ends() {
     use http_body_util::BodyExt;
     let release = Arc::new(tokio::sync::Semaphore::new(0));
-    let instance = streaming_instance(release.clone()).await;
+    let instance = streaming_instance(release.clone(), Arc::default()).await;
     let gw = gateway(&format!(
         "[upstreams.app]\ninstances = [\"{instance}\"]\n\n[[routes]]\nupstream = \"app\"\nmax_in_flight = 1\nqueue_size = 0\n"
     ));
@@ -1213,6 +1217,64 @@ async fn a_streaming_body_keeps_its_concurrency_slot_until_it_ends() {
         "{report}"
     );
     assert_eq!(report["concurrency"]["routes"][0]["limit"]["refused"], 1);
+}
+
+/// `max_in_flight` lowered from 4 to 1 by a reload while 4 run and 3 wait: the queue does not
+/// drain at the old limit. Nothing is let in until all 4 ended, then one at a time, each
+/// when the one before it ended (the instance answers only when the test says so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_limit_lowered_by_a_reload_holds_back_the_queue() {
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let seen = Arc::new(AtomicU64::new(0));
+    let instance = streaming_instance(release.clone(), seen.clone()).await;
+    let config = |max_in_flight: u32| {
+        format!(
+            "[upstreams.app]\ninstances = [\"{instance}\"]\n\n[[routes]]\nupstream = \"app\"\nmax_in_flight = {max_in_flight}\nqueue_size = 100\nqueue_timeout = \"30s\"\n"
+        )
+    };
+    let gw = gateway(&config(4));
+    let client = client();
+    let replies: Vec<_> = (0..7)
+        .map(|i| {
+            let (client, url) = (client.clone(), gw.url(&format!("/{i}")));
+            tokio::spawn(async move { request(&client, "GET", &url, &[], "").await })
+        })
+        .collect();
+    // The state of the route's limit: (in flight, waiting, requests the instance got).
+    let state = || async {
+        let (_, report) = admin_json(&client, &gw, "/api/ratelimit").await;
+        let limit = &report["concurrency"]["routes"][0]["limit"];
+        (
+            limit["in_flight"].as_u64().unwrap(),
+            limit["waiting"].as_u64().unwrap(),
+            seen.load(Ordering::SeqCst),
+        )
+    };
+    let reaches = |expected: (u64, u64, u64)| async move {
+        eventually(Duration::from_secs(10), || async {
+            state().await == expected
+        })
+        .await
+    };
+    assert!(reaches((4, 3, 4)).await, "{:?}", state().await);
+    gw.write_config(&config(1));
+    let reload = request(&client, "POST", &gw.admin_url("/api/reload"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(reload.status, 200, "{:?}", reload.body);
+    // Three of the four end: one still runs, which is the new limit, and the queue waits.
+    release.add_permits(3);
+    assert!(reaches((1, 3, 4)).await, "{:?}", state().await);
+    // Then each one ending lets exactly one more in.
+    for (waiting, seen) in [(2, 5), (1, 6), (0, 7)] {
+        release.add_permits(1);
+        assert!(reaches((1, waiting, seen)).await, "{:?}", state().await);
+    }
+    release.add_permits(1);
+    for reply in replies {
+        assert_eq!(reply.await.unwrap().unwrap().status, 200);
+    }
+    assert_eq!(state().await, (0, 0, 7));
 }
 
 /// A limit raised by a reload holds at once, in memory as in Redis: what the old limit booked

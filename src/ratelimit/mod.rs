@@ -23,7 +23,6 @@ use http::{HeaderMap, HeaderName, Response};
 use ipnet::IpNet;
 use serde_json::{json, Value};
 use smallvec::SmallVec;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::auth::{ApiKeyId, ApiKeys, AuthFailure};
@@ -318,7 +317,7 @@ impl Admitted {
 
 /// A slot of `limit`, at once or after waiting in its queue; 503 when the queue is full or the
 /// wait ran out.
-async fn take_slot(limit: &ConcurrencyLimit) -> Result<OwnedSemaphorePermit, ProxyError> {
+async fn take_slot(limit: &ConcurrencyLimit) -> Result<concurrency::Slot, ProxyError> {
     match limit.try_acquire() {
         Some(slot) => Ok(slot),
         None => limit
