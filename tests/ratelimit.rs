@@ -339,6 +339,46 @@ async fn retries_under_two_rules(gw: &Gateway) -> (Vec<u16>, Vec<(String, u64, u
     (statuses, counts)
 }
 
+/// The dashboard's refused requests per second count each 429 once: two rules refusing the same
+/// request counted it twice, so 9 refusals showed as 18.
+#[tokio::test]
+async fn the_dashboard_counts_a_request_two_rules_refuse_once() {
+    let backend = demo_backend(&[]);
+    let routes = r#"
+[[routes]]
+upstream = "app"
+rate_limits = [
+  { name = "per_ip", key = "ip", limit = 1, period = "1m" },
+  { name = "everyone", key = "route", limit = 1, period = "1m" },
+]
+"#;
+    let gw = gateway(&memory_config(&backend, routes));
+    let client = client();
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(get(&client, &gw.url("/")).await.status);
+    }
+    assert_eq!(count_of(&statuses, 429), 9, "{statuses:?}");
+    // Each second's point says how many were refused in it, per second.
+    let refused = || async {
+        let (_, stats) = admin_json(&client, &gw, "/api/stats").await;
+        stats["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|point| point["limited_per_s"].as_f64().unwrap_or(0.0))
+            .sum::<f64>()
+    };
+    let counted = eventually(Duration::from_secs(5), || async { refused().await > 6.0 }).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let total = refused().await;
+    assert!(counted && (7.0..=11.0).contains(&total), "{total}");
+}
+
+fn count_of(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|&&s| s == status).count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_request_one_rule_refuses_does_not_count_against_the_others() {
     let redis = Redis::start(None);

@@ -335,16 +335,13 @@ async fn sample_stats(gateway: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
 }
 
 fn read_totals(gateway: &Gateway) -> live::Totals {
+    let runtime = gateway.runtime.load();
     let mut totals = live::Totals {
         in_flight: gateway.metrics.in_flight(),
-        cache: gateway.runtime.load().cache.sample(),
+        cache: runtime.cache.sample(),
         instances: instance_samples(gateway),
-        limited: gateway
-            .limiter
-            .rule_counters()
-            .iter()
-            .map(|(_, c)| c.limited.load(Ordering::Relaxed))
-            .sum(),
+        limited: gateway.limiter.limited_requests.load(Ordering::Relaxed),
+        recorded: runtime.config.server.metrics,
         ..live::Totals::default()
     };
     for (_, _, stats) in gateway.metrics.routes() {

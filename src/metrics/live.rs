@@ -24,6 +24,8 @@ pub struct Totals {
     pub in_flight: i64,
     /// Requests refused by rate-limit rules (429), all rules together.
     pub limited: u64,
+    /// Requests are counted by route (`server.metrics`): without, there is no request rate.
+    pub recorded: bool,
     pub instances: Vec<InstanceSample>,
     pub cache: CacheSample,
 }
@@ -33,9 +35,10 @@ pub struct Totals {
 pub struct StatsPoint {
     /// Unix time in milliseconds.
     pub t: u64,
-    pub rps: f64,
+    /// `None` while requests are not counted (`server.metrics = false`), as the 5xx rate.
+    pub rps: Option<f64>,
     /// Responses with a 5xx status per second.
-    pub errors_per_s: f64,
+    pub errors_per_s: Option<f64>,
     pub p50_ms: Option<f64>,
     pub p95_ms: Option<f64>,
     pub p99_ms: Option<f64>,
@@ -91,8 +94,10 @@ pub fn stats_point(before: &Totals, now: &Totals, elapsed: Duration, unix_ms: u6
         .collect();
     StatsPoint {
         t: unix_ms,
-        rps: rate(total(now), total(before)),
-        errors_per_s: rate(now.by_class[4], before.by_class[4]),
+        rps: now.recorded.then(|| rate(total(now), total(before))),
+        errors_per_s: now
+            .recorded
+            .then(|| rate(now.by_class[4], before.by_class[4])),
         p50_ms: ms(0.5),
         p95_ms: ms(0.95),
         p99_ms: ms(0.99),
@@ -184,6 +189,7 @@ mod tests {
             histogram: HistogramSnapshot::default(),
             in_flight: 3,
             limited: 0,
+            recorded: true,
             instances: vec![InstanceSample {
                 upstream: "app".into(),
                 instance: "127.0.0.1:1".into(),
@@ -211,12 +217,24 @@ mod tests {
         let point = stats_point(&before, &now, Duration::from_secs(2), 42);
         assert!((point.limited_per_s - 3.0).abs() < 1e-9);
         assert_eq!(point.t, 42);
-        assert!((point.rps - 110.0).abs() < 1e-9);
-        assert!((point.errors_per_s - 10.0).abs() < 1e-9);
+        assert!((point.rps.unwrap() - 110.0).abs() < 1e-9);
+        assert!((point.errors_per_s.unwrap() - 10.0).abs() < 1e-9);
         assert_eq!(point.p50_ms, None, "no requests were timed");
         assert_eq!(point.replicas["app"], 1);
         assert!((point.instances[0].rps - 110.0).abs() < 1e-9);
         assert!((point.instances[0].errors_per_s - 2.0).abs() < 1e-9);
+    }
+
+    /// With requests not counted, the point has no request rate rather than a 0 that looks
+    /// like no traffic; instances still show theirs.
+    #[test]
+    fn no_request_rate_while_requests_are_not_counted() {
+        let before = totals([0; 5], 0, 0);
+        let mut now = totals([0; 5], 50, 0);
+        now.recorded = false;
+        let point = stats_point(&before, &now, Duration::from_secs(1), 0);
+        assert_eq!((point.rps, point.errors_per_s), (None, None));
+        assert_eq!(point.instances[0].rps, 50.0);
     }
 
     #[test]
@@ -254,7 +272,7 @@ mod tests {
                 Duration::from_secs(1),
                 n,
             );
-            point.rps = n as f64;
+            point.rps = Some(n as f64);
             live.publish(point);
         }
         let history = live.history();

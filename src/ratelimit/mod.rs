@@ -59,6 +59,9 @@ pub struct Limiter {
     redis: Option<RedisStore>,
     on_redis_error: OnRedisError,
     counters: Mutex<BTreeMap<String, Arc<RuleCounters>>>,
+    /// Requests answered 429, once each however many rules refused them (each rule's own
+    /// `limited` counts them again).
+    pub limited_requests: AtomicU64,
 }
 
 impl Limiter {
@@ -71,6 +74,7 @@ impl Limiter {
                 .map(|link| RedisStore::new(link.clone())),
             on_redis_error: config.state.on_redis_error,
             counters: Mutex::new(BTreeMap::new()),
+            limited_requests: AtomicU64::new(0),
         })
     }
 
@@ -345,6 +349,7 @@ fn conclude(
     decisions: &[RateDecision],
     admitted: &mut Admitted,
     going_on: bool,
+    limited_requests: &AtomicU64,
 ) -> Result<Duration, ProxyError> {
     let passes = decisions.iter().all(|d| d.allowed);
     // No decisions at all (`on_redis_error = "allow"` while Redis is down): the request
@@ -384,6 +389,7 @@ fn conclude(
     let rule = &policy.rules[index];
     let state = rule.state_header(&decision);
     if !decision.allowed {
+        limited_requests.fetch_add(1, Ordering::Relaxed);
         return Err(ProxyError::RateLimited {
             retry_after: ceil_secs(decision.retry_after_us).max(1),
             policy: rule.policy.clone(),
@@ -536,7 +542,8 @@ impl Admission {
             let decisions = self.limiter.decide_here(&policy.rules, &keys);
             let going_on = unauthorized.is_none();
             // Never a wait here: paced routes are admitted by `admit`.
-            if let Err(refusal) = conclude(policy, &decisions, &mut admitted, going_on) {
+            let limited = &self.limiter.limited_requests;
+            if let Err(refusal) = conclude(policy, &decisions, &mut admitted, going_on, limited) {
                 return Some(Err(refusal));
             }
         }
@@ -562,7 +569,9 @@ impl Admission {
         if !policy.rules.is_empty() {
             let keys = policy.keys(client, api_key, unauthorized.is_some(), headers);
             let decisions = self.limiter.decide(&policy.rules, &keys).await;
-            let wait = conclude(policy, &decisions, &mut admitted, unauthorized.is_none())?;
+            let going_on = unauthorized.is_none();
+            let limited = &self.limiter.limited_requests;
+            let wait = conclude(policy, &decisions, &mut admitted, going_on, limited)?;
             // Before the API key's verdict and the concurrency slots, as nginx's `limit_req`
             // delays in its preaccess phase: a waiting request holds no slot an instance could
             // use.
@@ -824,7 +833,8 @@ mod tests {
         };
         let third = allowed(0, 3_000_000);
         let mut admitted = Admitted::default();
-        let wait = conclude(&policy, &[third], &mut admitted, true).unwrap();
+        let limited = AtomicU64::new(0);
+        let wait = conclude(&policy, &[third], &mut admitted, true, &limited).unwrap();
         assert_eq!(wait, Duration::from_secs(2));
         let (_, state) = admitted.headers.unwrap();
         assert_eq!(state, "\"paced\";r=2;t=1");
