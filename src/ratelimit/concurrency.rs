@@ -47,6 +47,19 @@ impl Pool {
             })
             .is_ok()
     }
+
+    /// Pays what is owed with `slots`, as far as they go, and puts the rest in use.
+    fn pay_then_add(&self, slots: usize) {
+        let mut left = slots;
+        let _ = self
+            .owed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| {
+                let paid = owed.min(slots);
+                left = slots - paid;
+                Some(owed - paid)
+            });
+        self.slots.add_permits(left);
+    }
 }
 
 /// One request's slot of a limit, held until dropped. Its permit is taken out of the semaphore
@@ -112,16 +125,7 @@ impl ConcurrencyLimit {
         let pool = &self.pool;
         if after > before {
             // What is owed from an earlier lowering is forgiven first.
-            let raise = after - before;
-            let mut grow = raise;
-            let _ = pool
-                .owed
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| {
-                    let forgiven = owed.min(raise);
-                    grow = raise - forgiven;
-                    Some(owed - forgiven)
-                });
-            pool.slots.add_permits(grow);
+            pool.pay_then_add(after - before);
         } else if before > after {
             let shrink = before - after;
             // Owed first, then the free slots taken against it: a request ending in between
@@ -129,15 +133,7 @@ impl ConcurrencyLimit {
             // what is still owed then (those requests paid it) goes back.
             pool.owed.fetch_add(shrink, Ordering::AcqRel);
             let taken = pool.slots.forget_permits(shrink);
-            let mut excess = 0;
-            let _ = pool
-                .owed
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |owed| {
-                    let paid = owed.min(taken);
-                    excess = taken - paid;
-                    Some(owed - paid)
-                });
-            pool.slots.add_permits(excess);
+            pool.pay_then_add(taken);
         }
         ConcurrencyLimit {
             config,
