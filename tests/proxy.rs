@@ -269,6 +269,39 @@ async fn a_retry_leaves_the_rotation_as_it_was() {
     }
 }
 
+/// A gateway just started retries every request in flight on an instance that drops them all
+/// at once: its retry budget starts with its savings full. Started empty, it allowed 20 % of
+/// the requests seen so far plus the floor's 10 a second, and the rest got 502s though the
+/// other instance was up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_gateway_retries_every_request_an_instance_drops() {
+    const REQUESTS: usize = 60;
+    // Reads each request, then closes its connection unanswered half a second later: by then
+    // every request is in flight, half of them here.
+    let dropping = raw_instance(|mut stream, _| {
+        read_until(&mut stream, b"\r\n\r\n");
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let live = demo_backend(&[]);
+    let gw = gateway(&app_config_at(
+        &[dropping, live.addr()],
+        "strategy = \"round_robin\"",
+    ));
+    let client = client();
+    let requests: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let (client, url) = (client.clone(), gw.url("/"));
+            tokio::spawn(async move { get(&client, &url).await.status })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for request in requests {
+        statuses.push(request.await.unwrap());
+    }
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert_eq!(backend_requests(&client, &live).await, REQUESTS as u64);
+}
+
 /// The retry budget pays only for retries that have an instance to go to: with both
 /// instances refusing, each request's second failure (no instance left, one retry still allowed)
 /// spent a second retry for nothing, and within a second the budget's floor of ten ran out

@@ -214,13 +214,17 @@ pub struct RetryBudget {
 }
 
 impl RetryBudget {
-    /// `ratio`: 0.2 lets retries add 20 % on top of requests.
+    /// `ratio`: 0.2 lets retries add 20 % on top of requests. It starts full, as after a long
+    /// calm period: started empty, a gateway just up (a deploy, a restart) had saved nothing
+    /// yet, and the requests in flight on an instance that died then got 502s, past the floor,
+    /// though another instance was there to take them.
     pub fn new(ratio: f64) -> RetryBudget {
         let deposit = (ratio * UNIT as f64).round() as i64;
+        let cap = deposit * SAVED_REQUESTS;
         RetryBudget {
             deposit,
-            balance: AtomicI64::new(0),
-            cap: deposit * SAVED_REQUESTS,
+            balance: AtomicI64::new(cap),
+            cap,
             floor: AtomicU64::new(0),
         }
     }
@@ -389,9 +393,26 @@ mod tests {
         );
     }
 
+    /// A budget at `ratio` whose savings are spent.
+    fn spent(ratio: f64) -> RetryBudget {
+        let budget = RetryBudget::new(ratio);
+        budget.balance.store(0, Ordering::Relaxed);
+        budget
+    }
+
+    /// A gateway just up may retry as one after a long calm period: the requests in flight on
+    /// an instance that dies in its first seconds are each owed their retry.
+    #[test]
+    fn a_new_budget_starts_with_its_savings_full() {
+        let budget = RetryBudget::new(0.2);
+        let now = Instant::now();
+        let allowed = (0..10_000).filter(|_| budget.try_withdraw(now)).count();
+        assert_eq!(allowed, 2_000 + 10);
+    }
+
     #[test]
     fn retries_are_capped_at_the_ratio_plus_the_floor() {
-        let budget = RetryBudget::new(0.2);
+        let budget = spent(0.2);
         let now = Instant::now();
         let mut retries = 0;
         for _ in 0..1000 {
@@ -406,7 +427,7 @@ mod tests {
 
     #[test]
     fn the_floor_allows_ten_retries_a_second_without_traffic() {
-        let budget = RetryBudget::new(0.2);
+        let budget = spent(0.2);
         let start = Instant::now();
         for later in [0, 1, 5] {
             let now = start + Duration::from_secs(later);
@@ -439,7 +460,7 @@ mod tests {
 
     #[test]
     fn a_reload_keeps_the_savings_within_the_new_cap() {
-        let budget = RetryBudget::new(0.2);
+        let budget = spent(0.2);
         for _ in 0..1000 {
             budget.deposit();
         }
