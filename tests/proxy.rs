@@ -2513,6 +2513,21 @@ fn a_taken_port_is_named_with_its_key() {
         stderr.contains(&format!("admin.listen {addr}: Address already in use")),
         "{stderr}"
     );
+    // A file that writes the admin address as `server.admin_listen` sees that key named.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"{addr}\"\n\n{}",
+        app_config_at(&["127.0.0.1:1".parse().unwrap()], "")
+    );
+    std::fs::write(&path, config).unwrap();
+    let stderr = refused_start(&["serve", "--config", path.to_str().unwrap()]);
+    assert!(
+        stderr.contains(&format!(
+            "server.admin_listen {addr}: Address already in use"
+        )),
+        "{stderr}"
+    );
 }
 
 /// SIGTERM, and SIGQUIT (nginx's graceful stop, its image's STOPSIGNAL; it used to kill the

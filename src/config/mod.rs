@@ -346,7 +346,13 @@ impl Config {
         upstreams: &[String],
     ) -> Result<Config, ConfigErrors> {
         let raw = RawConfig::from_flags(listen, admin_listen, upstreams);
-        raw.validate().map_err(|ConfigErrors(errors)| {
+        let flags = raw.validate().map(|mut config| {
+            // No file spells it: the flag stands for the canonical key (`server.admin_listen`
+            // is only how the flags are carried in), as `server.listen` does for `--listen`.
+            config.admin.listen_key = "admin.listen";
+            config
+        });
+        flags.map_err(|ConfigErrors(errors)| {
             // Named as the user wrote them: flags, not the keys they stand for.
             let flag = |key: &str| match key {
                 "server.listen" => "--listen".to_owned(),

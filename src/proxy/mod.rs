@@ -403,7 +403,7 @@ pub async fn serve(config: Config, config_path: Option<PathBuf>) -> std::io::Res
         tracing::info!(redis = %link.target(), "state is shared through Redis");
     }
     let proxy_listener = bind("server.listen", listen).await?;
-    let admin_listener = bind("admin.listen", admin_listen).await?;
+    let admin_listener = bind(gateway.runtime.load().config.admin.listen_key, admin_listen).await?;
     let tls_listener = match tls_listen {
         Some(addr) => Some(bind("tls.listen", addr).await?),
         None => None,
