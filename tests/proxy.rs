@@ -2466,6 +2466,34 @@ fn check_names_the_bad_keys_and_serve_refuses_the_same_config() {
     );
 }
 
+/// A variable that is not set hides none of the file's other problems from `check`.
+#[test]
+fn check_reports_environment_problems_with_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"${SG_TEST_NOT_SET}\"\nmax_body = \"zz\"\n[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nstrategy = \"bad\"\n[[routes]]\nupstream = \"app\"\n",
+    )
+    .unwrap();
+    let check = std::process::Command::new(bin())
+        .args(["check", path.to_str().unwrap()])
+        .env_remove("SG_TEST_NOT_SET")
+        .output()
+        .unwrap();
+    assert!(!check.status.success());
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    for key in [
+        "${SG_TEST_NOT_SET} (line 2)",
+        "server.max_body (line 3)",
+        "upstreams.app.strategy (line 6)",
+    ] {
+        assert!(stderr.contains(key), "{key} missing in: {stderr}");
+    }
+    // The empty stand-in for the variable is no address of the file's: not reported.
+    assert!(!stderr.contains("server.listen"), "{stderr}");
+}
+
 /// The demo instance refuses values it would misread: a failure rate outside 0–1 (or NaN,
 /// which failed nothing), a body too large to hold.
 #[test]

@@ -18,8 +18,10 @@ const MAX_TYPE_ERRORS: usize = 64;
 /// taken out), and the problems found on the way.
 pub struct Decoded {
     pub raw: Option<RawConfig>,
-    /// Unknown keys, then wrongly typed values, each once.
-    pub problems: Vec<ConfigError>,
+    /// Unknown keys, each once: wrong whatever their values.
+    pub unknown: Vec<ConfigError>,
+    /// Wrongly typed values (and missing required keys), each once.
+    pub typed: Vec<ConfigError>,
     /// Keys taken out because their values had the wrong type.
     pub removed: Vec<String>,
 }
@@ -44,7 +46,8 @@ pub fn decode(text: &str) -> Result<Decoded, ConfigErrors> {
         Ok(raw) => {
             return Ok(Decoded {
                 raw: Some(raw),
-                problems: unknown,
+                unknown,
+                typed: Vec::new(),
                 removed: Vec::new(),
             })
         }
@@ -118,7 +121,8 @@ pub fn decode(text: &str) -> Result<Decoded, ConfigErrors> {
     unknown.retain(|problem: &ConfigError| seen.insert(problem.key.clone()));
     Ok(Decoded {
         raw,
-        problems: unknown.into_iter().chain(typed).collect(),
+        unknown,
+        typed,
         removed,
     })
 }

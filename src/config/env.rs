@@ -9,7 +9,24 @@ pub struct EnvProblem {
     pub name: String,
     pub line: usize,
     pub message: &'static str,
+    /// Where its stand-in begins in the interpolated text, so the key whose value it is can be
+    /// found (and that value's own problems, which the stand-in causes, left out).
+    pub at: usize,
 }
+
+/// The text with every reference filled in, each one that could not be by a stand-in, and
+/// the problems of those.
+#[derive(Debug)]
+pub struct Interpolated {
+    pub text: String,
+    pub problems: Vec<EnvProblem>,
+}
+
+/// What stands for a reference that could not be filled, so that the rest of the file can
+/// still be read and checked: nothing inside quotes (the string stays a string), and outside
+/// them a number (the key keeps a value rather than becoming a syntax error that would hide
+/// every other problem).
+const STAND_IN_BARE: &str = "0";
 
 const MISSING: &str = "environment variable is not set and has no default (use ${NAME:-default})";
 const UNCLOSED: &str = "a `${` without its `}` on the same line (write `$${` for a literal `${`)";
@@ -41,11 +58,9 @@ enum Context {
 
 /// Replaces every `${NAME}` / `${NAME:-default}` outside comments using `lookup`. Returns every
 /// problem (a missing variable, a value that does not fit where it goes) rather than the
-/// first, so one run of `check` shows them all.
-pub fn interpolate(
-    text: &str,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, Vec<EnvProblem>> {
+/// first, so one run of `check` shows them all, and a text in which each of those stands
+/// replaced (see [`STAND_IN_BARE`]) so that the file's other problems can be found in it too.
+pub fn interpolate(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Interpolated {
     let mut out = String::with_capacity(text.len());
     let mut problems = Vec::new();
     let bytes = text.as_bytes();
@@ -56,7 +71,12 @@ pub fn interpolate(
     while at < bytes.len() {
         if bytes[at] == b'$' && context != Context::Comment {
             out.push_str(&text[copied..at]);
-            let (written, read) = reference(&text[at..], context, line, &lookup, &mut problems);
+            let found = Found {
+                context,
+                line,
+                at: out.len(),
+            };
+            let (written, read) = reference(&text[at..], found, &lookup, &mut problems);
             out.push_str(&written);
             at += read;
             copied = at;
@@ -68,11 +88,19 @@ pub fn interpolate(
         at += read;
     }
     out.push_str(&text[copied..]);
-    if problems.is_empty() {
-        Ok(out)
-    } else {
-        Err(problems)
+    Interpolated {
+        text: out,
+        problems,
     }
+}
+
+/// Where a reference was found: its context, its line in the text and the offset it is
+/// written at in the interpolated text.
+#[derive(Clone, Copy)]
+struct Found {
+    context: Context,
+    line: usize,
+    at: usize,
 }
 
 /// How the TOML quoting changes at the start of `rest` (which does not start with a `$` in
@@ -111,15 +139,20 @@ fn step(context: Context, rest: &[u8]) -> (Context, usize) {
     }
 }
 
-/// Reads the `$...` at the start of `rest` in `context`: what to write for it and how many
-/// bytes it took. A problem with it is pushed to `problems` (and the reference dropped).
+/// Reads the `$...` at the start of `rest`: what to write for it and how many bytes it took. A
+/// problem with it is pushed to `problems` (and a stand-in written instead).
 fn reference<'a>(
     rest: &'a str,
-    context: Context,
-    line: usize,
+    found: Found,
     lookup: &impl Fn(&str) -> Option<String>,
     problems: &mut Vec<EnvProblem>,
 ) -> (std::borrow::Cow<'a, str>, usize) {
+    let Found { context, line, at } = found;
+    let stand_in = if context == Context::Bare {
+        STAND_IN_BARE
+    } else {
+        ""
+    };
     if rest.starts_with("$${") {
         return ("${".into(), 3);
     }
@@ -132,8 +165,15 @@ fn reference<'a>(
             name: body[..line_end].trim_end().to_string(),
             line,
             message: UNCLOSED,
+            at,
         });
-        return (rest[..2 + line_end].into(), 2 + line_end);
+        // Inside quotes the rest of the line is kept, with the quote that ends the string.
+        let written = if context == Context::Bare {
+            stand_in
+        } else {
+            &rest[..2 + line_end]
+        };
+        return (written.into(), 2 + line_end);
     };
     let read = 2 + end + 1;
     let expr = &body[..end];
@@ -162,8 +202,9 @@ fn reference<'a>(
                 name: name.to_string(),
                 line,
                 message,
+                at,
             });
-            ("".into(), read)
+            (stand_in.into(), read)
         }
     }
 }
@@ -235,6 +276,19 @@ fn is_variable_name(name: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// The text, or the problems when there are any.
+    fn fill(
+        text: &str,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<String, Vec<EnvProblem>> {
+        let Interpolated { text, problems } = interpolate(text, lookup);
+        if problems.is_empty() {
+            Ok(text)
+        } else {
+            Err(problems)
+        }
+    }
+
     fn env(name: &str) -> Option<String> {
         match name {
             "PORT" => Some("8080".into()),
@@ -246,20 +300,20 @@ mod tests {
     #[test]
     fn fills_variables_and_defaults() {
         assert_eq!(
-            interpolate("listen = \"0.0.0.0:${PORT}\"", env).unwrap(),
+            fill("listen = \"0.0.0.0:${PORT}\"", env).unwrap(),
             "listen = \"0.0.0.0:8080\""
         );
-        assert_eq!(interpolate("${NOPE:-9090}", env).unwrap(), "9090");
-        assert_eq!(interpolate("\"${EMPTY:-x}\"", env).unwrap(), "\"x\"");
-        assert_eq!(interpolate("\"${EMPTY}\"", env).unwrap(), "\"\"");
+        assert_eq!(fill("${NOPE:-9090}", env).unwrap(), "9090");
+        assert_eq!(fill("\"${EMPTY:-x}\"", env).unwrap(), "\"x\"");
+        assert_eq!(fill("\"${EMPTY}\"", env).unwrap(), "\"\"");
         // Outside quotes an empty value would leave the key without one.
-        let empty = interpolate("port = ${EMPTY}", env).unwrap_err();
+        let empty = fill("port = ${EMPTY}", env).unwrap_err();
         assert_eq!(
             (empty[0].name.as_str(), empty[0].message),
             ("EMPTY", UNFIT_EMPTY)
         );
         assert_eq!(
-            interpolate("cost $5 and $${PORT}", env).unwrap(),
+            fill("cost $5 and $${PORT}", env).unwrap(),
             "cost $5 and ${PORT}"
         );
     }
@@ -271,27 +325,46 @@ mod tests {
     #[test]
     fn defaults_go_in_as_values_too() {
         // Outside quotes only a number or true/false: the variable is named, not a TOML error.
-        let err = interpolate("retries = ${R:-x}\nlisten = ${L:-127.0.0.1:8080}", env).unwrap_err();
+        let err = fill("retries = ${R:-x}\nlisten = ${L:-127.0.0.1:8080}", env).unwrap_err();
         assert_eq!(names_and_lines(&err), [("R", 1), ("L", 2)]);
         assert!(err.iter().all(|p| p.message == UNFIT_BARE));
         // Inside "...", escaped as a value is.
-        let text = interpolate("name = \"${N:-a\"b}\"", env).unwrap();
+        let text = fill("name = \"${N:-a\"b}\"", env).unwrap();
         let parsed: toml::Table = text.parse().unwrap();
         assert_eq!(parsed["name"].as_str(), Some("a\"b"));
+    }
+
+    #[test]
+    fn a_reference_that_cannot_be_filled_leaves_a_text_that_still_reads() {
+        let text =
+            "a = \"x${NOPE}y\"\nb = ${NOPE}\nc = '${1BAD}'\nd = ${UNCLOSED\ne = \"${UNCLOSED\"\n";
+        let Interpolated {
+            text: out,
+            problems,
+        } = interpolate(text, env);
+        assert_eq!(
+            out,
+            "a = \"xy\"\nb = 0\nc = ''\nd = 0\ne = \"${UNCLOSED\"\n"
+        );
+        assert!(out.parse::<toml::Table>().is_ok(), "{out}");
+        assert_eq!(names_and_lines(&problems).len(), 5);
+        // Each problem knows where its stand-in begins.
+        let at: Vec<&str> = problems.iter().map(|p| &out[p.at..=p.at]).collect();
+        assert_eq!(at, ["y", "0", "'", "0", "$"]);
     }
 
     #[test]
     fn comments_are_not_interpolated() {
         let text = "# uses ${NOPE}\nurl = \"a#${PORT}\" # ${NOPE}\n";
         assert_eq!(
-            interpolate(text, env).unwrap(),
+            fill(text, env).unwrap(),
             "# uses ${NOPE}\nurl = \"a#8080\" # ${NOPE}\n"
         );
     }
 
     #[test]
     fn reports_every_missing_variable_with_its_line() {
-        let err = interpolate("a = 1\nb = \"${ONE}\"\nc = \"${TWO}\"", env).unwrap_err();
+        let err = fill("a = 1\nb = \"${ONE}\"\nc = \"${TWO}\"", env).unwrap_err();
         assert_eq!(names_and_lines(&err), [("ONE", 2), ("TWO", 3)]);
         assert!(err.iter().all(|p| p.message == MISSING));
     }
@@ -299,7 +372,7 @@ mod tests {
     #[test]
     fn malformed_references_are_named_for_what_they_are() {
         let text = "a = \"${}\"\nb = \"${1BAD}\"\nc = \"${A${B}}\"\nd = \"/${UNCLOSED\"\n";
-        let err = interpolate(text, env).unwrap_err();
+        let err = fill(text, env).unwrap_err();
         let found: Vec<(&str, usize, &str)> = err
             .iter()
             .map(|p| (p.name.as_str(), p.line, p.message))
@@ -313,13 +386,13 @@ mod tests {
                 ("UNCLOSED\"", 4, UNCLOSED),
             ]
         );
-        let nested = interpolate("a = \"${X:-${Y}}\"", env).unwrap_err();
+        let nested = fill("a = \"${X:-${Y}}\"", env).unwrap_err();
         assert_eq!(
             (nested[0].name.as_str(), nested[0].message),
             ("X", NESTED_DEFAULT)
         );
         // A literal `${` written as `$${` is no reference at all.
-        assert_eq!(interpolate("a = \"$${X\"", env).unwrap(), "a = \"${X\"");
+        assert_eq!(fill("a = \"$${X\"", env).unwrap(), "a = \"${X\"");
     }
 
     #[test]
@@ -340,7 +413,7 @@ mod tests {
             "port = ${PORT} # ${NOPE}\n",
             "after = \"${WORD}\"\n",
         );
-        let filled = interpolate(text, odd).unwrap();
+        let filled = fill(text, odd).unwrap();
         let parsed: toml::Table = filled.parse().unwrap();
         assert_eq!(
             parsed["body"].as_str(),
@@ -350,7 +423,7 @@ mod tests {
         assert_eq!(parsed["port"].as_integer(), Some(8080));
         assert_eq!(parsed["after"].as_str(), Some("abc"));
         // Inside '''...''' a value is held to the rules of '...', and the line is counted.
-        let err = interpolate("a = 1\nraw = '''\n${QUOTED}\n'''", odd).unwrap_err();
+        let err = fill("a = 1\nraw = '''\n${QUOTED}\n'''", odd).unwrap_err();
         assert_eq!(
             (err[0].name.as_str(), err[0].line, err[0].message),
             ("QUOTED", 3, UNFIT_LITERAL)
@@ -374,24 +447,18 @@ mod tests {
             )
         };
         // Inside "...", escaped: the parsed string is the value, whatever it holds.
-        let text = interpolate("password = \"${PASS}\"\nname = \"${INJECT}\"\n", odd).unwrap();
+        let text = fill("password = \"${PASS}\"\nname = \"${INJECT}\"\n", odd).unwrap();
         let parsed: toml::Table = text.parse().unwrap();
         assert_eq!(parsed["password"].as_str(), Some("pa\"ss\\wo\trd"));
         assert_eq!(parsed["name"].as_str(), odd("INJECT").as_deref());
         assert_eq!(parsed.len(), 2);
         // Outside quotes only a bare scalar fits; inside '...' no quote or line break.
+        assert_eq!(fill("retries = ${NUMBER}", odd).unwrap(), "retries = 42");
         assert_eq!(
-            interpolate("retries = ${NUMBER}", odd).unwrap(),
-            "retries = 42"
-        );
-        assert_eq!(
-            interpolate("a = ${FLOAT}\nb = ${FLAG}", odd).unwrap(),
+            fill("a = ${FLOAT}\nb = ${FLAG}", odd).unwrap(),
             "a = -1.5e3\nb = true"
         );
-        let literal: toml::Table = interpolate("key = '${PASS}'", odd)
-            .unwrap()
-            .parse()
-            .unwrap();
+        let literal: toml::Table = fill("key = '${PASS}'", odd).unwrap().parse().unwrap();
         assert_eq!(literal["key"].as_str(), odd("PASS").as_deref());
         for (text, message) in [
             ("retries = ${INJECT}", UNFIT_BARE),
@@ -399,7 +466,7 @@ mod tests {
             ("key = \"a\" ${PASS}", UNFIT_BARE),
             ("max_connections = ${WORD}", UNFIT_BARE),
         ] {
-            let err = interpolate(text, odd).unwrap_err();
+            let err = fill(text, odd).unwrap_err();
             assert_eq!(err[0].message, message, "{text}");
         }
     }

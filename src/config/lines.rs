@@ -1,7 +1,7 @@
 //! The line a key path of the config file (`upstreams.app.instances[1].weight`, `routes[0]`)
 //! stands on, for the problems found after parsing, which serde cannot place.
 
-use toml_edit::ImDocument;
+use toml_edit::{ImDocument, Item};
 
 use super::ConfigError;
 
@@ -39,6 +39,49 @@ fn line_of(doc: &ImDocument<&str>, text: &str, key: &str) -> Option<usize> {
     span.map(|span| line_at(text, span.start))
 }
 
+/// The keys (as problems name them) of the innermost values of `text` holding each of
+/// `offsets`; an offset in no value (a table's header) holds none.
+pub fn keys_at(text: &str, offsets: &[usize]) -> Vec<String> {
+    let Ok(doc) = ImDocument::parse(text) else {
+        return Vec::new();
+    };
+    offsets
+        .iter()
+        .filter_map(|&at| innermost(doc.as_item(), String::new(), at))
+        .collect()
+}
+
+/// The key of the innermost value inside `item` (at `key`) whose span holds `at`.
+fn innermost(item: &Item, key: String, at: usize) -> Option<String> {
+    if let Some(table) = item.as_table_like() {
+        for (name, child) in table.iter() {
+            let child_key = if key.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{key}.{name}")
+            };
+            if let Some(found) = innermost(child, child_key, at) {
+                return Some(found);
+            }
+        }
+    }
+    // Array elements, of `[...]` and of `[[...]]` alike.
+    for index in 0.. {
+        let Some(element) = item.get(index) else {
+            break;
+        };
+        if let Some(found) = innermost(element, format!("{key}[{index}]"), at) {
+            return Some(found);
+        }
+    }
+    // Values only: a table's span is its header, which names keys rather than holding a value.
+    let holds = item
+        .as_value()
+        .and_then(toml_edit::Value::span)
+        .is_some_and(|span| span.contains(&at));
+    holds.then_some(key)
+}
+
 /// The line (from 1) byte `offset` of `text` is on.
 pub fn line_at(text: &str, offset: usize) -> usize {
     text[..offset].matches('\n').count() + 1
@@ -65,6 +108,27 @@ mod tests {
         assert_eq!(line_of("upstreams.app.instances[1].weight"), Some(8));
         assert_eq!(line_of("routes[1].upstream"), Some(15));
         assert_eq!(line_of("routes[1]"), Some(14));
+    }
+
+    #[test]
+    fn offsets_are_found_in_the_innermost_value_holding_them() {
+        let at = |needle: &str| TEXT.find(needle).unwrap();
+        let offsets = [
+            at("127.0.0.1:8080"),
+            at("fastest"),
+            at("weight = 0") + 9,
+            at("\"nowhere"),
+            at("[upstreams"),
+        ];
+        assert_eq!(
+            super::keys_at(TEXT, &offsets),
+            [
+                "server.listen",
+                "upstreams.app.strategy",
+                "upstreams.app.instances[1].weight",
+                "routes[1].upstream",
+            ]
+        );
     }
 
     #[test]

@@ -302,25 +302,49 @@ impl Config {
         errors.sort_by_key(|error| error.line.unwrap_or(usize::MAX));
     }
 
-    /// Interpolates `${ENV}` from the process environment, parses and validates.
+    /// Interpolates `${ENV}` from the process environment, parses and validates. Problems with
+    /// the environment are reported with those of the rest of the file, which is read with a
+    /// stand-in for each reference that could not be filled.
     pub fn from_toml(text: &str) -> Result<Config, ConfigErrors> {
-        let text = env::interpolate(text, |name| std::env::var(name).ok()).map_err(|problems| {
-            ConfigErrors(
-                problems
+        let env::Interpolated {
+            text,
+            problems: env_problems,
+        } = env::interpolate(text, |name| std::env::var(name).ok());
+        let stand_ins: Vec<usize> = env_problems.iter().map(|problem| problem.at).collect();
+        let env_lines: Vec<usize> = env_problems.iter().map(|problem| problem.line).collect();
+        let mut problems: Vec<ConfigError> = env_problems
+            .into_iter()
+            .map(|problem| ConfigError {
+                key: format!("${{{}}}", problem.name),
+                line: Some(problem.line),
+                message: problem.message.into(),
+            })
+            .collect();
+        let decoded = match decode::decode(&text) {
+            Ok(decoded) => decoded,
+            Err(ConfigErrors(syntax)) => {
+                // A stand-in may not fit the syntax around it (`${A}${B}` outside quotes):
+                // the reference is what is wrong on that line.
+                let syntax = syntax
                     .into_iter()
-                    .map(|problem| ConfigError {
-                        key: format!("${{{}}}", problem.name),
-                        line: Some(problem.line),
-                        message: problem.message.into(),
-                    })
-                    .collect(),
-            )
-        })?;
+                    .filter(|error| !error.line.is_some_and(|line| env_lines.contains(&line)));
+                problems.extend(syntax);
+                problems.sort_by_key(|problem| problem.line.unwrap_or(usize::MAX));
+                return Err(ConfigErrors(problems));
+            }
+        };
         let decode::Decoded {
             raw,
-            mut problems,
+            unknown,
+            typed,
             removed,
-        } = decode::decode(&text)?;
+        } = decoded;
+        // What a stand-in makes of its key's value (a type, an address, a range it does not
+        // fit) is not reported beside the reference's own problem: it is not in the file.
+        let stood_in = lines::keys_at(&text, &stand_ins);
+        let from_file = |problem: &ConfigError| !decode::left_by_removed(&stood_in, &problem.key);
+        problems.extend(unknown);
+        problems.extend(typed.into_iter().filter(from_file));
         match raw.map(RawConfig::validate) {
             Some(Ok(config)) if problems.is_empty() => return Ok(config),
             Some(Ok(_)) | None => {}
@@ -328,7 +352,8 @@ impl Config {
             Some(Err(ConfigErrors(later))) => problems.extend(
                 later
                     .into_iter()
-                    .filter(|problem| !decode::left_by_removed(&removed, &problem.key)),
+                    .filter(|problem| !decode::left_by_removed(&removed, &problem.key))
+                    .filter(from_file),
             ),
         }
         hide_secret_values(&mut problems);
@@ -1025,6 +1050,53 @@ upstream = "missing"
             placed,
             [("server.listen", Some(2)), ("server.admin_listen", Some(3))]
         );
+    }
+
+    /// The keys and lines of `text`'s problems.
+    fn keys_and_lines(text: &str) -> Vec<(String, Option<usize>)> {
+        let errors = Config::from_toml(text).unwrap_err().0;
+        errors.into_iter().map(|e| (e.key, e.line)).collect()
+    }
+
+    #[test]
+    fn environment_problems_hide_none_of_the_others() {
+        let text = "[server]\nlisten = \"${SG_TEST_NEVER_SET_A}\"\nmax_body = \"zz\"\n\
+            max_headers = ${SG_TEST_NEVER_SET_B}\nmax_connections = ${SG_TEST_NEVER_SET_C:-x}\n\n\
+            [upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nstrategy = \"bad\"\n\n\
+            [[routes]]\nupstream = \"app\"\n";
+        // The stand-ins ("" for the address, 0 for the numbers) are no value of the file's:
+        // what they would make wrong with their keys is not reported.
+        let expected = [
+            ("${SG_TEST_NEVER_SET_A}", 2),
+            ("server.max_body", 3),
+            ("${SG_TEST_NEVER_SET_B}", 4),
+            ("${SG_TEST_NEVER_SET_C}", 5),
+            ("upstreams.app.strategy", 9),
+        ];
+        let expected: Vec<(String, Option<usize>)> = expected
+            .iter()
+            .map(|&(key, line)| (key.to_owned(), Some(line)))
+            .collect();
+        assert_eq!(keys_and_lines(text), expected);
+        // A stand-in that breaks its line's syntax is not reported as a syntax error; a
+        // syntax error elsewhere is, with the variable.
+        let text = "[server]\nmax_connections = ${SG_TEST_NEVER_SET_A}${SG_TEST_NEVER_SET_B}\n";
+        let found = keys_and_lines(text);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(found
+            .iter()
+            .all(|(key, line)| key.starts_with("${") && *line == Some(2)));
+        let text = "[server]\nlisten = \"${SG_TEST_NEVER_SET_A}\"\nmax_body = = 1\n";
+        let found = keys_and_lines(text);
+        let keys: Vec<&str> = found.iter().map(|(key, _)| key.as_str()).collect();
+        assert_eq!(keys, ["${SG_TEST_NEVER_SET_A}", "config"], "{found:?}");
+        // Unknown keys are wrong whatever their values.
+        let text = "[server]\nlisen = \"${SG_TEST_NEVER_SET_A}\"\n";
+        let keys: Vec<String> = keys_and_lines(text)
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        assert!(keys.contains(&"server.lisen".to_owned()), "{keys:?}");
     }
 
     #[test]
