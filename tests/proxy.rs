@@ -1320,6 +1320,40 @@ async fn reload_under_load_loses_nothing_and_bad_config_is_refused() {
     }
 }
 
+/// A reload refused for a key that takes a restart names the key's line, in a file with an
+/// unquoted `${VAR}` too (which is no TOML until filled in).
+#[tokio::test]
+async fn a_refused_reload_names_the_line_in_a_file_with_unquoted_variables() {
+    let a = demo_backend(&[]);
+    let gw = gateway_with_server_keys(
+        "max_headers = ${SG_TEST_NOT_SET_MH:-50}",
+        &app_config(&[&a], ""),
+    );
+    let client = client();
+    let running = std::fs::read_to_string(&gw.config_path).unwrap();
+    let listen_line = running
+        .lines()
+        .position(|line| line.starts_with("listen = "))
+        .unwrap()
+        + 1;
+    let moved = running.replacen(
+        "\nlisten = \"127.0.0.1:0\"",
+        &format!("\nlisten = \"127.0.0.1:{}\"", unclaimed_port()),
+        1,
+    );
+    assert_ne!(moved, running);
+    std::fs::write(&gw.config_path, moved).unwrap();
+    let reply = request(&client, "POST", &gw.admin_url("/api/reload"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 422);
+    let errors = reply.json()["errors"].to_string();
+    assert!(
+        errors.contains(&format!("server.listen (line {listen_line}):")),
+        "{errors}"
+    );
+}
+
 /// A web page cannot change the gateway through an open admin port: a change that a browser
 /// says comes from another origin gets 403 (CSRF), the operator's own goes through.
 #[tokio::test]

@@ -298,6 +298,9 @@ impl Config {
         let Ok(text) = std::fs::read_to_string(path) else {
             return;
         };
+        // Placed in the text as it was loaded: an unquoted `${VAR}` is no TOML until filled
+        // in, and the file would not parse. (It loaded, so every reference fills.)
+        let text = env::interpolate(&text, |name| std::env::var(name).ok()).text;
         lines::place(&text, errors);
         errors.sort_by_key(|error| error.line.unwrap_or(usize::MAX));
     }
@@ -1050,6 +1053,17 @@ upstream = "missing"
             placed,
             [("server.listen", Some(2)), ("server.admin_listen", Some(3))]
         );
+        // An unquoted `${VAR}` is no TOML before it is filled in: placed all the same.
+        let unquoted = written.replacen(
+            "[server]\n",
+            "[server]\nmax_headers = ${SG_TEST_NEVER_SET_MH:-50}\n",
+            1,
+        );
+        std::fs::write(&path, unquoted).unwrap();
+        assert!(Config::load(&path).is_ok());
+        let mut errors = [refusal("server.listen")];
+        Config::place_in_file(&path, &mut errors);
+        assert_eq!(errors[0].line, Some(3));
     }
 
     /// The keys and lines of `text`'s problems.
