@@ -1354,6 +1354,41 @@ async fn a_refused_reload_names_the_line_in_a_file_with_unquoted_variables() {
     );
 }
 
+/// An autoscaler without a drain_timeout of its own takes the upstream's: a reload changing
+/// that is refused under the upstream's key, the one the file has, with its line.
+#[tokio::test]
+async fn a_refused_reload_names_an_inherited_drain_timeout_as_written() {
+    let a = demo_backend(&[]);
+    let config = |drain: &str| {
+        format!(
+            "[upstreams.app]\ninstances = []\ndrain_timeout = \"{drain}\"\n\
+             [upstreams.app.autoscale]\nprovider = \"exec\"\nmin = 1\nmax = 1\n\
+             scale_command = \"true {{replicas}}\"\ndiscover = {{ dns = \"{}\", interval = \"1s\" }}\n\
+             target = {{ rps_per_instance = 100 }}\n\n[[routes]]\nupstream = \"app\"\n",
+            a.addr()
+        )
+    };
+    let gw = gateway(&config("5s"));
+    let client = client();
+    gw.write_config(&config("6s"));
+    let written = std::fs::read_to_string(&gw.config_path).unwrap();
+    let line = written
+        .lines()
+        .position(|line| line.starts_with("drain_timeout"))
+        .unwrap()
+        + 1;
+    let reply = request(&client, "POST", &gw.admin_url("/api/reload"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 422);
+    let errors = reply.json()["errors"].to_string();
+    assert!(
+        errors.contains(&format!("upstreams.app.drain_timeout (line {line}):")),
+        "{errors}"
+    );
+    assert!(!errors.contains("autoscale.drain_timeout"), "{errors}");
+}
+
 /// A web page cannot change the gateway through an open admin port: a change that a browser
 /// says comes from another origin gets 403 (CSRF), the operator's own goes through.
 #[tokio::test]

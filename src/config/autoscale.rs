@@ -160,6 +160,8 @@ impl AutoscaleConfig {
                 keys.push(key);
             }
         };
+        // Also when inherited from the upstream: `Config::place_in_file` then names the
+        // upstream's key, the one the file has.
         differ("drain_timeout", self.drain_timeout != next.drain_timeout);
         differ("stop_grace", self.stop_grace != next.stop_grace);
         match (&self.provider, &next.provider) {

@@ -293,7 +293,7 @@ impl Config {
     }
 
     /// Gives `errors` found in the file at `path` after it was loaded (a reload's refusals)
-    /// the lines of their keys in it.
+    /// the lines of their keys in it, naming those keys as the file has them.
     pub fn place_in_file(path: &Path, errors: &mut [ConfigError]) {
         let Ok(text) = std::fs::read_to_string(path) else {
             return;
@@ -301,6 +301,7 @@ impl Config {
         // Placed in the text as it was loaded: an unquoted `${VAR}` is no TOML until filled
         // in, and the file would not parse. (It loaded, so every reference fills.)
         let text = env::interpolate(&text, |name| std::env::var(name).ok()).text;
+        name_inherited_drain_timeouts(&text, errors);
         lines::place(&text, errors);
         errors.sort_by_key(|error| error.line.unwrap_or(usize::MAX));
     }
@@ -416,6 +417,35 @@ impl Config {
 
     pub fn upstream(&self, name: &str) -> Option<&UpstreamConfig> {
         self.upstreams.iter().find(|u| u.name == name)
+    }
+}
+
+/// An autoscaler without a `drain_timeout` of its own takes its upstream's, so a refusal of
+/// `upstreams.NAME.autoscale.drain_timeout` in `text` that has no such key is about
+/// `upstreams.NAME.drain_timeout`: named so, since the key named must be one the file has.
+fn name_inherited_drain_timeouts(text: &str, errors: &mut [ConfigError]) {
+    let Ok(doc) = text.parse::<toml::Table>() else {
+        return;
+    };
+    for error in errors {
+        let Some(name) = error
+            .key
+            .strip_prefix("upstreams.")
+            .and_then(|rest| rest.strip_suffix(".autoscale.drain_timeout"))
+        else {
+            continue;
+        };
+        let autoscale = doc
+            .get("upstreams")
+            .and_then(|upstreams| upstreams.get(name))
+            .and_then(|upstream| upstream.get("autoscale"));
+        if autoscale.is_some_and(|autoscale| autoscale.get("drain_timeout").is_none()) {
+            error.key = format!("upstreams.{name}.drain_timeout");
+            error.message = format!(
+                "taken by the autoscaler, which has no drain_timeout of its own: {}",
+                error.message
+            );
+        }
     }
 }
 
@@ -1064,6 +1094,35 @@ upstream = "missing"
         let mut errors = [refusal("server.listen")];
         Config::place_in_file(&path, &mut errors);
         assert_eq!(errors[0].line, Some(3));
+    }
+
+    #[test]
+    fn an_inherited_drain_timeout_is_named_where_the_file_has_it() {
+        let text = "[upstreams.app]\ndrain_timeout = \"5s\"\n[upstreams.app.autoscale]\nmax = 2\n\
+            [upstreams.own]\n[upstreams.own.autoscale]\ndrain_timeout = \"9s\"\n";
+        let refusal = |key: &str| ConfigError {
+            key: key.into(),
+            line: None,
+            message: "takes a restart".into(),
+        };
+        let mut errors = [
+            refusal("upstreams.app.autoscale.drain_timeout"),
+            refusal("upstreams.own.autoscale.drain_timeout"),
+            refusal("upstreams.app.autoscale.stop_grace"),
+        ];
+        name_inherited_drain_timeouts(text, &mut errors);
+        lines::place(text, &mut errors);
+        let placed: Vec<(&str, Option<usize>)> =
+            errors.iter().map(|e| (e.key.as_str(), e.line)).collect();
+        assert_eq!(
+            placed,
+            [
+                ("upstreams.app.drain_timeout", Some(2)),
+                ("upstreams.own.autoscale.drain_timeout", Some(7)),
+                ("upstreams.app.autoscale.stop_grace", Some(3)),
+            ]
+        );
+        assert!(errors[0].message.contains("no drain_timeout of its own"));
     }
 
     /// The keys and lines of `text`'s problems.
