@@ -287,6 +287,30 @@ async fn h2c_instances_get_http2_on_one_connection() {
     assert_eq!(backend_requests(&client, &backend).await, asked);
 }
 
+/// Health checks over HTTP/2 carry the host in `:authority` only, as requests do: nginx answers
+/// 400 to a `host` field beside it (a duplicate), and every instance it served was down.
+#[tokio::test]
+async fn http2_health_checks_send_no_host_field() {
+    let instance = h2c_instance(|request, mut respond| {
+        let status = if request.headers().contains_key(http::header::HOST) {
+            400
+        } else {
+            200
+        };
+        let answer = http::Response::builder().status(status).body(()).unwrap();
+        let _ = respond.send_response(answer, true);
+    })
+    .await;
+    let gw = gateway(&upstream(
+        &[instance.to_string()],
+        "protocol = \"h2c\"\nhealth = { interval = \"200ms\", path = \"/ready\" }",
+    ));
+    let client = client();
+    let check = last_check(&client, &gw).await;
+    assert_eq!(check["detail"], "status 200", "{check}");
+    assert_eq!(get(&client, &gw.url("/")).await.status, 200);
+}
+
 /// An h2c instance built on the h2 crate that answers every stream with `answer`.
 async fn h2c_instance<F>(answer: F) -> SocketAddr
 where

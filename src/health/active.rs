@@ -145,9 +145,7 @@ async fn probe(
         Err(err) if err.is_local() => return Err(ProbeFailure::Gateway(err.to_string())),
         Err(err) => return Err(ProbeFailure::Instance(err.to_string())),
     };
-    let request = Request::get(path)
-        .header(header::HOST, host)
-        .header(header::USER_AGENT, "scalegate-health");
+    let request = Request::get(path).header(header::USER_AGENT, "scalegate-health");
     let response = if http2 {
         let (mut sender, connection) = http2::handshake(TokioExecutor::new(), io)
             .await
@@ -164,7 +162,10 @@ async fn probe(
             .await
             .map_err(|err| format!("handshake: {}", described(&err)))?;
         tokio::spawn(connection);
+        // Over HTTP/2 the host goes in `:authority` alone: nginx refuses a Host field beside
+        // it as a duplicate (400), and every instance it served was checked down.
         let request = request
+            .header(header::HOST, host)
             .header(header::CONNECTION, "close")
             .body(Empty::<Bytes>::new())
             .map_err(|err| err.to_string())?;
