@@ -781,3 +781,32 @@ fn the_rest_of_a_body_answered_early_is_discarded_and_the_connection_kept() {
     let next = conn.exchange("GET", &get_request("/echo"));
     assert_eq!(next.status, 200, "{next:?}");
 }
+
+/// A chunked body answered early, its end not here yet, closes the connection and the answer
+/// says so: how much more comes is not known (the discard gave up past 1 MiB and closed a
+/// connection the answer had kept alive). One whose end came along is dropped and the
+/// connection kept.
+#[test]
+fn a_chunked_body_answered_early_keeps_the_connection_only_when_its_end_is_here() {
+    // The demo instance answers /echo without reading the body.
+    let demo = demo_backend(&[]);
+    let gw = gateway(&app_config(&[&demo], ""));
+    let mut conn = Conn::open(gw.proxy);
+    conn.send(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n");
+    conn.send(&[b'a'; 4096]);
+    conn.send(b"\r\n");
+    let answer = conn.answer("POST");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(!keeps_alive(&answer), "{answer:?}");
+
+    let mut conn = Conn::open(gw.proxy);
+    let mut whole =
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n".to_vec();
+    whole.extend_from_slice(&[b'a'; 4096]);
+    whole.extend_from_slice(b"\r\n0\r\n\r\n");
+    conn.send(&whole);
+    let answer = conn.answer("POST");
+    assert!(keeps_alive(&answer), "{answer:?}");
+    let next = conn.exchange("GET", &get_request("/echo"));
+    assert_eq!(next.status, 200, "{next:?}");
+}

@@ -1168,11 +1168,30 @@ struct Returned {
 impl Returned {
     /// Whether the rest of the body may be read and dropped to keep the connection: not when
     /// the client waits for a 100 Continue (it may never send the body) unless the body came
-    /// whole all the same, nor past `DISCARD_LIMIT` bytes it announced.
+    /// whole all the same, nor past `DISCARD_LIMIT` bytes it announced, nor when it announced
+    /// no length (chunked) and its end is not here yet: how much more comes is not known, and
+    /// a discard that gave up past the limit closed a connection its answer had kept alive.
     fn discardable(&self) -> bool {
-        let left = self.left.exact_left();
-        let all_here = left.is_some_and(|n| n <= self.reader.buf.len() as u64);
-        (!self.awaiting_continue || all_here) && left.is_none_or(|n| n <= DISCARD_LIMIT as u64)
+        match self.left.exact_left() {
+            Some(left) => {
+                let all_here = left <= self.reader.buf.len() as u64;
+                (!self.awaiting_continue || all_here) && left <= DISCARD_LIMIT as u64
+            }
+            None => self.ends_in_buffer(),
+        }
+    }
+
+    /// Whether what is buffered holds the rest of the body, its end included (read on a copy).
+    fn ends_in_buffer(&self) -> bool {
+        let mut left = self.left;
+        let mut buf = self.reader.buf.clone();
+        loop {
+            match left.take(&mut buf) {
+                Ok(_) if left.is_done() => return true,
+                Ok(data) if !data.is_empty() => {}
+                Ok(_) | Err(_) => return false,
+            }
+        }
     }
 }
 
