@@ -707,9 +707,13 @@ async fn accept_loop(
         let drain = drain.subscribe();
         let serving = async move {
             let accepted = tokio::time::Instant::now();
-            if sends_plain_http(&stream, limits.header_read_timeout).await {
-                answer_plain_http_on_https(stream, &client, &gateway).await;
-                return;
+            match first_byte(&stream, limits.header_read_timeout).await {
+                FirstByte::PlainHttp => {
+                    answer_plain_http_on_https(stream, &client, &gateway).await;
+                    return;
+                }
+                FirstByte::None => return,
+                FirstByte::Tls => {}
             }
             let handshake = tokio_rustls::TlsAcceptor::from(tls).accept(stream);
             // The first byte's wait and the handshake share one header_read_timeout.
@@ -801,10 +805,26 @@ async fn starts_with_http2_preface(
 
 /// Whether a client of the HTTPS listener opened with a plain HTTP request (a method's first
 /// letter) rather than a TLS handshake record (0x16). Peeks, so nothing is consumed.
-async fn sends_plain_http(stream: &tokio::net::TcpStream, timeout: Duration) -> bool {
+async fn first_byte(stream: &tokio::net::TcpStream, timeout: Duration) -> FirstByte {
     let mut first = [0u8; 1];
     let peeked = tokio::time::timeout(timeout, stream.peek(&mut first)).await;
-    matches!(peeked, Ok(Ok(1))) && first[0].is_ascii_uppercase()
+    match peeked {
+        Ok(Ok(1)) if first[0].is_ascii_uppercase() => FirstByte::PlainHttp,
+        // Closed (or reset) before a byte: a TCP check of a load balancer or an orchestrator,
+        // not a handshake that failed.
+        Ok(Ok(0) | Err(_)) => FirstByte::None,
+        _ => FirstByte::Tls,
+    }
+}
+
+/// What a connection to the HTTPS listener sent first.
+enum FirstByte {
+    /// A letter: a plain HTTP request.
+    PlainHttp,
+    /// A TLS record, or nothing yet (the handshake's timeout goes on).
+    Tls,
+    /// Nothing before it closed.
+    None,
 }
 
 /// A plain HTTP request on the HTTPS listener gets a 400 that says so (as nginx's "The plain
