@@ -524,7 +524,11 @@ async fn certificate_troubles_are_said_and_counted() {
     let gw = gateway_announcing(&config, 3);
     // TCP checks (connect, close) are no failed handshakes: the count below is the garbage's.
     for _ in 0..3 {
-        drop(tokio::net::TcpStream::connect(gw.proc.named("tls")).await.unwrap());
+        drop(
+            tokio::net::TcpStream::connect(gw.proc.named("tls"))
+                .await
+                .unwrap(),
+        );
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut garbage = tokio::net::TcpStream::connect(gw.proc.named("tls"))

@@ -850,6 +850,25 @@ async fn an_http2_instance_s_stream_limit_opens_connections_rather_than_queueing
     );
 }
 
+/// A new instance's first burst, sent before its SETTINGS told its stream limit (2 here), is
+/// refused past it: those requests go again within the limit, and none fails (with one resend
+/// each, most of a burst got 502s and the instance was taken out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_burst_past_an_http2_instance_s_stream_limit_is_sent_again() {
+    let (instance, _) = limited_h2c_instance(2, Duration::from_millis(200)).await;
+    let gw = gateway(&upstream(
+        &[instance.to_string()],
+        "protocol = \"h2c\"\nretries = 0",
+    ));
+    let client = client();
+    let sent = (0..40).map(|n| {
+        let (client, url) = (client.clone(), gw.url(&format!("/r{n}")));
+        async move { get(&client, &url).await.status }
+    });
+    let statuses = futures_util::future::join_all(sent).await;
+    assert_eq!(statuses, [200; 40]);
+}
+
 /// An HTTP/2 instance may send as large an answer head as an HTTP/1.1 one (64 KiB; hyper's
 /// client allowed 16 KiB), and a body it sends with a 204 does not reach an HTTP/2 client,
 /// whose stream it broke.
