@@ -2467,6 +2467,14 @@ fn the_log_level_flag_wins_over_the_environment() {
     assert!(run(&["check", example], "").status.success());
 }
 
+/// `scalegate check FILE`, run to its end.
+fn check_config(path: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(bin())
+        .args(["check", path.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_names_the_bad_keys_and_serve_refuses_the_same_config() {
     let dir = tempfile::tempdir().unwrap();
@@ -2476,10 +2484,7 @@ fn check_names_the_bad_keys_and_serve_refuses_the_same_config() {
         "[server]\nlisten = \"nowhere\"\n[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nstrategy = \"fastest\"\n[[routes]]\nupstream = \"ghost\"\n",
     )
     .unwrap();
-    let check = std::process::Command::new(bin())
-        .args(["check", path.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let check = check_config(&path);
     assert!(!check.status.success());
     let stderr = String::from_utf8_lossy(&check.stderr);
     for key in [
@@ -2524,10 +2529,7 @@ fn check_names_the_bad_keys_and_serve_refuses_the_same_config() {
     }
 
     std::fs::write(&path, "[upstreams.app]\ninstances = [\"${SG_TEST_ADDR:-127.0.0.1:1}\"]\n[[routes]]\nupstream = \"app\"\n").unwrap();
-    let check = std::process::Command::new(bin())
-        .args(["check", path.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let check = check_config(&path);
     assert!(
         check.status.success(),
         "{}",
@@ -2545,11 +2547,7 @@ fn check_reports_environment_problems_with_the_rest() {
         "[server]\nlisten = \"${SG_TEST_NOT_SET}\"\nmax_body = \"zz\"\n[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nstrategy = \"bad\"\n[[routes]]\nupstream = \"app\"\n",
     )
     .unwrap();
-    let check = std::process::Command::new(bin())
-        .args(["check", path.to_str().unwrap()])
-        .env_remove("SG_TEST_NOT_SET")
-        .output()
-        .unwrap();
+    let check = check_config(&path);
     assert!(!check.status.success());
     let stderr = String::from_utf8_lossy(&check.stderr);
     for key in [
