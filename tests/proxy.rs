@@ -2475,25 +2475,31 @@ fn check_config(path: &std::path::Path) -> std::process::Output {
         .unwrap()
 }
 
-#[test]
-fn check_names_the_bad_keys_and_serve_refuses_the_same_config() {
+/// Writes `body` as a config file, has `check` refuse it naming each of `keys`, and returns the
+/// file (in its directory) and what `check` said.
+fn refused_naming(body: &str, keys: &[&str]) -> (tempfile::TempDir, std::path::PathBuf, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
-        "[server]\nlisten = \"nowhere\"\n[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nstrategy = \"fastest\"\n[[routes]]\nupstream = \"ghost\"\n",
-    )
-    .unwrap();
+    std::fs::write(&path, body).unwrap();
     let check = check_config(&path);
     assert!(!check.status.success());
-    let stderr = String::from_utf8_lossy(&check.stderr);
-    for key in [
-        "server.listen (line 2)",
-        "upstreams.app.strategy (line 5)",
-        "routes[0].upstream (line 7)",
-    ] {
+    let stderr = String::from_utf8_lossy(&check.stderr).into_owned();
+    for key in keys {
         assert!(stderr.contains(key), "{key} missing in: {stderr}");
     }
+    (dir, path, stderr)
+}
+
+#[test]
+fn check_names_the_bad_keys_and_serve_refuses_the_same_config() {
+    let (_dir, path, _) = refused_naming(
+        "[server]\nlisten = \"nowhere\"\n[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nstrategy = \"fastest\"\n[[routes]]\nupstream = \"ghost\"\n",
+        &[
+            "server.listen (line 2)",
+            "upstreams.app.strategy (line 5)",
+            "routes[0].upstream (line 7)",
+        ],
+    );
     let serve = std::process::Command::new(bin())
         .args(["serve", "--config", path.to_str().unwrap()])
         .output()
@@ -2540,23 +2546,14 @@ fn check_names_the_bad_keys_and_serve_refuses_the_same_config() {
 /// A variable that is not set hides none of the file's other problems from `check`.
 #[test]
 fn check_reports_environment_problems_with_the_rest() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
+    let (_dir, _, stderr) = refused_naming(
         "[server]\nlisten = \"${SG_TEST_NOT_SET}\"\nmax_body = \"zz\"\n[upstreams.app]\ninstances = [\"127.0.0.1:1\"]\nstrategy = \"bad\"\n[[routes]]\nupstream = \"app\"\n",
-    )
-    .unwrap();
-    let check = check_config(&path);
-    assert!(!check.status.success());
-    let stderr = String::from_utf8_lossy(&check.stderr);
-    for key in [
-        "${SG_TEST_NOT_SET} (line 2)",
-        "server.max_body (line 3)",
-        "upstreams.app.strategy (line 6)",
-    ] {
-        assert!(stderr.contains(key), "{key} missing in: {stderr}");
-    }
+        &[
+            "${SG_TEST_NOT_SET} (line 2)",
+            "server.max_body (line 3)",
+            "upstreams.app.strategy (line 6)",
+        ],
+    );
     // The empty stand-in for the variable is no address of the file's: not reported.
     assert!(!stderr.contains("server.listen"), "{stderr}");
 }
