@@ -1320,6 +1320,23 @@ async fn reload_under_load_loses_nothing_and_bad_config_is_refused() {
     }
 }
 
+/// The number of the first line of `text` that starts with `start`.
+fn line_starting(text: &str, start: &str) -> usize {
+    text.lines()
+        .position(|line| line.starts_with(start))
+        .unwrap()
+        + 1
+}
+
+/// The errors of a reload the gateway refuses (422).
+async fn refused_reload(client: &Client, gw: &Gateway) -> String {
+    let reply = request(client, "POST", &gw.admin_url("/api/reload"), &[], "")
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 422);
+    reply.json()["errors"].to_string()
+}
+
 /// A reload refused for a key that takes a restart names the key's line, in a file with an
 /// unquoted `${VAR}` too (which is no TOML until filled in).
 #[tokio::test]
@@ -1331,11 +1348,7 @@ async fn a_refused_reload_names_the_line_in_a_file_with_unquoted_variables() {
     );
     let client = client();
     let running = std::fs::read_to_string(&gw.config_path).unwrap();
-    let listen_line = running
-        .lines()
-        .position(|line| line.starts_with("listen = "))
-        .unwrap()
-        + 1;
+    let listen_line = line_starting(&running, "listen = ");
     let moved = running.replacen(
         "\nlisten = \"127.0.0.1:0\"",
         &format!("\nlisten = \"127.0.0.1:{}\"", unclaimed_port()),
@@ -1343,11 +1356,7 @@ async fn a_refused_reload_names_the_line_in_a_file_with_unquoted_variables() {
     );
     assert_ne!(moved, running);
     std::fs::write(&gw.config_path, moved).unwrap();
-    let reply = request(&client, "POST", &gw.admin_url("/api/reload"), &[], "")
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 422);
-    let errors = reply.json()["errors"].to_string();
+    let errors = refused_reload(&client, &gw).await;
     assert!(
         errors.contains(&format!("server.listen (line {listen_line}):")),
         "{errors}"
@@ -1372,16 +1381,8 @@ async fn a_refused_reload_names_an_inherited_drain_timeout_as_written() {
     let client = client();
     gw.write_config(&config("6s"));
     let written = std::fs::read_to_string(&gw.config_path).unwrap();
-    let line = written
-        .lines()
-        .position(|line| line.starts_with("drain_timeout"))
-        .unwrap()
-        + 1;
-    let reply = request(&client, "POST", &gw.admin_url("/api/reload"), &[], "")
-        .await
-        .unwrap();
-    assert_eq!(reply.status, 422);
-    let errors = reply.json()["errors"].to_string();
+    let line = line_starting(&written, "drain_timeout");
+    let errors = refused_reload(&client, &gw).await;
     assert!(
         errors.contains(&format!("upstreams.app.drain_timeout (line {line}):")),
         "{errors}"
