@@ -589,11 +589,15 @@ async fn to_instance(
                 if kind.is_instance_fault() {
                     instance.record_failure(Instant::now(), config);
                 }
-                // Short of descriptors: once idle connections made room, the request goes
-                // once more (as after a stale pooled connection) rather than get the 503.
-                let shed =
-                    kind == FailureKind::Local && super::shed_idle_connections(runtime, &error) > 0;
+                // Short of descriptors: once idle connections made room (its own shed, or one
+                // made since the attempt began), the request goes once more (as after a stale
+                // pooled connection) rather than get the 503. A shed line's descriptor is
+                // freed when its writer task runs: that gets its turn first.
+                let shed = kind == FailureKind::Local
+                    && (super::shed_idle_connections(runtime, &error) > 0
+                        || super::shed_since(now));
                 let kind = if shed {
+                    tokio::time::sleep(SHED_SETTLE).await;
                     FailureKind::Stale { sent: false }
                 } else {
                     kind
@@ -659,6 +663,10 @@ async fn to_instance(
         return Ok(answer);
     }
 }
+
+/// How long a request short of a descriptor waits, once idle connections were shed, for their
+/// tasks to close them.
+const SHED_SETTLE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The largest answer held while a `retry_on_status` retry is tried.
 const HELD_ANSWER_MAX: u64 = 64 * 1024;

@@ -1034,6 +1034,18 @@ pub fn shed_idle_on_shortage(runtime: &Runtime, failed: &std::io::Error) {
     }
 }
 
+/// When idle connections were last shed for a shortage, by whoever ([`crate::clock::ticks_ms`];
+/// 0: never).
+static LAST_SHED_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Whether idle connections were shed at `since` or after: then a connect that failed for a
+/// shortage may work now, though the request's own shed found nothing left (the accept loop,
+/// failing too, had just shed them).
+pub fn shed_since(since: tokio::time::Instant) -> bool {
+    let last = LAST_SHED_MS.load(Ordering::Relaxed);
+    last != 0 && last >= crate::clock::ticks_ms(since)
+}
+
 /// See [`shed_idle_on_shortage`]; `failed` says why, for the log. Returns how many closed.
 pub fn shed_idle_connections(runtime: &Runtime, failed: &dyn std::fmt::Display) -> usize {
     let now = tokio::time::Instant::now();
@@ -1044,6 +1056,7 @@ pub fn shed_idle_connections(runtime: &Runtime, failed: &dyn std::fmt::Display) 
         .map(|instance| instance.pool.shed_idle(now))
         .sum();
     if shed > 0 {
+        LAST_SHED_MS.store(crate::clock::ticks_ms(now), Ordering::Relaxed);
         tracing::warn!(
             shed,
             error = %failed,
@@ -1105,6 +1118,16 @@ pub fn log_refused_reload(errors: &ConfigErrors) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A shed by anyone counts for the attempts that began before it, not for later ones.
+    #[test]
+    fn a_shed_counts_for_attempts_that_began_before_it() {
+        let began = tokio::time::Instant::now();
+        let shed_at = began + Duration::from_millis(5);
+        LAST_SHED_MS.store(crate::clock::ticks_ms(shed_at), Ordering::Relaxed);
+        assert!(shed_since(began));
+        assert!(!shed_since(shed_at + Duration::from_secs(5)));
+    }
 
     fn config(autoscale: &str) -> Config {
         Config::from_toml(&format!(
