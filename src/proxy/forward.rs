@@ -970,7 +970,7 @@ async fn send_http2(
     // nginx sends one after `keepalive_requests`) goes again on a new connection to it, as
     // after a stale pooled HTTP/1.1 connection.
     let mut reconnected = false;
-    let mut overfilled = 0;
+    let mut refusals = 0;
     loop {
         let (sender, slot) = shared
             .sender(connector)
@@ -991,20 +991,18 @@ async fn send_http2(
             Err(Http2Error::Client(failure)) => return Err(Attempt::client(failure)),
             Err(Http2Error::TimedOut) => return Err(Attempt::timed_out()),
         };
-        // Refused for a stream past the limit the instance told after the stream went out:
-        // its connection is fine, and the request goes again within the limit now known.
+        // A REFUSED_STREAM was not processed (RFC 9113 §8.7), and its connection is fine.
+        // Most often the stream was past the instance's limit, which its SETTINGS told after
+        // a new instance's first burst went out (by the next try the limit is known): it goes
+        // again on the instance a few times before it counts as the instance failing.
         if kind == (FailureKind::Reset { refused: true })
-            && overfilled < OVERFILLED_RESENDS
-            && shared.overfilled(&slot)
+            && refusals < REFUSED_RESENDS
             && body.rewind()
         {
-            overfilled += 1;
+            refusals += 1;
             continue;
         }
-        let untouched = matches!(
-            kind,
-            FailureKind::NotSent | FailureKind::Reset { refused: true } | FailureKind::GoneAway
-        );
+        let untouched = matches!(kind, FailureKind::NotSent | FailureKind::GoneAway);
         if untouched && !reconnected && body.rewind() {
             shared.forget(&slot);
             reconnected = true;
@@ -1014,9 +1012,8 @@ async fn send_http2(
     }
 }
 
-/// The most times one request goes again after a REFUSED_STREAM past an HTTP/2 instance's stream
-/// limit ([`h2::Http2Connections::overfilled`]).
-const OVERFILLED_RESENDS: u32 = 4;
+/// The most times one request goes again to an HTTP/2 instance that refused its stream.
+const REFUSED_RESENDS: u32 = 4;
 
 /// What makes an HTTP/2 request malformed beyond what hyper checks (RFC 9113 §8.2.1, §8.3.1):
 /// a field value with whitespace at either end (an HTTP/1.1 instance would trim it, so the

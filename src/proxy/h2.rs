@@ -165,14 +165,6 @@ impl Http2Connections {
         Ok((sender, StreamSlot(connection)))
     }
 
-    /// Whether `slot`'s connection carries more streams than the instance allows: its limit
-    /// comes with its SETTINGS, which a new instance's first burst may have gone out before
-    /// (until then, the gateway's own 100 a connection), so a REFUSED_STREAM on it is the
-    /// gateway's doing, not the instance failing.
-    pub fn overfilled(&self, slot: &StreamSlot) -> bool {
-        slot.0.streams.load(Ordering::Relaxed) > self.limit.load(Ordering::Relaxed)
-    }
-
     /// Drops the connection of `slot`, which a GOAWAY ended (it takes no new stream), so that
     /// the next request opens a new one rather than wait for its last streams to finish.
     pub fn forget(&self, slot: &StreamSlot) {
