@@ -123,8 +123,8 @@ pub struct RedisLink {
     /// now refuses the password).
     last_error: std::sync::Mutex<Option<String>>,
     up: AtomicBool,
-    /// When the probe last brought the link up ([`crate::clock::ticks_ms`]); `u64::MAX` while
-    /// it has not (up from the start, or never up).
+    /// When the probe last brought the link up ([`crate::clock::ticks_ms`]); 0 while it has
+    /// not (up from the start, or never up).
     up_since_ms: AtomicU64,
     /// The probe's first wait, in milliseconds ([`first_probe_delay`]).
     probe_delay_ms: AtomicU64,
@@ -142,7 +142,7 @@ impl RedisLink {
             connection: ArcSwapOption::empty(),
             last_error: std::sync::Mutex::new(None),
             up: AtomicBool::new(false),
-            up_since_ms: AtomicU64::new(u64::MAX),
+            up_since_ms: AtomicU64::new(0),
             probe_delay_ms: AtomicU64::new(FIRST_PROBE_DELAY.as_millis() as u64),
             probing: AtomicBool::new(false),
             reconnecting: tokio::sync::Mutex::new(()),
@@ -388,7 +388,7 @@ impl RedisLink {
         if self.up.swap(false, Ordering::Relaxed) {
             let up_since = self.up_since_ms.load(Ordering::Relaxed);
             let up_for = match up_since {
-                u64::MAX => Duration::MAX,
+                0 => Duration::MAX,
                 since => {
                     let now = crate::clock::ticks_ms(Instant::now());
                     Duration::from_millis(now.saturating_sub(since))

@@ -391,25 +391,22 @@ impl Store {
     ///
     /// [`UnsentInvalidations`]: super::shared::UnsentInvalidations
     pub fn invalidate(self: &Arc<Self>, key: String) {
+        // Held before memory goes: a read in between would take the stale entry back from Redis.
+        let held = self.shared.as_ref().map(|shared| {
+            let asked = shared
+                .unsent
+                .lock()
+                .expect("unsent invalidations")
+                .hold(&key);
+            (asked, shared.unsent.clone())
+        });
         let purge = Purge::Key(key);
         self.purge_memory(&purge);
-        let Some(shared) = &self.shared else {
-            return;
+        let (purge, unsent) = match held {
+            None | Some((UnsentPurge::AllUnderWay, _)) => return,
+            Some((UnsentPurge::Key, unsent)) => (purge, unsent),
+            Some((UnsentPurge::All, unsent)) => (Purge::All, unsent),
         };
-        let Purge::Key(key) = &purge else {
-            unreachable!("made above")
-        };
-        let purge = match shared
-            .unsent
-            .lock()
-            .expect("unsent invalidations")
-            .hold(key)
-        {
-            UnsentPurge::Key => purge,
-            UnsentPurge::All => Purge::All,
-            UnsentPurge::AllUnderWay => return,
-        };
-        let unsent = shared.unsent.clone();
         let store = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut wait = INVALIDATION_RETRY_FIRST;
